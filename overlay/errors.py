@@ -1,0 +1,31 @@
+"""The exceptions of the overlay.
+
+A refused store says why (``reason``: ``policy``, ``stale-seq``, ``too-large``, ``bad-signature`` ...), so
+callers and users can tell a forged write from a full disk.
+"""
+
+from __future__ import annotations
+
+
+class OverlayError(Exception):
+    """Base class of every error raised by the overlay package."""
+
+
+class WireError(OverlayError, ValueError):
+    """An overlay message that is malformed, oversized, of an unknown type or wrongly typed."""
+
+
+class StoreRefused(OverlayError):
+    """A replica refused a store; ``reason`` is a short machine-readable word, the message says more."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class LookupFailed(OverlayError):
+    """A lookup could not reach the node responsible for a key (timeouts, partition)."""
+
+
+class NotJoined(OverlayError):
+    """The node is not part of a ring yet (or has left it)."""

@@ -1,0 +1,83 @@
+"""The layering rules of DESIGN.md, checked by walking every module's imports with ``ast``.
+
+- the SIP stack (p2psip except peer and cli) and overlay never import each other;
+- only p2psip.cli may import sipapi from inside p2psip;
+- nothing imports p2psip.cli.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("p2psip", "overlay", "sipapi")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                prefix = ".".join(base)
+                name = f"{prefix}.{node.module}" if node.module else prefix
+            else:
+                name = node.module or ""
+            found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _all_modules() -> dict[str, set[str]]:
+    return {
+        _module_name(path): _imports(path) for pkg in PACKAGES for path in sorted((ROOT / pkg).rglob("*.py"))
+    }
+
+
+def _hits(imports: set[str], target: str) -> bool:
+    return any(name == target or name.startswith(target + ".") for name in imports)
+
+
+def _is_sip_stack(module: str) -> bool:
+    return module.startswith("p2psip") and module not in ("p2psip.peer", "p2psip.cli")
+
+
+def test_modules_were_found() -> None:
+    modules = _all_modules()
+    assert "p2psip.errors" in modules
+    assert "overlay.errors" in modules
+
+
+def test_sip_stack_and_overlay_never_import_each_other() -> None:
+    for module, imports in _all_modules().items():
+        if _is_sip_stack(module):
+            assert not _hits(imports, "overlay"), f"{module} imports overlay"
+        if module.startswith("overlay"):
+            assert not _hits(imports, "p2psip"), f"{module} imports p2psip"
+
+
+def test_only_cli_imports_sipapi_from_p2psip() -> None:
+    for module, imports in _all_modules().items():
+        if module.startswith("p2psip") and module != "p2psip.cli":
+            assert not _hits(imports, "sipapi"), f"{module} imports sipapi"
+
+
+def test_nothing_imports_cli() -> None:
+    for module, imports in _all_modules().items():
+        if module != "p2psip.cli":
+            assert not _hits(imports, "p2psip.cli"), f"{module} imports p2psip.cli"
