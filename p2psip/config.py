@@ -1,0 +1,388 @@
+"""Peer configuration: a TOML file and command-line flags merged into one checked ``PeerConfig``.
+
+Every setting of ``p2psip start`` can live in the config file; a flag given on the command line wins over
+the file, and the file wins over the built-in defaults. Everything is validated here, once, so the peer never
+meets a half-parsed value: any bad value raises ``ConfigError`` with one line that names the setting, what was
+wrong and what to write instead (the CLI prints it and exits 2).
+
+The file format (all keys optional)::
+
+    listen = ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"]   # no prefix: UDP and TCP
+    overlay = "127.0.0.1:7060"
+    join = "127.0.0.1:7061"
+    overlay_name = "p2psip"
+    data_dir = "~/.local/share/p2psip"
+    dns = false
+    verbose = false
+    replicas = 3
+    cache_ttl = 5.0            # seconds a location lookup is reused (never beyond a binding's expiry)
+    min_expires = 60           # shorter REGISTER intervals get 423 Interval Too Brief
+    max_expires = 7200         # longer ones are cut down to this
+    default_expires = 3600
+    realm = "p2psip"           # digest realm for users with a password
+    require_auth = false       # true: REGISTER for users not listed below is refused (403)
+
+    [routes]
+    "pstn.example" = "192.0.2.10:5060"
+
+    [users."sip:alice@example.net"]
+    password = "secret"
+    username = "alice"         # digest user name; default: the AOR's user part
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2psip.errors import ConfigError
+
+DEFAULT_SIP_PORT = 5060
+DEFAULT_OVERLAY_PORT = 7060
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_OVERLAY_NAME = "p2psip"
+TRANSPORTS = ("udp", "tcp", "tls")
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/p2psip`` or ``~/.local/share/p2psip`` (DESIGN.md's default)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "p2psip"
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A host (name, IPv4, or IPv6 without brackets) and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def as_tuple(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """One SIP listening address; ``transport`` None means both UDP and TCP (DESIGN.md's default)."""
+
+    transport: str | None
+    host: str
+    port: int
+
+    def transports(self) -> tuple[str, ...]:
+        return (self.transport,) if self.transport else ("udp", "tcp")
+
+    def __str__(self) -> str:
+        hp = str(HostPort(self.host, self.port))
+        return f"{self.transport}:{hp}" if self.transport else hp
+
+
+@dataclass(frozen=True)
+class UserAccount:
+    """A local user with digest credentials: the registrar challenges REGISTERs for this AOR."""
+
+    aor: str
+    password: str
+    username: str
+    realm: str | None = None
+
+
+@dataclass
+class PeerConfig:
+    """Everything a peer needs to start; built by ``load_config`` (or directly, in tests and the demo)."""
+
+    listen: list[ListenSpec] = field(
+        default_factory=lambda: [ListenSpec(None, DEFAULT_HOST, DEFAULT_SIP_PORT)]
+    )
+    overlay: HostPort = field(default_factory=lambda: HostPort(DEFAULT_HOST, DEFAULT_OVERLAY_PORT))
+    join: HostPort | None = None
+    overlay_name: str = DEFAULT_OVERLAY_NAME
+    data_dir: Path = field(default_factory=default_data_dir)
+    script: Path | None = None
+    scripts: Path | None = None
+    routes: dict[str, HostPort] = field(default_factory=dict)
+    dns: bool = False
+    verbose: bool = False
+    replicas: int = 3
+    cache_ttl: float = 5.0
+    min_expires: int = 60
+    max_expires: int = 7200
+    default_expires: int = 3600
+    realm: str = "p2psip"
+    require_auth: bool = False
+    users: dict[str, UserAccount] = field(default_factory=dict)
+
+    def route_for(self, host: str) -> HostPort | None:
+        """The static next hop for a request-URI host, if one is configured (case-insensitive)."""
+        return self.routes.get(host.lower().strip("[]"))
+
+    def account_for(self, aor: str) -> UserAccount | None:
+        return self.users.get(aor)
+
+
+# --- value parsers (shared with the CLI's flag parsing) ---------------------------------------------------
+
+
+def parse_port(text: str, what: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(
+            f"{what}: port {text!r} is not a number (write HOST:PORT, e.g. 127.0.0.1:5060)"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} is out of range (0-65535)")
+    return port
+
+
+def _check_host(host: str, what: str) -> str:
+    if not host:
+        raise ConfigError(f"{what}: the host is missing (write HOST:PORT, e.g. 127.0.0.1:5060)")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"{what}: {host!r} is not an IPv6 address (write [ADDR]:PORT for IPv6)"
+            ) from None
+        return host
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+    if not set(host) <= allowed:
+        raise ConfigError(f"{what}: {host!r} is not a valid host name or address")
+    return host
+
+
+def parse_hostport(text: str, what: str, *, default_port: int | None = None) -> HostPort:
+    """``HOST:PORT``, ``[IPv6]:PORT`` (or just ``HOST`` when ``default_port`` is given)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what}: expected a string HOST:PORT, got {type(text).__name__}")
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{what}: {text!r} has '[' without ']' (write [ADDR]:PORT for IPv6)")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest.startswith(":"):
+            port = parse_port(rest[1:], what)
+        elif not rest and default_port is not None:
+            port = default_port
+        else:
+            raise ConfigError(f"{what}: {text!r} needs a port (write [ADDR]:PORT)")
+        if ":" not in host:
+            raise ConfigError(f"{what}: {host!r} in brackets is not an IPv6 address")
+        return HostPort(_check_host(host, what), port)
+    if text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        return HostPort(_check_host(host, what), parse_port(port_text, what))
+    if text.count(":") > 1:
+        raise ConfigError(f"{what}: {text!r}: put IPv6 addresses in brackets, e.g. [::1]:5060")
+    if default_port is not None:
+        return HostPort(_check_host(text, what), default_port)
+    raise ConfigError(f"{what}: {text!r} needs a port (write HOST:PORT, e.g. 127.0.0.1:5060)")
+
+
+def parse_listen(text: str, what: str = "--listen") -> ListenSpec:
+    """``[udp:|tcp:|tls:]HOST:PORT``; without a prefix the peer listens on UDP and TCP."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what}: expected a string like udp:127.0.0.1:5060, got {type(text).__name__}")
+    transport: str | None = None
+    head, sep, rest = text.partition(":")
+    if sep and head.lower() in TRANSPORTS:
+        transport, text = head.lower(), rest
+    elif sep and head.isalpha() and not head.startswith("[") and rest and not rest.isdigit():
+        raise ConfigError(f"{what}: unknown transport {head!r} (use udp:, tcp: or tls:)")
+    hp = parse_hostport(text, what, default_port=5061 if transport == "tls" else DEFAULT_SIP_PORT)
+    return ListenSpec(transport, hp.host, hp.port)
+
+
+def parse_route(text: str, what: str = "--route") -> tuple[str, HostPort]:
+    """``DOMAIN=HOST:PORT``: requests for DOMAIN go to that next hop instead of the overlay."""
+    domain, sep, target = text.partition("=")
+    domain = domain.strip().lower()
+    if not sep or not domain or not target.strip():
+        raise ConfigError(f"{what}: {text!r} is not DOMAIN=HOST:PORT (e.g. pstn.example=192.0.2.10:5060)")
+    return domain, parse_hostport(target, f"{what} {domain}", default_port=DEFAULT_SIP_PORT)
+
+
+def _normalize_aor(text: str, what: str) -> str:
+    """Canonical AOR without importing the URI parser: ``sip:user@host``, host lower-cased, sips -> sip."""
+    raw = text.strip()
+    scheme, sep, rest = raw.partition(":")
+    if not sep or scheme.lower() not in ("sip", "sips") or "@" not in rest:
+        raise ConfigError(f"{what}: {text!r} is not a SIP address of record (write sip:user@domain)")
+    user, _, host = rest.partition("@")
+    host = host.split(";", 1)[0].split("?", 1)[0]
+    if host.startswith("["):
+        host = host[: host.find("]") + 1]
+    elif ":" in host:
+        host = host.split(":", 1)[0]
+    if not user or not host:
+        raise ConfigError(f"{what}: {text!r} is not a SIP address of record (write sip:user@domain)")
+    return f"sip:{user}@{host.lower()}"
+
+
+# --- the TOML file ---------------------------------------------------------------------------------------
+
+_FILE_KEYS = frozenset(
+    [
+        "listen",
+        "overlay",
+        "join",
+        "overlay_name",
+        "data_dir",
+        "script",
+        "scripts",
+        "routes",
+        "dns",
+        "verbose",
+        "replicas",
+        "cache_ttl",
+        "min_expires",
+        "max_expires",
+        "default_expires",
+        "realm",
+        "require_auth",
+        "users",
+    ]
+)
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], key: str, hint: str) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ConfigError(f"config: {key} must be {hint}, not a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(f"config: {key} must be {hint}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The raw settings of a TOML file; unreadable files and syntax errors are ConfigErrors."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config: {path} does not exist (check --config)") from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - _FILE_KEYS)
+    if unknown:
+        known = ", ".join(sorted(_FILE_KEYS))
+        raise ConfigError(f"config: unknown setting {unknown[0]!r} in {path} (known: {known})")
+    return data
+
+
+def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | None) -> None:
+    """Apply checked settings (from the file or from flags) onto ``config``."""
+
+    def path_of(key: str) -> Path:
+        value = _typed(settings[key], str, key, "a path string")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+
+    for key in settings:
+        value = settings[key]
+        if value is None:
+            continue
+        if key == "listen":
+            items = [value] if isinstance(value, str) else _typed(value, list, key, "a list of strings")
+            if not items:
+                raise ConfigError("config: listen must name at least one address")
+            config.listen = [parse_listen(item, key) for item in items]
+        elif key in ("overlay", "join"):
+            hp = parse_hostport(_typed(value, str, key, "a HOST:PORT string"), key)
+            if key == "overlay":
+                config.overlay = hp
+            else:
+                config.join = hp
+        elif key == "overlay_name":
+            name = _typed(value, str, key, "a string")
+            if not name or len(name) > 64 or not name.isprintable():
+                raise ConfigError("config: overlay_name must be 1-64 printable characters")
+            config.overlay_name = name
+        elif key == "data_dir":
+            config.data_dir = path_of(key)
+        elif key == "script":
+            config.script = path_of(key)
+        elif key == "scripts":
+            config.scripts = path_of(key)
+        elif key == "routes":
+            table = _typed(value, dict, key, 'a table DOMAIN = "HOST:PORT"')
+            for domain, target in table.items():
+                target = _typed(target, str, f"routes.{domain}", "a HOST:PORT string")
+                d, hp = parse_route(f"{domain}={target}", "routes")
+                config.routes[d] = hp
+        elif key in ("dns", "verbose", "require_auth"):
+            setattr(config, key, _typed(value, bool, key, "true or false"))
+        elif key in ("replicas", "min_expires", "max_expires", "default_expires"):
+            number = _typed(value, int, key, "a whole number")
+            low = 1 if key == "replicas" else 0
+            if number < low or number > (16 if key == "replicas" else 10 * 365 * 86400):
+                raise ConfigError(f"config: {key} = {number} is out of range")
+            setattr(config, key, number)
+        elif key == "cache_ttl":
+            ttl = float(_typed(value, (int, float), key, "a number of seconds"))
+            if not 0 <= ttl <= 3600:
+                raise ConfigError(f"config: cache_ttl = {ttl} is out of range (0-3600 seconds)")
+            config.cache_ttl = ttl
+        elif key == "realm":
+            realm = _typed(value, str, key, "a string")
+            if not realm or '"' in realm or not realm.isprintable():
+                raise ConfigError("config: realm must be a non-empty printable string without quotes")
+            config.realm = realm
+        elif key == "users":
+            table = _typed(value, dict, key, 'a table of [users."sip:user@domain"] sections')
+            for aor_text, account in table.items():
+                aor = _normalize_aor(aor_text, "users")
+                account = _typed(account, dict, f"users.{aor_text}", 'a table with password = "..."')
+                extra = sorted(set(account) - {"password", "username", "realm"})
+                if extra:
+                    raise ConfigError(f"config: users.{aor_text}: unknown setting {extra[0]!r}")
+                password = _typed(account.get("password"), str, f"users.{aor_text}.password", "a string")
+                username = account.get("username", aor.partition(":")[2].partition("@")[0])
+                username = _typed(username, str, f"users.{aor_text}.username", "a string")
+                realm = account.get("realm")
+                if realm is not None:
+                    realm = _typed(realm, str, f"users.{aor_text}.realm", "a string")
+                config.users[aor] = UserAccount(aor, password, username, realm)
+        else:  # pragma: no cover - guarded by _FILE_KEYS and the CLI
+            raise ConfigError(f"config: unknown setting {key!r}")
+    if config.min_expires > config.max_expires:
+        raise ConfigError(
+            f"config: min_expires ({config.min_expires}) is larger than max_expires ({config.max_expires})"
+        )
+
+
+def load_config(path: Path | None = None, flags: Mapping[str, Any] | None = None) -> PeerConfig:
+    """Defaults, then the TOML file (if any), then the flags that were actually given (non-None values).
+
+    ``flags`` uses the file's key names; ``listen`` is a list of strings and ``routes`` a list of
+    ``DOMAIN=HOST:PORT`` strings there (as argparse collects them). Raises ConfigError on any bad value.
+    """
+    config = PeerConfig()
+    if path is not None:
+        path = Path(path).expanduser()
+        _apply(config, read_config_file(path), path.parent)
+    if flags:
+        given = {k: v for k, v in flags.items() if v is not None and v != []}
+        routes = given.pop("routes", None)
+        if routes is not None:
+            for text in routes:
+                domain, hp = parse_route(text)
+                config.routes[domain] = hp
+        unknown = sorted(set(given) - _FILE_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}")
+        _apply(config, given, None)
+    if config.join is not None and config.join == config.overlay and config.overlay.port != 0:
+        raise ConfigError(f"--join {config.join} is this peer's own overlay address; name another peer")
+    return config

@@ -1,0 +1,148 @@
+"""The control socket: a running peer answers ``status`` and ``lookup`` over a Unix socket in its data dir.
+
+Why a Unix socket: it needs no port, its permissions are the data directory's, and ``p2psip status`` finds
+it from ``--data-dir`` alone. The protocol is JSON lines: the client writes one object
+``{"cmd": "status"}`` or ``{"cmd": "lookup", "uri": "sip:bob@example.net"}`` and reads one object back,
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``. A bad request gets an error reply; it
+never stops the server.
+
+This module knows nothing of the overlay or the SIP stack: the peer passes in the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from p2psip.errors import P2PSIPError
+
+SOCKET_NAME = "control.sock"
+MAX_LINE = 64 * 1024
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class ControlError(P2PSIPError):
+    """The control socket could not be reached or answered with an error."""
+
+
+def socket_path(data_dir: Path) -> Path:
+    return Path(data_dir) / SOCKET_NAME
+
+
+class ControlServer:
+    """Serves JSON-line requests on ``DATA_DIR/control.sock`` with ``handler(request) -> result``."""
+
+    def __init__(self, data_dir: Path, handler: Handler) -> None:
+        self.path = socket_path(data_dir)
+        self._handler = handler
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        if len(os.fsencode(self.path)) >= 104:
+            raise ControlError(
+                f"control socket path {self.path} is too long for a Unix socket; use a shorter --data-dir"
+            )
+        if self.path.exists():
+            if await _is_alive(self.path):
+                raise ControlError(
+                    f"another peer already runs with data dir {self.path.parent} (its control socket answers)"
+                )
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await _send(writer, {"ok": False, "error": "request line too long"})
+                    break
+                if not line:
+                    break
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                        raise ValueError('expected {"cmd": ...}')
+                except ValueError as exc:
+                    await _send(writer, {"ok": False, "error": f"bad request: {exc}"})
+                    continue
+                try:
+                    result = await self._handler(request)
+                    reply: dict[str, Any] = {"ok": True, "result": result}
+                except Exception as exc:  # the server must survive any handler failure
+                    reply = {"ok": False, "error": str(exc) or type(exc).__name__}
+                await _send(writer, reply)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def _send(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+    writer.write(json.dumps(obj, default=str).encode() + b"\n")
+    await writer.drain()
+
+
+async def _is_alive(path: Path) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    return True
+
+
+async def request(data_dir: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
+    """Ask the peer running with ``data_dir``; returns its result or raises ControlError."""
+    path = socket_path(data_dir)
+    if not path.exists():
+        raise ControlError(
+            f"no peer is running with data dir {data_dir} (no {SOCKET_NAME}); start one with p2psip start"
+        )
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=16 * MAX_LINE), timeout
+        )
+    except (TimeoutError, OSError):
+        raise ControlError(
+            f"the peer with data dir {data_dir} does not answer on {path} (is it running?)"
+        ) from None
+    try:
+        writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (TimeoutError, OSError, ValueError):
+        raise ControlError(
+            f"the peer with data dir {data_dir} did not answer {cmd!r} in {timeout:g} s"
+        ) from None
+    finally:
+        writer.close()
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise ControlError("the peer sent a malformed reply") from None
+    if not isinstance(reply, dict):
+        raise ControlError("the peer sent a malformed reply")
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "unknown error")))
+    return reply.get("result")

@@ -1,0 +1,58 @@
+"""The control socket: JSON lines over a Unix socket in the data dir; bad requests never kill it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2psip import control
+
+
+async def handler(req: dict[str, Any]) -> Any:
+    if req["cmd"] == "status":
+        return {"peers": 3}
+    if req["cmd"] == "lookup":
+        return {"uri": req.get("uri")}
+    raise ValueError(f"unknown command {req['cmd']!r}")
+
+
+async def test_status_lookup_and_errors(tmp_path: Path) -> None:
+    server = control.ControlServer(tmp_path, handler)
+    await server.start()
+    try:
+        assert await control.request(tmp_path, "status") == {"peers": 3}
+        assert await control.request(tmp_path, "lookup", uri="sip:bob@x") == {"uri": "sip:bob@x"}
+        with pytest.raises(control.ControlError, match="unknown command"):
+            await control.request(tmp_path, "nope")
+        # garbage on the wire gets an error reply and the server keeps serving
+        reader, writer = await asyncio.open_unix_connection(str(control.socket_path(tmp_path)))
+        writer.write(b"this is not json\n[1,2]\n")
+        await writer.drain()
+        first = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        second = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        writer.close()
+        assert first["ok"] is False and "bad request" in first["error"]
+        assert second["ok"] is False
+        assert await control.request(tmp_path, "status") == {"peers": 3}
+        # a second server on the same data dir is refused while the first answers
+        with pytest.raises(control.ControlError, match="already runs"):
+            await control.ControlServer(tmp_path, handler).start()
+    finally:
+        await server.close()
+    assert not control.socket_path(tmp_path).exists()
+    with pytest.raises(control.ControlError, match="no peer is running"):
+        await control.request(tmp_path, "status")
+
+
+async def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    control.socket_path(tmp_path).write_text("")  # left over by a killed peer
+    server = control.ControlServer(tmp_path, handler)
+    await server.start()
+    try:
+        assert await control.request(tmp_path, "status") == {"peers": 3}
+    finally:
+        await server.close()
