@@ -1,0 +1,365 @@
+"""Signed entries with lifetimes, the access policies, and replication decisions (sans-IO).
+
+An entry is ``(key, entry_id, value, seq, lifetime_s, owner, signature)`` (plus an optional enrollment
+``cert``). Its signature covers ``msgpack.packb([key, entry_id, value, seq, lifetime_s, owner])`` with the
+key as 16 bytes, so the signed bytes are canonical. Every replica checks every write itself: signature,
+``seq`` strictly newer than what it holds for that entry (replays refused), value size, lifetime, and the
+access policy. A removal is a signed entry with an empty value and lifetime 0; it is kept as a *tombstone*
+(not returned by ``get``) so that the removed entry cannot be replayed back in.
+
+Expiry is computed from the storing node's clock (``now`` is passed in, never read here). When entries move
+between nodes they carry their *remaining* lifetime, so hand-offs never extend an entry's life.
+
+``Replicator`` turns neighbour changes (predecessor, successor list) into transfers: the range a new
+predecessor took over goes to it; when a predecessor dies the range this node inherited is pushed to its
+replicas; a node that becomes one of our r-1 replicas receives our primary range. Together with the
+primary forwarding every store to its replicas, r copies exist again a few stabilization rounds after a
+failure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import msgpack
+
+from overlay.errors import StoreRefused
+from overlay.identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    KeyPair,
+    VerifiedCache,
+    enrollment_valid,
+)
+from overlay.ids import RING, between_right, to_bytes
+
+MAX_ENTRY_ID = 255
+DEFAULT_MAX_VALUE = 16 * 1024
+DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
+DEFAULT_MEMORY_S = 3600.0
+POLICIES = ("first-claim", "enrolled")
+
+NodeRef = tuple[int, str, int]  # (node id, host, port), as chord and wire use it
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One signed record under a ring key. Immutable: a change is a new entry with a higher ``seq``."""
+
+    key: int
+    entry_id: bytes
+    value: bytes
+    seq: int
+    lifetime_s: int
+    owner: bytes
+    signature: bytes
+    cert: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.key < RING:
+            raise ValueError("entry key out of the 128-bit ring")
+        if len(self.entry_id) > MAX_ENTRY_ID:
+            raise ValueError(f"entry_id is at most {MAX_ENTRY_ID} bytes")
+        if not 0 <= self.seq < 1 << 64 or not 0 <= self.lifetime_s < 1 << 32:
+            raise ValueError("seq or lifetime out of range")
+        if len(self.owner) != PUBLIC_KEY_BYTES:
+            raise ValueError("owner is a 32-byte Ed25519 public key")
+        if len(self.signature) != SIGNATURE_BYTES:
+            raise ValueError("signature is 64 bytes")
+        if len(self.cert) not in (0, SIGNATURE_BYTES):
+            raise ValueError("cert is empty or a 64-byte CA signature")
+
+    @property
+    def is_removal(self) -> bool:
+        return self.lifetime_s == 0
+
+    @property
+    def slot(self) -> tuple[int, bytes]:
+        return (self.key, self.entry_id)
+
+    def signed_bytes(self) -> bytes:
+        return signed_bytes(self.key, self.entry_id, self.value, self.seq, self.lifetime_s, self.owner)
+
+    def to_wire(self) -> list[object]:
+        return [
+            to_bytes(self.key),
+            self.entry_id,
+            self.value,
+            self.seq,
+            self.lifetime_s,
+            self.owner,
+            self.signature,
+            self.cert,
+        ]
+
+    @classmethod
+    def create(
+        cls,
+        signer: KeyPair,
+        key: int,
+        entry_id: bytes,
+        value: bytes,
+        seq: int,
+        lifetime_s: int,
+        cert: bytes = b"",
+    ) -> Entry:
+        """A new entry signed by ``signer`` (the user key that owns it)."""
+        sig = signer.sign(signed_bytes(key, entry_id, value, seq, lifetime_s, signer.public_key))
+        return cls(key, entry_id, value, seq, lifetime_s, signer.public_key, sig, cert)
+
+
+def signed_bytes(key: int, entry_id: bytes, value: bytes, seq: int, lifetime_s: int, owner: bytes) -> bytes:
+    """The canonical bytes an entry's signature covers (DESIGN.md)."""
+    return bytes(msgpack.packb([to_bytes(key), entry_id, value, seq, lifetime_s, owner], use_bin_type=True))
+
+
+@dataclass(slots=True)
+class _Record:
+    entry: Entry
+    expires_at: float
+
+
+class Store:
+    """The entries one node holds, with the checks every replica applies before keeping a write.
+
+    ``policy`` is ``"first-claim"`` (the first user key to write a key owns it while any of its entries
+    lives) or ``"enrolled"`` (each write carries a CA signature binding the key id to the owner key;
+    ``ca_public_key`` required). Expired records are kept ``memory_s`` longer, invisible, so their ``seq``
+    still refuses replays.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: str = "first-claim",
+        ca_public_key: bytes | None = None,
+        max_value: int = DEFAULT_MAX_VALUE,
+        max_lifetime: int = DEFAULT_MAX_LIFETIME,
+        memory_s: float = DEFAULT_MEMORY_S,
+        cache: VerifiedCache | None = None,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown access policy {policy!r}; use one of {', '.join(POLICIES)}")
+        if policy == "enrolled" and (ca_public_key is None or len(ca_public_key) != PUBLIC_KEY_BYTES):
+            raise ValueError("the enrolled policy needs the overlay CA's 32-byte public key")
+        self.policy = policy
+        self.ca_public_key = ca_public_key
+        self.max_value = max_value
+        self.max_lifetime = max_lifetime
+        self.memory_s = memory_s
+        self.cache = cache if cache is not None else VerifiedCache()
+        self._by_key: dict[int, dict[bytes, _Record]] = {}
+        self.refused: dict[str, int] = {}
+
+    # --- checks -----------------------------------------------------------------------------------
+
+    def _refuse(self, reason: str, message: str) -> StoreRefused:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        return StoreRefused(message, reason=reason)
+
+    def check(self, entry: Entry, now: float) -> None:
+        """Raise ``StoreRefused`` (reason: too-large, bad-lifetime, bad-signature, policy, stale-seq)."""
+        if len(entry.value) > self.max_value:
+            raise self._refuse("too-large", f"value of {len(entry.value)} bytes exceeds {self.max_value}")
+        if entry.lifetime_s > self.max_lifetime:
+            raise self._refuse("bad-lifetime", f"lifetime {entry.lifetime_s}s exceeds {self.max_lifetime}s")
+        if entry.is_removal and entry.value:
+            raise self._refuse("bad-removal", "a removal (lifetime 0) must have an empty value")
+        if not self.cache.verify(entry.owner, entry.signature, entry.signed_bytes()):
+            raise self._refuse("bad-signature", "the entry signature does not verify with its owner key")
+        self._check_policy(entry, now)
+        current = self._by_key.get(entry.key, {}).get(entry.entry_id)
+        if current is not None and entry.seq <= current.entry.seq:
+            raise self._refuse(
+                "stale-seq", f"seq {entry.seq} is not newer than the stored seq {current.entry.seq}"
+            )
+
+    def _check_policy(self, entry: Entry, now: float) -> None:
+        if self.policy == "enrolled":
+            assert self.ca_public_key is not None
+            fact = ("enrolled", entry.key, entry.owner, entry.cert)
+            if fact in self.cache:
+                return
+            if not entry.cert or not enrollment_valid(self.ca_public_key, entry.key, entry.owner, entry.cert):
+                raise self._refuse("policy", "the owner key is not enrolled by the overlay CA for this key")
+            self.cache.add(fact)
+            return
+        owner = self.owner_of(entry.key, now)
+        if owner is not None and owner != entry.owner:
+            raise self._refuse(
+                "policy", "another user key owns this key (first-claim) until its entries expire"
+            )
+
+    def owner_of(self, key: int, now: float) -> bytes | None:
+        """Under first-claim: the key owning ``key`` (owner of any live, non-removed entry), else None."""
+        for rec in self._by_key.get(key, {}).values():
+            if rec.expires_at > now and not rec.entry.is_removal:
+                return rec.entry.owner
+        return None
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    def put(self, entry: Entry, now: float, *, remaining_s: float | None = None) -> None:
+        """Check and keep ``entry``; ``remaining_s`` (hand-offs) caps its lifetime from ``now``."""
+        self.check(entry, now)
+        life = float(entry.lifetime_s)
+        if remaining_s is not None:
+            life = max(0.0, min(life, remaining_s))
+        self._by_key.setdefault(entry.key, {})[entry.entry_id] = _Record(entry, now + life)
+
+    def accept(self, items: Iterable[tuple[Entry, int]], now: float) -> tuple[int, int]:
+        """Apply a transfer of ``(entry, remaining ms)``; returns (kept, refused). Stale copies are normal."""
+        kept = refused = 0
+        for entry, remaining_ms in items:
+            try:
+                self.put(entry, now, remaining_s=remaining_ms / 1000.0)
+            except StoreRefused as exc:
+                if exc.reason != "stale-seq":
+                    refused += 1
+                continue
+            kept += 1
+        return kept, refused
+
+    def purge(self, now: float) -> int:
+        """Forget records expired more than ``memory_s`` ago; returns how many were dropped."""
+        dropped = 0
+        for key in list(self._by_key):
+            slots = self._by_key[key]
+            for eid in [e for e, rec in slots.items() if rec.expires_at + self.memory_s <= now]:
+                del slots[eid]
+                dropped += 1
+            if not slots:
+                del self._by_key[key]
+        return dropped
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    def get(self, key: int, now: float) -> list[Entry]:
+        """Live entries under ``key`` (removals and expired entries excluded), ordered by entry_id."""
+        slots = self._by_key.get(key, {})
+        return [
+            rec.entry
+            for eid, rec in sorted(slots.items())
+            if rec.expires_at > now and not rec.entry.is_removal
+        ]
+
+    def records(self, now: float) -> Iterator[tuple[Entry, int]]:
+        """Every unexpired record, removals included, with its remaining lifetime in ms (for transfers)."""
+        for slots in self._by_key.values():
+            for rec in slots.values():
+                remaining = rec.expires_at - now
+                if remaining > 0 or (rec.entry.is_removal and remaining + self.memory_s > 0):
+                    yield rec.entry, max(0, math.floor(remaining * 1000))
+
+    def in_range(self, lo: int | None, hi: int, now: float) -> list[tuple[Entry, int]]:
+        """Records whose key is in ``(lo, hi]``; with ``lo`` None, every record."""
+        return [(e, ms) for e, ms in self.records(now) if lo is None or between_right(e.key, lo, hi)]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._by_key.values())
+
+    def live_count(self, now: float) -> int:
+        return sum(len(self.get(k, now)) for k in self._by_key)
+
+
+Transfer = tuple[NodeRef, list[tuple[Entry, int]]]
+
+
+class Replicator:
+    """Replication decisions from neighbour changes: what to send to whom (pure; the adapter sends).
+
+    This node (``me``) is *primary* for keys in ``(pred, me]`` and keeps copies of them on its first
+    ``replicas - 1`` successors.
+    """
+
+    def __init__(self, me: int, replicas: int = 3) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        self.me = me
+        self.replicas = replicas
+        self.pred: NodeRef | None = None
+        self.replica_set: list[NodeRef] = []
+
+    def primary_range(self) -> tuple[int | None, int]:
+        return (self.pred[0] if self.pred else None, self.me)
+
+    def is_primary(self, key: int) -> bool:
+        return self.pred is None or between_right(key, self.pred[0], self.me)
+
+    def replica_targets(self, succs: list[NodeRef]) -> list[NodeRef]:
+        """The successors that should hold copies of our primary range (self and duplicates excluded)."""
+        out: list[NodeRef] = []
+        for node in succs:
+            if node[0] != self.me and all(node[0] != n[0] for n in out):
+                out.append(node)
+            if len(out) >= self.replicas - 1:
+                break
+        return out
+
+    def on_neighbours(
+        self, pred: NodeRef | None, succs: list[NodeRef], store: Store, now: float
+    ) -> list[Transfer]:
+        """Update the view and return the transfers that keep r copies in the right places."""
+        if pred is not None and pred[0] == self.me:
+            pred = None
+        old_pred, old_set = self.pred, self.replica_set
+        new_set = self.replica_targets(succs)
+        transfers: dict[int, Transfer] = {}
+
+        def send(target: NodeRef, items: list[tuple[Entry, int]]) -> None:
+            if not items:
+                return
+            have = transfers.setdefault(target[0], (target, []))[1]
+            seen = {(e.slot, e.seq) for e, _ in have}
+            have.extend(i for i in items if (i[0].slot, i[0].seq) not in seen)
+
+        if pred is not None and (old_pred is None or pred[0] != old_pred[0]):
+            if old_pred is None:
+                # We thought we owned the whole ring: everything outside (pred, me] belongs to pred now.
+                moved = [
+                    (e, ms) for e, ms in store.records(now) if not between_right(e.key, pred[0], self.me)
+                ]
+                send(pred, moved)
+            elif between_right(pred[0], old_pred[0], self.me):
+                # A node joined between our old predecessor and us: it takes over (old_pred, pred].
+                send(pred, store.in_range(old_pred[0], pred[0], now))
+            else:
+                # Our predecessor went away: we inherited (pred, old_pred]; our replicas need it.
+                inherited = store.in_range(pred[0], old_pred[0], now)
+                for target in new_set:
+                    send(target, inherited)
+        self.pred = pred
+        old_ids = {n[0] for n in old_set}
+        fresh = [n for n in new_set if n[0] not in old_ids]
+        if fresh:
+            primary = store.in_range(*self.primary_range(), now)
+            for target in fresh:
+                send(target, primary)
+        self.replica_set = new_set
+        return list(transfers.values())
+
+    def repair(self, store: Store, now: float) -> list[Transfer]:
+        """Anti-entropy: push the whole primary range to the replicas (a slow periodic safety net)."""
+        primary = store.in_range(*self.primary_range(), now)
+        if not primary:
+            return []
+        return [(target, list(primary)) for target in self.replica_set]
+
+    def on_leave(self, succs: list[NodeRef], store: Store, now: float) -> list[Transfer]:
+        """Hand-off when leaving: everything to the successor, our primary range also to the r-th one.
+
+        The successor inherits our primary range and already holds most of it; the node that becomes the
+        new last replica of that range gets it too. Copies we held for predecessors are restored by them
+        when their successor lists change.
+        """
+        targets = [n for n in succs if n[0] != self.me]
+        if not targets:
+            return []
+        out: list[Transfer] = [(targets[0], list(store.records(now)))]
+        primary = store.in_range(*self.primary_range(), now)
+        for extra in targets[1 : self.replicas]:
+            if primary:
+                out.append((extra, primary))
+        return out

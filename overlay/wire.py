@@ -1,0 +1,382 @@
+"""The overlay wire format: msgpack maps checked field by field against per-type schemas.
+
+Every message is ``{"v": 1, "ov": overlay, "t": type, "id": u64, "src": 16 bytes, "ep": [host, port],
+...body}``. Requests are validated against the schema of their type; replies (``ok`` / ``err``) echo the
+request id, and the fields of an ``ok`` reply are checked against one table of reply fields shared by all
+types, so a datagram can be validated completely without knowing which request it answers. Anything that
+does not fit (unknown type or field, wrong type, oversized, other overlay, other major version, trailing
+bytes) raises ``WireError``: the receive path drops it and counts it, it never reaches a protocol core.
+
+Schemas use a small type vocabulary; decoded values are converted to what the cores use:
+
+=========  ====================================  =====================================
+type       on the wire                           in Python
+=========  ====================================  =====================================
+id         16 bytes                              int in [0, 2**128)
+ep         [host str, port]                      (host, port)
+node       [id, host, port]                      (id int, host, port)
+nodes      list of node (at most 64)             list of (id, host, port)
+u64        unsigned int < 2**64                  int
+bytes      bin                                   bytes
+str        str (UTF-8)                           str
+bool       bool                                  bool
+entry      [key, entry_id, value, seq,           storage.Entry
+           lifetime_s, owner, signature, cert]
+entries    list of entry + [remaining ms]        list of (Entry, remaining ms)
+=========  ====================================  =====================================
+
+A field type ending in ``?`` is optional (absent or nil).
+
+UDP datagrams stay under 1,200 bytes (no IP fragmentation on any sane path); bigger messages go over TCP
+framed by a 4-byte big-endian length, at most 1 MiB.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from overlay.errors import WireError
+from overlay.ids import ID_BYTES, RING
+from overlay.storage import Entry
+
+VERSION = 1
+UDP_MAX = 1199
+TCP_MAX = 1 << 20
+MAX_NODES = 64
+MAX_HOST = 255
+U64 = 1 << 64
+
+FIELD_TYPES = frozenset({"id", "ep", "node", "nodes", "u64", "bytes", "str", "bool", "entry", "entries"})
+ENVELOPE_KEYS = frozenset({"v", "ov", "t", "id", "src", "ep"})
+REPLY_TYPES = frozenset({"ok", "err"})
+
+Schema = Mapping[str, str]
+
+# Storage and membership messages (this module's own); routing types come from overlay.chord.
+STORAGE_MESSAGES: dict[str, Schema] = {
+    # A client (or the primary forwarding to a replica, ``replica`` true) asks a node to keep an entry.
+    "store": {"entry": "entry", "replica": "bool?"},
+    # All live entries under a key (tombstones excluded).
+    "fetch": {"key": "id"},
+    # Bulk hand-off of entries (join, leave, repair); ``entries`` carry their remaining lifetime.
+    "transfer": {"entries": "entries"},
+    # A node leaving gracefully tells its neighbours who should replace it.
+    "leave": {"pred": "node?", "succs": "nodes"},
+}
+
+# Fields that may appear in an ``ok`` reply (union over all request types) and in ``err``.
+STORAGE_REPLY_FIELDS: dict[str, str] = {
+    "entries": "entries",
+    "stored": "u64",
+}
+ERR_FIELDS: dict[str, str] = {"code": "u64", "reason": "str", "detail": "str?"}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded, validated overlay message. ``body`` holds the converted fields of its schema."""
+
+    type: str
+    id: int
+    src: int
+    ep: tuple[str, int]
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_reply(self) -> bool:
+        return self.type in REPLY_TYPES
+
+
+class Codec:
+    """Encoder/decoder for one overlay name with a fixed set of request types.
+
+    ``requests`` maps each request type to its body schema; ``reply_fields`` types every field an ``ok``
+    reply may carry. A reply field name must mean the same thing for every request type.
+    """
+
+    def __init__(
+        self,
+        overlay_name: str,
+        requests: Mapping[str, Schema] | None = None,
+        reply_fields: Mapping[str, str] | None = None,
+    ) -> None:
+        if not overlay_name or len(overlay_name) > 64:
+            raise ValueError("an overlay name is 1 to 64 characters")
+        self.overlay_name = overlay_name
+        self.requests: dict[str, dict[str, str]] = {}
+        self.reply_fields: dict[str, str] = {}
+        for name, schema in (requests if requests is not None else STORAGE_MESSAGES).items():
+            self.add_request(name, schema)
+        for name, ftype in (reply_fields if reply_fields is not None else STORAGE_REPLY_FIELDS).items():
+            self.add_reply_field(name, ftype)
+
+    def add_request(self, name: str, schema: Schema) -> None:
+        if name in REPLY_TYPES or name in self.requests:
+            raise ValueError(f"message type {name!r} defined twice")
+        for fname, ftype in schema.items():
+            _check_type_name(ftype)
+            if fname in ENVELOPE_KEYS:
+                raise ValueError(f"field {fname!r} of {name!r} clashes with the envelope")
+        self.requests[name] = dict(schema)
+
+    def add_reply_field(self, name: str, ftype: str) -> None:
+        _check_type_name(ftype)
+        if name in ENVELOPE_KEYS or name in ERR_FIELDS:
+            raise ValueError(f"reply field {name!r} clashes with the envelope or err fields")
+        old = self.reply_fields.get(name)
+        if old is not None and old.rstrip("?") != ftype.rstrip("?"):
+            raise ValueError(f"reply field {name!r} typed both {old} and {ftype}")
+        self.reply_fields[name] = ftype if ftype.endswith("?") else ftype + "?"
+
+    # --- encoding ---------------------------------------------------------------------------------
+
+    def encode(self, msg: Message, *, max_size: int = UDP_MAX) -> bytes:
+        """The msgpack bytes of ``msg``; ``WireError`` if it breaks its schema or exceeds ``max_size``."""
+        schema = self._schema_of(msg.type)
+        out: dict[str, Any] = {
+            "v": VERSION,
+            "ov": self.overlay_name,
+            "t": msg.type,
+            "id": msg.id,
+            "src": _id_out(msg.src),
+            "ep": [msg.ep[0], msg.ep[1]],
+        }
+        for name, value in msg.body.items():
+            ftype = schema.get(name)
+            if ftype is None:
+                raise WireError(f"{msg.type}: unknown field {name!r}")
+            if value is None:
+                if not ftype.endswith("?"):
+                    raise WireError(f"{msg.type}: field {name!r} is required")
+                continue
+            out[name] = _to_wire(ftype.rstrip("?"), value)
+        for name, ftype in schema.items():
+            if not ftype.endswith("?") and name not in msg.body:
+                raise WireError(f"{msg.type}: missing field {name!r}")
+        if not 0 <= msg.id < U64:
+            raise WireError("request id out of range")
+        data = bytes(msgpack.packb(out, use_bin_type=True))
+        if len(data) > max_size:
+            raise WireError(f"{msg.type} message of {len(data)} bytes exceeds the limit of {max_size}")
+        return data
+
+    # --- decoding ---------------------------------------------------------------------------------
+
+    def decode(self, data: bytes, *, max_size: int = UDP_MAX) -> Message:
+        """Validate ``data`` completely and return the message; ``WireError`` for anything else."""
+        if len(data) > max_size:
+            raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
+        try:
+            raw = msgpack.unpackb(
+                data,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                max_bin_len=max_size,
+                max_str_len=max_size,
+                max_array_len=max_size,
+                max_map_len=64,
+                max_ext_len=0,
+            )
+        except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, UnicodeError ...)
+            raise WireError(f"not a msgpack message: {type(exc).__name__}") from None
+        if not isinstance(raw, dict):
+            raise WireError("a message is a msgpack map")
+        version = raw.get("v")
+        if type(version) is not int or version != VERSION:
+            raise WireError(f"unsupported protocol version {version!r}")
+        if raw.get("ov") != self.overlay_name:
+            raise WireError("message for another overlay")
+        mtype = raw.get("t")
+        if not isinstance(mtype, str):
+            raise WireError("message type missing")
+        schema = self._schema_of(mtype)
+        mid = _from_wire("u64", raw.get("id"), "id")
+        src = _from_wire("id", raw.get("src"), "src")
+        ep = _from_wire("ep", raw.get("ep"), "ep")
+        body: dict[str, Any] = {}
+        for name, value in raw.items():
+            if name in ENVELOPE_KEYS:
+                continue
+            ftype = schema.get(name)
+            if ftype is None:
+                raise WireError(f"{mtype}: unknown field {name!r}")
+            if value is None and ftype.endswith("?"):
+                continue
+            body[name] = _from_wire(ftype.rstrip("?"), value, name)
+        for name, ftype in schema.items():
+            if not ftype.endswith("?") and name not in body:
+                raise WireError(f"{mtype}: missing field {name!r}")
+        return Message(mtype, mid, src, ep, body)
+
+    def _schema_of(self, mtype: str) -> Mapping[str, str]:
+        if mtype == "ok":
+            return self.reply_fields
+        if mtype == "err":
+            return ERR_FIELDS
+        schema = self.requests.get(mtype)
+        if schema is None:
+            raise WireError(f"unknown message type {mtype[:32]!r}")
+        return schema
+
+
+def _check_type_name(ftype: str) -> None:
+    if ftype.rstrip("?") not in FIELD_TYPES:
+        raise ValueError(f"unknown field type {ftype!r}")
+
+
+# --- per-type conversion ------------------------------------------------------------------------------
+
+
+def _id_out(value: int) -> bytes:
+    if not isinstance(value, int) or not 0 <= value < RING:
+        raise WireError("an id is an int in [0, 2**128)")
+    return value.to_bytes(ID_BYTES, "big")
+
+
+def _port(value: object, name: str) -> int:
+    if type(value) is not int or not 0 <= value <= 65535:
+        raise WireError(f"{name}: bad port")
+    return value
+
+
+def _host(value: object, name: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_HOST:
+        raise WireError(f"{name}: bad host")
+    return value
+
+
+def _to_wire(ftype: str, value: Any) -> Any:
+    if ftype == "id":
+        return _id_out(value)
+    if ftype == "ep":
+        return [value[0], value[1]]
+    if ftype == "node":
+        return [_id_out(value[0]), value[1], value[2]]
+    if ftype == "nodes":
+        if len(value) > MAX_NODES:
+            raise WireError(f"at most {MAX_NODES} nodes per message")
+        return [[_id_out(n[0]), n[1], n[2]] for n in value]
+    if ftype == "entry":
+        return value.to_wire()
+    if ftype == "entries":
+        return [[*entry.to_wire(), int(remaining_ms)] for entry, remaining_ms in value]
+    if ftype == "u64":
+        if type(value) is not int or not 0 <= value < U64:
+            raise WireError("u64 out of range")
+        return value
+    if ftype == "bytes":
+        return bytes(value)
+    if ftype == "bool":
+        return bool(value)
+    return str(value)
+
+
+def _from_wire(ftype: str, value: Any, name: str) -> Any:
+    if ftype == "id":
+        if not isinstance(value, bytes) or len(value) != ID_BYTES:
+            raise WireError(f"{name}: an id is {ID_BYTES} bytes")
+        return int.from_bytes(value, "big")
+    if ftype == "u64":
+        if type(value) is not int or not 0 <= value < U64:
+            raise WireError(f"{name}: not an unsigned 64-bit integer")
+        return value
+    if ftype == "bytes":
+        if not isinstance(value, bytes):
+            raise WireError(f"{name}: not bytes")
+        return value
+    if ftype == "str":
+        if not isinstance(value, str):
+            raise WireError(f"{name}: not a string")
+        return value
+    if ftype == "bool":
+        if type(value) is not bool:
+            raise WireError(f"{name}: not a bool")
+        return value
+    if ftype == "ep":
+        if not isinstance(value, list) or len(value) != 2:
+            raise WireError(f"{name}: an endpoint is [host, port]")
+        return (_host(value[0], name), _port(value[1], name))
+    if ftype == "node":
+        return _node(value, name)
+    if ftype == "nodes":
+        if not isinstance(value, list) or len(value) > MAX_NODES:
+            raise WireError(f"{name}: a node list has at most {MAX_NODES} nodes")
+        return [_node(n, name) for n in value]
+    if ftype == "entry":
+        return _entry(value, name, 8)
+    if ftype == "entries":
+        if not isinstance(value, list):
+            raise WireError(f"{name}: not a list of entries")
+        out = []
+        for item in value:
+            entry = _entry(item, name, 9)
+            remaining = item[8]
+            if type(remaining) is not int or not 0 <= remaining < U64:
+                raise WireError(f"{name}: bad remaining lifetime")
+            out.append((entry, remaining))
+        return out
+    raise WireError(f"{name}: unknown field type {ftype}")  # unreachable: types are checked at registration
+
+
+def _node(value: Any, name: str) -> tuple[int, str, int]:
+    if not isinstance(value, list) or len(value) != 3:
+        raise WireError(f"{name}: a node is [id, host, port]")
+    return (_from_wire("id", value[0], name), _host(value[1], name), _port(value[2], name))
+
+
+def _entry(value: Any, name: str, length: int) -> Entry:
+    if not isinstance(value, list) or len(value) != length:
+        raise WireError(f"{name}: an entry is an array of {length}")
+    key, entry_id, val, seq, lifetime, owner, sig, cert = value[:8]
+    try:
+        return Entry(
+            key=_from_wire("id", key, name),
+            entry_id=_from_wire("bytes", entry_id, name),
+            value=_from_wire("bytes", val, name),
+            seq=_from_wire("u64", seq, name),
+            lifetime_s=_from_wire("u64", lifetime, name),
+            owner=_from_wire("bytes", owner, name),
+            signature=_from_wire("bytes", sig, name),
+            cert=_from_wire("bytes", cert, name),
+        )
+    except ValueError as exc:
+        raise WireError(f"{name}: {exc}") from None
+
+
+# --- TCP framing ------------------------------------------------------------------------------------
+
+_LEN = struct.Struct(">I")
+
+
+def frame(payload: bytes) -> bytes:
+    """A TCP frame: 4-byte big-endian length, then the payload (at most 1 MiB)."""
+    if len(payload) > TCP_MAX:
+        raise WireError(f"frame of {len(payload)} bytes exceeds the limit of {TCP_MAX}")
+    return _LEN.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Sans-IO splitter of a TCP byte stream into frames; an oversized length is a ``WireError``."""
+
+    def __init__(self, max_size: int = TCP_MAX) -> None:
+        self._buf = bytearray()
+        self._max = max_size
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        frames: list[bytes] = []
+        while len(self._buf) >= 4:
+            (size,) = _LEN.unpack_from(self._buf)
+            if size > self._max:
+                raise WireError(f"frame of {size} bytes announced, limit {self._max}")
+            if len(self._buf) < 4 + size:
+                break
+            frames.append(bytes(self._buf[4 : 4 + size]))
+            del self._buf[: 4 + size]
+        return frames

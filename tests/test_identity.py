@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from overlay.errors import OverlayError
+from overlay.identity import (
+    KeyPair,
+    VerifiedCache,
+    enroll,
+    enrollment_valid,
+    node_id_of,
+    node_identity,
+    verify,
+)
+from overlay.ids import key_for
+
+
+def test_node_id_is_first_128_bits_of_sha256_of_public_key() -> None:
+    pair = KeyPair.generate()
+    digest = hashlib.sha256(pair.public_key).digest()
+    assert pair.node_id == int.from_bytes(digest[:16], "big")
+    assert node_id_of(pair.public_key) == pair.node_id
+    assert len(pair.public_key) == 32
+
+
+def test_sign_and_verify() -> None:
+    pair, other = KeyPair.generate(), KeyPair.generate()
+    sig = pair.sign(b"hello")
+    assert verify(pair.public_key, sig, b"hello")
+    assert not verify(pair.public_key, sig, b"hellO")
+    assert not verify(other.public_key, sig, b"hello")
+    assert not verify(pair.public_key[:31], sig, b"hello")
+    assert not verify(pair.public_key, sig[:63], b"hello")
+    assert not verify(b"\xff" * 32, sig, b"hello")  # not a curve point: False, no exception
+
+
+def test_key_persisted_with_0600_and_reloaded(tmp_path: Path) -> None:
+    first = node_identity(tmp_path / "data")
+    key_file = tmp_path / "data" / "node.key"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    again = node_identity(tmp_path / "data")
+    assert again.node_id == first.node_id
+    assert again.public_key == first.public_key
+
+
+def test_corrupt_key_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "node.key"
+    bad.write_bytes(b"not a key")
+    with pytest.raises(OverlayError, match="not a raw 32-byte"):
+        KeyPair.load(bad)
+    with pytest.raises(OverlayError, match="cannot read"):
+        KeyPair.load(tmp_path / "missing.key")
+
+
+def test_enrollment_binds_key_id_to_user_key() -> None:
+    ca, alice, mallory = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    key = key_for("sip:alice@example.net")
+    cert = enroll(ca, key, alice.public_key)
+    assert cert.valid_for(ca.public_key)
+    assert enrollment_valid(ca.public_key, key, alice.public_key, cert.signature)
+    assert not enrollment_valid(ca.public_key, key, mallory.public_key, cert.signature)
+    assert not enrollment_valid(
+        ca.public_key, key_for("sip:bob@example.net"), alice.public_key, cert.signature
+    )
+    assert not enrollment_valid(mallory.public_key, key, alice.public_key, cert.signature)
+
+
+def test_verified_cache_costs_once_and_is_bounded() -> None:
+    pair = KeyPair.generate()
+    cache = VerifiedCache(capacity=2)
+    sig = pair.sign(b"n1")
+    assert cache.verify(pair.public_key, sig, b"n1")
+    assert cache.misses == 1
+    assert cache.verify(pair.public_key, sig, b"n1")
+    assert cache.hits == 1
+    assert not cache.verify(pair.public_key, sig, b"n2")
+    assert cache.owns_id(pair.public_key, pair.node_id)
+    assert not cache.owns_id(pair.public_key, pair.node_id ^ 1)
+    cache.add(("x",))
+    assert len(cache) == 2
