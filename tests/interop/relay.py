@@ -1,0 +1,164 @@
+"""A UDP relay on loopback that loses packets on purpose, repeatably.
+
+netem is not available here, so packet loss is injected by standing between two SIP endpoints. The relay
+behaves like a symmetric NAT: a client sends to the relay's front port; for each client address the relay
+opens its own back socket towards the target, so the target sees (and answers, per ``rport`` or sipp's
+reply-to-source) the back socket, and the relay carries the answer back to the client. Every datagram in
+either direction may be dropped.
+
+Drops are *seeded* and independent of timing: whether a datagram is dropped is a hash of the seed, the
+direction, its bytes and how many identical copies were seen before (so a retransmission gets a fresh
+decision). Two runs that send the same bytes lose the same packets. ``max_drops_per_packet`` bounds how
+often one message can be lost, so SIP retransmission always gets a call through in the end and a test
+measures recovery, not luck. ``drop_first`` forces the first copy of chosen messages to be lost, so a test
+can be sure that a given retransmission path (e.g. the 200 OK of an INVITE) was exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Address = tuple[str, int]
+
+
+@dataclass
+class RelayStats:
+    forwarded: int = 0
+    dropped: int = 0
+    dropped_lines: list[str] = field(default_factory=list)
+    """The first line of every dropped datagram, in order (for assertions and failure messages)."""
+
+
+def first_line(data: bytes) -> str:
+    return data.split(b"\r\n", 1)[0].decode("latin-1", errors="replace")
+
+
+class _Front(asyncio.DatagramProtocol):
+    def __init__(self, relay: LossyRelay) -> None:
+        self.relay = relay
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.relay._from_client(data, addr)
+
+
+class _Back(asyncio.DatagramProtocol):
+    def __init__(self, relay: LossyRelay, client: Address) -> None:
+        self.relay = relay
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.relay._from_target(data, self.client)
+
+
+class LossyRelay:
+    """Relay UDP datagrams between clients and ``target``, dropping a seeded fraction ``loss`` of them.
+
+    Use ``async with LossyRelay(target, loss=0.2, seed=1) as relay:`` and send to ``relay.address``.
+    """
+
+    def __init__(
+        self,
+        target: Address,
+        *,
+        loss: float = 0.0,
+        seed: int = 0,
+        host: str = "127.0.0.1",
+        max_drops_per_packet: int = 2,
+        drop_first: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        if not 0.0 <= loss < 1.0:
+            raise ValueError("loss must be in [0, 1)")
+        self.target = target
+        self.loss = loss
+        self.seed = seed
+        self.host = host
+        self.max_drops_per_packet = max_drops_per_packet
+        self.drop_first = drop_first
+        self.stats = RelayStats()
+        self._seen: Counter[tuple[str, bytes]] = Counter()
+        self._drops: Counter[tuple[str, bytes]] = Counter()
+        self._front: asyncio.DatagramTransport | None = None
+        self._backs: dict[Address, asyncio.DatagramTransport] = {}
+        self._pending: dict[Address, list[bytes]] = {}
+
+    @property
+    def address(self) -> Address:
+        assert self._front is not None, "start() first"
+        host, port = self._front.get_extra_info("sockname")[:2]
+        return (host, port)
+
+    async def start(self) -> LossyRelay:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Front(self), local_addr=(self.host, 0))
+        self._front = transport
+        return self
+
+    def close(self) -> None:
+        for back in self._backs.values():
+            back.close()
+        self._backs.clear()
+        if self._front is not None:
+            self._front.close()
+            self._front = None
+
+    async def __aenter__(self) -> LossyRelay:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def decide(self, direction: str, data: bytes) -> bool:
+        """Whether to drop this copy of ``data`` going ``direction`` ("up": to target, "down": back)."""
+        key = (direction, data)
+        copy = self._seen[key]
+        self._seen[key] += 1
+        if self._drops[key] >= self.max_drops_per_packet:
+            return False
+        if copy == 0 and self.drop_first is not None and self.drop_first(data):
+            verdict = True
+        else:
+            digest = hashlib.blake2b(
+                b"%d|%s|%d|" % (self.seed, direction.encode(), copy) + data, digest_size=8
+            ).digest()
+            verdict = int.from_bytes(digest, "big") / 2**64 < self.loss
+        if verdict:
+            self._drops[key] += 1
+            self.stats.dropped += 1
+            self.stats.dropped_lines.append(f"{direction} {first_line(data)}")
+        return verdict
+
+    def _from_client(self, data: bytes, client: Address) -> None:
+        if self.decide("up", data):
+            return
+        self.stats.forwarded += 1
+        back = self._backs.get(client)
+        if back is not None:
+            back.sendto(data)
+            return
+        queue = self._pending.setdefault(client, [])
+        queue.append(data)
+        if len(queue) == 1:
+            asyncio.get_running_loop().create_task(self._open_back(client))
+
+    async def _open_back(self, client: Address) -> None:
+        loop = asyncio.get_running_loop()
+        back, _ = await loop.create_datagram_endpoint(
+            lambda: _Back(self, client), local_addr=(self.host, 0), remote_addr=self.target
+        )
+        if self._front is None:  # closed meanwhile
+            back.close()
+            return
+        self._backs[client] = back
+        for data in self._pending.pop(client, []):
+            back.sendto(data)
+
+    def _from_target(self, data: bytes, client: Address) -> None:
+        if self.decide("down", data):
+            return
+        self.stats.forwarded += 1
+        if self._front is not None:
+            self._front.sendto(data, client)
