@@ -87,8 +87,15 @@ min_expires = 30
 password = "secret"
 """,
     )
-    config = load_config(path, {"listen": ["tcp:127.0.0.1:5090"], "verbose": True, "join": None,
-                                "routes": ["kam.example=127.0.0.1:5098"]})
+    config = load_config(
+        path,
+        {
+            "listen": ["tcp:127.0.0.1:5090"],
+            "verbose": True,
+            "join": None,
+            "routes": ["kam.example=127.0.0.1:5098"],
+        },
+    )
     assert config.listen == [ListenSpec("tcp", "127.0.0.1", 5090)]  # flag replaces file
     assert config.overlay == HostPort("127.0.0.1", 7080)
     assert config.join == HostPort("127.0.0.1", 7081)  # None flag leaves the file's value

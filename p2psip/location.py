@@ -1,0 +1,160 @@
+"""Location decisions, sans-IO: where a request goes, and a small cache of overlay lookups.
+
+``decide`` answers DESIGN.md's "which domains are overlay domains": IP-literal request-URIs are forwarded
+as addressed (unless they name this peer itself, when the AOR is looked up like any other), domains with a
+static route go to their next hop, and every other domain is an overlay domain. DNS is never consulted here;
+the peer does it only when ``--dns`` is given and the overlay knows nobody.
+
+``LocationCache`` keeps recent lookups for a few seconds so a burst of calls to one AOR costs one DHT
+lookup, but never returns a binding past its own expiry: the cache's lifetime is the smaller of its TTL and
+the earliest expiry among the cached bindings. It is keyed by the canonical AOR string (URIs are not hashable
+by value, and RFC 3261 equality is not transitive).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from p2psip.registrar import Binding
+from p2psip.uri import URI
+
+
+@dataclass(frozen=True)
+class ForwardAsAddressed:
+    """An IP-literal request-URI that is not this peer: send it where it points."""
+
+    host: str
+    port: int | None
+
+
+@dataclass(frozen=True)
+class StaticRoute:
+    """A domain with a configured next hop (``--route DOMAIN=HOST:PORT``)."""
+
+    domain: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class OverlayLookup:
+    """Look the AOR up in the overlay."""
+
+    aor: str
+
+
+@dataclass(frozen=True)
+class NotRoutable:
+    """A request-URI the peer cannot route at all (e.g. tel: with no route): answer ``status``."""
+
+    status: int
+    reason: str
+
+
+Decision = ForwardAsAddressed | StaticRoute | OverlayLookup | NotRoutable
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a.strip("[]").lower() == b.strip("[]").lower()
+
+
+def is_local(uri: URI, local_addresses: Iterable[tuple[str, int]]) -> bool:
+    """Does ``uri`` name one of this peer's own SIP addresses (default port 5060/5061)?"""
+    port = uri.port or (5061 if uri.secure else 5060)
+    for host, local_port in local_addresses:
+        if port == local_port and _same_host(uri.host, host):
+            return True
+        if port == local_port and host in ("0.0.0.0", "::") and is_ip_literal(uri.host):
+            return True
+    return False
+
+
+def decide(
+    uri: URI,
+    *,
+    routes: Mapping[str, tuple[str, int]] | None = None,
+    local_addresses: Iterable[tuple[str, int]] = (),
+) -> Decision:
+    """Where a request for ``uri`` goes (DESIGN.md "The peer: how a call flows", step 4)."""
+    routes = routes or {}
+    if uri.scheme not in ("sip", "sips"):
+        return NotRoutable(416, "Unsupported URI Scheme")
+    host = uri.host.lower().strip("[]")
+    route = routes.get(host)
+    if route is not None:
+        return StaticRoute(host, route[0], route[1])
+    if is_ip_literal(host):
+        if uri.user and is_local(uri, local_addresses):
+            return OverlayLookup(uri.aor())
+        if is_local(uri, local_addresses):
+            return NotRoutable(404, "Not Found")
+        return ForwardAsAddressed(uri.host, uri.port)
+    if not uri.user:
+        return NotRoutable(404, "Not Found")
+    return OverlayLookup(uri.aor())
+
+
+def live_targets(bindings: Iterable[Binding], now: float) -> list[Binding]:
+    """The bindings that have not expired, best first (highest q; unspecified q counts as 1.0)."""
+    alive = [b for b in bindings if b.alive(now)]
+    return sorted(alive, key=lambda b: -(b.q if b.q is not None else 1.0))
+
+
+class LocationCache:
+    """Recent overlay lookups, keyed by canonical AOR, honouring each binding's expiry.
+
+    Only non-empty results are cached: a fresh registration must be callable at once, and a 404 should not
+    linger. ``forget`` drops an AOR (the local registrar calls it on every change it makes).
+    """
+
+    def __init__(self, ttl: float = 5.0, max_entries: int = 4096) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, list[Binding]]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, aor: str, now: float) -> list[Binding] | None:
+        item = self._entries.get(aor)
+        if item is None:
+            self.misses += 1
+            return None
+        valid_until, bindings = item
+        if now >= valid_until:
+            del self._entries[aor]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(aor)
+        self.hits += 1
+        return live_targets(bindings, now)
+
+    def put(self, aor: str, bindings: Iterable[Binding], now: float) -> None:
+        alive = live_targets(bindings, now)
+        if not alive or self.ttl <= 0:
+            self._entries.pop(aor, None)
+            return
+        valid_until = min([now + self.ttl] + [b.expires_at for b in alive])
+        self._entries[aor] = (valid_until, alive)
+        self._entries.move_to_end(aor)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def forget(self, aor: str) -> None:
+        self._entries.pop(aor, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
