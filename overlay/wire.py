@@ -14,10 +14,10 @@ type       on the wire                           in Python
 =========  ====================================  =====================================
 id         16 bytes                              int in [0, 2**128)
 ep         [host str, port]                      (host, port)
-node       [id, host, port]                      (id int, host, port)
-nodes      list of node (at most 64)             list of (id, host, port)
+node       [id, host, port]                      chord.NodeRef(id, host, port)
+nodes      list of node (at most 16)             list of NodeRef
 u64        unsigned int < 2**64                  int
-bytes      bin                                   bytes
+bytes      bin (at most 128 bytes)               bytes
 str        str (UTF-8)                           str
 bool       bool                                  bool
 entry      [key, entry_id, value, seq,           storage.Entry
@@ -40,6 +40,7 @@ from typing import Any
 
 import msgpack
 
+from overlay.chord import CHORD_MESSAGES, MAX_BYTES, MAX_NODES, NodeRef
 from overlay.errors import WireError
 from overlay.ids import ID_BYTES, RING
 from overlay.storage import Entry
@@ -47,7 +48,6 @@ from overlay.storage import Entry
 VERSION = 1
 UDP_MAX = 1199
 TCP_MAX = 1 << 20
-MAX_NODES = 64
 MAX_HOST = 255
 U64 = 1 << 64
 
@@ -57,7 +57,7 @@ REPLY_TYPES = frozenset({"ok", "err"})
 
 Schema = Mapping[str, str]
 
-# Storage and membership messages (this module's own); routing types come from overlay.chord.
+# Storage messages (this module's own); routing types (ping ... leave) come from overlay.chord.
 STORAGE_MESSAGES: dict[str, Schema] = {
     # A client (or the primary forwarding to a replica, ``replica`` true) asks a node to keep an entry.
     "store": {"entry": "entry", "replica": "bool?"},
@@ -65,16 +65,26 @@ STORAGE_MESSAGES: dict[str, Schema] = {
     "fetch": {"key": "id"},
     # Bulk hand-off of entries (join, leave, repair); ``entries`` carry their remaining lifetime.
     "transfer": {"entries": "entries"},
-    # A node leaving gracefully tells its neighbours who should replace it.
-    "leave": {"pred": "node?", "succs": "nodes"},
 }
 
-# Fields that may appear in an ``ok`` reply (union over all request types) and in ``err``.
+# Fields that may appear in an ``ok`` reply to a storage request, and in ``err``.
 STORAGE_REPLY_FIELDS: dict[str, str] = {
     "entries": "entries",
     "stored": "u64",
 }
 ERR_FIELDS: dict[str, str] = {"code": "u64", "reason": "str", "detail": "str?"}
+
+
+def overlay_schemas() -> tuple[dict[str, Schema], dict[str, str]]:
+    """Request schemas and ok-reply fields of the whole protocol: chord routing plus storage."""
+    requests: dict[str, Schema] = {name: spec.request for name, spec in CHORD_MESSAGES.items()}
+    requests.update(STORAGE_MESSAGES)
+    replies: dict[str, str] = {}
+    for spec in CHORD_MESSAGES.values():
+        for fname, ftype in spec.reply.items():
+            replies[fname] = ftype
+    replies.update(STORAGE_REPLY_FIELDS)
+    return requests, replies
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +120,10 @@ class Codec:
         self.overlay_name = overlay_name
         self.requests: dict[str, dict[str, str]] = {}
         self.reply_fields: dict[str, str] = {}
-        for name, schema in (requests if requests is not None else STORAGE_MESSAGES).items():
+        default_requests, default_replies = overlay_schemas()
+        for name, schema in (requests if requests is not None else default_requests).items():
             self.add_request(name, schema)
-        for name, ftype in (reply_fields if reply_fields is not None else STORAGE_REPLY_FIELDS).items():
+        for name, ftype in (reply_fields if reply_fields is not None else default_replies).items():
             self.add_reply_field(name, ftype)
 
     def add_request(self, name: str, schema: Schema) -> None:
@@ -168,9 +179,12 @@ class Codec:
     # --- decoding ---------------------------------------------------------------------------------
 
     def decode(self, data: bytes, *, max_size: int = UDP_MAX) -> Message:
-        """Validate ``data`` completely and return the message; ``WireError`` for anything else."""
+        """Validate ``data`` completely and return the message; ``WireError`` for anything else.
+
+        ``error_kind(exc)`` tells the receive path which counter to bump.
+        """
         if len(data) > max_size:
-            raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
+            raise _kind("oversized", f"message of {len(data)} bytes exceeds the limit of {max_size}")
         try:
             raw = msgpack.unpackb(
                 data,
@@ -189,13 +203,16 @@ class Codec:
             raise WireError("a message is a msgpack map")
         version = raw.get("v")
         if type(version) is not int or version != VERSION:
-            raise WireError(f"unsupported protocol version {version!r}")
+            raise _kind("foreign", f"unsupported protocol version {str(version)[:16]}")
         if raw.get("ov") != self.overlay_name:
-            raise WireError("message for another overlay")
+            raise _kind("foreign", "message for another overlay")
         mtype = raw.get("t")
         if not isinstance(mtype, str):
             raise WireError("message type missing")
-        schema = self._schema_of(mtype)
+        try:
+            schema = self._schema_of(mtype)
+        except WireError as exc:
+            raise _kind("unknown-type", str(exc)) from None
         mid = _from_wire("u64", raw.get("id"), "id")
         src = _from_wire("id", raw.get("src"), "src")
         ep = _from_wire("ep", raw.get("ep"), "ep")
@@ -223,6 +240,19 @@ class Codec:
         if schema is None:
             raise WireError(f"unknown message type {mtype[:32]!r}")
         return schema
+
+
+def _kind(kind: str, message: str) -> WireError:
+    exc = WireError(message)
+    exc.kind = kind  # type: ignore[attr-defined]
+    return exc
+
+
+def error_kind(exc: WireError) -> str:
+    """Why a message was refused: ``oversized``, ``foreign`` (other overlay or version),
+    ``unknown-type`` or ``malformed``."""
+    kind = getattr(exc, "kind", "malformed")
+    return kind if isinstance(kind, str) else "malformed"
 
 
 def _check_type_name(ftype: str) -> None:
@@ -271,6 +301,8 @@ def _to_wire(ftype: str, value: Any) -> Any:
             raise WireError("u64 out of range")
         return value
     if ftype == "bytes":
+        if len(value) > MAX_BYTES:
+            raise WireError(f"bytes fields are at most {MAX_BYTES} bytes")
         return bytes(value)
     if ftype == "bool":
         return bool(value)
@@ -287,8 +319,8 @@ def _from_wire(ftype: str, value: Any, name: str) -> Any:
             raise WireError(f"{name}: not an unsigned 64-bit integer")
         return value
     if ftype == "bytes":
-        if not isinstance(value, bytes):
-            raise WireError(f"{name}: not bytes")
+        if not isinstance(value, bytes) or len(value) > MAX_BYTES:
+            raise WireError(f"{name}: not bytes of at most {MAX_BYTES}")
         return value
     if ftype == "str":
         if not isinstance(value, str):
@@ -324,10 +356,16 @@ def _from_wire(ftype: str, value: Any, name: str) -> Any:
     raise WireError(f"{name}: unknown field type {ftype}")  # unreachable: types are checked at registration
 
 
-def _node(value: Any, name: str) -> tuple[int, str, int]:
+def _node(value: Any, name: str) -> NodeRef:
     if not isinstance(value, list) or len(value) != 3:
         raise WireError(f"{name}: a node is [id, host, port]")
-    return (_from_wire("id", value[0], name), _host(value[1], name), _port(value[2], name))
+    return NodeRef(_from_wire("id", value[0], name), _host(value[1], name), _port(value[2], name))
+
+
+def _blob(value: Any, name: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise WireError(f"{name}: not bytes")
+    return value
 
 
 def _entry(value: Any, name: str, length: int) -> Entry:
@@ -337,13 +375,13 @@ def _entry(value: Any, name: str, length: int) -> Entry:
     try:
         return Entry(
             key=_from_wire("id", key, name),
-            entry_id=_from_wire("bytes", entry_id, name),
-            value=_from_wire("bytes", val, name),
+            entry_id=_blob(entry_id, name),
+            value=_blob(val, name),
             seq=_from_wire("u64", seq, name),
             lifetime_s=_from_wire("u64", lifetime, name),
-            owner=_from_wire("bytes", owner, name),
-            signature=_from_wire("bytes", sig, name),
-            cert=_from_wire("bytes", cert, name),
+            owner=_blob(owner, name),
+            signature=_blob(sig, name),
+            cert=_blob(cert, name),
         )
     except ValueError as exc:
         raise WireError(f"{name}: {exc}") from None

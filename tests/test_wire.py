@@ -5,10 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from overlay.chord import NodeRef
 from overlay.errors import WireError
 from overlay.identity import KeyPair
 from overlay.storage import Entry
-from overlay.wire import TCP_MAX, UDP_MAX, Codec, FrameDecoder, Message, frame
+from overlay.wire import TCP_MAX, Codec, FrameDecoder, Message, error_kind, frame
 
 CODEC = Codec(
     "test-overlay",
@@ -63,6 +64,7 @@ def raw(**fields: object) -> bytes:
         (b"\xc1", "msgpack"),
         (msgpack.packb([1, 2]), "map"),
         (raw(key=b"\1" * 2000), "exceeds"),
+        (raw(t="ping", key=..., nonce=b"n" * 129), "at most 128"),
     ],
 )
 def test_invalid_messages_are_wire_errors(data: bytes, why: str) -> None:
@@ -71,12 +73,40 @@ def test_invalid_messages_are_wire_errors(data: bytes, why: str) -> None:
 
 
 def test_size_limits() -> None:
-    big = Message("ping", 1, SRC, EP, {"nonce": b"x" * 2000})
+    e = Entry.create(KeyPair.generate(), 42, b"id", b"x" * 2000, 3, 60)
+    big = Message("store", 1, SRC, EP, {"entry": e})
     with pytest.raises(WireError, match="exceeds"):
         CODEC.encode(big)
     data = CODEC.encode(big, max_size=TCP_MAX)
     assert CODEC.decode(data, max_size=TCP_MAX) == big
-    assert len(CODEC.encode(Message("ping", 1, SRC, EP, {"nonce": b"x" * 1100}))) <= UDP_MAX
+    with pytest.raises(WireError) as info:
+        CODEC.decode(data)
+    assert error_kind(info.value) == "oversized"
+    with pytest.raises(WireError, match="at most 128"):
+        CODEC.encode(Message("ping", 1, SRC, EP, {"nonce": b"x" * 129}))
+
+
+def test_default_codec_speaks_chord_and_storage() -> None:
+    codec = Codec("ov")
+    assert {
+        "ping",
+        "find_successor",
+        "get_predecessor",
+        "get_successors",
+        "notify",
+        "leave",
+        "store",
+        "fetch",
+        "transfer",
+    } <= set(codec.requests)
+    reply = Message(
+        "ok", 3, SRC, EP, {"done": True, "node": NodeRef(5, "h", 1), "nodes": [NodeRef(6, "h", 2)]}
+    )
+    back = codec.decode(codec.encode(reply))
+    assert back == reply and isinstance(back.body["node"], NodeRef)
+    with pytest.raises(WireError) as info:
+        Codec("other").decode(codec.encode(reply))
+    assert error_kind(info.value) == "foreign"
 
 
 def test_frames() -> None:
