@@ -1,0 +1,373 @@
+"""Stack: the asyncio adapter that joins transports, the sans-IO transaction layer and a core (the TU).
+
+::
+
+    sockets ─▶ TransportLayer ─▶ Stack.on_message ─▶ TransactionLayer (sans-IO) ─▶ events ─▶ Core
+    sockets ◀─ TransportLayer ◀─ Stack._run(events) ◀──────────────────────────────────────────┘
+
+The transaction layer never sees a clock: the Stack passes ``loop.time()`` in and owns the single loop
+timer that fires at ``TransactionLayer.next_deadline()``. A *core* (a :class:`~p2psip.useragent.UserAgent`
+or a :class:`~p2psip.proxy.Proxy`) implements :class:`Core` and uses the Stack's small API to send:
+:meth:`Stack.send_request` (a new client transaction), :meth:`Stack.respond` (through a server
+transaction), :meth:`Stack.send_stateless` (ACK for a 2xx, stateless forwarding) and
+:meth:`Stack.cancel`.
+
+Quick start::
+
+    stack = await Stack.start(listen=["udp:127.0.0.1:0"])
+    ...
+    await stack.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from p2psip.errors import TransactionError, TransportError
+from p2psip.message import Limits, Request, Response, new_branch
+from p2psip.timers import DEFAULT_TIMERS, TimerConfig
+from p2psip.transaction import (
+    ClientTransaction,
+    PassToTU,
+    ServerTransaction,
+    Terminated,
+    Timeout,
+    Transaction,
+    TransactionLayer,
+    Transmit,
+    TransportFailure,
+    TUEvent,
+)
+from p2psip.transport import (
+    RELIABLE,
+    ListenSpec,
+    Source,
+    Target,
+    TLSConfig,
+    TransportLayer,
+    numeric_host,
+    via_host,
+)
+from p2psip.uri import URI
+
+log = logging.getLogger("p2psip.stack")
+
+__all__ = ["Core", "Source", "Stack", "Target"]
+
+
+class Core(Protocol):
+    """The transaction user. Every method is called synchronously from the event loop and must not block.
+
+    ``transaction`` is None for messages no transaction matched: an ACK for a 2xx, a stray or
+    retransmitted 2xx after its client transaction ended — and everything when the core is stateless.
+    """
+
+    stateful: bool
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None: ...
+
+    def on_response(
+        self, response: Response, transaction: ClientTransaction | None, source: Source | None
+    ) -> None: ...
+
+    def on_timeout(self, transaction: Transaction, timer: str) -> None: ...
+
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None: ...
+
+    def on_terminated(self, transaction: Transaction) -> None: ...
+
+
+class _NoCore:
+    """Until a core attaches: answer requests 503 so a peer is not left retransmitting."""
+
+    stateful = True
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        if transaction is not None and request.method != "ACK":
+            self.stack.respond(transaction, Response.for_request(request, 503, "No Service Attached"))
+
+    def on_response(
+        self, response: Response, transaction: ClientTransaction | None, source: Source | None
+    ) -> None:
+        pass
+
+    def on_timeout(self, transaction: Transaction, timer: str) -> None:
+        pass
+
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
+        pass
+
+    def on_terminated(self, transaction: Transaction) -> None:
+        pass
+
+
+class Stack:
+    """One SIP stack: its listeners, its transactions and one core."""
+
+    def __init__(
+        self,
+        *,
+        timers: TimerConfig = DEFAULT_TIMERS,
+        limits: Limits | None = None,
+        tls: TLSConfig | None = None,
+        trying_delay: float | None = 0.0,
+        idle_timeout: float = 300.0,
+        verbose: bool = False,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timers = timers
+        self.verbose = verbose
+        self.transport = TransportLayer(
+            self.on_message, limits=limits, tls=tls, idle_timeout=idle_timeout, verbose=verbose
+        )
+        self.transactions = TransactionLayer(timers, trying_delay=trying_delay)
+        self.core: Core = _NoCore(self)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._closed = False
+        self._local_cache: dict[str, tuple[str, int]] = {}
+
+    @classmethod
+    async def start(
+        cls,
+        listen: Iterable[str | ListenSpec] = ("udp:127.0.0.1:0",),
+        **options: object,
+    ) -> Stack:
+        """Create a stack and open its listeners (``[udp:|tcp:|tls:]HOST:PORT``; no prefix = UDP and TCP;
+        port 0 = any free port). ``options`` are the keyword arguments of :class:`Stack`."""
+        stack = cls(**options)  # type: ignore[arg-type]
+        try:
+            for spec in listen:
+                specs = ListenSpec.parse(spec) if isinstance(spec, str) else [spec]
+                for one in specs:
+                    await stack.transport.listen(one)
+        except BaseException:
+            await stack.close()
+            raise
+        return stack
+
+    def attach(self, core: Core) -> None:
+        """Make ``core`` the transaction user of this stack (one core per stack)."""
+        self.core = core
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Transport counters plus the transaction layer's (prefixed ``transaction_``) and live counts."""
+        out = dict(self.transport.stats)
+        for key, value in self.transactions.stats.items():
+            out[f"transaction_{key}"] = value
+        out["transactions"] = len(self.transactions)
+        out["connections"] = self.transport.connection_count()
+        return out
+
+    # ------------------------------------------------------------------------------- addresses
+
+    def local_address(self, transport: str = "udp", toward: str | None = None) -> tuple[str, int]:
+        """(host, port) this stack listens on for ``transport`` (of the address family of ``toward``)."""
+        return self.transport.local_address(transport, toward)
+
+    def local_uri(self, transport: str = "udp", *, user: str | None = None, toward: str | None = None) -> URI:
+        """A URI that reaches this stack over ``transport``: for Contact and Record-Route."""
+        host, port = self.local_address(transport, toward)
+        params: dict[str, str | None] = {}
+        scheme = "sip"
+        if transport == "tls":
+            scheme = "sips"
+        elif transport == "tcp":
+            params["transport"] = "tcp"
+        return URI.build(scheme=scheme, user=user, host=via_host(host), port=port, params=params)
+
+    def is_local(self, host: str, port: int | None, transport: str | None = None) -> bool:
+        """Whether host:port (a URI's or Via's) names this stack."""
+        literal = numeric_host(host)
+        if literal is None:
+            return False
+        for name, addrs in self.transport.listening.items():
+            if transport is not None and name != transport:
+                continue
+            default = 5061 if name == "tls" else 5060
+            for lhost, lport in addrs:
+                if lport == (port or default) and (
+                    lhost == literal or lhost in ("0.0.0.0", "::") or literal in ("0.0.0.0", "::")
+                ):
+                    return True
+        return False
+
+    def sent_by(self, target: Target) -> str:
+        """The sent-by (``host:port``) for a Via of a request going to ``target``."""
+        key = f"{target.transport}{':' in target.host}"
+        cached = self._local_cache.get(key)
+        if cached is None:
+            cached = self.local_address(target.transport, target.host)
+            self._local_cache[key] = cached
+        return f"{via_host(cached[0])}:{cached[1]}"
+
+    def push_via(self, request: Request, target: Target, branch: str | None = None) -> str:
+        """Put our Via (with ``rport``, RFC 3581) on top of ``request`` for ``target``; returns the branch."""
+        branch = branch or new_branch()
+        request.add(
+            "Via",
+            f"SIP/2.0/{target.transport.upper()} {self.sent_by(target)};branch={branch};rport",
+            first=True,
+        )
+        return branch
+
+    # ---------------------------------------------------------------------------------- receive
+
+    def on_message(self, message: Request | Response, source: Source) -> None:
+        """Called by the transport layer for every well-formed message."""
+        core = self.core
+        if not core.stateful:
+            if isinstance(message, Request):
+                core.on_request(message, None, source)
+            else:
+                core.on_response(message, None, source)
+            return
+        now = self.loop.time()
+        if isinstance(message, Request):
+            events = self.transactions.receive_request(
+                message, source, now, reliable=source.transport in RELIABLE
+            )
+        else:
+            events = self.transactions.receive_response(message, source, now)
+        if events:
+            self._run(events)
+
+    def _run(self, events: list[TUEvent]) -> None:
+        """Perform what the transaction layer asked for, then re-arm the loop timer."""
+        core = self.core
+        for event in events:
+            if isinstance(event, Transmit):
+                self._transmit(event)
+            elif isinstance(event, PassToTU):
+                msg = event.message
+                try:
+                    if isinstance(msg, Request):
+                        core.on_request(msg, event.transaction, event.source)  # type: ignore[arg-type]
+                    else:
+                        core.on_response(msg, event.transaction, event.source)  # type: ignore[arg-type]
+                except Exception:
+                    self.transport.stats["handler_errors"] += 1
+                    log.exception("core failed on %r", msg)
+            elif isinstance(event, Terminated):
+                core.on_terminated(event.transaction)
+            elif isinstance(event, Timeout):
+                core.on_timeout(event.transaction, event.timer)
+            elif isinstance(event, TransportFailure):
+                core.on_transport_failure(event.transaction, event.error)
+        self._arm()
+
+    def _transmit(self, event: Transmit) -> None:
+        message = event.message
+        tx = event.transaction
+        try:
+            if isinstance(message, Response):
+                source = event.destination if isinstance(event.destination, Source) else None
+                self.transport.send_response(message, source)
+            else:
+                self.transport.send(bytes(message), event.destination, self._error_handler(tx))
+        except (TransportError, OSError) as exc:
+            self._transport_error(tx, exc)
+
+    def _error_handler(self, tx: Transaction) -> Callable[[Exception], None]:
+        def on_error(exc: Exception) -> None:
+            self._transport_error(tx, exc)
+
+        return on_error
+
+    def _transport_error(self, tx: Transaction, exc: Exception) -> None:
+        if self.verbose:
+            log.info("transport error for %r: %s", tx, exc)
+        events = self.transactions.transport_error(tx, str(exc), self.loop.time())
+        if events:
+            self.loop.call_soon(self._run, events)
+
+    # -------------------------------------------------------------------------------- timers
+
+    def _arm(self) -> None:
+        deadline = self.transactions.next_deadline()
+        if deadline is None or self._closed:
+            return
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        events = self.transactions.handle_timers(self.loop.time())
+        if events:
+            self._run(events)
+        else:
+            self._arm()
+
+    # ----------------------------------------------------------------------------------- send
+
+    def send_request(self, request: Request, target: Target, *, timer_c: bool = False) -> ClientTransaction:
+        """Send ``request`` to ``target`` on a new client transaction: pushes our Via (switching a large
+        UDP request to TCP, §18.1.1) and returns the transaction (responses reach ``core.on_response``)."""
+        self.push_via(request, target)
+        if target.transport == "udp":
+            size = len(bytes(request))
+            if size > self.transport.udp_size_limit:
+                target = self.transport.select(target, size)
+                request.remove_first("Via")
+                self.push_via(request, target)
+        tx, events = self.transactions.send_request(
+            request, target, self.loop.time(), reliable=target.transport in RELIABLE, timer_c=timer_c
+        )
+        self._run(events)
+        return tx
+
+    def respond(self, transaction: ServerTransaction, response: Response) -> None:
+        """Send ``response`` through its server transaction (retransmissions and timers are handled)."""
+        events = self.transactions.send_response(transaction, response, self.loop.time())
+        self._run(events)
+
+    def cancel(self, transaction: ClientTransaction) -> None:
+        """CANCEL a pending INVITE client transaction (§9.1; deferred until a provisional arrived)."""
+        try:
+            events = self.transactions.cancel(transaction, self.loop.time())
+        except TransactionError:
+            return
+        self._run(events)
+
+    def send_stateless(self, message: Request | Response, target: Target | Source | None = None) -> None:
+        """Send without a transaction: a request (ACK for a 2xx, stateless forwarding) to ``target`` (the
+        caller has put the Via on it) or a response along its Via (§18.2.2). Errors are counted only."""
+        try:
+            if isinstance(message, Response):
+                source = target if isinstance(target, Source) else None
+                self.transport.send_response(message, source)
+            else:
+                if target is None:
+                    raise TransportError("a request needs a target")
+                dest = target.target if isinstance(target, Source) else target
+                self.transport.send(bytes(message), dest)
+        except (TransportError, OSError) as exc:
+            if self.verbose:
+                log.info("stateless send failed: %s", exc)
+
+    # ---------------------------------------------------------------------------------- close
+
+    async def close(self) -> None:
+        """Close listeners and connections and stop the timer. Pending transactions are abandoned."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.transport.close()
+
+    async def __aenter__(self) -> Stack:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,785 @@
+"""asyncio transports for SIP: UDP, TCP and TLS listeners and connections (RFC 3261 §18, RFC 3581).
+
+The transport layer is the only part of the SIP stack that touches sockets. It turns datagrams and byte
+streams into parsed messages (``on_message(message, source)``) and sends bytes to a :class:`Target`. What
+it decides on its own, because only it can, is:
+
+- *receipt* (§18.2.1, RFC 3581): a request's top Via gets ``received`` when the packet came from another
+  address than the Via names, and ``rport`` filled in when the client asked for it;
+- *response routing* (§18.2.2): over TCP/TLS back on the connection the request came on, else to
+  ``received``/``rport`` (or ``maddr``, or the sent-by);
+- *stream framing* with size limits (:class:`p2psip.message.StreamFramer`), connection reuse keyed by the
+  remote address (with an idle timeout), and the UDP→TCP switch for requests over 1300 bytes (§18.1.1);
+- *robustness*: a malformed message is answered ``400`` with a reason naming the problem when enough of it
+  could be read, else dropped; nothing a peer sends can stop a listener. Counters live in :attr:`stats`.
+
+It knows nothing of transactions: the :mod:`p2psip.stack` adapter wires it to the sans-IO cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from p2psip.errors import ConfigError, ParseError, TransportError
+from p2psip.message import Limits, Request, Response, StreamFramer, parse
+from p2psip.uri import URI
+
+log = logging.getLogger("p2psip.transport")
+
+TRANSPORTS = ("udp", "tcp", "tls")
+RELIABLE = frozenset({"tcp", "tls"})
+DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+#: §18.1.1: a request larger than this (path MTU unknown) goes over a congestion-controlled transport.
+UDP_SIZE_LIMIT = 1300
+
+STAT_NAMES = (
+    "received",  # messages (or datagrams) that arrived
+    "sent",  # messages written to a socket
+    "parse_errors",  # messages that failed to parse
+    "bad_request_answers",  # of those, how many got a 400
+    "dropped",  # messages thrown away (unparseable and unanswerable, or a failing handler)
+    "keepalives",  # CRLF keep-alive datagrams
+    "send_errors",  # sends that failed (no route, refused, reset, ICMP error)
+    "handler_errors",  # exceptions raised by the message handler (caught: the listener lives on)
+    "framing_errors",  # streams closed because of bad framing or an oversized message
+    "connections_opened",
+    "connections_closed",
+    "udp_to_tcp",  # large requests switched from UDP to TCP (§18.1.1)
+)
+
+
+class Target(NamedTuple):
+    """Where to send: a transport name (``udp``/``tcp``/``tls``), an IP literal (IPv6 without brackets)
+    and a port. A tuple so it is cheap, hashable and usable as a connection-pool key."""
+
+    transport: str
+    host: str
+    port: int
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}:{host}:{self.port}"
+
+
+class Source(NamedTuple):
+    """Where a message came from. ``connection`` is the stream it arrived on (None for UDP); responses to a
+    request received on a stream go back on it while it is open (§18.2.2)."""
+
+    transport: str
+    host: str
+    port: int
+    connection: StreamConnection | None = None
+
+    @property
+    def target(self) -> Target:
+        return Target(self.transport, self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSpec:
+    """One listening address: ``[udp:|tcp:|tls:]HOST:PORT`` (IPv6 in brackets: ``udp:[::1]:5060``)."""
+
+    transport: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, default_transports: Iterable[str] = ("udp", "tcp")) -> list[ListenSpec]:
+        """Parse a ``--listen`` value; without a transport prefix it means every default transport.
+
+        Raises :class:`ConfigError` with a message naming what is wrong.
+        """
+        spec = text.strip()
+        transports: list[str]
+        prefix, sep, rest = spec.partition(":")
+        if sep and prefix.lower() in TRANSPORTS:
+            transports = [prefix.lower()]
+            spec = rest
+        else:
+            transports = list(default_transports)
+        host, port = split_hostport(spec)
+        if port is None:
+            raise ConfigError(f"listen address {text!r} has no port: write HOST:PORT, e.g. 127.0.0.1:5060")
+        return [cls(t, host, port) for t in transports]
+
+    def __str__(self) -> str:
+        return str(Target(self.transport, self.host, self.port))
+
+
+def split_hostport(text: str) -> tuple[str, int | None]:
+    """``"127.0.0.1:5060"`` → ``("127.0.0.1", 5060)``; ``"[::1]:5060"`` → ``("::1", 5060)``; the port is
+    optional. The host must be an IP literal or ``localhost`` (no DNS in the stack). Raises ConfigError."""
+    text = text.strip()
+    port_text: str | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"bad address {text!r}: missing ']' after an IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad address {text!r}: expected ':PORT' after ']'")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host = text
+    if not host:
+        raise ConfigError(f"bad address {text!r}: no host")
+    literal = numeric_host(host)
+    if literal is None:
+        raise ConfigError(f"bad address {text!r}: the host must be an IP address (no DNS lookups)")
+    host = literal
+    port: int | None = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(f"bad address {text!r}: the port must be a number from 0 to 65535")
+        port = int(port_text)
+    return host, port
+
+
+def numeric_host(host: str) -> str | None:
+    """The IP literal for ``host`` (brackets removed, ``localhost`` → 127.0.0.1), or None for a name."""
+    if host.startswith("["):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def via_host(host: str) -> str:
+    """A host as written in a Via or URI (IPv6 in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+# --------------------------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificates for ``tls:`` listeners and the trust used when connecting out (``sips:``).
+
+    ``certfile``/``keyfile`` (PEM) are what this node presents; ``cafile`` what it trusts when it connects
+    (the system store when None). ``verify=False`` accepts any server certificate: only for tests and labs.
+    """
+
+    certfile: str | None = None
+    keyfile: str | None = None
+    cafile: str | None = None
+    verify: bool = True
+
+    @classmethod
+    def self_signed(cls, directory: str | None = None, hostnames: Iterable[str] = ()) -> TLSConfig:
+        """Generate a self-signed certificate (EC P-256, valid for localhost, 127.0.0.1, ::1 and
+        ``hostnames``) into ``directory`` (a new temporary one when None) and trust it when connecting."""
+        certfile, keyfile = generate_self_signed(directory, hostnames)
+        return cls(certfile=certfile, keyfile=keyfile, cafile=certfile, verify=True)
+
+    def server_context(self) -> ssl.SSLContext:
+        if not self.certfile:
+            raise ConfigError("a tls: listener needs a certificate: give certfile/keyfile, or self_signed()")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.certfile, self.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS certificate {self.certfile!r}: {exc}") from exc
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        elif self.cafile:
+            try:
+                ctx.load_verify_locations(self.cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load TLS CA file {self.cafile!r}: {exc}") from exc
+        else:
+            ctx.load_default_certs()
+        return ctx
+
+
+def generate_self_signed(directory: str | None = None, hostnames: Iterable[str] = ()) -> tuple[str, str]:
+    """Write ``cert.pem`` and ``key.pem`` for a fresh self-signed certificate; return their paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = directory or tempfile.mkdtemp(prefix="p2psip-tls-")
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    ips = {"127.0.0.1", "::1"}
+    for name in hostnames:
+        literal = numeric_host(name)
+        if literal is not None:
+            ips.add(literal)
+        else:
+            names.append(x509.DNSName(name))
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in sorted(ips)]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2psip self-signed")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certfile = os.path.join(directory, "cert.pem")
+    keyfile = os.path.join(directory, "key.pem")
+    with open(certfile, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return certfile, keyfile
+
+
+# --------------------------------------------------------------------------------------- protocols
+
+
+MessageHandler = Callable[[Request | Response, Source], None]
+ErrorHandler = Callable[[Exception], None]
+
+
+class _UDPProtocol(asyncio.DatagramProtocol):
+    """One UDP listening socket. Every datagram goes to the layer; nothing here can raise out."""
+
+    def __init__(self, layer: TransportLayer) -> None:
+        self.layer = layer
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self.layer._on_datagram(data, addr, self)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error for an earlier sendto (port unreachable...): count it, keep listening.
+        self.layer.stats["send_errors"] += 1
+
+
+class StreamConnection(asyncio.Protocol):
+    """One TCP or TLS connection, incoming or outgoing, framed by Content-Length."""
+
+    def __init__(self, layer: TransportLayer, transport_name: str, outgoing: bool) -> None:
+        self.layer = layer
+        self.name = transport_name
+        self.outgoing = outgoing
+        self.framer = StreamFramer(layer.limits)
+        self.transport: asyncio.Transport | None = None
+        self.remote: Target | None = None
+        self.keys: list[Target] = []
+        self.last_used = layer.loop.time()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = Target(self.name, str(peer[0]), int(peer[1]))
+        self.layer._register(self, self.remote)
+        self.layer.stats["connections_opened"] += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.last_used = self.layer.loop.time()
+        try:
+            frames = self.framer.feed(data)
+        except ParseError as exc:
+            self.layer.stats["framing_errors"] += 1
+            if self.layer.verbose:
+                log.info("closing %s: bad framing: %s", self.remote, exc)
+            self.close()
+            return
+        except Exception:  # a framer bug must not kill the loop's reader
+            self.layer.stats["framing_errors"] += 1
+            log.exception("stream framer failed on data from %s", self.remote)
+            self.close()
+            return
+        for frame in frames:
+            self.layer._on_frame(frame, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.layer._forget(self)
+        self.layer.stats["connections_closed"] += 1
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise TransportError(f"connection to {self.remote} is closed")
+        self.last_used = self.layer.loop.time()
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.layer._forget(self)
+
+
+# ------------------------------------------------------------------------------------------- layer
+
+
+class TransportLayer:
+    """All listeners and connections of one stack; see the module docstring for what it decides.
+
+    ``on_message(message, source)`` is called for every well-formed message, synchronously from the
+    event loop; an exception it raises is logged and counted, never propagated into the loop.
+    """
+
+    def __init__(
+        self,
+        on_message: MessageHandler,
+        *,
+        limits: Limits | None = None,
+        tls: TLSConfig | None = None,
+        idle_timeout: float = 300.0,
+        udp_size_limit: int = UDP_SIZE_LIMIT,
+        verbose: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.on_message = on_message
+        self.limits = limits or Limits()
+        self.tls = tls
+        self.idle_timeout = idle_timeout
+        self.udp_size_limit = udp_size_limit
+        self.verbose = verbose
+        self.loop = loop or asyncio.get_running_loop()
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        # Listening addresses: transport -> list of (host, port) as bound (port 0 resolved).
+        self.listening: dict[str, list[tuple[str, int]]] = {t: [] for t in TRANSPORTS}
+        self._udp: dict[int, _UDPProtocol] = {}  # address family -> socket used to send
+        self._udp_addr: dict[int, tuple[str, int]] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: dict[Target, StreamConnection] = {}
+        self._pending: dict[Target, list[tuple[bytes, ErrorHandler | None]]] = {}
+        self._client_ssl: ssl.SSLContext | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ----------------------------------------------------------------------------- listening
+
+    async def listen(self, spec: ListenSpec | str) -> Target:
+        """Open one listener; returns its bound address (port 0 gets a free port)."""
+        specs = ListenSpec.parse(spec) if isinstance(spec, str) else [spec]
+        bound = [await self._listen_one(s) for s in specs]
+        return bound[0]
+
+    async def _listen_one(self, spec: ListenSpec) -> Target:
+        family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+        try:
+            if spec.transport == "udp":
+                transport, protocol = await self.loop.create_datagram_endpoint(
+                    lambda: _UDPProtocol(self), local_addr=(spec.host, spec.port), family=family
+                )
+                sock = transport.get_extra_info("socket")
+                _tune_udp_socket(sock)
+                host, port = sock.getsockname()[:2]
+                self._udp.setdefault(family, protocol)
+                self._udp_addr.setdefault(family, (host, port))
+            else:
+                ssl_ctx = None
+                if spec.transport == "tls":
+                    if self.tls is None:
+                        self.tls = TLSConfig.self_signed()
+                    ssl_ctx = self.tls.server_context()
+                name = spec.transport
+                server = await self.loop.create_server(
+                    lambda: StreamConnection(self, name, outgoing=False),
+                    host=spec.host,
+                    port=spec.port,
+                    family=family,
+                    ssl=ssl_ctx,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+                self._servers.append(server)
+                host, port = server.sockets[0].getsockname()[:2]
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {spec}: {exc.strerror or exc}") from exc
+        self.listening[spec.transport].append((host, port))
+        if self._sweeper is None and self.idle_timeout > 0:
+            self._schedule_sweep()
+        if self.verbose:
+            log.info("listening on %s", Target(spec.transport, host, port))
+        return Target(spec.transport, host, port)
+
+    def local_address(self, transport: str = "udp", family_of: str | None = None) -> tuple[str, int]:
+        """The (host, port) this stack listens on for ``transport`` (of the address family of host
+        ``family_of`` when given). Used for Via sent-by and Contact. Raises TransportError if none."""
+        candidates = self.listening.get(transport) or []
+        if not candidates and transport in RELIABLE:
+            # Outgoing-only stream transport: advertise the UDP address (best effort).
+            candidates = self.listening.get("udp") or []
+        if not candidates:
+            raise TransportError(f"this stack does not listen on {transport}: add a {transport}: listener")
+        if family_of is not None:
+            want_v6 = ":" in family_of
+            for host, port in candidates:
+                if (":" in host) == want_v6:
+                    return self._advertised(host, family_of), port
+        host, port = candidates[0]
+        return self._advertised(host, family_of), port
+
+    @staticmethod
+    def _advertised(host: str, toward: str | None) -> str:
+        """A wildcard bind address is no use in a Via: pick the local address that routes to ``toward``."""
+        if host not in ("0.0.0.0", "::"):
+            return host
+        dest = toward or ("::1" if host == "::" else "127.0.0.1")
+        family = socket.AF_INET6 if ":" in dest else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((dest, 9))  # no packet is sent: this only asks the routing table
+                return str(s.getsockname()[0])
+        except OSError:
+            return "::1" if host == "::" else "127.0.0.1"
+
+    def listens_on(self, transport: str) -> bool:
+        return bool(self.listening.get(transport))
+
+    # --------------------------------------------------------------------------------- receipt
+
+    def _on_datagram(self, data: bytes, addr: tuple[str | int, ...], proto: _UDPProtocol) -> None:
+        stats = self.stats
+        if len(data) <= 4 and not data.strip():
+            stats["keepalives"] += 1
+            return
+        stats["received"] += 1
+        source = Source("udp", str(addr[0]), int(addr[1]), None)
+        try:
+            msg = parse(data, datagram=True, limits=self.limits)
+            if isinstance(msg, Request):
+                _stamp_via(msg, source)
+        except ParseError as exc:
+            self._malformed(exc, source)
+            return
+        except Exception:
+            stats["dropped"] += 1
+            log.exception("parser failed on a datagram from %s", source.target)
+            return
+        try:
+            self.on_message(msg, source)
+        except Exception:
+            stats["handler_errors"] += 1
+            log.exception("handler failed on a message from %s", source.target)
+
+    def _on_frame(self, frame: bytes, conn: StreamConnection) -> None:
+        self.stats["received"] += 1
+        remote = conn.remote
+        assert remote is not None
+        source = Source(conn.name, remote.host, remote.port, conn)
+        try:
+            msg = parse(frame, datagram=False, limits=self.limits)
+            if isinstance(msg, Request):
+                sent_by = _stamp_via(msg, source)
+                # Remember the connection under the sent-by too, so a stateless proxy (which keeps no
+                # per-request state) can still send the response back on it (§18.2.2).
+                self._alias(conn, Target(conn.name, sent_by[0], sent_by[1]))
+        except ParseError as exc:
+            self._malformed(exc, source)
+            return
+        except Exception:
+            self.stats["dropped"] += 1
+            log.exception("parser failed on a message from %s", remote)
+            return
+        try:
+            self.on_message(msg, source)
+        except Exception:
+            self.stats["handler_errors"] += 1
+            log.exception("handler failed on a message from %s", remote)
+
+    def _malformed(self, exc: ParseError, source: Source) -> None:
+        """Answer 400 naming the problem when the request could be partly read, else drop (§8.2, §21.4.1)."""
+        self.stats["parse_errors"] += 1
+        if self.verbose:
+            log.info("malformed message from %s: %s", source.target, exc)
+        partial = exc.partial
+        if isinstance(partial, Request) and partial.method != "ACK":
+            try:
+                problem = " ".join(str(exc).split())[:120]
+                status = exc.status_hint if 400 <= exc.status_hint < 700 else 400
+                reason = "Bad Request" if status == 400 else None
+                resp = Response.for_request(partial, status, reason)
+                if problem:
+                    resp.reason = f"{resp.reason} ({problem})"
+                self.send_response(resp, source)
+                self.stats["bad_request_answers"] += 1
+                return
+            except Exception as inner:  # even the 400 could not be built: give up on this message
+                if self.verbose:
+                    log.info("cannot answer malformed message from %s: %s", source.target, inner)
+        self.stats["dropped"] += 1
+
+    # -------------------------------------------------------------------------------- sending
+
+    def select(self, target: Target, size: int) -> Target:
+        """The transport to really use for a request of ``size`` bytes to ``target``: §18.1.1 moves a
+        request over 1300 bytes from UDP to TCP (the caller must then write TCP in the top Via)."""
+        if target.transport == "udp" and size > self.udp_size_limit:
+            self.stats["udp_to_tcp"] += 1
+            return Target("tcp", target.host, target.port)
+        return target
+
+    def send(self, data: bytes, target: Target, on_error: ErrorHandler | None = None) -> None:
+        """Send ``data`` to ``target`` without waiting. UDP goes out at once from the listening socket of
+        the target's address family; TCP/TLS reuse an open connection or open one (then ``on_error`` is
+        called, from the loop, if connecting fails). Raises TransportError when it fails at once."""
+        if target.transport == "udp":
+            proto = self._udp.get(socket.AF_INET6 if ":" in target.host else socket.AF_INET)
+            if proto is None or proto.transport is None:
+                self.stats["send_errors"] += 1
+                raise TransportError(f"cannot send to {target}: no UDP listener of that address family")
+            proto.transport.sendto(data, (target.host, target.port))
+            self.stats["sent"] += 1
+            return
+        if target.transport not in RELIABLE:
+            raise TransportError(f"unknown transport {target.transport!r}")
+        conn = self._connections.get(target)
+        if conn is not None and not conn.closed:
+            conn.write(data)
+            self.stats["sent"] += 1
+            return
+        self._connect_and_send(target, data, on_error)
+
+    def send_on(self, conn: StreamConnection, data: bytes) -> None:
+        conn.write(data)
+        self.stats["sent"] += 1
+
+    def _connect_and_send(self, target: Target, data: bytes, on_error: ErrorHandler | None) -> None:
+        if self._closed:
+            raise TransportError("the transport layer is closed")
+        if numeric_host(target.host) != target.host:
+            self.stats["send_errors"] += 1
+            raise TransportError(f"cannot connect to {target}: the host is not an IP address (no DNS)")
+        queue = self._pending.get(target)
+        if queue is not None:
+            queue.append((data, on_error))
+            return
+        self._pending[target] = [(data, on_error)]
+        task = self.loop.create_task(self._open(target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, target: Target) -> None:
+        ssl_ctx: ssl.SSLContext | None = None
+        try:
+            if target.transport == "tls":
+                if self._client_ssl is None:
+                    self._client_ssl = (self.tls or TLSConfig()).client_context()
+                ssl_ctx = self._client_ssl
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: StreamConnection(self, target.transport, outgoing=True),
+                    target.host,
+                    target.port,
+                    ssl=ssl_ctx,
+                    server_hostname=target.host if ssl_ctx is not None else None,
+                ),
+                timeout=10.0,
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConfigError) as exc:
+            queue = self._pending.pop(target, [])
+            self.stats["send_errors"] += len(queue)
+            err = TransportError(f"cannot connect to {target}: {exc}")
+            if self.verbose:
+                log.info("%s", err)
+            for _, on_error in queue:
+                if on_error is not None:
+                    try:
+                        on_error(err)
+                    except Exception:
+                        log.exception("send-error handler failed")
+            return
+        self._register(conn, target)
+        for data, on_error in self._pending.pop(target, []):
+            try:
+                conn.write(data)
+                self.stats["sent"] += 1
+            except TransportError as exc:
+                self.stats["send_errors"] += 1
+                if on_error is not None:
+                    on_error(exc)
+
+    def response_target(self, response: Response, source: Source | None = None) -> Target | StreamConnection:
+        """Where a response goes (§18.2.2 with RFC 3581): the request's own connection when it is still
+        open, else (re)connect/send to received:rport, maddr or the sent-by of the top Via."""
+        if source is not None and source.connection is not None and not source.connection.closed:
+            return source.connection
+        via = response.top_via
+        if via is None:
+            raise TransportError("cannot route a response without a Via header")
+        transport = via.transport.lower()
+        if transport not in TRANSPORTS:
+            raise TransportError(f"cannot send a response over transport {via.transport!r}")
+        sent_by = numeric_host(via.host) or via.host
+        if transport in RELIABLE:
+            alias = self._connections.get(Target(transport, sent_by, via.port or 0))
+            if alias is not None and not alias.closed:
+                return alias
+        default = DEFAULT_PORTS[transport]
+        received = via.received
+        rport = via.rport
+        if transport == "udp" and via.maddr:
+            host = via.maddr
+            port = via.port or default
+        elif received:
+            host = received
+            port = rport if isinstance(rport, int) and rport is not True else (via.port or default)
+        else:
+            host = via.host
+            port = via.port or default
+        literal = numeric_host(host)
+        if literal is None:
+            raise TransportError(f"cannot send a response to {host!r}: not an IP address (no DNS)")
+        return Target(transport, literal, port)
+
+    def send_response(self, response: Response, source: Source | None = None) -> None:
+        """Serialize and send a response along §18.2.2 (see :meth:`response_target`)."""
+        where = self.response_target(response, source)
+        data = bytes(response)
+        if isinstance(where, StreamConnection):
+            self.send_on(where, data)
+        else:
+            self.send(data, where)
+
+    # ----------------------------------------------------------------------------- connections
+
+    def _register(self, conn: StreamConnection, key: Target) -> None:
+        if key not in conn.keys:
+            conn.keys.append(key)
+        self._connections[key] = conn
+
+    def _alias(self, conn: StreamConnection, alias: Target) -> None:
+        host = numeric_host(alias.host)
+        if host is None:
+            return
+        # The alias is keyed by the Via sent-by; a port-less sent-by means the default port.
+        key = Target(alias.transport, host, alias.port or DEFAULT_PORTS[alias.transport])
+        if self._connections.get(key) is not conn:
+            self._register(conn, key)
+
+    def _forget(self, conn: StreamConnection) -> None:
+        for key in conn.keys:
+            if self._connections.get(key) is conn:
+                del self._connections[key]
+        conn.keys.clear()
+
+    def connection_count(self) -> int:
+        return len({id(c) for c in self._connections.values()})
+
+    def _schedule_sweep(self) -> None:
+        interval = max(0.5, min(30.0, self.idle_timeout / 4))
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close stream connections idle for longer than ``idle_timeout`` (connection reuse, bounded)."""
+        deadline = self.loop.time() - self.idle_timeout
+        for conn in list({id(c): c for c in self._connections.values()}.values()):
+            if conn.last_used < deadline:
+                if self.verbose:
+                    log.info("closing idle connection to %s", conn.remote)
+                conn.close()
+        if not self._closed:
+            self._schedule_sweep()
+
+    async def close(self) -> None:
+        """Close every listener and connection."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for proto in self._udp.values():
+            if proto.transport is not None:
+                proto.transport.close()
+        for server in self._servers:
+            server.close()
+        for conn in list({id(c): c for c in self._connections.values()}.values()):
+            conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._servers:
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        self._udp.clear()
+        self._servers.clear()
+
+
+def _stamp_via(request: Request, source: Source) -> tuple[str, int]:
+    """§18.2.1 / RFC 3581: add ``received`` (and fill ``rport``) on the top Via of a received request.
+
+    Returns the top Via's sent-by (host without brackets, port or 0) for connection aliasing.
+    """
+    via = request.top_via
+    if via is None:
+        raise ParseError("the request has no Via header", partial=None)
+    host = via.host
+    bare = host[1:-1] if host.startswith("[") else host
+    rport = via.rport
+    if bare != source.host or rport is not None:
+        if rport is True or rport is not None:
+            via.params["rport"] = str(source.port)
+        via.params["received"] = source.host
+        request.remove_first("Via")
+        request.add("Via", str(via), first=True)
+    return bare, via.port or 0
+
+
+def _tune_udp_socket(sock: socket.socket | None) -> None:
+    """Bigger socket buffers: a burst of a few thousand datagrams must not be dropped by the kernel."""
+    if sock is None:
+        return
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+
+
+def target_from_uri(uri: URI, *, default_transport: str = "udp") -> Target:
+    """Where a request for ``uri`` goes, RFC 3263 without DNS: ``maddr`` or the host (an IP literal),
+    the port or the transport's default, ``transport=`` or TLS for ``sips:``, else ``default_transport``.
+
+    Raises TransportError (with the reason) when the host is a name: the stack does no DNS lookups.
+    """
+    transport = uri.transport or ("tls" if uri.secure else default_transport)
+    if transport not in TRANSPORTS:
+        raise TransportError(f"unsupported transport {transport!r} in {uri}")
+    host = uri.maddr or uri.host
+    literal = numeric_host(host)
+    if literal is None:
+        raise TransportError(f"no route to {host!r}: not an IP address and this stack does no DNS lookups")
+    return Target(transport, literal, uri.port or DEFAULT_PORTS[transport])
