@@ -1,0 +1,1297 @@
+"""SIP messages: parse, inspect, build and serialize requests and responses (RFC 3261 §7, §18.3, §20, §25).
+
+Sans-IO: bytes in, objects out, objects in, bytes out. No sockets or clocks here.
+
+Why it is built this way:
+
+- **Lazy, but safe where it matters.** :func:`parse` splits the header block once into
+  ``(key, name, value)`` triples and validates the start line, the framing (Content-Length, §18.3) and the
+  headers every transaction needs (top Via, From, To, Call-ID, CSeq), so a message that passes ``parse`` can
+  be matched to a transaction and answered without further surprises. Everything else (Contact, Route, the
+  other Via values, ...) is parsed on first access and cached; a malformed one raises :class:`ParseError`
+  from the property that reads it.
+- **Raw values are the source of truth.** The structured properties (``via``, ``from_``, ``to`` ...) are
+  read-only views; change a message with :meth:`Message.set` / :meth:`Message.add` / :meth:`Message.remove`,
+  which drop the cached views of that header. Headers nobody touched are serialized exactly as received
+  (apart from canonical names and normalised whitespace), which is what a proxy needs.
+- **Canonical names.** Compact forms and any capitalisation are mapped to one canonical name when parsed
+  (``v`` and ``VIA`` become ``Via``); unknown headers keep the name as received.
+- :class:`ParseError` is the only exception :func:`parse` raises, whatever the input (checked with
+  hypothesis in tests/test_parse_fuzz.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from p2psip.errors import ParseError
+from p2psip.uri import (
+    TOKEN_CHARS,
+    URI,
+    Address,
+    _scan_quoted,
+    format_params,
+    parse_params,
+    quote,
+    split_hostport,
+    unquote,
+)
+
+__all__ = [
+    "REASONS",
+    "CSeq",
+    "Limits",
+    "Message",
+    "Request",
+    "Response",
+    "StreamFramer",
+    "Via",
+    "canonical_name",
+    "format_auth",
+    "new_branch",
+    "new_call_id",
+    "new_tag",
+    "parse",
+    "parse_auth",
+    "split_list",
+]
+
+#: The RFC 3261 magic cookie that starts every branch made by an RFC 3261 element (§8.1.1.7).
+BRANCH_COOKIE = "z9hG4bK"
+
+# --------------------------------------------------------------------------------------------------------
+# Header names
+# --------------------------------------------------------------------------------------------------------
+
+_CANONICAL = [
+    "Accept",
+    "Accept-Contact",
+    "Accept-Encoding",
+    "Accept-Language",
+    "Accept-Resource-Priority",
+    "Alert-Info",
+    "Allow",
+    "Allow-Events",
+    "Answer-Mode",
+    "Authentication-Info",
+    "Authorization",
+    "Call-ID",
+    "Call-Info",
+    "Contact",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-ID",
+    "Content-Language",
+    "Content-Length",
+    "Content-Type",
+    "CSeq",
+    "Date",
+    "Diversion",
+    "Error-Info",
+    "Event",
+    "Expires",
+    "Flow-Timer",
+    "From",
+    "History-Info",
+    "Identity",
+    "Identity-Info",
+    "In-Reply-To",
+    "Join",
+    "Max-Breadth",
+    "Max-Forwards",
+    "MIME-Version",
+    "Min-Expires",
+    "Min-SE",
+    "Organization",
+    "P-Asserted-Identity",
+    "P-Preferred-Identity",
+    "Path",
+    "Priority",
+    "Privacy",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+    "Proxy-Require",
+    "RAck",
+    "Reason",
+    "Record-Route",
+    "Refer-Sub",
+    "Refer-To",
+    "Referred-By",
+    "Reject-Contact",
+    "Remote-Party-ID",
+    "Replaces",
+    "Reply-To",
+    "Request-Disposition",
+    "Require",
+    "Resource-Priority",
+    "Retry-After",
+    "Route",
+    "RSeq",
+    "Security-Client",
+    "Security-Server",
+    "Security-Verify",
+    "Server",
+    "Service-Route",
+    "Session-Expires",
+    "SIP-ETag",
+    "SIP-If-Match",
+    "Subject",
+    "Subscription-State",
+    "Supported",
+    "Target-Dialog",
+    "Timestamp",
+    "To",
+    "Unsupported",
+    "User-Agent",
+    "Via",
+    "Warning",
+    "WWW-Authenticate",
+]
+
+# RFC 3261 §7.3.3 compact forms, and those of common extensions (RFC 3265, 3515, 3892, 3903, 4028, 4474,
+# 3841).
+_COMPACT = {
+    "i": "Call-ID",
+    "m": "Contact",
+    "e": "Content-Encoding",
+    "l": "Content-Length",
+    "c": "Content-Type",
+    "f": "From",
+    "s": "Subject",
+    "k": "Supported",
+    "t": "To",
+    "v": "Via",
+    "o": "Event",
+    "r": "Refer-To",
+    "b": "Referred-By",
+    "u": "Allow-Events",
+    "x": "Session-Expires",
+    "y": "Identity",
+    "a": "Accept-Contact",
+    "j": "Reject-Contact",
+    "d": "Request-Disposition",
+    "n": "Identity-Info",
+}
+
+# Headers whose grammar is a comma-separated list (``#element``): get_all() splits these and only these.
+# Everything else (Date, Subject, User-Agent, the authentication headers whose parameters are
+# comma-separated, unknown extension headers) is one value per header line.
+_LIST_HEADERS = frozenset(
+    k.lower()
+    for k in [
+        "Accept",
+        "Accept-Contact",
+        "Accept-Encoding",
+        "Accept-Language",
+        "Accept-Resource-Priority",
+        "Alert-Info",
+        "Allow",
+        "Allow-Events",
+        "Call-Info",
+        "Contact",
+        "Content-Encoding",
+        "Content-Language",
+        "Diversion",
+        "Error-Info",
+        "History-Info",
+        "In-Reply-To",
+        "P-Asserted-Identity",
+        "P-Preferred-Identity",
+        "Path",
+        "Proxy-Require",
+        "Reason",
+        "Record-Route",
+        "Reject-Contact",
+        "Request-Disposition",
+        "Require",
+        "Resource-Priority",
+        "Route",
+        "Security-Client",
+        "Security-Server",
+        "Security-Verify",
+        "Service-Route",
+        "Supported",
+        "Unsupported",
+        "Via",
+        "Warning",
+    ]
+)
+
+# (key, canonical name) for every spelling we know: canonical, lower-case, upper-case and compact forms.
+_NAMES: dict[str, tuple[str, str]] = {}
+for _name in _CANONICAL:
+    _entry = (_name.lower(), _name)
+    _NAMES[_name] = _NAMES[_name.lower()] = _NAMES[_name.upper()] = _entry
+for _short, _long in _COMPACT.items():
+    _NAMES[_short] = _NAMES[_short.upper()] = _NAMES[_long]
+del _name, _entry, _short, _long
+
+
+def _name_entry(name: str) -> tuple[str, str]:
+    """(lookup key, display name) for a header name in any spelling; raises ParseError on a bad name."""
+    entry = _NAMES.get(name)
+    if entry is not None:
+        return entry
+    stripped = name.strip(" \t")
+    low = stripped.lower()
+    entry = _NAMES.get(low)
+    if entry is not None:
+        return entry
+    if not stripped or not TOKEN_CHARS.issuperset(stripped):
+        raise ParseError(f"bad header name {name[:40]!r}")
+    return (low, stripped)
+
+
+def canonical_name(name: str) -> str:
+    """The canonical spelling of a header name: ``canonical_name("v") == "Via"``; unknown names unchanged."""
+    return _name_entry(name)[1]
+
+
+def split_list(value: str) -> list[str]:
+    """Split a comma-separated header value, but not inside quoted strings or ``<...>``; drop empty items."""
+    if "," not in value:
+        return [value] if value else []
+    if '"' not in value and "<" not in value:
+        return [item for item in (part.strip(" \t") for part in value.split(",")) if item]
+    items: list[str] = []
+    start = 0
+    i = 0
+    n = len(value)
+    while i < n:
+        c = value[i]
+        if c == '"':
+            i = _scan_quoted(value, i)
+            continue
+        if c == "<":
+            end = value.find(">", i)
+            if end < 0:
+                raise ParseError(f"missing '>' in {value[:80]!r}")
+            i = end + 1
+            continue
+        if c == ",":
+            item = value[start:i].strip(" \t")
+            if item:
+                items.append(item)
+            start = i + 1
+        i += 1
+    item = value[start:].strip(" \t")
+    if item:
+        items.append(item)
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------
+# Structured header values
+# --------------------------------------------------------------------------------------------------------
+
+
+class CSeq(NamedTuple):
+    """The CSeq header: sequence number and method."""
+
+    number: int
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.number} {self.method}"
+
+
+def _parse_cseq(value: str) -> CSeq:
+    number, _, method = value.partition(" ")
+    method = method.strip(" \t")
+    if (
+        not number.isdigit()
+        or not number.isascii()
+        or len(number) > 10
+        or not method
+        or not TOKEN_CHARS.issuperset(method)
+    ):
+        raise ParseError(f"bad CSeq {value[:80]!r}")
+    num = int(number)
+    if num >= 2**31:
+        raise ParseError(f"CSeq number out of range {value[:80]!r}")
+    return CSeq(num, method)
+
+
+class Via:
+    """One Via value: ``SIP/2.0/UDP host:port;branch=z9hG4bK...;rport``.
+
+    ``transport`` is upper-case, ``host`` keeps IPv6 brackets, ``params`` maps lower-cased names to values
+    (None for flags such as a bare ``rport``).
+    """
+
+    __slots__ = ("host", "params", "port", "protocol", "transport")
+
+    transport: str
+    host: str
+    port: int | None
+    params: dict[str, str | None]
+    protocol: str
+
+    def __init__(self, text: str) -> None:
+        proto, sep, rest = text.partition(" ")
+        if proto.count("/") == 2 and sep:
+            name, version, transport = proto.split("/")
+        else:
+            # LWS is allowed around the slashes: "SIP / 2.0 / UDP host".
+            parts = text.split("/", 2)
+            if len(parts) != 3:
+                raise ParseError(f"bad Via {text[:80]!r}")
+            name, version = parts[0].strip(" \t"), parts[1].strip(" \t")
+            transport, sep, rest = parts[2].lstrip(" \t").partition(" ")
+            if not sep:
+                transport, sep, rest = parts[2].lstrip(" \t").partition("\t")
+        if (
+            not sep
+            or not name
+            or not version
+            or not transport
+            or not TOKEN_CHARS.issuperset(name)
+            or not TOKEN_CHARS.issuperset(version)
+            or not TOKEN_CHARS.issuperset(transport)
+        ):
+            raise ParseError(f"bad Via {text[:80]!r}")
+        self.protocol = f"{name}/{version}"
+        self.transport = transport.upper()
+        sent_by, semi, params = rest.partition(";")
+        sent_by = sent_by.strip(" \t")
+        if " " in sent_by or "\t" in sent_by:
+            # "host : port" with LWS around the colon is legal; so is nothing else.
+            sent_by = "".join(sent_by.split())
+        self.host, self.port = split_hostport(sent_by, text)
+        self.params = parse_params(params, text) if semi else {}
+
+    @classmethod
+    def build(
+        cls, transport: str, host: str, port: int | None = None, *, branch: str | None = None, **params: Any
+    ) -> Via:
+        """Make a Via. ``branch=None`` makes a fresh RFC 3261 branch; other keyword arguments become
+        parameters (``True`` or None for a flag, e.g. ``rport=True``)."""
+        via = cls.__new__(cls)
+        via.protocol = "SIP/2.0"
+        via.transport = transport.upper()
+        via.host = host
+        via.port = port
+        via.params = {"branch": branch if branch is not None else new_branch()}
+        for key, value in params.items():
+            via.params[key] = None if value is None or value is True else str(value)
+        return via
+
+    def copy(self) -> Via:
+        via = Via.__new__(Via)
+        via.protocol = self.protocol
+        via.transport = self.transport
+        via.host = self.host
+        via.port = self.port
+        via.params = dict(self.params)
+        return via
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        return self.params.get("received")
+
+    @property
+    def rport(self) -> int | bool | None:
+        """None when absent, True for a bare ``rport`` (a request to fill it), else the port number."""
+        if "rport" not in self.params:
+            return None
+        value = self.params["rport"]
+        if value is None:
+            return True
+        return int(value) if value.isdigit() and value.isascii() and len(value) <= 5 else None
+
+    @property
+    def maddr(self) -> str | None:
+        return self.params.get("maddr")
+
+    @property
+    def ttl(self) -> int | None:
+        value = self.params.get("ttl")
+        return int(value) if value is not None and value.isdigit() and value.isascii() else None
+
+    @property
+    def sent_by(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        out = f"{self.protocol}/{self.transport} {self.host}"
+        if self.port is not None:
+            out += f":{self.port}"
+        if self.params:
+            out += format_params(self.params)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Via({str(self)!r})"
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Via):
+            return NotImplemented
+        return (
+            self.protocol.upper() == other.protocol.upper()
+            and self.transport == other.transport
+            and self.host.lower() == other.host.lower()
+            and self.port == other.port
+            and self.params == other.params
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Authentication headers (RFC 3261 §20.7, §20.27, §20.28, §20.44; RFC 7616)
+# --------------------------------------------------------------------------------------------------------
+
+
+def parse_auth(value: str) -> tuple[str, dict[str, str]]:
+    """``Digest realm="a", nonce="b", qop="auth"`` -> ``("Digest", {"realm": "a", ...})``.
+
+    Parameter names are lower-cased, values unquoted. Commas inside quoted values are kept.
+    """
+    value = value.strip(" \t")
+    scheme, _, rest = value.partition(" ")
+    if not scheme or not TOKEN_CHARS.issuperset(scheme):
+        raise ParseError(f"bad authentication scheme in {value[:80]!r}")
+    params: dict[str, str] = {}
+    i = 0
+    n = len(rest)
+    while i < n:
+        while i < n and rest[i] in " \t,":
+            i += 1
+        if i >= n:
+            break
+        eq = rest.find("=", i)
+        if eq < 0:
+            raise ParseError(f"bad authentication parameter in {value[:80]!r}")
+        name = rest[i:eq].strip(" \t")
+        if not name or not TOKEN_CHARS.issuperset(name):
+            raise ParseError(f"bad authentication parameter name in {value[:80]!r}")
+        j = eq + 1
+        while j < n and rest[j] in " \t":
+            j += 1
+        if j < n and rest[j] == '"':
+            end = _scan_quoted(rest, j)
+            params[name.lower()] = unquote(rest[j:end])
+            i = end
+            while i < n and rest[i] in " \t":
+                i += 1
+            if i < n and rest[i] != ",":
+                raise ParseError(f"junk after quoted value in {value[:80]!r}")
+        else:
+            comma = rest.find(",", j)
+            end = n if comma < 0 else comma
+            token = rest[j:end].strip(" \t")
+            if not token:
+                raise ParseError(f"empty authentication parameter in {value[:80]!r}")
+            params[name.lower()] = token
+            i = end
+    return scheme, params
+
+
+# Parameters whose value is a token, never quoted (RFC 7616 §3.3, §3.4). ``qop`` is a quoted list in a
+# challenge but a bare token in a response (recognised by its ``response`` parameter).
+_AUTH_TOKENS = frozenset({"algorithm", "stale", "nc", "userhash", "charset"})
+
+
+def format_auth(scheme: str, params: dict[str, str]) -> str:
+    """The inverse of :func:`parse_auth`: quotes the values RFC 7616 says are quoted-strings."""
+    is_response = "response" in params
+    parts: list[str] = []
+    for name, value in params.items():
+        low = name.lower()
+        bare = low in _AUTH_TOKENS or (low == "qop" and is_response)
+        if bare and value and TOKEN_CHARS.issuperset(value):
+            parts.append(f"{name}={value}")
+        else:
+            parts.append(f"{name}={quote(value)}")
+    return f"{scheme} " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Identifiers and reason phrases
+# --------------------------------------------------------------------------------------------------------
+
+
+def new_branch() -> str:
+    """A fresh, globally unique Via branch with the RFC 3261 magic cookie."""
+    return BRANCH_COOKIE + secrets.token_hex(8)
+
+
+def new_tag() -> str:
+    """A fresh From/To tag (32 random bits are the RFC's minimum; we use 48)."""
+    return secrets.token_hex(6)
+
+
+def new_call_id(host: str = "") -> str:
+    """A fresh Call-ID, ``random@host`` when a host is given."""
+    cid = secrets.token_hex(12)
+    return f"{cid}@{host}" if host else cid
+
+
+REASONS: dict[int, str] = {
+    100: "Trying",
+    180: "Ringing",
+    181: "Call Is Being Forwarded",
+    182: "Queued",
+    183: "Session Progress",
+    199: "Early Dialog Terminated",
+    200: "OK",
+    202: "Accepted",
+    204: "No Notification",
+    300: "Multiple Choices",
+    301: "Moved Permanently",
+    302: "Moved Temporarily",
+    305: "Use Proxy",
+    380: "Alternative Service",
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    410: "Gone",
+    412: "Conditional Request Failed",
+    413: "Request Entity Too Large",
+    414: "Request-URI Too Long",
+    415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme",
+    420: "Bad Extension",
+    421: "Extension Required",
+    422: "Session Interval Too Small",
+    423: "Interval Too Brief",
+    429: "Provide Referrer Identity",
+    430: "Flow Failed",
+    439: "First Hop Lacks Outbound Support",
+    480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected",
+    483: "Too Many Hops",
+    484: "Address Incomplete",
+    485: "Ambiguous",
+    486: "Busy Here",
+    487: "Request Terminated",
+    488: "Not Acceptable Here",
+    489: "Bad Event",
+    491: "Request Pending",
+    493: "Undecipherable",
+    494: "Security Agreement Required",
+    500: "Server Internal Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Server Time-out",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+    580: "Precondition Failure",
+    600: "Busy Everywhere",
+    603: "Decline",
+    604: "Does Not Exist Anywhere",
+    606: "Not Acceptable",
+}
+
+
+def _default_reason(status: int) -> str:
+    reason = REASONS.get(status)
+    if reason is not None:
+        return reason
+    return REASONS.get(status - status % 100, "Unknown")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Limits
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what :func:`parse` and :class:`StreamFramer` accept, against memory and CPU exhaustion.
+
+    ``max_size`` is the whole message (headers and body) in bytes; UDP cannot carry more than 65535 anyway.
+    """
+
+    max_size: int = 65535
+    max_headers: int = 256
+    max_line: int = 8192
+
+
+DEFAULT_LIMITS = Limits()
+
+# --------------------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------------------
+
+_Header = tuple[str, str, str]  # (lookup key, display name, value)
+
+_MISSING = object()
+
+
+class Message:
+    """What requests and responses share: an ordered header list and a body.
+
+    Headers are ``(key, name, value)`` triples; ``key`` is the lower-case canonical name used for lookups,
+    ``name`` the canonical spelling written out. Structured views are computed on first access and cached
+    in ``_cache`` until the header is changed through this class's methods.
+    """
+
+    __slots__ = ("_body", "_cache", "_headers")
+
+    _headers: list[_Header]
+    _cache: dict[str, Any]
+    _body: bytes
+
+    def __init__(self, headers: Iterable[tuple[str, str]] = (), body: bytes = b"") -> None:
+        self._headers = []
+        self._cache = {}
+        self._body = bytes(body)
+        for name, value in headers:
+            self.add(name, value)
+
+    # -- raw header access --------------------------------------------------------------------------------
+
+    def get(self, name: str) -> str | None:
+        """The first value of a header (any spelling, compact forms too), or None. For list headers such as
+        Via or Contact this is the first element of the first header line."""
+        key = _name_entry(name)[0]
+        for k, _, value in self._headers:
+            if k == key:
+                if key in _LIST_HEADERS and "," in value:
+                    items = split_list(value)
+                    return items[0] if items else value
+                return value
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of a header, in order; list headers (Via, Contact, Route, ...) are split at commas
+        outside quotes and ``<>``. Authentication headers, Date and unknown headers are never split."""
+        key = _name_entry(name)[0]
+        values = [value for k, _, value in self._headers if k == key]
+        if key in _LIST_HEADERS:
+            out: list[str] = []
+            for value in values:
+                if "," in value:
+                    out.extend(split_list(value))
+                elif value:
+                    out.append(value)
+            return out
+        return values
+
+    def set(self, name: str, value: str | list[str]) -> None:
+        """Replace every line of a header by ``value`` (a list gives one line per item), keeping its place."""
+        key, display = _name_entry(name)
+        values = [value] if isinstance(value, str) else list(value)
+        new = [(key, display, _check_value(v)) for v in values]
+        headers = self._headers
+        for i, h in enumerate(headers):
+            if h[0] == key:
+                rest = [x for x in headers[i + 1 :] if x[0] != key]
+                self._headers = headers[:i] + new + rest
+                break
+        else:
+            headers.extend(new)
+        self._invalidate(key)
+
+    def add(self, name: str, value: str, *, first: bool = False) -> None:
+        """Add a header line: at the top of the message with ``first=True`` (what a proxy does with Via and
+        Record-Route), else right after the last line of the same header, else at the end."""
+        key, display = _name_entry(name)
+        header = (key, display, _check_value(value))
+        headers = self._headers
+        if first:
+            headers.insert(0, header)
+        else:
+            for i in range(len(headers) - 1, -1, -1):
+                if headers[i][0] == key:
+                    headers.insert(i + 1, header)
+                    break
+            else:
+                headers.append(header)
+        self._invalidate(key)
+
+    def remove(self, name: str) -> int:
+        """Remove every line of a header; returns how many there were."""
+        key = _name_entry(name)[0]
+        before = len(self._headers)
+        self._headers = [h for h in self._headers if h[0] != key]
+        self._invalidate(key)
+        return before - len(self._headers)
+
+    def remove_first(self, name: str) -> str | None:
+        """Remove the first *value* of a header (for ``Via: a, b`` only ``a``) and return it; a proxy uses
+        this to pop its own Via from a response or the top Route."""
+        key = _name_entry(name)[0]
+        headers = self._headers
+        for i, (k, display, value) in enumerate(headers):
+            if k == key:
+                items = split_list(value) if key in _LIST_HEADERS and "," in value else [value]
+                if len(items) > 1:
+                    headers[i] = (k, display, ", ".join(items[1:]))
+                else:
+                    del headers[i]
+                self._invalidate(key)
+                return items[0] if items else value
+        return None
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            key = _name_entry(name)[0]
+        except ParseError:
+            return False
+        return any(h[0] == key for h in self._headers)
+
+    def items(self) -> list[tuple[str, str]]:
+        """Every header line as (canonical name, value), in order."""
+        return [(name, value) for _, name, value in self._headers]
+
+    def _invalidate(self, key: str) -> None:
+        if self._cache:
+            self._cache.pop(key, None)
+            if key == "via":
+                self._cache.pop("top-via", None)
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        """Setting the body also updates an existing Content-Length header."""
+        self._body = bytes(value)
+        for i, h in enumerate(self._headers):
+            if h[0] == "content-length":
+                self._headers[i] = (h[0], h[1], str(len(self._body)))
+
+    # -- structured views ---------------------------------------------------------------------------------
+
+    def _required(self, key: str) -> str:
+        for k, _, value in self._headers:
+            if k == key:
+                return value
+        raise ParseError(f"missing {_NAMES[key][1]} header")
+
+    @property
+    def via(self) -> list[Via]:
+        """Every Via value, top first."""
+        cached = self._cache.get("via")
+        if cached is None:
+            cached = [Via(v) for v in self.get_all("via")]
+            self._cache["via"] = cached
+        return list(cached)
+
+    @property
+    def top_via(self) -> Via | None:
+        cached = self._cache.get("top-via", _MISSING)
+        if cached is _MISSING:
+            first = self.get("via")
+            cached = Via(first) if first is not None else None
+            self._cache["top-via"] = cached
+        return cached  # type: ignore[no-any-return]
+
+    @property
+    def from_(self) -> Address:
+        cached = self._cache.get("from")
+        if cached is None:
+            cached = self._cache["from"] = Address(self._required("from"))
+        return cached
+
+    @property
+    def to(self) -> Address:
+        cached = self._cache.get("to")
+        if cached is None:
+            cached = self._cache["to"] = Address(self._required("to"))
+        return cached
+
+    @property
+    def call_id(self) -> str:
+        value = self._required("call-id")
+        if not value or " " in value or "\t" in value:
+            raise ParseError(f"bad Call-ID {value[:80]!r}")
+        return value
+
+    @property
+    def cseq(self) -> CSeq:
+        cached = self._cache.get("cseq")
+        if cached is None:
+            cached = self._cache["cseq"] = _parse_cseq(self._required("cseq"))
+        return cached
+
+    @property
+    def max_forwards(self) -> int | None:
+        value = self.get("max-forwards")
+        if value is None:
+            return None
+        if not value.isdigit() or not value.isascii() or len(value) > 3:
+            raise ParseError(f"bad Max-Forwards {value[:80]!r}")
+        return int(value)
+
+    def _addresses(self, key: str) -> list[Address]:
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = [Address(v) for v in self.get_all(key)]
+        return list(cached)
+
+    @property
+    def contacts(self) -> list[Address]:
+        """Every Contact (the wildcard ``*`` is an Address with ``wildcard=True``)."""
+        return self._addresses("contact")
+
+    @property
+    def route(self) -> list[Address]:
+        return self._addresses("route")
+
+    @property
+    def record_route(self) -> list[Address]:
+        return self._addresses("record-route")
+
+    @property
+    def content_type(self) -> str | None:
+        """The media type, lower-case, without parameters (``application/sdp``)."""
+        value = self.get("content-type")
+        if value is None:
+            return None
+        return value.partition(";")[0].strip(" \t").lower()
+
+    @property
+    def content_length(self) -> int:
+        return len(self._body)
+
+    @property
+    def expires(self) -> int | None:
+        value = self.get("expires")
+        if value is None:
+            return None
+        if not value.isdigit() or not value.isascii():
+            raise ParseError(f"bad Expires {value[:80]!r}")
+        return int(value)
+
+    def tokens(self, name: str) -> frozenset[str]:
+        """The option tags / methods of Require, Supported, Allow, Proxy-Require, Unsupported (lower-case)."""
+        return frozenset(v.lower() for v in self.get_all(name))
+
+    def auth(self, name: str) -> list[tuple[str, dict[str, str]]]:
+        """Each WWW-Authenticate / Authorization / Proxy-* value as (scheme, parameters)."""
+        return [parse_auth(v) for v in self.get_all(name)]
+
+    def validate(self) -> None:
+        """Parse every structured header now (raises :class:`ParseError` on the first bad one)."""
+        _ = self.via, self.from_, self.to, self.call_id, self.cseq, self.max_forwards, self.expires
+        _ = self.contacts, self.route, self.record_route
+
+    # -- copying and serializing --------------------------------------------------------------------------
+
+    def _copy_into(self, other: Message) -> None:
+        other._headers = list(self._headers)
+        other._cache = {}
+        other._body = self._body
+
+    def _start_line(self) -> str:
+        raise NotImplementedError
+
+    def __bytes__(self) -> bytes:
+        """The message on the wire; Content-Length is always written and always matches the body."""
+        body = self._body
+        parts = [self._start_line()]
+        length = str(len(body))
+        seen = False
+        for key, name, value in self._headers:
+            if key == "content-length":
+                if seen:
+                    continue
+                seen = True
+                value = length
+            parts.append(f"{name}: {value}")
+        if not seen:
+            parts.append(f"Content-Length: {length}")
+        parts.append("")
+        parts.append("")
+        return "\r\n".join(parts).encode() + body
+
+    def __str__(self) -> str:
+        return bytes(self).decode(errors="replace")
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _same_headers(self, other: Message) -> bool:
+        mine = [(k, v) for k, _, v in self._headers if k != "content-length"]
+        theirs = [(k, v) for k, _, v in other._headers if k != "content-length"]
+        return mine == theirs and self._body == other._body
+
+
+def _check_value(value: str) -> str:
+    """Header values set by code must not smuggle line breaks into the message."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"line break in header value {value[:80]!r}")
+    return value.strip(" \t")
+
+
+class Request(Message):
+    """A SIP request. ``method`` is case-sensitive (RFC 3261 §7.1); ``uri`` is the Request-URI."""
+
+    __slots__ = ("method", "uri")
+
+    method: str
+    uri: URI
+
+    def __init__(
+        self,
+        method: str,
+        uri: URI | str,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> None:
+        if not method or not TOKEN_CHARS.issuperset(method):
+            raise ValueError(f"bad method {method!r}")
+        super().__init__(headers, body)
+        self.method = method
+        self.uri = URI(uri) if isinstance(uri, str) else uri
+
+    @classmethod
+    def create(
+        cls,
+        method: str,
+        uri: URI | str,
+        *,
+        from_: Address | str,
+        to: Address | str,
+        call_id: str | None = None,
+        cseq: int = 1,
+        via: Via | str | None = None,
+        max_forwards: int = 70,
+        contact: Address | str | None = None,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> Request:
+        """A new request as a UAC sends it (§8.1.1). A From without a tag gets a fresh one, as §8.1.1.3
+        requires; ``call_id=None`` makes a fresh Call-ID. Without ``via`` no Via is added (the transport
+        adds its own)."""
+        req = cls(method, uri)
+        from_addr = Address(from_) if isinstance(from_, str) else from_
+        from_text = str(from_addr)
+        if from_addr.tag is None:
+            from_text += f";tag={new_tag()}"
+        hdrs = req._headers
+        if via is not None:
+            hdrs.append(("via", "Via", str(via)))
+        hdrs.append(("max-forwards", "Max-Forwards", str(max_forwards)))
+        hdrs.append(("from", "From", from_text))
+        hdrs.append(("to", "To", str(to)))
+        hdrs.append(("call-id", "Call-ID", call_id if call_id is not None else new_call_id()))
+        hdrs.append(("cseq", "CSeq", f"{cseq} {method}"))
+        if contact is not None:
+            hdrs.append(("contact", "Contact", str(contact)))
+        for name, value in headers:
+            req.add(name, value)
+        if content_type is not None:
+            req.set("Content-Type", content_type)
+        req._body = bytes(body)
+        req.set("Content-Length", str(len(req._body)))
+        return req
+
+    def _start_line(self) -> str:
+        return f"{self.method} {self.uri} SIP/2.0"
+
+    def copy(self) -> Request:
+        """An independent copy: headers, body and Request-URI (views are re-parsed on access)."""
+        req = Request.__new__(Request)
+        self._copy_into(req)
+        req.method = self.method
+        req.uri = self.uri.copy()
+        return req
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.uri}>"
+
+    def __eq__(self, other: object) -> bool:
+        """Same method, Request-URI (§19.1.4), header lines (Content-Length aside) and body."""
+        if not isinstance(other, Request):
+            return NotImplemented
+        return self.method == other.method and self.uri == other.uri and self._same_headers(other)
+
+
+class Response(Message):
+    """A SIP response: ``status`` (100-699) and ``reason`` phrase."""
+
+    __slots__ = ("reason", "status")
+
+    status: int
+    reason: str
+
+    def __init__(
+        self,
+        status: int,
+        reason: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> None:
+        if not 100 <= status <= 699:
+            raise ValueError(f"status {status} out of range 100-699")
+        super().__init__(headers, body)
+        self.status = status
+        self.reason = _default_reason(status) if reason is None else reason
+
+    @classmethod
+    def for_request(
+        cls, req: Request, status: int, reason: str | None = None, *, to_tag: str | None = None
+    ) -> Response:
+        """The response to ``req`` as §8.2.6 builds it: every Via (in order), From, To, Call-ID and CSeq
+        copied; a To tag added (``to_tag`` or a fresh one) when the status is above 100 and To has none;
+        Timestamp copied into a 100 (§8.2.6.1)."""
+        resp = cls(status, reason)
+        hdrs = resp._headers
+        for h in req._headers:
+            key = h[0]
+            if key == "via" or key == "from" or key == "call-id" or key == "cseq":
+                hdrs.append(h)
+            elif key == "to":
+                if status > 100 and req.to.tag is None:
+                    hdrs.append((key, h[1], f"{h[2]};tag={to_tag or new_tag()}"))
+                else:
+                    hdrs.append(h)
+            elif key == "timestamp" and status == 100:
+                hdrs.append(h)
+        hdrs.append(("content-length", "Content-Length", "0"))
+        return resp
+
+    def _start_line(self) -> str:
+        return f"SIP/2.0 {self.status} {self.reason}"
+
+    def copy(self) -> Response:
+        resp = Response.__new__(Response)
+        self._copy_into(resp)
+        resp.status = self.status
+        resp.reason = self.reason
+        return resp
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Response):
+            return NotImplemented
+        return self.status == other.status and self.reason == other.reason and self._same_headers(other)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------
+
+_MANDATORY = ("via", "from", "to", "call-id", "cseq")
+
+
+def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -> Request | Response:
+    """Parse one SIP message.
+
+    ``datagram=True`` (UDP) applies §18.3: a body longer than Content-Length is cut, a shorter one is an
+    error, a missing Content-Length means "the rest of the datagram". With ``datagram=False`` (a message
+    cut out of a stream by :class:`StreamFramer`) the body must be exactly Content-Length long.
+
+    Raises :class:`ParseError` (and nothing else) for anything that is not a valid SIP message; its
+    ``partial`` is a :class:`Request` usable to build a 400 when enough could be read.
+    """
+    lim = DEFAULT_LIMITS if limits is None else limits
+    if len(data) > lim.max_size:
+        raise ParseError(f"message of {len(data)} bytes exceeds the limit of {lim.max_size}", status_hint=513)
+    start = 0
+    while data.startswith(b"\r\n", start):  # CRLFs before the start line are ignored (§7.5)
+        start += 2
+    end = data.find(b"\r\n\r\n", start)
+    if end < 0:
+        raise ParseError("no empty line after the headers (truncated message?)")
+    try:
+        text = data[start:end].decode()
+    except UnicodeDecodeError as exc:
+        raise ParseError(f"header bytes are not UTF-8 (at byte {start + exc.start})") from None
+    body = data[end + 4 :]
+    lines = text.split("\r\n")
+    nlines = len(lines) - 1
+    if text.count("\n") != nlines or text.count("\r") != nlines:
+        raise ParseError("bare CR or LF in the header block")
+    if "\r\n " in text or "\r\n\t" in text:
+        lines = _unfold(lines)
+        nlines = len(lines) - 1
+    if nlines > lim.max_headers:
+        raise ParseError(f"more than {lim.max_headers} header lines")
+    if len(text) > lim.max_line and max(map(len, lines)) > lim.max_line:
+        raise ParseError(f"header line longer than {lim.max_line} bytes")
+
+    msg: Request | Response
+    first = lines[0]
+    if first.startswith("SIP/"):
+        version, _, rest = first.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if version != "SIP/2.0" and version.upper() != "SIP/2.0":
+            raise ParseError(f"unsupported SIP version {version[:20]!r}", status_hint=505)
+        if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] == "0":
+            raise ParseError(f"bad status line {first[:80]!r}")
+        resp = Response.__new__(Response)
+        resp.status = int(code)
+        resp.reason = reason
+        msg = resp
+        request = None
+    else:
+        parts = first.split(" ")
+        if len(parts) != 3:
+            raise ParseError(f"bad request line {first[:80]!r}")
+        method, uri_text, version = parts
+        if version != "SIP/2.0" and version.upper() != "SIP/2.0":
+            if version.upper().startswith("SIP/"):
+                raise ParseError(f"unsupported SIP version {version[:20]!r}", status_hint=505)
+            raise ParseError(f"bad request line {first[:80]!r}")
+        if not method or not TOKEN_CHARS.issuperset(method):
+            raise ParseError(f"bad method in request line {first[:80]!r}")
+        request = Request.__new__(Request)
+        request.method = method
+        msg = request
+    headers: list[_Header] = []
+    names = _NAMES
+    clen: str | None = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ParseError(f"header line without a colon: {line[:80]!r}")
+        entry = names.get(name)
+        if entry is None:
+            entry = _name_entry(name)
+        key = entry[0]
+        value = value.strip(" \t")
+        if key == "content-length" and clen is None:
+            clen = value
+        headers.append((key, entry[1], value))
+    msg._headers = headers
+    msg._cache = {}
+    msg._body = b""
+
+    # What every transaction needs; a missing one means the message cannot even be answered.
+    keys = {h[0] for h in headers}
+    for key in _MANDATORY:
+        if key not in keys:
+            raise ParseError(f"missing {names[key][1]} header")
+    cache = msg._cache
+    cache["top-via"] = Via(msg.get("via") or "")
+    cache["from"] = Address(msg._required("from"))
+    cache["to"] = Address(msg._required("to"))
+    _ = msg.call_id
+    cseq = cache["cseq"] = _parse_cseq(msg._required("cseq"))
+    partial = request
+    if request is not None:
+        try:
+            request.uri = URI(uri_text)
+        except ParseError as exc:
+            raise ParseError(f"bad Request-URI: {exc}", status_hint=400) from None
+        if cseq.method != request.method:
+            raise ParseError(f"CSeq method {cseq.method} does not match {request.method}", partial=partial)
+
+    # Framing, §18.3.
+    if clen is not None:
+        if not clen.isdigit() or not clen.isascii() or len(clen) > 9:
+            raise ParseError(f"bad Content-Length {clen[:20]!r}", partial=partial)
+        length = int(clen)
+        if length < len(body):
+            if not datagram:
+                raise ParseError("more bytes than Content-Length in a framed message", partial=partial)
+            body = body[:length]
+        elif length > len(body):
+            raise ParseError(f"body is {len(body)} bytes but Content-Length says {length}", partial=partial)
+    elif not datagram:
+        raise ParseError("Content-Length is mandatory on a stream", partial=partial)
+    msg._body = body
+    return msg
+
+
+def _unfold(lines: list[str]) -> list[str]:
+    """Join continuation lines (starting with SP or HTAB) to the header they continue (§7.3.1)."""
+    out: list[str] = []
+    for line in lines:
+        if line and (line[0] == " " or line[0] == "\t") and out:
+            if len(out) == 1:
+                raise ParseError("continuation line after the start line")
+            out[-1] = out[-1].rstrip(" \t") + " " + line.strip(" \t")
+        else:
+            out.append(line)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stream framing (TCP/TLS)
+# --------------------------------------------------------------------------------------------------------
+
+
+class StreamFramer:
+    """Cuts whole messages out of a TCP/TLS byte stream (RFC 3261 §18.3: Content-Length is mandatory).
+
+    ``feed(data)`` returns the complete messages found so far (as bytes for :func:`parse` with
+    ``datagram=False``); the rest waits in the buffer. CRLFs between messages (RFC 5626 keep-alives) are
+    skipped; ``keepalives`` counts the double-CRLF pings seen so the transport can answer with a CRLF pong.
+    A ParseError means the stream is beyond repair: close the connection.
+    """
+
+    __slots__ = ("_buf", "_limits", "keepalives")
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self._buf = bytearray()
+        self._limits = DEFAULT_LIMITS if limits is None else limits
+        self.keepalives = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes waiting for the rest of their message."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        max_size = self._limits.max_size
+        while buf:
+            skip = 0
+            while buf.startswith(b"\r\n", skip):
+                skip += 2
+            if skip:
+                self.keepalives += skip // 4
+                del buf[:skip]
+                if not buf:
+                    break
+            if len(buf) == 1 and buf[0] == 13:
+                break  # half a CRLF
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > max_size:
+                    raise ParseError("header block exceeds the size limit", status_hint=513)
+                break
+            length = _content_length(bytes(buf[:end]))
+            total = end + 4 + length
+            if total > max_size:
+                raise ParseError(f"message of {total} bytes exceeds the limit of {max_size}", status_hint=513)
+            if len(buf) < total:
+                break
+            out.append(bytes(buf[:total]))
+            del buf[:total]
+        return out
+
+
+def _content_length(head: bytes) -> int:
+    found: int | None = None
+    text = head.decode("latin-1")
+    for line in text.split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip(" \t").lower() in ("content-length", "l"):
+            value = value.strip(" \t")
+            if not value.isdigit() or not value.isascii() or len(value) > 9:
+                raise ParseError(f"bad Content-Length {value[:20]!r}")
+            if found is not None and int(value) != found:
+                raise ParseError("conflicting Content-Length headers")
+            found = int(value)
+    if found is None:
+        raise ParseError("Content-Length is mandatory on a stream")
+    return found

@@ -1,0 +1,651 @@
+"""SIP, SIPS and tel URIs and name-addr / addr-spec addresses (RFC 3261 §19.1, §20.10, §25; RFC 3966).
+
+Why this module looks the way it does:
+
+- Attributes hold the URI's text *as written* (escapes included). RFC 3261 §19.1.4 makes ``%3B`` and ``;``
+  different in a user part but ``%61`` and ``a`` the same, so decoding on parse would lose information; we
+  only normalise when comparing (``==``) and when building the AOR key (:meth:`URI.aor`).
+- Parsing uses ``str`` methods, not one big regular expression: it runs once per header on the hot path of
+  every message, and ``partition``/``find`` are several times faster than a regex that handles every case.
+- Unknown schemes are kept opaque (``scheme`` + ``opaque``) so that a message carrying, say, a ``urn:`` or
+  ``mailto:`` URI is forwarded unchanged rather than rejected.
+- URIs are mutable and therefore not hashable: use :meth:`URI.aor` (a string) as a dictionary key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2psip.errors import ParseError
+
+__all__ = ["TOKEN_CHARS", "URI", "Address", "format_params", "parse_params", "quote", "unquote"]
+
+_ALPHA = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_DIGIT = "0123456789"
+#: RFC 3261 ``token`` characters.
+TOKEN_CHARS = frozenset(_ALPHA + _DIGIT + "-.!%*_+`'~")
+_SCHEME_CHARS = frozenset(_ALPHA + _DIGIT + "+-.")
+_HOST_CHARS = frozenset(_ALPHA + _DIGIT + "-.")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# unreserved / escaped / user-unreserved, plus "%" for escapes (RFC 3261 §25.1).
+_USER_CHARS = frozenset(_ALPHA + _DIGIT + "-_.!~*'()%&=+$,;?/")
+_PASSWORD_CHARS = frozenset(_ALPHA + _DIGIT + "-_.!~*'()%&=+$,")
+# paramchar = param-unreserved / unreserved / escaped
+_PARAM_CHARS = frozenset(_ALPHA + _DIGIT + "-_.!~*'()%[]/:&+$")
+# hnv-unreserved / unreserved / escaped
+_HEADER_CHARS = frozenset(_ALPHA + _DIGIT + "-_.!~*'()%[]/?:+$")
+_RESERVED = frozenset(";/?:@&=+$,")
+# Characters the "%" encoding of which is NOT equivalent to the character (§19.1.4: the reserved set), plus
+# "%" itself and characters that could never appear unescaped.
+_KEEP_ESCAPED = frozenset(';/?:@&=+$,%"<> #[]\\^`{|}')
+# uri-parameters that make two URIs different when present in only one of them (§19.1.4 rules and its
+# examples, which also treat a lone transport parameter as a difference).
+_STRICT_PARAMS = ("user", "ttl", "method", "maddr", "transport")
+
+
+def _bad(what: str, text: str) -> ParseError:
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    return ParseError(f"{what}: {shown!r}")
+
+
+def _check_escapes(text: str, what: str) -> None:
+    """Reject a ``%`` that is not followed by two hex digits."""
+    i = text.find("%")
+    while i >= 0:
+        pair = text[i + 1 : i + 3]
+        if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+            raise _bad(f"bad escape in {what}", text)
+        i = text.find("%", i + 3)
+
+
+def _normalize_escapes(text: str) -> str:
+    """Decode escapes whose character is not reserved (§19.1.4: they are equivalent); upper-case the rest."""
+    if "%" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "%" and i + 2 < n:
+            pair = text[i + 1 : i + 3]
+            if len(pair) == 2 and pair[0] in _HEX and pair[1] in _HEX:
+                ch = chr(int(pair, 16))
+                if ch in _KEEP_ESCAPED or ord(ch) < 0x21 or ord(ch) > 0x7E:
+                    out.append("%" + pair.upper())
+                else:
+                    out.append(ch)
+                i += 3
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _check_host(host: str, text: str) -> None:
+    if not host:
+        raise _bad("URI without a host", text)
+    if host[0] == "[":
+        if host[-1] != "]" or len(host) < 4 or not _IPV6_CHARS.issuperset(host[1:-1]) or ":" not in host:
+            raise _bad("bad IPv6 reference in URI", text)
+        return
+    if not _HOST_CHARS.issuperset(host) or host[0] in "-." or ".." in host:
+        raise _bad("bad host in URI", text)
+
+
+def _parse_port(port: str, text: str) -> int:
+    if not port or not port.isdigit() or not port.isascii() or len(port) > 5:
+        raise _bad("bad port", text)
+    value = int(port)
+    if value > 65535:
+        raise _bad("port out of range", text)
+    return value
+
+
+def split_hostport(hostport: str, text: str) -> tuple[str, int | None]:
+    """``host[:port]`` -> (host, port), IPv6 references kept with brackets; validates both."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise _bad("unterminated IPv6 reference", text)
+        host = hostport[: end + 1]
+        rest = hostport[end + 1 :]
+        port: int | None = None
+        if rest:
+            if rest[0] != ":":
+                raise _bad("junk after IPv6 reference", text)
+            port = _parse_port(rest[1:], text)
+    else:
+        host, sep, p = hostport.partition(":")
+        port = _parse_port(p, text) if sep else None
+    _check_host(host, text)
+    return host, port
+
+
+def _parse_uri_params(text: str, whole: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for item in text.split(";"):
+        name, sep, value = item.partition("=")
+        if not name:
+            raise _bad("empty URI parameter", whole)
+        if not _PARAM_CHARS.issuperset(name) or (sep and not _PARAM_CHARS.issuperset(value)):
+            raise _bad("bad character in URI parameter", whole)
+        if sep and not value:
+            raise _bad("URI parameter with '=' but no value", whole)
+        params[name.lower()] = value if sep else None
+    return params
+
+
+def _parse_uri_headers(text: str, whole: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for item in text.split("&"):
+        name, sep, value = item.partition("=")
+        if not name or not sep:
+            raise _bad("bad URI header", whole)
+        if not _HEADER_CHARS.issuperset(name) or not _HEADER_CHARS.issuperset(value):
+            raise _bad("bad character in URI header", whole)
+        headers[name] = value
+    return headers
+
+
+class URI:
+    """A parsed URI. ``URI("sip:alice@example.com;transport=tcp")``; see :meth:`build` to make one."""
+
+    __slots__ = ("headers", "host", "opaque", "params", "password", "port", "scheme", "user")
+
+    scheme: str
+    user: str | None
+    password: str | None
+    host: str
+    port: int | None
+    params: dict[str, str | None]
+    headers: dict[str, str]
+    opaque: str | None
+
+    def __init__(self, text: str) -> None:
+        scheme, sep, rest = text.partition(":")
+        if not sep or not scheme:
+            raise _bad("URI without a scheme", text)
+        low = scheme.lower()
+        self.scheme = low
+        self.user = self.password = None
+        self.port = None
+        self.host = ""
+        self.opaque = None
+        if low == "sip" or low == "sips":
+            self._parse_sip(rest, text)
+        elif low == "tel":
+            self._parse_tel(rest, text)
+        else:
+            if not _SCHEME_CHARS.issuperset(scheme) or scheme[0] not in _ALPHA:
+                raise _bad("bad URI scheme", text)
+            if not rest or not rest.isprintable() or " " in rest or "<" in rest or ">" in rest:
+                raise _bad("bad URI", text)
+            self.params = {}
+            self.headers = {}
+            self.opaque = rest
+
+    def _parse_sip(self, rest: str, text: str) -> None:
+        at = rest.find("@")
+        if at >= 0:
+            userinfo = rest[:at]
+            rest = rest[at + 1 :]
+            user, sep, password = userinfo.partition(":")
+            if not user or not _USER_CHARS.issuperset(user):
+                raise _bad("bad user part in URI", text)
+            if sep:
+                if not _PASSWORD_CHARS.issuperset(password):
+                    raise _bad("bad password in URI", text)
+                self.password = password
+                if "%" in password:
+                    _check_escapes(password, "URI password")
+            if "%" in user:
+                _check_escapes(user, "URI user")
+            self.user = user
+        q = rest.find("?")
+        if q >= 0:
+            self.headers = _parse_uri_headers(rest[q + 1 :], text)
+            if "%" in rest:
+                _check_escapes(rest[q + 1 :], "URI headers")
+            rest = rest[:q]
+        else:
+            self.headers = {}
+        semi = rest.find(";")
+        if semi >= 0:
+            self.params = _parse_uri_params(rest[semi + 1 :], text)
+            if "%" in rest:
+                _check_escapes(rest[semi + 1 :], "URI parameters")
+            rest = rest[:semi]
+        else:
+            self.params = {}
+        self.host, self.port = split_hostport(rest, text)
+
+    def _parse_tel(self, rest: str, text: str) -> None:
+        number, _, params = rest.partition(";")
+        if not number or not _PARAM_CHARS.issuperset(number):
+            raise _bad("bad tel URI", text)
+        self.user = number
+        self.params = _parse_uri_params(params, text) if params else {}
+        self.headers = {}
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        scheme: str = "sip",
+        user: str | None = None,
+        password: str | None = None,
+        host: str = "",
+        port: int | None = None,
+        params: dict[str, str | None] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> URI:
+        """Make a URI from parts without formatting and re-parsing; the parts are taken as written."""
+        uri = cls.__new__(cls)
+        uri.scheme = scheme.lower()
+        uri.user = user
+        uri.password = password
+        uri.host = host
+        uri.port = port
+        uri.params = dict(params) if params else {}
+        uri.headers = dict(headers) if headers else {}
+        uri.opaque = None
+        return uri
+
+    def copy(self) -> URI:
+        """An independent copy (params and headers dicts are copied too)."""
+        uri = URI.__new__(URI)
+        uri.scheme = self.scheme
+        uri.user = self.user
+        uri.password = self.password
+        uri.host = self.host
+        uri.port = self.port
+        uri.params = dict(self.params)
+        uri.headers = dict(self.headers)
+        uri.opaque = self.opaque
+        return uri
+
+    def __str__(self) -> str:
+        if self.opaque is not None:
+            return f"{self.scheme}:{self.opaque}"
+        if self.scheme == "tel":
+            out = f"tel:{self.user or ''}"
+        else:
+            out = self.scheme + ":"
+            if self.user is not None:
+                out += self.user
+                if self.password is not None:
+                    out += ":" + self.password
+                out += "@"
+            out += self.host
+            if self.port is not None:
+                out += f":{self.port}"
+        if self.params:
+            out += "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params.items())
+        if self.headers:
+            out += "?" + "&".join(f"{k}={v}" for k, v in self.headers.items())
+        return out
+
+    def __repr__(self) -> str:
+        return f"URI({str(self)!r})"
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        """RFC 3261 §19.1.4 comparison."""
+        if not isinstance(other, URI):
+            return NotImplemented
+        if self.scheme != other.scheme:
+            return False
+        if self.opaque is not None or other.opaque is not None:
+            return self.opaque == other.opaque
+        if self.scheme == "tel":
+            if _tel_digits(self.user) != _tel_digits(other.user):
+                return False
+        else:
+            if _norm_opt(self.user) != _norm_opt(other.user):
+                return False
+            if _norm_opt(self.password) != _norm_opt(other.password):
+                return False
+            if self.host.lower() != other.host.lower() or self.port != other.port:
+                return False
+        mine = self.params
+        theirs = other.params
+        for name, value in mine.items():
+            if name in theirs:
+                other_value = theirs[name]
+                if (value is None) != (other_value is None):
+                    return False
+                if (
+                    value is not None
+                    and other_value is not None
+                    and _normalize_escapes(value).lower() != _normalize_escapes(other_value).lower()
+                ):
+                    return False
+            elif name in _STRICT_PARAMS:
+                return False
+        for name in theirs:
+            if name not in mine and name in _STRICT_PARAMS:
+                return False
+        return _norm_headers(self.headers) == _norm_headers(other.headers)
+
+    # -- convenience -------------------------------------------------------------------------------------
+
+    @property
+    def transport(self) -> str | None:
+        """The ``transport`` parameter, lower-case, or None."""
+        value = self.params.get("transport")
+        return value.lower() if value else None
+
+    @property
+    def lr(self) -> bool:
+        """True for a loose-routing URI (``;lr``, RFC 3261 §16.12)."""
+        return "lr" in self.params
+
+    @property
+    def maddr(self) -> str | None:
+        return self.params.get("maddr")
+
+    @property
+    def secure(self) -> bool:
+        """True for ``sips:`` URIs."""
+        return self.scheme == "sips"
+
+    def aor(self) -> str:
+        """The canonical address-of-record string: ``sip:user@host``.
+
+        Scheme ``sips`` becomes ``sip``, the host is lower-cased, port, parameters, headers and password are
+        dropped, and escapes in the user part are normalised, so that every URI that §19.1.4 says names the
+        same user gives the same string (the key of location caches and of the DHT).
+        """
+        if self.opaque is not None:
+            return f"{self.scheme}:{self.opaque}"
+        if self.scheme == "tel":
+            return f"tel:{_tel_digits(self.user)}"
+        host = self.host.lower()
+        if self.user is None:
+            return f"sip:{host}"
+        return f"sip:{_normalize_escapes(self.user)}@{host}"
+
+
+def _norm_opt(text: str | None) -> str | None:
+    return None if text is None else _normalize_escapes(text)
+
+
+def _norm_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {_normalize_escapes(k).lower(): _normalize_escapes(v).lower() for k, v in headers.items()}
+
+
+def _tel_digits(number: str | None) -> str:
+    """RFC 3966 §4: visual separators are ignored when comparing telephone numbers."""
+    if not number:
+        return ""
+    return "".join(c for c in _normalize_escapes(number) if c not in "-.()").lower()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Quoted strings and header parameters
+# --------------------------------------------------------------------------------------------------------
+
+
+def unquote(text: str) -> str:
+    """Strip the quotes of a quoted-string and resolve its backslash escapes; other text is returned as is."""
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        inner = text[1:-1]
+        if "\\" not in inner:
+            return inner
+        out: list[str] = []
+        i = 0
+        while i < len(inner):
+            c = inner[i]
+            if c == "\\" and i + 1 < len(inner):
+                out.append(inner[i + 1])
+                i += 2
+            else:
+                out.append(c)
+                i += 1
+        return "".join(out)
+    return text
+
+
+def quote(text: str) -> str:
+    """Make a quoted-string, escaping ``"`` and ``\\``."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _scan_quoted(text: str, start: int) -> int:
+    """Index just past the quoted-string that starts at ``text[start] == '"'``; raises if unterminated."""
+    i = start + 1
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i + 1
+        i += 1
+    raise _bad("unterminated quoted string", text)
+
+
+def _split_semicolons(text: str) -> list[str]:
+    """Split on ``;`` outside quoted strings."""
+    if '"' not in text:
+        return text.split(";")
+    parts: list[str] = []
+    start = 0
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i = _scan_quoted(text, i)
+            continue
+        if c == ";":
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def parse_params(text: str, whole: str = "") -> dict[str, str | None]:
+    """Parse header parameters ``;a=1;b;c="x y"`` (text after the first ``;``). Names are lower-cased;
+    quoted values keep their quotes (so that formatting is symmetric); flags map to None."""
+    params: dict[str, str | None] = {}
+    for item in _split_semicolons(text):
+        name, sep, value = item.partition("=")
+        name = name.strip(" \t")
+        if not name or not TOKEN_CHARS.issuperset(name):
+            raise _bad("bad parameter", whole or text)
+        if sep:
+            value = value.strip(" \t")
+            if not value:
+                raise _bad("parameter with '=' but no value", whole or text)
+            if value[0] == '"':
+                if _scan_quoted(value, 0) != len(value):
+                    raise _bad("junk after quoted parameter value", whole or text)
+            elif not _PARAM_VALUE_CHARS.issuperset(value):
+                raise _bad("bad parameter value", whole or text)
+            params[name.lower()] = value
+        else:
+            params[name.lower()] = None
+    return params
+
+
+# gen-value = token / host / quoted-string; host includes IPv6 references.
+_PARAM_VALUE_CHARS = TOKEN_CHARS | frozenset("[]:")
+
+
+def format_params(params: dict[str, str | None]) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Address: name-addr / addr-spec (From, To, Contact, Route, Record-Route, Reply-To, Refer-To, ...)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _display_needs_quotes(display: str) -> bool:
+    if not display:
+        return True
+    return any(not TOKEN_CHARS.issuperset(word) for word in display.split(" ")) or "  " in display
+
+
+class Address:
+    """A name-addr (``"Alice" <sip:alice@example.com>;tag=88``), an addr-spec, or the Contact wildcard ``*``.
+
+    ``display`` holds the display name unquoted (None when there is none); ``params`` are the header
+    parameters (``tag``, ``expires``, ``q`` ...), names lower-cased, quoted values kept quoted.
+    """
+
+    __slots__ = ("display", "params", "uri", "wildcard")
+
+    display: str | None
+    uri: URI
+    params: dict[str, str | None]
+    wildcard: bool
+
+    def __init__(self, text: str) -> None:
+        text = text.strip(" \t")
+        self.wildcard = False
+        self.display = None
+        if not text:
+            raise ParseError("empty address")
+        first = text[0]
+        if first == '"':
+            end = _scan_quoted(text, 0)
+            self.display = unquote(text[:end])
+            rest = text[end:].lstrip(" \t")
+            if not rest.startswith("<"):
+                raise _bad("display name not followed by <URI>", text)
+            self._name_addr(rest, text)
+            return
+        if first == "*" and (len(text) == 1 or text[1:].lstrip(" \t")[:1] in ("", ";")):
+            self.wildcard = True
+            self.uri = URI.build(host="*")
+            rest = text[1:].strip(" \t")
+            self.params = parse_params(rest[1:], text) if rest else {}
+            return
+        lt = text.find("<")
+        if lt >= 0:
+            if lt:
+                display = text[:lt].strip(" \t")
+                if display:
+                    words = display.split()
+                    if not all(TOKEN_CHARS.issuperset(w) for w in words):
+                        raise _bad("bad display name", text)
+                    self.display = " ".join(words)
+            self._name_addr(text[lt:], text)
+            return
+        # addr-spec: parameters after the URI belong to the header, not to the URI (RFC 3261 §20).
+        uri_text, sep, params = text.partition(";")
+        uri_text = uri_text.rstrip(" \t")
+        if " " in uri_text or "\t" in uri_text or "," in uri_text:
+            raise _bad("bad address", text)
+        self.uri = URI(uri_text)
+        if "?" in uri_text and self.uri.headers:
+            raise _bad("a URI with headers must be enclosed in <>", text)
+        self.params = parse_params(params, text) if sep else {}
+
+    def _name_addr(self, rest: str, whole: str) -> None:
+        gt = rest.find(">")
+        if gt < 0:
+            raise _bad("missing '>' in address", whole)
+        self.uri = URI(rest[1:gt].strip(" \t"))
+        after = rest[gt + 1 :].lstrip(" \t")
+        if after:
+            if after[0] != ";":
+                raise _bad("junk after '>' in address", whole)
+            self.params = parse_params(after[1:], whole)
+        else:
+            self.params = {}
+
+    @classmethod
+    def build(
+        cls, uri: URI | str, display: str | None = None, params: dict[str, str | None] | None = None
+    ) -> Address:
+        """Make an address from a URI (object or text), an optional display name and header parameters."""
+        addr = cls.__new__(cls)
+        addr.uri = URI(uri) if isinstance(uri, str) else uri
+        addr.display = display
+        addr.params = dict(params) if params else {}
+        addr.wildcard = False
+        return addr
+
+    def copy(self) -> Address:
+        addr = Address.__new__(Address)
+        addr.uri = self.uri.copy()
+        addr.display = self.display
+        addr.params = dict(self.params)
+        addr.wildcard = self.wildcard
+        return addr
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+    @tag.setter
+    def tag(self, value: str | None) -> None:
+        if value is None:
+            self.params.pop("tag", None)
+        else:
+            self.params["tag"] = value
+
+    @property
+    def expires(self) -> int | None:
+        """The Contact ``expires`` parameter as an int, or None (absent or not a number)."""
+        value = self.params.get("expires")
+        if value is None or not value.isdigit() or not value.isascii():
+            return None
+        return int(value)
+
+    @property
+    def q(self) -> float | None:
+        """The Contact ``q`` parameter (0..1), or None (absent or malformed)."""
+        value = self.params.get("q")
+        if value is None:
+            return None
+        try:
+            q = float(value)
+        except ValueError:
+            return None
+        return q if 0.0 <= q <= 1.0 else None
+
+    def __str__(self) -> str:
+        if self.wildcard:
+            return "*" + format_params(self.params)
+        uri = str(self.uri)
+        if self.display is None:
+            out = f"<{uri}>"
+        elif _display_needs_quotes(self.display):
+            out = f"{quote(self.display)} <{uri}>"
+        else:
+            out = f"{self.display} <{uri}>"
+        if self.params:
+            out += format_params(self.params)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Address({str(self)!r})"
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        """Same URI (§19.1.4), same display name, same parameters (names and values case-insensitive)."""
+        if not isinstance(other, Address):
+            return NotImplemented
+        if self.wildcard or other.wildcard:
+            return self.wildcard == other.wildcard and _lower_params(self.params) == _lower_params(
+                other.params
+            )
+        return (
+            self.display == other.display
+            and self.uri == other.uri
+            and _lower_params(self.params) == _lower_params(other.params)
+        )
+
+
+def _lower_params(params: dict[str, str | None]) -> dict[str, Any]:
+    return {k: (v.lower() if v is not None else None) for k, v in params.items()}
