@@ -278,8 +278,10 @@ class Transaction:
         out.append(Terminated(self))
 
     def _fire_check(self, name: str, now: float) -> bool:
-        """Whether timer ``name`` is armed (a stale or unknown timer is ignored); disarms it."""
-        if name not in self.deadlines:
+        """Whether timer ``name`` is armed and due (a stale, re-armed or unknown timer is ignored, so a
+        driver that could not cancel an old timer handle does no harm); disarms it."""
+        at = self.deadlines.get(name)
+        if at is None or now < at - 1e-9:
             return False
         del self.deadlines[name]
         return True
