@@ -46,7 +46,7 @@ def test_valid_case_parses_to_stated_values(case: Case) -> None:
     for path, expected in case.checks:
         try:
             got = _show(resolve(msg, path))
-        except Exception as exc:  # noqa: BLE001 - reported with the other mismatches
+        except Exception as exc:  # reported with the other mismatches
             got = f"<{type(exc).__name__}: {exc}>"
         if got != expected:
             wrong.append(f"{path}: got {got!r}, expected {expected!r}")
@@ -73,7 +73,7 @@ def test_invalid_case_raises_parse_error(case: Case) -> None:
             f"{case.name}: status_hint {exc.status_hint}, want {case.status}"
         )
         assert str(exc), "a ParseError says what was wrong"
-    except Exception as exc:  # noqa: BLE001 - the point: anything but ParseError is a bug
+    except Exception as exc:  # the point: anything but ParseError is a bug
         pytest.fail(f"{case.name}: raised {type(exc).__name__}: {exc} instead of ParseError")
     else:
         pytest.fail(f"{case.name} ({case.about}) parsed without error")
