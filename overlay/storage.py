@@ -245,6 +245,11 @@ class Store:
             if rec.expires_at > now and not rec.entry.is_removal
         ]
 
+    def current(self, key: int, entry_id: bytes) -> Entry | None:
+        """The record held for one entry slot (expired and removals included), for idempotent re-stores."""
+        rec = self._by_key.get(key, {}).get(entry_id)
+        return rec.entry if rec is not None else None
+
     def records(self, now: float) -> Iterator[tuple[Entry, int]]:
         """Every unexpired record, removals included, with its remaining lifetime in ms (for transfers)."""
         for slots in self._by_key.values():

@@ -1,0 +1,852 @@
+"""The asyncio overlay node: the chord and storage cores on real sockets.
+
+``Node`` owns one UDP socket (routing and small storage RPCs) and one TCP listener on the same port (bulk:
+transfers, big stores and fetches, framed by a 4-byte length). Everything protocol-shaped lives in the
+sans-IO cores (``overlay.chord.ChordCore``, ``overlay.storage.Store`` / ``Replicator``); this module only
+moves bytes, runs the one timer the chord core asks for, and turns the storage API into RPCs.
+
+Robustness rules of the receive path: every datagram or frame is decoded and validated by
+``overlay.wire.Codec`` first; anything malformed, oversized, of another overlay or version, of an unknown
+type, or a reply that does not come from the node the request went to is dropped and counted in
+``stats()``. Nothing raised while handling one message escapes into the event loop.
+
+Example::
+
+    node = await Node.start(bind=("127.0.0.1", 0), join=None, data_dir="/tmp/n1", overlay_name="demo")
+    await node.put("sip:alice@example.net", b"contact", entry_id=b"phone")
+    entries = await node.get("sip:alice@example.net")
+    await node.leave()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from overlay.chord import (
+    ChordConfig,
+    ChordCore,
+    Joined,
+    JoinFailed,
+    LookupDone,
+    LookupFailed,
+    NeighboursChanged,
+    NodeRef,
+    SendRequest,
+)
+from overlay.errors import LookupFailed as LookupFailedError
+from overlay.errors import NotJoined, OverlayError, StoreRefused, WireError
+from overlay.identity import KeyPair, VerifiedCache, node_identity
+from overlay.ids import key_for, short
+from overlay.storage import (
+    DEFAULT_MAX_LIFETIME,
+    DEFAULT_MAX_VALUE,
+    MAX_ENTRY_ID,
+    Entry,
+    Replicator,
+    Store,
+    Transfer,
+)
+from overlay.wire import TCP_MAX, Codec, FrameDecoder, Message, error_kind, frame
+
+Endpoint = tuple[str, int]
+
+# err codes of storage replies
+E_BAD_REQUEST = 400
+E_REFUSED = 403
+E_NOT_RESPONSIBLE = 421
+E_TOO_BIG = 413
+E_UNAVAILABLE = 503
+TRANSFER_CHUNK = 512 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Adapter tunables (chord's own live in ``chord``). Defaults suit a real overlay; tests shrink them."""
+
+    chord: ChordConfig = field(default_factory=ChordConfig)
+    rpc_timeout: float = 1.0  # first attempt of a storage RPC; doubles per retry
+    rpc_retries: int = 2
+    op_timeout: float = 15.0  # whole put/get/remove, lookups and retries included
+    join_timeout: float = 30.0
+    repair_interval: float = 60.0  # anti-entropy push of the primary range to the replicas
+    policy: str = "first-claim"
+    ca_public_key: bytes | None = None
+    max_value: int = DEFAULT_MAX_VALUE
+    max_lifetime: int = DEFAULT_MAX_LIFETIME
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request in flight: the reply must echo ``id`` and come from ``to`` (and from ``node_id``)."""
+
+    to: Endpoint
+    node_id: int | None
+    chord_id: int | None = None
+    future: asyncio.Future[Message] | None = None
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.node._on_datagram(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        self.node._count("udp_errors")
+
+
+class Node:
+    """One overlay member. Create it with ``await Node.start(...)``; see the module docstring."""
+
+    def __init__(self, identity: KeyPair, overlay_name: str, replicas: int, config: NodeConfig) -> None:
+        self.identity = identity
+        self.overlay_name = overlay_name
+        self.replicas = replicas
+        self.config = config
+        self.codec = Codec(overlay_name)
+        self.cache = VerifiedCache()
+        self.store = Store(
+            policy=config.policy,
+            ca_public_key=config.ca_public_key,
+            max_value=config.max_value,
+            max_lifetime=config.max_lifetime,
+            cache=self.cache,
+        )
+        self.replicator = Replicator(identity.node_id, replicas)
+        self.me: NodeRef = NodeRef(identity.node_id, "", 0)
+        self.core: ChordCore | None = None
+        self._loop = asyncio.get_running_loop()
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = int.from_bytes(os.urandom(6), "big")
+        self._lookups: dict[int, asyncio.Future[tuple[NodeRef, int]]] = {}
+        self._joined: asyncio.Future[NodeRef] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._repair_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stats: dict[str, int] = {}
+        self._seqs: dict[tuple[int, bytes], int] = {}
+        self._answers: OrderedDict[tuple[int, int, Endpoint], Message | None] = OrderedDict()
+        self._certs: dict[tuple[int, bytes], bytes] = {}
+        self._closed = False
+        self._left = False
+
+    # ------------------------------------------------------------------------------------------------
+    # life cycle
+    # ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        bind: Endpoint = ("127.0.0.1", 0),
+        join: Endpoint | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        overlay_name: str = "p2psip",
+        replicas: int = 3,
+        *,
+        config: NodeConfig | None = None,
+        identity: KeyPair | None = None,
+    ) -> Node:
+        """Bind UDP and TCP on ``bind`` (port 0: any free port, the same for both), load or create the
+        node key in ``data_dir`` (None: a throw-away key), then create a ring (``join`` None) or join the
+        ring the node at ``join`` belongs to. Raises ``NotJoined`` when the join does not finish."""
+        _check_endpoint(bind, "bind")
+        if join is not None:
+            _check_endpoint(join, "join")
+        if not isinstance(overlay_name, str) or not 0 < len(overlay_name) <= 64:
+            raise OverlayError("overlay_name must be a string of 1 to 64 characters")
+        if not isinstance(replicas, int) or not 1 <= replicas <= 8:
+            raise OverlayError("replicas must be an integer from 1 to 8")
+        cfg = config or NodeConfig()
+        if cfg.chord.successors < replicas:
+            cfg = replace(cfg, chord=replace(cfg.chord, successors=replicas))
+        if identity is None:
+            identity = node_identity(data_dir) if data_dir is not None else KeyPair.generate()
+        node = cls(identity, overlay_name, replicas, cfg)
+        try:
+            await node._open(bind)
+            await node._join(join)
+        except BaseException:
+            await node.close()
+            raise
+        return node
+
+    async def _open(self, bind: Endpoint) -> None:
+        host, port = bind
+        last: OSError | None = None
+        for _ in range(20 if port == 0 else 1):
+            try:
+                udp, _ = await self._loop.create_datagram_endpoint(
+                    lambda: _Udp(self), local_addr=(host, port)
+                )
+            except OSError as exc:
+                raise OverlayError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from exc
+            actual = udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, host, actual, reuse_address=True)
+            except OSError as exc:
+                udp.close()
+                last = exc
+                continue
+            self._udp = udp
+            self.me = NodeRef(self.identity.node_id, host, int(actual))
+            return
+        raise OverlayError(f"cannot bind TCP on {host}:{port}: {last}")
+
+    async def _join(self, join: Endpoint | None) -> None:
+        self.core = ChordCore(
+            self.me,
+            public_key=self.identity.public_key,
+            sign=self.identity.sign,
+            verify=lambda pk, data, sig: self.cache.verify(pk, sig, data),
+            config=self.config.chord,
+        )
+        now = self._loop.time()
+        if join is None:
+            self.core.start(now)
+            self._drain()
+        else:
+            deadline = now + self.config.join_timeout
+            while True:
+                self._joined = self._loop.create_future()
+                self.core.start_join(join, self._loop.time())
+                self._drain()
+                try:
+                    await asyncio.wait_for(self._joined, max(0.1, deadline - self._loop.time()))
+                    break
+                except (NotJoined, TimeoutError) as exc:
+                    if self._loop.time() >= deadline:
+                        raise NotJoined(
+                            f"could not join the overlay through {join[0]}:{join[1]}: {exc}"
+                        ) from None
+        self._repair_task = self._spawn(self._repair_loop())
+
+    async def leave(self) -> None:
+        """Hand our entries to our successors, tell our neighbours, and close. Idempotent."""
+        if self._closed or self.core is None:
+            await self.close()
+            return
+        if not self._left:
+            self._left = True
+            now = self._loop.time()
+            transfers = self.replicator.on_leave(list(self.core.successors), self.store, now)
+            await self._send_transfers(transfers)
+            self.core.leave(self._loop.time())
+            waits = self._drain()
+            if waits:
+                await asyncio.wait(waits, timeout=self.config.rpc_timeout * 2)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop at once without hand-off (as a crash would, but freeing the sockets)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for pending in self._pending.values():
+            if pending.future is not None and not pending.future.done():
+                pending.future.cancel()
+        self._pending.clear()
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.me.ep
+
+    @property
+    def node_id(self) -> int:
+        return self.me.id
+
+    def __repr__(self) -> str:
+        return f"Node({short(self.me.id)} at {self.me.host}:{self.me.port})"
+
+    # ------------------------------------------------------------------------------------------------
+    # public storage API
+    # ------------------------------------------------------------------------------------------------
+
+    def add_certificate(self, key_id: int, user_public_key: bytes, signature: bytes) -> None:
+        """Remember an enrollment certificate; ``put`` attaches it to entries of that key and user key."""
+        self._certs[(key_id, user_public_key)] = signature
+
+    async def put(
+        self,
+        name: str | bytes,
+        value: bytes,
+        *,
+        entry_id: bytes = b"",
+        lifetime: int = 3600,
+        key: KeyPair | None = None,
+    ) -> None:
+        """Store ``value`` under ``name`` (entry ``entry_id``), signed by ``key`` (default: the node key),
+        on the responsible node and its replicas. Raises ``StoreRefused`` with the reason if refused."""
+        ring_key = _ring_key(name)
+        if not isinstance(value, bytes | bytearray):
+            raise OverlayError("value must be bytes")
+        if len(value) > self.config.max_value:
+            raise StoreRefused(
+                f"value of {len(value)} bytes exceeds the limit of {self.config.max_value}",
+                reason="too-large",
+            )
+        if not isinstance(lifetime, int) or isinstance(lifetime, bool) or lifetime < 1:
+            raise OverlayError("lifetime must be a positive number of seconds (use remove() to delete)")
+        if lifetime > self.config.max_lifetime:
+            raise OverlayError(f"lifetime must be at most {self.config.max_lifetime} seconds")
+        await self._write(ring_key, bytes(value), _entry_id(entry_id), lifetime, key)
+
+    async def remove(self, name: str | bytes, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None:
+        """Delete entry ``entry_id`` under ``name``: a signed removal (empty value, lifetime 0)."""
+        await self._write(_ring_key(name), b"", _entry_id(entry_id), 0, key)
+
+    async def put_entry(self, entry: Entry) -> None:
+        """Store an entry signed elsewhere (e.g. by a user's device) as it is; the replicas check it."""
+        if not isinstance(entry, Entry):
+            raise OverlayError("put_entry needs an overlay.storage.Entry")
+        await self._primary_call(entry.key, "store", {"entry": entry})
+
+    async def get(self, name: str | bytes) -> list[Entry]:
+        """The live entries under ``name`` from the node responsible for it (empty list if none)."""
+        ring_key = _ring_key(name)
+        reply = await self._primary_call(ring_key, "fetch", {"key": ring_key})
+        return [entry for entry, _ in reply.body.get("entries", []) if entry.key == ring_key]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (messages in/out, drops by cause, refusals by reason), ring state and storage size."""
+        out: dict[str, Any] = dict(sorted(self._stats.items()))
+        out["entries"] = len(self.store)
+        out["refused"] = dict(self.store.refused)
+        out["verified_cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
+        if self.core is not None:
+            out["chord"] = self.core.stats()
+            out["successors"] = [short(n.id) for n in self.core.successors]
+            pred = self.core.predecessor
+            out["predecessor"] = short(pred.id) if pred else None
+        out["dropped"] = sum(v for k, v in self._stats.items() if k.startswith("dropped_"))
+        return out
+
+    async def lookup(self, key: int) -> tuple[NodeRef, int]:
+        """The node responsible for ring key ``key`` and the lookup's hop count."""
+        core = self._core()
+        fut: asyncio.Future[tuple[NodeRef, int]] = self._loop.create_future()
+        lookup_id = core.start_lookup(key, self._loop.time())
+        self._lookups[lookup_id] = fut
+        self._drain()
+        try:
+            return await asyncio.wait_for(fut, self.config.op_timeout)
+        finally:
+            self._lookups.pop(lookup_id, None)
+
+    # ------------------------------------------------------------------------------------------------
+    # writes and calls to the responsible node
+    # ------------------------------------------------------------------------------------------------
+
+    async def _write(
+        self, ring_key: int, value: bytes, entry_id: bytes, lifetime: int, key: KeyPair | None
+    ) -> None:
+        if key is not None and not isinstance(key, KeyPair):
+            raise OverlayError("key must be an overlay.identity.KeyPair (the user's signing key)")
+        signer = key or self.identity
+        slot = (ring_key, entry_id)
+        seq = max(time.time_ns() // 1_000_000, self._seqs.get(slot, 0) + 1)
+        self._seqs[slot] = seq
+        cert = self._certs.get((ring_key, signer.public_key), b"")
+        entry = Entry.create(signer, ring_key, entry_id, value, seq, lifetime, cert)
+        await self._primary_call(ring_key, "store", {"entry": entry})
+
+    async def _primary_call(self, ring_key: int, mtype: str, body: dict[str, Any]) -> Message:
+        """Send ``mtype`` to the node responsible for ``ring_key``, re-looking up after failures.
+
+        Storage errors (``err`` with code 403) become ``StoreRefused``; a node that says it is not
+        responsible, or times out, makes us look the key up again until ``op_timeout``.
+        """
+        self._core()
+        deadline = self._loop.time() + self.config.op_timeout
+        last = "no attempt"
+        attempt = 0
+        while True:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise LookupFailedError(f"{mtype} for key {short(ring_key)} failed: {last}")
+            attempt += 1
+            try:
+                target, _hops = await asyncio.wait_for(self.lookup(ring_key), remaining)
+                reply = await self._call(target, mtype, body, deadline=deadline)
+            except (TimeoutError, LookupFailedError, NotJoined) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                await self._backoff(attempt, deadline)
+                continue
+            if reply.type == "ok":
+                return reply
+            code, reason = reply.body["code"], reply.body["reason"]
+            if code == E_REFUSED:
+                raise StoreRefused(reply.body.get("detail") or reason, reason=reason)
+            if code == E_BAD_REQUEST:
+                raise OverlayError(f"{mtype} rejected by {short(target.id)}: {reason}")
+            last = f"{short(target.id)} answered {code} {reason}"
+            await self._backoff(attempt, deadline)
+
+    async def _backoff(self, attempt: int, deadline: float) -> None:
+        """Wait before retrying: maintenance needs a moment to repair the ring (bounded by deadline)."""
+        delay = min(self.config.rpc_timeout * 0.25 * (2 ** min(attempt, 5)), deadline - self._loop.time())
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _call(self, target: NodeRef, mtype: str, body: dict[str, Any], *, deadline: float) -> Message:
+        """One storage RPC: local if ``target`` is us, UDP when it fits, TCP otherwise or when asked."""
+        if target.id == self.me.id:
+            reply = await self._handle_storage(Message(mtype, 0, self.me.id, self.me.ep, body), via_tcp=True)
+            if reply is None:
+                raise TimeoutError("no local reply")
+            return reply
+        try:
+            reply = await self._udp_call(target, mtype, body, deadline=deadline)
+        except WireError:  # too big for a datagram
+            return await self._tcp_call(target, mtype, body, timeout=max(0.1, deadline - self._loop.time()))
+        if reply.type == "err" and reply.body["code"] == E_TOO_BIG:
+            return await self._tcp_call(target, mtype, body, timeout=max(0.1, deadline - self._loop.time()))
+        return reply
+
+    def _new_id(self) -> int:
+        self._next_id = (self._next_id + 1) % (1 << 64)
+        return self._next_id
+
+    async def _udp_call(
+        self, target: NodeRef, mtype: str, body: dict[str, Any], *, deadline: float
+    ) -> Message:
+        mid = self._new_id()
+        data = self.codec.encode(Message(mtype, mid, self.me.id, self.me.ep, body))
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self._pending[mid] = _Pending(target.ep, target.id, future=fut)
+        timeout = self.config.rpc_timeout
+        try:
+            for attempt in range(self.config.rpc_retries + 1):
+                self._sendto(data, target.ep)
+                wait = min(timeout * (2**attempt), deadline - self._loop.time())
+                if wait <= 0:
+                    break
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), wait)
+                except TimeoutError:
+                    self._count("rpc_retransmissions")
+            self._count("rpc_timeouts")
+            self._node_failed(target.id)
+            raise TimeoutError(f"{mtype} to {short(target.id)} timed out")
+        finally:
+            self._pending.pop(mid, None)
+
+    async def _tcp_call(
+        self, target: NodeRef, mtype: str, body: dict[str, Any], *, timeout: float
+    ) -> Message:
+        mid = self._new_id()
+        data = frame(self.codec.encode(Message(mtype, mid, self.me.id, self.me.ep, body), max_size=TCP_MAX))
+
+        async def exchange() -> Message:
+            reader, writer = await asyncio.open_connection(target.host, target.port)
+            try:
+                writer.write(data)
+                await writer.drain()
+                decoder = FrameDecoder()
+                while True:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        raise TimeoutError("connection closed before the reply")
+                    for payload in decoder.feed(chunk):
+                        reply = self.codec.decode(payload, max_size=TCP_MAX)
+                        if reply.id == mid and reply.is_reply and reply.src == target.id:
+                            return reply
+                        self._count("dropped_unexpected_reply")
+            finally:
+                writer.close()
+
+        self._count("tcp_out")
+        try:
+            return await asyncio.wait_for(exchange(), timeout)
+        except (OSError, WireError) as exc:
+            self._node_failed(target.id)
+            raise TimeoutError(f"TCP {mtype} to {short(target.id)} failed: {exc}") from None
+
+    def _node_failed(self, node_id: int) -> None:
+        if self.core is not None and not self._closed:
+            self.core.node_failed(node_id, self._loop.time())
+            self._drain()
+
+    # ------------------------------------------------------------------------------------------------
+    # receive path
+    # ------------------------------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._stats[name] = self._stats.get(name, 0) + n
+
+    def _sendto(self, data: bytes, ep: Endpoint) -> None:
+        if self._udp is not None and not self._closed:
+            self._udp.sendto(data, ep)
+            self._count("udp_out")
+
+    def _on_datagram(self, data: bytes, addr: Endpoint) -> None:
+        """Entry point of every datagram. Never raises: the listener must outlive any input."""
+        self._count("udp_in")
+        try:
+            msg = self.codec.decode(data)
+        except WireError as exc:
+            self._count(f"dropped_{error_kind(exc).replace('-', '_')}")
+            return
+        try:
+            self._dispatch(msg, addr)
+        except Exception:  # a bug must cost one message, never the listener
+            self._count("dropped_internal_error")
+
+    def _dispatch(self, msg: Message, addr: Endpoint) -> None:
+        if self._closed:
+            return
+        if msg.is_reply:
+            self._on_reply(msg, addr)
+            return
+        if msg.src == self.me.id:
+            self._count("dropped_forged")  # somebody claims to be us
+            return
+        if msg.type in ("store", "fetch", "transfer"):
+            self._spawn(self._answer_storage(msg, addr))
+            return
+        core = self._core_or_none()
+        if core is None or self._left:
+            return
+        reply = core.handle_request(
+            NodeRef(msg.src, msg.ep[0], msg.ep[1]), msg.type, msg.body, self._loop.time()
+        )
+        if reply is None:
+            self._count("dropped_by_chord")
+        else:
+            self._reply(msg, addr, reply.type, reply.body)
+        self._drain()
+
+    def _on_reply(self, msg: Message, addr: Endpoint) -> None:
+        pending = self._pending.get(msg.id)
+        if pending is None:
+            self._count("dropped_unexpected_reply")
+            return
+        if not _same_endpoint(pending.to, addr) or (
+            pending.node_id is not None and msg.src != pending.node_id
+        ):
+            self._count("dropped_forged_reply")
+            return
+        if pending.future is not None:
+            if not pending.future.done():
+                pending.future.set_result(msg)
+            return
+        del self._pending[msg.id]
+        core = self._core_or_none()
+        if core is None or pending.chord_id is None:
+            return
+        now = self._loop.time()
+        if msg.type == "ok":
+            core.handle_reply(pending.chord_id, msg.src, msg.body, now)
+        else:
+            core.handle_error(pending.chord_id, msg.body["code"], msg.body["reason"], now)
+        self._drain()
+
+    def _reply(self, request: Message, addr: Endpoint, rtype: str, body: dict[str, Any]) -> None:
+        try:
+            data = self.codec.encode(Message(rtype, request.id, self.me.id, self.me.ep, body))
+        except WireError:
+            data = self.codec.encode(
+                Message("err", request.id, self.me.id, self.me.ep, {"code": E_TOO_BIG, "reason": "use-tcp"})
+            )
+        self._sendto(data, addr)
+
+    async def _answer_storage(self, msg: Message, addr: Endpoint) -> None:
+        """Answer a storage request received by UDP. A retransmission of a request still being handled
+        is ignored, and one already answered gets the same answer again (stores are not idempotent
+        across replicas' seq checks, so they must not run twice)."""
+        token = (msg.src, msg.id, addr)
+        if token in self._answers:
+            self._count("udp_duplicates")
+            done = self._answers[token]
+            if done is not None:
+                self._reply(msg, addr, done.type, done.body)
+            return
+        self._answers[token] = None
+        try:
+            reply = await self._handle_storage(msg, via_tcp=False)
+        except Exception:
+            self._count("dropped_internal_error")
+            self._answers.pop(token, None)
+            return
+        if reply is None:
+            self._answers.pop(token, None)
+            return
+        self._answers[token] = reply
+        while len(self._answers) > 2048:
+            self._answers.popitem(last=False)
+        self._reply(msg, addr, reply.type, reply.body)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One TCP connection: frames in, replies out. Bad frames close the connection, nothing more."""
+        self._count("tcp_in")
+        decoder = FrameDecoder()
+        try:
+            while not self._closed:
+                chunk = await asyncio.wait_for(reader.read(65536), 30.0)
+                if not chunk:
+                    break
+                for payload in decoder.feed(chunk):
+                    try:
+                        msg = self.codec.decode(payload, max_size=TCP_MAX)
+                    except WireError as exc:
+                        self._count(f"dropped_{error_kind(exc).replace('-', '_')}")
+                        return
+                    if msg.is_reply or msg.type not in ("store", "fetch", "transfer"):
+                        self._count("dropped_unexpected_tcp")
+                        return
+                    reply = await self._handle_storage(msg, via_tcp=True)
+                    if reply is None:
+                        return
+                    out = Message(reply.type, msg.id, self.me.id, self.me.ep, reply.body)
+                    writer.write(frame(self.codec.encode(out, max_size=TCP_MAX)))
+                    await writer.drain()
+        except WireError:
+            self._count("dropped_oversized")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            self._count("dropped_internal_error")
+        finally:
+            writer.close()
+
+    # ------------------------------------------------------------------------------------------------
+    # storage requests
+    # ------------------------------------------------------------------------------------------------
+
+    async def _handle_storage(self, msg: Message, *, via_tcp: bool) -> Message | None:
+        core = self._core_or_none()
+        if core is None or self._left:
+            return None
+        now = self._loop.time()
+
+        def err(code: int, reason: str, detail: str | None = None) -> Message:
+            return Message(
+                "err", msg.id, self.me.id, self.me.ep, {"code": code, "reason": reason, "detail": detail}
+            )
+
+        def ok(**body: Any) -> Message:
+            return Message("ok", msg.id, self.me.id, self.me.ep, body)
+
+        if msg.type == "fetch":
+            key = msg.body["key"]
+            if not core.is_responsible(key):
+                self._count("fetch_not_responsible")
+                return err(E_NOT_RESPONSIBLE, "not-responsible")
+            entries = [(e, 0) for e in self.store.get(key, now)]
+            self._count("fetch_served")
+            return ok(entries=entries)
+        if msg.type == "transfer":
+            kept, refused = self.store.accept(msg.body["entries"], now)
+            self._count("transfer_entries_kept", kept)
+            self._count("transfer_entries_refused", refused)
+            return ok(stored=kept)
+        # store
+        entry: Entry = msg.body["entry"]
+        replica = bool(msg.body.get("replica", False))
+        if not replica and not core.is_responsible(entry.key):
+            self._count("store_not_responsible")
+            return err(E_NOT_RESPONSIBLE, "not-responsible")
+        try:
+            self.store.put(entry, now)
+        except StoreRefused as exc:
+            if exc.reason == "stale-seq" and self.store.current(entry.key, entry.entry_id) == entry:
+                # the very same entry again (a retry whose first reply was lost): idempotent success
+                self._count("store_duplicates")
+                return ok(stored=0 if replica else 1)
+            self._count(f"store_refused_{exc.reason.replace('-', '_')}")
+            if replica and exc.reason == "stale-seq":
+                return ok(stored=0)
+            return err(E_REFUSED, exc.reason, str(exc))
+        self._count("stores_accepted")
+        stored = 1
+        if not replica:
+            targets = self.replicator.replica_targets(list(core.successors))
+            deadline = self._loop.time() + self.config.rpc_timeout * 3
+            results = await asyncio.gather(
+                *(
+                    self._call(NodeRef(*t), "store", {"entry": entry, "replica": True}, deadline=deadline)
+                    for t in targets
+                ),
+                return_exceptions=True,
+            )
+            stored += sum(1 for r in results if isinstance(r, Message) and r.type == "ok")
+        return ok(stored=stored)
+
+    async def _send_transfers(self, transfers: list[Transfer]) -> None:
+        async def one(target: NodeRef, items: list[tuple[Entry, int]]) -> None:
+            chunk: list[tuple[Entry, int]] = []
+            size = 0
+            for item in [*items, None]:
+                if item is not None:
+                    chunk.append(item)
+                    size += len(item[0].value) + 200
+                if chunk and (item is None or size >= TRANSFER_CHUNK):
+                    try:
+                        await self._tcp_call(
+                            target, "transfer", {"entries": chunk}, timeout=self.config.rpc_timeout * 4
+                        )
+                        self._count("transfer_entries_sent", len(chunk))
+                    except (TimeoutError, WireError):
+                        self._count("transfer_failures")
+                        return
+                    chunk, size = [], 0
+
+        await asyncio.gather(*(one(NodeRef(*t), items) for t, items in transfers if items))
+
+    async def _repair_loop(self) -> None:
+        """Slow safety net: purge expired entries and push our primary range to the replicas."""
+        while not self._closed:
+            await asyncio.sleep(self.config.repair_interval)
+            now = self._loop.time()
+            self.store.purge(now)
+            await self._send_transfers(self.replicator.repair(self.store, now))
+
+    # ------------------------------------------------------------------------------------------------
+    # driving the chord core
+    # ------------------------------------------------------------------------------------------------
+
+    def _core(self) -> ChordCore:
+        if self.core is None or self._closed or self._left:
+            raise NotJoined("this node is not part of an overlay (not started, left or closed)")
+        return self.core
+
+    def _core_or_none(self) -> ChordCore | None:
+        return None if self._closed else self.core
+
+    def _drain(self) -> list[asyncio.Future[Message]]:
+        """Carry out everything the chord core produced; returns futures of any leave requests sent."""
+        core = self.core
+        waits: list[asyncio.Future[Message]] = []
+        if core is None or self._closed:
+            return waits
+        for out in core.take_outputs():
+            if isinstance(out, SendRequest):
+                waits.extend(self._send_chord(out))
+            elif isinstance(out, LookupDone):
+                fut = self._lookups.get(out.lookup_id)
+                if fut is not None and not fut.done():
+                    fut.set_result((out.node, out.hops))
+            elif isinstance(out, LookupFailed):
+                fut = self._lookups.get(out.lookup_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(LookupFailedError(f"lookup of {short(out.key)} failed: {out.reason}"))
+            elif isinstance(out, NeighboursChanged):
+                self._count("neighbour_changes")
+                transfers = self.replicator.on_neighbours(
+                    out.predecessor, list(out.successors), self.store, self._loop.time()
+                )
+                if transfers:
+                    self._spawn(self._send_transfers(transfers))
+            elif isinstance(out, Joined):
+                if self._joined is not None and not self._joined.done():
+                    self._joined.set_result(out.successor)
+            elif isinstance(out, JoinFailed) and self._joined is not None and not self._joined.done():
+                self._joined.set_exception(NotJoined(out.reason))
+        self._schedule_timer()
+        return waits
+
+    def _send_chord(self, req: SendRequest) -> list[asyncio.Future[Message]]:
+        mid = self._new_id()
+        fut: asyncio.Future[Message] | None = None
+        pending = _Pending(req.to, req.node_id, chord_id=req.request_id)
+        if req.type == "leave":
+            # leave is fire-and-wait: keep a future so leave() can wait for the acknowledgements
+            fut = self._loop.create_future()
+            pending.future = fut
+        try:
+            data = self.codec.encode(Message(req.type, mid, self.me.id, self.me.ep, req.body))
+        except WireError:
+            self._count("dropped_unencodable")
+            return []
+        self._pending[mid] = pending
+        lifetime = self.config.chord.rpc_timeout * (self.config.chord.rpc_retries + 2)
+        self._loop.call_later(lifetime, self._pending.pop, mid, None)
+        self._sendto(data, req.to)
+        return [fut] if fut is not None else []
+
+    def _schedule_timer(self) -> None:
+        core = self.core
+        if core is None or self._closed:
+            return
+        when = core.next_timer()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        core = self._core_or_none()
+        if core is None:
+            return
+        try:
+            core.handle_timer(self._loop.time())
+            self._drain()
+        except Exception:
+            self._count("timer_errors")
+            self._schedule_timer()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+# --------------------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_endpoint(ep: object, what: str) -> None:
+    if (
+        not isinstance(ep, tuple)
+        or len(ep) != 2
+        or not isinstance(ep[0], str)
+        or not isinstance(ep[1], int)
+        or not 0 <= ep[1] <= 65535
+    ):
+        raise OverlayError(f"{what} must be a (host, port) tuple such as ('127.0.0.1', 7060), got {ep!r}")
+
+
+def _ring_key(name: object) -> int:
+    if isinstance(name, str | bytes) and name:
+        return key_for(name)
+    raise OverlayError(f"name must be a non-empty str or bytes (e.g. 'sip:alice@example.net'), got {name!r}")
+
+
+def _entry_id(entry_id: object) -> bytes:
+    if not isinstance(entry_id, bytes) or len(entry_id) > MAX_ENTRY_ID:
+        raise OverlayError(f"entry_id must be bytes of at most {MAX_ENTRY_ID} (e.g. b'phone')")
+    return entry_id
+
+
+def _same_endpoint(a: Endpoint, b: Endpoint) -> bool:
+    return a[1] == b[1] and (a[0] == b[0] or {a[0], b[0]} <= {"localhost", "127.0.0.1"})
