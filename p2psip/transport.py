@@ -29,7 +29,7 @@ import ssl
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from p2psip.errors import ConfigError, ParseError, TransportError
 from p2psip.message import Limits, Request, Response, StreamFramer, parse
@@ -283,8 +283,7 @@ class _UDPProtocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self.layer._on_datagram(data, addr, self)
@@ -309,8 +308,7 @@ class StreamConnection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.remote = Target(self.name, str(peer[0]), int(peer[1]))
         self.layer._register(self, self.remote)
@@ -533,6 +531,7 @@ class TransportLayer:
         partial = exc.partial
         if isinstance(partial, Request) and partial.method != "ACK":
             try:
+                _stamp_via(partial, source)  # so the 400 goes back where the request came from
                 problem = " ".join(str(exc).split())[:120]
                 status = exc.status_hint if 400 <= exc.status_hint < 700 else 400
                 reason = "Bad Request" if status == 400 else None

@@ -1,0 +1,614 @@
+"""Proxy: the RFC 3261 §16 proxy core, stateful (with forking) or stateless (§16.11).
+
+It is the transaction user of a :class:`~p2psip.stack.Stack`. For every request it:
+
+1. validates Max-Forwards (0 → ``483 Too Many Hops``) — §16.3;
+2. pre-processes routing information (§16.4): a Request-URI that is one of our Record-Route URIs means the
+   previous hop was a strict router (the last Route becomes the Request-URI); our own URI on top of Route
+   is removed;
+3. picks the targets: the Request-URI when a Route remains, else ``locate(request)`` — a pluggable hook
+   (a DHT lookup in a peer) returning URIs or Addresses (equal ``q`` forked in parallel, higher ``q`` first,
+   sequentially); by default the Request-URI itself when its host is an IP address (no DNS);
+4. forwards a copy to each target (§16.6): Request-URI, Max-Forwards - 1, Record-Route (``;lr``; two of
+   them when the transports differ, RFC 5658), our Via, the next hop from Route (loose or strict) or the
+   Request-URI — on a client transaction with Timer C for INVITE;
+5. collects responses in a response context (§16.7): provisional responses and every 2xx are forwarded at
+   once, the best final response otherwise (6xx beats all; then the lowest class; 503 becomes 500), pending
+   branches are CANCELled on a 2xx or 6xx, on Timer C, and when the caller CANCELs.
+
+ACKs for 2xx (and 2xx retransmissions after the transactions ended) are forwarded statelessly, by Route.
+The stateless mode keeps no state at all: one target, a branch computed from the incoming one (so a
+retransmission, its ACK and its CANCEL take the same branch), responses sent back along their Via.
+
+The hot path avoids logging (``verbose`` only) and copies each request once per branch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from p2psip.errors import ParseError, TransportError
+from p2psip.message import Request, Response
+from p2psip.stack import Source, Stack, Target
+from p2psip.transaction import (
+    ClientTransaction,
+    InviteClientTransaction,
+    ServerTransaction,
+    State,
+    Transaction,
+)
+from p2psip.transport import target_from_uri
+from p2psip.uri import URI, Address
+
+log = logging.getLogger("p2psip.proxy")
+
+LocateResult = Sequence[URI | Address]
+Locator = Callable[[Request], LocateResult | Awaitable[LocateResult]]
+"""``locate(request)`` → the targets for a request (sync or async). Empty: ``404 Not Found``. A
+:class:`LookupError` or :class:`TransportError` raised names why: answered 404 with that reason."""
+
+#: Requests that create a dialog (and so get Record-Route): RFC 3261, 3265/6665, 3515.
+DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
+#: §16.7 step 6: among 4xx these are preferred because the caller can act on them.
+_PREFERRED_4XX = (401, 407, 415, 420, 484)
+
+
+@dataclass(eq=False)
+class _Branch:
+    context: _Context
+    transaction: ClientTransaction | None
+    target: URI
+    final: int = 0  # status of the final response (or the synthetic one), 0 while pending
+
+
+@dataclass(eq=False)
+class _Context:
+    """A response context (§16.7): one per proxied request."""
+
+    request: Request  # as received (after route pre-processing)
+    server: ServerTransaction
+    source: Source
+    tiers: list[list[URI]] = field(default_factory=list)
+    branches: list[_Branch] = field(default_factory=list)
+    responses: list[Response] = field(default_factory=list)
+    pending: int = 0
+    got_2xx: bool = False
+    got_6xx: bool = False
+    cancelled: bool = False
+    final_sent: bool = False
+    tier_timer: asyncio.TimerHandle | None = None
+
+
+class Proxy:
+    """A SIP proxy core attached to ``stack``.
+
+    ``stateless=True`` selects §16.11 forwarding. ``record_route`` adds Record-Route to dialog-creating
+    requests so in-dialog requests come back through us. ``locate`` is the location hook (see
+    :data:`Locator`). ``tier_timeout`` bounds each sequential-forking tier (seconds) before its branches
+    are cancelled and the next tier is tried.
+    """
+
+    def __init__(
+        self,
+        stack: Stack,
+        *,
+        stateless: bool = False,
+        record_route: bool = True,
+        locate: Locator | None = None,
+        tier_timeout: float = 30.0,
+        verbose: bool = False,
+    ) -> None:
+        self.stack = stack
+        self.stateful = not stateless
+        self.record_route = record_route
+        self.locate = locate
+        self.tier_timeout = tier_timeout
+        self.verbose = verbose
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("forwarded_requests", "forwarded_responses", "rejected", "cancelled_branches", "stateless_acks"),
+            0,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._branch_secret = hashlib.sha256(str(id(self)).encode()).hexdigest()[:8]
+        stack.attach(self)
+
+    # ===================================================================================== requests
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        method = request.method
+        if method == "ACK":
+            self._forward_stateless(request, source)
+            return
+        if transaction is None:  # stateless mode
+            self._stateless_request(request, source)
+            return
+        if method == "CANCEL":
+            self._on_cancel(request, transaction)
+            return
+        status_reason = self._check(request)
+        if status_reason is not None:
+            self._reject(transaction, request, *status_reason)
+            return
+        if request.get("Route") is not None:
+            self._forward(request, transaction, source, [[request.uri]])
+            return
+        if self.locate is None:
+            targets = self._default_targets(request)
+            if isinstance(targets, tuple):
+                self._reject(transaction, request, *targets)
+                return
+            self._forward(request, transaction, source, targets)
+            return
+        try:
+            found = self.locate(request)
+        except (LookupError, TransportError) as exc:
+            self._reject(transaction, request, 404, f"Not Found ({exc})")
+            return
+        if inspect.isawaitable(found):
+            task = asyncio.ensure_future(self._located(request, transaction, source, found))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._forward_located(request, transaction, source, found)
+
+    async def _located(
+        self,
+        request: Request,
+        transaction: ServerTransaction,
+        source: Source,
+        pending: Awaitable[LocateResult],
+    ) -> None:
+        try:
+            found = await pending
+        except (LookupError, TransportError) as exc:
+            self._reject(transaction, request, 404, f"Not Found ({exc})")
+            return
+        except Exception as exc:
+            log.exception("locate failed for %s", request.uri)
+            self._reject(transaction, request, 500, f"Server Internal Error (location lookup failed: {exc})")
+            return
+        if transaction.state is State.PROCEEDING:  # not CANCELled meanwhile
+            self._forward_located(request, transaction, source, found)
+
+    def _forward_located(
+        self, request: Request, transaction: ServerTransaction, source: Source, found: LocateResult
+    ) -> None:
+        if not found:
+            self._reject(transaction, request, 404, "Not Found (no contact for this address)")
+            return
+        self._forward(request, transaction, source, _tiers(found))
+
+    def _check(self, request: Request) -> tuple[int, str] | None:
+        """§16.3 request validation and §16.4 route pre-processing; returns a rejection or None."""
+        try:
+            max_forwards = request.max_forwards
+        except ParseError as exc:
+            return 400, f"Bad Request ({exc})"
+        if max_forwards is not None and max_forwards <= 0:
+            return 483, "Too Many Hops"
+        self._preprocess_routes(request)
+        return None
+
+    def _preprocess_routes(self, request: Request) -> None:
+        if request.get("Route") is None:
+            return
+        stack = self.stack
+        uri = request.uri
+        if uri.user is None and stack.is_local(uri.host, uri.port):
+            # §16.4: the previous hop was a strict router: our Record-Route URI is the Request-URI.
+            routes = request.get_all("Route")
+            request.uri = Address(routes[-1]).uri
+            if len(routes) > 1:
+                request.set("Route", routes[:-1])
+            else:
+                request.remove("Route")
+        while True:
+            top = request.get("Route")
+            if top is None:
+                break
+            try:
+                top_uri = Address(top).uri
+            except ParseError:
+                break
+            if not stack.is_local(top_uri.host, top_uri.port):
+                break
+            request.remove_first("Route")
+
+    def _default_targets(self, request: Request) -> list[list[URI]] | tuple[int, str]:
+        uri = request.uri
+        if uri.scheme not in ("sip", "sips"):
+            return 416, f"Unsupported URI Scheme ({uri.scheme})"
+        if self.stack.is_local(uri.host, uri.port):
+            if request.method == "OPTIONS":
+                return 200, "OK"
+            return 404, "Not Found (the Request-URI names this proxy and it has no location service)"
+        try:
+            target_from_uri(uri)
+        except TransportError as exc:
+            return 404, f"Not Found ({exc})"
+        return [[uri]]
+
+    def _reject(self, transaction: ServerTransaction, request: Request, status: int, reason: str) -> None:
+        self.stats["rejected"] += 1
+        if self.verbose:
+            log.info("%s %s -> %d %s", request.method, request.uri, status, reason)
+        response = Response.for_request(request, status, reason)
+        if status == 200 and request.method == "OPTIONS":
+            response.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE")
+        try:
+            self.stack.respond(transaction, response)
+        except Exception as exc:  # the transaction may have moved on (e.g. CANCEL raced us)
+            if self.verbose:
+                log.info("cannot answer %s: %s", request.method, exc)
+
+    # ----------------------------------------------------------------------------------- forking
+
+    def _forward(
+        self, request: Request, server: ServerTransaction, source: Source, tiers: list[list[URI]]
+    ) -> None:
+        ctx = _Context(request=request, server=server, source=source, tiers=tiers)
+        server.context = ctx
+        self._next_tier(ctx)
+
+    def _next_tier(self, ctx: _Context) -> None:
+        """Start the next group of targets (§16.6: parallel within a tier, tiers in sequence)."""
+        while ctx.tiers and not ctx.cancelled:
+            tier = ctx.tiers.pop(0)
+            for target in tier:
+                self._start_branch(ctx, target)
+            if ctx.pending:
+                if ctx.tiers and self.tier_timeout > 0:
+                    ctx.tier_timer = self.stack.loop.call_later(self.tier_timeout, self._tier_expired, ctx)
+                return
+        if not ctx.pending:
+            self._send_best(ctx)
+
+    def _tier_expired(self, ctx: _Context) -> None:
+        ctx.tier_timer = None
+        for branch in ctx.branches:
+            if not branch.final and branch.transaction is not None:
+                self.stack.cancel(branch.transaction)
+                self.stats["cancelled_branches"] += 1
+
+    def _start_branch(self, ctx: _Context, target: URI) -> None:
+        """§16.6: copy, retarget, Max-Forwards, Record-Route, next hop, Via; send on a client transaction."""
+        stack = self.stack
+        request = ctx.request
+        fwd = request.copy()
+        fwd.uri = target
+        max_forwards = request.max_forwards
+        fwd.set("Max-Forwards", str((70 if max_forwards is None else max_forwards) - 1))
+        branch = _Branch(ctx, None, target)
+        ctx.branches.append(branch)
+        try:
+            hop = self._next_hop(fwd)
+            if self.record_route and request.method in DIALOG_CREATING and request.to.tag is None:
+                self._add_record_route(fwd, ctx.source, hop)
+            tx = stack.send_request(fwd, hop, timer_c=request.method == "INVITE")
+        except (TransportError, ParseError) as exc:
+            branch.final = 503 if isinstance(exc, TransportError) else 400
+            reason = f"Service Unavailable ({exc})" if branch.final == 503 else f"Bad Request ({exc})"
+            ctx.responses.append(Response.for_request(request, branch.final, reason))
+            return
+        if tx.terminated:  # failed at once (e.g. no listener for that address family)
+            if not branch.final:
+                branch.final = 503
+                ctx.responses.append(Response.for_request(request, 503, "Service Unavailable (send failed)"))
+            return
+        branch.transaction = tx
+        tx.context = branch
+        ctx.pending += 1
+        self.stats["forwarded_requests"] += 1
+
+    def _next_hop(self, fwd: Request) -> Target:
+        """Where the forwarded request goes: the top Route (loose, or strict with the §16.6 step 7
+        fix-up), else the Request-URI."""
+        top = fwd.get("Route")
+        if top is not None:
+            route = Address(top).uri
+            if not route.lr:
+                # Strict next hop: the Request-URI goes to the end of the Route set, the route becomes it.
+                fwd.remove_first("Route")
+                fwd.add("Route", f"<{fwd.uri}>")
+                fwd.uri = route
+            return target_from_uri(route)
+        return target_from_uri(fwd.uri)
+
+    def _add_record_route(self, fwd: Request, source: Source, hop: Target) -> None:
+        stack = self.stack
+        outgoing = stack.local_uri(hop.transport, toward=hop.host)
+        outgoing.params["lr"] = None
+        if source.transport != hop.transport or (":" in source.host) != (":" in hop.host):
+            # RFC 5658 double Record-Route: one URI for each side, the callee's on top.
+            incoming = stack.local_uri(source.transport, toward=source.host)
+            incoming.params["lr"] = None
+            fwd.add("Record-Route", f"<{incoming}>", first=True)
+        fwd.add("Record-Route", f"<{outgoing}>", first=True)
+
+    # ----------------------------------------------------------------------------------- CANCEL
+
+    def _on_cancel(self, cancel: Request, transaction: ServerTransaction) -> None:
+        """§16.10: answer the CANCEL, then cancel every pending branch of the INVITE it matches."""
+        invite_tx = self.stack.transactions.find_invite_for_cancel(cancel)
+        if invite_tx is None:
+            self._reject(transaction, cancel, 481, "Call/Transaction Does Not Exist")
+            return
+        self.stack.respond(transaction, Response.for_request(cancel, 200))
+        ctx = invite_tx.context
+        if not isinstance(ctx, _Context):
+            if invite_tx.state is State.PROCEEDING:  # still locating: nothing forwarded yet
+                self._reject(invite_tx, invite_tx.request, 487, "Request Terminated")
+            return
+        ctx.cancelled = True
+        ctx.tiers.clear()
+        self._cancel_pending(ctx)
+
+    def _cancel_pending(self, ctx: _Context) -> None:
+        if ctx.tier_timer is not None:
+            ctx.tier_timer.cancel()
+            ctx.tier_timer = None
+        for branch in ctx.branches:
+            if not branch.final and branch.transaction is not None:
+                self.stack.cancel(branch.transaction)
+                self.stats["cancelled_branches"] += 1
+
+    # ================================================================================== responses
+
+    def on_response(
+        self, response: Response, transaction: ClientTransaction | None, source: Source | None
+    ) -> None:
+        if transaction is None:
+            self._forward_response_stateless(response)
+            return
+        branch = transaction.context
+        if not isinstance(branch, _Branch):
+            return  # the response to one of our CANCELs: nothing to forward (§16.10)
+        status = response.status
+        if status == 100:
+            return  # hop-by-hop: we sent our own
+        response.remove_first("Via")
+        ctx = branch.context
+        if status < 200:
+            if not ctx.final_sent:
+                self._relay(ctx, response)
+            return
+        if branch.final:  # a 2xx retransmission (or another 2xx) from the Accepted state
+            if status < 300:
+                self._relay(ctx, response)
+            return
+        self._branch_done(branch, response)
+
+    def _branch_done(self, branch: _Branch, response: Response) -> None:
+        ctx = branch.context
+        status = response.status
+        branch.final = status
+        ctx.pending -= 1
+        if status < 300:
+            ctx.got_2xx = True
+            self._relay(ctx, response)
+            ctx.final_sent = True
+            self._cancel_pending(ctx)
+            ctx.tiers.clear()
+        else:
+            ctx.responses.append(response)
+            if status >= 600:
+                ctx.got_6xx = True
+                ctx.tiers.clear()
+                self._cancel_pending(ctx)
+        if ctx.pending == 0:
+            if ctx.tier_timer is not None:
+                ctx.tier_timer.cancel()
+                ctx.tier_timer = None
+            if ctx.tiers and not ctx.cancelled:
+                self._next_tier(ctx)
+            elif not ctx.final_sent:
+                self._send_best(ctx)
+
+    def _relay(self, ctx: _Context, response: Response) -> None:
+        """Send a response upstream through the server transaction (or statelessly once it has ended)."""
+        self.stats["forwarded_responses"] += 1
+        server = ctx.server
+        if server.terminated:
+            self.stack.send_stateless(response, ctx.source)
+            return
+        try:
+            self.stack.respond(server, response)
+        except Exception:
+            # e.g. a late 2xx after our final non-2xx: forward it statelessly, the caller must see it.
+            self.stack.send_stateless(response, ctx.source)
+
+    def _send_best(self, ctx: _Context) -> None:
+        """§16.7 step 6: choose and send the best final response once every branch has completed."""
+        ctx.final_sent = True
+        best = choose_best(ctx.responses)
+        request = ctx.request
+        if best is None:
+            status = 487 if ctx.cancelled else 408
+            best = Response.for_request(request, status)
+        elif best.status == 503:
+            best = Response.for_request(request, 500, "Server Internal Error (next hop unavailable)")
+        self._relay(ctx, best)
+
+    # ------------------------------------------------------------------------- transaction events
+
+    def on_timeout(self, transaction: Transaction, timer: str) -> None:
+        branch = transaction.context
+        if not isinstance(branch, _Branch) or branch.final:
+            return
+        if timer == "C" and isinstance(transaction, InviteClientTransaction) and not transaction.terminated:
+            self.stack.cancel(transaction)  # §16.8: the 487 (or a 2xx) completes the branch
+            self.stats["cancelled_branches"] += 1
+            return
+        self._branch_done(branch, Response.for_request(branch.context.request, 408, "Request Timeout"))
+
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
+        branch = transaction.context
+        if isinstance(branch, _Branch) and not branch.final:
+            reason = f"Service Unavailable ({error})"
+            self._branch_done(branch, Response.for_request(branch.context.request, 503, reason))
+
+    def on_terminated(self, transaction: Transaction) -> None:
+        branch = transaction.context
+        if isinstance(branch, _Branch) and not branch.final and transaction.kind == "client":
+            # Terminated without a final response and without a timeout event (should not happen).
+            self._branch_done(branch, Response.for_request(branch.context.request, 408, "Request Timeout"))
+
+    # ================================================================================== stateless
+
+    def _stateless_branch(self, request: Request) -> str:
+        """§16.11: a branch that is the same for retransmissions, the ACK of a non-2xx and the CANCEL of
+        the same request, and different for different requests."""
+        via = request.top_via
+        incoming = via.branch if via is not None else None
+        if incoming and incoming.startswith("z9hG4bK"):
+            key = f"{incoming}|{via.sent_by if via else ''}"
+        else:
+            key = f"{request.uri}|{request.from_.tag}|{request.call_id}|{request.cseq.number}|{via}"
+        digest = hashlib.blake2b(f"{self._branch_secret}|{key}".encode(), digest_size=10).hexdigest()
+        return f"z9hG4bK-sl-{digest}"
+
+    def _stateless_request(self, request: Request, source: Source) -> None:
+        rejection = self._check(request)
+        if rejection is None:
+            targets: list[list[URI]] | tuple[int, str]
+            if request.get("Route") is not None:
+                targets = [[request.uri]]
+            elif self.locate is not None:
+                found = self.locate(request)
+                if inspect.isawaitable(found):
+                    rejection = (501, "Not Implemented (asynchronous location in stateless mode)")
+                    targets = rejection
+                else:
+                    targets = _tiers(found) or (404, "Not Found (no contact for this address)")
+            else:
+                targets = self._default_targets(request)
+            if isinstance(targets, tuple):
+                rejection = targets
+            else:
+                request.uri = targets[0][0]
+                self._stateless_send(request, source)
+                return
+        status, reason = rejection
+        response = Response.for_request(request, status, reason)
+        self.stack.send_stateless(response, source)
+
+    def _forward_stateless(self, request: Request, source: Source) -> None:
+        """An ACK (for a 2xx; or anything in stateless mode): route it on without a transaction."""
+        try:
+            max_forwards = request.max_forwards
+        except ParseError:
+            return
+        if max_forwards is not None and max_forwards <= 0:
+            return
+        self._preprocess_routes(request)
+        if request.get("Route") is None and self.stack.is_local(request.uri.host, request.uri.port):
+            return  # an ACK for a response we generated ourselves: absorbed
+        self.stats["stateless_acks"] += 1
+        self._stateless_send(request, source)
+
+    def _stateless_send(self, request: Request, source: Source) -> None:
+        max_forwards = request.max_forwards
+        request.set("Max-Forwards", str((70 if max_forwards is None else max_forwards) - 1))
+        try:
+            hop = self._next_hop(request)
+        except (TransportError, ParseError) as exc:
+            if self.verbose:
+                log.info("cannot forward %s %s: %s", request.method, request.uri, exc)
+            return
+        if (
+            self.record_route
+            and not self.stateful
+            and request.method in DIALOG_CREATING
+            and request.to.tag is None
+        ):
+            self._add_record_route(request, source, hop)
+        self.stack.push_via(request, hop, self._stateless_branch(request))
+        self.stack.send_stateless(request, hop)
+        self.stats["forwarded_requests"] += 1
+
+    def _forward_response_stateless(self, response: Response) -> None:
+        """A response no transaction knows (stateless mode, or a 2xx retransmission after the client
+        transaction ended): pop our Via and send it along the next one (§16.11, §18.2.2)."""
+        via = response.top_via
+        if via is None or not self.stack.is_local(via.host, via.port):
+            return  # not ours: drop (§18.1.2)
+        response.remove_first("Via")
+        if response.top_via is None:
+            return  # it was for us, and nothing waits for it
+        self.stats["forwarded_responses"] += 1
+        self.stack.send_stateless(response, None)
+
+
+def _tiers(found: LocateResult) -> list[list[URI]]:
+    """Group targets by ``q`` (higher first); equal ``q`` forked in parallel (§16.6)."""
+    groups: dict[float, list[URI]] = {}
+    for item in found:
+        if isinstance(item, Address):
+            q = item.q if item.q is not None else 1.0
+            uri = item.uri
+        else:
+            q, uri = 1.0, item
+        groups.setdefault(q, []).append(uri)
+    return [groups[q] for q in sorted(groups, reverse=True)]
+
+
+def choose_best(responses: Sequence[Response]) -> Response | None:
+    """§16.7 step 6: a 6xx if any; else from the lowest class, preferring 401/407/415/420/484 among 4xx."""
+    finals = [r for r in responses if r.status >= 300]
+    if not finals:
+        return None
+    six = [r for r in finals if r.status >= 600]
+    if six:
+        return six[0]
+    lowest = min(r.status // 100 for r in finals)
+    same = [r for r in finals if r.status // 100 == lowest]
+    if lowest == 4:
+        for status in _PREFERRED_4XX:
+            for r in same:
+                if r.status == status:
+                    return r
+    non_503 = [r for r in same if r.status != 503]
+    return (non_503 or same)[0]
+
+
+async def serve(
+    listen: Sequence[str],
+    *,
+    stateless: bool = False,
+    record_route: bool = True,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    verbose: bool = False,
+    ready: Callable[[Stack], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> dict[str, int]:
+    """Run a stand-alone proxy until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None); return
+    its counters. ``ready(stack)`` is called once every listener is open (the CLI prints the addresses)."""
+    import signal
+
+    from p2psip.transport import TLSConfig
+
+    tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert) if tls_cert else None
+    stack = await Stack.start(listen, tls=tls, verbose=verbose)
+    proxy = Proxy(stack, stateless=stateless, record_route=record_route, verbose=verbose)
+    loop = asyncio.get_running_loop()
+    own_stop = stop is None
+    stop_event = stop if stop is not None else asyncio.Event()
+    if own_stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop_event.set)
+    try:
+        if ready is not None:
+            ready(stack)
+        await stop_event.wait()
+    finally:
+        if own_stop:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        await stack.close()
+    return {**stack.stats, **proxy.stats}
