@@ -1,0 +1,273 @@
+"""The torture corpus against a live p2psip Stack over UDP and TCP on loopback.
+
+Each case is sent from a plain socket, as a hostile or sloppy peer would. Rules:
+
+- a valid request is answered, and the answer is *correct* for that request (RFC 3261 §8.2.6: same Call-ID,
+  CSeq, From tag and top Via branch; a To tag on a final answer), and it is not a 400;
+- a valid response is not answered (no transaction wants it);
+- an invalid message is answered 400 (or the case's status, e.g. 505) or dropped; on TCP the connection
+  may be closed;
+- after every case the listener still answers an OPTIONS, and at the end its counters show the
+  malformed messages were seen.
+
+To know when "no answer" is final without sleeping, each UDP case is followed by an OPTIONS probe on the
+same socket: the stack handles datagrams in order, so once the probe's answer is back, any answer to the
+case would have arrived before it. On TCP a malformed stream may leave the server waiting for bytes that
+never come; there the client half-closes and waits (bounded) for the server to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from p2psip.message import Request, Response, new_branch, parse
+from p2psip.stack import Source, Stack
+from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
+
+from .corpus import Case, load_all
+from .test_parse import KNOWN_PARSER_GAPS
+
+CASES = load_all()
+WAIT = 10.0  # generous: the machine is shared
+
+
+class AnsweringCore:
+    """A minimal transaction user: answers every request with a fixed, method-dependent status."""
+
+    stateful = True
+    STATUS = {"OPTIONS": 200, "INVITE": 486, "BYE": 481, "MESSAGE": 200, "REGISTER": 200}
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.requests = 0
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        self.requests += 1
+        _ = request.max_forwards  # as any proxy or UA would: a malformed value raises ParseError here
+        if transaction is None or request.method == "ACK":
+            return
+        status = self.STATUS.get(request.method, 501)
+        self.stack.respond(transaction, Response.for_request(request, status))
+
+    def on_response(
+        self, response: Response, transaction: ClientTransaction | None, source: Source | None
+    ) -> None:
+        pass
+
+    def on_timeout(self, transaction: Transaction, timer: str) -> None:
+        pass
+
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
+        pass
+
+    def on_terminated(self, transaction: Transaction) -> None:
+        pass
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    st = await Stack.start(listen=["udp:127.0.0.1:0", "tcp:127.0.0.1:0"])
+    st.attach(AnsweringCore(st))
+    try:
+        yield st
+    finally:
+        await st.close()
+
+
+_TOP_VIA = re.compile(rb"(?im)^(via|v)([ \t]*:[ \t]*SIP/2\.0/)(\w+)([ \t]+)([^;,\s]+)")
+
+
+def localize(case: Case, host: str, port: int, transport: str) -> bytes:
+    """The case's bytes with the test-net sender address replaced by our socket's, so every answer
+    stays on loopback and reaches us. For a valid request the top Via's sent-by and transport are
+    rewritten too (a valid message stays valid; an invalid one is left exactly as written)."""
+    data = case.data.replace(b"192.0.2.1:5060", f"{host}:{port}".encode())
+    if case.valid and case.is_request:
+        data = _TOP_VIA.sub(
+            lambda m: (
+                m.group(1) + m.group(2) + transport.upper().encode() + m.group(4) + f"{host}:{port}".encode()
+            ),
+            data,
+            count=1,
+        )
+    return data
+
+
+def probe(host: str, port: int, transport: str, call_id: str) -> bytes:
+    branch = new_branch()
+    return (
+        f"OPTIONS sip:probe@{host} SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport.upper()} {host}:{port};branch={branch};rport\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:t@{host}>;tag=probe\r\nTo: <sip:probe@{host}>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+@dataclass
+class Outcome:
+    answers: list[Response]
+    closed: bool = False
+
+
+def check(case: Case, sent: bytes, outcome: Outcome) -> None:
+    answers = outcome.answers
+    if case.name in KNOWN_PARSER_GAPS:
+        return  # still sent, to show the listener survives it; its answer is the parser's known gap
+    if case.valid and case.is_request:
+        request = parse(sent)
+        assert isinstance(request, Request)
+        finals = [r for r in answers if r.status >= 200]
+        assert finals, f"{case.name}: a valid request got no final answer ({case.about})"
+        for resp in answers:
+            assert resp.status != 400, f"{case.name}: valid request answered {resp.status} {resp.reason}"
+            assert resp.call_id == request.call_id
+            assert resp.cseq == request.cseq
+            assert resp.from_.tag == request.from_.tag
+            assert resp.top_via is not None and request.top_via is not None
+            assert resp.top_via.branch == request.top_via.branch
+            if resp.status > 100:
+                assert resp.to.tag, f"{case.name}: a {resp.status} without To tag"
+        if case.live is not None and case.live.isdigit():
+            assert finals[0].status == int(case.live), f"{case.name}: {finals[0].status}, want {case.live}"
+    elif case.valid:
+        assert not answers, f"{case.name}: a stray response was answered: {answers[0].status}"
+    else:
+        allowed = set(case.status) | {400}
+        for resp in answers:
+            assert resp.status in allowed, (
+                f"{case.name}: invalid message answered {resp.status} {resp.reason}"
+            )
+
+
+class UDPClient(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait(data)
+
+
+async def _udp_case(case: Case, server: tuple[str, int], index: int) -> None:
+    loop = asyncio.get_running_loop()
+    transport, client = await loop.create_datagram_endpoint(UDPClient, local_addr=("127.0.0.1", 0))
+    try:
+        host, port = transport.get_extra_info("sockname")[:2]
+        sent = localize(case, host, port, "udp")
+        probe_id = f"probe-udp-{index}@test"
+        transport.sendto(sent, server)
+        transport.sendto(probe(host, port, "udp", probe_id), server)
+        answers: list[Response] = []
+        probed = False
+        async with asyncio.timeout(WAIT):
+            while True:
+                msg = parse(await client.queue.get())
+                assert isinstance(msg, Response), f"{case.name}: the stack sent a request to a client"
+                if msg.call_id == probe_id:
+                    assert msg.status == 200
+                    probed = True
+                else:
+                    answers.append(msg)
+                wants_final = case.valid and case.is_request
+                if probed and (not wants_final or any(a.status >= 200 for a in answers)):
+                    break
+        check(case, sent, Outcome(answers))
+    finally:
+        transport.close()
+
+
+async def _tcp_exchange(server: tuple[str, int], payload: bytes, until_call_id: str | None) -> Outcome:
+    """Send ``payload`` on a fresh connection; read answers until one with ``until_call_id`` arrives, or
+    the server closes; if neither happens in a while, half-close and wait for the close (bounded)."""
+    from p2psip.message import StreamFramer
+
+    reader, writer = await asyncio.open_connection(*server)
+    framer = StreamFramer()
+    outcome = Outcome([])
+    half_closed = False
+    try:
+        writer.write(payload)
+        await writer.drain()
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError("the server neither answered nor closed the connection")
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), timeout=min(remaining, 2.0))
+            except TimeoutError:
+                if not half_closed:
+                    half_closed = True
+                    writer.write_eof()
+                continue
+            except ConnectionResetError:
+                outcome.closed = True
+                return outcome
+            if not chunk:
+                outcome.closed = True
+                return outcome
+            for frame in framer.feed(chunk):
+                msg = parse(frame, datagram=False)
+                assert isinstance(msg, Response)
+                outcome.answers.append(msg)
+            if until_call_id and any(a.call_id == until_call_id for a in outcome.answers):
+                outcome.answers = [a for a in outcome.answers if a.call_id != until_call_id]
+                return outcome
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+
+
+async def _tcp_case(case: Case, server: tuple[str, int], index: int) -> None:
+    # A sent-by that is not the connection's address is fine on TCP: answers go back on the connection.
+    sent = localize(case, "127.0.0.1", 9, "tcp")
+    probe_id = f"probe-tcp-{index}@test"
+    outcome = await _tcp_exchange(server, sent + probe("127.0.0.1", 9, "tcp", probe_id), probe_id)
+    stream_case = Case(
+        case.name, bool(case.stream_valid), case.data, case.about, case.checks, case.status, case.live
+    )
+    check(stream_case, sent, outcome)
+    if stream_case.valid and stream_case.is_request:
+        assert not outcome.closed or outcome.answers
+
+
+async def _alive(server_udp: tuple[str, int], server_tcp: tuple[str, int]) -> None:
+    loop = asyncio.get_running_loop()
+    transport, client = await loop.create_datagram_endpoint(UDPClient, local_addr=("127.0.0.1", 0))
+    try:
+        host, port = transport.get_extra_info("sockname")[:2]
+        transport.sendto(probe(host, port, "udp", "alive-udp@test"), server_udp)
+        async with asyncio.timeout(WAIT):
+            answer = parse(await client.queue.get())
+        assert isinstance(answer, Response) and answer.status == 200
+    finally:
+        transport.close()
+    outcome = await _tcp_exchange(
+        server_tcp, probe("127.0.0.1", 9, "tcp", "alive-tcp@test"), "alive-tcp@test"
+    )
+    assert not outcome.closed, "the TCP listener closed a fresh connection carrying a valid OPTIONS"
+
+
+async def test_corpus_over_udp(stack: Stack) -> None:
+    server = stack.local_address("udp")
+    for index, case in enumerate(CASES):
+        await _udp_case(case, server, index)
+    await _alive(server, stack.local_address("tcp"))
+    stats = stack.stats
+    rejected_by_parser = [
+        c for c in CASES if not c.valid and "lazy" not in c.extra and c.name not in KNOWN_PARSER_GAPS
+    ]
+    assert stats["parse_errors"] >= len(rejected_by_parser)
+
+
+async def test_corpus_over_tcp(stack: Stack) -> None:
+    server = stack.local_address("tcp")
+    for index, case in enumerate(CASES):
+        await _tcp_case(case, server, index)
+    await _alive(stack.local_address("udp"), server)
