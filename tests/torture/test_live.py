@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -229,9 +230,7 @@ async def _tcp_case(case: Case, server: tuple[str, int], index: int) -> None:
     sent = localize(case, "127.0.0.1", 9, "tcp")
     probe_id = f"probe-tcp-{index}@test"
     outcome = await _tcp_exchange(server, sent + probe("127.0.0.1", 9, "tcp", probe_id), probe_id)
-    stream_case = Case(
-        case.name, bool(case.stream_valid), case.data, case.about, case.checks, case.status, case.live
-    )
+    stream_case = dataclasses.replace(case, valid=bool(case.stream_valid))
     check(stream_case, sent, outcome)
     if stream_case.valid and stream_case.is_request:
         assert not outcome.closed or outcome.answers
