@@ -1,0 +1,250 @@
+"""Overlay on loopback: put/get latency and success of p2psip vs kademlia (bmuller) vs OpenDHT, same run.
+
+    python bench/overlay_net.py                 # N = 20, 50, 100; 200 puts + 200 gets each
+    python bench/overlay_net.py --sizes 20 --ops 50
+
+For each N, each system gets N nodes on 127.0.0.1 in this process, a settle period, then ``ops`` puts of
+distinct names from random nodes, then one get per name from another random node (sequential, so each
+latency is one operation alone). Success: the put reported success and the get returned the value.
+kademlia runs with a small k (``--kad-k``, default 4) so its lookups are really multi-hop; OpenDHT
+(C++, ``pip install opendht``) runs its own threads. Everything is loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from overlay.chord import ChordConfig
+from overlay.node import Node, NodeConfig
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Result:
+    system: str
+    n: int
+    put_ms: list[float]
+    get_ms: list[float]
+    put_ok: int
+    get_ok: int
+    ops: int
+    setup_s: float
+    note: str = ""
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bench_p2psip(n: int, ops: int, rng: random.Random) -> Result:
+    cfg = NodeConfig(
+        chord=ChordConfig(
+            stabilize_interval=1.0,
+            fix_fingers_interval=1.0,
+            check_predecessor_interval=2.0,
+            rpc_timeout=0.5,
+            rpc_retries=1,
+        ),
+        rpc_timeout=0.5,
+        op_timeout=10.0,
+        repair_interval=30.0,
+    )
+    t0 = time.perf_counter()
+    first = await Node.start(bind=(HOST, 0), join=None, overlay_name="bench", config=cfg)
+    nodes = [first]
+    while len(nodes) < n:
+        batch = min(10, n - len(nodes))
+        nodes += await asyncio.gather(
+            *(
+                Node.start(bind=(HOST, 0), join=rng.choice(nodes).endpoint, overlay_name="bench", config=cfg)
+                for _ in range(batch)
+            )
+        )
+    # settle: wait (bounded) until every node's first successor is the true one
+    ids = sorted(x.node_id for x in nodes)
+    succ_of = {ids[i]: ids[(i + 1) % len(ids)] for i in range(len(ids))}
+    deadline = time.perf_counter() + 120
+    while time.perf_counter() < deadline:
+        if all(x.core and x.core.successors and x.core.successors[0].id == succ_of[x.node_id] for x in nodes):
+            break
+        await asyncio.sleep(0.2)
+    setup = time.perf_counter() - t0
+    res = Result("p2psip", n, [], [], 0, 0, ops, setup)
+    names = [f"sip:user{i}@bench.example" for i in range(ops)]
+    for name in names:
+        t = time.perf_counter()
+        try:
+            await rng.choice(nodes).put(name, name.encode())
+            res.put_ok += 1
+        except Exception:
+            pass
+        res.put_ms.append((time.perf_counter() - t) * 1000)
+    for name in names:
+        t = time.perf_counter()
+        try:
+            got = await rng.choice(nodes).get(name)
+            if [e.value for e in got] == [name.encode()]:
+                res.get_ok += 1
+        except Exception:
+            pass
+        res.get_ms.append((time.perf_counter() - t) * 1000)
+    hops = []
+    for name in names[:50]:
+        from overlay.ids import key_for
+
+        _, h = await rng.choice(nodes).lookup(key_for(name))
+        hops.append(h)
+    res.note = f"mean lookup hops {statistics.mean(hops):.2f}"
+    await asyncio.gather(*(x.close() for x in nodes))
+    return res
+
+
+async def bench_kademlia(n: int, ops: int, rng: random.Random, k: int) -> Result:
+    from kademlia.network import Server
+
+    logging.getLogger("kademlia").setLevel(logging.CRITICAL)
+    logging.getLogger("rpcudp").setLevel(logging.CRITICAL)
+    t0 = time.perf_counter()
+    servers: list[Server] = []
+    ports: list[int] = []
+    for i in range(n):
+        s = Server(ksize=k, alpha=3)
+        await s.listen(0, interface=HOST)
+        servers.append(s)
+        ports.append(s.transport.get_extra_info("sockname")[1])
+        if i:
+            await s.bootstrap([(HOST, ports[rng.randrange(i)])])
+    # a second bootstrap round so early nodes learn about later ones (kademlia refreshes hourly otherwise)
+    for s in servers:
+        await s.bootstrap([(HOST, ports[rng.randrange(n)]) for _ in range(2)])
+    setup = time.perf_counter() - t0
+    res = Result("kademlia", n, [], [], 0, 0, ops, setup, note=f"k={k}, alpha=3")
+    names = [f"sip:user{i}@bench.example" for i in range(ops)]
+    for name in names:
+        t = time.perf_counter()
+        try:
+            if await rng.choice(servers).set(name, name):
+                res.put_ok += 1
+        except Exception:
+            pass
+        res.put_ms.append((time.perf_counter() - t) * 1000)
+    for name in names:
+        t = time.perf_counter()
+        try:
+            if await rng.choice(servers).get(name) == name:
+                res.get_ok += 1
+        except Exception:
+            pass
+        res.get_ms.append((time.perf_counter() - t) * 1000)
+    for s in servers:
+        s.stop()
+    return res
+
+
+def bench_opendht(n: int, ops: int, rng: random.Random) -> Result:
+    try:
+        import opendht as dht
+    except ImportError as exc:
+        return Result("opendht", n, [], [], 0, 0, ops, 0.0, note=f"not installed: {exc}")
+    t0 = time.perf_counter()
+    runners = []
+    for i in range(n):
+        r = dht.DhtRunner()
+        r.run(ipv4=HOST, ipv6="::1", port=0)
+        if i:
+            r.bootstrap(HOST, str(runners[rng.randrange(i)].getBound().getPort()))
+        runners.append(r)
+    time.sleep(3.0)  # OpenDHT has no "ring settled" signal; give its bucket maintenance a moment
+    setup = time.perf_counter() - t0
+    res = Result(
+        "opendht", n, [], [], 0, 0, ops, setup, note=f"v{dht.version()}" if hasattr(dht, "version") else ""
+    )
+    names = [f"sip:user{i}@bench.example" for i in range(ops)]
+    for name in names:
+        t = time.perf_counter()
+        try:
+            if rng.choice(runners).put(dht.InfoHash.get(name), dht.Value(name.encode())):
+                res.put_ok += 1
+        except Exception:
+            pass
+        res.put_ms.append((time.perf_counter() - t) * 1000)
+    for name in names:
+        t = time.perf_counter()
+        try:
+            got = rng.choice(runners).get(dht.InfoHash.get(name))
+            if any(v.data == name.encode() for v in got):
+                res.get_ok += 1
+        except Exception:
+            pass
+        res.get_ms.append((time.perf_counter() - t) * 1000)
+    for r in runners:
+        r.join()
+    return res
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| N | system | put p50 ms | put p99 ms | get p50 ms | get p99 ms | put ok | get ok | setup s | p99 vs p2psip (put/get) | notes |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    base: dict[int, Result] = {r.n: r for r in results if r.system == "p2psip"}
+    for r in results:
+        b = base.get(r.n)
+        if r.put_ms and b and b.put_ms:
+            ratio = f"{pct(r.put_ms, 0.99) / pct(b.put_ms, 0.99):.2f} / {pct(r.get_ms, 0.99) / pct(b.get_ms, 0.99):.2f}"
+        else:
+            ratio = "-"
+        if not r.put_ms:
+            lines.append(f"| {r.n} | {r.system} | - | - | - | - | - | - | - | - | {r.note} |")
+            continue
+        lines.append(
+            f"| {r.n} | {r.system} | {pct(r.put_ms, 0.5):.1f} | {pct(r.put_ms, 0.99):.1f} | "
+            f"{pct(r.get_ms, 0.5):.1f} | {pct(r.get_ms, 0.99):.1f} | "
+            f"{100 * r.put_ok / r.ops:.1f}% | {100 * r.get_ok / r.ops:.1f}% | {r.setup_s:.1f} | {ratio} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 50, 100])
+    parser.add_argument("--ops", type=int, default=200)
+    parser.add_argument("--kad-k", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["p2psip", "kademlia", "opendht"])
+    args = parser.parse_args()
+    results: list[Result] = []
+    for n in args.sizes:
+        rng = random.Random(args.seed + n)
+        if "p2psip" not in args.skip:
+            results.append(await bench_p2psip(n, args.ops, rng))
+            print(f"# p2psip N={n} done", file=sys.stderr, flush=True)
+        if "kademlia" not in args.skip:
+            results.append(await bench_kademlia(n, args.ops, rng, args.kad_k))
+            print(f"# kademlia N={n} done", file=sys.stderr, flush=True)
+        if "opendht" not in args.skip:
+            results.append(
+                await asyncio.get_running_loop().run_in_executor(None, bench_opendht, n, args.ops, rng)
+            )
+            print(f"# opendht N={n} done", file=sys.stderr, flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
