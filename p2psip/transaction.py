@@ -726,6 +726,7 @@ class TransactionLayer:
         ``stray_responses``, ``stray_acks``."""
         self._heap: list[_TimerEntry] = []
         self._seq = 0
+        self._compact_at = 1024
         self._pending_cancels: dict[InviteClientTransaction, Any] = {}
 
     def __len__(self) -> int:
@@ -738,6 +739,8 @@ class TransactionLayer:
             if isinstance(action, StartTimer):
                 self._seq += 1
                 heapq.heappush(self._heap, _TimerEntry(action.at, self._seq, action.transaction, action.name))
+                if len(self._heap) > self._compact_at:
+                    self._compact()
             elif isinstance(action, CancelTimer):
                 pass  # lazily dropped: an entry only fires if it still matches transaction.deadlines
             else:
@@ -749,6 +752,14 @@ class TransactionLayer:
                     self.stats["transport_failures"] += 1
                 events.append(action)
         return events
+
+    def _compact(self) -> None:
+        """Drop heap entries of cancelled or re-armed timers (cancellation is lazy), so that a busy proxy
+        does not keep ended transactions alive until their old deadlines. Runs when the heap has doubled
+        since the last compaction: amortised O(1) per timer."""
+        self._heap = [e for e in self._heap if e.transaction.deadlines.get(e.name) == e.at]
+        heapq.heapify(self._heap)
+        self._compact_at = max(1024, 2 * len(self._heap))
 
     def _forget(self, transaction: Transaction) -> None:
         if isinstance(transaction, ClientTransaction):
