@@ -300,7 +300,9 @@ class CSeq(NamedTuple):
 
 def _parse_cseq(value: str) -> CSeq:
     number, _, method = value.partition(" ")
-    method = method.strip(" \t")
+    if "\t" in value or "  " in value:
+        parts = value.split()
+        number, method = (parts[0], parts[1]) if len(parts) == 2 else ("", "")
     if (
         not number.isdigit()
         or not number.isascii()
@@ -830,7 +832,7 @@ class Message:
         value = self.get("max-forwards")
         if value is None:
             return None
-        if not value.isdigit() or not value.isascii() or len(value) > 3:
+        if not value.isdigit() or not value.isascii() or len(value) > 10 or int(value) > 255:
             raise ParseError(f"bad Max-Forwards {value[:80]!r}")
         return int(value)
 
@@ -1049,11 +1051,18 @@ class Response(Message):
         Timestamp copied into a 100 (§8.2.6.1)."""
         resp = cls(status, reason)
         hdrs = resp._headers
+        seen = set()  # a request refused for duplicates must still get a well-formed answer
         for h in req._headers:
             key = h[0]
-            if key == "via" or key == "from" or key == "call-id" or key == "cseq":
+            if key == "via":
+                hdrs.append(h)
+            elif key in seen:
+                continue
+            elif key == "from" or key == "call-id" or key == "cseq":
+                seen.add(key)
                 hdrs.append(h)
             elif key == "to":
+                seen.add(key)
                 if status > 100 and req.to.tag is None:
                     hdrs.append((key, h[1], f"{h[2]};tag={to_tag or new_tag()}"))
                 else:
@@ -1188,9 +1197,12 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         try:
             request.uri = URI(uri_text)
         except ParseError as exc:
-            raise ParseError(f"bad Request-URI: {exc}", status_hint=400) from None
+            request.uri = _placeholder_uri(uri_text)
+            raise ParseError(f"bad Request-URI: {exc}", partial=partial) from None
         if cseq.method != request.method:
             raise ParseError(f"CSeq method {cseq.method} does not match {request.method}", partial=partial)
+    if len(keys) < len(headers):
+        _check_singletons(headers, partial)
 
     # Framing, §18.3.
     if clen is not None:
@@ -1207,6 +1219,26 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         raise ParseError("Content-Length is mandatory on a stream", partial=partial)
     msg._body = body
     return msg
+
+
+def _placeholder_uri(text: str) -> URI:
+    """Stands in for an unparseable Request-URI in ``ParseError.partial`` (only used to answer 400)."""
+    uri = URI.build(scheme="invalid")
+    uri.opaque = text
+    return uri
+
+
+# Headers that may appear at most once (RFC 3261 §7.3.1, §20: not defined as comma-separated lists).
+_SINGLETONS = frozenset({"from", "to", "call-id", "cseq", "max-forwards", "content-length", "content-type"})
+
+
+def _check_singletons(headers: list[_Header], partial: Request | None) -> None:
+    seen: set[str] = set()
+    for key, name, _ in headers:
+        if key in _SINGLETONS:
+            if key in seen:
+                raise ParseError(f"more than one {name} header", partial=partial)
+            seen.add(key)
 
 
 def _unfold(lines: list[str]) -> list[str]:

@@ -553,7 +553,7 @@ class Address:
         gt = rest.find(">")
         if gt < 0:
             raise _bad("missing '>' in address", whole)
-        self.uri = URI(rest[1:gt].strip(" \t"))
+        self.uri = URI(rest[1:gt])
         after = rest[gt + 1 :].lstrip(" \t")
         if after:
             if after[0] != ";":
