@@ -274,7 +274,11 @@ class DigestServer:
         self, request: Request, now: float, *, proxy: bool = False
     ) -> tuple[AuthResult, Response | None]:
         """Verify, and build the answer when it fails: ``(result, None)`` when authorised, else
-        ``(result, challenge)`` — a fresh 401/407, with ``stale=true`` if only the nonce had expired."""
+        ``(result, challenge)`` — a fresh 401/407, with ``stale=true`` if only the nonce had expired.
+        ACK and CANCEL always pass (they cannot be challenged, §22.1)."""
+        if request.method.upper() in ("ACK", "CANCEL"):
+            # §22.1: ACK and CANCEL cannot be challenged (nobody would answer); pass them.
+            return AuthResult(True, reason=f"{request.method} is never challenged"), None
         result = self.verify(request, now, proxy=proxy)
         if result.ok:
             return result, None
@@ -403,14 +407,7 @@ def answer_challenge(
     challenge, proxy = pick_challenge(response)
     header = "Proxy-Authorization" if proxy else "Authorization"
     retry = request.copy()
-    kept = []
-    for value in retry.get_all(header):
-        try:
-            _scheme, params = parse_auth(value)
-        except ParseError:
-            continue
-        if params.get("realm") != challenge.realm:
-            kept.append(value)
+    kept = [value for value in retry.get_all(header) if _realm_of(value) not in (challenge.realm, None)]
     retry.remove(header)
     for value in kept:
         retry.add(header, value)
@@ -424,3 +421,54 @@ def answer_challenge(
         vias[0] = str(via)
         retry.set("Via", vias)
     return retry
+
+
+class DigestClient:
+    """One user's credentials, remembering the challenges answered so later requests (a REGISTER refresh,
+    a BYE) can carry credentials from the start, with a growing nonce-count (RFC 7616 §3.4.5).
+
+    ``answer(response, request)`` is :func:`answer_challenge` plus memory; ``authorize(request)`` adds
+    credentials for every remembered realm and returns the request (changed in place). A server that found
+    the nonce stale just challenges again; answer that as usual.
+    """
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self.password = password
+        self._challenges: dict[tuple[str, bool], Challenge] = {}
+        self._counts: dict[str, int] = {}
+
+    def _next_nc(self, nonce: str) -> int:
+        count = self._counts.pop(nonce, 0) + 1
+        self._counts[nonce] = count  # most recent last; keep a few nonces only
+        while len(self._counts) > 16:
+            del self._counts[next(iter(self._counts))]
+        return count
+
+    def answer(self, response: Response, request: Request) -> Request:
+        """The retried request for a 401/407 (CSeq + 1, new branch); the challenge is remembered."""
+        challenge, proxy = pick_challenge(response)
+        self._challenges[(challenge.realm, proxy)] = challenge
+        return answer_challenge(
+            response, request, self.username, self.password, nc=self._next_nc(challenge.nonce)
+        )
+
+    def authorize(self, request: Request) -> Request:
+        """Add credentials for every remembered challenge to ``request`` (in place) and return it."""
+        for (realm, proxy), challenge in self._challenges.items():
+            header = "Proxy-Authorization" if proxy else "Authorization"
+            kept = [v for v in request.get_all(header) if _realm_of(v) != realm]
+            request.remove(header)
+            for value in kept:
+                request.add(header, value)
+            nc = self._next_nc(challenge.nonce)
+            request.add(header, credentials_value(challenge, request, self.username, self.password, nc=nc))
+        return request
+
+
+def _realm_of(value: str) -> str | None:
+    try:
+        _scheme, params = parse_auth(value)
+    except ParseError:
+        return None
+    return params.get("realm")

@@ -273,3 +273,28 @@ class TestClient:
         retry = answer_challenge(wire_response(server.challenge(req, 0.0, proxy=True)), req, "bob", "builder")
         assert parse_auth(retry.get("Proxy-Authorization") or "")[1]["algorithm"] == "SHA-512-256"
         assert server.verify(wire_request(retry), 1.0, proxy=True).ok
+
+
+class TestDigestClient:
+    def test_answer_then_preauthorize_with_growing_nc(self) -> None:
+        from p2psip.auth import DigestClient
+
+        server = DigestServer("example.com", USERS.get, secret=b"s" * 32)
+        client = DigestClient("alice", "wonderland")
+        req = sip_request()
+        _result, challenge = server.check(req, 0.0)
+        assert challenge is not None
+        retry = wire_request(client.answer(wire_response(challenge), req))
+        assert server.verify(retry, 1.0).ok
+        refresh = sip_request()
+        refresh.set("CSeq", "9 REGISTER")
+        refreshed = wire_request(client.authorize(refresh))
+        params = parse_auth(refreshed.get("Authorization") or "")[1]
+        assert params["nc"] == "00000002" and len(refreshed.get_all("Authorization")) == 1
+        assert server.verify(refreshed, 2.0).ok  # no second round trip needed
+
+    def test_ack_and_cancel_are_never_challenged(self) -> None:
+        server = DigestServer("example.com", USERS.get)
+        for method in ("ACK", "CANCEL"):
+            result, challenge = server.check(sip_request(method, "sip:bob@example.com"), 0.0)
+            assert result.ok and challenge is None
