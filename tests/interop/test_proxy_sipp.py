@@ -1,0 +1,50 @@
+"""sipp UAC → our stateful proxy (the shipped ``p2psip proxy`` command) → sipp UAS: 1,000 calls, none
+failed, over UDP and over TCP. The UAC honours Record-Route, so ACK and BYE come back through the proxy
+with its Route header (loose routing, §16.12); the UAS echoes Record-Route."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from .ourproxy import OurProxy
+from .sipp import run_calls, uas
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+
+@pytest.mark.parametrize(("transport", "kind"), [("u1", "udp"), ("t1", "tcp")])
+def test_thousand_calls_through_our_stateful_proxy(
+    sipp_tool: str, workdir: Path, transport: str, kind: str
+) -> None:
+    uport, cport = free_port(), free_port()
+    with OurProxy(workdir) as proxy, uas(workdir, uport, transport=transport):
+        result = run_calls(
+            workdir,
+            f"127.0.0.1:{uport}",
+            calls=1000,
+            rate=200,
+            port=cport,
+            proxy=proxy.address(kind),
+            transport=transport,
+            timeout=90,
+        )
+    assert (result.successful, result.failed) == (1000, 0), f"{result}\nproxy output:\n{proxy.output()}"
+
+
+def test_calls_through_our_stateless_proxy(sipp_tool: str, workdir: Path) -> None:
+    uport, cport = free_port(), free_port()
+    with OurProxy(workdir, stateless=True) as proxy, uas(workdir, uport, scenario=None):
+        result = run_calls(
+            workdir,
+            f"127.0.0.1:{uport}",
+            calls=200,
+            rate=100,
+            port=cport,
+            proxy=proxy.address("udp"),
+            scenario=None,
+            timeout=60,
+        )
+    assert (result.successful, result.failed) == (200, 0), f"{result}\nproxy output:\n{proxy.output()}"
