@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import heapq
 import secrets
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Final, Literal, NamedTuple
 
 from overlay import ids
@@ -79,10 +81,12 @@ CHORD_MESSAGES: Final[Mapping[str, MessageSpec]] = {
     # Liveness; with a nonce, the reply proves the identity: sig over proof_data(nonce, responder).
     "ping": MessageSpec(request={"nonce": "bytes?"}, reply={"pk": "bytes?", "sig": "bytes?"}),
     # One iterative step. done=True: "node" is responsible for key (node == replier: "it is me").
-    # done=False: "node" is the closest preceding node the replier knows. "nodes": more candidates
-    # (the replier's successors, predecessor, next-best fingers) so the querier can route around failures.
+    # done=False: "node" is the closest preceding node the replier knows. "nodes": the replier's successor
+    # list in ring order (so the querier learns who follows whom and can skip a hop). "more": other
+    # candidates (predecessor, next-best fingers) so the querier can route around dead hops.
     "find_successor": MessageSpec(
-        request={"key": "id"}, reply={"done": "bool", "node": "node", "nodes": "nodes"}
+        request={"key": "id"},
+        reply={"done": "bool", "node": "node", "nodes": "nodes", "more": "nodes?"},
     ),
     "get_predecessor": MessageSpec(request={}, reply={"node": "node?"}),
     # Stabilize asks this: the successor list and the predecessor in one round trip.
@@ -202,6 +206,86 @@ class ChordConfig:
 
 Sign = Callable[[bytes], bytes]
 Verify = Callable[[bytes, bytes, bytes], bool]  # verify(public_key, data, sig) -> bool
+_OnReply = Callable[[int, Mapping[str, Any], float], None]  # (src_id, body, now)
+_OnFail = Callable[[float, bool], None]  # (now, dead): dead=False when the node answered "err"
+_Cont = Callable[[NodeRef, float], None]
+
+_IDLE, _JOINING, _JOINED, _LEFT = "idle", "joining", "joined", "left"
+_PERIODIC = ("stabilize", "fix_fingers", "check_pred")
+
+
+def parse_node(obj: Any) -> NodeRef | None:
+    """A NodeRef from its wire form, or None when anything is off (never raises)."""
+    if isinstance(obj, NodeRef):
+        return obj
+    if not isinstance(obj, list | tuple) or len(obj) != 3:
+        return None
+    raw, host, port = obj
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < ids.RING:
+        ident = raw  # already decoded by overlay/wire.py
+    elif isinstance(raw, bytes) and len(raw) == ids.ID_BYTES:
+        ident = int.from_bytes(raw, "big")
+    else:
+        return None
+    if not isinstance(host, str) or not 0 < len(host) <= 255:
+        return None
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        return None
+    return NodeRef(ident, host, port)
+
+
+def parse_nodes(obj: Any) -> list[NodeRef] | None:
+    """A node list from its wire form (at most MAX_NODES), or None."""
+    if not isinstance(obj, list | tuple) or len(obj) > MAX_NODES:
+        return None
+    out: list[NodeRef] = []
+    for item in obj:
+        node = parse_node(item)
+        if node is None:
+            return None
+        out.append(node)
+    return out
+
+
+def _parse_key(obj: Any) -> int | None:
+    if isinstance(obj, int) and not isinstance(obj, bool) and 0 <= obj < ids.RING:
+        return obj
+    if isinstance(obj, bytes) and len(obj) == ids.ID_BYTES:
+        return int.from_bytes(obj, "big")
+    return None
+
+
+@dataclass(slots=True)
+class _Pending:
+    request_id: int
+    to: Endpoint
+    node_id: int | None
+    type: str
+    body: dict[str, Any]
+    on_reply: _OnReply
+    on_fail: _OnFail
+    retries_left: int
+    timeout: float
+    deadline: float = 0.0
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """An iterative lookup: a pool of known nodes around the key, asked one at a time."""
+
+    lookup_id: int
+    key: int
+    on_done: Callable[[NodeRef | None, int, str, float], None]  # (node or None, hops, reason, now)
+    exclude_self: bool
+    pool: dict[int, NodeRef] = field(default_factory=dict)
+    queried: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+    confirmed: set[int] = field(default_factory=set)
+    next_of: dict[int, int] = field(default_factory=dict)
+    hops: int = 0
+    attempts: int = 0
+    outstanding: bool = False
+    finished: bool = False
 
 
 class ChordCore:
@@ -217,49 +301,189 @@ class ChordCore:
         config: ChordConfig | None = None,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
-        raise NotImplementedError
+        self.config = cfg = config or ChordConfig()
+        if not 1 <= cfg.successors <= MAX_NODES:
+            raise ValueError(f"successors (r) must be 1..{MAX_NODES}, got {cfg.successors}")
+        if cfg.finger_base < 2 or cfg.finger_base & (cfg.finger_base - 1):
+            raise ValueError(f"finger_base must be a power of two >= 2, got {cfg.finger_base}")
+        self.me = me
+        self.public_key = public_key
+        self._sign = sign
+        self._verify = verify
+        self._random_bytes = random_bytes
+        self._state = _IDLE
+        self._succ: list[NodeRef] = []
+        self._pred: NodeRef | None = None
+        self._reported: tuple[NodeRef | None, tuple[NodeRef, ...]] = (None, ())
+        # Fingers at me + j * b**i, nearest first; one slot per start.
+        base = cfg.finger_base
+        self._finger_dist: list[int] = []
+        level = 1
+        while level < ids.RING:
+            for j in range(1, base):
+                if j * level < ids.RING:
+                    self._finger_dist.append(j * level)
+            level *= base
+        self._fingers: list[NodeRef | None] = [None] * len(self._finger_dist)
+        self._next_finger = 0
+        self._finger_busy = False
+        self._finger_burst = False
+        # Routing table: distinct known nodes sorted by clockwise distance from me.
+        self._route_dist: list[int] = []
+        self._route_nodes: list[NodeRef] = []
+        self._route_dirty = True
+        # Identity cache: NodeId -> verified endpoint (insertion order = age, oldest evicted first).
+        self._verified: dict[int, Endpoint] = {}
+        self._verifying: dict[int, list[_Cont]] = {}
+        self._outputs: list[Output] = []
+        self._pending: dict[int, _Pending] = {}
+        self._lookups: dict[int, _Lookup] = {}
+        self._next_request_id = 1
+        self._next_lookup_id = 1
+        self._timers: list[tuple[float, int, str, int]] = []
+        self._timer_seq = 0
+        self._periodic_due: dict[str, float] = {}
+        self._last_pred_probe = float("-inf")
+        self._stabilizing = False
+        self._stats: dict[str, int] = {}
 
-    # ---- inputs -------------------------------------------------------------------------------------
+    # ==== inputs ========================================================================================
 
     def start(self, now: float) -> None:
         """Create a new ring with this node alone in it, and start maintenance."""
-        raise NotImplementedError
+        if self._state != _IDLE:
+            return
+        self._state = _JOINED
+        self._start_maintenance(now)
+        self._report_neighbours()
 
     def start_join(self, bootstrap: Endpoint, now: float) -> None:
         """Join the ring that the node at ``bootstrap`` belongs to (any member will do)."""
-        raise NotImplementedError
+        if self._state != _IDLE:
+            return
+        self._state = _JOINING
+        lk = self._new_lookup(self.me.id, self._join_found, exclude_self=True)
+        lk.outstanding = True
+
+        def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+            lk.outstanding = False
+            self._lookup_answer(lk, NodeRef(src_id, *bootstrap), body, now)
+
+        def on_fail(now: float, dead: bool) -> None:
+            lk.outstanding = False
+            self._finish_lookup(lk, None, "bootstrap did not answer", now)
+
+        self._request(bootstrap, None, "find_successor", {"key": self.me.id}, on_reply, on_fail, now)
 
     def start_lookup(self, key: int, now: float) -> int:
         """Start an iterative lookup for ``key``; returns its lookup id (LookupDone/LookupFailed follow,
         possibly already in the next :meth:`take_outputs` when this node knows the answer)."""
-        raise NotImplementedError
+        key %= ids.RING
+
+        def done(node: NodeRef | None, hops: int, reason: str, now: float) -> None:
+            if node is None:
+                self._count("lookups_failed")
+                self._outputs.append(LookupFailed(lk.lookup_id, key, hops, reason))
+            else:
+                self._count("lookups_done")
+                self._outputs.append(LookupDone(lk.lookup_id, key, node, hops))
+
+        lk = self._new_lookup(key, done, exclude_self=False)
+        if self._state != _JOINED:
+            self._finish_lookup(lk, None, "not joined", now)
+        else:
+            self._lookup_local(lk, now)
+        self._report_neighbours()
+        return lk.lookup_id
 
     def handle_request(self, src: NodeRef, type: str, body: Mapping[str, Any], now: float) -> Reply | None:
         """A routing request from ``src`` (NodeId and endpoint from the envelope). Returns the reply to
         send, or None to drop it (unknown type, malformed body). Never raises on bad input."""
-        raise NotImplementedError
+        try:
+            reply = self._dispatch(src, type, body, now)
+        except Exception:  # a core bug must not kill the adapter's receive path
+            self._count("request_errors")
+            reply = None
+        self._report_neighbours()
+        return reply
 
     def handle_reply(self, request_id: int, src_id: int, body: Mapping[str, Any], now: float) -> None:
         """An ``ok`` reply to our request ``request_id`` from NodeId ``src_id``. Unknown ids and malformed
         bodies are ignored (a malformed body counts as a failed attempt)."""
-        raise NotImplementedError
+        pending = self._pending.get(request_id)
+        if pending is None or (pending.node_id is not None and pending.node_id != src_id):
+            self._count("replies_unexpected")
+            return
+        del self._pending[request_id]
+        if not isinstance(body, Mapping):
+            body = {}
+        try:
+            pending.on_reply(src_id, body, now)
+        except Exception:
+            self._count("reply_errors")
+        self._report_neighbours()
 
     def handle_error(self, request_id: int, code: int, reason: str, now: float) -> None:
         """An ``err`` reply to our request: the node is alive but refused; treated as a failed attempt
         without retransmission."""
-        raise NotImplementedError
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return
+        self._count("errors_received")
+        pending.on_fail(now, False)
+        self._report_neighbours()
 
     def handle_timer(self, now: float) -> None:
         """The time returned by :meth:`next_timer` has come (calling early or late is harmless)."""
-        raise NotImplementedError
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, _, kind, arg = heapq.heappop(timers)
+            if kind == "rpc":
+                self._rpc_timeout(arg, at, now)
+            elif self._periodic_due.get(kind) == at:
+                del self._periodic_due[kind]
+                if self._state != _JOINED:
+                    continue
+                if kind == "stabilize":
+                    self._schedule(kind, now, self.config.stabilize_interval)
+                    self._stabilize(now)
+                elif kind == "fix_fingers":
+                    self._schedule(kind, now, self.config.fix_fingers_interval)
+                    self._fix_fingers(now)
+                else:
+                    self._schedule(kind, now, self.config.check_predecessor_interval)
+                    self._check_predecessor(now)
+        self._report_neighbours()
 
     def node_failed(self, node_id: int, now: float) -> None:
         """The adapter learned that a node is dead (e.g. TCP refused): drop it from routing state."""
-        raise NotImplementedError
+        self._node_dead(node_id, now)
+        self._report_neighbours()
 
     def leave(self, now: float) -> None:
         """Leave gracefully: tell predecessor and successor, then go quiet (requests get no reply)."""
-        raise NotImplementedError
+        if self._state != _JOINED:
+            self._state = _LEFT
+            return
+        body: dict[str, Any] = {
+            "pred": self._pred,
+            "nodes": list(self._succ),
+        }
+        targets = {
+            n.id: n for n in ([self._succ[0]] if self._succ else []) + ([self._pred] if self._pred else [])
+        }
+        for node in targets.values():
+            if node.id != self.me.id:
+                self._outputs.append(
+                    SendRequest(self._new_request_id(), node.ep, node.id, "leave", dict(body))
+                )
+                self._count("sent_leave")
+        self._state = _LEFT
+        self._pending.clear()
+        self._timers.clear()
+        self._periodic_due.clear()
+        for lk in list(self._lookups.values()):
+            self._finish_lookup(lk, None, "node left", now)
 
     def seed_routing(
         self,
@@ -270,40 +494,684 @@ class ChordCore:
     ) -> None:
         """Install routing state directly, as already verified, and start maintenance. For simulators and
         tests that build a stable ring without running thousands of joins; real nodes never call it."""
-        raise NotImplementedError
+        self._succ = [n for n in successors if n.id != self.me.id][: self.config.successors]
+        self._pred = predecessor if predecessor is None or predecessor.id != self.me.id else None
+        known = sorted(
+            {n.id: n for n in [*fingers, *self._succ] if n.id != self.me.id}.values(),
+            key=lambda n: ids.distance(self.me.id, n.id),
+        )
+        dists = [ids.distance(self.me.id, n.id) for n in known]
+        for i, d in enumerate(self._finger_dist):
+            j = bisect_left(dists, d)
+            self._fingers[i] = known[j] if j < len(known) else None
+        for node in [*known, *([self._pred] if self._pred else [])]:
+            self._remember_verified(node)
+        self._route_dirty = True
+        if self._state != _JOINED:
+            self._state = _JOINED
+            self._start_maintenance(now, spread=True)
+        self._report_neighbours()
 
-    # ---- outputs ------------------------------------------------------------------------------------
+    # ==== outputs and state =============================================================================
 
     def take_outputs(self) -> list[Output]:
         """Everything produced since the last call, in order (requests to send and events)."""
-        raise NotImplementedError
+        out, self._outputs = self._outputs, []
+        return out
 
     def next_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called (absolute time), or None."""
-        raise NotImplementedError
-
-    # ---- state --------------------------------------------------------------------------------------
+        timers = self._timers
+        while timers:
+            at, _, kind, arg = timers[0]
+            if kind == "rpc":
+                pending = self._pending.get(arg)
+                if pending is not None and pending.deadline == at:
+                    return at
+            elif self._periodic_due.get(kind) == at:
+                return at
+            heapq.heappop(timers)  # stale: the reply came, or the period was rescheduled
+        return None
 
     @property
     def successors(self) -> tuple[NodeRef, ...]:
-        raise NotImplementedError
+        return tuple(self._succ)
 
     @property
     def predecessor(self) -> NodeRef | None:
-        raise NotImplementedError
+        return self._pred
+
+    @property
+    def joined(self) -> bool:
+        return self._state == _JOINED
 
     def fingers(self) -> list[NodeRef]:
         """The distinct finger nodes, nearest first."""
-        raise NotImplementedError
+        seen: dict[int, NodeRef] = {}
+        for node in self._fingers:
+            if node is not None:
+                seen.setdefault(node.id, node)
+        return list(seen.values())
 
     def is_responsible(self, key: int) -> bool:
         """Key in (predecessor, me] (True for every key while we know no predecessor and no successor)."""
-        raise NotImplementedError
+        if self._pred is None:
+            return not self._succ
+        return ids.between_right(key, self._pred.id, self.me.id)
+
+    def is_verified(self, node: NodeRef) -> bool:
+        """Whether this node's identity proof (at this endpoint) is in the cache."""
+        return self._verified.get(node.id) == node.ep
 
     def stats(self) -> dict[str, int]:
         """Counters: requests sent/received by type, timeouts, dropped malformed messages, verifications."""
-        raise NotImplementedError
+        out = dict(self._stats)
+        out["pending_requests"] = len(self._pending)
+        out["active_lookups"] = len(self._lookups)
+        out["verified_identities"] = len(self._verified)
+        return out
 
+    # ==== requests received =============================================================================
 
-_unused = field  # keep the import used until the implementation lands
-_heap = heapq
+    def _dispatch(self, src: NodeRef, type: str, body: Mapping[str, Any], now: float) -> Reply | None:
+        if self._state == _LEFT or type not in CHORD_MESSAGES or not isinstance(body, Mapping):
+            self._count("dropped")
+            return None
+        if parse_node(src) is None:
+            self._count("dropped")
+            return None
+        self._count("recv_" + type)
+        if type == "ping":
+            nonce = body.get("nonce")
+            if nonce is None:
+                return Reply("ok", {})
+            if not isinstance(nonce, bytes) or not 8 <= len(nonce) <= 64:
+                self._count("dropped")
+                return None
+            return Reply("ok", {"pk": self.public_key, "sig": self._sign(proof_data(nonce, self.me))})
+        if self._state != _JOINED:
+            return Reply("err", {"code": 503, "reason": "not joined yet"})
+        if type == "find_successor":
+            key = _parse_key(body.get("key"))
+            if key is None:
+                self._count("dropped")
+                return None
+            done, node, more = self._answer(key)
+            return Reply(
+                "ok",
+                {
+                    "done": done,
+                    "node": node,
+                    "nodes": list(self._succ),
+                    "more": more,
+                },
+            )
+        if type == "get_predecessor":
+            return Reply("ok", {"node": self._pred})
+        if type == "get_successors":
+            return Reply(
+                "ok",
+                {
+                    "nodes": list(self._succ),
+                    "pred": self._pred,
+                },
+            )
+        if type == "notify":
+            self._rectify(src, now)
+            return Reply("ok", {})
+        # leave
+        pred_raw = body.get("pred")
+        pred = parse_node(pred_raw) if pred_raw is not None else None
+        nodes = parse_nodes(body.get("nodes", []))
+        if nodes is None or (pred_raw is not None and pred is None):
+            self._count("dropped")
+            return None
+        self._on_leave(src, pred, nodes, now)
+        return Reply("ok", {})
+
+    def _answer(self, key: int) -> tuple[bool, NodeRef, list[NodeRef]]:
+        """One iterative step from our own view: (done, node, more candidates)."""
+        me, pred, succ = self.me, self._pred, self._succ
+        more: list[NodeRef] = [pred] if pred is not None else []
+        if pred is not None and ids.between_right(key, pred.id, me.id):
+            return True, me, more
+        self._rebuild_routes()
+        first = succ[0] if succ else (self._route_nodes[0] if self._route_nodes else None)
+        if first is None:
+            return True, me, more
+        if ids.between_right(key, me.id, first.id):
+            return True, first, more
+        dists = self._route_dist
+        i = bisect_left(dists, ids.distance(me.id, key)) - 1
+        if i < 0:
+            return True, first, more
+        best = self._route_nodes[i]
+        more.extend(self._route_nodes[max(0, i - 3) : i])
+        return False, best, more
+
+    def _rectify(self, src: NodeRef, now: float) -> None:
+        """Zave's rectify: take the notifier as predecessor if it is closer than ours or ours is dead."""
+        if src.id == self.me.id:
+            return
+        pred = self._pred
+        if pred is None or ids.between(src.id, pred.id, self.me.id):
+            self._when_verified(src, self._accept_predecessor, now)
+        elif src.id != pred.id and now - self._last_pred_probe >= self.config.check_predecessor_interval / 2:
+            # Not closer: only a dead predecessor would make it better. Probe ours (rate-limited).
+            self._last_pred_probe = now
+            probed = pred
+
+            def dead(now: float, dead: bool) -> None:
+                if dead:
+                    self._node_dead(probed.id, now)
+                    self._when_verified(src, self._accept_predecessor, now)
+
+            self._request(pred.ep, pred.id, "ping", {}, lambda *_: None, dead, now)
+
+    def _accept_predecessor(self, node: NodeRef, now: float) -> None:
+        pred = self._pred
+        if node.id != self.me.id and (pred is None or ids.between(node.id, pred.id, self.me.id)):
+            self._pred = node
+            self._route_dirty = True
+            if not self._succ:
+                self._kick_stabilize(now)  # alone until now: the notifier is our way into the ring
+
+    def _on_leave(self, src: NodeRef, pred: NodeRef | None, nodes: list[NodeRef], now: float) -> None:
+        """Splice a leaving neighbour out at once instead of waiting for timeouts."""
+        was_first = bool(self._succ) and self._succ[0].id == src.id
+        if self._pred is not None and self._pred.id == src.id:
+            self._pred = None
+            if pred is not None and pred.id != self.me.id:
+                self._when_verified(pred, self._accept_predecessor, now)
+        if any(n.id == src.id for n in self._succ):
+            rest = [n for n in self._succ if n.id != src.id]
+            if was_first:
+                rest = self._verified_prefix([n for n in nodes if n.id not in (self.me.id, src.id)]) or rest
+            self._succ = rest[: self.config.successors]
+            self._kick_stabilize(now)
+        self._drop_finger(src.id)
+
+    # ==== maintenance ===================================================================================
+
+    def _start_maintenance(self, now: float, spread: bool = False) -> None:
+        cfg = self.config
+        for kind, period in (
+            ("stabilize", cfg.stabilize_interval),
+            ("fix_fingers", cfg.fix_fingers_interval),
+            ("check_pred", cfg.check_predecessor_interval),
+        ):
+            if spread:  # desynchronise a seeded ring: random phase within one period
+                self._set_periodic(kind, now + period * self._unit())
+            else:
+                self._schedule(kind, now, period)
+
+    def _unit(self) -> float:
+        return int.from_bytes(self._random_bytes(4), "big") / 0xFFFFFFFF
+
+    def _schedule(self, kind: str, now: float, period: float) -> None:
+        j = self.config.jitter
+        self._set_periodic(kind, now + period * (1 - j + 2 * j * self._unit()))
+
+    def _set_periodic(self, kind: str, at: float) -> None:
+        self._periodic_due[kind] = at
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (at, self._timer_seq, kind, 0))
+
+    def _kick_stabilize(self, now: float) -> None:
+        """Run stabilize soon (now) rather than at the next period: a neighbour just changed."""
+        if self._state == _JOINED and not self._stabilizing:
+            self._set_periodic("stabilize", now)
+
+    def _stabilize(self, now: float) -> None:
+        """Zave's stabilize: reconcile with the first live successor, adopt its predecessor only after
+        hearing from it, then notify."""
+        if self._stabilizing:
+            return
+        if not self._succ:
+            # Alone, or every successor died: fall back on the predecessor or the nearest finger.
+            # The nearest known node clockwise is the best guess; its predecessor walks us back from there.
+            self._rebuild_routes()
+            if self._route_nodes:
+                self._adopt_successor(self._route_nodes[0], now)
+            return
+        succ = self._succ[0]
+        self._stabilizing = True
+
+        def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+            self._stabilizing = False
+            nodes = parse_nodes(body.get("nodes", []))
+            pred_raw = body.get("pred")
+            pred = parse_node(pred_raw) if pred_raw is not None else None
+            if nodes is None or (pred_raw is not None and pred is None):
+                self._count("bad_replies")
+                return
+            if not self._succ or self._succ[0].id != succ.id:
+                return  # the list changed meanwhile; the next round reconciles
+            self._merge_successors(succ, nodes, now)
+            if pred is not None and pred.id != self.me.id and ids.between(pred.id, self.me.id, succ.id):
+                self._when_verified(pred, self._adopt_successor, now)
+            else:
+                self._notify(succ, now)
+
+        def on_fail(now: float, dead: bool) -> None:
+            self._stabilizing = False
+            if dead:
+                self._node_dead(succ.id, now)
+                self._kick_stabilize(now)
+
+        self._request(succ.ep, succ.id, "get_successors", {}, on_reply, on_fail, now)
+
+    def _adopt_successor(self, node: NodeRef, now: float) -> None:
+        """Query a (verified) candidate successor and, if it answers, put it first in the list."""
+        if node.id == self.me.id:
+            return
+
+        def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+            nodes = parse_nodes(body.get("nodes", []))
+            if nodes is None:
+                self._count("bad_replies")
+                return
+            first = self._succ[0] if self._succ else None
+            closer = first is None or ids.between(node.id, self.me.id, first.id)
+            if closer or (first is not None and first.id == node.id):
+                self._merge_successors(node, nodes, now)
+            if self._succ:
+                self._notify(self._succ[0], now)
+            if closer:
+                # A closer successor may itself have a closer predecessor (many nodes joined at once):
+                # keep walking now instead of one step per period.
+                self._kick_stabilize(now)
+
+        def on_fail(now: float, dead: bool) -> None:
+            if dead:
+                self._node_dead(node.id, now)
+            if self._succ:
+                self._notify(self._succ[0], now)
+
+        self._request(node.ep, node.id, "get_successors", {}, on_reply, on_fail, now)
+
+    def _merge_successors(self, first: NodeRef, nodes: list[NodeRef], now: float) -> None:
+        """Successor list := first + first's list, without us and duplicates, cut at the first node whose
+        identity is not verified yet (its check starts now, and a later round will take it in)."""
+        out = [first]
+        seen = {first.id, self.me.id}
+        for node in nodes:
+            if node.id in seen:
+                continue
+            seen.add(node.id)
+            out.append(node)
+        out = out[: self.config.successors]
+        prefix = self._verified_prefix(out)
+        if len(prefix) < len(out):
+            self._when_verified(out[len(prefix)], lambda n, now: self._kick_stabilize(now), now)
+        if prefix and prefix != self._succ:
+            self._succ = prefix
+            self._route_dirty = True
+
+    def _verified_prefix(self, nodes: list[NodeRef]) -> list[NodeRef]:
+        out: list[NodeRef] = []
+        for node in nodes:
+            if not self.is_verified(node):
+                break
+            out.append(node)
+        return out
+
+    def _notify(self, node: NodeRef, now: float) -> None:
+        def on_fail(now: float, dead: bool) -> None:
+            if dead:
+                self._node_dead(node.id, now)
+
+        self._request(node.ep, node.id, "notify", {}, lambda *_: None, on_fail, now)
+
+    def _check_predecessor(self, now: float) -> None:
+        pred = self._pred
+        if pred is None:
+            return
+
+        def on_fail(now: float, dead: bool) -> None:
+            if dead:
+                self._node_dead(pred.id, now)
+
+        self._last_pred_probe = now
+        self._request(pred.ep, pred.id, "ping", {}, lambda *_: None, on_fail, now)
+
+    def _fix_fingers(self, now: float) -> None:
+        """Refresh one finger (the next start not covered by the previous answer) with a lookup."""
+        if self._finger_busy or not self._succ:
+            return
+        first = ids.distance(self.me.id, self._succ[0].id)
+        idx = self._next_finger
+        dists = self._finger_dist
+        if idx >= len(dists) or dists[idx] <= first:
+            if idx >= len(dists):
+                self._finger_burst = False
+            idx = bisect_right(dists, first)
+            for i in range(idx):
+                self._fingers[i] = self._succ[0]
+            self._route_dirty = True
+        if idx >= len(dists):
+            self._next_finger = 0
+            return
+        target = (self.me.id + dists[idx]) % ids.RING
+        self._finger_busy = True
+
+        def found(node: NodeRef | None, hops: int, reason: str, now: float) -> None:
+            self._finger_busy = False
+            if node is None or node.id == self.me.id:
+                self._next_finger = idx + 1 if node is None else len(dists)
+            else:
+                self._next_finger = idx + 1
+                self._when_verified(node, lambda n, now: self._set_finger(idx, n), now)
+            if self._finger_burst and self._state == _JOINED:
+                self._fix_fingers(now)
+
+        lk = self._new_lookup(target, found, exclude_self=False)
+        self._lookup_local(lk, now)
+
+    def _set_finger(self, idx: int, node: NodeRef) -> None:
+        dists = self._finger_dist
+        reach = ids.distance(self.me.id, node.id)
+        i = idx
+        while i < len(dists) and dists[i] <= reach:
+            self._fingers[i] = node
+            i += 1
+        self._route_dirty = True
+
+    def _drop_finger(self, node_id: int) -> None:
+        for i, node in enumerate(self._fingers):
+            if node is not None and node.id == node_id:
+                self._fingers[i] = None
+                self._route_dirty = True
+
+    def _node_dead(self, node_id: int, now: float) -> None:
+        if node_id == self.me.id:
+            return
+        self._count("nodes_declared_dead")
+        if any(n.id == node_id for n in self._succ):
+            self._succ = [n for n in self._succ if n.id != node_id]
+            self._route_dirty = True
+        if self._pred is not None and self._pred.id == node_id:
+            self._pred = None
+            self._route_dirty = True
+        self._drop_finger(node_id)
+
+    def _rebuild_routes(self) -> None:
+        if not self._route_dirty:
+            return
+        me = self.me.id
+        nodes: dict[int, NodeRef] = {}
+        for node in [*self._succ, *self._fingers, self._pred]:
+            if node is not None and node.id != me:
+                nodes.setdefault(node.id, node)
+        ordered = sorted(nodes.values(), key=lambda n: ids.distance(me, n.id))
+        self._route_nodes = ordered
+        self._route_dist = [ids.distance(me, n.id) for n in ordered]
+        self._route_dirty = False
+
+    # ==== identity ======================================================================================
+
+    def _when_verified(self, node: NodeRef, cont: _Cont, now: float) -> None:
+        """Run ``cont(node, now)`` once ``node`` has proven its NodeId at its endpoint (at once if cached)."""
+        if node.id == self.me.id:
+            return
+        if self.is_verified(node):
+            cont(node, now)
+            return
+        waiting = self._verifying.get(node.id)
+        if waiting is not None:
+            waiting.append(cont)
+            return
+        self._verifying[node.id] = [cont]
+        nonce = self._random_bytes(16)
+        self._count("identity_checks")
+
+        def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+            conts = self._verifying.pop(node.id, [])
+            pk, sig = body.get("pk"), body.get("sig")
+            ok = (
+                isinstance(pk, bytes)
+                and isinstance(sig, bytes)
+                and ids.key_for(pk) == node.id
+                and self._safe_verify(pk, proof_data(nonce, node), sig)
+            )
+            if not ok:
+                self._count("identity_rejected")
+                return
+            self._remember_verified(node)
+            for c in conts:
+                c(node, now)
+
+        def on_fail(now: float, dead: bool) -> None:
+            self._verifying.pop(node.id, None)
+            if dead:
+                self._node_dead(node.id, now)
+
+        self._request(node.ep, node.id, "ping", {"nonce": nonce}, on_reply, on_fail, now)
+
+    def _safe_verify(self, pk: bytes, data: bytes, sig: bytes) -> bool:
+        try:
+            return bool(self._verify(pk, data, sig))
+        except Exception:
+            return False
+
+    def _remember_verified(self, node: NodeRef) -> None:
+        cache = self._verified
+        cache.pop(node.id, None)
+        cache[node.id] = node.ep
+        if len(cache) > self.config.verified_cache_size:
+            del cache[next(iter(cache))]
+
+    # ==== lookups =======================================================================================
+
+    def _new_lookup(
+        self, key: int, on_done: Callable[[NodeRef | None, int, str, float], None], *, exclude_self: bool
+    ) -> _Lookup:
+        lk = _Lookup(self._next_lookup_id, key, on_done, exclude_self)
+        self._next_lookup_id += 1
+        self._lookups[lk.lookup_id] = lk
+        return lk
+
+    def _lookup_local(self, lk: _Lookup, now: float) -> None:
+        """Start from our own table: our answer is processed like any node's, but costs no hop."""
+        done, node, more = self._answer(lk.key)
+        lk.queried.add(self.me.id)
+        lk.pool[self.me.id] = self.me
+        self._absorb(lk, self.me, done, node, list(self._succ), more)
+        if done and node.id == self.me.id:
+            self._finish_lookup(lk, self.me, "", now)
+        else:
+            self._lookup_step(lk, now)
+
+    def _absorb(
+        self, lk: _Lookup, src: NodeRef, done: bool, node: NodeRef, succs: list[NodeRef], more: list[NodeRef]
+    ) -> None:
+        me = self.me.id
+        for n in (node, *succs, *more):
+            if n.id in lk.failed or (lk.exclude_self and n.id == me):
+                continue
+            lk.pool.setdefault(n.id, n)
+        chain = [src, *succs]
+        for a, b in pairwise(chain):
+            lk.next_of[a.id] = b.id
+        if done and node.id == src.id:
+            lk.confirmed.add(src.id)
+        elif done:
+            lk.next_of[src.id] = node.id
+
+    def _lookup_answer(self, lk: _Lookup, src: NodeRef, body: Mapping[str, Any], now: float) -> None:
+        done = body.get("done")
+        node = parse_node(body.get("node"))
+        succs = parse_nodes(body.get("nodes", []))
+        more = parse_nodes(body.get("more") or [])
+        if not isinstance(done, bool) or node is None or succs is None or more is None:
+            self._count("bad_replies")
+            lk.failed.add(src.id)
+            lk.pool.pop(src.id, None)
+            self._lookup_step(lk, now)
+            return
+        lk.hops += 1
+        lk.queried.add(src.id)
+        lk.pool.setdefault(src.id, src)
+        self._absorb(lk, src, done, node, succs, more)
+        if done and node.id == src.id:
+            self._finish_lookup(lk, src, "", now)
+        else:
+            self._lookup_step(lk, now)
+
+    def _lookup_step(self, lk: _Lookup, now: float) -> None:
+        """Ask the next node: the closest known predecessor of the key, unless we already know which node
+        follows it (then ask that one, the responsible-node candidate, directly)."""
+        if lk.finished or lk.outstanding:
+            return
+        key = lk.key
+        alive = [n for n in lk.pool.values() if n.id not in lk.failed]
+        if not alive:
+            self._finish_lookup(lk, None, "no live candidate", now)
+            return
+        owner = min(alive, key=lambda n: ids.distance(key, n.id))
+        if owner.id in lk.confirmed:
+            self._finish_lookup(lk, owner, "", now)
+            return
+        pred = min(alive, key=lambda n: ids.distance(n.id, key) or ids.RING)
+        if pred.id not in lk.queried and lk.next_of.get(pred.id) != owner.id and pred.id != owner.id:
+            target = pred
+        elif owner.id not in lk.queried:
+            target = owner
+        elif pred.id not in lk.queried:
+            target = pred
+        else:
+            # Everyone around the key answered and nobody claimed it: best effort, the nearest follower.
+            self._finish_lookup(lk, owner, "", now)
+            return
+        if lk.hops + lk.attempts >= self.config.lookup_max_hops:
+            self._finish_lookup(lk, None, "too many hops", now)
+            return
+        if target.id == self.me.id:  # can only happen if our own answer was inconsistent
+            self._finish_lookup(lk, owner, "", now)
+            return
+        lk.outstanding = True
+        lk.attempts += 1
+
+        def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+            lk.outstanding = False
+            if not lk.finished:
+                self._lookup_answer(lk, target, body, now)
+
+        def on_fail(now: float, dead: bool) -> None:
+            lk.outstanding = False
+            lk.failed.add(target.id)
+            lk.pool.pop(target.id, None)
+            if dead:
+                self._node_dead(target.id, now)
+            if not lk.finished:
+                self._lookup_step(lk, now)
+
+        self._request(target.ep, target.id, "find_successor", {"key": key}, on_reply, on_fail, now)
+
+    def _finish_lookup(self, lk: _Lookup, node: NodeRef | None, reason: str, now: float) -> None:
+        if lk.finished:
+            return
+        lk.finished = True
+        self._lookups.pop(lk.lookup_id, None)
+        lk.on_done(node, lk.hops, reason, now)
+
+    def _join_found(self, node: NodeRef | None, hops: int, reason: str, now: float) -> None:
+        """The join lookup ended: check the successor's identity, take its list, then we are in."""
+        if self._state != _JOINING:
+            return
+        if node is None or node.id == self.me.id:
+            self._state = _IDLE
+            self._outputs.append(JoinFailed(reason or "no successor found"))
+            return
+
+        def verified(succ: NodeRef, now: float) -> None:
+            def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+                nodes = parse_nodes(body.get("nodes", [])) or []
+                self._succ = [succ]
+                self._merge_successors(succ, nodes, now)
+                self._route_dirty = True
+                self._state = _JOINED
+                self._outputs.append(Joined(succ))
+                self._start_maintenance(now)
+                self._finger_burst = True
+                self._notify(succ, now)
+                self._fix_fingers(now)
+
+            def on_fail(now: float, dead: bool) -> None:
+                self._state = _IDLE
+                self._outputs.append(JoinFailed("successor did not answer"))
+
+            self._request(succ.ep, succ.id, "get_successors", {}, on_reply, on_fail, now)
+
+        self._when_verified(node, verified, now)
+        if node.id not in self._verifying and not self.is_verified(node) and self._state == _JOINING:
+            # The proof was refused (or the ping failed at once): the join cannot go on.
+            self._state = _IDLE
+            self._outputs.append(JoinFailed("successor failed its identity check"))
+
+    # ==== requests sent =================================================================================
+
+    def _new_request_id(self) -> int:
+        rid = self._next_request_id
+        self._next_request_id += 1
+        return rid
+
+    def _request(
+        self,
+        to: Endpoint,
+        node_id: int | None,
+        type: str,
+        body: dict[str, Any],
+        on_reply: _OnReply,
+        on_fail: _OnFail,
+        now: float,
+    ) -> None:
+        cfg = self.config
+        pending = _Pending(
+            self._new_request_id(),
+            to,
+            node_id,
+            type,
+            body,
+            on_reply,
+            on_fail,
+            cfg.rpc_retries,
+            cfg.rpc_timeout,
+        )
+        self._pending[pending.request_id] = pending
+        self._send(pending, now)
+
+    def _send(self, pending: _Pending, now: float) -> None:
+        self._count("sent_" + pending.type)
+        self._outputs.append(
+            SendRequest(pending.request_id, pending.to, pending.node_id, pending.type, pending.body)
+        )
+        pending.deadline = now + pending.timeout
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (pending.deadline, self._timer_seq, "rpc", pending.request_id))
+
+    def _rpc_timeout(self, request_id: int, at: float, now: float) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None or pending.deadline != at:
+            return
+        if pending.retries_left > 0:
+            pending.retries_left -= 1
+            pending.timeout *= 2
+            self._count("retransmissions")
+            self._send(pending, now)
+            return
+        del self._pending[request_id]
+        self._count("timeouts")
+        pending.on_fail(now, True)
+
+    # ==== bookkeeping ===================================================================================
+
+    def _count(self, name: str) -> None:
+        self._stats[name] = self._stats.get(name, 0) + 1
+
+    def _report_neighbours(self) -> None:
+        current = (self._pred, tuple(self._succ))
+        if current != self._reported:
+            old_pred, old_succ = self._reported
+            self._reported = current
+            self._outputs.append(NeighboursChanged(current[0], current[1], old_pred, old_succ))

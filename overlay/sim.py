@@ -1,0 +1,559 @@
+"""Discrete-event simulator: N nodes running the real ``ChordCore`` (and the real storage core) on a
+simulated network, so scale and churn claims are measured on the code that ships.
+
+Why a simulator: 10,000 real UDP nodes do not fit in one test machine, and real time makes churn studies
+(hour-long sessions) impossible. Here time is a number: one heap of events ordered by simulated time,
+processed one at a time, so a run is deterministic for a seed and costs only the work the cores do.
+
+What is real: ``overlay.chord.ChordCore`` (every message, timer, retry, verification round),
+``overlay.storage.Store`` / ``Replicator`` (signature checks, replication decisions and transfers, with
+real Ed25519 entries). What is simulated or skipped, on purpose:
+
+* the network: one-way latency from a 2-D coordinate model (``base + spread * distance``), independent
+  message loss, no bandwidth limit; bodies are passed as Python values (the codec in ``overlay/wire.py`` is
+  not run per message; it is tested on its own);
+* node identities: a SHA-256 stand-in for Ed25519 (NodeId = H(public key) is checked and nonces are signed
+  and checked exactly as on real nodes, but the "signature" is a hash anyone holding the public key could
+  forge) — it exercises the admission protocol at a fraction of the CPU cost;
+* storage transfers go as one message with latency (the TCP bulk path), and entry signatures are verified
+  through one shared ``VerifiedCache``, so an entry is checked once per run rather than once per replica;
+* a stable ring can be installed directly (``ChordCore.seed_routing``) instead of running N joins.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from overlay import ids
+from overlay.chord import (
+    ChordConfig,
+    ChordCore,
+    Joined,
+    JoinFailed,
+    LookupDone,
+    LookupFailed,
+    NeighboursChanged,
+    NodeRef,
+    Reply,
+    SendRequest,
+)
+
+_REQ, _REP, _TIMER, _LOOKUP, _DEPART, _ARRIVE, _XFER, _REPAIR, _JOIN_RETRY = range(9)
+
+
+def sim_sign(public_key: bytes) -> Callable[[bytes], bytes]:
+    """The simulator's stand-in signer: SHA-512 over key and data (64 bytes, like Ed25519)."""
+    return lambda data: hashlib.sha512(b"sim-sig" + public_key + data).digest()
+
+
+def sim_verify(public_key: bytes, data: bytes, sig: bytes) -> bool:
+    """Checks a :func:`sim_sign` signature (not secure: see the module docstring)."""
+    return hashlib.sha512(b"sim-sig" + public_key + data).digest() == sig
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """One simulation run. Times in seconds."""
+
+    n: int = 100
+    seed: int = 1
+    chord: ChordConfig = field(default_factory=ChordConfig)
+    latency_base: float = 0.005  # one-way, seconds
+    latency_spread: float = 0.1  # added for the full diagonal of the unit square
+    loss: float = 0.0  # probability that any one message is lost
+    duration: float = 120.0  # simulated time of the measured run
+    lookup_rate: float = 20.0  # user lookups per second, over the whole network
+    lookup_stop: float = 30.0  # no new lookups in the last seconds, so in-flight ones finish
+    median_session: float | None = None  # None: no churn
+    crash_fraction: float = 0.5  # share of departures that are crashes (the rest leave gracefully)
+    entries: int = 0  # signed entries stored at the start (storage core in the loop when > 0)
+    repair_interval: float = 300.0  # storage anti-entropy period per node
+    build: str = "seeded"  # "seeded": install a stable ring; "joins": nodes join one by one
+    join_interval: float = 0.5  # "joins" build: seconds between two joins
+    warmup: float = 0.0  # no lookups before this time (let a "joins" ring settle)
+
+
+@dataclass(slots=True)
+class SimReport:
+    """What a run measured (see docs/overlay-routing.md for the definitions)."""
+
+    n_start: int
+    n_end: int
+    duration: float
+    lookups: int = 0
+    succeeded: int = 0
+    correct: int = 0
+    hops: list[int] = field(default_factory=list)
+    lookup_latency: list[float] = field(default_factory=list)
+    joins: int = 0
+    leaves: int = 0
+    crashes: int = 0
+    messages: int = 0  # every routing request and reply delivered or lost
+    lookup_messages: int = 0  # 2 x hops of user lookups (their requests and replies; retries not counted)
+    transfers: int = 0
+    entries: int = 0
+    entries_lost: int = 0
+    entries_lost_with_live_replica: int = 0
+    fetch_checks: int = 0
+    fetch_found: int = 0
+    wall_s: float = 0.0
+    node_seconds: float = 0.0
+
+    @property
+    def success_rate(self) -> float:
+        return self.succeeded / self.lookups if self.lookups else 1.0
+
+    @property
+    def correct_rate(self) -> float:
+        return self.correct / self.lookups if self.lookups else 1.0
+
+    @property
+    def hops_mean(self) -> float:
+        return sum(self.hops) / len(self.hops) if self.hops else 0.0
+
+    @property
+    def hops_p99(self) -> int:
+        return _percentile(self.hops, 0.99)
+
+    @property
+    def maintenance_per_node_s(self) -> float:
+        """Routing messages per node per second, user lookups excluded."""
+        if self.node_seconds <= 0:
+            return 0.0
+        return (self.messages - self.lookup_messages) / self.node_seconds
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "n": self.n_start,
+            "n_end": self.n_end,
+            "sim_s": self.duration,
+            "lookups": self.lookups,
+            "success": round(self.success_rate, 5),
+            "correct": round(self.correct_rate, 5),
+            "hops_mean": round(self.hops_mean, 3),
+            "hops_p99": self.hops_p99,
+            "latency_p50_ms": round(1000 * _percentile_f(self.lookup_latency, 0.5), 1),
+            "maint_msgs_node_s": round(self.maintenance_per_node_s, 3),
+            "joins": self.joins,
+            "leaves": self.leaves,
+            "crashes": self.crashes,
+            "entries": self.entries,
+            "entries_lost": self.entries_lost,
+            "fetch_found": f"{self.fetch_found}/{self.fetch_checks}",
+            "wall_s": round(self.wall_s, 2),
+        }
+
+
+def _percentile(values: list[int], q: float) -> int:
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def _percentile_f(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    ref: NodeRef
+    core: ChordCore
+    x: float
+    y: float
+    alive: bool = True
+    member: bool = False
+    timer_at: float | None = None
+    born: float = 0.0
+    store: Any = None
+    replicator: Any = None
+
+
+class Simulator:
+    """Runs one :class:`SimConfig`; call :meth:`run` once and read the :class:`SimReport`."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.now = 0.0
+        self._events: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self._nodes: dict[tuple[str, int], _Node] = {}
+        self._by_id: dict[int, _Node] = {}
+        self._members: list[int] = []  # sorted ids of live joined nodes: the ground truth
+        self._counter = 0
+        self._lookups: dict[tuple[int, int], tuple[float, int, bool]] = {}  # (node id, lookup id)
+        self.report = SimReport(n_start=config.n, n_end=0, duration=config.duration)
+        self._mean_session = (config.median_session / math.log(2)) if config.median_session else None
+        self._storage: Any = None
+        self._entries: dict[tuple[int, bytes], Any] = {}
+        self._user: Any = None
+        self._cache: Any = None
+
+    # ---- building ---------------------------------------------------------------------------------
+
+    def _new_node(self) -> _Node:
+        self._counter += 1
+        c = self._counter
+        pk = self.rng.randbytes(32)
+        ref = NodeRef(ids.key_for(pk), f"10.{(c >> 16) & 255}.{(c >> 8) & 255}.{c & 255}", 7060)
+        core = ChordCore(
+            ref,
+            public_key=pk,
+            sign=sim_sign(pk),
+            verify=sim_verify,
+            config=self.config.chord,
+            random_bytes=self.rng.randbytes,
+        )
+        node = _Node(ref, core, self.rng.random(), self.rng.random(), born=self.now)
+        if self._storage is not None:
+            store_cls, replicator_cls = self._storage
+            node.store = store_cls(cache=self._cache)
+            node.replicator = replicator_cls(ref.id, self.config.chord.successors)
+        self._nodes[ref.ep] = node
+        self._by_id[ref.id] = node
+        return node
+
+    def _seed_ring(self, nodes: list[_Node]) -> None:
+        """Install the exact stable-ring state in every core (successors, predecessor, fingers)."""
+        ordered = sorted(nodes, key=lambda n: n.ref.id)
+        id_list = [n.ref.id for n in ordered]
+        refs = [n.ref for n in ordered]
+        count = len(ordered)
+        r = self.config.chord.successors
+        base = self.config.chord.finger_base
+        levels = []
+        level = 1
+        while level < ids.RING:
+            levels.append(level)
+            level *= base
+        for i, node in enumerate(ordered):
+            me = node.ref.id
+            succs = [refs[(i + k) % count] for k in range(1, min(r, count - 1) + 1)]
+            pred = refs[(i - 1) % count] if count > 1 else None
+            first = ids.distance(me, succs[0].id) if succs else ids.RING
+            fingers: dict[int, NodeRef] = {}
+            for lvl in reversed(levels):
+                if lvl * (base - 1) < first:
+                    break
+                for j in range(1, base):
+                    d = j * lvl
+                    if d >= ids.RING or d < first:
+                        continue
+                    k = bisect.bisect_left(id_list, (me + d) % ids.RING) % count
+                    fingers.setdefault(refs[k].id, refs[k])
+            node.core.seed_routing(succs, pred, fingers.values(), self.now)
+            node.member = True
+            self._drain(node)
+        self._members = id_list[:]
+
+    # ---- event plumbing ---------------------------------------------------------------------------
+
+    def _push(self, at: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (at, self._seq, kind, payload))
+
+    def _latency(self, a: _Node, b: _Node) -> float:
+        d = math.hypot(a.x - b.x, a.y - b.y) / math.sqrt(2)
+        return self.config.latency_base + self.config.latency_spread * d
+
+    def _lost(self) -> bool:
+        return self.config.loss > 0 and self.rng.random() < self.config.loss
+
+    def _drain(self, node: _Node) -> None:
+        """Act on everything the node's core produced, then (re)arm its timer."""
+        core = node.core
+        for out in core.take_outputs():
+            if isinstance(out, SendRequest):
+                self._send_request(node, out)
+            elif isinstance(out, NeighboursChanged):
+                self._on_neighbours(node, out)
+            elif isinstance(out, LookupDone | LookupFailed):
+                self._on_lookup_end(node, out)
+            elif isinstance(out, Joined):
+                self._on_joined(node)
+            elif isinstance(out, JoinFailed):
+                self._push(self.now + 5.0, _JOIN_RETRY, node)
+        if not node.alive:
+            return
+        t = core.next_timer()
+        if t is not None and (node.timer_at is None or t < node.timer_at):
+            node.timer_at = t
+            self._push(t, _TIMER, (node, t))
+
+    def _send_request(self, node: _Node, req: SendRequest) -> None:
+        self.report.messages += 1
+        dst = self._nodes.get(req.to)
+        if dst is None or self._lost():
+            return
+        self._push(self.now + self._latency(node, dst), _REQ, (dst, node, req))
+
+    # ---- handlers ---------------------------------------------------------------------------------
+
+    def _deliver_request(self, dst: _Node, src: _Node, req: SendRequest) -> None:
+        if not dst.alive:
+            return
+        reply = dst.core.handle_request(src.ref, req.type, req.body, self.now)
+        self._drain(dst)
+        if reply is None:
+            return
+        self.report.messages += 1
+        if self._lost():
+            return
+        self._push(self.now + self._latency(dst, src), _REP, (src, dst.ref.id, req.request_id, reply))
+
+    def _deliver_reply(self, node: _Node, src_id: int, request_id: int, reply: Reply) -> None:
+        if not node.alive:
+            return
+        if reply.type == "ok":
+            node.core.handle_reply(request_id, src_id, reply.body, self.now)
+        else:
+            node.core.handle_error(
+                request_id, int(reply.body.get("code", 0)), str(reply.body.get("reason")), self.now
+            )
+        self._drain(node)
+
+    def _fire_timer(self, node: _Node, at: float) -> None:
+        if not node.alive or node.timer_at != at:
+            return
+        node.timer_at = None
+        node.core.handle_timer(self.now)
+        self._drain(node)
+
+    def _start_lookup(self) -> None:
+        cfg = self.config
+        if self.now < cfg.duration - cfg.lookup_stop and self._members:
+            origin = self._by_id[self._members[self.rng.randrange(len(self._members))]]
+            if self._entries and self.rng.random() < 0.5:
+                key, _ = self._entry_slots[self.rng.randrange(len(self._entry_slots))]
+                fetch = True
+            else:
+                key = self.rng.getrandbits(ids.BITS)
+                fetch = False
+            lookup_id = origin.core.start_lookup(key, self.now)
+            self._lookups[(origin.ref.id, lookup_id)] = (self.now, key, fetch)
+            self.report.lookups += 1
+            self._drain(origin)
+            self._push(self.now + self.rng.expovariate(cfg.lookup_rate), _LOOKUP, None)
+
+    def _on_lookup_end(self, node: _Node, out: LookupDone | LookupFailed) -> None:
+        started = self._lookups.pop((node.ref.id, out.lookup_id), None)
+        if started is None:
+            return  # an internal lookup (fingers, join) does not surface as output; defensive
+        t0, key, fetch = started
+        rep = self.report
+        if isinstance(out, LookupFailed):
+            return
+        rep.succeeded += 1
+        rep.hops.append(out.hops)
+        rep.lookup_messages += 2 * out.hops
+        rep.lookup_latency.append(self.now - t0)
+        members = self._members
+        if members:
+            owner = members[bisect.bisect_left(members, out.key) % len(members)]
+            if owner == out.node.id:
+                rep.correct += 1
+        if fetch:
+            rep.fetch_checks += 1
+            holder = self._nodes.get(out.node.ep)
+            if (
+                holder is not None
+                and holder.alive
+                and holder.store is not None
+                and holder.store.get(key, self.now)
+            ):
+                rep.fetch_found += 1
+
+    def _on_joined(self, node: _Node) -> None:
+        if node.member or not node.alive:
+            return
+        node.member = True
+        bisect.insort(self._members, node.ref.id)
+        self.report.joins += 1
+
+    def _on_neighbours(self, node: _Node, ev: NeighboursChanged) -> None:
+        if node.replicator is None or not node.alive:
+            return
+        transfers = node.replicator.on_neighbours(ev.predecessor, list(ev.successors), node.store, self.now)
+        self._send_transfers(node, transfers)
+
+    def _send_transfers(self, node: _Node, transfers: list[tuple[Any, list[Any]]]) -> None:
+        for target, items in transfers:
+            dst = self._nodes.get((target[1], target[2]))
+            if dst is None:
+                continue
+            self.report.transfers += 1
+            self._push(self.now + 2 * self._latency(node, dst), _XFER, (dst, items))
+
+    def _depart(self, node: _Node) -> None:
+        if not node.alive:
+            return
+        graceful = self.rng.random() >= self.config.crash_fraction
+        if graceful and node.member:
+            self.report.leaves += 1
+            if node.replicator is not None:
+                self._send_transfers(
+                    node, node.replicator.on_leave(list(node.core.successors), node.store, self.now)
+                )
+            node.core.leave(self.now)
+            self._drain(node)
+        else:
+            self.report.crashes += 1
+        node.alive = False
+        self.report.node_seconds += self.now - node.born
+        if node.member:
+            i = bisect.bisect_left(self._members, node.ref.id)
+            if i < len(self._members) and self._members[i] == node.ref.id:
+                self._members.pop(i)
+        self._nodes.pop(node.ref.ep, None)
+        self._by_id.pop(node.ref.id, None)
+
+    def _arrive(self) -> None:
+        if self.now >= self.config.duration:
+            return
+        if self._members:
+            node = self._new_node()
+            self._join(node)
+            self._schedule_departure(node)
+        assert self._mean_session is not None
+        self._push(self.now + self.rng.expovariate(self.config.n / self._mean_session), _ARRIVE, None)
+
+    def _join(self, node: _Node) -> None:
+        if not node.alive or not self._members:
+            return
+        boot = self._by_id[self._members[self.rng.randrange(len(self._members))]]
+        node.core = ChordCore(
+            node.ref,
+            public_key=node.core.public_key,
+            sign=sim_sign(node.core.public_key),
+            verify=sim_verify,
+            config=self.config.chord,
+            random_bytes=self.rng.randbytes,
+        )
+        node.core.start_join(boot.ref.ep, self.now)
+        self._drain(node)
+
+    def _schedule_departure(self, node: _Node) -> None:
+        if self._mean_session is not None:
+            self._push(self.now + self.rng.expovariate(1.0 / self._mean_session), _DEPART, node)
+
+    # ---- storage ----------------------------------------------------------------------------------
+
+    def _setup_storage(self) -> None:
+        from overlay.identity import KeyPair, VerifiedCache
+        from overlay.storage import Entry, Replicator, Store
+
+        self._storage = (Store, Replicator)
+        self._cache = VerifiedCache(capacity=max(4096, 4 * self.config.entries))
+        self._user = KeyPair.generate()
+        lifetime = int(self.config.duration * 4) + 3600
+        for i in range(self.config.entries):
+            key = ids.key_for(f"sip:user{i}@sim.example")
+            entry = Entry.create(self._user, key, b"c0", b"sip:contact@192.0.2.1", 1, lifetime)
+            self._entries[entry.slot] = entry
+        self._entry_slots = list(self._entries)
+
+    def _place_entries(self) -> None:
+        """Put every entry on its responsible node and the r-1 following successors (a finished store)."""
+        members = self._members
+        r = self.config.chord.successors
+        for entry in self._entries.values():
+            i = bisect.bisect_left(members, entry.key)
+            for k in range(min(r, len(members))):
+                node = self._by_id[members[(i + k) % len(members)]]
+                node.store.put(entry, self.now)
+        for node in list(self._by_id.values()):
+            node.replicator.on_neighbours(
+                node.core.predecessor, list(node.core.successors), node.store, self.now
+            )
+            self._push(self.now + self.config.repair_interval * self.rng.random(), _REPAIR, node)
+
+    def _count_lost(self) -> None:
+        held: set[tuple[int, bytes]] = set()
+        for node in self._by_id.values():
+            if node.alive and node.store is not None:
+                for entry, _ms in node.store.records(self.now):
+                    held.add(entry.slot)
+        self.report.entries = len(self._entries)
+        self.report.entries_lost = sum(1 for slot in self._entries if slot not in held)
+
+    # ---- running ----------------------------------------------------------------------------------
+
+    def run(self) -> SimReport:
+        cfg = self.config
+        wall0 = time.perf_counter()
+        if cfg.entries:
+            self._setup_storage()
+        nodes = [self._new_node() for _ in range(cfg.n)]
+        if cfg.build == "joins":
+            first = nodes[0]
+            first.core.start(self.now)
+            first.member = True
+            self._members = [first.ref.id]
+            self._drain(first)
+            for k, node in enumerate(nodes[1:]):
+                self._push(cfg.join_interval * (k + 1), _JOIN_RETRY, node)
+        else:
+            self._seed_ring(nodes)
+            if cfg.entries:
+                self._place_entries()
+        for node in nodes:
+            self._schedule_departure(node)
+        if self._mean_session is not None:
+            self._push(self.rng.expovariate(cfg.n / self._mean_session), _ARRIVE, None)
+        if cfg.lookup_rate > 0:
+            self._push(cfg.warmup + self.rng.expovariate(cfg.lookup_rate), _LOOKUP, None)
+        events = self._events
+        while events:
+            at, _, kind, payload = heapq.heappop(events)
+            if at > cfg.duration:
+                break
+            self.now = at
+            if kind == _REQ:
+                self._deliver_request(*payload)
+            elif kind == _REP:
+                self._deliver_reply(*payload)
+            elif kind == _TIMER:
+                self._fire_timer(*payload)
+            elif kind == _LOOKUP:
+                self._start_lookup()
+            elif kind == _DEPART:
+                self._depart(payload)
+            elif kind == _ARRIVE:
+                self._arrive()
+            elif kind == _XFER:
+                dst, items = payload
+                if dst.alive and dst.store is not None:
+                    dst.store.accept(items, self.now)
+            elif kind == _REPAIR:
+                if payload.alive and payload.member:
+                    self._send_transfers(payload, payload.replicator.repair(payload.store, self.now))
+                    self._push(self.now + cfg.repair_interval, _REPAIR, payload)
+            elif kind == _JOIN_RETRY:
+                self._join(payload)
+        self.now = cfg.duration
+        for node in self._by_id.values():
+            if node.alive:
+                self.report.node_seconds += self.now - node.born
+        self.report.n_end = len(self._members)
+        # Lookups still in flight at the end count as failures (lookup_stop leaves them ample time).
+        if self._entries:
+            self._count_lost()
+        self.report.wall_s = time.perf_counter() - wall0
+        return self.report
+
+
+def simulate(config: SimConfig) -> SimReport:
+    """Run one simulation and return its report."""
+    return Simulator(config).run()
