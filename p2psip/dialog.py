@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from p2psip.errors import TransactionError
 from p2psip.message import Request, Response, Via
+from p2psip.timers import DEFAULT_TIMERS, TimerConfig
 from p2psip.uri import URI, Address
 
 TARGET_REFRESH_METHODS = frozenset({"INVITE", "UPDATE", "SUBSCRIBE", "NOTIFY", "REFER"})
@@ -104,6 +105,8 @@ class Dialog:
         self.state = state
         self.invite_cseq: int | None = None
         """CSeq number of the last INVITE we sent in this dialog (what :meth:`create_ack` acknowledges)."""
+        self.last_ack: Request | None = None
+        """The last ACK :meth:`create_ack` built: send it again for each retransmitted 2xx."""
 
     @property
     def id(self) -> DialogId:
@@ -275,7 +278,7 @@ class Dialog:
         retransmitted 2xx (same ACK object)."""
         if not (200 <= response.status < 300) or response.cseq.method.upper() != "INVITE":
             raise TransactionError(f"only a 2xx to INVITE is ACKed by the UA core, not {response.status}")
-        return self._build(
+        ack = self._build(
             "ACK",
             response.cseq.number,
             via=via,
@@ -284,6 +287,8 @@ class Dialog:
             headers=headers,
             contact=False,
         )
+        self.last_ack = ack
+        return ack
 
     # --- messages we receive ---------------------------------------------------------------------
     def receive_request(self, request: Request) -> int | None:
@@ -339,3 +344,42 @@ class Dialog:
     def terminate(self) -> None:
         """Mark the dialog over (after a BYE sent or received, or a failure)."""
         self.state = DialogState.TERMINATED
+
+
+class AnswerRetransmitter:
+    """The UAS core's 2xx retransmission (§13.3.1.4), sans-IO.
+
+    The INVITE server transaction sends a 2xx only once (RFC 6026: it then sits in Accepted); the UA core
+    must resend it at T1, 2·T1, 4·T1, ... capped at T2 until the ACK arrives, and give up after 64·T1 (then
+    it should end the dialog with a BYE). Call :meth:`fire` at :attr:`deadline`: it returns the response to
+    send again, or None. :attr:`timed_out` tells that the ACK never came.
+    """
+
+    def __init__(self, response: Response, now: float, timers: TimerConfig = DEFAULT_TIMERS) -> None:
+        if not (200 <= response.status < 300):
+            raise TransactionError(f"only a 2xx is retransmitted by the UA core, not {response.status}")
+        self.response = response
+        self.timers = timers
+        self._interval = timers.t1
+        self.give_up_at = now + 64 * timers.t1
+        self.deadline: float | None = now + self._interval
+        """When to call :meth:`fire` next (None: finished, acknowledged or timed out)."""
+        self.acked = False
+        self.timed_out = False
+
+    def ack_received(self) -> None:
+        """The ACK for this 2xx arrived (the TU matched it by dialog and CSeq): stop."""
+        self.acked = True
+        self.deadline = None
+
+    def fire(self, now: float) -> Response | None:
+        """The retransmission timer fired: the 2xx to send again, or None (early call, done, or give-up)."""
+        if self.deadline is None or now < self.deadline - 1e-9:
+            return None
+        if now >= self.give_up_at - 1e-9:
+            self.timed_out = True
+            self.deadline = None
+            return None
+        self._interval = min(2 * self._interval, self.timers.t2)
+        self.deadline = min(now + self._interval, self.give_up_at)
+        return self.response

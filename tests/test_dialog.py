@@ -214,3 +214,39 @@ class TestUasDialog:
         no_contact.remove("Contact")
         with pytest.raises(TransactionError):
             Dialog.uas(no_contact, answer(no_contact, 200))
+
+
+class TestAnswerRetransmitter:
+    def test_schedule_until_give_up(self) -> None:
+        from p2psip.dialog import AnswerRetransmitter
+
+        req = invite()
+        ok = answer(req, 200)
+        retx = AnswerRetransmitter(ok, now=0.0)
+        assert retx.fire(0.2) is None  # too early
+        sent = []
+        while retx.deadline is not None:
+            at = retx.deadline
+            if retx.fire(at) is ok:
+                sent.append(at)
+        assert sent == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5]
+        assert retx.timed_out and not retx.acked
+
+    def test_ack_stops_it(self) -> None:
+        from p2psip.dialog import AnswerRetransmitter
+
+        req = invite()
+        retx = AnswerRetransmitter(answer(req, 200), now=10.0)
+        assert retx.fire(10.5) is not None
+        retx.ack_received()
+        assert retx.deadline is None and retx.fire(11.5) is None and not retx.timed_out
+        with pytest.raises(TransactionError):
+            AnswerRetransmitter(answer(req, 486), now=0.0)
+
+    def test_uac_resends_the_same_ack_for_retransmitted_2xx(self) -> None:
+        req = invite()
+        ok = answer(req, 200)
+        dialog = Dialog.uac(req, ok)
+        assert dialog.last_ack is None
+        ack = dialog.create_ack(ok)
+        assert dialog.last_ack is ack

@@ -288,10 +288,14 @@ class TestNonInviteClient:
         out = tx.receive_response(response(tx.request, 404), 1.0)
         assert is_terminated(out) and tx.history == [State.TRYING, State.COMPLETED, State.TERMINATED]
 
-    def test_transport_error(self) -> None:
+    @pytest.mark.parametrize("when", ["trying", "proceeding"])
+    def test_transport_error(self, when: str) -> None:
         tx, _ = self.new()
+        if when == "proceeding":
+            tx.receive_response(response(tx.request, 100, None), 0.05)
         out = tx.transport_error("no route", 0.1)
         assert any(isinstance(a, TransportFailure) for a in out) and tx.state is State.TERMINATED
+        assert not tx.deadlines
 
 
 # --------------------------------------------------------------------------------------------- INVITE server
@@ -434,8 +438,9 @@ class TestNonInviteServer:
         out = tx.send_response(response(tx.request, 200), 1.0)
         assert is_terminated(out) and tx.history == [State.TRYING, State.COMPLETED, State.TERMINATED]
 
-    def test_transport_error(self) -> None:
+    @pytest.mark.parametrize("status", [100, 200])
+    def test_transport_error(self, status: int) -> None:
         tx, _ = self.new()
-        tx.send_response(response(tx.request, 100, None), 0.1)
+        tx.send_response(response(tx.request, status, None if status == 100 else "b1"), 0.1)
         out = tx.transport_error("reset", 0.2)
         assert any(isinstance(a, TransportFailure) for a in out) and tx.state is State.TERMINATED
