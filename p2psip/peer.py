@@ -1,0 +1,694 @@
+"""Peer = overlay Node + SIP Stack: a registrar and location service with no server behind it.
+
+The only module where the SIP stack and the overlay meet (DESIGN.md, tests/test_layering.py). A peer:
+
+- **registrar**: a REGISTER for any AOR becomes one signed overlay entry per contact under the AOR's key,
+  signed with that user's key (created on first use and kept in ``DATA_DIR/users/``; copy the file to a
+  second peer to serve a second device of the same user). The decisions (expiry, refresh, ``*``, CSeq
+  order) are :mod:`p2psip.registrar`'s; this module only reads and writes the DHT and answers. Users listed
+  in the config with a password are challenged with digest auth first.
+- **location service + proxy**: the stack's :class:`~p2psip.proxy.Proxy` core asks :meth:`Peer.locate`
+  for the targets of every out-of-dialog request. :func:`p2psip.location.decide` says whether the
+  request-URI is an overlay AOR, an IP literal (forwarded as addressed) or a statically routed domain; AORs
+  are fetched from the DHT through a small cache that never outlives a binding; the proxy then forks to
+  every contact (Record-Route, best-response selection). Nobody registered: 404. No answer: 408/480.
+
+``run_foreground(config)`` is ``p2psip start``: the peer, a control socket for ``status``/``lookup``, one
+log line per event, and a graceful leave on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from overlay import ids
+from overlay.errors import NotJoined, OverlayError, StoreRefused
+from overlay.identity import KeyPair
+from overlay.node import Node, NodeConfig
+from p2psip import control
+from p2psip.auth import DigestServer
+from p2psip.config import PeerConfig
+from p2psip.errors import ConfigError, P2PSIPError, ParseError
+from p2psip.location import (
+    ForwardAsAddressed,
+    LocationCache,
+    NotRoutable,
+    OverlayLookup,
+    StaticRoute,
+    decide,
+    live_targets,
+)
+from p2psip.message import Request, Response
+from p2psip.proxy import Proxy
+from p2psip.registrar import (
+    Binding,
+    RegisterRejected,
+    RegistrarPolicy,
+    aor_of,
+    decode_binding,
+    ok_response,
+    plan_register,
+    reject_response,
+)
+from p2psip.stack import Source, Stack
+from p2psip.transaction import ServerTransaction
+from p2psip.uri import URI, Address
+
+log = logging.getLogger("p2psip.peer")
+
+EventHandler = Callable[[str, str], None]
+"""``on_event(kind, text)``: ``kind`` is a short word (joined, registered, unregistered, routed, failed,
+left, refused); ``text`` is one readable line."""
+
+USERS_DIR = "users"
+
+
+class UserKeys:
+    """One Ed25519 user key per AOR, kept in ``DATA_DIR/users/<user@host>.key`` (mode 0600).
+
+    The first key that writes an AOR owns it in a ``first-claim`` overlay, so the key must survive restarts
+    (same data dir, same key) and can be copied to another peer that serves another device of that user.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._keys: dict[str, KeyPair] = {}
+
+    def path_for(self, aor: str) -> Path:
+        name = aor.partition(":")[2] or aor
+        safe = re.sub(r"[^A-Za-z0-9._@+-]", lambda m: f"%{ord(m.group()):02X}", name)
+        return self.directory / f"{safe}.key"
+
+    def get(self, aor: str) -> KeyPair:
+        key = self._keys.get(aor)
+        if key is None:
+            key = KeyPair.load_or_create(self.path_for(aor))
+            self._keys[aor] = key
+        return key
+
+    def known(self) -> list[str]:
+        return sorted(self._keys)
+
+
+@dataclass
+class LookupResult:
+    """What ``lookup`` found for an AOR: where it lives on the ring and the live bindings."""
+
+    aor: str
+    key: int
+    responsible: tuple[int, str, int] | None
+    hops: int
+    holders: list[tuple[int, str, int]]
+    bindings: list[Binding]
+    seconds: float
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        def node(n: tuple[int, str, int]) -> dict[str, str]:
+            return {"id": f"{n[0]:032x}", "addr": f"{n[1]}:{n[2]}"}
+
+        return {
+            "aor": self.aor,
+            "key": f"{self.key:032x}",
+            "hops": self.hops,
+            "responsible": node(self.responsible) if self.responsible else None,
+            "path": [node(self.responsible)] if self.responsible else [],
+            "holders": [node(n) for n in self.holders],
+            "lookup_ms": round(self.seconds * 1000, 2),
+            "bindings": [
+                {
+                    "contact": b.contact,
+                    "expires_in": b.remaining(now),
+                    "q": b.q,
+                    "instance": b.instance,
+                }
+                for b in self.bindings
+            ],
+        }
+
+
+class PeerCore(Proxy):
+    """The peer's SIP core: the proxy (with ``locate`` = the DHT) plus the registrar for REGISTER."""
+
+    def __init__(self, peer: Peer, stack: Stack, *, verbose: bool = False) -> None:
+        self.peer = peer
+        super().__init__(stack, locate=peer.locate, record_route=True, verbose=verbose)
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        if transaction is not None and request.method == "REGISTER":
+            task = asyncio.ensure_future(self.peer.handle_register(request, transaction, source))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if (
+            transaction is not None
+            and request.method == "OPTIONS"
+            and request.get("Route") is None
+            and request.uri.user is None
+            and self.stack.is_local(request.uri.host, request.uri.port)
+        ):
+            response = Response.for_request(request, 200)
+            response.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE")
+            self.stack.respond(transaction, response)
+            return
+        super().on_request(request, transaction, source)
+
+
+class Peer:
+    """An overlay node and a SIP stack joined into a serverless registrar and proxy.
+
+    Create with ``await Peer.start(config)``; end with ``await peer.close()`` (graceful leave: entries are
+    handed to the successors) or ``await peer.close(leave=False)`` (like a crash, sockets freed).
+    """
+
+    def __init__(
+        self, config: PeerConfig, node: Node, stack: Stack, *, on_event: EventHandler | None
+    ) -> None:
+        self.config = config
+        self.node = node
+        self.stack = stack
+        self.on_event = on_event
+        self.users = UserKeys(config.data_dir / USERS_DIR)
+        self.cache = LocationCache(ttl=config.cache_ttl)
+        self.policy = RegistrarPolicy(
+            min_expires=config.min_expires,
+            max_expires=config.max_expires,
+            default_expires=config.default_expires,
+        )
+        self.names: dict[int, str] = {}  # ring key -> AOR, for the names this peer has seen (status)
+        self.started = time.time()
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "registers",
+                "registers_refused",
+                "bindings_written",
+                "bindings_removed",
+                "lookups",
+                "lookup_cache_hits",
+                "routed",
+                "not_found",
+                "overlay_errors",
+            ),
+            0,
+        )
+        self._aor_locks: dict[str, asyncio.Lock] = {}
+        self._digest: dict[str, DigestServer] = {}
+        for account in config.users.values():
+            realm = account.realm or config.realm
+            if realm not in self._digest:
+                self._digest[realm] = DigestServer(realm, self._password_lookup(realm))
+        self.core = PeerCore(self, stack, verbose=config.verbose)
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------ life cycle
+
+    @classmethod
+    async def start(
+        cls,
+        config: PeerConfig,
+        *,
+        on_event: EventHandler | None = None,
+        node_config: NodeConfig | None = None,
+        stack_options: dict[str, Any] | None = None,
+    ) -> Peer:
+        """Join (or create) the overlay, open the SIP listeners. Raises ConfigError for unusable addresses
+        and P2PSIPError (with the reason) when the overlay cannot be joined."""
+        data_dir = Path(config.data_dir)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot create data dir {data_dir}: {exc.strerror or exc}") from None
+        join = config.join.as_tuple() if config.join else None
+        try:
+            node = await Node.start(
+                bind=config.overlay.as_tuple(),
+                join=join,
+                data_dir=data_dir,
+                overlay_name=config.overlay_name,
+                replicas=config.replicas,
+                config=node_config,
+            )
+        except NotJoined as exc:
+            raise P2PSIPError(f"{exc} (is a peer running there? check --join)") from None
+        except OverlayError as exc:
+            raise ConfigError(f"overlay: {exc}") from None
+        try:
+            listen: list[str] = []
+            for spec in config.listen:
+                for transport in spec.transports():
+                    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+                    listen.append(f"{transport}:{host}:{spec.port}")
+            stack = await Stack.start(listen, verbose=config.verbose, **(stack_options or {}))
+        except BaseException:
+            await node.close()
+            raise
+        peer = cls(config, node, stack, on_event=on_event)
+        how = f"joined the overlay through {config.join}" if join else "created a new overlay"
+        peer._event("joined", f"{how} as node {ids.short(node.node_id)} at {peer.overlay_address_text}; "
+                    f"SIP on {', '.join(peer.sip_addresses())}")  # fmt: skip
+        return peer
+
+    async def close(self, *, leave: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self.core._tasks):
+            task.cancel()
+        try:
+            if leave:
+                await self.node.leave()
+            else:
+                await self.node.close()
+        finally:
+            await self.stack.close()
+        if leave:
+            self._event("left", "left the overlay (entries handed to the successors)")
+
+    # --------------------------------------------------------------------------------------- addresses
+
+    @property
+    def overlay_address(self) -> tuple[str, int]:
+        return self.node.endpoint
+
+    @property
+    def overlay_address_text(self) -> str:
+        host, port = self.node.endpoint
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def sip_address(self, transport: str = "udp") -> tuple[str, int]:
+        return self.stack.local_address(transport)
+
+    def sip_addresses(self) -> list[str]:
+        out = []
+        for transport, addrs in self.stack.transport.listening.items():
+            for host, port in addrs:
+                shown = f"[{host}]" if ":" in host else host
+                out.append(f"{transport}:{shown}:{port}")
+        return out
+
+    def _local_addresses(self) -> list[tuple[str, int]]:
+        return [a for addrs in self.stack.transport.listening.values() for a in addrs]
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def _event(self, kind: str, text: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, text)
+            except Exception:  # a broken log sink must not break SIP processing
+                log.exception("event handler failed")
+
+    # -------------------------------------------------------------------------------------- bindings
+
+    def _lock(self, aor: str) -> asyncio.Lock:
+        lock = self._aor_locks.get(aor)
+        if lock is None:
+            lock = self._aor_locks[aor] = asyncio.Lock()
+        return lock
+
+    async def fetch_bindings(self, aor: str) -> list[Binding]:
+        """Every live binding of ``aor`` in the overlay (malformed records are skipped)."""
+        self.names[ids.key_for(aor)] = aor
+        entries = await self.node.get(aor)
+        now = time.time()
+        out = []
+        for entry in entries:
+            if not entry.value:
+                continue
+            try:
+                binding = decode_binding(aor, entry.value)
+            except ValueError:
+                continue
+            if binding.alive(now):
+                out.append(binding)
+        return out
+
+    def _password_lookup(self, realm: str) -> Callable[[str], str | None]:
+        def lookup(username: str) -> str | None:
+            for account in self.config.users.values():
+                if (account.realm or self.config.realm) == realm and account.username == username:
+                    return account.password
+            return None
+
+        return lookup
+
+    # ------------------------------------------------------------------------------------- registrar
+
+    async def handle_register(self, request: Request, transaction: ServerTransaction, source: Source) -> None:
+        """Answer one REGISTER (RFC 3261 §10.3) by reading and writing the AOR's entries in the overlay."""
+        self.counters["registers"] += 1
+        try:
+            response = await self._register(request)
+        except Exception as exc:  # never leave a REGISTER unanswered
+            log.exception("REGISTER failed")
+            response = Response.for_request(request, 500, f"Server Internal Error ({exc})")
+        if response.status >= 300 and response.status not in (401, 407):
+            self.counters["registers_refused"] += 1
+        with contextlib.suppress(Exception):
+            self.stack.respond(transaction, response)
+
+    async def _register(self, request: Request) -> Response:
+        try:
+            aor = aor_of(request)
+        except RegisterRejected as rejected:
+            return reject_response(request, rejected)
+        account = self.config.account_for(aor)
+        if account is not None:
+            digest = self._digest[account.realm or self.config.realm]
+            result, challenge = digest.check(request, time.time())
+            if challenge is not None:
+                return challenge
+            if result.username != account.username:
+                return Response.for_request(request, 403, f"Forbidden (credentials are not {aor}'s)")
+        elif self.config.require_auth:
+            return Response.for_request(request, 403, f"Forbidden ({aor} is not a user of this peer)")
+        async with self._lock(aor):
+            try:
+                current = await self.fetch_bindings(aor)
+            except (OverlayError, TimeoutError) as exc:
+                self.counters["overlay_errors"] += 1
+                return self._unavailable(request, exc)
+            now = time.time()
+            try:
+                plan = plan_register(request, current, now, self.policy)
+            except RegisterRejected as rejected:
+                return reject_response(request, rejected)
+            if plan.is_query:
+                return ok_response(request, plan, now)
+            key = self.users.get(aor)
+            try:
+                await asyncio.gather(
+                    *(
+                        self.node.put(aor, w.value, entry_id=w.entry_id, lifetime=w.lifetime, key=key)
+                        for w in plan.writes
+                    ),
+                    *(self.node.remove(aor, entry_id=r.entry_id, key=key) for r in plan.removes),
+                )
+            except StoreRefused as exc:
+                self.cache.forget(aor)
+                if exc.reason == "policy":
+                    self._event("refused", f"REGISTER {aor} refused: the name belongs to another user key")
+                    return Response.for_request(
+                        request, 403, "Forbidden (this AOR is registered with another user key)"
+                    )
+                return Response.for_request(request, 500, f"Server Internal Error (overlay refused: {exc})")
+            except (OverlayError, TimeoutError) as exc:
+                self.cache.forget(aor)
+                self.counters["overlay_errors"] += 1
+                return self._unavailable(request, exc)
+            self.cache.forget(aor)
+        self.counters["bindings_written"] += len(plan.writes)
+        self.counters["bindings_removed"] += len(plan.removes)
+        for w in plan.writes:
+            self._event("registered", f"registered {aor} -> {w.binding.contact} for {w.lifetime} s")
+        for r in plan.removes:
+            self._event("unregistered", f"unregistered {aor} -> {r.binding.contact}")
+        return ok_response(request, plan, now)
+
+    def _unavailable(self, request: Request, exc: BaseException) -> Response:
+        response = Response.for_request(request, 503, f"Service Unavailable (overlay: {exc or 'timeout'})")
+        response.add("Retry-After", "5")
+        return response
+
+    # -------------------------------------------------------------------------------------- location
+
+    async def lookup_bindings(self, aor: str) -> list[Binding]:
+        """The live bindings of ``aor``, through the cache (which never outlives a binding)."""
+        now = time.time()
+        cached = self.cache.get(aor, now)
+        if cached is not None:
+            self.counters["lookup_cache_hits"] += 1
+            return cached
+        self.counters["lookups"] += 1
+        bindings = await self.fetch_bindings(aor)
+        self.cache.put(aor, bindings, time.time())
+        return live_targets(bindings, time.time())
+
+    async def locate(self, request: Request) -> list[URI | Address]:
+        """The proxy's location hook: where ``request`` goes (see the module docstring)."""
+        uri = request.uri
+        decision = decide(uri, routes=self._routes(), local_addresses=self._local_addresses())
+        if isinstance(decision, NotRoutable):
+            raise LookupError(decision.reason)
+        if isinstance(decision, ForwardAsAddressed):
+            return [uri]
+        if isinstance(decision, StaticRoute):
+            request.add("Route", f"<sip:{_uri_host(decision.host)}:{decision.port};lr>", first=True)
+            self._event("routed", f"{request.method} {uri} -> static route {decision.host}:{decision.port}")
+            return [uri]
+        assert isinstance(decision, OverlayLookup)
+        aor = decision.aor
+        try:
+            bindings = await self.lookup_bindings(aor)
+        except (OverlayError, TimeoutError) as exc:
+            self.counters["overlay_errors"] += 1
+            raise LookupError(f"overlay lookup failed: {exc}") from None
+        if not bindings:
+            if self.config.dns and not _is_ip(uri.host):
+                hop = await _resolve(uri.host, uri.port)
+                if hop is not None:
+                    request.add("Route", f"<sip:{_uri_host(hop[0])}:{hop[1]};lr>", first=True)
+                    self._event("routed", f"{request.method} {uri} -> DNS {hop[0]}:{hop[1]}")
+                    return [uri]
+            self.counters["not_found"] += 1
+            self._event("failed", f"{request.method} {aor}: nobody is registered (404)")
+            raise LookupError(f"nobody is registered as {aor}")
+        targets: list[URI | Address] = []
+        for b in bindings:
+            try:
+                target = Address.build(URI(b.contact))
+            except ParseError:
+                continue
+            if b.q is not None:
+                target.params["q"] = f"{b.q:g}"
+            targets.append(target)
+            for hop_text in reversed(b.path):
+                # RFC 3327: a registration's Path becomes the request's Route (only for one contact).
+                if len(bindings) == 1:
+                    request.add("Route", hop_text, first=True)
+        self.counters["routed"] += 1
+        contacts = ", ".join(b.contact for b in bindings)
+        self._event("routed", f"{request.method} {aor} -> {contacts}")
+        return targets
+
+    def _routes(self) -> dict[str, tuple[str, int]]:
+        return {domain: hp.as_tuple() for domain, hp in self.config.routes.items()}
+
+    async def lookup(self, text: str) -> LookupResult:
+        """``p2psip lookup``: the AOR's ring key, the node responsible, its replicas and the bindings."""
+        try:
+            aor = URI(text).aor()
+        except ParseError as exc:
+            raise P2PSIPError(f"{text!r} is not a SIP URI: {exc}") from None
+        key = ids.key_for(aor)
+        started = time.perf_counter()
+        node, hops = await self.node.lookup(key)
+        bindings = await self.fetch_bindings(aor)
+        seconds = time.perf_counter() - started
+        holders = [tuple(node)] + await self._replicas_after(node)
+        return LookupResult(aor, key, tuple(node), hops, holders, bindings, seconds)  # type: ignore[arg-type]
+
+    async def _replicas_after(self, node: Any) -> list[tuple[int, str, int]]:
+        """The replicas of a key: the responsible node's first r-1 successors. The successor of node n is
+        the node responsible for key n+1, so each is one more lookup (no extra RPC type needed)."""
+        found: list[tuple[int, str, int]] = []
+        current = node
+        for _ in range(self.config.replicas - 1):
+            try:
+                nxt, _hops = await self.node.lookup((current.id + 1) % ids.RING)
+            except (OverlayError, TimeoutError):
+                break
+            if nxt.id == node.id or any(nxt.id == f[0] for f in found):
+                break
+            found.append((nxt.id, nxt.host, nxt.port))
+            current = nxt
+        return found
+
+    # ---------------------------------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        """``p2psip status``: ring neighbours, fingers, stored entries, traffic and drop counters."""
+        node = self.node
+        core = node.core
+
+        def ref(n: Any) -> dict[str, str]:
+            host = f"[{n.host}]" if ":" in n.host else n.host
+            return {"id": f"{n.id:032x}", "addr": f"{host}:{n.port}"}
+
+        now = asyncio.get_running_loop().time()
+        by_key: dict[int, list[Any]] = {}
+        for entry, _remaining in node.store.records(now):
+            if not entry.is_removal:
+                by_key.setdefault(entry.key, []).append(entry)
+        stored = [
+            {
+                "key": f"{key:032x}",
+                "name": self.names.get(key),
+                "entries": len(entries),
+                "owner": entries[0].owner.hex()[:16],
+            }
+            for key, entries in sorted(by_key.items())
+        ]
+        node_stats = node.stats()
+        counters: dict[str, Any] = {f"peer_{k}": v for k, v in self.counters.items()}
+        for k, v in node_stats.items():
+            if isinstance(v, int):
+                counters[f"overlay_{k}"] = v
+        for k, v in self.stack.stats.items():
+            counters[f"sip_{k}"] = v
+        for k, v in self.core.stats.items():
+            counters[f"proxy_{k}"] = v
+        return {
+            "node_id": f"{node.node_id:032x}",
+            "overlay": self.overlay_address_text,
+            "overlay_name": self.config.overlay_name,
+            "sip": self.sip_addresses(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "predecessor": ref(core.predecessor) if core is not None and core.predecessor else None,
+            "successors": [ref(n) for n in core.successors] if core is not None else [],
+            "fingers": [ref(n) for n in core.fingers()] if core is not None else [],
+            "stored": stored,
+            "user_keys": self.users.known(),
+            "cache_entries": len(self.cache),
+            "counters": counters,
+        }
+
+    async def control(self, request: dict[str, Any]) -> Any:
+        """The control socket's handler: ``status`` and ``lookup``."""
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "lookup":
+            uri = request.get("uri")
+            if not isinstance(uri, str):
+                raise P2PSIPError('lookup needs "uri"')
+            return (await self.lookup(uri)).as_dict(time.time())
+        raise P2PSIPError(f"unknown command {cmd!r} (status, lookup)")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _uri_host(host: str) -> str:
+    host = host.strip("[]")
+    return f"[{host}]" if ":" in host else host
+
+
+async def _resolve(host: str, port: int | None) -> tuple[str, int] | None:
+    """A/AAAA lookup for ``--dns`` (no SRV/NAPTR): the first address, or None."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port or 5060, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError):
+        return None
+    for _family, _type, _proto, _name, sockaddr in infos:
+        return str(sockaddr[0]), int(sockaddr[1])
+    return None
+
+
+class SipTrace:
+    """Prints every SIP message a stack sends and receives (``p2psip start -v``).
+
+    It wraps the transport's receive callback and send methods of one stack; ``write`` gets one block of
+    text per message.
+    """
+
+    def __init__(self, stack: Stack, write: Callable[[str], None], *, full: bool = True) -> None:
+        self.write = write
+        self.full = full
+        transport = stack.transport
+        receive = transport.on_message
+        send = transport.send
+        send_on = transport.send_on
+
+        def traced_receive(message: Any, source: Any) -> None:
+            self._show("<<", f"from {source.transport}:{source.host}:{source.port}", bytes(message))
+            receive(message, source)
+
+        def traced_send(data: bytes, target: Any, on_error: Any = None) -> None:
+            self._show(">>", f"to {target}", data)
+            send(data, target, on_error)
+
+        def traced_send_on(conn: Any, data: bytes) -> None:
+            self._show(">>", "on stream", data)
+            send_on(conn, data)
+
+        transport.on_message = traced_receive
+        transport.send = traced_send  # type: ignore[method-assign]
+        transport.send_on = traced_send_on  # type: ignore[method-assign]
+
+    def _show(self, arrow: str, where: str, data: bytes) -> None:
+        text = data.decode("utf-8", "replace")
+        if not self.full:
+            text = text.split("\r\n", 1)[0]
+        self.write(f"{arrow} {where}\n{text.rstrip()}\n")
+
+
+def _log_line(kind: str, text: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"{stamp} {kind:<12} {text}", flush=True)
+
+
+async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | None = None) -> int:
+    """``p2psip start``: run a peer until SIGINT/SIGTERM, then leave gracefully. Returns the exit code."""
+    if config.verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    try:
+        peer = await Peer.start(config, on_event=_log_line)
+    except ConfigError:
+        raise
+    except (P2PSIPError, OverlayError, OSError) as exc:
+        print(f"p2psip: error: {exc}", file=sys.stderr)
+        return 1
+    if config.verbose:
+        SipTrace(peer.stack, lambda text: print(text, file=sys.stderr, flush=True))
+    server = control.ControlServer(config.data_dir, peer.control)
+    try:
+        await server.start()
+    except P2PSIPError as exc:
+        await peer.close(leave=True)
+        print(f"p2psip: error: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    _log_line("ready", f"control socket {server.path}")
+    if ready is not None:
+        ready(peer)
+    try:
+        await stop.wait()
+        _log_line("stopping", "leaving the overlay")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.close()
+        await peer.close(leave=True)
+    return 0
+
+
+def iter_bindings(entries: Iterable[Any], aor: str) -> list[Binding]:
+    """Decode the registration records among overlay entries (skipping malformed ones)."""
+    out = []
+    for entry in entries:
+        with contextlib.suppress(ValueError):
+            out.append(decode_binding(aor, entry.value))
+    return out
