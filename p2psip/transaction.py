@@ -107,8 +107,10 @@ class PassToTU:
 @dataclass(frozen=True, slots=True, eq=False)
 class Timeout:
     """The transaction timed out: ``timer`` is "B" / "F" (no final response: the TU should act as on a 408),
-    "H" (no ACK for our non-2xx final), or "C" (proxy Timer C: if the client INVITE transaction is in
-    Proceeding the proxy must CANCEL it — see :meth:`TransactionLayer.cancel` — else it is terminated)."""
+    "H" (no ACK for our non-2xx final), "C" (proxy Timer C: if the client INVITE transaction is in
+    Proceeding the proxy must CANCEL it — see :meth:`TransactionLayer.cancel` — else it is terminated), or
+    "CANCEL" (64·T1 after our CANCEL still no final response: the INVITE transaction is given up, §9.1; the
+    TU acts as on a 487)."""
 
     transaction: Transaction
     timer: str
@@ -386,6 +388,7 @@ class InviteClientTransaction(ClientTransaction):
                 self._cancel(out, "A")
                 self._cancel(out, "B")
                 self._cancel(out, "C")
+                self._cancel(out, "CANCEL")
                 self.last_response = response
                 self._enter(State.ACCEPTED)
                 self._start(out, "M", now, self.timers.m())
@@ -394,6 +397,7 @@ class InviteClientTransaction(ClientTransaction):
                 self._cancel(out, "A")
                 self._cancel(out, "B")
                 self._cancel(out, "C")
+                self._cancel(out, "CANCEL")
                 self.last_response = response
                 self.ack = make_ack(self.request, response)
                 self._send(out, self.ack)
@@ -411,11 +415,24 @@ class InviteClientTransaction(ClientTransaction):
             self._send(out, self.ack)  # retransmitted final response: ACK again, not to the TU
         return out
 
+    def cancel_sent(self, now: float) -> list[Action]:
+        """A CANCEL for this INVITE went out (:meth:`TransactionLayer.cancel` calls this). If no final
+        response comes within 64·T1, the transaction gives up (§9.1): ``Timeout(timer="CANCEL")``, and the
+        TU treats the INVITE as answered 487. Without this guard a dead callee would leave the transaction
+        in Proceeding for ever (Proceeding has no timer of its own)."""
+        out: list[Action] = []
+        if self.state in (State.CALLING, State.PROCEEDING) and "CANCEL" not in self.deadlines:
+            self._start(out, "CANCEL", now, 64 * self.timers.t1)
+        return out
+
     def timer_fired(self, name: str, now: float) -> list[Action]:
         out: list[Action] = []
         if not self._fire_check(name, now):
             return out
-        if name == "A" and self.state is State.CALLING:
+        if name == "CANCEL" and self.state in (State.CALLING, State.PROCEEDING):
+            out.append(Timeout(self, "CANCEL"))
+            self._terminate(out)
+        elif name == "A" and self.state is State.CALLING:
             self._send(out, self.request)
             self._a_interval *= 2
             self._start(out, "A", now, self._a_interval)
@@ -835,6 +852,7 @@ class TransactionLayer:
         if client_key(cancel) in self.clients:
             return []  # already cancelled
         _tx, events = self.send_request(cancel, invite_tx.destination, now, reliable=reliable)
+        events.extend(self._process(invite_tx.cancel_sent(now)))
         return events
 
     # --- server side -----------------------------------------------------------------------------

@@ -129,6 +129,20 @@ class TestClientSide:
         assert [e.message.method for e in of(events, Transmit)] == ["ACK"]
         assert layer.cancel(tx, 0.5) == []  # after a final response: nothing to cancel
 
+    def test_cancelled_invite_without_final_response_is_given_up(self) -> None:
+        """§9.1: 64*T1 after the CANCEL without a final response, the INVITE transaction ends."""
+        layer = TransactionLayer()
+        invite = request()
+        tx, _ = layer.send_request(invite, DEST, 0.0, reliable=True)
+        layer.receive_response(response(invite, 180), DEST, 1.0)
+        layer.cancel(tx, 5.0)
+        cancel_tx = next(t for t in layer.clients.values() if t.method == "CANCEL")
+        layer.receive_response(response(cancel_tx.request, 200), DEST, 5.1)  # 200 to the CANCEL, no 487
+        log = drive(layer, 100.0)
+        assert [(t, type(e)) for t, e in log if e.transaction is tx] == [(37.0, Timeout), (37.0, Terminated)]
+        assert [e.timer for _, e in log if isinstance(e, Timeout)] == ["CANCEL"]
+        assert len(layer) == 0
+
     def test_cancel_dropped_when_final_comes_first(self) -> None:
         layer = TransactionLayer()
         invite = request()
