@@ -117,6 +117,9 @@ class DigestServer:
     ``credentials(username) -> password | None`` looks a user up. ``secret`` keys the nonce HMAC (give the
     same secret to every process that must accept the others' nonces; default: random per instance).
     ``nonce_lifetime`` (seconds) bounds how long a nonce is accepted; ``algorithms`` are offered in order.
+    ``check_uri=True`` also requires the digest ``uri`` to equal the Request-URI (§19.1.4). It is off by
+    default, like Kamailio: sipp and some phones put the next hop's address there, and the nonce-count
+    check already stops replays.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class DigestServer:
         nonce_lifetime: float = 300.0,
         algorithms: tuple[str, ...] = ("SHA-256", "MD5"),
         max_tracked_nonces: int = 10_000,
+        check_uri: bool = False,
     ) -> None:
         for algorithm in algorithms:
             _base_algorithm(algorithm)
@@ -139,6 +143,7 @@ class DigestServer:
         self.nonce_lifetime = nonce_lifetime
         self.algorithms = algorithms
         self.max_tracked_nonces = max_tracked_nonces
+        self.check_uri = check_uri
         self.opaque = base64.urlsafe_b64encode(hmac.digest(self.secret, b"opaque", "sha256")[:12]).decode()
         self._nc_seen: OrderedDict[str, int] = OrderedDict()
 
@@ -232,12 +237,15 @@ class DigestServer:
         except ValueError:
             return AuthResult(False, username, reason=f"bad nc {nc!r}")
         digest_uri = params.get("uri", "")
-        try:
-            same_uri = URI(digest_uri) == request.uri
-        except ParseError:
-            same_uri = False
-        if not same_uri:
-            return AuthResult(False, username, reason=f"digest uri {digest_uri!r} is not the Request-URI")
+        if not digest_uri:
+            return AuthResult(False, username, reason="credentials without uri")
+        if self.check_uri:
+            try:
+                same_uri = URI(digest_uri) == request.uri
+            except ParseError:
+                same_uri = False
+            if not same_uri:
+                return AuthResult(False, username, reason=f"digest uri {digest_uri!r} is not the Request-URI")
         password = self.credentials(username)
         if password is None:
             return AuthResult(False, username, reason=f"unknown user {username!r}")

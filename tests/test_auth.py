@@ -164,7 +164,7 @@ class TestServer:
         assert server.verify(wire_request(retry), 1.0).ok
 
     def test_wrong_password_unknown_user_and_wrong_uri(self) -> None:
-        server = self.server()
+        server = self.server(check_uri=True)
         req = sip_request()
         challenge = wire_response(server.challenge(req, 0.0))
         bad = server.verify(wire_request(answer_challenge(challenge, req, "alice", "guess")), 1.0)
@@ -175,6 +175,7 @@ class TestServer:
         retry.uri = sip_request(uri="sip:other.example.com").uri
         moved = server.verify(wire_request(retry), 1.0)
         assert not moved.ok and "Request-URI" in moved.reason
+        assert self.server().verify(wire_request(retry), 1.0).ok  # default: the uri is not compared
 
     def test_expired_nonce_is_stale_and_the_client_recovers(self) -> None:
         server = self.server(nonce_lifetime=60.0)
