@@ -40,6 +40,11 @@ class SippResult:
     successful: int
     failed: int
     retransmissions: int
+    call_rate: float = 0.0
+    """sipp's ``CallRate(C)``: calls over its whole run time, including the last calls' tail."""
+    elapsed: float = 0.0
+    """Wall-clock seconds the run took (set by ``run_calls``): well above calls/rate when sipp, the
+    proxy or the machine could not keep up."""
     setup_ms: list[float] = field(default_factory=list)
     """Call-setup times (INVITE → 200) in ms, one per call, when the run traced them."""
     log: str = ""
@@ -56,7 +61,7 @@ class SippResult:
     def __str__(self) -> str:
         return (
             f"sipp rc={self.returncode} successful={self.successful} failed={self.failed} "
-            f"retransmissions={self.retransmissions}\n{self.log}"
+            f"retransmissions={self.retransmissions} call_rate={self.call_rate:.0f}/s\n{self.log}"
         )
 
 
@@ -109,6 +114,7 @@ class Sipp:
 
     def result(self) -> SippResult:
         successful = failed = retrans = 0
+        call_rate = 0.0
         if self.stat_file.exists():
             rows = list(csv.DictReader(self.stat_file.open(newline=""), delimiter=";"))
             if rows:
@@ -116,6 +122,7 @@ class Sipp:
                 successful = int(last.get("SuccessfulCall(C)") or 0)
                 failed = int(last.get("FailedCall(C)") or 0)
                 retrans = int(last.get("Retransmissions(C)") or 0)
+                call_rate = float(last.get("CallRate(C)") or 0.0)
         setup: list[float] = []
         for rtt in sorted(self.workdir.glob("*_rtt.csv")):
             for line in rtt.read_text().splitlines()[1:]:
@@ -123,7 +130,9 @@ class Sipp:
                 if len(parts) >= 3 and parts[2].strip() == "1":
                     setup.append(float(parts[1]))
         returncode = self.proc.returncode if self.proc is not None else None
-        return SippResult(returncode, successful, failed, retrans, setup, self.log_tail())
+        return SippResult(
+            returncode, successful, failed, retrans, call_rate=call_rate, setup_ms=setup, log=self.log_tail()
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         texts = []
@@ -165,6 +174,9 @@ def uas(
         "-trace_err",
         "-error_file",
         str(workdir / name / "errors.log"),
+        # a proxy with several workers may reorder an ACK behind the BYE (legal on UDP): tolerate it
+        "-default_behaviors",
+        "all,-abortunexp",
         *extra,
     ]
     return Sipp(args, workdir, name).start(ready_port=(port, _transport_kind(transport)))
@@ -259,5 +271,6 @@ def run_calls(
     started = time.monotonic()
     with uac(workdir, target, calls=calls, rate=rate, port=port, **kwargs) as client:  # type: ignore[arg-type]
         result = client.wait(bound)
-    result.log = f"(ran {time.monotonic() - started:.1f} s)\n{result.log}"
+    result.elapsed = time.monotonic() - started
+    result.log = f"(ran {result.elapsed:.1f} s)\n{result.log}"
     return result

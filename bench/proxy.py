@@ -1,0 +1,277 @@
+"""Proxy benchmark: calls per second with 0 failed calls, sipp UAC → proxy → sipp UAS on loopback.
+
+One command::
+
+    python bench/proxy.py            # full run: 10 s per rate step (about 10-15 minutes)
+    python bench/proxy.py --quick    # 3 s steps, fewer rates (about 3 minutes)
+
+Proxies measured in the same run, one at a time, on UDP:
+
+- ``p2psip`` — our ``p2psip proxy`` command, stateful (transactions, Record-Route), asyncio event loop;
+- ``p2psip+uvloop`` — the same with ``--loop uvloop`` (when uvloop is installed: the ``fast`` extra);
+- ``kamailio-tm`` — Kamailio 5.6 as a stateful proxy (``tm``'s ``t_relay``, Record-Route, 4 workers);
+- ``kamailio-sl`` — Kamailio stateless (``forward``), the floor any proxy can reach;
+- ``direct`` — sipp UAC straight to sipp UAS, no proxy: the ceiling of what sipp can measure here.
+
+For each: the highest rate of a bounded ladder (then one bisection step) that completes every call, with
+the run lasting no more than 15 % (+2 s of tail) over the step duration (else sipp or the proxy could
+not keep the rate); CPU time per call at 1,000 calls/s
+(user+system of the proxy and its worker processes, from /proc, over the whole step); and p99 call-setup
+latency (INVITE sent → 200 received at the UAC, from sipp's ``-trace_rtt``, 1 ms resolution) at half of
+our stateful proxy's maximum, for every proxy at that same rate. Each step uses a fresh proxy and UAS.
+
+The machine may be shared: numbers move with load, so compare ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from conftest import free_port  # noqa: E402
+from interop.kamailio import Kamailio, stateful_config, stateless_config  # noqa: E402
+from interop.ourproxy import OurProxy  # noqa: E402
+from interop.sipp import SippResult, run_calls, uas  # noqa: E402
+
+FULL_LADDER = [250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000]
+QUICK_LADDER = [500, 1000, 2000, 3000]
+
+
+class Runner:
+    """Something that forwards calls: started fresh for every step, with its CPU time readable."""
+
+    def __init__(
+        self,
+        name: str,
+        make: Callable[[Path], AbstractContextManager[object]] | None,
+        address: Callable[[object], str],
+        cpu: Callable[[object], float],
+    ) -> None:
+        self.name = name
+        self.make = make
+        self.address = address
+        self.cpu = cpu
+
+    @contextlib.contextmanager
+    def running(self, workdir: Path) -> Iterator[tuple[str | None, Callable[[], float]]]:
+        if self.make is None:
+            yield None, lambda: 0.0
+            return
+        with self.make(workdir) as proc:
+            yield self.address(proc), lambda: self.cpu(proc)
+
+
+def _ours(loop: str) -> Runner:
+    return Runner(
+        f"p2psip{'+uvloop' if loop == 'uvloop' else ''}",
+        lambda wd: OurProxy(wd, ["udp:127.0.0.1:0"], loop=loop),
+        lambda p: p.address("udp"),  # type: ignore[attr-defined]
+        lambda p: p.cpu_seconds(),  # type: ignore[attr-defined]
+    )
+
+
+def _kamailio(stateful: bool) -> Runner:
+    def make(wd: Path) -> Kamailio:
+        port = free_port()
+        build = stateful_config if stateful else stateless_config
+        return Kamailio(
+            build("127.0.0.1", port, children=4, transports=("udp",)),
+            wd,
+            port,
+            shm_mb=1024,
+            transports=("udp",),
+        )
+
+    return Runner(
+        "kamailio-tm" if stateful else "kamailio-sl",
+        make,
+        lambda k: f"127.0.0.1:{k.port}",  # type: ignore[attr-defined]
+        lambda k: k.cpu_seconds(),  # type: ignore[attr-defined]
+    )
+
+
+@dataclass
+class Step:
+    rate: int
+    ok: bool
+    result: SippResult
+    cpu_s: float
+    seconds: float
+
+
+@dataclass
+class Row:
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    max_rate: int = 0
+    cpu_ms_per_call: float | None = None
+    p99_ms: float | None = None
+    p50_ms: float | None = None
+
+
+def run_step(runner: Runner, rate: int, duration: float, workdir: Path, *, trace_rtt: bool = False) -> Step:
+    calls = max(1, int(rate * duration))
+    uport, cport = free_port(), free_port()
+    step_dir = Path(tempfile.mkdtemp(prefix=f"{runner.name}-{rate}-", dir=workdir))
+    started = time.monotonic()
+    with runner.running(step_dir) as (proxy, cpu), uas(step_dir, uport):
+        cpu0 = cpu()
+        result = run_calls(
+            step_dir,
+            f"127.0.0.1:{uport}",
+            calls=calls,
+            rate=rate,
+            port=cport,
+            proxy=proxy,
+            timeout=duration * 3 + 30,
+            trace_rtt=trace_rtt,
+        )
+        cpu_used = cpu() - cpu0
+    # sustained: every call completed, none failed, and sipp was not slowed below the asked rate (the run
+    # may exceed calls/rate by the last calls' tail and the UAC's 0.5 s wait, so allow 15 % + 2 s)
+    ok = result.failed == 0 and result.successful == calls and result.elapsed <= duration * 1.15 + 2.0
+    step = Step(rate, ok, result, cpu_used, time.monotonic() - started)
+    verdict = "ok" if ok else "FAIL"
+    print(
+        f"  {runner.name:14s} {rate:5d}/s x {duration:g}s: {verdict:4s} successful={result.successful} "
+        f"failed={result.failed} took={result.elapsed:.1f}s cpu={cpu_used:.2f}s",
+        flush=True,
+    )
+    return step
+
+
+def find_max(runner: Runner, ladder: list[int], duration: float, workdir: Path, row: Row) -> None:
+    best = 0
+    failed_at = None
+    for rate in ladder:
+        step = run_step(runner, rate, duration, workdir)
+        row.steps.append(step)
+        if not step.ok:
+            failed_at = rate
+            break
+        best = rate
+    if failed_at is not None and best:
+        mid = (best + failed_at) // 2
+        if mid > best and mid - best >= 100:  # one bisection step, bounded
+            step = run_step(runner, mid, duration, workdir)
+            row.steps.append(step)
+            if step.ok:
+                best = mid
+    row.max_rate = best
+
+
+def cpu_at(runner: Runner, rate: int, duration: float, workdir: Path, row: Row) -> None:
+    step = next((s for s in row.steps if s.rate == rate and s.ok), None)
+    if step is None:
+        step = run_step(runner, rate, duration, workdir)
+        row.steps.append(step)
+    if step.ok and step.result.successful:
+        row.cpu_ms_per_call = 1000 * step.cpu_s / step.result.successful
+
+
+def latency_at(runner: Runner, rate: int, duration: float, workdir: Path, row: Row) -> None:
+    step = run_step(runner, rate, duration, workdir, trace_rtt=True)
+    row.steps.append(step)
+    if step.result.setup_ms:
+        row.p99_ms = step.result.percentile(99)
+        row.p50_ms = step.result.percentile(50)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[Row], half: int, duration: float) -> str:
+    kam = next((r for r in rows if r.name == "kamailio-tm"), None)
+    lines = [
+        f"| proxy | max calls/s, {duration:g} s, 0 failed | ratio to kamailio-tm | CPU ms/call at 1,000 calls/s "
+        f"| p50 / p99 setup ms at {half} calls/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        ratio = row.max_rate / kam.max_rate if kam and kam.max_rate and row.name != "direct" else None
+        lines.append(
+            f"| {row.name} | {row.max_rate or 'below ladder'} | {fmt(ratio, '.2f')} | {fmt(row.cpu_ms_per_call, '.3f')} "
+            f"| {fmt(row.p50_ms, '.0f')} / {fmt(row.p99_ms, '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 s steps and a short ladder (about 3 minutes)")
+    parser.add_argument("--duration", type=float, help="seconds per step (default 10, quick 3)")
+    parser.add_argument(
+        "--only", help="comma-separated subset: p2psip,p2psip+uvloop,kamailio-tm,kamailio-sl,direct"
+    )
+    args = parser.parse_args(argv)
+    for tool in ("sipp", "kamailio"):
+        if shutil.which(tool) is None:
+            print(
+                f"bench/proxy.py: {tool} is not installed (apt-get install sip-tester kamailio)",
+                file=sys.stderr,
+            )
+            return 2
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    ladder = QUICK_LADDER if args.quick else FULL_LADDER
+
+    runners = [_ours("asyncio")]
+    try:
+        import uvloop  # noqa: F401
+
+        runners.append(_ours("uvloop"))
+    except ImportError:
+        print("(uvloop is not installed: pip install -e '.[fast]' to measure it)")
+    runners += [_kamailio(True), _kamailio(False), Runner("direct", None, lambda _: "", lambda _: 0.0)]
+    if args.only:
+        wanted = set(args.only.split(","))
+        runners = [r for r in runners if r.name in wanted]
+
+    load = os.getloadavg()
+    print(
+        f"bench/proxy.py {'--quick ' if args.quick else ''}on {platform.node()}: {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.1f} at start; step {duration:g} s; ladder {ladder}",
+        flush=True,
+    )
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
+        workdir = Path(tmp)
+        for runner in runners:
+            row = Row(runner.name)
+            rows.append(row)
+            find_max(runner, ladder, duration, workdir, row)
+            if runner.make is not None:
+                cpu_at(runner, 1000, duration, workdir, row)
+        ours = next((r for r in rows if r.name == "p2psip"), rows[0])
+        half = max(100, (ours.max_rate or 200) // 2)
+        for runner, row in zip(runners, rows, strict=True):
+            latency_at(runner, half, duration, workdir, row)
+    end_load = os.getloadavg()
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print()
+    print(
+        f"Proxy benchmark, {stamp}, {os.cpu_count()} CPUs, load average {load[0]:.1f} → {end_load[0]:.1f}, "
+        f"sipp built-in-style scenarios with Record-Route over UDP, {duration:g} s per step"
+    )
+    print()
+    print(table(rows, half, duration))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
