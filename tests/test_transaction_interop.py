@@ -1,0 +1,161 @@
+"""The sans-IO cores against a real peer, with loss: sipp's UAC calls a minimal UAS built only from
+TransactionLayer + Dialog + AnswerRetransmitter (no Stack), through a seeded lossy UDP relay.
+
+This checks the cores themselves interoperate — retransmission absorption, 100 Trying, the 2xx resent
+until sipp's ACK arrives (its first copy is always dropped), BYE answered in the dialog — independently of
+the Stack built on top of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import free_port, require_tool
+from interop.relay import LossyRelay
+from interop.sipp import uac
+
+from p2psip.dialog import AnswerRetransmitter, Dialog, DialogId, dialog_id_of_request
+from p2psip.errors import ParseError
+from p2psip.message import Request, Response, new_tag, parse
+from p2psip.transaction import PassToTU, TransactionLayer, Transmit, TUEvent
+
+pytestmark = pytest.mark.interop
+
+Address = tuple[str, int]
+
+
+class CoreUAS(asyncio.DatagramProtocol):
+    """Answers every INVITE 180 + 200 and every BYE 200, using only the sans-IO cores."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.layer = TransactionLayer()
+        self.dialogs: dict[DialogId, Dialog] = {}
+        self.pending: dict[DialogId, tuple[AnswerRetransmitter, Address]] = {}
+        self.stats: Counter[str] = Counter()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("sockname")[1])
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        now = self.loop.time()
+        try:
+            message = parse(data)
+        except ParseError:
+            self.stats["unparsable"] += 1
+            return
+        if isinstance(message, Request):
+            self.perform(self.layer.receive_request(message, addr, now, reliable=False), now)
+        else:
+            self.perform(self.layer.receive_response(message, addr, now), now)
+        self.rearm()
+
+    def send(self, message: Request | Response, to: Address) -> None:
+        assert self.transport is not None
+        self.transport.sendto(bytes(message), to)
+
+    def perform(self, events: list[TUEvent], now: float) -> None:
+        for event in events:
+            if isinstance(event, Transmit):
+                self.send(event.message, event.destination)
+            elif isinstance(event, PassToTU) and isinstance(event.message, Request):
+                self.on_request(event.message, event, now)
+
+    def on_request(self, request: Request, event: PassToTU, now: float) -> None:
+        tx = event.transaction
+        if request.method == "ACK":
+            pending = self.pending.pop(dialog_id_of_request(request), None)
+            if pending is not None:
+                pending[0].ack_received()
+                self.stats["acks"] += 1
+            return
+        assert tx is not None
+        if request.method == "INVITE":
+            tag = new_tag()
+            ringing = Response.for_request(request, 180, to_tag=tag)
+            ok = Response.for_request(request, 200, to_tag=tag)
+            ok.add("Contact", f"<sip:uas@127.0.0.1:{self.port}>")
+            dialog = Dialog.uas(request, ok)
+            self.dialogs[dialog.id] = dialog
+            self.pending[dialog.id] = (AnswerRetransmitter(ok, now), event.source)
+            self.perform(self.layer.send_response(tx, ringing, now), now)  # type: ignore[arg-type]
+            self.perform(self.layer.send_response(tx, ok, now), now)  # type: ignore[arg-type]
+            self.stats["invites"] += 1
+        elif request.method == "BYE":
+            if self.pending.pop(dialog_id_of_request(request), None) is not None:
+                self.stats["bye_before_ack"] += 1  # the ACK was lost; the BYE ends the 2xx retransmission
+            dialog = self.dialogs.get(dialog_id_of_request(request))
+            status = 481 if dialog is None else (dialog.receive_request(request) or 200)
+            self.perform(self.layer.send_response(tx, Response.for_request(request, status), now), now)  # type: ignore[arg-type]
+            self.stats[f"bye_{status}"] += 1
+        else:
+            self.perform(self.layer.send_response(tx, Response.for_request(request, 501), now), now)  # type: ignore[arg-type]
+
+    def on_timer(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        self.perform(self.layer.handle_timers(now), now)
+        for dialog_id, (retx, addr) in list(self.pending.items()):
+            if retx.deadline is not None and retx.deadline <= now:
+                again = retx.fire(now)
+                if again is not None:
+                    self.send(again, addr)
+                    self.stats["2xx_retransmissions"] += 1
+            if retx.deadline is None:
+                del self.pending[dialog_id]
+                self.stats["no_ack"] += int(retx.timed_out)
+        self.rearm()
+
+    def rearm(self) -> None:
+        deadlines = [r.deadline for r, _ in self.pending.values() if r.deadline is not None]
+        layer_next = self.layer.next_deadline()
+        if layer_next is not None:
+            deadlines.append(layer_next)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if deadlines:
+            self.timer = self.loop.call_at(min(deadlines), self.on_timer)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def is_first_invite_200(data: bytes) -> bool:
+    return data.startswith(b"SIP/2.0 200") and b" INVITE\r\n" in data
+
+
+async def test_sipp_calls_core_uas_through_lossy_relay(tmp_path: Path) -> None:
+    require_tool("sipp")
+    loop = asyncio.get_running_loop()
+    transport, uas = await loop.create_datagram_endpoint(CoreUAS, local_addr=("127.0.0.1", 0))
+    calls = 60
+    try:
+        async with LossyRelay(
+            ("127.0.0.1", uas.port), loss=0.1, seed=4242, drop_first=is_first_invite_200
+        ) as relay:
+            host, port = relay.address
+            sipp = uac(tmp_path, f"{host}:{port}", calls=calls, rate=20, port=free_port(), scenario=None)
+            with sipp:
+                result = await asyncio.to_thread(sipp.wait, 120.0)
+    finally:
+        uas.close()
+        transport.close()
+    assert result.successful == calls and result.failed == 0, f"{result}\n{uas.stats}\n{relay.stats}"
+    assert uas.stats["invites"] == calls and uas.stats["bye_200"] == calls
+    assert uas.stats["2xx_retransmissions"] >= calls  # every first 200 was dropped and resent
+    assert uas.stats["acks"] + uas.stats["bye_before_ack"] == calls and uas.stats["no_ack"] == 0
+    assert relay.stats.dropped > calls  # the random losses came on top of the forced ones
