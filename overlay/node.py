@@ -70,7 +70,13 @@ TRANSFER_CHUNK = 512 * 1024
 class NodeConfig:
     """Adapter tunables (chord's own live in ``chord``). Defaults suit a real overlay; tests shrink them."""
 
-    chord: ChordConfig = field(default_factory=ChordConfig)
+    # Maintenance a little faster than chord's WAN defaults: a put right after a join must not wait
+    # long for the ring to settle, and on a LAN one stabilize per second per node costs nothing.
+    chord: ChordConfig = field(
+        default_factory=lambda: ChordConfig(
+            stabilize_interval=1.0, fix_fingers_interval=2.0, check_predecessor_interval=2.0
+        )
+    )
     rpc_timeout: float = 1.0  # first attempt of a storage RPC; doubles per retry
     rpc_retries: int = 2
     op_timeout: float = 15.0  # whole put/get/remove, lookups and retries included
@@ -140,6 +146,8 @@ class Node:
         self._certs: dict[tuple[int, bytes], bytes] = {}
         self._closed = False
         self._left = False
+        self._repair_pending = False
+        self._linked = asyncio.Event()
 
     # ------------------------------------------------------------------------------------------------
     # life cycle
@@ -223,6 +231,13 @@ class Node:
                 self._drain()
                 try:
                     await asyncio.wait_for(self._joined, max(0.1, deadline - self._loop.time()))
+                    # Joined means we know our successor. We are really in the ring once a predecessor
+                    # has notified us; waiting for that keeps a burst of joins from tangling the ring
+                    # and lets the first put after start() reach the right node.
+                    try:
+                        await asyncio.wait_for(self._linked.wait(), max(0.1, deadline - self._loop.time()))
+                    except TimeoutError:
+                        self._count("joined_without_predecessor")
                     break
                 except (NotJoined, TimeoutError) as exc:
                     if self._loop.time() >= deadline:
@@ -691,7 +706,10 @@ class Node:
                 ),
                 return_exceptions=True,
             )
-            stored += sum(1 for r in results if isinstance(r, Message) and r.type == "ok")
+            acked = sum(1 for r in results if isinstance(r, Message) and r.type == "ok")
+            stored += acked
+            if acked < len(targets):
+                self._repair_soon()
         return ok(stored=stored)
 
     async def _send_transfers(self, transfers: list[Transfer]) -> None:
@@ -714,6 +732,21 @@ class Node:
                     chunk, size = [], 0
 
         await asyncio.gather(*(one(NodeRef(*t), items) for t, items in transfers if items))
+
+    def _repair_soon(self) -> None:
+        """A replica missed a write: push our primary range again shortly (debounced), rather than
+        leaving that entry one copy short until the next periodic repair."""
+        if self._repair_pending or self._closed:
+            return
+        self._repair_pending = True
+
+        async def later() -> None:
+            await asyncio.sleep(self.config.rpc_timeout * 2)
+            self._repair_pending = False
+            self._count("early_repairs")
+            await self._send_transfers(self.replicator.repair(self.store, self._loop.time()))
+
+        self._spawn(later())
 
     async def _repair_loop(self) -> None:
         """Slow safety net: purge expired entries and push our primary range to the replicas."""
@@ -754,6 +787,8 @@ class Node:
                     fut.set_exception(LookupFailedError(f"lookup of {short(out.key)} failed: {out.reason}"))
             elif isinstance(out, NeighboursChanged):
                 self._count("neighbour_changes")
+                if out.predecessor is not None:
+                    self._linked.set()
                 transfers = self.replicator.on_neighbours(
                     out.predecessor, list(out.successors), self.store, self._loop.time()
                 )
