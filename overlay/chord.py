@@ -195,7 +195,7 @@ class ChordConfig:
     successors: int = 3  # r: successor-list length (also the replica count storage uses)
     finger_base: int = 16  # b: fingers at me + j * b**i, j = 1..b-1 (b = 2 is classic Chord)
     stabilize_interval: float = 5.0
-    fix_fingers_interval: float = 5.0
+    fix_fingers_interval: float = 10.0
     check_predecessor_interval: float = 10.0
     rpc_timeout: float = 1.0  # per attempt
     rpc_retries: int = 1  # retransmissions before a node is declared dead
@@ -846,9 +846,11 @@ class ChordCore:
             if idx >= len(dists):
                 self._finger_burst = False
             idx = bisect_right(dists, first)
+            succ = self._succ[0]
             for i in range(idx):
-                self._fingers[i] = self._succ[0]
-            self._route_dirty = True
+                if self._fingers[i] != succ:
+                    self._fingers[i] = succ
+                    self._route_dirty = True
         if idx >= len(dists):
             self._next_finger = 0
             return
@@ -873,9 +875,10 @@ class ChordCore:
         reach = ids.distance(self.me.id, node.id)
         i = idx
         while i < len(dists) and dists[i] <= reach:
-            self._fingers[i] = node
+            if self._fingers[i] != node:
+                self._fingers[i] = node
+                self._route_dirty = True
             i += 1
-        self._route_dirty = True
 
     def _drop_finger(self, node_id: int) -> None:
         for i, node in enumerate(self._fingers):

@@ -1,0 +1,543 @@
+"""Unit tests of the sans-IO Chord core, driven by a fake clock and an in-memory network.
+
+The network delivers every request and its reply at once, in FIFO order; time only moves when the test
+advances it, and then each core's timer fires exactly when the core asked. Nothing sleeps, and the same
+seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from overlay import ids
+from overlay.chord import (
+    CHORD_MESSAGES,
+    ChordConfig,
+    ChordCore,
+    Joined,
+    JoinFailed,
+    LookupDone,
+    LookupFailed,
+    NeighboursChanged,
+    NodeRef,
+    Output,
+    SendRequest,
+    proof_data,
+)
+from overlay.identity import KeyPair
+from overlay.identity import verify as ed25519_verify
+from overlay.sim import sim_sign, sim_verify
+
+Endpoint = tuple[str, int]
+
+
+def ed_verify(public_key: bytes, data: bytes, sig: bytes) -> bool:
+    return ed25519_verify(public_key, sig, data)
+
+
+class Net:
+    """Zero-latency network of cores plus a fake clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.cores: dict[Endpoint, ChordCore] = {}
+        self.down: set[Endpoint] = set()
+        self.events: dict[Endpoint, list[Output]] = {}
+        self.queue: deque[tuple[ChordCore, SendRequest]] = deque()
+        self.sent: dict[str, int] = {}
+
+    def add(self, core: ChordCore) -> ChordCore:
+        self.cores[core.me.ep] = core
+        self.events[core.me.ep] = []
+        return core
+
+    def kill(self, core: ChordCore) -> None:
+        self.down.add(core.me.ep)
+
+    def live(self) -> list[ChordCore]:
+        return [c for ep, c in self.cores.items() if ep not in self.down]
+
+    def _collect(self, core: ChordCore) -> None:
+        for out in core.take_outputs():
+            if isinstance(out, SendRequest):
+                self.sent[out.type] = self.sent.get(out.type, 0) + 1
+                self.queue.append((core, out))
+            else:
+                self.events[core.me.ep].append(out)
+
+    def pump(self) -> None:
+        for core in self.live():
+            self._collect(core)
+        while self.queue:
+            src, req = self.queue.popleft()
+            dst = self.cores.get(req.to)
+            if dst is None or req.to in self.down or src.me.ep in self.down:
+                continue
+            reply = dst.handle_request(src.me, req.type, req.body, self.now)
+            self._collect(dst)
+            if reply is not None:
+                if reply.type == "ok":
+                    src.handle_reply(req.request_id, dst.me.id, reply.body, self.now)
+                else:
+                    src.handle_error(req.request_id, reply.body["code"], reply.body["reason"], self.now)
+                self._collect(src)
+
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds
+        self.pump()
+        while True:
+            due = [t for c in self.live() if (t := c.next_timer()) is not None]
+            if not due or min(due) > end:
+                break
+            self.now = max(self.now, min(due))
+            for core in self.live():
+                t = core.next_timer()
+                if t is not None and t <= self.now:
+                    core.handle_timer(self.now)
+                    self._collect(core)
+            self.pump()
+        self.now = end
+
+    def lookup(self, origin: ChordCore, key: int) -> LookupDone | LookupFailed:
+        lid = origin.start_lookup(key, self.now)
+        for _ in range(200):
+            self.pump()
+            for ev in self.events[origin.me.ep]:
+                if isinstance(ev, LookupDone | LookupFailed) and ev.lookup_id == lid:
+                    return ev
+            self.run(0.5)
+        raise AssertionError("lookup never finished")
+
+
+def owner_of(key: int, members: list[int]) -> int:
+    ordered = sorted(members)
+    return ordered[bisect.bisect_left(ordered, key) % len(ordered)]
+
+
+# -------------------------------------------------------------------------------------------------------
+# node factories
+# -------------------------------------------------------------------------------------------------------
+
+_counter = iter(range(1, 1_000_000))
+
+
+def ed_node(rng: random.Random, config: ChordConfig | None = None) -> ChordCore:
+    """A core with a real Ed25519 identity (seeded, so the test is deterministic)."""
+    pair = KeyPair.from_private_bytes(rng.randbytes(32))
+    n = next(_counter)
+    return ChordCore(
+        NodeRef(pair.node_id, "127.0.0.1", 10000 + n),
+        public_key=pair.public_key,
+        sign=pair.sign,
+        verify=ed_verify,
+        config=config,
+        random_bytes=rng.randbytes,
+    )
+
+
+def hash_node(
+    rng: random.Random, config: ChordConfig | None = None, want: Callable[[int], bool] | None = None
+) -> ChordCore:
+    """A core with the simulator's hash identity; ``want`` picks where on the ring it lands."""
+    while True:
+        pk = rng.randbytes(32)
+        node_id = ids.key_for(pk)
+        if want is None or want(node_id):
+            break
+    n = next(_counter)
+    return ChordCore(
+        NodeRef(node_id, "127.0.0.1", 20000 + n),
+        public_key=pk,
+        sign=sim_sign(pk),
+        verify=sim_verify,
+        config=config,
+        random_bytes=rng.randbytes,
+    )
+
+
+def seeded_ring(net: Net, cores: list[ChordCore], base: int) -> None:
+    """Install the exact stable ring (what overlay.sim does for large N)."""
+    ordered = sorted(cores, key=lambda c: c.me.id)
+    refs = [c.me for c in ordered]
+    id_list = [r.id for r in refs]
+    count = len(refs)
+    for i, core in enumerate(ordered):
+        r = core.config.successors
+        succs = [refs[(i + k) % count] for k in range(1, min(r, count - 1) + 1)]
+        fingers = {}
+        level = 1
+        while level < ids.RING:
+            for j in range(1, base):
+                if j * level < ids.RING:
+                    k = bisect.bisect_left(id_list, (core.me.id + j * level) % ids.RING) % count
+                    fingers[refs[k].id] = refs[k]
+            level *= base
+        core.seed_routing(succs, refs[i - 1], fingers.values(), net.now)
+        net.add(core)
+    net.pump()
+
+
+def assert_ring(cores: list[ChordCore]) -> None:
+    """Successor lists, predecessors: exactly the sorted order of the given (live) cores."""
+    ordered = sorted(cores, key=lambda c: c.me.id)
+    count = len(ordered)
+    for i, core in enumerate(ordered):
+        r = core.config.successors
+        expect = [ordered[(i + k) % count].me.id for k in range(1, min(r, count - 1) + 1)]
+        assert [n.id for n in core.successors] == expect, f"successors of {ids.short(core.me.id)}"
+        assert core.predecessor is not None and core.predecessor.id == ordered[i - 1].me.id
+
+
+def join_all(net: Net, cores: list[ChordCore], rng: random.Random, spacing: float = 1.0) -> None:
+    cores[0].start(net.now)
+    net.add(cores[0])
+    for k, core in enumerate(cores[1:], start=1):
+        net.add(core)
+        core.start_join(cores[rng.randrange(k)].me.ep, net.now)
+        net.run(spacing)
+
+
+# -------------------------------------------------------------------------------------------------------
+# tests
+# -------------------------------------------------------------------------------------------------------
+
+
+def test_schema_covers_every_routing_message() -> None:
+    assert set(CHORD_MESSAGES) == {
+        "ping",
+        "find_successor",
+        "get_predecessor",
+        "get_successors",
+        "notify",
+        "leave",
+    }
+    vocabulary = {"id", "ep", "node", "nodes", "u64", "bytes", "str", "bool"}
+    for spec in CHORD_MESSAGES.values():
+        for ftype in [*spec.request.values(), *spec.reply.values()]:
+            assert ftype.rstrip("?") in vocabulary
+
+
+def test_join_and_stabilize_converge_with_real_signatures() -> None:
+    rng = random.Random(1)
+    net = Net()
+    cores = [ed_node(rng) for _ in range(12)]
+    join_all(net, cores, rng)
+    net.run(40)
+    assert_ring(cores)
+    assert all(any(isinstance(e, Joined) for e in net.events[c.me.ep]) for c in cores[1:])
+    # Every neighbour was admitted after an identity check, and each check cost one ping per neighbour.
+    checks = sum(c.stats().get("identity_checks", 0) for c in cores)
+    assert 0 < checks <= net.sent["ping"]
+    assert all(c.stats().get("identity_rejected", 0) == 0 for c in cores)
+
+
+def test_neighbours_changed_reports_the_final_state() -> None:
+    rng = random.Random(2)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(6)]
+    join_all(net, cores, rng)
+    net.run(30)
+    for core in cores:
+        changes = [e for e in net.events[core.me.ep] if isinstance(e, NeighboursChanged)]
+        assert changes, "no NeighboursChanged event"
+        last = changes[-1]
+        assert last.predecessor == core.predecessor
+        assert last.successors == core.successors
+
+
+def test_fingers_are_the_true_successors_of_their_starts() -> None:
+    rng = random.Random(3)
+    config = ChordConfig(finger_base=4)
+    net = Net()
+    cores = [hash_node(rng, config) for _ in range(24)]
+    join_all(net, cores, rng, spacing=0.5)
+    net.run(200)  # several fix_fingers rounds
+    assert_ring(cores)
+    members = [c.me.id for c in cores]
+    for core in cores:
+        fingers = {f.id for f in core.fingers()}
+        assert fingers <= set(members)
+        first = ids.distance(core.me.id, core.successors[0].id)
+        level = 1
+        while level < ids.RING:
+            for j in range(1, 4):
+                d = j * level
+                if first < d < ids.RING:
+                    want = owner_of((core.me.id + d) % ids.RING, members)
+                    assert want in fingers or want == core.me.id, "a finger is missing or wrong"
+            level *= 4
+
+
+@pytest.mark.parametrize("base", [2, 16])
+def test_lookups_are_correct_and_short_on_a_stable_ring(base: int) -> None:
+    rng = random.Random(4)
+    net = Net()
+    cores = [hash_node(rng, ChordConfig(finger_base=base)) for _ in range(128)]
+    seeded_ring(net, cores, base)
+    members = [c.me.id for c in cores]
+    hops = []
+    for _ in range(200):
+        origin = rng.choice(cores)
+        key = rng.getrandbits(128)
+        result = net.lookup(origin, key)
+        assert isinstance(result, LookupDone)
+        assert result.node.id == owner_of(key, members)
+        hops.append(result.hops)
+    mean = sum(hops) / len(hops)
+    assert mean <= 0.5 * 7 + 1 if base == 2 else mean <= 0.5 * 7  # log2(128) = 7
+    assert max(hops) <= 8
+
+
+def test_lookup_answered_locally_costs_zero_hops_and_the_successor_one() -> None:
+    rng = random.Random(5)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(8)]
+    seeded_ring(net, cores, 16)
+    core = cores[0]
+    assert core.predecessor is not None
+    own = net.lookup(core, core.me.id)
+    assert isinstance(own, LookupDone) and own.node == core.me and own.hops == 0
+    succ = core.successors[0]
+    nxt = net.lookup(core, succ.id)
+    assert isinstance(nxt, LookupDone) and nxt.node.id == succ.id and nxt.hops == 1
+
+
+def test_wrap_around_edges() -> None:
+    rng = random.Random(6)
+    top = ids.RING - 1
+    net = Net()
+    # Nodes crowded at both ends of the identifier space, plus a few elsewhere.
+    cores = [hash_node(rng, want=lambda i: i >> 122 == 63) for _ in range(3)]
+    cores += [hash_node(rng, want=lambda i: i >> 122 == 0) for _ in range(3)]
+    cores += [hash_node(rng) for _ in range(4)]
+    join_all(net, cores, rng)
+    net.run(40)
+    assert_ring(cores)
+    members = [c.me.id for c in cores]
+    highest, lowest = max(members), min(members)
+    keys = [0, 1, top, top - 1, highest, highest + 1, lowest, lowest - 1, (highest + 1) % ids.RING]
+    for origin in cores:
+        for key in keys:
+            result = net.lookup(origin, key % ids.RING)
+            assert isinstance(result, LookupDone)
+            assert result.node.id == owner_of(key % ids.RING, members), (
+                ids.short(key),
+                ids.short(origin.me.id),
+            )
+    lowest_core = next(c for c in cores if c.me.id == lowest)
+    assert lowest_core.is_responsible(0) and lowest_core.is_responsible(top)
+    assert lowest_core.predecessor is not None and lowest_core.predecessor.id == highest
+
+
+def test_ring_repairs_after_r_minus_1_consecutive_failures() -> None:
+    rng = random.Random(7)
+    config = ChordConfig(successors=3)
+    net = Net()
+    cores = [hash_node(rng, config) for _ in range(20)]
+    seeded_ring(net, cores, 16)
+    ordered = sorted(cores, key=lambda c: c.me.id)
+    dead = ordered[5:7]  # r - 1 = 2 consecutive nodes
+    for core in dead:
+        net.kill(core)
+    survivors = [c for c in cores if c not in dead]
+    net.run(40)
+    assert_ring(survivors)
+    members = [c.me.id for c in survivors]
+    for _ in range(50):
+        key = rng.getrandbits(128)
+        result = net.lookup(rng.choice(survivors), key)
+        assert isinstance(result, LookupDone) and result.node.id == owner_of(key, members)
+
+
+def test_lookup_routes_around_a_dead_hop() -> None:
+    rng = random.Random(8)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(64)]
+    seeded_ring(net, cores, 16)
+    origin = cores[0]
+    victim = origin.fingers()[-1]  # the farthest finger: the first hop for many keys
+    net.kill(net.cores[victim.ep])
+    members = [c.me.id for c in cores if c.me.id != victim.id]
+    key = (victim.id + 1) % ids.RING  # the victim would be the closest preceding node
+    result = net.lookup(origin, key)
+    assert isinstance(result, LookupDone) and result.node.id == owner_of(key, members)
+    assert origin.stats().get("timeouts", 0) >= 1
+    assert victim.id not in {f.id for f in origin.fingers()}
+
+
+def test_unverified_node_is_not_admitted_as_predecessor() -> None:
+    rng = random.Random(9)
+    net = Net()
+    cores = [ed_node(rng) for _ in range(6)]
+    join_all(net, cores, rng)
+    net.run(30)
+    assert_ring(cores)
+    victim = cores[0]
+    pred = victim.predecessor
+    assert pred is not None
+    # An impostor claims an id just before the victim (between its predecessor and it) that is not the
+    # hash of its key, and signs the nonce correctly with the key it has.
+    pair = KeyPair.from_private_bytes(rng.randbytes(32))
+    fake_id = (victim.me.id - 1) % ids.RING
+    impostor = net.add(
+        ChordCore(
+            NodeRef(fake_id, "127.0.0.1", 29999),
+            public_key=pair.public_key,
+            sign=pair.sign,
+            verify=ed_verify,
+            random_bytes=rng.randbytes,
+        )
+    )
+    impostor.seed_routing([victim.me], None, [], net.now)
+    reply = victim.handle_request(impostor.me, "notify", {}, net.now)
+    assert reply is not None and reply.type == "ok"
+    net.pump()
+    assert victim.predecessor == pred
+    assert victim.stats()["identity_rejected"] == 1
+    # A node whose id does match its key but which cannot sign is refused too.
+    pair2 = KeyPair.from_private_bytes(rng.randbytes(32))
+    liar = net.add(
+        ChordCore(
+            NodeRef(pair2.node_id, "127.0.0.1", 29998),
+            public_key=pair2.public_key,
+            sign=lambda data: bytes(64),
+            verify=ed_verify,
+            random_bytes=rng.randbytes,
+        )
+    )
+    liar.seed_routing([victim.me], None, [], net.now)
+    for core in cores:
+        core.handle_request(liar.me, "notify", {}, net.now)
+    net.pump()
+    net.run(20)
+    assert all(c.predecessor is None or c.predecessor.id != liar.me.id for c in cores)
+    assert all(liar.me.id not in {n.id for n in c.successors} for c in cores)
+    assert sum(c.stats().get("identity_rejected", 0) for c in cores) >= 2
+
+
+def test_identity_proof_binds_the_endpoint() -> None:
+    rng = random.Random(10)
+    core = ed_node(rng)
+    nonce = rng.randbytes(16)
+    reply = core.handle_request(core.me._replace(id=1), "ping", {"nonce": nonce}, 0.0)
+    assert reply is not None and reply.type == "ok"
+    assert ed_verify(reply.body["pk"], proof_data(nonce, core.me), reply.body["sig"])
+    moved = core.me._replace(port=core.me.port + 1)
+    assert not ed_verify(reply.body["pk"], proof_data(nonce, moved), reply.body["sig"])
+
+
+GARBAGE: list[tuple[str, Any]] = [
+    ("find_successor", {}),
+    ("find_successor", {"key": b"short"}),
+    ("find_successor", {"key": -1}),
+    ("find_successor", {"key": "x" * 16}),
+    ("find_successor", None),
+    ("find_successor", [1, 2, 3]),
+    ("ping", {"nonce": b"x" * 500}),
+    ("ping", {"nonce": 12}),
+    ("leave", {"nodes": "not a list"}),
+    ("leave", {"nodes": [[b"\x00" * 16, "h", 70000]]}),
+    ("leave", {"nodes": [[b"\x00" * 16, "h", 1]] * 40}),
+    ("leave", {"pred": [b"\x00" * 3, "h", 1], "nodes": []}),
+    ("leave", {"pred": "me", "nodes": []}),
+    ("no_such_type", {}),
+    ("store", {"entry": []}),
+]
+
+
+def test_malformed_requests_are_dropped_without_raising() -> None:
+    rng = random.Random(11)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(5)]
+    seeded_ring(net, cores, 16)
+    core = cores[0]
+    before = (core.predecessor, core.successors)
+    src = cores[1].me
+    for mtype, body in GARBAGE:
+        reply = core.handle_request(src, mtype, body, net.now)
+        assert reply is None or reply.type == "err", (mtype, body)
+    bad_src: Any = ("not", "a node")
+    assert core.handle_request(bad_src, "ping", {}, net.now) is None
+    assert (core.predecessor, core.successors) == before
+    assert core.stats()["dropped"] >= len(GARBAGE)
+
+
+def test_malformed_replies_do_not_break_a_lookup() -> None:
+    rng = random.Random(12)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(32)]
+    seeded_ring(net, cores, 16)
+    origin = cores[0]
+    members = [c.me.id for c in cores]
+    while True:  # a key whose first hop is an intermediate node, not the owner
+        key = rng.getrandbits(128)
+        lid = origin.start_lookup(key, net.now)
+        requests = [o for o in origin.take_outputs() if isinstance(o, SendRequest)]
+        if requests and requests[0].node_id != owner_of(key, members):
+            break
+        net.queue.extend((origin, r) for r in requests)
+        net.pump()
+    req = requests[0]
+    for body in ({"done": "yes"}, {"node": 5}, {"done": True, "node": [1, 2], "nodes": []}):
+        origin.handle_reply(req.request_id, req.node_id or 0, body, net.now)
+    origin.handle_reply(999_999, 1, {"done": True}, net.now)  # unknown id: ignored
+    net.queue.clear()
+    for out in origin.take_outputs():
+        if isinstance(out, SendRequest):
+            net.queue.append((origin, out))
+    net.run(30)
+    done = [
+        e for e in net.events[origin.me.ep] if isinstance(e, LookupDone | LookupFailed) and e.lookup_id == lid
+    ]
+    assert len(done) == 1
+    assert isinstance(done[0], LookupDone) and done[0].node.id == owner_of(key, members)
+
+
+def test_graceful_leave_splices_the_ring_at_once() -> None:
+    rng = random.Random(13)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(10)]
+    seeded_ring(net, cores, 16)
+    ordered = sorted(cores, key=lambda c: c.me.id)
+    leaver, before, after = ordered[4], ordered[3], ordered[5]
+    leaver.leave(net.now)
+    net.pump()
+    net.kill(leaver)
+    assert before.successors[0] == after.me
+    assert after.predecessor == before.me
+    net.run(20)
+    assert_ring([c for c in cores if c is not leaver])
+    assert leaver.handle_request(before.me, "ping", {}, net.now) is None
+
+
+def test_join_through_a_silent_bootstrap_fails_cleanly() -> None:
+    rng = random.Random(14)
+    net = Net()
+    core = net.add(hash_node(rng))
+    core.start_join(("127.0.0.1", 9), net.now)
+    net.run(30)
+    assert any(isinstance(e, JoinFailed) for e in net.events[core.me.ep])
+    assert not core.joined
+    assert core.next_timer() is None
+
+
+def test_lookup_before_joining_fails_immediately() -> None:
+    rng = random.Random(15)
+    core = hash_node(rng)
+    lid = core.start_lookup(42, 0.0)
+    out = core.take_outputs()
+    assert any(isinstance(e, LookupFailed) and e.lookup_id == lid for e in out)
+
+
+def test_config_is_checked() -> None:
+    rng = random.Random(16)
+    with pytest.raises(ValueError, match="finger_base"):
+        hash_node(rng, ChordConfig(finger_base=3))
+    with pytest.raises(ValueError, match="successors"):
+        hash_node(rng, ChordConfig(successors=0))
