@@ -1,5 +1,6 @@
 """The sans-IO cores against a real peer, with loss: sipp's UAC calls a minimal UAS built only from
-TransactionLayer + Dialog + AnswerRetransmitter (no Stack), through a seeded lossy UDP relay.
+TransactionLayer + Dialog + AnswerRetransmitter (no Stack), and a minimal UAC built the same way calls
+sipp's UAS, each through a seeded lossy UDP relay.
 
 This checks the cores themselves interoperate — retransmission absorption, 100 Trying, the 2xx resent
 until sipp's ACK arrives (its first copy is always dropped), BYE answered in the dialog — independently of
@@ -15,12 +16,18 @@ from pathlib import Path
 import pytest
 from conftest import free_port, require_tool
 from interop.relay import LossyRelay
-from interop.sipp import uac
+from interop.sipp import uac, uas
 
-from p2psip.dialog import AnswerRetransmitter, Dialog, DialogId, dialog_id_of_request
+from p2psip.dialog import (
+    AnswerRetransmitter,
+    Dialog,
+    DialogId,
+    dialog_id_of_request,
+    dialog_id_of_response,
+)
 from p2psip.errors import ParseError
-from p2psip.message import Request, Response, new_tag, parse
-from p2psip.transaction import PassToTU, TransactionLayer, Transmit, TUEvent
+from p2psip.message import Request, Response, new_branch, new_tag, parse
+from p2psip.transaction import PassToTU, Timeout, TransactionLayer, Transmit, TransportFailure, TUEvent
 
 pytestmark = pytest.mark.interop
 
@@ -159,3 +166,144 @@ async def test_sipp_calls_core_uas_through_lossy_relay(tmp_path: Path) -> None:
     assert uas.stats["2xx_retransmissions"] >= calls  # every first 200 was dropped and resent
     assert uas.stats["acks"] + uas.stats["bye_before_ack"] == calls and uas.stats["no_ack"] == 0
     assert relay.stats.dropped > calls  # the random losses came on top of the forced ones
+
+
+class CoreUAC(asyncio.DatagramProtocol):
+    """Places calls with the sans-IO cores only: INVITE on a client transaction, ACK for the 2xx from the
+    dialog (re-sent for every retransmitted 2xx), BYE on a client transaction. Every request goes to
+    ``outbound`` (the relay), like an outbound proxy."""
+
+    def __init__(self, outbound: Address, calls: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.outbound = outbound
+        self.calls = calls
+        self.layer = TransactionLayer()
+        self.invites: dict[str, Request] = {}
+        self.dialogs: dict[DialogId, Dialog] = {}
+        self.stats: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("sockname")[1])
+
+    def via(self) -> str:
+        return f"SIP/2.0/UDP 127.0.0.1:{self.port};rport;branch={new_branch()}"
+
+    def call(self, number: int, target: str) -> None:
+        invite = Request.create(
+            "INVITE",
+            f"sip:service@{target}",
+            from_="<sip:core@127.0.0.1>",
+            to=f"<sip:service@{target}>",
+            via=self.via(),
+            contact=f"<sip:core@127.0.0.1:{self.port}>",
+        )
+        self.invites[invite.call_id] = invite
+        _tx, events = self.layer.send_request(invite, self.outbound, self.loop.time(), reliable=False)
+        self.perform(events)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        try:
+            message = parse(data)
+        except ParseError:
+            self.stats["unparsable"] += 1
+            return
+        now = self.loop.time()
+        if isinstance(message, Response):
+            self.perform(self.layer.receive_response(message, addr, now))
+        else:
+            self.perform(self.layer.receive_request(message, addr, now, reliable=False))
+
+    def perform(self, events: list[TUEvent]) -> None:
+        for event in events:
+            if isinstance(event, Transmit):
+                assert self.transport is not None
+                self.transport.sendto(bytes(event.message), event.destination)
+            elif isinstance(event, PassToTU) and isinstance(event.message, Response):
+                self.on_response(event.message)
+            elif isinstance(event, Timeout | TransportFailure):
+                self.failures.append(f"{event.transaction!r}: {event}")
+        self.rearm()
+
+    def on_response(self, response: Response) -> None:
+        method = response.cseq.method
+        if method == "INVITE" and 200 <= response.status < 300:
+            invite = self.invites.get(response.call_id)
+            if invite is None:
+                return
+            dialog_id = dialog_id_of_response(response)
+            dialog = self.dialogs.get(dialog_id)
+            first = dialog is None
+            if dialog is None:
+                dialog = self.dialogs[dialog_id] = Dialog.uac(invite, response)
+            ack = dialog.create_ack(response, via=self.via()) if first else dialog.last_ack
+            assert ack is not None
+            assert self.transport is not None
+            self.transport.sendto(bytes(ack), self.outbound)  # no transaction for the 2xx ACK
+            self.stats["acks" if first else "re_acks"] += 1
+            if first:
+                self.loop.call_later(0.2, self.hang_up, dialog)
+        elif method == "INVITE" and response.status >= 300:
+            self.failures.append(f"INVITE answered {response.status}")
+        elif method == "BYE" and response.status >= 200:
+            self.stats[f"bye_{response.status}"] += 1
+            if self.stats["bye_200"] + len(self.failures) >= self.calls and not self.done.done():
+                self.done.set_result(None)
+
+    def hang_up(self, dialog: Dialog) -> None:
+        bye = dialog.create_request("BYE", via=self.via())
+        _tx, events = self.layer.send_request(bye, self.outbound, self.loop.time(), reliable=False)
+        self.perform(events)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.perform(self.layer.handle_timers(self.loop.time()))
+
+    def rearm(self) -> None:
+        deadline = self.layer.next_deadline()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if deadline is not None:
+            self.timer = self.loop.call_at(deadline, self.on_timer)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def is_invite(data: bytes) -> bool:
+    return data.startswith(b"INVITE ")
+
+
+async def test_core_uac_calls_sipp_uas_through_lossy_relay(tmp_path: Path) -> None:
+    require_tool("sipp")
+    loop = asyncio.get_running_loop()
+    calls = 30
+    sipp_port = free_port()
+    with uas(tmp_path, sipp_port, scenario=None):
+        async with LossyRelay(("127.0.0.1", sipp_port), loss=0.1, seed=777, drop_first=is_invite) as relay:
+            transport, uac_core = await loop.create_datagram_endpoint(
+                lambda: CoreUAC(relay.address, calls), local_addr=("127.0.0.1", 0)
+            )
+            try:
+                for number in range(calls):
+                    loop.call_later(number * 0.05, uac_core.call, number, f"127.0.0.1:{sipp_port}")
+                await asyncio.wait_for(uac_core.done, timeout=90)
+            finally:
+                uac_core.close()
+                transport.close()
+    assert uac_core.failures == [], uac_core.failures
+    assert uac_core.stats["acks"] == calls and uac_core.stats["bye_200"] == calls
+    assert uac_core.layer.stats["retransmissions"] >= calls  # every first INVITE was dropped: Timer A
+    assert relay.stats.dropped > calls
