@@ -28,12 +28,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from overlay import ids
+from overlay.chord import ChordConfig
 from overlay.errors import NotJoined, OverlayError, StoreRefused
 from overlay.identity import KeyPair
 from overlay.node import Node, NodeConfig
@@ -73,6 +74,18 @@ EventHandler = Callable[[str, str], None]
 left, refused); ``text`` is one readable line."""
 
 USERS_DIR = "users"
+
+
+def quick_node_config(interval: float = 0.2, rpc_timeout: float = 0.5) -> NodeConfig:
+    """Overlay maintenance every ``interval`` seconds: for the demo and tests on one machine, where a
+    ring must settle in a fraction of a second (the defaults suit real networks)."""
+    chord = ChordConfig(
+        stabilize_interval=interval,
+        fix_fingers_interval=interval,
+        check_predecessor_interval=interval * 2,
+        rpc_timeout=rpc_timeout,
+    )
+    return NodeConfig(chord=chord, rpc_timeout=rpc_timeout, op_timeout=10.0, repair_interval=interval * 10)
 
 
 class UserKeys:
@@ -162,7 +175,29 @@ class PeerCore(Proxy):
             response.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE")
             self.stack.respond(transaction, response)
             return
+        if (
+            transaction is not None
+            and request.method not in ("INVITE", "ACK", "CANCEL")
+            and request.get("Route") is None
+        ):
+            # The proxy forwards a non-INVITE only if its location is known synchronously, so a DHT
+            # lookup for one is done first (INVITEs are looked up by the proxy itself, asynchronously).
+            aor = self.peer.needs_lookup(request)
+            if aor is not None:
+                task = asyncio.ensure_future(self._prelocated(request, transaction, source, aor))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
         super().on_request(request, transaction, source)
+
+    async def _prelocated(
+        self, request: Request, transaction: ServerTransaction, source: Source, aor: str
+    ) -> None:
+        await self.peer.prelocate(request, aor)
+        try:
+            super().on_request(request, transaction, source)
+        finally:
+            self.peer._prelocated.pop(id(request), None)
 
 
 class Peer:
@@ -203,6 +238,7 @@ class Peer:
             0,
         )
         self._aor_locks: dict[str, asyncio.Lock] = {}
+        self._prelocated: dict[int, tuple[str, list[Binding] | BaseException]] = {}
         self._digest: dict[str, DigestServer] = {}
         for account in config.users.values():
             realm = account.realm or config.realm
@@ -435,9 +471,20 @@ class Peer:
         self.cache.put(aor, bindings, time.time())
         return live_targets(bindings, time.time())
 
-    async def locate(self, request: Request) -> list[URI | Address]:
-        """The proxy's location hook: where ``request`` goes (see the module docstring)."""
+    def locate(self, request: Request) -> list[URI | Address] | Awaitable[list[URI | Address]]:
+        """The proxy's location hook: where ``request`` goes (see the module docstring).
+
+        Synchronous whenever no DHT lookup is needed (IP literals, static routes, cache hits, lookups done
+        beforehand by :class:`PeerCore`); a coroutine otherwise.
+        """
         uri = request.uri
+        early = self._prelocated.pop(id(request), None)
+        if early is not None:
+            aor, found = early
+            if isinstance(found, BaseException):
+                self.counters["overlay_errors"] += 1
+                raise LookupError(f"overlay lookup failed: {found}")
+            return self._targets(request, aor, found)
         decision = decide(uri, routes=self._routes(), local_addresses=self._local_addresses())
         if isinstance(decision, NotRoutable):
             raise LookupError(decision.reason)
@@ -448,19 +495,45 @@ class Peer:
             self._event("routed", f"{request.method} {uri} -> static route {decision.host}:{decision.port}")
             return [uri]
         assert isinstance(decision, OverlayLookup)
-        aor = decision.aor
+        cached = self.cache.get(decision.aor, time.time())
+        if cached is not None:
+            self.counters["lookup_cache_hits"] += 1
+            return self._targets(request, decision.aor, cached)
+        return self._locate_in_overlay(request, decision.aor)
+
+    def needs_lookup(self, request: Request) -> str | None:
+        """The AOR to fetch from the DHT before ``request`` can be routed, or None (no lookup needed)."""
+        decision = decide(request.uri, routes=self._routes(), local_addresses=self._local_addresses())
+        if isinstance(decision, OverlayLookup) and self.cache.get(decision.aor, time.time()) is None:
+            return decision.aor
+        return None
+
+    async def prelocate(self, request: Request, aor: str) -> None:
+        """Fetch ``aor``'s bindings for ``request`` so that ``locate`` can answer synchronously."""
+        found: list[Binding] | BaseException
+        try:
+            found = await self.lookup_bindings(aor)
+        except (OverlayError, TimeoutError) as exc:
+            found = exc
+        self._prelocated[id(request)] = (aor, found)
+
+    async def _locate_in_overlay(self, request: Request, aor: str) -> list[URI | Address]:
         try:
             bindings = await self.lookup_bindings(aor)
         except (OverlayError, TimeoutError) as exc:
             self.counters["overlay_errors"] += 1
             raise LookupError(f"overlay lookup failed: {exc}") from None
+        uri = request.uri
+        if not bindings and self.config.dns and not _is_ip(uri.host):
+            hop = await _resolve(uri.host, uri.port)
+            if hop is not None:
+                request.add("Route", f"<sip:{_uri_host(hop[0])}:{hop[1]};lr>", first=True)
+                self._event("routed", f"{request.method} {uri} -> DNS {hop[0]}:{hop[1]}")
+                return [uri]
+        return self._targets(request, aor, bindings)
+
+    def _targets(self, request: Request, aor: str, bindings: list[Binding]) -> list[URI | Address]:
         if not bindings:
-            if self.config.dns and not _is_ip(uri.host):
-                hop = await _resolve(uri.host, uri.port)
-                if hop is not None:
-                    request.add("Route", f"<sip:{_uri_host(hop[0])}:{hop[1]};lr>", first=True)
-                    self._event("routed", f"{request.method} {uri} -> DNS {hop[0]}:{hop[1]}")
-                    return [uri]
             self.counters["not_found"] += 1
             self._event("failed", f"{request.method} {aor}: nobody is registered (404)")
             raise LookupError(f"nobody is registered as {aor}")
@@ -473,10 +546,10 @@ class Peer:
             if b.q is not None:
                 target.params["q"] = f"{b.q:g}"
             targets.append(target)
-            for hop_text in reversed(b.path):
-                # RFC 3327: a registration's Path becomes the request's Route (only for one contact).
-                if len(bindings) == 1:
-                    request.add("Route", hop_text, first=True)
+        if len(bindings) == 1:
+            # RFC 3327: a registration's Path becomes the request's Route.
+            for hop_text in reversed(bindings[0].path):
+                request.add("Route", hop_text, first=True)
         self.counters["routed"] += 1
         contacts = ", ".join(b.contact for b in bindings)
         self._event("routed", f"{request.method} {aor} -> {contacts}")
@@ -692,3 +765,32 @@ def iter_bindings(entries: Iterable[Any], aor: str) -> list[Binding]:
         with contextlib.suppress(ValueError):
             out.append(decode_binding(aor, entry.value))
     return out
+
+
+def ring_is_settled(peers: Iterable[Peer]) -> bool:
+    """Whether every peer's successor and predecessor are its true ring neighbours (peers in one process)."""
+    nodes = sorted((p.node for p in peers), key=lambda n: n.node_id)
+    if len(nodes) < 2:
+        return True
+    for i, node in enumerate(nodes):
+        core = node.core
+        if core is None or not core.successors or core.predecessor is None:
+            return False
+        if core.successors[0].id != nodes[(i + 1) % len(nodes)].node_id:
+            return False
+        if core.predecessor.id != nodes[i - 1].node_id:
+            return False
+    return True
+
+
+async def wait_until_settled(peers: Iterable[Peer], timeout: float = 10.0, poll: float = 0.02) -> float:
+    """Wait (bounded) until the ring of ``peers`` is consistent; returns the seconds it took. Raises
+    TimeoutError otherwise. The overlay raises no event for "ring consistent", so the condition is polled."""
+    members = list(peers)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not ring_is_settled(members):
+        if loop.time() - started > timeout:
+            raise TimeoutError(f"the ring of {len(members)} peers did not settle within {timeout:g} s")
+        await asyncio.sleep(poll)
+    return loop.time() - started

@@ -1,0 +1,241 @@
+"""Peers on loopback, several in one process: registration into the DHT, calls through the overlay,
+forking across peers, 404/408/480, digest auth, first-claim, static routes, IP literals, restarts."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from peer_phone import Phone
+
+from overlay import ids
+from overlay.identity import KeyPair
+from p2psip.auth import answer_challenge
+from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount
+from p2psip.message import Request
+from p2psip.peer import Peer, quick_node_config, wait_until_settled
+from p2psip.timers import TimerConfig
+
+ALICE = "sip:alice@p2p.example"
+BOB = "sip:bob@p2p.example"
+FAST_TIMERS = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
+
+PeerFactory = Callable[..., Awaitable[Peer]]
+
+
+@pytest.fixture
+async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
+    started: list[Peer] = []
+    counter = iter(range(1000))
+
+    async def make(join: Peer | None = None, *, data_dir: Path | None = None, **settings: object) -> Peer:
+        config = PeerConfig(
+            listen=[ListenSpec("udp", "127.0.0.1", 0)],
+            overlay=HostPort("127.0.0.1", 0),
+            join=HostPort(*join.overlay_address) if join else None,
+            data_dir=data_dir or tmp_path / f"peer{next(counter)}",
+            cache_ttl=0.0,
+        )
+        for key, value in settings.items():
+            setattr(config, key, value)
+        peer = await Peer.start(
+            config, node_config=quick_node_config(), stack_options={"timers": FAST_TIMERS}
+        )
+        started.append(peer)
+        return peer
+
+    yield make
+    for peer in started:
+        if not peer._closed:
+            await peer.close(leave=False)
+
+
+@pytest.fixture
+async def ring(make_peer: PeerFactory) -> list[Peer]:
+    first = await make_peer()
+    peers = [first] + [await make_peer(first) for _ in range(4)]
+    await wait_until_settled(peers, timeout=20)
+    return peers
+
+
+@pytest.fixture
+async def phones() -> AsyncIterator[Callable[..., Awaitable[Phone]]]:
+    opened: list[Phone] = []
+
+    async def make(user: str, answer: str | int = "auto") -> Phone:
+        phone = await Phone.open(user, answer)
+        opened.append(phone)
+        return phone
+
+    yield make
+    for phone in opened:
+        phone.close()
+
+
+async def test_register_writes_one_signed_entry_per_contact(ring: list[Peer], phones) -> None:
+    alice = await phones("alice")
+    response = await alice.register(ring[0].sip_address(), expires=600)
+    assert response.status == 200
+    assert [c.uri.port for c in response.contacts] == [alice.port]
+    # the entry is in the DHT, readable from any peer, signed by alice's user key kept in the data dir
+    entries = await ring[3].node.get(ALICE)
+    assert len(entries) == 1
+    key_file = ring[0].users.path_for(ALICE)
+    assert key_file.exists() and oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert entries[0].owner == KeyPair.load(key_file).public_key
+    # r = 3 replicas hold it
+    holders = [p for p in ring if p.node.store.get(ids.key_for(ALICE), p.node._loop.time())]
+    assert len(holders) == 3
+    result = await ring[4].lookup(ALICE)
+    assert [b.contact for b in result.bindings] == [alice.contact]
+    assert result.responsible is not None and len(result.holders) == 3
+
+
+async def test_call_through_the_overlay_with_record_route(ring: list[Peer], phones) -> None:
+    alice, bob = await phones("alice"), await phones("bob")
+    assert (await bob.register(ring[3].sip_address())).status == 200
+    result = await alice.call(BOB, ring[1].sip_address())
+    assert result.answered, result.statuses
+    assert 180 in result.statuses
+    invite = bob.invites.get_nowait()
+    assert invite.uri.port == bob.port  # retargeted to bob's contact
+    assert invite.get("Record-Route") is not None  # the peer stays in the path
+    assert result.bye_status == 200
+    assert bob.acked.is_set()
+    assert ring[1].counters["routed"] == 1
+
+
+async def test_nobody_registered_is_404(ring: list[Peer], phones) -> None:
+    alice = await phones("alice")
+    result = await alice.call("sip:nobody@p2p.example", ring[2].sip_address())
+    assert result.final is not None and result.final.status == 404
+
+
+async def test_refresh_expires_zero_and_wildcard(ring: list[Peer], phones) -> None:
+    bob = await phones("bob")
+    peer = ring[2]
+    first = await bob.register(peer.sip_address(), expires=300, call_id="bob-reg", cseq=1)
+    refreshed = await bob.register(peer.sip_address(), expires=900, call_id="bob-reg", cseq=2)
+    assert first.status == refreshed.status == 200
+    assert refreshed.contacts[0].expires is not None and refreshed.contacts[0].expires > 800
+    assert len(await ring[0].node.get(BOB)) == 1  # refreshed, not duplicated
+    gone = await bob.register(peer.sip_address(), expires=0, call_id="bob-reg", cseq=3)
+    assert gone.status == 200 and not gone.contacts
+    assert await ring[0].node.get(BOB) == []
+    # two contacts, then '*' removes both
+    await bob.register(peer.sip_address(), contact="<sip:bob@127.0.0.1:1>", call_id="b2", cseq=1)
+    await bob.register(peer.sip_address(), contact="<sip:bob@127.0.0.1:2>", call_id="b2", cseq=2)
+    assert len(await ring[4].node.get(BOB)) == 2
+    wiped = await bob.register(peer.sip_address(), contact="*", expires=0, call_id="b2", cseq=3)
+    assert wiped.status == 200
+    assert await ring[4].node.get(BOB) == []
+    caller = await phones("carol")
+    result = await caller.call(BOB, peer.sip_address())
+    assert result.final is not None and result.final.status == 404
+
+
+async def test_forking_to_contacts_registered_through_different_peers(
+    ring: list[Peer], phones, tmp_path: Path
+) -> None:
+    desk, mobile = await phones("bob", answer="ring"), await phones("bob")
+    assert (await desk.register(ring[0].sip_address())).status == 200
+    # a second device of the same user at another peer: copy the user key there (DESIGN.md)
+    target = ring[3].users.path_for(BOB)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ring[0].users.path_for(BOB), target)
+    assert (await mobile.register(ring[3].sip_address())).status == 200
+    assert len(await ring[1].node.get(BOB)) == 2
+    alice = await phones("alice")
+    result = await alice.call(BOB, ring[2].sip_address())
+    assert result.answered
+    assert desk.invites.qsize() == 1 and mobile.invites.qsize() == 1  # both rang
+    assert desk.cancelled.is_set()  # the losing branch was cancelled when mobile answered
+
+
+async def test_first_claim_refuses_another_users_key(ring: list[Peer], phones) -> None:
+    alice, mallory = await phones("alice"), await phones("alice")
+    assert (await alice.register(ring[0].sip_address())).status == 200
+    # ring[2] has no copy of alice's key: it makes its own, which the overlay refuses for this AOR
+    refused = await mallory.register(ring[2].sip_address())
+    assert refused.status == 403
+    assert [e.value for e in await ring[1].node.get(ALICE)] != []
+    bindings = await ring[1].fetch_bindings(ALICE)
+    assert [b.contact for b in bindings] == [alice.contact]
+
+
+async def test_no_answer_gives_408_or_480(ring: list[Peer], phones) -> None:
+    silent = await phones("dave", answer="silent")
+    ringing = await phones("erin", answer="ring")
+    await silent.register(ring[0].sip_address())
+    await ringing.register(ring[1].sip_address())
+    caller = await phones("alice")
+    result = await caller.call("sip:dave@p2p.example", ring[2].sip_address(), timeout=20)
+    assert result.final is not None and result.final.status in (408, 480), result.statuses
+    result = await caller.call("sip:erin@p2p.example", ring[2].sip_address(), timeout=20)
+    assert result.final is not None and result.final.status in (408, 480, 487), result.statuses
+    assert ringing.cancelled.is_set()  # Timer C cancelled the ringing branch
+
+
+async def test_digest_auth_per_user(make_peer: PeerFactory, phones) -> None:
+    peer = await make_peer(users={ALICE: UserAccount(ALICE, "wonderland", "alice")}, require_auth=True)
+    alice = await phones("alice")
+    challenge = await alice.register(peer.sip_address(), call_id="auth-1", cseq=1)
+    assert challenge.status == 401 and challenge.get("WWW-Authenticate")
+    assert await peer.node.get(ALICE) == []
+    first = challenge_request(alice, peer, cseq=1)
+    wrong = answer_challenge(challenge, first, "alice", "not-the-password")
+    refused = await alice.request(wrong, peer.sip_address())
+    assert refused.status == 401
+    right = answer_challenge(challenge, first, "alice", "wonderland")
+    accepted = await alice.request(right, peer.sip_address())
+    assert accepted.status == 200
+    assert len(await peer.node.get(ALICE)) == 1
+    # require_auth: users the config does not list are refused
+    bob = await phones("bob")
+    assert (await bob.register(peer.sip_address())).status == 403
+
+
+def challenge_request(phone: Phone, peer: Peer, cseq: int) -> Request:
+    return Request.create(
+        "REGISTER",
+        "sip:p2p.example",
+        from_=f"<{phone.aor}>;tag=x1",
+        to=f"<{phone.aor}>",
+        call_id="auth-1",
+        cseq=cseq,
+        via=f"SIP/2.0/UDP 127.0.0.1:{phone.port};branch=z9hG4bK-auth-{cseq};rport",
+        contact=f"<{phone.contact}>",
+        headers=[("Expires", "300")],
+    )
+
+
+async def test_ip_literal_and_static_route_are_forwarded_as_addressed(make_peer: PeerFactory, phones) -> None:
+    gateway = await phones("gw")
+    peer = await make_peer(routes={"pstn.example": HostPort("127.0.0.1", gateway.port)})
+    caller = await phones("alice")
+    direct = await caller.call(f"sip:someone@127.0.0.1:{gateway.port}", peer.sip_address())
+    assert direct.answered
+    assert gateway.invites.get_nowait().uri.user == "someone"
+    routed = await caller.call("sip:+15551234@pstn.example", peer.sip_address())
+    assert routed.answered
+    invite = gateway.invites.get_nowait()
+    assert str(invite.uri) == "sip:+15551234@pstn.example"  # the Request-URI is kept; the route chose the hop
+    assert peer.counters["lookups"] == 0  # neither touched the DHT
+
+
+async def test_restart_keeps_identity_and_user_keys(make_peer: PeerFactory, phones, tmp_path: Path) -> None:
+    data = tmp_path / "keeper"
+    first = await make_peer(data_dir=data)
+    helper = await make_peer(first)
+    await wait_until_settled([first, helper])
+    bob = await phones("bob")
+    assert (await bob.register(first.sip_address())).status == 200
+    node_id, user_key = first.node.node_id, first.users.get(BOB).public_key
+    await first.close()
+    again = await make_peer(helper, data_dir=data)
+    assert again.node.node_id == node_id
+    assert again.users.get(BOB).public_key == user_key
+    # the same user key may keep refreshing its AOR after the restart
+    assert (await bob.register(again.sip_address(), cseq=5)).status == 200
