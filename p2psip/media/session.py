@@ -1,0 +1,593 @@
+"""MediaSession: one call's audio over asyncio UDP (RTP + RTCP), around the sans-IO parts of this package.
+
+Each session owns an RTP socket (and, unless RTCP is multiplexed, an RTCP socket on the next port up, as
+RFC 3550 §11 expects) and one timer. Every packet interval (20 ms) the timer:
+
+1. sends one packet: the next telephone event if DTMF is being sent, else the next frame of the source,
+   G.711-encoded (nothing once the source has ended);
+2. plays one frame from the jitter buffer into the sink (decoding, or concealing a lost packet);
+3. sends an RTCP report when one is due (SR if we sent since the last one, else RR; with SDES CNAME).
+
+The timer fires at ``start + k * ptime`` on the loop's monotonic clock, so lateness in one tick is not
+carried into the next (no drift); if the loop falls several intervals behind, the missed ticks run at once
+(up to ``MAX_CATCH_UP``) so the RTP timestamp keeps matching real time.
+
+Symmetric RTP (RFC 4961; what a peer behind NAT needs): once a valid RTP packet of the expected payload type
+arrives, we send to the address it came from, whatever the SDP said. RTCP latches the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from p2psip.errors import ParseError
+from p2psip.media.codecs import PCMU, Codec, codec
+from p2psip.media.dtmf import DtmfEvent, DtmfReceiver, DtmfSender
+from p2psip.media.jitter import JitterBuffer, Playout, conceal
+from p2psip.media.rtcp import (
+    Bye,
+    ReceiverReport,
+    ReceptionStats,
+    RtcpPacket,
+    SenderReport,
+    SourceDescription,
+    build_compound,
+    ntp_middle,
+    ntp_timestamp,
+    parse_compound,
+)
+from p2psip.media.rtp import RtpPacket, build_rtp, is_rtcp
+from p2psip.media.sources import AudioSink, AudioSource, SilenceSource
+
+__all__ = ["MediaSession", "MediaStats", "NegotiatedMedia"]
+
+Address = tuple[str, int]
+
+
+class NegotiatedMedia(Protocol):
+    """What :meth:`MediaSession.apply` needs; :class:`p2psip.sdp.MediaParams` has it."""
+
+    @property
+    def remote(self) -> tuple[str, int]: ...
+    @property
+    def remote_rtcp(self) -> tuple[str, int]: ...
+    @property
+    def codec(self) -> str: ...
+    @property
+    def payload_type(self) -> int: ...
+    @property
+    def receive_payload_type(self) -> int: ...
+    @property
+    def dtmf_payload_type(self) -> int | None: ...
+    @property
+    def receive_dtmf_payload_type(self) -> int | None: ...
+    @property
+    def send(self) -> bool: ...
+    @property
+    def recv(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class MediaStats:
+    """A snapshot of one session's counters. Jitter is RFC 3550's interarrival jitter, in milliseconds."""
+
+    packets_sent: int
+    octets_sent: int
+    packets_received: int
+    octets_received: int
+    lost: int  # cumulative, RFC 3550 A.3 (expected - received)
+    fraction_lost: float  # over the whole session so far, 0..1
+    jitter_ms: float
+    late: int  # arrived after their playout slot
+    duplicates: int
+    concealed: int  # frames synthesised for lost packets
+    underruns: int  # intervals with nothing to play
+    dtmf_received: str
+    remote_lost: int | None  # what the peer's last RTCP report said about our stream
+    remote_fraction_lost: float | None
+    remote_jitter_ms: float | None
+    rtt_ms: float | None
+    ticks: int
+    max_tick_lateness_ms: float  # how late the worst timer tick ran (pacing quality under load)
+    rejected: int  # datagrams dropped: malformed, wrong payload type or foreign source
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, handler: Callable[[bytes, Address], None]) -> None:
+        self.handler = handler
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.handler(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP port unreachable while the peer is not up yet: not fatal for RTP
+
+
+def _bind_pair(host: str, port: int, pair: bool) -> tuple[socket.socket, socket.socket | None]:
+    """An RTP socket (even port) and, if ``pair``, an RTCP socket on the next port (RFC 3550 §11)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(1 if port else 64):
+        rtp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            rtp.bind((host, port))
+            bound = rtp.getsockname()[1]
+            if not pair:
+                return rtp, None
+            if not port and bound % 2:
+                rtp.close()
+                continue
+            rtcp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                rtcp.bind((host, bound + 1))
+            except OSError:
+                rtcp.close()
+                rtp.close()
+                if port:
+                    raise
+                continue
+            return rtp, rtcp
+        except OSError:
+            rtp.close()
+            raise
+    raise OSError(f"could not bind an RTP/RTCP port pair on {host}")
+
+
+class MediaSession:
+    """One call's media. Create with ``await MediaSession.start(...)``; see the module docstring."""
+
+    MAX_CATCH_UP = 10
+
+    def __init__(self) -> None:  # use start()
+        self._loop = asyncio.get_running_loop()
+        self.codec: Codec = PCMU
+        self.receive_payload_type = 0
+        self.dtmf_payload_type: int | None = 101
+        self.receive_dtmf_payload_type: int | None = 101
+        self.ptime = 20
+        self.samples_per_packet = 160
+        self.send_enabled = True
+        self.recv_enabled = True
+        self.symmetric = True
+        self.source: AudioSource = SilenceSource()
+        self.sink: AudioSink | None = None
+        self.remote: Address | None = None
+        self.remote_rtcp: Address | None = None
+        self._rtcp_latched = False
+        self.rtcp_mux = False
+        self.rtcp_interval = 5.0
+        self.ssrc = random.getrandbits(32)
+        self.cname = f"p2psip-{self.ssrc:08x}"
+        self._rtp: _Endpoint | None = None
+        self._rtcp: _Endpoint | None = None
+        self.local_address: Address = ("", 0)
+        self.local_rtcp_address: Address | None = None
+        self._sequence = random.getrandbits(16)
+        self._timestamp = random.getrandbits(32)
+        self._marker = True
+        self._packets_sent = 0
+        self._octets_sent = 0
+        self._sent_since_report = False
+        self._packets_received = 0
+        self._octets_received = 0
+        self._rejected = 0
+        self._remote_ssrc: int | None = None
+        self._remote_last_seen = 0.0
+        self._reception: ReceptionStats | None = None
+        self._remote_report: tuple[int, int, int] | None = None  # lost, fraction*256, jitter (ts units)
+        self._rtt: float | None = None
+        self.jitter = JitterBuffer()
+        self._dtmf_sender = DtmfSender()
+        self._dtmf_receiver = DtmfReceiver()
+        self._dtmf_waiters: list[asyncio.Future[None]] = []
+        self._digit_waiters: list[tuple[asyncio.Future[str], int]] = []
+        self.on_dtmf: Callable[[DtmfEvent], None] | None = None
+        self._last_frame: bytes | None = None
+        self._concealed_run = 0
+        self._start_time = 0.0
+        self._tick_index = 0
+        self._ticks = 0
+        self._max_lateness = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._next_rtcp = 0.0
+        self.source_done: asyncio.Future[None] = self._loop.create_future()
+        self.remote_bye: asyncio.Future[None] = self._loop.create_future()
+        self.closed = False
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    async def start(
+        cls,
+        local: Address = ("127.0.0.1", 0),
+        remote: Address | None = None,
+        *,
+        codec: str | int | Codec = "PCMU",
+        source: AudioSource | None = None,
+        sink: AudioSink | None = None,
+        dtmf_payload_type: int | None = 101,
+        ptime: int = 20,
+        direction: str = "sendrecv",
+        symmetric: bool = True,
+        rtcp_mux: bool = False,
+        rtcp_interval: float = 5.0,
+        jitter_prefetch: int = 2,
+        on_dtmf: Callable[[DtmfEvent], None] | None = None,
+        remote_rtcp: Address | None = None,
+    ) -> MediaSession:
+        """Bind the sockets and start the clock.
+
+        ``local`` port 0 picks a free even port (and the odd one above it for RTCP unless ``rtcp_mux``).
+        ``remote`` may be None until the SDP answer is known: call :meth:`set_remote` or :meth:`apply` then
+        (until then nothing is sent; with ``symmetric`` the first packet from the peer also sets it).
+        ``source`` defaults to silence (keeps NAT bindings open); ``sink`` None discards received audio.
+        """
+        self = cls()
+        self.codec = _codec(codec)
+        self.receive_payload_type = self.codec.payload_type
+        self.dtmf_payload_type = self.receive_dtmf_payload_type = dtmf_payload_type
+        if ptime <= 0 or ptime > 200:
+            raise ValueError("ptime must be 1..200 ms")
+        self.ptime = ptime
+        self.samples_per_packet = self.codec.clock_rate * ptime // 1000
+        self._dtmf_sender = DtmfSender(samples_per_packet=self.samples_per_packet)
+        self.set_direction(direction)
+        self.symmetric = symmetric
+        self.rtcp_mux = rtcp_mux
+        self.rtcp_interval = rtcp_interval
+        self.jitter = JitterBuffer(prefetch=jitter_prefetch)
+        self.on_dtmf = on_dtmf
+        if source is not None:
+            self.source = source
+        self.sink = sink
+        rtp_sock, rtcp_sock = _bind_pair(local[0], local[1], pair=not rtcp_mux)
+        _, rtp_endpoint = await self._loop.create_datagram_endpoint(
+            lambda: _Endpoint(self._on_datagram), sock=rtp_sock
+        )
+        self._rtp = rtp_endpoint
+        name = rtp_sock.getsockname()
+        self.local_address = (name[0], name[1])
+        if rtcp_sock is not None:
+            _, rtcp_endpoint = await self._loop.create_datagram_endpoint(
+                lambda: _Endpoint(self._on_rtcp_datagram), sock=rtcp_sock
+            )
+            self._rtcp = rtcp_endpoint
+            rtcp_name = rtcp_sock.getsockname()
+            self.local_rtcp_address = (rtcp_name[0], rtcp_name[1])
+        if remote is not None:
+            self.set_remote(remote, remote_rtcp)
+        self._start_time = self._loop.time()
+        self._next_rtcp = self._start_time + rtcp_interval * random.uniform(0.25, 0.75)
+        self._timer = self._loop.call_at(self._start_time + self.ptime / 1000, self._tick)
+        return self
+
+    def set_remote(self, remote: Address, remote_rtcp: Address | None = None) -> None:
+        """Where to send RTP (and RTCP: by default the next port up, or the same port with rtcp-mux)."""
+        self.remote = (remote[0], remote[1])
+        if remote_rtcp is not None:
+            self.remote_rtcp = remote_rtcp
+        else:
+            self.remote_rtcp = self.remote if self.rtcp_mux else (remote[0], remote[1] + 1)
+
+    def set_direction(self, direction: str) -> None:
+        """``sendrecv``, ``sendonly``, ``recvonly`` or ``inactive`` (hold and resume)."""
+        if direction not in ("sendrecv", "sendonly", "recvonly", "inactive"):
+            raise ValueError(f"{direction!r} is not an SDP direction")
+        self.send_enabled = direction in ("sendrecv", "sendonly")
+        self.recv_enabled = direction in ("sendrecv", "recvonly")
+
+    def apply(self, params: NegotiatedMedia) -> None:
+        """Adopt an offer/answer outcome (:func:`p2psip.sdp.negotiated`): peer, codec, DTMF, direction."""
+        self.codec = codec(params.codec, params.payload_type)
+        self.receive_payload_type = params.receive_payload_type
+        self.dtmf_payload_type = params.dtmf_payload_type
+        self.receive_dtmf_payload_type = params.receive_dtmf_payload_type
+        self.send_enabled, self.recv_enabled = params.send, params.recv
+        self.set_remote(params.remote, params.remote_rtcp)
+
+    # ------------------------------------------------------------------- the tick
+    def _tick(self) -> None:
+        now = self._loop.time()
+        interval = self.ptime / 1000
+        done = 0
+        while True:
+            due = self._start_time + (self._tick_index + 1) * interval
+            if due > now:
+                break
+            self._max_lateness = max(self._max_lateness, now - due)
+            self._tick_index += 1
+            done += 1
+            if done > self.MAX_CATCH_UP:  # hopelessly behind (a suspended process): skip, keep time
+                self._timestamp += self.samples_per_packet
+                continue
+            self._ticks += 1
+            try:
+                self._send_one()
+                self._play_one()
+            except Exception:  # a broken source/sink must not kill the loop's timer
+                self._fail_source()
+        if now >= self._next_rtcp:
+            self._send_report()
+            self._next_rtcp = now + self.rtcp_interval * random.uniform(0.5, 1.5)
+        if not self.closed:
+            self._timer = self._loop.call_at(
+                self._start_time + (self._tick_index + 1) * interval, self._tick
+            )
+
+    def _fail_source(self) -> None:
+        self.source = SilenceSource(0)
+        if not self.source_done.done():
+            self.source_done.set_result(None)
+
+    def _send_one(self) -> None:
+        timestamp = self._timestamp
+        self._timestamp = (timestamp + self.samples_per_packet) & 0xFFFFFFFF
+        if not self.send_enabled or self.remote is None or self._rtp is None or self._rtp.transport is None:
+            return
+        if self.dtmf_payload_type is not None and self._dtmf_sender.busy:
+            event = self._dtmf_sender.tick(timestamp)
+            if not self._dtmf_sender.busy:
+                self._finish_dtmf()
+            if event is not None:
+                self._transmit(self.dtmf_payload_type, event.timestamp, event.payload, event.marker)
+                return
+        pcm = None if self.source_done.done() else self.source.read(self.samples_per_packet)
+        if pcm is None:
+            if not self.source_done.done():
+                self.source_done.set_result(None)
+            return
+        self._transmit(self.codec.payload_type, timestamp, self.codec.encode(pcm), self._marker)
+        self._marker = False
+
+    def _transmit(self, payload_type: int, timestamp: int, payload: bytes, marker: bool) -> None:
+        assert self._rtp is not None and self._rtp.transport is not None and self.remote is not None
+        packet = build_rtp(payload_type, self._sequence, timestamp, self.ssrc, payload, marker)
+        self._sequence = (self._sequence + 1) & 0xFFFF
+        self._rtp.transport.sendto(packet, self.remote)
+        self._packets_sent += 1
+        self._octets_sent += len(payload)
+        self._sent_since_report = True
+
+    def _play_one(self) -> None:
+        frame = self.jitter.pop()
+        if frame is not None:
+            self._play(frame)
+
+    def _play(self, frame: Playout) -> None:
+        if frame.payload is not None:
+            pcm = self.codec.decode(frame.payload)
+            self._last_frame = pcm
+            self._concealed_run = 0
+        elif frame.filler:
+            pcm = bytes(2 * self.samples_per_packet)
+            self._last_frame = None
+        else:
+            self._concealed_run += 1
+            pcm = conceal(self._last_frame, self._concealed_run, self.samples_per_packet)
+        if self.sink is not None and self.recv_enabled:
+            self.sink.write(pcm)
+
+    # ---------------------------------------------------------------- receiving
+    def _on_datagram(self, data: bytes, addr: Address) -> None:
+        if self.rtcp_mux and is_rtcp(data):
+            self._on_rtcp_datagram(data, addr)
+            return
+        try:
+            packet = RtpPacket.parse(data)
+        except ParseError:
+            self._rejected += 1
+            return
+        payload_type = packet.payload_type
+        audio = payload_type == self.receive_payload_type
+        dtmf = payload_type == self.receive_dtmf_payload_type
+        if not audio and not dtmf and payload_type != 13:  # 13: comfort noise, played as silence
+            self._rejected += 1
+            return
+        now = self._loop.time()
+        if packet.ssrc != self._remote_ssrc:
+            if self._remote_ssrc is not None and now - self._remote_last_seen < 0.5:
+                self._rejected += 1  # a second source while the first is alive: not ours
+                return
+            self._remote_ssrc = packet.ssrc
+            self._reception = ReceptionStats(packet.ssrc, self.codec.clock_rate)
+        self._remote_last_seen = now
+        if self.symmetric and addr != self.remote:
+            self.remote = addr  # latch: send where the peer really is
+            if not self._rtcp_latched:
+                self.remote_rtcp = addr if self.rtcp_mux else (addr[0], addr[1] + 1)
+        self._packets_received += 1
+        self._octets_received += len(packet.payload)
+        assert self._reception is not None
+        self._reception.update(packet.sequence, packet.timestamp, now, timing=audio)
+        if audio:
+            self.jitter.push(packet.sequence, packet.payload)
+            return
+        self.jitter.push(packet.sequence, None)
+        if dtmf:
+            try:
+                event = self._dtmf_receiver.receive(packet.timestamp, packet.payload)
+            except ParseError:
+                self._rejected += 1
+                return
+            if event is not None:
+                self._on_digit(event)
+
+    def _on_digit(self, event: DtmfEvent) -> None:
+        if self.on_dtmf is not None:
+            self.on_dtmf(event)
+        count = len(self._dtmf_receiver.digits)
+        for waiter, wanted in list(self._digit_waiters):
+            if count >= wanted and not waiter.done():
+                waiter.set_result(self._dtmf_receiver.digits)
+        self._digit_waiters = [(w, n) for w, n in self._digit_waiters if not w.done()]
+
+    def _on_rtcp_datagram(self, data: bytes, addr: Address) -> None:
+        try:
+            packets = parse_compound(data)
+        except ParseError:
+            self._rejected += 1
+            return
+        now = self._loop.time()
+        if self.symmetric:
+            self.remote_rtcp = addr
+            self._rtcp_latched = True
+        for packet in packets:
+            reception = self._reception
+            if isinstance(packet, SenderReport) and reception is not None and packet.ssrc == reception.ssrc:
+                reception.on_sender_report(packet.ntp, now)
+            if isinstance(packet, SenderReport | ReceiverReport):
+                for block in packet.reports:
+                    if block.ssrc == self.ssrc:
+                        self._remote_report = (block.cumulative_lost, block.fraction_lost, block.jitter)
+                        if block.lsr:
+                            arrival = ntp_middle(ntp_timestamp(time.time()))
+                            rtt = ((arrival - block.lsr - block.dlsr) & 0xFFFFFFFF) / 65536
+                            if rtt < 60:
+                                self._rtt = rtt
+            elif (
+                isinstance(packet, Bye)
+                and not self.remote_bye.done()
+                and (self._remote_ssrc is None or self._remote_ssrc in packet.ssrcs)
+            ):
+                self.remote_bye.set_result(None)
+
+    # --------------------------------------------------------------------- RTCP
+    def _report(self) -> list[RtcpPacket]:
+        now = self._loop.time()
+        blocks = [self._reception.report_block(now)] if self._reception is not None else []
+        first: RtcpPacket
+        if self._sent_since_report:
+            rtp_now = self._timestamp
+            first = SenderReport(
+                self.ssrc,
+                ntp_timestamp(time.time()),
+                rtp_now,
+                self._packets_sent,
+                self._octets_sent,
+                blocks,
+            )
+        else:
+            first = ReceiverReport(self.ssrc, blocks)
+        self._sent_since_report = False
+        return [first, SourceDescription({self.ssrc: self.cname})]
+
+    def _send_rtcp(self, packets: list[RtcpPacket]) -> None:
+        endpoint = self._rtp if self.rtcp_mux else self._rtcp
+        if endpoint is None or endpoint.transport is None or self.remote_rtcp is None:
+            return
+        endpoint.transport.sendto(build_compound(packets), self.remote_rtcp)
+
+    def _send_report(self) -> None:
+        self._send_rtcp(self._report())
+
+    # ---------------------------------------------------------------------- DTMF
+    def send_dtmf(self, digits: str, *, duration: float = 0.1, gap: float = 0.05) -> asyncio.Future[None]:
+        """Queue RFC 4733 digits (``0-9 * # A-D``); the future completes when the last one has been sent.
+
+        Audio pauses while a digit is sent (its packets take the audio's place). Raises ValueError for a bad
+        digit, or if the peer did not offer telephone-event.
+        """
+        if self.dtmf_payload_type is None:
+            raise ValueError("the peer did not negotiate telephone-event; DTMF cannot be sent")
+        self._dtmf_sender.duration = max(self.samples_per_packet, round(duration * self.codec.clock_rate))
+        self._dtmf_sender.gap = round(gap * self.codec.clock_rate)
+        self._dtmf_sender.queue(digits)
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._dtmf_waiters.append(future)
+        return future
+
+    def _finish_dtmf(self) -> None:
+        for future in self._dtmf_waiters:
+            if not future.done():
+                future.set_result(None)
+        self._dtmf_waiters.clear()
+
+    @property
+    def received_digits(self) -> str:
+        return self._dtmf_receiver.digits
+
+    async def wait_digits(self, count: int, timeout: float = 10.0) -> str:
+        """Wait until ``count`` digits have been received in total; returns them all."""
+        if len(self.received_digits) >= count:
+            return self.received_digits
+        future: asyncio.Future[str] = self._loop.create_future()
+        self._digit_waiters.append((future, count))
+        return await asyncio.wait_for(future, timeout)
+
+    # --------------------------------------------------------------------- stats
+    @property
+    def stats(self) -> MediaStats:
+        reception = self._reception
+        expected = reception.expected if reception else 0
+        lost = reception.lost if reception else 0
+        remote = self._remote_report
+        clock = self.codec.clock_rate
+        jb = self.jitter.stats
+        return MediaStats(
+            packets_sent=self._packets_sent,
+            octets_sent=self._octets_sent,
+            packets_received=self._packets_received,
+            octets_received=self._octets_received,
+            lost=lost,
+            fraction_lost=max(0, lost) / expected if expected else 0.0,
+            jitter_ms=reception.jitter_seconds * 1000 if reception else 0.0,
+            late=jb.late,
+            duplicates=jb.duplicates,
+            concealed=jb.concealed,
+            underruns=jb.underruns,
+            dtmf_received=self.received_digits,
+            remote_lost=remote[0] if remote else None,
+            remote_fraction_lost=remote[1] / 256 if remote else None,
+            remote_jitter_ms=remote[2] * 1000 / clock if remote else None,
+            rtt_ms=self._rtt * 1000 if self._rtt is not None else None,
+            ticks=self._ticks,
+            max_tick_lateness_ms=self._max_lateness * 1000,
+            rejected=self._rejected,
+        )
+
+    # --------------------------------------------------------------------- close
+    async def close(self, *, drain: bool = True, reason: str = "") -> None:
+        """Stop: play what is still buffered into the sink (``drain``), send RTCP BYE, close everything."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if drain and self.sink is not None and self.recv_enabled:
+            for frame in self.jitter.drain():
+                self._play(frame)
+        with contextlib.suppress(Exception):
+            if self._rtp is not None:
+                self._send_rtcp([*self._report(), Bye([self.ssrc], reason)])
+        for endpoint in (self._rtp, self._rtcp):
+            if endpoint is not None and endpoint.transport is not None:
+                endpoint.transport.close()
+        for closable in (self.source, self.sink):
+            if closable is not None:
+                with contextlib.suppress(Exception):
+                    closable.close()
+        if not self.source_done.done():
+            self.source_done.set_result(None)
+        self._finish_dtmf()
+        for waiter, _ in self._digit_waiters:
+            if not waiter.done():
+                waiter.cancel()
+
+    async def __aenter__(self) -> MediaSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _codec(spec: str | int | Codec) -> Codec:
+    return codec(spec)
