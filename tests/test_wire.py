@@ -139,7 +139,7 @@ msgpack_values = st.recursive(
     | st.text(max_size=20)
     | st.floats(allow_nan=False),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
-    max_leaves=20,
+    max_leaves=8,
 )
 
 
@@ -153,7 +153,7 @@ def test_fuzz_any_bytes(data: bytes) -> None:
     assert isinstance(msg, Message)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from(
