@@ -31,6 +31,7 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 # unreserved / escaped / user-unreserved, plus "%" for escapes (RFC 3261 §25.1).
 _USER_CHARS = frozenset(_ALPHA + _DIGIT + "-_.!~*'()%&=+$,;?/")
 _PASSWORD_CHARS = frozenset(_ALPHA + _DIGIT + "-_.!~*'()%&=+$,")
+_USERINFO_CHARS = _USER_CHARS | {":"}
 # paramchar = param-unreserved / unreserved / escaped
 _PARAM_CHARS = frozenset(_ALPHA + _DIGIT + "-_.!~*'()%[]/:&+$")
 # hnv-unreserved / unreserved / escaped
@@ -124,6 +125,8 @@ def split_hostport(hostport: str, text: str) -> tuple[str, int | None]:
 
 
 def _parse_uri_params(text: str, whole: str) -> dict[str, str | None]:
+    if "%" in text:
+        _check_escapes(text, "URI parameters")
     params: dict[str, str | None] = {}
     for item in text.split(";"):
         name, sep, value = item.partition("=")
@@ -138,6 +141,8 @@ def _parse_uri_params(text: str, whole: str) -> dict[str, str | None]:
 
 
 def _parse_uri_headers(text: str, whole: str) -> dict[str, str]:
+    if "%" in text:
+        _check_escapes(text, "URI headers")
     headers: dict[str, str] = {}
     for item in text.split("&"):
         name, sep, value = item.partition("=")
@@ -164,62 +169,80 @@ class URI:
     opaque: str | None
 
     def __init__(self, text: str) -> None:
+        # The hot path of every message (Request-URI, From, To, Contact ...): one pass of str methods,
+        # the sip/sips case inlined; rarer forms go to helpers.
         scheme, sep, rest = text.partition(":")
-        if not sep or not scheme:
-            raise _bad("URI without a scheme", text)
-        low = scheme.lower()
-        self.scheme = low
-        self.user = self.password = None
-        self.port = None
-        self.host = ""
+        if scheme != "sip":
+            scheme = scheme.lower()
+            if scheme != "sips":
+                if not sep or not scheme:
+                    raise _bad("URI without a scheme", text)
+                self._init_other(scheme, rest, text)
+                return
+        self.scheme = scheme
         self.opaque = None
-        if low == "sip" or low == "sips":
-            self._parse_sip(rest, text)
-        elif low == "tel":
-            self._parse_tel(rest, text)
-        else:
-            if not _SCHEME_CHARS.issuperset(scheme) or scheme[0] not in _ALPHA:
-                raise _bad("bad URI scheme", text)
-            if not rest or not rest.isprintable() or " " in rest or "<" in rest or ">" in rest:
-                raise _bad("bad URI", text)
-            self.params = {}
-            self.headers = {}
-            self.opaque = rest
-
-    def _parse_sip(self, rest: str, text: str) -> None:
         at = rest.find("@")
         if at >= 0:
-            userinfo = rest[:at]
+            user = rest[:at]
             rest = rest[at + 1 :]
-            user, sep, password = userinfo.partition(":")
-            if not user or not _USER_CHARS.issuperset(user):
+            if not user or not _USERINFO_CHARS.issuperset(user):
                 raise _bad("bad user part in URI", text)
-            if sep:
-                if not _PASSWORD_CHARS.issuperset(password):
+            password = None
+            if ":" in user:
+                user, _, password = user.partition(":")
+                if not user or not _PASSWORD_CHARS.issuperset(password):
                     raise _bad("bad password in URI", text)
-                self.password = password
-                if "%" in password:
-                    _check_escapes(password, "URI password")
             if "%" in user:
                 _check_escapes(user, "URI user")
+                if password:
+                    _check_escapes(password, "URI password")
             self.user = user
+            self.password = password
+        else:
+            self.user = self.password = None
         q = rest.find("?")
         if q >= 0:
             self.headers = _parse_uri_headers(rest[q + 1 :], text)
-            if "%" in rest:
-                _check_escapes(rest[q + 1 :], "URI headers")
             rest = rest[:q]
         else:
             self.headers = {}
         semi = rest.find(";")
         if semi >= 0:
             self.params = _parse_uri_params(rest[semi + 1 :], text)
-            if "%" in rest:
-                _check_escapes(rest[semi + 1 :], "URI parameters")
             rest = rest[:semi]
         else:
             self.params = {}
-        self.host, self.port = split_hostport(rest, text)
+        if rest[:1] == "[" or "%" in rest:
+            self.host, self.port = split_hostport(rest, text)
+            return
+        host, sep, port = rest.partition(":")
+        if not host or not _HOST_CHARS.issuperset(host) or host[0] in "-." or ".." in host:
+            raise _bad("bad host in URI", text)
+        self.host = host
+        if sep:
+            if not port.isdigit() or len(port) > 5 or not port.isascii() or int(port) > 65535:
+                raise _bad("bad port", text)
+            self.port = int(port)
+        else:
+            self.port = None
+
+    def _init_other(self, scheme: str, rest: str, text: str) -> None:
+        self.user = self.password = None
+        self.port = None
+        self.host = ""
+        self.opaque = None
+        if scheme == "tel":
+            self.scheme = scheme
+            self._parse_tel(rest, text)
+            return
+        if not _SCHEME_CHARS.issuperset(scheme) or scheme[0] not in _ALPHA:
+            raise _bad("bad URI scheme", text)
+        if not rest or not rest.isprintable() or " " in rest or "<" in rest or ">" in rest:
+            raise _bad("bad URI", text)
+        self.scheme = scheme
+        self.params = {}
+        self.headers = {}
+        self.opaque = rest
 
     def _parse_tel(self, rest: str, text: str) -> None:
         number, _, params = rest.partition(";")
@@ -415,18 +438,22 @@ def quote(text: str) -> str:
 
 
 def _scan_quoted(text: str, start: int) -> int:
-    """Index just past the quoted-string that starts at ``text[start] == '"'``; raises if unterminated."""
+    """Index just past the quoted-string that starts at ``text[start] == '"'``; raises if unterminated.
+
+    A quote closes the string unless an odd number of backslashes precede it (each backslash escapes the
+    next character); ``str.find`` does the scanning instead of a Python loop over characters.
+    """
     i = start + 1
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == '"':
-            return i + 1
-        i += 1
-    raise _bad("unterminated quoted string", text)
+    while True:
+        j = text.find('"', i)
+        if j < 0:
+            raise _bad("unterminated quoted string", text)
+        k = j - 1
+        while k > start and text[k] == "\\":
+            k -= 1
+        if (j - 1 - k) % 2 == 0:
+            return j + 1
+        i = j + 1
 
 
 def _split_semicolons(text: str) -> list[str]:
@@ -453,6 +480,23 @@ def _split_semicolons(text: str) -> list[str]:
 def parse_params(text: str, whole: str = "") -> dict[str, str | None]:
     """Parse header parameters ``;a=1;b;c="x y"`` (text after the first ``;``). Names are lower-cased;
     quoted values keep their quotes (so that formatting is symmetric); flags map to None."""
+    if '"' in text or " " in text or "\t" in text:
+        return _parse_params_slow(text, whole)
+    params: dict[str, str | None] = {}
+    for item in text.split(";"):
+        name, sep, value = item.partition("=")
+        if (
+            not name
+            or not TOKEN_CHARS.issuperset(name)
+            or (sep and (not value or not _PARAM_VALUE_CHARS.issuperset(value)))
+        ):
+            raise _bad("bad parameter", whole or text)
+        params[name.lower()] = value or None
+    return params
+
+
+def _parse_params_slow(text: str, whole: str) -> dict[str, str | None]:
+    """parse_params for text with quoted values or LWS around ``;`` and ``=``."""
     params: dict[str, str | None] = {}
     for item in _split_semicolons(text):
         name, sep, value = item.partition("=")
@@ -510,34 +554,52 @@ class Address:
     def __init__(self, text: str) -> None:
         text = text.strip(" \t")
         self.wildcard = False
-        self.display = None
         if not text:
             raise ParseError("empty address")
         first = text[0]
-        if first == '"':
+        if first == "<":
+            self.display = None
+            rest = text
+        elif first == '"':
             end = _scan_quoted(text, 0)
-            self.display = unquote(text[:end])
+            display = text[1 : end - 1]
+            self.display = unquote(text[:end]) if "\\" in display else display
             rest = text[end:].lstrip(" \t")
-            if not rest.startswith("<"):
+            if rest[:1] != "<":
                 raise _bad("display name not followed by <URI>", text)
-            self._name_addr(rest, text)
-            return
-        if first == "*" and (len(text) == 1 or text[1:].lstrip(" \t")[:1] in ("", ";")):
+        else:
+            self.display = None
+            lt = text.find("<")
+            if lt < 0:
+                self._addr_spec(text)
+                return
+            display = text[:lt].strip(" \t")
+            if display:
+                words = display.split()
+                if not all(TOKEN_CHARS.issuperset(w) for w in words):
+                    raise _bad("bad display name", text)
+                self.display = " ".join(words)
+            rest = text[lt:]
+        gt = rest.find(">")
+        if gt < 0:
+            raise _bad("missing '>' in address", text)
+        self.uri = URI(rest[1:gt])
+        after = rest[gt + 1 :]
+        if after:
+            if after[0] != ";":
+                after = after.lstrip(" \t")
+                if after[:1] != ";":
+                    raise _bad("junk after '>' in address", text)
+            self.params = parse_params(after[1:], text)
+        else:
+            self.params = {}
+
+    def _addr_spec(self, text: str) -> None:
+        if text[0] == "*" and text[1:].lstrip(" \t")[:1] in ("", ";"):
             self.wildcard = True
             self.uri = URI.build(host="*")
             rest = text[1:].strip(" \t")
             self.params = parse_params(rest[1:], text) if rest else {}
-            return
-        lt = text.find("<")
-        if lt >= 0:
-            if lt:
-                display = text[:lt].strip(" \t")
-                if display:
-                    words = display.split()
-                    if not all(TOKEN_CHARS.issuperset(w) for w in words):
-                        raise _bad("bad display name", text)
-                    self.display = " ".join(words)
-            self._name_addr(text[lt:], text)
             return
         # addr-spec: parameters after the URI belong to the header, not to the URI (RFC 3261 §20).
         uri_text, sep, params = text.partition(";")
@@ -548,19 +610,6 @@ class Address:
         if "?" in uri_text and self.uri.headers:
             raise _bad("a URI with headers must be enclosed in <>", text)
         self.params = parse_params(params, text) if sep else {}
-
-    def _name_addr(self, rest: str, whole: str) -> None:
-        gt = rest.find(">")
-        if gt < 0:
-            raise _bad("missing '>' in address", whole)
-        self.uri = URI(rest[1:gt])
-        after = rest[gt + 1 :].lstrip(" \t")
-        if after:
-            if after[0] != ";":
-                raise _bad("junk after '>' in address", whole)
-            self.params = parse_params(after[1:], whole)
-        else:
-            self.params = {}
 
     @classmethod
     def build(
