@@ -198,7 +198,7 @@ class ChordConfig:
     fix_fingers_interval: float = 10.0
     check_predecessor_interval: float = 10.0
     rpc_timeout: float = 1.0  # per attempt
-    rpc_retries: int = 1  # retransmissions before a node is declared dead
+    rpc_retries: int = 2  # retransmissions before a node is declared dead (timeout x1.5 each time)
     lookup_max_hops: int = 32
     verified_cache_size: int = 4096
     jitter: float = 0.1  # +/- fraction applied to periodic timers so nodes do not synchronise
@@ -1159,7 +1159,7 @@ class ChordCore:
             return
         if pending.retries_left > 0:
             pending.retries_left -= 1
-            pending.timeout *= 2
+            pending.timeout *= 1.5
             self._count("retransmissions")
             self._send(pending, now)
             return

@@ -106,6 +106,9 @@ class SimReport:
     fetch_found: int = 0
     wall_s: float = 0.0
     node_seconds: float = 0.0
+    failures: dict[str, int] = field(default_factory=dict)  # LookupFailed reasons
+    wrong: int = 0  # lookups that finished on a node that was not the true owner
+    abandoned: int = 0  # lookups whose origin left or crashed before the end (not counted in lookups)
 
     @property
     def success_rate(self) -> float:
@@ -149,6 +152,9 @@ class SimReport:
             "entries_lost": self.entries_lost,
             "fetch_found": f"{self.fetch_found}/{self.fetch_checks}",
             "wall_s": round(self.wall_s, 2),
+            "failures": dict(sorted(self.failures.items())),
+            "abandoned": self.abandoned,
+            "unfinished": self.lookups - self.succeeded - sum(self.failures.values()),
         }
 
 
@@ -354,6 +360,7 @@ class Simulator:
         t0, key, fetch = started
         rep = self.report
         if isinstance(out, LookupFailed):
+            rep.failures[out.reason] = rep.failures.get(out.reason, 0) + 1
             return
         rep.succeeded += 1
         rep.hops.append(out.hops)
@@ -364,6 +371,8 @@ class Simulator:
             owner = members[bisect.bisect_left(members, out.key) % len(members)]
             if owner == out.node.id:
                 rep.correct += 1
+            else:
+                rep.wrong += 1
         if fetch:
             rep.fetch_checks += 1
             holder = self._nodes.get(out.node.ep)
@@ -399,6 +408,11 @@ class Simulator:
     def _depart(self, node: _Node) -> None:
         if not node.alive:
             return
+        mine = [k for k in self._lookups if k[0] == node.ref.id]
+        for k in mine:
+            del self._lookups[k]
+        self.report.abandoned += len(mine)
+        self.report.lookups -= len(mine)
         graceful = self.rng.random() >= self.config.crash_fraction
         if graceful and node.member:
             self.report.leaves += 1

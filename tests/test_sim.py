@@ -1,0 +1,75 @@
+"""The discrete-event simulator at small N: the same chord and storage cores, simulated time and network.
+
+The large runs (N = 10,000) live in bench/overlay_sim.py; these keep CI fast (a few seconds in all).
+"""
+
+from __future__ import annotations
+
+import math
+
+from overlay.chord import ChordConfig
+from overlay.sim import SimConfig, Simulator, simulate
+
+
+def comparable(summary: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in summary.items() if k != "wall_s"}
+
+
+def test_stable_ring_lookups_all_correct_and_short() -> None:
+    report = simulate(SimConfig(n=300, duration=40, lookup_rate=20, seed=3))
+    assert report.lookups > 100
+    assert report.correct == report.lookups
+    assert report.hops_mean <= 0.5 * math.log2(300)
+    assert report.hops_p99 <= 5
+    assert 0 < report.maintenance_per_node_s < 5
+
+
+def test_base_16_fingers_beat_classic_chord() -> None:
+    classic = simulate(
+        SimConfig(n=300, duration=40, lookup_rate=20, seed=3, chord=ChordConfig(finger_base=2))
+    )
+    base16 = simulate(SimConfig(n=300, duration=40, lookup_rate=20, seed=3))
+    assert classic.correct == classic.lookups
+    assert base16.hops_mean < classic.hops_mean
+
+
+def test_same_seed_same_run_other_seed_other_run() -> None:
+    config = SimConfig(n=60, duration=150, lookup_rate=5, median_session=300, entries=30, loss=0.01, seed=11)
+    first = simulate(config).summary()
+    second = simulate(config).summary()
+    assert comparable(first) == comparable(second)
+    other = simulate(_with_seed(config, 12))
+    assert comparable(other.summary()) != comparable(first)
+
+
+def _with_seed(config: SimConfig, seed: int) -> SimConfig:
+    fields = {name: getattr(config, name) for name in config.__dataclass_fields__}
+    fields["seed"] = seed
+    return SimConfig(**fields)
+
+
+def test_churn_keeps_lookups_working_and_entries_alive() -> None:
+    # Aggressive churn (10-minute median sessions, half of departures crashes) over 10 simulated minutes.
+    report = simulate(SimConfig(n=60, duration=600, lookup_rate=2, median_session=600, entries=100, seed=4))
+    assert report.crashes > 5 and report.leaves > 5 and report.joins > 10
+    assert report.success_rate >= 0.995
+    assert report.correct_rate >= 0.99
+    assert report.entries == 100 and report.entries_lost == 0
+    assert report.fetch_checks > 0 and report.fetch_found == report.fetch_checks
+
+
+def test_lossy_network_still_resolves_every_lookup() -> None:
+    report = simulate(SimConfig(n=150, duration=90, lookup_rate=10, loss=0.03, seed=6))
+    assert report.lookups > 300
+    assert report.success_rate >= 0.995
+    assert report.correct_rate >= 0.995
+
+
+def test_ring_built_by_real_joins_converges() -> None:
+    sim = Simulator(
+        SimConfig(n=50, duration=140, lookup_rate=5, build="joins", join_interval=1.0, warmup=90, seed=5)
+    )
+    report = sim.run()
+    assert report.joins == 49
+    assert report.lookups > 50
+    assert report.correct == report.lookups
