@@ -16,20 +16,6 @@ from typing import Any
 
 from p2psip import __version__
 
-DEMO_MESSAGE = (
-    b"INVITE sip:bob@p2p.example SIP/2.0\r\n"
-    b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-demo-1;rport\r\n"
-    b"Max-Forwards: 70\r\n"
-    b'From: "Alice" <sip:alice@p2p.example>;tag=1928301774\r\n'
-    b"To: <sip:bob@p2p.example>\r\n"
-    b"Call-ID: a84b4c76e66710@127.0.0.1\r\n"
-    b"CSeq: 314159 INVITE\r\n"
-    b"Contact: <sip:alice@127.0.0.1:5070>\r\n"
-    b"Content-Type: application/sdp\r\n"
-    b"Content-Length: 0\r\n"
-    b"\r\n"
-)
-
 
 class UsageError(Exception):
     """A bad argument: printed as one line, exit code 2."""
@@ -38,18 +24,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from p2psip.message import Request, parse
-
-    msg = parse(DEMO_MESSAGE)
-    assert isinstance(msg, Request)
-    print(f"parsed {msg.method} for {msg.uri}")
-    print(f"  from {msg.from_} to {msg.to}")
-    print(f"  AOR key name: {msg.uri.aor()}")
-    print(bytes(msg).decode())
-    return 0
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
@@ -260,6 +234,392 @@ def _print_lookup(result: dict[str, Any]) -> None:
     )
 
 
+# --- a small phone (a UA core on a Stack) for demo, call and register ----------------------------------
+
+
+class _Phone:
+    """A minimal SIP phone: REGISTER (with digest), INVITE/ACK/BYE as caller, auto-answer as callee.
+
+    A UA core on its own :class:`~p2psip.stack.Stack`, so retransmissions and timeouts are the transaction
+    layer's. Responses to our requests arrive on per-transaction queues.
+    """
+
+    stateful = True
+
+    def __init__(self, stack: Any, aor: str, *, answer: bool) -> None:
+        from p2psip.message import new_tag
+
+        self.stack = stack
+        self.aor = aor
+        self.answer = answer
+        self.tag = new_tag()
+        self.queues: dict[int, asyncio.Queue[Any]] = {}
+        self.answered = asyncio.Event()
+        self.acked = asyncio.Event()
+        self.hung_up = asyncio.Event()
+        self.ack: Any = None
+        self.ack_target: Any = None
+        stack.attach(self)
+
+    @classmethod
+    async def open(cls, aor: str, *, answer: bool = False, host: str = "127.0.0.1", port: int = 0) -> _Phone:
+        from p2psip.stack import Stack
+
+        shown = f"[{host}]" if ":" in host else host
+        stack = await Stack.start([f"udp:{shown}:{port}"])
+        return cls(stack, aor, answer=answer)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.stack.local_address("udp")
+        return (str(host), int(port))
+
+    @property
+    def contact(self) -> str:
+        user = self.aor.partition(":")[2].partition("@")[0]
+        return str(self.stack.local_uri("udp", user=user))
+
+    async def close(self) -> None:
+        await self.stack.close()
+
+    # core callbacks ------------------------------------------------------------------------------
+    def on_request(self, request: Any, transaction: Any, source: Any) -> None:
+        from p2psip.message import Response
+
+        method = request.method
+        if method == "ACK":
+            self.acked.set()
+            return
+        if transaction is None:
+            return
+        if method == "INVITE" and self.answer:
+            ringing = Response.for_request(request, 180, to_tag=self.tag)
+            ok = Response.for_request(request, 200, to_tag=self.tag)
+            ok.set("Contact", f"<{self.contact}>")
+            for response in (ringing, ok):
+                for rr in request.get_all("Record-Route"):
+                    response.add("Record-Route", rr)
+                self.stack.respond(transaction, response)
+            self.answered.set()
+        elif method == "INVITE":
+            self.stack.respond(transaction, Response.for_request(request, 486, to_tag=self.tag))
+        elif method in ("BYE", "CANCEL", "OPTIONS"):
+            self.stack.respond(transaction, Response.for_request(request, 200))
+            if method == "BYE":
+                self.hung_up.set()
+        else:
+            self.stack.respond(transaction, Response.for_request(request, 501))
+
+    def on_response(self, response: Any, transaction: Any, source: Any) -> None:
+        if transaction is None:
+            if 200 <= response.status < 300 and self.ack is not None:
+                self.stack.send_stateless(self.ack, self.ack_target)  # a retransmitted 2xx
+            return
+        queue = self.queues.get(id(transaction))
+        if queue is not None:
+            queue.put_nowait(response)
+
+    def _synthetic(self, transaction: Any, status: int, reason: str) -> None:
+        from p2psip.message import Response
+
+        queue = self.queues.get(id(transaction))
+        if queue is not None:
+            queue.put_nowait(Response.for_request(transaction.request, status, reason))
+
+    def on_timeout(self, transaction: Any, timer: str) -> None:
+        self._synthetic(transaction, 408, f"Request Timeout (timer {timer})")
+
+    def on_transport_failure(self, transaction: Any, error: str) -> None:
+        self._synthetic(transaction, 503, f"Service Unavailable ({error})")
+
+    def on_terminated(self, transaction: Any) -> None:
+        pass
+
+    # requests ------------------------------------------------------------------------------------
+    async def _transact(
+        self, request: Any, target: Any, timeout: float, on_provisional: Callable[[Any], None] | None = None
+    ) -> Any:
+        tx = self.stack.send_request(request, target)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queues[id(tx)] = queue
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                response = await asyncio.wait_for(queue.get(), max(0.01, deadline - loop.time()))
+                if response.status >= 200:
+                    return response
+                if on_provisional is not None:
+                    on_provisional(response)
+        finally:
+            self.queues.pop(id(tx), None)
+
+    async def register(
+        self,
+        via: tuple[str, int],
+        *,
+        contact: str | None = None,
+        expires: int = 3600,
+        password: str | None = None,
+        timeout: float = 10.0,
+    ) -> Any:
+        from p2psip.auth import answer_challenge
+        from p2psip.message import Request
+        from p2psip.transport import Target
+        from p2psip.uri import URI
+
+        domain = URI(self.aor).host
+        request = Request.create(
+            "REGISTER",
+            f"sip:{domain}",
+            from_=f"<{self.aor}>;tag={self.tag}",
+            to=f"<{self.aor}>",
+            contact=contact or f"<{self.contact}>",
+            headers=[("Expires", str(expires))],
+        )
+        target = Target("udp", via[0], via[1])
+        response = await self._transact(request.copy(), target, timeout)
+        if response.status in (401, 407) and password is not None:
+            user = URI(self.aor).user or ""
+            retry = answer_challenge(response, request, user, password)
+            retry.remove("Via")
+            response = await self._transact(retry, target, timeout)
+        return response
+
+    async def call(
+        self, uri: str, via: tuple[str, int], *, timeout: float = 30.0, on_provisional: Any = None
+    ) -> tuple[Any, Any]:
+        """INVITE ``uri`` through ``via``; on a 2xx, ACK it. Returns (final response, dialog or None)."""
+        from p2psip.dialog import Dialog
+        from p2psip.message import Request
+        from p2psip.transport import Target, target_from_uri
+
+        invite = Request.create(
+            "INVITE",
+            uri,
+            from_=f"<{self.aor}>;tag={self.tag}",
+            to=f"<{uri}>",
+            contact=f"<{self.contact}>",
+        )
+        final = await self._transact(invite, Target("udp", via[0], via[1]), timeout, on_provisional)
+        if not 200 <= final.status < 300:
+            return final, None
+        dialog = Dialog.uac(invite, final)
+        ack = dialog.create_ack(final)
+        hop = dialog.route_set[0].uri if dialog.route_set else dialog.remote_target
+        self.ack_target = target_from_uri(hop)
+        self.stack.push_via(ack, self.ack_target)
+        self.ack = ack
+        self.stack.send_stateless(ack, self.ack_target)
+        return final, dialog
+
+    async def hang_up(self, dialog: Any, timeout: float = 10.0) -> Any:
+        from p2psip.transport import target_from_uri
+
+        bye = dialog.create_request("BYE")
+        hop = dialog.route_set[0].uri if dialog.route_set else dialog.remote_target
+        return await self._transact(bye, target_from_uri(hop), timeout)
+
+
+# --- p2psip demo --------------------------------------------------------------------------------------
+
+
+def _ladder_label(data: bytes) -> str:
+    first = data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+    if first.startswith("SIP/2.0 "):
+        status = first[8:]
+        method = ""
+        for line in data.split(b"\r\n"):
+            if line.lower().startswith(b"cseq:"):
+                method = line.decode("utf-8", "replace").split()[-1]
+        return f"{status} ({method})" if method and method != "INVITE" else status
+    return first.split(" ", 1)[0]
+
+
+class _Ladder:
+    """Collects the messages the call's participants send and draws them as a SIP ladder."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.where: dict[tuple[str, int], int] = {}
+        self.rows: list[tuple[int, int, str]] = []
+
+    def sink_for(self, column: int) -> Callable[[str, Any, bytes], None]:
+        def sink(direction: str, where: Any, data: bytes) -> None:
+            if direction != "out" or where is None:
+                return
+            to = self.where.get((where[1], where[2]))
+            if to is not None:
+                self.rows.append((column, to, _ladder_label(data)))
+
+        return sink
+
+    def draw(self, width: int = 24) -> list[str]:
+        pos = [6 + i * width for i in range(len(self.names))]
+        size = pos[-1] + 2
+        head = list(" " * (size + 12))
+        for p, name in zip(pos, self.names, strict=True):
+            start = max(0, p - len(name) // 2)
+            head[start : start + len(name)] = name
+        lines = ["".join(head).rstrip()]
+        for a, b, label in self.rows:
+            row = list(" " * size)
+            for p in pos:
+                row[p] = "|"
+            lo, hi = min(pos[a], pos[b]), max(pos[a], pos[b])
+            for i in range(lo + 1, hi):
+                row[i] = "-"
+            text = f" {label} "
+            if len(text) > hi - lo - 3:
+                text = text[: hi - lo - 3]
+            if pos[a] < pos[b]:
+                row[hi - 1] = ">"
+                row[lo + 2 : lo + 2 + len(text)] = text
+            else:
+                row[lo + 1] = "<"
+                row[hi - 1 - len(text) : hi - 1] = text
+            lines.append("".join(row).rstrip())
+        return lines
+
+
+async def _demo(peer_count: int) -> int:
+    import tempfile
+    import time
+
+    from p2psip.config import HostPort, ListenSpec, PeerConfig
+    from p2psip.peer import Peer, SipTrace, quick_node_config, wait_until_settled
+
+    began = time.perf_counter()
+    alice_aor, bob_aor = "sip:alice@p2p.example", "sip:bob@p2p.example"
+    print(f"p2psip demo: {peer_count} peers on 127.0.0.1 form an overlay; no server anywhere.\n")
+    peers: list[Peer] = []
+    phones: list[_Phone] = []
+    with tempfile.TemporaryDirectory(prefix="p2psip-demo-") as tmp:
+        try:
+            # 1. the overlay
+            print("1. Starting the peers (each: an overlay node + a SIP registrar/proxy)")
+            for i in range(peer_count):
+                config = PeerConfig(
+                    listen=[ListenSpec("udp", "127.0.0.1", 0)],
+                    overlay=HostPort("127.0.0.1", 0),
+                    join=HostPort(*peers[0].overlay_address) if peers else None,
+                    overlay_name="p2psip-demo",
+                    data_dir=Path(tmp) / f"P{i + 1}",
+                    cache_ttl=0.0,
+                )
+                peers.append(await Peer.start(config, node_config=quick_node_config()))
+            name = {p.node.node_id: f"P{i + 1}" for i, p in enumerate(peers)}
+            _print_table(
+                ["peer", "node id", "overlay", "SIP", "joined via"],
+                [
+                    (
+                        name[p.node.node_id],
+                        f"{p.node.node_id:032x}"[:12],
+                        p.overlay_address_text,
+                        p.sip_addresses()[0],
+                        "(created the ring)" if i == 0 else "P1",
+                        "   ",
+                    )
+                    for i, p in enumerate(peers)
+                ],
+            )
+            settle = await wait_until_settled(peers, timeout=15)
+            ring = sorted(peers, key=lambda p: p.node.node_id)
+            order = " -> ".join(name[p.node.node_id] for p in ring)
+            first = name[ring[0].node.node_id]
+            print(f"   ring (by node id): {order} -> {first}  (settled in {settle:.1f} s)\n")
+
+            # 2. registrations
+            alice_peer, bob_peer = (peers[1], peers[3]) if peer_count >= 4 else (peers[0], peers[-1])
+            alice = await _Phone.open(alice_aor)
+            bob = await _Phone.open(bob_aor, answer=True)
+            phones += [alice, bob]
+            print("2. Registering two users at different peers")
+            for who, phone, peer in (("alice", alice, alice_peer), ("bob", bob, bob_peer)):
+                response = await phone.register(peer.sip_address(), expires=600)
+                pname = name[peer.node.node_id]
+                print(f"   {who}'s phone {phone.contact} -> REGISTER {phone.aor} at {pname}: "
+                      f"{response.status} {response.reason}")  # fmt: skip
+                if response.status != 200:
+                    return 1
+            print(
+                "\n   Who stores what (one signed entry per contact, on the key's node and its successors):"
+            )
+            rows = []
+            for aor in (alice_aor, bob_aor):
+                key = Peer.key_of(aor)
+                holders = []
+                # in ring order from the key: the primary first, then its successors (the replicas)
+                for p in sorted(ring, key=lambda p: (p.node.node_id - key) % (1 << 128)):
+                    stored, primary = p.holds(aor)
+                    if stored:
+                        holders.append(name[p.node.node_id] + (" (primary)" if primary else ""))
+                rows.append((aor, f"{key:032x}"[:12], ", ".join(holders)))
+            _print_table(["AOR", "key", "stored at"], rows, "   ")
+
+            # 3. lookup
+            print(f"\n3. {name[alice_peer.node.node_id]} (alice's peer) looks bob up in the overlay")
+            found = await alice_peer.lookup(bob_aor)
+            responsible = name.get(found.responsible[0], "?") if found.responsible else "?"
+            print(
+                f"   key {found.key:032x}"[:19]
+                + f"...: {found.hops} hop(s) to {responsible}, the node responsible"
+                f" for it ({found.seconds * 1000:.1f} ms including the fetch)"
+            )
+            for b in found.bindings:
+                print(f"   contact: {b.contact} (expires in {b.remaining(time.time())} s)")
+
+            # 4. the call
+            via_name = name[alice_peer.node.node_id]
+            print(f"\n4. alice calls {bob_aor} through {via_name}; the SIP ladder:")
+            ladder = _Ladder(["alice", via_name, "bob"])
+            ladder.where[alice.address] = 0
+            ladder.where[tuple(alice_peer.sip_address())] = 1  # type: ignore[index]
+            ladder.where[bob.address] = 2
+            traces = [
+                SipTrace(alice.stack, ladder.sink_for(0)),
+                SipTrace(alice_peer.stack, ladder.sink_for(1)),
+                SipTrace(bob.stack, ladder.sink_for(2)),
+            ]
+            t0 = time.perf_counter()
+            final, dialog = await alice.call(bob_aor, alice_peer.sip_address(), timeout=10)
+            setup_ms = (time.perf_counter() - t0) * 1000
+            ok = dialog is not None
+            bye_status = None
+            if ok:
+                await asyncio.wait_for(bob.acked.wait(), 5)
+                bye = await alice.hang_up(dialog)
+                bye_status = bye.status
+                await asyncio.wait_for(bob.hung_up.wait(), 5)
+            for trace in traces:
+                trace.enabled = False
+            for line in ladder.draw():
+                print("   " + line)
+            print()
+            if ok and bye_status == 200:
+                print(f"Call answered in {setup_ms:.1f} ms and hung up cleanly; "
+                      f"demo took {time.perf_counter() - began:.1f} s.")  # fmt: skip
+                return 0
+            print(f"The call failed: {final.status} {final.reason}; BYE: {bye_status}")
+            return 1
+        finally:
+            for phone in phones:
+                await phone.close()
+            for peer in peers:
+                await peer.close(leave=False)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if not 3 <= args.peers <= 20:
+        return _fail("--peers must be between 3 and 20", 2)
+    try:
+        return asyncio.run(asyncio.wait_for(_demo(args.peers), 60))
+    except TimeoutError:
+        return _fail("the demo did not finish within 60 s (is the machine overloaded?)", 1)
+    except KeyboardInterrupt:
+        return 130
+
+
 def _add_peer_commands(sub: Any) -> None:
     start = sub.add_parser("start", help="run a peer in the foreground")
     start.add_argument(
@@ -309,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"p2psip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="show the node at work on this machine")
+    demo.add_argument("--peers", type=int, default=5, metavar="N", help="overlay size (3-20, default 5)")
     demo.set_defaults(func=_cmd_demo)
     proxy = sub.add_parser("proxy", help="run a plain SIP proxy (no overlay), like a minimal Kamailio")
     proxy.add_argument(

@@ -588,6 +588,18 @@ class Peer:
             current = nxt
         return found
 
+    @staticmethod
+    def key_of(aor: str) -> int:
+        """The ring key of an AOR: the first 128 bits of SHA-256 of its canonical form."""
+        return ids.key_for(aor)
+
+    def holds(self, aor: str) -> tuple[bool, bool]:
+        """(this peer stores entries of ``aor``, this peer is the key's primary)."""
+        key = ids.key_for(aor)
+        stored = bool(self.node.store.get(key, asyncio.get_running_loop().time()))
+        core = self.node.core
+        return stored, core is not None and core.is_responsible(key)
+
     # ---------------------------------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
@@ -677,42 +689,54 @@ async def _resolve(host: str, port: int | None) -> tuple[str, int] | None:
     return None
 
 
-class SipTrace:
-    """Prints every SIP message a stack sends and receives (``p2psip start -v``).
+TraceSink = Callable[[str, tuple[str, str, int] | None, bytes], None]
+"""``sink(direction, (transport, host, port) or None, data)``: direction ``"in"`` or ``"out"``."""
 
-    It wraps the transport's receive callback and send methods of one stack; ``write`` gets one block of
-    text per message.
+
+class SipTrace:
+    """Sees every SIP message a stack sends and receives (``p2psip start -v``, the demo's ladder).
+
+    It wraps the transport's receive callback and send methods of one stack and hands each message to
+    ``sink``; ``enabled`` switches it on and off.
     """
 
-    def __init__(self, stack: Stack, write: Callable[[str], None], *, full: bool = True) -> None:
-        self.write = write
-        self.full = full
+    def __init__(self, stack: Stack, sink: TraceSink) -> None:
+        self.sink = sink
+        self.enabled = True
         transport = stack.transport
         receive = transport.on_message
         send = transport.send
         send_on = transport.send_on
 
         def traced_receive(message: Any, source: Any) -> None:
-            self._show("<<", f"from {source.transport}:{source.host}:{source.port}", bytes(message))
+            if self.enabled:
+                self.sink("in", (source.transport, source.host, source.port), bytes(message))
             receive(message, source)
 
         def traced_send(data: bytes, target: Any, on_error: Any = None) -> None:
-            self._show(">>", f"to {target}", data)
+            if self.enabled:
+                self.sink("out", (target.transport, target.host, target.port), data)
             send(data, target, on_error)
 
         def traced_send_on(conn: Any, data: bytes) -> None:
-            self._show(">>", "on stream", data)
+            if self.enabled:
+                self.sink("out", None, data)
             send_on(conn, data)
 
         transport.on_message = traced_receive
         transport.send = traced_send  # type: ignore[method-assign]
         transport.send_on = traced_send_on  # type: ignore[method-assign]
 
-    def _show(self, arrow: str, where: str, data: bytes) -> None:
-        text = data.decode("utf-8", "replace")
-        if not self.full:
-            text = text.split("\r\n", 1)[0]
-        self.write(f"{arrow} {where}\n{text.rstrip()}\n")
+    @staticmethod
+    def printer(write: Callable[[str], None]) -> TraceSink:
+        """A sink that writes each message in full, with its direction and remote address."""
+
+        def sink(direction: str, where: tuple[str, str, int] | None, data: bytes) -> None:
+            arrow = "<< from" if direction == "in" else ">> to"
+            place = f"{where[0]}:{_uri_host(where[1])}:{where[2]}" if where else "stream"
+            write(f"{arrow} {place}\n{data.decode('utf-8', 'replace').rstrip()}\n")
+
+        return sink
 
 
 def _log_line(kind: str, text: str) -> None:
@@ -732,7 +756,7 @@ async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | 
         print(f"p2psip: error: {exc}", file=sys.stderr)
         return 1
     if config.verbose:
-        SipTrace(peer.stack, lambda text: print(text, file=sys.stderr, flush=True))
+        SipTrace(peer.stack, SipTrace.printer(lambda text: print(text, file=sys.stderr, flush=True)))
     server = control.ControlServer(config.data_dir, peer.control)
     try:
         await server.start()
