@@ -518,10 +518,10 @@ async def _demo(peer_count: int) -> int:
                         p.overlay_address_text,
                         p.sip_addresses()[0],
                         "(created the ring)" if i == 0 else "P1",
-                        "   ",
                     )
                     for i, p in enumerate(peers)
                 ],
+                "   ",
             )
             settle = await wait_until_settled(peers, timeout=15)
             ring = sorted(peers, key=lambda p: p.node.node_id)
