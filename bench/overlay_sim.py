@@ -1,0 +1,127 @@
+"""Overlay simulation benchmark: the shipping Chord core (and storage core) in the discrete-event simulator.
+
+One command, one table:
+
+    python bench/overlay_sim.py                 # N = 100, 1,000, 10,000 stable; churn at N = 1,000
+    python bench/overlay_sim.py --max-n 1000    # quicker
+
+For every N it runs the stable ring twice in the same run: p2psip's routing (base-16 fingers, successor-list
+shortcuts) and classic Chord (base-2 fingers, same code with ``finger_base=2``), and prints the hop ratio.
+Targets (issue 4): stable ring mean hops <= 0.5 * log2(N), all lookups correct; churn with a one-hour median
+session: >= 99.5 % of lookups succeed, no entry with a live replica lost; the 10,000-node run under 10 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from overlay.chord import ChordConfig
+from overlay.sim import SimConfig, SimReport, simulate
+
+
+def row(label: str, n: int, rep: SimReport, target: float | None) -> str:
+    ok = ""
+    if target is not None:
+        ok = "yes" if rep.hops_mean <= target and rep.correct == rep.lookups else "NO"
+    return (
+        f"| {label} | {n:,} | {rep.lookups:,} | {100 * rep.success_rate:.2f} % | {100 * rep.correct_rate:.2f} % "
+        f"| {rep.hops_mean:.2f} | {rep.hops_p99} | {'' if target is None else f'{target:.2f}'} {ok} "
+        f"| {rep.maintenance_per_node_s:.2f} | {rep.entries_lost}/{rep.entries} | {rep.wall_s:.1f} |"
+    )
+
+
+HEADER = (
+    "| run | N | lookups | success | correct | hops mean | hops p99 | target (0.5 log2 N) "
+    "| maint. msgs/node/s | entries lost | wall s |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--max-n", type=int, default=10_000, help="largest N of the stable runs (default 10000)"
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--stable-s", type=float, default=40.0, help="simulated seconds of each stable run")
+    parser.add_argument("--lookups", type=int, default=3000, help="about this many lookups per stable run")
+    parser.add_argument("--churn-n", type=int, default=1000, help="N of the churn run (0 to skip)")
+    parser.add_argument("--churn-s", type=float, default=1800.0, help="simulated seconds of the churn run")
+    parser.add_argument("--median-session", type=float, default=3600.0)
+    parser.add_argument("--entries", type=int, default=1000, help="signed entries stored in the churn run")
+    parser.add_argument("--loss", type=float, default=0.0, help="message loss in the churn run")
+    parser.add_argument("--no-classic", action="store_true", help="skip the classic-Chord comparison runs")
+    args = parser.parse_args()
+
+    print(
+        f"# overlay simulation — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}"
+    )
+    print("# latency: 5 ms + up to 100 ms one-way by 2-D distance; r = 3; stabilize 5 s, fix_fingers 10 s")
+    print()
+    print(HEADER)
+    sizes = [n for n in (100, 1_000, 10_000) if n <= args.max_n] or [args.max_n]
+    results: list[tuple[int, SimReport, SimReport | None]] = []
+    for n in sizes:
+        target = 0.5 * math.log2(n)
+        rate = args.lookups / max(1.0, args.stable_s - 10.0)
+        base = SimConfig(n=n, seed=args.seed, duration=args.stable_s, lookup_rate=rate, lookup_stop=10.0)
+        ours = simulate(base)
+        print(row("stable, p2psip (base 16)", n, ours, target), flush=True)
+        classic = None
+        if not args.no_classic:
+            classic = simulate(
+                SimConfig(**{**_fields(base), "chord": ChordConfig(finger_base=2)}),
+            )
+            print(row("stable, classic Chord (base 2)", n, classic, target), flush=True)
+        results.append((n, ours, classic))
+    churn = None
+    if args.churn_n:
+        churn = simulate(
+            SimConfig(
+                n=args.churn_n,
+                seed=args.seed,
+                duration=args.churn_s,
+                lookup_rate=5.0,
+                median_session=args.median_session,
+                entries=args.entries,
+                loss=args.loss,
+            )
+        )
+        label = f"churn {args.median_session / 3600:g} h median, {args.churn_s / 60:g} min"
+        if args.loss:
+            label += f", {100 * args.loss:g} % loss"
+        print(row(label, args.churn_n, churn, None), flush=True)
+    print()
+    for n, ours, classic in results:
+        if classic is not None and classic.hops_mean:
+            print(
+                f"N = {n:,}: p2psip needs {ours.hops_mean / classic.hops_mean:.2f}x the hops of classic Chord "
+                f"({ours.hops_mean:.2f} vs {classic.hops_mean:.2f}), "
+                f"{ours.maintenance_per_node_s / max(classic.maintenance_per_node_s, 1e-9):.2f}x its maintenance"
+            )
+    if churn is not None:
+        print(
+            f"churn: {churn.joins} joins, {churn.leaves} leaves, {churn.crashes} crashes; lookups "
+            f"{churn.succeeded}/{churn.lookups} succeeded ({100 * churn.success_rate:.2f} %), "
+            f"{churn.correct} correct; {churn.abandoned} abandoned by a departing origin; "
+            f"fetches found {churn.fetch_found}/{churn.fetch_checks}; entries lost {churn.entries_lost}"
+            f"/{churn.entries}; failures {churn.failures or 'none'}"
+        )
+
+
+def _fields(config: SimConfig) -> dict[str, object]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+if __name__ == "__main__":
+    main()
