@@ -114,6 +114,7 @@ class Proxy:
             0,
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rr_cache: dict[str, str] = {}
         self._branch_secret = hashlib.sha256(str(id(self)).encode()).hexdigest()[:8]
         stack.attach(self)
 
@@ -320,15 +321,21 @@ class Proxy:
         return target_from_uri(fwd.uri)
 
     def _add_record_route(self, fwd: Request, source: Source, hop: Target) -> None:
-        stack = self.stack
-        outgoing = stack.local_uri(hop.transport, toward=hop.host)
-        outgoing.params["lr"] = None
+        outgoing = self._rr_value(hop.transport, hop.host)
         if source.transport != hop.transport or (":" in source.host) != (":" in hop.host):
             # RFC 5658 double Record-Route: one URI for each side, the callee's on top.
-            incoming = stack.local_uri(source.transport, toward=source.host)
-            incoming.params["lr"] = None
-            fwd.add("Record-Route", f"<{incoming}>", first=True)
-        fwd.add("Record-Route", f"<{outgoing}>", first=True)
+            fwd.add("Record-Route", self._rr_value(source.transport, source.host), first=True)
+        fwd.add("Record-Route", outgoing, first=True)
+
+    def _rr_value(self, transport: str, toward: str) -> str:
+        """Our Record-Route value for a side reached over ``transport`` (cached per transport and family)."""
+        key = f"{transport}{':' in toward}"
+        value = self._rr_cache.get(key)
+        if value is None:
+            uri = self.stack.local_uri(transport, toward=toward)
+            uri.params["lr"] = None
+            value = self._rr_cache[key] = f"<{uri}>"
+        return value
 
     # ----------------------------------------------------------------------------------- CANCEL
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from p2psip.errors import TransactionError, TransportError
-from p2psip.message import Limits, Request, Response, new_branch
+from p2psip.message import Limits, Request, Response, Via, new_branch
 from p2psip.timers import DEFAULT_TIMERS, TimerConfig
 from p2psip.transaction import (
     ClientTransaction,
@@ -132,6 +132,7 @@ class Stack:
         self._timer_at = float("inf")
         self._closed = False
         self._local_cache: dict[str, tuple[str, int]] = {}
+        self._is_local_cache: dict[tuple[str, int | None, str | None], bool] = {}
 
     @classmethod
     async def start(
@@ -184,7 +185,17 @@ class Stack:
         return URI.build(scheme=scheme, user=user, host=via_host(host), port=port, params=params)
 
     def is_local(self, host: str, port: int | None, transport: str | None = None) -> bool:
-        """Whether host:port (a URI's or Via's) names this stack."""
+        """Whether host:port (a URI's or Via's) names this stack (memoized: asked for every request)."""
+        key = (host, port, transport)
+        cached = self._is_local_cache.get(key)
+        if cached is None:
+            cached = self._is_local(host, port, transport)
+            if len(self._is_local_cache) > 4096:
+                self._is_local_cache.clear()
+            self._is_local_cache[key] = cached
+        return cached
+
+    def _is_local(self, host: str, port: int | None, transport: str | None) -> bool:
         literal = numeric_host(host)
         if literal is None:
             return False
@@ -199,24 +210,26 @@ class Stack:
                     return True
         return False
 
-    def sent_by(self, target: Target) -> str:
-        """The sent-by (``host:port``) for a Via of a request going to ``target``."""
+    def sent_by(self, target: Target) -> tuple[str, int]:
+        """The sent-by (host as written in a Via, port) for a request going to ``target``."""
         key = f"{target.transport}{':' in target.host}"
         cached = self._local_cache.get(key)
         if cached is None:
-            cached = self.local_address(target.transport, target.host)
-            self._local_cache[key] = cached
-        return f"{via_host(cached[0])}:{cached[1]}"
+            host, port = self.local_address(target.transport, target.host)
+            cached = self._local_cache[key] = (via_host(host), port)
+        return cached
 
     def push_via(self, request: Request, target: Target, branch: str | None = None) -> str:
         """Put our Via (with ``rport``, RFC 3581) on top of ``request`` for ``target``; returns the branch."""
-        branch = branch or new_branch()
-        request.add(
-            "Via",
-            f"SIP/2.0/{target.transport.upper()} {self.sent_by(target)};branch={branch};rport",
-            first=True,
-        )
-        return branch
+        host, port = self.sent_by(target)
+        via = Via.build(target.transport, host, port, branch=branch or new_branch(), rport=True)
+        request.add("Via", str(via), first=True)
+        # The transaction layer reads the top Via right away: hand it the object instead of a re-parse.
+        # (Message keeps parsed views in ``_cache``; "top-via" is the key its ``top_via`` property uses.)
+        cache = getattr(request, "_cache", None)
+        if isinstance(cache, dict):
+            cache["top-via"] = via
+        return via.params["branch"] or ""
 
     # ---------------------------------------------------------------------------------- receive
 
@@ -315,7 +328,7 @@ class Stack:
         """Send ``request`` to ``target`` on a new client transaction: pushes our Via (switching a large
         UDP request to TCP, §18.1.1) and returns the transaction (responses reach ``core.on_response``)."""
         self.push_via(request, target)
-        if target.transport == "udp":
+        if target.transport == "udp" and _estimated_size(request) > self.transport.udp_size_limit:
             size = len(bytes(request))
             if size > self.transport.udp_size_limit:
                 target = self.transport.select(target, size)
@@ -371,3 +384,9 @@ class Stack:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _estimated_size(message: Request | Response) -> int:
+    """An upper bound of the serialized size, cheaper than serializing (start line and separators
+    over-estimated), so only requests near the §18.1.1 limit are serialized to be measured."""
+    return 200 + len(message.body) + sum(len(name) + len(value) + 4 for name, value in message.items())

@@ -153,16 +153,29 @@ def split_hostport(text: str) -> tuple[str, int | None]:
     return host, port
 
 
+_NUMERIC_CACHE: dict[str, str | None] = {}
+
+
 def numeric_host(host: str) -> str | None:
-    """The IP literal for ``host`` (brackets removed, ``localhost`` → 127.0.0.1), or None for a name."""
-    if host.startswith("["):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        return "127.0.0.1"
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return None
+    """The IP literal for ``host`` (brackets removed, ``localhost`` → 127.0.0.1), or None for a name.
+
+    Memoized (bounded): it runs for every forwarded message, and ``ipaddress`` parsing is slow."""
+    cached = _NUMERIC_CACHE.get(host, "")
+    if cached != "":
+        return cached
+    bare = host[1:-1] if host.startswith("[") else host
+    literal: str | None
+    if bare.lower() == "localhost":
+        literal = "127.0.0.1"
+    else:
+        try:
+            literal = str(ipaddress.ip_address(bare))
+        except ValueError:
+            literal = None
+    if len(_NUMERIC_CACHE) > 4096:
+        _NUMERIC_CACHE.clear()
+    _NUMERIC_CACHE[host] = literal
+    return literal
 
 
 def via_host(host: str) -> str:
