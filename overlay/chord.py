@@ -334,7 +334,7 @@ class ChordCore:
         self._route_dirty = True
         # Identity cache: NodeId -> verified endpoint (insertion order = age, oldest evicted first).
         self._verified: dict[int, Endpoint] = {}
-        self._verifying: dict[int, list[_Cont]] = {}
+        self._verifying: dict[int, list[tuple[_Cont, Callable[[float], None] | None]]] = {}
         self._outputs: list[Output] = []
         self._pending: dict[int, _Pending] = {}
         self._lookups: dict[int, _Lookup] = {}
@@ -913,8 +913,11 @@ class ChordCore:
 
     # ==== identity ======================================================================================
 
-    def _when_verified(self, node: NodeRef, cont: _Cont, now: float) -> None:
-        """Run ``cont(node, now)`` once ``node`` has proven its NodeId at its endpoint (at once if cached)."""
+    def _when_verified(
+        self, node: NodeRef, cont: _Cont, now: float, on_reject: Callable[[float], None] | None = None
+    ) -> None:
+        """Run ``cont(node, now)`` once ``node`` has proven its NodeId at its endpoint (at once if cached);
+        ``on_reject(now)`` runs instead if the proof is refused or the node does not answer."""
         if node.id == self.me.id:
             return
         if self.is_verified(node):
@@ -922,14 +925,18 @@ class ChordCore:
             return
         waiting = self._verifying.get(node.id)
         if waiting is not None:
-            waiting.append(cont)
+            waiting.append((cont, on_reject))
             return
-        self._verifying[node.id] = [cont]
+        self._verifying[node.id] = [(cont, on_reject)]
         nonce = self._random_bytes(16)
         self._count("identity_checks")
 
+        def rejected(now: float) -> None:
+            for _, reject in self._verifying.pop(node.id, []):
+                if reject is not None:
+                    reject(now)
+
         def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
-            conts = self._verifying.pop(node.id, [])
             pk, sig = body.get("pk"), body.get("sig")
             ok = (
                 isinstance(pk, bytes)
@@ -939,15 +946,16 @@ class ChordCore:
             )
             if not ok:
                 self._count("identity_rejected")
+                rejected(now)
                 return
             self._remember_verified(node)
-            for c in conts:
+            for c, _ in self._verifying.pop(node.id, []):
                 c(node, now)
 
         def on_fail(now: float, dead: bool) -> None:
-            self._verifying.pop(node.id, None)
             if dead:
                 self._node_dead(node.id, now)
+            rejected(now)
 
         self._request(node.ep, node.id, "ping", {"nonce": nonce}, on_reply, on_fail, now)
 
@@ -1106,11 +1114,12 @@ class ChordCore:
 
             self._request(succ.ep, succ.id, "get_successors", {}, on_reply, on_fail, now)
 
-        self._when_verified(node, verified, now)
-        if node.id not in self._verifying and not self.is_verified(node) and self._state == _JOINING:
-            # The proof was refused (or the ping failed at once): the join cannot go on.
-            self._state = _IDLE
-            self._outputs.append(JoinFailed("successor failed its identity check"))
+        def rejected(now: float) -> None:
+            if self._state == _JOINING:
+                self._state = _IDLE
+                self._outputs.append(JoinFailed("the successor failed its identity check or went silent"))
+
+        self._when_verified(node, verified, now, rejected)
 
     # ==== requests sent =================================================================================
 

@@ -541,3 +541,25 @@ def test_config_is_checked() -> None:
         hash_node(rng, ChordConfig(finger_base=3))
     with pytest.raises(ValueError, match="successors"):
         hash_node(rng, ChordConfig(successors=0))
+
+
+def test_join_fails_when_the_successor_cannot_prove_its_id() -> None:
+    rng = random.Random(17)
+    net = Net()
+    pair = KeyPair.from_private_bytes(rng.randbytes(32))
+    liar = net.add(
+        ChordCore(
+            NodeRef(pair.node_id, "127.0.0.1", 29997),
+            public_key=pair.public_key,
+            sign=lambda data: bytes(64),
+            verify=ed_verify,
+            random_bytes=rng.randbytes,
+        )
+    )
+    liar.start(net.now)
+    joiner = net.add(ed_node(rng))
+    joiner.start_join(liar.me.ep, net.now)
+    net.run(10)
+    assert any(isinstance(e, JoinFailed) for e in net.events[joiner.me.ep])
+    assert not joiner.joined and joiner.successors == ()
+    assert joiner.stats()["identity_rejected"] == 1
