@@ -330,14 +330,15 @@ def _check_address(number: int, line: str, addrtype: str, address: str) -> None:
     host = address.split("/")[0]
     if addrtype not in ("IP4", "IP6"):
         return  # other address types are carried, not interpreted
-    looks_numeric = all(c.isdigit() or c == "." for c in host) if addrtype == "IP4" else ":" in host
-    if looks_numeric:
-        try:
-            parsed = ipaddress.ip_address(host)
-        except ValueError:
-            raise _fail(number, line, f"{host!r} is not a valid {addrtype} address") from None
+    try:
+        parsed = ipaddress.ip_address(host)
+    except ValueError:
+        parsed = None
+    if parsed is not None:
         if parsed.version != (4 if addrtype == "IP4" else 6):
             raise _fail(number, line, f"{host!r} is not an {addrtype} address")
+    elif ":" in host or all(c.isdigit() or c == "." for c in host):
+        raise _fail(number, line, f"{host!r} is not a valid {addrtype} address")
     elif not re.match(r"^[A-Za-z0-9.\-]+$", host):
         raise _fail(number, line, f"{host!r} is neither an {addrtype} address nor a host name")
 
