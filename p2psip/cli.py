@@ -620,6 +620,156 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 130
 
 
+# --- p2psip register / call ---------------------------------------------------------------------------
+
+
+def _parse_via(text: str) -> tuple[str, int]:
+    from p2psip.config import parse_hostport
+
+    hp = parse_hostport(text, "--via", default_port=5060)
+    return hp.host, hp.port
+
+
+def _check_sip_uri(text: str, what: str) -> str:
+    from p2psip.errors import ConfigError, ParseError
+    from p2psip.uri import URI
+
+    try:
+        uri = URI(text)
+    except ParseError as exc:
+        raise ConfigError(f"{what}: {text!r} is not a SIP URI ({exc})") from None
+    if uri.scheme not in ("sip", "sips") or not uri.user:
+        raise ConfigError(f"{what}: {text!r} is not a SIP address of record (write sip:user@domain)")
+    return text
+
+
+def _local_ip_toward(host: str) -> str:
+    """The local address the kernel would use to reach ``host`` (a UDP connect sends nothing)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+async def _register(args: argparse.Namespace, via: tuple[str, int]) -> dict[str, Any]:
+    phone = await _Phone.open(args.uri, host=_local_ip_toward(via[0]))
+    try:
+        response = await phone.register(
+            via, contact=args.contact, expires=args.expires, password=args.password, timeout=args.timeout
+        )
+    finally:
+        await phone.close()
+    return {
+        "aor": args.uri,
+        "via": f"{via[0]}:{via[1]}",
+        "status": response.status,
+        "reason": response.reason,
+        "contacts": [
+            {"contact": str(c.uri), "expires": c.expires}
+            for c in (response.contacts if response.status == 200 else [])
+        ],
+    }
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from p2psip.errors import ConfigError, P2PSIPError
+
+    try:
+        via = _parse_via(args.via)
+        _check_sip_uri(args.uri, "register")
+        if args.contact is not None:
+            from p2psip.uri import Address
+
+            Address(args.contact)
+        if args.expires < 0:
+            raise ConfigError("--expires must be 0 or more seconds")
+    except P2PSIPError as exc:
+        return _fail(str(exc), 2)
+    try:
+        result = asyncio.run(_register(args, via))
+    except TimeoutError:
+        return _fail(f"no answer from {args.via} within {args.timeout:g} s", 1)
+    except P2PSIPError as exc:
+        return _fail(str(exc), 1)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"REGISTER {result['aor']} via {result['via']}: {result['status']} {result['reason']}")
+        if result["contacts"]:
+            _print_table(["contact", "expires"], [(c["contact"], c["expires"]) for c in result["contacts"]])
+    return 0 if result["status"] == 200 else 1
+
+
+async def _call(
+    args: argparse.Namespace, via: tuple[str, int], show: Callable[[str], None]
+) -> dict[str, Any]:
+    import time
+
+    phone = await _Phone.open(args.from_ or "sip:p2psip@invalid", host=_local_ip_toward(via[0]))
+    statuses: list[str] = []
+
+    def provisional(response: Any) -> None:
+        statuses.append(f"{response.status} {response.reason}")
+        show(f"  {response.status} {response.reason}")
+
+    result: dict[str, Any] = {"uri": args.uri, "via": f"{via[0]}:{via[1]}", "answered": False}
+    try:
+        started = time.perf_counter()
+        show(f"INVITE {args.uri} via {via[0]}:{via[1]}")
+        final, dialog = await phone.call(args.uri, via, timeout=args.timeout, on_provisional=provisional)
+        result["setup_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        statuses.append(f"{final.status} {final.reason}")
+        show(f"  {final.status} {final.reason}")
+        result["responses"] = statuses
+        result["status"] = final.status
+        if dialog is not None:
+            result["answered"] = True
+            show(f"  call up; hanging up in {args.duration:g} s")
+            if args.duration > 0:
+                await asyncio.sleep(args.duration)  # the call's requested length
+            bye = await phone.hang_up(dialog, timeout=args.timeout)
+            result["bye_status"] = bye.status
+            show(f"BYE: {bye.status} {bye.reason}")
+    finally:
+        await phone.close()
+    return result
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    from p2psip.errors import ConfigError, P2PSIPError
+
+    try:
+        via = _parse_via(args.via)
+        _check_sip_uri(args.uri, "call")
+        if args.from_:
+            _check_sip_uri(args.from_, "--from")
+        if args.duration < 0 or args.timeout <= 0:
+            raise ConfigError("--duration must be >= 0 and --timeout > 0")
+        if args.play or args.record:
+            raise ConfigError("--play/--record need the media layer, which this build does not have yet")
+    except P2PSIPError as exc:
+        return _fail(str(exc), 2)
+
+    def show(line: str) -> None:
+        if not args.json:
+            print(line, flush=True)
+
+    try:
+        result = asyncio.run(_call(args, via, show))
+    except TimeoutError:
+        return _fail(f"no final answer within {args.timeout:g} s", 1)
+    except P2PSIPError as exc:
+        return _fail(str(exc), 1)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0 if result["answered"] else 1
+
+
 def _add_peer_commands(sub: Any) -> None:
     start = sub.add_parser("start", help="run a peer in the foreground")
     start.add_argument(
@@ -662,6 +812,35 @@ def _add_peer_commands(sub: Any) -> None:
         p.add_argument("--config", metavar="FILE", help="take the data dir from this config")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=func)
+
+    register = sub.add_parser("register", help="send one REGISTER for an AOR to a peer")
+    register.add_argument("uri", metavar="SIP-URI", help="the address of record, e.g. sip:alice@p2p.example")
+    register.add_argument("--via", required=True, metavar="HOST:PORT", help="the peer to register at")
+    register.add_argument(
+        "--contact", metavar="URI", help="the contact to bind (default: this command's address)"
+    )
+    register.add_argument("--expires", type=int, default=3600, metavar="S", help="seconds (0 removes)")
+    register.add_argument("--password", metavar="P", help="answer a digest challenge with this password")
+    register.add_argument("--timeout", type=float, default=10.0, metavar="S", help="give up after S seconds")
+    register.add_argument("--json", action="store_true", help="machine-readable output")
+    register.set_defaults(func=_cmd_register)
+
+    call = sub.add_parser("call", help="call a SIP URI through a peer, then hang up")
+    call.add_argument("uri", metavar="SIP-URI")
+    call.add_argument(
+        "--via", default="127.0.0.1:5060", metavar="HOST:PORT", help="the peer (default 127.0.0.1:5060)"
+    )
+    call.add_argument("--from", dest="from_", metavar="SIP-URI", help="the caller's address")
+    call.add_argument(
+        "--duration", type=float, default=1.0, metavar="S", help="seconds to stay up (default 1)"
+    )
+    call.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds")
+    call.add_argument("--play", metavar="WAV", help="audio to send (needs the media layer)")
+    call.add_argument(
+        "--record", metavar="WAV", help="where to record received audio (needs the media layer)"
+    )
+    call.add_argument("--json", action="store_true", help="machine-readable output")
+    call.set_defaults(func=_cmd_call)
 
 
 def build_parser() -> argparse.ArgumentParser:
