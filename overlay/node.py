@@ -148,6 +148,7 @@ class Node:
         self._left = False
         self._repair_pending = False
         self._linked = asyncio.Event()
+        self._handoff_until = 0.0
 
     # ------------------------------------------------------------------------------------------------
     # life cycle
@@ -666,10 +667,20 @@ class Node:
 
         if msg.type == "fetch":
             key = msg.body["key"]
-            if not core.is_responsible(key):
+            replica_read = bool(msg.body.get("replica", False))
+            if not replica_read and not core.is_responsible(key):
                 self._count("fetch_not_responsible")
                 return err(E_NOT_RESPONSIBLE, "not-responsible")
             entries = [(e, 0) for e in self.store.get(key, now)]
+            if not entries and not replica_read and now < self._handoff_until and core.successors:
+                # We joined moments ago and the range we took over may still be on its way from our
+                # successor: ask it rather than answer "nothing there".
+                succ = core.successors[0]
+                self._count("fetch_forwarded_during_handoff")
+                with contextlib.suppress(TimeoutError, WireError):
+                    fwd = await self._call(succ, "fetch", {"key": key, "replica": True}, deadline=now + 2.0)
+                    if fwd.type == "ok":
+                        entries = [(e, 0) for e, _ in fwd.body.get("entries", []) if e.key == key]
             self._count("fetch_served")
             return ok(entries=entries)
         if msg.type == "transfer":
@@ -787,8 +798,9 @@ class Node:
                     fut.set_exception(LookupFailedError(f"lookup of {short(out.key)} failed: {out.reason}"))
             elif isinstance(out, NeighboursChanged):
                 self._count("neighbour_changes")
-                if out.predecessor is not None:
+                if out.predecessor is not None and not self._linked.is_set():
                     self._linked.set()
+                    self._handoff_until = self._loop.time() + 3 * self.config.chord.stabilize_interval + 2.0
                 transfers = self.replicator.on_neighbours(
                     out.predecessor, list(out.successors), self.store, self._loop.time()
                 )

@@ -61,8 +61,9 @@ Schema = Mapping[str, str]
 STORAGE_MESSAGES: dict[str, Schema] = {
     # A client (or the primary forwarding to a replica, ``replica`` true) asks a node to keep an entry.
     "store": {"entry": "entry", "replica": "bool?"},
-    # All live entries under a key (tombstones excluded).
-    "fetch": {"key": "id"},
+    # All live entries under a key (tombstones excluded). ``replica``: answer from whatever this node
+    # holds, responsible or not (a new primary asks its successor while its hand-off is in flight).
+    "fetch": {"key": "id", "replica": "bool?"},
     # Bulk hand-off of entries (join, leave, repair); ``entries`` carry their remaining lifetime.
     "transfer": {"entries": "entries"},
 }
