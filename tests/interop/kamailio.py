@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .procs import ChildError, children_of, cpu_seconds, stop, wait_for_ports
@@ -117,7 +118,7 @@ def registrar_config(
     *,
     realm: str,
     users: Mapping[str, str],
-    domain_routes: Mapping[str, tuple[str, int]] | None = None,
+    domain_routes: Mapping[str, DomainRoute] | None = None,
     challenge_invites: bool = True,
     children: int = 2,
     transports: tuple[str, ...] = ("udp", "tcp"),
@@ -125,9 +126,10 @@ def registrar_config(
     """A registrar with digest auth for ``users`` (name → password) in ``realm``, plus a proxy.
 
     REGISTERs are challenged with 401 (qop=auth) and saved in memory; INVITEs from the realm are
-    challenged with 407 when ``challenge_invites``; requests for a domain in ``domain_routes`` are sent
-    to that HOST:PORT as next hop (the Request-URI is rewritten to that host, so a proxy without DNS can
-    forward it); requests for registered users go to their contact; anything else to its Request-URI.
+    challenged with 407 when ``challenge_invites``; requests for a domain in ``domain_routes`` go to its
+    next hop (``$du``), with the Request-URI's host rewritten to the route's target when it has one (so a
+    next-hop proxy without DNS can forward it); requests for registered users go to their contact;
+    anything else to its Request-URI.
     """
     for name, secret in users.items():
         for text in (name, secret, realm):
@@ -136,11 +138,7 @@ def registrar_config(
     passwords = "\n".join(
         f'    if ($au == "{name}") {{ $var(password) = "{secret}"; }}' for name, secret in users.items()
     )
-    routes = "\n".join(
-        f'    if ($rd == "{domain}") {{ $rd = "{rhost}"; $rp = {rport}; $du = "sip:{rhost}:{rport}"; '
-        f"record_route(); t_relay(); exit; }}"
-        for domain, (rhost, rport) in (domain_routes or {}).items()
-    )
+    routes = "\n".join(_route_line(domain, route) for domain, route in (domain_routes or {}).items())
     invite_auth = (
         f"""    if (is_method("INVITE") && $fd == "{realm}") {{
         route(PASSWORD);
@@ -219,6 +217,21 @@ request_route {{
 }}
 """
     )
+
+
+@dataclass(frozen=True)
+class DomainRoute:
+    """A static route: requests for a domain go to ``next_hop``; with ``target``, the Request-URI's
+    host:port becomes ``target`` (the final destination the next hop forwards to)."""
+
+    next_hop: tuple[str, int]
+    target: tuple[str, int] | None = None
+
+
+def _route_line(domain: str, route: DomainRoute) -> str:
+    rewrite = "" if route.target is None else f'$rd = "{route.target[0]}"; $rp = {route.target[1]}; '
+    hop = f"sip:{route.next_hop[0]}:{route.next_hop[1]}"
+    return f'    if ($rd == "{domain}") {{ {rewrite}$du = "{hop}"; record_route(); t_relay(); exit; }}'
 
 
 def kamailio_path() -> str:

@@ -48,6 +48,7 @@ class OurProxy:
         self.proc: subprocess.Popen[bytes] | None = None
         self.addresses: dict[str, tuple[str, int]] = {}
         self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 30.0) -> OurProxy:
         repo = Path(__file__).resolve().parents[2]
@@ -62,8 +63,8 @@ class OurProxy:
             env=env,
         )
         ready = threading.Event()
-        reader = threading.Thread(target=self._read_output, args=(ready,), daemon=True)
-        reader.start()
+        self._reader = threading.Thread(target=self._read_output, args=(ready,), daemon=True)
+        self._reader.start()
         if not ready.wait(timeout) or not self.addresses:
             self.stop()
             raise ChildError(
@@ -105,6 +106,16 @@ class OurProxy:
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc, grace=5.0)
+        if self._reader is not None:
+            self._reader.join(timeout=5.0)
+
+    def final_stats(self) -> dict[str, int]:
+        """The counters the proxy printed when it stopped (``p2psip proxy stopped: key=value ...``)."""
+        for line in reversed(self._lines):
+            if "proxy stopped:" in line:
+                pairs = (item.split("=", 1) for item in line.split("stopped:", 1)[1].split())
+                return {key: int(value) for key, value in pairs if value.lstrip("-").isdigit()}
+        return {}
 
     def __enter__(self) -> OurProxy:
         return self.start()

@@ -23,6 +23,7 @@ from .procs import ChildError, stop, wait_for_ports
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 UAC_RR = SCENARIOS / "uac_rr.xml"
 UAS_RR = SCENARIOS / "uas_rr.xml"
+UAC_DOMAIN = SCENARIOS / "uac_domain.xml"
 
 
 def sipp_path() -> str:
@@ -197,6 +198,7 @@ def uac(
     trace_rtt: bool = False,
     name: str = "uac",
     timeout_s: int | None = None,
+    recv_timeout_ms: int = 20000,
     extra: Sequence[str] = (),
 ) -> Sipp:
     """A started sipp UAC placing ``calls`` calls at ``rate`` calls/s to ``target`` (HOST:PORT).
@@ -234,7 +236,7 @@ def uac(
         f"{timeout_s}s",
         "-timeout_error",
         "-recv_timeout",
-        "20000",
+        str(recv_timeout_ms),
         "-trace_stat",
         "-stf",
         str(workdir / name / "stat.csv"),

@@ -32,6 +32,9 @@ def test_thousand_calls_through_our_stateful_proxy(
             timeout=90,
         )
     assert (result.successful, result.failed) == (1000, 0), f"{result}\nproxy output:\n{proxy.output()}"
+    stats = proxy.final_stats()
+    # every INVITE and BYE went through a transaction of the proxy; ACKs for 2xx statelessly
+    assert stats.get("forwarded_requests", 0) >= 2000, stats
 
 
 def test_calls_through_our_stateless_proxy(sipp_tool: str, workdir: Path) -> None:
