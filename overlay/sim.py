@@ -100,8 +100,7 @@ class SimReport:
     lookup_messages: int = 0  # 2 x hops of user lookups (their requests and replies; retries not counted)
     transfers: int = 0
     entries: int = 0
-    entries_lost: int = 0
-    entries_lost_with_live_replica: int = 0
+    entries_lost: int = 0  # stored at the start, held by no live node at the end (stronger than the target)
     fetch_checks: int = 0
     fetch_found: int = 0
     wall_s: float = 0.0

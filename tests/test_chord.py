@@ -127,12 +127,14 @@ def owner_of(key: int, members: list[int]) -> int:
 _counter = iter(range(1, 1_000_000))
 
 
-def ed_node(rng: random.Random, config: ChordConfig | None = None) -> ChordCore:
+def ed_node(
+    rng: random.Random, config: ChordConfig | None = None, pair: KeyPair | None = None, port: int = 0
+) -> ChordCore:
     """A core with a real Ed25519 identity (seeded, so the test is deterministic)."""
-    pair = KeyPair.from_private_bytes(rng.randbytes(32))
+    pair = pair or KeyPair.from_private_bytes(rng.randbytes(32))
     n = next(_counter)
     return ChordCore(
-        NodeRef(pair.node_id, "127.0.0.1", 10000 + n),
+        NodeRef(pair.node_id, "127.0.0.1", port or 10000 + n),
         public_key=pair.public_key,
         sign=pair.sign,
         verify=ed_verify,
@@ -563,3 +565,43 @@ def test_join_fails_when_the_successor_cannot_prove_its_id() -> None:
     assert any(isinstance(e, JoinFailed) for e in net.events[joiner.me.ep])
     assert not joiner.joined and joiner.successors == ()
     assert joiner.stats()["identity_rejected"] == 1
+
+
+def test_ring_repairs_after_a_quarter_of_the_nodes_crash_at_once() -> None:
+    rng = random.Random(18)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(40)]
+    seeded_ring(net, cores, 16)
+    ordered = sorted(cores, key=lambda c: c.me.id)
+    # Every third node, and then some: never r = 3 consecutive (a non-partitioning failure).
+    dead = [c for i, c in enumerate(ordered) if i % 3 == 1][:10]
+    for core in dead:
+        net.kill(core)
+    survivors = [c for c in cores if c not in dead]
+    net.run(60)
+    assert_ring(survivors)
+    members = [c.me.id for c in survivors]
+    for _ in range(40):
+        key = rng.getrandbits(128)
+        result = net.lookup(rng.choice(survivors), key)
+        assert isinstance(result, LookupDone) and result.node.id == owner_of(key, members)
+
+
+def test_a_crashed_node_rejoins_with_the_same_identity() -> None:
+    rng = random.Random(19)
+    net = Net()
+    pairs = [KeyPair.from_private_bytes(rng.randbytes(32)) for _ in range(10)]
+    cores = [ed_node(rng, pair=p) for p in pairs]
+    seeded_ring(net, cores, 16)
+    ordered = sorted(cores, key=lambda c: c.me.id)
+    victim = ordered[3]
+    net.kill(victim)
+    net.run(3)  # the crash is not even noticed by everyone yet
+    pair = next(p for p in pairs if p.node_id == victim.me.id)
+    reborn = ed_node(rng, pair=pair, port=victim.me.port)  # restarted from its data dir: same key, same port
+    net.down.discard(victim.me.ep)
+    net.cores[victim.me.ep] = reborn
+    reborn.start_join(ordered[7].me.ep, net.now)
+    net.run(30)
+    members = [c for c in cores if c is not victim] + [reborn]
+    assert_ring(members)
