@@ -677,7 +677,11 @@ class ChordCore:
                 self._kick_stabilize(now)  # alone until now: the notifier is our way into the ring
 
     def _on_leave(self, src: NodeRef, pred: NodeRef | None, nodes: list[NodeRef], now: float) -> None:
-        """Splice a leaving neighbour out at once instead of waiting for timeouts."""
+        """Splice a leaving neighbour out at once instead of waiting for timeouts. Only a neighbour whose
+        identity we verified at that endpoint can make us drop it (a forged leave would cut the ring)."""
+        if not self.is_verified(src):
+            self._count("leave_ignored")
+            return
         was_first = bool(self._succ) and self._succ[0].id == src.id
         if self._pred is not None and self._pred.id == src.id:
             self._pred = None

@@ -605,3 +605,17 @@ def test_a_crashed_node_rejoins_with_the_same_identity() -> None:
     net.run(30)
     members = [c for c in cores if c is not victim] + [reborn]
     assert_ring(members)
+
+
+def test_a_forged_leave_does_not_cut_the_ring() -> None:
+    rng = random.Random(20)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(8)]
+    seeded_ring(net, cores, 16)
+    core = cores[0]
+    succ = core.successors[0]
+    forged = succ._replace(host="192.0.2.66")  # claims the successor's id from another endpoint
+    reply = core.handle_request(forged, "leave", {"pred": None, "nodes": []}, net.now)
+    assert reply is not None and reply.type == "ok"
+    assert core.successors[0] == succ
+    assert core.stats()["leave_ignored"] == 1
