@@ -288,9 +288,10 @@ class WavSink:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self._wav: wave.Wave_write | None = wave.open(str(path), "wb")  # noqa: SIM115 (closed by close())
+            self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
         except OSError as error:
             raise AudioFileError(f"{path}: cannot write the recording ({error.strerror})") from None
+        self._wav: wave.Wave_write | None = wave.open(self._file, "wb")  # noqa: SIM115
         self._wav.setnchannels(1)
         self._wav.setsampwidth(2)
         self._wav.setframerate(SAMPLE_RATE)
@@ -309,6 +310,7 @@ class WavSink:
         if self._wav is not None:
             self._wav.close()
             self._wav = None
+            self._file.close()
 
 
 class MemorySink:
