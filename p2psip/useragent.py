@@ -1,0 +1,716 @@
+"""UserAgent: the UA core (RFC 3261 §8, §13-§15, §10 client) as the transaction user of a Stack.
+
+One object makes and answers calls, registers (with refresh and digest authentication), and sends and
+receives MESSAGE and OPTIONS. Dialog state lives in :class:`p2psip.dialog.Dialog` and digest in
+:mod:`p2psip.auth`; this module only decides what to send when, and exposes it as ``async`` methods::
+
+    ua = UserAgent(stack, "sip:alice@127.0.0.1")
+    call = await ua.call("sip:bob@127.0.0.1:5070")     # INVITE, provisional, 200, ACK
+    await call.bye()
+
+    incoming = await ua.incoming.get()                  # or UserAgent(..., on_call=callback)
+    incoming.accept()                                   # or .reject(486)
+
+Timers the UA needs of its own (2xx retransmission until the ACK, registration refresh) run on the
+stack's loop; transaction timers stay in the transaction layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from p2psip.auth import answer_challenge
+from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, dialog_id_of_response
+from p2psip.errors import AuthError, P2PSIPError, TransportError
+from p2psip.message import Request, Response, new_tag
+from p2psip.stack import Source, Stack, Target
+from p2psip.transaction import ClientTransaction, InviteClientTransaction, ServerTransaction, Transaction
+from p2psip.transport import split_hostport, target_from_uri
+from p2psip.uri import URI, Address
+
+log = logging.getLogger("p2psip.useragent")
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, INFO, UPDATE"
+
+
+class CallFailed(P2PSIPError):
+    """A request ended with a final failure: ``status`` (a SIP code; 408 for a timeout, 503 for a
+    transport failure), ``reason`` and the ``response`` when one arrived."""
+
+    def __init__(self, status: int, reason: str, response: Response | None = None) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.response = response
+
+
+class _Pending:
+    """A client request waiting for its final response (futures are the UA's adapter to asyncio)."""
+
+    def __init__(self, ua: UserAgent, request: Request, template: Request, target: Target) -> None:
+        self.ua = ua
+        self.request = request
+        self.template = template  # the request as built, without our Via: the base of an auth retry
+        self.target = target
+        self.final: asyncio.Future[Response] = ua.loop.create_future()
+        self.auth_tries = 0
+        self.transaction: ClientTransaction | None = None
+
+    def on_response(self, response: Response) -> None:
+        if response.status >= 200 and not self.final.done():
+            self.final.set_result(response)
+
+    def on_failure(self, status: int, reason: str) -> None:
+        if not self.final.done():
+            self.final.set_exception(CallFailed(status, reason))
+
+
+class Call:
+    """What both ends of a call share: the dialog, the state and hanging up."""
+
+    def __init__(self, ua: UserAgent) -> None:
+        self.ua = ua
+        self.dialog: Dialog | None = None
+        self.state = "init"  # calling, early, ringing, confirmed, terminated
+        self.remote_body: bytes = b""
+        self.ended = asyncio.Event()
+        self.end_reason = ""
+
+    async def bye(self, timeout: float | None = 32.0) -> Response:
+        """Hang up (BYE in the dialog); returns the BYE's final response."""
+        dialog = self.dialog
+        if dialog is None or dialog.state is DialogState.TERMINATED:
+            raise CallFailed(481, "Call/Transaction Does Not Exist (no dialog to end)")
+        request = dialog.create_request("BYE")
+        self._end("bye sent")
+        dialog.terminate()
+        try:
+            return await self.ua._request(request, timeout=timeout)
+        finally:
+            self.ua._dialogs.pop(dialog.id, None)
+
+    async def wait_ended(self, timeout: float | None = None) -> str:
+        """Wait until the call is over; returns why (``bye received``, ``bye sent``, ``cancelled``...)."""
+        await asyncio.wait_for(self.ended.wait(), timeout)
+        return self.end_reason
+
+    def _end(self, reason: str) -> None:
+        if self.state != "terminated":
+            self.state = "terminated"
+            self.end_reason = reason
+            self.ended.set()
+
+
+class OutgoingCall(Call):
+    """A call we place: ``await call.answered()`` (raises :class:`CallFailed`), ``call.cancel()``."""
+
+    def __init__(self, ua: UserAgent, pending: _Pending) -> None:
+        super().__init__(ua)
+        self.pending = pending
+        self.state = "calling"
+        self.response: Response | None = None
+        self.provisional: list[Response] = []
+        self.cancelled = False
+
+    async def answered(self, timeout: float | None = None) -> Response:
+        """Wait for the 2xx (the ACK is already sent when this returns); failures raise CallFailed."""
+        return await asyncio.wait_for(asyncio.shield(self.pending.final), timeout)
+
+    def cancel(self) -> None:
+        """CANCEL the INVITE (sent once a provisional response has arrived, §9.1)."""
+        self.cancelled = True
+        tx = self.pending.transaction
+        if tx is not None and isinstance(tx, InviteClientTransaction):
+            self.ua.stack.cancel(tx)
+
+
+class IncomingCall(Call):
+    """A call offered to us: ``ring()``, then ``accept(body)`` or ``reject(code)``."""
+
+    def __init__(self, ua: UserAgent, request: Request, transaction: ServerTransaction) -> None:
+        super().__init__(ua)
+        self.request = request
+        self.transaction = transaction
+        self.state = "offered"
+        self.remote_body = request.body
+        self.local_tag = new_tag()
+        self.confirmed = asyncio.Event()
+        self._retransmit: asyncio.TimerHandle | None = None
+        self._final: Response | None = None
+
+    @property
+    def caller(self) -> Address:
+        return self.request.from_
+
+    def _response(self, status: int, reason: str | None = None) -> Response:
+        response = Response.for_request(self.request, status, reason, to_tag=self.local_tag)
+        if 100 < status < 300:
+            response.add("Contact", str(self.ua._contact(self.transaction.source)))
+        return response
+
+    def ring(self) -> None:
+        """Send ``180 Ringing``."""
+        if self.state == "offered":
+            self.state = "ringing"
+            self.ua.stack.respond(self.transaction, self._response(180))
+
+    def accept(self, body: bytes = b"", content_type: str | None = "application/sdp") -> None:
+        """Answer with ``200 OK`` (and ``body``, e.g. an SDP answer); retransmitted until the ACK."""
+        if self.state not in ("offered", "ringing"):
+            raise CallFailed(481, f"cannot accept a call in state {self.state}")
+        response = self._response(200)
+        if body:
+            response.body = body
+            if content_type:
+                response.set("Content-Type", content_type)
+        self.dialog = Dialog.uas(self.request, response)
+        self.ua._dialogs[self.dialog.id] = self
+        self.state = "accepted"
+        self._final = response
+        self.ua.stack.respond(self.transaction, response)
+        if not self.transaction.reliable:
+            self._schedule_retransmit(self.ua.stack.timers.t1, 0.0)
+
+    def reject(self, status: int = 486, reason: str | None = None) -> None:
+        """Decline with a final failure response (486 Busy Here by default)."""
+        if status < 300:
+            raise ValueError("reject() needs a status of 300 or more")
+        if self.state in ("offered", "ringing"):
+            self.ua.stack.respond(self.transaction, self._response(status, reason))
+            self._end(f"rejected {status}")
+
+    def _schedule_retransmit(self, interval: float, elapsed: float) -> None:
+        """§13.3.1.4: the UAS core retransmits the 2xx (T1, doubling to T2) until the ACK, for 64*T1."""
+        timers = self.ua.stack.timers
+        if elapsed + interval > 64 * timers.t1:
+            self._retransmit = self.ua.loop.call_later(max(0.0, 64 * timers.t1 - elapsed), self._no_ack)
+            return
+
+        def again() -> None:
+            if self.state == "accepted" and self._final is not None:
+                if self.transaction.terminated:
+                    self.ua.stack.send_stateless(self._final, self.transaction.source)
+                else:
+                    self.ua.stack.respond(self.transaction, self._final)
+                self._schedule_retransmit(min(2 * interval, timers.t2), elapsed + interval)
+
+        self._retransmit = self.ua.loop.call_later(interval, again)
+
+    def _no_ack(self) -> None:
+        if self.state == "accepted":  # §13.3.1.4: no ACK: confirm and end the session with a BYE
+            self.state = "confirmed"
+            task = asyncio.ensure_future(self.bye())
+            task.add_done_callback(lambda t: t.exception())
+
+    def _acked(self) -> None:
+        if self._retransmit is not None:
+            self._retransmit.cancel()
+            self._retransmit = None
+        if self.state == "accepted":
+            self.state = "confirmed"
+            if self.dialog is not None:
+                self.dialog.state = DialogState.CONFIRMED
+            self.confirmed.set()
+
+    def _end(self, reason: str) -> None:
+        if self._retransmit is not None:
+            self._retransmit.cancel()
+            self._retransmit = None
+        super()._end(reason)
+
+
+class _Registration:
+    def __init__(self, registrar: URI, target: Target, username: str | None, password: str | None) -> None:
+        self.registrar = registrar
+        self.target = target
+        self.username = username
+        self.password = password
+        self.call_id = ""
+        self.cseq = 0
+        self.expires = 0
+        self.refresh: asyncio.TimerHandle | None = None
+        self.contact: str = ""
+
+
+class UserAgent:
+    """The UA core for one address of record on ``stack`` (it attaches itself as the stack's core).
+
+    ``outbound`` (``"HOST:PORT"``, ``"tcp:HOST:PORT"`` or a Target) sends every out-of-dialog request
+    through that proxy. ``username``/``password`` answer digest challenges (401/407) on any request.
+    ``on_call(incoming_call)`` and ``on_message(request)`` are optional callbacks; calls and messages are
+    also queued on :attr:`incoming` and :attr:`messages`.
+    """
+
+    stateful = True
+
+    def __init__(
+        self,
+        stack: Stack,
+        aor: str | URI,
+        *,
+        display: str | None = None,
+        outbound: str | Target | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        on_call: Callable[[IncomingCall], None] | None = None,
+        on_message: Callable[[Request], None] | None = None,
+        user_agent: str = "p2psip",
+    ) -> None:
+        self.stack = stack
+        self.loop = stack.loop
+        self.aor = URI(aor) if isinstance(aor, str) else aor
+        self.address = Address.build(self.aor.copy(), display=display)
+        self.outbound = _parse_outbound(outbound) if isinstance(outbound, str) else outbound
+        self.username = username or self.aor.user
+        self.password = password
+        self.on_call = on_call
+        self.on_message_cb = on_message
+        self.user_agent = user_agent
+        self.incoming: asyncio.Queue[IncomingCall] = asyncio.Queue()
+        self.messages: asyncio.Queue[Request] = asyncio.Queue()
+        self._dialogs: dict[DialogId, Call] = {}
+        self._registrations: dict[str, _Registration] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        stack.attach(self)
+
+    # =============================================================================== client side
+
+    def _contact(self, toward: Source | Target | None = None) -> Address:
+        transport = toward.transport if toward is not None else "udp"
+        host = toward.host if toward is not None else None
+        if not self.stack.transport.listens_on(transport):
+            transport = "udp"
+        return Address.build(self.stack.local_uri(transport, user=self.aor.user, toward=host))
+
+    def _target(self, request: Request) -> Target:
+        if self.outbound is not None and request.to.tag is None:
+            return self.outbound
+        route = request.get("Route")
+        if route is not None:
+            return target_from_uri(Address(route).uri)
+        return target_from_uri(request.uri)
+
+    def _new_request(
+        self,
+        method: str,
+        uri: str | URI,
+        *,
+        to: str | Address | None = None,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        contact: bool = False,
+        call_id: str | None = None,
+        cseq: int = 1,
+    ) -> Request:
+        ruri = URI(uri) if isinstance(uri, str) else uri
+        to_addr = to if to is not None else Address.build(ruri.copy())
+        request = Request.create(
+            method,
+            ruri,
+            from_=self.address.copy(),
+            to=to_addr,
+            call_id=call_id,
+            cseq=cseq,
+            body=body,
+            content_type=content_type if body else None,
+            headers=[("User-Agent", self.user_agent), *headers],
+        )
+        if contact:
+            request.set("Contact", str(self._contact(self._target(request))))
+        return request
+
+    def _send(self, request: Request, target: Target | None = None) -> _Pending:
+        target = target or self._target(request)
+        pending = _Pending(self, request, request.copy(), target)
+        tx = self.stack.send_request(request, target)
+        tx.context = pending
+        pending.transaction = tx
+        if tx.terminated and not pending.final.done():
+            pending.on_failure(503, "Service Unavailable (could not send)")
+        return pending
+
+    async def _request(self, request: Request, *, timeout: float | None = 32.0) -> Response:
+        """Send a non-INVITE request and return its final response (digest challenges are answered)."""
+        pending = self._send(request)
+        return await asyncio.wait_for(self._final_with_auth(pending), timeout)
+
+    async def _final_with_auth(self, pending: _Pending) -> Response:
+        while True:
+            response = await pending.final
+            if response.status in (401, 407) and self.password is not None and pending.auth_tries < 2:
+                retry = self._authenticated(pending, response)
+                if retry is not None:
+                    pending = retry
+                    continue
+            return response
+
+    def _authenticated(self, pending: _Pending, response: Response) -> _Pending | None:
+        try:
+            retry = answer_challenge(response, pending.template, self.username or "", self.password or "")
+        except AuthError as exc:
+            log.info("cannot answer the challenge: %s", exc)
+            return None
+        new = self._send(retry, pending.target)
+        new.auth_tries = pending.auth_tries + 1
+        return new
+
+    async def request(
+        self,
+        method: str,
+        uri: str | URI,
+        *,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        timeout: float | None = 32.0,
+    ) -> Response:
+        """Send any out-of-dialog non-INVITE request; returns the final response (whatever its status)."""
+        request = self._new_request(
+            method, uri, body=body, content_type=content_type, headers=headers, contact=False
+        )
+        return await self._request(request, timeout=timeout)
+
+    async def message(
+        self, uri: str | URI, text: str | bytes, *, content_type: str = "text/plain", timeout: float = 32.0
+    ) -> Response:
+        """Send a MESSAGE (RFC 3428); returns the final response."""
+        body = text.encode() if isinstance(text, str) else text
+        return await self.request("MESSAGE", uri, body=body, content_type=content_type, timeout=timeout)
+
+    async def options(self, uri: str | URI, *, timeout: float = 32.0) -> Response:
+        """Send OPTIONS (§11); returns the final response (its Allow header lists what the peer does)."""
+        return await self.request("OPTIONS", uri, headers=[("Accept", "application/sdp")], timeout=timeout)
+
+    # --------------------------------------------------------------------------------- calls
+
+    def invite(
+        self,
+        uri: str | URI,
+        *,
+        body: bytes = b"",
+        content_type: str = "application/sdp",
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> OutgoingCall:
+        """Start a call and return at once (see :meth:`OutgoingCall.answered` and ``cancel``)."""
+        request = self._new_request(
+            "INVITE", uri, body=body, content_type=content_type, headers=headers, contact=True
+        )
+        pending = self._send(request)
+        call = OutgoingCall(self, pending)
+        if pending.transaction is not None:
+            pending.transaction.context = call
+        return call
+
+    async def call(
+        self,
+        uri: str | URI,
+        *,
+        body: bytes = b"",
+        content_type: str = "application/sdp",
+        headers: Iterable[tuple[str, str]] = (),
+        timeout: float | None = None,
+    ) -> OutgoingCall:
+        """Place a call and wait until it is answered (ACK sent). Raises :class:`CallFailed` with the final
+        status when it is not (busy, rejected, timeout 408, cancelled 487...)."""
+        call = self.invite(uri, body=body, content_type=content_type, headers=headers)
+        try:
+            await call.answered(timeout)
+        except TimeoutError:
+            call.cancel()
+            raise
+        return call
+
+    # ----------------------------------------------------------------------------- register
+
+    async def register(
+        self,
+        registrar: str | URI,
+        *,
+        expires: int = 3600,
+        username: str | None = None,
+        password: str | None = None,
+        refresh: bool = True,
+        timeout: float = 32.0,
+    ) -> Response:
+        """REGISTER our contact at ``registrar`` (``sip:HOST:PORT``); with ``refresh`` the binding is
+        renewed before it expires. Raises CallFailed on a final failure. ``expires=0`` unregisters."""
+        uri = URI(registrar) if isinstance(registrar, str) else registrar
+        key = str(uri)
+        reg = self._registrations.get(key)
+        if reg is None:
+            reg = _Registration(uri, target_from_uri(uri), username, password)
+            self._registrations[key] = reg
+        if username is not None:
+            reg.username = username
+        if password is not None:
+            reg.password = password
+        if reg.refresh is not None:
+            reg.refresh.cancel()
+            reg.refresh = None
+        response = await asyncio.wait_for(self._register_once(reg, expires), timeout)
+        if response.status >= 300:
+            raise CallFailed(response.status, response.reason, response)
+        if expires == 0:
+            self._registrations.pop(key, None)
+            return response
+        granted = _granted_expires(response, reg.contact, expires)
+        reg.expires = granted
+        if refresh and granted > 0:
+            delay = max(1.0, granted - min(granted / 2, 30.0))
+            reg.refresh = self.loop.call_later(delay, self._refresh, reg)
+        return response
+
+    def _refresh(self, reg: _Registration) -> None:
+        task = asyncio.ensure_future(self.register(reg.registrar, expires=reg.expires or 3600))
+        self._tasks.add(task)
+        task.add_done_callback(self._refresh_done)
+
+    def _refresh_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("registration refresh failed: %s", task.exception())
+
+    async def _register_once(self, reg: _Registration, expires: int) -> Response:
+        reg.cseq += 1
+        to = Address.build(self.aor.copy())
+        contact = self._contact(reg.target)
+        contact.params["expires"] = str(expires)
+        reg.contact = str(contact.uri)
+        request = Request.create(
+            "REGISTER",
+            reg.registrar.copy(),
+            from_=self.address.copy(),
+            to=to,
+            call_id=reg.call_id or None,
+            cseq=reg.cseq,
+            contact=contact,
+            headers=[("Expires", str(expires)), ("User-Agent", self.user_agent)],
+        )
+        reg.call_id = request.call_id
+        pending = self._send(request, reg.target)
+        while True:
+            response = await pending.final
+            if response.status in (401, 407) and reg.password is not None and pending.auth_tries < 2:
+                try:
+                    retry = answer_challenge(response, pending.template, reg.username or "", reg.password)
+                except AuthError:
+                    return response
+                reg.cseq = retry.cseq.number
+                attempt = pending.auth_tries + 1
+                pending = self._send(retry, reg.target)
+                pending.auth_tries = attempt
+                continue
+            return response
+
+    async def unregister(self) -> None:
+        """Remove every binding this UA made (REGISTER with expires 0)."""
+        for reg in list(self._registrations.values()):
+            try:
+                await self.register(reg.registrar, expires=0)
+            except (CallFailed, TimeoutError, TransportError) as exc:
+                log.info("unregister at %s failed: %s", reg.registrar, exc)
+
+    async def incoming_calls(self) -> AsyncIterator[IncomingCall]:
+        """``async for call in ua.incoming_calls(): call.accept()``."""
+        while True:
+            yield await self.incoming.get()
+
+    async def close(self) -> None:
+        """Stop refreshing registrations (bindings are left to expire) and background tasks."""
+        for reg in self._registrations.values():
+            if reg.refresh is not None:
+                reg.refresh.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # =========================================================================== core callbacks
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        method = request.method
+        if method == "ACK":
+            call = self._dialogs.get(dialog_id_of_request(request))
+            if isinstance(call, IncomingCall):
+                call._acked()
+            return
+        if transaction is None:
+            return
+        respond = self.stack.respond
+        if request.to.tag is not None and method != "CANCEL":
+            self._in_dialog(request, transaction)
+            return
+        if method == "INVITE":
+            call = IncomingCall(self, request, transaction)
+            transaction.context = call
+            if self.on_call is not None:
+                self.on_call(call)
+            self.incoming.put_nowait(call)
+        elif method == "CANCEL":
+            invite_tx = self.stack.transactions.find_invite_for_cancel(request)
+            if invite_tx is None:
+                respond(transaction, Response.for_request(request, 481))
+                return
+            respond(transaction, Response.for_request(request, 200))
+            call = invite_tx.context
+            if isinstance(call, IncomingCall) and call.state in ("offered", "ringing"):
+                respond(invite_tx, call._response(487))
+                call._end("cancelled")
+        elif method == "MESSAGE":
+            respond(transaction, Response.for_request(request, 200))
+            if self.on_message_cb is not None:
+                self.on_message_cb(request)
+            self.messages.put_nowait(request)
+        elif method == "OPTIONS":
+            response = Response.for_request(request, 200)
+            response.add("Allow", ALLOW)
+            response.add("Accept", "application/sdp, text/plain")
+            respond(transaction, response)
+        elif method in ("BYE", "INFO", "UPDATE"):
+            respond(transaction, Response.for_request(request, 481))
+        else:
+            response = Response.for_request(request, 405)
+            response.add("Allow", ALLOW)
+            respond(transaction, response)
+
+    def _in_dialog(self, request: Request, transaction: ServerTransaction) -> None:
+        call = self._dialogs.get(dialog_id_of_request(request))
+        respond = self.stack.respond
+        if call is None or call.dialog is None:
+            respond(transaction, Response.for_request(request, 481))
+            return
+        status = call.dialog.receive_request(request)
+        if status is not None:
+            respond(transaction, Response.for_request(request, status))
+            return
+        method = request.method
+        response = Response.for_request(request, 200)
+        if method == "BYE":
+            respond(transaction, response)
+            call.dialog.terminate()
+            self._dialogs.pop(call.dialog.id, None)
+            call._end("bye received")
+        elif method == "INVITE":  # re-INVITE: keep the session as it is
+            response.add("Contact", str(self._contact(transaction.source)))
+            respond(transaction, response)
+        elif method in ("INFO", "UPDATE", "MESSAGE", "OPTIONS", "NOTIFY"):
+            respond(transaction, response)
+        else:
+            response = Response.for_request(request, 405)
+            response.add("Allow", ALLOW)
+            respond(transaction, response)
+
+    def on_response(
+        self, response: Response, transaction: ClientTransaction | None, source: Source | None
+    ) -> None:
+        if transaction is None:
+            # A 2xx retransmission after the INVITE transaction ended: ACK it again.
+            if 200 <= response.status < 300 and response.cseq.method == "INVITE":
+                call = self._dialogs.get(dialog_id_of_response(response))
+                if call is not None and call.dialog is not None and call.dialog.last_ack is not None:
+                    self._send_ack(call.dialog.last_ack, resend=True)
+            return
+        context = transaction.context
+        if isinstance(context, OutgoingCall):
+            self._invite_response(context, transaction, response)
+        elif isinstance(context, _Pending):
+            context.on_response(response)
+
+    def _invite_response(self, call: OutgoingCall, tx: ClientTransaction, response: Response) -> None:
+        status = response.status
+        pending = call.pending
+        if status < 200:
+            call.provisional.append(response)
+            if status > 100 and call.state == "calling":
+                call.state = "early"
+            return
+        if status < 300:
+            dialog_id = dialog_id_of_response(response)
+            known = self._dialogs.get(dialog_id)
+            if known is not None and known.dialog is not None and known.dialog.last_ack is not None:
+                self._send_ack(known.dialog.last_ack, resend=True)  # a 2xx retransmission
+                return
+            dialog = Dialog.uac(pending.request, response)
+            ack = dialog.create_ack(response)
+            self._send_ack(ack)
+            if call.dialog is not None or call.cancelled:
+                # A second 2xx from another fork, or a 2xx that raced our CANCEL: ACK and hang up.
+                extra = Call(self)
+                extra.dialog = dialog
+                extra.state = "confirmed"
+                self._dialogs[dialog.id] = extra
+                task = asyncio.ensure_future(extra.bye())
+                task.add_done_callback(lambda t: t.exception())
+                if call.dialog is None:
+                    call._end("cancelled")
+                    pending.on_failure(487, "Request Terminated (answered after CANCEL; hung up)")
+                return
+            call.dialog = dialog
+            call.response = response
+            call.remote_body = response.body
+            call.state = "confirmed"
+            self._dialogs[dialog.id] = call
+            pending.on_response(response)
+            return
+        can_retry = self.password is not None and pending.auth_tries < 2 and not call.cancelled
+        if status in (401, 407) and can_retry:
+            retry = self._authenticated(pending, response)
+            if retry is not None and retry.transaction is not None:
+                retry.transaction.context = call
+                retry.final = pending.final  # the caller keeps waiting on the same future
+                call.pending = retry
+                return
+        call.response = response
+        call._end("cancelled" if status == 487 else f"failed {status}")
+        if not pending.final.done():
+            pending.final.set_exception(CallFailed(status, response.reason, response))
+
+    def _send_ack(self, ack: Request, *, resend: bool = False) -> None:
+        target = self._target(ack)
+        if not resend:
+            self.stack.push_via(ack, target)
+        self.stack.send_stateless(ack, target)
+
+    def on_timeout(self, transaction: Transaction, timer: str) -> None:
+        self._fail(transaction, 408, f"Request Timeout (timer {timer})")
+
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
+        self._fail(transaction, 503, f"Service Unavailable ({error})")
+
+    def _fail(self, transaction: Transaction, status: int, reason: str) -> None:
+        context = transaction.context
+        if isinstance(context, OutgoingCall):
+            context._end(f"failed {status}")
+            context.pending.on_failure(status, reason)
+        elif isinstance(context, _Pending):
+            context.on_failure(status, reason)
+        elif isinstance(context, IncomingCall) and status == 408:
+            context._end("no ACK")
+
+    def on_terminated(self, transaction: Transaction) -> None:
+        pass
+
+
+def _parse_outbound(text: str) -> Target:
+    transport = "udp"
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix.lower() in ("udp", "tcp", "tls"):
+        transport, text = prefix.lower(), rest
+    host, port = split_hostport(text)
+    return Target(transport, host, port or (5061 if transport == "tls" else 5060))
+
+
+def _granted_expires(response: Response, contact: str, asked: int) -> int:
+    """The lifetime the registrar granted our contact (§10.2.4: its Contact's expires, else Expires)."""
+    try:
+        mine = URI(contact)
+        for address in response.contacts:
+            if address.uri == mine and address.expires is not None:
+                return address.expires
+        if response.expires is not None:
+            return response.expires
+    except P2PSIPError:
+        pass
+    return asked
