@@ -1,0 +1,205 @@
+"""The `p2psip` command as users run it: real child processes on loopback, ended by PID.
+
+`demo` must exit 0; usage errors print one line and exit 2; `start` peers in separate processes form an
+overlay, answer `status`/`lookup` on their control socket, carry a call registered with `register` and placed
+with `call`, survive their bootstrap peer dying, and leave gracefully on SIGTERM; a restart keeps the node id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+CLI = [sys.executable, "-m", "p2psip.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+class StartedPeer:
+    def __init__(self, proc: subprocess.Popen[str], data_dir: Path, sip: int, overlay: int) -> None:
+        self.proc, self.data_dir, self.sip, self.overlay = proc, data_dir, sip, overlay
+
+    def status(self) -> dict:
+        done = run("status", "--data-dir", str(self.data_dir), "--json", timeout=30)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Block until the peer printed its 'ready' line (its control socket exists) or it died."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"peer exited with {self.proc.wait(5)}: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+            if " ready " in line:
+                return
+        raise AssertionError("peer did not become ready")
+
+
+@pytest.fixture
+def start_peer(tmp_path: Path) -> Iterator:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(name: str, join: StartedPeer | None = None, *extra: str) -> StartedPeer:
+        sip, overlay = free_port(), free_port()
+        data_dir = tmp_path / name
+        args = [
+            "start", "--listen", f"udp:127.0.0.1:{sip}", "--overlay", f"127.0.0.1:{overlay}",
+            "--data-dir", str(data_dir), *extra,
+        ]  # fmt: skip
+        if join is not None:
+            args += ["--join", f"127.0.0.1:{join.overlay}"]
+        proc = subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        procs.append(proc)
+        peer = StartedPeer(proc, data_dir, sip, overlay)
+        peer.wait_ready()
+        return peer
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_demo_runs_and_exits_zero() -> None:
+    started = time.monotonic()
+    done = run("demo", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "sip:alice@p2p.example" in out and "sip:bob@p2p.example" in out
+    assert "(primary)" in out  # who stores what
+    assert "hop(s)" in out  # the lookup
+    for step in ("INVITE", "180 Ringing", "200 OK", "ACK", "BYE", "200 OK (BYE)"):
+        assert step in out, step
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["start", "--listen", "sctp:127.0.0.1:5060"], "unknown transport"),
+        (["start", "--overlay", "127.0.0.1"], "needs a port"),
+        (["start", "--route", "nohop"], "DOMAIN=HOST:PORT"),
+        (["start", "--bogus"], "unrecognized arguments"),
+        (["call", "not a uri"], "not a SIP"),
+        (["register", "sip:alice@p2p.example"], "--via"),
+        (["demo", "--peers", "1"], "between 3 and 20"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args: list[str], fragment: str) -> None:
+    done = run(*args)
+    assert done.returncode == 2, done.stderr
+    assert fragment in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_bad_config_file_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "peer.toml"
+    config.write_text("dns = 1\n")
+    done = run("start", "--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "p2psip: error: config: dns must be true or false, got int 1"
+
+
+def test_status_without_a_peer_exit_1(tmp_path: Path) -> None:
+    done = run("status", "--data-dir", str(tmp_path))
+    assert done.returncode == 1 and "no peer is running" in done.stderr
+
+
+def test_peers_in_processes_register_call_lookup_and_leave(start_peer, tmp_path: Path) -> None:
+    a = start_peer("a")
+    b = start_peer("b", a)
+    c = start_peer("c", a, "-v")
+    status = a.status()
+    assert status["successors"], status
+    assert {s["addr"] for s in status["successors"]} <= {f"127.0.0.1:{b.overlay}", f"127.0.0.1:{c.overlay}"}
+    # a callee: a phone registered at b answers through the `call` command placed at c
+    phone_port = free_port()
+    callee = subprocess.Popen(
+        [sys.executable, "-c", CALLEE, str(phone_port)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert callee.stdout is not None and callee.stdout.readline().strip() == "ready"
+        reg = run(
+            "register", "sip:bob@p2p.example", "--via", f"127.0.0.1:{b.sip}",
+            "--contact", f"sip:bob@127.0.0.1:{phone_port}", "--json",
+        )  # fmt: skip
+        assert reg.returncode == 0, reg.stderr
+        assert json.loads(reg.stdout)["contacts"][0]["contact"] == f"sip:bob@127.0.0.1:{phone_port}"
+        looked = run("lookup", "sip:bob@p2p.example", "--data-dir", str(a.data_dir), "--json")
+        assert looked.returncode == 0, looked.stderr
+        found = json.loads(looked.stdout)
+        assert [x["contact"] for x in found["bindings"]] == [f"sip:bob@127.0.0.1:{phone_port}"]
+        assert len(found["holders"]) == 3  # r = 3 copies on a 3-peer ring
+        human = run("lookup", "sip:bob@p2p.example", "--data-dir", str(a.data_dir))
+        assert "stored at:" in human.stdout and f"127.0.0.1:{phone_port}" in human.stdout
+        call = run("call", "sip:bob@p2p.example", "--via", f"127.0.0.1:{c.sip}", "--duration", "0", "--json")
+        assert call.returncode == 0, call.stdout + call.stderr
+        result = json.loads(call.stdout)
+        assert result["answered"] and result["bye_status"] == 200
+        nobody = run("lookup", "sip:nobody@p2p.example", "--data-dir", str(c.data_dir))
+        assert nobody.returncode == 1 and "nobody is registered" in nobody.stdout
+    finally:
+        callee.kill()
+        callee.wait(timeout=5)
+    # the bootstrap peer dies: b and c keep the ring and the registration
+    a.proc.kill()
+    a.proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait for the ring to notice (bounded); status is the event source
+        succ = b.status()["successors"]
+        if succ and all(s["addr"] != f"127.0.0.1:{a.overlay}" for s in succ):
+            break
+        time.sleep(0.2)
+    looked = run("lookup", "sip:bob@p2p.example", "--data-dir", str(c.data_dir), "--json")
+    assert looked.returncode == 0 and json.loads(looked.stdout)["bindings"], looked.stdout + looked.stderr
+    # SIGTERM: a graceful leave, exit status 0, the log says so; -v printed a SIP trace on stderr
+    c.proc.send_signal(signal.SIGTERM)
+    out, err = c.proc.communicate(timeout=20)
+    assert c.proc.returncode == 0
+    assert "left the overlay" in out
+    assert "INVITE sip:bob@p2p.example SIP/2.0" in err
+
+
+def test_restart_keeps_node_identity(start_peer) -> None:
+    a = start_peer("a")
+    first_id = a.status()["node_id"]
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(timeout=20) == 0
+    again = start_peer("a")
+    assert again.status()["node_id"] == first_id
+
+
+CALLEE = """
+import asyncio, sys
+from p2psip.cli import _Phone
+
+async def main():
+    phone = await _Phone.open("sip:bob@p2p.example", answer=True, port=int(sys.argv[1]))
+    print("ready", flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
