@@ -1,0 +1,260 @@
+"""Transport layer on real loopback sockets: receipt (rport/received), 400 for malformed input, framing,
+connection reuse, the UDP->TCP switch, TLS with a generated certificate, IPv6."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from p2psip.errors import ConfigError, TransportError
+from p2psip.message import Request, Response, parse
+from p2psip.transport import ListenSpec, Source, Target, TLSConfig, TransportLayer, split_hostport, target_from_uri
+from p2psip.uri import URI
+
+OPTIONS = (
+    "OPTIONS sip:x@127.0.0.1 SIP/2.0\r\n"
+    "Via: SIP/2.0/{t} {via};branch=z9hG4bK{branch}{rport}\r\n"
+    "From: <sip:a@example.org>;tag=1\r\nTo: <sip:x@example.org>\r\nCall-ID: {branch}@test\r\n"
+    "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+def options(branch: str, via: str = "127.0.0.1:1", rport: bool = True, transport: str = "UDP") -> bytes:
+    return OPTIONS.format(t=transport, via=via, branch=branch, rport=";rport" if rport else "").encode()
+
+
+class Echo:
+    """A message handler that answers every request 200 (through the layer) and records what came in."""
+
+    def __init__(self) -> None:
+        self.layer: TransportLayer | None = None
+        self.got: asyncio.Queue[tuple[Request | Response, Source]] = asyncio.Queue()
+
+    def __call__(self, msg: Request | Response, source: Source) -> None:
+        self.got.put_nowait((msg, source))
+        if isinstance(msg, Request) and self.layer is not None:
+            self.layer.send_response(Response.for_request(msg, 200), source)
+
+
+async def make_layer(*specs: str, **kw: object) -> tuple[TransportLayer, Echo]:
+    echo = Echo()
+    layer = TransportLayer(echo, **kw)  # type: ignore[arg-type]
+    echo.layer = layer
+    for spec in specs:
+        await layer.listen(spec)
+    return layer, echo
+
+
+class UdpClient:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+
+    async def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        await self.loop.sock_sendto(self.sock, data, addr)
+
+    async def recv(self, timeout: float = 5.0) -> bytes:
+        return await asyncio.wait_for(self.loop.sock_recv(self.sock, 65535), timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_listen_spec_parsing() -> None:
+    assert ListenSpec.parse("127.0.0.1:5060") == [
+        ListenSpec("udp", "127.0.0.1", 5060),
+        ListenSpec("tcp", "127.0.0.1", 5060),
+    ]
+    assert ListenSpec.parse("tls:[::1]:5061") == [ListenSpec("tls", "::1", 5061)]
+    assert split_hostport("[::1]") == ("::1", None)
+    for bad in ("127.0.0.1", "example.com:5060", "udp:127.0.0.1:99999", "[::1:5060"):
+        with pytest.raises(ConfigError):
+            ListenSpec.parse(bad)
+
+
+def test_target_from_uri_without_dns() -> None:
+    assert target_from_uri(URI("sip:bob@127.0.0.1:5070;transport=tcp")) == Target("tcp", "127.0.0.1", 5070)
+    assert target_from_uri(URI("sips:bob@[::1]")) == Target("tls", "::1", 5061)
+    with pytest.raises(TransportError, match="no DNS"):
+        target_from_uri(URI("sip:bob@example.com"))
+
+
+async def test_udp_rport_and_received_are_stamped_and_used() -> None:
+    layer, echo = await make_layer("udp:127.0.0.1:0")
+    client = UdpClient()
+    try:
+        addr = layer.listening["udp"][0]
+        # The Via names another address and asks for rport: the answer must come back to our socket.
+        await client.send(options("a1", via="192.0.2.7:5999"), addr)
+        msg, source = await asyncio.wait_for(echo.got.get(), 5)
+        via = msg.top_via
+        assert via is not None
+        assert via.received == "127.0.0.1" and via.rport == client.sock.getsockname()[1]
+        assert source.transport == "udp" and source.port == client.sock.getsockname()[1]
+        answer = parse(await client.recv())
+        assert isinstance(answer, Response) and answer.status == 200
+    finally:
+        client.close()
+        await layer.close()
+
+
+async def test_malformed_request_gets_400_naming_the_problem_and_listener_survives() -> None:
+    layer, echo = await make_layer("udp:127.0.0.1:0")
+    client = UdpClient()
+    try:
+        addr = layer.listening["udp"][0]
+        bad = options("b1").replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 INVITE")
+        await client.send(bad, addr)
+        answer = parse(await client.recv())
+        assert isinstance(answer, Response) and answer.status == 400
+        assert "CSeq" in answer.reason
+        # Garbage that cannot be answered is dropped and counted; the listener keeps working.
+        await client.send(b"\x00\xff not sip at all\r\n\r\n", addr)
+        await client.send(options("b2"), addr)
+        good = parse(await client.recv())
+        assert isinstance(good, Response) and good.status == 200
+        assert layer.stats["parse_errors"] == 2
+        assert layer.stats["bad_request_answers"] == 1
+        assert layer.stats["dropped"] == 1
+        assert echo.got.qsize() == 1
+    finally:
+        client.close()
+        await layer.close()
+
+
+async def test_tcp_framing_split_and_coalesced_messages() -> None:
+    layer, echo = await make_layer("tcp:127.0.0.1:0")
+    try:
+        host, port = layer.listening["tcp"][0]
+        reader, writer = await asyncio.open_connection(host, port)
+        one, two = options("t1", transport="TCP"), options("t2", transport="TCP")
+        writer.write(one[:40])
+        await writer.drain()
+        writer.write(one[40:] + two)  # the rest of one, and all of two, in one segment
+        await writer.drain()
+        for expected in ("z9hG4bKt1", "z9hG4bKt2"):
+            msg, source = await asyncio.wait_for(echo.got.get(), 5)
+            assert msg.top_via is not None and msg.top_via.branch == expected
+            assert source.connection is not None
+        # Both answers come back on the same connection (§18.2.2).
+        data = b""
+        while data.count(b"SIP/2.0 200") < 2:
+            data += await asyncio.wait_for(reader.read(65535), 5)
+        writer.close()
+    finally:
+        await layer.close()
+
+
+async def test_tcp_oversized_message_closes_only_that_connection() -> None:
+    from p2psip.message import Limits
+
+    layer, echo = await make_layer("tcp:127.0.0.1:0", limits=Limits(max_size=2000))
+    try:
+        host, port = layer.listening["tcp"][0]
+        reader, writer = await asyncio.open_connection(host, port)
+        huge = options("h1", transport="TCP").replace(b"Content-Length: 0", b"Content-Length: 50000")
+        writer.write(huge)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        assert layer.stats["framing_errors"] == 1
+        reader2, writer2 = await asyncio.open_connection(host, port)
+        writer2.write(options("h2", transport="TCP"))
+        await writer2.drain()
+        assert b"SIP/2.0 200" in await asyncio.wait_for(reader2.read(65535), 5)
+        writer2.close()
+    finally:
+        await layer.close()
+
+
+async def test_connection_reuse_and_udp_to_tcp_switch() -> None:
+    server, echo = await make_layer("udp:127.0.0.1:0", "tcp:127.0.0.1:0")
+    client, _ = await make_layer("udp:127.0.0.1:0", "tcp:127.0.0.1:0")
+    try:
+        host, port = server.listening["tcp"][0]
+        target = Target("tcp", host, port)
+        client.send(options("r1", transport="TCP"), target)
+        client.send(options("r2", transport="TCP"), target)
+        for _ in range(2):
+            _msg, source = await asyncio.wait_for(echo.got.get(), 5)
+            assert source.transport == "tcp"
+        assert client.stats["connections_opened"] == 1  # the second request reused the connection
+        # §18.1.1: over 1300 bytes, a UDP target is reached over TCP instead.
+        big = Target("udp", host, port)
+        assert client.select(big, 1400) == Target("tcp", host, port)
+        assert client.select(big, 1000) == big
+        assert client.stats["udp_to_tcp"] == 1
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_idle_connections_are_closed() -> None:
+    server, echo = await make_layer("tcp:127.0.0.1:0")
+    client, _ = await make_layer("udp:127.0.0.1:0", idle_timeout=1.0)
+    try:
+        host, port = server.listening["tcp"][0]
+        client.send(options("i1", transport="TCP"), Target("tcp", host, port))
+        await asyncio.wait_for(echo.got.get(), 5)
+        assert client.connection_count() == 1
+        for _ in range(100):  # the sweeper runs every 0.5 s here; give it up to 10 s on a busy machine
+            if client.connection_count() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert client.connection_count() == 0
+        assert client.stats["connections_closed"] == 1
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_tls_with_a_generated_certificate(tmp_path: object) -> None:
+    tls = TLSConfig.self_signed(str(tmp_path))
+    server, echo = await make_layer("tls:127.0.0.1:0", tls=tls)
+    client, replies = await make_layer("udp:127.0.0.1:0", tls=tls)
+    try:
+        host, port = server.listening["tls"][0]
+        client.send(options("s1", transport="TLS"), Target("tls", host, port))
+        msg, source = await asyncio.wait_for(echo.got.get(), 10)
+        assert source.transport == "tls" and isinstance(msg, Request)
+        answer, _ = await asyncio.wait_for(replies.got.get(), 10)
+        assert isinstance(answer, Response) and answer.status == 200
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_tls_refuses_an_untrusted_certificate(tmp_path: object) -> None:
+    server, _ = await make_layer("tls:127.0.0.1:0", tls=TLSConfig.self_signed(str(tmp_path)))
+    client, _ = await make_layer("udp:127.0.0.1:0", tls=TLSConfig(verify=True, cafile=None))
+    errors: asyncio.Queue[Exception] = asyncio.Queue()
+    try:
+        host, port = server.listening["tls"][0]
+        client.send(options("s2", transport="TLS"), Target("tls", host, port), errors.put_nowait)
+        err = await asyncio.wait_for(errors.get(), 10)
+        assert isinstance(err, TransportError)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_ipv6_udp() -> None:
+    try:
+        layer, echo = await make_layer("udp:[::1]:0")
+    except ConfigError:
+        pytest.skip("no IPv6 loopback on this machine")
+    client = UdpClient("::1")
+    try:
+        addr = layer.listening["udp"][0]
+        await client.send(options("v6", via="[::1]:1"), addr)
+        answer = parse(await client.recv())
+        assert isinstance(answer, Response) and answer.status == 200
+        msg, source = await asyncio.wait_for(echo.got.get(), 5)
+        assert source.host == "::1"
+    finally:
+        client.close()
+        await layer.close()
