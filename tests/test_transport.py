@@ -10,7 +10,15 @@ import pytest
 
 from p2psip.errors import ConfigError, TransportError
 from p2psip.message import Request, Response, parse
-from p2psip.transport import ListenSpec, Source, Target, TLSConfig, TransportLayer, split_hostport, target_from_uri
+from p2psip.transport import (
+    ListenSpec,
+    Source,
+    Target,
+    TLSConfig,
+    TransportLayer,
+    split_hostport,
+    target_from_uri,
+)
 from p2psip.uri import URI
 
 OPTIONS = (
@@ -153,7 +161,7 @@ async def test_tcp_framing_split_and_coalesced_messages() -> None:
 async def test_tcp_oversized_message_closes_only_that_connection() -> None:
     from p2psip.message import Limits
 
-    layer, echo = await make_layer("tcp:127.0.0.1:0", limits=Limits(max_size=2000))
+    layer, _echo = await make_layer("tcp:127.0.0.1:0", limits=Limits(max_size=2000))
     try:
         host, port = layer.listening["tcp"][0]
         reader, writer = await asyncio.open_connection(host, port)
@@ -253,7 +261,7 @@ async def test_ipv6_udp() -> None:
         await client.send(options("v6", via="[::1]:1"), addr)
         answer = parse(await client.recv())
         assert isinstance(answer, Response) and answer.status == 200
-        msg, source = await asyncio.wait_for(echo.got.get(), 5)
+        _msg, source = await asyncio.wait_for(echo.got.get(), 5)
         assert source.host == "::1"
     finally:
         client.close()
