@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from p2psip.errors import TransactionError
@@ -62,7 +62,9 @@ class State(enum.Enum):
 
 
 # --------------------------------------------------------------------------------------------- actions
-@dataclass(frozen=True, slots=True, eq=False)
+# Plain (not frozen) slotted dataclasses: four times faster to build, and a proxy builds dozens per call.
+# Treat them as read-only.
+@dataclass(slots=True, eq=False)
 class Transmit:
     """Send ``message`` to ``destination`` (a client transaction's destination, or the source a server
     transaction's request came from; responses may instead be routed by Via per §18.2.2)."""
@@ -72,7 +74,7 @@ class Transmit:
     transaction: Transaction
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class StartTimer:
     """Arm timer ``name`` of ``transaction`` to fire at absolute time ``at`` (replaces an armed one)."""
 
@@ -81,7 +83,7 @@ class StartTimer:
     at: float
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class CancelTimer:
     """Disarm timer ``name`` of ``transaction``."""
 
@@ -89,7 +91,7 @@ class CancelTimer:
     name: str
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class PassToTU:
     """Hand ``message`` to the transaction user.
 
@@ -104,7 +106,7 @@ class PassToTU:
     source: Destination = None
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Timeout:
     """The transaction timed out: ``timer`` is "B" / "F" (no final response: the TU should act as on a 408),
     "H" (no ACK for our non-2xx final), "C" (proxy Timer C: if the client INVITE transaction is in
@@ -116,7 +118,7 @@ class Timeout:
     timer: str
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class TransportFailure:
     """Sending failed (§17.1.4 / §17.2.4); the transaction terminates. The TU treats it like a 503."""
 
@@ -124,7 +126,7 @@ class TransportFailure:
     error: str
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Terminated:
     """The transaction reached Terminated; the layer forgets it and the TU may drop its references."""
 
@@ -716,12 +718,9 @@ class NonInviteServerTransaction(ServerTransaction):
 
 
 # --------------------------------------------------------------------------------------------- layer
-@dataclass(order=True, slots=True)
-class _TimerEntry:
-    at: float
-    seq: int
-    transaction: Transaction = field(compare=False)
-    name: str = field(compare=False)
+_TimerEntry: TypeAlias = tuple[float, int, Transaction, str]
+"""(fire time, sequence number, transaction, timer name): plain tuples compare in C, and the unique
+sequence number means the transaction is never compared."""
 
 
 class TransactionLayer:
@@ -752,14 +751,18 @@ class TransactionLayer:
     # --- internal --------------------------------------------------------------------------------
     def _process(self, actions: list[Action]) -> list[TUEvent]:
         events: list[TUEvent] = []
+        heap = self._heap
         for action in actions:
-            if isinstance(action, StartTimer):
+            if type(action) is StartTimer:
                 self._seq += 1
-                heapq.heappush(self._heap, _TimerEntry(action.at, self._seq, action.transaction, action.name))
-                if len(self._heap) > self._compact_at:
+                heapq.heappush(heap, (action.at, self._seq, action.transaction, action.name))
+                if len(heap) > self._compact_at:
                     self._compact()
-            elif isinstance(action, CancelTimer):
+                    heap = self._heap
+            elif type(action) is CancelTimer:
                 pass  # lazily dropped: an entry only fires if it still matches transaction.deadlines
+            elif type(action) is Transmit or type(action) is PassToTU:
+                events.append(action)
             else:
                 if isinstance(action, Terminated):
                     self._forget(action.transaction)
@@ -767,14 +770,14 @@ class TransactionLayer:
                     self.stats["timeouts"] += 1
                 elif isinstance(action, TransportFailure):
                     self.stats["transport_failures"] += 1
-                events.append(action)
+                events.append(action)  # type: ignore[arg-type]
         return events
 
     def _compact(self) -> None:
         """Drop heap entries of cancelled or re-armed timers (cancellation is lazy), so that a busy proxy
         does not keep ended transactions alive until their old deadlines. Runs when the heap has doubled
         since the last compaction: amortised O(1) per timer."""
-        self._heap = [e for e in self._heap if e.transaction.deadlines.get(e.name) == e.at]
+        self._heap = [e for e in self._heap if e[2].deadlines.get(e[3]) == e[0]]
         heapq.heapify(self._heap)
         self._compact_at = max(1024, 2 * len(self._heap))
 
@@ -920,9 +923,9 @@ class TransactionLayer:
         cancelled timer): calling ``handle_timers`` then is harmless."""
         heap = self._heap
         while heap:
-            top = heap[0]
-            if top.transaction.deadlines.get(top.name) == top.at:
-                return top.at
+            at, _seq, tx, name = heap[0]
+            if tx.deadlines.get(name) == at:
+                return at
             heapq.heappop(heap)
         return None
 
@@ -930,13 +933,12 @@ class TransactionLayer:
         """Fire every timer due at ``now`` (in deadline order) and return the resulting events."""
         events: list[TUEvent] = []
         heap = self._heap
-        while heap and heap[0].at <= now:
-            entry = heapq.heappop(heap)
-            tx = entry.transaction
-            if tx.deadlines.get(entry.name) != entry.at:
+        while heap and heap[0][0] <= now:
+            at, _seq, tx, name = heapq.heappop(heap)
+            if tx.deadlines.get(name) != at:
                 continue  # cancelled or re-armed
-            fired = tx.timer_fired(entry.name, now)
-            if entry.name in ("A", "E", "G") and any(isinstance(a, Transmit) for a in fired):
+            fired = tx.timer_fired(name, now)
+            if name in ("A", "E", "G") and any(isinstance(a, Transmit) for a in fired):
                 self.stats["retransmissions"] += 1
             events.extend(self._process(fired))
         return events
