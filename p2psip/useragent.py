@@ -113,6 +113,8 @@ class OutgoingCall(Call):
         self.state = "calling"
         self.response: Response | None = None
         self.provisional: list[Response] = []
+        self.early = asyncio.Event()
+        """Set by the first provisional response above 100 (from then on a CANCEL can go out at once)."""
         self.cancelled = False
 
     async def answered(self, timeout: float | None = None) -> Response:
@@ -442,7 +444,9 @@ class UserAgent:
         key = str(uri)
         reg = self._registrations.get(key)
         if reg is None:
-            reg = _Registration(uri, target_from_uri(uri), username, password)
+            reg = _Registration(
+                uri, target_from_uri(uri), username or self.username, password or self.password
+            )
             self._registrations[key] = reg
         if username is not None:
             reg.username = username
@@ -625,6 +629,7 @@ class UserAgent:
             call.provisional.append(response)
             if status > 100 and call.state == "calling":
                 call.state = "early"
+                call.early.set()
             return
         if status < 300:
             dialog_id = dialog_id_of_response(response)

@@ -1,0 +1,182 @@
+"""UserAgent <-> UserAgent on real loopback sockets: calls over UDP, TCP, TLS and IPv6, reject, cancel,
+MESSAGE, OPTIONS, REGISTER with digest and refresh."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from p2psip.auth import DigestServer
+from p2psip.errors import ConfigError
+from p2psip.message import Request, Response
+from p2psip.stack import Source, Stack
+from p2psip.timers import TimerConfig
+from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
+from p2psip.transport import TLSConfig
+from p2psip.useragent import CallFailed, IncomingCall, UserAgent
+
+SDP = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+
+
+def uri_of(stack: Stack, user: str, transport: str) -> str:
+    host, port = stack.local_address(transport)
+    host = f"[{host}]" if ":" in host else host
+    scheme = "sips" if transport == "tls" else "sip"
+    param = ";transport=tcp" if transport == "tcp" else ""
+    return f"{scheme}:{user}@{host}:{port}{param}"
+
+
+@pytest.fixture
+async def pair(
+    request: pytest.FixtureRequest, tmp_path: object
+) -> AsyncIterator[tuple[UserAgent, UserAgent]]:
+    transport, host = getattr(request, "param", ("udp", "127.0.0.1"))
+    shown = f"[{host}]" if ":" in host else host
+    tls = TLSConfig.self_signed(str(tmp_path)) if transport == "tls" else None
+    try:
+        a = await Stack.start([f"{transport}:{shown}:0", f"udp:{shown}:0"], tls=tls)
+    except ConfigError:
+        pytest.skip(f"cannot listen on {host}")
+    b = await Stack.start([f"{transport}:{shown}:0", f"udp:{shown}:0"], tls=tls)
+    alice = UserAgent(a, f"sip:alice@{shown}")
+    bob = UserAgent(b, f"sip:bob@{shown}")
+    try:
+        yield alice, bob
+    finally:
+        await alice.close()
+        await bob.close()
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [("udp", "127.0.0.1"), ("tcp", "127.0.0.1"), ("tls", "127.0.0.1"), ("udp", "::1")],
+    indirect=True,
+    ids=["udp", "tcp", "tls", "ipv6"],
+)
+async def test_call_answer_and_hang_up(pair: tuple[UserAgent, UserAgent]) -> None:
+    alice, bob = pair
+    listens = bob.stack.transport.listens_on
+    transport = "tls" if listens("tls") else "tcp" if listens("tcp") else "udp"
+
+    def on_call(call: IncomingCall) -> None:
+        call.ring()
+        call.accept(SDP)
+
+    bob.on_call = on_call
+    call = await alice.call(uri_of(bob.stack, "bob", transport), body=SDP, timeout=20)
+    assert call.state == "confirmed" and call.response is not None and call.response.status == 200
+    assert call.remote_body == SDP
+    assert any(r.status == 180 for r in call.provisional)
+    incoming = await asyncio.wait_for(bob.incoming.get(), 5)
+    await asyncio.wait_for(incoming.confirmed.wait(), 10)  # our ACK arrived
+    assert incoming.remote_body == SDP
+    bye = await call.bye()
+    assert bye.status == 200
+    assert await incoming.wait_ended(10) == "bye received"
+    if transport != "udp":
+        assert bob.stack.stats["connections"] >= 1
+
+
+async def test_reject_gives_the_status(pair: tuple[UserAgent, UserAgent]) -> None:
+    alice, bob = pair
+    bob.on_call = lambda call: call.reject(486)
+    with pytest.raises(CallFailed) as failed:
+        await alice.call(uri_of(bob.stack, "bob", "udp"), timeout=20)
+    assert failed.value.status == 486
+
+
+async def test_cancel_before_answer(pair: tuple[UserAgent, UserAgent]) -> None:
+    alice, bob = pair
+    bob.on_call = lambda call: call.ring()
+    call = alice.invite(uri_of(bob.stack, "bob", "udp"))
+    incoming = await asyncio.wait_for(bob.incoming.get(), 10)
+    await asyncio.wait_for(call.early.wait(), 10)  # the 180 reached alice
+    call.cancel()
+    with pytest.raises(CallFailed) as failed:
+        await call.answered(20)
+    assert failed.value.status == 487
+    assert await incoming.wait_ended(10) == "cancelled"
+
+
+async def test_message_and_options(pair: tuple[UserAgent, UserAgent]) -> None:
+    alice, bob = pair
+    target = uri_of(bob.stack, "bob", "udp")
+    response = await alice.message(target, "hello bob")
+    assert response.status == 200
+    got = await asyncio.wait_for(bob.messages.get(), 5)
+    assert got.body == b"hello bob" and got.from_.uri.user == "alice"
+    options = await alice.options(target)
+    assert options.status == 200 and "MESSAGE" in options.get_all("Allow")
+
+
+async def test_unknown_dialog_gets_481(pair: tuple[UserAgent, UserAgent]) -> None:
+    alice, bob = pair
+    response = await alice.request("BYE", uri_of(bob.stack, "bob", "udp"))
+    assert response.status == 481
+
+
+class Registrar:
+    """A minimal registrar core for the test: digest (MD5 and SHA-256) and one binding per AOR."""
+
+    stateful = True
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.digest = DigestServer("test.realm", {"alice": "secret"}.get)
+        self.bindings: dict[str, str] = {}
+        self.registers: asyncio.Queue[Request] = asyncio.Queue()
+        stack.attach(self)
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        if transaction is None or request.method != "REGISTER":
+            return
+        _result, challenge = self.digest.check(request, self.stack.loop.time())
+        if challenge is not None:
+            self.stack.respond(transaction, challenge)
+            return
+        self.registers.put_nowait(request)
+        response = Response.for_request(request, 200)
+        contact = request.contacts[0]
+        self.bindings[request.to.uri.aor()] = str(contact.uri)
+        response.add("Contact", f"<{contact.uri}>;expires={min(request.expires or 3600, 2)}")
+        self.stack.respond(transaction, response)
+
+    def on_response(self, response: Response, transaction: ClientTransaction | None, source: object) -> None:
+        pass
+
+    def on_timeout(self, transaction: Transaction, timer: str) -> None:
+        pass
+
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
+        pass
+
+    def on_terminated(self, transaction: Transaction) -> None:
+        pass
+
+
+async def test_register_with_digest_and_refresh() -> None:
+    reg_stack = await Stack.start(["udp:127.0.0.1:0"])
+    ua_stack = await Stack.start(["udp:127.0.0.1:0"], timers=TimerConfig(t1=0.1, t2=0.4, t4=0.5))
+    registrar = Registrar(reg_stack)
+    alice = UserAgent(ua_stack, "sip:alice@127.0.0.1")
+    try:
+        host, port = reg_stack.local_address("udp")
+        response = await alice.register(f"sip:{host}:{port}", expires=60, password="secret")
+        assert response.status == 200
+        first = await asyncio.wait_for(registrar.registers.get(), 5)
+        assert first.get("Authorization") is not None
+        assert registrar.bindings["sip:alice@127.0.0.1"].startswith("sip:alice@127.0.0.1:")
+        # The registrar granted 2 s: the UA refreshes after 1 s, answering a fresh challenge.
+        second = await asyncio.wait_for(registrar.registers.get(), 10)
+        assert second.call_id == first.call_id and second.cseq.number > first.cseq.number
+        with pytest.raises(CallFailed) as failed:
+            await alice.register(f"sip:{host}:{port}", password="wrong", refresh=False)
+        assert failed.value.status == 401
+    finally:
+        await alice.close()
+        await ua_stack.close()
+        await reg_stack.close()
