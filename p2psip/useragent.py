@@ -150,6 +150,9 @@ class IncomingCall(Call):
     def _response(self, status: int, reason: str | None = None) -> Response:
         response = Response.for_request(self.request, status, reason, to_tag=self.local_tag)
         if 100 < status < 300:
+            # §12.1.1: a response that creates a dialog carries the request's Record-Route, in order.
+            for value in self.request.get_all("Record-Route"):
+                response.add("Record-Route", value)
             response.add("Contact", str(self.ua._contact(self.transaction.source)))
         return response
 

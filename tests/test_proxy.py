@@ -1,0 +1,256 @@
+"""The proxy core on real loopback sockets: Record-Route and loose routing, parallel and sequential forking,
+best-response selection, CANCEL, Timer C, Max-Forwards, no-DNS rejection, stateless mode."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from p2psip.message import Response, parse
+from p2psip.proxy import Proxy, choose_best
+from p2psip.stack import Stack
+from p2psip.timers import TimerConfig
+from p2psip.uri import URI, Address
+from p2psip.useragent import CallFailed, IncomingCall, UserAgent
+
+Factory = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def new_stack() -> AsyncIterator[Factory]:
+    made: list[Stack] = []
+
+    async def make(**options: object) -> Stack:
+        stack = await Stack.start(["udp:127.0.0.1:0"], **options)
+        made.append(stack)
+        return stack
+
+    yield make
+    for stack in made:
+        await stack.close()
+
+
+def addr(stack: Stack) -> str:
+    host, port = stack.local_address("udp")
+    return f"{host}:{port}"
+
+
+async def parties(new_stack: Factory, n_callees: int, **proxy_options: object) -> tuple[
+    Proxy, UserAgent, list[UserAgent]
+]:
+    proxy_stack = await new_stack(**proxy_options.pop("stack_options", {}))  # type: ignore[arg-type]
+    proxy = Proxy(proxy_stack, **proxy_options)  # type: ignore[arg-type]
+    alice = UserAgent(await new_stack(), "sip:alice@127.0.0.1", outbound=addr(proxy_stack))
+    callees = [UserAgent(await new_stack(), f"sip:bob{i}@127.0.0.1") for i in range(n_callees)]
+    return proxy, alice, callees
+
+
+def contact(ua: UserAgent) -> URI:
+    return URI(f"sip:{ua.aor.user}@{addr(ua.stack)}")
+
+
+async def test_call_through_the_proxy_record_routes_and_bye_comes_back_through_it(new_stack: Factory) -> None:
+    proxy, alice, (bob,) = await parties(new_stack, 1)
+    bob.on_call = lambda call: call.accept()
+    call = await alice.call(contact(bob), timeout=20)
+    incoming = await asyncio.wait_for(bob.incoming.get(), 5)
+    assert incoming.request.get("Record-Route") == f"<sip:{addr(proxy.stack)};lr>"
+    assert incoming.request.max_forwards == 69
+    assert call.dialog is not None and [str(r.uri) for r in call.dialog.route_set] == [
+        f"sip:{addr(proxy.stack)};lr"
+    ]
+    await asyncio.wait_for(incoming.confirmed.wait(), 10)  # the ACK went alice -> proxy -> bob
+    assert (await incoming.bye()).status == 200  # callee hangs up, through the proxy
+    assert await call.wait_ended(10) == "bye received"
+    assert proxy.stats["forwarded_requests"] == 3  # INVITE, ACK (stateless) and BYE
+    assert proxy.stats["stateless_acks"] == 1
+
+
+async def test_parallel_forking_first_answer_wins_others_cancelled(new_stack: Factory) -> None:
+    proxy, alice, (bob0, bob1) = await parties(new_stack, 2)
+    proxy.locate = lambda request: [contact(bob0), contact(bob1)]
+    bob0.on_call = lambda call: call.ring()
+    answered = asyncio.Event()
+
+    def answer_later(call: IncomingCall) -> None:
+        call.ring()
+        call.accept()
+        answered.set()
+
+    bob1.on_call = answer_later
+    call = await alice.call("sip:bob@p2p.example", timeout=20)
+    assert call.response is not None and call.response.status == 200
+    ringing = await asyncio.wait_for(bob0.incoming.get(), 5)
+    assert await ringing.wait_ended(10) == "cancelled"  # §16.7 step 10: the pending branch is CANCELled
+    assert proxy.stats["cancelled_branches"] == 1
+    await call.bye()
+
+
+async def test_sequential_forking_by_q(new_stack: Factory) -> None:
+    proxy, alice, (bob0, bob1) = await parties(new_stack, 2)
+    proxy.locate = lambda request: [
+        Address(f"<{contact(bob1)}>;q=0.5"),
+        Address(f"<{contact(bob0)}>;q=1.0"),
+    ]
+    order: list[str] = []
+
+    def reject(call: IncomingCall) -> None:
+        order.append("bob0")
+        call.reject(480)
+
+    def accept(call: IncomingCall) -> None:
+        order.append("bob1")
+        call.accept()
+
+    bob0.on_call = reject
+    bob1.on_call = accept
+    call = await alice.call("sip:bob@p2p.example", timeout=20)
+    assert order == ["bob0", "bob1"]  # higher q first, the next tier only after the first failed
+    await call.bye()
+
+
+async def test_best_response_when_all_branches_fail(new_stack: Factory) -> None:
+    proxy, alice, (bob0, bob1) = await parties(new_stack, 2)
+    proxy.locate = lambda request: [contact(bob0), contact(bob1)]
+    bob0.on_call = lambda call: call.reject(503)
+    bob1.on_call = lambda call: call.reject(486)
+    with pytest.raises(CallFailed) as failed:
+        await alice.call("sip:bob@p2p.example", timeout=20)
+    assert failed.value.status == 486
+
+
+async def test_6xx_cancels_the_other_branches(new_stack: Factory) -> None:
+    proxy, alice, (bob0, bob1) = await parties(new_stack, 2)
+    proxy.locate = lambda request: [contact(bob0), contact(bob1)]
+    rung = asyncio.Event()
+
+    async def decline_after_ring() -> None:
+        incoming = await bob1.incoming.get()
+        await rung.wait()
+        incoming.reject(603)
+
+    bob0_calls: list[IncomingCall] = []
+
+    def ring(call: IncomingCall) -> None:
+        call.ring()
+        bob0_calls.append(call)
+        rung.set()
+
+    bob0.on_call = ring
+    task = asyncio.ensure_future(decline_after_ring())
+    with pytest.raises(CallFailed) as failed:
+        await alice.call("sip:bob@p2p.example", timeout=20)
+    assert failed.value.status == 603
+    assert await bob0_calls[0].wait_ended(10) == "cancelled"
+    await task
+
+
+def test_choose_best_rules() -> None:
+    def r(status: int) -> Response:
+        return Response(status)
+
+    assert choose_best([r(486), r(603), r(404)]).status == 603  # type: ignore[union-attr]
+    assert choose_best([r(404), r(401), r(486)]).status == 401  # type: ignore[union-attr]
+    assert choose_best([r(503), r(302)]).status == 302  # type: ignore[union-attr]
+    assert choose_best([r(503), r(500)]).status == 500  # type: ignore[union-attr]
+    assert choose_best([]) is None
+
+
+async def test_caller_cancel_through_the_proxy(new_stack: Factory) -> None:
+    _proxy, alice, (bob,) = await parties(new_stack, 1)
+    bob.on_call = lambda call: call.ring()
+    call = alice.invite(contact(bob))
+    incoming = await asyncio.wait_for(bob.incoming.get(), 10)
+    await asyncio.wait_for(call.early.wait(), 10)
+    call.cancel()
+    with pytest.raises(CallFailed) as failed:
+        await call.answered(20)
+    assert failed.value.status == 487
+    assert await incoming.wait_ended(10) == "cancelled"
+
+
+async def test_timer_c_cancels_a_branch_that_only_rings(new_stack: Factory) -> None:
+    _proxy, alice, (bob,) = await parties(
+        new_stack, 1, stack_options={"timers": TimerConfig(timer_c=1.0)}
+    )
+    bob.on_call = lambda call: call.ring()
+    with pytest.raises(CallFailed) as failed:
+        await alice.call(contact(bob), timeout=20)
+    assert failed.value.status == 487
+    incoming = await asyncio.wait_for(bob.incoming.get(), 5)
+    assert await incoming.wait_ended(10) == "cancelled"
+
+
+async def test_loose_route_to_us_is_popped_and_strict_route_fixed(new_stack: Factory) -> None:
+    proxy, alice, (bob,) = await parties(new_stack, 1)
+    me = addr(proxy.stack)
+    # A strict-routing previous hop: the Request-URI is our Record-Route URI, the real target the last Route.
+    response = await alice.request("MESSAGE", f"sip:{me};lr", headers=[("Route", f"<{contact(bob)}>")])
+    assert response.status == 200
+    got = await asyncio.wait_for(bob.messages.get(), 5)
+    assert got.uri == contact(bob) and got.get("Route") is None
+    # A loose route naming us is removed; the Request-URI is kept.
+    response = await alice.request("MESSAGE", contact(bob), headers=[("Route", f"<sip:{me};lr>")])
+    assert response.status == 200
+    got = await asyncio.wait_for(bob.messages.get(), 5)
+    assert got.get("Route") is None
+
+
+async def raw_request(stack: Stack, text: str) -> Response:
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        data = text.replace("PORT", str(sock.getsockname()[1])).encode()
+        await loop.sock_sendto(sock, data, stack.local_address("udp"))
+        while True:
+            answer = parse(await asyncio.wait_for(loop.sock_recv(sock, 65535), 10))
+            assert isinstance(answer, Response)
+            if answer.status >= 200:
+                return answer
+
+
+REQUEST = (
+    "MESSAGE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bK{branch};rport\r\n"
+    "Max-Forwards: {mf}\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <{uri}>\r\nCall-ID: {branch}\r\n"
+    "CSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+async def test_max_forwards_zero_and_unroutable_names(new_stack: Factory) -> None:
+    stack = await new_stack()
+    proxy = Proxy(stack)
+    answer = await raw_request(stack, REQUEST.format(uri="sip:b@127.0.0.1:9", branch="mf0", mf=0))
+    assert answer.status == 483
+    answer = await raw_request(stack, REQUEST.format(uri="sip:b@example.com", branch="dns", mf=70))
+    assert answer.status == 404 and "DNS" in answer.reason
+    assert proxy.stats["rejected"] == 2
+
+
+async def test_stateless_proxy_call(new_stack: Factory) -> None:
+    proxy, alice, (bob,) = await parties(new_stack, 1, stateless=True)
+    assert not proxy.stateful
+    bob.on_call = lambda call: call.accept()
+    call = await alice.call(contact(bob), timeout=20)
+    incoming = await asyncio.wait_for(bob.incoming.get(), 5)
+    via = incoming.request.top_via
+    assert via is not None and (via.branch or "").startswith("z9hG4bK-sl-")
+    await asyncio.wait_for(incoming.confirmed.wait(), 10)
+    assert (await call.bye()).status == 200
+    assert proxy.stats["forwarded_requests"] == 3  # INVITE, ACK, BYE
+    assert proxy.stack.stats["transactions"] == 0
+
+
+async def test_request_for_the_proxy_itself(new_stack: Factory) -> None:
+    stack = await new_stack()
+    Proxy(stack)
+    me = addr(stack)
+    answer = await raw_request(
+        stack, REQUEST.replace("MESSAGE", "OPTIONS").format(uri=f"sip:{me}", branch="opt", mf=70)
+    )
+    assert answer.status == 200
+    answer = await raw_request(stack, REQUEST.format(uri=f"sip:x@{me}", branch="self", mf=70))
+    assert answer.status == 404
