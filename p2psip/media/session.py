@@ -1,16 +1,17 @@
 """MediaSession: one call's audio over asyncio UDP (RTP + RTCP), around the sans-IO parts of this package.
 
 Each session owns an RTP socket (and, unless RTCP is multiplexed, an RTCP socket on the next port up, as
-RFC 3550 §11 expects) and one timer. Every packet interval (20 ms) the timer:
+RFC 3550 §11 expects). One timer per event loop (:class:`_Ticker`) drives all sessions; every packet
+interval (20 ms) each session:
 
 1. sends one packet: the next telephone event if DTMF is being sent, else the next frame of the source,
    G.711-encoded (nothing once the source has ended);
 2. plays one frame from the jitter buffer into the sink (decoding, or concealing a lost packet);
 3. sends an RTCP report when one is due (SR if we sent since the last one, else RR; with SDES CNAME).
 
-The timer fires at ``start + k * ptime`` on the loop's monotonic clock, so lateness in one tick is not
-carried into the next (no drift); if the loop falls several intervals behind, the missed ticks run at once
-(up to ``MAX_CATCH_UP``) so the RTP timestamp keeps matching real time.
+Ticks fall at ``start + k * ptime`` on the loop's monotonic clock, so lateness in one tick is not carried
+into the next (no drift); if the loop falls several intervals behind, the missed ticks run at once (up to
+``_Ticker.MAX_CATCH_UP``) so the RTP timestamp keeps matching real time.
 
 Symmetric RTP (RFC 4961; what a peer behind NAT needs): once a valid RTP packet of the expected payload type
 arrives, we send to the address it came from, whatever the SDP said. RTCP latches the same way.
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ from p2psip.media.sources import AudioSink, AudioSource, SilenceSource
 __all__ = ["MediaSession", "MediaStats", "NegotiatedMedia"]
 
 Address = tuple[str, int]
+_FAST_HEADER = struct.Struct("!xBHII")
 
 
 class NegotiatedMedia(Protocol):
@@ -146,8 +149,6 @@ def _bind_pair(host: str, port: int, pair: bool) -> tuple[socket.socket, socket.
 class MediaSession:
     """One call's media. Create with ``await MediaSession.start(...)``; see the module docstring."""
 
-    MAX_CATCH_UP = 10
-
     def __init__(self) -> None:  # use start()
         self._loop = asyncio.get_running_loop()
         self.codec: Codec = PCMU
@@ -194,11 +195,9 @@ class MediaSession:
         self.on_dtmf: Callable[[DtmfEvent], None] | None = None
         self._last_frame: bytes | None = None
         self._concealed_run = 0
-        self._start_time = 0.0
-        self._tick_index = 0
         self._ticks = 0
         self._max_lateness = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._ticker: _Ticker | None = None
         self._next_rtcp = 0.0
         self.source_done: asyncio.Future[None] = self._loop.create_future()
         self.remote_bye: asyncio.Future[None] = self._loop.create_future()
@@ -265,9 +264,8 @@ class MediaSession:
             self.local_rtcp_address = (rtcp_name[0], rtcp_name[1])
         if remote is not None:
             self.set_remote(remote, remote_rtcp)
-        self._start_time = self._loop.time()
-        self._next_rtcp = self._start_time + rtcp_interval * random.uniform(0.25, 0.75)
-        self._timer = self._loop.call_at(self._start_time + self.ptime / 1000, self._tick)
+        self._next_rtcp = self._loop.time() + rtcp_interval * random.uniform(0.25, 0.75)
+        self._ticker = _Ticker.join(self)
         return self
 
     def set_remote(self, remote: Address, remote_rtcp: Address | None = None) -> None:
@@ -295,33 +293,25 @@ class MediaSession:
         self.set_remote(params.remote, params.remote_rtcp)
 
     # ------------------------------------------------------------------- the tick
-    def _tick(self) -> None:
-        now = self._loop.time()
-        interval = self.ptime / 1000
-        done = 0
-        while True:
-            due = self._start_time + (self._tick_index + 1) * interval
-            if due > now:
-                break
-            self._max_lateness = max(self._max_lateness, now - due)
-            self._tick_index += 1
-            done += 1
-            if done > self.MAX_CATCH_UP:  # hopelessly behind (a suspended process): skip, keep time
-                self._timestamp += self.samples_per_packet
-                continue
-            self._ticks += 1
-            try:
-                self._send_one()
-                self._play_one()
-            except Exception:  # a broken source/sink must not kill the loop's timer
-                self._fail_source()
+    def _tick_once(self, lateness: float) -> None:
+        """One packet interval (called by the shared :class:`_Ticker`)."""
+        if lateness > self._max_lateness:
+            self._max_lateness = lateness
+        self._ticks += 1
+        try:
+            self._send_one()
+            self._play_one()
+        except Exception:  # a broken source/sink must not kill the shared timer
+            self._fail_source()
+
+    def _skip_tick(self) -> None:
+        """An interval the loop was too late to run at all: keep the RTP clock in step with real time."""
+        self._timestamp = (self._timestamp + self.samples_per_packet) & 0xFFFFFFFF
+
+    def _rtcp_due(self, now: float) -> None:
         if now >= self._next_rtcp:
-            self._send_report()
             self._next_rtcp = now + self.rtcp_interval * random.uniform(0.5, 1.5)
-        if not self.closed:
-            self._timer = self._loop.call_at(
-                self._start_time + (self._tick_index + 1) * interval, self._tick
-            )
+            self._send_report()
 
     def _fail_source(self) -> None:
         self.source = SilenceSource(0)
@@ -363,6 +353,8 @@ class MediaSession:
             self._play(frame)
 
     def _play(self, frame: Playout) -> None:
+        if self.sink is None or not self.recv_enabled:
+            return  # nobody listens: skip decoding
         if frame.payload is not None:
             pcm = self.codec.decode(frame.payload)
             self._last_frame = pcm
@@ -373,48 +365,58 @@ class MediaSession:
         else:
             self._concealed_run += 1
             pcm = conceal(self._last_frame, self._concealed_run, self.samples_per_packet)
-        if self.sink is not None and self.recv_enabled:
-            self.sink.write(pcm)
+        self.sink.write(pcm)
 
     # ---------------------------------------------------------------- receiving
     def _on_datagram(self, data: bytes, addr: Address) -> None:
         if self.rtcp_mux and is_rtcp(data):
             self._on_rtcp_datagram(data, addr)
             return
-        try:
-            packet = RtpPacket.parse(data)
-        except ParseError:
-            self._rejected += 1
-            return
-        payload_type = packet.payload_type
+        if len(data) >= 12 and data[0] == 0x80:  # the common case: no CSRC, extension or padding
+            second, sequence, timestamp, ssrc = _FAST_HEADER.unpack_from(data)
+            payload_type = second & 0x7F
+            payload = data[12:]
+        else:
+            try:
+                packet = RtpPacket.parse(data)
+            except ParseError:
+                self._rejected += 1
+                return
+            payload_type, sequence, timestamp, ssrc = (
+                packet.payload_type,
+                packet.sequence,
+                packet.timestamp,
+                packet.ssrc,
+            )
+            payload = packet.payload
         audio = payload_type == self.receive_payload_type
         dtmf = payload_type == self.receive_dtmf_payload_type
         if not audio and not dtmf and payload_type != 13:  # 13: comfort noise, played as silence
             self._rejected += 1
             return
         now = self._loop.time()
-        if packet.ssrc != self._remote_ssrc:
+        if ssrc != self._remote_ssrc:
             if self._remote_ssrc is not None and now - self._remote_last_seen < 0.5:
                 self._rejected += 1  # a second source while the first is alive: not ours
                 return
-            self._remote_ssrc = packet.ssrc
-            self._reception = ReceptionStats(packet.ssrc, self.codec.clock_rate)
+            self._remote_ssrc = ssrc
+            self._reception = ReceptionStats(ssrc, self.codec.clock_rate)
         self._remote_last_seen = now
         if self.symmetric and addr != self.remote:
             self.remote = addr  # latch: send where the peer really is
             if not self._rtcp_latched:
                 self.remote_rtcp = addr if self.rtcp_mux else (addr[0], addr[1] + 1)
         self._packets_received += 1
-        self._octets_received += len(packet.payload)
+        self._octets_received += len(payload)
         assert self._reception is not None
-        self._reception.update(packet.sequence, packet.timestamp, now, timing=audio)
+        self._reception.update(sequence, timestamp, now, timing=audio)
         if audio:
-            self.jitter.push(packet.sequence, packet.payload)
+            self.jitter.push(sequence, payload)
             return
-        self.jitter.push(packet.sequence, None)
+        self.jitter.push(sequence, None)
         if dtmf:
             try:
-                event = self._dtmf_receiver.receive(packet.timestamp, packet.payload)
+                event = self._dtmf_receiver.receive(timestamp, payload)
             except ParseError:
                 self._rejected += 1
                 return
@@ -560,8 +562,8 @@ class MediaSession:
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._ticker is not None:
+            self._ticker.leave(self)
         if drain and self.sink is not None and self.recv_enabled:
             for frame in self.jitter.drain():
                 self._play(frame)
@@ -587,6 +589,71 @@ class MediaSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class _Ticker:
+    """One timer per event loop and packet interval drives every session's tick.
+
+    Why shared: a call needs 50 ticks a second; with hundreds of calls, one timer each means hundreds of
+    timer handles and heap operations per interval. One timer that walks the sessions costs one. Ticks fall
+    at ``start + k * interval`` on the loop's monotonic clock, so a late tick is not carried into the next
+    (no drift); if the loop falls behind, the missed intervals run at once (up to ``MAX_CATCH_UP``, beyond
+    that they are skipped but the RTP clocks still advance, so timestamps keep matching real time).
+    """
+
+    MAX_CATCH_UP = 10
+    _running: dict[tuple[int, int], _Ticker] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ptime: int) -> None:
+        self.loop = loop
+        self.key = (id(loop), ptime)
+        self.interval = ptime / 1000
+        self.sessions: dict[MediaSession, None] = {}
+        self.start = loop.time()
+        self.index = 0
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def join(cls, session: MediaSession) -> _Ticker:
+        loop = asyncio.get_running_loop()
+        key = (id(loop), session.ptime)
+        ticker = cls._running.get(key)
+        if ticker is None or ticker.loop is not loop:
+            ticker = cls._running[key] = cls(loop, session.ptime)
+        ticker.sessions[session] = None
+        if ticker.handle is None:
+            ticker.handle = loop.call_at(ticker._due(), ticker._fire)
+        return ticker
+
+    def leave(self, session: MediaSession) -> None:
+        self.sessions.pop(session, None)
+        if not self.sessions:
+            if self.handle is not None:
+                self.handle.cancel()
+                self.handle = None
+            if self._running.get(self.key) is self:
+                del self._running[self.key]
+
+    def _due(self) -> float:
+        return self.start + (self.index + 1) * self.interval
+
+    def _fire(self) -> None:
+        now = self.loop.time()
+        sessions = list(self.sessions)
+        done = 0
+        while (due := self._due()) <= now:
+            self.index += 1
+            done += 1
+            if done > self.MAX_CATCH_UP:
+                for session in sessions:
+                    session._skip_tick()
+                continue
+            lateness = now - due
+            for session in sessions:
+                session._tick_once(lateness)
+        for session in sessions:
+            session._rtcp_due(now)
+        self.handle = self.loop.call_at(self._due(), self._fire) if self.sessions else None
 
 
 def _codec(spec: str | int | Codec) -> Codec:

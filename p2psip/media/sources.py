@@ -10,6 +10,7 @@ must never wait; the async-iterator adapters bridge to ``async`` code with a sma
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import wave
 from array import array
@@ -155,6 +156,20 @@ class WavSource:
         pass
 
 
+@functools.lru_cache(maxsize=32)
+def _tone_table(frequencies: tuple[float, ...], amplitude: float) -> bytes:
+    """Two seconds of the tone (so any frame is one slice); cached, since a call centre plays one tone."""
+    scale = 32767 * amplitude / len(frequencies)
+    values = array(
+        "h",
+        [
+            round(scale * sum(math.sin(2 * math.pi * f * n / SAMPLE_RATE) for f in frequencies))
+            for n in range(SAMPLE_RATE)
+        ],
+    )
+    return values.tobytes() * 2
+
+
 class ToneSource:
     """A sine (or the sum of several, e.g. a DTMF pair), at ``amplitude`` of full scale, for ``duration``
     seconds or forever. One second is precomputed and sliced, so a tone costs no arithmetic per frame
@@ -170,15 +185,7 @@ class ToneSource:
         frequencies = frequency if isinstance(frequency, tuple) else (frequency,)
         if not 0 < amplitude <= 1 or not frequencies:
             raise ValueError("amplitude must be in (0, 1] and at least one frequency given")
-        scale = 32767 * amplitude / len(frequencies)
-        values = array(
-            "h",
-            [
-                round(scale * sum(math.sin(2 * math.pi * f * n / SAMPLE_RATE) for f in frequencies))
-                for n in range(SAMPLE_RATE)
-            ],
-        )
-        self._period = values.tobytes() * 2  # two seconds, so any frame is one slice
+        self._period = _tone_table(tuple(float(f) for f in frequencies), float(amplitude))
         self._position = 0
         self._remaining = None if duration is None else round(duration * SAMPLE_RATE)
 

@@ -1,0 +1,184 @@
+"""Media: how many concurrent calls with bidirectional G.711 audio one process sustains on one core.
+
+    python bench/media.py                      # steps 25, 50, 100, 150, 200, 300 calls; 5 s each
+    python bench/media.py --calls 50 100 --seconds 3 --loop asyncio
+
+A call here is two MediaSessions exchanging a 1 kHz PCMU tone both ways (50 packets/s each way, 20 ms
+frames, RTCP every second): the measured process holds our N sessions (encode, send, receive, jitter
+buffer, decode, sink); a second process holds the N far ends. Everything runs on 127.0.0.1.
+
+A step passes when, over the measured window, every stream's RFC 3550 interarrival jitter (as our
+receivers compute it, and as the far end reports it in RTCP) stays under 20 ms and no packet is lost in
+either direction. CPU is the measured process's CPU time over the window's wall time: asyncio runs on one
+thread, so 100% means one core saturated. The count steps up until a step fails (bounded by --calls).
+Each configuration (the standard asyncio loop and, if installed, uvloop) is measured in the same run; the
+ratio column compares the largest passing step with the target of 100 calls from the issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from p2psip.media import CallbackSink, MediaSession, ToneSource
+
+TARGET = 100
+JITTER_LIMIT_MS = 20.0
+
+
+def _use_loop(kind: str) -> None:
+    if kind == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def far_end(addresses: list[tuple[str, int]], seconds: float, loop_kind: str, ready: object) -> None:
+    """The other ends of the calls, in their own process, for ``seconds``."""
+    _use_loop(loop_kind)
+
+    async def run() -> None:
+        sessions = [
+            await MediaSession.start(
+                remote=address, source=ToneSource(1000), sink=CallbackSink(lambda pcm: None), rtcp_interval=1.0
+            )
+            for address in addresses
+        ]
+        ready.set()  # type: ignore[attr-defined]
+        await asyncio.sleep(seconds)
+        for session in sessions:
+            await session.close(drain=False)
+
+    asyncio.run(run())
+
+
+@dataclass
+class Step:
+    loop: str
+    calls: int
+    cpu_percent: float
+    jitter_max_ms: float
+    jitter_mean_ms: float
+    remote_jitter_max_ms: float
+    lost: int
+    remote_lost: int
+    packets: int
+    max_lateness_ms: float
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.jitter_max_ms < JITTER_LIMIT_MS
+            and self.remote_jitter_max_ms < JITTER_LIMIT_MS
+            and self.lost == 0
+            and self.remote_lost == 0
+        )
+
+
+async def measure(calls: int, seconds: float, loop_kind: str) -> Step:
+    ours = [
+        await MediaSession.start(source=ToneSource(1000), sink=CallbackSink(lambda pcm: None), rtcp_interval=1.0)
+        for _ in range(calls)
+    ]
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    warmup = 1.5
+    child = context.Process(
+        target=far_end, args=([s.local_address for s in ours], warmup + seconds + 1.5, loop_kind, ready)
+    )
+    child.start()
+    loop = asyncio.get_running_loop()
+    while not ready.is_set():
+        await asyncio.sleep(0.05)
+        if not child.is_alive():
+            raise RuntimeError("the far-end process died")
+    await asyncio.sleep(warmup)  # latch symmetric RTP, fill jitter buffers, first RTCP
+    before = [(s.stats.packets_received, s.stats.lost) for s in ours]
+    cpu0, wall0 = time.process_time(), loop.time()
+    await asyncio.sleep(seconds)
+    cpu1, wall1 = time.process_time(), loop.time()
+    stats = [s.stats for s in ours]
+    for session in ours:
+        await session.close(drain=False)
+    await loop.run_in_executor(None, child.join, 30)
+    if child.is_alive():
+        child.kill()
+    jitters = [s.jitter_ms for s in stats]
+    remote_jitters = [s.remote_jitter_ms or 0.0 for s in stats]
+    return Step(
+        loop=loop_kind,
+        calls=calls,
+        cpu_percent=100 * (cpu1 - cpu0) / (wall1 - wall0),
+        jitter_max_ms=max(jitters),
+        jitter_mean_ms=statistics.fmean(jitters),
+        remote_jitter_max_ms=max(remote_jitters),
+        lost=sum(s.lost - b[1] for s, b in zip(stats, before, strict=True)),
+        remote_lost=sum(max(0, s.remote_lost or 0) for s in stats),
+        packets=sum(s.packets_received - b[0] for s, b in zip(stats, before, strict=True)),
+        max_lateness_ms=max(s.max_tick_lateness_ms for s in stats),
+    )
+
+
+def run_config(loop_kind: str, steps: list[int], seconds: float) -> list[Step]:
+    results = []
+    for calls in steps:
+        _use_loop(loop_kind)
+        step = asyncio.run(measure(calls, seconds, loop_kind))
+        asyncio.set_event_loop_policy(None)
+        results.append(step)
+        print(
+            f"  {loop_kind:8} {calls:5} calls: cpu {step.cpu_percent:5.1f}%  jitter max {step.jitter_max_ms:6.2f} ms"
+            f"  lost {step.lost}/{step.remote_lost}  {'ok' if step.passed else 'FAIL'}",
+            file=sys.stderr,
+        )
+        if not step.passed:
+            break
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, nargs="+", default=[25, 50, 100, 150, 200, 300])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
+    args = parser.parse_args()
+    kinds = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
+    if "uvloop" in kinds:
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            kinds.remove("uvloop")
+            print("uvloop is not installed: measuring the asyncio loop only", file=sys.stderr)
+    steps = sorted(set(args.calls))
+    all_steps: list[Step] = []
+    for kind in kinds:
+        all_steps += run_config(kind, steps, args.seconds)
+    print(f"\nMedia: bidirectional PCMU calls in one process, {args.seconds:.0f} s window, loopback, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("| loop | calls | CPU of one core | jitter max (ours / far end RTCP) | jitter mean | lost (in / out) | packets in | worst tick late | result |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for s in all_steps:
+        print(
+            f"| {s.loop} | {s.calls} | {s.cpu_percent:.0f}% | {s.jitter_max_ms:.2f} / {s.remote_jitter_max_ms:.2f} ms"
+            f" | {s.jitter_mean_ms:.2f} ms | {s.lost} / {s.remote_lost} | {s.packets} | {s.max_lateness_ms:.1f} ms"
+            f" | {'pass' if s.passed else 'FAIL'} |"
+        )
+    print()
+    print("| loop | most calls passing | ratio to target (100) |")
+    print("| --- | ---: | ---: |")
+    for kind in kinds:
+        passing = [s.calls for s in all_steps if s.loop == kind and s.passed]
+        best = max(passing) if passing else 0
+        print(f"| {kind} | {best} | {best / TARGET:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
