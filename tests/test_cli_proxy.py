@@ -1,0 +1,158 @@
+"""``p2psip proxy``: argument errors, a real process answering on loopback and stopping on SIGTERM, and
+sipp's built-in UAC -> our proxy -> sipp's UAS (UDP, and TCP with the Record-Route scenarios)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, require_tool
+
+from p2psip.cli import main
+from p2psip.message import Response, parse
+
+SCENARIOS = Path(__file__).parent / "interop" / "scenarios"
+
+
+def test_bad_arguments_print_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (
+        ["proxy", "--listen", "example.com:5060"],
+        ["proxy", "--listen", "udp:127.0.0.1"],
+        ["proxy", "--bogus"],
+        ["proxy", "--tls-key", "k.pem"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("p2psip: error:") and err.count("\n") == 1, err
+
+
+class ProxyProcess:
+    """``python -m p2psip.cli proxy`` as a child process, stopped by PID."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p2psip.cli", "proxy", "--listen", f"127.0.0.1:{self.port}", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # blocks until the listeners are open (or the process died)
+        assert "listening on" in line, (line, self.proc.stderr.read() if self.proc.stderr else "")
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def proxy_process(request: pytest.FixtureRequest) -> Iterator[ProxyProcess]:
+    args = getattr(request, "param", ())
+    proc = ProxyProcess(*args)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_proxy_process_answers_and_stops_cleanly(proxy_process: ProxyProcess) -> None:
+    port = proxy_process.port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(10)
+        me = sock.getsockname()[1]
+        sock.sendto(
+            (
+                f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKcli;rport\r\n"
+                "From: <sip:t@127.0.0.1>;tag=1\r\nTo: <sip:127.0.0.1>\r\nCall-ID: cli-1\r\n"
+                "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ).encode(),
+            ("127.0.0.1", port),
+        )
+        answer = parse(sock.recv(65535))
+        assert isinstance(answer, Response) and answer.status == 200
+        sock.sendto(b"garbage\r\n\r\n", ("127.0.0.1", port))
+    code, err = proxy_process.stop()
+    assert code == 0
+    assert "p2psip proxy stopped" in err and "parse_errors=1" in err
+
+
+def run_sipp_calls(
+    proxy_port: int, *, transport: str, calls: int, rate: int, record_route: bool
+) -> dict[str, str]:
+    """sipp UAS and UAC (through the proxy); returns the UAC's final statistics row."""
+    sipp = require_tool("sipp")
+    uas_port = free_port()
+    flag = "t1" if transport == "tcp" else "u1"
+    with tempfile.TemporaryDirectory() as work:
+        uas_scn = ["-sf", str(SCENARIOS / "uas_rr.xml")] if record_route else ["-sn", "uas"]
+        uac_scn = ["-sf", str(SCENARIOS / "uac_rr.xml"), "-s", "service"] if record_route else ["-sn", "uac"]
+        uas = subprocess.Popen(
+            [sipp, *uas_scn, "-i", "127.0.0.1", "-p", str(uas_port), "-t", flag, "-nostdin"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=work,
+        )
+        try:
+            stat = os.path.join(work, "uac.csv")
+            uac = subprocess.run(
+                [
+                    sipp, f"127.0.0.1:{uas_port}", *uac_scn, "-rsa", f"127.0.0.1:{proxy_port}",
+                    "-i", "127.0.0.1", "-p", str(free_port()), "-t", flag, "-m", str(calls), "-r", str(rate),
+                    "-nostdin", "-timeout", "60s", "-trace_stat", "-stf", stat,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=work,
+                timeout=90,
+                check=False,
+            )
+            with open(stat, newline="") as f:
+                rows = list(csv.reader(f, delimiter=";"))
+            stats = dict(zip(rows[0], rows[-1], strict=False))
+            stats["returncode"] = str(uac.returncode)
+            return stats
+        finally:
+            uas.terminate()
+            try:
+                uas.wait(10)
+            except subprocess.TimeoutExpired:
+                uas.kill()
+                uas.wait()
+
+
+@pytest.mark.interop
+def test_sipp_uac_through_the_proxy_over_udp(proxy_process: ProxyProcess) -> None:
+    stats = run_sipp_calls(proxy_process.port, transport="udp", calls=200, rate=100, record_route=False)
+    assert stats["SuccessfulCall(C)"] == "200" and stats["FailedCall(C)"] == "0", stats
+    code, err = proxy_process.stop()
+    assert code == 0 and "forwarded_requests=" in err
+
+
+@pytest.mark.interop
+def test_sipp_record_route_scenarios_through_the_proxy_over_tcp(proxy_process: ProxyProcess) -> None:
+    stats = run_sipp_calls(proxy_process.port, transport="tcp", calls=100, rate=50, record_route=True)
+    assert stats["SuccessfulCall(C)"] == "100" and stats["FailedCall(C)"] == "0", stats
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("proxy_process", [("--stateless",)], indirect=True)
+def test_sipp_uac_through_the_stateless_proxy(proxy_process: ProxyProcess) -> None:
+    stats = run_sipp_calls(proxy_process.port, transport="udp", calls=100, rate=50, record_route=False)
+    assert stats["SuccessfulCall(C)"] == "100" and stats["FailedCall(C)"] == "0", stats
