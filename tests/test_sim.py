@@ -34,7 +34,7 @@ def test_base_16_fingers_beat_classic_chord() -> None:
 
 
 def test_same_seed_same_run_other_seed_other_run() -> None:
-    config = SimConfig(n=60, duration=150, lookup_rate=5, median_session=300, entries=30, loss=0.01, seed=11)
+    config = SimConfig(n=40, duration=120, lookup_rate=5, median_session=300, entries=20, loss=0.01, seed=11)
     first = simulate(config).summary()
     second = simulate(config).summary()
     assert comparable(first) == comparable(second)
