@@ -341,6 +341,16 @@ class Dialog:
             if target is not None and (status >= 200 or self.state is DialogState.EARLY):
                 self.remote_target = target
 
+    def response_sent(self, response: Response) -> None:
+        """Follow a response we (the UAS) sent to the INVITE that created this dialog (or to a request in
+        it): a 2xx confirms an early dialog, a non-2xx final ends an early one (§12.1.1, §13.3.1)."""
+        if self.state is not DialogState.EARLY or response.cseq.method.upper() != "INVITE":
+            return
+        if 200 <= response.status < 300:
+            self.state = DialogState.CONFIRMED
+        elif response.status >= 300:
+            self.state = DialogState.TERMINATED
+
     def terminate(self) -> None:
         """Mark the dialog over (after a BYE sent or received, or a failure)."""
         self.state = DialogState.TERMINATED

@@ -210,6 +210,11 @@ class TestUasDialog:
         req = invite()
         early = Dialog.uas(req, answer(req, 180, tag="uas-tag"))
         assert early.state is DialogState.EARLY
+        early.response_sent(answer(req, 200, tag="uas-tag"))
+        assert early.state is DialogState.CONFIRMED
+        rejected = Dialog.uas(req, answer(req, 183, tag="uas-tag"))
+        rejected.response_sent(answer(req, 486, tag="uas-tag"))
+        assert rejected.state is DialogState.TERMINATED
         no_contact = invite()
         no_contact.remove("Contact")
         with pytest.raises(TransactionError):
