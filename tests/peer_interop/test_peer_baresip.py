@@ -1,0 +1,193 @@
+"""Two baresip softphones (headless, config dirs made here) register alice and bob at two different peers
+of a 5-peer overlay; alice calls bob's AOR and bob (auto-answer) answers; then the other way round. Each call
+is checked at the caller's peer, which stays in the path (Record-Route): INVITE forwarded, 200 OK and ACK
+relayed, then BYE and its 200 OK. See shared/INTEROP-NOTES.md for the baresip settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port, require_tool
+
+from p2psip.peer import Peer, SipTrace
+
+from .helpers import start_overlay, stop_overlay
+
+MODULES = "/usr/lib/baresip/modules"
+
+
+def port_pair() -> int:
+    """A port p with p (UDP+TCP) and p + 1 (TCP, baresip's TLS listener) free."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+class Baresip:
+    """One headless baresip with its own config dir; commands go to its `cons` UDP port."""
+
+    def __init__(self, workdir: Path, user: str, peer: Peer) -> None:
+        self.user = user
+        self.dir = workdir / f"baresip-{user}"
+        self.dir.mkdir(parents=True)
+        self.sip_port = port_pair()
+        self.cons_port = free_port()
+        host, port = peer.sip_address()
+        (self.dir / "config").write_text(
+            f"sip_listen 127.0.0.1:{self.sip_port}\n"
+            "net_interface 127.0.0.1\n"
+            "audio_player aufile,/dev/null\n"
+            "audio_source ausine,440\n"
+            "audio_alert aufile,/dev/null\n"
+            "ausrc_srate 48000\n"
+            "ausrc_channels 2\n"
+            f"module_path {MODULES}\n"
+            "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule cons.so\n"
+            f"cons_listen 127.0.0.1:{self.cons_port}\n"
+            "module_app account.so\nmodule_app menu.so\n"
+        )
+        (self.dir / "accounts").write_text(
+            f'<sip:{user}@p2p.example>;outbound="sip:{host}:{port}";regint=300;'
+            "audio_codecs=PCMU;answermode=auto\n"
+        )
+        (self.dir / "contacts").write_text("")
+        self.log = (self.dir / "baresip.log").open("wb")
+        self.proc = subprocess.Popen(
+            [require_tool("baresip"), "-f", str(self.dir), "-t", "120"],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def command(self, text: str) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(text.encode() + b"\n", ("127.0.0.1", self.cons_port))
+
+    def log_tail(self) -> str:
+        self.log.flush()
+        return (self.dir / "baresip.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        """End it by PID: SIGTERM (it then unregisters, which may take a while), SIGKILL after 2 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+
+class Watch:
+    """What the peers send and log, with waits on a condition (futures resolved by the sinks)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str, str, str]] = []  # (peer, direction, first line, CSeq method)
+        self.events: list[tuple[int, str, str]] = []
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+
+    def sink(self, index: int) -> Callable[[str, Any, bytes], None]:
+        def on_message(direction: str, where: Any, data: bytes) -> None:
+            head = data.split(b"\r\n", 1)[0].decode(errors="replace")
+            method = ""
+            for line in data.split(b"\r\n"):
+                if line[:5].lower() == b"cseq:":
+                    method = line.decode(errors="replace").split()[-1]
+            self.seen.append((index, direction, head, method))
+            self._check()
+
+        return on_message
+
+    def event_sink(self, index: int) -> Callable[[str, str], None]:
+        def on_event(kind: str, text: str) -> None:
+            self.events.append((index, kind, text))
+            self._check()
+
+        return on_event
+
+    def _check(self) -> None:
+        for predicate, future in list(self._waiters):
+            if not future.done() and predicate():
+                future.set_result(None)
+
+    async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        if predicate():
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((predicate, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}; seen: {self.seen[-20:]}") from None
+
+    def sent(self, peer: int, head_prefix: str, method: str) -> bool:
+        return any(
+            p == peer and d == "out" and h.startswith(head_prefix) and m == method for p, d, h, m in self.seen
+        )
+
+    def registered(self, aor: str) -> bool:
+        return any(kind == "registered" and f"registered {aor} " in text for _, kind, text in self.events)
+
+
+async def one_call(watch: Watch, caller: Baresip, callee_aor: str, via_peer: int) -> None:
+    caller.command(f"/dial {callee_aor}")
+    await watch.until(lambda: watch.sent(via_peer, "INVITE sip:", "INVITE"), 20, "the INVITE forwarded")
+    await watch.until(
+        lambda: watch.sent(via_peer, "SIP/2.0 200", "INVITE"), 20, "200 OK relayed to the caller"
+    )
+    await watch.until(lambda: watch.sent(via_peer, "ACK ", "ACK"), 20, "the ACK relayed to the callee")
+    caller.command("/hangup")
+    await watch.until(lambda: watch.sent(via_peer, "BYE ", "BYE"), 20, "the BYE relayed")
+    await watch.until(lambda: watch.sent(via_peer, "SIP/2.0 200", "BYE"), 20, "200 OK for the BYE")
+
+
+@pytest.mark.interop
+async def test_baresip_phones_call_each_other_through_the_overlay(tmp_path: Path) -> None:
+    require_tool("baresip")
+    watch = Watch()
+    peers = await start_overlay(5, tmp_path)
+    phones: list[Baresip] = []
+    try:
+        for i, peer in enumerate(peers):
+            peer.on_event = watch.event_sink(i)
+            SipTrace(peer.stack, watch.sink(i))
+        alice_peer, bob_peer = 1, 3
+        bob = Baresip(tmp_path, "bob", peers[bob_peer])
+        phones.append(bob)
+        alice = Baresip(tmp_path, "alice", peers[alice_peer])
+        phones.append(alice)
+        try:
+            await watch.until(lambda: watch.registered("sip:bob@p2p.example"), 30, "bob's registration")
+            await watch.until(lambda: watch.registered("sip:alice@p2p.example"), 30, "alice's registration")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{bob.log_tail()}\n{alice.log_tail()}") from None
+        # both AORs are in the DHT, readable from a peer neither phone uses
+        assert await peers[0].fetch_bindings("sip:bob@p2p.example")
+        assert await peers[0].fetch_bindings("sip:alice@p2p.example")
+
+        try:
+            await one_call(watch, alice, "sip:bob@p2p.example", alice_peer)
+            await one_call(watch, bob, "sip:alice@p2p.example", bob_peer)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- alice\n{alice.log_tail()}\n--- bob\n{bob.log_tail()}") from None
+        assert any(kind == "routed" and "sip:bob@p2p.example" in text for i, kind, text in watch.events)
+        assert any(kind == "routed" and "sip:alice@p2p.example" in text for i, kind, text in watch.events)
+    finally:
+        for phone in phones:
+            phone.stop()
+        await stop_overlay(peers)
