@@ -292,6 +292,23 @@ class MediaSession:
         self.send_enabled, self.recv_enabled = params.send, params.recv
         self.set_remote(params.remote, params.remote_rtcp)
 
+    def play(self, source: AudioSource) -> asyncio.Future[None]:
+        """Switch to another source (e.g. from a prompt to silence); returns the new ``source_done``."""
+        old = self.source
+        self.source = source
+        if self.source_done.done():
+            self.source_done = self._loop.create_future()
+        self._marker = True  # a new talk spurt
+        if old is not source:
+            with contextlib.suppress(Exception):
+                old.close()
+        return self.source_done
+
+    def record(self, sink: AudioSink | None) -> AudioSink | None:
+        """Switch where received audio goes (None: discard); returns the previous sink, not closed."""
+        old, self.sink = self.sink, sink
+        return old
+
     # ------------------------------------------------------------------- the tick
     def _tick_once(self, lateness: float) -> None:
         """One packet interval (called by the shared :class:`_Ticker`)."""
