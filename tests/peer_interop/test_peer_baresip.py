@@ -6,7 +6,6 @@ relayed, then BYE and its 200 OK. See shared/INTEROP-NOTES.md for the baresip se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import socket
 import subprocess
