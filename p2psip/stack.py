@@ -138,20 +138,44 @@ class Stack:
     async def start(
         cls,
         listen: Iterable[str | ListenSpec] = ("udp:127.0.0.1:0",),
-        **options: object,
+        *,
+        timers: TimerConfig = DEFAULT_TIMERS,
+        limits: Limits | None = None,
+        tls: TLSConfig | None = None,
+        trying_delay: float | None = 0.0,
+        idle_timeout: float = 300.0,
+        verbose: bool = False,
     ) -> Stack:
-        """Create a stack and open its listeners (``[udp:|tcp:|tls:]HOST:PORT``; no prefix = UDP and TCP;
-        port 0 = any free port). ``options`` are the keyword arguments of :class:`Stack`."""
-        stack = cls(**options)  # type: ignore[arg-type]
+        """Create a stack and open its listeners (``[udp:|tcp:|tls:]HOST:PORT``; no prefix = UDP and TCP
+        on one port; port 0 = any free port). The options are those of :class:`Stack`."""
+        stack = cls(
+            timers=timers,
+            limits=limits,
+            tls=tls,
+            trying_delay=trying_delay,
+            idle_timeout=idle_timeout,
+            verbose=verbose,
+        )
         try:
             for spec in listen:
-                specs = ListenSpec.parse(spec) if isinstance(spec, str) else [spec]
-                for one in specs:
-                    await stack.transport.listen(one)
+                await stack.listen(spec)
         except BaseException:
             await stack.close()
             raise
         return stack
+
+    async def listen(self, spec: str | ListenSpec) -> list[Target]:
+        """Open more listeners. A spec without transport prefix opens UDP and TCP on the *same* port (with
+        port 0, the one the system gave UDP), so that §18.1.1's switch to TCP finds us."""
+        specs = ListenSpec.parse(spec) if isinstance(spec, str) else [spec]
+        bound: list[Target] = []
+        for one in specs:
+            if bound and one.port == 0:
+                one = ListenSpec(one.transport, one.host, bound[0].port)
+            bound.append(await self.transport.listen(one))
+        self._is_local_cache.clear()
+        self._local_cache.clear()
+        return bound
 
     def attach(self, core: Core) -> None:
         """Make ``core`` the transaction user of this stack (one core per stack)."""

@@ -63,10 +63,11 @@ async def test_call_through_the_proxy_record_routes_and_bye_comes_back_through_i
         f"sip:{addr(proxy.stack)};lr"
     ]
     await asyncio.wait_for(incoming.confirmed.wait(), 10)  # the ACK went alice -> proxy -> bob
+    assert proxy.stats["stateless_acks"] >= 1  # (more if a 2xx was retransmitted on a busy machine)
+    before = proxy.stats["forwarded_requests"]
     assert (await incoming.bye()).status == 200  # callee hangs up, through the proxy
     assert await call.wait_ended(10) == "bye received"
-    assert proxy.stats["forwarded_requests"] == 3  # INVITE, ACK (stateless) and BYE
-    assert proxy.stats["stateless_acks"] == 1
+    assert proxy.stats["forwarded_requests"] == before + 1
 
 
 async def test_parallel_forking_first_answer_wins_others_cancelled(new_stack: Factory) -> None:
@@ -239,8 +240,9 @@ async def test_stateless_proxy_call(new_stack: Factory) -> None:
     via = incoming.request.top_via
     assert via is not None and (via.branch or "").startswith("z9hG4bK-sl-")
     await asyncio.wait_for(incoming.confirmed.wait(), 10)
+    before = proxy.stats["forwarded_requests"]
     assert (await call.bye()).status == 200
-    assert proxy.stats["forwarded_requests"] == 3  # INVITE, ACK, BYE
+    assert proxy.stats["forwarded_requests"] >= before + 1  # the BYE (and its retransmissions, if any)
     assert proxy.stack.stats["transactions"] == 0
 
 
