@@ -109,6 +109,15 @@ async def bench_p2psip(n: int, ops: int, rng: random.Random) -> Result:
         _, h = await rng.choice(nodes).lookup(key_for(name))
         hops.append(h)
     res.note = f"mean lookup hops {statistics.mean(hops):.2f}"
+    totals: dict[str, int] = {}
+    for x in nodes:
+        for k, v in x.stats().items():
+            if isinstance(v, int):
+                totals[k] = totals.get(k, 0) + v
+        for k, v in x.stats().get("chord", {}).items():
+            totals["chord." + k] = totals.get("chord." + k, 0) + v
+    print("# p2psip", n, {k: v for k, v in sorted(totals.items()) if any(w in k for w in
+          ("timeout", "retrans", "not_responsible", "refused", "failed", "dropped", "repair"))}, file=sys.stderr)
     await asyncio.gather(*(x.close() for x in nodes))
     return res
 

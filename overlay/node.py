@@ -170,6 +170,11 @@ class Node:
         node key in ``data_dir`` (None: a throw-away key), then create a ring (``join`` None) or join the
         ring the node at ``join`` belongs to. Raises ``NotJoined`` when the join does not finish."""
         _check_endpoint(bind, "bind")
+        if bind[0] in ("0.0.0.0", "::", ""):
+            raise OverlayError(
+                f"bind to the address other nodes should reach (e.g. 127.0.0.1), not {bind[0]!r}:"
+                " a node advertises its bound address"
+            )
         if join is not None:
             _check_endpoint(join, "join")
         if not isinstance(overlay_name, str) or not 0 < len(overlay_name) <= 64:
@@ -245,6 +250,8 @@ class Node:
                         raise NotJoined(
                             f"could not join the overlay through {join[0]}:{join[1]}: {exc}"
                         ) from None
+                    self._count("join_retries")
+                    await asyncio.sleep(min(1.0, max(0.0, deadline - self._loop.time())))
         self._repair_task = self._spawn(self._repair_loop())
 
     async def leave(self) -> None:
@@ -343,7 +350,17 @@ class Node:
         """The live entries under ``name`` from the node responsible for it (empty list if none)."""
         ring_key = _ring_key(name)
         reply = await self._primary_call(ring_key, "fetch", {"key": ring_key})
-        return [entry for entry, _ in reply.body.get("entries", []) if entry.key == ring_key]
+        out: list[Entry] = []
+        for entry, _ in reply.body.get("entries", []):
+            # Trust no single node: a responsible node could hand out forged entries, so the reader
+            # checks signatures too (cached, so a repeated get costs no new verification).
+            if entry.key == ring_key and self.cache.verify(
+                entry.owner, entry.signature, entry.signed_bytes()
+            ):
+                out.append(entry)
+            else:
+                self._count("fetched_entries_dropped")
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Counters (messages in/out, drops by cause, refusals by reason), ring state and storage size."""

@@ -224,6 +224,14 @@ async def test_bad_arguments_raise_clear_errors(ring: Ring) -> None:
         await node.put("sip:x@y", b"v", key="secret")  # type: ignore[arg-type]
     with pytest.raises(OverlayError, match="bind"):
         await Node.start(bind=("127.0.0.1", "x"), overlay_name=OVERLAY)  # type: ignore[arg-type]
+    with pytest.raises(OverlayError, match="advertises"):
+        await Node.start(bind=("0.0.0.0", 0), overlay_name=OVERLAY)
+    with pytest.raises(OverlayError, match="replicas"):
+        await Node.start(bind=(HOST, 0), overlay_name=OVERLAY, replicas=0)
+    other = await Node.start(bind=(HOST, 0), overlay_name="alone", config=FAST)
+    await other.leave()
+    with pytest.raises(NotJoined):
+        await other.get("sip:x@y")
 
 
 async def test_node_of_another_overlay_is_ignored(ring: Ring) -> None:
