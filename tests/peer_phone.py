@@ -37,6 +37,13 @@ class CallResult:
     final: Response | None = None
     bye_status: int | None = None
     invite: Request | None = None
+    sent_at: float = 0.0
+    times: list[tuple[int, float]] = field(default_factory=list)
+    """(status, loop time) of each response to the INVITE, for latency measurements."""
+
+    def latency(self, status: int) -> float | None:
+        """Seconds from sending the INVITE to the first response with ``status``."""
+        return next((t - self.sent_at for s, t in self.times if s == status), None)
 
     @property
     def answered(self) -> bool:
@@ -223,10 +230,13 @@ class Phone:
         result = CallResult(invite=invite)
         key = f"{call_id} INVITE"
         self._responses[key] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        result.sent_at = loop.time()
         self.send(invite, via)
         try:
             while True:
                 response = await self._wait(key, timeout)
+                result.times.append((response.status, loop.time()))
                 result.statuses.append(response.status)
                 if response.status >= 200:
                     result.final = response

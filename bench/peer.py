@@ -1,0 +1,289 @@
+"""Peer node benchmark: REGISTER→200 and INVITE→180 latency through the overlay vs a single Kamailio.
+
+    python3 bench/peer.py [--sizes 5,20,50] [--users 200] [--rate 20] [--markdown]
+
+For overlays of 5, 20 and 50 peers on loopback (all peers in this one Python process, one event loop: a
+single-core deployment of many peers), a timing client in a separate process (the tests' independent
+phone, timestamps from its event loop) registers ``--users`` AORs at one peer (REGISTER→200: a DHT read and
+a signed write per contact, stored on 3 replicas) and then calls every AOR through another peer, timing
+INVITE→180 (a DHT lookup of the callee, then the proxied INVITE answered by a sipp UAS; each call is then
+completed with 200, ACK, BYE). The location cache is off, so every call really looks its callee up. The
+same client then runs against one Kamailio 5.6 registrar + stateful proxy (usrloc in memory, ``tm``)
+started in the same run, and the table gives p50/p99 and our ratio to Kamailio's p99. Operations are
+sequential, paced at ``--rate`` per second. Target: p99 call setup through the 50-peer overlay < 50 ms.
+(sipp's own response-time trace is too coarse here — a few ms granularity — hence the Python client.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from conftest import free_port  # noqa: E402
+from interop.kamailio import MODULES, Kamailio  # noqa: E402
+from interop.sipp import uas  # noqa: E402
+
+from p2psip.config import HostPort, ListenSpec, PeerConfig  # noqa: E402
+from p2psip.peer import Peer, quick_node_config, wait_until_settled  # noqa: E402
+
+DOMAIN = "p2p.example"
+
+
+def kamailio_registrar(host: str, port: int) -> str:
+    """Kamailio as the centralised equivalent of the overlay: registrar (no auth) + stateful proxy."""
+    return f"""#!KAMAILIO
+debug=1
+log_stderror=yes
+children=2
+auto_aliases=no
+dns=no
+rev_dns=no
+listen=udp:{host}:{port}
+alias="{DOMAIN}"
+mpath="{MODULES}"
+loadmodule "pv.so"
+loadmodule "sl.so"
+loadmodule "tm.so"
+loadmodule "rr.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+modparam("usrloc", "db_mode", 0)
+modparam("rr", "enable_full_lr", 1)
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
+    if (is_method("CANCEL")) {{ if (t_check_trans()) {{ t_relay(); }} exit; }}
+    if (has_totag()) {{
+        loose_route();
+        if (is_method("ACK") && !t_check_trans()) {{ forward(); exit; }}
+        t_relay();
+        exit;
+    }}
+    if (is_method("REGISTER")) {{ if (!save("location")) {{ sl_reply_error(); }} exit; }}
+    if (!lookup("location")) {{ sl_send_reply("404", "Not Found"); exit; }}
+    if (is_method("INVITE")) {{ record_route(); }}
+    if (!t_relay()) {{ sl_reply_error(); }}
+}}
+"""
+
+
+CLIENT = """
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[1])
+from peer_phone import Phone
+
+async def main(via_text, uas, users, rate, what):
+    host, port = via_text.rsplit(":", 1)
+    via = (host, int(port))
+    loop = asyncio.get_running_loop()
+    reg, inv, failures = [], [], 0
+    phone = await Phone.open("bench")
+    for user in users if "r" in what else []:  # REGISTER -> 200, paced at `rate`
+        started = loop.time()
+        response = await phone.register(via, aor=f"sip:{user}@p2p.example", contact=f"<sip:{user}@{uas}>",
+                                        expires=600)
+        if response.status == 200:
+            reg.append((loop.time() - started) * 1000)
+        else:
+            failures += 1
+        await asyncio.sleep(max(0.0, 1 / rate - (loop.time() - started)))
+    for user in users if "c" in what else []:  # INVITE -> 180 (then completed: 200, ACK, BYE)
+        started = loop.time()
+        result = await phone.call(f"sip:{user}@p2p.example", via, timeout=10)
+        ringing = result.latency(180)
+        if result.answered and result.bye_status == 200 and ringing is not None:
+            inv.append(ringing * 1000)
+        else:
+            failures += 1
+        await asyncio.sleep(max(0.0, 1 / rate - (loop.time() - started)))
+    print(json.dumps({"register_ms": reg, "invite_180_ms": inv, "failures": failures}))
+
+asyncio.run(main(sys.argv[2], sys.argv[3], sys.argv[6:], float(sys.argv[4]), sys.argv[5]))
+"""
+
+
+@dataclass
+class Timings:
+    system: str
+    register_ms: list[float]
+    invite_ms: list[float]
+    failures: int
+
+    @staticmethod
+    def pct(values: list[float], p: float) -> float:
+        if not values:
+            return float("nan")
+        ordered = sorted(values)
+        return ordered[max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+async def timed_client(
+    system: str,
+    via: str,
+    uas_hostport: str,
+    users: list[str],
+    rate: float,
+    *,
+    registers: bool = True,
+    calls: bool = True,
+) -> Timings:
+    """Run the timing client (a separate Python process with the tests' phone) against ``via``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, str(ROOT / "tests"), via, uas_hostport, str(rate),
+        ("r" if registers else "") + ("c" if calls else "") or "-", *users,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), len(users) * 2 / rate + 120)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RuntimeError(f"the timing client against {system} did not finish") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"the timing client against {system} failed: {err.decode()[-2000:]}")
+    data = json.loads(out)
+    return Timings(system, data["register_ms"], data["invite_180_ms"], data["failures"])
+
+
+def fmt(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f}"
+
+
+async def measure_overlay(size: int, users: list[str], rate: float, workdir: Path) -> Timings:
+    peers: list[Peer] = []
+    try:
+        for i in range(size):
+            config = PeerConfig(
+                listen=[ListenSpec("udp", "127.0.0.1", 0)],
+                overlay=HostPort("127.0.0.1", 0),
+                join=HostPort(*peers[0].overlay_address) if peers else None,
+                data_dir=workdir / f"peer{i}",
+                cache_ttl=0.0,
+            )
+            peers.append(
+                await Peer.start(config, node_config=quick_node_config(interval=1.0, rpc_timeout=1.0))
+            )
+        await wait_until_settled(peers, timeout=120)
+        uas_port = free_port()
+        with uas(workdir, uas_port, name="uas"):
+            # registrations at the first peer, calls through the last one (another peer, which must look up)
+            host, port = peers[0].sip_address()
+            call_host, call_port = peers[-1].sip_address()
+            return await timed_split(
+                f"overlay of {size}", f"{host}:{port}", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
+                users, rate,
+            )  # fmt: skip
+    finally:
+        for peer in peers:
+            await peer.close(leave=False)
+
+
+async def timed_split(
+    system: str, reg_via: str, call_via: str, uas: str, users: list[str], rate: float
+) -> Timings:
+    """REGISTER through ``reg_via`` and call through ``call_via`` (two client runs when they differ)."""
+    if reg_via == call_via:
+        return await timed_client(system, reg_via, uas, users, rate)
+    first = await timed_client(system, reg_via, uas, users, rate, calls=False)
+    second = await timed_client(system, call_via, uas, users, rate, registers=False)
+    return Timings(system, first.register_ms, second.invite_ms, first.failures + second.failures)
+
+
+async def measure_kamailio(users: list[str], rate: float, workdir: Path) -> Timings:
+    port = free_port()
+    kam = Kamailio(kamailio_registrar("127.0.0.1", port), workdir, port, shm_mb=256, transports=("udp",))
+    kam.check()
+    uas_port = free_port()
+    with kam, uas(workdir, uas_port, name="uas"):
+        via = f"127.0.0.1:{port}"
+        return await timed_split("Kamailio registrar+proxy", via, via, f"127.0.0.1:{uas_port}", users, rate)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--sizes", default="5,20,50", help="overlay sizes (comma-separated)")
+    parser.add_argument("--users", type=int, default=200, help="AORs registered and called per run")
+    parser.add_argument("--rate", type=float, default=20.0, help="REGISTERs and calls per second")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown too")
+    args = parser.parse_args()
+    for tool in ("sipp", "kamailio"):
+        if shutil.which(tool) is None:
+            print(f"bench/peer.py: {tool} is not installed", file=sys.stderr)
+            return 2
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    users = [f"user{i:04d}" for i in range(args.users)]
+    root = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    print(
+        f"bench/peer.py: {len(users)} AORs at {args.rate:g}/s; overlays of {sizes}; work dir {root}",
+        flush=True,
+    )
+    started = time.monotonic()
+    measures: list[Timings] = []
+    for size in sizes:
+        m = asyncio.run(measure_overlay(size, users, args.rate, root / f"overlay{size}"))
+        measures.append(m)
+        print(
+            f"  {m.system}: {len(m.register_ms)} REGISTERs, {len(m.invite_ms)} calls, {m.failures} failed",
+            flush=True,
+        )
+    kam = asyncio.run(measure_kamailio(users, args.rate, root / "kamailio"))
+    print(
+        f"  {kam.system}: {len(kam.register_ms)} REGISTERs, {len(kam.invite_ms)} calls, {kam.failures} failed"
+    )
+    measures.append(kam)
+
+    kam_inv99, kam_reg99 = Timings.pct(kam.invite_ms, 99), Timings.pct(kam.register_ms, 99)
+    header = ["system", "REGISTER p50 ms", "REGISTER p99 ms", "INVITE→180 p50 ms", "INVITE→180 p99 ms",
+              "failed", "p99 setup / Kamailio", "p99 REGISTER / Kamailio"]  # fmt: skip
+    rows = []
+    for m in measures:
+        inv99, reg99 = Timings.pct(m.invite_ms, 99), Timings.pct(m.register_ms, 99)
+        rows.append([
+            m.system, fmt(Timings.pct(m.register_ms, 50)), fmt(reg99), fmt(Timings.pct(m.invite_ms, 50)),
+            fmt(inv99), str(m.failures),
+            f"{inv99 / kam_inv99:.1f}x" if kam_inv99 > 0 else "n/a",
+            f"{reg99 / kam_reg99:.1f}x" if kam_reg99 > 0 else "n/a",
+        ])  # fmt: skip
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print()
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    biggest = measures[len(sizes) - 1] if sizes else None
+    if biggest is not None:
+        p99 = Timings.pct(biggest.invite_ms, 99)
+        verdict = "met" if p99 < 50 else "NOT met"
+        print(
+            f"\ntarget p99 call setup < 50 ms through the {sizes[-1]}-peer overlay: {fmt(p99)} ms, {verdict}"
+        )
+    print(
+        f"({datetime.date.today()}, {platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, shared machine, {time.monotonic() - started:.0f} s)"
+    )
+    if args.markdown:
+        print()
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
