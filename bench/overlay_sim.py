@@ -49,7 +49,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--max-n", type=int, default=10_000, help="largest N of the stable runs (default 10000)"
+        "--max-n",
+        type=int,
+        default=10_000,
+        help="largest N of the stable runs (default 10000; 0: churn run only)",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--stable-s", type=float, default=40.0, help="simulated seconds of each stable run")
@@ -69,7 +72,7 @@ def main() -> None:
     print("# latency: 5 ms + up to 100 ms one-way by 2-D distance; r = 3; stabilize 5 s, fix_fingers 10 s")
     print()
     print(HEADER)
-    sizes = [n for n in (100, 1_000, 10_000) if n <= args.max_n] or [args.max_n]
+    sizes = [n for n in (100, 1_000, 10_000) if n <= args.max_n] or ([args.max_n] if args.max_n > 0 else [])
     results: list[tuple[int, SimReport, SimReport | None]] = []
     for n in sizes:
         target = 0.5 * math.log2(n)
