@@ -144,6 +144,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         config = load_config(Path(args.config) if args.config else None, _peer_flags(args))
     except ConfigError as exc:
         return _fail(str(exc), 2)
+    if config.script is not None or config.scripts is not None:
+        return _fail("--script/--scripts: sipapi scripts are not wired into the peer in this build yet", 2)
     from p2psip.peer import run_foreground
 
     try:

@@ -744,6 +744,21 @@ def _log_line(kind: str, text: str) -> None:
     print(f"{stamp} {kind:<12} {text}", flush=True)
 
 
+async def _watch_neighbours(peer: Peer, period: float = 1.0) -> None:
+    """Log a line whenever this node's ring neighbours change (joins, leaves, failures around it)."""
+    last: tuple[int | None, int | None] | None = None
+    while True:
+        core = peer.node.core
+        if core is not None:
+            pred = core.predecessor.id if core.predecessor else None
+            succ = core.successors[0].id if core.successors else None
+            if last is not None and (pred, succ) != last:
+                shown = [ids.short(x) if x is not None else "none" for x in (pred, succ)]
+                _log_line("ring", f"predecessor {shown[0]}, successor {shown[1]}")
+            last = (pred, succ)
+        await asyncio.sleep(period)  # a periodic check: the overlay raises no neighbour events
+
+
 async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | None = None) -> int:
     """``p2psip start``: run a peer until SIGINT/SIGTERM, then leave gracefully. Returns the exit code."""
     if config.verbose:
@@ -771,12 +786,14 @@ async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | 
     _log_line("ready", f"control socket {server.path}")
     if ready is not None:
         ready(peer)
+    watcher = asyncio.ensure_future(_watch_neighbours(peer))
     try:
         await stop.wait()
         _log_line("stopping", "leaving the overlay")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        watcher.cancel()
         await server.close()
         await peer.close(leave=True)
     return 0

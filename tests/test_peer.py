@@ -239,3 +239,18 @@ async def test_restart_keeps_identity_and_user_keys(make_peer: PeerFactory, phon
     assert again.users.get(BOB).public_key == user_key
     # the same user key may keep refreshing its AOR after the restart
     assert (await bob.register(again.sip_address(), cseq=5)).status == 200
+
+
+async def test_dns_only_when_enabled(make_peer: PeerFactory, phones) -> None:
+    """``localhost`` resolves from /etc/hosts, so this needs no DNS server; without --dns it is an AOR."""
+    gateway = await phones("gw")
+    plain = await make_peer()
+    with_dns = await make_peer(plain, dns=True)
+    caller = await phones("alice")
+    uri = f"sip:someone@localhost:{gateway.port}"
+    refused = await caller.call(uri, plain.sip_address())
+    assert refused.final is not None and refused.final.status == 404
+    assert gateway.invites.empty()
+    answered = await caller.call(uri, with_dns.sip_address())
+    assert answered.answered
+    assert str(gateway.invites.get_nowait().uri) == uri
