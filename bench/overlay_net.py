@@ -1,11 +1,12 @@
 """Overlay on loopback: put/get latency and success of p2psip vs kademlia (bmuller) vs OpenDHT, same run.
 
-    python bench/overlay_net.py                 # N = 20, 50, 100; 200 puts + 200 gets each
-    python bench/overlay_net.py --sizes 20 --ops 50
+    python bench/overlay_net.py                 # N = 20, 50, 100; 2 rounds of 200 puts + 200 gets each
+    python bench/overlay_net.py --sizes 20 --ops 50 --rounds 1
 
 For each N, each system gets N nodes on 127.0.0.1 in this process, a settle period, then ``ops`` puts of
 distinct names from random nodes, then one get per name from another random node (sequential, so each
 latency is one operation alone). Success: the put reported success and the get returned the value.
+Every (system, N) run is a fresh process; rounds rotate the order of systems and their samples are pooled.
 kademlia runs with a small k (``--kad-k``, default 4) so its lookups are really multi-hop; OpenDHT
 (C++, ``pip install opendht``) runs its own threads. Everything is loopback only.
 """
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import random
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,6 +31,7 @@ from overlay.chord import ChordConfig
 from overlay.node import Node, NodeConfig
 
 HOST = "127.0.0.1"
+SYSTEMS = ("p2psip", "kademlia", "opendht")
 
 
 @dataclass
@@ -116,8 +120,19 @@ async def bench_p2psip(n: int, ops: int, rng: random.Random) -> Result:
                 totals[k] = totals.get(k, 0) + v
         for k, v in x.stats().get("chord", {}).items():
             totals["chord." + k] = totals.get("chord." + k, 0) + v
-    print("# p2psip", n, {k: v for k, v in sorted(totals.items()) if any(w in k for w in
-          ("timeout", "retrans", "not_responsible", "refused", "failed", "dropped", "repair"))}, file=sys.stderr)
+    print(
+        "# p2psip",
+        n,
+        {
+            k: v
+            for k, v in sorted(totals.items())
+            if any(
+                w in k
+                for w in ("timeout", "retrans", "not_responsible", "refused", "failed", "dropped", "repair")
+            )
+        },
+        file=sys.stderr,
+    )
     await asyncio.gather(*(x.close() for x in nodes))
     return res
 
@@ -228,32 +243,80 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-async def main() -> None:
+def run_one(system: str, n: int, ops: int, seed: int, kad_k: int) -> Result:
+    rng = random.Random(seed)
+    if system == "p2psip":
+        return asyncio.run(bench_p2psip(n, ops, rng))
+    if system == "kademlia":
+        return asyncio.run(bench_kademlia(n, ops, rng, kad_k))
+    return bench_opendht(n, ops, rng)
+
+
+def merge(parts: list[Result]) -> Result:
+    """Pool the samples of several rounds (percentiles over all of them, success summed)."""
+    first = parts[0]
+    out = Result(first.system, first.n, [], [], 0, 0, 0, 0.0, first.note)
+    for r in parts:
+        out.put_ms += r.put_ms
+        out.get_ms += r.get_ms
+        out.put_ok += r.put_ok
+        out.get_ok += r.get_ok
+        out.ops += r.ops
+        out.setup_s = max(out.setup_s, r.setup_s)
+    notes = sorted({r.note for r in parts if r.note})
+    out.note = "; ".join(notes[:2]) + (" ..." if len(notes) > 2 else "")
+    return out
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[20, 50, 100])
     parser.add_argument("--ops", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2, help="repeat, rotating the order of systems")
     parser.add_argument("--kad-k", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["p2psip", "kademlia", "opendht"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS)
+    parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # child mode: one run, JSON out
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    results: list[Result] = []
-    for n in args.sizes:
-        rng = random.Random(args.seed + n)
-        if "p2psip" not in args.skip:
-            results.append(await bench_p2psip(n, args.ops, rng))
-            print(f"# p2psip N={n} done", file=sys.stderr, flush=True)
-        if "kademlia" not in args.skip:
-            results.append(await bench_kademlia(n, args.ops, rng, args.kad_k))
-            print(f"# kademlia N={n} done", file=sys.stderr, flush=True)
-        if "opendht" not in args.skip:
-            results.append(
-                await asyncio.get_running_loop().run_in_executor(None, bench_opendht, n, args.ops, rng)
-            )
-            print(f"# opendht N={n} done", file=sys.stderr, flush=True)
+    if args.one:
+        print(json.dumps(asdict(run_one(args.one, args.n, args.ops, args.seed, args.kad_k))))
+        return
+    systems = [s for s in SYSTEMS if s not in args.skip]
+    runs: dict[tuple[int, str], list[Result]] = {}
+    for rnd in range(args.rounds):
+        for n in args.sizes:
+            order = systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
+            for system in order:
+                # each run in a fresh process: no garbage, threads or sockets left over from the last one
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    system,
+                    "--n",
+                    str(n),
+                    "--ops",
+                    str(args.ops),
+                    "--seed",
+                    str(args.seed + 1000 * rnd + n),
+                    "--kad-k",
+                    str(args.kad_k),
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    result = Result(system, n, [], [], 0, 0, args.ops, 0.0, note=f"failed: {reason[:120]}")
+                else:
+                    result = Result(**json.loads(lines[-1]))
+                runs.setdefault((n, system), []).append(result)
+                print(f"# round {rnd + 1}: {system} N={n} done", file=sys.stderr, flush=True)
+    results = [merge(runs[(n, s)]) for n in args.sizes for s in systems if (n, s) in runs]
     print(table(results))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
