@@ -246,14 +246,15 @@ class Stack:
     def push_via(self, request: Request, target: Target, branch: str | None = None) -> str:
         """Put our Via (with ``rport``, RFC 3581) on top of ``request`` for ``target``; returns the branch."""
         host, port = self.sent_by(target)
-        via = Via.build(target.transport, host, port, branch=branch or new_branch(), rport=True)
-        request.add("Via", str(via), first=True)
+        branch = branch or new_branch()
+        via = Via.build(target.transport, host, port, branch=branch, rport=True)
+        request.add("Via", f"SIP/2.0/{via.transport} {host}:{port};branch={branch};rport", first=True)
         # The transaction layer reads the top Via right away: hand it the object instead of a re-parse.
         # (Message keeps parsed views in ``_cache``; "top-via" is the key its ``top_via`` property uses.)
         cache = getattr(request, "_cache", None)
         if isinstance(cache, dict):
             cache["top-via"] = via
-        return via.params["branch"] or ""
+        return branch
 
     # ---------------------------------------------------------------------------------- receive
 

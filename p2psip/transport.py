@@ -84,6 +84,8 @@ class Source(NamedTuple):
     host: str
     port: int
     connection: StreamConnection | None = None
+    reply: Target | None = None
+    """UDP only: where responses to this request go (§18.2.2), worked out once on receipt."""
 
     @property
     def target(self) -> Target:
@@ -497,7 +499,7 @@ class TransportLayer:
         try:
             msg = parse(data, datagram=True, limits=self.limits)
             if isinstance(msg, Request):
-                _stamp_via(msg, source)
+                source = source._replace(reply=_stamp_via(msg, source)[2])
         except ParseError as exc:
             self._malformed(exc, source)
             return
@@ -519,7 +521,7 @@ class TransportLayer:
         try:
             msg = parse(frame, datagram=False, limits=self.limits)
             if isinstance(msg, Request):
-                sent_by = _stamp_via(msg, source)
+                sent_by = _stamp_via(msg, source)[:2]
                 # Remember the connection under the sent-by too, so a stateless proxy (which keeps no
                 # per-request state) can still send the response back on it (§18.2.2).
                 self._alias(conn, Target(conn.name, sent_by[0], sent_by[1]))
@@ -652,8 +654,11 @@ class TransportLayer:
     def response_target(self, response: Response, source: Source | None = None) -> Target | StreamConnection:
         """Where a response goes (§18.2.2 with RFC 3581): the request's own connection when it is still
         open, else (re)connect/send to received:rport, maddr or the sent-by of the top Via."""
-        if source is not None and source.connection is not None and not source.connection.closed:
-            return source.connection
+        if source is not None:
+            if source.reply is not None:
+                return source.reply
+            if source.connection is not None and not source.connection.closed:
+                return source.connection
         via = response.top_via
         if via is None:
             raise TransportError("cannot route a response without a Via header")
@@ -752,24 +757,38 @@ class TransportLayer:
         self._servers.clear()
 
 
-def _stamp_via(request: Request, source: Source) -> tuple[str, int]:
+def _stamp_via(request: Request, source: Source) -> tuple[str, int, Target]:
     """§18.2.1 / RFC 3581: add ``received`` (and fill ``rport``) on the top Via of a received request.
 
-    Returns the top Via's sent-by (host without brackets, port or 0) for connection aliasing.
+    Returns the top Via's sent-by (host without brackets, port or 0) for connection aliasing, and where
+    §18.2.2 sends responses over UDP (computed once here, so no response has to re-parse its Via).
     """
     via = request.top_via
     if via is None:
         raise ParseError("the request has no Via header", partial=None)
     host = via.host
     bare = host[1:-1] if host.startswith("[") else host
+    port = via.port
     rport = via.rport
     if bare != source.host or rport is not None:
-        if rport is True or rport is not None:
+        if rport is not None:
             via.params["rport"] = str(source.port)
         via.params["received"] = source.host
         request.remove_first("Via")
         request.add("Via", str(via), first=True)
-    return bare, via.port or 0
+        cache = getattr(request, "_cache", None)
+        if isinstance(cache, dict):
+            cache["top-via"] = via  # the object we just wrote: no re-parse for the transaction layer
+    maddr = via.params.get("maddr")
+    if maddr:
+        reply = Target("udp", numeric_host(maddr) or maddr, port or 5060)
+    elif rport is not None:
+        reply = Target("udp", source.host, source.port)
+    elif bare != source.host:
+        reply = Target("udp", source.host, port or 5060)
+    else:
+        reply = Target("udp", numeric_host(bare) or bare, port or 5060)
+    return bare, port or 0, reply
 
 
 def _tune_udp_socket(sock: socket.socket | None) -> None:
