@@ -1,1 +1,38 @@
-"""sipapi: the scripting API of the article this project grew from (see docs/scripting.md)."""
+"""sipapi: the scripting API of the article this project grew from (see docs/scripting.md).
+
+``from sipapi import *`` gives a script everything it needs:
+
+- the source-code API (layer 1): :class:`URI`, :class:`Address`, :class:`Message`, :class:`Request`,
+  :class:`Response`, :class:`Stack`, :class:`UserAgent`, :class:`Peer`;
+- the scripting names (layers 2 and 3): ``open`` (an address tuple listens, anything else is the built-in
+  open), ``run``, ``basic``, ``overlay``, :class:`Event`.
+"""
+
+from p2psip.message import Message, Request, Response
+from p2psip.peer import Peer
+from p2psip.stack import Stack
+from p2psip.uri import URI, Address
+from p2psip.useragent import CallFailed, UserAgent
+
+from .events import Event, EventTarget, Header, ScriptError
+from .server import basic, open, overlay, run
+
+__all__ = [
+    "URI",
+    "Address",
+    "CallFailed",
+    "Event",
+    "EventTarget",
+    "Header",
+    "Message",
+    "Peer",
+    "Request",
+    "Response",
+    "ScriptError",
+    "Stack",
+    "UserAgent",
+    "basic",
+    "open",
+    "overlay",
+    "run",
+]

@@ -1,0 +1,641 @@
+"""The SIP side of scripting: a proxy core that hands requests to scripts and carries out their decisions.
+
+:class:`ScriptingCore` is a :class:`~p2psip.proxy.Proxy` (so forwarding, forking, CANCEL, Record-Route
+and best-response selection are the stack's, not re-implemented here) with three additions:
+
+- ``on_request`` asks a *dispatcher* whether a script wants the request; if so a :class:`CallControl` is
+  created for it and a *runner* executes the script (in a thread of this process, or in a worker process —
+  :mod:`sipapi.worker`);
+- ``proxy()`` from a script forwards through the proxy's own response context, but the final non-2xx
+  response is *held back* (the proxy's ``_send_best`` is intercepted): the script gets the outcome
+  (``'busy'``, ``'noanswer'``...) and may still redirect or reject; the held response is sent only when the
+  handler returns without another decision;
+- a timeout on ``proxy(timeout=...)`` CANCELs the pending branches and reports ``'noanswer'``.
+
+Two flavours: :class:`ScriptServerCore` (the stand-alone script server: locations are IP literals or the
+server's own in-memory registrar; ``default()`` is 501, as in the original sipapi) and
+:class:`ScriptedPeerCore` (in a :class:`~p2psip.peer.Peer`: locations are looked up in the overlay and
+``default()`` is the peer's normal registrar/proxy processing).
+
+This module relies on the Proxy's internal hooks ``_forward``, ``_check``, ``_send_best``,
+``_branch_done``, ``_cancel_pending`` and the ``_Context`` of a forwarded request (see the report of helper
+H10: a public "hold the final response" hook in :mod:`p2psip.proxy` would make this independent of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+from p2psip.auth import DigestServer
+from p2psip.errors import ParseError
+from p2psip.message import Request, Response
+from p2psip.peer import Peer, PeerCore
+from p2psip.proxy import Proxy, _Branch, _Context, _tiers, choose_best
+from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register, reject_response
+from p2psip.stack import Source, Stack
+from p2psip.transaction import ServerTransaction, State
+from p2psip.transport import numeric_host
+from p2psip.uri import URI, Address
+
+from .events import Controller, Event, EventTarget, ScriptError, outcome_of
+
+log = logging.getLogger("sipapi")
+
+__all__ = [
+    "CallControl",
+    "Dispatcher",
+    "InProcessRunner",
+    "LoopController",
+    "MemoryRegistrar",
+    "Runner",
+    "ScriptServerCore",
+    "ScriptedPeerCore",
+    "ScriptingCore",
+    "describe_error",
+]
+
+DEFAULT_DEADLINE = 5.0
+"""Seconds a handler may run (time spent waiting in ``proxy()`` not counted) before the call gets a 500."""
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE"
+
+
+class Runner(Protocol):
+    """Runs a script's handlers for one request; the decisions go to ``control``."""
+
+    async def run(self, control: CallControl) -> None: ...
+
+
+class Dispatcher(Protocol):
+    """Chooses the script (a :class:`Runner`) for a request, or None to let the core process it."""
+
+    def select(self, request: Request) -> Runner | None: ...
+
+
+def describe_error(exc: BaseException, script: str | None = None) -> str:
+    """``file:line: Type: message`` for the innermost frame in ``script`` (else the innermost frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    chosen = None
+    for frame in frames:
+        if script is None or os.path.abspath(frame.filename) == os.path.abspath(script):
+            chosen = frame
+    if chosen is None and frames:
+        chosen = frames[-1]
+    where = f"{chosen.filename}:{chosen.lineno}: " if chosen is not None else ""
+    text = str(exc)
+    return f"{where}{type(exc).__name__}{': ' + text if text else ''}"
+
+
+class MemoryRegistrar:
+    """The stand-alone script server's location table (SER's usrloc with ``db_mode 0``): the peer's
+    registrar rules (:func:`p2psip.registrar.plan_register`), kept in a dict keyed by canonical AOR."""
+
+    def __init__(self) -> None:
+        self.bindings: dict[str, dict[bytes, Binding]] = {}
+
+    def register(self, request: Request, now: float) -> Response:
+        try:
+            plan = plan_register(request, self.bindings.get(_aor_or_empty(request), {}).values(), now)
+        except RegisterRejected as rejected:
+            return reject_response(request, rejected)
+        table = self.bindings.setdefault(plan.aor, {})
+        for write in plan.writes:
+            table[write.entry_id] = write.binding
+        for remove in plan.removes:
+            table.pop(remove.entry_id, None)
+        return ok_response(request, plan, now)
+
+    def lookup(self, aor: str, now: float) -> list[Binding]:
+        table = self.bindings.get(aor, {})
+        alive = [b for b in table.values() if b.alive(now)]
+        return sorted(alive, key=lambda b: -(b.q if b.q is not None else 1.0))
+
+
+def _aor_or_empty(request: Request) -> str:
+    try:
+        return request.to.uri.aor()
+    except (ParseError, ValueError):
+        return ""
+
+
+class CallControl:
+    """One request being decided by a script: carries out its actions on the event loop.
+
+    Every method runs on the loop. ``decided`` becomes True once a final response went (or the request was
+    handed to the default processing); ``held`` is a proxied non-2xx final response waiting for the
+    handler to return.
+    """
+
+    def __init__(
+        self, core: ScriptingCore, request: Request, transaction: ServerTransaction, source: Source
+    ) -> None:
+        self.core = core
+        self.request = request
+        self.transaction = transaction
+        self.source = source
+        self.loop = core.stack.loop
+        self.decided = False
+        self.held: Response | None = None
+        self.proxying = False
+        self.timed_out = False
+        self.proxy_seconds = 0.0
+        self._proxy_started = 0.0
+        self._checked = False
+        self._future: asyncio.Future[Response] | None = None
+        self.sent: Response | None = None
+
+    @property
+    def source_tuple(self) -> tuple[str, str, int]:
+        return (self.source.transport, self.source.host, self.source.port)
+
+    def seconds_in_proxy(self) -> float:
+        extra = self.loop.time() - self._proxy_started if self.proxying else 0.0
+        return self.proxy_seconds + extra
+
+    # -- final answers ------------------------------------------------------------------------------------
+    def _final(self, what: str) -> None:
+        if self.decided:
+            raise ScriptError(f"{what}: this request was already answered")
+        self.decided = True
+        self.held = None
+
+    def _send(self, response: Response) -> None:
+        self.sent = response
+        tx = self.transaction
+        if tx.terminated or tx.state not in (State.TRYING, State.PROCEEDING):
+            return  # e.g. the caller CANCELled and the 487 already went
+        try:
+            self.core.stack.respond(tx, response)
+        except Exception as exc:  # a racing CANCEL may have ended it
+            log.info("cannot answer %s %s: %s", self.request.method, self.request.uri, exc)
+
+    def response(self, status: int, reason: str | None = None) -> Response:
+        response = Response.for_request(self.request, status, reason)
+        if self.request.method == "INVITE" and 200 <= status < 300:
+            uri = self.core.stack.local_uri(self.source.transport, toward=self.source.host)
+            response.set("Contact", f"<{uri}>")
+        if self.request.method == "OPTIONS" and 200 <= status < 300:
+            response.set("Allow", ALLOW)
+        return response
+
+    def respond(self, status: int, reason: str | None, headers: list[tuple[str, str]], body: bytes) -> None:
+        self._final("respond")
+        response = self.response(status, reason)
+        for name, value in headers:
+            response.add(name, value)
+        if body:
+            response.body = body
+        self._send(response)
+
+    def redirect(self, locations: list[str], status: int = 302) -> None:
+        self._final("redirect")
+        response = self.response(status)
+        response.set("Contact", [f"<{URI(text)}>" for text in locations])
+        self._send(response)
+
+    def challenge(self, realm: str, proxy: bool = False) -> None:
+        self._final("challenge")
+        server = self.core.digest_server(realm, {})
+        self._send(server.challenge(self.request, time.time(), proxy=proxy))
+
+    def authenticate(self, realm: str, users: dict[str, str]) -> str | None:
+        server = self.core.digest_server(realm, users)
+        for proxy in (False, True):
+            result = server.verify(self.request, time.time(), proxy=proxy)
+            if result.ok:
+                return result.username
+        return None
+
+    def default(self) -> None:
+        self._final("default")
+        self.core.default_processing(self)
+
+    def save(self) -> None:
+        self._final("save")
+        self.core.save_registration(self)
+
+    def fail(self, reason: str) -> None:
+        """The script failed (raised, timed out, died): 500 unless it had already answered."""
+        if not self.decided:
+            self.decided = True
+            self.held = None
+            self._send(Response.for_request(self.request, 500, f"Server Internal Error ({reason})"[:200]))
+
+    def finish(self) -> None:
+        """The handlers returned: send the held response, or apply the default processing."""
+        if self.decided:
+            return
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.decided = True
+            self._send(held)
+            return
+        self.default()
+
+    # -- location ---------------------------------------------------------------------------------------
+    async def lookup(self, aor: str) -> list[str]:
+        return await self.core.lookup_contacts(aor)
+
+    # -- proxy ------------------------------------------------------------------------------------------
+    async def proxy(self, locations: list[str], timeout: float | None) -> str:
+        """Forward to ``locations`` and wait until the call is decided; returns the outcome."""
+        if self.decided:
+            raise ScriptError("proxy: this request was already answered")
+        if self.proxying:
+            raise ScriptError("proxy: a proxy() of this request is still running")
+        core = self.core
+        request = self.request
+        self.held = None
+        self.timed_out = False
+        if not self._checked:
+            self._checked = True
+            rejection = core._check(request)
+            if rejection is not None:
+                self.held = Response.for_request(request, *rejection)
+                return outcome_of(rejection[0])
+        try:
+            targets = await core.resolve(request, [URI(text) for text in locations])
+        except LookupError as exc:
+            self.held = Response.for_request(request, 404, f"Not Found ({exc})")
+            return "failure"
+        if not targets:
+            self.held = Response.for_request(request, 404, "Not Found (no contact for this address)")
+            return "failure"
+        tx = self.transaction
+        if tx.terminated or (tx.state is not State.PROCEEDING and tx.state is not State.TRYING):
+            self.decided = True  # the caller went away (CANCEL answered 487)
+            return "failure"
+        future: asyncio.Future[Response] = self.loop.create_future()
+        self._future = future
+        self.proxying = True
+        self._proxy_started = self.loop.time()
+        core.controls[id(tx)] = self
+        timer = self.loop.call_later(timeout, self._expire) if timeout is not None and timeout > 0 else None
+        try:
+            core._forward(request, tx, self.source, _tiers(targets))
+            response = await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.proxying = False
+            self.proxy_seconds += self.loop.time() - self._proxy_started
+            core.controls.pop(id(tx), None)
+            self._future = None
+        outcome = outcome_of(response.status, timed_out=self.timed_out)
+        if response.status < 300:
+            self.decided = True  # the 2xx went upstream already
+            self.sent = response
+            return outcome
+        ctx = tx.context
+        if isinstance(ctx, _Context) and ctx.cancelled:
+            self.decided = True  # the caller CANCELled: its 487 goes now, whatever the script does next
+            self._send(response)
+            return outcome
+        self.held = response
+        return outcome
+
+    def _expire(self) -> None:
+        ctx = self.transaction.context
+        if isinstance(ctx, _Context) and self.proxying:
+            self.timed_out = True
+            ctx.tiers.clear()
+            self.core._cancel_pending(ctx)
+
+    def proxy_finished(self, response: Response) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(response)
+
+
+class ScriptingCore(Proxy):
+    """A Proxy whose requests may be decided by scripts (see the module docstring)."""
+
+    dispatcher: Dispatcher | None
+    controls: dict[int, CallControl]
+    deadline: float
+    _digest: dict[str, DigestServer]
+    _digest_users: dict[str, dict[str, str]]
+
+    def setup_scripting(self, dispatcher: Dispatcher | None, *, deadline: float = DEFAULT_DEADLINE) -> None:
+        self.dispatcher = dispatcher
+        self.controls = {}
+        self.deadline = deadline
+        self._digest = {}
+        self._digest_users = {}
+        self._secret = os.urandom(32)
+        self.script_stats: dict[str, int] = dict.fromkeys(("scripted", "script_errors", "script_timeouts"), 0)
+
+    # -- dispatch ---------------------------------------------------------------------------------------
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        dispatcher = self.dispatcher
+        if dispatcher is not None and transaction is not None and request.method not in ("ACK", "CANCEL"):
+            try:
+                runner = dispatcher.select(request)
+            except Exception:
+                log.exception("script selection failed for %s", request.uri)
+                runner = None
+            if runner is not None:
+                self.script_stats["scripted"] += 1
+                control = CallControl(self, request, transaction, source)
+                task = asyncio.ensure_future(self._run_script(runner, control))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        super().on_request(request, transaction, source)
+
+    async def _run_script(self, runner: Runner, control: CallControl) -> None:
+        try:
+            await runner.run(control)
+        except Exception as exc:
+            self.script_stats["script_errors"] += 1
+            log.warning("script failed for %s %s: %s", control.request.method, control.request.uri,
+                        describe_error(exc))  # fmt: skip
+            control.fail("script failed")
+            return
+        try:
+            control.finish()
+        except Exception:
+            log.exception("cannot finish %s", control.request.uri)
+            control.fail("script server error")
+
+    # -- the proxy's response context, held back for scripts ----------------------------------------------
+    def _send_best(self, ctx: _Context) -> None:
+        control = self.controls.get(id(ctx.server))
+        if control is None or not control.proxying:
+            super()._send_best(ctx)
+            return
+        ctx.final_sent = True
+        best = choose_best(ctx.responses)
+        if best is None:
+            best = Response.for_request(ctx.request, 487 if ctx.cancelled else 408)
+        elif best.status == 503:
+            best = Response.for_request(ctx.request, 500, "Server Internal Error (next hop unavailable)")
+        control.proxy_finished(best)
+
+    def _branch_done(self, branch: _Branch, response: Response) -> None:
+        super()._branch_done(branch, response)
+        if response.status < 300:
+            control = self.controls.get(id(branch.context.server))
+            if control is not None and control.proxying:
+                control.proxy_finished(response)
+
+    # -- what the flavours provide ------------------------------------------------------------------------
+    def digest_server(self, realm: str, users: dict[str, str]) -> DigestServer:
+        self._digest_users[realm] = users
+        server = self._digest.get(realm)
+        if server is None:
+            table = self._digest_users
+
+            def lookup(name: str) -> str | None:
+                return table.get(realm, {}).get(name)
+
+            server = self._digest[realm] = DigestServer(realm, lookup, secret=self._secret)
+        return server
+
+    def default_processing(self, control: CallControl) -> None:
+        raise NotImplementedError
+
+    def save_registration(self, control: CallControl) -> None:
+        raise NotImplementedError
+
+    async def lookup_contacts(self, aor: str) -> list[str]:
+        raise NotImplementedError
+
+    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address]:
+        raise NotImplementedError
+
+
+class ScriptServerCore(ScriptingCore):
+    """The stand-alone script server (:func:`sipapi.run`): no overlay; its own in-memory registrar."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        dispatcher: Dispatcher | None,
+        *,
+        deadline: float = DEFAULT_DEADLINE,
+        record_route: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(stack, record_route=record_route, verbose=verbose)
+        self.setup_scripting(dispatcher, deadline=deadline)
+        self.registrar = MemoryRegistrar()
+
+    def default_processing(self, control: CallControl) -> None:
+        # The original sipapi's stand-alone server: what the script does not handle is not implemented.
+        control._send(control.response(501, "Not Implemented"))
+
+    def save_registration(self, control: CallControl) -> None:
+        control._send(self.registrar.register(control.request, time.time()))
+
+    async def lookup_contacts(self, aor: str) -> list[str]:
+        return [b.contact for b in self.registrar.lookup(aor, time.time())]
+
+    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address]:
+        out: list[URI | Address] = []
+        now = time.time()
+        for uri in uris:
+            if request.get("Route") is not None or numeric_host(uri.maddr or uri.host) is not None:
+                out.append(uri)
+                continue
+            bindings = self.registrar.lookup(uri.aor(), now) if uri.user else []
+            if not bindings:
+                raise LookupError(f"nobody registered as {uri.aor()} and {uri.host!r} is not an IP address")
+            for binding in bindings:
+                target = URI(binding.contact)
+                if binding.q is not None:
+                    target.params["q"] = f"{binding.q:g}"
+                out.append(target)
+        return out
+
+
+class ScriptedPeerCore(ScriptingCore, PeerCore):
+    """A peer's SIP core with scripts: registrar and overlay location as in :class:`PeerCore`."""
+
+    def __init__(
+        self,
+        peer: Peer,
+        dispatcher: Dispatcher | None,
+        *,
+        deadline: float = DEFAULT_DEADLINE,
+        verbose: bool = False,
+    ) -> None:
+        PeerCore.__init__(self, peer, peer.stack, verbose=verbose)
+        self.setup_scripting(dispatcher, deadline=deadline)
+
+    @classmethod
+    def install(
+        cls, peer: Peer, dispatcher: Dispatcher | None, *, deadline: float = DEFAULT_DEADLINE
+    ) -> ScriptedPeerCore:
+        """Replace ``peer``'s core by a scripted one (the stack's core and ``peer.core``)."""
+        core = cls(peer, dispatcher, deadline=deadline, verbose=peer.config.verbose)
+        peer.core = core
+        return core
+
+    def default_processing(self, control: CallControl) -> None:
+        PeerCore.on_request(self, control.request, control.transaction, control.source)
+
+    def save_registration(self, control: CallControl) -> None:
+        task = asyncio.ensure_future(
+            self.peer.handle_register(control.request, control.transaction, control.source)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def lookup_contacts(self, aor: str) -> list[str]:
+        bindings = await self.peer.lookup_bindings(aor)
+        return [b.contact for b in bindings]
+
+    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address]:
+        out: list[URI | Address] = []
+        for uri in uris:
+            probe = request.copy()
+            probe.uri = uri
+            found = self.peer.locate(probe)
+            if inspect.isawaitable(found):
+                found = await found
+            out.extend(found)
+            # A static route or a registration's Path put a Route on the probe: keep it for the branch.
+            if len(uris) == 1:
+                for route in reversed(probe.get_all("Route")):
+                    if route not in request.get_all("Route"):
+                        request.add("Route", route, first=True)
+        return out
+
+
+# ------------------------------------------------------------------------------ running handlers in-process
+
+
+class LoopController(Controller):
+    """The :class:`~sipapi.events.Controller` of a script running in this process: calls from the loop
+    thread go straight to the :class:`CallControl`; calls from a handler's thread are run on the loop and
+    waited for (so a ``def`` handler's ``proxy()`` simply blocks)."""
+
+    def __init__(self, control: CallControl) -> None:
+        self.control = control
+        self.loop = control.loop
+        self._loop_thread = threading.get_ident()
+
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.in_loop():
+            return fn(*args)
+
+        async def call() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result()
+
+    def _await(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def respond(self, status: int, reason: str | None, headers: list[tuple[str, str]], body: bytes) -> None:
+        self._call(self.control.respond, status, reason, headers, body)
+
+    def redirect(self, locations: list[str], status: int) -> None:
+        self._call(self.control.redirect, locations, status)
+
+    def challenge(self, realm: str, proxy: bool) -> None:
+        self._call(self.control.challenge, realm, proxy)
+
+    def default(self) -> None:
+        self._call(self.control.default)
+
+    def save(self) -> None:
+        self._call(self.control.save)
+
+    def authenticate(self, realm: str, users: dict[str, str]) -> str | None:
+        result: str | None = self._call(self.control.authenticate, realm, users)
+        return result
+
+    def proxy(self, locations: list[str], timeout: float | None) -> str:
+        if self.in_loop():
+            raise ScriptError("proxy() blocks: in an async def handler write `await event.action.proxy()`")
+        outcome: str = self._await(self.control.proxy(locations, timeout))
+        return outcome
+
+    def proxy_async(self, locations: list[str], timeout: float | None) -> Awaitable[str]:
+        return self.control.proxy(locations, timeout)
+
+    def lookup(self, aor: str) -> list[str]:
+        if self.in_loop():
+            raise ScriptError("lookup() blocks: in an async def handler write `await event.lookup_async()`")
+        found: list[str] = self._await(self.control.lookup(aor))
+        return found
+
+    def lookup_async(self, aor: str) -> Awaitable[list[str]]:
+        return self.control.lookup(aor)
+
+
+class InProcessRunner:
+    """Runs the ``incoming`` handlers of an :class:`EventTarget` in this process (the script server).
+
+    ``async def`` handlers run on the loop; ``def`` handlers in a thread, so that their blocking
+    ``proxy()`` can wait for the loop. Handlers run in order until one decides. A handler that raises
+    costs a 500 (logged with its file and line); one that overruns ``deadline`` seconds (time inside
+    ``proxy()`` not counted) costs a 500 too — its thread cannot be killed, so it is left to finish,
+    which is why per-user scripts run in worker processes instead (:mod:`sipapi.worker`).
+    """
+
+    def __init__(self, target: EventTarget, *, deadline: float = DEFAULT_DEADLINE) -> None:
+        self.target = target
+        self.deadline = deadline
+
+    async def run(self, control: CallControl) -> None:
+        for handler in self.target.handlers("incoming"):
+            event = Event(control.request, LoopController(control), source=control.source_tuple)
+            try:
+                await self._call(handler, event, control)
+            except TimeoutError:
+                control.core.script_stats["script_timeouts"] += 1
+                log.warning("handler %s overran its deadline (%g s) on %s %s", _name(handler), self.deadline,
+                            control.request.method, control.request.uri)  # fmt: skip
+                control.fail(f"script {_name(handler)} took longer than {self.deadline:g} s")
+                return
+            except Exception as exc:
+                control.core.script_stats["script_errors"] += 1
+                script = inspect.getsourcefile(handler) if inspect.isfunction(handler) else None
+                where = describe_error(exc, script)
+                log.warning("script error on %s %s: %s", control.request.method, control.request.uri, where)
+                control.fail(f"script error at {os.path.basename(where.split(': ', 1)[0])}")
+                return
+            if control.decided or (control.held is not None and event.action.outcome is not None):
+                return
+
+    async def _call(self, handler: Callable[[Event], Any], event: Event, control: CallControl) -> None:
+        loop = control.loop
+        if inspect.iscoroutinefunction(handler):
+            future: asyncio.Future[Any] = asyncio.ensure_future(handler(event))
+        else:
+            future = loop.run_in_executor(None, handler, event)
+        started = loop.time()
+        while True:
+            remaining = started + self.deadline + control.seconds_in_proxy() - loop.time()
+            if control.proxying:
+                remaining = max(remaining, 0.5)
+            if remaining <= 0:
+                future.cancel()
+                raise TimeoutError
+            done, _ = await asyncio.wait({future}, timeout=remaining)
+            if done:
+                result = future.result()
+                if inspect.isawaitable(result):  # a def handler that returned a coroutine
+                    await result
+                return
+
+
+def _name(handler: Callable[..., Any]) -> str:
+    code = getattr(handler, "__code__", None)
+    if code is not None:
+        return f"{getattr(handler, '__name__', 'handler')} ({code.co_filename}:{code.co_firstlineno})"
+    return repr(handler)

@@ -1,0 +1,69 @@
+"""Layer 3: the article's SER-like server script, run as written with ``python script.py`` (listen address
+replaced by a loopback one), answers like the SER config it mirrors: 483 for Max-Forwards 0, 513 for a
+message over 8 KiB, 200 for sipsak's OPTIONS ping, and the script server's default 501 for the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from test_sipapi_support import EXAMPLES, UdpClient, article_text, script_process
+
+
+@pytest.fixture
+def article_server(tmp_path: Path):
+    port = free_port()
+    script = tmp_path / "server.py"
+    script.write_text(article_text(EXAMPLES / "ser_article_server.py", "127.0.0.1", port))
+    with script_process(script) as child:
+        line = child.wait_ready()
+        assert f"udp:127.0.0.1:{port}" in line and f"tcp:127.0.0.1:{port}" in line, line
+        client = UdpClient()
+        try:
+            yield client, ("127.0.0.1", port), child
+        finally:
+            client.close()
+
+
+def test_article_server_script_behaves_like_the_ser_config(article_server) -> None:
+    client, server, child = article_server
+    target = f"sip:{server[0]}:{server[1]}"
+
+    hops = client.send(client.request("INVITE", "sip:bob@example.com", max_forwards=0), server)
+    assert (hops.status, hops.reason) == (483, "Too many hops")
+
+    big = client.request("MESSAGE", "sip:bob@example.com", body=b"x" * 9000)
+    overflow = client.send(big, server)
+    assert (overflow.status, overflow.reason) == (513, "Message overflow")
+
+    ping = client.send(client.request("OPTIONS", target, from_="sip:sipsak@127.0.0.1"), server)
+    assert ping.status == 200
+    assert ping.get("To") is not None and ";tag=" in (ping.get("To") or "")
+
+    # not sipsak, or not for the server itself: the script falls through, the default is 501
+    other = client.send(client.request("OPTIONS", target, from_="sip:alice@127.0.0.1"), server)
+    assert other.status == 501
+    to_user = client.send(client.request("OPTIONS", "sip:bob@127.0.0.1", from_="sip:sipsak@x"), server)
+    assert to_user.status == 501
+    invite = client.send(client.request("INVITE", "sip:bob@example.com"), server)
+    assert invite.status == 501
+
+    # a message just under the limit passes the size check
+    small = client.send(client.request("MESSAGE", "sip:bob@example.com", body=b"x" * 7000), server)
+    assert small.status == 501
+
+    assert child.stop() == 0, child.output()
+    # SIGTERM ends it cleanly: exit 0 and no traceback
+    assert "Traceback" not in child.output()
+
+
+def test_open_with_a_file_name_is_the_builtin_open(tmp_path: Path) -> None:
+    import sipapi
+
+    path = tmp_path / "note.txt"
+    with sipapi.open(path, "w") as f:
+        f.write("written by a script")
+    assert path.read_text() == "written by a script"
+    with pytest.raises(ValueError):
+        sipapi.open(("127.0.0.1", 70000))
