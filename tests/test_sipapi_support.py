@@ -131,7 +131,7 @@ class ScriptProcess:
         return self.lines[-1]
 
     def output(self) -> str:
-        return "\n".join(self.lines + ["--- stderr"] + self.errors)
+        return "\n".join([*self.lines, "--- stderr", *self.errors])
 
     def stop(self, grace: float = 10.0) -> int | None:
         if self.proc.poll() is None:

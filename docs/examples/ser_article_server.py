@@ -1,3 +1,5 @@
+# ruff: noqa
+# The article's SER-like server, as written there (indentation restored, a loopback address).
 from sipapi import *
 import re
 
