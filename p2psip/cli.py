@@ -389,7 +389,13 @@ class _Phone:
         return response
 
     async def call(
-        self, uri: str, via: tuple[str, int], *, timeout: float = 30.0, on_provisional: Any = None
+        self,
+        uri: str,
+        via: tuple[str, int],
+        *,
+        timeout: float = 30.0,
+        on_provisional: Any = None,
+        sdp: bytes = b"",
     ) -> tuple[Any, Any]:
         """INVITE ``uri`` through ``via``; on a 2xx, ACK it. Returns (final response, dialog or None)."""
         from p2psip.dialog import Dialog
@@ -402,6 +408,8 @@ class _Phone:
             from_=f"<{self.aor}>;tag={self.tag}",
             to=f"<{uri}>",
             contact=f"<{self.contact}>",
+            body=sdp,
+            content_type="application/sdp" if sdp else None,
         )
         final = await self._transact(invite, Target("udp", via[0], via[1]), timeout, on_provisional)
         if not 200 <= final.status < 300:
@@ -712,8 +720,12 @@ async def _call(
 ) -> dict[str, Any]:
     import time
 
-    phone = await _Phone.open(args.from_ or "sip:p2psip@invalid", host=_local_ip_toward(via[0]))
+    local_ip = _local_ip_toward(via[0])
+    phone = await _Phone.open(args.from_ or "sip:p2psip@invalid", host=local_ip)
     statuses: list[str] = []
+    media: Any = None
+    offer: Any = None
+    duration = args.duration
 
     def provisional(response: Any) -> None:
         statuses.append(f"{response.status} {response.reason}")
@@ -721,9 +733,30 @@ async def _call(
 
     result: dict[str, Any] = {"uri": args.uri, "via": f"{via[0]}:{via[1]}", "answered": False}
     try:
+        if args.play or args.record:
+            from p2psip.media import MediaSession
+            from p2psip.media.sources import SilenceSource, WavSink, WavSource
+            from p2psip.sdp import make_offer
+
+            source: Any = SilenceSource()
+            if args.play:
+                source = WavSource(args.play)
+                if duration is None:
+                    duration = source.duration + 0.5
+            sink = WavSink(args.record) if args.record else None
+            media = await MediaSession.start((local_ip, 0), source=source, sink=sink)
+            offer = make_offer(local_ip, media.local_address[1], codecs=("PCMU", "PCMA"))
+        if duration is None:
+            duration = 1.0
         started = time.perf_counter()
         show(f"INVITE {args.uri} via {via[0]}:{via[1]}")
-        final, dialog = await phone.call(args.uri, via, timeout=args.timeout, on_provisional=provisional)
+        final, dialog = await phone.call(
+            args.uri,
+            via,
+            timeout=args.timeout,
+            on_provisional=provisional,
+            sdp=bytes(offer) if offer else b"",
+        )
         result["setup_ms"] = round((time.perf_counter() - started) * 1000, 1)
         statuses.append(f"{final.status} {final.reason}")
         show(f"  {final.status} {final.reason}")
@@ -731,13 +764,26 @@ async def _call(
         result["status"] = final.status
         if dialog is not None:
             result["answered"] = True
-            show(f"  call up; hanging up in {args.duration:g} s")
-            if args.duration > 0:
-                await asyncio.sleep(args.duration)  # the call's requested length
+            if media is not None:
+                from p2psip.sdp import SessionDescription, negotiated
+
+                params = negotiated(offer, SessionDescription.parse(final.body))
+                media.apply(params)
+                result["codec"] = params.codec
+                show(f"  audio: {params.codec} to {params.remote[0]}:{params.remote[1]}")
+            show(f"  call up; hanging up in {duration:g} s")
+            if duration > 0:
+                await asyncio.sleep(duration)  # the call's requested length
             bye = await phone.hang_up(dialog, timeout=args.timeout)
             result["bye_status"] = bye.status
             show(f"BYE: {bye.status} {bye.reason}")
     finally:
+        if media is not None:
+            await media.close()
+            result["rtp_sent"] = media.stats.packets_sent
+            result["rtp_received"] = media.stats.packets_received
+            if not args.json:
+                show(f"RTP: {media.stats.packets_sent} packets sent, {media.stats.packets_received} received")
         await phone.close()
     return result
 
@@ -750,10 +796,12 @@ def _cmd_call(args: argparse.Namespace) -> int:
         _check_sip_uri(args.uri, "call")
         if args.from_:
             _check_sip_uri(args.from_, "--from")
-        if args.duration < 0 or args.timeout <= 0:
+        if (args.duration is not None and args.duration < 0) or args.timeout <= 0:
             raise ConfigError("--duration must be >= 0 and --timeout > 0")
-        if args.play or args.record:
-            raise ConfigError("--play/--record need the media layer, which this build does not have yet")
+        if args.play:
+            from p2psip.media.sources import WavSource
+
+            WavSource(args.play).close()  # a missing or unreadable file is a usage error
     except P2PSIPError as exc:
         return _fail(str(exc), 2)
 

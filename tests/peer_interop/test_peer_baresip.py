@@ -6,9 +6,11 @@ relayed, then BYE and its 200 OK. See shared/INTEROP-NOTES.md for the baresip se
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,14 @@ from typing import Any
 import pytest
 from conftest import free_port, require_tool
 
+from p2psip.media import dominant_frequency
+from p2psip.media.sources import read_wav
 from p2psip.peer import Peer, SipTrace
 
 from .helpers import start_overlay, stop_overlay
 
 MODULES = "/usr/lib/baresip/modules"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def port_pair() -> int:
@@ -186,6 +191,22 @@ async def test_baresip_phones_call_each_other_through_the_overlay(tmp_path: Path
             raise AssertionError(f"{exc}\n--- alice\n{alice.log_tail()}\n--- bob\n{bob.log_tail()}") from None
         assert any(kind == "routed" and "sip:bob@p2p.example" in text for i, kind, text in watch.events)
         assert any(kind == "routed" and "sip:alice@p2p.example" in text for i, kind, text in watch.events)
+
+        # `p2psip call --record`: bob answers and sends baresip's 440 Hz tone (ausine); the CLI records it
+        host, port = peers[0].sip_address()
+        wav = tmp_path / "heard.wav"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "p2psip.cli", "call", "sip:bob@p2p.example", "--via", f"{host}:{port}",
+            "--record", str(wav), "--duration", "2", "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, out.decode() + err.decode()
+        result = json.loads(out)
+        assert result["answered"] and result["bye_status"] == 200 and result["rtp_received"] > 50, result
+        pcm = read_wav(wav)
+        assert len(pcm) > 8000  # more than half a second of audio
+        assert dominant_frequency(pcm, [300, 440, 1000, 2000]) == 440
     finally:
         for phone in phones:
             phone.stop()
