@@ -166,7 +166,9 @@ def fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.2f}"
 
 
-async def measure_overlay(size: int, users: list[str], rate: float, workdir: Path) -> Timings:
+async def measure_overlay(
+    size: int, users: list[str], rate: float, workdir: Path, maintenance: float = 5.0
+) -> Timings:
     peers: list[Peer] = []
     try:
         for i in range(size):
@@ -221,6 +223,9 @@ def main() -> int:
     parser.add_argument("--sizes", default="5,20,50", help="overlay sizes (comma-separated)")
     parser.add_argument("--users", type=int, default=200, help="AORs registered and called per run")
     parser.add_argument("--rate", type=float, default=20.0, help="REGISTERs and calls per second")
+    parser.add_argument(
+        "--maintenance", type=float, default=5.0, help="overlay stabilize/fix-fingers period, s (default 5)"
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown too")
     args = parser.parse_args()
     for tool in ("sipp", "kamailio"):
@@ -237,7 +242,7 @@ def main() -> int:
     started = time.monotonic()
     measures: list[Timings] = []
     for size in sizes:
-        m = asyncio.run(measure_overlay(size, users, args.rate, root / f"overlay{size}"))
+        m = asyncio.run(measure_overlay(size, users, args.rate, root / f"overlay{size}", args.maintenance))
         measures.append(m)
         print(
             f"  {m.system}: {len(m.register_ms)} REGISTERs, {len(m.invite_ms)} calls, {m.failures} failed",
