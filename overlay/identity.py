@@ -197,7 +197,7 @@ class VerifiedCache:
 
     def verify(self, public_key: bytes, signature: bytes, data: bytes) -> bool:
         """``identity.verify`` that remembers successes (failures are not cached: they are cheap to retry)."""
-        fact = ("sig", public_key, signature, data)
+        fact = ("sig", public_key, signature, hashlib.sha256(data).digest())  # bounded memory per fact
         if fact in self:
             return True
         ok = verify(public_key, signature, data)

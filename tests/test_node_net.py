@@ -23,12 +23,13 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay.chord import ChordConfig
+from overlay.chord import ChordConfig, NodeRef
 from overlay.errors import NotJoined, OverlayError, StoreRefused
 from overlay.identity import KeyPair
 from overlay.ids import key_for
 from overlay.node import Node, NodeConfig
 from overlay.storage import Entry
+from overlay.wire import Message, frame
 
 N = 32
 R = 3
@@ -310,11 +311,59 @@ async def test_ring_healthy_after_fuzzing(ring: Ring) -> None:
     ring.written[name] = (b"", b"ok")
 
 
+async def test_replies_only_from_the_node_asked(ring: Ring) -> None:
+    """A reply must echo the id, come from the endpoint the request went to, and carry the expected src."""
+    node = ring.nodes[4]
+    loop = asyncio.get_running_loop()
+    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    liar = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target.bind((HOST, 0))
+    liar.bind((HOST, 0))
+    target.setblocking(False)
+    fake_id = 0x1234
+    ref = NodeRef(fake_id, HOST, target.getsockname()[1])
+    try:
+        call = asyncio.ensure_future(node._udp_call(ref, "fetch", {"key": 1}, deadline=loop.time() + 20.0))
+        data = await asyncio.wait_for(loop.sock_recv(target, 2048), 10.0)
+        request = node.codec.decode(data)
+        before = node.stats().get("dropped_forged_reply", 0)
+
+        def reply(src: int) -> bytes:
+            return node.codec.encode(Message("ok", request.id, src, ref.ep, {"entries": []}))
+
+        liar.sendto(reply(fake_id), node.endpoint)  # right id and src, wrong endpoint
+        target.sendto(reply(fake_id + 1), node.endpoint)  # right endpoint, wrong src
+        await wait_until(
+            lambda: node.stats().get("dropped_forged_reply", 0) >= before + 2, "forged replies dropped"
+        )
+        assert not call.done()
+        target.sendto(reply(fake_id), node.endpoint)
+        answer = await asyncio.wait_for(call, 10.0)
+        assert answer.type == "ok" and answer.src == fake_id
+    finally:
+        target.close()
+        liar.close()
+
+
+async def test_bad_tcp_streams_cost_one_connection(ring: Ring) -> None:
+    node = ring.nodes[12]
+    for junk in [(2**31).to_bytes(4, "big"), frame(b"\xc1garbage"), frame(msgpack.packb({"v": 1}))]:
+        reader, writer = await asyncio.open_connection(*node.endpoint)
+        writer.write(junk)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10.0) == b""  # closed, no answer
+        writer.close()
+    name = "sip:after-tcp-junk@example.net"
+    await node.put(name, b"x" * 3000)  # over TCP
+    assert [e.value for e in await ring.nodes[13].get(name)] == [b"x" * 3000]
+    ring.written[name] = (b"", b"x" * 3000)
+
+
 SUBPROCESS_NODE = textwrap.dedent(
     """
     import asyncio, sys
     sys.path.insert(0, {root!r})
-    from overlay.chord import ChordConfig
+    from overlay.chord import ChordConfig, NodeRef
     from overlay.node import Node, NodeConfig
 
     async def main() -> None:
