@@ -1,0 +1,107 @@
+"""Client scenarios: ``python -m sipapi.scenario`` with send/expect/pause steps and with the UA API,
+against a real sipp UAS and through our own proxy; statistics and failure accounting; usage errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port, require_tool
+from test_sipapi_support import EXAMPLES, ROOT
+
+from p2psip.proxy import Proxy
+from p2psip.stack import Stack
+from sipapi.scenario import Runner, ScenarioError, expect, load, send
+
+pytestmark = pytest.mark.interop
+
+
+def run_scenario(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "sipapi.scenario", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def sipp_uas(tmp_path: Path):
+    require_tool("sipp")
+    from interop.sipp import uas
+
+    port = free_port()
+    with uas(tmp_path, port, scenario=None) as server:
+        yield port, server
+
+
+@pytest.mark.parametrize("example", ["scenario_uac.py", "scenario_uac_api.py"])
+def test_scenario_against_sipp_uas(sipp_uas, example: str) -> None:
+    port, _server = sipp_uas
+    done = run_scenario(
+        str(EXAMPLES / example), "--rate", "50", "--calls", "60", "--target", f"127.0.0.1:{port}",
+        "--json", "--interval", "0.5",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    stats = json.loads(done.stdout)
+    assert (stats["attempted"], stats["succeeded"], stats["failed"]) == (60, 60, 0), stats
+    assert stats["response_ms"]["p50"] is not None and stats["response_ms"]["p50"] > 0
+    assert stats["response_ms"]["p50"] <= stats["response_ms"]["p90"] <= stats["response_ms"]["p99"]
+    # live statistics on stderr while it ran
+    assert "attempted" in done.stderr and "p99" in done.stderr
+
+
+def test_failures_are_counted_with_their_reason(sipp_uas, tmp_path: Path) -> None:
+    """A scenario expecting 486 from a UAS that answers 200 fails every call, with the reason."""
+    port, _server = sipp_uas
+    scenario = tmp_path / "wrong.py"
+    scenario.write_text(
+        "from sipapi.scenario import SDP, expect, send\n"
+        "steps = [send('INVITE', body=SDP), expect(100, optional=True), expect(180, optional=True),\n"
+        "         expect(486)]\n"
+    )
+    done = run_scenario(str(scenario), "--rate", "20", "--calls", "5", "--target", f"127.0.0.1:{port}",
+                        "--json", "--quiet")  # fmt: skip
+    assert done.returncode == 1
+    stats = json.loads(done.stdout)
+    assert (stats["succeeded"], stats["failed"]) == (0, 5)
+    assert stats["failures"] == {"unexpected 200 (expected 486)": 5}
+
+
+async def test_scenario_through_our_proxy_to_sipp(sipp_uas) -> None:
+    """Our stateful proxy in the middle (``--proxy``, like sipp -rsa): the steps follow its Record-Route."""
+    port, _server = sipp_uas
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    proxy = Proxy(stack)
+    try:
+        host, proxy_port = stack.local_address("udp")
+        scenario = load(EXAMPLES / "scenario_uac.py")
+        runner = Runner(scenario, f"127.0.0.1:{port}", rate=40, calls=40, proxy=f"{host}:{proxy_port}")
+        stats = await asyncio.wait_for(runner.run(), 60)
+    finally:
+        await stack.close()
+    assert (stats.attempted, stats.succeeded, stats.failed) == (40, 40, 0), stats.reasons
+    assert proxy.stats["forwarded_requests"] >= 80  # INVITE and BYE of every call went through it
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    done = run_scenario(str(empty), "--target", "127.0.0.1:5060")
+    assert done.returncode == 2 and "neither" in done.stderr and "Traceback" not in done.stderr
+    done = run_scenario(str(EXAMPLES / "scenario_uac.py"), "--target", "nowhere")
+    assert done.returncode == 2 and "HOST:PORT" in done.stderr
+    with pytest.raises(ScenarioError):
+        expect("2yy")
+    with pytest.raises(ScenarioError):
+        Runner(load(EXAMPLES / "scenario_uac.py"), "127.0.0.1:5060", rate=0)
+    assert send("invite").method == "INVITE"
