@@ -91,8 +91,9 @@ CHORD_MESSAGES: Final[Mapping[str, MessageSpec]] = {
     "get_predecessor": MessageSpec(request={}, reply={"node": "node?"}),
     # Stabilize asks this: the successor list and the predecessor in one round trip.
     "get_successors": MessageSpec(request={}, reply={"nodes": "nodes", "pred": "node?"}),
-    # "I think I am your predecessor" (the notifier is the envelope's src/ep).
-    "notify": MessageSpec(request={}, reply={}),
+    # "I think I am your predecessor" (the notifier is the envelope's src/ep). The reply names the
+    # notified node's predecessor, so a notifier that skipped over nodes can walk back at once.
+    "notify": MessageSpec(request={}, reply={"pred": "node?"}),
     # Graceful leave: to the successor with "pred" (my predecessor), to the predecessor with "nodes"
     # (my successors), so both can splice me out at once.
     "leave": MessageSpec(request={"pred": "node?", "nodes": "nodes"}, reply={}),
@@ -618,7 +619,7 @@ class ChordCore:
             )
         if type == "notify":
             self._rectify(src, now)
-            return Reply("ok", {})
+            return Reply("ok", {"pred": self._pred})
         # leave
         pred_raw = body.get("pred")
         pred = parse_node(pred_raw) if pred_raw is not None else None
@@ -821,11 +822,26 @@ class ChordCore:
         return out
 
     def _notify(self, node: NodeRef, now: float) -> None:
+        def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+            # The notified node's predecessor lies between us and it: we skipped a node. Adopt it now
+            # (after querying it, as stabilize would) instead of waiting for the next period.
+            raw = body.get("pred")
+            pred = parse_node(raw) if raw is not None else None
+            first = self._succ[0] if self._succ else None
+            if (
+                pred is not None
+                and first is not None
+                and first.id == node.id
+                and pred.id != self.me.id
+                and ids.between(pred.id, self.me.id, node.id)
+            ):
+                self._when_verified(pred, self._adopt_successor, now)
+
         def on_fail(now: float, dead: bool) -> None:
             if dead:
                 self._node_dead(node.id, now)
 
-        self._request(node.ep, node.id, "notify", {}, lambda *_: None, on_fail, now)
+        self._request(node.ep, node.id, "notify", {}, on_reply, on_fail, now)
 
     def _check_predecessor(self, now: float) -> None:
         pred = self._pred
