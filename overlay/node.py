@@ -46,6 +46,7 @@ from overlay.identity import KeyPair, VerifiedCache, node_identity
 from overlay.ids import key_for, short
 from overlay.storage import (
     DEFAULT_MAX_LIFETIME,
+    DEFAULT_MAX_PER_OWNER,
     DEFAULT_MAX_VALUE,
     MAX_ENTRY_ID,
     Entry,
@@ -86,6 +87,7 @@ class NodeConfig:
     ca_public_key: bytes | None = None
     max_value: int = DEFAULT_MAX_VALUE
     max_lifetime: int = DEFAULT_MAX_LIFETIME
+    max_per_owner: int = DEFAULT_MAX_PER_OWNER  # records one user key may hold on one node
 
 
 @dataclass(slots=True)
@@ -124,6 +126,7 @@ class Node:
             ca_public_key=config.ca_public_key,
             max_value=config.max_value,
             max_lifetime=config.max_lifetime,
+            max_per_owner=config.max_per_owner,
             cache=self.cache,
         )
         self.replicator = Replicator(identity.node_id, replicas)

@@ -39,6 +39,7 @@ MAX_ENTRY_ID = 255
 DEFAULT_MAX_VALUE = 16 * 1024
 DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
 DEFAULT_MEMORY_S = 3600.0
+DEFAULT_MAX_PER_OWNER = 1000
 POLICIES = ("first-claim", "enrolled")
 
 NodeRef = tuple[int, str, int]  # (node id, host, port), as chord and wire use it
@@ -138,6 +139,7 @@ class Store:
         max_value: int = DEFAULT_MAX_VALUE,
         max_lifetime: int = DEFAULT_MAX_LIFETIME,
         memory_s: float = DEFAULT_MEMORY_S,
+        max_per_owner: int = DEFAULT_MAX_PER_OWNER,
         cache: VerifiedCache | None = None,
     ) -> None:
         if policy not in POLICIES:
@@ -149,6 +151,8 @@ class Store:
         self.max_value = max_value
         self.max_lifetime = max_lifetime
         self.memory_s = memory_s
+        self.max_per_owner = max_per_owner
+        self._per_owner: dict[bytes, int] = {}
         self.cache = cache if cache is not None else VerifiedCache()
         self._by_key: dict[int, dict[bytes, _Record]] = {}
         self.refused: dict[str, int] = {}
@@ -160,7 +164,8 @@ class Store:
         return StoreRefused(message, reason=reason)
 
     def check(self, entry: Entry, now: float) -> None:
-        """Raise ``StoreRefused`` (reason: too-large, bad-lifetime, bad-signature, policy, stale-seq)."""
+        """Raise ``StoreRefused`` (reason: too-large, bad-lifetime, bad-removal, bad-signature, policy,
+        stale-seq, quota)."""
         if len(entry.value) > self.max_value:
             raise self._refuse("too-large", f"value of {len(entry.value)} bytes exceeds {self.max_value}")
         if entry.lifetime_s > self.max_lifetime:
@@ -175,6 +180,9 @@ class Store:
             raise self._refuse(
                 "stale-seq", f"seq {entry.seq} is not newer than the stored seq {current.entry.seq}"
             )
+        if current is None and self._per_owner.get(entry.owner, 0) >= self.max_per_owner:
+            # Valid signatures are free to make: without a quota one key could fill every replica.
+            raise self._refuse("quota", f"this user key already holds {self.max_per_owner} records here")
 
     def _check_policy(self, entry: Entry, now: float) -> None:
         if self.policy == "enrolled":
@@ -207,7 +215,19 @@ class Store:
         life = float(entry.lifetime_s)
         if remaining_s is not None:
             life = max(0.0, min(life, remaining_s))
-        self._by_key.setdefault(entry.key, {})[entry.entry_id] = _Record(entry, now + life)
+        slots = self._by_key.setdefault(entry.key, {})
+        old = slots.get(entry.entry_id)
+        if old is not None:
+            self._release(old.entry.owner)
+        slots[entry.entry_id] = _Record(entry, now + life)
+        self._per_owner[entry.owner] = self._per_owner.get(entry.owner, 0) + 1
+
+    def _release(self, owner: bytes) -> None:
+        left = self._per_owner.get(owner, 0) - 1
+        if left > 0:
+            self._per_owner[owner] = left
+        else:
+            self._per_owner.pop(owner, None)
 
     def accept(self, items: Iterable[tuple[Entry, int]], now: float) -> tuple[int, int]:
         """Apply a transfer of ``(entry, remaining ms)``; returns (kept, refused). Stale copies are normal."""
@@ -228,7 +248,7 @@ class Store:
         for key in list(self._by_key):
             slots = self._by_key[key]
             for eid in [e for e, rec in slots.items() if rec.expires_at + self.memory_s <= now]:
-                del slots[eid]
+                self._release(slots.pop(eid).entry.owner)
                 dropped += 1
             if not slots:
                 del self._by_key[key]

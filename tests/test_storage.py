@@ -204,3 +204,14 @@ def test_first_node_hands_over_to_its_first_predecessor() -> None:
     sent = {(t[0], e.entry_id) for t, items in out for e, _ in items}
     assert (other[0], b"t") in sent
     assert rep.is_primary(5) and not rep.is_primary(RING // 4)
+
+
+def test_quota_per_owner_key() -> None:
+    store = Store(max_per_owner=3)
+    for i in range(3):
+        store.put(entry(key=i + 1, entry_id=b"e"), 0.0)
+    assert refused(store, entry(key=99)) == "quota"
+    store.put(entry(key=1, entry_id=b"e", seq=2), 0.0)  # updating an existing record is fine
+    store.put(entry(BOB, key=99), 0.0)  # other keys are not affected
+    store.purge(1000.0 + store.memory_s)  # expired and forgotten: room again
+    store.put(entry(key=99, seq=3), 2000.0 + store.memory_s)

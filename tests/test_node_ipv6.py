@@ -1,0 +1,43 @@
+"""The overlay on IPv6 loopback (skipped where ::1 is not available)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from overlay.chord import ChordConfig
+from overlay.node import Node, NodeConfig
+
+pytestmark = pytest.mark.slow
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_three_nodes_on_ipv6_loopback() -> None:
+    cfg = NodeConfig(
+        chord=ChordConfig(stabilize_interval=0.25, fix_fingers_interval=0.5, check_predecessor_interval=0.5),
+        rpc_timeout=0.5,
+        op_timeout=15.0,
+    )
+    first = await Node.start(bind=("::1", 0), join=None, overlay_name="v6", config=cfg)
+    nodes = [first]
+    try:
+        for _ in range(2):
+            nodes.append(
+                await Node.start(bind=("::1", 0), join=first.endpoint, overlay_name="v6", config=cfg)
+            )
+        await nodes[1].put("sip:six@example.net", b"v6" * 1000)  # over TCP too
+        assert [e.value for e in await nodes[2].get("sip:six@example.net")] == [b"v6" * 1000]
+        assert all(n.stats()["dropped"] == 0 for n in nodes)
+    finally:
+        await asyncio.gather(*(n.close() for n in nodes))
