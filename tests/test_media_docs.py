@@ -25,7 +25,7 @@ def run(code: str) -> str:
 
 
 def test_there_are_examples() -> None:
-    assert len(examples()) >= 6
+    assert len(examples()) >= 7
 
 
 @pytest.mark.parametrize("index", range(len(examples())))
@@ -51,6 +51,8 @@ def test_example_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     if "meter()" in code:
         count, level = map(int, output.split())
         assert 18 <= count <= 22 and abs(level - 11585) < 300
+    if "CallMedia.open" in code:
+        assert output.split() == ["PCMU", "sendonly", "1000"]
     if "JitterBuffer(prefetch=2)" in code:
         assert output.split("\n")[:3] == [
             "172 True",

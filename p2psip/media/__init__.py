@@ -8,6 +8,7 @@ one call. See docs/media.md.
 from __future__ import annotations
 
 from p2psip.media.analysis import dominant_frequency, goertzel_power, rms
+from p2psip.media.call import CallMedia
 from p2psip.media.codecs import PCMA, PCMU, Codec, codec
 from p2psip.media.dtmf import DtmfEvent, DtmfReceiver, DtmfSender
 from p2psip.media.jitter import JitterBuffer
@@ -36,6 +37,7 @@ __all__ = [
     "AudioFileError",
     "AudioSink",
     "AudioSource",
+    "CallMedia",
     "CallbackSink",
     "CallbackSource",
     "Codec",

@@ -1,0 +1,125 @@
+"""CallMedia: the media half of one call, the piece a UserAgent plugs in.
+
+It holds a :class:`MediaSession` and the offer/answer state around it, so the signalling side only moves
+SDP bodies: ``offer()`` for an INVITE (or a hold/resume re-INVITE), ``accept_answer(body)`` on the 2xx,
+``answer(body)`` for an incoming INVITE or re-INVITE, ``close()`` on BYE. It keeps one ``o=`` session id for
+the whole call and increases the version whenever what we send changes (RFC 3264 §8).
+
+A bad SDP body raises :class:`~p2psip.errors.ParseError` (``status_hint`` 488: answer ``488 Not Acceptable
+Here``); a well-formed offer with nothing acceptable gives an answer with port 0 and
+:attr:`CallMedia.params` ``.rejected`` True.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from p2psip.errors import ParseError
+from p2psip.media.session import MediaSession
+from p2psip.media.sources import AudioSink, AudioSource, WavSink, WavSource
+from p2psip.sdp import Direction, MediaParams, SessionDescription, make_answer, make_offer, negotiated
+
+__all__ = ["CallMedia"]
+
+
+class CallMedia:
+    """See the module docstring. Create with ``await CallMedia.open(...)``."""
+
+    def __init__(
+        self, session: MediaSession, address: str, codecs: tuple[str, ...], dtmf: int | None
+    ) -> None:
+        self.session = session
+        self.address = address
+        self.codecs = codecs
+        self.dtmf_payload_type = dtmf
+        self.params: MediaParams | None = None
+        self._local: SessionDescription | None = None  # the last SDP we sent
+        self._pending_offer: SessionDescription | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        address: str = "127.0.0.1",
+        *,
+        play: str | Path | AudioSource | None = None,
+        record: str | Path | AudioSink | None = None,
+        port: int = 0,
+        codecs: tuple[str, ...] = ("PCMU", "PCMA"),
+        dtmf_payload_type: int | None = 101,
+        **session_options: Any,
+    ) -> CallMedia:
+        """Bind the media ports on ``address`` (the address the peer will send to: put in the SDP).
+
+        ``play``/``record`` take a WAV path or any source/sink. Nothing is sent until the SDP exchange has
+        told us where (or, with symmetric RTP, until the peer's first packet arrives).
+        """
+        source = WavSource(play) if isinstance(play, str | Path) else play
+        sink = WavSink(record) if isinstance(record, str | Path) else record
+        session = await MediaSession.start(
+            (address, port),
+            source=source,
+            sink=sink,
+            dtmf_payload_type=dtmf_payload_type,
+            **session_options,
+        )
+        return cls(session, address, tuple(codecs), dtmf_payload_type)
+
+    @property
+    def port(self) -> int:
+        return self.session.local_address[1]
+
+    def offer(self, direction: Direction = "sendrecv") -> bytes:
+        """An offer (the first, or a re-offer: ``"sendonly"`` holds, ``"sendrecv"`` resumes)."""
+        sdp = make_offer(
+            self.address,
+            self.port,
+            codecs=self.codecs,
+            dtmf_payload_type=self.dtmf_payload_type,
+            direction=direction,
+            previous=self._local,
+        )
+        self._local = self._pending_offer = sdp
+        return bytes(sdp)
+
+    def hold(self) -> bytes:
+        return self.offer("sendonly")
+
+    def resume(self) -> bytes:
+        return self.offer("sendrecv")
+
+    def accept_answer(self, body: bytes) -> MediaParams:
+        """Apply the answer to our last offer; raises ParseError for bad SDP or when no offer is pending."""
+        if self._pending_offer is None:
+            raise ParseError("an SDP answer arrived but no offer is pending", status_hint=488)
+        answer = SessionDescription.parse(body)
+        params = negotiated(self._pending_offer, answer)
+        self._pending_offer = None
+        self._apply(params)
+        return params
+
+    def answer(self, body: bytes, direction: Direction = "sendrecv") -> bytes:
+        """Answer an offer (an INVITE's or a re-INVITE's body) and apply it; ParseError for bad SDP."""
+        offer = SessionDescription.parse(body)
+        sdp = make_answer(
+            offer,
+            self.address,
+            self.port,
+            codecs=self.codecs,
+            dtmf=self.dtmf_payload_type is not None,
+            direction=direction,
+            previous=self._local,
+        )
+        self._local = sdp
+        self._apply(negotiated(offer, sdp, role="answerer"))
+        return bytes(sdp)
+
+    def _apply(self, params: MediaParams) -> None:
+        self.params = params
+        if params.rejected:
+            self.session.set_direction("inactive")
+        else:
+            self.session.apply(params)
+
+    async def close(self) -> None:
+        await self.session.close()
