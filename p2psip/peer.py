@@ -266,6 +266,8 @@ class Peer:
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {data_dir}: {exc.strerror or exc}") from None
         join = config.join.as_tuple() if config.join else None
+        if join is not None and on_event is not None:
+            on_event("joining", f"joining overlay {config.overlay_name!r} through {config.join}")
         try:
             node = await Node.start(
                 bind=config.overlay.as_tuple(),
@@ -276,7 +278,8 @@ class Peer:
                 config=node_config,
             )
         except NotJoined as exc:
-            raise P2PSIPError(f"{exc} (is a peer running there? check --join)") from None
+            detail = str(exc).strip().rstrip(":")
+            raise P2PSIPError(f"{detail} (is a peer of that overlay running there? check --join)") from None
         except OverlayError as exc:
             raise ConfigError(f"overlay: {exc}") from None
         try:

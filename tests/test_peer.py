@@ -254,3 +254,26 @@ async def test_dns_only_when_enabled(make_peer: PeerFactory, phones) -> None:
     answered = await caller.call(uri, with_dns.sip_address())
     assert answered.answered
     assert str(gateway.invites.get_nowait().uri) == uri
+
+
+async def test_join_through_a_dead_peer_is_a_clear_error(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from conftest import free_port
+
+    from p2psip.errors import P2PSIPError
+
+    config = PeerConfig(
+        listen=[ListenSpec("udp", "127.0.0.1", 0)],
+        overlay=HostPort("127.0.0.1", 0),
+        join=HostPort("127.0.0.1", free_port()),
+        data_dir=tmp_path / "lonely",
+    )
+    events: list[tuple[str, str]] = []
+    with pytest.raises(P2PSIPError, match="check --join"):
+        await Peer.start(
+            config,
+            on_event=lambda kind, text: events.append((kind, text)),
+            node_config=replace(quick_node_config(), join_timeout=1.0),
+        )
+    assert events and events[0][0] == "joining"
