@@ -358,9 +358,20 @@ def _from_wire(ftype: str, value: Any, name: str) -> Any:
 
 
 def _node(value: Any, name: str) -> NodeRef:
-    if not isinstance(value, list) or len(value) != 3:
+    # the hot path of routing replies (up to 16 per message): checks inlined
+    if type(value) is not list or len(value) != 3:
         raise WireError(f"{name}: a node is [id, host, port]")
-    return NodeRef(_from_wire("id", value[0], name), _host(value[1], name), _port(value[2], name))
+    ident, host, port = value
+    if (
+        type(ident) is not bytes
+        or len(ident) != ID_BYTES
+        or type(host) is not str
+        or not 0 < len(host) <= MAX_HOST
+        or type(port) is not int
+        or not 0 <= port <= 65535
+    ):
+        raise WireError(f"{name}: a node is [16-byte id, host, port]")
+    return NodeRef(int.from_bytes(ident, "big"), host, port)
 
 
 def _blob(value: Any, name: str) -> bytes:
