@@ -52,12 +52,9 @@ async def register(peer: Peer, aor: str, contact: str, expires: int = 600) -> in
     """REGISTER ``contact`` for ``aor`` at ``peer`` (a plain UDP client in a thread: the peer runs here)."""
     client = UdpClient()
     try:
-        request = client.request(
-            "REGISTER", "sip:%s:%d" % peer.sip_address(), from_=aor, to=aor,
-            headers=[("Contact", f"<{contact}>;expires={expires}")],
-        )  # fmt: skip
-        request.remove("Contact")
-        request.add("Contact", f"<{contact}>;expires={expires}")
+        host, port = peer.sip_address()
+        request = client.request("REGISTER", f"sip:{host}:{port}", from_=aor, to=aor)
+        request.set("Contact", f"<{contact}>;expires={expires}")
         response = await asyncio.to_thread(client.send, request, peer.sip_address(), 15.0)
         return response.status
     finally:
@@ -193,7 +190,8 @@ async def test_a_bad_script_costs_one_call_not_the_peer(
         "import os\ndef handler(event):\n    os._exit(3)\nbasic.addEventListener('incoming', handler)\n"
     )
     (d / "edited@example.com.py").write_text(
-        "def handler(event):\n    event.action.reject(486, 'Busy')\nbasic.addEventListener('incoming', handler)\n"
+        "def handler(event):\n    event.action.reject(486, 'Busy')\n"
+        "basic.addEventListener('incoming', handler)\n"
     )
     caller = await overlay.phone("sip:carol@example.com")
 
