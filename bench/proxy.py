@@ -13,6 +13,10 @@ Proxies measured in the same run, one at a time, on UDP:
 - ``kamailio-sl`` — Kamailio stateless (``forward``), the floor any proxy can reach;
 - ``direct`` — sipp UAC straight to sipp UAS, no proxy: the ceiling of what sipp can measure here.
 
+CPU time per call is per call *offered* (a failing call's retransmissions cost too); "(overloaded)" marks
+a proxy that did not sustain 1,000 calls/s, so that figure is from a step it failed. Kamailio's figure
+includes its idle timer and worker processes, which weighs more at low rates.
+
 For each: the highest rate of a bounded ladder (then one bisection step) that completes every call, with
 the run lasting no more than 15 % (+2 s of tail) over the step duration (else sipp or the proxy could
 not keep the rate); CPU time per call at 1,000 calls/s
@@ -108,6 +112,7 @@ def _kamailio(stateful: bool) -> Runner:
 @dataclass
 class Step:
     rate: int
+    calls: int
     ok: bool
     result: SippResult
     cpu_s: float
@@ -120,6 +125,8 @@ class Row:
     steps: list[Step] = field(default_factory=list)
     max_rate: int = 0
     cpu_ms_per_call: float | None = None
+    cpu_ms_per_call_half: float | None = None
+    """CPU per call in the latency step (half our maximum rate), which every proxy sustains."""
     cpu_overloaded: bool = False
     """The CPU figure comes from a 1,000 calls/s step the proxy did not sustain."""
     p99_ms: float | None = None
@@ -148,7 +155,7 @@ def run_step(runner: Runner, rate: int, duration: float, workdir: Path, *, trace
     # sustained: every call completed, none failed, and sipp was not slowed below the asked rate (the run
     # may exceed calls/rate by the last calls' tail and the UAC's 0.5 s wait, so allow 15 % + 2 s)
     ok = result.failed == 0 and result.successful == calls and result.elapsed <= duration * 1.15 + 2.0
-    step = Step(rate, ok, result, cpu_used, time.monotonic() - started)
+    step = Step(rate, calls, ok, result, cpu_used, time.monotonic() - started)
     verdict = "ok" if ok else "FAIL"
     print(
         f"  {runner.name:14s} {rate:5d}/s x {duration:g}s: {verdict:4s} successful={result.successful} "
@@ -183,14 +190,16 @@ def cpu_at(runner: Runner, rate: int, duration: float, workdir: Path, row: Row) 
     if step is None:
         step = run_step(runner, rate, duration, workdir)
         row.steps.append(step)
-    if step.result.successful:
-        row.cpu_ms_per_call = 1000 * step.cpu_s / step.result.successful
-        row.cpu_overloaded = not step.ok
+    # per call offered (not per call completed: a failing call still cost its retransmissions)
+    row.cpu_ms_per_call = 1000 * step.cpu_s / step.calls
+    row.cpu_overloaded = not step.ok
 
 
 def latency_at(runner: Runner, rate: int, duration: float, workdir: Path, row: Row) -> None:
     step = run_step(runner, rate, duration, workdir, trace_rtt=True)
     row.steps.append(step)
+    if step.ok and runner.make is not None:
+        row.cpu_ms_per_call_half = 1000 * step.cpu_s / step.calls
     if step.result.setup_ms:
         row.p99_ms = step.result.percentile(99)
         row.p50_ms = step.result.percentile(50)
@@ -203,15 +212,16 @@ def fmt(value: float | None, spec: str) -> str:
 def table(rows: list[Row], half: int, duration: float) -> str:
     kam = next((r for r in rows if r.name == "kamailio-tm"), None)
     lines = [
-        f"| proxy | max calls/s, {duration:g} s, 0 failed | ratio to kamailio-tm | CPU ms/call at 1,000 calls/s "
-        f"| p50 / p99 setup ms at {half} calls/s |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"| proxy | max calls/s ({duration:g} s, 0 failed) | ratio to kamailio-tm "
+        f"| CPU ms/call at 1,000 calls/s | CPU ms/call at {half} calls/s | p50 / p99 setup ms at {half} calls/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         ratio = row.max_rate / kam.max_rate if kam and kam.max_rate and row.name != "direct" else None
+        cpu = fmt(row.cpu_ms_per_call, ".2f") + (" (overloaded)" if row.cpu_overloaded else "")
         lines.append(
-            f"| {row.name} | {row.max_rate or 'below ladder'} | {fmt(ratio, '.2f')} | {fmt(row.cpu_ms_per_call, '.3f')}{' (overloaded)' if row.cpu_overloaded else ''} "
-            f"| {fmt(row.p50_ms, '.0f')} / {fmt(row.p99_ms, '.0f')} |"
+            f"| {row.name} | {row.max_rate or 'below ladder'} | {fmt(ratio, '.2f')} | {cpu} "
+            f"| {fmt(row.cpu_ms_per_call_half, '.2f')} | {fmt(row.p50_ms, '.0f')} / {fmt(row.p99_ms, '.0f')} |"
         )
     return "\n".join(lines)
 

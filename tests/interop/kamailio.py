@@ -42,6 +42,9 @@ dns=no
 rev_dns=no
 use_dns_cache=no
 tcp_connection_lifetime=3605
+# UDP receive buffers up to 4 MB (the kernel's rmem_max here), like sipp and our proxy: a burst must
+# not be lost in the kernel while a worker waits for a CPU on a loaded machine
+maxbuffer=4194304
 {listens}
 mpath="{MODULES}"
 loadmodule "pv.so"

@@ -24,6 +24,9 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 UAC_RR = SCENARIOS / "uac_rr.xml"
 UAS_RR = SCENARIOS / "uas_rr.xml"
 UAC_DOMAIN = SCENARIOS / "uac_domain.xml"
+# 4 MB socket buffers (sipp's default is 64 kB): on a loaded machine a burst of datagrams must wait in the
+# kernel rather than be dropped while sipp waits for a CPU
+BUFFERS = ("-buff_size", "4194304")
 
 
 def sipp_path() -> str:
@@ -178,6 +181,7 @@ def uas(
         # a proxy with several workers may reorder an ACK behind the BYE (legal on UDP): tolerate it
         "-default_behaviors",
         "all,-abortunexp",
+        *BUFFERS,
         *extra,
     ]
     return Sipp(args, workdir, name).start(ready_port=(port, _transport_kind(transport)))
@@ -247,6 +251,7 @@ def uac(
         str(workdir / name / "errors.log"),
         "-default_behaviors",
         "all,-abortunexp",
+        *BUFFERS,
     ]
     if proxy is not None:
         args += ["-rsa", proxy]
