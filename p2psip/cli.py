@@ -221,8 +221,11 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
 
 def _print_lookup(result: dict[str, Any]) -> None:
     print(f"{result['aor']}  key {result['key']}")
-    path = result.get("path", [])
-    print(f"  lookup: {result.get('hops', len(path))} hops: " + " -> ".join(p["id"][:8] for p in path))
+    responsible = result.get("responsible") or {"id": "?", "addr": "?"}
+    print(
+        f"  lookup: {result.get('hops')} hop(s) to {responsible['id'][:8]} ({responsible['addr']}), "
+        f"the node responsible; {result.get('lookup_ms')} ms with the fetch"
+    )
     holders = result.get("holders", [])
     if holders:
         print("  stored at: " + ", ".join(f"{h['id'][:8]} ({h['addr']})" for h in holders))

@@ -136,7 +136,6 @@ class LookupResult:
             "key": f"{self.key:032x}",
             "hops": self.hops,
             "responsible": node(self.responsible) if self.responsible else None,
-            "path": [node(self.responsible)] if self.responsible else [],
             "holders": [node(n) for n in self.holders],
             "lookup_ms": round(self.seconds * 1000, 2),
             "bindings": [
@@ -800,15 +799,6 @@ async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | 
         await server.close()
         await peer.close(leave=True)
     return 0
-
-
-def iter_bindings(entries: Iterable[Any], aor: str) -> list[Binding]:
-    """Decode the registration records among overlay entries (skipping malformed ones)."""
-    out = []
-    for entry in entries:
-        with contextlib.suppress(ValueError):
-            out.append(decode_binding(aor, entry.value))
-    return out
 
 
 def ring_is_settled(peers: Iterable[Peer]) -> bool:
