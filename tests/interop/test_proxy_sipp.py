@@ -37,6 +37,25 @@ def test_thousand_calls_through_our_stateful_proxy(
     assert stats.get("forwarded_requests", 0) >= 2000, stats
 
 
+def test_thousand_calls_with_sipp_builtin_scenarios(sipp_tool: str, workdir: Path) -> None:
+    """The unmodified ``-sn uac`` / ``-sn uas``: the UAS does not copy Record-Route, so the UAC sends ACK
+    and BYE without Route, to the proxy (``-rsa``) and by Request-URI; the proxy must still carry them."""
+    uport, cport = free_port(), free_port()
+    with OurProxy(workdir) as proxy, uas(workdir, uport, scenario=None):
+        result = run_calls(
+            workdir,
+            f"127.0.0.1:{uport}",
+            calls=1000,
+            rate=200,
+            port=cport,
+            proxy=proxy.address("udp"),
+            scenario=None,
+            timeout=90,
+        )
+    assert (result.successful, result.failed) == (1000, 0), f"{result}\nproxy output:\n{proxy.output()}"
+    assert proxy.final_stats().get("forwarded_requests", 0) >= 2000
+
+
 def test_calls_through_our_stateless_proxy(sipp_tool: str, workdir: Path) -> None:
     uport, cport = free_port(), free_port()
     with OurProxy(workdir, stateless=True) as proxy, uas(workdir, uport, scenario=None):

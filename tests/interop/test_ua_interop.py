@@ -74,6 +74,7 @@ async def test_our_ua_calls_sipp_uas(sipp_tool: str, workdir: Path, stack: Stack
     assert callee.proc is not None and callee.proc.returncode == 0, _uas_counts(callee)
 
 
+@pytest.mark.slow
 async def test_our_ua_calls_sipp_uas_through_loss(sipp_tool: str, workdir: Path, stack: Stack) -> None:
     """20 % loss both ways, plus the first copy of every INVITE and every 200 lost: the INVITE client
     transaction's retransmissions (Timer A) and sipp's 200 retransmissions must get every call through."""
@@ -103,7 +104,7 @@ def _answering_ua(stack: Stack, aor: str, **kwargs: object) -> tuple[UserAgent, 
     return UserAgent(stack, aor, on_call=on_call, **kwargs), calls  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("loss", [0.0, 0.2])
+@pytest.mark.parametrize("loss", [0.0, pytest.param(0.2, marks=pytest.mark.slow)])
 async def test_sipp_uac_calls_our_ua(sipp_tool: str, workdir: Path, stack: Stack, loss: float) -> None:
     """sipp's UAC calls our UA 10 times (directly, or through the lossy relay: the first copy of every
     INVITE, 200 and BYE is lost too, so both sides' retransmissions are exercised)."""
