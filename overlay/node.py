@@ -559,6 +559,11 @@ class Node:
         if msg.src == self.me.id:
             self._count("dropped_forged")  # somebody claims to be us
             return
+        if not _same_endpoint(msg.ep, addr):
+            # The claimed endpoint is where replies and routing go: it must be where this came from,
+            # or anyone could speak for a neighbour (leave, notify) or aim our replies at a victim.
+            self._count("dropped_forged")
+            return
         if msg.type in ("store", "fetch", "transfer"):
             self._spawn(self._answer_storage(msg, addr))
             return
