@@ -573,12 +573,17 @@ async def _demo(peer_count: int) -> int:
             # 3. lookup
             print(f"\n3. {name[alice_peer.node.node_id]} (alice's peer) looks bob up in the overlay")
             found = await alice_peer.lookup(bob_aor)
+            path, hops = await alice_peer.lookup_path(bob_aor)
+            by_ep = {p.overlay_address: name[p.node.node_id] for p in peers}
             responsible = name.get(found.responsible[0], "?") if found.responsible else "?"
-            print(
-                f"   key {found.key:032x}"[:19]
-                + f"...: {found.hops} hop(s) to {responsible}, the node responsible"
-                f" for it ({found.seconds * 1000:.1f} ms including the fetch)"
-            )
+            here = name[alice_peer.node.node_id]
+            route = " -> ".join([here, *(by_ep.get(ep, f"{ep[0]}:{ep[1]}") for ep in path)])
+            print(f"   key {found.key:032x}"[:19] + f"...: responsible node {responsible}")
+            if responsible == here:
+                print(f"   lookup path: {here} is itself responsible for the key (0 hops)")
+            else:
+                print(f"   lookup path: {route}  ({hops} hop(s); {here} asks each node itself, iteratively)")
+            print(f"   lookup + fetch took {found.seconds * 1000:.1f} ms")
             for b in found.bindings:
                 print(f"   contact: {b.contact} (expires in {b.remaining(time.time())} s)")
 

@@ -590,6 +590,37 @@ class Peer:
             current = nxt
         return found
 
+    async def lookup_path(self, aor: str) -> tuple[list[tuple[str, int]], int]:
+        """The overlay endpoints this node queries to find ``aor``'s key, in order, and the hop count.
+
+        The overlay's ``Node.lookup`` reports only the responsible node and the hop count, so the path is
+        read off the ``find_successor`` requests this node sends for that key while the lookup runs (the
+        lookup is iterative: this node asks every hop itself). For the demo and for diagnosis.
+        """
+        import msgpack
+
+        key = ids.key_for(aor)
+        wanted = ids.to_bytes(key)
+        path: list[tuple[str, int]] = []
+        node: Any = self.node
+        original = node._sendto
+
+        def watching(data: bytes, ep: tuple[str, int]) -> None:
+            with contextlib.suppress(Exception):
+                message = msgpack.unpackb(data, raw=False)
+                if message.get("t") == "find_successor" and message.get("key") == wanted and ep not in path:
+                    path.append(ep)
+            original(data, ep)
+
+        node._sendto = watching
+        try:
+            responsible, hops = await self.node.lookup(key)
+        finally:
+            node._sendto = original
+        if responsible.ep not in path:
+            path.append(responsible.ep)
+        return path, hops
+
     @staticmethod
     def key_of(aor: str) -> int:
         """The ring key of an AOR: the first 128 bits of SHA-256 of its canonical form."""
