@@ -504,6 +504,7 @@ def _audio_media(
     direction: Direction,
     ptime: int,
     rtcp_mux: bool,
+    dtmf_events: str = "0-16",
 ) -> MediaDescription:
     media = MediaDescription("audio", port, "RTP/AVP", [str(pt) for pt, _ in codecs])
     for payload_type, name in codecs:
@@ -511,7 +512,7 @@ def _audio_media(
     if dtmf_payload_type is not None:
         media.formats.append(str(dtmf_payload_type))
         media.attributes.append(("rtpmap", f"{dtmf_payload_type} telephone-event/8000"))
-        media.attributes.append(("fmtp", f"{dtmf_payload_type} 0-16"))
+        media.attributes.append(("fmtp", f"{dtmf_payload_type} {dtmf_events}"))
     media.attributes.append(("ptime", str(ptime)))
     if rtcp_mux:
         media.attributes.append(("rtcp-mux", None))
@@ -647,6 +648,8 @@ def make_answer(
                 answer_direction,
                 media.ptime or ptime,
                 media.attribute("rtcp-mux") is not None,
+                # the events the offerer can receive; DTMF (0-15) is all we send
+                media.fmtp().get(offered_dtmf, "0-16") if offered_dtmf is not None else "0-16",
             )
         )
     return _finish(answer, previous)

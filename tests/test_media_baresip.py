@@ -38,7 +38,7 @@ def _free_udp_port() -> int:
 
 
 def _header(head: str, name: str) -> str:
-    match = re.search(rf"^{name}:.*$", head, re.M | re.I)
+    match = re.search(rf"^{name}:[^\r\n]*", head, re.M | re.I)
     assert match, f"no {name} header in {head!r}"
     return match.group(0)
 
@@ -46,7 +46,7 @@ def _header(head: str, name: str) -> str:
 def _response(head: str, extra: list[str], body: bytes = b"", to_tag: str = "") -> bytes:
     lines = [
         "SIP/2.0 200 OK",
-        *re.findall(r"^Via:.*$", head, re.M | re.I),
+        *re.findall(r"^Via:[^\r\n]*", head, re.M | re.I),
         _header(head, "From"),
         _header(head, "To") + to_tag,
         _header(head, "Call-ID"),
@@ -130,22 +130,29 @@ class MiniUas:
         return head, body, addr
 
     async def answer(
-        self, session: MediaSession, advertise: tuple[str, int] | None = None
+        self,
+        session: MediaSession,
+        advertise: tuple[str, int] | None = None,
+        codecs: tuple[str, ...] = ("PCMU",),
     ) -> SessionDescription:
-        """Wait for the INVITE, apply the negotiation to ``session``, send 200 OK, wait for the ACK."""
+        """Wait for the INVITE, apply the negotiation to ``session``, send 200 OK (again for each
+        retransmitted INVITE) until the ACK arrives."""
         while True:
             head, body, addr = await self.receive()
             if head.startswith("INVITE"):
                 break
         offer = SessionDescription.parse(body.encode())
-        answer = make_answer(offer, *(advertise or session.local_address), codecs=["PCMU"])
+        answer = make_answer(offer, *(advertise or session.local_address), codecs=codecs)
         session.apply(negotiated(offer, answer, role="answerer"))
         contact = f"Contact: <sip:us@127.0.0.1:{self.port}>"
         ok = _response(head, [contact, "Content-Type: application/sdp"], bytes(answer), ";tag=p2psip")
         self.sock.sendto(ok, addr)
-        head, _, _ = await self.receive()
-        assert head.startswith("ACK"), head
-        return offer
+        while True:
+            head, _, _ = await self.receive()
+            if head.startswith("ACK"):
+                return offer
+            assert head.startswith("INVITE"), head
+            self.sock.sendto(ok, addr)
 
     async def until_bye(self) -> None:
         while True:

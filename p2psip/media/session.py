@@ -284,7 +284,13 @@ class MediaSession:
         self.recv_enabled = direction in ("sendrecv", "recvonly")
 
     def apply(self, params: NegotiatedMedia) -> None:
-        """Adopt an offer/answer outcome (:func:`p2psip.sdp.negotiated`): peer, codec, DTMF, direction."""
+        """Adopt an offer/answer outcome (:func:`p2psip.sdp.negotiated`): peer, codec, DTMF, direction.
+
+        A rejected negotiation (no audio accepted) makes the session inactive: nothing sent or played.
+        """
+        if getattr(params, "rejected", False):
+            self.set_direction("inactive")
+            return
         self.codec = codec(params.codec, params.payload_type)
         self.receive_payload_type = params.receive_payload_type
         self.dtmf_payload_type = params.dtmf_payload_type
