@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, require_tool
+from interop.procs import wait_for_ports
 
 from p2psip.cli import main
 from p2psip.message import Response, parse
@@ -110,6 +111,7 @@ def run_sipp_calls(
             cwd=work,
         )
         try:
+            wait_for_ports(uas, [(uas_port, transport)], timeout=30, what="sipp uas")  # type: ignore[arg-type]
             stat = os.path.join(work, "uac.csv")
             uac = subprocess.run(
                 [
