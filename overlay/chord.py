@@ -862,9 +862,13 @@ class ChordCore:
         first = ids.distance(self.me.id, self._succ[0].id)
         idx = self._next_finger
         dists = self._finger_dist
-        if idx >= len(dists) or dists[idx] <= first:
-            if idx >= len(dists):
-                self._finger_burst = False
+        if idx >= len(dists):
+            # One round per cycle of the table checks our successor from the far side instead.
+            self._finger_burst = False
+            self._next_finger = 0
+            self._check_successor_remotely(now)
+            return
+        if dists[idx] <= first:
             idx = bisect_right(dists, first)
             succ = self._succ[0]
             for i in range(idx):
@@ -872,7 +876,7 @@ class ChordCore:
                     self._fingers[i] = succ
                     self._route_dirty = True
         if idx >= len(dists):
-            self._next_finger = 0
+            self._next_finger = len(dists)
             return
         target = (self.me.id + dists[idx]) % ids.RING
         self._finger_busy = True
@@ -889,6 +893,35 @@ class ChordCore:
 
         lk = self._new_lookup(target, found, exclude_self=False)
         self._lookup_local(lk, now)
+
+    def _check_successor_remotely(self, now: float) -> None:
+        """Look up the owner of me + 1 starting at a random far node, not from our own table.
+
+        Stabilize only learns about nodes through the successor's predecessor. After a burst of joins, a
+        chain of new nodes can each point past the nodes that should follow them (each is its successor's
+        predecessor, so stabilize sees nothing wrong); a lookup through the rest of the ring finds the
+        closer successor, which is then adopted the Zave way (queried first). Costs one lookup per cycle
+        through the finger table.
+        """
+        self._rebuild_routes()
+        first = self._succ[0]
+        far = [n for n in self._route_nodes if n.id != first.id]
+        if not far:
+            return
+        seed = far[int(self._unit() * len(far)) % len(far)]
+        self._finger_busy = True
+
+        def found(node: NodeRef | None, hops: int, reason: str, now: float) -> None:
+            self._finger_busy = False
+            if node is None or not self._succ or node.id == self.me.id:
+                return
+            if ids.between(node.id, self.me.id, self._succ[0].id):
+                self._count("successor_corrections")
+                self._when_verified(node, self._adopt_successor, now)
+
+        lk = self._new_lookup((self.me.id + 1) % ids.RING, found, exclude_self=True)
+        lk.pool[seed.id] = seed
+        self._lookup_step(lk, now)
 
     def _set_finger(self, idx: int, node: NodeRef) -> None:
         dists = self._finger_dist

@@ -461,6 +461,19 @@ class Simulator:
         if self._mean_session is not None:
             self._push(self.now + self.rng.expovariate(1.0 / self._mean_session), _DEPART, node)
 
+    def ring_errors(self) -> int:
+        """Live joined nodes whose first successor or predecessor is not the true one right now."""
+        members = self._members
+        count = len(members)
+        bad = 0
+        for i, node_id in enumerate(members):
+            core = self._by_id[node_id].core
+            succ = core.successors[0].id if core.successors else None
+            pred = core.predecessor.id if core.predecessor else None
+            if count > 1 and (succ != members[(i + 1) % count] or pred != members[i - 1]):
+                bad += 1
+        return bad
+
     # ---- storage ----------------------------------------------------------------------------------
 
     def _setup_storage(self) -> None:

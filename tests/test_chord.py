@@ -619,3 +619,14 @@ def test_a_forged_leave_does_not_cut_the_ring() -> None:
     assert reply is not None and reply.type == "ok"
     assert core.successors[0] == succ
     assert core.stats()["leave_ignored"] == 1
+
+
+def test_a_burst_of_joins_converges() -> None:
+    # 40 nodes join within 4 s, each through a random earlier node, while the ring is still forming:
+    # joins get successors that are too far, and chains of such nodes must be walked back.
+    rng = random.Random(21)
+    net = Net()
+    cores = [hash_node(rng) for _ in range(40)]
+    join_all(net, cores, rng, spacing=0.1)
+    net.run(60)
+    assert_ring(cores)
