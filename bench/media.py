@@ -73,6 +73,7 @@ class Step:
     lost: int
     remote_lost: int
     packets: int
+    window_s: float
     max_lateness_ms: float
 
     @property
@@ -130,6 +131,7 @@ async def measure(calls: int, seconds: float, loop_kind: str) -> Step:
         lost=sum(s.lost - b[1] for s, b in zip(stats, before, strict=True)),
         remote_lost=sum(max(0, s.remote_lost or 0) for s in stats),
         packets=sum(s.packets_received - b[0] for s, b in zip(stats, before, strict=True)),
+        window_s=wall1 - wall0,
         max_lateness_ms=max(s.max_tick_lateness_ms for s in stats),
     )
 
@@ -170,12 +172,12 @@ def main() -> None:
         all_steps += run_config(kind, steps, args.seconds)
     print(f"\nMedia: bidirectional PCMU calls in one process, {args.seconds:.0f} s window, loopback, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    print("| loop | calls | CPU of one core | jitter, worst stream, window mean (ours / far end via RTCP) | jitter, worst sample | lost (in / out) | packets in | worst tick late | result |")
+    print("| loop | calls | CPU of one core | jitter, worst stream, window mean (ours / far end via RTCP) | jitter, worst sample | lost (in / out) | packets in per stream per s | worst tick late | result |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for s in all_steps:
         print(
             f"| {s.loop} | {s.calls} | {s.cpu_percent:.0f}% | {s.jitter_max_ms:.2f} / {s.remote_jitter_max_ms:.2f} ms"
-            f" | {s.jitter_worst_ms:.1f} / {s.remote_jitter_worst_ms:.1f} ms | {s.lost} / {s.remote_lost} | {s.packets} | {s.max_lateness_ms:.1f} ms"
+            f" | {s.jitter_worst_ms:.1f} / {s.remote_jitter_worst_ms:.1f} ms | {s.lost} / {s.remote_lost} | {s.packets / s.calls / s.window_s:.1f} | {s.max_lateness_ms:.1f} ms"
             f" | {'pass' if s.passed else 'FAIL'} |"
         )
     print()
