@@ -100,7 +100,9 @@ def main() -> None:
                 loss=args.loss,
             )
         )
-        label = f"churn {args.median_session / 3600:g} h median, {args.churn_s / 60:g} min"
+        median = args.median_session
+        median_text = f"{median / 3600:g} h" if median >= 3600 else f"{median / 60:g} min"
+        label = f"churn {median_text} median, {args.churn_s / 60:g} min"
         if args.loss:
             label += f", {100 * args.loss:g} % loss"
         print(row(label, args.churn_n, churn, None), flush=True)
