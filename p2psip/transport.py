@@ -795,9 +795,14 @@ def _tune_udp_socket(sock: socket.socket | None) -> None:
     """Bigger socket buffers: a burst of a few thousand datagrams must not be dropped by the kernel."""
     if sock is None:
         return
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+    size = 4 * 1024 * 1024
+    # SO_RCVBUFFORCE/SO_SNDBUFFORCE (Linux, root) pass net.core.rmem_max; else the capped plain option.
+    for forced, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 def target_from_uri(uri: URI, *, default_transport: str = "udp") -> Target:

@@ -58,6 +58,7 @@ class _Pending:
         self.final: asyncio.Future[Response] = ua.loop.create_future()
         self.auth_tries = 0
         self.transaction: ClientTransaction | None = None
+        self.dialog: Dialog | None = None  # set for a re-INVITE: its 2xx is ACKed in this dialog
 
     def on_response(self, response: Response) -> None:
         if response.status >= 200 and not self.final.done():
@@ -91,6 +92,34 @@ class Call:
             return await self.ua._request(request, timeout=timeout)
         finally:
             self.ua._dialogs.pop(dialog.id, None)
+
+    async def send(
+        self,
+        method: str,
+        *,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        timeout: float | None = 32.0,
+    ) -> Response:
+        """Send a request inside the dialog (INFO, UPDATE, MESSAGE, NOTIFY, or INVITE for a re-INVITE,
+        whose 2xx is ACKed here); returns the final response. The dialog follows target refreshes."""
+        dialog = self.dialog
+        if dialog is None or dialog.state is DialogState.TERMINATED:
+            raise CallFailed(481, "Call/Transaction Does Not Exist (no dialog)")
+        request = dialog.create_request(
+            method, body=body, content_type=content_type if body else None, headers=headers
+        )
+        if method.upper() == "INVITE":
+            pending = self.ua._send(request)
+            pending.dialog = dialog
+            response = await asyncio.wait_for(asyncio.shield(pending.final), timeout)
+        else:
+            response = await self.ua._request(request, timeout=timeout)
+        dialog.receive_response(request, response)
+        if dialog.state is DialogState.TERMINATED:  # type: ignore[comparison-overlap]  # 481/408
+            self._end(f"failed {response.status}")
+        return response
 
     async def wait_ended(self, timeout: float | None = None) -> str:
         """Wait until the call is over; returns why (``bye received``, ``bye sent``, ``cancelled``...)."""
@@ -623,6 +652,12 @@ class UserAgent:
         if isinstance(context, OutgoingCall):
             self._invite_response(context, transaction, response)
         elif isinstance(context, _Pending):
+            if context.dialog is not None and 200 <= response.status < 300:
+                dialog = context.dialog
+                if context.final.done() and dialog.last_ack is not None:
+                    self._send_ack(dialog.last_ack, resend=True)  # a retransmitted 2xx to the re-INVITE
+                else:
+                    self._send_ack(dialog.create_ack(response))
             context.on_response(response)
 
     def _invite_response(self, call: OutgoingCall, tx: ClientTransaction, response: Response) -> None:

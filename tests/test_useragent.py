@@ -113,6 +113,19 @@ async def test_message_and_options(pair: tuple[UserAgent, UserAgent]) -> None:
     assert options.status == 200 and "MESSAGE" in options.get_all("Allow")
 
 
+async def test_in_dialog_info_and_reinvite(pair: tuple[UserAgent, UserAgent]) -> None:
+    alice, bob = pair
+    bob.on_call = lambda call: call.accept(SDP)
+    call = await alice.call(uri_of(bob.stack, "bob", "udp"), body=SDP, timeout=20)
+    info = await call.send("INFO", body=b"Signal=5\r\n", content_type="application/dtmf-relay")
+    assert info.status == 200
+    again = await call.send("INVITE", body=SDP, content_type="application/sdp")
+    assert again.status == 200
+    incoming = await asyncio.wait_for(bob.incoming.get(), 5)
+    assert incoming.dialog is not None and incoming.dialog.remote_cseq == 3  # INVITE 1, INFO 2, INVITE 3
+    assert (await call.bye()).status == 200
+
+
 async def test_unknown_dialog_gets_481(pair: tuple[UserAgent, UserAgent]) -> None:
     alice, bob = pair
     response = await alice.request("BYE", uri_of(bob.stack, "bob", "udp"))
