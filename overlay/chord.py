@@ -978,7 +978,8 @@ class ChordCore:
             return
         waiting = self._verifying.get(node.id)
         if waiting is not None:
-            waiting.append((cont, on_reject))
+            if (cont, on_reject) not in waiting:  # the same bound method queued twice would act twice
+                waiting.append((cont, on_reject))
             return
         self._verifying[node.id] = [(cont, on_reject)]
         nonce = self._random_bytes(16)
