@@ -295,3 +295,38 @@ async def test_start_refuses_bad_arguments() -> None:
         session.send_dtmf("1")
     await session.close()
     await session.close()  # idempotent
+
+
+async def test_a_port_in_use_is_a_clear_transport_error() -> None:
+    from p2psip.errors import TransportError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        with pytest.raises(TransportError, match=r"cannot bind RTP/RTCP on 127\.0\.0\.1:.*use port 0"):
+            await MediaSession.start(("127.0.0.1", taken.getsockname()[1]))
+
+
+async def test_a_failing_sink_or_source_does_not_stop_the_call() -> None:
+    def broken_source(samples: int) -> bytes:
+        raise RuntimeError("microphone unplugged")
+
+    def broken_sink(pcm: bytes) -> None:
+        raise RuntimeError("disk full")
+
+    from p2psip.media import CallbackSource
+
+    sink, heard = first_write_event()
+    receiver = await MediaSession.start(sink=CallbackSink(broken_sink))
+    sender = await MediaSession.start(remote=receiver.local_address, source=CallbackSource(broken_source))
+    watcher = await MediaSession.start(remote=receiver.local_address, source=ToneSource(1000))
+    try:
+        await asyncio.wait_for(sender.source_done, 10)  # the broken source ended, the session lives on
+        assert any("microphone unplugged" in e for e in sender.errors)
+        await until(lambda: any("disk full" in e for e in receiver.errors))
+        assert receiver.sink is None
+        receiver.record(sink)  # a new sink works
+        receiver.set_remote(watcher.local_address)
+        await asyncio.wait_for(heard.wait(), 10)
+    finally:
+        for session in (sender, receiver, watcher):
+            await session.close()

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from p2psip.errors import ParseError
+from p2psip.errors import ParseError, TransportError
 from p2psip.media.codecs import PCMU, Codec, codec
 from p2psip.media.dtmf import DtmfEvent, DtmfReceiver, DtmfSender
 from p2psip.media.jitter import JitterBuffer, Playout, conceal
@@ -202,6 +202,7 @@ class MediaSession:
         self.source_done: asyncio.Future[None] = self._loop.create_future()
         self.remote_bye: asyncio.Future[None] = self._loop.create_future()
         self.closed = False
+        self.errors: list[str] = []  # what went wrong in a source or sink (the call carried on)
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -248,7 +249,14 @@ class MediaSession:
         if source is not None:
             self.source = source
         self.sink = sink
-        rtp_sock, rtcp_sock = _bind_pair(local[0], local[1], pair=not rtcp_mux)
+        try:
+            rtp_sock, rtcp_sock = _bind_pair(local[0], local[1], pair=not rtcp_mux)
+        except OSError as error:
+            what = "RTP" if rtcp_mux else "RTP/RTCP"
+            raise TransportError(
+                f"cannot bind {what} on {local[0]}:{local[1]} ({error.strerror or error}); "
+                "use port 0 to pick free ports"
+            ) from None
         _, rtp_endpoint = await self._loop.create_datagram_endpoint(
             lambda: _Endpoint(self._on_datagram), sock=rtp_sock
         )
@@ -323,9 +331,14 @@ class MediaSession:
         self._ticks += 1
         try:
             self._send_one()
-            self._play_one()
-        except Exception:  # a broken source/sink must not kill the shared timer
+        except Exception as error:  # a broken source must not kill the shared timer: it ends instead
+            self.errors.append(f"source failed: {error!r}")
             self._fail_source()
+        try:
+            self._play_one()
+        except Exception as error:  # a broken sink is dropped; the call goes on
+            self.errors.append(f"sink failed: {error!r}")
+            self.sink = None
 
     def _skip_tick(self) -> None:
         """An interval the loop was too late to run at all: keep the RTP clock in step with real time."""
