@@ -33,6 +33,7 @@ import builtins
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,8 @@ def overlay(
     quick: bool = False,
 ) -> None:
     """Make the script server a peer: bind the overlay node at ``bind`` and join through ``join`` (None
-    creates a new overlay). ``quick`` runs ring maintenance every 0.2 s (one machine, tests, demos)."""
+    creates a new overlay). ``quick`` runs ring maintenance every 0.2 s (one machine, tests, demos).
+    ``data_dir`` keeps the node's identity and user keys (default: a new temporary directory)."""
     _settings.overlay = {"bind": bind, "join": join, "data_dir": data_dir, "name": name, "quick": quick}
 
 
@@ -170,8 +172,9 @@ class Server:
             overlay=HostPort(bind[0], bind[1]),
             join=HostPort(join[0], join[1]) if join else None,
         )
-        if overlay.get("data_dir"):
-            config.data_dir = Path(overlay["data_dir"])
+        # Without a data dir the peer gets a fresh identity in a temporary one (a script server is often
+        # started for a test or a demo; give data_dir= to keep the node and user keys across restarts).
+        config.data_dir = Path(overlay.get("data_dir") or tempfile.mkdtemp(prefix="sipapi-peer-"))
         if overlay.get("name"):
             config.overlay_name = overlay["name"]
         config.cache_ttl = 0.0

@@ -49,14 +49,20 @@ async def start_peer(tmp: Path, name: str, join: Peer | None = None) -> Peer:
 
 
 async def register(peer: Peer, aor: str, contact: str, expires: int = 600) -> int:
-    """REGISTER ``contact`` for ``aor`` at ``peer`` (a plain UDP client in a thread: the peer runs here)."""
+    """REGISTER ``contact`` for ``aor`` at ``peer`` (a plain UDP client in a thread: the peer runs here).
+    A 503 (the overlay could not store it yet) is retried for up to 30 s: the ring's readiness for that
+    key is the condition waited for."""
     client = UdpClient()
+    deadline = time.monotonic() + 30
     try:
-        host, port = peer.sip_address()
-        request = client.request("REGISTER", f"sip:{host}:{port}", from_=aor, to=aor)
-        request.set("Contact", f"<{contact}>;expires={expires}")
-        response = await asyncio.to_thread(client.send, request, peer.sip_address(), 15.0)
-        return response.status
+        while True:
+            host, port = peer.sip_address()
+            request = client.request("REGISTER", f"sip:{host}:{port}", from_=aor, to=aor)
+            request.set("Contact", f"<{contact}>;expires={expires}")
+            response = await asyncio.to_thread(client.send, request, peer.sip_address(), 15.0)
+            if response.status != 503 or time.monotonic() > deadline:
+                return response.status
+            await asyncio.sleep(0.3)
     finally:
         client.close()
 

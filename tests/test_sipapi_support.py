@@ -92,12 +92,18 @@ class UdpClient:
 class ScriptProcess:
     """``python script.py`` as a child; ready once it printed ``sipapi: listening on ...``."""
 
-    def __init__(self, script: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        script: Path,
+        *args: str,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, str(script)],
+            [sys.executable, str(script), *args],
             cwd=cwd or script.parent,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -145,8 +151,8 @@ class ScriptProcess:
 
 
 @contextlib.contextmanager
-def script_process(script: Path, **kwargs: object) -> Iterator[ScriptProcess]:
-    child = ScriptProcess(script, **kwargs)  # type: ignore[arg-type]
+def script_process(script: Path, *args: str, **kwargs: object) -> Iterator[ScriptProcess]:
+    child = ScriptProcess(script, *args, **kwargs)  # type: ignore[arg-type]
     try:
         yield child
     finally:
