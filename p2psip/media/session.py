@@ -326,6 +326,8 @@ class MediaSession:
     # ------------------------------------------------------------------- the tick
     def _tick_once(self, lateness: float) -> None:
         """One packet interval (called by the shared :class:`_Ticker`)."""
+        if self.closed:
+            return
         if lateness > self._max_lateness:
             self._max_lateness = lateness
         self._ticks += 1
