@@ -630,10 +630,14 @@ async def _demo(peer_count: int) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     if not 3 <= args.peers <= 20:
         return _fail("--peers must be between 3 and 20", 2)
+    from p2psip.errors import P2PSIPError
+
     try:
         return asyncio.run(asyncio.wait_for(_demo(args.peers), 60))
     except TimeoutError:
         return _fail("the demo did not finish within 60 s (is the machine overloaded?)", 1)
+    except (P2PSIPError, OSError) as exc:
+        return _fail(f"the demo failed: {exc}", 1)
     except KeyboardInterrupt:
         return 130
 
