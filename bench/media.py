@@ -3,9 +3,11 @@
     python bench/media.py                      # steps 25, 50, 100, 150, 200, 300 calls; 5 s each
     python bench/media.py --calls 50 100 --seconds 3 --loop asyncio
 
-A call here is two MediaSessions exchanging a 1 kHz PCMU tone both ways (50 packets/s each way, 20 ms
-frames, RTCP every second): the measured process holds our N sessions (encode, send, receive, jitter
-buffer, decode, sink); a second process holds the N far ends. Everything runs on 127.0.0.1.
+A call here is a MediaSession sending a 1 kHz PCMU tone and receiving audio back (50 packets/s each way,
+20 ms frames, RTCP every second): the measured process holds our N sessions (encode, send, receive, jitter
+buffer, decode, sink). The far ends are either sipp's RTP echo (``sipp -rtp_echo``, a C peer that reflects
+every packet: cheap, so our process is what is measured) or N MediaSessions of our own in a second process
+(a fully symmetric call, but then two Python processes share the cores). Everything runs on 127.0.0.1.
 
 A step passes when no packet is lost in either direction and the RFC 3550 interarrival jitter of the
 worst stream (as our receivers compute it, and as the far end reports it in RTCP), sampled every 250 ms and
@@ -21,7 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -49,7 +55,10 @@ def far_end(addresses: list[tuple[str, int]], seconds: float, loop_kind: str, re
     async def run() -> None:
         sessions = [
             await MediaSession.start(
-                remote=address, source=ToneSource(1000), sink=CallbackSink(lambda pcm: None), rtcp_interval=1.0
+                remote=address,
+                source=ToneSource(1000),
+                sink=CallbackSink(lambda pcm: None),
+                rtcp_interval=1.0,
             )
             for address in addresses
         ]
@@ -61,9 +70,26 @@ def far_end(addresses: list[tuple[str, int]], seconds: float, loop_kind: str, re
     asyncio.run(run())
 
 
+def _free_pair() -> int:
+    """An even port with the next one free too (sipp's echo uses the media port and the one above)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port % 2 == 0 and port < 65000:
+            return int(port)
+    raise RuntimeError("no free port pair")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Step:
     loop: str
+    far: str
     calls: int
     cpu_percent: float
     jitter_max_ms: float  # time-average over the window of the worst stream's jitter
@@ -75,6 +101,7 @@ class Step:
     packets: int
     window_s: float
     max_lateness_ms: float
+    far_cpu_percent: float
 
     @property
     def passed(self) -> bool:
@@ -86,25 +113,71 @@ class Step:
         )
 
 
-async def measure(calls: int, seconds: float, loop_kind: str) -> Step:
-    ours = [
-        await MediaSession.start(source=ToneSource(1000), sink=CallbackSink(lambda pcm: None), rtcp_interval=1.0)
-        for _ in range(calls)
-    ]
-    context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    warmup = 1.5
-    child = context.Process(
-        target=far_end, args=([s.local_address for s in ours], warmup + seconds + 1.5, loop_kind, ready)
-    )
-    child.start()
+async def measure(calls: int, seconds: float, loop_kind: str, far: str) -> Step:
+    """``far`` is "ours" (N MediaSessions in a second process) or "sipp" (sipp -rtp_echo reflects every
+    packet back on one port: a C peer that costs little, so our process is the one under test)."""
     loop = asyncio.get_running_loop()
-    while not ready.is_set():
-        await asyncio.sleep(0.05)
-        if not child.is_alive():
-            raise RuntimeError("the far-end process died")
+    warmup = 1.5
+    echo: subprocess.Popen[bytes] | None = None
+    child = None
+    if far == "sipp":
+        media_port = _free_pair()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            sip_port = probe.getsockname()[1]
+        echo = subprocess.Popen(
+            [
+                "sipp",
+                "-sn",
+                "uas",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(sip_port),
+                "-mi",
+                "127.0.0.1",
+                "-mp",
+                str(media_port),
+                "-rtp_echo",
+                "-nostdin",
+                "-timeout",
+                f"{int(warmup + seconds + 30)}s",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await asyncio.sleep(0.5)  # let it bind (a bench, not a test)
+        ours = [
+            await MediaSession.start(
+                remote=("127.0.0.1", media_port),
+                source=ToneSource(1000),
+                sink=CallbackSink(lambda pcm: None),
+                rtcp_interval=1.0,
+            )
+            for _ in range(calls)
+        ]
+    else:
+        ours = [
+            await MediaSession.start(
+                source=ToneSource(1000), sink=CallbackSink(lambda pcm: None), rtcp_interval=1.0
+            )
+            for _ in range(calls)
+        ]
+        context = multiprocessing.get_context("spawn")
+        ready = context.Event()
+        child = context.Process(
+            target=far_end, args=([s.local_address for s in ours], warmup + seconds + 1.5, loop_kind, ready)
+        )
+        child.start()
+        while not ready.is_set():
+            await asyncio.sleep(0.05)
+            if not child.is_alive():
+                raise RuntimeError("the far-end process died")
     await asyncio.sleep(warmup)  # latch symmetric RTP, fill jitter buffers, first RTCP
     before = [(s.stats.packets_received, s.stats.lost) for s in ours]
+    far_pid = echo.pid if echo is not None else child.pid if child is not None else None
+    far_cpu0 = _cpu_seconds(far_pid) if far_pid else 0.0
     cpu0, wall0 = time.process_time(), loop.time()
     samples: list[float] = []  # max jitter over our streams, sampled through the window
     remote_samples: list[float] = []
@@ -114,14 +187,25 @@ async def measure(calls: int, seconds: float, loop_kind: str) -> Step:
         samples.append(max(s.jitter_ms for s in now))
         remote_samples.append(max(s.remote_jitter_ms or 0.0 for s in now))
     cpu1, wall1 = time.process_time(), loop.time()
+    far_cpu1 = _cpu_seconds(far_pid) if far_pid else 0.0
     stats = [s.stats for s in ours]
     for session in ours:
         await session.close(drain=False)
-    await loop.run_in_executor(None, child.join, 30)
-    if child.is_alive():
-        child.kill()
+    if child is not None:
+        await loop.run_in_executor(None, child.join, 30)
+        if child.is_alive():
+            child.kill()
+    if echo is not None:
+        echo.terminate()
+        try:
+            echo.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            echo.kill()
+            echo.wait(timeout=5)
     return Step(
         loop=loop_kind,
+        far=far,
+        far_cpu_percent=100 * (far_cpu1 - far_cpu0) / (wall1 - wall0),
         calls=calls,
         cpu_percent=100 * (cpu1 - cpu0) / (wall1 - wall0),
         jitter_max_ms=statistics.fmean(samples),
@@ -136,15 +220,15 @@ async def measure(calls: int, seconds: float, loop_kind: str) -> Step:
     )
 
 
-def run_config(loop_kind: str, steps: list[int], seconds: float) -> list[Step]:
+def run_config(loop_kind: str, far: str, steps: list[int], seconds: float) -> list[Step]:
     results = []
     for calls in steps:
         _use_loop(loop_kind)
-        step = asyncio.run(measure(calls, seconds, loop_kind))
+        step = asyncio.run(measure(calls, seconds, loop_kind, far))
         asyncio.set_event_loop_policy(None)
         results.append(step)
         print(
-            f"  {loop_kind:8} {calls:5} calls: cpu {step.cpu_percent:5.1f}%  jitter max {step.jitter_max_ms:6.2f} ms"
+            f"  {loop_kind:8} {far:5} {calls:5} calls: cpu {step.cpu_percent:5.1f}%  jitter max {step.jitter_max_ms:6.2f} ms"
             f"  lost {step.lost}/{step.remote_lost}  {'ok' if step.passed else 'FAIL'}",
             file=sys.stderr,
         )
@@ -154,11 +238,18 @@ def run_config(loop_kind: str, steps: list[int], seconds: float) -> list[Step]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, nargs="+", default=[25, 50, 100, 150, 200, 300])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
+    parser.add_argument("--far", choices=["ours", "sipp", "both"], default="both")
     args = parser.parse_args()
+    fars = ["sipp", "ours"] if args.far == "both" else [args.far]
+    if "sipp" in fars and shutil.which("sipp") is None:
+        fars.remove("sipp")
+        print("sipp is not installed: the far end is our own sessions only", file=sys.stderr)
     kinds = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
     if "uvloop" in kinds:
         try:
@@ -168,30 +259,39 @@ def main() -> None:
             print("uvloop is not installed: measuring the asyncio loop only", file=sys.stderr)
     steps = sorted(set(args.calls))
     all_steps: list[Step] = []
-    for kind in kinds:
-        all_steps += run_config(kind, steps, args.seconds)
-    print(f"\nMedia: bidirectional PCMU calls in one process, {args.seconds:.0f} s window, loopback, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    print("| loop | calls | CPU of one core | jitter, worst stream, window mean (ours / far end via RTCP) | jitter, worst sample | lost (in / out) | packets in per stream per s | worst tick late | result |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    configs = [(kind, far) for far in fars for kind in kinds]
+    for kind, far in configs:
+        all_steps += run_config(kind, far, steps, args.seconds)
+    print(
+        f"\nMedia: bidirectional PCMU calls in one process, {args.seconds:.0f} s window, loopback, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+    )
+    print(
+        "| far end | loop | calls | CPU of one core (far end's) | jitter, worst stream, window mean (ours / far end via RTCP) | jitter, worst sample | lost (in / out) | packets in per stream per s | worst tick late | result |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for s in all_steps:
+        far_mean = "n/a" if s.far == "sipp" else f"{s.remote_jitter_max_ms:.2f}"  # the echo sends no RTCP
+        far_worst = "n/a" if s.far == "sipp" else f"{s.remote_jitter_worst_ms:.1f}"
         print(
-            f"| {s.loop} | {s.calls} | {s.cpu_percent:.0f}% | {s.jitter_max_ms:.2f} / {s.remote_jitter_max_ms:.2f} ms"
-            f" | {s.jitter_worst_ms:.1f} / {s.remote_jitter_worst_ms:.1f} ms | {s.lost} / {s.remote_lost} | {s.packets / s.calls / s.window_s:.1f} | {s.max_lateness_ms:.1f} ms"
+            f"| {s.far} | {s.loop} | {s.calls} | {s.cpu_percent:.0f}% ({s.far_cpu_percent:.0f}%) | {s.jitter_max_ms:.2f} / {far_mean} ms"
+            f" | {s.jitter_worst_ms:.1f} / {far_worst} ms | {s.lost} / {s.remote_lost} | {s.packets / s.calls / s.window_s:.1f} | {s.max_lateness_ms:.1f} ms"
             f" | {'pass' if s.passed else 'FAIL'} |"
         )
     print()
-    print("| loop | most calls passing | ratio to target (100) | CPU per call | calls one full core could carry (from CPU) | ratio to target |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for kind in kinds:
-        mine = [s for s in all_steps if s.loop == kind]
+    print(
+        "| far end | loop | most calls passing | ratio to target (100) | CPU per call | calls one full core could carry (from CPU) | ratio to target |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind, far in configs:
+        mine = [s for s in all_steps if s.loop == kind and s.far == far]
         passing = [s for s in mine if s.passed]
         best = max((s.calls for s in passing), default=0)
         basis = passing or mine
         per_call = statistics.fmean(s.cpu_percent / s.calls for s in basis) if basis else float("nan")
         capacity = 100 / per_call if per_call else float("nan")
         print(
-            f"| {kind} | {best} | {best / TARGET:.2f}x | {per_call:.2f}% | {capacity:.0f} | {capacity / TARGET:.2f}x |"
+            f"| {far} | {kind} | {best} | {best / TARGET:.2f}x | {per_call:.2f}% | {capacity:.0f} | {capacity / TARGET:.2f}x |"
         )
     print(
         "\nThe CPU-derived column divides one core by the CPU each passing call used; it is what the process would"
