@@ -796,22 +796,37 @@ async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | 
     """``p2psip start``: run a peer until SIGINT/SIGTERM, then leave gracefully. Returns the exit code."""
     if config.verbose:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    # The control socket first: it also refuses a second peer on the same data dir (same node identity)
+    # before that one could join the ring.
+    holder: list[Peer] = []
+
+    async def handle(request: dict[str, Any]) -> Any:
+        if not holder:
+            raise P2PSIPError("the peer is still starting")
+        return await holder[0].control(request)
+
+    try:
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create data dir {config.data_dir}: {exc.strerror or exc}") from None
+    server = control.ControlServer(config.data_dir, handle)
+    try:
+        await server.start()
+    except (P2PSIPError, OSError) as exc:
+        print(f"p2psip: error: {exc}", file=sys.stderr)
+        return 1
     try:
         peer = await Peer.start(config, on_event=_log_line)
     except ConfigError:
+        await server.close()
         raise
     except (P2PSIPError, OverlayError, OSError) as exc:
+        await server.close()
         print(f"p2psip: error: {exc}", file=sys.stderr)
         return 1
+    holder.append(peer)
     if config.verbose:
         SipTrace(peer.stack, SipTrace.printer(lambda text: print(text, file=sys.stderr, flush=True)))
-    server = control.ControlServer(config.data_dir, peer.control)
-    try:
-        await server.start()
-    except P2PSIPError as exc:
-        await peer.close(leave=True)
-        print(f"p2psip: error: {exc}", file=sys.stderr)
-        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -184,6 +184,16 @@ def test_peers_in_processes_register_call_lookup_and_leave(start_peer, tmp_path:
     assert "INVITE sip:bob@p2p.example SIP/2.0" in err
 
 
+def test_second_peer_on_the_same_data_dir_is_refused(start_peer) -> None:
+    a = start_peer("a")
+    done = run(
+        "start", "--listen", f"udp:127.0.0.1:{free_port()}", "--overlay", f"127.0.0.1:{free_port()}",
+        "--data-dir", str(a.data_dir),
+    )  # fmt: skip
+    assert done.returncode == 1 and "already runs" in done.stderr
+    assert a.status()["node_id"]  # the first one is unharmed
+
+
 def test_restart_keeps_node_identity(start_peer) -> None:
     a = start_peer("a")
     first_id = a.status()["node_id"]
