@@ -290,22 +290,52 @@ MessageHandler = Callable[[Request | Response, Source], None]
 ErrorHandler = Callable[[Exception], None]
 
 
-class _UDPProtocol(asyncio.DatagramProtocol):
-    """One UDP listening socket. Every datagram goes to the layer; nothing here can raise out."""
+class _UDPSocket:
+    """One UDP listening socket, read straight from the loop's selector (``add_reader``).
 
-    def __init__(self, layer: TransportLayer) -> None:
+    Not an asyncio DatagramTransport on purpose: that one reads a single datagram per loop iteration,
+    while a busy SIP proxy wants to drain a burst (up to 64 datagrams) per wake-up and send with a plain
+    non-blocking ``sendto``. Nothing here can raise out of the loop callback.
+    """
+
+    BURST = 64
+
+    def __init__(self, layer: TransportLayer, sock: socket.socket) -> None:
         self.layer = layer
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.closed = False
+        layer.loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def _readable(self) -> None:
+        recvfrom = self.sock.recvfrom
+        on_datagram = self.layer._on_datagram
+        for _ in range(self.BURST):
+            try:
+                data, addr = recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # An ICMP error for an earlier sendto (port unreachable...): count it, keep listening.
+                self.layer.stats["send_errors"] += 1
+                continue
+            on_datagram(data, addr, self)
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.layer._on_datagram(data, addr, self)
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            # The kernel buffer is full: UDP may lose a datagram; the transaction layer retransmits.
+            self.layer.stats["send_errors"] += 1
+        except OSError as exc:
+            self.layer.stats["send_errors"] += 1
+            raise TransportError(f"cannot send to {addr[0]}:{addr[1]}: {exc.strerror or exc}") from exc
 
-    def error_received(self, exc: Exception) -> None:
-        # An ICMP error for an earlier sendto (port unreachable...): count it, keep listening.
-        self.layer.stats["send_errors"] += 1
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):
+                self.layer.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class StreamConnection(asyncio.Protocol):
@@ -396,7 +426,8 @@ class TransportLayer:
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         # Listening addresses: transport -> list of (host, port) as bound (port 0 resolved).
         self.listening: dict[str, list[tuple[str, int]]] = {t: [] for t in TRANSPORTS}
-        self._udp: dict[int, _UDPProtocol] = {}  # address family -> socket used to send
+        self._udp: dict[int, _UDPSocket] = {}  # address family -> socket used to send
+        self._udp_sockets: list[_UDPSocket] = []
         self._udp_addr: dict[int, tuple[str, int]] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: dict[Target, StreamConnection] = {}
@@ -418,13 +449,18 @@ class TransportLayer:
         family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
         try:
             if spec.transport == "udp":
-                transport, protocol = await self.loop.create_datagram_endpoint(
-                    lambda: _UDPProtocol(self), local_addr=(spec.host, spec.port), family=family
-                )
-                sock = transport.get_extra_info("socket")
-                _tune_udp_socket(sock)
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                try:
+                    sock.setblocking(False)
+                    _tune_udp_socket(sock)
+                    sock.bind((spec.host, spec.port))
+                except OSError:
+                    sock.close()
+                    raise
                 host, port = sock.getsockname()[:2]
-                self._udp.setdefault(family, protocol)
+                endpoint = _UDPSocket(self, sock)
+                self._udp_sockets.append(endpoint)
+                self._udp.setdefault(family, endpoint)
                 self._udp_addr.setdefault(family, (host, port))
             else:
                 ssl_ctx = None
@@ -489,7 +525,7 @@ class TransportLayer:
 
     # --------------------------------------------------------------------------------- receipt
 
-    def _on_datagram(self, data: bytes, addr: tuple[str | int, ...], proto: _UDPProtocol) -> None:
+    def _on_datagram(self, data: bytes, addr: tuple[str | int, ...], endpoint: object = None) -> None:
         stats = self.stats
         if len(data) <= 4 and not data.strip():
             stats["keepalives"] += 1
@@ -576,11 +612,11 @@ class TransportLayer:
         the target's address family; TCP/TLS reuse an open connection or open one (then ``on_error`` is
         called, from the loop, if connecting fails). Raises TransportError when it fails at once."""
         if target.transport == "udp":
-            proto = self._udp.get(socket.AF_INET6 if ":" in target.host else socket.AF_INET)
-            if proto is None or proto.transport is None:
+            endpoint = self._udp.get(socket.AF_INET6 if ":" in target.host else socket.AF_INET)
+            if endpoint is None or endpoint.closed:
                 self.stats["send_errors"] += 1
                 raise TransportError(f"cannot send to {target}: no UDP listener of that address family")
-            proto.transport.sendto(data, (target.host, target.port))
+            endpoint.sendto(data, (target.host, target.port))
             self.stats["sent"] += 1
             return
         if target.transport not in RELIABLE:
@@ -741,9 +777,8 @@ class TransportLayer:
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for proto in self._udp.values():
-            if proto.transport is not None:
-                proto.transport.close()
+        for endpoint in self._udp_sockets:
+            endpoint.close()
         for server in self._servers:
             server.close()
         for conn in list({id(c): c for c in self._connections.values()}.values()):
@@ -754,6 +789,7 @@ class TransportLayer:
             with contextlib.suppress(TimeoutError, OSError):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
         self._udp.clear()
+        self._udp_sockets.clear()
         self._servers.clear()
 
 
