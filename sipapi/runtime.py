@@ -242,7 +242,15 @@ class CallControl:
 
     # -- location ---------------------------------------------------------------------------------------
     async def lookup(self, aor: str) -> list[str]:
-        return await self.core.lookup_contacts(aor)
+        """The AOR's contacts. Like proxy(), the time spent here is the server's, not the script's: it does
+        not count against the handler's deadline."""
+        self.proxying = True
+        self._proxy_started = self.loop.time()
+        try:
+            return await self.core.lookup_contacts(aor)
+        finally:
+            self.proxying = False
+            self.proxy_seconds += self.loop.time() - self._proxy_started
 
     # -- proxy ------------------------------------------------------------------------------------------
     async def proxy(self, locations: list[str], timeout: float | None) -> str:
