@@ -707,6 +707,14 @@ class Node:
                     if fwd.type == "ok":
                         entries = [(e, 0) for e, _ in fwd.body.get("entries", []) if e.key == key]
             self._count("fetch_served")
+            fitting: list[tuple[Entry, int]] = []
+            size = 0
+            for item in entries:
+                size += len(item[0].value) + len(item[0].entry_id) + 200
+                if size > TCP_MAX - 4096:
+                    self._count("fetch_truncated")
+                    return ok(entries=fitting, truncated=True)
+                fitting.append(item)
             return ok(entries=entries)
         if msg.type == "transfer":
             kept, refused = self.store.accept(msg.body["entries"], now)

@@ -72,6 +72,8 @@ STORAGE_MESSAGES: dict[str, Schema] = {
 STORAGE_REPLY_FIELDS: dict[str, str] = {
     "entries": "entries",
     "stored": "u64",
+    # a fetch reply cut to fit one TCP frame: more entries exist than were sent
+    "truncated": "bool?",
 }
 ERR_FIELDS: dict[str, str] = {"code": "u64", "reason": "str", "detail": "str?"}
 
@@ -79,12 +81,20 @@ ERR_FIELDS: dict[str, str] = {"code": "u64", "reason": "str", "detail": "str?"}
 def overlay_schemas() -> tuple[dict[str, Schema], dict[str, str]]:
     """Request schemas and ok-reply fields of the whole protocol: chord routing plus storage."""
     requests: dict[str, Schema] = {name: spec.request for name, spec in CHORD_MESSAGES.items()}
-    requests.update(STORAGE_MESSAGES)
     replies: dict[str, str] = {}
     for spec in CHORD_MESSAGES.values():
         for fname, ftype in spec.reply.items():
+            if fname in replies and replies[fname].rstrip("?") != ftype.rstrip("?"):
+                raise ValueError(f"chord reply field {fname!r} typed both {replies[fname]} and {ftype}")
             replies[fname] = ftype
-    replies.update(STORAGE_REPLY_FIELDS)
+    for fname, ftype in STORAGE_REPLY_FIELDS.items():
+        if fname in replies and replies[fname].rstrip("?") != ftype.rstrip("?"):
+            raise ValueError(f"reply field {fname!r} means {replies[fname]} to chord and {ftype} to storage")
+        replies[fname] = ftype
+    for name in STORAGE_MESSAGES:
+        if name in requests:
+            raise ValueError(f"message type {name!r} defined by both chord and storage")
+    requests.update(STORAGE_MESSAGES)
     return requests, replies
 
 

@@ -363,6 +363,22 @@ async def test_bad_tcp_streams_cost_one_connection(ring: Ring) -> None:
     ring.written[name] = (b"", b"x" * 3000)
 
 
+async def test_a_get_is_cut_to_one_frame(ring: Ring) -> None:
+    """More than 1 MiB under one name: get returns what fits in one TCP frame, never fails."""
+    node, user = ring.nodes[14], KeyPair.generate()
+    name = "sip:hoarder@example.net"
+    value = b"h" * FAST.max_value
+    count = (1 << 20) // FAST.max_value + 4
+    for i in range(count):
+        await node.put(name, value, entry_id=b"%03d" % i, key=user, lifetime=120)
+    got = await ring.nodes[15].get(name)
+    assert 0 < len(got) < count
+    assert all(e.value == value for e in got)
+    assert sum(n.stats().get("fetch_truncated", 0) for n in ring.nodes) >= 1
+    for i in range(count):
+        await node.remove(name, entry_id=b"%03d" % i, key=user)
+
+
 SUBPROCESS_NODE = textwrap.dedent(
     """
     import asyncio, sys

@@ -57,6 +57,7 @@ def test_refusals_say_why() -> None:
     )
     assert refused(store, wrong_key) == "bad-signature"
     assert refused(store, entry(BOB, seq=9, entry_id=b"bob")) == "policy"  # first-claim
+    assert refused(store, entry(BOB, seq=9, value=b"", lifetime=0)) == "policy"  # nor remove alice's
     assert refused(store, entry(seq=8, lifetime=10**7)) == "bad-lifetime"
     assert store.refused["stale-seq"] == 2
     store.put(entry(seq=6), 0.0)

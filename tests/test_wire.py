@@ -86,6 +86,19 @@ def test_size_limits() -> None:
         CODEC.encode(Message("ping", 1, SRC, EP, {"nonce": b"x" * 129}))
 
 
+def test_chord_and_storage_schemas_do_not_clash() -> None:
+    from overlay.chord import CHORD_MESSAGES
+    from overlay.wire import STORAGE_MESSAGES, STORAGE_REPLY_FIELDS, overlay_schemas
+
+    _, replies = overlay_schemas()
+    assert not set(CHORD_MESSAGES) & set(STORAGE_MESSAGES)
+    for spec in CHORD_MESSAGES.values():
+        for fname, ftype in spec.reply.items():
+            assert replies[fname].rstrip("?") == ftype.rstrip("?")
+    for fname in STORAGE_REPLY_FIELDS:
+        assert fname in replies
+
+
 def test_default_codec_speaks_chord_and_storage() -> None:
     codec = Codec("ov")
     assert {
