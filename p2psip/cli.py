@@ -144,12 +144,25 @@ def _cmd_start(args: argparse.Namespace) -> int:
         config = load_config(Path(args.config) if args.config else None, _peer_flags(args))
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    if config.script is not None or config.scripts is not None:
-        return _fail("--script/--scripts: sipapi scripts are not wired into the peer in this build yet", 2)
-    from p2psip.peer import run_foreground
+    if config.scripts is not None and not config.scripts.is_dir():
+        return _fail(
+            f"--scripts {config.scripts}: not a directory (create it, then put user@domain.py files in it)", 2
+        )
+    if config.script is not None and not config.script.is_file():
+        return _fail(f"--script {config.script}: no such file", 2)
+    from p2psip.peer import Peer, run_foreground
+
+    def install_scripts(peer: Peer) -> Any:
+        if config.script is None and config.scripts is None:
+            return None
+        from sipapi.scripts import install
+
+        scripting = install(peer, scripts=config.scripts, script=config.script)
+        peer._event("scripts", ", ".join(str(p) for p in (config.scripts, config.script) if p))
+        return scripting.close
 
     try:
-        return asyncio.run(run_foreground(config))
+        return asyncio.run(run_foreground(config, extension=install_scripts))
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except KeyboardInterrupt:

@@ -792,8 +792,21 @@ async def _watch_neighbours(peer: Peer, period: float = 1.0) -> None:
         await asyncio.sleep(period)  # a periodic check: the overlay raises no neighbour events
 
 
-async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | None = None) -> int:
-    """``p2psip start``: run a peer until SIGINT/SIGTERM, then leave gracefully. Returns the exit code."""
+Extension = Callable[["Peer"], Callable[[], Awaitable[None]] | None]
+"""Called once the peer runs (e.g. to install sipapi scripts); may return an async clean-up function."""
+
+
+async def run_foreground(
+    config: PeerConfig,
+    *,
+    ready: Callable[[Peer], None] | None = None,
+    extension: Extension | None = None,
+) -> int:
+    """``p2psip start``: run a peer until SIGINT/SIGTERM, then leave gracefully. Returns the exit code.
+
+    ``extension(peer)`` runs after the peer started (the CLI installs sipapi scripts with it, since the
+    peer itself must not import sipapi); a ConfigError it raises stops the peer and propagates (exit 2).
+    """
     if config.verbose:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     # The control socket first: it also refuses a second peer on the same data dir (same node identity)
@@ -827,6 +840,14 @@ async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | 
     holder.append(peer)
     if config.verbose:
         SipTrace(peer.stack, SipTrace.printer(lambda text: print(text, file=sys.stderr, flush=True)))
+    cleanup: Callable[[], Awaitable[None]] | None = None
+    if extension is not None:
+        try:
+            cleanup = extension(peer)
+        except BaseException:
+            await server.close()
+            await peer.close(leave=True)
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -843,6 +864,9 @@ async def run_foreground(config: PeerConfig, *, ready: Callable[[Peer], None] | 
             loop.remove_signal_handler(sig)
         watcher.cancel()
         await server.close()
+        if cleanup is not None:
+            with contextlib.suppress(Exception):
+                await cleanup()
         await peer.close(leave=True)
     return 0
 

@@ -184,6 +184,23 @@ def test_peers_in_processes_register_call_lookup_and_leave(start_peer, tmp_path:
     assert "INVITE sip:bob@p2p.example SIP/2.0" in err
 
 
+def test_start_with_per_user_scripts(start_peer, tmp_path: Path) -> None:
+    """`--scripts DIR` installs sipapi per-user scripts: bob's script answers every call 486."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "bob@p2p.example.py").write_text(
+        "def busy(event):\n"
+        "    event.action.reject(code=486, reason='Busy Here')\n\n"
+        "basic.addEventListener('incoming', busy)\n"
+    )
+    peer = start_peer("scripted", None, "--scripts", str(scripts))
+    call = run("call", "sip:bob@p2p.example", "--via", f"127.0.0.1:{peer.sip}", "--json", "--timeout", "20")
+    assert call.returncode == 1, call.stdout + call.stderr
+    assert json.loads(call.stdout)["status"] == 486
+    bad = run("start", "--scripts", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and "not a directory" in bad.stderr
+
+
 def test_second_peer_on_the_same_data_dir_is_refused(start_peer) -> None:
     a = start_peer("a")
     done = run(
