@@ -203,6 +203,7 @@ class ChordConfig:
     lookup_max_hops: int = 32
     verified_cache_size: int = 4096
     jitter: float = 0.1  # +/- fraction applied to periodic timers so nodes do not synchronise
+    proximity: bool = True  # fingers: among the nodes of a finger's interval, the one with the lowest RTT
 
 
 Sign = Callable[[bytes], bytes]
@@ -268,6 +269,8 @@ class _Pending:
     retries_left: int
     timeout: float
     deadline: float = 0.0
+    sent_at: float = 0.0
+    retransmitted: bool = False
 
 
 @dataclass(slots=True)
@@ -287,6 +290,7 @@ class _Lookup:
     attempts: int = 0
     outstanding: bool = False
     finished: bool = False
+    owner_succs: list[NodeRef] = field(default_factory=list)  # the confirming owner's successor list
 
 
 class ChordCore:
@@ -336,6 +340,7 @@ class ChordCore:
         # Identity cache: NodeId -> verified endpoint (insertion order = age, oldest evicted first).
         self._verified: dict[int, Endpoint] = {}
         self._verifying: dict[int, list[tuple[_Cont, Callable[[float], None] | None]]] = {}
+        self._rtt: dict[int, float] = {}  # NodeId -> smoothed round-trip time (first attempts only)
         self._outputs: list[Output] = []
         self._pending: dict[int, _Pending] = {}
         self._lookups: dict[int, _Lookup] = {}
@@ -416,6 +421,8 @@ class ChordCore:
             self._count("replies_unexpected")
             return
         del self._pending[request_id]
+        if not pending.retransmitted:
+            self._note_rtt(src_id, now - pending.sent_at)
         if not isinstance(body, Mapping):
             body = {}
         try:
@@ -887,7 +894,24 @@ class ChordCore:
                 self._next_finger = idx + 1 if node is None else len(dists)
             else:
                 self._next_finger = idx + 1
-                self._when_verified(node, lambda n, now: self._set_finger(idx, n), now)
+                lo = dists[idx]
+                hi = dists[idx + 1] if idx + 1 < len(dists) else ids.RING
+                if self.config.proximity and lo <= ids.distance(self.me.id, node.id) < hi:
+                    # Any node of [me + lo, me + hi) serves this finger equally well for hop count:
+                    # take the nearest in RTT among the owner and its successors in that interval.
+                    candidates = [node] + [
+                        n for n in lk.owner_succs if lo <= ids.distance(self.me.id, n.id) < hi
+                    ]
+                    for cand in candidates:
+                        self._when_verified(
+                            cand,
+                            lambda n, now: self._with_rtt(
+                                n, lambda n, now: self._consider_finger(idx, n), now
+                            ),
+                            now,
+                        )
+                else:
+                    self._when_verified(node, lambda n, now: self._set_finger(idx, n), now)
             if self._finger_burst and self._state == _JOINED:
                 self._fix_fingers(now)
 
@@ -922,6 +946,43 @@ class ChordCore:
         lk = self._new_lookup((self.me.id + 1) % ids.RING, found, exclude_self=True)
         lk.pool[seed.id] = seed
         self._lookup_step(lk, now)
+
+    def _consider_finger(self, idx: int, node: NodeRef) -> None:
+        """Proximity choice: keep the finger of slot ``idx`` with the lowest measured RTT."""
+        dists = self._finger_dist
+        lo = dists[idx]
+        hi = dists[idx + 1] if idx + 1 < len(dists) else ids.RING
+        current = self._fingers[idx]
+        if current == node:
+            return
+        inf = float("inf")
+        if (
+            current is None
+            or not lo <= ids.distance(self.me.id, current.id) < hi
+            or self._rtt.get(node.id, inf) < self._rtt.get(current.id, inf)
+        ):
+            self._fingers[idx] = node
+            self._route_dirty = True
+
+    def _with_rtt(self, node: NodeRef, cont: _Cont, now: float) -> None:
+        """Run ``cont`` once an RTT to ``node`` is known (one plain ping if it is not yet)."""
+        if node.id in self._rtt:
+            cont(node, now)
+            return
+
+        def on_fail(now: float, dead: bool) -> None:
+            if dead:
+                self._node_dead(node.id, now)
+
+        self._request(node.ep, node.id, "ping", {}, lambda _src, _body, now: cont(node, now), on_fail, now)
+
+    def _note_rtt(self, node_id: int, sample: float) -> None:
+        if sample < 0:
+            return
+        old = self._rtt.pop(node_id, None)
+        self._rtt[node_id] = sample if old is None else 0.7 * old + 0.3 * sample
+        if len(self._rtt) > self.config.verified_cache_size:
+            del self._rtt[next(iter(self._rtt))]
 
     def _set_finger(self, idx: int, node: NodeRef) -> None:
         dists = self._finger_dist
@@ -1079,6 +1140,7 @@ class ChordCore:
         lk.pool.setdefault(src.id, src)
         self._absorb(lk, src, done, node, succs, more)
         if done and node.id == src.id:
+            lk.owner_succs = succs
             self._finish_lookup(lk, src, "", now)
         else:
             self._lookup_step(lk, now)
@@ -1204,6 +1266,7 @@ class ChordCore:
             cfg.rpc_retries,
             cfg.rpc_timeout,
         )
+        pending.sent_at = now
         self._pending[pending.request_id] = pending
         self._send(pending, now)
 
@@ -1223,6 +1286,7 @@ class ChordCore:
         if pending.retries_left > 0:
             pending.retries_left -= 1
             pending.timeout *= 1.5
+            pending.retransmitted = True
             self._count("retransmissions")
             self._send(pending, now)
             return

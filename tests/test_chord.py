@@ -255,7 +255,7 @@ def test_neighbours_changed_reports_the_final_state() -> None:
 
 def test_fingers_are_the_true_successors_of_their_starts() -> None:
     rng = random.Random(3)
-    config = ChordConfig(finger_base=4)
+    config = ChordConfig(finger_base=4, proximity=False)
     net = Net()
     cores = [hash_node(rng, config) for _ in range(24)]
     join_all(net, cores, rng, spacing=0.5)
@@ -630,3 +630,31 @@ def test_a_burst_of_joins_converges() -> None:
     join_all(net, cores, rng, spacing=0.1)
     net.run(60)
     assert_ring(cores)
+
+
+def test_proximity_fingers_stay_inside_their_intervals() -> None:
+    rng = random.Random(22)
+    config = ChordConfig(finger_base=4, proximity=True)
+    net = Net()
+    cores = [hash_node(rng, config) for _ in range(24)]
+    join_all(net, cores, rng, spacing=0.5)
+    net.run(200)
+    assert_ring(cores)
+    members = sorted(c.me.id for c in cores)
+    for core in cores:
+        for finger in core.fingers():
+            assert finger.id in members
+        # Each interval [me + j 4^i, me + (j+1) 4^i) beyond the successor that holds a node has a finger
+        # inside it (which one of its nodes is the RTT's choice).
+        first = ids.distance(core.me.id, core.successors[0].id)
+        dists = [ids.distance(core.me.id, f.id) for f in core.fingers()]
+        level = 1
+        while level < ids.RING:
+            for j in range(1, 4):
+                lo, hi = j * level, (j + 1) * level
+                if lo <= first or lo >= ids.RING:
+                    continue
+                inside = [m for m in members if m != core.me.id and lo <= ids.distance(core.me.id, m) < hi]
+                if inside:
+                    assert any(lo <= d < hi for d in dists), "an interval with nodes has no finger"
+            level *= 4
