@@ -277,3 +277,16 @@ async def test_join_through_a_dead_peer_is_a_clear_error(tmp_path: Path) -> None
             node_config=replace(quick_node_config(), join_timeout=1.0),
         )
     assert events and events[0][0] == "joining"
+
+
+async def test_graceful_leave_of_the_primary_keeps_the_registration(ring: list[Peer], phones) -> None:
+    bob = await phones("bob")
+    assert (await bob.register(ring[0].sip_address())).status == 200
+    primary = next(p for p in ring if p.holds(BOB)[1])
+    await primary.close()  # graceful: entries handed to the successors
+    survivors = [p for p in ring if p is not primary]
+    await wait_until_settled(survivors, timeout=20)
+    caller = await phones("alice")
+    via = next(p for p in survivors if p is not ring[0])
+    result = await caller.call(BOB, via.sip_address())
+    assert result.answered, result.statuses
