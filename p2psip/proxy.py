@@ -42,7 +42,7 @@ from p2psip.transaction import (
     State,
     Transaction,
 )
-from p2psip.transport import target_from_uri
+from p2psip.transport import numeric_host, target_from_uri
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.proxy")
@@ -138,7 +138,13 @@ class Proxy:
         if request.get("Route") is not None:
             self._forward(request, transaction, source, [[request.uri]])
             return
-        if self.locate is None:
+        uri = request.uri
+        if self.locate is None or (
+            request.to.tag is not None
+            and numeric_host(uri.host) is not None
+            and not self.stack.is_local(uri.host, uri.port)
+        ):
+            # No location service, or an in-dialog request to another address (a remote target).
             targets = self._default_targets(request)
             if isinstance(targets, tuple):
                 self._reject(transaction, request, *targets)
@@ -173,7 +179,8 @@ class Proxy:
             log.exception("locate failed for %s", request.uri)
             self._reject(transaction, request, 500, f"Server Internal Error (location lookup failed: {exc})")
             return
-        if transaction.state is State.PROCEEDING:  # not CANCELled meanwhile
+        last = transaction.last_response
+        if not transaction.terminated and (last is None or last.status < 200):  # not answered meanwhile
             self._forward_located(request, transaction, source, found)
 
     def _forward_located(

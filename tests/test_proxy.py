@@ -256,3 +256,55 @@ async def test_request_for_the_proxy_itself(new_stack: Factory) -> None:
     assert answer.status == 200
     answer = await raw_request(stack, REQUEST.format(uri=f"sip:x@{me}", branch="self", mf=70))
     assert answer.status == 404
+
+
+async def test_sequential_tier_timeout_moves_on(new_stack: Factory) -> None:
+    proxy, alice, (bob0, bob1) = await parties(new_stack, 2, tier_timeout=0.5)
+    proxy.locate = lambda request: [
+        Address(f"<{contact(bob0)}>;q=1.0"),
+        Address(f"<{contact(bob1)}>;q=0.5"),
+    ]
+    bob0.on_call = lambda call: call.ring()  # never answers: its tier times out
+    bob1.on_call = lambda call: call.accept()
+    call = await alice.call("sip:bob@p2p.example", timeout=20)
+    ringing = await asyncio.wait_for(bob0.incoming.get(), 5)
+    assert await ringing.wait_ended(10) == "cancelled"
+    await call.bye()
+
+
+async def test_asynchronous_locate(new_stack: Factory) -> None:
+    proxy, alice, (bob,) = await parties(new_stack, 1)
+
+    async def lookup(request: object) -> list[URI]:
+        await asyncio.sleep(0)  # stands for a DHT round trip
+        return [contact(bob)]
+
+    proxy.locate = lookup
+    bob.on_call = lambda call: call.accept()
+    call = await alice.call("sip:bob@p2p.example", timeout=20)
+    assert call.state == "confirmed"
+    await call.bye()
+
+
+async def test_tcp_caller_udp_callee_double_record_route() -> None:
+    proxy_stack = await Stack.start(["127.0.0.1:0"])  # UDP and TCP on one port
+    alice_stack = await Stack.start(["127.0.0.1:0"])
+    bob_stack = await Stack.start(["udp:127.0.0.1:0"])
+    try:
+        proxy = Proxy(proxy_stack)
+        me = addr(proxy_stack)
+        alice = UserAgent(alice_stack, "sip:alice@127.0.0.1", outbound=f"tcp:{me}")
+        bob = UserAgent(bob_stack, "sip:bob@127.0.0.1", on_call=lambda call: call.accept())
+        call = await alice.call(contact(bob), timeout=20)
+        incoming = await asyncio.wait_for(bob.incoming.get(), 5)
+        # RFC 5658: one Record-Route per side, the UDP one (bob's side) on top.
+        assert incoming.request.get_all("Record-Route") == [f"<sip:{me};lr>", f"<sip:{me};transport=tcp;lr>"]
+        await asyncio.wait_for(incoming.confirmed.wait(), 10)
+        before = proxy.stats["forwarded_requests"]
+        assert (await incoming.bye()).status == 200  # bob -> proxy (UDP) -> alice (TCP)
+        assert await call.wait_ended(10) == "bye received"
+        assert proxy.stats["forwarded_requests"] == before + 1
+        assert alice_stack.stats["connections"] == 1
+    finally:
+        for stack in (proxy_stack, alice_stack, bob_stack):
+            await stack.close()
