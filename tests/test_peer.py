@@ -290,3 +290,40 @@ async def test_graceful_leave_of_the_primary_keeps_the_registration(ring: list[P
     via = next(p for p in survivors if p is not ring[0])
     result = await caller.call(BOB, via.sip_address())
     assert result.answered, result.statuses
+
+
+async def test_ipv6_loopback_overlay_and_call(tmp_path: Path) -> None:
+    import socket
+
+    from p2psip.cli import _Phone
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    peers: list[Peer] = []
+    phones: list[_Phone] = []
+    try:
+        for i in range(2):
+            config = PeerConfig(
+                listen=[ListenSpec("udp", "::1", 0)],
+                overlay=HostPort("::1", 0),
+                join=HostPort(*peers[0].overlay_address) if peers else None,
+                data_dir=tmp_path / f"v6-{i}",
+            )
+            peers.append(await Peer.start(config, node_config=quick_node_config()))
+        await wait_until_settled(peers)
+        bob = await _Phone.open(BOB, answer=True, host="::1")
+        alice = await _Phone.open(ALICE, host="::1")
+        phones += [bob, alice]
+        registered = await bob.register(peers[0].sip_address())
+        assert registered.status == 200 and "[::1]" in (registered.get("Contact") or "")
+        final, dialog = await alice.call(BOB, peers[1].sip_address(), timeout=15)
+        assert final.status == 200 and dialog is not None
+        assert (await alice.hang_up(dialog)).status == 200
+    finally:
+        for phone in phones:
+            await phone.close()
+        for peer in peers:
+            await peer.close(leave=False)
