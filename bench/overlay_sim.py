@@ -33,14 +33,15 @@ def row(label: str, n: int, rep: SimReport, target: float | None) -> str:
     return (
         f"| {label} | {n:,} | {rep.lookups:,} | {100 * rep.success_rate:.2f} % | {100 * rep.correct_rate:.2f} % "
         f"| {rep.hops_mean:.2f} | {rep.hops_p99} | {'' if target is None else f'{target:.2f}'} {ok} "
-        f"| {rep.maintenance_per_node_s:.2f} | {rep.entries_lost}/{rep.entries} | {rep.wall_s:.1f} |"
+        f"| {_p50_ms(rep):.0f} | {rep.maintenance_per_node_s:.2f} | {rep.entries_lost}/{rep.entries} "
+        f"| {rep.wall_s:.1f} |"
     )
 
 
 HEADER = (
     "| run | N | lookups | success | correct | hops mean | hops p99 | target (0.5 log2 N) "
-    "| maint. msgs/node/s | entries lost | wall s |\n"
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
+    "| latency p50 ms | maint. msgs/node/s | entries lost | wall s |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
 )
 
 
@@ -63,6 +64,12 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=1000, help="signed entries stored in the churn run")
     parser.add_argument("--loss", type=float, default=0.0, help="message loss in the churn run")
     parser.add_argument("--no-classic", action="store_true", help="skip the classic-Chord comparison runs")
+    parser.add_argument(
+        "--pns-n",
+        type=int,
+        default=1000,
+        help="N of the proximity on/off comparison after warm-up (0 to skip)",
+    )
     args = parser.parse_args()
 
     print(
@@ -83,10 +90,29 @@ def main() -> None:
         classic = None
         if not args.no_classic:
             classic = simulate(
-                SimConfig(**{**_fields(base), "chord": ChordConfig(finger_base=2)}),
+                SimConfig(**{**_fields(base), "chord": ChordConfig(finger_base=2, proximity=False)}),
             )
             print(row("stable, classic Chord (base 2)", n, classic, target), flush=True)
         results.append((n, ours, classic))
+    pns: tuple[SimReport, SimReport] | None = None
+    if args.pns_n:
+        # Proximity acts as fix_fingers refreshes fingers (one every 10 s), so measure after a warm-up.
+        runs = []
+        for prox in (False, True):
+            cfg = SimConfig(
+                n=args.pns_n,
+                seed=args.seed,
+                duration=450.0,
+                warmup=400.0,
+                lookup_rate=args.lookups / 40.0,
+                lookup_stop=10.0,
+                chord=ChordConfig(proximity=prox),
+            )
+            rep = simulate(cfg)
+            label = f"stable after 400 s, proximity {'on' if prox else 'off'}"
+            print(row(label, args.pns_n, rep, 0.5 * math.log2(args.pns_n)), flush=True)
+            runs.append(rep)
+        pns = (runs[0], runs[1])
     churn = None
     if args.churn_n:
         churn = simulate(
@@ -114,6 +140,13 @@ def main() -> None:
                 f"({ours.hops_mean:.2f} vs {classic.hops_mean:.2f}), "
                 f"{ours.maintenance_per_node_s / max(classic.maintenance_per_node_s, 1e-9):.2f}x its maintenance"
             )
+    if pns is not None:
+        off, on = pns
+        print(
+            f"proximity (N = {args.pns_n:,}, after warm-up): lookup latency p50 {_p50_ms(on):.0f} ms vs "
+            f"{_p50_ms(off):.0f} ms without ({_p50_ms(on) / max(_p50_ms(off), 1e-9):.2f}x), hops "
+            f"{on.hops_mean:.2f} vs {off.hops_mean:.2f}"
+        )
     if churn is not None:
         print(
             f"churn: {churn.joins} joins, {churn.leaves} leaves, {churn.crashes} crashes; lookups "
@@ -122,6 +155,11 @@ def main() -> None:
             f"fetches found {churn.fetch_found}/{churn.fetch_checks}; entries lost {churn.entries_lost}"
             f"/{churn.entries}; failures {churn.failures or 'none'}"
         )
+
+
+def _p50_ms(rep: SimReport) -> float:
+    values = sorted(rep.lookup_latency)
+    return 1000 * values[len(values) // 2] if values else 0.0
 
 
 def _fields(config: SimConfig) -> dict[str, object]:
