@@ -6,7 +6,8 @@ One command, one table:
     python bench/overlay_sim.py --max-n 1000    # quicker
 
 For every N it runs the stable ring twice in the same run: p2psip's routing (base-16 fingers, successor-list
-shortcuts) and classic Chord (base-2 fingers, same code with ``finger_base=2``), and prints the hop ratio.
+shortcuts, proximity fingers) and classic Chord (base-2 fingers, no proximity: the same code with
+``finger_base=2, proximity=False``), and prints the hop ratio; then proximity on/off after a warm-up.
 Targets (issue 4): stable ring mean hops <= 0.5 * log2(N), all lookups correct; churn with a one-hour median
 session: >= 99.5 % of lookups succeed, no entry with a live replica lost; the 10,000-node run under 10 min.
 """
