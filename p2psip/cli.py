@@ -556,7 +556,15 @@ async def _demo(peer_count: int) -> int:
             print(f"   ring (by node id): {order} -> {first}  (settled in {settle:.1f} s)\n")
 
             # 2. registrations
-            alice_peer, bob_peer = (peers[1], peers[3]) if peer_count >= 4 else (peers[0], peers[-1])
+            # Pick the phones' peers among those that do NOT store bob's registration, so that both the
+            # REGISTER and the lookup cross the overlay (an AOR's key is fixed, node ids are not).
+            bob_key = Peer.key_of(bob_aor)
+            by_distance = sorted(ring, key=lambda p: (p.node.node_id - bob_key) % (1 << 128))
+            outsiders = [p for p in peers if p not in by_distance[:3]]
+            if len(outsiders) >= 2:
+                alice_peer, bob_peer = outsiders[0], outsiders[1]
+            else:
+                alice_peer, bob_peer = by_distance[-1], by_distance[-2]
             alice = await _Phone.open(alice_aor)
             bob = await _Phone.open(bob_aor, answer=True)
             phones += [alice, bob]
