@@ -32,6 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from p2psip.auth import DigestServer
@@ -595,9 +596,14 @@ class InProcessRunner:
     which is why per-user scripts run in worker processes instead (:mod:`sipapi.worker`).
     """
 
-    def __init__(self, target: EventTarget, *, deadline: float = DEFAULT_DEADLINE) -> None:
+    def __init__(
+        self, target: EventTarget, *, deadline: float = DEFAULT_DEADLINE, threads: int = 128
+    ) -> None:
         self.target = target
         self.deadline = deadline
+        # Its own pool: a def handler holds a thread while proxy() waits for the callee, so the loop's
+        # default executor (a handful of threads) would cap the server at a handful of calls in progress.
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sipapi-handler")
 
     async def run(self, control: CallControl) -> None:
         for handler in self.target.handlers("incoming"):
@@ -622,13 +628,26 @@ class InProcessRunner:
 
     async def _call(self, handler: Callable[[Event], Any], event: Event, control: CallControl) -> None:
         loop = control.loop
+        began: list[float] = []  # when the handler really started (a thread may not be free at once)
         if inspect.iscoroutinefunction(handler):
             future: asyncio.Future[Any] = asyncio.ensure_future(handler(event))
+            began.append(loop.time())
         else:
-            future = loop.run_in_executor(None, handler, event)
-        started = loop.time()
+
+            def call() -> Any:
+                began.append(time.monotonic())  # the loop's clock is time.monotonic too
+                return handler(event)
+
+            future = loop.run_in_executor(self.executor, call)
+        queued = loop.time()
         while True:
-            remaining = started + self.deadline + control.seconds_in_proxy() - loop.time()
+            if not began:  # still waiting for a thread: bounded, then the request is refused
+                if loop.time() - queued > self.deadline + 30.0:
+                    future.cancel()
+                    raise TimeoutError
+                await asyncio.wait({future}, timeout=0.05)
+                continue
+            remaining = began[0] + self.deadline + control.seconds_in_proxy() - loop.time()
             if control.proxying:
                 remaining = max(remaining, 0.5)
             if remaining <= 0:
