@@ -543,10 +543,15 @@ class LoopController(Controller):
         async def call() -> Any:
             return fn(*args)
 
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result()
+        return self._await(call())
 
     def _await(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # the loop is closed: a handler left running past its deadline, at shutdown
+            coro.close()
+            raise ScriptError("the script server has stopped") from None
+        return future.result()
 
     def respond(self, status: int, reason: str | None, headers: list[tuple[str, str]], body: bytes) -> None:
         self._call(self.control.respond, status, reason, headers, body)
