@@ -70,3 +70,21 @@ def test_calls_through_our_stateless_proxy(sipp_tool: str, workdir: Path) -> Non
             timeout=60,
         )
     assert (result.successful, result.failed) == (200, 0), f"{result}\nproxy output:\n{proxy.output()}"
+
+
+def test_calls_through_our_proxy_over_ipv6(sipp_tool: str, workdir: Path) -> None:
+    """The same path on ::1: IPv6 references in Via, Record-Route, Contact and the Request-URI."""
+    uport, cport = free_port("::1"), free_port("::1")
+    with OurProxy(workdir, ["udp:[::1]:0"]) as proxy, uas(workdir, uport, host="::1"):
+        result = run_calls(
+            workdir,
+            f"[::1]:{uport}",
+            calls=100,
+            rate=50,
+            port=cport,
+            host="::1",
+            proxy=proxy.address("udp"),
+            timeout=60,
+        )
+    assert (result.successful, result.failed) == (100, 0), f"{result}\nproxy output:\n{proxy.output()}"
+    assert proxy.final_stats().get("forwarded_requests", 0) >= 200
