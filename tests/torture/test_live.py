@@ -330,3 +330,48 @@ async def test_corpus_over_tcp(live: Live) -> None:
     for index, case in enumerate(_cases_for(live)):
         await _tcp_case(case, live, index)
     await _alive(live)
+
+
+def _named(name: str) -> Case:
+    return next(c for c in CASES if c.name == name)
+
+
+async def _read_answers(reader: asyncio.StreamReader, call_ids: set[str]) -> dict[str, Response]:
+    """Read framed answers until one final answer per Call-ID in ``call_ids`` arrived (bounded)."""
+    from p2psip.message import StreamFramer
+
+    framer = StreamFramer()
+    finals: dict[str, Response] = {}
+    async with asyncio.timeout(WAIT):
+        while set(finals) != call_ids:
+            chunk = await reader.read(65536)
+            assert chunk, f"connection closed with answers missing for {call_ids - set(finals)}"
+            for frame in framer.feed(chunk):
+                msg = parse(frame, datagram=False)
+                assert isinstance(msg, Response)
+                if msg.status >= 200:
+                    finals[msg.call_id] = msg
+    return finals
+
+
+async def test_stream_pipelining_split_writes_and_keepalives(live: Live) -> None:
+    """On one TCP connection: two valid requests in a single write, a CRLFCRLF keep-alive (RFC 5626) between
+    them, then a third request written one byte at a time. All three answered, in any order."""
+    first, second, third = (
+        localize(_named(n), "127.0.0.1", 9, "tcp")
+        for n in ("v02_header_name_case", "v06_unknown_method", "v09_register_wildcard")
+    )
+    ids = {parse(m).call_id for m in (first, second, third)}
+    reader, writer = await asyncio.open_connection(*live.stack.local_address("tcp"))
+    try:
+        writer.write(first + b"\r\n\r\n" + second)
+        for byte in third:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        finals = await _read_answers(reader, ids)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+    assert all(resp.status != 400 for resp in finals.values()), {k: v.status for k, v in finals.items()}
+    await _alive(live)
