@@ -284,7 +284,7 @@ fuzz_datagrams = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(datagrams=st.lists(fuzz_datagrams, min_size=1, max_size=8), target=st.integers(0, N - 1))
 async def test_fuzzed_datagrams_are_dropped_not_fatal(
     ring: Ring, datagrams: list[tuple[str, object]], target: int

@@ -166,7 +166,7 @@ def test_fuzz_any_bytes(data: bytes) -> None:
     assert isinstance(msg, Message)
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from(
