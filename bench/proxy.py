@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from conftest import free_port  # noqa: E402
 from interop.kamailio import Kamailio, stateful_config, stateless_config  # noqa: E402
 from interop.ourproxy import OurProxy  # noqa: E402
+from interop.procs import ChildError  # noqa: E402
 from interop.sipp import SippResult, run_calls, uas  # noqa: E402
 
 FULL_LADDER = [250, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000]
@@ -138,20 +139,24 @@ def run_step(runner: Runner, rate: int, duration: float, workdir: Path, *, trace
     uport, cport = free_port(), free_port()
     step_dir = Path(tempfile.mkdtemp(prefix=f"{runner.name}-{rate}-", dir=workdir))
     started = time.monotonic()
-    with runner.running(step_dir) as (proxy, cpu), uas(step_dir, uport):
-        cpu0 = cpu()
-        result = run_calls(
-            step_dir,
-            f"127.0.0.1:{uport}",
-            calls=calls,
-            rate=rate,
-            port=cport,
-            proxy=proxy,
-            timeout=duration * 3 + 30,
-            trace_rtt=trace_rtt,
-            recv_timeout_ms=5000,
-        )
-        cpu_used = cpu() - cpu0
+    try:
+        with runner.running(step_dir) as (proxy, cpu), uas(step_dir, uport):
+            cpu0 = cpu()
+            result = run_calls(
+                step_dir,
+                f"127.0.0.1:{uport}",
+                calls=calls,
+                rate=rate,
+                port=cport,
+                proxy=proxy,
+                timeout=duration * 3 + 30,
+                trace_rtt=trace_rtt,
+                recv_timeout_ms=5000,
+            )
+            cpu_used = cpu() - cpu0
+    except ChildError as exc:  # a proxy or sipp that did not start: this step fails, the bench goes on
+        print(f"  {runner.name:14s} {rate:5d}/s: could not run: {exc}", flush=True)
+        return Step(rate, calls, False, SippResult(None, 0, 0, 0), 0.0, time.monotonic() - started)
     # sustained: every call completed, none failed, and sipp was not slowed below the asked rate (the run
     # may exceed calls/rate by the last calls' tail and the UAC's 0.5 s wait, so allow 15 % + 2 s)
     ok = result.failed == 0 and result.successful == calls and result.elapsed <= duration * 1.15 + 2.0
