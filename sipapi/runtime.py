@@ -170,6 +170,9 @@ class CallControl:
 
     def _send(self, response: Response) -> None:
         self.sent = response
+        if log.isEnabledFor(logging.INFO):  # a script with _debug = True
+            request = self.request
+            log.info("%s %s -> %d %s", request.method, request.uri, response.status, response.reason)
         tx = self.transaction
         if tx.terminated or tx.state not in (State.TRYING, State.PROCEEDING):
             return  # e.g. the caller CANCELled and the 487 already went
@@ -299,6 +302,9 @@ class CallControl:
             core.controls.pop(id(tx), None)
             self._future = None
         outcome = outcome_of(response.status, timed_out=self.timed_out)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s proxied to %s: %s (%d)", request.method, request.uri,
+                     ", ".join(locations), outcome, response.status)  # fmt: skip
         if response.status < 300:
             self.decided = True  # the 2xx went upstream already
             self.sent = response

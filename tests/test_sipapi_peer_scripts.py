@@ -224,8 +224,14 @@ async def test_a_bad_script_costs_one_call_not_the_peer(
         "basic.addEventListener('incoming', handler)\n"
     )
     assert await call_status(caller, "sip:edited@example.com") == 603
-    # a user with no script: the peer's normal processing (nobody registered: 404)
+    # a user with no script, or a script that decides nothing: the peer's normal processing
+    # (nobody registered: 404)
     assert await call_status(caller, "sip:nobody@example.com") == 404
+    (d / "quiet@example.com.py").write_text(
+        "def handler(event):\n    assert event['To'].uri.user == 'quiet'\n"
+        "basic.addEventListener('incoming', handler)\n"
+    )
+    assert await call_status(caller, "sip:quiet@example.com") == 404
 
 
 async def test_async_handler_awaits_proxy(overlay: Overlay, tmp_path: Path) -> None:

@@ -56,6 +56,8 @@ def test_article_server_script_behaves_like_the_ser_config(article_server) -> No
     assert child.stop() == 0, child.output()
     # SIGTERM ends it cleanly: exit 0 and no traceback
     assert "Traceback" not in child.output()
+    # _debug = True in the script: one log line per decision on stderr
+    assert "sipapi: INVITE sip:bob@example.com -> 483 Too many hops" in child.errors, child.output()
 
 
 def test_open_with_a_file_name_is_the_builtin_open(tmp_path: Path) -> None:
