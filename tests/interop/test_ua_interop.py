@@ -124,6 +124,19 @@ async def test_sipp_uac_calls_our_ua(sipp_tool: str, workdir: Path, stack: Stack
         assert relay.stats.dropped >= 30, relay.stats
 
 
+async def test_sipp_uac_calls_our_ua_over_tcp(sipp_tool: str, workdir: Path, stack: Stack) -> None:
+    """sipp's UAC calls our UA over one TCP connection (``-t t1``): answers go back on the connection."""
+    ua, answered = _answering_ua(stack, "sip:service@127.0.0.1")
+    host, port = stack.local_address("tcp")
+    caller = uac(workdir, f"{host}:{port}", calls=10, rate=5, port=free_port(), transport="t1", timeout_s=60)
+    with caller:
+        await _wait_sipp(caller, 90)
+        result = caller.result()
+    await ua.close()
+    assert (result.successful, result.failed) == (10, 0), str(result)
+    assert len(answered) == 10
+
+
 async def test_our_ua_registers_at_kamailio_and_calls_through_it(
     sipp_tool: str, kamailio_tool: str, workdir: Path, stack: Stack
 ) -> None:
