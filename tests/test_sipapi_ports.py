@@ -2,6 +2,8 @@
 
 - ser_busy_every_third.py: a test UAS answering 486 to every third INVITE (sipp's UAC counts 2/3 success);
 - ser_forwarder.py: SER's t_relay to a gateway (sipp UAC → script server → sipp UAS, Record-Route honoured);
+- scripting_b2bua.py: a back-to-back UA with the Layer 1 API (sipp UAC → B2BUA → sipp UAS, both legs
+  hung up);
 - scenario_uac_auth.py: sipp's "UAC with authentication" as a scenario, against a sipp UAS that challenges
   and checks the digest with its own verifyauth (a wrong password fails every call: the check is real);
 - ser_registrar_overlay.py: save/lookup/t_relay through a two-node overlay of script servers, called by
@@ -55,6 +57,21 @@ def test_forwarder_relays_sipp_calls_to_a_gateway(tmp_path: Path) -> None:
         result = run_calls(tmp_path, f"127.0.0.1:{port}", calls=50, rate=25, port=free_port(), timeout=60)
     assert (result.successful, result.failed) == (50, 0), f"{result}\n{server.output()}"
     assert "Traceback" not in server.output()
+
+
+def test_b2bua_bridges_sipp_calls(tmp_path: Path) -> None:
+    from interop.sipp import run_calls, uas
+
+    port, far = free_port(), free_port()
+    with (
+        uas(tmp_path, far, scenario=None),
+        script_process(EXAMPLES / "scripting_b2bua.py", str(port), f"127.0.0.1:{far}") as b2bua,
+    ):
+        b2bua.wait_ready()
+        result = run_calls(tmp_path, f"127.0.0.1:{port}", calls=20, rate=20, port=free_port(),
+                           scenario=None, timeout=60, recv_timeout_ms=5000)  # fmt: skip
+    assert (result.successful, result.failed) == (20, 0), f"{result}\n{b2bua.output()}"
+    assert "Traceback" not in b2bua.output()
 
 
 def run_scenario(*args: str) -> subprocess.CompletedProcess[str]:

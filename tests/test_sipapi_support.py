@@ -121,7 +121,7 @@ class ScriptProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-            if line.startswith("sipapi: listening on"):
+            if line.startswith(("sipapi: listening on", "b2bua ready")):
                 self._ready.set()
         self._ready.set()
 
