@@ -120,13 +120,17 @@ class Sipp:
         successful = failed = retrans = 0
         call_rate = 0.0
         if self.stat_file.exists():
-            rows = list(csv.DictReader(self.stat_file.open(newline=""), delimiter=";"))
-            if rows:
-                last = rows[-1]
-                successful = int(last.get("SuccessfulCall(C)") or 0)
-                failed = int(last.get("FailedCall(C)") or 0)
-                retrans = int(last.get("Retransmissions(C)") or 0)
-                call_rate = float(last.get("CallRate(C)") or 0.0)
+            with self.stat_file.open(newline="") as stats:
+                rows = list(csv.DictReader(stats, delimiter=";"))
+            for last in reversed(rows):  # the newest complete row (a killed sipp may leave a cut one)
+                try:
+                    successful = int(last.get("SuccessfulCall(C)") or 0)
+                    failed = int(last.get("FailedCall(C)") or 0)
+                    retrans = int(last.get("Retransmissions(C)") or 0)
+                    call_rate = float(last.get("CallRate(C)") or 0.0)
+                except (TypeError, ValueError):
+                    continue
+                break
         setup: list[float] = []
         for rtt in sorted(self.workdir.glob("*_rtt.csv")):
             for line in rtt.read_text().splitlines()[1:]:
