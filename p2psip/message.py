@@ -22,6 +22,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from p2psip.uri import (
     TOKEN_CHARS,
     URI,
     Address,
+    _fast_params,
     _scan_quoted,
     format_params,
     parse_params,
@@ -300,6 +302,8 @@ class CSeq(NamedTuple):
 
 def _parse_cseq(value: str) -> CSeq:
     number, _, method = value.partition(" ")
+    if method in _METHODS and number.isdigit() and len(number) < 10 and number.isascii():
+        return _new_tuple(CSeq, (int(number), method))  # the usual "314159 INVITE", < 2**31 for sure
     if "\t" in value or "  " in value:
         parts = value.split()
         number, method = (parts[0], parts[1]) if len(parts) == 2 else ("", "")
@@ -310,8 +314,10 @@ def _parse_cseq(value: str) -> CSeq:
     num = int(number)
     if num >= 2**31:
         raise ParseError(f"CSeq number out of range {value[:80]!r}")
-    return CSeq(num, method)
+    return _new_tuple(CSeq, (num, method))  # CSeq(num, method) without NamedTuple's Python-level __new__
 
+
+_new_tuple = tuple.__new__
 
 _METHODS = frozenset(
     [
@@ -337,6 +343,12 @@ _SENT_PROTOCOLS = {
     f"SIP/2.0/{t}": ("SIP/2.0", t.upper())
     for t in ("UDP", "TCP", "TLS", "SCTP", "WS", "WSS", "udp", "tcp", "tls")
 }
+_TOKEN_RE = r"A-Za-z0-9\-.!%*_+`'~"
+_FAST_VIA = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9][A-Za-z0-9.\-]*|\[[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\])"
+    r"(?::([0-9]{1,5}))?"
+    r"((?:;[" + _TOKEN_RE + r"]+(?:=[" + _TOKEN_RE + r"\[\]:]+)?)*)"
+).fullmatch
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 
 
@@ -356,6 +368,23 @@ class Via:
     protocol: str
 
     def __init__(self, text: str) -> None:
+        m = _FAST_VIA(text)  # the usual shape in one compiled match; the general path below otherwise
+        if m is not None:
+            self.protocol = "SIP/2.0"
+            transport, self.host, port, params = m.groups()
+            self.transport = transport.upper()
+            if port is None:
+                self.port = None
+            else:
+                self.port = int(port)
+                if self.port > 65535:
+                    raise ParseError(f"bad port in Via {text[:80]!r}")
+            self.params = _fast_params(params) if params else {}
+            if ".." not in self.host:
+                return
+        self._parse_general(text)
+
+    def _parse_general(self, text: str) -> None:
         proto, sep, rest = text.partition(" ")
         known = _SENT_PROTOCOLS.get(proto)
         if known is not None and sep:
@@ -851,9 +880,13 @@ class Message:
 
     @property
     def call_id(self) -> str:
+        cached = self._cache.get("call-id")
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         value = self._required("call-id")
         if not value or " " in value or "\t" in value:
             raise ParseError(f"bad Call-ID {value[:80]!r}")
+        self._cache["call-id"] = value
         return value
 
     @property
@@ -1185,7 +1218,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
             if version.upper().startswith("SIP/"):
                 raise ParseError(f"unsupported SIP version {version[:20]!r}", status_hint=505)
             raise ParseError(f"bad request line {first[:80]!r}")
-        if not method or not TOKEN_CHARS.issuperset(method):
+        if method not in _METHODS and (not method or not TOKEN_CHARS.issuperset(method)):
             raise ParseError(f"bad method in request line {first[:80]!r}")
         request = Request.__new__(Request)
         request.method = method
@@ -1194,12 +1227,14 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     # thing a dozen times. Known names resolve with one dict lookup; a line without a colon stops it.
     names = _NAMES
     entry_of = _name_entry
-    rows = [line.partition(":") for line in lines[1:]]
     headers: list[_Header] = [
-        (*(names.get(n) or entry_of(n)), v.strip(" \t")) for n, sep, v in rows if sep or _no_colon(n)
+        (e[0], e[1], v.strip(" \t"))
+        for line in lines[1:]
+        for n, sep, v in [line.partition(":")]
+        if sep or _no_colon(n)
+        for e in [names.get(n) or entry_of(n)]
     ]
     msg._headers = headers
-    msg._cache = {}
     msg._body = b""
     firsts = {h[0]: h[2] for h in reversed(headers)}  # the first value of every header
 
@@ -1207,15 +1242,18 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     if not firsts.keys() >= _MANDATORY:
         missing = next(key for key in ("via", "from", "to", "call-id", "cseq") if key not in firsts)
         raise ParseError(f"missing {names[missing][1]} header")
-    cache = msg._cache
     via = firsts["via"]
-    cache["top-via"] = Via(split_list(via)[0] if "," in via else via)
-    cache["from"] = Address(firsts["from"])
-    cache["to"] = Address(firsts["to"])
+    cseq = _parse_cseq(firsts["cseq"])
+    msg._cache = {
+        "top-via": Via(split_list(via)[0] if "," in via else via),
+        "from": Address(firsts["from"]),
+        "to": Address(firsts["to"]),
+        "cseq": cseq,
+        "call-id": firsts["call-id"],
+    }
     call_id = firsts["call-id"]
     if not call_id or " " in call_id or "\t" in call_id:
         raise ParseError(f"bad Call-ID {call_id[:80]!r}")
-    cseq = cache["cseq"] = _parse_cseq(firsts["cseq"])
     partial = request
     if request is not None:
         try:

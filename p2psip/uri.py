@@ -14,6 +14,7 @@ Why this module looks the way it does:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from p2psip.errors import ParseError
@@ -88,7 +89,7 @@ def _check_host(host: str, text: str) -> None:
     if not host:
         raise _bad("URI without a host", text)
     if host[0] == "[":
-        if host[-1] != "]" or len(host) < 4 or not _IPV6_CHARS.issuperset(host[1:-1]) or ":" not in host:
+        if host[-1] != "]" or host.count(":") < 2 or not _IPV6_CHARS.issuperset(host[1:-1]):
             raise _bad("bad IPv6 reference in URI", text)
         return
     if not _HOST_CHARS.issuperset(host) or host[0] in "-." or ".." in host:
@@ -122,6 +123,26 @@ def split_hostport(hostport: str, text: str) -> tuple[str, int | None]:
         port = _parse_port(p, text) if sep else None
     _check_host(host, text)
     return host, port
+
+
+_UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
+_PCHARS = _UNRESERVED + r"\[\]/:&+$"  # paramchar without escapes
+_FAST_SIP_URI = re.compile(
+    r"(sips?):(?:([" + _UNRESERVED + r"&=+$,;?/]+)@)?([A-Za-z0-9][A-Za-z0-9.\-]*)(?::([0-9]{1,5}))?"
+    r"((?:;[" + _PCHARS + r"]+(?:=[" + _PCHARS + r"]+)?)*)"
+).fullmatch
+
+
+def _fast_params(text: str) -> dict[str, str | None]:
+    """Parameters already validated by a regular expression: ``;a=1;b`` -> {"a": "1", "b": None}."""
+    if text.count(";") == 1:  # the usual single parameter (";tag=...")
+        name, _, value = text[1:].partition("=")
+        return {name.lower(): value or None}
+    params: dict[str, str | None] = {}
+    for item in text[1:].split(";"):
+        name, _, value = item.partition("=")
+        params[name.lower()] = value or None
+    return params
 
 
 def _parse_uri_params(text: str, whole: str) -> dict[str, str | None]:
@@ -169,8 +190,31 @@ class URI:
     opaque: str | None
 
     def __init__(self, text: str) -> None:
-        # The hot path of every message (Request-URI, From, To, Contact ...): one pass of str methods,
-        # the sip/sips case inlined; rarer forms go to helpers.
+        # The hot path of every message (Request-URI, From, To, Contact ...). The common shape
+        # (sip:user@host:port;params, no escapes, no password, no headers) is recognised by one compiled
+        # regular expression, whose groups need no further checks; anything else takes the general path,
+        # which accepts every valid URI and explains what is wrong with an invalid one.
+        m = _FAST_SIP_URI(text)
+        if m is not None:
+            scheme, user, host, port, params = m.groups()
+            if ".." not in host:
+                self.scheme = scheme
+                self.user = user
+                self.password = None
+                self.host = host
+                if port is None:
+                    self.port = None
+                else:
+                    self.port = int(port)
+                    if self.port > 65535:
+                        raise _bad("port out of range", text)
+                self.params = _fast_params(params) if params else {}
+                self.headers = {}
+                self.opaque = None
+                return
+        self._parse_general(text)
+
+    def _parse_general(self, text: str) -> None:
         scheme, sep, rest = text.partition(":")
         if scheme != "sip":
             scheme = scheme.lower()
@@ -531,6 +575,13 @@ def format_params(params: dict[str, str | None]) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
+_TOKEN_RE = r"A-Za-z0-9\-.!%*_+`'~"
+_FAST_NAME_ADDR = re.compile(
+    r'(?:"([^"\\\r\n]*)"[ \t]*|([' + _TOKEN_RE + r"]+(?: [" + _TOKEN_RE + r"]+)*)?[ \t]*)<([^<>]+)>"
+    r"((?:;[" + _TOKEN_RE + r"]+(?:=[" + _TOKEN_RE + r"\[\]:]+)?)*)"
+).fullmatch
+
+
 def _display_needs_quotes(display: str) -> bool:
     if not display:
         return True
@@ -552,6 +603,19 @@ class Address:
     wildcard: bool
 
     def __init__(self, text: str) -> None:
+        # Fast path: the usual name-addr (no escapes in the display name, plain token parameters), one
+        # compiled regular expression; everything else goes the general way below.
+        m = _FAST_NAME_ADDR(text)
+        if m is not None:
+            quoted, display, uri, params = m.groups()
+            self.display = quoted if quoted is not None else display
+            self.uri = URI(uri)
+            self.params = _fast_params(params) if params else {}
+            self.wildcard = False
+            return
+        self._parse_general(text)
+
+    def _parse_general(self, text: str) -> None:
         text = text.strip(" \t")
         self.wildcard = False
         if not text:

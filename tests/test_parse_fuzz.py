@@ -302,3 +302,49 @@ def test_uri_address_via_auth_text_raise_only_parse_error(text: str) -> None:
 def test_corpus_parses() -> None:
     for data in CORPUS:
         _touch_everything(parse(data))
+
+
+# -- the regular-expression fast paths agree with the general parsers ------------------------------------
+
+
+def _state(obj: object) -> dict[str, object]:
+    return {name: getattr(obj, name) for name in obj.__slots__ if name != "uri"}  # type: ignore[attr-defined]
+
+
+def _general(kind: type, text: str) -> object:
+    obj = kind.__new__(kind)
+    obj._parse_general(text)
+    return obj
+
+
+_texts = st.one_of(uris().map(str), addresses().map(str), vias().map(str))
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> str:
+    text = draw(_texts)
+    for _ in range(draw(st.integers(0, 3))):
+        pos = draw(st.integers(0, len(text)))
+        text = text[:pos] + draw(st.sampled_from(list(' \t;:=@<>"\\%[].-,?&*'))) + text[pos:]
+    return text
+
+
+@FAST
+@given(_mutated())
+def test_fast_paths_agree_with_general_parsers(text: str) -> None:
+    for kind in (URI, Address, Via):
+        try:
+            fast = kind(text)
+        except ParseError:
+            try:
+                _general(kind, text)
+            except ParseError:
+                continue
+            raise AssertionError(
+                f"{kind.__name__} fast path refused what the general one accepts: {text!r}"
+            ) from None
+        general = _general(kind, text)
+        assert _state(fast) == _state(general), text
+        if kind is Address:
+            assert fast.uri == general.uri  # type: ignore[attr-defined]
+            assert str(fast.uri) == str(general.uri)  # type: ignore[attr-defined]
