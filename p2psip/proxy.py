@@ -603,9 +603,17 @@ async def serve(
 ) -> dict[str, int]:
     """Run a stand-alone proxy until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None); return
     its counters. ``ready(stack)`` is called once every listener is open (the CLI prints the addresses)."""
+    import gc
     import signal
 
     from p2psip.transport import TLSConfig
+
+    # A busy proxy allocates a few hundred objects per message and keeps every transaction for 32 s:
+    # with the default thresholds the cyclic collector costs about a quarter of the CPU. Collect young
+    # objects 70x less often and move what start-up allocated out of the collector's sight. (Only here,
+    # in the stand-alone process: a library must not change a process-wide setting.)
+    gc.set_threshold(50_000, 20, 100)
+    gc.freeze()
 
     tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert) if tls_cert else None
     stack = await Stack.start(listen, tls=tls, verbose=verbose)
