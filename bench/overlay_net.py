@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -22,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,6 +33,7 @@ from overlay.node import Node, NodeConfig
 
 HOST = "127.0.0.1"
 SYSTEMS = ("p2psip", "kademlia", "opendht")
+WARMUP = 10  # unmeasured put+get pairs per run, the same for every system
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Result:
     ops: int
     setup_s: float
     note: str = ""
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -88,6 +91,10 @@ async def bench_p2psip(n: int, ops: int, rng: random.Random) -> Result:
         await asyncio.sleep(0.2)
     setup = time.perf_counter() - t0
     res = Result("p2psip", n, [], [], 0, 0, ops, setup)
+    for i in range(WARMUP):  # first operations warm caches and code paths; not measured
+        with contextlib.suppress(Exception):
+            await rng.choice(nodes).put(f"warmup{i}", b"w")
+            await rng.choice(nodes).get(f"warmup{i}")
     names = [f"sip:user{i}@bench.example" for i in range(ops)]
     for name in names:
         t = time.perf_counter()
@@ -115,24 +122,13 @@ async def bench_p2psip(n: int, ops: int, rng: random.Random) -> Result:
     res.note = f"mean lookup hops {statistics.mean(hops):.2f}"
     totals: dict[str, int] = {}
     for x in nodes:
-        for k, v in x.stats().items():
-            if isinstance(v, int):
+        st = x.stats()
+        for k, v in [*st.items(), *(("chord." + ck, cv) for ck, cv in st.get("chord", {}).items())]:
+            if isinstance(v, int) and any(
+                w in k for w in ("retrans", "timeouts", "not_responsible", "declared_dead")
+            ):
                 totals[k] = totals.get(k, 0) + v
-        for k, v in x.stats().get("chord", {}).items():
-            totals["chord." + k] = totals.get("chord." + k, 0) + v
-    print(
-        "# p2psip",
-        n,
-        {
-            k: v
-            for k, v in sorted(totals.items())
-            if any(
-                w in k
-                for w in ("timeout", "retrans", "not_responsible", "refused", "failed", "dropped", "repair")
-            )
-        },
-        file=sys.stderr,
-    )
+    res.counters = totals
     await asyncio.gather(*(x.close() for x in nodes))
     return res
 
@@ -157,6 +153,10 @@ async def bench_kademlia(n: int, ops: int, rng: random.Random, k: int) -> Result
         await s.bootstrap([(HOST, ports[rng.randrange(n)]) for _ in range(2)])
     setup = time.perf_counter() - t0
     res = Result("kademlia", n, [], [], 0, 0, ops, setup, note=f"k={k}, alpha=3")
+    for i in range(WARMUP):
+        with contextlib.suppress(Exception):
+            await rng.choice(servers).set(f"warmup{i}", "w")
+            await rng.choice(servers).get(f"warmup{i}")
     names = [f"sip:user{i}@bench.example" for i in range(ops)]
     for name in names:
         t = time.perf_counter()
@@ -197,6 +197,10 @@ def bench_opendht(n: int, ops: int, rng: random.Random) -> Result:
     res = Result(
         "opendht", n, [], [], 0, 0, ops, setup, note=f"v{dht.version()}" if hasattr(dht, "version") else ""
     )
+    for i in range(WARMUP):
+        with contextlib.suppress(Exception):
+            rng.choice(runners).put(dht.InfoHash.get(f"warmup{i}"), dht.Value(b"w"))
+            rng.choice(runners).get(dht.InfoHash.get(f"warmup{i}"))
     names = [f"sip:user{i}@bench.example" for i in range(ops)]
     for name in names:
         t = time.perf_counter()
@@ -263,6 +267,8 @@ def merge(parts: list[Result]) -> Result:
         out.get_ok += r.get_ok
         out.ops += r.ops
         out.setup_s = max(out.setup_s, r.setup_s)
+        for k, v in r.counters.items():
+            out.counters[k] = out.counters.get(k, 0) + v
     notes = sorted({r.note for r in parts if r.note})
     out.note = "; ".join(notes[:2]) + (" ..." if len(notes) > 2 else "")
     return out
@@ -316,6 +322,9 @@ def main() -> None:
                 print(f"# round {rnd + 1}: {system} N={n} done", file=sys.stderr, flush=True)
     results = [merge(runs[(n, s)]) for n in args.sizes for s in systems if (n, s) in runs]
     print(table(results))
+    for r in results:
+        if r.counters:
+            print(f"# {r.system} N={r.n} retry counters over all rounds: {r.counters}")
 
 
 if __name__ == "__main__":
