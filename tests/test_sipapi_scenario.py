@@ -60,6 +60,57 @@ def test_scenario_against_sipp_uas(sipp_uas, example: str) -> None:
     assert "attempted" in done.stderr and "p99" in done.stderr
 
 
+def test_scenario_over_tcp(tmp_path: Path) -> None:
+    require_tool("sipp")
+    from interop.sipp import uas
+
+    port = free_port()
+    with uas(tmp_path, port, scenario=None, transport="t1"):
+        for example in ("scenario_uac.py", "scenario_uac_api.py"):
+            done = run_scenario(str(EXAMPLES / example), "--rate", "20", "--calls", "20",
+                                "--transport", "tcp", "--target", f"127.0.0.1:{port}", "--json",
+                                "--quiet")  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert json.loads(done.stdout)["succeeded"] == 20
+
+
+async def test_scenario_through_our_peer(tmp_path: Path) -> None:
+    """A one-node overlay: sipp's UAS registered as sip:bob@HOST (the peer's own address, so the
+    Request-URI of every call is looked up in the DHT), called by the step scenario through the peer. The
+    UAS echoes Record-Route (sipp's built-in one answers in-dialog requests to where the INVITE came
+    from, which is the peer, not the caller), so ACK and BYE follow the route through the peer."""
+    require_tool("sipp")
+    from interop.sipp import uas
+    from test_sipapi_support import UdpClient
+
+    from p2psip.config import HostPort, ListenSpec, PeerConfig
+    from p2psip.peer import Peer, quick_node_config
+
+    port = free_port()
+    with uas(tmp_path, port):
+        config = PeerConfig(listen=[ListenSpec("udp", "127.0.0.1", 0)], overlay=HostPort("127.0.0.1", 0),
+                            data_dir=tmp_path / "peer", cache_ttl=0.0)  # fmt: skip
+        peer = await Peer.start(config, node_config=quick_node_config())
+        try:
+            host, sip_port = peer.sip_address()
+            client = UdpClient()
+            try:
+                register = client.request("REGISTER", f"sip:{host}:{sip_port}", from_=f"sip:bob@{host}",
+                                          to=f"sip:bob@{host}")  # fmt: skip
+                register.set("Contact", f"<sip:bob@127.0.0.1:{port}>;expires=300")
+                reply = await asyncio.to_thread(client.send, register, (host, sip_port), 15.0)
+            finally:
+                client.close()
+            assert reply.status == 200
+            runner = Runner(load(EXAMPLES / "scenario_uac.py"), f"{host}:{sip_port}", rate=30, calls=30,
+                            service="bob")  # fmt: skip
+            stats = await asyncio.wait_for(runner.run(), 60)
+        finally:
+            await peer.close(leave=False)
+    assert (stats.attempted, stats.succeeded, stats.failed) == (30, 30, 0), stats.reasons
+    assert peer.counters["routed"] + peer.counters["lookup_cache_hits"] >= 30
+
+
 def test_failures_are_counted_with_their_reason(sipp_uas, tmp_path: Path) -> None:
     """A scenario expecting 486 from a UAS that answers 200 fails every call, with the reason."""
     port, _server = sipp_uas
