@@ -316,3 +316,20 @@ async def test_default_is_501_and_max_forwards_in_proxy(rig: Rig) -> None:
     finally:
         client.close()
     assert reply.status == 483 and rig.outcomes == ["failure"]  # proxy() checks Max-Forwards (§16.3)
+
+
+def test_script_file_names_are_safe() -> None:
+    from sipapi.scripts import script_name
+
+    def name(uri: str) -> str | None:
+        request = parse(RAW.replace(b"sip:bob@example.com SIP/2.0", f"{uri} SIP/2.0".encode()))
+        assert isinstance(request, Request)
+        return script_name(request)
+
+    assert name("sip:jones@Example.COM:5070;transport=tcp") == "jones@example.com.py"
+    assert name("sips:jones@example.com") == "jones@example.com.py"
+    assert name("sip:example.com") is None  # no user: no per-user script
+    assert name("sip:..@example.com") is None
+    escaped = name("sip:a%2F..%2Fb@example.com")  # an escaped slash stays an escape: no way out of DIR
+    assert escaped is not None and "/" not in escaped
+    assert name("tel:+15551234") is None
