@@ -467,10 +467,18 @@ class Proxy:
             self._branch_done(branch, Response.for_request(branch.context.request, 503, reason))
 
     def on_terminated(self, transaction: Transaction) -> None:
-        branch = transaction.context
-        if isinstance(branch, _Branch) and not branch.final and transaction.kind == "client":
-            # Terminated without a final response and without a timeout event (should not happen).
-            self._branch_done(branch, Response.for_request(branch.context.request, 408, "Request Timeout"))
+        context = transaction.context
+        if isinstance(context, _Branch):
+            if not context.final:
+                # Terminated without a final response and without a timeout event (should not happen).
+                timeout = Response.for_request(context.context.request, 408, "Request Timeout")
+                self._branch_done(context, timeout)
+            # Break the transaction <-> branch cycle so reference counting frees the call's objects
+            # (the cyclic collector is what a busy proxy would otherwise spend its time in).
+            transaction.context = None
+            context.transaction = None
+        elif isinstance(context, _Context):
+            transaction.context = None
 
     # ================================================================================== stateless
 
