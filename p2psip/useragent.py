@@ -488,6 +488,10 @@ class UserAgent:
             reg.refresh.cancel()
             reg.refresh = None
         response = await asyncio.wait_for(self._register_once(reg, expires), timeout)
+        minimum = response.get("Min-Expires")
+        if response.status == 423 and minimum and minimum.isdigit() and int(minimum) > expires:
+            expires = int(minimum)  # §10.2.8: 423 Interval Too Brief: ask again with the registrar's minimum
+            response = await asyncio.wait_for(self._register_once(reg, expires), timeout)
         if response.status >= 300:
             raise CallFailed(response.status, response.reason, response)
         if expires == 0:

@@ -137,8 +137,9 @@ class Registrar:
 
     stateful = True
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, min_expires: int = 0) -> None:
         self.stack = stack
+        self.min_expires = min_expires
         self.digest = DigestServer("test.realm", {"alice": "secret"}.get)
         self.bindings: dict[str, str] = {}
         self.registers: asyncio.Queue[Request] = asyncio.Queue()
@@ -150,6 +151,11 @@ class Registrar:
         _result, challenge = self.digest.check(request, self.stack.loop.time())
         if challenge is not None:
             self.stack.respond(transaction, challenge)
+            return
+        if (request.expires or 0) < self.min_expires:
+            brief = Response.for_request(request, 423)
+            brief.add("Min-Expires", str(self.min_expires))
+            self.stack.respond(transaction, brief)
             return
         self.registers.put_nowait(request)
         response = Response.for_request(request, 200)
@@ -189,6 +195,23 @@ async def test_register_with_digest_and_refresh() -> None:
         with pytest.raises(CallFailed) as failed:
             await alice.register(f"sip:{host}:{port}", password="wrong", refresh=False)
         assert failed.value.status == 401
+    finally:
+        await alice.close()
+        await ua_stack.close()
+        await reg_stack.close()
+
+
+async def test_register_retries_after_423_interval_too_brief() -> None:
+    reg_stack = await Stack.start(["udp:127.0.0.1:0"])
+    ua_stack = await Stack.start(["udp:127.0.0.1:0"])
+    registrar = Registrar(reg_stack, min_expires=30)
+    alice = UserAgent(ua_stack, "sip:alice@127.0.0.1", password="secret")
+    try:
+        host, port = reg_stack.local_address("udp")
+        response = await alice.register(f"sip:{host}:{port}", expires=5, refresh=False)
+        assert response.status == 200
+        accepted = await asyncio.wait_for(registrar.registers.get(), 5)
+        assert accepted.expires == 30
     finally:
         await alice.close()
         await ua_stack.close()
