@@ -71,7 +71,10 @@ class Worker:
             env=env,
         )
         child.close()
-        self.conn = Connection(parent.detach())
+        # The connection gets its own descriptor of the socket; ``self.sock`` is kept to shut it down,
+        # which (unlike close) wakes the reader thread blocked in recv and gives the worker its EOF.
+        self.sock = parent
+        self.conn = Connection(os.dup(parent.fileno()))
         self.loop = loop
         self.messages: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.alive = True
@@ -96,6 +99,14 @@ class Worker:
     def send(self, *message: Any) -> None:
         self.conn.send(message)
 
+    def _hang_up(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
     def kill(self) -> None:
         """End the process by its PID (SIGKILL: it may be stuck), and close the connection."""
         self.alive = False
@@ -104,14 +115,12 @@ class Worker:
                 self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        with contextlib.suppress(OSError):
-            self.conn.close()
+        self._hang_up()
 
     def stop(self) -> None:
-        """Ask it to exit (closing its pipe), then make sure it did."""
+        """Ask it to exit (its connection ends), then make sure it did."""
         self.alive = False
-        with contextlib.suppress(OSError):
-            self.conn.close()
+        self._hang_up()
         try:
             self.proc.wait(3)
         except subprocess.TimeoutExpired:

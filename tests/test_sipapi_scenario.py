@@ -144,13 +144,20 @@ async def test_scenario_through_our_proxy_to_sipp(sipp_uas) -> None:
     assert proxy.stats["forwarded_requests"] >= 80  # INVITE and BYE of every call went through it
 
 
-def test_usage_errors_exit_2(tmp_path: Path) -> None:
+def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sipapi.scenario import main
+
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
-    done = run_scenario(str(empty), "--target", "127.0.0.1:5060")
-    assert done.returncode == 2 and "neither" in done.stderr and "Traceback" not in done.stderr
-    done = run_scenario(str(EXAMPLES / "scenario_uac.py"), "--target", "nowhere")
-    assert done.returncode == 2 and "HOST:PORT" in done.stderr
+    assert main([str(empty), "--target", "127.0.0.1:5060"]) == 2
+    err = capsys.readouterr().err
+    assert "neither" in err and "Traceback" not in err
+    assert main([str(EXAMPLES / "scenario_uac.py"), "--target", "nowhere"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text("steps = [\n")
+    assert main([str(broken), "--target", "127.0.0.1:5060"]) == 2
+    assert "syntax error" in capsys.readouterr().err
     with pytest.raises(ScenarioError):
         expect("2yy")
     with pytest.raises(ScenarioError):
