@@ -353,6 +353,10 @@ class ScriptingCore(Proxy):
         dispatcher = self.dispatcher
         if dispatcher is not None and transaction is not None and request.method not in ("ACK", "CANCEL"):
             try:
+                if request.get("Route") is not None:
+                    # A phone with this peer as its outbound proxy preloads a Route to it: drop our own
+                    # entries first (§16.4, as the proxy would), so the request is judged by where it goes.
+                    self._preprocess_routes(request)
                 runner = dispatcher.select(request)
             except Exception:
                 log.exception("script selection failed for %s", request.uri)

@@ -224,6 +224,12 @@ async def test_a_bad_script_costs_one_call_not_the_peer(
         "basic.addEventListener('incoming', handler)\n"
     )
     assert await call_status(caller, "sip:edited@example.com") == 603
+    # a phone that preloads a Route to the peer (its outbound proxy) still meets the callee's script
+    host, port = overlay.b.sip_address()
+    with pytest.raises(CallFailed) as failed:
+        route = ("Route", f"<sip:{host}:{port};lr>")
+        await caller.call("sip:edited@example.com", headers=[route], timeout=20)
+    assert failed.value.status == 603
     # a user with no script, or a script that decides nothing: the peer's normal processing
     # (nobody registered: 404)
     assert await call_status(caller, "sip:nobody@example.com") == 404
