@@ -216,6 +216,10 @@ class IncomingCall(Call):
             self.ua.stack.respond(self.transaction, self._response(status, reason))
             self._end(f"rejected {status}")
 
+    def _unanswered(self) -> None:
+        if self.state in ("offered", "ringing") and not self.transaction.terminated:
+            self.reject(480, "Temporarily Unavailable (not answered)")
+
     def _schedule_retransmit(self, interval: float, elapsed: float) -> None:
         """§13.3.1.4: the UAS core retransmits the 2xx (T1, doubling to T2) until the ACK, for 64*T1."""
         timers = self.ua.stack.timers
@@ -292,6 +296,7 @@ class UserAgent:
         on_call: Callable[[IncomingCall], None] | None = None,
         on_message: Callable[[Request], None] | None = None,
         user_agent: str = "p2psip",
+        answer_timeout: float = 180.0,
     ) -> None:
         self.stack = stack
         self.loop = stack.loop
@@ -303,6 +308,9 @@ class UserAgent:
         self.on_call = on_call
         self.on_message_cb = on_message
         self.user_agent = user_agent
+        self.answer_timeout = answer_timeout
+        """Seconds an incoming call may stay unanswered before it is declined with 480 (nobody is left
+        holding a transaction forever when the application ignores a call)."""
         self.incoming: asyncio.Queue[IncomingCall] = asyncio.Queue()
         self.messages: asyncio.Queue[Request] = asyncio.Queue()
         self._dialogs: dict[DialogId, Call] = {}
@@ -585,6 +593,8 @@ class UserAgent:
         if method == "INVITE":
             call = IncomingCall(self, request, transaction)
             transaction.context = call
+            if self.answer_timeout > 0:
+                self.loop.call_later(self.answer_timeout, call._unanswered)
             if self.on_call is not None:
                 self.on_call(call)
             self.incoming.put_nowait(call)

@@ -216,3 +216,11 @@ async def test_register_retries_after_423_interval_too_brief() -> None:
         await alice.close()
         await ua_stack.close()
         await reg_stack.close()
+
+
+async def test_an_ignored_call_is_declined_after_answer_timeout(pair: tuple[UserAgent, UserAgent]) -> None:
+    alice, bob = pair
+    bob.answer_timeout = 0.5  # nobody looks at bob.incoming
+    with pytest.raises(CallFailed) as failed:
+        await alice.call(uri_of(bob.stack, "bob", "udp"), timeout=20)
+    assert failed.value.status == 480
