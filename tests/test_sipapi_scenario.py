@@ -111,6 +111,29 @@ async def test_scenario_through_our_peer(tmp_path: Path) -> None:
     assert peer.counters["routed"] + peer.counters["lookup_cache_hits"] >= 30
 
 
+def test_cancel_steps_against_a_ringing_sipp(tmp_path: Path) -> None:
+    """INVITE, 180, CANCEL (same branch), 200 for the CANCEL, 487 (ACKed by the runner, which sipp's
+    scenario requires before it counts the call as done)."""
+    require_tool("sipp")
+    from interop.sipp import uas
+    from test_sipapi_sipp_scenarios import NO_ANSWER, write
+
+    scenario = tmp_path / "cancel.py"
+    scenario.write_text(
+        "from sipapi.scenario import SDP, expect, send\n"
+        "steps = [send('INVITE', body=SDP), expect(100, optional=True), expect(180),\n"
+        "         send('CANCEL'), expect(200), expect(487)]\n"
+    )
+    port = free_port()
+    with uas(tmp_path, port, scenario=write(tmp_path, "na.xml", NO_ANSWER), extra=["-m", "10"]) as ringing:
+        done = run_scenario(str(scenario), "--rate", "20", "--calls", "10", "--target", f"127.0.0.1:{port}",
+                            "--json", "--quiet")  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout)["succeeded"] == 10
+        verdict = ringing.wait(20)  # sipp -m 10 ends once its 10 calls saw their ACK
+    assert verdict.returncode == 0, verdict
+
+
 def test_failures_are_counted_with_their_reason(sipp_uas, tmp_path: Path) -> None:
     """A scenario expecting 486 from a UAS that answers 200 fails every call, with the reason."""
     port, _server = sipp_uas
