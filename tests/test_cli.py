@@ -214,6 +214,10 @@ def test_second_peer_on_the_same_data_dir_is_refused(start_peer) -> None:
 def test_restart_keeps_node_identity(start_peer) -> None:
     a = start_peer("a")
     first_id = a.status()["node_id"]
+    human = run("status", "--data-dir", str(a.data_dir))
+    assert human.returncode == 0 and first_id in human.stdout
+    for section in ("predecessor:", "successors:", "stored entries:", "counters:", "overlay_udp_in"):
+        assert section in human.stdout, section
     a.proc.send_signal(signal.SIGTERM)
     assert a.proc.wait(timeout=20) == 0
     again = start_peer("a")
