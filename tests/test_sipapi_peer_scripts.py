@@ -264,3 +264,24 @@ async def test_async_handler_awaits_proxy(overlay: Overlay, tmp_path: Path) -> N
         call = await caller.call("sip:asyncuser@example.com", timeout=20)
         assert call.response is not None and f":{port}" in (call.response.get("Contact") or "")
         assert (await call.bye()).status == 200
+
+
+async def test_worker_scripts_challenge_authenticate_and_lookup(overlay: Overlay) -> None:
+    """The actions that need the peer's answer (authenticate, lookup) work from a worker process."""
+    (overlay.scripts / "secure@example.com.py").write_text(
+        "def handler(event):\n"
+        "    user = event.authenticate({'carol': 'secret'}, realm='example.com')\n"
+        "    if user is None:\n"
+        "        return event.action.challenge('example.com')\n"
+        "    found = event.lookup()\n"
+        "    event.action.accept(headers=[('X-Who', user), ('X-Found', str(found))])\n"
+        "basic.addEventListener('incoming', handler)\n"
+    )
+    good = await overlay.phone("sip:carol@example.com")
+    good.password = "secret"
+    reply = await good.message("sip:secure@example.com", "hi")
+    assert reply.status == 200, reply
+    assert (reply.get("X-Who"), reply.get("X-Found")) == ("carol", "False")  # nobody registered as secure
+    stranger = await overlay.phone("sip:carol@example.com")
+    stranger.password = "guess"
+    assert (await stranger.message("sip:secure@example.com", "hi")).status == 401
