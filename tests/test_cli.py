@@ -216,7 +216,7 @@ def test_restart_keeps_node_identity(start_peer) -> None:
     first_id = a.status()["node_id"]
     human = run("status", "--data-dir", str(a.data_dir))
     assert human.returncode == 0 and first_id in human.stdout
-    for section in ("predecessor:", "successors:", "stored entries:", "counters:", "overlay_udp_in"):
+    for section in ("predecessor:", "successors:", "stored entries:", "counters:", "sip_received"):
         assert section in human.stdout, section
     a.proc.send_signal(signal.SIGTERM)
     assert a.proc.wait(timeout=20) == 0
