@@ -69,3 +69,31 @@ def test_open_with_a_file_name_is_the_builtin_open(tmp_path: Path) -> None:
     assert path.read_text() == "written by a script"
     with pytest.raises(ValueError):
         sipapi.open(("127.0.0.1", 70000))
+
+
+def test_a_server_script_with_a_mistake_says_so(tmp_path: Path) -> None:
+    """No listening point, or an address already taken: one line on stderr and exit 1, no traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    from test_sipapi_support import ROOT
+
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+
+    def run(script: Path) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(script)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+    nothing = tmp_path / "nothing.py"
+    nothing.write_text("from sipapi import *\nbasic.addEventListener('incoming', print)\nrun()\n")
+    done = run(nothing)
+    assert done.returncode == 1 and "open((" in done.stderr and "Traceback" not in done.stderr
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        busy = tmp_path / "busy.py"
+        busy.write_text(f"from sipapi import *\nopen(('127.0.0.1', {port}))\nrun()\n")
+        done = run(busy)
+    assert done.returncode == 1 and "sipapi: error:" in done.stderr and "Traceback" not in done.stderr
