@@ -123,12 +123,15 @@ def install(
     script: str | Path | None = None,
     deadline: float = DEFAULT_DEADLINE,
     workers: int = 4,
+    queue_timeout: float | None = None,
 ) -> Scripting:
     """Give ``peer`` per-user scripts from the directory ``scripts`` (and/or one ``script`` for every
-    request). Must run on the peer's event loop; starts one worker process at once."""
+    request). Must run on the peer's event loop; starts one worker process at once. ``workers`` bounds
+    the processes (and so the scripted requests being decided at once); a request that finds them all
+    busy for ``queue_timeout`` seconds (default: ``deadline``) is answered 503 with Retry-After."""
     if scripts is None and script is None:
         raise ConfigError("sipapi.install: give scripts=DIR and/or script=FILE")
-    pool = WorkerPool(size=workers, deadline=deadline)
+    pool = WorkerPool(size=workers, deadline=deadline, queue_timeout=queue_timeout)
     directory = None
     single = None
     if scripts is not None:

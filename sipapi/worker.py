@@ -130,16 +130,26 @@ class Worker:
 class WorkerPool:
     """Up to ``size`` worker processes, started on demand (one at once by :meth:`start`)."""
 
-    def __init__(self, *, size: int = 4, deadline: float = 5.0, grace: float = GRACE) -> None:
+    def __init__(
+        self,
+        *,
+        size: int = 4,
+        deadline: float = 5.0,
+        grace: float = GRACE,
+        queue_timeout: float | None = None,
+    ) -> None:
         self.size = size
         self.deadline = deadline
         self.grace = grace
+        self.queue_timeout = deadline if queue_timeout is None else queue_timeout
+        """How long a request waits for a free worker before it is refused with 503 (a worker is held
+        while its script waits in proxy(), so a burst of long calls can take them all)."""
         self.idle: list[Worker] = []
         self.count = 0
         self._waiters: list[asyncio.Future[Worker]] = []
         self._all: set[Worker] = set()
         self.stats: dict[str, int] = dict.fromkeys(
-            ("runs", "errors", "timeouts", "killed", "workers_started"), 0
+            ("runs", "errors", "timeouts", "killed", "workers_started", "busy_refusals"), 0
         )
 
     def start(self) -> None:
@@ -206,7 +216,16 @@ class WorkerRunner:
         assert isinstance(control, CallControl)
         pool = self.pool
         pool.stats["runs"] += 1
-        worker = await pool.acquire()
+        try:
+            worker = await asyncio.wait_for(pool.acquire(), pool.queue_timeout)
+        except TimeoutError:
+            pool.stats["busy_refusals"] += 1
+            log.warning("%s: every script worker is busy; refused with 503", self.path.name)
+            if not control.decided:
+                control.respond(
+                    503, "Service Unavailable (every script worker is busy)", [("Retry-After", "5")], b""
+                )
+            return
         try:
             await self._run(worker, control)
         finally:

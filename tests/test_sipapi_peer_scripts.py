@@ -285,3 +285,25 @@ async def test_worker_scripts_challenge_authenticate_and_lookup(overlay: Overlay
     stranger = await overlay.phone("sip:carol@example.com")
     stranger.password = "guess"
     assert (await stranger.message("sip:secure@example.com", "hi")).status == 401
+
+
+async def test_all_workers_busy_is_a_503_not_a_queue_without_end(overlay: Overlay) -> None:
+    await overlay.scripting.close()
+    overlay.scripting = install(overlay.b, scripts=overlay.scripts, deadline=2, workers=1, queue_timeout=0.5)
+    (overlay.scripts / "hold@example.com.py").write_text(
+        "def handler(event):\n    event.action.proxy(timeout=4)\n"
+        "basic.addEventListener('incoming', handler)\n"
+    )
+    callee = await overlay.phone("sip:hold@example.com")
+    callee.on_call = lambda incoming: incoming.ring()  # rings, never answers
+    contact = str(callee.stack.local_uri("udp", user="hold"))
+    assert await register(overlay.a, "sip:hold@example.com", contact) == 200
+    first_caller = await overlay.phone("sip:carol@example.com")
+    first = asyncio.ensure_future(call_status(first_caller, "sip:hold@example.com"))
+    await asyncio.wait_for(callee.incoming.get(), 20)  # the only worker now waits in proxy()
+    second_caller = await overlay.phone("sip:dave@example.com")
+    started = time.monotonic()
+    assert await call_status(second_caller, "sip:hold@example.com") == 503
+    assert time.monotonic() - started < 3
+    assert await asyncio.wait_for(first, 20) in (408, 480, 487)  # no answer in 4 s: the held final
+    assert overlay.scripting.stats["busy_refusals"] == 1
