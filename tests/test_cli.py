@@ -12,9 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import free_port
@@ -28,8 +30,33 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 class StartedPeer:
+    """A `p2psip start` child; threads drain its stdout and stderr into lists, so waiting for a log line
+    is waiting on a condition, and a chatty peer can never block on a full pipe."""
+
     def __init__(self, proc: subprocess.Popen[str], data_dir: Path, sip: int, overlay: int) -> None:
         self.proc, self.data_dir, self.sip, self.overlay = proc, data_dir, sip, overlay
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.changed = threading.Condition()
+        for stream, lines in ((proc.stdout, self.out), (proc.stderr, self.err)):
+            threading.Thread(target=self._drain, args=(stream, lines), daemon=True).start()
+
+    def _drain(self, stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            with self.changed:
+                lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            lines.append("")  # end of stream
+            self.changed.notify_all()
+
+    def wait_line(self, marker: str, timeout: float = 30) -> bool:
+        """Whether stdout got a line containing ``marker`` within ``timeout`` (False if the peer ended)."""
+        with self.changed:
+            return self.changed.wait_for(
+                lambda: any(marker in line for line in self.out) or (self.out and self.out[-1] == ""),
+                timeout,
+            ) and any(marker in line for line in self.out)
 
     def status(self) -> dict:
         done = run("status", "--data-dir", str(self.data_dir), "--json", timeout=30)
@@ -38,15 +65,16 @@ class StartedPeer:
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Block until the peer printed its 'ready' line (its control socket exists) or it died."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"peer exited with {self.proc.wait(5)}: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-            if " ready " in line:
-                return
-        raise AssertionError("peer did not become ready")
+        if not self.wait_line(" ready ", timeout):
+            raise AssertionError(f"peer did not become ready: {''.join(self.out)}{''.join(self.err)}")
+
+    def stop(self, timeout: float = 20) -> tuple[int, str, str]:
+        """SIGTERM, wait for the exit; returns (status, stdout, stderr)."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        with self.changed:
+            self.changed.wait_for(lambda: self.out[-1:] == [""] and self.err[-1:] == [""], 10)
+        return code, "".join(self.out), "".join(self.err)
 
 
 @pytest.fixture
@@ -167,20 +195,14 @@ def test_peers_in_processes_register_call_lookup_and_leave(start_peer, tmp_path:
     # the bootstrap peer dies: b and c keep the ring and the registration
     a.proc.kill()
     a.proc.wait(timeout=10)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait for the ring to notice (bounded); status is the event source
-        succ = b.status()["successors"]
-        if succ and all(s["addr"] != f"127.0.0.1:{a.overlay}" for s in succ):
-            break
-        time.sleep(0.2)
+    # c logs a "ring" line when its neighbours change: that line is the event to wait for (bounded)
+    assert c.wait_line(" ring ", timeout=60), "c never logged its new ring neighbours"
     looked = run("lookup", "sip:bob@p2p.example", "--data-dir", str(c.data_dir), "--json")
     assert looked.returncode == 0 and json.loads(looked.stdout)["bindings"], looked.stdout + looked.stderr
     # SIGTERM: a graceful leave, exit status 0, the log says so; -v printed a SIP trace on stderr
-    c.proc.send_signal(signal.SIGTERM)
-    out, err = c.proc.communicate(timeout=20)
-    assert c.proc.returncode == 0
+    code, out, err = c.stop()
+    assert code == 0
     assert "left the overlay" in out
-    assert " ring " in out  # its neighbours changed when the bootstrap peer died: one line said so
     assert "INVITE sip:bob@p2p.example SIP/2.0" in err
 
 
