@@ -55,6 +55,11 @@ _SESSION_ORDER = "vosiuepcbtrzka"
 _MEDIA_ORDER = "micbka"
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts characters such as '²' that ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _fail(line_number: int, line: str, why: str) -> ParseError:
     shown = line if len(line) <= 80 else line[:77] + "..."
     return ParseError(f"bad SDP at line {line_number} ({shown!r}): {why}", status_hint=488)
@@ -162,7 +167,7 @@ class MediaDescription:
         """Payload type -> (encoding name, clock rate, channels), from ``a=rtpmap`` and the static table."""
         found: dict[int, tuple[str, int, int]] = {}
         for fmt in self.formats:
-            if fmt.isdigit() and int(fmt) in _STATIC_AUDIO:
+            if _is_number(fmt) and int(fmt) in _STATIC_AUDIO:
                 name, rate = _STATIC_AUDIO[int(fmt)]
                 found[int(fmt)] = (name, rate, 1)
         for value in self.attribute_values("rtpmap"):
@@ -176,7 +181,7 @@ class MediaDescription:
         found: dict[int, str] = {}
         for value in self.attribute_values("fmtp"):
             payload_type, _, params = value.partition(" ")
-            if payload_type.isdigit():
+            if _is_number(payload_type):
                 found[int(payload_type)] = params.strip()
         return found
 
@@ -337,7 +342,7 @@ def _check_address(number: int, line: str, addrtype: str, address: str) -> None:
     if parsed is not None:
         if parsed.version != (4 if addrtype == "IP4" else 6):
             raise _fail(number, line, f"{host!r} is not an {addrtype} address")
-    elif ":" in host or all(c.isdigit() or c == "." for c in host):
+    elif ":" in host or all(_is_number(c) or c == "." for c in host):
         raise _fail(number, line, f"{host!r} is not a valid {addrtype} address")
     elif not re.match(r"^[A-Za-z0-9.\-]+$", host):
         raise _fail(number, line, f"{host!r} is neither an {addrtype} address nor a host name")
@@ -354,7 +359,7 @@ def _parse_connection(number: int, line: str, value: str) -> Connection:
 
 def _parse_bandwidth(number: int, line: str, value: str) -> tuple[str, int]:
     kind, _, amount = value.partition(":")
-    if not kind or not amount.isdigit():
+    if not kind or not _is_number(amount):
         raise _fail(number, line, "b= needs <bwtype>:<bandwidth in kbit/s>")
     return kind, int(amount)
 
@@ -374,7 +379,7 @@ def _parse_session_line(sdp: SessionDescription, number: int, line: str, kind: s
         parts = value.split()
         if len(parts) != 6:
             raise _fail(number, line, "o= needs 6 fields: user sess-id sess-version nettype addrtype addr")
-        if not parts[1].isdigit() or not parts[2].isdigit():
+        if not _is_number(parts[1]) or not _is_number(parts[2]):
             raise _fail(number, line, "o= session id and version must be numbers")
         _check_address(number, line, parts[4], parts[5])
         sdp.origin = Origin(parts[0], int(parts[1]), int(parts[2]), parts[3], parts[4], parts[5])
@@ -394,7 +399,7 @@ def _parse_session_line(sdp: SessionDescription, number: int, line: str, kind: s
         sdp.bandwidths.append(_parse_bandwidth(number, line, value))
     elif kind == "t":
         parts = value.split()
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2 or not all(_is_number(p) for p in parts):
             raise _fail(number, line, "t= needs <start time> <stop time> as numbers")
         sdp.timings.append(Timing(int(parts[0]), int(parts[1])))
     elif kind == "r":
@@ -415,9 +420,9 @@ def _parse_media(number: int, line: str, value: str) -> MediaDescription:
         raise _fail(number, line, "m= needs <media> <port> <proto> <fmt> ...")
     media, port_text, proto, formats = parts[0], parts[1], parts[2], parts[3:]
     port_part, slash, count_part = port_text.partition("/")
-    if not port_part.isdigit() or int(port_part) > 65535 or (slash and not count_part.isdigit()):
+    if not _is_number(port_part) or int(port_part) > 65535 or (slash and not _is_number(count_part)):
         raise _fail(number, line, f"{port_text!r} is not a port (0-65535, optionally /count)")
-    if proto.startswith("RTP/") and not all(f.isdigit() and int(f) <= 127 for f in formats):
+    if proto.startswith("RTP/") and not all(_is_number(f) and int(f) <= 127 for f in formats):
         raise _fail(number, line, "RTP media formats must be payload type numbers 0-127")
     return MediaDescription(
         media=media,
@@ -578,7 +583,7 @@ def _offered_codecs(media: MediaDescription) -> tuple[list[tuple[int, str]], int
     audio: list[tuple[int, str]] = []
     dtmf: int | None = None
     for fmt in media.formats:
-        if not fmt.isdigit() or int(fmt) not in rtpmap:
+        if not _is_number(fmt) or int(fmt) not in rtpmap:
             continue
         payload_type = int(fmt)
         name, rate, channels = rtpmap[payload_type]
@@ -697,7 +702,7 @@ def negotiated(
         assert connection is not None  # parse() guarantees one
         rtcp_port = remote_media.port + 1
         rtcp_attr = remote_media.attribute("rtcp")
-        if rtcp_attr and rtcp_attr.split()[0].isdigit():
+        if rtcp_attr and _is_number(rtcp_attr.split()[0]):
             rtcp_port = int(rtcp_attr.split()[0])
         mux = offered.attribute("rtcp-mux") is not None and answered.attribute("rtcp-mux") is not None
         return MediaParams(
