@@ -79,6 +79,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
                 verbose=args.verbose,
+                trying_delay=args.trying_delay,
                 ready=ready,
             )
         )
@@ -946,6 +947,13 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
     proxy.add_argument(
         "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="auto: uvloop if installed"
+    )
+    proxy.add_argument(
+        "--trying-delay",
+        type=float,
+        default=0.2,
+        metavar="S",
+        help="send 100 Trying only if the INVITE is not answered within S seconds (0: at once)",
     )
     proxy.add_argument("-v", "--verbose", action="store_true", help="log every decision (slow)")
     proxy.set_defaults(func=_cmd_proxy)

@@ -606,11 +606,16 @@ async def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     verbose: bool = False,
+    trying_delay: float | None = 0.2,
     ready: Callable[[Stack], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> dict[str, int]:
     """Run a stand-alone proxy until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None); return
-    its counters. ``ready(stack)`` is called once every listener is open (the CLI prints the addresses)."""
+    its counters. ``ready(stack)`` is called once every listener is open (the CLI prints the addresses).
+
+    ``trying_delay``: an INVITE gets ``100 Trying`` only if no provisional or final response has been
+    forwarded within that time (§17.2.1's 200 ms allowance): a callee that rings at once saves the proxy
+    and the caller one message per call. 0 sends it at once, None never."""
     import gc
     import signal
 
@@ -624,7 +629,7 @@ async def serve(
     gc.freeze()
 
     tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert) if tls_cert else None
-    stack = await Stack.start(listen, tls=tls, verbose=verbose)
+    stack = await Stack.start(listen, tls=tls, verbose=verbose, trying_delay=trying_delay)
     proxy = Proxy(stack, stateless=stateless, record_route=record_route, verbose=verbose)
     loop = asyncio.get_running_loop()
     own_stop = stop is None
