@@ -766,13 +766,98 @@ def measure(libs: list[Library], seconds: float, repeat: int) -> dict[str, tuple
     return best
 
 
+# --------------------------------------------------------------------------------------------------------
+# Instruction counts (optional): load-independent figures with valgrind's callgrind
+# --------------------------------------------------------------------------------------------------------
+
+_FACTORIES: dict[str, Callable[[], Library | str]] = {}
+
+
+def _worker(name: str, workload: str, rounds: int) -> None:
+    """Run inside callgrind: set up exactly as the timed run does, then loop ``rounds`` times (or not at all
+    for the ``none`` baseline, so that the difference is the loop alone)."""
+    made = _FACTORIES[name]()
+    assert not isinstance(made, str)
+    check(made)
+    parse_only, access = workloads(made)
+    func = {"parse": parse_only, "access": access}.get(workload)
+    if func is not None:
+        for _ in range(rounds):
+            func()
+
+
+def _instructions(name: str, workload: str, rounds: int) -> int:
+    import subprocess
+
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        workload,
+        str(rounds),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stderr
+    for line in out.splitlines():
+        if "Collected" in line:
+            return int(line.rsplit(":", 1)[1].strip())
+    raise RuntimeError(f"no instruction count in valgrind output for {name} {workload}")
+
+
+def instruction_table(libs: list[Library], rounds: int) -> None:
+    """Instructions per message (CPU instructions executed, counted by callgrind): unlike messages per
+    second this does not depend on what else the machine is doing."""
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        print("instructions: valgrind is not installed; skipped")
+        return
+    print()
+    print(f"Instructions per message (valgrind callgrind, {rounds} rounds over the corpus; lower is better):")
+    print()
+    print(f"| {'library':<18} | {'parse instr/msg':>15} | {'access instr/msg':>16} | {'access x best':>13} |")
+    print(f"|{'-' * 20}|{'-' * 17}|{'-' * 18}|{'-' * 15}|")
+    counts: dict[str, tuple[float, float]] = {}
+    for lib in libs:
+        base = _instructions(lib.name, "none", rounds)
+        n = rounds * len(lib.usable)
+        counts[lib.name] = (
+            (_instructions(lib.name, "parse", rounds) - base) / n,
+            (_instructions(lib.name, "access", rounds) - base) / n,
+        )
+    correct = [counts[lib.name][1] for lib in libs[1:] if not lib.problems]
+    best = min(correct, default=0.0)
+    for lib in libs:
+        p, a = counts[lib.name]
+        ratio = f"{best / a:.2f}" if best else "-"
+        mark = "" if not lib.problems else " (incorrect)"
+        print(f"| {lib.name + mark:<18} | {p:>15,.0f} | {a:>16,.0f} | {ratio:>13} |")
+    print()
+    print(
+        "access x best = how many times fewer instructions than the best correct library other than p2psip."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument(
         "--seconds", type=float, default=0.5, help="CPU seconds per measurement run (default 0.5)"
     )
     ap.add_argument("--repeat", type=int, default=5, help="rounds, the best one counts (default 5)")
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count CPU instructions per message with valgrind (slow, but independent of machine load)",
+    )
+    ap.add_argument("--worker", nargs=3, metavar=("LIB", "WORKLOAD", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    _FACTORIES.update({"p2psip": _p2psip, "sipmessage": _sipmessage, "sippy": _sippy, "pyVoIP": _pyvoip})
+    if args.worker:
+        _worker(args.worker[0], args.worker[1], int(args.worker[2]))
+        return 0
     if not 0 < args.seconds <= 30 or not 1 <= args.repeat <= 20:
         print("bench: --seconds must be in (0, 30] and --repeat in [1, 20]", file=sys.stderr)
         return 2
@@ -827,6 +912,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"incorrect: {lib.name}: {problem}")
     for note in notes:
         print(f"skipped: {note}")
+    if args.instructions:
+        instruction_table(libs, rounds=30)
     return 0
 
 
