@@ -168,11 +168,10 @@ class Stack:
         """Open more listeners. A spec without transport prefix opens UDP and TCP on the *same* port (with
         port 0, the one the system gave UDP), so that §18.1.1's switch to TCP finds us."""
         specs = ListenSpec.parse(spec) if isinstance(spec, str) else [spec]
-        bound: list[Target] = []
-        for one in specs:
-            if bound and one.port == 0:
-                one = ListenSpec(one.transport, one.host, bound[0].port)
-            bound.append(await self.transport.listen(one))
+        if len(specs) > 1 and specs[0].port == 0:
+            bound = await self.transport.listen_shared_port(specs[0].host, [s.transport for s in specs])
+        else:
+            bound = [await self.transport.listen(one) for one in specs]
         self._is_local_cache.clear()
         self._local_cache.clear()
         return bound

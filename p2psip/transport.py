@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import ipaddress
 import logging
 import os
@@ -445,15 +446,44 @@ class TransportLayer:
         bound = [await self._listen_one(s) for s in specs]
         return bound[0]
 
-    async def _listen_one(self, spec: ListenSpec) -> Target:
+    async def listen_shared_port(self, host: str, transports: Iterable[str] = ("udp", "tcp")) -> list[Target]:
+        """Listen on one port for several transports, the system choosing a port free for all of them
+        (so a UDP target's port also reaches us over TCP, as §18.1.1's switch assumes)."""
+        wanted = list(transports)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(50):
+            socks: dict[str, socket.socket] = {}
+            try:
+                for transport in wanted:
+                    kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+                    sock = socket.socket(family, kind)
+                    socks[transport] = sock
+                    if kind == socket.SOCK_STREAM:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    port = next(iter(socks.values())).getsockname()[1] if len(socks) > 1 else 0
+                    sock.bind((host, port))
+            except OSError as exc:
+                for sock in socks.values():
+                    sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # that port is taken for one of the transports: let the system pick again
+                raise ConfigError(f"cannot listen on {host}: {exc.strerror or exc}") from exc
+            return [
+                await self._listen_one(ListenSpec(t, host, sock.getsockname()[1]), sock)
+                for t, sock in socks.items()
+            ]
+        raise ConfigError(f"cannot find a port on {host} free for {', '.join(wanted)}")
+
+    async def _listen_one(self, spec: ListenSpec, bound: socket.socket | None = None) -> Target:
         family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
         try:
             if spec.transport == "udp":
-                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock = bound or socket.socket(family, socket.SOCK_DGRAM)
                 try:
                     sock.setblocking(False)
                     _tune_udp_socket(sock)
-                    sock.bind((spec.host, spec.port))
+                    if bound is None:
+                        sock.bind((spec.host, spec.port))
                 except OSError:
                     sock.close()
                     raise
@@ -469,15 +499,23 @@ class TransportLayer:
                         self.tls = TLSConfig.self_signed()
                     ssl_ctx = self.tls.server_context()
                 name = spec.transport
-                server = await self.loop.create_server(
-                    lambda: StreamConnection(self, name, outgoing=False),
-                    host=spec.host,
-                    port=spec.port,
-                    family=family,
-                    ssl=ssl_ctx,
-                    reuse_address=True,
-                    backlog=1024,
-                )
+                if bound is not None:
+                    server = await self.loop.create_server(
+                        lambda: StreamConnection(self, name, outgoing=False),
+                        sock=bound,
+                        ssl=ssl_ctx,
+                        backlog=1024,
+                    )
+                else:
+                    server = await self.loop.create_server(
+                        lambda: StreamConnection(self, name, outgoing=False),
+                        host=spec.host,
+                        port=spec.port,
+                        family=family,
+                        ssl=ssl_ctx,
+                        reuse_address=True,
+                        backlog=1024,
+                    )
                 self._servers.append(server)
                 host, port = server.sockets[0].getsockname()[:2]
         except OSError as exc:
