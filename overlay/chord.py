@@ -562,9 +562,11 @@ class ChordCore:
         return list(seen.values())
 
     def is_responsible(self, key: int) -> bool:
-        """Key in (predecessor, me] (True for every key while we know no predecessor and no successor)."""
+        """Key in (predecessor, me]. While no predecessor is known (alone, or it just died and the next
+        notify has not come yet) every key counts as ours: lookups only end here when we are the closest
+        node after the key that anyone knows, so refusing would turn a brief gap into failed reads."""
         if self._pred is None:
-            return not self._succ
+            return True
         return ids.between_right(key, self._pred.id, self.me.id)
 
     def is_verified(self, node: NodeRef) -> bool:
