@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2psip.auth import answer_challenge
 from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, dialog_id_of_response
@@ -30,6 +30,10 @@ from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import ClientTransaction, InviteClientTransaction, ServerTransaction, Transaction
 from p2psip.transport import split_hostport, target_from_uri
 from p2psip.uri import URI, Address
+
+if TYPE_CHECKING:
+    from p2psip.callaudio import Play, Record
+    from p2psip.media.call import CallMedia
 
 log = logging.getLogger("p2psip.useragent")
 
@@ -79,6 +83,10 @@ class Call:
         self.remote_body: bytes = b""
         self.ended = asyncio.Event()
         self.end_reason = ""
+        self.media: CallMedia | None = None
+        """The call's audio when it was placed or accepted with media (p2psip.callaudio); closed when the
+        call ends, however it ends."""
+        self._media_stopping: asyncio.Future[None] | None = None
 
     async def bye(self, timeout: float | None = 32.0) -> Response:
         """Hang up (BYE in the dialog); returns the BYE's final response."""
@@ -92,6 +100,7 @@ class Call:
             return await self.ua._request(request, timeout=timeout)
         finally:
             self.ua._dialogs.pop(dialog.id, None)
+            await self._media_stopped()
 
     async def send(
         self,
@@ -124,13 +133,40 @@ class Call:
     async def wait_ended(self, timeout: float | None = None) -> str:
         """Wait until the call is over; returns why (``bye received``, ``bye sent``, ``cancelled``...)."""
         await asyncio.wait_for(self.ended.wait(), timeout)
+        await self._media_stopped()  # a recording is complete once this returns
         return self.end_reason
+
+    async def hold(self, timeout: float | None = 32.0) -> Response:
+        """Put the call's audio on hold (re-INVITE offering ``sendonly``); returns the final response."""
+        from p2psip import callaudio
+
+        return await callaudio.reoffer(self, "sendonly", timeout)
+
+    async def resume(self, timeout: float | None = 32.0) -> Response:
+        """Take the call off hold (re-INVITE offering ``sendrecv``); returns the final response."""
+        from p2psip import callaudio
+
+        return await callaudio.reoffer(self, "sendrecv", timeout)
+
+    async def send_dtmf(self, digits: str, *, duration: float = 0.1, gap: float = 0.05) -> None:
+        """Send DTMF ``digits`` (0-9 * # A-D) as RFC 4733 events in the call's audio."""
+        from p2psip import callaudio
+
+        await callaudio.send_dtmf(self, digits, duration=duration, gap=gap)
+
+    async def _media_stopped(self) -> None:
+        if self._media_stopping is not None:
+            await asyncio.shield(self._media_stopping)
 
     def _end(self, reason: str) -> None:
         if self.state != "terminated":
             self.state = "terminated"
             self.end_reason = reason
             self.ended.set()
+            if self.media is not None:
+                from p2psip import callaudio
+
+                self._media_stopping = callaudio.close_when_ended(self)
 
 
 class OutgoingCall(Call):
@@ -207,6 +243,22 @@ class IncomingCall(Call):
         self.ua.stack.respond(self.transaction, response)
         if not self.transaction.reliable:
             self._schedule_retransmit(self.ua.stack.timers.t1, 0.0)
+
+    async def accept_with_media(
+        self,
+        *,
+        play: Play = None,
+        record: Record = None,
+        media: CallMedia | None = None,
+        media_options: dict[str, Any] | None = None,
+    ) -> CallMedia:
+        """Answer with audio: ``200 OK`` with our SDP answer, playing ``play`` (a WAV path or a source) and
+        recording to ``record`` (a WAV path or a sink). Bad or unusable SDP: 488 and CallFailed."""
+        from p2psip import callaudio
+
+        return await callaudio.accept_with_media(
+            self, play=play, record=record, media=media, media_options=media_options
+        )
 
     def reject(self, status: int = 486, reason: str | None = None) -> None:
         """Decline with a final failure response (486 Busy Here by default)."""
@@ -455,9 +507,30 @@ class UserAgent:
         content_type: str = "application/sdp",
         headers: Iterable[tuple[str, str]] = (),
         timeout: float | None = None,
+        play: Play = None,
+        record: Record = None,
+        media: CallMedia | None = None,
+        media_options: dict[str, Any] | None = None,
     ) -> OutgoingCall:
         """Place a call and wait until it is answered (ACK sent). Raises :class:`CallFailed` with the final
-        status when it is not (busy, rejected, timeout 408, cancelled 487...)."""
+        status when it is not (busy, rejected, timeout 408, cancelled 487...).
+
+        With ``play`` (a WAV path or an audio source), ``record`` (a WAV path or a sink) or ``media`` (a
+        ready CallMedia) the call carries audio: the INVITE offers it (``body`` is not used) and
+        ``call.media`` runs it until the call ends (see p2psip.callaudio)."""
+        if play is not None or record is not None or media is not None or media_options is not None:
+            from p2psip import callaudio
+
+            return await callaudio.call_with_media(
+                self,
+                uri,
+                play=play,
+                record=record,
+                media=media,
+                headers=headers,
+                timeout=timeout,
+                media_options=media_options,
+            )
         call = self.invite(uri, body=body, content_type=content_type, headers=headers)
         try:
             await call.answered(timeout)
@@ -642,7 +715,11 @@ class UserAgent:
             call.dialog.terminate()
             self._dialogs.pop(call.dialog.id, None)
             call._end("bye received")
-        elif method == "INVITE":  # re-INVITE: keep the session as it is
+        elif method == "INVITE":  # re-INVITE: keep the session as it is (or answer its offer for the media)
+            if call.media is not None:
+                from p2psip import callaudio
+
+                response = callaudio.answer_reoffer(call, request)
             response.add("Contact", str(self._contact(transaction.source)))
             respond(transaction, response)
         elif method in ("INFO", "UPDATE", "MESSAGE", "OPTIONS", "NOTIFY"):

@@ -34,7 +34,11 @@ class CallMedia:
         self.codecs = codecs
         self.dtmf_payload_type = dtmf
         self.params: MediaParams | None = None
+        self.advertise: tuple[str, int] | None = None
+        """The (address, port) to write into our SDP instead of the bound ones, for when something stands
+        in front of us that the peer must send to (a port forward, a relay); None: the bound address."""
         self._local: SessionDescription | None = None  # the last SDP we sent
+        self._wanted: Direction = "sendrecv"  # what we last asked for (hold stays held across re-offers)
         self._pending_offer: SessionDescription | None = None
 
     @classmethod
@@ -69,11 +73,14 @@ class CallMedia:
     def port(self) -> int:
         return self.session.local_address[1]
 
+    def _advertised(self) -> tuple[str, int]:
+        return self.advertise if self.advertise is not None else (self.address, self.port)
+
     def offer(self, direction: Direction = "sendrecv") -> bytes:
         """An offer (the first, or a re-offer: ``"sendonly"`` holds, ``"sendrecv"`` resumes)."""
+        self._wanted = direction
         sdp = make_offer(
-            self.address,
-            self.port,
+            *self._advertised(),
             codecs=self.codecs,
             dtmf_payload_type=self.dtmf_payload_type,
             direction=direction,
@@ -88,6 +95,11 @@ class CallMedia:
     def resume(self) -> bytes:
         return self.offer("sendrecv")
 
+    def offer_failed(self) -> None:
+        """The request that carried our last offer failed (e.g. a re-INVITE answered 491 or 488): the
+        session stays as it was (the peer saw that offer, so the next one still counts its version up)."""
+        self._pending_offer = None
+
     def accept_answer(self, body: bytes) -> MediaParams:
         """Apply the answer to our last offer; raises ParseError for bad SDP or when no offer is pending."""
         if self._pending_offer is None:
@@ -98,13 +110,16 @@ class CallMedia:
         self._apply(params)
         return params
 
-    def answer(self, body: bytes, direction: Direction = "sendrecv") -> bytes:
-        """Answer an offer (an INVITE's or a re-INVITE's body) and apply it; ParseError for bad SDP."""
+    def answer(self, body: bytes, direction: Direction | None = None) -> bytes:
+        """Answer an offer (an INVITE's or a re-INVITE's body) and apply it; ParseError for bad SDP.
+
+        ``direction`` is what we want ourselves; by default what we last asked for, so a call we put on hold
+        stays on hold when the peer re-offers."""
         offer = SessionDescription.parse(body)
+        direction = direction or self._wanted
         sdp = make_answer(
             offer,
-            self.address,
-            self.port,
+            *self._advertised(),
             codecs=self.codecs,
             dtmf=self.dtmf_payload_type is not None,
             direction=direction,

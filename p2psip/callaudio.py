@@ -1,0 +1,188 @@
+"""Calls that carry audio: the glue between a UserAgent call (:mod:`p2psip.useragent`) and its media
+(:class:`p2psip.media.CallMedia`).
+
+Why a module of its own: the UA core moves SIP messages and knows nothing of RTP; ``CallMedia`` moves SDP
+bodies and RTP and knows nothing of SIP. This module is the one place that knows both: which SDP goes into
+which request or response, what a failed negotiation becomes in SIP (488, a BYE), and when the media
+stops (whenever the call ends, however it ends). The UserAgent only keeps thin hooks that call in here:
+``UserAgent.call(..., play=, record=)``, ``IncomingCall.accept_with_media()``, ``Call.hold()``,
+``Call.resume()``, ``Call.send_dtmf()``, and the re-INVITE answer.
+
+The media address (what our SDP says the peer should send RTP to) is the local address the SIP stack uses
+toward the peer: the same choice the stack makes for Via and Contact, so a call that can reach us for SIP
+can also reach us for RTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from p2psip.errors import ParseError, TransportError
+from p2psip.media.call import CallMedia
+from p2psip.media.sources import AudioSink, AudioSource
+from p2psip.message import Request, Response
+from p2psip.transport import target_from_uri
+from p2psip.uri import URI
+
+if TYPE_CHECKING:
+    from p2psip.useragent import Call, IncomingCall, OutgoingCall, UserAgent
+
+__all__ = ["Play", "Record", "accept_with_media", "answer_reoffer", "call_with_media", "reoffer"]
+
+Play = str | Path | AudioSource | None
+"""What a call plays: a WAV path (any rate, converted), any audio source, or None (silence)."""
+Record = str | Path | AudioSink | None
+"""Where a call records what it hears: a WAV path, any audio sink, or None (not recorded)."""
+
+SDP = "application/sdp"
+
+
+def _media_address(ua: UserAgent, transport: str, toward: str) -> str:
+    """The local IP the stack uses toward ``toward`` (a wildcard bind resolved by the routing table)."""
+    try:
+        return ua.stack.local_address(transport, toward)[0]
+    except TransportError:
+        return ua.stack.local_address("udp", toward)[0]
+
+
+async def call_with_media(
+    ua: UserAgent,
+    uri: str | URI,
+    *,
+    play: Play = None,
+    record: Record = None,
+    media: CallMedia | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    timeout: float | None = None,
+    media_options: dict[str, Any] | None = None,
+) -> OutgoingCall:
+    """Place a call whose INVITE offers audio; once answered, ``call.media`` sends and receives it.
+
+    ``media`` is a ready :class:`CallMedia` (its own play/record); else one is opened on the address the
+    stack uses toward the first hop, with ``play``/``record`` and ``media_options`` (``MediaSession``
+    options). Failures raise :class:`~p2psip.useragent.CallFailed` with the media closed; a 2xx whose SDP
+    we cannot use is hung up (BYE) and raised as 488.
+    """
+    from p2psip.useragent import CallFailed
+
+    if media is None:
+        ruri = URI(uri) if isinstance(uri, str) else uri
+        first_hop = ua.outbound if ua.outbound is not None else target_from_uri(ruri)
+        address = _media_address(ua, first_hop.transport, first_hop.host)
+        media = await CallMedia.open(address, play=play, record=record, **(media_options or {}))
+    try:
+        call = ua.invite(uri, body=media.offer(), content_type=SDP, headers=headers)
+        call.media = media  # from here on, the end of the call closes the media
+        try:
+            response = await call.answered(timeout)
+        except TimeoutError:
+            call.cancel()
+            raise
+        try:
+            params = media.accept_answer(response.body)
+        except ParseError as error:
+            await call.bye()
+            raise CallFailed(488, f"Not Acceptable Here (the answer's SDP: {error})", response) from None
+        if params.rejected:
+            await call.bye()
+            raise CallFailed(488, "Not Acceptable Here (the answer accepts no audio stream)", response)
+        return call
+    except BaseException:
+        await media.close()
+        raise
+
+
+async def accept_with_media(
+    incoming: IncomingCall,
+    *,
+    play: Play = None,
+    record: Record = None,
+    media: CallMedia | None = None,
+    media_options: dict[str, Any] | None = None,
+) -> CallMedia:
+    """Answer an offered call with audio: our SDP answer in the 200 OK, and the media running.
+
+    An INVITE whose SDP is malformed, offers no audio we can use, or has no offer at all (an offer in
+    the 200 with the answer in the ACK is not supported) is declined with 488 and raises
+    :class:`~p2psip.useragent.CallFailed`.
+    """
+    from p2psip.useragent import CallFailed
+
+    if not incoming.request.body:
+        incoming.reject(488, "Not Acceptable Here (no SDP offer in the INVITE)")
+        raise CallFailed(488, "the INVITE carries no SDP offer (offer in the 200 OK is not supported)")
+    if media is None:
+        source = incoming.transaction.source
+        address = _media_address(incoming.ua, source.transport, source.host)
+        media = await CallMedia.open(address, play=play, record=record, **(media_options or {}))
+    try:
+        try:
+            body = media.answer(incoming.request.body)
+        except ParseError as error:
+            incoming.reject(488, "Not Acceptable Here (bad SDP)")
+            raise CallFailed(488, f"Not Acceptable Here ({error})") from None
+        if media.params is not None and media.params.rejected:
+            incoming.reject(488, "Not Acceptable Here (no audio codec in common)")
+            raise CallFailed(488, "Not Acceptable Here (no audio codec in common)")
+        incoming.accept(body, SDP)  # raises CallFailed when the caller gave up meanwhile
+        incoming.media = media
+        return media
+    except BaseException:
+        await media.close()
+        raise
+
+
+def answer_reoffer(call: Call, request: Request) -> Response:
+    """The response to a re-INVITE in a call with audio: 200 with our SDP answer (applied to the media),
+    or 488 for SDP we cannot parse (the session then stays as it was, RFC 3261 §14.2)."""
+    media = call.media
+    if media is None or not request.body:
+        return Response.for_request(request, 200)
+    try:
+        body = media.answer(request.body)
+    except ParseError as error:
+        return Response.for_request(request, 488, f"Not Acceptable Here ({error})")
+    response = Response.for_request(request, 200)
+    response.body = body
+    response.set("Content-Type", SDP)
+    return response
+
+
+async def reoffer(call: Call, direction: str, timeout: float | None = 32.0) -> Response:
+    """Send a re-INVITE carrying a new offer (``sendonly`` holds, ``sendrecv`` resumes) and apply the
+    answer. Returns the final response; a failure response leaves the media as it was."""
+    from p2psip.useragent import CallFailed
+
+    media = call.media
+    if media is None:
+        raise CallFailed(488, "this call has no media to hold or resume")
+    body = media.hold() if direction == "sendonly" else media.resume()
+    try:
+        response = await call.send("INVITE", body=body, content_type=SDP, timeout=timeout)
+    except BaseException:
+        media.offer_failed()
+        raise
+    if 200 <= response.status < 300 and response.body:
+        media.accept_answer(response.body)
+    else:
+        media.offer_failed()
+    return response
+
+
+async def send_dtmf(call: Call, digits: str, *, duration: float = 0.1, gap: float = 0.05) -> None:
+    """Send ``digits`` as RFC 4733 telephone events in the call's RTP; returns when they are sent."""
+    from p2psip.useragent import CallFailed
+
+    if call.media is None:
+        raise CallFailed(488, "this call has no media to send DTMF in")
+    await call.media.session.send_dtmf(digits, duration=duration, gap=gap)
+
+
+def close_when_ended(call: Call) -> asyncio.Future[None] | None:
+    """Start closing the call's media (the call has ended); the returned future is done when it is."""
+    if call.media is None:
+        return None
+    return asyncio.ensure_future(call.media.close())
