@@ -266,3 +266,21 @@ async def test_ipv6_udp() -> None:
     finally:
         client.close()
         await layer.close()
+
+
+async def test_malformed_request_over_tcp_gets_400_on_its_connection() -> None:
+    layer, echo = await make_layer("tcp:127.0.0.1:0")
+    try:
+        host, port = layer.listening["tcp"][0]
+        reader, writer = await asyncio.open_connection(host, port)
+        bad = options("tb", transport="TCP").replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 INVITE")
+        writer.write(bad + options("tg", transport="TCP"))  # a bad one, then a good one on the same stream
+        await writer.drain()
+        data = b""
+        while data.count(b"\r\n\r\n") < 2:
+            data += await asyncio.wait_for(reader.read(65535), 5)
+        assert data.startswith(b"SIP/2.0 400 Bad Request (") and b"SIP/2.0 200" in data
+        assert echo.got.qsize() == 1 and layer.stats["bad_request_answers"] == 1
+        writer.close()
+    finally:
+        await layer.close()
