@@ -59,11 +59,10 @@ from overlay.wire import TCP_MAX, Codec, FrameDecoder, Message, error_kind, fram
 Endpoint = tuple[str, int]
 
 # err codes of storage replies
-E_BAD_REQUEST = 400
+E_BAD_REQUEST = 400  # not sent by this version; a newer peer may
 E_REFUSED = 403
 E_NOT_RESPONSIBLE = 421
 E_TOO_BIG = 413
-E_UNAVAILABLE = 503
 TRANSFER_CHUNK = 512 * 1024
 
 
