@@ -471,6 +471,9 @@ async def test_nodes_in_other_processes_join_store_and_leave(ring: Ring) -> None
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
     await wait_until(lambda: ring_consistent(ring.live()), "ring without the subprocess nodes")
     for name, (_, value) in ring.written.items():
         assert value in [e.value for e in await ring.nodes[0].get(name)], name
