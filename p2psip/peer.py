@@ -174,29 +174,7 @@ class PeerCore(Proxy):
             response.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE")
             self.stack.respond(transaction, response)
             return
-        if (
-            transaction is not None
-            and request.method not in ("INVITE", "ACK", "CANCEL")
-            and request.get("Route") is None
-        ):
-            # The proxy forwards a non-INVITE only if its location is known synchronously, so a DHT
-            # lookup for one is done first (INVITEs are looked up by the proxy itself, asynchronously).
-            aor = self.peer.needs_lookup(request)
-            if aor is not None:
-                task = asyncio.ensure_future(self._prelocated(request, transaction, source, aor))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                return
         super().on_request(request, transaction, source)
-
-    async def _prelocated(
-        self, request: Request, transaction: ServerTransaction, source: Source, aor: str
-    ) -> None:
-        await self.peer.prelocate(request, aor)
-        try:
-            super().on_request(request, transaction, source)
-        finally:
-            self.peer._prelocated.pop(id(request), None)
 
 
 class Peer:
@@ -237,7 +215,6 @@ class Peer:
             0,
         )
         self._aor_locks: dict[str, asyncio.Lock] = {}
-        self._prelocated: dict[int, tuple[str, list[Binding] | BaseException]] = {}
         self._digest: dict[str, DigestServer] = {}
         for account in config.users.values():
             realm = account.realm or config.realm
@@ -476,17 +453,10 @@ class Peer:
     def locate(self, request: Request) -> list[URI | Address] | Awaitable[list[URI | Address]]:
         """The proxy's location hook: where ``request`` goes (see the module docstring).
 
-        Synchronous whenever no DHT lookup is needed (IP literals, static routes, cache hits, lookups done
-        beforehand by :class:`PeerCore`); a coroutine otherwise.
+        Synchronous whenever no DHT lookup is needed (IP literals, static routes, cache hits); a coroutine
+        otherwise (the proxy awaits it for every method).
         """
         uri = request.uri
-        early = self._prelocated.pop(id(request), None)
-        if early is not None:
-            aor, found = early
-            if isinstance(found, BaseException):
-                self.counters["overlay_errors"] += 1
-                raise LookupError(f"overlay lookup failed: {found}")
-            return self._targets(request, aor, found)
         decision = decide(uri, routes=self._routes(), local_addresses=self._local_addresses())
         if isinstance(decision, NotRoutable):
             raise LookupError(decision.reason)
@@ -502,22 +472,6 @@ class Peer:
             self.counters["lookup_cache_hits"] += 1
             return self._targets(request, decision.aor, cached)
         return self._locate_in_overlay(request, decision.aor)
-
-    def needs_lookup(self, request: Request) -> str | None:
-        """The AOR to fetch from the DHT before ``request`` can be routed, or None (no lookup needed)."""
-        decision = decide(request.uri, routes=self._routes(), local_addresses=self._local_addresses())
-        if isinstance(decision, OverlayLookup) and self.cache.get(decision.aor, time.time()) is None:
-            return decision.aor
-        return None
-
-    async def prelocate(self, request: Request, aor: str) -> None:
-        """Fetch ``aor``'s bindings for ``request`` so that ``locate`` can answer synchronously."""
-        found: list[Binding] | BaseException
-        try:
-            found = await self.lookup_bindings(aor)
-        except (OverlayError, TimeoutError) as exc:
-            found = exc
-        self._prelocated[id(request)] = (aor, found)
 
     async def _locate_in_overlay(self, request: Request, aor: str) -> list[URI | Address]:
         try:

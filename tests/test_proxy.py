@@ -286,6 +286,27 @@ async def test_asynchronous_locate(new_stack: Factory) -> None:
     await call.bye()
 
 
+async def test_asynchronous_locate_for_non_invite_requests(new_stack: Factory) -> None:
+    """Regression: a non-INVITE server transaction is in Trying (not Proceeding) while an async locate
+    runs; the proxy must still forward MESSAGE and OPTIONS once the lookup completes."""
+    proxy, alice, (bob,) = await parties(new_stack, 1)
+    looked_up: list[str] = []
+
+    async def lookup(request: object) -> list[URI]:
+        await asyncio.sleep(0)  # stands for a DHT round trip
+        looked_up.append(getattr(request, "method", "?"))
+        return [contact(bob)]
+
+    proxy.locate = lookup
+    reply = await asyncio.wait_for(alice.message("sip:bob@p2p.example", "hello"), 20)
+    assert reply.status == 200
+    got = await asyncio.wait_for(bob.messages.get(), 5)
+    assert got.body == b"hello"
+    options = await asyncio.wait_for(alice.options("sip:bob@p2p.example"), 20)
+    assert options.status == 200 and options.get("Allow") is not None
+    assert looked_up == ["MESSAGE", "OPTIONS"]
+
+
 async def test_tcp_caller_udp_callee_double_record_route() -> None:
     proxy_stack = await Stack.start(["127.0.0.1:0"])  # UDP and TCP on one port
     alice_stack = await Stack.start(["127.0.0.1:0"])
