@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_tool
+from conftest import free_port, require_tool
 
 from p2psip.media import MediaSession, MemorySink, ToneSource, dominant_frequency, goertzel_power
 from p2psip.media.sources import read_wav
@@ -31,10 +31,18 @@ CANDIDATES = [300, 440, 600, 800, 1000, 1500, 2000]
 pytestmark = pytest.mark.interop
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _free_sip_port() -> int:
+    """A port p free for UDP and TCP, with p + 1 free for TCP: baresip's SIP listens on UDP and TCP at p and
+    TLS at p + 1. (A UDP-only probe is not enough: a port free for UDP can be taken for TCP.)"""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair on loopback")
 
 
 def _header(head: str, name: str) -> str:
@@ -62,8 +70,8 @@ class Baresip:
 
     def __init__(self, directory: Path, target: str) -> None:
         self.dir = directory
-        self.cons_port = _free_udp_port()
-        sip_port = _free_udp_port()
+        self.cons_port = free_port()  # cons listens on UDP *and* TCP
+        sip_port = _free_sip_port()
         (directory / "config").write_text(
             f"sip_listen 127.0.0.1:{sip_port}\n"
             "net_interface 127.0.0.1\n"
@@ -91,6 +99,8 @@ class Baresip:
         )
 
     def command(self, text: str) -> None:
+        if "cons: failed to listen" in self.log_text():  # else the command is lost and the test times out
+            raise AssertionError(f"baresip's console did not start:\n{self.log_text()[-2000:]}")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             line = text + "\n" if text.startswith("/") else text  # long commands end with a newline
             sock.sendto(line.encode(), ("127.0.0.1", self.cons_port))
