@@ -189,6 +189,12 @@ class Simulator:
     """Runs one :class:`SimConfig`; call :meth:`run` once and read the :class:`SimReport`."""
 
     def __init__(self, config: SimConfig) -> None:
+        if config.build not in ("seeded", "joins"):
+            raise ValueError(f"build must be 'seeded' or 'joins', not {config.build!r}")
+        if config.n < 1 or config.duration <= 0 or not 0 <= config.loss < 1:
+            raise ValueError("need n >= 1, duration > 0 and 0 <= loss < 1")
+        if config.median_session is not None and config.median_session <= 0:
+            raise ValueError("median_session must be positive (or None for no churn)")
         self.config = config
         self.rng = random.Random(config.seed)
         self.now = 0.0

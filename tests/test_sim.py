@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from overlay.chord import ChordConfig
 from overlay.sim import SimConfig, Simulator, simulate
 
@@ -83,3 +85,12 @@ def test_a_burst_of_joins_converges_within_a_minute() -> None:
     sim = Simulator(SimConfig(n=100, duration=60, lookup_rate=0, build="joins", join_interval=0.2, seed=1))
     sim.run()
     assert sim.ring_errors() == 0
+
+
+def test_bad_configuration_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="build"):
+        Simulator(SimConfig(build="magic"))
+    with pytest.raises(ValueError, match="loss"):
+        Simulator(SimConfig(loss=1.5))
+    with pytest.raises(ValueError, match="median_session"):
+        Simulator(SimConfig(median_session=0))
