@@ -68,10 +68,11 @@ def _response(head: str, extra: list[str], body: bytes = b"", to_tag: str = "") 
 class Baresip:
     """A headless baresip that dials ``target`` as soon as it starts; ended by PID."""
 
-    def __init__(self, directory: Path, target: str) -> None:
+    def __init__(self, directory: Path, target: str | None, *, answer: bool = False) -> None:
+        """Dial ``target`` at start (None: wait); ``answer``: answer incoming calls at once."""
         self.dir = directory
         self.cons_port = free_port()  # cons listens on UDP *and* TCP
-        sip_port = _free_sip_port()
+        sip_port = self.sip_port = _free_sip_port()
         (directory / "config").write_text(
             f"sip_listen 127.0.0.1:{sip_port}\n"
             "net_interface 127.0.0.1\n"
@@ -86,13 +87,15 @@ class Baresip:
             "module_app account.so\nmodule_app menu.so\n"
         )
         (directory / "accounts").write_text(
-            f"<sip:bs@127.0.0.1:{sip_port};transport=udp>;regint=0;audio_codecs=PCMU\n"
+            f"<sip:bs@127.0.0.1:{sip_port};transport=udp>;regint=0;audio_codecs=PCMU"
+            + (";answermode=auto\n" if answer else "\n")
         )
         (directory / "contacts").write_text("")
         self.log_path = directory / "baresip.log"
         self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [require_tool("baresip"), "-v", "-f", str(directory), "-t", "60", "-e", f"/dial {target}"],
+            [require_tool("baresip"), "-v", "-f", str(directory), "-t", "60"]
+            + (["-e", f"/dial {target}"] if target else []),
             stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=subprocess.STDOUT,
