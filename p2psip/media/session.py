@@ -555,8 +555,9 @@ class MediaSession:
     def received_digits(self) -> str:
         return self._dtmf_receiver.digits
 
-    async def wait_digits(self, count: int, timeout: float = 10.0) -> str:
-        """Wait until ``count`` digits have been received in total; returns them all."""
+    async def wait_digits(self, count: int, timeout: float | None = 10.0) -> str:
+        """Wait until ``count`` digits have been received in total; returns them all (``timeout`` None:
+        no limit; the wait is cancelled when the session closes)."""
         if len(self.received_digits) >= count:
             return self.received_digits
         future: asyncio.Future[str] = self._loop.create_future()
