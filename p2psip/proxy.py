@@ -20,6 +20,10 @@ ACKs for 2xx (and 2xx retransmissions after the transactions ended) are forwarde
 The stateless mode keeps no state at all: one target, a branch computed from the incoming one (so a
 retransmission, its ACK and its CANCEL take the same branch), responses sent back along their Via.
 
+Code that decides requests itself (a peer, the scripting runtime) uses the public hooks rather than the
+internals: :meth:`Proxy.check`, :meth:`Proxy.forward` → :class:`ProxyContext` (``cancel_pending()``,
+``send_best()``) and :meth:`Proxy.on_final`, which may hold the best non-2xx final response back.
+
 The hot path avoids logging (``verbose`` only) and copies each request once per branch.
 """
 
@@ -58,18 +62,31 @@ DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 _PREFERRED_4XX = (401, 407, 415, 420, 484)
 
 
+FinalHook = Callable[["ProxyContext", Response], bool]
+"""``on_final(ctx, response)``: see :meth:`Proxy.on_final`. True holds a non-2xx final response back."""
+
+
 @dataclass(eq=False)
 class _Branch:
-    context: _Context
+    context: ProxyContext
     transaction: ClientTransaction | None
     target: URI
     final: int = 0  # status of the final response (or the synthetic one), 0 while pending
 
 
 @dataclass(eq=False)
-class _Context:
-    """A response context (§16.7): one per proxied request."""
+class ProxyContext:
+    """A response context (§16.7): one per proxied request, returned by :meth:`Proxy.forward`.
 
+    Public for the code that decides requests itself (scripts, a peer) and wants the proxy's forking and
+    best-response selection without re-implementing them: ``request``, ``server`` (the server
+    transaction), ``source``, ``cancelled`` (the caller CANCELled), ``final_sent`` (the outcome is
+    decided), ``best`` (the final response chosen: the first 2xx, or the best non-2xx once every branch
+    completed) and the two actions :meth:`cancel_pending` and :meth:`send_best`. The other fields are the
+    proxy's bookkeeping.
+    """
+
+    proxy: Proxy
     request: Request  # as received (after route pre-processing)
     server: ServerTransaction
     source: Source
@@ -82,6 +99,20 @@ class _Context:
     cancelled: bool = False
     final_sent: bool = False
     tier_timer: asyncio.TimerHandle | None = None
+    on_final: FinalHook | None = None
+    best: Response | None = None
+
+    def cancel_pending(self) -> None:
+        """Stop forking: drop the tiers not tried yet and CANCEL every branch still pending (§16.10).
+        Their 487s (or timeouts) complete them, and then the best final response is chosen as usual."""
+        self.tiers.clear()
+        self.proxy._cancel_pending(self)
+
+    def send_best(self) -> None:
+        """Send the best final response upstream — for one that :meth:`Proxy.on_final` held back."""
+        if self.best is None:
+            raise RuntimeError("no final response chosen yet: branches are still pending")
+        self.proxy._relay(self, self.best)
 
 
 class Proxy:
@@ -131,7 +162,7 @@ class Proxy:
         if method == "CANCEL":
             self._on_cancel(request, transaction)
             return
-        status_reason = self._check(request)
+        status_reason = self.check(request)
         if status_reason is not None:
             self._reject(transaction, request, *status_reason)
             return
@@ -191,18 +222,20 @@ class Proxy:
             return
         self._forward(request, transaction, source, _tiers(found))
 
-    def _check(self, request: Request) -> tuple[int, str] | None:
-        """§16.3 request validation and §16.4 route pre-processing; returns a rejection or None."""
+    def check(self, request: Request) -> tuple[int, str] | None:
+        """§16.3 request validation and §16.4 route pre-processing; returns a rejection ``(status,
+        reason)`` or None. :meth:`forward` does not call it: a caller that forwards by itself does."""
         try:
             max_forwards = request.max_forwards
         except ParseError as exc:
             return 400, f"Bad Request ({exc})"
         if max_forwards is not None and max_forwards <= 0:
             return 483, "Too Many Hops"
-        self._preprocess_routes(request)
+        self.preprocess_routes(request)
         return None
 
-    def _preprocess_routes(self, request: Request) -> None:
+    def preprocess_routes(self, request: Request) -> None:
+        """§16.4: undo a strict router's rewrite and remove our own URIs from the top of Route."""
         if request.get("Route") is None:
             return
         stack = self.stack
@@ -256,14 +289,47 @@ class Proxy:
 
     # ----------------------------------------------------------------------------------- forking
 
+    def forward(
+        self,
+        request: Request,
+        server: ServerTransaction,
+        source: Source,
+        targets: LocateResult,
+        *,
+        on_final: FinalHook | None = None,
+    ) -> ProxyContext:
+        """Proxy ``request`` (received on ``server`` from ``source``) to ``targets`` (§16.6): equal ``q``
+        forked in parallel, higher ``q`` first. Returns the response context; ``on_final`` is its
+        :meth:`on_final` hook. Call :meth:`check` first (Max-Forwards, Route pre-processing). May be
+        called again on the same server transaction after a held-back failure (a new context)."""
+        return self._forward(request, server, source, _tiers(targets), on_final)
+
+    def on_final(self, ctx: ProxyContext, response: Response) -> bool:
+        """Called once per context with its outcome: the first 2xx (already sent upstream; the result is
+        ignored) or the best non-2xx final response (a synthetic 408/487 when nothing answered, 500 for a
+        lone 503), *before* it is sent. Returning True holds the non-2xx back: the proxy sends nothing
+        and the caller later answers with ``ctx.send_best()`` or a response of its own (a script may
+        still redirect or reject). The default asks the context's ``on_final`` given to :meth:`forward`,
+        and holds nothing without one."""
+        hook = ctx.on_final
+        return hook(ctx, response) if hook is not None else False
+
     def _forward(
-        self, request: Request, server: ServerTransaction, source: Source, tiers: list[list[URI]]
-    ) -> None:
-        ctx = _Context(request=request, server=server, source=source, tiers=tiers)
+        self,
+        request: Request,
+        server: ServerTransaction,
+        source: Source,
+        tiers: list[list[URI]],
+        on_final: FinalHook | None = None,
+    ) -> ProxyContext:
+        ctx = ProxyContext(
+            self, request=request, server=server, source=source, tiers=tiers, on_final=on_final
+        )
         server.context = ctx
         self._next_tier(ctx)
+        return ctx
 
-    def _next_tier(self, ctx: _Context) -> None:
+    def _next_tier(self, ctx: ProxyContext) -> None:
         """Start the next group of targets (§16.6: parallel within a tier, tiers in sequence)."""
         while ctx.tiers and not ctx.cancelled:
             tier = ctx.tiers.pop(0)
@@ -276,14 +342,14 @@ class Proxy:
         if not ctx.pending:
             self._send_best(ctx)
 
-    def _tier_expired(self, ctx: _Context) -> None:
+    def _tier_expired(self, ctx: ProxyContext) -> None:
         ctx.tier_timer = None
         for branch in ctx.branches:
             if not branch.final and branch.transaction is not None:
                 self.stack.cancel(branch.transaction)
                 self.stats["cancelled_branches"] += 1
 
-    def _start_branch(self, ctx: _Context, target: URI) -> None:
+    def _start_branch(self, ctx: ProxyContext, target: URI) -> None:
         """§16.6: copy, retarget, Max-Forwards, Record-Route, next hop, Via; send on a client transaction."""
         stack = self.stack
         request = ctx.request
@@ -354,7 +420,7 @@ class Proxy:
             return
         self.stack.respond(transaction, Response.for_request(cancel, 200))
         ctx = invite_tx.context
-        if not isinstance(ctx, _Context):
+        if not isinstance(ctx, ProxyContext):
             if invite_tx.state is State.PROCEEDING:  # still locating: nothing forwarded yet
                 self._reject(invite_tx, invite_tx.request, 487, "Request Terminated")
             return
@@ -362,7 +428,7 @@ class Proxy:
         ctx.tiers.clear()
         self._cancel_pending(ctx)
 
-    def _cancel_pending(self, ctx: _Context) -> None:
+    def _cancel_pending(self, ctx: ProxyContext) -> None:
         if ctx.tier_timer is not None:
             ctx.tier_timer.cancel()
             ctx.tier_timer = None
@@ -405,9 +471,13 @@ class Proxy:
         if status < 300:
             ctx.got_2xx = True
             self._relay(ctx, response)
+            first = not ctx.final_sent
             ctx.final_sent = True
             self._cancel_pending(ctx)
             ctx.tiers.clear()
+            if first:
+                ctx.best = response
+                self.on_final(ctx, response)
         else:
             ctx.responses.append(response)
             if status >= 600:
@@ -423,7 +493,7 @@ class Proxy:
             elif not ctx.final_sent:
                 self._send_best(ctx)
 
-    def _relay(self, ctx: _Context, response: Response) -> None:
+    def _relay(self, ctx: ProxyContext, response: Response) -> None:
         """Send a response upstream through the server transaction (or statelessly once it has ended)."""
         self.stats["forwarded_responses"] += 1
         server = ctx.server
@@ -436,7 +506,7 @@ class Proxy:
             # e.g. a late 2xx after our final non-2xx: forward it statelessly, the caller must see it.
             self.stack.send_stateless(response, ctx.source)
 
-    def _send_best(self, ctx: _Context) -> None:
+    def _send_best(self, ctx: ProxyContext) -> None:
         """§16.7 step 6: choose and send the best final response once every branch has completed."""
         ctx.final_sent = True
         best = choose_best(ctx.responses)
@@ -446,7 +516,9 @@ class Proxy:
             best = Response.for_request(request, status)
         elif best.status == 503:
             best = Response.for_request(request, 500, "Server Internal Error (next hop unavailable)")
-        self._relay(ctx, best)
+        ctx.best = best
+        if not self.on_final(ctx, best):
+            self._relay(ctx, best)
 
     # ------------------------------------------------------------------------- transaction events
 
@@ -477,7 +549,7 @@ class Proxy:
             # (the cyclic collector is what a busy proxy would otherwise spend its time in).
             transaction.context = None
             context.transaction = None
-        elif isinstance(context, _Context):
+        elif isinstance(context, ProxyContext):
             transaction.context = None
 
     # ================================================================================== stateless
@@ -495,7 +567,7 @@ class Proxy:
         return f"z9hG4bK-sl-{digest}"
 
     def _stateless_request(self, request: Request, source: Source) -> None:
-        rejection = self._check(request)
+        rejection = self.check(request)
         if rejection is None:
             targets: list[list[URI]] | tuple[int, str]
             if request.get("Route") is not None:
@@ -527,7 +599,7 @@ class Proxy:
             return
         if max_forwards is not None and max_forwards <= 0:
             return
-        self._preprocess_routes(request)
+        self.preprocess_routes(request)
         if request.get("Route") is None and self.stack.is_local(request.uri.host, request.uri.port):
             return  # an ACK for a response we generated ourselves: absorbed
         self.stats["stateless_acks"] += 1

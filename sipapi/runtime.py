@@ -6,8 +6,8 @@ and best-response selection are the stack's, not re-implemented here) with three
 - ``on_request`` asks a *dispatcher* whether a script wants the request; if so a :class:`CallControl` is
   created for it and a *runner* executes the script (in a thread of this process, or in a worker process —
   :mod:`sipapi.worker`);
-- ``proxy()`` from a script forwards through the proxy's own response context, but the final non-2xx
-  response is *held back* (the proxy's ``_send_best`` is intercepted): the script gets the outcome
+- ``proxy()`` from a script forwards through the proxy's own response context (``Proxy.forward``), but the
+  final non-2xx response is *held back* (its ``on_final`` hook returns True): the script gets the outcome
   (``'busy'``, ``'noanswer'``...) and may still redirect or reject; the held response is sent only when the
   handler returns without another decision;
 - a timeout on ``proxy(timeout=...)`` CANCELs the pending branches and reports ``'noanswer'``.
@@ -17,9 +17,9 @@ server's own in-memory registrar; ``default()`` is 501, as in the original sipap
 :class:`ScriptedPeerCore` (in a :class:`~p2psip.peer.Peer`: locations are looked up in the overlay and
 ``default()`` is the peer's normal registrar/proxy processing).
 
-This module relies on the Proxy's internal hooks ``_forward``, ``_check``, ``_send_best``,
-``_branch_done``, ``_cancel_pending`` and the ``_Context`` of a forwarded request (see the report of helper
-H10: a public "hold the final response" hook in :mod:`p2psip.proxy` would make this independent of them).
+This module uses only the Proxy's public hooks: ``check``, ``preprocess_routes``, ``forward`` (with
+``on_final``) and the returned :class:`~p2psip.proxy.ProxyContext` (``cancelled``, ``cancel_pending()``),
+documented in docs/stack.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from p2psip.auth import DigestServer
 from p2psip.errors import ParseError
 from p2psip.message import Request, Response
 from p2psip.peer import Peer, PeerCore
-from p2psip.proxy import Proxy, _Branch, _Context, _tiers, choose_best
+from p2psip.proxy import Proxy, ProxyContext
 from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register, reject_response
 from p2psip.stack import Source, Stack
 from p2psip.transaction import ServerTransaction, State
@@ -151,6 +151,7 @@ class CallControl:
         self._proxy_started = 0.0
         self._checked = False
         self._future: asyncio.Future[Response] | None = None
+        self._context: ProxyContext | None = None
         self.sent: Response | None = None
 
     @property
@@ -269,7 +270,7 @@ class CallControl:
         self.timed_out = False
         if not self._checked:
             self._checked = True
-            rejection = core._check(request)
+            rejection = core.check(request)
             if rejection is not None:
                 self.held = Response.for_request(request, *rejection)
                 return outcome_of(rejection[0])
@@ -292,7 +293,7 @@ class CallControl:
         core.controls[id(tx)] = self
         timer = self.loop.call_later(timeout, self._expire) if timeout is not None and timeout > 0 else None
         try:
-            core._forward(request, tx, self.source, _tiers(targets))
+            self._context = core.forward(request, tx, self.source, targets, on_final=self._on_final)
             response = await future
         finally:
             if timer is not None:
@@ -309,8 +310,8 @@ class CallControl:
             self.decided = True  # the 2xx went upstream already
             self.sent = response
             return outcome
-        ctx = tx.context
-        if isinstance(ctx, _Context) and ctx.cancelled:
+        ctx = self._context
+        if ctx is not None and ctx.cancelled:
             self.decided = True  # the caller CANCELled: its 487 goes now, whatever the script does next
             self._send(response)
             return outcome
@@ -318,11 +319,18 @@ class CallControl:
         return outcome
 
     def _expire(self) -> None:
-        ctx = self.transaction.context
-        if isinstance(ctx, _Context) and self.proxying:
+        ctx = self._context
+        if ctx is not None and self.proxying:
             self.timed_out = True
-            ctx.tiers.clear()
-            self.core._cancel_pending(ctx)
+            ctx.cancel_pending()
+
+    def _on_final(self, ctx: ProxyContext, response: Response) -> bool:
+        """The proxy's outcome for this request: hand it to the waiting ``proxy()`` and hold a non-2xx
+        back, so the script may still redirect or reject (:meth:`finish` sends it otherwise)."""
+        if not self.proxying:
+            return False
+        self.proxy_finished(response)
+        return True
 
     def proxy_finished(self, response: Response) -> None:
         future = self._future
@@ -356,7 +364,7 @@ class ScriptingCore(Proxy):
                 if request.get("Route") is not None:
                     # A phone with this peer as its outbound proxy preloads a Route to it: drop our own
                     # entries first (§16.4, as the proxy would), so the request is judged by where it goes.
-                    self._preprocess_routes(request)
+                    self.preprocess_routes(request)
                 runner = dispatcher.select(request)
             except Exception:
                 log.exception("script selection failed for %s", request.uri)
@@ -384,27 +392,6 @@ class ScriptingCore(Proxy):
         except Exception:
             log.exception("cannot finish %s", control.request.uri)
             control.fail("script server error")
-
-    # -- the proxy's response context, held back for scripts ----------------------------------------------
-    def _send_best(self, ctx: _Context) -> None:
-        control = self.controls.get(id(ctx.server))
-        if control is None or not control.proxying:
-            super()._send_best(ctx)
-            return
-        ctx.final_sent = True
-        best = choose_best(ctx.responses)
-        if best is None:
-            best = Response.for_request(ctx.request, 487 if ctx.cancelled else 408)
-        elif best.status == 503:
-            best = Response.for_request(ctx.request, 500, "Server Internal Error (next hop unavailable)")
-        control.proxy_finished(best)
-
-    def _branch_done(self, branch: _Branch, response: Response) -> None:
-        super()._branch_done(branch, response)
-        if response.status < 300:
-            control = self.controls.get(id(branch.context.server))
-            if control is not None and control.proxying:
-                control.proxy_finished(response)
 
     # -- what the flavours provide ------------------------------------------------------------------------
     def digest_server(self, realm: str, users: dict[str, str]) -> DigestServer:

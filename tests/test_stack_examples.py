@@ -49,6 +49,22 @@ def test_forking_proxy_example() -> None:
     assert "desk phone: cancelled" in out
 
 
+def test_proxy_hooks_example() -> None:
+    out = run_example("stack_proxy_hooks.py")
+    # No answer: the phone's branch is CANCELled by ctx.cancel_pending, its 487 held back by on_final.
+    assert "phone: 487 -> voicemail" in out
+    assert "phone: 486 -> voicemail" in out  # busy: the 486 is held back, the call forwarded again
+    assert "no answer: answered by <sip:vm@" in out and "busy: answered by <sip:vm@" in out
+
+
+def test_the_inline_proxy_hooks_class_is_the_file() -> None:
+    page = (DOCS / "stack.md").read_text()
+    source = (EXAMPLES / "stack_proxy_hooks.py").read_text()
+    start = source.index("class ForwardOnFailure")
+    end = source.index("async def main")
+    assert source[start:end].strip() in page
+
+
 def test_call_sipp_example() -> None:
     sipp = require_tool("sipp")
     port = free_port()
