@@ -1,6 +1,6 @@
 """Calls with audio through the UserAgent API (p2psip.callaudio): our UA calls our UA through a 3-peer
 overlay with a 1 kHz tone (Goertzel peak and duration checked at the far end), hold and resume by
-re-INVITE, DTMF both ways, BYE closing the media, bad SDP answered 488."""
+re-INVITE, DTMF both ways, BYE closing the media, bad SDP answered 488, SIP over TCP and IPv6."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from p2psip.config import HostPort, ListenSpec, PeerConfig
+from p2psip.errors import ConfigError
 from p2psip.media import CallMedia, MemorySink, ToneSource, WavSink, dominant_frequency, goertzel_power
 from p2psip.media.sources import read_wav
 from p2psip.peer import Peer, quick_node_config, wait_until_settled
@@ -218,3 +219,37 @@ async def test_bad_sdp_is_answered_488(stacks: list[Stack]) -> None:
     assert await incoming.wait_ended(20) == "bye received" and media.session.closed
     await alice.close()
     await bob.close()
+
+
+@pytest.mark.parametrize(("transport", "host"), [("tcp", "127.0.0.1"), ("udp", "::1")], ids=["tcp", "ipv6"])
+async def test_audio_with_sip_over_tcp_and_over_ipv6(transport: str, host: str) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        a = await Stack.start([f"{transport}:{shown}:0"])
+    except ConfigError:  # no IPv6 on this machine
+        pytest.skip(f"cannot listen on {host}")
+    b = await Stack.start([f"{transport}:{shown}:0"])
+    try:
+        alice = UserAgent(a, f"sip:alice@{shown}")
+        bob = UserAgent(b, f"sip:bob@{shown}")
+        port = b.local_address(transport)[1]
+        param = ";transport=tcp" if transport == "tcp" else ""
+        heard = MemorySink()
+
+        async def answer() -> IncomingCall:
+            incoming = await next_call(bob)
+            await incoming.accept_with_media(record=heard)
+            return incoming
+
+        answering = asyncio.ensure_future(answer())
+        call = await alice.call(f"sip:bob@{shown}:{port}{param}", play=ToneSource(1000), timeout=20)
+        incoming = await asyncio.wait_for(answering, 20)
+        assert call.media is not None and incoming.media is not None
+        assert call.media.params is not None and call.media.params.remote[0] == host  # c= names our host
+        await until(lambda: len(heard.pcm) >= 320 * 25)
+        await call.bye()
+        assert await incoming.wait_ended(20) == "bye received"
+        assert_peak(bytes(heard.pcm), 1000)
+    finally:
+        await a.close()
+        await b.close()
