@@ -30,7 +30,16 @@ from p2psip.uri import URI
 if TYPE_CHECKING:
     from p2psip.useragent import Call, IncomingCall, OutgoingCall, UserAgent
 
-__all__ = ["Play", "Record", "accept_with_media", "answer_reoffer", "call_with_media", "reoffer"]
+__all__ = [
+    "Play",
+    "Record",
+    "accept_with_media",
+    "answer_in_ack",
+    "answer_reoffer",
+    "call_with_media",
+    "reoffer",
+    "send_dtmf",
+]
 
 Play = str | Path | AudioSource | None
 """What a call plays: a WAV path (any rate, converted), any audio source, or None (silence)."""
@@ -137,18 +146,33 @@ async def accept_with_media(
 
 def answer_reoffer(call: Call, request: Request) -> Response:
     """The response to a re-INVITE in a call with audio: 200 with our SDP answer (applied to the media),
-    or 488 for SDP we cannot parse (the session then stays as it was, RFC 3261 §14.2)."""
+    or 488 for SDP we cannot parse (the session then stays as it was, RFC 3261 §14.2). A re-INVITE with
+    no offer gets our offer in the 200; its answer comes in the ACK (:func:`answer_in_ack`)."""
     media = call.media
-    if media is None or not request.body:
+    if media is None:
         return Response.for_request(request, 200)
-    try:
-        body = media.answer(request.body)
-    except ParseError as error:
-        return Response.for_request(request, 488, f"Not Acceptable Here ({error})")
+    if request.body:
+        try:
+            body = media.answer(request.body)
+        except ParseError as error:
+            return Response.for_request(request, 488, f"Not Acceptable Here ({error})")
+    else:
+        body = media.offer(media.wanted_direction)
     response = Response.for_request(request, 200)
     response.body = body
     response.set("Content-Type", SDP)
     return response
+
+
+def answer_in_ack(call: Call, request: Request) -> None:
+    """The ACK of a re-INVITE we answered with an offer carries the answer: apply it. Bad SDP there
+    cannot be refused any more (an ACK has no response): the media stays as it was."""
+    if call.media is None or not call.media.offer_pending:
+        return
+    try:
+        call.media.accept_answer(request.body)
+    except ParseError:
+        call.media.offer_failed()
 
 
 async def reoffer(call: Call, direction: str, timeout: float | None = 32.0) -> Response:

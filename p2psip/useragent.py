@@ -656,6 +656,10 @@ class UserAgent:
             call = self._dialogs.get(dialog_id_of_request(request))
             if isinstance(call, IncomingCall):
                 call._acked()
+            if call is not None and call.media is not None and request.body:
+                from p2psip import callaudio
+
+                callaudio.answer_in_ack(call, request)  # we offered in the 2xx of a re-INVITE
             return
         if transaction is None:
             return

@@ -253,3 +253,27 @@ async def test_audio_with_sip_over_tcp_and_over_ipv6(transport: str, host: str) 
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_re_invite_without_offer_gets_our_offer_and_the_ack_answers_it(stacks: list[Stack]) -> None:
+    alice = UserAgent(stacks[0], "sip:alice@127.0.0.1")
+    bob = UserAgent(stacks[1], "sip:bob@127.0.0.1")
+    answering = asyncio.ensure_future(next_call(bob))
+    placing = asyncio.ensure_future(alice.call(uri_of(stacks[1], "bob"), play=ToneSource(1000), timeout=20))
+    incoming = await answering
+    bob_media = await incoming.accept_with_media(play=ToneSource(500))
+    call = await placing
+    assert call.media is not None and call.dialog is not None
+    assert (await incoming.hold(timeout=20)).status == 200  # bob holds
+    # alice sends a re-INVITE with no body (a session refresh): bob offers in the 200, still holding
+    response = await call.send("INVITE", timeout=20)
+    assert response.status == 200 and b"a=sendonly" in response.body and bob_media.offer_pending
+    answer = call.media.answer(response.body)  # alice's answer ...
+    assert b"a=recvonly" in answer
+    ack = call.dialog.create_ack(response, body=answer, content_type="application/sdp")
+    alice._send_ack(ack)  # ... goes in the ACK (our UA sends body-less ACKs itself: built by hand here)
+    await until(lambda: not bob_media.offer_pending)
+    assert bob_media.params is not None and bob_media.params.direction == "sendonly"
+    assert bob_media.session.send_enabled and not call.media.session.send_enabled
+    await call.bye()
+    assert await incoming.wait_ended(20) == "bye received"

@@ -73,6 +73,16 @@ class CallMedia:
     def port(self) -> int:
         return self.session.local_address[1]
 
+    @property
+    def wanted_direction(self) -> Direction:
+        """The direction we last offered (``sendonly`` while we hold the call)."""
+        return self._wanted
+
+    @property
+    def offer_pending(self) -> bool:
+        """An offer of ours awaits its answer (in a 2xx, or in the ACK when we offered in a 2xx)."""
+        return self._pending_offer is not None
+
     def _advertised(self) -> tuple[str, int]:
         return self.advertise if self.advertise is not None else (self.address, self.port)
 
