@@ -65,6 +65,7 @@ from p2psip.registrar import (
 )
 from p2psip.stack import Source, Stack
 from p2psip.transaction import ServerTransaction
+from p2psip.transport import Target
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
@@ -683,36 +684,23 @@ TraceSink = Callable[[str, tuple[str, str, int] | None, bytes], None]
 class SipTrace:
     """Sees every SIP message a stack sends and receives (``p2psip start -v``, the demo's ladder).
 
-    It wraps the transport's receive callback and send methods of one stack and hands each message to
-    ``sink``; ``enabled`` switches it on and off.
+    It observes one stack (:meth:`Stack.add_observer`: the bytes as received and as sent) and hands each
+    message to ``sink``; ``enabled`` switches it on and off, :meth:`close` detaches it.
     """
 
     def __init__(self, stack: Stack, sink: TraceSink) -> None:
         self.sink = sink
         self.enabled = True
-        transport = stack.transport
-        receive = transport.on_message
-        send = transport.send
-        send_on = transport.send_on
+        self.stack = stack
+        stack.add_observer(self._observe)
 
-        def traced_receive(message: Any, source: Any) -> None:
-            if self.enabled:
-                self.sink("in", (source.transport, source.host, source.port), bytes(message))
-            receive(message, source)
+    def _observe(self, direction: str, data: bytes, remote: Target) -> None:
+        if self.enabled:
+            self.sink(direction, (remote.transport, remote.host, remote.port), data)
 
-        def traced_send(data: bytes, target: Any, on_error: Any = None) -> None:
-            if self.enabled:
-                self.sink("out", (target.transport, target.host, target.port), data)
-            send(data, target, on_error)
-
-        def traced_send_on(conn: Any, data: bytes) -> None:
-            if self.enabled:
-                self.sink("out", None, data)
-            send_on(conn, data)
-
-        transport.on_message = traced_receive
-        transport.send = traced_send  # type: ignore[method-assign]
-        transport.send_on = traced_send_on  # type: ignore[method-assign]
+    def close(self) -> None:
+        """Stop tracing this stack."""
+        self.stack.remove_observer(self._observe)
 
     @staticmethod
     def printer(write: Callable[[str], None]) -> TraceSink:

@@ -44,6 +44,7 @@ from p2psip.transaction import (
 from p2psip.transport import (
     RELIABLE,
     ListenSpec,
+    Observer,
     Source,
     Target,
     TLSConfig,
@@ -179,6 +180,14 @@ class Stack:
     def attach(self, core: Core) -> None:
         """Make ``core`` the transaction user of this stack (one core per stack)."""
         self.core = core
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call ``observer(direction, data, remote)`` for every message this stack receives (``"in"``,
+        the bytes as received) and sends (``"out"``): see :meth:`TransportLayer.add_observer`."""
+        self.transport.add_observer(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        self.transport.remove_observer(observer)
 
     @property
     def stats(self) -> dict[str, int]:

@@ -289,6 +289,11 @@ def generate_self_signed(directory: str | None = None, hostnames: Iterable[str] 
 
 MessageHandler = Callable[[Request | Response, Source], None]
 ErrorHandler = Callable[[Exception], None]
+Observer = Callable[[str, bytes, Target], None]
+"""``observer(direction, data, remote)``: ``"in"`` with the bytes exactly as received (a datagram or one
+framed stream message, malformed ones included; keep-alives not), or ``"out"`` with the bytes handed to a
+socket; ``remote`` is the other side (its ``transport`` names the protocol). See
+:meth:`TransportLayer.add_observer`."""
 
 
 class _UDPSocket:
@@ -437,6 +442,28 @@ class TransportLayer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._observers: list[Observer] = []
+
+    # ----------------------------------------------------------------------------- observing
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call ``observer`` for every message received and sent (a trace, a ladder diagram, a test
+        capture) without replacing any of this layer's methods. It runs synchronously on the hot path:
+        keep it cheap. Its exceptions are logged and counted as ``handler_errors``, never propagated."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        """Stop calling ``observer`` (no error if it was not added)."""
+        with contextlib.suppress(ValueError):
+            self._observers.remove(observer)
+
+    def _observe(self, direction: str, data: bytes, remote: Target) -> None:
+        for observer in tuple(self._observers):
+            try:
+                observer(direction, data, remote)
+            except Exception:
+                self.stats["handler_errors"] += 1
+                log.exception("observer %r failed", observer)
 
     # ----------------------------------------------------------------------------- listening
 
@@ -570,6 +597,8 @@ class TransportLayer:
             return
         stats["received"] += 1
         source = Source("udp", str(addr[0]), int(addr[1]), None)
+        if self._observers:
+            self._observe("in", data, source.target)
         try:
             msg = parse(data, datagram=True, limits=self.limits)
             if isinstance(msg, Request):
@@ -592,6 +621,8 @@ class TransportLayer:
         remote = conn.remote
         assert remote is not None
         source = Source(conn.name, remote.host, remote.port, conn)
+        if self._observers:
+            self._observe("in", frame, remote)
         try:
             msg = parse(frame, datagram=False, limits=self.limits)
             if isinstance(msg, Request):
@@ -649,6 +680,8 @@ class TransportLayer:
         """Send ``data`` to ``target`` without waiting. UDP goes out at once from the listening socket of
         the target's address family; TCP/TLS reuse an open connection or open one (then ``on_error`` is
         called, from the loop, if connecting fails). Raises TransportError when it fails at once."""
+        if self._observers:
+            self._observe("out", data, target)
         if target.transport == "udp":
             endpoint = self._udp.get(socket.AF_INET6 if ":" in target.host else socket.AF_INET)
             if endpoint is None or endpoint.closed:
@@ -667,6 +700,8 @@ class TransportLayer:
         self._connect_and_send(target, data, on_error)
 
     def send_on(self, conn: StreamConnection, data: bytes) -> None:
+        if self._observers and conn.remote is not None:
+            self._observe("out", data, conn.remote)
         conn.write(data)
         self.stats["sent"] += 1
 
