@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2psip.auth import answer_challenge
 from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, dialog_id_of_response
-from p2psip.errors import AuthError, P2PSIPError, TransportError
+from p2psip.errors import AuthError, P2PSIPError, ParseError, TransportError
 from p2psip.message import Request, Response, new_tag
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import ClientTransaction, InviteClientTransaction, ServerTransaction, Transaction
@@ -664,6 +664,11 @@ class UserAgent:
         if transaction is None:
             return
         respond = self.stack.respond
+        try:
+            _ = request.max_forwards  # parsed on access: unreadable is a bad request (as the Proxy does)
+        except ParseError as exc:
+            respond(transaction, Response.for_request(request, 400, f"Bad Request ({exc})"))
+            return
         if request.to.tag is not None and method != "CANCEL":
             self._in_dialog(request, transaction)
             return
