@@ -884,7 +884,7 @@ class Message:
         if cached is not None:
             return cached  # type: ignore[no-any-return]
         value = self._required("call-id")
-        if not value or " " in value or "\t" in value:
+        if not value or " " in value or not value.isprintable() or not value.isascii():
             raise ParseError(f"bad Call-ID {value[:80]!r}")
         self._cache["call-id"] = value
         return value
@@ -1187,6 +1187,8 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     nlines = len(lines) - 1
     if text.count("\n") != nlines or text.count("\r") != nlines:
         raise ParseError("bare CR or LF in the header block")
+    if "\x00" in text:
+        _check_nul(text)
     if "\r\n " in text or "\r\n\t" in text:
         lines = _unfold(lines)
         nlines = len(lines) - 1
@@ -1252,7 +1254,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         "call-id": firsts["call-id"],
     }
     call_id = firsts["call-id"]
-    if not call_id or " " in call_id or "\t" in call_id:
+    if not call_id or " " in call_id or not call_id.isprintable() or not call_id.isascii():
         raise ParseError(f"bad Call-ID {call_id[:80]!r}")
     partial = request
     if request is not None:
@@ -1302,6 +1304,16 @@ def _check_singletons(headers: list[_Header], partial: Request | None) -> None:
             if key in seen:
                 raise ParseError(f"more than one {name} header", partial=partial)
             seen.add(key)
+
+
+def _check_nul(text: str) -> None:
+    """A NUL byte is only legal escaped in a quoted string (quoted-pair, RFC 3261 §25.1); anywhere else it
+    is an attack on C-string based peers that we would forward."""
+    i = text.find("\x00")
+    while i >= 0:
+        if i == 0 or text[i - 1] != "\\":
+            raise ParseError("NUL byte in the header block")
+        i = text.find("\x00", i + 1)
 
 
 def _unfold(lines: list[str]) -> list[str]:

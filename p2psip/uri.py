@@ -477,8 +477,16 @@ def unquote(text: str) -> str:
 
 
 def quote(text: str) -> str:
-    """Make a quoted-string, escaping ``"`` and ``\\``."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """Make a quoted-string: ``"`` and ``\\`` and control characters become quoted-pairs (RFC 3261 §25.1).
+    CR and LF cannot appear in a quoted-string at all, escaped or not; they become spaces."""
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    if not text.isprintable():
+        text = "".join(_QUOTE_CONTROL.get(c, c) for c in text)
+    return '"' + text + '"'
+
+
+_QUOTE_CONTROL = {chr(c): "\\" + chr(c) for c in [*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]}
+_QUOTE_CONTROL.update({"\r": " ", "\n": " "})
 
 
 def _scan_quoted(text: str, start: int) -> int:
