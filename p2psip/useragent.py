@@ -519,6 +519,8 @@ class UserAgent:
         ready CallMedia) the call carries audio: the INVITE offers it (``body`` is not used) and
         ``call.media`` runs it until the call ends (see p2psip.callaudio)."""
         if play is not None or record is not None or media is not None or media_options is not None:
+            if body:
+                raise ValueError("give either body= (an SDP of your own) or play/record/media, not both")
             from p2psip import callaudio
 
             return await callaudio.call_with_media(

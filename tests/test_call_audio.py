@@ -277,3 +277,10 @@ async def test_a_re_invite_without_offer_gets_our_offer_and_the_ack_answers_it(s
     assert bob_media.session.send_enabled and not call.media.session.send_enabled
     await call.bye()
     assert await incoming.wait_ended(20) == "bye received"
+
+
+async def test_body_and_media_together_are_refused(stacks: list[Stack]) -> None:
+    alice = UserAgent(stacks[0], "sip:alice@127.0.0.1")
+    with pytest.raises(ValueError, match="not both"):
+        await alice.call(uri_of(stacks[1], "bob"), body=b"v=0\r\n", play=ToneSource(1000))
+    assert stacks[0].stats["sent"] == 0  # nothing went out
