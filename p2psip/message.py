@@ -949,6 +949,26 @@ class Message:
         """The option tags / methods of Require, Supported, Allow, Proxy-Require, Unsupported (lower-case)."""
         return frozenset(v.lower() for v in self.get_all(name))
 
+    @property
+    def allow(self) -> frozenset[str]:
+        """The methods of Allow (method names are case-sensitive, so kept as written)."""
+        return frozenset(self.get_all("allow"))
+
+    @property
+    def supported(self) -> frozenset[str]:
+        """The option tags of Supported, lower-case."""
+        return self.tokens("supported")
+
+    @property
+    def require(self) -> frozenset[str]:
+        """The option tags of Require, lower-case."""
+        return self.tokens("require")
+
+    @property
+    def proxy_require(self) -> frozenset[str]:
+        """The option tags of Proxy-Require, lower-case."""
+        return self.tokens("proxy-require")
+
     def auth(self, name: str) -> list[tuple[str, dict[str, str]]]:
         """Each WWW-Authenticate / Authorization / Proxy-* value as (scheme, parameters)."""
         return [parse_auth(v) for v in self.get_all(name)]

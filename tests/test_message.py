@@ -96,6 +96,11 @@ def test_compact_forms_and_case() -> None:
     assert msg.get("Call-ID") == msg.get("i") == "abc"
     assert msg.get_all("supported") == ["timer", "100rel"]
     assert msg.tokens("Supported") == {"timer", "100rel"}
+    assert msg.supported == {"timer", "100rel"}
+    assert msg.require == frozenset() and msg.proxy_require == frozenset()
+    assert msg.allow == frozenset()
+    msg.set("Allow", "INVITE, ACK,BYE")
+    assert msg.allow == {"INVITE", "ACK", "BYE"}
     names = [name for name, _ in msg.items()]
     assert names == [
         "Via",
