@@ -16,7 +16,7 @@ can also reach us for RTP.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,7 @@ async def call_with_media(
     headers: Iterable[tuple[str, str]] = (),
     timeout: float | None = None,
     media_options: dict[str, Any] | None = None,
+    on_provisional: Callable[[Response], None] | None = None,
 ) -> OutgoingCall:
     """Place a call whose INVITE offers audio; once answered, ``call.media`` sends and receives it.
 
@@ -83,7 +84,9 @@ async def call_with_media(
         address = _media_address(ua, first_hop.transport, first_hop.host)
         media = await CallMedia.open(address, play=play, record=record, **(media_options or {}))
     try:
-        call = ua.invite(uri, body=media.offer(), content_type=SDP, headers=headers)
+        call = ua.invite(
+            uri, body=media.offer(), content_type=SDP, headers=headers, on_provisional=on_provisional
+        )
         call.media = media  # from here on, the end of the call closes the media
         try:
             response = await call.answered(timeout)

@@ -355,9 +355,7 @@ class _Phone:
         pass
 
     # requests ------------------------------------------------------------------------------------
-    async def _transact(
-        self, request: Any, target: Any, timeout: float, on_provisional: Callable[[Any], None] | None = None
-    ) -> Any:
+    async def _transact(self, request: Any, target: Any, timeout: float) -> Any:
         tx = self.stack.send_request(request, target)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self.queues[id(tx)] = queue
@@ -368,8 +366,6 @@ class _Phone:
                 response = await asyncio.wait_for(queue.get(), max(0.01, deadline - loop.time()))
                 if response.status >= 200:
                     return response
-                if on_provisional is not None:
-                    on_provisional(response)
         finally:
             self.queues.pop(id(tx), None)
 
@@ -405,30 +401,19 @@ class _Phone:
             response = await self._transact(retry, target, timeout)
         return response
 
-    async def call(
-        self,
-        uri: str,
-        via: tuple[str, int],
-        *,
-        timeout: float = 30.0,
-        on_provisional: Any = None,
-        sdp: bytes = b"",
-    ) -> tuple[Any, Any]:
-        """INVITE ``uri`` through ``via``; on a 2xx, ACK it. Returns (final response, dialog or None)."""
+    async def call(self, uri: str, via: tuple[str, int], *, timeout: float = 30.0) -> tuple[Any, Any]:
+        """INVITE ``uri`` (no SDP) through ``via``; ACK a 2xx. Returns (final response, dialog or None).
+
+        The ``call`` command uses the UserAgent (with audio); this stays for the demo's ladder and the
+        tests' stand-in phones."""
         from p2psip.dialog import Dialog
         from p2psip.message import Request
         from p2psip.transport import Target, target_from_uri
 
         invite = Request.create(
-            "INVITE",
-            uri,
-            from_=f"<{self.aor}>;tag={self.tag}",
-            to=f"<{uri}>",
-            contact=f"<{self.contact}>",
-            body=sdp,
-            content_type="application/sdp" if sdp else None,
+            "INVITE", uri, from_=f"<{self.aor}>;tag={self.tag}", to=f"<{uri}>", contact=f"<{self.contact}>"
         )
-        final = await self._transact(invite, Target("udp", via[0], via[1]), timeout, on_provisional)
+        final = await self._transact(invite, Target("udp", via[0], via[1]), timeout)
         if not 200 <= final.status < 300:
             return final, None
         dialog = Dialog.uac(invite, final)
@@ -750,75 +735,72 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 async def _call(
-    args: argparse.Namespace, via: tuple[str, int], show: Callable[[str], None]
+    args: argparse.Namespace, via: tuple[str, int], duration: float, show: Callable[[str], None]
 ) -> dict[str, Any]:
+    """One call through the UserAgent (with ``--play``/``--record`` its audio is p2psip.callaudio's)."""
     import time
 
+    from p2psip.stack import Stack
+    from p2psip.transport import Target
+    from p2psip.useragent import CallFailed, UserAgent
+
     local_ip = _local_ip_toward(via[0])
-    phone = await _Phone.open(args.from_ or "sip:p2psip@invalid", host=local_ip)
+    stack = await Stack.start([f"udp:{'[' + local_ip + ']' if ':' in local_ip else local_ip}:0"])
+    ua = UserAgent(stack, args.from_ or "sip:p2psip@invalid", outbound=Target("udp", via[0], via[1]))
     statuses: list[str] = []
-    media: Any = None
-    offer: Any = None
-    duration = args.duration
+    with_audio = bool(args.play or args.record)
 
     def provisional(response: Any) -> None:
         statuses.append(f"{response.status} {response.reason}")
         show(f"  {response.status} {response.reason}")
 
     result: dict[str, Any] = {"uri": args.uri, "via": f"{via[0]}:{via[1]}", "answered": False}
+    call: Any = None
     try:
-        if args.play or args.record:
-            from p2psip.media import MediaSession
-            from p2psip.media.sources import SilenceSource, WavSink, WavSource
-            from p2psip.sdp import make_offer
-
-            source: Any = SilenceSource()
-            if args.play:
-                source = WavSource(args.play)
-                if duration is None:
-                    duration = source.duration + 0.5
-            sink = WavSink(args.record) if args.record else None
-            media = await MediaSession.start((local_ip, 0), source=source, sink=sink)
-            offer = make_offer(local_ip, media.local_address[1], codecs=("PCMU", "PCMA"))
-        if duration is None:
-            duration = 1.0
         started = time.perf_counter()
         show(f"INVITE {args.uri} via {via[0]}:{via[1]}")
-        final, dialog = await phone.call(
-            args.uri,
-            via,
-            timeout=args.timeout,
-            on_provisional=provisional,
-            sdp=bytes(offer) if offer else b"",
-        )
+        try:
+            if with_audio:
+                call = await ua.call(
+                    args.uri,
+                    play=args.play,
+                    record=args.record,
+                    timeout=args.timeout,
+                    on_provisional=provisional,
+                )
+            else:
+                call = await ua.call(args.uri, timeout=args.timeout, on_provisional=provisional)
+            status, reason = call.response.status, call.response.reason
+        except CallFailed as failed:  # a failure response, or 408/503 made up for a timeout/transport error
+            status, reason = failed.status, failed.reason
         result["setup_ms"] = round((time.perf_counter() - started) * 1000, 1)
-        statuses.append(f"{final.status} {final.reason}")
-        show(f"  {final.status} {final.reason}")
+        statuses.append(f"{status} {reason}")
+        show(f"  {status} {reason}")
         result["responses"] = statuses
-        result["status"] = final.status
-        if dialog is not None:
+        result["status"] = status
+        if call is not None:
             result["answered"] = True
-            if media is not None:
-                from p2psip.sdp import SessionDescription, negotiated
-
-                params = negotiated(offer, SessionDescription.parse(final.body))
-                media.apply(params)
+            if call.media is not None and call.media.params is not None:
+                params = call.media.params
                 result["codec"] = params.codec
                 show(f"  audio: {params.codec} to {params.remote[0]}:{params.remote[1]}")
             show(f"  call up; hanging up in {duration:g} s")
-            if duration > 0:
-                await asyncio.sleep(duration)  # the call's requested length
-            bye = await phone.hang_up(dialog, timeout=args.timeout)
-            result["bye_status"] = bye.status
-            show(f"BYE: {bye.status} {bye.reason}")
+            try:
+                ended = await call.wait_ended(duration)  # the call's requested length, unless they hang up
+                show(f"  the call ended: {ended}")
+            except TimeoutError:
+                bye = await call.bye(timeout=args.timeout)
+                result["bye_status"] = bye.status
+                show(f"BYE: {bye.status} {bye.reason}")
     finally:
-        if media is not None:
-            await media.close()
-            result["rtp_sent"] = media.stats.packets_sent
-            result["rtp_received"] = media.stats.packets_received
-            if not args.json:
-                show(f"RTP: {media.stats.packets_sent} packets sent, {media.stats.packets_received} received")
-        await phone.close()
+        if call is not None and call.media is not None:
+            await call.wait_ended(args.timeout)  # the media is closed (a recording complete) after this
+            stats = call.media.session.stats
+            result["rtp_sent"] = stats.packets_sent
+            result["rtp_received"] = stats.packets_received
+            show(f"RTP: {stats.packets_sent} packets sent, {stats.packets_received} received")
+        await ua.close()
+        await stack.close()
     return result
 
 
@@ -832,10 +814,14 @@ def _cmd_call(args: argparse.Namespace) -> int:
             _check_sip_uri(args.from_, "--from")
         if (args.duration is not None and args.duration < 0) or args.timeout <= 0:
             raise ConfigError("--duration must be >= 0 and --timeout > 0")
+        duration = 1.0 if args.duration is None else args.duration
         if args.play:
             from p2psip.media.sources import WavSource
 
-            WavSource(args.play).close()  # a missing or unreadable file is a usage error
+            wav = WavSource(args.play)  # a missing or unreadable file is a usage error
+            wav.close()
+            if args.duration is None:
+                duration = wav.duration + 0.5  # the whole file, and its last packets' way over
     except P2PSIPError as exc:
         return _fail(str(exc), 2)
 
@@ -844,7 +830,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     try:
-        result = asyncio.run(_call(args, via, show))
+        result = asyncio.run(_call(args, via, duration, show))
     except TimeoutError:
         return _fail(f"no final answer within {args.timeout:g} s", 1)
     except P2PSIPError as exc:
@@ -916,13 +902,14 @@ def _add_peer_commands(sub: Any) -> None:
     )
     call.add_argument("--from", dest="from_", metavar="SIP-URI", help="the caller's address")
     call.add_argument(
-        "--duration", type=float, default=1.0, metavar="S", help="seconds to stay up (default 1)"
+        "--duration",
+        type=float,
+        metavar="S",
+        help="seconds to stay up (default 1, or the length of --play's file)",
     )
     call.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds")
-    call.add_argument("--play", metavar="WAV", help="audio to send (needs the media layer)")
-    call.add_argument(
-        "--record", metavar="WAV", help="where to record received audio (needs the media layer)"
-    )
+    call.add_argument("--play", metavar="WAV", help="audio to send (a WAV file, any rate)")
+    call.add_argument("--record", metavar="WAV", help="where to record the audio received (a WAV file)")
     call.add_argument("--json", action="store_true", help="machine-readable output")
     call.set_defaults(func=_cmd_call)
 

@@ -181,6 +181,8 @@ class OutgoingCall(Call):
         self.early = asyncio.Event()
         """Set by the first provisional response above 100 (from then on a CANCEL can go out at once)."""
         self.cancelled = False
+        self.on_provisional: Callable[[Response], None] | None = None
+        """Called with each provisional response as it arrives (a phone shows "180 Ringing" at once)."""
 
     async def answered(self, timeout: float | None = None) -> Response:
         """Wait for the 2xx (the ACK is already sent when this returns); failures raise CallFailed."""
@@ -488,13 +490,16 @@ class UserAgent:
         body: bytes = b"",
         content_type: str = "application/sdp",
         headers: Iterable[tuple[str, str]] = (),
+        on_provisional: Callable[[Response], None] | None = None,
     ) -> OutgoingCall:
-        """Start a call and return at once (see :meth:`OutgoingCall.answered` and ``cancel``)."""
+        """Start a call and return at once (see :meth:`OutgoingCall.answered` and ``cancel``);
+        ``on_provisional(response)`` sees each 1xx as it arrives."""
         request = self._new_request(
             "INVITE", uri, body=body, content_type=content_type, headers=headers, contact=True
         )
         pending = self._send(request)
         call = OutgoingCall(self, pending)
+        call.on_provisional = on_provisional
         if pending.transaction is not None:
             pending.transaction.context = call
         return call
@@ -511,13 +516,15 @@ class UserAgent:
         record: Record = None,
         media: CallMedia | None = None,
         media_options: dict[str, Any] | None = None,
+        on_provisional: Callable[[Response], None] | None = None,
     ) -> OutgoingCall:
         """Place a call and wait until it is answered (ACK sent). Raises :class:`CallFailed` with the final
         status when it is not (busy, rejected, timeout 408, cancelled 487...).
 
         With ``play`` (a WAV path or an audio source), ``record`` (a WAV path or a sink) or ``media`` (a
         ready CallMedia) the call carries audio: the INVITE offers it (``body`` is not used) and
-        ``call.media`` runs it until the call ends (see p2psip.callaudio)."""
+        ``call.media`` runs it until the call ends (see p2psip.callaudio). ``on_provisional(response)``
+        sees each provisional response (100, 180, 183...) as it arrives."""
         if play is not None or record is not None or media is not None or media_options is not None:
             if body:
                 raise ValueError("give either body= (an SDP of your own) or play/record/media, not both")
@@ -532,8 +539,11 @@ class UserAgent:
                 headers=headers,
                 timeout=timeout,
                 media_options=media_options,
+                on_provisional=on_provisional,
             )
-        call = self.invite(uri, body=body, content_type=content_type, headers=headers)
+        call = self.invite(
+            uri, body=body, content_type=content_type, headers=headers, on_provisional=on_provisional
+        )
         try:
             await call.answered(timeout)
         except TimeoutError:
@@ -767,6 +777,11 @@ class UserAgent:
         pending = call.pending
         if status < 200:
             call.provisional.append(response)
+            if call.on_provisional is not None:
+                try:
+                    call.on_provisional(response)
+                except Exception:  # the application's callback must not break the transaction layer
+                    log.exception("on_provisional failed")
             if status > 100 and call.state == "calling":
                 call.state = "early"
                 call.early.set()

@@ -1,0 +1,136 @@
+"""`p2psip call --play/--record` as users run it: the command in a child process calls a UserAgent on
+loopback that answers with audio. Each side must hear the other's tone, the call must last the played
+file's length by default, and provisional responses must be printed before the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from p2psip.media import MemorySink, ToneSource, dominant_frequency
+from p2psip.media.sources import read_wav
+from p2psip.stack import Stack
+from p2psip.useragent import UserAgent
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "p2psip.cli"]
+
+
+def write_tone(path: Path, frequency: float, seconds: float) -> None:
+    """Writes the 8 kHz WAV (through the WavSink every recording uses) that the command is to play."""
+    from p2psip.media import WavSink
+
+    tone = ToneSource(frequency, duration=seconds)
+    sink = WavSink(path)
+    while (pcm := tone.read(160)) is not None:
+        sink.write(pcm)
+    sink.close()
+
+
+async def run_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_call_plays_and_records_through_the_useragent(tmp_path: Path) -> None:
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    bob = UserAgent(stack, "sip:bob@127.0.0.1")
+    host, port = stack.local_address("udp")
+    heard_by_bob = MemorySink()
+    ended: list[str] = []
+
+    async def answer() -> None:
+        incoming = await bob.incoming.get()
+        incoming.ring()
+        await incoming.accept_with_media(play=ToneSource(700), record=heard_by_bob)
+        ended.append(await incoming.wait_ended(30))
+
+    play, record = tmp_path / "say.wav", tmp_path / "heard.wav"
+    write_tone(play, 1000, 1.5)
+    answering = asyncio.ensure_future(answer())
+    try:
+        code, out, err = await run_cli(
+            "call", f"sip:bob@{host}:{port}", "--via", f"{host}:{port}", "--from", "sip:alice@127.0.0.1",
+            "--play", str(play), "--record", str(record), "--json",
+        )  # fmt: skip
+        assert code == 0, out + err
+        result = json.loads(out)
+        assert result["answered"] and result["status"] == 200 and result["bye_status"] == 200, result
+        assert result["responses"][-2:] == ["180 Ringing", "200 OK"], result
+        assert result["codec"] == "PCMU"
+        # --play without --duration: the call lasts the file (1.5 s) and half a second more, 50 packets/s
+        assert result["rtp_sent"] >= 75 and result["rtp_received"] > 50, result
+        await asyncio.wait_for(answering, 30)
+        assert ended == ["bye received"]
+        assert dominant_frequency(bytes(heard_by_bob.pcm), [700, 1000]) == 1000
+        assert heard_by_bob.duration >= 1.2  # the whole file arrived (give or take the jitter buffer)
+        assert dominant_frequency(read_wav(record), [700, 1000]) == 700
+    finally:
+        answering.cancel()
+        await bob.close()
+        await stack.close()
+
+
+async def test_call_prints_each_response_as_it_comes(tmp_path: Path) -> None:
+    """Without --json: the 180 line is printed before the answer, then the audio, BYE and RTP lines."""
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    bob = UserAgent(stack, "sip:bob@127.0.0.1")
+    host, port = stack.local_address("udp")
+
+    async def answer() -> None:
+        incoming = await bob.incoming.get()
+        incoming.ring()
+        await incoming.accept_with_media()
+        await incoming.wait_ended(30)
+
+    answering = asyncio.ensure_future(answer())
+    try:
+        code, out, err = await run_cli(
+            "call", f"sip:bob@{host}:{port}", "--via", f"{host}:{port}",
+            "--record", str(tmp_path / "r.wav"), "--duration", "0.5",
+        )  # fmt: skip
+        assert code == 0, out + err
+        lines = out.splitlines()
+        assert lines[0] == f"INVITE sip:bob@{host}:{port} via {host}:{port}"
+        assert lines.index("  180 Ringing") < lines.index("  200 OK")
+        assert any(line.startswith("  audio: PCMU to 127.0.0.1:") for line in lines), out
+        assert "  call up; hanging up in 0.5 s" in lines and "BYE: 200 OK" in lines
+        assert lines[-1].startswith("RTP: ") and lines[-1].endswith(" received"), out
+    finally:
+        answering.cancel()
+        await bob.close()
+        await stack.close()
+
+
+async def test_a_rejected_call_exits_1_with_its_status(tmp_path: Path) -> None:
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    bob = UserAgent(stack, "sip:bob@127.0.0.1", on_call=lambda incoming: incoming.reject(486))
+    host, port = stack.local_address("udp")
+    try:
+        code, out, err = await run_cli(
+            "call", f"sip:bob@{host}:{port}", "--via", f"{host}:{port}",
+            "--record", str(tmp_path / "r.wav"), "--json",
+        )  # fmt: skip
+        assert code == 1, out + err
+        result = json.loads(out)
+        assert not result["answered"] and result["status"] == 486 and "bye_status" not in result
+    finally:
+        await bob.close()
+        await stack.close()
+
+
+async def test_a_missing_play_file_is_a_usage_error(tmp_path: Path) -> None:
+    code, _out, err = await run_cli("call", "sip:bob@127.0.0.1", "--play", str(tmp_path / "nope.wav"))
+    assert code == 2 and err.startswith("p2psip: error: ") and "nope.wav" in err, err
