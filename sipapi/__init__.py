@@ -4,10 +4,13 @@
 
 - the source-code API (layer 1): :class:`URI`, :class:`Address`, :class:`Message`, :class:`Request`,
   :class:`Response`, :class:`Stack`, :class:`UserAgent`, :class:`Peer`;
+- the audio a call plays and records (see docs/media.md): :class:`ToneSource`, :class:`WavSource`,
+  :class:`WavSink`, :class:`MemorySink`, so a script that answers with media needs nothing but sipapi;
 - the scripting names (layers 2 and 3): ``open`` (an address tuple listens, anything else is the built-in
   open), ``run``, ``basic``, ``overlay``, :class:`Event`.
 """
 
+from p2psip.media.sources import MemorySink, ToneSource, WavSink, WavSource
 from p2psip.message import Message, Request, Response
 from p2psip.peer import Peer
 from p2psip.stack import Stack
@@ -24,13 +27,17 @@ __all__ = [
     "Event",
     "EventTarget",
     "Header",
+    "MemorySink",
     "Message",
     "Peer",
     "Request",
     "Response",
     "ScriptError",
     "Stack",
+    "ToneSource",
     "UserAgent",
+    "WavSink",
+    "WavSource",
     "basic",
     "open",
     "overlay",

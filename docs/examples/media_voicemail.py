@@ -9,8 +9,7 @@ import sys
 from itertools import count
 from pathlib import Path
 
-from p2psip.media import ToneSource, WavSink
-from sipapi import Stack, UserAgent
+from sipapi import Stack, ToneSource, UserAgent, WavSink
 
 numbers = count(1)
 
