@@ -2,7 +2,8 @@
 
 It is the transaction user of a :class:`~p2psip.stack.Stack`. For every request it:
 
-1. validates Max-Forwards (0 → ``483 Too Many Hops``) — §16.3;
+1. validates Max-Forwards (0 → ``483 Too Many Hops``), detects loops (``482``; a spiral — the request
+   retargeted — goes on) and refuses any Proxy-Require (``420``, this proxy supports no extension) — §16.3;
 2. pre-processes routing information (§16.4): a Request-URI that is one of our Record-Route URIs means the
    previous hop was a strict router (the last Route becomes the Request-URI); our own URI on top of Route
    is removed;
@@ -33,11 +34,12 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from p2psip.errors import ParseError, TransportError
-from p2psip.message import Request, Response
+from p2psip.message import Request, Response, Via
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import (
     ClientTransaction,
@@ -58,6 +60,8 @@ Locator = Callable[[Request], LocateResult | Awaitable[LocateResult]]
 
 #: Requests that create a dialog (and so get Record-Route): RFC 3261, 3265/6665, 3515.
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
+#: Our branches: this prefix, the loop-detection key, ".", a random part per branch (forks differ).
+_LOOP_PREFIX = "z9hG4bK-lp"
 #: §16.7 step 6: among 4xx these are preferred because the caller can act on them.
 _PREFERRED_4XX = (401, 407, 415, 420, 484)
 
@@ -101,6 +105,7 @@ class ProxyContext:
     tier_timer: asyncio.TimerHandle | None = None
     on_final: FinalHook | None = None
     best: Response | None = None
+    loop_key: str = ""
 
     def cancel_pending(self) -> None:
         """Stop forking: drop the tiers not tried yet and CANCEL every branch still pending (§16.10).
@@ -232,7 +237,45 @@ class Proxy:
         if max_forwards is not None and max_forwards <= 0:
             return 483, "Too Many Hops"
         self.preprocess_routes(request)
+        if self._looped(request):
+            return 482, "Loop Detected"
+        if request.get("Proxy-Require") is not None:
+            return 420, "Bad Extension"
         return None
+
+    def _loop_key(self, request: Request, previous_hop: Via | None) -> str:
+        """§16.6 step 8: the part of our branch that is the same whenever this element forwards the same
+        request again — same Request-URI, tags, Call-ID, CSeq number, previous hop's Via, Proxy-Require
+        and Proxy-Authorization. Finding it again under one of our own Vias (§16.3 step 4) means the
+        request looped; a different key means it legitimately spiralled (e.g. it was retargeted)."""
+        via = f"{previous_hop.sent_by};{previous_hop.branch}" if previous_hop is not None else ""
+        parts = (
+            str(request.uri),
+            request.to.tag or "",
+            request.from_.tag or "",
+            request.call_id,
+            str(request.cseq.number),
+            via,
+            ",".join(request.get_all("Proxy-Require")),
+            ",".join(request.get_all("Proxy-Authorization")),
+        )
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
+
+    def _looped(self, request: Request) -> bool:
+        if len(request.get_all("Via")) < 2:
+            return False  # straight from a UA: it cannot carry one of our Vias
+        vias = request.via
+        stack = self.stack
+        for i, via in enumerate(vias[:-1]):
+            branch = via.branch
+            if (
+                branch is not None
+                and branch.startswith(_LOOP_PREFIX)
+                and stack.is_local(via.host, via.port)
+                and branch[len(_LOOP_PREFIX) :].split(".", 1)[0] == self._loop_key(request, vias[i + 1])
+            ):
+                return True
+        return False
 
     def preprocess_routes(self, request: Request) -> None:
         """§16.4: undo a strict router's rewrite and remove our own URIs from the top of Route."""
@@ -274,13 +317,22 @@ class Proxy:
             return 404, f"Not Found ({exc})"
         return [[uri]]
 
+    def rejection(self, request: Request, status: int, reason: str) -> Response:
+        """The response for a :meth:`check` result (or any answer the proxy gives itself): with the
+        header fields it needs — ``Unsupported`` on a 420 (§16.3 step 5), ``Allow`` on a 200 to OPTIONS."""
+        response = Response.for_request(request, status, reason)
+        if status == 420:
+            tags = [t.strip() for v in request.get_all("Proxy-Require") for t in v.split(",") if t.strip()]
+            response.add("Unsupported", ", ".join(tags))
+        elif status == 200 and request.method == "OPTIONS":
+            response.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE")
+        return response
+
     def _reject(self, transaction: ServerTransaction, request: Request, status: int, reason: str) -> None:
         self.stats["rejected"] += 1
         if self.verbose:
             log.info("%s %s -> %d %s", request.method, request.uri, status, reason)
-        response = Response.for_request(request, status, reason)
-        if status == 200 and request.method == "OPTIONS":
-            response.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE")
+        response = self.rejection(request, status, reason)
         try:
             self.stack.respond(transaction, response)
         except Exception as exc:  # the transaction may have moved on (e.g. CANCEL raced us)
@@ -325,6 +377,7 @@ class Proxy:
         ctx = ProxyContext(
             self, request=request, server=server, source=source, tiers=tiers, on_final=on_final
         )
+        ctx.loop_key = self._loop_key(request, request.top_via)
         server.context = ctx
         self._next_tier(ctx)
         return ctx
@@ -363,7 +416,8 @@ class Proxy:
             hop = self._next_hop(fwd)
             if self.record_route and request.method in DIALOG_CREATING and request.to.tag is None:
                 self._add_record_route(fwd, ctx.source, hop)
-            tx = stack.send_request(fwd, hop, timer_c=request.method == "INVITE")
+            branch_id = f"{_LOOP_PREFIX}{ctx.loop_key}.{secrets.token_hex(5)}"
+            tx = stack.send_request(fwd, hop, timer_c=request.method == "INVITE", branch=branch_id)
         except (TransportError, ParseError) as exc:
             branch.final = 503 if isinstance(exc, TransportError) else 400
             reason = f"Service Unavailable ({exc})" if branch.final == 503 else f"Bad Request ({exc})"
@@ -588,7 +642,7 @@ class Proxy:
                 self._stateless_send(request, source)
                 return
         status, reason = rejection
-        response = Response.for_request(request, status, reason)
+        response = self.rejection(request, status, reason)
         self.stack.send_stateless(response, source)
 
     def _forward_stateless(self, request: Request, source: Source) -> None:

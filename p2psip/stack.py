@@ -357,16 +357,20 @@ class Stack:
 
     # ----------------------------------------------------------------------------------- send
 
-    def send_request(self, request: Request, target: Target, *, timer_c: bool = False) -> ClientTransaction:
+    def send_request(
+        self, request: Request, target: Target, *, timer_c: bool = False, branch: str | None = None
+    ) -> ClientTransaction:
         """Send ``request`` to ``target`` on a new client transaction: pushes our Via (switching a large
-        UDP request to TCP, §18.1.1) and returns the transaction (responses reach ``core.on_response``)."""
-        self.push_via(request, target)
+        UDP request to TCP, §18.1.1) and returns the transaction (responses reach ``core.on_response``).
+        ``branch`` (unique, with the magic cookie) replaces the random one: a proxy puts its loop-detection
+        key in it (§16.6 step 8)."""
+        branch = self.push_via(request, target, branch)
         if target.transport == "udp" and _estimated_size(request) > self.transport.udp_size_limit:
             size = len(bytes(request))
             if size > self.transport.udp_size_limit:
                 target = self.transport.select(target, size)
                 request.remove_first("Via")
-                self.push_via(request, target)
+                self.push_via(request, target, branch)
         tx, events = self.transactions.send_request(
             request, target, self.loop.time(), reliable=target.transport in RELIABLE, timer_c=timer_c
         )

@@ -272,7 +272,7 @@ class CallControl:
             self._checked = True
             rejection = core.check(request)
             if rejection is not None:
-                self.held = Response.for_request(request, *rejection)
+                self.held = core.rejection(request, *rejection)
                 return outcome_of(rejection[0])
         try:
             targets = await core.resolve(request, [URI(text) for text in locations])

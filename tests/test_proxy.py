@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from p2psip.message import Response, parse
+from p2psip.message import Request, Response, parse
 from p2psip.proxy import Proxy, choose_best
 from p2psip.stack import Stack
 from p2psip.timers import TimerConfig
@@ -329,3 +329,39 @@ async def test_tcp_caller_udp_callee_double_record_route() -> None:
     finally:
         for stack in (proxy_stack, alice_stack, bob_stack):
             await stack.close()
+
+
+async def test_loop_is_482_but_a_spiral_is_forwarded(new_stack: Factory) -> None:
+    """§16.3 step 4: a request that comes back unchanged under our own Via looped (482); one that comes
+    back retargeted (a different Request-URI) is spiralling and is forwarded."""
+    proxy, alice, (bob,) = await parties(new_stack, 1)
+    me = addr(proxy.stack)
+
+    def locate(request: Request) -> list[URI]:
+        user = request.uri.user
+        if user in ("loop", "first"):  # back to ourselves, unchanged or retargeted to "second"
+            request.add("Route", f"<sip:{me};lr>", first=True)
+            return [request.uri if user == "loop" else URI("sip:second@p2p.example")]
+        return [contact(bob)]
+
+    proxy.locate = locate
+    reply = await asyncio.wait_for(alice.message("sip:loop@p2p.example", "round and round"), 20)
+    assert reply.status == 482
+    reply = await asyncio.wait_for(alice.message("sip:first@p2p.example", "spiral"), 20)
+    assert reply.status == 200
+    got = await asyncio.wait_for(bob.messages.get(), 5)
+    assert got.body == b"spiral"
+    assert len(got.via) == 3  # the proxy forwarded it twice (the spiral), then alice's own Via
+    assert all((v.branch or "").startswith("z9hG4bK-lp") for v in got.via[:2])
+
+
+async def test_proxy_require_gets_420_with_unsupported(new_stack: Factory) -> None:
+    stack = await new_stack()
+    proxy = Proxy(stack)
+    text = REQUEST.format(uri="sip:b@127.0.0.1:9", branch="pr", mf=70).replace(
+        "Max-Forwards", "Proxy-Require: foo, bar\r\nMax-Forwards"
+    )
+    answer = await raw_request(stack, text)
+    assert answer.status == 420 and answer.reason == "Bad Extension"
+    assert answer.get_all("Unsupported") == ["foo", "bar"]
+    assert proxy.stats["rejected"] == 1
