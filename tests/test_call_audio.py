@@ -12,22 +12,13 @@ import pytest
 
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import ConfigError
-from p2psip.media import CallMedia, MemorySink, ToneSource, WavSink, dominant_frequency, goertzel_power
-from p2psip.media.sources import read_wav
+from p2psip.media import CallMedia, MemorySink, ToneSource, dominant_frequency, goertzel_power
+from p2psip.media.sources import read_wav, write_wav
 from p2psip.peer import Peer, quick_node_config, wait_until_settled
 from p2psip.stack import Stack
 from p2psip.useragent import CallFailed, IncomingCall, OutgoingCall, UserAgent
 
 CANDIDATES = [300, 500, 700, 1000, 1500, 2000]
-
-
-def write_tone(path: Path, frequency: int, seconds: float) -> Path:
-    sink = WavSink(path)
-    tone = ToneSource(frequency, duration=seconds)
-    while (frame := tone.read(160)) is not None:
-        sink.write(frame)
-    sink.close()
-    return path
 
 
 def assert_peak(pcm: bytes, frequency: int) -> None:
@@ -97,7 +88,7 @@ async def test_ua_calls_ua_through_a_three_peer_overlay_with_a_tone(
     alice = UserAgent(stacks[0], "sip:alice@p2p.example", outbound=via(overlay[0]))
     bob = UserAgent(stacks[1], "sip:bob@p2p.example", outbound=via(overlay[2]))
     assert (await bob.register(f"sip:{via(overlay[2])}", expires=300, refresh=False)).status == 200
-    hello = write_tone(tmp_path / "hello.wav", 1000, 1.0)
+    hello = write_wav(tmp_path / "hello.wav", ToneSource(1000, duration=1.0))
 
     async def answer() -> IncomingCall:
         incoming = await next_call(bob)

@@ -18,23 +18,14 @@ from queue import Empty, Queue
 import pytest
 from conftest import free_port
 
-from p2psip.media import MemorySink, ToneSource, WavSink, dominant_frequency
-from p2psip.media.sources import read_wav
+from p2psip.media import MemorySink, ToneSource, dominant_frequency
+from p2psip.media.sources import read_wav, write_wav
 from p2psip.stack import Stack
 from p2psip.useragent import UserAgent
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "examples" / "media_voicemail.py"
 CANDIDATES = [440, 700, 1000, 1500]
-
-
-def write_tone(path: Path, frequency: int, seconds: float) -> Path:
-    sink = WavSink(path)
-    tone = ToneSource(frequency, duration=seconds)
-    while (frame := tone.read(160)) is not None:
-        sink.write(frame)
-    sink.close()
-    return path
 
 
 class Voicemail:
@@ -82,7 +73,7 @@ def voicemail(tmp_path: Path) -> Iterator[tuple[Voicemail, int, Path]]:
     port = free_port()
     folder = tmp_path / "messages"
     folder.mkdir()
-    box = Voicemail(port, write_tone(tmp_path / "greeting.wav", 440, 0.6), folder)
+    box = Voicemail(port, write_wav(tmp_path / "greeting.wav", ToneSource(440, duration=0.6)), folder)
     try:
         yield box, port, folder
     finally:

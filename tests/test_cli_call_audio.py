@@ -11,23 +11,12 @@ import sys
 from pathlib import Path
 
 from p2psip.media import MemorySink, ToneSource, dominant_frequency
-from p2psip.media.sources import read_wav
+from p2psip.media.sources import read_wav, write_wav
 from p2psip.stack import Stack
 from p2psip.useragent import UserAgent
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "p2psip.cli"]
-
-
-def write_tone(path: Path, frequency: float, seconds: float) -> None:
-    """Writes the 8 kHz WAV (through the WavSink every recording uses) that the command is to play."""
-    from p2psip.media import WavSink
-
-    tone = ToneSource(frequency, duration=seconds)
-    sink = WavSink(path)
-    while (pcm := tone.read(160)) is not None:
-        sink.write(pcm)
-    sink.close()
 
 
 async def run_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
@@ -58,7 +47,7 @@ async def test_call_plays_and_records_through_the_useragent(tmp_path: Path) -> N
         ended.append(await incoming.wait_ended(30))
 
     play, record = tmp_path / "say.wav", tmp_path / "heard.wav"
-    write_tone(play, 1000, 1.5)
+    write_wav(play, ToneSource(1000, duration=1.5))
     answering = asyncio.ensure_future(answer())
     try:
         code, out, err = await run_cli(

@@ -10,17 +10,9 @@ from pathlib import Path
 import pytest
 
 from p2psip.errors import ParseError
-from p2psip.media import CallMedia, MemorySink, ToneSource, WavSink, dominant_frequency
-from p2psip.media.sources import read_wav
+from p2psip.media import CallMedia, MemorySink, ToneSource, dominant_frequency
+from p2psip.media.sources import read_wav, write_wav
 from p2psip.sdp import SessionDescription
-
-
-def write_tone(path: Path, frequency: int, seconds: float) -> None:
-    sink = WavSink(path)
-    tone = ToneSource(frequency, duration=seconds)
-    while (frame := tone.read(160)) is not None:
-        sink.write(frame)
-    sink.close()
 
 
 async def until(condition: object, timeout: float = 10.0) -> None:
@@ -34,7 +26,7 @@ async def until(condition: object, timeout: float = 10.0) -> None:
 
 
 async def test_a_call_plays_a_wav_file_and_records_the_other_side(tmp_path: Path) -> None:
-    write_tone(tmp_path / "hello.wav", 1000, 1.0)
+    write_wav(tmp_path / "hello.wav", ToneSource(1000, duration=1.0))
     alice = await CallMedia.open("127.0.0.1", play=tmp_path / "hello.wav")
     bob = await CallMedia.open("127.0.0.1", record=str(tmp_path / "reply.wav"))
     invite_body = alice.offer()

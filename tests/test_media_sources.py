@@ -26,7 +26,7 @@ from p2psip.media import (
     dominant_frequency,
     rms,
 )
-from p2psip.media.sources import read_wav, resample
+from p2psip.media.sources import read_wav, resample, write_wav
 
 CANDIDATES = [300, 500, 700, 1000, 1400, 2000, 3000]
 
@@ -184,3 +184,12 @@ async def test_queue_sink_iterates_until_closed_and_bounds_memory() -> None:
     sink.close()
     assert sink.dropped == 1  # a frame had to go to make room
     assert [frame async for frame in sink] == [b"\x01", b"\x02"]
+
+
+def test_write_wav_saves_a_finite_source_or_pcm_and_refuses_an_endless_one(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "tone.wav", ToneSource(500, duration=0.5))
+    pcm = read_wav(path)
+    assert len(pcm) == 2 * 4000 and dominant_frequency(pcm, CANDIDATES) == 500
+    assert read_wav(write_wav(tmp_path / "copy.wav", pcm)) == pcm
+    with pytest.raises(ValueError, match=r"still playing after 0\.1 s"):
+        write_wav(tmp_path / "endless.wav", ToneSource(500), max_seconds=0.1)

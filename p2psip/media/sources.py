@@ -37,6 +37,7 @@ __all__ = [
     "WavSource",
     "read_wav",
     "resample",
+    "write_wav",
 ]
 
 SAMPLE_RATE = 8000
@@ -124,6 +125,25 @@ def read_wav(path: str | Path) -> bytes:
     return resample(samples, rate).tobytes()
 
 
+def write_wav(path: str | Path, audio: AudioSource | bytes, *, max_seconds: float = 3600.0) -> Path:
+    """Write a finite source (e.g. ``ToneSource(440, duration=2)``) or 8 kHz PCM bytes to a WAV file:
+    how a greeting or a test signal is made. A source still playing after ``max_seconds`` is an error (a
+    source without a duration never ends)."""
+    sink = WavSink(path)
+    try:
+        if isinstance(audio, bytes | bytearray):
+            sink.write(bytes(audio))
+        else:
+            limit = round(max_seconds * SAMPLE_RATE)
+            while (frame := audio.read(160)) is not None:
+                if sink.samples >= limit:
+                    raise ValueError(f"{path}: the source is still playing after {max_seconds:g} s")
+                sink.write(frame)
+    finally:
+        sink.close()
+    return sink.path
+
+
 class WavSource:
     """Plays a WAV file (any PCM rate/channels, converted on open); ``loop=True`` repeats it forever."""
 
@@ -154,6 +174,22 @@ class WavSource:
 
     def close(self) -> None:
         pass
+
+
+class _Countdown:
+    """What is left of a generated source's ``duration`` (None: forever), counted in samples."""
+
+    def __init__(self, duration: float | None) -> None:
+        self.remaining = None if duration is None else round(duration * SAMPLE_RATE)
+
+    def take(self, samples: int) -> bool:
+        """Whether another frame is due (the last one may run past the duration, as a frame is whole)."""
+        if self.remaining is None:
+            return True
+        if self.remaining <= 0:
+            return False
+        self.remaining -= samples
+        return True
 
 
 @functools.lru_cache(maxsize=32)
@@ -187,13 +223,11 @@ class ToneSource:
             raise ValueError("amplitude must be in (0, 1] and at least one frequency given")
         self._period = _tone_table(tuple(float(f) for f in frequencies), float(amplitude))
         self._position = 0
-        self._remaining = None if duration is None else round(duration * SAMPLE_RATE)
+        self._left = _Countdown(duration)
 
     def read(self, samples: int) -> bytes | None:
-        if self._remaining is not None:
-            if self._remaining <= 0:
-                return None
-            self._remaining -= samples
+        if not self._left.take(samples):
+            return None
         start = self._position * 2
         chunk = self._period[start : start + 2 * samples]
         self._position = (self._position + samples) % SAMPLE_RATE
@@ -209,14 +243,10 @@ class SilenceSource:
     """Silence for ``duration`` seconds, or forever."""
 
     def __init__(self, duration: float | None = None) -> None:
-        self._remaining = None if duration is None else round(duration * SAMPLE_RATE)
+        self._left = _Countdown(duration)
 
     def read(self, samples: int) -> bytes | None:
-        if self._remaining is not None:
-            if self._remaining <= 0:
-                return None
-            self._remaining -= samples
-        return bytes(2 * samples)
+        return bytes(2 * samples) if self._left.take(samples) else None
 
     def close(self) -> None:
         pass
