@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require_tool
+from conftest import require_tool
 from test_media_dtmf import PCAP_DIR
-from test_media_sipp import SCENARIO
+from test_media_sipp import SCENARIO, start_sipp_call
 
 from p2psip.stack import Stack
 from p2psip.useragent import UserAgent
@@ -41,29 +40,7 @@ async def test_sipp_sends_dtmf_to_our_user_agent(tmp_path: Path) -> None:
     stack = await Stack.start(["udp:127.0.0.1:0"])
     ua = UserAgent(stack, "sip:media@127.0.0.1")
     host, port = stack.local_address("udp")
-    proc = subprocess.Popen(
-        [
-            sipp,
-            f"{host}:{port}",
-            "-sf",
-            "scenario.xml",
-            "-m",
-            "1",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(free_port()),
-            "-nostdin",
-            "-timeout",
-            "40s",
-            "-timeout_error",
-            "-trace_err",
-        ],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_sipp_call(sipp, f"{host}:{port}", tmp_path)
     try:
         incoming = await asyncio.wait_for(ua.incoming.get(), 30)
         media = await incoming.accept_with_media()

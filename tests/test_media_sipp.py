@@ -82,6 +82,16 @@ Content-Length: 0
 """
 
 
+def start_sipp_call(sipp: str, target: str, folder: Path) -> subprocess.Popen[bytes]:
+    """sipp placing one call to ``target`` with ``folder``'s scenario.xml (pcaps under ``folder``/pcap);
+    the caller ends it by PID if it is still running."""
+    return subprocess.Popen(
+        [sipp, target, "-sf", "scenario.xml", "-m", "1", "-i", "127.0.0.1", "-p", str(free_port()),
+         "-nostdin", "-timeout", "40s", "-timeout_error", "-trace_err"],
+        cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 async def test_sipp_plays_g711a_and_dtmf_captures_to_us(tmp_path: Path) -> None:
     sipp = require_tool("sipp")
     if not (PCAP_DIR / "g711a.pcap").exists():
@@ -93,29 +103,7 @@ async def test_sipp_plays_g711a_and_dtmf_captures_to_us(tmp_path: Path) -> None:
     uas = MiniUas()
     sink = MemorySink()
     session = await MediaSession.start(("127.0.0.1", 0), sink=sink, codec="PCMA")
-    proc = subprocess.Popen(
-        [
-            sipp,
-            f"127.0.0.1:{uas.port}",
-            "-sf",
-            "scenario.xml",
-            "-m",
-            "1",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(free_port()),
-            "-nostdin",
-            "-timeout",
-            "40s",
-            "-timeout_error",
-            "-trace_err",
-        ],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_sipp_call(sipp, f"127.0.0.1:{uas.port}", tmp_path)
     try:
         offer = await uas.answer(session, codecs=("PCMA",))
         assert offer.media[0].formats == ["8", "101"]
