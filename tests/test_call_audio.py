@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from test_media_call import until
 
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import ConfigError
@@ -25,16 +26,6 @@ def assert_peak(pcm: bytes, frequency: int) -> None:
     assert dominant_frequency(pcm, CANDIDATES) == frequency
     others = max(goertzel_power(pcm, f) for f in CANDIDATES if f != frequency)
     assert goertzel_power(pcm, frequency) > 20 * others
-
-
-async def until(condition: object, timeout: float = 20.0) -> None:
-    assert callable(condition)
-
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def next_call(ua: UserAgent, timeout: float = 20.0) -> IncomingCall:

@@ -13,22 +13,13 @@ import pytest
 from conftest import require_tool
 from interop.relay import LossyRelay
 from test_media_baresip import Baresip, assert_peak
+from test_media_call import until
 
 from p2psip.media import CallMedia, MemorySink, ToneSource
 from p2psip.stack import Stack
-from p2psip.useragent import IncomingCall, UserAgent
+from p2psip.useragent import Call, IncomingCall, UserAgent
 
 pytestmark = pytest.mark.interop
-
-
-async def until(condition: object, timeout: float = 20.0) -> None:
-    assert callable(condition)
-
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 @pytest.fixture
@@ -65,6 +56,18 @@ async def finish(phone: Baresip) -> None:
     await asyncio.get_running_loop().run_in_executor(None, phone.stop)
 
 
+async def hang_up_and_check_tones(call: Call, phone: Baresip, heard: MemorySink) -> None:
+    """Our UA hangs up; the media closes with the call; each side recorded the other's tone (baresip's
+    ausine 440 Hz, our 1 kHz)."""
+    assert call.media is not None
+    session = call.media.session
+    assert (await call.bye()).status == 200
+    assert session.closed
+    await finish(phone)
+    assert_peak(bytes(heard.pcm), 440)
+    assert_peak(phone.decoded_recording(), 1000)
+
+
 async def test_baresip_calls_our_ua_tones_and_dtmf_both_ways(
     ua: UserAgent, phones: list[Baresip], tmp_path: Path
 ) -> None:
@@ -84,11 +87,7 @@ async def test_baresip_calls_our_ua_tones_and_dtmf_both_ways(
         await session.wait_digits(len(session.received_digits) + 1, timeout=20)
     assert session.received_digits == "2*0"
 
-    assert (await incoming.bye()).status == 200  # our UA hangs up; the media closes with the call
-    assert session.closed
-    await finish(phone)
-    assert_peak(bytes(heard.pcm), 440)
-    assert_peak(phone.decoded_recording(), 1000)
+    await hang_up_and_check_tones(incoming, phone, heard)
 
 
 async def test_our_ua_calls_baresip_tones_both_ways(
@@ -107,11 +106,7 @@ async def test_our_ua_calls_baresip_tones_both_ways(
     assert session.stats.lost == 0
     await call.send_dtmf("7")
     await until(lambda: "received event: '7' (end=1)" in phone.log_text())
-    assert (await call.bye()).status == 200
-    assert session.closed
-    await finish(phone)
-    assert_peak(bytes(heard.pcm), 440)
-    assert_peak(phone.decoded_recording(), 1000)
+    await hang_up_and_check_tones(call, phone, heard)
 
 
 async def test_through_a_five_percent_loss_relay_the_recording_keeps_its_length(

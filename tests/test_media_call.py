@@ -15,7 +15,8 @@ from p2psip.media.sources import read_wav, write_wav
 from p2psip.sdp import SessionDescription
 
 
-async def until(condition: object, timeout: float = 10.0) -> None:
+async def until(condition: object, timeout: float = 20.0) -> None:
+    """Wait (bounded) until ``condition()`` holds: the media tests measure time in packets, not sleeps."""
     assert callable(condition)
 
     async def poll() -> None:
