@@ -9,6 +9,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from p2psip.media import MemorySink, ToneSource, dominant_frequency
 from p2psip.media.sources import read_wav, write_wav
@@ -33,22 +34,48 @@ async def run_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+class Bob:
+    """A UserAgent on loopback that rings and answers calls with audio (``play``/``record`` as
+    ``accept_with_media`` takes them); ``ended`` collects why each call ended."""
+
+    def __init__(self, stack: Stack, play: Any = None, record: Any = None) -> None:
+        self.stack, self.play, self.record = stack, play, record
+        self.ua = UserAgent(stack, "sip:bob@127.0.0.1")
+        self.host, self.port = stack.local_address("udp")
+        self.ended: list[str] = []
+        self.task = asyncio.ensure_future(self._answer())
+
+    @classmethod
+    async def start(cls, play: Any = None, record: Any = None) -> Bob:
+        return cls(await Stack.start(["udp:127.0.0.1:0"]), play, record)
+
+    async def _answer(self) -> None:
+        while True:
+            incoming = await self.ua.incoming.get()
+            incoming.ring()
+            await incoming.accept_with_media(play=self.play, record=self.record)
+            self.ended.append(await incoming.wait_ended(30))
+
+    async def until_ended(self, calls: int = 1) -> None:
+        async def poll() -> None:
+            while len(self.ended) < calls and not self.task.done():
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(poll(), 30)
+        assert len(self.ended) == calls, self.task
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await self.ua.close()
+        await self.stack.close()
+
+
 async def test_call_plays_and_records_through_the_useragent(tmp_path: Path) -> None:
-    stack = await Stack.start(["udp:127.0.0.1:0"])
-    bob = UserAgent(stack, "sip:bob@127.0.0.1")
-    host, port = stack.local_address("udp")
     heard_by_bob = MemorySink()
-    ended: list[str] = []
-
-    async def answer() -> None:
-        incoming = await bob.incoming.get()
-        incoming.ring()
-        await incoming.accept_with_media(play=ToneSource(700), record=heard_by_bob)
-        ended.append(await incoming.wait_ended(30))
-
+    bob = await Bob.start(play=ToneSource(700), record=heard_by_bob)
+    host, port = bob.host, bob.port
     play, record = tmp_path / "say.wav", tmp_path / "heard.wav"
     write_wav(play, ToneSource(1000, duration=1.5))
-    answering = asyncio.ensure_future(answer())
     try:
         code, out, err = await run_cli(
             "call", f"sip:bob@{host}:{port}", "--via", f"{host}:{port}", "--from", "sip:alice@127.0.0.1",
@@ -61,30 +88,19 @@ async def test_call_plays_and_records_through_the_useragent(tmp_path: Path) -> N
         assert result["codec"] == "PCMU"
         # --play without --duration: the call lasts the file (1.5 s) and half a second more, 50 packets/s
         assert result["rtp_sent"] >= 75 and result["rtp_received"] > 50, result
-        await asyncio.wait_for(answering, 30)
-        assert ended == ["bye received"]
+        await bob.until_ended()
+        assert bob.ended == ["bye received"]
         assert dominant_frequency(bytes(heard_by_bob.pcm), [700, 1000]) == 1000
         assert heard_by_bob.duration >= 1.2  # the whole file arrived (give or take the jitter buffer)
         assert dominant_frequency(read_wav(record), [700, 1000]) == 700
     finally:
-        answering.cancel()
         await bob.close()
-        await stack.close()
 
 
 async def test_call_prints_each_response_as_it_comes(tmp_path: Path) -> None:
     """Without --json: the 180 line is printed before the answer, then the audio, BYE and RTP lines."""
-    stack = await Stack.start(["udp:127.0.0.1:0"])
-    bob = UserAgent(stack, "sip:bob@127.0.0.1")
-    host, port = stack.local_address("udp")
-
-    async def answer() -> None:
-        incoming = await bob.incoming.get()
-        incoming.ring()
-        await incoming.accept_with_media()
-        await incoming.wait_ended(30)
-
-    answering = asyncio.ensure_future(answer())
+    bob = await Bob.start()
+    host, port = bob.host, bob.port
     try:
         code, out, err = await run_cli(
             "call", f"sip:bob@{host}:{port}", "--via", f"{host}:{port}",
@@ -98,9 +114,7 @@ async def test_call_prints_each_response_as_it_comes(tmp_path: Path) -> None:
         assert "  call up; hanging up in 0.5 s" in lines and "BYE: 200 OK" in lines
         assert lines[-1].startswith("RTP: ") and lines[-1].endswith(" received"), out
     finally:
-        answering.cancel()
         await bob.close()
-        await stack.close()
 
 
 async def test_a_rejected_call_exits_1_with_its_status(tmp_path: Path) -> None:
