@@ -160,9 +160,7 @@ class PeerCore(Proxy):
 
     def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
         if transaction is not None and request.method == "REGISTER":
-            task = asyncio.ensure_future(self.peer.handle_register(request, transaction, source))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.spawn(self.peer.handle_register(request, transaction, source))
             return
         if (
             transaction is not None
@@ -279,8 +277,7 @@ class Peer:
         if self._closed:
             return
         self._closed = True
-        for task in list(self.core._tasks):
-            task.cancel()
+        self.core.cancel_tasks()
         try:
             if leave:
                 await self.node.leave()

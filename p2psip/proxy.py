@@ -154,6 +154,19 @@ class Proxy:
         self._branch_secret = hashlib.sha256(str(id(self)).encode()).hexdigest()[:8]
         stack.attach(self)
 
+    def spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``work`` (e.g. a lookup before deciding a request) as a task this core keeps a reference
+        to until it ends, and cancels in :meth:`cancel_tasks` — for subclasses, instead of bare tasks."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def cancel_tasks(self) -> None:
+        """Cancel every task still running (:meth:`spawn`, asynchronous ``locate``): on shutdown."""
+        for task in list(self._tasks):
+            task.cancel()
+
     # ===================================================================================== requests
 
     def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
@@ -193,9 +206,7 @@ class Proxy:
             self._reject(transaction, request, 404, f"Not Found ({exc})")
             return
         if inspect.isawaitable(found):
-            task = asyncio.ensure_future(self._located(request, transaction, source, found))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.spawn(self._located(request, transaction, source, found))
             return
         self._forward_located(request, transaction, source, found)
 

@@ -290,7 +290,6 @@ class CallControl:
         self._future = future
         self.proxying = True
         self._proxy_started = self.loop.time()
-        core.controls[id(tx)] = self
         timer = self.loop.call_later(timeout, self._expire) if timeout is not None and timeout > 0 else None
         try:
             self._context = core.forward(request, tx, self.source, targets, on_final=self._on_final)
@@ -300,7 +299,6 @@ class CallControl:
                 timer.cancel()
             self.proxying = False
             self.proxy_seconds += self.loop.time() - self._proxy_started
-            core.controls.pop(id(tx), None)
             self._future = None
         outcome = outcome_of(response.status, timed_out=self.timed_out)
         if log.isEnabledFor(logging.INFO):
@@ -342,14 +340,12 @@ class ScriptingCore(Proxy):
     """A Proxy whose requests may be decided by scripts (see the module docstring)."""
 
     dispatcher: Dispatcher | None
-    controls: dict[int, CallControl]
     deadline: float
     _digest: dict[str, DigestServer]
     _digest_users: dict[str, dict[str, str]]
 
     def setup_scripting(self, dispatcher: Dispatcher | None, *, deadline: float = DEFAULT_DEADLINE) -> None:
         self.dispatcher = dispatcher
-        self.controls = {}
         self.deadline = deadline
         self._digest = {}
         self._digest_users = {}
@@ -372,9 +368,7 @@ class ScriptingCore(Proxy):
             if runner is not None:
                 self.script_stats["scripted"] += 1
                 control = CallControl(self, request, transaction, source)
-                task = asyncio.ensure_future(self._run_script(runner, control))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self.spawn(self._run_script(runner, control))
                 return
         super().on_request(request, transaction, source)
 
@@ -490,11 +484,7 @@ class ScriptedPeerCore(ScriptingCore, PeerCore):
         PeerCore.on_request(self, control.request, control.transaction, control.source)
 
     def save_registration(self, control: CallControl) -> None:
-        task = asyncio.ensure_future(
-            self.peer.handle_register(control.request, control.transaction, control.source)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self.peer.handle_register(control.request, control.transaction, control.source))
 
     async def lookup_contacts(self, aor: str) -> list[str]:
         bindings = await self.peer.lookup_bindings(aor)
