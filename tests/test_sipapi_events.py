@@ -6,6 +6,7 @@ forking, ``async def`` handlers, and what a failing or slow handler costs."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -275,24 +276,28 @@ async def test_challenge_and_authenticate(rig: Rig) -> None:
 
 
 async def test_a_failing_or_slow_handler_costs_one_request(rig: Rig) -> None:
+    release = threading.Event()  # the slow handler overruns for sure: it waits for the test, not a clock
+
     def handler(event: Event) -> Any:
         if event.uri.user == "boom":
             raise RuntimeError("bug in the script")
         if event.uri.user == "slow":
-            import time
-
-            time.sleep(3)  # past the 0.5 s deadline: 500, the thread is left to finish
+            release.wait(60)  # past the 2 s deadline: 500, the thread is left to finish
         if event.uri.user == "twice":
             event.action.accept()
             event.action.accept()
         return event.action.reject(code=486, reason="Busy Here")
 
-    await rig.start(handler, deadline=0.5)
+    # 2 s: ample for the quick handlers on a loaded machine (a timeout there would be a wrong 500).
+    await rig.start(handler, deadline=2.0)
     caller = await rig.caller()
-    assert await status_of(caller, "sip:boom@example.com") == 500
-    assert await status_of(caller, "sip:slow@example.com") == 500
-    assert await status_of(caller, "sip:twice@example.com") == 200  # the first answer stands
-    assert await status_of(caller, "sip:ok@example.com") == 486
+    try:
+        assert await status_of(caller, "sip:boom@example.com") == 500
+        assert await status_of(caller, "sip:slow@example.com") == 500
+        assert await status_of(caller, "sip:twice@example.com") == 200  # the first answer stands
+        assert await status_of(caller, "sip:ok@example.com") == 486
+    finally:
+        release.set()
     assert rig.server is not None
     assert rig.server.core.script_stats["script_errors"] >= 2
     assert rig.server.core.script_stats["script_timeouts"] == 1
