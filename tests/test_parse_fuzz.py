@@ -20,7 +20,7 @@ from p2psip.uri import URI, Address
 
 # P2PSIP_FUZZ_EXAMPLES=20000 for a long campaign; the default keeps the suite fast.
 FAST = settings(
-    max_examples=int(os.environ.get("P2PSIP_FUZZ_EXAMPLES", "300")),
+    max_examples=int(os.environ.get("P2PSIP_FUZZ_EXAMPLES", "200")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
