@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from peer_interop.helpers import start_overlay, stop_overlay
 from test_media_call import until
 
-from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import ConfigError
 from p2psip.media import CallMedia, MemorySink, ToneSource, dominant_frequency, goertzel_power
 from p2psip.media.sources import read_wav, write_wav
-from p2psip.peer import Peer, quick_node_config, wait_until_settled
+from p2psip.peer import Peer
 from p2psip.stack import Stack
 from p2psip.useragent import CallFailed, IncomingCall, OutgoingCall, UserAgent
 
@@ -34,22 +34,11 @@ async def next_call(ua: UserAgent, timeout: float = 20.0) -> IncomingCall:
 
 @pytest.fixture
 async def overlay(tmp_path: Path) -> AsyncIterator[list[Peer]]:
-    peers: list[Peer] = []
+    peers = await start_overlay(3, tmp_path, settle_timeout=30)
     try:
-        for i in range(3):
-            config = PeerConfig(
-                listen=[ListenSpec("udp", "127.0.0.1", 0)],
-                overlay=HostPort("127.0.0.1", 0),
-                join=HostPort(*peers[0].overlay_address) if peers else None,
-                data_dir=tmp_path / f"peer{i}",
-                cache_ttl=0.0,
-            )
-            peers.append(await Peer.start(config, node_config=quick_node_config()))
-        await wait_until_settled(peers, timeout=30)
         yield peers
     finally:
-        for peer in peers:
-            await peer.close(leave=False)
+        await stop_overlay(peers)
 
 
 @pytest.fixture

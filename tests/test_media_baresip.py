@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port, require_tool
+from interop.procs import stop
 
 from p2psip.media import MediaSession, MemorySink, ToneSource, dominant_frequency, goertzel_power
 from p2psip.media.sources import read_wav
@@ -117,13 +117,7 @@ class Baresip:
         return read_wav(path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop(self.proc, grace=3)
         self.log.close()
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port, require_tool
+from interop.procs import stop
 
 from p2psip.media import dominant_frequency
 from p2psip.media.sources import read_wav
@@ -87,13 +87,7 @@ class Baresip:
 
     def stop(self) -> None:
         """End it by PID: SIGTERM (it then unregisters, which may take a while), SIGKILL after 2 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop(self.proc, grace=2)
         self.log.close()
 
 
