@@ -261,23 +261,21 @@ class Phone:
             next_hop = (first.host.strip("[]"), first.port or 5060)
         else:
             next_hop = (target.host.strip("[]"), target.port or 5060)
-        ack = Request.create(
-            "ACK", str(target), from_=str(invite.from_), to=str(final.to), call_id=call_id, cseq=1,
-            via=self._via(),
-        )  # fmt: skip
-        if routes:
-            ack.set("Route", routes)
-        self.send(ack, next_hop)
+
+        def in_dialog(method: str, cseq: int) -> Request:
+            request = Request.create(
+                method, str(target), from_=str(invite.from_), to=str(final.to), call_id=call_id, cseq=cseq,
+                via=self._via(),
+            )  # fmt: skip
+            if routes:
+                request.set("Route", routes)
+            return request
+
+        self.send(in_dialog("ACK", 1), next_hop)
         if not hang_up:
             return result
         if hold:
             await asyncio.sleep(hold)  # the call's duration, not a wait for an event
-        bye = Request.create(
-            "BYE", str(target), from_=str(invite.from_), to=str(final.to), call_id=call_id, cseq=2,
-            via=self._via(),
-        )  # fmt: skip
-        if routes:
-            bye.set("Route", routes)
-        bye_response = await self.request(bye, next_hop, timeout=timeout)
+        bye_response = await self.request(in_dialog("BYE", 2), next_hop, timeout=timeout)
         result.bye_status = bye_response.status
         return result
