@@ -43,6 +43,7 @@ class Bob:
         self.ua = UserAgent(stack, "sip:bob@127.0.0.1")
         self.host, self.port = stack.local_address("udp")
         self.ended: list[str] = []
+        self.call_ended = asyncio.Event()
         self.task = asyncio.ensure_future(self._answer())
 
     @classmethod
@@ -55,14 +56,17 @@ class Bob:
             incoming.ring()
             await incoming.accept_with_media(play=self.play, record=self.record)
             self.ended.append(await incoming.wait_ended(30))
+            self.call_ended.set()
 
     async def until_ended(self, calls: int = 1) -> None:
-        async def poll() -> None:
-            while len(self.ended) < calls and not self.task.done():
-                await asyncio.sleep(0.02)
-
-        await asyncio.wait_for(poll(), 30)
-        assert len(self.ended) == calls, self.task
+        """Wait (bounded) until ``calls`` calls have ended at bob's side."""
+        while len(self.ended) < calls:
+            self.call_ended.clear()
+            waiting = asyncio.ensure_future(self.call_ended.wait())
+            first = asyncio.FIRST_COMPLETED
+            done, _ = await asyncio.wait([waiting, self.task], timeout=30, return_when=first)
+            waiting.cancel()
+            assert done and waiting in done, f"bob's calls did not end: {self.ended}, {self.task}"
 
     async def close(self) -> None:
         self.task.cancel()
