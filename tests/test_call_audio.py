@@ -15,6 +15,7 @@ from test_media_call import until
 from p2psip.errors import ConfigError
 from p2psip.media import CallMedia, MemorySink, ToneSource, dominant_frequency, goertzel_power
 from p2psip.media.sources import read_wav, write_wav
+from p2psip.message import Response
 from p2psip.peer import Peer
 from p2psip.stack import Stack
 from p2psip.useragent import CallFailed, IncomingCall, OutgoingCall, UserAgent
@@ -255,3 +256,38 @@ async def test_body_and_media_together_are_refused(stacks: list[Stack]) -> None:
     with pytest.raises(ValueError, match="not both"):
         await alice.call(uri_of(stacks[1], "bob"), body=b"v=0\r\n", play=ToneSource(1000))
     assert stacks[0].stats["sent"] == 0  # nothing went out
+
+
+@pytest.mark.parametrize("with_audio", [False, True])
+async def test_on_provisional_sees_each_1xx_before_the_call_returns(
+    stacks: list[Stack], with_audio: bool
+) -> None:
+    """on_provisional is called as 100 and 180 arrive (what `p2psip call` prints), with or without audio,
+    and an exception in it does not break the call."""
+    alice = UserAgent(stacks[0], "sip:alice@127.0.0.1")
+    bob = UserAgent(stacks[1], "sip:bob@127.0.0.1")
+    seen: list[int] = []
+    rang = asyncio.Event()
+
+    def provisional(response: Response) -> None:
+        seen.append(response.status)
+        if response.status == 180:
+            rang.set()
+            raise RuntimeError("a careless callback")
+
+    async def answer() -> None:
+        incoming = await next_call(bob)
+        incoming.ring()
+        await asyncio.wait_for(rang.wait(), 20)  # the 180 reached alice's callback before the answer
+        if with_audio:
+            await incoming.accept_with_media()
+        else:
+            incoming.accept()
+
+    answering = asyncio.ensure_future(answer())
+    media = {"record": MemorySink()} if with_audio else {}
+    call = await alice.call(uri_of(stacks[1], "bob"), timeout=20, on_provisional=provisional, **media)
+    await asyncio.wait_for(answering, 20)
+    assert seen == [100, 180] and [r.status for r in call.provisional] == [100, 180]
+    assert (call.media is not None) == with_audio
+    assert (await call.bye()).status == 200
