@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
+from overlay_support import started_ring
 
 from overlay.chord import ChordConfig
 from overlay.errors import StoreRefused
 from overlay.identity import KeyPair, enroll
 from overlay.ids import key_for
-from overlay.node import Node, NodeConfig
+from overlay.node import NodeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +25,7 @@ async def test_enrolled_overlay_needs_a_ca_binding() -> None:
         policy="enrolled",
         ca_public_key=ca.public_key,
     )
-    first = await Node.start(bind=("127.0.0.1", 0), join=None, overlay_name="enrolled", config=cfg)
-    nodes = [first]
-    try:
-        for _ in range(4):
-            nodes.append(
-                await Node.start(
-                    bind=("127.0.0.1", 0), join=first.endpoint, overlay_name="enrolled", config=cfg
-                )
-            )
+    async with started_ring(5, overlay_name="enrolled", config=cfg) as nodes:
         name = "sip:alice@corp.example"
         with pytest.raises(StoreRefused) as info:
             await nodes[1].put(name, b"no-cert", key=alice)
@@ -48,5 +39,3 @@ async def test_enrolled_overlay_needs_a_ca_binding() -> None:
         with pytest.raises(StoreRefused) as info:
             await nodes[2].put(name, b"bob", entry_id=b"b", key=bob)
         assert info.value.reason == "policy"
-    finally:
-        await asyncio.gather(*(n.close() for n in nodes))

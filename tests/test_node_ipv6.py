@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import pytest
+from overlay_support import started_ring
 
 from overlay.chord import ChordConfig
-from overlay.node import Node, NodeConfig
+from overlay.node import NodeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +29,7 @@ async def test_three_nodes_on_ipv6_loopback() -> None:
         rpc_timeout=0.5,
         op_timeout=15.0,
     )
-    first = await Node.start(bind=("::1", 0), join=None, overlay_name="v6", config=cfg)
-    nodes = [first]
-    try:
-        for _ in range(2):
-            nodes.append(
-                await Node.start(bind=("::1", 0), join=first.endpoint, overlay_name="v6", config=cfg)
-            )
+    async with started_ring(3, host="::1", overlay_name="v6", config=cfg) as nodes:
         await nodes[1].put("sip:six@example.net", b"v6" * 1000)  # over TCP too
         assert [e.value for e in await nodes[2].get("sip:six@example.net")] == [b"v6" * 1000]
         assert all(n.stats()["dropped"] == 0 for n in nodes)
-    finally:
-        await asyncio.gather(*(n.close() for n in nodes))

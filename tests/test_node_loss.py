@@ -7,11 +7,11 @@ suppression on the server side) and of the chord core.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from typing import Any
 
 import pytest
+from overlay_support import started_ring
 
 from overlay.chord import ChordConfig
 from overlay.node import Node, NodeConfig
@@ -42,25 +42,19 @@ async def test_put_get_survive_ten_percent_loss(monkeypatch: pytest.MonkeyPatch)
         op_timeout=20.0,
         repair_interval=1.0,
     )
-    first = await Node.start(bind=("127.0.0.1", 0), join=None, overlay_name="lossy", config=cfg)
-    nodes = [first]
-    try:
-        for _ in range(9):
-            nodes.append(
-                await Node.start(bind=("127.0.0.1", 0), join=first.endpoint, overlay_name="lossy", config=cfg)
-            )
-        monkeypatch.setattr(Node, "_sendto", lossy)
-        names = [f"sip:lossy{i}@example.net" for i in range(24)]
-        for i, name in enumerate(names):
-            await nodes[i % len(nodes)].put(name, name.encode())
-        for i, name in enumerate(names):
-            got = await nodes[(i * 7 + 3) % len(nodes)].get(name)
-            assert [e.value for e in got] == [name.encode()], name
-        assert dropped > 10  # the loss was real
-        retransmitted = sum(n.stats().get("rpc_retransmissions", 0) for n in nodes)
-        assert retransmitted > 0
-        # a retransmitted store that had already been applied is answered, not refused as a replay
-        assert not any(n.stats().get("store_refused_stale_seq") for n in nodes)
-    finally:
-        monkeypatch.setattr(Node, "_sendto", original)
-        await asyncio.gather(*(n.close() for n in nodes))
+    async with started_ring(10, overlay_name="lossy", config=cfg) as nodes:
+        try:
+            monkeypatch.setattr(Node, "_sendto", lossy)
+            names = [f"sip:lossy{i}@example.net" for i in range(24)]
+            for i, name in enumerate(names):
+                await nodes[i % len(nodes)].put(name, name.encode())
+            for i, name in enumerate(names):
+                got = await nodes[(i * 7 + 3) % len(nodes)].get(name)
+                assert [e.value for e in got] == [name.encode()], name
+            assert dropped > 10  # the loss was real
+            retransmitted = sum(n.stats().get("rpc_retransmissions", 0) for n in nodes)
+            assert retransmitted > 0
+            # a retransmitted store that had already been applied is answered, not refused as a replay
+            assert not any(n.stats().get("store_refused_stale_seq") for n in nodes)
+        finally:
+            monkeypatch.setattr(Node, "_sendto", original)
