@@ -62,6 +62,8 @@ Locator = Callable[[Request], LocateResult | Awaitable[LocateResult]]
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 #: Our branches: this prefix, the loop-detection key, ".", a random part per branch (forks differ).
 _LOOP_PREFIX = "z9hG4bK-lp"
+#: Bound on the branches of one request, 3xx recursion included (a redirect loop cannot fork without end).
+MAX_BRANCHES = 16
 #: §16.7 step 6: among 4xx these are preferred because the caller can act on them.
 _PREFERRED_4XX = (401, 407, 415, 420, 484)
 
@@ -126,7 +128,8 @@ class Proxy:
     ``stateless=True`` selects §16.11 forwarding. ``record_route`` adds Record-Route to dialog-creating
     requests so in-dialog requests come back through us. ``locate`` is the location hook (see
     :data:`Locator`). ``tier_timeout`` bounds each sequential-forking tier (seconds) before its branches
-    are cancelled and the next tier is tried.
+    are cancelled and the next tier is tried. ``recurse`` follows 3xx responses (§16.5): their Contacts
+    become new branches of the same request (at most :data:`MAX_BRANCHES`), instead of the 3xx going up.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Proxy:
         record_route: bool = True,
         locate: Locator | None = None,
         tier_timeout: float = 30.0,
+        recurse: bool = False,
         verbose: bool = False,
     ) -> None:
         self.stack = stack
@@ -144,6 +148,7 @@ class Proxy:
         self.record_route = record_route
         self.locate = locate
         self.tier_timeout = tier_timeout
+        self.recurse = recurse
         self.verbose = verbose
         self.stats: dict[str, int] = dict.fromkeys(
             ("forwarded_requests", "forwarded_responses", "rejected", "cancelled_branches", "stateless_acks"),
@@ -543,6 +548,13 @@ class Proxy:
             if first:
                 ctx.best = response
                 self.on_final(ctx, response)
+        elif (
+            status < 400
+            and self.recurse
+            and not (ctx.cancelled or ctx.final_sent or ctx.got_6xx)
+            and (self._recurse(ctx, response))
+        ):
+            pass  # §16.7 step 4: its contacts became new branches; the contactless 3xx is dropped
         else:
             ctx.responses.append(response)
             if status >= 600:
@@ -557,6 +569,35 @@ class Proxy:
                 self._next_tier(ctx)
             elif not ctx.final_sent:
                 self._send_best(ctx)
+
+    def _recurse(self, ctx: ProxyContext, response: Response) -> bool:
+        """§16.5/§16.7 step 4: fork to the 3xx's Contacts not tried yet (no sip: from a sips: request,
+        at most ``MAX_BRANCHES`` in all). True when every contact was taken (the 3xx is then dropped);
+        else the untaken contacts stay in the 3xx, which joins the response context."""
+        try:
+            contacts = response.contacts
+        except ParseError:
+            return False
+        tried = {str(b.target) for b in ctx.branches}
+        sips = ctx.request.uri.scheme == "sips"
+        left: list[str] = []
+        taken: list[URI] = []
+        for contact in contacts:
+            uri = contact.uri
+            fresh = str(uri) not in tried and len(ctx.branches) + len(taken) < MAX_BRANCHES
+            if fresh and uri.scheme in ("sip", "sips") and (uri.scheme == "sips" or not sips):
+                tried.add(str(uri))
+                taken.append(uri)
+            else:
+                left.append(str(contact))
+        if not taken:
+            return False
+        for uri in taken:
+            self._start_branch(ctx, uri)
+        if left:
+            response.set("Contact", left)
+            ctx.responses.append(response)
+        return not left
 
     def _relay(self, ctx: ProxyContext, response: Response) -> None:
         """Send a response upstream through the server transaction (or statelessly once it has ended)."""

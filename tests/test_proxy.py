@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from p2psip.message import Request, Response, parse
-from p2psip.proxy import Proxy, choose_best
+from p2psip.proxy import MAX_BRANCHES, Proxy, choose_best
 from p2psip.stack import Stack
 from p2psip.timers import TimerConfig
 from p2psip.uri import URI, Address
@@ -365,3 +365,66 @@ async def test_proxy_require_gets_420_with_unsupported(new_stack: Factory) -> No
     assert answer.status == 420 and answer.reason == "Bad Extension"
     assert answer.get_all("Unsupported") == ["foo", "bar"]
     assert proxy.stats["rejected"] == 1
+
+
+class Redirector:
+    """A redirect server (a minimal transaction user): 302 to ``contacts`` for every request."""
+
+    stateful = True
+
+    def __init__(self, stack: Stack, contacts: list[str], *, fresh: bool = False) -> None:
+        self.stack = stack
+        self.contacts = contacts
+        self.fresh = fresh  # also a never-seen name each time (an endless redirect chain)
+        self.requests = 0
+        stack.attach(self)  # type: ignore[arg-type]
+
+    def on_request(self, request: Request, transaction: object, source: object) -> None:
+        if transaction is not None and request.method != "ACK":
+            self.requests += 1
+            response = Response.for_request(request, 302)
+            contacts = self.contacts + ([f"sip:n{self.requests}@{addr(self.stack)}"] if self.fresh else [])
+            response.set("Contact", [f"<{c}>" for c in contacts])
+            self.stack.respond(transaction, response)  # type: ignore[arg-type]
+
+    def on_response(self, *args: object) -> None: ...
+    def on_timeout(self, *args: object) -> None: ...
+    def on_transport_failure(self, *args: object) -> None: ...
+    def on_terminated(self, *args: object) -> None: ...
+
+
+async def test_3xx_recursion_forks_to_the_contacts(new_stack: Factory) -> None:
+    proxy, alice, (bob,) = await parties(new_stack, 1, recurse=True)
+    redirect_stack = await new_stack()
+    redirector = Redirector(redirect_stack, [str(contact(bob)), f"sip:redirector@{addr(redirect_stack)}"])
+    proxy.locate = lambda request: [URI(f"sip:x@{addr(redirect_stack)}")]
+    bob.on_call = lambda call: call.accept()
+    call = await alice.call("sip:bob@p2p.example", timeout=20)
+    assert call.state == "confirmed"
+    incoming = await asyncio.wait_for(bob.incoming.get(), 5)
+    assert incoming.request.uri == contact(bob)
+    await call.bye()
+    # The redirector's own second contact was tried too (and redirected again, to nothing new).
+    assert redirector.requests >= 1
+    # Without recursion the 302 goes up to the caller.
+    proxy.recurse = False
+    with pytest.raises(CallFailed) as failed:
+        await alice.call("sip:bob@p2p.example", timeout=20)
+    assert failed.value.status == 302
+
+
+async def test_3xx_redirect_loop_is_bounded(new_stack: Factory) -> None:
+    proxy, alice, _ = await parties(new_stack, 0, recurse=True)
+    redirect_stack = await new_stack()
+    me = addr(redirect_stack)
+    # Redirected to two fixed names: each is tried once (no branch for an address twice).
+    redirector = Redirector(redirect_stack, [f"sip:a@{me}", f"sip:b@{me}"])
+    proxy.locate = lambda request: [URI(f"sip:x@{me}")]
+    reply = await asyncio.wait_for(alice.message("sip:x@p2p.example", "hi"), 30)
+    assert reply.status == 302  # nothing answered: the redirect (with what was not tried) goes up
+    assert redirector.requests == 3  # x, a, b
+    # An endless chain of new names stops at MAX_BRANCHES branches.
+    redirector.contacts, redirector.fresh, redirector.requests = [], True, 0
+    reply = await asyncio.wait_for(alice.message("sip:y@p2p.example", "hi"), 30)
+    assert reply.status == 302
+    assert redirector.requests == MAX_BRANCHES
