@@ -341,6 +341,29 @@ def test_wrap_around_edges() -> None:
     assert lowest_core.predecessor is not None and lowest_core.predecessor.id == highest
 
 
+def crash_and_check(
+    net: Net,
+    rng: random.Random,
+    cores: list[ChordCore],
+    dead: list[ChordCore],
+    *,
+    run_for: float,
+    lookups: int,
+) -> None:
+    """Crash ``dead`` at once, let the survivors repair for ``run_for`` s; then the ring must be exact and
+    ``lookups`` random keys, looked up from random survivors, must reach their owners."""
+    for core in dead:
+        net.kill(core)
+    survivors = [c for c in cores if c not in dead]
+    net.run(run_for)
+    assert_ring(survivors)
+    members = [c.me.id for c in survivors]
+    for _ in range(lookups):
+        key = rng.getrandbits(128)
+        result = net.lookup(rng.choice(survivors), key)
+        assert isinstance(result, LookupDone) and result.node.id == owner_of(key, members)
+
+
 def test_ring_repairs_after_r_minus_1_consecutive_failures() -> None:
     rng = random.Random(7)
     config = ChordConfig(successors=3)
@@ -349,16 +372,7 @@ def test_ring_repairs_after_r_minus_1_consecutive_failures() -> None:
     seeded_ring(net, cores, 16)
     ordered = sorted(cores, key=lambda c: c.me.id)
     dead = ordered[5:7]  # r - 1 = 2 consecutive nodes
-    for core in dead:
-        net.kill(core)
-    survivors = [c for c in cores if c not in dead]
-    net.run(40)
-    assert_ring(survivors)
-    members = [c.me.id for c in survivors]
-    for _ in range(50):
-        key = rng.getrandbits(128)
-        result = net.lookup(rng.choice(survivors), key)
-        assert isinstance(result, LookupDone) and result.node.id == owner_of(key, members)
+    crash_and_check(net, rng, cores, dead, run_for=40, lookups=50)
 
 
 def test_lookup_routes_around_a_dead_hop() -> None:
@@ -579,16 +593,7 @@ def test_ring_repairs_after_a_quarter_of_the_nodes_crash_at_once() -> None:
     ordered = sorted(cores, key=lambda c: c.me.id)
     # Every third node, and then some: never r = 3 consecutive (a non-partitioning failure).
     dead = [c for i, c in enumerate(ordered) if i % 3 == 1][:10]
-    for core in dead:
-        net.kill(core)
-    survivors = [c for c in cores if c not in dead]
-    net.run(60)
-    assert_ring(survivors)
-    members = [c.me.id for c in survivors]
-    for _ in range(40):
-        key = rng.getrandbits(128)
-        result = net.lookup(rng.choice(survivors), key)
-        assert isinstance(result, LookupDone) and result.node.id == owner_of(key, members)
+    crash_and_check(net, rng, cores, dead, run_for=60, lookups=40)
 
 
 def test_a_crashed_node_rejoins_with_the_same_identity() -> None:
