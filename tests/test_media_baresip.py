@@ -31,7 +31,7 @@ CANDIDATES = [300, 440, 600, 800, 1000, 1500, 2000]
 pytestmark = pytest.mark.interop
 
 
-def _free_sip_port() -> int:
+def free_sip_port() -> int:
     """A port p free for UDP and TCP, with p + 1 free for TCP: baresip's SIP listens on UDP and TCP at p and
     TLS at p + 1. (A UDP-only probe is not enough: a port free for UDP can be taken for TCP.)"""
     for _ in range(50):
@@ -72,7 +72,7 @@ class Baresip:
         """Dial ``target`` at start (None: wait); ``answer``: answer incoming calls at once."""
         self.dir = directory
         self.cons_port = free_port()  # cons listens on UDP *and* TCP
-        sip_port = self.sip_port = _free_sip_port()
+        sip_port = self.sip_port = free_sip_port()
         (directory / "config").write_text(
             f"sip_listen 127.0.0.1:{sip_port}\n"
             "net_interface 127.0.0.1\n"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import free_port, require_tool
 from interop.procs import stop
+from test_media_baresip import free_sip_port
 
 from p2psip.media import dominant_frequency
 from p2psip.media.sources import read_wav
@@ -28,19 +29,6 @@ MODULES = "/usr/lib/baresip/modules"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def port_pair() -> int:
-    """A port p with p (UDP+TCP) and p + 1 (TCP, baresip's TLS listener) free."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
 class Baresip:
     """One headless baresip with its own config dir; commands go to its `cons` UDP port."""
 
@@ -48,7 +36,7 @@ class Baresip:
         self.user = user
         self.dir = workdir / f"baresip-{user}"
         self.dir.mkdir(parents=True)
-        self.sip_port = port_pair()
+        self.sip_port = free_sip_port()
         self.cons_port = free_port()
         host, port = peer.sip_address()
         (self.dir / "config").write_text(
