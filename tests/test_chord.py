@@ -391,6 +391,18 @@ def test_lookup_routes_around_a_dead_hop() -> None:
     assert victim.id not in {f.id for f in origin.fingers()}
 
 
+def unsigning_node(rng: random.Random, port: int) -> ChordCore:
+    """A node whose id matches its key but which cannot sign (its signatures are all zeros)."""
+    pair = KeyPair.from_private_bytes(rng.randbytes(32))
+    return ChordCore(
+        NodeRef(pair.node_id, "127.0.0.1", port),
+        public_key=pair.public_key,
+        sign=lambda data: bytes(64),
+        verify=ed_verify,
+        random_bytes=rng.randbytes,
+    )
+
+
 def test_unverified_node_is_not_admitted_as_predecessor() -> None:
     rng = random.Random(9)
     net = Net()
@@ -421,16 +433,7 @@ def test_unverified_node_is_not_admitted_as_predecessor() -> None:
     assert victim.predecessor == pred
     assert victim.stats()["identity_rejected"] == 1
     # A node whose id does match its key but which cannot sign is refused too.
-    pair2 = KeyPair.from_private_bytes(rng.randbytes(32))
-    liar = net.add(
-        ChordCore(
-            NodeRef(pair2.node_id, "127.0.0.1", 29998),
-            public_key=pair2.public_key,
-            sign=lambda data: bytes(64),
-            verify=ed_verify,
-            random_bytes=rng.randbytes,
-        )
-    )
+    liar = net.add(unsigning_node(rng, 29998))
     liar.seed_routing([victim.me], None, [], net.now)
     for core in cores:
         core.handle_request(liar.me, "notify", {}, net.now)
@@ -566,16 +569,7 @@ def test_config_is_checked() -> None:
 def test_join_fails_when_the_successor_cannot_prove_its_id() -> None:
     rng = random.Random(17)
     net = Net()
-    pair = KeyPair.from_private_bytes(rng.randbytes(32))
-    liar = net.add(
-        ChordCore(
-            NodeRef(pair.node_id, "127.0.0.1", 29997),
-            public_key=pair.public_key,
-            sign=lambda data: bytes(64),
-            verify=ed_verify,
-            random_bytes=rng.randbytes,
-        )
-    )
+    liar = net.add(unsigning_node(rng, 29997))
     liar.start(net.now)
     joiner = net.add(ed_node(rng))
     joiner.start_join(liar.me.ep, net.now)
