@@ -13,11 +13,9 @@ from .corpus import Case, load_all, resolve
 CASES = load_all()
 VALID = [c for c in CASES if c.valid]
 
-# Invalid messages the message layer (owned by another helper) still accepts at the time of writing.
-# Reported to the lead; non-strict xfail so the fix turns them green without editing this file.
-KNOWN_PARSER_GAPS = {
-    "i25_nul_in_header": "a NUL byte inside a header value is accepted",
-}
+# Invalid messages the message layer still accepts (each an xfail naming the gap). Empty now: the last one,
+# i25_nul_in_header, is refused since the message layer's NUL fix, so a regression fails the run.
+KNOWN_PARSER_GAPS: dict[str, str] = {}
 INVALID = [
     pytest.param(c, id=c.name, marks=pytest.mark.xfail(reason=KNOWN_PARSER_GAPS[c.name], strict=False))
     if c.name in KNOWN_PARSER_GAPS
