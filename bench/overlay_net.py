@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,31 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def measure(
+    res: Result,
+    ops: int,
+    put: Callable[[str], Awaitable[bool]],
+    get: Callable[[str], Awaitable[bool]],
+) -> list[str]:
+    """Time a put of each of ``ops`` distinct names, then a get of each (sequential, so each latency is one
+    operation alone): the one loop every system is measured with. An operation that raises counts as failed.
+    Returns the names."""
+    names = [f"sip:user{i}@bench.example" for i in range(ops)]
+    for name in names:
+        t = time.perf_counter()
+        with contextlib.suppress(Exception):
+            if await put(name):
+                res.put_ok += 1
+        res.put_ms.append((time.perf_counter() - t) * 1000)
+    for name in names:
+        t = time.perf_counter()
+        with contextlib.suppress(Exception):
+            if await get(name):
+                res.get_ok += 1
+        res.get_ms.append((time.perf_counter() - t) * 1000)
+    return names
+
+
 async def bench_p2psip(n: int, ops: int, rng: random.Random) -> Result:
     # NodeConfig's defaults (stabilize 1 s, fingers and predecessor checks 2 s, RPC timeout 1 s), with
     # the anti-entropy push moved out of the measured window
@@ -86,24 +112,15 @@ async def bench_p2psip(n: int, ops: int, rng: random.Random) -> Result:
         with contextlib.suppress(Exception):
             await rng.choice(nodes).put(f"warmup{i}", b"w")
             await rng.choice(nodes).get(f"warmup{i}")
-    names = [f"sip:user{i}@bench.example" for i in range(ops)]
-    for name in names:
-        t = time.perf_counter()
-        try:
-            await rng.choice(nodes).put(name, name.encode())
-            res.put_ok += 1
-        except Exception:
-            pass
-        res.put_ms.append((time.perf_counter() - t) * 1000)
-    for name in names:
-        t = time.perf_counter()
-        try:
-            got = await rng.choice(nodes).get(name)
-            if [e.value for e in got] == [name.encode()]:
-                res.get_ok += 1
-        except Exception:
-            pass
-        res.get_ms.append((time.perf_counter() - t) * 1000)
+
+    async def put(name: str) -> bool:
+        await rng.choice(nodes).put(name, name.encode())
+        return True
+
+    async def get(name: str) -> bool:
+        return [e.value for e in await rng.choice(nodes).get(name)] == [name.encode()]
+
+    names = await measure(res, ops, put, get)
     hops = []
     for name in names[:50]:
         from overlay.ids import key_for
@@ -148,23 +165,14 @@ async def bench_kademlia(n: int, ops: int, rng: random.Random, k: int) -> Result
         with contextlib.suppress(Exception):
             await rng.choice(servers).set(f"warmup{i}", "w")
             await rng.choice(servers).get(f"warmup{i}")
-    names = [f"sip:user{i}@bench.example" for i in range(ops)]
-    for name in names:
-        t = time.perf_counter()
-        try:
-            if await rng.choice(servers).set(name, name):
-                res.put_ok += 1
-        except Exception:
-            pass
-        res.put_ms.append((time.perf_counter() - t) * 1000)
-    for name in names:
-        t = time.perf_counter()
-        try:
-            if await rng.choice(servers).get(name) == name:
-                res.get_ok += 1
-        except Exception:
-            pass
-        res.get_ms.append((time.perf_counter() - t) * 1000)
+
+    async def put(name: str) -> bool:
+        return bool(await rng.choice(servers).set(name, name))
+
+    async def get(name: str) -> bool:
+        return bool(await rng.choice(servers).get(name) == name)
+
+    await measure(res, ops, put, get)
     for s in servers:
         s.stop()
     return res
@@ -192,24 +200,14 @@ def bench_opendht(n: int, ops: int, rng: random.Random) -> Result:
         with contextlib.suppress(Exception):
             rng.choice(runners).put(dht.InfoHash.get(f"warmup{i}"), dht.Value(b"w"))
             rng.choice(runners).get(dht.InfoHash.get(f"warmup{i}"))
-    names = [f"sip:user{i}@bench.example" for i in range(ops)]
-    for name in names:
-        t = time.perf_counter()
-        try:
-            if rng.choice(runners).put(dht.InfoHash.get(name), dht.Value(name.encode())):
-                res.put_ok += 1
-        except Exception:
-            pass
-        res.put_ms.append((time.perf_counter() - t) * 1000)
-    for name in names:
-        t = time.perf_counter()
-        try:
-            got = rng.choice(runners).get(dht.InfoHash.get(name))
-            if any(v.data == name.encode() for v in got):
-                res.get_ok += 1
-        except Exception:
-            pass
-        res.get_ms.append((time.perf_counter() - t) * 1000)
+
+    async def put(name: str) -> bool:  # OpenDHT's calls block until done: timed the same way
+        return bool(rng.choice(runners).put(dht.InfoHash.get(name), dht.Value(name.encode())))
+
+    async def get(name: str) -> bool:
+        return any(v.data == name.encode() for v in rng.choice(runners).get(dht.InfoHash.get(name)))
+
+    asyncio.run(measure(res, ops, put, get))
     for r in runners:
         r.join()
     return res
