@@ -425,9 +425,7 @@ def answer_challenge(
     via = retry.top_via
     if via is not None and (via.branch or "").startswith("z9hG4bK"):
         via.params["branch"] = new_branch()
-        vias = [str(v) for v in retry.via]
-        vias[0] = str(via)
-        retry.set("Via", vias)
+        retry.set_top_via(via)
     return retry
 
 

@@ -256,12 +256,7 @@ class Stack:
         host, port = self.sent_by(target)
         branch = branch or new_branch()
         via = Via.build(target.transport, host, port, branch=branch, rport=True)
-        request.add("Via", f"SIP/2.0/{via.transport} {host}:{port};branch={branch};rport", first=True)
-        # The transaction layer reads the top Via right away: hand it the object instead of a re-parse.
-        # (Message keeps parsed views in ``_cache``; "top-via" is the key its ``top_via`` property uses.)
-        cache = getattr(request, "_cache", None)
-        if isinstance(cache, dict):
-            cache["top-via"] = via
+        request.push_via(via)
         return branch
 
     # ---------------------------------------------------------------------------------- receive

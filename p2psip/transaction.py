@@ -718,6 +718,10 @@ class NonInviteServerTransaction(ServerTransaction):
 
 
 # --------------------------------------------------------------------------------------------- layer
+#: Timers armed on entering a state that only absorbs retransmissions (RFC 6026's Accepted, Completed,
+#: Confirmed): the transaction lingers until they fire, its messages no longer read.
+_LINGER_TIMERS = frozenset({"D", "I", "J", "K", "L", "M"})
+
 _TimerEntry: TypeAlias = tuple[float, int, Transaction, str]
 """(fire time, sequence number, transaction, timer name): plain tuples compare in C, and the unique
 sequence number means the transaction is never compared."""
@@ -744,6 +748,9 @@ class TransactionLayer:
         self._seq = 0
         self._compact_at = 1024
         self._pending_cancels: dict[InviteClientTransaction, Any] = {}
+        self._lingering: list[Transaction] = []
+        """Transactions that entered a lingering state during the last call: their messages' parsed
+        views are dropped at the start of the next call (the TU has handled the event by then)."""
 
     def __len__(self) -> int:
         return len(self.clients) + len(self.servers)
@@ -754,6 +761,8 @@ class TransactionLayer:
         heap = self._heap
         for action in actions:
             if type(action) is StartTimer:
+                if action.name in _LINGER_TIMERS:
+                    self._lingering.append(action.transaction)
                 self._seq += 1
                 heapq.heappush(heap, (action.at, self._seq, action.transaction, action.name))
                 if len(heap) > self._compact_at:
@@ -772,6 +781,17 @@ class TransactionLayer:
                     self.stats["transport_failures"] += 1
                 events.append(action)  # type: ignore[arg-type]
         return events
+
+    def _shed(self) -> None:
+        """Drop the parsed views of the messages that lingering transactions keep (see
+        :meth:`~p2psip.message.Message.forget_views`): the request, the last response and the ACK."""
+        for tx in self._lingering:
+            tx.request.forget_views()
+            if tx.last_response is not None:
+                tx.last_response.forget_views()
+            if isinstance(tx, InviteClientTransaction) and tx.ack is not None:
+                tx.ack.forget_views()
+        self._lingering.clear()
 
     def _compact(self) -> None:
         """Drop heap entries of cancelled or re-armed timers (cancellation is lazy), so that a busy proxy
@@ -805,6 +825,8 @@ class TransactionLayer:
         ACK is refused: the ACK for a 2xx is sent by the TU directly (no transaction), the ACK for a
         non-2xx by the INVITE client transaction. ``timer_c`` arms proxy Timer C on an INVITE.
         """
+        if self._lingering:
+            self._shed()
         method = request.method.upper()
         if method == "ACK":
             raise TransactionError("ACK is sent without a transaction (the TU transmits the 2xx ACK itself)")
@@ -822,6 +844,8 @@ class TransactionLayer:
 
     def receive_response(self, response: Response, source: Destination, now: float) -> list[TUEvent]:
         """A response arrived: give it to its client transaction, or to the TU as a stray response."""
+        if self._lingering:
+            self._shed()
         tx = self.clients.get(client_key(response))
         if tx is None:
             self.stats["stray_responses"] += 1
@@ -865,6 +889,8 @@ class TransactionLayer:
         """A request arrived. Retransmissions and the ACK of a non-2xx are absorbed by their transaction;
         a new request creates a server transaction and reaches the TU; an ACK that matches nothing (the ACK
         for a 2xx) reaches the TU with ``transaction=None``."""
+        if self._lingering:
+            self._shed()
         key = server_key(request)
         method = request.method.upper()
         tx = self.servers.get(key)
@@ -931,6 +957,8 @@ class TransactionLayer:
 
     def handle_timers(self, now: float) -> list[TUEvent]:
         """Fire every timer due at ``now`` (in deadline order) and return the resulting events."""
+        if self._lingering:
+            self._shed()
         events: list[TUEvent] = []
         heap = self._heap
         while heap and heap[0][0] <= now:

@@ -883,11 +883,7 @@ def _stamp_via(request: Request, source: Source) -> tuple[str, int, Target]:
         if rport is not None:
             via.params["rport"] = str(source.port)
         via.params["received"] = source.host
-        request.remove_first("Via")
-        request.add("Via", str(via), first=True)
-        cache = getattr(request, "_cache", None)
-        if isinstance(cache, dict):
-            cache["top-via"] = via  # the object we just wrote: no re-parse for the transaction layer
+        request.set_top_via(via)  # written out, and kept parsed for the transaction layer
     maddr = via.params.get("maddr")
     if maddr:
         reply = Target("udp", numeric_host(maddr) or maddr, port or 5060)

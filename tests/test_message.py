@@ -329,6 +329,59 @@ def test_remove_first_of_comma_list() -> None:
     assert msg.get_all("Via") == ["SIP/2.0/UDP b;branch=z9hG4bK2"]
 
 
+def test_push_and_set_top_via_write_the_header_and_keep_the_object() -> None:
+    vias = "SIP/2.0/UDP a;branch=z9hG4bK1, SIP/2.0/UDP b;branch=z9hG4bK2"
+    msg = Request("OPTIONS", "sip:a@b", [("Via", vias)])
+    mine = Via.build("udp", "192.0.2.9", 5070, branch="z9hG4bKme", rport=True)
+    msg.push_via(mine)
+    assert msg.top_via is mine
+    assert msg.get_all("Via") == [
+        "SIP/2.0/UDP 192.0.2.9:5070;branch=z9hG4bKme;rport",
+        "SIP/2.0/UDP a;branch=z9hG4bK1",
+        "SIP/2.0/UDP b;branch=z9hG4bK2",
+    ]
+    msg.remove_first("Via")
+    stamped = msg.top_via
+    assert stamped is not None and stamped.host == "a"
+    stamped.params["received"] = "192.0.2.7"
+    msg.set_top_via(stamped)  # replaces only the first value of the comma list
+    assert msg.top_via is stamped
+    assert msg.get_all("Via") == [
+        "SIP/2.0/UDP a;branch=z9hG4bK1;received=192.0.2.7",
+        "SIP/2.0/UDP b;branch=z9hG4bK2",
+    ]
+
+
+def test_forget_views_drops_parsed_objects_and_reparses_on_access() -> None:
+    import gc
+
+    raw = (
+        b"INVITE sip:bob@192.0.2.2 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK7\r\n"
+        b"From: Alice <sip:alice@192.0.2.1>;tag=1\r\nTo: <sip:bob@192.0.2.2>\r\nCall-ID: c7\r\n"
+        b"CSeq: 7 INVITE\r\nContent-Length: 0\r\n\r\n"
+    )
+    msg = parse(raw)
+    before = (msg.top_via, msg.from_, msg.to, msg.cseq, msg.call_id)
+
+    def tracked_objects() -> int:
+        gc.collect()  # lets the collector untrack the header tuples, as it does in a long-lived process
+        seen: set[int] = set()
+        todo: list[object] = [msg]
+        while todo:
+            obj = todo.pop()
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                todo.extend(r for r in gc.get_referents(obj) if gc.is_tracked(r) and not isinstance(r, type))
+        return len(seen)
+
+    with_views = tracked_objects()
+    msg.forget_views()
+    assert tracked_objects() <= with_views - 5  # Via, two Addresses and their URIs at least
+    assert tracked_objects() <= 3  # the request, its header list, its Request-URI
+    assert (msg.top_via, msg.from_, msg.to, msg.cseq, msg.call_id) == before
+    assert msg.top_via is not before[0]  # parsed again, not kept
+
+
 def test_missing_header_through_property() -> None:
     msg = Request("OPTIONS", "sip:a@b")
     assert msg.top_via is None

@@ -234,6 +234,30 @@ class TestServerSide:
         # after Timer J the same request is new again
         assert len(of(layer.receive_request(request("OPTIONS"), SRC, 40.0, reliable=False), PassToTU)) == 1
 
+    def test_lingering_transactions_drop_parsed_views(self) -> None:
+        """Once a transaction only absorbs retransmissions (Accepted, Completed), the layer drops the parsed
+        views of its messages at its next call, so a proxy holding ~10,000 of them for 32 s gives the
+        garbage collector a third of the objects to walk. The views come back on access."""
+        layer = TransactionLayer()
+        invite, options = request(), request("OPTIONS", branch="z9hG4bKl2")
+        (itu,) = of(layer.receive_request(invite, SRC, 0.0, reliable=False), PassToTU)
+        (otu,) = of(layer.receive_request(options, SRC, 0.0, reliable=False), PassToTU)
+        ist, nist = itu.transaction, otu.transaction
+        assert isinstance(ist, InviteServerTransaction) and isinstance(nist, NonInviteServerTransaction)
+        ok, done = response(invite, 200), response(options, 200)
+        layer.send_response(ist, ok, 0.1)
+        layer.send_response(nist, done, 0.1)
+        assert ist.state is State.ACCEPTED and nist.state is State.COMPLETED
+        assert invite.top_via is not None and ok.to.tag == "b1"  # still parsed while the TU handles it
+        views = [m._cache for m in (invite, ok, options, done)]
+        assert all(views)
+        layer.handle_timers(0.2)  # the layer's next call
+        assert not any(m._cache for m in (invite, ok, options, done))
+        # still answerable: a retransmitted OPTIONS gets the same 200 again, parsed views come back
+        again = layer.receive_request(request("OPTIONS", branch="z9hG4bKl2"), SRC, 0.3, reliable=False)
+        (resend,) = of(again, Transmit)
+        assert resend.message is done and done.to.tag == "b1" and invite.top_via.branch == "z9hG4bKl1"
+
     def test_full_call_between_two_layers(self) -> None:
         """A UAC layer and a UAS layer wired back to back through a lossy-free fake network."""
         uac, uas = TransactionLayer(), TransactionLayer()
