@@ -40,6 +40,8 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
             ListenSpec.parse(spec)
         if args.tls_key and not args.tls_cert:
             raise ConfigError("--tls-key needs --tls-cert")
+        if args.recurse and args.stateless:
+            raise ConfigError("--recurse needs the stateful proxy (a stateless one cannot see the 3xx)")
     except ConfigError as exc:
         print(f"p2psip: error: {exc}", file=sys.stderr)
         return 2
@@ -76,6 +78,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
                 listen,
                 stateless=args.stateless,
                 record_route=not args.no_record_route,
+                recurse=args.recurse,
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
                 verbose=args.verbose,
@@ -930,6 +933,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy.add_argument("--stateless", action="store_true", help="forward statelessly (RFC 3261 §16.11)")
     proxy.add_argument("--no-record-route", action="store_true", help="do not add Record-Route")
+    proxy.add_argument(
+        "--recurse",
+        action="store_true",
+        help="follow 3xx redirects: their Contacts become new branches (RFC 3261 §16.5)",
+    )
     proxy.add_argument("--tls-cert", metavar="PEM", help="certificate for tls: (default: self-signed)")
     proxy.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
     proxy.add_argument(

@@ -14,8 +14,9 @@ It is the transaction user of a :class:`~p2psip.stack.Stack`. For every request 
    them when the transports differ, RFC 5658), our Via, the next hop from Route (loose or strict) or the
    Request-URI — on a client transaction with Timer C for INVITE;
 5. collects responses in a response context (§16.7): provisional responses and every 2xx are forwarded at
-   once, the best final response otherwise (6xx beats all; then the lowest class; 503 becomes 500), pending
-   branches are CANCELled on a 2xx or 6xx, on Timer C, and when the caller CANCELs.
+   once, the best final response otherwise (6xx beats all; then the lowest class; 503 becomes 500; a 401/407
+   carries the challenges of every 401/407 branch), pending branches are CANCELled on a 2xx or 6xx, on
+   Timer C, and when the caller CANCELs.
 
 ACKs for 2xx (and 2xx retransmissions after the transactions ended) are forwarded statelessly, by Route.
 The stateless mode keeps no state at all: one target, a branch computed from the incoming one (so a
@@ -622,6 +623,8 @@ class Proxy:
             best = Response.for_request(request, status)
         elif best.status == 503:
             best = Response.for_request(request, 500, "Server Internal Error (next hop unavailable)")
+        elif best.status in (401, 407):
+            _merge_challenges(best, ctx.responses)
         ctx.best = best
         if not self.on_final(ctx, best):
             self._relay(ctx, best)
@@ -757,6 +760,23 @@ def _tiers(found: LocateResult) -> list[list[URI]]:
     return [groups[q] for q in sorted(groups, reverse=True)]
 
 
+_CHALLENGES = ("WWW-Authenticate", "Proxy-Authenticate")
+
+
+def _merge_challenges(best: Response, responses: Sequence[Response]) -> None:
+    """§16.7 step 7: a 401/407 going upstream carries the WWW-Authenticate and Proxy-Authenticate values
+    of every other 401/407 of the context, unmodified — so a caller forked to several realms can answer
+    all of them in one retry instead of learning them one failed attempt at a time."""
+    for other in responses:
+        if other is best or other.status not in (401, 407):
+            continue
+        for name in _CHALLENGES:
+            mine = best.get_all(name)
+            for value in other.get_all(name):
+                if value not in mine:  # the same challenge twice (one realm behind two branches) once
+                    best.add(name, value)
+
+
 def choose_best(responses: Sequence[Response]) -> Response | None:
     """§16.7 step 6: a 6xx if any; else from the lowest class, preferring 401/407/415/420/484 among 4xx."""
     finals = [r for r in responses if r.status >= 300]
@@ -781,6 +801,7 @@ async def serve(
     *,
     stateless: bool = False,
     record_route: bool = True,
+    recurse: bool = False,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     verbose: bool = False,
@@ -812,7 +833,7 @@ async def serve(
 
     tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert) if tls_cert else None
     stack = await Stack.start(listen, tls=tls, verbose=verbose, trying_delay=trying_delay)
-    proxy = Proxy(stack, stateless=stateless, record_route=record_route, verbose=verbose)
+    proxy = Proxy(stack, stateless=stateless, record_route=record_route, recurse=recurse, verbose=verbose)
     loop = asyncio.get_running_loop()
     own_stop = stop is None
     stop_event = stop if stop is not None else asyncio.Event()

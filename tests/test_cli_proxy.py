@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from conftest import free_port, require_tool
 from interop.procs import wait_for_ports
 
 from p2psip.cli import main
-from p2psip.message import Response, parse
+from p2psip.message import Request, Response, parse
 
 SCENARIOS = Path(__file__).parent / "interop" / "scenarios"
 
@@ -29,6 +29,7 @@ def test_bad_arguments_print_one_line_and_exit_2(capsys: pytest.CaptureFixture[s
         ["proxy", "--listen", "udp:127.0.0.1"],
         ["proxy", "--bogus"],
         ["proxy", "--tls-key", "k.pem"],
+        ["proxy", "--stateless", "--recurse"],
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -92,6 +93,54 @@ def test_proxy_process_answers_and_stops_cleanly(proxy_process: ProxyProcess) ->
     code, err = proxy_process.stop()
     assert code == 0
     assert "p2psip proxy stopped" in err and "parse_errors=1" in err
+
+
+def _udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(10)
+    return sock
+
+
+def _answer(sock: socket.socket, status: int, headers: Sequence[tuple[str, str]] = ()) -> Request:
+    """Receive one request on ``sock`` and answer it (a minimal UAS)."""
+    data, peer = sock.recvfrom(65535)
+    request = parse(data)
+    assert isinstance(request, Request)
+    response = Response.for_request(request, status)
+    for name, value in headers:
+        response.add(name, value)
+    sock.sendto(bytes(response), peer)
+    return request
+
+
+@pytest.mark.parametrize("recurse", [True, False])
+def test_recurse_flag_follows_a_302(recurse: bool) -> None:
+    """With --recurse the proxy tries the 302's Contact itself and the caller gets its 200; without, the
+    302 goes up to the caller."""
+    proxy = ProxyProcess(*(["--recurse"] if recurse else []))
+    try:
+        with _udp_socket() as caller, _udp_socket() as redirector, _udp_socket() as callee:
+            me, r, c = (s.getsockname()[1] for s in (caller, redirector, callee))
+            caller.sendto(
+                (
+                    f"MESSAGE sip:x@127.0.0.1:{r} SIP/2.0\r\n"
+                    f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKrec{int(recurse)};rport\r\n"
+                    "From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: rec-1\r\n"
+                    "CSeq: 1 MESSAGE\r\nMax-Forwards: 70\r\nContent-Length: 2\r\n\r\nhi"
+                ).encode(),
+                ("127.0.0.1", proxy.port),
+            )
+            _answer(redirector, 302, [("Contact", f"<sip:y@127.0.0.1:{c}>")])
+            if recurse:
+                forwarded = _answer(callee, 200)
+                assert str(forwarded.uri) == f"sip:y@127.0.0.1:{c}" and forwarded.body == b"hi"
+            final = parse(caller.recv(65535))
+            assert isinstance(final, Response)
+            assert final.status == (200 if recurse else 302)
+    finally:
+        code, err = proxy.stop()
+    assert code == 0, err
 
 
 def run_sipp_calls(

@@ -428,3 +428,48 @@ async def test_3xx_redirect_loop_is_bounded(new_stack: Factory) -> None:
     reply = await asyncio.wait_for(alice.message("sip:y@p2p.example", "hi"), 30)
     assert reply.status == 302
     assert redirector.requests == MAX_BRANCHES
+
+
+class Challenger(Redirector):
+    """A server that answers every request with ``status`` and the given headers (a registrar-less
+    authenticating UAS: 401 with WWW-Authenticate, or a next proxy's 407 with Proxy-Authenticate)."""
+
+    def __init__(self, stack: Stack, status: int, headers: list[tuple[str, str]]) -> None:
+        super().__init__(stack, [])
+        self.status = status
+        self.headers = headers
+
+    def on_request(self, request: Request, transaction: object, source: object) -> None:
+        if transaction is not None and request.method != "ACK":
+            response = Response.for_request(request, self.status)
+            for name, value in self.headers:
+                response.add(name, value)
+            self.stack.respond(transaction, response)  # type: ignore[arg-type]
+
+
+async def test_challenges_of_every_branch_are_merged_into_the_401(new_stack: Factory) -> None:
+    """§16.7 step 7: forked to a UAS that wants 401 (realm a), a proxy that wants 407 (realm b, two
+    algorithms) and a busy phone, the caller gets one 401 carrying all three challenges."""
+    proxy, alice, _ = await parties(new_stack, 0)
+    busy = Challenger(await new_stack(), 486, [])
+    www = 'Digest realm="a", nonce="n1", qop="auth", algorithm=MD5'
+    proxy_md5 = 'Digest realm="b", nonce="n2", qop="auth", algorithm=MD5'
+    proxy_sha = 'Digest realm="b", nonce="n2", qop="auth", algorithm=SHA-256'
+    uas = Challenger(await new_stack(), 401, [("WWW-Authenticate", www)])
+    next_proxy = Challenger(
+        await new_stack(), 407, [("Proxy-Authenticate", proxy_sha), ("Proxy-Authenticate", proxy_md5)]
+    )
+    proxy.locate = lambda request: [
+        URI(f"sip:u@{addr(uas.stack)}"),
+        URI(f"sip:p@{addr(next_proxy.stack)}"),
+        URI(f"sip:b@{addr(busy.stack)}"),
+    ]
+    reply = await asyncio.wait_for(alice.message("sip:bob@p2p.example", "hi"), 30)
+    assert reply.status == 401  # preferred over 486 (§16.7 step 6), and over 407 by the order of the list
+    assert reply.get_all("WWW-Authenticate") == [www]
+    assert reply.get_all("Proxy-Authenticate") == [proxy_sha, proxy_md5]  # unmodified, in their order
+    # A single challenging branch goes up as it came (nothing to merge).
+    proxy.locate = lambda request: [URI(f"sip:p@{addr(next_proxy.stack)}"), URI(f"sip:b@{addr(busy.stack)}")]
+    reply = await asyncio.wait_for(alice.message("sip:bob@p2p.example", "hi"), 30)
+    assert reply.status == 407 and "WWW-Authenticate" not in reply
+    assert reply.get_all("Proxy-Authenticate") == [proxy_sha, proxy_md5]
