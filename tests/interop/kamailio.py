@@ -11,6 +11,10 @@ minimal on purpose, each one showing one role:
   (``usrloc`` with ``db_mode`` 0); it proxies INVITEs to registered users, to static domain routes, and to
   IP-literal Request-URIs, and can challenge INVITEs from its users with 407.
 
+Each configuration can also listen on TLS (``tls=KamailioTLS(port, certificate, private_key, ca_list)``,
+which needs Debian's ``kamailio-tls-modules``: ``tls.so``); static domain routes can send over TLS
+(``DomainRoute(..., transport="tls")``).
+
 ``Kamailio`` runs ``kamailio -f CFG -DD -E -m SHM -M 16 -Y RUNDIR -P PIDFILE`` in the foreground; on exit it
 sends SIGTERM, waits, and SIGKILLs the worker children that survived (their PIDs are collected first).
 """
@@ -26,10 +30,57 @@ from pathlib import Path
 from .procs import ChildError, children_of, cpu_seconds, stop, wait_for_ports
 
 MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+TLS_MODULE = Path(MODULES) / "tls.so"
 
 
-def _header(host: str, port: int, children: int, transports: tuple[str, ...]) -> str:
+def has_tls_module() -> bool:
+    """Whether Kamailio's TLS module is installed (Debian ships it apart: ``kamailio-tls-modules``)."""
+    return TLS_MODULE.is_file()
+
+
+@dataclass(frozen=True)
+class KamailioTLS:
+    """Kamailio's TLS side: a ``tls:`` listener on ``port`` (TLS is over TCP, so it cannot share the
+    TCP port) presenting ``certificate``/``private_key`` (PEM files, absolute paths). When Kamailio
+    connects out over TLS it checks the server's certificate against ``ca_list`` if ``verify`` (it refuses
+    an unverified peer); with ``verify=False`` it accepts any. Clients are never asked for a certificate.
+    """
+
+    port: int
+    certificate: str
+    private_key: str
+    ca_list: str | None = None
+    verify: bool = True
+
+    def config(self) -> str:
+        """The ``tls`` module and its parameters, for after ``mpath`` in a Kamailio config (the core's
+        ``enable_tls`` and ``listen=tls:`` lines are written by ``_header``)."""
+        for path in (self.certificate, self.private_key, self.ca_list or ""):
+            if '"' in path or "\n" in path:
+                raise ValueError(f"unsafe character in TLS file name {path!r}")
+        if self.verify and not self.ca_list:
+            raise ValueError("verify=True needs a ca_list (Kamailio verifies nothing against an empty one)")
+        lines = [
+            'loadmodule "tls.so"',
+            'modparam("tls", "tls_method", "TLSv1.2+")',
+            f'modparam("tls", "certificate", "{self.certificate}")',
+            f'modparam("tls", "private_key", "{self.private_key}")',
+            # these apply to Kamailio's server side too: there verify_certificate asks the client for a
+            # certificate (and checks one if shown); require_certificate 0 still lets a client without in
+            f'modparam("tls", "verify_certificate", {int(self.verify)})',
+            'modparam("tls", "require_certificate", 0)',
+        ]
+        if self.ca_list:
+            lines.append(f'modparam("tls", "ca_list", "{self.ca_list}")')
+        return "\n".join(lines) + "\n"
+
+
+def _header(
+    host: str, port: int, children: int, transports: tuple[str, ...], tls: KamailioTLS | None = None
+) -> str:
     listens = "\n".join(f"listen={t}:{host}:{port}" for t in transports)
+    if tls is not None:
+        listens += f"\nenable_tls=yes\nlisten=tls:{host}:{tls.port}"
     return f"""#!KAMAILIO
 debug=1
 log_stderror=yes
@@ -52,15 +103,20 @@ loadmodule "sl.so"
 loadmodule "maxfwd.so"
 loadmodule "textops.so"
 loadmodule "siputils.so"
-"""
+""" + (tls.config() if tls is not None else "")
 
 
 def stateful_config(
-    host: str, port: int, *, children: int = 2, transports: tuple[str, ...] = ("udp", "tcp")
+    host: str,
+    port: int,
+    *,
+    children: int = 2,
+    transports: tuple[str, ...] = ("udp", "tcp"),
+    tls: KamailioTLS | None = None,
 ) -> str:
     """A transaction-stateful proxy: ``t_relay`` to the Request-URI, Record-Route, loose routing."""
     return (
-        _header(host, port, children, transports)
+        _header(host, port, children, transports, tls)
         + """
 loadmodule "tm.so"
 loadmodule "rr.so"
@@ -98,11 +154,16 @@ request_route {
 
 
 def stateless_config(
-    host: str, port: int, *, children: int = 2, transports: tuple[str, ...] = ("udp", "tcp")
+    host: str,
+    port: int,
+    *,
+    children: int = 2,
+    transports: tuple[str, ...] = ("udp", "tcp"),
+    tls: KamailioTLS | None = None,
 ) -> str:
     """Stateless forwarding to the Request-URI (``forward``), no transaction, no Record-Route."""
     return (
-        _header(host, port, children, transports)
+        _header(host, port, children, transports, tls)
         + """
 request_route {
     if (!mf_process_maxfwd_header("10")) {
@@ -125,6 +186,8 @@ def registrar_config(
     challenge_invites: bool = True,
     children: int = 2,
     transports: tuple[str, ...] = ("udp", "tcp"),
+    tls: KamailioTLS | None = None,
+    branch_timeout_ms: int | None = None,
 ) -> str:
     """A registrar with digest auth for ``users`` (name → password) in ``realm``, plus a proxy.
 
@@ -132,7 +195,8 @@ def registrar_config(
     challenged with 407 when ``challenge_invites``; requests for a domain in ``domain_routes`` go to its
     next hop (``$du``), with the Request-URI's host rewritten to the route's target when it has one (so a
     next-hop proxy without DNS can forward it); requests for registered users go to their contact;
-    anything else to its Request-URI.
+    anything else to its Request-URI. ``branch_timeout_ms`` is ``tm``'s ``fr_timer`` (default 30 s): how
+    long a branch may go without any response before Kamailio answers 408 itself.
     """
     for name, secret in users.items():
         for text in (name, secret, realm):
@@ -154,8 +218,9 @@ def registrar_config(
         if challenge_invites
         else ""
     )
+    fr_timer = "" if branch_timeout_ms is None else f'modparam("tm", "fr_timer", {int(branch_timeout_ms)})\n'
     return (
-        _header(host, port, children, transports)
+        _header(host, port, children, transports, tls)
         + f"""
 loadmodule "tm.so"
 loadmodule "rr.so"
@@ -165,7 +230,7 @@ loadmodule "registrar.so"
 modparam("usrloc", "db_mode", 0)
 modparam("auth", "nonce_expire", 60)
 modparam("rr", "enable_full_lr", 1)
-
+{fr_timer}
 route[PASSWORD] {{
     $var(password) = "";
 {passwords}
@@ -205,14 +270,17 @@ request_route {{
     }}
 {invite_auth}
 {routes}
+    # Record-Route before lookup (as Kamailio's default config does): rr writes a sips: Record-Route when
+    # the Request-URI is sips at that moment, on both sides of a double Record-Route, so after a lookup
+    # that found a sips: contact a caller on UDP would be told to reach our UDP side over TLS
+    if (is_method("INVITE")) {{
+        record_route();
+    }}
     if ($rd == "{realm}") {{
         if (!lookup("location")) {{
             sl_send_reply("404", "Not Found");
             exit;
         }}
-    }}
-    if (is_method("INVITE")) {{
-        record_route();
     }}
     if (!t_relay()) {{
         sl_reply_error();
@@ -229,11 +297,16 @@ class DomainRoute:
 
     next_hop: tuple[str, int]
     target: tuple[str, int] | None = None
+    transport: str = "udp"
+    """How Kamailio reaches ``next_hop``: ``udp``, ``tcp`` or ``tls`` (its TLS client side)."""
 
 
 def _route_line(domain: str, route: DomainRoute) -> str:
+    if route.transport not in ("udp", "tcp", "tls"):
+        raise ValueError(f"unknown transport {route.transport!r} in the route for {domain}")
     rewrite = "" if route.target is None else f'$rd = "{route.target[0]}"; $rp = {route.target[1]}; '
-    hop = f"sip:{route.next_hop[0]}:{route.next_hop[1]}"
+    param = "" if route.transport == "udp" else f";transport={route.transport}"
+    hop = f"sip:{route.next_hop[0]}:{route.next_hop[1]}{param}"
     return f'    if ($rd == "{domain}") {{ {rewrite}$du = "{hop}"; record_route(); t_relay(); exit; }}'
 
 
@@ -245,7 +318,10 @@ def kamailio_path() -> str:
 
 
 class Kamailio:
-    """One Kamailio child running ``config`` from ``workdir``; a context manager that always ends it."""
+    """One Kamailio child running ``config`` from ``workdir``; a context manager that always ends it.
+
+    It is ready once it listens on ``port`` for each of ``transports`` and, when given, on ``tls_port``
+    (the ``KamailioTLS.port`` of its config)."""
 
     def __init__(
         self,
@@ -256,6 +332,7 @@ class Kamailio:
         shm_mb: int = 128,
         name: str = "kamailio",
         transports: tuple[str, ...] = ("udp", "tcp"),
+        tls_port: int | None = None,
     ) -> None:
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +342,7 @@ class Kamailio:
         self.log = self.dir / "kamailio.log"
         self.port = port
         self.transports = transports
+        self.tls_port = tls_port
         self.args = [
             kamailio_path(),
             "-f",
@@ -294,6 +372,8 @@ class Kamailio:
                 self.args, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
         kinds = [(self.port, t) for t in self.transports if t in ("udp", "tcp")]
+        if self.tls_port is not None:
+            kinds.append((self.tls_port, "tcp"))  # a TLS listener is a listening TCP socket
         try:
             wait_for_ports(self.proc, kinds, timeout, what="kamailio")
         except ChildError as exc:
