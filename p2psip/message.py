@@ -35,6 +35,7 @@ from p2psip.uri import (
     Address,
     _fast_params,
     _scan_quoted,
+    check_address,
     format_params,
     parse_params,
     quote,
@@ -727,7 +728,8 @@ class Message:
     def get(self, name: str) -> str | None:
         """The first value of a header (any spelling, compact forms too), or None. For list headers such as
         Via or Contact this is the first element of the first header line."""
-        key = _name_entry(name)[0]
+        entry = _NAMES.get(name)  # every name the stack itself asks for: skip _name_entry's call
+        key = entry[0] if entry is not None else _name_entry(name)[0]
         for k, _, value in self._headers:
             if k == key:
                 if key in _LIST_HEADERS and "," in value:
@@ -794,17 +796,24 @@ class Message:
     def remove_first(self, name: str) -> str | None:
         """Remove the first *value* of a header (for ``Via: a, b`` only ``a``) and return it; a proxy uses
         this to pop its own Via from a response or the top Route."""
-        key = _name_entry(name)[0]
+        entry = _NAMES.get(name)
+        key = entry[0] if entry is not None else _name_entry(name)[0]
         headers = self._headers
-        for i, (k, display, value) in enumerate(headers):
-            if k == key:
-                items = split_list(value) if key in _LIST_HEADERS and "," in value else [value]
-                if len(items) > 1:
-                    headers[i] = (k, display, ", ".join(items[1:]))
-                else:
+        for i, h in enumerate(headers):
+            if h[0] == key:
+                value = h[2]
+                if "," in value and key in _LIST_HEADERS:
+                    items = split_list(value)
+                    if len(items) > 1:
+                        headers[i] = (key, h[1], ", ".join(items[1:]))
+                    else:
+                        del headers[i]
+                    value = items[0] if items else value
+                else:  # one value on the line (a proxy's own Via, a Route): no list to split
                     del headers[i]
-                self._invalidate(key)
-                return items[0] if items else value
+                if self._cache:
+                    self._invalidate(key)
+                return value
         return None
 
     def __contains__(self, name: object) -> bool:
@@ -820,17 +829,26 @@ class Message:
         """Every header line as (canonical name, value), in order."""
         return [(name, value) for _, name, value in self._headers]
 
+    def size_bound(self) -> int:
+        """An upper bound of ``len(bytes(self))`` that costs no serialization (the start line is taken as
+        at most 200 characters, every header line and the body are counted), so that a sender checks the
+        §18.1.1 UDP size limit with it and serializes only messages near that limit to measure them."""
+        headers = self._headers
+        return 200 + len(self._body) + 4 * len(headers) + sum([len(h[1]) + len(h[2]) for h in headers])
+
     def push_via(self, via: Via) -> None:
         """Put ``via`` on top of the Via list (a UAC or proxy sending the request) and keep the object as
         the parsed top Via, so the transaction layer, which reads it next, does not parse it again."""
-        self.add("Via", str(via), first=True)
+        self._headers.insert(0, ("via", "Via", _check_value(str(via))))
+        self._invalidate("via")
         self._cache["top-via"] = via
 
     def set_top_via(self, via: Via) -> None:
         """Replace the first Via value by ``via`` (a transport adding ``received``/``rport``) and keep the
         object as the parsed top Via, as :meth:`push_via` does."""
         self.remove_first("Via")
-        self.add("Via", str(via), first=True)
+        self._headers.insert(0, ("via", "Via", _check_value(str(via))))
+        self._invalidate("via")
         self._cache["top-via"] = via
 
     def forget_views(self) -> None:
@@ -890,15 +908,17 @@ class Message:
     @property
     def from_(self) -> Address:
         cached = self._cache.get("from")
-        if cached is None:
-            cached = self._cache["from"] = Address(self._required("from"))
+        if cached.__class__ is not Address:  # not parsed yet, or only vetted by parse() (a tuple)
+            check = cached if cached is not None else check_address(self._required("from"))
+            cached = self._cache["from"] = check if isinstance(check, Address) else Address.from_check(check)
         return cached
 
     @property
     def to(self) -> Address:
         cached = self._cache.get("to")
-        if cached is None:
-            cached = self._cache["to"] = Address(self._required("to"))
+        if cached.__class__ is not Address:
+            check = cached if cached is not None else check_address(self._required("to"))
+            cached = self._cache["to"] = check if isinstance(check, Address) else Address.from_check(check)
         return cached
 
     @property
@@ -1291,8 +1311,9 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     cseq = _parse_cseq(firsts["cseq"])
     msg._cache = {
         "top-via": Via(split_list(via)[0] if "," in via else via),
-        "from": Address(firsts["from"]),
-        "to": Address(firsts["to"]),
+        # From and To are validated now but built on first access (see check_address).
+        "from": check_address(firsts["from"]),
+        "to": check_address(firsts["to"]),
         "cseq": cseq,
         "call-id": firsts["call-id"],
     }
@@ -1308,8 +1329,8 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
             raise ParseError(f"bad Request-URI: {exc}", partial=partial) from None
         if cseq.method != request.method:
             raise ParseError(f"CSeq method {cseq.method} does not match {request.method}", partial=partial)
-    if len(firsts) < len(headers):
-        _check_singletons(headers, partial)
+    if len(firsts) < len(headers):  # a header appears twice: fine for Via, Route..., not for CSeq...
+        _check_singletons(headers, firsts, partial)
 
     # Framing, §18.3.
     clen = firsts.get("content-length")
@@ -1340,7 +1361,12 @@ def _placeholder_uri(text: str) -> URI:
 _SINGLETONS = frozenset({"from", "to", "call-id", "cseq", "max-forwards", "content-length", "content-type"})
 
 
-def _check_singletons(headers: list[_Header], partial: Request | None) -> None:
+def _check_singletons(headers: list[_Header], firsts: dict[str, str], partial: Request | None) -> None:
+    # Most messages with repeated headers (several Via or Record-Route lines) have no repeated singleton:
+    # one list comprehension tells so, faster than the loop below.
+    singles = _SINGLETONS
+    if len([key for key, _, _ in headers if key in singles]) == len(singles & firsts.keys()):
+        return
     seen: set[str] = set()
     for key, name, _ in headers:
         if key in _SINGLETONS:

@@ -312,7 +312,10 @@ class Stack:
                 source = event.destination if isinstance(event.destination, Source) else None
                 self.transport.send_response(message, source)
             else:
-                self.transport.send(bytes(message), event.destination, self._error_handler(tx))
+                dest = event.destination
+                # Only a stream connect reports errors later; UDP raises at once (no closure per datagram).
+                on_error = None if dest.transport == "udp" else self._error_handler(tx)
+                self.transport.send(bytes(message), dest, on_error)
         except (TransportError, OSError) as exc:
             self._transport_error(tx, exc)
 
@@ -360,7 +363,7 @@ class Stack:
         ``branch`` (unique, with the magic cookie) replaces the random one: a proxy puts its loop-detection
         key in it (§16.6 step 8)."""
         branch = self.push_via(request, target, branch)
-        if target.transport == "udp" and _estimated_size(request) > self.transport.udp_size_limit:
+        if target.transport == "udp" and request.size_bound() > self.transport.udp_size_limit:
             size = len(bytes(request))
             if size > self.transport.udp_size_limit:
                 target = self.transport.select(target, size)
@@ -417,8 +420,3 @@ class Stack:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-
-def _estimated_size(message: Request | Response) -> int:
-    """An upper bound of the serialized size, cheaper than serializing (start line and separators
-    over-estimated), so only requests near the §18.1.1 limit are serialized to be measured."""
-    return 200 + len(message.body) + sum(len(name) + len(value) + 4 for name, value in message.items())

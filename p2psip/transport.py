@@ -596,13 +596,16 @@ class TransportLayer:
             stats["keepalives"] += 1
             return
         stats["received"] += 1
-        source = Source("udp", str(addr[0]), int(addr[1]), None)
+        host = str(addr[0])
+        port = int(addr[1])
+        source = Source("udp", host, port, None)
         if self._observers:
             self._observe("in", data, source.target)
         try:
             msg = parse(data, datagram=True, limits=self.limits)
             if isinstance(msg, Request):
-                source = source._replace(reply=_stamp_via(msg, source)[2])
+                # Source(...) again rather than NamedTuple._replace, a slow Python-level method.
+                source = Source("udp", host, port, None, _stamp_via(msg, source)[2])
         except ParseError as exc:
             self._malformed(exc, source)
             return

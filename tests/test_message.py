@@ -513,3 +513,26 @@ def test_address_objects_accepted_by_create() -> None:
     )
     assert req.from_.tag == "t"
     assert req.cseq.number == 7
+
+
+def test_from_to_vetted_at_parse_built_on_access() -> None:
+    """parse() refuses a bad From/To at once, but builds the Address objects only when read."""
+    for bad in (b"From: <sip:a@b:99999>;tag=1", b"To: <sip:bob@biloxi..com>"):
+        name = bad.split(b":")[0]
+        data = b"\r\n".join(bad if line.startswith(name + b":") else line for line in INVITE.split(b"\r\n"))
+        with pytest.raises(ParseError):
+            parse(data)
+    msg = parse(INVITE)
+    assert msg.from_ == Address('"Alice" <sip:alice@atlanta.com>;tag=1928301774')
+    assert msg.from_ is msg.from_  # built once, then cached
+    assert msg.to.tag is None and str(msg.to.uri) == "sip:bob@biloxi.com"
+    msg.forget_views()
+    assert msg.from_.tag == "1928301774"
+    msg.set("From", "<sip:carol@chicago.com>;tag=9")
+    assert msg.from_.uri.user == "carol" and msg.from_.tag == "9"
+
+
+def test_size_bound_is_an_upper_bound() -> None:
+    for data in (INVITE, b"SIP/2.0 200 OK\r\n" + INVITE.split(b"\r\n", 1)[1]):
+        msg = parse(data)
+        assert len(bytes(msg)) <= msg.size_bound() < len(bytes(msg)) + 300

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from p2psip.errors import ParseError
-from p2psip.uri import URI, Address
+from p2psip.uri import URI, Address, check_address
 
 
 def test_sip_uri_parts() -> None:
@@ -186,6 +186,54 @@ def test_address_quoted_param_value() -> None:
 def test_bad_addresses(text: str) -> None:
     with pytest.raises(ParseError):
         Address(text)
+
+
+_CHECKED = [
+    "sipp <sip:sipp@127.0.0.1:5061>;tag=4096SIPpTag001",
+    '"Alice" <sip:alice@atlanta.com>;tag=1928301774',
+    "<sip:bob@biloxi.com;transport=udp>",
+    "Bob Smith <sips:bob@biloxi.com:5061;lr>;expires=60;q=0.5",
+    # not the fast shape: parsed in full at once
+    '"A \\"q\\"" <sip:a@b>',
+    "sip:alice@atlanta.com;tag=x",
+    "<sip:%61lice@atlanta.com>",
+    "<sip:a@[::1]:5060>",
+    "<tel:+1-201-555-0123>",
+    "*",
+]
+
+
+@pytest.mark.parametrize("text", _CHECKED)
+def test_check_address_builds_what_address_builds(text: str) -> None:
+    """parse() vets From/To with check_address and builds them later: the result must be identical."""
+    checked = check_address(text)
+    built = checked if isinstance(checked, Address) else Address.from_check(checked)
+    direct = Address(text)
+    assert (built.display, str(built.uri), built.params, built.wildcard) == (
+        direct.display,
+        str(direct.uri),
+        direct.params,
+        direct.wildcard,
+    )
+    assert built.uri.port == direct.uri.port and built.uri.user == direct.uri.user
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<sip:a@b:99999>",  # the fast regular expressions match, the port is out of range
+        "<sip:a@b..c>",  # they match too, the host is not valid
+        "<sip:a@b",
+        '"x" sip:a@b',
+        "Bad@Name <sip:a@b>",
+    ],
+)
+def test_check_address_refuses_what_address_refuses(text: str) -> None:
+    with pytest.raises(ParseError) as direct:
+        Address(text)
+    with pytest.raises(ParseError) as checked:
+        check_address(text)
+    assert str(checked.value) == str(direct.value)
 
 
 def test_address_build() -> None:
