@@ -342,3 +342,65 @@ async def test_kamailio_routes_a_domain_over_tls_through_our_proxy(
     assert stats.get("forwarded_requests", 0) >= 4 and stats.get("stateless_acks", 0) >= 2, stats
     # one TLS connection carried everything between Kamailio and our proxy: the one Kamailio opened
     assert stats.get("connections_opened") == 1, stats
+
+
+@pytest.mark.parametrize("proxy_trusts_kamailio", [True, False], ids=["trusted", "untrusted"])
+async def test_our_proxy_forwards_over_tls_to_kamailio(
+    kamailio_tls: str,
+    workdir: Path,
+    certs: Certs,
+    stacks: list[Stack],
+    monkeypatch: pytest.MonkeyPatch,
+    proxy_trusts_kamailio: bool,
+) -> None:
+    """Our proxy as TLS client: bob (UDP) sends a MESSAGE through ``p2psip proxy`` with a preloaded Route
+    to Kamailio's TLS port; the proxy opens a TLS connection to Kamailio (verifying its certificate), and
+    Kamailio delivers the MESSAGE to alice's registered ``sips:`` contact. When the proxy does not trust
+    Kamailio's certificate, the connection is refused and bob gets a 500 at once, not silence.
+
+    ``p2psip proxy`` has no option naming the certificates it trusts as a TLS client: it uses the
+    system's store, which OpenSSL lets ``SSL_CERT_FILE`` replace; that variable is set for the proxy
+    child only (to Kamailio's certificate, or to a stranger's)."""
+    with _kamailio(workdir, certs, trust=certs.ours[0]) as kamailio:
+        alice, _, alice_trace = await _register_alice(stacks, kamailio, certs)
+        cert, key = certs.ours
+        proxy = OurProxy(
+            workdir, ["udp:127.0.0.1:0", "tls:127.0.0.1:0"], extra=["--tls-cert", cert, "--tls-key", key]
+        )
+        with monkeypatch.context() as env:
+            env.setenv("SSL_CERT_FILE", certs.kamailio[0] if proxy_trusts_kamailio else certs.stranger[0])
+            proxy.start()
+        try:
+            bob_stack = await _stack("udp:127.0.0.1:0")
+            stacks.append(bob_stack)
+            bob = UserAgent(bob_stack, "sip:bob@elsewhere.example", outbound=proxy.address("udp"))
+            route = f"<sip:127.0.0.1:{kamailio.tls_port};transport=tls;lr>"
+            response = await bob.request(
+                "MESSAGE",
+                f"sip:alice@{REALM}",
+                body=b"over TLS, twice",
+                content_type="text/plain",
+                headers=[("Route", route)],
+                timeout=TIMEOUT,
+            )
+            await bob.close()
+            await alice.close()
+        finally:
+            proxy.stop()
+    stats = proxy.final_stats()
+    messages = alice_trace.received("MESSAGE")
+    if not proxy_trusts_kamailio:
+        # the handshake failed on Kamailio's certificate: a transport error, that is a 503 for the branch,
+        # which a proxy turns into 500 upstream (RFC 3261 §16.9, §16.7 step 6)
+        assert response.status == 500, f"{response.status} {response.reason}\n{proxy.output()}"
+        assert stats.get("send_errors") == 1 and "connections_opened" not in stats, stats
+        assert messages == []
+        return
+    assert response.status == 200, f"{response.status} {response.reason}\n{proxy.output()}"
+    ((_, message),) = messages
+    assert message.body == b"over TLS, twice"
+    vias = [(via.transport, via.port) for via in message.via]
+    # Kamailio (sent from its TLS port) ← our proxy (over TLS, from its TLS listener's port) ← bob (UDP)
+    assert vias[:2] == [("TLS", kamailio.tls_port), ("TLS", proxy.addresses["tls"][1])], vias
+    assert vias[2][0] == "UDP", vias
+    assert stats.get("forwarded_requests") == 1 and stats.get("connections_opened") == 1, stats
