@@ -10,7 +10,8 @@ exercised, with certificate verification on at both ends (self-signed certificat
   (the ``sips:`` contact stored by that REGISTER, found by ``lookup``) and to ``p2psip proxy --listen
   tls:`` (a static route with ``;transport=tls``); a Kamailio that trusts another certificate cannot reach
   our UA;
-- our proxy as TLS client again: the callee's BYE goes back through our proxy to Kamailio's TLS port.
+- our proxy as TLS client: it forwards a MESSAGE to Kamailio's TLS port, verifying Kamailio's certificate
+  (``SSL_CERT_FILE``: the proxy has no option for it), and refuses a Kamailio it does not trust.
 
 Kamailio's TLS module is a separate Debian package (``kamailio-tls-modules``): without it these tests skip
 on a laptop and fail under ``CI=true``, like ``require_tool``.
