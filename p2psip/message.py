@@ -761,8 +761,11 @@ class Message:
         headers = self._headers
         for i, h in enumerate(headers):
             if h[0] == key:
-                rest = [x for x in headers[i + 1 :] if x[0] != key]
-                self._headers = headers[:i] + new + rest
+                if len(new) == 1 and all(x[0] != key for x in headers[i + 1 :]):
+                    headers[i] = new[0]  # the usual single line (Max-Forwards): no new list
+                else:
+                    rest = [x for x in headers[i + 1 :] if x[0] != key]
+                    self._headers = headers[:i] + new + rest
                 break
         else:
             headers.extend(new)
@@ -846,8 +849,13 @@ class Message:
     def set_top_via(self, via: Via) -> None:
         """Replace the first Via value by ``via`` (a transport adding ``received``/``rport``) and keep the
         object as the parsed top Via, as :meth:`push_via` does."""
-        self.remove_first("Via")
-        self._headers.insert(0, ("via", "Via", _check_value(str(via))))
+        header = ("via", "Via", _check_value(str(via)))
+        headers = self._headers
+        if headers and headers[0][0] == "via" and "," not in headers[0][2]:
+            headers[0] = header  # the usual case, a lone top Via on the first line: replaced in place
+        else:
+            self.remove_first("Via")
+            headers.insert(0, header)
         self._invalidate("via")
         self._cache["top-via"] = via
 
@@ -1123,12 +1131,15 @@ class Request(Message):
     def _start_line(self) -> str:
         return f"{self.method} {self.uri} SIP/2.0"
 
-    def copy(self) -> Request:
-        """An independent copy: headers, body and Request-URI (views are re-parsed on access)."""
+    def copy(self, *, uri: URI | None = None) -> Request:
+        """An independent copy: headers, body and Request-URI (views are re-parsed on access).
+
+        ``uri`` becomes the copy's Request-URI (taken as is, not copied): what a proxy does for each
+        branch (§16.6 steps 1-2), without first copying the Request-URI it replaces."""
         req = Request.__new__(Request)
         self._copy_into(req)
         req.method = self.method
-        req.uri = self.uri.copy()
+        req.uri = self.uri.copy() if uri is None else uri
         return req
 
     def __repr__(self) -> str:

@@ -536,3 +536,19 @@ def test_size_bound_is_an_upper_bound() -> None:
     for data in (INVITE, b"SIP/2.0 200 OK\r\n" + INVITE.split(b"\r\n", 1)[1]):
         msg = parse(data)
         assert len(bytes(msg)) <= msg.size_bound() < len(bytes(msg)) + 300
+
+
+def test_request_copy_with_new_uri_and_set_in_place() -> None:
+    req = parse(INVITE)
+    assert isinstance(req, Request)
+    target = URI("sip:bob@192.0.2.4:5070")
+    fwd = req.copy(uri=target)
+    assert fwd.uri is target and str(req.uri) == "sip:bob@biloxi.com"
+    fwd.set("Max-Forwards", "69")
+    assert fwd.get("Max-Forwards") == "69" and req.get("Max-Forwards") == "70"  # the copy's own list
+    fwd.add("Max-Forwards", "5")
+    fwd.set("Max-Forwards", "68")  # two lines become one, in the place of the first
+    assert fwd.get_all("Max-Forwards") == ["68"]
+    assert [n for n, _ in fwd.items()].index("Max-Forwards") == [n for n, _ in req.items()].index(
+        "Max-Forwards"
+    )
