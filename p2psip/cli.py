@@ -81,6 +81,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
                 recurse=args.recurse,
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
+                tls_ca=args.tls_ca,
                 verbose=args.verbose,
                 trying_delay=args.trying_delay,
                 ready=ready,
@@ -940,6 +941,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy.add_argument("--tls-cert", metavar="PEM", help="certificate for tls: (default: self-signed)")
     proxy.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
+    proxy.add_argument(
+        "--tls-ca", metavar="PEM", help="certificates trusted when forwarding over TLS (default: the system's)"
+    )
     proxy.add_argument(
         "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="auto: uvloop if installed"
     )

@@ -804,6 +804,7 @@ async def serve(
     recurse: bool = False,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    tls_ca: str | None = None,
     verbose: bool = False,
     trying_delay: float | None = 0.2,
     ready: Callable[[Stack], None] | None = None,
@@ -831,7 +832,9 @@ async def serve(
     gc.set_threshold(2000, 5, 1000)
     gc.freeze()
 
-    tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert) if tls_cert else None
+    # tls_ca: whom to trust when forwarding over TLS (None: the system's store). Without tls_cert a tls:
+    # listener presents a self-signed certificate made at start.
+    tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert, cafile=tls_ca)
     stack = await Stack.start(listen, tls=tls, verbose=verbose, trying_delay=trying_delay)
     proxy = Proxy(stack, stateless=stateless, record_route=record_route, recurse=recurse, verbose=verbose)
     loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ exercised, with certificate verification on at both ends (self-signed certificat
   tls:`` (a static route with ``;transport=tls``); a Kamailio that trusts another certificate cannot reach
   our UA;
 - our proxy as TLS client: it forwards a MESSAGE to Kamailio's TLS port, verifying Kamailio's certificate
-  (``SSL_CERT_FILE``: the proxy has no option for it), and refuses a Kamailio it does not trust.
+  (``--tls-ca``), and refuses a Kamailio it does not trust.
 
 Kamailio's TLS module is a separate Debian package (``kamailio-tls-modules``): without it these tests skip
 on a laptop and fail under ``CI=true``, like ``require_tool``.
@@ -351,7 +351,6 @@ async def test_our_proxy_forwards_over_tls_to_kamailio(
     workdir: Path,
     certs: Certs,
     stacks: list[Stack],
-    monkeypatch: pytest.MonkeyPatch,
     proxy_trusts_kamailio: bool,
 ) -> None:
     """Our proxy as TLS client: bob (UDP) sends a MESSAGE through ``p2psip proxy`` with a preloaded Route
@@ -359,18 +358,17 @@ async def test_our_proxy_forwards_over_tls_to_kamailio(
     Kamailio delivers the MESSAGE to alice's registered ``sips:`` contact. When the proxy does not trust
     Kamailio's certificate, the connection is refused and bob gets a 500 at once, not silence.
 
-    ``p2psip proxy`` has no option naming the certificates it trusts as a TLS client: it uses the
-    system's store, which OpenSSL lets ``SSL_CERT_FILE`` replace; that variable is set for the proxy
-    child only (to Kamailio's certificate, or to a stranger's)."""
+    ``--tls-ca`` names the certificates the proxy trusts as a TLS client: Kamailio's, or a stranger's."""
     with _kamailio(workdir, certs, trust=certs.ours[0]) as kamailio:
         alice, _, alice_trace = await _register_alice(stacks, kamailio, certs)
         cert, key = certs.ours
+        trusted = certs.kamailio[0] if proxy_trusts_kamailio else certs.stranger[0]
         proxy = OurProxy(
-            workdir, ["udp:127.0.0.1:0", "tls:127.0.0.1:0"], extra=["--tls-cert", cert, "--tls-key", key]
+            workdir,
+            ["udp:127.0.0.1:0", "tls:127.0.0.1:0"],
+            extra=["--tls-cert", cert, "--tls-key", key, "--tls-ca", trusted],
         )
-        with monkeypatch.context() as env:
-            env.setenv("SSL_CERT_FILE", certs.kamailio[0] if proxy_trusts_kamailio else certs.stranger[0])
-            proxy.start()
+        proxy.start()
         try:
             bob_stack = await _stack("udp:127.0.0.1:0")
             stacks.append(bob_stack)
