@@ -834,7 +834,9 @@ async def serve(
 
     # tls_ca: whom to trust when forwarding over TLS (None: the system's store). Without tls_cert a tls:
     # listener presents a self-signed certificate made at start.
-    tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert, cafile=tls_ca)
+    tls = None
+    if tls_cert or tls_ca:
+        tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert, cafile=tls_ca)
     stack = await Stack.start(listen, tls=tls, verbose=verbose, trying_delay=trying_delay)
     proxy = Proxy(stack, stateless=stateless, record_route=record_route, recurse=recurse, verbose=verbose)
     loop = asyncio.get_running_loop()
