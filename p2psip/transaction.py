@@ -139,22 +139,11 @@ TUEvent: TypeAlias = Transmit | PassToTU | Timeout | TransportFailure | Terminat
 
 
 # --------------------------------------------------------------------------------------------- keys
-def _sent_by(request_or_response: Request | Response) -> str:
-    via = request_or_response.top_via
-    if via is None:
-        return ""
-    return f"{via.host.lower()}:{via.port if via.port is not None else ''}"
-
-
-def _branch(message: Request | Response) -> str:
-    via = message.top_via
-    return (via.branch or "") if via is not None else ""
-
-
 def client_key(message: Request | Response) -> TransactionKey:
     """The key of the client transaction a request creates or a response belongs to (§17.1.3): the top Via
     branch and the CSeq method (so a CANCEL, which reuses the INVITE's branch, is its own transaction)."""
-    return (_branch(message), message.cseq.method.upper())
+    via = message.top_via
+    return ((via.params.get("branch") or "") if via is not None else "", message.cseq.method.upper())
 
 
 def server_key(request: Request) -> TransactionKey:
@@ -167,10 +156,12 @@ def server_key(request: Request) -> TransactionKey:
     method = request.method.upper()
     if method == "ACK":
         method = "INVITE"
-    branch = _branch(request)
+    via = request.top_via  # read once: this runs for every request received
+    branch = (via.params.get("branch") or "") if via is not None else ""
     if branch.startswith(MAGIC_COOKIE):
-        return ("3261", branch, _sent_by(request), method)
-    via = request.top_via
+        assert via is not None
+        port = via.port
+        return ("3261", branch, f"{via.host.lower()}:{port if port is not None else ''}", method)
     return (
         "2543",
         str(request.uri),
