@@ -239,3 +239,32 @@ def test_check_address_refuses_what_address_refuses(text: str) -> None:
 def test_address_build() -> None:
     a = Address.build("sip:alice@example.com", display="Alice", params={"tag": "x"})
     assert str(a) == "Alice <sip:alice@example.com>;tag=x"
+
+
+def test_vetted_texts_still_give_independent_objects() -> None:
+    """Address and URI keep the matches of texts seen before (uri._VETTED, uri._VETTED_URIS); the objects
+    built from them must still be new and independent, and a bad text must fail every time."""
+    text = "Carol <sip:carol@192.0.2.7:5070;transport=udp>;tag=abc"
+    first, second = Address(text), Address(text)
+    assert first is not second and first.uri is not second.uri and first == second
+    first.params["tag"] = "changed"
+    first.uri.params["transport"] = "tcp"
+    assert second.tag == "abc" and second.uri.transport == "udp" and str(Address(text)) == text
+    one, two = URI("sip:bob@192.0.2.8;lr"), URI("sip:bob@192.0.2.8;lr")
+    one.params.clear()
+    assert two.lr and URI("sip:bob@192.0.2.8;lr").lr
+    for _ in range(2):
+        with pytest.raises(ParseError):
+            Address("<sip:a@b:99999>")
+        with pytest.raises(ParseError):
+            URI("sip:a@b:99999")
+
+
+def test_vetted_caches_are_bounded() -> None:
+    from p2psip import uri as uri_module
+
+    for i in range(uri_module._VETTED_MAX + 10):
+        Address(f"<sip:user{i}@192.0.2.1>;tag={i}")
+        URI(f"sip:user{i}@192.0.2.1")
+    assert len(uri_module._VETTED) <= uri_module._VETTED_MAX
+    assert len(uri_module._VETTED_URIS) <= uri_module._VETTED_MAX
