@@ -370,20 +370,37 @@ class Via:
 
     def __init__(self, text: str) -> None:
         m = _FAST_VIA(text)  # the usual shape in one compiled match; the general path below otherwise
+        if m is None or not self._set_fast(m, text):
+            self._parse_general(text)
+
+    def _set_fast(self, m: re.Match[str], text: str) -> bool:
+        """Fill in the parts from a ``_FAST_VIA`` match of ``text``; False if the host is not valid after all
+        (``..``), for the general path to explain."""
+        self.protocol = "SIP/2.0"
+        transport, self.host, port, params = m.groups()
+        self.transport = transport.upper()
+        if port is None:
+            self.port = None
+        else:
+            self.port = int(port)
+            if self.port > 65535:
+                raise ParseError(f"bad port in Via {text[:80]!r}")
+        self.params = _fast_params(params) if params else {}
+        return ".." not in self.host
+
+    @classmethod
+    def _first_of(cls, value: str) -> Via:
+        """The first Via of a header line holding several (``Via: a, b``, as sipp and others echo the Via
+        list in responses). The text before the first comma is that Via when the fast regular expression
+        accepts it (it allows no quotes or ``<>``, which could hide a comma); only otherwise is the line
+        split properly. Saves the split of the whole line, ~9,000 of ~30,000 CPU instructions (callgrind)."""
+        head = value[: value.find(",")].rstrip(" \t")
+        m = _FAST_VIA(head)
         if m is not None:
-            self.protocol = "SIP/2.0"
-            transport, self.host, port, params = m.groups()
-            self.transport = transport.upper()
-            if port is None:
-                self.port = None
-            else:
-                self.port = int(port)
-                if self.port > 65535:
-                    raise ParseError(f"bad port in Via {text[:80]!r}")
-            self.params = _fast_params(params) if params else {}
-            if ".." not in self.host:
-                return
-        self._parse_general(text)
+            via = cls.__new__(cls)
+            if via._set_fast(m, head):
+                return via
+        return cls(split_list(value)[0])
 
     def _parse_general(self, text: str) -> None:
         proto, sep, rest = text.partition(" ")
@@ -1321,7 +1338,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     via = firsts["via"]
     cseq = _parse_cseq(firsts["cseq"])
     msg._cache = {
-        "top-via": Via(split_list(via)[0] if "," in via else via),
+        "top-via": Via._first_of(via) if "," in via else Via(via),
         # From and To are validated now but built on first access (see check_address).
         "from": check_address(firsts["from"]),
         "to": check_address(firsts["to"]),

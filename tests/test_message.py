@@ -552,3 +552,42 @@ def test_request_copy_with_new_uri_and_set_in_place() -> None:
     assert [n for n, _ in fwd.items()].index("Max-Forwards") == [n for n, _ in req.items()].index(
         "Max-Forwards"
     )
+
+
+@pytest.mark.parametrize(
+    ("line", "branch", "host"),
+    [
+        (
+            "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKa;rport, SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKb",
+            "z9hG4bKa",
+            "10.0.0.1",
+        ),
+        (
+            'SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKa;x="p, q", SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKb',
+            "z9hG4bKa",
+            "10.0.0.1",
+        ),
+        (" , SIP/2.0/UDP 10.0.0.3;branch=z9hG4bKc", "z9hG4bKc", "10.0.0.3"),
+        (
+            "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKd , SIP/2.0/TCP h;branch=z9hG4bKe",
+            "z9hG4bKd",
+            "[2001:db8::1]",
+        ),
+    ],
+)
+def test_top_via_of_a_combined_via_line(line: str, branch: str, host: str) -> None:
+    data = INVITE.replace(
+        b"Via: SIP/2.0/UDP pc33.atlanta.com;branch=z9hG4bK776asdhds;rport", b"Via: " + line.encode()
+    )
+    msg = parse(data)
+    top = msg.top_via
+    assert top is not None and top.branch == branch and top.host == host
+    assert top == msg.via[0]  # the same as the full split gives
+
+
+def test_bad_port_in_first_of_combined_via_line_is_refused() -> None:
+    data = INVITE.replace(
+        b"pc33.atlanta.com;branch", b"pc33.atlanta.com:70000;branch=x, SIP/2.0/UDP h;branch"
+    )
+    with pytest.raises(ParseError):
+        parse(data)
