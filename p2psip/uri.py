@@ -143,9 +143,10 @@ _FAST_SIP_URI = re.compile(
 ).fullmatch
 
 
-# Texts of URIs that took the fast path, and their matches: the same Request-URIs, Contacts and Routes
-# come back in message after message; see _VETTED below for why caching matches is worth it and safe.
-_VETTED_URIS: dict[str, re.Match[str]] = {}
+# Texts of URIs that took the fast path, and their match groups: the same Request-URIs, Contacts and
+# Routes come back in message after message; see _VETTED below for why this is worth it and safe.
+_UriGroups = tuple[Any, ...]  # the groups of a _FAST_SIP_URI match: scheme, user, host, port, params
+_VETTED_URIS: dict[str, _UriGroups] = {}
 _VETTED_MAX = 4096
 
 
@@ -208,11 +209,11 @@ class URI:
     def __init__(self, text: str) -> None:
         # The hot path of every message (Request-URI, From, To, Contact ...). The common shape
         # (sip:user@host:port;params, no escapes, no password, no headers) is recognised by one compiled
-        # regular expression, whose groups need no further checks (and whose match is kept for the next
+        # regular expression, whose groups need no further checks (and are kept for the next
         # time the same text comes, _VETTED_URIS); anything else takes the general path, which accepts every
         # valid URI and explains what is wrong with an invalid one.
-        m = _VETTED_URIS.get(text)
-        if m is None:
+        groups = _VETTED_URIS.get(text)
+        if groups is None:
             m = _FAST_SIP_URI(text)
             if m is None or ".." in m.group(3):
                 self._parse_general(text)
@@ -222,13 +223,13 @@ class URI:
                 raise _bad("port out of range", text)
             if len(_VETTED_URIS) >= _VETTED_MAX:
                 _VETTED_URIS.clear()
-            _VETTED_URIS[text] = m
-        self._set_fast(m)
+            groups = _VETTED_URIS[text] = m.groups()
+        self._set_fast(groups)
 
-    def _set_fast(self, m: re.Match[str]) -> None:
-        """Fill in the parts from a ``_FAST_SIP_URI`` match already vetted (no ``..`` in the host, port in
-        range): its groups need no further checks."""
-        self.scheme, self.user, self.host, port, params = m.groups()
+    def _set_fast(self, groups: _UriGroups) -> None:
+        """Fill in the parts from the groups of a ``_FAST_SIP_URI`` match already vetted (no ``..`` in the
+        host, port in range): they need no further checks."""
+        self.scheme, self.user, self.host, port, params = groups
         self.password = None
         self.port = None if port is None else int(port)
         self.params = _fast_params(params) if params else {}
@@ -236,10 +237,11 @@ class URI:
         self.opaque = None
 
     @classmethod
-    def _from_fast_match(cls, m: re.Match[str]) -> URI:
-        """The URI of a vetted ``_FAST_SIP_URI`` match (see :func:`check_address`), without matching again."""
+    def _from_fast_match(cls, groups: _UriGroups) -> URI:
+        """The URI of vetted ``_FAST_SIP_URI`` match groups (see :func:`check_address`), without matching
+        again."""
         uri = cls.__new__(cls)
-        uri._set_fast(m)
+        uri._set_fast(groups)
         return uri
 
     def _parse_general(self, text: str) -> None:
@@ -626,20 +628,21 @@ def _display_needs_quotes(display: str) -> bool:
     return any(not TOKEN_CHARS.issuperset(word) for word in display.split(" ")) or "  " in display
 
 
-AddressCheck = tuple[re.Match[str], re.Match[str]]
+AddressCheck = tuple[tuple[Any, ...], _UriGroups]
 """What :func:`check_address` returns for an address it vetted without building it."""
 
 
-# Vetted name-addr texts and their matches. Why: the same From, To, Route and Record-Route values come
-# back in every message of a dialog (a call through a proxy carries one From value in all six messages it
-# sees), and the two regular-expression matches are most of what parsing one costs (~17,000 of ~19,000
-# CPU instructions, counted with callgrind). A match is immutable, so sharing it is safe; every Address is
-# still a new object. Bounded: emptied when full (str hashes are randomised, so no one can aim collisions).
+# Vetted name-addr texts and the groups of their matches. Why: the same From, To, Route and Record-Route
+# values come back in every message of a dialog (a call through a proxy carries one From value in all six
+# messages it sees), and the two regular-expression matches are most of what parsing one costs (~17,000 of
+# ~19,000 CPU instructions, counted with callgrind). The groups are immutable, so sharing them is safe;
+# every Address is still a new object. Bounded: emptied when full (str hashes are randomised, so no one
+# can aim collisions).
 _VETTED: dict[str, AddressCheck] = {}
 
 
 def _vet(text: str) -> AddressCheck | None:
-    """The matches proving that ``Address(text)`` takes its fast path and cannot fail, or None."""
+    """The match groups proving that ``Address(text)`` takes its fast path and cannot fail, or None."""
     m = _FAST_NAME_ADDR(text)
     if m is None:
         return None
@@ -650,7 +653,9 @@ def _vet(text: str) -> AddressCheck | None:
         return None
     if len(_VETTED) >= _VETTED_MAX:
         _VETTED.clear()
-    check = _VETTED[text] = (m, u)
+    # The groups, not the match objects: tuples of strings, which the cyclic garbage collector stops
+    # tracking, whereas every re.Match stays tracked (a long-lived cache of them would lengthen its passes).
+    check = _VETTED[text] = (m.groups(), u.groups())
     return check
 
 
@@ -660,8 +665,8 @@ def check_address(text: str) -> AddressCheck | Address:
     Why: :func:`~p2psip.message.parse` must refuse a message whose From or To is malformed (so that every
     accepted message can be answered), but a proxy never reads From/To of most messages (responses, ACKs):
     building the two Address objects and their URIs was ~10 % of parsing. For the usual shape this returns
-    the two regular-expression matches that prove ``Address(text)`` would succeed (turn them into the
-    Address with :meth:`Address.from_check` when someone asks); anything else is parsed in full at once,
+    the groups of the two regular-expression matches that prove ``Address(text)`` would succeed (turn them
+    into the Address with :meth:`Address.from_check` when someone asks); anything else is parsed in full,
     so a malformed value raises the very :class:`ParseError` that ``Address(text)`` raises.
     """
     return _VETTED.get(text) or _vet(text) or Address(text)
@@ -707,10 +712,9 @@ class Address:
         return addr
 
     def _fill(self, check: AddressCheck) -> None:
-        m, u = check
-        quoted, display, _uri, params = m.groups()
+        (quoted, display, _uri, params), uri_groups = check
         self.display = quoted if quoted is not None else display
-        self.uri = URI._from_fast_match(u)
+        self.uri = URI._from_fast_match(uri_groups)
         self.params = _fast_params(params) if params else {}
         self.wildcard = False
 
