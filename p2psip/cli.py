@@ -942,7 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--tls-cert", metavar="PEM", help="certificate for tls: (default: self-signed)")
     proxy.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
     proxy.add_argument(
-        "--tls-ca", metavar="PEM", help="certificates trusted when forwarding over TLS (default: the system's)"
+        "--tls-ca", metavar="PEM", help="certificates trusted when forwarding over TLS (default: system's)"
     )
     proxy.add_argument(
         "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="auto: uvloop if installed"

@@ -423,8 +423,7 @@ class Proxy:
         """§16.6: copy, retarget, Max-Forwards, Record-Route, next hop, Via; send on a client transaction."""
         stack = self.stack
         request = ctx.request
-        fwd = request.copy()
-        fwd.uri = target
+        fwd = request.copy(uri=target)
         max_forwards = request.max_forwards
         fwd.set("Max-Forwards", str((70 if max_forwards is None else max_forwards) - 1))
         branch = _Branch(ctx, None, target)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import errno
 import ipaddress
@@ -193,8 +194,10 @@ def via_host(host: str) -> str:
 class TLSConfig:
     """Certificates for ``tls:`` listeners and the trust used when connecting out (``sips:``).
 
-    ``certfile``/``keyfile`` (PEM) are what this node presents; ``cafile`` what it trusts when it connects
-    (the system store when None). ``verify=False`` accepts any server certificate: only for tests and labs.
+    ``certfile``/``keyfile`` (PEM) are what this node presents — as a server, and as a client when the server
+    asks (mutual TLS); ``cafile`` what it trusts when it connects (the system store when None). A ``tls:``
+    listener without ``certfile`` presents a self-signed certificate made at start, keeping this trust.
+    ``verify=False`` accepts any server certificate: only for tests and labs.
     """
 
     certfile: str | None = None
@@ -223,6 +226,11 @@ class TLSConfig:
     def client_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.certfile:  # presented when the server asks for one (mutual TLS, e.g. Kamailio's
+            try:  # require_certificate): a server that does not ask never sees it
+                ctx.load_cert_chain(self.certfile, self.keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load TLS certificate {self.certfile!r}: {exc}") from exc
         if not self.verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -522,8 +530,13 @@ class TransportLayer:
             else:
                 ssl_ctx = None
                 if spec.transport == "tls":
-                    if self.tls is None:
-                        self.tls = TLSConfig.self_signed()
+                    if self.tls is None or not self.tls.certfile:
+                        # Present a certificate made now, but keep the trust asked for when connecting
+                        # out (the system's store by default): trusting only our own new certificate
+                        # would refuse every other TLS server (Kamailio's, seen in the interop tests).
+                        made = TLSConfig.self_signed()
+                        base = self.tls or TLSConfig()
+                        self.tls = dataclasses.replace(base, certfile=made.certfile, keyfile=made.keyfile)
                     ssl_ctx = self.tls.server_context()
                 name = spec.transport
                 if bound is not None:

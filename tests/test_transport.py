@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -227,6 +228,30 @@ async def test_tls_with_a_generated_certificate(tmp_path: object) -> None:
     try:
         host, port = server.listening["tls"][0]
         client.send(options("s1", transport="TLS"), Target("tls", host, port))
+        msg, source = await asyncio.wait_for(echo.got.get(), 10)
+        assert source.transport == "tls" and isinstance(msg, Request)
+        answer, _ = await asyncio.wait_for(replies.got.get(), 10)
+        assert isinstance(answer, Response) and answer.status == 200
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_tls_listener_without_a_config_keeps_the_system_trust(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``tls:`` listener without a TLSConfig presents a certificate made at start, but still trusts the
+    system's store when connecting out — not only its own new certificate, which would refuse every
+    other TLS server. (OpenSSL reads ``SSL_CERT_FILE`` as the system store: here, the server's cert.)"""
+    server_tls = TLSConfig.self_signed(str(tmp_path))
+    assert server_tls.certfile is not None
+    server, echo = await make_layer("tls:127.0.0.1:0", tls=server_tls)
+    monkeypatch.setenv("SSL_CERT_FILE", server_tls.certfile)
+    client, replies = await make_layer("tls:127.0.0.1:0")
+    try:
+        assert client.tls is not None and client.tls.certfile and client.tls.cafile is None
+        host, port = server.listening["tls"][0]
+        client.send(options("s3", transport="TLS"), Target("tls", host, port))
         msg, source = await asyncio.wait_for(echo.got.get(), 10)
         assert source.transport == "tls" and isinstance(msg, Request)
         answer, _ = await asyncio.wait_for(replies.got.get(), 10)

@@ -43,7 +43,8 @@ class KamailioTLS:
     """Kamailio's TLS side: a ``tls:`` listener on ``port`` (TLS is over TCP, so it cannot share the
     TCP port) presenting ``certificate``/``private_key`` (PEM files, absolute paths). When Kamailio
     connects out over TLS it checks the server's certificate against ``ca_list`` if ``verify`` (it refuses
-    an unverified peer); with ``verify=False`` it accepts any. Clients are never asked for a certificate.
+    an unverified peer); with ``verify=False`` it accepts any. As a server it asks clients for a
+    certificate only with ``verify_clients`` (mutual TLS: then a client must show one ``ca_list`` trusts).
     """
 
     port: int
@@ -51,28 +52,36 @@ class KamailioTLS:
     private_key: str
     ca_list: str | None = None
     verify: bool = True
+    verify_clients: bool = False
 
     def config(self) -> str:
         """The ``tls`` module and its parameters, for after ``mpath`` in a Kamailio config (the core's
-        ``enable_tls`` and ``listen=tls:`` lines are written by ``_header``)."""
+        ``enable_tls`` and ``listen=tls:`` lines are written by ``_header``). Kamailio's module parameters
+        apply to its server and client sides alike, so the two are written as the ``[server:default]``
+        and ``[client:default]`` profiles of a ``tls.cfg`` beside the certificate."""
         for path in (self.certificate, self.private_key, self.ca_list or ""):
-            if '"' in path or "\n" in path:
+            if '"' in path or "\n" in path or "]" in path:
                 raise ValueError(f"unsafe character in TLS file name {path!r}")
-        if self.verify and not self.ca_list:
-            raise ValueError("verify=True needs a ca_list (Kamailio verifies nothing against an empty one)")
-        lines = [
-            'loadmodule "tls.so"',
-            'modparam("tls", "tls_method", "TLSv1.2+")',
-            f'modparam("tls", "certificate", "{self.certificate}")',
-            f'modparam("tls", "private_key", "{self.private_key}")',
-            # these apply to Kamailio's server side too: there verify_certificate asks the client for a
-            # certificate (and checks one if shown); require_certificate 0 still lets a client without in
-            f'modparam("tls", "verify_certificate", {int(self.verify)})',
-            'modparam("tls", "require_certificate", 0)',
-        ]
-        if self.ca_list:
-            lines.append(f'modparam("tls", "ca_list", "{self.ca_list}")')
-        return "\n".join(lines) + "\n"
+        if (self.verify or self.verify_clients) and not self.ca_list:
+            raise ValueError("verifying needs a ca_list (Kamailio verifies nothing against an empty one)")
+
+        def profile(section: str, verify: bool) -> str:
+            yes = "yes" if verify else "no"
+            lines = [
+                f"[{section}:default]",
+                "method = TLSv1.2+",
+                f"certificate = {self.certificate}",
+                f"private_key = {self.private_key}",
+                f"verify_certificate = {yes}",
+                f"require_certificate = {yes}",
+            ]
+            if self.ca_list:
+                lines.append(f"ca_list = {self.ca_list}")
+            return "\n".join(lines) + "\n"
+
+        tls_cfg = Path(self.certificate).with_name(f"kamailio-tls-{self.port}.cfg")
+        tls_cfg.write_text(profile("server", self.verify_clients) + "\n" + profile("client", self.verify))
+        return f'loadmodule "tls.so"\nmodparam("tls", "config", "{tls_cfg}")\n'
 
 
 def _header(

@@ -146,9 +146,11 @@ def _kamailio(
     trust: str,
     domain_routes: dict[str, DomainRoute] | None = None,
     branch_timeout_ms: int | None = None,
+    verify_clients: bool = False,
 ) -> Kamailio:
     """Kamailio as registrar (alice's password) and proxy on UDP, with a TLS listener presenting its
-    certificate; as a TLS client it trusts only ``trust`` (a certificate file) and verifies the server."""
+    certificate; as a TLS client it trusts only ``trust`` (a certificate file) and verifies the server;
+    with ``verify_clients`` its TLS server also demands a client certificate that ``trust`` vouches for."""
     kport, tport = free_port(), free_port()
     cert, key = certs.kamailio
     config = registrar_config(
@@ -159,7 +161,14 @@ def _kamailio(
         domain_routes=domain_routes,
         challenge_invites=False,
         transports=("udp",),
-        tls=KamailioTLS(tport, certificate=cert, private_key=key, ca_list=trust, verify=True),
+        tls=KamailioTLS(
+            tport,
+            certificate=cert,
+            private_key=key,
+            ca_list=trust,
+            verify=True,
+            verify_clients=verify_clients,
+        ),
         branch_timeout_ms=branch_timeout_ms,
     )
     return Kamailio(config, workdir, kport, transports=("udp",), tls_port=tport)
@@ -201,6 +210,21 @@ async def test_our_ua_registers_at_kamailio_over_tls(
     assert trace.transports() == {"tls"}
     ok = next(data for d, _, line, data in trace.seen if d == "in" and line == "SIP/2.0 200 OK")
     assert f"sips:alice@{our_host}:{our_port}".encode() in ok, ok.decode(errors="replace")
+
+
+async def test_mutual_tls_our_ua_presents_its_certificate(
+    kamailio_tls: str, workdir: Path, certs: Certs, stacks: list[Stack]
+) -> None:
+    """Mutual TLS: Kamailio's TLS server requires a client certificate (``require_certificate``) and
+    verifies it against ours; our TLS client presents its certificate when asked, so the REGISTER goes
+    through (without it Kamailio ends the handshake: "peer did not return a certificate")."""
+    with _kamailio(workdir, certs, trust=certs.ours[0], verify_clients=True) as kamailio:
+        ua, _, trace = await _register_alice(stacks, kamailio, certs)
+        await ua.close()
+        log = kamailio.log.read_text(errors="replace")
+    assert trace.lines("in")[:2] == ["SIP/2.0 401 Unauthorized", "SIP/2.0 200 OK"], trace.lines("in")
+    assert trace.transports() == {"tls"}
+    assert "did not return a certificate" not in log
 
 
 async def test_our_ua_refuses_a_kamailio_it_does_not_trust(
