@@ -33,6 +33,7 @@ from p2psip.transaction import (
     ClientTransaction,
     PassToTU,
     ServerTransaction,
+    State,
     Terminated,
     Timeout,
     Transaction,
@@ -321,7 +322,10 @@ class Stack:
 
     def _error_handler(self, tx: Transaction) -> Callable[[Exception], None]:
         def on_error(exc: Exception) -> None:
-            self._transport_error(tx, exc)
+            # A connection that fails after the final response arrived (perhaps on another connection)
+            # costs this request nothing: only a request still waiting for its answer fails.
+            if tx.state in (State.CALLING, State.TRYING, State.PROCEEDING):
+                self._transport_error(tx, exc)
 
         return on_error
 

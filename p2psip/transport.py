@@ -365,6 +365,11 @@ class StreamConnection(asyncio.Protocol):
         self.keys: list[Target] = []
         self.last_used = layer.loop.time()
         self.closed = False
+        self.unanswered: list[ErrorHandler] = []
+        """Error handlers of what we wrote since the peer last sent anything: if the peer drops the
+        connection without a word (e.g. a TLS server refusing our certificate after a TLS 1.3 handshake,
+        or a proxy closing on a request it will not take), those requests learn it at once instead of
+        at their transaction timeout."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -375,6 +380,8 @@ class StreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_used = self.layer.loop.time()
+        if self.unanswered:
+            self.unanswered.clear()  # the peer is alive and talking to us
         try:
             frames = self.framer.feed(data)
         except ParseError as exc:
@@ -392,15 +399,31 @@ class StreamConnection(asyncio.Protocol):
             self.layer._on_frame(frame, self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        closed_by_us = self.closed
         self.closed = True
         self.layer._forget(self)
         self.layer.stats["connections_closed"] += 1
+        waiting, self.unanswered = self.unanswered, []
+        if waiting and not closed_by_us:
+            why = f": {exc}" if exc is not None else ""
+            error = TransportError(f"connection to {self.remote} closed by the peer before it answered{why}")
+            self.layer.stats["send_errors"] += len(waiting)
+            for on_error in waiting:
+                try:
+                    on_error(error)
+                except Exception:
+                    log.exception("send-error handler failed")
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, on_error: ErrorHandler | None = None) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise TransportError(f"connection to {self.remote} is closed")
         self.last_used = self.layer.loop.time()
         self.transport.write(data)
+        if on_error is not None:
+            unanswered = self.unanswered
+            if len(unanswered) >= 256:  # a peer that reads but never answers: keep the newest
+                del unanswered[:128]
+            unanswered.append(on_error)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -710,7 +733,7 @@ class TransportLayer:
             raise TransportError(f"unknown transport {target.transport!r}")
         conn = self._connections.get(target)
         if conn is not None and not conn.closed:
-            conn.write(data)
+            conn.write(data, on_error)
             self.stats["sent"] += 1
             return
         self._connect_and_send(target, data, on_error)
@@ -769,7 +792,7 @@ class TransportLayer:
         self._register(conn, target)
         for data, on_error in self._pending.pop(target, []):
             try:
-                conn.write(data)
+                conn.write(data, on_error)
                 self.stats["sent"] += 1
             except TransportError as exc:
                 self.stats["send_errors"] += 1

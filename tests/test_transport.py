@@ -221,6 +221,47 @@ async def test_idle_connections_are_closed() -> None:
         await server.close()
 
 
+@pytest.mark.parametrize("answer_first", [False, True])
+async def test_a_peer_that_drops_the_connection_unanswered_fails_the_send(answer_first: bool) -> None:
+    """A peer that closes a TCP connection without sending anything back after our request (a server
+    refusing it, a TLS server rejecting our certificate after the handshake): the sender's error handler
+    hears at once. A peer that answered first and then closed is not an error."""
+    got_request = asyncio.Event()
+
+    async def server_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.readuntil(b"\r\n\r\n")
+        if answer_first:
+            request = parse(data)
+            assert isinstance(request, Request)
+            writer.write(bytes(Response.for_request(request, 200)))
+            await writer.drain()
+        got_request.set()
+        writer.close()
+
+    server = await asyncio.start_server(server_side, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client, replies = await make_layer("udp:127.0.0.1:0")
+    errors: asyncio.Queue[Exception] = asyncio.Queue()
+    try:
+        client.send(options("d1", transport="TCP"), Target("tcp", "127.0.0.1", port), errors.put_nowait)
+        await asyncio.wait_for(got_request.wait(), 10)
+        if answer_first:
+            answer, _ = await asyncio.wait_for(replies.got.get(), 10)
+            assert isinstance(answer, Response) and answer.status == 200
+            for _ in range(200):  # until the client has seen the close (bounded)
+                if client.connection_count() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert client.connection_count() == 0 and errors.empty()
+        else:
+            err = await asyncio.wait_for(errors.get(), 10)
+            assert isinstance(err, TransportError) and "closed by the peer before it answered" in str(err)
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_tls_with_a_generated_certificate(tmp_path: object) -> None:
     tls = TLSConfig.self_signed(str(tmp_path))
     server, echo = await make_layer("tls:127.0.0.1:0", tls=tls)

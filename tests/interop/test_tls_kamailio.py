@@ -227,6 +227,28 @@ async def test_mutual_tls_our_ua_presents_its_certificate(
     assert "did not return a certificate" not in log
 
 
+async def test_mutual_tls_refused_certificate_fails_the_request_at_once(
+    kamailio_tls: str, workdir: Path, certs: Certs, stacks: list[Stack]
+) -> None:
+    """Kamailio demands a client certificate it trusts (a stranger's): under TLS 1.3 our side finishes
+    the handshake and sends the REGISTER before Kamailio's refusal arrives, and Kamailio then drops the
+    connection without a word. The REGISTER fails at once with 503 naming the closed connection, not
+    after its transaction timeout (the transport reports a connection dropped before any answer)."""
+    with _kamailio(workdir, certs, trust=certs.stranger[0], verify_clients=True) as kamailio:
+        stack = await _stack("tls:127.0.0.1:0", _our_tls(certs, trust=certs.kamailio[0]))
+        stacks.append(stack)
+        ua = UserAgent(stack, f"sip:alice@{REALM}", password=PASSWORD)
+        with pytest.raises(CallFailed) as failure:
+            await ua.register(
+                f"sips:127.0.0.1:{kamailio.tls_port}", expires=300, refresh=False, timeout=TIMEOUT
+            )
+        await ua.close()
+        log = kamailio.log.read_text(errors="replace")
+    assert failure.value.status == 503, failure.value
+    assert "closed by the peer before it answered" in str(failure.value), failure.value
+    assert "certificate verify failed" in log or "SSL" in log, kamailio.log_tail()
+
+
 async def test_our_ua_refuses_a_kamailio_it_does_not_trust(
     kamailio_tls: str, workdir: Path, certs: Certs, stacks: list[Stack]
 ) -> None:
