@@ -530,6 +530,24 @@ def _p2psip() -> Library:
     )
 
 
+def _p2psip_cold() -> Library:
+    """p2psip with its remembered From/To/URI matches forgotten before every message: p2psip keeps the
+    regular-expression results of name-addr and URI texts (a dialog repeats them in every message), and
+    this corpus repeats its eleven messages, so without this row every lookup after the first round would
+    hit. This is the cost of a message whose addresses were never seen before."""
+    from p2psip import uri
+
+    def cold_parse(data: bytes) -> Any:
+        uri._VETTED.clear()
+        uri._VETTED_URIS.clear()
+        return p2p_parse(data)
+
+    lib = _p2psip()
+    lib.name = "p2psip-cold"
+    lib.parse = cold_parse
+    return lib
+
+
 def _sipmessage() -> Library | str:
     try:
         import sipmessage
@@ -828,7 +846,7 @@ def instruction_table(libs: list[Library], rounds: int) -> None:
             (_instructions(lib.name, "parse", rounds) - base) / n,
             (_instructions(lib.name, "access", rounds) - base) / n,
         )
-    correct = [counts[lib.name][1] for lib in libs[1:] if not lib.problems]
+    correct = [counts[lib.name][1] for lib in libs if not lib.name.startswith("p2psip") and not lib.problems]
     best = min(correct, default=0.0)
     for lib in libs:
         p, a = counts[lib.name]
@@ -854,7 +872,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "WORKLOAD", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    _FACTORIES.update({"p2psip": _p2psip, "sipmessage": _sipmessage, "sippy": _sippy, "pyVoIP": _pyvoip})
+    _FACTORIES.update(
+        {
+            "p2psip": _p2psip,
+            "p2psip-cold": _p2psip_cold,
+            "sipmessage": _sipmessage,
+            "sippy": _sippy,
+            "pyVoIP": _pyvoip,
+        }
+    )
     if args.worker:
         _worker(args.worker[0], args.worker[1], int(args.worker[2]))
         return 0
@@ -864,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
 
     libs: list[Library] = []
     notes: list[str] = []
-    for factory in (_p2psip, _sipmessage, _sippy, _pyvoip):
+    for factory in (_p2psip, _p2psip_cold, _sipmessage, _sippy, _pyvoip):
         made = factory()
         if isinstance(made, str):
             notes.append(made)
@@ -879,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = measure(libs, args.seconds, args.repeat)
 
-    correct_others = [lib for lib in libs[1:] if not lib.problems]
+    correct_others = [lib for lib in libs if not lib.name.startswith("p2psip") and not lib.problems]
     best_parse = max((results[lib.name][0] for lib in correct_others), default=0.0)
     best_access = max((results[lib.name][1] for lib in correct_others), default=0.0)
 
