@@ -262,17 +262,24 @@ async def test_a_peer_that_drops_the_connection_unanswered_fails_the_send(answer
         await server.wait_closed()
 
 
+async def tls_round_trip(
+    client: TransportLayer, replies: Echo, server: TransportLayer, echo: Echo, call_id: str
+) -> None:
+    """An OPTIONS from ``client`` to ``server``'s TLS listener arrives over TLS and is answered 200."""
+    host, port = server.listening["tls"][0]
+    client.send(options(call_id, transport="TLS"), Target("tls", host, port))
+    msg, source = await asyncio.wait_for(echo.got.get(), 10)
+    assert source.transport == "tls" and isinstance(msg, Request)
+    answer, _ = await asyncio.wait_for(replies.got.get(), 10)
+    assert isinstance(answer, Response) and answer.status == 200
+
+
 async def test_tls_with_a_generated_certificate(tmp_path: object) -> None:
     tls = TLSConfig.self_signed(str(tmp_path))
     server, echo = await make_layer("tls:127.0.0.1:0", tls=tls)
     client, replies = await make_layer("udp:127.0.0.1:0", tls=tls)
     try:
-        host, port = server.listening["tls"][0]
-        client.send(options("s1", transport="TLS"), Target("tls", host, port))
-        msg, source = await asyncio.wait_for(echo.got.get(), 10)
-        assert source.transport == "tls" and isinstance(msg, Request)
-        answer, _ = await asyncio.wait_for(replies.got.get(), 10)
-        assert isinstance(answer, Response) and answer.status == 200
+        await tls_round_trip(client, replies, server, echo, "s1")
     finally:
         await client.close()
         await server.close()
@@ -291,12 +298,7 @@ async def test_tls_listener_without_a_config_keeps_the_system_trust(
     client, replies = await make_layer("tls:127.0.0.1:0")
     try:
         assert client.tls is not None and client.tls.certfile and client.tls.cafile is None
-        host, port = server.listening["tls"][0]
-        client.send(options("s3", transport="TLS"), Target("tls", host, port))
-        msg, source = await asyncio.wait_for(echo.got.get(), 10)
-        assert source.transport == "tls" and isinstance(msg, Request)
-        answer, _ = await asyncio.wait_for(replies.got.get(), 10)
-        assert isinstance(answer, Response) and answer.status == 200
+        await tls_round_trip(client, replies, server, echo, "s3")
     finally:
         await client.close()
         await server.close()

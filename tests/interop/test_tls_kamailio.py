@@ -34,15 +34,12 @@ from p2psip.useragent import CallFailed, IncomingCall, UserAgent
 
 from .kamailio import TLS_MODULE, DomainRoute, Kamailio, KamailioTLS, has_tls_module, registrar_config
 from .ourproxy import OurProxy
+from .ua import SDP, answering_ua
 
 pytestmark = pytest.mark.interop
 
 REALM = "kam.example"
 PASSWORD = "wonderland"
-SDP = (
-    b"v=0\r\no=p2psip 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-    b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
-)
 TIMEOUT = 30.0  # generous: the machine is shared; every wait is on an event, bounded by this
 
 
@@ -128,17 +125,6 @@ async def stacks() -> AsyncIterator[list[Stack]]:
             await stack.close()
 
 
-def _answering(stack: Stack, aor: str, **kwargs: object) -> tuple[UserAgent, list[IncomingCall]]:
-    calls: list[IncomingCall] = []
-
-    def on_call(call: IncomingCall) -> None:
-        calls.append(call)
-        call.ring()
-        call.accept(SDP)
-
-    return UserAgent(stack, aor, on_call=on_call, **kwargs), calls  # type: ignore[arg-type]
-
-
 def _kamailio(
     workdir: Path,
     certs: Certs,
@@ -188,12 +174,21 @@ async def _register_alice(
     stacks.append(stack)
     trace = Trace()
     stack.add_observer(trace)
-    ua, answered = _answering(stack, f"sip:alice@{REALM}")
+    ua, answered = answering_ua(stack, f"sip:alice@{REALM}")
     reg = await ua.register(
         f"sips:127.0.0.1:{kamailio.tls_port}", expires=300, password=PASSWORD, refresh=False, timeout=TIMEOUT
     )
     assert reg.status == 200, f"{reg.status} {reg.reason}\n{kamailio.log_tail()}"
     return ua, answered, trace
+
+
+async def _refused_registration(stack: Stack, kamailio: Kamailio) -> CallFailed:
+    """alice's REGISTER from ``stack`` to Kamailio's ``sips:`` address, which must fail: the failure."""
+    ua = UserAgent(stack, f"sip:alice@{REALM}", password=PASSWORD)
+    with pytest.raises(CallFailed) as failure:
+        await ua.register(f"sips:127.0.0.1:{kamailio.tls_port}", expires=300, refresh=False, timeout=TIMEOUT)
+    await ua.close()
+    return failure.value
 
 
 async def test_our_ua_registers_at_kamailio_over_tls(
@@ -237,15 +232,10 @@ async def test_mutual_tls_refused_certificate_fails_the_request_at_once(
     with _kamailio(workdir, certs, trust=certs.stranger[0], verify_clients=True) as kamailio:
         stack = await _stack("tls:127.0.0.1:0", _our_tls(certs, trust=certs.kamailio[0]))
         stacks.append(stack)
-        ua = UserAgent(stack, f"sip:alice@{REALM}", password=PASSWORD)
-        with pytest.raises(CallFailed) as failure:
-            await ua.register(
-                f"sips:127.0.0.1:{kamailio.tls_port}", expires=300, refresh=False, timeout=TIMEOUT
-            )
-        await ua.close()
+        failure = await _refused_registration(stack, kamailio)
     # (Kamailio's own log line about the refused certificate may be written after we get here: not read.)
-    assert failure.value.status == 503, failure.value
-    assert "closed by the peer before it answered" in str(failure.value), failure.value
+    assert failure.status == 503, failure
+    assert "closed by the peer before it answered" in str(failure), failure
 
 
 async def test_our_ua_refuses_a_kamailio_it_does_not_trust(
@@ -258,13 +248,8 @@ async def test_our_ua_refuses_a_kamailio_it_does_not_trust(
         stacks.append(stack)
         trace = Trace()
         stack.add_observer(trace)
-        ua = UserAgent(stack, f"sip:alice@{REALM}", password=PASSWORD)
-        with pytest.raises(CallFailed) as failure:
-            await ua.register(
-                f"sips:127.0.0.1:{kamailio.tls_port}", expires=300, refresh=False, timeout=TIMEOUT
-            )
-        await ua.close()
-    assert failure.value.status == 503, failure.value
+        failure = await _refused_registration(stack, kamailio)
+    assert failure.status == 503, failure
     assert trace.lines("in") == []
     assert stack.stats["send_errors"] >= 1
 
@@ -341,7 +326,7 @@ async def test_kamailio_routes_a_domain_over_tls_through_our_proxy(
     stacks.append(carol_stack)
     carol_trace = Trace()
     carol_stack.add_observer(carol_trace)
-    carol, answered = _answering(carol_stack, "sip:carol@p2p.example")
+    carol, answered = answering_ua(carol_stack, "sip:carol@p2p.example")
     cert, key = certs.ours
     proxy = OurProxy(
         workdir, ["tls:127.0.0.1:0", "udp:127.0.0.1:0"], extra=["--tls-cert", cert, "--tls-key", key]

@@ -16,18 +16,15 @@ import pytest
 from conftest import free_port
 
 from p2psip.stack import Stack
-from p2psip.useragent import IncomingCall, UserAgent
+from p2psip.useragent import UserAgent
 
 from .kamailio import Kamailio, registrar_config
 from .relay import LossyRelay
 from .sipp import UAC_DOMAIN, Sipp, uac, uas
+from .ua import SDP, answering_ua
 
 pytestmark = pytest.mark.interop
 
-SDP = (
-    b"v=0\r\no=p2psip 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-    b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
-)
 
 
 @pytest.fixture
@@ -93,22 +90,11 @@ async def test_our_ua_calls_sipp_uas_through_loss(sipp_tool: str, workdir: Path,
     assert callee.proc is not None and callee.proc.returncode == 0, _uas_counts(callee)
 
 
-def _answering_ua(stack: Stack, aor: str, **kwargs: object) -> tuple[UserAgent, list[IncomingCall]]:
-    calls: list[IncomingCall] = []
-
-    def on_call(call: IncomingCall) -> None:
-        calls.append(call)
-        call.ring()
-        call.accept(SDP)
-
-    return UserAgent(stack, aor, on_call=on_call, **kwargs), calls  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("loss", [0.0, pytest.param(0.2, marks=pytest.mark.slow)])
 async def test_sipp_uac_calls_our_ua(sipp_tool: str, workdir: Path, stack: Stack, loss: float) -> None:
     """sipp's UAC calls our UA 10 times (directly, or through the lossy relay: the first copy of every
     INVITE, 200 and BYE is lost too, so both sides' retransmissions are exercised)."""
-    ua, answered = _answering_ua(stack, "sip:service@127.0.0.1")
+    ua, answered = answering_ua(stack, "sip:service@127.0.0.1")
     host, port = stack.local_address("udp")
     drop = lambda data: data.startswith((b"INVITE ", b"SIP/2.0 200", b"BYE "))  # noqa: E731
     async with LossyRelay((host, port), loss=loss, seed=3261, drop_first=drop if loss else None) as relay:
@@ -126,7 +112,7 @@ async def test_sipp_uac_calls_our_ua(sipp_tool: str, workdir: Path, stack: Stack
 
 async def test_sipp_uac_calls_our_ua_over_tcp(sipp_tool: str, workdir: Path, stack: Stack) -> None:
     """sipp's UAC calls our UA over one TCP connection (``-t t1``): answers go back on the connection."""
-    ua, answered = _answering_ua(stack, "sip:service@127.0.0.1")
+    ua, answered = answering_ua(stack, "sip:service@127.0.0.1")
     host, port = stack.local_address("tcp")
     caller = uac(workdir, f"{host}:{port}", calls=10, rate=5, port=free_port(), transport="t1", timeout_s=60)
     with caller:
@@ -146,7 +132,7 @@ async def test_our_ua_registers_at_kamailio_and_calls_through_it(
     kport, uport = free_port(), free_port()
     config = registrar_config("127.0.0.1", kport, realm="kam.example", users={"alice": "wonderland"})
     with Kamailio(config, workdir, kport) as kamailio, uas(workdir, uport, extra=["-m", "3"]) as callee:
-        ua, answered = _answering_ua(
+        ua, answered = answering_ua(
             stack, "sip:alice@kam.example", outbound=f"127.0.0.1:{kport}", password="wonderland"
         )
         # the password is given to register() too: UserAgent(password=...) alone is not used for REGISTER
