@@ -473,3 +473,31 @@ async def test_challenges_of_every_branch_are_merged_into_the_401(new_stack: Fac
     reply = await asyncio.wait_for(alice.message("sip:bob@p2p.example", "hi"), 30)
     assert reply.status == 407 and "WWW-Authenticate" not in reply
     assert reply.get_all("Proxy-Authenticate") == [proxy_sha, proxy_md5]
+
+
+async def test_a_finished_call_leaves_no_reference_cycles(new_stack: Factory) -> None:
+    """Once a call's transactions have ended, reference counting frees every object the proxy made for it:
+    the cyclic collector has nothing to find. (The response context and its branches pointed at each
+    other: ~28 objects per call waited for a full pass — 319,000 of them after a minute at 500 calls/s,
+    and a 1.4 s pass.) The collector is off during the calls, so a cycle would still be there."""
+    import gc
+
+    fast = TimerConfig(t1=0.005, t2=0.04, t4=0.01)  # Timers L, M, J, K end within 0.32 s
+    proxy, alice, (bob,) = await parties(new_stack, 1, stack_options={"timers": fast})
+    bob.on_call = lambda call: call.accept()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            call = await alice.call(contact(bob), timeout=20)
+            assert (await call.bye()).status == 200
+        assert proxy.stats["forwarded_requests"] >= 6  # three INVITEs and three BYEs (and ACKs) went through
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len(proxy.stack.transactions) and loop.time() < deadline:  # bounded wait for the timers
+            await asyncio.sleep(0.05)
+        assert len(proxy.stack.transactions) == 0
+        left = [o for o in gc.get_objects() if type(o).__name__ in ("ProxyContext", "_Branch")]
+        assert left == []
+    finally:
+        gc.enable()
