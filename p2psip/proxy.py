@@ -32,6 +32,7 @@ The hot path avoids logging (``verbose`` only) and copies each request once per 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import inspect
 import logging
@@ -825,8 +826,6 @@ class _YoungPasses:
         self.handle: asyncio.TimerHandle | None = loop.call_later(self.INTERVAL, self._tick)
 
     def _tick(self) -> None:
-        import gc
-
         self.ticks += 1
         gc.collect(1 if self.ticks % self.MIDDLE_EVERY == 0 else 0)
         self.handle = self.loop.call_later(self.INTERVAL, self._tick)
@@ -857,7 +856,6 @@ async def serve(
     ``trying_delay``: an INVITE gets ``100 Trying`` only if no provisional or final response has been
     forwarded within that time (§17.2.1's 200 ms allowance): a callee that rings at once saves the proxy
     and the caller one message per call. 0 sends it at once, None never."""
-    import gc
     import signal
 
     from p2psip.transport import TLSConfig
