@@ -1,0 +1,188 @@
+"""The peer commands: ``start`` runs a peer in the foreground, ``status`` and ``lookup`` ask a running one
+through its control socket (docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from p2psip.cli.common import data_dir_of, fail, print_table
+
+
+def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``start`` flags as config settings (None = not given, so the config file's value stays)."""
+    return {
+        "listen": args.listen,
+        "overlay": args.overlay,
+        "join": args.join,
+        "overlay_name": args.overlay_name,
+        "data_dir": args.data_dir,
+        "script": args.script,
+        "scripts": args.scripts,
+        "routes": args.route,
+        "dns": True if args.dns else None,
+        "verbose": True if args.verbose else None,
+    }
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from p2psip.config import load_config
+    from p2psip.errors import ConfigError
+
+    try:
+        config = load_config(Path(args.config) if args.config else None, _peer_flags(args))
+    except ConfigError as exc:
+        return fail(str(exc), 2)
+    if config.scripts is not None and not config.scripts.is_dir():
+        return fail(
+            f"--scripts {config.scripts}: not a directory (create it, then put user@domain.py files in it)", 2
+        )
+    if config.script is not None and not config.script.is_file():
+        return fail(f"--script {config.script}: no such file", 2)
+    from p2psip.peer import Peer, run_foreground
+
+    def install_scripts(peer: Peer) -> Any:
+        if config.script is None and config.scripts is None:
+            return None
+        from sipapi.scripts import install
+
+        scripting = install(peer, scripts=config.scripts, script=config.script)
+        peer._event("scripts", ", ".join(str(p) for p in (config.scripts, config.script) if p))
+        return scripting.close
+
+    try:
+        return asyncio.run(run_foreground(config, extension=install_scripts))
+    except ConfigError as exc:
+        return fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from p2psip import control
+    from p2psip.errors import P2PSIPError
+
+    try:
+        status = asyncio.run(control.request(data_dir_of(args), "status"))
+    except P2PSIPError as exc:
+        return fail(str(exc), 1)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    _print_status(status)
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(
+        f"peer {status.get('node_id', '?')}  overlay {status.get('overlay_name')} at {status.get('overlay')}"
+    )
+    print(f"  SIP: {', '.join(status.get('sip', []))}   up {status.get('uptime_s', 0):.0f} s")
+    pred = status.get("predecessor")
+    print(f"  predecessor: {pred['id'] + ' ' + pred['addr'] if pred else '(none)'}")
+    print("  successors:")
+    print_table(
+        ["#", "node", "address"],
+        [(i + 1, s["id"], s["addr"]) for i, s in enumerate(status.get("successors", []))],
+        "    ",
+    )
+    fingers = status.get("fingers", [])
+    if fingers:
+        print("  fingers:")
+        print_table(
+            ["#", "node", "address"], [(i + 1, f["id"], f["addr"]) for i, f in enumerate(fingers)], "    "
+        )
+    stored = status.get("stored", [])
+    print(f"  stored entries: {sum(s['entries'] for s in stored)} under {len(stored)} keys")
+    if stored:
+        print_table(
+            ["key", "name", "entries", "owner key"],
+            [(s["key"], s.get("name") or "", s["entries"], s.get("owner", "")) for s in stored[:20]],
+            "    ",
+        )
+    counters = status.get("counters", {})
+    if counters:
+        print("  counters:")
+        print_table(["counter", "value"], sorted(counters.items()), "    ")
+
+
+def _cmd_lookup(args: argparse.Namespace) -> int:
+    from p2psip import control
+    from p2psip.errors import P2PSIPError
+
+    try:
+        result = asyncio.run(control.request(data_dir_of(args), "lookup", uri=args.uri))
+    except P2PSIPError as exc:
+        return fail(str(exc), 1)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0 if result.get("bindings") else 1
+    _print_lookup(result)
+    return 0 if result.get("bindings") else 1
+
+
+def _print_lookup(result: dict[str, Any]) -> None:
+    print(f"{result['aor']}  key {result['key']}")
+    responsible = result.get("responsible") or {"id": "?", "addr": "?"}
+    print(
+        f"  lookup: {result.get('hops')} hop(s) to {responsible['id'][:8]} ({responsible['addr']}), "
+        f"the node responsible; {result.get('lookup_ms')} ms with the fetch"
+    )
+    holders = result.get("holders", [])
+    if holders:
+        print("  stored at: " + ", ".join(f"{h['id'][:8]} ({h['addr']})" for h in holders))
+    bindings = result.get("bindings", [])
+    if not bindings:
+        print("  nobody is registered")
+        return
+    print_table(
+        ["contact", "expires in", "q", "instance"],
+        [(b["contact"], f"{b['expires_in']} s", b.get("q") or "", b.get("instance") or "") for b in bindings],
+    )
+
+
+def add_commands(sub: Any) -> None:
+    start = sub.add_parser("start", help="run a peer in the foreground")
+    start.add_argument(
+        "--listen",
+        action="append",
+        metavar="[udp:|tcp:|tls:]HOST:PORT",
+        help="SIP listener (repeatable; default UDP and TCP on 127.0.0.1:5060)",
+    )
+    start.add_argument("--overlay", metavar="HOST:PORT", help="overlay address (default 127.0.0.1:7060)")
+    start.add_argument("--join", metavar="HOST:PORT", help="a peer of the overlay to join through")
+    start.add_argument(
+        "--overlay-name", metavar="NAME", help="overlay name (peers of another name are ignored)"
+    )
+    start.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="identity, user keys and control socket (default ~/.local/share/p2psip)",
+    )
+    start.add_argument("--config", metavar="FILE", help="TOML config holding any of these settings")
+    start.add_argument("--script", metavar="FILE", help="a sipapi script run for every request")
+    start.add_argument("--scripts", metavar="DIR", help="per-user sipapi scripts")
+    start.add_argument(
+        "--route",
+        action="append",
+        metavar="DOMAIN=HOST:PORT",
+        help="static next hop for a domain (repeatable)",
+    )
+    start.add_argument("--dns", action="store_true", help="resolve non-overlay domains with DNS")
+    start.add_argument("-v", "--verbose", action="store_true", help="print a SIP trace")
+    start.set_defaults(func=_cmd_start)
+
+    for name, helptext, func in (
+        ("status", "show a running peer: ring neighbours, fingers, stored entries, counters", _cmd_status),
+        ("lookup", "look an AOR up through a running peer", _cmd_lookup),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "lookup":
+            p.add_argument("uri", metavar="SIP-URI")
+        p.add_argument("--data-dir", metavar="DIR", help="the running peer's data dir")
+        p.add_argument("--config", metavar="FILE", help="take the data dir from this config")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)

@@ -1,0 +1,112 @@
+"""``p2psip proxy``: a stand-alone SIP proxy (no overlay), forwarding by Route and Request-URI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    """``p2psip proxy``: a stand-alone SIP proxy (no overlay), forwarding by Route and Request-URI."""
+    import asyncio
+
+    from p2psip.errors import ConfigError
+    from p2psip.proxy import serve
+    from p2psip.transport import ListenSpec
+
+    listen = args.listen or ["127.0.0.1:5060"]
+    try:
+        for spec in listen:
+            ListenSpec.parse(spec)
+        if args.tls_key and not args.tls_cert:
+            raise ConfigError("--tls-key needs --tls-cert")
+        if args.recurse and args.stateless:
+            raise ConfigError("--recurse needs the stateful proxy (a stateless one cannot see the 3xx)")
+    except ConfigError as exc:
+        print(f"p2psip: error: {exc}", file=sys.stderr)
+        return 2
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    def ready(stack: object) -> None:
+        from p2psip.stack import Stack
+
+        assert isinstance(stack, Stack)
+        where = ", ".join(
+            f"{t}:{'[' + h + ']' if ':' in h else h}:{p}"
+            for t, addrs in stack.transport.listening.items()
+            for h, p in addrs
+        )
+        mode = "stateless" if args.stateless else "stateful"
+        print(f"p2psip proxy ({mode}) listening on {where}", flush=True)
+
+    run: object = asyncio.run
+    if args.loop in ("auto", "uvloop"):
+        try:
+            import uvloop  # type: ignore[import-not-found,unused-ignore]
+
+            run = uvloop.run
+        except ImportError:
+            if args.loop == "uvloop":
+                print("p2psip: error: --loop uvloop: uvloop is not installed", file=sys.stderr)
+                return 2
+    try:
+        stats = run(  # type: ignore[operator]
+            serve(
+                listen,
+                stateless=args.stateless,
+                record_route=not args.no_record_route,
+                recurse=args.recurse,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                tls_ca=args.tls_ca,
+                verbose=args.verbose,
+                trying_delay=args.trying_delay,
+                ready=ready,
+            )
+        )
+    except ConfigError as exc:
+        print(f"p2psip: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    summary = " ".join(f"{k}={v}" for k, v in stats.items() if v)
+    print(f"p2psip proxy stopped: {summary}", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    proxy = sub.add_parser("proxy", help="run a plain SIP proxy (no overlay), like a minimal Kamailio")
+    proxy.add_argument(
+        "--listen",
+        action="append",
+        metavar="[udp:|tcp:|tls:]HOST:PORT",
+        help="where to listen (repeatable; no prefix = UDP and TCP; default 127.0.0.1:5060)",
+    )
+    proxy.add_argument("--stateless", action="store_true", help="forward statelessly (RFC 3261 §16.11)")
+    proxy.add_argument("--no-record-route", action="store_true", help="do not add Record-Route")
+    proxy.add_argument(
+        "--recurse",
+        action="store_true",
+        help="follow 3xx redirects: their Contacts become new branches (RFC 3261 §16.5)",
+    )
+    proxy.add_argument("--tls-cert", metavar="PEM", help="certificate for tls: (default: self-signed)")
+    proxy.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
+    proxy.add_argument(
+        "--tls-ca", metavar="PEM", help="certificates trusted when forwarding over TLS (default: system's)"
+    )
+    proxy.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="auto: uvloop if installed"
+    )
+    proxy.add_argument(
+        "--trying-delay",
+        type=float,
+        default=0.2,
+        metavar="S",
+        help="send 100 Trying only if the INVITE is not answered within S seconds (0: at once)",
+    )
+    proxy.add_argument("-v", "--verbose", action="store_true", help="log every decision (slow)")
+    proxy.set_defaults(func=_cmd_proxy)
