@@ -24,7 +24,6 @@ import contextlib
 import ipaddress
 import logging
 import re
-import signal
 import socket
 import sys
 import time
@@ -63,9 +62,10 @@ from p2psip.registrar import (
     plan_register,
     reject_response,
 )
+from p2psip.run import stop_signals
 from p2psip.stack import Source, Stack
+from p2psip.trace import SipTrace
 from p2psip.transaction import ServerTransaction
-from p2psip.transport import Target
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
@@ -674,43 +674,6 @@ async def _resolve(host: str, port: int | None) -> tuple[str, int] | None:
     return None
 
 
-TraceSink = Callable[[str, tuple[str, str, int] | None, bytes], None]
-"""``sink(direction, (transport, host, port) or None, data)``: direction ``"in"`` or ``"out"``."""
-
-
-class SipTrace:
-    """Sees every SIP message a stack sends and receives (``p2psip start -v``, the demo's ladder).
-
-    It observes one stack (:meth:`Stack.add_observer`: the bytes as received and as sent) and hands each
-    message to ``sink``; ``enabled`` switches it on and off, :meth:`close` detaches it.
-    """
-
-    def __init__(self, stack: Stack, sink: TraceSink) -> None:
-        self.sink = sink
-        self.enabled = True
-        self.stack = stack
-        stack.add_observer(self._observe)
-
-    def _observe(self, direction: str, data: bytes, remote: Target) -> None:
-        if self.enabled:
-            self.sink(direction, (remote.transport, remote.host, remote.port), data)
-
-    def close(self) -> None:
-        """Stop tracing this stack."""
-        self.stack.remove_observer(self._observe)
-
-    @staticmethod
-    def printer(write: Callable[[str], None]) -> TraceSink:
-        """A sink that writes each message in full, with its direction and remote address."""
-
-        def sink(direction: str, where: tuple[str, str, int] | None, data: bytes) -> None:
-            arrow = "<< from" if direction == "in" else ">> to"
-            place = f"{where[0]}:{_uri_host(where[1])}:{where[2]}" if where else "stream"
-            write(f"{arrow} {place}\n{data.decode('utf-8', 'replace').rstrip()}\n")
-
-        return sink
-
-
 def _log_line(kind: str, text: str) -> None:
     stamp = time.strftime("%H:%M:%S")
     print(f"{stamp} {kind:<12} {text}", flush=True)
@@ -787,21 +750,18 @@ async def run_foreground(
             await server.close()
             await peer.close(leave=True)
             raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    _log_line("ready", f"control socket {server.path}")
-    if ready is not None:
-        ready(peer)
-    watcher = asyncio.ensure_future(_watch_neighbours(peer))
+    watcher: asyncio.Future[None] | None = None
     try:
-        await stop.wait()
-        _log_line("stopping", "leaving the overlay")
+        with stop_signals() as stopped:
+            _log_line("ready", f"control socket {server.path}")
+            if ready is not None:
+                ready(peer)
+            watcher = asyncio.ensure_future(_watch_neighbours(peer))
+            await stopped.wait()
+            _log_line("stopping", "leaving the overlay")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         await server.close()
         if cleanup is not None:
             with contextlib.suppress(Exception):

@@ -32,7 +32,6 @@ The hot path avoids logging (``verbose`` only) and copies each request once per 
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import inspect
 import logging
@@ -805,98 +804,3 @@ def choose_best(responses: Sequence[Response]) -> Response | None:
                     return r
     non_503 = [r for r in same if r.status != 503]
     return (non_503 or same)[0]
-
-
-class _YoungPasses:
-    """Collect the young generations on a clock: generation 0 every 50 ms, 0 and 1 every 200 ms.
-
-    Why: CPython starts a young pass when allocations minus deallocations exceed the threshold. Once a
-    busy proxy is in its steady state, the transactions ending 32 s after they began free about as many
-    objects as new calls allocate, so that difference hardly grows: passes became rare and each walked
-    tens of thousands of young objects (20-100 ms pauses, p99 setup 60-80 ms after the first 32 s at
-    500 calls/s, while the first 30 s looked fine). On a clock each pass walks what 50 ms of traffic left
-    alive, a fraction of a millisecond at 500 calls/s; an idle proxy pays microseconds."""
-
-    INTERVAL = 0.05
-    MIDDLE_EVERY = 4
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.ticks = 0
-        self.handle: asyncio.TimerHandle | None = loop.call_later(self.INTERVAL, self._tick)
-
-    def _tick(self) -> None:
-        self.ticks += 1
-        gc.collect(1 if self.ticks % self.MIDDLE_EVERY == 0 else 0)
-        self.handle = self.loop.call_later(self.INTERVAL, self._tick)
-
-    def stop(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-
-async def serve(
-    listen: Sequence[str],
-    *,
-    stateless: bool = False,
-    record_route: bool = True,
-    recurse: bool = False,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    tls_ca: str | None = None,
-    verbose: bool = False,
-    trying_delay: float | None = 0.2,
-    ready: Callable[[Stack], None] | None = None,
-    stop: asyncio.Event | None = None,
-) -> dict[str, int]:
-    """Run a stand-alone proxy until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None); return
-    its counters. ``ready(stack)`` is called once every listener is open (the CLI prints the addresses).
-
-    ``trying_delay``: an INVITE gets ``100 Trying`` only if no provisional or final response has been
-    forwarded within that time (§17.2.1's 200 ms allowance): a callee that rings at once saves the proxy
-    and the caller one message per call. 0 sends it at once, None never."""
-    import signal
-
-    from p2psip.transport import TLSConfig
-
-    # The cyclic collector's pauses are a busy proxy's tail latency. Each call leaves objects alive for
-    # up to 32 s (RFC 6026's lingering transactions), and a young-generation pass walks every object that
-    # survived since the last one: Python's default (700, 10, 10) also runs a full pass over all of them
-    # every few seconds (a quarter of the CPU), while one big young generation (50,000, as we had) paused
-    # 20-30 ms each time. Measured at 375 calls/s (sipp, 10 s and 40 s): young 2000 and middle 5 keep
-    # passes near 2 ms and 7-12 ms, 1.5 % of the CPU, p99 call setup 8 ms instead of 16-24. A full pass
-    # walks every live call (~680,000 objects after 36 s at 500 calls/s: 0.6-0.8 s) and finds nothing:
-    # a finished call forms no reference cycle (Proxy._release; unreachable = 0 after a minute at 500
-    # calls/s), so reference counting frees it. Full passes are therefore left to the rare 100,000th
-    # middle pass (hours apart); cycles made elsewhere (errors) mostly die young, where the frequent
-    # passes collect them. gc.freeze() moves what start-up allocated out of sight. (Only here, in the
-    # stand-alone process: a library must not change a process-wide setting.)
-    gc.set_threshold(2000, 5, 100_000)
-    gc.freeze()
-
-    # tls_ca: whom to trust when forwarding over TLS (None: the system's store). Without tls_cert a tls:
-    # listener presents a self-signed certificate made at start.
-    tls = None
-    if tls_cert or tls_ca:
-        tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert, cafile=tls_ca)
-    stack = await Stack.start(listen, tls=tls, verbose=verbose, trying_delay=trying_delay)
-    proxy = Proxy(stack, stateless=stateless, record_route=record_route, recurse=recurse, verbose=verbose)
-    loop = asyncio.get_running_loop()
-    young_passes = _YoungPasses(loop)
-    own_stop = stop is None
-    stop_event = stop if stop is not None else asyncio.Event()
-    if own_stop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop_event.set)
-    try:
-        if ready is not None:
-            ready(stack)
-        await stop_event.wait()
-    finally:
-        young_passes.stop()
-        if own_stop:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-        await stack.close()
-    return {**stack.stats, **proxy.stats}

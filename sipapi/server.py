@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import P2PSIPError
 from p2psip.message import Request
 from p2psip.peer import Peer, quick_node_config
+from p2psip.run import stop_signals
 from p2psip.stack import Stack
 
 from .events import EventTarget
@@ -214,20 +214,12 @@ async def serve(
         overlay=overlay if overlay is not None else _settings.overlay,
         deadline=deadline,
     )
-    loop = asyncio.get_running_loop()
-    own = stop is None
-    stop_event = stop if stop is not None else asyncio.Event()
-    if own:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop_event.set)
     try:
-        if ready is not None:
-            ready(server)
-        await stop_event.wait()
+        with stop_signals(stop) as stopped:
+            if ready is not None:
+                ready(server)
+            await stopped.wait()
     finally:
-        if own:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
         await server.close()
     return server
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from p2psip.peer import SipTrace
 from p2psip.stack import Stack
+from p2psip.trace import SipTrace
 from p2psip.transport import Target
 from p2psip.useragent import UserAgent
 

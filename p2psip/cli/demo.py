@@ -76,7 +76,8 @@ async def _demo(peer_count: int) -> int:
     import time
 
     from p2psip.config import HostPort, ListenSpec, PeerConfig
-    from p2psip.peer import Peer, SipTrace, quick_node_config, wait_until_settled
+    from p2psip.peer import Peer, quick_node_config, wait_until_settled
+    from p2psip.trace import SipTrace
 
     began = time.perf_counter()
     alice_aor, bob_aor = "sip:alice@p2p.example", "sip:bob@p2p.example"

@@ -12,7 +12,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     import asyncio
 
     from p2psip.errors import ConfigError
-    from p2psip.proxy import serve
+    from p2psip.run import serve_proxy
     from p2psip.transport import ListenSpec
 
     listen = args.listen or ["127.0.0.1:5060"]
@@ -55,7 +55,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
                 return 2
     try:
         stats = run(  # type: ignore[operator]
-            serve(
+            serve_proxy(
                 listen,
                 stateless=args.stateless,
                 record_route=not args.no_record_route,

@@ -21,7 +21,8 @@ from test_media_baresip import free_sip_port
 
 from p2psip.media import dominant_frequency
 from p2psip.media.sources import read_wav
-from p2psip.peer import Peer, SipTrace
+from p2psip.peer import Peer
+from p2psip.trace import SipTrace
 
 from .helpers import start_overlay, stop_overlay
 
