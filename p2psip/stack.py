@@ -43,6 +43,7 @@ from p2psip.transaction import (
     TUEvent,
 )
 from p2psip.transport import (
+    DEFAULT_PORTS,
     RELIABLE,
     ListenSpec,
     Observer,
@@ -54,6 +55,7 @@ from p2psip.transport import (
     via_host,
 )
 from p2psip.uri import URI
+from p2psip.websocket import OriginPolicy
 
 log = logging.getLogger("p2psip.stack")
 
@@ -121,12 +123,18 @@ class Stack:
         trying_delay: float | None = 0.0,
         idle_timeout: float = 300.0,
         verbose: bool = False,
+        ws_origins: Iterable[str] = (),
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.timers = timers
         self.verbose = verbose
         self.transport = TransportLayer(
-            self.on_message, limits=limits, tls=tls, idle_timeout=idle_timeout, verbose=verbose
+            self.on_message,
+            limits=limits,
+            tls=tls,
+            idle_timeout=idle_timeout,
+            verbose=verbose,
+            ws_origins=OriginPolicy(ws_origins),
         )
         self.transactions = TransactionLayer(timers, trying_delay=trying_delay)
         self.core: Core = _NoCore(self)
@@ -147,9 +155,11 @@ class Stack:
         trying_delay: float | None = 0.0,
         idle_timeout: float = 300.0,
         verbose: bool = False,
+        ws_origins: Iterable[str] = (),
     ) -> Stack:
-        """Create a stack and open its listeners (``[udp:|tcp:|tls:]HOST:PORT``; no prefix = UDP and TCP
-        on one port; port 0 = any free port). The options are those of :class:`Stack`."""
+        """Create a stack and open its listeners (``[udp:|tcp:|tls:|ws:|wss:]HOST:PORT``; no prefix = UDP
+        and TCP on one port; port 0 = any free port). The options are those of :class:`Stack`;
+        ``ws_origins`` are web origins the WebSocket handshake admits besides loopback pages."""
         stack = cls(
             timers=timers,
             limits=limits,
@@ -157,6 +167,7 @@ class Stack:
             trying_delay=trying_delay,
             idle_timeout=idle_timeout,
             verbose=verbose,
+            ws_origins=ws_origins,
         )
         try:
             for spec in listen:
@@ -215,6 +226,9 @@ class Stack:
             scheme = "sips"
         elif transport == "tcp":
             params["transport"] = "tcp"
+        elif transport in ("ws", "wss"):  # RFC 7118 §5.2: WSS is a sips: URI with transport=ws
+            params["transport"] = "ws"
+            scheme = "sips" if transport == "wss" else "sip"
         return URI.build(scheme=scheme, user=user, host=via_host(host), port=port, params=params)
 
     def is_local(self, host: str, port: int | None, transport: str | None = None) -> bool:
@@ -235,7 +249,7 @@ class Stack:
         for name, addrs in self.transport.listening.items():
             if transport is not None and name != transport:
                 continue
-            default = 5061 if name == "tls" else 5060
+            default = DEFAULT_PORTS[name]
             for lhost, lport in addrs:
                 if lport == (port or default) and (
                     lhost == literal or lhost in ("0.0.0.0", "::") or literal in ("0.0.0.0", "::")

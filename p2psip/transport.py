@@ -1,4 +1,5 @@
-"""asyncio transports for SIP: UDP, TCP and TLS listeners and connections (RFC 3261 §18, RFC 3581).
+"""asyncio transports for SIP: UDP, TCP, TLS and WebSocket (WS/WSS) listeners and connections (RFC 3261 §18,
+RFC 3581, RFC 7118).
 
 The transport layer is the only part of the SIP stack that touches sockets. It turns datagrams and byte
 streams into parsed messages (``on_message(message, source)``) and sends bytes to a :class:`Target`. What
@@ -12,6 +13,12 @@ it decides on its own, because only it can, is:
   remote address (with an idle timeout), and the UDP→TCP switch for requests over 1300 bytes (§18.1.1);
 - *robustness*: a malformed message is answered ``400`` with a reason naming the problem when enough of it
   could be read, else dropped; nothing a peer sends can stop a listener. Counters live in :attr:`stats`.
+
+WebSocket connections (:class:`WebSocketConnection`) are stream connections whose framing is RFC 6455's,
+one SIP message per WebSocket message; the handshake, origin check, size limit and keep-alive rules are the
+sans-IO :mod:`p2psip.websocket`. A browser names itself with a ``.invalid`` host in its Via and Contact
+(RFC 7118 §5.2): the connection is remembered under that host too, so a request for such a Contact goes
+back over the browser's own connection, the only way to reach it.
 
 It knows nothing of transactions: the :mod:`p2psip.stack` adapter wires it to the sans-IO cores.
 """
@@ -36,12 +43,22 @@ from typing import NamedTuple, cast
 from p2psip.errors import ConfigError, ParseError, TransportError
 from p2psip.message import Limits, Request, Response, StreamFramer, parse
 from p2psip.uri import URI
+from p2psip.websocket import POLICY_VIOLATION, OriginPolicy, WSEndpoint, WSResult
 
 log = logging.getLogger("p2psip.transport")
 
-TRANSPORTS = ("udp", "tcp", "tls")
-RELIABLE = frozenset({"tcp", "tls"})
-DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+TRANSPORTS = ("udp", "tcp", "tls", "ws", "wss")
+RELIABLE = frozenset({"tcp", "tls", "ws", "wss"})
+WEBSOCKET = frozenset({"ws", "wss"})
+SECURE = frozenset({"tls", "wss"})
+#: RFC 7118 §5.2: WebSocket URIs without a port mean HTTP's ports.
+DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061, "ws": 80, "wss": 443}
+#: How many WebSocket connections one source address may hold open at once (browsers open one per tab).
+WS_MAX_PER_SOURCE = 32
+#: An incoming WebSocket connection must finish its handshake within this many seconds.
+WS_HANDSHAKE_TIMEOUT = 10.0
+#: Ping a WebSocket connection idle this long; no pong by the next ping closes it.
+WS_PING_INTERVAL = 30.0
 #: §18.1.1: a request larger than this (path MTU unknown) goes over a congestion-controlled transport.
 UDP_SIZE_LIMIT = 1300
 
@@ -58,11 +75,14 @@ STAT_NAMES = (
     "connections_opened",
     "connections_closed",
     "udp_to_tcp",  # large requests switched from UDP to TCP (§18.1.1)
+    "ws_errors",  # WebSocket connections closed for a fault: bad handshake or frame, non-SIP payload, no pong
+    "ws_refused",  # WebSocket connections refused: over the per-source bound, or the handshake took too long
 )
 
 
 class Target(NamedTuple):
-    """Where to send: a transport name (``udp``/``tcp``/``tls``), an IP literal (IPv6 without brackets)
+    """Where to send: a transport name (``udp``/``tcp``/``tls``/``ws``/``wss``), an IP literal (IPv6 without
+    brackets; for ``ws``/``wss`` also a browser's ``.invalid`` host, reached over its own connection only)
     and a port. A tuple so it is cheap, hashable and usable as a connection-pool key."""
 
     transport: str
@@ -96,7 +116,7 @@ class Source(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ListenSpec:
-    """One listening address: ``[udp:|tcp:|tls:]HOST:PORT`` (IPv6 in brackets: ``udp:[::1]:5060``)."""
+    """One listening address: ``[udp:|tcp:|tls:|ws:|wss:]HOST:PORT`` (IPv6 in brackets: ``ws:[::1]:80``)."""
 
     transport: str
     host: str
@@ -403,16 +423,24 @@ class StreamConnection(asyncio.Protocol):
         self.closed = True
         self.layer._forget(self)
         self.layer.stats["connections_closed"] += 1
-        waiting, self.unanswered = self.unanswered, []
-        if waiting and not closed_by_us:
+        if not closed_by_us:
             why = f": {exc}" if exc is not None else ""
-            error = TransportError(f"connection to {self.remote} closed by the peer before it answered{why}")
-            self.layer.stats["send_errors"] += len(waiting)
-            for on_error in waiting:
-                try:
-                    on_error(error)
-                except Exception:
-                    log.exception("send-error handler failed")
+            self.fail_waiting(f"connection to {self.remote} closed by the peer before it answered{why}")
+        else:
+            self.unanswered = []
+
+    def fail_waiting(self, why: str) -> None:
+        """Tell the senders of what is still unanswered on this connection that it failed."""
+        waiting, self.unanswered = self.unanswered, []
+        if not waiting:
+            return
+        error = TransportError(why)
+        self.layer.stats["send_errors"] += len(waiting)
+        for on_error in waiting:
+            try:
+                on_error(error)
+            except Exception:
+                log.exception("send-error handler failed")
 
     def write(self, data: bytes, on_error: ErrorHandler | None = None) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
@@ -430,6 +458,123 @@ class StreamConnection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
             self.layer._forget(self)
+
+
+class WebSocketConnection(StreamConnection):
+    """One SIP WebSocket connection (RFC 7118), incoming (a browser, a SIP WebSocket client) or outgoing
+    (to a ``;transport=ws`` target, e.g. Kamailio's websocket module).
+
+    The protocol rules are :class:`p2psip.websocket.WSEndpoint`'s; this adapter writes what it asks,
+    hands each complete message to the layer like a framed stream message, queues what is sent before the
+    handshake completes, and closes the connection (counted in ``ws_errors``) when the endpoint says so.
+    """
+
+    MAX_QUEUED = 64
+
+    def __init__(self, layer: TransportLayer, transport_name: str, outgoing: bool, host: str = "") -> None:
+        super().__init__(layer, transport_name, outgoing)
+        self.ws = WSEndpoint(
+            client=outgoing, max_message=layer.limits.max_size, origins=layer.ws_origins, host=host
+        )
+        self.queued: list[bytes] = []
+        self.opened_at = layer.loop.time()
+        self.counted_source: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.remote is not None and self.transport is not None
+        if self.outgoing:
+            self.transport.write(self.ws.start())
+            return
+        if not self.layer._admit_ws(self):
+            self.layer.stats["ws_refused"] += 1
+            if self.layer.verbose:
+                log.info("refusing WebSocket connection from %s: too many from that address", self.remote)
+            self.transport.abort()
+            return
+
+    def data_received(self, data: bytes) -> None:
+        now = self.layer.loop.time()
+        self.last_used = now
+        self.ws.touch(now)
+        try:
+            result = self.ws.feed(data)
+        except Exception:  # a wsproto bug must not kill the loop's reader
+            log.exception("WebSocket endpoint failed on data from %s", self.remote)
+            result = WSResult(close=True, error="internal error")
+        if result.messages and self.unanswered:
+            self.unanswered.clear()  # the peer is alive and talking to us
+        self.apply(result)
+        for message in result.messages:
+            if self.closed:
+                break
+            if not message.strip():  # a CRLF keep-alive sent as a message (RFC 5626 §4.4.1 over WS)
+                self.layer.stats["keepalives"] += 1
+                continue
+            self.layer._on_frame(message, self)
+
+    def apply(self, result: WSResult) -> None:
+        """Do what the endpoint asked: write, flush the queue once open, count and close on a fault."""
+        if result.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(result.out)
+        if result.opened:
+            queued, self.queued = self.queued, []
+            for data in queued:
+                self._send(data)
+        if result.error is not None:
+            self.layer.stats["ws_errors"] += 1
+            if self.layer.verbose:
+                log.info("closing WebSocket %s: %s", self.remote, result.error)
+            if not self.ws.open or result.rejected:
+                self.fail_waiting(f"WebSocket connection to {self.remote} failed: {result.error}")
+        if result.close:
+            self._close_transport()
+
+    def write(self, data: bytes, on_error: ErrorHandler | None = None) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise TransportError(f"connection to {self.remote} is closed")
+        self.last_used = self.layer.loop.time()
+        if self.ws.open:
+            self._send(data)
+        elif len(self.queued) >= self.MAX_QUEUED:
+            raise TransportError(f"WebSocket connection to {self.remote} is not open yet; its queue is full")
+        else:
+            self.queued.append(data)
+        if on_error is not None:
+            if len(self.unanswered) >= 256:
+                del self.unanswered[:128]
+            self.unanswered.append(on_error)
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.ws.message(data))
+
+    def tick(self, now: float, ping_interval: float) -> None:
+        """Keep-alive and handshake deadline (called by the layer's sweep)."""
+        if not self.ws.open:
+            if not self.outgoing and now - self.opened_at > WS_HANDSHAKE_TIMEOUT:
+                self.layer.stats["ws_refused"] += 1
+                self.close()
+            return
+        self.apply(self.ws.tick(now, ping_interval))
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close with a WebSocket close frame (``code``, RFC 6455 §7.4) when the connection is open."""
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
+            frame = self.ws.close(code, reason)
+            if frame:
+                self.transport.write(frame)
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.layer._forget(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.layer._release_ws(self)
+        super().connection_lost(exc)
 
 
 # ------------------------------------------------------------------------------------------- layer
@@ -452,8 +597,16 @@ class TransportLayer:
         udp_size_limit: int = UDP_SIZE_LIMIT,
         verbose: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
+        ws_origins: OriginPolicy | None = None,
+        ws_max_per_source: int = WS_MAX_PER_SOURCE,
+        ws_ping_interval: float = WS_PING_INTERVAL,
     ) -> None:
         self.on_message = on_message
+        self.ws_origins = ws_origins or OriginPolicy()
+        """Origins the WebSocket handshake admits (loopback pages by default; a peer adds its web page's)."""
+        self.ws_max_per_source = ws_max_per_source
+        self.ws_ping_interval = ws_ping_interval
+        self._ws_per_source: dict[str, int] = {}
         self.limits = limits or Limits()
         self.tls = tls
         self.idle_timeout = idle_timeout
@@ -552,7 +705,7 @@ class TransportLayer:
                 self._udp_addr.setdefault(family, (host, port))
             else:
                 ssl_ctx = None
-                if spec.transport == "tls":
+                if spec.transport in SECURE:
                     if self.tls is None or not self.tls.certfile:
                         # Present a certificate made now, but keep the trust asked for when connecting
                         # out (the system's store by default): trusting only our own new certificate
@@ -562,16 +715,17 @@ class TransportLayer:
                         self.tls = dataclasses.replace(base, certfile=made.certfile, keyfile=made.keyfile)
                     ssl_ctx = self.tls.server_context()
                 name = spec.transport
+                factory = self._protocol_factory(name)
                 if bound is not None:
                     server = await self.loop.create_server(
-                        lambda: StreamConnection(self, name, outgoing=False),
+                        factory,
                         sock=bound,
                         ssl=ssl_ctx,
                         backlog=1024,
                     )
                 else:
                     server = await self.loop.create_server(
-                        lambda: StreamConnection(self, name, outgoing=False),
+                        factory,
                         host=spec.host,
                         port=spec.port,
                         family=family,
@@ -589,6 +743,11 @@ class TransportLayer:
         if self.verbose:
             log.info("listening on %s", Target(spec.transport, host, port))
         return Target(spec.transport, host, port)
+
+    def _protocol_factory(self, name: str) -> Callable[[], StreamConnection]:
+        if name in WEBSOCKET:
+            return lambda: WebSocketConnection(self, name, outgoing=False)
+        return lambda: StreamConnection(self, name, outgoing=False)
 
     def local_address(self, transport: str = "udp", family_of: str | None = None) -> tuple[str, int]:
         """The (host, port) this stack listens on for ``transport`` (of the address family of host
@@ -704,6 +863,11 @@ class TransportLayer:
                 if self.verbose:
                     log.info("cannot answer malformed message from %s: %s", source.target, inner)
         self.stats["dropped"] += 1
+        conn = source.connection
+        if isinstance(conn, WebSocketConnection) and partial is None:
+            # Not SIP at all on a SIP WebSocket: whoever sends it is not a SIP client; close (RFC 7118 §5.1).
+            self.stats["ws_errors"] += 1
+            conn.close(POLICY_VIOLATION, "not a SIP message")
 
     # -------------------------------------------------------------------------------- sending
 
@@ -749,6 +913,8 @@ class TransportLayer:
             raise TransportError("the transport layer is closed")
         if numeric_host(target.host) != target.host:
             self.stats["send_errors"] += 1
+            if target.host.endswith(".invalid"):
+                raise TransportError(f"no WebSocket connection to {target} (it is reached over its own only)")
             raise TransportError(f"cannot connect to {target}: the host is not an IP address (no DNS)")
         queue = self._pending.get(target)
         if queue is not None:
@@ -762,13 +928,19 @@ class TransportLayer:
     async def _open(self, target: Target) -> None:
         ssl_ctx: ssl.SSLContext | None = None
         try:
-            if target.transport == "tls":
+            if target.transport in SECURE:
                 if self._client_ssl is None:
                     self._client_ssl = (self.tls or TLSConfig()).client_context()
                 ssl_ctx = self._client_ssl
+            factory: Callable[[], StreamConnection]
+            if target.transport in WEBSOCKET:
+                authority = f"{via_host(target.host)}:{target.port}"
+                factory = lambda: WebSocketConnection(self, target.transport, outgoing=True, host=authority)  # noqa: E731
+            else:
+                factory = lambda: StreamConnection(self, target.transport, outgoing=True)  # noqa: E731
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
-                    lambda: StreamConnection(self, target.transport, outgoing=True),
+                    factory,
                     target.host,
                     target.port,
                     ssl=ssl_ctx,
@@ -813,9 +985,9 @@ class TransportLayer:
         transport = via.transport.lower()
         if transport not in TRANSPORTS:
             raise TransportError(f"cannot send a response over transport {via.transport!r}")
-        sent_by = numeric_host(via.host) or via.host
+        sent_by = numeric_host(via.host) or via.host.lower()
         if transport in RELIABLE:
-            alias = self._connections.get(Target(transport, sent_by, via.port or 0))
+            alias = self._connections.get(Target(transport, sent_by, via.port or DEFAULT_PORTS[transport]))
             if alias is not None and not alias.closed:
                 return alias
         default = DEFAULT_PORTS[transport]
@@ -854,7 +1026,9 @@ class TransportLayer:
     def _alias(self, conn: StreamConnection, alias: Target) -> None:
         host = numeric_host(alias.host)
         if host is None:
-            return
+            if alias.transport not in WEBSOCKET or not alias.host.lower().endswith(".invalid"):
+                return
+            host = alias.host.lower()  # RFC 7118 §5.2: a browser's name, meaningful on this connection only
         # The alias is keyed by the Via sent-by; a port-less sent-by means the default port.
         key = Target(alias.transport, host, alias.port or DEFAULT_PORTS[alias.transport])
         if self._connections.get(key) is not conn:
@@ -866,17 +1040,48 @@ class TransportLayer:
                 del self._connections[key]
         conn.keys.clear()
 
+    def _admit_ws(self, conn: WebSocketConnection) -> bool:
+        """Count an incoming WebSocket connection against its source's bound; False when over it."""
+        assert conn.remote is not None
+        host = conn.remote.host
+        count = self._ws_per_source.get(host, 0)
+        if count >= self.ws_max_per_source:
+            return False
+        self._ws_per_source[host] = count + 1
+        conn.counted_source = host
+        return True
+
+    def _release_ws(self, conn: WebSocketConnection) -> None:
+        host = conn.counted_source
+        if host is None:
+            return
+        conn.counted_source = None
+        left = self._ws_per_source.get(host, 1) - 1
+        if left > 0:
+            self._ws_per_source[host] = left
+        else:
+            self._ws_per_source.pop(host, None)
+
     def connection_count(self) -> int:
         return len({id(c) for c in self._connections.values()})
 
     def _schedule_sweep(self) -> None:
         interval = max(0.5, min(30.0, self.idle_timeout / 4))
+        if self.listening["ws"] or self.listening["wss"] or self._ws_per_source:
+            interval = max(0.05, min(interval, self.ws_ping_interval / 3, WS_HANDSHAKE_TIMEOUT / 2))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Close stream connections idle for longer than ``idle_timeout`` (connection reuse, bounded)."""
-        deadline = self.loop.time() - self.idle_timeout
+        """Close stream connections idle for longer than ``idle_timeout`` (connection reuse, bounded);
+        ping idle WebSocket connections and close those that stopped answering or never finished the
+        handshake. An incoming WebSocket connection is a browser's only path: it lives while it pongs."""
+        now = self.loop.time()
+        deadline = now - self.idle_timeout
         for conn in list({id(c): c for c in self._connections.values()}.values()):
+            if isinstance(conn, WebSocketConnection):
+                conn.tick(now, self.ws_ping_interval)
+                if not conn.outgoing:
+                    continue
             if conn.last_used < deadline:
                 if self.verbose:
                     log.info("closing idle connection to %s", conn.remote)
@@ -952,14 +1157,20 @@ def _tune_udp_socket(sock: socket.socket | None) -> None:
 def target_from_uri(uri: URI, *, default_transport: str = "udp") -> Target:
     """Where a request for ``uri`` goes, RFC 3263 without DNS: ``maddr`` or the host (an IP literal),
     the port or the transport's default, ``transport=`` or TLS for ``sips:``, else ``default_transport``.
+    ``;transport=ws`` is WS, or WSS for a ``sips:`` URI (RFC 7118 §5.2; ``transport=wss`` is read too); a
+    WebSocket URI may name a browser's ``.invalid`` host, which only its own connection reaches.
 
     Raises TransportError (with the reason) when the host is a name: the stack does no DNS lookups.
     """
     transport = uri.transport or ("tls" if uri.secure else default_transport)
+    if transport == "ws" and uri.secure:
+        transport = "wss"
     if transport not in TRANSPORTS:
         raise TransportError(f"unsupported transport {transport!r} in {uri}")
     host = uri.maddr or uri.host
     literal = numeric_host(host)
     if literal is None:
+        if transport in WEBSOCKET and host.lower().endswith(".invalid"):
+            return Target(transport, host.lower(), uri.port or DEFAULT_PORTS[transport])
         raise TransportError(f"no route to {host!r}: not an IP address and this stack does no DNS lookups")
     return Target(transport, literal, uri.port or DEFAULT_PORTS[transport])

@@ -1,0 +1,302 @@
+"""SIP over WebSocket (RFC 7118): the sans-IO endpoint with a fake clock, and ws:/wss: listeners and outgoing
+connections on real loopback sockets, driven by a WebSocket client written on wsproto directly (not on our
+endpoint), so both sides of every handshake are checked against an independent implementation."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+
+import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.utilities import ProtocolError
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+from p2psip.message import Request as SipRequest
+from p2psip.message import Response, parse
+from p2psip.transport import ListenSpec, Target, TLSConfig, target_from_uri
+from p2psip.uri import URI
+from p2psip.websocket import OriginPolicy, WSEndpoint
+from tests.test_transport import make_layer, options
+
+
+class WSClient:
+    """A SIP WebSocket client over asyncio streams, on wsproto: what a browser's SIP library does."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.messages: asyncio.Queue[bytes] = asyncio.Queue()
+        self.closed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.pings = 0
+        self._reader_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        port: int,
+        *,
+        origin: str | None = "http://127.0.0.1:8080",
+        subprotocols: tuple[str, ...] = ("sip",),
+        tls: bool = False,
+    ) -> tuple[WSClient, AcceptConnection | RejectConnection]:
+        ctx = None
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        client = cls(reader, writer)
+        headers = [(b"origin", origin.encode())] if origin else []
+        writer.write(
+            client.ws.send(
+                Request(host=f"127.0.0.1:{port}", target="/", subprotocols=list(subprotocols), extra_headers=headers)
+            )
+        )
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            client.ws.receive_data(data or None)
+            for event in client.ws.events():
+                if isinstance(event, AcceptConnection | RejectConnection):
+                    if isinstance(event, AcceptConnection):
+                        client._reader_task = asyncio.create_task(client._read())
+                    return client, event
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.reader.read(65536)
+            self.ws.receive_data(data or None)
+            for event in self.ws.events():
+                if isinstance(event, TextMessage):
+                    self.messages.put_nowait(event.data.encode())
+                elif isinstance(event, BytesMessage):
+                    self.messages.put_nowait(bytes(event.data))
+                elif isinstance(event, Ping):
+                    self.pings += 1
+                    self.writer.write(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if not self.closed.done():
+                        self.closed.set_result(event.code)
+                    return
+            if not data:
+                return
+
+    def send_text(self, text: str | bytes) -> None:
+        self.writer.write(self.ws.send(TextMessage(data=text if isinstance(text, str) else text.decode())))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.writer.write(self.ws.send(BytesMessage(data=data)))
+
+    async def recv(self, timeout: float = 5.0) -> SipRequest | Response:
+        return parse(await asyncio.wait_for(self.messages.get(), timeout), datagram=False)
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, ssl.SSLError):
+            pass
+
+
+def browser_options(branch: str, host: str = "df7jal23ls0d.invalid", transport: str = "WS") -> bytes:
+    """An OPTIONS as JsSIP writes it: a ``.invalid`` sent-by without a port (RFC 7118 §5.2)."""
+    return options(branch, via=host, rport=False, transport=transport)
+
+
+# ------------------------------------------------------------------------------------- sans-IO endpoint
+
+
+def handshake() -> tuple[WSEndpoint, WSEndpoint]:
+    server = WSEndpoint(client=False, max_message=1000)
+    client = WSEndpoint(client=True, host="127.0.0.1:80", origin="http://127.0.0.1:8080")
+    result = server.feed(client.start())
+    assert result.opened and not result.close
+    answer = client.feed(result.out)
+    assert answer.opened and answer.error is None
+    return server, client
+
+
+def test_endpoint_handshake_and_one_message_per_frame() -> None:
+    server, client = handshake()
+    one, two = b"OPTIONS sip:a SIP/2.0\r\n\r\n", b"\xff\xfebinary"
+    got = server.feed(client.message(one) + client.message(two))
+    assert got.messages == [one, two]  # text frame, then binary (not UTF-8)
+
+
+def test_endpoint_refuses_foreign_origin_and_missing_subprotocol() -> None:
+    server = WSEndpoint(client=False, origins=OriginPolicy(["https://phone.example"], loopback=True))
+    evil = WSEndpoint(client=True, host="127.0.0.1:80", origin="https://evil.example")
+    result = server.feed(evil.start())
+    assert result.rejected and result.close and b"403" in result.out.split(b"\r\n")[0]
+    allowed = WSEndpoint(client=True, host="127.0.0.1:80", origin="https://phone.example")
+    assert WSEndpoint(client=False, origins=OriginPolicy(["https://phone.example"])).feed(allowed.start()).opened
+    plain = WSConnection(ConnectionType.CLIENT).send(Request(host="x", target="/", subprotocols=["chat"]))
+    refused = WSEndpoint(client=False).feed(plain)
+    assert refused.rejected and b"400" in refused.out.split(b"\r\n")[0]
+    assert not WSEndpoint(client=False).feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").opened
+
+
+def test_endpoint_closes_on_oversized_and_malformed_frames() -> None:
+    server, client = handshake()
+    big = server.feed(client.message(b"x" * 1001))
+    assert big.close and big.error and struct.unpack("!H", big.out[2:4])[0] == 1009
+    server, _ = handshake()
+    bad = server.feed(b"\x8f\x80\x00\x00\x00\x00")  # opcode 0xF is reserved
+    assert bad.close and bad.error and struct.unpack("!H", bad.out[2:4])[0] == 1002
+
+
+def test_endpoint_keepalive_pings_then_closes_without_pong() -> None:
+    server, client = handshake()
+    assert server.tick(0.0, 30).out == b""  # starts the clock
+    assert server.tick(10.0, 30).out == b""  # not idle long enough
+    ping = server.tick(30.0, 30)
+    assert ping.out and not ping.close
+    server.feed(client.feed(ping.out).out)  # the client pongs
+    assert not server.tick(60.0, 30).close  # answered: a new ping, no close
+    dead = server.tick(90.0, 30)  # this one unanswered
+    assert dead.close and dead.error == "keep-alive ping unanswered"
+
+
+# ----------------------------------------------------------------------------------------- loopback
+
+
+async def test_ws_listener_answers_with_received_on_the_invalid_via() -> None:
+    layer, echo = await make_layer("ws:127.0.0.1:0")
+    port = layer.listening["ws"][0][1]
+    try:
+        client, event = await WSClient.connect(port)
+        assert isinstance(event, AcceptConnection) and event.subprotocol == "sip"
+        client.send_text(browser_options("ws1"))
+        request, source = await asyncio.wait_for(echo.got.get(), 5)
+        assert source.transport == "ws" and source.connection is not None
+        response = await client.recv()
+        assert isinstance(response, Response) and response.status == 200
+        via = response.top_via
+        assert via is not None and via.host == "df7jal23ls0d.invalid" and via.received == "127.0.0.1"
+        # The browser's .invalid host now reaches it over its own connection, and only there.
+        target = target_from_uri(URI("sip:alice@df7jal23ls0d.invalid;transport=ws"))
+        assert target == Target("ws", "df7jal23ls0d.invalid", 80)
+        layer.send(options("back", via="127.0.0.1:9", transport="WS"), target)
+        back = await client.recv()
+        assert isinstance(back, SipRequest) and back.method == "OPTIONS"
+        await client.close()
+    finally:
+        await layer.close()
+
+
+async def test_non_sip_payload_closes_that_connection_only() -> None:
+    layer, echo = await make_layer("ws:127.0.0.1:0")
+    port = layer.listening["ws"][0][1]
+    try:
+        good, _ = await WSClient.connect(port)
+        bad, _ = await WSClient.connect(port)
+        bad.send_bytes(b"\x00\x01 hello, this is not SIP")
+        assert await asyncio.wait_for(bad.closed, 5) == 1008
+        assert layer.stats["ws_errors"] == 1
+        good.send_text(browser_options("still-alive", host="good.invalid"))
+        response = await good.recv()
+        assert isinstance(response, Response) and response.status == 200
+        # A malformed frame (reserved opcode) also closes, with 1002.
+        bad2, _ = await WSClient.connect(port)
+        bad2.writer.write(b"\x8f\x80\x00\x00\x00\x00")
+        assert await asyncio.wait_for(bad2.closed, 5) == 1002
+        assert layer.stats["ws_errors"] == 2
+        for c in (good, bad, bad2):
+            await c.close()
+    finally:
+        await layer.close()
+
+
+async def test_handshake_checks_origin_and_subprotocol() -> None:
+    layer, _ = await make_layer("ws:127.0.0.1:0")
+    port = layer.listening["ws"][0][1]
+    try:
+        client, event = await WSClient.connect(port, origin="https://evil.example")
+        assert isinstance(event, RejectConnection) and event.status_code == 403
+        await client.close()
+        client, event = await WSClient.connect(port, subprotocols=("chat",))
+        assert isinstance(event, RejectConnection) and event.status_code == 400
+        await client.close()
+        layer.ws_origins.add("https://evil.example")  # what --ws-origin / the peer's --http origin do
+        client, event = await WSClient.connect(port, origin="https://evil.example")
+        assert isinstance(event, AcceptConnection)
+        await client.close()
+        assert layer.stats["ws_errors"] >= 2
+    finally:
+        await layer.close()
+
+
+async def test_connections_per_source_are_bounded() -> None:
+    layer, _ = await make_layer("ws:127.0.0.1:0", ws_max_per_source=2)
+    port = layer.listening["ws"][0][1]
+    try:
+        first, _ = await WSClient.connect(port)
+        second, _ = await WSClient.connect(port)
+        with pytest.raises((ConnectionError, TimeoutError, OSError, ProtocolError)):
+            third, event = await WSClient.connect(port)
+            raise ConnectionError(f"third connection answered {event!r}")
+        assert layer.stats["ws_refused"] == 1
+        await first.close()
+        for _ in range(100):  # the server sees the close, then frees the slot
+            if len(layer._ws_per_source) == 1 and layer._ws_per_source.get("127.0.0.1") == 1:
+                break
+            await asyncio.sleep(0.02)
+        again, event = await WSClient.connect(port)
+        assert isinstance(event, AcceptConnection)
+        await second.close()
+        await again.close()
+    finally:
+        await layer.close()
+
+
+async def test_keepalive_pings_the_client() -> None:
+    layer, _ = await make_layer("ws:127.0.0.1:0", ws_ping_interval=0.3)
+    port = layer.listening["ws"][0][1]
+    try:
+        client, _ = await WSClient.connect(port)
+        for _ in range(100):
+            if client.pings >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert client.pings >= 2 and not client.closed.done()  # we pong, so it stays open
+        await client.close()
+    finally:
+        await layer.close()
+
+
+@pytest.mark.parametrize("transport", ["ws", "wss"])
+async def test_outgoing_connection_to_a_transport_ws_target(transport: str) -> None:
+    tls = TLSConfig.self_signed()
+    server, server_echo = await make_layer(f"{transport}:127.0.0.1:0", tls=tls)
+    client_layer, client_echo = await make_layer("udp:127.0.0.1:0", tls=tls)
+    port = server.listening[transport][0][1]
+    scheme = "sips" if transport == "wss" else "sip"
+    try:
+        target = target_from_uri(URI(f"{scheme}:bob@127.0.0.1:{port};transport=ws"))
+        assert target == Target(transport, "127.0.0.1", port)
+        client_layer.send(options("out", via="127.0.0.1:5", transport=transport.upper()), target)
+        request, source = await asyncio.wait_for(server_echo.got.get(), 5)
+        assert isinstance(request, SipRequest) and source.transport == transport
+        response, _ = await asyncio.wait_for(client_echo.got.get(), 5)
+        assert isinstance(response, Response) and response.status == 200
+        assert client_layer.stats["connections_opened"] == 1
+    finally:
+        await client_layer.close()
+        await server.close()
+
+
+def test_listen_spec_knows_ws() -> None:
+    assert ListenSpec.parse("ws:127.0.0.1:8080") == [ListenSpec("ws", "127.0.0.1", 8080)]
+    assert ListenSpec.parse("wss:[::1]:8443") == [ListenSpec("wss", "::1", 8443)]
