@@ -5,12 +5,12 @@ endpoint), so both sides of every handshake are checked against an independent i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import struct
 
 import pytest
 from wsproto import ConnectionType, WSConnection
-from wsproto.utilities import ProtocolError
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -20,6 +20,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.utilities import ProtocolError
 
 from p2psip.message import Request as SipRequest
 from p2psip.message import Response, parse
@@ -60,7 +61,9 @@ class WSClient:
         headers = [(b"origin", origin.encode())] if origin else []
         writer.write(
             client.ws.send(
-                Request(host=f"127.0.0.1:{port}", target="/", subprotocols=list(subprotocols), extra_headers=headers)
+                Request(
+                    host=f"127.0.0.1:{port}", target="/", subprotocols=[*subprotocols], extra_headers=headers
+                )
             )
         )
         while True:
@@ -104,10 +107,8 @@ class WSClient:
         if self._reader_task is not None:
             self._reader_task.cancel()
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
 
 
 def browser_options(branch: str, host: str = "df7jal23ls0d.invalid", transport: str = "WS") -> bytes:
@@ -179,7 +180,7 @@ async def test_ws_listener_answers_with_received_on_the_invalid_via() -> None:
         client, event = await WSClient.connect(port)
         assert isinstance(event, AcceptConnection) and event.subprotocol == "sip"
         client.send_text(browser_options("ws1"))
-        request, source = await asyncio.wait_for(echo.got.get(), 5)
+        _request, source = await asyncio.wait_for(echo.got.get(), 5)
         assert source.transport == "ws" and source.connection is not None
         response = await client.recv()
         assert isinstance(response, Response) and response.status == 200
@@ -197,7 +198,7 @@ async def test_ws_listener_answers_with_received_on_the_invalid_via() -> None:
 
 
 async def test_non_sip_payload_closes_that_connection_only() -> None:
-    layer, echo = await make_layer("ws:127.0.0.1:0")
+    layer, _echo = await make_layer("ws:127.0.0.1:0")
     port = layer.listening["ws"][0][1]
     try:
         good, _ = await WSClient.connect(port)
@@ -245,7 +246,7 @@ async def test_connections_per_source_are_bounded() -> None:
         first, _ = await WSClient.connect(port)
         second, _ = await WSClient.connect(port)
         with pytest.raises((ConnectionError, TimeoutError, OSError, ProtocolError)):
-            third, event = await WSClient.connect(port)
+            _third, event = await WSClient.connect(port)
             raise ConnectionError(f"third connection answered {event!r}")
         assert layer.stats["ws_refused"] == 1
         await first.close()
