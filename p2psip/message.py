@@ -400,7 +400,10 @@ class Via:
             via = cls.__new__(cls)
             if via._set_fast(m, head):
                 return via
-        return cls(split_list(value)[0])
+        items = split_list(value)
+        if not items:  # "Via: , , ,": commas and nothing between them
+            raise ParseError(f"empty Via header {value[:40]!r}")
+        return cls(items[0])
 
     def _parse_general(self, text: str) -> None:
         proto, sep, rest = text.partition(" ")

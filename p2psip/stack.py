@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from p2psip.errors import TransactionError, TransportError
+from p2psip.errors import ParseError, TransactionError, TransportError
 from p2psip.message import Limits, Request, Response, Via, new_branch
 from p2psip.timers import DEFAULT_TIMERS, TimerConfig
 from p2psip.transaction import (
@@ -308,9 +308,14 @@ class Stack:
                         core.on_request(msg, event.transaction, event.source)  # type: ignore[arg-type]
                     else:
                         core.on_response(msg, event.transaction, event.source)  # type: ignore[arg-type]
-                except Exception:
+                except Exception as exc:
                     self.transport.stats["handler_errors"] += 1
-                    log.exception("core failed on %r", msg)
+                    if isinstance(exc, ParseError):
+                        log.info("core refused %r: %s", msg, exc)
+                    else:
+                        log.exception("core failed on %r", msg)
+                    if isinstance(event.transaction, ServerTransaction):
+                        self.answer_failure(event.transaction, exc)
             elif isinstance(event, Terminated):
                 core.on_terminated(event.transaction)
             elif isinstance(event, Timeout):
@@ -397,6 +402,31 @@ class Stack:
         """Send ``response`` through its server transaction (retransmissions and timers are handled)."""
         events = self.transactions.send_response(transaction, response, self.loop.time())
         self._run(events)
+
+    def answer_failure(self, transaction: ServerTransaction, exc: BaseException) -> None:
+        """End a server transaction whose transaction user failed: 400 naming the problem for a
+        :class:`ParseError` (a header the core parsed lazily, e.g. a malformed second Via), else a plain
+        500 (the exception's text stays in the local log: it may name files and lines). Does nothing when
+        the transaction was already answered. The stack calls it for every exception a core raises, so
+        no request is left without a final response and no transaction lives on unanswered."""
+        last = transaction.last_response
+        if transaction.terminated or (last is not None and last.status >= 200):
+            return
+        request = transaction.request
+        if request.method == "ACK":
+            return
+        try:
+            if isinstance(exc, ParseError):
+                status = exc.status_hint if 400 <= exc.status_hint < 600 else 400
+                problem = " ".join(str(exc).split())[:120]
+                response = Response.for_request(request, status)
+                response.reason = f"{response.reason} ({problem})"
+            else:
+                response = Response.for_request(request, 500)
+            self.respond(transaction, response)
+        except Exception:  # the answer itself could not be built or sent: free the transaction
+            log.exception("cannot answer %r after its core failed", request)
+            self.transactions.abandon(transaction)
 
     def cancel(self, transaction: ClientTransaction) -> None:
         """CANCEL a pending INVITE client transaction (§9.1; deferred until a provisional arrived)."""

@@ -806,6 +806,11 @@ class TransactionLayer:
         elif isinstance(transaction, ServerTransaction) and self.servers.get(transaction.key) is transaction:
             del self.servers[transaction.key]
 
+    def abandon(self, transaction: Transaction) -> None:
+        """Forget ``transaction`` without another message (its timers then never fire): for a server
+        transaction whose final response could not even be built, which must not live on for ever."""
+        self._forget(transaction)
+
     # --- client side -----------------------------------------------------------------------------
     def send_request(
         self,

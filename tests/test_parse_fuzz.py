@@ -295,6 +295,38 @@ def test_mutated_messages_raise_only_parse_error(which: int, seed: int, rounds: 
         pass
 
 
+_SEPARATORS = ' ,;:=<>"@[]/\t.%?*aZ0'
+_NAMES = ["Via", "From", "To", "Call-ID", "CSeq", "Contact", "Route", "Record-Route", "Max-Forwards",
+          "Expires", "Content-Length", "Content-Type", "Authorization", "Supported", "v", "m", "t", "f"]
+
+
+@FAST
+@given(
+    st.integers(0, len(CORPUS) - 1),
+    st.sampled_from(_NAMES),
+    st.one_of(st.text(" ,;\t", max_size=8), st.text(_SEPARATORS, max_size=14)),
+    st.booleans(),
+)
+def test_header_values_of_separators_raise_only_parse_error(
+    which: int, name: str, value: str, replace: bool
+) -> None:
+    """A header whose value is all separators (``Via: , , ,`` raised IndexError: byte mutations of a valid
+    message rarely build one), replacing that header or added as a second line of it."""
+    head, _, body = CORPUS[which].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    line = f"{name}: {value}".encode()
+    if replace:
+        lines = [ln if not ln.lower().startswith(name.lower().encode() + b":") else line for ln in lines]
+    lines.insert(2, line)
+    data = b"\r\n".join(lines) + b"\r\n\r\n" + body
+    for datagram in (True, False):
+        try:
+            msg = parse(data, datagram=datagram)
+        except ParseError:
+            continue
+        _touch_everything(msg)
+
+
 @FAST
 @given(st.text(max_size=60))
 def test_uri_address_via_auth_text_raise_only_parse_error(text: str) -> None:
