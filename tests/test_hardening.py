@@ -80,7 +80,6 @@ async def test_a_malformed_second_via_is_answered_400_and_leaves_no_transaction(
         me = udp_client.getsockname()[1]
         bad = "Via: SIP/2.0/UDP 127.0.0.1;branch=\r\n"
         n = 1000
-        loop = asyncio.get_running_loop()
         answers: list[Response] = []
         for start in range(0, n, 100):  # bounded bursts so the kernel buffer holds the answers
             for i in range(start, start + 100):

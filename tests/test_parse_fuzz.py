@@ -296,8 +296,26 @@ def test_mutated_messages_raise_only_parse_error(which: int, seed: int, rounds: 
 
 
 _SEPARATORS = ' ,;:=<>"@[]/\t.%?*aZ0'
-_NAMES = ["Via", "From", "To", "Call-ID", "CSeq", "Contact", "Route", "Record-Route", "Max-Forwards",
-          "Expires", "Content-Length", "Content-Type", "Authorization", "Supported", "v", "m", "t", "f"]
+_NAMES = [
+    "Via",
+    "From",
+    "To",
+    "Call-ID",
+    "CSeq",
+    "Contact",
+    "Route",
+    "Record-Route",
+    "Max-Forwards",
+    "Expires",
+    "Content-Length",
+    "Content-Type",
+    "Authorization",
+    "Supported",
+    "v",
+    "m",
+    "t",
+    "f",
+]
 
 
 @FAST
