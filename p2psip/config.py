@@ -46,7 +46,8 @@ DEFAULT_SIP_PORT = 5060
 DEFAULT_OVERLAY_PORT = 7060
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_OVERLAY_NAME = "p2psip"
-TRANSPORTS = ("udp", "tcp", "tls")
+TRANSPORTS = ("udp", "tcp", "tls", "ws", "wss")
+_DEFAULT_PORTS = {"tls": 5061, "ws": 80, "wss": 443}
 
 
 def default_data_dir() -> Path:
@@ -119,6 +120,13 @@ class PeerConfig:
     realm: str = "p2psip"
     require_auth: bool = False
     users: dict[str, UserAccount] = field(default_factory=dict)
+    tls_cert: Path | None = None
+    """Certificate (PEM) of the tls:/wss: listeners and of --http with TLS; self-signed when None."""
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    """Certificates trusted when connecting out over TLS/WSS (the system's store when None)."""
+    ws_origins: list[str] = field(default_factory=list)
+    """Web origins whose pages may open the ws:/wss: listeners, besides loopback pages and --http's own."""
 
     def route_for(self, host: str) -> HostPort | None:
         """The static next hop for a request-URI host, if one is configured (case-insensitive)."""
@@ -190,7 +198,7 @@ def parse_hostport(text: str, what: str, *, default_port: int | None = None) -> 
 
 
 def parse_listen(text: str, what: str = "--listen") -> ListenSpec:
-    """``[udp:|tcp:|tls:]HOST:PORT``; without a prefix the peer listens on UDP and TCP."""
+    """``[udp:|tcp:|tls:|ws:|wss:]HOST:PORT``; without a prefix the peer listens on UDP and TCP."""
     if not isinstance(text, str):
         raise ConfigError(f"{what}: expected a string like udp:127.0.0.1:5060, got {type(text).__name__}")
     transport: str | None = None
@@ -198,8 +206,8 @@ def parse_listen(text: str, what: str = "--listen") -> ListenSpec:
     if sep and head.lower() in TRANSPORTS:
         transport, text = head.lower(), rest
     elif sep and head.isalpha() and not head.startswith("[") and rest and not rest.isdigit():
-        raise ConfigError(f"{what}: unknown transport {head!r} (use udp:, tcp: or tls:)")
-    hp = parse_hostport(text, what, default_port=5061 if transport == "tls" else DEFAULT_SIP_PORT)
+        raise ConfigError(f"{what}: unknown transport {head!r} (use udp:, tcp:, tls:, ws: or wss:)")
+    hp = parse_hostport(text, what, default_port=_DEFAULT_PORTS.get(transport or "", DEFAULT_SIP_PORT))
     return ListenSpec(transport, hp.host, hp.port)
 
 
@@ -251,6 +259,10 @@ _FILE_KEYS = frozenset(
         "realm",
         "require_auth",
         "users",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "ws_origins",
     ]
 )
 
@@ -315,6 +327,15 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             config.script = path_of(key)
         elif key == "scripts":
             config.scripts = path_of(key)
+        elif key in ("tls_cert", "tls_key", "tls_ca"):
+            setattr(config, key, path_of(key))
+        elif key == "ws_origins":
+            items = [value] if isinstance(value, str) else _typed(value, list, key, "a list of strings")
+            for item in items:
+                origin = _typed(item, str, key, "a list of origins like https://phone.example")
+                if origin != "*" and "://" not in origin:
+                    raise ConfigError(f"config: ws_origins: {origin!r} is not an origin (scheme://host[:port])")
+            config.ws_origins = list(items)
         elif key == "routes":
             table = _typed(value, dict, key, 'a table DOMAIN = "HOST:PORT"')
             for domain, target in table.items():

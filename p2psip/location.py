@@ -97,6 +97,10 @@ def decide(
     route = routes.get(host)
     if route is not None:
         return StaticRoute(host, route[0], route[1])
+    if host.endswith(".invalid") and uri.transport in ("ws", "wss"):
+        # RFC 7118 §5.2: a browser's made-up host, reached only over its WebSocket connection (the
+        # transport knows it by that name); never a name to look up in the overlay or in DNS.
+        return ForwardAsAddressed(uri.host, uri.port)
     if is_ip_literal(host):
         if uri.user and is_local(uri, local_addresses):
             return OverlayLookup(uri.aor())

@@ -66,6 +66,7 @@ from p2psip.run import stop_signals
 from p2psip.stack import Source, Stack
 from p2psip.trace import SipTrace
 from p2psip.transaction import ServerTransaction
+from p2psip.transport import TLSConfig
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
@@ -263,7 +264,15 @@ class Peer:
                 for transport in spec.transports():
                     host = f"[{spec.host}]" if ":" in spec.host else spec.host
                     listen.append(f"{transport}:{host}:{spec.port}")
-            stack = await Stack.start(listen, verbose=config.verbose, **(stack_options or {}))
+            options: dict[str, Any] = {"ws_origins": list(config.ws_origins)}
+            if config.tls_cert or config.tls_ca:
+                options["tls"] = TLSConfig(
+                    certfile=str(config.tls_cert) if config.tls_cert else None,
+                    keyfile=str(config.tls_key or config.tls_cert) if config.tls_cert else None,
+                    cafile=str(config.tls_ca) if config.tls_ca else None,
+                )
+            options.update(stack_options or {})
+            stack = await Stack.start(listen, verbose=config.verbose, **options)
         except BaseException:
             await node.close()
             raise
@@ -361,6 +370,8 @@ class Peer:
     async def handle_register(self, request: Request, transaction: ServerTransaction, source: Source) -> None:
         """Answer one REGISTER (RFC 3261 §10.3) by reading and writing the AOR's entries in the overlay."""
         self.counters["registers"] += 1
+        if source.transport in ("ws", "wss"):
+            self._add_home_path(request)
         try:
             response = await self._register(request)
         except Exception as exc:  # never leave a REGISTER unanswered
@@ -370,6 +381,16 @@ class Peer:
             self.counters["registers_refused"] += 1
         with contextlib.suppress(Exception):
             self.stack.respond(transaction, response)
+
+    def _add_home_path(self, request: Request) -> None:
+        """A browser (RFC 7118) is reachable only over its WebSocket connection to this peer: its binding
+        gets this peer as the last Path hop (RFC 3327), so requests for it entering at any peer come here
+        and go out over that connection (the transport knows the browser's ``.invalid`` host)."""
+        for transport in ("udp", "tcp", "tls"):
+            if self.stack.transport.listens_on(transport):
+                hop = self.stack.local_uri(transport)
+                request.add("Path", f"<{hop};lr>")
+                return
 
     async def _register(self, request: Request) -> Response:
         try:

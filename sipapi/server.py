@@ -96,14 +96,15 @@ def _is_address(value: object) -> bool:
 
 
 def open(*args: Any, **kwargs: Any) -> Any:
-    """``open((host, port))`` or ``open(('tcp', host, port))``: listen there when ``run()`` starts.
+    """``open((host, port))`` or ``open(('tcp', host, port))`` (``udp``, ``tcp``, ``tls``, ``ws``, ``wss``):
+    listen there when ``run()`` starts.
     Anything else is the built-in :func:`open`, so a script can still write its files."""
     if len(args) == 1 and not kwargs and _is_address(args[0]):
         address = args[0]
         if len(address) == 3:
             transport, host, port = address
-            if transport not in ("udp", "tcp", "tls"):
-                raise ValueError(f"open: transport {transport!r} is not udp, tcp or tls")
+            if transport not in ("udp", "tcp", "tls", "ws", "wss"):
+                raise ValueError(f"open: transport {transport!r} is not udp, tcp, tls, ws or wss")
             point = ListenPoint(host, port, transport)
         else:
             host, port = address

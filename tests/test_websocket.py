@@ -301,3 +301,84 @@ async def test_outgoing_connection_to_a_transport_ws_target(transport: str) -> N
 def test_listen_spec_knows_ws() -> None:
     assert ListenSpec.parse("ws:127.0.0.1:8080") == [ListenSpec("ws", "127.0.0.1", 8080)]
     assert ListenSpec.parse("wss:[::1]:8443") == [ListenSpec("wss", "::1", 8443)]
+
+
+# ------------------------------------------------------------------------------------ peers and browsers
+
+
+def browser_register(aor: str, host: str, instance: str) -> str:
+    """A REGISTER as JsSIP writes it (RFC 7118 §8.1 + RFC 5626: instance, reg-id, ob)."""
+    user = aor.split(":")[1].split("@")[0]
+    return (
+        f"REGISTER sip:p2p.example SIP/2.0\r\n"
+        f"Via: SIP/2.0/WS {host};branch=z9hG4bKreg{instance}\r\n"
+        f"Max-Forwards: 69\r\nTo: <{aor}>\r\nFrom: <{aor}>;tag=reg{instance}\r\n"
+        f"Call-ID: reg-{instance}\r\nCSeq: 1 REGISTER\r\nSupported: path, outbound, gruu\r\n"
+        f'Contact: <sip:{user}@{host};transport=ws;ob>;+sip.instance="<urn:uuid:{instance}>";reg-id=1'
+        f";expires=600\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+    )
+
+
+async def test_browser_registered_over_ws_at_one_peer_is_called_from_another(tmp_path) -> None:
+    """A browser-like client registers over WS at peer 0; a UDP phone calls it through peer 1; the INVITE
+    reaches the browser over its connection (Path to its home peer, then the .invalid host's connection)
+    with a Record-Route for the WS side; the 200 gets back to the caller."""
+    from peer_phone import Phone
+
+    from p2psip.config import HostPort, PeerConfig
+    from p2psip.config import ListenSpec as PeerListen
+    from p2psip.peer import Peer, quick_node_config, wait_until_settled
+
+    peers: list[Peer] = []
+    phone = None
+    client = None
+    try:
+        for i in range(2):
+            config = PeerConfig(
+                listen=[PeerListen("udp", "127.0.0.1", 0), PeerListen("ws", "127.0.0.1", 0)],
+                overlay=HostPort("127.0.0.1", 0),
+                join=HostPort(*peers[0].overlay_address) if peers else None,
+                data_dir=tmp_path / f"p{i}",
+                cache_ttl=0.0,
+            )
+            peers.append(await Peer.start(config, node_config=quick_node_config()))
+        await wait_until_settled(peers, timeout=20)
+        ws_port = peers[0].stack.transport.listening["ws"][0][1]
+        client, _ = await WSClient.connect(ws_port)
+        client.send_text(browser_register("sip:carol@p2p.example", "k3j2h1.invalid", "c1"))
+        ok = await client.recv(timeout=10)
+        assert isinstance(ok, Response) and ok.status == 200, ok
+        assert any("k3j2h1.invalid" in str(c.uri) for c in ok.contacts)
+
+        phone = await Phone.open("alice")
+        call = asyncio.create_task(phone.call("sip:carol@p2p.example", peers[1].sip_address(), hold=0.1))
+        invite = await client.recv(timeout=10)
+        assert isinstance(invite, SipRequest) and invite.method == "INVITE"
+        assert str(invite.uri) == "sip:carol@k3j2h1.invalid;transport=ws;ob"
+        record_route = invite.get_all("Record-Route")
+        assert any("transport=ws" in rr for rr in record_route), record_route
+        answer = Response.for_request(invite, 200)
+        answer.to.params["tag"] = "browser"
+        answer.set("To", str(answer.to))
+        for rr in record_route:
+            answer.add("Record-Route", rr)
+        answer.add("Contact", "<sip:carol@k3j2h1.invalid;transport=ws>")
+        client.send_text(bytes(answer))
+        # The ACK and BYE come back to the browser along the route set, over the same connection.
+        methods = []
+        while len(methods) < 2:
+            msg = await client.recv(timeout=10)
+            if isinstance(msg, SipRequest):
+                methods.append(msg.method)
+                if msg.method == "BYE":
+                    client.send_text(bytes(Response.for_request(msg, 200)))
+        assert methods == ["ACK", "BYE"]
+        result = await asyncio.wait_for(call, 15)
+        assert result.answered and result.bye_status == 200
+    finally:
+        if client is not None:
+            await client.close()
+        if phone is not None:
+            phone.close()
+        for peer in peers:
+            await peer.close(leave=False)

@@ -25,6 +25,10 @@ def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
         "routes": args.route,
         "dns": True if args.dns else None,
         "verbose": True if args.verbose else None,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_ca": args.tls_ca,
+        "ws_origins": args.ws_origin,
     }
 
 
@@ -149,8 +153,19 @@ def add_commands(sub: Any) -> None:
     start.add_argument(
         "--listen",
         action="append",
-        metavar="[udp:|tcp:|tls:]HOST:PORT",
-        help="SIP listener (repeatable; default UDP and TCP on 127.0.0.1:5060)",
+        metavar="[udp:|tcp:|tls:|ws:|wss:]HOST:PORT",
+        help="SIP listener (repeatable; default UDP and TCP on 127.0.0.1:5060; ws:/wss: for browsers)",
+    )
+    start.add_argument("--tls-cert", metavar="PEM", help="certificate for tls:/wss: (default: self-signed)")
+    start.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
+    start.add_argument(
+        "--tls-ca", metavar="PEM", help="certificates trusted connecting out over TLS/WSS (default: system)"
+    )
+    start.add_argument(
+        "--ws-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="web origin (https://host[:port]) whose pages may use ws:/wss: besides loopback (repeatable)",
     )
     start.add_argument("--overlay", metavar="HOST:PORT", help="overlay address (default 127.0.0.1:7060)")
     start.add_argument("--join", metavar="HOST:PORT", help="a peer of the overlay to join through")

@@ -83,7 +83,7 @@ def add_commands(sub: Any) -> None:
     proxy.add_argument(
         "--listen",
         action="append",
-        metavar="[udp:|tcp:|tls:]HOST:PORT",
+        metavar="[udp:|tcp:|tls:|ws:|wss:]HOST:PORT",
         help="where to listen (repeatable; no prefix = UDP and TCP; default 127.0.0.1:5060)",
     )
     proxy.add_argument("--stateless", action="store_true", help="forward statelessly (RFC 3261 §16.11)")
@@ -93,7 +93,7 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="follow 3xx redirects: their Contacts become new branches (RFC 3261 §16.5)",
     )
-    proxy.add_argument("--tls-cert", metavar="PEM", help="certificate for tls: (default: self-signed)")
+    proxy.add_argument("--tls-cert", metavar="PEM", help="certificate for tls:/wss: (default: self-signed)")
     proxy.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
     proxy.add_argument(
         "--tls-ca", metavar="PEM", help="certificates trusted when forwarding over TLS (default: system's)"
