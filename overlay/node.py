@@ -2,8 +2,9 @@
 
 ``Node`` owns one UDP socket (routing and small storage RPCs) and one TCP listener on the same port (bulk:
 transfers, big stores and fetches, framed by a 4-byte length). Everything protocol-shaped lives in the
-sans-IO cores (``overlay.chord.ChordCore``, ``overlay.storage.Store`` / ``Replicator``); this module only
-moves bytes, runs the one timer the chord core asks for, and turns the storage API into RPCs.
+sans-IO cores (``overlay.chord.ChordCore`` for routing, ``overlay.storage_core.StorageCore`` for the
+storage protocol); this module only moves bytes, runs the timers the cores ask for, carries out their
+requests (retransmitting over UDP, TCP for bulk) and turns the storage API into RPCs.
 
 Robustness rules of the receive path: every datagram or frame is decoded and validated by
 ``overlay.wire.Codec`` first; anything malformed, oversized, of another overlay or version, of an unknown
@@ -15,6 +16,9 @@ Example::
     node = await Node.start(bind=("127.0.0.1", 0), join=None, data_dir="/tmp/n1", overlay_name="demo")
     await node.put("sip:alice@example.net", b"contact", entry_id=b"phone")
     entries = await node.get("sip:alice@example.net")
+    alice = node.at("sip:alice@example.net")  # one lookup, then reads and writes go straight there
+    await alice.put(b"contact", entry_id=b"laptop")
+    entries = await alice.get()
     await node.leave()
 """
 
@@ -24,8 +28,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,27 +46,30 @@ from overlay.chord import (
 from overlay.errors import LookupFailed as LookupFailedError
 from overlay.errors import NotJoined, OverlayError, StoreRefused, WireError
 from overlay.identity import KeyPair, VerifiedCache, node_identity
-from overlay.ids import key_for, short
+from overlay.ids import RING, key_for, short
 from overlay.storage import (
     DEFAULT_MAX_LIFETIME,
     DEFAULT_MAX_PER_OWNER,
     DEFAULT_MAX_VALUE,
     MAX_ENTRY_ID,
     Entry,
-    Replicator,
     Store,
-    Transfer,
+)
+from overlay.storage_core import (
+    E_BAD_REQUEST,
+    E_NOT_RESPONSIBLE,
+    E_REFUSED,
+    E_TOO_BIG,
+    Answer,
+    Send,
+    StorageConfig,
+    StorageCore,
 )
 from overlay.wire import TCP_MAX, Codec, FrameDecoder, Message, error_kind, frame
 
 Endpoint = tuple[str, int]
 
-# err codes of storage replies
-E_BAD_REQUEST = 400  # not sent by this version; a newer peer may
-E_REFUSED = 403
-E_NOT_RESPONSIBLE = 421
-E_TOO_BIG = 413
-TRANSFER_CHUNK = 512 * 1024
+__all__ = ["E_BAD_REQUEST", "E_NOT_RESPONSIBLE", "E_REFUSED", "E_TOO_BIG", "KeyAccess", "Node", "NodeConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +134,21 @@ class Node:
             max_per_owner=config.max_per_owner,
             cache=self.cache,
         )
-        self.replicator = Replicator(identity.node_id, replicas)
         self.me: NodeRef = NodeRef(identity.node_id, "", 0)
         self.core: ChordCore | None = None
         self._loop = asyncio.get_running_loop()
+        self.storage = StorageCore(
+            identity.node_id,
+            self.store,
+            replicas,
+            self._loop.time(),
+            StorageConfig(
+                rpc_timeout=config.rpc_timeout,
+                repair_interval=config.repair_interval,
+                early_repair_delay=config.rpc_timeout * 2,
+                handoff_window=3 * config.chord.stabilize_interval + 2.0,
+            ),
+        )
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._pending: dict[int, _Pending] = {}
@@ -140,17 +157,19 @@ class Node:
         self._joined: asyncio.Future[NodeRef] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._repair_task: asyncio.Task[None] | None = None
+        self._storage_timer: asyncio.TimerHandle | None = None
+        self._storage_timer_at: float | None = None
+        self._waiting: dict[Hashable, asyncio.Future[Message]] = {}
+        self._transfers_idle = asyncio.Event()
+        self._transfers_idle.set()
+        self._traces: dict[int, list[Endpoint]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats: dict[str, int] = {}
         self._seqs: dict[tuple[int, bytes], int] = {}
-        self._answers: OrderedDict[tuple[int, int, Endpoint], Message | None] = OrderedDict()
         self._certs: dict[tuple[int, bytes], bytes] = {}
         self._closed = False
         self._left = False
-        self._repair_pending = False
         self._linked = asyncio.Event()
-        self._handoff_until = 0.0
 
     # ------------------------------------------------------------------------------------------------
     # life cycle
@@ -254,23 +273,26 @@ class Node:
                         ) from None
                     self._count("join_retries")
                     await asyncio.sleep(min(1.0, max(0.0, deadline - self._loop.time())))
-        self._repair_task = self._spawn(self._repair_loop())
+        self._schedule_storage_timer()
 
-    async def leave(self) -> None:
-        """Hand our entries to our successors, tell our neighbours, and close. Idempotent."""
+    async def leave(self) -> int:
+        """Hand our entries to our successors, tell our neighbours, and close. Idempotent. Returns how
+        many entries the successor acknowledged (0 for a lone node: nobody to hand them to)."""
         if self._closed or self.core is None:
             await self.close()
-            return
+            return 0
         if not self._left:
             self._left = True
-            now = self._loop.time()
-            transfers = self.replicator.on_leave(list(self.core.successors), self.store, now)
-            await self._send_transfers(transfers)
+            self.storage.leave(self._loop.time())
+            self._drain_storage()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._transfers_idle.wait(), self.config.op_timeout)
             self.core.leave(self._loop.time())
             waits = self._drain()
             if waits:
                 await asyncio.wait(waits, timeout=self.config.rpc_timeout * 2)
         await self.close()
+        return self.storage.handed_off
 
     async def close(self) -> None:
         """Stop at once without hand-off (as a crash would, but freeing the sockets)."""
@@ -279,6 +301,8 @@ class Node:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._storage_timer is not None:
+            self._storage_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         for pending in self._pending.values():
@@ -324,7 +348,32 @@ class Node:
     ) -> None:
         """Store ``value`` under ``name`` (entry ``entry_id``), signed by ``key`` (default: the node key),
         on the responsible node and its replicas. Raises ``StoreRefused`` with the reason if refused."""
-        ring_key = _ring_key(name)
+        await self.at(name).put(value, entry_id=entry_id, lifetime=lifetime, key=key)
+
+    async def remove(self, name: str | bytes, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None:
+        """Delete entry ``entry_id`` under ``name``: a signed removal (empty value, lifetime 0)."""
+        await self.at(name).remove(entry_id=entry_id, key=key)
+
+    async def put_entry(self, entry: Entry) -> None:
+        """Store an entry signed elsewhere (e.g. by a user's device) as it is; the replicas check it."""
+        if not isinstance(entry, Entry):
+            raise OverlayError("put_entry needs an overlay.storage.Entry")
+        await self._primary_call(entry.key, "store", {"entry": entry}, KeyAccess(self, entry.key))
+
+    async def get(self, name: str | bytes) -> list[Entry]:
+        """The live entries under ``name`` from the node responsible for it (empty list if none)."""
+        return await self.at(name).get()
+
+    def at(self, name: str | bytes | int) -> KeyAccess:
+        """Reads and writes of one key that look its responsible node up once (on first use) and then go
+        straight to it: a REGISTER that reads an AOR and writes k contacts costs one lookup, not 1 + k.
+        ``name`` is a name (hashed to its ring key) or a ring key. No I/O until the first call."""
+        key = name if isinstance(name, int) and not isinstance(name, bool) else _ring_key(name)
+        if not 0 <= key < RING:
+            raise OverlayError("a ring key is an integer in [0, 2**128)")
+        return KeyAccess(self, key)
+
+    def _check_put(self, value: bytes, lifetime: int) -> None:
         if not isinstance(value, bytes | bytearray):
             raise OverlayError("value must be bytes")
         if len(value) > self.config.max_value:
@@ -336,27 +385,14 @@ class Node:
             raise OverlayError("lifetime must be a positive number of seconds (use remove() to delete)")
         if lifetime > self.config.max_lifetime:
             raise OverlayError(f"lifetime must be at most {self.config.max_lifetime} seconds")
-        await self._write(ring_key, bytes(value), _entry_id(entry_id), lifetime, key)
 
-    async def remove(self, name: str | bytes, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None:
-        """Delete entry ``entry_id`` under ``name``: a signed removal (empty value, lifetime 0)."""
-        await self._write(_ring_key(name), b"", _entry_id(entry_id), 0, key)
-
-    async def put_entry(self, entry: Entry) -> None:
-        """Store an entry signed elsewhere (e.g. by a user's device) as it is; the replicas check it."""
-        if not isinstance(entry, Entry):
-            raise OverlayError("put_entry needs an overlay.storage.Entry")
-        await self._primary_call(entry.key, "store", {"entry": entry})
-
-    async def get(self, name: str | bytes) -> list[Entry]:
-        """The live entries under ``name`` from the node responsible for it (empty list if none)."""
-        ring_key = _ring_key(name)
-        reply = await self._primary_call(ring_key, "fetch", {"key": ring_key})
+    async def _read(self, ring_key: int, at: KeyAccess) -> list[Entry]:
+        reply = await self._primary_call(ring_key, "fetch", {"key": ring_key}, at)
         out: list[Entry] = []
         for entry, _ in reply.body.get("entries", []):
             # Trust no single node: a responsible node could hand out forged entries, so the reader
             # checks signatures too (cached, so a repeated get costs no new verification).
-            if entry.key == ring_key and self.cache.verify(
+            if entry.key == ring_key and not entry.is_removal and self.cache.verify(
                 entry.owner, entry.signature, entry.signed_bytes()
             ):
                 out.append(entry)
@@ -367,6 +403,8 @@ class Node:
     def stats(self) -> dict[str, Any]:
         """Counters (messages in/out, drops by cause, refusals by reason), ring state and storage size."""
         out: dict[str, Any] = dict(sorted(self._stats.items()))
+        out.update(self.storage.stats)
+        out = dict(sorted(out.items()))
         out["entries"] = len(self.store)
         out["refused"] = dict(self.store.refused)
         out["verified_cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
@@ -378,24 +416,35 @@ class Node:
         out["dropped"] = sum(v for k, v in self._stats.items() if k.startswith("dropped_"))
         return out
 
-    async def lookup(self, key: int) -> tuple[NodeRef, int]:
-        """The node responsible for ring key ``key`` and the lookup's hop count."""
+    async def lookup(self, key: int, *, path: list[Endpoint] | None = None) -> tuple[NodeRef, int]:
+        """The node responsible for ring key ``key`` and the lookup's hop count. With ``path`` (a list),
+        the endpoints this node queries for ``key`` while the lookup runs are appended to it in order
+        (lookups are iterative: this node asks every hop itself), for the demo and for diagnosis."""
         core = self._core()
+        self._count("lookups_started")
         fut: asyncio.Future[tuple[NodeRef, int]] = self._loop.create_future()
-        lookup_id = core.start_lookup(key, self._loop.time())
-        self._lookups[lookup_id] = fut
-        self._drain()
+        if path is not None:
+            self._traces[key] = path
         try:
-            return await asyncio.wait_for(fut, self.config.op_timeout)
+            lookup_id = core.start_lookup(key, self._loop.time())
+            self._lookups[lookup_id] = fut
+            self._drain()
+            try:
+                found = await asyncio.wait_for(fut, self.config.op_timeout)
+            finally:
+                self._lookups.pop(lookup_id, None)
+            self._count("lookup_hops", found[1])
+            return found
         finally:
-            self._lookups.pop(lookup_id, None)
+            if path is not None and self._traces.get(key) is path:
+                del self._traces[key]
 
     # ------------------------------------------------------------------------------------------------
     # writes and calls to the responsible node
     # ------------------------------------------------------------------------------------------------
 
     async def _write(
-        self, ring_key: int, value: bytes, entry_id: bytes, lifetime: int, key: KeyPair | None
+        self, ring_key: int, value: bytes, entry_id: bytes, lifetime: int, key: KeyPair | None, at: KeyAccess
     ) -> None:
         if key is not None and not isinstance(key, KeyPair):
             raise OverlayError("key must be an overlay.identity.KeyPair (the user's signing key)")
@@ -405,10 +454,11 @@ class Node:
         self._seqs[slot] = seq
         cert = self._certs.get((ring_key, signer.public_key), b"")
         entry = Entry.create(signer, ring_key, entry_id, value, seq, lifetime, cert)
-        await self._primary_call(ring_key, "store", {"entry": entry})
+        await self._primary_call(ring_key, "store", {"entry": entry}, at)
 
-    async def _primary_call(self, ring_key: int, mtype: str, body: dict[str, Any]) -> Message:
-        """Send ``mtype`` to the node responsible for ``ring_key``, re-looking up after failures.
+    async def _primary_call(self, ring_key: int, mtype: str, body: dict[str, Any], at: KeyAccess) -> Message:
+        """Send ``mtype`` to the node responsible for ``ring_key`` (the one ``at`` found before, else a
+        fresh lookup), looking up again after failures.
 
         Storage errors (``err`` with code 403) become ``StoreRefused``; a node that says it is not
         responsible, or times out, makes us look the key up again until ``op_timeout``.
@@ -423,10 +473,17 @@ class Node:
                 raise LookupFailedError(f"{mtype} for key {short(ring_key)} failed: {last}")
             attempt += 1
             try:
-                target, _hops = await asyncio.wait_for(self.lookup(ring_key), remaining)
+                target = at.target or (await asyncio.wait_for(self.lookup(ring_key), remaining))[0]
+            except (TimeoutError, LookupFailedError, NotJoined) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                await self._backoff(attempt, deadline)
+                continue
+            at.target = target
+            try:
                 reply = await self._call(target, mtype, body, deadline=deadline)
             except (TimeoutError, LookupFailedError, NotJoined) as exc:
                 last = f"{type(exc).__name__}: {exc}"
+                at.forget(target)
                 await self._backoff(attempt, deadline)
                 continue
             if reply.type == "ok":
@@ -437,6 +494,7 @@ class Node:
             if code == E_BAD_REQUEST:
                 raise OverlayError(f"{mtype} rejected by {short(target.id)}: {reason}")
             last = f"{short(target.id)} answered {code} {reason}"
+            at.forget(target)
             await self._backoff(attempt, deadline)
 
     async def _backoff(self, attempt: int, deadline: float) -> None:
@@ -448,10 +506,8 @@ class Node:
     async def _call(self, target: NodeRef, mtype: str, body: dict[str, Any], *, deadline: float) -> Message:
         """One storage RPC: local if ``target`` is us, UDP when it fits, TCP otherwise or when asked."""
         if target.id == self.me.id:
-            reply = await self._handle_storage(Message(mtype, 0, self.me.id, self.me.ep, body), via_tcp=True)
-            if reply is None:
-                raise TimeoutError("no local reply")
-            return reply
+            return await self._local_call(mtype, body, deadline=deadline)
+        self._count("storage_rpcs")
         try:
             reply = await self._udp_call(target, mtype, body, deadline=deadline)
         except WireError:  # too big for a datagram
@@ -564,7 +620,8 @@ class Node:
             self._count("dropped_forged")
             return
         if msg.type in ("store", "fetch", "transfer"):
-            self._spawn(self._answer_storage(msg, addr))
+            # a retransmitted datagram carries the same (src, id, addr): the core answers it once
+            self._storage_request(("udp", msg.src, msg.id, addr), msg.type, msg.body, once=True)
             return
         core = self._core_or_none()
         if core is None or self._left:
@@ -575,7 +632,7 @@ class Node:
         if reply is None:
             self._count("dropped_by_chord")
         else:
-            self._reply(msg, addr, reply.type, reply.body)
+            self._reply(msg.id, addr, reply.type, reply.body)
         self._drain()
 
     def _on_reply(self, msg: Message, addr: Endpoint) -> None:
@@ -603,45 +660,20 @@ class Node:
             core.handle_error(pending.chord_id, msg.body["code"], msg.body["reason"], now)
         self._drain()
 
-    def _reply(self, request: Message, addr: Endpoint, rtype: str, body: dict[str, Any]) -> None:
+    def _reply(self, mid: int, addr: Endpoint, rtype: str, body: dict[str, Any]) -> None:
         try:
-            data = self.codec.encode(Message(rtype, request.id, self.me.id, self.me.ep, body))
+            data = self.codec.encode(Message(rtype, mid, self.me.id, self.me.ep, body))
         except WireError:
             data = self.codec.encode(
-                Message("err", request.id, self.me.id, self.me.ep, {"code": E_TOO_BIG, "reason": "use-tcp"})
+                Message("err", mid, self.me.id, self.me.ep, {"code": E_TOO_BIG, "reason": "use-tcp"})
             )
         self._sendto(data, addr)
-
-    async def _answer_storage(self, msg: Message, addr: Endpoint) -> None:
-        """Answer a storage request received by UDP. A retransmission of a request still being handled
-        is ignored, and one already answered gets the same answer again (stores are not idempotent
-        across replicas' seq checks, so they must not run twice)."""
-        token = (msg.src, msg.id, addr)
-        if token in self._answers:
-            self._count("udp_duplicates")
-            done = self._answers[token]
-            if done is not None:
-                self._reply(msg, addr, done.type, done.body)
-            return
-        self._answers[token] = None
-        try:
-            reply = await self._handle_storage(msg, via_tcp=False)
-        except Exception:
-            self._count("dropped_internal_error")
-            self._answers.pop(token, None)
-            return
-        if reply is None:
-            self._answers.pop(token, None)
-            return
-        self._answers[token] = reply
-        while len(self._answers) > 2048:
-            self._answers.popitem(last=False)
-        self._reply(msg, addr, reply.type, reply.body)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One TCP connection: frames in, replies out. Bad frames close the connection, nothing more."""
         self._count("tcp_in")
         decoder = FrameDecoder()
+        connection = self._new_id()
         try:
             while not self._closed:
                 chunk = await asyncio.wait_for(reader.read(65536), 30.0)
@@ -656,7 +688,7 @@ class Node:
                     if msg.is_reply or msg.type not in ("store", "fetch", "transfer"):
                         self._count("dropped_unexpected_tcp")
                         return
-                    reply = await self._handle_storage(msg, via_tcp=True)
+                    reply = await self._await_storage(("tcp", connection, msg.id), msg.type, msg.body)
                     if reply is None:
                         return
                     out = Message(reply.type, msg.id, self.me.id, self.me.ep, reply.body)
@@ -672,132 +704,104 @@ class Node:
             writer.close()
 
     # ------------------------------------------------------------------------------------------------
-    # storage requests
+    # driving the storage core
     # ------------------------------------------------------------------------------------------------
 
-    async def _handle_storage(self, msg: Message, *, via_tcp: bool) -> Message | None:
-        core = self._core_or_none()
-        if core is None or self._left:
-            return None
-        now = self._loop.time()
-
-        def err(code: int, reason: str, detail: str | None = None) -> Message:
-            return Message(
-                "err", msg.id, self.me.id, self.me.ep, {"code": code, "reason": reason, "detail": detail}
-            )
-
-        def ok(**body: Any) -> Message:
-            return Message("ok", msg.id, self.me.id, self.me.ep, body)
-
-        if msg.type == "fetch":
-            key = msg.body["key"]
-            replica_read = bool(msg.body.get("replica", False))
-            if not replica_read and not core.is_responsible(key):
-                self._count("fetch_not_responsible")
-                return err(E_NOT_RESPONSIBLE, "not-responsible")
-            entries = [(e, 0) for e in self.store.get(key, now)]
-            if not entries and not replica_read and now < self._handoff_until and core.successors:
-                # We joined moments ago and the range we took over may still be on its way from our
-                # successor: ask it rather than answer "nothing there".
-                succ = core.successors[0]
-                self._count("fetch_forwarded_during_handoff")
-                with contextlib.suppress(TimeoutError, WireError):
-                    fwd = await self._call(succ, "fetch", {"key": key, "replica": True}, deadline=now + 2.0)
-                    if fwd.type == "ok":
-                        entries = [(e, 0) for e, _ in fwd.body.get("entries", []) if e.key == key]
-            self._count("fetch_served")
-            fitting: list[tuple[Entry, int]] = []
-            size = 0
-            for item in entries:
-                size += len(item[0].value) + len(item[0].entry_id) + 200
-                if size > TCP_MAX - 4096:
-                    self._count("fetch_truncated")
-                    return ok(entries=fitting, truncated=True)
-                fitting.append(item)
-            return ok(entries=entries)
-        if msg.type == "transfer":
-            kept, refused = self.store.accept(msg.body["entries"], now)
-            self._count("transfer_entries_kept", kept)
-            self._count("transfer_entries_refused", refused)
-            return ok(stored=kept)
-        # store
-        entry: Entry = msg.body["entry"]
-        replica = bool(msg.body.get("replica", False))
-        if not replica and not core.is_responsible(entry.key):
-            self._count("store_not_responsible")
-            return err(E_NOT_RESPONSIBLE, "not-responsible")
+    def _storage_request(self, token: Hashable, mtype: str, body: dict[str, Any], *, once: bool) -> bool:
+        """Hand one storage request to the core; False if this node serves none (not joined, leaving)."""
+        if self._closed or self._left or self.core is None:
+            return False
         try:
-            self.store.put(entry, now)
-        except StoreRefused as exc:
-            if exc.reason == "stale-seq" and self.store.current(entry.key, entry.entry_id) == entry:
-                # the very same entry again (a retry whose first reply was lost): idempotent success
-                self._count("store_duplicates")
-                return ok(stored=0 if replica else 1)
-            self._count(f"store_refused_{exc.reason.replace('-', '_')}")
-            if replica and exc.reason == "stale-seq":
-                return ok(stored=0)
-            return err(E_REFUSED, exc.reason, str(exc))
-        self._count("stores_accepted")
-        stored = 1
-        if not replica:
-            targets = self.replicator.replica_targets(list(core.successors))
-            deadline = self._loop.time() + self.config.rpc_timeout * 3
-            results = await asyncio.gather(
-                *(
-                    self._call(NodeRef(*t), "store", {"entry": entry, "replica": True}, deadline=deadline)
-                    for t in targets
-                ),
-                return_exceptions=True,
-            )
-            acked = sum(1 for r in results if isinstance(r, Message) and r.type == "ok")
-            stored += acked
-            if acked < len(targets):
-                self._repair_soon()
-        return ok(stored=stored)
+            self.storage.handle_request(token, mtype, body, self._loop.time(), once=once)
+        except Exception:  # a bug must cost one request, never the listener
+            self._count("dropped_internal_error")
+            self.storage.forget(token)
+            return False
+        self._drain_storage()
+        return True
 
-    async def _send_transfers(self, transfers: list[Transfer]) -> None:
-        async def one(target: NodeRef, items: list[tuple[Entry, int]]) -> None:
-            chunk: list[tuple[Entry, int]] = []
-            size = 0
-            for item in [*items, None]:
-                if item is not None:
-                    chunk.append(item)
-                    size += len(item[0].value) + 200
-                if chunk and (item is None or size >= TRANSFER_CHUNK):
-                    try:
-                        await self._tcp_call(
-                            target, "transfer", {"entries": chunk}, timeout=self.config.rpc_timeout * 4
-                        )
-                        self._count("transfer_entries_sent", len(chunk))
-                    except (TimeoutError, WireError):
-                        self._count("transfer_failures")
-                        return
-                    chunk, size = [], 0
+    async def _await_storage(self, token: Hashable, mtype: str, body: dict[str, Any]) -> Message | None:
+        """A storage request whose answer we wait for here (TCP, or this node's own client calls)."""
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self._waiting[token] = fut
+        try:
+            if not self._storage_request(token, mtype, body, once=False):
+                return None
+            # The core answers once its own Sends are settled, and every Send has a timeout.
+            return await asyncio.wait_for(fut, self.config.op_timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiting.pop(token, None)
 
-        await asyncio.gather(*(one(NodeRef(*t), items) for t, items in transfers if items))
+    async def _local_call(self, mtype: str, body: dict[str, Any], *, deadline: float) -> Message:
+        reply = await self._await_storage(("local", self._new_id()), mtype, body)
+        if reply is None:
+            raise TimeoutError("no local reply")
+        return reply
 
-    def _repair_soon(self) -> None:
-        """A replica missed a write: push our primary range again shortly (debounced), rather than
-        leaving that entry one copy short until the next periodic repair."""
-        if self._repair_pending or self._closed:
+    def _drain_storage(self) -> None:
+        """Carry out what the storage core produced: answers to requests, requests of its own."""
+        for out in self.storage.take_outputs():
+            if isinstance(out, Answer):
+                fut = self._waiting.get(out.token)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(Message(out.type, 0, self.me.id, self.me.ep, out.body))
+                elif isinstance(out.token, tuple) and out.token[0] == "udp":
+                    _, _src, mid, addr = out.token
+                    self._reply(mid, addr, out.type, out.body)
+            elif isinstance(out, Send):
+                self._spawn(self._storage_send(out))
+        if self.storage.transfers_in_flight:
+            self._transfers_idle.clear()
+        else:
+            self._transfers_idle.set()
+        self._schedule_storage_timer()
+
+    async def _storage_send(self, send: Send) -> None:
+        """One request of the storage core, over UDP with retries (TCP when big) or TCP for bulk."""
+        target = NodeRef(*send.to)
+        reply: Message | None = None
+        with contextlib.suppress(TimeoutError, WireError, OSError):
+            if send.bulk:
+                reply = await self._tcp_call(target, send.type, send.body, timeout=send.timeout)
+            else:
+                deadline = self._loop.time() + send.timeout
+                reply = await self._call(target, send.type, send.body, deadline=deadline)
+        if self._closed:
             return
-        self._repair_pending = True
+        now = self._loop.time()
+        try:
+            if reply is None:
+                self.storage.on_failure(send.request_id, now)
+            else:
+                self.storage.on_reply(send.request_id, reply.type, reply.body, now)
+        except Exception:
+            self._count("dropped_internal_error")
+        self._drain_storage()
 
-        async def later() -> None:
-            await asyncio.sleep(self.config.rpc_timeout * 2)
-            self._repair_pending = False
-            self._count("early_repairs")
-            await self._send_transfers(self.replicator.repair(self.store, self._loop.time()))
+    def _schedule_storage_timer(self) -> None:
+        if self._closed or self.core is None:
+            return
+        when = self.storage.next_timer()
+        if when == self._storage_timer_at:
+            return
+        if self._storage_timer is not None:
+            self._storage_timer.cancel()
+        self._storage_timer_at = when
+        self._storage_timer = self._loop.call_at(when, self._on_storage_timer)
 
-        self._spawn(later())
-
-    async def _repair_loop(self) -> None:
-        """Slow safety net: purge expired entries and push our primary range to the replicas."""
-        while not self._closed:
-            await asyncio.sleep(self.config.repair_interval)
-            now = self._loop.time()
-            self.store.purge(now)
-            await self._send_transfers(self.replicator.repair(self.store, now))
+    def _on_storage_timer(self) -> None:
+        self._storage_timer = None
+        self._storage_timer_at = None
+        if self._closed:
+            return
+        try:
+            self.storage.handle_timer(self._loop.time())
+        except Exception:
+            self._count("timer_errors")
+        self._drain_storage()
 
     # ------------------------------------------------------------------------------------------------
     # driving the chord core
@@ -832,12 +836,8 @@ class Node:
                 self._count("neighbour_changes")
                 if out.predecessor is not None and not self._linked.is_set():
                     self._linked.set()
-                    self._handoff_until = self._loop.time() + 3 * self.config.chord.stabilize_interval + 2.0
-                transfers = self.replicator.on_neighbours(
-                    out.predecessor, list(out.successors), self.store, self._loop.time()
-                )
-                if transfers:
-                    self._spawn(self._send_transfers(transfers))
+                self.storage.on_neighbours(out.predecessor, list(out.successors), self._loop.time())
+                self._drain_storage()
             elif isinstance(out, Joined):
                 if self._joined is not None and not self._joined.done():
                     self._joined.set_result(out.successor)
@@ -860,6 +860,10 @@ class Node:
             self._count("dropped_unencodable")
             return []
         self._pending[mid] = pending
+        if self._traces and req.type == "find_successor":
+            path = self._traces.get(req.body.get("key", -1))
+            if path is not None and req.to not in path:
+                path.append(req.to)
         lifetime = self.config.chord.rpc_timeout * (self.config.chord.rpc_retries + 2)
         self._loop.call_later(lifetime, self._pending.pop, mid, None)
         self._sendto(data, req.to)
@@ -897,6 +901,38 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+class KeyAccess:
+    """One key's reads and writes through its responsible node, found once (see ``Node.at``).
+
+    The node found by the first call is reused by the next ones; a timeout or a "not responsible"
+    answer from it makes the next attempt look the key up again. Concurrent calls are fine.
+    """
+
+    def __init__(self, node: Node, key: int) -> None:
+        self.node = node
+        self.key = key
+        self.target: NodeRef | None = None
+
+    def forget(self, target: NodeRef | None) -> None:
+        if target is not None and self.target == target:
+            self.target = None
+
+    async def get(self) -> list[Entry]:
+        """The live entries under the key (signatures checked here too), as ``Node.get``."""
+        return await self.node._read(self.key, self)
+
+    async def put(
+        self, value: bytes, *, entry_id: bytes = b"", lifetime: int = 3600, key: KeyPair | None = None
+    ) -> None:
+        """Store ``value`` as entry ``entry_id``, as ``Node.put``."""
+        self.node._check_put(value, lifetime)
+        await self.node._write(self.key, bytes(value), _entry_id(entry_id), lifetime, key, self)
+
+    async def remove(self, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None:
+        """A signed removal of entry ``entry_id``, as ``Node.remove``."""
+        await self.node._write(self.key, b"", _entry_id(entry_id), 0, key, self)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -5,9 +5,13 @@ Why a simulator: 10,000 real UDP nodes do not fit in one test machine, and real 
 (hour-long sessions) impossible. Here time is a number: one heap of events ordered by simulated time,
 processed one at a time, so a run is deterministic for a seed and costs only the work the cores do.
 
-What is real: ``overlay.chord.ChordCore`` (every message, timer, retry, verification round),
-``overlay.storage.Store`` / ``Replicator`` (signature checks, replication decisions and transfers, with
-real Ed25519 entries). What is simulated or skipped, on purpose:
+What is real: ``overlay.chord.ChordCore`` (every message, timer, retry, verification round) and
+``overlay.storage_core.StorageCore`` (the storage protocol ``overlay.node.Node`` runs: responsibility
+checks, replica fan-out, duplicate suppression, hand-off forwarding, transfers and repair, over
+``overlay.storage.Store`` with real Ed25519 entries). Entries get into the ring as a client's would: a
+lookup from a random node, then a ``store`` to the node it found, which fans the entry out to its replicas;
+reads (``fetch_checks``) are ``fetch`` requests to the node a lookup found. What is simulated or skipped,
+on purpose:
 
 * the network: one-way latency from a 2-D coordinate model (``base + spread * distance``), independent
   message loss, no bandwidth limit; bodies are passed as Python values (the codec in ``overlay/wire.py`` is
@@ -15,7 +19,8 @@ real Ed25519 entries). What is simulated or skipped, on purpose:
 * node identities: a SHA-256 stand-in for Ed25519 (NodeId = H(public key) is checked and nonces are signed
   and checked exactly as on real nodes, but the "signature" is a hash anyone holding the public key could
   forge) — it exercises the admission protocol at a fraction of the CPU cost;
-* storage transfers go as one message with latency (the TCP bulk path), and entry signatures are verified
+* storage requests and replies are one message each way with latency (a lost one is reported to the sender
+  as a failure after its timeout, as the node's retransmissions would end), and entry signatures are verified
   through one shared ``VerifiedCache``, so an entry is checked once per run rather than once per replica;
 * a stable ring can be installed directly (``ChordCore.seed_routing``) instead of running N joins.
 """
@@ -46,7 +51,7 @@ from overlay.chord import (
     SendRequest,
 )
 
-_REQ, _REP, _TIMER, _LOOKUP, _DEPART, _ARRIVE, _XFER, _REPAIR, _JOIN_RETRY = range(9)
+_REQ, _REP, _TIMER, _LOOKUP, _DEPART, _ARRIVE, _SREQ, _STIMER, _JOIN_RETRY, _SREP, _SFAIL, _CLIENT = range(12)
 
 
 def sim_sign(public_key: bytes) -> Callable[[bytes], bytes]:
@@ -101,6 +106,8 @@ class SimReport:
     transfers: int = 0
     entries: int = 0
     entries_lost: int = 0  # stored at the start, held by no live node at the end (stronger than the target)
+    entries_stored: int = 0  # client stores the responsible node acknowledged
+    storage_messages: int = 0  # storage requests and replies (fan-out, transfers, client store/fetch)
     fetch_checks: int = 0
     fetch_found: int = 0
     wall_s: float = 0.0
@@ -149,6 +156,7 @@ class SimReport:
             "crashes": self.crashes,
             "entries": self.entries,
             "entries_lost": self.entries_lost,
+            "entries_stored": self.entries_stored,
             "fetch_found": f"{self.fetch_found}/{self.fetch_checks}",
             "wall_s": round(self.wall_s, 2),
             "failures": dict(sorted(self.failures.items())),
@@ -181,8 +189,8 @@ class _Node:
     member: bool = False
     timer_at: float | None = None
     born: float = 0.0
-    store: Any = None
-    replicator: Any = None
+    storage: Any = None  # overlay.storage_core.StorageCore when the run stores entries
+    storage_timer_at: float | None = None
 
 
 class Simulator:
@@ -204,13 +212,17 @@ class Simulator:
         self._by_id: dict[int, _Node] = {}
         self._members: list[int] = []  # sorted ids of live joined nodes: the ground truth
         self._counter = 0
-        self._lookups: dict[tuple[int, int], tuple[float, int, bool]] = {}  # (node id, lookup id)
+        self._lookups: dict[tuple[int, int], tuple[float, int, str]] = {}  # (node id, lookup id)
         self.report = SimReport(n_start=config.n, n_end=0, duration=config.duration)
         self._mean_session = (config.median_session / math.log(2)) if config.median_session else None
         self._storage: Any = None
         self._entries: dict[tuple[int, bytes], Any] = {}
         self._user: Any = None
         self._cache: Any = None
+        self._client_ops: dict[int, str] = {}  # "client" storage requests in flight: id -> "store" | "fetch"
+        self._client_seq = 0
+        self._entries_by_key: dict[int, Any] = {}
+        self._entry_slots: list[tuple[int, bytes]] = []
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -229,9 +241,16 @@ class Simulator:
         )
         node = _Node(ref, core, self.rng.random(), self.rng.random(), born=self.now)
         if self._storage is not None:
-            store_cls, replicator_cls = self._storage
-            node.store = store_cls(cache=self._cache)
-            node.replicator = replicator_cls(ref.id, self.config.chord.successors)
+            store_cls, core_cls, core_config = self._storage
+            node.storage = core_cls(
+                ref.id,
+                store_cls(cache=self._cache),
+                self.config.chord.successors,
+                self.now,
+                core_config,
+                first_repair_at=self.now + self.config.repair_interval * self.rng.random(),
+            )
+            self._drain_storage(node)
         self._nodes[ref.ep] = node
         self._by_id[ref.id] = node
         return node
@@ -348,12 +367,12 @@ class Simulator:
             origin = self._by_id[self._members[self.rng.randrange(len(self._members))]]
             if self._entries and self.rng.random() < 0.5:
                 key, _ = self._entry_slots[self.rng.randrange(len(self._entry_slots))]
-                fetch = True
+                kind = "fetch"
             else:
                 key = self.rng.getrandbits(ids.BITS)
-                fetch = False
+                kind = "lookup"
             lookup_id = origin.core.start_lookup(key, self.now)
-            self._lookups[(origin.ref.id, lookup_id)] = (self.now, key, fetch)
+            self._lookups[(origin.ref.id, lookup_id)] = (self.now, key, kind)
             self.report.lookups += 1
             self._drain(origin)
             self._push(self.now + self.rng.expovariate(cfg.lookup_rate), _LOOKUP, None)
@@ -362,8 +381,12 @@ class Simulator:
         started = self._lookups.pop((node.ref.id, out.lookup_id), None)
         if started is None:
             return  # an internal lookup (fingers, join) does not surface as output; defensive
-        t0, key, fetch = started
+        t0, key, kind = started
         rep = self.report
+        if kind == "store":
+            if isinstance(out, LookupDone):
+                self._client_request(node, out.node, "store", {"entry": self._entries_by_key[key]})
+            return
         if isinstance(out, LookupFailed):
             rep.failures[out.reason] = rep.failures.get(out.reason, 0) + 1
             return
@@ -378,16 +401,9 @@ class Simulator:
                 rep.correct += 1
             else:
                 rep.wrong += 1
-        if fetch:
+        if kind == "fetch":
             rep.fetch_checks += 1
-            holder = self._nodes.get(out.node.ep)
-            if (
-                holder is not None
-                and holder.alive
-                and holder.store is not None
-                and holder.store.get(key, self.now)
-            ):
-                rep.fetch_found += 1
+            self._client_request(node, out.node, "fetch", {"key": key})
 
     def _on_joined(self, node: _Node) -> None:
         if node.member or not node.alive:
@@ -397,34 +413,91 @@ class Simulator:
         self.report.joins += 1
 
     def _on_neighbours(self, node: _Node, ev: NeighboursChanged) -> None:
-        if node.replicator is None or not node.alive:
+        if node.storage is None or not node.alive:
             return
-        transfers = node.replicator.on_neighbours(ev.predecessor, list(ev.successors), node.store, self.now)
-        self._send_transfers(node, transfers)
+        node.storage.on_neighbours(ev.predecessor, list(ev.successors), self.now)
+        self._drain_storage(node)
 
-    def _send_transfers(self, node: _Node, transfers: list[tuple[Any, list[Any]]]) -> None:
-        for target, items in transfers:
-            dst = self._nodes.get((target[1], target[2]))
-            if dst is None:
+    # ---- the storage protocol ---------------------------------------------------------------------
+
+    def _drain_storage(self, node: _Node) -> None:
+        """Carry out what a node's storage core produced (as ``Node._drain_storage`` does on sockets)."""
+        from overlay.storage_core import Answer
+
+        storage = node.storage
+        for out in storage.take_outputs():
+            if isinstance(out, Answer):
+                self._storage_answer(node, out)
                 continue
-            self.report.transfers += 1
-            self._push(self.now + 2 * self._latency(node, dst), _XFER, (dst, items))
+            if out.type == "transfer":
+                self.report.transfers += 1
+            self.report.storage_messages += 1
+            dst = self._nodes.get((out.to[1], out.to[2]))
+            if dst is None or self._lost():
+                self._push(self.now + out.timeout, _SFAIL, (node, out.request_id))
+            else:
+                self._push(self.now + self._latency(node, dst), _SREQ, (dst, node, out))
+        if not node.alive:
+            return
+        t = storage.next_timer()
+        if node.storage_timer_at is None or t < node.storage_timer_at:
+            node.storage_timer_at = t
+            self._push(t, _STIMER, (node, t))
+
+    def _storage_answer(self, node: _Node, answer: Any) -> None:
+        token = answer.token
+        if token[0] == "client":
+            kind = self._client_ops.pop(token[1], None)
+            if kind == "fetch" and answer.type == "ok" and answer.body.get("entries"):
+                self.report.fetch_found += 1
+            elif kind == "store" and answer.type == "ok":
+                self.report.entries_stored += 1
+            return
+        _, origin_id, request_id, timeout = token
+        origin = self._by_id.get(origin_id)
+        if origin is None:
+            return
+        self.report.storage_messages += 1
+        if self._lost():
+            self._push(self.now + timeout, _SFAIL, (origin, request_id))
+        else:
+            reply = (origin, request_id, answer.type, answer.body)
+            self._push(self.now + self._latency(node, origin), _SREP, reply)
+
+    def _deliver_storage_request(self, dst: _Node, src: _Node, send: Any) -> None:
+        if not dst.alive or dst.storage is None:
+            self._push(self.now + send.timeout, _SFAIL, (src, send.request_id))
+            return
+        token = ("node", src.ref.id, send.request_id, send.timeout)
+        dst.storage.handle_request(token, send.type, send.body, self.now)
+        self._drain_storage(dst)
+
+    def _client_request(self, origin: _Node, holder: NodeRef, mtype: str, body: dict[str, Any]) -> None:
+        """A client's storage request (after its lookup) from ``origin`` to the node the lookup found."""
+        dst = self._nodes.get(holder.ep)
+        self.report.storage_messages += 1
+        if dst is None or self._lost():
+            return
+        self._client_seq += 1
+        self._client_ops[self._client_seq] = mtype
+        payload = (dst, ("client", self._client_seq), mtype, body)
+        self._push(self.now + self._latency(origin, dst), _CLIENT, payload)
 
     def _depart(self, node: _Node) -> None:
         if not node.alive:
             return
         mine = [k for k in self._lookups if k[0] == node.ref.id]
+        user = [k for k in mine if self._lookups[k][2] != "store"]
         for k in mine:
             del self._lookups[k]
-        self.report.abandoned += len(mine)
-        self.report.lookups -= len(mine)
+        self.report.abandoned += len(user)
+        self.report.lookups -= len(user)
         graceful = self.rng.random() >= self.config.crash_fraction
         if graceful and node.member:
             self.report.leaves += 1
-            if node.replicator is not None:
-                self._send_transfers(
-                    node, node.replicator.on_leave(list(node.core.successors), node.store, self.now)
-                )
+            if node.storage is not None:
+                node.storage.leave(self.now)
+                self._drain_storage(node)
             node.core.leave(self.now)
             self._drain(node)
         else:
@@ -484,9 +557,10 @@ class Simulator:
 
     def _setup_storage(self) -> None:
         from overlay.identity import KeyPair, VerifiedCache
-        from overlay.storage import Entry, Replicator, Store
+        from overlay.storage import Entry, Store
+        from overlay.storage_core import StorageConfig, StorageCore
 
-        self._storage = (Store, Replicator)
+        self._storage = (Store, StorageCore, StorageConfig(repair_interval=self.config.repair_interval))
         self._cache = VerifiedCache(capacity=max(4096, 4 * self.config.entries))
         self._user = KeyPair.generate()
         lifetime = int(self.config.duration * 4) + 3600
@@ -495,27 +569,22 @@ class Simulator:
             entry = Entry.create(self._user, key, b"c0", b"sip:contact@192.0.2.1", 1, lifetime)
             self._entries[entry.slot] = entry
         self._entry_slots = list(self._entries)
+        self._entries_by_key = {entry.key: entry for entry in self._entries.values()}
 
     def _place_entries(self) -> None:
-        """Put every entry on its responsible node and the r-1 following successors (a finished store)."""
-        members = self._members
-        r = self.config.chord.successors
+        """Store every entry as a client would: a lookup from a random member, then ``store`` to the
+        node it found (which fans it out to its replicas through its storage core)."""
         for entry in self._entries.values():
-            i = bisect.bisect_left(members, entry.key)
-            for k in range(min(r, len(members))):
-                node = self._by_id[members[(i + k) % len(members)]]
-                node.store.put(entry, self.now)
-        for node in list(self._by_id.values()):
-            node.replicator.on_neighbours(
-                node.core.predecessor, list(node.core.successors), node.store, self.now
-            )
-            self._push(self.now + self.config.repair_interval * self.rng.random(), _REPAIR, node)
+            origin = self._by_id[self._members[self.rng.randrange(len(self._members))]]
+            lookup_id = origin.core.start_lookup(entry.key, self.now)
+            self._lookups[(origin.ref.id, lookup_id)] = (self.now, entry.key, "store")
+            self._drain(origin)
 
     def _count_lost(self) -> None:
         held: set[tuple[int, bytes]] = set()
         for node in self._by_id.values():
-            if node.alive and node.store is not None:
-                for entry, _ms in node.store.records(self.now):
+            if node.alive and node.storage is not None:
+                for entry, _ms in node.storage.store.records(self.now):
                     held.add(entry.slot)
         self.report.entries = len(self._entries)
         self.report.entries_lost = sum(1 for slot in self._entries if slot not in held)
@@ -564,14 +633,31 @@ class Simulator:
                 self._depart(payload)
             elif kind == _ARRIVE:
                 self._arrive()
-            elif kind == _XFER:
-                dst, items = payload
-                if dst.alive and dst.store is not None:
-                    dst.store.accept(items, self.now)
-            elif kind == _REPAIR:
-                if payload.alive and payload.member:
-                    self._send_transfers(payload, payload.replicator.repair(payload.store, self.now))
-                    self._push(self.now + cfg.repair_interval, _REPAIR, payload)
+            elif kind == _SREQ:
+                self._deliver_storage_request(*payload)
+            elif kind == _SREP:
+                origin, request_id, rtype, body = payload
+                if origin.alive:
+                    origin.storage.on_reply(request_id, rtype, body, self.now)
+                    self._drain_storage(origin)
+            elif kind == _SFAIL:
+                origin, request_id = payload
+                if origin.alive:
+                    origin.storage.on_failure(request_id, self.now)
+                    self._drain_storage(origin)
+            elif kind == _CLIENT:
+                dst, token, mtype, body = payload
+                if dst.alive:
+                    dst.storage.handle_request(token, mtype, body, self.now)
+                    self._drain_storage(dst)
+                else:
+                    self._client_ops.pop(token[1], None)
+            elif kind == _STIMER:
+                node, at_time = payload
+                if node.alive and node.storage_timer_at == at_time:
+                    node.storage_timer_at = None
+                    node.storage.handle_timer(self.now)
+                    self._drain_storage(node)
             elif kind == _JOIN_RETRY:
                 self._join(payload)
         self.now = cfg.duration

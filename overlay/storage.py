@@ -270,13 +270,26 @@ class Store:
         rec = self._by_key.get(key, {}).get(entry_id)
         return rec.entry if rec is not None else None
 
+    def slot_records(self, key: int, now: float) -> list[tuple[Entry, int]]:
+        """What a replica read returns: every record under ``key`` a transfer would carry, tombstones
+        included (with their seq), each with its remaining lifetime in ms, ordered by entry_id."""
+        slots = self._by_key.get(key, {})
+        return [item for _eid, rec in sorted(slots.items()) if (item := self._carried(rec, now))]
+
     def records(self, now: float) -> Iterator[tuple[Entry, int]]:
         """Every unexpired record, removals included, with its remaining lifetime in ms (for transfers)."""
         for slots in self._by_key.values():
             for rec in slots.values():
-                remaining = rec.expires_at - now
-                if remaining > 0 or (rec.entry.is_removal and remaining + self.memory_s > 0):
-                    yield rec.entry, max(0, math.floor(remaining * 1000))
+                item = self._carried(rec, now)
+                if item is not None:
+                    yield item
+
+    def _carried(self, rec: _Record, now: float) -> tuple[Entry, int] | None:
+        """(entry, remaining ms) if the record still travels: unexpired, or a tombstone still remembered."""
+        remaining = rec.expires_at - now
+        if remaining > 0 or (rec.entry.is_removal and remaining + self.memory_s > 0):
+            return rec.entry, max(0, math.floor(remaining * 1000))
+        return None
 
     def in_range(self, lo: int | None, hi: int, now: float) -> list[tuple[Entry, int]]:
         """Records whose key is in ``(lo, hi]``; with ``lo`` None, every record."""

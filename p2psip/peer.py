@@ -36,7 +36,7 @@ from overlay import ids
 from overlay.chord import ChordConfig
 from overlay.errors import NotJoined, OverlayError, StoreRefused
 from overlay.identity import KeyPair
-from overlay.node import Node, NodeConfig
+from overlay.node import KeyAccess, Node, NodeConfig
 from p2psip import control
 from p2psip.auth import DigestServer
 from p2psip.config import PeerConfig
@@ -339,10 +339,11 @@ class Peer:
             lock = self._aor_locks[aor] = asyncio.Lock()
         return lock
 
-    async def fetch_bindings(self, aor: str) -> list[Binding]:
-        """Every live binding of ``aor`` in the overlay (malformed records are skipped)."""
+    async def fetch_bindings(self, aor: str, at: KeyAccess | None = None) -> list[Binding]:
+        """Every live binding of ``aor`` in the overlay (malformed records are skipped). ``at``: the
+        key's responsible node as found before (``Node.at``), so a read-then-write looks it up once."""
         self.names[ids.key_for(aor)] = aor
-        entries = await self.node.get(aor)
+        entries = await (at or self.node.at(aor)).get()
         now = time.time()
         out = []
         for entry in entries:
@@ -408,8 +409,10 @@ class Peer:
         elif self.config.require_auth:
             return Response.for_request(request, 403, f"Forbidden ({aor} is not a user of this peer)")
         async with self._lock(aor):
+            # One lookup for the whole REGISTER: the read and every write go to the node it found.
+            here = self.node.at(aor)
             try:
-                current = await self.fetch_bindings(aor)
+                current = await self.fetch_bindings(aor, here)
             except (OverlayError, TimeoutError) as exc:
                 self.counters["overlay_errors"] += 1
                 return self._unavailable(request, exc)
@@ -424,10 +427,10 @@ class Peer:
             try:
                 await asyncio.gather(
                     *(
-                        self.node.put(aor, w.value, entry_id=w.entry_id, lifetime=w.lifetime, key=key)
+                        here.put(w.value, entry_id=w.entry_id, lifetime=w.lifetime, key=key)
                         for w in plan.writes
                     ),
-                    *(self.node.remove(aor, entry_id=r.entry_id, key=key) for r in plan.removes),
+                    *(here.remove(entry_id=r.entry_id, key=key) for r in plan.removes),
                 )
             except StoreRefused as exc:
                 self.cache.forget(aor)
@@ -542,7 +545,9 @@ class Peer:
         key = ids.key_for(aor)
         started = time.perf_counter()
         node, hops = await self.node.lookup(key)
-        bindings = await self.fetch_bindings(aor)
+        here = self.node.at(key)
+        here.target = node
+        bindings = await self.fetch_bindings(aor, here)
         seconds = time.perf_counter() - started
         holders = [tuple(node)] + await self._replicas_after(node)
         return LookupResult(aor, key, tuple(node), hops, holders, bindings, seconds)  # type: ignore[arg-type]
@@ -566,30 +571,12 @@ class Peer:
     async def lookup_path(self, aor: str) -> tuple[list[tuple[str, int]], int]:
         """The overlay endpoints this node queries to find ``aor``'s key, in order, and the hop count.
 
-        The overlay's ``Node.lookup`` reports only the responsible node and the hop count, so the path is
-        read off the ``find_successor`` requests this node sends for that key while the lookup runs (the
-        lookup is iterative: this node asks every hop itself). For the demo and for diagnosis.
+        ``Node.lookup(path=...)`` records the endpoints this node queries for the key (the lookup is
+        iterative: this node asks every hop itself). For the demo and for diagnosis.
         """
-        import msgpack
-
         key = ids.key_for(aor)
-        wanted = ids.to_bytes(key)
         path: list[tuple[str, int]] = []
-        node: Any = self.node
-        original = node._sendto
-
-        def watching(data: bytes, ep: tuple[str, int]) -> None:
-            with contextlib.suppress(Exception):
-                message = msgpack.unpackb(data, raw=False)
-                if message.get("t") == "find_successor" and message.get("key") == wanted and ep not in path:
-                    path.append(ep)
-            original(data, ep)
-
-        node._sendto = watching
-        try:
-            responsible, hops = await self.node.lookup(key)
-        finally:
-            node._sendto = original
+        responsible, hops = await self.node.lookup(key, path=path)
         if responsible.ep not in path:
             path.append(responsible.ep)
         return path, hops

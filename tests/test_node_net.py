@@ -175,6 +175,47 @@ async def test_update_several_entries_and_remove(ring: Ring) -> None:
     ring.written["sip:big@example.net"] = (b"", big)
 
 
+async def test_one_lookup_for_a_read_and_several_writes(ring: Ring) -> None:
+    """A REGISTER-shaped operation (read a key, write 3 entries) through ``Node.at`` looks the key up
+    once; through ``get``/``put`` it costs 1 + 3 lookups. Messages counted: 2 per lookup hop and 2 per
+    storage RPC (request and reply; this is loopback, so no retransmissions)."""
+    node = ring.nodes[4]
+    user = KeyPair.generate()
+
+    def name_far_from(node: Node, tag: str) -> str:
+        for i in range(1000):
+            name = f"sip:{tag}{i}@example.net"
+            if not node.storage.is_responsible(key_for(name)):
+                return name
+        raise AssertionError("no key outside the node's own range")
+
+    def counts() -> tuple[int, int, int]:
+        s = node.stats()
+        return s.get("lookups_started", 0), s.get("lookup_hops", 0), s.get("storage_rpcs", 0)
+
+    async def each_alone(name: str) -> None:
+        await node.get(name)
+        for i in range(3):
+            await node.put(name, b"contact", entry_id=b"%d" % i, key=user)
+
+    async def found_once(name: str) -> None:
+        here = node.at(name)
+        await here.get()
+        await asyncio.gather(*(here.put(b"contact", entry_id=b"%d" % i, key=user) for i in range(3)))
+
+    measured = {}
+    for label, operation in (("before", each_alone), ("after", found_once)):
+        name = name_far_from(node, label)
+        start = counts()
+        await operation(name)
+        lookups, hops, rpcs = (b - a for a, b in zip(start, counts(), strict=True))
+        measured[label] = (lookups, 2 * hops + 2 * rpcs)
+        assert {e.entry_id for e in await node.get(name)} == {b"0", b"1", b"2"}
+    print("lookups and messages, before/after:", measured)
+    assert measured["before"][0] == 4 and measured["after"][0] == 1
+    assert measured["after"][1] < measured["before"][1]
+
+
 async def test_forged_stores_are_refused(ring: Ring) -> None:
     node = ring.nodes[5]
     alice, bob = KeyPair.generate(), KeyPair.generate()

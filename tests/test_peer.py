@@ -76,8 +76,11 @@ async def phones() -> AsyncIterator[Callable[..., Awaitable[Phone]]]:
 
 async def test_register_writes_one_signed_entry_per_contact(ring: list[Peer], phones) -> None:
     alice = await phones("alice")
+    lookups = ring[0].node.stats().get("lookups_started", 0)
     response = await alice.register(ring[0].sip_address(), expires=600)
     assert response.status == 200
+    # read the AOR and write its contact: one lookup of the key (two before Node.at)
+    assert ring[0].node.stats().get("lookups_started", 0) - lookups == 1
     assert [c.uri.port for c in response.contacts] == [alice.port]
     # the entry is in the DHT, readable from any peer, signed by alice's user key kept in the data dir
     entries = await ring[3].node.get(ALICE)

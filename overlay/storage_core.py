@@ -1,0 +1,389 @@
+"""The storage protocol of one node (sans-IO): what a node does with ``store``, ``fetch`` and ``transfer``
+requests, and which storage requests it sends on its own (replica fan-out, hand-off, repair).
+
+``overlay.storage`` holds the data (``Store``: signed entries and the checks every replica applies) and the
+replication decisions (``Replicator``); this module is the protocol around them, in the style of
+``overlay.chord.ChordCore``: no sockets, no clock, ``now`` passed in, outputs drained with
+:meth:`StorageCore.take_outputs`. The asyncio ``Node`` and the simulator (``overlay/sim.py``) drive this
+same class, so what the simulator measures about storage is what a real node does.
+
+Inputs:
+
+* :meth:`StorageCore.handle_request` — a request from another node (or the local client). ``token``
+  names the request for its answer; with ``once`` true (datagrams) a repeated token is recognised: while
+  the first is being handled the repeat is ignored, once answered the same answer is sent again (a store
+  must not run twice: the replicas' seq check would refuse the second run);
+* :meth:`StorageCore.on_reply` / :meth:`StorageCore.on_failure` — the outcome of a :class:`Send` this core
+  asked for. The adapter owns retransmission and timeouts and must report every Send exactly once;
+* :meth:`StorageCore.on_neighbours` (chord's ``NeighboursChanged``), :meth:`StorageCore.leave`,
+  :meth:`StorageCore.handle_timer` at :meth:`StorageCore.next_timer`.
+
+Outputs: :class:`Send` (a storage request to another node) and :class:`Answer` (the reply to a request).
+
+The protocol rules that live here:
+
+* responsibility: a ``store`` or ``fetch`` without ``replica`` is served only for keys in
+  (predecessor, me]; otherwise ``err 421 not-responsible`` (the client looks the key up again);
+* replica fan-out: the primary keeps a store, forwards it to its first r-1 successors in parallel and
+  answers ``stored = 1 + copies acknowledged``; a missing copy schedules an early repair;
+* duplicate suppression: a retransmitted request gets the first answer, never a second run; the very same
+  entry stored again is an idempotent success;
+* hand-off forwarding: a node that joined moments ago and finds nothing for a key asks its successor
+  (which held the range before), so a read right after a join does not miss;
+* replica fetches (``replica`` true) answer from whatever the node holds, tombstones included with their
+  ``seq`` and remaining lifetime, so a reader comparing replicas can tell "removed" from "never had it";
+* transfers: join/leave hand-off and the periodic and early repair push, chunked, one chunk at a time per
+  target (a target that fails one chunk gets no more this round).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from overlay.errors import StoreRefused
+from overlay.storage import Entry, NodeRef, Replicator, Store, Transfer
+from overlay.wire import TCP_MAX
+
+# err codes of storage replies (the client side maps them to exceptions)
+E_BAD_REQUEST = 400  # not sent by this version; a newer peer may
+E_REFUSED = 403
+E_NOT_RESPONSIBLE = 421
+E_TOO_BIG = 413
+
+ENTRY_OVERHEAD = 200  # bytes an entry costs on the wire beyond value and entry_id (keys, signature, seq)
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Protocol tunables. ``rpc_timeout`` only sizes the time budget a Send carries."""
+
+    rpc_timeout: float = 1.0
+    repair_interval: float = 60.0  # anti-entropy push of the primary range (and purge of expired entries)
+    early_repair_delay: float = 2.0  # a replica missed a write: push the primary range again this soon
+    handoff_window: float = 5.0  # after the first predecessor links: empty fetches ask the successor
+    max_reply_bytes: int = TCP_MAX - 4096
+    transfer_chunk: int = 512 * 1024
+    answers_kept: int = 2048  # answered datagram requests remembered for retransmissions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send storage request ``type`` to ``to``; report the outcome with ``on_reply``/``on_failure``.
+    ``bulk``: a transfer (use the stream path); ``timeout``: the whole budget, retries included."""
+
+    request_id: int
+    to: NodeRef
+    type: str
+    body: dict[str, Any]
+    timeout: float
+    bulk: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The reply (``ok`` or ``err``) to the request handled under ``token``."""
+
+    token: Hashable
+    type: str
+    body: dict[str, Any]
+
+
+Output = Send | Answer
+
+
+@dataclass(slots=True)
+class _FanOut:
+    token: Hashable
+    targets: int
+    waiting: int
+    acked: int = 0
+
+
+@dataclass(slots=True)
+class _HandoffFetch:
+    token: Hashable
+    key: int
+
+
+@dataclass(slots=True)
+class _TransferQueue:
+    target: NodeRef
+    chunks: list[list[tuple[Entry, int]]]
+    sent: int = 0
+    handoff: bool = False  # the leave transfer to the first successor: counts into ``handed_off``
+
+
+class StorageCore:
+    """One node's storage protocol over its ``Store``; see the module docstring."""
+
+    def __init__(
+        self,
+        me: int,
+        store: Store,
+        replicas: int,
+        now: float,
+        config: StorageConfig | None = None,
+        *,
+        first_repair_at: float | None = None,
+    ) -> None:
+        self.me = me
+        self.store = store
+        self.config = config or StorageConfig()
+        self.replicator = Replicator(me, replicas)
+        self.successors: list[NodeRef] = []
+        self.stats: dict[str, int] = {}
+        self.handed_off = 0  # entries acknowledged by successors after leave()
+        self._outputs: list[Output] = []
+        self._ids = itertools.count(1)
+        self._ops: dict[int, _FanOut | _HandoffFetch | _TransferQueue] = {}
+        self._answers: OrderedDict[Hashable, Answer | None] = OrderedDict()
+        self._handoff_until = 0.0
+        self._linked = False
+        if first_repair_at is None:
+            first_repair_at = now + self.config.repair_interval
+        self._repair_at = first_repair_at
+        self._early_repair_at: float | None = None
+        self._transfers = 0
+
+    # --- outputs and timers ----------------------------------------------------------------------
+
+    def take_outputs(self) -> list[Output]:
+        out, self._outputs = self._outputs, []
+        return out
+
+    def next_timer(self) -> float:
+        if self._early_repair_at is not None:
+            return min(self._early_repair_at, self._repair_at)
+        return self._repair_at
+
+    def handle_timer(self, now: float) -> None:
+        if self._early_repair_at is not None and self._early_repair_at <= now:
+            self._early_repair_at = None
+            self._count("early_repairs")
+            self._send_transfers(self.replicator.repair(self.store, now))
+        if self._repair_at <= now:
+            self._repair_at = now + self.config.repair_interval
+            self.store.purge(now)
+            self._send_transfers(self.replicator.repair(self.store, now))
+
+    @property
+    def transfers_in_flight(self) -> int:
+        """Targets that still have transfer chunks outstanding (``leave`` waits for none)."""
+        return self._transfers
+
+    def is_responsible(self, key: int) -> bool:
+        """Key in (predecessor, me]; every key while no predecessor is known (as chord's own rule)."""
+        return self.replicator.is_primary(key)
+
+    # --- neighbour changes and leaving ----------------------------------------------------------
+
+    def on_neighbours(self, pred: NodeRef | None, succs: list[NodeRef], now: float) -> None:
+        """Chord's view changed: remember it and send whatever keeps r copies in the right places."""
+        if pred is not None and not self._linked:
+            # We are really in the ring now; the range we took over may still be on its way to us.
+            self._linked = True
+            self._handoff_until = now + self.config.handoff_window
+        self.successors = list(succs)
+        self._send_transfers(self.replicator.on_neighbours(pred, list(succs), self.store, now))
+
+    def leave(self, now: float) -> int:
+        """Hand everything to the successors (see ``Replicator.on_leave``); returns the number of entries
+        sent to the first successor (what ``handed_off`` counts once acknowledged)."""
+        transfers = self.replicator.on_leave(list(self.successors), self.store, now)
+        self._send_transfers(transfers, leaving=True)
+        return len(transfers[0][1]) if transfers else 0
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def handle_request(
+        self, token: Hashable, mtype: str, body: dict[str, Any], now: float, *, once: bool = False
+    ) -> None:
+        """Handle ``store``/``fetch``/``transfer`` (validated by the wire codec). The answer comes out as
+        an :class:`Answer` with ``token``, at once or after the Sends it needs."""
+        if once:
+            if token in self._answers:
+                self._count("request_duplicates")
+                done = self._answers[token]
+                if done is not None:
+                    self._outputs.append(done)
+                return
+            self._answers[token] = None
+            while len(self._answers) > self.config.answers_kept:
+                self._answers.popitem(last=False)
+        if mtype == "fetch":
+            self._fetch(token, body["key"], bool(body.get("replica", False)), now)
+        elif mtype == "transfer":
+            kept, refused = self.store.accept(body["entries"], now)
+            self._count("transfer_entries_kept", kept)
+            self._count("transfer_entries_refused", refused)
+            self._answer(token, "ok", {"stored": kept})
+        elif mtype == "store":
+            self._store(token, body["entry"], bool(body.get("replica", False)), now)
+        else:
+            self._answer(token, "err", {"code": E_BAD_REQUEST, "reason": "unknown-type", "detail": mtype})
+
+    def forget(self, token: Hashable) -> None:
+        """The adapter could not handle ``token`` (an internal error): a retransmission may try again."""
+        if self._answers.get(token, 1) is None:
+            del self._answers[token]
+
+    def _answer(self, token: Hashable, mtype: str, body: dict[str, Any]) -> None:
+        answer = Answer(token, mtype, body)
+        if token in self._answers:
+            self._answers[token] = answer
+        self._outputs.append(answer)
+
+    def _err(self, token: Hashable, code: int, reason: str, detail: str | None = None) -> None:
+        self._answer(token, "err", {"code": code, "reason": reason, "detail": detail})
+
+    def _fetch(self, token: Hashable, key: int, replica_read: bool, now: float) -> None:
+        if replica_read:
+            self._count("fetch_served")
+            self._answer_entries(token, self.store.slot_records(key, now))
+            return
+        if not self.is_responsible(key):
+            self._count("fetch_not_responsible")
+            self._err(token, E_NOT_RESPONSIBLE, "not-responsible")
+            return
+        entries = [(e, 0) for e in self.store.get(key, now)]
+        succ = next((s for s in self.successors if s[0] != self.me), None)
+        if not entries and now < self._handoff_until and succ is not None:
+            # We joined moments ago and the range we took over may still be on its way from our
+            # successor: ask it rather than answer "nothing there".
+            self._count("fetch_forwarded_during_handoff")
+            rid = next(self._ids)
+            self._ops[rid] = _HandoffFetch(token, key)
+            body = {"key": key, "replica": True}
+            self._outputs.append(Send(rid, succ, "fetch", body, timeout=2 * self.config.rpc_timeout))
+            return
+        self._count("fetch_served")
+        self._answer_entries(token, entries)
+
+    def _answer_entries(self, token: Hashable, items: list[tuple[Entry, int]]) -> None:
+        fitting: list[tuple[Entry, int]] = []
+        size = 0
+        for item in items:
+            size += len(item[0].value) + len(item[0].entry_id) + ENTRY_OVERHEAD
+            if size > self.config.max_reply_bytes:
+                self._count("fetch_truncated")
+                self._answer(token, "ok", {"entries": fitting, "truncated": True})
+                return
+            fitting.append(item)
+        self._answer(token, "ok", {"entries": fitting})
+
+    def _store(self, token: Hashable, entry: Entry, replica: bool, now: float) -> None:
+        if not replica and not self.is_responsible(entry.key):
+            self._count("store_not_responsible")
+            self._err(token, E_NOT_RESPONSIBLE, "not-responsible")
+            return
+        try:
+            self.store.put(entry, now)
+        except StoreRefused as exc:
+            if exc.reason == "stale-seq" and self.store.current(entry.key, entry.entry_id) == entry:
+                # the very same entry again (a retry whose first reply was lost): idempotent success
+                self._count("store_duplicates")
+                self._answer(token, "ok", {"stored": 0 if replica else 1})
+                return
+            self._count(f"store_refused_{exc.reason.replace('-', '_')}")
+            if replica and exc.reason == "stale-seq":
+                self._answer(token, "ok", {"stored": 0})
+            else:
+                self._err(token, E_REFUSED, exc.reason, str(exc))
+            return
+        self._count("stores_accepted")
+        targets = [] if replica else self.replicator.replica_targets(self.successors)
+        if not targets:
+            self._answer(token, "ok", {"stored": 1})
+            return
+        fan = _FanOut(token, len(targets), len(targets))
+        for target in targets:
+            rid = next(self._ids)
+            self._ops[rid] = fan
+            body = {"entry": entry, "replica": True}
+            self._outputs.append(Send(rid, target, "store", body, timeout=3 * self.config.rpc_timeout))
+
+    # --- outcomes of our own Sends ---------------------------------------------------------------
+
+    def on_reply(self, request_id: int, mtype: str, body: dict[str, Any], now: float) -> None:
+        """The reply to Send ``request_id`` arrived (``ok`` or ``err``)."""
+        op = self._ops.pop(request_id, None)
+        if isinstance(op, _FanOut):
+            self._fan_in(op, mtype == "ok", now)
+        elif isinstance(op, _HandoffFetch):
+            found: list[tuple[Entry, int]] = []
+            if mtype == "ok":
+                found = [(e, 0) for e, _ms in body.get("entries", []) if e.key == op.key and not e.is_removal]
+            self._count("fetch_served")
+            self._answer_entries(op.token, found)
+        elif isinstance(op, _TransferQueue):
+            if mtype != "ok":
+                self._transfer_failed(op)
+                return
+            acked = len(op.chunks[op.sent])
+            self._count("transfer_entries_sent", acked)
+            if op.handoff:
+                self.handed_off += acked
+            op.sent += 1
+            self._next_chunk(op)
+
+    def on_failure(self, request_id: int, now: float) -> None:
+        """Send ``request_id`` got no reply within its timeout (or could not be sent)."""
+        op = self._ops.pop(request_id, None)
+        if isinstance(op, _FanOut):
+            self._fan_in(op, False, now)
+        elif isinstance(op, _HandoffFetch):
+            self._count("fetch_served")
+            self._answer_entries(op.token, [])
+        elif isinstance(op, _TransferQueue):
+            self._transfer_failed(op)
+
+    def _fan_in(self, fan: _FanOut, acked: bool, now: float) -> None:
+        fan.waiting -= 1
+        fan.acked += int(acked)
+        if fan.waiting:
+            return
+        self._answer(fan.token, "ok", {"stored": 1 + fan.acked})
+        if fan.acked < fan.targets and self._early_repair_at is None:
+            # A replica missed a write: push our primary range again shortly (debounced), rather than
+            # leaving that entry one copy short until the periodic repair.
+            self._early_repair_at = now + self.config.early_repair_delay
+
+    # --- transfers -------------------------------------------------------------------------------
+
+    def _send_transfers(self, transfers: list[Transfer], *, leaving: bool = False) -> None:
+        for index, (target, items) in enumerate(transfers):
+            if not items or target[0] == self.me:
+                continue
+            chunks: list[list[tuple[Entry, int]]] = [[]]
+            size = 0
+            for item in items:
+                if size >= self.config.transfer_chunk:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(item)
+                size += len(item[0].value) + ENTRY_OVERHEAD
+            queue = _TransferQueue(target, chunks, handoff=leaving and index == 0)
+            self._transfers += 1
+            self._next_chunk(queue)
+
+    def _next_chunk(self, queue: _TransferQueue) -> None:
+        if queue.sent >= len(queue.chunks):
+            self._transfers -= 1
+            return
+        rid = next(self._ids)
+        self._ops[rid] = queue
+        body = {"entries": queue.chunks[queue.sent]}
+        self._outputs.append(
+            Send(rid, queue.target, "transfer", body, timeout=4 * self.config.rpc_timeout, bulk=True)
+        )
+
+    def _transfer_failed(self, queue: _TransferQueue) -> None:
+        self._count("transfer_failures")
+        self._transfers -= 1
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.stats[name] = self.stats.get(name, 0) + n
