@@ -52,6 +52,7 @@ __all__ = [
     "Response",
     "StreamFramer",
     "Via",
+    "answerable_head",
     "canonical_name",
     "format_auth",
     "new_branch",
@@ -712,6 +713,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+_NO_LIMITS = Limits(max_size=1 << 62, max_headers=1 << 62, max_line=1 << 62)
 
 # --------------------------------------------------------------------------------------------------------
 # Messages
@@ -1265,7 +1267,11 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     """
     lim = DEFAULT_LIMITS if limits is None else limits
     if len(data) > lim.max_size:
-        raise ParseError(f"message of {len(data)} bytes exceeds the limit of {lim.max_size}", status_hint=513)
+        raise ParseError(
+            f"message of {len(data)} bytes exceeds the limit of {lim.max_size}",
+            status_hint=513,
+            partial=answerable_head(data, lim),
+        )
     start = 0
     while data.startswith(b"\r\n", start):  # CRLFs before the start line are ignored (§7.5)
         start += 2
@@ -1287,9 +1293,15 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         lines = _unfold(lines)
         nlines = len(lines) - 1
     if nlines > lim.max_headers:
-        raise ParseError(f"more than {lim.max_headers} header lines")
+        raise ParseError(
+            f"more than {lim.max_headers} header lines", status_hint=513, partial=answerable_head(data, lim)
+        )
     if len(text) > lim.max_line and max(map(len, lines)) > lim.max_line:
-        raise ParseError(f"header line longer than {lim.max_line} bytes")
+        raise ParseError(
+            f"header line longer than {lim.max_line} bytes",
+            status_hint=513,
+            partial=answerable_head(data, lim),
+        )
 
     msg: Request | Response
     first = lines[0]
@@ -1381,6 +1393,37 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     return msg
 
 
+def answerable_head(data: bytes | bytearray, limits: Limits | None = None) -> Request | None:
+    """The request an oversized message starts with, as far as it can be answered, or None.
+
+    A message over a limit (too big, too many header lines, a line too long, no end of headers within
+    the size limit) is still answered (513 or 400, §21.5.14) when its start line and the headers a
+    response copies (Via, From, To, Call-ID, CSeq) can be read from its head: this reads at most
+    ``max_size`` bytes, keeps the first ``max_headers`` complete lines that fit ``max_line``, drops
+    Content-Length and the body, and parses that. Responses (which are never answered) give None.
+    """
+    lim = DEFAULT_LIMITS if limits is None else limits
+    head = bytes(data[: lim.max_size])
+    end = head.find(b"\r\n\r\n")
+    head = head[:end] if end >= 0 else head[: head.rfind(b"\r\n")]
+    if head.startswith(b"SIP/") or not head:
+        return None
+    kept: list[bytes] = []
+    for line in head.split(b"\r\n")[: lim.max_headers + 1]:
+        if len(line) > lim.max_line:
+            continue
+        name = line.partition(b":")[0].strip(b" \t").lower()
+        if kept and name in (b"content-length", b"l"):
+            continue
+        kept.append(line)
+    try:
+        # No limits here: the head is already bounded by ``max_size`` (and a limit hit again would recurse).
+        msg = parse(b"\r\n".join(kept) + b"\r\n\r\n", datagram=True, limits=_NO_LIMITS)
+    except ParseError as exc:
+        return exc.partial if isinstance(exc.partial, Request) else None
+    return msg if isinstance(msg, Request) else None
+
+
 def _placeholder_uri(text: str) -> URI:
     """Stands in for an unparseable Request-URI in ``ParseError.partial`` (only used to answer 400)."""
     uri = URI.build(scheme="invalid")
@@ -1440,15 +1483,20 @@ class StreamFramer:
     ``feed(data)`` returns the complete messages found so far (as bytes for :func:`parse` with
     ``datagram=False``); the rest waits in the buffer. CRLFs between messages (RFC 5626 keep-alives) are
     skipped; ``keepalives`` counts the double-CRLF pings seen so the transport can answer with a CRLF pong.
-    A ParseError means the stream is beyond repair: close the connection.
+    A ParseError means the stream is beyond repair: answer what can be answered (its ``partial`` is the
+    head of the bad message, see :func:`answerable_head`) and close the connection. When messages were
+    framed before the bad bytes in the same ``feed``, they are returned and the error is left in
+    :attr:`error` instead (and raised by the next ``feed``): a valid message is never lost with the
+    garbage after it.
     """
 
-    __slots__ = ("_buf", "_limits", "keepalives")
+    __slots__ = ("_buf", "_limits", "error", "keepalives")
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._buf = bytearray()
         self._limits = DEFAULT_LIMITS if limits is None else limits
         self.keepalives = 0
+        self.error: ParseError | None = None
 
     @property
     def buffered(self) -> int:
@@ -1456,6 +1504,8 @@ class StreamFramer:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self.error is not None:
+            raise self.error
         buf = self._buf
         buf += data
         out: list[bytes] = []
@@ -1472,14 +1522,26 @@ class StreamFramer:
             if len(buf) == 1 and buf[0] == 13:
                 break  # half a CRLF
             end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > max_size:
-                    raise ParseError("header block exceeds the size limit", status_hint=513)
+            try:
+                if end < 0:
+                    if len(buf) > max_size:
+                        raise ParseError("header block exceeds the size limit", status_hint=513)
+                    break
+                length = _content_length(bytes(buf[:end]))
+                total = end + 4 + length
+                if total > max_size:
+                    raise ParseError(
+                        f"message of {total} bytes exceeds the limit of {max_size}", status_hint=513
+                    )
+            except ParseError as exc:
+                # The stream cannot be framed any further. Keep the head of the bad message (so the
+                # caller can answer it) and what was framed before it (so it is delivered, not lost).
+                exc.partial = answerable_head(buf, self._limits)
+                self.error = exc
+                buf.clear()
+                if not out:
+                    raise
                 break
-            length = _content_length(bytes(buf[:end]))
-            total = end + 4 + length
-            if total > max_size:
-                raise ParseError(f"message of {total} bytes exceeds the limit of {max_size}", status_hint=513)
             if len(buf) < total:
                 break
             out.append(bytes(buf[:total]))

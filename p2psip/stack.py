@@ -51,6 +51,7 @@ from p2psip.transport import (
     Target,
     TLSConfig,
     TransportLayer,
+    error_response,
     numeric_host,
     via_host,
 )
@@ -416,14 +417,7 @@ class Stack:
         if request.method == "ACK":
             return
         try:
-            if isinstance(exc, ParseError):
-                status = exc.status_hint if 400 <= exc.status_hint < 600 else 400
-                problem = " ".join(str(exc).split())[:120]
-                response = Response.for_request(request, status)
-                response.reason = f"{response.reason} ({problem})"
-            else:
-                response = Response.for_request(request, 500)
-            self.respond(transaction, response)
+            self.respond(transaction, error_response(request, exc))
         except Exception:  # the answer itself could not be built or sent: free the transaction
             log.exception("cannot answer %r after its core failed", request)
             self.transactions.abandon(transaction)

@@ -385,6 +385,7 @@ class StreamConnection(asyncio.Protocol):
         self.keys: list[Target] = []
         self.last_used = layer.loop.time()
         self.closed = False
+        self.draining = False
         self.unanswered: list[ErrorHandler] = []
         """Error handlers of what we wrote since the peer last sent anything: if the peer drops the
         connection without a word (e.g. a TLS server refusing our certificate after a TLS 1.3 handshake,
@@ -402,13 +403,12 @@ class StreamConnection(asyncio.Protocol):
         self.last_used = self.layer.loop.time()
         if self.unanswered:
             self.unanswered.clear()  # the peer is alive and talking to us
+        if self.draining:
+            return  # answered and closing: what still arrives is thrown away
         try:
             frames = self.framer.feed(data)
         except ParseError as exc:
-            self.layer.stats["framing_errors"] += 1
-            if self.layer.verbose:
-                log.info("closing %s: bad framing: %s", self.remote, exc)
-            self.close()
+            self._framing_failed(exc)
             return
         except Exception:  # a framer bug must not kill the loop's reader
             self.layer.stats["framing_errors"] += 1
@@ -417,6 +417,32 @@ class StreamConnection(asyncio.Protocol):
             return
         for frame in frames:
             self.layer._on_frame(frame, self)
+        if self.framer.error is not None and not self.closed:
+            self._framing_failed(self.framer.error)  # garbage after the messages framed above
+
+    def _framing_failed(self, exc: ParseError) -> None:
+        """The stream cannot be framed further (an oversized or unframeable message): answer its head
+        when it can be answered (513 or 400, on this connection), then close without losing that answer."""
+        layer = self.layer
+        layer.stats["framing_errors"] += 1
+        if layer.verbose:
+            log.info("closing %s: bad framing: %s", self.remote, exc)
+        if isinstance(exc.partial, Request) and self.remote is not None:
+            layer._malformed(exc, Source(self.name, self.remote.host, self.remote.port, self))
+        self.drain_and_close()
+
+    def drain_and_close(self, linger: float = 2.0) -> None:
+        """Close after what was written left: half-close (where the transport can), discard what still
+        arrives, and close for good after ``linger`` s. A plain close with unread input makes the kernel
+        send a reset that destroys the answer still in the send buffer (a 513 to an oversized message)."""
+        if self.closed or self.draining or self.transport is None:
+            return
+        self.draining = True
+        self.layer._forget(self)  # nothing else goes out on this connection
+        if self.transport.can_write_eof():
+            with contextlib.suppress(Exception):
+                self.transport.write_eof()
+        self.layer.loop.call_later(linger, self.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         closed_by_us = self.closed
@@ -850,13 +876,7 @@ class TransportLayer:
         if isinstance(partial, Request) and partial.method != "ACK":
             try:
                 _stamp_via(partial, source)  # so the 400 goes back where the request came from
-                problem = " ".join(str(exc).split())[:120]
-                status = exc.status_hint if 400 <= exc.status_hint < 700 else 400
-                reason = "Bad Request" if status == 400 else None
-                resp = Response.for_request(partial, status, reason)
-                if problem:
-                    resp.reason = f"{resp.reason} ({problem})"
-                self.send_response(resp, source)
+                self.send_response(error_response(partial, exc), source)
                 self.stats["bad_request_answers"] += 1
                 return
             except Exception as inner:  # even the 400 could not be built: give up on this message
@@ -1108,6 +1128,20 @@ class TransportLayer:
         self._udp.clear()
         self._udp_sockets.clear()
         self._servers.clear()
+
+
+def error_response(request: Request, exc: BaseException) -> Response:
+    """The answer to a request that failed: for a :class:`ParseError` its status (400 unless it hints
+    513, 505...) with the problem named in the reason phrase; for anything else a plain 500 — an
+    exception's text may name files and lines, which stay in the local log."""
+    if not isinstance(exc, ParseError):
+        return Response.for_request(request, 500)
+    status = exc.status_hint if 400 <= exc.status_hint < 700 else 400
+    response = Response.for_request(request, status, "Bad Request" if status == 400 else None)
+    problem = " ".join(str(exc).split())[:120]
+    if problem:
+        response.reason = f"{response.reason} ({problem})"
+    return response
 
 
 def _stamp_via(request: Request, source: Source) -> tuple[str, int, Target]:

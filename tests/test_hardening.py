@@ -113,3 +113,155 @@ async def test_any_exception_in_the_core_is_a_500(udp_client: socket.socket) -> 
         assert await wait_for(lambda: len(stack.transactions) == 0, 10.0), len(stack.transactions)
     finally:
         await stack.close()
+
+
+# ------------------------------------------------------------------------------------ oversized input
+
+
+class _Answer200:
+    """A core that answers every request 200 (ACK aside): what reaches it was framed and parsed."""
+
+    stateful = True
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.seen: list[Request] = []
+        stack.attach(self)  # type: ignore[arg-type]
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        self.seen.append(request)
+        if transaction is not None and request.method != "ACK":
+            self.stack.respond(transaction, Response.for_request(request, 200))
+
+    def on_response(self, *args: object) -> None: ...
+
+    def on_timeout(self, *args: object) -> None: ...
+
+    def on_transport_failure(self, *args: object) -> None: ...
+
+    def on_terminated(self, *args: object) -> None: ...
+
+
+@pytest.fixture
+async def answering() -> AsyncIterator[tuple[Stack, _Answer200]]:
+    stack = await Stack.start(["127.0.0.1:0"], timers=FAST)
+    core = _Answer200(stack)
+    yield stack, core
+    await stack.close()
+
+
+def big(
+    via_port: int,
+    n: int,
+    *,
+    transport: str = "UDP",
+    headers: str = "",
+    body: bytes = b"",
+    length: int | None = None,
+) -> bytes:
+    head = (
+        f"MESSAGE sip:bob@127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport} 127.0.0.1:{via_port};branch=z9hG4bKbig{n}\r\n"
+        f"From: <sip:a@127.0.0.1>;tag={n}\r\nTo: <sip:bob@127.0.0.1>\r\nCall-ID: big{n}\r\n"
+        f"CSeq: 1 MESSAGE\r\nMax-Forwards: 70\r\n{headers}"
+        f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+OVERSIZED_UDP = {
+    "a 9,000-byte header line": ("X-Long: " + "y" * 9000 + "\r\n", b"", None, 513),
+    "a 60 KB header": ("X-Huge: " + "y" * 60_000 + "\r\n", b"", None, 513),
+    "300 headers": ("".join(f"X-H{i}: v\r\n" for i in range(300)), b"", None, 513),
+    "Content-Length 10^7": ("", b"hello", 10_000_000, 400),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERSIZED_UDP))
+async def test_oversized_datagrams_are_answered_not_dropped(
+    case: str, answering: tuple[Stack, _Answer200], udp_client: socket.socket
+) -> None:
+    stack, core = answering
+    headers, body, length, status = OVERSIZED_UDP[case]
+    me = udp_client.getsockname()[1]
+    udp_client.sendto(big(me, 1, headers=headers, body=body, length=length), stack.local_address("udp"))
+    [answer] = await recv_all(udp_client, 1)
+    assert answer.status == status, answer.reason
+    assert answer.call_id == "big1"
+    assert not core.seen  # the stack answered; the core never saw it
+
+
+def tcp_exchange(addr: tuple[str, int], data: bytes, *, until_closed: bool = True) -> tuple[bytes, bool]:
+    """Send ``data`` (in chunks, ignoring a reset once the peer gave up) and read one response, then (with
+    ``until_closed``) on until the peer closes; 5 s at most. Returns (what was read, whether it closed)."""
+    with socket.create_connection(addr, timeout=5) as sock:
+        try:
+            for i in range(0, len(data), 65536):
+                sock.sendall(data[i : i + 65536])
+        except OSError:
+            pass
+        got = b""
+        try:
+            while until_closed or b"\r\n\r\n" not in got:
+                part = sock.recv(65536)
+                if not part:
+                    return got, True
+                got += part
+        except (TimeoutError, OSError):
+            pass
+        return got, False
+
+
+def statuses(data: bytes) -> list[int]:
+    return [int(line.split(b" ")[1]) for line in data.split(b"\r\n") if line.startswith(b"SIP/2.0 ")]
+
+
+OVERSIZED_TCP = {
+    "a 70 KB body": big(1, 1, transport="TCP", body=b"x" * 70_000),
+    "Content-Length 10^7": big(1, 1, transport="TCP", body=b"x" * 100, length=10_000_000),
+    "1 MiB without a blank line": big(1, 1, transport="TCP")[:-4] + b"\r\nX-More: " + b"y" * (1 << 20),
+}
+
+
+FRAMED_TCP = {
+    "a 9,000-byte header line": big(1, 1, transport="TCP", headers="X-Long: " + "y" * 9000 + "\r\n"),
+    "300 headers": big(1, 1, transport="TCP", headers="".join(f"X-H{i}: v\r\n" for i in range(300))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAMED_TCP))
+async def test_a_framed_message_over_a_limit_gets_513_and_the_connection_stays(
+    case: str, answering: tuple[Stack, _Answer200]
+) -> None:
+    stack, core = answering
+    got, closed = await asyncio.to_thread(
+        tcp_exchange, stack.local_address("tcp"), FRAMED_TCP[case], until_closed=False
+    )
+    assert statuses(got) == [513], got[:200]
+    assert not closed and not core.seen
+
+
+@pytest.mark.parametrize("case", sorted(OVERSIZED_TCP))
+async def test_oversized_stream_messages_get_513_then_the_connection_closes(
+    case: str, answering: tuple[Stack, _Answer200]
+) -> None:
+    stack, core = answering
+    addr = stack.local_address("tcp")
+    got, closed = await asyncio.to_thread(tcp_exchange, addr, OVERSIZED_TCP[case])
+    assert statuses(got) == [513], got[:200]
+    assert closed
+    assert not core.seen
+    assert await wait_for(lambda: stack.stats["connections"] == 0)
+
+
+async def test_a_framed_message_is_delivered_before_the_garbage_after_it(
+    answering: tuple[Stack, _Answer200],
+) -> None:
+    # Before: StreamFramer.feed raised on the garbage and the valid message cut in the same read was lost.
+    stack, core = answering
+    good = big(1, 7, transport="TCP", body=b"hello")
+    garbage = b"NOT SIP\r\nContent-Length: banana\r\n\r\n"
+    got, closed = await asyncio.to_thread(tcp_exchange, stack.local_address("tcp"), good + garbage)
+    assert statuses(got)[:1] == [200]
+    assert [r.call_id for r in core.seen] == ["big7"]
+    assert closed

@@ -4,6 +4,7 @@ message over 8 KiB, 200 for sipsak's OPTIONS ping, and the script server's defau
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,51 @@ def test_article_server_script_behaves_like_the_ser_config(article_server) -> No
     assert "Traceback" not in child.output()
     # _debug = True in the script: one log line per decision on stderr
     assert "sipapi: INVITE sip:bob@example.com -> 483 Too many hops" in child.errors, child.output()
+
+
+def test_the_scripts_own_513_reaches_the_sender_for_8_to_64_kb(article_server) -> None:
+    """Issue 11: a message of 8-64 KB with short lines reaches the script, whose ``len(str(event)) > 8192``
+    check answers 513 itself; that answer must reach the sender, over UDP and over TCP. Past the stack's
+    own limits (more than 256 header lines, a line over 8 KiB) the stack answers 513 before the script."""
+    from test_sipapi_support import make_request
+
+    from p2psip.message import Response, parse
+
+    client, server, child = article_server
+
+    def tcp(request_of: object) -> Response:
+        with socket.create_connection(server, timeout=10) as sock:
+            request = request_of(sock.getsockname(), "TCP")  # type: ignore[operator]
+            sock.sendall(bytes(request))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                part = sock.recv(65536)
+                assert part, "the server closed without answering"
+                data += part
+            answer = parse(data[: data.index(b"\r\n\r\n") + 4])
+            assert isinstance(answer, Response)
+            return answer
+
+    def with_body(size: int) -> object:
+        return lambda local, t: make_request(
+            "MESSAGE", "sip:bob@example.com", local=local, body=b"x" * size, transport=t
+        )
+
+    def with_headers(n: int) -> object:
+        headers = [(f"X-Line-{i}", "y" * 90) for i in range(n)]
+        return lambda local, t: make_request(
+            "MESSAGE", "sip:bob@example.com", local=local, headers=headers, transport=t
+        )
+
+    for make in (with_body(9000), with_body(20_000), with_body(60_000), with_headers(200)):
+        over_udp = client.send(make(client.local, "UDP"), server)  # type: ignore[operator]
+        assert (over_udp.status, over_udp.reason) == (513, "Message overflow")
+        over_tcp = tcp(make)
+        assert (over_tcp.status, over_tcp.reason) == (513, "Message overflow")
+    for make in (with_headers(300),):
+        assert client.send(make(client.local, "UDP"), server).status == 513  # type: ignore[operator]
+        assert tcp(make).status == 513
+    assert child.stop() == 0, child.output()
 
 
 def test_open_with_a_file_name_is_the_builtin_open(tmp_path: Path) -> None:
