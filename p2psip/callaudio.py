@@ -4,9 +4,13 @@
 Why a module of its own: the UA core moves SIP messages and knows nothing of RTP; ``CallMedia`` moves SDP
 bodies and RTP and knows nothing of SIP. This module is the one place that knows both: which SDP goes into
 which request or response, what a failed negotiation becomes in SIP (488, a BYE), and when the media
-stops (whenever the call ends, however it ends). The UserAgent only keeps thin hooks that call in here:
-``UserAgent.call(..., play=, record=)``, ``IncomingCall.accept_with_media()``, ``Call.hold()``,
-``Call.resume()``, ``Call.send_dtmf()``, and the re-INVITE answer.
+stops (whenever the call ends, however it ends).
+
+It is the UserAgent's injected offer/answer strategy (``UserAgent(..., offer_answer=AudioOfferAnswer())``,
+the default): the UA core calls it for ``UserAgent.call(..., play=, record=)``,
+``IncomingCall.accept_with_media()``, ``Call.hold()``, ``Call.resume()``, ``Call.send_dtmf()``, the
+re-INVITE answer and the end of a call. The dependency goes one way: this module imports nothing of
+:mod:`p2psip.useragent`; it sees calls through the small protocols below.
 
 The media address (what our SDP says the peer should send RTP to) is the local address the SIP stack uses
 toward the peer: the same choice the stack makes for Via and Contact, so a call that can reach us for SIP
@@ -18,28 +22,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
-from p2psip.errors import ParseError, TransportError
+from p2psip.errors import CallFailed, ParseError, TransportError
 from p2psip.media.call import CallMedia
 from p2psip.media.sources import AudioSink, AudioSource
 from p2psip.message import Request, Response
+from p2psip.stack import Stack, Target
+from p2psip.transaction import ServerTransaction
 from p2psip.transport import target_from_uri
 from p2psip.uri import URI
 
-if TYPE_CHECKING:
-    from p2psip.useragent import Call, IncomingCall, OutgoingCall, UserAgent
-
-__all__ = [
-    "Play",
-    "Record",
-    "accept_with_media",
-    "answer_in_ack",
-    "answer_reoffer",
-    "call_with_media",
-    "reoffer",
-    "send_dtmf",
-]
+__all__ = ["AudioOfferAnswer", "OfferAnswer", "Play", "Record"]
 
 Play = str | Path | AudioSource | None
 """What a call plays: a WAV path (any rate, converted), any audio source, or None (silence)."""
@@ -49,16 +43,73 @@ Record = str | Path | AudioSink | None
 SDP = "application/sdp"
 
 
-def _media_address(ua: UserAgent, transport: str, toward: str) -> str:
+class MediaCall(Protocol):
+    """What the strategy needs of a call (either end): its media, in-dialog requests, hanging up."""
+
+    media: CallMedia | None
+
+    async def send(
+        self,
+        method: str,
+        *,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        timeout: float | None = 32.0,
+    ) -> Response: ...
+
+    async def bye(self, timeout: float | None = 32.0) -> Response: ...
+
+
+class PlacedCall(MediaCall, Protocol):
+    async def answered(self, timeout: float | None = None) -> Response: ...
+
+    def cancel(self) -> None: ...
+
+
+class OfferedCall(MediaCall, Protocol):
+    request: Request
+    transaction: ServerTransaction
+
+    @property
+    def stack(self) -> Stack: ...
+
+    def accept(self, body: bytes = b"", content_type: str | None = SDP) -> None: ...
+
+    def reject(self, status: int = 486, reason: str | None = None) -> None: ...
+
+
+PlacedT = TypeVar("PlacedT", bound=PlacedCall)
+PlacedT_co = TypeVar("PlacedT_co", bound=PlacedCall, covariant=True)
+
+
+class Caller(Protocol[PlacedT_co]):
+    """What the strategy needs of the UA placing a call: its stack, its outbound proxy, ``invite()``."""
+
+    stack: Stack
+    outbound: Target | None
+
+    def invite(
+        self,
+        uri: str | URI,
+        *,
+        body: bytes = b"",
+        content_type: str = SDP,
+        headers: Iterable[tuple[str, str]] = (),
+        on_provisional: Callable[[Response], None] | None = None,
+    ) -> PlacedT_co: ...
+
+
+def _media_address(stack: Stack, transport: str, toward: str) -> str:
     """The local IP the stack uses toward ``toward`` (a wildcard bind resolved by the routing table)."""
     try:
-        return ua.stack.local_address(transport, toward)[0]
+        return stack.local_address(transport, toward)[0]
     except TransportError:
-        return ua.stack.local_address("udp", toward)[0]
+        return stack.local_address("udp", toward)[0]
 
 
 async def call_with_media(
-    ua: UserAgent,
+    ua: Caller[PlacedT],
     uri: str | URI,
     *,
     play: Play = None,
@@ -68,7 +119,7 @@ async def call_with_media(
     timeout: float | None = None,
     media_options: dict[str, Any] | None = None,
     on_provisional: Callable[[Response], None] | None = None,
-) -> OutgoingCall:
+) -> PlacedT:
     """Place a call whose INVITE offers audio; once answered, ``call.media`` sends and receives it.
 
     ``media`` is a ready :class:`CallMedia` (its own play/record); else one is opened on the address the
@@ -76,12 +127,10 @@ async def call_with_media(
     options). Failures raise :class:`~p2psip.useragent.CallFailed` with the media closed; a 2xx whose SDP
     we cannot use is hung up (BYE) and raised as 488.
     """
-    from p2psip.useragent import CallFailed
-
     if media is None:
         ruri = URI(uri) if isinstance(uri, str) else uri
         first_hop = ua.outbound if ua.outbound is not None else target_from_uri(ruri)
-        address = _media_address(ua, first_hop.transport, first_hop.host)
+        address = _media_address(ua.stack, first_hop.transport, first_hop.host)
         media = await CallMedia.open(address, play=play, record=record, **(media_options or {}))
     try:
         call = ua.invite(
@@ -108,7 +157,7 @@ async def call_with_media(
 
 
 async def accept_with_media(
-    incoming: IncomingCall,
+    incoming: OfferedCall,
     *,
     play: Play = None,
     record: Record = None,
@@ -121,14 +170,12 @@ async def accept_with_media(
     the 200 with the answer in the ACK is not supported) is declined with 488 and raises
     :class:`~p2psip.useragent.CallFailed`.
     """
-    from p2psip.useragent import CallFailed
-
     if not incoming.request.body:
         incoming.reject(488, "Not Acceptable Here (no SDP offer in the INVITE)")
         raise CallFailed(488, "the INVITE carries no SDP offer (offer in the 200 OK is not supported)")
     if media is None:
         source = incoming.transaction.source
-        address = _media_address(incoming.ua, source.transport, source.host)
+        address = _media_address(incoming.stack, source.transport, source.host)
         media = await CallMedia.open(address, play=play, record=record, **(media_options or {}))
     try:
         try:
@@ -147,7 +194,7 @@ async def accept_with_media(
         raise
 
 
-def answer_reoffer(call: Call, request: Request) -> Response:
+def answer_reoffer(call: MediaCall, request: Request) -> Response:
     """The response to a re-INVITE in a call with audio: 200 with our SDP answer (applied to the media),
     or 488 for SDP we cannot parse (the session then stays as it was, RFC 3261 §14.2). A re-INVITE with
     no offer gets our offer in the 200; its answer comes in the ACK (:func:`answer_in_ack`)."""
@@ -167,7 +214,7 @@ def answer_reoffer(call: Call, request: Request) -> Response:
     return response
 
 
-def answer_in_ack(call: Call, request: Request) -> None:
+def answer_in_ack(call: MediaCall, request: Request) -> None:
     """The ACK of a re-INVITE we answered with an offer carries the answer: apply it. Bad SDP there
     cannot be refused any more (an ACK has no response): the media stays as it was."""
     if call.media is None or not call.media.offer_pending:
@@ -178,11 +225,9 @@ def answer_in_ack(call: Call, request: Request) -> None:
         call.media.offer_failed()
 
 
-async def reoffer(call: Call, direction: str, timeout: float | None = 32.0) -> Response:
+async def reoffer(call: MediaCall, direction: str, timeout: float | None = 32.0) -> Response:
     """Send a re-INVITE carrying a new offer (``sendonly`` holds, ``sendrecv`` resumes) and apply the
     answer. Returns the final response; a failure response leaves the media as it was."""
-    from p2psip.useragent import CallFailed
-
     media = call.media
     if media is None:
         raise CallFailed(488, "this call has no media to hold or resume")
@@ -199,17 +244,68 @@ async def reoffer(call: Call, direction: str, timeout: float | None = 32.0) -> R
     return response
 
 
-async def send_dtmf(call: Call, digits: str, *, duration: float = 0.1, gap: float = 0.05) -> None:
+async def send_dtmf(call: MediaCall, digits: str, *, duration: float = 0.1, gap: float = 0.05) -> None:
     """Send ``digits`` as RFC 4733 telephone events in the call's RTP; returns when they are sent."""
-    from p2psip.useragent import CallFailed
-
     if call.media is None:
         raise CallFailed(488, "this call has no media to send DTMF in")
     await call.media.session.send_dtmf(digits, duration=duration, gap=gap)
 
 
-def close_when_ended(call: Call) -> asyncio.Future[None] | None:
+def close_when_ended(call: MediaCall) -> asyncio.Future[None] | None:
     """Start closing the call's media (the call has ended); the returned future is done when it is."""
     if call.media is None:
         return None
     return asyncio.ensure_future(call.media.close())
+
+
+class OfferAnswer(Protocol):
+    """The offer/answer (media) strategy a :class:`~p2psip.useragent.UserAgent` is given: what goes into
+    which SDP body and what becomes of the media as the call goes on. The UA core moves the messages."""
+
+    async def call(
+        self,
+        ua: Caller[PlacedT],
+        uri: str | URI,
+        *,
+        play: Play = None,
+        record: Record = None,
+        media: CallMedia | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        timeout: float | None = None,
+        media_options: dict[str, Any] | None = None,
+        on_provisional: Callable[[Response], None] | None = None,
+    ) -> PlacedT: ...
+
+    async def accept(
+        self,
+        incoming: OfferedCall,
+        *,
+        play: Play = None,
+        record: Record = None,
+        media: CallMedia | None = None,
+        media_options: dict[str, Any] | None = None,
+    ) -> CallMedia: ...
+
+    def answer_reoffer(self, call: MediaCall, request: Request) -> Response: ...
+
+    def answer_in_ack(self, call: MediaCall, request: Request) -> None: ...
+
+    async def reoffer(self, call: MediaCall, direction: str, timeout: float | None = 32.0) -> Response: ...
+
+    async def send_dtmf(
+        self, call: MediaCall, digits: str, *, duration: float = 0.1, gap: float = 0.05
+    ) -> None: ...
+
+    def close_when_ended(self, call: MediaCall) -> asyncio.Future[None] | None: ...
+
+
+class AudioOfferAnswer:
+    """The default strategy: audio calls (PCMU, PCMA, telephone-event) through :class:`CallMedia`."""
+
+    call = staticmethod(call_with_media)
+    accept = staticmethod(accept_with_media)
+    answer_reoffer = staticmethod(answer_reoffer)
+    answer_in_ack = staticmethod(answer_in_ack)
+    reoffer = staticmethod(reoffer)
+    send_dtmf = staticmethod(send_dtmf)
+    close_when_ended = staticmethod(close_when_ended)

@@ -7,6 +7,11 @@ answer a malformed request with a useful ``400`` without knowing why it failed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotation only: the message layer imports this module
+    from p2psip.message import Response
+
 
 class P2PSIPError(Exception):
     """Base class of every error raised by the p2psip package."""
@@ -40,3 +45,17 @@ class AuthError(P2PSIPError):
 
 class ConfigError(P2PSIPError):
     """A bad command-line argument or configuration value; the CLI prints it and exits 2."""
+
+
+class CallFailed(P2PSIPError):
+    """A request of a user agent ended with a final failure: ``status`` (a SIP code; 408 for a timeout,
+    503 for a transport failure), ``reason`` and the ``response`` when one arrived.
+
+    Here rather than in :mod:`p2psip.useragent` so that the UA's offer/answer strategy
+    (:mod:`p2psip.callaudio`) can raise it without importing the UA."""
+
+    def __init__(self, status: int, reason: str, response: Response | None = None) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.response = response

@@ -20,35 +20,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from p2psip.auth import answer_challenge
+from p2psip.callaudio import AudioOfferAnswer, OfferAnswer, Play, Record
 from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, dialog_id_of_response
-from p2psip.errors import AuthError, P2PSIPError, ParseError, TransportError
+from p2psip.errors import AuthError, CallFailed, P2PSIPError, ParseError, TransportError
+from p2psip.media.call import CallMedia
 from p2psip.message import Request, Response, new_tag
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import ClientTransaction, InviteClientTransaction, ServerTransaction, Transaction
 from p2psip.transport import split_hostport, target_from_uri
 from p2psip.uri import URI, Address
 
-if TYPE_CHECKING:
-    from p2psip.callaudio import Play, Record
-    from p2psip.media.call import CallMedia
+__all__ = ["Call", "CallFailed", "IncomingCall", "OutgoingCall", "UserAgent"]
 
 log = logging.getLogger("p2psip.useragent")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, INFO, UPDATE"
-
-
-class CallFailed(P2PSIPError):
-    """A request ended with a final failure: ``status`` (a SIP code; 408 for a timeout, 503 for a
-    transport failure), ``reason`` and the ``response`` when one arrived."""
-
-    def __init__(self, status: int, reason: str, response: Response | None = None) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-        self.response = response
 
 
 class _Pending:
@@ -138,21 +127,15 @@ class Call:
 
     async def hold(self, timeout: float | None = 32.0) -> Response:
         """Put the call's audio on hold (re-INVITE offering ``sendonly``); returns the final response."""
-        from p2psip import callaudio
-
-        return await callaudio.reoffer(self, "sendonly", timeout)
+        return await self.ua.offer_answer.reoffer(self, "sendonly", timeout)
 
     async def resume(self, timeout: float | None = 32.0) -> Response:
         """Take the call off hold (re-INVITE offering ``sendrecv``); returns the final response."""
-        from p2psip import callaudio
-
-        return await callaudio.reoffer(self, "sendrecv", timeout)
+        return await self.ua.offer_answer.reoffer(self, "sendrecv", timeout)
 
     async def send_dtmf(self, digits: str, *, duration: float = 0.1, gap: float = 0.05) -> None:
         """Send DTMF ``digits`` (0-9 * # A-D) as RFC 4733 events in the call's audio."""
-        from p2psip import callaudio
-
-        await callaudio.send_dtmf(self, digits, duration=duration, gap=gap)
+        await self.ua.offer_answer.send_dtmf(self, digits, duration=duration, gap=gap)
 
     async def _media_stopped(self) -> None:
         if self._media_stopping is not None:
@@ -164,9 +147,7 @@ class Call:
             self.end_reason = reason
             self.ended.set()
             if self.media is not None:
-                from p2psip import callaudio
-
-                self._media_stopping = callaudio.close_when_ended(self)
+                self._media_stopping = self.ua.offer_answer.close_when_ended(self)
 
 
 class OutgoingCall(Call):
@@ -214,6 +195,10 @@ class IncomingCall(Call):
     def caller(self) -> Address:
         return self.request.from_
 
+    @property
+    def stack(self) -> Stack:
+        return self.ua.stack
+
     def _response(self, status: int, reason: str | None = None) -> Response:
         response = Response.for_request(self.request, status, reason, to_tag=self.local_tag)
         if 100 < status < 300:
@@ -256,9 +241,7 @@ class IncomingCall(Call):
     ) -> CallMedia:
         """Answer with audio: ``200 OK`` with our SDP answer, playing ``play`` (a WAV path or a source) and
         recording to ``record`` (a WAV path or a sink). Bad or unusable SDP: 488 and CallFailed."""
-        from p2psip import callaudio
-
-        return await callaudio.accept_with_media(
+        return await self.ua.offer_answer.accept(
             self, play=play, record=record, media=media, media_options=media_options
         )
 
@@ -325,6 +308,7 @@ class _Registration:
         self.expires = 0
         self.refresh: asyncio.TimerHandle | None = None
         self.contact: str = ""
+        self.custom_contact: str | None = None
 
 
 class UserAgent:
@@ -333,7 +317,9 @@ class UserAgent:
     ``outbound`` (``"HOST:PORT"``, ``"tcp:HOST:PORT"`` or a Target) sends every out-of-dialog request
     through that proxy. ``username``/``password`` answer digest challenges (401/407) on any request.
     ``on_call(incoming_call)`` and ``on_message(request)`` are optional callbacks; calls and messages are
-    also queued on :attr:`incoming` and :attr:`messages`.
+    also queued on :attr:`incoming` and :attr:`messages`, which keep the latest ``queue_limit`` of each
+    (older ones are dropped): a long-running UA that answers in a callback and never reads the queues
+    must not keep every call it ever had.
     """
 
     stateful = True
@@ -351,6 +337,8 @@ class UserAgent:
         on_message: Callable[[Request], None] | None = None,
         user_agent: str = "p2psip",
         answer_timeout: float = 180.0,
+        offer_answer: OfferAnswer | None = None,
+        queue_limit: int = 100,
     ) -> None:
         self.stack = stack
         self.loop = stack.loop
@@ -363,10 +351,13 @@ class UserAgent:
         self.on_message_cb = on_message
         self.user_agent = user_agent
         self.answer_timeout = answer_timeout
+        self.offer_answer: OfferAnswer = offer_answer if offer_answer is not None else AudioOfferAnswer()
+        """The offer/answer (media) strategy: what the SDP of a call with media says and what becomes of
+        its media (:mod:`p2psip.callaudio`, audio, by default)."""
         """Seconds an incoming call may stay unanswered before it is declined with 480 (nobody is left
         holding a transaction forever when the application ignores a call)."""
-        self.incoming: asyncio.Queue[IncomingCall] = asyncio.Queue()
-        self.messages: asyncio.Queue[Request] = asyncio.Queue()
+        self.incoming: asyncio.Queue[IncomingCall] = asyncio.Queue(queue_limit)
+        self.messages: asyncio.Queue[Request] = asyncio.Queue(queue_limit)
         self._dialogs: dict[DialogId, Call] = {}
         self._registrations: dict[str, _Registration] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -528,9 +519,7 @@ class UserAgent:
         if play is not None or record is not None or media is not None or media_options is not None:
             if body:
                 raise ValueError("give either body= (an SDP of your own) or play/record/media, not both")
-            from p2psip import callaudio
-
-            return await callaudio.call_with_media(
+            return await self.offer_answer.call(
                 self,
                 uri,
                 play=play,
@@ -562,17 +551,20 @@ class UserAgent:
         password: str | None = None,
         refresh: bool = True,
         timeout: float = 32.0,
+        contact: str | None = None,
     ) -> Response:
-        """REGISTER our contact at ``registrar`` (``sip:HOST:PORT``); with ``refresh`` the binding is
-        renewed before it expires. Raises CallFailed on a final failure. ``expires=0`` unregisters."""
+        """REGISTER our contact at ``registrar`` (``sip:HOST:PORT``, or ``sip:DOMAIN`` with an ``outbound``
+        proxy, which a REGISTER goes through like any out-of-dialog request, §8.1.2); with ``refresh`` the
+        binding is renewed before it expires. Raises CallFailed on a final failure. ``expires=0``
+        unregisters. ``contact`` binds another Contact than this UA's own (e.g. a phone elsewhere)."""
         uri = URI(registrar) if isinstance(registrar, str) else registrar
         key = str(uri)
         reg = self._registrations.get(key)
         if reg is None:
-            reg = _Registration(
-                uri, target_from_uri(uri), username or self.username, password or self.password
-            )
+            target = self.outbound if self.outbound is not None else target_from_uri(uri)
+            reg = _Registration(uri, target, username or self.username, password or self.password)
             self._registrations[key] = reg
+        reg.custom_contact = contact
         if username is not None:
             reg.username = username
         if password is not None:
@@ -610,9 +602,17 @@ class UserAgent:
     async def _register_once(self, reg: _Registration, expires: int) -> Response:
         reg.cseq += 1
         to = Address.build(self.aor.copy())
-        contact = self._contact(reg.target)
-        contact.params["expires"] = str(expires)
-        reg.contact = str(contact.uri)
+        contact: Address | str
+        if reg.custom_contact is not None:
+            contact = reg.custom_contact  # as given (the Expires header says how long)
+            try:
+                reg.contact = str(Address(contact).uri)
+            except ParseError:
+                reg.contact = ""
+        else:
+            contact = self._contact(reg.target)
+            contact.params["expires"] = str(expires)
+            reg.contact = str(contact.uri)
         request = Request.create(
             "REGISTER",
             reg.registrar.copy(),
@@ -669,9 +669,7 @@ class UserAgent:
             if isinstance(call, IncomingCall):
                 call._acked()
             if call is not None and call.media is not None and request.body:
-                from p2psip import callaudio
-
-                callaudio.answer_in_ack(call, request)  # we offered in the 2xx of a re-INVITE
+                self.offer_answer.answer_in_ack(call, request)  # we offered in the 2xx of a re-INVITE
             return
         if transaction is None:
             return
@@ -691,7 +689,7 @@ class UserAgent:
                 self.loop.call_later(self.answer_timeout, call._unanswered)
             if self.on_call is not None:
                 self.on_call(call)
-            self.incoming.put_nowait(call)
+            _keep_latest(self.incoming, call)
         elif method == "CANCEL":
             invite_tx = self.stack.transactions.find_invite_for_cancel(request)
             if invite_tx is None:
@@ -706,7 +704,7 @@ class UserAgent:
             respond(transaction, Response.for_request(request, 200))
             if self.on_message_cb is not None:
                 self.on_message_cb(request)
-            self.messages.put_nowait(request)
+            _keep_latest(self.messages, request)
         elif method == "OPTIONS":
             response = Response.for_request(request, 200)
             response.add("Allow", ALLOW)
@@ -738,9 +736,7 @@ class UserAgent:
             call._end("bye received")
         elif method == "INVITE":  # re-INVITE: keep the session as it is (or answer its offer for the media)
             if call.media is not None:
-                from p2psip import callaudio
-
-                response = callaudio.answer_reoffer(call, request)
+                response = self.offer_answer.answer_reoffer(call, request)
             response.add("Contact", str(self._contact(transaction.source)))
             respond(transaction, response)
         elif method in ("INFO", "UPDATE", "MESSAGE", "OPTIONS", "NOTIFY"):
@@ -860,6 +856,13 @@ def _parse_outbound(text: str) -> Target:
         transport, text = prefix.lower(), rest
     host, port = split_hostport(text)
     return Target(transport, host, port or (5061 if transport == "tls" else 5060))
+
+
+def _keep_latest(queue: asyncio.Queue[Any], item: Any) -> None:
+    """Queue ``item``; a full queue (nobody reads it) loses its oldest item instead of growing."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(item)
 
 
 def _granted_expires(response: Response, contact: str, asked: int) -> int:

@@ -3,6 +3,8 @@
 - the SIP stack (p2psip except peer and the cli package) and overlay never import each other;
 - only the p2psip.cli package may import sipapi from inside p2psip;
 - nothing outside the p2psip.cli package imports it;
+- no two modules import each other at run time, directly or round a longer loop (imports under
+  ``if TYPE_CHECKING:`` are for annotations only and do not count);
 - one agreed exception: ``p2psip.ratelimit`` (the one rate limiter of the project) is a stdlib-only leaf
   that ``overlay`` may import; it imports nothing from the project.
 """
@@ -26,12 +28,25 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
+def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    """The nodes inside ``if TYPE_CHECKING:`` blocks."""
+    hidden: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                hidden.update(ast.walk(child))
+    return hidden
+
+
+def _imports(path: Path, *, run_time: bool = False) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     found: set[str] = set()
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    hidden = _type_checking_only(tree) if run_time else set()
     for node in ast.walk(tree):
+        if node in hidden:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -98,3 +113,34 @@ def test_nothing_imports_cli() -> None:
     for module, imports in _all_modules().items():
         if not _in_cli(module):
             assert not _hits(imports, "p2psip.cli"), f"{module} imports p2psip.cli"
+
+
+def test_no_import_cycles() -> None:
+    """A cycle (e.g. the UA importing its media glue and the glue importing the UA back, lazily) means two
+    modules hold one concept between them; the dependency must go one way."""
+    paths = {_module_name(path): path for pkg in PACKAGES for path in sorted((ROOT / pkg).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        edges = set()
+        for name in _imports(path, run_time=True):
+            while name and name not in paths:
+                name = name.rpartition(".")[0]
+            # a package's own ancestors are imported with it: not an edge of the design
+            if name and name != module and not module.startswith(name + "."):
+                edges.add(name)
+        graph[module] = edges
+
+    def reaches(start: str, goal: str) -> list[str] | None:
+        stack, seen = [(start, [start])], {start}
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == goal:
+                    return [*path, nxt]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = [loop for module in graph if (loop := reaches(module, module))]
+    assert not cycles, "import cycle: " + " -> ".join(cycles[0])

@@ -224,3 +224,33 @@ async def test_an_ignored_call_is_declined_after_answer_timeout(pair: tuple[User
     with pytest.raises(CallFailed) as failed:
         await alice.call(uri_of(bob.stack, "bob", "udp"), timeout=20)
     assert failed.value.status == 480
+
+
+async def test_a_callback_ua_keeps_a_bounded_queue() -> None:
+    """A UA that answers in callbacks and never reads ``incoming``/``messages`` does not keep every call and
+    MESSAGE it ever had: the queues hold the latest ``queue_limit``."""
+    a = await Stack.start(["udp:127.0.0.1:0"])
+    b = await Stack.start(["udp:127.0.0.1:0"])
+    seen: list[str] = []
+    alice = UserAgent(a, "sip:alice@127.0.0.1")
+    bob = UserAgent(
+        b,
+        "sip:bob@127.0.0.1",
+        on_call=lambda incoming: incoming.accept(),
+        on_message=lambda request: seen.append(request.body.decode()),
+        queue_limit=3,
+    )
+    try:
+        host, port = b.local_address("udp")
+        for n in range(6):
+            assert (await alice.message(f"sip:bob@{host}:{port}", f"m{n}")).status == 200
+            call = await alice.call(f"sip:bob@{host}:{port}", timeout=5)
+            await call.bye(timeout=5)
+        assert seen == [f"m{n}" for n in range(6)]  # every one reached the callback
+        assert bob.messages.qsize() == 3 and bob.incoming.qsize() == 3
+        assert [bob.messages.get_nowait().body for _ in range(3)] == [b"m3", b"m4", b"m5"]  # the latest
+    finally:
+        await alice.close()
+        await bob.close()
+        await a.close()
+        await b.close()
