@@ -28,6 +28,7 @@ from typing import Protocol
 
 from p2psip.errors import ParseError, TransactionError, TransportError
 from p2psip.message import Limits, Request, Response, Via, new_branch
+from p2psip.streamguard import StreamLimits
 from p2psip.timers import DEFAULT_TIMERS, TimerConfig
 from p2psip.transaction import (
     ClientTransaction,
@@ -125,6 +126,7 @@ class Stack:
         idle_timeout: float = 300.0,
         verbose: bool = False,
         ws_origins: Iterable[str] = (),
+        streams: StreamLimits | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.timers = timers
@@ -136,6 +138,7 @@ class Stack:
             idle_timeout=idle_timeout,
             verbose=verbose,
             ws_origins=OriginPolicy(ws_origins),
+            streams=streams,
         )
         self.transactions = TransactionLayer(timers, trying_delay=trying_delay)
         self.core: Core = _NoCore(self)
@@ -157,10 +160,13 @@ class Stack:
         idle_timeout: float = 300.0,
         verbose: bool = False,
         ws_origins: Iterable[str] = (),
+        streams: StreamLimits | None = None,
     ) -> Stack:
         """Create a stack and open its listeners (``[udp:|tcp:|tls:|ws:|wss:]HOST:PORT``; no prefix = UDP
         and TCP on one port; port 0 = any free port). The options are those of :class:`Stack`;
-        ``ws_origins`` are web origins the WebSocket handshake admits besides loopback pages."""
+        ``ws_origins`` are web origins the WebSocket handshake admits besides loopback pages; ``streams``
+        the caps and message deadline of incoming TCP/TLS/WebSocket connections (see
+        :mod:`p2psip.streamguard`)."""
         stack = cls(
             timers=timers,
             limits=limits,
@@ -169,6 +175,7 @@ class Stack:
             idle_timeout=idle_timeout,
             verbose=verbose,
             ws_origins=ws_origins,
+            streams=streams,
         )
         try:
             for spec in listen:

@@ -42,6 +42,7 @@ from typing import NamedTuple, cast
 
 from p2psip.errors import ConfigError, ParseError, TransportError
 from p2psip.message import Limits, Request, Response, StreamFramer, parse
+from p2psip.streamguard import Progress, StreamGuard, StreamLimits
 from p2psip.uri import URI
 from p2psip.websocket import POLICY_VIOLATION, OriginPolicy, WSEndpoint, WSResult
 
@@ -53,10 +54,6 @@ WEBSOCKET = frozenset({"ws", "wss"})
 SECURE = frozenset({"tls", "wss"})
 #: RFC 7118 §5.2: WebSocket URIs without a port mean HTTP's ports.
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061, "ws": 80, "wss": 443}
-#: How many WebSocket connections one source address may hold open at once (browsers open one per tab).
-WS_MAX_PER_SOURCE = 32
-#: An incoming WebSocket connection must finish its handshake within this many seconds.
-WS_HANDSHAKE_TIMEOUT = 10.0
 #: Ping a WebSocket connection idle this long; no pong by the next ping closes it.
 WS_PING_INTERVAL = 30.0
 #: §18.1.1: a request larger than this (path MTU unknown) goes over a congestion-controlled transport.
@@ -76,7 +73,9 @@ STAT_NAMES = (
     "connections_closed",
     "udp_to_tcp",  # large requests switched from UDP to TCP (§18.1.1)
     "ws_errors",  # WebSocket connections closed for a fault: bad handshake or frame, non-SIP payload, no pong
-    "ws_refused",  # WebSocket connections refused: over the per-source bound, or the handshake took too long
+    "connections_refused",  # incoming stream connections over the per-source or global cap
+    "slow_closed",  # stream connections closed with a message unfinished after the deadline (slowloris)
+    "ws_refused",  # of those two, the WebSocket connections (over a cap, or a handshake too slow)
 )
 
 
@@ -386,6 +385,9 @@ class StreamConnection(asyncio.Protocol):
         self.last_used = layer.loop.time()
         self.closed = False
         self.draining = False
+        self.admitted = False
+        self.refused = False
+        self.progress = Progress()
         self.unanswered: list[ErrorHandler] = []
         """Error handlers of what we wrote since the peer last sent anything: if the peer drops the
         connection without a word (e.g. a TLS server refusing our certificate after a TLS 1.3 handshake,
@@ -396,6 +398,10 @@ class StreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.remote = Target(self.name, str(peer[0]), int(peer[1]))
+        if not self.outgoing and not self.layer._admit(self):
+            self.closed = self.refused = True
+            self.transport.abort()
+            return
         self.layer._register(self, self.remote)
         self.layer.stats["connections_opened"] += 1
 
@@ -403,8 +409,8 @@ class StreamConnection(asyncio.Protocol):
         self.last_used = self.layer.loop.time()
         if self.unanswered:
             self.unanswered.clear()  # the peer is alive and talking to us
-        if self.draining:
-            return  # answered and closing: what still arrives is thrown away
+        if self.draining or self.closed:
+            return  # answered and closing (or refused): what still arrives is thrown away
         try:
             frames = self.framer.feed(data)
         except ParseError as exc:
@@ -415,6 +421,7 @@ class StreamConnection(asyncio.Protocol):
             log.exception("stream framer failed on data from %s", self.remote)
             self.close()
             return
+        self.progress.update(self.last_used, completed=len(frames), pending=self.framer.buffered > 0)
         for frame in frames:
             self.layer._on_frame(frame, self)
         if self.framer.error is not None and not self.closed:
@@ -445,8 +452,11 @@ class StreamConnection(asyncio.Protocol):
         self.layer.loop.call_later(linger, self.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return  # never admitted, never counted
         closed_by_us = self.closed
         self.closed = True
+        self.layer._release(self)
         self.layer._forget(self)
         self.layer.stats["connections_closed"] += 1
         if not closed_by_us:
@@ -503,21 +513,14 @@ class WebSocketConnection(StreamConnection):
             client=outgoing, max_message=layer.limits.max_size, origins=layer.ws_origins, host=host
         )
         self.queued: list[bytes] = []
-        self.opened_at = layer.loop.time()
-        self.counted_source: str | None = None
+        if not outgoing:
+            self.progress = Progress(layer.loop.time())  # the handshake is the first thing pending
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self.remote is not None and self.transport is not None
         if self.outgoing:
             self.transport.write(self.ws.start())
-            return
-        if not self.layer._admit_ws(self):
-            self.layer.stats["ws_refused"] += 1
-            if self.layer.verbose:
-                log.info("refusing WebSocket connection from %s: too many from that address", self.remote)
-            self.transport.abort()
-            return
 
     def data_received(self, data: bytes) -> None:
         now = self.layer.loop.time()
@@ -530,6 +533,8 @@ class WebSocketConnection(StreamConnection):
             result = WSResult(close=True, error="internal error")
         if result.messages and self.unanswered:
             self.unanswered.clear()  # the peer is alive and talking to us
+        pending = not self.ws.open or self.ws.incomplete
+        self.progress.update(now, completed=len(result.messages) + bool(result.opened), pending=pending)
         self.apply(result)
         for message in result.messages:
             if self.closed:
@@ -576,13 +581,9 @@ class WebSocketConnection(StreamConnection):
             self.transport.write(self.ws.message(data))
 
     def tick(self, now: float, ping_interval: float) -> None:
-        """Keep-alive and handshake deadline (called by the layer's sweep)."""
-        if not self.ws.open:
-            if not self.outgoing and now - self.opened_at > WS_HANDSHAKE_TIMEOUT:
-                self.layer.stats["ws_refused"] += 1
-                self.close()
-            return
-        self.apply(self.ws.tick(now, ping_interval))
+        """Keep-alive (called by the layer's sweep; the handshake deadline is the layer's message one)."""
+        if self.ws.open:
+            self.apply(self.ws.tick(now, ping_interval))
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Close with a WebSocket close frame (``code``, RFC 6455 §7.4) when the connection is open."""
@@ -598,9 +599,6 @@ class WebSocketConnection(StreamConnection):
             self.transport.close()
             self.layer._forget(self)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.layer._release_ws(self)
-        super().connection_lost(exc)
 
 
 # ------------------------------------------------------------------------------------------- layer
@@ -624,15 +622,15 @@ class TransportLayer:
         verbose: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
         ws_origins: OriginPolicy | None = None,
-        ws_max_per_source: int = WS_MAX_PER_SOURCE,
         ws_ping_interval: float = WS_PING_INTERVAL,
+        streams: StreamLimits | None = None,
     ) -> None:
         self.on_message = on_message
         self.ws_origins = ws_origins or OriginPolicy()
         """Origins the WebSocket handshake admits (loopback pages by default; a peer adds its web page's)."""
-        self.ws_max_per_source = ws_max_per_source
         self.ws_ping_interval = ws_ping_interval
-        self._ws_per_source: dict[str, int] = {}
+        self.guard = StreamGuard(streams)
+        """Caps and the message deadline of incoming TCP, TLS and WebSocket connections alike."""
         self.limits = limits or Limits()
         self.tls = tls
         self.idle_timeout = idle_timeout
@@ -1060,35 +1058,32 @@ class TransportLayer:
                 del self._connections[key]
         conn.keys.clear()
 
-    def _admit_ws(self, conn: WebSocketConnection) -> bool:
-        """Count an incoming WebSocket connection against its source's bound; False when over it."""
+    def _admit(self, conn: StreamConnection) -> bool:
+        """Count an incoming stream connection against the caps (:class:`StreamGuard`); False = refuse."""
         assert conn.remote is not None
-        host = conn.remote.host
-        count = self._ws_per_source.get(host, 0)
-        if count >= self.ws_max_per_source:
-            return False
-        self._ws_per_source[host] = count + 1
-        conn.counted_source = host
-        return True
+        if self.guard.admit(conn.remote.host):
+            conn.admitted = True
+            return True
+        self.stats["connections_refused"] += 1
+        if isinstance(conn, WebSocketConnection):
+            self.stats["ws_refused"] += 1
+        if self.verbose:
+            log.info("refusing connection from %s: too many connections", conn.remote)
+        return False
 
-    def _release_ws(self, conn: WebSocketConnection) -> None:
-        host = conn.counted_source
-        if host is None:
-            return
-        conn.counted_source = None
-        left = self._ws_per_source.get(host, 1) - 1
-        if left > 0:
-            self._ws_per_source[host] = left
-        else:
-            self._ws_per_source.pop(host, None)
+    def _release(self, conn: StreamConnection) -> None:
+        if conn.admitted and conn.remote is not None:
+            conn.admitted = False
+            self.guard.release(conn.remote.host)
 
     def connection_count(self) -> int:
         return len({id(c) for c in self._connections.values()})
 
     def _schedule_sweep(self) -> None:
-        interval = max(0.5, min(30.0, self.idle_timeout / 4))
-        if self.listening["ws"] or self.listening["wss"] or self._ws_per_source:
-            interval = max(0.05, min(interval, self.ws_ping_interval / 3, WS_HANDSHAKE_TIMEOUT / 2))
+        deadline = self.guard.limits.message_timeout
+        interval = max(0.05, min(30.0, self.idle_timeout / 4, deadline / 4))
+        if self.listening["ws"] or self.listening["wss"]:
+            interval = max(0.05, min(interval, self.ws_ping_interval / 3))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
@@ -1097,7 +1092,18 @@ class TransportLayer:
         handshake. An incoming WebSocket connection is a browser's only path: it lives while it pongs."""
         now = self.loop.time()
         deadline = now - self.idle_timeout
+        limits = self.guard.limits
         for conn in list({id(c): c for c in self._connections.values()}.values()):
+            if conn.progress.overdue(now, limits):
+                # Slowloris: a message (or WebSocket handshake) still unfinished after the deadline.
+                self.guard.overdue += 1
+                self.stats["slow_closed"] += 1
+                if isinstance(conn, WebSocketConnection):
+                    self.stats["ws_refused"] += 1
+                if self.verbose:
+                    log.info("closing %s: message unfinished after %g s", conn.remote, limits.message_timeout)
+                conn.close()
+                continue
             if isinstance(conn, WebSocketConnection):
                 conn.tick(now, self.ws_ping_interval)
                 if not conn.outgoing:

@@ -194,6 +194,12 @@ class WSEndpoint:
         result.out = self.ws.send(Ping(payload=b"p2psip"))
         return result
 
+    @property
+    def incomplete(self) -> bool:
+        """Whether part of a fragmented message has arrived and the rest has not (for the message deadline
+        of :mod:`p2psip.streamguard`)."""
+        return bool(self._parts)
+
     def touch(self, now: float) -> None:
         """Record activity (the adapter calls it for every read) so idle pings go only to idle connections."""
         self._last_activity = now

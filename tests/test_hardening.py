@@ -265,3 +265,129 @@ async def test_a_framed_message_is_delivered_before_the_garbage_after_it(
     assert statuses(got)[:1] == [200]
     assert [r.call_id for r in core.seen] == ["big7"]
     assert closed
+
+
+# ------------------------------------------------------------------------------------------ slowloris
+
+
+def _trickle(
+    addr: tuple[str, int], wrap: object = None, *, seconds: float, source: str = "127.0.0.1"
+) -> float:
+    """Open a connection and send one byte of a never-ending header every 50 ms; return how long the
+    server kept it open (``seconds`` at most)."""
+    import ssl
+    import time
+
+    raw = socket.create_connection(addr, timeout=5, source_address=(source, 0))
+    sock: socket.socket = raw
+    if wrap == "tls":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        sock = ctx.wrap_socket(raw)
+    data = b"OPTIONS sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKslow\r\nX: "
+    started = time.monotonic()
+    sock.settimeout(0.05)
+    try:
+        i = 0
+        while time.monotonic() - started < seconds:
+            sock.sendall(data[i : i + 1] if i < len(data) else b"y")
+            i += 1
+            try:
+                if sock.recv(100) == b"":
+                    break
+            except TimeoutError:
+                pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls", "ws"])
+async def test_a_trickled_message_is_cut_at_the_deadline(transport: str) -> None:
+    from p2psip.streamguard import StreamLimits
+
+    # Before: only silence counted; a byte every 20 s kept a connection (and its buffer) for ever.
+    stack = await Stack.start(
+        [f"{transport}:127.0.0.1:0"], streams=StreamLimits(message_timeout=0.5), idle_timeout=300
+    )
+    try:
+        _Answer200(stack)
+        addr = stack.local_address(transport)
+        kept = await asyncio.to_thread(_trickle, addr, "tls" if transport == "tls" else None, seconds=6)
+        assert kept < 3.0, kept
+        assert stack.stats["slow_closed"] == 1
+        assert await wait_for(lambda: stack.stats["connections"] == 0)
+    finally:
+        await stack.close()
+
+
+async def test_a_busy_connection_is_not_mistaken_for_a_slow_one() -> None:
+    from p2psip.streamguard import StreamLimits
+
+    stack = await Stack.start(["tcp:127.0.0.1:0"], streams=StreamLimits(message_timeout=0.3))
+    try:
+        core = _Answer200(stack)
+        _reader, writer = await asyncio.open_connection(*stack.local_address("tcp"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        n = 0
+        rest = b""
+        while loop.time() - started < 1.5:  # every write ends mid-message, but messages keep completing
+            message = big(1, n, transport="TCP", body=b"x" * 50)
+            cut = len(message) // 2
+            writer.write(rest + message[:cut])
+            rest = message[cut:]
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            n += 1
+        writer.write(rest)
+        await writer.drain()
+        assert await wait_for(lambda: len(core.seen) == n)
+        assert stack.stats["slow_closed"] == 0 and stack.stats["connections"] == 1
+        writer.close()
+    finally:
+        await stack.close()
+
+
+async def test_connections_are_capped_per_source_and_in_all() -> None:
+    from p2psip.streamguard import StreamLimits
+
+    stack = await Stack.start(["tcp:127.0.0.1:0"], streams=StreamLimits(max_connections=5, max_per_source=3))
+    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        _Answer200(stack)
+        addr = stack.local_address("tcp")
+
+        async def connect(source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            pair = await asyncio.open_connection(*addr, local_addr=(source, 0))
+            opened.append(pair)
+            return pair
+
+        async def refused(pair: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> bool:
+            try:
+                return await asyncio.wait_for(pair[0].read(1), 5) == b""
+            except (ConnectionError, OSError):
+                return True
+
+        for _ in range(3):
+            await connect("127.0.0.1")
+        assert await refused(await connect("127.0.0.1"))  # the 4th from one address
+        assert stack.transport.guard.refused_per_source == 1
+        for _ in range(2):
+            await connect("127.0.0.2")
+        assert await refused(await connect("127.0.0.3"))  # the 6th in all
+        assert stack.transport.guard.refused_total == 1
+        assert stack.stats["connections_refused"] == 2 and stack.stats["connections"] == 5
+        for _, writer in opened[:3]:
+            writer.close()
+        assert await wait_for(lambda: stack.transport.guard.per_source.get("127.0.0.1", 0) == 0)
+        reader, writer = await connect("127.0.0.1")  # freed slots are free again
+        writer.write(big(1, 1, transport="TCP"))
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"SIP/2.0 200")
+    finally:
+        for _, writer in opened:
+            writer.close()
+        await stack.close()

@@ -24,6 +24,7 @@ from wsproto.utilities import ProtocolError
 
 from p2psip.message import Request as SipRequest
 from p2psip.message import Response, parse
+from p2psip.streamguard import StreamLimits
 from p2psip.transport import ListenSpec, Target, TLSConfig, target_from_uri
 from p2psip.uri import URI
 from p2psip.websocket import OriginPolicy, WSEndpoint
@@ -240,7 +241,7 @@ async def test_handshake_checks_origin_and_subprotocol() -> None:
 
 
 async def test_connections_per_source_are_bounded() -> None:
-    layer, _ = await make_layer("ws:127.0.0.1:0", ws_max_per_source=2)
+    layer, _ = await make_layer("ws:127.0.0.1:0", streams=StreamLimits(max_per_source=2))
     port = layer.listening["ws"][0][1]
     try:
         first, _ = await WSClient.connect(port)
@@ -251,7 +252,7 @@ async def test_connections_per_source_are_bounded() -> None:
         assert layer.stats["ws_refused"] == 1
         await first.close()
         for _ in range(100):  # the server sees the close, then frees the slot
-            if len(layer._ws_per_source) == 1 and layer._ws_per_source.get("127.0.0.1") == 1:
+            if layer.guard.per_source == {"127.0.0.1": 1}:
                 break
             await asyncio.sleep(0.02)
         again, event = await WSClient.connect(port)
