@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass, field, replace
@@ -66,10 +67,30 @@ from overlay.storage_core import (
     StorageCore,
 )
 from overlay.wire import TCP_MAX, Codec, FrameDecoder, Message, error_kind, frame
+from p2psip.ratelimit import Rate, RateLimiter
 
 Endpoint = tuple[str, int]
 
 __all__ = ["E_BAD_REQUEST", "E_NOT_RESPONSIBLE", "E_REFUSED", "E_TOO_BIG", "KeyAccess", "Node", "NodeConfig"]
+
+#: What each request type costs against the per-source limits (``NodeConfig.limits``). A nonce ping is
+#: "join": answering it costs a signature, and it is how a newcomer gets admitted.
+LIMIT_KINDS = ("store", "lookup", "join", "other")
+_KIND_OF = {
+    "store": "store",
+    "transfer": "store",
+    "find_successor": "lookup",
+    "fetch": "lookup",
+    "notify": "join",
+}
+#: Per source (a verified ring member's NodeId, or a stranger's address:port). Generous: a member's
+#: normal traffic (replica fan-out, transfers, stabilize) stays far below; a flood costs its source only.
+DEFAULT_LIMITS: dict[str, Rate] = {
+    "store": Rate(100.0, 500.0),
+    "lookup": Rate(300.0, 1000.0),
+    "join": Rate(20.0, 40.0),
+    "other": Rate(200.0, 400.0),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +114,10 @@ class NodeConfig:
     max_value: int = DEFAULT_MAX_VALUE
     max_lifetime: int = DEFAULT_MAX_LIFETIME
     max_per_owner: int = DEFAULT_MAX_PER_OWNER  # records one user key may hold on one node
+    # Per-source request limits by kind (LIMIT_KINDS); a kind left out is unlimited. Rate.parse reads
+    # "200/s:400" (rate, burst) or "off". limit_sources bounds the table of sources (LRU).
+    limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    limit_sources: int = 4096
 
 
 @dataclass(slots=True)
@@ -134,6 +159,7 @@ class Node:
             max_per_owner=config.max_per_owner,
             cache=self.cache,
         )
+        self.limiter = RateLimiter(config.limits, max_keys=config.limit_sources)
         self.me: NodeRef = NodeRef(identity.node_id, "", 0)
         self.core: ChordCore | None = None
         self._loop = asyncio.get_running_loop()
@@ -234,6 +260,7 @@ class Node:
                 last = exc
                 continue
             self._udp = udp
+            _grow_receive_buffer(udp)
             self.me = NodeRef(self.identity.node_id, host, int(actual))
             return
         raise OverlayError(f"cannot bind TCP on {host}:{port}: {last}")
@@ -407,6 +434,7 @@ class Node:
         out = dict(sorted(out.items()))
         out["entries"] = len(self.store)
         out["refused"] = dict(self.store.refused)
+        out["limits"] = self.limiter.stats()
         out["verified_cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
         if self.core is not None:
             out["chord"] = self.core.stats()
@@ -619,6 +647,8 @@ class Node:
             # or anyone could speak for a neighbour (leave, notify) or aim our replies at a victim.
             self._count("dropped_forged")
             return
+        if not self._admit(msg, addr):
+            return
         if msg.type in ("store", "fetch", "transfer"):
             # a retransmitted datagram carries the same (src, id, addr): the core answers it once
             self._storage_request(("udp", msg.src, msg.id, addr), msg.type, msg.body, once=True)
@@ -634,6 +664,29 @@ class Node:
         else:
             self._reply(msg.id, addr, reply.type, reply.body)
         self._drain()
+
+    def _source(self, msg: Message, addr: Endpoint, *, tcp: bool = False) -> tuple[str, object]:
+        """Whom a request is charged to: a verified ring member by its NodeId (so it keeps its budget
+        whatever port it uses), anyone else by address:port (on loopback every peer is 127.0.0.1).
+
+        Over TCP the source port is ephemeral (a fresh bucket per connection would be no limit), so a
+        stranger there is charged by its host, and a member only when the connection comes from the host
+        its verified endpoint names."""
+        core = self.core
+        came_from_it = _same_endpoint((msg.ep[0], 0), (addr[0], 0)) if tcp else _same_endpoint(msg.ep, addr)
+        if came_from_it and core is not None and core.is_verified(NodeRef(msg.src, *msg.ep)):
+            return ("node", msg.src)
+        return ("host", addr[0]) if tcp else ("addr", addr)
+
+    def _admit(self, msg: Message, addr: Endpoint, *, tcp: bool = False) -> bool:
+        """Charge a request to its source; a refused one is dropped (no reply: a flood earns nothing)."""
+        kind = _KIND_OF.get(msg.type, "other")
+        if msg.type == "ping" and msg.body.get("nonce") is not None:
+            kind = "join"
+        if self.limiter.allow(kind, self._source(msg, addr, tcp=tcp), self._loop.time()):
+            return True
+        self._count("dropped_rate_limited")
+        return False
 
     def _on_reply(self, msg: Message, addr: Endpoint) -> None:
         pending = self._pending.get(msg.id)
@@ -674,6 +727,8 @@ class Node:
         self._count("tcp_in")
         decoder = FrameDecoder()
         connection = self._new_id()
+        peername = writer.get_extra_info("peername")
+        peer: Endpoint = (str(peername[0]), int(peername[1])) if peername else ("", 0)
         try:
             while not self._closed:
                 chunk = await asyncio.wait_for(reader.read(65536), 30.0)
@@ -687,6 +742,8 @@ class Node:
                         return
                     if msg.is_reply or msg.type not in ("store", "fetch", "transfer"):
                         self._count("dropped_unexpected_tcp")
+                        return
+                    if not self._admit(msg, peer, tcp=True):
                         return
                     reply = await self._await_storage(("tcp", connection, msg.id), msg.type, msg.body)
                     if reply is None:
@@ -938,6 +995,19 @@ class KeyAccess:
 # --------------------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------------------
+
+
+UDP_RECEIVE_BUFFER = 1 << 20
+
+
+def _grow_receive_buffer(udp: asyncio.DatagramTransport) -> None:
+    """Ask for a 1 MiB receive buffer (the kernel caps it at net.core.rmem_max). A flood is refused per
+    source after decoding, but while the loop is busy the datagrams queue in the kernel; the default
+    ~200 KB holds a few hundred, and when it overflows the kernel drops honest requests with the flood."""
+    sock = udp.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
 
 
 def _check_endpoint(ep: object, what: str) -> None:
