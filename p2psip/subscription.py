@@ -349,10 +349,20 @@ class Subscriber:
     in-dialog SUBSCRIBE that renews (or, with 0, ends) one subscription.
     """
 
-    def __init__(self, request: Request, now: float, timers: TimerConfig = DEFAULT_TIMERS) -> None:
-        event = EventHeader.of(request)
+    def __init__(
+        self,
+        request: Request,
+        now: float,
+        timers: TimerConfig = DEFAULT_TIMERS,
+        *,
+        implicit: EventHeader | None = None,
+    ) -> None:
+        event = implicit or EventHeader.of(request)
         if event is None:
             raise TransactionError("a SUBSCRIBE needs an Event header")
+        self.implicit = implicit is not None
+        """An implicit subscription (REFER's ``refer``, RFC 3515 §2.4.4): made by another request, and
+        its NOTIFYs may leave out the ``id`` the first REFER of a dialog gets (§2.4.6)."""
         if request.from_.tag is None:
             raise TransactionError("a SUBSCRIBE needs a From tag")
         self.request = request
@@ -365,6 +375,12 @@ class Subscriber:
         self.final: Response | None = None
         self.closed = False
         """No new fork is taken any more (the application unsubscribed or gave up)."""
+
+    def expects(self, event: EventHeader) -> bool:
+        """Whether a NOTIFY with ``event`` belongs to this subscription."""
+        if event.matches(self.event):
+            return True
+        return self.implicit and event.package == self.event.package and event.id is None
 
     def _fork(self, remote_tag: str, dialog: Dialog) -> SubscriberSubscription:
         sub = self.subscriptions.get(remote_tag)
@@ -410,7 +426,7 @@ class Subscriber:
             contacts = request.contacts
         except ParseError as exc:
             return NotifyOutcome(400, f"Bad Request ({exc})")
-        if event is None or not event.matches(self.event):
+        if event is None or not self.expects(event):
             return NotifyOutcome(489, None, None, (("Allow-Events", self.event.package),))
         if state is None:
             return NotifyOutcome(400, "Bad Request (no Subscription-State)")

@@ -28,16 +28,20 @@ from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, d
 from p2psip.errors import AuthError, CallFailed, P2PSIPError, ParseError, TransportError
 from p2psip.media.call import CallMedia
 from p2psip.message import Request, Response, new_tag
+from p2psip.sipfrag import FragStatus
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import ClientTransaction, InviteClientTransaction, ServerTransaction, Transaction
+from p2psip.transfer import check_replaces, receive_refer
 from p2psip.transport import split_hostport, target_from_uri
+from p2psip.uaevents import EventsAgent, IncomingSubscription, Notification, OutgoingSubscription
 from p2psip.uri import URI, Address
 
 __all__ = ["Call", "CallFailed", "IncomingCall", "OutgoingCall", "UserAgent"]
 
 log = logging.getLogger("p2psip.useragent")
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, INFO, UPDATE"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, INFO, UPDATE, SUBSCRIBE, NOTIFY, REFER"
+SUPPORTED = "replaces, norefersub"
 
 
 class _Pending:
@@ -119,6 +123,27 @@ class Call:
             self._end(f"failed {response.status}")
         return response
 
+    async def transfer(
+        self, target: str | URI | Call, *, refer_sub: bool = True, hangup: bool = True, timeout: float = 64.0
+    ) -> FragStatus | None:
+        """Transfer this call (REFER, RFC 3515): to a URI (blind) or to another of our calls (attended,
+        with Replaces). Returns the new call's final status from the referee's NOTIFYs (None with
+        ``refer_sub=False``); on success the call is hung up. See :mod:`p2psip.transfer`."""
+        from p2psip import transfer
+
+        return await transfer.transfer(self, target, refer_sub=refer_sub, hangup=hangup, timeout=timeout)
+
+    def local_description(self) -> tuple[bytes, str]:
+        """The body (SDP) and content type this end gave the call: what a transfer offers again."""
+        return b"", "application/sdp"
+
+    def _replaced(self) -> None:
+        """A call that replaces this one (RFC 3891) was answered: hang this one up."""
+        dialog = self.dialog
+        if self.state != "terminated" and dialog is not None and dialog.state is DialogState.CONFIRMED:
+            task = asyncio.ensure_future(self.bye())
+            task.add_done_callback(lambda t: t.exception())
+
     async def wait_ended(self, timeout: float | None = None) -> str:
         """Wait until the call is over; returns why (``bye received``, ``bye sent``, ``cancelled``...)."""
         await asyncio.wait_for(self.ended.wait(), timeout)
@@ -169,6 +194,16 @@ class OutgoingCall(Call):
         """Wait for the 2xx (the ACK is already sent when this returns); failures raise CallFailed."""
         return await asyncio.wait_for(asyncio.shield(self.pending.final), timeout)
 
+    def local_description(self) -> tuple[bytes, str]:
+        request = self.pending.request
+        return request.body, request.get("Content-Type") or "application/sdp"
+
+    def _replaced(self) -> None:
+        if self.state in ("calling", "early"):
+            self.cancel()  # replaced while it rings
+        else:
+            super()._replaced()
+
     def cancel(self) -> None:
         """CANCEL the INVITE (sent once a provisional response has arrived, §9.1)."""
         self.cancelled = True
@@ -188,8 +223,15 @@ class IncomingCall(Call):
         self.remote_body = request.body
         self.local_tag = new_tag()
         self.confirmed = asyncio.Event()
+        self.replaces: Call | None = None
+        """The call this one replaces (its INVITE had Replaces, RFC 3891): hung up once this is answered."""
         self._retransmit: asyncio.TimerHandle | None = None
         self._final: Response | None = None
+
+    def local_description(self) -> tuple[bytes, str]:
+        if self._final is None:
+            return b"", "application/sdp"
+        return self._final.body, self._final.get("Content-Type") or "application/sdp"
 
     @property
     def caller(self) -> Address:
@@ -230,6 +272,8 @@ class IncomingCall(Call):
         self.ua.stack.respond(self.transaction, response)
         if not self.transaction.reliable:
             self._schedule_retransmit(self.ua.stack.timers.t1, 0.0)
+        if self.replaces is not None:
+            self.replaces._replaced()
 
     async def accept_with_media(
         self,
@@ -339,6 +383,9 @@ class UserAgent:
         answer_timeout: float = 180.0,
         offer_answer: OfferAnswer | None = None,
         queue_limit: int = 100,
+        events: Iterable[str] = (),
+        on_subscribe: Callable[[IncomingSubscription], None] | None = None,
+        accept_transfers: bool = True,
     ) -> None:
         self.stack = stack
         self.loop = stack.loop
@@ -361,6 +408,12 @@ class UserAgent:
         self._dialogs: dict[DialogId, Call] = {}
         self._registrations: dict[str, _Registration] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.events = EventsAgent(self, events, on_subscribe)
+        """SUBSCRIBE/NOTIFY both ways (:mod:`p2psip.uaevents`): ``events`` are the packages we serve;
+        each SUBSCRIBE for one goes to ``on_subscribe`` (or the queue ``ua.events.incoming``), others
+        get 489. Calls placed because a REFER asked for them go on ``ua.events.referred``."""
+        self.accept_transfers = accept_transfers
+        """Whether a REFER in a call is followed (else 603 Decline)."""
         stack.attach(self)
 
     # =============================================================================== client side
@@ -467,6 +520,31 @@ class UserAgent:
         """Send a MESSAGE (RFC 3428); returns the final response."""
         body = text.encode() if isinstance(text, str) else text
         return await self.request("MESSAGE", uri, body=body, content_type=content_type, timeout=timeout)
+
+    async def subscribe(
+        self,
+        uri: str | URI,
+        event: str,
+        *,
+        expires: int = 600,
+        accept: str | None = None,
+        body_check: Callable[[Request], None] | None = None,
+        on_notify: Callable[[Notification], None] | None = None,
+        timeout: float = 32.0,
+    ) -> OutgoingSubscription:
+        """SUBSCRIBE to ``event`` (``presence``, ``message-summary``...) of ``uri`` (RFC 6665) and return
+        once it is answered; NOTIFYs arrive on ``sub.next()`` and ``on_notify``. ``expires=0`` fetches the
+        state once. ``body_check(request)`` raises ParseError for a body the package cannot read (the
+        NOTIFY then gets 400). Raises CallFailed for a failure answer (489 unknown package...)."""
+        return await self.events.subscribe(
+            uri,
+            event,
+            expires=expires,
+            accept=accept,
+            body_check=body_check,
+            on_notify=on_notify,
+            timeout=timeout,
+        )
 
     async def options(self, uri: str | URI, *, timeout: float = 32.0) -> Response:
         """Send OPTIONS (§11); returns the final response (its Allow header lists what the peer does)."""
@@ -659,6 +737,7 @@ class UserAgent:
                 reg.refresh.cancel()
         for task in list(self._tasks):
             task.cancel()
+        self.events.close()
 
     # =========================================================================== core callbacks
 
@@ -683,7 +762,12 @@ class UserAgent:
             self._in_dialog(request, transaction)
             return
         if method == "INVITE":
+            replaced = check_replaces(self._dialogs, request)
+            if isinstance(replaced, int):
+                respond(transaction, Response.for_request(request, replaced))
+                return
             call = IncomingCall(self, request, transaction)
+            call.replaces = replaced
             transaction.context = call
             if self.answer_timeout > 0:
                 self.loop.call_later(self.answer_timeout, call._unanswered)
@@ -708,18 +792,28 @@ class UserAgent:
         elif method == "OPTIONS":
             response = Response.for_request(request, 200)
             response.add("Allow", ALLOW)
+            response.add("Supported", SUPPORTED)
             response.add("Accept", "application/sdp, text/plain")
             respond(transaction, response)
-        elif method in ("BYE", "INFO", "UPDATE"):
+        elif method in ("BYE", "INFO", "UPDATE", "NOTIFY"):
             respond(transaction, Response.for_request(request, 481))
+        elif method == "SUBSCRIBE":
+            self.events.receive(request, transaction)
+        elif method == "REFER":
+            respond(transaction, Response.for_request(request, 403, "Forbidden (REFER only inside a call)"))
         else:
             response = Response.for_request(request, 405)
             response.add("Allow", ALLOW)
             respond(transaction, response)
 
     def _in_dialog(self, request: Request, transaction: ServerTransaction) -> None:
+        if self.events.receive_in_dialog(request, transaction):
+            return
         call = self._dialogs.get(dialog_id_of_request(request))
         respond = self.stack.respond
+        if request.method == "REFER" and call is not None and call.dialog is not None:
+            receive_refer(call, request, transaction)
+            return
         if call is None or call.dialog is None:
             respond(transaction, Response.for_request(request, 481))
             return
@@ -739,7 +833,7 @@ class UserAgent:
                 response = self.offer_answer.answer_reoffer(call, request)
             response.add("Contact", str(self._contact(transaction.source)))
             respond(transaction, response)
-        elif method in ("INFO", "UPDATE", "MESSAGE", "OPTIONS", "NOTIFY"):
+        elif method in ("INFO", "UPDATE", "MESSAGE", "OPTIONS"):
             respond(transaction, response)
         else:
             response = Response.for_request(request, 405)
