@@ -23,6 +23,8 @@ from p2psip.errors import P2PSIPError
 
 SOCKET_NAME = "control.sock"
 MAX_LINE = 64 * 1024
+#: A control connection that sends no complete request for this long is closed (it holds a task).
+IDLE_TIMEOUT = 30.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -38,9 +40,10 @@ def socket_path(data_dir: Path) -> Path:
 class ControlServer:
     """Serves JSON-line requests on ``DATA_DIR/control.sock`` with ``handler(request) -> result``."""
 
-    def __init__(self, data_dir: Path, handler: Handler) -> None:
+    def __init__(self, data_dir: Path, handler: Handler, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.path = socket_path(data_dir)
         self._handler = handler
+        self.idle_timeout = idle_timeout
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -71,7 +74,9 @@ class ControlServer:
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
+                except TimeoutError:
+                    break  # idle (or trickling): a control client sends a request at once
                 except (ValueError, asyncio.LimitOverrunError):
                     await _send(writer, {"ok": False, "error": "request line too long"})
                     break
@@ -81,8 +86,11 @@ class ControlServer:
                     request = json.loads(line)
                     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
                         raise ValueError('expected {"cmd": ...}')
-                except ValueError as exc:
-                    await _send(writer, {"ok": False, "error": f"bad request: {exc}"})
+                except (ValueError, RecursionError) as exc:
+                    # json raises ValueError (UnicodeDecodeError, JSONDecodeError) for bad text and
+                    # RecursionError for deep nesting ("[" * 50000): both are a bad request, not a crash.
+                    why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                    await _send(writer, {"ok": False, "error": f"bad request: {why}"})
                     continue
                 try:
                     result = await self._handler(request)

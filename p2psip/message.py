@@ -1177,10 +1177,13 @@ class Request(Message):
 class Response(Message):
     """A SIP response: ``status`` (100-699) and ``reason`` phrase."""
 
-    __slots__ = ("reason", "status")
+    __slots__ = ("local", "reason", "status")
 
     status: int
     reason: str
+    local: bool
+    """True for a response made here (constructed, :meth:`for_request`), False for one parsed off the wire
+    (a response a proxy forwards): the transport stamps only local ones with its ``Server`` header."""
 
     def __init__(
         self,
@@ -1194,6 +1197,7 @@ class Response(Message):
         super().__init__(headers, body)
         self.status = status
         self.reason = _default_reason(status) if reason is None else reason
+        self.local = True
 
     @classmethod
     def for_request(
@@ -1233,6 +1237,7 @@ class Response(Message):
         self._copy_into(resp)
         resp.status = self.status
         resp.reason = self.reason
+        resp.local = self.local
         return resp
 
     def __repr__(self) -> str:
@@ -1315,6 +1320,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         resp = Response.__new__(Response)
         resp.status = int(code)
         resp.reason = reason
+        resp.local = False
         msg = resp
         request = None
     else:

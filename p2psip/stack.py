@@ -46,6 +46,7 @@ from p2psip.transaction import (
 from p2psip.transport import (
     DEFAULT_PORTS,
     RELIABLE,
+    SERVER,
     ListenSpec,
     Observer,
     Source,
@@ -127,6 +128,7 @@ class Stack:
         verbose: bool = False,
         ws_origins: Iterable[str] = (),
         streams: StreamLimits | None = None,
+        server: str | None = SERVER,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.timers = timers
@@ -139,6 +141,7 @@ class Stack:
             verbose=verbose,
             ws_origins=OriginPolicy(ws_origins),
             streams=streams,
+            server=server,
         )
         self.transactions = TransactionLayer(timers, trying_delay=trying_delay)
         self.core: Core = _NoCore(self)
@@ -161,12 +164,14 @@ class Stack:
         verbose: bool = False,
         ws_origins: Iterable[str] = (),
         streams: StreamLimits | None = None,
+        server: str | None = SERVER,
     ) -> Stack:
         """Create a stack and open its listeners (``[udp:|tcp:|tls:|ws:|wss:]HOST:PORT``; no prefix = UDP
         and TCP on one port; port 0 = any free port). The options are those of :class:`Stack`;
         ``ws_origins`` are web origins the WebSocket handshake admits besides loopback pages; ``streams``
         the caps and message deadline of incoming TCP/TLS/WebSocket connections (see
-        :mod:`p2psip.streamguard`)."""
+        :mod:`p2psip.streamguard`); ``server`` the ``Server`` header of the responses it makes (None:
+        none)."""
         stack = cls(
             timers=timers,
             limits=limits,
@@ -176,6 +181,7 @@ class Stack:
             verbose=verbose,
             ws_origins=ws_origins,
             streams=streams,
+            server=server,
         )
         try:
             for spec in listen:

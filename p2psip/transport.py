@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
+from p2psip import __version__
 from p2psip.errors import ConfigError, ParseError, TransportError
 from p2psip.message import Limits, Request, Response, StreamFramer, parse
 from p2psip.streamguard import Progress, StreamGuard, StreamLimits
@@ -56,6 +57,8 @@ SECURE = frozenset({"tls", "wss"})
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061, "ws": 80, "wss": 443}
 #: Ping a WebSocket connection idle this long; no pong by the next ping closes it.
 WS_PING_INTERVAL = 30.0
+#: The default ``Server`` header of the responses a node makes (``--server-header`` changes or removes it).
+SERVER = f"p2psip/{__version__}"
 #: §18.1.1: a request larger than this (path MTU unknown) goes over a congestion-controlled transport.
 UDP_SIZE_LIMIT = 1300
 
@@ -624,11 +627,15 @@ class TransportLayer:
         ws_origins: OriginPolicy | None = None,
         ws_ping_interval: float = WS_PING_INTERVAL,
         streams: StreamLimits | None = None,
+        server: str | None = SERVER,
     ) -> None:
         self.on_message = on_message
         self.ws_origins = ws_origins or OriginPolicy()
         """Origins the WebSocket handshake admits (loopback pages by default; a peer adds its web page's)."""
         self.ws_ping_interval = ws_ping_interval
+        self.server = server
+        """The ``Server`` header of the responses this node makes (RFC 3261 §20.35), so operators and
+        scanners can tell what answers; None or empty: no header."""
         self.guard = StreamGuard(streams)
         """Caps and the message deadline of incoming TCP, TLS and WebSocket connections alike."""
         self.limits = limits or Limits()
@@ -1026,7 +1033,10 @@ class TransportLayer:
         return Target(transport, literal, port)
 
     def send_response(self, response: Response, source: Source | None = None) -> None:
-        """Serialize and send a response along §18.2.2 (see :meth:`response_target`)."""
+        """Serialize and send a response along §18.2.2 (see :meth:`response_target`). A response made
+        here (not one being forwarded) gets this layer's ``Server`` header, if it has one and none yet."""
+        if self.server and response.local and "Server" not in response:
+            response.add("Server", self.server)
         where = self.response_target(response, source)
         data = bytes(response)
         if isinstance(where, StreamConnection):

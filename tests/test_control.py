@@ -56,3 +56,34 @@ async def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
         assert await control.request(tmp_path, "status") == {"peers": 3}
     finally:
         await server.close()
+
+
+async def test_deep_nesting_and_bad_bytes_are_bad_requests(tmp_path: Path) -> None:
+    # Before: 50,000 '[' raised RecursionError out of json (only ValueError was caught).
+    server = control.ControlServer(tmp_path, handler)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(control.socket_path(tmp_path)))
+        writer.write(b"[" * 50_000 + b"\n" + b"\xff\xfe\n" + b'{"cmd": "status"}\n')
+        await writer.drain()
+        replies = [json.loads(await asyncio.wait_for(reader.readline(), 5)) for _ in range(3)]
+        writer.close()
+        assert replies[0] == {"ok": False, "error": "bad request: nested too deeply"}
+        assert replies[1]["ok"] is False and "bad request" in replies[1]["error"]
+        assert replies[2] == {"ok": True, "result": {"peers": 3}}  # the same connection still serves
+    finally:
+        await server.close()
+
+
+async def test_idle_control_connections_time_out(tmp_path: Path) -> None:
+    server = control.ControlServer(tmp_path, handler, idle_timeout=0.3)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(control.socket_path(tmp_path)))
+        writer.write(b'{"cmd": ')  # half a request, then nothing
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+        assert await control.request(tmp_path, "status") == {"peers": 3}
+    finally:
+        await server.close()

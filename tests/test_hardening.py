@@ -391,3 +391,35 @@ async def test_connections_are_capped_per_source_and_in_all() -> None:
         for _, writer in opened:
             writer.close()
         await stack.close()
+
+
+# ------------------------------------------------------------------------------------------ Server header
+
+
+async def test_responses_made_here_carry_a_configurable_server_header(udp_client: socket.socket) -> None:
+    from p2psip.transport import SERVER
+
+    me = udp_client.getsockname()[1]
+    named = await Stack.start(["udp:127.0.0.1:0"], server="acme-peer/2")
+    default = await Stack.start(["udp:127.0.0.1:0"])
+    silent = await Stack.start(["udp:127.0.0.1:0"], server=None)
+    try:
+        for stack, expected in ((named, "acme-peer/2"), (default, SERVER), (silent, None)):
+            _Answer200(stack)
+            udp_client.sendto(options(me, id(stack)), stack.local_address("udp"))
+            [answer] = await recv_all(udp_client, 1)
+            assert answer.get("Server") == expected
+        assert SERVER.startswith("p2psip/")
+        # A proxy forwards other elements' responses as they are: it never stamps them with its own name.
+        proxy = Proxy(silent)
+        host, port = named.local_address("udp")
+        udp_client.sendto(
+            options(me, 99).replace(b"sip:bob@127.0.0.1 ", f"sip:bob@{host}:{port} ".encode()),
+            silent.local_address("udp"),
+        )
+        [forwarded] = await recv_all(udp_client, 1)
+        assert forwarded.status == 200 and forwarded.get_all("Server") == ["acme-peer/2"]
+        assert proxy.stats["forwarded_responses"] == 1
+    finally:
+        for stack in (named, default, silent):
+            await stack.close()
