@@ -126,6 +126,12 @@ class PeerConfig:
     tls_ca: Path | None = None
     """Certificates trusted when connecting out over TLS/WSS (the system's store when None)."""
     ws_origins: list[str] = field(default_factory=list)
+    http: HostPort | None = None
+    """Where the ring page and the softphone are served (``--http HOST:PORT``); off when None."""
+    http_tls: bool = False
+    """Serve ``--http`` over HTTPS (with ``tls_cert``, or a self-signed certificate)."""
+    http_token: str | None = None
+    """Token the pages need off loopback (a random one is made and printed when None)."""
     """Web origins whose pages may open the ws:/wss: listeners, besides loopback pages and --http's own."""
 
     def route_for(self, host: str) -> HostPort | None:
@@ -263,6 +269,9 @@ _FILE_KEYS = frozenset(
         "tls_key",
         "tls_ca",
         "ws_origins",
+        "http",
+        "http_tls",
+        "http_token",
     ]
 )
 
@@ -310,6 +319,16 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             if not items:
                 raise ConfigError("config: listen must name at least one address")
             config.listen = [parse_listen(item, key) for item in items]
+        elif key == "http":
+            config.http = parse_hostport(_typed(value, str, key, "a HOST:PORT string"), key)
+        elif key == "http_tls":
+            config.http_tls = _typed(value, bool, key, "true or false")
+        elif key == "http_token":
+            token = _typed(value, str, key, "a string")
+            plain = token.replace("-", "").replace("_", "")
+            if len(token) < 16 or not token.isascii() or not plain.isalnum():
+                raise ConfigError("config: http_token must be at least 16 letters, digits, '-' or '_'")
+            config.http_token = token
         elif key in ("overlay", "join"):
             hp = parse_hostport(_typed(value, str, key, "a HOST:PORT string"), key)
             if key == "overlay":

@@ -65,7 +65,7 @@ from p2psip.registrar import (
 from p2psip.run import stop_signals
 from p2psip.stack import Source, Stack
 from p2psip.trace import SipTrace
-from p2psip.transaction import ServerTransaction
+from p2psip.transaction import ClientTransaction, ServerTransaction
 from p2psip.transport import TLSConfig
 from p2psip.uri import URI, Address
 
@@ -155,11 +155,25 @@ class LookupResult:
 class PeerCore(Proxy):
     """The peer's SIP core: the proxy (with ``locate`` = the DHT) plus the registrar for REGISTER."""
 
+    MAX_CALLS = 1024
+
     def __init__(self, peer: Peer, stack: Stack, *, verbose: bool = False) -> None:
         self.peer = peer
+        self.calls: dict[str, dict[str, Any]] = {}
+        """Calls routed through this peer, by Call-ID (for the status and the ring page): set up on the
+        INVITE, established on its 2xx, gone on a failure or a BYE. Bounded; never consulted for routing."""
         super().__init__(stack, locate=peer.locate, record_route=True, verbose=verbose)
 
     def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        if request.method == "INVITE" and request.to.tag is None and transaction is not None:
+            if len(self.calls) < self.MAX_CALLS:
+                self.calls.setdefault(
+                    request.call_id,
+                    {"from": str(request.from_.uri), "to": str(request.to.uri), "state": "setting up",
+                     "since": round(time.time(), 1)},
+                )  # fmt: skip
+        elif request.method == "BYE":
+            self.calls.pop(request.call_id, None)
         if transaction is not None and request.method == "REGISTER":
             self.spawn(self.peer.handle_register(request, transaction, source))
             return
@@ -175,6 +189,19 @@ class PeerCore(Proxy):
             self.stack.respond(transaction, response)
             return
         super().on_request(request, transaction, source)
+
+
+    def on_response(
+        self, response: Response, transaction: ClientTransaction | None, source: Source | None
+    ) -> None:
+        if response.status >= 200 and response.cseq.method == "INVITE":
+            call = self.calls.get(response.call_id)
+            if call is not None:
+                if response.status < 300:
+                    call["state"] = "established"
+                elif call["state"] != "established":
+                    self.calls.pop(response.call_id, None)
+        super().on_response(response, transaction, source)
 
 
 class Peer:
@@ -199,6 +226,10 @@ class Peer:
             default_expires=config.default_expires,
         )
         self.names: dict[int, str] = {}  # ring key -> AOR, for the names this peer has seen (status)
+        self.home: dict[str, dict[Any, tuple[str, float]]] = {}
+        self.web: Any = None
+        """The web server (p2psip.web.server.WebServer) when ``--http`` is set."""
+        """Registrations this peer took (it is their home peer): AOR -> entry id -> (contact, expiry)."""
         self.started = time.time()
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -261,8 +292,13 @@ class Peer:
         try:
             listen: list[str] = []
             for spec in config.listen:
+                host = f"[{spec.host}]" if ":" in spec.host else spec.host
+                if spec.transport is None:
+                    # UDP and TCP on one port, even for port 0: §18.1.1 switches a large request for our
+                    # UDP address (a Path, a Record-Route) to TCP on that same port.
+                    listen.append(f"{host}:{spec.port}")
+                    continue
                 for transport in spec.transports():
-                    host = f"[{spec.host}]" if ":" in spec.host else spec.host
                     listen.append(f"{transport}:{host}:{spec.port}")
             options: dict[str, Any] = {"ws_origins": list(config.ws_origins)}
             if config.tls_cert or config.tls_ca:
@@ -277,15 +313,60 @@ class Peer:
             await node.close()
             raise
         peer = cls(config, node, stack, on_event=on_event)
+        if config.http is not None:
+            try:
+                await peer._start_web()
+            except BaseException:
+                await stack.close()
+                await node.close()
+                raise
         how = f"joined the overlay through {config.join}" if join else "created a new overlay"
         peer._event("joined", f"{how} as node {ids.short(node.node_id)} at {peer.overlay_address_text}; "
                     f"SIP on {', '.join(peer.sip_addresses())}")  # fmt: skip
         return peer
 
+    async def _start_web(self) -> None:
+        """Serve the ring page and the softphone at ``--http`` (p2psip.web); its origin may then use our
+        WebSocket listeners."""
+        from p2psip.web.server import WebServer
+
+        config = self.config
+        assert config.http is not None
+        tls = None
+        if config.http_tls:
+            if config.tls_cert:
+                key = str(config.tls_key or config.tls_cert)
+                tls_config = TLSConfig(certfile=str(config.tls_cert), keyfile=key)
+            else:
+                tls_config = TLSConfig.self_signed(hostnames=[config.http.host])
+            tls = tls_config.server_context()
+        web = WebServer(
+            self.status, self.ws_urls, host=config.http.host, port=config.http.port, tls=tls,
+            token=config.http_token,
+        )  # fmt: skip
+        try:
+            await web.start()
+        except OSError as exc:
+            raise ConfigError(f"--http {config.http}: cannot listen: {exc.strerror or exc}") from None
+        self.web = web
+        self.stack.transport.ws_origins.add(web.origin)
+        self._event("web", f"ring page {web.url}  softphone {web.origin}/phone")
+
+    def ws_urls(self) -> dict[str, str]:
+        """The WebSocket listeners as URLs (what the softphone connects to)."""
+        out: dict[str, str] = {}
+        for transport in ("ws", "wss"):
+            for host, port in self.stack.transport.listening.get(transport, []):
+                shown = f"[{host}]" if ":" in host else host
+                out.setdefault(transport, f"{transport}://{shown}:{port}")
+        return out
+
     async def close(self, *, leave: bool = True) -> None:
         if self._closed:
             return
         self._closed = True
+        if self.web is not None:
+            await self.web.close()
         self.core.cancel_tasks()
         try:
             if leave:
@@ -447,6 +528,13 @@ class Peer:
             self.cache.forget(aor)
         self.counters["bindings_written"] += len(plan.writes)
         self.counters["bindings_removed"] += len(plan.removes)
+        home = self.home.setdefault(aor, {})
+        for w in plan.writes:
+            home[w.entry_id] = (w.binding.contact, now + w.lifetime)
+        for r in plan.removes:
+            home.pop(r.entry_id, None)
+        if not home:
+            self.home.pop(aor, None)
         for w in plan.writes:
             self._event("registered", f"registered {aor} -> {w.binding.contact} for {w.lifetime} s")
         for r in plan.removes:
@@ -640,7 +728,24 @@ class Peer:
             "user_keys": self.users.known(),
             "cache_entries": len(self.cache),
             "counters": counters,
+            "registrations": self._home_registrations(),
+            "calls": [{"call_id": cid, **call} for cid, call in sorted(self.core.calls.items())],
         }
+
+    def _home_registrations(self) -> list[dict[str, Any]]:
+        """The registrations this peer is home for, still alive (expired ones are dropped here)."""
+        now = time.time()
+        out = []
+        for aor in sorted(self.home):
+            bindings = self.home[aor]
+            for entry_id, (contact, expiry) in list(bindings.items()):
+                if expiry <= now:
+                    del bindings[entry_id]
+                    continue
+                out.append({"aor": aor, "contact": contact, "expires_in": int(expiry - now)})
+            if not bindings:
+                del self.home[aor]
+        return out
 
     async def control(self, request: dict[str, Any]) -> Any:
         """The control socket's handler: ``status`` and ``lookup``."""

@@ -29,6 +29,9 @@ def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
         "tls_key": args.tls_key,
         "tls_ca": args.tls_ca,
         "ws_origins": args.ws_origin,
+        "http": args.http,
+        "http_tls": True if args.http_tls else None,
+        "http_token": args.http_token,
     }
 
 
@@ -161,6 +164,13 @@ def add_commands(sub: Any) -> None:
     start.add_argument(
         "--tls-ca", metavar="PEM", help="certificates trusted connecting out over TLS/WSS (default: system)"
     )
+    start.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the ring page (/) and the softphone (/phone) here (off by default; loopback advised)",
+    )
+    start.add_argument("--http-tls", action="store_true", help="serve --http over HTTPS (with --tls-cert)")
+    start.add_argument("--http-token", metavar="TOKEN", help="pages token off loopback (default random)")
     start.add_argument(
         "--ws-origin",
         action="append",

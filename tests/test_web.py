@@ -1,0 +1,241 @@
+"""The peer's web pages: the ring page and its JSON twin, the softphone, and their safety rules, on real
+loopback sockets; the pages themselves run in headless Chromium (tests/browser_support.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser_support import Browser
+
+from overlay.chord import ChordConfig
+from overlay.node import NodeConfig
+from p2psip.config import HostPort, ListenSpec, PeerConfig
+from p2psip.peer import Peer, wait_until_settled
+from p2psip.web.server import WebServer, redact
+
+PeerFactory = Callable[..., Awaitable[Peer]]
+
+
+def ring_node_config() -> NodeConfig:
+    """Every peer of a small ring knows all the others (4 successors) and notices changes fast."""
+    chord = ChordConfig(
+        successors=4, stabilize_interval=0.2, fix_fingers_interval=0.2, check_predecessor_interval=0.4,
+        rpc_timeout=0.5,
+    )  # fmt: skip
+    return NodeConfig(chord=chord, rpc_timeout=0.5, op_timeout=10.0, repair_interval=2.0)
+
+
+@pytest.fixture
+async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
+    started: list[Peer] = []
+    counter = iter(range(1000))
+
+    async def make(join: Peer | None = None, *, http: bool = False, ws: bool = False, **kw: Any) -> Peer:
+        listen = [ListenSpec(None, "127.0.0.1", 0)]  # UDP and TCP: WebRTC INVITEs exceed 1300 bytes
+        if ws:
+            listen.append(ListenSpec("ws", "127.0.0.1", 0))
+        config = PeerConfig(
+            listen=listen,
+            overlay=HostPort("127.0.0.1", 0),
+            join=HostPort(*join.overlay_address) if join else None,
+            data_dir=tmp_path / f"peer{next(counter)}",
+            cache_ttl=0.0,
+            http=HostPort("127.0.0.1", 0) if http else None,
+        )
+        for key, value in kw.items():
+            setattr(config, key, value)
+        peer = await Peer.start(config, node_config=ring_node_config())
+        started.append(peer)
+        return peer
+
+    yield make
+    for peer in started:
+        if not peer._closed:
+            await peer.close(leave=False)
+
+
+@pytest.fixture
+async def browsers() -> AsyncIterator[Callable[[], Awaitable[Browser]]]:
+    opened: list[Browser] = []
+
+    async def make() -> Browser:
+        browser = await asyncio.to_thread(Browser)
+        opened.append(browser)
+        return browser
+
+    yield make
+    for browser in opened:
+        await browser.quit()
+
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+async def http_get(port: int, path: str, host: str = "127.0.0.1", headers: str = "") -> Reply:
+    """A plain HTTP/1.1 GET on a raw socket: status, headers (lower-case names), body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}Connection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, hdrs, body
+
+
+# ------------------------------------------------------------------------------------------ no browser
+
+
+async def test_status_json_is_the_status_and_pages_are_safe(make_peer: PeerFactory) -> None:
+    peer = await make_peer(http=True, ws=True)
+    port = peer.web.port
+    status, headers, body = await http_get(port, "/status.json")
+    assert status == 200 and headers["content-type"] == "application/json"
+    served = json.loads(body)
+    direct = peer.status()
+    for key in ("uptime_s", "counters"):  # these move between the two reads
+        served.pop(key)
+        direct.pop(key)
+    assert served == json.loads(json.dumps(direct))
+    # Strict CSP: no inline script can run, whatever a string in the status contains.
+    status, headers, body = await http_get(port, "/")
+    assert status == 200 and "script-src 'self'" in headers["content-security-policy"]
+    assert b"<script src=\"/static/ring.js\"" in body
+    # A DNS-rebinding page names its own host: refused.
+    assert (await http_get(port, "/status.json", host="evil.example"))[0] == 421
+    assert (await http_get(port, "/static/../server.py"))[0] == 404
+    assert (await http_get(port, "/static/%2e%2e/server.py"))[0] == 404
+    status, _, body = await http_get(port, "/phone/config.json")
+    config = json.loads(body)
+    assert config["ws"] == peer.ws_urls()["ws"] and config["problems"] == []
+    # Our own page's origin may use the WebSocket listener.
+    assert peer.stack.transport.ws_origins.admits(peer.web.origin)
+
+
+async def test_off_loopback_needs_the_token_and_hides_names() -> None:
+    status = {
+        "node_id": "ab" * 16,
+        "stored": [{"key": "k", "name": "sip:alice@x", "entries": 1, "owner": "o"}],
+        "user_keys": ["sip:alice@x"],
+        "registrations": [{"aor": "sip:alice@x"}],
+        "calls": [{"from": "a"}],
+    }
+    web = WebServer(lambda: status, dict, host="127.0.0.1", port=0, token="t" * 20)
+    await web.start()
+    web.loopback = False  # behave as on a public address (tests never bind one)
+    try:
+        assert (await http_get(web.port, "/status.json"))[0] == 401
+        assert (await http_get(web.port, "/status.json?token=wrong"))[0] == 401
+        code, headers, body = await http_get(web.port, "/status.json?token=" + "t" * 20)
+        assert code == 200 and "HttpOnly" in headers["set-cookie"]
+        shown = json.loads(body)
+        assert shown == redact(status) and "sip:alice@x" not in body.decode()
+        cookie = headers["set-cookie"].split(";")[0]
+        assert (await http_get(web.port, "/", headers=f"Cookie: {cookie}\r\n"))[0] == 200
+        _, _, body = await http_get(web.port, "/phone/config.json", headers=f"Cookie: {cookie}\r\n")
+        assert any("HTTPS" in p for p in json.loads(body)["problems"])
+    finally:
+        await web.close()
+
+
+# --------------------------------------------------------------------------------------------- browser
+
+
+async def test_ring_page_shows_the_ring_live(make_peer: PeerFactory, browsers) -> None:
+    """5 peers that all know each other; the page shows 5 nodes, then a join and a leave without reload;
+    a hostile AOR name renders as text."""
+    first = await make_peer(http=True)
+    peers = [first] + [await make_peer(first) for _ in range(4)]
+    await wait_until_settled(peers, timeout=20)
+    for _ in range(100):  # 4 successors each: every peer knows the 4 others
+        if all(len({s.id for s in p.node.core.successors} - {p.node.node_id}) == 4 for p in peers):
+            break
+        await asyncio.sleep(0.1)
+    # The status may hold any string a phone sent: the page must show it as text. Put a hostile AOR where
+    # the page shows registrations (this peer's own table, so the test does not depend on key placement).
+    hostile = "sip:<script>window.pwned=1</script><img src=x onerror=window.pwned=2>@x"
+    first.home[hostile] = {b"e": ("sip:<b>bold</b>@x", time.time() + 600)}
+    browser = await browsers()
+    await browser.get(first.web.url)
+    await browser.wait_for("document.querySelectorAll('#nodes g.node').length === 5", what="5 nodes")
+    await browser.wait_for("document.querySelectorAll('#nodes g.node.self').length === 1")
+    await browser.screenshot("browser-ring.png")
+    updates = await browser.js("return Number(document.body.dataset.updates)")
+    # The hostile name is text in a cell, and nothing ran.
+    cells = await browser.js(
+        "return [...document.querySelectorAll('#registrations td')].map(c => c.textContent)"
+    )
+    assert hostile in cells and "sip:<b>bold</b>@x" in cells
+    assert await browser.js(
+        "return window.pwned === undefined && document.querySelectorAll('#registrations script, "
+        "#registrations img, #registrations b').length === 0"
+    )
+    # A join, then a leave, show up without reload.
+    newcomer = await make_peer(first)
+    new_id = f"{newcomer.node.node_id:032x}"
+    await browser.wait_for(f"document.querySelector('#nodes g.node[data-id=\"{new_id}\"]') !== null",
+                           timeout=15, what="the new peer on the page")  # fmt: skip
+    await peers[2].close(leave=True)
+    gone = f"{peers[2].node.node_id:032x}"
+    await browser.wait_for(f"document.querySelector('#nodes g.node[data-id=\"{gone}\"]') === null",
+                           timeout=15, what="the peer that left gone from the page")  # fmt: skip
+    assert await browser.js("return Number(document.body.dataset.updates)") > updates
+    assert await browser.js("return document.location.pathname") == "/"
+
+
+async def register_page(browser: Browser, peer: Peer, aor: str) -> None:
+    await browser.get(f"{peer.web.origin}/phone")
+    await browser.wait_for("window.p2psipPhone && window.p2psipPhone.ready", what="the phone page ready")
+    await browser.type("aor", aor)
+    await browser.click("register")
+    await browser.wait_for("window.p2psipPhone.registered", what=f"{aor} registered")
+
+
+async def test_two_browser_phones_call_through_the_overlay(make_peer: PeerFactory, browsers: Any) -> None:
+    """JsSIP in two Chromiums, registered at two different peers over WS: a call through the overlay,
+    established on both sides, RTP both ways (inbound-rtp packetsReceived grows on each end), DTMF and
+    mute, then a clean hang-up on both."""
+    p0 = await make_peer(http=True, ws=True)
+    p1 = await make_peer(p0, http=True, ws=True)
+    await wait_until_settled([p0, p1], timeout=20)
+    alice, bob = await browsers(), await browsers()
+    await register_page(alice, p0, "sip:alice@p2p.example")
+    await register_page(bob, p1, "sip:bob@p2p.example")
+    assert any(r["aor"] == "sip:alice@p2p.example" for r in p0.status()["registrations"])
+    await alice.type("target", "sip:bob@p2p.example")
+    await alice.click("call")
+    await bob.wait_for("window.p2psipPhone.state === 'incoming'", what="bob's phone ringing")
+    await bob.click("answer")
+    for side in (alice, bob):
+        await side.wait_for("window.p2psipPhone.state === 'established'", what="the call established")
+    assert any(c["state"] == "established" for c in p0.status()["calls"] + p1.status()["calls"])
+    before = [await packets(side) for side in (alice, bob)]
+    await asyncio.sleep(1.5)
+    after = [await packets(side) for side in (alice, bob)]
+    assert after[0] > before[0] and after[1] > before[1], f"RTP must flow both ways: {before} -> {after}"
+    await alice.click("mute")
+    await alice.js("document.querySelector('#keypad button').click();")
+    assert await alice.js("return window.p2psipPhone.dtmfSent") == 1
+    await bob.wait_for("window.p2psipPhone.dtmfReceived.join('') === '1'", what="the DTMF tone at bob (INFO)")
+    assert await alice.js("return document.getElementById('mute').textContent") == "Unmute"
+    await alice.screenshot("browser-phone.png")
+    await alice.click("hangup")
+    for side in (alice, bob):
+        await side.wait_for("window.p2psipPhone.state === 'ended'", what="the call ended")
+    for _ in range(50):
+        if not (p0.status()["calls"] or p1.status()["calls"]):
+            break
+        await asyncio.sleep(0.1)
+    assert p0.status()["calls"] == [] and p1.status()["calls"] == []
+
+
+async def packets(browser: Browser) -> int:
+    script = "const done = arguments[arguments.length - 1]; window.p2psipPhone.inboundPackets().then(done);"
+    return int(await browser.js_async(script))
