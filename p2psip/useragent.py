@@ -414,6 +414,7 @@ class UserAgent:
         get 489. Calls placed because a REFER asked for them go on ``ua.events.referred``."""
         self.accept_transfers = accept_transfers
         """Whether a REFER in a call is followed (else 603 Decline)."""
+        self._placing: set[OutgoingCall] = set()  # INVITEs sent and not answered yet
         stack.attach(self)
 
     # =============================================================================== client side
@@ -571,6 +572,8 @@ class UserAgent:
         call.on_provisional = on_provisional
         if pending.transaction is not None:
             pending.transaction.context = call
+        self._placing.add(call)
+        pending.final.add_done_callback(lambda _: self._placing.discard(call))
         return call
 
     async def call(
@@ -729,6 +732,33 @@ class UserAgent:
         """``async for call in ua.incoming_calls(): call.accept()``."""
         while True:
             yield await self.incoming.get()
+
+    async def hang_up(self, timeout: float = 5.0) -> list[str]:
+        """End every call of this UA, e.g. when the program is interrupted: CANCEL the ones not answered
+        yet and wait (up to ``timeout``) for their final response, so the transaction layer ACKs the 487
+        before the stack closes; BYE the answered ones. Returns one line per call saying what happened."""
+        said: list[str] = []
+        for placing in list(self._placing):
+            if not placing.cancelled:
+                placing.cancel()
+            try:
+                await placing.answered(timeout)
+                said.append("CANCEL sent, but the call was answered: hung up")
+            except CallFailed as failed:
+                said.append(f"CANCEL sent; the INVITE ended with {failed.status} {failed.reason}")
+            except TimeoutError:
+                said.append(f"CANCEL sent; no final answer to the INVITE within {timeout:g} s")
+        for call in list(self._dialogs.values()):
+            if call.state == "terminated":
+                continue
+            try:
+                response = await call.bye(timeout)
+                said.append(f"BYE sent; {response.status} {response.reason}")
+            except CallFailed as failed:
+                said.append(f"BYE sent; {failed.status} {failed.reason}")
+            except TimeoutError:
+                said.append(f"BYE sent; no answer within {timeout:g} s")
+        return said
 
     async def close(self) -> None:
         """Stop refreshing registrations (bindings are left to expire) and background tasks."""

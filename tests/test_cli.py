@@ -248,10 +248,16 @@ def test_restart_keeps_node_identity(start_peer) -> None:
 
 CALLEE = """
 import asyncio, sys
-from p2psip.cli import _Phone
+from p2psip.stack import Stack
+from p2psip.useragent import UserAgent
+
+def answer(incoming):
+    incoming.ring()
+    incoming.accept()
 
 async def main():
-    phone = await _Phone.open("sip:bob@p2p.example", answer=True, port=int(sys.argv[1]))
+    stack = await Stack.start([f"udp:127.0.0.1:{int(sys.argv[1])}"])
+    UserAgent(stack, "sip:bob@p2p.example", on_call=answer)
     print("ready", flush=True)
     await asyncio.sleep(120)
 

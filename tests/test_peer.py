@@ -298,7 +298,8 @@ async def test_graceful_leave_of_the_primary_keeps_the_registration(ring: list[P
 async def test_ipv6_loopback_overlay_and_call(tmp_path: Path) -> None:
     import socket
 
-    from p2psip.cli import _Phone
+    from p2psip.stack import Stack
+    from p2psip.useragent import IncomingCall, UserAgent
 
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
@@ -306,7 +307,12 @@ async def test_ipv6_loopback_overlay_and_call(tmp_path: Path) -> None:
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
     peers: list[Peer] = []
-    phones: list[_Phone] = []
+    phones: list[UserAgent] = []
+
+    def answer(incoming: IncomingCall) -> None:
+        incoming.ring()
+        incoming.accept()
+
     try:
         for i in range(2):
             config = PeerConfig(
@@ -317,16 +323,18 @@ async def test_ipv6_loopback_overlay_and_call(tmp_path: Path) -> None:
             )
             peers.append(await Peer.start(config, node_config=quick_node_config()))
         await wait_until_settled(peers)
-        bob = await _Phone.open(BOB, answer=True, host="::1")
-        alice = await _Phone.open(ALICE, host="::1")
+        via = [f"[::1]:{peer.sip_address()[1]}" for peer in peers]
+        bob = UserAgent(await Stack.start(["udp:[::1]:0"]), BOB, outbound=via[0], on_call=answer)
+        alice = UserAgent(await Stack.start(["udp:[::1]:0"]), ALICE, outbound=via[1])
         phones += [bob, alice]
-        registered = await bob.register(peers[0].sip_address())
+        registered = await bob.register("sip:p2p.example", refresh=False)
         assert registered.status == 200 and "[::1]" in (registered.get("Contact") or "")
-        final, dialog = await alice.call(BOB, peers[1].sip_address(), timeout=15)
-        assert final.status == 200 and dialog is not None
-        assert (await alice.hang_up(dialog)).status == 200
+        call = await alice.call(BOB, timeout=15)
+        assert call.response is not None and call.response.status == 200
+        assert (await call.bye()).status == 200
     finally:
         for phone in phones:
             await phone.close()
+            await phone.stack.close()
         for peer in peers:
             await peer.close(leave=False)

@@ -11,6 +11,5 @@ One module per command family: :mod:`~p2psip.cli.parser` (the parser and :func:`
 from __future__ import annotations
 
 from p2psip.cli.parser import UsageError, build_parser, main
-from p2psip.cli.phone import _Phone
 
-__all__ = ["UsageError", "_Phone", "build_parser", "main"]
+__all__ = ["UsageError", "build_parser", "main"]

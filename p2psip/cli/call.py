@@ -4,25 +4,53 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from p2psip.cli.common import check_sip_uri, fail, local_ip_toward, parse_via, print_table
-from p2psip.cli.phone import _Phone
+from p2psip.cli.common import check_sip_uri, fail, parse_via, print_table, via_text
+from p2psip.cli.phone import DeadAddress, close_phone, open_phone, unless_refused
+
+
+def _unreachable(via: tuple[str, int], timeout: float) -> str:
+    """The one wording of both commands for a peer that does not answer."""
+    return f"no answer from {via_text(via)} within {timeout:g} s (is a peer running there?)"
+
+
+def _refused(via: tuple[str, int]) -> str:
+    return f"nothing listens at {via_text(via)} (connection refused: no peer or SIP server runs there)"
 
 
 async def _register(args: argparse.Namespace, via: tuple[str, int]) -> dict[str, Any]:
-    phone = await _Phone.open(args.uri, host=local_ip_toward(via[0]))
+    from p2psip.uri import URI
+    from p2psip.useragent import CallFailed
+
+    ua = await open_phone(args.uri, via=via)
     try:
-        response = await phone.register(
-            via, contact=args.contact, expires=args.expires, password=args.password, timeout=args.timeout
+        registering = ua.register(
+            f"sip:{URI(args.uri).host}",
+            contact=args.contact,
+            expires=args.expires,
+            password=args.password,
+            refresh=False,
+            timeout=args.timeout,
         )
+        try:
+            response = await unless_refused(registering, via)
+        except CallFailed as failed:
+            if failed.response is None:  # no response at all: the transaction timed out or could not send
+                raise TimeoutError from None
+            response = failed.response
     finally:
-        await phone.close()
+        await close_phone(ua)
     return {
         "aor": args.uri,
-        "via": f"{via[0]}:{via[1]}",
+        "via": via_text(via),
         "status": response.status,
         "reason": response.reason,
         "contacts": [
@@ -44,12 +72,16 @@ def _cmd_register(args: argparse.Namespace) -> int:
             Address(args.contact)
         if args.expires < 0:
             raise ConfigError("--expires must be 0 or more seconds")
+        if args.timeout <= 0:
+            raise ConfigError("--timeout must be more than 0 seconds")
     except P2PSIPError as exc:
         return fail(str(exc), 2)
     try:
         result = asyncio.run(_register(args, via))
     except TimeoutError:
-        return fail(f"no answer from {args.via} within {args.timeout:g} s", 1)
+        return fail(_unreachable(via, args.timeout), 1)
+    except DeadAddress:
+        return fail(_refused(via), 1)
     except P2PSIPError as exc:
         return fail(str(exc), 1)
     if args.json:
@@ -61,19 +93,24 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0 if result["status"] == 200 else 1
 
 
+class _Interrupted(Exception):
+    """SIGINT or SIGTERM arrived during the call."""
+
+
 async def _call(
-    args: argparse.Namespace, via: tuple[str, int], duration: float, show: Callable[[str], None]
-) -> dict[str, Any]:
-    """One call through the UserAgent (with ``--play``/``--record`` its audio is p2psip.callaudio's)."""
-    import time
+    args: argparse.Namespace,
+    via: tuple[str, int],
+    duration: float,
+    show: Callable[[str], None],
+    result: dict[str, Any],
+) -> None:
+    """One call through the UserAgent (with ``--play``/``--record`` its audio is p2psip.callaudio's),
+    filling ``result`` as it goes: whatever stops it (a failure, a timeout, Ctrl-C), what happened so far
+    is there to print."""
+    from p2psip.run import stop_signals
+    from p2psip.useragent import CallFailed
 
-    from p2psip.stack import Stack
-    from p2psip.transport import Target
-    from p2psip.useragent import CallFailed, UserAgent
-
-    local_ip = local_ip_toward(via[0])
-    stack = await Stack.start([f"udp:{'[' + local_ip + ']' if ':' in local_ip else local_ip}:0"])
-    ua = UserAgent(stack, args.from_ or "sip:p2psip@invalid", outbound=Target("udp", via[0], via[1]))
+    ua = await open_phone(args.from_ or "sip:p2psip@invalid", via=via)
     statuses: list[str] = []
     with_audio = bool(args.play or args.record)
 
@@ -81,14 +118,15 @@ async def _call(
         statuses.append(f"{response.status} {response.reason}")
         show(f"  {response.status} {response.reason}")
 
-    result: dict[str, Any] = {"uri": args.uri, "via": f"{via[0]}:{via[1]}", "answered": False}
     call: Any = None
-    try:
+
+    async def place_and_hang_up() -> None:
+        nonlocal call
         started = time.perf_counter()
-        show(f"INVITE {args.uri} via {via[0]}:{via[1]}")
+        show(f"INVITE {args.uri} via {via_text(via)}")
         try:
             if with_audio:
-                call = await ua.call(
+                placing = ua.call(
                     args.uri,
                     play=args.play,
                     record=args.record,
@@ -96,7 +134,16 @@ async def _call(
                     on_provisional=provisional,
                 )
             else:
-                call = await ua.call(args.uri, timeout=args.timeout, on_provisional=provisional)
+                placing = ua.call(args.uri, timeout=args.timeout, on_provisional=provisional)
+            try:
+                call = await unless_refused(placing, via)
+            except TimeoutError:
+                result["error"] = (
+                    f"no final answer to the INVITE within {args.timeout:g} s"
+                    if statuses
+                    else _unreachable(via, args.timeout)
+                )
+                raise
             status, reason = call.response.status, call.response.reason
         except CallFailed as failed:  # a failure response, or 408/503 made up for a timeout/transport error
             status, reason = failed.status, failed.reason
@@ -105,30 +152,73 @@ async def _call(
         show(f"  {status} {reason}")
         result["responses"] = statuses
         result["status"] = status
-        if call is not None:
-            result["answered"] = True
-            if call.media is not None and call.media.params is not None:
-                params = call.media.params
-                result["codec"] = params.codec
-                show(f"  audio: {params.codec} to {params.remote[0]}:{params.remote[1]}")
-            show(f"  call up; hanging up in {duration:g} s")
+        if call is None:
+            return
+        result["answered"] = True
+        if call.media is not None and call.media.params is not None:
+            params = call.media.params
+            result["codec"] = params.codec
+            show(f"  audio: {params.codec} to {params.remote[0]}:{params.remote[1]}")
+        show(f"  call up; hanging up in {duration:g} s")
+        try:
+            ended = await call.wait_ended(duration)  # the call's requested length, unless they hang up
+            show(f"  the call ended: {ended}")
+        except TimeoutError:
             try:
-                ended = await call.wait_ended(duration)  # the call's requested length, unless they hang up
-                show(f"  the call ended: {ended}")
-            except TimeoutError:
                 bye = await call.bye(timeout=args.timeout)
-                result["bye_status"] = bye.status
-                show(f"BYE: {bye.status} {bye.reason}")
+            except TimeoutError:
+                result["error"] = (
+                    f"the call was answered, but the BYE got no answer within {args.timeout:g} s"
+                )
+                raise
+            except CallFailed as failed:  # 408/503 made up by the transaction layer
+                result["error"] = (
+                    f"the call was answered, but the BYE failed: {failed.status} {failed.reason}"
+                )
+                raise
+            result["bye_status"] = bye.status
+            show(f"BYE: {bye.status} {bye.reason}")
+
+    try:
+        with stop_signals() as stopped:
+            flow = asyncio.ensure_future(place_and_hang_up())
+            stop = asyncio.ensure_future(stopped.wait())
+            await asyncio.wait({flow, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not flow.done():
+                flow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flow
+                # ringing: CANCEL (and ACK its 487); up: BYE. Bounded: a second Ctrl-C ends it at once.
+                said = await ua.hang_up(timeout=min(args.timeout, 5.0))
+                result["interrupted"] = "; ".join(said) or "nothing was sent yet"
+                raise _Interrupted
+            flow.result()
+    except TimeoutError:
+        await ua.hang_up(timeout=min(args.timeout, 5.0))  # a CANCELled INVITE: wait for (and ACK) its 487
+        raise
     finally:
         if call is not None and call.media is not None:
-            await call.wait_ended(args.timeout)  # the media is closed (a recording complete) after this
+            with contextlib.suppress(TimeoutError):
+                await call.wait_ended(args.timeout)  # the media is closed (a recording complete) after this
             stats = call.media.session.stats
             result["rtp_sent"] = stats.packets_sent
             result["rtp_received"] = stats.packets_received
             show(f"RTP: {stats.packets_sent} packets sent, {stats.packets_received} received")
-        await ua.close()
-        await stack.close()
-    return result
+        await close_phone(ua)
+
+
+def _check_record(path: str) -> None:
+    """``--record`` must be writable before the call starts (not found out after it was answered)."""
+    from p2psip.errors import ConfigError
+
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(f"--record {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--record {path}: cannot write in {folder}")
+    if Path(path).is_dir():
+        raise ConfigError(f"--record {path}: is a directory")
 
 
 def _cmd_call(args: argparse.Namespace) -> int:
@@ -149,6 +239,8 @@ def _cmd_call(args: argparse.Namespace) -> int:
             wav.close()
             if args.duration is None:
                 duration = wav.duration + 0.5  # the whole file, and its last packets' way over
+        if args.record:
+            _check_record(args.record)
     except P2PSIPError as exc:
         return fail(str(exc), 2)
 
@@ -156,15 +248,28 @@ def _cmd_call(args: argparse.Namespace) -> int:
         if not args.json:
             print(line, flush=True)
 
+    result: dict[str, Any] = {"uri": args.uri, "via": via_text(via), "answered": False}
+    code = 0
     try:
-        result = asyncio.run(_call(args, via, duration, show))
+        asyncio.run(_call(args, via, duration, show, result))
+        code = 0 if result["answered"] else 1
+    except _Interrupted:
+        code = 130
     except TimeoutError:
-        return fail(f"no final answer within {args.timeout:g} s", 1)
+        code = 1
+    except DeadAddress:
+        result["error"] = _refused(via)
+        code = 1
     except P2PSIPError as exc:
-        return fail(str(exc), 1)
+        result.setdefault("error", str(exc))
+        code = 1
     if args.json:
-        print(json.dumps(result, indent=2))
-    return 0 if result["answered"] else 1
+        print(json.dumps(result, indent=2))  # always: what happened so far, the error too
+    if "interrupted" in result:
+        print(f"p2psip: interrupted: {result['interrupted']}", file=sys.stderr)
+    elif "error" in result:
+        fail(result["error"], code)
+    return code
 
 
 def add_commands(sub: Any) -> None:

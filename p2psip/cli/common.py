@@ -35,10 +35,30 @@ def data_dir_of(args: argparse.Namespace) -> Path:
 
 
 def parse_via(text: str) -> tuple[str, int]:
+    """``--via HOST:PORT``: an IP address (``localhost`` is 127.0.0.1). Host names are not resolved: a phone
+    command that looked one up would wait for DNS, and a typo would look like a peer that does not answer."""
+    import ipaddress
+
     from p2psip.config import parse_hostport
+    from p2psip.errors import ConfigError
 
     hp = parse_hostport(text, "--via", default_port=5060)
-    return hp.host, hp.port
+    host = hp.host.strip("[]")
+    if host.lower() == "localhost":
+        return "127.0.0.1", hp.port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"--via {text}: {host!r} is not an IP address (host names are not resolved; "
+            "give the peer's address, e.g. 127.0.0.1:5060)"
+        ) from None
+    return host, hp.port
+
+
+def via_text(via: tuple[str, int]) -> str:
+    host = f"[{via[0]}]" if ":" in via[0] else via[0]
+    return f"{host}:{via[1]}"
 
 
 def check_sip_uri(text: str, what: str) -> str:
@@ -52,16 +72,3 @@ def check_sip_uri(text: str, what: str) -> str:
     if uri.scheme not in ("sip", "sips") or not uri.user:
         raise ConfigError(f"{what}: {text!r} is not a SIP address of record (write sip:user@domain)")
     return text
-
-
-def local_ip_toward(host: str) -> str:
-    """The local address the kernel would use to reach ``host`` (a UDP connect sends nothing)."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((host, 9))
-            return str(probe.getsockname()[0])
-        except OSError:
-            return "::1" if family == socket.AF_INET6 else "127.0.0.1"

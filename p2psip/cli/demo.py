@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from p2psip.cli.common import fail, print_table
-from p2psip.cli.phone import _Phone
+from p2psip.cli.phone import close_phone, open_phone
 
 
 def _ladder_label(data: bytes) -> str:
@@ -78,12 +78,13 @@ async def _demo(peer_count: int) -> int:
     from p2psip.config import HostPort, ListenSpec, PeerConfig
     from p2psip.peer import Peer, quick_node_config, wait_until_settled
     from p2psip.trace import SipTrace
+    from p2psip.useragent import CallFailed, IncomingCall, UserAgent
 
     began = time.perf_counter()
     alice_aor, bob_aor = "sip:alice@p2p.example", "sip:bob@p2p.example"
     print(f"p2psip demo: {peer_count} peers on 127.0.0.1 form an overlay; no server anywhere.\n")
     peers: list[Peer] = []
-    phones: list[_Phone] = []
+    phones: list[UserAgent] = []
     with tempfile.TemporaryDirectory(prefix="p2psip-demo-") as tmp:
         try:
             # 1. the overlay
@@ -129,17 +130,27 @@ async def _demo(peer_count: int) -> int:
                 alice_peer, bob_peer = outsiders[0], outsiders[1]
             else:
                 alice_peer, bob_peer = by_distance[-1], by_distance[-2]
-            alice = await _Phone.open(alice_aor)
-            bob = await _Phone.open(bob_aor, answer=True)
+            answered: list[IncomingCall] = []
+
+            def answer(incoming: IncomingCall) -> None:
+                incoming.ring()
+                incoming.accept()
+                answered.append(incoming)
+
+            alice = await open_phone(alice_aor, via=alice_peer.sip_address())
+            bob = await open_phone(bob_aor, via=bob_peer.sip_address(), on_call=answer)
             phones += [alice, bob]
             print("2. Registering two users at different peers")
             for who, phone, peer in (("alice", alice, alice_peer), ("bob", bob, bob_peer)):
-                response = await phone.register(peer.sip_address(), expires=600)
-                pname = name[peer.node.node_id]
-                print(f"   {who}'s phone {phone.contact} -> REGISTER {phone.aor} at {pname}: "
-                      f"{response.status} {response.reason}")  # fmt: skip
-                if response.status != 200:
+                try:
+                    response = await phone.register("sip:p2p.example", expires=600, refresh=False)
+                except CallFailed as failed:
+                    print(f"   {who}'s REGISTER failed: {failed.status} {failed.reason}")
                     return 1
+                pname = name[peer.node.node_id]
+                host, port = phone.stack.local_address("udp")
+                print(f"   {who}'s phone sip:{who}@{host}:{port} -> REGISTER {phone.aor} at {pname}: "
+                      f"{response.status} {response.reason}")  # fmt: skip
             print(
                 "\n   Who stores what (one signed entry per contact, on the key's node and its successors):"
             )
@@ -176,38 +187,40 @@ async def _demo(peer_count: int) -> int:
             via_name = name[alice_peer.node.node_id]
             print(f"\n4. alice calls {bob_aor} through {via_name}; the SIP ladder:")
             ladder = _Ladder(["alice", via_name, "bob"])
-            ladder.where[alice.address] = 0
+            ladder.where[alice.stack.local_address("udp")] = 0
             ladder.where[tuple(alice_peer.sip_address())] = 1  # type: ignore[index]
-            ladder.where[bob.address] = 2
+            ladder.where[bob.stack.local_address("udp")] = 2
             traces = [
                 SipTrace(alice.stack, ladder.sink_for(0)),
                 SipTrace(alice_peer.stack, ladder.sink_for(1)),
                 SipTrace(bob.stack, ladder.sink_for(2)),
             ]
             t0 = time.perf_counter()
-            final, dialog = await alice.call(bob_aor, alice_peer.sip_address(), timeout=10)
-            setup_ms = (time.perf_counter() - t0) * 1000
-            ok = dialog is not None
+            failure = ""
             bye_status = None
-            if ok:
-                await asyncio.wait_for(bob.acked.wait(), 5)
-                bye = await alice.hang_up(dialog)
+            try:
+                call = await alice.call(bob_aor, timeout=10)
+                setup_ms = (time.perf_counter() - t0) * 1000
+                await asyncio.wait_for(answered[0].confirmed.wait(), 5)  # bob has the ACK
+                bye = await call.bye(timeout=10)
                 bye_status = bye.status
-                await asyncio.wait_for(bob.hung_up.wait(), 5)
+                await answered[0].wait_ended(5)  # bob has the BYE
+            except CallFailed as failed:
+                failure = f"{failed.status} {failed.reason}"
             for trace in traces:
                 trace.enabled = False
             for line in ladder.draw():
                 print("   " + line)
             print()
-            if ok and bye_status == 200:
+            if not failure and bye_status == 200:
                 print(f"Call answered in {setup_ms:.1f} ms and hung up cleanly; "
                       f"demo took {time.perf_counter() - began:.1f} s.")  # fmt: skip
                 return 0
-            print(f"The call failed: {final.status} {final.reason}; BYE: {bye_status}")
+            print(f"The call failed: {failure}; BYE: {bye_status}")
             return 1
         finally:
             for phone in phones:
-                await phone.close()
+                await close_phone(phone)
             for peer in peers:
                 await peer.close(leave=False)
 

@@ -23,10 +23,16 @@ CLI = [sys.executable, "-m", "p2psip.cli"]
 
 CALLEE = """
 import asyncio, sys
-from p2psip.cli import _Phone
+from p2psip.stack import Stack
+from p2psip.useragent import UserAgent
+
+def answer(incoming):
+    incoming.ring()
+    incoming.accept()
 
 async def main():
-    await _Phone.open("sip:bob@p2p.example", answer=True, host=sys.argv[1], port=5080)
+    stack = await Stack.start([f"udp:{sys.argv[1]}:5080"])
+    UserAgent(stack, "sip:bob@p2p.example", on_call=answer)
     print("ready", flush=True)
     await asyncio.sleep(120)
 
