@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from overlay.chord import (
@@ -62,10 +63,13 @@ from overlay.storage_core import (
     E_REFUSED,
     E_TOO_BIG,
     Answer,
+    Locate,
     Send,
     StorageConfig,
     StorageCore,
 )
+from overlay.store import FILE_NAME as STORE_FILE
+from overlay.store import DurableStore
 from overlay.wire import TCP_MAX, Codec, FrameDecoder, Message, error_kind, frame
 from p2psip.ratelimit import Rate, RateLimiter
 
@@ -118,6 +122,7 @@ class NodeConfig:
     # "200/s:400" (rate, burst) or "off". limit_sources bounds the table of sources (LRU).
     limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     limit_sources: int = 4096
+    durable: bool = True  # with a data_dir: keep entries in DATA_DIR/overlay.sqlite3 (overlay.store)
 
 
 @dataclass(slots=True)
@@ -144,20 +149,34 @@ class _Udp(asyncio.DatagramProtocol):
 class Node:
     """One overlay member. Create it with ``await Node.start(...)``; see the module docstring."""
 
-    def __init__(self, identity: KeyPair, overlay_name: str, replicas: int, config: NodeConfig) -> None:
+    def __init__(
+        self,
+        identity: KeyPair,
+        overlay_name: str,
+        replicas: int,
+        config: NodeConfig,
+        data_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.identity = identity
         self.overlay_name = overlay_name
         self.replicas = replicas
         self.config = config
         self.codec = Codec(overlay_name)
         self.cache = VerifiedCache()
-        self.store = Store(
-            policy=config.policy,
-            ca_public_key=config.ca_public_key,
-            max_value=config.max_value,
-            max_lifetime=config.max_lifetime,
-            max_per_owner=config.max_per_owner,
-            cache=self.cache,
+        limits: dict[str, Any] = {
+            "policy": config.policy,
+            "ca_public_key": config.ca_public_key,
+            "max_value": config.max_value,
+            "max_lifetime": config.max_lifetime,
+            "max_per_owner": config.max_per_owner,
+            "cache": self.cache,
+        }
+        # The storage core runs on the wall clock (``time.time()``): expiry must mean the same after a
+        # restart. Chord keeps the loop's monotonic clock.
+        self.store: Store = (
+            DurableStore(Path(data_dir) / STORE_FILE, time.time(), **limits)
+            if data_dir is not None and config.durable
+            else Store(**limits)
         )
         self.limiter = RateLimiter(config.limits, max_keys=config.limit_sources)
         self.me: NodeRef = NodeRef(identity.node_id, "", 0)
@@ -167,7 +186,7 @@ class Node:
             identity.node_id,
             self.store,
             replicas,
-            self._loop.time(),
+            time.time(),
             StorageConfig(
                 rpc_timeout=config.rpc_timeout,
                 repair_interval=config.repair_interval,
@@ -233,7 +252,9 @@ class Node:
             cfg = replace(cfg, chord=replace(cfg.chord, successors=replicas))
         if identity is None:
             identity = node_identity(data_dir) if data_dir is not None else KeyPair.generate()
-        node = cls(identity, overlay_name, replicas, cfg)
+        if data_dir is not None:
+            Path(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        node = cls(identity, overlay_name, replicas, cfg, data_dir)
         try:
             await node._open(bind)
             await node._join(join)
@@ -310,7 +331,7 @@ class Node:
             return 0
         if not self._left:
             self._left = True
-            self.storage.leave(self._loop.time())
+            self.storage.leave(time.time())
             self._drain_storage()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._transfers_idle.wait(), self.config.op_timeout)
@@ -344,6 +365,8 @@ class Node:
                 await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
+        if isinstance(self.store, DurableStore):
+            self.store.close()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -769,7 +792,7 @@ class Node:
         if self._closed or self._left or self.core is None:
             return False
         try:
-            self.storage.handle_request(token, mtype, body, self._loop.time(), once=once)
+            self.storage.handle_request(token, mtype, body, time.time(), once=once)
         except Exception:  # a bug must cost one request, never the listener
             self._count("dropped_internal_error")
             self.storage.forget(token)
@@ -810,6 +833,8 @@ class Node:
                     self._reply(mid, addr, out.type, out.body)
             elif isinstance(out, Send):
                 self._spawn(self._storage_send(out))
+            elif isinstance(out, Locate):
+                self._spawn(self._storage_locate(out))
         if self.storage.transfers_in_flight:
             self._transfers_idle.clear()
         else:
@@ -828,12 +853,24 @@ class Node:
                 reply = await self._call(target, send.type, send.body, deadline=deadline)
         if self._closed:
             return
-        now = self._loop.time()
+        now = time.time()
         try:
             if reply is None:
                 self.storage.on_failure(send.request_id, now)
             else:
                 self.storage.on_reply(send.request_id, reply.type, reply.body, now)
+        except Exception:
+            self._count("dropped_internal_error")
+        self._drain_storage()
+
+    async def _storage_locate(self, locate: Locate) -> None:
+        found: NodeRef | None = None
+        with contextlib.suppress(TimeoutError, LookupFailedError, NotJoined):
+            found, _hops = await self.lookup(locate.key)
+        if self._closed:
+            return
+        try:
+            self.storage.on_located(locate.request_id, found, time.time())
         except Exception:
             self._count("dropped_internal_error")
         self._drain_storage()
@@ -847,7 +884,7 @@ class Node:
         if self._storage_timer is not None:
             self._storage_timer.cancel()
         self._storage_timer_at = when
-        self._storage_timer = self._loop.call_at(when, self._on_storage_timer)
+        self._storage_timer = self._loop.call_later(max(0.0, when - time.time()), self._on_storage_timer)
 
     def _on_storage_timer(self) -> None:
         self._storage_timer = None
@@ -855,7 +892,7 @@ class Node:
         if self._closed:
             return
         try:
-            self.storage.handle_timer(self._loop.time())
+            self.storage.handle_timer(time.time())
         except Exception:
             self._count("timer_errors")
         self._drain_storage()
@@ -893,7 +930,7 @@ class Node:
                 self._count("neighbour_changes")
                 if out.predecessor is not None and not self._linked.is_set():
                     self._linked.set()
-                self.storage.on_neighbours(out.predecessor, list(out.successors), self._loop.time())
+                self.storage.on_neighbours(out.predecessor, list(out.successors), time.time())
                 self._drain_storage()
             elif isinstance(out, Joined):
                 if self._joined is not None and not self._joined.done():

@@ -383,6 +383,11 @@ class Simulator:
             return  # an internal lookup (fingers, join) does not surface as output; defensive
         t0, key, kind = started
         rep = self.report
+        if kind == "locate":  # key is the storage core's Locate request id
+            found = out.node if isinstance(out, LookupDone) else None
+            node.storage.on_located(key, found, self.now)
+            self._drain_storage(node)
+            return
         if kind == "store":
             if isinstance(out, LookupDone):
                 self._client_request(node, out.node, "store", {"entry": self._entries_by_key[key]})
@@ -422,12 +427,17 @@ class Simulator:
 
     def _drain_storage(self, node: _Node) -> None:
         """Carry out what a node's storage core produced (as ``Node._drain_storage`` does on sockets)."""
-        from overlay.storage_core import Answer
+        from overlay.storage_core import Answer, Locate
 
         storage = node.storage
         for out in storage.take_outputs():
             if isinstance(out, Answer):
                 self._storage_answer(node, out)
+                continue
+            if isinstance(out, Locate):
+                lookup_id = node.core.start_lookup(out.key, self.now)
+                self._lookups[(node.ref.id, lookup_id)] = (self.now, out.request_id, "locate")
+                self._drain(node)
                 continue
             if out.type == "transfer":
                 self.report.transfers += 1
@@ -487,7 +497,7 @@ class Simulator:
         if not node.alive:
             return
         mine = [k for k in self._lookups if k[0] == node.ref.id]
-        user = [k for k in mine if self._lookups[k][2] != "store"]
+        user = [k for k in mine if self._lookups[k][2] not in ("store", "locate")]
         for k in mine:
             del self._lookups[k]
         self.report.abandoned += len(user)

@@ -215,11 +215,15 @@ class Store:
         life = float(entry.lifetime_s)
         if remaining_s is not None:
             life = max(0.0, min(life, remaining_s))
+        self._keep(entry, now + life)
+
+    def _keep(self, entry: Entry, expires_at: float) -> None:
+        """Hold a checked entry (a durable store also writes it down: ``overlay.store``)."""
         slots = self._by_key.setdefault(entry.key, {})
         old = slots.get(entry.entry_id)
         if old is not None:
             self._release(old.entry.owner)
-        slots[entry.entry_id] = _Record(entry, now + life)
+        slots[entry.entry_id] = _Record(entry, expires_at)
         self._per_owner[entry.owner] = self._per_owner.get(entry.owner, 0) + 1
 
     def _release(self, owner: bytes) -> None:
@@ -229,8 +233,14 @@ class Store:
         else:
             self._per_owner.pop(owner, None)
 
-    def accept(self, items: Iterable[tuple[Entry, int]], now: float) -> tuple[int, int]:
-        """Apply a transfer of ``(entry, remaining ms)``; returns (kept, refused). Stale copies are normal."""
+    def accept(
+        self,
+        items: Iterable[tuple[Entry, int]],
+        now: float,
+        kept_items: list[tuple[Entry, int]] | None = None,
+    ) -> tuple[int, int]:
+        """Apply a transfer of ``(entry, remaining ms)``; returns (kept, refused). Stale copies are normal.
+        ``kept_items``, if given, receives the items that were new here."""
         kept = refused = 0
         for entry, remaining_ms in items:
             try:
@@ -240,6 +250,8 @@ class Store:
                     refused += 1
                 continue
             kept += 1
+            if kept_items is not None:
+                kept_items.append((entry, remaining_ms))
         return kept, refused
 
     def purge(self, now: float) -> int:

@@ -68,6 +68,7 @@ class StorageConfig:
     max_reply_bytes: int = TCP_MAX - 4096
     transfer_chunk: int = 512 * 1024
     answers_kept: int = 2048  # answered datagram requests remembered for retransmissions
+    announce_parallel: int = 8  # lookups in flight while a restarted node re-announces its keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,16 @@ class Answer:
     body: dict[str, Any]
 
 
-Output = Send | Answer
+@dataclass(frozen=True, slots=True)
+class Locate:
+    """Look ``key`` up and report the responsible node with ``on_located`` (None if the lookup failed).
+    Used by a node restarted with entries on disk, to hand each to where it belongs now."""
+
+    request_id: int
+    key: int
+
+
+Output = Send | Answer | Locate
 
 
 @dataclass(slots=True)
@@ -115,6 +125,7 @@ class _TransferQueue:
     chunks: list[list[tuple[Entry, int]]]
     sent: int = 0
     handoff: bool = False  # the leave transfer to the first successor: counts into ``handed_off``
+    announce: bool = False  # a restarted node's hand-over: the receiver passes new entries to its replicas
 
 
 class StorageCore:
@@ -148,6 +159,11 @@ class StorageCore:
         self._repair_at = first_repair_at
         self._early_repair_at: float | None = None
         self._transfers = 0
+        # Entries restored from disk are re-announced once this node is linked into the ring.
+        self._announce = len(store) > 0
+        self._locating: dict[int, int] = {}  # Locate request id -> key
+        self._to_locate: list[int] = []
+        self._announced: dict[int, tuple[NodeRef, list[tuple[Entry, int]]]] = {}
 
     # --- outputs and timers ----------------------------------------------------------------------
 
@@ -183,12 +199,52 @@ class StorageCore:
 
     def on_neighbours(self, pred: NodeRef | None, succs: list[NodeRef], now: float) -> None:
         """Chord's view changed: remember it and send whatever keeps r copies in the right places."""
-        if pred is not None and not self._linked:
+        first_link = pred is not None and not self._linked
+        if first_link:
             # We are really in the ring now; the range we took over may still be on its way to us.
             self._linked = True
             self._handoff_until = now + self.config.handoff_window
         self.successors = list(succs)
         self._send_transfers(self.replicator.on_neighbours(pred, list(succs), self.store, now))
+        if first_link and self._announce:
+            self._announce = False
+            self._start_announce(now)
+
+    # --- re-announcing what a restarted node holds ------------------------------------------------
+
+    def _start_announce(self, now: float) -> None:
+        """A node restarted with entries on disk: the ring may have changed while it was down. Keys in
+        its own range reach its replicas through the Replicator (a new replica set gets the primary
+        range); every other key is looked up and its records handed to the node responsible now, which
+        keeps what is newer than its own copy and passes that on to its replicas."""
+        keys = sorted({e.key for e, _ms in self.store.records(now) if not self.is_responsible(e.key)})
+        self._count("announce_keys", len(keys))
+        self._to_locate = keys
+        self._next_locates()
+
+    def _next_locates(self) -> None:
+        while self._to_locate and len(self._locating) < self.config.announce_parallel:
+            key = self._to_locate.pop()
+            rid = next(self._ids)
+            self._locating[rid] = key
+            self._outputs.append(Locate(rid, key))
+
+    def on_located(self, request_id: int, node: NodeRef | None, now: float) -> None:
+        """The outcome of a :class:`Locate`."""
+        key = self._locating.pop(request_id, None)
+        if key is None:
+            return
+        if node is not None and node[0] != self.me:
+            items = self.store.slot_records(key, now)
+            if items:
+                self._announced.setdefault(node[0], (node, []))[1].extend(items)
+        elif node is None:
+            self._count("announce_lookup_failures")
+        self._next_locates()
+        if not self._locating and not self._to_locate and self._announced:
+            batches = [(target, items) for target, items in self._announced.values()]
+            self._announced = {}
+            self._send_transfers(batches, announce=True)
 
     def leave(self, now: float) -> int:
         """Hand everything to the successors (see ``Replicator.on_leave``); returns the number of entries
@@ -217,10 +273,17 @@ class StorageCore:
         if mtype == "fetch":
             self._fetch(token, body["key"], bool(body.get("replica", False)), now)
         elif mtype == "transfer":
-            kept, refused = self.store.accept(body["entries"], now)
+            fresh: list[tuple[Entry, int]] = []
+            kept, refused = self.store.accept(body["entries"], now, fresh)
             self._count("transfer_entries_kept", kept)
             self._count("transfer_entries_refused", refused)
             self._answer(token, "ok", {"stored": kept})
+            if body.get("announce"):
+                # A restarted node handed us what it held: what was new to us and is ours goes on to our
+                # replicas, as a store would.
+                ours = [item for item in fresh if self.is_responsible(item[0].key)]
+                targets = self.replicator.replica_targets(self.successors)
+                self._send_transfers([(target, ours) for target in targets])
         elif mtype == "store":
             self._store(token, body["entry"], bool(body.get("replica", False)), now)
         else:
@@ -354,7 +417,9 @@ class StorageCore:
 
     # --- transfers -------------------------------------------------------------------------------
 
-    def _send_transfers(self, transfers: list[Transfer], *, leaving: bool = False) -> None:
+    def _send_transfers(
+        self, transfers: list[Transfer], *, leaving: bool = False, announce: bool = False
+    ) -> None:
         for index, (target, items) in enumerate(transfers):
             if not items or target[0] == self.me:
                 continue
@@ -366,7 +431,7 @@ class StorageCore:
                     size = 0
                 chunks[-1].append(item)
                 size += len(item[0].value) + ENTRY_OVERHEAD
-            queue = _TransferQueue(target, chunks, handoff=leaving and index == 0)
+            queue = _TransferQueue(target, chunks, handoff=leaving and index == 0, announce=announce)
             self._transfers += 1
             self._next_chunk(queue)
 
@@ -376,7 +441,9 @@ class StorageCore:
             return
         rid = next(self._ids)
         self._ops[rid] = queue
-        body = {"entries": queue.chunks[queue.sent]}
+        body: dict[str, Any] = {"entries": queue.chunks[queue.sent]}
+        if queue.announce:
+            body["announce"] = True
         self._outputs.append(
             Send(rid, queue.target, "transfer", body, timeout=4 * self.config.rpc_timeout, bulk=True)
         )

@@ -65,7 +65,8 @@ STORAGE_MESSAGES: dict[str, Schema] = {
     # holds, responsible or not (a new primary asks its successor while its hand-off is in flight).
     "fetch": {"key": "id", "replica": "bool?"},
     # Bulk hand-off of entries (join, leave, repair); ``entries`` carry their remaining lifetime.
-    "transfer": {"entries": "entries"},
+    # ``announce``: a restarted node hands over what it held; the receiver passes on what is new to it.
+    "transfer": {"entries": "entries", "announce": "bool?"},
 }
 
 # Fields that may appear in an ``ok`` reply to a storage request, and in ``err``.

@@ -677,7 +677,7 @@ class Peer:
     def holds(self, aor: str) -> tuple[bool, bool]:
         """(this peer stores entries of ``aor``, this peer is the key's primary)."""
         key = ids.key_for(aor)
-        stored = bool(self.node.store.get(key, asyncio.get_running_loop().time()))
+        stored = bool(self.node.store.get(key, time.time()))
         core = self.node.core
         return stored, core is not None and core.is_responsible(key)
 
@@ -692,7 +692,7 @@ class Peer:
             host = f"[{n.host}]" if ":" in n.host else n.host
             return {"id": f"{n.id:032x}", "addr": f"{host}:{n.port}"}
 
-        now = asyncio.get_running_loop().time()
+        now = time.time()  # the overlay store runs on the wall clock
         by_key: dict[int, list[Any]] = {}
         for entry, _remaining in node.store.records(now):
             if not entry.is_removal:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 from test_node_net import FAST, HOST, R, ring_consistent, wait_until
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def copies(nodes: list[Node], name: str, value: bytes) -> int:
     key = key_for(name)
-    return sum(1 for n in nodes if any(e.value == value for e in n.store.get(key, n._loop.time())))
+    return sum(1 for n in nodes if any(e.value == value for e in n.store.get(key, time.time())))
 
 
 async def test_churn_loses_nothing() -> None:

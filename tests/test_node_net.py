@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -97,7 +98,7 @@ class Ring:
 
     def copies(self, name: str, value: bytes) -> int:
         key = key_for(name)
-        return sum(1 for n in self.live() if any(e.value == value for e in n.store.get(key, n._loop.time())))
+        return sum(1 for n in self.live() if any(e.value == value for e in n.store.get(key, time.time())))
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

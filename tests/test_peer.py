@@ -4,6 +4,7 @@ forking across peers, 404/408/480, digest auth, first-claim, static routes, IP l
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -89,7 +90,7 @@ async def test_register_writes_one_signed_entry_per_contact(ring: list[Peer], ph
     assert key_file.exists() and oct(key_file.stat().st_mode & 0o777) == "0o600"
     assert entries[0].owner == KeyPair.load(key_file).public_key
     # r = 3 replicas hold it
-    holders = [p for p in ring if p.node.store.get(ids.key_for(ALICE), p.node._loop.time())]
+    holders = [p for p in ring if p.node.store.get(ids.key_for(ALICE), time.time())]
     assert len(holders) == 3
     result = await ring[4].lookup(ALICE)
     assert [b.contact for b in result.bindings] == [alice.contact]
