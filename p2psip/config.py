@@ -287,12 +287,25 @@ def _typed(value: Any, kind: type | tuple[type, ...], key: str, hint: str) -> An
 def read_config_file(path: Path) -> dict[str, Any]:
     """The raw settings of a TOML file; unreadable files and syntax errors are ConfigErrors."""
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config: {path} does not exist (check --config)") from None
     except OSError as exc:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ConfigError(
+            f"config: {path} starts with a byte order mark (BOM); save it as UTF-8 without BOM"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config: {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+            "TOML files are UTF-8: re-save it in that encoding"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - _FILE_KEYS)

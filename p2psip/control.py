@@ -120,13 +120,42 @@ async def _is_alive(path: Path) -> bool:
     return True
 
 
+def running_data_dirs(proc_net_unix: Path = Path("/proc/net/unix")) -> list[Path]:
+    """The data dirs of the peers running on this machine, as far as it is cheap to know: the listening Unix
+    sockets named ``control.sock`` that the kernel lists (Linux; elsewhere, none). Only live sockets are
+    listed there, so a stale socket file left by a killed peer does not count."""
+    try:
+        lines = proc_net_unix.read_text(errors="replace").splitlines()[1:]
+    except OSError:
+        return []
+    found: list[Path] = []
+    for line in lines:
+        fields = line.split(None, 7)  # the path, the last field, may hold spaces
+        if len(fields) == 8 and fields[-1].endswith("/" + SOCKET_NAME):
+            folder = Path(fields[-1]).parent
+            if folder not in found and (folder / SOCKET_NAME).exists():
+                found.append(folder)
+    return sorted(found)
+
+
+def _no_peer(data_dir: Path) -> str:
+    """Why ``status``/``lookup`` found nobody at ``data_dir``, and where peers do run."""
+    elsewhere = [d for d in running_data_dirs() if d.resolve() != data_dir.expanduser().resolve()]
+    if elsewhere:
+        shown = ", ".join(f"--data-dir {d}" for d in elsewhere[:5])
+        more = f" (and {len(elsewhere) - 5} more)" if len(elsewhere) > 5 else ""
+        return f"no peer is running with data dir {data_dir}; peers running here: {shown}{more}"
+    return (
+        f"no peer is running with data dir {data_dir} (no {SOCKET_NAME}); give the peer's --data-dir, "
+        "or start one with p2psip start"
+    )
+
+
 async def request(data_dir: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
     """Ask the peer running with ``data_dir``; returns its result or raises ControlError."""
     path = socket_path(data_dir)
     if not path.exists():
-        raise ControlError(
-            f"no peer is running with data dir {data_dir} (no {SOCKET_NAME}); start one with p2psip start"
-        )
+        raise ControlError(_no_peer(Path(data_dir)))
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(path), limit=16 * MAX_LINE), timeout

@@ -87,3 +87,32 @@ async def test_idle_control_connections_time_out(tmp_path: Path) -> None:
         assert await control.request(tmp_path, "status") == {"peers": 3}
     finally:
         await server.close()
+
+
+async def test_asking_the_wrong_data_dir_names_the_running_peers(tmp_path: Path) -> None:
+    """The README starts peers with --data-dir /tmp/peer1; a bare `p2psip status` must say where peers run
+    (the live control sockets the kernel lists), and a stale socket file is not a running peer."""
+    running, stale, empty = tmp_path / "peer1", tmp_path / "stale", tmp_path / "nobody"
+    for folder in (running, stale, empty):
+        folder.mkdir()
+    control.socket_path(stale).write_text("")  # left by a killed peer: not listed
+    server = control.ControlServer(running, handler)
+    await server.start()
+    try:
+        assert running in control.running_data_dirs() and stale not in control.running_data_dirs()
+        with pytest.raises(control.ControlError) as failure:
+            await control.request(empty, "status")
+        message = str(failure.value)
+        assert message.startswith(f"no peer is running with data dir {empty}; peers running here:")
+        assert f"--data-dir {running}" in message and str(stale) not in message
+    finally:
+        await server.close()
+    assert running not in control.running_data_dirs()  # (other peers of this machine may still be listed)
+    listing = tmp_path / "unix"
+    listing.write_text(
+        "Num       RefCount Protocol Flags    Type St Inode Path\n"
+        f"0000: 00000002 00000000 00010000 0001 01 191583 {running}/control.sock\n"
+        "0000: 00000003 00000000 00000000 0001 03 191612\n"
+    )
+    assert control.running_data_dirs(listing) == []  # listed, but its socket file is gone
+    assert control.running_data_dirs(tmp_path / "no-such-file") == []

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from p2psip.cli.common import data_dir_of, fail, print_table
+from p2psip.cli.common import check_sip_uri, data_dir_of, fail, print_table
 
 
 def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,14 +68,26 @@ def _cmd_start(args: argparse.Namespace) -> int:
         return 130
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, cmd: str, **request: Any) -> tuple[int, Any]:
+    """Ask the running peer named by ``--data-dir``/``--config``: (0, result), or the exit code after the
+    error line (2 for a bad ``--config``, 1 when no peer answers)."""
     from p2psip import control
-    from p2psip.errors import P2PSIPError
+    from p2psip.errors import ConfigError, P2PSIPError
 
     try:
-        status = asyncio.run(control.request(data_dir_of(args), "status"))
+        data_dir = data_dir_of(args)
+    except ConfigError as exc:
+        return fail(str(exc), 2), None
+    try:
+        return 0, asyncio.run(control.request(data_dir, cmd, **request))
     except P2PSIPError as exc:
-        return fail(str(exc), 1)
+        return fail(str(exc), 1), None
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    code, status = _ask(args, "status")
+    if code:
+        return code
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -117,17 +129,19 @@ def _print_status(status: dict[str, Any]) -> None:
 
 
 def _cmd_lookup(args: argparse.Namespace) -> int:
-    from p2psip import control
-    from p2psip.errors import P2PSIPError
+    from p2psip.errors import ConfigError
 
     try:
-        result = asyncio.run(control.request(data_dir_of(args), "lookup", uri=args.uri))
-    except P2PSIPError as exc:
-        return fail(str(exc), 1)
+        check_sip_uri(args.uri, "lookup")
+    except ConfigError as exc:
+        return fail(str(exc), 2)
+    code, result = _ask(args, "lookup", uri=args.uri)
+    if code:
+        return code
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
-        return 0 if result.get("bindings") else 1
-    _print_lookup(result)
+    else:
+        _print_lookup(result)
     return 0 if result.get("bindings") else 1
 
 
@@ -138,13 +152,13 @@ def _print_lookup(result: dict[str, Any]) -> None:
         f"  lookup: {result.get('hops')} hop(s) to {responsible['id'][:8]} ({responsible['addr']}), "
         f"the node responsible; {result.get('lookup_ms')} ms with the fetch"
     )
-    holders = result.get("holders", [])
-    if holders:
-        print("  stored at: " + ", ".join(f"{h['id'][:8]} ({h['addr']})" for h in holders))
     bindings = result.get("bindings", [])
     if not bindings:
         print("  nobody is registered")
         return
+    holders = result.get("holders", [])
+    if holders:
+        print("  stored at: " + ", ".join(f"{h['id'][:8]} ({h['addr']})" for h in holders))
     print_table(
         ["contact", "expires in", "q", "instance"],
         [(b["contact"], f"{b['expires_in']} s", b.get("q") or "", b.get("instance") or "") for b in bindings],
