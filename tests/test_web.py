@@ -239,3 +239,45 @@ async def test_two_browser_phones_call_through_the_overlay(make_peer: PeerFactor
 async def packets(browser: Browser) -> int:
     script = "const done = arguments[arguments.length - 1]; window.p2psipPhone.inboundPackets().then(done);"
     return int(await browser.js_async(script))
+
+
+async def test_demo_prints_the_ring_page_and_keep_leaves_it_up() -> None:
+    """``p2psip demo --keep``: the ring page's address is printed, it answers while the overlay stays up,
+    and Ctrl-C (SIGINT) ends the demo with exit status 0."""
+    import os
+    import re
+    import signal
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    # Under `timeout` so the child gets default SIGINT handling (a background job would ignore it).
+    proc = await asyncio.create_subprocess_exec(
+        "timeout", "-s", "KILL", "120", sys.executable, "-m", "p2psip.cli", "demo", "--keep",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=root,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen: list[str] = []
+    url = None
+    try:
+        while True:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert line, "demo ended early:\n" + "".join(seen)
+            seen.append(line)
+            if url is None:
+                match = re.search(r"ring page \(live, in a browser\): (http://127\.0\.0\.1:(\d+)/)", line)
+                if match:
+                    url = match.group(1)
+            if line.startswith("--keep:"):
+                break
+        assert url is not None and url in seen[-1], "".join(seen)
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        status, _, body = await http_get(port, "/status.json")
+        assert status == 200 and json.loads(body)["overlay_name"] == "p2psip-demo"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()

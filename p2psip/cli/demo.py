@@ -71,7 +71,9 @@ class _Ladder:
         return lines
 
 
-async def _demo(peer_count: int) -> int:
+async def _demo(peer_count: int, keep: bool = False) -> int:
+    """The demo; with ``keep``, the overlay then stays up until Ctrl-C so a person can open the ring page
+    and the softphone (which registers over P1's WebSocket listener)."""
     import tempfile
     import time
 
@@ -90,13 +92,17 @@ async def _demo(peer_count: int) -> int:
             # 1. the overlay
             print("1. Starting the peers (each: an overlay node + a SIP registrar/proxy)")
             for i in range(peer_count):
+                listen = [ListenSpec("udp", "127.0.0.1", 0)]
+                if i == 0:  # P1 also serves the ring page and the browser softphone (over WebSocket)
+                    listen = [ListenSpec(None, "127.0.0.1", 0), ListenSpec("ws", "127.0.0.1", 0)]
                 config = PeerConfig(
-                    listen=[ListenSpec("udp", "127.0.0.1", 0)],
+                    listen=listen,
                     overlay=HostPort("127.0.0.1", 0),
                     join=HostPort(*peers[0].overlay_address) if peers else None,
                     overlay_name="p2psip-demo",
                     data_dir=Path(tmp) / f"P{i + 1}",
                     cache_ttl=0.0,
+                    http=HostPort("127.0.0.1", 0) if i == 0 else None,
                 )
                 peers.append(await Peer.start(config, node_config=quick_node_config()))
             name = {p.node.node_id: f"P{i + 1}" for i, p in enumerate(peers)}
@@ -118,7 +124,8 @@ async def _demo(peer_count: int) -> int:
             ring = sorted(peers, key=lambda p: p.node.node_id)
             order = " -> ".join(name[p.node.node_id] for p in ring)
             first = name[ring[0].node.node_id]
-            print(f"   ring (by node id): {order} -> {first}  (settled in {settle:.1f} s)\n")
+            print(f"   ring (by node id): {order} -> {first}  (settled in {settle:.1f} s)")
+            print(f"   ring page (live, in a browser): {peers[0].web.url}\n", flush=True)
 
             # 2. registrations
             # Pick the phones' peers among those that do NOT store bob's registration, so that both the
@@ -215,6 +222,12 @@ async def _demo(peer_count: int) -> int:
             if not failure and bye_status == 200:
                 print(f"Call answered in {setup_ms:.1f} ms and hung up cleanly; "
                       f"demo took {time.perf_counter() - began:.1f} s.")  # fmt: skip
+                if keep:
+                    web = peers[0].web
+                    print(f"\n--keep: the overlay stays up until Ctrl-C. Ring page: {web.url}  softphone: "
+                          f"{web.origin}/phone (register sip:carol@p2p.example, call sip:bob@p2p.example)",
+                          flush=True)  # fmt: skip
+                    await asyncio.Event().wait()
                 return 0
             print(f"The call failed: {failure}; BYE: {bye_status}")
             return 1
@@ -231,16 +244,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from p2psip.errors import P2PSIPError
 
     try:
+        if args.keep:  # up until Ctrl-C: no time bound
+            return asyncio.run(_demo(args.peers, keep=True))
         return asyncio.run(asyncio.wait_for(_demo(args.peers), 60))
     except TimeoutError:
         return fail("the demo did not finish within 60 s (is the machine overloaded?)", 1)
     except (P2PSIPError, OSError) as exc:
         return fail(f"the demo failed: {exc}", 1)
     except KeyboardInterrupt:
-        return 130
+        return 0 if args.keep else 130
 
 
 def add_commands(sub: Any) -> None:
     demo = sub.add_parser("demo", help="show the node at work on this machine")
     demo.add_argument("--peers", type=int, default=5, metavar="N", help="overlay size (3-20, default 5)")
+    demo.add_argument(
+        "--keep", action="store_true", help="leave the overlay up (ring page, softphone) until Ctrl-C"
+    )
     demo.set_defaults(func=_cmd_demo)
