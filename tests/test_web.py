@@ -281,3 +281,22 @@ async def test_demo_prints_the_ring_page_and_keep_leaves_it_up() -> None:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+
+
+def test_browser_doc_commands_are_the_real_ones() -> None:
+    """docs/browser.md: its install command is the one .ci/run runs; its start command parses into a
+    config with a ws: listener and --http (the listeners themselves are exercised above)."""
+    import re
+    import shlex
+
+    from p2psip.cli import build_parser
+    from p2psip.cli.peer import _peer_flags
+    from p2psip.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```sh\n(.*?)```", (root / "docs" / "browser.md").read_text(), flags=re.S)
+    install, start = (b.strip() for b in blocks)
+    assert install in (root / ".ci" / "run").read_text()
+    args = build_parser().parse_args(shlex.split(start)[1:])
+    config = load_config(None, _peer_flags(args))
+    assert [s.transport for s in config.listen] == [None, "ws"] and config.http is not None
