@@ -300,3 +300,80 @@ def test_browser_doc_commands_are_the_real_ones() -> None:
     args = build_parser().parse_args(shlex.split(start)[1:])
     config = load_config(None, _peer_flags(args))
     assert [s.transport for s in config.listen] == [None, "ws"] and config.http is not None
+
+
+SIPJS_START = """
+const done = arguments[arguments.length - 1];
+(async () => {
+  const { Web } = await import('/static/sip.js/index.js');
+  const audio = document.getElementById('remote-audio');
+  const state = { events: [], user: null };
+  window.sipjs = state;
+  const user = new Web.SimpleUser(arguments[0], {
+    aor: arguments[1],
+    media: { constraints: { audio: true, video: false }, remote: { audio } },
+    delegate: {
+      onRegistered: () => state.events.push('registered'),
+      onCallReceived: async () => { state.events.push('incoming'); await user.answer(); },
+      onCallAnswered: () => state.events.push('established'),
+      onCallHangup: () => state.events.push('ended'),
+    },
+  });
+  state.user = user;
+  state.inboundPackets = async () => {
+    const pc = user.session && user.session.sessionDescriptionHandler
+      && user.session.sessionDescriptionHandler.peerConnection;
+    if (!pc) return 0;
+    let total = 0;
+    (await pc.getStats()).forEach((r) => { if (r.type === 'inbound-rtp') total += r.packetsReceived || 0; });
+    return total;
+  };
+  await user.connect();
+  await user.register();
+  return 'ok';
+})().then(done, (err) => done('error: ' + err));
+"""
+
+
+async def test_sipjs_and_jssip_call_each_other(make_peer: PeerFactory, browsers: Any) -> None:
+    """SIP.js (npm sip.js, its SimpleUser) in one Chromium, registered over WS at one peer; the JsSIP phone
+    in another, at another peer. SIP.js calls JsSIP, then JsSIP calls SIP.js: both established, RTP flows."""
+    p0 = await make_peer(http=True, ws=True)
+    p1 = await make_peer(p0, http=True, ws=True)
+    await wait_until_settled([p0, p1], timeout=20)
+    carol, bob = await browsers(), await browsers()
+    await register_page(bob, p1, "sip:bob@p2p.example")
+    await carol.get(f"{p0.web.origin}/phone")  # an origin the peer admits; SIP.js is loaded from it
+    result = await carol.js_async(SIPJS_START, p0.ws_urls()["ws"], "sip:carol@p2p.example")
+    assert result == "ok", result
+    await carol.wait_for("window.sipjs.events.includes('registered')", what="SIP.js registered")
+    assert any(r["aor"] == "sip:carol@p2p.example" for r in p0.status()["registrations"])
+
+    # SIP.js calls JsSIP.
+    await carol.js("window.sipjs.user.call('sip:bob@p2p.example');")
+    await bob.wait_for("window.p2psipPhone.state === 'incoming'", what="bob ringing")
+    await bob.click("answer")
+    await carol.wait_for("window.sipjs.events.includes('established')", what="SIP.js call established")
+    await bob.wait_for("window.p2psipPhone.state === 'established'")
+    first = await packets(bob)
+    await asyncio.sleep(1.0)
+    assert await packets(bob) > first, "RTP from SIP.js to JsSIP"
+    await carol.js("window.sipjs.user.hangup();")
+    await bob.wait_for("window.p2psipPhone.state === 'ended'", what="bob's side ended")
+    await carol.wait_for("window.sipjs.events.includes('ended')")
+
+    # JsSIP calls SIP.js (which answers by itself).
+    await bob.type("target", "sip:carol@p2p.example")
+    await bob.click("call")
+    await bob.wait_for("window.p2psipPhone.state === 'established'", what="JsSIP -> SIP.js established")
+    await carol.wait_for("window.sipjs.events.filter(e => e === 'established').length === 2")
+    first = await carol.js_async(
+        "const done = arguments[arguments.length - 1]; window.sipjs.inboundPackets().then(done);"
+    )
+    await asyncio.sleep(1.0)
+    later = await carol.js_async(
+        "const done = arguments[arguments.length - 1]; window.sipjs.inboundPackets().then(done);"
+    )
+    assert later > first, "RTP from JsSIP to SIP.js"
+    await bob.click("hangup")
+    await carol.wait_for("window.sipjs.events.filter(e => e === 'ended').length === 2", what="SIP.js ended")
