@@ -32,6 +32,8 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 def test_python_example_is_the_tested_example_file() -> None:
     (block,) = _blocks("python")
     assert block == (ROOT / "docs" / "examples" / "scripting_call.py").read_text()
+    # it says it can call an AOR through a peer: it shows how to name the peer
+    assert "outbound=via" in block and "through a peer" in block
 
 
 def test_documented_peer_flags_exist() -> None:

@@ -1,6 +1,6 @@
 """docs/scripting.md shows only code that the tests run: each ```python block is taken verbatim from a
-file in docs/examples/ that a sipapi test executes (or is the transfer_to_voicemail the Layer 2 test adds,
-or the install() call it makes)."""
+file in docs/examples/ that a sipapi test executes, or is the transfer_to_voicemail the Layer 2 test adds,
+or is the install() call, checked against the real signature and the test that installs scripts."""
 
 from __future__ import annotations
 
@@ -29,9 +29,38 @@ def test_every_code_block_comes_from_a_tested_file() -> None:
             for name in found:
                 assert name in tests, f"{name} is shown in scripting.md but no test runs it"
             continue
-        # the two snippets that live in the tests themselves
+        if "install(" in body:
+            check_install_snippet(body)
+            continue
+        # the snippet that lives in the tests themselves
         normalised = body.replace("\n", "\\n")
-        assert body.splitlines()[0] in tests or normalised in tests or "install(" in body, body[:200]
+        assert body.splitlines()[0] in tests or normalised in tests, body[:200]
+
+
+def check_install_snippet(body: str) -> None:
+    """The ``install(...)`` snippet (a peer comes from elsewhere, so it cannot run alone): what it imports
+    exists, its call binds to the real signature, the test that installs scripts uses the same keywords,
+    and what it returns has the awaitable ``close()`` the snippet calls."""
+    import ast
+    import inspect
+
+    import sipapi.scripts
+
+    tree = ast.parse(body.replace("...", "pass"))
+    imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert [(n.module, [a.name for a in n.names]) for n in imports] == [("sipapi.scripts", ["install"])]
+    (call,) = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "install"
+    ]
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg is not None}
+    signature = inspect.signature(sipapi.scripts.install)
+    signature.bind(object(), **keywords)  # TypeError on a keyword install() does not take
+    tested = (ROOT / "tests" / "test_sipapi_peer_scripts.py").read_text()
+    for keyword in keywords:
+        assert f"{keyword}=" in tested, f"install({keyword}=...) is documented but no test passes it"
+    closes = [n for n in ast.walk(tree) if isinstance(n, ast.Await)]
+    assert closes and "close" in ast.unparse(closes[0])
+    assert inspect.iscoroutinefunction(sipapi.scripts.Scripting.close)
 
 
 def test_the_documented_files_exist_and_are_linked() -> None:

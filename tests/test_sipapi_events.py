@@ -121,6 +121,23 @@ class Rig:
         self.stacks: list[Stack] = []
         self.outcomes: list[str] = []
         self.server: Server | None = None
+        self.loop = asyncio.get_running_loop()
+        self.recorded = asyncio.Event()
+
+    def record(self, *outcomes: str) -> None:
+        """Called by a handler (on the script runtime's thread) with the outcomes it saw."""
+        self.outcomes += outcomes
+        self.loop.call_soon_threadsafe(self.recorded.set)
+
+    async def outcomes_when(self, count: int, timeout: float = 10.0) -> list[str]:
+        """The outcomes once ``count`` were recorded: the caller's final response can arrive before the
+        handler, which goes on after proxy() returns, has recorded what proxy() said."""
+        while len(self.outcomes) < count:
+            self.recorded.clear()
+            if len(self.outcomes) >= count:
+                break
+            await asyncio.wait_for(self.recorded.wait(), timeout)
+        return list(self.outcomes)
 
     async def start(self, handler: Handler, deadline: float = 5.0) -> None:
         self.target.addEventListener("incoming", handler)
@@ -190,11 +207,11 @@ async def test_proxy_outcomes_and_the_held_response(
             event.action.proxy()
             return
         event.location = target
-        rig.outcomes.append(event.action.proxy(timeout=10))  # then nothing: the held response goes up
+        rig.record(event.action.proxy(timeout=10))  # then nothing: the held response goes up
 
     await rig.start(handler)
     assert await status_of(await rig.caller()) == status
-    assert rig.outcomes == [outcome]
+    assert await rig.outcomes_when(1) == [outcome]
 
 
 async def test_noanswer_cancels_and_the_handler_may_still_decide(rig: Rig) -> None:
@@ -204,7 +221,7 @@ async def test_noanswer_cancels_and_the_handler_may_still_decide(rig: Rig) -> No
     def handler(event: Event) -> None:
         event.location = target
         outcome = event.action.proxy(timeout=0.5)
-        rig.outcomes.append(outcome)
+        rig.record(outcome)
         if outcome == "noanswer":
             event.location = "sip:jones@voicemail.example.com"
             event.action.redirect()
@@ -213,7 +230,7 @@ async def test_noanswer_cancels_and_the_handler_may_still_decide(rig: Rig) -> No
     caller = await rig.caller()
     with pytest.raises(CallFailed) as failed:
         await caller.call("sip:bob@example.com", timeout=15)
-    assert failed.value.status == 302 and rig.outcomes == ["noanswer"]
+    assert failed.value.status == 302 and await rig.outcomes_when(1) == ["noanswer"]
     assert failed.value.response is not None
     assert failed.value.response.get("Contact") == "<sip:jones@voicemail.example.com>"
     assert callee_stack.stats["received"] >= 3  # INVITE, CANCEL, ACK for its 487
@@ -229,16 +246,16 @@ async def test_failure_without_target_and_fork(rig: Rig) -> None:
             return
         if event.uri.user == "nobody":
             event.location = "sip:x@nowhere.invalid"  # a name, no DNS: no reachable target
-            rig.outcomes.append(event.action.proxy())
+            rig.record(event.action.proxy())
             return
         event.location = [busy, answers]
-        rig.outcomes.append(event.action.proxy(timeout=10))
+        rig.record(event.action.proxy(timeout=10))
 
     await rig.start(handler)
     caller = await rig.caller()
     assert await status_of(caller, "sip:nobody@example.com") == 404
     assert await status_of(caller) == 200
-    assert rig.outcomes == ["failure", "success"]
+    assert await rig.outcomes_when(2) == ["failure", "success"]
 
 
 async def test_async_handler_awaits_proxy(rig: Rig) -> None:
@@ -253,11 +270,11 @@ async def test_async_handler_awaits_proxy(rig: Rig) -> None:
         first = await event.action.proxy(timeout=5)
         event.location = answers
         second = await event.action.proxy(timeout=5)
-        rig.outcomes += [first, second]
+        rig.record(first, second)
 
     await rig.start(handler)
     assert await status_of(await rig.caller()) == 200
-    assert rig.outcomes == ["busy", "success"]
+    assert await rig.outcomes_when(2) == ["busy", "success"]
 
 
 async def test_challenge_and_authenticate(rig: Rig) -> None:
@@ -308,7 +325,7 @@ async def test_default_is_501_and_max_forwards_in_proxy(rig: Rig) -> None:
         if event.method == "MESSAGE":
             return None  # no decision: the default action (501 in a stand-alone server)
         event.location = "sip:bob@127.0.0.1:9"
-        rig.outcomes.append(event.action.proxy())
+        rig.record(event.action.proxy())
 
     await rig.start(handler)
     caller = await rig.caller()
@@ -320,7 +337,9 @@ async def test_default_is_501_and_max_forwards_in_proxy(rig: Rig) -> None:
         reply = await asyncio.to_thread(client.send, request, rig.server.stack.local_address("udp"), 10.0)
     finally:
         client.close()
-    assert reply.status == 483 and rig.outcomes == ["failure"]  # proxy() checks Max-Forwards (§16.3)
+    assert reply.status == 483 and await rig.outcomes_when(1) == [
+        "failure"
+    ]  # proxy() checks Max-Forwards (§16.3)
 
 
 def test_script_file_names_are_safe() -> None:

@@ -16,9 +16,11 @@ from test_sipapi_support import EXAMPLES, ROOT
 def test_star_import_gives_every_name() -> None:
     namespace: dict[str, object] = {}
     exec("from sipapi import *", namespace)
+    import p2psip.dialog
     import p2psip.message
     import p2psip.peer
     import p2psip.stack
+    import p2psip.transaction
     import p2psip.uri
     import p2psip.useragent
 
@@ -31,6 +33,8 @@ def test_star_import_gives_every_name() -> None:
         "Stack": p2psip.stack.Stack,
         "UserAgent": p2psip.useragent.UserAgent,
         "Peer": p2psip.peer.Peer,
+        "Transaction": p2psip.transaction.Transaction,  # the article names these two as part of the API
+        "Dialog": p2psip.dialog.Dialog,
     }
     for name, obj in expected.items():
         assert namespace[name] is obj, name
@@ -51,10 +55,11 @@ def test_ten_line_call_against_sipp(tmp_path: Path) -> None:
     port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    with uas(tmp_path, port, scenario=None):
-        done = subprocess.run(
-            [sys.executable, str(example), f"sip:service@127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=60, env=env,
-        )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["answered: 200 OK", "hung up: 200"]
+    # straight to the URI's host, then (as through a peer) an AOR whose domain only the outbound proxy reaches
+    for argv in ([f"sip:service@127.0.0.1:{port}"], ["sip:service@p2p.example", f"127.0.0.1:{port}"]):
+        with uas(tmp_path, port, scenario=None):
+            done = subprocess.run(
+                [sys.executable, str(example), *argv], capture_output=True, text=True, timeout=60, env=env
+            )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["answered: 200 OK", "hung up: 200"]
