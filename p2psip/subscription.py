@@ -405,6 +405,10 @@ class Subscriber:
                 sub = self._fork(tag, Dialog.uac(self.request, response))
             else:
                 sub.dialog.receive_response(self.request, response)
+                if not sub.dialog.route_set and response.cseq.number == self.request.cseq.number:
+                    # the NOTIFY that made this dialog came first: an in-dialog request carries no
+                    # Record-Route, so the proxies that record-routed the SUBSCRIBE are in the 2xx only
+                    sub.dialog.route_set = [Address(str(rr)) for rr in reversed(response.record_route)]
             if sub.state is None:
                 sub.notify_deadline = now + 64 * self.timers.t1
             if response.expires is not None and sub.state is not SubState.TERMINATED:

@@ -282,3 +282,21 @@ class TestSubscriber:
         outcome = s.receive_notify(as_received(n.notify(0.0, b"state")), 0.0)
         assert outcome.status == 200 and outcome.subscription is not None
         assert outcome.subscription.terminated and outcome.subscription.reason == "timeout"
+
+
+def test_route_set_from_a_late_2xx_when_the_notify_came_first() -> None:
+    req = subscribe()
+    s = Subscriber(req, now=0.0)
+    s.receive_notify(as_received(notifier(req).notify(0.0)), 0.0)
+    assert s.subscriptions["n1"].dialog.route_set == []
+    late = Response.for_request(req, 200, to_tag="n1")
+    late.add("Record-Route", "<sip:p2.example;lr>")
+    late.add("Record-Route", "<sip:p1.example;lr>")
+    late.add("Contact", "<sip:bob@192.0.2.2:5070>")
+    received = wire(late)
+    assert isinstance(received, Response)
+    s.receive_response(received, 0.1)
+    assert [str(r.uri) for r in s.subscriptions["n1"].dialog.route_set] == [
+        "sip:p1.example;lr",
+        "sip:p2.example;lr",
+    ]

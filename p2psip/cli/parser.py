@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from p2psip import __version__
-from p2psip.cli import call, demo, peer, proxy
+from p2psip.cli import call, demo, message, peer, proxy
 
 
 class UsageError(Exception):
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_commands(sub)
     peer.add_commands(sub)
     call.add_commands(sub)
+    message.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,75 @@
+"""``p2psip message``: one instant message (RFC 3428 MESSAGE) to an address of record through a peer.
+
+The peer delivers it to every device registered for the AOR (forking) and answers with the best response:
+200 when a device took it, 404 when nobody is registered, 408/480 when nobody answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from p2psip.cli.common import check_sip_uri, fail, local_ip_toward, parse_via
+
+
+async def _message(args: argparse.Namespace, via: tuple[str, int]) -> dict[str, Any]:
+    from p2psip.stack import Stack
+    from p2psip.transport import Target
+    from p2psip.useragent import UserAgent
+
+    local_ip = local_ip_toward(via[0])
+    stack = await Stack.start([f"udp:{'[' + local_ip + ']' if ':' in local_ip else local_ip}:0"])
+    ua = UserAgent(stack, args.from_ or "sip:p2psip@invalid", outbound=Target("udp", via[0], via[1]))
+    try:
+        response = await ua.message(args.uri, args.text, timeout=args.timeout)
+    finally:
+        await ua.close()
+        await stack.close()
+    return {
+        "uri": args.uri,
+        "via": f"{via[0]}:{via[1]}",
+        "status": response.status,
+        "reason": response.reason,
+    }
+
+
+def _cmd_message(args: argparse.Namespace) -> int:
+    from p2psip.errors import ConfigError, P2PSIPError
+
+    try:
+        via = parse_via(args.via)
+        check_sip_uri(args.uri, "message")
+        if args.from_:
+            check_sip_uri(args.from_, "--from")
+        if args.timeout <= 0:
+            raise ConfigError("--timeout must be more than 0 seconds")
+        if not args.text:
+            raise ConfigError("message: the text is empty")
+    except P2PSIPError as exc:
+        return fail(str(exc), 2)
+    try:
+        result = asyncio.run(_message(args, via))
+    except TimeoutError:
+        return fail(f"no answer from {args.via} within {args.timeout:g} s", 1)
+    except P2PSIPError as exc:
+        return fail(str(exc), 1)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"MESSAGE {result['uri']} via {result['via']}: {result['status']} {result['reason']}")
+    return 0 if 200 <= result["status"] < 300 else 1
+
+
+def add_commands(sub: Any) -> None:
+    message = sub.add_parser("message", help="send an instant message to a SIP address through a peer")
+    message.add_argument("uri", metavar="SIP-URI", help="the address of record, e.g. sip:bob@p2p.example")
+    message.add_argument("text", help="the message (text/plain)")
+    message.add_argument(
+        "--via", default="127.0.0.1:5060", metavar="HOST:PORT", help="the peer (default 127.0.0.1:5060)"
+    )
+    message.add_argument("--from", dest="from_", metavar="SIP-URI", help="the sender's address")
+    message.add_argument("--timeout", type=float, default=32.0, metavar="S", help="give up after S seconds")
+    message.add_argument("--json", action="store_true", help="machine-readable output")
+    message.set_defaults(func=_cmd_message)

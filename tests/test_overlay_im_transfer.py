@@ -1,0 +1,170 @@
+"""Instant messages, transfer and SUBSCRIBE/NOTIFY between our UserAgents through a 3-peer overlay:
+MESSAGE forks to every registered device (also from ``p2psip message``), 404 when nobody is registered,
+408/480 when nobody answers; a blind and an attended transfer of a call placed through the overlay; a
+presence subscription whose NOTIFYs come back along the Record-Route."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from peer_interop.helpers import start_overlay, stop_overlay
+
+from p2psip import pidf
+from p2psip.peer import Peer
+from p2psip.stack import Stack
+from p2psip.subscription import SubscribePolicy, SubState
+from p2psip.uaevents import IncomingSubscription
+from p2psip.useragent import CallFailed, IncomingCall, UserAgent
+
+ROOT = Path(__file__).resolve().parents[1]
+BOB = "sip:bob@p2p.example"
+SDP = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+
+
+def via(peer: Peer) -> str:
+    host, port = peer.sip_address()
+    return f"{host}:{port}"
+
+
+@pytest.fixture
+async def overlay(tmp_path: Path) -> AsyncIterator[list[Peer]]:
+    peers = await start_overlay(3, tmp_path, settle_timeout=30)
+    try:
+        yield peers
+    finally:
+        await stop_overlay(peers)
+
+
+@pytest.fixture
+async def phones(overlay: list[Peer]) -> AsyncIterator[dict[str, UserAgent]]:
+    """alice at peer 0, bob's desk at peer 1 and his mobile at peer 2 (his user key copied there),
+    carol at peer 2; everyone but alice registered."""
+    made: dict[str, UserAgent] = {}
+    stacks: list[Stack] = []
+    try:
+        for name, aor, peer in (
+            ("alice", "sip:alice@p2p.example", 0),
+            ("desk", BOB, 1),
+            ("mobile", BOB, 2),
+            ("carol", "sip:carol@p2p.example", 2),
+        ):
+            stack = await Stack.start(["udp:127.0.0.1:0"])
+            stacks.append(stack)
+            made[name] = UserAgent(stack, aor, outbound=via(overlay[peer]))
+        for name, peer in (("desk", 1), ("mobile", 2), ("carol", 2)):
+            if name == "mobile":  # a second device of bob at another peer: his user key goes there too
+                target = overlay[2].users.path_for(BOB)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(overlay[1].users.path_for(BOB), target)
+            response = await made[name].register(f"sip:{via(overlay[peer])}", expires=300, refresh=False)
+            assert response.status == 200
+        yield made
+    finally:
+        for ua in made.values():
+            await ua.close()
+        for stack in stacks:
+            await stack.close()
+
+
+async def test_message_forks_to_every_device(overlay: list[Peer], phones: dict[str, UserAgent]) -> None:
+    response = await phones["alice"].message(BOB, "lunch?")
+    assert response.status == 200
+    for device in ("desk", "mobile"):
+        got = await asyncio.wait_for(phones[device].messages.get(), 10)
+        assert got.body == b"lunch?" and got.from_.uri.user == "alice"
+    assert (await phones["alice"].message("sip:nobody@p2p.example", "hello?")).status == 404
+
+
+async def test_message_nobody_answers_fails_with_408_or_480(
+    overlay: list[Peer], phones: dict[str, UserAgent]
+) -> None:
+    for device in ("desk", "mobile"):
+        await phones[device].stack.close()  # registered, but gone without a word
+    # the peer's branches time out (Timer F) when alice's own transaction does: she sees 408 either way
+    # (the peer's answer, or her own Timer F a few milliseconds earlier)
+    try:
+        status = (await phones["alice"].message(BOB, "anyone?", timeout=60)).status
+    except CallFailed as failed:
+        status = failed.status
+    assert status in (408, 480)
+
+
+async def test_cli_message(overlay: list[Peer], phones: dict[str, UserAgent]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "p2psip.cli", "message", BOB, "from the shell", "--via", via(overlay[0])]
+    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(": 200 OK")
+    for device in ("desk", "mobile"):
+        assert (await asyncio.wait_for(phones[device].messages.get(), 10)).body == b"from the shell"
+    cmd[4] = "sip:nobody@p2p.example"
+    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1 and ": 404 " in done.stdout
+
+
+def answer_all(ua: UserAgent) -> list[IncomingCall]:
+    calls: list[IncomingCall] = []
+
+    def on_call(call: IncomingCall) -> None:
+        calls.append(call)
+        call.accept(SDP)
+
+    ua.on_call = on_call
+    return calls
+
+
+async def test_blind_and_attended_transfer_through_the_overlay(
+    overlay: list[Peer], phones: dict[str, UserAgent]
+) -> None:
+    alice, carol = phones["alice"], phones["carol"]
+    await phones["mobile"].unregister()
+    desk_calls = answer_all(phones["desk"])
+    carol_calls = answer_all(carol)
+    call = await alice.call(BOB, body=SDP, timeout=20)
+    assert call.response is not None and call.response.get_all("Record-Route")
+    frag = await call.transfer("sip:carol@p2p.example", timeout=30)
+    assert frag is not None and frag.status == 200 and call.state == "terminated"
+    assert await desk_calls[0].wait_ended(10) == "bye received"
+    bob_to_carol = await asyncio.wait_for(phones["desk"].events.referred.get(), 10)
+    assert bob_to_carol.state == "confirmed" and len(carol_calls) == 1
+    await bob_to_carol.bye()
+    # attended: alice talks to bob and to carol, then joins them (INVITE with Replaces via the overlay)
+    to_bob = await alice.call(BOB, body=SDP, timeout=20)
+    to_carol = await alice.call("sip:carol@p2p.example", body=SDP, timeout=20)
+    frag = await to_bob.transfer(to_carol, timeout=30)
+    assert frag is not None and frag.status == 200
+    assert carol_calls[-1].replaces is carol_calls[1]
+    assert await to_carol.wait_ended(10) == "bye received"
+
+
+async def test_presence_subscription_through_the_overlay(
+    overlay: list[Peer], phones: dict[str, UserAgent]
+) -> None:
+    carol, alice = phones["carol"], phones["alice"]
+    watchers: list[IncomingSubscription] = []
+    carol.events.policy = SubscribePolicy(frozenset({"presence"}))
+
+    def on_subscribe(sub: IncomingSubscription) -> None:
+        watchers.append(sub)
+        doc = pidf.Presence("sip:carol@p2p.example", [pidf.PresenceTuple("t", "open")])
+        sub.accept(doc.compose(), pidf.CONTENT_TYPE)
+
+    carol.events.on_subscribe = on_subscribe
+    sub = await alice.subscribe("sip:carol@p2p.example", "presence")
+    first = await sub.next(10)
+    assert pidf.parse(first.body).basic == "open"
+    closed = pidf.Presence("sip:carol@p2p.example", [pidf.PresenceTuple("t", "closed")], ["away"])
+    response = await watchers[0].notify(closed.compose())
+    assert response is not None and response.status == 200
+    note = await sub.next(10)
+    assert pidf.parse(note.body).basic == "closed"
+    assert sub.active[0].dialog.route_set  # in-dialog requests go through the peers that record-routed
+    await sub.unsubscribe()
+    assert (await sub.next(10)).state.state is SubState.TERMINATED
