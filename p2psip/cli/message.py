@@ -11,28 +11,25 @@ import asyncio
 import json
 from typing import Any
 
-from p2psip.cli.common import check_sip_uri, fail, local_ip_toward, parse_via
+from p2psip.cli.call import _refused, _unreachable
+from p2psip.cli.common import check_sip_uri, fail, parse_via, via_text
+from p2psip.cli.phone import DeadAddress, close_phone, open_phone, unless_refused
 
 
 async def _message(args: argparse.Namespace, via: tuple[str, int]) -> dict[str, Any]:
-    from p2psip.stack import Stack
-    from p2psip.transport import Target
-    from p2psip.useragent import UserAgent
+    from p2psip.useragent import CallFailed
 
-    local_ip = local_ip_toward(via[0])
-    stack = await Stack.start([f"udp:{'[' + local_ip + ']' if ':' in local_ip else local_ip}:0"])
-    ua = UserAgent(stack, args.from_ or "sip:p2psip@invalid", outbound=Target("udp", via[0], via[1]))
+    ua = await open_phone(args.from_ or "sip:p2psip@invalid", via=via)
     try:
-        response = await ua.message(args.uri, args.text, timeout=args.timeout)
+        try:
+            response = await unless_refused(ua.message(args.uri, args.text, timeout=args.timeout), via)
+        except CallFailed as failed:
+            if failed.response is None:  # no response at all: the transaction timed out
+                raise TimeoutError from None
+            response = failed.response
     finally:
-        await ua.close()
-        await stack.close()
-    return {
-        "uri": args.uri,
-        "via": f"{via[0]}:{via[1]}",
-        "status": response.status,
-        "reason": response.reason,
-    }
+        await close_phone(ua)
+    return {"uri": args.uri, "via": via_text(via), "status": response.status, "reason": response.reason}
 
 
 def _cmd_message(args: argparse.Namespace) -> int:
@@ -52,7 +49,9 @@ def _cmd_message(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(_message(args, via))
     except TimeoutError:
-        return fail(f"no answer from {args.via} within {args.timeout:g} s", 1)
+        return fail(_unreachable(via, args.timeout), 1)
+    except DeadAddress:
+        return fail(_refused(via), 1)
     except P2PSIPError as exc:
         return fail(str(exc), 1)
     if args.json:
