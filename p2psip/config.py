@@ -21,6 +21,9 @@ The file format (all keys optional)::
     default_expires = 3600
     realm = "p2psip"           # digest realm for users with a password
     require_auth = false       # true: REGISTER for users not listed below is refused (403)
+    home_routing = true        # false: calls go straight to the contact, not through its home peer (bench)
+    flow_timer = 120           # seconds an RFC 5626 phone may stay silent (Flow-Timer) before its flow fails
+    nat_ping = 20.0            # seconds between NAT pings (OPTIONS) to phones without RFC 5626 outbound
 
     [routes]
     "pstn.example" = "192.0.2.10:5060"
@@ -119,6 +122,9 @@ class PeerConfig:
     default_expires: int = 3600
     realm: str = "p2psip"
     require_auth: bool = False
+    home_routing: bool = True
+    flow_timer: int = 120
+    nat_ping: float = 20.0
     users: dict[str, UserAccount] = field(default_factory=dict)
     tls_cert: Path | None = None
     """Certificate (PEM) of the tls:/wss: listeners and of --http with TLS; self-signed when None."""
@@ -264,6 +270,9 @@ _FILE_KEYS = frozenset(
         "default_expires",
         "realm",
         "require_auth",
+        "home_routing",
+        "flow_timer",
+        "nat_ping",
         "users",
         "tls_cert",
         "tls_key",
@@ -374,7 +383,7 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
                 target = _typed(target, str, f"routes.{domain}", "a HOST:PORT string")
                 d, hp = parse_route(f"{domain}={target}", "routes")
                 config.routes[d] = hp
-        elif key in ("dns", "verbose", "require_auth"):
+        elif key in ("dns", "verbose", "require_auth", "home_routing"):
             setattr(config, key, _typed(value, bool, key, "true or false"))
         elif key in ("replicas", "min_expires", "max_expires", "default_expires"):
             number = _typed(value, int, key, "a whole number")
@@ -382,6 +391,16 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             if number < low or number > (16 if key == "replicas" else 10 * 365 * 86400):
                 raise ConfigError(f"config: {key} = {number} is out of range")
             setattr(config, key, number)
+        elif key == "flow_timer":
+            seconds = _typed(value, int, key, "a whole number of seconds")
+            if not 1 <= seconds <= 3600:
+                raise ConfigError(f"config: flow_timer = {seconds} is out of range (1-3600 seconds)")
+            config.flow_timer = seconds
+        elif key == "nat_ping":
+            interval = float(_typed(value, (int, float), key, "a number of seconds"))
+            if not 0.1 <= interval <= 3600:
+                raise ConfigError(f"config: nat_ping = {interval} is out of range (0.1-3600 seconds)")
+            config.nat_ping = interval
         elif key == "cache_ttl":
             ttl = float(_typed(value, (int, float), key, "a number of seconds"))
             if not 0 <= ttl <= 3600:

@@ -35,6 +35,13 @@ class TransportError(P2PSIPError, OSError):
     """A message could not be sent (no route, connection refused or reset, TLS failure)."""
 
 
+class FlowFailed(TransportError):
+    """The flow a request must go over (RFC 5626: the connection or NAT mapping a phone registered over)
+    is gone: answer ``430 Flow Failed``, so the phone's other flows or a re-REGISTER take over."""
+
+    status_hint = 430
+
+
 class TransactionError(P2PSIPError):
     """A transaction was used against its state machine (e.g. a response sent twice)."""
 

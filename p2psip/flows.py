@@ -78,6 +78,7 @@ class Flow:
     instance: str | None = None
     reg_id: int | None = None
     last_ping: float = 0.0
+    contact: str | None = None
     bindings: set[BindingKey] = field(default_factory=set)
 
     @property
@@ -177,6 +178,7 @@ class FlowTable:
         instance: str | None = None,
         reg_id: int | None = None,
         outbound: bool = False,
+        contact: str | None = None,
     ) -> Flow:
         """A REGISTER for ``(aor, entry_id)`` arrived over this flow: create or refresh the flow, tie the
         binding to it (moving it off the flow it was on before). Raises OverflowError when the table is
@@ -197,6 +199,8 @@ class FlowTable:
             if handle is not None:
                 flow.handle = handle
         flow.outbound = outbound
+        if contact is not None:
+            flow.contact = contact
         if instance is not None:
             flow.instance, flow.reg_id = instance, reg_id
         binding = (aor, entry_id)
@@ -244,7 +248,7 @@ class FlowTable:
                 if silent > self.flow_timer + self.grace:
                     why = f"no keep-alive for {silent:.0f} s (Flow-Timer {self.flow_timer})"
                     out.append(self._fail(flow, why))
-            elif silent > self.ping_timeout:
+            elif silent > self.ping_timeout and flow.last_ping > flow.last_seen:
                 out.append(self._fail(flow, f"no answer to NAT pings for {silent:.0f} s"))
             elif now - flow.last_ping >= self.ping_interval:
                 flow.last_ping = now
@@ -253,8 +257,9 @@ class FlowTable:
         return out
 
     def next_check(self, now: float) -> float:
-        """When :meth:`due` can next have something to do (the adapter's timer), at most 1 s away."""
-        soonest = now + 1.0
+        """When :meth:`due` can next have something to do (the adapter's timer): at most 1 s (or half a
+        ping interval) away, so a flow bound meanwhile is not left unchecked for long."""
+        soonest = now + min(1.0, self.ping_interval / 2)
         for flow in self._flows.values():
             if flow.outbound:
                 at = flow.last_seen + self.flow_timer + self.grace

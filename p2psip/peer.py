@@ -40,7 +40,8 @@ from overlay.node import KeyAccess, Node, NodeConfig
 from p2psip import control
 from p2psip.auth import DigestServer
 from p2psip.config import PeerConfig
-from p2psip.errors import ConfigError, P2PSIPError, ParseError
+from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError
+from p2psip.flows import Failed, Flow, FlowTable, Ping
 from p2psip.location import (
     ForwardAsAddressed,
     LocationCache,
@@ -51,7 +52,7 @@ from p2psip.location import (
     live_targets,
 )
 from p2psip.message import Request, Response
-from p2psip.proxy import Proxy
+from p2psip.proxy import Proxy, RoutedTarget
 from p2psip.registrar import (
     Binding,
     RegisterRejected,
@@ -66,7 +67,7 @@ from p2psip.run import stop_signals
 from p2psip.stack import Source, Stack
 from p2psip.trace import SipTrace
 from p2psip.transaction import ClientTransaction, ServerTransaction
-from p2psip.transport import TLSConfig
+from p2psip.transport import RELIABLE, Target, TLSConfig, numeric_host
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
@@ -76,6 +77,9 @@ EventHandler = Callable[[str, str], None]
 left, refused); ``text`` is one readable line."""
 
 USERS_DIR = "users"
+
+Targets = list[URI | Address | RoutedTarget]
+"""What :meth:`Peer.locate` returns: contacts, or contacts with their own Route sets (Path)."""
 
 
 def quick_node_config(interval: float = 0.2, rpc_timeout: float = 0.5) -> NodeConfig:
@@ -177,6 +181,8 @@ class PeerCore(Proxy):
         if transaction is not None and request.method == "REGISTER":
             self.spawn(self.peer.handle_register(request, transaction, source))
             return
+        if request.get("Route") is not None:
+            self._pass_own_flow_routes(request, source)
         if (
             transaction is not None
             and request.method == "OPTIONS"
@@ -189,6 +195,77 @@ class PeerCore(Proxy):
             self.stack.respond(transaction, response)
             return
         super().on_request(request, transaction, source)
+
+    # ---------------------------------------------------------------------- RFC 5626 flow routes
+
+    def own_route(self, uri: URI) -> bool:
+        """§16.4 removes our own Route URIs, except those with a flow token: they say which flow the
+        request goes over (:meth:`_next_hop` consumes them)."""
+        return uri.user is None and super().own_route(uri)
+
+    def _pass_own_flow_routes(self, request: Request, source: Source) -> None:
+        """A request that came *from* a flow carries our flow-token Record-Route (the phone's route set
+        starts with it): for that direction it only means "through this peer", so it is removed here;
+        from any other side it means "deliver over that flow" and stays for :meth:`_next_hop`
+        (RFC 5626 §5.3)."""
+        flows = self.peer.flows
+        while True:
+            top = request.get("Route")
+            if top is None:
+                return
+            try:
+                uri = Address(top).uri
+            except ParseError:
+                return
+            if not self.stack.is_local(uri.host, uri.port):
+                return
+            if uri.user is not None:
+                flow = flows.by_token(uri.user)
+                if flow is None or flow.key != (source.transport, source.host, source.port):
+                    return
+            request.remove_first("Route")
+
+    def _next_hop(self, fwd: Request) -> Target:
+        """Our own URIs on top of Route are consumed here (a binding's Path starts with its home peer,
+        which may be us); one with a flow token sends the request over that flow, and a flow we no longer
+        hold raises FlowFailed (430)."""
+        token: str | None = None
+        while True:
+            top = fwd.get("Route")
+            if top is None:
+                break
+            try:
+                uri = Address(top).uri
+            except ParseError:
+                break
+            if not self.stack.is_local(uri.host, uri.port):
+                break
+            fwd.remove_first("Route")
+            token = token or uri.user
+        if token is not None:
+            flow = self.peer.flows.by_token(token)
+            if flow is None:
+                self.peer.counters["flow_failed_requests"] += 1
+                raise FlowFailed("the phone's connection or NAT mapping to its home peer is gone")
+            return Target(flow.transport, flow.host, flow.port)
+        return super()._next_hop(fwd)
+
+    def _add_record_route(self, fwd: Request, source: Source, hop: Target) -> None:
+        """Record-Route as usual; when either side is a flow we hold, our URIs carry its token, so the
+        in-dialog requests of the far side come back over the flow and not to the phone's Contact."""
+        flows = self.peer.flows
+        flow = flows.get(hop.transport, hop.host, hop.port) or flows.get(
+            source.transport, source.host, source.port
+        )
+        before = len(fwd.get_all("Record-Route"))
+        super()._add_record_route(fwd, source, hop)
+        if flow is None:
+            return
+        values = fwd.get_all("Record-Route")
+        added = len(values) - before
+        tokened = [v.replace("<sip:", f"<sip:{flow.token}@", 1).replace("<sips:", f"<sips:{flow.token}@", 1)
+                   for v in values[:added]]  # fmt: skip
+        fwd.set("Record-Route", tokened + values[added:])
 
 
     def on_response(
@@ -242,9 +319,22 @@ class Peer:
                 "routed",
                 "not_found",
                 "overlay_errors",
+                "flows_failed",
+                "flow_failed_requests",
+                "nat_pings",
+                "routed_to_home",
             ),
             0,
         )
+        self.flows = FlowTable(
+            flow_timer=config.flow_timer,
+            ping_interval=config.nat_ping,
+            grace=min(10.0, config.flow_timer / 4),
+            ping_timeout=3.5 * config.nat_ping,  # three pings unanswered
+        )
+        stack.transport.flows = self.flows
+        stack.transport.on_flow_failed = self._flow_failed
+        self._flow_task: asyncio.Task[None] | None = None
         self._aor_locks: dict[str, asyncio.Lock] = {}
         self._digest: dict[str, DigestServer] = {}
         for account in config.users.values():
@@ -320,6 +410,7 @@ class Peer:
                 await stack.close()
                 await node.close()
                 raise
+        peer._flow_task = asyncio.ensure_future(peer._watch_flows())
         how = f"joined the overlay through {config.join}" if join else "created a new overlay"
         peer._event("joined", f"{how} as node {ids.short(node.node_id)} at {peer.overlay_address_text}; "
                     f"SIP on {', '.join(peer.sip_addresses())}")  # fmt: skip
@@ -368,6 +459,8 @@ class Peer:
         if self.web is not None:
             await self.web.close()
         self.core.cancel_tasks()
+        if self._flow_task is not None:
+            self._flow_task.cancel()
         try:
             if leave:
                 await self.node.leave()
@@ -452,10 +545,10 @@ class Peer:
     async def handle_register(self, request: Request, transaction: ServerTransaction, source: Source) -> None:
         """Answer one REGISTER (RFC 3261 §10.3) by reading and writing the AOR's entries in the overlay."""
         self.counters["registers"] += 1
-        if source.transport in ("ws", "wss"):
-            self._add_home_path(request)
+        if source.transport in ("ws", "wss") and not self.config.home_routing:
+            self._add_home_path(request)  # with home routing, every binding gets its home peer as Path
         try:
-            response = await self._register(request)
+            response = await self._register(request, source)
         except Exception as exc:  # never leave a REGISTER unanswered
             log.exception("REGISTER failed")
             response = Response.for_request(request, 500, f"Server Internal Error ({exc})")
@@ -474,7 +567,7 @@ class Peer:
                 request.add("Path", f"<{hop};lr>")
                 return
 
-    async def _register(self, request: Request) -> Response:
+    async def _register(self, request: Request, source: Source) -> Response:
         try:
             aor = aor_of(request)
         except RegisterRejected as rejected:
@@ -498,8 +591,11 @@ class Peer:
                 self.counters["overlay_errors"] += 1
                 return self._unavailable(request, exc)
             now = time.time()
+            outbound = self._outbound(request, source)
+            flow = outbound or self._behind_nat(request, source)
+            path = [self.path_entry(source, outbound, flow)] if self.config.home_routing else []
             try:
-                plan = plan_register(request, current, now, self.policy)
+                plan = plan_register(request, current, now, self.policy, path=path)
             except RegisterRejected as rejected:
                 return reject_response(request, rejected)
             if plan.is_query:
@@ -526,6 +622,8 @@ class Peer:
                 self.counters["overlay_errors"] += 1
                 return self._unavailable(request, exc)
             self.cache.forget(aor)
+            if flow:
+                self._bind_flows(plan, source, outbound)
         self.counters["bindings_written"] += len(plan.writes)
         self.counters["bindings_removed"] += len(plan.removes)
         home = self.home.setdefault(aor, {})
@@ -539,7 +637,139 @@ class Peer:
             self._event("registered", f"registered {aor} -> {w.binding.contact} for {w.lifetime} s")
         for r in plan.removes:
             self._event("unregistered", f"unregistered {aor} -> {r.binding.contact}")
-        return ok_response(request, plan, now)
+        response = ok_response(request, plan, now)
+        if outbound and plan.writes:
+            # RFC 5626 §6: the registrar supports outbound; §5.4: how often the phone must keep alive.
+            response.add("Require", "outbound")
+            response.add("Flow-Timer", str(self.config.flow_timer))
+        return response
+
+    # ------------------------------------------------------------------------ home peer: RFC 5626 flows
+
+    @staticmethod
+    def _outbound(request: Request, source: Source) -> bool:
+        """RFC 5626 §5.2: the phone asks for outbound (a Contact with ``+sip.instance`` and ``reg-id``) and
+        we are its first hop (one Via), so the flow it registered over is its own and it keeps it alive."""
+        try:
+            if len(request.via) != 1:
+                return False
+            return any(
+                c.params.get("+sip.instance") and c.params.get("reg-id") is not None
+                for c in request.contacts
+                if not c.wildcard
+            )
+        except (ParseError, ValueError):
+            return False
+
+    @staticmethod
+    def _behind_nat(request: Request, source: Source) -> bool:
+        """A phone without outbound support whose Contact is not where its REGISTER came from (a private
+        address behind a NAT, a ``.invalid`` host): reach it at the observed source instead (rport and
+        received, RFC 3581), over the flow, and keep the NAT mapping open with NAT pings. A Contact on
+        the source's own address (a phone on a public address, or a registration made on behalf of a
+        contact by a tool on the same host) is reached as written."""
+        try:
+            contacts = [c for c in request.contacts if not c.wildcard]
+        except (ParseError, ValueError):
+            return False
+        if len(request.get_all("Via")) != 1:
+            return False  # not from the phone itself: the flow would lead to the proxy in between
+        for contact in contacts:
+            host = numeric_host(contact.uri.host)
+            if host is None or host != source.host:
+                return True
+        return False
+
+    def path_entry(self, source: Source, outbound: bool, flow: bool = True) -> str:
+        """Our Path value for a binding registered over ``source``: ``<sip:TOKEN@us;lr[;ob]>`` when the
+        phone is reached over that flow (RFC 3327, RFC 5626 §5.2), else ``<sip:us;lr>`` (the binding
+        still goes through its home peer), at the SIP address other peers reach us on."""
+        transport = "udp" if self.stack.transport.listens_on("udp") else source.transport
+        token = self.flows.token_of(source.transport, source.host, source.port) if flow else None
+        uri = self.stack.local_uri(transport, user=token, toward=source.host)
+        uri.params["lr"] = None
+        if outbound:
+            uri.params["ob"] = None
+        return f"<{uri}>"
+
+    def _bind_flows(self, plan: Any, source: Source, outbound: bool) -> None:
+        """Tie every binding written to the flow its REGISTER came over; forget removed ones."""
+        if not self.config.home_routing:
+            return
+        now = self.stack.loop.time()
+        handle = source.connection if source.transport in RELIABLE else None
+        for w in plan.writes:
+            b = w.binding
+            try:
+                self.flows.bind(
+                    source.transport, source.host, source.port, now, aor=b.aor, entry_id=b.entry_id,
+                    handle=handle, instance=b.instance, reg_id=b.reg_id, outbound=outbound, contact=b.contact,
+                )  # fmt: skip
+            except OverflowError as exc:
+                log.warning("cannot keep the flow of %s: %s", b.aor, exc)
+        for r in plan.removes:
+            self.flows.unbind(r.binding.aor, r.binding.entry_id)
+
+    def _flow_failed(self, failed: Failed) -> None:
+        """A flow died (connection closed, keep-alives or NAT pings stopped): its bindings go (§5.3)."""
+        self.counters["flows_failed"] += 1
+        self._event("flow", f"flow {failed.flow.describe()} failed: {failed.why}")
+        if failed.bindings and not self._closed:
+            self.core.spawn(self._remove_bindings(failed.bindings, failed.why))
+
+    async def _remove_bindings(self, bindings: Iterable[tuple[str, bytes]], why: str) -> None:
+        for aor, entry_id in bindings:
+            async with self._lock(aor):
+                if self.flows.flow_of(aor, entry_id) is not None:
+                    continue  # re-registered over another flow meanwhile: keep it
+                try:
+                    await self.node.remove(aor, entry_id=entry_id, key=self.users.get(aor))
+                except (OverlayError, TimeoutError) as exc:
+                    self.counters["overlay_errors"] += 1
+                    log.warning("cannot remove %s's binding after its flow failed: %s", aor, exc)
+                    continue
+                finally:
+                    self.cache.forget(aor)
+            self.counters["bindings_removed"] += 1
+            self._event("unregistered", f"unregistered {aor} ({entry_id.decode(errors='replace')}): {why}")
+
+    async def _watch_flows(self) -> None:
+        """The flow table's clock: NAT pings and failed flows, about once a second (sans-IO core)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            for action in self.flows.due(now):
+                if isinstance(action, Ping):
+                    self._nat_ping(action.flow)
+                else:
+                    self._flow_failed(action)
+            await asyncio.sleep(max(0.05, self.flows.next_check(loop.time()) - loop.time()))
+
+    def _nat_ping(self, flow: Flow) -> None:
+        """Keep a NAT mapping open (Kamailio nathelper style): an OPTIONS over a UDP flow, whose answer
+        tells the flow is alive; a CRLF keep-alive on a stream (its closing tells it is not)."""
+        self.counters["nat_pings"] += 1
+        target = Target(flow.transport, flow.host, flow.port)
+        if flow.transport in ("ws", "wss"):
+            # The WebSocket layer pings its connections itself; its closing fails the flow.
+            self.flows.touch(flow.transport, flow.host, flow.port, self.stack.loop.time())
+            return
+        if flow.stream:
+            try:
+                self.stack.transport.send(b"\r\n\r\n", target)
+            except Exception as exc:
+                log.info("NAT ping to %s failed: %s", target, exc)
+            else:
+                self.flows.touch(flow.transport, flow.host, flow.port, self.stack.loop.time())
+            return
+        uri = flow.contact or f"sip:{_uri_host(flow.host)}:{flow.port}"
+        here = self.stack.local_uri("udp", toward=flow.host)
+        ping = Request.create(
+            "OPTIONS", uri, from_=f"<sip:ping@{here.host}:{here.port}>", to=f"<{uri}>",
+            headers=[("User-Agent", "p2psip NAT ping")],
+        )  # fmt: skip
+        self.stack.push_via(ping, target)
+        self.stack.send_stateless(ping, target)
 
     def _unavailable(self, request: Request, exc: BaseException) -> Response:
         response = Response.for_request(request, 503, f"Service Unavailable (overlay: {exc or 'timeout'})")
@@ -560,7 +790,7 @@ class Peer:
         self.cache.put(aor, bindings, time.time())
         return live_targets(bindings, time.time())
 
-    def locate(self, request: Request) -> list[URI | Address] | Awaitable[list[URI | Address]]:
+    def locate(self, request: Request) -> Targets | Awaitable[Targets]:
         """The proxy's location hook: where ``request`` goes (see the module docstring).
 
         Synchronous whenever no DHT lookup is needed (IP literals, static routes, cache hits); a coroutine
@@ -583,7 +813,7 @@ class Peer:
             return self._targets(request, decision.aor, cached)
         return self._locate_in_overlay(request, decision.aor)
 
-    async def _locate_in_overlay(self, request: Request, aor: str) -> list[URI | Address]:
+    async def _locate_in_overlay(self, request: Request, aor: str) -> Targets:
         try:
             bindings = await self.lookup_bindings(aor)
         except (OverlayError, TimeoutError) as exc:
@@ -598,28 +828,73 @@ class Peer:
                 return [uri]
         return self._targets(request, aor, bindings)
 
-    def _targets(self, request: Request, aor: str, bindings: list[Binding]) -> list[URI | Address]:
+    def _targets(self, request: Request, aor: str, bindings: list[Binding]) -> Targets:
         if not bindings:
             self.counters["not_found"] += 1
             self._event("failed", f"{request.method} {aor}: nobody is registered (404)")
             raise LookupError(f"nobody is registered as {aor}")
-        targets: list[URI | Address] = []
-        for b in bindings:
+        targets: Targets = []
+        home_routing = self.config.home_routing
+        ordered = sorted(bindings, key=lambda b: (-(b.q if b.q is not None else 1.0), b.entry_id))
+        if home_routing:
+            home = self._primary_home(ordered)
+            if home is not None:
+                # Not a home peer of this AOR: hand the request (Request-URI unchanged) to the home peer
+                # of its best binding, which runs the user's scripts and forks to every binding.
+                self.counters["routed"] += 1
+                self.counters["routed_to_home"] += 1
+                self._event("routed", f"{request.method} {aor} -> its home peer {home}")
+                return [RoutedTarget(request.uri, (home,))]
+        for b in ordered:
             try:
-                target = Address.build(URI(b.contact))
+                uri = URI(b.contact)
             except ParseError:
                 continue
+            if home_routing and b.path:
+                # RFC 3327: this binding's Path is this branch's Route set (each fork its own).
+                targets.append(RoutedTarget(uri, b.path, b.q))
+                continue
+            target = Address.build(uri)
             if b.q is not None:
                 target.params["q"] = f"{b.q:g}"
             targets.append(target)
-        if len(bindings) == 1:
-            # RFC 3327: a registration's Path becomes the request's Route.
-            for hop_text in reversed(bindings[0].path):
-                request.add("Route", hop_text, first=True)
         self.counters["routed"] += 1
         contacts = ", ".join(b.contact for b in bindings)
         self._event("routed", f"{request.method} {aor} -> {contacts}")
         return targets
+
+    def _primary_home(self, ordered: list[Binding]) -> str | None:
+        """The Route to the home peer of the best binding with a Path, when this peer is not itself a home
+        peer of any binding (None otherwise: deliver from here). Every peer orders the bindings the same
+        way, so the peers agree on which home peer runs the scripts."""
+        first: URI | None = None
+        for b in ordered:
+            if not b.path:
+                continue
+            try:
+                uri = Address(b.path[0]).uri
+            except ParseError:
+                continue
+            if self.stack.is_local(uri.host, uri.port):
+                return None
+            if first is None:
+                first = uri
+        if first is None:
+            return None
+        hop = URI.build(scheme=first.scheme, host=first.host, port=first.port, params={"lr": None})
+        if first.transport:
+            hop.params["transport"] = first.transport
+        return f"<{hop}>"
+
+    def is_home_of(self, bindings: Iterable[Binding]) -> bool:
+        """Whether this peer is the home peer (the first Path hop) of one of ``bindings``."""
+        for b in bindings:
+            if b.path:
+                with contextlib.suppress(ParseError):
+                    uri = Address(b.path[0]).uri
+                    if self.stack.is_local(uri.host, uri.port):
+                        return True
+        return False
 
     def _routes(self) -> dict[str, tuple[str, int]]:
         return {domain: hp.as_tuple() for domain, hp in self.config.routes.items()}
@@ -727,6 +1002,8 @@ class Peer:
             "stored": stored,
             "user_keys": self.users.known(),
             "cache_entries": len(self.cache),
+            "home_routing": self.config.home_routing,
+            "flows": self.flows.snapshot(asyncio.get_running_loop().time()),
             "counters": counters,
             "registrations": self._home_registrations(),
             "calls": [{"call_id": cid, **call} for cid, call in sorted(self.core.calls.items())],

@@ -39,7 +39,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from p2psip.errors import ParseError, TransportError
+from p2psip.errors import FlowFailed, ParseError, TransportError
 from p2psip.message import Request, Response, Via
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import (
@@ -54,7 +54,19 @@ from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.proxy")
 
-LocateResult = Sequence[URI | Address]
+
+
+@dataclass(frozen=True)
+class RoutedTarget:
+    """A target with a Route set of its own (RFC 3327: the Path of the binding it came from), so each
+    forked branch can take a different path; ``q`` orders tiers like an Address's ``q``."""
+
+    uri: URI
+    route: tuple[str, ...] = ()
+    q: float | None = None
+
+
+LocateResult = Sequence[URI | Address | RoutedTarget]
 Locator = Callable[[Request], LocateResult | Awaitable[LocateResult]]
 """``locate(request)`` → the targets for a request (sync or async). Empty: ``404 Not Found``. A
 :class:`LookupError` or :class:`TransportError` raised names why: answered 404 with that reason."""
@@ -77,7 +89,7 @@ FinalHook = Callable[["ProxyContext", Response], bool]
 class _Branch:
     context: ProxyContext
     transaction: ClientTransaction | None
-    target: URI
+    target: URI | RoutedTarget
     final: int = 0  # status of the final response (or the synthetic one), 0 while pending
 
 
@@ -97,7 +109,7 @@ class ProxyContext:
     request: Request  # as received (after route pre-processing)
     server: ServerTransaction
     source: Source
-    tiers: list[list[URI]] = field(default_factory=list)
+    tiers: list[list[URI | RoutedTarget]] = field(default_factory=list)
     branches: list[_Branch] = field(default_factory=list)
     responses: list[Response] = field(default_factory=list)
     pending: int = 0
@@ -316,11 +328,16 @@ class Proxy:
                 top_uri = Address(top).uri
             except ParseError:
                 break
-            if not stack.is_local(top_uri.host, top_uri.port):
+            if not self.own_route(top_uri):
                 break
             request.remove_first("Route")
 
-    def _default_targets(self, request: Request) -> list[list[URI]] | tuple[int, str]:
+    def own_route(self, uri: URI) -> bool:
+        """Whether a Route URI names this proxy, to be removed in §16.4 pre-processing (a peer keeps
+        its flow-token Routes: they say which flow to deliver over)."""
+        return self.stack.is_local(uri.host, uri.port)
+
+    def _default_targets(self, request: Request) -> list[list[URI | RoutedTarget]] | tuple[int, str]:
         uri = request.uri
         if uri.scheme not in ("sip", "sips"):
             return 416, f"Unsupported URI Scheme ({uri.scheme})"
@@ -388,7 +405,7 @@ class Proxy:
         request: Request,
         server: ServerTransaction,
         source: Source,
-        tiers: list[list[URI]],
+        tiers: list[list[URI | RoutedTarget]],
         on_final: FinalHook | None = None,
     ) -> ProxyContext:
         ctx = ProxyContext(
@@ -419,11 +436,16 @@ class Proxy:
                 self.stack.cancel(branch.transaction)
                 self.stats["cancelled_branches"] += 1
 
-    def _start_branch(self, ctx: ProxyContext, target: URI) -> None:
+    def _start_branch(self, ctx: ProxyContext, target: URI | RoutedTarget) -> None:
         """§16.6: copy, retarget, Max-Forwards, Record-Route, next hop, Via; send on a client transaction."""
         stack = self.stack
         request = ctx.request
-        fwd = request.copy(uri=target)
+        if isinstance(target, RoutedTarget):
+            fwd = request.copy(uri=target.uri)
+            for route in reversed(target.route):
+                fwd.add("Route", route, first=True)
+        else:
+            fwd = request.copy(uri=target)
         max_forwards = request.max_forwards
         fwd.set("Max-Forwards", str((70 if max_forwards is None else max_forwards) - 1))
         branch = _Branch(ctx, None, target)
@@ -434,6 +456,10 @@ class Proxy:
                 self._add_record_route(fwd, ctx.source, hop)
             branch_id = f"{_LOOP_PREFIX}{ctx.loop_key}.{secrets.token_hex(5)}"
             tx = stack.send_request(fwd, hop, timer_c=request.method == "INVITE", branch=branch_id)
+        except FlowFailed as exc:
+            branch.final = 430
+            ctx.responses.append(Response.for_request(request, 430, f"Flow Failed ({exc})"))
+            return
         except (TransportError, ParseError) as exc:
             branch.final = 503 if isinstance(exc, TransportError) else 400
             reason = f"Service Unavailable ({exc})" if branch.final == 503 else f"Bad Request ({exc})"
@@ -578,7 +604,7 @@ class Proxy:
             contacts = response.contacts
         except ParseError:
             return False
-        tried = {str(b.target) for b in ctx.branches}
+        tried = {str(b.target.uri if isinstance(b.target, RoutedTarget) else b.target) for b in ctx.branches}
         sips = ctx.request.uri.scheme == "sips"
         left: list[str] = []
         taken: list[URI] = []
@@ -688,7 +714,7 @@ class Proxy:
     def _stateless_request(self, request: Request, source: Source) -> None:
         rejection = self.check(request)
         if rejection is None:
-            targets: list[list[URI]] | tuple[int, str]
+            targets: list[list[URI | RoutedTarget]] | tuple[int, str]
             if request.get("Route") is not None:
                 targets = [[request.uri]]
             elif self.locate is not None:
@@ -703,7 +729,13 @@ class Proxy:
             if isinstance(targets, tuple):
                 rejection = targets
             else:
-                request.uri = targets[0][0]
+                first = targets[0][0]
+                if isinstance(first, RoutedTarget):
+                    request.uri = first.uri
+                    for route in reversed(first.route):
+                        request.add("Route", route, first=True)
+                else:
+                    request.uri = first
                 self._stateless_send(request, source)
                 return
         status, reason = rejection
@@ -757,13 +789,17 @@ class Proxy:
         self.stack.send_stateless(response, None)
 
 
-def _tiers(found: LocateResult) -> list[list[URI]]:
+def _tiers(found: LocateResult) -> list[list[URI | RoutedTarget]]:
     """Group targets by ``q`` (higher first); equal ``q`` forked in parallel (§16.6)."""
-    groups: dict[float, list[URI]] = {}
+    groups: dict[float, list[URI | RoutedTarget]] = {}
     for item in found:
+        uri: URI | RoutedTarget
         if isinstance(item, Address):
             q = item.q if item.q is not None else 1.0
             uri = item.uri
+        elif isinstance(item, RoutedTarget):
+            q = item.q if item.q is not None else 1.0
+            uri = item
         else:
             q, uri = 1.0, item
         groups.setdefault(q, []).append(uri)

@@ -229,9 +229,17 @@ def _contact_expires(contact: Address, header_expires: int | None, policy: Regis
 
 
 def plan_register(
-    request: Request, current: Iterable[Binding], now: float, policy: RegistrarPolicy | None = None
+    request: Request,
+    current: Iterable[Binding],
+    now: float,
+    policy: RegistrarPolicy | None = None,
+    *,
+    path: Sequence[str] = (),
 ) -> RegisterPlan:
     """Decide what a REGISTER does (RFC 3261 §10.3 steps 5-8), given the AOR's stored bindings.
+
+    ``path`` goes before the REGISTER's own Path values in every binding written: a peer that is its
+    phones' registrar and first hop at once (their home peer) puts itself there, with a flow token.
 
     Raises RegisterRejected for 400 (bad Contact/expires, `*` misuse, out-of-order CSeq), 423 (interval
     too brief, with Min-Expires) and 403 (too many contacts).
@@ -301,7 +309,7 @@ def plan_register(
             q=q_value,
             call_id=call_id,
             cseq=cseq,
-            path=tuple(request.get_all("Path")),
+            path=(*path, *request.get_all("Path")),
             instance=instance,
             reg_id=reg_id,
         )
@@ -322,7 +330,10 @@ def ok_response(request: Request, plan: RegisterPlan, now: float) -> Response:
     """The 200 OK listing every current binding with its remaining expiry (§10.3 step 8)."""
     response = Response.for_request(request, 200)
     contacts = [
-        f"<{b.contact}>;expires={b.remaining(now)}" + (f";q={b.q:g}" if b.q is not None else "")
+        f"<{b.contact}>;expires={b.remaining(now)}"
+        + (f";q={b.q:g}" if b.q is not None else "")
+        + (f';+sip.instance="{b.instance}"' if b.instance else "")
+        + (f";reg-id={b.reg_id}" if b.instance and b.reg_id is not None else "")
         for b in plan.bindings
         if b.alive(now)
     ]

@@ -42,6 +42,7 @@ from typing import NamedTuple, cast
 
 from p2psip import __version__
 from p2psip.errors import ConfigError, ParseError, TransportError
+from p2psip.flows import Failed, FlowTable, looks_like_stun, stun_reply
 from p2psip.message import Limits, Request, Response, StreamFramer, parse
 from p2psip.streamguard import Progress, StreamGuard, StreamLimits
 from p2psip.uri import URI
@@ -68,7 +69,8 @@ STAT_NAMES = (
     "parse_errors",  # messages that failed to parse
     "bad_request_answers",  # of those, how many got a 400
     "dropped",  # messages thrown away (unparseable and unanswerable, or a failing handler)
-    "keepalives",  # CRLF keep-alive datagrams
+    "keepalives",  # CRLF keep-alives (datagrams, and double-CRLF pings on streams, each answered)
+    "stun_requests",  # STUN binding requests answered on a SIP UDP port (RFC 5626 keep-alives)
     "send_errors",  # sends that failed (no route, refused, reset, ICMP error)
     "handler_errors",  # exceptions raised by the message handler (caught: the listener lives on)
     "framing_errors",  # streams closed because of bad framing or an oversized message
@@ -414,6 +416,7 @@ class StreamConnection(asyncio.Protocol):
             self.unanswered.clear()  # the peer is alive and talking to us
         if self.draining or self.closed:
             return  # answered and closing (or refused): what still arrives is thrown away
+        pings = self.framer.keepalives
         try:
             frames = self.framer.feed(data)
         except ParseError as exc:
@@ -425,8 +428,15 @@ class StreamConnection(asyncio.Protocol):
             self.close()
             return
         self.progress.update(self.last_used, completed=len(frames), pending=self.framer.buffered > 0)
+        layer = self.layer
+        if self.framer.keepalives != pings and self.transport is not None and not self.closed:
+            # RFC 5626 §4.4.1: a double-CRLF "ping" is answered with a single-CRLF "pong".
+            layer.stats["keepalives"] += self.framer.keepalives - pings
+            self.transport.write(b"\r\n" * (self.framer.keepalives - pings))
+        if layer.flows is not None and self.remote is not None:
+            layer.flows.touch(self.name, self.remote.host, self.remote.port, self.last_used)
         for frame in frames:
-            self.layer._on_frame(frame, self)
+            layer._on_frame(frame, self)
         if self.framer.error is not None and not self.closed:
             self._framing_failed(self.framer.error)  # garbage after the messages framed above
 
@@ -462,6 +472,7 @@ class StreamConnection(asyncio.Protocol):
         self.layer._release(self)
         self.layer._forget(self)
         self.layer.stats["connections_closed"] += 1
+        self.layer._flow_closed(self)
         if not closed_by_us:
             why = f": {exc}" if exc is not None else ""
             self.fail_waiting(f"connection to {self.remote} closed by the peer before it answered{why}")
@@ -497,6 +508,7 @@ class StreamConnection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
             self.layer._forget(self)
+            self.layer._flow_closed(self)
 
 
 class WebSocketConnection(StreamConnection):
@@ -658,6 +670,25 @@ class TransportLayer:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._observers: list[Observer] = []
+        self.flows: FlowTable | None = None
+        """The node's flow table (RFC 5626), when it keeps one (a peer): touched by everything that
+        arrives, told when a stream connection ends."""
+        self.on_flow_failed: Callable[[Failed], None] | None = None
+        """Called when a flow of :attr:`flows` failed because its connection ended."""
+
+    def _flow_closed(self, conn: StreamConnection) -> None:
+        flows, remote = self.flows, conn.remote
+        if flows is None or remote is None:
+            return
+        flow = flows.get(conn.name, remote.host, remote.port)
+        if flow is None or (flow.handle is not None and flow.handle is not conn):
+            return
+        failed = flows.closed(conn.name, remote.host, remote.port)
+        if failed is not None and self.on_flow_failed is not None:
+            try:
+                self.on_flow_failed(failed)
+            except Exception:
+                log.exception("flow-failure handler failed")
 
     # ----------------------------------------------------------------------------- observing
 
@@ -818,12 +849,25 @@ class TransportLayer:
 
     def _on_datagram(self, data: bytes, addr: tuple[str | int, ...], endpoint: object = None) -> None:
         stats = self.stats
+        host = str(addr[0])
+        port = int(addr[1])
+        if self.flows is not None:
+            self.flows.touch("udp", host, port, self.loop.time())
         if len(data) <= 4 and not data.strip():
             stats["keepalives"] += 1
             return
+        if data[0] < 0x40 and looks_like_stun(data):
+            # RFC 5626 §4.4.2 / §8: a STUN binding request on the SIP port is a keep-alive (and tells the
+            # phone its reflexive address); any other STUN message is dropped, never answered.
+            reply = stun_reply(data, host, port)
+            if reply is None:
+                stats["dropped"] += 1
+            elif endpoint is not None and isinstance(endpoint, _UDPSocket):
+                stats["stun_requests"] += 1
+                with contextlib.suppress(TransportError):
+                    endpoint.sendto(reply, (host, port))
+            return
         stats["received"] += 1
-        host = str(addr[0])
-        port = int(addr[1])
         source = Source("udp", host, port, None)
         if self._observers:
             self._observe("in", data, source.target)

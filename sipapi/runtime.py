@@ -39,7 +39,7 @@ from p2psip.auth import DigestServer
 from p2psip.errors import ParseError
 from p2psip.message import Request, Response
 from p2psip.peer import Peer, PeerCore
-from p2psip.proxy import Proxy, ProxyContext
+from p2psip.proxy import Proxy, ProxyContext, RoutedTarget
 from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register, reject_response
 from p2psip.stack import Source, Stack
 from p2psip.transaction import ServerTransaction, State
@@ -372,7 +372,21 @@ class ScriptingCore(Proxy):
                 return
         super().on_request(request, transaction, source)
 
+    async def runs_here(self, runner: Runner, request: Request) -> bool:
+        """Whether ``runner`` decides ``request`` on this node (a peer hands a callee's own script to the
+        callee's home peer); when False the request gets the default processing instead."""
+        return True
+
     async def _run_script(self, runner: Runner, control: CallControl) -> None:
+        try:
+            here = await self.runs_here(runner, control.request)
+        except Exception:
+            log.exception("cannot tell where the script of %s runs", control.request.uri)
+            here = True
+        if not here:
+            self.script_stats["scripted"] -= 1
+            self.default_processing(control)
+            return
         try:
             await runner.run(control)
         except Exception as exc:
@@ -409,7 +423,7 @@ class ScriptingCore(Proxy):
     async def lookup_contacts(self, aor: str) -> list[str]:
         raise NotImplementedError
 
-    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address]:
+    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address | RoutedTarget]:
         raise NotImplementedError
 
 
@@ -439,8 +453,8 @@ class ScriptServerCore(ScriptingCore):
     async def lookup_contacts(self, aor: str) -> list[str]:
         return [b.contact for b in self.registrar.lookup(aor, time.time())]
 
-    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address]:
-        out: list[URI | Address] = []
+    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address | RoutedTarget]:
+        out: list[URI | Address | RoutedTarget] = []
         now = time.time()
         for uri in uris:
             if request.get("Route") is not None or numeric_host(uri.maddr or uri.host) is not None:
@@ -486,12 +500,28 @@ class ScriptedPeerCore(ScriptingCore, PeerCore):
     def save_registration(self, control: CallControl) -> None:
         self.spawn(self.peer.handle_register(control.request, control.transaction, control.source))
 
+    async def runs_here(self, runner: Runner, request: Request) -> bool:
+        """A callee's own script runs on the callee's home peer, once per call (issue "reachable from
+        anywhere"): a peer that is not the home peer of any of the callee's bindings routes the call there
+        instead, where the script runs and its proxy() reaches the flows that peer holds. Nobody
+        registered (or home routing off): the script runs where the call entered, as before."""
+        peer = self.peer
+        if not getattr(runner, "per_user", False) or not peer.config.home_routing:
+            return True
+        try:
+            bindings = await peer.lookup_bindings(request.uri.aor())
+        except Exception:
+            return True
+        if not any(b.path for b in bindings):
+            return True
+        return peer.is_home_of(bindings)
+
     async def lookup_contacts(self, aor: str) -> list[str]:
         bindings = await self.peer.lookup_bindings(aor)
         return [b.contact for b in bindings]
 
-    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address]:
-        out: list[URI | Address] = []
+    async def resolve(self, request: Request, uris: list[URI]) -> list[URI | Address | RoutedTarget]:
+        out: list[URI | Address | RoutedTarget] = []
         for uri in uris:
             probe = request.copy()
             probe.uri = uri

@@ -76,7 +76,7 @@ class ScriptDirectory:
         path = self.directory / name
         if not path.is_file():
             return None
-        return WorkerRunner(self.pool, path.resolve())
+        return WorkerRunner(self.pool, path.resolve(), per_user=True)
 
 
 class SingleScript:

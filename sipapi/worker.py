@@ -206,9 +206,11 @@ class WorkerPool:
 class WorkerRunner:
     """Runs one script file for one request in a worker of ``pool`` (a :class:`sipapi.runtime.Runner`)."""
 
-    def __init__(self, pool: WorkerPool, path: Path) -> None:
+    def __init__(self, pool: WorkerPool, path: Path, *, per_user: bool = False) -> None:
         self.pool = pool
         self.path = path
+        self.per_user = per_user
+        """A callee's own script (``--scripts DIR``): in a peer it runs on the callee's home peer only."""
 
     async def run(self, control: Any) -> None:
         from .runtime import CallControl

@@ -285,13 +285,18 @@ async def test_join_through_a_dead_peer_is_a_clear_error(tmp_path: Path) -> None
 
 async def test_graceful_leave_of_the_primary_keeps_the_registration(ring: list[Peer], phones) -> None:
     bob = await phones("bob")
-    assert (await bob.register(ring[0].sip_address())).status == 200
+    # bob's home peer (where he registers, his binding's Path) stays; the key's primary leaves
+    home = next(p for p in ring if not p.holds(BOB)[1])
+    assert (await bob.register(home.sip_address())).status == 200
     primary = next(p for p in ring if p.holds(BOB)[1])
     await primary.close()  # graceful: entries handed to the successors
     survivors = [p for p in ring if p is not primary]
     await wait_until_settled(survivors, timeout=20)
     caller = await phones("alice")
-    via = next(p for p in survivors if p is not ring[0])
+    via = next(p for p in survivors if p is not home)
+    # the registration survived: both the peer the call enters and bob's home peer (which the call goes
+    # through) find it in the ring without the primary
+    assert await via.fetch_bindings(BOB) and await home.fetch_bindings(BOB)
     result = await caller.call(BOB, via.sip_address())
     assert result.answered, result.statuses
 

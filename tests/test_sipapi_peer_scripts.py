@@ -68,8 +68,12 @@ async def register(peer: Peer, aor: str, contact: str, expires: int = 600) -> in
 
 
 class Overlay:
-    def __init__(self, a: Peer, b: Peer, scripting: Scripting, scripts: Path) -> None:
+    """Peers a and b with the same scripts directory; phones call through b. A callee registered at a
+    has a as its home peer: its script runs there (``home_scripting``), once, not at b (``scripting``)."""
+
+    def __init__(self, a: Peer, b: Peer, scripting: Scripting, scripts: Path, home: Scripting) -> None:
         self.a, self.b, self.scripting, self.scripts = a, b, scripting, scripts
+        self.home_scripting = home
 
     async def phone(self, aor: str) -> UserAgent:
         stack = await Stack.start(["udp:127.0.0.1:0"])
@@ -88,14 +92,16 @@ async def overlay(tmp_path: Path) -> AsyncIterator[Overlay]:
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     scripting = install(b, scripts=scripts, deadline=1.5, workers=3)
-    ov = Overlay(a, b, scripting, scripts)
+    home = install(a, scripts=scripts, deadline=1.5, workers=2)
+    ov = Overlay(a, b, scripting, scripts, home)
     ov._stacks = []
     try:
         yield ov
     finally:
         for stack in ov._stacks:
             await stack.close()
-        await scripting.close()
+        await ov.scripting.close()
+        await home.close()
         await b.close(leave=False)
         await a.close(leave=False)
 
@@ -161,8 +167,11 @@ async def test_article_proxy_then_voicemail_end_to_end(overlay: Overlay, tmp_pat
         assert call.response is not None and f":{ports['voicemail']}" in (call.response.get("Contact") or "")
         assert (await call.bye()).status == 200
 
-    stats = overlay.scripting.stats
-    assert stats["scripted"] >= 4 and stats["errors"] == 0, stats
+    # Every call entered at b; jones's home peer is a (he registered there): the script ran on a, once
+    # per call (4 calls), and never on b.
+    home = overlay.home_scripting.stats
+    assert home["scripted"] == 4 and home["errors"] == 0, home
+    assert overlay.scripting.stats["scripted"] == 0, overlay.scripting.stats
 
 
 async def call_status(ua: UserAgent, uri: str, timeout: float = 20) -> int:
@@ -297,7 +306,7 @@ async def test_all_workers_busy_is_a_503_not_a_queue_without_end(overlay: Overla
     callee = await overlay.phone("sip:hold@example.com")
     callee.on_call = lambda incoming: incoming.ring()  # rings, never answers
     contact = str(callee.stack.local_uri("udp", user="hold"))
-    assert await register(overlay.a, "sip:hold@example.com", contact) == 200
+    assert await register(overlay.b, "sip:hold@example.com", contact) == 200  # b: hold's home peer
     first_caller = await overlay.phone("sip:carol@example.com")
     first = asyncio.ensure_future(call_status(first_caller, "sip:hold@example.com"))
     await asyncio.wait_for(callee.incoming.get(), 20)  # the only worker now waits in proxy()

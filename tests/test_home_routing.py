@@ -1,0 +1,232 @@
+# ruff: noqa: F811  (the fixtures imported from test_peer are parameters here)
+"""Home-peer routing on loopback (issue "reachable from anywhere", RFC 3327 Path + RFC 5626 flows).
+
+A phone "behind a NAT" is simulated honestly enough for the routing logic: its Contact names an address
+nobody can reach (127.0.0.2, where nothing listens) while its packets come from its real socket, exactly
+what a home peer sees of a phone behind a NAT. Only its home peer's flow reaches it. The real NATs are in
+tests/netns/test_nat_lab.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+from peer_phone import Phone
+from test_peer import BOB, PeerFactory, make_peer, phones  # noqa: F401  (fixtures)
+
+from p2psip.flows import stun_binding_request, stun_mapped_address
+from p2psip.peer import Peer, wait_until_settled
+from p2psip.uri import Address
+
+Phones = Callable[..., Awaitable[Phone]]
+
+
+class NattedPhone(Phone):
+    """A phone whose Contact is unreachable as written (as behind a NAT): only its flow reaches it."""
+
+    @property
+    def contact(self) -> str:
+        return f"sip:{self.user}@127.0.0.2:{self.port}"
+
+
+async def natted(user: str, answer: str | int = "auto") -> NattedPhone:
+    phone = await NattedPhone.open(user, answer)
+    assert isinstance(phone, NattedPhone)
+    return phone
+
+
+async def three(make_peer: PeerFactory, **settings: object) -> list[Peer]:
+    first = await make_peer(**settings)
+    peers = [first, await make_peer(first, **settings), await make_peer(first, **settings)]
+    await wait_until_settled(peers, timeout=20)
+    return peers
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
+    """Poll an overlay condition (the DHT raises no events) at most ``timeout`` seconds; returns the time."""
+    started = time.monotonic()
+    while not await condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def test_call_entering_at_any_peer_reaches_a_natted_phone_over_its_home_peers_flow(
+    make_peer: PeerFactory, phones: Phones
+) -> None:
+    ring = await three(make_peer)
+    bob = await natted("bob")
+    try:
+        assert (await bob.register(ring[0].sip_address())).status == 200
+        [binding] = await ring[1].fetch_bindings(BOB)
+        home = Address(binding.path[0]).uri
+        assert (home.host, home.port) == ring[0].sip_address() and home.user  # the flow token
+        assert binding.contact == bob.contact  # stored as the phone wrote it
+        alice = await phones("alice")
+        result = await alice.call(BOB, ring[2].sip_address(), timeout=10)
+        assert result.answered, result.statuses
+        assert result.bye_status == 200  # the BYE went over the flow too (token in Record-Route)
+        invite = await asyncio.wait_for(bob.invites.get(), 5)
+        assert len(invite.get_all("Via")) == 3  # alice, the entry peer, the home peer
+        assert await asyncio.wait_for(bob.byes.get(), 5)
+        assert ring[2].counters["routed_to_home"] == 1
+    finally:
+        bob.close()
+
+
+async def test_forking_gives_each_branch_its_own_home_peer(make_peer: PeerFactory, phones: Phones) -> None:
+    ring = await three(make_peer)
+    desk, mobile = await natted("bob", answer="ring"), await natted("bob")
+    try:
+        assert (await desk.register(ring[0].sip_address())).status == 200
+        # the second device's peer serves bob with bob's user key (copied, as docs/index.md says)
+        target = ring[1].users.path_for(BOB)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ring[0].users.path_for(BOB), target)
+        assert (await mobile.register(ring[1].sip_address())).status == 200
+        alice = await phones("alice")
+        result = await alice.call(BOB, ring[2].sip_address(), timeout=10)
+        assert result.answered, result.statuses
+        for phone in (desk, mobile):  # each reached at its own flow by its own home peer
+            invite = await asyncio.wait_for(phone.invites.get(), 5)
+            assert len(invite.get_all("Via")) >= 3
+        await asyncio.wait_for(desk.cancelled.wait(), 5)  # the ringing branch is cancelled
+    finally:
+        desk.close()
+        mobile.close()
+
+
+async def test_a_dead_flow_answers_430_and_its_binding_goes(make_peer: PeerFactory, phones: Phones) -> None:
+    ring = await three(make_peer)
+    bob = await natted("bob")
+    try:
+        assert (await bob.register(ring[0].sip_address())).status == 200
+        [flow] = list(ring[0].flows)
+        failed = ring[0].flows.fail(flow, "test: the NAT dropped the mapping")
+        alice = await phones("alice")
+        result = await alice.call(BOB, ring[1].sip_address(), timeout=10)
+        assert result.final is not None and result.final.status == 430, result.statuses
+        ring[0]._flow_failed(failed)  # what the peer does when it finds a flow dead: the binding goes
+
+        async def gone() -> bool:
+            return not await ring[1].fetch_bindings(BOB)
+
+        await until(gone, 10, "the binding of the dead flow was not removed")
+        again = await alice.call(BOB, ring[1].sip_address(), timeout=10)
+        assert again.final is not None and again.final.status == 404
+        # a re-REGISTER (as the phone does when its flow fails) restores it
+        assert (await bob.register(ring[0].sip_address(), call_id="again")).status == 200
+        assert (await alice.call(BOB, ring[1].sip_address(), timeout=10)).answered
+    finally:
+        bob.close()
+
+
+async def test_outbound_phone_gets_flow_timer_and_loses_its_binding_when_keepalives_stop(
+    make_peer: PeerFactory,
+) -> None:
+    ring = await three(make_peer, flow_timer=1)
+    bob = await natted("bob")
+    peer = ring[0].sip_address()
+    contact = f'<{bob.contact}>;+sip.instance="<urn:uuid:00000000-0000-0000-0000-0000000000b0>";reg-id=1'
+    try:
+        ok = await bob.register(peer, contact=contact)
+        assert ok.status == 200 and ok.get("Require") == "outbound" and ok.get("Flow-Timer") == "1"
+        returned = ok.contacts[0]
+        assert returned.params.get("reg-id") == "1" and returned.params.get("+sip.instance")
+        [binding] = await ring[1].fetch_bindings(BOB)
+        assert "ob" in Address(binding.path[0]).uri.params
+        # STUN keep-alives over the flow keep it (and the binding) alive well past the Flow-Timer
+        request, _tid = stun_binding_request()
+        assert bob.transport is not None
+        for _ in range(12):
+            bob.transport.sendto(request, peer)
+            await asyncio.sleep(0.25)  # the keep-alive period of this phone
+        assert len(await ring[1].fetch_bindings(BOB)) == 1
+        assert ring[0].stack.transport.stats["stun_requests"] >= 12
+
+        async def gone() -> bool:
+            return not await ring[1].fetch_bindings(BOB)
+
+        took = await until(gone, 8, "the silent outbound flow's binding was not removed")
+        assert took < 5  # Flow-Timer 1 s + grace, then the overlay removal
+        assert ring[0].counters["flows_failed"] == 1
+    finally:
+        bob.close()
+
+
+async def test_nat_pings_keep_a_non_outbound_flow_and_find_it_dead(make_peer: PeerFactory) -> None:
+    ring = await three(make_peer, nat_ping=0.2)
+    bob = await natted("bob")
+    try:
+        assert (await bob.register(ring[0].sip_address())).status == 200
+
+        async def pinged() -> bool:
+            return sum(r.method == "OPTIONS" for r in bob.requests) >= 3
+
+        await until(pinged, 5, "no NAT pings reached the phone")
+        assert len(await ring[1].fetch_bindings(BOB)) == 1  # it answers them: the flow lives
+        bob.close()  # the phone (or its NAT mapping) is gone: the pings go unanswered
+
+        async def gone() -> bool:
+            return not await ring[1].fetch_bindings(BOB)
+
+        await until(gone, 8, "the unanswered flow's binding was not removed")
+    finally:
+        bob.close()
+
+
+async def test_a_phone_reachable_as_written_still_goes_through_its_home_peer_and_the_switch_skips_it(
+    make_peer: PeerFactory, phones: Phones
+) -> None:
+    for home_routing, vias in ((True, 3), (False, 2)):
+        ring = await three(make_peer, home_routing=home_routing)
+        bob = await phones("bob")
+        assert (await bob.register(ring[0].sip_address())).status == 200
+        assert not list(ring[0].flows)  # reachable at its Contact: no flow to keep
+        alice = await phones("alice")
+        result = await alice.call(BOB, ring[1].sip_address(), timeout=10)
+        assert result.answered, result.statuses
+        invite = await asyncio.wait_for(bob.invites.get(), 5)
+        assert len(invite.get_all("Via")) == vias, (home_routing, invite.get_all("Via"))
+        for peer in ring:
+            await peer.close(leave=False)
+
+
+async def test_stun_and_garbage_on_the_sip_port(make_peer: PeerFactory, phones: Phones) -> None:
+    peer = await make_peer()
+    addr = peer.sip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        request, tid = stun_binding_request()
+        sock.sendto(request, addr)
+        data, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 2048), 5)
+        assert stun_mapped_address(data, tid) == sock.getsockname()
+        for junk in (b"\x01\x01\x00\x08" + b"\x21\x12\xa4\x42" + b"x" * 12, b"\x01" * 40, b"\r\n", b""):
+            sock.sendto(junk, addr)
+    alice = await phones("alice")  # the peer still answers SIP
+    assert (await alice.register(addr)).status == 200
+    assert peer.stack.transport.stats["stun_requests"] == 1
+
+
+async def test_crlf_ping_on_a_stream_gets_a_crlf_pong(make_peer: PeerFactory) -> None:
+    from p2psip.config import ListenSpec
+
+    peer = await make_peer(listen=[ListenSpec("tcp", "127.0.0.1", 0)])
+    host, port = peer.sip_address("tcp")
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"\r\n\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\r\n"
+        writer.write(b"\r\n")  # a pong (or a lone CRLF) is not answered
+        writer.write(b"\r\n\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\r\n"
+    finally:
+        writer.close()
