@@ -541,6 +541,9 @@ class WebSocketConnection(StreamConnection):
         now = self.layer.loop.time()
         self.last_used = now
         self.ws.touch(now)
+        flows = self.layer.flows
+        if flows is not None and self.remote is not None:
+            flows.touch(self.name, self.remote.host, self.remote.port, now)  # its pongs keep the flow
         try:
             result = self.ws.feed(data)
         except Exception:  # a wsproto bug must not kill the loop's reader
