@@ -56,7 +56,7 @@ def test_each_synopsis_names_exactly_its_flags() -> None:
         for entry in re.split(r"\n(?=p2psip )", block.strip()):
             if entry.startswith("p2psip "):
                 synopses[entry.split()[1]] = entry
-    assert set(synopses) == {"start", "status", "lookup", "register", "call"}
+    assert set(synopses) == {"start", "status", "lookup", "register", "call", "message"}
     for name, synopsis in synopses.items():
         parser = subcommands()[name]
         documented = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", synopsis))

@@ -6,6 +6,7 @@ presence subscription whose NOTIFYs come back along the Record-Route."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -168,3 +169,21 @@ async def test_presence_subscription_through_the_overlay(
     assert sub.active[0].dialog.route_set  # in-dialog requests go through the peers that record-routed
     await sub.unsubscribe()
     assert (await sub.next(10)).state.state is SubState.TERMINATED
+
+
+async def test_cli_call_transfer_to(overlay: list[Peer], phones: dict[str, UserAgent]) -> None:
+    await phones["mobile"].unregister()
+    desk_calls = answer_all(phones["desk"])
+    carol_calls = answer_all(phones["carol"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "p2psip.cli", "call", BOB, "--via", via(overlay[0]), "--duration", "0.2"]
+    cmd += ["--transfer-to", "sip:carol@p2p.example", "--json", "--timeout", "30"]
+    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=90, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["answered"] and result["transfer_status"] == 200 and "bye_status" not in result
+    assert await desk_calls[0].wait_ended(10) == "bye received"  # the CLI hung up after the transfer
+    bob_to_carol = await asyncio.wait_for(phones["desk"].events.referred.get(), 10)
+    await bob_to_carol.answered(10)
+    assert len(carol_calls) == 1 and carol_calls[0].caller.uri.user == "bob"
+    await bob_to_carol.bye()

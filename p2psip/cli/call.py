@@ -159,11 +159,14 @@ async def _call(
             params = call.media.params
             result["codec"] = params.codec
             show(f"  audio: {params.codec} to {params.remote[0]}:{params.remote[1]}")
-        show(f"  call up; hanging up in {duration:g} s")
+        then = f"transferring to {args.transfer_to}" if args.transfer_to else "hanging up"
+        show(f"  call up; {then} in {duration:g} s")
         try:
             ended = await call.wait_ended(duration)  # the call's requested length, unless they hang up
             show(f"  the call ended: {ended}")
         except TimeoutError:
+            if args.transfer_to and await _transfer(call, args, show, result):
+                return
             try:
                 bye = await call.bye(timeout=args.timeout)
             except TimeoutError:
@@ -208,6 +211,27 @@ async def _call(
         await close_phone(ua)
 
 
+async def _transfer(
+    call: Any, args: argparse.Namespace, show: Callable[[str], None], result: dict[str, Any]
+) -> bool:
+    """Blind transfer (REFER) of the answered call to ``--transfer-to``; True when the far end reported
+    the new call answered (we have hung up then), False when it failed (the call is still up)."""
+    from p2psip.errors import P2PSIPError
+
+    show(f"REFER to {args.transfer_to}")
+    try:
+        frag = await call.transfer(args.transfer_to, timeout=args.timeout)
+    except (P2PSIPError, TimeoutError) as exc:
+        reason = str(exc) or "no final NOTIFY"
+        result["transfer"] = reason
+        show(f"  transfer failed: {reason}")
+        return False
+    assert frag is not None
+    result["transfer_status"] = frag.status
+    show(f"  transfer: {frag.status} {frag.reason}")
+    return bool(frag.success)
+
+
 def _check_record(path: str) -> None:
     """``--record`` must be writable before the call starts (not found out after it was answered)."""
     from p2psip.errors import ConfigError
@@ -229,6 +253,8 @@ def _cmd_call(args: argparse.Namespace) -> int:
         check_sip_uri(args.uri, "call")
         if args.from_:
             check_sip_uri(args.from_, "--from")
+        if args.transfer_to:
+            check_sip_uri(args.transfer_to, "--transfer-to")
         if (args.duration is not None and args.duration < 0) or args.timeout <= 0:
             raise ConfigError("--duration must be >= 0 and --timeout > 0")
         duration = 1.0 if args.duration is None else args.duration
@@ -300,5 +326,10 @@ def add_commands(sub: Any) -> None:
     call.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds")
     call.add_argument("--play", metavar="WAV", help="audio to send (a WAV file, any rate)")
     call.add_argument("--record", metavar="WAV", help="where to record the audio received (a WAV file)")
+    call.add_argument(
+        "--transfer-to",
+        metavar="SIP-URI",
+        help="after --duration, transfer the call there (REFER, blind) instead of hanging up",
+    )
     call.add_argument("--json", action="store_true", help="machine-readable output")
     call.set_defaults(func=_cmd_call)
