@@ -415,3 +415,119 @@ class Kamailio:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+WS_MODULE = Path(MODULES) / "websocket.so"
+
+
+def has_websocket_module() -> bool:
+    """Whether Kamailio's websocket module is installed (Debian: ``kamailio-websocket-modules``)."""
+    return WS_MODULE.is_file()
+
+
+def websocket_config(host: str, port: int, ws_port: int, *, children: int = 2) -> str:
+    """Kamailio as a SIP WebSocket server (RFC 7118; ``xhttp`` takes the HTTP upgrade, ``websocket`` the
+    frames) and registrar without authentication, also on UDP ``port``. Clients behind WS are NATed by
+    nature: ``nathelper``'s ``fix_nated_register`` stores where the REGISTER really came from (the WS
+    connection's address), so ``lookup`` sends requests for them back over that same connection, and
+    ``add_contact_alias``/``handle_ruri_alias`` do the same for dialogs. Everything else is proxied
+    statefully with Record-Route (double, when the transport changes)."""
+    return f"""#!KAMAILIO
+debug=1
+log_stderror=yes
+memdbg=5
+memlog=5
+children={children}
+tcp_children={children}
+auto_aliases=no
+dns=no
+rev_dns=no
+use_dns_cache=no
+tcp_accept_no_cl=yes
+tcp_connection_lifetime=3605
+listen=udp:{host}:{port}
+listen=tcp:{host}:{ws_port}
+mpath="{MODULES}"
+loadmodule "pv.so"
+loadmodule "sl.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "tm.so"
+loadmodule "rr.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+loadmodule "nathelper.so"
+loadmodule "xhttp.so"
+loadmodule "websocket.so"
+modparam("usrloc", "db_mode", 0)
+modparam("rr", "enable_full_lr", 1)
+modparam("rr", "enable_double_rr", 2)
+modparam("nathelper", "received_avp", "$avp(RECEIVED)")
+modparam("registrar", "received_avp", "$avp(RECEIVED)")
+modparam("websocket", "keepalive_mechanism", 0)
+
+event_route[xhttp:request] {{
+    if ($hdr(Upgrade) =~ "websocket" && $hdr(Connection) =~ "Upgrade" && $rm =~ "GET") {{
+        if (ws_handle_handshake()) {{
+            exit;
+        }}
+    }}
+    xhttp_reply("404", "Not Found", "", "");
+}}
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (nat_uac_test("64")) {{
+        force_rport();
+        if (is_method("REGISTER")) {{
+            fix_nated_register();
+        }} else if (is_first_hop()) {{
+            add_contact_alias();
+        }}
+    }}
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            handle_ruri_alias();
+        }}
+        if (is_method("ACK") && !t_check_trans()) {{
+            forward();
+            exit;
+        }}
+        t_relay();
+        exit;
+    }}
+    if (is_method("REGISTER")) {{
+        if (!save("location")) {{
+            sl_reply_error();
+        }}
+        exit;
+    }}
+    remove_hf("Route");
+    if (is_method("INVITE|SUBSCRIBE")) {{
+        record_route();
+    }}
+    if (lookup("location")) {{
+        t_relay();
+        exit;
+    }}
+    if (!t_relay()) {{
+        sl_reply_error();
+    }}
+}}
+
+onreply_route {{
+    if (nat_uac_test("64")) {{
+        add_contact_alias();
+    }}
+}}
+"""
