@@ -461,15 +461,29 @@ class Peer:
         self.core.cancel_tasks()
         if self._flow_task is not None:
             self._flow_task.cancel()
+        handed = 0
         try:
             if leave:
-                await self.node.leave()
+                handed = await self.node.leave()
             else:
                 await self.node.close()
         finally:
             await self.stack.close()
         if leave:
-            self._event("left", "left the overlay (entries handed to the successors)")
+            self._event("left", self.left_message(handed))
+
+    def left_message(self, handed: int) -> str:
+        """What a graceful stop says: how many entries the successor took, and that this node's entries
+        stay in its data dir (served again when the peer restarts with it)."""
+
+        def entries(n: int) -> str:
+            return f"{n} entry" if n == 1 else f"{n} entries"
+
+        held = len(self.node.store)
+        stay = f"{entries(held)} {'stays' if held == 1 else 'stay'} in the data dir {self.config.data_dir}"
+        if handed == 0 and held:
+            return f"left the overlay: no successor to hand entries to; {stay}, served again after a restart"
+        return f"left the overlay: {entries(handed)} handed to the successor; {stay}"
 
     # --------------------------------------------------------------------------------------- addresses
 
