@@ -563,9 +563,13 @@ class UserAgent:
         on_provisional: Callable[[Response], None] | None = None,
     ) -> OutgoingCall:
         """Start a call and return at once (see :meth:`OutgoingCall.answered` and ``cancel``);
-        ``on_provisional(response)`` sees each 1xx as it arrives."""
+        ``on_provisional(response)`` sees each 1xx as it arrives. The INVITE says what we take (``Allow``,
+        ``Supported``: REFER, Replaces...) unless ``headers`` give their own."""
+        extra = list(headers)
+        given = {name.lower() for name, _ in extra}
+        extra += [(n, v) for n, v in (("Allow", ALLOW), ("Supported", SUPPORTED)) if n.lower() not in given]
         request = self._new_request(
-            "INVITE", uri, body=body, content_type=content_type, headers=headers, contact=True
+            "INVITE", uri, body=body, content_type=content_type, headers=extra, contact=True
         )
         pending = self._send(request)
         call = OutgoingCall(self, pending)

@@ -137,6 +137,8 @@ class Controller(Protocol):
 
     def default(self) -> None: ...
 
+    def transfer(self, location: str) -> None: ...
+
     def save(self) -> None: ...
 
     def proxy(self, locations: list[str], timeout: float | None) -> str:
@@ -247,6 +249,25 @@ class Action:
         """The normal processing: a peer's registrar/proxy, or 501 in a stand-alone script server."""
         self._decide("default")
         self._controller.default()
+        return _DONE
+
+    def transfer(self, uri: URI | Address | str | None = None) -> _Done:
+        """Transfer the call to ``uri`` (default: ``event.location``): the server answers the INVITE
+        itself (SDP ``a=inactive``) and sends the caller a REFER to ``uri``, hanging up once the caller
+        reports the new call's outcome; a caller whose Allow lacks REFER gets a 302 to ``uri`` instead
+        (see sipapi/transfer.py). Only an INVITE can be transferred."""
+        if self._event.method != "INVITE":
+            raise ScriptError(f"transfer: only an INVITE can be transferred, not {self._event.method}")
+        if uri is None:
+            locations = self._event._location_texts()
+            if not locations:
+                raise ScriptError("transfer: no target (give a URI or set event.location)")
+            target = locations[0]
+        else:
+            (only,) = _uris(uri)
+            target = str(only)
+        self._decide("transfer")
+        self._controller.transfer(target)
         return _DONE
 
     def save(self) -> _Done:

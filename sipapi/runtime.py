@@ -36,17 +36,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from p2psip.auth import DigestServer
+from p2psip.dialog import DialogId, dialog_id_of_request
 from p2psip.errors import ParseError
 from p2psip.message import Request, Response
 from p2psip.peer import Peer, PeerCore
 from p2psip.proxy import Proxy, ProxyContext, RoutedTarget
 from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register, reject_response
 from p2psip.stack import Source, Stack
-from p2psip.transaction import ServerTransaction, State
+from p2psip.transaction import ClientTransaction, ServerTransaction, State, Transaction
 from p2psip.transport import numeric_host
 from p2psip.uri import URI, Address
 
 from .events import Controller, Event, EventTarget, ScriptError, outcome_of
+from .transfer import TransferLeg
 
 log = logging.getLogger("sipapi")
 
@@ -223,6 +225,14 @@ class CallControl:
         self._final("default")
         self.core.default_processing(self)
 
+    def transfer(self, location: str) -> None:
+        """Answer the INVITE ourselves and REFER the caller to ``location`` (302 when it takes no REFER),
+        see :mod:`sipapi.transfer`."""
+        if self.request.method != "INVITE":
+            raise ScriptError(f"transfer: only an INVITE can be transferred, not {self.request.method}")
+        self._final("transfer")
+        TransferLeg(self.core, self, URI(location)).start()
+
     def save(self) -> None:
         self._final("save")
         self.core.save_registration(self)
@@ -351,9 +361,16 @@ class ScriptingCore(Proxy):
         self._digest_users = {}
         self._secret = os.urandom(32)
         self.script_stats: dict[str, int] = dict.fromkeys(("scripted", "script_errors", "script_timeouts"), 0)
+        self.transfer_legs: dict[DialogId, TransferLeg] = {}
+        """Calls this server answered to transfer them (``event.action.transfer``), by dialog id."""
 
     # -- dispatch ---------------------------------------------------------------------------------------
     def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        if self.transfer_legs and request.to.tag is not None:
+            leg = self.transfer_legs.get(dialog_id_of_request(request))
+            if leg is not None:
+                leg.on_request(request, transaction)
+                return
         dispatcher = self.dispatcher
         if dispatcher is not None and transaction is not None and request.method not in ("ACK", "CANCEL"):
             try:
@@ -371,6 +388,26 @@ class ScriptingCore(Proxy):
                 self.spawn(self._run_script(runner, control))
                 return
         super().on_request(request, transaction, source)
+
+    def on_response(
+        self, response: Response, transaction: ClientTransaction | None, source: Source | None
+    ) -> None:
+        if transaction is not None and isinstance(transaction.context, TransferLeg):
+            transaction.context.on_response(response, transaction)
+            return
+        super().on_response(response, transaction, source)
+
+    def on_timeout(self, transaction: Transaction, timer: str) -> None:
+        if isinstance(transaction.context, TransferLeg) and isinstance(transaction, ClientTransaction):
+            transaction.context.on_failure(transaction, f"timer {timer}")
+            return
+        super().on_timeout(transaction, timer)
+
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
+        if isinstance(transaction.context, TransferLeg) and isinstance(transaction, ClientTransaction):
+            transaction.context.on_failure(transaction, error)
+            return
+        super().on_transport_failure(transaction, error)
 
     async def runs_here(self, runner: Runner, request: Request) -> bool:
         """Whether ``runner`` decides ``request`` on this node (a peer hands a callee's own script to the
@@ -581,6 +618,9 @@ class LoopController(Controller):
 
     def default(self) -> None:
         self._call(self.control.default)
+
+    def transfer(self, location: str) -> None:
+        self._call(self.control.transfer, location)
 
     def save(self) -> None:
         self._call(self.control.save)

@@ -290,6 +290,8 @@ class WorkerRunner:
                 control.challenge(*args)
             elif kind == "default":
                 control.default()
+            elif kind == "transfer":
+                control.transfer(*args)
             elif kind == "save":
                 control.save()
             elif kind == "proxy":
@@ -400,6 +402,9 @@ class _PipeController:
 
     def default(self) -> None:
         self._tell("default")
+
+    def transfer(self, location: str) -> None:
+        self._tell("transfer", location)
 
     def save(self) -> None:
         self._tell("save")

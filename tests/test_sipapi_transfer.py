@@ -1,0 +1,160 @@
+"""``event.action.transfer``: the article's per-user script in its complete form, with
+``transfer_to_voicemail`` written as a transfer, through a 3-peer overlay with sipp UASes as jones and his
+voicemail. A caller from example.com is proxied to jones; a caller from another domain takes the ``else``:
+the peer answers (SDP ``a=inactive``), REFERs the caller to voicemail, the caller (our UserAgent) calls
+it and reports 200 in a sipfrag NOTIFY, and the peer hangs up. A caller whose Allow lacks REFER gets a 302
+to voicemail instead. Also the stand-alone script server (no overlay) with our UAs at both ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, require_tool
+from test_media_call import until
+from test_sipapi_peer_scripts import register, start_peer
+from test_sipapi_support import EXAMPLES
+
+from p2psip import sdp
+from p2psip.peer import Peer, wait_until_settled
+from p2psip.stack import Stack
+from p2psip.useragent import CallFailed, IncomingCall, UserAgent
+from sipapi.scripts import Scripting, install
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+TRANSFER = """def transfer_to_voicemail(event):
+    event.location = URI('sip:jones@voicemail.example.com')
+    event.action.transfer()
+
+"""
+
+
+@pytest.fixture
+async def three(tmp_path: Path) -> AsyncIterator[tuple[list[Peer], Path]]:
+    a = await start_peer(tmp_path, "a")
+    b = await start_peer(tmp_path, "b", join=a)
+    c = await start_peer(tmp_path, "c", join=a)
+    peers = [a, b, c]
+    await wait_until_settled(peers, timeout=30)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    installed: list[Scripting] = [install(p, scripts=scripts, deadline=2.0, workers=2) for p in peers]
+    try:
+        yield peers, scripts
+    finally:
+        for scripting in installed:
+            await scripting.close()
+        for peer in peers:
+            await peer.close(leave=False)
+
+
+async def test_article_example_with_transfer_through_three_peers(
+    three: tuple[list[Peer], Path], tmp_path: Path
+) -> None:
+    require_tool("sipp")
+    from interop.sipp import uas
+
+    (a, b, c), scripts = three
+    (scripts / "jones@example.com.py").write_text(
+        TRANSFER + (EXAMPLES / "scripting_proxy_then_voicemail.py").read_text()
+    )
+    ports = {name: free_port() for name in ("jones", "voicemail")}
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(3)]
+    host, port = b.sip_address()
+    carol, dave, erin = (
+        UserAgent(stack, aor, outbound=f"{host}:{port}")
+        for stack, aor in zip(
+            stacks, ("sip:carol@example.com", "sip:dave@other.org", "sip:erin@other.org"), strict=True
+        )
+    )
+    try:
+        with uas(tmp_path, ports["jones"], name="jones"), uas(tmp_path, ports["voicemail"], name="voicemail"):
+            vm = f"sip:jones@127.0.0.1:{ports['voicemail']}"
+            assert await register(c, "sip:jones@voicemail.example.com", vm) == 200
+            assert await register(a, "sip:jones@example.com", f"sip:jones@127.0.0.1:{ports['jones']}") == 200
+
+            # a caller from example.com: proxied to jones
+            call = await carol.call("sip:jones@example.com", timeout=20)
+            assert call.response is not None and f":{ports['jones']}" in (call.response.get("Contact") or "")
+            assert (await call.bye()).status == 200
+
+            # a caller from elsewhere: transfer_to_voicemail -> the peer answers, then REFERs dave
+            call = await dave.call("sip:jones@example.com", body=offer(), timeout=20)
+            assert call.response is not None and call.response.status == 200
+            answer = sdp.SessionDescription.parse(call.response.body)
+            assert answer.media_direction(answer.media[0]) == "inactive"
+            to_voicemail = await asyncio.wait_for(dave.events.referred.get(), 20)
+            await to_voicemail.answered(20)
+            assert to_voicemail.response is not None
+            assert f":{ports['voicemail']}" in (to_voicemail.response.get("Contact") or "")
+            assert to_voicemail.pending.request.get("Referred-By") is not None
+            # dave reported 200 in a NOTIFY and the peer hung up the call it had answered
+            assert await call.wait_ended(20) == "bye received"
+            assert (await to_voicemail.bye()).status == 200
+
+            # a caller that takes no REFER: 302 to voicemail
+            with pytest.raises(CallFailed) as failed:
+                await erin.call(
+                    "sip:jones@example.com", headers=[("Allow", "INVITE, ACK, CANCEL, BYE")], timeout=20
+                )
+            assert failed.value.status == 302 and failed.value.response is not None
+            contacts = [str(x.uri) for x in failed.value.response.contacts]
+            assert contacts == ["sip:jones@voicemail.example.com"]
+    finally:
+        for ua in (carol, dave, erin):
+            await ua.close()
+        for stack in stacks:
+            await stack.close()
+
+
+def offer() -> bytes:
+    return bytes(sdp.make_offer("127.0.0.1", 40000))
+
+
+async def test_script_server_transfer_between_our_uas(tmp_path: Path) -> None:
+    """The stand-alone script server (sipapi.run's core) transfers too; the new call reaches our UA."""
+    from sipapi.events import Event, EventTarget
+    from sipapi.runtime import InProcessRunner, ScriptServerCore
+
+    server_stack = await Stack.start(["udp:127.0.0.1:0"])
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+    caller = UserAgent(stacks[0], "sip:caller@127.0.0.1")
+    target = UserAgent(stacks[1], "sip:target@127.0.0.1")
+    answered: list[IncomingCall] = []
+
+    def on_call(incoming: IncomingCall) -> None:
+        answered.append(incoming)
+        incoming.accept(offer())
+
+    target.on_call = on_call
+    thost, tport = stacks[1].local_address("udp")
+    basic = EventTarget()
+
+    async def handler(event: Event) -> None:
+        await event.action.transfer(f"sip:target@{thost}:{tport}")
+
+    basic.addEventListener("incoming", handler)
+    runner = InProcessRunner(basic)
+
+    class Everything:
+        def select(self, request: object) -> InProcessRunner:
+            return runner
+
+    core = ScriptServerCore(server_stack, Everything())
+    shost, sport = server_stack.local_address("udp")
+    try:
+        call = await caller.call(f"sip:someone@{shost}:{sport}", body=offer(), timeout=10)
+        new = await asyncio.wait_for(caller.events.referred.get(), 10)
+        await new.answered(10)
+        assert len(answered) == 1 and answered[0].caller.uri.user == "caller"
+        assert await call.wait_ended(10) == "bye received"
+        await until(lambda: not core.transfer_legs, 5)  # the server forgets the leg once its BYE is answered
+        await new.bye()
+    finally:
+        await caller.close()
+        await target.close()
+        for stack in (server_stack, *stacks):
+            await stack.close()
