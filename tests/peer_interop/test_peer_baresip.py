@@ -122,9 +122,11 @@ class Watch:
         except TimeoutError:
             raise AssertionError(f"timed out waiting for {what}; seen: {self.seen[-20:]}") from None
 
-    def sent(self, peer: int, head_prefix: str, method: str) -> bool:
+    def sent(self, peer: int, head_prefix: str, method: str, since: int = 0) -> bool:
+        """Whether ``peer`` sent such a message (among the messages seen from index ``since`` on)."""
         return any(
-            p == peer and d == "out" and h.startswith(head_prefix) and m == method for p, d, h, m in self.seen
+            p == peer and d == "out" and h.startswith(head_prefix) and m == method
+            for p, d, h, m in self.seen[since:]
         )
 
     def registered(self, aor: str) -> bool:
@@ -132,15 +134,18 @@ class Watch:
 
 
 async def one_call(watch: Watch, caller: Baresip, callee_aor: str, via_peer: int) -> None:
+    start = len(watch.seen)  # this call's messages only (the previous call sent the same kinds)
     caller.command(f"/dial {callee_aor}")
-    await watch.until(lambda: watch.sent(via_peer, "INVITE sip:", "INVITE"), 20, "the INVITE forwarded")
     await watch.until(
-        lambda: watch.sent(via_peer, "SIP/2.0 200", "INVITE"), 20, "200 OK relayed to the caller"
+        lambda: watch.sent(via_peer, "INVITE sip:", "INVITE", start), 20, "the INVITE forwarded"
     )
-    await watch.until(lambda: watch.sent(via_peer, "ACK ", "ACK"), 20, "the ACK relayed to the callee")
+    await watch.until(
+        lambda: watch.sent(via_peer, "SIP/2.0 200", "INVITE", start), 20, "200 OK relayed to the caller"
+    )
+    await watch.until(lambda: watch.sent(via_peer, "ACK ", "ACK", start), 20, "the ACK relayed to the callee")
     caller.command("/hangup")
-    await watch.until(lambda: watch.sent(via_peer, "BYE ", "BYE"), 20, "the BYE relayed")
-    await watch.until(lambda: watch.sent(via_peer, "SIP/2.0 200", "BYE"), 20, "200 OK for the BYE")
+    await watch.until(lambda: watch.sent(via_peer, "BYE ", "BYE", start), 20, "the BYE relayed")
+    await watch.until(lambda: watch.sent(via_peer, "SIP/2.0 200", "BYE", start), 20, "200 OK for the BYE")
 
 
 @pytest.mark.interop

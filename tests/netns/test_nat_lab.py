@@ -1,0 +1,264 @@
+"""The NAT lab (tests/netns/natlab.py): real NAT routers (nftables masquerade) between phones and peers.
+
+- P1 and P2 are full peers on the "internet" subnet; alice is a baresip behind NAT A (plain masquerade,
+  port-restricted), registered through P1 with RFC 5626 outbound (``;sipnat=outbound``); carol is our own
+  UserAgent behind NAT B (``masquerade fully-random``), registered through P2.
+- carol calls alice and alice calls carol, both answered (signalling: the audio is the media issue's); the
+  calls cross both NATs only over the flows the phones opened to their home peers.
+- carol's call enters at P2; alice's per-user script runs on her home peer P1, once (P2 has the same script
+  and does not run it).
+- alice's flow dies (her link goes down and router A forgets its mappings): her binding is gone within the
+  flow timer; her REGISTER (a restarted baresip) restores it.
+- bob, a baresip without outbound support behind NAT A, stays callable long past the router's conntrack UDP
+  timeout (3 s here) thanks to P1's NAT pings (every second here).
+
+Under CI=true nothing here is skipped: a missing tool or namespace support is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import in_ci
+
+from .natlab import HA, HB, P1, P2, NatLab, why_unavailable
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "p2psip.cli"]
+MODULES = "/usr/lib/baresip/modules"
+FLOW_TIMER = 4
+ALICE = "sip:alice@p2p.example"
+
+UA = r"""
+import asyncio, sys
+from p2psip.stack import Stack
+from p2psip.useragent import CallFailed, UserAgent
+
+SDP = (b"v=0\r\no=p2psip 1 1 IN IP4 0.0.0.0\r\ns=-\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\n"
+       b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+async def main():
+    host, peer, aor, port = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    stack = await Stack.start([f"udp:{host}:{port}"])
+    def on_call(call):
+        call.ring()
+        call.accept(SDP)
+        print("answered", call.caller.uri, flush=True)
+    ua = UserAgent(stack, aor, outbound=peer, on_call=on_call)
+    await ua.register("sip:p2p.example", expires=120)
+    print("registered", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().strip():
+        target = line.split()[1]
+        try:
+            call = await ua.call(target, body=SDP, timeout=20)
+            bye = await call.bye()
+            print("call", 200, bye.status, flush=True)
+        except (CallFailed, TimeoutError) as exc:
+            print("call", getattr(exc, "status", 408), 0, flush=True)
+
+asyncio.run(main())
+"""
+
+SCRIPT = """
+def incoming(event):
+    with open({log!r}, 'a') as f:
+        f.write(event.method + '\\n')
+    event.action.proxy(timeout=15)
+
+basic.addEventListener('incoming', incoming)
+"""
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, detail: Callable[[], str] = lambda: ""
+) -> float:
+    """Poll (bounded) a condition read from outside the processes (their logs, a peer's control socket)."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s\n{detail()}")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+class Lab:
+    def __init__(self, net: NatLab, tmp: Path) -> None:
+        self.net = net
+        self.tmp = tmp
+        self.peers: dict[str, subprocess.Popen[str]] = {}
+        self.baresips: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def start_peer(self, name: str, address: str, join: str | None, scripts: Path) -> None:
+        config = self.tmp / f"{name}.toml"
+        config.write_text(f"flow_timer = {FLOW_TIMER}\nnat_ping = 1.0\nmin_expires = 30\n")
+        args = [*CLI, "start", "--listen", f"udp:{address}:5060", "--overlay", f"{address}:7060",
+                "--data-dir", str(self.tmp / name), "--config", str(config),
+                "--scripts", str(scripts)]  # fmt: skip
+        if join:
+            args += ["--join", f"{join}:7060"]
+        proc = self.net.popen(
+            name, args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+        )
+        self.peers[name] = proc
+        assert proc.stdout is not None
+        for _ in range(100):
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"peer {name} exited ({proc.wait(5)})")
+            if " ready " in line:
+                return
+        raise AssertionError(f"peer {name} never became ready")
+
+    def lookup(self, peer: str, aor: str) -> list[dict[str, Any]]:
+        done = self.net.run(peer, [*CLI, "lookup", aor, "--data-dir", str(self.tmp / peer), "--json"],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        if done.returncode != 0:
+            return []
+        bindings: list[dict[str, Any]] = json.loads(done.stdout)["bindings"]
+        return bindings
+
+    def baresip(self, user: str, host: str, address: str, port: int, *, outbound: bool, peer: str) -> Path:
+        workdir = self.tmp / f"baresip-{user}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir()
+        (workdir / "config").write_text(
+            f"sip_listen {address}:{port}\n"
+            "net_interface eth0\n"
+            "audio_player aufile,/dev/null\naudio_source ausine,440\naudio_alert aufile,/dev/null\n"
+            "ausrc_srate 48000\nausrc_channels 2\n"
+            f"module_path {MODULES}\n"
+            "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule cons.so\n"
+            f"cons_listen 127.0.0.1:{port + 1000}\n"
+            "module_tmp uuid.so\nmodule_app account.so\nmodule_app menu.so\n"
+        )
+        nat = ";sipnat=outbound" if outbound else ""
+        (workdir / "accounts").write_text(
+            f'<sip:{user}@p2p.example>;outbound="sip:{peer}:5060"{nat};regint=60;'
+            "audio_codecs=PCMU;answermode=auto\n"
+        )
+        (workdir / "contacts").write_text("")
+        log = workdir / "baresip.log"
+        proc = self.net.popen(host, ["baresip", "-f", str(workdir), "-t", "300"], stdin=subprocess.DEVNULL,
+                              stdout=log.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+        self.baresips[user] = (proc, log)
+        return log
+
+    def stop_baresip(self, user: str) -> None:
+        proc, _ = self.baresips.pop(user)
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def cons(self, host: str, port: int, command: str) -> None:
+        """A command to a baresip's ``cons`` UDP port (inside its namespace)."""
+        send = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                "s.sendto(sys.argv[1].encode() + b'\\n', ('127.0.0.1', int(sys.argv[2])))")  # fmt: skip
+        self.net.run(host, [sys.executable, "-c", send, command, str(port + 1000)], check=True)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    reason = why_unavailable()
+    if reason is None and shutil.which("baresip") is None:
+        reason = "baresip is not installed"
+    if reason is not None:
+        if in_ci():
+            pytest.fail(f"the NAT lab is required under CI=true: {reason}")
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("natlab")
+    with NatLab() as net:
+        made = Lab(net, tmp)
+        for name in ("p1", "p2"):
+            scripts = tmp / f"scripts-{name}"
+            scripts.mkdir()
+            log = tmp / f"alice-script-{name}.log"
+            (scripts / "alice@p2p.example.py").write_text(SCRIPT.format(log=str(log)))
+        made.start_peer("p1", P1, None, tmp / "scripts-p1")
+        made.start_peer("p2", P2, P1, tmp / "scripts-p2")
+        yield made
+
+
+def log_has(log: Path, text: str) -> Callable[[], bool]:
+    return lambda: text in log.read_text(errors="replace")
+
+
+def tail(log: Path) -> Callable[[], str]:
+    return lambda: log.read_text(errors="replace")[-3000:]
+
+
+@pytest.mark.netns
+@pytest.mark.interop
+def test_calls_across_two_nats_run_the_script_on_the_home_peer_and_a_dead_flow_loses_its_binding(
+    lab: Lab,
+) -> None:
+    alice_log = lab.baresip("alice", "ha", HA, 5060, outbound=True, peer=P1)
+    wait_for(log_has(alice_log, "200 OK"), 30, "alice's REGISTER through NAT A", tail(alice_log))
+    [binding] = lab.lookup("p2", ALICE)
+    assert binding["contact"].startswith("sip:alice") and HA in binding["contact"]  # her private address
+    carol = lab.net.popen("hb", [sys.executable, "-c", UA, HB, f"{P2}:5060", "sip:carol@p2p.example", "5070"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT)  # fmt: skip
+    assert carol.stdout is not None and carol.stdin is not None
+    assert carol.stdout.readline().strip() == "registered", carol.stderr.read() if carol.stderr else ""
+
+    # carol (behind NAT B) calls alice (behind NAT A): the call enters at P2 and goes through P1
+    carol.stdin.write(f"call {ALICE}\n")
+    carol.stdin.flush()
+    assert carol.stdout.readline().split() == ["call", "200", "200"]
+    scripts = {p: lab.tmp / f"alice-script-{p}.log" for p in ("p1", "p2")}
+    assert scripts["p1"].read_text().splitlines() == ["INVITE"]  # on her home peer, once
+    assert not scripts["p2"].exists()
+
+    # alice calls carol
+    lab.cons("ha", 5060, "/dial sip:carol@p2p.example")
+    line = carol.stdout.readline().split()
+    assert line[:2] == ["answered", ALICE], line
+    wait_for(log_has(alice_log, "Call established: sip:carol@p2p.example"), 20, "alice's call answered")
+    lab.cons("ha", 5060, "/hangup")
+
+    # alice's flow dies: her link goes down and router A forgets its mappings
+    lab.net.link("ha", up=False)
+    lab.net.flush_mappings("ra")
+    took = wait_for(lambda: not lab.lookup("p2", ALICE), 4 * FLOW_TIMER + 10, "alice's binding removed")
+    assert took < 2 * FLOW_TIMER + 10
+    # her phone comes back and registers again (a restarted baresip): the binding is back
+    lab.net.link("ha", up=True)
+    lab.stop_baresip("alice")
+    alice_log = lab.baresip("alice", "ha", HA, 5060, outbound=True, peer=P1)
+    wait_for(lambda: bool(lab.lookup("p2", ALICE)), 30, "alice's binding restored")
+    carol.stdin.write(f"call {ALICE}\n")
+    carol.stdin.flush()
+    assert carol.stdout.readline().split() == ["call", "200", "200"]
+    lab.stop_baresip("alice")
+
+
+@pytest.mark.netns
+@pytest.mark.interop
+def test_nat_pings_keep_a_phone_without_outbound_callable_past_the_conntrack_timeout(lab: Lab) -> None:
+    lab.net.udp_timeout("ra", 3)
+    bob_log = lab.baresip("bob", "ha", HA, 5062, outbound=False, peer=P1)
+    wait_for(log_has(bob_log, "200 OK"), 30, "bob's REGISTER through NAT A", tail(bob_log))
+    time.sleep(8)  # the point of the test: idle far longer than the router keeps an unused mapping (3 s)
+    dave = lab.net.popen("hb", [sys.executable, "-c", UA, HB, f"{P2}:5060", "sip:dave@p2p.example", "5072"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)  # fmt: skip
+    assert dave.stdout is not None and dave.stdin is not None
+    assert dave.stdout.readline().strip() == "registered"
+    dave.stdin.write("call sip:bob@p2p.example\n")
+    dave.stdin.flush()
+    assert dave.stdout.readline().split() == ["call", "200", "200"]
+    lab.stop_baresip("bob")
