@@ -39,6 +39,7 @@ from interop.sipp import uas  # noqa: E402
 
 from p2psip.config import HostPort, ListenSpec, PeerConfig  # noqa: E402
 from p2psip.peer import Peer, quick_node_config, wait_until_settled  # noqa: E402
+from p2psip.ratelimit import UNLIMITED  # noqa: E402
 
 DOMAIN = "p2p.example"
 
@@ -178,6 +179,10 @@ async def measure_overlay(
                 join=HostPort(*peers[0].overlay_address) if peers else None,
                 data_dir=workdir / f"peer{i}",
                 cache_ttl=0.0,
+                # one client registers every AOR: lift the bound on new AORs per source (and in all)
+                new_aors_per_source=UNLIMITED,
+                new_aors_total=UNLIMITED,
+                scan_rate=UNLIMITED,
             )
             peers.append(
                 await Peer.start(config, node_config=quick_node_config(interval=1.0, rpc_timeout=1.0))

@@ -20,10 +20,17 @@ The file format (all keys optional)::
     max_expires = 7200         # longer ones are cut down to this
     default_expires = 3600
     realm = "p2psip"           # digest realm for users with a password
-    require_auth = false       # true: REGISTER for users not listed below is refused (403)
+    require_auth = false       # true: only accounts may register; every REGISTER is challenged (401)
     home_routing = true        # false: calls go straight to the contact, not through its home peer (bench)
     flow_timer = 120           # seconds an RFC 5626 phone may stay silent (Flow-Timer) before its flow fails
     nat_ping = 20.0            # seconds between NAT pings (OPTIONS) to phones without RFC 5626 outbound
+    server_header = "p2psip/0.1.0"   # Server header of the peer's own responses; "" sends none
+    new_aors_per_source = "30/min:30"  # AORs one source may register for the first time (rate:burst)
+    new_aors_total = "600/min:600"     # ... and all sources together; "off" for no limit
+    scan_rate = "5/s:50"       # INVITE/MESSAGE... answered 404 per source before it gets 503s
+    max_connections = 2048     # incoming TCP/TLS/WS connections in all
+    max_connections_per_source = 32
+    message_timeout = 20.0     # seconds a message (or WebSocket handshake) may take to arrive
 
     [routes]
     "pstn.example" = "192.0.2.10:5060"
@@ -44,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from p2psip.errors import ConfigError
+from p2psip.ratelimit import Rate
 
 DEFAULT_SIP_PORT = 5060
 DEFAULT_OVERLAY_PORT = 7060
@@ -139,6 +147,16 @@ class PeerConfig:
     http_token: str | None = None
     """Token the pages need off loopback (a random one is made and printed when None)."""
     """Web origins whose pages may open the ws:/wss: listeners, besides loopback pages and --http's own."""
+    server_header: str | None = None
+    """The Server header of the peer's own responses: None = ``p2psip/VERSION``, "" = none."""
+    new_aors_per_source: Rate = field(default_factory=lambda: Rate.parse("30/min:30"))
+    """How fast one source may register AORs this peer holds no key for (each creates a user key)."""
+    new_aors_total: Rate = field(default_factory=lambda: Rate.parse("600/min:600"))
+    scan_rate: Rate = field(default_factory=lambda: Rate.parse("5/s:50"))
+    """404s (nobody registered) per source; past it the source's requests get 503 without a lookup."""
+    max_connections: int = 2048
+    max_connections_per_source: int = 32
+    message_timeout: float = 20.0
 
     def route_for(self, host: str) -> HostPort | None:
         """The static next hop for a request-URI host, if one is configured (case-insensitive)."""
@@ -281,6 +299,13 @@ _FILE_KEYS = frozenset(
         "http",
         "http_tls",
         "http_token",
+        "server_header",
+        "new_aors_per_source",
+        "new_aors_total",
+        "scan_rate",
+        "max_connections",
+        "max_connections_per_source",
+        "message_timeout",
     ]
 )
 
@@ -406,6 +431,26 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             if not 0 <= ttl <= 3600:
                 raise ConfigError(f"config: cache_ttl = {ttl} is out of range (0-3600 seconds)")
             config.cache_ttl = ttl
+        elif key == "server_header":
+            header = _typed(value, str, key, 'a string ("" for no Server header)')
+            if not header.isprintable() or len(header) > 200:
+                raise ConfigError("config: server_header must be printable text of at most 200 characters")
+            config.server_header = header
+        elif key in ("new_aors_per_source", "new_aors_total", "scan_rate"):
+            try:
+                setattr(config, key, Rate.parse(_typed(value, str, key, 'a rate like "30/min:30" or "off"')))
+            except ValueError as exc:
+                raise ConfigError(f"config: {key}: {exc}") from None
+        elif key in ("max_connections", "max_connections_per_source"):
+            number = _typed(value, int, key, "a whole number")
+            if not 1 <= number <= 1_000_000:
+                raise ConfigError(f"config: {key} = {number} is out of range (1-1000000)")
+            setattr(config, key, number)
+        elif key == "message_timeout":
+            seconds = float(_typed(value, (int, float), key, "a number of seconds"))
+            if not 0.1 <= seconds <= 3600:
+                raise ConfigError(f"config: message_timeout = {seconds} is out of range (0.1-3600 seconds)")
+            config.message_timeout = seconds
         elif key == "realm":
             realm = _typed(value, str, key, "a string")
             if not realm or '"' in realm or not realm.isprintable():

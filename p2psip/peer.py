@@ -23,11 +23,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import re
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,16 @@ from p2psip.location import (
     live_targets,
 )
 from p2psip.message import Request, Response
+from p2psip.ownership import Claim, FailureThrottle, flow_of, may_register, owns
 from p2psip.proxy import Proxy, RoutedTarget
+from p2psip.ratelimit import TokenBuckets
 from p2psip.registrar import (
     Binding,
+    RegisterPlan,
     RegisterRejected,
     RegistrarPolicy,
     aor_of,
+    contact_instances,
     decode_binding,
     ok_response,
     plan_register,
@@ -65,6 +70,7 @@ from p2psip.registrar import (
 )
 from p2psip.run import stop_signals
 from p2psip.stack import Source, Stack
+from p2psip.streamguard import StreamLimits
 from p2psip.trace import SipTrace
 from p2psip.transaction import ClientTransaction, ServerTransaction
 from p2psip.transport import RELIABLE, Target, TLSConfig, numeric_host
@@ -117,8 +123,79 @@ class UserKeys:
             self._keys[aor] = key
         return key
 
+    def exists(self, aor: str) -> bool:
+        return aor in self._keys or self.path_for(aor).exists()
+
     def known(self) -> list[str]:
         return sorted(self._keys)
+
+    def on_disk(self) -> int:
+        """How many user keys the data dir holds (for ``status``: what registrations left behind)."""
+        try:
+            return sum(1 for _ in self.directory.glob("*.key"))
+        except OSError:
+            return 0
+
+    # claims and accounts (p2psip.ownership), kept beside the key as <name>.claim (mode 0600)
+
+    def claim_path(self, aor: str) -> Path:
+        return self.path_for(aor).with_suffix(".claim")
+
+    def claim(self, aor: str) -> Claim | None:
+        """The claim (or account) recorded for ``aor``; None when there is none or it is unreadable."""
+        try:
+            return Claim.from_json(self.claim_path(aor).read_text())
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def save_claim(self, claim: Claim) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.claim_path(claim.aor)
+        tmp = path.with_suffix(".claim.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(claim.to_json())
+        os.replace(tmp, path)
+
+    def claims(self) -> list[Claim]:
+        out = []
+        for path in sorted(self.directory.glob("*.claim")):
+            try:
+                out.append(Claim.from_json(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+        return out
+
+    def forget(self, aor: str) -> None:
+        """Delete the user key and the claim of ``aor`` (it owns nothing any more)."""
+        self._keys.pop(aor, None)
+        for path in (self.path_for(aor), self.claim_path(aor)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def add_account(data_dir: Path, aor: str, *, username: str | None = None) -> str:
+    """``p2psip user add``: create an account for ``aor`` in ``data_dir`` and return its generated password
+    (printed once; digest never reveals it, so it cannot be learned on first use). The account needs
+    digest for every REGISTER, at a running peer too (it reads the record per REGISTER), and its user key
+    is never swept. Raises P2PSIPError for an AOR that is not a SIP URI or already has an account."""
+    import secrets
+
+    try:
+        canonical = URI(aor).aor()
+    except ParseError as exc:
+        raise P2PSIPError(f"{aor!r} is not a SIP address of record: {exc}") from None
+    if not canonical.startswith("sip:") or "@" not in canonical:
+        raise P2PSIPError(f"{aor!r} is not a SIP address of record (write sip:user@domain)")
+    users = UserKeys(Path(data_dir) / USERS_DIR)
+    existing = users.claim(canonical)
+    if existing is not None and existing.explicit:
+        raise P2PSIPError(f"{canonical} already has an account in {data_dir}")
+    password = secrets.token_urlsafe(12)
+    name = username or canonical.partition(":")[2].partition("@")[0]
+    users.save_claim(Claim(canonical, explicit=True, username=name, password=password, created=time.time()))
+    users.get(canonical)  # its user key, made now: the account owns the AOR from the first REGISTER
+    return password
 
 
 @dataclass
@@ -194,7 +271,25 @@ class PeerCore(Proxy):
             response.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE")
             self.stack.respond(transaction, response)
             return
+        if (
+            transaction is not None
+            and request.method not in ("ACK", "CANCEL")
+            and request.to.tag is None
+            and self.peer.scans.wait(source.host, self.stack.loop.time()) > 0
+        ):
+            # This source has had its share of 404s (svwar-style scanning for users): it gets 503 without a
+            # lookup, which tells it nothing about who exists. Callers elsewhere keep their 404s.
+            self.peer.counters["scans_refused"] += 1
+            response = Response.for_request(request, 503, "Service Unavailable (too many unknown addresses)")
+            response.add("Retry-After", "60")
+            self.stack.respond(transaction, response)
+            return
         super().on_request(request, transaction, source)
+
+    def _reject(self, transaction: ServerTransaction, request: Request, status: int, reason: str) -> None:
+        if status == 404 and isinstance(transaction.source, Source):
+            self.peer.scans.allow(transaction.source.host, self.stack.loop.time())  # a 404 costs a token
+        super()._reject(transaction, request, status, reason)
 
     # ---------------------------------------------------------------------- RFC 5626 flow routes
 
@@ -267,7 +362,6 @@ class PeerCore(Proxy):
                    for v in values[:added]]  # fmt: skip
         fwd.set("Record-Route", tokened + values[added:])
 
-
     def on_response(
         self, response: Response, transaction: ClientTransaction | None, source: Source | None
     ) -> None:
@@ -323,6 +417,12 @@ class Peer:
                 "flow_failed_requests",
                 "nat_pings",
                 "routed_to_home",
+                "auth_failures",
+                "auth_delayed",
+                "takeovers_refused",
+                "new_aors_refused",
+                "scans_refused",
+                "user_keys_removed",
             ),
             0,
         )
@@ -335,14 +435,23 @@ class Peer:
         stack.transport.flows = self.flows
         stack.transport.on_flow_failed = self._flow_failed
         self._flow_task: asyncio.Task[None] | None = None
-        self._aor_locks: dict[str, asyncio.Lock] = {}
+        self._aor_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        """AOR -> (its REGISTER lock, how many hold or wait for it); only AORs in use are in it."""
         self._digest: dict[str, DigestServer] = {}
-        for account in config.users.values():
-            realm = account.realm or config.realm
-            if realm not in self._digest:
-                self._digest[realm] = DigestServer(realm, self._password_lookup(realm))
+        self._checking: tuple[str, str, str] | None = None
+        self.throttle = FailureThrottle()
+        """Digest failures per (source, AOR): growing delays (p2psip.ownership)."""
+        self.new_aors = TokenBuckets(config.new_aors_per_source)
+        self.new_aors_total = TokenBuckets(config.new_aors_total, max_keys=1)
+        self.scans = TokenBuckets(config.scan_rate)
+        self.key_sweep_interval = 30.0
+        """How often user keys that own nothing any more are looked for (seconds)."""
+        self.key_users: list[Callable[[str], bool]] = []
+        """Predicates "this AOR's user key still serves something" (e.g. stored offline messages): the
+        sweep keeps a key any of them claims."""
         self.core = PeerCore(self, stack, verbose=config.verbose)
         self._closed = False
+        self._sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------------------ life cycle
 
@@ -390,7 +499,16 @@ class Peer:
                     continue
                 for transport in spec.transports():
                     listen.append(f"{transport}:{host}:{spec.port}")
-            options: dict[str, Any] = {"ws_origins": list(config.ws_origins)}
+            options: dict[str, Any] = {
+                "ws_origins": list(config.ws_origins),
+                "streams": StreamLimits(
+                    max_connections=config.max_connections,
+                    max_per_source=config.max_connections_per_source,
+                    message_timeout=config.message_timeout,
+                ),
+            }
+            if config.server_header is not None:
+                options["server"] = config.server_header or None
             if config.tls_cert or config.tls_ca:
                 options["tls"] = TLSConfig(
                     certfile=str(config.tls_cert) if config.tls_cert else None,
@@ -411,6 +529,7 @@ class Peer:
                 await node.close()
                 raise
         peer._flow_task = asyncio.ensure_future(peer._watch_flows())
+        peer._sweeper = asyncio.ensure_future(peer._sweep_forever())
         how = f"joined the overlay through {config.join}" if join else "created a new overlay"
         peer._event("joined", f"{how} as node {ids.short(node.node_id)} at {peer.overlay_address_text}; "
                     f"SIP on {', '.join(peer.sip_addresses())}")  # fmt: skip
@@ -461,6 +580,8 @@ class Peer:
         self.core.cancel_tasks()
         if self._flow_task is not None:
             self._flow_task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         handed = 0
         try:
             if leave:
@@ -521,16 +642,29 @@ class Peer:
 
     # -------------------------------------------------------------------------------------- bindings
 
-    def _lock(self, aor: str) -> asyncio.Lock:
-        lock = self._aor_locks.get(aor)
-        if lock is None:
-            lock = self._aor_locks[aor] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _lock(self, aor: str) -> AsyncIterator[None]:
+        """Serialize the REGISTERs of one AOR. The lock is dropped when nobody holds or waits for it, so
+        the table holds only AORs being registered right now (not every AOR ever seen)."""
+        entry = self._aor_locks.get(aor)
+        if entry is None:
+            entry = self._aor_locks[aor] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._aor_locks[aor]
 
     async def fetch_bindings(self, aor: str, at: KeyAccess | None = None) -> list[Binding]:
         """Every live binding of ``aor`` in the overlay (malformed records are skipped). ``at``: the
         key's responsible node as found before (``Node.at``), so a read-then-write looks it up once."""
         self.names[ids.key_for(aor)] = aor
+        if len(self.names) > 4096:  # a bounded memo for status: scanners must not grow it
+            del self.names[next(iter(self.names))]
         entries = await (at or self.node.at(aor)).get()
         now = time.time()
         out = []
@@ -550,9 +684,30 @@ class Peer:
             for account in self.config.users.values():
                 if (account.realm or self.config.realm) == realm and account.username == username:
                     return account.password
+            # A ``user add`` account, set just around the (synchronous) digest check of its REGISTER.
+            expected = self._checking
+            if expected is not None and expected[0] == username and expected[2] == realm:
+                return expected[1]
             return None
 
         return lookup
+
+    def _digest_for(self, realm: str) -> DigestServer:
+        digest = self._digest.get(realm)
+        if digest is None:
+            digest = self._digest[realm] = DigestServer(realm, self._password_lookup(realm))
+        return digest
+
+    def account(self, aor: str) -> tuple[str, str, str] | None:
+        """(username, password, realm) of ``aor``'s account: the config's ``[users]`` or ``p2psip user
+        add`` (an explicit claim in the data dir); None when the AOR has none."""
+        configured = self.config.account_for(aor)
+        if configured is not None:
+            return configured.username, configured.password, configured.realm or self.config.realm
+        claim = self.users.claim(aor)
+        if claim is not None and claim.explicit and claim.password:
+            return claim.username, claim.password, self.config.realm
+        return None
 
     # ------------------------------------------------------------------------------------- registrar
 
@@ -563,9 +718,9 @@ class Peer:
             self._add_home_path(request)  # with home routing, every binding gets its home peer as Path
         try:
             response = await self._register(request, source)
-        except Exception as exc:  # never leave a REGISTER unanswered
+        except Exception:  # never leave a REGISTER unanswered (the details stay in the local log)
             log.exception("REGISTER failed")
-            response = Response.for_request(request, 500, f"Server Internal Error ({exc})")
+            response = Response.for_request(request, 500)
         if response.status >= 300 and response.status not in (401, 407):
             self.counters["registers_refused"] += 1
         with contextlib.suppress(Exception):
@@ -586,16 +741,32 @@ class Peer:
             aor = aor_of(request)
         except RegisterRejected as rejected:
             return reject_response(request, rejected)
-        account = self.config.account_for(aor)
-        if account is not None:
-            digest = self._digest[account.realm or self.config.realm]
-            result, challenge = digest.check(request, time.time())
+        now = time.time()
+        claimant = flow_of(source.transport, source.host, source.port)
+        instances = contact_instances(request)
+        account = self.account(aor)
+        authenticated = False
+        query = request.get("Contact") is None
+        if account is not None or self.config.require_auth:
+            # Accounts authenticate. With require_auth every AOR is challenged alike, whether it has an
+            # account or not, and wrong credentials get the same 401: answers never say who exists.
+            challenge = await self._authenticate(request, source, aor, account, now)
             if challenge is not None:
                 return challenge
-            if result.username != account.username:
-                return Response.for_request(request, 403, f"Forbidden (credentials are not {aor}'s)")
-        elif self.config.require_auth:
-            return Response.for_request(request, 403, f"Forbidden ({aor} is not a user of this peer)")
+            authenticated = True
+        elif not query:  # a query changes nothing: it is answered below, to the owner only
+            claim = self.users.claim(aor)
+            if not may_register(claim, instances=instances, flow=claimant, now=now):
+                self.counters["takeovers_refused"] += 1
+                self._event("refused", f"REGISTER {aor} from {claimant} refused: claimed by another device")
+                return Response.for_request(
+                    request, 403, "Forbidden (registered from another device; authenticate to change it)"
+                )
+        if not query and not self.users.exists(aor) and not self._may_create(source.host):
+            self.counters["new_aors_refused"] += 1
+            response = Response.for_request(request, 503, "Service Unavailable (too many new addresses)")
+            response.add("Retry-After", "60")
+            return response
         async with self._lock(aor):
             # One lookup for the whole REGISTER: the read and every write go to the node it found.
             here = self.node.at(aor)
@@ -612,8 +783,11 @@ class Peer:
                 plan = plan_register(request, current, now, self.policy, path=path)
             except RegisterRejected as rejected:
                 return reject_response(request, rejected)
+            claim = self.users.claim(aor)
+            owner = authenticated or owns(claim, instances=instances, flow=claimant, now=now)
             if plan.is_query:
-                return ok_response(request, plan, now)
+                # Contacts (and whether there are any) only to the owner: anyone else sees an empty 200.
+                return ok_response(request, plan if owner else RegisterPlan(aor), now, instances)
             key = self.users.get(aor)
             try:
                 await asyncio.gather(
@@ -636,6 +810,7 @@ class Peer:
                 self.counters["overlay_errors"] += 1
                 return self._unavailable(request, exc)
             self.cache.forget(aor)
+            self._record_claim(aor, claim, plan, instances, claimant, now)
             if flow:
                 self._bind_flows(plan, source, outbound)
         self.counters["bindings_written"] += len(plan.writes)
@@ -651,7 +826,7 @@ class Peer:
             self._event("registered", f"registered {aor} -> {w.binding.contact} for {w.lifetime} s")
         for r in plan.removes:
             self._event("unregistered", f"unregistered {aor} -> {r.binding.contact}")
-        response = ok_response(request, plan, now)
+        response = ok_response(request, plan, now, instances)
         if outbound and plan.writes:
             # RFC 5626 §6: the registrar supports outbound; §5.4: how often the phone must keep alive.
             response.add("Require", "outbound")
@@ -784,6 +959,90 @@ class Peer:
         )  # fmt: skip
         self.stack.push_via(ping, target)
         self.stack.send_stateless(ping, target)
+
+    async def _authenticate(
+        self,
+        request: Request,
+        source: Source,
+        aor: str,
+        account: tuple[str, str, str] | None,
+        now: float,
+    ) -> Response | None:
+        """Digest for ``aor``: None when the request carries ``aor``'s valid credentials, else the 401 to
+        send. Failures cost the (source, AOR) pair a growing delay, are logged and counted; a correct
+        credential from any other source is never slowed."""
+        realm = account[2] if account is not None else self.config.realm
+        digest = self._digest_for(realm)
+        wait = self.throttle.delay(source.host, aor, now)
+        if wait > 0:
+            self.counters["auth_delayed"] += 1
+            await asyncio.sleep(wait)
+            now = time.time()
+        self._checking = account
+        try:
+            result, challenge = digest.check(request, now)
+        finally:
+            self._checking = None
+        if challenge is None and account is not None and result.username == account[0]:
+            self.throttle.succeeded(source.host, aor)
+            return None
+        if request.get("Authorization") is not None:
+            count = self.throttle.failed(source.host, aor, now)
+            self.counters["auth_failures"] += 1
+            log.warning("digest failure %d for %s from %s", count, aor, source.host)
+            self._event("auth-failed", f"REGISTER {aor} from {source.host}: wrong credentials ({count})")
+        return challenge if challenge is not None else digest.challenge(request, now)
+
+    def _may_create(self, host: str) -> bool:
+        """A REGISTER for an AOR this peer has no key for creates one: bounded per source and in all."""
+        mono = asyncio.get_running_loop().time()
+        return self.new_aors.allow(host, mono) and self.new_aors_total.allow("*", mono)
+
+    def _record_claim(
+        self, aor: str, claim: Claim | None, plan: RegisterPlan, instances: list[str], flow: str, now: float
+    ) -> None:
+        """Trust on first use: the first device to register an AOR claims it; every write extends the claim
+        to the last expiry of what this peer wrote (an account's record only keeps its expiry)."""
+        until = max([b.expires_at for b in plan.bindings if b.alive(now)], default=now)
+        if claim is None or not claim.alive(now):
+            claim = Claim(aor, instance=instances[0] if instances else None, flow=flow, created=now)
+        elif not claim.explicit:  # the owner's device, perhaps from a new address: follow it
+            claim.flow = flow
+            if claim.instance is None and instances:
+                claim.instance = instances[0]
+        claim.until = until
+        try:
+            self.users.save_claim(claim)
+        except OSError as exc:
+            log.warning("cannot save the claim of %s: %s", aor, exc)
+
+    def sweep_user_keys(self, now: float | None = None) -> int:
+        """Forget the user keys (and claims) of AORs that own nothing any more: the last binding written
+        through this peer expired or was removed. Kept: accounts (``p2psip user add``, the config's
+        ``[users]``), AORs being registered right now, and keys some part of the peer still serves
+        (:attr:`key_users`). Keys without a claim record (made before claims existed) are left alone.
+        Returns how many were removed."""
+        now = time.time() if now is None else now
+        removed = 0
+        for claim in self.users.claims():
+            aor = claim.aor
+            if claim.alive(now) or self.config.account_for(aor) is not None or aor in self._aor_locks:
+                continue
+            if any(user(aor) for user in self.key_users):
+                continue
+            self.users.forget(aor)
+            removed += 1
+        self.throttle.expire(now)
+        self.counters["user_keys_removed"] += removed
+        return removed
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.key_sweep_interval)
+            try:
+                self.sweep_user_keys()
+            except Exception:  # a sweep failing once must not end the sweeping
+                log.exception("user key sweep failed")
 
     def _unavailable(self, request: Request, exc: BaseException) -> Response:
         response = Response.for_request(request, 503, f"Service Unavailable (overlay: {exc or 'timeout'})")

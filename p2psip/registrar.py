@@ -326,17 +326,42 @@ def plan_register(
     return plan
 
 
-def ok_response(request: Request, plan: RegisterPlan, now: float) -> Response:
-    """The 200 OK listing every current binding with its remaining expiry (§10.3 step 8)."""
+def contact_instances(request: Request) -> list[str]:
+    """The ``+sip.instance`` values (quotes removed) of a REGISTER's contacts, in order; [] if none or if
+    the Contact header cannot be read (the registrar answers that 400 itself)."""
+    try:
+        contacts = request.contacts
+    except (ParseError, ValueError):
+        return []
+    out = []
+    for contact in contacts:
+        value = contact.params.get("+sip.instance")
+        if value:
+            out.append(value.strip('"'))
+    return out
+
+
+def ok_response(
+    request: Request, plan: RegisterPlan, now: float, own_instances: Iterable[str] = ()
+) -> Response:
+    """The 200 OK listing every current binding with its remaining expiry (§10.3 step 8).
+
+    A binding's ``+sip.instance`` (and ``reg-id``) is echoed only when the REGISTER itself carries that
+    instance (``own_instances``): the device that owns it learns its binding is there (RFC 5626 §6; JsSIP
+    needs it), and nobody else ever reads an instance id, which the home peer treats as the device's proof
+    of ownership (p2psip.ownership)."""
     response = Response.for_request(request, 200)
-    contacts = [
-        f"<{b.contact}>;expires={b.remaining(now)}"
-        + (f";q={b.q:g}" if b.q is not None else "")
-        + (f';+sip.instance="{b.instance}"' if b.instance else "")
-        + (f";reg-id={b.reg_id}" if b.instance and b.reg_id is not None else "")
-        for b in plan.bindings
-        if b.alive(now)
-    ]
+    own = set(own_instances)
+
+    def shown(b: Binding) -> str:
+        text = f"<{b.contact}>;expires={b.remaining(now)}" + (f";q={b.q:g}" if b.q is not None else "")
+        if b.instance and b.instance in own:
+            text += f';+sip.instance="{b.instance}"'
+            if b.reg_id is not None:
+                text += f";reg-id={b.reg_id}"
+        return text
+
+    contacts = [shown(b) for b in plan.bindings if b.alive(now)]
     if contacts:
         response.set("Contact", contacts)
     return response

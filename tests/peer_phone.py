@@ -59,6 +59,7 @@ class Phone:
         self.answer = answer
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
+        self.host = "127.0.0.1"
         self.requests: list[Request] = []
         self.invites: asyncio.Queue[Request] = asyncio.Queue()
         self.acked = asyncio.Event()
@@ -69,17 +70,20 @@ class Phone:
         self._tag = new_tag()
 
     @classmethod
-    async def open(cls, user: str, answer: str | int = "auto", domain: str = DOMAIN) -> Phone:
+    async def open(
+        cls, user: str, answer: str | int = "auto", domain: str = DOMAIN, host: str = "127.0.0.1"
+    ) -> Phone:
         phone = cls(user, answer, domain)
+        phone.host = host
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(phone), local_addr=("127.0.0.1", 0))
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(phone), local_addr=(host, 0))
         phone.transport = transport
         phone.port = transport.get_extra_info("sockname")[1]
         return phone
 
     @property
     def contact(self) -> str:
-        return f"sip:{self.user}@127.0.0.1:{self.port}"
+        return f"sip:{self.user}@{self.host}:{self.port}"
 
     def close(self) -> None:
         if self.transport is not None:
@@ -92,7 +96,7 @@ class Phone:
         self.transport.sendto(bytes(message), to)
 
     def _via(self) -> str:
-        return f"SIP/2.0/UDP 127.0.0.1:{self.port};branch={new_branch()};rport"
+        return f"SIP/2.0/UDP {self.host}:{self.port};branch={new_branch()};rport"
 
     def _received(self, message: Request | Response, addr: tuple[str, int]) -> None:
         if isinstance(message, Response):

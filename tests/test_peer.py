@@ -196,9 +196,13 @@ async def test_digest_auth_per_user(make_peer: PeerFactory, phones) -> None:
     accepted = await alice.request(right, peer.sip_address())
     assert accepted.status == 200
     assert len(await peer.node.get(ALICE)) == 1
-    # require_auth: users the config does not list are refused
+    # require_auth: users the config does not list get the very same challenge (no 403 "not a user":
+    # answers must not tell a scanner which users exist), and any credentials for them fail alike.
     bob = await phones("bob")
-    assert (await bob.register(peer.sip_address())).status == 403
+    unknown = await bob.register(peer.sip_address())
+    assert unknown.status == 401
+    shape = [v.split("nonce=")[0] for v in unknown.get_all("WWW-Authenticate")]
+    assert shape == [v.split("nonce=")[0] for v in challenge.get_all("WWW-Authenticate")]
 
 
 def challenge_request(phone: Phone, peer: Peer, cseq: int) -> Request:

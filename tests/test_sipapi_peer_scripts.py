@@ -48,23 +48,27 @@ async def start_peer(tmp: Path, name: str, join: Peer | None = None) -> Peer:
     return await Peer.start(config, node_config=quick_node_config())
 
 
+_DEVICES: dict[str, UdpClient] = {}
+"""One UDP client per AOR: the device that registers the AOR's contacts. The home peer binds an AOR to the
+device that first registered it (trust on first use), so later REGISTERs must come from that same flow."""
+
+
 async def register(peer: Peer, aor: str, contact: str, expires: int = 600) -> int:
     """REGISTER ``contact`` for ``aor`` at ``peer`` (a plain UDP client in a thread: the peer runs here).
     A 503 (the overlay could not store it yet) is retried for up to 30 s: the ring's readiness for that
     key is the condition waited for."""
-    client = UdpClient()
+    client = _DEVICES.get(aor)
+    if client is None:
+        client = _DEVICES[aor] = UdpClient()
     deadline = time.monotonic() + 30
-    try:
-        while True:
-            host, port = peer.sip_address()
-            request = client.request("REGISTER", f"sip:{host}:{port}", from_=aor, to=aor)
-            request.set("Contact", f"<{contact}>;expires={expires}")
-            response = await asyncio.to_thread(client.send, request, peer.sip_address(), 15.0)
-            if response.status != 503 or time.monotonic() > deadline:
-                return response.status
-            await asyncio.sleep(0.3)
-    finally:
-        client.close()
+    while True:
+        host, port = peer.sip_address()
+        request = client.request("REGISTER", f"sip:{host}:{port}", from_=aor, to=aor)
+        request.set("Contact", f"<{contact}>;expires={expires}")
+        response = await asyncio.to_thread(client.send, request, peer.sip_address(), 15.0)
+        if response.status != 503 or time.monotonic() > deadline:
+            return response.status
+        await asyncio.sleep(0.3)
 
 
 class Overlay:
@@ -104,6 +108,9 @@ async def overlay(tmp_path: Path) -> AsyncIterator[Overlay]:
         await home.close()
         await b.close(leave=False)
         await a.close(leave=False)
+        for client in _DEVICES.values():
+            client.close()
+        _DEVICES.clear()
 
 
 async def test_article_proxy_then_voicemail_end_to_end(overlay: Overlay, tmp_path: Path) -> None:

@@ -165,6 +165,25 @@ def _print_lookup(result: dict[str, Any]) -> None:
     )
 
 
+def _cmd_user_add(args: argparse.Namespace) -> int:
+    from p2psip.errors import P2PSIPError
+    from p2psip.peer import add_account
+
+    try:
+        password = add_account(data_dir_of(args), args.aor, username=args.username)
+    except P2PSIPError as exc:
+        return fail(str(exc), 2)
+    except OSError as exc:
+        return fail(f"cannot write the account into {data_dir_of(args)}: {exc.strerror or exc}", 1)
+    username = args.username or args.aor.partition(":")[2].partition("@")[0]
+    if args.json:
+        print(json.dumps({"aor": args.aor, "username": username, "password": password}))
+    else:
+        print(f"account {args.aor}: user name {username}, password {password}")
+        print("(shown once: give it to the phone; REGISTERs for this address now need it)")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     start = sub.add_parser("start", help="run a peer in the foreground")
     start.add_argument(
@@ -213,6 +232,15 @@ def add_commands(sub: Any) -> None:
     start.add_argument("--dns", action="store_true", help="resolve non-overlay domains with DNS")
     start.add_argument("-v", "--verbose", action="store_true", help="print a SIP trace")
     start.set_defaults(func=_cmd_start)
+
+    user = sub.add_parser("user", help="manage accounts of a peer's data dir")
+    user_sub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    add = user_sub.add_parser("add", help="create an account (digest) for an AOR and print its password")
+    add.add_argument("aor", metavar="SIP-URI", help="the address of record, e.g. sip:alice@p2p.example")
+    add.add_argument("--username", metavar="NAME", help="digest user name (default: the AOR's user part)")
+    add.add_argument("--data-dir", metavar="DIR", help="the peer's data dir (default ~/.local/share/p2psip)")
+    add.add_argument("--json", action="store_true", help="machine-readable output")
+    add.set_defaults(func=_cmd_user_add)
 
     for name, helptext, func in (
         ("status", "show a running peer: ring neighbours, fingers, stored entries, counters", _cmd_status),

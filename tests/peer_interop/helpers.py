@@ -11,6 +11,7 @@ from interop.sipp import SippResult, run_calls
 
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.peer import Peer, quick_node_config, wait_until_settled
+from p2psip.ratelimit import UNLIMITED
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 REGISTER = SCENARIOS / "register.xml"
@@ -29,6 +30,9 @@ async def start_overlay(count: int, data_root: Path, *, settle_timeout: float = 
                 join=HostPort(*peers[0].overlay_address) if peers else None,
                 data_dir=data_root / f"peer{i}",
                 cache_ttl=0.0,
+                # sipp registers hundreds of AORs from one address: lift the bound on new AORs per source
+                new_aors_per_source=UNLIMITED,
+                new_aors_total=UNLIMITED,
             )
             peers.append(await Peer.start(config, node_config=quick_node_config()))
         await wait_until_settled(peers, timeout=settle_timeout)

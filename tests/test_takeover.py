@@ -1,0 +1,248 @@
+"""Takeover, disclosure, guessing and registrar state at the home peer (issue 17), on loopback peers.
+
+Each test failed before its fix: a REGISTER from any socket replaced alice's contact at her home peer, a
+query listed anyone's contacts, 403-vs-401 told which users exist, wrong digests cost nothing, and every
+new AOR left a user key behind for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from peer_phone import Phone
+
+from p2psip.auth import answer_challenge
+from p2psip.config import HostPort, ListenSpec, PeerConfig
+from p2psip.message import Request, Response, new_tag
+from p2psip.peer import Peer, add_account, quick_node_config
+from p2psip.ratelimit import Rate
+from p2psip.timers import TimerConfig
+
+ALICE = "sip:alice@p2p.example"
+ROOT = Path(__file__).resolve().parent.parent
+FAST = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
+A1 = "<urn:uuid:00000000-0000-4000-8000-0000000000a1>"
+
+PeerFactory = Callable[..., Awaitable[Peer]]
+
+
+@pytest.fixture
+async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
+    started: list[Peer] = []
+
+    async def make(**settings: object) -> Peer:
+        config = PeerConfig(
+            listen=[ListenSpec("udp", "127.0.0.1", 0)],
+            overlay=HostPort("127.0.0.1", 0),
+            data_dir=tmp_path / f"peer{len(started)}",
+            cache_ttl=0.0,
+        )
+        for key, value in settings.items():
+            setattr(config, key, value)
+        peer = await Peer.start(config, node_config=quick_node_config(), stack_options={"timers": FAST})
+        started.append(peer)
+        return peer
+
+    yield make
+    for peer in started:
+        await peer.close(leave=False)
+
+
+@pytest.fixture
+async def phones() -> AsyncIterator[Callable[..., Awaitable[Phone]]]:
+    opened: list[Phone] = []
+
+    async def make(user: str = "alice", host: str = "127.0.0.1") -> Phone:
+        phone = await Phone.open(user, host=host)
+        opened.append(phone)
+        return phone
+
+    yield make
+    for phone in opened:
+        phone.close()
+
+
+def with_instance(phone: Phone, instance: str = A1) -> str:
+    return f'<{phone.contact}>;+sip.instance="{instance}";reg-id=1'
+
+
+async def query(phone: Phone, peer: Peer, aor: str = ALICE) -> Response:
+    request = Request.create(
+        "REGISTER", "sip:p2p.example", from_=f"<{aor}>;tag={new_tag()}", to=f"<{aor}>",
+        call_id=f"q-{new_tag()}", cseq=1, via=phone._via(),
+    )  # fmt: skip
+    return await phone.request(request, peer.sip_address())
+
+
+async def contacts_of(peer: Peer) -> list[str]:
+    return [b.contact for b in await peer.fetch_bindings(ALICE)]
+
+
+# ------------------------------------------------------------------------------------------- takeover
+
+
+async def test_takeover_at_the_home_peer_is_refused(make_peer: PeerFactory, phones) -> None:
+    peer = await make_peer()
+    alice, mallory = await phones(), await phones("mallory")
+    first = await alice.register(peer.sip_address(), contact=with_instance(alice))
+    assert first.status == 200
+    # The owner's own binding comes back with its instance (RFC 5626; JsSIP needs it) ...
+    assert f'+sip.instance="{A1}"' in (first.get("Contact") or "")
+    # ... the issue's attack, from another socket with no credentials: both steps refused
+    wipe = await mallory.register(peer.sip_address(), aor=ALICE, contact="*", expires=0)
+    assert wipe.status == 403
+    hijack = await mallory.register(peer.sip_address(), aor=ALICE)
+    assert hijack.status == 403
+    assert await contacts_of(peer) == [alice.contact]
+    assert peer.counters["takeovers_refused"] == 2
+    # a query by a stranger learns nothing (not even whether anyone is registered)
+    peek = await query(mallory, peer)
+    assert peek.status == 200 and peek.get("Contact") is None
+    # alice's device comes back from a new port (a restarted phone): its instance proves it
+    again = await phones()
+    moved = await again.register(peer.sip_address(), contact=with_instance(again), call_id="r2")
+    assert moved.status == 200
+    assert await contacts_of(peer) == [again.contact]  # the same entry (instance), a new contact
+    # its own query lists the contacts; its own flow may remove everything
+    mine = await query(again, peer)
+    assert again.contact in (mine.get("Contact") or "")
+    assert (
+        await again.register(peer.sip_address(), contact="*", expires=0, call_id="r2", cseq=2)
+    ).status == 200
+    assert await contacts_of(peer) == []
+
+
+async def test_a_device_without_instance_is_known_by_its_flow(make_peer: PeerFactory, phones) -> None:
+    peer = await make_peer()
+    alice, other = await phones(), await phones()
+    assert (await alice.register(peer.sip_address())).status == 200
+    assert (await other.register(peer.sip_address(), aor=ALICE)).status == 403
+    assert (await alice.register(peer.sip_address(), call_id="again")).status == 200  # same flow: refresh
+    # no instance is ever echoed to a device that did not send it
+    owner_view = await query(alice, peer)
+    assert "+sip.instance" not in (owner_view.get("Contact") or "") and alice.contact in (
+        owner_view.get("Contact") or ""
+    )
+
+
+async def test_the_claim_ends_with_the_bindings_and_the_key_goes_with_it(
+    make_peer: PeerFactory, phones
+) -> None:
+    peer = await make_peer(min_expires=1)
+    alice, bob = await phones(), await phones("bob")
+    assert (await alice.register(peer.sip_address(), expires=1)).status == 200
+    assert peer.users.path_for(ALICE).exists() and peer.users.claim_path(ALICE).exists()
+    assert peer.sweep_user_keys() == 0  # still registered
+    await asyncio.sleep(1.2)
+    assert peer.sweep_user_keys() == 1
+    assert not peer.users.path_for(ALICE).exists() and not peer.users.claim_path(ALICE).exists()
+    assert peer.status()["counters"]["peer_user_keys_removed"] == 1
+    # the AOR is free again: another device may claim it (with a new key the overlay accepts)
+    assert (await bob.register(peer.sip_address(), aor=ALICE)).status == 200
+    # an unregistered AOR goes the same way, without waiting
+    assert (await bob.register(peer.sip_address(), aor=ALICE, contact="*", expires=0, cseq=2)).status == 200
+    assert peer.sweep_user_keys() == 1 and peer.users.on_disk() == 0
+
+
+# --------------------------------------------------------------------------------- accounts, guessing
+
+
+async def challenge_and_answer(
+    phone: Phone, peer: Peer, password: str, call_id: str
+) -> tuple[Response, float]:
+    """REGISTER, answer the 401 with ``password``; returns (the final answer, seconds it took)."""
+    challenge = await phone.register(peer.sip_address(), aor=ALICE, call_id=call_id, cseq=1)
+    assert challenge.status == 401
+    request = Request.create(
+        "REGISTER", "sip:p2p.example", from_=f"<{ALICE}>;tag={new_tag()}", to=f"<{ALICE}>",
+        call_id=call_id, cseq=2, via=phone._via(), contact=f"<{phone.contact}>", headers=[("Expires", "300")],
+    )  # fmt: skip
+    signed = answer_challenge(challenge, request, "alice", password)
+    started = time.monotonic()
+    answer = await phone.request(signed, peer.sip_address(), timeout=30)
+    return answer, time.monotonic() - started
+
+
+async def test_user_add_account_and_guessing_costs_time(
+    make_peer: PeerFactory, phones, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "peer0"
+    password = add_account(data_dir, ALICE)
+    peer = await make_peer(data_dir=data_dir)
+    attacker, owner = await phones(), await phones(host="127.0.0.2")
+    caplog.set_level(logging.WARNING, logger="p2psip.peer")
+    took = []
+    for i in range(6):
+        answer, seconds = await challenge_and_answer(attacker, peer, f"guess{i}", f"g{i}")
+        assert answer.status == 401  # never 403: a wrong password and an unknown user look alike
+        took.append(seconds)
+    assert max(took[:3]) < 0.4 and took[4] >= 0.45 and took[5] >= 0.9, took  # free, then doubling
+    assert peer.counters["auth_failures"] == 6 and peer.counters["auth_delayed"] >= 3
+    assert sum("digest failure" in r.message for r in caplog.records) == 6
+    assert peer.status()["counters"]["peer_auth_failures"] == 6
+    # the owner, from another address, is never slowed down by the attacker's failures
+    answer, seconds = await challenge_and_answer(owner, peer, password, "owner")
+    assert answer.status == 200 and seconds < 0.4, seconds
+    # an account needs digest even for the first REGISTER: trust on first use does not apply
+    stranger = await phones()
+    assert (await stranger.register(peer.sip_address(), aor=ALICE)).status == 401
+    # the account's key is never swept
+    assert peer.sweep_user_keys() == 0 and peer.users.path_for(ALICE).exists()
+
+
+def test_user_add_command_prints_a_password(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "p2psip.cli", "user", "add", ALICE, "--data-dir", str(tmp_path), "--json"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert shown["username"] == "alice" and len(shown["password"]) >= 12
+    again = subprocess.run(
+        [sys.executable, "-m", "p2psip.cli", "user", "add", ALICE, "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 2 and "already has an account" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------- scanning, new AORs
+
+
+async def test_scanning_for_users_is_rate_limited_per_source(make_peer: PeerFactory, phones) -> None:
+    peer = await make_peer(scan_rate=Rate.parse("1/min:5"))
+    scanner, caller = await phones("scanner"), await phones("caller", host="127.0.0.2")
+    statuses = []
+    for i in range(8):
+        result = await scanner.call(f"sip:user{i}@p2p.example", peer.sip_address(), timeout=10)
+        assert result.final is not None
+        statuses.append(result.final.status)
+    assert statuses == [404] * 5 + [503] * 3
+    assert peer.counters["scans_refused"] == 3
+    other = await caller.call("sip:nobody@p2p.example", peer.sip_address(), timeout=10)
+    assert other.final is not None and other.final.status == 404  # callers elsewhere keep their 404
+
+
+async def test_new_aors_are_bounded_per_source(make_peer: PeerFactory, phones) -> None:
+    peer = await make_peer(new_aors_per_source=Rate.parse("3/min:3"))
+    flood, other = await phones("flood"), await phones("other", host="127.0.0.2")
+    answers = [
+        (await flood.register(peer.sip_address(), aor=f"sip:u{i}@p2p.example", call_id=f"n{i}")).status
+        for i in range(5)
+    ]
+    assert answers == [200, 200, 200, 503, 503]
+    assert peer.users.on_disk() == 3 and peer.counters["new_aors_refused"] == 2
+    assert (await other.register(peer.sip_address(), aor="sip:v@p2p.example")).status == 200
+    # refreshing an AOR this peer already holds costs nothing
+    assert (
+        await flood.register(peer.sip_address(), aor="sip:u0@p2p.example", call_id="n0", cseq=2)
+    ).status == 200
