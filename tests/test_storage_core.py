@@ -1,0 +1,147 @@
+"""The storage protocol core (overlay/storage_core.py), sans-IO: requests and `now` in, Sends and Answers
+out, no sockets and no clock. The node (tests/test_node_net.py) and the simulator (tests/test_sim.py) drive
+this same class; here each rule is pinned on its own."""
+
+from __future__ import annotations
+
+from overlay.identity import KeyPair
+from overlay.ids import RING
+from overlay.storage import Entry, Store
+from overlay.storage_core import (
+    E_NOT_RESPONSIBLE,
+    Answer,
+    Locate,
+    Send,
+    StorageConfig,
+    StorageCore,
+)
+
+ME = 1000
+PRED = (500, "10.0.0.5", 7060)
+S1, S2 = (2000, "10.0.0.20", 7060), (3000, "10.0.0.30", 7060)
+T = 100.0
+USER = KeyPair.generate()
+
+
+def core(replicas: int = 3, store: Store | None = None) -> StorageCore:
+    c = StorageCore(ME, store or Store(), replicas, T, StorageConfig(handoff_window=5.0))
+    c.on_neighbours(PRED, [S1, S2], T)
+    c.take_outputs()
+    return c
+
+
+def entry(key: int = 700, eid: bytes = b"phone", seq: int = 1, life: int = 600, value: bytes = b"v") -> Entry:
+    return Entry.create(USER, key, eid, value, seq, life)
+
+
+def answers(c: StorageCore) -> list[Answer]:
+    return [o for o in c.take_outputs() if isinstance(o, Answer)]
+
+
+def test_store_fans_out_and_answers_once_every_replica_replied() -> None:
+    c = core()
+    c.handle_request("t1", "store", {"entry": entry()}, T)
+    sends = c.take_outputs()
+    assert [type(s) for s in sends] == [Send, Send]
+    assert {s.to for s in sends if isinstance(s, Send)} == {S1, S2}
+    first, second = (s for s in sends if isinstance(s, Send))
+    assert first.body["replica"] is True
+    c.on_reply(first.request_id, "ok", {"stored": 1}, T)
+    assert c.take_outputs() == []  # still waiting for the second replica
+    c.on_failure(second.request_id, T + 3)
+    (answer,) = answers(c)
+    assert (answer.token, answer.type, answer.body) == ("t1", "ok", {"stored": 2})
+    # a replica missed the write: an early repair is due soon, and it pushes the primary range
+    assert c.next_timer() <= T + 3 + c.config.early_repair_delay
+    c.handle_timer(c.next_timer())
+    pushed = [o for o in c.take_outputs() if isinstance(o, Send)]
+    assert {p.to for p in pushed} == {S1, S2} and all(p.type == "transfer" and p.bulk for p in pushed)
+
+
+def test_not_responsible_is_421_and_a_replica_store_is_not_checked() -> None:
+    c = core()
+    c.handle_request("t", "store", {"entry": entry(key=1500)}, T)
+    (answer,) = answers(c)
+    assert answer.type == "err" and answer.body["code"] == E_NOT_RESPONSIBLE
+    c.handle_request("r", "store", {"entry": entry(key=1500), "replica": True}, T)
+    assert answers(c)[0].body == {"stored": 1}  # a replica does not forward
+
+
+def test_a_retransmitted_request_gets_the_first_answer_and_never_runs_twice() -> None:
+    c = core(replicas=1)
+    e = entry()
+    c.handle_request("u", "store", {"entry": e}, T, once=True)
+    first = answers(c)
+    c.handle_request("u", "store", {"entry": e}, T, once=True)
+    assert answers(c) == first  # the same answer again, not a stale-seq refusal
+    assert c.stats["request_duplicates"] == 1 and c.stats["stores_accepted"] == 1
+    # the very same entry under a new token (a retry whose reply was lost) is an idempotent success
+    c.handle_request("v", "store", {"entry": e}, T)
+    assert answers(c)[0].body == {"stored": 1} and c.stats["store_duplicates"] == 1
+
+
+def test_replica_fetch_returns_tombstones_with_their_seq_primary_fetch_does_not() -> None:
+    c = core(replicas=1)
+    c.handle_request("a", "store", {"entry": entry(seq=1)}, T)
+    c.handle_request("b", "store", {"entry": Entry.create(USER, 700, b"phone", b"", 2, 0)}, T)
+    c.take_outputs()
+    c.handle_request("p", "fetch", {"key": 700}, T + 10)  # past the hand-off window
+    assert answers(c)[0].body == {"entries": []}
+    c.handle_request("r", "fetch", {"key": 700, "replica": True}, T + 10)
+    ((tombstone, _ms),) = answers(c)[0].body["entries"]
+    assert tombstone.is_removal and tombstone.seq == 2
+
+
+def test_a_new_primary_asks_its_successor_while_its_range_is_on_the_way() -> None:
+    c = core()
+    c.handle_request("f", "fetch", {"key": 700}, T + 1)  # inside the hand-off window, nothing here yet
+    (ask,) = c.take_outputs()
+    assert isinstance(ask, Send) and ask.to == S1 and ask.body == {"key": 700, "replica": True}
+    removed = Entry.create(USER, 700, b"old", b"", 5, 0)
+    c.on_reply(ask.request_id, "ok", {"entries": [(entry(), 5000), (removed, 0)]}, T + 1)
+    (answer,) = answers(c)
+    assert [e.entry_id for e, _ in answer.body["entries"]] == [b"phone"]  # the tombstone is not a binding
+
+
+def test_leave_counts_what_the_successor_acknowledged() -> None:
+    c = core()
+    for i in range(3):
+        c.handle_request(i, "store", {"entry": entry(eid=b"%d" % i), "replica": True}, T)
+    c.take_outputs()
+    assert c.leave(T) == 3
+    sends = [o for o in c.take_outputs() if isinstance(o, Send)]
+    assert c.transfers_in_flight == len(sends)
+    for s in sends:
+        c.on_reply(s.request_id, "ok", {"stored": 3}, T)
+    assert c.handed_off == 3 and c.transfers_in_flight == 0
+
+
+def test_a_restarted_node_locates_and_hands_over_keys_outside_its_range() -> None:
+    store = Store()
+    store.put(entry(key=700), T)  # ours once linked: (500, 1000]
+    store.put(entry(key=RING - 5), T)  # someone else's
+    c = StorageCore(ME, store, 3, T, StorageConfig())
+    c.on_neighbours(None, [S1, S2], T)  # joined, not linked yet: nothing announced
+    assert not any(isinstance(o, Locate) for o in c.take_outputs())
+    c.on_neighbours(PRED, [S1, S2], T)
+    (locate,) = [o for o in c.take_outputs() if isinstance(o, Locate)]
+    assert locate.key == RING - 5
+    c.on_located(locate.request_id, S2, T)
+    (handover,) = c.take_outputs()
+    assert isinstance(handover, Send) and handover.to == S2 and handover.body["announce"] is True
+
+
+def test_an_announce_passes_what_was_new_on_to_the_replicas() -> None:
+    c = core()
+    known = entry(key=700, eid=b"known")
+    c.handle_request("k", "store", {"entry": known, "replica": True}, T)
+    c.take_outputs()
+    fresh = entry(key=700, eid=b"fresh")
+    c.handle_request("x", "transfer", {"entries": [(known, 9000), (fresh, 9000)], "announce": True}, T)
+    out = c.take_outputs()
+    forwarded = [o for o in out if isinstance(o, Send)]
+    assert {f.to for f in forwarded} == {S1, S2}
+    assert all([e for e, _ in f.body["entries"]] == [fresh] for f in forwarded)
+    # a plain transfer (join, repair) is not passed on
+    c.handle_request("y", "transfer", {"entries": [(entry(key=700, eid=b"other"), 9000)]}, T)
+    assert not any(isinstance(o, Send) for o in c.take_outputs())
