@@ -29,3 +29,8 @@ class LookupFailed(OverlayError):
 
 class NotJoined(OverlayError):
     """The node is not part of a ring yet (or has left it)."""
+
+
+class WrongOverlay(NotJoined):
+    """The peer asked to let us join serves another overlay (it answered with its name): retrying cannot
+    help, so the join fails at once."""

@@ -46,7 +46,7 @@ from overlay.chord import (
     SendRequest,
 )
 from overlay.errors import LookupFailed as LookupFailedError
-from overlay.errors import NotJoined, OverlayError, StoreRefused, WireError
+from overlay.errors import NotJoined, OverlayError, StoreRefused, WireError, WrongOverlay
 from overlay.identity import KeyPair, VerifiedCache, node_identity
 from overlay.ids import RING, key_for, short
 from overlay.storage import (
@@ -314,6 +314,8 @@ class Node:
                     except TimeoutError:
                         self._count("joined_without_predecessor")
                     break
+                except WrongOverlay:
+                    raise  # the bootstrap said so: retrying cannot help
                 except (NotJoined, TimeoutError) as exc:
                     if self._loop.time() >= deadline:
                         raise NotJoined(
@@ -649,12 +651,31 @@ class Node:
         try:
             msg = self.codec.decode(data)
         except WireError as exc:
-            self._count(f"dropped_{error_kind(exc).replace('-', '_')}")
+            kind = error_kind(exc)
+            self._count(f"dropped_{kind.replace('-', '_')}")
+            if kind == "foreign":
+                self._answer_foreign(data, addr)
             return
         try:
             self._dispatch(msg, addr)
         except Exception:  # a bug must cost one message, never the listener
             self._count("dropped_internal_error")
+
+    def _answer_foreign(self, data: bytes, addr: Endpoint) -> None:
+        """A request of another overlay: say which overlay we serve (counted, rate limited as a join, and
+        only to where it came from), so a peer with a wrong ``--overlay-name`` stops waiting at once."""
+        try:
+            reply, to = self.codec.wrong_overlay_reply(data, self.me.id, self.me.ep)
+        except WireError:
+            return
+        if not _same_endpoint(to, addr):
+            return
+        if not self.limiter.allow("join", ("addr", addr), self._loop.time()):
+            self._count("dropped_rate_limited")
+            return
+        self._count("wrong_overlay_answered")
+        if self._udp is not None and not self._closed:
+            self._udp.sendto(reply, addr)
 
     def _dispatch(self, msg: Message, addr: Endpoint) -> None:
         if self._closed:
@@ -721,6 +742,13 @@ class Node:
         ):
             self._count("dropped_forged_reply")
             return
+        if msg.type == "err" and msg.body.get("reason") == "wrong-overlay":
+            joining = self._joined
+            if joining is not None and not joining.done():
+                joining.set_exception(WrongOverlay(
+                    f"the peer at {addr[0]}:{addr[1]} serves overlay {msg.body.get('detail')!r}, "
+                    f"not {self.codec.overlay_name!r}"
+                ))  # fmt: skip
         if pending.future is not None:
             if not pending.future.done():
                 pending.future.set_result(msg)

@@ -77,6 +77,9 @@ STORAGE_REPLY_FIELDS: dict[str, str] = {
     "truncated": "bool?",
 }
 ERR_FIELDS: dict[str, str] = {"code": "u64", "reason": "str", "detail": "str?"}
+E_WRONG_OVERLAY = 409
+"""``err`` code of the answer to a request of another overlay: ``reason`` ``wrong-overlay``, ``detail`` the
+overlay name this node serves (see :meth:`Codec.wrong_overlay_reply`)."""
 
 
 def overlay_schemas() -> tuple[dict[str, Schema], dict[str, str]]:
@@ -187,6 +190,44 @@ class Codec:
         if len(data) > max_size:
             raise WireError(f"{msg.type} message of {len(data)} bytes exceeds the limit of {max_size}")
         return data
+
+    def wrong_overlay_reply(
+        self, data: bytes, src: int, ep: tuple[str, int]
+    ) -> tuple[bytes, tuple[str, int]]:
+        """The answer to ``data``, a request that :meth:`decode` refused as belonging to another overlay:
+        an ``err`` in *that* overlay's name (so its sender can decode it) saying which overlay this node
+        serves, and where to send it (the endpoint the request claims). A peer started with the wrong
+        ``--overlay-name`` then learns why at once instead of waiting out its join timeout.
+
+        Strict: only a well-formed envelope of this protocol version, for a request type this codec knows,
+        gets an answer (``WireError`` otherwise); the answer is smaller than a request, so it amplifies
+        nothing, and the caller still checks that the claimed endpoint is where the datagram came from."""
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_map_len=64, max_ext_len=0)
+        except Exception as exc:
+            raise WireError(f"not a msgpack message: {type(exc).__name__}") from None
+        if not isinstance(raw, dict) or type(raw.get("v")) is not int or raw.get("v") != VERSION:
+            raise WireError("not a request of this protocol version")
+        theirs = raw.get("ov")
+        if not isinstance(theirs, str) or not 0 < len(theirs) <= 64 or theirs == self.overlay_name:
+            raise WireError("no other overlay named")
+        if raw.get("t") not in self.requests:
+            raise WireError("not a request")
+        mid = _from_wire("u64", raw.get("id"), "id")
+        _from_wire("id", raw.get("src"), "src")
+        to = _from_wire("ep", raw.get("ep"), "ep")
+        answer = {
+            "v": VERSION,
+            "ov": theirs,
+            "t": "err",
+            "id": mid,
+            "src": _id_out(src),
+            "ep": [ep[0], ep[1]],
+            "code": E_WRONG_OVERLAY,
+            "reason": "wrong-overlay",
+            "detail": self.overlay_name,
+        }
+        return bytes(msgpack.packb(answer, use_bin_type=True)), to
 
     # --- decoding ---------------------------------------------------------------------------------
 

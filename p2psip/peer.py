@@ -35,7 +35,7 @@ from typing import Any
 
 from overlay import ids
 from overlay.chord import ChordConfig
-from overlay.errors import NotJoined, OverlayError, StoreRefused
+from overlay.errors import NotJoined, OverlayError, StoreRefused, WrongOverlay
 from overlay.identity import KeyPair
 from overlay.node import KeyAccess, Node, NodeConfig
 from p2psip import control
@@ -54,6 +54,7 @@ from p2psip.location import (
 )
 from p2psip.message import Request, Response
 from p2psip.ownership import Claim, FailureThrottle, flow_of, may_register, owns
+from p2psip.probe import DeadAddress, unless_refused
 from p2psip.proxy import Proxy, RoutedTarget
 from p2psip.ratelimit import TokenBuckets
 from p2psip.registrar import (
@@ -83,6 +84,11 @@ EventHandler = Callable[[str, str], None]
 left, refused); ``text`` is one readable line."""
 
 USERS_DIR = "users"
+JOIN_PROGRESS_EVERY = 5.0
+OVERLAY_PROBE = b"\x00"
+"""What the join probe sends (asyncio does not send an empty datagram): not an overlay message, so a
+live node drops it and counts it as malformed."""
+"""Seconds between the `joining` lines printed while a bootstrap peer does not answer."""
 
 Targets = list[URI | Address | RoutedTarget]
 """What :meth:`Peer.locate` returns: contacts, or contacts with their own Route sets (Path)."""
@@ -472,20 +478,36 @@ class Peer:
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {data_dir}: {exc.strerror or exc}") from None
         join = config.join.as_tuple() if config.join else None
-        if join is not None and on_event is not None:
-            on_event("joining", f"joining overlay {config.overlay_name!r} through {config.join}")
+        if join is not None:
+            _check_join_family(config)
+            if on_event is not None:
+                on_event("joining", f"joining overlay {config.overlay_name!r} through {config.join}")
+        starting = Node.start(
+            bind=config.overlay.as_tuple(),
+            join=join,
+            data_dir=data_dir,
+            overlay_name=config.overlay_name,
+            replicas=config.replicas,
+            config=node_config,
+        )
         try:
-            node = await Node.start(
-                bind=config.overlay.as_tuple(),
-                join=join,
-                data_dir=data_dir,
-                overlay_name=config.overlay_name,
-                replicas=config.replicas,
-                config=node_config,
-            )
+            if join is None:
+                node = await starting
+            else:
+                node = await _joining(starting, join, str(config.join), on_event)
+        except WrongOverlay as exc:
+            raise P2PSIPError(f"cannot join: {exc} (check --overlay-name)") from None
+        except DeadAddress:
+            raise P2PSIPError(
+                f"cannot join: nothing listens at {config.join} (connection refused; --join names the "
+                f"overlay address of a running peer, its --overlay, e.g. 127.0.0.1:7060, not its SIP port)"
+            ) from None
         except NotJoined as exc:
             detail = str(exc).strip().rstrip(":")
-            raise P2PSIPError(f"{detail} (is a peer of that overlay running there? check --join)") from None
+            raise P2PSIPError(
+                f"{detail} (is a peer of that overlay running there? --join names its overlay address, "
+                "e.g. 127.0.0.1:7060, not its SIP port)"
+            ) from None
         except OverlayError as exc:
             raise ConfigError(f"overlay: {exc}") from None
         try:
@@ -1319,6 +1341,38 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _check_join_family(config: PeerConfig) -> None:
+    """An overlay node speaks one address family: an IPv6 node cannot reach an IPv4 bootstrap (nor the
+    reverse). Said at once, not after the join timeout."""
+    assert config.join is not None
+    try:
+        ours = ipaddress.ip_address(config.overlay.host.strip("[]")).version
+        theirs = ipaddress.ip_address(config.join.host.strip("[]")).version
+    except ValueError:
+        return
+    if ours != theirs:
+        raise ConfigError(
+            f"--join {config.join} is IPv{theirs} but this peer's overlay address {config.overlay} is "
+            f"IPv{ours}: a node reaches peers of its own family only (give --overlay an IPv{theirs} address)"
+        )
+
+
+async def _joining(
+    starting: Awaitable[Node], join: tuple[str, int], shown: str, on_event: EventHandler | None
+) -> Node:
+    """Await the node's join, racing a probe of the bootstrap (a refusal ends it at once) and printing a
+    ``joining`` line every few seconds while no answer comes."""
+    task = asyncio.ensure_future(unless_refused(starting, join, payload=OVERLAY_PROBE))
+    waited = 0.0
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=JOIN_PROGRESS_EVERY)
+        if done:
+            return task.result()
+        waited += JOIN_PROGRESS_EVERY
+        if on_event is not None:
+            on_event("joining", f"no answer from {shown} yet after {waited:.0f} s; still trying")
 
 
 def _uri_host(host: str) -> str:

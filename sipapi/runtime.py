@@ -201,12 +201,15 @@ class CallControl:
         if body:
             response.body = body
         self._send(response)
+        if status >= 300:
+            self.core.script_answered(self.request, f"answered {status} {response.reason}")
 
     def redirect(self, locations: list[str], status: int = 302) -> None:
         self._final("redirect")
         response = self.response(status)
         response.set("Contact", [f"<{URI(text)}>" for text in locations])
         self._send(response)
+        self.core.script_answered(self.request, f"redirected ({status}) to {', '.join(locations)}")
 
     def challenge(self, realm: str, proxy: bool = False) -> None:
         self._final("challenge")
@@ -238,11 +241,17 @@ class CallControl:
         self.core.save_registration(self)
 
     def fail(self, reason: str) -> None:
-        """The script failed (raised, timed out, died): 500 unless it had already answered."""
-        if not self.decided:
-            self.decided = True
-            self.held = None
-            self._send(Response.for_request(self.request, 500, f"Server Internal Error ({reason})"[:200]))
+        """The script failed (raised, timed out, died): a plain 500 unless it had already answered.
+
+        ``reason`` (which may name the script's file and line) is logged here, never sent: the caller
+        learns that the server failed, not how its scripts are laid out."""
+        if self.decided:
+            self.core.script_answered(self.request, f"failed ({reason}) after it had answered")
+            return
+        self.decided = True
+        self.held = None
+        self._send(Response.for_request(self.request, 500, "Server Internal Error"))
+        self.core.script_answered(self.request, f"failed ({reason}): answered 500")
 
     def finish(self) -> None:
         """The handlers returned: send the held response, or apply the default processing."""
@@ -363,6 +372,11 @@ class ScriptingCore(Proxy):
         self.script_stats: dict[str, int] = dict.fromkeys(("scripted", "script_errors", "script_timeouts"), 0)
         self.transfer_legs: dict[DialogId, TransferLeg] = {}
         """Calls this server answered to transfer them (``event.action.transfer``), by dialog id."""
+
+    def script_answered(self, request: Request, what: str) -> None:
+        """A script refused, redirected or failed a request: logged where the server runs (a peer also
+        prints it as an event line)."""
+        log.warning("script: %s %s %s", request.method, request.uri, what)
 
     # -- dispatch ---------------------------------------------------------------------------------------
     def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
@@ -533,6 +547,9 @@ class ScriptedPeerCore(ScriptingCore, PeerCore):
 
     def default_processing(self, control: CallControl) -> None:
         PeerCore.on_request(self, control.request, control.transaction, control.source)
+
+    def script_answered(self, request: Request, what: str) -> None:
+        self.peer._event("script", f"{request.method} {request.uri}: the script {what}")
 
     def save_registration(self, control: CallControl) -> None:
         self.spawn(self.peer.handle_register(control.request, control.transaction, control.source))

@@ -278,7 +278,7 @@ async def test_join_through_a_dead_peer_is_a_clear_error(tmp_path: Path) -> None
         data_dir=tmp_path / "lonely",
     )
     events: list[tuple[str, str]] = []
-    with pytest.raises(P2PSIPError, match="check --join"):
+    with pytest.raises(P2PSIPError, match=r"nothing listens at .*--join names"):
         await Peer.start(
             config,
             on_event=lambda kind, text: events.append((kind, text)),
@@ -348,3 +348,92 @@ async def test_ipv6_loopback_overlay_and_call(tmp_path: Path) -> None:
             await phone.stack.close()
         for peer in peers:
             await peer.close(leave=False)
+
+
+async def test_leaving_says_how_many_entries_were_handed_off(make_peer: PeerFactory, phones) -> None:
+    """A lone peer has nobody to hand its entries to: it must not claim it did; a peer with a successor
+    counts what the successor acknowledged."""
+    import re
+
+    lone = await make_peer()
+    said: list[tuple[str, str]] = []
+    lone.on_event = lambda kind, text: said.append((kind, text))
+    bob = await phones("bob")
+    assert (await bob.register(lone.sip_address())).status == 200
+    await lone.close(leave=True)
+    (left,) = [text for kind, text in said if kind == "left"]
+    assert left.startswith("left the overlay: no successor to hand entries to; "), left
+
+    first = await make_peer()
+    second = await make_peer(first)
+    await wait_until_settled([first, second], timeout=20)
+    carol = await phones("carol")
+    assert (await carol.register(first.sip_address())).status == 200
+    said.clear()
+    first.on_event = lambda kind, text: said.append((kind, text))
+    await first.close(leave=True)
+    (left,) = [text for kind, text in said if kind == "left"]
+    assert re.match(r"left the overlay: [1-9]\d* entr(y|ies) handed to the successor", left), left
+
+
+async def test_a_join_that_cannot_work_says_why_at_once(
+    make_peer: PeerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--join to nothing (refused), to a peer of another overlay name (it answers with its name), or an
+    IPv6 peer to an IPv4 bootstrap: each fails within seconds and says which; a silent bootstrap gets
+    progress lines while the join waits."""
+    import socket
+    from dataclasses import replace
+
+    from p2psip.errors import ConfigError, P2PSIPError
+
+    def config(
+        name: str, join: HostPort, overlay: HostPort | None = None, **kw: object
+    ) -> PeerConfig:
+        overlay = overlay or HostPort("127.0.0.1", 0)
+        return PeerConfig(
+            listen=[ListenSpec("udp", "127.0.0.1", 0)],
+            overlay=overlay,
+            join=join,
+            data_dir=tmp_path / name,
+            **kw,
+        )
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = int(s.getsockname()[1])
+    began = time.monotonic()
+    with pytest.raises(
+        P2PSIPError, match=rf"cannot join: nothing listens at 127.0.0.1:{dead} \(connection refused"
+    ):
+        await Peer.start(config("a", HostPort("127.0.0.1", dead)), node_config=quick_node_config())
+    assert time.monotonic() - began < 5
+
+    alpha = await make_peer(overlay_name="alpha")
+    began = time.monotonic()
+    with pytest.raises(P2PSIPError, match=r"serves overlay 'alpha', not 'beta'.*--overlay-name"):
+        await Peer.start(
+            config("b", HostPort(*alpha.overlay_address), overlay_name="beta"),
+            node_config=quick_node_config(),
+        )
+    assert time.monotonic() - began < 5
+    assert alpha.node.stats()["wrong_overlay_answered"] >= 1
+
+    with pytest.raises(ConfigError, match=r"is IPv4 but this peer's overlay address .* is IPv6"):
+        await Peer.start(config("c", HostPort(*alpha.overlay_address), overlay=HostPort("::1", 0)))
+
+    said: list[tuple[str, str]] = []
+    monkeypatch.setattr("p2psip.peer.JOIN_PROGRESS_EVERY", 0.2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+        silent.bind(("127.0.0.1", 0))
+        quick = quick_node_config()
+        with pytest.raises(P2PSIPError, match="could not join"):
+            await Peer.start(
+                config("d", HostPort(*silent.getsockname())),
+                node_config=replace(quick, join_timeout=1.5),
+                on_event=lambda kind, text: said.append((kind, text)),
+            )
+    assert said[0][0] == "joining" and "through 127.0.0.1:" in said[0][1]
+    assert any(
+        kind == "joining" and "no answer from" in text and "still trying" in text for kind, text in said
+    )

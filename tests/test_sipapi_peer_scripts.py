@@ -216,9 +216,16 @@ async def test_a_bad_script_costs_one_call_not_the_peer(
         "basic.addEventListener('incoming', handler)\n"
     )
     caller = await overlay.phone("sip:carol@example.com")
+    said: list[tuple[str, str]] = []
+    overlay.b.on_event = lambda kind, text: said.append((kind, text))
 
-    assert await call_status(caller, "sip:raises@example.com") == 500
+    with pytest.raises(CallFailed) as raised:
+        await caller.call("sip:raises@example.com", timeout=20)
+    # the caller learns the server failed, not the script's file and line: those are logged at the peer
+    assert (raised.value.status, raised.value.reason) == (500, "Server Internal Error")
     assert any("raises@example.com.py:3: ZeroDivisionError" in r.getMessage() for r in caplog.records)
+    assert any(kind == "script" and "sip:raises@example.com" in text and "answered 500" in text
+               for kind, text in said), said  # fmt: skip
 
     started = time.monotonic()
     assert await call_status(caller, "sip:loops@example.com") == 500
@@ -235,6 +242,7 @@ async def test_a_bad_script_costs_one_call_not_the_peer(
 
     # the peer (and a fresh worker) still serve the next call, and an edit takes effect without restart
     assert await call_status(caller, "sip:edited@example.com") == 486
+    assert ("script", "INVITE sip:edited@example.com: the script answered 486 Busy") in said  # logged
     (d / "edited@example.com.py").write_text(
         "def handler(event):\n    event.action.reject(603, 'Declined by the new version')\n"
         "basic.addEventListener('incoming', handler)\n"
