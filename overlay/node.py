@@ -210,6 +210,8 @@ class Node:
         self._traces: dict[int, list[Endpoint]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats: dict[str, int] = {}
+        self.hop_histogram: dict[int, int] = {}
+        """Lookups by hop count (a hop count is at most ``lookup_max_hops``, so this stays small)."""
         self._seqs: dict[tuple[int, bytes], int] = {}
         self._certs: dict[tuple[int, bytes], bytes] = {}
         self._closed = False
@@ -467,6 +469,7 @@ class Node:
             pred = self.core.predecessor
             out["predecessor"] = short(pred.id) if pred else None
         out["dropped"] = sum(v for k, v in self._stats.items() if k.startswith("dropped_"))
+        out["hops"] = {str(h): n for h, n in sorted(self.hop_histogram.items())}
         return out
 
     async def lookup(self, key: int, *, path: list[Endpoint] | None = None) -> tuple[NodeRef, int]:
@@ -487,6 +490,7 @@ class Node:
             finally:
                 self._lookups.pop(lookup_id, None)
             self._count("lookup_hops", found[1])
+            self.hop_histogram[found[1]] = self.hop_histogram.get(found[1], 0) + 1
             return found
         finally:
             if path is not None and self._traces.get(key) is path:

@@ -1264,15 +1264,29 @@ class Peer:
 
         now = time.time()  # the overlay store runs on the wall clock
         by_key: dict[int, list[Any]] = {}
-        for entry, _remaining in node.store.records(now):
+        remaining: dict[int, int] = {}  # key -> ms the longest-lived of its entries has left
+        for entry, left in node.store.records(now):
             if not entry.is_removal:
                 by_key.setdefault(entry.key, []).append(entry)
+                remaining[entry.key] = max(remaining.get(entry.key, 0), int(left))
+        # Who holds a key, as this peer sees the ring: the key's successor and the next replicas-1 nodes.
+        known = {node.node_id: {"id": f"{node.node_id:032x}", "addr": self.overlay_address_text}}
+        if core is not None:
+            for n in [*core.successors, *core.fingers(), *([core.predecessor] if core.predecessor else [])]:
+                known.setdefault(n.id, ref(n))
+
+        def holders(key: int) -> list[str]:
+            ring = sorted(known, key=lambda nid: (nid - key) % ids.RING)
+            return [known[nid]["addr"] for nid in ring[: self.config.replicas]]
+
         stored = [
             {
                 "key": f"{key:032x}",
                 "name": self.names.get(key),
                 "entries": len(entries),
                 "owner": entries[0].owner.hex()[:16],
+                "expires_in": remaining.get(key, 0) // 1000,
+                "holders": holders(key),
             }
             for key, entries in sorted(by_key.items())
         ]
@@ -1300,6 +1314,7 @@ class Peer:
             "home_routing": self.config.home_routing,
             "flows": self.flows.snapshot(asyncio.get_running_loop().time()),
             "counters": counters,
+            "hop_histogram": node_stats.get("hops", {}),
             "registrations": self._home_registrations(),
             "calls": [{"call_id": cid, **call} for cid, call in sorted(self.core.calls.items())],
         }

@@ -90,7 +90,10 @@ function render(status) {
     `overlay "${status.overlay_name}": ${known.size} peers known, ${(status.stored || []).length} keys stored, ` +
     `up ${Math.round(status.uptime_s)} s` + (status.redacted ? " (names hidden off loopback)" : "");
 
-  fillTable("stored", (status.stored || []).map((s) => [s.name, s.key.slice(0, 12), s.entries, s.owner]));
+  fillTable("stored", (status.stored || []).map((s) => [
+    s.name, s.key.slice(0, 12), s.entries, (s.holders || []).join(", "), `${s.expires_in} s`, s.owner,
+  ]));
+  fillTable("hops", Object.entries(status.hop_histogram || {}).map(([h, n]) => [h, n]));
   fillTable("registrations", (status.registrations || []).map((r) => [r.aor, r.contact, `${r.expires_in} s`]));
   fillTable("calls", (status.calls || []).map((c) => [c.from, c.to, c.state]));
   const counters = Object.entries(status.counters || {}).filter(([, v]) => v !== 0).sort();
