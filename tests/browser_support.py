@@ -47,7 +47,8 @@ def chromium_paths() -> tuple[str, str]:
 class Browser:
     """One headless Chromium with fake microphone and camera."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, accept_self_signed: bool = False) -> None:
+        """``accept_self_signed``: trust any certificate (the peers' made-up ones for https:/wss: tests)."""
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
@@ -67,6 +68,8 @@ class Browser:
             "--disable-extensions",
         ):
             options.add_argument(arg)
+        if accept_self_signed:
+            options.add_argument("--ignore-certificate-errors")
         self.driver = webdriver.Chrome(service=Service(driver), options=options)
         self.driver.set_page_load_timeout(20)
         self.driver.set_script_timeout(20)

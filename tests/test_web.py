@@ -377,3 +377,19 @@ async def test_sipjs_and_jssip_call_each_other(make_peer: PeerFactory, browsers:
     assert later > first, "RTP from JsSIP to SIP.js"
     await bob.click("hangup")
     await carol.wait_for("window.sipjs.events.filter(e => e === 'ended').length === 2", what="SIP.js ended")
+
+
+async def test_softphone_over_https_and_wss(make_peer: PeerFactory) -> None:
+    """--http-tls and a wss: listener (self-signed certificates): the page is a secure context, finds the
+    wss: URL, and JsSIP registers over WSS."""
+    listen = [ListenSpec(None, "127.0.0.1", 0), ListenSpec("wss", "127.0.0.1", 0)]
+    peer = await make_peer(http=True, http_tls=True, listen=listen)
+    assert peer.web.origin.startswith("https://") and peer.ws_urls()["wss"].startswith("wss://")
+    browser = await asyncio.to_thread(lambda: Browser(accept_self_signed=True))
+    try:
+        await register_page(browser, peer, "sip:dave@p2p.example")
+        assert await browser.js("return window.isSecureContext && location.protocol") == "https:"
+        assert await browser.js("return window.p2psipPhone.config.ws") == peer.ws_urls()["wss"]
+        assert any(r["aor"] == "sip:dave@p2p.example" for r in peer.status()["registrations"])
+    finally:
+        await browser.quit()
