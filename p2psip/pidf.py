@@ -171,7 +171,7 @@ def parse(data: bytes) -> Presence:
             raise ParseError("PIDF <tuple> without id or <status>")
         basic = _text(status.find(f"{{{PIDF_NS}}}basic"))
         if basic is not None and basic not in _BASIC:
-            raise ParseError(f"PIDF <basic> must be open or closed, not {basic[:40]!r}")
+            basic = None  # e.g. baresip 1.0 writes "?" before its user chose a status: unknown, not an error
         contact_node = node.find(f"{{{PIDF_NS}}}contact")
         priority: float | None = None
         if contact_node is not None and contact_node.get("priority") is not None:

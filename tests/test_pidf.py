@@ -37,6 +37,12 @@ def test_baresip_document_with_rpid_away() -> None:
     assert doc.tuples[0].contact == "sip:alice@127.0.0.1:5070"
 
 
+def test_an_unknown_basic_value_is_no_status() -> None:
+    """baresip 1.0 publishes ``<basic>?</basic>`` until its user picks a status: read it as unknown."""
+    doc = pidf.parse(BARESIP_AWAY.replace(b"<basic>open</basic>", b"<basic>?</basic>"))
+    assert doc.tuples[0].basic is None and doc.basic == "closed"
+
+
 def test_merge_any_open_is_open_notes_kept() -> None:
     a = pidf.Presence("sip:x@y", [pidf.PresenceTuple("t", "closed")], ["a"])
     b = pidf.Presence("sip:x@y", [pidf.PresenceTuple("t", "open")], ["b", "a"], ["away"])
@@ -76,8 +82,6 @@ def test_doctype_and_entities_refused(body: bytes) -> None:
         b'<presence entity="sip:a@b"/>',  # no namespace
         b'<presence xmlns="urn:ietf:params:xml:ns:pidf"/>',  # no entity
         b'<presence xmlns="urn:ietf:params:xml:ns:pidf" entity="sip:a@b"><tuple><status/></tuple></presence>',
-        b'<presence xmlns="urn:ietf:params:xml:ns:pidf" entity="sip:a@b"><tuple id="t"><status>'
-        b"<basic>maybe</basic></status></tuple></presence>",
         b'<presence xmlns="urn:ietf:params:xml:ns:pidf" entity="sip:a@b"><tuple id="t"><status/>'
         b'<contact priority="2">x</contact></tuple></presence>',
         b"<a>" * 40 + b"</a>" * 40,  # too deep

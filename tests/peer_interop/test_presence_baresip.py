@@ -1,0 +1,192 @@
+"""baresip 1.0 (its `presence` and `contact` modules) with our UserAgent through a 3-peer overlay:
+presence both ways (baresip watches our UA and sees it go offline; our UA watches baresip and sees
+`/presence_offline` and `/presence_online`; one baresip watches the other across two peers), instant
+messages both ways, and a call from our UA to one baresip transferred (REFER) to the other.
+
+Without a presence agent in the overlay (issue 18, not built yet) a SUBSCRIBE is proxied to the devices
+registered for the AOR, whose own notifier answers: that is what baresip and our UA do here."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, require_tool
+from interop.procs import stop
+from test_media_baresip import free_sip_port
+
+from p2psip import pidf, sdp
+from p2psip.peer import Peer
+from p2psip.stack import Stack
+from p2psip.subscription import SubscribePolicy
+from p2psip.uaevents import IncomingSubscription, Notification
+from p2psip.useragent import UserAgent
+
+from .helpers import start_overlay, stop_overlay
+
+pytestmark = pytest.mark.interop
+
+MODULES = "/usr/lib/baresip/modules"
+BOB = "sip:bob@p2p.example"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Phone:
+    """One headless baresip with presence; commands go to its `cons` port and their output comes back."""
+
+    def __init__(self, workdir: Path, user: str, peer: Peer, watches: list[str]) -> None:
+        self.user = user
+        self.dir = workdir / f"baresip-{user}"
+        self.dir.mkdir(parents=True)
+        self.cons_port = free_port()
+        host, port = peer.sip_address()
+        (self.dir / "config").write_text(
+            f"sip_listen 127.0.0.1:{free_sip_port()}\n"
+            "net_interface 127.0.0.1\n"
+            "audio_player aufile,/dev/null\n"
+            "audio_source ausine,440\n"
+            "audio_alert aufile,/dev/null\n"
+            "ausrc_srate 48000\n"
+            "ausrc_channels 2\n"
+            f"module_path {MODULES}\n"
+            "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule cons.so\n"
+            f"cons_listen 127.0.0.1:{self.cons_port}\n"
+            "module_app account.so\nmodule_app contact.so\nmodule_app menu.so\nmodule_app presence.so\n"
+        )
+        (self.dir / "accounts").write_text(
+            f'<sip:{user}@p2p.example>;outbound="sip:{host}:{port}";regint=300;'
+            "audio_codecs=PCMU;answermode=auto\n"
+        )
+        (self.dir / "contacts").write_text("".join(f'"{aor}" <{aor}>;presence=p2p\n' for aor in watches))
+        self.log = (self.dir / "baresip.log").open("wb")
+        self.proc = subprocess.Popen(
+            [require_tool("baresip"), "-f", str(self.dir), "-t", "120"],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def _command(self, text: str) -> str:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(text.encode() + b"\n", ("127.0.0.1", self.cons_port))
+            sock.settimeout(0.3)
+            out = b""
+            try:
+                while True:
+                    out += sock.recv(65535)
+            except OSError:
+                pass
+        return ANSI.sub("", out.decode(errors="replace"))
+
+    async def command(self, text: str) -> str:
+        return await asyncio.to_thread(self._command, text)
+
+    async def sees(self, aor: str, status: str, timeout: float = 20.0) -> None:
+        """Wait until `/contacts` shows ``aor`` with ``status`` (Online / Offline)."""
+        pattern = re.compile(rf"\b{status}\b[^\n]*<{re.escape(aor)}>")
+        deadline = asyncio.get_running_loop().time() + timeout
+        listing = ""
+        while asyncio.get_running_loop().time() < deadline:
+            listing = await self.command("/contacts")
+            if pattern.search(listing):
+                return
+        raise AssertionError(f"{self.user} does not see {aor} {status}:\n{listing}\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return (self.dir / "baresip.log").read_text(errors="replace")
+
+    def log_tail(self) -> str:
+        return self.log_text()[-3000:]
+
+    def stop(self) -> None:
+        stop(self.proc, grace=2)
+        self.log.close()
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[list[Peer], UserAgent, list[IncomingSubscription]]]:
+    require_tool("baresip")
+    peers = await start_overlay(3, tmp_path)
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    host, port = peers[2].sip_address()
+    bob = UserAgent(stack, BOB, outbound=f"{host}:{port}", events=("presence",))
+    bob.events.policy = SubscribePolicy(frozenset({"presence"}))
+    watchers: list[IncomingSubscription] = []
+
+    def on_subscribe(sub: IncomingSubscription) -> None:
+        watchers.append(sub)
+        sub.accept(pidf.Presence(BOB, [pidf.PresenceTuple("t", "open")]).compose(), pidf.CONTENT_TYPE)
+
+    bob.events.on_subscribe = on_subscribe
+    try:
+        assert (await bob.register(f"sip:{host}:{port}", expires=300, refresh=False)).status == 200
+        yield peers, bob, watchers
+    finally:
+        await bob.close()
+        await stack.close()
+        await stop_overlay(peers)
+
+
+async def next_basic(notes: asyncio.Queue[Notification], want: str | None, timeout: float = 15) -> None:
+    async def wait() -> None:
+        while True:
+            note = await notes.get()
+            doc = pidf.parse(note.body)
+            if (doc.tuples[0].basic if doc.tuples else None) == want:
+                return
+
+    await asyncio.wait_for(wait(), timeout)
+
+
+async def test_presence_messages_and_transfer_with_baresip(
+    world: tuple[list[Peer], UserAgent, list[IncomingSubscription]], tmp_path: Path
+) -> None:
+    peers, bob, watchers = world
+    alice = Phone(tmp_path, "alice", peers[1], watches=[BOB])
+    carol = Phone(tmp_path, "carol", peers[0], watches=["sip:alice@p2p.example"])
+    try:
+        # baresip alice watches our UA through the overlay: Online; our UA says closed: Offline
+        await alice.sees(BOB, "Online")
+        assert watchers and watchers[0].watcher.user == "alice"
+        response = await watchers[0].notify(pidf.Presence(BOB, [pidf.PresenceTuple("t", "closed")]).compose())
+        assert response is not None and response.status == 200
+        await alice.sees(BOB, "Offline")
+
+        # our UA watches baresip alice: her "?" (no status chosen yet), then offline, then online
+        notes: asyncio.Queue[Notification] = asyncio.Queue()
+        sub = await bob.subscribe(
+            "sip:alice@p2p.example", "presence", body_check=lambda r: None, on_notify=notes.put_nowait
+        )
+        await next_basic(notes, None)
+        await alice.command("/presence_offline")
+        await next_basic(notes, "closed")
+        await carol.sees("sip:alice@p2p.example", "Offline")  # baresip watching baresip, two peers apart
+        await alice.command("/presence_online")
+        await next_basic(notes, "open")
+        await carol.sees("sip:alice@p2p.example", "Online")
+        await sub.unsubscribe()
+
+        # messages both ways
+        assert (await bob.message("sip:alice@p2p.example", "hello from p2psip")).status == 200
+        await alice.command("/message hello from baresip")  # alice's current contact is bob
+        got = await asyncio.wait_for(bob.messages.get(), 15)
+        assert got.body == b"hello from baresip" and got.from_.uri.user == "alice"
+
+        # our UA calls alice, then transfers her to carol: alice follows the REFER, carol answers
+        offer = bytes(sdp.make_offer("127.0.0.1", free_port()))
+        call = await bob.call("sip:alice@p2p.example", body=offer, timeout=20)
+        frag = await call.transfer("sip:carol@p2p.example", timeout=30)
+        assert frag is not None and frag.status == 200 and call.state == "terminated"
+        listing = await carol.command("/listcalls")
+        assert "sip:alice@p2p.example" in listing, listing + carol.log_tail()
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- alice\n{alice.log_tail()}\n--- carol\n{carol.log_tail()}") from None
+    finally:
+        alice.stop()
+        carol.stop()
