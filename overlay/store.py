@@ -90,11 +90,15 @@ class DurableStore(Store):
 
     def _open(self) -> sqlite3.Connection:
         try:
-            db = self._connect()
-        except sqlite3.DatabaseError:
-            self._quarantine()
-            db = self._connect()
-        return db
+            try:
+                return self._connect()
+            except sqlite3.OperationalError:
+                raise  # locked, unreadable, no space: not the file's fault, never moved aside
+            except sqlite3.DatabaseError:
+                self._quarantine()
+                return self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            raise OverlayError(f"cannot open the entry store {self.path}: {exc}") from None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None)

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from overlay.errors import StoreRefused
+from overlay.errors import OverlayError, StoreRefused
 from overlay.identity import KeyPair
 from overlay.ids import key_for, to_bytes
 from overlay.storage import Entry
@@ -151,3 +151,13 @@ def test_a_transfer_is_one_transaction(path: Path) -> None:
     store.close()
     again = DurableStore(path, T0 + 29)
     assert len(again.get(KEY, T0 + 29)) == 50 and again.get(KEY, T0 + 31) == []  # remaining life kept
+
+
+def test_an_unusable_file_is_a_clear_error_and_is_left_alone(tmp_path: Path) -> None:
+    """A store that cannot be opened for a reason that is not the file's content (here: its directory is
+    a file) is an OverlayError naming the path, and nothing is moved aside."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(OverlayError, match="cannot open the entry store"):
+        DurableStore(blocker / FILE_NAME, T0)
+    assert blocker.read_text() == "x"
