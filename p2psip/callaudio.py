@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from p2psip.address import target_from_uri
 from p2psip.errors import CallFailed, ParseError, TransportError
 from p2psip.media.call import CallMedia
 from p2psip.media.sources import AudioSink, AudioSource
 from p2psip.message import Request, Response
 from p2psip.stack import Stack, Target
 from p2psip.transaction import ServerTransaction
-from p2psip.transport import target_from_uri
 from p2psip.uri import URI
 
 __all__ = ["AudioOfferAnswer", "OfferAnswer", "Play", "Record"]

@@ -42,7 +42,6 @@ The file format (all keys optional)::
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -50,51 +49,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2psip.address import HostPort, ListenSpec, parse_hostport, parse_listen
 from p2psip.errors import ConfigError
 from p2psip.ratelimit import Rate
+
+# HostPort, ListenSpec and their parsers live in p2psip.address; re-exported as part of the config's API.
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_OVERLAY_NAME",
+    "DEFAULT_OVERLAY_PORT",
+    "DEFAULT_SIP_PORT",
+    "HostPort",
+    "ListenSpec",
+    "PeerConfig",
+    "UserAccount",
+    "default_data_dir",
+    "load_config",
+    "parse_hostport",
+    "parse_listen",
+    "parse_route",
+    "read_config_file",
+]
 
 DEFAULT_SIP_PORT = 5060
 DEFAULT_OVERLAY_PORT = 7060
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_OVERLAY_NAME = "p2psip"
-TRANSPORTS = ("udp", "tcp", "tls", "ws", "wss")
-_DEFAULT_PORTS = {"tls": 5061, "ws": 80, "wss": 443}
 
 
 def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/p2psip`` or ``~/.local/share/p2psip`` (DESIGN.md's default)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "p2psip"
-
-
-@dataclass(frozen=True)
-class HostPort:
-    """A host (name, IPv4, or IPv6 without brackets) and a port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    def as_tuple(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-
-@dataclass(frozen=True)
-class ListenSpec:
-    """One SIP listening address; ``transport`` None means both UDP and TCP (DESIGN.md's default)."""
-
-    transport: str | None
-    host: str
-    port: int
-
-    def transports(self) -> tuple[str, ...]:
-        return (self.transport,) if self.transport else ("udp", "tcp")
-
-    def __str__(self) -> str:
-        hp = str(HostPort(self.host, self.port))
-        return f"{self.transport}:{hp}" if self.transport else hp
 
 
 @dataclass(frozen=True)
@@ -167,78 +153,6 @@ class PeerConfig:
 
 
 # --- value parsers (shared with the CLI's flag parsing) ---------------------------------------------------
-
-
-def parse_port(text: str, what: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise ConfigError(
-            f"{what}: port {text!r} is not a number (write HOST:PORT, e.g. 127.0.0.1:5060)"
-        ) from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{what}: port {port} is out of range (0-65535)")
-    return port
-
-
-def _check_host(host: str, what: str) -> str:
-    if not host:
-        raise ConfigError(f"{what}: the host is missing (write HOST:PORT, e.g. 127.0.0.1:5060)")
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(
-                f"{what}: {host!r} is not an IPv6 address (write [ADDR]:PORT for IPv6)"
-            ) from None
-        return host
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
-    if not set(host) <= allowed:
-        raise ConfigError(f"{what}: {host!r} is not a valid host name or address")
-    return host
-
-
-def parse_hostport(text: str, what: str, *, default_port: int | None = None) -> HostPort:
-    """``HOST:PORT``, ``[IPv6]:PORT`` (or just ``HOST`` when ``default_port`` is given)."""
-    if not isinstance(text, str):
-        raise ConfigError(f"{what}: expected a string HOST:PORT, got {type(text).__name__}")
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ConfigError(f"{what}: {text!r} has '[' without ']' (write [ADDR]:PORT for IPv6)")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest.startswith(":"):
-            port = parse_port(rest[1:], what)
-        elif not rest and default_port is not None:
-            port = default_port
-        else:
-            raise ConfigError(f"{what}: {text!r} needs a port (write [ADDR]:PORT)")
-        if ":" not in host:
-            raise ConfigError(f"{what}: {host!r} in brackets is not an IPv6 address")
-        return HostPort(_check_host(host, what), port)
-    if text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        return HostPort(_check_host(host, what), parse_port(port_text, what))
-    if text.count(":") > 1:
-        raise ConfigError(f"{what}: {text!r}: put IPv6 addresses in brackets, e.g. [::1]:5060")
-    if default_port is not None:
-        return HostPort(_check_host(text, what), default_port)
-    raise ConfigError(f"{what}: {text!r} needs a port (write HOST:PORT, e.g. 127.0.0.1:5060)")
-
-
-def parse_listen(text: str, what: str = "--listen") -> ListenSpec:
-    """``[udp:|tcp:|tls:|ws:|wss:]HOST:PORT``; without a prefix the peer listens on UDP and TCP."""
-    if not isinstance(text, str):
-        raise ConfigError(f"{what}: expected a string like udp:127.0.0.1:5060, got {type(text).__name__}")
-    transport: str | None = None
-    head, sep, rest = text.partition(":")
-    if sep and head.lower() in TRANSPORTS:
-        transport, text = head.lower(), rest
-    elif sep and head.isalpha() and not head.startswith("[") and rest and not rest.isdigit():
-        raise ConfigError(f"{what}: unknown transport {head!r} (use udp:, tcp:, tls:, ws: or wss:)")
-    hp = parse_hostport(text, what, default_port=_DEFAULT_PORTS.get(transport or "", DEFAULT_SIP_PORT))
-    return ListenSpec(transport, hp.host, hp.port)
 
 
 def parse_route(text: str, what: str = "--route") -> tuple[str, HostPort]:

@@ -47,8 +47,8 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-#: Transports whose flows are connections (CRLF keep-alives); UDP flows use STUN (RFC 5626 §4.4).
-STREAM_TRANSPORTS = frozenset({"tcp", "tls", "ws", "wss"})
+from p2psip.address import RELIABLE, format_hostport
+
 DEFAULT_FLOW_TIMER = 120
 """Seconds an outbound client may stay silent (``Flow-Timer``; RFC 5626 §4.4.1 suggests 120 for streams)."""
 DEFAULT_PING_INTERVAL = 20.0
@@ -87,11 +87,11 @@ class Flow:
 
     @property
     def stream(self) -> bool:
-        return self.transport in STREAM_TRANSPORTS
+        """Whether the flow is a connection (CRLF keep-alives); UDP flows use STUN (RFC 5626 §4.4)."""
+        return self.transport in RELIABLE
 
     def describe(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport}:{host}:{self.port}"
+        return f"{self.transport}:{format_hostport(self.host, self.port)}"
 
 
 @dataclass(frozen=True)

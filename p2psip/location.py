@@ -13,11 +13,11 @@ by value, and RFC 3261 equality is not transitive).
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from p2psip.address import is_ip_literal, is_wildcard, same_host
 from p2psip.registrar import Binding
 from p2psip.uri import URI
 
@@ -57,28 +57,13 @@ class NotRoutable:
 Decision = ForwardAsAddressed | StaticRoute | OverlayLookup | NotRoutable
 
 
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-def _same_host(a: str, b: str) -> bool:
-    try:
-        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
-    except ValueError:
-        return a.strip("[]").lower() == b.strip("[]").lower()
-
-
 def is_local(uri: URI, local_addresses: Iterable[tuple[str, int]]) -> bool:
     """Does ``uri`` name one of this peer's own SIP addresses (default port 5060/5061)?"""
     port = uri.port or (5061 if uri.secure else 5060)
     for host, local_port in local_addresses:
-        if port == local_port and _same_host(uri.host, host):
+        if port == local_port and same_host(uri.host, host):
             return True
-        if port == local_port and host in ("0.0.0.0", "::") and is_ip_literal(uri.host):
+        if port == local_port and is_wildcard(host) and is_ip_literal(uri.host):
             return True
     return False
 

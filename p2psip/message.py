@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from p2psip.address import split_wire_hostport
 from p2psip.errors import ParseError
 from p2psip.uri import (
     TOKEN_CHARS,
@@ -39,7 +40,6 @@ from p2psip.uri import (
     format_params,
     parse_params,
     quote,
-    split_hostport,
     unquote,
 )
 
@@ -351,7 +351,6 @@ _FAST_VIA = re.compile(
     r"(?::([0-9]{1,5}))?"
     r"((?:;[" + _TOKEN_RE + r"]+(?:=[" + _TOKEN_RE + r"\[\]:]+)?)*)"
 ).fullmatch
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 
 
 class Via:
@@ -417,19 +416,7 @@ class Via:
         if " " in sent_by or "\t" in sent_by:
             # LWS before ";" and around the ":" of sent-by is legal.
             sent_by = "".join(sent_by.split())
-        if sent_by[:1] == "[":
-            self.host, self.port = split_hostport(sent_by, text)
-        else:
-            host, colon, port = sent_by.partition(":")
-            if not host or not _HOST_CHARS.issuperset(host) or host[0] in "-." or ".." in host:
-                raise ParseError(f"bad host in Via {text[:80]!r}")
-            self.host = host
-            if colon:
-                if not port.isdigit() or not port.isascii() or len(port) > 5 or int(port) > 65535:
-                    raise ParseError(f"bad port in Via {text[:80]!r}")
-                self.port = int(port)
-            else:
-                self.port = None
+        self.host, self.port = split_wire_hostport(sent_by, text, "Via")
         self.params = parse_params(params, text) if semi else {}
 
     def _sent_protocol(self, text: str) -> str:

@@ -27,6 +27,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from p2psip.address import bracket
+
 __all__ = ["Claim", "FailureThrottle", "flow_of", "may_register", "owns"]
 
 
@@ -34,7 +36,7 @@ def flow_of(transport: str, host: str, port: int) -> str:
     """The flow a REGISTER came over, as a claim records it: a UDP flow is the source address and port;
     a stream flow (TCP/TLS/WS) the source address only, since every new connection has a new port."""
     transport = transport.lower()
-    shown = f"[{host}]" if ":" in host else host
+    shown = bracket(host)
     return f"{transport}:{shown}:{port}" if transport == "udp" else f"{transport}:{shown}"
 
 

@@ -39,6 +39,7 @@ from overlay.errors import NotJoined, OverlayError, StoreRefused, WrongOverlay
 from overlay.identity import KeyPair
 from overlay.node import KeyAccess, Node, NodeConfig
 from p2psip import control
+from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
 from p2psip.auth import DigestServer
 from p2psip.config import PeerConfig
 from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError
@@ -74,7 +75,7 @@ from p2psip.stack import Source, Stack
 from p2psip.streamguard import StreamLimits
 from p2psip.trace import SipTrace
 from p2psip.transaction import ClientTransaction, ServerTransaction
-from p2psip.transport import RELIABLE, Target, TLSConfig, numeric_host
+from p2psip.transport import TLSConfig
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
@@ -511,16 +512,6 @@ class Peer:
         except OverlayError as exc:
             raise ConfigError(f"overlay: {exc}") from None
         try:
-            listen: list[str] = []
-            for spec in config.listen:
-                host = f"[{spec.host}]" if ":" in spec.host else spec.host
-                if spec.transport is None:
-                    # UDP and TCP on one port, even for port 0: §18.1.1 switches a large request for our
-                    # UDP address (a Path, a Record-Route) to TCP on that same port.
-                    listen.append(f"{host}:{spec.port}")
-                    continue
-                for transport in spec.transports():
-                    listen.append(f"{transport}:{host}:{spec.port}")
             options: dict[str, Any] = {
                 "ws_origins": list(config.ws_origins),
                 "streams": StreamLimits(
@@ -538,7 +529,7 @@ class Peer:
                     cafile=str(config.tls_ca) if config.tls_ca else None,
                 )
             options.update(stack_options or {})
-            stack = await Stack.start(listen, verbose=config.verbose, **options)
+            stack = await Stack.start(config.listen, verbose=config.verbose, **options)
         except BaseException:
             await node.close()
             raise
@@ -589,8 +580,7 @@ class Peer:
         out: dict[str, str] = {}
         for transport in ("ws", "wss"):
             for host, port in self.stack.transport.listening.get(transport, []):
-                shown = f"[{host}]" if ":" in host else host
-                out.setdefault(transport, f"{transport}://{shown}:{port}")
+                out.setdefault(transport, f"{transport}://{format_hostport(host, port)}")
         return out
 
     async def close(self, *, leave: bool = True) -> None:
@@ -637,18 +627,13 @@ class Peer:
     @property
     def overlay_address_text(self) -> str:
         host, port = self.node.endpoint
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_hostport(host, port)
 
     def sip_address(self, transport: str = "udp") -> tuple[str, int]:
         return self.stack.local_address(transport)
 
     def sip_addresses(self) -> list[str]:
-        out = []
-        for transport, addrs in self.stack.transport.listening.items():
-            for host, port in addrs:
-                shown = f"[{host}]" if ":" in host else host
-                out.append(f"{transport}:{shown}:{port}")
-        return out
+        return self.stack.addresses()
 
     def _local_addresses(self) -> list[tuple[str, int]]:
         return [a for addrs in self.stack.transport.listening.values() for a in addrs]
@@ -973,7 +958,7 @@ class Peer:
             else:
                 self.flows.touch(flow.transport, flow.host, flow.port, self.stack.loop.time())
             return
-        uri = flow.contact or f"sip:{_uri_host(flow.host)}:{flow.port}"
+        uri = flow.contact or f"sip:{bracket(flow.host)}:{flow.port}"
         here = self.stack.local_uri("udp", toward=flow.host)
         ping = Request.create(
             "OPTIONS", uri, from_=f"<sip:ping@{here.host}:{here.port}>", to=f"<{uri}>",
@@ -1098,7 +1083,7 @@ class Peer:
         if isinstance(decision, ForwardAsAddressed):
             return [uri]
         if isinstance(decision, StaticRoute):
-            request.add("Route", f"<sip:{_uri_host(decision.host)}:{decision.port};lr>", first=True)
+            request.add("Route", f"<sip:{bracket(decision.host)}:{decision.port};lr>", first=True)
             self._event("routed", f"{request.method} {uri} -> static route {decision.host}:{decision.port}")
             return [uri]
         assert isinstance(decision, OverlayLookup)
@@ -1115,10 +1100,10 @@ class Peer:
             self.counters["overlay_errors"] += 1
             raise LookupError(f"overlay lookup failed: {exc}") from None
         uri = request.uri
-        if not bindings and self.config.dns and not _is_ip(uri.host):
+        if not bindings and self.config.dns and not is_ip_literal(uri.host):
             hop = await _resolve(uri.host, uri.port)
             if hop is not None:
-                request.add("Route", f"<sip:{_uri_host(hop[0])}:{hop[1]};lr>", first=True)
+                request.add("Route", f"<sip:{bracket(hop[0])}:{hop[1]};lr>", first=True)
                 self._event("routed", f"{request.method} {uri} -> DNS {hop[0]}:{hop[1]}")
                 return [uri]
         return self._targets(request, aor, bindings)
@@ -1259,8 +1244,7 @@ class Peer:
         core = node.core
 
         def ref(n: Any) -> dict[str, str]:
-            host = f"[{n.host}]" if ":" in n.host else n.host
-            return {"id": f"{n.id:032x}", "addr": f"{host}:{n.port}"}
+            return {"id": f"{n.id:032x}", "addr": format_hostport(n.host, n.port)}
 
         now = time.time()  # the overlay store runs on the wall clock
         by_key: dict[int, list[Any]] = {}
@@ -1350,14 +1334,6 @@ class Peer:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
 def _check_join_family(config: PeerConfig) -> None:
     """An overlay node speaks one address family: an IPv6 node cannot reach an IPv4 bootstrap (nor the
     reverse). Said at once, not after the join timeout."""
@@ -1388,11 +1364,6 @@ async def _joining(
         waited += JOIN_PROGRESS_EVERY
         if on_event is not None:
             on_event("joining", f"no answer from {shown} yet after {waited:.0f} s; still trying")
-
-
-def _uri_host(host: str) -> str:
-    host = host.strip("[]")
-    return f"[{host}]" if ":" in host else host
 
 
 async def _resolve(host: str, port: int | None) -> tuple[str, int] | None:

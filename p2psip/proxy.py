@@ -39,6 +39,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from p2psip.address import numeric_host, target_from_uri
 from p2psip.errors import FlowFailed, ParseError, TransportError
 from p2psip.message import Request, Response, Via
 from p2psip.stack import Source, Stack, Target
@@ -49,7 +50,6 @@ from p2psip.transaction import (
     State,
     Transaction,
 )
-from p2psip.transport import numeric_host, target_from_uri
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.proxy")

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from p2psip.address import DEFAULT_PORTS, RELIABLE, ListenSpec, Target, bracket, numeric_host
 from p2psip.errors import ParseError, TransactionError, TransportError
 from p2psip.message import Limits, Request, Response, Via, new_branch
 from p2psip.streamguard import StreamLimits
@@ -43,20 +44,7 @@ from p2psip.transaction import (
     TransportFailure,
     TUEvent,
 )
-from p2psip.transport import (
-    DEFAULT_PORTS,
-    RELIABLE,
-    SERVER,
-    ListenSpec,
-    Observer,
-    Source,
-    Target,
-    TLSConfig,
-    TransportLayer,
-    error_response,
-    numeric_host,
-    via_host,
-)
+from p2psip.transport import SERVER, Observer, Source, TLSConfig, TransportLayer, error_response
 from p2psip.uri import URI
 from p2psip.websocket import OriginPolicy
 
@@ -194,11 +182,11 @@ class Stack:
     async def listen(self, spec: str | ListenSpec) -> list[Target]:
         """Open more listeners. A spec without transport prefix opens UDP and TCP on the *same* port (with
         port 0, the one the system gave UDP), so that §18.1.1's switch to TCP finds us."""
-        specs = ListenSpec.parse(spec) if isinstance(spec, str) else [spec]
-        if len(specs) > 1 and specs[0].port == 0:
-            bound = await self.transport.listen_shared_port(specs[0].host, [s.transport for s in specs])
+        parsed = ListenSpec.parse(spec) if isinstance(spec, str) else spec
+        if parsed.transport is None and parsed.port == 0:
+            bound = await self.transport.listen_shared_port(parsed.host, parsed.transports())
         else:
-            bound = [await self.transport.listen(one) for one in specs]
+            bound = [await self.transport.listen(one) for one in parsed.split()]
         self._is_local_cache.clear()
         self._local_cache.clear()
         return bound
@@ -231,6 +219,14 @@ class Stack:
         """(host, port) this stack listens on for ``transport`` (of the address family of ``toward``)."""
         return self.transport.local_address(transport, toward)
 
+    def addresses(self) -> list[str]:
+        """Every listening address as ``transport:HOST:PORT`` (IPv6 in brackets), for status lines."""
+        return [
+            str(Target(transport, host, port))
+            for transport, addrs in self.transport.listening.items()
+            for host, port in addrs
+        ]
+
     def local_uri(self, transport: str = "udp", *, user: str | None = None, toward: str | None = None) -> URI:
         """A URI that reaches this stack over ``transport``: for Contact and Record-Route."""
         host, port = self.local_address(transport, toward)
@@ -243,7 +239,7 @@ class Stack:
         elif transport in ("ws", "wss"):  # RFC 7118 §5.2: WSS is a sips: URI with transport=ws
             params["transport"] = "ws"
             scheme = "sips" if transport == "wss" else "sip"
-        return URI.build(scheme=scheme, user=user, host=via_host(host), port=port, params=params)
+        return URI.build(scheme=scheme, user=user, host=bracket(host), port=port, params=params)
 
     def is_local(self, host: str, port: int | None, transport: str | None = None) -> bool:
         """Whether host:port (a URI's or Via's) names this stack (memoized: asked for every request)."""
@@ -277,7 +273,7 @@ class Stack:
         cached = self._local_cache.get(key)
         if cached is None:
             host, port = self.local_address(target.transport, target.host)
-            cached = self._local_cache[key] = (via_host(host), port)
+            cached = self._local_cache[key] = (bracket(host), port)
         return cached
 
     def push_via(self, request: Request, target: Target, branch: str | None = None) -> str:

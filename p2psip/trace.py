@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from p2psip.address import Target
 from p2psip.stack import Stack
-from p2psip.transport import Target
 
 TraceSink = Callable[[str, tuple[str, str, int] | None, bytes], None]
 """``sink(direction, (transport, host, port) or None, data)``: direction ``"in"`` or ``"out"``."""
@@ -51,8 +51,7 @@ class SipTrace:
             if where is None:
                 place = "stream"
             else:
-                host = f"[{where[1]}]" if ":" in where[1] else where[1]
-                place = f"{where[0]}:{host}:{where[2]}"
+                place = str(Target(*where))
             write(f"{stamp()} {arrow} {place}\n{data.decode('utf-8', 'replace').rstrip()}\n")
 
         return sink

@@ -1,14 +1,14 @@
 """asyncio transports for SIP: UDP, TCP, TLS and WebSocket (WS/WSS) listeners and connections (RFC 3261 §18,
 RFC 3581, RFC 7118).
 
-The transport layer is the only part of the SIP stack that touches sockets. It turns datagrams and byte
-streams into parsed messages (``on_message(message, source)``) and sends bytes to a :class:`Target`. What
-it decides on its own, because only it can, is:
+The transport layer is the only part of the SIP stack that touches sockets, and it holds sockets only. It
+turns datagrams and byte streams into parsed messages (``on_message(message, source)``) and sends bytes to
+a :class:`~p2psip.address.Target`. The rules it applies live in the sans-IO :mod:`p2psip.address`: stamping
+``received``/``rport`` on a request's top Via (§18.2.1, RFC 3581) and where a response goes (§18.2.2). What
+stays here is what needs the sockets:
 
-- *receipt* (§18.2.1, RFC 3581): a request's top Via gets ``received`` when the packet came from another
-  address than the Via names, and ``rport`` filled in when the client asked for it;
-- *response routing* (§18.2.2): over TCP/TLS back on the connection the request came on, else to
-  ``received``/``rport`` (or ``maddr``, or the sent-by);
+- *response routing* over TCP/TLS/WS back on the connection the request came on while it is open (also
+  found by the Via sent-by, for a stateless proxy), else along :func:`p2psip.address.response_target`;
 - *stream framing* with size limits (:class:`p2psip.message.StreamFramer`), connection reuse keyed by the
   remote address (with an idle timeout), and the UDP→TCP switch for requests over 1300 bytes (§18.1.1);
 - *robustness*: a malformed message is answered ``400`` with a reason naming the problem when enough of it
@@ -41,21 +41,27 @@ from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 from p2psip import __version__
+from p2psip.address import (
+    RELIABLE,
+    SECURE,
+    TRANSPORTS,
+    WEBSOCKET,
+    ListenSpec,
+    Target,
+    format_hostport,
+    numeric_host,
+    response_target,
+    sent_by_target,
+    stamp_via,
+)
 from p2psip.errors import ConfigError, ParseError, TransportError
 from p2psip.flows import Failed, FlowTable, looks_like_stun, stun_reply
 from p2psip.message import Limits, Request, Response, StreamFramer, parse
 from p2psip.streamguard import Progress, StreamGuard, StreamLimits
-from p2psip.uri import URI
 from p2psip.websocket import POLICY_VIOLATION, OriginPolicy, WSEndpoint, WSResult
 
 log = logging.getLogger("p2psip.transport")
 
-TRANSPORTS = ("udp", "tcp", "tls", "ws", "wss")
-RELIABLE = frozenset({"tcp", "tls", "ws", "wss"})
-WEBSOCKET = frozenset({"ws", "wss"})
-SECURE = frozenset({"tls", "wss"})
-#: RFC 7118 §5.2: WebSocket URIs without a port mean HTTP's ports.
-DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061, "ws": 80, "wss": 443}
 #: Ping a WebSocket connection idle this long; no pong by the next ping closes it.
 WS_PING_INTERVAL = 30.0
 #: The default ``Server`` header of the responses a node makes (``--server-header`` changes or removes it).
@@ -84,24 +90,6 @@ STAT_NAMES = (
 )
 
 
-class Target(NamedTuple):
-    """Where to send: a transport name (``udp``/``tcp``/``tls``/``ws``/``wss``), an IP literal (IPv6 without
-    brackets; for ``ws``/``wss`` also a browser's ``.invalid`` host, reached over its own connection only)
-    and a port. A tuple so it is cheap, hashable and usable as a connection-pool key."""
-
-    transport: str
-    host: str
-    port: int
-
-    @property
-    def reliable(self) -> bool:
-        return self.transport in RELIABLE
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport}:{host}:{self.port}"
-
-
 class Source(NamedTuple):
     """Where a message came from. ``connection`` is the stream it arrived on (None for UDP); responses to a
     request received on a stream go back on it while it is open (§18.2.2)."""
@@ -116,99 +104,6 @@ class Source(NamedTuple):
     @property
     def target(self) -> Target:
         return Target(self.transport, self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class ListenSpec:
-    """One listening address: ``[udp:|tcp:|tls:|ws:|wss:]HOST:PORT`` (IPv6 in brackets: ``ws:[::1]:80``)."""
-
-    transport: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, *, default_transports: Iterable[str] = ("udp", "tcp")) -> list[ListenSpec]:
-        """Parse a ``--listen`` value; without a transport prefix it means every default transport.
-
-        Raises :class:`ConfigError` with a message naming what is wrong.
-        """
-        spec = text.strip()
-        transports: list[str]
-        prefix, sep, rest = spec.partition(":")
-        if sep and prefix.lower() in TRANSPORTS:
-            transports = [prefix.lower()]
-            spec = rest
-        else:
-            transports = list(default_transports)
-        host, port = split_hostport(spec)
-        if port is None:
-            raise ConfigError(f"listen address {text!r} has no port: write HOST:PORT, e.g. 127.0.0.1:5060")
-        return [cls(t, host, port) for t in transports]
-
-    def __str__(self) -> str:
-        return str(Target(self.transport, self.host, self.port))
-
-
-def split_hostport(text: str) -> tuple[str, int | None]:
-    """``"127.0.0.1:5060"`` → ``("127.0.0.1", 5060)``; ``"[::1]:5060"`` → ``("::1", 5060)``; the port is
-    optional. The host must be an IP literal or ``localhost`` (no DNS in the stack). Raises ConfigError."""
-    text = text.strip()
-    port_text: str | None = None
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ConfigError(f"bad address {text!r}: missing ']' after an IPv6 address")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ConfigError(f"bad address {text!r}: expected ':PORT' after ']'")
-            port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host = text
-    if not host:
-        raise ConfigError(f"bad address {text!r}: no host")
-    literal = numeric_host(host)
-    if literal is None:
-        raise ConfigError(f"bad address {text!r}: the host must be an IP address (no DNS lookups)")
-    host = literal
-    port: int | None = None
-    if port_text is not None:
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise ConfigError(f"bad address {text!r}: the port must be a number from 0 to 65535")
-        port = int(port_text)
-    return host, port
-
-
-_NUMERIC_CACHE: dict[str, str | None] = {}
-
-
-def numeric_host(host: str) -> str | None:
-    """The IP literal for ``host`` (brackets removed, ``localhost`` → 127.0.0.1), or None for a name.
-
-    Memoized (bounded): it runs for every forwarded message, and ``ipaddress`` parsing is slow."""
-    cached = _NUMERIC_CACHE.get(host, "")
-    if cached != "":
-        return cached
-    bare = host[1:-1] if host.startswith("[") else host
-    literal: str | None
-    if bare.lower() == "localhost":
-        literal = "127.0.0.1"
-    else:
-        try:
-            literal = str(ipaddress.ip_address(bare))
-        except ValueError:
-            literal = None
-    if len(_NUMERIC_CACHE) > 4096:
-        _NUMERIC_CACHE.clear()
-    _NUMERIC_CACHE[host] = literal
-    return literal
-
-
-def via_host(host: str) -> str:
-    """A host as written in a Via or URI (IPv6 in brackets)."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 # --------------------------------------------------------------------------------------------- TLS
@@ -718,8 +613,8 @@ class TransportLayer:
 
     async def listen(self, spec: ListenSpec | str) -> Target:
         """Open one listener; returns its bound address (port 0 gets a free port)."""
-        specs = ListenSpec.parse(spec) if isinstance(spec, str) else [spec]
-        bound = [await self._listen_one(s) for s in specs]
+        parsed = ListenSpec.parse(spec) if isinstance(spec, str) else spec
+        bound = [await self._listen_one(t, parsed.host, parsed.port) for t in parsed.transports()]
         return bound[0]
 
     async def listen_shared_port(self, host: str, transports: Iterable[str] = ("udp", "tcp")) -> list[Target]:
@@ -745,12 +640,15 @@ class TransportLayer:
                     continue  # that port is taken for one of the transports: let the system pick again
                 raise ConfigError(f"cannot listen on {host}: {exc.strerror or exc}") from exc
             return [
-                await self._listen_one(ListenSpec(t, host, sock.getsockname()[1]), sock)
+                await self._listen_one(t, host, sock.getsockname()[1], sock)
                 for t, sock in socks.items()
             ]
         raise ConfigError(f"cannot find a port on {host} free for {', '.join(wanted)}")
 
-    async def _listen_one(self, spec: ListenSpec, bound: socket.socket | None = None) -> Target:
+    async def _listen_one(
+        self, transport: str, host: str, port: int, bound: socket.socket | None = None
+    ) -> Target:
+        spec = Target(transport, host, port)
         family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
         try:
             if spec.transport == "udp":
@@ -878,7 +776,7 @@ class TransportLayer:
             msg = parse(data, datagram=True, limits=self.limits)
             if isinstance(msg, Request):
                 # Source(...) again rather than NamedTuple._replace, a slow Python-level method.
-                source = Source("udp", host, port, None, _stamp_via(msg, source)[2])
+                source = Source("udp", host, port, None, stamp_via(msg, host, port)[2])
         except ParseError as exc:
             self._malformed(exc, source)
             return
@@ -902,10 +800,8 @@ class TransportLayer:
         try:
             msg = parse(frame, datagram=False, limits=self.limits)
             if isinstance(msg, Request):
-                sent_by = _stamp_via(msg, source)[:2]
-                # Remember the connection under the sent-by too, so a stateless proxy (which keeps no
-                # per-request state) can still send the response back on it (§18.2.2).
-                self._alias(conn, Target(conn.name, sent_by[0], sent_by[1]))
+                host, port, _ = stamp_via(msg, remote.host, remote.port)
+                self._alias(conn, sent_by_target(conn.name, host, port))
         except ParseError as exc:
             self._malformed(exc, source)
             return
@@ -927,7 +823,8 @@ class TransportLayer:
         partial = exc.partial
         if isinstance(partial, Request) and partial.method != "ACK":
             try:
-                _stamp_via(partial, source)  # so the 400 goes back where the request came from
+                # so the 400 goes back where the request came from
+                stamp_via(partial, source.host, source.port)
                 self.send_response(error_response(partial, exc), source)
                 self.stats["bad_request_answers"] += 1
                 return
@@ -1006,7 +903,7 @@ class TransportLayer:
                 ssl_ctx = self._client_ssl
             factory: Callable[[], StreamConnection]
             if target.transport in WEBSOCKET:
-                authority = f"{via_host(target.host)}:{target.port}"
+                authority = format_hostport(target.host, target.port)
                 factory = lambda: WebSocketConnection(self, target.transport, outgoing=True, host=authority)  # noqa: E731
             else:
                 factory = lambda: StreamConnection(self, target.transport, outgoing=True)  # noqa: E731
@@ -1055,29 +952,12 @@ class TransportLayer:
         if via is None:
             raise TransportError("cannot route a response without a Via header")
         transport = via.transport.lower()
-        if transport not in TRANSPORTS:
-            raise TransportError(f"cannot send a response over transport {via.transport!r}")
-        sent_by = numeric_host(via.host) or via.host.lower()
         if transport in RELIABLE:
-            alias = self._connections.get(Target(transport, sent_by, via.port or DEFAULT_PORTS[transport]))
+            key = sent_by_target(transport, via.host, via.port)
+            alias = self._connections.get(key) if key is not None else None
             if alias is not None and not alias.closed:
                 return alias
-        default = DEFAULT_PORTS[transport]
-        received = via.received
-        rport = via.rport
-        if transport == "udp" and via.maddr:
-            host = via.maddr
-            port = via.port or default
-        elif received:
-            host = received
-            port = rport if isinstance(rport, int) and rport is not True else (via.port or default)
-        else:
-            host = via.host
-            port = via.port or default
-        literal = numeric_host(host)
-        if literal is None:
-            raise TransportError(f"cannot send a response to {host!r}: not an IP address (no DNS)")
-        return Target(transport, literal, port)
+        return response_target(via)
 
     def send_response(self, response: Response, source: Source | None = None) -> None:
         """Serialize and send a response along §18.2.2 (see :meth:`response_target`). A response made
@@ -1098,15 +978,10 @@ class TransportLayer:
             conn.keys.append(key)
         self._connections[key] = conn
 
-    def _alias(self, conn: StreamConnection, alias: Target) -> None:
-        host = numeric_host(alias.host)
-        if host is None:
-            if alias.transport not in WEBSOCKET or not alias.host.lower().endswith(".invalid"):
-                return
-            host = alias.host.lower()  # RFC 7118 §5.2: a browser's name, meaningful on this connection only
-        # The alias is keyed by the Via sent-by; a port-less sent-by means the default port.
-        key = Target(alias.transport, host, alias.port or DEFAULT_PORTS[alias.transport])
-        if self._connections.get(key) is not conn:
+    def _alias(self, conn: StreamConnection, key: Target | None) -> None:
+        """Remember ``conn`` under the sent-by of a request it carried too (see address.sent_by_target);
+        for a browser that is its ``.invalid`` name (RFC 7118 §5.2), meaningful on this connection only."""
+        if key is not None and self._connections.get(key) is not conn:
             self._register(conn, key)
 
     def _forget(self, conn: StreamConnection) -> None:
@@ -1207,36 +1082,6 @@ def error_response(request: Request, exc: BaseException) -> Response:
     return response
 
 
-def _stamp_via(request: Request, source: Source) -> tuple[str, int, Target]:
-    """§18.2.1 / RFC 3581: add ``received`` (and fill ``rport``) on the top Via of a received request.
-
-    Returns the top Via's sent-by (host without brackets, port or 0) for connection aliasing, and where
-    §18.2.2 sends responses over UDP (computed once here, so no response has to re-parse its Via).
-    """
-    via = request.top_via
-    if via is None:
-        raise ParseError("the request has no Via header", partial=None)
-    host = via.host
-    bare = host[1:-1] if host.startswith("[") else host
-    port = via.port
-    rport = via.rport
-    if bare != source.host or rport is not None:
-        if rport is not None:
-            via.params["rport"] = str(source.port)
-        via.params["received"] = source.host
-        request.set_top_via(via)  # written out, and kept parsed for the transaction layer
-    maddr = via.params.get("maddr")
-    if maddr:
-        reply = Target("udp", numeric_host(maddr) or maddr, port or 5060)
-    elif rport is not None:
-        reply = Target("udp", source.host, source.port)
-    elif bare != source.host:
-        reply = Target("udp", source.host, port or 5060)
-    else:
-        reply = Target("udp", numeric_host(bare) or bare, port or 5060)
-    return bare, port or 0, reply
-
-
 def _tune_udp_socket(sock: socket.socket | None) -> None:
     """Bigger socket buffers: a burst of a few thousand datagrams must not be dropped by the kernel."""
     if sock is None:
@@ -1249,25 +1094,3 @@ def _tune_udp_socket(sock: socket.socket | None) -> None:
         except OSError:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)
-
-
-def target_from_uri(uri: URI, *, default_transport: str = "udp") -> Target:
-    """Where a request for ``uri`` goes, RFC 3263 without DNS: ``maddr`` or the host (an IP literal),
-    the port or the transport's default, ``transport=`` or TLS for ``sips:``, else ``default_transport``.
-    ``;transport=ws`` is WS, or WSS for a ``sips:`` URI (RFC 7118 §5.2; ``transport=wss`` is read too); a
-    WebSocket URI may name a browser's ``.invalid`` host, which only its own connection reaches.
-
-    Raises TransportError (with the reason) when the host is a name: the stack does no DNS lookups.
-    """
-    transport = uri.transport or ("tls" if uri.secure else default_transport)
-    if transport == "ws" and uri.secure:
-        transport = "wss"
-    if transport not in TRANSPORTS:
-        raise TransportError(f"unsupported transport {transport!r} in {uri}")
-    host = uri.maddr or uri.host
-    literal = numeric_host(host)
-    if literal is None:
-        if transport in WEBSOCKET and host.lower().endswith(".invalid"):
-            return Target(transport, host.lower(), uri.port or DEFAULT_PORTS[transport])
-        raise TransportError(f"no route to {host!r}: not an IP address and this stack does no DNS lookups")
-    return Target(transport, literal, uri.port or DEFAULT_PORTS[transport])

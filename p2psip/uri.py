@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from p2psip.address import split_wire_hostport
 from p2psip.errors import ParseError
 
 __all__ = [
@@ -36,8 +37,6 @@ _DIGIT = "0123456789"
 #: RFC 3261 ``token`` characters.
 TOKEN_CHARS = frozenset(_ALPHA + _DIGIT + "-.!%*_+`'~")
 _SCHEME_CHARS = frozenset(_ALPHA + _DIGIT + "+-.")
-_HOST_CHARS = frozenset(_ALPHA + _DIGIT + "-.")
-_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 _HEX = frozenset("0123456789abcdefABCDEF")
 # unreserved / escaped / user-unreserved, plus "%" for escapes (RFC 3261 §25.1).
 _USER_CHARS = frozenset(_ALPHA + _DIGIT + "-_.!~*'()%&=+$,;?/")
@@ -93,46 +92,6 @@ def _normalize_escapes(text: str) -> str:
         out.append(c)
         i += 1
     return "".join(out)
-
-
-def _check_host(host: str, text: str) -> None:
-    if not host:
-        raise _bad("URI without a host", text)
-    if host[0] == "[":
-        if host[-1] != "]" or host.count(":") < 2 or not _IPV6_CHARS.issuperset(host[1:-1]):
-            raise _bad("bad IPv6 reference in URI", text)
-        return
-    if not _HOST_CHARS.issuperset(host) or host[0] in "-." or ".." in host:
-        raise _bad("bad host in URI", text)
-
-
-def _parse_port(port: str, text: str) -> int:
-    if not port or not port.isdigit() or not port.isascii() or len(port) > 5:
-        raise _bad("bad port", text)
-    value = int(port)
-    if value > 65535:
-        raise _bad("port out of range", text)
-    return value
-
-
-def split_hostport(hostport: str, text: str) -> tuple[str, int | None]:
-    """``host[:port]`` -> (host, port), IPv6 references kept with brackets; validates both."""
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0:
-            raise _bad("unterminated IPv6 reference", text)
-        host = hostport[: end + 1]
-        rest = hostport[end + 1 :]
-        port: int | None = None
-        if rest:
-            if rest[0] != ":":
-                raise _bad("junk after IPv6 reference", text)
-            port = _parse_port(rest[1:], text)
-    else:
-        host, sep, p = hostport.partition(":")
-        port = _parse_port(p, text) if sep else None
-    _check_host(host, text)
-    return host, port
 
 
 _UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
@@ -286,19 +245,7 @@ class URI:
             rest = rest[:semi]
         else:
             self.params = {}
-        if rest[:1] == "[" or "%" in rest:
-            self.host, self.port = split_hostport(rest, text)
-            return
-        host, sep, port = rest.partition(":")
-        if not host or not _HOST_CHARS.issuperset(host) or host[0] in "-." or ".." in host:
-            raise _bad("bad host in URI", text)
-        self.host = host
-        if sep:
-            if not port.isdigit() or len(port) > 5 or not port.isascii() or int(port) > 65535:
-                raise _bad("bad port", text)
-            self.port = int(port)
-        else:
-            self.port = None
+        self.host, self.port = split_wire_hostport(rest, text)
 
     def _init_other(self, scheme: str, rest: str, text: str) -> None:
         self.user = self.password = None

@@ -22,6 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+from p2psip.address import parse_target, target_from_uri
 from p2psip.auth import answer_challenge
 from p2psip.callaudio import AudioOfferAnswer, OfferAnswer, Play, Record
 from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, dialog_id_of_response
@@ -32,7 +33,6 @@ from p2psip.sipfrag import FragStatus
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import ClientTransaction, InviteClientTransaction, ServerTransaction, Transaction
 from p2psip.transfer import check_replaces, receive_refer
-from p2psip.transport import split_hostport, target_from_uri
 from p2psip.uaevents import EventsAgent, IncomingSubscription, Notification, OutgoingSubscription
 from p2psip.uri import URI, Address
 
@@ -391,7 +391,7 @@ class UserAgent:
         self.loop = stack.loop
         self.aor = URI(aor) if isinstance(aor, str) else aor
         self.address = Address.build(self.aor.copy(), display=display)
-        self.outbound = _parse_outbound(outbound) if isinstance(outbound, str) else outbound
+        self.outbound = parse_target(outbound, "outbound") if isinstance(outbound, str) else outbound
         self.username = username or self.aor.user
         self.password = password
         self.on_call = on_call
@@ -975,15 +975,6 @@ class UserAgent:
 
     def on_terminated(self, transaction: Transaction) -> None:
         pass
-
-
-def _parse_outbound(text: str) -> Target:
-    transport = "udp"
-    prefix, sep, rest = text.partition(":")
-    if sep and prefix.lower() in ("udp", "tcp", "tls"):
-        transport, text = prefix.lower(), rest
-    host, port = split_hostport(text)
-    return Target(transport, host, port or (5061 if transport == "tls" else 5060))
 
 
 def _keep_latest(queue: asyncio.Queue[Any], item: Any) -> None:

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from p2psip.address import numeric_host
 from p2psip.auth import DigestServer
 from p2psip.dialog import DialogId, dialog_id_of_request
 from p2psip.errors import ParseError
@@ -44,7 +45,6 @@ from p2psip.proxy import Proxy, ProxyContext, RoutedTarget
 from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register, reject_response
 from p2psip.stack import Source, Stack
 from p2psip.transaction import ClientTransaction, ServerTransaction, State, Transaction
-from p2psip.transport import numeric_host
 from p2psip.uri import URI, Address
 
 from .events import Controller, Event, EventTarget, ScriptError, outcome_of

@@ -60,7 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2psip.errors import P2PSIPError, ParseError
+from p2psip.address import bracket, parse_hostport
+from p2psip.errors import ConfigError, P2PSIPError, ParseError
 from p2psip.message import Request, Response, new_branch, new_call_id, new_tag
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
@@ -601,13 +602,13 @@ class Runner:
         self.calls: dict[str, _StepCall] = {}
         self.retransmissions = 0
         self.local: tuple[str, int] = ("127.0.0.1", 0)
-        self.request_uri = f"sip:{service}@{_host_text(self.target[0])}:{self.target[1]}"
+        self.request_uri = f"sip:{service}@{bracket(self.target[0])}:{self.target[1]}"
         if transport == "tcp":
             self.request_uri += ";transport=tcp"
 
     @property
     def local_host_text(self) -> str:
-        return _host_text(self.local[0])
+        return bracket(self.local[0])
 
     def next_hop(self, request: Request) -> Target:
         if self.proxy is not None:
@@ -705,15 +706,11 @@ class Runner:
             live(self.stats.line())
 
 
-def _host_text(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 def _hostport(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ScenarioError(f"{what} {text!r}: write HOST:PORT, e.g. 127.0.0.1:5070")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_hostport(text, what).as_tuple()
+    except ConfigError as exc:
+        raise ScenarioError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from p2psip.address import bracket
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import P2PSIPError
 from p2psip.message import Request
@@ -71,7 +72,7 @@ class ListenPoint:
         self.transport = transport
 
     def specs(self) -> list[str]:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = bracket(self.host)
         # No prefix: UDP and TCP on one port (the same one, even for port 0).
         return [f"{self.transport}:{host}:{self.port}" if self.transport else f"{host}:{self.port}"]
 
@@ -185,12 +186,7 @@ class Server:
         return cls(core, peer.stack, peer)
 
     def addresses(self) -> list[str]:
-        out = []
-        for transport, addrs in self.stack.transport.listening.items():
-            for host, port in addrs:
-                shown = f"[{host}]" if ":" in host else host
-                out.append(f"{transport}:{shown}:{port}")
-        return out
+        return self.stack.addresses()
 
     async def close(self) -> None:
         if self.peer is not None:

@@ -25,13 +25,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from p2psip import sdp, sipfrag
+from p2psip.address import target_from_uri
 from p2psip.dialog import AnswerRetransmitter, Dialog
 from p2psip.errors import ParseError
 from p2psip.message import Request, Response
 from p2psip.refer import refer_to
 from p2psip.stack import Target
 from p2psip.transaction import ClientTransaction, ServerTransaction
-from p2psip.transport import target_from_uri
 from p2psip.uri import URI, Address
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from p2psip.address import Target
 from p2psip.stack import Stack
-from p2psip.transport import Target
 from p2psip.useragent import IncomingCall, UserAgent
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ SCENARIOS = Path(__file__).parent / "interop" / "scenarios"
 def test_bad_arguments_print_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (
         ["proxy", "--listen", "example.com:5060"],
-        ["proxy", "--listen", "udp:127.0.0.1"],
+        ["proxy", "--listen", "udp:127.0.0.1:70000"],
         ["proxy", "--bogus"],
         ["proxy", "--tls-key", "k.pem"],
         ["proxy", "--stateless", "--recurse"],

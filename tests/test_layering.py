@@ -5,6 +5,8 @@
 - nothing outside the p2psip.cli package imports it;
 - no two modules import each other at run time, directly or round a longer loop (imports under
   ``if TYPE_CHECKING:`` are for annotations only and do not count);
+- host/port/target parsing and the RFC 3261 §18 rules live in p2psip.address only, and p2psip.transport
+  holds the sockets only (others import nothing else from it);
 - one agreed exception: ``p2psip.ratelimit`` (the one rate limiter of the project) is a stdlib-only leaf
   that ``overlay`` may import; it imports nothing from the project.
 """
@@ -144,3 +146,59 @@ def test_no_import_cycles() -> None:
 
     cycles = [loop for module in graph if (loop := reaches(module, module))]
     assert not cycles, "import cycle: " + " -> ".join(cycles[0])
+
+
+# Names of p2psip.transport that other modules may import: the socket side (listeners, connections, TLS
+# contexts, the Server header it stamps). Address parsing and the §18 rules are p2psip.address's.
+SOCKET_SIDE = {
+    "TransportLayer", "Source", "StreamConnection", "Observer", "TLSConfig", "generate_self_signed", "SERVER",
+    "error_response",
+}  # fmt: skip
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_address_rules_live_in_address_only() -> None:
+    """One home for host/port/target/listen-spec parsing and the RFC 3261 §18 decisions: no other module
+    defines a name p2psip.address exports, and no other module brackets IPv6 hosts by hand."""
+    import p2psip.address
+
+    rules = set(p2psip.address.__all__)
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            module = _module_name(path)
+            if module == "p2psip.address":
+                continue
+            twice = _top_level_names(path) & rules
+            assert not twice, f"{module} defines {sorted(twice)}: use p2psip.address"
+            text = path.read_text()
+            for snippet in ('f"[{', "'[' +", '"[" +'):
+                assert snippet not in text, f"{module} brackets a host by hand ({snippet!r}): use bracket()"
+
+
+def test_transport_holds_sockets_only() -> None:
+    """p2psip.transport takes the address rules from p2psip.address; others import only its socket side."""
+    tree = ast.parse((ROOT / "p2psip" / "transport.py").read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "p2psip.address"
+        for alias in node.names
+    }
+    assert {"stamp_via", "response_target", "Target"} <= imported, "transport should use p2psip.address"
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module == "p2psip.transport":
+                    extra = {alias.name for alias in node.names} - SOCKET_SIDE
+                    assert not extra, f"{_module_name(path)} imports {sorted(extra)} from p2psip.transport"

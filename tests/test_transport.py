@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from p2psip.address import Target
 from p2psip.errors import ConfigError, TransportError
 from p2psip.message import Request, Response, parse
-from p2psip.transport import (
-    ListenSpec,
-    Source,
-    Target,
-    TLSConfig,
-    TransportLayer,
-    split_hostport,
-    target_from_uri,
-)
-from p2psip.uri import URI
+from p2psip.transport import Source, TLSConfig, TransportLayer
 
 OPTIONS = (
     "OPTIONS sip:x@127.0.0.1 SIP/2.0\r\n"
@@ -72,25 +64,6 @@ class UdpClient:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def test_listen_spec_parsing() -> None:
-    assert ListenSpec.parse("127.0.0.1:5060") == [
-        ListenSpec("udp", "127.0.0.1", 5060),
-        ListenSpec("tcp", "127.0.0.1", 5060),
-    ]
-    assert ListenSpec.parse("tls:[::1]:5061") == [ListenSpec("tls", "::1", 5061)]
-    assert split_hostport("[::1]") == ("::1", None)
-    for bad in ("127.0.0.1", "example.com:5060", "udp:127.0.0.1:99999", "[::1:5060"):
-        with pytest.raises(ConfigError):
-            ListenSpec.parse(bad)
-
-
-def test_target_from_uri_without_dns() -> None:
-    assert target_from_uri(URI("sip:bob@127.0.0.1:5070;transport=tcp")) == Target("tcp", "127.0.0.1", 5070)
-    assert target_from_uri(URI("sips:bob@[::1]")) == Target("tls", "::1", 5061)
-    with pytest.raises(TransportError, match="no DNS"):
-        target_from_uri(URI("sip:bob@example.com"))
 
 
 async def test_udp_rport_and_received_are_stamped_and_used() -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from p2psip.address import Target
 from p2psip.stack import Stack
 from p2psip.trace import SipTrace
-from p2psip.transport import Target
 from p2psip.useragent import UserAgent
 
 

@@ -22,10 +22,11 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError
 
+from p2psip.address import ListenSpec, Target, target_from_uri
 from p2psip.message import Request as SipRequest
 from p2psip.message import Response, parse
 from p2psip.streamguard import StreamLimits
-from p2psip.transport import ListenSpec, Target, TLSConfig, target_from_uri
+from p2psip.transport import TLSConfig
 from p2psip.uri import URI
 from p2psip.websocket import OriginPolicy, WSEndpoint
 from tests.test_transport import make_layer, options
@@ -300,8 +301,9 @@ async def test_outgoing_connection_to_a_transport_ws_target(transport: str) -> N
 
 
 def test_listen_spec_knows_ws() -> None:
-    assert ListenSpec.parse("ws:127.0.0.1:8080") == [ListenSpec("ws", "127.0.0.1", 8080)]
-    assert ListenSpec.parse("wss:[::1]:8443") == [ListenSpec("wss", "::1", 8443)]
+    assert ListenSpec.parse("ws:127.0.0.1:8080") == ListenSpec("ws", "127.0.0.1", 8080)
+    assert ListenSpec.parse("wss:[::1]:8443") == ListenSpec("wss", "::1", 8443)
+    assert ListenSpec.parse("wss:[::1]") == ListenSpec("wss", "::1", 443)  # RFC 7118 §5.2: HTTP's ports
 
 
 # ------------------------------------------------------------------------------------ peers and browsers
@@ -327,7 +329,6 @@ async def test_browser_registered_over_ws_at_one_peer_is_called_from_another(tmp
     from peer_phone import Phone
 
     from p2psip.config import HostPort, PeerConfig
-    from p2psip.config import ListenSpec as PeerListen
     from p2psip.peer import Peer, quick_node_config, wait_until_settled
 
     peers: list[Peer] = []
@@ -336,7 +337,7 @@ async def test_browser_registered_over_ws_at_one_peer_is_called_from_another(tmp
     try:
         for i in range(2):
             config = PeerConfig(
-                listen=[PeerListen("udp", "127.0.0.1", 0), PeerListen("ws", "127.0.0.1", 0)],
+                listen=[ListenSpec("udp", "127.0.0.1", 0), ListenSpec("ws", "127.0.0.1", 0)],
                 overlay=HostPort("127.0.0.1", 0),
                 join=HostPort(*peers[0].overlay_address) if peers else None,
                 data_dir=tmp_path / f"p{i}",

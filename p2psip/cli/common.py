@@ -37,28 +37,17 @@ def data_dir_of(args: argparse.Namespace) -> Path:
 def parse_via(text: str) -> tuple[str, int]:
     """``--via HOST:PORT``: an IP address (``localhost`` is 127.0.0.1). Host names are not resolved: a phone
     command that looked one up would wait for DNS, and a typo would look like a peer that does not answer."""
-    import ipaddress
+    from p2psip.address import split_hostport
 
-    from p2psip.config import parse_hostport
-    from p2psip.errors import ConfigError
-
-    hp = parse_hostport(text, "--via", default_port=5060)
-    host = hp.host.strip("[]")
-    if host.lower() == "localhost":
-        return "127.0.0.1", hp.port
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(
-            f"--via {text}: {host!r} is not an IP address (host names are not resolved; "
-            "give the peer's address, e.g. 127.0.0.1:5060)"
-        ) from None
-    return host, hp.port
+    host, port = split_hostport(text, "--via", default_port=5060, numeric=True)
+    assert port is not None
+    return host, port
 
 
 def via_text(via: tuple[str, int]) -> str:
-    host = f"[{via[0]}]" if ":" in via[0] else via[0]
-    return f"{host}:{via[1]}"
+    from p2psip.address import format_hostport
+
+    return format_hostport(*via)
 
 
 def check_sip_uri(text: str, what: str) -> str:

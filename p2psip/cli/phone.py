@@ -6,9 +6,9 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+from p2psip.address import ListenSpec, Target
 from p2psip.probe import DeadAddress, refused, unless_refused
 from p2psip.stack import Stack
-from p2psip.transport import Target
 from p2psip.useragent import IncomingCall, UserAgent
 
 __all__ = [
@@ -45,8 +45,7 @@ async def open_phone(
     :func:`close_phone`."""
     if host is None:
         host = local_ip_toward(via[0]) if via is not None else "127.0.0.1"
-    shown = f"[{host}]" if ":" in host else host
-    stack = await Stack.start([f"udp:{shown}:{port}"])
+    stack = await Stack.start([ListenSpec("udp", host, port)])
     outbound = Target("udp", via[0], via[1]) if via is not None else None
     return UserAgent(stack, aor, outbound=outbound, on_call=on_call)
 

@@ -11,9 +11,9 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     """``p2psip proxy``: a stand-alone SIP proxy (no overlay), forwarding by Route and Request-URI."""
     import asyncio
 
+    from p2psip.address import ListenSpec
     from p2psip.errors import ConfigError
     from p2psip.run import serve_proxy
-    from p2psip.transport import ListenSpec
 
     listen = args.listen or ["127.0.0.1:5060"]
     try:
@@ -35,11 +35,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         from p2psip.stack import Stack
 
         assert isinstance(stack, Stack)
-        where = ", ".join(
-            f"{t}:{'[' + h + ']' if ':' in h else h}:{p}"
-            for t, addrs in stack.transport.listening.items()
-            for h, p in addrs
-        )
+        where = ", ".join(stack.addresses())
         mode = "stateless" if args.stateless else "stateful"
         print(f"p2psip proxy ({mode}) listening on {where}", flush=True)
 

@@ -39,6 +39,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
+from p2psip.address import format_hostport
+
 log = logging.getLogger("p2psip.web")
 
 HERE = Path(__file__).resolve().parent
@@ -123,8 +125,7 @@ class WebServer:
     @property
     def origin(self) -> str:
         """What a browser sends as ``Origin`` from our pages (the WS handshake admits it)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{format_hostport(self.host, self.port)}"
 
     @property
     def url(self) -> str:

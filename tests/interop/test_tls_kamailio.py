@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 from conftest import free_port, in_ci
 
+from p2psip.address import Target
 from p2psip.message import Request, parse
 from p2psip.stack import Stack
-from p2psip.transport import Target, TLSConfig, generate_self_signed
+from p2psip.transport import TLSConfig, generate_self_signed
 from p2psip.useragent import CallFailed, IncomingCall, UserAgent
 
 from .kamailio import TLS_MODULE, DomainRoute, Kamailio, KamailioTLS, has_tls_module, registrar_config

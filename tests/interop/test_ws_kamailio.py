@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port, in_ci
 
+from p2psip.address import Target
 from p2psip.message import Request
 from p2psip.stack import Stack
-from p2psip.transport import Target
 from p2psip.useragent import UserAgent
 
 from .kamailio import WS_MODULE, Kamailio, has_websocket_module, websocket_config

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from p2psip.address import numeric_host
 from p2psip.errors import ParseError
 from p2psip.message import Request, Response, new_branch, parse
 from p2psip.proxy import Proxy
 from p2psip.stack import Source, Stack
 from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
-from p2psip.transport import numeric_host
 from p2psip.useragent import UserAgent
 
 from .corpus import Case, load_all
