@@ -384,3 +384,24 @@ async def test_browser_registered_over_ws_at_one_peer_is_called_from_another(tmp
             phone.close()
         for peer in peers:
             await peer.close(leave=False)
+
+
+async def test_sipapi_script_listens_on_ws(tmp_path) -> None:
+    """A sipapi script with ``open(('ws', host, port))`` serves SIP over WebSocket."""
+    from conftest import free_port
+    from test_sipapi_support import script_process
+
+    port = free_port()
+    script = tmp_path / "ws_server.py"
+    script.write_text(f"from sipapi import *\nopen(('ws', '127.0.0.1', {port}))\nrun()\n")
+    with script_process(script) as child:
+        line = await asyncio.to_thread(child.wait_ready)
+        assert f"ws:127.0.0.1:{port}" in line, line
+        client, event = await WSClient.connect(port)
+        assert isinstance(event, AcceptConnection)
+        ping = browser_options("script").replace(b"sip:x@127.0.0.1 ", f"sip:127.0.0.1:{port} ".encode(), 1)
+        client.send_text(ping)  # an OPTIONS ping of the server itself, answered over the WS connection
+        response = await client.recv()
+        assert isinstance(response, Response) and response.status == 200, response
+        await client.close()
+        assert child.stop() == 0, child.output()
