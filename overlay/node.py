@@ -810,6 +810,11 @@ class Node:
             self._count("dropped_oversized")
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # The process is stopping (asyncio.run cancels what still runs). End quietly: on Python 3.11
+            # the stream server's done-callback calls task.exception() on a cancelled handler, which
+            # raises and prints a CancelledError traceback for every connection still open.
+            pass
         except Exception:
             self._count("dropped_internal_error")
         finally:

@@ -73,7 +73,7 @@ from p2psip.registrar import (
 from p2psip.run import stop_signals
 from p2psip.stack import Source, Stack
 from p2psip.streamguard import StreamLimits
-from p2psip.trace import SipTrace
+from p2psip.trace import SipTrace, stamp
 from p2psip.transaction import ClientTransaction, ServerTransaction
 from p2psip.transport import TLSConfig
 from p2psip.uri import URI, Address
@@ -396,6 +396,9 @@ class Peer:
         self.node = node
         self.stack = stack
         self.on_event = on_event
+        self.dht_trace: Callable[[str], None] | None = None
+        """Called with one line per DHT read of SIP data (``p2psip start -v`` prints them with the SIP
+        trace): the AOR, its key, the node that answered, the entries and the time it took."""
         self.users = UserKeys(config.data_dir / USERS_DIR)
         self.cache = LocationCache(ttl=config.cache_ttl)
         self.policy = RegistrarPolicy(
@@ -672,7 +675,16 @@ class Peer:
         self.names[ids.key_for(aor)] = aor
         if len(self.names) > 4096:  # a bounded memo for status: scanners must not grow it
             del self.names[next(iter(self.names))]
-        entries = await (at or self.node.at(aor)).get()
+        access = at or self.node.at(aor)
+        started = time.perf_counter()
+        entries = await access.get()
+        if self.dht_trace is not None:
+            where = access.target
+            node = f"node {ids.short(where.id)} at {where.host}:{where.port}" if where else "?"
+            self.dht_trace(
+                f"DHT get {aor} (key {ids.short(access.key)}) from {node}: {len(entries)} entries in "
+                f"{(time.perf_counter() - started) * 1000:.1f} ms"
+            )
         now = time.time()
         out = []
         for entry in entries:
@@ -1445,6 +1457,7 @@ async def run_foreground(
     holder.append(peer)
     if config.verbose:
         SipTrace(peer.stack, SipTrace.printer(lambda text: print(text, file=sys.stderr, flush=True)))
+        peer.dht_trace = lambda text: print(f"{stamp()} {text}\n", file=sys.stderr, flush=True)
     cleanup: Callable[[], Awaitable[None]] | None = None
     if extension is not None:
         try:

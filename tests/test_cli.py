@@ -263,3 +263,48 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def test_peers_stopped_together_print_no_traceback(start_peer) -> None:
+    """SIGTERM to every peer at the same moment, each with an overlay TCP connection still open (half a
+    frame sent, as a transfer cut short would leave it): each exits 0, and stderr holds no traceback."""
+    import socket
+
+    first = start_peer("s1")
+    peers = [first, start_peer("s2", first), start_peer("s3", first)]
+    held = []
+    for peer in peers:
+        conn = socket.create_connection(("127.0.0.1", peer.overlay), timeout=5)
+        conn.sendall(b"\x00\x00")  # the handler now waits for the rest of the frame header
+        held.append(conn)
+    try:
+        for peer in peers:
+            peer.proc.send_signal(signal.SIGTERM)
+        for peer in peers:
+            code = peer.proc.wait(timeout=30)
+            with peer.changed:
+                peer.changed.wait_for(lambda p=peer: p.err[-1:] == [""], 10)
+            err = "".join(peer.err)
+            assert code == 0 and "Traceback" not in err and "CancelledError" not in err, err
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_verbose_trace_is_stamped_and_shows_dht_lookups(start_peer) -> None:
+    """-v: every traced message starts with the time to the millisecond, and the DHT reads a REGISTER and
+    a call make are traced too."""
+    import re
+
+    peer = start_peer("v1", None, "-v")
+    done = run("register", "sip:bob@p2p.example", "--via", f"127.0.0.1:{peer.sip}", timeout=60)
+    assert done.returncode == 0, done.stderr
+    code, _out, err = peer.stop()
+    assert code == 0, err
+    arrows = [line for line in err.splitlines() if "<< from " in line or ">> to " in line]
+    assert arrows and all(re.match(r"\d\d:\d\d:\d\d\.\d{3} (<< from|>> to) udp:", line) for line in arrows), (
+        arrows
+    )
+    assert re.search(
+        r"^\d\d:\d\d:\d\d\.\d{3} DHT get sip:bob@p2p.example \(key [0-9a-f]+\) from node ", err, re.M
+    ), err
