@@ -405,3 +405,43 @@ async def test_sipapi_script_listens_on_ws(tmp_path) -> None:
         assert isinstance(response, Response) and response.status == 200, response
         await client.close()
         assert child.stop() == 0, child.output()
+
+
+async def test_p2psip_proxy_listens_on_ws(tmp_path) -> None:
+    """``p2psip proxy --listen ws:...`` (the command, in its own process) takes SIP over WebSocket and
+    forwards it: a browser-like client's MESSAGE reaches a UDP UA through it, and the answer comes back."""
+    import sys
+
+    from conftest import free_port
+
+    from p2psip.stack import Stack
+    from p2psip.useragent import UserAgent
+
+    ws_port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "p2psip.cli", "proxy", "--listen", f"ws:127.0.0.1:{ws_port}",
+        "--listen", "udp:127.0.0.1:0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    far = await Stack.start(["udp:127.0.0.1:0"])
+    got: asyncio.Queue[SipRequest] = asyncio.Queue()
+    ua = UserAgent(far, "sip:far@127.0.0.1", on_message=got.put_nowait)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        assert f"ws:127.0.0.1:{ws_port}" in line, line
+        client, _ = await WSClient.connect(ws_port)
+        host, port = far.local_address("udp")
+        first = f"MESSAGE sip:far@{host}:{port} ".encode()
+        message = browser_options("proxied").replace(b"OPTIONS sip:x@127.0.0.1 ", first, 1)
+        message = message.replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 MESSAGE")
+        client.send_text(message)
+        response = await client.recv(timeout=10)
+        assert isinstance(response, Response) and response.status == 200, response
+        forwarded = await asyncio.wait_for(got.get(), 5)
+        assert forwarded.get_all("Via")[1].startswith("SIP/2.0/WS df7jal23ls0d.invalid")
+        await client.close()
+    finally:
+        await ua.close()
+        await far.close()
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
