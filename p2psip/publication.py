@@ -1,0 +1,149 @@
+"""Event state publication (RFC 3903 PUBLISH), sans-IO: what a presence agent keeps of what devices say.
+
+An :class:`EventStateCompositor` holds, per address of record, the documents devices PUBLISHed, each under
+an entity tag (``SIP-ETag``) with an expiry. :meth:`EventStateCompositor.publish` decides a PUBLISH:
+
+* initial (no ``SIP-If-Match``): a body is required (400 without); it is stored under a new entity tag;
+* refresh (``SIP-If-Match``, no body): the same document lives on, under a new entity tag;
+* modify (``SIP-If-Match`` and a body): the document is replaced, new entity tag;
+* remove (``SIP-If-Match`` and ``Expires: 0``): gone;
+* an unknown or expired entity tag: 412 Conditional Request Failed; an event package it does not keep:
+  489 with ``Allow-Events``; an Expires below the minimum: 423 with ``Min-Expires``; a body of another type:
+  415 with ``Accept``; a body the package's reader refuses (a malformed PIDF): 400.
+
+Every 2xx carries the new ``SIP-ETag`` and the granted ``Expires``. :attr:`EventStateCompositor.deadline`
+and :meth:`EventStateCompositor.expire` drop what was not refreshed (and say whose state changed).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from p2psip.errors import ParseError
+from p2psip.message import Request
+from p2psip.subscription import EventHeader, Reject
+
+__all__ = ["EventStateCompositor", "PublishResult", "Published"]
+
+
+@dataclass
+class Published:
+    """One device's published state: the body, its content type, entity tag and expiry."""
+
+    etag: str
+    body: bytes
+    content_type: str
+    expires_at: float
+
+
+@dataclass
+class PublishResult:
+    """A PUBLISH that succeeded: the granted expiry, the new entity tag (None once removed), and whether
+    the AOR's published state changed (a refresh changes nothing a watcher sees)."""
+
+    expires: int
+    etag: str | None
+    changed: bool
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+class EventStateCompositor:
+    """The published state of many AORs for one event package (RFC 3903 §6).
+
+    ``content_types`` are the body types accepted; ``reader(body)`` raises ParseError for a body the
+    package cannot read (``p2psip.pidf.parse`` for presence)."""
+
+    def __init__(
+        self,
+        package: str,
+        content_types: tuple[str, ...],
+        reader: Callable[[bytes], object],
+        *,
+        min_expires: int = 60,
+        max_expires: int = 3600,
+        default_expires: int = 3600,
+        max_per_aor: int = 16,
+    ) -> None:
+        self.package = package
+        self.content_types = content_types
+        self.reader = reader
+        self.min_expires = min_expires
+        self.max_expires = max_expires
+        self.default_expires = default_expires
+        self.max_per_aor = max_per_aor
+        """Documents one AOR may have at once (devices): a bound, so one user cannot fill the agent."""
+        self.state: dict[str, dict[str, Published]] = {}
+
+    def documents(self, aor: str, now: float) -> list[Published]:
+        """The live published documents of ``aor``, oldest first."""
+        return [p for p in self.state.get(aor, {}).values() if p.expires_at > now]
+
+    def publish(self, aor: str, request: Request, now: float) -> PublishResult | Reject:
+        """Decide a PUBLISH for ``aor`` (the canonical AOR of its Request-URI)."""
+        try:
+            event = EventHeader.of(request)
+            asked = request.expires
+        except ParseError as exc:
+            return Reject(400, f"Bad Request ({exc})")
+        if event is None or event.package != self.package:
+            return Reject(489, None, (("Allow-Events", self.package),))
+        match = request.get("SIP-If-Match")
+        expires = self.default_expires if asked is None else min(asked, self.max_expires)
+        if 0 < expires < self.min_expires:
+            return Reject(423, None, (("Min-Expires", str(self.min_expires)),))
+        table = self.state.setdefault(aor, {})
+        body = request.body
+        if body:
+            content_type = request.content_type or ""
+            if content_type not in self.content_types:
+                return Reject(415, None, (("Accept", ", ".join(self.content_types)),))
+            try:
+                self.reader(body)
+            except ParseError as exc:
+                return Reject(400, f"Bad Request ({exc})")
+        else:
+            content_type = ""
+        if match is None:
+            if not body or expires == 0:
+                return Reject(400, "Bad Request (an initial PUBLISH needs a body and a lifetime)")
+            live = [tag for tag, p in table.items() if p.expires_at > now]
+            if len(live) >= self.max_per_aor:
+                return Reject(403, f"Forbidden (more than {self.max_per_aor} publications for one user)")
+            etag = self._new_etag()
+            table[etag] = Published(etag, body, content_type, now + expires)
+            return PublishResult(expires, etag, True, (("SIP-ETag", etag), ("Expires", str(expires))))
+        old = table.get(match.strip())
+        if old is None or old.expires_at <= now:
+            return Reject(412, "Conditional Request Failed")
+        del table[old.etag]
+        if expires == 0:
+            if not table:
+                self.state.pop(aor, None)
+            return PublishResult(0, None, True, (("Expires", "0"),))
+        etag = self._new_etag()
+        changed = bool(body) and body != old.body
+        table[etag] = Published(etag, body or old.body, content_type or old.content_type, now + expires)
+        return PublishResult(expires, etag, changed, (("SIP-ETag", etag), ("Expires", str(expires))))
+
+    @property
+    def deadline(self) -> float | None:
+        times = [p.expires_at for table in self.state.values() for p in table.values()]
+        return min(times) if times else None
+
+    def expire(self, now: float) -> list[str]:
+        """Drop what ran out; returns the AORs whose published state changed."""
+        changed = []
+        for aor, table in list(self.state.items()):
+            gone = [tag for tag, p in table.items() if p.expires_at <= now]
+            for tag in gone:
+                del table[tag]
+            if gone:
+                changed.append(aor)
+            if not table:
+                del self.state[aor]
+        return changed
+
+    def _new_etag(self) -> str:
+        return secrets.token_hex(8)
