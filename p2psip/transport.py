@@ -571,6 +571,8 @@ class TransportLayer:
         self.flows: FlowTable | None = None
         """The node's flow table (RFC 5626), when it keeps one (a peer): touched by everything that
         arrives, told when a stream connection ends."""
+        self.on_stun: Callable[[bytes, str, int], None] | None = None
+        """Called with the STUN messages that are not binding requests (answers to our keep-alives)."""
         self.on_flow_failed: Callable[[Failed], None] | None = None
         """Called when a flow of :attr:`flows` failed because its connection ended."""
 
@@ -761,7 +763,9 @@ class TransportLayer:
             # RFC 5626 §4.4.2 / §8: a STUN binding request on the SIP port is a keep-alive (and tells the
             # phone its reflexive address); any other STUN message is dropped, never answered.
             reply = stun_reply(data, host, port)
-            if reply is None:
+            if reply is None and self.on_stun is not None:
+                self.on_stun(data, host, port)  # a response to our own keep-alive (an outbound client)
+            elif reply is None:
                 stats["dropped"] += 1
             elif endpoint is not None and isinstance(endpoint, _UDPSocket):
                 stats["stun_requests"] += 1

@@ -353,6 +353,9 @@ class _Registration:
         self.refresh: asyncio.TimerHandle | None = None
         self.contact: str = ""
         self.custom_contact: str | None = None
+        self.keepalive: asyncio.Task[None] | None = None
+        """RFC 5626 §4.4: keep-alives over the flow of an outbound registration (with a Flow-Timer)."""
+        self.mapped: tuple[str, int] | None = None
 
 
 class UserAgent:
@@ -386,8 +389,17 @@ class UserAgent:
         events: Iterable[str] = (),
         on_subscribe: Callable[[IncomingSubscription], None] | None = None,
         accept_transfers: bool = True,
+        instance: str | None = None,
     ) -> None:
         self.stack = stack
+        self.instance = instance
+        """RFC 5626 ``+sip.instance`` (e.g. ``<urn:uuid:...>``): with it, registrations are outbound ones
+        (``reg-id=1``), kept alive over their flow with STUN or CRLF keep-alives at the registrar's
+        ``Flow-Timer``, and registered again at once when the flow fails (a keep-alive unanswered, or
+        answered with another reflexive address: the NAT mapping changed)."""
+        self._stun: dict[bytes, asyncio.Future[tuple[str, int] | None]] = {}
+        if instance is not None:
+            stack.transport.on_stun = self._on_stun
         self.loop = stack.loop
         self.aor = URI(aor) if isinstance(aor, str) else aor
         self.address = Address.build(self.aor.copy(), display=display)
@@ -666,7 +678,10 @@ class UserAgent:
             raise CallFailed(response.status, response.reason, response)
         if expires == 0:
             self._registrations.pop(key, None)
+            if reg.keepalive is not None:
+                reg.keepalive.cancel()
             return response
+        self._keep_alive(reg, response)
         granted = _granted_expires(response, reg.contact, expires)
         reg.expires = granted
         if refresh and granted > 0:
@@ -697,6 +712,9 @@ class UserAgent:
         else:
             contact = self._contact(reg.target)
             contact.params["expires"] = str(expires)
+            if self.instance is not None:
+                contact.params["+sip.instance"] = f'"{self.instance}"'
+                contact.params["reg-id"] = "1"
             reg.contact = str(contact.uri)
         request = Request.create(
             "REGISTER",
@@ -708,6 +726,8 @@ class UserAgent:
             contact=contact,
             headers=[("Expires", str(expires)), ("User-Agent", self.user_agent)],
         )
+        if self.instance is not None and reg.custom_contact is None:
+            request.add("Supported", "outbound, path")
         reg.call_id = request.call_id
         pending = self._send(request, reg.target)
         while True:
@@ -763,6 +783,70 @@ class UserAgent:
             except TimeoutError:
                 said.append(f"BYE sent; no answer within {timeout:g} s")
         return said
+
+    # -------------------------------------------------------------------- RFC 5626 outbound keep-alives
+
+    def _keep_alive(self, reg: _Registration, response: Response) -> None:
+        """After an outbound REGISTER's 200: keep its flow alive at the registrar's Flow-Timer (§4.4)."""
+        if self.instance is None or reg.custom_contact is not None or reg.keepalive is not None:
+            return
+        timer = response.get("Flow-Timer")
+        requires = ",".join(response.get_all("Require")).replace(" ", "").split(",")
+        if "outbound" not in requires or not timer or not timer.isdigit() or int(timer) <= 0:
+            return
+        via = response.top_via
+        if via is not None and via.received and isinstance(via.rport, int) and via.rport is not True:
+            # our reflexive address as the registrar saw the REGISTER: a keep-alive answered with another
+            # one means the NAT mapping changed since (a new flow the registrar does not know)
+            reg.mapped = (via.received, via.rport)
+        reg.keepalive = asyncio.ensure_future(self._keepalives(reg, int(timer)))
+        self._tasks.add(reg.keepalive)
+        reg.keepalive.add_done_callback(self._tasks.discard)
+
+    async def _keepalives(self, reg: _Registration, flow_timer: int) -> None:
+        import random
+
+        from p2psip.flows import stun_binding_request
+
+        while True:
+            # §4.4.1: a random interval between 80% and 100% of the Flow-Timer
+            await asyncio.sleep(flow_timer * random.uniform(0.8, 1.0))
+            target = reg.target
+            if target.transport != "udp":
+                try:
+                    self.stack.transport.send(b"\r\n\r\n", target)
+                    continue
+                except TransportError as exc:
+                    failed = f"the connection failed: {exc}"
+            else:
+                data, tid = stun_binding_request()
+                answer: asyncio.Future[tuple[str, int] | None] = self.loop.create_future()
+                self._stun[tid] = answer
+                try:
+                    self.stack.transport.send(data, target)
+                    mapped = await asyncio.wait_for(answer, min(10.0, flow_timer / 2))
+                except (TimeoutError, TransportError):
+                    mapped = None
+                finally:
+                    self._stun.pop(tid, None)
+                if mapped is not None and reg.mapped in (None, mapped):
+                    reg.mapped = mapped
+                    continue
+                failed = "no answer to a STUN keep-alive" if mapped is None else "the NAT mapping changed"
+                reg.mapped = mapped
+            # §4.4: the flow failed: register again (a new flow)
+            log.info("outbound flow to %s failed (%s): registering again", target, failed)
+            reg.keepalive = None
+            self._refresh(reg)
+            return
+
+    def _on_stun(self, data: bytes, host: str, port: int) -> None:
+        from p2psip.flows import stun_mapped_address
+
+        for tid, answer in list(self._stun.items()):
+            mapped = stun_mapped_address(data, tid)
+            if mapped is not None and not answer.done():
+                answer.set_result(mapped)
 
     async def close(self) -> None:
         """Stop refreshing registrations (bindings are left to expire) and background tasks."""

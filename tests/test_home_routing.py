@@ -230,3 +230,26 @@ async def test_crlf_ping_on_a_stream_gets_a_crlf_pong(make_peer: PeerFactory) ->
         assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\r\n"
     finally:
         writer.close()
+
+
+async def test_our_user_agent_is_an_outbound_client_and_keeps_its_flow_alive(make_peer: PeerFactory) -> None:
+    from p2psip.stack import Stack
+    from p2psip.useragent import UserAgent
+
+    ring = await three(make_peer, flow_timer=1)
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    host, port = ring[0].sip_address()
+    instance = "<urn:uuid:0b0b0b0b-0000-4000-8000-000000000001>"
+    ua = UserAgent(stack, BOB, outbound=f"{host}:{port}", instance=instance)
+    try:
+        ok = await ua.register("sip:p2p.example", expires=600)
+        assert ok.get("Require") == "outbound" and ok.get("Flow-Timer") == "1"
+        [binding] = await ring[1].fetch_bindings(BOB)
+        assert binding.instance == instance and binding.reg_id == 1
+        await asyncio.sleep(4)  # the point: four flow timers; the UA's STUN keep-alives hold the flow
+        assert len(await ring[1].fetch_bindings(BOB)) == 1
+        assert ring[0].stack.transport.stats["stun_requests"] >= 3
+        assert ring[0].counters["flows_failed"] == 0
+    finally:
+        await ua.close()
+        await stack.close()

@@ -38,7 +38,7 @@ FLOW_TIMER = 4
 ALICE = "sip:alice@p2p.example"
 
 UA = r"""
-import asyncio, sys
+import asyncio, sys, uuid
 from p2psip.stack import Stack
 from p2psip.useragent import CallFailed, UserAgent
 
@@ -52,7 +52,7 @@ async def main():
         call.ring()
         call.accept(SDP)
         print("answered", call.caller.uri, flush=True)
-    ua = UserAgent(stack, aor, outbound=peer, on_call=on_call)
+    ua = UserAgent(stack, aor, outbound=peer, on_call=on_call, instance=f"<urn:uuid:{uuid.uuid4()}>")
     await ua.register("sip:p2p.example", expires=120)
     print("registered", flush=True)
     loop = asyncio.get_running_loop()
@@ -96,7 +96,7 @@ class Lab:
     def __init__(self, net: NatLab, tmp: Path) -> None:
         self.net = net
         self.tmp = tmp
-        self.peers: dict[str, subprocess.Popen[str]] = {}
+        self.peers: dict[str, subprocess.Popen[Any]] = {}
         self.baresips: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
     def start_peer(self, name: str, address: str, join: str | None, scripts: Path) -> None:
@@ -107,18 +107,15 @@ class Lab:
                 "--scripts", str(scripts)]  # fmt: skip
         if join:
             args += ["--join", f"{join}:7060"]
-        proc = self.net.popen(
-            name, args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
-        )
+        log = self.tmp / f"{name}.log"
+        proc = self.net.popen(name, args, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         self.peers[name] = proc
-        assert proc.stdout is not None
-        for _ in range(100):
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"peer {name} exited ({proc.wait(5)})")
-            if " ready " in line:
-                return
-        raise AssertionError(f"peer {name} never became ready")
+        wait_for(lambda: " ready " in log.read_text() or proc.poll() is not None, 60, f"peer {name} ready")
+        assert proc.poll() is None, log.read_text()
+
+    def log(self, name: str) -> str:
+        """A peer's log (one line per event: registered, routed, flow failed...)."""
+        return (self.tmp / f"{name}.log").read_text()
 
     def lookup(self, peer: str, aor: str) -> list[dict[str, Any]]:
         done = self.net.run(peer, [*CLI, "lookup", aor, "--data-dir", str(self.tmp / peer), "--json"],
@@ -228,6 +225,17 @@ def test_calls_across_two_nats_run_the_script_on_the_home_peer_and_a_dead_flow_l
     line = carol.stdout.readline().split()
     assert line[:2] == ["answered", ALICE], line
     wait_for(log_has(alice_log, "Call established: sip:carol@p2p.example"), 20, "alice's call answered")
+    lab.cons("ha", 5060, "/hangup")
+
+    # router B forgets carol's mapping; fully random, her next keep-alive leaves from another port: our UA
+    # sees another reflexive address in the STUN answer, takes the flow for failed and registers again,
+    # so P2 (whose old flow now stays silent and fails) still reaches her after several flow timers
+    lab.net.flush_mappings("rb")
+    time.sleep(3 * FLOW_TIMER)  # the point: longer than P2 keeps a silent outbound flow (FLOW_TIMER + 1 s)
+    assert lab.lookup("p2", "sip:carol@p2p.example"), lab.log("p2")
+    lab.cons("ha", 5060, "/dial sip:carol@p2p.example")
+    line = carol.stdout.readline().split()
+    assert line[:2] == ["answered", ALICE], line
     lab.cons("ha", 5060, "/hangup")
 
     # alice's flow dies: her link goes down and router A forgets its mappings
