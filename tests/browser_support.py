@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,9 +104,13 @@ class Browser:
     async def type(self, element_id: str, text: str) -> None:
         await self.js("document.getElementById(arguments[0]).value = arguments[1];", element_id, text)
 
-    async def screenshot(self, name: str) -> Path:
-        path = DOCS / name
+    async def screenshot(self, name: str, tmp: Path | None = None) -> Path:
+        """Take a screenshot (a non-empty PNG, checked). It replaces ``docs/NAME`` only when
+        ``P2PSIP_SCREENSHOTS=1``: a test run must not leave every worktree with modified images."""
+        refresh = os.environ.get("P2PSIP_SCREENSHOTS") == "1"
+        path = DOCS / name if refresh else Path(tempfile.mkdtemp(prefix="p2psip-shot-")) / name
         await self.call(self.driver.save_screenshot, str(path))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         return path
 
     async def quit(self) -> None:
