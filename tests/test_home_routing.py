@@ -253,3 +253,17 @@ async def test_our_user_agent_is_an_outbound_client_and_keeps_its_flow_alive(mak
     finally:
         await ua.close()
         await stack.close()
+
+
+def test_the_settings_in_docs_nat_md_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import re
+    from pathlib import Path
+
+    from p2psip.config import load_config
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "nat.md").read_text()
+    [block] = re.findall(r"```toml\n(.*?)```", text, re.S)
+    path = tmp_path / "peer.toml"
+    path.write_text(block)
+    config = load_config(path)
+    assert (config.home_routing, config.flow_timer, config.nat_ping) == (True, 120, 20.0)
