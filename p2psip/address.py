@@ -202,6 +202,12 @@ def split_wire_hostport(hostport: str, text: str, what: str = "URI") -> tuple[st
 _NAME_CHARS = _HOST_CHARS | {"_"}
 
 
+def _eg(what: str, host: str = "127.0.0.1") -> str:
+    """The example address an error message shows: an overlay address (``--join``, ``--overlay``) is not
+    a SIP one, and suggesting port 5060 there sends the user to the wrong port."""
+    return f"{host}:{7060 if 'join' in what or 'overlay' in what else 5060}"
+
+
 def split_hostport(
     text: str, what: str = "address", *, default_port: int | None = None, numeric: bool = False
 ) -> tuple[str, int | None]:
@@ -222,9 +228,9 @@ def split_hostport(
         if ":" not in host:
             raise ConfigError(f"{what}: {host!r} in brackets is not an IPv6 address")
     elif ":" in host:
-        raise ConfigError(f"{what}: {text!r}: put IPv6 addresses in brackets, e.g. [::1]:5060")
+        raise ConfigError(f"{what}: {text!r}: put IPv6 addresses in brackets, e.g. {_eg(what, '[::1]')}")
     if not host:
-        raise ConfigError(f"{what}: the host is missing (write HOST:PORT, e.g. 127.0.0.1:5060)")
+        raise ConfigError(f"{what}: the host is missing (write HOST:PORT, e.g. {_eg(what)})")
     if ":" in host:
         if not is_ip_literal(host):
             raise ConfigError(f"{what}: {host!r} is not an IPv6 address (write [ADDR]:PORT for IPv6)")
@@ -235,14 +241,14 @@ def split_hostport(
         if literal is None:
             raise ConfigError(
                 f"{what} {text}: {host!r} is not an IP address (host names are not resolved: no DNS lookups; "
-                "give an address, e.g. 127.0.0.1:5060)"
+                f"give an address, e.g. {_eg(what)})"
             )
         host = literal
     if port_text is None:
         return host, default_port
     if not port_text.isascii() or not port_text.isdigit():
         raise ConfigError(
-            f"{what}: port {port_text!r} is not a number (write HOST:PORT, e.g. 127.0.0.1:5060)"
+            f"{what}: port {port_text!r} is not a number (write HOST:PORT, e.g. {_eg(what)})"
         )
     port = _port(port_text)
     if port is None:
@@ -268,7 +274,7 @@ def parse_hostport(text: str, what: str, *, default_port: int | None = None) -> 
     """``HOST:PORT``, ``[IPv6]:PORT`` (or just ``HOST`` when ``default_port`` is given)."""
     host, port = split_hostport(text, what, default_port=default_port)
     if port is None:
-        raise ConfigError(f"{what}: {text.strip()!r} needs a port (write HOST:PORT, e.g. 127.0.0.1:5060)")
+        raise ConfigError(f"{what}: {text.strip()!r} needs a port (write HOST:PORT, e.g. {_eg(what)})")
     return HostPort(host, port)
 
 

@@ -590,6 +590,7 @@ class UserAgent:
             pending.transaction.context = call
         self._placing.add(call)
         pending.final.add_done_callback(lambda _: self._placing.discard(call))
+        pending.final.add_done_callback(_retrieved)
         return call
 
     async def call(
@@ -1059,6 +1060,13 @@ class UserAgent:
 
     def on_terminated(self, transaction: Transaction) -> None:
         pass
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a call's outcome as seen: a failure nobody awaits any more (the caller gave up, then the 487
+    of its CANCEL came) must not print "Future exception was never retrieved" at exit."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _keep_latest(queue: asyncio.Queue[Any], item: Any) -> None:

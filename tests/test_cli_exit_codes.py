@@ -53,6 +53,8 @@ BAD_VALUES = {
     "call": [["bob"], ["sip:bob@p2p.example", "--via", "nonsense"], ["sip:bob@x", "--timeout", "0"]],
     "demo": [["--peers", "1"]],
     "lookup": [["bob"], ["sip:"]],
+    "message": [["bob", "hi"], ["sip:bob@x", "hi", "--via", "nonsense"]],
+    "user": [[], ["add", "bob"]],
     "proxy": [["--listen", "nonsense:port"], ["--recurse", "--stateless"]],
     "register": [["bob", "--via", "127.0.0.1:9"], ["sip:bob@x", "--via", "127.0.0.1:9", "--expires", "-1"]],
     "start": [["--listen", "udp:nowhere"], ["--join", "127.0.0.1:99999"]],
@@ -91,3 +93,11 @@ def test_a_runtime_failure_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixtu
         code, out, err = run(capsys, *argv, "--data-dir", str(tmp_path))
         assert code == 1 and out == "" and err.startswith("p2psip: error: no peer is running"), err
         assert "--data-dir" in err  # it names the flag that would find the peer
+
+
+def test_the_join_hint_names_the_overlay_port(capsys: pytest.CaptureFixture[str]) -> None:
+    """--join takes a peer's overlay address: its examples show the overlay port, not SIP's 5060."""
+    for bad in ("127.0.0.1", "127.0.0.1:x", "::1"):
+        code, out, err = run(capsys, "start", "--join", bad)
+        one_usage_error(code, out, err)
+        assert ":7060" in err and "5060" not in err, err
