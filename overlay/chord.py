@@ -89,8 +89,10 @@ CHORD_MESSAGES: Final[Mapping[str, MessageSpec]] = {
         reply={"done": "bool", "node": "node", "nodes": "nodes", "more": "nodes?"},
     ),
     "get_predecessor": MessageSpec(request={}, reply={"node": "node?"}),
-    # Stabilize asks this: the successor list and the predecessor in one round trip.
-    "get_successors": MessageSpec(request={}, reply={"nodes": "nodes", "pred": "node?"}),
+    # Stabilize asks this: the successor list and the predecessor in one round trip. check_predecessor
+    # asks it too: "preds" (the replier's predecessors, nearest first) tells a node who precedes its
+    # predecessor, so it knows which keys it holds a replica of (storage refuses replicas of others).
+    "get_successors": MessageSpec(request={}, reply={"nodes": "nodes", "pred": "node?", "preds": "nodes?"}),
     # "I think I am your predecessor" (the notifier is the envelope's src/ep). The reply names the
     # notified node's predecessor, so a notifier that skipped over nodes can walk back at once.
     "notify": MessageSpec(request={}, reply={"pred": "node?"}),
@@ -319,6 +321,8 @@ class ChordCore:
         self._state = _IDLE
         self._succ: list[NodeRef] = []
         self._pred: NodeRef | None = None
+        # The predecessor's own predecessors, as it last told us (valid while it is our predecessor).
+        self._preds_tail: tuple[int, list[NodeRef]] = (0, [])
         self._reported: tuple[NodeRef | None, tuple[NodeRef, ...]] = (None, ())
         # Fingers at me + j * b**i, nearest first; one slot per start.
         base = cfg.finger_base
@@ -550,6 +554,35 @@ class ChordCore:
         return self._pred
 
     @property
+    def predecessors(self) -> list[NodeRef]:
+        """Our predecessor and the ones before it, nearest first (up to ``successors`` of them), as far as
+        we know: the predecessor's own list arrives with each check_predecessor. Stops before wrapping
+        round to us (a ring of a few nodes). Hints, not verified: used to bound which keys we replicate."""
+        pred = self._pred
+        if pred is None:
+            return []
+        out = [pred]
+        source, tail = self._preds_tail
+        if source == pred.id:
+            seen = {pred.id}
+            for node in tail:
+                if node.id == self.me.id or node.id in seen or len(out) >= self.config.successors:
+                    break
+                seen.add(node.id)
+                out.append(node)
+        return out
+
+    def holds_replica(self, key: int, replicas: int) -> bool:
+        """Whether ``key`` is one this node keeps a copy of: we are among its ``replicas`` successors,
+        i.e. the key is in (p_r, me] for our r-th predecessor p_r. Fewer predecessors known than that
+        (a small ring, or just after a change): every key counts, so hand-offs are never refused for
+        what we do not know yet."""
+        preds = self.predecessors
+        if len(preds) < replicas:
+            return True
+        return ids.between_right(key, preds[replicas - 1].id, self.me.id)
+
+    @property
     def joined(self) -> bool:
         return self._state == _JOINED
 
@@ -568,6 +601,15 @@ class ChordCore:
         if self._pred is None:
             return True
         return ids.between_right(key, self._pred.id, self.me.id)
+
+    def verify(self, node: NodeRef, now: float, on_done: Callable[[bool, float], None]) -> None:
+        """Check ``node``'s identity proof at its endpoint (a nonce ping, unless cached), then call
+        ``on_done(verified, now)``. For the storage path: a replica store may come from a member that is
+        not our neighbour (the primary of a key two nodes back), which we have not verified yet."""
+        if node.id == self.me.id:
+            on_done(False, now)
+            return
+        self._when_verified(node, lambda _n, t: on_done(True, t), now, lambda t: on_done(False, t))
 
     def is_verified(self, node: NodeRef) -> bool:
         """Whether this node's identity proof (at this endpoint) is in the cache."""
@@ -624,6 +666,7 @@ class ChordCore:
                 {
                     "nodes": list(self._succ),
                     "pred": self._pred,
+                    "preds": self.predecessors,
                 },
             )
         if type == "notify":
@@ -861,8 +904,13 @@ class ChordCore:
             if dead:
                 self._node_dead(pred.id, now)
 
+        def on_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+            preds = parse_nodes(body.get("preds") or [])
+            if preds is not None and self._pred is not None and self._pred.id == pred.id:
+                self._preds_tail = (pred.id, preds)
+
         self._last_pred_probe = now
-        self._request(pred.ep, pred.id, "ping", {}, lambda *_: None, on_fail, now)
+        self._request(pred.ep, pred.id, "get_successors", {}, on_reply, on_fail, now)
 
     def _fix_fingers(self, now: float) -> None:
         """Refresh one finger (the next start not covered by the previous answer) with a lookup."""

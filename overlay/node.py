@@ -29,7 +29,8 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Hashable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from overlay.storage import (
     Store,
 )
 from overlay.storage_core import (
+    DEFAULT_LIFETIME_CAP,
     E_BAD_REQUEST,
     E_NOT_RESPONSIBLE,
     E_REFUSED,
@@ -74,6 +76,11 @@ from overlay.wire import TCP_MAX, Codec, FrameDecoder, Message, error_kind, fram
 from p2psip.ratelimit import Rate, RateLimiter
 
 Endpoint = tuple[str, int]
+
+# Claimed identities that failed to prove themselves: refused at once for a while (bounded memory), so
+# a stranger's stream of replica stores costs one identity check, not one per request.
+NOT_MEMBER_MEMORY = 1024
+NOT_MEMBER_MEMORY_S = 60.0
 
 __all__ = ["E_BAD_REQUEST", "E_NOT_RESPONSIBLE", "E_REFUSED", "E_TOO_BIG", "KeyAccess", "Node", "NodeConfig"]
 
@@ -118,6 +125,9 @@ class NodeConfig:
     max_value: int = DEFAULT_MAX_VALUE
     max_lifetime: int = DEFAULT_MAX_LIFETIME
     max_per_owner: int = DEFAULT_MAX_PER_OWNER  # records one user key may hold on one node
+    # Policy: seconds this node keeps any entry at most, whatever lifetime it was signed with (longer ones
+    # are kept, for this long). A day: SIP bindings live hours; a week-long entry is refreshed by its owner.
+    lifetime_cap: float | None = DEFAULT_LIFETIME_CAP
     # Per-source request limits by kind (LIMIT_KINDS); a kind left out is unlimited. Rate.parse reads
     # "200/s:400" (rate, burst) or "off". limit_sources bounds the table of sources (LRU).
     limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
@@ -179,6 +189,7 @@ class Node:
             else Store(**limits)
         )
         self.limiter = RateLimiter(config.limits, max_keys=config.limit_sources)
+        self._not_members: OrderedDict[NodeRef, float] = OrderedDict()
         self.me: NodeRef = NodeRef(identity.node_id, "", 0)
         self.core: ChordCore | None = None
         self._loop = asyncio.get_running_loop()
@@ -192,6 +203,7 @@ class Node:
                 repair_interval=config.repair_interval,
                 early_repair_delay=config.rpc_timeout * 2,
                 handoff_window=3 * config.chord.stabilize_interval + 2.0,
+                lifetime_cap=config.lifetime_cap,
             ),
         )
         self._udp: asyncio.DatagramTransport | None = None
@@ -296,6 +308,8 @@ class Node:
             verify=lambda pk, data, sig: self.cache.verify(pk, sig, data),
             config=self.config.chord,
         )
+        core, replicas = self.core, self.replicas
+        self.storage.holds_replica = lambda key: core.holds_replica(key, replicas)
         now = self._loop.time()
         if join is None:
             self.core.start(now)
@@ -695,11 +709,20 @@ class Node:
             # or anyone could speak for a neighbour (leave, notify) or aim our replies at a victim.
             self._count("dropped_forged")
             return
-        if not self._admit(msg, addr):
+        source = self._source(msg, addr)
+        if not self._admit(msg, source):
             return
         if msg.type in ("store", "fetch", "transfer"):
             # a retransmitted datagram carries the same (src, id, addr): the core answers it once
-            self._storage_request(("udp", msg.src, msg.id, addr), msg.type, msg.body, once=True)
+            token = ("udp", msg.src, msg.id, addr)
+            if source[0] == "node" or not _needs_member(msg):
+                self._storage_request(token, msg.type, msg.body, once=True, member=source[0] == "node")
+                return
+
+            def verified(ok: bool) -> None:
+                self._storage_request(token, msg.type, msg.body, once=True, member=ok)
+
+            self._when_member(msg, verified)
             return
         core = self._core_or_none()
         if core is None or self._left:
@@ -726,12 +749,50 @@ class Node:
             return ("node", msg.src)
         return ("host", addr[0]) if tcp else ("addr", addr)
 
-    def _admit(self, msg: Message, addr: Endpoint, *, tcp: bool = False) -> bool:
+    def _when_member(self, msg: Message, then: Callable[[bool], None]) -> None:
+        """Find out whether the sender of a replica store or transfer is a ring member: it must prove its
+        NodeId at its endpoint (chord's nonce ping). The primary of a key r-1 nodes back is a member we
+        need not have met yet; a stranger cannot answer for a NodeId it has no key of."""
+        core = self._core_or_none()
+        now = self._loop.time()
+        claim = NodeRef(msg.src, *msg.ep)
+        failed_at = self._not_members.get(claim)
+        if core is None or self._left or (failed_at is not None and now - failed_at < NOT_MEMBER_MEMORY_S):
+            self._count("members_refused")
+            then(False)
+            return
+        self._count("members_checked")
+
+        def done(ok: bool, now: float) -> None:
+            if not ok:
+                self._not_members[claim] = now
+                self._not_members.move_to_end(claim)
+                while len(self._not_members) > NOT_MEMBER_MEMORY:
+                    self._not_members.popitem(last=False)
+            then(ok)
+
+        core.verify(claim, now, done)
+        self._drain()
+
+    async def _is_member(self, msg: Message) -> bool:
+        verdict: asyncio.Future[bool] = self._loop.create_future()
+
+        def settle(ok: bool) -> None:
+            if not verdict.done():
+                verdict.set_result(ok)
+
+        self._when_member(msg, settle)
+        try:
+            return await asyncio.wait_for(verdict, self.config.op_timeout)
+        except TimeoutError:
+            return False
+
+    def _admit(self, msg: Message, source: tuple[str, object]) -> bool:
         """Charge a request to its source; a refused one is dropped (no reply: a flood earns nothing)."""
         kind = _KIND_OF.get(msg.type, "other")
         if msg.type == "ping" and msg.body.get("nonce") is not None:
             kind = "join"
-        if self.limiter.allow(kind, self._source(msg, addr, tcp=tcp), self._loop.time()):
+        if self.limiter.allow(kind, source, self._loop.time()):
             return True
         self._count("dropped_rate_limited")
         return False
@@ -798,9 +859,14 @@ class Node:
                     if msg.is_reply or msg.type not in ("store", "fetch", "transfer"):
                         self._count("dropped_unexpected_tcp")
                         return
-                    if not self._admit(msg, peer, tcp=True):
+                    source = self._source(msg, peer, tcp=True)
+                    if not self._admit(msg, source):
                         return
-                    reply = await self._await_storage(("tcp", connection, msg.id), msg.type, msg.body)
+                    member = source[0] == "node"
+                    if not member and _needs_member(msg) and _same_endpoint((msg.ep[0], 0), (peer[0], 0)):
+                        member = await self._is_member(msg)
+                    token = ("tcp", connection, msg.id)
+                    reply = await self._await_storage(token, msg.type, msg.body, member=member)
                     if reply is None:
                         return
                     out = Message(reply.type, msg.id, self.me.id, self.me.ep, reply.body)
@@ -824,12 +890,14 @@ class Node:
     # driving the storage core
     # ------------------------------------------------------------------------------------------------
 
-    def _storage_request(self, token: Hashable, mtype: str, body: dict[str, Any], *, once: bool) -> bool:
+    def _storage_request(
+        self, token: Hashable, mtype: str, body: dict[str, Any], *, once: bool, member: bool
+    ) -> bool:
         """Hand one storage request to the core; False if this node serves none (not joined, leaving)."""
         if self._closed or self._left or self.core is None:
             return False
         try:
-            self.storage.handle_request(token, mtype, body, time.time(), once=once)
+            self.storage.handle_request(token, mtype, body, time.time(), once=once, member=member)
         except Exception:  # a bug must cost one request, never the listener
             self._count("dropped_internal_error")
             self.storage.forget(token)
@@ -837,12 +905,14 @@ class Node:
         self._drain_storage()
         return True
 
-    async def _await_storage(self, token: Hashable, mtype: str, body: dict[str, Any]) -> Message | None:
+    async def _await_storage(
+        self, token: Hashable, mtype: str, body: dict[str, Any], *, member: bool
+    ) -> Message | None:
         """A storage request whose answer we wait for here (TCP, or this node's own client calls)."""
         fut: asyncio.Future[Message] = self._loop.create_future()
         self._waiting[token] = fut
         try:
-            if not self._storage_request(token, mtype, body, once=False):
+            if not self._storage_request(token, mtype, body, once=False, member=member):
                 return None
             # The core answers once its own Sends are settled, and every Send has a timeout.
             return await asyncio.wait_for(fut, self.config.op_timeout)
@@ -852,7 +922,7 @@ class Node:
             self._waiting.pop(token, None)
 
     async def _local_call(self, mtype: str, body: dict[str, Any], *, deadline: float) -> Message:
-        reply = await self._await_storage(("local", self._new_id()), mtype, body)
+        reply = await self._await_storage(("local", self._new_id()), mtype, body, member=True)
         if reply is None:
             raise TimeoutError("no local reply")
         return reply
@@ -1105,6 +1175,11 @@ def _entry_id(entry_id: object) -> bytes:
     if not isinstance(entry_id, bytes) or len(entry_id) > MAX_ENTRY_ID:
         raise OverlayError(f"entry_id must be bytes of at most {MAX_ENTRY_ID} (e.g. b'phone')")
     return entry_id
+
+
+def _needs_member(msg: Message) -> bool:
+    """Replica stores and transfers skip the responsibility check: only ring members may send them."""
+    return msg.type == "transfer" or (msg.type == "store" and bool(msg.body.get("replica", False)))
 
 
 def _same_endpoint(a: Endpoint, b: Endpoint) -> bool:

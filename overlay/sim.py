@@ -250,6 +250,8 @@ class Simulator:
                 core_config,
                 first_repair_at=self.now + self.config.repair_interval * self.rng.random(),
             )
+            replicas = self.config.chord.successors
+            node.storage.holds_replica = lambda key, n=node: n.core.holds_replica(key, replicas)
             self._drain_storage(node)
         self._nodes[ref.ep] = node
         self._by_id[ref.id] = node
@@ -479,7 +481,7 @@ class Simulator:
             self._push(self.now + send.timeout, _SFAIL, (src, send.request_id))
             return
         token = ("node", src.ref.id, send.request_id, send.timeout)
-        dst.storage.handle_request(token, send.type, send.body, self.now)
+        dst.storage.handle_request(token, send.type, send.body, self.now, member=True)
         self._drain_storage(dst)
 
     def _client_request(self, origin: _Node, holder: NodeRef, mtype: str, body: dict[str, Any]) -> None:
@@ -658,7 +660,7 @@ class Simulator:
             elif kind == _CLIENT:
                 dst, token, mtype, body = payload
                 if dst.alive:
-                    dst.storage.handle_request(token, mtype, body, self.now)
+                    dst.storage.handle_request(token, mtype, body, self.now, member=True)
                     self._drain_storage(dst)
                 else:
                     self._client_ops.pop(token[1], None)

@@ -33,14 +33,18 @@ The protocol rules that live here:
 * replica fetches (``replica`` true) answer from whatever the node holds, tombstones included with their
   ``seq`` and remaining lifetime, so a reader comparing replicas can tell "removed" from "never had it";
 * transfers: join/leave hand-off and the periodic and early repair push, chunked, one chunk at a time per
-  target (a target that fails one chunk gets no more this round).
+  target (a target that fails one chunk gets no more this round);
+* who may fill whom: a ``store`` with ``replica`` and a ``transfer`` skip the responsibility check, so
+  they are taken only from verified ring members (``member``, which the adapter decides) and only for
+  keys this node holds a copy of in its own view (``holds_replica``: among the key's r successors), so
+  hand-off on join, repair and read repair work and nobody else can fill a node's disk (issue 17).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +58,7 @@ E_REFUSED = 403
 E_NOT_RESPONSIBLE = 421
 E_TOO_BIG = 413
 
+DEFAULT_LIFETIME_CAP = 24 * 3600.0
 ENTRY_OVERHEAD = 200  # bytes an entry costs on the wire beyond value and entry_id (keys, signature, seq)
 
 
@@ -69,6 +74,9 @@ class StorageConfig:
     transfer_chunk: int = 512 * 1024
     answers_kept: int = 2048  # answered datagram requests remembered for retransmissions
     announce_parallel: int = 8  # lookups in flight while a restarted node re-announces its keys
+    # Policy: an entry is kept at most this long here, whatever lifetime it was signed with (None: as
+    # signed, up to the Store's max_lifetime). Bounds how long anyone's writes occupy this node.
+    lifetime_cap: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +172,9 @@ class StorageCore:
         self._locating: dict[int, int] = {}  # Locate request id -> key
         self._to_locate: list[int] = []
         self._announced: dict[int, tuple[NodeRef, list[tuple[Entry, int]]]] = {}
+        # Whether this node keeps a copy of a key (among its r successors in our own view); the adapter
+        # wires it to chord (ChordCore.holds_replica). Until then: every key.
+        self.holds_replica: Callable[[int], bool] = lambda key: True
 
     # --- outputs and timers ----------------------------------------------------------------------
 
@@ -256,10 +267,18 @@ class StorageCore:
     # --- requests --------------------------------------------------------------------------------
 
     def handle_request(
-        self, token: Hashable, mtype: str, body: dict[str, Any], now: float, *, once: bool = False
+        self,
+        token: Hashable,
+        mtype: str,
+        body: dict[str, Any],
+        now: float,
+        *,
+        once: bool = False,
+        member: bool = False,
     ) -> None:
         """Handle ``store``/``fetch``/``transfer`` (validated by the wire codec). The answer comes out as
-        an :class:`Answer` with ``token``, at once or after the Sends it needs."""
+        an :class:`Answer` with ``token``, at once or after the Sends it needs. ``member``: the sender is
+        a verified ring member (or this node itself); only members may send replicas and transfers."""
         if once:
             if token in self._answers:
                 self._count("request_duplicates")
@@ -273,8 +292,17 @@ class StorageCore:
         if mtype == "fetch":
             self._fetch(token, body["key"], bool(body.get("replica", False)), now)
         elif mtype == "transfer":
+            if not member:
+                self._refuse_stranger(token, "transfer", len(body["entries"]))
+                return
+            items = [item for item in body["entries"] if self.holds_replica(item[0].key)]
+            if len(items) < len(body["entries"]):
+                self._count("transfer_entries_not_held", len(body["entries"]) - len(items))
+            cap = self.config.lifetime_cap
+            if cap is not None:
+                items = [(e, min(ms, int(cap * 1000))) for e, ms in items]
             fresh: list[tuple[Entry, int]] = []
-            kept, refused = self.store.accept(body["entries"], now, fresh)
+            kept, refused = self.store.accept(items, now, fresh)
             self._count("transfer_entries_kept", kept)
             self._count("transfer_entries_refused", refused)
             self._answer(token, "ok", {"stored": kept})
@@ -285,9 +313,23 @@ class StorageCore:
                 targets = self.replicator.replica_targets(self.successors)
                 self._send_transfers([(target, ours) for target in targets])
         elif mtype == "store":
-            self._store(token, body["entry"], bool(body.get("replica", False)), now)
+            replica = bool(body.get("replica", False))
+            if replica and not member:
+                self._refuse_stranger(token, "store", 1)
+                return
+            if replica and not self.holds_replica(body["entry"].key):
+                self._count("store_refused_not_held")
+                self._err(token, E_NOT_RESPONSIBLE, "not-replica", "this node keeps no copy of that key")
+                return
+            self._store(token, body["entry"], replica, now)
         else:
             self._answer(token, "err", {"code": E_BAD_REQUEST, "reason": "unknown-type", "detail": mtype})
+
+    def _refuse_stranger(self, token: Hashable, mtype: str, entries: int) -> None:
+        """A replica store or transfer from a node that is not a verified ring member: refused, counted."""
+        self._count(f"{mtype}_refused_stranger")
+        self._count("entries_refused_stranger", entries)
+        self._err(token, E_REFUSED, "not-a-member", "replicas and transfers are taken from ring members only")
 
     def forget(self, token: Hashable) -> None:
         """The adapter could not handle ``token`` (an internal error): a retransmission may try again."""
@@ -343,8 +385,11 @@ class StorageCore:
             self._count("store_not_responsible")
             self._err(token, E_NOT_RESPONSIBLE, "not-responsible")
             return
+        cap = self.config.lifetime_cap
+        if cap is not None and entry.lifetime_s > cap:
+            self._count("lifetime_capped")
         try:
-            self.store.put(entry, now)
+            self.store.put(entry, now, remaining_s=cap)
         except StoreRefused as exc:
             if exc.reason == "stale-seq" and self.store.current(entry.key, entry.entry_id) == entry:
                 # the very same entry again (a retry whose first reply was lost): idempotent success
