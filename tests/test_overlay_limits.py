@@ -1,7 +1,8 @@
 """Per-source limits on the overlay port, on real sockets: a flood from one source costs that source only.
 
 A ring of 4 nodes on loopback; a separate process floods node A with valid, signed ``store`` (replica)
-and ``find_successor`` requests from one UDP port, 25x over the default limits, for a bounded time. Meanwhile
+and ``find_successor`` requests from one UDP port, 10-15x over the default limits, for a bounded
+time. Meanwhile
 ring members read keys A is responsible for, and a second stranger on another port of the same host
 (127.0.0.1) asks A for lookups at a modest rate. Their success rate and latency are compared with the same
 operations before the flood; the flooder's requests are refused and counted, and what it got through is
@@ -26,7 +27,7 @@ from overlay.wire import Codec, Message
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAY = "limits"
-FLOOD_RATE = 5000.0  # requests per second, half stores, half lookups
+FLOOD_RATE = 3000.0  # requests per second, half stores, half lookups: 10x and 15x the default limits
 FLOOD_S = 3.0
 
 CFG = NodeConfig(
@@ -214,7 +215,7 @@ async def test_a_flood_from_one_source_degrades_only_that_source() -> None:
         # (generous: the machine is shared with other work).
         for i, what in ((0, "member reads"), (2, "stranger lookups")):
             p90_before, p90_during = _p90(before[i]), _p90(during[i])  # type: ignore[arg-type]
-            assert p90_during <= max(5 * p90_before, p90_before + 0.1), (
+            assert p90_during <= max(5 * p90_before, p90_before + 0.15), (
                 f"{what}: p90 {p90_before * 1000:.1f} ms before, {p90_during * 1000:.1f} ms during the flood"
             )
         # The flooder itself was refused and counted; what got through is what its buckets allow.
