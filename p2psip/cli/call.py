@@ -14,21 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from p2psip.cli.common import check_sip_uri, fail, parse_via, print_table, via_text
-from p2psip.cli.phone import DeadAddress, close_phone, open_phone, unless_refused
-
-
-def _unreachable(via: tuple[str, int], timeout: float) -> str:
-    """The one wording of both commands for a peer that does not answer."""
-    return f"no answer from {via_text(via)} within {timeout:g} s (is a peer running there?)"
-
-
-def _refused(via: tuple[str, int]) -> str:
-    return f"nothing listens at {via_text(via)} (connection refused: no peer or SIP server runs there)"
+from p2psip.cli.phone import (
+    DeadAddress,
+    close_phone,
+    final_response,
+    no_answer,
+    nothing_listens,
+    open_phone,
+    run_one,
+    unless_refused,
+)
 
 
 async def _register(args: argparse.Namespace, via: tuple[str, int]) -> dict[str, Any]:
     from p2psip.uri import URI
-    from p2psip.useragent import CallFailed
 
     ua = await open_phone(args.uri, via=via)
     try:
@@ -40,12 +39,7 @@ async def _register(args: argparse.Namespace, via: tuple[str, int]) -> dict[str,
             refresh=False,
             timeout=args.timeout,
         )
-        try:
-            response = await unless_refused(registering, via)
-        except CallFailed as failed:
-            if failed.response is None:  # no response at all: the transaction timed out or could not send
-                raise TimeoutError from None
-            response = failed.response
+        response = await final_response(registering, via)
     finally:
         await close_phone(ua)
     return {
@@ -76,14 +70,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
             raise ConfigError("--timeout must be more than 0 seconds")
     except P2PSIPError as exc:
         return fail(str(exc), 2)
-    try:
-        result = asyncio.run(_register(args, via))
-    except TimeoutError:
-        return fail(_unreachable(via, args.timeout), 1)
-    except DeadAddress:
-        return fail(_refused(via), 1)
-    except P2PSIPError as exc:
-        return fail(str(exc), 1)
+    result = run_one(_register(args, via), via, args.timeout)
+    if result is None:
+        return 1
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -141,7 +130,7 @@ async def _call(
                 result["error"] = (
                     f"no final answer to the INVITE within {args.timeout:g} s"
                     if statuses
-                    else _unreachable(via, args.timeout)
+                    else no_answer(via, args.timeout)
                 )
                 raise
             status, reason = call.response.status, call.response.reason
@@ -284,7 +273,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
     except TimeoutError:
         code = 1
     except DeadAddress:
-        result["error"] = _refused(via)
+        result["error"] = nothing_listens(via)
         code = 1
     except P2PSIPError as exc:
         result.setdefault("error", str(exc))

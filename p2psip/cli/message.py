@@ -7,26 +7,17 @@ The peer delivers it to every device registered for the AOR (forking) and answer
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from typing import Any
 
-from p2psip.cli.call import _refused, _unreachable
 from p2psip.cli.common import check_sip_uri, fail, parse_via, via_text
-from p2psip.cli.phone import DeadAddress, close_phone, open_phone, unless_refused
+from p2psip.cli.phone import close_phone, final_response, open_phone, run_one
 
 
 async def _message(args: argparse.Namespace, via: tuple[str, int]) -> dict[str, Any]:
-    from p2psip.useragent import CallFailed
-
     ua = await open_phone(args.from_ or "sip:p2psip@invalid", via=via)
     try:
-        try:
-            response = await unless_refused(ua.message(args.uri, args.text, timeout=args.timeout), via)
-        except CallFailed as failed:
-            if failed.response is None:  # no response at all: the transaction timed out
-                raise TimeoutError from None
-            response = failed.response
+        response = await final_response(ua.message(args.uri, args.text, timeout=args.timeout), via)
     finally:
         await close_phone(ua)
     return {"uri": args.uri, "via": via_text(via), "status": response.status, "reason": response.reason}
@@ -46,14 +37,9 @@ def _cmd_message(args: argparse.Namespace) -> int:
             raise ConfigError("message: the text is empty")
     except P2PSIPError as exc:
         return fail(str(exc), 2)
-    try:
-        result = asyncio.run(_message(args, via))
-    except TimeoutError:
-        return fail(_unreachable(via, args.timeout), 1)
-    except DeadAddress:
-        return fail(_refused(via), 1)
-    except P2PSIPError as exc:
-        return fail(str(exc), 1)
+    result = run_one(_message(args, via), via, args.timeout)
+    if result is None:
+        return 1
     if args.json:
         print(json.dumps(result, indent=2))
     else:

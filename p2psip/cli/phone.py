@@ -3,10 +3,15 @@ a UDP stack of its own, bound to the local address the kernel uses toward the pe
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from p2psip.address import ListenSpec, Target
+from p2psip.cli.common import fail, via_text
+from p2psip.errors import CallFailed, P2PSIPError
+from p2psip.message import Response
 from p2psip.probe import DeadAddress, refused, unless_refused
 from p2psip.stack import Stack
 from p2psip.useragent import IncomingCall, UserAgent
@@ -59,3 +64,42 @@ def auto_answer(incoming: IncomingCall) -> None:
     """``on_call`` of an answering phone: 180 Ringing, then 200 OK (no media)."""
     incoming.ring()
     incoming.accept()
+
+
+T = TypeVar("T")
+
+
+def no_answer(via: tuple[str, int], timeout: float) -> str:
+    """The one wording of every phone command for a peer that does not answer."""
+    return f"no answer from {via_text(via)} within {timeout:g} s (is a peer running there?)"
+
+
+def nothing_listens(via: tuple[str, int]) -> str:
+    """The one wording of every phone command for a peer address that refuses."""
+    return f"nothing listens at {via_text(via)} (connection refused: no peer or SIP server runs there)"
+
+
+async def final_response(request: Awaitable[Response], via: tuple[str, int]) -> Response:
+    """The final response to one request sent through the peer at ``via``, whatever its status. No
+    response at all (the transaction timed out, or could not send) is TimeoutError; a ``via`` that
+    refuses is :class:`DeadAddress`, at once."""
+    try:
+        return await unless_refused(request, via)
+    except CallFailed as failed:
+        if failed.response is None:
+            raise TimeoutError from None
+        return failed.response
+
+
+def run_one(work: Coroutine[Any, Any, T], via: tuple[str, int], timeout: float) -> T | None:
+    """``asyncio.run(work)``; a failure is printed as one line, in the words above, and gives None (the
+    command then exits 1)."""
+    try:
+        return asyncio.run(work)
+    except TimeoutError:
+        fail(no_answer(via, timeout), 1)
+    except DeadAddress:
+        fail(nothing_listens(via), 1)
+    except P2PSIPError as exc:
+        fail(str(exc), 1)
+    return None
