@@ -393,3 +393,48 @@ async def test_softphone_over_https_and_wss(make_peer: PeerFactory) -> None:
         assert any(r["aor"] == "sip:dave@p2p.example" for r in peer.status()["registrations"])
     finally:
         await browser.quit()
+
+
+async def test_status_json_equals_p2psip_status_json(tmp_path: Path) -> None:
+    """A peer process started with --http: its /status.json and ``p2psip status --json`` agree (but for
+    the uptime and the counters, which move between the two reads)."""
+    import os
+    import re
+    import signal
+    import sys
+
+    from conftest import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    data = tmp_path / "peer"
+    http = free_port()
+    cli = [sys.executable, "-m", "p2psip.cli"]
+    proc = await asyncio.create_subprocess_exec(
+        *cli, "start", "--listen", f"127.0.0.1:{free_port()}", "--overlay", f"127.0.0.1:{free_port()}",
+        "--data-dir", str(data), "--http", f"127.0.0.1:{http}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        seen = ""
+        while "control socket" not in seen:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, seen
+            seen += line
+        assert re.search(rf"ring page http://127\.0\.0\.1:{http}/", seen), seen
+        status_cli = await asyncio.create_subprocess_exec(
+            *cli, "status", "--json", "--data-dir", str(data), stdout=asyncio.subprocess.PIPE, env=env
+        )
+        out, _ = await asyncio.wait_for(status_cli.communicate(), 30)
+        from_cli = json.loads(out)
+        code, _, body = await http_get(http, "/status.json")
+        from_web = json.loads(body)
+        assert code == 200
+        for moving in ("uptime_s", "counters"):
+            from_cli.pop(moving)
+            from_web.pop(moving)
+        assert from_web == from_cli
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
