@@ -438,3 +438,27 @@ async def test_status_json_equals_p2psip_status_json(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--ws-origin", "phone.example"], "is not an origin"),
+        (["--http", "127.0.0.1"], "needs a port"),
+        (["--http", "127.0.0.1:8088", "--http-token", "short"], "at least 16"),
+        (["--listen", "wss:127.0.0.1"], None),  # a default port (443) is fine for parsing
+    ],
+)
+def test_web_flags_are_checked(args: list[str], fragment: str | None) -> None:
+    """Bad --ws-origin/--http/--http-token values are ConfigErrors (start prints one line, exits 2)."""
+    from p2psip.cli.parser import build_parser
+    from p2psip.cli.peer import _peer_flags
+    from p2psip.config import load_config
+    from p2psip.errors import ConfigError
+
+    parsed = build_parser().parse_args(["start", *args])
+    if fragment is None:
+        assert load_config(None, _peer_flags(parsed)).listen[0].port == 443
+        return
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, _peer_flags(parsed))
