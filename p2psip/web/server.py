@@ -275,7 +275,7 @@ class WebServer:
         elif path == "/phone":
             await self._file(writer, conn, STATIC / "phone.html", extra)
         elif path == "/phone/config.json":
-            body = json.dumps(self.phone_config()).encode()
+            body = json.dumps(self.phone_config(self._request_host(request))).encode()
             await self._send(writer, conn, 200, body, "application/json", extra)
         elif path.startswith("/static/"):
             await self._static(path[len("/static/") :], writer, conn)
@@ -283,11 +283,22 @@ class WebServer:
             self.stats["not_found"] += 1
             await self._send(writer, conn, 404, b"not found\n", "text/plain")
 
-    def phone_config(self) -> dict[str, Any]:
+    @staticmethod
+    def _request_host(request: h11.Request) -> str | None:
+        host = next((v.decode("latin-1") for k, v in request.headers if k == b"host"), "")
+        return urlsplit(f"//{host}").hostname
+
+    def phone_config(self, page_host: str | None = None) -> dict[str, Any]:
         """What the softphone needs, and what stops it (a browser grants the microphone only to a secure
-        context: https, or a page from loopback)."""
+        context: https, or a page from loopback). A listener on a wildcard address is named by the host
+        the page itself was loaded from."""
         urls = self.ws_urls()
+        if page_host:
+            shown = f"[{page_host}]" if ":" in page_host else page_host
+            for scheme, listener in list(urls.items()):
+                urls[scheme] = listener.replace("//0.0.0.0:", f"//{shown}:").replace("//[::]:", f"//{shown}:")
         problems = []
+        url: str | None
         if self.tls is not None:
             url = urls.get("wss")
             if url is None:
