@@ -462,3 +462,10 @@ def test_web_flags_are_checked(args: list[str], fragment: str | None) -> None:
         return
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, _peer_flags(parsed))
+
+
+def test_phone_config_names_a_wildcard_listener_by_the_page_host() -> None:
+    web = WebServer(dict, lambda: {"ws": "ws://0.0.0.0:8080", "wss": "wss://[::]:8443"}, host="127.0.0.1")
+    assert web.phone_config("127.0.0.1")["ws"] == "ws://127.0.0.1:8080"
+    assert web.phone_config("::1")["ws"] == "ws://[::1]:8080"
+    assert web.phone_config(None)["ws"] == "ws://0.0.0.0:8080"
