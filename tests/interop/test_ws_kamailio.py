@@ -67,7 +67,21 @@ async def test_our_ua_registers_over_ws_and_is_called_back_on_that_connection(
     theirs = await Stack.start(["udp:127.0.0.1:0"])
     third = await Stack.start(["udp:127.0.0.1:0"])  # one UserAgent per stack: it is the stack's core
     seen: list[tuple[str, str, str]] = []
-    ours.add_observer(lambda d, data, to: seen.append((d, to.transport, data.split(b" ", 1)[0].decode())))
+    arrived = asyncio.Event()
+
+    def observe(direction: str, data: bytes, to: Target) -> None:
+        seen.append((direction, to.transport, data.split(b" ", 1)[0].decode()))
+        arrived.set()
+
+    async def wait_seen(item: tuple[str, str, str]) -> None:
+        """Until our stack has sent or received ``item`` (Kamailio's two workers may reorder ACK/BYE)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT
+        while item not in seen:
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), max(0.0, deadline - loop.time()))
+
+    ours.add_observer(observe)
     try:
         with kamailio:
             ws_uri = f"sip:127.0.0.1:{ws_port};transport=ws"
@@ -86,10 +100,12 @@ async def test_our_ua_registers_over_ws_and_is_called_back_on_that_connection(
                 on_message=got.put_nowait,
             )  # fmt: skip
             call = await bob.call("sip:alice@kam.example", timeout=TIMEOUT)
-            assert answered and ("in", "ws", "INVITE") in seen, kamailio.log_tail()
+            assert answered, kamailio.log_tail()
+            await wait_seen(("in", "ws", "INVITE"))
             bye = await call.bye(timeout=TIMEOUT)
             assert bye.status == 200
-            assert ("in", "ws", "ACK") in seen and ("in", "ws", "BYE") in seen
+            await wait_seen(("in", "ws", "ACK"))
+            await wait_seen(("in", "ws", "BYE"))
             assert ours.stats["connections_opened"] == 1  # never another connection: we have no listener
 
             # We send through Kamailio over WS; bob (UDP) gets it.
