@@ -245,15 +245,23 @@ class Node:
         *,
         config: NodeConfig | None = None,
         identity: KeyPair | None = None,
+        advertise: Endpoint | None = None,
     ) -> Node:
         """Bind UDP and TCP on ``bind`` (port 0: any free port, the same for both), load or create the
         node key in ``data_dir`` (None: a throw-away key), then create a ring (``join`` None) or join the
-        ring the node at ``join`` belongs to. Raises ``NotJoined`` when the join does not finish."""
+        ring the node at ``join`` belongs to. Raises ``NotJoined`` when the join does not finish.
+
+        ``advertise`` is the endpoint other nodes reach this one at, when it is not the bound one: a node
+        behind a NAT whose router forwards that port to it (it may then bind a wildcard address)."""
         _check_endpoint(bind, "bind")
-        if bind[0] in ("0.0.0.0", "::", ""):
+        if advertise is not None:
+            _check_endpoint(advertise, "advertise")
+            if advertise[0] in ("0.0.0.0", "::", "") or advertise[1] == 0:
+                raise OverlayError(f"advertise the address and port other nodes reach, not {advertise!r}")
+        elif bind[0] in ("0.0.0.0", "::", ""):
             raise OverlayError(
                 f"bind to the address other nodes should reach (e.g. 127.0.0.1), not {bind[0]!r}:"
-                " a node advertises its bound address"
+                " a node advertises its bound address (or give the address to advertise)"
             )
         if join is not None:
             _check_endpoint(join, "join")
@@ -271,6 +279,8 @@ class Node:
         node = cls(identity, overlay_name, replicas, cfg, data_dir)
         try:
             await node._open(bind)
+            if advertise is not None:
+                node.me = NodeRef(node.identity.node_id, advertise[0], int(advertise[1]))
             await node._join(join)
         except BaseException:
             await node.close()

@@ -117,6 +117,9 @@ class PeerConfig:
     realm: str = "p2psip"
     require_auth: bool = False
     home_routing: bool = True
+    advertise: HostPort | None = None
+    """The overlay address other peers reach this one at (a port forwarded by a NAT router to it); its
+    host is also the SIP address the peer puts in Path, Record-Route and Via."""
     flow_timer: int = 120
     nat_ping: float = 20.0
     users: dict[str, UserAccount] = field(default_factory=dict)
@@ -203,6 +206,7 @@ _FILE_KEYS = frozenset(
         "realm",
         "require_auth",
         "home_routing",
+        "advertise",
         "flow_timer",
         "nat_ping",
         "users",
@@ -290,10 +294,12 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             if len(token) < 16 or not token.isascii() or not plain.isalnum():
                 raise ConfigError("config: http_token must be at least 16 letters, digits, '-' or '_'")
             config.http_token = token
-        elif key in ("overlay", "join"):
+        elif key in ("overlay", "join", "advertise"):
             hp = parse_hostport(_typed(value, str, key, "a HOST:PORT string"), key)
             if key == "overlay":
                 config.overlay = hp
+            elif key == "advertise":
+                config.advertise = hp
             else:
                 config.join = hp
         elif key == "overlay_name":

@@ -436,6 +436,8 @@ class Peer:
             ),
             0,
         )
+        if config.advertise is not None:
+            stack.transport.advertise_host = config.advertise.host
         self.flows = FlowTable(
             flow_timer=config.flow_timer,
             ping_interval=config.nat_ping,
@@ -493,6 +495,7 @@ class Peer:
             overlay_name=config.overlay_name,
             replicas=config.replicas,
             config=node_config,
+            advertise=config.advertise.as_tuple() if config.advertise else None,
         )
         try:
             if join is None:

@@ -256,13 +256,17 @@ class Stack:
         literal = numeric_host(host)
         if literal is None:
             return False
+        advertised = literal == self.transport.advertise_host
         for name, addrs in self.transport.listening.items():
             if transport is not None and name != transport:
                 continue
             default = DEFAULT_PORTS[name]
             for lhost, lport in addrs:
                 if lport == (port or default) and (
-                    lhost == literal or lhost in ("0.0.0.0", "::") or literal in ("0.0.0.0", "::")
+                    advertised
+                    or lhost == literal
+                    or lhost in ("0.0.0.0", "::")
+                    or literal in ("0.0.0.0", "::")
                 ):
                     return True
         return False

@@ -571,6 +571,9 @@ class TransportLayer:
         self.flows: FlowTable | None = None
         """The node's flow table (RFC 5626), when it keeps one (a peer): touched by everything that
         arrives, told when a stream connection ends."""
+        self.advertise_host: str | None = None
+        """The address others reach this node at when it is not a bound one (a NAT router forwards the
+        ports to it): what Via, Record-Route, Path and Contact then name."""
         self.on_stun: Callable[[bytes, str, int], None] | None = None
         """Called with the STUN messages that are not binding requests (answers to our keep-alives)."""
         self.on_flow_failed: Callable[[Failed], None] | None = None
@@ -723,12 +726,17 @@ class TransportLayer:
             candidates = self.listening.get("udp") or []
         if not candidates:
             raise TransportError(f"this stack does not listen on {transport}: add a {transport}: listener")
+        advertise = self.advertise_host
         if family_of is not None:
             want_v6 = ":" in family_of
             for host, port in candidates:
                 if (":" in host) == want_v6:
+                    if advertise is not None and (":" in advertise) == want_v6:
+                        return advertise, port
                     return self._advertised(host, family_of), port
         host, port = candidates[0]
+        if advertise is not None and (":" in advertise) == (":" in host or host == "::"):
+            return advertise, port
         return self._advertised(host, family_of), port
 
     @staticmethod

@@ -17,6 +17,7 @@ def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "listen": args.listen,
         "overlay": args.overlay,
+        "advertise": args.advertise,
         "join": args.join,
         "overlay_name": args.overlay_name,
         "data_dir": args.data_dir,
@@ -211,6 +212,11 @@ def add_commands(sub: Any) -> None:
         help="web origin (https://host[:port]) whose pages may use ws:/wss: besides loopback (repeatable)",
     )
     start.add_argument("--overlay", metavar="HOST:PORT", help="overlay address (default 127.0.0.1:7060)")
+    start.add_argument(
+        "--advertise", metavar="HOST:PORT",
+        help="the overlay address other peers reach this one at (a port a NAT router forwards here); "
+        "its host is also the SIP address in Path and Record-Route",
+    )  # fmt: skip
     start.add_argument("--join", metavar="HOST:PORT", help="a peer of the overlay to join through")
     start.add_argument(
         "--overlay-name", metavar="NAME", help="overlay name (peers of another name are ignored)"

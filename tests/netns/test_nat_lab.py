@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from conftest import in_ci
 
-from .natlab import HA, HB, P1, P2, NatLab, why_unavailable
+from .natlab import HA, HB, P1, P2, RA_OUT, NatLab, why_unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "p2psip.cli"]
@@ -99,16 +99,30 @@ class Lab:
         self.peers: dict[str, subprocess.Popen[Any]] = {}
         self.baresips: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
-    def start_peer(self, name: str, address: str, join: str | None, scripts: Path) -> None:
+    def start_peer(
+        self,
+        name: str,
+        address: str,
+        join: str | None,
+        scripts: Path | None = None,
+        *,
+        ns: str | None = None,
+        sip: int = 5060,
+        overlay: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         config = self.tmp / f"{name}.toml"
         config.write_text(f"flow_timer = {FLOW_TIMER}\nnat_ping = 1.0\nmin_expires = 30\n")
-        args = [*CLI, "start", "--listen", f"udp:{address}:5060", "--overlay", f"{address}:7060",
-                "--data-dir", str(self.tmp / name), "--config", str(config),
-                "--scripts", str(scripts)]  # fmt: skip
+        args = [*CLI, "start", "--listen", f"udp:{address}:{sip}", "--overlay", overlay or f"{address}:7060",
+                "--data-dir", str(self.tmp / name), "--config", str(config), *extra]  # fmt: skip
+        if scripts is not None:
+            args += ["--scripts", str(scripts)]
         if join:
             args += ["--join", f"{join}:7060"]
         log = self.tmp / f"{name}.log"
-        proc = self.net.popen(name, args, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        proc = self.net.popen(
+            ns or name, args, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, cwd=ROOT
+        )
         self.peers[name] = proc
         wait_for(lambda: " ready " in log.read_text() or proc.poll() is not None, 60, f"peer {name} ready")
         assert proc.poll() is None, log.read_text()
@@ -116,6 +130,13 @@ class Lab:
     def log(self, name: str) -> str:
         """A peer's log (one line per event: registered, routed, flow failed...)."""
         return (self.tmp / f"{name}.log").read_text()
+
+    def status(self, peer: str, ns: str | None = None) -> dict[str, Any]:
+        done = self.net.run(ns or peer, [*CLI, "status", "--data-dir", str(self.tmp / peer), "--json"],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        status: dict[str, Any] = json.loads(done.stdout)
+        return status
 
     def lookup(self, peer: str, aor: str) -> list[dict[str, Any]]:
         done = self.net.run(peer, [*CLI, "lookup", aor, "--data-dir", str(self.tmp / peer), "--json"],
@@ -270,3 +291,40 @@ def test_nat_pings_keep_a_phone_without_outbound_callable_past_the_conntrack_tim
     dave.stdin.flush()
     assert dave.stdout.readline().split() == ["call", "200", "200"]
     lab.stop_baresip("bob")
+
+
+def ua(lab: Lab, aor: str, peer: str, port: int) -> subprocess.Popen[str]:
+    """Our UserAgent behind NAT B (host B), registered at ``peer`` (HOST:PORT); reads ``call URI`` lines."""
+    proc = lab.net.popen("hb", [sys.executable, "-c", UA, HB, peer, aor, str(port)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "registered", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+@pytest.mark.netns
+@pytest.mark.interop
+def test_a_peer_behind_a_port_forwarding_router_is_a_full_peer(lab: Lab) -> None:
+    # router A forwards 7070 (overlay) and 5070 (SIP) to host A; the peer there binds a wildcard overlay
+    # address and advertises router A's outer address
+    lab.net.forward_port("ra", 7070, HA)
+    lab.net.forward_port("ra", 5070, HA)
+    lab.start_peer("p4", HA, P1, ns="ha", sip=5070, overlay="0.0.0.0:7070",
+                   extra=("--advertise", f"{RA_OUT}:7070"))  # fmt: skip
+
+    def in_ring() -> bool:
+        status = lab.status("p1")
+        near = [status.get("predecessor") or {}, *status.get("successors", [])]
+        return any(n.get("addr") == f"{RA_OUT}:7070" for n in near)
+
+    wait_for(in_ring, 60, "the port-forwarded peer in P1's ring neighbours", lambda: lab.log("p4"))
+    assert lab.status("p4", ns="ha")["predecessor"] is not None
+    # a phone registered at it (its home peer, reached through router A's forwarding) is called from P2
+    erin = ua(lab, "sip:erin@p2p.example", f"{RA_OUT}:5070", 5074)
+    frank = ua(lab, "sip:frank@p2p.example", f"{P2}:5060", 5076)
+    assert frank.stdin is not None and frank.stdout is not None and erin.stdout is not None
+    assert len(lab.lookup("p2", "sip:erin@p2p.example")) == 1  # the DHT, seen from another peer
+    frank.stdin.write("call sip:erin@p2p.example\n")
+    frank.stdin.flush()
+    assert frank.stdout.readline().split() == ["call", "200", "200"], lab.log("p4")
+    assert erin.stdout.readline().split()[:2] == ["answered", "sip:frank@p2p.example"]
