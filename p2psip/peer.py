@@ -74,7 +74,7 @@ from p2psip.run import stop_signals
 from p2psip.stack import Source, Stack
 from p2psip.streamguard import StreamLimits
 from p2psip.trace import SipTrace, stamp
-from p2psip.transaction import ClientTransaction, ServerTransaction
+from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
 from p2psip.transport import TLSConfig
 from p2psip.uri import URI, Address
 
@@ -90,6 +90,8 @@ OVERLAY_PROBE = b"\x00"
 """What the join probe sends (asyncio does not send an empty datagram): not an overlay message, so a
 live node drops it and counts it as malformed."""
 """Seconds between the `joining` lines printed while a bootstrap peer does not answer."""
+#: REGISTERs waiting out a digest-failure delay at once; past it such REGISTERs get 503 at once.
+MAX_DELAYED_AUTH = 256
 
 Targets = list[URI | Address | RoutedTarget]
 """What :meth:`Peer.locate` returns: contacts, or contacts with their own Route sets (Path)."""
@@ -381,6 +383,15 @@ class PeerCore(Proxy):
                     self.calls.pop(response.call_id, None)
         super().on_response(response, transaction, source)
 
+    def on_terminated(self, transaction: Transaction) -> None:
+        # An INVITE that ended without being set up (refused here: 404, 482, 503..., or timed out) leaves
+        # no call behind: only a 2xx passed downstream-up makes it "established".
+        if isinstance(transaction, ServerTransaction) and transaction.method == "INVITE":
+            call = self.calls.get(transaction.request.call_id)
+            if call is not None and call["state"] == "setting up":
+                del self.calls[transaction.request.call_id]
+        super().on_terminated(transaction)
+
 
 class Peer:
     """An overlay node and a SIP stack joined into a serverless registrar and proxy.
@@ -451,6 +462,7 @@ class Peer:
         """AOR -> (its REGISTER lock, how many hold or wait for it); only AORs in use are in it."""
         self._digest: dict[str, DigestServer] = {}
         self._checking: tuple[str, str, str] | None = None
+        self._delayed = 0
         self.throttle = FailureThrottle()
         """Digest failures per (source, AOR): growing delays (p2psip.ownership)."""
         self.new_aors = TokenBuckets(config.new_aors_per_source)
@@ -675,9 +687,6 @@ class Peer:
     async def fetch_bindings(self, aor: str, at: KeyAccess | None = None) -> list[Binding]:
         """Every live binding of ``aor`` in the overlay (malformed records are skipped). ``at``: the
         key's responsible node as found before (``Node.at``), so a read-then-write looks it up once."""
-        self.names[ids.key_for(aor)] = aor
-        if len(self.names) > 4096:  # a bounded memo for status: scanners must not grow it
-            del self.names[next(iter(self.names))]
         access = at or self.node.at(aor)
         started = time.perf_counter()
         entries = await access.get()
@@ -688,6 +697,10 @@ class Peer:
                 f"DHT get {aor} (key {ids.short(access.key)}) from {node}: {len(entries)} entries in "
                 f"{(time.perf_counter() - started) * 1000:.1f} ms"
             )
+        if entries:  # names of what exists, for status; bounded, and never grown by scans for nobody
+            self.names[ids.key_for(aor)] = aor
+            if len(self.names) > 4096:
+                del self.names[next(iter(self.names))]
         now = time.time()
         out = []
         for entry in entries:
@@ -997,8 +1010,18 @@ class Peer:
         digest = self._digest_for(realm)
         wait = self.throttle.delay(source.host, aor, now)
         if wait > 0:
+            if self._delayed >= MAX_DELAYED_AUTH:
+                # Guessers that do not wait for answers must not pile up sleeping tasks: past the bound,
+                # refuse without checking the credential (so this answer tells nothing either).
+                response = Response.for_request(request, 503, "Service Unavailable (too many attempts)")
+                response.add("Retry-After", str(int(wait) + 1))
+                return response
             self.counters["auth_delayed"] += 1
-            await asyncio.sleep(wait)
+            self._delayed += 1
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self._delayed -= 1
             now = time.time()
         self._checking = account
         try:
@@ -1055,6 +1078,7 @@ class Peer:
             self.users.forget(aor)
             removed += 1
         self.throttle.expire(now)
+        self._home_registrations()  # drops the expired ones
         self.counters["user_keys_removed"] += removed
         return removed
 
