@@ -61,11 +61,12 @@ from pathlib import Path
 from typing import Any
 
 from p2psip.address import bracket, parse_hostport
-from p2psip.errors import ConfigError, P2PSIPError, ParseError
+from p2psip.dialog import Dialog
+from p2psip.errors import ConfigError, P2PSIPError, ParseError, TransactionError
 from p2psip.message import Request, Response, new_branch, new_call_id, new_tag
 from p2psip.stack import Source, Stack, Target
-from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
-from p2psip.uri import URI, Address
+from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction, make_ack, make_cancel
+from p2psip.uri import Address
 from p2psip.useragent import UserAgent
 
 __all__ = [
@@ -283,17 +284,22 @@ class Stats:
 
 
 class _StepCall:
-    """One call of a step scenario: its dialog state, its responses, its retransmissions."""
+    """One call of a step scenario: its requests as the steps say, its responses, its retransmissions.
+
+    A message-level engine on purpose (sipp's model: each step sends or expects one message, so a
+    scenario can test what a UA would never do); what a UA knows it takes from the stack rather than
+    writing it again: the dialog (:class:`~p2psip.dialog.Dialog`: in-dialog requests and the 2xx ACK),
+    the CANCEL and the non-2xx ACK (:func:`~p2psip.transaction.make_cancel`, ``make_ack``). Scenarios
+    written against the UA API (``async def call(ua, uri)``) run on the one
+    :class:`~p2psip.useragent.UserAgent`."""
 
     def __init__(self, runner: Runner, number: int) -> None:
         self.runner = runner
         self.number = number
         self.call_id = new_call_id(runner.local[0])
         self.from_tag = new_tag()
-        self.to_tag: str | None = None
         self.cseq = 0
-        self.remote_target: URI | None = None
-        self.route_set: list[str] = []
+        self.dialog: Dialog | None = None  # from the 2xx to our INVITE: in-dialog requests and its ACK
         self.invite: Request | None = None
         self.invite_final: Response | None = None
         self.last_ack: Request | None = None
@@ -333,25 +339,19 @@ class _StepCall:
                 raise CallFailedError("send ACK: no INVITE was answered")
             if final.status >= 300:
                 return None  # ACKed already (hop by hop, like the transaction layer)
-            ack = self._in_dialog("ACK", invite.cseq.number)
+            if self.dialog is None:
+                raise CallFailedError(f"send ACK: the {final.status} created no dialog (no To tag)")
+            ack = self.dialog.create_ack(final)
             self.last_ack = ack
             return ack
         if method == "CANCEL":
-            invite = self.invite
-            if invite is None:
+            if self.invite is None:
                 raise CallFailedError("send CANCEL: no INVITE is pending")
-            cancel = Request("CANCEL", invite.uri.copy())
-            for name in ("Via", "From", "To", "Call-ID", "Route"):
-                for value in invite.get_all(name) if name == "Route" else [invite.get(name) or ""]:
-                    cancel.add(name, value)
-            cancel.add("CSeq", f"{invite.cseq.number} CANCEL")
-            cancel.add("Max-Forwards", "70")
-            return cancel
-        self.cseq += 1
-        final = self.invite_final
-        if self.to_tag is not None and final is not None and final.status < 300:
-            request = self._in_dialog(method, self.cseq)
+            return make_cancel(self.invite)  # §9.1, the INVITE's top Via and branch
+        if self.dialog is not None:
+            request = self.dialog.create_request(method)
         else:
+            self.cseq += 1
             uri = self._fmt(step.uri) if step.uri else r.request_uri
             request = Request.create(
                 method,
@@ -371,23 +371,6 @@ class _StepCall:
         if method == "INVITE":
             self.invite = request
             self.invite_final = None
-        return request
-
-    def _in_dialog(self, method: str, cseq: int) -> Request:
-        invite = self.invite
-        r = self.runner
-        target = self.remote_target or (invite.uri if invite is not None else URI(r.request_uri))
-        request = Request(method, target.copy())
-        local_uri = f"sip:sipapi@{r.local_host_text}:{r.local[1]}"
-        request.add("Max-Forwards", "70")
-        request.add("From", f"<{local_uri}>;tag={self.from_tag}")
-        to = invite.get("To") if invite is not None else f"<{r.request_uri}>"
-        request.add("To", f"{to};tag={self.to_tag}" if self.to_tag and "tag=" not in (to or "") else to or "")
-        request.add("Call-ID", self.call_id)
-        request.add("CSeq", f"{cseq} {method}")
-        for route in self.route_set:
-            request.add("Route", route)
-        request.add("Contact", f"<{local_uri}>")
         return request
 
     # -- sending ------------------------------------------------------------------------------------------
@@ -441,12 +424,11 @@ class _StepCall:
                 return
             self.seen_finals.add(key)
             self.invite_final = response
-            self.to_tag = response.to.tag
             if response.status < 300:
-                contacts = response.contacts
-                if contacts:
-                    self.remote_target = contacts[0].uri
-                self.route_set = list(reversed(response.get_all("Record-Route")))
+                try:
+                    self.dialog = Dialog.uac(self.invite, response)  # §12.1.2: target, route set, tags
+                except (TransactionError, ParseError):
+                    self.dialog = None  # no To tag: send("ACK") / send("BYE") will fail the call
             else:
                 self._ack_failure(response)
         if response.status >= 200 and self.response_ms is None and self.first_sent is not None:
@@ -460,19 +442,10 @@ class _StepCall:
             self._ack_failure(response)
 
     def _ack_failure(self, response: Response) -> None:
-        invite = self.invite
-        if invite is None:
-            return
-        ack = Request("ACK", invite.uri.copy())
-        ack.add("Via", invite.get("Via") or "")
-        ack.add("Max-Forwards", "70")
-        ack.add("From", invite.get("From") or "")
-        ack.add("To", response.get("To") or "")
-        ack.add("Call-ID", self.call_id)
-        ack.add("CSeq", f"{invite.cseq.number} ACK")
-        for route in invite.get_all("Route"):
-            ack.add("Route", route)
-        self.runner.stack.send_stateless(ack, self.runner.next_hop(ack))
+        """§17.1.1.3: a non-2xx final is ACKed hop by hop, as the transaction layer would."""
+        if self.invite is not None:
+            ack = make_ack(self.invite, response)
+            self.runner.stack.send_stateless(ack, self.runner.next_hop(ack))
 
     # -- running ------------------------------------------------------------------------------------------
     async def run(self, steps: list[Step]) -> None:
