@@ -44,3 +44,11 @@ def test_documented_peer_flags_exist() -> None:
         argv = line.split()[1:]
         assert argv[0] == "start"
         parser.parse_args(argv)  # raises on an unknown flag
+
+
+def test_status_and_lookup_name_the_data_dir_the_peers_were_started_with() -> None:
+    """A bare `p2psip status` asks the default data dir, where the README's peers do not run."""
+    started = re.findall(r"--data-dir (\S+)", _blocks("sh")[2])
+    for command in ("p2psip status", "p2psip lookup"):
+        (mention,) = re.findall(rf"`{command}[^`]*`", README.replace("\n", " "))
+        assert "--data-dir" in mention and mention.split("--data-dir ")[1].split()[0].rstrip("`") in started
