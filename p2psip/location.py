@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from p2psip.address import is_ip_literal, is_wildcard, same_host
+from p2psip.errors import SIPStatusError
 from p2psip.registrar import Binding
 from p2psip.uri import URI
 
@@ -46,15 +47,12 @@ class OverlayLookup:
     aor: str
 
 
-@dataclass(frozen=True)
-class NotRoutable:
-    """A request-URI the peer cannot route at all (e.g. tel: with no route): answer ``status``."""
-
-    status: int
-    reason: str
+class NotRoutable(SIPStatusError):
+    """A request-URI the peer cannot route at all: raised by :func:`decide` with the status to answer
+    (416 for a scheme other than sip:/sips: with no static route, 404 for an address with no user)."""
 
 
-Decision = ForwardAsAddressed | StaticRoute | OverlayLookup | NotRoutable
+Decision = ForwardAsAddressed | StaticRoute | OverlayLookup
 
 
 def is_local(uri: URI, local_addresses: Iterable[tuple[str, int]]) -> bool:
@@ -74,10 +72,11 @@ def decide(
     routes: Mapping[str, tuple[str, int]] | None = None,
     local_addresses: Iterable[tuple[str, int]] = (),
 ) -> Decision:
-    """Where a request for ``uri`` goes (DESIGN.md "The peer: how a call flows", step 4)."""
+    """Where a request for ``uri`` goes (DESIGN.md "The peer: how a call flows", step 4); raises
+    :class:`NotRoutable` with the answer when it goes nowhere."""
     routes = routes or {}
     if uri.scheme not in ("sip", "sips"):
-        return NotRoutable(416, "Unsupported URI Scheme")
+        raise NotRoutable(416, detail=f"{uri.scheme}: URIs are not routed here")
     host = uri.host.lower().strip("[]")
     route = routes.get(host)
     if route is not None:
@@ -90,10 +89,10 @@ def decide(
         if uri.user and is_local(uri, local_addresses):
             return OverlayLookup(uri.aor())
         if is_local(uri, local_addresses):
-            return NotRoutable(404, "Not Found")
+            raise NotRoutable(404, detail="the request-URI names this peer and no user")
         return ForwardAsAddressed(uri.host, uri.port)
     if not uri.user:
-        return NotRoutable(404, "Not Found")
+        raise NotRoutable(404, detail=f"{uri.host} is not an IP address and the request-URI names no user")
     return OverlayLookup(uri.aor())
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from p2psip.address import split_wire_hostport
-from p2psip.errors import ParseError
+from p2psip.errors import ParseError, SIPStatusError
 from p2psip.uri import (
     TOKEN_CHARS,
     URI,
@@ -1216,6 +1216,22 @@ class Response(Message):
         hdrs.append(("content-length", "Content-Length", "0"))
         return resp
 
+    @classmethod
+    def for_error(cls, req: Request, exc: BaseException) -> Response:
+        """The answer to ``req`` when handling it raised ``exc``: for a :class:`SIPStatusError` (a
+        :class:`ParseError` included) its final status, reason phrase with the detail in parentheses, and
+        headers; for anything else a plain ``500`` — an exception's text may name files and lines, which
+        stay in the local log."""
+        if not isinstance(exc, SIPStatusError) or not 200 <= exc.status < 700:
+            return cls.for_request(req, 500)
+        response = cls.for_request(req, exc.status, exc.reason)
+        detail = " ".join(exc.detail.split())[:120] if exc.detail else ""
+        if detail:
+            response.reason = f"{response.reason} ({detail})"
+        for name, value in exc.headers:
+            response.add(name, value)
+        return response
+
     def _start_line(self) -> str:
         return f"SIP/2.0 {self.status} {self.reason}"
 
@@ -1261,7 +1277,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     if len(data) > lim.max_size:
         raise ParseError(
             f"message of {len(data)} bytes exceeds the limit of {lim.max_size}",
-            status_hint=513,
+            status=513,
             partial=answerable_head(data, lim),
         )
     start = 0
@@ -1286,12 +1302,12 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         nlines = len(lines) - 1
     if nlines > lim.max_headers:
         raise ParseError(
-            f"more than {lim.max_headers} header lines", status_hint=513, partial=answerable_head(data, lim)
+            f"more than {lim.max_headers} header lines", status=513, partial=answerable_head(data, lim)
         )
     if len(text) > lim.max_line and max(map(len, lines)) > lim.max_line:
         raise ParseError(
             f"header line longer than {lim.max_line} bytes",
-            status_hint=513,
+            status=513,
             partial=answerable_head(data, lim),
         )
 
@@ -1301,7 +1317,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         version, _, rest = first.partition(" ")
         code, _, reason = rest.partition(" ")
         if version != "SIP/2.0" and version.upper() != "SIP/2.0":
-            raise ParseError(f"unsupported SIP version {version[:20]!r}", status_hint=505)
+            raise ParseError(f"unsupported SIP version {version[:20]!r}", status=505)
         if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] == "0":
             raise ParseError(f"bad status line {first[:80]!r}")
         resp = Response.__new__(Response)
@@ -1317,7 +1333,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         method, uri_text, version = parts
         if version != "SIP/2.0" and version.upper() != "SIP/2.0":
             if version.upper().startswith("SIP/"):
-                raise ParseError(f"unsupported SIP version {version[:20]!r}", status_hint=505)
+                raise ParseError(f"unsupported SIP version {version[:20]!r}", status=505)
             raise ParseError(f"bad request line {first[:80]!r}")
         if method not in _METHODS and (not method or not TOKEN_CHARS.issuperset(method)):
             raise ParseError(f"bad method in request line {first[:80]!r}")
@@ -1518,13 +1534,13 @@ class StreamFramer:
             try:
                 if end < 0:
                     if len(buf) > max_size:
-                        raise ParseError("header block exceeds the size limit", status_hint=513)
+                        raise ParseError("header block exceeds the size limit", status=513)
                     break
                 length = _content_length(bytes(buf[:end]))
                 total = end + 4 + length
                 if total > max_size:
                     raise ParseError(
-                        f"message of {total} bytes exceeds the limit of {max_size}", status_hint=513
+                        f"message of {total} bytes exceeds the limit of {max_size}", status=513
                     )
             except ParseError as exc:
                 # The stream cannot be framed any further. Keep the head of the bad message (so the

@@ -42,12 +42,11 @@ from p2psip import control
 from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
 from p2psip.auth import DigestServer
 from p2psip.config import PeerConfig
-from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError
+from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError, SIPStatusError
 from p2psip.flows import Failed, Flow, FlowTable, Ping
 from p2psip.location import (
     ForwardAsAddressed,
     LocationCache,
-    NotRoutable,
     OverlayLookup,
     StaticRoute,
     decide,
@@ -68,7 +67,6 @@ from p2psip.registrar import (
     decode_binding,
     ok_response,
     plan_register,
-    reject_response,
 )
 from p2psip.run import stop_signals
 from p2psip.stack import Source, Stack
@@ -289,16 +287,15 @@ class PeerCore(Proxy):
             # This source has had its share of 404s (svwar-style scanning for users): it gets 503 without a
             # lookup, which tells it nothing about who exists. Callers elsewhere keep their 404s.
             self.peer.counters["scans_refused"] += 1
-            response = Response.for_request(request, 503, "Service Unavailable (too many unknown addresses)")
-            response.add("Retry-After", "60")
-            self.stack.respond(transaction, response)
+            refused = SIPStatusError(503, None, [("Retry-After", "60")], detail="too many unknown addresses")
+            self.stack.respond(transaction, Response.for_error(request, refused))
             return
         super().on_request(request, transaction, source)
 
-    def _reject(self, transaction: ServerTransaction, request: Request, status: int, reason: str) -> None:
-        if status == 404 and isinstance(transaction.source, Source):
+    def _reject(self, transaction: ServerTransaction, request: Request, error: SIPStatusError) -> None:
+        if error.status == 404 and isinstance(transaction.source, Source):
             self.peer.scans.allow(transaction.source.host, self.stack.loop.time())  # a 404 costs a token
-        super()._reject(transaction, request, status, reason)
+        super()._reject(transaction, request, error)
 
     # ---------------------------------------------------------------------- RFC 5626 flow routes
 
@@ -775,7 +772,7 @@ class Peer:
         try:
             aor = aor_of(request)
         except RegisterRejected as rejected:
-            return reject_response(request, rejected)
+            return Response.for_error(request, rejected)
         now = time.time()
         claimant = flow_of(source.transport, source.host, source.port)
         instances = contact_instances(request)
@@ -817,7 +814,7 @@ class Peer:
             try:
                 plan = plan_register(request, current, now, self.policy, path=path)
             except RegisterRejected as rejected:
-                return reject_response(request, rejected)
+                return Response.for_error(request, rejected)
             claim = self.users.claim(aor)
             owner = authenticated or owns(claim, instances=instances, flow=claimant, now=now)
             if plan.is_query:
@@ -1117,8 +1114,6 @@ class Peer:
         """
         uri = request.uri
         decision = decide(uri, routes=self._routes(), local_addresses=self._local_addresses())
-        if isinstance(decision, NotRoutable):
-            raise LookupError(decision.reason)
         if isinstance(decision, ForwardAsAddressed):
             return [uri]
         if isinstance(decision, StaticRoute):
@@ -1137,7 +1132,7 @@ class Peer:
             bindings = await self.lookup_bindings(aor)
         except (OverlayError, TimeoutError) as exc:
             self.counters["overlay_errors"] += 1
-            raise LookupError(f"overlay lookup failed: {exc}") from None
+            raise SIPStatusError(404, detail=f"overlay lookup failed: {exc}") from None
         uri = request.uri
         if not bindings and self.config.dns and not is_ip_literal(uri.host):
             hop = await _resolve(uri.host, uri.port)
@@ -1151,7 +1146,7 @@ class Peer:
         if not bindings:
             self.counters["not_found"] += 1
             self._event("failed", f"{request.method} {aor}: nobody is registered (404)")
-            raise LookupError(f"nobody is registered as {aor}")
+            raise SIPStatusError(404, detail=f"nobody is registered as {aor}")
         targets: Targets = []
         home_routing = self.config.home_routing
         ordered = sorted(bindings, key=lambda b: (-(b.q if b.q is not None else 1.0), b.entry_id))

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from p2psip.address import numeric_host, target_from_uri
-from p2psip.errors import FlowFailed, ParseError, TransportError
+from p2psip.errors import ParseError, SIPStatusError, TransportError
 from p2psip.message import Request, Response, Via
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import (
@@ -69,8 +69,11 @@ class RoutedTarget:
 LocateResult = Sequence[URI | Address | RoutedTarget]
 Locator = Callable[[Request], LocateResult | Awaitable[LocateResult]]
 """``locate(request)`` → the targets for a request (sync or async). Empty: ``404 Not Found``. A
-:class:`LookupError` or :class:`TransportError` raised names why: answered 404 with that reason."""
+:class:`~p2psip.errors.SIPStatusError` raised is the answer (e.g. 416 for a ``tel:`` URI nobody routes); a
+:class:`LookupError` or :class:`TransportError` names why nobody is found: answered 404 with that reason."""
 
+#: What the proxy says it allows, answering an OPTIONS for itself.
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE"
 #: Requests that create a dialog (and so get Record-Route): RFC 3261, 3265/6665, 3515.
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 #: Our branches: this prefix, the loop-detection key, ".", a random part per branch (forks differ).
@@ -198,30 +201,23 @@ class Proxy:
         if method == "CANCEL":
             self._on_cancel(request, transaction)
             return
-        status_reason = self.check(request)
-        if status_reason is not None:
-            self._reject(transaction, request, *status_reason)
-            return
-        if request.get("Route") is not None:
-            self._forward(request, transaction, source, [[request.uri]])
-            return
-        uri = request.uri
-        if self.locate is None or (
-            request.to.tag is not None
-            and numeric_host(uri.host) is not None
-            and not self.stack.is_local(uri.host, uri.port)
-        ):
-            # No location service, or an in-dialog request to another address (a remote target).
-            targets = self._default_targets(request)
-            if isinstance(targets, tuple):
-                self._reject(transaction, request, *targets)
-                return
-            self._forward(request, transaction, source, targets)
-            return
         try:
-            found = self.locate(request)
-        except (LookupError, TransportError) as exc:
-            self._reject(transaction, request, 404, f"Not Found ({exc})")
+            self.check(request)
+            if request.get("Route") is not None:
+                self._forward(request, transaction, source, [[request.uri]])
+                return
+            uri = request.uri
+            if self.locate is None or (
+                request.to.tag is not None
+                and numeric_host(uri.host) is not None
+                and not self.stack.is_local(uri.host, uri.port)
+            ):
+                # No location service, or an in-dialog request to another address (a remote target).
+                self._forward(request, transaction, source, self._default_targets(request))
+                return
+            found = _located_or_raise(self.locate, request)
+        except SIPStatusError as exc:
+            self._reject(transaction, request, exc)
             return
         if inspect.isawaitable(found):
             self.spawn(self._located(request, transaction, source, found))
@@ -237,12 +233,15 @@ class Proxy:
     ) -> None:
         try:
             found = await pending
+        except SIPStatusError as exc:
+            self._reject(transaction, request, exc)
+            return
         except (LookupError, TransportError) as exc:
-            self._reject(transaction, request, 404, f"Not Found ({exc})")
+            self._reject(transaction, request, SIPStatusError(404, detail=str(exc)))
             return
         except Exception as exc:
             log.exception("locate failed for %s", request.uri)
-            self._reject(transaction, request, 500, f"Server Internal Error (location lookup failed: {exc})")
+            self._reject(transaction, request, SIPStatusError(500, detail=f"location lookup failed: {exc}"))
             return
         last = transaction.last_response
         if not transaction.terminated and (last is None or last.status < 200):  # not answered meanwhile
@@ -252,25 +251,23 @@ class Proxy:
         self, request: Request, transaction: ServerTransaction, source: Source, found: LocateResult
     ) -> None:
         if not found:
-            self._reject(transaction, request, 404, "Not Found (no contact for this address)")
+            self._reject(transaction, request, _no_contact())
             return
         self._forward(request, transaction, source, _tiers(found))
 
-    def check(self, request: Request) -> tuple[int, str] | None:
-        """§16.3 request validation and §16.4 route pre-processing; returns a rejection ``(status,
-        reason)`` or None. :meth:`forward` does not call it: a caller that forwards by itself does."""
-        try:
-            max_forwards = request.max_forwards
-        except ParseError as exc:
-            return 400, f"Bad Request ({exc})"
+    def check(self, request: Request) -> None:
+        """§16.3 request validation and §16.4 route pre-processing; raises the rejection as a
+        :class:`~p2psip.errors.SIPStatusError` (answer it with ``Response.for_error``). :meth:`forward`
+        does not call it: a caller that forwards by itself does."""
+        max_forwards = request.max_forwards  # unreadable: ParseError, a 400
         if max_forwards is not None and max_forwards <= 0:
-            return 483, "Too Many Hops"
+            raise SIPStatusError(483, "Too Many Hops")
         self.preprocess_routes(request)
         if self._looped(request):
-            return 482, "Loop Detected"
+            raise SIPStatusError(482, "Loop Detected")
         if request.get("Proxy-Require") is not None:
-            return 420, "Bad Extension"
-        return None
+            tags = [t.strip() for v in request.get_all("Proxy-Require") for t in v.split(",") if t.strip()]
+            raise SIPStatusError(420, "Bad Extension", [("Unsupported", ", ".join(tags))])  # §16.3 step 5
 
     def _loop_key(self, request: Request, previous_hop: Via | None) -> str:
         """§16.6 step 8: the part of our branch that is the same whenever this element forwards the same
@@ -337,36 +334,27 @@ class Proxy:
         its flow-token Routes: they say which flow to deliver over)."""
         return self.stack.is_local(uri.host, uri.port)
 
-    def _default_targets(self, request: Request) -> list[list[URI | RoutedTarget]] | tuple[int, str]:
+    def _default_targets(self, request: Request) -> list[list[URI | RoutedTarget]]:
+        """The Request-URI itself, when it can be reached without a location service; else raises the
+        answer (416 for another scheme, 404, or 200 with ``Allow`` to an OPTIONS for this proxy)."""
         uri = request.uri
         if uri.scheme not in ("sip", "sips"):
-            return 416, f"Unsupported URI Scheme ({uri.scheme})"
+            raise SIPStatusError(416, detail=uri.scheme)
         if self.stack.is_local(uri.host, uri.port):
             if request.method == "OPTIONS":
-                return 200, "OK"
-            return 404, "Not Found (the Request-URI names this proxy and it has no location service)"
+                raise SIPStatusError(200, headers=[("Allow", ALLOW)])
+            raise SIPStatusError(404, detail="the Request-URI names this proxy (it has no location service)")
         try:
             target_from_uri(uri)
         except TransportError as exc:
-            return 404, f"Not Found ({exc})"
+            raise SIPStatusError(404, detail=str(exc)) from None
         return [[uri]]
 
-    def rejection(self, request: Request, status: int, reason: str) -> Response:
-        """The response for a :meth:`check` result (or any answer the proxy gives itself): with the
-        header fields it needs — ``Unsupported`` on a 420 (§16.3 step 5), ``Allow`` on a 200 to OPTIONS."""
-        response = Response.for_request(request, status, reason)
-        if status == 420:
-            tags = [t.strip() for v in request.get_all("Proxy-Require") for t in v.split(",") if t.strip()]
-            response.add("Unsupported", ", ".join(tags))
-        elif status == 200 and request.method == "OPTIONS":
-            response.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, INFO, UPDATE")
-        return response
-
-    def _reject(self, transaction: ServerTransaction, request: Request, status: int, reason: str) -> None:
+    def _reject(self, transaction: ServerTransaction, request: Request, error: SIPStatusError) -> None:
         self.stats["rejected"] += 1
+        response = Response.for_error(request, error)
         if self.verbose:
-            log.info("%s %s -> %d %s", request.method, request.uri, status, reason)
-        response = self.rejection(request, status, reason)
+            log.info("%s %s -> %d %s", request.method, request.uri, response.status, response.reason)
         try:
             self.stack.respond(transaction, response)
         except Exception as exc:  # the transaction may have moved on (e.g. CANCEL raced us)
@@ -456,14 +444,11 @@ class Proxy:
                 self._add_record_route(fwd, ctx.source, hop)
             branch_id = f"{_LOOP_PREFIX}{ctx.loop_key}.{secrets.token_hex(5)}"
             tx = stack.send_request(fwd, hop, timer_c=request.method == "INVITE", branch=branch_id)
-        except FlowFailed as exc:
-            branch.final = 430
-            ctx.responses.append(Response.for_request(request, 430, f"Flow Failed ({exc})"))
-            return
-        except (TransportError, ParseError) as exc:
-            branch.final = 503 if isinstance(exc, TransportError) else 400
-            reason = f"Service Unavailable ({exc})" if branch.final == 503 else f"Bad Request ({exc})"
-            ctx.responses.append(Response.for_request(request, branch.final, reason))
+        except (TransportError, ParseError) as exc:  # FlowFailed (430) and ParseError carry their status
+            error = exc if isinstance(exc, SIPStatusError) else SIPStatusError(503, detail=str(exc))
+            response = Response.for_error(request, error)
+            branch.final = response.status
+            ctx.responses.append(response)
             return
         if tx.terminated:  # failed at once (e.g. no listener for that address family)
             if not branch.final:
@@ -512,13 +497,13 @@ class Proxy:
         """§16.10: answer the CANCEL, then cancel every pending branch of the INVITE it matches."""
         invite_tx = self.stack.transactions.find_invite_for_cancel(cancel)
         if invite_tx is None:
-            self._reject(transaction, cancel, 481, "Call/Transaction Does Not Exist")
+            self._reject(transaction, cancel, SIPStatusError(481, "Call/Transaction Does Not Exist"))
             return
         self.stack.respond(transaction, Response.for_request(cancel, 200))
         ctx = invite_tx.context
         if not isinstance(ctx, ProxyContext):
             if invite_tx.state is State.PROCEEDING:  # still locating: nothing forwarded yet
-                self._reject(invite_tx, invite_tx.request, 487, "Request Terminated")
+                self._reject(invite_tx, invite_tx.request, SIPStatusError(487, "Request Terminated"))
             return
         ctx.cancelled = True
         ctx.tiers.clear()
@@ -712,35 +697,31 @@ class Proxy:
         return f"z9hG4bK-sl-{digest}"
 
     def _stateless_request(self, request: Request, source: Source) -> None:
-        rejection = self.check(request)
-        if rejection is None:
-            targets: list[list[URI | RoutedTarget]] | tuple[int, str]
+        targets: list[list[URI | RoutedTarget]]
+        try:
+            self.check(request)
             if request.get("Route") is not None:
                 targets = [[request.uri]]
             elif self.locate is not None:
-                found = self.locate(request)
+                found = _located_or_raise(self.locate, request)
                 if inspect.isawaitable(found):
-                    rejection = (501, "Not Implemented (asynchronous location in stateless mode)")
-                    targets = rejection
-                else:
-                    targets = _tiers(found) or (404, "Not Found (no contact for this address)")
+                    raise SIPStatusError(501, detail="asynchronous location in stateless mode")
+                targets = _tiers(found)
+                if not targets:
+                    raise _no_contact()
             else:
                 targets = self._default_targets(request)
-            if isinstance(targets, tuple):
-                rejection = targets
-            else:
-                first = targets[0][0]
-                if isinstance(first, RoutedTarget):
-                    request.uri = first.uri
-                    for route in reversed(first.route):
-                        request.add("Route", route, first=True)
-                else:
-                    request.uri = first
-                self._stateless_send(request, source)
-                return
-        status, reason = rejection
-        response = self.rejection(request, status, reason)
-        self.stack.send_stateless(response, source)
+        except SIPStatusError as exc:
+            self.stack.send_stateless(Response.for_error(request, exc), source)
+            return
+        first = targets[0][0]
+        if isinstance(first, RoutedTarget):
+            request.uri = first.uri
+            for route in reversed(first.route):
+                request.add("Route", route, first=True)
+        else:
+            request.uri = first
+        self._stateless_send(request, source)
 
     def _forward_stateless(self, request: Request, source: Source) -> None:
         """An ACK (for a 2xx; or anything in stateless mode): route it on without a transaction."""
@@ -787,6 +768,18 @@ class Proxy:
             return  # it was for us, and nothing waits for it
         self.stats["forwarded_responses"] += 1
         self.stack.send_stateless(response, None)
+
+
+def _no_contact() -> SIPStatusError:
+    return SIPStatusError(404, detail="no contact for this address")
+
+
+def _located_or_raise(locate: Locator, request: Request) -> LocateResult | Awaitable[LocateResult]:
+    """``locate(request)``, its LookupError or TransportError (nobody found, and why) raised as a 404."""
+    try:
+        return locate(request)
+    except (LookupError, TransportError) as exc:
+        raise SIPStatusError(404, detail=str(exc)) from None
 
 
 def _tiers(found: LocateResult) -> list[list[URI | RoutedTarget]]:

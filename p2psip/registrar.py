@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from p2psip.errors import ParseError
+from p2psip.errors import ParseError, SIPStatusError
 from p2psip.message import Request, Response
 from p2psip.uri import URI, Address
 
@@ -149,14 +149,8 @@ class RegistrarPolicy:
     max_contacts: int = 16
 
 
-class RegisterRejected(Exception):
+class RegisterRejected(SIPStatusError):
     """The REGISTER must be answered with ``status`` (and ``headers``), writing nothing."""
-
-    def __init__(self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-        self.headers = list(headers)
 
 
 @dataclass(frozen=True)
@@ -364,11 +358,4 @@ def ok_response(
     contacts = [shown(b) for b in plan.bindings if b.alive(now)]
     if contacts:
         response.set("Contact", contacts)
-    return response
-
-
-def reject_response(request: Request, rejected: RegisterRejected) -> Response:
-    response = Response.for_request(request, rejected.status, rejected.reason)
-    for name, value in rejected.headers:
-        response.add(name, value)
     return response

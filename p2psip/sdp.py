@@ -62,7 +62,7 @@ def _is_number(text: str) -> bool:
 
 def _fail(line_number: int, line: str, why: str) -> ParseError:
     shown = line if len(line) <= 80 else line[:77] + "..."
-    return ParseError(f"bad SDP at line {line_number} ({shown!r}): {why}", status_hint=488)
+    return ParseError(f"bad SDP at line {line_number} ({shown!r}): {why}", status=488)
 
 
 @dataclass(slots=True)
@@ -239,14 +239,14 @@ class SessionDescription:
                 text = bytes(data).decode("utf-8")
             except UnicodeDecodeError as error:
                 why = f"SDP is not valid UTF-8 text (byte {error.start})"
-                raise ParseError(why, status_hint=400) from None
+                raise ParseError(why, status=400) from None
         else:
             text = data
         lines = text.split("\n")
         if lines and lines[-1] in ("", "\r"):
             lines.pop()
         if not lines:
-            raise ParseError("empty SDP body", status_hint=400)
+            raise ParseError("empty SDP body", status=400)
         sdp = cls(timings=[])
         current: MediaDescription | None = None
         position = 0  # index into the expected order of line types, to reject misplaced lines
@@ -280,13 +280,13 @@ class SessionDescription:
                 _parse_media_line(current, number, line, kind, value)
         for required in "vost":
             if required not in seen:
-                raise ParseError(f"bad SDP: the required {required}= line is missing", status_hint=488)
+                raise ParseError(f"bad SDP: the required {required}= line is missing", status=488)
         for index, media in enumerate(sdp.media, start=1):
             if not media.connections and sdp.connection is None:
                 raise ParseError(
                     f"bad SDP: media stream {index} ({media.media}) has no c= line and there is no "
                     "session-level c= line",
-                    status_hint=488,
+                    status=488,
                 )
         return sdp
 
@@ -675,7 +675,7 @@ def negotiated(
         raise ParseError(
             f"the answer has {len(answer.media)} media streams but the offer had {len(offer.media)} "
             "(RFC 3264 §6 requires the same number)",
-            status_hint=488,
+            status=488,
         )
     local, remote = (offer, answer) if role == "offerer" else (answer, offer)
     for offered, answered in zip(offer.media, answer.media, strict=True):

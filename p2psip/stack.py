@@ -44,7 +44,7 @@ from p2psip.transaction import (
     TransportFailure,
     TUEvent,
 )
-from p2psip.transport import SERVER, Observer, Source, TLSConfig, TransportLayer, error_response
+from p2psip.transport import SERVER, Observer, Source, TLSConfig, TransportLayer
 from p2psip.uri import URI
 from p2psip.websocket import OriginPolicy
 
@@ -430,7 +430,7 @@ class Stack:
         if request.method == "ACK":
             return
         try:
-            self.respond(transaction, error_response(request, exc))
+            self.respond(transaction, Response.for_error(request, exc))
         except Exception:  # the answer itself could not be built or sent: free the transaction
             log.exception("cannot answer %r after its core failed", request)
             self.transactions.abandon(transaction)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from p2psip.dialog import Dialog, DialogState
-from p2psip.errors import ParseError, TransactionError
+from p2psip.errors import ParseError, SIPStatusError, TransactionError
 from p2psip.message import Request, Response
 from p2psip.timers import DEFAULT_TIMERS, TimerConfig
 from p2psip.uri import TOKEN_CHARS, Address, format_params, parse_params
@@ -170,18 +170,13 @@ class SubscribePolicy:
         return ", ".join(sorted(self.packages))
 
 
-class Reject(NamedTuple):
-    """A SUBSCRIBE (or NOTIFY) to refuse: the status, an optional reason and the headers to add."""
-
-    status: int
-    reason: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
+class Reject(SIPStatusError):
+    """A SUBSCRIBE, NOTIFY or REFER to refuse: the status, an optional reason and the headers to add.
+    Returned as a decision by the sans-IO checks (not raised): an :class:`~p2psip.errors.SIPStatusError`
+    like every "answer with status N" of the stack."""
 
     def response(self, request: Request) -> Response:
-        response = Response.for_request(request, self.status, self.reason)
-        for name, value in self.headers:
-            response.add(name, value)
-        return response
+        return Response.for_error(request, self)
 
 
 class Accepted(NamedTuple):

@@ -837,7 +837,7 @@ class TransportLayer:
             try:
                 # so the 400 goes back where the request came from
                 stamp_via(partial, source.host, source.port)
-                self.send_response(error_response(partial, exc), source)
+                self.send_response(Response.for_error(partial, exc), source)
                 self.stats["bad_request_answers"] += 1
                 return
             except Exception as inner:  # even the 400 could not be built: give up on this message
@@ -1078,20 +1078,6 @@ class TransportLayer:
         self._udp.clear()
         self._udp_sockets.clear()
         self._servers.clear()
-
-
-def error_response(request: Request, exc: BaseException) -> Response:
-    """The answer to a request that failed: for a :class:`ParseError` its status (400 unless it hints
-    513, 505...) with the problem named in the reason phrase; for anything else a plain 500 — an
-    exception's text may name files and lines, which stay in the local log."""
-    if not isinstance(exc, ParseError):
-        return Response.for_request(request, 500)
-    status = exc.status_hint if 400 <= exc.status_hint < 700 else 400
-    response = Response.for_request(request, status, "Bad Request" if status == 400 else None)
-    problem = " ".join(str(exc).split())[:120]
-    if problem:
-        response.reason = f"{response.reason} ({problem})"
-    return response
 
 
 def _tune_udp_socket(sock: socket.socket | None) -> None:

@@ -133,7 +133,7 @@ class OutgoingSubscription:
             try:
                 self.body_check(request)
             except ParseError as exc:
-                respond(transaction, Response.for_request(request, 400, f"Bad Request ({exc})"))
+                respond(transaction, Response.for_error(request, exc))
                 return
         outcome = self.core.receive_notify(request, self.ua.loop.time())
         respond(transaction, outcome.response(request))

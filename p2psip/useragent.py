@@ -875,7 +875,7 @@ class UserAgent:
         try:
             _ = request.max_forwards  # parsed on access: unreadable is a bad request (as the Proxy does)
         except ParseError as exc:
-            respond(transaction, Response.for_request(request, 400, f"Bad Request ({exc})"))
+            respond(transaction, Response.for_error(request, exc))
             return
         if request.to.tag is not None and method != "CANCEL":
             self._in_dialog(request, transaction)

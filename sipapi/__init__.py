@@ -7,6 +7,8 @@
   :class:`Peer` (the article: "object-oriented classes such as Transaction, Dialog, Stack");
 - the audio a call plays and records (see docs/media.md): :class:`ToneSource`, :class:`WavSource`,
   :class:`WavSink`, :class:`MemorySink`, so a script that answers with media needs nothing but sipapi;
+- the errors a script catches (:mod:`sipapi.errors`): :class:`CallFailed`, :class:`SIPStatusError`,
+  :class:`ScriptError`;
 - the scripting names (layers 2 and 3): ``open`` (an address tuple listens, anything else is the built-in
   open), ``run``, ``basic``, ``overlay``, :class:`Event`.
 """
@@ -18,8 +20,9 @@ from p2psip.peer import Peer
 from p2psip.stack import Stack
 from p2psip.transaction import Transaction
 from p2psip.uri import URI, Address
-from p2psip.useragent import CallFailed, UserAgent
+from p2psip.useragent import UserAgent
 
+from .errors import CallFailed, SIPStatusError
 from .events import Event, EventTarget, Header, ScriptError
 from .server import basic, open, overlay, run
 
@@ -36,6 +39,7 @@ __all__ = [
     "Peer",
     "Request",
     "Response",
+    "SIPStatusError",
     "ScriptError",
     "Stack",
     "ToneSource",

@@ -25,6 +25,8 @@ from p2psip.errors import ParseError
 from p2psip.message import Request, canonical_name
 from p2psip.uri import URI, Address
 
+from .errors import ScriptError
+
 __all__ = [
     "OUTCOMES",
     "Action",
@@ -52,10 +54,6 @@ def outcome_of(status: int, *, timed_out: bool = False) -> str:
     if 300 <= status < 400:
         return "redirect"
     return "failure"
-
-
-class ScriptError(Exception):
-    """A script used the API wrongly (e.g. answered twice); the call gets a 500 and the error is logged."""
 
 
 class Header:

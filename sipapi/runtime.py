@@ -38,11 +38,11 @@ from typing import Any, Protocol
 from p2psip.address import numeric_host
 from p2psip.auth import DigestServer
 from p2psip.dialog import DialogId, dialog_id_of_request
-from p2psip.errors import ParseError
+from p2psip.errors import ParseError, SIPStatusError
 from p2psip.message import Request, Response
 from p2psip.peer import Peer, PeerCore
 from p2psip.proxy import Proxy, ProxyContext, RoutedTarget
-from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register, reject_response
+from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register
 from p2psip.stack import Source, Stack
 from p2psip.transaction import ClientTransaction, ServerTransaction, State, Transaction
 from p2psip.uri import URI, Address
@@ -108,7 +108,7 @@ class MemoryRegistrar:
         try:
             plan = plan_register(request, self.bindings.get(_aor_or_empty(request), {}).values(), now)
         except RegisterRejected as rejected:
-            return reject_response(request, rejected)
+            return Response.for_error(request, rejected)
         table = self.bindings.setdefault(plan.aor, {})
         for write in plan.writes:
             table[write.entry_id] = write.binding
@@ -289,17 +289,17 @@ class CallControl:
         self.timed_out = False
         if not self._checked:
             self._checked = True
-            rejection = core.check(request)
-            if rejection is not None:
-                self.held = core.rejection(request, *rejection)
-                return outcome_of(rejection[0])
+            try:
+                core.check(request)
+            except SIPStatusError as rejection:
+                self.held = Response.for_error(request, rejection)
+                return outcome_of(rejection.status)
         try:
             targets = await core.resolve(request, [URI(text) for text in locations])
-        except LookupError as exc:
-            self.held = Response.for_request(request, 404, f"Not Found ({exc})")
-            return "failure"
-        if not targets:
-            self.held = Response.for_request(request, 404, "Not Found (no contact for this address)")
+            if not targets:
+                raise SIPStatusError(404, detail="no contact for this address")
+        except SIPStatusError as exc:
+            self.held = Response.for_error(request, exc)
             return "failure"
         tx = self.transaction
         if tx.terminated or (tx.state is not State.PROCEEDING and tx.state is not State.TRYING):
@@ -513,7 +513,9 @@ class ScriptServerCore(ScriptingCore):
                 continue
             bindings = self.registrar.lookup(uri.aor(), now) if uri.user else []
             if not bindings:
-                raise LookupError(f"nobody registered as {uri.aor()} and {uri.host!r} is not an IP address")
+                raise SIPStatusError(
+                    404, detail=f"nobody registered as {uri.aor()} and {uri.host!r} is not an IP address"
+                )
             for binding in bindings:
                 target = URI(binding.contact)
                 if binding.q is not None:

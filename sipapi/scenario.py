@@ -69,6 +69,8 @@ from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
 from p2psip.uri import Address
 from p2psip.useragent import UserAgent
 
+from .errors import ScenarioError, StepFailed
+
 __all__ = [
     "SDP",
     "Expect",
@@ -98,14 +100,6 @@ SDP = (
 T1 = 0.5
 T2 = 4.0
 GIVE_UP = 32.0
-
-
-class ScenarioError(P2PSIPError):
-    """A scenario file that cannot be used (no ``steps`` or ``call``, a bad step)."""
-
-
-class CallFailedError(Exception):
-    """One call did not go as its scenario says; the message is the reason counted in the statistics."""
 
 
 @dataclass(frozen=True)
@@ -336,17 +330,17 @@ class _StepCall:
         if method == "ACK":
             invite, final = self.invite, self.invite_final
             if invite is None or final is None:
-                raise CallFailedError("send ACK: no INVITE was answered")
+                raise StepFailed("send ACK: no INVITE was answered")
             if final.status >= 300:
                 return None  # ACKed already (hop by hop, like the transaction layer)
             if self.dialog is None:
-                raise CallFailedError(f"send ACK: the {final.status} created no dialog (no To tag)")
+                raise StepFailed(f"send ACK: the {final.status} created no dialog (no To tag)")
             ack = self.dialog.create_ack(final)
             self.last_ack = ack
             return ack
         if method == "CANCEL":
             if self.invite is None:
-                raise CallFailedError("send CANCEL: no INVITE is pending")
+                raise StepFailed("send CANCEL: no INVITE is pending")
             return make_cancel(self.invite)  # §9.1, the INVITE's top Via and branch
         if self.dialog is not None:
             request = self.dialog.create_request(method)
@@ -483,7 +477,7 @@ class _StepCall:
                 response = await asyncio.wait_for(self.queue.get(), timeout)
             except TimeoutError:
                 wanted = "/".join(str(s) for s in first.statuses)
-                raise CallFailedError(f"timeout waiting for {wanted}") from None
+                raise StepFailed(f"timeout waiting for {wanted}") from None
             for k in window:
                 step = steps[k]
                 assert isinstance(step, Expect)
@@ -492,7 +486,7 @@ class _StepCall:
             if response.status < 200:
                 continue  # an unexpected provisional response: harmless
             wanted = "/".join(str(s) for k in window for s in steps[k].statuses)  # type: ignore[union-attr]
-            raise CallFailedError(f"unexpected {response.status} (expected {wanted})")
+            raise StepFailed(f"unexpected {response.status} (expected {wanted})")
 
 
 class _StepCore:
@@ -657,7 +651,7 @@ class Runner:
                     args.append(number)
                 await asyncio.wait_for(fn(*args), self.call_timeout)
                 stats.response_ms.append((time.monotonic() - began) * 1000)
-        except CallFailedError as exc:
+        except StepFailed as exc:
             stats.failed += 1
             stats.reasons[str(exc)] += 1
         except TimeoutError:

@@ -158,7 +158,7 @@ class TransferLeg:
         try:
             frag = sipfrag.parse_status(request.body) if request.body else None
         except ParseError as exc:
-            self.core.stack.respond(transaction, Response.for_request(request, 400, f"Bad Request ({exc})"))
+            self.core.stack.respond(transaction, Response.for_error(request, exc))
             return
         self.core.stack.respond(transaction, Response.for_request(request, 200))
         terminated = (request.get("Subscription-State") or "").strip().lower().startswith("terminated")

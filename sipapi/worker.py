@@ -40,17 +40,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from .errors import ScriptTimeout
+
 log = logging.getLogger("sipapi.worker")
 
 __all__ = ["ScriptTimeout", "Worker", "WorkerPool", "WorkerRunner"]
 
 GRACE = 2.0
 """Seconds the peer waits past a script's deadline before it kills the worker."""
-
-
-class ScriptTimeout(BaseException):
-    """Raised inside a script that overran its deadline (a BaseException so ``except Exception`` in the
-    script cannot swallow it)."""
 
 
 # ==================================================================================== the peer's side

@@ -88,7 +88,9 @@ async def test_a_malformed_second_via_is_answered_400_and_leaves_no_transaction(
         assert len(answers) == n
         assert {a.status for a in answers} == {400}
         assert await wait_for(lambda: len(stack.transactions) == 0, 10.0), len(stack.transactions)
-        assert stack.stats["handler_errors"] == n
+        # The proxy's checks raise the ParseError as the SIPStatusError it is and answer it themselves;
+        # the stack's answer_failure (for a core that raises anything else) is not needed on this path.
+        assert stack.stats["handler_errors"] == 0
     finally:
         await stack.close()
 

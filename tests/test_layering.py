@@ -152,7 +152,6 @@ def test_no_import_cycles() -> None:
 # contexts, the Server header it stamps). Address parsing and the §18 rules are p2psip.address's.
 SOCKET_SIDE = {
     "TransportLayer", "Source", "StreamConnection", "Observer", "TLSConfig", "generate_self_signed", "SERVER",
-    "error_response",
 }  # fmt: skip
 
 

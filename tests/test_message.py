@@ -226,7 +226,7 @@ def test_datagram_content_length() -> None:
     assert longer.body == SDP
     with pytest.raises(ParseError) as info:
         parse(base + SDP[:-5])
-    assert info.value.status_hint == 400
+    assert info.value.status == 400
     partial = info.value.partial
     assert isinstance(partial, Request)
     resp = Response.for_request(partial, 400)
@@ -274,7 +274,7 @@ def test_version_error_hint() -> None:
     data = INVITE.replace(b"SIP/2.0\r\n", b"SIP/7.0\r\n", 1)
     with pytest.raises(ParseError) as info:
         parse(data)
-    assert info.value.status_hint == 505
+    assert info.value.status == 505
 
 
 def test_missing_mandatory_header() -> None:
@@ -293,7 +293,7 @@ def test_cseq_method_mismatch_gives_partial() -> None:
 def test_limits() -> None:
     with pytest.raises(ParseError) as info:
         parse(INVITE, limits=Limits(max_size=100))
-    assert info.value.status_hint == 513
+    assert info.value.status == 513
     with pytest.raises(ParseError):
         parse(INVITE, limits=Limits(max_headers=3))
     with pytest.raises(ParseError):

@@ -117,6 +117,15 @@ async def test_nobody_registered_is_404(ring: list[Peer], phones) -> None:
     assert result.final is not None and result.final.status == 404
 
 
+async def test_tel_uri_without_a_route_is_416(ring: list[Peer], phones) -> None:
+    """A tel: URI the peer cannot route gets 416 Unsupported URI Scheme (it got 404 when the location
+    decision's status was lost on the way to the proxy)."""
+    alice = await phones("alice")
+    result = await alice.call("tel:+15551234", ring[0].sip_address())
+    assert result.final is not None and result.final.status == 416, result.statuses
+    assert result.final.reason.startswith("Unsupported URI Scheme")
+
+
 async def test_refresh_expires_zero_and_wildcard(ring: list[Peer], phones) -> None:
     bob = await phones("bob")
     peer = ring[2]

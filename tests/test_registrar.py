@@ -22,7 +22,6 @@ from p2psip.registrar import (
     encode_binding,
     ok_response,
     plan_register,
-    reject_response,
 )
 from p2psip.uri import URI
 
@@ -136,7 +135,7 @@ def test_rejections(req: Request, status: int) -> None:
     with pytest.raises(RegisterRejected) as info:
         plan_register(req, [], NOW)
     assert info.value.status == status
-    response = reject_response(req, info.value)
+    response = Response.for_error(req, info.value)
     assert response.status == status
     if status == 423:
         assert response.get("Min-Expires") == "60"
@@ -184,8 +183,12 @@ def test_decide_routes() -> None:
     assert decide(URI("sip:bob@[::1]:5070"), local_addresses=local) == ForwardAsAddressed("[::1]", 5070)
     # an IP literal naming this peer is an AOR in the overlay (softphones registered with the peer's address)
     assert decide(URI("sip:bob@127.0.0.1"), local_addresses=local) == OverlayLookup("sip:bob@127.0.0.1")
-    assert isinstance(decide(URI("sip:127.0.0.1:5060"), local_addresses=local), NotRoutable)
-    assert decide(URI("tel:+15551234")) == NotRoutable(416, "Unsupported URI Scheme")
+    with pytest.raises(NotRoutable) as here:
+        decide(URI("sip:127.0.0.1:5060"), local_addresses=local)
+    assert here.value.status == 404
+    with pytest.raises(NotRoutable) as tel:
+        decide(URI("tel:+15551234"))  # no route: 416 Unsupported URI Scheme, whatever else is configured
+    assert tel.value.status == 416
 
 
 def test_cache_honours_ttl_and_binding_expiry() -> None:

@@ -7,6 +7,7 @@ Usage: python stack_proxy_hooks.py
 
 import asyncio
 
+from p2psip.errors import SIPStatusError
 from p2psip.message import Request, Response
 from p2psip.proxy import Proxy, ProxyContext
 from p2psip.stack import Source, Stack
@@ -26,9 +27,10 @@ class ForwardOnFailure(Proxy):
         if transaction is None or request.method != "INVITE" or request.to.tag is not None:
             super().on_request(request, transaction, source)  # everything else: the plain proxy
             return
-        rejection = self.check(request)  # Max-Forwards, Route pre-processing (§16.3, §16.4)
-        if rejection is not None:
-            self.stack.respond(transaction, Response.for_request(request, *rejection))
+        try:
+            self.check(request)  # Max-Forwards, Route pre-processing (§16.3, §16.4)
+        except SIPStatusError as rejection:
+            self.stack.respond(transaction, Response.for_error(request, rejection))
             return
         ctx = self.forward(request, transaction, source, [self.phone], on_final=self.to_voicemail)
         self.stack.loop.call_later(NO_ANSWER, ctx.cancel_pending)  # no-op once the phone answered

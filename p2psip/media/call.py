@@ -5,7 +5,7 @@ SDP bodies: ``offer()`` for an INVITE (or a hold/resume re-INVITE), ``accept_ans
 ``answer(body)`` for an incoming INVITE or re-INVITE, ``close()`` on BYE. It keeps one ``o=`` session id for
 the whole call and increases the version whenever what we send changes (RFC 3264 §8).
 
-A bad SDP body raises :class:`~p2psip.errors.ParseError` (``status_hint`` 488: answer ``488 Not Acceptable
+A bad SDP body raises :class:`~p2psip.errors.ParseError` (``status`` 488: answer ``488 Not Acceptable
 Here``); a well-formed offer with nothing acceptable gives an answer with port 0 and
 :attr:`CallMedia.params` ``.rejected`` True.
 """
@@ -113,7 +113,7 @@ class CallMedia:
     def accept_answer(self, body: bytes) -> MediaParams:
         """Apply the answer to our last offer; raises ParseError for bad SDP or when no offer is pending."""
         if self._pending_offer is None:
-            raise ParseError("an SDP answer arrived but no offer is pending", status_hint=488)
+            raise ParseError("an SDP answer arrived but no offer is pending", status=488)
         answer = SessionDescription.parse(body)
         params = negotiated(self._pending_offer, answer)
         self._pending_offer = None
