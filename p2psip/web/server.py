@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from p2psip.address import format_hostport
+from p2psip.address import bracket, format_hostport
 
 log = logging.getLogger("p2psip.web")
 
@@ -294,7 +294,7 @@ class WebServer:
         the page itself was loaded from."""
         urls = self.ws_urls()
         if page_host:
-            shown = f"[{page_host}]" if ":" in page_host else page_host
+            shown = bracket(page_host)
             for scheme, listener in list(urls.items()):
                 urls[scheme] = listener.replace("//0.0.0.0:", f"//{shown}:").replace("//[::]:", f"//{shown}:")
         problems = []
