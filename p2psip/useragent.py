@@ -382,7 +382,7 @@ class UserAgent:
         password: str | None = None,
         on_call: Callable[[IncomingCall], None] | None = None,
         on_message: Callable[[Request], None] | None = None,
-        user_agent: str = "p2psip",
+        user_agent: str | None = "p2psip",
         answer_timeout: float = 180.0,
         offer_answer: OfferAnswer | None = None,
         queue_limit: int = 100,
@@ -431,6 +431,10 @@ class UserAgent:
 
     # =============================================================================== client side
 
+    def _ua_header(self) -> list[tuple[str, str]]:
+        """The ``User-Agent`` header of the requests this UA makes: none when ``user_agent`` is empty."""
+        return [("User-Agent", self.user_agent)] if self.user_agent else []
+
     def _contact(self, toward: Source | Target | None = None) -> Address:
         transport = toward.transport if toward is not None else "udp"
         host = toward.host if toward is not None else None
@@ -470,7 +474,7 @@ class UserAgent:
             cseq=cseq,
             body=body,
             content_type=content_type if body else None,
-            headers=[("User-Agent", self.user_agent), *headers],
+            headers=[*self._ua_header(), *headers],
         )
         if contact:
             request.set("Contact", str(self._contact(self._target(request))))
@@ -725,7 +729,7 @@ class UserAgent:
             call_id=reg.call_id or None,
             cseq=reg.cseq,
             contact=contact,
-            headers=[("Expires", str(expires)), ("User-Agent", self.user_agent)],
+            headers=[("Expires", str(expires)), *self._ua_header()],
         )
         if self.instance is not None and reg.custom_contact is None:
             request.add("Supported", "outbound, path")

@@ -425,3 +425,20 @@ async def test_responses_made_here_carry_a_configurable_server_header(udp_client
     finally:
         for stack in (named, default, silent):
             await stack.close()
+
+
+async def test_the_user_agent_header_is_configurable_or_absent() -> None:
+    from p2psip.useragent import UserAgent
+
+    server = await Stack.start(["udp:127.0.0.1:0"])
+    client = await Stack.start(["udp:127.0.0.1:0"])
+    try:
+        core = _Answer200(server)
+        host, port = server.local_address("udp")
+        for name, expected in (("acme-phone/1", "acme-phone/1"), (None, None)):
+            ua = UserAgent(client, "sip:alice@127.0.0.1", user_agent=name)
+            assert (await ua.message(f"sip:bob@{host}:{port}", "hi")).status == 200
+            assert core.seen[-1].get("User-Agent") == expected
+    finally:
+        await client.close()
+        await server.close()

@@ -39,10 +39,11 @@ PeerFactory = Callable[..., Awaitable[Peer]]
 async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
     started: list[Peer] = []
 
-    async def make(**settings: object) -> Peer:
+    async def make(join: HostPort | None = None, **settings: object) -> Peer:
         config = PeerConfig(
             listen=[ListenSpec("udp", "127.0.0.1", 0)],
             overlay=HostPort("127.0.0.1", 0),
+            join=join,
             data_dir=tmp_path / f"peer{len(started)}",
             cache_ttl=0.0,
         )
@@ -54,7 +55,8 @@ async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
 
     yield make
     for peer in started:
-        await peer.close(leave=False)
+        if not peer._closed:
+            await peer.close(leave=False)
 
 
 @pytest.fixture
@@ -246,3 +248,27 @@ async def test_new_aors_are_bounded_per_source(make_peer: PeerFactory, phones) -
     assert (
         await flood.register(peer.sip_address(), aor="sip:u0@p2p.example", call_id="n0", cseq=2)
     ).status == 200
+
+
+async def test_no_squatting_right_after_a_restart(make_peer: PeerFactory, phones, tmp_path: Path) -> None:
+    """Issue 17's squatting variant, with the durability work: a whole overlay restarts, and before alice's
+    phone registers again mallory tries her AOR at another peer (the overlay refuses his new user key: her
+    entries came back from disk) and at her home peer (her claim came back from disk)."""
+    from p2psip.peer import wait_until_settled
+
+    home = await make_peer(data_dir=tmp_path / "home")
+    other = await make_peer(data_dir=tmp_path / "other", join=HostPort(*home.overlay_address))
+    await wait_until_settled([home, other], timeout=20)
+    alice = await phones()
+    assert (await alice.register(home.sip_address(), contact=with_instance(alice), expires=600)).status == 200
+    for peer in (home, other):
+        await peer.close(leave=False)  # a crash of the whole overlay
+    home = await make_peer(data_dir=tmp_path / "home")
+    other = await make_peer(data_dir=tmp_path / "other", join=HostPort(*home.overlay_address))
+    await wait_until_settled([home, other], timeout=20)
+    mallory = await phones("mallory")
+    assert (await mallory.register(other.sip_address(), aor=ALICE)).status == 403
+    assert (await mallory.register(home.sip_address(), aor=ALICE)).status == 403
+    assert [b.contact for b in await other.fetch_bindings(ALICE)] == [alice.contact]
+    again = await alice.register(home.sip_address(), contact=with_instance(alice), call_id="back")
+    assert again.status == 200
