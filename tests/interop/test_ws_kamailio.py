@@ -9,8 +9,8 @@ but with our own stack and UserAgent:
   *same* WebSocket connection we opened (we have no listener of our own on WS); we answer and the call
   completes both ways (ACK and BYE come over the connection too);
 - our UA sends a MESSAGE through Kamailio (outbound over WS) to the UDP UA;
-- ``p2psip proxy`` forwards a MESSAGE to a ``;transport=ws`` target (Kamailio), opening its own outgoing
-  WebSocket connection.
+- ``p2psip proxy``, and a peer, forward a MESSAGE to a ``;transport=ws`` target (Kamailio), opening their
+  own outgoing WebSocket connection.
 
 Kamailio's websocket module is Debian's ``kamailio-websocket-modules``: without it these tests skip on a
 laptop and fail under ``CI=true``.
@@ -25,7 +25,9 @@ import pytest
 from conftest import free_port, in_ci
 
 from p2psip.address import Target
+from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.message import Request
+from p2psip.peer import Peer, quick_node_config
 from p2psip.stack import Stack
 from p2psip.useragent import UserAgent
 
@@ -127,6 +129,25 @@ async def test_our_ua_registers_over_ws_and_is_called_back_on_that_connection(
                 assert message.body == b"through p2psip proxy over WS"
                 assert message.top_via is not None and message.get_all("Via")[1].startswith("SIP/2.0/WS ")
                 await carol.close()
+
+            # A peer does the same for an IP-literal ;transport=ws Request-URI (forwarded as addressed).
+            config = PeerConfig(
+                listen=[ListenSpec("udp", "127.0.0.1", 0)], overlay=HostPort("127.0.0.1", 0),
+                data_dir=workdir / "peer", cache_ttl=0.0,
+            )  # fmt: skip
+            peer = await Peer.start(config, node_config=quick_node_config())
+            try:
+                host, port = peer.sip_address()
+                dave = UserAgent(third, "sip:dave@kam.example", outbound=Target("udp", host, port))
+                target = f"sip:bob@127.0.0.1:{ws_port};transport=ws"
+                response = await dave.message(target, "through a peer over WS", timeout=TIMEOUT)
+                assert response.status == 200
+                message = await asyncio.wait_for(got.get(), TIMEOUT)
+                assert message.body == b"through a peer over WS"
+                assert peer.stack.stats["connections_opened"] == 1
+                await dave.close()
+            finally:
+                await peer.close(leave=False)
             await alice.close()
             await bob.close()
     finally:
