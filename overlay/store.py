@@ -82,7 +82,6 @@ class DurableStore(Store):
         self.loaded = 0
         self.rejected = 0
         self.corrupt = False
-        self._batch = False
         self._db = self._open()
         self._load(now)
 
@@ -170,24 +169,13 @@ class DurableStore(Store):
     # --- writes ---------------------------------------------------------------------------------
 
     def _keep(self, entry: Entry, expires_at: float) -> None:
+        """Hold the entry and write its row: one statement, committed on its own (autocommit), or part
+        of a transfer's transaction. ``put`` returns after this, so after the commit."""
         super()._keep(entry, expires_at)
         self._db.execute(
             "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)",
             (to_bytes(entry.key), entry.entry_id, encode_entry(entry), expires_at),
         )
-
-    def put(self, entry: Entry, now: float, *, remaining_s: float | None = None) -> None:
-        """As ``Store.put``; returns after the row is committed (outside a transfer's batch)."""
-        if self._batch:
-            super().put(entry, now, remaining_s=remaining_s)
-            return
-        self._db.execute("BEGIN")
-        try:
-            super().put(entry, now, remaining_s=remaining_s)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def accept(
         self,
@@ -197,11 +185,9 @@ class DurableStore(Store):
     ) -> tuple[int, int]:
         """As ``Store.accept``, in one transaction (a transfer of a thousand entries is one commit)."""
         self._db.execute("BEGIN")
-        self._batch = True
         try:
             return super().accept(items, now, kept_items)
         finally:
-            self._batch = False
             self._db.execute("COMMIT")
 
     def purge(self, now: float) -> int:
