@@ -92,6 +92,11 @@ live node drops it and counts it as malformed."""
 MAX_DELAYED_AUTH = 256
 
 Targets = list[URI | Address | RoutedTarget]
+
+SOLE_HOME = "p2p-home"
+"""Route parameter an entry peer puts on the Route to the callee's home peer when every binding of the
+AOR lives there: the home peer then serves the call from the bindings it registered itself, without a
+second DHT lookup (docs/nat.md)."""
 """What :meth:`Peer.locate` returns: contacts, or contacts with their own Route sets (Path)."""
 
 
@@ -299,6 +304,16 @@ class PeerCore(Proxy):
 
     # ---------------------------------------------------------------------- RFC 5626 flow routes
 
+    def preprocess_routes(self, request: Request) -> None:
+        """§16.4, noting first whether the request came to us as its AOR's sole home peer (``SOLE_HOME``)."""
+        top = request.get("Route")
+        if top is not None and SOLE_HOME in top:
+            with contextlib.suppress(ParseError):
+                uri = Address(top).uri
+                if SOLE_HOME in uri.params and self.own_route(uri):
+                    self.peer.mark_sole_home(request)
+        super().preprocess_routes(request)
+
     def own_route(self, uri: URI) -> bool:
         """§16.4 removes our own Route URIs, except those with a flow token: they say which flow the
         request goes over (:meth:`_next_hop` consumes them)."""
@@ -324,6 +339,8 @@ class PeerCore(Proxy):
                 flow = flows.by_token(uri.user)
                 if flow is None or flow.key != (source.transport, source.host, source.port):
                     return
+            elif SOLE_HOME in uri.params:
+                self.peer.mark_sole_home(request)
             request.remove_first("Route")
 
     def _next_hop(self, fwd: Request) -> Target:
@@ -415,10 +432,11 @@ class Peer:
             default_expires=config.default_expires,
         )
         self.names: dict[int, str] = {}  # ring key -> AOR, for the names this peer has seen (status)
-        self.home: dict[str, dict[Any, tuple[str, float]]] = {}
+        self.home: dict[str, dict[bytes, Binding]] = {}
         self.web: Any = None
         """The web server (p2psip.web.server.WebServer) when ``--http`` is set."""
-        """Registrations this peer took (it is their home peer): AOR -> entry id -> (contact, expiry)."""
+        """Registrations this peer took (it is their home peer): AOR -> entry id -> binding. The status
+        shows them; a call that reaches this peer as the AOR's sole home peer is served from them."""
         self.started = time.time()
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -435,6 +453,7 @@ class Peer:
                 "flow_failed_requests",
                 "nat_pings",
                 "routed_to_home",
+                "home_lookups_saved",
                 "auth_failures",
                 "auth_delayed",
                 "takeovers_refused",
@@ -455,6 +474,8 @@ class Peer:
         stack.transport.flows = self.flows
         stack.transport.on_flow_failed = self._flow_failed
         self._flow_task: asyncio.Task[None] | None = None
+        self._sole: set[tuple[int, str]] = set()
+        """Requests that reached us as the sole home peer of their AOR (``SOLE_HOME``), until located."""
         self._aor_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         """AOR -> (its REGISTER lock, how many hold or wait for it); only AORs in use are in it."""
         self._digest: dict[str, DigestServer] = {}
@@ -849,7 +870,7 @@ class Peer:
         self.counters["bindings_removed"] += len(plan.removes)
         home = self.home.setdefault(aor, {})
         for w in plan.writes:
-            home[w.entry_id] = (w.binding.contact, now + w.lifetime)
+            home[w.entry_id] = w.binding
         for r in plan.removes:
             home.pop(r.entry_id, None)
         if not home:
@@ -931,6 +952,28 @@ class Peer:
         for r in plan.removes:
             self.flows.unbind(r.binding.aor, r.binding.entry_id)
 
+    def mark_sole_home(self, request: Request) -> None:
+        """``request`` came to us as the sole home peer of its AOR: locate it from :meth:`homed_bindings`."""
+        if len(self._sole) >= 4096:  # requests rejected before they were located: never kept for long
+            self._sole.clear()
+        self._sole.add(_request_key(request))
+
+    def is_sole_home(self, request: Request) -> bool:
+        return _request_key(request) in self._sole
+
+    def homed_bindings(self, aor: str) -> list[Binding]:
+        """The live bindings of ``aor`` this peer registered itself (expired ones are forgotten here)."""
+        homed = self.home.get(aor)
+        if not homed:
+            return []
+        now = time.time()
+        for entry_id in [e for e, b in homed.items() if not b.alive(now)]:
+            del homed[entry_id]
+        if not homed:
+            del self.home[aor]
+            return []
+        return live_targets(homed.values(), now)
+
     def _flow_failed(self, failed: Failed) -> None:
         """A flow died (connection closed, keep-alives or NAT pings stopped): its bindings go (§5.3)."""
         self.counters["flows_failed"] += 1
@@ -951,6 +994,7 @@ class Peer:
                     continue
                 finally:
                     self.cache.forget(aor)
+                    self.home.get(aor, {}).pop(entry_id, None)
             self.counters["bindings_removed"] += 1
             self._event("unregistered", f"unregistered {aor} ({entry_id.decode(errors='replace')}): {why}")
 
@@ -1121,6 +1165,13 @@ class Peer:
             self._event("routed", f"{request.method} {uri} -> static route {decision.host}:{decision.port}")
             return [uri]
         assert isinstance(decision, OverlayLookup)
+        sole = _request_key(request)
+        if sole in self._sole:
+            self._sole.discard(sole)
+            homed = self.homed_bindings(decision.aor)
+            if homed:
+                self.counters["home_lookups_saved"] += 1
+                return self._targets(request, decision.aor, homed)
         cached = self.cache.get(decision.aor, time.time())
         if cached is not None:
             self.counters["lookup_cache_hits"] += 1
@@ -1182,22 +1233,30 @@ class Peer:
         peer of any binding (None otherwise: deliver from here). Every peer orders the bindings the same
         way, so the peers agree on which home peer runs the scripts."""
         first: URI | None = None
+        sole = True
         for b in ordered:
             if not b.path:
+                sole = False
                 continue
             try:
                 uri = Address(b.path[0]).uri
             except ParseError:
+                sole = False
                 continue
             if self.stack.is_local(uri.host, uri.port):
                 return None
             if first is None:
                 first = uri
+            elif (uri.host, uri.port) != (first.host, first.port):
+                sole = False
         if first is None:
             return None
         hop = URI.build(scheme=first.scheme, host=first.host, port=first.port, params={"lr": None})
         if first.transport:
             hop.params["transport"] = first.transport
+        if sole:
+            # every binding lives there: that peer need not look the AOR up again (its own records do)
+            hop.params[SOLE_HOME] = None
         return f"<{hop}>"
 
     def is_home_of(self, bindings: Iterable[Binding]) -> bool:
@@ -1343,11 +1402,11 @@ class Peer:
         out = []
         for aor in sorted(self.home):
             bindings = self.home[aor]
-            for entry_id, (contact, expiry) in list(bindings.items()):
-                if expiry <= now:
+            for entry_id, binding in list(bindings.items()):
+                if not binding.alive(now):
                     del bindings[entry_id]
                     continue
-                out.append({"aor": aor, "contact": contact, "expires_in": int(expiry - now)})
+                out.append({"aor": aor, "contact": binding.contact, "expires_in": binding.remaining(now)})
             if not bindings:
                 del self.home[aor]
         return out
@@ -1398,6 +1457,14 @@ async def _joining(
         waited += JOIN_PROGRESS_EVERY
         if on_event is not None:
             on_event("joining", f"no answer from {shown} yet after {waited:.0f} s; still trying")
+
+
+def _request_key(request: Request) -> tuple[int, str]:
+    """Identifies one request object while it is being located (Call-ID guards against id() reuse)."""
+    try:
+        return (id(request), request.call_id)
+    except ParseError:
+        return (id(request), "")
 
 
 async def _resolve(host: str, port: int | None) -> tuple[str, int] | None:

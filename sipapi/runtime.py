@@ -564,6 +564,8 @@ class ScriptedPeerCore(ScriptingCore, PeerCore):
         peer = self.peer
         if not getattr(runner, "per_user", False) or not peer.config.home_routing:
             return True
+        if peer.is_sole_home(request):
+            return True  # the entry peer found every binding here
         try:
             bindings = await peer.lookup_bindings(request.uri.aor())
         except Exception:

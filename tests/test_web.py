@@ -17,6 +17,7 @@ from overlay.chord import ChordConfig
 from overlay.node import NodeConfig
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.peer import Peer, wait_until_settled
+from p2psip.registrar import Binding
 from p2psip.web.server import WebServer, redact
 
 PeerFactory = Callable[..., Awaitable[Peer]]
@@ -161,7 +162,7 @@ async def test_ring_page_shows_the_ring_live(make_peer: PeerFactory, browsers) -
     # The status may hold any string a phone sent: the page must show it as text. Put a hostile AOR where
     # the page shows registrations (this peer's own table, so the test does not depend on key placement).
     hostile = "sip:<script>window.pwned=1</script><img src=x onerror=window.pwned=2>@x"
-    first.home[hostile] = {b"e": ("sip:<b>bold</b>@x", time.time() + 600)}
+    first.home[hostile] = {b"e": Binding(hostile, "sip:<b>bold</b>@x", 600, time.time())}
     browser = await browsers()
     await browser.get(first.web.url)
     await browser.wait_for("document.querySelectorAll('#nodes g.node').length === 5", what="5 nodes")
