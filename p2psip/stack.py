@@ -330,12 +330,18 @@ class Stack:
                         log.exception("core failed on %r", msg)
                     if isinstance(event.transaction, ServerTransaction):
                         self.answer_failure(event.transaction, exc)
-            elif isinstance(event, Terminated):
-                core.on_terminated(event.transaction)
-            elif isinstance(event, Timeout):
-                core.on_timeout(event.transaction, event.timer)
-            elif isinstance(event, TransportFailure):
-                core.on_transport_failure(event.transaction, event.error)
+            else:
+                # A core failing on one event must not lose the events after it (nor the timer re-arm).
+                try:
+                    if isinstance(event, Terminated):
+                        core.on_terminated(event.transaction)
+                    elif isinstance(event, Timeout):
+                        core.on_timeout(event.transaction, event.timer)
+                    elif isinstance(event, TransportFailure):
+                        core.on_transport_failure(event.transaction, event.error)
+                except Exception:
+                    self.transport.stats["handler_errors"] += 1
+                    log.exception("core failed on %r", event)
         self._arm()
 
     def _transmit(self, event: Transmit) -> None:
