@@ -63,7 +63,7 @@ def test_not_responsible_is_421_and_a_replica_store_is_not_checked() -> None:
     c.handle_request("t", "store", {"entry": entry(key=1500)}, T)
     (answer,) = answers(c)
     assert answer.type == "err" and answer.body["code"] == E_NOT_RESPONSIBLE
-    c.handle_request("r", "store", {"entry": entry(key=1500), "replica": True}, T)
+    c.handle_request("r", "store", {"entry": entry(key=1500), "replica": True}, T, member=True)
     assert answers(c)[0].body == {"stored": 1}  # a replica does not forward
 
 
@@ -106,7 +106,7 @@ def test_a_new_primary_asks_its_successor_while_its_range_is_on_the_way() -> Non
 def test_leave_counts_what_the_successor_acknowledged() -> None:
     c = core()
     for i in range(3):
-        c.handle_request(i, "store", {"entry": entry(eid=b"%d" % i), "replica": True}, T)
+        c.handle_request(i, "store", {"entry": entry(eid=b"%d" % i), "replica": True}, T, member=True)
     c.take_outputs()
     assert c.leave(T) == 3
     sends = [o for o in c.take_outputs() if isinstance(o, Send)]
@@ -134,14 +134,15 @@ def test_a_restarted_node_locates_and_hands_over_keys_outside_its_range() -> Non
 def test_an_announce_passes_what_was_new_on_to_the_replicas() -> None:
     c = core()
     known = entry(key=700, eid=b"known")
-    c.handle_request("k", "store", {"entry": known, "replica": True}, T)
+    c.handle_request("k", "store", {"entry": known, "replica": True}, T, member=True)
     c.take_outputs()
     fresh = entry(key=700, eid=b"fresh")
-    c.handle_request("x", "transfer", {"entries": [(known, 9000), (fresh, 9000)], "announce": True}, T)
+    body = {"entries": [(known, 9000), (fresh, 9000)], "announce": True}
+    c.handle_request("x", "transfer", body, T, member=True)
     out = c.take_outputs()
     forwarded = [o for o in out if isinstance(o, Send)]
     assert {f.to for f in forwarded} == {S1, S2}
     assert all([e for e, _ in f.body["entries"]] == [fresh] for f in forwarded)
     # a plain transfer (join, repair) is not passed on
-    c.handle_request("y", "transfer", {"entries": [(entry(key=700, eid=b"other"), 9000)]}, T)
+    c.handle_request("y", "transfer", {"entries": [(entry(key=700, eid=b"other"), 9000)]}, T, member=True)
     assert not any(isinstance(o, Send) for o in c.take_outputs())
