@@ -649,6 +649,9 @@ class Peer:
             return f"{n} entry" if n == 1 else f"{n} entries"
 
         held = len(self.node.store)
+        if handed == 0 and held == 0:
+            nothing = f"nothing to hand off, nothing in the data dir {self.config.data_dir}"
+            return f"left the overlay: it held no entries ({nothing})"
         stay = f"{entries(held)} {'stays' if held == 1 else 'stay'} in the data dir {self.config.data_dir}"
         if handed == 0 and held:
             return f"left the overlay: no successor to hand entries to; {stay}, served again after a restart"

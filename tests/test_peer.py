@@ -364,8 +364,15 @@ async def test_leaving_says_how_many_entries_were_handed_off(make_peer: PeerFact
     counts what the successor acknowledged."""
     import re
 
-    lone = await make_peer()
+    empty = await make_peer()
     said: list[tuple[str, str]] = []
+    empty.on_event = lambda kind, text: said.append((kind, text))
+    await empty.close(leave=True)
+    (left,) = [text for kind, text in said if kind == "left"]
+    assert left.startswith("left the overlay: it held no entries (nothing to hand off"), left
+
+    lone = await make_peer()
+    said.clear()
     lone.on_event = lambda kind, text: said.append((kind, text))
     bob = await phones("bob")
     assert (await bob.register(lone.sip_address())).status == 200
