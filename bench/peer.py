@@ -39,8 +39,9 @@ from conftest import free_port  # noqa: E402
 from interop.kamailio import MODULES, Kamailio  # noqa: E402
 from interop.sipp import uas  # noqa: E402
 
+from overlay.localring import quick_node_config, wait_until_consistent  # noqa: E402
 from p2psip.config import HostPort, ListenSpec, PeerConfig  # noqa: E402
-from p2psip.peer import Peer, quick_node_config, wait_until_settled  # noqa: E402
+from p2psip.peer import Peer  # noqa: E402
 from p2psip.ratelimit import UNLIMITED  # noqa: E402
 
 DOMAIN = "p2p.example"
@@ -191,7 +192,7 @@ async def measure_overlay(
             peers.append(
                 await Peer.start(config, node_config=quick_node_config(interval=1.0, rpc_timeout=1.0))
             )
-        await wait_until_settled(peers, timeout=120)
+        await wait_until_consistent([p.node for p in peers], timeout=120)
         uas_port = free_port()
         with uas(workdir, uas_port, name="uas"):
             # registrations at the first peer, calls through the last one (another peer, which must look up)

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from overlay import ids
-from overlay.chord import ChordConfig
 from overlay.errors import NotJoined, OverlayError, StoreRefused, WrongOverlay
 from overlay.identity import KeyPair
 from overlay.node import KeyAccess, Node, NodeConfig
@@ -98,18 +97,6 @@ SOLE_HOME = "p2p-home"
 AOR lives there: the home peer then serves the call from the bindings it registered itself, without a
 second DHT lookup (docs/nat.md)."""
 """What :meth:`Peer.locate` returns: contacts, or contacts with their own Route sets (Path)."""
-
-
-def quick_node_config(interval: float = 0.2, rpc_timeout: float = 0.5) -> NodeConfig:
-    """Overlay maintenance every ``interval`` seconds: for the demo and tests on one machine, where a
-    ring must settle in a fraction of a second (the defaults suit real networks)."""
-    chord = ChordConfig(
-        stabilize_interval=interval,
-        fix_fingers_interval=interval,
-        check_predecessor_interval=interval * 2,
-        rpc_timeout=rpc_timeout,
-    )
-    return NodeConfig(chord=chord, rpc_timeout=rpc_timeout, op_timeout=10.0, repair_interval=interval * 10)
 
 
 class UserKeys:
@@ -1576,32 +1563,3 @@ async def run_foreground(
                 await cleanup()
         await peer.close(leave=True)
     return 0
-
-
-def ring_is_settled(peers: Iterable[Peer]) -> bool:
-    """Whether every peer's successor and predecessor are its true ring neighbours (peers in one process)."""
-    nodes = sorted((p.node for p in peers), key=lambda n: n.node_id)
-    if len(nodes) < 2:
-        return True
-    for i, node in enumerate(nodes):
-        core = node.core
-        if core is None or not core.successors or core.predecessor is None:
-            return False
-        if core.successors[0].id != nodes[(i + 1) % len(nodes)].node_id:
-            return False
-        if core.predecessor.id != nodes[i - 1].node_id:
-            return False
-    return True
-
-
-async def wait_until_settled(peers: Iterable[Peer], timeout: float = 10.0, poll: float = 0.02) -> float:
-    """Wait (bounded) until the ring of ``peers`` is consistent; returns the seconds it took. Raises
-    TimeoutError otherwise. The overlay raises no event for "ring consistent", so the condition is polled."""
-    members = list(peers)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while not ring_is_settled(members):
-        if loop.time() - started > timeout:
-            raise TimeoutError(f"the ring of {len(members)} peers did not settle within {timeout:g} s")
-        await asyncio.sleep(poll)
-    return loop.time() - started

@@ -37,11 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from overlay.localring import quick_node_config
 from p2psip.address import bracket
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import P2PSIPError
 from p2psip.message import Request
-from p2psip.peer import Peer, quick_node_config
+from p2psip.peer import Peer
 from p2psip.run import stop_signals
 from p2psip.stack import Stack
 

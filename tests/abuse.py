@@ -31,10 +31,11 @@ from typing import Any
 
 from peer_phone import Phone
 
+from overlay.localring import quick_node_config
 from p2psip.auth import answer_challenge
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.message import Request, new_branch, new_tag
-from p2psip.peer import Peer, add_account, quick_node_config
+from p2psip.peer import Peer, add_account
 from p2psip.timers import TimerConfig
 
 DOMAIN = "p2p.example"

@@ -16,10 +16,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from peer_phone import Phone
+from peer_support import wait_until_settled
 from test_peer import BOB, PeerFactory, make_peer, phones  # noqa: F401  (fixtures)
 
 from p2psip.flows import stun_binding_request, stun_mapped_address
-from p2psip.peer import Peer, wait_until_settled
+from p2psip.peer import Peer
 from p2psip.uri import Address
 
 Phones = Callable[..., Awaitable[Phone]]

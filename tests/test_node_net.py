@@ -28,6 +28,7 @@ from overlay.chord import ChordConfig, NodeRef
 from overlay.errors import NotJoined, OverlayError, StoreRefused
 from overlay.identity import KeyPair
 from overlay.ids import key_for
+from overlay.localring import ring_is_consistent as ring_consistent
 from overlay.node import Node, NodeConfig
 from overlay.storage import Entry
 from overlay.wire import Message, frame
@@ -71,20 +72,6 @@ async def wait_until(cond: Callable[[], bool | Awaitable[bool]], what: str, time
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-def ring_consistent(nodes: list[Node]) -> bool:
-    live = sorted(nodes, key=lambda n: n.node_id)
-    for i, node in enumerate(live):
-        core = node.core
-        if core is None or not core.successors:
-            return False
-        if core.successors[0].id != live[(i + 1) % len(live)].node_id:
-            return False
-        pred = core.predecessor
-        if pred is None or pred.id != live[i - 1].node_id:
-            return False
-    return True
 
 
 class Ring:

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 from peer_phone import Phone
+from peer_support import wait_until_settled
 
 from overlay import ids
 from overlay.identity import KeyPair
+from overlay.localring import quick_node_config
 from p2psip.auth import answer_challenge
 from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount
 from p2psip.message import Request
-from p2psip.peer import Peer, quick_node_config, wait_until_settled
+from p2psip.peer import Peer
 from p2psip.timers import TimerConfig
 
 ALICE = "sip:alice@p2p.example"

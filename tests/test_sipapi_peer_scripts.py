@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, require_tool
+from peer_support import wait_until_settled
 from test_sipapi_sipp_scenarios import BUSY, NO_ANSWER, write
 from test_sipapi_support import EXAMPLES, UdpClient
 
+from overlay.localring import quick_node_config
 from p2psip.config import HostPort, ListenSpec, PeerConfig
-from p2psip.peer import Peer, quick_node_config, wait_until_settled
+from p2psip.peer import Peer
 from p2psip.stack import Stack
 from p2psip.useragent import CallFailed, UserAgent
 from sipapi.scripts import Scripting, install

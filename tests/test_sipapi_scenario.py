@@ -83,8 +83,9 @@ async def test_scenario_through_our_peer(tmp_path: Path) -> None:
     from interop.sipp import uas
     from test_sipapi_support import UdpClient
 
+    from overlay.localring import quick_node_config
     from p2psip.config import HostPort, ListenSpec, PeerConfig
-    from p2psip.peer import Peer, quick_node_config
+    from p2psip.peer import Peer
 
     port = free_port()
     with uas(tmp_path, port):

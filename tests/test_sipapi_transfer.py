@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, require_tool
+from peer_support import wait_until_settled
 from test_media_call import until
 from test_sipapi_peer_scripts import register, start_peer
 from test_sipapi_support import EXAMPLES
 
 from p2psip import sdp
-from p2psip.peer import Peer, wait_until_settled
+from p2psip.peer import Peer
 from p2psip.stack import Stack
 from p2psip.useragent import CallFailed, IncomingCall, UserAgent
 from sipapi.scripts import Scripting, install

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from peer_phone import Phone
 
+from overlay.localring import quick_node_config
 from p2psip.auth import answer_challenge
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.message import Request, Response, new_tag
-from p2psip.peer import Peer, add_account, quick_node_config
+from p2psip.peer import Peer, add_account
 from p2psip.ratelimit import Rate
 from p2psip.timers import TimerConfig
 
@@ -254,7 +255,7 @@ async def test_no_squatting_right_after_a_restart(make_peer: PeerFactory, phones
     """Issue 17's squatting variant, with the durability work: a whole overlay restarts, and before alice's
     phone registers again mallory tries her AOR at another peer (the overlay refuses his new user key: her
     entries came back from disk) and at her home peer (her claim came back from disk)."""
-    from p2psip.peer import wait_until_settled
+    from peer_support import wait_until_settled
 
     home = await make_peer(data_dir=tmp_path / "home")
     other = await make_peer(data_dir=tmp_path / "other", join=HostPort(*home.overlay_address))

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 from browser_support import Browser
+from peer_support import wait_until_settled
 
 from overlay.chord import ChordConfig
 from overlay.node import NodeConfig
 from p2psip.config import HostPort, ListenSpec, PeerConfig
-from p2psip.peer import Peer, wait_until_settled
+from p2psip.peer import Peer
 from p2psip.registrar import Binding
 from p2psip.web.server import WebServer, redact
 

@@ -327,9 +327,11 @@ async def test_browser_registered_over_ws_at_one_peer_is_called_from_another(tmp
     reaches the browser over its connection (Path to its home peer, then the .invalid host's connection)
     with a Record-Route for the WS side; the 200 gets back to the caller."""
     from peer_phone import Phone
+    from peer_support import wait_until_settled
 
+    from overlay.localring import quick_node_config
     from p2psip.config import HostPort, PeerConfig
-    from p2psip.peer import Peer, quick_node_config, wait_until_settled
+    from p2psip.peer import Peer
 
     peers: list[Peer] = []
     phone = None

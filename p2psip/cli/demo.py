@@ -77,8 +77,9 @@ async def _demo(peer_count: int, keep: bool = False) -> int:
     import tempfile
     import time
 
+    from overlay.localring import quick_node_config, wait_until_consistent
     from p2psip.config import HostPort, ListenSpec, PeerConfig
-    from p2psip.peer import Peer, quick_node_config, wait_until_settled
+    from p2psip.peer import Peer
     from p2psip.trace import SipTrace
     from p2psip.useragent import CallFailed, IncomingCall, UserAgent
 
@@ -120,7 +121,7 @@ async def _demo(peer_count: int, keep: bool = False) -> int:
                 ],
                 "   ",
             )
-            settle = await wait_until_settled(peers, timeout=15)
+            settle = await wait_until_consistent([p.node for p in peers], timeout=15)
             ring = sorted(peers, key=lambda p: p.node.node_id)
             order = " -> ".join(name[p.node.node_id] for p in ring)
             first = name[ring[0].node.node_id]

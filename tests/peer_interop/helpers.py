@@ -8,9 +8,11 @@ from pathlib import Path
 
 from interop.procs import ChildError
 from interop.sipp import SippResult, run_calls
+from peer_support import wait_until_settled
 
+from overlay.localring import quick_node_config
 from p2psip.config import HostPort, ListenSpec, PeerConfig
-from p2psip.peer import Peer, quick_node_config, wait_until_settled
+from p2psip.peer import Peer
 from p2psip.ratelimit import UNLIMITED
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"

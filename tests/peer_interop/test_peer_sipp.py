@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port, require_tool
 from interop.sipp import uas
+from peer_support import wait_until_settled
 
-from p2psip.peer import Peer, wait_until_settled
+from p2psip.peer import Peer
 
 from .helpers import DOMAIN, sipp_call_all, sipp_register, start_overlay, stop_overlay
 
