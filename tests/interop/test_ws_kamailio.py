@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 from conftest import free_port, in_ci
 
+from overlay.localring import quick_node_config
 from p2psip.address import Target
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.message import Request
-from p2psip.peer import Peer, quick_node_config
+from p2psip.peer import Peer
 from p2psip.stack import Stack
 from p2psip.useragent import UserAgent
 
