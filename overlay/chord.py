@@ -140,12 +140,14 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class LookupDone:
     """Lookup ``lookup_id`` found ``node`` responsible for ``key``. ``hops``: nodes queried that
-    answered, the responsible node included (0 when this node itself is responsible)."""
+    answered, the responsible node included (0 when this node itself is responsible). ``successors``:
+    that node's successor list as it reported it (the key's replica holders after it; may be empty)."""
 
     lookup_id: int
     key: int
     node: NodeRef
     hops: int
+    successors: tuple[NodeRef, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +253,19 @@ def parse_nodes(obj: Any) -> list[NodeRef] | None:
     return out
 
 
+def _plausible(src: NodeRef, key: int, done: bool, node: NodeRef, succs: list[NodeRef]) -> bool:
+    """Whether a find_successor answer from ``src`` can be right, judged from the ring's arithmetic
+    alone: a next hop lies strictly between the replier and the key; a named successor of the key
+    follows the replier with the key in between; the replier's successor list runs clockwise from it."""
+    if done:
+        if node.id != src.id and not ids.between_right(key, src.id, node.id):
+            return False
+    elif node.id == src.id or not ids.between(node.id, src.id, key):
+        return False
+    dists = [ids.distance(src.id, n.id) for n in succs]
+    return all(0 < a < b for a, b in pairwise(dists)) and (not dists or dists[0] > 0)
+
+
 def _parse_key(obj: Any) -> int | None:
     if isinstance(obj, int) and not isinstance(obj, bool) and 0 <= obj < ids.RING:
         return obj
@@ -293,6 +308,7 @@ class _Lookup:
     outstanding: bool = False
     finished: bool = False
     owner_succs: list[NodeRef] = field(default_factory=list)  # the confirming owner's successor list
+    claims: dict[int, list[NodeRef]] = field(default_factory=dict)  # claimant -> its successor list
 
 
 class ChordCore:
@@ -356,6 +372,8 @@ class ChordCore:
         self._last_pred_probe = float("-inf")
         self._stabilizing = False
         self._stats: dict[str, int] = {}
+        # NodeId -> wrong routing answers it gave our lookups (most recent last, bounded).
+        self.misroutes: dict[int, int] = {}
 
     # ==== inputs ========================================================================================
 
@@ -396,7 +414,8 @@ class ChordCore:
                 self._outputs.append(LookupFailed(lk.lookup_id, key, hops, reason))
             else:
                 self._count("lookups_done")
-                self._outputs.append(LookupDone(lk.lookup_id, key, node, hops))
+                succs = self._succ if node.id == self.me.id else lk.claims.get(node.id, lk.owner_succs)
+                self._outputs.append(LookupDone(lk.lookup_id, key, node, hops, tuple(succs)))
 
         lk = self._new_lookup(key, done, exclude_self=False)
         if self._state != _JOINED:
@@ -1186,14 +1205,30 @@ class ChordCore:
             self._lookup_step(lk, now)
             return
         lk.hops += 1
+        if not _plausible(src, lk.key, done, node, succs):
+            # A "next hop" that is not between the replier and the key, a "successor" that does not
+            # follow, a successor list out of ring order: a wrong routing answer. Route around the
+            # replier and remember who it was (stats: misroutes per node).
+            self._misrouted(src)
+            lk.failed.add(src.id)
+            lk.pool.pop(src.id, None)
+            self._lookup_step(lk, now)
+            return
         lk.queried.add(src.id)
         lk.pool.setdefault(src.id, src)
         self._absorb(lk, src, done, node, succs, more)
         if done and node.id == src.id:
             lk.owner_succs = succs
-            self._finish_lookup(lk, src, "", now)
-        else:
-            self._lookup_step(lk, now)
+            lk.claims[src.id] = succs
+            key = lk.key
+            closer = [n for n in lk.pool.values() if n.id not in lk.failed and ids.between(n.id, key, src.id)]
+            if not closer:
+                self._finish_lookup(lk, src, "", now)
+                return
+            # We know a node between the key and the claimant: the claim contradicts it. Ask the closer
+            # one (the step prefers the nearest follower of the key); if it is gone, the claim stands.
+            self._count("claims_contradicted")
+        self._lookup_step(lk, now)
 
     def _lookup_step(self, lk: _Lookup, now: float) -> None:
         """Ask the next node: the closest known predecessor of the key, unless we already know which node
@@ -1244,6 +1279,13 @@ class ChordCore:
                 self._lookup_step(lk, now)
 
         self._request(target.ep, target.id, "find_successor", {"key": key}, on_reply, on_fail, now)
+
+    def _misrouted(self, src: NodeRef) -> None:
+        self._count("misroutes")
+        table = self.misroutes
+        table[src.id] = table.pop(src.id, 0) + 1
+        while len(table) > 256:
+            del table[next(iter(table))]
 
     def _finish_lookup(self, lk: _Lookup, node: NodeRef | None, reason: str, now: float) -> None:
         if lk.finished:

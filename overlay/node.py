@@ -50,6 +50,7 @@ from overlay.errors import LookupFailed as LookupFailedError
 from overlay.errors import NotJoined, OverlayError, StoreRefused, WireError, WrongOverlay
 from overlay.identity import KeyPair, VerifiedCache, node_identity
 from overlay.ids import RING, key_for, short
+from overlay.reads import QuorumRead
 from overlay.storage import (
     DEFAULT_MAX_LIFETIME,
     DEFAULT_MAX_PER_OWNER,
@@ -220,6 +221,10 @@ class Node:
         self._transfers_idle = asyncio.Event()
         self._transfers_idle.set()
         self._traces: dict[int, list[Endpoint]] = {}
+        # key -> (responsible node, its successors) as the last lookup of that key found them
+        self._holders_seen: dict[int, tuple[NodeRef, ...]] = {}
+        # NodeId -> reads where that holder's answer lost to the others (hid or served an older entry)
+        self.disagreements: dict[int, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats: dict[str, int] = {}
         self.hop_histogram: dict[int, int] = {}
@@ -465,18 +470,103 @@ class Node:
             raise OverlayError(f"lifetime must be at most {self.config.max_lifetime} seconds")
 
     async def _read(self, ring_key: int, at: KeyAccess) -> list[Entry]:
-        reply = await self._primary_call(ring_key, "fetch", {"key": ring_key}, at)
-        out: list[Entry] = []
-        for entry, _ in reply.body.get("entries", []):
-            # Trust no single node: a responsible node could hand out forged entries, so the reader
-            # checks signatures too (cached, so a repeated get costs no new verification).
-            if entry.key == ring_key and not entry.is_removal and self.cache.verify(
-                entry.owner, entry.signature, entry.signed_bytes()
-            ):
-                out.append(entry)
-            else:
-                self._count("fetched_entries_dropped")
-        return out
+        """Ask the key's holders (responsible node + r-1 successors) in parallel; see overlay.reads."""
+        self._core()
+        deadline = self._loop.time() + self.config.op_timeout
+        last = "no attempt"
+        attempt = 0
+        while True:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise LookupFailedError(f"fetch for key {short(ring_key)} failed: {last}")
+            attempt += 1
+            try:
+                if at.target is None or not at.holders:
+                    target = (await asyncio.wait_for(self.lookup(ring_key), remaining))[0]
+                    seen = self._holders_seen.get(ring_key, (target,))
+                    holders = [target, *(n for n in seen[1:] if n.id != target.id)]
+                    at.target, at.holders = target, list(dict.fromkeys(holders))[: self.replicas]
+            except (TimeoutError, LookupFailedError, NotJoined) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                await self._backoff(attempt, deadline)
+                continue
+            read = await self._quorum_read(ring_key, list(at.holders), deadline)
+            if read.answered:
+                return read.result()
+            last = "no holder answered"
+            at.forget(at.target)
+            await self._backoff(attempt, deadline)
+
+    async def _quorum_read(self, ring_key: int, holders: list[NodeRef], deadline: float) -> QuorumRead:
+        """Fetch from every holder at once; return when the responsible node and one more agree, or when
+        the others have had ``2 x rpc_timeout`` to answer. Late answers still count (disagreement, repair)."""
+        read = QuorumRead(ring_key, [h.id for h in holders], self._entry_valid)
+        body = {"key": ring_key, "replica": True}
+        until = min(deadline, self._loop.time() + 2 * self.config.rpc_timeout)
+        calls = {asyncio.create_task(self._call(h, "fetch", body, deadline=until)): h for h in holders}
+        pending = set(calls)
+        while pending and not read.decided:
+            done, pending = await asyncio.wait(
+                pending, timeout=max(0.0, until - self._loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                break
+            for task in done:
+                _take_fetch(read, calls[task].id, task)
+        if pending:
+            self._spawn(self._settle_read(read, calls, pending, holders))
+        else:
+            self._settle(read, holders)
+        return read
+
+    async def _settle_read(
+        self,
+        read: QuorumRead,
+        calls: dict[asyncio.Task[Message], NodeRef],
+        pending: set[asyncio.Task[Message]],
+        holders: list[NodeRef],
+    ) -> None:
+        await asyncio.wait(pending)
+        for task in pending:
+            _take_fetch(read, calls[task].id, task)
+        self._settle(read, holders)
+
+    def _settle(self, read: QuorumRead, holders: list[NodeRef]) -> None:
+        """Count the holders outvoted, and push what the others lack to them (read repair)."""
+        self._count("quorum_reads")
+        for holder in read.disagreeing():
+            self._count("read_disagreements")
+            self.disagreements[holder] = self.disagreements.pop(holder, 0) + 1
+            while len(self.disagreements) > 256:
+                del self.disagreements[next(iter(self.disagreements))]
+        behind = read.behind()
+        if not behind:
+            return
+        by_id = {h.id: h for h in holders}
+        primary = holders[0].id
+
+        async def repair(node: NodeRef, entries: list[Entry]) -> None:
+            until = self._loop.time() + 3 * self.config.rpc_timeout
+            for entry in entries:
+                body: dict[str, Any] = {"entry": entry}
+                if node.id != primary:
+                    body["replica"] = True
+                with contextlib.suppress(TimeoutError, WireError, OverlayError):
+                    reply = await self._call(node, "store", body, deadline=until)
+                    if reply.type == "ok":
+                        self._count("read_repairs")
+
+        for holder, entries in behind.items():
+            if holder != self.me.id and holder in by_id:
+                self._spawn(repair(by_id[holder], entries))
+
+    def _entry_valid(self, entry: Entry) -> bool:
+        # Trust no single node: the reader checks signatures itself (cached, so a repeated get costs no
+        # new verification).
+        ok = self.cache.verify(entry.owner, entry.signature, entry.signed_bytes())
+        if not ok:
+            self._count("fetched_entries_dropped")
+        return ok
 
     def stats(self) -> dict[str, Any]:
         """Counters (messages in/out, drops by cause, refusals by reason), ring state and storage size."""
@@ -494,6 +584,9 @@ class Node:
             out["predecessor"] = short(pred.id) if pred else None
         out["dropped"] = sum(v for k, v in self._stats.items() if k.startswith("dropped_"))
         out["hops"] = {str(h): n for h, n in sorted(self.hop_histogram.items())}
+        # Per node: reads its answer lost (it hid or served an older entry), wrong routing answers.
+        out["disagreements"] = {short(n): c for n, c in self.disagreements.items()}
+        out["misroutes"] = {short(n): c for n, c in (self.core.misroutes if self.core else {}).items()}
         return out
 
     async def lookup(self, key: int, *, path: list[Endpoint] | None = None) -> tuple[NodeRef, int]:
@@ -1038,6 +1131,9 @@ class Node:
             elif isinstance(out, LookupDone):
                 fut = self._lookups.get(out.lookup_id)
                 if fut is not None and not fut.done():
+                    self._holders_seen[out.key] = (out.node, *out.successors)
+                    while len(self._holders_seen) > 256:
+                        del self._holders_seen[next(iter(self._holders_seen))]
                     fut.set_result((out.node, out.hops))
             elif isinstance(out, LookupFailed):
                 fut = self._lookups.get(out.lookup_id)
@@ -1125,10 +1221,12 @@ class KeyAccess:
         self.node = node
         self.key = key
         self.target: NodeRef | None = None
+        self.holders: list[NodeRef] = []  # the target and its successors (reads ask them all)
 
     def forget(self, target: NodeRef | None) -> None:
         if target is not None and self.target == target:
             self.target = None
+            self.holders = []
 
     async def get(self) -> list[Entry]:
         """The live entries under the key (signatures checked here too), as ``Node.get``."""
@@ -1185,6 +1283,18 @@ def _entry_id(entry_id: object) -> bytes:
     if not isinstance(entry_id, bytes) or len(entry_id) > MAX_ENTRY_ID:
         raise OverlayError(f"entry_id must be bytes of at most {MAX_ENTRY_ID} (e.g. b'phone')")
     return entry_id
+
+
+def _take_fetch(read: QuorumRead, holder: int, task: asyncio.Future[Message]) -> None:
+    """Feed one holder's fetch outcome into a quorum read."""
+    if task.cancelled() or task.exception() is not None:
+        read.fail(holder)
+        return
+    reply = task.result()
+    if reply.type != "ok":
+        read.fail(holder)
+        return
+    read.add(holder, [entry for entry, _ in reply.body.get("entries", [])])
 
 
 def _needs_member(msg: Message) -> bool:

@@ -1,0 +1,113 @@
+"""Reads that do not trust one node (sans-IO): a key's replica set answers, the reader decides.
+
+A ``get`` asks the key's holders (the responsible node and its first r-1 successors) in parallel for
+everything they keep under the key, tombstones included with their ``seq`` (replica fetches). Every entry
+is checked by the reader itself (signature, key), so a node can *hide* an entry or serve an *older* one,
+but never forge one. :class:`QuorumRead` collects the answers:
+
+* it is decided as soon as the responsible node and one other holder report the same view (the same
+  ``seq`` in every entry slot, removals included): on a healthy ring this is the first two answers, so a
+  read costs one round trip to the nearest two holders, no more than a single-node read;
+* otherwise (they disagree, or the responsible node does not answer) the adapter waits for the others
+  until its deadline and takes :meth:`QuorumRead.result`: per entry slot the newest valid ``seq`` any
+  holder returned. A newer removal beats an older entry, so a stale replica cannot bring a removed
+  binding back, and one honest holder is enough to outvote a node that hides or replays;
+* :meth:`QuorumRead.behind` says which holders lack what the result holds (read repair: the adapter
+  pushes those records to them in the background), :meth:`QuorumRead.disagreeing` who answered
+  something else (counted per node: ``status`` shows it).
+
+The asyncio ``Node`` and the simulator both drive this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from overlay.storage import Entry
+
+Slot = tuple[int, bytes]
+View = dict[bytes, Entry]  # entry_id -> newest valid record this holder returned
+
+
+class QuorumRead:
+    """One read of ``key`` from ``holders`` (NodeIds, the responsible node first)."""
+
+    def __init__(self, key: int, holders: list[int], verify: Callable[[Entry], bool]) -> None:
+        if not holders:
+            raise ValueError("a read needs at least one holder")
+        self.key = key
+        self.holders = list(dict.fromkeys(holders))
+        self._verify = verify
+        self.answers: dict[int, View] = {}
+        self.failed: set[int] = set()
+        self.invalid: dict[int, int] = {}  # holder -> records that failed the reader's checks
+
+    def add(self, holder: int, records: Iterable[Entry]) -> None:
+        """``holder`` answered with these records (live entries and tombstones)."""
+        view: View = {}
+        for entry in records:
+            if entry.key != self.key or not self._verify(entry):
+                self.invalid[holder] = self.invalid.get(holder, 0) + 1
+                continue
+            have = view.get(entry.entry_id)
+            if have is None or entry.seq > have.seq:
+                view[entry.entry_id] = entry
+        self.answers[holder] = view
+
+    def fail(self, holder: int) -> None:
+        """``holder`` did not answer (timeout, error)."""
+        self.failed.add(holder)
+
+    @property
+    def complete(self) -> bool:
+        return all(h in self.answers or h in self.failed for h in self.holders)
+
+    @property
+    def decided(self) -> bool:
+        """The responsible node and one more agree, or every holder has answered or failed."""
+        primary = self.holders[0]
+        mine = self.answers.get(primary)
+        if mine is not None and len(self.holders) == 1:
+            return True
+        if mine is not None:
+            seqs = _seqs(mine)
+            if any(h != primary and _seqs(v) == seqs for h, v in self.answers.items()):
+                return True
+        return self.complete
+
+    def merged(self) -> View:
+        """Per entry slot, the newest valid record any holder returned."""
+        out: View = {}
+        for view in self.answers.values():
+            for eid, entry in view.items():
+                have = out.get(eid)
+                if have is None or entry.seq > have.seq:
+                    out[eid] = entry
+        return out
+
+    def result(self) -> list[Entry]:
+        """The live entries (removals left out), ordered by entry_id."""
+        return [e for eid, e in sorted(self.merged().items()) if not e.is_removal]
+
+    def behind(self) -> dict[int, list[Entry]]:
+        """Holders that answered but lack a record of the result (or hold an older one): what to push."""
+        best = self.merged()
+        out: dict[int, list[Entry]] = {}
+        for holder, view in self.answers.items():
+            missing = [e for eid, e in best.items() if (have := view.get(eid)) is None or have.seq < e.seq]
+            if missing:
+                out[holder] = missing
+        return out
+
+    def disagreeing(self) -> list[int]:
+        """Holders whose answer differs from the result (hid, served older, or sent invalid records)."""
+        best = _seqs(self.merged())
+        return [h for h, view in self.answers.items() if _seqs(view) != best or h in self.invalid]
+
+    @property
+    def answered(self) -> bool:
+        return bool(self.answers)
+
+
+def _seqs(view: View) -> dict[bytes, int]:
+    return {eid: e.seq for eid, e in view.items()}

@@ -1,0 +1,123 @@
+"""Reads that do not trust one node, on real sockets: a ring of 5 where the node responsible for a key lies.
+
+The liar is a real node whose storage core answers fetches its own way (hides the entry, replays an older
+signed version, or keeps serving a binding after its removal): ``get`` from another node still returns
+the truth, counts the liar in ``disagreements``, and a replica that really missed a write is repaired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from overlay_support import started_ring
+
+from overlay.chord import ChordConfig
+from overlay.ids import key_for
+from overlay.node import Node, NodeConfig
+from overlay.storage import Entry
+
+OVERLAY = "liars"
+R = 3
+CFG = NodeConfig(
+    chord=ChordConfig(
+        successors=R, stabilize_interval=0.25, fix_fingers_interval=0.5, check_predecessor_interval=0.25
+    ),
+    rpc_timeout=0.3,
+    op_timeout=10.0,
+    repair_interval=60.0,
+)
+
+
+def lie(node: Node, answer: Callable[[int], list[Entry]] | None, *, drop_stores: bool = False) -> None:
+    """Make ``node`` answer fetches with ``answer(key)`` (None: honestly again) and, with
+    ``drop_stores``, acknowledge replica stores without keeping them."""
+    storage = node.storage
+    real = type(storage).handle_request
+
+    def handle(token: Any, mtype: str, body: dict[str, Any], now: float, **kw: Any) -> None:
+        if mtype == "fetch" and answer is not None:
+            storage._answer(token, "ok", {"entries": [(e, 60_000) for e in answer(body["key"])]})
+            return
+        if mtype == "store" and drop_stores and body.get("replica"):
+            storage._answer(token, "ok", {"stored": 1})
+            return
+        real(storage, token, mtype, body, now, **kw)
+
+    storage.handle_request = handle  # type: ignore[method-assign]
+
+
+async def _ring_ready(nodes: list[Node]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20.0
+    while not all(n.core is not None and len(n.core.predecessors) >= R for n in nodes):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+
+
+def _holders(nodes: list[Node], name: str) -> list[Node]:
+    key = key_for(name)
+    primary = next(n for n in nodes if n.core is not None and n.core.is_responsible(key))
+    order = sorted(nodes, key=lambda n: (n.node_id - primary.node_id) % (1 << 128))
+    return order[:R]
+
+
+@pytest.mark.asyncio
+async def test_reads_outvote_a_lying_responsible_node() -> None:
+    async with started_ring(5, overlay_name=OVERLAY, config=CFG) as nodes:
+        await _ring_ready(nodes)
+        name = "sip:alice@liars.example"
+        primary, second, third = _holders(nodes, name)
+        reader = next(n for n in nodes if n not in (primary, second, third))
+        await reader.put(name, b"old", entry_id=b"phone")
+        old = (await reader.get(name))[0]
+        await reader.put(name, b"new", entry_id=b"phone")
+        assert [e.value for e in await reader.get(name)] == [b"new"]
+
+        lie(primary, lambda key: [])  # hides
+        assert [e.value for e in await reader.get(name)] == [b"new"]
+        lie(primary, lambda key: [old])  # replays the older signed entry
+        assert [e.value for e in await reader.get(name)] == [b"new"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while reader.disagreements.get(primary.node_id, 0) < 2:
+            assert loop.time() < deadline, reader.disagreements
+            await asyncio.sleep(0.05)
+        assert set(reader.disagreements) == {primary.node_id}
+        assert reader.stats()["disagreements"][f"{primary.node_id:032x}"[:8]] >= 2
+
+        # After a removal, a node that still serves the binding cannot bring it back: the others return
+        # the signed removal (a tombstone) with a newer seq. (Two of three holders lying together, the
+        # responsible node among them, would win: docs/security.md says so.)
+        await reader.remove(name, entry_id=b"phone")
+        lie(primary, lambda key: [old])
+        assert await reader.get(name) == []
+
+
+@pytest.mark.asyncio
+async def test_a_replica_that_missed_a_write_is_repaired_by_a_read() -> None:
+    async with started_ring(5, overlay_name=OVERLAY, config=CFG) as nodes:
+        await _ring_ready(nodes)
+        name = "sip:bob@liars.example"
+        primary, second, third = _holders(nodes, name)
+        reader = next(n for n in nodes if n not in (primary, second, third))
+        lie(third, None, drop_stores=True)  # acknowledges the replica store, keeps nothing
+        await reader.put(name, b"contact", entry_id=b"phone")
+        key = key_for(name)
+        assert not third.store.slot_records(key, _now())
+        lie(third, None)  # honest again, but behind
+        assert [e.value for e in await reader.get(name)] == [b"contact"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while not third.store.slot_records(key, _now()):
+            assert loop.time() < deadline, "the read did not repair the replica"
+            await asyncio.sleep(0.05)
+        assert reader.stats()["read_repairs"] >= 1
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
