@@ -71,7 +71,17 @@ def main() -> None:
         default=1000,
         help="N of the proximity on/off comparison after warm-up (0 to skip)",
     )
+    parser.add_argument(
+        "--adversarial-n",
+        type=int,
+        default=1000,
+        help="N of the adversarial runs (f = 0, 10 %%, 20 %% of nodes drop, hide, replay or misroute; 0 to skip)",
+    )
+    parser.add_argument("--adversarial-only", action="store_true", help="print only the adversarial table")
     args = parser.parse_args()
+    if args.adversarial_only:
+        adversarial_table(args.adversarial_n, args.seed)
+        return
 
     print(
         f"# overlay simulation — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
@@ -155,6 +165,37 @@ def main() -> None:
             f"{churn.correct} correct; {churn.abandoned} abandoned by a departing origin; "
             f"fetches found {churn.fetch_found}/{churn.fetch_checks}; entries lost {churn.entries_lost}"
             f"/{churn.entries}; failures {churn.failures or 'none'}"
+        )
+    if args.adversarial_n:
+        adversarial_table(args.adversarial_n, args.seed)
+
+
+def adversarial_table(n: int, seed: int) -> None:
+    """Lookup success and stale reads vs the fraction f of adversarial nodes (issue 15)."""
+    print()
+    print(
+        f"# adversaries, N = {n:,}: a fraction f of the nodes, in equal parts: drop (answer maintenance, drop"
+        " lookups and fetches), hide (fetches answered empty), replay (an older signed version), misroute"
+        " (claim every key, hide). 1,000 entries; a read = one fetch from the node the lookup found, and a"
+        " quorum read of its replica set (r = 3) as Node.get does."
+    )
+    print(
+        "| f | adversaries | lookups | finished | on the true owner | stale reads, one node "
+        "| stale reads, replica set | wall s |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for f in (0.0, 0.1, 0.2):
+        rep = simulate(
+            SimConfig(n=n, seed=seed, duration=90.0, lookup_rate=40.0, lookup_stop=10.0, entries=1000,
+                      adversaries=f, quorum_reads=True)
+        )  # fmt: skip
+        single = rep.single_stale / max(1, rep.single_reads)
+        quorum = rep.quorum_stale / max(1, rep.quorum_reads)
+        print(
+            f"| {100 * f:.0f} % | {rep.adversaries} | {rep.lookups:,} | {100 * rep.success_rate:.2f} % "
+            f"| {100 * rep.correct_rate:.2f} % | {100 * single:.2f} % ({rep.single_stale}/{rep.single_reads}) "
+            f"| {100 * quorum:.2f} % ({rep.quorum_stale}/{rep.quorum_reads}) | {rep.wall_s:.1f} |",
+            flush=True,
         )
 
 

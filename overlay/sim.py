@@ -51,7 +51,14 @@ from overlay.chord import (
     SendRequest,
 )
 
-_REQ, _REP, _TIMER, _LOOKUP, _DEPART, _ARRIVE, _SREQ, _STIMER, _JOIN_RETRY, _SREP, _SFAIL, _CLIENT = range(12)
+_REQ, _REP, _TIMER, _LOOKUP, _DEPART, _ARRIVE, _SREQ, _STIMER, _JOIN_RETRY, _SREP, _SFAIL, _CLIENT, _QEND = (
+    range(13)
+)
+
+#: What an adversarial node does (SimConfig.adversaries): "drop" answers maintenance but drops lookups
+#: and fetches; "hide" answers every fetch with nothing; "replay" answers fetches with an older signed
+#: version of the entry; "misroute" claims to be responsible for every key it is asked about (and hides).
+ADVERSARY_KINDS = ("drop", "hide", "replay", "misroute")
 
 
 def sim_sign(public_key: bytes) -> Callable[[bytes], bytes]:
@@ -84,6 +91,10 @@ class SimConfig:
     build: str = "seeded"  # "seeded": install a stable ring; "joins": nodes join one by one
     join_interval: float = 0.5  # "joins" build: seconds between two joins
     warmup: float = 0.0  # no lookups before this time (let a "joins" ring settle)
+    adversaries: float = 0.0  # fraction of the nodes that misbehave (seeded build), kinds in turn
+    adversary_kinds: tuple[str, ...] = ADVERSARY_KINDS
+    quorum_reads: bool = False  # each fetch check also reads the replica set (overlay.reads.QuorumRead)
+    read_deadline: float = 2.0  # a quorum read takes what answered by then
 
 
 @dataclass(slots=True)
@@ -114,6 +125,12 @@ class SimReport:
     node_seconds: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)  # LookupFailed reasons
     wrong: int = 0  # lookups that finished on a node that was not the true owner
+    adversaries: int = 0
+    # Reads of a stored entry: stale = the current version missing or an older one returned.
+    single_reads: int = 0  # one fetch from the node the lookup found (the old way)
+    single_stale: int = 0
+    quorum_reads: int = 0  # the replica set asked, overlay.reads decides
+    quorum_stale: int = 0
     abandoned: int = 0  # lookups whose origin left or crashed before the end (not counted in lookups)
 
     @property
@@ -191,6 +208,7 @@ class _Node:
     born: float = 0.0
     storage: Any = None  # overlay.storage_core.StorageCore when the run stores entries
     storage_timer_at: float | None = None
+    adversary: str | None = None  # one of ADVERSARY_KINDS
 
 
 class Simulator:
@@ -223,6 +241,9 @@ class Simulator:
         self._client_seq = 0
         self._entries_by_key: dict[int, Any] = {}
         self._entry_slots: list[tuple[int, bytes]] = []
+        self._old_by_key: dict[int, Any] = {}  # an older signed version of each entry (what replayers serve)
+        self._reads: dict[int, tuple[Any, int]] = {}  # quorum read id -> (QuorumRead, key)
+        self._single: dict[int, int] = {}  # client fetch id -> key (single reads, judged on answer)
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -336,6 +357,17 @@ class Simulator:
     def _deliver_request(self, dst: _Node, src: _Node, req: SendRequest) -> None:
         if not dst.alive:
             return
+        if dst.adversary is not None and req.type == "find_successor":
+            if dst.adversary == "drop":
+                return
+            if dst.adversary == "misroute":
+                # "It is me", for every key: a lie the querier can only catch by what else it knows.
+                lie = Reply(
+                    "ok", {"done": True, "node": dst.ref, "nodes": list(dst.core.successors), "more": []}
+                )
+                self.report.messages += 1
+                self._push(self.now + self._latency(dst, src), _REP, (src, dst.ref.id, req.request_id, lie))
+                return
         reply = dst.core.handle_request(src.ref, req.type, req.body, self.now)
         self._drain(dst)
         if reply is None:
@@ -410,7 +442,11 @@ class Simulator:
                 rep.wrong += 1
         if kind == "fetch":
             rep.fetch_checks += 1
+            if self.config.quorum_reads:
+                self._single[self._client_seq + 1] = key
             self._client_request(node, out.node, "fetch", {"key": key})
+            if self.config.quorum_reads:
+                self._start_read(node, out, key)
 
     def _on_joined(self, node: _Node) -> None:
         if node.member or not node.alive:
@@ -458,6 +494,26 @@ class Simulator:
 
     def _storage_answer(self, node: _Node, answer: Any) -> None:
         token = answer.token
+        if token[0] == "qread":
+            pending = self._reads.get(token[1])
+            if pending is not None:
+                read, _key = pending
+                if answer.type == "ok":
+                    read.add(token[2], [e for e, _ms in answer.body.get("entries", [])])
+                else:
+                    read.fail(token[2])
+                if read.decided:
+                    self._end_read(token[1])
+            return
+        if token[0] == "client" and token[1] in self._single:
+            key = self._single.pop(token[1])
+            self._client_ops.pop(token[1], None)
+            self.report.single_reads += 1
+            got = [e for e, _ms in answer.body.get("entries", [])] if answer.type == "ok" else []
+            self.report.single_stale += int(not self._fresh(key, got))
+            if answer.type == "ok" and answer.body.get("entries"):
+                self.report.fetch_found += 1
+            return
         if token[0] == "client":
             kind = self._client_ops.pop(token[1], None)
             if kind == "fetch" and answer.type == "ok" and answer.body.get("entries"):
@@ -481,6 +537,8 @@ class Simulator:
             self._push(self.now + send.timeout, _SFAIL, (src, send.request_id))
             return
         token = ("node", src.ref.id, send.request_id, send.timeout)
+        if self._lie(dst, token, send.type, send.body):
+            return
         dst.storage.handle_request(token, send.type, send.body, self.now, member=True)
         self._drain_storage(dst)
 
@@ -494,6 +552,63 @@ class Simulator:
         self._client_ops[self._client_seq] = mtype
         payload = (dst, ("client", self._client_seq), mtype, body)
         self._push(self.now + self._latency(origin, dst), _CLIENT, payload)
+
+    # ---- adversaries and quorum reads ----------------------------------------------------------------
+
+    def _lie(self, dst: _Node, token: Any, mtype: str, body: dict[str, Any]) -> bool:
+        """An adversary's answer to a storage request, in place of its storage core's; False: honest."""
+        if dst.adversary is None or mtype != "fetch":
+            return False
+        from overlay.storage_core import Answer
+
+        if dst.adversary == "drop":
+            if token[0] == "node":  # a node's own Send: its timeout fires
+                self._push(self.now + token[3], _SFAIL, (self._by_id[token[1]], token[2]))
+            return True
+        entries: list[Any] = []
+        old = self._old_by_key.get(body["key"])
+        if dst.adversary == "replay" and old is not None:
+            entries = [(old, 60_000)]
+        self._storage_answer(dst, Answer(token, "ok", {"entries": entries}))
+        return True
+
+    def _fresh(self, key: int, got: list[Any]) -> bool:
+        """Whether a read returned the current version of the entry stored under ``key``."""
+        current = self._entries_by_key.get(key)
+        return current is None or any(e.slot == current.slot and e.seq >= current.seq for e in got)
+
+    def _start_read(self, origin: _Node, out: LookupDone, key: int) -> None:
+        from overlay.reads import QuorumRead
+
+        holders = [out.node, *(n for n in out.successors if n.id != out.node.id)][
+            : self.config.chord.successors
+        ]
+        cache = self._cache
+        read = QuorumRead(
+            key, [h.id for h in holders], lambda e: cache.verify(e.owner, e.signature, e.signed_bytes())
+        )
+        self._client_seq += 1
+        read_id = self._client_seq
+        self._reads[read_id] = (read, key)
+        for holder in holders:
+            dst = self._nodes.get(holder.ep)
+            self.report.storage_messages += 1
+            if dst is None or self._lost():
+                read.fail(holder.id)
+                continue
+            payload = (dst, ("qread", read_id, holder.id), "fetch", {"key": key, "replica": True})
+            self._push(self.now + self._latency(origin, dst), _CLIENT, payload)
+        self._push(self.now + self.config.read_deadline, _QEND, read_id)
+        if read.decided:
+            self._end_read(read_id)
+
+    def _end_read(self, read_id: int) -> None:
+        pending = self._reads.pop(read_id, None)
+        if pending is None:
+            return
+        read, key = pending
+        self.report.quorum_reads += 1
+        self.report.quorum_stale += int(not self._fresh(key, read.result()))
 
     def _depart(self, node: _Node) -> None:
         if not node.alive:
@@ -578,8 +693,9 @@ class Simulator:
         lifetime = int(self.config.duration * 4) + 3600
         for i in range(self.config.entries):
             key = ids.key_for(f"sip:user{i}@sim.example")
-            entry = Entry.create(self._user, key, b"c0", b"sip:contact@192.0.2.1", 1, lifetime)
+            entry = Entry.create(self._user, key, b"c0", b"sip:contact@192.0.2.1", 2, lifetime)
             self._entries[entry.slot] = entry
+            self._old_by_key[key] = Entry.create(self._user, key, b"c0", b"sip:old@192.0.2.9", 1, lifetime)
         self._entry_slots = list(self._entries)
         self._entries_by_key = {entry.key: entry for entry in self._entries.values()}
 
@@ -619,6 +735,10 @@ class Simulator:
                 self._push(cfg.join_interval * (k + 1), _JOIN_RETRY, node)
         else:
             self._seed_ring(nodes)
+            count = round(cfg.adversaries * len(nodes))
+            for i, node in enumerate(self.rng.sample(nodes, count)):
+                node.adversary = cfg.adversary_kinds[i % len(cfg.adversary_kinds)]
+            self.report.adversaries = count
             if cfg.entries:
                 self._place_entries()
         for node in nodes:
@@ -659,7 +779,9 @@ class Simulator:
                     self._drain_storage(origin)
             elif kind == _CLIENT:
                 dst, token, mtype, body = payload
-                if dst.alive:
+                if dst.alive and self._lie(dst, token, mtype, body):
+                    pass
+                elif dst.alive:
                     dst.storage.handle_request(token, mtype, body, self.now, member=True)
                     self._drain_storage(dst)
                 else:
@@ -672,6 +794,8 @@ class Simulator:
                     self._drain_storage(node)
             elif kind == _JOIN_RETRY:
                 self._join(payload)
+            elif kind == _QEND:
+                self._end_read(payload)
         self.now = cfg.duration
         for node in self._by_id.values():
             if node.alive:

@@ -94,3 +94,31 @@ def test_bad_configuration_is_refused_clearly() -> None:
         Simulator(SimConfig(loss=1.5))
     with pytest.raises(ValueError, match="median_session"):
         Simulator(SimConfig(median_session=0))
+
+
+def test_quorum_reads_outvote_liars() -> None:
+    """A tenth of the nodes hide entries or replay older signed versions: a read from the single node
+    a lookup finds is often stale, a read of the replica set (overlay.reads) almost never."""
+    from overlay.sim import SimConfig as Cfg
+
+    report = simulate(
+        Cfg(n=100, seed=5, duration=60.0, lookup_rate=20.0, lookup_stop=10.0, entries=200,
+            adversaries=0.1, adversary_kinds=("hide", "replay"), quorum_reads=True)
+    )  # fmt: skip
+    assert report.adversaries == 10
+    assert report.quorum_reads > 200 and report.single_reads == report.quorum_reads
+    assert report.single_stale >= 10
+    assert report.quorum_stale * 4 <= report.single_stale
+
+
+def test_lookups_route_around_misrouting_nodes() -> None:
+    """Nodes that claim every key: lookups still end at the true owner in most cases (the claim is
+    checked against closer nodes the querier knows)."""
+    from overlay.sim import SimConfig as Cfg
+
+    report = simulate(
+        Cfg(n=100, seed=5, duration=60.0, lookup_rate=20.0, lookup_stop=10.0, adversaries=0.1,
+            adversary_kinds=("misroute",))
+    )  # fmt: skip
+    assert report.success_rate == 1.0
+    assert report.correct_rate >= 0.95
