@@ -53,6 +53,7 @@ from p2psip.location import (
 )
 from p2psip.message import Request, Response
 from p2psip.ownership import Claim, FailureThrottle, flow_of, may_register, owns
+from p2psip.presenceagent import AgentTransaction, PresenceAgent, is_presence
 from p2psip.probe import DeadAddress, unless_refused
 from p2psip.proxy import Proxy, RoutedTarget
 from p2psip.ratelimit import TokenBuckets
@@ -257,6 +258,14 @@ class PeerCore(Proxy):
         if transaction is not None and request.method == "REGISTER":
             self.spawn(self.peer.handle_register(request, transaction, source))
             return
+        if transaction is not None and is_presence(request):
+            agent = self.peer.presence
+            if agent.in_dialog(request):
+                agent.refresh(request, transaction)
+                return
+            if request.to.tag is None:
+                self.spawn(self._presence(request, transaction, source))
+                return
         if request.get("Route") is not None:
             self._pass_own_flow_routes(request, source)
         if (
@@ -283,6 +292,35 @@ class PeerCore(Proxy):
             self.stack.respond(transaction, Response.for_error(request, refused))
             return
         super().on_request(request, transaction, source)
+
+    async def _presence(self, request: Request, transaction: ServerTransaction, source: Source) -> None:
+        """A SUBSCRIBE or PUBLISH for an AOR's presence: served here when this peer is the AOR's agent
+        (its primary home peer), else forwarded to that peer (:mod:`p2psip.presenceagent`)."""
+        peer = self.peer
+        decision = decide(request.uri, routes=peer._routes(), local_addresses=peer._local_addresses())
+        if not isinstance(decision, OverlayLookup):
+            super().on_request(request, transaction, source)  # not an overlay AOR: proxied as usual
+            return
+        agent = peer.presence
+        try:
+            bindings = await peer.lookup_bindings(decision.aor)
+        except (OverlayError, TimeoutError) as exc:
+            self._reject(transaction, request, SIPStatusError(503, detail=f"overlay lookup failed: {exc}"))
+            return
+        home = agent.primary_home(bindings)
+        if home is None:
+            if request.method == "SUBSCRIBE":
+                await agent.subscribe(decision.aor, request, transaction, source)
+            else:
+                await agent.publish(decision.aor, request, transaction, source)
+            return
+        try:
+            self.check(request)
+        except SIPStatusError as error:
+            self._reject(transaction, request, error)
+            return
+        peer.counters["routed_to_home"] += 1
+        self.forward(request, transaction, source, [RoutedTarget(request.uri, (home,))])
 
     def _reject(self, transaction: ServerTransaction, request: Request, error: SIPStatusError) -> None:
         if error.status == 404 and isinstance(transaction.source, Source):
@@ -375,6 +413,9 @@ class PeerCore(Proxy):
     def on_response(
         self, response: Response, transaction: ClientTransaction | None, source: Source | None
     ) -> None:
+        if transaction is not None and isinstance(transaction.context, AgentTransaction):
+            self.peer.presence.on_response(response, transaction)
+            return
         if response.status >= 200 and response.cseq.method == "INVITE":
             call = self.calls.get(response.call_id)
             if call is not None:
@@ -478,6 +519,8 @@ class Peer:
         self.key_users: list[Callable[[str], bool]] = []
         """Predicates "this AOR's user key still serves something" (e.g. stored offline messages): the
         sweep keeps a key any of them claims."""
+        self.presence = PresenceAgent(stack, self.lookup_bindings, self._vouched)
+        """The presence agent of the AORs whose primary home this peer is (p2psip/presenceagent.py)."""
         self.core = PeerCore(self, stack, verbose=config.verbose)
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -613,6 +656,7 @@ class Peer:
         if self.web is not None:
             await self.web.close()
         self.core.cancel_tasks()
+        self.presence.close()
         if self._flow_task is not None:
             self._flow_task.cancel()
         if self._sweeper is not None:
@@ -1248,6 +1292,30 @@ class Peer:
             # every binding lives there: that peer need not look the AOR up again (its own records do)
             hop.params[SOLE_HOME] = None
         return f"<{hop}>"
+
+    async def _vouched(self, request: Request, source: Source) -> bool:
+        """Whether this peer vouches for a request's From: it came from a device registered here for that
+        AOR (over the flow of one of its bindings, or from a binding's contact address when the phone is
+        reached directly). A From from anywhere else proves nothing (signed assertions between peers are
+        not built yet)."""
+        try:
+            claimed = request.from_.uri.aor()
+        except (ParseError, ValueError):
+            return False
+        flow = self.flows.get(source.transport, source.host, source.port)
+        if flow is not None and any(aor == claimed for aor, _entry in flow.bindings):
+            return True
+        try:
+            bindings = await self.lookup_bindings(claimed)
+        except (OverlayError, TimeoutError):
+            return False
+        for b in bindings:
+            with contextlib.suppress(ParseError):
+                contact = URI(b.contact)
+                here = (contact.host, contact.port or 5060) == (source.host, source.port)
+                if here and self.is_home_of([b]):
+                    return True
+        return False
 
     def is_home_of(self, bindings: Iterable[Binding]) -> bool:
         """Whether this peer is the home peer (the first Path hop) of one of ``bindings``."""

@@ -1,9 +1,10 @@
 """What a presence agent tells a watcher, sans-IO: the composed document of an AOR and who may see it.
 
 * :func:`compose` makes one PIDF document for an AOR from what the agent knows: every registered device
-  (a binding) is an ``open`` tuple (registered = reachable, RFC 3856 §6.6's simplest composition), and
-  every document a device PUBLISHed (RFC 3903) adds its tuples, notes and activities. Any open tuple makes
-  the whole AOR open (:attr:`p2psip.pidf.Presence.basic`).
+  (a binding) is an ``open`` tuple (registered = reachable), unless that device PUBLISHed a document of
+  its own, which then speaks for it (a phone set to "offline" is closed although registered); every
+  published document adds its tuples, notes and activities. Any open tuple makes the whole AOR open
+  (:attr:`p2psip.pidf.Presence.basic`).
 * :class:`WatcherPolicy` decides a SUBSCRIBE: a From header proves nothing, so a watcher counts as who it
   says only when ``vouched`` (its own home peer asserted it). An identified watcher is allowed when the
   presentity has no allow list or lists it; everyone else is *politely blocked*: the subscription is

@@ -3,7 +3,8 @@
 An :class:`EventStateCompositor` holds, per address of record, the documents devices PUBLISHed, each under
 an entity tag (``SIP-ETag``) with an expiry. :meth:`EventStateCompositor.publish` decides a PUBLISH:
 
-* initial (no ``SIP-If-Match``): a body is required (400 without); it is stored under a new entity tag;
+* initial (no ``SIP-If-Match``): a body is required (400 without); it is stored under a new entity tag,
+  replacing what the same device (the same source address) published before;
 * refresh (``SIP-If-Match``, no body): the same document lives on, under a new entity tag;
 * modify (``SIP-If-Match`` and a body): the document is replaced, new entity tag;
 * remove (``SIP-If-Match`` and ``Expires: 0``): gone;
@@ -36,6 +37,8 @@ class Published:
     body: bytes
     content_type: str
     expires_at: float
+    source: str = ""
+    """Where the PUBLISH came from (``host:port``): which registered device published it."""
 
 
 @dataclass
@@ -80,8 +83,8 @@ class EventStateCompositor:
         """The live published documents of ``aor``, oldest first."""
         return [p for p in self.state.get(aor, {}).values() if p.expires_at > now]
 
-    def publish(self, aor: str, request: Request, now: float) -> PublishResult | Reject:
-        """Decide a PUBLISH for ``aor`` (the canonical AOR of its Request-URI)."""
+    def publish(self, aor: str, request: Request, now: float, source: str = "") -> PublishResult | Reject:
+        """Decide a PUBLISH for ``aor`` (the canonical AOR of its Request-URI) that came from ``source``."""
         try:
             event = EventHeader.of(request)
             asked = request.expires
@@ -108,11 +111,16 @@ class EventStateCompositor:
         if match is None:
             if not body or expires == 0:
                 return Reject(400, "Bad Request (an initial PUBLISH needs a body and a lifetime)")
+            if source:
+                # one device, one state: a device that starts afresh (baresip 1.0 sends every status
+                # change as an initial PUBLISH) replaces what it published before
+                for tag in [tag for tag, p in table.items() if p.source == source]:
+                    del table[tag]
             live = [tag for tag, p in table.items() if p.expires_at > now]
             if len(live) >= self.max_per_aor:
                 return Reject(403, f"Forbidden (more than {self.max_per_aor} publications for one user)")
             etag = self._new_etag()
-            table[etag] = Published(etag, body, content_type, now + expires)
+            table[etag] = Published(etag, body, content_type, now + expires, source)
             return PublishResult(expires, etag, True, (("SIP-ETag", etag), ("Expires", str(expires))))
         old = table.get(match.strip())
         if old is None or old.expires_at <= now:
@@ -124,7 +132,9 @@ class EventStateCompositor:
             return PublishResult(0, None, True, (("Expires", "0"),))
         etag = self._new_etag()
         changed = bool(body) and body != old.body
-        table[etag] = Published(etag, body or old.body, content_type or old.content_type, now + expires)
+        table[etag] = Published(
+            etag, body or old.body, content_type or old.content_type, now + expires, source or old.source
+        )
         return PublishResult(expires, etag, changed, (("SIP-ETag", etag), ("Expires", str(expires))))
 
     @property

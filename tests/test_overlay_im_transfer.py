@@ -1,7 +1,7 @@
-"""Instant messages, transfer and SUBSCRIBE/NOTIFY between our UserAgents through a 3-peer overlay:
-MESSAGE forks to every registered device (also from ``p2psip message``), 404 when nobody is registered,
-408/480 when nobody answers; a blind and an attended transfer of a call placed through the overlay; a
-presence subscription whose NOTIFYs come back along the Record-Route."""
+"""Instant messages and transfer between our UserAgents through a 3-peer overlay: MESSAGE forks to every
+registered device (also from ``p2psip message``), 404 when nobody is registered, a failure when nobody
+answers; a blind and an attended transfer of a call placed through the overlay, also from
+``p2psip call --transfer-to``. (Presence through the overlay: tests/test_presence_agent.py.)"""
 
 from __future__ import annotations
 
@@ -17,11 +17,8 @@ from pathlib import Path
 import pytest
 from peer_interop.helpers import start_overlay, stop_overlay
 
-from p2psip import pidf
 from p2psip.peer import Peer
 from p2psip.stack import Stack
-from p2psip.subscription import SubscribePolicy, SubState
-from p2psip.uaevents import IncomingSubscription
 from p2psip.useragent import CallFailed, IncomingCall, UserAgent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,32 +140,6 @@ async def test_blind_and_attended_transfer_through_the_overlay(
     assert frag is not None and frag.status == 200
     assert carol_calls[-1].replaces is carol_calls[1]
     assert await to_carol.wait_ended(10) == "bye received"
-
-
-async def test_presence_subscription_through_the_overlay(
-    overlay: list[Peer], phones: dict[str, UserAgent]
-) -> None:
-    carol, alice = phones["carol"], phones["alice"]
-    watchers: list[IncomingSubscription] = []
-    carol.events.policy = SubscribePolicy(frozenset({"presence"}))
-
-    def on_subscribe(sub: IncomingSubscription) -> None:
-        watchers.append(sub)
-        doc = pidf.Presence("sip:carol@p2p.example", [pidf.PresenceTuple("t", "open")])
-        sub.accept(doc.compose(), pidf.CONTENT_TYPE)
-
-    carol.events.on_subscribe = on_subscribe
-    sub = await alice.subscribe("sip:carol@p2p.example", "presence")
-    first = await sub.next(10)
-    assert pidf.parse(first.body).basic == "open"
-    closed = pidf.Presence("sip:carol@p2p.example", [pidf.PresenceTuple("t", "closed")], ["away"])
-    response = await watchers[0].notify(closed.compose())
-    assert response is not None and response.status == 200
-    note = await sub.next(10)
-    assert pidf.parse(note.body).basic == "closed"
-    assert sub.active[0].dialog.route_set  # in-dialog requests go through the peers that record-routed
-    await sub.unsubscribe()
-    assert (await sub.next(10)).state.state is SubState.TERMINATED
 
 
 async def test_cli_call_transfer_to(overlay: list[Peer], phones: dict[str, UserAgent]) -> None:

@@ -155,3 +155,12 @@ def test_sealed_box_any_changed_byte_is_refused(message: bytes, data: st.DataObj
     box[index] ^= data.draw(st.integers(1, 255))
     with pytest.raises(SealedBoxError):
         open_box(bob, bytes(box))
+
+
+def test_a_device_publishing_afresh_replaces_its_state() -> None:
+    store = esc()
+    ok(store.publish(AOR, publish(doc("open")), 0.0, "192.0.2.1:5060"))
+    ok(store.publish(AOR, publish(doc("open")), 1.0, "192.0.2.2:5060"))
+    ok(store.publish(AOR, publish(doc("closed")), 2.0, "192.0.2.1:5060"))  # no SIP-If-Match (baresip)
+    bodies = sorted((p.source, p.body) for p in store.documents(AOR, 3.0))
+    assert bodies == [("192.0.2.1:5060", doc("closed")), ("192.0.2.2:5060", doc("open"))]

@@ -1,0 +1,157 @@
+"""The presence agent in the overlay (p2psip/presenceagent.py) with our UserAgents through 3 peers: the
+AOR's primary home peer serves SUBSCRIBE and PUBLISH for it wherever they enter; the document is composed
+from registrations (registered = open) and PUBLISHed PIDF (entity tags); a NOTIFY goes out on every change
+(PUBLISH, unregister); a watcher its own home peer cannot vouch for is politely blocked (sees closed);
+when the AOR's primary home moves, the old agent ends its subscriptions with reason=deactivated and a new
+SUBSCRIBE reaches the new agent."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from peer_interop.helpers import start_overlay, stop_overlay
+
+from p2psip import pidf
+from p2psip.peer import Peer
+from p2psip.stack import Stack
+from p2psip.subscription import SubState
+from p2psip.uaevents import Notification, OutgoingSubscription
+from p2psip.useragent import UserAgent
+
+BOB = "sip:bob@p2p.example"
+
+
+def via(peer: Peer) -> str:
+    host, port = peer.sip_address()
+    return f"{host}:{port}"
+
+
+@pytest.fixture
+async def overlay(tmp_path: Path) -> AsyncIterator[list[Peer]]:
+    peers = await start_overlay(3, tmp_path, settle_timeout=30)
+    for peer in peers:
+        peer.presence.poll = 0.3
+    try:
+        yield peers
+    finally:
+        await stop_overlay(peers)
+
+
+@pytest.fixture
+async def make_ua() -> AsyncIterator[object]:
+    made: list[UserAgent] = []
+
+    async def make(aor: str, peer: Peer) -> UserAgent:
+        stack = await Stack.start(["udp:127.0.0.1:0"])
+        ua = UserAgent(stack, aor, outbound=via(peer))
+        made.append(ua)
+        return ua
+
+    yield make
+    for ua in made:
+        await ua.close()
+        await ua.stack.close()
+
+
+async def basic_of(sub: OutgoingSubscription, timeout: float = 10) -> tuple[str, pidf.Presence, Notification]:
+    note = await sub.next(timeout)
+    doc = pidf.parse(note.body)
+    return doc.basic, doc, note
+
+
+async def test_agent_serves_composes_notifies_and_blocks(overlay: list[Peer], make_ua) -> None:  # type: ignore[no-untyped-def]
+    bob = await make_ua(BOB, overlay[1])
+    alice = await make_ua("sip:alice@p2p.example", overlay[1])
+    carol = await make_ua("sip:carol@p2p.example", overlay[2])
+    for ua, peer in ((bob, overlay[1]), (alice, overlay[1]), (carol, overlay[2])):
+        assert (await ua.register(f"sip:{via(peer)}", expires=300, refresh=False)).status == 200
+
+    # alice registered at bob's home peer: it vouches for her; she sees bob open, with his contact
+    sub = await alice.subscribe(BOB, "presence", body_check=lambda r: None)
+    basic, doc, note = await basic_of(sub)
+    assert basic == "open" and doc.tuples[0].contact is not None and "bob@" in doc.tuples[0].contact
+    assert note.state.state is SubState.ACTIVE
+
+    # carol, registered elsewhere, cannot be vouched for by bob's home peer: politely blocked
+    blocked = await carol.subscribe(BOB, "presence", body_check=lambda r: None)
+    basic, doc, _ = await basic_of(blocked)
+    assert basic == "closed" and doc.tuples[0].contact is None and overlay[1].presence.stats["blocked"] == 1
+
+    # bob PUBLISHes (through his own peer: the agent): a note and an activity; alice gets them
+    async def publish(doc: pidf.Presence | None, etag: str | None = None, expires: int = 600) -> str:
+        headers = [("Event", "presence"), ("Expires", str(expires))]
+        if etag is not None:
+            headers.append(("SIP-If-Match", etag))
+        body = doc.compose() if doc is not None else b""
+        response = await bob.request(
+            "PUBLISH", BOB, body=body, content_type=pidf.CONTENT_TYPE, headers=headers
+        )
+        assert response.status == 200, response
+        return response.get("SIP-ETag") or ""
+
+    etag = await publish(pidf.Presence(BOB, [pidf.PresenceTuple("desk", "open")], ["at my desk"], ["busy"]))
+    basic, doc, _ = await basic_of(sub)
+    assert basic == "open" and doc.notes == ["at my desk"] and doc.activities == ["busy"]
+    assert len(doc.tuples) == 1  # his published document speaks for his registered device
+
+    # he sets himself offline (a modify under the entity tag): closed, although still registered
+    etag = await publish(pidf.Presence(BOB, [pidf.PresenceTuple("desk", "closed")], ["gone home"]), etag)
+    basic, doc, _ = await basic_of(sub)
+    assert basic == "closed" and doc.notes == ["gone home"], doc
+    refused = await bob.request(
+        "PUBLISH", BOB, headers=[("Event", "presence"), ("SIP-If-Match", "nosuchtag"), ("Expires", "600")]
+    )
+    assert refused.status == 412
+
+    # the publication removed: his registration speaks again (open); then he unregisters: closed
+    await publish(None, etag, expires=0)
+    basic, _, _ = await basic_of(sub)
+    assert basic == "open"
+    await bob.unregister()
+    basic, doc, _ = await basic_of(sub)
+    assert basic == "closed" and doc.tuples[0].contact is None
+    await sub.unsubscribe()
+    last = await sub.next(10)
+    assert last.state.state is SubState.TERMINATED
+    await blocked.unsubscribe()
+
+
+async def test_subscribe_entering_elsewhere_and_agent_moving(
+    overlay: list[Peer],
+    make_ua,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    for peer in overlay:
+        peer.presence.trust_from = True  # watchers at any peer count as who they say (lab setting)
+    desk = await make_ua(BOB, overlay[1])
+    alice = await make_ua("sip:alice@p2p.example", overlay[0])
+    assert (await desk.register(f"sip:{via(overlay[1])}", expires=300, refresh=False)).status == 200
+    # alice's SUBSCRIBE enters at peer 0 and is forwarded to bob's agent, peer 1
+    sub = await alice.subscribe(BOB, "presence", body_check=lambda r: None)
+    basic, _, _ = await basic_of(sub)
+    assert basic == "open" and overlay[1].presence.watches and not overlay[0].presence.watches
+
+    # bob's desk leaves and his mobile registers at peer 2: peer 1 is no longer his agent
+    target = overlay[2].users.path_for(BOB)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(overlay[1].users.path_for(BOB), target)
+    mobile = await make_ua(BOB, overlay[2])
+    await desk.unregister()
+    assert (await mobile.register(f"sip:{via(overlay[2])}", expires=300, refresh=False)).status == 200
+
+    async def ended() -> Notification:
+        while True:
+            note = await sub.next(10)
+            if note.state.state is SubState.TERMINATED:
+                return note
+
+    note = await asyncio.wait_for(ended(), 15)
+    assert note.state.reason == "deactivated" and note.state.may_resubscribe
+    again = await alice.subscribe(BOB, "presence", body_check=lambda r: None)
+    basic, _, _ = await basic_of(again)
+    assert basic == "open" and overlay[2].presence.watches
+    await again.unsubscribe()
