@@ -129,6 +129,9 @@ class NodeConfig:
     # Policy: seconds this node keeps any entry at most, whatever lifetime it was signed with (longer ones
     # are kept, for this long). A day: SIP bindings live hours; a week-long entry is refreshed by its owner.
     lifetime_cap: float | None = DEFAULT_LIFETIME_CAP
+    # Reads ask the key's replica set and outvote a lying or stale holder (overlay.reads); False: the
+    # responsible node alone (the old way, for comparison benchmarks). ``Node.quorum_reads`` can flip it.
+    quorum_reads: bool = True
     # Per-source request limits by kind (LIMIT_KINDS); a kind left out is unlimited. Rate.parse reads
     # "200/s:400" (rate, burst) or "off". limit_sources bounds the table of sources (LRU).
     limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
@@ -225,6 +228,7 @@ class Node:
         self._holders_seen: dict[int, tuple[NodeRef, ...]] = {}
         # NodeId -> reads where that holder's answer lost to the others (hid or served an older entry)
         self.disagreements: dict[int, int] = {}
+        self.quorum_reads = config.quorum_reads
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats: dict[str, int] = {}
         self.hop_histogram: dict[int, int] = {}
@@ -472,6 +476,10 @@ class Node:
     async def _read(self, ring_key: int, at: KeyAccess) -> list[Entry]:
         """Ask the key's holders (responsible node + r-1 successors) in parallel; see overlay.reads."""
         self._core()
+        if not self.quorum_reads:
+            reply = await self._primary_call(ring_key, "fetch", {"key": ring_key}, at)
+            found = [e for e, _ in reply.body.get("entries", []) if e.key == ring_key and not e.is_removal]
+            return [e for e in found if self._entry_valid(e)]
         deadline = self._loop.time() + self.config.op_timeout
         last = "no attempt"
         attempt = 0

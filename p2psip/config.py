@@ -32,6 +32,12 @@ The file format (all keys optional)::
     max_connections_per_source = 32
     message_timeout = 20.0     # seconds a message (or WebSocket handshake) may take to arrive
 
+    [overlay_limits]           # requests per source on the overlay port (a ring member by NodeId,
+    store = "100/s:500"        # anyone else by address:port); the defaults shown; "off" for no limit
+    lookup = "300/s:1000"
+    join = "20/s:40"
+    other = "200/s:400"
+
     [routes]
     "pstn.example" = "192.0.2.10:5060"
 
@@ -146,6 +152,9 @@ class PeerConfig:
     max_connections: int = 2048
     max_connections_per_source: int = 32
     message_timeout: float = 20.0
+    overlay_limits: dict[str, Rate] = field(default_factory=dict)
+    """Per-source request limits on the overlay port by kind (OVERLAY_LIMIT_KINDS); unset kinds keep the
+    overlay's defaults (overlay.node.DEFAULT_LIMITS)."""
 
     def route_for(self, host: str) -> HostPort | None:
         """The static next hop for a request-URI host, if one is configured (case-insensitive)."""
@@ -224,8 +233,12 @@ _FILE_KEYS = frozenset(
         "max_connections",
         "max_connections_per_source",
         "message_timeout",
+        "overlay_limits",
     ]
 )
+# The kinds of overlay request limits (overlay.node.LIMIT_KINDS; the layering rule keeps this module
+# from importing overlay, a test checks the two agree).
+OVERLAY_LIMIT_KINDS = ("store", "lookup", "join", "other")
 
 
 def _typed(value: Any, kind: type | tuple[type, ...], key: str, hint: str) -> Any:
@@ -356,6 +369,23 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             if not header.isprintable() or len(header) > 200:
                 raise ConfigError("config: server_header must be printable text of at most 200 characters")
             config.server_header = header
+        elif key == "overlay_limits":
+            pairs: list[tuple[str, object]] = []
+            if isinstance(value, list):  # from --overlay-limit KIND=RATE flags
+                for text in value:
+                    kind, _, rate = str(text).partition("=")
+                    pairs.append((kind.strip(), rate.strip()))
+            else:
+                pairs = list(_typed(value, dict, key, 'a table like store = "100/s:500"').items())
+            for kind, text in pairs:
+                if kind not in OVERLAY_LIMIT_KINDS:
+                    kinds = ", ".join(OVERLAY_LIMIT_KINDS)
+                    raise ConfigError(f"config: overlay_limits: unknown kind {kind!r} (use {kinds})")
+                rate_text = _typed(text, str, f"overlay_limits.{kind}", 'a rate like "100/s:500" or "off"')
+                try:
+                    config.overlay_limits[kind] = Rate.parse(rate_text)
+                except ValueError as exc:
+                    raise ConfigError(f"config: overlay_limits.{kind}: {exc}") from None
         elif key in ("new_aors_per_source", "new_aors_total", "scan_rate"):
             try:
                 setattr(config, key, Rate.parse(_typed(value, str, key, 'a rate like "30/min:30" or "off"')))

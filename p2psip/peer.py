@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -554,7 +555,7 @@ class Peer:
             data_dir=data_dir,
             overlay_name=config.overlay_name,
             replicas=config.replicas,
-            config=node_config,
+            config=_with_limits(node_config, config),
             advertise=config.advertise.as_tuple() if config.advertise else None,
         )
         try:
@@ -1631,3 +1632,11 @@ async def run_foreground(
                 await cleanup()
         await peer.close(leave=True)
     return 0
+
+
+def _with_limits(node_config: NodeConfig | None, config: PeerConfig) -> NodeConfig | None:
+    """The overlay node's config with the peer's ``overlay_limits`` applied over the node's defaults."""
+    if not config.overlay_limits:
+        return node_config
+    base = node_config or NodeConfig()
+    return dataclasses.replace(base, limits={**base.limits, **config.overlay_limits})

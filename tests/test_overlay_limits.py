@@ -12,6 +12,7 @@ bounded by the limit's burst plus its rate times the flood's duration.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -242,3 +243,34 @@ async def _settled(nodes: list[Node]) -> None:
 
 def _responsible(node: Node, name: str) -> bool:
     return node.core is not None and node.core.is_responsible(key_for(name))
+
+
+def test_limits_from_the_config_file_and_flags(tmp_path: Path) -> None:
+    from overlay.node import LIMIT_KINDS
+    from p2psip.config import OVERLAY_LIMIT_KINDS, load_config
+    from p2psip.errors import ConfigError
+    from p2psip.peer import _with_limits
+    from p2psip.ratelimit import UNLIMITED, Rate
+
+    assert OVERLAY_LIMIT_KINDS == LIMIT_KINDS
+    toml = tmp_path / "peer.toml"
+    toml.write_text('[overlay_limits]\nstore = "10/s:20"\nlookup = "off"\n')
+    config = load_config(toml, {"overlay_limits": ["join=1/s:2"]})
+    assert config.overlay_limits == {"store": Rate(10.0, 20.0), "lookup": UNLIMITED, "join": Rate(1.0, 2.0)}
+    node_config = _with_limits(None, config)
+    assert node_config is not None
+    assert node_config.limits == {**DEFAULT_LIMITS, **config.overlay_limits}
+    for bad in (["nope=1/s"], ["store=fast"], ["store"]):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {"overlay_limits": bad})
+        assert "overlay_limits" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_start_with_a_bad_overlay_limit_exits_2_with_one_line(tmp_path: Path) -> None:
+    args = ["start", "--overlay-limit", "store=lots", "--data-dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2psip.cli", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "overlay_limits.store" in proc.stderr

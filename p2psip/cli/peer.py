@@ -24,6 +24,7 @@ def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
         "script": args.script,
         "scripts": args.scripts,
         "routes": args.route,
+        "overlay_limits": args.overlay_limit,
         "dns": True if args.dns else None,
         "verbose": True if args.verbose else None,
         "tls_cert": args.tls_cert,
@@ -234,6 +235,13 @@ def add_commands(sub: Any) -> None:
         action="append",
         metavar="DOMAIN=HOST:PORT",
         help="static next hop for a domain (repeatable)",
+    )
+    start.add_argument(
+        "--overlay-limit",
+        action="append",
+        metavar="KIND=RATE",
+        help="per-source limit on the overlay port: KIND store, lookup, join or other; RATE like 100/s:500"
+        " (rate:burst) or off (repeatable)",
     )
     start.add_argument("--dns", action="store_true", help="resolve non-overlay domains with DNS")
     start.add_argument("-v", "--verbose", action="store_true", help="print a SIP trace")
