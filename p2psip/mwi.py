@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from p2psip.errors import ParseError
+from p2psip.message import text_body
 
 __all__ = ["CONTENT_TYPE", "EVENT", "Summary", "compose", "parse"]
 
@@ -48,12 +49,7 @@ def compose(summary: Summary) -> bytes:
 
 
 def parse(data: bytes) -> Summary:
-    if len(data) > MAX_BYTES:
-        raise ParseError(f"message summary of {len(data)} bytes is over {MAX_BYTES}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ParseError("message summary is not UTF-8") from None
+    text = text_body(data, "message summary", MAX_BYTES)
     summary: Summary | None = None
     for raw in text.replace("\r\n", "\n").split("\n"):
         line = raw.strip()

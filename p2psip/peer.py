@@ -334,10 +334,9 @@ class PeerCore(Proxy):
         """§16.4, noting first whether the request came to us as its AOR's sole home peer (``SOLE_HOME``)."""
         top = request.get("Route")
         if top is not None and SOLE_HOME in top:
-            with contextlib.suppress(ParseError):
-                uri = Address(top).uri
-                if SOLE_HOME in uri.params and self.own_route(uri):
-                    self.peer.mark_sole_home(request)
+            uri = self.local_top_route(request)
+            if uri is not None and SOLE_HOME in uri.params and self.own_route(uri):
+                self.peer.mark_sole_home(request)
         super().preprocess_routes(request)
 
     def own_route(self, uri: URI) -> bool:
@@ -351,16 +350,7 @@ class PeerCore(Proxy):
         from any other side it means "deliver over that flow" and stays for :meth:`_next_hop`
         (RFC 5626 §5.3)."""
         flows = self.peer.flows
-        while True:
-            top = request.get("Route")
-            if top is None:
-                return
-            try:
-                uri = Address(top).uri
-            except ParseError:
-                return
-            if not self.stack.is_local(uri.host, uri.port):
-                return
+        while (uri := self.local_top_route(request)) is not None:
             if uri.user is not None:
                 flow = flows.by_token(uri.user)
                 if flow is None or flow.key != (source.transport, source.host, source.port):
@@ -374,16 +364,7 @@ class PeerCore(Proxy):
         which may be us); one with a flow token sends the request over that flow, and a flow we no longer
         hold raises FlowFailed (430)."""
         token: str | None = None
-        while True:
-            top = fwd.get("Route")
-            if top is None:
-                break
-            try:
-                uri = Address(top).uri
-            except ParseError:
-                break
-            if not self.stack.is_local(uri.host, uri.port):
-                break
+        while (uri := self.local_top_route(fwd)) is not None:
             fwd.remove_first("Route")
             token = token or uri.user
         if token is not None:

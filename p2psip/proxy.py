@@ -317,17 +317,20 @@ class Proxy:
                 request.set("Route", routes[:-1])
             else:
                 request.remove("Route")
-        while True:
-            top = request.get("Route")
-            if top is None:
-                break
-            try:
-                top_uri = Address(top).uri
-            except ParseError:
-                break
-            if not self.own_route(top_uri):
-                break
+        while (top := self.local_top_route(request)) is not None and self.own_route(top):
             request.remove_first("Route")
+
+    def local_top_route(self, request: Request) -> URI | None:
+        """The URI of the top Route when it names this element; None when there is no Route, it cannot be
+        read, or it names someone else."""
+        top = request.get("Route")
+        if top is None:
+            return None
+        try:
+            uri = Address(top).uri
+        except ParseError:
+            return None
+        return uri if self.stack.is_local(uri.host, uri.port) else None
 
     def own_route(self, uri: URI) -> bool:
         """Whether a Route URI names this proxy, to be removed in §16.4 pre-processing (a peer keeps

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from p2psip.errors import ParseError
+from p2psip.message import text_body
 
 __all__ = ["CONTENT_TYPE", "FragStatus", "clean_text", "compose", "parse_status"]
 
@@ -48,12 +49,7 @@ def clean_text(text: str) -> str:
 
 def parse_status(data: bytes) -> FragStatus:
     """The status line (and header lines, up to a blank line) of a sipfrag that starts with one."""
-    if len(data) > MAX_BYTES:
-        raise ParseError(f"sipfrag body of {len(data)} bytes is over {MAX_BYTES}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ParseError("sipfrag body is not UTF-8") from None
+    text = text_body(data, "sipfrag body", MAX_BYTES)
     lines = text.replace("\r\n", "\n").split("\n")
     first = lines[0].strip(" \t")
     version, _, rest = first.partition(" ")

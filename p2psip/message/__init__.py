@@ -25,7 +25,7 @@ from __future__ import annotations
 from p2psip.message.authheaders import format_auth, parse_auth
 from p2psip.message.framing import StreamFramer
 from p2psip.message.ids import REASONS, new_branch, new_call_id, new_tag
-from p2psip.message.limits import Limits
+from p2psip.message.limits import Limits, text_body
 from p2psip.message.model import Message, Request, Response
 from p2psip.message.names import canonical_name, split_list
 from p2psip.message.parser import answerable_head, parse
@@ -49,4 +49,5 @@ __all__ = [
     "parse",
     "parse_auth",
     "split_list",
+    "text_body",
 ]

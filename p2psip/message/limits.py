@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from p2psip.errors import ParseError
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -22,3 +24,14 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 _NO_LIMITS = Limits(max_size=1 << 62, max_headers=1 << 62, max_line=1 << 62)
+
+
+def text_body(data: bytes, what: str, max_bytes: int) -> str:
+    """A small text body (sipfrag, message summary...) as text: refused with :class:`ParseError` (a 400)
+    when it is over ``max_bytes`` or not UTF-8, before anything reads it."""
+    if len(data) > max_bytes:
+        raise ParseError(f"{what} of {len(data)} bytes is over {max_bytes}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParseError(f"{what} is not UTF-8") from None
