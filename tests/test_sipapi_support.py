@@ -113,6 +113,7 @@ class ScriptProcess:
         )
         self.lines: list[str] = []
         self.errors: list[str] = []
+        self.ready_line: str | None = None
         self._ready = threading.Event()
         threading.Thread(target=self._read_out, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
@@ -122,8 +123,9 @@ class ScriptProcess:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
             if line.startswith(("sipapi: listening on", "b2bua ready")):
+                self.ready_line = line.rstrip("\n")
                 self._ready.set()
-        self._ready.set()
+        self._ready.set()  # stdout closed: the script ended (wait_ready reports it with its output)
 
     def _read_err(self) -> None:
         assert self.proc.stderr is not None
@@ -131,10 +133,10 @@ class ScriptProcess:
             self.errors.append(line.rstrip("\n"))
 
     def wait_ready(self, timeout: float = 20.0) -> str:
-        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+        if not self._ready.wait(timeout) or self.ready_line is None or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError(f"script did not start:\n{self.output()}")
-        return self.lines[-1]
+        return self.ready_line
 
     def output(self) -> str:
         return "\n".join([*self.lines, "--- stderr", *self.errors])
