@@ -180,6 +180,8 @@ async def test_a_dead_via_is_reported_at_once_by_call_and_register() -> None:
             "(connection refused: no peer or SIP server runs there)"
         ), err
         assert time.monotonic() - began < 10  # not the 20 s timeout (the interpreter's start-up aside)
+        code, out, err = await run_cli(*command, "--json")
+        assert code == 1 and json.loads(out)["error"].startswith(f"nothing listens at 127.0.0.1:{port}"), out
 
 
 async def test_a_host_name_via_and_an_unwritable_record_are_usage_errors(tmp_path: Path) -> None:

@@ -70,7 +70,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
             raise ConfigError("--timeout must be more than 0 seconds")
     except P2PSIPError as exc:
         return fail(str(exc), 2)
-    result = run_one(_register(args, via), via, args.timeout)
+    base = {"aor": args.uri, "via": via_text(via)}
+    result = run_one(_register(args, via), via, args.timeout, base if args.json else None)
     if result is None:
         return 1
     if args.json:

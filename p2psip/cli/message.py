@@ -37,7 +37,8 @@ def _cmd_message(args: argparse.Namespace) -> int:
             raise ConfigError("message: the text is empty")
     except P2PSIPError as exc:
         return fail(str(exc), 2)
-    result = run_one(_message(args, via), via, args.timeout)
+    base = {"uri": args.uri, "via": via_text(via)}
+    result = run_one(_message(args, via), via, args.timeout, base if args.json else None)
     if result is None:
         return 1
     if args.json:

@@ -4,6 +4,7 @@ a UDP stack of its own, bound to the local address the kernel uses toward the pe
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -91,15 +92,24 @@ async def final_response(request: Awaitable[Response], via: tuple[str, int]) -> 
         return failed.response
 
 
-def run_one(work: Coroutine[Any, Any, T], via: tuple[str, int], timeout: float) -> T | None:
+def run_one(
+    work: Coroutine[Any, Any, T],
+    via: tuple[str, int],
+    timeout: float,
+    json_doc: dict[str, Any] | None = None,
+) -> T | None:
     """``asyncio.run(work)``; a failure is printed as one line, in the words above, and gives None (the
-    command then exits 1)."""
+    command then exits 1). With ``json_doc`` (``--json``) that document is printed too, with the
+    ``error``: a script reading standard output always gets one JSON document."""
     try:
         return asyncio.run(work)
     except TimeoutError:
-        fail(no_answer(via, timeout), 1)
+        error = no_answer(via, timeout)
     except DeadAddress:
-        fail(nothing_listens(via), 1)
+        error = nothing_listens(via)
     except P2PSIPError as exc:
-        fail(str(exc), 1)
+        error = str(exc)
+    if json_doc is not None:
+        print(json.dumps({**json_doc, "error": error}, indent=2))
+    fail(error, 1)
     return None
