@@ -20,6 +20,7 @@ log line per event, and a graceful leave on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import ipaddress
@@ -36,7 +37,7 @@ from typing import Any
 
 from overlay import ids
 from overlay.errors import NotJoined, OverlayError, StoreRefused, WrongOverlay
-from overlay.identity import KeyPair
+from overlay.identity import KeyPair, node_id_of, verify
 from overlay.node import KeyAccess, Node, NodeConfig
 from p2psip import control
 from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
@@ -78,6 +79,23 @@ from p2psip.transport import TLSConfig
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
+
+VOUCH_HEADER = "P-P2PSIP-Vouch"
+"""The identity assertion a watcher's home peer adds to a presence SUBSCRIBE it forwards (Peer.vouch)."""
+VOUCH_WINDOW = 120.0
+"""Seconds an assertion stays valid (peers' clocks need not agree better than that)."""
+
+
+def _vouch_data(aor: str, call_id: str, from_tag: str, ts: int) -> bytes:
+    return f"p2psip-vouch|{aor}|{call_id}|{from_tag}|{ts}".encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 EventHandler = Callable[[str, str], None]
 """``on_event(kind, text)``: ``kind`` is a short word (joined, registered, unregistered, routed, failed,
@@ -320,6 +338,9 @@ class PeerCore(Proxy):
         except SIPStatusError as error:
             self._reject(transaction, request, error)
             return
+        request.remove(VOUCH_HEADER)  # only a peer asserts identities, never a phone
+        if request.method == "SUBSCRIBE" and await peer.vouches_here(request, source):
+            request.add(VOUCH_HEADER, peer.vouch(request))
         peer.counters["routed_to_home"] += 1
         self.forward(request, transaction, source, [RoutedTarget(request.uri, (home,))])
 
@@ -1275,11 +1296,10 @@ class Peer:
             hop.params[SOLE_HOME] = None
         return f"<{hop}>"
 
-    async def _vouched(self, request: Request, source: Source) -> bool:
+    async def vouches_here(self, request: Request, source: Source) -> bool:
         """Whether this peer vouches for a request's From: it came from a device registered here for that
         AOR (over the flow of one of its bindings, or from a binding's contact address when the phone is
-        reached directly). A From from anywhere else proves nothing (signed assertions between peers are
-        not built yet)."""
+        reached directly)."""
         try:
             claimed = request.from_.uri.aor()
         except (ParseError, ValueError):
@@ -1298,6 +1318,45 @@ class Peer:
                 if here and self.is_home_of([b]):
                     return True
         return False
+
+    def vouch(self, request: Request) -> str:
+        """An identity assertion for the request's From, signed with this peer's node key (the value of
+        ``P-P2PSIP-Vouch``): ``<aor>;ts=T;key=K;sig=S``, the signature over the AOR, Call-ID, From tag and
+        time, so it vouches for this one request (dialog) only."""
+        aor = request.from_.uri.aor()
+        ts = int(time.time())
+        identity = self.node.identity
+        sig = identity.sign(_vouch_data(aor, request.call_id, request.from_.tag or "", ts))
+        return f"<{aor}>;ts={ts};key={_b64(identity.public_key)};sig={_b64(sig)}"
+
+    async def _vouched(self, request: Request, source: Source) -> bool:
+        """Whether a presence watcher is who its From says: this peer vouches for it, or another peer of
+        the overlay did (a ``P-P2PSIP-Vouch`` for this From, fresh, signed by a key whose NodeId is a ring
+        member, which a lookup of that NodeId confirms)."""
+        if await self.vouches_here(request, source):
+            return True
+        value = request.get(VOUCH_HEADER)
+        if value is None:
+            return False
+        try:
+            address = Address(value)
+            aor = address.uri.aor()
+            ts = int(address.params.get("ts") or "")
+            key = _unb64(address.params.get("key") or "")
+            sig = _unb64(address.params.get("sig") or "")
+            claimed = request.from_.uri.aor()
+        except (ParseError, ValueError):
+            return False
+        if aor != claimed or abs(time.time() - ts) > VOUCH_WINDOW:
+            return False
+        if not verify(key, sig, _vouch_data(aor, request.call_id, request.from_.tag or "", ts)):
+            return False
+        node_id = node_id_of(key)
+        try:
+            member, _hops = await self.node.lookup(node_id)
+        except (OverlayError, TimeoutError):
+            return False
+        return member.id == node_id
 
     def is_home_of(self, bindings: Iterable[Binding]) -> bool:
         """Whether this peer is the home peer (the first Path hop) of one of ``bindings``."""

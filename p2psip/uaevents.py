@@ -393,8 +393,9 @@ class EventsAgent:
         body_check: BodyCheck | None = None,
         on_notify: Callable[[Notification], None] | None = None,
         timeout: float = 32.0,
+        headers: Iterable[tuple[str, str]] = (),
     ) -> OutgoingSubscription:
-        headers = [("Event", event), ("Expires", str(expires))]
+        headers = [("Event", event), ("Expires", str(expires)), *headers]
         if accept:
             headers.append(("Accept", accept))
         request = self.ua._new_request("SUBSCRIBE", uri, headers=headers, contact=True)

@@ -548,6 +548,7 @@ class UserAgent:
         body_check: Callable[[Request], None] | None = None,
         on_notify: Callable[[Notification], None] | None = None,
         timeout: float = 32.0,
+        headers: Iterable[tuple[str, str]] = (),
     ) -> OutgoingSubscription:
         """SUBSCRIBE to ``event`` (``presence``, ``message-summary``...) of ``uri`` (RFC 6665) and return
         once it is answered; NOTIFYs arrive on ``sub.next()`` and ``on_notify``. ``expires=0`` fetches the
@@ -561,6 +562,7 @@ class UserAgent:
             body_check=body_check,
             on_notify=on_notify,
             timeout=timeout,
+            headers=headers,
         )
 
     async def options(self, uri: str | URI, *, timeout: float = 32.0) -> Response:

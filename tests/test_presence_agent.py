@@ -1,7 +1,8 @@
 """The presence agent in the overlay (p2psip/presenceagent.py) with our UserAgents through 3 peers: the
 AOR's primary home peer serves SUBSCRIBE and PUBLISH for it wherever they enter; the document is composed
 from registrations (registered = open) and PUBLISHed PIDF (entity tags); a NOTIFY goes out on every change
-(PUBLISH, unregister); a watcher its own home peer cannot vouch for is politely blocked (sees closed);
+(PUBLISH, unregister); a watcher registered at another peer is vouched for by that peer's signed
+assertion, one registered nowhere (with a forged assertion) is politely blocked (sees closed);
 when the AOR's primary home moves, the old agent ends its subscriptions with reason=deactivated and a new
 SUBSCRIBE reaches the new agent."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -76,8 +78,18 @@ async def test_agent_serves_composes_notifies_and_blocks(overlay: list[Peer], ma
     assert basic == "open" and doc.tuples[0].contact is not None and "bob@" in doc.tuples[0].contact
     assert note.state.state is SubState.ACTIVE
 
-    # carol, registered elsewhere, cannot be vouched for by bob's home peer: politely blocked
-    blocked = await carol.subscribe(BOB, "presence", body_check=lambda r: None)
+    # carol is registered at another peer: hers vouches for her (a signed assertion the agent checks)
+    vouched = await carol.subscribe(BOB, "presence", body_check=lambda r: None)
+    basic, _, _ = await basic_of(vouched)
+    assert basic == "open" and overlay[1].presence.stats["blocked"] == 0
+    await vouched.unsubscribe()
+
+    # dave is registered nowhere, and forges an assertion: his peer drops it; politely blocked
+    dave = await make_ua("sip:dave@p2p.example", overlay[2])
+    forged = f"<sip:dave@p2p.example>;ts={int(time.time())};key=AAAA;sig=AAAA"
+    blocked = await dave.subscribe(
+        BOB, "presence", body_check=lambda r: None, headers=[("P-P2PSIP-Vouch", forged)]
+    )
     basic, doc, _ = await basic_of(blocked)
     assert basic == "closed" and doc.tuples[0].contact is None and overlay[1].presence.stats["blocked"] == 1
 

@@ -5,9 +5,9 @@ watches baresip and sees its `/presence_offline` and `/presence_online` (baresip
 peer, the agent); one baresip watches the other across two peers; instant messages both ways; and a call
 from our UA to one baresip transferred (REFER) to the other.
 
-The phones are registered at other peers than the AORs they watch, and identity assertions between peers
-are not built yet, so the agents take the watchers' From as their identity here (``trust_from``, a lab
-setting); by default such a watcher would be politely blocked (see tests/test_presence_agent.py)."""
+The phones are registered at other peers than the AORs they watch: each watcher's SUBSCRIBE enters its
+own home peer, which vouches for it with a signed assertion the agent checks (else it would be politely
+blocked and see Offline)."""
 
 from __future__ import annotations
 
@@ -116,7 +116,6 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[list[Peer], UserAgent]]:
     require_tool("baresip")
     peers = await start_overlay(3, tmp_path)
     for peer in peers:
-        peer.presence.trust_from = True
         peer.presence.poll = 0.5
     stack = await Stack.start(["udp:127.0.0.1:0"])
     host, port = peers[2].sip_address()
