@@ -194,15 +194,18 @@ async def _demo(peer_count: int, keep: bool = False) -> int:
             # 4. the call
             via_name = name[alice_peer.node.node_id]
             print(f"\n4. alice calls {bob_aor} through {via_name}; the SIP ladder:")
-            ladder = _Ladder(["alice", via_name, "bob"])
-            ladder.where[alice.stack.local_address("udp")] = 0
-            ladder.where[tuple(alice_peer.sip_address())] = 1  # type: ignore[index]
-            ladder.where[bob.stack.local_address("udp")] = 2
-            traces = [
-                SipTrace(alice.stack, ladder.sink_for(0)),
-                SipTrace(alice_peer.stack, ladder.sink_for(1)),
-                SipTrace(bob.stack, ladder.sink_for(2)),
-            ]
+            # bob's home peer (the one that took his REGISTER) relays the call to him: its own column
+            columns = [("alice", alice.stack), (via_name, alice_peer.stack)]
+            if bob_peer is not alice_peer:
+                columns.append((name[bob_peer.node.node_id], bob_peer.stack))
+            columns.append(("bob", bob.stack))
+            ladder = _Ladder([label for label, _ in columns])
+            traces = []
+            for column, (_, stack) in enumerate(columns):
+                for transport in ("udp", "tcp"):
+                    for address in stack.transport.listening.get(transport, []):
+                        ladder.where[tuple(address)] = column  # type: ignore[index]
+                traces.append(SipTrace(stack, ladder.sink_for(column)))
             t0 = time.perf_counter()
             failure = ""
             bye_status = None
