@@ -1491,6 +1491,10 @@ class Peer:
             "flows": self.flows.snapshot(asyncio.get_running_loop().time()),
             "counters": counters,
             "hop_histogram": node_stats.get("hops", {}),
+            # per neighbour: reads its answer lost (hid or served an older entry), wrong routing answers
+            "disagreements": node_stats.get("disagreements", {}),
+            "misroutes": node_stats.get("misroutes", {}),
+            "overlay_limits": node_stats.get("limits", {}),
             "registrations": self._home_registrations(),
             "calls": [{"call_id": cid, **call} for cid, call in sorted(self.core.calls.items())],
         }

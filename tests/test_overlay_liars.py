@@ -121,3 +121,17 @@ def _now() -> float:
     import time
 
     return time.time()
+
+
+def test_status_shows_the_neighbours_that_disagreed(capsys: pytest.CaptureFixture[str]) -> None:
+    from p2psip.cli.peer import _print_status
+
+    status = {
+        "node_id": "ab" * 16, "predecessor": None, "successors": [], "fingers": [], "stored": [],
+        "disagreements": {"1234abcd": 3}, "misroutes": {"99990000": 2},
+        "overlay_limits": {"store": {"rate": "100/s:500", "refused": 7, "allowed": 1}},
+    }  # fmt: skip
+    _print_status(status)
+    out = capsys.readouterr().out
+    assert "1234abcd  3" in out and "99990000  0               2" in out
+    assert "store  100/s:500  7" in out

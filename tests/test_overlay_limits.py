@@ -1,11 +1,10 @@
 """Per-source limits on the overlay port, on real sockets: a flood from one source costs that source only.
 
 A ring of 4 nodes on loopback; a separate process floods node A with valid, signed ``store`` (replica)
-and ``find_successor`` requests from one UDP port, 10-15x over the default limits, for a bounded
-time. Meanwhile
-ring members read keys A is responsible for, and a second stranger on another port of the same host
-(127.0.0.1) asks A for lookups at a modest rate. Their success rate and latency are compared with the same
-operations before the flood; the flooder's requests are refused and counted, and what it got through is
+and ``find_successor`` requests from one UDP port, 10-15x over the default limits, for a bounded time.
+Meanwhile ring members read keys A is responsible for, and a second stranger on another port of the same
+host (127.0.0.1) asks A for lookups at a modest rate. Their success rate and latency are compared with the
+same operations before the flood; the flooder's requests are refused and counted, and what it got through is
 bounded by the limit's burst plus its rate times the flood's duration.
 """
 
@@ -253,10 +252,13 @@ def test_limits_from_the_config_file_and_flags(tmp_path: Path) -> None:
     from p2psip.ratelimit import UNLIMITED, Rate
 
     assert OVERLAY_LIMIT_KINDS == LIMIT_KINDS
+    # the example of docs/overlay.md, as written
+    doc = (ROOT / "docs" / "overlay.md").read_text()
+    example = doc.split("```toml\n[overlay_limits]\n", 1)[1].split("```", 1)[0]
     toml = tmp_path / "peer.toml"
-    toml.write_text('[overlay_limits]\nstore = "10/s:20"\nlookup = "off"\n')
+    toml.write_text("[overlay_limits]\n" + example)
     config = load_config(toml, {"overlay_limits": ["join=1/s:2"]})
-    assert config.overlay_limits == {"store": Rate(10.0, 20.0), "lookup": UNLIMITED, "join": Rate(1.0, 2.0)}
+    assert config.overlay_limits == {"store": Rate(100.0, 500.0), "lookup": UNLIMITED, "join": Rate(1.0, 2.0)}
     node_config = _with_limits(None, config)
     assert node_config is not None
     assert node_config.limits == {**DEFAULT_LIMITS, **config.overlay_limits}

@@ -124,6 +124,17 @@ def _print_status(status: dict[str, Any]) -> None:
             [(s["key"], s.get("name") or "", s["entries"], s.get("owner", "")) for s in stored[:20]],
             "    ",
         )
+    outvoted = status.get("disagreements", {})
+    misroutes = status.get("misroutes", {})
+    if outvoted or misroutes:
+        print("  neighbours that disagreed (reads they lost, wrong routing answers):")
+        rows = [(n, outvoted.get(n, 0), misroutes.get(n, 0)) for n in sorted(set(outvoted) | set(misroutes))]
+        print_table(["node", "reads outvoted", "misroutes"], rows, "    ")
+    limits = status.get("overlay_limits", {})
+    if any(v.get("refused") for v in limits.values()):
+        print("  overlay requests refused by the per-source limits:")
+        rows = [(k, v["rate"], v["refused"]) for k, v in limits.items()]
+        print_table(["kind", "rate", "refused"], rows, "    ")
     counters = status.get("counters", {})
     if counters:
         print("  counters:")
