@@ -18,6 +18,7 @@ Conventions:
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -39,6 +40,8 @@ __all__ = [
     "bracket",
     "format_hostport",
     "is_ip_literal",
+    "is_wildcard",
+    "names_local",
     "numeric_host",
     "parse_hostport",
     "parse_listen",
@@ -132,6 +135,31 @@ def same_host(a: str, b: str) -> bool:
 def is_wildcard(host: str) -> bool:
     """``0.0.0.0`` or ``::``: a bind address meaning every local address."""
     return host in _WILDCARDS
+
+
+def names_local(
+    host: str,
+    port: int | None,
+    listening: Mapping[str, Iterable[tuple[str, int]]],
+    *,
+    transport: str | None = None,
+    advertised: str | None = None,
+) -> bool:
+    """Whether ``host``:``port`` (a URI's or a Via's; no port = the transport's default) names one of the
+    ``listening`` addresses (transport -> bound (host, port)s; of ``transport`` only when given): the same
+    address, a wildcard bind, or the ``advertised`` address this element writes in its Vias."""
+    literal = numeric_host(host)
+    if literal is None:
+        return False
+    here = literal == advertised or is_wildcard(literal)
+    for name, addrs in listening.items():
+        if transport is not None and name != transport:
+            continue
+        wanted = port or DEFAULT_PORTS.get(name, 5060)
+        for lhost, lport in addrs:
+            if lport == wanted and (here or lhost == literal or is_wildcard(lhost)):
+                return True
+    return False
 
 
 # ------------------------------------------------------------------------------ HOST:PORT grammar

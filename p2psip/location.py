@@ -14,10 +14,10 @@ by value, and RFC 3261 equality is not transitive).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from p2psip.address import is_ip_literal, is_wildcard, same_host
+from p2psip.address import is_ip_literal
 from p2psip.errors import SIPStatusError
 from p2psip.registrar import Binding
 from p2psip.uri import URI
@@ -55,25 +55,15 @@ class NotRoutable(SIPStatusError):
 Decision = ForwardAsAddressed | StaticRoute | OverlayLookup
 
 
-def is_local(uri: URI, local_addresses: Iterable[tuple[str, int]]) -> bool:
-    """Does ``uri`` name one of this peer's own SIP addresses (default port 5060/5061)?"""
-    port = uri.port or (5061 if uri.secure else 5060)
-    for host, local_port in local_addresses:
-        if port == local_port and same_host(uri.host, host):
-            return True
-        if port == local_port and is_wildcard(host) and is_ip_literal(uri.host):
-            return True
-    return False
-
-
 def decide(
     uri: URI,
     *,
     routes: Mapping[str, tuple[str, int]] | None = None,
-    local_addresses: Iterable[tuple[str, int]] = (),
+    is_local: Callable[[str, int | None], bool] = lambda host, port: False,
 ) -> Decision:
     """Where a request for ``uri`` goes (DESIGN.md "The peer: how a call flows", step 4); raises
-    :class:`NotRoutable` with the answer when it goes nowhere."""
+    :class:`NotRoutable` with the answer when it goes nowhere. ``is_local(host, port)`` says whether an
+    address names this peer (:meth:`p2psip.stack.Stack.is_local`)."""
     routes = routes or {}
     if uri.scheme not in ("sip", "sips"):
         raise NotRoutable(416, detail=f"{uri.scheme}: URIs are not routed here")
@@ -86,9 +76,10 @@ def decide(
         # transport knows it by that name); never a name to look up in the overlay or in DNS.
         return ForwardAsAddressed(uri.host, uri.port)
     if is_ip_literal(host):
-        if uri.user and is_local(uri, local_addresses):
+        here = is_local(uri.host, uri.port)
+        if uri.user and here:
             return OverlayLookup(uri.aor())
-        if is_local(uri, local_addresses):
+        if here:
             raise NotRoutable(404, detail="the request-URI names this peer and no user")
         return ForwardAsAddressed(uri.host, uri.port)
     if not uri.user:

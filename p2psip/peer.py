@@ -316,7 +316,7 @@ class PeerCore(Proxy):
         """A SUBSCRIBE or PUBLISH for an AOR's presence: served here when this peer is the AOR's agent
         (its primary home peer), else forwarded to that peer (:mod:`p2psip.presenceagent`)."""
         peer = self.peer
-        decision = decide(request.uri, routes=peer._routes(), local_addresses=peer._local_addresses())
+        decision = decide(request.uri, routes=peer._routes(), is_local=peer.stack.is_local)
         if not isinstance(decision, OverlayLookup):
             super().on_request(request, transaction, source)  # not an overlay AOR: proxied as usual
             return
@@ -707,9 +707,6 @@ class Peer:
 
     def sip_addresses(self) -> list[str]:
         return self.stack.addresses()
-
-    def _local_addresses(self) -> list[tuple[str, int]]:
-        return [a for addrs in self.stack.transport.listening.values() for a in addrs]
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -1194,7 +1191,7 @@ class Peer:
         otherwise (the proxy awaits it for every method).
         """
         uri = request.uri
-        decision = decide(uri, routes=self._routes(), local_addresses=self._local_addresses())
+        decision = decide(uri, routes=self._routes(), is_local=self.stack.is_local)
         if isinstance(decision, ForwardAsAddressed):
             return [uri]
         if isinstance(decision, StaticRoute):

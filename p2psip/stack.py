@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from p2psip.address import DEFAULT_PORTS, RELIABLE, ListenSpec, Target, bracket, numeric_host
+from p2psip.address import RELIABLE, ListenSpec, Target, bracket, names_local
 from p2psip.errors import ParseError, TransactionError, TransportError
 from p2psip.message import Limits, Request, Response, Via, new_branch
 from p2psip.streamguard import StreamLimits
@@ -253,23 +253,8 @@ class Stack:
         return cached
 
     def _is_local(self, host: str, port: int | None, transport: str | None) -> bool:
-        literal = numeric_host(host)
-        if literal is None:
-            return False
-        advertised = literal == self.transport.advertise_host
-        for name, addrs in self.transport.listening.items():
-            if transport is not None and name != transport:
-                continue
-            default = DEFAULT_PORTS[name]
-            for lhost, lport in addrs:
-                if lport == (port or default) and (
-                    advertised
-                    or lhost == literal
-                    or lhost in ("0.0.0.0", "::")
-                    or literal in ("0.0.0.0", "::")
-                ):
-                    return True
-        return False
+        advertised = self.transport.advertise_host
+        return names_local(host, port, self.transport.listening, transport=transport, advertised=advertised)
 
     def sent_by(self, target: Target) -> tuple[str, int]:
         """The sent-by (host as written in a Via, port) for a request going to ``target``."""

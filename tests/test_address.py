@@ -16,6 +16,7 @@ from p2psip.address import (
     bracket,
     format_hostport,
     is_ip_literal,
+    names_local,
     numeric_host,
     parse_hostport,
     parse_target,
@@ -44,6 +45,17 @@ def test_bracket_and_format() -> None:
     assert format_hostport("10.0.0.1", 5) == "10.0.0.1:5"
     assert str(Target("udp", "::1", 5060)) == "udp:[::1]:5060"
     assert str(HostPort("::1", 7060)) == "[::1]:7060"
+
+
+def test_names_local() -> None:
+    listening = {"udp": [("127.0.0.1", 5060)], "tls": [("0.0.0.0", 5061)], "tcp": [("::1", 7000)]}
+    assert names_local("127.0.0.1", None, listening)  # no port: the default of the listener's transport
+    assert names_local("localhost", 5060, listening)
+    assert names_local("10.1.2.3", None, listening)  # the TLS listener is bound to every address
+    assert not names_local("10.1.2.3", None, listening, transport="udp")
+    assert names_local("[::1]", 7000, listening) and not names_local("::1", 7001, listening)
+    assert names_local("192.0.2.7", 5060, listening, advertised="192.0.2.7")  # the address in our Vias
+    assert not names_local("example.com", 5060, listening)  # a name: no DNS, never local
 
 
 def test_ip_literals() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from p2psip.address import names_local
 from p2psip.location import (
     ForwardAsAddressed,
     LocationCache,
@@ -169,22 +170,24 @@ def test_instance_id_is_the_entry_id() -> None:
 
 
 def test_decide_routes() -> None:
-    local = [("127.0.0.1", 5060)]
+    def local(host: str, port: int | None) -> bool:
+        return names_local(host, port, {"udp": [("127.0.0.1", 5060)]})
+
     routes = {"pstn.example": ("127.0.0.1", 5099)}
-    assert decide(URI("sip:bob@P2P.example"), routes=routes, local_addresses=local) == OverlayLookup(
+    assert decide(URI("sip:bob@P2P.example"), routes=routes, is_local=local) == OverlayLookup(
         "sip:bob@p2p.example"
     )
     assert decide(URI("sip:+1555@PSTN.example"), routes=routes) == StaticRoute(
         "pstn.example", "127.0.0.1", 5099
     )
-    assert decide(URI("sip:bob@127.0.0.1:5070"), local_addresses=local) == ForwardAsAddressed(
+    assert decide(URI("sip:bob@127.0.0.1:5070"), is_local=local) == ForwardAsAddressed(
         "127.0.0.1", 5070
     )
-    assert decide(URI("sip:bob@[::1]:5070"), local_addresses=local) == ForwardAsAddressed("[::1]", 5070)
+    assert decide(URI("sip:bob@[::1]:5070"), is_local=local) == ForwardAsAddressed("[::1]", 5070)
     # an IP literal naming this peer is an AOR in the overlay (softphones registered with the peer's address)
-    assert decide(URI("sip:bob@127.0.0.1"), local_addresses=local) == OverlayLookup("sip:bob@127.0.0.1")
+    assert decide(URI("sip:bob@127.0.0.1"), is_local=local) == OverlayLookup("sip:bob@127.0.0.1")
     with pytest.raises(NotRoutable) as here:
-        decide(URI("sip:127.0.0.1:5060"), local_addresses=local)
+        decide(URI("sip:127.0.0.1:5060"), is_local=local)
     assert here.value.status == 404
     with pytest.raises(NotRoutable) as tel:
         decide(URI("tel:+15551234"))  # no route: 416 Unsupported URI Scheme, whatever else is configured
