@@ -1,7 +1,8 @@
 """The voicemail example of docs/media.md (docs/examples/media_voicemail.py, sipapi's source-code API) runs
 as its own process: our UserAgent calls it, hears the greeting, speaks a 1 kHz tone, presses '#', and the
 voicemail hangs up and leaves a WAV file holding the tone. A second caller hangs up during the greeting
-and leaves no message."""
+and leaves no message. A phone subscribed to its message-summary (RFC 3842) hears "no messages", then
+"1 voice message" once a caller left one."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from queue import Empty, Queue
 import pytest
 from conftest import free_port
 
+from p2psip import mwi
 from p2psip.media import MemorySink, ToneSource, dominant_frequency
 from p2psip.media.sources import read_wav, write_wav
 from p2psip.stack import Stack
+from p2psip.subscription import SubState
 from p2psip.useragent import UserAgent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,3 +135,43 @@ def test_media_md_shows_the_example_verbatim() -> None:
     text = (ROOT / "docs" / "media.md").read_text()
     assert EXAMPLE.read_text().strip("\n") in text
     assert "(examples/media_voicemail.py)" in text
+
+
+def check_summary(request: object) -> None:
+    mwi.parse(request.body)  # type: ignore[attr-defined]
+
+
+async def test_the_voicemail_example_tells_subscribers_when_messages_wait(
+    voicemail: tuple[Voicemail, int, Path],
+) -> None:
+    box, port, _folder = voicemail
+    assert await box.line() == "voicemail ready"
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+    try:
+        phone = UserAgent(stacks[0], "sip:jones@127.0.0.1")
+        sub = await phone.subscribe(
+            f"sip:voicemail@127.0.0.1:{port}", mwi.EVENT, accept=mwi.CONTENT_TYPE, body_check=check_summary
+        )
+        first = await sub.next(10)
+        assert first.state.state is SubState.ACTIVE and not mwi.parse(first.body).waiting
+
+        caller = UserAgent(stacks[1], "sip:carol@127.0.0.1")
+        call = await caller.call(f"sip:voicemail@127.0.0.1:{port}", record=MemorySink(), timeout=30)
+        assert call.media is not None
+        session = call.media.session
+        await asyncio.wait_for(_until(lambda: session.stats.packets_received >= 40), 30)
+        await asyncio.wait_for(session.play(ToneSource(1000, duration=0.5)), 30)
+        await call.send_dtmf("#")
+        assert await call.wait_ended(30) == "bye received"
+        assert (await box.line()).startswith("message ")
+
+        note = await sub.next(10)
+        summary = mwi.parse(note.body)
+        assert summary.waiting and summary.counts["voice-message"] == (1, 0, 0, 0)
+        assert note.request.get("Content-Type") == mwi.CONTENT_TYPE
+        await sub.unsubscribe()
+        await caller.close()
+        await phone.close()
+    finally:
+        for stack in stacks:
+            await stack.close()

@@ -1,5 +1,6 @@
 """A voicemail with sipapi's source-code API: answer every call, play a greeting and a beep, then record
 what the caller says into a WAV file until the caller hangs up, presses a key, or the time limit passes.
+Phones that SUBSCRIBE to its message-summary learn when messages wait (MWI, RFC 3842).
 
 Usage: python media_voicemail.py LISTEN_PORT GREETING.wav MESSAGES_DIR
 """
@@ -9,9 +10,22 @@ import sys
 from itertools import count
 from pathlib import Path
 
+from p2psip import mwi
 from sipapi import Stack, ToneSource, UserAgent, WavSink
 
 numbers = count(1)
+messages = []  # the WAV files recorded so far
+watchers = []  # the phones subscribed to our message-summary
+
+
+def summary():
+    counts = {"voice-message": (len(messages), 0, 0, 0)}
+    return mwi.compose(mwi.Summary(bool(messages), None, counts))
+
+
+def on_subscribe(subscription):
+    subscription.accept(summary(), mwi.CONTENT_TYPE)  # 200, then a NOTIFY with the current summary
+    watchers.append(subscription)
 
 
 async def take_message(incoming, greeting, folder, limit=60.0):
@@ -31,11 +45,16 @@ async def take_message(incoming, greeting, folder, limit=60.0):
             await incoming.bye()  # a key or the time limit ends the message: we hang up
         await hung_up  # the call is over and its media closed: the WAV file is complete
         print("message", path, flush=True)
+        messages.append(path)
+        for subscription in [w for w in watchers if not w.ended.is_set()]:
+            await subscription.notify(summary(), mwi.CONTENT_TYPE)  # "Messages-Waiting: yes"
 
 
 async def main(port, greeting, folder):
     stack = await Stack.start([f"udp:127.0.0.1:{port}"])
-    box = UserAgent(stack, f"sip:voicemail@127.0.0.1:{port}")
+    box = UserAgent(
+        stack, f"sip:voicemail@127.0.0.1:{port}", events=["message-summary"], on_subscribe=on_subscribe
+    )
     print("voicemail ready", flush=True)
     calls = set()  # keep the tasks referenced while they run
     async for incoming in box.incoming_calls():
