@@ -41,6 +41,9 @@ The file format (all keys optional)::
     [routes]
     "pstn.example" = "192.0.2.10:5060"
 
+    [presence_allow]           # who may see a user's presence (identified watchers; "*": any of them)
+    "sip:alice@example.net" = ["sip:bob@example.net"]
+
     [users."sip:alice@example.net"]
     password = "secret"
     username = "alice"         # digest user name; default: the AOR's user part
@@ -113,6 +116,9 @@ class PeerConfig:
     script: Path | None = None
     scripts: Path | None = None
     routes: dict[str, HostPort] = field(default_factory=dict)
+    presence_allow: dict[str, list[str]] = field(default_factory=dict)
+    """Per presentity (canonical AOR): the watchers (canonical AORs, or ``"*"``) allowed to see its
+    presence; a presentity not named here lets every identified watcher see it (docs/presence.md)."""
     dns: bool = False
     verbose: bool = False
     replicas: int = 3
@@ -193,6 +199,20 @@ def _normalize_aor(text: str, what: str) -> str:
     return f"sip:{user}@{host.lower()}"
 
 
+def _aor(text: str, where: str) -> str:
+    """The canonical AOR of a config value, or a ConfigError naming where it was."""
+    from p2psip.errors import ParseError
+    from p2psip.uri import URI
+
+    try:
+        uri = URI(text)
+        if uri.scheme not in ("sip", "sips") or not uri.user:
+            raise ParseError("not sip:user@domain")
+        return uri.aor()
+    except ParseError as exc:
+        raise ConfigError(f"config: {where}: {text!r} is not an address of record ({exc})") from None
+
+
 # --- the TOML file ---------------------------------------------------------------------------------------
 
 _FILE_KEYS = frozenset(
@@ -205,6 +225,7 @@ _FILE_KEYS = frozenset(
         "script",
         "scripts",
         "routes",
+        "presence_allow",
         "dns",
         "verbose",
         "replicas",
@@ -258,9 +279,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
     if raw.startswith(b"\xef\xbb\xbf"):
-        raise ConfigError(
-            f"config: {path} starts with a byte order mark (BOM); save it as UTF-8 without BOM"
-        )
+        raise ConfigError(f"config: {path} starts with a byte order mark (BOM); save it as UTF-8 without BOM")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -333,7 +352,9 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             for item in items:
                 origin = _typed(item, str, key, "a list of origins like https://phone.example")
                 if origin != "*" and "://" not in origin:
-                    raise ConfigError(f"config: ws_origins: {origin!r} is not an origin (scheme://host[:port])")
+                    raise ConfigError(
+                        f"config: ws_origins: {origin!r} is not an origin (scheme://host[:port])"
+                    )
             config.ws_origins = list(items)
         elif key == "routes":
             table = _typed(value, dict, key, 'a table DOMAIN = "HOST:PORT"')
@@ -341,6 +362,15 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
                 target = _typed(target, str, f"routes.{domain}", "a HOST:PORT string")
                 d, hp = parse_route(f"{domain}={target}", "routes")
                 config.routes[d] = hp
+        elif key == "presence_allow":
+            table = _typed(value, dict, key, 'a table AOR = ["WATCHER-AOR", ...]')
+            for presentity, watchers in table.items():
+                where = f"presence_allow.{presentity}"
+                names = _typed(watchers, list, where, 'a list of AORs (or "*")')
+                allowed = [
+                    _aor(_typed(w, str, where, "AOR strings"), where) if w != "*" else "*" for w in names
+                ]
+                config.presence_allow[_aor(presentity, "presence_allow")] = allowed
         elif key in ("dns", "verbose", "require_auth", "home_routing"):
             setattr(config, key, _typed(value, bool, key, "true or false"))
         elif key in ("replicas", "min_expires", "max_expires", "default_expires"):

@@ -55,6 +55,7 @@ from p2psip.location import (
 )
 from p2psip.message import Request, Response
 from p2psip.ownership import Claim, FailureThrottle, flow_of, may_register, owns
+from p2psip.presence import WatcherPolicy
 from p2psip.presenceagent import AgentTransaction, PresenceAgent, is_presence
 from p2psip.probe import DeadAddress, unless_refused
 from p2psip.proxy import Proxy, RoutedTarget
@@ -522,7 +523,10 @@ class Peer:
         self.key_users: list[Callable[[str], bool]] = []
         """Predicates "this AOR's user key still serves something" (e.g. stored offline messages): the
         sweep keeps a key any of them claims."""
-        self.presence = PresenceAgent(stack, self.lookup_bindings, self._vouched)
+        allow = {aor: frozenset(watchers) for aor, watchers in config.presence_allow.items()}
+        self.presence = PresenceAgent(
+            stack, self.lookup_bindings, self._vouched, policy=WatcherPolicy(allow=allow)
+        )
         """The presence agent of the AORs whose primary home this peer is (p2psip/presenceagent.py)."""
         self.core = PeerCore(self, stack, verbose=config.verbose)
         self._closed = False

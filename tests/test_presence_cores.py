@@ -5,13 +5,16 @@ HKDF + ChaCha20-Poly1305) with hypothesis on tampering."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2psip import mwi, pidf
-from p2psip.errors import ParseError
+from p2psip.config import load_config
+from p2psip.errors import ConfigError, ParseError
 from p2psip.message import Request
 from p2psip.presence import Decision, WatcherPolicy, compose, polite_block
 from p2psip.publication import EventStateCompositor, PublishResult
@@ -164,3 +167,18 @@ def test_a_device_publishing_afresh_replaces_its_state() -> None:
     ok(store.publish(AOR, publish(doc("closed")), 2.0, "192.0.2.1:5060"))  # no SIP-If-Match (baresip)
     bodies = sorted((p.source, p.body) for p in store.documents(AOR, 3.0))
     assert bodies == [("192.0.2.1:5060", doc("closed")), ("192.0.2.2:5060", doc("open"))]
+
+
+def test_presence_allow_in_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "peer.toml"
+    path.write_text('[presence_allow]\n"sip:bob@P2P.example" = ["sip:alice@p2p.example;x=1", "*"]\n')
+    assert load_config(path).presence_allow == {AOR: ["sip:alice@p2p.example", "*"]}
+    for bad, says in (
+        ('[presence_allow]\n"bob" = ["*"]', "not an address of record"),
+        ('[presence_allow]\n"sip:bob@x" = "sip:a@x"', "a list of AORs"),
+        ('[presence_allow]\n"sip:bob@x" = ["tel:+1"]', "not an address of record"),
+        ("presence_allow = 3", "a table AOR"),
+    ):
+        path.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=says):
+            load_config(path)
