@@ -27,10 +27,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from p2psip import pidf
 from p2psip.address import target_from_uri
+from p2psip.background import Background
 from p2psip.dialog import DialogId, dialog_id_of_request
 from p2psip.errors import ParseError
 from p2psip.message import Request, Response
@@ -120,7 +120,7 @@ class PresenceAgent:
         self.by_aor: dict[str, set[DialogId]] = {}
         self.documents: dict[str, bytes] = {}
         self._poller: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Background(log, "presence task")
         self.stats = dict.fromkeys(("subscribes", "publishes", "notifies", "deactivated", "blocked"), 0)
 
     # -- where the agent of an AOR is --------------------------------------------------------------
@@ -327,9 +327,7 @@ class PresenceAgent:
         self._arm_poll()
 
     def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(work)
 
     def _contact(self, toward: Source | None) -> Address:
         transport = toward.transport if toward is not None else "udp"
@@ -342,5 +340,4 @@ class PresenceAgent:
             self._poller = None
         for watch in list(self.watches.values()):
             self._forget(watch)
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()

@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from p2psip.address import numeric_host, target_from_uri
+from p2psip.background import Background
 from p2psip.errors import ParseError, SIPStatusError, TransportError
 from p2psip.message import Request, Response, Via
 from p2psip.stack import Source, Stack, Target
@@ -170,7 +171,7 @@ class Proxy:
             ("forwarded_requests", "forwarded_responses", "rejected", "cancelled_branches", "stateless_acks"),
             0,
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background(log, "proxy task")
         self._rr_cache: dict[str, str] = {}
         self._branch_secret = hashlib.sha256(str(id(self)).encode()).hexdigest()[:8]
         stack.attach(self)
@@ -178,15 +179,11 @@ class Proxy:
     def spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         """Run ``work`` (e.g. a lookup before deciding a request) as a task this core keeps a reference
         to until it ends, and cancels in :meth:`cancel_tasks` — for subclasses, instead of bare tasks."""
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(work)
 
     def cancel_tasks(self) -> None:
         """Cancel every task still running (:meth:`spawn`, asynchronous ``locate``): on shutdown."""
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
 
     # ===================================================================================== requests
 

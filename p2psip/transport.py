@@ -54,6 +54,7 @@ from p2psip.address import (
     sent_by_target,
     stamp_via,
 )
+from p2psip.background import Background
 from p2psip.errors import ConfigError, ParseError, TransportError
 from p2psip.flows import Failed, FlowTable, looks_like_stun, stun_reply
 from p2psip.message import Limits, Request, Response, StreamFramer, parse
@@ -566,7 +567,7 @@ class TransportLayer:
         self._client_ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background(log, "connect")
         self._observers: list[Observer] = []
         self.flows: FlowTable | None = None
         """The node's flow table (RFC 5626), when it keeps one (a peer): touched by everything that
@@ -902,9 +903,7 @@ class TransportLayer:
             queue.append((data, on_error))
             return
         self._pending[target] = [(data, on_error)]
-        task = self.loop.create_task(self._open(target))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._open(target))
 
     async def _open(self, target: Target) -> None:
         ssl_ctx: ssl.SSLContext | None = None
@@ -1070,8 +1069,7 @@ class TransportLayer:
             server.close()
         for conn in list({id(c): c for c in self._connections.values()}.values()):
             conn.close()
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         for server in self._servers:
             with contextlib.suppress(TimeoutError, OSError):
                 await asyncio.wait_for(server.wait_closed(), 2.0)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from p2psip import sipfrag
+from p2psip.background import Background
 from p2psip.dialog import DialogId, dialog_id_of_request
 from p2psip.errors import CallFailed, P2PSIPError, ParseError
 from p2psip.message import Request, Response
@@ -361,21 +362,13 @@ class EventsAgent:
         self.incoming: asyncio.Queue[IncomingSubscription] = asyncio.Queue()
         self.referred: asyncio.Queue[OutgoingCall] = asyncio.Queue()
         """Calls placed because a REFER asked for them (we were the transferee)."""
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Background(log, "events task")
 
     def spawn(self, coroutine: Any) -> None:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("events task failed: %r", task.exception())
+        self._tasks.spawn(coroutine)
 
     def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         for sub in self.subscribers.values():
             if sub._timer is not None:
                 sub._timer.cancel()

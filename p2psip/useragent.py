@@ -24,6 +24,7 @@ from typing import Any
 
 from p2psip.address import parse_target, target_from_uri
 from p2psip.auth import answer_challenge
+from p2psip.background import Background
 from p2psip.callaudio import AudioOfferAnswer, OfferAnswer, Play, Record
 from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, dialog_id_of_response
 from p2psip.errors import AuthError, CallFailed, P2PSIPError, ParseError, TransportError
@@ -419,7 +420,7 @@ class UserAgent:
         self.messages: asyncio.Queue[Request] = asyncio.Queue(queue_limit)
         self._dialogs: dict[DialogId, Call] = {}
         self._registrations: dict[str, _Registration] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Background(log, "registration task (refresh or keep-alive)")
         self.events = EventsAgent(self, events, on_subscribe)
         """SUBSCRIBE/NOTIFY both ways (:mod:`p2psip.uaevents`): ``events`` are the packages we serve;
         each SUBSCRIBE for one goes to ``on_subscribe`` (or the queue ``ua.events.incoming``), others
@@ -697,14 +698,7 @@ class UserAgent:
         return response
 
     def _refresh(self, reg: _Registration) -> None:
-        task = asyncio.ensure_future(self.register(reg.registrar, expires=reg.expires or 3600))
-        self._tasks.add(task)
-        task.add_done_callback(self._refresh_done)
-
-    def _refresh_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("registration refresh failed: %s", task.exception())
+        self._tasks.spawn(self.register(reg.registrar, expires=reg.expires or 3600))
 
     async def _register_once(self, reg: _Registration, expires: int) -> Response:
         reg.cseq += 1
@@ -806,9 +800,7 @@ class UserAgent:
             # our reflexive address as the registrar saw the REGISTER: a keep-alive answered with another
             # one means the NAT mapping changed since (a new flow the registrar does not know)
             reg.mapped = (via.received, via.rport)
-        reg.keepalive = asyncio.ensure_future(self._keepalives(reg, int(timer)))
-        self._tasks.add(reg.keepalive)
-        reg.keepalive.add_done_callback(self._tasks.discard)
+        reg.keepalive = self._tasks.spawn(self._keepalives(reg, int(timer)))
 
     async def _keepalives(self, reg: _Registration, flow_timer: int) -> None:
         import random
@@ -860,8 +852,7 @@ class UserAgent:
         for reg in self._registrations.values():
             if reg.refresh is not None:
                 reg.refresh.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         self.events.close()
 
     # =========================================================================== core callbacks

@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from p2psip.address import bracket, format_hostport
+from p2psip.background import Background
 
 log = logging.getLogger("p2psip.web")
 
@@ -112,7 +113,7 @@ class WebServer:
         self.server: asyncio.AbstractServer | None = None
         self.connections = 0
         self.stats = {"requests": 0, "refused": 0, "not_found": 0, "bad_requests": 0, "event_streams": 0}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background(log, "web request")
 
     # ---------------------------------------------------------------------------------------- life
 
@@ -135,8 +136,7 @@ class WebServer:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         if self.server is not None:
             with contextlib.suppress(TimeoutError, OSError):
                 await asyncio.wait_for(self.server.wait_closed(), 2.0)
@@ -146,7 +146,7 @@ class WebServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)
+            self._tasks.add(task)  # held (and cancelled at close) until it ends
         self.connections += 1
         try:
             if self.connections > MAX_CONNECTIONS:
@@ -172,8 +172,6 @@ class WebServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
-            if task is not None:
-                self._tasks.discard(task)
 
     async def _read_request(self, reader: asyncio.StreamReader, conn: h11.Connection) -> h11.Request | None:
         while True:
