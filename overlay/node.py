@@ -506,21 +506,47 @@ class Node:
             await self._backoff(attempt, deadline)
 
     async def _quorum_read(self, ring_key: int, holders: list[NodeRef], deadline: float) -> QuorumRead:
-        """Fetch from every holder at once; return when the responsible node and one more agree, or when
-        the others have had ``2 x rpc_timeout`` to answer. Late answers still count (disagreement, repair)."""
+        """Read ``ring_key`` from its holders (responsible node first); see overlay.reads.
+
+        The responsible node and one more holder (this node, if it is one: its answer is free) are asked
+        at once; the others as soon as those two disagree, one of them fails, or they have not settled it
+        within ``rpc_timeout / 2`` (a hedge), else right after the answer, in the background, where they
+        still count (outvoted holders, read repair). So a healthy read costs two fetches in parallel, one
+        round trip, and a lie or a silence costs at most the hedge delay more. Nobody waits longer than
+        ``2 x rpc_timeout`` for holders that do not answer."""
         read = QuorumRead(ring_key, [h.id for h in holders], self._entry_valid)
         body = {"key": ring_key, "replica": True}
-        until = min(deadline, self._loop.time() + 2 * self.config.rpc_timeout)
-        calls = {asyncio.create_task(self._call(h, "fetch", body, deadline=until)): h for h in holders}
-        pending = set(calls)
-        while pending and not read.decided:
+        loop = self._loop
+        until = min(deadline, loop.time() + 2 * self.config.rpc_timeout)
+        others = holders[1:]
+        second = next((h for h in others if h.id == self.me.id), others[0] if others else None)
+        first = [holders[0], *([second] if second is not None else [])]
+        rest = [h for h in holders if h not in first]
+        calls: dict[asyncio.Task[Message], NodeRef] = {}
+
+        def launch(targets: list[NodeRef], by: float) -> set[asyncio.Task[Message]]:
+            started = {asyncio.create_task(self._call(h, "fetch", body, deadline=by)): h for h in targets}
+            calls.update(started)
+            return set(started)
+
+        pending = launch(first, until)
+        hedge_at = loop.time() + self.config.rpc_timeout / 2
+        while not read.decided:
+            if rest and (loop.time() >= hedge_at or read.failed or all(t.done() for t in calls)):
+                pending |= launch(rest, until)
+                rest = []
+            if not pending:
+                break
+            wait_until = until if not rest else min(until, hedge_at)
             done, pending = await asyncio.wait(
-                pending, timeout=max(0.0, until - self._loop.time()), return_when=asyncio.FIRST_COMPLETED
+                pending, timeout=max(0.0, wait_until - loop.time()), return_when=asyncio.FIRST_COMPLETED
             )
-            if not done:
+            if not done and (not rest or loop.time() >= until):
                 break
             for task in done:
                 _take_fetch(read, calls[task].id, task)
+        if rest:
+            pending |= launch(rest, loop.time() + 2 * self.config.rpc_timeout)
         if pending:
             self._spawn(self._settle_read(read, calls, pending, holders))
         else:

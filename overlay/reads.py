@@ -1,13 +1,14 @@
 """Reads that do not trust one node (sans-IO): a key's replica set answers, the reader decides.
 
-A ``get`` asks the key's holders (the responsible node and its first r-1 successors) in parallel for
-everything they keep under the key, tombstones included with their ``seq`` (replica fetches). Every entry
+A ``get`` asks the key's holders (the responsible node and its first r-1 successors) for everything
+they keep under the key, tombstones included with their ``seq`` (replica fetches). Every entry
 is checked by the reader itself (signature, key), so a node can *hide* an entry or serve an *older* one,
 but never forge one. :class:`QuorumRead` collects the answers:
 
 * it is decided as soon as the responsible node and one other holder report the same view (the same
-  ``seq`` in every entry slot, removals included): on a healthy ring this is the first two answers, so a
-  read costs one round trip to the nearest two holders, no more than a single-node read;
+  ``seq`` in every entry slot, removals included): on a healthy ring the adapter asks those two first, in
+  parallel, and the rest only when they disagree or are slow (or afterwards, for repair), so a read costs
+  one round trip;
 * otherwise (they disagree, or the responsible node does not answer) the adapter waits for the others
   until its deadline and takes :meth:`QuorumRead.result`: per entry slot the newest valid ``seq`` any
   holder returned. A newer removal beats an older entry, so a stale replica cannot bring a removed
