@@ -81,6 +81,8 @@ Endpoint = tuple[str, int]
 # Claimed identities that failed to prove themselves: refused at once for a while (bounded memory), so
 # a stranger's stream of replica stores costs one identity check, not one per request.
 NOT_MEMBER_MEMORY = 1024
+#: How many write seq memos ``Node._write`` keeps before dropping those the clock has passed.
+SEQ_MEMO_PRUNE_AT = 1024
 NOT_MEMBER_MEMORY_S = 60.0
 
 __all__ = ["E_BAD_REQUEST", "E_NOT_RESPONSIBLE", "E_REFUSED", "E_TOO_BIG", "KeyAccess", "Node", "NodeConfig"]
@@ -234,6 +236,7 @@ class Node:
         self.hop_histogram: dict[int, int] = {}
         """Lookups by hop count (a hop count is at most ``lookup_max_hops``, so this stays small)."""
         self._seqs: dict[tuple[int, bytes], int] = {}
+        self._seqs_prune_at = SEQ_MEMO_PRUNE_AT
         self._certs: dict[tuple[int, bytes], bytes] = {}
         self._closed = False
         self._left = False
@@ -658,7 +661,15 @@ class Node:
             raise OverlayError("key must be an overlay.identity.KeyPair (the user's signing key)")
         signer = key or self.identity
         slot = (ring_key, entry_id)
-        seq = max(time.time_ns() // 1_000_000, self._seqs.get(slot, 0) + 1)
+        now_ms = time.time_ns() // 1_000_000
+        seq = max(now_ms, self._seqs.get(slot, 0) + 1)
+        if len(self._seqs) >= self._seqs_prune_at:
+            # The memo only keeps seq growing for writes within one millisecond (or a clock stepping back a
+            # little): a seq the clock passed a minute ago is redundant. Without this, every name ever
+            # written stayed here (a REGISTER flood of new AORs grew it for good). Amortized: the next
+            # prune waits until the table doubled.
+            self._seqs = {s: q for s, q in self._seqs.items() if q > now_ms - 60_000}
+            self._seqs_prune_at = max(SEQ_MEMO_PRUNE_AT, 2 * len(self._seqs))
         self._seqs[slot] = seq
         cert = self._certs.get((ring_key, signer.public_key), b"")
         entry = Entry.create(signer, ring_key, entry_id, value, seq, lifetime, cert)

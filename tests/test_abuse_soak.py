@@ -59,3 +59,30 @@ async def test_mixed_abuse_leaves_no_state_behind(tmp_path: Path) -> None:
     assert during["sip_slow_closed"] > 0 and during["sip_connections_refused"] > 0
     assert during["peer_user_keys_removed"] > 0  # flood AORs came and went
     assert traced_after - traced_before < TRACED_MARGIN_KIB, (traced_before, traced_after)
+
+
+async def test_the_write_seq_memo_forgets_what_the_clock_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soak found it: ``Node._write`` remembered the last seq of every (key, entry) it ever wrote, so a
+    REGISTER flood of new AORs grew the node for good. Seqs the clock passed a minute ago are dropped."""
+    import time
+
+    from overlay import node as node_module
+    from overlay.identity import KeyPair
+    from overlay.node import SEQ_MEMO_PRUNE_AT, Node
+
+    node = await Node.start()
+    clock = [time.time_ns()]
+    monkeypatch.setattr(node_module.time, "time_ns", lambda: clock[0])
+    try:
+        for i in range(3 * SEQ_MEMO_PRUNE_AT):
+            if i % 500 == 0:
+                key = KeyPair.generate()  # the store's per-owner quota is 1,000 records
+            clock[0] += 100_000_000  # 0.1 s between writes: 5 minutes in all
+            await node.put(f"name{i}", b"v", lifetime=60, key=key)
+        assert len(node._seqs) <= SEQ_MEMO_PRUNE_AT  # about a minute's worth, not every name ever written
+        # seqs stay monotonic for a slot written again within the same millisecond
+        await node.put("again", b"1", lifetime=60)
+        await node.put("again", b"2", lifetime=60)
+        assert [e.value for e in await node.get("again")] == [b"2"]
+    finally:
+        await node.close()
