@@ -122,6 +122,14 @@ def _get_attribute(attributes: list[Attribute], name: str) -> str | None:
     return None
 
 
+def _get_direction(attributes: list[Attribute]) -> Direction | None:
+    """The direction attribute (sendrecv, sendonly, recvonly, inactive) among ``attributes``, if any."""
+    for key, value in attributes:
+        if value is None and key in DIRECTIONS:
+            return key
+    return None
+
+
 @dataclass(slots=True)
 class MediaDescription:
     """One ``m=`` section."""
@@ -152,10 +160,7 @@ class MediaDescription:
     @property
     def direction(self) -> Direction | None:
         """The stream's direction attribute, or None if it has none (the session's, else sendrecv)."""
-        for key, value in self.attributes:
-            if value is None and key in DIRECTIONS:
-                return key
-        return None
+        return _get_direction(self.attributes)
 
     @direction.setter
     def direction(self, value: Direction | None) -> None:
@@ -218,10 +223,8 @@ class SessionDescription:
 
     @property
     def direction(self) -> Direction | None:
-        for key, value in self.attributes:
-            if value is None and key in DIRECTIONS:
-                return key
-        return None
+        """The session-level direction attribute, or None (then sendrecv)."""
+        return _get_direction(self.attributes)
 
     def media_direction(self, media: MediaDescription) -> Direction:
         """A stream's effective direction: its own attribute, else the session's, else sendrecv."""
