@@ -54,6 +54,8 @@ __all__ = ["AgentTransaction", "PresenceAgent"]
 log = logging.getLogger("p2psip.presence")
 
 Lookup = Callable[[str], Awaitable[list[Binding]]]
+Authorize = Callable[[str, str, Request, ServerTransaction, Source], Awaitable[Decision | None]]
+"""The presentity's say on a watcher (sipapi: its per-user script's ``subscribe`` handlers)."""
 Vouched = Callable[[Request, Source], Awaitable[bool]]
 
 
@@ -109,6 +111,8 @@ class PresenceAgent:
         self.lookup = lookup
         self.vouched = vouched
         self.policy = policy or WatcherPolicy()
+        self.authorize: Authorize | None = None
+        """Asked about every identified watcher before the allow list (None: the allow list alone)."""
         self.trust_from = False
         """Take every watcher's From as its identity (a lab setting: signed assertions between peers are
         not built yet, so a watcher registered at another peer is otherwise politely blocked)."""
@@ -179,6 +183,10 @@ class PresenceAgent:
             watcher = ""
         vouched = bool(watcher) and (self.trust_from or await self.vouched(request, source))
         verdict = self.policy.decide(aor, watcher, vouched=vouched)
+        if vouched and verdict is not Decision.REJECT and self.authorize is not None:
+            said = await self.authorize(aor, watcher, request, transaction, source)
+            if said is not None:
+                verdict = said
         if verdict is not Decision.ALLOW:
             self.stats["blocked"] += 1
         response = Response.for_request(request, 200)

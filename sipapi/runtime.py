@@ -41,6 +41,7 @@ from p2psip.dialog import DialogId, dialog_id_of_request
 from p2psip.errors import ParseError, SIPStatusError
 from p2psip.message import Request, Response
 from p2psip.peer import Peer, PeerCore
+from p2psip.presence import Decision
 from p2psip.proxy import Proxy, ProxyContext, RoutedTarget
 from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register
 from p2psip.stack import Source, Stack
@@ -524,6 +525,28 @@ class ScriptServerCore(ScriptingCore):
         return out
 
 
+class DecisionControl(CallControl):
+    """A :class:`CallControl` that sends nothing: it only records what the script decided (a 2xx from
+    ``accept()``, a failure from ``reject()``), for events that are questions rather than requests to
+    answer (``subscribe``: may this watcher see the user's presence?)."""
+
+    event_type = "subscribe"
+
+    def _send(self, response: Response) -> None:
+        self.sent = response
+
+    def default(self) -> None:
+        self._final("default")
+
+    def finish(self) -> None:
+        pass
+
+    def decision(self) -> Decision | None:
+        if self.sent is None or self.sent.status >= 500:  # no say, or the script failed: the allow list
+            return None
+        return Decision.ALLOW if self.sent.status < 300 else Decision.REJECT
+
+
 class ScriptedPeerCore(ScriptingCore, PeerCore):
     """A peer's SIP core with scripts: registrar and overlay location as in :class:`PeerCore`."""
 
@@ -545,7 +568,27 @@ class ScriptedPeerCore(ScriptingCore, PeerCore):
         """Replace ``peer``'s core by a scripted one (the stack's core and ``peer.core``)."""
         core = cls(peer, dispatcher, deadline=deadline, verbose=peer.config.verbose)
         peer.core = core
+        peer.presence.authorize = core.authorize_subscribe
         return core
+
+    async def authorize_subscribe(
+        self, aor: str, watcher: str, request: Request, transaction: ServerTransaction, source: Source
+    ) -> Decision | None:
+        """The presentity's own script on a ``subscribe`` event: ``event.action.accept()`` lets the
+        (identified) watcher see its presence, ``reject()`` refuses it; no decision: the allow list."""
+        probe = request.copy()
+        probe.remove("Route")  # forwarded here by another peer: the script is still the presentity's
+        dispatcher = self.dispatcher
+        runner = dispatcher.select(probe) if dispatcher is not None else None
+        if runner is None:
+            return None
+        control = DecisionControl(self, probe, transaction, source)
+        try:
+            await runner.run(control)
+        except Exception as exc:
+            log.warning("subscribe script for %s failed: %s", aor, describe_error(exc))
+            return None
+        return control.decision()
 
     def default_processing(self, control: CallControl) -> None:
         PeerCore.on_request(self, control.request, control.transaction, control.source)
@@ -689,8 +732,10 @@ class InProcessRunner:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sipapi-handler")
 
     async def run(self, control: CallControl) -> None:
-        for handler in self.target.handlers("incoming"):
+        kind = getattr(control, "event_type", "incoming")
+        for handler in self.target.handlers(kind):
             event = Event(control.request, LoopController(control), source=control.source_tuple)
+            event.type = kind
             try:
                 await self._call(handler, event, control)
             except TimeoutError:

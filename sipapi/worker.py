@@ -235,7 +235,8 @@ class WorkerRunner:
         loop = asyncio.get_running_loop()
         script = str(self.path)
         try:
-            worker.send("run", script, bytes(control.request), control.source_tuple, pool.deadline)
+            kind = getattr(control, "event_type", "incoming")
+            worker.send("run", script, bytes(control.request), control.source_tuple, pool.deadline, kind)
         except OSError:
             worker.kill()
             control.fail("script worker unavailable")
@@ -462,7 +463,8 @@ def _run_one(conn: Connection, scripts: _Scripts, alarm: _Alarm, args: tuple[Any
     from .events import Event
     from .runtime import describe_error
 
-    path, data, source, deadline = args
+    path, data, source, deadline, *rest = args
+    kind = str(rest[0]) if rest else "incoming"  # the event type: incoming, or subscribe (presence)
     controller = _PipeController(conn, alarm)
     error: str | None = None
     alarm.start(deadline)
@@ -470,8 +472,9 @@ def _run_one(conn: Connection, scripts: _Scripts, alarm: _Alarm, args: tuple[Any
         basic = scripts.get(path)
         request = parse(data)
         assert isinstance(request, Request)
-        for handler in basic.handlers("incoming"):
+        for handler in basic.handlers(kind):
             event = Event(request, controller, source=tuple(source))
+            event.type = kind
             if inspect.iscoroutinefunction(handler):
                 asyncio.run(handler(event))
             else:

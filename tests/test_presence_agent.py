@@ -167,3 +167,43 @@ async def test_subscribe_entering_elsewhere_and_agent_moving(
     basic, _, _ = await basic_of(again)
     assert basic == "open" and overlay[2].presence.watches
     await again.unsubscribe()
+
+
+SUBSCRIBE_SCRIPT = """def watchers(event):
+    if event['From'].uri.user == 'alice':
+        event.action.accept()
+    else:
+        event.action.reject(403)
+
+basic.addEventListener('subscribe', watchers)
+"""
+
+
+async def test_the_presentitys_script_decides_on_subscribe_events(
+    overlay: list[Peer],
+    make_ua,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    from sipapi.scripts import install
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "bob@p2p.example.py").write_text(SUBSCRIBE_SCRIPT)
+    installed = [install(peer, scripts=scripts, deadline=2.0, workers=1) for peer in overlay]
+    try:
+        bob = await make_ua(BOB, overlay[1])
+        alice = await make_ua("sip:alice@p2p.example", overlay[0])
+        carol = await make_ua("sip:carol@p2p.example", overlay[2])
+        for ua, peer in ((bob, overlay[1]), (alice, overlay[0]), (carol, overlay[2])):
+            assert (await ua.register(f"sip:{via(peer)}", expires=300, refresh=False)).status == 200
+        allowed = await alice.subscribe(BOB, "presence", body_check=lambda r: None)
+        basic, _, note = await basic_of(allowed)
+        assert basic == "open" and note.state.state is SubState.ACTIVE
+        refused = await carol.subscribe(BOB, "presence", body_check=lambda r: None)
+        note = await refused.next(10)
+        assert note.state.state is SubState.TERMINATED and note.state.reason == "rejected"
+        assert not note.state.may_resubscribe
+        await allowed.unsubscribe()
+    finally:
+        for scripting in installed:
+            await scripting.close()
