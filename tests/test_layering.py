@@ -201,3 +201,20 @@ def test_transport_holds_sockets_only() -> None:
                 if isinstance(node, ast.ImportFrom) and node.module == "p2psip.transport":
                     extra = {alias.name for alias in node.names} - SOCKET_SIDE
                     assert not extra, f"{_module_name(path)} imports {sorted(extra)} from p2psip.transport"
+
+
+def test_docs_module_map_names_every_module() -> None:
+    """docs/index.md's module map stays true: every module is named there, in full or (a submodule) as
+    ``.name`` / ``name`` on the row of its package, as in "`p2psip.media.rtp`, `.rtcp`"."""
+    text = (ROOT / "docs" / "index.md").read_text()
+    rows = text[text.index("## Module map") :].splitlines()
+    missing = []
+    for module in _all_modules():
+        package, _, last = module.rpartition(".")
+        if not any(
+            f"`{module}`" in row
+            or (f"`{package}" in row and (f"`.{last}`" in row or f"`{last}`" in row))
+            for row in rows
+        ):
+            missing.append(module)
+    assert not missing, f"docs/index.md's module map does not name {missing}"
