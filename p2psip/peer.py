@@ -340,7 +340,7 @@ class PeerCore(Proxy):
             self._reject(transaction, request, error)
             return
         request.remove(VOUCH_HEADER)  # only a peer asserts identities, never a phone
-        if request.method == "SUBSCRIBE" and await peer.vouches_here(request, source):
+        if await peer.vouches_here(request, source):  # a watcher (SUBSCRIBE) or a publisher (PUBLISH)
             request.add(VOUCH_HEADER, peer.vouch(request))
         peer.counters["routed_to_home"] += 1
         self.forward(request, transaction, source, [RoutedTarget(request.uri, (home,))])

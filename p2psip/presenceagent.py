@@ -9,7 +9,8 @@ AOR's requests to. A SUBSCRIBE or PUBLISH for ``presence`` entering any peer goe
 
 * answers SUBSCRIBE with 200 and a NOTIFY whose PIDF it composes from the AOR's registered devices (each
   binding is an open tuple) and what they PUBLISHed (notes, RPID activities, closed tuples);
-* keeps PUBLISHed state with entity tags and expiry (412, 423, 489, 400 for a bad PIDF);
+* keeps PUBLISHed state with entity tags and expiry (412, 423, 489, 400 for a bad PIDF), from the AOR's
+  own devices only (a PUBLISH whose From is another AOR, or that no peer vouches for, gets 403);
 * sends a NOTIFY to every watcher when that document changes: a PUBLISH, a device registering or leaving
   (it re-reads the AOR's bindings every ``poll`` seconds, and at once when a REGISTER passes this peer);
 * ends a watcher's subscription with ``reason=deactivated`` when it stops being the AOR's agent (its
@@ -125,7 +126,9 @@ class PresenceAgent:
         self.documents: dict[str, bytes] = {}
         self._poller: asyncio.TimerHandle | None = None
         self._tasks = Background(log, "presence task")
-        self.stats = dict.fromkeys(("subscribes", "publishes", "notifies", "deactivated", "blocked"), 0)
+        self.stats = dict.fromkeys(
+            ("subscribes", "publishes", "publishes_refused", "notifies", "deactivated", "blocked"), 0
+        )
 
     # -- where the agent of an AOR is --------------------------------------------------------------
     def primary_home(self, bindings: list[Binding]) -> str | None:
@@ -208,7 +211,18 @@ class PresenceAgent:
     async def publish(
         self, aor: str, request: Request, transaction: ServerTransaction, source: Source
     ) -> None:
+        """A PUBLISH for ``aor``: only a device of that user may publish its presence (its From is the AOR
+        and a peer vouches for it, as for watchers); anyone else gets 403."""
         self.stats["publishes"] += 1
+        try:
+            publisher = request.from_.uri.aor()
+        except (ParseError, ValueError):
+            publisher = ""
+        if publisher != aor or not (self.trust_from or await self.vouched(request, source)):
+            self.stats["publishes_refused"] += 1
+            response = Response.for_request(request, 403, "Forbidden (only the user's own devices publish)")
+            self.stack.respond(transaction, response)
+            return
         origin = f"{source.host}:{source.port}"
         result = self.published.publish(aor, request, self.stack.loop.time(), origin)
         if isinstance(result, Reject):

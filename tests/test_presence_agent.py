@@ -118,6 +118,15 @@ async def test_agent_serves_composes_notifies_and_blocks(overlay: list[Peer], ma
         "PUBLISH", BOB, headers=[("Event", "presence"), ("SIP-If-Match", "nosuchtag"), ("Expires", "600")]
     )
     assert refused.status == 412
+    # nobody else may publish bob's presence: someone registered nowhere claiming to be bob, and carol as
+    # herself, both get 403
+    impostor = await make_ua(BOB, overlay[2])
+    fake = pidf.Presence(BOB, [pidf.PresenceTuple("x", "open")], ["hacked"]).compose()
+    for ua in (impostor, carol):
+        response = await ua.request(
+            "PUBLISH", BOB, body=fake, content_type=pidf.CONTENT_TYPE, headers=[("Event", "presence")]
+        )
+        assert response.status == 403, response
 
     # the publication removed: his registration speaks again (open); then he unregisters: closed
     await publish(None, etag, expires=0)
