@@ -68,14 +68,21 @@ class Core(Protocol):
         self, response: Response, transaction: ClientTransaction | None, source: Source | None
     ) -> None: ...
 
-    def on_timeout(self, transaction: Transaction, timer: str) -> None: ...
+    # A core that has nothing to do on these may inherit them (``class MyCore(Core)``).
+    def on_timeout(self, transaction: Transaction, timer: str) -> None:
+        """A client transaction timed out (Timer B/F/C): by default nothing more to do."""
+        return None
 
-    def on_transport_failure(self, transaction: Transaction, error: str) -> None: ...
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
+        """Sending failed for ``transaction``: by default nothing more to do."""
+        return None
 
-    def on_terminated(self, transaction: Transaction) -> None: ...
+    def on_terminated(self, transaction: Transaction) -> None:
+        """``transaction`` ended; by default nothing to forget."""
+        return None
 
 
-class _NoCore:
+class _NoCore(Core):
     """Until a core attaches: answer requests 503 so a peer is not left retransmitting."""
 
     stateful = True
@@ -90,15 +97,6 @@ class _NoCore:
     def on_response(
         self, response: Response, transaction: ClientTransaction | None, source: Source | None
     ) -> None:
-        pass
-
-    def on_timeout(self, transaction: Transaction, timer: str) -> None:
-        pass
-
-    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
-        pass
-
-    def on_terminated(self, transaction: Transaction) -> None:
         pass
 
 

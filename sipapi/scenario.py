@@ -64,8 +64,8 @@ from p2psip.address import bracket, parse_hostport
 from p2psip.dialog import Dialog
 from p2psip.errors import ConfigError, P2PSIPError, ParseError, TransactionError
 from p2psip.message import Request, Response, new_branch, new_call_id, new_tag
-from p2psip.stack import Source, Stack, Target
-from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction, make_ack, make_cancel
+from p2psip.stack import Core, Source, Stack, Target
+from p2psip.transaction import ClientTransaction, ServerTransaction, make_ack, make_cancel
 from p2psip.uri import Address
 from p2psip.useragent import UserAgent
 
@@ -489,7 +489,7 @@ class _StepCall:
             raise StepFailed(f"unexpected {response.status} (expected {wanted})")
 
 
-class _StepCore:
+class _StepCore(Core):
     """A stateless core (the stack runs no transactions): responses go to their call by Call-ID."""
 
     stateful = False
@@ -517,15 +517,6 @@ class _StepCore:
             return
         if call is not None:
             call.on_response(response)
-
-    def on_timeout(self, transaction: Transaction, timer: str) -> None:
-        pass
-
-    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
-        pass
-
-    def on_terminated(self, transaction: Transaction) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------------------- the runner
