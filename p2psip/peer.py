@@ -71,7 +71,7 @@ from p2psip.registrar import (
     ok_response,
     plan_register,
 )
-from p2psip.run import stop_signals
+from p2psip.run import until_stopped
 from p2psip.stack import Source, Stack
 from p2psip.streamguard import StreamLimits
 from p2psip.trace import SipTrace, stamp
@@ -1660,14 +1660,17 @@ async def run_foreground(
             await peer.close(leave=True)
             raise
     watcher: asyncio.Future[None] | None = None
+
+    def started() -> None:
+        nonlocal watcher
+        _log_line("ready", f"control socket {server.path}")
+        if ready is not None:
+            ready(peer)
+        watcher = asyncio.ensure_future(_watch_neighbours(peer))
+
     try:
-        with stop_signals() as stopped:
-            _log_line("ready", f"control socket {server.path}")
-            if ready is not None:
-                ready(peer)
-            watcher = asyncio.ensure_future(_watch_neighbours(peer))
-            await stopped.wait()
-            _log_line("stopping", "leaving the overlay")
+        await until_stopped(started)
+        _log_line("stopping", "leaving the overlay")
     finally:
         if watcher is not None:
             watcher.cancel()

@@ -2,7 +2,7 @@
 
 The protocol modules (:mod:`p2psip.proxy`, :mod:`p2psip.stack`, the peer, sipapi's server) know nothing of
 signals or process-wide settings; the three programs that run until told to stop (``p2psip proxy``,
-``p2psip start``, ``sipapi.run()``) all wait on :func:`stop_signals`, then close what they opened.
+``p2psip start``, ``sipapi.run()``) all wait in :func:`until_stopped`, then close what they opened.
 """
 
 from __future__ import annotations
@@ -41,6 +41,16 @@ def stop_signals(stop: asyncio.Event | None = None) -> Iterator[asyncio.Event]:
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+async def until_stopped(ready: Callable[[], None] | None = None, stop: asyncio.Event | None = None) -> None:
+    """The loop every long-running command waits in: ``ready()`` once the stop signals are handled (so a
+    signal sent on seeing the ready line stops it gracefully), then wait for the stop (see
+    :func:`stop_signals`). The caller closes what it opened when this returns."""
+    with stop_signals(stop) as stopped:
+        if ready is not None:
+            ready()
+        await stopped.wait()
 
 
 class _YoungPasses:
@@ -123,10 +133,7 @@ async def serve_proxy(
     proxy = Proxy(stack, stateless=stateless, record_route=record_route, recurse=recurse, verbose=verbose)
     young_passes = _YoungPasses(asyncio.get_running_loop())
     try:
-        with stop_signals(stop) as stopped:
-            if ready is not None:
-                ready(stack)
-            await stopped.wait()
+        await until_stopped((lambda: ready(stack)) if ready is not None else None, stop)
     finally:
         young_passes.stop()
         await stack.close()

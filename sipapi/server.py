@@ -43,7 +43,7 @@ from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import P2PSIPError
 from p2psip.message import Request
 from p2psip.peer import Peer
-from p2psip.run import stop_signals
+from p2psip.run import until_stopped
 from p2psip.stack import Stack
 
 from .events import EventTarget
@@ -213,10 +213,7 @@ async def serve(
         deadline=deadline,
     )
     try:
-        with stop_signals(stop) as stopped:
-            if ready is not None:
-                ready(server)
-            await stopped.wait()
+        await until_stopped((lambda: ready(server)) if ready is not None else None, stop)
     finally:
         await server.close()
     return server
