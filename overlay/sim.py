@@ -57,7 +57,8 @@ _REQ, _REP, _TIMER, _LOOKUP, _DEPART, _ARRIVE, _SREQ, _STIMER, _JOIN_RETRY, _SRE
 
 #: What an adversarial node does (SimConfig.adversaries): "drop" answers maintenance but drops lookups
 #: and fetches; "hide" answers every fetch with nothing; "replay" answers fetches with an older signed
-#: version of the entry; "misroute" claims to be responsible for every key it is asked about (and hides).
+#: version of the entry; "misroute" claims to be responsible for every key it is asked about, or points
+#: lookups backwards (and hides).
 ADVERSARY_KINDS = ("drop", "hide", "replay", "misroute")
 
 
@@ -126,6 +127,7 @@ class SimReport:
     failures: dict[str, int] = field(default_factory=dict)  # LookupFailed reasons
     wrong: int = 0  # lookups that finished on a node that was not the true owner
     adversaries: int = 0
+    misroutes: int = 0  # wrong routing answers the lookups detected and routed around
     # Reads of a stored entry: stale = the current version missing or an older one returned.
     single_reads: int = 0  # one fetch from the node the lookup found (the old way)
     single_stale: int = 0
@@ -361,10 +363,14 @@ class Simulator:
             if dst.adversary == "drop":
                 return
             if dst.adversary == "misroute":
-                # "It is me", for every key: a lie the querier can only catch by what else it knows.
-                lie = Reply(
-                    "ok", {"done": True, "node": dst.ref, "nodes": list(dst.core.successors), "more": []}
-                )
+                # Half the time "it is me", for every key (a lie the querier can only catch by what else
+                # it knows); else a "next hop" that is no step towards the key (its own predecessor).
+                pred = dst.core.predecessor
+                if pred is None or self.rng.random() < 0.5:
+                    body = {"done": True, "node": dst.ref, "nodes": list(dst.core.successors), "more": []}
+                else:
+                    body = {"done": False, "node": pred, "nodes": list(dst.core.successors), "more": []}
+                lie = Reply("ok", body)
                 self.report.messages += 1
                 self._push(self.now + self._latency(dst, src), _REP, (src, dst.ref.id, req.request_id, lie))
                 return
@@ -801,6 +807,7 @@ class Simulator:
             if node.alive:
                 self.report.node_seconds += self.now - node.born
         self.report.n_end = len(self._members)
+        self.report.misroutes = sum(node.core.stats().get("misroutes", 0) for node in self._by_id.values())
         # Lookups still in flight at the end count as failures (lookup_stop leaves them ample time).
         if self._entries:
             self._count_lost()
