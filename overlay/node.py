@@ -84,6 +84,8 @@ NOT_MEMBER_MEMORY = 1024
 #: How many write seq memos ``Node._write`` keeps before dropping those the clock has passed.
 SEQ_MEMO_PRUNE_AT = 1024
 NOT_MEMBER_MEMORY_S = 60.0
+# Holders a read did not need for its answer are asked this much later (for disagreement and repair).
+LATE_READ_DELAY = 0.05
 
 __all__ = ["E_BAD_REQUEST", "E_NOT_RESPONSIBLE", "E_REFUSED", "E_TOO_BIG", "KeyAccess", "Node", "NodeConfig"]
 
@@ -513,7 +515,7 @@ class Node:
 
         The responsible node and one more holder (this node, if it is one: its answer is free) are asked
         at once; the others as soon as those two disagree, one of them fails, or they have not settled it
-        within ``rpc_timeout / 2`` (a hedge), else right after the answer, in the background, where they
+        within ``rpc_timeout / 2`` (a hedge), else 50 ms after the answer, in the background, where they
         still count (outvoted holders, read repair). So a healthy read costs two fetches in parallel, one
         round trip, and a lie or a silence costs at most the hedge delay more. Nobody waits longer than
         ``2 x rpc_timeout`` for holders that do not answer."""
@@ -548,10 +550,8 @@ class Node:
                 break
             for task in done:
                 _take_fetch(read, calls[task].id, task)
-        if rest:
-            pending |= launch(rest, loop.time() + 2 * self.config.rpc_timeout)
-        if pending:
-            self._spawn(self._settle_read(read, calls, pending, holders))
+        if rest or pending:
+            self._spawn(self._settle_read(read, calls, pending, holders, rest, launch))
         else:
             self._settle(read, holders)
         return read
@@ -562,8 +562,16 @@ class Node:
         calls: dict[asyncio.Task[Message], NodeRef],
         pending: set[asyncio.Task[Message]],
         holders: list[NodeRef],
+        rest: list[NodeRef],
+        launch: Callable[[list[NodeRef], float], set[asyncio.Task[Message]]],
     ) -> None:
-        await asyncio.wait(pending)
+        """The holders not needed for the answer: asked a moment later (so the check never competes with
+        whoever is using the answer), then counted and repaired with the rest."""
+        if rest:
+            await asyncio.sleep(LATE_READ_DELAY)
+            pending = pending | launch(rest, self._loop.time() + 2 * self.config.rpc_timeout)
+        if pending:
+            await asyncio.wait(pending)
         for task in pending:
             _take_fetch(read, calls[task].id, task)
         self._settle(read, holders)
