@@ -550,6 +550,7 @@ class Node:
                 break
             for task in done:
                 _take_fetch(read, calls[task].id, task)
+        read.answered_now()
         if rest or pending:
             self._spawn(self._settle_read(read, calls, pending, holders, rest, launch))
         else:

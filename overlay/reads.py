@@ -42,6 +42,8 @@ class QuorumRead:
         self.answers: dict[int, View] = {}
         self.failed: set[int] = set()
         self.invalid: dict[int, int] = {}  # holder -> records that failed the reader's checks
+        self._answered_at: View | None = None  # the answer given (see answered_now)
+        self._early: set[int] = set()
 
     def add(self, holder: int, records: Iterable[Entry]) -> None:
         """``holder`` answered with these records (live entries and tombstones)."""
@@ -100,10 +102,26 @@ class QuorumRead:
                 out[holder] = missing
         return out
 
+    def answered_now(self) -> None:
+        """The reader answered with :meth:`result` now; holders asked afterwards (for repair) are judged
+        against that answer: one that has something *newer* saw a write made since, and is not a liar."""
+        self._answered_at = self.merged()
+        self._early = set(self.answers)
+
     def disagreeing(self) -> list[int]:
-        """Holders whose answer differs from the result (hid, served older, or sent invalid records)."""
-        best = _seqs(self.merged())
-        return [h for h, view in self.answers.items() if _seqs(view) != best or h in self.invalid]
+        """Holders whose answer lost: they hid a record, served an older one, or sent invalid ones."""
+        best = self._answered_at if self._answered_at is not None else self.merged()
+        seqs = _seqs(best)
+        out = []
+        for holder, view in self.answers.items():
+            if holder in self.invalid:
+                out.append(holder)
+            elif self._answered_at is None or holder in self._early:
+                if _seqs(view) != seqs:
+                    out.append(holder)
+            elif any((have := view.get(eid)) is None or have.seq < e.seq for eid, e in best.items()):
+                out.append(holder)
+        return out
 
     @property
     def answered(self) -> bool:

@@ -96,3 +96,19 @@ def test_single_holder() -> None:
     assert not read.answered
     read.add(7, [NEW])
     assert read.decided and read.result() == [NEW]
+
+
+def test_a_holder_asked_after_the_answer_is_not_blamed_for_a_newer_write() -> None:
+    read = QuorumRead(KEY, [1, 2, 3], ok)
+    read.add(1, [OLD])
+    read.add(2, [OLD])
+    assert read.decided and read.result() == [OLD]
+    read.answered_now()
+    read.add(3, [NEW])  # asked later: a write happened in between
+    assert read.disagreeing() == []
+    late = QuorumRead(KEY, [1, 2, 3], ok)
+    late.add(1, [NEW])
+    late.add(2, [NEW])
+    late.answered_now()
+    late.add(3, [])  # asked later and hides: blamed
+    assert late.disagreeing() == [3]
