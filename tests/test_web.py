@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from browser_support import Browser
+from peer_phone import Phone
 from peer_support import wait_until_settled
 
 from overlay.chord import ChordConfig
@@ -164,9 +165,17 @@ async def test_ring_page_shows_the_ring_live(make_peer: PeerFactory, browsers) -
     # the page shows registrations (this peer's own table, so the test does not depend on key placement).
     hostile = "sip:<script>window.pwned=1</script><img src=x onerror=window.pwned=2>@x"
     first.home[hostile] = {b"e": Binding(hostile, "sip:<b>bold</b>@x", 600, time.time())}
+    phones = [await Phone.open(user) for user in ("erin", "frank", "grace")]
+    try:
+        for phone in phones:  # real registrations: stored entries (with names) and home registrations
+            assert (await phone.register(first.sip_address(), expires=600)).status == 200
+    finally:
+        for phone in phones:
+            phone.close()
     browser = await browsers()
     await browser.get(first.web.url)
     await browser.wait_for("document.querySelectorAll('#nodes g.node').length === 5", what="5 nodes")
+    await browser.wait_for("document.querySelectorAll('#registrations tbody tr').length === 4")
     await browser.wait_for("document.querySelectorAll('#nodes g.node.self').length === 1")
     await browser.screenshot("browser-ring.png")
     updates = await browser.js("return Number(document.body.dataset.updates)")
