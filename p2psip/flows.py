@@ -285,14 +285,14 @@ class FlowTable:
             del self._tokens[flow.token]
 
     def snapshot(self, now: float) -> list[dict[str, object]]:
-        """For ``p2psip status``: one row per flow."""
+        """For ``p2psip status``: one row per flow (no instance ids: a home peer takes them for a device's
+        proof of ownership, so they are never shown)."""
         return [
             {
                 "flow": f.describe(),
                 "outbound": f.outbound,
                 "bindings": len(f.bindings),
                 "silent_s": round(now - f.last_seen, 1),
-                "instance": f.instance,
             }
             for f in self._flows.values()
         ]

@@ -144,6 +144,14 @@ async def test_outbound_phone_gets_flow_timer_and_loses_its_binding_when_keepali
         assert returned.params.get("reg-id") == "1" and returned.params.get("+sip.instance")
         [binding] = await ring[1].fetch_bindings(BOB)
         assert "ob" in Address(binding.path[0]).uri.params
+        # p2psip status lists the flow, never the instance id (a device's proof of ownership), and the web
+        # page off loopback shows no flows at all (phones' addresses)
+        from p2psip.web.server import redact
+
+        status = ring[0].status()
+        [row] = status["flows"]
+        assert row["outbound"] and row["bindings"] == 1 and "urn:uuid" not in str(status["flows"])
+        assert "flows" not in redact(status)
         # STUN keep-alives over the flow keep it (and the binding) alive well past the Flow-Timer
         request, _tid = stun_binding_request()
         assert bob.transport is not None

@@ -135,6 +135,18 @@ def _print_status(status: dict[str, Any]) -> None:
         print("  overlay requests refused by the per-source limits:")
         rows = [(k, v["rate"], v["refused"]) for k, v in limits.items()]
         print_table(["kind", "rate", "refused"], rows, "    ")
+    flows = status.get("flows", [])
+    routing = "through home peers" if status.get("home_routing", True) else "direct (home routing off)"
+    print(f"  flows of phones this peer is home for: {len(flows)}; calls go {routing}")
+    if flows:
+        print_table(
+            ["flow", "outbound", "bindings", "silent s"],
+            [
+                (f["flow"], "yes" if f["outbound"] else "NAT pings", f["bindings"], f["silent_s"])
+                for f in flows[:20]
+            ],
+            "    ",
+        )
     counters = status.get("counters", {})
     if counters:
         print("  counters:")

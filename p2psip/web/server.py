@@ -55,7 +55,7 @@ EVENT_INTERVAL = 0.5
 """Seconds between two looks at the status for the event stream (sent only when it changed)."""
 
 #: Keys of the status that name users or their devices: hidden off loopback.
-PRIVATE_KEYS = ("user_keys", "registrations", "calls")
+PRIVATE_KEYS = ("user_keys", "registrations", "calls", "flows")
 
 SECURITY_HEADERS = [
     (
