@@ -10,8 +10,10 @@ What is real: ``overlay.chord.ChordCore`` (every message, timer, retry, verifica
 checks, replica fan-out, duplicate suppression, hand-off forwarding, transfers and repair, over
 ``overlay.storage.Store`` with real Ed25519 entries). Entries get into the ring as a client's would: a
 lookup from a random node, then a ``store`` to the node it found, which fans the entry out to its replicas;
-reads (``fetch_checks``) are ``fetch`` requests to the node a lookup found. What is simulated or skipped,
-on purpose:
+reads (``fetch_checks``) are ``fetch`` requests to the node a lookup found, and with ``quorum_reads`` also
+a read of the replica set decided by ``overlay.reads.QuorumRead`` (what ``Node.get`` runs). A fraction
+``adversaries`` of the nodes can misbehave (``ADVERSARY_KINDS``: drop, hide, replay, misroute); the report
+counts stale reads both ways. What is simulated or skipped, on purpose:
 
 * the network: one-way latency from a 2-D coordinate model (``base + spread * distance``), independent
   message loss, no bandwidth limit; bodies are passed as Python values (the codec in ``overlay/wire.py`` is
