@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2psip.address import bracket, parse_hostport
+from p2psip.address import bracket, parse_hostport, target_from_uri
 from p2psip.dialog import Dialog
 from p2psip.errors import ConfigError, P2PSIPError, ParseError, TransactionError
 from p2psip.message import Request, Response, new_branch, new_call_id, new_tag
@@ -573,8 +573,7 @@ class Runner:
             return Target(self.transport, *self.proxy)
         route = request.get("Route")
         uri = Address(route).uri if route is not None else request.uri
-        port = uri.port or 5060
-        return Target(self.transport, uri.maddr or uri.host.strip("[]"), port)
+        return target_from_uri(uri, default_transport=self.transport)  # RFC 3263 without DNS
 
     async def run(self, *, live: Callable[[str], None] | None = None, interval: float = 1.0) -> Stats:
         self.loop = asyncio.get_running_loop()
