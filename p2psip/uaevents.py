@@ -66,7 +66,12 @@ class Notification(NamedTuple):
 class OutgoingSubscription:
     """A SUBSCRIBE we sent (see :meth:`UserAgent.subscribe`) and the subscriptions it made (forking:
     one per notifier). NOTIFYs are queued (:meth:`next`) and passed to ``on_notify``; refreshes go out
-    before expiry; :attr:`ended` is set when no subscription is left."""
+    before expiry; :attr:`ended` is set when no subscription is left. With ``resubscribe`` a
+    subscription the notifier ends with ``reason=deactivated`` (RFC 6665: "retry immediately", e.g. the
+    presence agent moved) is made again at once, by a new SUBSCRIBE, on the same handle."""
+
+    MAX_RESUBSCRIBES = 10
+    """Re-subscriptions one handle makes at most (a notifier that deactivates every time is left alone)."""
 
     def __init__(
         self,
@@ -77,8 +82,13 @@ class OutgoingSubscription:
         body_check: BodyCheck | None = None,
         on_notify: Callable[[Notification], None] | None = None,
         expires: int = 600,
+        resubscribe: bool = False,
+        headers: list[tuple[str, str]] | None = None,
     ) -> None:
         self.agent = agent
+        self.resubscribe = resubscribe
+        self.resubscribes = 0
+        self.headers = headers or []
         self.ua = agent.ua
         self.core = Subscriber(request, self.ua.loop.time(), self.ua.stack.timers, implicit=implicit)
         self.request = request
@@ -147,8 +157,47 @@ class OutgoingSubscription:
                     self.on_notify(note)
                 except Exception:  # the application's callback must not break the UA
                     log.exception("on_notify failed")
+            if self._should_resubscribe(sub):
+                self.resubscribes += 1
+                self.agent.spawn(self._again())
+                return
         self._schedule()
         self._check_ended()
+
+    def _should_resubscribe(self, sub: SubscriberSubscription) -> bool:
+        last = sub.last
+        return (
+            self.resubscribe
+            and not self.core.closed
+            and sub.terminated
+            and last is not None
+            and last.reason == "deactivated"
+            and not self.active
+            and self.resubscribes < self.MAX_RESUBSCRIBES
+        )
+
+    async def _again(self) -> None:
+        """A new SUBSCRIBE (new dialog) for what the notifier deactivated; the handle goes on."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.agent.subscribers.get(self.key) is self:
+            del self.agent.subscribers[self.key]
+        request = self.ua._new_request(
+            "SUBSCRIBE", self.request.uri.copy(), headers=self.headers, contact=True
+        )
+        self.request = request
+        self.core = Subscriber(request, self.ua.loop.time(), self.ua.stack.timers)
+        self.agent.subscribers[self.key] = self
+        try:
+            response = await self.ua._request(request)
+        except (P2PSIPError, TimeoutError) as exc:
+            log.info("re-subscribing to %s failed: %s", request.uri, exc)
+            self.agent.forget(self)
+            return
+        self.receive_response(response)
+        if response.status >= 300 and not self.core.subscriptions:
+            self.agent.forget(self)
 
     def _check_ended(self) -> None:
         if self.core.subscriptions and not self.active:
@@ -387,13 +436,20 @@ class EventsAgent:
         on_notify: Callable[[Notification], None] | None = None,
         timeout: float = 32.0,
         headers: Iterable[tuple[str, str]] = (),
+        resubscribe: bool = True,
     ) -> OutgoingSubscription:
         headers = [("Event", event), ("Expires", str(expires)), *headers]
         if accept:
             headers.append(("Accept", accept))
         request = self.ua._new_request("SUBSCRIBE", uri, headers=headers, contact=True)
         sub = OutgoingSubscription(
-            self, request, body_check=body_check, on_notify=on_notify, expires=expires or 600
+            self,
+            request,
+            body_check=body_check,
+            on_notify=on_notify,
+            expires=expires or 600,
+            resubscribe=resubscribe,
+            headers=headers,
         )
         self.subscribers[sub.key] = sub  # a NOTIFY may come before the 2xx
         try:

@@ -550,11 +550,13 @@ class UserAgent:
         on_notify: Callable[[Notification], None] | None = None,
         timeout: float = 32.0,
         headers: Iterable[tuple[str, str]] = (),
+        resubscribe: bool = True,
     ) -> OutgoingSubscription:
         """SUBSCRIBE to ``event`` (``presence``, ``message-summary``...) of ``uri`` (RFC 6665) and return
         once it is answered; NOTIFYs arrive on ``sub.next()`` and ``on_notify``. ``expires=0`` fetches the
         state once. ``body_check(request)`` raises ParseError for a body the package cannot read (the
-        NOTIFY then gets 400). Raises CallFailed for a failure answer (489 unknown package...)."""
+        NOTIFY then gets 400). Raises CallFailed for a failure answer (489 unknown package...). A
+        subscription the notifier ends with ``reason=deactivated`` is made again at once (``resubscribe``)."""
         return await self.events.subscribe(
             uri,
             event,
@@ -564,6 +566,7 @@ class UserAgent:
             on_notify=on_notify,
             timeout=timeout,
             headers=headers,
+            resubscribe=resubscribe,
         )
 
     async def options(self, uri: str | URI, *, timeout: float = 32.0) -> Response:

@@ -4,7 +4,7 @@ from registrations (registered = open) and PUBLISHed PIDF (entity tags); a NOTIF
 (PUBLISH, unregister); a watcher registered at another peer is vouched for by that peer's signed
 assertion, one registered nowhere (with a forged assertion) is politely blocked (sees closed);
 when the AOR's primary home moves, the old agent ends its subscriptions with reason=deactivated and a new
-SUBSCRIBE reaches the new agent."""
+SUBSCRIBE (our UA re-subscribes by itself) reaches the new agent."""
 
 from __future__ import annotations
 
@@ -172,10 +172,12 @@ async def test_subscribe_entering_elsewhere_and_agent_moving(
 
     note = await asyncio.wait_for(ended(), 15)
     assert note.state.reason == "deactivated" and note.state.may_resubscribe
-    again = await alice.subscribe(BOB, "presence", body_check=lambda r: None)
-    basic, _, _ = await basic_of(again)
-    assert basic == "open" and overlay[2].presence.watches
-    await again.unsubscribe()
+    # alice's UA subscribes again at once, on the same handle, and reaches the new agent
+    basic, _, note = await basic_of(sub)
+    assert basic == "open" and note.state.state is SubState.ACTIVE
+    assert overlay[2].presence.watches and not overlay[1].presence.watches and sub.resubscribes == 1
+    await sub.unsubscribe()
+    assert (await sub.next(10)).state.state is SubState.TERMINATED
 
 
 SUBSCRIBE_SCRIPT = """def watchers(event):
