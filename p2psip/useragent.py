@@ -57,8 +57,11 @@ class _Pending:
         self.auth_tries = 0
         self.transaction: ClientTransaction | None = None
         self.dialog: Dialog | None = None  # set for a re-INVITE: its 2xx is ACKed in this dialog
+        self.listener: Callable[[Response], None] | None = None  # every response (UserAgent.send_request)
 
     def on_response(self, response: Response) -> None:
+        if self.listener is not None:
+            self.listener(response)
         if response.status >= 200 and not self.final.done():
             self.final.set_result(response)
 
@@ -481,10 +484,10 @@ class UserAgent:
             request.set("Contact", str(self._contact(self._target(request))))
         return request
 
-    def _send(self, request: Request, target: Target | None = None) -> _Pending:
+    def _send(self, request: Request, target: Target | None = None, *, branch: str | None = None) -> _Pending:
         target = target or self._target(request)
         pending = _Pending(self, request, request.copy(), target)
-        tx = self.stack.send_request(request, target)
+        tx = self.stack.send_request(request, target, branch=branch)
         tx.context = pending
         pending.transaction = tx
         if tx.terminated and not pending.final.done():
@@ -531,6 +534,45 @@ class UserAgent:
             method, uri, body=body, content_type=content_type, headers=headers, contact=False
         )
         return await self._request(request, timeout=timeout)
+
+    # ----------------------------------------------- message level (a sipp-style step script's primitives)
+
+    def send_request(
+        self,
+        request: Request,
+        target: Target | None = None,
+        *,
+        branch: str | None = None,
+        on_response: Callable[[Response], None] | None = None,
+    ) -> asyncio.Future[Response]:
+        """Send a request the caller built on its own client transaction of this UA (retransmissions,
+        timers and the ACK of a non-2xx are the transaction layer's). Every response, provisional or
+        final, goes to ``on_response``; the returned future holds the final one, or fails with
+        :class:`CallFailed` (408 on a timeout, 503 on a transport failure). No digest retry and no
+        dialog: what a script sends next is its own choice (:mod:`sipapi.scenario` steps). ``branch``
+        re-uses a branch (a CANCEL has its INVITE's)."""
+        pending = self._send(request, target, branch=branch)
+        pending.listener = on_response
+        return pending.final
+
+    def send_ack(self, ack: Request, target: Target | None = None, *, resend: bool = False) -> None:
+        """Send the ACK for a 2xx (no transaction, §13.2.2.4): a new branch, or ``resend`` as it was."""
+        self._send_ack(ack, resend=resend, target=target)
+
+    def adopt(self, dialog: Dialog) -> Call:
+        """Make a dialog a script set up from its own INVITE one of this UA's calls: requests inside it
+        (a BYE from the other end) are answered, a 2xx retransmitted after the INVITE transaction ended is
+        ACKed again (with ``dialog.last_ack``). :meth:`forget` it when the script is done."""
+        call = Call(self)
+        call.dialog = dialog
+        call.state = "confirmed"
+        self._dialogs[dialog.id] = call
+        return call
+
+    def forget(self, call: Call) -> None:
+        """Stop answering for ``call``'s dialog (requests in it get 481 from now on)."""
+        if call.dialog is not None and self._dialogs.get(call.dialog.id) is call:
+            del self._dialogs[call.dialog.id]
 
     async def message(
         self, uri: str | URI, text: str | bytes, *, content_type: str = "text/plain", timeout: float = 32.0
@@ -1036,8 +1078,8 @@ class UserAgent:
         if not pending.final.done():
             pending.final.set_exception(CallFailed(status, response.reason, response))
 
-    def _send_ack(self, ack: Request, *, resend: bool = False) -> None:
-        target = self._target(ack)
+    def _send_ack(self, ack: Request, *, resend: bool = False, target: Target | None = None) -> None:
+        target = target or self._target(ack)
         if not resend:
             self.stack.push_via(ack, target)
         self.stack.send_stateless(ack, target)

@@ -35,8 +35,10 @@ was ACKed already, hop by hop, as the transaction layer would); ``BYE`` and othe
 (To tag, remote target, route set); ``CANCEL`` for the pending INVITE. ``expect(status)`` waits for a
 response (a status, a list of them, or ``'2xx'``-style classes); ``optional=True`` steps may be skipped
 when a later one matches, as in sipp. Unexpected provisional responses are ignored, retransmitted finals
-re-ACKed; any other surprise fails the call. ``pause(seconds)`` waits. Requests over UDP are
-retransmitted (T1 = 0.5 s doubling to T2 = 4 s) until answered; 32 s without an answer fails the call.
+re-ACKed; any other surprise fails the call. ``pause(seconds)`` waits. Both kinds of scenario run on the
+one :class:`~p2psip.useragent.UserAgent`: steps send on its client transactions (over UDP retransmitted
+from T1 = 0.5 s doubling to T2 = 4 s; 32 s without an answer fails the call), and it answers requests
+inside a step call's dialog (a BYE from the callee gets 200).
 Header values and bodies may use ``{local_ip}``, ``{local_port}``, ``{target}``, ``{call_number}``,
 ``{service}`` fields.
 
@@ -62,12 +64,12 @@ from typing import Any
 
 from p2psip.address import bracket, parse_hostport, target_from_uri
 from p2psip.dialog import Dialog
-from p2psip.errors import ConfigError, P2PSIPError, ParseError, TransactionError
-from p2psip.message import Request, Response, new_branch, new_call_id, new_tag
-from p2psip.stack import Core, Source, Stack, Target
-from p2psip.transaction import ClientTransaction, ServerTransaction, make_ack, make_cancel
+from p2psip.errors import CallFailed, ConfigError, P2PSIPError, ParseError, TransactionError
+from p2psip.message import Request, Response, new_call_id, new_tag
+from p2psip.stack import Stack, Target
+from p2psip.transaction import make_cancel
 from p2psip.uri import Address
-from p2psip.useragent import UserAgent
+from p2psip.useragent import Call, UserAgent
 
 from .errors import ScenarioError, StepFailed
 
@@ -97,8 +99,6 @@ SDP = (
 )
 """A minimal audio offer (PCMU), for ``send("INVITE", body=SDP)``."""
 
-T1 = 0.5
-T2 = 4.0
 GIVE_UP = 32.0
 
 
@@ -278,31 +278,30 @@ class Stats:
 
 
 class _StepCall:
-    """One call of a step scenario: its requests as the steps say, its responses, its retransmissions.
+    """One call of a step scenario: a script over the one :class:`~p2psip.useragent.UserAgent`.
 
-    A message-level engine on purpose (sipp's model: each step sends or expects one message, so a
-    scenario can test what a UA would never do); what a UA knows it takes from the stack rather than
-    writing it again: the dialog (:class:`~p2psip.dialog.Dialog`: in-dialog requests and the 2xx ACK),
-    the CANCEL and the non-2xx ACK (:func:`~p2psip.transaction.make_cancel`, ``make_ack``). Scenarios
-    written against the UA API (``async def call(ua, uri)``) run on the one
-    :class:`~p2psip.useragent.UserAgent`."""
+    Each step sends or expects one message (sipp's model, so a scenario can test what a UA would never
+    do), but nothing of a phone is written again here: requests go out on the UA's client transactions
+    (:meth:`~p2psip.useragent.UserAgent.send_request`: retransmission, timers, the ACK of a non-2xx), the
+    dialog is :class:`~p2psip.dialog.Dialog` (in-dialog requests, the 2xx ACK) adopted by the UA (which
+    answers a BYE from the other end and re-ACKs a late 2xx), the CANCEL is
+    :func:`~p2psip.transaction.make_cancel`."""
 
-    def __init__(self, runner: Runner, number: int) -> None:
+    def __init__(self, runner: Runner, ua: UserAgent, number: int) -> None:
         self.runner = runner
+        self.ua = ua
         self.number = number
         self.call_id = new_call_id(runner.local[0])
         self.from_tag = new_tag()
         self.cseq = 0
         self.dialog: Dialog | None = None  # from the 2xx to our INVITE: in-dialog requests and its ACK
+        self.adopted: Call | None = None
         self.invite: Request | None = None
         self.invite_final: Response | None = None
-        self.last_ack: Request | None = None
-        self.queue: asyncio.Queue[Response] = asyncio.Queue()
-        self.retransmit: asyncio.TimerHandle | None = None
-        self.pending: Request | None = None
+        self.queue: asyncio.Queue[Response | CallFailed] = asyncio.Queue()
         self.first_sent: float | None = None
         self.response_ms: float | None = None
-        self.seen_finals: set[tuple[int, str, int]] = set()
+        self.seen_2xx: set[tuple[str, int]] = set()
 
     # -- building ---------------------------------------------------------------------------------------
     def fields(self) -> dict[str, Any]:
@@ -332,12 +331,10 @@ class _StepCall:
             if invite is None or final is None:
                 raise StepFailed("send ACK: no INVITE was answered")
             if final.status >= 300:
-                return None  # ACKed already (hop by hop, like the transaction layer)
+                return None  # ACKed already by the INVITE client transaction
             if self.dialog is None:
                 raise StepFailed(f"send ACK: the {final.status} created no dialog (no To tag)")
-            ack = self.dialog.create_ack(final)
-            self.last_ack = ack
-            return ack
+            return self.dialog.create_ack(final)
         if method == "CANCEL":
             if self.invite is None:
                 raise StepFailed("send CANCEL: no INVITE is pending")
@@ -368,36 +365,27 @@ class _StepCall:
         return request
 
     # -- sending ------------------------------------------------------------------------------------------
-    def transmit(self, request: Request, *, reuse_branch: bool = False) -> None:
-        r = self.runner
-        if not reuse_branch:
-            branch = new_branch()
-            r.stack.push_via(request, r.next_hop(request), branch)
-        r.stack.send_stateless(request, r.next_hop(request))
+    def transmit(self, request: Request) -> None:
+        target = self.runner.next_hop(request)
         if self.first_sent is None:
             self.first_sent = time.monotonic()
-        if request.method != "ACK" and r.transport == "udp":
-            self.pending = request
-            self._arm(T1, 0.0)
-
-    def _arm(self, interval: float, elapsed: float) -> None:
-        if self.retransmit is not None:
-            self.retransmit.cancel()
-        self.retransmit = self.runner.loop.call_later(interval, self._again, interval, elapsed + interval)
-
-    def _again(self, interval: float, elapsed: float) -> None:
-        request = self.pending
-        if request is None or elapsed >= GIVE_UP:
+        if request.method == "ACK":
+            self.ua.send_ack(request, target)
             return
-        self.runner.stack.send_stateless(request, self.runner.next_hop(request))
-        self.runner.retransmissions += 1
-        self._arm(min(interval * 2, T2), elapsed)
+        branch = None
+        if request.method == "CANCEL":  # on its own transaction, with the INVITE's branch (§9.1)
+            via = request.top_via
+            branch = via.branch if via is not None else None
+            request.remove_first("Via")
+        final = self.ua.send_request(request, target, branch=branch, on_response=self.on_response)
+        final.add_done_callback(self._on_final)
 
-    def stop_retransmit(self) -> None:
-        self.pending = None
-        if self.retransmit is not None:
-            self.retransmit.cancel()
-            self.retransmit = None
+    def _on_final(self, final: asyncio.Future[Response]) -> None:
+        if final.cancelled():
+            return
+        exc = final.exception()
+        if isinstance(exc, CallFailed):
+            self.queue.put_nowait(exc)  # no answer (timer B/F) or the transport failed
 
     # -- receiving ----------------------------------------------------------------------------------------
     def on_response(self, response: Response) -> None:
@@ -405,41 +393,25 @@ class _StepCall:
             cseq = response.cseq
         except ParseError:
             return
-        pending = self.pending
-        if pending is not None and cseq.method == pending.method and cseq.number == pending.cseq.number:
-            if pending.method != "INVITE" and response.status < 200:
-                pass  # non-INVITE: retransmit until the final response (T2 spacing from now on)
-            else:
-                self.stop_retransmit()
-        if cseq.method == "INVITE" and self.invite is not None and response.status >= 200:
-            key = (response.status, response.to.tag or "", cseq.number)
-            if key in self.seen_finals:
-                self._reack(response)
+        if cseq.method == "INVITE" and self.invite is not None and 200 <= response.status < 300:
+            key = (response.to.tag or "", cseq.number)
+            if key in self.seen_2xx:  # a retransmitted 2xx: ACK it again
+                ack = self.dialog.last_ack if self.dialog is not None else None
+                if ack is not None:
+                    self.ua.send_ack(ack, self.runner.next_hop(ack), resend=True)
                 return
-            self.seen_finals.add(key)
-            self.invite_final = response
-            if response.status < 300:
-                try:
-                    self.dialog = Dialog.uac(self.invite, response)  # §12.1.2: target, route set, tags
-                except (TransactionError, ParseError):
-                    self.dialog = None  # no To tag: send("ACK") / send("BYE") will fail the call
+            self.seen_2xx.add(key)
+            try:
+                self.dialog = Dialog.uac(self.invite, response)  # §12.1.2: target, route set, tags
+            except (TransactionError, ParseError):
+                self.dialog = None  # no To tag: send("ACK") / send("BYE") will fail the call
             else:
-                self._ack_failure(response)
+                self.adopted = self.ua.adopt(self.dialog)
+        if cseq.method == "INVITE" and response.status >= 200:
+            self.invite_final = response
         if response.status >= 200 and self.response_ms is None and self.first_sent is not None:
             self.response_ms = (time.monotonic() - self.first_sent) * 1000
         self.queue.put_nowait(response)
-
-    def _reack(self, response: Response) -> None:
-        if response.status < 300 and self.last_ack is not None:
-            self.runner.stack.send_stateless(self.last_ack, self.runner.next_hop(self.last_ack))
-        elif response.status >= 300:
-            self._ack_failure(response)
-
-    def _ack_failure(self, response: Response) -> None:
-        """§17.1.1.3: a non-2xx final is ACKed hop by hop, as the transaction layer would."""
-        if self.invite is not None:
-            ack = make_ack(self.invite, response)
-            self.runner.stack.send_stateless(ack, self.runner.next_hop(ack))
 
     # -- running ------------------------------------------------------------------------------------------
     async def run(self, steps: list[Step]) -> None:
@@ -451,7 +423,7 @@ class _StepCall:
                 if isinstance(step, Send):
                     request = self.build(step)
                     if request is not None:
-                        self.transmit(request, reuse_branch=request.method == "CANCEL")
+                        self.transmit(request)
                     i += 1
                 elif isinstance(step, Pause):
                     await asyncio.sleep(step.seconds)
@@ -459,7 +431,8 @@ class _StepCall:
                 else:
                     i = await self._expect(steps, i)
         finally:
-            self.stop_retransmit()
+            if self.adopted is not None:
+                self.ua.forget(self.adopted)
 
     async def _expect(self, steps: list[Step], i: int) -> int:
         window: list[int] = []
@@ -473,11 +446,13 @@ class _StepCall:
         assert isinstance(first, Expect)
         timeout = first.timeout if first.timeout is not None else GIVE_UP
         while True:
+            wanted = "/".join(str(s) for k in window for s in steps[k].statuses)  # type: ignore[union-attr]
             try:
                 response = await asyncio.wait_for(self.queue.get(), timeout)
             except TimeoutError:
-                wanted = "/".join(str(s) for s in first.statuses)
                 raise StepFailed(f"timeout waiting for {wanted}") from None
+            if isinstance(response, CallFailed):
+                raise StepFailed(f"{response.status} {response.reason} waiting for {wanted}")
             for k in window:
                 step = steps[k]
                 assert isinstance(step, Expect)
@@ -485,38 +460,7 @@ class _StepCall:
                     return k + 1
             if response.status < 200:
                 continue  # an unexpected provisional response: harmless
-            wanted = "/".join(str(s) for k in window for s in steps[k].statuses)  # type: ignore[union-attr]
             raise StepFailed(f"unexpected {response.status} (expected {wanted})")
-
-
-class _StepCore(Core):
-    """A stateless core (the stack runs no transactions): responses go to their call by Call-ID."""
-
-    stateful = False
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-
-    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
-        # A request inside one of our calls (e.g. a BYE from the callee): answer 200 so it ends cleanly.
-        if request.method == "ACK":
-            return
-        try:
-            known = request.call_id in self.runner.calls
-        except ParseError:
-            return
-        response = Response.for_request(request, 200 if known else 481)
-        self.runner.stack.send_stateless(response, source)
-
-    def on_response(
-        self, response: Response, transaction: ClientTransaction | None, source: Source | None
-    ) -> None:
-        try:
-            call = self.runner.calls.get(response.call_id)
-        except ParseError:
-            return
-        if call is not None:
-            call.on_response(response)
 
 
 # ------------------------------------------------------------------------------------------- the runner
@@ -557,8 +501,6 @@ class Runner:
         self.limit = limit or max(100, int(rate * 10))
         self.call_timeout = call_timeout
         self.stats = Stats(calls)
-        self.calls: dict[str, _StepCall] = {}
-        self.retransmissions = 0
         self.local: tuple[str, int] = ("127.0.0.1", 0)
         self.request_uri = f"sip:{service}@{bracket(self.target[0])}:{self.target[1]}"
         if transport == "tcp":
@@ -581,15 +523,11 @@ class Runner:
         spec = f"{self.transport}:{host}:{port}"
         self.stack = await Stack.start([spec])
         self.local = self.stack.local_address(self.transport)
-        ua: UserAgent | None = None
-        if self.scenario.steps is None:
-            make = self.scenario.make_ua
-            if make is not None:
-                ua = make(self.stack, self.local)
-            else:
-                ua = UserAgent(self.stack, f"sip:sipapi@{self.local_host_text}")
+        make = self.scenario.make_ua
+        if make is not None:
+            ua = make(self.stack, self.local)
         else:
-            self.stack.attach(_StepCore(self))
+            ua = UserAgent(self.stack, f"sip:sipapi@{self.local_host_text}", user_agent="sipapi-scenario")
         reporter = asyncio.ensure_future(self._report(live, interval)) if live else None
         semaphore = asyncio.Semaphore(self.limit)
         tasks: set[asyncio.Task[None]] = set()
@@ -612,29 +550,24 @@ class Runner:
                 reporter.cancel()
             for task in tasks:
                 task.cancel()
-            if ua is not None:
-                await ua.close()
+            await ua.close()
             await self.stack.close()
         if live:
             live(self.stats.line())
         return self.stats
 
-    async def _one(self, number: int, ua: UserAgent | None, semaphore: asyncio.Semaphore) -> None:
+    async def _one(self, number: int, ua: UserAgent, semaphore: asyncio.Semaphore) -> None:
         stats = self.stats
         stats.attempted += 1
         began = time.monotonic()
         try:
             if self.scenario.steps is not None:
-                call = _StepCall(self, number)
-                self.calls[call.call_id] = call
-                try:
-                    await asyncio.wait_for(call.run(self.scenario.steps), self.call_timeout)
-                finally:
-                    self.calls.pop(call.call_id, None)
+                call = _StepCall(self, ua, number)
+                await asyncio.wait_for(call.run(self.scenario.steps), self.call_timeout)
                 if call.response_ms is not None:
                     stats.response_ms.append(call.response_ms)
             else:
-                assert ua is not None and self.scenario.call is not None
+                assert self.scenario.call is not None
                 fn = self.scenario.call
                 args: list[Any] = [ua, self.request_uri]
                 if len(inspect.signature(fn).parameters) >= 3:
