@@ -187,3 +187,44 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(ScenarioError):
         Runner(load(EXAMPLES / "scenario_uac.py"), "127.0.0.1:5060", rate=0)
     assert send("invite").method == "INVITE"
+
+
+async def test_step_call_runs_on_the_user_agent_which_answers_the_callees_bye(tmp_path: Path) -> None:
+    """A step call is a script over the one UserAgent: the callee (a UserAgent too) hangs up while the
+    scenario pauses, and the runner's UA answers its BYE 200 in the adopted dialog (not 481); after the
+    run the dialog is forgotten."""
+    from p2psip.useragent import UserAgent
+
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    byes: list[int] = []
+    done = asyncio.Event()
+
+    async def hang_up(call) -> None:  # type: ignore[no-untyped-def]
+        await asyncio.wait_for(call.confirmed.wait(), 10)
+        byes.append((await call.bye()).status)
+        done.set()
+
+    tasks: list[asyncio.Task[None]] = []
+
+    def answer(call) -> None:  # type: ignore[no-untyped-def]
+        call.accept()
+        tasks.append(asyncio.ensure_future(hang_up(call)))
+
+    callee = UserAgent(stack, "sip:service@127.0.0.1", on_call=answer)
+    try:
+        host, port = stack.local_address("udp")
+        scenario = tmp_path / "hangup.py"
+        scenario.write_text(
+            "from sipapi.scenario import SDP, expect, pause, send\n"
+            "steps = [send('INVITE', body=SDP), expect(100, optional=True), expect(200), send('ACK'),\n"
+            "         pause(2.0)]\n"
+        )
+        runner = Runner(load(scenario), f"{host}:{port}", rate=10, calls=1)
+        run = asyncio.ensure_future(runner.run())
+        await asyncio.wait_for(done.wait(), 10)
+        stats = await asyncio.wait_for(run, 10)
+    finally:
+        await callee.close()
+        await stack.close()
+    assert (stats.succeeded, stats.failed) == (1, 0), stats.reasons
+    assert byes == [200]
