@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from p2psip.cli.common import check_sip_uri, fail, parse_via, print_table, via_text
+from p2psip.cli.common import add_phone_options, check_sip_uri, fail, parse_via, print_table, via_text
 from p2psip.cli.phone import (
     DeadAddress,
     close_phone,
@@ -290,30 +290,24 @@ def _cmd_call(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     register = sub.add_parser("register", help="send one REGISTER for an AOR to a peer")
-    register.add_argument("uri", metavar="SIP-URI", help="the address of record, e.g. sip:alice@p2p.example")
-    register.add_argument("--via", required=True, metavar="HOST:PORT", help="the peer to register at")
+    add_phone_options(
+        register, timeout=10.0, sender=None, via_help="the peer to register at", via_required=True
+    )
     register.add_argument(
         "--contact", metavar="URI", help="the contact to bind (default: this command's address)"
     )
     register.add_argument("--expires", type=int, default=3600, metavar="S", help="seconds (0 removes)")
     register.add_argument("--password", metavar="P", help="answer a digest challenge with this password")
-    register.add_argument("--timeout", type=float, default=10.0, metavar="S", help="give up after S seconds")
-    register.add_argument("--json", action="store_true", help="machine-readable output")
     register.set_defaults(func=_cmd_register)
 
     call = sub.add_parser("call", help="call a SIP URI through a peer, then hang up")
-    call.add_argument("uri", metavar="SIP-URI")
-    call.add_argument(
-        "--via", default="127.0.0.1:5060", metavar="HOST:PORT", help="the peer (default 127.0.0.1:5060)"
-    )
-    call.add_argument("--from", dest="from_", metavar="SIP-URI", help="the caller's address")
+    add_phone_options(call, timeout=30.0, sender="the caller's address")
     call.add_argument(
         "--duration",
         type=float,
         metavar="S",
         help="seconds to stay up (default 1, or the length of --play's file)",
     )
-    call.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds")
     call.add_argument("--play", metavar="WAV", help="audio to send (a WAV file, any rate)")
     call.add_argument("--record", metavar="WAV", help="where to record the audio received (a WAV file)")
     call.add_argument(
@@ -321,5 +315,4 @@ def add_commands(sub: Any) -> None:
         metavar="SIP-URI",
         help="after --duration, transfer the call there (REFER, blind) instead of hanging up",
     )
-    call.add_argument("--json", action="store_true", help="machine-readable output")
     call.set_defaults(func=_cmd_call)

@@ -61,3 +61,50 @@ def check_sip_uri(text: str, what: str) -> str:
     if uri.scheme not in ("sip", "sips") or not uri.user:
         raise ConfigError(f"{what}: {text!r} is not a SIP address of record (write sip:user@domain)")
     return text
+
+
+# ------------------------------------------------------------------------- options several commands take
+
+LISTEN_METAVAR = "[udp:|tcp:|tls:|ws:|wss:]HOST:PORT"
+
+
+def add_listen_options(parser: argparse.ArgumentParser, *, listen_help: str, tls_ca_help: str) -> None:
+    """``--listen`` (repeatable) and the TLS files of ``start`` and ``proxy``: one spelling for both."""
+    parser.add_argument("--listen", action="append", metavar=LISTEN_METAVAR, help=listen_help)
+    parser.add_argument("--tls-cert", metavar="PEM", help="certificate for tls:/wss: (default: self-signed)")
+    parser.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
+    parser.add_argument("--tls-ca", metavar="PEM", help=tls_ca_help)
+
+
+def add_phone_options(
+    parser: argparse.ArgumentParser,
+    *,
+    timeout: float,
+    sender: str | None,
+    via_help: str = "the peer (default 127.0.0.1:5060)",
+    via_required: bool = False,
+) -> None:
+    """What the phone commands (``register``, ``call``, ``message``) share: the AOR, ``--via``, the
+    sender's ``--from`` (``sender`` is its help; None: no such option), ``--timeout`` and ``--json``."""
+    parser.add_argument("uri", metavar="SIP-URI", help="the address of record, e.g. sip:bob@p2p.example")
+    if via_required:
+        parser.add_argument("--via", required=True, metavar="HOST:PORT", help=via_help)
+    else:
+        parser.add_argument("--via", default="127.0.0.1:5060", metavar="HOST:PORT", help=via_help)
+    if sender is not None:
+        parser.add_argument("--from", dest="from_", metavar="SIP-URI", help=sender)
+    parser.add_argument("--timeout", type=float, default=timeout, metavar="S", help="give up after S seconds")
+    add_json_option(parser)
+
+
+def add_data_dir_options(parser: argparse.ArgumentParser, *, data_dir_help: str, config: bool) -> None:
+    """``--data-dir`` (and ``--config`` to take it from) and ``--json`` of the commands that talk to a
+    peer's data dir (``status``, ``lookup``, ``user add``)."""
+    parser.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    if config:
+        parser.add_argument("--config", metavar="FILE", help="take the data dir from this config")
+    add_json_option(parser)
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")

@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from p2psip.cli.common import check_sip_uri, fail, parse_via, via_text
+from p2psip.cli.common import add_phone_options, check_sip_uri, fail, parse_via, via_text
 from p2psip.cli.phone import close_phone, final_response, open_phone, run_one
 
 
@@ -50,12 +50,6 @@ def _cmd_message(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     message = sub.add_parser("message", help="send an instant message to a SIP address through a peer")
-    message.add_argument("uri", metavar="SIP-URI", help="the address of record, e.g. sip:bob@p2p.example")
+    add_phone_options(message, timeout=32.0, sender="the sender's address")
     message.add_argument("text", help="the message (text/plain)")
-    message.add_argument(
-        "--via", default="127.0.0.1:5060", metavar="HOST:PORT", help="the peer (default 127.0.0.1:5060)"
-    )
-    message.add_argument("--from", dest="from_", metavar="SIP-URI", help="the sender's address")
-    message.add_argument("--timeout", type=float, default=32.0, metavar="S", help="give up after S seconds")
-    message.add_argument("--json", action="store_true", help="machine-readable output")
     message.set_defaults(func=_cmd_message)

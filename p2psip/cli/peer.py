@@ -9,7 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from p2psip.cli.common import check_sip_uri, data_dir_of, fail, print_table
+from p2psip.cli.common import (
+    add_data_dir_options,
+    add_listen_options,
+    check_sip_uri,
+    data_dir_of,
+    fail,
+    print_table,
+)
 
 
 def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,16 +218,10 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     start = sub.add_parser("start", help="run a peer in the foreground")
-    start.add_argument(
-        "--listen",
-        action="append",
-        metavar="[udp:|tcp:|tls:|ws:|wss:]HOST:PORT",
-        help="SIP listener (repeatable; default UDP and TCP on 127.0.0.1:5060; ws:/wss: for browsers)",
-    )
-    start.add_argument("--tls-cert", metavar="PEM", help="certificate for tls:/wss: (default: self-signed)")
-    start.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
-    start.add_argument(
-        "--tls-ca", metavar="PEM", help="certificates trusted connecting out over TLS/WSS (default: system)"
+    add_listen_options(
+        start,
+        listen_help="SIP listener (repeatable; default UDP and TCP on 127.0.0.1:5060; ws:/wss: for browsers)",
+        tls_ca_help="certificates trusted connecting out over TLS/WSS (default: system)",
     )
     start.add_argument(
         "--http",
@@ -275,8 +276,9 @@ def add_commands(sub: Any) -> None:
     add = user_sub.add_parser("add", help="create an account (digest) for an AOR and print its password")
     add.add_argument("aor", metavar="SIP-URI", help="the address of record, e.g. sip:alice@p2p.example")
     add.add_argument("--username", metavar="NAME", help="digest user name (default: the AOR's user part)")
-    add.add_argument("--data-dir", metavar="DIR", help="the peer's data dir (default ~/.local/share/p2psip)")
-    add.add_argument("--json", action="store_true", help="machine-readable output")
+    add_data_dir_options(
+        add, data_dir_help="the peer's data dir (default ~/.local/share/p2psip)", config=False
+    )
     add.set_defaults(func=_cmd_user_add)
 
     for name, helptext, func in (
@@ -286,7 +288,5 @@ def add_commands(sub: Any) -> None:
         p = sub.add_parser(name, help=helptext)
         if name == "lookup":
             p.add_argument("uri", metavar="SIP-URI")
-        p.add_argument("--data-dir", metavar="DIR", help="the running peer's data dir")
-        p.add_argument("--config", metavar="FILE", help="take the data dir from this config")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        add_data_dir_options(p, data_dir_help="the running peer's data dir", config=True)
         p.set_defaults(func=func)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from p2psip.cli.common import add_listen_options
+
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
     """``p2psip proxy``: a stand-alone SIP proxy (no overlay), forwarding by Route and Request-URI."""
@@ -76,11 +78,10 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     proxy = sub.add_parser("proxy", help="run a plain SIP proxy (no overlay), like a minimal Kamailio")
-    proxy.add_argument(
-        "--listen",
-        action="append",
-        metavar="[udp:|tcp:|tls:|ws:|wss:]HOST:PORT",
-        help="where to listen (repeatable; no prefix = UDP and TCP; default 127.0.0.1:5060)",
+    add_listen_options(
+        proxy,
+        listen_help="where to listen (repeatable; no prefix = UDP and TCP; default 127.0.0.1:5060)",
+        tls_ca_help="certificates trusted when forwarding over TLS (default: system's)",
     )
     proxy.add_argument("--stateless", action="store_true", help="forward statelessly (RFC 3261 §16.11)")
     proxy.add_argument("--no-record-route", action="store_true", help="do not add Record-Route")
@@ -88,11 +89,6 @@ def add_commands(sub: Any) -> None:
         "--recurse",
         action="store_true",
         help="follow 3xx redirects: their Contacts become new branches (RFC 3261 §16.5)",
-    )
-    proxy.add_argument("--tls-cert", metavar="PEM", help="certificate for tls:/wss: (default: self-signed)")
-    proxy.add_argument("--tls-key", metavar="PEM", help="key for --tls-cert (default: same file)")
-    proxy.add_argument(
-        "--tls-ca", metavar="PEM", help="certificates trusted when forwarding over TLS (default: system's)"
     )
     proxy.add_argument(
         "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="auto: uvloop if installed"
