@@ -18,6 +18,12 @@ binding checks of a peer) is small on purpose:
 - ``table.token_of(...)``, ``table.by_token(token)``: the flow token (§5.2) that goes into the home peer's
   Path URI (``sip:TOKEN@peer;lr;ob``). It is an HMAC of the flow identity under a per-table secret, so it
   is stable for one flow (a re-REGISTER gives the same Path) and cannot be forged to reach another flow.
+  A UDP token also carries the observed address and port (RFC 5626 §5.2's example token, HMAC-protected):
+  a UDP flow is only an address, and it outlives a restart of its home peer (the phone's NAT mapping does
+  not care), so ``table.resolve(token, now)`` brings such a flow back from its token alone when the table
+  does not hold it (a peer that keeps its secret in its data dir keeps its phones callable), unless this
+  run found that flow dead. A stream flow is its connection: after a restart its token names nothing, and
+  requests for it get 430.
 - ``table.touch(transport, host, port, now)``: anything at all arrived from that address (a message, a STUN
   or CRLF keep-alive, an answer to our NAT ping): the flow is alive. A dict lookup; unknown flows are ignored.
 - ``table.closed(transport, host, port)``: a stream connection ended: the flow fails at once.
@@ -43,6 +49,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -113,6 +120,24 @@ class Failed:
 Action = Ping | Failed
 
 
+def _pack_address(host: str, port: int) -> bytes | None:
+    try:
+        return ipaddress.ip_address(host).packed + port.to_bytes(2, "big")
+    except (ValueError, OverflowError):
+        return None
+
+
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+def _unb32(token: str) -> bytes | None:
+    try:
+        return base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+    except (ValueError, TypeError):
+        return None
+
+
 class FlowTable:
     """Every flow this node holds, by address and by token (see the module docstring)."""
 
@@ -137,7 +162,10 @@ class FlowTable:
         self._flows: dict[FlowKey, Flow] = {}
         self._tokens: dict[str, Flow] = {}
         self._bindings: dict[BindingKey, Flow] = {}
-        self.stats: dict[str, int] = dict.fromkeys(("created", "failed", "pings", "refused"), 0)
+        self._dead: dict[str, None] = {}
+        """Tokens of flows found dead in this run (oldest first, at most ``max_flows``): :meth:`resolve`
+        never takes them back; a new REGISTER over the same address makes the flow live again."""
+        self.stats: dict[str, int] = dict.fromkeys(("created", "failed", "pings", "refused", "revived"), 0)
 
     # ------------------------------------------------------------------------------------- lookups
 
@@ -148,9 +176,28 @@ class FlowTable:
         return iter(list(self._flows.values()))
 
     def token_of(self, transport: str, host: str, port: int) -> str:
-        """The flow token of a flow identity: 24 base32 characters of an HMAC (valid in a SIP user part)."""
-        mac = hmac.new(self.secret, f"{transport}|{host}|{port}".encode(), hashlib.sha256).digest()
-        return base64.b32encode(mac[:15]).decode().lower()
+        """The flow token of a flow identity, in base32 (valid in a SIP user part): 24 characters of an
+        HMAC for a stream flow; for UDP 16 characters of HMAC followed by the packed address and port, so
+        that :meth:`resolve` can bring the flow back from the token (see the module docstring)."""
+        if transport.lower() == "udp":
+            packed = _pack_address(host, port)
+            if packed is not None:
+                return _b32(self._mac(b"udp|" + packed)[:10] + packed)
+        return _b32(self._mac(f"{transport}|{host}|{port}".encode())[:15])
+
+    def _mac(self, data: bytes) -> bytes:
+        return hmac.new(self.secret, data, hashlib.sha256).digest()
+
+    def udp_address_of(self, token: str) -> tuple[str, int] | None:
+        """The observed address a genuine UDP token of this table names, or None (not a UDP token, or not
+        made with this table's secret)."""
+        raw = _unb32(token)
+        if raw is None or len(raw) not in (16, 28) or _b32(raw) != token:
+            return None  # not ours, or not in its one canonical spelling
+        mac, packed = raw[:10], raw[10:]
+        if not hmac.compare_digest(mac, self._mac(b"udp|" + packed)[:10]):
+            return None
+        return str(ipaddress.ip_address(packed[:-2])), int.from_bytes(packed[-2:], "big")
 
     def get(self, transport: str, host: str, port: int) -> Flow | None:
         return self._flows.get((transport, host, port))
@@ -158,6 +205,31 @@ class FlowTable:
     def by_token(self, token: str) -> Flow | None:
         """The live flow a token names, or None (never held, or failed since: answer 430)."""
         return self._tokens.get(token)
+
+    def key_of_token(self, token: str) -> FlowKey | None:
+        """The flow identity a token names: a flow we hold, or the address inside a genuine UDP token."""
+        flow = self._tokens.get(token)
+        if flow is not None:
+            return flow.key
+        address = self.udp_address_of(token)
+        return None if address is None else ("udp", *address)
+
+    def resolve(self, token: str, now: float) -> Flow | None:
+        """The flow to send a request over: the one we hold, or (UDP only) the flow the token itself
+        names, taken back into the table (NAT-pinged from now on, bound again by the phone's next
+        REGISTER). None: the flow is gone (a stream connection, a token of another secret): answer 430."""
+        flow = self._tokens.get(token)
+        if flow is not None:
+            return flow
+        address = self.udp_address_of(token)
+        if address is None or token in self._dead or len(self._flows) >= self.max_flows:
+            return None
+        host, port = address
+        flow = Flow(token, "udp", host, port, created=now, last_seen=now, last_ping=now)
+        self._flows[flow.key] = flow
+        self._tokens[token] = flow
+        self.stats["revived"] += 1
+        return flow
 
     def flow_of(self, aor: str, entry_id: bytes) -> Flow | None:
         """The flow a binding was registered over."""
@@ -190,6 +262,7 @@ class FlowTable:
                 self.stats["refused"] += 1
                 raise OverflowError(f"the flow table is full ({self.max_flows} flows)")
             token = self.token_of(*key)
+            self._dead.pop(token, None)
             flow = Flow(token, key[0], host, port, created=now, last_seen=now, handle=handle, last_ping=now)
             self._flows[key] = flow
             self._tokens[token] = flow
@@ -275,6 +348,9 @@ class FlowTable:
                 del self._bindings[binding]
         flow.bindings.clear()
         self._drop(flow)
+        self._dead[flow.token] = None
+        if len(self._dead) > self.max_flows:
+            del self._dead[next(iter(self._dead))]
         self.stats["failed"] += 1
         return Failed(flow, bindings, why)
 

@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 import socket
 import sys
 import time
@@ -192,6 +193,34 @@ class UserKeys:
         for path in (self.path_for(aor), self.claim_path(aor)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+FLOW_SECRET = "flow-token.key"
+
+
+def flow_secret(data_dir: Path) -> bytes | None:
+    """The key of this peer's flow tokens, kept in its data dir so that the tokens in the Paths it put into
+    the DHT stay valid across a restart (a UDP phone stays callable through them: p2psip/flows.py). None
+    (a fresh key for this run) when the data dir cannot hold it."""
+    path = data_dir / FLOW_SECRET
+    try:
+        secret = path.read_bytes()
+        if len(secret) == 32:
+            return secret
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot read %s (%s): flow tokens will not survive a restart", path, exc)
+        return None
+    secret = secrets.token_bytes(32)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(secret)
+    except OSError as exc:
+        log.warning("cannot keep %s (%s): flow tokens will not survive a restart", path, exc)
+    return secret
 
 
 def add_account(data_dir: Path, aor: str, *, username: str | None = None) -> str:
@@ -374,8 +403,7 @@ class PeerCore(Proxy):
         flows = self.peer.flows
         while (uri := self.local_top_route(request)) is not None:
             if uri.user is not None:
-                flow = flows.by_token(uri.user)
-                if flow is None or flow.key != (source.transport, source.host, source.port):
+                if flows.key_of_token(uri.user) != (source.transport, source.host, source.port):
                     return
             elif SOLE_HOME in uri.params:
                 self.peer.mark_sole_home(request)
@@ -390,7 +418,7 @@ class PeerCore(Proxy):
             fwd.remove_first("Route")
             token = token or uri.user
         if token is not None:
-            flow = self.peer.flows.by_token(token)
+            flow = self.peer.flows.resolve(token, self.peer.stack.loop.time())
             if flow is None:
                 self.peer.counters["flow_failed_requests"] += 1
                 raise FlowFailed("the phone's connection or NAT mapping to its home peer is gone")
@@ -498,6 +526,7 @@ class Peer:
         if config.advertise is not None:
             stack.transport.advertise_host = config.advertise.host
         self.flows = FlowTable(
+            secret=flow_secret(Path(config.data_dir)),
             flow_timer=config.flow_timer,
             ping_interval=config.nat_ping,
             grace=min(10.0, config.flow_timer / 4),

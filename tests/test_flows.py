@@ -165,3 +165,42 @@ def test_stun_shaped_garbage_never_raises(tid: bytes, attrs: list[tuple[int, byt
     kind = classify_keepalive(data, stream=False, host="2001:db8::1", port=5060)
     if kind is not None:
         assert kind.kind == "stun" and stun_mapped_address(kind.reply, tid) == ("2001:db8::1", 5060)
+
+
+def test_a_udp_token_brings_its_flow_back_after_a_restart_and_a_stream_token_does_not() -> None:
+    """A home peer restarted with the same secret (kept in its data dir) can still reach a UDP phone
+    through the token in the Path it stored; a TCP flow was its connection and stays gone (430)."""
+    before = FlowTable(secret=b"k" * 32)
+    udp = before.bind("udp", "198.51.100.7", 40312, 0.0, aor=AOR, entry_id=b"c1")
+    v6 = before.bind("udp", "2001:db8::7", 5060, 0.0, aor=AOR, entry_id=b"c2")
+    tcp = before.bind("tcp", "198.51.100.7", 40313, 0.0, aor=AOR, entry_id=b"c3", handle=object())
+    assert udp.token.isalnum() and udp.token == udp.token.lower()
+
+    after = FlowTable(secret=b"k" * 32)  # the restarted peer: empty table, same secret
+    assert after.by_token(udp.token) is None
+    revived = after.resolve(udp.token, 100.0)
+    assert revived is not None and revived.key == ("udp", "198.51.100.7", 40312)
+    assert after.resolve(udp.token, 101.0) is revived and after.stats["revived"] == 1
+    assert after.key_of_token(v6.token) == ("udp", "2001:db8::7", 5060)
+    assert after.resolve(tcp.token, 100.0) is None and after.key_of_token(tcp.token) is None
+    # the revived flow is NAT-pinged like any other, and fails when nothing answers
+    assert any(isinstance(a, Ping) for a in after.due(100.0 + after.ping_interval))
+    # a flow this run found dead stays dead (430) until the phone registers over it again
+    [failed] = [a for a in after.due(100.0 + 10 * after.ping_timeout) if isinstance(a, Failed)]
+    assert failed.flow is revived and after.resolve(udp.token, 500.0) is None
+    assert after.bind("udp", "198.51.100.7", 40312, 501.0, aor=AOR, entry_id=b"c1").token == udp.token
+    assert after.resolve(udp.token, 502.0) is not None
+    # another secret (another peer, or a forged token) names nothing
+    stranger = FlowTable(secret=b"x" * 32)
+    assert stranger.resolve(udp.token, 0.0) is None and stranger.key_of_token(udp.token) is None
+    for i in (len(udp.token) - 1, 17, 3):  # the port, the address, the MAC changed
+        forged = udp.token[:i] + ("a" if udp.token[i] != "a" else "b") + udp.token[i + 1 :]
+        assert after.key_of_token(forged) is None, i
+
+
+@given(st.text(max_size=64))
+@settings(max_examples=300)
+def test_any_token_text_resolves_to_a_flow_or_none(text: str) -> None:
+    table = FlowTable(secret=b"k" * 32)
+    assert table.key_of_token(text) is None
+    assert table.resolve(text, 0.0) is None

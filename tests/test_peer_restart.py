@@ -159,11 +159,17 @@ async def test_whole_overlay_restart_keeps_registrations_tcp_flows_answer_430(ov
     # his TCP connection as his flow and reaches him over it (home-peer routing, p2psip/flows.py)
     bob_port = bob.stack.local_address("tcp")[1]
     bob_contact = f"sip:bob@127.0.0.2:{bob_port};transport=tcp"
-    phones = [alice, carol, bob]
+    # erin is a UDP phone "behind a NAT" the same way: p1 reaches her at her observed address through the
+    # flow token in her Path, which names that address and outlives p1's restart (its key is in p1's data dir)
+    erin = await Phone.open("erin", p[1])
+    erin_contact = f"sip:erin@127.0.0.2:{erin.stack.local_address('udp')[1]}"
+    contacts = {bob: bob_contact, erin: erin_contact}
+    phones = [alice, carol, bob, erin]
     try:
         for phone in phones:
-            await phone.register(bob_contact if phone is bob else None)
+            await phone.register(contacts.get(phone))
         assert await call(carol, alice) == 200 and await call(carol, bob) == 200
+        assert await call(carol, erin) == 200
 
         outs = await asyncio.to_thread(overlay.stop_all, signal.SIGTERM)
         assert all("left the overlay" in out and "in the data dir" in out for out in outs), outs
@@ -171,6 +177,7 @@ async def test_whole_overlay_restart_keeps_registrations_tcp_flows_answer_430(ov
         for phone in phones:
             assert await lookup(phone.aor, p[0]), phone.aor
         assert await call(carol, alice) == 200  # UDP, no outbound: callable as before
+        assert await call(alice, erin) == 200  # UDP through her flow token: callable, no re-REGISTER
         assert await call(alice, bob) == 430  # his connection died with p3's restart
         await bob.register(bob_contact)  # a new flow
         assert await call(alice, bob) == 200
