@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from overlay.chord import (
     ChordConfig,
@@ -77,6 +77,7 @@ from overlay.wire import TCP_MAX, Codec, FrameDecoder, Message, error_kind, fram
 from p2psip.ratelimit import Rate, RateLimiter
 
 Endpoint = tuple[str, int]
+_T = TypeVar("_T")
 
 # Claimed identities that failed to prove themselves: refused at once for a while (bounded memory), so
 # a stranger's stream of replica stores costs one identity check, not one per request.
@@ -485,30 +486,12 @@ class Node:
             reply = await self._primary_call(ring_key, "fetch", {"key": ring_key}, at)
             found = [e for e, _ in reply.body.get("entries", []) if e.key == ring_key and not e.is_removal]
             return [e for e in found if self._entry_valid(e)]
-        deadline = self._loop.time() + self.config.op_timeout
-        last = "no attempt"
-        attempt = 0
-        while True:
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                raise LookupFailedError(f"fetch for key {short(ring_key)} failed: {last}")
-            attempt += 1
-            try:
-                if at.target is None or not at.holders:
-                    target = (await asyncio.wait_for(self.lookup(ring_key), remaining))[0]
-                    seen = self._holders_seen.get(ring_key, (target,))
-                    holders = [target, *(n for n in seen[1:] if n.id != target.id)]
-                    at.target, at.holders = target, list(dict.fromkeys(holders))[: self.replicas]
-            except (TimeoutError, LookupFailedError, NotJoined) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                await self._backoff(attempt, deadline)
-                continue
+
+        async def ask_holders(_target: NodeRef, deadline: float) -> list[Entry] | str:
             read = await self._quorum_read(ring_key, list(at.holders), deadline)
-            if read.answered:
-                return read.result()
-            last = "no holder answered"
-            at.forget(at.target)
-            await self._backoff(attempt, deadline)
+            return read.result() if read.answered else "no holder answered"
+
+        return await self._until_deadline(ring_key, "fetch", at, ask_holders, holders=True)
 
     async def _quorum_read(self, ring_key: int, holders: list[NodeRef], deadline: float) -> QuorumRead:
         """Read ``ring_key`` from its holders (responsible node first); see overlay.reads.
@@ -692,28 +675,9 @@ class Node:
         responsible, or times out, makes us look the key up again until ``op_timeout``.
         """
         self._core()
-        deadline = self._loop.time() + self.config.op_timeout
-        last = "no attempt"
-        attempt = 0
-        while True:
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                raise LookupFailedError(f"{mtype} for key {short(ring_key)} failed: {last}")
-            attempt += 1
-            try:
-                target = at.target or (await asyncio.wait_for(self.lookup(ring_key), remaining))[0]
-            except (TimeoutError, LookupFailedError, NotJoined) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                await self._backoff(attempt, deadline)
-                continue
-            at.target = target
-            try:
-                reply = await self._call(target, mtype, body, deadline=deadline)
-            except (TimeoutError, LookupFailedError, NotJoined) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                at.forget(target)
-                await self._backoff(attempt, deadline)
-                continue
+
+        async def ask(target: NodeRef, deadline: float) -> Message | str:
+            reply = await self._call(target, mtype, body, deadline=deadline)
             if reply.type == "ok":
                 return reply
             code, reason = reply.body["code"], reply.body["reason"]
@@ -721,9 +685,49 @@ class Node:
                 raise StoreRefused(reply.body.get("detail") or reason, reason=reason)
             if code == E_BAD_REQUEST:
                 raise OverlayError(f"{mtype} rejected by {short(target.id)}: {reason}")
-            last = f"{short(target.id)} answered {code} {reason}"
+            return f"{short(target.id)} answered {code} {reason}"
+
+        return await self._until_deadline(ring_key, mtype, at, ask, holders=False)
+
+    async def _until_deadline(
+        self,
+        ring_key: int,
+        what: str,
+        at: KeyAccess,
+        attempt: Callable[[NodeRef, float], Awaitable[_T | str]],
+        *,
+        holders: bool,
+    ) -> _T:
+        """The retry loop of reads and writes: find the key's responsible node (the one ``at`` found
+        before, else a lookup; with ``holders`` also its replica holders), run ``attempt(target,
+        deadline)``, and when it fails in a way a fresh lookup may mend (a timeout, no answer, a node that
+        says it is not responsible: ``attempt`` returns why as a string) forget the node, back off and
+        look again, until ``op_timeout``. Then LookupFailedError with the last reason."""
+        deadline = self._loop.time() + self.config.op_timeout
+        last = "no attempt"
+        tries = 0
+        while True:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise LookupFailedError(f"{what} for key {short(ring_key)} failed: {last}")
+            tries += 1
+            target = at.target
+            try:
+                if target is None or (holders and not at.holders):
+                    target = (await asyncio.wait_for(self.lookup(ring_key), remaining))[0]
+                    if holders:
+                        seen = self._holders_seen.get(ring_key, (target,))
+                        found = [target, *(n for n in seen[1:] if n.id != target.id)]
+                        at.holders = list(dict.fromkeys(found))[: self.replicas]
+                at.target = target
+                outcome = await attempt(target, deadline)
+            except (TimeoutError, LookupFailedError, NotJoined) as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            if not isinstance(outcome, str):
+                return outcome
+            last = outcome
             at.forget(target)
-            await self._backoff(attempt, deadline)
+            await self._backoff(tries, deadline)
 
     async def _backoff(self, attempt: int, deadline: float) -> None:
         """Wait before retrying: maintenance needs a moment to repair the ring (bounded by deadline)."""
