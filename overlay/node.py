@@ -50,6 +50,7 @@ from overlay.errors import LookupFailed as LookupFailedError
 from overlay.errors import NotJoined, OverlayError, StoreRefused, WireError, WrongOverlay
 from overlay.identity import KeyPair, VerifiedCache, node_identity
 from overlay.ids import RING, key_for, short
+from overlay.reach import WILDCARDS, Reachability, decide, pick_prober, probe_allowed
 from overlay.reads import QuorumRead
 from overlay.storage import (
     DEFAULT_MAX_LIFETIME,
@@ -99,6 +100,8 @@ _KIND_OF = {
     "find_successor": "lookup",
     "fetch": "lookup",
     "notify": "join",
+    "probe": "join",
+    "reach": "join",
 }
 #: Per source (a verified ring member's NodeId, or a stranger's address:port). Generous: a member's
 #: normal traffic (replica fan-out, transfers, stabilize) stays far below; a flood costs its source only.
@@ -244,6 +247,8 @@ class Node:
         self._closed = False
         self._left = False
         self._linked = asyncio.Event()
+        self.reach: Reachability | None = None
+        """How this node joined: full or (refused as) client, why, and the address it is reached at."""
 
     # ------------------------------------------------------------------------------------------------
     # life cycle
@@ -273,7 +278,7 @@ class Node:
             _check_endpoint(advertise, "advertise")
             if advertise[0] in ("0.0.0.0", "::", "") or advertise[1] == 0:
                 raise OverlayError(f"advertise the address and port other nodes reach, not {advertise!r}")
-        elif bind[0] in ("0.0.0.0", "::", ""):
+        elif bind[0] in WILDCARDS and join is None:
             raise OverlayError(
                 f"bind to the address other nodes should reach (e.g. 127.0.0.1), not {bind[0]!r}:"
                 " a node advertises its bound address (or give the address to advertise)"
@@ -296,6 +301,19 @@ class Node:
             await node._open(bind)
             if advertise is not None:
                 node.me = NodeRef(node.identity.node_id, advertise[0], int(advertise[1]))
+            if join is None:
+                node.reach = Reachability("full", "created the ring", node.me.ep)
+            else:
+                bound = node.me.ep
+                node.reach = decide(bound, advertise, await node._probe(join, advertise))
+                if node.reach.mode == "client":
+                    host, port = node.reach.endpoint
+                    raise OverlayError(
+                        f"other peers cannot reach this one at {host}:{port} ({node.reach.reason}):"
+                        " forward the overlay port to it and give --advertise"
+                        " (client peers are not implemented)"
+                    )
+                node.me = NodeRef(node.identity.node_id, *node.reach.endpoint)
             await node._join(join)
         except BaseException:
             await node.close()
@@ -365,6 +383,92 @@ class Node:
                     self._count("join_retries")
                     await asyncio.sleep(min(1.0, max(0.0, deadline - self._loop.time())))
         self._schedule_storage_timer()
+
+    async def _probe(self, join: Endpoint, advertise: Endpoint | None) -> dict[str, Any] | None:
+        """Ask the bootstrap where it sees us and whether another member reaches us (overlay.reach). The
+        ``ok`` body, or None when it does not answer (an older bootstrap drops the unknown type)."""
+        mid = self._new_id()
+        body: dict[str, Any] = {"target": advertise} if advertise is not None else {}
+        data = self.codec.encode(Message("probe", mid, self.me.id, self.me.ep, body))
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self._pending[mid] = _Pending(join, None, future=fut)
+        self._count("probes_sent")
+        try:
+            for _ in range(2):  # the bootstrap's reach takes up to 3 RPC timeouts
+                self._sendto(data, join)
+                try:
+                    reply = await asyncio.wait_for(asyncio.shield(fut), self.config.rpc_timeout * 4.5)
+                except TimeoutError:
+                    continue
+                if reply.type == "err":
+                    reason, detail = reply.body["reason"], reply.body.get("detail")
+                    if reason == "wrong-overlay":
+                        raise WrongOverlay(
+                            f"the peer at {join[0]}:{join[1]} serves overlay {detail!r},"
+                            f" not {self.codec.overlay_name!r}"
+                        )
+                    if reason == "probe-refused":
+                        raise OverlayError(
+                            f"the bootstrap refused to probe {advertise}: advertise the address"
+                            " this host's traffic comes from"
+                        )
+                    return None
+                return dict(reply.body)
+            self._count("probes_unanswered")
+            return None
+        finally:
+            self._pending.pop(mid, None)
+
+    async def _serve_probe(self, msg: Message, addr: Endpoint) -> None:
+        """Bootstrap side of ``probe``: report the observed address and have another member try it."""
+        target: Endpoint = msg.body.get("target") or addr
+        core = self._core_or_none()
+        if core is None or self._left or not probe_allowed(target, addr):
+            self._count("probes_refused")
+            self._reply(msg.id, addr, "err", {"code": 403, "reason": "probe-refused"})
+            return
+        candidates = [*core.successors, *([core.predecessor] if core.predecessor else [])]
+        prober = pick_prober(candidates, self.me.id, msg.src, target)
+        body: dict[str, Any] = {"seen": addr}
+        if prober is not None:
+            try:
+                reply = await self._udp_call(
+                    prober, "reach", {"node": NodeRef(msg.src, *target)},
+                    deadline=self._loop.time() + 3 * self.config.rpc_timeout,
+                )  # fmt: skip
+                if reply.type == "ok":
+                    body["by"] = prober
+                    body["reachable"] = bool(reply.body.get("reachable"))
+            except TimeoutError:
+                self._count("reach_unanswered")
+        self._count("probes_answered")
+        self._reply(msg.id, addr, "ok", body)
+
+    async def _serve_reach(self, msg: Message, addr: Endpoint, member: bool) -> None:
+        """Prober side of ``reach``: ping the joiner at its endpoint (for ring members only)."""
+        if not member and not await self._is_member(msg):
+            self._count("reach_refused")
+            self._reply(msg.id, addr, "err", {"code": 403, "reason": "members-only"})
+            return
+        node: NodeRef = msg.body["node"]
+        mid = self._new_id()
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self._pending[mid] = _Pending(node.ep, node.id, future=fut)
+        data = self.codec.encode(Message("ping", mid, self.me.id, self.me.ep, {}))
+        reachable = False
+        try:
+            for _ in range(2):
+                self._sendto(data, node.ep)
+                try:
+                    answer = await asyncio.wait_for(asyncio.shield(fut), self.config.rpc_timeout)
+                    reachable = answer.type == "ok"
+                    break
+                except TimeoutError:
+                    continue
+        finally:
+            self._pending.pop(mid, None)
+        self._count("reach_answered" if reachable else "reach_unreachable")
+        self._reply(msg.id, addr, "ok", {"reachable": reachable})
 
     async def leave(self) -> int:
         """Hand our entries to our successors, tell our neighbours, and close. Idempotent. Returns how
@@ -611,6 +715,7 @@ class Node:
             out["successors"] = [short(n.id) for n in self.core.successors]
             pred = self.core.predecessor
             out["predecessor"] = short(pred.id) if pred else None
+        out["reach"] = self.reach.as_dict() if self.reach else None
         out["dropped"] = sum(v for k, v in self._stats.items() if k.startswith("dropped_"))
         out["hops"] = {str(h): n for h, n in sorted(self.hop_histogram.items())}
         # Per node: reads its answer lost (it hid or served an older entry), wrong routing answers.
@@ -865,6 +970,12 @@ class Node:
         if msg.src == self.me.id:
             self._count("dropped_forged")  # somebody claims to be us
             return
+        if msg.type == "probe":
+            # The one request whose envelope endpoint need not be its source: the joiner does not know
+            # its address yet (that is the question). Only the source address is used.
+            if self._admit(msg, ("addr", addr)):
+                self._spawn(self._serve_probe(msg, addr))
+            return
         if not _same_endpoint(msg.ep, addr):
             # The claimed endpoint is where replies and routing go: it must be where this came from,
             # or anyone could speak for a neighbour (leave, notify) or aim our replies at a victim.
@@ -872,6 +983,12 @@ class Node:
             return
         source = self._source(msg, addr)
         if not self._admit(msg, source):
+            return
+        if msg.type == "reach":
+            self._spawn(self._serve_reach(msg, addr, source[0] == "node"))
+            return
+        if msg.type == "ping" and self.core is None and not self._closed:
+            self._reply(msg.id, addr, "ok", {})  # probed before joining (overlay.reach)
             return
         if msg.type in ("store", "fetch", "transfer"):
             # a retransmitted datagram carries the same (src, id, addr): the core answers it once

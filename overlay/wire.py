@@ -76,6 +76,19 @@ STORAGE_REPLY_FIELDS: dict[str, str] = {
     # a fetch reply cut to fit one TCP frame: more entries exist than were sent
     "truncated": "bool?",
 }
+# Reachability (docs/nat.md, overlay.reach): a joining node asks its bootstrap which address it sees the
+# node at and whether another member reaches it there ("probe": ``target`` the address to probe, absent: the
+# observed one); the bootstrap has another member try ("reach": ping ``node`` at its endpoint, expecting
+# that NodeId to answer).
+REACH_MESSAGES: dict[str, Schema] = {
+    "probe": {"target": "ep?"},
+    "reach": {"node": "node"},
+}
+REACH_REPLY_FIELDS: dict[str, str] = {
+    "seen": "ep?",  # probe: the source address the bootstrap saw the probe come from
+    "reachable": "bool?",  # probe, reach: the other member's ping was answered (absent: nobody to ask)
+    "by": "node?",  # probe: the member that tried
+}
 ERR_FIELDS: dict[str, str] = {"code": "u64", "reason": "str", "detail": "str?"}
 E_WRONG_OVERLAY = 409
 """``err`` code of the answer to a request of another overlay: ``reason`` ``wrong-overlay``, ``detail`` the
@@ -83,7 +96,7 @@ overlay name this node serves (see :meth:`Codec.wrong_overlay_reply`)."""
 
 
 def overlay_schemas() -> tuple[dict[str, Schema], dict[str, str]]:
-    """Request schemas and ok-reply fields of the whole protocol: chord routing plus storage."""
+    """Request schemas and ok-reply fields of the whole protocol: chord routing, storage, reachability."""
     requests: dict[str, Schema] = {name: spec.request for name, spec in CHORD_MESSAGES.items()}
     replies: dict[str, str] = {}
     for spec in CHORD_MESSAGES.values():
@@ -91,14 +104,15 @@ def overlay_schemas() -> tuple[dict[str, Schema], dict[str, str]]:
             if fname in replies and replies[fname].rstrip("?") != ftype.rstrip("?"):
                 raise ValueError(f"chord reply field {fname!r} typed both {replies[fname]} and {ftype}")
             replies[fname] = ftype
-    for fname, ftype in STORAGE_REPLY_FIELDS.items():
+    for fname, ftype in (STORAGE_REPLY_FIELDS | REACH_REPLY_FIELDS).items():
         if fname in replies and replies[fname].rstrip("?") != ftype.rstrip("?"):
             raise ValueError(f"reply field {fname!r} means {replies[fname]} to chord and {ftype} to storage")
         replies[fname] = ftype
-    for name in STORAGE_MESSAGES:
+    for name in [*STORAGE_MESSAGES, *REACH_MESSAGES]:
         if name in requests:
-            raise ValueError(f"message type {name!r} defined by both chord and storage")
+            raise ValueError(f"message type {name!r} defined twice")
     requests.update(STORAGE_MESSAGES)
+    requests.update(REACH_MESSAGES)
     return requests, replies
 
 

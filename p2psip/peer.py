@@ -99,6 +99,7 @@ def _b64(data: bytes) -> str:
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
+
 EventHandler = Callable[[str, str], None]
 """``on_event(kind, text)``: ``kind`` is a short word (joined, registered, unregistered, routed, failed,
 left, refused); ``text`` is one readable line."""
@@ -525,6 +526,9 @@ class Peer:
         )
         if config.advertise is not None:
             stack.transport.advertise_host = config.advertise.host
+        elif node.endpoint[0] != config.overlay.host:
+            # a wildcard overlay bind: the host learned from the bootstrap (overlay.reach) is ours
+            stack.transport.advertise_host = node.endpoint[0]
         self.flows = FlowTable(
             secret=flow_secret(Path(config.data_dir)),
             flow_timer=config.flow_timer,
@@ -1509,6 +1513,8 @@ class Peer:
             "node_id": f"{node.node_id:032x}",
             "overlay": self.overlay_address_text,
             "overlay_name": self.config.overlay_name,
+            # full or client peer, why (the probe at join), the address others reach it at
+            "reach": node_stats.get("reach"),
             "sip": self.sip_addresses(),
             "uptime_s": round(time.time() - self.started, 1),
             "predecessor": ref(core.predecessor) if core is not None and core.predecessor else None,

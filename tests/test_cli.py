@@ -233,6 +233,24 @@ def test_second_peer_on_the_same_data_dir_is_refused(start_peer) -> None:
     assert a.status()["node_id"]  # the first one is unharmed
 
 
+def test_status_says_full_or_client_and_why(start_peer) -> None:
+    """Each joining peer is probed (overlay.reach): the bootstrap has another peer ping it; status shows
+    the outcome, the address learned and who probed."""
+    a = start_peer("a")
+    b = start_peer("b", a)
+    c = start_peer("c", a)
+    assert a.status()["reach"]["reason"] == "created the ring"
+    alone = b.status()["reach"]
+    assert alone["mode"] == "full" and "no other peer" in alone["reason"], alone
+    probed = c.status()["reach"]
+    assert probed["mode"] == "full" and "reachable" in probed["reason"], probed
+    assert probed["seen"] == probed["endpoint"] == f"127.0.0.1:{c.overlay}"
+    assert probed["probed_by"] == f"127.0.0.1:{b.overlay}"
+    human = run("status", "--data-dir", str(c.data_dir))
+    assert f"full peer at 127.0.0.1:{c.overlay}: learned from the bootstrap; reachable" in human.stdout
+    assert f"probed by 127.0.0.1:{b.overlay}" in human.stdout
+
+
 def test_restart_keeps_node_identity(start_peer) -> None:
     a = start_peer("a")
     first_id = a.status()["node_id"]

@@ -259,6 +259,41 @@ async def test_tls_with_a_generated_certificate(tmp_path: object) -> None:
         await server.close()
 
 
+async def test_tls_connection_between_two_peers_is_reused_both_ways(tmp_path: object) -> None:
+    """RFC 5923-style reuse: peer A opens one TLS connection to B; B's own requests to A's TLS sent-by
+    (the Via of A's request names A's listener) and A's later requests all go over that connection."""
+    tls = TLSConfig.self_signed(str(tmp_path))
+    a, a_got = await make_layer("tls:127.0.0.1:0", tls=tls)
+    b, b_got = await make_layer("tls:127.0.0.1:0", tls=tls)
+    a_host, a_port = a.listening["tls"][0]
+    b_host, b_port = b.listening["tls"][0]
+    try:
+        via = f"{a_host}:{a_port}"
+        a.send(options("r1", via=via, rport=False, transport="TLS"), Target("tls", b_host, b_port))
+        first, first_src = await asyncio.wait_for(b_got.got.get(), 10)
+        assert isinstance(first, Request)
+        assert isinstance((await asyncio.wait_for(a_got.got.get(), 10))[0], Response)
+        # B asks A something of its own: to A's listening address, yet over A's connection
+        b.send(
+            options("r2", via=f"{b_host}:{b_port}", rport=False, transport="TLS"),
+            Target("tls", a_host, a_port),
+        )
+        back, back_src = await asyncio.wait_for(a_got.got.get(), 10)
+        assert isinstance(back, Request) and back.call_id == "r2@test"
+        assert isinstance((await asyncio.wait_for(b_got.got.get(), 10))[0], Response)
+        # and A's second request goes over the same connection again
+        a.send(options("r3", via=via, rport=False, transport="TLS"), Target("tls", b_host, b_port))
+        again, again_src = await asyncio.wait_for(b_got.got.get(), 10)
+        assert isinstance(again, Request) and again.call_id == "r3@test"
+        assert again_src.connection is first_src.connection is not None
+        assert back_src.connection is not None and back_src.connection.remote.port == b_port
+        assert a.connection_count() == b.connection_count() == 1
+        assert a.stats["connections_opened"] == b.stats["connections_opened"] == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_tls_listener_without_a_config_keeps_the_system_trust(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

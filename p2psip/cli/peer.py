@@ -109,6 +109,10 @@ def _print_status(status: dict[str, Any]) -> None:
         f"peer {status.get('node_id', '?')}  overlay {status.get('overlay_name')} at {status.get('overlay')}"
     )
     print(f"  SIP: {', '.join(status.get('sip', []))}   up {status.get('uptime_s', 0):.0f} s")
+    reach = status.get("reach")
+    if reach:
+        by = f", probed by {reach['probed_by']}" if reach.get("probed_by") else ""
+        print(f"  {reach['mode']} peer at {reach['endpoint']}: {reach['reason']}{by}")
     pred = status.get("predecessor")
     print(f"  predecessor: {pred['id'] + ' ' + pred['addr'] if pred else '(none)'}")
     print("  successors:")
