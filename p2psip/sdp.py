@@ -30,6 +30,7 @@ __all__ = [
     "DIRECTIONS",
     "Connection",
     "Direction",
+    "IceDescription",
     "MediaDescription",
     "MediaParams",
     "Origin",
@@ -562,8 +563,12 @@ def make_offer(
     rtcp_mux: bool = False,
     previous: SessionDescription | None = None,
     username: str = "-",
+    media_attributes: Sequence[Attribute] = (),
 ) -> SessionDescription:
     """An SDP offer for one audio stream at ``address:port``.
+
+    ``media_attributes`` go on the audio m= line as they are (the ICE attributes,
+    :meth:`IceDescription.attributes`).
 
     For a re-offer (hold: ``direction="sendonly"``; resume: ``"sendrecv"``) pass the previous description
     we sent as ``previous``: the session id is kept and the version increases if anything changed.
@@ -578,6 +583,7 @@ def make_offer(
         connection=Connection.for_address(address),
         media=[_audio_media(port, _codec_list(codecs), dtmf_payload_type, direction, ptime, rtcp_mux)],
     )
+    sdp.media[0].attributes.extend(media_attributes)
     return _finish(sdp, previous)
 
 
@@ -614,8 +620,11 @@ def make_answer(
     ptime: int = 20,
     previous: SessionDescription | None = None,
     username: str = "-",
+    media_attributes: Sequence[Attribute] = (),
 ) -> SessionDescription:
     """The answer to ``offer`` (RFC 3264 §6): one m= line per offered one, in order.
+
+    ``media_attributes`` go on the accepted audio m= line (the ICE attributes of our answer).
 
     The first audio stream with a codec in common is accepted at ``address:port``; every other stream,
     and any stream removed by the offer (port 0), is answered with port 0. Codecs keep the offer's order
@@ -660,6 +669,7 @@ def make_answer(
                 media.fmtp().get(offered_dtmf, "0-16") if offered_dtmf is not None else "0-16",
             )
         )
+        answer.media[-1].attributes.extend(media_attributes)
     return _finish(answer, previous)
 
 
@@ -724,3 +734,44 @@ def negotiated(
         )
     del local
     return MediaParams("", 0, 0, "", 0, 0, None, None, 20, False, False, rejected=True)
+
+
+_ICE_CHARS = re.compile(r"^[A-Za-z0-9+/]+$")
+
+
+@dataclass(frozen=True)
+class IceDescription:
+    """The ICE attributes of one media stream (RFC 8839 §5): credentials, candidates, end-of-candidates.
+
+    ``candidates`` are the ``a=candidate`` values as written (the ICE agent parses them: aioice's
+    ``Candidate.from_sdp``). Credentials may sit at session level and apply to every stream (§5.4).
+    """
+
+    ufrag: str
+    pwd: str
+    candidates: tuple[str, ...] = ()
+    end_of_candidates: bool = True
+
+    def __post_init__(self) -> None:
+        # ice-char is ALPHA / DIGIT / "+" / "/"; ufrag 4-256, pwd 22-256 characters (RFC 8839 §5.4)
+        if not (4 <= len(self.ufrag) <= 256 and _ICE_CHARS.match(self.ufrag)):
+            raise ParseError(f"bad a=ice-ufrag {self.ufrag[:40]!r}", status=488)
+        if not (22 <= len(self.pwd) <= 256 and _ICE_CHARS.match(self.pwd)):
+            raise ParseError("bad a=ice-pwd (22-256 ice-chars)", status=488)
+
+    def attributes(self) -> list[Attribute]:
+        out: list[Attribute] = [("ice-ufrag", self.ufrag), ("ice-pwd", self.pwd)]
+        out += [("candidate", candidate) for candidate in self.candidates]
+        if self.end_of_candidates:
+            out.append(("end-of-candidates", None))
+        return out
+
+    @classmethod
+    def of(cls, sdp: SessionDescription, media: MediaDescription) -> IceDescription | None:
+        """The stream's ICE description, or None when the far end does no ICE (no credentials)."""
+        ufrag = media.attribute("ice-ufrag") or sdp.attribute("ice-ufrag")
+        pwd = media.attribute("ice-pwd") or sdp.attribute("ice-pwd")
+        if not ufrag or not pwd:
+            return None
+        end = any(part.attribute("end-of-candidates") is not None for part in (media, sdp))
+        return cls(ufrag, pwd, tuple(media.attribute_values("candidate")), end)

@@ -260,3 +260,22 @@ def test_bad_arguments() -> None:
         make_offer("127.0.0.1", 4000, direction="up")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="dynamic"):
         make_offer("127.0.0.1", 4000, dtmf_payload_type=8)
+
+
+def test_ice_attributes_round_trip_and_validation() -> None:
+    """RFC 8839: credentials and candidates on the m= line (or credentials at session level); a bad
+    ufrag/pwd is a ParseError (488); an offer without credentials has no ICE."""
+    from p2psip.sdp import IceDescription, make_offer
+
+    ice = IceDescription("abcd", "p" * 22, ("1 1 udp 2130706431 10.0.0.1 4000 typ host",))
+    sdp = SessionDescription.parse(bytes(make_offer("10.0.0.1", 4000, media_attributes=ice.attributes())))
+    assert IceDescription.of(sdp, sdp.media[0]) == ice
+    plain = SessionDescription.parse(bytes(make_offer("10.0.0.1", 4000)))
+    assert IceDescription.of(plain, plain.media[0]) is None
+    session_level = SessionDescription.parse(bytes(make_offer("10.0.0.1", 4000)))
+    session_level.attributes += [("ice-ufrag", "wxyz"), ("ice-pwd", "q" * 24)]
+    found = IceDescription.of(session_level, session_level.media[0])
+    assert found is not None and found.ufrag == "wxyz" and found.candidates == ()
+    for ufrag, pwd in (("abc", "p" * 22), ("ab:d", "p" * 22), ("abcd", "short")):
+        with pytest.raises(ParseError):
+            IceDescription(ufrag, pwd)

@@ -16,9 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from p2psip.errors import ParseError
+from p2psip.media.ice import IceMedia, IceSettings, remote_ice
 from p2psip.media.session import MediaSession
 from p2psip.media.sources import AudioSink, AudioSource, WavSink, WavSource
-from p2psip.sdp import Direction, MediaParams, SessionDescription, make_answer, make_offer, negotiated
+from p2psip.sdp import (
+    Attribute,
+    Direction,
+    MediaParams,
+    SessionDescription,
+    make_answer,
+    make_offer,
+    negotiated,
+)
 
 __all__ = ["CallMedia"]
 
@@ -40,6 +49,9 @@ class CallMedia:
         self._local: SessionDescription | None = None  # the last SDP we sent
         self._wanted: Direction = "sendrecv"  # what we last asked for (hold stays held across re-offers)
         self._pending_offer: SessionDescription | None = None
+        self.ice: IceMedia | None = None
+        """The call's ICE agent (``CallMedia.open(..., ice=IceSettings(...))``): our offers and answers carry
+        its candidates and the media runs over the pair it selects (:mod:`p2psip.media.ice`)."""
 
     @classmethod
     async def open(
@@ -51,13 +63,18 @@ class CallMedia:
         port: int = 0,
         codecs: tuple[str, ...] = ("PCMU", "PCMA"),
         dtmf_payload_type: int | None = 101,
+        ice: IceSettings | None = None,
         **session_options: Any,
     ) -> CallMedia:
         """Bind the media ports on ``address`` (the address the peer will send to: put in the SDP).
 
         ``play``/``record`` take a WAV path or any source/sink. Nothing is sent until the SDP exchange has
-        told us where (or, with symmetric RTP, until the peer's first packet arrives).
+        told us where (or, with symmetric RTP, until the peer's first packet arrives). With ``ice``
+        the candidates are gathered now (host on ``address``, server-reflexive, relayed) and RTP/RTCP
+        (multiplexed) run over the pair ICE selects.
         """
+        if ice is not None:
+            session_options["rtcp_mux"] = True
         source = WavSource(play) if isinstance(play, str | Path) else play
         sink = WavSink(record) if isinstance(record, str | Path) else record
         session = await MediaSession.start(
@@ -67,7 +84,17 @@ class CallMedia:
             dtmf_payload_type=dtmf_payload_type,
             **session_options,
         )
-        return cls(session, address, tuple(codecs), dtmf_payload_type)
+        media = cls(session, address, tuple(codecs), dtmf_payload_type)
+        if ice is not None:
+            try:
+                media.ice = await IceMedia.gather(address, ice, controlling=True)
+            except BaseException:
+                await session.close(drain=False)
+                raise
+            media.ice.attach(session.use_path(media.ice.sendto))
+            default = media.ice.default
+            media.advertise = (default.host, default.port)
+        return media
 
     @property
     def port(self) -> int:
@@ -95,6 +122,8 @@ class CallMedia:
             dtmf_payload_type=self.dtmf_payload_type,
             direction=direction,
             previous=self._local,
+            rtcp_mux=self.ice is not None,
+            media_attributes=self._ice_attributes(),
         )
         self._local = self._pending_offer = sdp
         return bytes(sdp)
@@ -118,6 +147,7 @@ class CallMedia:
         params = negotiated(self._pending_offer, answer)
         self._pending_offer = None
         self._apply(params)
+        self._start_ice(answer, params)
         return params
 
     def answer(self, body: bytes, direction: Direction | None = None) -> bytes:
@@ -127,6 +157,8 @@ class CallMedia:
         stays on hold when the peer re-offers."""
         offer = SessionDescription.parse(body)
         direction = direction or self._wanted
+        if self.ice is not None and self.ice.state == "new":
+            self.ice.agent.ice_controlling = False  # the offerer controls (RFC 8445 §6.1.1)
         sdp = make_answer(
             offer,
             *self._advertised(),
@@ -134,10 +166,25 @@ class CallMedia:
             dtmf=self.dtmf_payload_type is not None,
             direction=direction,
             previous=self._local,
+            media_attributes=self._ice_attributes(),
         )
         self._local = sdp
-        self._apply(negotiated(offer, sdp, role="answerer"))
+        params = negotiated(offer, sdp, role="answerer")
+        self._apply(params)
+        self._start_ice(offer, params)
         return bytes(sdp)
+
+    def _ice_attributes(self) -> list[Attribute]:
+        return self.ice.description().attributes() if self.ice is not None else []
+
+    def _start_ice(self, remote: SessionDescription, params: MediaParams) -> None:
+        """The far end's description is known: ICE checks if it does ICE, else its c=/m= (fallback)."""
+        if self.ice is None or params.rejected:
+            return
+        stream = next((m for m in remote.media if m.media == "audio" and not m.rejected), None)
+        if stream is None:
+            return
+        self.ice.start(remote_ice(remote, stream), params.remote)
 
     def _apply(self, params: MediaParams) -> None:
         self.params = params
@@ -148,3 +195,5 @@ class CallMedia:
 
     async def close(self) -> None:
         await self.session.close()
+        if self.ice is not None:
+            await self.ice.close()

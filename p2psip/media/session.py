@@ -171,6 +171,7 @@ class MediaSession:
         self.cname = f"p2psip-{self.ssrc:08x}"
         self._rtp: _Endpoint | None = None
         self._rtcp: _Endpoint | None = None
+        self._send_path: Callable[[bytes, Address], None] | None = None  # ICE: see use_path()
         self.local_address: Address = ("", 0)
         self.local_rtcp_address: Address | None = None
         self._sequence = random.getrandbits(16)
@@ -284,6 +285,17 @@ class MediaSession:
         else:
             self.remote_rtcp = self.remote if self.rtcp_mux else (remote[0], remote[1] + 1)
 
+    def use_path(self, send: Callable[[bytes, Address], None]) -> Callable[[bytes, Address], None]:
+        """Send RTP and RTCP through ``send`` (an ICE agent's selected pair, :mod:`p2psip.media.ice`)
+        instead of the bound socket, which closes. Returns the handler to feed received datagrams to.
+        Needs ``rtcp_mux`` (one ICE component carries both)."""
+        if not self.rtcp_mux:
+            raise ValueError("an ICE path carries RTP and RTCP together: start the session with rtcp_mux")
+        self._send_path = send
+        if self._rtp is not None and self._rtp.transport is not None:
+            self._rtp.transport.close()
+        return self._on_datagram
+
     def set_direction(self, direction: str) -> None:
         """``sendrecv``, ``sendonly``, ``recvonly`` or ``inactive`` (hold and resume)."""
         if direction not in ("sendrecv", "sendonly", "recvonly", "inactive"):
@@ -380,7 +392,10 @@ class MediaSession:
         assert self._rtp is not None and self._rtp.transport is not None and self.remote is not None
         packet = build_rtp(payload_type, self._sequence, timestamp, self.ssrc, payload, marker)
         self._sequence = (self._sequence + 1) & 0xFFFF
-        self._rtp.transport.sendto(packet, self.remote)
+        if self._send_path is not None:
+            self._send_path(packet, self.remote)
+        else:
+            self._rtp.transport.sendto(packet, self.remote)
         self._packets_sent += 1
         self._octets_sent += len(payload)
         self._sent_since_report = True
@@ -521,6 +536,9 @@ class MediaSession:
         return [first, SourceDescription({self.ssrc: self.cname})]
 
     def _send_rtcp(self, packets: list[RtcpPacket]) -> None:
+        if self._send_path is not None and self.remote_rtcp is not None:
+            self._send_path(build_compound(packets), self.remote_rtcp)  # rtcp-mux on the ICE path
+            return
         endpoint = self._rtp if self.rtcp_mux else self._rtcp
         if endpoint is None or endpoint.transport is None or self.remote_rtcp is None:
             return

@@ -1,0 +1,241 @@
+"""ICE for one call's audio (RFC 8445 through ``aioice``): candidates, checks, nomination, and the
+datagram path the call's RTP takes once a pair is selected.
+
+How it plugs into :class:`~p2psip.media.session.MediaSession`: the session sends every RTP/RTCP packet
+through one object with ``sendto(data, addr)``; with ICE that object is :class:`IceMedia`, which hands
+the packet to aioice's selected pair (``Connection.sendto``), and a pump feeds what aioice receives back
+into the session. Why through aioice and not "take the selected socket": the selected pair may be a
+relayed one, whose socket is aioice's TURN client (channel data, refreshes, permissions); only aioice
+can send on it, and it keeps answering the far end's consent checks on every socket. So the session
+never owns a socket in an ICE call, and a relayed call and a direct one run the same code.
+
+Candidates are gathered on the media address only (the address the SIP stack uses toward the far end,
+as for a call without ICE), plus a server-reflexive one from ``stun`` (the home peer's SIP UDP port
+answers binding requests) and a relayed one from ``turn`` (a full peer's TURN server,
+:mod:`p2psip.turnserver`). The default candidate (``c=``/``m=``) is the host one, so a far end that
+does no ICE sends where it always did; then we send to its ``c=``/``m=`` (aioice's
+``set_selected_pair``), and its packets reach us on that socket.
+
+RTCP is multiplexed on the RTP component (``a=rtcp-mux``, RFC 5761): one component to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import aioice
+from aioice.candidate import Candidate
+
+from p2psip.errors import ParseError
+from p2psip.sdp import IceDescription
+
+__all__ = ["IceMedia", "IceSettings"]
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class IceSettings:
+    """Where a call's ICE agent gets its candidates. ``stun``: a STUN server (the home peer's SIP UDP
+    port); ``turn`` with ``turn_username``/``turn_password``: a TURN server and the time-limited
+    credentials its peer issued (:func:`p2psip.turn.issue_credentials`); ``relay_only``: gather only the
+    relayed candidate (what the lab uses to force a relayed call)."""
+
+    stun: Address | None = None
+    turn: Address | None = None
+    turn_username: str | None = None
+    turn_password: str | None = None
+    relay_only: bool = False
+    timeout: float = 10.0
+
+
+class _Agent(aioice.Connection):
+    """aioice's agent, gathering host candidates on one address (aioice's own gathering takes every
+    interface but loopback; a call uses the address the stack uses toward its far end)."""
+
+    def __init__(self, address: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._media_address = address
+
+    async def gather_candidates(self) -> None:
+        if self._local_candidates_start:
+            return
+        self._local_candidates_start = True
+        relay_only = self._transport_policy == aioice.TransportPolicy.RELAY
+        addresses = [] if relay_only else [self._media_address]
+        self._local_candidates += await self.get_component_candidates(component=1, addresses=addresses)
+        self._local_candidates_end = True
+
+
+class IceMedia:
+    """One call's ICE agent and the datagram path of its media. Create with ``await IceMedia.gather()``."""
+
+    def __init__(self, agent: _Agent, settings: IceSettings) -> None:
+        self.agent = agent
+        self.settings = settings
+        self.state = "new"  # new, checking, connected (ICE), fallback (far end without ICE), failed
+        self.selected: tuple[Candidate, Candidate] | None = None  # (local, remote) once nominated
+        self.sent = 0
+        self.dropped = 0  # packets the session sent before a pair was selected
+        self._deliver: Any = None  # the session's datagram handler
+        self._tasks: list[asyncio.Task[None]] = []
+        self._remote_default: Address | None = None
+        self._remote_ice: IceDescription | None = None
+
+    @classmethod
+    async def gather(cls, address: str, settings: IceSettings, *, controlling: bool) -> IceMedia:
+        agent = _Agent(
+            address,
+            ice_controlling=controlling,
+            stun_server=settings.stun,
+            turn_server=settings.turn,
+            turn_username=settings.turn_username,
+            turn_password=settings.turn_password,
+            use_ipv4=":" not in address,
+            use_ipv6=":" in address,
+            transport_policy=(
+                aioice.TransportPolicy.RELAY if settings.relay_only else aioice.TransportPolicy.ALL
+            ),
+        )
+        await agent.gather_candidates()
+        if not agent.local_candidates:
+            await agent.close()
+            why = " (the TURN server refused an allocation or did not answer)" if settings.relay_only else ""
+            raise ConnectionError(f"ICE gathered no candidate{why}")
+        return cls(agent, settings)
+
+    # ------------------------------------------------------------------ SDP
+    @property
+    def default(self) -> Candidate:
+        """The candidate in ``c=``/``m=``: the host one if there is one, else the relayed one."""
+        candidates = self.agent.local_candidates
+        for kind in ("host", "srflx", "relay"):
+            for candidate in candidates:
+                if candidate.type == kind:
+                    return candidate
+        return candidates[0]
+
+    def description(self) -> IceDescription:
+        return IceDescription(
+            self.agent.local_username,
+            self.agent.local_password,
+            tuple(candidate.to_sdp() for candidate in self.agent.local_candidates),
+        )
+
+    # ------------------------------------------------------------------ media path
+    def attach(self, deliver: Any) -> None:
+        """Where received datagrams go: the session's handler ``deliver(data, addr)``."""
+        self._deliver = deliver
+
+    def start(self, remote: IceDescription | None, remote_default: Address) -> None:
+        """The far end's answer or offer is known: run the checks (it does ICE) or send to its ``c=``/``m=``.
+
+        Only the first call counts: a re-offer keeps the checked path (no ICE restart: see docs/nat.md)."""
+        if self.state != "new":
+            return
+        self._remote_default = remote_default
+        self._remote_ice = remote
+        if remote is None:
+            self._fallback(remote_default)
+            return
+        self.agent.remote_username, self.agent.remote_password = remote.ufrag, remote.pwd
+        self.state = "checking"
+        self._tasks.append(asyncio.ensure_future(self._connect(remote)))
+
+    async def _connect(self, remote: IceDescription) -> None:
+        for text in remote.candidates:
+            with contextlib.suppress(ValueError, IndexError):
+                candidate = Candidate.from_sdp(text)
+                if candidate.component == 1 and candidate.transport.lower() == "udp":
+                    await self.agent.add_remote_candidate(candidate)
+        await self.agent.add_remote_candidate(None)
+        try:
+            await asyncio.wait_for(self.agent.connect(), self.settings.timeout)
+        except (ConnectionError, TimeoutError):
+            self.state = "failed"
+            return
+        self.state = "connected"
+        self.selected = self._selected_pair()
+        self._tasks.append(asyncio.ensure_future(self._pump()))
+
+    def _selected_pair(self) -> tuple[Candidate, Candidate] | None:
+        pair = self.agent._nominated.get(1)  # aioice keeps the selected pair here; no public accessor
+        if pair is None:
+            return None
+        return pair.local_candidate, pair.remote_candidate
+
+    def _fallback(self, remote_default: Address) -> None:
+        remote = Candidate(
+            foundation="default",
+            component=1,
+            transport="udp",
+            priority=1,
+            host=remote_default[0],
+            port=remote_default[1],
+            type="host",
+        )
+        # not add_remote_candidate(): that one starts connectivity checks, and this far end does no ICE
+        self.agent._remote_candidates.append(remote)
+        self.agent.set_selected_pair(1, self.default.foundation, "default")
+        self.state = "fallback"
+        self.selected = (self.default, remote)
+        self._tasks.append(asyncio.ensure_future(self._pump()))
+
+    async def _pump(self) -> None:
+        selected = self.selected
+        addr = (selected[1].host, selected[1].port) if selected else ("0.0.0.0", 0)
+        while True:
+            try:
+                data, _component = await self.agent.recvfrom()
+            except ConnectionError:
+                return
+            if self._deliver is not None:
+                self._deliver(data, addr)
+
+    def sendto(self, data: bytes, addr: Address | None = None) -> None:
+        """Send one datagram on the selected pair (``addr`` is ignored: ICE chose the path)."""
+        if self.state not in ("connected", "fallback"):
+            self.dropped += 1
+            return
+        self.sent += 1
+        task = asyncio.ensure_future(self.agent.sendto(data, 1))  # tasks run in order: packets stay in order
+        task.add_done_callback(_retrieve)
+
+    @property
+    def relayed(self) -> bool:
+        """Whether the selected pair runs through a TURN relay (our side's candidate is relayed)."""
+        return self.selected is not None and self.selected[0].type == "relay"
+
+    def stats(self) -> dict[str, object]:
+        local, remote = self.selected if self.selected else (None, None)
+        return {
+            "state": self.state,
+            "local": f"{local.type} {local.host}:{local.port}" if local else None,
+            "remote": f"{remote.type} {remote.host}:{remote.port}" if remote else None,
+            "relayed": self.relayed,
+            "sent": self.sent,
+            "dropped": self.dropped,
+        }
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        await self.agent.close()
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """A send that failed (the pair went away as the call ended) is not worth a logged traceback."""
+    if not task.cancelled():
+        task.exception()
+
+
+def remote_ice(body_sdp: Any, media: Any) -> IceDescription | None:
+    """The far end's ICE description of ``media`` in ``body_sdp``; a malformed one counts as none."""
+    try:
+        return IceDescription.of(body_sdp, media)
+    except ParseError:
+        return None

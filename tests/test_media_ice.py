@@ -1,0 +1,103 @@
+"""ICE for call audio (p2psip.media.ice through CallMedia) on loopback: offers and answers carry RFC 8839
+attributes; two ICE ends find the direct (host) pair; forced through our TURN server they find the
+relayed pair; a far end without ICE gets audio at its c=/m= (fallback); a relay allocation beyond the
+quota fails the call's set-up with a clear error and is counted. Tones are checked by frequency both ways."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_media_call import until
+
+from p2psip.media import CallMedia, MemorySink, ToneSource, dominant_frequency
+from p2psip.media.ice import IceSettings
+from p2psip.sdp import IceDescription, SessionDescription
+from p2psip.turn import TurnLimits, issue_credentials
+from p2psip.turnserver import TurnServer
+
+SECRET = b"media-ice-secret"
+TONES = [440, 1000, 2000]
+
+
+async def talk(
+    caller: CallMedia, callee: CallMedia, heard_by_caller: MemorySink, heard_by_callee: MemorySink
+) -> None:
+    offer = caller.offer()
+    answer = callee.answer(offer)
+    caller.accept_answer(answer)
+    await until(lambda: len(heard_by_caller.pcm) > 16000 and len(heard_by_callee.pcm) > 16000)
+    assert dominant_frequency(heard_by_callee.pcm[-8000:], TONES) == 440
+    assert dominant_frequency(heard_by_caller.pcm[-8000:], TONES) == 1000
+
+
+def turn_settings(server: TurnServer, user: str) -> IceSettings:
+    username, password = issue_credentials(SECRET, user, time.time())
+    return IceSettings(turn=server.address, turn_username=username, turn_password=password, relay_only=True)
+
+
+async def test_offer_carries_ice_and_two_ice_ends_take_the_direct_path() -> None:
+    heard_a, heard_b = MemorySink(), MemorySink()
+    a = await CallMedia.open("127.0.0.1", play=ToneSource(440), record=heard_a, ice=IceSettings())
+    b = await CallMedia.open("127.0.0.1", play=ToneSource(1000), record=heard_b, ice=IceSettings())
+    try:
+        offer = SessionDescription.parse(a.offer())
+        ice = IceDescription.of(offer, offer.media[0])
+        assert ice is not None and ice.end_of_candidates and any(" typ host" in c for c in ice.candidates)
+        assert offer.media[0].attribute("rtcp-mux") is not None
+        assert a.ice is not None and offer.media[0].port == a.ice.default.port  # c=/m= is a candidate
+        await talk(a, b, heard_a, heard_b)
+        assert a.ice is not None and b.ice is not None
+        assert a.ice.state == b.ice.state == "connected"
+        assert not a.ice.relayed and not b.ice.relayed
+        assert a.ice.agent.ice_controlling and not b.ice.agent.ice_controlling
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_through_the_turn_server_the_relayed_pair_carries_the_tones() -> None:
+    async with TurnServer(SECRET) as server:
+        heard_a, heard_b = MemorySink(), MemorySink()
+        a = await CallMedia.open(
+            "127.0.0.1", play=ToneSource(440), record=heard_a, ice=turn_settings(server, "ua")
+        )
+        b = await CallMedia.open(
+            "127.0.0.1", play=ToneSource(1000), record=heard_b, ice=turn_settings(server, "alice")
+        )
+        try:
+            offer = SessionDescription.parse(a.offer())
+            assert [c.split()[7] for c in offer.media[0].attribute_values("candidate")] == ["relay"]
+            await talk(a, b, heard_a, heard_b)
+            assert a.ice is not None and b.ice is not None
+            assert a.ice.relayed and b.ice.relayed
+            assert server.core.stats()["relayed_packets"] > 100
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_far_end_without_ice_gets_audio_at_its_c_line() -> None:
+    heard_a, heard_b = MemorySink(), MemorySink()
+    a = await CallMedia.open("127.0.0.1", play=ToneSource(440), record=heard_a, ice=IceSettings())
+    b = await CallMedia.open("127.0.0.1", play=ToneSource(1000), record=heard_b)  # no ICE: ignores candidates
+    try:
+        await talk(a, b, heard_a, heard_b)
+        assert a.ice is not None and a.ice.state == "fallback"
+        assert b.session.remote == (a.ice.default.host, a.ice.default.port)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_allocation_beyond_the_quota_fails_the_call_set_up_cleanly() -> None:
+    async with TurnServer(SECRET, limits=TurnLimits(per_user=1)) as server:
+        first = await CallMedia.open("127.0.0.1", ice=turn_settings(server, "alice"))
+        try:
+            with pytest.raises(ConnectionError, match="TURN server refused"):
+                await CallMedia.open("127.0.0.1", ice=turn_settings(server, "alice"))
+            assert server.core.stats()["refused_quota"] == 1
+            assert server.core.stats()["allocations"] == 1
+        finally:
+            await first.close()
+        await until(lambda: server.core.stats()["allocations"] == 0, 5)
