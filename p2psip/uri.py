@@ -485,10 +485,11 @@ def _scan_quoted(text: str, start: int) -> int:
         i = j + 1
 
 
-def _split_semicolons(text: str) -> list[str]:
-    """Split on ``;`` outside quoted strings."""
-    if '"' not in text:
-        return text.split(";")
+def split_unquoted(text: str, sep: str, *, angles: bool = False) -> list[str]:
+    """Split ``text`` on ``sep`` outside quoted strings (and, with ``angles``, outside ``<...>``: a URI
+    in a header value may hold the separator). The parts are returned as they are (not stripped)."""
+    if '"' not in text and not (angles and "<" in text):
+        return text.split(sep)
     parts: list[str] = []
     start = 0
     i = 0
@@ -498,7 +499,13 @@ def _split_semicolons(text: str) -> list[str]:
         if c == '"':
             i = _scan_quoted(text, i)
             continue
-        if c == ";":
+        if c == "<" and angles:
+            end = text.find(">", i)
+            if end < 0:
+                raise ParseError(f"missing '>' in {text[:80]!r}")
+            i = end + 1
+            continue
+        if c == sep:
             parts.append(text[start:i])
             start = i + 1
         i += 1
@@ -527,7 +534,7 @@ def parse_params(text: str, whole: str = "") -> dict[str, str | None]:
 def _parse_params_slow(text: str, whole: str) -> dict[str, str | None]:
     """parse_params for text with quoted values or LWS around ``;`` and ``=``."""
     params: dict[str, str | None] = {}
-    for item in _split_semicolons(text):
+    for item in split_unquoted(text, ";"):
         name, sep, value = item.partition("=")
         name = name.strip(" \t")
         if not name or not TOKEN_CHARS.issuperset(name):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from p2psip.cli.common import add_phone_options, check_sip_uri, fail, parse_via, print_table, via_text
+from p2psip.cli.common import add_phone_options, check_phone_args, check_sip_uri, fail, print_table, via_text
 from p2psip.cli.phone import (
     DeadAddress,
     close_phone,
@@ -58,16 +58,13 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from p2psip.errors import ConfigError, P2PSIPError
 
     try:
-        via = parse_via(args.via)
-        check_sip_uri(args.uri, "register")
+        via = check_phone_args(args, "register")
         if args.contact is not None:
             from p2psip.uri import Address
 
             Address(args.contact)
         if args.expires < 0:
             raise ConfigError("--expires must be 0 or more seconds")
-        if args.timeout <= 0:
-            raise ConfigError("--timeout must be more than 0 seconds")
     except P2PSIPError as exc:
         return fail(str(exc), 2)
     base = {"aor": args.uri, "via": via_text(via)}
@@ -239,14 +236,11 @@ def _cmd_call(args: argparse.Namespace) -> int:
     from p2psip.errors import ConfigError, P2PSIPError
 
     try:
-        via = parse_via(args.via)
-        check_sip_uri(args.uri, "call")
-        if args.from_:
-            check_sip_uri(args.from_, "--from")
+        via = check_phone_args(args, "call")
         if args.transfer_to:
             check_sip_uri(args.transfer_to, "--transfer-to")
-        if (args.duration is not None and args.duration < 0) or args.timeout <= 0:
-            raise ConfigError("--duration must be >= 0 and --timeout > 0")
+        if args.duration is not None and args.duration < 0:
+            raise ConfigError("--duration must be 0 or more seconds")
         duration = 1.0 if args.duration is None else args.duration
         if args.play:
             from p2psip.media.sources import WavSource

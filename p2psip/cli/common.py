@@ -44,6 +44,20 @@ def parse_via(text: str) -> tuple[str, int]:
     return host, port
 
 
+def check_phone_args(args: argparse.Namespace, command: str) -> tuple[str, int]:
+    """The checks every phone command (``register``, ``call``, ``message``) makes of the options
+    :func:`add_phone_options` gave it; returns ``--via`` as (host, port). Raises ConfigError."""
+    from p2psip.errors import ConfigError
+
+    via = parse_via(args.via)
+    check_sip_uri(args.uri, command)
+    if getattr(args, "from_", None):
+        check_sip_uri(args.from_, "--from")
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be more than 0 seconds")
+    return via
+
+
 def via_text(via: tuple[str, int]) -> str:
     from p2psip.address import format_hostport
 

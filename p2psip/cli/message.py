@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from p2psip.cli.common import add_phone_options, check_sip_uri, fail, parse_via, via_text
+from p2psip.cli.common import add_phone_options, check_phone_args, fail, via_text
 from p2psip.cli.phone import close_phone, final_response, open_phone, run_one
 
 
@@ -27,12 +27,7 @@ def _cmd_message(args: argparse.Namespace) -> int:
     from p2psip.errors import ConfigError, P2PSIPError
 
     try:
-        via = parse_via(args.via)
-        check_sip_uri(args.uri, "message")
-        if args.from_:
-            check_sip_uri(args.from_, "--from")
-        if args.timeout <= 0:
-            raise ConfigError("--timeout must be more than 0 seconds")
+        via = check_phone_args(args, "message")
         if not args.text:
             raise ConfigError("message: the text is empty")
     except P2PSIPError as exc:

@@ -6,10 +6,7 @@ Part of :mod:`p2psip.message` (import from there).
 from __future__ import annotations
 
 from p2psip.errors import ParseError
-from p2psip.uri import (
-    TOKEN_CHARS,
-    _scan_quoted,
-)
+from p2psip.uri import TOKEN_CHARS, split_unquoted
 
 _CANONICAL = [
     "Accept",
@@ -199,30 +196,4 @@ def split_list(value: str) -> list[str]:
     """Split a comma-separated header value, but not inside quoted strings or ``<...>``; drop empty items."""
     if "," not in value:
         return [value] if value else []
-    if '"' not in value and "<" not in value:
-        return [item for item in (part.strip(" \t") for part in value.split(",")) if item]
-    items: list[str] = []
-    start = 0
-    i = 0
-    n = len(value)
-    while i < n:
-        c = value[i]
-        if c == '"':
-            i = _scan_quoted(value, i)
-            continue
-        if c == "<":
-            end = value.find(">", i)
-            if end < 0:
-                raise ParseError(f"missing '>' in {value[:80]!r}")
-            i = end + 1
-            continue
-        if c == ",":
-            item = value[start:i].strip(" \t")
-            if item:
-                items.append(item)
-            start = i + 1
-        i += 1
-    item = value[start:].strip(" \t")
-    if item:
-        items.append(item)
-    return items
+    return [item for item in (part.strip(" \t") for part in split_unquoted(value, ",", angles=True)) if item]
