@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from conftest import in_ci
 
-from .natlab import HA, HB, P1, P2, RA_OUT, NatLab, why_unavailable
+from .natlab import HA, HB, P1, P2, RA_OUT, RB_OUT, NatLab, why_unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "p2psip.cli"]
@@ -318,7 +318,12 @@ def test_a_peer_behind_a_port_forwarding_router_is_a_full_peer(lab: Lab) -> None
         return any(n.get("addr") == f"{RA_OUT}:7070" for n in near)
 
     wait_for(in_ring, 60, "the port-forwarded peer in P1's ring neighbours", lambda: lab.log("p4"))
-    assert lab.status("p4", ns="ha")["predecessor"] is not None
+    status = lab.status("p4", ns="ha")
+    assert status["predecessor"] is not None
+    # it is full because the probe said so: P1 (its bootstrap) had P2 ping router A's forwarded port
+    reach = status["reach"]
+    assert reach["mode"] == "full" and reach["endpoint"] == f"{RA_OUT}:7070", reach
+    assert reach["probed_by"] == f"{P2}:7060" and "advertised; reachable" in reach["reason"], reach
     # a phone registered at it (its home peer, reached through router A's forwarding) is called from P2
     erin = ua(lab, "sip:erin@p2p.example", f"{RA_OUT}:5070", 5074)
     frank = ua(lab, "sip:frank@p2p.example", f"{P2}:5060", 5076)
@@ -328,3 +333,35 @@ def test_a_peer_behind_a_port_forwarding_router_is_a_full_peer(lab: Lab) -> None
     frank.stdin.flush()
     assert frank.stdout.readline().split() == ["call", "200", "200"], lab.log("p4")
     assert erin.stdout.readline().split()[:2] == ["answered", "sip:frank@p2p.example"]
+
+
+def start_refused(
+    lab: Lab, name: str, ns: str, address: str, overlay: str
+) -> subprocess.CompletedProcess[str]:
+    """``p2psip start`` of a peer that the probe finds unreachable: it must exit, not join."""
+    config = lab.tmp / f"{name}.toml"
+    config.write_text("")
+    args = [*CLI, "start", "--listen", f"udp:{address}:5090", "--overlay", overlay, "--data-dir",
+            str(lab.tmp / name), "--config", str(config), "--join", f"{P1}:7060"]  # fmt: skip
+    return lab.net.run(ns, args, capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+@pytest.mark.netns
+@pytest.mark.interop
+def test_the_probe_learns_a_peer_address_and_finds_peers_behind_nats_unreachable(lab: Lab) -> None:
+    """overlay.reach through real NATs: a wildcard-bound peer on a public address learns it and is full;
+    a peer behind NAT B (fully random) or NAT A (port-restricted) without port forwarding learns the
+    router's outer address, and another peer's probe there goes unanswered: it does not join."""
+    lab.start_peer("p5", P2, P1, ns="p2", sip=5061, overlay="0.0.0.0:7061")
+    reach = lab.status("p5", ns="p2")["reach"]
+    assert reach["mode"] == "full" and reach["endpoint"] == f"{P2}:7061", reach
+    assert "learned from the bootstrap; reachable" in reach["reason"], reach
+    assert reach["probed_by"] in (f"{P2}:7060", f"{RA_OUT}:7070"), reach  # P1's neighbour, not P1
+    for name, ns, address, router in (("p6", "hb", HB, RB_OUT), ("p7", "ha", HA, RA_OUT)):
+        done = start_refused(lab, name, ns, address, "0.0.0.0:7080")
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"other peers cannot reach this one at {router}:" in done.stderr, done.stderr
+        assert "learned from the bootstrap; unreachable" in done.stderr, done.stderr
+    p1 = lab.status("p1")
+    assert not any(n.get("addr", "").startswith((RA_OUT + ":7080", RB_OUT)) for n in p1.get("successors", []))
+    assert p1["counters"]["overlay_probes_answered"] >= 4
