@@ -3,7 +3,8 @@
 voicemail. A caller from example.com is proxied to jones; a caller from another domain takes the ``else``:
 the peer answers (SDP ``a=inactive``), REFERs the caller to voicemail, the caller (our UserAgent) calls
 it and reports 200 in a sipfrag NOTIFY, and the peer hangs up. A caller whose Allow lacks REFER gets a 302
-to voicemail instead. Also the stand-alone script server (no overlay) with our UAs at both ends."""
+to voicemail instead. baresip 1.0 as the caller follows the REFER too. Also the stand-alone script server
+(no overlay) with our UAs at both ends."""
 
 from __future__ import annotations
 
@@ -159,3 +160,59 @@ async def test_script_server_transfer_between_our_uas(tmp_path: Path) -> None:
         await target.close()
         for stack in (server_stack, *stacks):
             await stack.close()
+
+
+async def test_baresip_caller_follows_the_scripts_transfer(
+    three: tuple[list[Peer], Path], tmp_path: Path
+) -> None:
+    """baresip 1.0 as the caller from another domain: the peer answers it, REFERs it to voicemail (our UA
+    here, so the test sees the INVITE baresip sends), and hangs up its own leg."""
+    require_tool("baresip")
+    from peer_interop.test_presence_baresip import Phone
+
+    (a, b, c), scripts = three
+    (scripts / "jones@example.com.py").write_text(
+        TRANSFER + (EXAMPLES / "scripting_proxy_then_voicemail.py").read_text()
+    )
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    host, port = c.sip_address()
+    voicemail = UserAgent(stack, "sip:jones@voicemail.example.com", outbound=f"{host}:{port}")
+    reached: list[IncomingCall] = []
+
+    def on_call(incoming: IncomingCall) -> None:
+        reached.append(incoming)
+        incoming.accept(offer())
+
+    voicemail.on_call = on_call
+    dave = None
+    try:
+        assert (await voicemail.register(f"sip:{host}:{port}", expires=300, refresh=False)).status == 200
+        dave = Phone(tmp_path, "dave", b, watches=[])
+        dave_aor = "sip:dave@p2p.example"  # not example.com: the script's else branch transfers him
+
+        async def registered() -> None:
+            while not await b.lookup_bindings(dave_aor):
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(registered(), 20)
+        await dave.command("/dial sip:jones@example.com")
+
+        async def called() -> None:
+            while not reached:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(called(), 30)
+        incoming = reached[0]
+        assert incoming.caller.uri.user == "dave"
+        # baresip 1.0 puts no Referred-By in the new INVITE; its log says it followed our REFER
+        assert "transferring call" in dave.log_text() and "jones@voicemail.example.com" in dave.log_text()
+        await asyncio.wait_for(incoming.confirmed.wait(), 10)
+        await until(lambda: not any(p.core.transfer_legs for p in (a, b, c)), 20)  # the peer hung up
+        await incoming.bye()
+    except (AssertionError, TimeoutError) as exc:
+        raise AssertionError(f"{exc!r}\n{dave.log_tail() if dave else ''}") from None
+    finally:
+        if dave is not None:
+            dave.stop()
+        await voicemail.close()
+        await stack.close()
