@@ -21,7 +21,7 @@ from p2psip.cli.phone import (
     no_answer,
     nothing_listens,
     open_phone,
-    run_one,
+    run_and_print,
     unless_refused,
 )
 
@@ -68,16 +68,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
     except P2PSIPError as exc:
         return fail(str(exc), 2)
     base = {"aor": args.uri, "via": via_text(via)}
-    result = run_one(_register(args, via), via, args.timeout, base if args.json else None)
-    if result is None:
-        return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+
+    def line(result: dict[str, Any]) -> None:
         print(f"REGISTER {result['aor']} via {result['via']}: {result['status']} {result['reason']}")
         if result["contacts"]:
             print_table(["contact", "expires"], [(c["contact"], c["expires"]) for c in result["contacts"]])
-    return 0 if result["status"] == 200 else 1
+
+    result = run_and_print(_register(args, via), via, args, base, line)
+    return 1 if result is None or result["status"] != 200 else 0
 
 
 class _Interrupted(Exception):

@@ -7,11 +7,10 @@ The peer delivers it to every device registered for the AOR (forking) and answer
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from p2psip.cli.common import add_phone_options, check_phone_args, fail, via_text
-from p2psip.cli.phone import close_phone, final_response, open_phone, run_one
+from p2psip.cli.phone import close_phone, final_response, open_phone, run_and_print
 
 
 async def _message(args: argparse.Namespace, via: tuple[str, int]) -> dict[str, Any]:
@@ -33,14 +32,12 @@ def _cmd_message(args: argparse.Namespace) -> int:
     except P2PSIPError as exc:
         return fail(str(exc), 2)
     base = {"uri": args.uri, "via": via_text(via)}
-    result = run_one(_message(args, via), via, args.timeout, base if args.json else None)
-    if result is None:
-        return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+
+    def line(result: dict[str, Any]) -> None:
         print(f"MESSAGE {result['uri']} via {result['via']}: {result['status']} {result['reason']}")
-    return 0 if 200 <= result["status"] < 300 else 1
+
+    result = run_and_print(_message(args, via), via, args, base, line)
+    return 1 if result is None or not 200 <= result["status"] < 300 else 0
 
 
 def add_commands(sub: Any) -> None:

@@ -113,3 +113,22 @@ def run_one(
         print(json.dumps({**json_doc, "error": error}, indent=2))
     fail(error, 1)
     return None
+
+
+def run_and_print(
+    work: Coroutine[Any, Any, dict[str, Any]],
+    via: tuple[str, int],
+    args: Any,
+    json_doc: dict[str, Any],
+    line: Callable[[dict[str, Any]], None],
+) -> dict[str, Any] | None:
+    """One phone request (``register``, ``message``) as a command: :func:`run_one`, then its result as
+    the JSON document (``--json``) or in words (``line``). None when it failed (already printed)."""
+    result = run_one(work, via, args.timeout, json_doc if args.json else None)
+    if result is None:
+        return None
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        line(result)
+    return result
