@@ -24,6 +24,9 @@ The file format (all keys optional)::
     home_routing = true        # false: calls go straight to the contact, not through its home peer (bench)
     flow_timer = 120           # seconds an RFC 5626 phone may stay silent (Flow-Timer) before its flow fails
     nat_ping = 20.0            # seconds between NAT pings (OPTIONS) to phones without RFC 5626 outbound
+    turn = "127.0.0.1:3478"    # run a TURN server (RFC 8656) there for call audio relays (off by default)
+    turn_per_user = 4          # TURN allocations one user (credential) may hold at once (beyond: 486)
+    turn_max_allocations = 200 # TURN allocations in all (beyond: 508)
     server_header = "p2psip/0.1.0"   # Server header of the peer's own responses; "" sends none
     new_aors_per_source = "30/min:30"  # AORs one source may register for the first time (rate:burst)
     new_aors_total = "600/min:600"     # ... and all sources together; "off" for no limit
@@ -134,6 +137,10 @@ class PeerConfig:
     host is also the SIP address the peer puts in Path, Record-Route and Via."""
     flow_timer: int = 120
     nat_ping: float = 20.0
+    turn: HostPort | None = None
+    """UDP address of this peer's TURN server (p2psip.turn: relayed candidates for call audio); None: off."""
+    turn_per_user: int = 4
+    turn_max_allocations: int = 200
     users: dict[str, UserAccount] = field(default_factory=dict)
     tls_cert: Path | None = None
     """Certificate (PEM) of the tls:/wss: listeners and of --http with TLS; self-signed when None."""
@@ -239,6 +246,9 @@ _FILE_KEYS = frozenset(
         "advertise",
         "flow_timer",
         "nat_ping",
+        "turn",
+        "turn_per_user",
+        "turn_max_allocations",
         "users",
         "tls_cert",
         "tls_key",
@@ -326,6 +336,13 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             if len(token) < 16 or not token.isascii() or not plain.isalnum():
                 raise ConfigError("config: http_token must be at least 16 letters, digits, '-' or '_'")
             config.http_token = token
+        elif key == "turn":
+            config.turn = parse_hostport(_typed(value, str, key, "a HOST:PORT string"), key)
+        elif key in ("turn_per_user", "turn_max_allocations"):
+            number = _typed(value, int, key, "a whole number")
+            if not 1 <= number <= 100_000:
+                raise ConfigError(f"config: {key} = {number} is out of range (1-100000)")
+            setattr(config, key, number)
         elif key in ("overlay", "join", "advertise"):
             hp = parse_hostport(_typed(value, str, key, "a HOST:PORT string"), key)
             if key == "overlay":

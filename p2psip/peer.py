@@ -78,6 +78,8 @@ from p2psip.streamguard import StreamLimits
 from p2psip.trace import SipTrace, stamp
 from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
 from p2psip.transport import TLSConfig
+from p2psip.turn import TurnLimits
+from p2psip.turnserver import TurnServer
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
@@ -197,13 +199,15 @@ class UserKeys:
 
 
 FLOW_SECRET = "flow-token.key"
+TURN_SECRET = "turn.key"
 
 
-def flow_secret(data_dir: Path) -> bytes | None:
+def flow_secret(data_dir: Path, name: str = FLOW_SECRET) -> bytes | None:
     """The key of this peer's flow tokens, kept in its data dir so that the tokens in the Paths it put into
     the DHT stay valid across a restart (a UDP phone stays callable through them: p2psip/flows.py). None
-    (a fresh key for this run) when the data dir cannot hold it."""
-    path = data_dir / FLOW_SECRET
+    (a fresh key for this run) when the data dir cannot hold it. ``name`` TURN_SECRET: the key of the
+    TURN credentials this peer issues (p2psip.turn.issue_credentials), kept so they outlive a restart."""
+    path = data_dir / name
     try:
         secret = path.read_bytes()
         if len(secret) == 32:
@@ -495,6 +499,7 @@ class Peer:
         self.names: dict[int, str] = {}  # ring key -> AOR, for the names this peer has seen (status)
         self.home: dict[str, dict[bytes, Binding]] = {}
         self.web: Any = None
+        self.turn: TurnServer | None = None
         """The web server (p2psip.web.server.WebServer) when ``--http`` is set."""
         """Registrations this peer took (it is their home peer): AOR -> entry id -> binding. The status
         shows them; a call that reaches this peer as the AOR's sole home peer is served from them."""
@@ -640,6 +645,13 @@ class Peer:
             await node.close()
             raise
         peer = cls(config, node, stack, on_event=on_event)
+        if config.turn is not None:
+            try:
+                await peer._start_turn(data_dir)
+            except BaseException:
+                await stack.close()
+                await node.close()
+                raise
         if config.http is not None:
             try:
                 await peer._start_web()
@@ -653,6 +665,20 @@ class Peer:
         peer._event("joined", f"{how} as node {ids.short(node.node_id)} at {peer.overlay_address_text}; "
                     f"SIP on {', '.join(peer.sip_addresses())}")  # fmt: skip
         return peer
+
+    async def _start_turn(self, data_dir: Path) -> None:
+        """Run the TURN server of ``--turn`` (relayed candidates for call audio: docs/nat.md)."""
+        config = self.config
+        assert config.turn is not None
+        secret = flow_secret(data_dir, TURN_SECRET) or secrets.token_bytes(32)
+        limits = TurnLimits(max_allocations=config.turn_max_allocations, per_user=config.turn_per_user)
+        turn = TurnServer(secret, config.turn.host, config.turn.port, realm=config.realm, limits=limits)
+        try:
+            await turn.start()
+        except OSError as exc:
+            raise ConfigError(f"--turn {config.turn}: cannot listen: {exc.strerror or exc}") from None
+        self.turn = turn
+        self._event("turn", f"TURN server on udp {format_hostport(*turn.address)}")
 
     async def _start_web(self) -> None:
         """Serve the ring page and the softphone at ``--http`` (p2psip.web); its origin may then use our
@@ -695,6 +721,8 @@ class Peer:
         self._closed = True
         if self.web is not None:
             await self.web.close()
+        if self.turn is not None:
+            await self.turn.close()
         self.core.cancel_tasks()
         self.presence.close()
         if self._flow_task is not None:
@@ -1509,6 +1537,9 @@ class Peer:
             counters[f"sip_{k}"] = v
         for k, v in self.core.stats.items():
             counters[f"proxy_{k}"] = v
+        if self.turn is not None:
+            for k, v in self.turn.core.stats().items():  # every TURN refusal and drop (docs/nat.md)
+                counters[f"turn_{k}"] = v
         return {
             "node_id": f"{node.node_id:032x}",
             "overlay": self.overlay_address_text,
@@ -1524,6 +1555,7 @@ class Peer:
             "user_keys": self.users.known(),
             "cache_entries": len(self.cache),
             "home_routing": self.config.home_routing,
+            "turn": format_hostport(*self.turn.address) if self.turn is not None else None,
             "flows": self.flows.snapshot(asyncio.get_running_loop().time()),
             "counters": counters,
             "hop_histogram": node_stats.get("hops", {}),

@@ -5,6 +5,7 @@ quota fails the call's set-up with a clear error and is counted. Tones are check
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -101,3 +102,57 @@ async def test_an_allocation_beyond_the_quota_fails_the_call_set_up_cleanly() ->
         finally:
             await first.close()
         await until(lambda: server.core.stats()["allocations"] == 0, 5)
+
+
+async def test_user_agents_call_over_the_relay_hold_resume_and_bye_frees_it() -> None:
+    """UserAgent.call / accept_with_media with media_options={"ice": ...}: the INVITE and the 200 carry
+    ICE, audio runs over relayed candidates, hold/resume re-INVITEs keep the selected pair, and the BYE
+    deletes both allocations."""
+    from p2psip.stack import Stack
+    from p2psip.useragent import IncomingCall, UserAgent
+
+    async with TurnServer(SECRET) as server:
+        stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+        alice = UserAgent(stacks[0], "sip:alice@127.0.0.1")
+        bob = UserAgent(stacks[1], "sip:bob@127.0.0.1")
+        heard_a, heard_b = MemorySink(), MemorySink()
+        try:
+
+            async def answer() -> IncomingCall:
+                incoming = await asyncio.wait_for(bob.incoming.get(), 20)
+                assert b"a=ice-ufrag:" in incoming.request.body
+                await incoming.accept_with_media(
+                    play=ToneSource(1000), record=heard_b, media_options={"ice": turn_settings(server, "bob")}
+                )
+                return incoming
+
+            answering = asyncio.ensure_future(answer())
+            host, port = stacks[1].local_address("udp")
+            call = await alice.call(
+                f"sip:bob@{host}:{port}",
+                play=ToneSource(440),
+                record=heard_a,
+                timeout=20,
+                media_options={"ice": turn_settings(server, "alice")},
+            )
+            incoming = await asyncio.wait_for(answering, 20)
+            assert b"a=ice-ufrag:" in call.response.body
+            await until(lambda: len(heard_a.pcm) > 16000 and len(heard_b.pcm) > 16000)
+            assert dominant_frequency(heard_b.pcm[-8000:], TONES) == 440
+            assert dominant_frequency(heard_a.pcm[-8000:], TONES) == 1000
+            assert call.media is not None and call.media.ice is not None and call.media.ice.relayed
+            selected = call.media.ice.selected
+            assert (await call.hold(timeout=20)).status == 200
+            assert (await call.resume(timeout=20)).status == 200
+            assert call.media.ice.selected == selected and call.media.ice.state == "connected"
+            before = len(heard_b.pcm)
+            await until(lambda: len(heard_b.pcm) > before + 8000)
+            assert dominant_frequency(heard_b.pcm[-8000:], TONES) == 440
+            assert (await call.bye()).status == 200
+            assert await incoming.wait_ended(20) == "bye received"
+            await until(lambda: server.core.stats()["allocations"] == 0, 10)
+        finally:
+            await alice.close()
+            await bob.close()
+            for stack in stacks:
+                await stack.close()

@@ -25,6 +25,7 @@ def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
         "listen": args.listen,
         "overlay": args.overlay,
         "advertise": args.advertise,
+        "turn": args.turn,
         "join": args.join,
         "overlay_name": args.overlay_name,
         "data_dir": args.data_dir,
@@ -247,6 +248,10 @@ def add_commands(sub: Any) -> None:
         "its host is also the SIP address in Path and Record-Route",
     )  # fmt: skip
     start.add_argument("--join", metavar="HOST:PORT", help="a peer of the overlay to join through")
+    start.add_argument(
+        "--turn", metavar="HOST:PORT",
+        help="run a TURN server (UDP) there: relayed candidates for the call audio of phones behind NATs",
+    )  # fmt: skip
     start.add_argument(
         "--overlay-name", metavar="NAME", help="overlay name (peers of another name are ignored)"
     )
