@@ -3,7 +3,10 @@
     python bench/overlay_net.py                 # N = 20, 50, 100; 2 rounds of 200 puts + 200 gets each
     python bench/overlay_net.py --sizes 20 --ops 50 --rounds 1
 
-For each N, each system gets N nodes on 127.0.0.1 in this process, a settle period, then ``ops`` puts of
+For each N, each system gets N nodes on 127.0.0.1 in this process, the same settling rule (until its
+routing state has converged: p2psip every first successor true, kademlia and OpenDHT every node knowing at
+least min(N - 1, k) others with the totals unchanged for ``STABLE_S``; bounded by ``SETTLE_TIMEOUT_S``; the
+time is the table's setup column), then ``ops`` puts of
 distinct names from random nodes, then one get per name from another random node (sequential, so each
 latency is one operation alone). Success: the put reported success and the get returned the value.
 Every (system, N) run is a fresh process and starts with 10 unmeasured put+get pairs; rounds rotate the
@@ -20,6 +23,8 @@ import contextlib
 import json
 import logging
 import random
+import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,11 +35,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conditions import Conditions
+
 from overlay.node import Node, NodeConfig
 
 HOST = "127.0.0.1"
 SYSTEMS = ("p2psip", "kademlia", "opendht")
 WARMUP = 10  # unmeasured put+get pairs per run, the same for every system
+SETTLE_TIMEOUT_S = 120.0  # settling is bounded for every system alike
+STABLE_S = 1.0  # a routing state unchanged this long (and full enough) counts as settled
+
+
+async def settle_counts(counts: Callable[[], list[int]], floor: int) -> bool:
+    """Wait (bounded) until every node's routing table holds at least ``floor`` others and the tables
+    stopped changing for ``STABLE_S``: the peers' equivalent of our "every successor is true" (they have
+    no ring to check). Whether it settled before ``SETTLE_TIMEOUT_S``."""
+    deadline = time.perf_counter() + SETTLE_TIMEOUT_S
+    last: list[int] = []
+    since = time.perf_counter()
+    while time.perf_counter() < deadline:
+        now = counts()
+        if now != last:
+            last, since = now, time.perf_counter()
+        elif min(now, default=0) >= floor and time.perf_counter() - since >= STABLE_S:
+            return True
+        await asyncio.sleep(0.2)
+    return False
 
 
 @dataclass
@@ -159,8 +187,14 @@ async def bench_kademlia(n: int, ops: int, rng: random.Random, k: int) -> Result
     # a second bootstrap round so early nodes learn about later ones (kademlia refreshes hourly otherwise)
     for s in servers:
         await s.bootstrap([(HOST, ports[rng.randrange(n)]) for _ in range(2)])
+
+    def known() -> list[int]:
+        return [sum(len(b.get_nodes()) for b in s.protocol.router.buckets) for s in servers]
+
+    settled = await settle_counts(known, min(n - 1, k))
     setup = time.perf_counter() - t0
-    res = Result("kademlia", n, [], [], 0, 0, ops, setup, note=f"k={k}, alpha=3")
+    note = f"k={k}, alpha=3" + ("" if settled else ", did not settle")
+    res = Result("kademlia", n, [], [], 0, 0, ops, setup, note=note)
     for i in range(WARMUP):
         with contextlib.suppress(Exception):
             await rng.choice(servers).set(f"warmup{i}", "w")
@@ -191,11 +225,17 @@ def bench_opendht(n: int, ops: int, rng: random.Random) -> Result:
         if i:
             r.bootstrap(HOST, str(runners[rng.randrange(i)].getBound().getPort()))
         runners.append(r)
-    time.sleep(3.0)  # OpenDHT has no "ring settled" signal; give its bucket maintenance a moment
+
+    def known() -> list[int]:  # nodes in each runner's IPv4 routing table (its log: "... count: N ...")
+        return [
+            sum(int(c) for c in re.findall(r"count: (\d+)", r.getRoutingTablesLog(socket.AF_INET)))
+            for r in runners
+        ]
+
+    settled = asyncio.run(settle_counts(known, min(n - 1, 8)))
     setup = time.perf_counter() - t0
-    res = Result(
-        "opendht", n, [], [], 0, 0, ops, setup, note=f"v{dht.version()}" if hasattr(dht, "version") else ""
-    )
+    note = f"v{dht.version()}" if hasattr(dht, "version") else ""
+    res = Result("opendht", n, [], [], 0, 0, ops, setup, note=note + ("" if settled else ", did not settle"))
     for i in range(WARMUP):
         with contextlib.suppress(Exception):
             rng.choice(runners).put(dht.InfoHash.get(f"warmup{i}"), dht.Value(b"w"))
@@ -280,6 +320,7 @@ def main() -> None:
         print(json.dumps(asdict(run_one(args.one, args.n, args.ops, args.seed, args.kad_k))))
         return
     systems = [s for s in SYSTEMS if s not in args.skip]
+    conditions = Conditions()
     runs: dict[tuple[int, str], list[Result]] = {}
     for rnd in range(args.rounds):
         for n in args.sizes:
@@ -311,6 +352,7 @@ def main() -> None:
                 print(f"# round {rnd + 1}: {system} N={n} done", file=sys.stderr, flush=True)
     results = [merge(runs[(n, s)]) for n in args.sizes for s in systems if (n, s) in runs]
     print(table(results))
+    print(f"# {conditions}; {args.rounds} rounds per cell, pooled")
     for r in results:
         if r.counters:
             print(f"# {r.system} N={r.n} retry counters over all rounds: {r.counters}")

@@ -14,6 +14,13 @@ twice each, alternating, with the callee read from the responsible node alone an
 (issue 15's reads: the rows compare what the quorum read costs a call). The same client then runs against one Kamailio 5.6 registrar + stateful proxy (usrloc in memory, ``tm``)
 started in the same run, and the table gives p50/p99 and our ratio to Kamailio's p99. Operations are
 sequential, paced at ``--rate`` per second. Target: p99 call setup through the 50-peer overlay < 50 ms.
+
+Fair both ways (issue 19's rules): every system gets the same unmeasured warm-up (``WARMUP`` REGISTER+call
+pairs on their own AORs) once it is up (our ring consistent, Kamailio listening); each cell is repeated
+``--repeat`` times with fresh peers, the repeats interleaved across systems, samples pooled and the
+per-repeat p99s shown as a spread; ``--maintenance`` sets the overlay's stabilize/fix-fingers period; the
+work directory is removed at the end (``--keep`` keeps it); the footer gives the date, load average, CPU
+model and steal time over the run.
 (sipp's own response-time trace is too coarse here — a few ms granularity — hence the Python client.)
 """
 
@@ -21,21 +28,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from conditions import Conditions  # noqa: E402
 from conftest import free_port  # noqa: E402
 from interop.kamailio import MODULES, Kamailio  # noqa: E402
 from interop.sipp import uas  # noqa: E402
@@ -46,6 +52,9 @@ from p2psip.peer import Peer  # noqa: E402
 from p2psip.ratelimit import UNLIMITED  # noqa: E402
 
 DOMAIN = "p2p.example"
+#: unmeasured REGISTER+call pairs every system gets once it is up (on AORs of their own)
+WARMUP = 10
+WARM_USERS = [f"warm{i:02d}" for i in range(WARMUP)]
 
 
 def kamailio_registrar(host: str, port: int) -> str:
@@ -130,6 +139,28 @@ class Timings:
     register_ms: list[float]
     invite_ms: list[float]
     failures: int
+    #: (REGISTER p99, INVITE→180 p99) of each repeat, for the spread
+    repeats: list[tuple[float, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.repeats:
+            self.repeats = [(Timings.pct(self.register_ms, 99), Timings.pct(self.invite_ms, 99))]
+
+    @staticmethod
+    def pool(parts: list[Timings]) -> Timings:
+        """The repeats of one cell: samples pooled, each repeat's p99s kept for the spread."""
+        return Timings(
+            parts[0].system,
+            [ms for t in parts for ms in t.register_ms],
+            [ms for t in parts for ms in t.invite_ms],
+            sum(t.failures for t in parts),
+            [r for t in parts for r in t.repeats],
+        )
+
+    def spread(self, which: int) -> str:
+        """min-max of the repeats' p99 (``which`` 0: REGISTER, 1: INVITE→180)."""
+        values = [r[which] for r in self.repeats if r[which] == r[which]]
+        return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
 
     @staticmethod
     def pct(values: list[float], p: float) -> float:
@@ -172,7 +203,7 @@ def fmt(value: float) -> str:
 
 
 async def measure_overlay(
-    size: int, users: list[str], rate: float, workdir: Path, maintenance: float = 5.0
+    size: int, users: list[str], rate: float, workdir: Path, maintenance: float = 1.0
 ) -> list[Timings]:
     """The overlay's row, then (same peers, same bindings) its calls with home routing off: straight from
     the peer the call enters at to the contact, instead of through the callee's home peer (docs/nat.md)."""
@@ -191,7 +222,7 @@ async def measure_overlay(
                 scan_rate=UNLIMITED,
             )
             peers.append(
-                await Peer.start(config, node_config=quick_node_config(interval=1.0, rpc_timeout=1.0))
+                await Peer.start(config, node_config=quick_node_config(interval=maintenance, rpc_timeout=1.0))
             )
         await wait_until_consistent([p.node for p in peers], timeout=120)
         uas_port = free_port()
@@ -199,6 +230,10 @@ async def measure_overlay(
             # registrations at the first peer, calls through the last one (another peer, which must look up)
             host, port = peers[0].sip_address()
             call_host, call_port = peers[-1].sip_address()
+            await timed_split(  # warm-up, not measured: the same Kamailio gets
+                "warm-up", f"{host}:{port}", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
+                WARM_USERS, rate,
+            )  # fmt: skip
             home = await timed_split(
                 f"overlay of {size}", f"{host}:{port}", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
                 users, rate,
@@ -222,10 +257,7 @@ async def measure_overlay(
                     f"overlay of {size}, {'replica-set' if quorum else 'single-node'} reads",
                     f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}", users, rate, registers=False,
                 ))  # fmt: skip
-            single = Timings(runs[False][0].system, [], [ms for t in runs[False] for ms in t.invite_ms],
-                             sum(t.failures for t in runs[False]))  # fmt: skip
-            quorum_t = Timings(runs[True][0].system, [], [ms for t in runs[True] for ms in t.invite_ms],
-                               sum(t.failures for t in runs[True]))  # fmt: skip
+            single, quorum_t = Timings.pool(runs[False]), Timings.pool(runs[True])
             return [home, direct, single, quorum_t]
     finally:
         for peer in peers:
@@ -250,6 +282,8 @@ async def measure_kamailio(users: list[str], rate: float, workdir: Path) -> Timi
     uas_port = free_port()
     with kam, uas(workdir, uas_port, name="uas"):
         via = f"127.0.0.1:{port}"
+        # the same unmeasured warm-up our overlay gets once its ring is consistent
+        await timed_split("warm-up", via, via, f"127.0.0.1:{uas_port}", WARM_USERS, rate)
         return await timed_split("Kamailio registrar+proxy", via, via, f"127.0.0.1:{uas_port}", users, rate)
 
 
@@ -259,10 +293,20 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=200, help="AORs registered and called per run")
     parser.add_argument("--rate", type=float, default=20.0, help="REGISTERs and calls per second")
     parser.add_argument(
-        "--maintenance", type=float, default=5.0, help="overlay stabilize/fix-fingers period, s (default 5)"
+        "--maintenance", type=float, default=1.0,
+        help="overlay stabilize/fix-fingers period, s (default 1, as the published runs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="fresh runs of every cell, interleaved (default 2)"
     )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (removed by default)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown too")
     args = parser.parse_args()
+    if args.maintenance <= 0 or args.repeat < 1 or args.rate <= 0 or args.users < 1:
+        print(
+            "bench/peer.py: --maintenance and --rate must be > 0, --repeat and --users >= 1", file=sys.stderr
+        )
+        return 2
     for tool in ("sipp", "kamailio"):
         if shutil.which(tool) is None:
             print(f"bench/peer.py: {tool} is not installed", file=sys.stderr)
@@ -270,29 +314,48 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     users = [f"user{i:04d}" for i in range(args.users)]
     root = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    conditions = Conditions()
     print(
-        f"bench/peer.py: {len(users)} AORs at {args.rate:g}/s; overlays of {sizes}; work dir {root}",
+        f"bench/peer.py: {len(users)} AORs at {args.rate:g}/s; overlays of {sizes}; maintenance every "
+        f"{args.maintenance:g} s; {args.repeat} repeats; work dir {root}",
         flush=True,
     )
     started = time.monotonic()
-    measures: list[Timings] = []
-    for size in sizes:
-        pair = asyncio.run(measure_overlay(size, users, args.rate, root / f"overlay{size}", args.maintenance))
-        measures.extend(pair)
-        for m in pair:
+    cells: dict[int, list[list[Timings]]] = {size: [] for size in sizes}
+    kam_runs: list[Timings] = []
+    try:
+        for rep in range(args.repeat):
+            for size in sizes:
+                pair = asyncio.run(
+                    measure_overlay(size, users, args.rate, root / f"overlay{size}-{rep}", args.maintenance)
+                )
+                cells[size].append(pair)
+                for m in pair:
+                    print(
+                        f"  [{rep + 1}] {m.system}: {len(m.register_ms)} REGISTERs, {len(m.invite_ms)} calls, "
+                        f"{m.failures} failed",
+                        flush=True,
+                    )
+            kam_one = asyncio.run(measure_kamailio(users, args.rate, root / f"kamailio-{rep}"))
             print(
-                f"  {m.system}: {len(m.register_ms)} REGISTERs, {len(m.invite_ms)} calls, {m.failures} failed",
+                f"  [{rep + 1}] {kam_one.system}: {len(kam_one.register_ms)} REGISTERs, "
+                f"{len(kam_one.invite_ms)} calls, {kam_one.failures} failed",
                 flush=True,
             )
-    kam = asyncio.run(measure_kamailio(users, args.rate, root / "kamailio"))
-    print(
-        f"  {kam.system}: {len(kam.register_ms)} REGISTERs, {len(kam.invite_ms)} calls, {kam.failures} failed"
-    )
+            kam_runs.append(kam_one)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    measures: list[Timings] = []
+    for size in sizes:
+        measures.extend(Timings.pool([run[i] for run in cells[size]]) for i in range(4))
+    kam = Timings.pool(kam_runs)
     measures.append(kam)
 
     kam_inv99, kam_reg99 = Timings.pct(kam.invite_ms, 99), Timings.pct(kam.register_ms, 99)
     header = ["system", "REGISTER p50 ms", "REGISTER p99 ms", "INVITE→180 p50 ms", "INVITE→180 p99 ms",
-              "failed", "p99 setup / Kamailio", "p99 REGISTER / Kamailio"]  # fmt: skip
+              "failed", "p99 setup / Kamailio", "p99 REGISTER / Kamailio",
+              "REGISTER p99 spread", "INVITE p99 spread"]  # fmt: skip
     rows = []
     for m in measures:
         inv99, reg99 = Timings.pct(m.invite_ms, 99), Timings.pct(m.register_ms, 99)
@@ -301,6 +364,7 @@ def main() -> int:
             fmt(inv99), str(m.failures),
             f"{inv99 / kam_inv99:.1f}x" if kam_inv99 > 0 and inv99 == inv99 else "n/a",
             f"{reg99 / kam_reg99:.1f}x" if kam_reg99 > 0 and reg99 == reg99 else "n/a",
+            m.spread(0), m.spread(1),
         ])  # fmt: skip
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print()
@@ -314,7 +378,7 @@ def main() -> int:
         q50, q99 = Timings.pct(quorum.invite_ms, 50), Timings.pct(quorum.invite_ms, 99)
         s50, s99 = Timings.pct(single.invite_ms, 50), Timings.pct(single.invite_ms, 99)
         print(f"{home.system}: call setup with replica-set reads p50/p99 {fmt(q50)}/{fmt(q99)} ms, "
-              f"with single-node reads {fmt(s50)}/{fmt(s99)} ms (two runs each, alternating)")  # fmt: skip
+              f"with single-node reads {fmt(s50)}/{fmt(s99)} ms ({len(single.repeats)} runs each, alternating)")  # fmt: skip
     biggest = measures[4 * len(sizes) - 4] if sizes else None
     if biggest is not None:
         p99 = Timings.pct(biggest.invite_ms, 99)
@@ -322,10 +386,7 @@ def main() -> int:
         print(
             f"\ntarget p99 call setup < 50 ms through the {sizes[-1]}-peer overlay: {fmt(p99)} ms, {verdict}"
         )
-    print(
-        f"({datetime.date.today()}, {platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, shared machine, {time.monotonic() - started:.0f} s)"
-    )
+    print(f"({conditions}; shared machine; {args.repeat} repeats; {time.monotonic() - started:.0f} s)")
     if args.markdown:
         print()
         print("| " + " | ".join(header) + " |")
