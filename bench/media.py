@@ -2,6 +2,7 @@
 
     python bench/media.py                      # steps 25, 50, 100, 150, 200, 300 calls; 5 s each
     python bench/media.py --calls 50 100 --seconds 3 --loop asyncio
+    python bench/media.py --relayed 25 50 100 200     # relayed calls through a full peer's TURN server
 
 A call here is a MediaSession sending a 1 kHz PCMU tone and receiving audio back (50 packets/s each way,
 20 ms frames, RTCP every second): the measured process holds our N sessions (encode, send, receive, jitter
@@ -16,6 +17,13 @@ scheduling hiccup of another process shows up there). CPU is the measured proces
 thread, so 100% means one core saturated. The count steps up until a step fails (bounded by --calls).
 Each configuration (the standard asyncio loop and, if installed, uvloop) is measured in the same run; the
 ratio column compares the largest passing step with the target of 100 calls from the issue.
+
+``--relayed``: concurrent *relayed* calls per core on a full peer. The measured process is a TURN server
+(:class:`p2psip.turnserver.TurnServer`, as ``p2psip start --turn`` runs it); a call is two allocations with
+a channel bound to each other's relayed address, each sending a 172-byte frame (RTP header + 20 ms of
+G.711) every 20 ms as ChannelData: 100 packets/s into the server and 100 out per call. The clients are
+plain sockets in the bench process (they only send pre-built frames and count what arrives). A step passes
+with under 0.1 % of the frames lost.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -35,7 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from aioice import stun
+
 from p2psip.media import CallbackSink, MediaSession, ToneSource
+from p2psip.turn import TurnLimits, issue_credentials
 
 TARGET = 100
 JITTER_LIMIT_MS = 20.0
@@ -237,6 +249,158 @@ def run_config(loop_kind: str, far: str, steps: list[int], seconds: float) -> li
     return results
 
 
+
+# ---------------------------------------------------------------------------------------------- relayed calls
+RELAY_SECRET = b"bench-relay-secret"
+FRAME = bytes(172)
+
+
+def turn_server(port: int, seconds: float, ready: object) -> None:
+    """The measured process: one TURN server, as a full peer runs it."""
+    from p2psip.turnserver import TurnServer
+
+    async def run() -> None:
+        limits = TurnLimits(max_allocations=10_000, per_user=10_000, per_source=10_000)
+        async with TurnServer(RELAY_SECRET, port=port, limits=limits):
+            ready.set()  # type: ignore[attr-defined]
+            await asyncio.sleep(seconds)
+
+    asyncio.run(run())
+
+
+class _Client:
+    """One TURN client socket (allocation set up with blocking requests; then non-blocking frames)."""
+
+    def __init__(self, server: tuple[str, int], user: str) -> None:
+        self.server = server
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(5)
+        self.username, password = issue_credentials(RELAY_SECRET, user, time.time())
+        challenge = self._ask(stun.Method.ALLOCATE, {"REQUESTED-TRANSPORT": 0x11000000})
+        self.realm, self.nonce = challenge.attributes["REALM"], challenge.attributes["NONCE"]
+        import hashlib
+
+        self.key = hashlib.md5(f"{self.username}:{self.realm}:{password}".encode()).digest()
+        response = self._ask(stun.Method.ALLOCATE, {"REQUESTED-TRANSPORT": 0x11000000}, signed=True)
+        self.relay: tuple[str, int] = response.attributes["XOR-RELAYED-ADDRESS"]
+        self.received = 0
+
+    def _ask(self, method: stun.Method, attrs: dict[str, object], signed: bool = False) -> stun.Message:
+        request = stun.Message(method, stun.Class.REQUEST)
+        request.attributes.update(attrs)
+        if signed:
+            request.attributes.update(USERNAME=self.username, REALM=self.realm, NONCE=self.nonce)
+            request.add_message_integrity(self.key)
+        self.sock.sendto(bytes(request), self.server)
+        return stun.parse_message(self.sock.recv(2048))
+
+    def bind(self, peer: tuple[str, int]) -> None:
+        attrs = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": peer}
+        response = self._ask(stun.Method.CHANNEL_BIND, attrs, signed=True)
+        if response.message_class != stun.Class.RESPONSE:
+            raise RuntimeError(f"ChannelBind refused: {response.attributes.get('ERROR-CODE')}")
+        self.sock.setblocking(False)
+
+    def on_readable(self) -> None:
+        while True:
+            try:
+                self.sock.recv(2048)
+            except BlockingIOError:
+                return
+            self.received += 1
+
+
+@dataclass
+class RelayStep:
+    calls: int
+    cpu_percent: float
+    sent: int
+    received: int
+    window_s: float
+
+    @property
+    def lost_percent(self) -> float:
+        return 100 * (self.sent - self.received) / self.sent if self.sent else 100.0
+
+    @property
+    def passed(self) -> bool:
+        return self.lost_percent < 0.1
+
+
+async def measure_relayed(calls: int, seconds: float) -> RelayStep:
+    port = _free_pair()
+    ready = multiprocessing.Event()
+    server = multiprocessing.Process(target=turn_server, args=(port, seconds + 30, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(20):
+            raise RuntimeError("the TURN server did not start")
+        address = ("127.0.0.1", port)
+        clients: list[_Client] = []
+        for i in range(calls):
+            a, b = _Client(address, f"a{i}"), _Client(address, f"b{i}")
+            a.bind(b.relay)
+            b.bind(a.relay)
+            clients += [a, b]
+        loop = asyncio.get_running_loop()
+        for client in clients:
+            loop.add_reader(client.sock.fileno(), client.on_readable)
+        frame = struct.pack("!HH", 0x4000, len(FRAME)) + FRAME
+        sent = 0
+        assert server.pid is not None
+        cpu0, t0 = _cpu_seconds(server.pid), time.monotonic()
+        next_tick = t0
+        while time.monotonic() - t0 < seconds:
+            for client in clients:
+                client.sock.sendto(frame, address)
+            sent += len(clients)
+            next_tick += 0.02
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+        window = time.monotonic() - t0
+        cpu = _cpu_seconds(server.pid) - cpu0
+        await asyncio.sleep(0.5)  # the last frames in flight
+        for client in clients:
+            loop.remove_reader(client.sock.fileno())
+            client.sock.close()
+        received = sum(client.received for client in clients)
+        return RelayStep(calls, 100 * cpu / window, sent, received, window)
+    finally:
+        server.terminate()
+        server.join(5)
+
+
+def run_relayed(steps: list[int], seconds: float) -> None:
+    results: list[RelayStep] = []
+    for calls in steps:
+        step = asyncio.run(measure_relayed(calls, seconds))
+        results.append(step)
+        print(
+            f"  relayed {calls:5} calls: TURN cpu {step.cpu_percent:5.1f}%  lost {step.lost_percent:.3f}%"
+            f"  {'ok' if step.passed else 'FAIL'}",
+            file=sys.stderr,
+        )
+        if not step.passed:
+            break
+    print(
+        f"\nRelayed calls through one TURN server (a full peer's), {seconds:.0f} s window, loopback, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+    )
+    print("| calls | TURN server CPU of one core | frames lost | frames relayed per s | result |")
+    print("| ---: | ---: | ---: | ---: | --- |")
+    for s in results:
+        print(
+            f"| {s.calls} | {s.cpu_percent:.0f}% | {s.lost_percent:.3f}% | {s.received / s.window_s:.0f}"
+            f" | {'pass' if s.passed else 'FAIL'} |"
+        )
+    passing = [s for s in results if s.passed] or results
+    per_call = statistics.fmean(s.cpu_percent / s.calls for s in passing)
+    best = max((s.calls for s in results if s.passed), default=0)
+    print(
+        f"\n| most relayed calls passing | CPU per relayed call | relayed calls one full core could carry |\n"
+        f"| ---: | ---: | ---: |\n| {best} | {per_call:.2f}% | {100 / per_call:.0f} |"
+    )
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -245,7 +409,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
     parser.add_argument("--far", choices=["ours", "sipp", "both"], default="both")
+    parser.add_argument("--relayed", type=int, nargs="+", metavar="CALLS", help="measure relayed calls instead")
     args = parser.parse_args()
+    if args.relayed:
+        run_relayed(sorted(set(args.relayed)), args.seconds)
+        return
     fars = ["sipp", "ours"] if args.far == "both" else [args.far]
     if "sipp" in fars and shutil.which("sipp") is None:
         fars.remove("sipp")
