@@ -11,7 +11,8 @@ The only module where the SIP stack and the overlay meet (DESIGN.md, tests/test_
   for the targets of every out-of-dialog request. :func:`p2psip.location.decide` says whether the
   request-URI is an overlay AOR, an IP literal (forwarded as addressed) or a statically routed domain; AORs
   are fetched from the DHT through a small cache that never outlives a binding; the proxy then forks to
-  every contact (Record-Route, best-response selection). Nobody registered: 404. No answer: 408/480.
+  every contact (Record-Route, best-response selection). Nobody registered: 404. No answer: 408 (INVITE),
+  480 (other methods, at 3/4 of Timer F).
 
 ``run_foreground(config)`` is ``p2psip start``: the peer, a control socket for ``status``/``lookup``, one
 log line per event, and a graceful leave on SIGINT/SIGTERM.
@@ -297,7 +298,9 @@ class PeerCore(Proxy):
         self.calls: dict[str, dict[str, Any]] = {}
         """Calls routed through this peer, by Call-ID (for the status and the ring page): set up on the
         INVITE, established on its 2xx, gone on a failure or a BYE. Bounded; never consulted for routing."""
-        super().__init__(stack, locate=peer.locate, record_route=True, verbose=verbose)
+        # give_up: a MESSAGE (any non-INVITE) nobody answers gets 480 at 3/4 of Timer F, before the
+        # sender's own Timer F turns it into a 408 (docs/presence.md, Instant messages).
+        super().__init__(stack, locate=peer.locate, record_route=True, verbose=verbose, give_up=0.75)
 
     def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
         if request.method == "INVITE" and request.to.tag is None and transaction is not None:

@@ -122,6 +122,7 @@ class ProxyContext:
     cancelled: bool = False
     final_sent: bool = False
     tier_timer: asyncio.TimerHandle | None = None
+    give_up_timer: asyncio.TimerHandle | None = None
     on_final: FinalHook | None = None
     best: Response | None = None
     loop_key: str = ""
@@ -147,6 +148,10 @@ class Proxy:
     :data:`Locator`). ``tier_timeout`` bounds each sequential-forking tier (seconds) before its branches
     are cancelled and the next tier is tried. ``recurse`` follows 3xx responses (§16.5): their Contacts
     become new branches of the same request (at most :data:`MAX_BRANCHES`), instead of the 3xx going up.
+    ``give_up`` (a fraction of Timer F, 0 for never) ends a non-INVITE request whose branches have not
+    all answered by then with ``480 Temporarily Unavailable`` for each silent branch: without it the
+    branches' Timer F and the sender's own expire together and the sender only ever sees its own 408
+    (RFC 4320 §4.2: a proxy should not send 408 to a non-INVITE; it has to answer before the sender gives up).
     """
 
     def __init__(
@@ -159,8 +164,10 @@ class Proxy:
         tier_timeout: float = 30.0,
         recurse: bool = False,
         verbose: bool = False,
+        give_up: float = 0.0,
     ) -> None:
         self.stack = stack
+        self.give_up = give_up
         self.stateful = not stateless
         self.record_route = record_route
         self.locate = locate
@@ -406,6 +413,9 @@ class Proxy:
 
     def _next_tier(self, ctx: ProxyContext) -> None:
         """Start the next group of targets (§16.6: parallel within a tier, tiers in sequence)."""
+        if self.give_up > 0 and ctx.give_up_timer is None and ctx.request.method != "INVITE":
+            delay = self.give_up * 64 * self.stack.timers.t1
+            ctx.give_up_timer = self.stack.loop.call_later(delay, self._give_up, ctx)
         while ctx.tiers and not ctx.cancelled:
             tier = ctx.tiers.pop(0)
             for target in tier:
@@ -423,6 +433,16 @@ class Proxy:
             if not branch.final and branch.transaction is not None:
                 self.stack.cancel(branch.transaction)
                 self.stats["cancelled_branches"] += 1
+
+    def _give_up(self, ctx: ProxyContext) -> None:
+        """The non-INVITE deadline passed (``give_up``): every silent branch counts as 480."""
+        ctx.give_up_timer = None
+        if ctx.final_sent:
+            return
+        ctx.tiers.clear()
+        for branch in list(ctx.branches):
+            if not branch.final and branch.transaction is not None:
+                self._branch_done(branch, Response.for_request(ctx.request, 480, "Temporarily Unavailable"))
 
     def _start_branch(self, ctx: ProxyContext, target: URI | RoutedTarget) -> None:
         """§16.6: copy, retarget, Max-Forwards, Record-Route, next hop, Via; send on a client transaction."""
@@ -510,6 +530,9 @@ class Proxy:
         self._cancel_pending(ctx)
 
     def _cancel_pending(self, ctx: ProxyContext) -> None:
+        if ctx.give_up_timer is not None:
+            ctx.give_up_timer.cancel()
+            ctx.give_up_timer = None
         if ctx.tier_timer is not None:
             ctx.tier_timer.cancel()
             ctx.tier_timer = None
@@ -626,6 +649,9 @@ class Proxy:
     def _send_best(self, ctx: ProxyContext) -> None:
         """§16.7 step 6: choose and send the best final response once every branch has completed."""
         ctx.final_sent = True
+        if ctx.give_up_timer is not None:
+            ctx.give_up_timer.cancel()
+            ctx.give_up_timer = None
         best = choose_best(ctx.responses)
         request = ctx.request
         if best is None:
