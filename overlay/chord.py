@@ -64,7 +64,7 @@ class NodeRef(NamedTuple):
 #: Types of body fields, in the vocabulary overlay/wire.py validates. A type ending in "?" means the field
 #: is optional (absent, or present with that type). "id": 16 bytes; "ep": [host: str, port: int 0..65535];
 #: "node": [id, host, port]; "nodes": list of node, at most MAX_NODES; "bytes": at most MAX_BYTES.
-FieldType = Literal["id", "ep", "node", "nodes", "u64", "bytes", "str", "bool"]
+FieldType = Literal["id", "ep", "node", "nodes", "u64", "bytes", "str", "bool", "cert"]
 
 MAX_NODES: Final = 16
 MAX_BYTES: Final = 128
@@ -79,7 +79,10 @@ class MessageSpec(NamedTuple):
 
 CHORD_MESSAGES: Final[Mapping[str, MessageSpec]] = {
     # Liveness; with a nonce, the reply proves the identity: sig over proof_data(nonce, responder).
-    "ping": MessageSpec(request={"nonce": "bytes?"}, reply={"pk": "bytes?", "sig": "bytes?"}),
+    # "cert": the responder's node certificate, where the overlay admits enrolled nodes only.
+    "ping": MessageSpec(
+        request={"nonce": "bytes?"}, reply={"pk": "bytes?", "sig": "bytes?", "cert": "cert?"}
+    ),
     # One iterative step. done=True: "node" is responsible for key (node == replier: "it is me").
     # done=False: "node" is the closest preceding node the replier knows. "nodes": the replier's successor
     # list in ring order (so the querier learns who follows whom and can skip a hop). "more": other
@@ -323,6 +326,8 @@ class ChordCore:
         verify: Verify,
         config: ChordConfig | None = None,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        certificate: bytes | None = None,
+        admit: Callable[[NodeRef, bytes | None], bool] | None = None,
     ) -> None:
         self.config = cfg = config or ChordConfig()
         if not 1 <= cfg.successors <= MAX_NODES:
@@ -334,6 +339,10 @@ class ChordCore:
         self._sign = sign
         self._verify = verify
         self._random_bytes = random_bytes
+        # Admission (enrolled overlays): our node certificate goes with every identity proof, and a node
+        # whose proof comes without one that ``admit`` accepts is never verified, so never routed to.
+        self._certificate = certificate
+        self._admit = admit
         self._state = _IDLE
         self._succ: list[NodeRef] = []
         self._pred: NodeRef | None = None
@@ -659,7 +668,10 @@ class ChordCore:
             if not isinstance(nonce, bytes) or not 8 <= len(nonce) <= 64:
                 self._count("dropped")
                 return None
-            return Reply("ok", {"pk": self.public_key, "sig": self._sign(proof_data(nonce, self.me))})
+            proof: dict[str, Any] = {"pk": self.public_key, "sig": self._sign(proof_data(nonce, self.me))}
+            if self._certificate:
+                proof["cert"] = self._certificate
+            return Reply("ok", proof)
         if self._state != _JOINED:
             return Reply("err", {"code": 503, "reason": "not joined yet"})
         if type == "find_successor":
@@ -1128,6 +1140,9 @@ class ChordCore:
                 and ids.key_for(pk) == node.id
                 and self._safe_verify(pk, proof_data(nonce, node), sig)
             )
+            if ok and self._admit is not None and not self._admit(node, body.get("cert")):
+                self._count("admission_refused")
+                ok = False
             if not ok:
                 self._count("identity_rejected")
                 rejected(now)

@@ -34,3 +34,8 @@ class NotJoined(OverlayError):
 class WrongOverlay(NotJoined):
     """The peer asked to let us join serves another overlay (it answered with its name): retrying cannot
     help, so the join fails at once."""
+
+
+class NotAdmitted(NotJoined):
+    """The overlay admits enrolled nodes only and refused this one (no, expired or foreign node certificate);
+    the message says which. Retrying cannot help."""

@@ -2,9 +2,10 @@
 
 A NodeId is the first 128 bits of SHA-256(public key), so a node cannot choose where it sits on the ring
 without grinding keys, and anybody can check the claim from the key alone. The same key type serves as a
-*user key* that signs stored entries. For the ``enrolled`` policy an overlay CA signs a binding of a user
-key to a 128-bit ring key (the key id of a name, not the name itself): storing replicas only ever see key
-ids, so that is what they must be able to check.
+*user key* that signs stored entries. For the ``enrolled`` policy an enrollment authority (a CA key pair,
+``p2psip enroll``) signs user certificates binding an AOR to a user key, and node certificates binding a
+NodeId to a node key. Storing replicas only see the 128-bit ring key, so an entry carries its user
+certificate, which names the AOR, and the replica checks ``key_for(AOR) == key``.
 
 Key files are raw 32-byte Ed25519 private keys written with 0600 permissions; a key that exists is loaded,
 so a node keeps its NodeId across restarts.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +26,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from overlay.errors import OverlayError
-from overlay.ids import ID_BYTES, to_bytes
+from overlay.ids import ID_BYTES, key_for
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 NODE_KEY_FILE = "node.key"
-ENROLL_CONTEXT = "p2psip-enroll-v1"
 
 
 def node_id_of(public_key: bytes) -> int:
@@ -127,37 +128,192 @@ def node_identity(data_dir: str | os.PathLike[str]) -> KeyPair:
 
 # --- enrollment -------------------------------------------------------------------------------------
 
-
-def _enroll_payload(key_id: int, user_public_key: bytes) -> bytes:
-    return bytes(msgpack.packb([ENROLL_CONTEXT, to_bytes(key_id), user_public_key]))
+CERT_CONTEXT = "p2psip-cert-v1"
+MAX_CERT = 512
+"""Bytes a packed certificate may take (an AOR of up to ~300 characters fits)."""
+USER_CERT = "user"
+NODE_CERT = "node"
+NODE_CERT_FILE = "node.cert"
 
 
 @dataclass(frozen=True)
 class Certificate:
-    """A CA's statement "``user_public_key`` may write ring key ``key_id``" (RELOAD's USER-MATCH, no X.509).
+    """An enrollment authority's signed statement (RELOAD's model, our own msgpack record, not X.509).
 
-    On the wire only ``signature`` travels with an entry: the entry itself carries the key id and the owner
-    key, so the binding is re-derived and checked, never trusted.
+    ``kind`` ``user``: ``public_key`` may write the AOR ``subject`` (replicas see only the ring key, so the
+    certificate names the AOR and they check ``key_for(subject) == entry key``). ``kind`` ``node``:
+    ``public_key`` may be a ring member; its NodeId is derived from the key, ``subject`` repeats it in hex.
+    Valid from ``not_before`` to ``not_after`` (Unix seconds, wall clock). Packed it is
+    ``[CERT_CONTEXT, kind, subject, public_key, not_before, not_after, signature]``, the signature by the
+    CA key over the same array without it. Why not X.509: it travels inside every stored entry and in
+    the identity proof of a node, where ~200 bytes of msgpack beat ~600 of DER, and the fields we check are
+    exactly these six.
     """
 
-    key_id: int
-    user_public_key: bytes
-    signature: bytes
+    kind: str
+    subject: str
+    public_key: bytes
+    not_before: int
+    not_after: int
+    signature: bytes = b""
 
-    def valid_for(self, ca_public_key: bytes) -> bool:
-        return verify(ca_public_key, self.signature, _enroll_payload(self.key_id, self.user_public_key))
+    def payload(self) -> bytes:
+        return bytes(
+            msgpack.packb(
+                [CERT_CONTEXT, self.kind, self.subject, self.public_key, self.not_before, self.not_after],
+                use_bin_type=True,
+            )
+        )
+
+    def to_bytes(self) -> bytes:
+        return bytes(
+            msgpack.packb(
+                [
+                    CERT_CONTEXT, self.kind, self.subject, self.public_key,
+                    self.not_before, self.not_after, self.signature,
+                ],
+                use_bin_type=True,
+            )
+        )  # fmt: skip
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Certificate:
+        """Decode a packed certificate; ``OverlayError`` when it is not one (never another exception)."""
+        if not isinstance(data, bytes) or not 0 < len(data) <= MAX_CERT:
+            raise OverlayError(f"a certificate is 1 to {MAX_CERT} bytes")
+        try:
+            fields = msgpack.unpackb(data, raw=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise OverlayError(f"not a certificate: {exc}") from None
+        if not isinstance(fields, list) or len(fields) != 7 or fields[0] != CERT_CONTEXT:
+            raise OverlayError("not a p2psip certificate")
+        _, kind, subject, pk, nb, na, sig = fields
+        if (
+            kind not in (USER_CERT, NODE_CERT)
+            or not isinstance(subject, str)
+            or not isinstance(pk, bytes)
+            or len(pk) != PUBLIC_KEY_BYTES
+            or type(nb) is not int
+            or type(na) is not int
+            or not isinstance(sig, bytes)
+        ):
+            raise OverlayError("malformed certificate fields")
+        return cls(kind, subject, pk, nb, na, sig)
+
+    def problem(self, ca_public_key: bytes, now: float, cache: VerifiedCache | None = None) -> str | None:
+        """Why this certificate is not valid at ``now`` under ``ca_public_key`` (None: it is)."""
+        if now < self.not_before:
+            return f"certificate not valid before {_utc(self.not_before)}"
+        if now > self.not_after:
+            return f"certificate expired at {_utc(self.not_after)}"
+        ok = (
+            cache.verify(ca_public_key, self.signature, self.payload())
+            if cache is not None
+            else verify(ca_public_key, self.signature, self.payload())
+        )
+        if not ok:
+            return "certificate not signed by this overlay's enrollment authority"
+        return None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        os.replace(tmp, p)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Certificate:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise OverlayError(f"cannot read certificate {path}: {exc.strerror or exc}") from exc
+        return cls.from_bytes(data)
 
 
-def enroll(ca: KeyPair, key_id: int, user_public_key: bytes) -> Certificate:
-    """Issue a certificate binding ``user_public_key`` to ring key ``key_id`` (use ``ids.key_for(name)``)."""
-    if len(user_public_key) != PUBLIC_KEY_BYTES:
-        raise OverlayError("a user public key is 32 bytes")
-    return Certificate(key_id, user_public_key, ca.sign(_enroll_payload(key_id, user_public_key)))
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def enrollment_valid(ca_public_key: bytes, key_id: int, user_public_key: bytes, signature: bytes) -> bool:
-    """Check a CA signature carried with an entry against the entry's own key id and owner key."""
-    return verify(ca_public_key, signature, _enroll_payload(key_id, user_public_key))
+def issue(
+    ca: KeyPair, kind: str, subject: str, public_key: bytes, *, not_before: int, not_after: int
+) -> Certificate:
+    """Sign a certificate with the CA key (``enroll_user``/``enroll_node`` are the usual doors)."""
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise OverlayError("a public key is 32 bytes")
+    if kind not in (USER_CERT, NODE_CERT):
+        raise OverlayError(f"a certificate is for a {USER_CERT} or a {NODE_CERT}, not {kind!r}")
+    if not_after <= not_before:
+        raise OverlayError("a certificate must end after it starts")
+    cert = Certificate(kind, subject, public_key, int(not_before), int(not_after))
+    cert = Certificate(cert.kind, cert.subject, cert.public_key, cert.not_before, cert.not_after,
+                       ca.sign(cert.payload()))  # fmt: skip
+    if len(cert.to_bytes()) > MAX_CERT:
+        raise OverlayError(f"the subject {subject[:40]!r}... is too long for a certificate")
+    return cert
+
+
+DEFAULT_CERT_DAYS = 365
+
+
+def enroll_user(
+    ca: KeyPair,
+    aor: str,
+    user_public_key: bytes,
+    *,
+    now: float | None = None,
+    days: float = DEFAULT_CERT_DAYS,
+) -> Certificate:
+    """A user certificate: ``user_public_key`` may write ``aor`` (its ring key is ``key_for(aor)``)."""
+    start = int(time.time() if now is None else now)
+    return issue(ca, USER_CERT, aor, user_public_key, not_before=start - 60,
+                 not_after=start + int(days * 86400))  # fmt: skip
+
+
+def enroll_node(
+    ca: KeyPair, node_public_key: bytes, *, now: float | None = None, days: float = DEFAULT_CERT_DAYS
+) -> Certificate:
+    """A node certificate: the holder of ``node_public_key`` may join as NodeId ``node_id_of(key)``."""
+    start = int(time.time() if now is None else now)
+    return issue(ca, NODE_CERT, f"{node_id_of(node_public_key):032x}", node_public_key,
+                 not_before=start - 60, not_after=start + int(days * 86400))  # fmt: skip
+
+
+def user_cert_problem(
+    ca_public_key: bytes, blob: bytes, key_id: int, owner: bytes, now: float,
+    cache: VerifiedCache | None = None,
+) -> str | None:  # fmt: skip
+    """Why ``blob`` (an entry's cert) does not let ``owner`` write ring key ``key_id`` (None: it does)."""
+    if not blob:
+        return "the owner key is not enrolled (no user certificate)"
+    try:
+        cert = Certificate.from_bytes(blob)
+    except OverlayError as exc:
+        return str(exc)
+    if cert.kind != USER_CERT:
+        return "a node certificate does not enroll a user"
+    if key_for(cert.subject) != key_id:
+        return f"the certificate is for {cert.subject[:80]}, not this key"
+    if cert.public_key != owner:
+        return "the certificate is for another user key"
+    return cert.problem(ca_public_key, now, cache)
+
+
+def node_cert_problem(
+    ca_public_key: bytes, blob: bytes | None, node_id: int, now: float, cache: VerifiedCache | None = None
+) -> str | None:
+    """Why ``blob`` does not admit NodeId ``node_id`` as a ring member (None: it does)."""
+    if not blob:
+        return "the node is not enrolled (no node certificate)"
+    try:
+        cert = Certificate.from_bytes(blob)
+    except OverlayError as exc:
+        return str(exc)
+    if cert.kind != NODE_CERT:
+        return "a user certificate does not enroll a node"
+    if node_id_of(cert.public_key) != node_id:
+        return "the node certificate is for another NodeId"
+    return cert.problem(ca_public_key, now, cache)
 
 
 # --- caching verified facts --------------------------------------------------------------------------

@@ -47,8 +47,8 @@ from overlay.chord import (
     SendRequest,
 )
 from overlay.errors import LookupFailed as LookupFailedError
-from overlay.errors import NotJoined, OverlayError, StoreRefused, WireError, WrongOverlay
-from overlay.identity import KeyPair, VerifiedCache, node_identity
+from overlay.errors import NotAdmitted, NotJoined, OverlayError, StoreRefused, WireError, WrongOverlay
+from overlay.identity import Certificate, KeyPair, VerifiedCache, node_cert_problem, node_identity
 from overlay.ids import RING, key_for, short
 from overlay.reach import WILDCARDS, Reachability, decide, pick_prober, probe_allowed
 from overlay.reads import QuorumRead
@@ -131,6 +131,10 @@ class NodeConfig:
     repair_interval: float = 60.0  # anti-entropy push of the primary range to the replicas
     policy: str = "first-claim"
     ca_public_key: bytes | None = None
+    # Admission: only nodes holding a node certificate of the CA (``ca_public_key``) join and are routed
+    # to; ``node_certificate`` is this node's own (packed ``identity.Certificate``).
+    enrolled_nodes: bool = False
+    node_certificate: bytes | None = None
     max_value: int = DEFAULT_MAX_VALUE
     max_lifetime: int = DEFAULT_MAX_LIFETIME
     max_per_owner: int = DEFAULT_MAX_PER_OWNER  # records one user key may hold on one node
@@ -294,6 +298,16 @@ class Node:
             cfg = replace(cfg, chord=replace(cfg.chord, successors=replicas))
         if identity is None:
             identity = node_identity(data_dir) if data_dir is not None else KeyPair.generate()
+        if cfg.enrolled_nodes:
+            if cfg.ca_public_key is None:
+                raise OverlayError(
+                    "admitting enrolled nodes only needs the enrollment authority's public key"
+                )
+            problem = node_cert_problem(
+                cfg.ca_public_key, cfg.node_certificate, identity.node_id, time.time()
+            )
+            if problem is not None:
+                raise NotAdmitted(f"this node cannot join an overlay of enrolled nodes: {problem}")
         if data_dir is not None:
             Path(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         node = cls(identity, overlay_name, replicas, cfg, data_dir)
@@ -350,6 +364,8 @@ class Node:
             sign=self.identity.sign,
             verify=lambda pk, data, sig: self.cache.verify(pk, sig, data),
             config=self.config.chord,
+            certificate=self.config.node_certificate,
+            admit=self._admits if self.config.enrolled_nodes else None,
         )
         core, replicas = self.core, self.replicas
         self.storage.holds_replica = lambda key: core.holds_replica(key, replicas)
@@ -389,6 +405,8 @@ class Node:
         ``ok`` body, or None when it does not answer (an older bootstrap drops the unknown type)."""
         mid = self._new_id()
         body: dict[str, Any] = {"target": advertise} if advertise is not None else {}
+        if self.config.node_certificate:
+            body["cert"] = self.config.node_certificate
         data = self.codec.encode(Message("probe", mid, self.me.id, self.me.ep, body))
         fut: asyncio.Future[Message] = self._loop.create_future()
         self._pending[mid] = _Pending(join, None, future=fut)
@@ -407,6 +425,10 @@ class Node:
                             f"the peer at {join[0]}:{join[1]} serves overlay {detail!r},"
                             f" not {self.codec.overlay_name!r}"
                         )
+                    if reason == "not-enrolled":
+                        raise NotAdmitted(
+                            f"the peer at {join[0]}:{join[1]} refused this node at admission: {detail}"
+                        )
                     if reason == "probe-refused":
                         raise OverlayError(
                             f"the bootstrap refused to probe {advertise}: advertise the address"
@@ -422,6 +444,10 @@ class Node:
     async def _serve_probe(self, msg: Message, addr: Endpoint) -> None:
         """Bootstrap side of ``probe``: report the observed address and have another member try it."""
         target: Endpoint = msg.body.get("target") or addr
+        if self.config.enrolled_nodes and not self._admits(NodeRef(msg.src, *target), msg.body.get("cert")):
+            problem = self._admission_problem(msg.src, msg.body.get("cert"))
+            self._reply(msg.id, addr, "err", {"code": 403, "reason": "not-enrolled", "detail": problem or ""})
+            return
         core = self._core_or_none()
         if core is None or self._left or not probe_allowed(target, addr):
             self._count("probes_refused")
@@ -443,6 +469,17 @@ class Node:
                 self._count("reach_unanswered")
         self._count("probes_answered")
         self._reply(msg.id, addr, "ok", body)
+
+    def _admission_problem(self, node_id: int, cert: bytes | None) -> str | None:
+        assert self.config.ca_public_key is not None
+        return node_cert_problem(self.config.ca_public_key, cert, node_id, time.time(), self.cache)
+
+    def _admits(self, node: NodeRef, cert: bytes | None) -> bool:
+        """Admission of an enrolled overlay: ``node`` holds a valid node certificate for its NodeId."""
+        if self._admission_problem(node.id, cert) is None:
+            return True
+        self._count("admission_refused")
+        return False
 
     async def _serve_reach(self, msg: Message, addr: Endpoint, member: bool) -> None:
         """Prober side of ``reach``: ping the joiner at its endpoint (for ring members only)."""
@@ -530,9 +567,9 @@ class Node:
     # public storage API
     # ------------------------------------------------------------------------------------------------
 
-    def add_certificate(self, key_id: int, user_public_key: bytes, signature: bytes) -> None:
-        """Remember an enrollment certificate; ``put`` attaches it to entries of that key and user key."""
-        self._certs[(key_id, user_public_key)] = signature
+    def add_certificate(self, cert: Certificate) -> None:
+        """Remember a user certificate; ``put`` attaches it to entries of its AOR's key and its user key."""
+        self._certs[(key_for(cert.subject), cert.public_key)] = cert.to_bytes()
 
     async def put(
         self,

@@ -27,11 +27,12 @@ import msgpack
 
 from overlay.errors import StoreRefused
 from overlay.identity import (
+    MAX_CERT,
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
     KeyPair,
     VerifiedCache,
-    enrollment_valid,
+    user_cert_problem,
 )
 from overlay.ids import RING, between_right, to_bytes
 
@@ -69,8 +70,8 @@ class Entry:
             raise ValueError("owner is a 32-byte Ed25519 public key")
         if len(self.signature) != SIGNATURE_BYTES:
             raise ValueError("signature is 64 bytes")
-        if len(self.cert) not in (0, SIGNATURE_BYTES):
-            raise ValueError("cert is empty or a 64-byte CA signature")
+        if len(self.cert) > MAX_CERT:
+            raise ValueError(f"cert is empty or a packed user certificate of at most {MAX_CERT} bytes")
 
     @property
     def is_removal(self) -> bool:
@@ -187,12 +188,11 @@ class Store:
     def _check_policy(self, entry: Entry, now: float) -> None:
         if self.policy == "enrolled":
             assert self.ca_public_key is not None
-            fact = ("enrolled", entry.key, entry.owner, entry.cert)
-            if fact in self.cache:
-                return
-            if not entry.cert or not enrollment_valid(self.ca_public_key, entry.key, entry.owner, entry.cert):
-                raise self._refuse("policy", "the owner key is not enrolled by the overlay CA for this key")
-            self.cache.add(fact)
+            problem = user_cert_problem(
+                self.ca_public_key, entry.cert, entry.key, entry.owner, now, self.cache
+            )
+            if problem is not None:
+                raise self._refuse("policy", problem)
             return
         owner = self.owner_of(entry.key, now)
         if owner is not None and owner != entry.owner:

@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 
 from overlay.errors import OverlayError
-from overlay.identity import enrollment_valid
+from overlay.identity import user_cert_problem
 from overlay.ids import to_bytes
 from overlay.storage import Entry, Store
 
@@ -159,8 +159,11 @@ class DurableStore(Store):
             raise ValueError("bad signature")
         if self.policy == "enrolled":
             assert self.ca_public_key is not None
-            if not entry.cert or not enrollment_valid(self.ca_public_key, entry.key, entry.owner, entry.cert):
-                raise ValueError("not enrolled")
+            problem = user_cert_problem(
+                self.ca_public_key, entry.cert, entry.key, entry.owner, now, self.cache
+            )
+            if problem is not None:
+                raise ValueError(problem)
         else:
             owner = self.owner_of(entry.key, now)
             if owner is not None and owner != entry.owner and not entry.is_removal:

@@ -42,6 +42,7 @@ import msgpack
 
 from overlay.chord import CHORD_MESSAGES, MAX_BYTES, MAX_NODES, NodeRef
 from overlay.errors import WireError
+from overlay.identity import MAX_CERT
 from overlay.ids import ID_BYTES, RING
 from overlay.storage import Entry
 
@@ -51,7 +52,9 @@ TCP_MAX = 1 << 20
 MAX_HOST = 255
 U64 = 1 << 64
 
-FIELD_TYPES = frozenset({"id", "ep", "node", "nodes", "u64", "bytes", "str", "bool", "entry", "entries"})
+FIELD_TYPES = frozenset(
+    {"id", "ep", "node", "nodes", "u64", "bytes", "str", "bool", "entry", "entries", "cert"}
+)
 ENVELOPE_KEYS = frozenset({"v", "ov", "t", "id", "src", "ep"})
 REPLY_TYPES = frozenset({"ok", "err"})
 
@@ -81,7 +84,7 @@ STORAGE_REPLY_FIELDS: dict[str, str] = {
 # observed one); the bootstrap has another member try ("reach": ping ``node`` at its endpoint, expecting
 # that NodeId to answer).
 REACH_MESSAGES: dict[str, Schema] = {
-    "probe": {"target": "ep?"},
+    "probe": {"target": "ep?", "cert": "cert?"},  # cert: the joiner's node certificate (docs/security.md)
     "reach": {"node": "node"},
 }
 REACH_REPLY_FIELDS: dict[str, str] = {
@@ -371,6 +374,10 @@ def _to_wire(ftype: str, value: Any) -> Any:
         if len(value) > MAX_BYTES:
             raise WireError(f"bytes fields are at most {MAX_BYTES} bytes")
         return bytes(value)
+    if ftype == "cert":
+        if len(value) > MAX_CERT:
+            raise WireError(f"a certificate is at most {MAX_CERT} bytes")
+        return bytes(value)
     if ftype == "bool":
         return bool(value)
     return str(value)
@@ -388,6 +395,10 @@ def _from_wire(ftype: str, value: Any, name: str) -> Any:
     if ftype == "bytes":
         if not isinstance(value, bytes) or len(value) > MAX_BYTES:
             raise WireError(f"{name}: not bytes of at most {MAX_BYTES}")
+        return value
+    if ftype == "cert":
+        if not isinstance(value, bytes) or len(value) > MAX_CERT:
+            raise WireError(f"{name}: not a certificate of at most {MAX_CERT} bytes")
         return value
     if ftype == "str":
         if not isinstance(value, str):

@@ -219,7 +219,7 @@ def test_schema_covers_every_routing_message() -> None:
         "notify",
         "leave",
     }
-    vocabulary = {"id", "ep", "node", "nodes", "u64", "bytes", "str", "bool"}
+    vocabulary = {"id", "ep", "node", "nodes", "u64", "bytes", "str", "bool", "cert"}
     for spec in CHORD_MESSAGES.values():
         for ftype in [*spec.request.values(), *spec.reply.values()]:
             assert ftype.rstrip("?") in vocabulary

@@ -9,12 +9,15 @@ import pytest
 
 from overlay.errors import OverlayError
 from overlay.identity import (
+    Certificate,
     KeyPair,
     VerifiedCache,
-    enroll,
-    enrollment_valid,
+    enroll_node,
+    enroll_user,
+    node_cert_problem,
     node_id_of,
     node_identity,
+    user_cert_problem,
     verify,
 )
 from overlay.ids import key_for
@@ -57,17 +60,40 @@ def test_corrupt_key_file_is_a_clear_error(tmp_path: Path) -> None:
         KeyPair.load(tmp_path / "missing.key")
 
 
-def test_enrollment_binds_key_id_to_user_key() -> None:
+def test_user_certificate_binds_the_aor_to_a_user_key() -> None:
     ca, alice, mallory = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
-    key = key_for("sip:alice@example.net")
-    cert = enroll(ca, key, alice.public_key)
-    assert cert.valid_for(ca.public_key)
-    assert enrollment_valid(ca.public_key, key, alice.public_key, cert.signature)
-    assert not enrollment_valid(ca.public_key, key, mallory.public_key, cert.signature)
-    assert not enrollment_valid(
-        ca.public_key, key_for("sip:bob@example.net"), alice.public_key, cert.signature
+    aor = "sip:alice@example.net"
+    key = key_for(aor)
+    cert = enroll_user(ca, aor, alice.public_key, now=1000, days=1)
+    blob = cert.to_bytes()
+    assert Certificate.from_bytes(blob) == cert
+    assert user_cert_problem(ca.public_key, blob, key, alice.public_key, 1000) is None
+    assert "another user key" in (user_cert_problem(ca.public_key, blob, key, mallory.public_key, 1000) or "")
+    assert "not this key" in (
+        user_cert_problem(ca.public_key, blob, key_for("sip:bob@example.net"), alice.public_key, 1000) or ""
     )
-    assert not enrollment_valid(mallory.public_key, key, alice.public_key, cert.signature)
+    assert "not signed" in (user_cert_problem(mallory.public_key, blob, key, alice.public_key, 1000) or "")
+    assert "expired" in (user_cert_problem(ca.public_key, blob, key, alice.public_key, 1000 + 86401) or "")
+    assert "not valid before" in (user_cert_problem(ca.public_key, blob, key, alice.public_key, 0) or "")
+    assert "no user certificate" in (user_cert_problem(ca.public_key, b"", key, alice.public_key, 1000) or "")
+    tampered = Certificate(cert.kind, "sip:bob@example.net", cert.public_key, cert.not_before,
+                           cert.not_after, cert.signature).to_bytes()  # fmt: skip
+    assert "not signed" in (
+        user_cert_problem(ca.public_key, tampered, key_for("sip:bob@example.net"), alice.public_key, 1000)
+        or ""
+    )
+    with pytest.raises(OverlayError):
+        Certificate.from_bytes(b"\xc1")
+
+
+def test_node_certificate_binds_the_node_id() -> None:
+    ca, node, other = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    blob = enroll_node(ca, node.public_key, now=1000, days=1).to_bytes()
+    assert node_cert_problem(ca.public_key, blob, node.node_id, 1000) is None
+    assert "another NodeId" in (node_cert_problem(ca.public_key, blob, other.node_id, 1000) or "")
+    assert "not enrolled" in (node_cert_problem(ca.public_key, None, node.node_id, 1000) or "")
+    user = enroll_user(ca, "sip:a@b", node.public_key, now=1000).to_bytes()
+    assert "does not enroll a node" in (node_cert_problem(ca.public_key, user, node.node_id, 1000) or "")
 
 
 def test_verified_cache_costs_once_and_is_bounded() -> None:

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from overlay.errors import StoreRefused
-from overlay.identity import KeyPair, enroll
+from overlay.identity import KeyPair, enroll_user
 from overlay.ids import RING, between_right, key_for
 from overlay.storage import Entry, NodeRef, Replicator, Store
 
@@ -84,17 +84,24 @@ def test_first_claim_lasts_until_all_owner_entries_expire() -> None:
     assert store.owner_of(KEY, 20.0) == BOB.public_key
 
 
-def test_enrolled_policy_needs_ca_binding_of_key_id() -> None:
+def test_enrolled_policy_needs_a_user_certificate_naming_the_aor() -> None:
     ca = KeyPair.generate()
     store = Store(policy="enrolled", ca_public_key=ca.public_key)
-    cert = enroll(ca, KEY, ALICE.public_key).signature
+    cert = enroll_user(ca, "sip:alice@example.net", ALICE.public_key, now=0, days=1).to_bytes()
     store.put(entry(cert=cert), 0.0)
     assert refused(store, entry(seq=2)) == "policy"  # no cert
     assert refused(store, entry(BOB, seq=2, cert=cert, entry_id=b"b")) == "policy"  # alice's cert
-    other = enroll(ca, key_for("sip:bob@example.net"), ALICE.public_key).signature
-    assert refused(store, entry(seq=3, cert=other)) == "policy"  # cert for another name
-    bob_cert = enroll(ca, KEY, BOB.public_key).signature  # CA may enroll two keys for one name
+    other = enroll_user(ca, "sip:bob@example.net", ALICE.public_key, now=0).to_bytes()
+    assert refused(store, entry(seq=3, cert=other)) == "policy"  # cert for another name: H(AOR) != key
+    bob_cert = enroll_user(ca, "sip:alice@example.net", BOB.public_key, now=0).to_bytes()  # two keys, one AOR
     store.put(entry(BOB, seq=1, entry_id=b"b", cert=bob_cert), 0.0)
+    with pytest.raises(StoreRefused, match="expired"):
+        store.put(entry(seq=4, cert=cert), 2 * 86400.0)  # a one-day certificate, two days on
+    forged = enroll_user(KeyPair.generate(), "sip:alice@example.net", ALICE.public_key, now=0).to_bytes()
+    with pytest.raises(StoreRefused, match="not signed by this overlay's enrollment authority"):
+        store.put(entry(seq=5, cert=forged), 0.0)
+    with pytest.raises(StoreRefused, match="not a"):
+        store.put(entry(seq=6, cert=b"\x93junk"), 0.0)
     with pytest.raises(ValueError, match="CA"):
         Store(policy="enrolled")
     with pytest.raises(ValueError, match="policy"):
