@@ -23,6 +23,16 @@ class StoreRefused(OverlayError):
         self.reason = reason
 
 
+class WriteQuorumFailed(OverlayError):
+    """A store reached fewer copies than the write quorum (replicas that did not acknowledge in time,
+    e.g. under overload): the value may be on the primary alone, so the caller must not report success."""
+
+    def __init__(self, stored: int, wanted: int) -> None:
+        super().__init__(f"stored on {stored} of {wanted} replicas, fewer than the write quorum")
+        self.stored = stored
+        self.wanted = wanted
+
+
 class LookupFailed(OverlayError):
     """A lookup could not reach the node responsible for a key (timeouts, partition)."""
 

@@ -47,7 +47,15 @@ from overlay.chord import (
     SendRequest,
 )
 from overlay.errors import LookupFailed as LookupFailedError
-from overlay.errors import NotAdmitted, NotJoined, OverlayError, StoreRefused, WireError, WrongOverlay
+from overlay.errors import (
+    NotAdmitted,
+    NotJoined,
+    OverlayError,
+    StoreRefused,
+    WireError,
+    WriteQuorumFailed,
+    WrongOverlay,
+)
 from overlay.identity import Certificate, KeyPair, VerifiedCache, node_cert_problem, node_identity
 from overlay.ids import RING, key_for, short
 from overlay.reach import WILDCARDS, Reachability, decide, pick_prober, probe_allowed
@@ -144,6 +152,10 @@ class NodeConfig:
     # Reads ask the key's replica set and outvote a lying or stale holder (overlay.reads); False: the
     # responsible node alone (the old way, for comparison benchmarks). ``Node.quorum_reads`` can flip it.
     quorum_reads: bool = True
+    # A write succeeds only when at least this many of the key's copies acknowledged it (fewer when the
+    # primary has fewer replicas to send to: a ring of one stores alone). Else WriteQuorumFailed: a
+    # primary whose replicas timed out (overload) must not make its caller report "stored".
+    write_quorum: int = 2
     # Per-source request limits by kind (LIMIT_KINDS); a kind left out is unlimited. Rate.parse reads
     # "200/s:400" (rate, burst) or "off". limit_sources bounds the table of sources (LRU).
     limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
@@ -592,7 +604,8 @@ class Node:
         """Store an entry signed elsewhere (e.g. by a user's device) as it is; the replicas check it."""
         if not isinstance(entry, Entry):
             raise OverlayError("put_entry needs an overlay.storage.Entry")
-        await self._primary_call(entry.key, "store", {"entry": entry}, KeyAccess(self, entry.key))
+        reply = await self._primary_call(entry.key, "store", {"entry": entry}, KeyAccess(self, entry.key))
+        self._check_write_quorum(reply)
 
     async def get(self, name: str | bytes) -> list[Entry]:
         """The live entries under ``name`` from the node responsible for it (empty list if none)."""
@@ -807,7 +820,18 @@ class Node:
         self._seqs[slot] = seq
         cert = self._certs.get((ring_key, signer.public_key), b"")
         entry = Entry.create(signer, ring_key, entry_id, value, seq, lifetime, cert)
-        await self._primary_call(ring_key, "store", {"entry": entry}, at)
+        self._check_write_quorum(await self._primary_call(ring_key, "store", {"entry": entry}, at))
+
+    def _check_write_quorum(self, reply: Message) -> None:
+        """Raise WriteQuorumFailed when the primary's answer says fewer copies than the write quorum
+        acknowledged. An answer without ``wanted`` (a duplicate of a store already answered, or an older
+        peer) says nothing about copies and passes."""
+        stored, wanted = reply.body.get("stored"), reply.body.get("wanted")
+        if not isinstance(stored, int) or not isinstance(wanted, int):
+            return
+        if stored < min(self.config.write_quorum, wanted):
+            self._count("write_quorum_failed")
+            raise WriteQuorumFailed(stored, wanted)
 
     async def _primary_call(self, ring_key: int, mtype: str, body: dict[str, Any], at: KeyAccess) -> Message:
         """Send ``mtype`` to the node responsible for ``ring_key`` (the one ``at`` found before, else a

@@ -25,7 +25,8 @@ The protocol rules that live here:
 * responsibility: a ``store`` or ``fetch`` without ``replica`` is served only for keys in
   (predecessor, me]; otherwise ``err 421 not-responsible`` (the client looks the key up again);
 * replica fan-out: the primary keeps a store, forwards it to its first r-1 successors in parallel and
-  answers ``stored = 1 + copies acknowledged``; a missing copy schedules an early repair;
+  answers ``stored = 1 + copies acknowledged`` and ``wanted = 1 + copies sent`` (the writer checks its write
+  quorum against them); a missing copy schedules an early repair;
 * duplicate suppression: a retransmitted request gets the first answer, never a second run; the very same
   entry stored again is an idempotent success;
 * hand-off forwarding: a node that joined moments ago and finds nothing for a key asks its successor
@@ -405,7 +406,7 @@ class StorageCore:
         self._count("stores_accepted")
         targets = [] if replica else self.replicator.replica_targets(self.successors)
         if not targets:
-            self._answer(token, "ok", {"stored": 1})
+            self._answer(token, "ok", {"stored": 1} if replica else {"stored": 1, "wanted": 1})
             return
         fan = _FanOut(token, len(targets), len(targets))
         for target in targets:
@@ -454,7 +455,7 @@ class StorageCore:
         fan.acked += int(acked)
         if fan.waiting:
             return
-        self._answer(fan.token, "ok", {"stored": 1 + fan.acked})
+        self._answer(fan.token, "ok", {"stored": 1 + fan.acked, "wanted": 1 + fan.targets})
         if fan.acked < fan.targets and self._early_repair_at is None:
             # A replica missed a write: push our primary range again shortly (debounced), rather than
             # leaving that entry one copy short until the periodic repair.

@@ -33,6 +33,7 @@ The file format (all keys optional)::
     scan_rate = "5/s:50"       # INVITE/MESSAGE... answered 404 per source before it gets 503s
     max_connections = 2048     # incoming TCP/TLS/WS connections in all
     max_connections_per_source = 32
+    max_pending = 64           # new requests in progress (overlay work) at once; beyond: 503 Retry-After
     message_timeout = 20.0     # seconds a message (or WebSocket handshake) may take to arrive
 
     [overlay_limits]           # requests per source on the overlay port (a ring member by NodeId,
@@ -164,6 +165,10 @@ class PeerConfig:
     """404s (nobody registered) per source; past it the source's requests get 503 without a lookup."""
     max_connections: int = 2048
     max_connections_per_source: int = 32
+    max_pending: int = 64
+    """New (out-of-dialog) requests whose overlay work (lookups, stores) is in progress at once; past it
+    new ones get 503 with Retry-After at once, so a SIP flood cannot starve overlay maintenance (the
+    neighbours' pings) on the same event loop and break the ring: overload is shed, not queued."""
     message_timeout: float = 20.0
     overlay_limits: dict[str, Rate] = field(default_factory=dict)
     """Per-source request limits on the overlay port by kind (OVERLAY_LIMIT_KINDS); unset kinds keep the
@@ -263,6 +268,7 @@ _FILE_KEYS = frozenset(
         "scan_rate",
         "max_connections",
         "max_connections_per_source",
+        "max_pending",
         "message_timeout",
         "overlay_limits",
     ]
@@ -438,7 +444,7 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
                 setattr(config, key, Rate.parse(_typed(value, str, key, 'a rate like "30/min:30" or "off"')))
             except ValueError as exc:
                 raise ConfigError(f"config: {key}: {exc}") from None
-        elif key in ("max_connections", "max_connections_per_source"):
+        elif key in ("max_connections", "max_connections_per_source", "max_pending"):
             number = _typed(value, int, key, "a whole number")
             if not 1 <= number <= 1_000_000:
                 raise ConfigError(f"config: {key} = {number} is out of range (1-1000000)")

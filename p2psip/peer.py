@@ -113,6 +113,8 @@ OVERLAY_PROBE = b"\x00"
 """What the join probe sends (asyncio does not send an empty datagram): not an overlay message, so a
 live node drops it and counts it as malformed."""
 """Seconds between the `joining` lines printed while a bootstrap peer does not answer."""
+#: Retry-After (seconds) of the 503 a peer answers when it sheds load (``PeerConfig.max_pending``)
+SHED_RETRY_AFTER = 1
 #: REGISTERs waiting out a digest-failure delay at once; past it such REGISTERs get 503 at once.
 MAX_DELAYED_AUTH = 256
 
@@ -312,6 +314,19 @@ class PeerCore(Proxy):
                 )  # fmt: skip
         elif request.method == "BYE":
             self.calls.pop(request.call_id, None)
+        if (
+            transaction is not None
+            and request.method not in ("ACK", "CANCEL")
+            and request.to.tag is None
+            and len(self._tasks) >= self.peer.config.max_pending
+        ):
+            # Overload: shed new work at once (cheap) instead of queueing it behind the overlay's own
+            # messages; a dialog already set up goes on. Retry-After spreads the clients' retries.
+            self.peer.counters["shed"] += 1
+            shed = Response.for_request(request, 503, "Service Unavailable (overloaded)")
+            shed.add("Retry-After", str(SHED_RETRY_AFTER))
+            self.stack.respond(transaction, shed)
+            return
         if transaction is not None and request.method == "REGISTER":
             self.spawn(self.peer.handle_register(request, transaction, source))
             return
@@ -511,6 +526,7 @@ class Peer:
             (
                 "registers",
                 "registers_refused",
+                "shed",
                 "bindings_written",
                 "bindings_removed",
                 "lookups",

@@ -50,12 +50,23 @@ def test_store_fans_out_and_answers_once_every_replica_replied() -> None:
     assert c.take_outputs() == []  # still waiting for the second replica
     c.on_failure(second.request_id, T + 3)
     (answer,) = answers(c)
-    assert (answer.token, answer.type, answer.body) == ("t1", "ok", {"stored": 2})
+    # two copies of the three sent for: the writer compares them with its write quorum
+    assert (answer.token, answer.type, answer.body) == ("t1", "ok", {"stored": 2, "wanted": 3})
     # a replica missed the write: an early repair is due soon, and it pushes the primary range
     assert c.next_timer() <= T + 3 + c.config.early_repair_delay
     c.handle_timer(c.next_timer())
     pushed = [o for o in c.take_outputs() if isinstance(o, Send)]
     assert {p.to for p in pushed} == {S1, S2} and all(p.type == "transfer" and p.bulk for p in pushed)
+
+
+def test_a_store_whose_replicas_all_timed_out_says_one_copy_of_three() -> None:
+    c = core()
+    c.handle_request("t1", "store", {"entry": entry()}, T)
+    for s in c.take_outputs():
+        assert isinstance(s, Send)
+        c.on_failure(s.request_id, T + 3)
+    (answer,) = answers(c)
+    assert answer.body == {"stored": 1, "wanted": 3}  # below a write quorum of 2: the writer fails
 
 
 def test_not_responsible_is_421_and_a_replica_store_is_not_checked() -> None:
