@@ -231,6 +231,21 @@ class Certificate:
         return cls.from_bytes(data)
 
 
+def load_public_key(path: str | os.PathLike[str]) -> bytes:
+    """An authority's public key file (``ca.pub``: 64 hex digits); a clear ``OverlayError`` otherwise."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise OverlayError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        raw = bytes.fromhex(data.decode("ascii").strip())
+    except ValueError:  # UnicodeDecodeError too: a private key file given by mistake
+        raw = b""
+    if len(raw) != PUBLIC_KEY_BYTES:
+        raise OverlayError(f"{path} does not hold a public key (64 hex digits, as p2psip enroll init writes)")
+    return raw
+
+
 def _utc(t: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 

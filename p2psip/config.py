@@ -170,6 +170,13 @@ class PeerConfig:
     new ones get 503 with Retry-After at once, so a SIP flood cannot starve overlay maintenance (the
     neighbours' pings) on the same event loop and break the ring: overload is shed, not queued."""
     message_timeout: float = 20.0
+    policy: str = "first-claim"
+    """Who may write an AOR: ``first-claim`` (the first user key) or ``enrolled`` (a user certificate of the
+    enrollment authority named by ``ca``; ``p2psip enroll``, docs/security.md)."""
+    ca: Path | None = None
+    """The enrollment authority's public key file (``ca.pub`` of ``p2psip enroll init``: 64 hex digits)."""
+    enrolled_nodes: bool = False
+    """Admit only nodes holding a node certificate of ``ca`` (this peer's in ``DATA_DIR/node.cert``)."""
     overlay_limits: dict[str, Rate] = field(default_factory=dict)
     """Per-source request limits on the overlay port by kind (OVERLAY_LIMIT_KINDS); unset kinds keep the
     overlay's defaults (overlay.node.DEFAULT_LIMITS)."""
@@ -271,6 +278,9 @@ _FILE_KEYS = frozenset(
         "max_pending",
         "message_timeout",
         "overlay_limits",
+        "policy",
+        "ca",
+        "enrolled_nodes",
     ]
 )
 # The kinds of overlay request limits (overlay.node.LIMIT_KINDS; the layering rule keeps this module
@@ -394,7 +404,14 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
                     _aor(_typed(w, str, where, "AOR strings"), where) if w != "*" else "*" for w in names
                 ]
                 config.presence_allow[_aor(presentity, "presence_allow")] = allowed
-        elif key in ("dns", "verbose", "require_auth", "home_routing"):
+        elif key == "policy":
+            policy = _typed(value, str, key, '"first-claim" or "enrolled"')
+            if policy not in ("first-claim", "enrolled"):
+                raise ConfigError(f"config: policy {policy!r}: use first-claim or enrolled")
+            config.policy = policy
+        elif key == "ca":
+            config.ca = path_of(key)
+        elif key in ("dns", "verbose", "require_auth", "home_routing", "enrolled_nodes"):
             setattr(config, key, _typed(value, bool, key, "true or false"))
         elif key in ("replicas", "min_expires", "max_expires", "default_expires"):
             number = _typed(value, int, key, "a whole number")
@@ -503,6 +520,10 @@ def load_config(path: Path | None = None, flags: Mapping[str, Any] | None = None
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}")
         _apply(config, given, None)
+    if config.policy == "enrolled" and config.ca is None:
+        raise ConfigError("--policy enrolled needs --ca FILE (the enrollment authority's ca.pub)")
+    if config.enrolled_nodes and config.ca is None:
+        raise ConfigError("--enrolled-nodes needs --ca FILE (the enrollment authority's ca.pub)")
     if config.join is not None and config.join == config.overlay and config.overlay.port != 0:
         raise ConfigError(f"--join {config.join} is this peer's own overlay address; name another peer")
     return config

@@ -38,8 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from overlay import ids
-from overlay.errors import NotJoined, OverlayError, StoreRefused, WrongOverlay
-from overlay.identity import KeyPair, node_id_of, verify
+from overlay.errors import NotAdmitted, NotJoined, OverlayError, StoreRefused, WrongOverlay
+from overlay.identity import (
+    NODE_CERT_FILE,
+    Certificate,
+    KeyPair,
+    enroll_node,
+    enroll_user,
+    load_public_key,
+    node_id_of,
+    node_identity,
+    verify,
+)
 from overlay.node import KeyAccess, Node, NodeConfig
 from p2psip import control
 from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
@@ -153,6 +163,13 @@ class UserKeys:
     def exists(self, aor: str) -> bool:
         return aor in self._keys or self.path_for(aor).exists()
 
+    def certificate(self, aor: str) -> Certificate | None:
+        """The user certificate ``p2psip enroll user`` wrote beside the key (``<name>.cert``), if any."""
+        try:
+            return Certificate.load(self.path_for(aor).with_suffix(".cert"))
+        except OverlayError:
+            return None
+
     def known(self) -> list[str]:
         return sorted(self._keys)
 
@@ -229,6 +246,32 @@ def flow_secret(data_dir: Path, name: str = FLOW_SECRET) -> bytes | None:
     except OSError as exc:
         log.warning("cannot keep %s (%s): flow tokens will not survive a restart", path, exc)
     return secret
+
+
+def enroll_user_into(data_dir: Path, ca: KeyPair, aor: str, *, days: float) -> Certificate:
+    """``p2psip enroll user``: the user key of ``aor`` in ``data_dir`` (created if new) and a certificate
+    of ``ca`` for it, written beside the key as ``<name>.cert``. Raises P2PSIPError for a bad AOR."""
+    try:
+        canonical = URI(aor).aor()
+    except ParseError as exc:
+        raise P2PSIPError(f"{aor!r} is not a SIP address of record: {exc}") from None
+    if not canonical.startswith("sip:") or "@" not in canonical:
+        raise P2PSIPError(f"{aor!r} is not a SIP address of record (write sip:user@domain)")
+    users = UserKeys(Path(data_dir) / USERS_DIR)
+    try:
+        cert = enroll_user(ca, canonical, users.get(canonical).public_key, days=days)
+    except OverlayError as exc:
+        raise P2PSIPError(str(exc)) from None
+    cert.save(users.path_for(canonical).with_suffix(".cert"))
+    return cert
+
+
+def enroll_node_into(data_dir: Path, ca: KeyPair, *, days: float) -> Certificate:
+    """``p2psip enroll node``: a certificate of ``ca`` for the node key of ``data_dir`` (created if new),
+    written as ``DATA_DIR/node.cert`` (what ``--enrolled-nodes`` presents at admission)."""
+    cert = enroll_node(ca, node_identity(data_dir).public_key, days=days)
+    cert.save(Path(data_dir) / NODE_CERT_FILE)
+    return cert
 
 
 def add_account(data_dir: Path, aor: str, *, username: str | None = None) -> str:
@@ -542,6 +585,7 @@ class Peer:
                 "auth_failures",
                 "auth_delayed",
                 "takeovers_refused",
+                "unenrolled_refused",
                 "new_aors_refused",
                 "scans_refused",
                 "user_keys_removed",
@@ -618,7 +662,7 @@ class Peer:
             data_dir=data_dir,
             overlay_name=config.overlay_name,
             replicas=config.replicas,
-            config=_with_limits(node_config, config),
+            config=_node_config(node_config, config),
             advertise=config.advertise.as_tuple() if config.advertise else None,
         )
         try:
@@ -628,6 +672,8 @@ class Peer:
                 node = await _joining(starting, join, str(config.join), on_event)
         except WrongOverlay as exc:
             raise P2PSIPError(f"cannot join: {exc} (check --overlay-name)") from None
+        except NotAdmitted as exc:
+            raise P2PSIPError(f"not admitted: {exc} (p2psip enroll node gives a peer one)") from None
         except DeadAddress:
             raise P2PSIPError(
                 f"cannot join: nothing listens at {config.join} (connection refused; --join names the "
@@ -933,6 +979,13 @@ class Peer:
                 return Response.for_request(
                     request, 403, "Forbidden (registered from another device; authenticate to change it)"
                 )
+        if not query and self.config.policy == "enrolled":
+            cert = self.users.certificate(aor)
+            if cert is None:
+                self.counters["unenrolled_refused"] += 1
+                self._event("refused", f"REGISTER {aor} refused: this peer holds no user certificate")
+                return Response.for_request(request, 403, "Forbidden (no enrollment for this AOR here)")
+            self.node.add_certificate(cert)
         if not query and not self.users.exists(aor) and not self._may_create(source.host):
             self.counters["new_aors_refused"] += 1
             response = Response.for_request(request, 503, "Service Unavailable (too many new addresses)")
@@ -970,6 +1023,9 @@ class Peer:
                 )
             except StoreRefused as exc:
                 self.cache.forget(aor)
+                if exc.reason == "policy" and self.config.policy == "enrolled":
+                    self._event("refused", f"REGISTER {aor} refused by the overlay: {exc}")
+                    return Response.for_request(request, 403, f"Forbidden (enrollment refused: {exc})")
                 if exc.reason == "policy":
                     self._event("refused", f"REGISTER {aor} refused: the name belongs to another user key")
                     return Response.for_request(
@@ -1768,9 +1824,26 @@ async def run_foreground(
     return 0
 
 
-def _with_limits(node_config: NodeConfig | None, config: PeerConfig) -> NodeConfig | None:
-    """The overlay node's config with the peer's ``overlay_limits`` applied over the node's defaults."""
-    if not config.overlay_limits:
-        return node_config
-    base = node_config or NodeConfig()
-    return dataclasses.replace(base, limits={**base.limits, **config.overlay_limits})
+def _node_config(node_config: NodeConfig | None, config: PeerConfig) -> NodeConfig | None:
+    """The overlay node's config with the peer's ``overlay_limits`` applied over the node's defaults, and
+    its access policy and admission (``--policy enrolled --ca FILE``, ``--enrolled-nodes``)."""
+    base = node_config
+    if config.overlay_limits:
+        base = base or NodeConfig()
+        base = dataclasses.replace(base, limits={**base.limits, **config.overlay_limits})
+    if config.ca is not None and (config.policy == "enrolled" or config.enrolled_nodes):
+        try:
+            ca = load_public_key(config.ca)
+        except OverlayError as exc:
+            raise ConfigError(f"--ca: {exc}") from None
+        base = dataclasses.replace(base or NodeConfig(), policy=config.policy, ca_public_key=ca)
+        if config.enrolled_nodes:
+            cert_file = Path(config.data_dir) / NODE_CERT_FILE
+            try:
+                cert = cert_file.read_bytes()
+            except OSError:
+                raise ConfigError(
+                    f"--enrolled-nodes: no node certificate at {cert_file} (p2psip enroll node writes it)"
+                ) from None
+            base = dataclasses.replace(base, enrolled_nodes=True, node_certificate=cert)
+    return base

@@ -55,13 +55,18 @@ def test_each_synopsis_names_exactly_its_flags() -> None:
     for block in blocks(""):
         for entry in re.split(r"\n(?=p2psip )", block.strip()):
             if entry.startswith("p2psip "):
-                synopses[entry.split()[1]] = entry
-    assert set(synopses) == {"start", "status", "lookup", "register", "call", "message", "user"}
+                words = entry.split()
+                synopses[" ".join(words[1:3]) if words[1] in ("user", "enroll") else words[1]] = entry
+    assert set(synopses) == {
+        "start", "status", "lookup", "register", "call", "message", "user add",
+        "enroll init", "enroll user", "enroll node",
+    }  # fmt: skip
     for name, synopsis in synopses.items():
-        parser = subcommands()[name]
-        if name == "user":  # "p2psip user add ...": the flags are the action's
-            (action,) = [a for a in parser._actions if a.dest == "user_command"]  # type: ignore[attr-defined]
-            parser = action.choices[synopsis.split()[2]]
+        parser = subcommands()[name.split()[0]]
+        if " " in name:  # "p2psip user add ...": the flags are the action's
+            dest = name.split()[0] + "_command"
+            (action,) = [a for a in parser._actions if a.dest == dest]  # type: ignore[attr-defined]
+            parser = action.choices[name.split()[1]]
         documented = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", synopsis))
         actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]  # type: ignore[attr-defined]
         for action in actions:

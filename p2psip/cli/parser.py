@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from p2psip import __version__
-from p2psip.cli import call, demo, message, peer, proxy
+from p2psip.cli import call, demo, enroll, message, peer, proxy
 
 
 class UsageError(Exception):
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)
     proxy.add_commands(sub)
     peer.add_commands(sub)
+    enroll.add_commands(sub)
     call.add_commands(sub)
     message.add_commands(sub)
     return parser

@@ -33,6 +33,9 @@ def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
         "scripts": args.scripts,
         "routes": args.route,
         "overlay_limits": args.overlay_limit,
+        "policy": args.policy,
+        "ca": args.ca,
+        "enrolled_nodes": True if args.enrolled_nodes else None,
         "dns": True if args.dns else None,
         "verbose": True if args.verbose else None,
         "tls_cert": args.tls_cert,
@@ -275,6 +278,18 @@ def add_commands(sub: Any) -> None:
         metavar="KIND=RATE",
         help="per-source limit on the overlay port: KIND store, lookup, join or other; RATE like 100/s:500"
         " (rate:burst) or off (repeatable)",
+    )
+    start.add_argument(
+        "--policy",
+        metavar="POLICY",
+        help="who may write an AOR: first-claim (default: the first user key) or enrolled (a user"
+        " certificate of the authority given by --ca; see p2psip enroll)",
+    )
+    start.add_argument("--ca", metavar="FILE", help="the enrollment authority's public key (its ca.pub)")
+    start.add_argument(
+        "--enrolled-nodes",
+        action="store_true",
+        help="admit only peers holding a node certificate of --ca (this peer's: DATA_DIR/node.cert)",
     )
     start.add_argument("--dns", action="store_true", help="resolve non-overlay domains with DNS")
     start.add_argument("-v", "--verbose", action="store_true", help="print a SIP trace")

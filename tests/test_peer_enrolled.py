@@ -1,0 +1,133 @@
+"""The ``enrolled`` policy end to end on loopback: ``p2psip enroll`` makes an authority and signs user and
+node certificates into peers' data dirs; peers started with ``policy=enrolled, ca=ca.pub,
+enrolled_nodes=True`` (``--policy enrolled --ca FILE --enrolled-nodes``) register a phone's AOR only at a
+peer holding that user's certificate and key, refuse expired and foreign-signed certificates with their
+reason, and an un-enrolled node is refused at admission. Phones are UDP clients on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from peer_phone import Phone
+from peer_support import wait_until_settled
+from test_cli import run
+
+from overlay.identity import KeyPair, enroll_user
+from overlay.localring import quick_node_config
+from p2psip.cli.parser import main
+from p2psip.config import HostPort, ListenSpec, PeerConfig
+from p2psip.errors import ConfigError, P2PSIPError
+from p2psip.peer import USERS_DIR, Peer, UserKeys
+from p2psip.timers import TimerConfig
+
+pytestmark = pytest.mark.slow
+DOMAIN = "p2p.example"
+TIMERS = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
+
+
+def _cli(*args: str) -> None:
+    assert main(list(args)) == 0
+
+
+@pytest.fixture
+async def enrolled(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Peer]]]:
+    _cli("enroll", "init", str(tmp_path / "ca"))
+    started: list[Peer] = []
+
+    async def make(name: str, join: Peer | None = None, *, node_cert: bool = True) -> Peer:
+        data_dir = tmp_path / name
+        if node_cert:
+            _cli("enroll", "node", "--ca-key", str(tmp_path / "ca" / "ca.key"), "--data-dir", str(data_dir))
+        config = PeerConfig(
+            listen=[ListenSpec("udp", "127.0.0.1", 0)],
+            overlay=HostPort("127.0.0.1", 0),
+            join=HostPort(*join.overlay_address) if join else None,
+            data_dir=data_dir,
+            cache_ttl=0.0,
+            policy="enrolled",
+            ca=tmp_path / "ca" / "ca.pub",
+            enrolled_nodes=True,
+        )
+        peer = await Peer.start(config, node_config=quick_node_config(), stack_options={"timers": TIMERS})
+        started.append(peer)
+        return peer
+
+    yield make
+    for peer in started:
+        await peer.close(leave=False)
+
+
+async def test_enrolled_users_register_and_call_only_through_their_peer(
+    enrolled: Callable[..., Awaitable[Peer]], tmp_path: Path
+) -> None:
+    ca_key = str(tmp_path / "ca" / "ca.key")
+    _cli("enroll", "user", f"sip:alice@{DOMAIN}", "--ca-key", ca_key, "--data-dir", str(tmp_path / "p0"))
+    _cli("enroll", "user", f"sip:bob@{DOMAIN}", "--ca-key", ca_key, "--data-dir", str(tmp_path / "p1"))
+    first = await enrolled("p0")
+    peers = [first, await enrolled("p1", first), await enrolled("p2", first)]
+    await wait_until_settled(peers, timeout=20)
+    alice, bob, mallory = [await Phone.open(u) for u in ("alice", "bob", "mallory")]
+    try:
+        assert (await alice.register(peers[0].sip_address())).status == 200
+        assert (await bob.register(peers[1].sip_address())).status == 200
+        result = await alice.call(bob.aor, peers[0].sip_address())
+        assert result.answered
+        # the same AOR through a peer that holds no certificate for it, and an AOR nobody enrolled
+        refused = await alice.register(peers[2].sip_address())
+        assert refused.status == 403 and "no enrollment" in refused.reason
+        assert (await mallory.register(peers[0].sip_address())).status == 403
+        assert peers[0].counters["unenrolled_refused"] == 1
+        # an expired certificate, and one signed by another authority: refused with their reason
+        users = UserKeys(tmp_path / "p2" / USERS_DIR)
+        for user, cert, why in (
+            ("carol", None, "expired"),
+            ("dave", KeyPair.generate(), "not signed by this overlay's enrollment authority"),
+        ):
+            aor = f"sip:{user}@{DOMAIN}"
+            ca = KeyPair.load(ca_key) if cert is None else cert
+            when = time.time() - 3 * 86400 if cert is None else None
+            enroll_user(ca, aor, users.get(aor).public_key, now=when, days=1).save(
+                users.path_for(aor).with_suffix(".cert")
+            )
+            phone = await Phone.open(user)
+            try:
+                response = await phone.register(peers[2].sip_address())
+            finally:
+                phone.close()
+            assert response.status == 403 and why in response.reason, response.reason
+    finally:
+        for phone in (alice, bob, mallory):
+            phone.close()
+
+
+async def test_unenrolled_node_is_refused_at_admission(
+    enrolled: Callable[..., Awaitable[Peer]], tmp_path: Path
+) -> None:
+    first = await enrolled("p0")
+    with pytest.raises(ConfigError, match="no node certificate"):
+        await enrolled("stranger", first, node_cert=False)
+    # a node certificate of another authority: the bootstrap refuses it, saying why
+    _cli("enroll", "init", str(tmp_path / "other"))
+    _cli("enroll", "node", "--ca-key", str(tmp_path / "other" / "ca.key"), "--data-dir", str(tmp_path / "p9"))
+    with pytest.raises(P2PSIPError, match=r"not admitted.*not signed by this overlay's enrollment authority"):
+        await enrolled("p9", first, node_cert=False)
+
+
+def test_enroll_and_start_arguments(tmp_path: Path) -> None:
+    bad = run("start", "--policy", "enrolled", "--data-dir", str(tmp_path / "d"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--ca FILE" in bad.stderr
+    bad = run("start", "--policy", "anything", "--ca", "x", "--data-dir", str(tmp_path / "d"))
+    assert bad.returncode == 2 and "first-claim or enrolled" in bad.stderr
+    assert main(["enroll", "init", str(tmp_path / "ca")]) == 0
+    assert main(["enroll", "init", str(tmp_path / "ca")]) == 2  # made once
+    ca_key = str(tmp_path / "ca" / "ca.key")
+    assert main(["enroll", "user", "not-a-uri", "--ca-key", ca_key, "--data-dir", str(tmp_path)]) == 2
+    assert (
+        main(["enroll", "user", "sip:a@b", "--ca-key", str(tmp_path / "nope"), "--data-dir", str(tmp_path)])
+        == 2
+    )
+    bad = run("start", "--policy", "enrolled", "--ca", ca_key, "--data-dir", str(tmp_path / "d"))
+    assert bad.returncode == 2 and "does not hold a public key" in bad.stderr
