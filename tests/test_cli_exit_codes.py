@@ -51,6 +51,12 @@ def bad_configs(tmp_path: Path) -> dict[str, Path]:
 
 BAD_VALUES = {
     "call": [["bob"], ["sip:bob@p2p.example", "--via", "nonsense"], ["sip:bob@x", "--timeout", "0"]],
+    "enroll": [
+        [],
+        ["user", "sip:a@b"],
+        ["node", "--ca-key", "/nonexistent/ca.key"],
+        ["node", "--ca-key", "x", "--days", "0"],
+    ],
     "demo": [["--peers", "1"]],
     "lookup": [["bob"], ["sip:"]],
     "message": [["bob", "hi"], ["sip:bob@x", "hi", "--via", "nonsense"]],
