@@ -855,7 +855,12 @@ class TransportLayer:
 
     def select(self, target: Target, size: int) -> Target:
         """The transport to really use for a request of ``size`` bytes to ``target``: §18.1.1 moves a
-        request over 1300 bytes from UDP to TCP (the caller must then write TCP in the top Via)."""
+        request over 1300 bytes from UDP to TCP (the caller must then write TCP in the top Via). Not to a
+        UDP *flow* (RFC 5626): the phone behind it is reachable only through that NAT mapping, so a large
+        request (an INVITE with ICE candidates) still goes over the flow."""
+        flows = self.flows
+        if flows is not None and flows.get("udp", target.host, target.port) is not None:
+            return target
         if target.transport == "udp" and size > self.udp_size_limit:
             self.stats["udp_to_tcp"] += 1
             return Target("tcp", target.host, target.port)

@@ -171,6 +171,12 @@ async def test_connection_reuse_and_udp_to_tcp_switch() -> None:
         assert client.select(big, 1400) == Target("tcp", host, port)
         assert client.select(big, 1000) == big
         assert client.stats["udp_to_tcp"] == 1
+        # ... but not when it is a phone's UDP flow (RFC 5626): only its NAT mapping reaches it
+        from p2psip.flows import FlowTable
+
+        client.flows = FlowTable(secret=b"k" * 32)
+        client.flows.bind("udp", host, port, 0.0, aor="sip:a@x", entry_id=b"1")
+        assert client.select(big, 1400) == big
     finally:
         await client.close()
         await server.close()

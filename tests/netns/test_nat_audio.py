@@ -18,10 +18,12 @@ Tones are checked by frequency both ways. Under CI=true nothing here is skipped.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +32,7 @@ from conftest import in_ci
 from p2psip.turn import issue_credentials
 
 from .natlab import HA, HB, P1, P2, NatLab, why_unavailable
-from .test_nat_lab import ROOT, Lab, wait_for
+from .test_nat_lab import MODULES, ROOT, Lab, wait_for
 
 TURN_PORT = 3478
 
@@ -96,7 +98,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("nataudio")
     with NatLab() as net:
         made = Lab(net, tmp)
-        made.start_peer("p1", P1, None, extra=("--turn", f"{P1}:{TURN_PORT}"))
+        # TCP too: an INVITE with ICE candidates passes 1300 bytes, and a proxy then forwards it over TCP
+        # (RFC 3261 §18.1.1), so a peer listening on UDP only cannot take it from another peer
+        made.start_peer("p1", P1, None, extra=("--turn", f"{P1}:{TURN_PORT}", "--listen", f"tcp:{P1}:5060"))
         yield made
 
 
@@ -176,3 +180,97 @@ def test_an_allocation_beyond_the_quota_is_refused_and_counted(lab: Lab) -> None
     proc.wait(20)
     assert result["opened"] == 4 and "TURN server refused" in result["refused"], result  # turn_per_user = 4
     assert lab.status("p1")["counters"]["turn_refused_quota"] == refused + 1
+
+
+CALLER = r"""
+import asyncio, json, sys, uuid
+from p2psip.media import MemorySink, ToneSource, dominant_frequency
+from p2psip.media.ice import IceSettings
+from p2psip.stack import Stack
+from p2psip.useragent import UserAgent
+
+async def main():
+    host, peer, target, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    ice = IceSettings(stun=tuple(settings["stun"]), turn=tuple(settings["turn"]),
+                      turn_username=settings["user"], turn_password=settings["password"])
+    stack = await Stack.start([f"udp:{host}:5090"])
+    ua = UserAgent(stack, "sip:ua@p2p.example", outbound=peer, instance=f"<urn:uuid:{uuid.uuid4()}>")
+    await ua.register("sip:p2p.example", expires=120)
+    heard = MemorySink()
+    call = await ua.call(target, play=ToneSource(1000), record=heard, timeout=30, media_options={"ice": ice})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 25
+    while len(heard.pcm) < 3 * 16000 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    media = call.media
+    local, remote = media.ice.selected or (None, None)
+    print(json.dumps({
+        **media.ice.stats(), "local_type": local.type if local else None,
+        "remote_type": remote.type if remote else None, "seconds": len(heard.pcm) / 16000,
+        "heard": dominant_frequency(bytes(heard.pcm[-16000:]), [440, 1000, 2000]) if heard.pcm else None,
+        "answer": call.response.body.decode(errors="replace"),
+    }), flush=True)
+    await call.bye()
+    await ua.close()
+    await stack.close()
+
+asyncio.run(main())
+"""
+
+
+def baresip_with_ice(lab: Lab) -> tuple[subprocess.Popen[bytes], Path]:
+    """alice: baresip behind NAT A with its ice module (STUN: P1's SIP port), registered through P1 with
+    RFC 5626 outbound, answering at once, playing 440 Hz and recording what it decodes (sndfile)."""
+    workdir = lab.tmp / "baresip-alice-ice"
+    workdir.mkdir(exist_ok=True)
+    (workdir / "config").write_text(
+        f"sip_listen {HA}:5064\nnet_interface eth0\n"
+        "audio_player aufile,/dev/null\naudio_source ausine,440\naudio_alert aufile,/dev/null\n"
+        "ausrc_srate 48000\nausrc_channels 2\nrtcp_mux yes\n"
+        f"module_path {MODULES}\n"
+        "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule sndfile.so\nmodule ice.so\n"
+        f"snd_path {workdir}\n"
+        "module_tmp uuid.so\nmodule_app account.so\nmodule_app menu.so\n"
+    )
+    (workdir / "accounts").write_text(
+        f'<sip:alice@p2p.example>;outbound="sip:{P1}:5060";sipnat=outbound;regint=60;'
+        f"audio_codecs=PCMU;answermode=auto;medianat=ice;stunserver=stun:{P1}:5060\n"
+    )
+    (workdir / "contacts").write_text("")
+    log = workdir / "baresip.log"
+    proc = lab.net.popen("ha", ["baresip", "-v", "-f", str(workdir), "-t", "120"], stdin=subprocess.DEVNULL,
+                         stdout=log.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    return proc, log
+
+
+@pytest.mark.netns
+@pytest.mark.interop
+def test_our_ua_behind_nat_b_calls_baresip_with_ice_behind_nat_a_over_the_relay(lab: Lab) -> None:
+    if shutil.which("baresip") is None:
+        if in_ci():
+            pytest.fail("baresip is required under CI=true")
+        pytest.skip("baresip is not installed")
+    if "p2" not in lab.peers:
+        lab.start_peer("p2", P2, P1, extra=("--listen", f"tcp:{P2}:5060"))
+    proc, log = baresip_with_ice(lab)
+    try:
+        wait_for(lambda: "200 OK" in log.read_text(errors="replace"), 30, "alice registered",
+                 lambda: log.read_text(errors="replace")[-3000:])  # fmt: skip
+        caller = lab.net.popen("hb", [sys.executable, "-c", CALLER, HB, f"{P2}:5060", "sip:alice@p2p.example",
+                                      settings(lab, "ua")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT)  # fmt: skip
+        ours = line(caller)
+        caller.wait(30)
+        assert "a=ice-ufrag" in ours["answer"], ours["answer"]  # baresip answered our ICE offer with ICE
+        assert ours["state"] == "connected", (ours, log.read_text(errors="replace")[-3000:])
+        assert ours["heard"] == 440 and ours["seconds"] >= 3, ours
+        assert "relay" in (ours["local_type"], ours["remote_type"]), ours
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    recordings = sorted(log.parent.glob("dump-*-dec.wav"))
+    assert recordings, log.read_text(errors="replace")[-3000:]
+    from p2psip.media import dominant_frequency
+    from p2psip.media.sources import read_wav
+
+    assert dominant_frequency(read_wav(recordings[-1]), [440, 1000, 2000]) == 1000
