@@ -42,6 +42,21 @@ DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
 DEFAULT_MEMORY_S = 3600.0
 DEFAULT_MAX_PER_OWNER = 1000
 POLICIES = ("first-claim", "enrolled")
+DEFAULT_INBOX_QUOTA = 32
+
+INBOX_KEY_ID = b"\x00inbox"
+"""The entry that makes a ring key an inbox: its owner's key owns the inbox, its value is the owner's
+published (X25519) encryption key. Under any policy, once it lives, other keys may drop entries."""
+DROP_PREFIX = b"\x01"
+"""A drop's entry_id: ``DROP_PREFIX + writer's 32-byte public key + anything``: each writer writes only
+in its own name space, so nobody can overwrite another writer's drop."""
+
+
+def is_drop(entry: Entry) -> bool:
+    """Whether ``entry`` is written in its own writer's drop name space (see :data:`DROP_PREFIX`)."""
+    eid = entry.entry_id
+    return eid[:1] == DROP_PREFIX and eid[1 : 1 + PUBLIC_KEY_BYTES] == entry.owner
+
 
 NodeRef = tuple[int, str, int]  # (node id, host, port), as chord and wire use it
 
@@ -130,6 +145,12 @@ class Store:
     lives) or ``"enrolled"`` (each write carries a CA signature binding the key id to the owner key;
     ``ca_public_key`` required). Expired records are kept ``memory_s`` longer, invisible, so their ``seq``
     still refuses replays.
+
+    The ``inbox`` access rule holds under both policies, for keys whose :data:`INBOX_KEY_ID` entry lives
+    (offline messages, ``H('inbox:' + AOR)``): any key may append drops in its own name space
+    (:func:`is_drop`), at most ``inbox_quota`` live ones per writer and inbox; a writer cannot remove its
+    drop (a removal there is refused); only the inbox's owner removes, overwrites or claims anything else
+    under the key, exactly as under its policy. Drops never make their writer the key's first-claim owner.
     """
 
     def __init__(
@@ -142,6 +163,7 @@ class Store:
         memory_s: float = DEFAULT_MEMORY_S,
         max_per_owner: int = DEFAULT_MAX_PER_OWNER,
         cache: VerifiedCache | None = None,
+        inbox_quota: int = DEFAULT_INBOX_QUOTA,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown access policy {policy!r}; use one of {', '.join(POLICIES)}")
@@ -153,6 +175,7 @@ class Store:
         self.max_lifetime = max_lifetime
         self.memory_s = memory_s
         self.max_per_owner = max_per_owner
+        self.inbox_quota = inbox_quota
         self._per_owner: dict[bytes, int] = {}
         self.cache = cache if cache is not None else VerifiedCache()
         self._by_key: dict[int, dict[bytes, _Record]] = {}
@@ -186,6 +209,25 @@ class Store:
             raise self._refuse("quota", f"this user key already holds {self.max_per_owner} records here")
 
     def _check_policy(self, entry: Entry, now: float) -> None:
+        if is_drop(entry):
+            inbox = self.inbox_owner(entry.key, now)
+            if inbox is None:
+                raise self._refuse("policy", "no inbox lives under this key: drops are refused")
+            if inbox != entry.owner:
+                if entry.is_removal:
+                    raise self._refuse("policy", "only the inbox's owner removes a drop")
+                slots = self._by_key.get(entry.key, {})
+                mine = sum(
+                    1
+                    for eid, rec in slots.items()
+                    if eid != entry.entry_id
+                    and rec.expires_at > now
+                    and not rec.entry.is_removal
+                    and rec.entry.owner == entry.owner
+                )
+                if mine >= self.inbox_quota:
+                    raise self._refuse("quota", f"this key already has {mine} drops in this inbox")
+                return
         if self.policy == "enrolled":
             assert self.ca_public_key is not None
             problem = user_cert_problem(
@@ -201,10 +243,21 @@ class Store:
             )
 
     def owner_of(self, key: int, now: float) -> bytes | None:
-        """Under first-claim: the key owning ``key`` (owner of any live, non-removed entry), else None."""
+        """Under first-claim: the key owning ``key`` (the inbox's owner, else the owner of any live,
+        non-removed entry that is not another writer's drop), else None."""
+        inbox = self.inbox_owner(key, now)
+        if inbox is not None:
+            return inbox
         for rec in self._by_key.get(key, {}).values():
-            if rec.expires_at > now and not rec.entry.is_removal:
+            if rec.expires_at > now and not rec.entry.is_removal and not is_drop(rec.entry):
                 return rec.entry.owner
+        return None
+
+    def inbox_owner(self, key: int, now: float) -> bytes | None:
+        """The owner of the live :data:`INBOX_KEY_ID` entry under ``key`` (an inbox), else None."""
+        rec = self._by_key.get(key, {}).get(INBOX_KEY_ID)
+        if rec is not None and rec.expires_at > now and not rec.entry.is_removal:
+            return rec.entry.owner
         return None
 
     # --- writes -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ The file format (all keys optional)::
     realm = "p2psip"           # digest realm for users with a password
     require_auth = false       # true: only accounts may register; every REGISTER is challenged (401)
     home_routing = true        # false: calls go straight to the contact, not through its home peer (bench)
+    offline_messages = true    # false: no inbox (a MESSAGE for nobody registered gets 404, never stored)
     flow_timer = 120           # seconds an RFC 5626 phone may stay silent (Flow-Timer) before its flow fails
     nat_ping = 20.0            # seconds between NAT pings (OPTIONS) to phones without RFC 5626 outbound
     turn = "127.0.0.1:3478"    # run a TURN server (RFC 8656) there for call audio relays (off by default)
@@ -133,6 +134,9 @@ class PeerConfig:
     realm: str = "p2psip"
     require_auth: bool = False
     home_routing: bool = True
+    offline_messages: bool = True
+    """Publish each registered AOR's inbox key and keep MESSAGEs for it while nobody is registered
+    (docs/presence.md, Offline messages)."""
     advertise: HostPort | None = None
     """The overlay address other peers reach this one at (a port forwarded by a NAT router to it); its
     host is also the SIP address the peer puts in Path, Record-Route and Via."""
@@ -255,6 +259,7 @@ _FILE_KEYS = frozenset(
         "realm",
         "require_auth",
         "home_routing",
+        "offline_messages",
         "advertise",
         "flow_timer",
         "nat_ping",
@@ -411,7 +416,7 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             config.policy = policy
         elif key == "ca":
             config.ca = path_of(key)
-        elif key in ("dns", "verbose", "require_auth", "home_routing", "enrolled_nodes"):
+        elif key in ("dns", "verbose", "require_auth", "home_routing", "enrolled_nodes", "offline_messages"):
             setattr(config, key, _typed(value, bool, key, "true or false"))
         elif key in ("replicas", "min_expires", "max_expires", "default_expires"):
             number = _typed(value, int, key, "a whole number")

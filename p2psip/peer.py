@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,14 @@ from overlay.identity import (
     verify,
 )
 from overlay.node import KeyAccess, Node, NodeConfig
+from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
 from p2psip import control
 from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
 from p2psip.auth import DigestServer
 from p2psip.config import PeerConfig
-from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError, SIPStatusError
+from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError, SIPStatusError, TransportError
 from p2psip.flows import Failed, Flow, FlowTable, Ping
+from p2psip.inbox import Letter, LetterError, inbox_name, load_or_create_key, open_letter
 from p2psip.location import (
     ForwardAsAddressed,
     LocationCache,
@@ -84,6 +87,7 @@ from p2psip.registrar import (
     plan_register,
 )
 from p2psip.run import until_stopped
+from p2psip.sealedbox import SealedBoxError, public_bytes
 from p2psip.stack import Source, Stack
 from p2psip.streamguard import StreamLimits
 from p2psip.trace import SipTrace, stamp
@@ -94,6 +98,12 @@ from p2psip.turnserver import TurnServer
 from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
+
+INBOX_LIFETIME = 7 * 24 * 3600
+"""Lifetime of an inbox key entry and of a stored message (a node may keep them shorter: lifetime_cap)."""
+INBOX_REPUBLISH = 3600.0
+"""A registration refresh republishes the inbox key when it was published longer ago than this."""
+INBOX_DELIVERY_TIMEOUT = 40.0
 
 VOUCH_HEADER = "P-P2PSIP-Vouch"
 """The identity assertion a watcher's home peer adds to a presence SUBSCRIBE it forwards (Peer.vouch)."""
@@ -185,6 +195,10 @@ class UserKeys:
     def claim_path(self, aor: str) -> Path:
         return self.path_for(aor).with_suffix(".claim")
 
+    def inbox_path(self, aor: str) -> Path:
+        """The AOR's X25519 inbox key (:mod:`p2psip.inbox`): copy it with the ``.key`` to share an inbox."""
+        return self.path_for(aor).with_suffix(".inbox")
+
     def claim(self, aor: str) -> Claim | None:
         """The claim (or account) recorded for ``aor``; None when there is none or it is unreadable."""
         try:
@@ -213,7 +227,7 @@ class UserKeys:
     def forget(self, aor: str) -> None:
         """Delete the user key and the claim of ``aor`` (it owns nothing any more)."""
         self._keys.pop(aor, None)
-        for path in (self.path_for(aor), self.claim_path(aor)):
+        for path in (self.path_for(aor), self.claim_path(aor), self.inbox_path(aor)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -333,6 +347,13 @@ class LookupResult:
         }
 
 
+@dataclass(eq=False)
+class InboxDelivery:
+    """The context of a stored MESSAGE the home peer delivers (so the core hands its outcome back)."""
+
+    final: asyncio.Future[int]
+
+
 class PeerCore(Proxy):
     """The peer's SIP core: the proxy (with ``locate`` = the DHT) plus the registrar for REGISTER."""
 
@@ -406,7 +427,37 @@ class PeerCore(Proxy):
             refused = SIPStatusError(503, None, [("Retry-After", "60")], detail="too many unknown addresses")
             self.stack.respond(transaction, Response.for_error(request, refused))
             return
+        if (
+            transaction is not None
+            and request.method == "MESSAGE"
+            and request.to.tag is None
+            and request.get("Route") is None
+        ):
+            self.spawn(self._message(request, transaction, source))
+            return
         super().on_request(request, transaction, source)
+
+    async def _message(self, request: Request, transaction: ServerTransaction, source: Source) -> None:
+        """A MESSAGE for an overlay AOR with nobody registered is left in its inbox (``202 Accepted``)
+        when the AOR has one (:mod:`p2psip.inbox`); everything else is proxied as usual (404 then)."""
+        peer = self.peer
+        decision = decide(request.uri, routes=peer._routes(), is_local=peer.stack.is_local)
+        if isinstance(decision, OverlayLookup):
+            nobody = False
+            try:
+                self.check(request)
+                nobody = not await peer.lookup_bindings(decision.aor)
+            except SIPStatusError as error:
+                self._reject(transaction, request, error)
+                return
+            except (OverlayError, TimeoutError):
+                pass  # the proxy path below looks again and answers the failure
+            if nobody and peer.config.offline_messages and await peer.leave_in_inbox(decision.aor, request):
+                if not transaction.terminated and transaction.last_response is None:
+                    self.stack.respond(transaction, Response.for_request(request, 202, "Accepted"))
+                return
+        if not transaction.terminated and transaction.last_response is None:
+            super().on_request(request, transaction, source)
 
     async def _presence(self, request: Request, transaction: ServerTransaction, source: Source) -> None:
         """A SUBSCRIBE or PUBLISH for an AOR's presence: served here when this peer is the AOR's agent
@@ -514,6 +565,10 @@ class PeerCore(Proxy):
         if transaction is not None and isinstance(transaction.context, AgentTransaction):
             self.peer.presence.on_response(response, transaction)
             return
+        if transaction is not None and isinstance(transaction.context, InboxDelivery):
+            if response.status >= 200 and not transaction.context.final.done():
+                transaction.context.final.set_result(response.status)
+            return
         if response.status >= 200 and response.cseq.method == "INVITE":
             call = self.calls.get(response.call_id)
             if call is not None:
@@ -522,6 +577,24 @@ class PeerCore(Proxy):
                 elif call["state"] != "established":
                     self.calls.pop(response.call_id, None)
         super().on_response(response, transaction, source)
+
+    @staticmethod
+    def _delivery_failed(transaction: Transaction, status: int) -> bool:
+        """A stored message's delivery (the peer's own MESSAGE) got no answer: its outcome is ``status``."""
+        context = transaction.context
+        if not isinstance(context, InboxDelivery):
+            return False
+        if not context.final.done():
+            context.final.set_result(status)
+        return True
+
+    def on_timeout(self, transaction: Transaction, timer: str) -> None:
+        if not self._delivery_failed(transaction, 408):
+            super().on_timeout(transaction, timer)
+
+    def on_transport_failure(self, transaction: Transaction, error: str) -> None:
+        if not self._delivery_failed(transaction, 503):
+            super().on_transport_failure(transaction, error)
 
     def on_terminated(self, transaction: Transaction) -> None:
         # An INVITE that ended without being set up (refused here: 404, 482, 503..., or timed out) leaves
@@ -564,12 +637,15 @@ class Peer:
         """The web server (p2psip.web.server.WebServer) when ``--http`` is set."""
         """Registrations this peer took (it is their home peer): AOR -> entry id -> binding. The status
         shows them; a call that reaches this peer as the AOR's sole home peer is served from them."""
+        self._inbox_published: dict[str, float] = {}  # AOR -> when this peer last published its inbox key
         self.started = time.time()
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "registers",
                 "registers_refused",
                 "shed",
+                "messages_stored",
+                "messages_delivered",
                 "bindings_written",
                 "bindings_removed",
                 "lookups",
@@ -1043,6 +1119,11 @@ class Peer:
         self.counters["bindings_written"] += len(plan.writes)
         self.counters["bindings_removed"] += len(plan.removes)
         home = self.home.setdefault(aor, {})
+        arrived = any(w.entry_id not in home for w in plan.writes)
+        if self.config.offline_messages and plan.writes and (
+            arrived or time.time() - self._inbox_published.get(aor, 0.0) > INBOX_REPUBLISH
+        ):
+            self.core.spawn(self._open_inbox(aor, deliver=arrived))
         for w in plan.writes:
             home[w.entry_id] = w.binding
         for r in plan.removes:
@@ -1154,6 +1235,99 @@ class Peer:
         self._event("flow", f"flow {failed.flow.describe()} failed: {failed.why}")
         if failed.bindings and not self._closed:
             self.core.spawn(self._remove_bindings(failed.bindings, failed.why))
+
+    # ---------------------------------------------------------------------- offline messages (inbox)
+
+    async def leave_in_inbox(self, aor: str, request: Request) -> bool:
+        """Seal ``request`` (a MESSAGE for ``aor``, nobody registered) to the AOR's published inbox key and
+        drop it in its inbox (:mod:`p2psip.inbox`). False when the AOR has no inbox or the drop fails."""
+        access = self.node.at(inbox_name(aor))
+        try:
+            entries = await access.get()
+            published = next((e for e in entries if e.entry_id == INBOX_KEY_ID and len(e.value) == 32), None)
+            if published is None:
+                return False
+            letter = Letter(
+                request.get("From") or "", aor, request.get("Content-Type") or "text/plain",
+                request.body, time.time(),
+            )  # fmt: skip
+            box = letter.seal(published.value)
+            entry_id = DROP_PREFIX + self.node.identity.public_key + secrets.token_bytes(8)
+            await access.put(box, entry_id=entry_id, lifetime=INBOX_LIFETIME)
+        except (OverlayError, TimeoutError, LetterError, SealedBoxError) as exc:
+            log.info("MESSAGE for %s not stored: %s", aor, exc)
+            return False
+        self.counters["messages_stored"] += 1
+        self._event("stored", f"MESSAGE for {aor} stored in its inbox (nobody registered)")
+        return True
+
+    async def _open_inbox(self, aor: str, *, deliver: bool) -> None:
+        """After a registration here: (re)publish the AOR's inbox key, signed by its user key; with
+        ``deliver`` (a new device arrived), hand each stored message sealed to our key to the AOR as a
+        MESSAGE through this peer and remove it once a device took it (2xx)."""
+        try:
+            private = load_or_create_key(self.users.inbox_path(aor))
+        except (LetterError, OSError) as exc:
+            log.warning("no inbox for %s: %s", aor, exc)
+            return
+        user_key = self.users.get(aor)
+        access = self.node.at(inbox_name(aor))
+        try:
+            await access.put(
+                public_bytes(private), entry_id=INBOX_KEY_ID, lifetime=INBOX_LIFETIME, key=user_key
+            )
+            self._inbox_published[aor] = time.time()
+            if len(self._inbox_published) > 4096:
+                del self._inbox_published[next(iter(self._inbox_published))]
+            if not deliver:
+                return
+            drops = [e for e in await access.get() if e.entry_id[:1] == DROP_PREFIX and e.value]
+        except (OverlayError, TimeoutError) as exc:
+            log.info("inbox of %s not published/read: %s", aor, exc)
+            return
+        for drop in sorted(drops, key=lambda e: e.seq):
+            try:
+                letter = open_letter(private, drop.value)
+            except LetterError:
+                continue  # sealed to another home peer's key, or garbage a writer left
+            if await self._deliver(aor, letter) >= 300:
+                return  # nobody took it: it stays for the next registration
+            self.counters["messages_delivered"] += 1
+            removal = Entry.create(
+                user_key, drop.key, drop.entry_id, b"", max(time.time_ns() // 1_000_000, drop.seq + 1), 0
+            )
+            try:
+                await self.node.put_entry(removal)
+            except (OverlayError, TimeoutError) as exc:
+                log.info("stored message for %s delivered but not removed: %s", aor, exc)
+
+    async def _deliver(self, aor: str, letter: Letter) -> int:
+        """Send a stored message to ``aor`` through this peer's own proxy; its final status."""
+        try:
+            sender = Address(letter.from_)
+        except ParseError:
+            sender = Address("<sip:unknown@invalid>")
+        request = Request.create(
+            "MESSAGE",
+            URI(aor),
+            from_=sender,
+            to=Address.build(URI(aor)),
+            body=letter.body,
+            content_type=letter.content_type,
+            headers=[("Date", formatdate(letter.date, usegmt=True))],
+        )
+        host, port = self.sip_address()
+        context = InboxDelivery(self.stack.loop.create_future())
+        try:
+            tx = self.stack.send_request(request, Target("udp", host, port))
+        except (TransportError, ParseError) as exc:
+            log.info("stored message for %s not sent: %s", aor, exc)
+            return 503
+        tx.context = context
+        try:
+            return await asyncio.wait_for(context.final, INBOX_DELIVERY_TIMEOUT)
+        except TimeoutError:
+            return 408
 
     async def _remove_bindings(self, bindings: Iterable[tuple[str, bytes]], why: str) -> None:
         for aor, entry_id in bindings:

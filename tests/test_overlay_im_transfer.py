@@ -1,7 +1,9 @@
 """Instant messages and transfer between our UserAgents through a 3-peer overlay: MESSAGE forks to every
 registered device (also from ``p2psip message``), 404 when nobody is registered, a failure when nobody
-answers; a blind and an attended transfer of a call placed through the overlay, also from
-``p2psip call --transfer-to``. (Presence through the overlay: tests/test_presence_agent.py.)"""
+answers (480); offline messages (stored sealed in the DHT under H('inbox:' + AOR) while nobody is
+registered: 202, delivered and removed on the next registration); a blind and an attended transfer of a
+call placed through the overlay, also from ``p2psip call --transfer-to``. (Presence through the
+overlay: tests/test_presence_agent.py.)"""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 from peer_interop.helpers import start_overlay, stop_overlay
 
+from overlay.storage import DROP_PREFIX, INBOX_KEY_ID
+from p2psip.inbox import inbox_name
 from p2psip.peer import Peer
 from p2psip.stack import Stack
 from p2psip.useragent import IncomingCall, UserAgent
@@ -153,3 +157,58 @@ async def test_cli_call_transfer_to(overlay: list[Peer], phones: dict[str, UserA
     await bob_to_carol.answered(10)
     assert len(carol_calls) == 1 and carol_calls[0].caller.uri.user == "bob"
     await bob_to_carol.bye()
+
+
+async def until(check: object, timeout: float = 15.0) -> None:
+    """Wait (bounded) for ``check()`` (a coroutine function) to be true."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def test_message_for_nobody_registered_is_stored_and_delivered_on_registration(
+    overlay: list[Peer],
+) -> None:
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+    alice = UserAgent(stacks[0], "sip:alice@p2p.example", outbound=via(overlay[0]))
+    bob = UserAgent(stacks[1], BOB, outbound=via(overlay[1]))
+    try:
+        # no inbox yet (bob never registered): 404 as before
+        assert (await alice.message(BOB, "hello?")).status == 404
+        registrar = f"sip:{via(overlay[1])}"
+        assert (await bob.register(registrar, expires=300, refresh=False)).status == 200
+
+        async def published() -> bool:
+            entries = await overlay[2].node.get(inbox_name(BOB))
+            return any(e.entry_id == INBOX_KEY_ID and len(e.value) == 32 for e in entries)
+
+        await until(published)
+        assert (await bob.register(registrar, expires=0, refresh=False)).status == 200
+
+        response = await alice.message(BOB, "are you there?")
+        assert response.status == 202
+        assert overlay[0].counters["messages_stored"] == 1
+        drops = [e for e in await overlay[2].node.get(inbox_name(BOB)) if e.entry_id[:1] == DROP_PREFIX]
+        assert len(drops) == 1 and b"are you there?" not in drops[0].value  # sealed, not readable
+        assert bob.messages.empty()
+
+        assert (await bob.register(registrar, expires=300, refresh=False)).status == 200
+        got = await asyncio.wait_for(bob.messages.get(), 15)
+        assert got.body == b"are you there?" and got.from_.uri.user == "alice"
+        assert got.get("Date") is not None
+
+        async def emptied() -> bool:
+            entries = await overlay[2].node.get(inbox_name(BOB))
+            return not any(e.entry_id[:1] == DROP_PREFIX for e in entries)
+
+        await until(emptied)  # removed by the owner once delivered
+        assert overlay[1].counters["messages_delivered"] == 1
+        # bob is registered again: messages go straight to him
+        assert (await alice.message(BOB, "lunch?")).status == 200
+        assert (await asyncio.wait_for(bob.messages.get(), 10)).body == b"lunch?"
+    finally:
+        for ua in (alice, bob):
+            await ua.close()
+        for stack in stacks:
+            await stack.close()

@@ -7,7 +7,7 @@ import pytest
 from overlay.errors import StoreRefused
 from overlay.identity import KeyPair, enroll_user
 from overlay.ids import RING, between_right, key_for
-from overlay.storage import Entry, NodeRef, Replicator, Store
+from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry, NodeRef, Replicator, Store
 
 ALICE = KeyPair.generate()
 BOB = KeyPair.generate()
@@ -223,3 +223,33 @@ def test_quota_per_owner_key() -> None:
     store.put(entry(BOB, key=99), 0.0)  # other keys are not affected
     store.purge(1000.0 + store.memory_s)  # expired and forgotten: room again
     store.put(entry(key=99, seq=3), 2000.0 + store.memory_s)
+
+
+def test_inbox_policy_anyone_drops_within_a_quota_only_the_owner_removes() -> None:
+    store = Store(inbox_quota=2)
+    key = key_for("inbox:sip:bob@p2p.example")
+    carol = KeyPair.generate()
+
+    def drop(writer: KeyPair, n: int, seq: int = 1, value: bytes = b"sealed", life: int = 60) -> Entry:
+        eid = DROP_PREFIX + writer.public_key + bytes([n])
+        return Entry.create(writer, key, eid, value, seq, life)
+
+    # no inbox yet: a drop is refused (and a drop never makes its writer the key's first-claim owner)
+    assert refused(store, drop(ALICE, 1)) == "policy"
+    store.put(entry(BOB, key=key, entry_id=INBOX_KEY_ID, value=b"x" * 32), 0.0)
+    for n in (1, 2):
+        store.put(drop(ALICE, n), 0.0)
+    assert refused(store, drop(ALICE, 3)) == "quota"  # a quota per writer and inbox
+    store.put(drop(carol, 1), 0.0)  # another writer has a quota of its own
+    # a writer neither removes its drop nor writes outside its own name space or over the inbox key
+    assert refused(store, drop(ALICE, 1, seq=2, value=b"", life=0)) == "policy"
+    forged = Entry.create(ALICE, key, DROP_PREFIX + carol.public_key + b"\x01", b"mine", 2, 60)
+    assert refused(store, forged) == "policy"
+    assert refused(store, entry(ALICE, key=key, entry_id=INBOX_KEY_ID, seq=5)) == "policy"
+    assert len(store.get(key, 1.0)) == 4
+    # the owner removes a drop (the writer's quota frees up) and still owns the key
+    removal = Entry.create(BOB, key, DROP_PREFIX + ALICE.public_key + b"\x01", b"", 2, 0)
+    store.put(removal, 1.0)
+    assert len(store.get(key, 1.0)) == 3
+    store.put(drop(ALICE, 3), 1.0)
+    assert store.owner_of(key, 1.0) == BOB.public_key

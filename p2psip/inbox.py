@@ -1,0 +1,101 @@
+"""Offline messages: what a MESSAGE left for an AOR nobody has registered becomes, and the long-lived
+X25519 key it is sealed to.
+
+A home peer keeps one X25519 key per AOR in its data dir (``users/<user@host>.inbox``, mode 0600, beside
+the user's Ed25519 ``.key``; ``cryptography`` cannot turn an Ed25519 key into an X25519 one) and publishes
+its public half in the DHT under ``H('inbox:' + AOR)`` as the inbox entry, signed by the user key. The
+peer where a MESSAGE finds nobody registered seals a *letter* (this module) to that public key
+(:mod:`p2psip.sealedbox`) and drops it under the same key; the overlay's ``inbox`` rule lets any key drop
+there, within a quota, and only the owner remove. The next registration's home peer opens the letters,
+delivers each as a MESSAGE and removes it.
+
+A letter is msgpack ``{"from": From header, "to": AOR, "type": Content-Type, "body": bytes, "date": unix
+seconds}``. Sans-IO apart from the key file; the DHT glue is in :mod:`p2psip.peer`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from p2psip import sealedbox
+from p2psip.errors import P2PSIPError
+
+__all__ = ["INBOX_PREFIX", "Letter", "LetterError", "inbox_name", "load_or_create_key", "open_letter"]
+
+INBOX_PREFIX = "inbox:"
+MAX_LETTER = 12 * 1024
+"""Bytes a letter's body may have (a DHT value holds 16 KiB; the box and the headers need the rest)."""
+
+
+class LetterError(P2PSIPError):
+    """A drop that is not a letter sealed to our key (another home peer's key, or garbage)."""
+
+
+def inbox_name(aor: str) -> str:
+    """The DHT name of ``aor``'s inbox: its ring key is H('inbox:' + AOR)."""
+    return INBOX_PREFIX + aor
+
+
+@dataclass(frozen=True, slots=True)
+class Letter:
+    """One stored MESSAGE."""
+
+    from_: str
+    to: str
+    content_type: str
+    body: bytes
+    date: float
+
+    def seal(self, recipient: bytes) -> bytes:
+        """The sealed box of this letter for the inbox's published public key (32 raw bytes)."""
+        if len(self.body) > MAX_LETTER:
+            raise LetterError(f"a stored message is at most {MAX_LETTER} bytes")
+        packed = msgpack.packb(
+            {"from": self.from_, "to": self.to, "type": self.content_type, "body": self.body,
+             "date": self.date},
+            use_bin_type=True,
+        )  # fmt: skip
+        return sealedbox.seal(recipient, bytes(packed))
+
+
+def open_letter(private: X25519PrivateKey, box: bytes) -> Letter:
+    """The letter in ``box``; :class:`LetterError` if it is not one sealed to ``private``."""
+    try:
+        data = msgpack.unpackb(sealedbox.open_box(private, box), raw=False)
+        letter = Letter(data["from"], data["to"], data["type"], data["body"], float(data["date"]))
+    except sealedbox.SealedBoxError as exc:
+        raise LetterError(str(exc)) from None
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        raise LetterError(f"not a letter: {exc}") from None
+    if not all(isinstance(v, str) for v in (letter.from_, letter.to, letter.content_type)) or not isinstance(
+        letter.body, bytes
+    ):
+        raise LetterError("not a letter: wrong field types")
+    return letter
+
+
+def load_or_create_key(path: Path) -> X25519PrivateKey:
+    """The X25519 key kept at ``path`` (32 raw bytes, mode 0600), made on first use."""
+    try:
+        return X25519PrivateKey.from_private_bytes(path.read_bytes())
+    except FileNotFoundError:
+        pass
+    except ValueError as exc:
+        raise LetterError(f"{path} is not an X25519 key: {exc}") from None
+    key = X25519PrivateKey.generate()
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".inbox.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    os.replace(tmp, path)
+    return key
