@@ -1,0 +1,382 @@
+"""Registrations per second at 0 failures: sipp REGISTERs (a new AOR each) at one peer of a 5-peer overlay
+vs Kamailio usrloc (in memory), without and with digest, same run (issue 19, target 3).
+
+    python3 bench/registrar.py                      # 5 s steps, 2 repeats, both variants
+    python3 bench/registrar.py --duration 3 --repeat 1 --only plain
+
+Each system climbs a bounded rate ladder; a rate passes when every REGISTER of every one of ``--repeat``
+runs got its 200 and sipp kept at least 90 % of the asked rate (calls over the run's time less 1 s of
+tail): a "0 failures" step that ran slower than asked is not a pass. Every run registers AORs never seen
+before (a fresh prefix per run): each REGISTER is a DHT read and a signed write on 3 replicas here, a
+usrloc insert there. With digest, every AOR has an account (password "secret", digest user "bench") and
+each REGISTER is challenged once (401, then the REGISTER with credentials); Kamailio checks the same
+password with ``pv_www_authenticate``.
+
+Ours: 5 peers in this one process (one event loop, one core), sipp sends to the first; the overlay rate
+limits and the new-AOR bounds are lifted for the load (they are configurable: a deployment keeps them) and
+``max_pending`` is raised so the bench measures throughput, not the shedding. Kamailio: ``children``
+workers (default 2, the bench/peer.py registrar). Reported: the highest passing rate, the ratio to
+Kamailio's, CPU ms per registration at that rate (ours: this process; Kamailio: its processes), and our
+overlay messages per registration (every peer's udp_out + tcp_out over the step, less the same peers'
+idle maintenance traffic over as long). The footer gives date, load, CPU model and steal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from conditions import Conditions  # noqa: E402
+from conftest import free_port  # noqa: E402
+from interop.kamailio import MODULES, Kamailio  # noqa: E402
+from interop.sipp import SippResult, run_calls  # noqa: E402
+
+from overlay.localring import quick_node_config, wait_until_consistent  # noqa: E402
+from p2psip.auth import DigestServer  # noqa: E402
+from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount  # noqa: E402
+from p2psip.peer import Peer  # noqa: E402
+from p2psip.ratelimit import UNLIMITED  # noqa: E402
+
+DOMAIN = "p2p.example"
+LADDER = [250, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 16000, 20000]
+MIN_RATE_FRACTION = 0.9
+TAIL_S = 1.0
+PASSWORD = "secret"
+DIGEST_USER = "bench"
+_prefixes = itertools.count()
+
+_HEAD = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="REGISTER a new AOR">
+"""
+_REGISTER = """  <send retrans="500">
+    <![CDATA[
+      REGISTER sip:{domain} SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      Max-Forwards: 70
+      From: <sip:[prefix][call_number]@{domain}>;tag=[call_number]
+      To: <sip:[prefix][call_number]@{domain}>
+      Call-ID: [call_id]
+      CSeq: {cseq} REGISTER
+      Contact: <sip:[prefix][call_number]@[local_ip]:[local_port]>
+      Expires: 600
+{auth}      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
+def scenario(digest: bool) -> str:
+    """The sipp UAC scenario: one REGISTER -> 200, or REGISTER -> 401, REGISTER with credentials -> 200."""
+    if not digest:
+        body = _REGISTER.format(domain=DOMAIN, cseq=1, auth="") + '  <recv response="200"/>\n'
+    else:
+        body = (
+            _REGISTER.format(domain=DOMAIN, cseq=1, auth="")
+            + '  <recv response="401" auth="true"/>\n'
+            + _REGISTER.format(domain=DOMAIN, cseq=2, auth="      [authentication]\n")
+            + '  <recv response="200"/>\n'
+        )
+    return _HEAD + body + "</scenario>\n"
+
+
+def kamailio_config(host: str, port: int, digest: bool, children: int) -> str:
+    auth = (
+        f'if (!pv_www_authenticate("$td", "{PASSWORD}", "0")) {{ www_challenge("$td", "0"); exit; }}'
+        if digest
+        else ""
+    )
+    return f"""#!KAMAILIO
+debug=1
+log_stderror=yes
+children={children}
+auto_aliases=no
+dns=no
+rev_dns=no
+listen=udp:{host}:{port}
+alias="{DOMAIN}"
+mpath="{MODULES}"
+loadmodule "pv.so"
+loadmodule "sl.so"
+loadmodule "tm.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+loadmodule "auth.so"
+modparam("usrloc", "db_mode", 0)
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
+    if (is_method("REGISTER")) {{
+        {auth}
+        if (!save("location")) {{ sl_reply_error(); }}
+        exit;
+    }}
+    sl_send_reply("404", "Not Found");
+}}
+"""
+
+
+@dataclass
+class Step:
+    rate: int
+    ok: bool
+    result: SippResult
+    cpu_s: float
+    overlay_msgs: float | None = None
+
+
+@dataclass
+class Row:
+    system: str
+    steps: list[Step] = field(default_factory=list)
+    max_rate: int = 0
+
+    def at_max(self) -> list[Step]:
+        return [s for s in self.steps if s.rate == self.max_rate and s.ok]
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class EveryAorHasAnAccount(dict[str, UserAccount]):
+    """The accounts table of the digest runs: every AOR has one (password ``PASSWORD``, digest user
+    ``DIGEST_USER``), without building a table of every AOR the ladder registers."""
+
+    def get(self, aor: str, default: object = None) -> UserAccount:  # type: ignore[override]
+        return UserAccount(aor, PASSWORD, DIGEST_USER)
+
+    def values(self) -> list[UserAccount]:  # type: ignore[override]
+        return [UserAccount(f"sip:{DIGEST_USER}@{DOMAIN}", PASSWORD, DIGEST_USER)]
+
+
+class Ours:
+    """``size`` peers in this process, one event loop; sipp sends to the first."""
+
+    def __init__(self, workdir: Path, digest: bool, size: int) -> None:
+        self.workdir, self.digest, self.size = workdir, digest, size
+        self.peers: list[Peer] = []
+
+    async def start(self) -> None:
+        users: dict[str, UserAccount] = EveryAorHasAnAccount() if self.digest else {}
+        for i in range(self.size):
+            config = PeerConfig(
+                listen=[ListenSpec("udp", "127.0.0.1", 0)],
+                overlay=HostPort("127.0.0.1", 0),
+                join=HostPort(*self.peers[0].overlay_address) if self.peers else None,
+                data_dir=self.workdir / f"peer{i}",
+                cache_ttl=0.0,
+                new_aors_per_source=UNLIMITED,
+                new_aors_total=UNLIMITED,
+                overlay_limits={kind: UNLIMITED for kind in ("store", "lookup", "join", "other")},
+                max_pending=100_000,
+                users=users if i == 0 else {},
+            )
+            node_config = quick_node_config(interval=1.0, rpc_timeout=1.0)
+            peer = await Peer.start(config, node_config=node_config)
+            if self.digest:
+                # sipp 3.6 computes MD5 only and answers the first challenge: offer MD5 alone, as
+                # Kamailio's www_challenge does (the peer's default offers SHA-256 first, then MD5)
+                realm = config.realm
+                peer._digest[realm] = DigestServer(realm, peer._password_lookup(realm), algorithms=("MD5",))
+            self.peers.append(peer)
+        await wait_until_consistent([p.node for p in self.peers], timeout=120)
+
+    def messages_out(self) -> int:
+        return sum(
+            int(p.node.stats().get("udp_out", 0)) + int(p.node.stats().get("tcp_out", 0)) for p in self.peers
+        )
+
+    async def close(self) -> None:
+        for peer in self.peers:
+            await peer.close(leave=False)
+
+
+def sipp_step(workdir: Path, target: str, rate: int, duration: float, digest: bool) -> tuple[SippResult, int]:
+    prefix = next(_prefixes)
+    calls = max(1, int(rate * duration))
+    scen = workdir / f"register-{'digest' if digest else 'plain'}.xml"
+    scen.write_text(scenario(digest))
+    extra = ["-key", "prefix", f"r{prefix}x"]
+    if digest:
+        extra += ["-au", DIGEST_USER, "-ap", PASSWORD]
+    result = run_calls(
+        workdir,
+        target,
+        calls=calls,
+        rate=rate,
+        port=free_port(),
+        scenario=scen,
+        name=f"uac-{prefix}",
+        timeout=duration * 3 + 30,
+        recv_timeout_ms=5000,
+        extra=extra,
+    )
+    return result, calls
+
+
+def verdict(result: SippResult, calls: int, rate: int) -> tuple[bool, float]:
+    achieved = calls / max(result.elapsed - TAIL_S, 1e-3)
+    ok = result.failed == 0 and result.successful == calls and achieved >= MIN_RATE_FRACTION * rate
+    return ok, achieved
+
+
+def report(
+    system: str, rate: int, duration: float, ok: bool, result: SippResult, achieved: float, cpu: float
+) -> None:
+    print(
+        f"  {system:28s} {rate:6d}/s x {duration:g}s: {'ok' if ok else 'FAIL':4s} "
+        f"successful={result.successful} failed={result.failed} took={result.elapsed:.1f}s ({achieved:.0f}/s) "
+        f"cpu={cpu:.2f}s",
+        flush=True,
+    )
+
+
+async def ladder_ours(
+    row: Row, ours: Ours, workdir: Path, duration: float, repeat: int, ladder: list[int]
+) -> None:
+    host, port = ours.peers[0].sip_address()
+    # idle maintenance traffic, to subtract from each step's overlay messages
+    m0, t0 = ours.messages_out(), time.monotonic()
+    await asyncio.sleep(2.0)
+    idle_rate = (ours.messages_out() - m0) / (time.monotonic() - t0)
+    for rate in ladder:
+        passed = True
+        for _ in range(repeat):
+            m0, c0, t0 = ours.messages_out(), own_cpu(), time.monotonic()
+            result, calls = await asyncio.to_thread(
+                sipp_step, workdir, f"{host}:{port}", rate, duration, ours.digest
+            )
+            cpu = own_cpu() - c0
+            msgs = ours.messages_out() - m0 - idle_rate * (time.monotonic() - t0)
+            ok, achieved = verdict(result, calls, rate)
+            report(row.system, rate, duration, ok, result, achieved, cpu)
+            row.steps.append(Step(rate, ok, result, cpu, msgs / max(result.successful, 1)))
+            if not ok:
+                passed = False
+                break
+        if not passed:
+            break
+        row.max_rate = rate
+
+
+def ladder_kamailio(
+    row: Row, workdir: Path, digest: bool, duration: float, repeat: int, children: int, ladder: list[int]
+) -> None:
+    port = free_port()
+    kam = Kamailio(
+        kamailio_config("127.0.0.1", port, digest, children), workdir, port, shm_mb=1024, transports=("udp",)
+    )
+    kam.check()
+    with kam:
+        for rate in ladder:
+            passed = True
+            for _ in range(repeat):
+                c0 = kam.cpu_seconds()
+                result, calls = sipp_step(workdir, f"127.0.0.1:{port}", rate, duration, digest)
+                cpu = kam.cpu_seconds() - c0
+                ok, achieved = verdict(result, calls, rate)
+                report(row.system, rate, duration, ok, result, achieved, cpu)
+                row.steps.append(Step(rate, ok, result, cpu))
+                if not ok:
+                    passed = False
+                    break
+            if not passed:
+                break
+            row.max_rate = rate
+
+
+def fmt_range(values: list[float], spec: str) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return format(lo, spec) if lo == hi else f"{format(lo, spec)}-{format(hi, spec)}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per step (default 5)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per rate, all must pass (default 2)")
+    parser.add_argument("--size", type=int, default=5, help="peers in our overlay (default 5)")
+    parser.add_argument("--children", type=int, default=2, help="Kamailio worker processes (default 2)")
+    parser.add_argument("--only", choices=("plain", "digest"), help="one variant only")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    if args.duration <= 0 or args.repeat < 1 or args.size < 1 or args.children < 1:
+        print("bench/registrar.py: --duration > 0, --repeat, --size and --children >= 1", file=sys.stderr)
+        return 2
+    for tool in ("sipp", "kamailio"):
+        if shutil.which(tool) is None:
+            print(f"bench/registrar.py: {tool} is not installed", file=sys.stderr)
+            return 2
+    conditions = Conditions()
+    root = Path(tempfile.mkdtemp(prefix="bench-registrar-"))
+    variants = [v for v in (False, True) if args.only is None or args.only == ("digest" if v else "plain")]
+    rows: list[tuple[Row, Row]] = []
+    try:
+        for digest in variants:
+            what = "digest" if digest else "no auth"
+            ours_row = Row(f"p2psip {args.size} peers, {what}")
+            kam_row = Row(f"Kamailio usrloc, {what}")
+            wd = root / ("digest" if digest else "plain")
+            wd.mkdir()
+            ladder_kamailio(
+                kam_row, wd / "kamailio", digest, args.duration, args.repeat, args.children, LADDER
+            )
+            ours = Ours(wd / "ours", digest, args.size)
+            ladder = [r for r in LADDER if r <= max(kam_row.max_rate, LADDER[0])]
+
+            async def run_ours(
+                ours: Ours = ours, row: Row = ours_row, ladder: list[int] = ladder, wd: Path = wd
+            ) -> None:
+                await ours.start()
+                try:
+                    await ladder_ours(row, ours, wd, args.duration, args.repeat, ladder)
+                finally:
+                    await ours.close()
+
+            asyncio.run(run_ours())
+            rows.append((ours_row, kam_row))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    header = "| system | max REGISTER/s (0 failed, every repeat) | ratio to Kamailio | CPU ms/registration at max | overlay messages/registration |"
+    print()
+    print(header)
+    print("|---|---:|---:|---:|---:|")
+    for ours_row, kam_row in rows:
+        for row in (ours_row, kam_row):
+            at = row.at_max()
+            calls = [s.result.successful for s in at]
+            cpu = [1000 * s.cpu_s / c for s, c in zip(at, calls, strict=True) if c]
+            msgs = [s.overlay_msgs for s in at if s.overlay_msgs is not None]
+            ratio = f"{row.max_rate / kam_row.max_rate:.2f}x" if kam_row.max_rate else "-"
+            print(
+                f"| {row.system} | {row.max_rate or 'below ladder'} | {ratio} | {fmt_range(cpu, '.3f')} | {fmt_range(msgs, '.1f')} |"
+            )
+    print(
+        f"\n({conditions}; {args.duration:g} s steps, {args.repeat} repeats; target: ours >= 0.25x Kamailio)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
