@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -192,6 +193,10 @@ async def test_message_for_nobody_registered_is_stored_and_delivered_on_registra
         drops = [e for e in await overlay[2].node.get(inbox_name(BOB)) if e.entry_id[:1] == DROP_PREFIX]
         assert len(drops) == 1 and b"are you there?" not in drops[0].value  # sealed, not readable
         assert bob.messages.empty()
+        # the key sweep keeps bob's user key and inbox key while his inbox is published (else the next
+        # registration could neither open nor remove what waits for him)
+        overlay[1].sweep_user_keys(time.time() + 10 * 86400)
+        assert overlay[1].users.exists(BOB) and overlay[1].users.inbox_path(BOB).exists()
 
         assert (await bob.register(registrar, expires=300, refresh=False)).status == 200
         got = await asyncio.wait_for(bob.messages.get(), 15)
