@@ -1,0 +1,119 @@
+"""The directory the registrar, location and per-user scripts stand on: signed entries under a name.
+
+Two engines implement it: our Chord node (``overlay.node.Node``: storing replicas check signatures and the
+access policy, reads outvote liars) and OpenDHT (``overlay.opendht_directory``: a production DHT that checks
+nothing of ours, so the *reader* does). Callers see only this interface: ``at(name)`` (an access to one
+name's entries, found once), ``get``/``put``/``remove`` of signed entries, ``add_certificate`` for the
+``enrolled`` policy.
+
+``select_entries`` is the reader's rule for an engine that stores anything anyone sends (sans-IO: blobs and
+``now`` in, entries and counts out): decode at most ``limit`` values (a stranger can flood a key with junk;
+reading it all would be unbounded work), keep only entries of this name validly signed by a user key the
+enrollment authority certified for this AOR, the newest ``seq`` per entry id, then drop removals
+(tombstones) and expired entries. ``seq`` is the writer's wall clock in milliseconds, so an entry's expiry
+(``seq / 1000 + lifetime``) is known without trusting when the engine received it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_problem
+from overlay.ids import key_for
+from overlay.storage import Entry
+from overlay.store import decode_entry
+
+DEFAULT_READ_LIMIT = 64
+"""Values one read looks at under a key; more are counted (``values_over_limit``) and not decoded."""
+
+
+class KeyDirectory(Protocol):
+    """One name's entries (``Directory.at``)."""
+
+    async def get(self) -> list[Entry]: ...
+
+    async def put(
+        self, value: bytes, *, entry_id: bytes = b"", lifetime: int = 3600, key: KeyPair | None = None
+    ) -> None: ...
+
+    async def remove(self, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None: ...
+
+
+class Directory(Protocol):
+    """What the SIP side needs of an engine (see the module docstring)."""
+
+    def at(self, name: str | bytes) -> KeyDirectory: ...
+
+    async def get(self, name: str | bytes) -> list[Entry]: ...
+
+    async def put(
+        self,
+        name: str | bytes,
+        value: bytes,
+        *,
+        entry_id: bytes = b"",
+        lifetime: int = 3600,
+        key: KeyPair | None = None,
+    ) -> None: ...
+
+    async def remove(
+        self, name: str | bytes, *, entry_id: bytes = b"", key: KeyPair | None = None
+    ) -> None: ...
+
+    def add_certificate(self, cert: Certificate) -> None: ...
+
+
+def entry_expires_at(entry: Entry) -> float:
+    """Wall-clock expiry of an entry whose ``seq`` is its writer's clock in milliseconds."""
+    return entry.seq / 1000.0 + entry.lifetime_s
+
+
+def select_entries(
+    name: str | bytes,
+    blobs: Iterable[bytes],
+    ca_public_key: bytes,
+    now: float,
+    counts: dict[str, int],
+    *,
+    cache: VerifiedCache,
+    limit: int = DEFAULT_READ_LIMIT,
+) -> list[Entry]:
+    """The live entries of ``name`` among ``blobs`` (see the module docstring); ``counts`` gains
+    ``values_read``, ``values_over_limit``, ``values_malformed``, ``values_rejected`` (wrong key, bad
+    signature, no valid user certificate)."""
+    key = key_for(name)
+    newest: dict[bytes, Entry] = {}
+    for i, blob in enumerate(blobs):
+        if i >= limit:
+            counts["values_over_limit"] = counts.get("values_over_limit", 0) + 1
+            continue
+        counts["values_read"] = counts.get("values_read", 0) + 1
+        try:
+            entry = decode_entry(blob)
+        except ValueError:
+            counts["values_malformed"] = counts.get("values_malformed", 0) + 1
+            continue
+        current = newest.get(entry.entry_id)
+        if current is not None and current.seq >= entry.seq:
+            continue  # duplicates (several storing nodes answer) cost no signature check
+        if (
+            entry.key != key
+            or not cache.verify(entry.owner, entry.signature, entry.signed_bytes())
+            or user_cert_problem(ca_public_key, entry.cert, entry.key, entry.owner, now, cache) is not None
+        ):
+            counts["values_rejected"] = counts.get("values_rejected", 0) + 1
+            continue
+        newest[entry.entry_id] = entry
+    return sorted(
+        (e for e in newest.values() if not e.is_removal and entry_expires_at(e) > now),
+        key=lambda e: e.entry_id,
+    )
+
+
+if TYPE_CHECKING:  # mypy checks here that both engines are Directories
+    from overlay.node import Node
+    from overlay.opendht_directory import OpenDhtDirectory
+
+    def _engines_are_directories(chord: Node, opendht: OpenDhtDirectory) -> tuple[Directory, Directory]:
+        return chord, opendht

@@ -1,0 +1,230 @@
+"""OpenDHT as the directory engine (the Jami network's DHT; ``pip install opendht``, extra ``opendht``).
+
+OpenDHT stores whatever anyone puts under a 160-bit hash, checks none of our signatures, cannot delete,
+and forgets a value about 10 minutes after its last put. So, on top of it:
+
+- a value is one of our signed entries, packed as it travels on our own wire (``store.encode_entry``),
+  under ``InfoHash.get(name)``, with a value id derived from (owner, seq, entry id): a refresh re-puts the
+  same value, a newer version is a new value beside the old one until that one ages out;
+- only the ``enrolled`` policy makes sense (first-claim needs a storing replica that remembers the first
+  owner: nobody here does), and the *reader* keeps only entries validly signed by a user key the authority
+  certified for that AOR, newest ``seq`` per entry id (``directory.select_entries``), at most
+  ``read_limit`` values per read (junk beyond it is counted, not decoded);
+- removal is a signed tombstone (empty value, lifetime 0) with a higher ``seq``; this engine re-puts it for
+  ``tombstone_keep_s`` (longer than OpenDHT's value lifetime, so the entry it replaced is gone from every
+  storing node before the tombstone is), and re-puts every live entry it wrote every ``refresh_s`` (within
+  OpenDHT's 10 minutes) until the entry expires.
+
+The OpenDHT calls block in OpenDHT's own threads; they run here through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from typing import Any
+
+from overlay.directory import DEFAULT_READ_LIMIT, entry_expires_at, select_entries
+from overlay.errors import OverlayError, StoreRefused
+from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_problem
+from overlay.ids import key_for
+from overlay.storage import Entry
+from overlay.store import encode_entry
+
+VALUE_LIFETIME_S = 600.0
+"""OpenDHT's default value lifetime: a value not put again within it is dropped by the storing nodes."""
+DEFAULT_REFRESH_S = 240.0
+
+
+def _name_bytes(name: str | bytes) -> bytes:
+    data = name.encode("utf-8") if isinstance(name, str) else bytes(name)
+    if not data:
+        raise OverlayError("a name is a non-empty str or bytes")
+    return data
+
+
+class _Access:
+    """One name's entries (``OpenDhtDirectory.at``), as ``overlay.node.KeyAccess``."""
+
+    def __init__(self, directory: OpenDhtDirectory, name: str | bytes) -> None:
+        self.directory = directory
+        self.name = name
+
+    async def get(self) -> list[Entry]:
+        return await self.directory.get(self.name)
+
+    async def put(
+        self, value: bytes, *, entry_id: bytes = b"", lifetime: int = 3600, key: KeyPair | None = None
+    ) -> None:
+        await self.directory.put(self.name, value, entry_id=entry_id, lifetime=lifetime, key=key)
+
+    async def remove(self, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None:
+        await self.directory.remove(self.name, entry_id=entry_id, key=key)
+
+
+class OpenDhtDirectory:
+    """The ``Directory`` over an OpenDHT node (``opendht.DhtRunner``) this object runs and owns."""
+
+    def __init__(
+        self,
+        runner: Any,
+        ca_public_key: bytes,
+        *,
+        read_limit: int = DEFAULT_READ_LIMIT,
+        refresh_s: float = DEFAULT_REFRESH_S,
+        tombstone_keep_s: float = VALUE_LIFETIME_S + 120.0,
+    ) -> None:
+        self.runner = runner
+        self.ca_public_key = ca_public_key
+        self.read_limit = read_limit
+        self.refresh_s = refresh_s
+        self.tombstone_keep_s = tombstone_keep_s
+        self.cache = VerifiedCache()
+        self.counts: dict[str, int] = {}
+        self._certs: dict[tuple[int, bytes], bytes] = {}
+        self._seqs: dict[tuple[int, bytes], int] = {}
+        # what this node wrote and keeps alive: (key, entry id) -> (name, entry, keep until)
+        self._mine: dict[tuple[int, bytes], tuple[bytes, Entry, float]] = {}
+        self._refresher: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        bind: tuple[str, int],
+        ca_public_key: bytes,
+        *,
+        bootstrap: tuple[str, int] | None = None,
+        **options: Any,
+    ) -> OpenDhtDirectory:
+        """Run an OpenDHT node on ``bind`` (IPv4; port 0: any) and bootstrap it from ``bootstrap``."""
+        try:
+            import opendht
+        except ImportError as exc:
+            raise OverlayError(
+                f"--dht opendht needs the opendht package (pip install 'p2psip[opendht]'): {exc}"
+            ) from None
+        runner = opendht.DhtRunner()
+        host, port = bind
+        await asyncio.to_thread(runner.run, ipv4=host, ipv6="", port=port)
+        if bootstrap is not None:
+            await asyncio.to_thread(runner.bootstrap, bootstrap[0], str(bootstrap[1]))
+        directory = cls(runner, ca_public_key, **options)
+        directory._refresher = asyncio.ensure_future(directory._refresh_loop())
+        return directory
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        bound = self.runner.getBound()
+        return (str(bound.getHost()) if hasattr(bound, "getHost") else "127.0.0.1", int(bound.getPort()))
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    # ------------------------------------------------------------------------------------------ the API
+
+    def at(self, name: str | bytes) -> _Access:
+        return _Access(self, name)
+
+    def add_certificate(self, cert: Certificate) -> None:
+        """Remember a user certificate; ``put`` attaches it to entries of its AOR and user key."""
+        self._certs[(key_for(cert.subject), cert.public_key)] = cert.to_bytes()
+
+    async def get(self, name: str | bytes) -> list[Entry]:
+        """The live entries of ``name`` that a reader can trust (``directory.select_entries``)."""
+        import opendht
+
+        data = _name_bytes(name)
+        values = await asyncio.to_thread(self.runner.get, opendht.InfoHash.get(data.decode("latin-1")))
+        self._count("gets")
+        return select_entries(
+            data, (bytes(v.data) for v in values), self.ca_public_key, time.time(), self.counts,
+            cache=self.cache, limit=self.read_limit,
+        )  # fmt: skip
+
+    async def put(
+        self,
+        name: str | bytes,
+        value: bytes,
+        *,
+        entry_id: bytes = b"",
+        lifetime: int = 3600,
+        key: KeyPair | None = None,
+    ) -> None:
+        """Sign ``value`` as entry ``entry_id`` of ``name`` with the user ``key`` (its certificate must have
+        been added) and put it; it is re-put every ``refresh_s`` until it expires."""
+        if lifetime <= 0:
+            raise OverlayError("lifetime must be positive (remove() deletes)")
+        await self._write(name, bytes(value), entry_id, lifetime, key)
+
+    async def remove(self, name: str | bytes, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None:
+        """Put a signed tombstone (higher ``seq``, empty value, lifetime 0) over entry ``entry_id``."""
+        await self._write(name, b"", entry_id, 0, key)
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await asyncio.to_thread(self.runner.join)
+
+    # ---------------------------------------------------------------------------------------- internals
+
+    async def _write(
+        self, name: str | bytes, value: bytes, entry_id: bytes, lifetime: int, key: KeyPair | None
+    ) -> None:
+        if not isinstance(key, KeyPair):
+            raise OverlayError("an OpenDHT directory writes with a user key (an overlay.identity.KeyPair)")
+        data = _name_bytes(name)
+        ring_key = key_for(data)
+        cert = self._certs.get((ring_key, key.public_key), b"")
+        # What a storing replica of ours would refuse, refused here: nobody on OpenDHT will.
+        problem = user_cert_problem(
+            self.ca_public_key, cert, ring_key, key.public_key, time.time(), self.cache
+        )
+        if problem is not None:
+            self._count("refused_policy")
+            raise StoreRefused(problem, reason="policy")
+        slot = (ring_key, entry_id)
+        seq = max(time.time_ns() // 1_000_000, self._seqs.get(slot, 0) + 1)
+        self._seqs[slot] = seq
+        entry = Entry.create(key, ring_key, entry_id, value, seq, lifetime, cert)
+        keep = time.time() + (self.tombstone_keep_s if entry.is_removal else float(lifetime))
+        self._mine[slot] = (data, entry, keep)
+        if not await self._put(data, entry):
+            raise OverlayError("OpenDHT did not store the value (no node answered)")
+
+    async def _put(self, name: bytes, entry: Entry) -> bool:
+        import opendht
+
+        value = opendht.Value(encode_entry(entry))
+        # One id per signed version: a refresh puts the same value again, a newer version (or tombstone) is
+        # a new value (OpenDHT refuses to edit an unsigned value in place), readers keep the newest seq.
+        digest = hashlib.sha256(entry.owner + entry.seq.to_bytes(8, "big") + entry.entry_id).digest()
+        value.id = int.from_bytes(digest[:8], "big") or 1
+        self._count("puts")
+        ok = await asyncio.to_thread(self.runner.put, opendht.InfoHash.get(name.decode("latin-1")), value)
+        return bool(ok)
+
+    async def refresh(self, now: float | None = None) -> int:
+        """Re-put what this node wrote and still keeps (live entries; tombstones for a while); forget the
+        rest. Returns how many values were put."""
+        now = time.time() if now is None else now
+        put = 0
+        for slot, (name, entry, keep) in list(self._mine.items()):
+            if keep <= now or (not entry.is_removal and entry_expires_at(entry) <= now):
+                del self._mine[slot]
+                continue
+            if await self._put(name, entry):
+                put += 1
+        self._count("refreshed", put)
+        return put
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:  # a failed round is retried at the next one
+                self._count("refresh_errors")
