@@ -249,7 +249,6 @@ def run_config(loop_kind: str, far: str, steps: list[int], seconds: float) -> li
     return results
 
 
-
 # ---------------------------------------------------------------------------------------------- relayed calls
 RELAY_SECRET = b"bench-relay-secret"
 FRAME = bytes(172)
@@ -401,6 +400,7 @@ def run_relayed(steps: list[int], seconds: float) -> None:
         f"| ---: | ---: | ---: |\n| {best} | {per_call:.2f}% | {100 / per_call:.0f} |"
     )
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -409,7 +409,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
     parser.add_argument("--far", choices=["ours", "sipp", "both"], default="both")
-    parser.add_argument("--relayed", type=int, nargs="+", metavar="CALLS", help="measure relayed calls instead")
+    parser.add_argument(
+        "--relayed", type=int, nargs="+", metavar="CALLS", help="measure relayed calls instead"
+    )
     args = parser.parse_args()
     if args.relayed:
         run_relayed(sorted(set(args.relayed)), args.seconds)

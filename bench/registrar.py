@@ -171,8 +171,9 @@ class EveryAorHasAnAccount(dict[str, UserAccount]):
 class Ours:
     """``size`` peers in this process, one event loop; sipp sends to the first."""
 
-    def __init__(self, workdir: Path, digest: bool, size: int) -> None:
+    def __init__(self, workdir: Path, digest: bool, size: int, offline_messages: bool = True) -> None:
         self.workdir, self.digest, self.size = workdir, digest, size
+        self.offline_messages = offline_messages
         self.peers: list[Peer] = []
 
     async def start(self) -> None:
@@ -189,6 +190,7 @@ class Ours:
                 overlay_limits={kind: UNLIMITED for kind in ("store", "lookup", "join", "other")},
                 max_pending=100_000,
                 users=users if i == 0 else {},
+                offline_messages=self.offline_messages,
             )
             node_config = quick_node_config(interval=1.0, rpc_timeout=1.0)
             peer = await Peer.start(config, node_config=node_config)
@@ -234,8 +236,13 @@ def sipp_step(workdir: Path, target: str, rate: int, duration: float, digest: bo
 
 
 def verdict(result: SippResult, calls: int, rate: int) -> tuple[bool, float]:
-    achieved = calls / max(result.elapsed - TAIL_S, 1e-3)
-    ok = result.failed == 0 and result.successful == calls and achieved >= MIN_RATE_FRACTION * rate
+    # the pass rule allows TAIL_S of the run for the last answers; the rate shown is over the whole run
+    ok = (
+        result.failed == 0
+        and result.successful == calls
+        and calls / max(result.elapsed - TAIL_S, 1e-3) >= MIN_RATE_FRACTION * rate
+    )
+    achieved = calls / max(result.elapsed, 1e-3)
     return ok, achieved
 
 
@@ -318,6 +325,13 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=5, help="peers in our overlay (default 5)")
     parser.add_argument("--children", type=int, default=2, help="Kamailio worker processes (default 2)")
     parser.add_argument("--only", choices=("plain", "digest"), help="one variant only")
+    parser.add_argument("--no-kamailio", action="store_true", help="our rows only (no ratio)")
+    parser.add_argument(
+        "--offline-messages",
+        choices=("on", "off"),
+        default="on",
+        help="our peers' offline-message inboxes (on by default: each new AOR also publishes its inbox key)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.duration <= 0 or args.repeat < 1 or args.size < 1 or args.children < 1:
@@ -334,15 +348,17 @@ def main() -> int:
     try:
         for digest in variants:
             what = "digest" if digest else "no auth"
-            ours_row = Row(f"p2psip {args.size} peers, {what}")
+            inbox = "" if args.offline_messages == "on" else ", offline messages off"
+            ours_row = Row(f"p2psip {args.size} peers, {what}{inbox}")
             kam_row = Row(f"Kamailio usrloc, {what}")
             wd = root / ("digest" if digest else "plain")
             wd.mkdir()
-            ladder_kamailio(
-                kam_row, wd / "kamailio", digest, args.duration, args.repeat, args.children, LADDER
-            )
-            ours = Ours(wd / "ours", digest, args.size)
-            ladder = [r for r in LADDER if r <= max(kam_row.max_rate, LADDER[0])]
+            if not args.no_kamailio:
+                ladder_kamailio(
+                    kam_row, wd / "kamailio", digest, args.duration, args.repeat, args.children, LADDER
+                )
+            ours = Ours(wd / "ours", digest, args.size, args.offline_messages == "on")
+            ladder = [r for r in LADDER if args.no_kamailio or r <= max(kam_row.max_rate, LADDER[0])]
 
             async def run_ours(
                 ours: Ours = ours, row: Row = ours_row, ladder: list[int] = ladder, wd: Path = wd
@@ -363,7 +379,7 @@ def main() -> int:
     print(header)
     print("|---|---:|---:|---:|---:|")
     for ours_row, kam_row in rows:
-        for row in (ours_row, kam_row):
+        for row in (ours_row, kam_row) if kam_row.steps else (ours_row,):
             at = row.at_max()
             calls = [s.result.successful for s in at]
             cpu = [1000 * s.cpu_s / c for s, c in zip(at, calls, strict=True) if c]
