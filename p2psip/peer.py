@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import os
 import re
 import secrets
@@ -74,6 +75,7 @@ from p2psip.presence import WatcherPolicy
 from p2psip.presenceagent import AgentTransaction, PresenceAgent, is_presence
 from p2psip.probe import DeadAddress, unless_refused
 from p2psip.proxy import Proxy, RoutedTarget
+from p2psip.publication import Published, decode_state, encode_state
 from p2psip.ratelimit import TokenBuckets
 from p2psip.registrar import (
     Binding,
@@ -99,6 +101,8 @@ from p2psip.uri import URI, Address
 
 log = logging.getLogger("p2psip.peer")
 
+PRESENCE_ENTRY = b"\x00presence"
+"""Entry id of an AOR's published presence state, beside its bindings (no binding decodes from it)."""
 INBOX_LIFETIME = 7 * 24 * 3600
 """Lifetime of an inbox key entry and of a stored message (a node may keep them shorter: lifetime_cap)."""
 INBOX_REPUBLISH = 3600.0
@@ -706,6 +710,8 @@ class Peer:
             stack, self.lookup_bindings, self._vouched, policy=WatcherPolicy(allow=allow)
         )
         """The presence agent of the AORs whose primary home this peer is (p2psip/presenceagent.py)."""
+        self.presence.save = self._save_presence
+        self.presence.load = self._load_presence
         self.core = PeerCore(self, stack, verbose=config.verbose)
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -1238,6 +1244,31 @@ class Peer:
             self.core.spawn(self._remove_bindings(failed.bindings, failed.why))
 
     # ---------------------------------------------------------------------- offline messages (inbox)
+
+    # ------------------------------------------------------------- presence state (signed DHT entries)
+
+    async def _save_presence(self, aor: str, items: list[Published]) -> None:
+        """The agent's published state of ``aor`` as one entry beside its bindings (entry id
+        :data:`PRESENCE_ENTRY`, signed by the user key, living as long as the longest publication);
+        none left: the entry is removed. Only a peer holding the user key writes it."""
+        if not self.users.exists(aor):
+            return
+        key = self.users.get(aor)
+        access = self.node.at(aor)
+        now = self.stack.loop.time()
+        if not items:
+            await access.remove(entry_id=PRESENCE_ENTRY, key=key)
+            return
+        lifetime = max(1, math.ceil(max(p.expires_at for p in items) - now))
+        value = encode_state(items, time.time() - now)
+        await access.put(value, entry_id=PRESENCE_ENTRY, lifetime=lifetime, key=key)
+
+    async def _load_presence(self, aor: str) -> list[Published]:
+        """What an earlier agent of ``aor`` saved (:meth:`_save_presence`)."""
+        for entry in await self.node.at(aor).get():
+            if entry.entry_id == PRESENCE_ENTRY:
+                return decode_state(entry.value, time.time() - self.stack.loop.time())
+        return []
 
     def _inbox_in_use(self, aor: str) -> bool:
         """The AOR's inbox key published here still lives: its user key (which owns the inbox and removes

@@ -36,7 +36,7 @@ from p2psip.dialog import DialogId, dialog_id_of_request
 from p2psip.errors import ParseError
 from p2psip.message import Request, Response
 from p2psip.presence import Decision, WatcherPolicy, compose, polite_block
-from p2psip.publication import EventStateCompositor
+from p2psip.publication import EventStateCompositor, Published
 from p2psip.registrar import Binding
 from p2psip.stack import Source, Stack
 from p2psip.subscription import (
@@ -58,6 +58,10 @@ Lookup = Callable[[str], Awaitable[list[Binding]]]
 Authorize = Callable[[str, str, Request, ServerTransaction, Source], Awaitable[Decision | None]]
 """The presentity's say on a watcher (sipapi: its per-user script's ``subscribe`` handlers)."""
 Vouched = Callable[[Request, Source], Awaitable[bool]]
+Save = Callable[[str, list[Published]], Awaitable[None]]
+"""Keep an AOR's published state where the next agent finds it (the peer: a signed DHT entry)."""
+Load = Callable[[str], Awaitable[list[Published]]]
+"""Read back what an earlier agent of the AOR saved."""
 
 
 class _Watch:
@@ -117,6 +121,12 @@ class PresenceAgent:
         self.trust_from = False
         """Take every watcher's From as its identity (a lab setting: signed assertions between peers are
         not built yet, so a watcher registered at another peer is otherwise politely blocked)."""
+        self.save: Save | None = None
+        self.load: Load | None = None
+        """The peer's store of published state (signed DHT entries beside the AOR's bindings): saved on
+        every change, read once when this agent first composes an AOR, so a new agent (the old one's peer
+        died) still serves what devices published."""
+        self._loaded: set[str] = set()
         self.poll = poll
         self.max_watches = max_watches
         self.subscribe_policy = SubscribePolicy(frozenset({"presence"}), min_expires=60, max_expires=3600)
@@ -233,8 +243,18 @@ class PresenceAgent:
             response.add(name, value)
         self.stack.respond(transaction, response)
         self._arm_poll()
+        await self._save(aor)
         if result.changed:
             await self.changed(aor)
+
+    async def _save(self, aor: str) -> None:
+        if self.save is None:
+            return
+        self._loaded.add(aor)  # what we hold now is the newest: never adopt older state over it
+        try:
+            await self.save(aor, self.published.documents(aor, self.stack.loop.time()))
+        except Exception as exc:  # an overlay failure: the state lives on here
+            log.info("presence of %s not saved: %s", aor, exc)
 
     async def changed(self, aor: str) -> None:
         """Re-read ``aor``'s state and tell its watchers if what they see changed (also when the agent
@@ -261,6 +281,16 @@ class PresenceAgent:
             log.info("presence of %s: lookup failed: %s", aor, exc)
             return False
         moved = self.primary_home(bindings) is not None
+        if not moved and self.load is not None and aor not in self._loaded:
+            try:
+                saved = await self.load(aor)
+            except Exception as exc:
+                log.info("presence of %s: saved state not read: %s", aor, exc)
+            else:
+                self._loaded.add(aor)
+                if len(self._loaded) > 10_000:
+                    self._loaded.pop()
+                self.published.adopt(aor, saved, self.stack.loop.time())
         now = self.stack.loop.time()
         docs: list[pidf.Presence] = []
         publishers: set[str] = set()

@@ -22,11 +22,16 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgpack
+
 from p2psip.errors import ParseError
 from p2psip.message import Request
 from p2psip.subscription import EventHeader, Reject
 
-__all__ = ["EventStateCompositor", "PublishResult", "Published"]
+__all__ = ["EventStateCompositor", "PublishResult", "Published", "decode_state", "encode_state"]
+
+MAX_STORED = 15 * 1024
+"""Bytes of an AOR's published state kept in the DHT (a value holds 16 KiB): the newest that fit."""
 
 
 @dataclass
@@ -155,5 +160,59 @@ class EventStateCompositor:
                 del self.state[aor]
         return changed
 
+    def adopt(self, aor: str, items: list[Published], now: float) -> bool:
+        """Take over state another agent published (read back from the DHT): the live ``items`` whose
+        entity tags are not known here yet, within ``max_per_aor``. True when anything was added."""
+        table = self.state.setdefault(aor, {})
+        added = False
+        for item in items:
+            if item.expires_at <= now or item.etag in table or len(table) >= self.max_per_aor:
+                continue
+            try:
+                self.reader(item.body)
+            except ParseError:
+                continue
+            table[item.etag] = item
+            added = True
+        if not table:
+            self.state.pop(aor, None)
+        return added
+
     def _new_etag(self) -> str:
         return secrets.token_hex(8)
+
+
+def encode_state(items: list[Published], offset: float) -> bytes:
+    """An AOR's published state as the value of its signed DHT entry: msgpack ``[[etag, body, content
+    type, expiry (unix time), source], ...]``; ``offset`` turns the agent's clock into unix time. The
+    newest documents that fit :data:`MAX_STORED`."""
+    newest = sorted(items, key=lambda p: p.expires_at, reverse=True)
+    rows = [[p.etag, p.body, p.content_type, p.expires_at + offset, p.source] for p in newest]
+    while rows:
+        packed = bytes(msgpack.packb(rows, use_bin_type=True))
+        if len(packed) <= MAX_STORED:
+            return packed
+        rows.pop()
+    return bytes(msgpack.packb([], use_bin_type=True))
+
+
+def decode_state(value: bytes, offset: float) -> list[Published]:
+    """The published state in a DHT value (:func:`encode_state`); ``offset`` turns unix time into the
+    agent's clock. Malformed rows are skipped; an unreadable value is no state."""
+    try:
+        rows = msgpack.unpackb(value, raw=False)
+    except Exception:
+        return []
+    out = []
+    for row in rows if isinstance(rows, list) else []:
+        if (
+            isinstance(row, list)
+            and len(row) == 5
+            and isinstance(row[0], str)
+            and isinstance(row[1], bytes)
+            and isinstance(row[2], str)
+            and isinstance(row[3], int | float)
+            and isinstance(row[4], str)
+        ):
+            out.append(Published(row[0], row[1], row[2], float(row[3]) - offset, row[4]))
+    return out

@@ -4,7 +4,8 @@ from registrations (registered = open) and PUBLISHed PIDF (entity tags); a NOTIF
 (PUBLISH, unregister); a watcher registered at another peer is vouched for by that peer's signed
 assertion, one registered nowhere (with a forged assertion) is politely blocked (sees closed);
 when the AOR's primary home moves, the old agent ends its subscriptions with reason=deactivated and a new
-SUBSCRIBE (our UA re-subscribes by itself) reaches the new agent."""
+SUBSCRIBE (our UA re-subscribes by itself) reaches the new agent; what devices PUBLISHed is a signed DHT
+entry beside the bindings, which a new agent composes after the old agent's peer stopped."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 from peer_interop.helpers import start_overlay, stop_overlay
 
+from overlay.storage import Entry
 from p2psip import pidf
-from p2psip.peer import Peer
+from p2psip.peer import PRESENCE_ENTRY, Peer
 from p2psip.stack import Stack
 from p2psip.subscription import SubState
 from p2psip.uaevents import Notification, OutgoingSubscription
@@ -178,6 +180,49 @@ async def test_subscribe_entering_elsewhere_and_agent_moving(
     assert overlay[2].presence.watches and not overlay[1].presence.watches and sub.resubscribes == 1
     await sub.unsubscribe()
     assert (await sub.next(10)).state.state is SubState.TERMINATED
+
+
+async def test_published_state_outlives_the_agents_peer(overlay: list[Peer], make_ua) -> None:  # type: ignore[no-untyped-def]
+    """What a device PUBLISHed is a signed entry beside the AOR's bindings: when the agent's peer stops,
+    the next agent (another home peer of the user) composes it."""
+    for peer in overlay:
+        peer.presence.trust_from = True
+    desk = await make_ua(BOB, overlay[1])
+    assert (await desk.register(f"sip:{via(overlay[1])}", expires=300, refresh=False)).status == 200
+    target = overlay[2].users.path_for(BOB)  # bob's second home peer holds his user key too
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(overlay[1].users.path_for(BOB), target)
+    doc = pidf.Presence(BOB, [pidf.PresenceTuple("desk", "open")], ["in a meeting"], ["busy"])
+    response = await desk.request(
+        "PUBLISH", BOB, body=doc.compose(), content_type=pidf.CONTENT_TYPE,
+        headers=[("Event", "presence"), ("Expires", "600")],
+    )  # fmt: skip
+    assert response.status == 200
+
+    async def saved() -> list[Entry]:  # the agent saves it just after its 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = [e for e in await overlay[0].node.get(BOB) if e.entry_id == PRESENCE_ENTRY]
+            if found:
+                return found
+            await asyncio.sleep(0.05)
+        return []
+
+    saved = await saved()
+    assert len(saved) == 1 and b"in a meeting" in saved[0].value
+    assert saved[0].owner == overlay[1].users.get(BOB).public_key  # signed by bob's user key
+
+    # the desk leaves, the agent's peer stops (its memory gone), bob's mobile registers at peer 2
+    await desk.unregister()
+    await overlay[1].close()
+    mobile = await make_ua(BOB, overlay[2])
+    assert (await mobile.register(f"sip:{via(overlay[2])}", expires=300, refresh=False)).status == 200
+    alice = await make_ua("sip:alice@p2p.example", overlay[0])
+    sub = await alice.subscribe(BOB, "presence", body_check=lambda r: None)
+    basic, got, _ = await basic_of(sub)
+    assert basic == "open" and got.notes == ["in a meeting"] and got.activities == ["busy"]
+    assert overlay[2].presence.watches
+    await sub.unsubscribe()
 
 
 SUBSCRIBE_SCRIPT = """def watchers(event):

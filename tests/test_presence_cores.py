@@ -17,7 +17,7 @@ from p2psip.config import load_config
 from p2psip.errors import ConfigError, ParseError
 from p2psip.message import Request
 from p2psip.presence import Decision, WatcherPolicy, compose, polite_block
-from p2psip.publication import EventStateCompositor, PublishResult
+from p2psip.publication import EventStateCompositor, PublishResult, decode_state, encode_state
 from p2psip.sealedbox import OVERHEAD, SealedBoxError, open_box, public_bytes, seal
 from p2psip.subscription import Reject
 
@@ -67,6 +67,22 @@ def test_publish_refresh_modify_remove() -> None:
     assert modified.changed and pidf.parse(store.documents(AOR, 400.0)[0].body).basic == "closed"
     removed = ok(store.publish(AOR, publish(etag=modified.etag, expires=0), 500.0))
     assert removed.changed and removed.etag is None and store.documents(AOR, 500.0) == []
+
+
+def test_published_state_round_trips_through_its_dht_value_and_is_adopted() -> None:
+    store = esc()
+    first = ok(store.publish(AOR, publish(doc("open", "at my desk")), 100.0, "10.0.0.1:5060"))
+    # the agent's clock at 100 is unix time 1e9 + 100: the value carries unix expiry times
+    value = encode_state(store.documents(AOR, 100.0), 1e9)
+    back = decode_state(value, 1e9 - 50.0)  # another agent whose clock runs 50 s ahead
+    assert [(p.etag, p.body, p.source, p.expires_at) for p in back] == [
+        (first.etag, doc("open", "at my desk"), "10.0.0.1:5060", 750.0)
+    ]
+    other = esc()
+    assert other.adopt(AOR, back, 150.0) and not other.adopt(AOR, back, 150.0)  # once per entity tag
+    assert ok(other.publish(AOR, publish(etag=first.etag), 160.0)).etag  # the device's tag still works
+    assert not esc().adopt(AOR, back, 751.0)  # expired: nothing taken
+    assert decode_state(b"\xc1garbage", 0.0) == [] and decode_state(encode_state([], 0.0), 0.0) == []
 
 
 def test_publish_refusals() -> None:
