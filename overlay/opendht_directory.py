@@ -78,6 +78,7 @@ class OpenDhtDirectory:
     ) -> None:
         self.runner = runner
         self.ca_public_key = ca_public_key
+        self.host = "127.0.0.1"
         self.read_limit = read_limit
         self.refresh_s = refresh_s
         self.tombstone_keep_s = tombstone_keep_s
@@ -111,13 +112,19 @@ class OpenDhtDirectory:
         if bootstrap is not None:
             await asyncio.to_thread(runner.bootstrap, bootstrap[0], str(bootstrap[1]))
         directory = cls(runner, ca_public_key, **options)
+        directory.host = host
         directory._refresher = asyncio.ensure_future(directory._refresh_loop())
         return directory
 
     @property
     def endpoint(self) -> tuple[str, int]:
-        bound = self.runner.getBound()
-        return (str(bound.getHost()) if hasattr(bound, "getHost") else "127.0.0.1", int(bound.getPort()))
+        """The address this OpenDHT node listens at (what another peer's ``--join`` names)."""
+        return (self.host, int(self.runner.getBound().getPort()))
+
+    @property
+    def node_id(self) -> int:
+        """The OpenDHT node id (160 bits), for logs."""
+        return int(str(self.runner.getNodeId()), 16)
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n

@@ -174,6 +174,9 @@ class PeerConfig:
     new ones get 503 with Retry-After at once, so a SIP flood cannot starve overlay maintenance (the
     neighbours' pings) on the same event loop and break the ring: overload is shed, not queued."""
     message_timeout: float = 20.0
+    dht: str = "chord"
+    """The directory engine: ``chord`` (our overlay) or ``opendht`` (an OpenDHT network, ``--join`` an
+    OpenDHT bootstrap; needs ``policy = "enrolled"``; docs/overlay.md#engines)."""
     policy: str = "first-claim"
     """Who may write an AOR: ``first-claim`` (the first user key) or ``enrolled`` (a user certificate of the
     enrollment authority named by ``ca``; ``p2psip enroll``, docs/security.md)."""
@@ -286,6 +289,7 @@ _FILE_KEYS = frozenset(
         "policy",
         "ca",
         "enrolled_nodes",
+        "dht",
     ]
 )
 # The kinds of overlay request limits (overlay.node.LIMIT_KINDS; the layering rule keeps this module
@@ -416,6 +420,11 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             config.policy = policy
         elif key == "ca":
             config.ca = path_of(key)
+        elif key == "dht":
+            dht = _typed(value, str, key, '"chord" or "opendht"')
+            if dht not in ("chord", "opendht"):
+                raise ConfigError(f"config: dht {dht!r}: use chord or opendht")
+            config.dht = dht
         elif key in ("dns", "verbose", "require_auth", "home_routing", "enrolled_nodes", "offline_messages"):
             setattr(config, key, _typed(value, bool, key, "true or false"))
         elif key in ("replicas", "min_expires", "max_expires", "default_expires"):
@@ -525,6 +534,11 @@ def load_config(path: Path | None = None, flags: Mapping[str, Any] | None = None
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}")
         _apply(config, given, None)
+    if config.dht == "opendht" and config.policy != "enrolled":
+        raise ConfigError(
+            "--dht opendht needs --policy enrolled --ca FILE: no OpenDHT node remembers an AOR's first"
+            " owner, so first-claim cannot be enforced there"
+        )
     if config.policy == "enrolled" and config.ca is None:
         raise ConfigError("--policy enrolled needs --ca FILE (the enrollment authority's ca.pub)")
     if config.enrolled_nodes and config.ca is None:

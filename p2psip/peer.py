@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay import ids
+from overlay.directory import Directory, KeyDirectory
 from overlay.errors import NotAdmitted, NotJoined, OverlayError, StoreRefused, WrongOverlay
 from overlay.identity import (
     NODE_CERT_FILE,
@@ -53,6 +54,7 @@ from overlay.identity import (
     verify,
 )
 from overlay.node import KeyAccess, Node, NodeConfig
+from overlay.opendht_directory import OpenDhtDirectory
 from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
 from p2psip import control
 from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
@@ -618,10 +620,18 @@ class Peer:
     """
 
     def __init__(
-        self, config: PeerConfig, node: Node, stack: Stack, *, on_event: EventHandler | None
+        self,
+        config: PeerConfig,
+        node: Node | OpenDhtDirectory,
+        stack: Stack,
+        *,
+        on_event: EventHandler | None,
     ) -> None:
         self.config = config
-        self.node = node
+        self.engine = node
+        self.directory: Directory = node
+        """Where registrations live (overlay.directory): the registrar and location use only this."""
+        self._chord = node if isinstance(node, Node) else None
         self.stack = stack
         self.on_event = on_event
         self.dht_trace: Callable[[str], None] | None = None
@@ -716,6 +726,13 @@ class Peer:
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
 
+    @property
+    def node(self) -> Node:
+        """The Chord node (ring status, lookups, offline messages, vouching); not on ``--dht opendht``."""
+        if self._chord is None:
+            raise P2PSIPError("this peer runs on OpenDHT (--dht opendht): there is no Chord node")
+        return self._chord
+
     # ------------------------------------------------------------------------------------------ life cycle
 
     @classmethod
@@ -735,41 +752,11 @@ class Peer:
         except OSError as exc:
             raise ConfigError(f"cannot create data dir {data_dir}: {exc.strerror or exc}") from None
         join = config.join.as_tuple() if config.join else None
-        if join is not None:
-            _check_join_family(config)
-            if on_event is not None:
-                on_event("joining", f"joining overlay {config.overlay_name!r} through {config.join}")
-        starting = Node.start(
-            bind=config.overlay.as_tuple(),
-            join=join,
-            data_dir=data_dir,
-            overlay_name=config.overlay_name,
-            replicas=config.replicas,
-            config=_node_config(node_config, config),
-            advertise=config.advertise.as_tuple() if config.advertise else None,
-        )
-        try:
-            if join is None:
-                node = await starting
-            else:
-                node = await _joining(starting, join, str(config.join), on_event)
-        except WrongOverlay as exc:
-            raise P2PSIPError(f"cannot join: {exc} (check --overlay-name)") from None
-        except NotAdmitted as exc:
-            raise P2PSIPError(f"not admitted: {exc} (p2psip enroll node gives a peer one)") from None
-        except DeadAddress:
-            raise P2PSIPError(
-                f"cannot join: nothing listens at {config.join} (connection refused; --join names the "
-                f"overlay address of a running peer, its --overlay, e.g. 127.0.0.1:7060, not its SIP port)"
-            ) from None
-        except NotJoined as exc:
-            detail = str(exc).strip().rstrip(":")
-            raise P2PSIPError(
-                f"{detail} (is a peer of that overlay running there? --join names its overlay address, "
-                "e.g. 127.0.0.1:7060, not its SIP port)"
-            ) from None
-        except OverlayError as exc:
-            raise ConfigError(f"overlay: {exc}") from None
+        node: Node | OpenDhtDirectory
+        if config.dht == "opendht":
+            node = await _start_opendht(config, join)
+        else:
+            node = await _start_chord(config, join, node_config, on_event, data_dir)
         try:
             options: dict[str, Any] = {
                 "ws_origins": list(config.ws_origins),
@@ -879,10 +866,12 @@ class Peer:
             self._sweeper.cancel()
         handed = 0
         try:
-            if leave:
-                handed = await self.node.leave()
+            if self._chord is None:
+                await self.engine.close()
+            elif leave:
+                handed = await self._chord.leave()
             else:
-                await self.node.close()
+                await self._chord.close()
         finally:
             await self.stack.close()
         if leave:
@@ -895,7 +884,7 @@ class Peer:
         def entries(n: int) -> str:
             return f"{n} entry" if n == 1 else f"{n} entries"
 
-        held = len(self.node.store)
+        held = len(self._chord.store) if self._chord is not None else 0
         if handed == 0 and held == 0:
             nothing = f"nothing to hand off, nothing in the data dir {self.config.data_dir}"
             return f"left the overlay: it held no entries ({nothing})"
@@ -908,11 +897,11 @@ class Peer:
 
     @property
     def overlay_address(self) -> tuple[str, int]:
-        return self.node.endpoint
+        return self.engine.endpoint
 
     @property
     def overlay_address_text(self) -> str:
-        host, port = self.node.endpoint
+        host, port = self.engine.endpoint
         return format_hostport(host, port)
 
     def sip_address(self, transport: str = "udp") -> tuple[str, int]:
@@ -949,13 +938,13 @@ class Peer:
             if not users[0]:
                 del self._aor_locks[aor]
 
-    async def fetch_bindings(self, aor: str, at: KeyAccess | None = None) -> list[Binding]:
+    async def fetch_bindings(self, aor: str, at: KeyDirectory | None = None) -> list[Binding]:
         """Every live binding of ``aor`` in the overlay (malformed records are skipped). ``at``: the
         key's responsible node as found before (``Node.at``), so a read-then-write looks it up once."""
-        access = at or self.node.at(aor)
+        access = at or self.directory.at(aor)
         started = time.perf_counter()
         entries = await access.get()
-        if self.dht_trace is not None:
+        if self.dht_trace is not None and isinstance(access, KeyAccess):
             where = access.target
             node = f"node {ids.short(where.id)} at {where.host}:{where.port}" if where else "?"
             self.dht_trace(
@@ -1068,7 +1057,7 @@ class Peer:
                 self.counters["unenrolled_refused"] += 1
                 self._event("refused", f"REGISTER {aor} refused: this peer holds no user certificate")
                 return Response.for_request(request, 403, "Forbidden (no enrollment for this AOR here)")
-            self.node.add_certificate(cert)
+            self.directory.add_certificate(cert)
         if not query and not self.users.exists(aor) and not self._may_create(source.host):
             self.counters["new_aors_refused"] += 1
             response = Response.for_request(request, 503, "Service Unavailable (too many new addresses)")
@@ -1076,7 +1065,7 @@ class Peer:
             return response
         async with self._lock(aor):
             # One lookup for the whole REGISTER: the read and every write go to the node it found.
-            here = self.node.at(aor)
+            here = self.directory.at(aor)
             try:
                 current = await self.fetch_bindings(aor, here)
             except (OverlayError, TimeoutError) as exc:
@@ -1127,8 +1116,10 @@ class Peer:
         self.counters["bindings_removed"] += len(plan.removes)
         home = self.home.setdefault(aor, {})
         arrived = any(w.entry_id not in home for w in plan.writes)
-        if self.config.offline_messages and plan.writes and (
-            arrived or time.time() - self._inbox_published.get(aor, 0.0) > INBOX_REPUBLISH
+        if (
+            self.config.offline_messages
+            and plan.writes
+            and (arrived or time.time() - self._inbox_published.get(aor, 0.0) > INBOX_REPUBLISH)
         ):
             self.core.spawn(self._open_inbox(aor, deliver=arrived))
         for w in plan.writes:
@@ -1373,7 +1364,7 @@ class Peer:
                 if self.flows.flow_of(aor, entry_id) is not None:
                     continue  # re-registered over another flow meanwhile: keep it
                 try:
-                    await self.node.remove(aor, entry_id=entry_id, key=self.users.get(aor))
+                    await self.directory.remove(aor, entry_id=entry_id, key=self.users.get(aor))
                 except (OverlayError, TimeoutError) as exc:
                     self.counters["overlay_errors"] += 1
                     log.warning("cannot remove %s's binding after its flow failed: %s", aor, exc)
@@ -1945,7 +1936,7 @@ async def _watch_neighbours(peer: Peer, period: float = 1.0) -> None:
     """Log a line whenever this node's ring neighbours change (joins, leaves, failures around it)."""
     last: tuple[int | None, int | None] | None = None
     while True:
-        core = peer.node.core
+        core = peer._chord.core if peer._chord is not None else None
         if core is not None:
             pred = core.predecessor.id if core.predecessor else None
             succ = core.successors[0].id if core.successors else None
@@ -2034,6 +2025,65 @@ async def run_foreground(
                 await cleanup()
         await peer.close(leave=True)
     return 0
+
+
+async def _start_chord(
+    config: PeerConfig,
+    join: tuple[str, int] | None,
+    node_config: NodeConfig | None,
+    on_event: EventHandler | None,
+    data_dir: Path,
+) -> Node:
+    """Join (or create) our Chord overlay; a clear P2PSIPError/ConfigError when that cannot be done."""
+    if join is not None:
+        _check_join_family(config)
+        if on_event is not None:
+            on_event("joining", f"joining overlay {config.overlay_name!r} through {config.join}")
+    starting = Node.start(
+        bind=config.overlay.as_tuple(),
+        join=join,
+        data_dir=data_dir,
+        overlay_name=config.overlay_name,
+        replicas=config.replicas,
+        config=_node_config(node_config, config),
+        advertise=config.advertise.as_tuple() if config.advertise else None,
+    )
+    try:
+        if join is None:
+            node = await starting
+        else:
+            node = await _joining(starting, join, str(config.join), on_event)
+    except WrongOverlay as exc:
+        raise P2PSIPError(f"cannot join: {exc} (check --overlay-name)") from None
+    except NotAdmitted as exc:
+        raise P2PSIPError(f"not admitted: {exc} (p2psip enroll node gives a peer one)") from None
+    except DeadAddress:
+        raise P2PSIPError(
+            f"cannot join: nothing listens at {config.join} (connection refused; --join names the "
+            f"overlay address of a running peer, its --overlay, e.g. 127.0.0.1:7060, not its SIP port)"
+        ) from None
+    except NotJoined as exc:
+        detail = str(exc).strip().rstrip(":")
+        raise P2PSIPError(
+            f"{detail} (is a peer of that overlay running there? --join names its overlay address, "
+            "e.g. 127.0.0.1:7060, not its SIP port)"
+        ) from None
+    except OverlayError as exc:
+        raise ConfigError(f"overlay: {exc}") from None
+    return node
+
+
+async def _start_opendht(config: PeerConfig, join: tuple[str, int] | None) -> OpenDhtDirectory:
+    """Run an OpenDHT node on the overlay address, bootstrapped from ``--join`` (``--dht opendht``)."""
+    assert config.ca is not None  # load_config: --dht opendht needs --policy enrolled --ca FILE
+    try:
+        ca = load_public_key(config.ca)
+    except OverlayError as exc:
+        raise ConfigError(f"--ca: {exc}") from None
+    try:
+        return await OpenDhtDirectory.start(config.overlay.as_tuple(), ca, bootstrap=join)
+    except OverlayError as exc:
+        raise ConfigError(f"overlay: {exc}") from None
 
 
 def _node_config(node_config: NodeConfig | None, config: PeerConfig) -> NodeConfig | None:

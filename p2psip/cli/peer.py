@@ -36,6 +36,7 @@ def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
         "policy": args.policy,
         "ca": args.ca,
         "enrolled_nodes": True if args.enrolled_nodes else None,
+        "dht": args.dht,
         "dns": True if args.dns else None,
         "verbose": True if args.verbose else None,
         "tls_cert": args.tls_cert,
@@ -284,6 +285,12 @@ def add_commands(sub: Any) -> None:
         metavar="POLICY",
         help="who may write an AOR: first-claim (default: the first user key) or enrolled (a user"
         " certificate of the authority given by --ca; see p2psip enroll)",
+    )
+    start.add_argument(
+        "--dht",
+        metavar="ENGINE",
+        help="the directory engine: chord (default, our overlay) or opendht (an OpenDHT network; --join"
+        " names an OpenDHT bootstrap; needs --policy enrolled)",
     )
     start.add_argument("--ca", metavar="FILE", help="the enrollment authority's public key (its ca.pub)")
     start.add_argument(
