@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from overlay.attach import AttachState
 from overlay.chord import (
     ChordConfig,
     ChordCore,
@@ -110,7 +111,15 @@ _KIND_OF = {
     "notify": "join",
     "probe": "join",
     "reach": "join",
+    "attach": "join",
+    "relay_store": "store",
+    "relay_fetch": "lookup",
 }
+RELAYS = ("relay_store", "relay_fetch")
+E_NOT_ATTACHED = 412
+"""``err`` code of a relay from a node that has not attached (or that this peer forgot): attach first."""
+MAX_CLIENTS = 1024
+"""Client peers one full peer relays for at most (the oldest attach is forgotten first)."""
 #: Per source (a verified ring member's NodeId, or a stranger's address:port). Generous: a member's
 #: normal traffic (replica fan-out, transfers, stabilize) stays far below; a flood costs its source only.
 DEFAULT_LIMITS: dict[str, Rate] = {
@@ -161,6 +170,11 @@ class NodeConfig:
     limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     limit_sources: int = 4096
     durable: bool = True  # with a data_dir: keep entries in DATA_DIR/overlay.sqlite3 (overlay.store)
+    # Client peers (overlay.attach, docs/nat.md): ``client_peers`` lets a node others cannot reach join as
+    # a client peer (else it refuses to join); ``client`` makes it one whatever the probe says.
+    client_peers: bool = False
+    client: bool = False
+    attach_interval: float = 15.0  # seconds between a client peer's keep-alives to its attach peer
 
 
 @dataclass(slots=True)
@@ -264,6 +278,11 @@ class Node:
         self._left = False
         self._linked = asyncio.Event()
         self.reach: Reachability | None = None
+        self.attach: AttachState | None = None
+        """A client peer's attach peer (overlay.attach); None for a full peer."""
+        self._attach_ids: dict[Endpoint, int] = {}
+        self._clients: OrderedDict[int, Endpoint] = OrderedDict()
+        """Client peers attached to this full peer (NodeId -> the address their keep-alives come from)."""
         """How this node joined: full or (refused as) client, why, and the address it is reached at."""
 
     # ------------------------------------------------------------------------------------------------
@@ -329,9 +348,17 @@ class Node:
                 node.me = NodeRef(node.identity.node_id, advertise[0], int(advertise[1]))
             if join is None:
                 node.reach = Reachability("full", "created the ring", node.me.ep)
+            elif cfg.client:
+                node.reach = Reachability("client", "configured as a client peer (client = true)", node.me.ep)
+                await node._attach_first(join)
+                return node
             else:
                 bound = node.me.ep
                 node.reach = decide(bound, advertise, await node._probe(join, advertise))
+                if node.reach.mode == "client" and cfg.client_peers:
+                    node.me = NodeRef(node.identity.node_id, *node.reach.endpoint)
+                    await node._attach_first(join)
+                    return node
                 if node.reach.mode == "client":
                     host, port = node.reach.endpoint
                     raise OverlayError(
@@ -482,6 +509,145 @@ class Node:
         self._count("probes_answered")
         self._reply(msg.id, addr, "ok", body)
 
+    # ------------------------------------------------------------------------------------------------
+    # client peers (overlay.attach)
+    # ------------------------------------------------------------------------------------------------
+
+    async def _attach_first(self, join: Endpoint) -> None:
+        """Become a client peer of the bootstrap: no ring responsibility, keep-alives, relayed storage."""
+        self.attach = AttachState(join, interval=self.config.attach_interval)
+        deadline = self._loop.time() + self.config.join_timeout
+        while self._loop.time() < deadline:
+            if await self._send_attach(self._loop.time()):
+                self._spawn(self._keep_attached())
+                return
+            await asyncio.sleep(min(1.0, max(0.0, deadline - self._loop.time())))
+        raise NotJoined(f"could not attach to the overlay through {join[0]}:{join[1]} as a client peer")
+
+    async def _send_attach(self, now: float) -> bool:
+        """One ``attach`` to the attach peer; True when answered (its successors become fallbacks)."""
+        st = self.attach
+        assert st is not None
+        peer = st.peer
+        mid = self._new_id()
+        body: dict[str, Any] = {}
+        if self.config.node_certificate:
+            body["cert"] = self.config.node_certificate
+        data = self.codec.encode(Message("attach", mid, self.me.id, self.me.ep, body))
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self._pending[mid] = _Pending(peer, self._attach_ids.get(peer), future=fut)
+        st.sent(now)
+        self._count("attach_sent")
+        try:
+            for attempt in range(self.config.rpc_retries + 1):
+                self._sendto(data, peer)
+                try:
+                    reply = await asyncio.wait_for(asyncio.shield(fut), self.config.rpc_timeout * 2**attempt)
+                except TimeoutError:
+                    continue
+                if reply.type != "ok":
+                    reason, detail = reply.body["reason"], reply.body.get("detail")
+                    if reason == "not-enrolled":
+                        raise NotAdmitted(f"the peer at {peer[0]}:{peer[1]} refused this node: {detail}")
+                    break
+                self._attach_ids[peer] = reply.src
+                nodes = [n for n in reply.body.get("nodes", []) if n.id != self.me.id]
+                for n in nodes:
+                    self._attach_ids[n.ep] = n.id
+                st.answered(self._loop.time(), reply.body.get("seen"), [n.ep for n in nodes])
+                self._count("attach_answered")
+                return True
+        finally:
+            self._pending.pop(mid, None)
+        self._count("attach_unanswered")
+        if st.missed(self._loop.time()) is not None:
+            self._count("reattached")
+        return False
+
+    async def _keep_attached(self) -> None:
+        """Keep-alives to the attach peer (holding the NAT mapping open); re-attach when it dies."""
+        st = self.attach
+        assert st is not None
+        while not self._closed:
+            if st.due(self._loop.time()):
+                await self._send_attach(self._loop.time())
+            await asyncio.sleep(max(0.05, st.next_due - self._loop.time()))
+
+    async def _relay(self, mtype: str, body: dict[str, Any]) -> Message:
+        """A client peer's store or read, performed by its attach peer (a fallback when it fails)."""
+        st = self.attach
+        assert st is not None
+        deadline = self._loop.time() + self.config.op_timeout
+        problem = "no attach peer answered"
+        while self._loop.time() < deadline and not self._closed:
+            peer = st.peer
+            peer_id = self._attach_ids.get(peer)
+            if peer_id is None:
+                await self._send_attach(self._loop.time())
+                continue
+            try:
+                reply = await self._call(NodeRef(peer_id, *peer), mtype, body, deadline=deadline)
+            except TimeoutError as exc:
+                problem = str(exc)
+                if st.gone(self._loop.time()) is not None:
+                    self._count("reattached")
+                await self._send_attach(self._loop.time())
+                continue
+            if reply.type == "ok":
+                self._count(f"{mtype}_done")
+                return reply
+            code, reason = reply.body["code"], reply.body["reason"]
+            if code == E_NOT_ATTACHED:  # the attach peer restarted or forgot us: greet it again
+                self._count("relay_not_attached")
+                await self._send_attach(self._loop.time())
+                continue
+            if code == E_REFUSED:
+                raise StoreRefused(reply.body.get("detail") or reason, reason=reason)
+            problem = f"{reason}: {reply.body.get('detail') or ''}"
+            await self._backoff(1, deadline)
+        raise LookupFailedError(f"{mtype} through the attach peer failed: {problem}")
+
+    async def _serve_attach(self, msg: Message, addr: Endpoint) -> None:
+        """Attach-peer side: answer keep-alives, and store or read for attached client peers."""
+        if self.core is None or self._left or self._closed:
+            self._reply(msg.id, addr, "err", {"code": 503, "reason": "not-a-full-peer"})
+            return
+        if msg.type == "attach":
+            if self.config.enrolled_nodes and not self._admits(NodeRef(msg.src, *addr), msg.body.get("cert")):
+                problem = self._admission_problem(msg.src, msg.body.get("cert"))
+                self._count("attach_refused")
+                self._reply(msg.id, addr, "err", {"code": 403, "reason": "not-enrolled", "detail": problem})
+                return
+            self._clients[msg.src] = addr
+            self._clients.move_to_end(msg.src)
+            while len(self._clients) > MAX_CLIENTS:
+                self._clients.popitem(last=False)
+            self._count("attach_served")
+            self._reply(msg.id, addr, "ok", {"seen": addr, "nodes": list(self.core.successors)})
+            return
+        rtype, body = await self._relay_answer(msg)
+        self._reply(msg.id, addr, rtype, body)
+
+    async def _relay_answer(self, msg: Message) -> tuple[str, dict[str, Any]]:
+        """Carry out ``relay_store``/``relay_fetch`` for an attached client peer (UDP or TCP)."""
+        if msg.src not in self._clients:
+            self._count("relay_refused")
+            return "err", {"code": E_NOT_ATTACHED, "reason": "not-attached"}
+        try:
+            if msg.type == "relay_store":
+                await self.put_entry(msg.body["entry"])
+                self._count("relay_stored")
+                return "ok", {"stored": 1}
+            key = msg.body["key"]
+            entries = await self._read(key, KeyAccess(self, key))
+            self._count("relay_fetched")
+            return "ok", {"entries": [(e, e.lifetime_s) for e in entries]}
+        except StoreRefused as exc:
+            return "err", {"code": E_REFUSED, "reason": exc.reason, "detail": str(exc)[:200]}
+        except (OverlayError, TimeoutError) as exc:
+            self._count("relay_failed")
+            return "err", {"code": 503, "reason": "relay-failed", "detail": str(exc)[:200]}
+
     def _admission_problem(self, node_id: int, cert: bytes | None) -> str | None:
         assert self.config.ca_public_key is not None
         return node_cert_problem(self.config.ca_public_key, cert, node_id, time.time(), self.cache)
@@ -604,6 +770,9 @@ class Node:
         """Store an entry signed elsewhere (e.g. by a user's device) as it is; the replicas check it."""
         if not isinstance(entry, Entry):
             raise OverlayError("put_entry needs an overlay.storage.Entry")
+        if self.attach is not None:
+            await self._relay("relay_store", {"entry": entry})
+            return
         reply = await self._primary_call(entry.key, "store", {"entry": entry}, KeyAccess(self, entry.key))
         self._check_write_quorum(reply)
 
@@ -634,7 +803,12 @@ class Node:
             raise OverlayError(f"lifetime must be at most {self.config.max_lifetime} seconds")
 
     async def _read(self, ring_key: int, at: KeyAccess) -> list[Entry]:
-        """Ask the key's holders (responsible node + r-1 successors) in parallel; see overlay.reads."""
+        """Ask the key's holders (responsible node + r-1 successors) in parallel; see overlay.reads. A
+        client peer asks its attach peer to (``relay_fetch``) and checks the signatures itself."""
+        if self.attach is not None and not self._closed:
+            reply = await self._relay("relay_fetch", {"key": ring_key})
+            found = [e for e, _ in reply.body.get("entries", []) if e.key == ring_key and not e.is_removal]
+            return [e for e in found if self._entry_valid(e)]
         self._core()
         if not self.quorum_reads:
             reply = await self._primary_call(ring_key, "fetch", {"key": ring_key}, at)
@@ -766,6 +940,8 @@ class Node:
             pred = self.core.predecessor
             out["predecessor"] = short(pred.id) if pred else None
         out["reach"] = self.reach.as_dict() if self.reach else None
+        out["attach"] = self.attach.as_dict() if self.attach else None
+        out["clients"] = len(self._clients)
         out["dropped"] = sum(v for k, v in self._stats.items() if k.startswith("dropped_"))
         out["hops"] = {str(h): n for h, n in sorted(self.hop_histogram.items())}
         # Per node: reads its answer lost (it hid or served an older entry), wrong routing answers.
@@ -820,6 +996,9 @@ class Node:
         self._seqs[slot] = seq
         cert = self._certs.get((ring_key, signer.public_key), b"")
         entry = Entry.create(signer, ring_key, entry_id, value, seq, lifetime, cert)
+        if self.attach is not None:
+            await self._relay("relay_store", {"entry": entry})
+            return
         self._check_write_quorum(await self._primary_call(ring_key, "store", {"entry": entry}, at))
 
     def _check_write_quorum(self, reply: Message) -> None:
@@ -1037,6 +1216,12 @@ class Node:
             if self._admit(msg, ("addr", addr)):
                 self._spawn(self._serve_probe(msg, addr))
             return
+        if msg.type == "attach" or msg.type in RELAYS:
+            # Client peers too are exempt from the endpoint check: behind a NAT their envelope holds the
+            # address they learned (or a dead advertised one); answers go where the request came from.
+            if self._admit(msg, ("addr", addr)):
+                self._spawn(self._serve_attach(msg, addr))
+            return
         if not _same_endpoint(msg.ep, addr):
             # The claimed endpoint is where replies and routing go: it must be where this came from,
             # or anyone could speak for a neighbour (leave, notify) or aim our replies at a victim.
@@ -1195,9 +1380,19 @@ class Node:
                     except WireError as exc:
                         self._count(f"dropped_{error_kind(exc).replace('-', '_')}")
                         return
-                    if msg.is_reply or msg.type not in ("store", "fetch", "transfer"):
+                    if msg.is_reply or msg.type not in ("store", "fetch", "transfer", *RELAYS):
                         self._count("dropped_unexpected_tcp")
                         return
+                    if msg.type in RELAYS:  # a client peer's large entry or read (overlay.attach)
+                        if not self._admit(msg, ("addr", peer)):
+                            return
+                        if self.core is None or self._left:
+                            return
+                        rtype, body = await self._relay_answer(msg)
+                        out = Message(rtype, msg.id, self.me.id, self.me.ep, body)
+                        writer.write(frame(self.codec.encode(out, max_size=TCP_MAX)))
+                        await writer.drain()
+                        continue
                     source = self._source(msg, peer, tcp=True)
                     if not self._admit(msg, source):
                         return

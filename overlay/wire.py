@@ -92,6 +92,15 @@ REACH_REPLY_FIELDS: dict[str, str] = {
     "reachable": "bool?",  # probe, reach: the other member's ping was answered (absent: nobody to ask)
     "by": "node?",  # probe: the member that tried
 }
+# Client peers (docs/nat.md, overlay.attach): a node nobody reaches keeps a flow to a full peer with
+# ``attach`` keep-alives (answered with ``seen`` and the attach peer's successors, ``nodes``, as fallbacks)
+# and has it store and read for it. ``relay_store`` carries an entry signed by its writer (the replicas check
+# it as always); ``relay_fetch`` answers with the live entries under ``key``.
+ATTACH_MESSAGES: dict[str, Schema] = {
+    "attach": {"cert": "cert?"},
+    "relay_store": {"entry": "entry"},
+    "relay_fetch": {"key": "id"},
+}
 ERR_FIELDS: dict[str, str] = {"code": "u64", "reason": "str", "detail": "str?"}
 E_WRONG_OVERLAY = 409
 """``err`` code of the answer to a request of another overlay: ``reason`` ``wrong-overlay``, ``detail`` the
@@ -99,7 +108,8 @@ overlay name this node serves (see :meth:`Codec.wrong_overlay_reply`)."""
 
 
 def overlay_schemas() -> tuple[dict[str, Schema], dict[str, str]]:
-    """Request schemas and ok-reply fields of the whole protocol: chord routing, storage, reachability."""
+    """Request schemas and ok-reply fields of the whole protocol: chord routing, storage, reachability,
+    client peers."""
     requests: dict[str, Schema] = {name: spec.request for name, spec in CHORD_MESSAGES.items()}
     replies: dict[str, str] = {}
     for spec in CHORD_MESSAGES.values():
@@ -111,11 +121,12 @@ def overlay_schemas() -> tuple[dict[str, Schema], dict[str, str]]:
         if fname in replies and replies[fname].rstrip("?") != ftype.rstrip("?"):
             raise ValueError(f"reply field {fname!r} means {replies[fname]} to chord and {ftype} to storage")
         replies[fname] = ftype
-    for name in [*STORAGE_MESSAGES, *REACH_MESSAGES]:
+    for name in [*STORAGE_MESSAGES, *REACH_MESSAGES, *ATTACH_MESSAGES]:
         if name in requests:
             raise ValueError(f"message type {name!r} defined twice")
     requests.update(STORAGE_MESSAGES)
     requests.update(REACH_MESSAGES)
+    requests.update(ATTACH_MESSAGES)
     return requests, replies
 
 
