@@ -51,7 +51,7 @@ from p2psip.peer import Peer  # noqa: E402
 from p2psip.ratelimit import UNLIMITED  # noqa: E402
 
 DOMAIN = "p2p.example"
-LADDER = [250, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 16000, 20000]
+LADDER = [50, 100, 150, 200, 250, 350, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 16000, 20000]
 MIN_RATE_FRACTION = 0.9
 TAIL_S = 1.0
 PASSWORD = "secret"
