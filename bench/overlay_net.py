@@ -1,4 +1,5 @@
-"""Overlay on loopback: put/get latency and success of p2psip vs kademlia (bmuller) vs OpenDHT, same run.
+"""Overlay on loopback: put/get latency and success of p2psip vs kademlia (bmuller) vs OpenDHT vs p2psip's
+directory on OpenDHT (``--dht opendht``: signed, enrolled entries, reader-side checks), same run.
 
     python bench/overlay_net.py                 # N = 20, 50, 100; 2 rounds of 200 puts + 200 gets each
     python bench/overlay_net.py --sizes 20 --ops 50 --rounds 1
@@ -42,7 +43,7 @@ from conditions import Conditions
 from overlay.node import Node, NodeConfig
 
 HOST = "127.0.0.1"
-SYSTEMS = ("p2psip", "kademlia", "opendht")
+SYSTEMS = ("p2psip", "kademlia", "opendht", "p2psip-on-opendht")
 WARMUP = 10  # unmeasured put+get pairs per run, the same for every system
 SETTLE_TIMEOUT_S = 120.0  # settling is bounded for every system alike
 STABLE_S = 1.0  # a routing state unchanged this long (and full enough) counts as settled
@@ -253,6 +254,59 @@ def bench_opendht(n: int, ops: int, rng: random.Random) -> Result:
     return res
 
 
+def bench_p2psip_on_opendht(n: int, ops: int, rng: random.Random) -> Result:
+    """Our directory on the OpenDHT engine (``p2psip start --dht opendht``): the same N OpenDHT nodes, but
+    every put is one of our signed entries with its user certificate and every get keeps only validly
+    signed, enrolled, newest entries (overlay.directory.select_entries): OpenDHT's row plus our crypto."""
+    try:
+        import opendht  # noqa: F401
+    except ImportError as exc:
+        return Result("p2psip-on-opendht", n, [], [], 0, 0, ops, 0.0, note=f"not installed: {exc}")
+    from overlay.identity import KeyPair, enroll_user
+    from overlay.opendht_directory import OpenDhtDirectory
+
+    async def run() -> Result:
+        ca, user = KeyPair.generate(), KeyPair.generate()
+        t0 = time.perf_counter()
+        nodes: list[OpenDhtDirectory] = []
+        for i in range(n):
+            boot = nodes[rng.randrange(i)].endpoint if i else None
+            nodes.append(await OpenDhtDirectory.start((HOST, 0), ca.public_key, bootstrap=boot, ipv6="::1"))
+
+        def known() -> list[int]:
+            return [
+                sum(int(c) for c in re.findall(r"count: (\d+)", d.runner.getRoutingTablesLog(socket.AF_INET)))
+                for d in nodes
+            ]
+
+        settled = await settle_counts(known, min(n - 1, 8))
+        setup = time.perf_counter() - t0
+        res = Result("p2psip-on-opendht", n, [], [], 0, 0, ops, setup,
+                     note="signed, enrolled entries" + ("" if settled else ", did not settle"))  # fmt: skip
+
+        async def put(name: str) -> bool:
+            node = rng.choice(nodes)
+            node.add_certificate(enroll_user(ca, name, user.public_key))
+            try:
+                await node.put(name, name.encode(), key=user)
+            except Exception:
+                return False
+            return True
+
+        async def get(name: str) -> bool:
+            return any(e.value == name.encode() for e in await rng.choice(nodes).get(name))
+
+        for i in range(WARMUP):
+            with contextlib.suppress(Exception):
+                await put(f"warmup{i}")
+                await get(f"warmup{i}")
+        await measure(res, ops, put, get)
+        await asyncio.gather(*(d.close() for d in nodes))
+        return res
+
+    return asyncio.run(run())
+
+
 def table(results: list[Result]) -> str:
     lines = [
         "| N | system | put p50 ms | put p99 ms | get p50 ms | get p99 ms | put ok | get ok | setup s | p99 vs p2psip (put/get) | notes |",
@@ -282,6 +336,8 @@ def run_one(system: str, n: int, ops: int, seed: int, kad_k: int) -> Result:
         return asyncio.run(bench_p2psip(n, ops, rng))
     if system == "kademlia":
         return asyncio.run(bench_kademlia(n, ops, rng, kad_k))
+    if system == "p2psip-on-opendht":
+        return bench_p2psip_on_opendht(n, ops, rng)
     return bench_opendht(n, ops, rng)
 
 

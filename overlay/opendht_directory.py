@@ -97,9 +97,11 @@ class OpenDhtDirectory:
         ca_public_key: bytes,
         *,
         bootstrap: tuple[str, int] | None = None,
+        ipv6: str = "",
         **options: Any,
     ) -> OpenDhtDirectory:
-        """Run an OpenDHT node on ``bind`` (IPv4; port 0: any) and bootstrap it from ``bootstrap``."""
+        """Run an OpenDHT node on ``bind`` (IPv4; port 0: any; ``ipv6``: an IPv6 address to bind too, none by
+        default) and bootstrap it from ``bootstrap``."""
         try:
             import opendht
         except ImportError as exc:
@@ -108,7 +110,7 @@ class OpenDhtDirectory:
             ) from None
         runner = opendht.DhtRunner()
         host, port = bind
-        await asyncio.to_thread(runner.run, ipv4=host, ipv6="", port=port)
+        await asyncio.to_thread(runner.run, ipv4=host, ipv6=ipv6, port=port)
         if bootstrap is not None:
             await asyncio.to_thread(runner.bootstrap, bootstrap[0], str(bootstrap[1]))
         directory = cls(runner, ca_public_key, **options)
