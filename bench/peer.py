@@ -11,7 +11,8 @@ completed with 200, ACK, BYE). The location cache is off, so every call really l
 calls go through the callee's home peer (the registering peer, docs/nat.md); the same calls are then made
 again with home routing off (straight from the entry peer to the contact), same peers, same bindings; then
 twice each, alternating, with the callee read from the responsible node alone and from its replica set
-(issue 15's reads: the rows compare what the quorum read costs a call). The same client then runs against one Kamailio 5.6 registrar + stateful proxy (usrloc in memory, ``tm``)
+(issue 15's reads: the rows compare what the quorum read costs a call); then, warm, with the entry peer's
+location cache on (``WARM_CACHE_TTL``, never beyond a binding's expiry), filled by one unmeasured pass. The same client then runs against one Kamailio 5.6 registrar + stateful proxy (usrloc in memory, ``tm``)
 started in the same run, and the table gives p50/p99 and our ratio to Kamailio's p99. Operations are
 sequential, paced at ``--rate`` per second. Target: p99 call setup through the 50-peer overlay < 50 ms.
 
@@ -55,6 +56,10 @@ DOMAIN = "p2p.example"
 #: unmeasured REGISTER+call pairs every system gets once it is up (on AORs of their own)
 WARMUP = 10
 WARM_USERS = [f"warm{i:02d}" for i in range(WARMUP)]
+#: the warm row's location cache lifetime (s): longer than one pass over the AORs; bindings live 600 s
+WARM_CACHE_TTL = 300.0
+#: rows per overlay size: through the home peer, direct, single-node reads, replica-set reads, warm cache
+ROWS = 5
 
 
 def kamailio_registrar(host: str, port: int) -> str:
@@ -258,7 +263,23 @@ async def measure_overlay(
                     f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}", users, rate, registers=False,
                 ))  # fmt: skip
             single, quorum_t = Timings.pool(runs[False]), Timings.pool(runs[True])
-            return [home, direct, single, quorum_t]
+            # Warm: the entry peer's location cache on (it honours each binding's expiry), filled by one
+            # unmeasured pass over the AORs; the measured pass then skips the DHT read of the callee.
+            for peer in peers:
+                peer.cache.ttl = WARM_CACHE_TTL
+            await timed_client(
+                "cache fill",
+                f"{call_host}:{call_port}",
+                f"127.0.0.1:{uas_port}",
+                users,
+                rate,
+                registers=False,
+            )
+            warm = await timed_client(
+                f"overlay of {size}, warm location cache", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
+                users, rate, registers=False,
+            )  # fmt: skip
+            return [home, direct, single, quorum_t, warm]
     finally:
         for peer in peers:
             await peer.close(leave=False)
@@ -348,7 +369,7 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
     measures: list[Timings] = []
     for size in sizes:
-        measures.extend(Timings.pool([run[i] for run in cells[size]]) for i in range(4))
+        measures.extend(Timings.pool([run[i] for run in cells[size]]) for i in range(ROWS))
     kam = Timings.pool(kam_runs)
     measures.append(kam)
 
@@ -370,8 +391,11 @@ def main() -> int:
     print()
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    groups = [measures[4 * i : 4 * i + 4] for i in range(len(sizes))]
-    for home, direct, single, quorum in groups:
+    groups = [measures[ROWS * i : ROWS * i + ROWS] for i in range(len(sizes))]
+    for home, direct, single, quorum, warm in groups:
+        w50, w99 = Timings.pct(warm.invite_ms, 50), Timings.pct(warm.invite_ms, 99)
+        print(f"{home.system}: warm location cache p50/p99 {fmt(w50)}/{fmt(w99)} ms vs cold (cache off) "
+              f"{fmt(Timings.pct(home.invite_ms, 50))}/{fmt(Timings.pct(home.invite_ms, 99))} ms")  # fmt: skip
         h99, d99 = Timings.pct(home.invite_ms, 99), Timings.pct(direct.invite_ms, 99)
         print(f"{home.system}: p99 call setup through the callee's home peer {fmt(h99)} ms, "
               f"direct to the contact {fmt(d99)} ms (+{fmt(h99 - d99)} ms for the home peer's hop)")  # fmt: skip
@@ -379,7 +403,7 @@ def main() -> int:
         s50, s99 = Timings.pct(single.invite_ms, 50), Timings.pct(single.invite_ms, 99)
         print(f"{home.system}: call setup with replica-set reads p50/p99 {fmt(q50)}/{fmt(q99)} ms, "
               f"with single-node reads {fmt(s50)}/{fmt(s99)} ms ({len(single.repeats)} runs each, alternating)")  # fmt: skip
-    biggest = measures[4 * len(sizes) - 4] if sizes else None
+    biggest = measures[ROWS * len(sizes) - ROWS] if sizes else None
     if biggest is not None:
         p99 = Timings.pct(biggest.invite_ms, 99)
         verdict = "met" if p99 < 50 else "NOT met"
