@@ -2,8 +2,9 @@
 presence agents (p2psip/presenceagent.py) serve every SUBSCRIBE and PUBLISH for ``presence``:
 baresip watches our UA and sees it go Offline when it unregisters and Online when it is back; our UA
 watches baresip and sees its `/presence_offline` and `/presence_online` (baresip PUBLISHes them to its
-peer, the agent); one baresip watches the other across two peers; instant messages both ways; and a call
-from our UA to one baresip transferred (REFER) to the other.
+peer, the agent); one baresip watches the other across two peers; instant messages both ways, between our
+UA and baresip and between two baresips two peers apart; a call from our UA to one baresip transferred
+(REFER) by our UA to the other, and one transferred by that baresip (`/transfer`, an in-call command).
 
 The phones are registered at other peers than the AORs they watch: each watcher's SUBSCRIBE enters its
 own home peer, which vouches for it with a signed assertion the agent checks (else it would be politely
@@ -65,6 +66,10 @@ class Phone:
             "audio_codecs=PCMU;answermode=auto\n"
         )
         (self.dir / "contacts").write_text("".join(f'"{aor}" <{aor}>;presence=p2p\n' for aor in watches))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.3)
+        self.heard = ""
         self.log = (self.dir / "baresip.log").open("wb")
         self.proc = subprocess.Popen(
             [require_tool("baresip"), "-f", str(self.dir), "-t", "120"],
@@ -73,17 +78,22 @@ class Phone:
             stderr=subprocess.STDOUT,
         )
 
-    def _command(self, text: str) -> str:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    def _command(self, text: str | None) -> str:
+        """Send ``text`` (None: nothing) from the one socket `cons` answers to, and read what comes back
+        for a moment; everything read is also kept in ``heard`` (`cons` shows an incoming MESSAGE there,
+        not in the log)."""
+        sock = self.sock
+        if text is not None:
             sock.sendto(text.encode() + b"\n", ("127.0.0.1", self.cons_port))
-            sock.settimeout(0.3)
-            out = b""
-            try:
-                while True:
-                    out += sock.recv(65535)
-            except OSError:
-                pass
-        return ANSI.sub("", out.decode(errors="replace"))
+        out = b""
+        try:
+            while True:
+                out += sock.recv(65535)
+        except OSError:
+            pass
+        heard = ANSI.sub("", out.decode(errors="replace"))
+        self.heard += heard
+        return heard
 
     async def command(self, text: str) -> str:
         return await asyncio.to_thread(self._command, text)
@@ -99,6 +109,14 @@ class Phone:
                 return
         raise AssertionError(f"{self.user} does not see {aor} {status}:\n{listing}\n{self.log_tail()}")
 
+    async def received(self, text: str, timeout: float = 15.0) -> None:
+        """Wait until this baresip showed an incoming MESSAGE with ``text`` on its console."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while text not in self.heard:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{self.user} got no MESSAGE {text!r}:\n{self.heard[-2000:]}")
+            await asyncio.to_thread(self._command, None)
+
     def log_text(self) -> str:
         self.log.flush()
         return (self.dir / "baresip.log").read_text(errors="replace")
@@ -109,6 +127,7 @@ class Phone:
     def stop(self) -> None:
         stop(self.proc, grace=2)
         self.log.close()
+        self.sock.close()
 
 
 @pytest.fixture
@@ -143,7 +162,7 @@ async def test_presence_messages_and_transfer_with_baresip(
     world: tuple[list[Peer], UserAgent], tmp_path: Path
 ) -> None:
     peers, bob = world
-    alice = Phone(tmp_path, "alice", peers[1], watches=[BOB])
+    alice = Phone(tmp_path, "alice", peers[1], watches=[BOB, "sip:carol@p2p.example"])
     carol = Phone(tmp_path, "carol", peers[0], watches=["sip:alice@p2p.example"])
     try:
         # baresip alice (peer 1) watches our UA (registered at peer 2, its agent): Online; it unregisters:
@@ -183,6 +202,24 @@ async def test_presence_messages_and_transfer_with_baresip(
         assert frag is not None and frag.status == 200 and call.state == "terminated"
         listing = await carol.command("/listcalls")
         assert "sip:alice@p2p.example" in listing, listing + carol.log_tail()
+        await carol.command("/hangup")
+
+        # baresip to baresip, two peers apart: messages both ways
+        await carol.command("/message hello alice, from carol")  # carol's current contact is alice
+        await alice.received("hello alice, from carol")
+        await alice.command("/contact_next")  # from bob to carol
+        await alice.command("/message hello carol, from alice")
+        await carol.received("hello carol, from alice")
+
+        # baresip alice transfers a call from our UA to baresip carol (/transfer, an in-call command)
+        call = await bob.call("sip:alice@p2p.example", body=offer, timeout=20)
+        await alice.command("/transfer sip:carol@p2p.example")
+        referred = await asyncio.wait_for(bob.events.referred.get(), 20)
+        assert (await referred.answered(20)).status == 200
+        listing = await carol.command("/listcalls")
+        assert "sip:bob@p2p.example" in listing, listing + carol.log_tail()
+        await referred.bye()
+        assert call.state == "terminated"  # alice hung up her leg once the transfer worked
     except (AssertionError, TimeoutError) as exc:
         agents = [(p.presence.stats, len(p.presence.watches)) for p in peers]
         raise AssertionError(
