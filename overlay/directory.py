@@ -16,7 +16,9 @@ enrollment authority certified for this AOR, the newest ``seq`` per entry id, th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_problem
@@ -62,6 +64,60 @@ class Directory(Protocol):
     ) -> None: ...
 
     def add_certificate(self, cert: Certificate) -> None: ...
+
+    def watch(self, name: str | bytes, on_change: OnChange) -> Callable[[], None]:
+        """Call ``on_change(entries)`` whenever the live entries of ``name`` change (and once at first);
+        returns the function that stops watching."""
+        ...
+
+
+OnChange = Callable[[list["Entry"]], None]
+WATCH_POLL_S = 5.0
+"""How often an engine without change notifications (our Chord node) reads a watched name."""
+
+
+def _version(entries: list[Entry]) -> frozenset[tuple[bytes, int]]:
+    return frozenset((e.entry_id, e.seq) for e in entries)
+
+
+class Watch:
+    """A watch on one name: re-reads it when ``poke``d (an engine's notification) or every ``interval``
+    seconds, and calls ``on_change`` with the entries when they differ from the last read. Read errors
+    are counted and retried at the next turn; a callback error never stops the watch."""
+
+    def __init__(self, directory: Directory, name: str | bytes, on_change: OnChange, interval: float) -> None:
+        self.directory = directory
+        self.name = name
+        self.on_change = on_change
+        self.interval = interval
+        self.reads = 0
+        self.errors = 0
+        self._poked = asyncio.Event()
+        self._last: frozenset[tuple[bytes, int]] | None = None
+        self._task = asyncio.ensure_future(self._run())
+
+    def poke(self) -> None:
+        self._poked.set()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            self._poked.clear()
+            try:
+                entries = await self.directory.get(self.name)
+                self.reads += 1
+            except Exception:  # an engine error: try again at the next turn
+                self.errors += 1
+            else:
+                version = _version(entries)
+                if version != self._last:
+                    self._last = version
+                    with contextlib.suppress(Exception):
+                        self.on_change(entries)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poked.wait(), self.interval)
 
 
 def entry_expires_at(entry: Entry) -> float:

@@ -47,6 +47,7 @@ from overlay.chord import (
     NodeRef,
     SendRequest,
 )
+from overlay.directory import WATCH_POLL_S, OnChange, Watch
 from overlay.errors import LookupFailed as LookupFailedError
 from overlay.errors import (
     NotAdmitted,
@@ -765,6 +766,14 @@ class Node:
     async def remove(self, name: str | bytes, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None:
         """Delete entry ``entry_id`` under ``name``: a signed removal (empty value, lifetime 0)."""
         await self.at(name).remove(entry_id=entry_id, key=key)
+
+    def watch(
+        self, name: str | bytes, on_change: OnChange, *, interval: float = WATCH_POLL_S
+    ) -> Callable[[], None]:
+        """Call ``on_change(entries)`` when the live entries of ``name`` change (``Directory.watch``).
+        Chord has no change notifications: the name is read every ``interval`` seconds. Returns the stop
+        function."""
+        return Watch(self, name, on_change, interval).cancel
 
     async def put_entry(self, entry: Entry) -> None:
         """Store an entry signed elsewhere (e.g. by a user's device) as it is; the replicas check it."""

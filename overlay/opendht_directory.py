@@ -24,9 +24,17 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
-from overlay.directory import DEFAULT_READ_LIMIT, entry_expires_at, select_entries
+from overlay.directory import (
+    DEFAULT_READ_LIMIT,
+    WATCH_POLL_S,
+    OnChange,
+    Watch,
+    entry_expires_at,
+    select_entries,
+)
 from overlay.errors import OverlayError, StoreRefused
 from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_problem
 from overlay.ids import key_for
@@ -170,6 +178,26 @@ class OpenDhtDirectory:
     async def remove(self, name: str | bytes, *, entry_id: bytes = b"", key: KeyPair | None = None) -> None:
         """Put a signed tombstone (higher ``seq``, empty value, lifetime 0) over entry ``entry_id``."""
         await self._write(name, b"", entry_id, 0, key)
+
+    def watch(self, name: str | bytes, on_change: OnChange) -> Callable[[], None]:
+        """Watch ``name`` (``Directory.watch``): OpenDHT's listen tells us a value came (in its thread),
+        which makes the watch re-read and check the values like any read; a slow poll covers expiry."""
+        import opendht
+
+        loop = asyncio.get_running_loop()
+        watch = Watch(self, name, on_change, WATCH_POLL_S * 12)
+
+        def heard(_value: Any, _expired: bool) -> bool:
+            loop.call_soon_threadsafe(watch.poke)
+            return True
+
+        token = self.runner.listen(opendht.InfoHash.get(_name_bytes(name).decode("latin-1")), heard)
+
+        def stop() -> None:
+            watch.cancel()
+            self.runner.cancelListen(token)
+
+        return stop
 
     async def close(self) -> None:
         if self._refresher is not None:

@@ -98,3 +98,20 @@ async def test_overlay_of_enrolled_nodes_refuses_others_at_admission() -> None:
         assert [e.value for e in await nodes[1].get("sip:alice@corp.example")] == [b"v"]
     finally:
         await asyncio.gather(*(n.close() for n in nodes))
+
+
+async def test_chord_watch_polls_for_changes() -> None:
+    ca, alice = KeyPair.generate(), KeyPair.generate()
+    async with started_ring(3, overlay_name="watch", config=_config(ca)) as nodes:
+        name = "sip:alice@corp.example"
+        nodes[0].add_certificate(enroll_user(ca, name, alice.public_key))
+        seen: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        stop = nodes[2].watch(name, lambda entries: seen.put_nowait([e.value for e in entries]), interval=0.2)
+        try:
+            assert await asyncio.wait_for(seen.get(), 10) == []
+            await nodes[0].put(name, b"v1", key=alice)
+            assert await asyncio.wait_for(seen.get(), 10) == [b"v1"]
+            await nodes[0].remove(name, key=alice)
+            assert await asyncio.wait_for(seen.get(), 10) == []
+        finally:
+            stop()

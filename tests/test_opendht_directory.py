@@ -113,3 +113,19 @@ async def test_reads_of_a_flooded_key_are_bounded(dhts: tuple[KeyPair, list[Open
 
     assert await _eventually(flooded)
     assert nodes[0].counts["values_read"] <= 8 * nodes[0].counts["gets"]
+
+
+async def test_watch_tells_of_changes(dhts: tuple[KeyPair, list[OpenDhtDirectory]]) -> None:
+    ca, nodes = dhts
+    alice = KeyPair.generate()
+    nodes[1].add_certificate(enroll_user(ca, AOR, alice.public_key))
+    seen: asyncio.Queue[list[bytes]] = asyncio.Queue()
+    stop = nodes[2].watch(AOR, lambda entries: seen.put_nowait([e.value for e in entries]))
+    try:
+        assert await asyncio.wait_for(seen.get(), 10) == []  # the first read
+        await nodes[1].put(AOR, b"c1", entry_id=b"d", key=alice)
+        assert await asyncio.wait_for(seen.get(), 10) == [b"c1"]  # OpenDHT's listen, not the slow poll
+        await nodes[1].remove(AOR, entry_id=b"d", key=alice)
+        assert await asyncio.wait_for(seen.get(), 10) == []
+    finally:
+        stop()
