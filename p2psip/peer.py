@@ -1245,7 +1245,7 @@ class Peer:
         if not self.users.exists(aor):
             return
         key = self.users.get(aor)
-        access = self.node.at(aor)
+        access = self.directory.at(aor)
         now = self.stack.loop.time()
         if not items:
             await access.remove(entry_id=PRESENCE_ENTRY, key=key)
@@ -1256,7 +1256,7 @@ class Peer:
 
     async def _load_presence(self, aor: str) -> list[Published]:
         """What an earlier agent of ``aor`` saved (:meth:`_save_presence`)."""
-        for entry in await self.node.at(aor).get():
+        for entry in await self.directory.at(aor).get():
             if entry.entry_id == PRESENCE_ENTRY:
                 return decode_state(entry.value, time.time() - self.stack.loop.time())
         return []
@@ -1269,7 +1269,10 @@ class Peer:
 
     async def leave_in_inbox(self, aor: str, request: Request) -> bool:
         """Seal ``request`` (a MESSAGE for ``aor``, nobody registered) to the AOR's published inbox key and
-        drop it in its inbox (:mod:`p2psip.inbox`). False when the AOR has no inbox or the drop fails."""
+        drop it in its inbox (:mod:`p2psip.inbox`). False when the AOR has no inbox or the drop fails
+        (or the peer runs on OpenDHT: inboxes are a Chord feature)."""
+        if self._chord is None:
+            return False
         access = self.node.at(inbox_name(aor))
         try:
             entries = await access.get()
@@ -1293,7 +1296,9 @@ class Peer:
     async def _open_inbox(self, aor: str, *, deliver: bool) -> None:
         """After a registration here: (re)publish the AOR's inbox key, signed by its user key; with
         ``deliver`` (a new device arrived), hand each stored message sealed to our key to the AOR as a
-        MESSAGE through this peer and remove it once a device took it (2xx)."""
+        MESSAGE through this peer and remove it once a device took it (2xx). Not on OpenDHT."""
+        if self._chord is None:
+            return
         try:
             private = load_or_create_key(self.users.inbox_path(aor))
         except (LetterError, OSError) as exc:
