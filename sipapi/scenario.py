@@ -527,7 +527,10 @@ class Runner:
         if make is not None:
             ua = make(self.stack, self.local)
         else:
-            ua = UserAgent(self.stack, f"sip:sipapi@{self.local_host_text}", user_agent="sipapi-scenario")
+            # --proxy (sipp -rsa) is the UA's outbound proxy: API-style calls go through it as steps do
+            outbound = Target(self.transport, *self.proxy) if self.proxy is not None else None
+            aor = f"sip:sipapi@{self.local_host_text}"
+            ua = UserAgent(self.stack, aor, user_agent="sipapi-scenario", outbound=outbound)
         reporter = asyncio.ensure_future(self._report(live, interval)) if live else None
         semaphore = asyncio.Semaphore(self.limit)
         tasks: set[asyncio.Task[None]] = set()

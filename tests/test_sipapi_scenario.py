@@ -152,16 +152,23 @@ def test_failures_are_counted_with_their_reason(sipp_uas, tmp_path: Path) -> Non
     assert stats["failures"] == {"unexpected 200 (expected 486)": 5}
 
 
-async def test_scenario_through_our_proxy_to_sipp(sipp_uas) -> None:
-    """Our stateful proxy in the middle (``--proxy``, like sipp -rsa): the steps follow its Record-Route."""
-    port, _server = sipp_uas
+@pytest.mark.parametrize("example", ["scenario_uac.py", "scenario_uac_api.py"])
+async def test_scenario_through_our_proxy_to_sipp(tmp_path: Path, example: str) -> None:
+    """Our stateful proxy in the middle (``--proxy``, like sipp -rsa), for step scenarios and for UA-API
+    scenarios (the proxy is the UserAgent's outbound proxy); the sipp UAS echoes the Record-Route, as a
+    callee behind a record-routing proxy does, so the in-dialog requests follow it too."""
+    require_tool("sipp")
+    from interop.sipp import uas
+
+    port = free_port()
     stack = await Stack.start(["udp:127.0.0.1:0"])
     proxy = Proxy(stack)
     try:
-        host, proxy_port = stack.local_address("udp")
-        scenario = load(EXAMPLES / "scenario_uac.py")
-        runner = Runner(scenario, f"127.0.0.1:{port}", rate=40, calls=40, proxy=f"{host}:{proxy_port}")
-        stats = await asyncio.wait_for(runner.run(), 60)
+        with uas(tmp_path, port):
+            host, proxy_port = stack.local_address("udp")
+            scenario = load(EXAMPLES / example)
+            runner = Runner(scenario, f"127.0.0.1:{port}", rate=40, calls=40, proxy=f"{host}:{proxy_port}")
+            stats = await asyncio.wait_for(runner.run(), 60)
     finally:
         await stack.close()
     assert (stats.attempted, stats.succeeded, stats.failed) == (40, 40, 0), stats.reasons
