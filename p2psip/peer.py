@@ -1299,8 +1299,12 @@ class Peer:
         MESSAGE through this peer and remove it once a device took it (2xx). Not on OpenDHT."""
         if self._chord is None:
             return
+        path = self.users.inbox_path(aor)
+        # A key made just now has had no public half in the overlay yet: no letter can be sealed to it,
+        # so there is nothing to read and deliver (saves a replica-set read per new AOR, issue 19).
+        fresh = not path.exists()
         try:
-            private = load_or_create_key(self.users.inbox_path(aor))
+            private = load_or_create_key(path)
         except (LetterError, OSError) as exc:
             log.warning("no inbox for %s: %s", aor, exc)
             return
@@ -1313,7 +1317,7 @@ class Peer:
             self._inbox_published[aor] = time.time()
             if len(self._inbox_published) > 4096:
                 del self._inbox_published[next(iter(self._inbox_published))]
-            if not deliver:
+            if not deliver or fresh:
                 return
             drops = [e for e in await access.get() if e.entry_id[:1] == DROP_PREFIX and e.value]
         except (OverlayError, TimeoutError) as exc:
