@@ -127,6 +127,7 @@ class PresenceAgent:
         every change, read once when this agent first composes an AOR, so a new agent (the old one's peer
         died) still serves what devices published."""
         self._loaded: set[str] = set()
+        self._contacts: dict[str, set[str]] = {}  # AOR -> host:port of its contacts at the last look
         self.poll = poll
         self.max_watches = max_watches
         self.subscribe_policy = SubscribePolicy(frozenset({"presence"}), min_expires=60, max_expires=3600)
@@ -291,6 +292,16 @@ class PresenceAgent:
                 if len(self._loaded) > 10_000:
                     self._loaded.pop()
                 self.published.adopt(aor, saved, self.stack.loop.time())
+        # a device that unregistered (its contact was here at the last look and is gone) takes what it
+        # published along: baresip 1.0 leaves (/uadel) without withdrawing its "open"
+        contacts = {_hostport(b.contact) for b in bindings}
+        before = self._contacts.pop(aor, set())
+        self._contacts[aor] = contacts
+        if len(self._contacts) > 10_000:
+            del self._contacts[next(iter(self._contacts))]
+        dropped = [source for source in before - contacts if self.published.drop_source(aor, source)]
+        if dropped:
+            await self._save(aor)
         now = self.stack.loop.time()
         docs: list[pidf.Presence] = []
         publishers: set[str] = set()

@@ -178,6 +178,17 @@ class EventStateCompositor:
             self.state.pop(aor, None)
         return added
 
+    def drop_source(self, aor: str, source: str) -> bool:
+        """Forget what the device at ``source`` published for ``aor`` (it unregistered: a phone that
+        leaves takes its state along, whether or not it withdrew its publication). True if any."""
+        table = self.state.get(aor, {})
+        gone = [tag for tag, p in table.items() if p.source == source]
+        for tag in gone:
+            del table[tag]
+        if not table:
+            self.state.pop(aor, None)
+        return bool(gone)
+
     def _new_etag(self) -> str:
         return secrets.token_hex(8)
 

@@ -134,9 +134,13 @@ async def test_agent_serves_composes_notifies_and_blocks(overlay: list[Peer], ma
     await publish(None, etag, expires=0)
     basic, _, _ = await basic_of(sub)
     assert basic == "open"
+    # bob publishes again and leaves without withdrawing it: what he published goes with his binding
+    await publish(pidf.Presence(BOB, [pidf.PresenceTuple("desk", "open")], ["back soon"]))
+    basic, doc, _ = await basic_of(sub)
+    assert basic == "open" and doc.notes == ["back soon"]
     await bob.unregister()
     basic, doc, _ = await basic_of(sub)
-    assert basic == "closed" and doc.tuples[0].contact is None
+    assert basic == "closed" and doc.tuples[0].contact is None and doc.notes == []
     await sub.unsubscribe()
     last = await sub.next(10)
     assert last.state.state is SubState.TERMINATED
@@ -188,7 +192,10 @@ async def test_published_state_outlives_the_agents_peer(overlay: list[Peer], mak
     for peer in overlay:
         peer.presence.trust_from = True
     desk = await make_ua(BOB, overlay[1])
-    assert (await desk.register(f"sip:{via(overlay[1])}", expires=300, refresh=False)).status == 200
+    host, port = desk.stack.local_address("udp")
+    contact = f"<sip:bob@{host}:{port}>;q=0.5"  # below the mobile's: the mobile's peer becomes the agent
+    response = await desk.register(f"sip:{via(overlay[1])}", expires=300, refresh=False, contact=contact)
+    assert response.status == 200
     target = overlay[2].users.path_for(BOB)  # bob's second home peer holds his user key too
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(overlay[1].users.path_for(BOB), target)
@@ -212,8 +219,7 @@ async def test_published_state_outlives_the_agents_peer(overlay: list[Peer], mak
     assert len(saved) == 1 and b"in a meeting" in saved[0].value
     assert saved[0].owner == overlay[1].users.get(BOB).public_key  # signed by bob's user key
 
-    # the desk leaves, the agent's peer stops (its memory gone), bob's mobile registers at peer 2
-    await desk.unregister()
+    # the agent's peer stops (its memory gone), bob's mobile registers at peer 2 and is his best binding
     await overlay[1].close()
     mobile = await make_ua(BOB, overlay[2])
     assert (await mobile.register(f"sip:{via(overlay[2])}", expires=300, refresh=False)).status == 200

@@ -83,6 +83,9 @@ def test_published_state_round_trips_through_its_dht_value_and_is_adopted() -> N
     assert ok(other.publish(AOR, publish(etag=first.etag), 160.0)).etag  # the device's tag still works
     assert not esc().adopt(AOR, back, 751.0)  # expired: nothing taken
     assert decode_state(b"\xc1garbage", 0.0) == [] and decode_state(encode_state([], 0.0), 0.0) == []
+    # the device unregistered: what it published goes with it
+    assert other.drop_source(AOR, "10.0.0.1:5060") and other.documents(AOR, 160.0) == []
+    assert not other.drop_source(AOR, "10.0.0.1:5060")
 
 
 def test_publish_refusals() -> None:

@@ -2,7 +2,8 @@
 presence agents (p2psip/presenceagent.py) serve every SUBSCRIBE and PUBLISH for ``presence``:
 baresip watches our UA and sees it go Offline when it unregisters and Online when it is back; our UA
 watches baresip and sees its `/presence_offline` and `/presence_online` (baresip PUBLISHes them to its
-peer, the agent); one baresip watches the other across two peers; instant messages both ways, between our
+peer, the agent); one baresip watches the other across two peers, and sees it go Offline when it
+unregisters; instant messages both ways, between our
 UA and baresip and between two baresips two peers apart; a call from our UA to one baresip transferred
 (REFER) by our UA to the other, and one transferred by that baresip (`/transfer`, an in-call command).
 
@@ -220,6 +221,11 @@ async def test_presence_messages_and_transfer_with_baresip(
         assert "sip:bob@p2p.example" in listing, listing + carol.log_tail()
         await referred.bye()
         assert call.state == "terminated"  # alice hung up her leg once the transfer worked
+
+        # baresip carol watches baresip alice unregister: alice quits (REGISTER Expires 0; baresip 1.0's
+        # /uadel does not unregister while its presence module holds the account): Offline
+        await alice.command("/quit")
+        await carol.sees("sip:alice@p2p.example", "Offline")
     except (AssertionError, TimeoutError) as exc:
         agents = [(p.presence.stats, len(p.presence.watches)) for p in peers]
         raise AssertionError(
