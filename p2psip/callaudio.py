@@ -20,6 +20,7 @@ can also reach us for RTP.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -27,13 +28,14 @@ from typing import Any, Protocol, TypeVar
 from p2psip.address import target_from_uri
 from p2psip.errors import CallFailed, ParseError, TransportError
 from p2psip.media.call import CallMedia
+from p2psip.media.ice import IceSettings
 from p2psip.media.sources import AudioSink, AudioSource
 from p2psip.message import Request, Response
 from p2psip.stack import Stack, Target
 from p2psip.transaction import ServerTransaction
 from p2psip.uri import URI
 
-__all__ = ["AudioOfferAnswer", "OfferAnswer", "Play", "Record"]
+__all__ = ["AudioOfferAnswer", "OfferAnswer", "Play", "Record", "home_stun"]
 
 Play = str | Path | AudioSource | None
 """What a call plays: a WAV path (any rate, converted), any audio source, or None (silence)."""
@@ -108,6 +110,24 @@ def _media_address(stack: Stack, transport: str, toward: str) -> str:
         return stack.local_address("udp", toward)[0]
 
 
+def home_stun(media_options: dict[str, Any] | None, outbound: Target | None) -> dict[str, Any] | None:
+    """``media_options`` with the home peer as ICE's STUN server: a UA with an ``outbound`` peer (UDP or
+    TCP: a peer listens on the same port for both) whose ICE settings name no STUN server of their own
+    asks that peer's SIP UDP port, which answers binding requests (RFC 5626 keep-alives,
+    :mod:`p2psip.flows`): the server-reflexive candidate then comes from the peer that already sees the
+    UA's NAT mapping, with nothing to configure. Relay-only settings gather no srflx candidate: kept."""
+    ice = (media_options or {}).get("ice")
+    if (
+        not isinstance(ice, IceSettings)
+        or ice.stun is not None
+        or ice.relay_only
+        or outbound is None
+        or outbound.transport not in ("udp", "tcp")
+    ):
+        return media_options
+    return {**(media_options or {}), "ice": dataclasses.replace(ice, stun=(outbound.host, outbound.port))}
+
+
 async def call_with_media(
     ua: Caller[PlacedT],
     uri: str | URI,
@@ -131,7 +151,8 @@ async def call_with_media(
         ruri = URI(uri) if isinstance(uri, str) else uri
         first_hop = ua.outbound if ua.outbound is not None else target_from_uri(ruri)
         address = _media_address(ua.stack, first_hop.transport, first_hop.host)
-        media = await CallMedia.open(address, play=play, record=record, **(media_options or {}))
+        options = home_stun(media_options, ua.outbound) or {}
+        media = await CallMedia.open(address, play=play, record=record, **options)
     try:
         call = ua.invite(
             uri, body=media.offer(), content_type=SDP, headers=headers, on_provisional=on_provisional

@@ -25,7 +25,7 @@ from typing import Any
 from p2psip.address import parse_target, target_from_uri
 from p2psip.auth import answer_challenge
 from p2psip.background import Background
-from p2psip.callaudio import AudioOfferAnswer, OfferAnswer, Play, Record
+from p2psip.callaudio import AudioOfferAnswer, OfferAnswer, Play, Record, home_stun
 from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, dialog_id_of_response
 from p2psip.errors import AuthError, CallFailed, P2PSIPError, ParseError, TransportError
 from p2psip.media.call import CallMedia
@@ -289,8 +289,9 @@ class IncomingCall(Call):
     ) -> CallMedia:
         """Answer with audio: ``200 OK`` with our SDP answer, playing ``play`` (a WAV path or a source) and
         recording to ``record`` (a WAV path or a sink). Bad or unusable SDP: 488 and CallFailed."""
+        options = home_stun(media_options, self.ua.outbound)  # our home peer answers STUN
         return await self.ua.offer_answer.accept(
-            self, play=play, record=record, media=media, media_options=media_options
+            self, play=play, record=record, media=media, media_options=options
         )
 
     def reject(self, status: int = 486, reason: str | None = None) -> None:

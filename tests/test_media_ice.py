@@ -156,3 +156,54 @@ async def test_user_agents_call_over_the_relay_hold_resume_and_bye_frees_it() ->
             await bob.close()
             for stack in stacks:
                 await stack.close()
+
+
+async def test_a_user_agent_with_an_outbound_peer_gathers_srflx_from_its_sip_port() -> None:
+    """ICE on, no STUN server named, an ``outbound`` peer: the peer's SIP UDP port is the STUN server.
+    The offer carries a srflx candidate and the binding request is counted at that port; a UA that
+    names its own STUN server keeps it (home_stun leaves it alone)."""
+    from p2psip.callaudio import home_stun
+    from p2psip.stack import Stack, Target
+    from p2psip.useragent import IncomingCall, UserAgent
+
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+    host, port = stacks[1].local_address("udp")
+    alice = UserAgent(stacks[0], "sip:alice@127.0.0.1", outbound=f"{host}:{port}")
+    bob = UserAgent(stacks[1], "sip:bob@127.0.0.1")
+    heard_a, heard_b = MemorySink(), MemorySink()
+    own = {"ice": IceSettings(stun=("127.0.0.9", 3478))}
+    assert home_stun(own, Target("udp", host, port)) == own
+    assert home_stun({}, Target("udp", host, port)) == {}
+    try:
+        before = stacks[1].transport.stats["stun_requests"]
+
+        async def answer() -> IncomingCall:
+            incoming = await asyncio.wait_for(bob.incoming.get(), 20)
+            await incoming.accept_with_media(
+                play=ToneSource(1000), record=heard_b, media_options={"ice": IceSettings()}
+            )
+            return incoming
+
+        answering = asyncio.ensure_future(answer())
+        call = await alice.call(
+            f"sip:bob@{host}:{port}",
+            play=ToneSource(440),
+            record=heard_a,
+            timeout=20,
+            media_options={"ice": IceSettings()},
+        )
+        incoming = await asyncio.wait_for(answering, 20)
+        offer = SessionDescription.parse(incoming.request.body)
+        kinds = [c.split()[7] for c in offer.media[0].attribute_values("candidate")]
+        assert "srflx" in kinds and "host" in kinds
+        assert stacks[1].transport.stats["stun_requests"] > before
+        assert call.media is not None and call.media.ice is not None
+        assert call.media.ice.settings.stun == (host, port)
+        await until(lambda: len(heard_a.pcm) > 8000 and len(heard_b.pcm) > 8000)
+        assert (await call.bye()).status == 200
+        assert await incoming.wait_ended(20) == "bye received"
+    finally:
+        await alice.close()
+        await bob.close()
+        for stack in stacks:
+            await stack.close()
