@@ -246,13 +246,16 @@ def answer_in_ack(call: MediaCall, request: Request) -> None:
         call.media.offer_failed()
 
 
-async def reoffer(call: MediaCall, direction: str, timeout: float | None = 32.0) -> Response:
+async def reoffer(
+    call: MediaCall, direction: str, timeout: float | None = 32.0, *, ice_restart: bool = False
+) -> Response:
     """Send a re-INVITE carrying a new offer (``sendonly`` holds, ``sendrecv`` resumes) and apply the
-    answer. Returns the final response; a failure response leaves the media as it was."""
+    answer. Returns the final response; a failure response leaves the media as it was (except after
+    ``ice_restart``: our credentials already changed, so a refused restart leaves ICE without a pair)."""
     media = call.media
     if media is None:
         raise CallFailed(488, "this call has no media to hold or resume")
-    body = media.hold() if direction == "sendonly" else media.resume()
+    body = media.offer("sendonly" if direction == "sendonly" else "sendrecv", ice_restart=ice_restart)
     try:
         response = await call.send("INVITE", body=body, content_type=SDP, timeout=timeout)
     except BaseException:
@@ -311,7 +314,9 @@ class OfferAnswer(Protocol):
 
     def answer_in_ack(self, call: MediaCall, request: Request) -> None: ...
 
-    async def reoffer(self, call: MediaCall, direction: str, timeout: float | None = 32.0) -> Response: ...
+    async def reoffer(
+        self, call: MediaCall, direction: str, timeout: float | None = 32.0, *, ice_restart: bool = False
+    ) -> Response: ...
 
     async def send_dtmf(
         self, call: MediaCall, digits: str, *, duration: float = 0.1, gap: float = 0.05

@@ -162,6 +162,13 @@ class Call:
         """Take the call off hold (re-INVITE offering ``sendrecv``); returns the final response."""
         return await self.ua.offer_answer.reoffer(self, "sendrecv", timeout)
 
+    async def restart_ice(self, timeout: float | None = 32.0) -> Response:
+        """Re-INVITE that restarts ICE (RFC 8445 §9: new credentials, new checks, the media moves to the
+        pair they select), keeping the direction we last asked for; returns the final response."""
+        media = self.media
+        direction = media.wanted_direction if media is not None else "sendrecv"
+        return await self.ua.offer_answer.reoffer(self, direction, timeout, ice_restart=True)
+
     async def send_dtmf(self, digits: str, *, duration: float = 0.1, gap: float = 0.05) -> None:
         """Send DTMF ``digits`` (0-9 * # A-D) as RFC 4733 events in the call's audio."""
         await self.ua.offer_answer.send_dtmf(self, digits, duration=duration, gap=gap)

@@ -14,8 +14,10 @@ from test_media_call import until
 from p2psip.media import CallMedia, MemorySink, ToneSource, dominant_frequency
 from p2psip.media.ice import IceSettings
 from p2psip.sdp import IceDescription, SessionDescription
+from p2psip.stack import Stack
 from p2psip.turn import TurnLimits, issue_credentials
 from p2psip.turnserver import TurnServer
+from p2psip.useragent import IncomingCall, OutgoingCall, UserAgent
 
 SECRET = b"media-ice-secret"
 TONES = [440, 1000, 2000]
@@ -30,6 +32,46 @@ async def talk(
     await until(lambda: len(heard_by_caller.pcm) > 16000 and len(heard_by_callee.pcm) > 16000)
     assert dominant_frequency(heard_by_callee.pcm[-8000:], TONES) == 440
     assert dominant_frequency(heard_by_caller.pcm[-8000:], TONES) == 1000
+
+
+async def ua_call(
+    alice: UserAgent,
+    bob: UserAgent,
+    bob_at: tuple[str, int],
+    ice_a: IceSettings,
+    ice_b: IceSettings,
+    heard_a: MemorySink,
+    heard_b: MemorySink,
+) -> tuple[OutgoingCall, IncomingCall]:
+    """alice (440 Hz) calls bob (1 kHz) with ICE on both sides; returns both ends once answered."""
+
+    async def answer() -> IncomingCall:
+        incoming = await asyncio.wait_for(bob.incoming.get(), 20)
+        assert b"a=ice-ufrag:" in incoming.request.body
+        await incoming.accept_with_media(play=ToneSource(1000), record=heard_b, media_options={"ice": ice_b})
+        return incoming
+
+    answering = asyncio.ensure_future(answer())
+    call = await alice.call(
+        f"sip:bob@{bob_at[0]}:{bob_at[1]}",
+        play=ToneSource(440),
+        record=heard_a,
+        timeout=20,
+        media_options={"ice": ice_a},
+    )
+    return call, await asyncio.wait_for(answering, 20)
+
+
+async def hang_up(call: OutgoingCall, incoming: IncomingCall) -> None:
+    assert (await call.bye()).status == 200
+    assert await incoming.wait_ended(20) == "bye received"
+
+
+async def close_all(uas: list[UserAgent], stacks: list[Stack]) -> None:
+    for ua in uas:
+        await ua.close()
+    for stack in stacks:
+        await stack.close()
 
 
 def turn_settings(server: TurnServer, user: str) -> IceSettings:
@@ -108,8 +150,6 @@ async def test_user_agents_call_over_the_relay_hold_resume_and_bye_frees_it() ->
     """UserAgent.call / accept_with_media with media_options={"ice": ...}: the INVITE and the 200 carry
     ICE, audio runs over relayed candidates, hold/resume re-INVITEs keep the selected pair, and the BYE
     deletes both allocations."""
-    from p2psip.stack import Stack
-    from p2psip.useragent import IncomingCall, UserAgent
 
     async with TurnServer(SECRET) as server:
         stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
@@ -117,25 +157,15 @@ async def test_user_agents_call_over_the_relay_hold_resume_and_bye_frees_it() ->
         bob = UserAgent(stacks[1], "sip:bob@127.0.0.1")
         heard_a, heard_b = MemorySink(), MemorySink()
         try:
-
-            async def answer() -> IncomingCall:
-                incoming = await asyncio.wait_for(bob.incoming.get(), 20)
-                assert b"a=ice-ufrag:" in incoming.request.body
-                await incoming.accept_with_media(
-                    play=ToneSource(1000), record=heard_b, media_options={"ice": turn_settings(server, "bob")}
-                )
-                return incoming
-
-            answering = asyncio.ensure_future(answer())
-            host, port = stacks[1].local_address("udp")
-            call = await alice.call(
-                f"sip:bob@{host}:{port}",
-                play=ToneSource(440),
-                record=heard_a,
-                timeout=20,
-                media_options={"ice": turn_settings(server, "alice")},
+            call, incoming = await ua_call(
+                alice,
+                bob,
+                stacks[1].local_address("udp"),
+                turn_settings(server, "alice"),
+                turn_settings(server, "bob"),
+                heard_a,
+                heard_b,
             )
-            incoming = await asyncio.wait_for(answering, 20)
             assert b"a=ice-ufrag:" in call.response.body
             await until(lambda: len(heard_a.pcm) > 16000 and len(heard_b.pcm) > 16000)
             assert dominant_frequency(heard_b.pcm[-8000:], TONES) == 440
@@ -163,8 +193,7 @@ async def test_a_user_agent_with_an_outbound_peer_gathers_srflx_from_its_sip_por
     The offer carries a srflx candidate and the binding request is counted at that port; a UA that
     names its own STUN server keeps it (home_stun leaves it alone)."""
     from p2psip.callaudio import home_stun
-    from p2psip.stack import Stack, Target
-    from p2psip.useragent import IncomingCall, UserAgent
+    from p2psip.stack import Target
 
     stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
     host, port = stacks[1].local_address("udp")
@@ -177,22 +206,9 @@ async def test_a_user_agent_with_an_outbound_peer_gathers_srflx_from_its_sip_por
     try:
         before = stacks[1].transport.stats["stun_requests"]
 
-        async def answer() -> IncomingCall:
-            incoming = await asyncio.wait_for(bob.incoming.get(), 20)
-            await incoming.accept_with_media(
-                play=ToneSource(1000), record=heard_b, media_options={"ice": IceSettings()}
-            )
-            return incoming
-
-        answering = asyncio.ensure_future(answer())
-        call = await alice.call(
-            f"sip:bob@{host}:{port}",
-            play=ToneSource(440),
-            record=heard_a,
-            timeout=20,
-            media_options={"ice": IceSettings()},
+        call, incoming = await ua_call(
+            alice, bob, stacks[1].local_address("udp"), IceSettings(), IceSettings(), heard_a, heard_b
         )
-        incoming = await asyncio.wait_for(answering, 20)
         offer = SessionDescription.parse(incoming.request.body)
         kinds = [c.split()[7] for c in offer.media[0].attribute_values("candidate")]
         assert "srflx" in kinds and "host" in kinds
@@ -200,10 +216,54 @@ async def test_a_user_agent_with_an_outbound_peer_gathers_srflx_from_its_sip_por
         assert call.media is not None and call.media.ice is not None
         assert call.media.ice.settings.stun == (host, port)
         await until(lambda: len(heard_a.pcm) > 8000 and len(heard_b.pcm) > 8000)
-        assert (await call.bye()).status == 200
-        assert await incoming.wait_ended(20) == "bye received"
+        await hang_up(call, incoming)
     finally:
-        await alice.close()
-        await bob.close()
-        for stack in stacks:
-            await stack.close()
+        await close_all([alice, bob], stacks)
+
+
+async def test_a_reinvite_with_ice_restart_moves_the_audio_to_the_new_pair_and_hold_keeps_it() -> None:
+    """RFC 8445 §9 / RFC 8839 §4.4.1.1.1 between two UAs: alice re-INVITEs with ``restart_ice``; both
+    sides get new credentials (bob restarts because the re-offer carries a new ufrag/pwd), run the checks
+    again on new agents, and the tones flow over the new pair (packets counted on it). A hold/resume
+    afterwards carries unchanged credentials: the pair and the agents stay."""
+
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+    alice = UserAgent(stacks[0], "sip:alice@127.0.0.1")
+    bob = UserAgent(stacks[1], "sip:bob@127.0.0.1")
+    heard_a, heard_b = MemorySink(), MemorySink()
+    try:
+        call, incoming = await ua_call(
+            alice, bob, stacks[1].local_address("udp"), IceSettings(), IceSettings(), heard_a, heard_b
+        )
+        assert call.media is not None and call.media.ice is not None
+        assert incoming.media is not None and incoming.media.ice is not None
+        ours, theirs = call.media.ice, incoming.media.ice
+        await until(lambda: ours.state == theirs.state == "connected")
+        old_agents = (ours.agent, theirs.agent)
+        old_credentials = (ours.agent.local_username, theirs.agent.local_username)
+
+        assert (await call.restart_ice(timeout=20)).status == 200
+        assert ours.restarts == theirs.restarts == 1
+        assert ours.agent is not old_agents[0] and theirs.agent is not old_agents[1]
+        assert (ours.agent.local_username, theirs.agent.local_username) != old_credentials
+        assert ours.agent.ice_controlling and not theirs.agent.ice_controlling
+        await until(lambda: ours.state == theirs.state == "connected")
+        assert ours.selected is not None and theirs.selected is not None
+        received = (ours.received, theirs.received)
+        before = (len(heard_a.pcm), len(heard_b.pcm))
+        await until(lambda: len(heard_a.pcm) > before[0] + 8000 and len(heard_b.pcm) > before[1] + 8000)
+        assert ours.received > received[0] + 20 and theirs.received > received[1] + 20  # on the new pair
+        assert dominant_frequency(heard_b.pcm[-8000:], TONES) == 440
+        assert dominant_frequency(heard_a.pcm[-8000:], TONES) == 1000
+
+        agents, selected = (ours.agent, theirs.agent), (ours.selected, theirs.selected)
+        assert (await call.hold(timeout=20)).status == 200
+        assert (await call.resume(timeout=20)).status == 200
+        assert (ours.agent, theirs.agent) == agents and (ours.selected, theirs.selected) == selected
+        assert ours.restarts == theirs.restarts == 1 and ours.state == theirs.state == "connected"
+        before = (len(heard_a.pcm), len(heard_b.pcm))
+        await until(lambda: len(heard_b.pcm) > before[1] + 8000)
+        assert dominant_frequency(heard_b.pcm[-8000:], TONES) == 440
+        await hang_up(call, incoming)
+    finally:
+        await close_all([alice, bob], stacks)

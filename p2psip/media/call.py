@@ -22,6 +22,7 @@ from p2psip.media.sources import AudioSink, AudioSource, WavSink, WavSource
 from p2psip.sdp import (
     Attribute,
     Direction,
+    IceDescription,
     MediaParams,
     SessionDescription,
     make_answer,
@@ -113,9 +114,12 @@ class CallMedia:
     def _advertised(self) -> tuple[str, int]:
         return self.advertise if self.advertise is not None else (self.address, self.port)
 
-    def offer(self, direction: Direction = "sendrecv") -> bytes:
-        """An offer (the first, or a re-offer: ``"sendonly"`` holds, ``"sendrecv"`` resumes)."""
+    def offer(self, direction: Direction = "sendrecv", *, ice_restart: bool = False) -> bytes:
+        """An offer (the first, or a re-offer: ``"sendonly"`` holds, ``"sendrecv"`` resumes).
+        ``ice_restart``: the re-offer restarts ICE (new credentials; the answer's run new checks)."""
         self._wanted = direction
+        if ice_restart and self.ice is not None and self.ice.state != "new":
+            self.ice.restart()
         sdp = make_offer(
             *self._advertised(),
             codecs=self.codecs,
@@ -157,7 +161,9 @@ class CallMedia:
         stays on hold when the peer re-offers."""
         offer = SessionDescription.parse(body)
         direction = direction or self._wanted
-        if self.ice is not None and self.ice.state == "new":
+        if self.ice is not None and self.ice.needs_restart(self._remote_ice(offer)):
+            self.ice.restart()  # before the answer is built: it carries our new credentials
+        if self.ice is not None and self.ice.state == "new" and self.ice.restarts == 0:
             self.ice.agent.ice_controlling = False  # the offerer controls (RFC 8445 §6.1.1)
         sdp = make_answer(
             offer,
@@ -176,6 +182,11 @@ class CallMedia:
 
     def _ice_attributes(self) -> list[Attribute]:
         return self.ice.description().attributes() if self.ice is not None else []
+
+    @staticmethod
+    def _remote_ice(remote: SessionDescription) -> IceDescription | None:
+        stream = next((m for m in remote.media if m.media == "audio" and not m.rejected), None)
+        return None if stream is None else remote_ice(remote, stream)
 
     def _start_ice(self, remote: SessionDescription, params: MediaParams) -> None:
         """The far end's description is known: ICE checks if it does ICE, else its c=/m= (fallback)."""

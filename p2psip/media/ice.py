@@ -79,15 +79,17 @@ class IceMedia:
         self.state = "new"  # new, checking, connected (ICE), fallback (far end without ICE), failed
         self.selected: tuple[Candidate, Candidate] | None = None  # (local, remote) once nominated
         self.sent = 0
+        self.received = 0
+        self.restarts = 0  # ICE restarts (RFC 8445 §9) this call went through
         self.dropped = 0  # packets the session sent before a pair was selected
         self._deliver: Any = None  # the session's datagram handler
         self._tasks: list[asyncio.Task[None]] = []
         self._remote_default: Address | None = None
         self._remote_ice: IceDescription | None = None
 
-    @classmethod
-    async def gather(cls, address: str, settings: IceSettings, *, controlling: bool) -> IceMedia:
-        agent = _Agent(
+    @staticmethod
+    def _agent(address: str, settings: IceSettings, controlling: bool) -> _Agent:
+        return _Agent(
             address,
             ice_controlling=controlling,
             stun_server=settings.stun,
@@ -100,6 +102,10 @@ class IceMedia:
                 aioice.TransportPolicy.RELAY if settings.relay_only else aioice.TransportPolicy.ALL
             ),
         )
+
+    @classmethod
+    async def gather(cls, address: str, settings: IceSettings, *, controlling: bool) -> IceMedia:
+        agent = cls._agent(address, settings, controlling)
         await agent.gather_candidates()
         if not agent.local_candidates:
             await agent.close()
@@ -133,7 +139,8 @@ class IceMedia:
     def start(self, remote: IceDescription | None, remote_default: Address) -> None:
         """The far end's answer or offer is known: run the checks (it does ICE) or send to its ``c=``/``m=``.
 
-        Only the first call counts: a re-offer keeps the checked path (no ICE restart: see docs/nat.md)."""
+        A re-offer or re-answer with the same credentials keeps the checked path; new credentials from the
+        far end are an ICE restart (:meth:`needs_restart`, which the caller handles before answering)."""
         if self.state != "new":
             return
         self._remote_default = remote_default
@@ -144,6 +151,41 @@ class IceMedia:
         self.agent.remote_username, self.agent.remote_password = remote.ufrag, remote.pwd
         self.state = "checking"
         self._tasks.append(asyncio.ensure_future(self._connect(remote)))
+
+    def needs_restart(self, remote: IceDescription | None) -> bool:
+        """Whether the far end's description restarts ICE: new ``ice-ufrag``/``ice-pwd`` (RFC 8839
+        §4.4.1.1.1) after checks ran with the previous ones."""
+        known = self._remote_ice
+        return (
+            remote is not None
+            and known is not None
+            and self.state != "new"
+            and (remote.ufrag, remote.pwd) != (known.ufrag, known.pwd)
+        )
+
+    def restart(self) -> None:
+        """ICE restart (RFC 8445 §9): a new agent with new credentials, whose checks run from scratch once
+        :meth:`start` gets the far end's new description, and whose selected pair then carries the media.
+
+        It keeps the candidates already gathered (§9 lets an agent keep them) and takes over their
+        sockets, TURN allocation included: a restart happens inside an SDP answer, which is synchronous,
+        and keeping the allocation costs the relay nothing new. The old agent's checks, consent and pump
+        stop; packets the session sends until the new pair is selected are dropped (counted)."""
+        old = self.agent
+        agent = self._agent(old._media_address, self.settings, old.ice_controlling)
+        agent._local_candidates = list(old.local_candidates)
+        agent._local_candidates_start = agent._local_candidates_end = True
+        agent._protocols, old._protocols = old._protocols, []
+        for protocol in agent._protocols:
+            protocol.receiver = agent
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = [asyncio.ensure_future(old.close())]  # its sockets now belong to the new agent
+        self.agent = agent
+        self.state = "new"
+        self.selected = None
+        self._remote_ice = None
+        self.restarts += 1
 
     async def _connect(self, remote: IceDescription) -> None:
         for text in remote.candidates:
@@ -192,6 +234,7 @@ class IceMedia:
                 data, _component = await self.agent.recvfrom()
             except ConnectionError:
                 return
+            self.received += 1
             if self._deliver is not None:
                 self._deliver(data, addr)
 
@@ -217,6 +260,8 @@ class IceMedia:
             "remote": f"{remote.type} {remote.host}:{remote.port}" if remote else None,
             "relayed": self.relayed,
             "sent": self.sent,
+            "received": self.received,
+            "restarts": self.restarts,
             "dropped": self.dropped,
         }
 
