@@ -714,7 +714,6 @@ class Peer:
         self.key_users: list[Callable[[str], bool]] = []
         """Predicates "this AOR's user key still serves something" (e.g. stored offline messages): the
         sweep keeps a key any of them claims."""
-        self.key_users.append(self._inbox_in_use)
         allow = {aor: frozenset(watchers) for aor, watchers in config.presence_allow.items()}
         self.presence = PresenceAgent(
             stack, self.lookup_bindings, self._vouched, policy=WatcherPolicy(allow=allow)
@@ -1118,6 +1117,7 @@ class Peer:
         arrived = any(w.entry_id not in home for w in plan.writes)
         if (
             self.config.offline_messages
+            and account is not None  # an account's key is kept: a flood of new AORs gets no inboxes
             and plan.writes
             and (arrived or time.time() - self._inbox_published.get(aor, 0.0) > INBOX_REPUBLISH)
         ):
@@ -1260,12 +1260,6 @@ class Peer:
             if entry.entry_id == PRESENCE_ENTRY:
                 return decode_state(entry.value, time.time() - self.stack.loop.time())
         return []
-
-    def _inbox_in_use(self, aor: str) -> bool:
-        """The AOR's inbox key published here still lives: its user key (which owns the inbox and removes
-        what it delivers) and the inbox key file stay, or the next registration could not open its mail."""
-        published = self._inbox_published.get(aor)
-        return published is not None and time.time() - published < INBOX_LIFETIME
 
     async def leave_in_inbox(self, aor: str, request: Request) -> bool:
         """Seal ``request`` (a MESSAGE for ``aor``, nobody registered) to the AOR's published inbox key and

@@ -22,7 +22,7 @@ from peer_interop.helpers import start_overlay, stop_overlay
 
 from overlay.storage import DROP_PREFIX, INBOX_KEY_ID
 from p2psip.inbox import inbox_name
-from p2psip.peer import Peer
+from p2psip.peer import Peer, add_account
 from p2psip.stack import Stack
 from p2psip.useragent import IncomingCall, UserAgent
 
@@ -174,18 +174,31 @@ async def test_message_for_nobody_registered_is_stored_and_delivered_on_registra
     stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
     alice = UserAgent(stacks[0], "sip:alice@p2p.example", outbound=via(overlay[0]))
     bob = UserAgent(stacks[1], BOB, outbound=via(overlay[1]))
+    # offline messages are for accounts (p2psip user add): an AOR anyone registers on first use gets none
+    password = add_account(overlay[1].config.data_dir, BOB)
     try:
+        registrar = f"sip:{via(overlay[1])}"
+        carol = UserAgent(stacks[0], "sip:carol@p2p.example")  # on first use, no account
+        assert (await carol.register(registrar, expires=300, refresh=False)).status == 200
+        assert (await carol.register(registrar, expires=0, refresh=False)).status == 200
+        assert (await alice.message("sip:carol@p2p.example", "hello?")).status == 404
         # no inbox yet (bob never registered): 404 as before
         assert (await alice.message(BOB, "hello?")).status == 404
-        registrar = f"sip:{via(overlay[1])}"
-        assert (await bob.register(registrar, expires=300, refresh=False)).status == 200
+
+        async def register(expires: int) -> int:
+            response = await bob.register(
+                registrar, expires=expires, refresh=False, username="bob", password=password
+            )
+            return response.status
+
+        assert await register(300) == 200
 
         async def published() -> bool:
             entries = await overlay[2].node.get(inbox_name(BOB))
             return any(e.entry_id == INBOX_KEY_ID and len(e.value) == 32 for e in entries)
 
         await until(published)
-        assert (await bob.register(registrar, expires=0, refresh=False)).status == 200
+        assert await register(0) == 200
 
         response = await alice.message(BOB, "are you there?")
         assert response.status == 202
@@ -193,12 +206,12 @@ async def test_message_for_nobody_registered_is_stored_and_delivered_on_registra
         drops = [e for e in await overlay[2].node.get(inbox_name(BOB)) if e.entry_id[:1] == DROP_PREFIX]
         assert len(drops) == 1 and b"are you there?" not in drops[0].value  # sealed, not readable
         assert bob.messages.empty()
-        # the key sweep keeps bob's user key and inbox key while his inbox is published (else the next
-        # registration could neither open nor remove what waits for him)
+        # the key sweep keeps an account's user key and inbox key (else the next registration could
+        # neither open nor remove what waits for him)
         overlay[1].sweep_user_keys(time.time() + 10 * 86400)
         assert overlay[1].users.exists(BOB) and overlay[1].users.inbox_path(BOB).exists()
 
-        assert (await bob.register(registrar, expires=300, refresh=False)).status == 200
+        assert await register(300) == 200
         got = await asyncio.wait_for(bob.messages.get(), 15)
         assert got.body == b"are you there?" and got.from_.uri.user == "alice"
         assert got.get("Date") is not None
