@@ -388,7 +388,9 @@ class PeerCore(Proxy):
             transaction is not None
             and request.method not in ("ACK", "CANCEL")
             and request.to.tag is None
-            and len(self._tasks) >= self.peer.config.max_pending
+            # REGISTERs waiting out a digest-failure delay are bounded on their own (MAX_DELAYED_AUTH) and
+            # cost nothing meanwhile: they must not crowd out others' requests
+            and len(self._tasks) - self.peer._delayed >= self.peer.config.max_pending
         ):
             # Overload: shed new work at once (cheap) instead of queueing it behind the overlay's own
             # messages; a dialog already set up goes on. Retry-After spreads the clients' retries.
