@@ -248,7 +248,7 @@ def test_limits_from_the_config_file_and_flags(tmp_path: Path) -> None:
     from overlay.node import LIMIT_KINDS
     from p2psip.config import OVERLAY_LIMIT_KINDS, load_config
     from p2psip.errors import ConfigError
-    from p2psip.peer import _with_limits
+    from p2psip.peer import _node_config
     from p2psip.ratelimit import UNLIMITED, Rate
 
     assert OVERLAY_LIMIT_KINDS == LIMIT_KINDS
@@ -259,7 +259,7 @@ def test_limits_from_the_config_file_and_flags(tmp_path: Path) -> None:
     toml.write_text("[overlay_limits]\n" + example)
     config = load_config(toml, {"overlay_limits": ["join=1/s:2"]})
     assert config.overlay_limits == {"store": Rate(100.0, 500.0), "lookup": UNLIMITED, "join": Rate(1.0, 2.0)}
-    node_config = _with_limits(None, config)
+    node_config = _node_config(None, config)
     assert node_config is not None
     assert node_config.limits == {**DEFAULT_LIMITS, **config.overlay_limits}
     for bad in (["nope=1/s"], ["store=fast"], ["store"]):
