@@ -76,6 +76,8 @@ STORAGE_MESSAGES: dict[str, Schema] = {
 STORAGE_REPLY_FIELDS: dict[str, str] = {
     "entries": "entries",
     "stored": "u64",
+    # a store's primary: the copies it sent for (1 + replicas), for the writer's write quorum
+    "wanted": "u64?",
     # a fetch reply cut to fit one TCP frame: more entries exist than were sent
     "truncated": "bool?",
 }
