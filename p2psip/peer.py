@@ -268,15 +268,22 @@ def flow_secret(data_dir: Path, name: str = FLOW_SECRET) -> bytes | None:
     return secret
 
 
-def enroll_user_into(data_dir: Path, ca: KeyPair, aor: str, *, days: float) -> Certificate:
-    """``p2psip enroll user``: the user key of ``aor`` in ``data_dir`` (created if new) and a certificate
-    of ``ca`` for it, written beside the key as ``<name>.cert``. Raises P2PSIPError for a bad AOR."""
+def canonical_aor(aor: str) -> str:
+    """The canonical form of an AOR a command was given (``p2psip user add``, ``p2psip enroll user``), or
+    P2PSIPError saying why it is not one."""
     try:
         canonical = URI(aor).aor()
     except ParseError as exc:
         raise P2PSIPError(f"{aor!r} is not a SIP address of record: {exc}") from None
     if not canonical.startswith("sip:") or "@" not in canonical:
         raise P2PSIPError(f"{aor!r} is not a SIP address of record (write sip:user@domain)")
+    return canonical
+
+
+def enroll_user_into(data_dir: Path, ca: KeyPair, aor: str, *, days: float) -> Certificate:
+    """``p2psip enroll user``: the user key of ``aor`` in ``data_dir`` (created if new) and a certificate
+    of ``ca`` for it, written beside the key as ``<name>.cert``. Raises P2PSIPError for a bad AOR."""
+    canonical = canonical_aor(aor)
     users = UserKeys(Path(data_dir) / USERS_DIR)
     try:
         cert = enroll_user(ca, canonical, users.get(canonical).public_key, days=days)
@@ -299,14 +306,7 @@ def add_account(data_dir: Path, aor: str, *, username: str | None = None) -> str
     (printed once; digest never reveals it, so it cannot be learned on first use). The account needs
     digest for every REGISTER, at a running peer too (it reads the record per REGISTER), and its user key
     is never swept. Raises P2PSIPError for an AOR that is not a SIP URI or already has an account."""
-    import secrets
-
-    try:
-        canonical = URI(aor).aor()
-    except ParseError as exc:
-        raise P2PSIPError(f"{aor!r} is not a SIP address of record: {exc}") from None
-    if not canonical.startswith("sip:") or "@" not in canonical:
-        raise P2PSIPError(f"{aor!r} is not a SIP address of record (write sip:user@domain)")
+    canonical = canonical_aor(aor)
     users = UserKeys(Path(data_dir) / USERS_DIR)
     existing = users.claim(canonical)
     if existing is not None and existing.explicit:
