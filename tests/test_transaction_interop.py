@@ -162,7 +162,7 @@ async def test_sipp_calls_core_uas_through_lossy_relay(tmp_path: Path) -> None:
         uas.close()
         transport.close()
     assert result.successful == calls and result.failed == 0, f"{result}\n{uas.stats}\n{relay.stats}"
-    assert uas.stats["invites"] == calls and uas.stats["bye_200"] == calls
+    assert uas.stats["invites"] == calls and uas.stats["bye_200"] == calls, f"{uas.stats}\n{relay.stats}"
     assert uas.stats["2xx_retransmissions"] >= calls  # every first 200 was dropped and resent
     assert uas.stats["acks"] + uas.stats["bye_before_ack"] == calls and uas.stats["no_ack"] == 0
     assert relay.stats.dropped > calls  # the random losses came on top of the forced ones
