@@ -164,8 +164,10 @@ class NodeConfig:
     quorum_reads: bool = True
     # A write succeeds only when at least this many of the key's copies acknowledged it (fewer when the
     # primary has fewer replicas to send to: a ring of one stores alone). Else WriteQuorumFailed: a
-    # primary whose replicas timed out (overload) must not make its caller report "stored".
-    write_quorum: int = 2
+    # primary whose replicas timed out (overload) must not make its caller report "stored". A plain node
+    # takes the primary's copy as done (1: replicas that missed it are brought up by repair, so puts
+    # survive a lossy network); the peer asks 2 (PEER_WRITE_QUORUM), since its REGISTER 200 promises it.
+    write_quorum: int = 1
     # Per-source request limits by kind (LIMIT_KINDS); a kind left out is unlimited. Rate.parse reads
     # "200/s:400" (rate, burst) or "off". limit_sources bounds the table of sources (LRU).
     limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))

@@ -238,6 +238,8 @@ class UserKeys:
                 path.unlink()
 
 
+PEER_WRITE_QUORUM = 2
+"""Copies of a binding the overlay must acknowledge before a REGISTER gets its 200 (else 503)."""
 FLOW_SECRET = "flow-token.key"
 TURN_SECRET = "turn.key"
 
@@ -2113,4 +2115,6 @@ def _node_config(node_config: NodeConfig | None, config: PeerConfig) -> NodeConf
                     f"--enrolled-nodes: no node certificate at {cert_file} (p2psip enroll node writes it)"
                 ) from None
             base = dataclasses.replace(base, enrolled_nodes=True, node_certificate=cert)
+    if base is None or base.write_quorum < PEER_WRITE_QUORUM:
+        base = dataclasses.replace(base or NodeConfig(), write_quorum=PEER_WRITE_QUORUM)
     return base
