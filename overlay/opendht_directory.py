@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,17 @@ def _name_bytes(name: str | bytes) -> bytes:
     if not data:
         raise OverlayError("a name is a non-empty str or bytes")
     return data
+
+
+def routing_table_counts(log: str) -> dict[str, Any]:
+    """Node counts from OpenDHT's routing table dump (``DhtRunner.getRoutingTablesLog``; the Python binding
+    has no structured node statistics): one ``Node <id> <address> ... [state]`` line per known node.
+    ``connected``: at least one node answers, so gets and puts can reach the network."""
+    states = [
+        line.rsplit("[", 1)[-1].rstrip("]") for line in log.splitlines() if line.lstrip().startswith("Node ")
+    ]
+    good = states.count("good")
+    return {"known_nodes": len(states), "good_nodes": good, "connected": good > 0}
 
 
 class _Access:
@@ -87,6 +99,8 @@ class OpenDhtDirectory:
         self.runner = runner
         self.ca_public_key = ca_public_key
         self.host = "127.0.0.1"
+        self.bootstrap: tuple[str, int] | None = None
+        """The OpenDHT node this one was bootstrapped from (``--join``), for status."""
         self.read_limit = read_limit
         self.refresh_s = refresh_s
         self.tombstone_keep_s = tombstone_keep_s
@@ -123,6 +137,7 @@ class OpenDhtDirectory:
             await asyncio.to_thread(runner.bootstrap, bootstrap[0], str(bootstrap[1]))
         directory = cls(runner, ca_public_key, **options)
         directory.host = host
+        directory.bootstrap = bootstrap
         directory._refresher = asyncio.ensure_future(directory._refresh_loop())
         return directory
 
@@ -135,6 +150,24 @@ class OpenDhtDirectory:
     def node_id(self) -> int:
         """The OpenDHT node id (160 bits), for logs."""
         return int(str(self.runner.getNodeId()), 16)
+
+    def stats(self) -> dict[str, Any]:
+        """What ``p2psip status`` shows of this engine: the node, its bootstrap, how many nodes its routing
+        table knows and how many of them answer (OpenDHT's ``good``), what it keeps alive, the counters."""
+        table = self.runner.getRoutingTablesLog(socket.AF_INET)
+        return {
+            "node_id": f"{self.node_id:040x}",
+            "bootstrap": f"{self.bootstrap[0]}:{self.bootstrap[1]}" if self.bootstrap else None,
+            **routing_table_counts(table),
+            "kept_alive": self.kept_alive(),
+            "tombstones_kept": sum(1 for _name, entry, _keep in self._mine.values() if entry.is_removal),
+            "refresh_s": self.refresh_s,
+            "counts": dict(self.counts),
+        }
+
+    def kept_alive(self) -> int:
+        """How many live entries this node re-puts (its own writes, not yet expired)."""
+        return sum(1 for _name, entry, _keep in self._mine.values() if not entry.is_removal)
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n

@@ -54,7 +54,7 @@ from overlay.identity import (
     verify,
 )
 from overlay.node import KeyAccess, Node, NodeConfig
-from overlay.opendht_directory import OpenDhtDirectory
+from overlay.opendht_directory import VALUE_LIFETIME_S, OpenDhtDirectory
 from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
 from p2psip import control
 from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
@@ -322,7 +322,8 @@ def add_account(data_dir: Path, aor: str, *, username: str | None = None) -> str
 
 @dataclass
 class LookupResult:
-    """What ``lookup`` found for an AOR: where it lives on the ring and the live bindings."""
+    """What ``lookup`` found for an AOR: where it lives (on the ring; OpenDHT does not say which nodes
+    store a value, so ``responsible`` is None and ``holders`` empty there) and the live bindings."""
 
     aor: str
     key: int
@@ -331,6 +332,7 @@ class LookupResult:
     holders: list[tuple[int, str, int]]
     bindings: list[Binding]
     seconds: float
+    engine: str = "chord"
 
     def as_dict(self, now: float) -> dict[str, Any]:
         def node(n: tuple[int, str, int]) -> dict[str, str]:
@@ -338,6 +340,7 @@ class LookupResult:
 
         return {
             "aor": self.aor,
+            "engine": self.engine,
             "key": f"{self.key:032x}",
             "hops": self.hops,
             "responsible": node(self.responsible) if self.responsible else None,
@@ -882,10 +885,19 @@ class Peer:
 
     def left_message(self, handed: int) -> str:
         """What a graceful stop says: how many entries the successor took, and that this node's entries
-        stay in its data dir (served again when the peer restarts with it)."""
+        stay in its data dir (served again when the peer restarts with it). On OpenDHT: how many entries
+        this peer kept alive there, which nobody refreshes any more."""
 
         def entries(n: int) -> str:
             return f"{n} entry" if n == 1 else f"{n} entries"
+
+        if self._chord is None:
+            assert isinstance(self.engine, OpenDhtDirectory)
+            kept = self.engine.kept_alive()
+            return (
+                f"left the OpenDHT network: {entries(kept)} this peer refreshed there will not be refreshed "
+                f"any more (OpenDHT drops a value {VALUE_LIFETIME_S / 60:.0f} min after its last put)"
+            )
 
         held = len(self._chord.store) if self._chord is not None else 0
         if handed == 0 and held == 0:
@@ -1726,6 +1738,10 @@ class Peer:
             raise P2PSIPError(f"{text!r} is not a SIP URI: {exc}") from None
         key = ids.key_for(aor)
         started = time.perf_counter()
+        if self._chord is None:  # OpenDHT: one get (its lookup is internal: no hops, no holders to show)
+            bindings = await self.fetch_bindings(aor)
+            seconds = time.perf_counter() - started
+            return LookupResult(aor, key, None, 0, [], bindings, seconds, engine="opendht")
         node, hops = await self.node.lookup(key)
         here = self.node.at(key)
         here.target = node
@@ -1778,8 +1794,43 @@ class Peer:
     # ---------------------------------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
-        """``p2psip status``: ring neighbours, fingers, stored entries, traffic and drop counters."""
-        node = self.node
+        """``p2psip status``: the SIP side (flows, registrations, calls, counters) and the engine's part:
+        ring neighbours, fingers and stored entries on Chord; the node, its bootstrap and how many nodes it
+        knows on OpenDHT (``engine`` says which)."""
+        counters: dict[str, Any] = {f"peer_{k}": v for k, v in self.counters.items()}
+        for k, v in self.stack.stats.items():
+            counters[f"sip_{k}"] = v
+        for k, v in self.core.stats.items():
+            counters[f"proxy_{k}"] = v
+        if self.turn is not None:
+            for k, v in self.turn.core.stats().items():  # every TURN refusal and drop (docs/nat.md)
+                counters[f"turn_{k}"] = v
+        common = {
+            "overlay": self.overlay_address_text,
+            "overlay_name": self.config.overlay_name,
+            "sip": self.sip_addresses(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "user_keys": self.users.known(),
+            "cache_entries": len(self.cache),
+            "home_routing": self.config.home_routing,
+            "turn": format_hostport(*self.turn.address) if self.turn is not None else None,
+            "flows": self.flows.snapshot(asyncio.get_running_loop().time()),
+            "counters": counters,
+            "registrations": self._home_registrations(),
+            "calls": [{"call_id": cid, **call} for cid, call in sorted(self.core.calls.items())],
+        }
+        if self._chord is None:
+            assert isinstance(self.engine, OpenDhtDirectory)
+            dht = self.engine.stats()
+            for k, v in dht["counts"].items():
+                counters[f"opendht_{k}"] = v
+            return {**common, "engine": "opendht", "node_id": dht["node_id"], "opendht": dht}
+        ring = self._ring_status(self._chord)
+        counters.update(ring.pop("overlay_counters"))
+        return {**common, "engine": "chord", **ring}
+
+    def _ring_status(self, node: Node) -> dict[str, Any]:
+        """The Chord part of the status: neighbours, fingers, stored entries and who holds them."""
         core = node.core
 
         def ref(n: Any) -> dict[str, str]:
@@ -1814,42 +1865,21 @@ class Peer:
             for key, entries in sorted(by_key.items())
         ]
         node_stats = node.stats()
-        counters: dict[str, Any] = {f"peer_{k}": v for k, v in self.counters.items()}
-        for k, v in node_stats.items():
-            if isinstance(v, int):
-                counters[f"overlay_{k}"] = v
-        for k, v in self.stack.stats.items():
-            counters[f"sip_{k}"] = v
-        for k, v in self.core.stats.items():
-            counters[f"proxy_{k}"] = v
-        if self.turn is not None:
-            for k, v in self.turn.core.stats().items():  # every TURN refusal and drop (docs/nat.md)
-                counters[f"turn_{k}"] = v
+        overlay_counters = {f"overlay_{k}": v for k, v in node_stats.items() if isinstance(v, int)}
         return {
             "node_id": f"{node.node_id:032x}",
-            "overlay": self.overlay_address_text,
-            "overlay_name": self.config.overlay_name,
             # full or client peer, why (the probe at join), the address others reach it at
             "reach": node_stats.get("reach"),
-            "sip": self.sip_addresses(),
-            "uptime_s": round(time.time() - self.started, 1),
             "predecessor": ref(core.predecessor) if core is not None and core.predecessor else None,
             "successors": [ref(n) for n in core.successors] if core is not None else [],
             "fingers": [ref(n) for n in core.fingers()] if core is not None else [],
             "stored": stored,
-            "user_keys": self.users.known(),
-            "cache_entries": len(self.cache),
-            "home_routing": self.config.home_routing,
-            "turn": format_hostport(*self.turn.address) if self.turn is not None else None,
-            "flows": self.flows.snapshot(asyncio.get_running_loop().time()),
-            "counters": counters,
+            "overlay_counters": overlay_counters,
             "hop_histogram": node_stats.get("hops", {}),
             # per neighbour: reads its answer lost (hid or served an older entry), wrong routing answers
             "disagreements": node_stats.get("disagreements", {}),
             "misroutes": node_stats.get("misroutes", {}),
             "overlay_limits": node_stats.get("limits", {}),
-            "registrations": self._home_registrations(),
-            "calls": [{"call_id": cid, **call} for cid, call in sorted(self.core.calls.items())],
         }
 
     def _home_registrations(self) -> list[dict[str, Any]]:

@@ -114,6 +114,30 @@ def _print_status(status: dict[str, Any]) -> None:
         f"peer {status.get('node_id', '?')}  overlay {status.get('overlay_name')} at {status.get('overlay')}"
     )
     print(f"  SIP: {', '.join(status.get('sip', []))}   up {status.get('uptime_s', 0):.0f} s")
+    if status.get("engine") == "opendht":
+        _print_opendht(status["opendht"])
+    else:
+        _print_ring(status)
+    flows = status.get("flows", [])
+    routing = "through home peers" if status.get("home_routing", True) else "direct (home routing off)"
+    print(f"  flows of phones this peer is home for: {len(flows)}; calls go {routing}")
+    if flows:
+        print_table(
+            ["flow", "outbound", "bindings", "silent s"],
+            [
+                (f["flow"], "yes" if f["outbound"] else "NAT pings", f["bindings"], f["silent_s"])
+                for f in flows[:20]
+            ],
+            "    ",
+        )
+    counters = status.get("counters", {})
+    if counters:
+        print("  counters:")
+        print_table(["counter", "value"], sorted(counters.items()), "    ")
+
+
+def _print_ring(status: dict[str, Any]) -> None:
+    """The Chord part of ``status``: reachability, neighbours, fingers, stored entries, disagreements."""
     reach = status.get("reach")
     if reach:
         by = f", probed by {reach['probed_by']}" if reach.get("probed_by") else ""
@@ -151,22 +175,19 @@ def _print_status(status: dict[str, Any]) -> None:
         print("  overlay requests refused by the per-source limits:")
         rows = [(k, v["rate"], v["refused"]) for k, v in limits.items()]
         print_table(["kind", "rate", "refused"], rows, "    ")
-    flows = status.get("flows", [])
-    routing = "through home peers" if status.get("home_routing", True) else "direct (home routing off)"
-    print(f"  flows of phones this peer is home for: {len(flows)}; calls go {routing}")
-    if flows:
-        print_table(
-            ["flow", "outbound", "bindings", "silent s"],
-            [
-                (f["flow"], "yes" if f["outbound"] else "NAT pings", f["bindings"], f["silent_s"])
-                for f in flows[:20]
-            ],
-            "    ",
-        )
-    counters = status.get("counters", {})
-    if counters:
-        print("  counters:")
-        print_table(["counter", "value"], sorted(counters.items()), "    ")
+
+
+def _print_opendht(dht: dict[str, Any]) -> None:
+    """The OpenDHT part of ``status``: the node, its bootstrap, the nodes it knows, what it keeps alive."""
+    state = "connected" if dht.get("connected") else "not connected (no node answers yet)"
+    print(
+        f"  engine: OpenDHT node {dht.get('node_id')}, bootstrap {dht.get('bootstrap') or '(none)'}: {state}"
+    )
+    print(
+        f"  nodes known: {dht.get('known_nodes', 0)}, answering: {dht.get('good_nodes', 0)}; "
+        f"entries kept alive: {dht.get('kept_alive', 0)} (re-put every {dht.get('refresh_s', 0):.0f} s), "
+        f"tombstones: {dht.get('tombstones_kept', 0)}"
+    )
 
 
 def _cmd_lookup(args: argparse.Namespace) -> int:
@@ -188,11 +209,14 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
 
 def _print_lookup(result: dict[str, Any]) -> None:
     print(f"{result['aor']}  key {result['key']}")
-    responsible = result.get("responsible") or {"id": "?", "addr": "?"}
-    print(
-        f"  lookup: {result.get('hops')} hop(s) to {responsible['id'][:8]} ({responsible['addr']}), "
-        f"the node responsible; {result.get('lookup_ms')} ms with the fetch"
-    )
+    if result.get("engine") == "opendht":
+        print(f"  OpenDHT get: {result.get('lookup_ms')} ms (OpenDHT does not say which nodes store it)")
+    else:
+        responsible = result.get("responsible") or {"id": "?", "addr": "?"}
+        print(
+            f"  lookup: {result.get('hops')} hop(s) to {responsible['id'][:8]} ({responsible['addr']}), "
+            f"the node responsible; {result.get('lookup_ms')} ms with the fetch"
+        )
     bindings = result.get("bindings", [])
     if not bindings:
         print("  nobody is registered")
