@@ -294,19 +294,31 @@ def enroll_node(
                  not_before=start - 60, not_after=start + int(days * 86400))  # fmt: skip
 
 
+def _certificate_of_kind(blob: bytes | None, kind: str, missing: str) -> Certificate | str:
+    """The certificate in ``blob`` when it decodes and is of ``kind``; else why not (``missing`` if absent).
+
+    The common first half of the user and node checks: what follows differs (which key it must bind).
+    """
+    if not blob:
+        return missing
+    try:
+        cert = Certificate.from_bytes(blob)
+    except OverlayError as exc:
+        return str(exc)
+    if cert.kind != kind:
+        wanted, other = ("a user", "a node") if kind == USER_CERT else ("a node", "a user")
+        return f"{other} certificate does not enroll {wanted}"
+    return cert
+
+
 def user_cert_problem(
     ca_public_key: bytes, blob: bytes, key_id: int, owner: bytes, now: float,
     cache: VerifiedCache | None = None,
 ) -> str | None:  # fmt: skip
     """Why ``blob`` (an entry's cert) does not let ``owner`` write ring key ``key_id`` (None: it does)."""
-    if not blob:
-        return "the owner key is not enrolled (no user certificate)"
-    try:
-        cert = Certificate.from_bytes(blob)
-    except OverlayError as exc:
-        return str(exc)
-    if cert.kind != USER_CERT:
-        return "a node certificate does not enroll a user"
+    cert = _certificate_of_kind(blob, USER_CERT, "the owner key is not enrolled (no user certificate)")
+    if isinstance(cert, str):
+        return cert
     if key_for(cert.subject) != key_id:
         return f"the certificate is for {cert.subject[:80]}, not this key"
     if cert.public_key != owner:
@@ -318,14 +330,9 @@ def node_cert_problem(
     ca_public_key: bytes, blob: bytes | None, node_id: int, now: float, cache: VerifiedCache | None = None
 ) -> str | None:
     """Why ``blob`` does not admit NodeId ``node_id`` as a ring member (None: it does)."""
-    if not blob:
-        return "the node is not enrolled (no node certificate)"
-    try:
-        cert = Certificate.from_bytes(blob)
-    except OverlayError as exc:
-        return str(exc)
-    if cert.kind != NODE_CERT:
-        return "a user certificate does not enroll a node"
+    cert = _certificate_of_kind(blob, NODE_CERT, "the node is not enrolled (no node certificate)")
+    if isinstance(cert, str):
+        return cert
     if node_id_of(cert.public_key) != node_id:
         return "the node certificate is for another NodeId"
     return cert.problem(ca_public_key, now, cache)

@@ -85,9 +85,17 @@ class KamailioTLS:
 
 
 def _header(
-    host: str, port: int, children: int, transports: tuple[str, ...], tls: KamailioTLS | None = None
+    host: str,
+    port: int,
+    children: int,
+    transports: tuple[str, ...],
+    tls: KamailioTLS | None = None,
+    *,
+    extra_listens: tuple[str, ...] = (),
 ) -> str:
-    listens = "\n".join(f"listen={t}:{host}:{port}" for t in transports)
+    """Global settings every Kamailio here shares: no DNS, logs on stderr, big UDP buffers, the listens,
+    and the core modules; each config adds its own modules and routes below."""
+    listens = "\n".join([*(f"listen={t}:{host}:{port}" for t in transports), *extra_listens])
     if tls is not None:
         listens += f"\nenable_tls=yes\nlisten=tls:{host}:{tls.port}"
     return f"""#!KAMAILIO
@@ -432,28 +440,10 @@ def websocket_config(host: str, port: int, ws_port: int, *, children: int = 2) -
     connection's address), so ``lookup`` sends requests for them back over that same connection, and
     ``add_contact_alias``/``handle_ruri_alias`` do the same for dialogs. Everything else is proxied
     statefully with Record-Route (double, when the transport changes)."""
-    return f"""#!KAMAILIO
-debug=1
-log_stderror=yes
-memdbg=5
-memlog=5
-children={children}
-tcp_children={children}
-auto_aliases=no
-dns=no
-rev_dns=no
-use_dns_cache=no
-tcp_accept_no_cl=yes
-tcp_connection_lifetime=3605
-listen=udp:{host}:{port}
-listen=tcp:{host}:{ws_port}
-mpath="{MODULES}"
-loadmodule "pv.so"
-loadmodule "sl.so"
-loadmodule "maxfwd.so"
-loadmodule "textops.so"
-loadmodule "siputils.so"
-loadmodule "tm.so"
+    return (
+        _header(host, port, children, ("udp",), extra_listens=(f"tcp:{host}:{ws_port}",))
+        + "tcp_accept_no_cl=yes\n"
+        + """loadmodule "tm.so"
 loadmodule "rr.so"
 loadmodule "usrloc.so"
 loadmodule "registrar.so"
@@ -467,67 +457,68 @@ modparam("nathelper", "received_avp", "$avp(RECEIVED)")
 modparam("registrar", "received_avp", "$avp(RECEIVED)")
 modparam("websocket", "keepalive_mechanism", 0)
 
-event_route[xhttp:request] {{
-    if ($hdr(Upgrade) =~ "websocket" && $hdr(Connection) =~ "Upgrade" && $rm =~ "GET") {{
-        if (ws_handle_handshake()) {{
+event_route[xhttp:request] {
+    if ($hdr(Upgrade) =~ "websocket" && $hdr(Connection) =~ "Upgrade" && $rm =~ "GET") {
+        if (ws_handle_handshake()) {
             exit;
-        }}
-    }}
+        }
+    }
     xhttp_reply("404", "Not Found", "", "");
-}}
+}
 
-request_route {{
-    if (!mf_process_maxfwd_header("10")) {{
+request_route {
+    if (!mf_process_maxfwd_header("10")) {
         sl_send_reply("483", "Too Many Hops");
         exit;
-    }}
-    if (nat_uac_test("64")) {{
+    }
+    if (nat_uac_test("64")) {
         force_rport();
-        if (is_method("REGISTER")) {{
+        if (is_method("REGISTER")) {
             fix_nated_register();
-        }} else if (is_first_hop()) {{
+        } else if (is_first_hop()) {
             add_contact_alias();
-        }}
-    }}
-    if (is_method("CANCEL")) {{
-        if (t_check_trans()) {{
+        }
+    }
+    if (is_method("CANCEL")) {
+        if (t_check_trans()) {
             t_relay();
-        }}
+        }
         exit;
-    }}
-    if (has_totag()) {{
-        if (loose_route()) {{
+    }
+    if (has_totag()) {
+        if (loose_route()) {
             handle_ruri_alias();
-        }}
-        if (is_method("ACK") && !t_check_trans()) {{
+        }
+        if (is_method("ACK") && !t_check_trans()) {
             forward();
             exit;
-        }}
+        }
         t_relay();
         exit;
-    }}
-    if (is_method("REGISTER")) {{
-        if (!save("location")) {{
+    }
+    if (is_method("REGISTER")) {
+        if (!save("location")) {
             sl_reply_error();
-        }}
+        }
         exit;
-    }}
+    }
     remove_hf("Route");
-    if (is_method("INVITE|SUBSCRIBE")) {{
+    if (is_method("INVITE|SUBSCRIBE")) {
         record_route();
-    }}
-    if (lookup("location")) {{
+    }
+    if (lookup("location")) {
         t_relay();
         exit;
-    }}
-    if (!t_relay()) {{
+    }
+    if (!t_relay()) {
         sl_reply_error();
-    }}
-}}
+    }
+}
 
-onreply_route {{
-    if (nat_uac_test("64")) {{
+onreply_route {
+    if (nat_uac_test("64")) {
         add_contact_alias();
-    }}
-}}
+    }
+}
 """
+    )

@@ -21,12 +21,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from .netns import NetnsUnavailable, _ip
+from .netns import NetnsUnavailable, _ip, teardown
 
 P1, P2 = "10.99.0.1", "10.99.0.2"
 RA_OUT, RB_OUT = "10.99.0.11", "10.99.0.12"
@@ -149,21 +148,7 @@ class NatLab:
         return subprocess.run(["ip", "netns", "exec", self.ns(name), *argv], timeout=timeout, **kwargs)
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        self.procs.clear()
-        for name in reversed(self._made):
-            with contextlib.suppress(NetnsUnavailable):
-                _ip("netns", "del", name)
-        self._made.clear()
+        teardown(self.procs, self._made)
 
     def __enter__(self) -> NatLab:
         return self.open()

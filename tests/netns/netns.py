@@ -43,6 +43,29 @@ def why_unavailable() -> str | None:
     return None
 
 
+def teardown(procs: list[subprocess.Popen[Any]], namespaces: list[str]) -> None:
+    """End ``procs`` by PID (SIGTERM, then SIGKILL after 10 s), then delete ``namespaces`` newest first.
+
+    Shared by every lab here so that no test leaves a process or a namespace behind, pass or fail; both
+    lists are emptied, so a second call does nothing.
+    """
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    procs.clear()
+    for name in reversed(namespaces):
+        with contextlib.suppress(NetnsUnavailable):
+            _ip("netns", "del", name)
+    namespaces.clear()
+
+
 class Hosts:
     """``count`` namespaces named ``{prefix}-1..count`` with addresses ``{subnet}.1..count``."""
 
@@ -88,21 +111,7 @@ class Hosts:
         return subprocess.run(["ip", "netns", "exec", self.names[host], *argv], timeout=timeout, **kwargs)
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        self.procs.clear()
-        for name in reversed(self._made):
-            with contextlib.suppress(NetnsUnavailable):
-                _ip("netns", "del", name)
-        self._made.clear()
+        teardown(self.procs, self._made)
 
     def __enter__(self) -> Hosts:
         return self.open()

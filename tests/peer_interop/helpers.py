@@ -19,6 +19,28 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 REGISTER = SCENARIOS / "register.xml"
 UAC_USERS = SCENARIOS / "uac_users.xml"
 DOMAIN = "p2p.example"
+BARESIP_MODULES = "/usr/lib/baresip/modules"
+
+
+def baresip_config(sip_listen: str, cons_port: int, *, apps: tuple[str, ...] = ()) -> str:
+    """A headless baresip's config: PCMU, a 440 Hz source, no sound device, commands on UDP ``cons_port``.
+
+    ``apps`` are extra application modules (``contact``, ``presence``, ``mwi``…) loaded after ``account``.
+    One text for every baresip the peer interop tests start, so a setting changes in one place.
+    """
+    app_lines = "".join(f"module_app {name}.so\n" for name in ("account", *apps, "menu"))
+    return (
+        f"sip_listen {sip_listen}\n"
+        "net_interface 127.0.0.1\n"
+        "audio_player aufile,/dev/null\n"
+        "audio_source ausine,440\n"
+        "audio_alert aufile,/dev/null\n"
+        "ausrc_srate 48000\n"
+        "ausrc_channels 2\n"
+        f"module_path {BARESIP_MODULES}\n"
+        "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule cons.so\n"
+        f"cons_listen 127.0.0.1:{cons_port}\n" + app_lines
+    )
 
 
 async def start_overlay(count: int, data_root: Path, *, settle_timeout: float = 60.0) -> list[Peer]:

@@ -24,9 +24,8 @@ from p2psip.media.sources import read_wav
 from p2psip.peer import Peer
 from p2psip.trace import SipTrace
 
-from .helpers import start_overlay, stop_overlay
+from .helpers import baresip_config, start_overlay, stop_overlay
 
-MODULES = "/usr/lib/baresip/modules"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,19 +39,7 @@ class Baresip:
         self.sip_port = free_sip_port()
         self.cons_port = free_port()
         host, port = peer.sip_address()
-        (self.dir / "config").write_text(
-            f"sip_listen 127.0.0.1:{self.sip_port}\n"
-            "net_interface 127.0.0.1\n"
-            "audio_player aufile,/dev/null\n"
-            "audio_source ausine,440\n"
-            "audio_alert aufile,/dev/null\n"
-            "ausrc_srate 48000\n"
-            "ausrc_channels 2\n"
-            f"module_path {MODULES}\n"
-            "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule cons.so\n"
-            f"cons_listen 127.0.0.1:{self.cons_port}\n"
-            "module_app account.so\nmodule_app menu.so\n"
-        )
+        (self.dir / "config").write_text(baresip_config(f"127.0.0.1:{self.sip_port}", self.cons_port))
         (self.dir / "accounts").write_text(
             f'<sip:{user}@p2p.example>;outbound="sip:{host}:{port}";regint=300;'
             "audio_codecs=PCMU;answermode=auto\n"

@@ -31,11 +31,10 @@ from p2psip.stack import Stack
 from p2psip.uaevents import Notification
 from p2psip.useragent import UserAgent
 
-from .helpers import start_overlay, stop_overlay
+from .helpers import baresip_config, start_overlay, stop_overlay
 
 pytestmark = pytest.mark.interop
 
-MODULES = "/usr/lib/baresip/modules"
 BOB = "sip:bob@p2p.example"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -50,17 +49,7 @@ class Phone:
         self.cons_port = free_port()
         host, port = peer.sip_address()
         (self.dir / "config").write_text(
-            f"sip_listen 127.0.0.1:{free_sip_port()}\n"
-            "net_interface 127.0.0.1\n"
-            "audio_player aufile,/dev/null\n"
-            "audio_source ausine,440\n"
-            "audio_alert aufile,/dev/null\n"
-            "ausrc_srate 48000\n"
-            "ausrc_channels 2\n"
-            f"module_path {MODULES}\n"
-            "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule cons.so\n"
-            f"cons_listen 127.0.0.1:{self.cons_port}\n"
-            "module_app account.so\nmodule_app contact.so\nmodule_app menu.so\nmodule_app presence.so\n"
+            baresip_config(f"127.0.0.1:{free_sip_port()}", self.cons_port, apps=("contact", "presence"))
         )
         (self.dir / "accounts").write_text(
             f'<sip:{user}@p2p.example>;outbound="sip:{host}:{port}";regint=300;pubint=300;'
