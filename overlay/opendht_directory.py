@@ -95,6 +95,7 @@ class OpenDhtDirectory:
         read_limit: int = DEFAULT_READ_LIMIT,
         refresh_s: float = DEFAULT_REFRESH_S,
         tombstone_keep_s: float = VALUE_LIFETIME_S + 120.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
         self.ca_public_key = ca_public_key
@@ -104,6 +105,10 @@ class OpenDhtDirectory:
         self.read_limit = read_limit
         self.refresh_s = refresh_s
         self.tombstone_keep_s = tombstone_keep_s
+        self.clock = clock
+        """The wall clock (seconds): entry seqs, expiry, what the refresh keeps. Tests pass their own."""
+        self.refreshed = asyncio.Event()
+        """Set after each round of the refresh timer (tests wait on it: the timer's clock, not a call)."""
         self.cache = VerifiedCache()
         self.counts: dict[str, int] = {}
         self._certs: dict[tuple[int, bytes], bytes] = {}
@@ -189,7 +194,7 @@ class OpenDhtDirectory:
         values = await asyncio.to_thread(self.runner.get, opendht.InfoHash.get(data.decode("latin-1")))
         self._count("gets")
         return select_entries(
-            data, (bytes(v.data) for v in values), self.ca_public_key, time.time(), self.counts,
+            data, (bytes(v.data) for v in values), self.ca_public_key, self.clock(), self.counts,
             cache=self.cache, limit=self.read_limit,
         )  # fmt: skip
 
@@ -251,16 +256,16 @@ class OpenDhtDirectory:
         cert = self._certs.get((ring_key, key.public_key), b"")
         # What a storing replica of ours would refuse, refused here: nobody on OpenDHT will.
         problem = user_cert_problem(
-            self.ca_public_key, cert, ring_key, key.public_key, time.time(), self.cache
+            self.ca_public_key, cert, ring_key, key.public_key, self.clock(), self.cache
         )
         if problem is not None:
             self._count("refused_policy")
             raise StoreRefused(problem, reason="policy")
         slot = (ring_key, entry_id)
-        seq = max(time.time_ns() // 1_000_000, self._seqs.get(slot, 0) + 1)
+        seq = max(int(self.clock() * 1000), self._seqs.get(slot, 0) + 1)
         self._seqs[slot] = seq
         entry = Entry.create(key, ring_key, entry_id, value, seq, lifetime, cert)
-        keep = time.time() + (self.tombstone_keep_s if entry.is_removal else float(lifetime))
+        keep = self.clock() + (self.tombstone_keep_s if entry.is_removal else float(lifetime))
         self._mine[slot] = (data, entry, keep)
         if not await self._put(data, entry):
             raise OverlayError("OpenDHT did not store the value (no node answered)")
@@ -280,7 +285,7 @@ class OpenDhtDirectory:
     async def refresh(self, now: float | None = None) -> int:
         """Re-put what this node wrote and still keeps (live entries; tombstones for a while); forget the
         rest. Returns how many values were put."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         put = 0
         for slot, (name, entry, keep) in list(self._mine.items()):
             if keep <= now or (not entry.is_removal and entry_expires_at(entry) <= now):
@@ -292,9 +297,12 @@ class OpenDhtDirectory:
         return put
 
     async def _refresh_loop(self) -> None:
+        """Every ``refresh_s``: one round of ``refresh`` (then ``refreshed`` is set)."""
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self.refresh()
             except Exception:  # a failed round is retried at the next one
                 self._count("refresh_errors")
+            self._count("refresh_rounds")
+            self.refreshed.set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -129,3 +130,47 @@ async def test_watch_tells_of_changes(dhts: tuple[KeyPair, list[OpenDhtDirectory
         assert await asyncio.wait_for(seen.get(), 10) == []
     finally:
         stop()
+
+
+async def test_the_refresh_timer_reputs_and_forgets_by_its_clock(
+    dhts: tuple[KeyPair, list[OpenDhtDirectory]],
+) -> None:
+    """The timer itself, not a call of refresh(): a node with a 50 ms refresh interval and a clock the test
+    moves re-puts a live entry every round, keeps a tombstone ``tombstone_keep_s``, and forgets an entry
+    once its clock passes the entry's expiry (then nothing more is put)."""
+    ca, nodes = dhts
+    offset = [0.0]
+    writer = await OpenDhtDirectory.start(
+        ("127.0.0.1", 0), ca.public_key, bootstrap=nodes[0].endpoint, refresh_s=0.05,
+        tombstone_keep_s=100.0, clock=lambda: time.time() + offset[0],
+    )  # fmt: skip
+    try:
+        alice = KeyPair.generate()
+        writer.add_certificate(enroll_user(ca, AOR, alice.public_key))
+        await writer.put(AOR, b"c1", entry_id=b"d1", lifetime=60, key=alice)
+        await writer.put(AOR, b"c2", entry_id=b"d2", lifetime=3600, key=alice)
+        await writer.remove(AOR, entry_id=b"d2", key=alice)
+
+        async def rounds(n: int) -> None:
+            for _ in range(n):
+                writer.refreshed.clear()
+                await asyncio.wait_for(writer.refreshed.wait(), 10)
+
+        await rounds(2)
+        assert writer.counts.get("refresh_rounds", 0) >= 2
+        before = (writer.counts["refresh_rounds"], writer.counts.get("refreshed", 0))
+        await rounds(1)  # each round re-puts d1 (live) and d2's tombstone
+        done = writer.counts["refresh_rounds"] - before[0]
+        assert done >= 1 and writer.counts["refreshed"] - before[1] == 2 * done
+        assert (writer.kept_alive(), writer.stats()["tombstones_kept"]) == (1, 1)
+        assert [e.value for e in await nodes[2].get(AOR)] == [b"c1"]
+        offset[0] = 61.0  # past d1's expiry: the next full round forgets it and keeps the tombstone
+        await rounds(2)
+        assert (writer.kept_alive(), writer.stats()["tombstones_kept"]) == (0, 1)
+        offset[0] = 101.0  # past the tombstone's keep: nothing is put any more
+        await rounds(2)
+        settled = writer.counts["refreshed"]
+        await rounds(2)
+        assert writer.counts["refreshed"] == settled and writer.stats()["tombstones_kept"] == 0
+    finally:
+        await writer.close()
