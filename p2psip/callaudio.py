@@ -128,6 +128,17 @@ def home_stun(media_options: dict[str, Any] | None, outbound: Target | None) -> 
     return {**(media_options or {}), "ice": dataclasses.replace(ice, stun=(outbound.host, outbound.port))}
 
 
+async def _open(address: str, play: Play, record: Record, options: dict[str, Any]) -> CallMedia:
+    """Open a call's media; a media path that cannot be had (ICE gathered nothing: a relay-only call whose
+    TURN allocation was refused, 486/508, or not answered) is ``CallFailed(503)`` with the reason: the
+    caller sends no INVITE it could not carry; the callee declines with 488 and that reason instead of
+    leaving the INVITE unanswered."""
+    try:
+        return await CallMedia.open(address, play=play, record=record, **options)
+    except ConnectionError as error:
+        raise CallFailed(503, f"Service Unavailable (no media path: {error})") from None
+
+
 async def call_with_media(
     ua: Caller[PlacedT],
     uri: str | URI,
@@ -152,7 +163,7 @@ async def call_with_media(
         first_hop = ua.outbound if ua.outbound is not None else target_from_uri(ruri)
         address = _media_address(ua.stack, first_hop.transport, first_hop.host)
         options = home_stun(media_options, ua.outbound) or {}
-        media = await CallMedia.open(address, play=play, record=record, **options)
+        media = await _open(address, play, record, options)
     try:
         call = ua.invite(
             uri, body=media.offer(), content_type=SDP, headers=headers, on_provisional=on_provisional
@@ -197,7 +208,13 @@ async def accept_with_media(
     if media is None:
         source = incoming.transaction.source
         address = _media_address(incoming.stack, source.transport, source.host)
-        media = await CallMedia.open(address, play=play, record=record, **(media_options or {}))
+        try:
+            media = await _open(address, play, record, media_options or {})
+        except CallFailed as failed:
+            # 488, not 503: a proxy turns a 503 into 500 and drops its reason (RFC 3261 §16.7 step 6)
+            reason = failed.reason.replace("Service Unavailable", "Not Acceptable Here", 1)
+            incoming.reject(488, reason)
+            raise CallFailed(488, reason) from None
     try:
         try:
             body = media.answer(incoming.request.body)

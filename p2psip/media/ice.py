@@ -30,6 +30,7 @@ import aioice
 from aioice.candidate import Candidate
 
 from p2psip.errors import ParseError
+from p2psip.media.iceagent import MediaAgent, add_default_remote, hand_over, selected_pair
 from p2psip.sdp import IceDescription
 
 __all__ = ["IceMedia", "IceSettings"]
@@ -52,28 +53,10 @@ class IceSettings:
     timeout: float = 10.0
 
 
-class _Agent(aioice.Connection):
-    """aioice's agent, gathering host candidates on one address (aioice's own gathering takes every
-    interface but loopback; a call uses the address the stack uses toward its far end)."""
-
-    def __init__(self, address: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._media_address = address
-
-    async def gather_candidates(self) -> None:
-        if self._local_candidates_start:
-            return
-        self._local_candidates_start = True
-        relay_only = self._transport_policy == aioice.TransportPolicy.RELAY
-        addresses = [] if relay_only else [self._media_address]
-        self._local_candidates += await self.get_component_candidates(component=1, addresses=addresses)
-        self._local_candidates_end = True
-
-
 class IceMedia:
     """One call's ICE agent and the datagram path of its media. Create with ``await IceMedia.gather()``."""
 
-    def __init__(self, agent: _Agent, settings: IceSettings) -> None:
+    def __init__(self, agent: MediaAgent, settings: IceSettings) -> None:
         self.agent = agent
         self.settings = settings
         self.state = "new"  # new, checking, connected (ICE), fallback (far end without ICE), failed
@@ -82,14 +65,19 @@ class IceMedia:
         self.received = 0
         self.restarts = 0  # ICE restarts (RFC 8445 §9) this call went through
         self.dropped = 0  # packets the session sent before a pair was selected
+        self.relay_missing = settings.turn is not None and all(
+            candidate.type != "relay" for candidate in agent.local_candidates
+        )
+        """A TURN server was named but gave no relayed candidate (it refused the allocation, 486/508, or
+        did not answer): the call goes on with host and server-reflexive candidates (RFC 8445 §5.1.1.2)."""
         self._deliver: Any = None  # the session's datagram handler
         self._tasks: list[asyncio.Task[None]] = []
         self._remote_default: Address | None = None
         self._remote_ice: IceDescription | None = None
 
     @staticmethod
-    def _agent(address: str, settings: IceSettings, controlling: bool) -> _Agent:
-        return _Agent(
+    def _agent(address: str, settings: IceSettings, controlling: bool) -> MediaAgent:
+        return MediaAgent(
             address,
             ice_controlling=controlling,
             stun_server=settings.stun,
@@ -172,12 +160,8 @@ class IceMedia:
         and keeping the allocation costs the relay nothing new. The old agent's checks, consent and pump
         stop; packets the session sends until the new pair is selected are dropped (counted)."""
         old = self.agent
-        agent = self._agent(old._media_address, self.settings, old.ice_controlling)
-        agent._local_candidates = list(old.local_candidates)
-        agent._local_candidates_start = agent._local_candidates_end = True
-        agent._protocols, old._protocols = old._protocols, []
-        for protocol in agent._protocols:
-            protocol.receiver = agent
+        agent = self._agent(old.media_address, self.settings, old.ice_controlling)
+        hand_over(old, agent)
         for task in self._tasks:
             task.cancel()
         self._tasks = [asyncio.ensure_future(old.close())]  # its sockets now belong to the new agent
@@ -200,14 +184,8 @@ class IceMedia:
             self.state = "failed"
             return
         self.state = "connected"
-        self.selected = self._selected_pair()
+        self.selected = selected_pair(self.agent)
         self._tasks.append(asyncio.ensure_future(self._pump()))
-
-    def _selected_pair(self) -> tuple[Candidate, Candidate] | None:
-        pair = self.agent._nominated.get(1)  # aioice keeps the selected pair here; no public accessor
-        if pair is None:
-            return None
-        return pair.local_candidate, pair.remote_candidate
 
     def _fallback(self, remote_default: Address) -> None:
         remote = Candidate(
@@ -219,8 +197,7 @@ class IceMedia:
             port=remote_default[1],
             type="host",
         )
-        # not add_remote_candidate(): that one starts connectivity checks, and this far end does no ICE
-        self.agent._remote_candidates.append(remote)
+        add_default_remote(self.agent, remote)  # no checks: this far end does no ICE
         self.agent.set_selected_pair(1, self.default.foundation, "default")
         self.state = "fallback"
         self.selected = (self.default, remote)
@@ -259,6 +236,7 @@ class IceMedia:
             "local": f"{local.type} {local.host}:{local.port}" if local else None,
             "remote": f"{remote.type} {remote.host}:{remote.port}" if remote else None,
             "relayed": self.relayed,
+            "relay_missing": self.relay_missing,
             "sent": self.sent,
             "received": self.received,
             "restarts": self.restarts,

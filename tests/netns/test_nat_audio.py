@@ -1,16 +1,21 @@
 """Call audio through real NATs (the NAT lab, tests/netns/natlab.py): ICE with our TURN server on a full peer.
 
 P1 is a real ``p2psip start --turn 10.99.0.1:3478`` peer: its SIP UDP port is the STUN server, its TURN
-server the relay. The call ends are our CallMedia with ICE (host, server-reflexive from P1's SIP port,
-relayed from P1's TURN server), each a process in its own namespace; their SDP offer and answer cross over
-the test's pipes (the SIP half of these calls is tests/netns/test_nat_lab.py's), their RTP crosses the NATs:
+server the relay (4 allocations per user). The call ends use ICE (host, server-reflexive from P1's SIP port,
+relayed from P1's TURN server):
 
-- behind NAT A (port-restricted) playing 1 kHz <-> behind NAT B (address-and-port-dependent) playing 440 Hz:
-  no direct pair passes the checks; the relay carries both tones (a relayed candidate is selected, P1's
-  TURN counters count the relayed packets);
-- behind NAT B <-> carol on the public subnet: ICE selects a direct pair through NAT B's mapping (no
-  relayed candidate selected);
-- an allocation beyond the per-user quota is refused: the ICE agent fails with a clear error, P1 counts it.
+- behind NAT A (port-restricted) playing 1 kHz <-> behind NAT B (address-and-port-dependent) playing 440 Hz,
+  two CallMedia processes whose offer/answer crosses the test's pipes: no direct pair passes the checks;
+  the relay carries both tones (a relayed candidate is selected, P1's TURN counters count the packets).
+  The same path as a SIP call: our UA behind NAT B calls baresip alice (its ice module) behind NAT A;
+- SIP calls through the overlay by our UserAgent (behind NAT B, home P2) to our UserAgent on the public
+  subnet (carol, home P1):
+  - ICE selects a direct pair through NAT B's mapping (no relayed candidate selected, P1's relay carries
+    next to nothing);
+  - the caller's user has used up its allocations: its allocation is refused (486, counted in P1's
+    status), ICE goes on without it and the direct path carries the call;
+  - a relay-only callee whose allocation is refused declines with 488 and the reason, which the caller
+    gets; a relay-only caller whose allocation is refused gets 503 and sends no INVITE.
 
 Tones are checked by frequency both ways. Under CI=true nothing here is skipped.
 """
@@ -55,6 +60,7 @@ async def main():
             print(json.dumps({"opened": len(opened)}), flush=True)
         except ConnectionError as exc:
             print(json.dumps({"opened": len(opened), "refused": str(exc)}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # held until stdin closes
         for media in opened:
             await media.close()
         return
@@ -158,64 +164,211 @@ def test_between_two_nats_only_the_relay_carries_the_audio(lab: Lab) -> None:
     assert lab.status("p1")["counters"]["turn_relayed_packets"] - before > 200
 
 
-@pytest.mark.netns
-def test_behind_a_nat_to_a_public_phone_ice_finds_the_direct_path(lab: Lab) -> None:
-    ours, carol = call(lab, ("hb", HB, 440, settings(lab, "ua")), ("p2", P2, 1000, settings(lab, "carol")))
-    assert ours["state"] == carol["state"] == "connected", (ours, carol)
-    assert ours["heard"] == 1000 and carol["heard"] == 440, (ours, carol)
-    assert "relay" not in (ours["local_type"], ours["remote_type"]), ours  # NAT B's own mapping carries it
-    assert "relay" not in (carol["local_type"], carol["remote_type"]), carol
-
-
-@pytest.mark.netns
-def test_an_allocation_beyond_the_quota_is_refused_and_counted(lab: Lab) -> None:
-    wait_for(
-        lambda: lab.status("p1")["counters"].get("turn_allocations", 0) == 0,
-        30,
-        "earlier calls' relays freed",
-    )
-    refused = lab.status("p1")["counters"].get("turn_refused_quota", 0)
-    proc = agent(lab, "ha", HA, "quota", 0, settings(lab, "greedy", relay_only=True, count=5))
-    result = line(proc)
-    proc.wait(20)
-    assert result["opened"] == 4 and "TURN server refused" in result["refused"], result  # turn_per_user = 4
-    assert lab.status("p1")["counters"]["turn_refused_quota"] == refused + 1
-
-
-CALLER = r"""
+PHONE = r"""
 import asyncio, json, sys, uuid
+from p2psip.errors import CallFailed
 from p2psip.media import MemorySink, ToneSource, dominant_frequency
 from p2psip.media.ice import IceSettings
 from p2psip.stack import Stack
 from p2psip.useragent import UserAgent
 
-async def main():
-    host, peer, target, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    ice = IceSettings(stun=tuple(settings["stun"]), turn=tuple(settings["turn"]),
-                      turn_username=settings["user"], turn_password=settings["password"])
-    stack = await Stack.start([f"udp:{host}:5090"])
-    ua = UserAgent(stack, "sip:ua@p2p.example", outbound=peer, instance=f"<urn:uuid:{uuid.uuid4()}>")
-    await ua.register("sip:p2p.example", expires=120)
-    heard = MemorySink()
-    call = await ua.call(target, play=ToneSource(1000), record=heard, timeout=30, media_options={"ice": ice})
+def report(media, heard, **more):
+    local, remote = media.ice.selected or (None, None)
+    return {**media.ice.stats(), "local_type": local.type if local else None,
+            "remote_type": remote.type if remote else None, "seconds": len(heard.pcm) / 16000,
+            "heard": dominant_frequency(bytes(heard.pcm[-16000:]), [440, 1000, 2000]) if heard.pcm else None,
+            "candidates": [c.type for c in media.ice.agent.local_candidates], **more}
+
+async def hear(heard):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 25
     while len(heard.pcm) < 3 * 16000 and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    media = call.media
-    local, remote = media.ice.selected or (None, None)
-    print(json.dumps({
-        **media.ice.stats(), "local_type": local.type if local else None,
-        "remote_type": remote.type if remote else None, "seconds": len(heard.pcm) / 16000,
-        "heard": dominant_frequency(bytes(heard.pcm[-16000:]), [440, 1000, 2000]) if heard.pcm else None,
-        "answer": call.response.body.decode(errors="replace"),
-    }), flush=True)
-    await call.bye()
+
+async def main():
+    role, listen, peer, aor, tone, settings = sys.argv[1:6] + [json.loads(sys.argv[6])]
+    ice = IceSettings(stun=tuple(settings["stun"]), turn=tuple(settings["turn"]),
+                      turn_username=settings["user"], turn_password=settings["password"],
+                      relay_only=settings.get("relay_only", False))
+    stack = await Stack.start([f"udp:{listen}"])
+    done = asyncio.get_running_loop().create_future()
+    heard = MemorySink()
+
+    async def answer(incoming):
+        try:
+            media = await incoming.accept_with_media(play=ToneSource(int(tone)), record=heard,
+                                                     media_options={"ice": ice})
+        except CallFailed as exc:
+            done.set_result({"declined": exc.status, "reason": exc.reason})
+            return
+        await hear(heard)
+        done.set_result(report(media, heard))
+
+    ua = UserAgent(stack, aor, outbound=peer, instance=f"<urn:uuid:{uuid.uuid4()}>",
+                   on_call=lambda incoming: asyncio.ensure_future(answer(incoming)))
+    await ua.register("sip:p2p.example", expires=120)
+    print(json.dumps({"registered": aor}), flush=True)
+    if role == "callee":
+        print(json.dumps(await asyncio.wait_for(done, 90)), flush=True)
+        await asyncio.sleep(1.5)  # the caller hears our last second too, then hangs up
+    else:
+        target = sys.stdin.readline().strip()
+        try:
+            call = await ua.call(target, play=ToneSource(int(tone)), record=heard, timeout=30,
+                                 media_options={"ice": ice})
+        except CallFailed as exc:
+            print(json.dumps({"status": exc.status, "reason": exc.reason}), flush=True)
+        else:
+            await hear(heard)
+            print(json.dumps(report(call.media, heard, answer=call.response.body.decode(errors="replace"))),
+                  flush=True)
+            await asyncio.sleep(1.0)
+            await call.bye()
+    await ua.register("sip:p2p.example", expires=0)
     await ua.close()
     await stack.close()
 
 asyncio.run(main())
 """
+
+
+def phone(lab: Lab, ns: str, role: str, listen: str, peer: str, aor: str, tone: int, config: str
+          ) -> subprocess.Popen[str]:  # fmt: skip
+    """Our UserAgent as a phone: registered at ``peer`` (RFC 5626 outbound), placing (``caller``: the
+    target comes on stdin) or answering (``callee``) one call with ICE, and printing what it heard."""
+    proc = lab.net.popen(ns, [sys.executable, "-c", PHONE, role, listen, peer, aor, str(tone), config],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)  # fmt: skip
+    assert line(proc) == {"registered": aor}
+    return proc
+
+
+def sip_call(lab: Lab, caller: subprocess.Popen[str], callee: subprocess.Popen[str], target: str
+             ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The caller calls ``target`` through the overlay; returns what each side reports."""
+    assert caller.stdin is not None
+    caller.stdin.write(target + "\n")
+    caller.stdin.flush()
+    results = line(caller), line(callee)
+    for proc in (caller, callee):
+        proc.wait(30)
+    return results
+
+
+def ensure_p2(lab: Lab) -> None:
+    """P2, a second full peer, joined through P1; UDP and TCP (ICE makes an INVITE pass 1300 bytes)."""
+    if "p2" not in lab.peers:
+        lab.start_peer("p2", P2, P1, extra=("--listen", f"tcp:{P2}:5060"))
+
+
+def relayed_packets(lab: Lab) -> int:
+    counters: dict[str, int] = lab.status("p1")["counters"]
+    return counters.get("turn_relayed_packets", 0)
+
+
+@pytest.mark.netns
+def test_behind_a_nat_to_a_public_phone_ice_finds_the_direct_path(lab: Lab) -> None:
+    """A SIP call through the overlay: our UA behind NAT B (home P2) calls carol, our UA on the public
+    subnet (home P1). Both gather relayed candidates from P1, but ICE selects a direct pair through NAT B's
+    mapping: no relayed candidate on either side, and P1's relay carries (almost) nothing."""
+    ensure_p2(lab)
+    carol = phone(lab, "p2", "callee", f"{P2}:5090", f"{P1}:5060", "sip:carol@p2p.example", 1000,
+                  settings(lab, "carol"))  # fmt: skip
+    ours = phone(lab, "hb", "caller", f"{HB}:5090", f"{P2}:5060", "sip:ua@p2p.example", 440,
+                 settings(lab, "ua"))  # fmt: skip
+    before = relayed_packets(lab)
+    ours_said, carol_said = sip_call(lab, ours, carol, "sip:carol@p2p.example")
+    assert "a=ice-ufrag" in ours_said["answer"], ours_said
+    assert "relay" in ours_said["candidates"] and "relay" in carol_said["candidates"], (ours_said, carol_said)
+    assert ours_said["state"] == carol_said["state"] == "connected", (ours_said, carol_said)
+    assert ours_said["heard"] == 1000 and carol_said["heard"] == 440, (ours_said, carol_said)
+    assert ours_said["seconds"] >= 3 and carol_said["seconds"] >= 3, (ours_said, carol_said)
+    assert "relay" not in (ours_said["local_type"], ours_said["remote_type"]), ours_said
+    assert "relay" not in (carol_said["local_type"], carol_said["remote_type"]), carol_said
+    assert carol_said["remote_type"] in ("srflx", "prflx"), carol_said  # NAT B's mapping, not a private host
+    # 3 s of audio each way would be > 300 relayed packets; checks on the relayed pairs are a few dozen
+    assert relayed_packets(lab) - before < 100
+
+
+def hold_allocations(lab: Lab, user: str, count: int) -> subprocess.Popen[str]:
+    """A process behind NAT A holding ``count`` allocations as ``user`` (P1's turn_per_user is 4) until
+    its stdin closes."""
+    wait_for(lambda: lab.status("p1")["counters"].get("turn_allocations", 0) == 0, 30,
+             "earlier calls' relays freed")  # fmt: skip
+    holder = agent(lab, "ha", HA, "quota", 0, settings(lab, user, relay_only=True, count=count))
+    assert line(holder) == {"opened": count}
+    return holder
+
+
+def release(holder: subprocess.Popen[str]) -> None:
+    assert holder.stdin is not None
+    holder.stdin.close()
+    holder.wait(20)
+
+
+@pytest.mark.netns
+def test_a_relay_refused_beyond_the_quota_the_call_takes_the_direct_path(lab: Lab) -> None:
+    """Our UA's user holds its 4 allocations elsewhere: its call's allocation is refused (486, counted in
+    P1's status) and ICE goes on without a relayed candidate; the direct path carries the call."""
+    ensure_p2(lab)
+    refused = lab.status("p1")["counters"].get("turn_refused_quota", 0)
+    holder = hold_allocations(lab, "ua", 4)
+    try:
+        carol = phone(lab, "p2", "callee", f"{P2}:5091", f"{P1}:5060", "sip:carol2@p2p.example", 1000,
+                      settings(lab, "carol"))  # fmt: skip
+        ours = phone(lab, "hb", "caller", f"{HB}:5091", f"{P2}:5060", "sip:ua@p2p.example", 440,
+                     settings(lab, "ua"))  # fmt: skip
+        ours_said, carol_said = sip_call(lab, ours, carol, "sip:carol2@p2p.example")
+    finally:
+        release(holder)
+    assert ours_said["relay_missing"] and "relay" not in ours_said["candidates"], ours_said
+    assert ours_said["state"] == carol_said["state"] == "connected", (ours_said, carol_said)
+    assert ours_said["heard"] == 1000 and carol_said["heard"] == 440, (ours_said, carol_said)
+    assert lab.status("p1")["counters"]["turn_refused_quota"] == refused + 1
+
+
+@pytest.mark.netns
+def test_a_relay_only_phone_refused_a_relay_declines_the_call_with_488(lab: Lab) -> None:
+    """dave takes calls over a relay only (he shows no address of his own); his user's quota is used up,
+    so his allocation is refused (486, counted): he declines the INVITE with 488 and the reason, which
+    our caller gets through the overlay (no call left ringing, no traceback). Not 503: proxies turn a 503
+    into 500 and its reason is lost (RFC 3261 §16.7)."""
+    ensure_p2(lab)
+    refused = lab.status("p1")["counters"].get("turn_refused_quota", 0)
+    holder = hold_allocations(lab, "dave", 4)
+    try:
+        dave = phone(lab, "p2", "callee", f"{P2}:5092", f"{P1}:5060", "sip:dave@p2p.example", 1000,
+                     settings(lab, "dave", relay_only=True))  # fmt: skip
+        ours = phone(lab, "hb", "caller", f"{HB}:5092", f"{P2}:5060", "sip:ua@p2p.example", 440,
+                     settings(lab, "ua"))  # fmt: skip
+        ours_said, dave_said = sip_call(lab, ours, dave, "sip:dave@p2p.example")
+    finally:
+        release(holder)
+    assert dave_said["declined"] == 488 and "TURN server refused" in dave_said["reason"], dave_said
+    assert ours_said["status"] == 488, ours_said
+    assert "no media path" in ours_said["reason"] and "TURN server refused" in ours_said["reason"], ours_said
+    assert lab.status("p1")["counters"]["turn_refused_quota"] == refused + 1
+
+
+@pytest.mark.netns
+def test_a_relay_only_caller_refused_a_relay_fails_with_503_before_any_invite(lab: Lab) -> None:
+    """The caller's own relay-only allocation is refused: ``ua.call`` raises 503 with the reason at once,
+    before an INVITE it could not carry leaves (carol's home peer sees no INVITE for her)."""
+    ensure_p2(lab)
+    holder = hold_allocations(lab, "erin", 4)
+    try:
+        erin = phone(lab, "hb", "caller", f"{HB}:5093", f"{P2}:5060", "sip:erin@p2p.example", 440,
+                     settings(lab, "erin", relay_only=True))  # fmt: skip
+        assert erin.stdin is not None
+        erin.stdin.write("sip:nobody@p2p.example\n")
+        erin.stdin.flush()
+        said = line(erin)
+        erin.wait(20)
+    finally:
+        release(holder)
+    assert said["status"] == 503 and "no media path" in said["reason"], said
+    assert "TURN server refused" in said["reason"], said
+    assert "nobody@p2p.example" not in lab.log("p2") + lab.log("p1")
 
 
 def baresip_with_ice(lab: Lab) -> tuple[subprocess.Popen[bytes], Path]:
@@ -250,15 +403,16 @@ def test_our_ua_behind_nat_b_calls_baresip_with_ice_behind_nat_a_over_the_relay(
         if in_ci():
             pytest.fail("baresip is required under CI=true")
         pytest.skip("baresip is not installed")
-    if "p2" not in lab.peers:
-        lab.start_peer("p2", P2, P1, extra=("--listen", f"tcp:{P2}:5060"))
+    ensure_p2(lab)
     proc, log = baresip_with_ice(lab)
     try:
         wait_for(lambda: "200 OK" in log.read_text(errors="replace"), 30, "alice registered",
                  lambda: log.read_text(errors="replace")[-3000:])  # fmt: skip
-        caller = lab.net.popen("hb", [sys.executable, "-c", CALLER, HB, f"{P2}:5060", "sip:alice@p2p.example",
-                                      settings(lab, "ua")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT)  # fmt: skip
+        caller = phone(lab, "hb", "caller", f"{HB}:5094", f"{P2}:5060", "sip:ua@p2p.example", 1000,
+                       settings(lab, "ua"))  # fmt: skip
+        assert caller.stdin is not None
+        caller.stdin.write("sip:alice@p2p.example\n")
+        caller.stdin.flush()
         ours = line(caller)
         caller.wait(30)
         assert "a=ice-ufrag" in ours["answer"], ours["answer"]  # baresip answered our ICE offer with ICE
