@@ -110,9 +110,11 @@ def forget_memos(peer: Peer) -> None:
     state: the parser's vetted URIs and name-addrs (4,096 each), IP literals (4,096), ``is_local`` answers
     (4,096) and the overlay's verified signatures (4,096). What the soak measures is everything else."""
     from p2psip import address, uri
+    from p2psip.message import values
 
     uri._VETTED.clear()
     uri._VETTED_URIS.clear()
+    values._VETTED_VIAS.clear()
     address._NUMERIC_CACHE.clear()
     peer.stack._is_local_cache.clear()
     peer.node.cache._facts.clear()

@@ -591,3 +591,24 @@ def test_bad_port_in_first_of_combined_via_line_is_refused() -> None:
     )
     with pytest.raises(ParseError):
         parse(data)
+
+
+def test_vetted_vias_still_give_independent_objects_and_stay_bounded() -> None:
+    """Via keeps what texts seen before gave (values._VETTED_VIAS, issue 19's parser lever): every Via built
+    from it must still be new and independent, a bad text must fail every time, and the memo is bounded."""
+    from p2psip.message import values
+
+    text = "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK-1;rport=5060;received=192.0.2.10"
+    first, second = Via(text), Via(text)
+    assert first is not second and first.params is not second.params and first == second
+    first.params["branch"] = "changed"
+    assert second.branch == "z9hG4bK-1" and Via(text).branch == "z9hG4bK-1" and str(Via(text)) == text
+    assert Via._first_of(f"{text}, SIP/2.0/TCP 192.0.2.1").branch == "z9hG4bK-1"
+    for _ in range(2):
+        with pytest.raises(ParseError):
+            Via("SIP/2.0/UDP 192.0.2.10:99999;branch=z9hG4bK-2")
+        with pytest.raises(ParseError):
+            Via("SIP/2.0/UDP a..b;branch=z9hG4bK-3")
+    for i in range(values._VETTED_MAX + 10):
+        Via(f"SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK{i}")
+    assert len(values._VETTED_VIAS) <= values._VETTED_MAX
