@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -134,6 +135,9 @@ class Stack:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._closed = False
+        self._udp_fallback: weakref.WeakKeyDictionary[ClientTransaction, Target] = weakref.WeakKeyDictionary()
+        """Requests moved from UDP to TCP by size (§18.1.1), with their UDP target: a refused connection
+        sends them there after all (:meth:`_fall_back_to_udp`)."""
         self._local_cache: dict[str, tuple[str, int]] = {}
         self._is_local_cache: dict[tuple[str, int | None, str | None], bool] = {}
 
@@ -346,10 +350,32 @@ class Stack:
         def on_error(exc: Exception) -> None:
             # A connection that fails after the final response arrived (perhaps on another connection)
             # costs this request nothing: only a request still waiting for its answer fails.
-            if tx.state in (State.CALLING, State.TRYING, State.PROCEEDING):
+            live = tx.state in (State.CALLING, State.TRYING, State.PROCEEDING)
+            if live and not self._fall_back_to_udp(tx, exc):
                 self._transport_error(tx, exc)
 
         return on_error
+
+    def _fall_back_to_udp(self, tx: Transaction, exc: Exception) -> bool:
+        """RFC 3261 §18.1.1: a request sent over TCP only because it is over 1300 bytes, to a next hop that
+        refuses or resets the connection (it listens on UDP only), "SHOULD" be retried over UDP: put a UDP
+        Via back (same branch) and send it there, with UDP's retransmissions. True when it was."""
+        if not isinstance(tx, ClientTransaction):
+            return False
+        udp = self._udp_fallback.pop(tx, None)
+        if udp is None or not isinstance(exc.__cause__, ConnectionRefusedError | ConnectionResetError):
+            return False
+        request = tx.request
+        request.remove_first("Via")
+        self.push_via(request, udp, tx.key[0])
+        events = self.transactions.fall_back_to_udp(tx, udp, self.loop.time())
+        if not events:
+            return False
+        self.transport.stats["tcp_refused_udp_retry"] += 1
+        if self.verbose:
+            log.info("%s: %s; sent over UDP instead (RFC 3261 18.1.1)", tx, exc)
+        self.loop.call_soon(self._run, events)
+        return True
 
     def _transport_error(self, tx: Transaction, exc: Exception) -> None:
         if self.verbose:
@@ -389,6 +415,7 @@ class Stack:
         ``branch`` (unique, with the magic cookie) replaces the random one: a proxy puts its loop-detection
         key in it (§16.6 step 8)."""
         branch = self.push_via(request, target, branch)
+        udp = target
         if target.transport == "udp" and request.size_bound() > self.transport.udp_size_limit:
             size = len(bytes(request))
             if size > self.transport.udp_size_limit:
@@ -398,6 +425,8 @@ class Stack:
         tx, events = self.transactions.send_request(
             request, target, self.loop.time(), reliable=target.transport in RELIABLE, timer_c=timer_c
         )
+        if target is not udp:
+            self._udp_fallback[tx] = udp
         self._run(events)
         return tx
 

@@ -327,6 +327,23 @@ class ClientTransaction(Transaction):
         """A response matching this transaction arrived."""
         raise NotImplementedError
 
+    def fall_back_to_udp(self, destination: Destination, now: float) -> list[Action]:
+        """RFC 3261 §18.1.1: a request that went over TCP only because of its size, whose connection was
+        refused or reset, is sent again over UDP. The TU has already put a UDP Via (same branch: the
+        transaction's key) on ``request``; this sends it to ``destination`` and arms the retransmission
+        timer of an unreliable transport (A or E). Only before any response: afterwards it does nothing."""
+        out: list[Action] = []
+        if not self.reliable or self.state not in (State.CALLING, State.TRYING):
+            return out
+        self.reliable = False
+        self.destination = destination
+        self._send(out, self.request)
+        self._start_retransmit(out, now)
+        return out
+
+    def _start_retransmit(self, out: list[Action], now: float) -> None:
+        raise NotImplementedError
+
 
 class InviteClientTransaction(ClientTransaction):
     """RFC 6026 Figure 5 (INVITE client transaction).
@@ -358,11 +375,14 @@ class InviteClientTransaction(ClientTransaction):
         self._enter(State.CALLING)
         self._send(out, self.request)
         if not self.reliable:
-            self._start(out, "A", now, self._a_interval)
+            self._start_retransmit(out, now)
         self._start(out, "B", now, self.timers.b())
         if self.use_timer_c:
             self._start(out, "C", now, self.timers.timer_c)
         return out
+
+    def _start_retransmit(self, out: list[Action], now: float) -> None:
+        self._start(out, "A", now, self._a_interval)
 
     def receive_response(self, response: Response, now: float) -> list[Action]:
         out: list[Action] = []
@@ -466,9 +486,12 @@ class NonInviteClientTransaction(ClientTransaction):
         self._enter(State.TRYING)
         self._send(out, self.request)
         if not self.reliable:
-            self._start(out, "E", now, self._e_interval)
+            self._start_retransmit(out, now)
         self._start(out, "F", now, self.timers.f())
         return out
+
+    def _start_retransmit(self, out: list[Action], now: float) -> None:
+        self._start(out, "E", now, self._e_interval)
 
     def receive_response(self, response: Response, now: float) -> list[Action]:
         out: list[Action] = []
@@ -944,6 +967,11 @@ class TransactionLayer:
     def transport_error(self, transaction: Transaction, error: str, now: float) -> list[TUEvent]:
         """The Stack could not send a message of ``transaction``."""
         return self._process(transaction.transport_error(error, now))
+
+    def fall_back_to_udp(self, transaction: ClientTransaction, destination: Destination, now: float
+                         ) -> list[TUEvent]:  # fmt: skip
+        """See :meth:`ClientTransaction.fall_back_to_udp`."""
+        return self._process(transaction.fall_back_to_udp(destination, now))
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timers` must be called next (None: no timer armed). May be early (a

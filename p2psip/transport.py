@@ -84,6 +84,7 @@ STAT_NAMES = (
     "connections_opened",
     "connections_closed",
     "udp_to_tcp",  # large requests switched from UDP to TCP (§18.1.1)
+    "tcp_refused_udp_retry",  # ...whose TCP connection was refused: sent over UDP after all (§18.1.1)
     "ws_errors",  # WebSocket connections closed for a fault: bad handshake or frame, non-SIP payload, no pong
     "connections_refused",  # incoming stream connections over the per-source or global cap
     "slow_closed",  # stream connections closed with a message unfinished after the deadline (slowloris)
@@ -937,6 +938,7 @@ class TransportLayer:
             queue = self._pending.pop(target, [])
             self.stats["send_errors"] += len(queue)
             err = TransportError(f"cannot connect to {target}: {exc}")
+            err.__cause__ = exc  # what failed (a refused connection lets §18.1.1 fall back to UDP)
             if self.verbose:
                 log.info("%s", err)
             for _, on_error in queue:

@@ -68,6 +68,29 @@ async def test_large_request_switches_to_tcp() -> None:
         await b.close()
 
 
+async def test_large_request_to_a_udp_only_next_hop_falls_back_to_udp() -> None:
+    """§18.1.1: over 1300 bytes the request goes over TCP; the next hop listens on UDP only (the connection
+    is refused), so it is sent over UDP after all, with a UDP Via, and answered."""
+    a = await Stack.start(["127.0.0.1:0"])
+    b = await Stack.start([f"udp:127.0.0.1:{free_port()}"])  # nothing on its TCP port
+    try:
+        alice = UserAgent(a, "sip:alice@127.0.0.1")
+        bob = UserAgent(b, "sip:bob@127.0.0.1")
+        host, port = b.local_address("udp")
+        text = "x" * 2000
+        response = await alice.message(f"sip:bob@{host}:{port}", text, timeout=10)
+        assert response.status == 200
+        got = await asyncio.wait_for(bob.messages.get(), 5)
+        assert got.body == text.encode()
+        via = got.top_via
+        assert via is not None and via.transport == "UDP"
+        assert a.stats["udp_to_tcp"] == 1 and a.stats["tcp_refused_udp_retry"] == 1
+        assert a.stats["send_errors"] == 1  # the refused connection, nothing else
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_stack_without_a_core_answers_503() -> None:
     stack = await Stack.start(["udp:127.0.0.1:0"])
     loop = asyncio.get_running_loop()

@@ -444,3 +444,22 @@ class TestNonInviteServer:
         tx.send_response(response(tx.request, status, None if status == 100 else "b1"), 0.1)
         out = tx.transport_error("reset", 0.2)
         assert any(isinstance(a, TransportFailure) for a in out) and tx.state is State.TERMINATED
+
+
+@pytest.mark.parametrize("method, timer", [("INVITE", "A"), ("MESSAGE", "E")])
+def test_a_refused_size_switched_request_falls_back_to_udp(method: str, timer: str) -> None:
+    """§18.1.1: a request sent over TCP for its size, refused by the next hop, goes again over UDP with
+    UDP's retransmission timer; once a response arrived there is no falling back."""
+    cls = InviteClientTransaction if method == "INVITE" else NonInviteClientTransaction
+    req = request(method)
+    tx = cls(req, ("tcp", "192.0.2.2", 5060), reliable=True, timers=T)
+    assert not {"A", "E"} & set(started(tx.start(0.0)))  # reliable: no retransmissions
+    udp = ("udp", "192.0.2.2", 5060)
+    actions = tx.fall_back_to_udp(udp, 0.1)
+    sent = [a for a in actions if isinstance(a, Transmit)]
+    assert len(sent) == 1 and sent[0].destination == udp and sent[0].message is req
+    assert started(actions) == {timer: 0.1 + T.t1} and not tx.reliable
+    again = cls(request(method), ("tcp", "192.0.2.2", 5060), reliable=True, timers=T)
+    again.start(0.0)
+    again.receive_response(response(again.request, 100), 0.05)
+    assert again.fall_back_to_udp(udp, 0.1) == [] and again.reliable
