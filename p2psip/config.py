@@ -49,6 +49,9 @@ The file format (all keys optional)::
     [presence_allow]           # who may see a user's presence (identified watchers; "*": any of them)
     "sip:alice@example.net" = ["sip:bob@example.net"]
 
+    [voicemail]                # where a user's message-summary SUBSCRIBEs go (its voicemail, RFC 3842)
+    "sip:alice@example.net" = "sip:alice@voicemail.example.net"
+
     [users."sip:alice@example.net"]
     password = "secret"
     username = "alice"         # digest user name; default: the AOR's user part
@@ -124,6 +127,9 @@ class PeerConfig:
     presence_allow: dict[str, list[str]] = field(default_factory=dict)
     """Per presentity (canonical AOR): the watchers (canonical AORs, or ``"*"``) allowed to see its
     presence; a presentity not named here lets every identified watcher see it (docs/presence.md)."""
+    voicemail: dict[str, str] = field(default_factory=dict)
+    """Per user (canonical AOR): the SIP URI of its voicemail, where the peer retargets the user's own
+    ``message-summary`` SUBSCRIBEs (p2psip/mailbox.py, docs/presence.md)."""
     dns: bool = False
     verbose: bool = False
     replicas: int = 3
@@ -252,6 +258,7 @@ _FILE_KEYS = frozenset(
         "scripts",
         "routes",
         "presence_allow",
+        "voicemail",
         "dns",
         "verbose",
         "replicas",
@@ -413,6 +420,12 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
                     _aor(_typed(w, str, where, "AOR strings"), where) if w != "*" else "*" for w in names
                 ]
                 config.presence_allow[_aor(presentity, "presence_allow")] = allowed
+        elif key == "voicemail":
+            table = _typed(value, dict, key, 'a table AOR = "VOICEMAIL-URI"')
+            for owner, target in table.items():
+                where = f"voicemail.{owner}"
+                _aor(_typed(target, str, where, "a SIP URI string"), where)
+                config.voicemail[_aor(owner, "voicemail")] = target
         elif key == "policy":
             policy = _typed(value, str, key, '"first-claim" or "enrolled"')
             if policy not in ("first-claim", "enrolled"):

@@ -71,6 +71,7 @@ from p2psip.location import (
     decide,
     live_targets,
 )
+from p2psip.mailbox import Forbidden, MailboxPolicy, NoMailbox, Retarget, is_message_summary
 from p2psip.message import Request, Response
 from p2psip.ownership import Claim, FailureThrottle, flow_of, may_register, owns
 from p2psip.presence import WatcherPolicy
@@ -415,6 +416,9 @@ class PeerCore(Proxy):
             if request.to.tag is None:
                 self.spawn(self._presence(request, transaction, source))
                 return
+        if transaction is not None and request.to.tag is None and is_message_summary(request):
+            self.spawn(self._presence(request, transaction, source))  # MWI: the AOR's agent decides
+            return
         if request.get("Route") is not None:
             self._pass_own_flow_routes(request, source)
         if (
@@ -473,8 +477,9 @@ class PeerCore(Proxy):
             super().on_request(request, transaction, source)
 
     async def _presence(self, request: Request, transaction: ServerTransaction, source: Source) -> None:
-        """A SUBSCRIBE or PUBLISH for an AOR's presence: served here when this peer is the AOR's agent
-        (its primary home peer), else forwarded to that peer (:mod:`p2psip.presenceagent`)."""
+        """A SUBSCRIBE or PUBLISH for an AOR's presence, or a SUBSCRIBE for its message-summary: served
+        here when this peer is the AOR's agent (its primary home peer), else forwarded to that peer
+        (:mod:`p2psip.presenceagent`, :mod:`p2psip.mailbox`)."""
         peer = self.peer
         decision = decide(request.uri, routes=peer._routes(), is_local=peer.stack.is_local)
         if not isinstance(decision, OverlayLookup):
@@ -487,6 +492,9 @@ class PeerCore(Proxy):
             self._reject(transaction, request, SIPStatusError(503, detail=f"overlay lookup failed: {exc}"))
             return
         home = agent.primary_home(bindings)
+        if home is None and is_message_summary(request):
+            await self._mailbox(decision.aor, request, transaction, source)
+            return
         if home is None:
             if request.method == "SUBSCRIBE":
                 await agent.subscribe(decision.aor, request, transaction, source)
@@ -503,6 +511,41 @@ class PeerCore(Proxy):
             request.add(VOUCH_HEADER, peer.vouch(request))
         peer.counters["routed_to_home"] += 1
         self.forward(request, transaction, source, [RoutedTarget(request.uri, (home,))])
+
+    async def _mailbox(
+        self, aor: str, request: Request, transaction: ServerTransaction, source: Source
+    ) -> None:
+        """This peer is ``aor``'s agent and a device subscribes to its message-summary: only the mailbox
+        owner's vouched devices may (403 for others); the SUBSCRIBE goes on to the owner's voicemail
+        (``[voicemail]``), vouched for by this peer, or, for a voicemail's own address, to its devices
+        (:mod:`p2psip.mailbox`)."""
+        peer = self.peer
+        try:
+            watcher = request.from_.uri.aor()
+        except (ParseError, ValueError):
+            watcher = ""
+        vouched = bool(watcher) and await peer._vouched(request, source)
+        verdict = peer.mailboxes.decide(aor, watcher, vouched=vouched)
+        if isinstance(verdict, Forbidden):
+            peer.counters["mwi_refused"] += 1
+            self._reject(transaction, request, SIPStatusError(
+                403, "Forbidden", detail=f"only devices of {verdict.owner} subscribe to its messages"
+            ))  # fmt: skip
+            return
+        if isinstance(verdict, NoMailbox):
+            # not a scan: the phone asks about its own AOR (no 404 token taken)
+            super()._reject(transaction, request, SIPStatusError(404, detail="no voicemail for this AOR"))
+            return
+        request.remove(VOUCH_HEADER)  # only a peer asserts identities; we checked this one
+        request.add(VOUCH_HEADER, peer.vouch(request))
+        if isinstance(verdict, Retarget):
+            try:
+                request.uri = URI(verdict.uri)
+            except ParseError as exc:  # the config was checked: not reached
+                self._reject(transaction, request, SIPStatusError(500, detail=str(exc)))
+                return
+            peer.counters["mwi_retargeted"] += 1
+        Proxy.on_request(self, request, transaction, source)
 
     def _reject(self, transaction: ServerTransaction, request: Request, error: SIPStatusError) -> None:
         if error.status == 404 and isinstance(transaction.source, Source):
@@ -667,6 +710,8 @@ class Peer:
                 "shed",
                 "messages_stored",
                 "messages_delivered",
+                "mwi_retargeted",
+                "mwi_refused",
                 "bindings_written",
                 "bindings_removed",
                 "lookups",
@@ -726,6 +771,8 @@ class Peer:
             stack, self.lookup_bindings, self._vouched, policy=WatcherPolicy(allow=allow)
         )
         """The presence agent of the AORs whose primary home this peer is (p2psip/presenceagent.py)."""
+        self.mailboxes = MailboxPolicy(config.voicemail)
+        """Where users' own message-summary SUBSCRIBEs go, and who may send them (p2psip/mailbox.py)."""
         self.presence.save = self._save_presence
         self.presence.load = self._load_presence
         self.core = PeerCore(self, stack, verbose=config.verbose)

@@ -39,9 +39,11 @@ from p2psip.address import numeric_host
 from p2psip.auth import DigestServer
 from p2psip.dialog import DialogId, dialog_id_of_request
 from p2psip.errors import ParseError, SIPStatusError
+from p2psip.mailbox import is_message_summary
 from p2psip.message import Request, Response
 from p2psip.peer import Peer, PeerCore
 from p2psip.presence import Decision
+from p2psip.presenceagent import is_presence
 from p2psip.proxy import Proxy, ProxyContext, RoutedTarget
 from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register
 from p2psip.stack import Source, Stack
@@ -570,6 +572,15 @@ class ScriptedPeerCore(ScriptingCore, PeerCore):
         peer.core = core
         peer.presence.authorize = core.authorize_subscribe
         return core
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
+        """Presence SUBSCRIBE/PUBLISH and message-summary SUBSCRIBE are the peer's agents' business, not a
+        call for the user's ``incoming`` handlers (the article's script would proxy or redirect them like
+        an INVITE); scripts have their say on watchers through ``subscribe`` events."""
+        if request.to.tag is None and (is_presence(request) or is_message_summary(request)):
+            PeerCore.on_request(self, request, transaction, source)
+            return
+        super().on_request(request, transaction, source)
 
     async def authorize_subscribe(
         self, aor: str, watcher: str, request: Request, transaction: ServerTransaction, source: Source

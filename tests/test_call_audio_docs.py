@@ -2,7 +2,7 @@
 as its own process: our UserAgent calls it, hears the greeting, speaks a 1 kHz tone, presses '#', and the
 voicemail hangs up and leaves a WAV file holding the tone. A second caller hangs up during the greeting
 and leaves no message. A phone subscribed to its message-summary (RFC 3842) hears "no messages", then
-"1 voice message" once a caller left one."""
+"1 voice message" once a caller left one, and "no messages" again once the file is deleted."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ async def test_the_voicemail_example_records_a_message(voicemail: tuple[Voicemai
         match = re.fullmatch(r"message (\S+)", line)
         assert match, line
         path = Path(match.group(1))
-        assert path.parent == folder and path.name.endswith("-from-carol.wav")
+        assert path.parent == folder / "voicemail" and path.name.endswith("-from-carol.wav")  # its mailbox
         assert dominant_frequency(bytes(heard.pcm), CANDIDATES) == 440  # we heard the greeting
         message = read_wav(path)
         assert dominant_frequency(message, CANDIDATES) == 1000  # it recorded what we said
@@ -118,7 +118,7 @@ async def test_the_voicemail_example_records_a_message(voicemail: tuple[Voicemai
         assert await third.wait_ended(30) == "bye received"
         second = await box.line()
         assert second.startswith("message ") and second != line
-        assert sorted(folder.iterdir()) == sorted([path, Path(second.split()[1])])  # call 2 left nothing
+        assert sorted((folder / "voicemail").iterdir()) == sorted([path, Path(second.split()[1])])  # not 2
         await caller.close()
     finally:
         await stack.close()
@@ -144,7 +144,7 @@ def check_summary(request: object) -> None:
 async def test_the_voicemail_example_tells_subscribers_when_messages_wait(
     voicemail: tuple[Voicemail, int, Path],
 ) -> None:
-    box, port, _folder = voicemail
+    box, port, folder = voicemail
     assert await box.line() == "voicemail ready"
     stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
     try:
@@ -163,12 +163,19 @@ async def test_the_voicemail_example_tells_subscribers_when_messages_wait(
         await asyncio.wait_for(session.play(ToneSource(1000, duration=0.5)), 30)
         await call.send_dtmf("#")
         assert await call.wait_ended(30) == "bye received"
-        assert (await box.line()).startswith("message ")
+        line = await box.line()
+        assert line.startswith("message ")
 
         note = await sub.next(10)
         summary = mwi.parse(note.body)
         assert summary.waiting and summary.counts["voice-message"] == (1, 0, 0, 0)
         assert note.request.get("Content-Type") == mwi.CONTENT_TYPE
+
+        # the message is deleted: the phone hears "no" (the example looks at its folder every second)
+        Path(line.split()[1]).unlink()
+        gone = mwi.parse((await sub.next(10)).body)
+        assert not gone.waiting and gone.counts["voice-message"] == (0, 0, 0, 0)
+        assert not list(folder.rglob("*.wav"))
         await sub.unsubscribe()
         await caller.close()
         await phone.close()

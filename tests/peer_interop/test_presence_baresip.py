@@ -42,14 +42,18 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 class Phone:
     """One headless baresip with presence; commands go to its `cons` port and their output comes back."""
 
-    def __init__(self, workdir: Path, user: str, peer: Peer, watches: list[str]) -> None:
+    def __init__(
+        self, workdir: Path, user: str, peer: Peer, watches: list[str], *, apps: tuple[str, ...] = ()
+    ) -> None:
         self.user = user
         self.dir = workdir / f"baresip-{user}"
         self.dir.mkdir(parents=True)
         self.cons_port = free_port()
         host, port = peer.sip_address()
         (self.dir / "config").write_text(
-            baresip_config(f"127.0.0.1:{free_sip_port()}", self.cons_port, apps=("contact", "presence"))
+            baresip_config(
+                f"127.0.0.1:{free_sip_port()}", self.cons_port, apps=("contact", "presence", *apps)
+            )
         )
         (self.dir / "accounts").write_text(
             f'<sip:{user}@p2p.example>;outbound="sip:{host}:{port}";regint=300;pubint=300;'
