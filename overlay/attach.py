@@ -35,6 +35,9 @@ class AttachState:
     fallbacks: list[Endpoint] = field(default_factory=list)
     seen: Endpoint | None = None
     """The address the attach peer sees this client at (its NAT's outer address toward it)."""
+    service: Endpoint | None = None
+    """The attach peer's application address (``service`` in its answer: for p2psip its SIP address, where
+    the client peer keeps its SIP flow); None until an answer names one."""
     last_answer: float | None = None
     next_due: float = 0.0
     misses: int = 0
@@ -47,12 +50,16 @@ class AttachState:
     def sent(self, now: float) -> None:
         self.next_due = now + self.interval
 
-    def answered(self, now: float, seen: Endpoint | None, successors: list[Endpoint]) -> None:
-        """The attach peer answered an ``attach``: alive; remember its successors as fallbacks."""
+    def answered(
+        self, now: float, seen: Endpoint | None, successors: list[Endpoint], service: Endpoint | None = None
+    ) -> None:
+        """The attach peer answered an ``attach``: alive; remember its successors as fallbacks and the
+        application address it named (a new attach peer's replaces the old one's)."""
         self.last_answer = now
         self.misses = 0
         if seen is not None:
             self.seen = seen
+        self.service = service
         fresh = [ep for ep in successors if ep != self.peer]
         if fresh:
             self.fallbacks = fresh[:MAX_FALLBACKS]
@@ -70,6 +77,7 @@ class AttachState:
         if not self.fallbacks:
             return None
         dead, self.peer = self.peer, self.fallbacks.pop(0)
+        self.service = None  # the new attach peer names its own
         if dead not in self.fallbacks and len(self.fallbacks) < MAX_FALLBACKS:
             self.fallbacks.append(dead)
         self.misses = 0
@@ -81,6 +89,7 @@ class AttachState:
         return {
             "peer": f"{self.peer[0]}:{self.peer[1]}",
             "seen": f"{self.seen[0]}:{self.seen[1]}" if self.seen else None,
+            "service": f"{self.service[0]}:{self.service[1]}" if self.service else None,
             "fallbacks": [f"{h}:{p}" for h, p in self.fallbacks],
             "reattached": self.reattached,
         }

@@ -286,6 +286,9 @@ class Node:
         self._attach_ids: dict[Endpoint, int] = {}
         self._clients: OrderedDict[int, Endpoint] = OrderedDict()
         """Client peers attached to this full peer (NodeId -> the address their keep-alives come from)."""
+        self.service: Endpoint | None = None
+        """The application address this full peer names to its client peers in ``attach`` answers (set by
+        the application: p2psip sets its SIP UDP address); None: names none."""
         """How this node joined: full or (refused as) client, why, and the address it is reached at."""
 
     # ------------------------------------------------------------------------------------------------
@@ -367,7 +370,7 @@ class Node:
                     raise OverlayError(
                         f"other peers cannot reach this one at {host}:{port} ({node.reach.reason}):"
                         " forward the overlay port to it and give --advertise"
-                        " (client peers are not implemented)"
+                        " (or let it join as one of the client peers: client_peers = true)"
                     )
                 node.me = NodeRef(node.identity.node_id, *node.reach.endpoint)
             await node._join(join)
@@ -557,7 +560,8 @@ class Node:
                 nodes = [n for n in reply.body.get("nodes", []) if n.id != self.me.id]
                 for n in nodes:
                     self._attach_ids[n.ep] = n.id
-                st.answered(self._loop.time(), reply.body.get("seen"), [n.ep for n in nodes])
+                seen, service = reply.body.get("seen"), reply.body.get("service")
+                st.answered(self._loop.time(), seen, [n.ep for n in nodes], service)
                 self._count("attach_answered")
                 return True
         finally:
@@ -626,10 +630,24 @@ class Node:
             while len(self._clients) > MAX_CLIENTS:
                 self._clients.popitem(last=False)
             self._count("attach_served")
-            self._reply(msg.id, addr, "ok", {"seen": addr, "nodes": list(self.core.successors)})
+            answer: dict[str, Any] = {"seen": addr, "nodes": list(self.core.successors)}
+            if self.service is not None:
+                answer["service"] = self.service
+            self._reply(msg.id, addr, "ok", answer)
             return
         rtype, body = await self._relay_answer(msg)
         self._reply(msg.id, addr, rtype, body)
+
+    def attach_peer(self) -> tuple[Endpoint, int | None] | None:
+        """A client peer's attach peer: its overlay address and NodeId (None when not yet known); None on
+        a full peer."""
+        if self.attach is None:
+            return None
+        return self.attach.peer, self._attach_ids.get(self.attach.peer)
+
+    def attached_client(self, node_id: int) -> Endpoint | None:
+        """Where an attached client peer's keep-alives come from (None: no such client attached here)."""
+        return self._clients.get(node_id)
 
     async def _relay_answer(self, msg: Message) -> tuple[str, dict[str, Any]]:
         """Carry out ``relay_store``/``relay_fetch`` for an attached client peer (UDP or TCP)."""

@@ -93,6 +93,7 @@ REACH_REPLY_FIELDS: dict[str, str] = {
     "seen": "ep?",  # probe: the source address the bootstrap saw the probe come from
     "reachable": "bool?",  # probe, reach: the other member's ping was answered (absent: nobody to ask)
     "by": "node?",  # probe: the member that tried
+    "service": "ep?",  # attach: the attach peer's application (SIP) address for its client peers
 }
 # Client peers (docs/nat.md, overlay.attach): a node nobody reaches keeps a flow to a full peer with
 # ``attach`` keep-alives (answered with ``seen`` and the attach peer's successors, ``nodes``, as fallbacks)

@@ -22,6 +22,8 @@ The file format (all keys optional)::
     realm = "p2psip"           # digest realm for users with a password
     require_auth = false       # true: only accounts may register; every REGISTER is challenged (401)
     home_routing = true        # false: calls go straight to the contact, not through its home peer (bench)
+    client_peers = true        # unreachable by other peers (probe): join as a client peer; false: refuse
+    client = false             # true: join as a client peer through --join whatever the probe says
     offline_messages = true    # false: no inbox (a MESSAGE for nobody registered gets 404, never stored)
     flow_timer = 120           # seconds an RFC 5626 phone may stay silent (Flow-Timer) before its flow fails
     nat_ping = 20.0            # seconds between NAT pings (OPTIONS) to phones without RFC 5626 outbound
@@ -188,6 +190,11 @@ class PeerConfig:
     enrollment authority named by ``ca``; ``p2psip enroll``, docs/security.md)."""
     ca: Path | None = None
     """The enrollment authority's public key file (``ca.pub`` of ``p2psip enroll init``: 64 hex digits)."""
+    client_peers: bool = True
+    """A peer others cannot reach (the probe at join, docs/nat.md) joins as a client peer through its
+    bootstrap; False: it refuses to start instead."""
+    client: bool = False
+    """Join as a client peer whatever the probe says (``--client``)."""
     enrolled_nodes: bool = False
     """Admit only nodes holding a node certificate of ``ca`` (this peer's in ``DATA_DIR/node.cert``)."""
     overlay_limits: dict[str, Rate] = field(default_factory=dict)
@@ -296,6 +303,8 @@ _FILE_KEYS = frozenset(
         "policy",
         "ca",
         "enrolled_nodes",
+        "client_peers",
+        "client",
         "dht",
     ]
 )
@@ -438,7 +447,8 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             if dht not in ("chord", "opendht"):
                 raise ConfigError(f"config: dht {dht!r}: use chord or opendht")
             config.dht = dht
-        elif key in ("dns", "verbose", "require_auth", "home_routing", "enrolled_nodes", "offline_messages"):
+        elif key in ("dns", "verbose", "require_auth", "home_routing", "enrolled_nodes", "offline_messages",
+                     "client_peers", "client"):
             setattr(config, key, _typed(value, bool, key, "true or false"))
         elif key in ("replicas", "min_expires", "max_expires", "default_expires"):
             number = _typed(value, int, key, "a whole number")
@@ -556,6 +566,10 @@ def load_config(path: Path | None = None, flags: Mapping[str, Any] | None = None
         raise ConfigError("--policy enrolled needs --ca FILE (the enrollment authority's ca.pub)")
     if config.enrolled_nodes and config.ca is None:
         raise ConfigError("--enrolled-nodes needs --ca FILE (the enrollment authority's ca.pub)")
+    if config.client and config.join is None:
+        raise ConfigError("--client needs --join HOST:PORT: a client peer attaches to a full peer")
+    if config.client and config.dht == "opendht":
+        raise ConfigError("--client works with the chord overlay only (not --dht opendht)")
     if config.join is not None and config.join == config.overlay and config.overlay.port != 0:
         raise ConfigError(f"--join {config.join} is this peer's own overlay address; name another peer")
     return config

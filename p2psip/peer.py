@@ -59,9 +59,19 @@ from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
 from p2psip import control
 from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
 from p2psip.auth import DigestServer
+from p2psip.clientpeer import (
+    CLIENT_DOMAIN,
+    KEEPALIVE,
+    REGISTER,
+    REGISTER_EXPIRES,
+    ClientLink,
+    client_aor,
+    client_instance,
+    client_node_of,
+)
 from p2psip.config import PeerConfig
 from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError, SIPStatusError, TransportError
-from p2psip.flows import Failed, Flow, FlowTable, Ping
+from p2psip.flows import Failed, Flow, FlowTable, Ping, stun_binding_request, stun_mapped_address
 from p2psip.inbox import Letter, LetterError, inbox_name, load_or_create_key, open_letter
 from p2psip.location import (
     ForwardAsAddressed,
@@ -88,6 +98,7 @@ from p2psip.registrar import (
     aor_of,
     contact_instances,
     decode_binding,
+    encode_binding,
     ok_response,
     plan_register,
 )
@@ -366,6 +377,13 @@ class InboxDelivery:
     final: asyncio.Future[int]
 
 
+@dataclass(slots=True)
+class ClientRegistration:
+    """A client peer's REGISTER at its attach peer (p2psip.clientpeer): its final response or failure."""
+
+    final: asyncio.Future[Response | str]
+
+
 class PeerCore(Proxy):
     """The peer's SIP core: the proxy (with ``locate`` = the DHT) plus the registrar for REGISTER."""
 
@@ -625,6 +643,10 @@ class PeerCore(Proxy):
             if response.status >= 200 and not transaction.context.final.done():
                 transaction.context.final.set_result(response.status)
             return
+        if transaction is not None and isinstance(transaction.context, ClientRegistration):
+            if response.status >= 200 and not transaction.context.final.done():
+                transaction.context.final.set_result(response)
+            return
         if response.status >= 200 and response.cseq.method == "INVITE":
             call = self.calls.get(response.call_id)
             if call is not None:
@@ -636,8 +658,13 @@ class PeerCore(Proxy):
 
     @staticmethod
     def _delivery_failed(transaction: Transaction, status: int) -> bool:
-        """A stored message's delivery (the peer's own MESSAGE) got no answer: its outcome is ``status``."""
+        """A stored message's delivery (the peer's own MESSAGE) got no answer: its outcome is ``status``;
+        a client peer's REGISTER at its attach peer likewise."""
         context = transaction.context
+        if isinstance(context, ClientRegistration):
+            if not context.final.done():
+                context.final.set_result("no answer" if status == 408 else "the transport failed")
+            return True
         if not isinstance(context, InboxDelivery):
             return False
         if not context.final.done():
@@ -731,6 +758,9 @@ class Peer:
                 "new_aors_refused",
                 "scans_refused",
                 "user_keys_removed",
+                "client_registers",
+                "client_registers_refused",
+                "client_bindings_moved",
             ),
             0,
         )
@@ -778,6 +808,15 @@ class Peer:
         self.core = PeerCore(self, stack, verbose=config.verbose)
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
+        attach = getattr(node, "attach", None)
+        self.client_link: ClientLink | None = ClientLink() if attach is not None else None
+        """Set on a client peer: its SIP flow to its attach peer (p2psip.clientpeer, docs/nat.md)."""
+        self._client_task: asyncio.Task[None] | None = None
+        self._client_call_id = secrets.token_hex(12)
+        self._client_cseq = 0
+        self._stun: dict[bytes, asyncio.Future[tuple[str, int] | None]] = {}
+        self.clients: dict[int, dict[str, Any]] = {}
+        """On a full peer: the client peers that registered their SIP flow here (NodeId -> its flow)."""
 
     @property
     def node(self) -> Node:
@@ -849,7 +888,14 @@ class Peer:
                 raise
         peer._flow_task = asyncio.ensure_future(peer._watch_flows())
         peer._sweeper = asyncio.ensure_future(peer._sweep_forever())
+        if peer.client_link is not None:
+            stack.transport.on_stun = peer._on_stun
+            peer._client_task = asyncio.ensure_future(peer._keep_client_flow())
+        elif isinstance(node, Node) and stack.transport.listens_on("udp"):
+            node.service = stack.local_address("udp")  # where client peers keep their SIP flow (docs/nat.md)
         how = f"joined the overlay through {config.join}" if join else "created a new overlay"
+        if peer.client_link is not None:
+            how += " as a client peer"
         peer._event("joined", f"{how} as node {ids.short(node.node_id)} at {peer.overlay_address_text}; "
                     f"SIP on {', '.join(peer.sip_addresses())}")  # fmt: skip
         return peer
@@ -917,6 +963,8 @@ class Peer:
             self._flow_task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._client_task is not None:
+            self._client_task.cancel()
         handed = 0
         try:
             if self._chord is None:
@@ -1092,6 +1140,15 @@ class Peer:
             aor = aor_of(request)
         except RegisterRejected as rejected:
             return Response.for_error(request, rejected)
+        client = client_node_of(aor)
+        if client is not None or aor.endswith("@" + CLIENT_DOMAIN):
+            if client is None:
+                return Response.for_request(request, 404, "Not Found (not a client peer's name)")
+            return await self._register_client(request, source, client)
+        if self.client_link is not None and not self.client_link.ready and request.get("Contact") is not None:
+            response = Response.for_request(request, 503, "Service Unavailable (not attached to a peer yet)")
+            response.add("Retry-After", "5")
+            return response
         now = time.time()
         claimant = flow_of(source.transport, source.host, source.port)
         instances = contact_instances(request)
@@ -1137,6 +1194,9 @@ class Peer:
             outbound = self._outbound(request, source)
             flow = outbound or self._behind_nat(request, source)
             path = [self.path_entry(source, outbound, flow)] if self.config.home_routing else []
+            if self.client_link is not None and self.client_link.path is not None:
+                # a client peer's phones are reached through its attach peer, over the client's flow
+                path = [self.client_link.path, self.path_entry(source, outbound, flow)]
             try:
                 plan = plan_register(request, current, now, self.policy, path=path)
             except RegisterRejected as rejected:
@@ -1291,11 +1351,191 @@ class Peer:
         return live_targets(homed.values(), now)
 
     def _flow_failed(self, failed: Failed) -> None:
-        """A flow died (connection closed, keep-alives or NAT pings stopped): its bindings go (§5.3)."""
+        """A flow died (connection closed, keep-alives or NAT pings stopped): its bindings go (§5.3). A
+        client peer's flow holds no binding in the DHT: the client peer is forgotten here."""
         self.counters["flows_failed"] += 1
         self._event("flow", f"flow {failed.flow.describe()} failed: {failed.why}")
-        if failed.bindings and not self._closed:
-            self.core.spawn(self._remove_bindings(failed.bindings, failed.why))
+        bindings = []
+        for aor, entry_id in failed.bindings:
+            node_id = client_node_of(aor)
+            if node_id is None:
+                bindings.append((aor, entry_id))
+            else:
+                self.clients.pop(node_id, None)
+        if bindings and not self._closed:
+            self.core.spawn(self._remove_bindings(bindings, failed.why))
+
+    # ------------------------------------------------------------ client peers (p2psip.clientpeer)
+
+    async def _register_client(self, request: Request, source: Source, node_id: int) -> Response:
+        """Attach-peer side: a client peer attached to us in the overlay registers its SIP flow. The flow
+        is bound (kept alive by the client's STUN keep-alives), nothing is stored in the DHT, and the 200
+        tells the client its Path entry (with the flow token) and Service-Route (RFC 3327, 3608, 5626)."""
+        self.counters["client_registers"] += 1
+        node = self._chord
+        where = node.attached_client(node_id) if node is not None and node.attach is None else None
+        if where is None or where[0] != source.host:
+            self.counters["client_registers_refused"] += 1
+            return Response.for_request(request, 403, "Forbidden (not a client peer attached here)")
+        try:
+            contacts = [c for c in request.contacts if not c.wildcard]
+            expires_text = request.get("Expires")
+            if len(contacts) != 1:
+                raise ValueError("one Contact")
+            contact = contacts[0]
+            raw = contact.params.get("expires") or expires_text
+            expires = int(raw) if raw is not None else REGISTER_EXPIRES
+        except (ParseError, ValueError):
+            return Response.for_request(request, 400, "Bad Request (a client peer registers one Contact)")
+        aor, entry_id = client_aor(node_id), f"{node_id:032x}".encode()
+        if expires <= 0:
+            self.flows.unbind(aor, entry_id)
+            self.clients.pop(node_id, None)
+            return Response.for_request(request, 200)
+        expires = max(self.policy.min_expires, min(expires, self.policy.max_expires))
+        now = self.stack.loop.time()
+        try:
+            self.flows.bind(
+                source.transport, source.host, source.port, now, aor=aor, entry_id=entry_id,
+                handle=source.connection if source.transport in RELIABLE else None,
+                instance=contact.params.get("+sip.instance"), reg_id=1, outbound=True,
+                contact=str(contact.uri),
+            )  # fmt: skip
+        except OverflowError:
+            return Response.for_request(request, 503, "Service Unavailable (too many flows)")
+        path = self.path_entry(source, outbound=True)
+        self.clients[node_id] = {
+            "node": f"{node_id:032x}",
+            "sip": format_hostport(source.host, source.port),
+            "since": round(time.time(), 1),
+        }
+        self._event("client", f"client peer {ids.short(node_id)} keeps its SIP flow from "
+                    f"{format_hostport(source.host, source.port)} here")  # fmt: skip
+        response = Response.for_request(request, 200)
+        response.add("Contact", f"<{contact.uri}>;expires={expires}")
+        response.add("Path", path)
+        response.add("Service-Route", path)
+        response.add("Require", "outbound")
+        response.add("Supported", "path, outbound")
+        response.add("Flow-Timer", str(self.config.flow_timer))
+        return response
+
+    async def _keep_client_flow(self) -> None:
+        """Client-peer side: keep the SIP flow to the attach peer (REGISTER, STUN keep-alives, again on a
+        failure or a new attach peer), and move the phones' bindings to a new Path when it changes."""
+        link = self.client_link
+        assert link is not None
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            attach = self.node.attach
+            if attach is not None:
+                link.attached(attach.peer, attach.service, loop.time())
+            for action in link.due(loop.time()):
+                if action == REGISTER:
+                    link.sending(loop.time())
+                    await self._register_at_attach_peer(link)
+                elif action == KEEPALIVE:
+                    self.core.spawn(self._client_keepalive(link))
+            await asyncio.sleep(min(0.5, max(0.05, link.next_check(loop.time()) - loop.time())))
+
+    async def _register_at_attach_peer(self, link: ClientLink) -> None:
+        assert link.service is not None
+        host, port = link.service
+        node_id = self.node.node_id
+        aor = client_aor(node_id)
+        here = self.stack.local_uri("udp", toward=host)
+        here.params["ob"] = None
+        self._client_cseq += 1
+        request = Request.create(
+            "REGISTER", f"sip:{bracket(host)}:{port}", from_=f"<{aor}>", to=f"<{aor}>",
+            call_id=self._client_call_id, cseq=self._client_cseq,
+            headers=[
+                ("Contact", f'<{here}>;+sip.instance="{client_instance(node_id)}";reg-id=1'),
+                ("Expires", str(REGISTER_EXPIRES)),
+                ("Supported", "path, outbound"),
+            ],
+        )  # fmt: skip
+        context = ClientRegistration(self.stack.loop.create_future())
+        loop = self.stack.loop
+        try:
+            tx = self.stack.send_request(request, Target("udp", host, port))
+        except (TransportError, ParseError) as exc:
+            link.failed(loop.time(), f"cannot send the REGISTER: {exc}")
+            return
+        tx.context = context
+        try:
+            outcome = await asyncio.wait_for(context.final, 40.0)
+        except TimeoutError:
+            outcome = "no answer"
+        if isinstance(outcome, str) or outcome.status >= 300:
+            why = outcome if isinstance(outcome, str) else f"{outcome.status} {outcome.reason}"
+            link.failed(loop.time(), f"REGISTER at the attach peer {host}:{port}: {why}")
+            self._event("client", f"client peer flow to {host}:{port} not made: {why}")
+            return
+        path = outcome.get("Path")
+        if path is None:
+            link.failed(loop.time(), "the attach peer's 200 named no Path")
+            return
+        timer = outcome.get("Flow-Timer") or ""
+        via = outcome.top_via
+        mapped = None
+        if via is not None and via.received and isinstance(via.rport, int) and via.rport is not True:
+            mapped = (via.received, via.rport)
+        if link.registered(
+            loop.time(), path, flow_timer=int(timer) if timer.isdigit() else None,
+            expires=REGISTER_EXPIRES, mapped=mapped,
+        ):  # fmt: skip
+            self._event("client", f"client peer of {host}:{port}: its Path for our flow is {path}")
+            await self._move_bindings(path)
+
+    async def _client_keepalive(self, link: ClientLink) -> None:
+        """One STUN binding request over the flow (RFC 5626 §4.4.1); its answer tells our mapping."""
+        assert link.service is not None
+        data, tid = stun_binding_request()
+        answer: asyncio.Future[tuple[str, int] | None] = self.stack.loop.create_future()
+        self._stun[tid] = answer
+        try:
+            self.stack.transport.send(data, Target("udp", *link.service))
+            mapped = await asyncio.wait_for(answer, min(10.0, link.flow_timer / 2))
+        except (TimeoutError, TransportError):
+            mapped = None
+        finally:
+            self._stun.pop(tid, None)
+        now = self.stack.loop.time()
+        if mapped is None:
+            link.keepalive_missed(now)
+        else:
+            link.keepalive_answered(now, mapped)
+
+    def _on_stun(self, data: bytes, host: str, port: int) -> None:
+        for tid, answer in list(self._stun.items()):
+            mapped = stun_mapped_address(data, tid)
+            if mapped is not None and not answer.done():
+                answer.set_result(mapped)
+
+    async def _move_bindings(self, path: str) -> None:
+        """The client peer's Path changed (a new attach peer, a new NAT mapping): store its phones'
+        bindings again with it, so calls reach them through the new attach peer."""
+        now = time.time()
+        for aor, homed in list(self.home.items()):
+            for entry_id, binding in list(homed.items()):
+                if not binding.alive(now) or not binding.path or binding.path[0] == path:
+                    continue
+                moved = dataclasses.replace(binding, path=(path, *binding.path[1:]))
+                async with self._lock(aor):
+                    try:
+                        await self.directory.at(aor).put(
+                            encode_binding(moved), entry_id=entry_id, lifetime=max(1, moved.remaining(now)),
+                            key=self.users.get(aor),
+                        )  # fmt: skip
+                    except (OverlayError, TimeoutError) as exc:
+                        self.counters["overlay_errors"] += 1
+                        log.warning("cannot move %s's binding to the new attach peer: %s", aor, exc)
+                        continue
+                    finally:
+                        self.cache.forget(aor)
+                homed[entry_id] = moved
+                self.counters["client_bindings_moved"] += 1
 
     # ---------------------------------------------------------------------- offline messages (inbox)
 
@@ -1608,6 +1848,15 @@ class Peer:
             self._event("routed", f"{request.method} {uri} -> static route {decision.host}:{decision.port}")
             return [uri]
         assert isinstance(decision, OverlayLookup)
+        link = self.client_link
+        if link is not None:
+            # A client peer routes nothing itself (RFC 6940 client): its phones' requests go to its attach
+            # peer over the client's flow (the Service-Route, RFC 3608), which looks the AOR up.
+            if link.path is None:
+                raise SIPStatusError(503, detail="this client peer is not attached to a full peer yet")
+            self.counters["routed"] += 1
+            self._event("routed", f"{request.method} {uri} -> the attach peer {link.service}")
+            return [RoutedTarget(uri, (link.path,))]
         sole = _request_key(request)
         if sole in self._sole:
             self._sole.discard(sole)
@@ -1927,6 +2176,23 @@ class Peer:
             "disagreements": node_stats.get("disagreements", {}),
             "misroutes": node_stats.get("misroutes", {}),
             "overlay_limits": node_stats.get("limits", {}),
+            # a client peer: whom it is attached to and why; a full peer: the client peers attached to it
+            "client": self._client_status(node_stats),
+            "clients": {"overlay": node_stats.get("clients", 0), "sip": list(self.clients.values())},
+        }
+
+    def _client_status(self, node_stats: dict[str, Any]) -> dict[str, Any] | None:
+        link = self.client_link
+        attach = self._chord.attach_peer() if self._chord is not None else None
+        if link is None or attach is None:
+            return None
+        (host, port), node_id = attach
+        reach = node_stats.get("reach") or {}
+        return {
+            "attached_to": format_hostport(host, port),
+            "node": f"{node_id:032x}" if node_id is not None else None,
+            "because": reach.get("reason", "configured as a client peer"),
+            "sip_flow": link.as_dict(),
         }
 
     def _home_registrations(self) -> list[dict[str, Any]]:
@@ -2194,4 +2460,9 @@ def _node_config(node_config: NodeConfig | None, config: PeerConfig) -> NodeConf
             base = dataclasses.replace(base, enrolled_nodes=True, node_certificate=cert)
     if base is None or base.write_quorum < PEER_WRITE_QUORUM:
         base = dataclasses.replace(base or NodeConfig(), write_quorum=PEER_WRITE_QUORUM)
+    if config.client or config.client_peers != base.client_peers:
+        # docs/nat.md: a peer nobody reaches joins as a client peer (client_peers), or one is forced
+        base = dataclasses.replace(
+            base, client=base.client or config.client, client_peers=config.client_peers or base.client_peers
+        )
     return base

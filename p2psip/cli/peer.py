@@ -36,6 +36,7 @@ def _peer_flags(args: argparse.Namespace) -> dict[str, Any]:
         "policy": args.policy,
         "ca": args.ca,
         "enrolled_nodes": True if args.enrolled_nodes else None,
+        "client": True if args.client else None,
         "dht": args.dht,
         "dns": True if args.dns else None,
         "verbose": True if args.verbose else None,
@@ -139,9 +140,21 @@ def _print_status(status: dict[str, Any]) -> None:
 def _print_ring(status: dict[str, Any]) -> None:
     """The Chord part of ``status``: reachability, neighbours, fingers, stored entries, disagreements."""
     reach = status.get("reach")
-    if reach:
+    client = status.get("client")
+    if client:
+        node = (client.get("node") or "?")[:8]
+        print(f"  client peer, attached to {client['attached_to']} ({node}), because: {client['because']}")
+        flow = client.get("sip_flow") or {}
+        problem = flow.get("problem") or "waiting"
+        state = f"Path {flow['path']}" if flow.get("path") else f"not made yet ({problem})"
+        print(f"  SIP flow to the attach peer {flow.get('sip') or '?'}: {state}")
+    elif reach:
         by = f", probed by {reach['probed_by']}" if reach.get("probed_by") else ""
         print(f"  {reach['mode']} peer at {reach['endpoint']}: {reach['reason']}{by}")
+    clients = status.get("clients")
+    if clients and not client:
+        flows = len(clients.get("sip", []))
+        print(f"  attached client peers: {clients.get('overlay', 0)} ({flows} with a SIP flow)")
     pred = status.get("predecessor")
     print(f"  predecessor: {pred['id'] + ' ' + pred['addr'] if pred else '(none)'}")
     print("  successors:")
@@ -322,6 +335,11 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="admit only peers holding a node certificate of --ca (this peer's: DATA_DIR/node.cert)",
     )
+    start.add_argument(
+        "--client", action="store_true",
+        help="join as a client peer through --join (no ring responsibility; its phones' calls go through"
+        " that peer); a peer others cannot reach does so by itself (docs/nat.md)",
+    )  # fmt: skip
     start.add_argument("--dns", action="store_true", help="resolve non-overlay domains with DNS")
     start.add_argument("-v", "--verbose", action="store_true", help="print a SIP trace")
     start.set_defaults(func=_cmd_start)

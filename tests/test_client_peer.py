@@ -1,0 +1,314 @@
+"""Client peers, SIP side (docs/nat.md, Client peers; p2psip.clientpeer).
+
+The link state is tested with a fake clock; the ``service`` field of the ``attach`` answer is fuzzed with
+hypothesis; on loopback, with real sockets, two full peers and a client peer forced with ``client=True``
+(what ``--client`` sets): a phone registered to the client peer (its Contact unreachable as written, as
+behind a NAT) is stored with Path [attach peer with a flow token, client peer], is called from a phone
+at the other full peer, calls out, and stays callable when its attach peer dies (the client peer moves to
+a fallback and stores its phones' bindings again) and when the client peer restarts (the phone registers
+again). The same through real NATs is in tests/netns/test_nat_lab.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peer_phone import Phone
+from peer_support import wait_until_settled
+from test_home_routing import NattedPhone, natted
+
+from overlay.errors import WireError
+from overlay.localring import quick_node_config
+from overlay.wire import Codec
+from p2psip.clientpeer import (
+    CLIENT_DOMAIN,
+    KEEPALIVE,
+    REGISTER,
+    ClientLink,
+    client_aor,
+    client_instance,
+    client_node_of,
+)
+from p2psip.config import HostPort, ListenSpec, PeerConfig
+from p2psip.peer import Peer
+from p2psip.timers import TimerConfig
+from p2psip.uri import Address
+
+ALICE = "sip:alice@p2p.example"
+BOB = "sip:bob@p2p.example"
+FAST_TIMERS = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
+
+# ---------------------------------------------------------------------------------------------- sans-IO
+
+A, A_SIP, B, B_SIP = ("10.0.0.1", 7060), ("10.0.0.1", 5060), ("10.0.0.2", 7060), ("10.0.0.2", 5060)
+PATH_A = "<sip:TOKENA@10.0.0.1:5060;lr;ob>"
+
+
+def test_client_aor_names_a_node_and_nothing_else() -> None:
+    aor = client_aor(0xABC)
+    assert aor == f"sip:{0xABC:032x}@{CLIENT_DOMAIN}" and client_node_of(aor) == 0xABC
+    assert client_node_of("sip:alice@p2p.example") is None
+    assert client_node_of(f"sip:xyz@{CLIENT_DOMAIN}") is None  # not a node id
+    assert client_node_of(f"sip:{'A' * 32}@{CLIENT_DOMAIN}") is None  # not canonical (lower-case hex)
+    assert client_instance(0xABC) == client_instance(0xABC).lower().replace("urn", "urn")
+    assert client_instance(0xABC).startswith("<urn:uuid:")
+
+
+def test_link_registers_once_attached_then_keeps_alive_at_80_percent_of_the_flow_timer() -> None:
+    link = ClientLink()
+    assert link.due(0.0) == []  # not attached: nothing to do
+    assert link.attached(A, None, 0.0)
+    assert link.due(0.0) == []  # the attach peer has not named its SIP address yet
+    assert link.attached(A, A_SIP, 1.0) and link.due(1.0) == [REGISTER]
+    link.sending(1.0)
+    assert link.due(2.0) == []  # one REGISTER at a time
+    assert link.registered(2.0, PATH_A, flow_timer=30, expires=600, mapped=("203.0.113.7", 40000))
+    assert link.ready and link.path == PATH_A
+    assert link.due(2.0 + 23.9) == [] and link.due(2.0 + 24.0) == [KEEPALIVE]
+    assert link.due(26.5) == []  # in flight
+    link.keepalive_answered(27.0, ("203.0.113.7", 40000))
+    assert link.next_keepalive == 27.0 + 24.0
+    assert link.due(2.0 + 300.0) == [REGISTER]  # the refresh at half the registration
+    link.sending(302.0)
+    assert not link.registered(302.1, PATH_A, flow_timer=30, expires=600, mapped=("203.0.113.7", 40000))
+
+
+def test_a_missed_keepalive_or_a_new_mapping_registers_again_at_once() -> None:
+    link = ClientLink()
+    link.attached(A, A_SIP, 0.0)
+    link.sending(0.0)
+    link.registered(0.0, PATH_A, flow_timer=10, expires=600, mapped=("203.0.113.7", 40000))
+    assert link.due(8.0) == [KEEPALIVE]
+    link.keepalive_missed(18.0)
+    assert link.due(18.0) == [REGISTER] and link.problem == "no answer to a STUN keep-alive"
+    link.sending(18.0)
+    link.registered(18.5, PATH_A, flow_timer=10, expires=600, mapped=("203.0.113.7", 40000))
+    assert link.problem is None
+    assert link.due(26.5) == [KEEPALIVE]
+    link.keepalive_answered(26.6, ("203.0.113.7", 40001))  # the NAT gave us another mapping
+    assert link.due(26.6) == [REGISTER] and "mapping changed" in (link.problem or "")
+
+
+def test_a_new_attach_peer_makes_a_new_flow_and_failures_back_off() -> None:
+    link = ClientLink()
+    link.attached(A, A_SIP, 0.0)
+    link.sending(0.0)
+    link.registered(0.0, PATH_A, flow_timer=10, expires=600, mapped=None)
+    assert not link.attached(A, A_SIP, 1.0)  # nothing changed
+    assert link.attached(B, None, 5.0)  # the overlay moved to a fallback: the old Path is void
+    assert not link.ready and link.moves == 1 and link.due(5.0) == []
+    link.attached(B, B_SIP, 5.5)
+    assert link.due(5.5) == [REGISTER]
+    link.sending(5.5)
+    link.failed(6.0, "no answer")
+    assert link.due(7.9) == [] and link.due(8.0) == [REGISTER]
+    link.sending(8.0)
+    link.failed(8.5, "no answer")
+    assert link.due(12.4) == [] and link.due(12.5) == [REGISTER]  # doubled
+    link.sending(12.5)
+    path_b = "<sip:TOKENB@10.0.0.2:5060;lr;ob>"
+    assert link.registered(13.0, path_b, flow_timer=None, expires=600, mapped=None)
+    assert link.as_dict()["sip"] == "10.0.0.2:5060" and link.as_dict()["moves"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- wire
+
+
+INTS = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+SERVICE = st.one_of(
+    st.none(), INTS, st.text(max_size=5), st.lists(st.one_of(INTS, st.text(max_size=300)), max_size=3)
+)
+
+
+def _attach_answer(service: Any) -> bytes:
+    return msgpack.packb({
+        "v": 1, "ov": "client-test", "t": "ok", "id": 9, "src": b"\x01" * 16, "ep": ["127.0.0.1", 7060],
+        "seen": ["127.0.0.1", 40000], "service": service,
+    })  # fmt: skip
+
+
+def test_an_attach_answer_names_the_attach_peers_sip_address() -> None:
+    msg = Codec("client-test").decode(_attach_answer(["10.99.0.1", 5060]))
+    assert msg.body["service"] == ("10.99.0.1", 5060)
+
+
+@settings(max_examples=200, deadline=None)
+@given(SERVICE)
+def test_the_service_field_of_an_attach_answer_is_validated_strictly(service: Any) -> None:
+    """Garbage in ``service`` is refused as a WireError (the node drops and counts it), never let through
+    as anything but a (host, port) pair."""
+    try:
+        msg = Codec("client-test").decode(_attach_answer(service))
+    except WireError:
+        return
+    got = msg.body.get("service")
+    assert got is None or (isinstance(got[0], str) and isinstance(got[1], int) and 0 < got[1] < 65536)
+    assert got is None or isinstance(service, list)
+
+
+# ---------------------------------------------------------------------------------------------- loopback
+
+PeerFactory = Callable[..., Awaitable[Peer]]
+
+
+@pytest.fixture
+async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
+    started: list[Peer] = []
+    counter = iter(range(1000))
+    node_config = dataclasses.replace(quick_node_config(), attach_interval=0.3)
+
+    async def make(join: Peer | None = None, *, data_dir: Path | None = None, **settings: object) -> Peer:
+        config = PeerConfig(
+            listen=[ListenSpec("udp", "127.0.0.1", 0)],
+            overlay=HostPort("127.0.0.1", 0),
+            join=HostPort(*join.overlay_address) if join else None,
+            data_dir=data_dir or tmp_path / f"peer{next(counter)}",
+            cache_ttl=0.0,
+        )
+        for key, value in settings.items():
+            setattr(config, key, value)
+        peer = await Peer.start(config, node_config=node_config, stack_options={"timers": FAST_TIMERS})
+        started.append(peer)
+        return peer
+
+    yield make
+    for peer in started:
+        if not peer._closed:
+            await peer.close(leave=False)
+
+
+async def until(condition: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
+    """Poll a condition of the overlay or the link (they raise no events), at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if not isinstance(got, bool):
+            got = await got
+        if got:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+async def client_ready(client: Peer, timeout: float = 15.0) -> None:
+    link = client.client_link
+    assert link is not None
+    await until(lambda: link.ready, timeout, f"the client peer's SIP flow ({link.problem})")
+
+
+async def test_a_client_peers_phone_is_called_through_the_attach_peer_and_calls_out(
+    make_peer: PeerFactory,
+) -> None:
+    first = await make_peer()
+    second = await make_peer(first)
+    await wait_until_settled([first, second], timeout=20)
+    client = await make_peer(first, client=True)
+    await client_ready(client)
+    assert client.node.core is None  # no ring responsibility
+    status = client.status()
+    assert status["client"]["attached_to"] == f"127.0.0.1:{first.overlay_address[1]}"
+    assert status["client"]["node"] == f"{first.node.node_id:032x}"
+    assert "client peer" in status["client"]["because"]
+    await until(lambda: first.status()["clients"]["sip"] != [], 5, "the attach peer lists its client")
+    assert first.status()["clients"]["overlay"] == 1
+
+    bob: NattedPhone = await natted("bob")
+    alice = await Phone.open("alice")
+    try:
+        ok = await bob.register(client.sip_address())
+        assert ok.status == 200, ok.status
+        [binding] = await second.fetch_bindings(BOB)
+        attach_hop, client_hop = (Address(p).uri for p in binding.path)
+        assert (attach_hop.host, attach_hop.port) == first.sip_address() and attach_hop.user  # the flow token
+        assert (client_hop.host, client_hop.port) == client.sip_address() and client_hop.user
+        assert binding.contact == bob.contact
+        # signed by the client peer's own user key, stored through its attach peer
+        assert client.users.exists(BOB) and not first.users.exists(BOB)
+        assert client.node.stats()["relay_store_done"] >= 1
+
+        # in: from a phone at the other full peer, through the attach peer, over the client's flow
+        assert (await alice.register(second.sip_address())).status == 200
+        call = await alice.call(BOB, second.sip_address(), timeout=10)
+        assert call.answered, call.statuses
+        assert call.bye_status == 200  # in-dialog requests follow the tokens back over both flows
+        invite = await asyncio.wait_for(bob.invites.get(), 5)
+        vias = [v.split(";")[0] for v in invite.get_all("Via")]
+        assert len(vias) == 4, vias  # alice, the entry peer, the attach peer, the client peer
+        # out: the client peer hands its phone's call to the attach peer (Service-Route), which routes it
+        fetched = client.node.stats().get("relay_fetch_done", 0)
+        out = await bob.call(ALICE, client.sip_address(), timeout=10)
+        assert out.answered, out.statuses
+        assert out.bye_status == 200
+        # the client peer looked nothing up itself (the attach peer did)
+        assert client.counters["routed"] == 1 and client.node.stats().get("relay_fetch_done", 0) == fetched
+    finally:
+        bob.close()
+        alice.close()
+
+
+async def test_the_binding_recovers_when_the_attach_peer_or_the_client_peer_dies(
+    make_peer: PeerFactory, tmp_path: Path
+) -> None:
+    first = await make_peer()
+    second = await make_peer(first)
+    await wait_until_settled([first, second], timeout=20)
+    client_dir = tmp_path / "client"
+    client = await make_peer(first, client=True, data_dir=client_dir)
+    await client_ready(client)
+    bob = await natted("bob")
+    alice = await Phone.open("alice")
+    try:
+        assert (await bob.register(client.sip_address())).status == 200
+        assert (await alice.register(second.sip_address())).status == 200
+
+        # the attach peer dies: the client peer re-attaches to a fallback, makes its SIP flow there and
+        # stores bob's binding again with the new Path
+        await first.close(leave=False)
+        link = client.client_link
+        assert link is not None
+
+        async def moved() -> bool:
+            bindings = await second.fetch_bindings(BOB)
+            if not bindings:
+                return False
+            hop = Address(bindings[0].path[0]).uri
+            return (hop.host, hop.port) == second.sip_address()
+
+        await until(moved, 30, "bob's binding did not move to the new attach peer")
+        assert link.moves == 1 and client.counters["client_bindings_moved"] == 1
+        assert client.status()["client"]["attached_to"] == f"127.0.0.1:{second.overlay_address[1]}"
+        call = await alice.call(BOB, second.sip_address(), timeout=10)
+        assert call.answered, call.statuses
+
+        # the client peer dies and comes back (same data dir: same user key); the phone registers again
+        await client.close(leave=False)
+        again = await make_peer(second, client=True, data_dir=client_dir)
+        await client_ready(again)
+        assert (await bob.register(again.sip_address(), call_id="again")).status == 200
+        call = await alice.call(BOB, second.sip_address(), timeout=10)
+        assert call.answered, call.statuses
+    finally:
+        bob.close()
+        alice.close()
+
+
+async def test_a_client_register_from_a_stranger_is_refused(make_peer: PeerFactory) -> None:
+    first = await make_peer()
+    stranger = await Phone.open("x")
+    try:
+        response = await stranger.register(first.sip_address(), aor=client_aor(12345))
+        assert response.status == 403
+        assert first.counters["client_registers_refused"] == 1 and first.clients == {}
+        assert not first.flows.snapshot(0.0)
+    finally:
+        stranger.close()
