@@ -35,7 +35,7 @@ from p2psip.stack import Stack, Target
 from p2psip.transaction import ServerTransaction
 from p2psip.uri import URI
 
-__all__ = ["AudioOfferAnswer", "OfferAnswer", "Play", "Record", "home_stun"]
+__all__ = ["AudioOfferAnswer", "OfferAnswer", "Play", "Record", "home_stun", "ice_by_default"]
 
 Play = str | Path | AudioSource | None
 """What a call plays: a WAV path (any rate, converted), any audio source, or None (silence)."""
@@ -108,6 +108,22 @@ def _media_address(stack: Stack, transport: str, toward: str) -> str:
         return stack.local_address(transport, toward)[0]
     except TransportError:
         return stack.local_address("udp", toward)[0]
+
+
+def ice_by_default(media_options: dict[str, Any] | None, stun: Target | None) -> dict[str, Any] | None:
+    """``media_options`` with ICE turned on (STUN: ``stun``) when they do not say ``"ice"`` and a STUN
+    server is known to answer (``stun``: the UA's home peer, ``UserAgent.stun_server``).
+
+    Why on by default there: a UA registered through its home peer is typically behind a NAT, where an
+    offer without ICE names a private address; with ICE the far end can reach us through our mapping
+    (server-reflexive candidate), an ICE far end (baresip's ``ice`` module sends nothing to an offer
+    without ICE) takes part, and one without ICE ignores the candidates and gets audio at ``c=``/``m=``.
+    Why not always: without a STUN server that answers, gathering waits for its timeout on every call
+    and adds nothing a host candidate does not. ``media_options={"ice": None}`` turns it off for a call;
+    ``{"ice": IceSettings(...)}`` (TURN credentials, relay only) is kept as given."""
+    if stun is None or (media_options is not None and "ice" in media_options):
+        return media_options
+    return {**(media_options or {}), "ice": IceSettings(stun=(stun.host, stun.port))}
 
 
 def home_stun(media_options: dict[str, Any] | None, outbound: Target | None) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from typing import Any
 from p2psip.address import parse_target, target_from_uri
 from p2psip.auth import answer_challenge
 from p2psip.background import Background
-from p2psip.callaudio import AudioOfferAnswer, OfferAnswer, Play, Record, home_stun
+from p2psip.callaudio import AudioOfferAnswer, OfferAnswer, Play, Record, home_stun, ice_by_default
 from p2psip.dialog import Dialog, DialogId, DialogState, dialog_id_of_request, dialog_id_of_response
 from p2psip.errors import AuthError, CallFailed, P2PSIPError, ParseError, TransportError
 from p2psip.media.call import CallMedia
@@ -296,7 +296,8 @@ class IncomingCall(Call):
     ) -> CallMedia:
         """Answer with audio: ``200 OK`` with our SDP answer, playing ``play`` (a WAV path or a source) and
         recording to ``record`` (a WAV path or a sink). Bad or unusable SDP: 488 and CallFailed."""
-        options = home_stun(media_options, self.ua.outbound)  # our home peer answers STUN
+        # ICE by default with a home peer that answers STUN; our home peer is the STUN server
+        options = home_stun(ice_by_default(media_options, self.ua.stun_server), self.ua.outbound)
         return await self.ua.offer_answer.accept(
             self, play=play, record=record, media=media, media_options=options
         )
@@ -367,6 +368,9 @@ class _Registration:
         self.custom_contact: str | None = None
         self.keepalive: asyncio.Task[None] | None = None
         """RFC 5626 §4.4: keep-alives over the flow of an outbound registration (with a Flow-Timer)."""
+        self.outbound_confirmed = False
+        """The registrar's 200 said ``Require: outbound``: it is our edge proxy for RFC 5626 (and answers
+        STUN on its UDP port, §8)."""
         self.mapped: tuple[str, int] | None = None
 
 
@@ -685,7 +689,7 @@ class UserAgent:
                 media=media,
                 headers=headers,
                 timeout=timeout,
-                media_options=media_options,
+                media_options=ice_by_default(media_options, self.stun_server),
                 on_provisional=on_provisional,
             )
         call = self.invite(
@@ -742,6 +746,7 @@ class UserAgent:
             if reg.keepalive is not None:
                 reg.keepalive.cancel()
             return response
+        reg.outbound_confirmed = "outbound" in _tokens(response.get_all("Require"))
         self._keep_alive(reg, response)
         granted = _granted_expires(response, reg.contact, expires)
         reg.expires = granted
@@ -840,13 +845,22 @@ class UserAgent:
 
     # -------------------------------------------------------------------- RFC 5626 outbound keep-alives
 
+    @property
+    def stun_server(self) -> Target | None:
+        """Our home peer as STUN server, when we know it answers: the UDP target of a registration whose
+        registrar said ``Require: outbound`` (RFC 5626: an edge proxy supporting outbound over UDP answers
+        STUN binding requests on that port, §8). Calls then do ICE by default (callaudio.ice_by_default)."""
+        for reg in self._registrations.values():
+            if reg.outbound_confirmed and reg.target.transport == "udp":
+                return reg.target
+        return None
+
     def _keep_alive(self, reg: _Registration, response: Response) -> None:
         """After an outbound REGISTER's 200: keep its flow alive at the registrar's Flow-Timer (§4.4)."""
         if self.instance is None or reg.custom_contact is not None or reg.keepalive is not None:
             return
         timer = response.get("Flow-Timer")
-        requires = ",".join(response.get_all("Require")).replace(" ", "").split(",")
-        if "outbound" not in requires or not timer or not timer.isdigit() or int(timer) <= 0:
+        if not reg.outbound_confirmed or not timer or not timer.isdigit() or int(timer) <= 0:
             return
         via = response.top_via
         if via is not None and via.received and isinstance(via.rport, int) and via.rport is not True:
@@ -1138,3 +1152,8 @@ def _granted_expires(response: Response, contact: str, asked: int) -> int:
     except P2PSIPError:
         pass
     return asked
+
+
+def _tokens(values: list[str]) -> set[str]:
+    """The option tags of comma-separated header values (Require, Supported), lower-cased."""
+    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
