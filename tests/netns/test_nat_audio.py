@@ -104,9 +104,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("nataudio")
     with NatLab() as net:
         made = Lab(net, tmp)
-        # TCP too: an INVITE with ICE candidates passes 1300 bytes, and a proxy then forwards it over TCP
-        # (RFC 3261 §18.1.1), so a peer listening on UDP only cannot take it from another peer
-        made.start_peer("p1", P1, None, extra=("--turn", f"{P1}:{TURN_PORT}", "--listen", f"tcp:{P1}:5060"))
+        # UDP only: an INVITE with ICE candidates passes 1300 bytes, so P2 first tries TCP toward P1 (RFC 3261
+        # §18.1.1), is refused, and sends it over UDP after all (counted: sip_tcp_refused_udp_retry)
+        made.start_peer("p1", P1, None, extra=("--turn", f"{P1}:{TURN_PORT}"))
         yield made
 
 
@@ -288,6 +288,8 @@ def test_behind_a_nat_to_a_public_phone_ice_finds_the_direct_path(lab: Lab) -> N
     assert carol_said["remote_type"] in ("srflx", "prflx"), carol_said  # NAT B's mapping, not a private host
     # 3 s of audio each way would be > 300 relayed packets; checks on the relayed pairs are a few dozen
     assert relayed_packets(lab) - before < 100
+    # P1 listens on UDP only: P2 forwarded the large INVITE over UDP once TCP was refused
+    assert lab.status("p2")["counters"]["sip_tcp_refused_udp_retry"] >= 1
 
 
 def hold_allocations(lab: Lab, user: str, count: int) -> subprocess.Popen[str]:
