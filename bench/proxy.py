@@ -4,6 +4,7 @@ One command::
 
     python bench/proxy.py            # full run: 10 s per rate step (about 10-15 minutes)
     python bench/proxy.py --quick    # 3 s steps, fewer rates (about 3 minutes)
+    python bench/proxy.py --workers 2 --only "p2psip x2,kamailio-tm x2"   # both cores, same children
 
 Proxies measured in the same run, one at a time, on UDP:
 
@@ -12,6 +13,9 @@ Proxies measured in the same run, one at a time, on UDP:
 - ``kamailio-tm`` — Kamailio 5.6 as a stateful proxy (``tm``'s ``t_relay``, Record-Route, 4 workers);
 - ``kamailio-sl`` — Kamailio stateless (``forward``), the floor any proxy can reach;
 - ``direct`` — sipp UAC straight to sipp UAS, no proxy: the ceiling of what sipp can measure here.
+- with ``--workers N``: ``p2psip xN`` — ``p2psip proxy --workers N`` (N processes on one UDP port, each
+  datagram handed to the worker that keeps its transaction) — and ``kamailio-tm xN``, Kamailio tm with N
+  children: the ratio of an ``xN`` row is to ``kamailio-tm xN``.
 
 CPU time per call is per call *offered* (a failing call's retransmissions cost too); "(overloaded)" marks
 a proxy that did not sustain 1,000 calls/s, so that figure is from a step it failed. Kamailio's figure
@@ -91,21 +95,22 @@ class Runner:
             yield self.address(proc), lambda: self.cpu(proc)
 
 
-def _ours(loop: str) -> Runner:
+def _ours(loop: str, workers: int = 1) -> Runner:
+    extra = ["--workers", str(workers)] if workers > 1 else []
     return Runner(
-        f"p2psip{'+uvloop' if loop == 'uvloop' else ''}",
-        lambda wd: OurProxy(wd, ["udp:127.0.0.1:0"], loop=loop),
+        f"p2psip{'+uvloop' if loop == 'uvloop' else ''}{f' x{workers}' if workers > 1 else ''}",
+        lambda wd: OurProxy(wd, ["udp:127.0.0.1:0"], loop=loop, extra=extra),
         lambda p: p.address("udp"),  # type: ignore[attr-defined]
         lambda p: p.cpu_seconds(),  # type: ignore[attr-defined]
     )
 
 
-def _kamailio(stateful: bool) -> Runner:
+def _kamailio(stateful: bool, children: int = 4, label: str = "") -> Runner:
     def make(wd: Path) -> Kamailio:
         port = free_port()
         build = stateful_config if stateful else stateless_config
         return Kamailio(
-            build("127.0.0.1", port, children=4, transports=("udp",)),
+            build("127.0.0.1", port, children=children, transports=("udp",)),
             wd,
             port,
             shm_mb=1024,
@@ -113,7 +118,7 @@ def _kamailio(stateful: bool) -> Runner:
         )
 
     return Runner(
-        "kamailio-tm" if stateful else "kamailio-sl",
+        ("kamailio-tm" if stateful else "kamailio-sl") + label,
         make,
         lambda k: f"127.0.0.1:{k.port}",  # type: ignore[attr-defined]
         lambda k: k.cpu_seconds(),  # type: ignore[attr-defined]
@@ -242,13 +247,16 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def table(rows: list[Row], half: int, duration: float) -> str:
-    kam = next((r for r in rows if r.name == "kamailio-tm"), None)
+    kams = {r.name.removeprefix("kamailio-tm"): r for r in rows if r.name.startswith("kamailio-tm")}
     lines = [
         f"| proxy | max calls/s ({duration:g} s, 0 failed) | ratio to kamailio-tm "
         f"| CPU ms/call at 1,000 calls/s (spread) | CPU ms/call at {half} calls/s | p50 / p99 setup ms at {half} calls/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
+        # a row of N workers is compared with Kamailio with N children ("x2" to "kamailio-tm x2")
+        suffix = row.name[row.name.index(" ") :] if " " in row.name else ""
+        kam = kams.get(suffix) or kams.get("")
         ratio = row.max_rate / kam.max_rate if kam and kam.max_rate and row.name != "direct" else None
         cpu = fmt(row.cpu_ms_per_call, ".2f") + (" (overloaded)" if row.cpu_overloaded else "")
         cpu += f" ({row.cpu_spread})" if row.cpu_ms_per_call is not None else ""
@@ -264,12 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 s steps and a short ladder (about 3 minutes)")
     parser.add_argument("--duration", type=float, help="seconds per step (default 10, quick 3)")
     parser.add_argument(
-        "--only", help="comma-separated subset: p2psip,p2psip+uvloop,kamailio-tm,kamailio-sl,direct"
+        "--only",
+        help="comma-separated subset: p2psip,p2psip+uvloop,kamailio-tm,kamailio-sl,direct "
+        "(with --workers N also 'p2psip xN', 'kamailio-tm xN')",
     )
     parser.add_argument("--repeat", type=int, default=2, help="fresh runs of every step (default 2)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also measure 'p2psip proxy --workers N' (row 'p2psip xN') against Kamailio tm with N "
+        "children ('kamailio-tm xN')",
+    )
     args = parser.parse_args(argv)
-    if args.repeat < 1:
-        print("bench/proxy.py: --repeat must be at least 1", file=sys.stderr)
+    if args.repeat < 1 or not 1 <= args.workers <= 64:
+        print("bench/proxy.py: --repeat must be at least 1 and --workers 1 to 64", file=sys.stderr)
         return 2
     for tool in ("sipp", "kamailio"):
         if shutil.which(tool) is None:
@@ -288,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         runners.append(_ours("uvloop"))
     except ImportError:
         print("(uvloop is not installed: pip install -e '.[fast]' to measure it)")
+    if args.workers > 1:
+        # both cores: our workers against Kamailio with as many children (the plain rows keep 4 children)
+        runners += [_ours("asyncio", args.workers), _kamailio(True, args.workers, f" x{args.workers}")]
     runners += [_kamailio(True), _kamailio(False), Runner("direct", None, lambda _: "", lambda _: 0.0)]
     if args.only:
         wanted = set(args.only.split(","))

@@ -13,9 +13,11 @@ import gc
 import signal
 from collections.abc import Callable, Iterator, Sequence
 
+from p2psip.handoff import HandoffLink, branch_tag
 from p2psip.proxy import Proxy
 from p2psip.stack import Stack
 from p2psip.transport import TLSConfig
+from p2psip.workers import WorkerSlot
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -115,13 +117,18 @@ async def serve_proxy(
     trying_delay: float | None = 0.2,
     ready: Callable[[Stack], None] | None = None,
     stop: asyncio.Event | None = None,
+    worker: WorkerSlot | None = None,
 ) -> dict[str, int]:
     """Run a stand-alone proxy until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None); return
     its counters. ``ready(stack)`` is called once every listener is open (the CLI prints the addresses).
 
     ``trying_delay``: an INVITE gets ``100 Trying`` only if no provisional or final response has been
     forwarded within that time (§17.2.1's 200 ms allowance): a callee that rings at once saves the proxy
-    and the caller one message per call. 0 sends it at once, None never."""
+    and the caller one message per call. 0 sends it at once, None never.
+
+    ``worker``: this process is one of the workers of a proxy (:mod:`p2psip.workers`): its UDP listeners
+    share their port with the others, and a stateful one hands datagrams to the worker that keeps their
+    transaction (:mod:`p2psip.handoff`)."""
     tune_gc_for_proxy()
 
     # tls_ca: whom to trust when forwarding over TLS (None: the system's store). Without tls_cert a tls:
@@ -129,12 +136,22 @@ async def serve_proxy(
     tls = None
     if tls_cert or tls_ca:
         tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert, cafile=tls_ca)
-    stack = await Stack.start(listen, tls=tls, verbose=verbose, trying_delay=trying_delay)
+    stack = await Stack.start(
+        listen, tls=tls, verbose=verbose, trying_delay=trying_delay, reuse_port=worker is not None
+    )
     proxy = Proxy(stack, stateless=stateless, record_route=record_route, recurse=recurse, verbose=verbose)
+    link = None
+    if worker is not None and not stateless:  # a stateless proxy keeps nothing to hand over to
+        link = HandoffLink(worker.link, worker.index, worker.links, stack.transport.receive_datagram)
+        stack.branch_tag = branch_tag(worker.index)
+        stack.transport.divert = link.divert
     young_passes = _YoungPasses(asyncio.get_running_loop())
     try:
         await until_stopped((lambda: ready(stack)) if ready is not None else None, stop)
     finally:
         young_passes.stop()
+        if link is not None:
+            stack.transport.divert = None
+            link.close()
         await stack.close()
-    return {**stack.stats, **proxy.stats}
+    return {**stack.stats, **proxy.stats, **(link.stats if link is not None else {})}

@@ -116,6 +116,7 @@ class Stack:
         ws_origins: Iterable[str] = (),
         streams: StreamLimits | None = None,
         server: str | None = SERVER,
+        reuse_port: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.timers = timers
@@ -130,6 +131,7 @@ class Stack:
             streams=streams,
             server=server,
         )
+        self.transport.reuse_port = reuse_port
         self.transactions = TransactionLayer(timers, trying_delay=trying_delay)
         self.core: Core = _NoCore(self)
         self._timer: asyncio.TimerHandle | None = None
@@ -140,6 +142,9 @@ class Stack:
         sends them there after all (:meth:`_fall_back_to_udp`)."""
         self._local_cache: dict[str, tuple[str, int]] = {}
         self._is_local_cache: dict[tuple[str, int | None, str | None], bool] = {}
+        self.branch_tag = ""
+        """Appended to the branch of every client transaction: the worker that keeps it, so the other
+        workers of the same proxy hand its responses over (:func:`p2psip.handoff.branch_tag`)."""
 
     @classmethod
     async def start(
@@ -155,13 +160,14 @@ class Stack:
         ws_origins: Iterable[str] = (),
         streams: StreamLimits | None = None,
         server: str | None = SERVER,
+        reuse_port: bool = False,
     ) -> Stack:
         """Create a stack and open its listeners (``[udp:|tcp:|tls:|ws:|wss:]HOST:PORT``; no prefix = UDP
         and TCP on one port; port 0 = any free port). The options are those of :class:`Stack`;
         ``ws_origins`` are web origins the WebSocket handshake admits besides loopback pages; ``streams``
         the caps and message deadline of incoming TCP/TLS/WebSocket connections (see
         :mod:`p2psip.streamguard`); ``server`` the ``Server`` header of the responses it makes (None:
-        none)."""
+        none); ``reuse_port`` opens UDP listeners with ``SO_REUSEPORT`` (the workers of one proxy)."""
         stack = cls(
             timers=timers,
             limits=limits,
@@ -172,6 +178,7 @@ class Stack:
             ws_origins=ws_origins,
             streams=streams,
             server=server,
+            reuse_port=reuse_port,
         )
         try:
             for spec in listen:
@@ -413,7 +420,9 @@ class Stack:
         """Send ``request`` to ``target`` on a new client transaction: pushes our Via (switching a large
         UDP request to TCP, §18.1.1) and returns the transaction (responses reach ``core.on_response``).
         ``branch`` (unique, with the magic cookie) replaces the random one: a proxy puts its loop-detection
-        key in it (§16.6 step 8)."""
+        key in it (§16.6 step 8). A worker of a multi-process proxy ends it with its :attr:`branch_tag`."""
+        if self.branch_tag:
+            branch = (branch or new_branch()) + self.branch_tag
         branch = self.push_via(request, target, branch)
         udp = target
         if target.transport == "udp" and request.size_bound() > self.transport.udp_size_limit:

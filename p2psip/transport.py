@@ -244,6 +244,7 @@ class _UDPSocket:
     def _readable(self) -> None:
         recvfrom = self.sock.recvfrom
         on_datagram = self.layer._on_datagram
+        divert = self.layer.divert
         for _ in range(self.BURST):
             try:
                 data, addr = recvfrom(65535)
@@ -252,6 +253,8 @@ class _UDPSocket:
             except OSError:
                 # An ICMP error for an earlier sendto (port unreachable...): count it, keep listening.
                 self.layer.stats["send_errors"] += 1
+                continue
+            if divert is not None and divert(data, addr):
                 continue
             on_datagram(data, addr, self)
 
@@ -580,6 +583,11 @@ class TransportLayer:
         """Called with the STUN messages that are not binding requests (answers to our keep-alives)."""
         self.on_flow_failed: Callable[[Failed], None] | None = None
         """Called when a flow of :attr:`flows` failed because its connection ended."""
+        self.divert: Callable[[bytes, tuple[str | int, ...]], bool] | None = None
+        """Asked first for every UDP datagram: True means it was handed elsewhere (the worker process
+        that owns it, :mod:`p2psip.handoff`) and is not processed here."""
+        self.reuse_port = False
+        """Open UDP listeners with ``SO_REUSEPORT``, so the workers of one proxy share a port."""
 
     def _flow_closed(self, conn: StreamConnection) -> None:
         flows, remote = self.flows, conn.remote
@@ -663,6 +671,8 @@ class TransportLayer:
                 try:
                     sock.setblocking(False)
                     _tune_udp_socket(sock)
+                    if self.reuse_port:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                     if bound is None:
                         sock.bind((spec.host, spec.port))
                 except OSError:
@@ -759,6 +769,11 @@ class TransportLayer:
         return bool(self.listening.get(transport))
 
     # --------------------------------------------------------------------------------- receipt
+
+    def receive_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Process ``data`` as a UDP datagram from ``addr`` that arrived on our listening socket of that
+        address family (one handed over by another worker of the same proxy: :mod:`p2psip.handoff`)."""
+        self._on_datagram(data, addr, self._udp.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET))
 
     def _on_datagram(self, data: bytes, addr: tuple[str | int, ...], endpoint: object = None) -> None:
         stats = self.stats

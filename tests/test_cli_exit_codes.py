@@ -61,7 +61,7 @@ BAD_VALUES = {
     "lookup": [["bob"], ["sip:"]],
     "message": [["bob", "hi"], ["sip:bob@x", "hi", "--via", "nonsense"]],
     "user": [[], ["add", "bob"]],
-    "proxy": [["--listen", "nonsense:port"], ["--recurse", "--stateless"]],
+    "proxy": [["--listen", "nonsense:port"], ["--recurse", "--stateless"], ["--workers", "65"]],
     "register": [["bob", "--via", "127.0.0.1:9"], ["sip:bob@x", "--via", "127.0.0.1:9", "--expires", "-1"]],
     "start": [["--listen", "udp:nowhere"], ["--join", "127.0.0.1:99999"]],
     "status": [["--data-dir"]],

@@ -30,6 +30,9 @@ def test_bad_arguments_print_one_line_and_exit_2(capsys: pytest.CaptureFixture[s
         ["proxy", "--bogus"],
         ["proxy", "--tls-key", "k.pem"],
         ["proxy", "--stateless", "--recurse"],
+        ["proxy", "--workers", "0"],
+        ["proxy", "--workers", "2", "--listen", "127.0.0.1:5060"],  # UDP and TCP: workers take UDP only
+        ["proxy", "--workers", "2", "--listen", "tcp:127.0.0.1:5060"],
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from p2psip.workers import Ready, WorkerSlot
 
 from p2psip.cli.common import add_listen_options
 
@@ -17,10 +21,15 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     from p2psip.errors import ConfigError
     from p2psip.run import serve_proxy
 
-    listen = args.listen or ["127.0.0.1:5060"]
+    workers = args.workers
+    listen = args.listen or (["127.0.0.1:5060"] if workers == 1 else ["udp:127.0.0.1:5060"])
     try:
         for spec in listen:
             ListenSpec.parse(spec)
+        if workers != 1:
+            from p2psip.workers import check_workers
+
+            check_workers(workers, listen)
         if args.tls_key and not args.tls_cert:
             raise ConfigError("--tls-key needs --tls-cert")
         if args.recurse and args.stateless:
@@ -38,7 +47,6 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 
         assert isinstance(stack, Stack)
         where = ", ".join(stack.addresses())
-        mode = "stateless" if args.stateless else "stateful"
         print(f"p2psip proxy ({mode}) listening on {where}", flush=True)
 
     run: object = asyncio.run
@@ -51,8 +59,12 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
             if args.loop == "uvloop":
                 print("p2psip: error: --loop uvloop: uvloop is not installed", file=sys.stderr)
                 return 2
-    try:
-        stats = run(  # type: ignore[operator]
+    mode = "stateless" if args.stateless else "stateful"
+
+    def serve(
+        listen: Sequence[str], ready: Callable[[object], None], worker: WorkerSlot | None
+    ) -> dict[str, int]:
+        return run(  # type: ignore[operator,no-any-return]
             serve_proxy(
                 listen,
                 stateless=args.stateless,
@@ -64,8 +76,26 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
                 verbose=args.verbose,
                 trying_delay=args.trying_delay,
                 ready=ready,
+                worker=worker,
             )
         )
+
+    try:
+        if workers == 1:
+            stats = serve(listen, ready, None)
+        else:
+            from p2psip.workers import Supervisor
+
+            # Forked before any event loop: each worker runs the proxy above; the parent supervises.
+            def run_worker(slot: WorkerSlot, listen: Sequence[str], report: Ready) -> dict[str, int]:
+                return serve(listen, lambda stack: report(stack.addresses()), slot)  # type: ignore[attr-defined]
+
+            stats = Supervisor(workers, listen, run_worker).serve(
+                lambda addresses: print(
+                    f"p2psip proxy ({mode}, {workers} workers) listening on {', '.join(addresses)}",
+                    flush=True,
+                )
+            )
     except ConfigError as exc:
         print(f"p2psip: error: {exc}", file=sys.stderr)
         return 2
@@ -99,6 +129,13 @@ def add_commands(sub: Any) -> None:
         default=0.2,
         metavar="S",
         help="send 100 Trying only if the INVITE is not answered within S seconds (0: at once)",
+    )
+    proxy.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N worker processes sharing the UDP port (udp: listeners only; default 1)",
     )
     proxy.add_argument("-v", "--verbose", action="store_true", help="log every decision (slow)")
     proxy.set_defaults(func=_cmd_proxy)

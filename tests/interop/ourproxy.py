@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from .procs import ChildError, cpu_seconds, stop
+from .procs import ChildError, children_of, cpu_seconds, stop
 
 _LISTENING = re.compile(r"listening on (.*)$")
 _ADDR = re.compile(r"(udp|tcp|tls):(\[[^\]]+\]|[^:,\s]+):(\d+)")
@@ -105,7 +105,8 @@ class OurProxy:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop(self.proc, grace=5.0)
+            # with --workers, the worker processes too (collected first: orphans cannot be found)
+            stop(self.proc, grace=5.0, children=children_of(self.proc.pid))
         if self._reader is not None:
             self._reader.join(timeout=5.0)
 

@@ -1,0 +1,78 @@
+"""``p2psip proxy --workers 2`` on loopback with sipp: calls go through both workers (the datagrams the
+kernel gives the wrong worker are handed to the one keeping their transaction), and a worker killed with
+SIGKILL in the middle of the load loses no call: the parent starts it again, established calls follow
+Record-Route to the shared port, in-flight INVITEs recover through the caller's retransmissions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from .ourproxy import OurProxy
+from .procs import children_of
+from .sipp import run_calls, uas
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+
+def _workers(proxy: OurProxy, count: int, timeout: float = 10.0) -> list[int]:
+    """The worker PIDs once there are ``count`` of them (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = children_of(proxy.pid)
+        if len(pids) == count or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+def test_calls_through_two_workers(sipp_tool: str, workdir: Path) -> None:
+    uport, cport = free_port(), free_port()
+    with OurProxy(workdir, ["udp:127.0.0.1:0"], extra=["--workers", "2"]) as proxy, uas(workdir, uport):
+        assert len(_workers(proxy, 2)) == 2
+        result = run_calls(
+            workdir, f"127.0.0.1:{uport}", calls=400, rate=200, port=cport, proxy=proxy.address(), timeout=60
+        )
+    assert (result.successful, result.failed) == (400, 0), f"{result}\nproxy output:\n{proxy.output()}"
+    stats = proxy.final_stats()  # the parent sums its workers' counters
+    assert stats.get("forwarded_requests", 0) >= 800, stats
+    # one sipp source reaches one worker: about half the transactions are the other's, handed over
+    assert stats.get("handed_off", 0) >= 200 and stats.get("handed_in") == stats.get("handed_off"), stats
+
+
+def test_a_killed_worker_loses_no_call(sipp_tool: str, workdir: Path) -> None:
+    uport, cport = free_port(), free_port()
+    calls, rate = 600, 100
+    killed: list[int] = []
+    with OurProxy(workdir, ["udp:127.0.0.1:0"], extra=["--workers", "2"]) as proxy, uas(workdir, uport):
+        workers = _workers(proxy, 2)
+        assert len(workers) == 2
+
+        def kill() -> None:  # a third of the way into the load: calls in every state
+            killed.append(workers[0])
+            os.kill(workers[0], signal.SIGKILL)
+
+        timer = threading.Timer(calls / rate / 3, kill)
+        timer.start()
+        try:
+            result = run_calls(
+                workdir,
+                f"127.0.0.1:{uport}",
+                calls=calls,
+                rate=rate,
+                port=cport,
+                proxy=proxy.address(),
+                timeout=90,
+            )
+        finally:
+            timer.cancel()
+        after = _workers(proxy, 2)
+    assert killed, "the kill did not happen during the load"
+    assert len(after) == 2 and killed[0] not in after, (workers, after, proxy.output())
+    assert (result.successful, result.failed) == (calls, 0), f"{result}\nproxy output:\n{proxy.output()}"
+    assert proxy.final_stats().get("worker_restarts") == 1, proxy.output()

@@ -1,0 +1,71 @@
+"""Who owns a datagram among the workers of one proxy (p2psip.handoff.owner): the same owner for a
+request's retransmissions, its CANCEL and the ACK of a non-2xx (the branch of the top Via), the worker
+named by our branch for a response, None (handle it here) when there is nothing to go by."""
+
+from __future__ import annotations
+
+import zlib
+
+from p2psip.handoff import branch_tag, owner
+
+INVITE = (
+    "INVITE sip:bob@127.0.0.1 SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-abc123;rport\r\n"
+    "Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK-second\r\n"
+    "From: <sip:alice@127.0.0.1>;tag=1\r\nTo: <sip:bob@127.0.0.1>\r\n"
+    "Call-ID: c1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+def test_a_request_belongs_to_the_crc_of_its_top_branch() -> None:
+    data = INVITE.encode()
+    assert owner(data, 4) == zlib.crc32(b"z9hG4bK-abc123") % 4
+    assert owner(data, 1) == 0
+
+
+def test_cancel_and_ack_meet_the_invite_across_worker_counts() -> None:
+    # §9.1 / §17.1.1.3: the CANCEL and the ACK of a non-2xx carry the INVITE's top Via
+    cancel = INVITE.replace("INVITE sip", "CANCEL sip").replace("1 INVITE", "1 CANCEL").encode()
+    ack = INVITE.replace("INVITE sip", "ACK sip").replace("1 INVITE", "1 ACK").encode()
+    other = INVITE.replace("z9hG4bK-abc123", "z9hG4bK-other").encode()
+    owners = {workers: owner(INVITE.encode(), workers) for workers in range(2, 9)}
+    assert all(owner(cancel, n) == owners[n] == owner(ack, n) for n in owners)
+    # and a request with another branch is spread elsewhere for some worker count
+    assert any(owner(other, n) != owners[n] for n in owners)
+
+
+def test_header_name_case_and_compact_form_and_spaces() -> None:
+    for via in (
+        "via: SIP/2.0/UDP h;branch=z9hG4bK-abc123",
+        "v: SIP/2.0/UDP h ; branch = z9hG4bK-abc123",
+        "VIA:SIP/2.0/UDP h;rport;branch=z9hG4bK-abc123",
+    ):
+        data = f"BYE sip:b@h SIP/2.0\r\n{via}\r\nCall-ID: x\r\n\r\n".encode()
+        assert owner(data, 7) == zlib.crc32(b"z9hG4bK-abc123") % 7, via
+
+
+def test_the_first_via_decides_even_after_other_headers() -> None:
+    data = (
+        b"BYE sip:b@h SIP/2.0\r\nRoute: <sip:p;branch=nope>\r\nCall-ID: x\r\n"
+        b"Via: SIP/2.0/UDP h;branch=z9hG4bK-top\r\nVia: SIP/2.0/UDP g;branch=z9hG4bK-below\r\n\r\n"
+    )
+    assert owner(data, 9) == zlib.crc32(b"z9hG4bK-top") % 9
+
+
+def test_a_response_goes_to_the_worker_its_branch_names() -> None:
+    for index in (0, 1, 3):
+        branch = f"z9hG4bK-lpabc.0123456789{branch_tag(index)}"
+        data = (
+            f"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch={branch};rport=5060\r\n"
+            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-abc\r\nCall-ID: c\r\n\r\n"
+        ).encode()
+        assert owner(data, 4) == index
+
+
+def test_nothing_to_go_by_means_here() -> None:
+    # a response whose branch names no worker (not ours, or a worker index beyond the count)
+    plain = b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK-x\r\n\r\n"
+    beyond = b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK-x.w9\r\n\r\n"
+    # RFC 2543: no branch at all; and no Via (garbage: the parser of whoever handles it drops it)
+    no_branch = b"OPTIONS sip:h SIP/2.0\r\nVia: SIP/2.0/UDP h\r\nCall-ID: x\r\n\r\n"
+    assert [owner(d, 4) for d in (plain, beyond, no_branch, b"\r\n\r\n", b"")] == [None] * 5
