@@ -68,8 +68,19 @@ def _response(head: str, extra: list[str], body: bytes = b"", to_tag: str = "") 
 class Baresip:
     """A headless baresip that dials ``target`` as soon as it starts; ended by PID."""
 
-    def __init__(self, directory: Path, target: str | None, *, answer: bool = False) -> None:
-        """Dial ``target`` at start (None: wait); ``answer``: answer incoming calls at once."""
+    def __init__(
+        self,
+        directory: Path,
+        target: str | None,
+        *,
+        answer: bool = False,
+        modules: str = "",
+        account: str = "",
+        config: str = "",
+    ) -> None:
+        """Dial ``target`` at start (None: wait); ``answer``: answer incoming calls at once; ``modules``
+        (e.g. ``"turn"``) are loaded besides the usual ones and ``account`` is appended to the account's
+        parameters (e.g. ``";medianat=turn;..."``); ``config`` lines are added to its config."""
         self.dir = directory
         self.cons_port = free_port()  # cons listens on UDP *and* TCP
         sip_port = self.sip_port = free_sip_port()
@@ -82,12 +93,13 @@ class Baresip:
             "ausrc_srate 48000\nausrc_channels 2\n"
             f"module_path {MODULES}\n"
             "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule sndfile.so\nmodule cons.so\n"
-            f"cons_listen 127.0.0.1:{self.cons_port}\n"
+            + "".join(f"module {name}.so\n" for name in modules.split())
+            + f"cons_listen 127.0.0.1:{self.cons_port}\n"
             f"snd_path {directory}\n"
-            "module_app account.so\nmodule_app menu.so\n"
+            "module_app account.so\nmodule_app menu.so\n" + config
         )
         (directory / "accounts").write_text(
-            f"<sip:bs@127.0.0.1:{sip_port};transport=udp>;regint=0;audio_codecs=PCMU"
+            f"<sip:bs@127.0.0.1:{sip_port};transport=udp>;regint=0;audio_codecs=PCMU{account}"
             + (";answermode=auto\n" if answer else "\n")
         )
         (directory / "contacts").write_text("")

@@ -1,0 +1,103 @@
+"""baresip's own ``turn`` module against our TURN server (p2psip.turnserver, the one full peers run with
+``--turn``): baresip allocates a relayed address with the long-term credentials a peer issues
+(``p2psip.turn.issue_credentials``), puts it in its SDP (``medianat=turn``), and the call's audio runs
+through our relay both ways. On loopback; under CI=true baresip is required."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from test_call_audio_baresip import finish, started
+from test_media_baresip import Baresip, assert_peak
+from test_media_call import until
+
+from p2psip.media import MemorySink, ToneSource
+from p2psip.media.ice import IceSettings
+from p2psip.sdp import SessionDescription
+from p2psip.stack import Stack
+from p2psip.turn import issue_credentials
+from p2psip.turnserver import TurnServer
+from p2psip.useragent import UserAgent
+
+pytestmark = pytest.mark.interop
+
+SECRET = b"baresip-turn-secret"
+
+
+async def test_baresip_relays_its_audio_through_our_turn_server(tmp_path: Path) -> None:
+    async with TurnServer(SECRET) as server:
+        username, password = issue_credentials(SECRET, "bs", time.time())
+        host, port = server.address
+        phone = Baresip(
+            tmp_path, None, answer=True, modules="turn",
+            account=f";medianat=turn;stunserver=turn:{host}:{port};stunuser={username};stunpass={password}",
+        )  # fmt: skip
+        stack = await Stack.start(["udp:127.0.0.1:0"])
+        ua = UserAgent(stack, "sip:us@127.0.0.1")
+        try:
+            await started(phone)
+            heard = MemorySink()
+            call = await ua.call(
+                f"sip:bs@127.0.0.1:{phone.sip_port}", play=ToneSource(1000), record=heard, timeout=30
+            )
+            answer = SessionDescription.parse(call.response.body)
+            audio = answer.media[0]
+            relayed = {allocation.relay for allocation in server.core.by_client.values()}
+            # baresip's SDP names the address our server relayed for it, not its own RTP socket
+            # one allocation for RTP and one for RTCP (baresip's turn module does not multiplex them)
+            assert server.core.stats()["allocations"] == 2, phone.log_text()[-3000:]
+            connection = answer.media_connection(audio)
+            assert connection is not None, call.response.body
+            assert (connection.host, audio.port) in relayed, (call.response.body, relayed)
+            assert call.media is not None
+            session = call.media.session
+            await until(lambda: session.stats.packets_received >= 100)
+            assert server.core.stats()["relayed_packets"] >= 150  # both ways through the relay
+            assert (await call.bye()).status == 200
+            await finish(phone)
+            assert_peak(bytes(heard.pcm), 440)
+            assert_peak(phone.decoded_recording(), 1000)
+            await until(lambda: server.core.stats()["allocations"] == 0, 15)  # freed with the call
+        finally:
+            if phone.proc.poll() is None:
+                phone.stop()
+            await ua.close()
+            await stack.close()
+
+
+async def test_baresip_with_ice_gathers_a_relayed_candidate_from_our_turn_server(tmp_path: Path) -> None:
+    """baresip's ``ice`` module with a ``turn:`` server: its answer to our ICE offer carries a relayed
+    candidate on our server (and ICE connects, tones both ways)."""
+    async with TurnServer(SECRET) as server:
+        username, password = issue_credentials(SECRET, "bs", time.time())
+        host, port = server.address
+        phone = Baresip(
+            tmp_path, None, answer=True, modules="ice turn", config="rtcp_mux yes\n",
+            account=f";medianat=ice;stunserver=turn:{host}:{port};stunuser={username};stunpass={password}",
+        )  # fmt: skip
+        stack = await Stack.start(["udp:127.0.0.1:0"])
+        ua = UserAgent(stack, "sip:us@127.0.0.1")
+        try:
+            await started(phone)
+            heard = MemorySink()
+            call = await ua.call(f"sip:bs@127.0.0.1:{phone.sip_port}", play=ToneSource(1000), record=heard,
+                                 timeout=30, media_options={"ice": IceSettings()})  # fmt: skip
+            answer = SessionDescription.parse(call.response.body)
+            candidates = [c.split() for c in answer.media[0].attribute_values("candidate")]
+            relayed = {allocation.relay for allocation in server.core.by_client.values()}
+            relay_candidates = {(c[4], int(c[5])) for c in candidates if c[7] == "relay"}
+            assert relay_candidates and relay_candidates <= relayed, (call.response.body, relayed)
+            assert call.media is not None and call.media.ice is not None
+            await until(lambda: len(heard.pcm) > 16000)
+            assert call.media.ice.state == "connected"
+            assert (await call.bye()).status == 200
+            await finish(phone)
+            assert_peak(bytes(heard.pcm), 440)
+            assert_peak(phone.decoded_recording(), 1000)
+        finally:
+            if phone.proc.poll() is None:
+                phone.stop()
+            await ua.close()
+            await stack.close()
