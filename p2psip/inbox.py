@@ -1,8 +1,9 @@
 """Offline messages: what a MESSAGE left for an AOR nobody has registered becomes, and the long-lived
 X25519 key it is sealed to.
 
-A home peer keeps one X25519 key per AOR in its data dir (``users/<user@host>.inbox``, mode 0600, beside
-the user's Ed25519 ``.key``; ``cryptography`` cannot turn an Ed25519 key into an X25519 one) and publishes
+A home peer has one X25519 key per AOR (derived from its user-key secret, or kept as
+``users/<user@host>.inbox``, mode 0600, beside the user's Ed25519 ``.key``: :class:`p2psip.peer.UserKeys`;
+``cryptography`` cannot turn an Ed25519 key into an X25519 one) and publishes
 its public half in the DHT under ``H('inbox:' + AOR)`` as the inbox entry, signed by the user key. The
 peer where a MESSAGE finds nobody registered seals a *letter* (this module) to that public key
 (:mod:`p2psip.sealedbox`) and drops it under the same key; the overlay's ``inbox`` rule lets any key drop
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from p2psip import sealedbox
 from p2psip.errors import P2PSIPError
 
-__all__ = ["INBOX_PREFIX", "Letter", "LetterError", "inbox_name", "load_or_create_key", "open_letter"]
+__all__ = ["INBOX_PREFIX", "Letter", "LetterError", "inbox_name", "load_key", "open_letter", "write_key"]
 
 INBOX_PREFIX = "inbox:"
 MAX_LETTER = 12 * 1024
@@ -80,15 +81,17 @@ def open_letter(private: X25519PrivateKey, box: bytes) -> Letter:
     return letter
 
 
-def load_or_create_key(path: Path) -> X25519PrivateKey:
-    """The X25519 key kept at ``path`` (32 raw bytes, mode 0600), made on first use."""
+def load_key(path: Path) -> X25519PrivateKey:
+    """The X25519 key kept at ``path`` (32 raw bytes); FileNotFoundError when there is none,
+    LetterError when the file is not a key."""
     try:
         return X25519PrivateKey.from_private_bytes(path.read_bytes())
-    except FileNotFoundError:
-        pass
     except ValueError as exc:
         raise LetterError(f"{path} is not an X25519 key: {exc}") from None
-    key = X25519PrivateKey.generate()
+
+
+def write_key(path: Path, key: X25519PrivateKey) -> None:
+    """Keep ``key`` at ``path`` (32 raw bytes, mode 0600), replacing the file atomically."""
     raw = key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
@@ -98,4 +101,3 @@ def load_or_create_key(path: Path) -> X25519PrivateKey:
     with os.fdopen(fd, "wb") as f:
         f.write(raw)
     os.replace(tmp, path)
-    return key

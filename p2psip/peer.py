@@ -24,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hmac
 import ipaddress
 import logging
 import math
@@ -31,6 +32,7 @@ import os
 import re
 import secrets
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -38,6 +40,8 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from overlay import ids
 from overlay.directory import Directory, KeyDirectory
@@ -72,7 +76,7 @@ from p2psip.clientpeer import (
 from p2psip.config import PeerConfig
 from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError, SIPStatusError, TransportError
 from p2psip.flows import Failed, Flow, FlowTable, Ping, stun_binding_request, stun_mapped_address
-from p2psip.inbox import Letter, LetterError, inbox_name, load_or_create_key, open_letter
+from p2psip.inbox import Letter, LetterError, inbox_name, load_key, open_letter, write_key
 from p2psip.location import (
     ForwardAsAddressed,
     LocationCache,
@@ -166,30 +170,101 @@ second DHT lookup (docs/nat.md)."""
 
 
 class UserKeys:
-    """One Ed25519 user key per AOR, kept in ``DATA_DIR/users/<user@host>.key`` (mode 0600).
+    """The user keys and claims of the AORs this peer registers, under ``DATA_DIR/users/``.
 
-    The first key that writes an AOR owns it in a ``first-claim`` overlay, so the key must survive restarts
-    (same data dir, same key) and can be copied to another peer that serves another device of that user.
+    A user key is an Ed25519 key per AOR. The first key that writes an AOR owns it in a ``first-claim``
+    overlay, so the key must survive restarts and can be copied to another peer that serves another
+    device of that user. It is **derived**, not stored: ``HMAC-SHA256(secret, AOR)`` is its private key,
+    with ``secret`` the 32 random bytes of ``users/user-keys.secret`` (mode 0600, made once). So a new AOR
+    costs no file (three file creates per new AOR were a third of a registration's CPU, issue 19), the key
+    is the same after a restart, and a crash cannot lose it. A key *file* ``users/<user@host>.key`` (mode
+    0600) wins over the derived key: a copied key, an account's (``p2psip user add``), an enrolled user's,
+    or one written with :meth:`export` (``p2psip user key``) to copy elsewhere. The AOR's X25519 inbox key
+    (:mod:`p2psip.inbox`) is derived the same way, unless ``<user@host>.inbox`` exists.
+
+    Claims (:class:`p2psip.ownership.Claim`, accounts included) are rows of ``users/users.sqlite3`` (WAL,
+    ``synchronous = NORMAL``: a committed claim survives a crash of the process), read per REGISTER so an
+    account ``p2psip user add`` made while the peer runs counts at once. Older data dirs' ``.claim`` files
+    are moved into it when it is opened.
     """
+
+    SECRET = "user-keys.secret"
+    DATABASE = "users.sqlite3"
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._keys: dict[str, KeyPair] = {}
+        self._secret: bytes | None = None
+        self._db: sqlite3.Connection | None = None
 
     def path_for(self, aor: str) -> Path:
         name = aor.partition(":")[2] or aor
-        safe = re.sub(r"[^A-Za-z0-9._@+-]", lambda m: f"%{ord(m.group()):02X}", name)
+        safe = _UNSAFE_NAME.sub(lambda m: f"%{ord(m.group()):02X}", name)
         return self.directory / f"{safe}.key"
+
+    # --- keys -----------------------------------------------------------------------------------------
+
+    def secret(self) -> bytes:
+        """The 32 bytes the user keys derive from, made (exclusively: two processes agree) on first use."""
+        if self._secret is None:
+            path = self.directory / self.SECRET
+            try:
+                secret = path.read_bytes()
+            except FileNotFoundError:
+                self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tmp = path.with_name(f"{self.SECRET}.{os.getpid()}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(secrets.token_bytes(32))
+                try:
+                    os.link(tmp, path)  # fails if another process made it first: then theirs is the one
+                except FileExistsError:
+                    pass
+                finally:
+                    os.unlink(tmp)
+                secret = path.read_bytes()
+            if len(secret) != 32:
+                raise P2PSIPError(f"{path} is not a user key secret (32 bytes): move it aside")
+            self._secret = secret
+        return self._secret
+
+    def _derived(self, purpose: bytes, aor: str) -> bytes:
+        return hmac.digest(self.secret(), purpose + aor.encode(), "sha256")
 
     def get(self, aor: str) -> KeyPair:
         key = self._keys.get(aor)
         if key is None:
-            key = KeyPair.load_or_create(self.path_for(aor))
+            path = self.path_for(aor)
+            try:
+                key = KeyPair.load(path) if path.exists() else None
+            except OverlayError as exc:
+                log.warning("%s; using the derived user key of %s", exc, aor)
+                key = None
+            if key is None:
+                key = KeyPair.from_private_bytes(self._derived(b"user-key\x00", aor))
             self._keys[aor] = key
         return key
 
     def exists(self, aor: str) -> bool:
-        return aor in self._keys or self.path_for(aor).exists()
+        """Whether this peer already holds ``aor`` (its key is in use here, it has a claim or a key file)."""
+        return aor in self._keys or self.claim(aor) is not None or self.path_for(aor).exists()
+
+    def export(self, aor: str, *, inbox: bool = True) -> Path:
+        """Write ``aor``'s user key (with ``inbox`` its inbox key too) as files, to copy to another peer;
+        returns the key file's path. Files already there are kept (they are the keys in use)."""
+        path = self.path_for(aor)
+        if not path.exists():
+            self.get(aor).save(path)
+        if inbox and not self.inbox_path(aor).exists():
+            write_key(self.inbox_path(aor), self.inbox_key(aor))
+        return path
+
+    def inbox_key(self, aor: str) -> X25519PrivateKey:
+        """The AOR's X25519 inbox key: the ``.inbox`` file when there is one, else derived."""
+        try:
+            return load_key(self.inbox_path(aor))
+        except FileNotFoundError:
+            return X25519PrivateKey.from_private_bytes(self._derived(b"inbox-key\x00", aor))
 
     def certificate(self, aor: str) -> Certificate | None:
         """The user certificate ``p2psip enroll user`` wrote beside the key (``<name>.cert``), if any."""
@@ -202,52 +277,87 @@ class UserKeys:
         return sorted(self._keys)
 
     def on_disk(self) -> int:
-        """How many user keys the data dir holds (for ``status``: what registrations left behind)."""
+        """How many AORs the data dir holds something of (a claim or a key file): for ``status``, what
+        registrations left behind."""
+        names = {claim.aor for claim in self.claims()}
         try:
-            return sum(1 for _ in self.directory.glob("*.key"))
+            files = [p.name for p in self.directory.glob("*.key")]
         except OSError:
-            return 0
+            files = []
+        return len(names) + len(set(files) - {self.path_for(aor).name for aor in names})
 
-    # claims and accounts (p2psip.ownership), kept beside the key as <name>.claim (mode 0600)
-
-    def claim_path(self, aor: str) -> Path:
-        return self.path_for(aor).with_suffix(".claim")
+    # claims and accounts (p2psip.ownership): rows of users.sqlite3
 
     def inbox_path(self, aor: str) -> Path:
-        """The AOR's X25519 inbox key (:mod:`p2psip.inbox`): copy it with the ``.key`` to share an inbox."""
+        """The AOR's X25519 inbox key file (:mod:`p2psip.inbox`), when it has one (:meth:`export`)."""
         return self.path_for(aor).with_suffix(".inbox")
+
+    def _claims_db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = self.directory / self.DATABASE
+            db = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS claims (aor TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID"
+            )
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
+            self._db = db
+            self._import_claim_files(db)
+        return self._db
+
+    def _import_claim_files(self, db: sqlite3.Connection) -> None:
+        """Claims of a data dir from before users.sqlite3 (``<name>.claim`` files) become rows."""
+        for path in sorted(self.directory.glob("*.claim")):
+            try:
+                claim = Claim.from_json(path.read_text())
+            except (OSError, ValueError, TypeError):
+                continue
+            db.execute("INSERT OR IGNORE INTO claims VALUES (?, ?)", (claim.aor, claim.to_json()))
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def claim(self, aor: str) -> Claim | None:
         """The claim (or account) recorded for ``aor``; None when there is none or it is unreadable."""
+        row = self._claims_db().execute("SELECT record FROM claims WHERE aor = ?", (aor,)).fetchone()
+        if row is None:
+            return None
         try:
-            return Claim.from_json(self.claim_path(aor).read_text())
-        except (OSError, ValueError, TypeError):
+            return Claim.from_json(row[0])
+        except (ValueError, TypeError):
             return None
 
     def save_claim(self, claim: Claim) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.claim_path(claim.aor)
-        tmp = path.with_suffix(".claim.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(claim.to_json())
-        os.replace(tmp, path)
+        """Record ``claim`` (committed when this returns)."""
+        self._claims_db().execute("INSERT OR REPLACE INTO claims VALUES (?, ?)", (claim.aor, claim.to_json()))
 
     def claims(self) -> list[Claim]:
         out = []
-        for path in sorted(self.directory.glob("*.claim")):
+        for (record,) in self._claims_db().execute("SELECT record FROM claims ORDER BY aor"):
             try:
-                out.append(Claim.from_json(path.read_text()))
-            except (OSError, ValueError, TypeError):
+                out.append(Claim.from_json(record))
+            except (ValueError, TypeError):
                 continue
         return out
 
     def forget(self, aor: str) -> None:
-        """Delete the user key and the claim of ``aor`` (it owns nothing any more)."""
+        """Delete the claim of ``aor`` and its key files (it owns nothing any more)."""
         self._keys.pop(aor, None)
-        for path in (self.path_for(aor), self.claim_path(aor), self.inbox_path(aor)):
+        self._claims_db().execute("DELETE FROM claims WHERE aor = ?", (aor,))
+        for path in (self.path_for(aor), self.inbox_path(aor)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
 PEER_WRITE_QUORUM = 2
@@ -300,7 +410,8 @@ def enroll_user_into(data_dir: Path, ca: KeyPair, aor: str, *, days: float) -> C
     canonical = canonical_aor(aor)
     users = UserKeys(Path(data_dir) / USERS_DIR)
     try:
-        cert = enroll_user(ca, canonical, users.get(canonical).public_key, days=days)
+        key = KeyPair.load(users.export(canonical, inbox=False))  # the key the peer signs with, as a file
+        cert = enroll_user(ca, canonical, key.public_key, days=days)
     except OverlayError as exc:
         raise P2PSIPError(str(exc)) from None
     cert.save(users.path_for(canonical).with_suffix(".cert"))
@@ -313,6 +424,17 @@ def enroll_node_into(data_dir: Path, ca: KeyPair, *, days: float) -> Certificate
     cert = enroll_node(ca, node_identity(data_dir).public_key, days=days)
     cert.save(Path(data_dir) / NODE_CERT_FILE)
     return cert
+
+
+def export_user_key(data_dir: Path, aor: str) -> Path:
+    """``p2psip user key``: write ``aor``'s user key and inbox key in ``data_dir`` as files (the keys a
+    peer on that data dir signs and opens letters with) and return the key file's path. Raises
+    P2PSIPError for an AOR that is not a SIP URI."""
+    users = UserKeys(Path(data_dir) / USERS_DIR)
+    try:
+        return users.export(canonical_aor(aor))
+    finally:
+        users.close()
 
 
 def add_account(data_dir: Path, aor: str, *, username: str | None = None) -> str:
@@ -328,7 +450,8 @@ def add_account(data_dir: Path, aor: str, *, username: str | None = None) -> str
     password = secrets.token_urlsafe(12)
     name = username or canonical.partition(":")[2].partition("@")[0]
     users.save_claim(Claim(canonical, explicit=True, username=name, password=password, created=time.time()))
-    users.get(canonical)  # its user key, made now: the account owns the AOR from the first REGISTER
+    users.export(canonical, inbox=False)  # its key as a file, to copy to a peer serving another device
+    users.close()
     return password
 
 
@@ -975,6 +1098,7 @@ class Peer:
                 await self._chord.close()
         finally:
             await self.stack.close()
+            self.users.close()
         if leave:
             self._event("left", self.left_message(handed))
 
@@ -1202,6 +1326,7 @@ class Peer:
             except RegisterRejected as rejected:
                 return Response.for_error(request, rejected)
             claim = self.users.claim(aor)
+            registered_before = claim is not None and claim.until > 0
             owner = authenticated or owns(claim, instances=instances, flow=claimant, now=now)
             if plan.is_query:
                 # Contacts (and whether there are any) only to the owner: anyone else sees an empty 200.
@@ -1244,7 +1369,8 @@ class Peer:
             and plan.writes
             and (arrived or time.time() - self._inbox_published.get(aor, 0.0) > INBOX_REPUBLISH)
         ):
-            self.core.spawn(self._open_inbox(aor, deliver=arrived))
+            known = registered_before or self.users.inbox_path(aor).exists()
+            self.core.spawn(self._open_inbox(aor, deliver=arrived, known=known))
         for w in plan.writes:
             home[w.entry_id] = w.binding
         for r in plan.removes:
@@ -1590,18 +1716,16 @@ class Peer:
         self._event("stored", f"MESSAGE for {aor} stored in its inbox (nobody registered)")
         return True
 
-    async def _open_inbox(self, aor: str, *, deliver: bool) -> None:
+    async def _open_inbox(self, aor: str, *, deliver: bool, known: bool) -> None:
         """After a registration here: (re)publish the AOR's inbox key, signed by its user key; with
         ``deliver`` (a new device arrived), hand each stored message sealed to our key to the AOR as a
-        MESSAGE through this peer and remove it once a device took it (2xx). Not on OpenDHT."""
+        MESSAGE through this peer and remove it once a device took it (2xx). Not on OpenDHT.
+        ``known``: the AOR was registered here before (else this peer never published its inbox key, so no
+        letter can be sealed to it yet: nothing to read, which saves a replica-set read per new AOR)."""
         if self._chord is None:
             return
-        path = self.users.inbox_path(aor)
-        # A key made just now has had no public half in the overlay yet: no letter can be sealed to it,
-        # so there is nothing to read and deliver (saves a replica-set read per new AOR, issue 19).
-        fresh = not path.exists()
         try:
-            private = load_or_create_key(path)
+            private = self.users.inbox_key(aor)
         except (LetterError, OSError) as exc:
             log.warning("no inbox for %s: %s", aor, exc)
             return
@@ -1614,7 +1738,7 @@ class Peer:
             self._inbox_published[aor] = time.time()
             if len(self._inbox_published) > 4096:
                 del self._inbox_published[next(iter(self._inbox_published))]
-            if not deliver or fresh:
+            if not deliver or not known:
                 return
             drops = [e for e in await access.get() if e.entry_id[:1] == DROP_PREFIX and e.value]
         except (OverlayError, TimeoutError) as exc:

@@ -91,7 +91,7 @@ async def test_forking_gives_each_branch_its_own_home_peer(make_peer: PeerFactor
         # the second device's peer serves bob with bob's user key (copied, as docs/index.md says)
         target = ring[1].users.path_for(BOB)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ring[0].users.path_for(BOB), target)
+        shutil.copy(ring[0].users.export(BOB), target)
         assert (await mobile.register(ring[1].sip_address())).status == 200
         alice = await phones("alice")
         result = await alice.call(BOB, ring[2].sip_address(), timeout=10)

@@ -65,7 +65,7 @@ async def phones(overlay: list[Peer]) -> AsyncIterator[dict[str, UserAgent]]:
             if name == "mobile":  # a second device of bob at another peer: his user key goes there too
                 target = overlay[2].users.path_for(BOB)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(overlay[1].users.path_for(BOB), target)
+                shutil.copy(overlay[1].users.export(BOB), target)
             response = await made[name].register(f"sip:{via(overlay[peer])}", expires=300, refresh=False)
             assert response.status == 200
         yield made
@@ -209,7 +209,7 @@ async def test_message_for_nobody_registered_is_stored_and_delivered_on_registra
         # the key sweep keeps an account's user key and inbox key (else the next registration could
         # neither open nor remove what waits for him)
         overlay[1].sweep_user_keys(time.time() + 10 * 86400)
-        assert overlay[1].users.exists(BOB) and overlay[1].users.inbox_path(BOB).exists()
+        assert overlay[1].users.exists(BOB) and overlay[1].users.claim(BOB) is not None
 
         assert await register(300) == 200
         got = await asyncio.wait_for(bob.messages.get(), 15)

@@ -88,10 +88,13 @@ async def test_register_writes_one_signed_entry_per_contact(ring: list[Peer], ph
     # read the AOR and write its contact: one lookup of the key (two before Node.at)
     assert ring[0].node.stats().get("lookups_started", 0) - lookups == 1
     assert [c.uri.port for c in response.contacts] == [alice.port]
-    # the entry is in the DHT, readable from any peer, signed by alice's user key kept in the data dir
+    # the entry is in the DHT, readable from any peer, signed by alice's user key, derived from the data
+    # dir's secret (no file per AOR) and written as a file (mode 0600) only when exported to copy it
     entries = await ring[3].node.get(ALICE)
     assert len(entries) == 1
     key_file = ring[0].users.path_for(ALICE)
+    assert not key_file.exists()
+    assert ring[0].users.export(ALICE) == key_file
     assert key_file.exists() and oct(key_file.stat().st_mode & 0o777) == "0o600"
     assert entries[0].owner == KeyPair.load(key_file).public_key
     # r = 3 replicas hold it
@@ -162,7 +165,7 @@ async def test_forking_to_contacts_registered_through_different_peers(
     # a second device of the same user at another peer: copy the user key there (DESIGN.md)
     target = ring[3].users.path_for(BOB)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ring[0].users.path_for(BOB), target)
+    shutil.copy(ring[0].users.export(BOB), target)
     assert (await mobile.register(ring[3].sip_address())).status == 200
     assert len(await ring[1].node.get(BOB)) == 2
     alice = await phones("alice")

@@ -165,7 +165,7 @@ async def test_subscribe_entering_elsewhere_and_agent_moving(
     # bob's desk leaves and his mobile registers at peer 2: peer 1 is no longer his agent
     target = overlay[2].users.path_for(BOB)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(overlay[1].users.path_for(BOB), target)
+    shutil.copy(overlay[1].users.export(BOB), target)
     mobile = await make_ua(BOB, overlay[2])
     await desk.unregister()
     assert (await mobile.register(f"sip:{via(overlay[2])}", expires=300, refresh=False)).status == 200
@@ -198,7 +198,7 @@ async def test_published_state_outlives_the_agents_peer(overlay: list[Peer], mak
     assert response.status == 200
     target = overlay[2].users.path_for(BOB)  # bob's second home peer holds his user key too
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(overlay[1].users.path_for(BOB), target)
+    shutil.copy(overlay[1].users.export(BOB), target)
     doc = pidf.Presence(BOB, [pidf.PresenceTuple("desk", "open")], ["in a meeting"], ["busy"])
     response = await desk.request(
         "PUBLISH", BOB, body=doc.compose(), content_type=pidf.CONTENT_TYPE,

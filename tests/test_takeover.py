@@ -20,15 +20,19 @@ from pathlib import Path
 import pytest
 from peer_phone import Phone
 
+from overlay.identity import KeyPair
 from overlay.localring import quick_node_config
 from p2psip.auth import answer_challenge
 from p2psip.config import HostPort, ListenSpec, PeerConfig
+from p2psip.inbox import load_key
 from p2psip.message import Request, Response, new_tag
-from p2psip.peer import Peer, add_account
+from p2psip.peer import USERS_DIR, Peer, UserKeys, add_account
 from p2psip.ratelimit import Rate
+from p2psip.sealedbox import public_bytes
 from p2psip.timers import TimerConfig
 
 ALICE = "sip:alice@p2p.example"
+BOB = "sip:bob@p2p.example"
 ROOT = Path(__file__).resolve().parent.parent
 FAST = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
 A1 = "<urn:uuid:00000000-0000-4000-8000-0000000000a1>"
@@ -143,11 +147,13 @@ async def test_the_claim_ends_with_the_bindings_and_the_key_goes_with_it(
     peer = await make_peer(min_expires=1)
     alice, bob = await phones(), await phones("bob")
     assert (await alice.register(peer.sip_address(), expires=1)).status == 200
-    assert peer.users.path_for(ALICE).exists() and peer.users.claim_path(ALICE).exists()
+    peer.users.export(ALICE)  # key files someone wrote to copy go too
+    assert peer.users.path_for(ALICE).exists() and peer.users.claim(ALICE) is not None
     assert peer.sweep_user_keys() == 0  # still registered
     await asyncio.sleep(1.2)
     assert peer.sweep_user_keys() == 1
-    assert not peer.users.path_for(ALICE).exists() and not peer.users.claim_path(ALICE).exists()
+    assert not peer.users.path_for(ALICE).exists() and not peer.users.inbox_path(ALICE).exists()
+    assert peer.users.claim(ALICE) is None and peer.users.on_disk() == 0
     assert peer.status()["counters"]["peer_user_keys_removed"] == 1
     # the AOR is free again: another device may claim it (with a new key the overlay accepts)
     assert (await bob.register(peer.sip_address(), aor=ALICE)).status == 200
@@ -202,20 +208,45 @@ async def test_user_add_account_and_guessing_costs_time(
     assert peer.sweep_user_keys() == 0 and peer.users.path_for(ALICE).exists()
 
 
-def test_user_add_command_prints_a_password(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "p2psip.cli", "user", "add", ALICE, "--data-dir", str(tmp_path), "--json"],
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2psip.cli", *args],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60,
     )  # fmt: skip
+
+
+def test_user_add_command_prints_a_password(tmp_path: Path) -> None:
+    run = _cli("user", "add", ALICE, "--data-dir", str(tmp_path), "--json")
     assert run.returncode == 0, run.stderr
     shown = json.loads(run.stdout)
     assert shown["username"] == "alice" and len(shown["password"]) >= 12
-    again = subprocess.run(
-        [sys.executable, "-m", "p2psip.cli", "user", "add", ALICE, "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60,
-    )  # fmt: skip
+    again = _cli("user", "add", ALICE, "--data-dir", str(tmp_path))
     assert again.returncode == 2 and "already has an account" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+    # the account's key is a file, the one the peer signs with
+    users = UserKeys(tmp_path / USERS_DIR)
+    assert KeyPair.load(users.path_for(ALICE)).public_key == users.get(ALICE).public_key
+
+
+def test_user_key_command_writes_the_derived_keys(tmp_path: Path) -> None:
+    """A peer keeps no file per AOR (its keys derive from users/user-keys.secret); ``p2psip user key``
+    writes them to copy to another peer, and they are the keys the peer uses."""
+    users = UserKeys(tmp_path / USERS_DIR)
+    derived, inbox = users.get(BOB).public_key, public_bytes(users.inbox_key(BOB))
+    assert not users.path_for(BOB).exists()
+    run = _cli("user", "key", BOB, "--data-dir", str(tmp_path), "--json")
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert KeyPair.load(shown["key"]).public_key == derived
+    assert oct(Path(shown["key"]).stat().st_mode & 0o777) == "0o600"
+    assert public_bytes(load_key(Path(shown["inbox"]))) == inbox
+    # a peer with another secret takes the copied files over its own derived keys
+    other = UserKeys(tmp_path / "other")
+    assert other.get(BOB).public_key != derived
+    (tmp_path / "other" / Path(shown["key"]).name).write_bytes(Path(shown["key"]).read_bytes())
+    assert UserKeys(tmp_path / "other").get(BOB).public_key == derived
+    bad = _cli("user", "key", "not an aor", "--data-dir", str(tmp_path))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------- scanning, new AORs

@@ -262,6 +262,24 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_user_key(args: argparse.Namespace) -> int:
+    from p2psip.errors import P2PSIPError
+    from p2psip.peer import export_user_key
+
+    try:
+        path = export_user_key(data_dir_of(args), args.aor)
+    except P2PSIPError as exc:
+        return fail(str(exc), 2)
+    except OSError as exc:
+        return fail(f"cannot write the key into {data_dir_of(args)}: {exc.strerror or exc}", 1)
+    if args.json:
+        print(json.dumps({"aor": args.aor, "key": str(path), "inbox": str(path.with_suffix(".inbox"))}))
+    else:
+        print(f"user key of {args.aor}: {path} (inbox key beside it: {path.with_suffix('.inbox').name})")
+        print("(copy both into another peer's users/ directory to serve a second device from there)")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     start = sub.add_parser("start", help="run a peer in the foreground")
     add_listen_options(
@@ -353,6 +371,12 @@ def add_commands(sub: Any) -> None:
         add, data_dir_help="the peer's data dir (default ~/.local/share/p2psip)", config=False
     )
     add.set_defaults(func=_cmd_user_add)
+    key = user_sub.add_parser("key", help="write an AOR's user key (and inbox key) as files, to copy them")
+    key.add_argument("aor", metavar="SIP-URI", help="the address of record, e.g. sip:alice@p2p.example")
+    add_data_dir_options(
+        key, data_dir_help="the peer's data dir (default ~/.local/share/p2psip)", config=False
+    )
+    key.set_defaults(func=_cmd_user_key)
 
     for name, helptext, func in (
         ("status", "show a running peer: ring neighbours, fingers, stored entries, counters", _cmd_status),
