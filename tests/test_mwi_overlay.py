@@ -123,7 +123,7 @@ async def test_phones_subscribed_to_their_own_aor_hear_of_voicemail(
         assert (await desk.register(f"sip:{via(a)}", expires=300, refresh=False)).status == 200
         shared = b.users.path_for(JONES)  # jones's second home peer holds his user key too
         shared.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(a.users.path_for(JONES), shared)
+        shutil.copy(a.users.export(JONES), shared)
         for ua, peer in ((mobile, b), (carol, b)):
             assert (await ua.register(f"sip:{via(peer)}", expires=300, refresh=False)).status == 200
 
