@@ -11,11 +11,22 @@ there, within a quota, and only the owner remove. The next registration's home p
 delivers each as a MESSAGE and removes it.
 
 A letter is msgpack ``{"from": From header, "to": AOR, "type": Content-Type, "body": bytes, "date": unix
-seconds}``. Sans-IO apart from the key file; the DHT glue is in :mod:`p2psip.peer`.
+seconds, "vouch": hex NodeId or ""}``. Sans-IO apart from the key file; the DHT glue is in
+:mod:`p2psip.peer`.
+
+**Who sent it.** A From header proves nothing, and anyone can seal a letter to a published key. So the
+storing peer records in the letter whether it vouches for the sender (``vouch``: its own NodeId, when the
+MESSAGE came from a device registered at that peer for the From's AOR, or with a valid
+``P-P2PSIP-Vouch`` of another peer), and the drop carrying it is signed by that peer's node key. The
+delivering peer trusts the claim only when the drop's signer *is* the node named and a ring member, and
+marks the MESSAGE it delivers (:func:`mark_sender`): ``P-P2PSIP-Sender: vouched;node=<NodeId>``, or
+``P-P2PSIP-Sender: unverified`` and the From's display name prefixed ``[unverified]`` (what a phone
+shows its user).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +37,31 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2psip import sealedbox
 from p2psip.errors import P2PSIPError
+from p2psip.uri import Address
 
-__all__ = ["INBOX_PREFIX", "Letter", "LetterError", "inbox_name", "load_key", "open_letter", "write_key"]
+__all__ = [
+    "INBOX_PREFIX",
+    "SENDER_HEADER",
+    "UNVERIFIED",
+    "Letter",
+    "LetterError",
+    "inbox_name",
+    "load_key",
+    "mark_sender",
+    "open_letter",
+    "write_key",
+]
 
 INBOX_PREFIX = "inbox:"
 MAX_LETTER = 12 * 1024
 """Bytes a letter's body may have (a DHT value holds 16 KiB; the box and the headers need the rest)."""
+
+
+SENDER_HEADER = "P-P2PSIP-Sender"
+"""How far the sender of a delivered stored message is known (:func:`mark_sender`); a peer removes any
+such header a MESSAGE arrives with from elsewhere."""
+UNVERIFIED = "[unverified]"
+"""The display-name prefix of a stored message's sender nobody vouched for."""
 
 
 class LetterError(P2PSIPError):
@@ -52,6 +82,8 @@ class Letter:
     content_type: str
     body: bytes
     date: float
+    vouched_by: str = ""
+    """The NodeId (hex) of the peer that vouched for the sender when it stored the letter; "" for none."""
 
     def seal(self, recipient: bytes) -> bytes:
         """The sealed box of this letter for the inbox's published public key (32 raw bytes)."""
@@ -59,7 +91,7 @@ class Letter:
             raise LetterError(f"a stored message is at most {MAX_LETTER} bytes")
         packed = msgpack.packb(
             {"from": self.from_, "to": self.to, "type": self.content_type, "body": self.body,
-             "date": self.date},
+             "date": self.date, "vouch": self.vouched_by},
             use_bin_type=True,
         )  # fmt: skip
         return sealedbox.seal(recipient, bytes(packed))
@@ -69,16 +101,30 @@ def open_letter(private: X25519PrivateKey, box: bytes) -> Letter:
     """The letter in ``box``; :class:`LetterError` if it is not one sealed to ``private``."""
     try:
         data = msgpack.unpackb(sealedbox.open_box(private, box), raw=False)
-        letter = Letter(data["from"], data["to"], data["type"], data["body"], float(data["date"]))
+        letter = Letter(
+            data["from"], data["to"], data["type"], data["body"], float(data["date"]), data.get("vouch", "")
+        )
     except sealedbox.SealedBoxError as exc:
         raise LetterError(str(exc)) from None
     except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
         raise LetterError(f"not a letter: {exc}") from None
-    if not all(isinstance(v, str) for v in (letter.from_, letter.to, letter.content_type)) or not isinstance(
+    fields = (letter.from_, letter.to, letter.content_type, letter.vouched_by)
+    if not all(isinstance(v, str) for v in fields) or not isinstance(
         letter.body, bytes
     ):
         raise LetterError("not a letter: wrong field types")
     return letter
+
+
+def mark_sender(sender: Address, voucher: str | None) -> tuple[Address, str]:
+    """The From and the :data:`SENDER_HEADER` value of a delivered stored message whose sender the peer
+    ``voucher`` (hex NodeId, checked by the deliverer) vouched for; None: unverified, and the display
+    name says so."""
+    if voucher:
+        return sender, f"vouched;node={voucher}"
+    marked = copy.copy(sender)
+    marked.display = f"{UNVERIFIED} {sender.display}" if sender.display else UNVERIFIED
+    return marked, "unverified"
 
 
 def load_key(path: Path) -> X25519PrivateKey:

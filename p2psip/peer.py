@@ -76,7 +76,16 @@ from p2psip.clientpeer import (
 from p2psip.config import PeerConfig
 from p2psip.errors import ConfigError, FlowFailed, P2PSIPError, ParseError, SIPStatusError, TransportError
 from p2psip.flows import Failed, Flow, FlowTable, Ping, stun_binding_request, stun_mapped_address
-from p2psip.inbox import Letter, LetterError, inbox_name, load_key, open_letter, write_key
+from p2psip.inbox import (
+    SENDER_HEADER,
+    Letter,
+    LetterError,
+    inbox_name,
+    load_key,
+    mark_sender,
+    open_letter,
+    write_key,
+)
 from p2psip.location import (
     ForwardAsAddressed,
     LocationCache,
@@ -599,6 +608,8 @@ class PeerCore(Proxy):
         """A MESSAGE for an overlay AOR with nobody registered is left in its inbox (``202 Accepted``)
         when the AOR has one (:mod:`p2psip.inbox`); everything else is proxied as usual (404 then)."""
         peer = self.peer
+        if not self.stack.is_local(source.host, source.port):
+            request.remove(SENDER_HEADER)  # only a peer delivering a stored message says who sent it
         decision = decide(request.uri, routes=peer._routes(), is_local=peer.stack.is_local)
         if isinstance(decision, OverlayLookup):
             nobody = False
@@ -610,7 +621,8 @@ class PeerCore(Proxy):
                 return
             except (OverlayError, TimeoutError):
                 pass  # the proxy path below looks again and answers the failure
-            if nobody and peer.config.offline_messages and await peer.leave_in_inbox(decision.aor, request):
+            may_store = nobody and peer.config.offline_messages
+            if may_store and await peer.leave_in_inbox(decision.aor, request, source):
                 if not transaction.terminated and transaction.last_response is None:
                     self.stack.respond(transaction, Response.for_request(request, 202, "Accepted"))
                 return
@@ -1690,12 +1702,15 @@ class Peer:
                 return decode_state(entry.value, time.time() - self.stack.loop.time())
         return []
 
-    async def leave_in_inbox(self, aor: str, request: Request) -> bool:
+    async def leave_in_inbox(self, aor: str, request: Request, source: Source) -> bool:
         """Seal ``request`` (a MESSAGE for ``aor``, nobody registered) to the AOR's published inbox key and
-        drop it in its inbox (:mod:`p2psip.inbox`). False when the AOR has no inbox or the drop fails
-        (or the peer runs on OpenDHT: inboxes are a Chord feature)."""
+        drop it in its inbox (:mod:`p2psip.inbox`), noting whether this peer vouches for its sender. False
+        when the AOR has no inbox or the drop fails (or the peer runs on OpenDHT: inboxes are a Chord
+        feature)."""
         if self._chord is None:
             return False
+        # the sender is who its From says only if we vouch for it (a device of ours), or a peer did
+        voucher = f"{self.node.identity.node_id:032x}" if await self._vouched(request, source) else ""
         access = self.node.at(inbox_name(aor))
         try:
             entries = await access.get()
@@ -1704,7 +1719,7 @@ class Peer:
                 return False
             letter = Letter(
                 request.get("From") or "", aor, request.get("Content-Type") or "text/plain",
-                request.body, time.time(),
+                request.body, time.time(), voucher,
             )  # fmt: skip
             box = letter.seal(published.value)
             entry_id = DROP_PREFIX + self.node.identity.public_key + secrets.token_bytes(8)
@@ -1749,7 +1764,8 @@ class Peer:
                 letter = open_letter(private, drop.value)
             except LetterError:
                 continue  # sealed to another home peer's key, or garbage a writer left
-            if await self._deliver(aor, letter) >= 300:
+            voucher = letter.vouched_by if await self._vouch_holds(letter, drop.owner) else None
+            if await self._deliver(aor, letter, voucher) >= 300:
                 return  # nobody took it: it stays for the next registration
             self.counters["messages_delivered"] += 1
             removal = Entry.create(
@@ -1760,12 +1776,34 @@ class Peer:
             except (OverlayError, TimeoutError) as exc:
                 log.info("stored message for %s delivered but not removed: %s", aor, exc)
 
-    async def _deliver(self, aor: str, letter: Letter) -> int:
-        """Send a stored message to ``aor`` through this peer's own proxy; its final status."""
+    async def _vouch_holds(self, letter: Letter, signer: bytes) -> bool:
+        """Whether the peer a letter says vouched for its sender did: it signed the drop, and it is a ring
+        member (a lookup of its NodeId finds it; one that left since cannot be told from a made-up key)."""
+        if not letter.vouched_by:
+            return False
+        node_id = node_id_of(signer)
+        if letter.vouched_by != f"{node_id:032x}":
+            return False
+        return await self._ring_member(node_id)
+
+    async def _ring_member(self, node_id: int) -> bool:
+        """Whether ``node_id`` is a member of the ring now: a lookup of it finds that very node."""
+        if node_id == self.node.identity.node_id:
+            return True
+        try:
+            member, _hops = await self.node.lookup(node_id)
+        except (OverlayError, TimeoutError):
+            return False
+        return member.id == node_id
+
+    async def _deliver(self, aor: str, letter: Letter, voucher: str | None) -> int:
+        """Send a stored message to ``aor`` through this peer's own proxy, its sender marked as vouched for
+        by ``voucher`` or unverified (:func:`p2psip.inbox.mark_sender`); its final status."""
         try:
             sender = Address(letter.from_)
         except ParseError:
             sender = Address("<sip:unknown@invalid>")
+        sender, how = mark_sender(sender, voucher)
         request = Request.create(
             "MESSAGE",
             URI(aor),
@@ -1773,7 +1811,7 @@ class Peer:
             to=Address.build(URI(aor)),
             body=letter.body,
             content_type=letter.content_type,
-            headers=[("Date", formatdate(letter.date, usegmt=True))],
+            headers=[("Date", formatdate(letter.date, usegmt=True)), (SENDER_HEADER, how)],
         )
         host, port = self.sip_address()
         context = InboxDelivery(self.stack.loop.create_future())
@@ -2130,12 +2168,7 @@ class Peer:
             return False
         if not verify(key, sig, _vouch_data(aor, request.call_id, request.from_.tag or "", ts)):
             return False
-        node_id = node_id_of(key)
-        try:
-            member, _hops = await self.node.lookup(node_id)
-        except (OverlayError, TimeoutError):
-            return False
-        return member.id == node_id
+        return await self._ring_member(node_id_of(key))
 
     def is_home_of(self, bindings: Iterable[Binding]) -> bool:
         """Whether this peer is the home peer (the first Path hop) of one of ``bindings``."""

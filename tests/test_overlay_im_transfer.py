@@ -21,7 +21,7 @@ import pytest
 from peer_interop.helpers import start_overlay, stop_overlay
 
 from overlay.storage import DROP_PREFIX, INBOX_KEY_ID
-from p2psip.inbox import inbox_name
+from p2psip.inbox import SENDER_HEADER, UNVERIFIED, inbox_name
 from p2psip.peer import Peer, add_account
 from p2psip.stack import Stack
 from p2psip.useragent import IncomingCall, UserAgent
@@ -200,11 +200,19 @@ async def test_message_for_nobody_registered_is_stored_and_delivered_on_registra
         await until(published)
         assert await register(0) == 200
 
-        response = await alice.message(BOB, "are you there?")
+        # alice is registered nowhere: her From proves nothing, the letter says "unverified"; she writes a
+        # P-P2PSIP-Sender of her own too, which the peer removes
+        forged = [(SENDER_HEADER, f"vouched;node={overlay[0].node.identity.node_id:032x}")]
+        response = await alice.request(
+            "MESSAGE", BOB, body=b"are you there?", content_type="text/plain", headers=forged
+        )
         assert response.status == 202
         assert overlay[0].counters["messages_stored"] == 1
         drops = [e for e in await overlay[2].node.get(inbox_name(BOB)) if e.entry_id[:1] == DROP_PREFIX]
         assert len(drops) == 1 and b"are you there?" not in drops[0].value  # sealed, not readable
+        # registered at overlay[0], alice is vouched for by it: the letter names its NodeId
+        assert (await alice.register(f"sip:{via(overlay[0])}", expires=300, refresh=False)).status == 200
+        assert (await alice.message(BOB, "it's really me")).status == 202
         assert bob.messages.empty()
         # the key sweep keeps an account's user key and inbox key (else the next registration could
         # neither open nor remove what waits for him)
@@ -215,16 +223,25 @@ async def test_message_for_nobody_registered_is_stored_and_delivered_on_registra
         got = await asyncio.wait_for(bob.messages.get(), 15)
         assert got.body == b"are you there?" and got.from_.uri.user == "alice"
         assert got.get("Date") is not None
+        assert got.get(SENDER_HEADER) == "unverified" and got.from_.display == UNVERIFIED
+        vouched = await asyncio.wait_for(bob.messages.get(), 15)
+        assert vouched.body == b"it's really me" and vouched.from_.display is None
+        assert vouched.get(SENDER_HEADER) == f"vouched;node={overlay[0].node.identity.node_id:032x}"
 
         async def emptied() -> bool:
             entries = await overlay[2].node.get(inbox_name(BOB))
             return not any(e.entry_id[:1] == DROP_PREFIX for e in entries)
 
         await until(emptied)  # removed by the owner once delivered
-        assert overlay[1].counters["messages_delivered"] == 1
-        # bob is registered again: messages go straight to him
-        assert (await alice.message(BOB, "lunch?")).status == 200
-        assert (await asyncio.wait_for(bob.messages.get(), 10)).body == b"lunch?"
+        assert overlay[1].counters["messages_delivered"] == 2
+        # bob is registered again: messages go straight to him (a P-P2PSIP-Sender written by the sender
+        # does not reach him)
+        response = await alice.request(
+            "MESSAGE", BOB, body=b"lunch?", content_type="text/plain", headers=forged
+        )
+        assert response.status == 200
+        live = await asyncio.wait_for(bob.messages.get(), 10)
+        assert live.body == b"lunch?" and live.get(SENDER_HEADER) is None
     finally:
         for ua in (alice, bob):
             await ua.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
@@ -15,11 +16,13 @@ from hypothesis import strategies as st
 from p2psip import mwi, pidf
 from p2psip.config import load_config
 from p2psip.errors import ConfigError, ParseError
+from p2psip.inbox import UNVERIFIED, Letter, LetterError, mark_sender, open_letter
 from p2psip.message import Request
 from p2psip.presence import Decision, WatcherPolicy, compose, polite_block
 from p2psip.publication import EventStateCompositor, PublishResult, decode_state, encode_state
 from p2psip.sealedbox import OVERHEAD, SealedBoxError, open_box, public_bytes, seal
 from p2psip.subscription import Reject
+from p2psip.uri import Address
 
 AOR = "sip:bob@p2p.example"
 
@@ -165,6 +168,24 @@ def test_sealed_box_round_trip_and_refusals() -> None:
         open_box(bob, box[:20])
     with pytest.raises(SealedBoxError):
         seal(b"short", b"x")
+
+
+def test_letters_keep_who_vouched_and_mark_unverified_senders() -> None:
+    bob = X25519PrivateKey.generate()
+    letter = Letter('"Alice" <sip:alice@p2p.example>;tag=1', AOR, "text/plain", b"hi", 1.5, "ab" * 16)
+    assert open_letter(bob, letter.seal(public_bytes(bob))) == letter
+    # a letter of an older peer has no "vouch": unverified
+    old = msgpack.packb({"from": "<sip:a@x>", "to": AOR, "type": "text/plain", "body": b"x", "date": 1})
+    assert open_letter(bob, seal(public_bytes(bob), old)).vouched_by == ""
+    bad = msgpack.packb({"from": "<sip:a@x>", "to": AOR, "type": "t", "body": b"x", "date": 1, "vouch": 7})
+    with pytest.raises(LetterError):
+        open_letter(bob, seal(public_bytes(bob), bad))
+    sender = Address(letter.from_)
+    assert mark_sender(sender, "ab" * 16) == (sender, f"vouched;node={'ab' * 16}")
+    marked, how = mark_sender(sender, None)
+    assert how == "unverified" and marked.display == f"{UNVERIFIED} Alice" and sender.display == "Alice"
+    assert str(marked).startswith('"[unverified] Alice" <sip:alice@p2p.example>')
+    assert mark_sender(Address("<sip:a@x>"), None)[0].display == UNVERIFIED
 
 
 @settings(max_examples=200, deadline=None)
