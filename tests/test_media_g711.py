@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from p2psip.media import g711
 from p2psip.media.g711 import (
     alaw_decode,
     alaw_encode,
@@ -55,6 +56,28 @@ def test_tables_match_reference_functions_for_every_sample() -> None:
     assert alaw_decode(codes) == struct.pack("<256h", *(alaw_to_linear(c) for c in codes))
 
 
+def test_table_and_compiled_paths_give_the_reference_bytes() -> None:
+    """Both converters, whichever is in use: the C one (audioop, with its µ-law rounding of negative samples
+    corrected) and the tables, byte for byte against the reference functions over every 16-bit sample."""
+    ulaw = bytes(linear_to_ulaw(x) for x in ALL)
+    alaw = bytes(linear_to_alaw(x) for x in ALL)
+    codes = bytes(range(256))
+    ulaw_pcm = struct.pack("<256h", *(ulaw_to_linear(c) for c in codes))
+    alaw_pcm = struct.pack("<256h", *(alaw_to_linear(c) for c in codes))
+    paths = [(g711.table_ulaw_encode, g711.table_alaw_encode, g711.table_ulaw_decode, g711.table_alaw_decode)]
+    if g711.COMPILED:
+        paths.append((g711._c_ulaw_encode, g711._c_alaw_encode, g711._c_ulaw_decode, g711._c_alaw_decode))
+    for u_enc, a_enc, u_dec, a_dec in paths:
+        assert u_enc(ALL_PCM) == ulaw
+        assert a_enc(ALL_PCM) == alaw
+        assert u_dec(codes) == ulaw_pcm
+        assert a_dec(codes) == alaw_pcm
+        for size in (0, 2, 320):  # short frames and the 20 ms one, sliced from the same samples
+            assert u_enc(ALL_PCM[:size]) == ulaw[: size // 2]
+        with pytest.raises(ValueError):
+            u_enc(b"\x00\x01\x02")
+
+
 def test_ulaw_round_trip_error_is_within_half_a_step() -> None:
     decoded = struct.unpack("<65536h", ulaw_decode(ulaw_encode(ALL_PCM)))
     # a mu-law step is 2**(exponent+3) wide for |x|+132 in [2**(exponent+7), 2**(exponent+8)): half of it
@@ -95,3 +118,20 @@ def test_agrees_with_cpython_audioop_where_it_still_exists() -> None:
     assert audioop.ulaw2lin(codes, 2) == ulaw_decode(codes)
     assert audioop.alaw2lin(codes, 2) == alaw_decode(codes)
     assert audioop.lin2alaw(ALL_PCM, 2) == alaw_encode(ALL_PCM)
+
+
+def test_encode_frame_remembers_repeating_frames_and_stays_bounded() -> None:
+    """The per-process memory of encoded frames (silence, tones, prompts played to many calls) gives the same
+    bytes as encoding, serves a repeated frame without encoding it again, and never grows past its bound."""
+    from p2psip.media import codecs
+
+    frame = ALL_PCM[1000:1320]
+    first = codecs.encode_frame(codecs.PCMU, frame)
+    assert first == codecs.PCMU.encode(frame)
+    assert codecs.encode_frame(codecs.PCMU, bytes(frame)) is first  # an equal frame: remembered
+    assert codecs.encode_frame(codecs.PCMA, frame) == codecs.PCMA.encode(frame)  # per encoder
+    assert codecs.encode_frame(codecs.PCMU, bytearray(frame)) == first  # unhashable input: encoded
+    for start in range(0, 2 * (codecs._FRAME_CACHE_SIZE + 10), 2):
+        chunk = ALL_PCM[start : start + 320]
+        assert codecs.encode_frame(codecs.PCMU, chunk) == ulaw_encode(chunk)
+    assert 0 < len(codecs._FRAMES[codecs.PCMU.encode]) <= codecs._FRAME_CACHE_SIZE

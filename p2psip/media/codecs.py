@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from p2psip.media.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 
-__all__ = ["CODECS", "PCMA", "PCMU", "Codec", "codec"]
+__all__ = ["CODECS", "PCMA", "PCMU", "Codec", "codec", "encode_frame"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +47,27 @@ def codec(spec: str | int | Codec, payload_type: int | None = None) -> Codec:
     if payload_type is not None and payload_type != found.payload_type:
         return Codec(found.name, payload_type, found.clock_rate, found.encode, found.decode)
     return found
+
+
+# Encoded frames of PCM that repeats, per encoder: silence (hold, a muted side), a tone, a prompt or hold
+# music played to many calls at once. A hit costs a hash of the 320-byte frame and a lookup (about 0.3 µs)
+# where encoding costs 1-4 µs; a miss (speech) costs the same 0.3 µs more. Bounded: when full it starts
+# again, so frames that stopped repeating do not stay.
+_FRAME_CACHE_SIZE = 512
+_FRAMES: dict[Callable[[bytes], bytes], dict[bytes, bytes]] = {}
+
+
+def encode_frame(codec: Codec, pcm: bytes) -> bytes:
+    """``codec.encode(pcm)``, remembered for frames that repeat (see above); same bytes either way."""
+    if type(pcm) is not bytes:  # a bytearray or memoryview from a callback source: not hashable
+        return codec.encode(pcm)
+    frames = _FRAMES.get(codec.encode)
+    if frames is None:
+        frames = _FRAMES[codec.encode] = {}
+    payload = frames.get(pcm)
+    if payload is None:
+        payload = codec.encode(pcm)
+        if len(frames) >= _FRAME_CACHE_SIZE:
+            frames.clear()
+        frames[pcm] = payload
+    return payload
