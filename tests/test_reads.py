@@ -112,3 +112,16 @@ def test_a_holder_asked_after_the_answer_is_not_blamed_for_a_newer_write() -> No
     late.answered_now()
     late.add(3, [])  # asked later and hides: blamed
     assert late.disagreeing() == [3]
+    assert late.behind() == {3: [NEW]}  # and given what the answer held
+
+
+def test_a_write_made_after_the_answer_is_not_pushed_by_read_repair() -> None:
+    """Read-then-write (a REGISTER): the late holder already has the reader's own write; the early
+    holders are getting it from the writer, not from read repair."""
+    read = QuorumRead(KEY, [1, 2, 3], ok)
+    read.add(1, [])
+    read.add(2, [])
+    assert read.decided and read.result() == []
+    read.answered_now()
+    read.add(3, [NEW])
+    assert read.behind() == {} and read.disagreeing() == []
