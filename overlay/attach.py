@@ -59,7 +59,7 @@ class AttachState:
         self.misses = 0
         if seen is not None:
             self.seen = seen
-        self.service = service
+        self.service = service if service is not None and service[1] else None
         fresh = [ep for ep in successors if ep != self.peer]
         if fresh:
             self.fallbacks = fresh[:MAX_FALLBACKS]

@@ -496,6 +496,7 @@ class LookupResult:
                     "expires_in": b.remaining(now),
                     "q": b.q,
                     "instance": b.instance,
+                    "path": list(b.path),
                 }
                 for b in self.bindings
             ],
@@ -899,10 +900,13 @@ class Peer:
             ),
             0,
         )
+        attach = getattr(node, "attach", None)
         if config.advertise is not None:
             stack.transport.advertise_host = config.advertise.host
-        elif node.endpoint[0] != config.overlay.host:
-            # a wildcard overlay bind: the host learned from the bootstrap (overlay.reach) is ours
+        elif node.endpoint[0] != config.overlay.host and attach is None:
+            # a wildcard overlay bind: the host learned from the bootstrap (overlay.reach) is ours. Not on a
+            # client peer: nobody reaches it there; it names its own SIP address (its phones' way to it),
+            # and its attach peer reaches it over its flow whatever it names.
             stack.transport.advertise_host = node.endpoint[0]
         self.flows = FlowTable(
             secret=flow_secret(Path(config.data_dir)),
@@ -943,7 +947,6 @@ class Peer:
         self.core = PeerCore(self, stack, verbose=config.verbose)
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
-        attach = getattr(node, "attach", None)
         self.client_link: ClientLink | None = ClientLink() if attach is not None else None
         """Set on a client peer: its SIP flow to its attach peer (p2psip.clientpeer, docs/nat.md)."""
         self._client_task: asyncio.Task[None] | None = None
@@ -2195,6 +2198,10 @@ class Peer:
             bindings = await self.fetch_bindings(aor)
             seconds = time.perf_counter() - started
             return LookupResult(aor, key, None, 0, [], bindings, seconds, engine="opendht")
+        if self.client_link is not None:  # a client peer: its attach peer reads for it (relay_fetch)
+            bindings = await self.fetch_bindings(aor)
+            seconds = time.perf_counter() - started
+            return LookupResult(aor, key, None, 0, [], bindings, seconds, engine="client")
         node, hops = await self.node.lookup(key)
         here = self.node.at(key)
         here.target = node

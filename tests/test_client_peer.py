@@ -26,9 +26,11 @@ from peer_phone import Phone
 from peer_support import wait_until_settled
 from test_home_routing import NattedPhone, natted
 
+from overlay.attach import AttachState
 from overlay.errors import WireError
 from overlay.localring import quick_node_config
 from overlay.wire import Codec
+from p2psip.cli.peer import _print_status
 from p2psip.clientpeer import (
     CLIENT_DOMAIN,
     KEEPALIVE,
@@ -139,6 +141,11 @@ def _attach_answer(service: Any) -> bytes:
 def test_an_attach_answer_names_the_attach_peers_sip_address() -> None:
     msg = Codec("client-test").decode(_attach_answer(["10.99.0.1", 5060]))
     assert msg.body["service"] == ("10.99.0.1", 5060)
+    state = AttachState(A)
+    state.answered(1.0, None, [], msg.body["service"])
+    assert state.service == ("10.99.0.1", 5060)
+    state.answered(2.0, None, [], ("10.99.0.1", 0))  # port 0 names nothing to send to
+    assert state.service is None
 
 
 @settings(max_examples=200, deadline=None)
@@ -151,7 +158,7 @@ def test_the_service_field_of_an_attach_answer_is_validated_strictly(service: An
     except WireError:
         return
     got = msg.body.get("service")
-    assert got is None or (isinstance(got[0], str) and isinstance(got[1], int) and 0 < got[1] < 65536)
+    assert got is None or (isinstance(got[0], str) and isinstance(got[1], int) and 0 <= got[1] < 65536)
     assert got is None or isinstance(service, list)
 
 
@@ -207,7 +214,7 @@ async def client_ready(client: Peer, timeout: float = 15.0) -> None:
 
 
 async def test_a_client_peers_phone_is_called_through_the_attach_peer_and_calls_out(
-    make_peer: PeerFactory,
+    make_peer: PeerFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first = await make_peer()
     second = await make_peer(first)
@@ -221,6 +228,17 @@ async def test_a_client_peers_phone_is_called_through_the_attach_peer_and_calls_
     assert "client peer" in status["client"]["because"]
     await until(lambda: first.status()["clients"]["sip"] != [], 5, "the attach peer lists its client")
     assert first.status()["clients"]["overlay"] == 1
+    # what `p2psip status` prints (docs/nat.md)
+    _print_status(client.status())
+    _print_status(first.status())
+    printed = capsys.readouterr().out
+    attach = f"127.0.0.1:{first.overlay_address[1]}"
+    short = f"{first.node.node_id:032x}"[:8]
+    because = "configured as a client peer (client = true)"
+    assert f"  client peer, attached to {attach} ({short}), because: {because}\n" in printed, printed
+    sip = f"127.0.0.1:{first.sip_address()[1]}"
+    assert f"  SIP flow to the attach peer {sip}: Path <sip:" in printed, printed
+    assert "  attached client peers: 1 (1 with a SIP flow)\n" in printed, printed
 
     bob: NattedPhone = await natted("bob")
     alice = await Phone.open("alice")

@@ -224,6 +224,8 @@ def _print_lookup(result: dict[str, Any]) -> None:
     print(f"{result['aor']}  key {result['key']}")
     if result.get("engine") == "opendht":
         print(f"  OpenDHT get: {result.get('lookup_ms')} ms (OpenDHT does not say which nodes store it)")
+    elif result.get("engine") == "client":
+        print(f"  read by the attach peer of this client peer: {result.get('lookup_ms')} ms")
     else:
         responsible = result.get("responsible") or {"id": "?", "addr": "?"}
         print(

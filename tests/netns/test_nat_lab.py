@@ -138,8 +138,8 @@ class Lab:
         status: dict[str, Any] = json.loads(done.stdout)
         return status
 
-    def lookup(self, peer: str, aor: str) -> list[dict[str, Any]]:
-        done = self.net.run(peer, [*CLI, "lookup", aor, "--data-dir", str(self.tmp / peer), "--json"],
+    def lookup(self, peer: str, aor: str, ns: str | None = None) -> list[dict[str, Any]]:
+        done = self.net.run(ns or peer, [*CLI, "lookup", aor, "--data-dir", str(self.tmp / peer), "--json"],
                             capture_output=True, text=True, cwd=ROOT)  # fmt: skip
         if done.returncode != 0:
             return []
@@ -338,9 +338,10 @@ def test_a_peer_behind_a_port_forwarding_router_is_a_full_peer(lab: Lab) -> None
 def start_refused(
     lab: Lab, name: str, ns: str, address: str, overlay: str
 ) -> subprocess.CompletedProcess[str]:
-    """``p2psip start`` of a peer that the probe finds unreachable: it must exit, not join."""
+    """``p2psip start`` of a peer that the probe finds unreachable, with client peers off: it must exit,
+    not join."""
     config = lab.tmp / f"{name}.toml"
-    config.write_text("")
+    config.write_text("client_peers = false\n")
     args = [*CLI, "start", "--listen", f"udp:{address}:5090", "--overlay", overlay, "--data-dir",
             str(lab.tmp / name), "--config", str(config), "--join", f"{P1}:7060"]  # fmt: skip
     return lab.net.run(ns, args, capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -365,3 +366,48 @@ def test_the_probe_learns_a_peer_address_and_finds_peers_behind_nats_unreachable
     p1 = lab.status("p1")
     assert not any(n.get("addr", "").startswith((RA_OUT + ":7080", RB_OUT)) for n in p1.get("successors", []))
     assert p1["counters"]["overlay_probes_answered"] >= 4
+
+
+@pytest.mark.netns
+@pytest.mark.interop
+def test_p3_behind_nat_b_becomes_a_client_peer_and_works(lab: Lab) -> None:
+    """A real ``p2psip start`` behind router B (fully random, no forwarding) with nothing but ``--join``:
+    the probe fails, so it joins as a client peer of P1 by itself, keeps its SIP flow to P1, stores and
+    reads through P1, and its phone (our UA beside it on host B) is called from a phone at P2 and calls
+    out, every request to it crossing router B over P3's flow."""
+    lab.start_peer("p3", HB, P1, ns="hb", sip=5080, overlay="0.0.0.0:7082")
+    status = lab.status("p3", ns="hb")
+    client = status["client"]
+    assert client is not None, status["reach"]
+    assert client["attached_to"] == f"{P1}:7060" and client["node"] == lab.status("p1")["node_id"]
+    assert "learned from the bootstrap; unreachable" in client["because"], client
+    assert status["reach"]["mode"] == "client" and status["predecessor"] is None
+
+    def flow_made() -> bool:
+        return bool((lab.status("p3", ns="hb")["client"]["sip_flow"] or {}).get("path"))
+
+    wait_for(flow_made, 30, "P3's SIP flow to P1", lambda: lab.log("p3"))
+    [listed] = lab.status("p1")["clients"]["sip"]
+    assert listed["node"] == status["node_id"] and listed["sip"].startswith(RB_OUT + ":"), listed
+
+    # a phone registers to P3: its binding is signed by P3's user key and stored through P1 (a put)
+    gina = ua(lab, "sip:gina@p2p.example", f"{HB}:5080", 5084)
+    [binding] = lab.lookup("p2", "sip:gina@p2p.example")
+    attach_hop, client_hop = binding["path"]
+    assert f"@{P1}:5060;" in attach_hop and f"@{HB}:5080;" in client_hop, binding["path"]
+    # a get through P3 (its attach peer reads for it)
+    [seen] = lab.lookup("p3", "sip:gina@p2p.example", ns="hb")
+    assert seen["contact"] == binding["contact"]
+    # a call for her enters at P2, goes through P1 and over P3's flow through router B to P3, then to her
+    harry = ua(lab, "sip:harry@p2p.example", f"{P2}:5060", 5086)
+    assert harry.stdin is not None and harry.stdout is not None and gina.stdout is not None
+    assert gina.stdin is not None
+    harry.stdin.write("call sip:gina@p2p.example\n")
+    harry.stdin.flush()
+    assert harry.stdout.readline().split() == ["call", "200", "200"], lab.log("p3")
+    assert gina.stdout.readline().split()[:2] == ["answered", "sip:harry@p2p.example"]
+    # and she calls out: P3 hands the call to P1, which routes it
+    gina.stdin.write("call sip:harry@p2p.example\n")
+    gina.stdin.flush()
+    assert gina.stdout.readline().split() == ["call", "200", "200"], lab.log("p3")
+    assert harry.stdout.readline().split()[:2] == ["answered", "sip:gina@p2p.example"]
