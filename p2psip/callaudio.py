@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 from p2psip.address import target_from_uri
 from p2psip.errors import CallFailed, ParseError, TransportError
 from p2psip.media.call import CallMedia
-from p2psip.media.ice import IceSettings
+from p2psip.media.ice import IceSettings, settings_for_offer
 from p2psip.media.sources import AudioSink, AudioSource
 from p2psip.message import Request, Response
 from p2psip.stack import Stack, Target
@@ -224,8 +224,11 @@ async def accept_with_media(
     if media is None:
         source = incoming.transaction.source
         address = _media_address(incoming.stack, source.transport, source.host)
+        options = dict(media_options or {})
+        if isinstance(options.get("ice"), IceSettings):  # a second component if the offer needs one
+            options["ice"] = settings_for_offer(options["ice"], incoming.request.body)
         try:
-            media = await _open(address, play, record, media_options or {})
+            media = await _open(address, play, record, options)
         except CallFailed as failed:
             # 488, not 503: a proxy turns a 503 into 500 and drops its reason (RFC 3261 §16.7 step 6)
             reason = failed.reason.replace("Service Unavailable", "Not Acceptable Here", 1)

@@ -12,7 +12,7 @@ import pytest
 from test_media_call import until
 
 from p2psip.media import CallMedia, MemorySink, ToneSource, dominant_frequency
-from p2psip.media.ice import IceSettings
+from p2psip.media.ice import IceSettings, settings_for_offer
 from p2psip.sdp import IceDescription, SessionDescription
 from p2psip.stack import Stack
 from p2psip.turn import TurnLimits, issue_credentials
@@ -267,3 +267,68 @@ async def test_a_reinvite_with_ice_restart_moves_the_audio_to_the_new_pair_and_h
         await hang_up(call, incoming)
     finally:
         await close_all([alice, bob], stacks)
+
+
+def _without_rtcp_mux(body: bytes) -> bytes:
+    return body.replace(b"a=rtcp-mux\r\n", b"")
+
+
+async def test_rtcp_takes_a_second_component_when_the_offer_does_not_multiplex() -> None:
+    """An offer with a second component (``IceSettings(components=2)``) whose ``a=rtcp-mux`` the far end
+    does not take (stripped here, as from an endpoint that never multiplexes): the answerer gathers a
+    second component too (``settings_for_offer``), its answer carries ``a=rtcp`` and no rtcp-mux, ICE
+    nominates both components and RTCP runs on the second one both ways."""
+    heard_a, heard_b = MemorySink(), MemorySink()
+    a = await CallMedia.open(
+        "127.0.0.1", play=ToneSource(440), record=heard_a, ice=IceSettings(components=2), rtcp_interval=0.3
+    )
+    offer = _without_rtcp_mux(a.offer())
+    settings = settings_for_offer(IceSettings(), offer)
+    assert settings.components == 2
+    b = await CallMedia.open(
+        "127.0.0.1", play=ToneSource(1000), record=heard_b, ice=settings, rtcp_interval=0.3
+    )
+    try:
+        answer = b.answer(offer)
+        media = SessionDescription.parse(answer).media[0]
+        assert media.attribute("rtcp-mux") is None and media.attribute("rtcp") is not None
+        a.accept_answer(answer)
+        assert a.ice is not None and b.ice is not None
+        ices = (a.ice, b.ice)
+        await until(lambda: len(heard_a.pcm) > 16000 and len(heard_b.pcm) > 16000)
+        assert all(ice.state == "connected" and ice.rtcp_selected is not None for ice in ices)
+        await until(lambda: all(ice.rtcp_component >= 4 for ice in ices))  # sent and received
+        assert a.ice.rtcp_dropped == b.ice.rtcp_dropped == 0
+        assert a.session.stats.remote_lost is not None and b.session.stats.remote_lost is not None
+        assert dominant_frequency(heard_b.pcm[-8000:], TONES) == 440
+        assert dominant_frequency(heard_a.pcm[-8000:], TONES) == 1000
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_which_offers_get_a_second_component_and_ice_mismatch_means_no_ice() -> None:
+    """settings_for_offer: a second component only for an ICE offer without rtcp-mux that has
+    component-2 candidates; an answer with ``a=ice-mismatch`` counts as one without ICE (RFC 8839 §5.4)."""
+    from p2psip.media.ice import remote_ice
+
+    base = IceSettings()
+    candidates = (
+        b"a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuv\r\n"
+        b"a=candidate:1 1 UDP 2113929471 192.0.2.9 4000 typ host\r\n"
+        b"a=candidate:1 2 UDP 2113929470 192.0.2.9 4001 typ host\r\n"
+    )
+    head = (
+        b"v=0\r\no=- 1 1 IN IP4 192.0.2.9\r\ns=-\r\nc=IN IP4 192.0.2.9\r\nt=0 0\r\n"
+        b"m=audio 4000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+    )
+    assert settings_for_offer(base, head + candidates).components == 2
+    assert settings_for_offer(base, head + b"a=rtcp-mux\r\n" + candidates) is base
+    assert settings_for_offer(base, head) is base  # no ICE
+    component_1_only = candidates.rsplit(b"a=candidate", 1)[0]
+    assert settings_for_offer(base, head + component_1_only) is base
+    assert settings_for_offer(base, b"not sdp") is base
+    sdp = SessionDescription.parse(head + candidates)
+    assert remote_ice(sdp, sdp.media[0]) is not None
+    sdp = SessionDescription.parse(head + candidates + b"a=ice-mismatch\r\n")
+    assert remote_ice(sdp, sdp.media[0]) is None

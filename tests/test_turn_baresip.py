@@ -5,6 +5,7 @@ through our relay both ways. On loopback; under CI=true baresip is required."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -101,3 +102,83 @@ async def test_baresip_with_ice_gathers_a_relayed_candidate_from_our_turn_server
                 phone.stop()
             await ua.close()
             await stack.close()
+
+
+async def test_baresip_without_rtcp_mux_calls_our_ua_and_rtcp_takes_the_second_component(
+    tmp_path: Path,
+) -> None:
+    """baresip's ``ice`` module with ``rtcp_mux no`` (its default) offers ICE for RTP and RTCP (components 1
+    and 2) and no ``a=rtcp-mux``: our answer gathers a second component (``a=rtcp``, component-2
+    candidates), ICE nominates both, RTCP runs on the second one both ways, the tones on the first."""
+    async with TurnServer(SECRET) as server:  # STUN server for baresip's ice module
+        host, port = server.address
+        stack = await Stack.start(["udp:127.0.0.1:0"])
+        ua = UserAgent(stack, "sip:us@127.0.0.1")
+        ours = stack.local_address("udp")
+        phone = Baresip(
+            tmp_path, f"sip:us@{ours[0]}:{ours[1]}", modules="ice", config="rtcp_mux no\n",
+            account=f";medianat=ice;stunserver=stun:{host}:{port}",
+        )  # fmt: skip
+        try:
+            incoming = await asyncio.wait_for(ua.incoming.get(), 30)
+            offer = SessionDescription.parse(incoming.request.body).media[0]
+            assert offer.attribute("rtcp-mux") is None, incoming.request.body
+            components = {c.split()[1] for c in offer.attribute_values("candidate")}
+            assert components == {"1", "2"}, incoming.request.body
+            heard = MemorySink()
+            media = await incoming.accept_with_media(
+                play=ToneSource(1000), record=heard, media_options={"ice": IceSettings()}
+            )
+            assert media.local_description is not None
+            answer = media.local_description.media[0]
+            assert answer.attribute("rtcp-mux") is None and answer.attribute("rtcp") is not None
+            assert {c.split()[1] for c in answer.attribute_values("candidate")} == {"1", "2"}
+            assert media.ice is not None
+            ice = media.ice
+            await until(lambda: len(heard.pcm) > 16000 and ice.state == "connected")
+            assert ice.rtcp_selected is not None, ice.stats()
+            session = media.session
+            # baresip's receiver reports reached us, and our reports went out, on component 2
+            await until(lambda: session.stats.remote_lost is not None and ice.rtcp_component >= 2, 20)
+            assert ice.rtcp_dropped == 0
+            await incoming.bye()
+            await finish(phone)
+            assert_peak(bytes(heard.pcm), 440)
+            assert_peak(phone.decoded_recording(), 1000)
+        finally:
+            if phone.proc.poll() is None:
+                phone.stop()
+            await ua.close()
+            await stack.close()
+
+
+async def test_our_offer_with_a_second_component_reaches_baresip_without_rtcp_mux(tmp_path: Path) -> None:
+    """Our offers multiplex RTCP on one component; baresip with ``rtcp_mux no`` answers such an offer with
+    ``a=ice-mismatch`` (we then fall back to its ``c=``/``m=``, RFC 8839 §5.4, where it sends nothing).
+    ``IceSettings(components=2)`` offers a second component: baresip answers without rtcp-mux, ICE
+    nominates both components, the tones cross both ways."""
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    ua = UserAgent(stack, "sip:us@127.0.0.1")
+    phone = Baresip(
+        tmp_path, None, answer=True, modules="ice", config="rtcp_mux no\n", account=";medianat=ice"
+    )
+    try:
+        await started(phone)
+        heard = MemorySink()
+        call = await ua.call(f"sip:bs@127.0.0.1:{phone.sip_port}", play=ToneSource(1000), record=heard,
+                             timeout=30, media_options={"ice": IceSettings(components=2)})  # fmt: skip
+        answer = SessionDescription.parse(call.response.body).media[0]
+        assert answer.attribute("ice-mismatch") is None and answer.attribute("rtcp-mux") is None
+        assert call.media is not None and call.media.ice is not None
+        ice = call.media.ice
+        await until(lambda: len(heard.pcm) > 16000 and ice.state == "connected")
+        assert ice.rtcp_selected is not None and ice.rtcp_dropped == 0, ice.stats()
+        assert (await call.bye()).status == 200
+        await finish(phone)
+        assert_peak(bytes(heard.pcm), 440)
+        assert_peak(phone.decoded_recording(), 1000)
+    finally:
+        if phone.proc.poll() is None:
+            phone.stop()
+        await ua.close()
+        await stack.close()

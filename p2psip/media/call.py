@@ -98,6 +98,11 @@ class CallMedia:
         return media
 
     @property
+    def local_description(self) -> SessionDescription | None:
+        """The last SDP we sent (offer or answer), None before the first."""
+        return self._local
+
+    @property
     def port(self) -> int:
         return self.session.local_address[1]
 
@@ -181,7 +186,14 @@ class CallMedia:
         return bytes(sdp)
 
     def _ice_attributes(self) -> list[Attribute]:
-        return self.ice.description().attributes() if self.ice is not None else []
+        if self.ice is None:
+            return []
+        attributes = self.ice.description().attributes()
+        rtcp = self.ice.rtcp_default
+        if rtcp is not None:  # RFC 8839 §5.1: the RTCP component's default candidate goes in a=rtcp
+            family = "IP6" if ":" in rtcp.host else "IP4"
+            attributes.insert(0, ("rtcp", f"{rtcp.port} IN {family} {rtcp.host}"))
+        return attributes
 
     @staticmethod
     def _remote_ice(remote: SessionDescription) -> IceDescription | None:
@@ -195,6 +207,7 @@ class CallMedia:
         stream = next((m for m in remote.media if m.media == "audio" and not m.rejected), None)
         if stream is None:
             return
+        self.ice.rtcp_muxed = params.rtcp_mux
         self.ice.start(remote_ice(remote, stream), params.remote)
 
     def _apply(self, params: MediaParams) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +32,10 @@ from aioice.candidate import Candidate
 
 from p2psip.errors import ParseError
 from p2psip.media.iceagent import MediaAgent, add_default_remote, hand_over, selected_pair
-from p2psip.sdp import IceDescription
+from p2psip.media.rtp import is_rtcp
+from p2psip.sdp import IceDescription, SessionDescription
 
-__all__ = ["IceMedia", "IceSettings"]
+__all__ = ["IceMedia", "IceSettings", "settings_for_offer"]
 
 Address = tuple[str, int]
 
@@ -51,6 +53,32 @@ class IceSettings:
     turn_password: str | None = None
     relay_only: bool = False
     timeout: float = 10.0
+    components: int = 1
+    """1: RTP and RTCP multiplexed on one component (``a=rtcp-mux``, what we offer); 2: a second component
+    for RTCP, for answering an offer without ``a=rtcp-mux`` (:func:`settings_for_offer`)."""
+
+
+def settings_for_offer(settings: IceSettings, offer: bytes) -> IceSettings:
+    """The settings to answer ``offer`` with: a second component (RTCP, RFC 8445 §5.1.1) when its audio
+    stream does ICE without ``a=rtcp-mux`` and has component-2 candidates (baresip's ``ice`` module with
+    ``rtcp_mux no``, its default). Our own offers multiplex (one component, one TURN allocation per call),
+    so only the answerer pays for the second component, and only when the far end needs it."""
+    try:
+        sdp = SessionDescription.parse(offer)
+    except ParseError:
+        return settings  # the answer reports it (488)
+    stream = next((m for m in sdp.media if m.media == "audio" and not m.rejected), None)
+    if stream is None or stream.attribute("rtcp-mux") is not None:
+        return settings
+    ice = remote_ice(sdp, stream)
+    if ice is None or not any(_component(text) == 2 for text in ice.candidates):
+        return settings
+    return dataclasses.replace(settings, components=2)
+
+
+def _component(candidate: str) -> int | None:
+    fields = candidate.split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
 
 
 class IceMedia:
@@ -63,6 +91,10 @@ class IceMedia:
         self.selected: tuple[Candidate, Candidate] | None = None  # (local, remote) once nominated
         self.sent = 0
         self.received = 0
+        self.rtcp_component = 0  # RTCP packets sent and received on the second component
+        self.rtcp_dropped = 0  # RTCP with nowhere to go: no rtcp-mux at the far end, no component 2 here
+        self.rtcp_selected: tuple[Candidate, Candidate] | None = None  # component 2's pair, when there is one
+        self.rtcp_muxed = True  # the far end takes RTCP on the RTP component (it said a=rtcp-mux)
         self.restarts = 0  # ICE restarts (RFC 8445 §9) this call went through
         self.dropped = 0  # packets the session sent before a pair was selected
         self.relay_missing = settings.turn is not None and all(
@@ -80,6 +112,7 @@ class IceMedia:
         return MediaAgent(
             address,
             ice_controlling=controlling,
+            components=settings.components,
             stun_server=settings.stun,
             turn_server=settings.turn,
             turn_username=settings.turn_username,
@@ -105,7 +138,16 @@ class IceMedia:
     @property
     def default(self) -> Candidate:
         """The candidate in ``c=``/``m=``: the host one if there is one, else the relayed one."""
-        candidates = self.agent.local_candidates
+        return self._default(1)
+
+    @property
+    def rtcp_default(self) -> Candidate | None:
+        """The second component's default candidate (for ``a=rtcp``, RFC 8839 §5.1), if there is one."""
+        return self._default(2) if self.settings.components > 1 else None
+
+    def _default(self, component: int) -> Candidate:
+        candidates = [c for c in self.agent.local_candidates if c.component == component]
+        candidates = candidates or self.agent.local_candidates
         for kind in ("host", "srflx", "relay"):
             for candidate in candidates:
                 if candidate.type == kind:
@@ -167,7 +209,7 @@ class IceMedia:
         self._tasks = [asyncio.ensure_future(old.close())]  # its sockets now belong to the new agent
         self.agent = agent
         self.state = "new"
-        self.selected = None
+        self.selected = self.rtcp_selected = None
         self._remote_ice = None
         self.restarts += 1
 
@@ -175,7 +217,7 @@ class IceMedia:
         for text in remote.candidates:
             with contextlib.suppress(ValueError, IndexError):
                 candidate = Candidate.from_sdp(text)
-                if candidate.component == 1 and candidate.transport.lower() == "udp":
+                if candidate.component <= self.settings.components and candidate.transport.lower() == "udp":
                     await self.agent.add_remote_candidate(candidate)
         await self.agent.add_remote_candidate(None)
         try:
@@ -185,6 +227,7 @@ class IceMedia:
             return
         self.state = "connected"
         self.selected = selected_pair(self.agent)
+        self.rtcp_selected = selected_pair(self.agent, 2)
         self._tasks.append(asyncio.ensure_future(self._pump()))
 
     def _fallback(self, remote_default: Address) -> None:
@@ -208,10 +251,12 @@ class IceMedia:
         addr = (selected[1].host, selected[1].port) if selected else ("0.0.0.0", 0)
         while True:
             try:
-                data, _component = await self.agent.recvfrom()
+                data, component = await self.agent.recvfrom()
             except ConnectionError:
                 return
             self.received += 1
+            if component == 2:
+                self.rtcp_component += 1
             if self._deliver is not None:
                 self._deliver(data, addr)
 
@@ -220,8 +265,15 @@ class IceMedia:
         if self.state not in ("connected", "fallback"):
             self.dropped += 1
             return
+        component = 1
+        if is_rtcp(data) and self.rtcp_selected is not None:
+            component = 2
+            self.rtcp_component += 1
+        elif is_rtcp(data) and not self.rtcp_muxed:
+            self.rtcp_dropped += 1  # its RTP port is no place for RTCP (RFC 5761 §5.1.3)
+            return
         self.sent += 1
-        task = asyncio.ensure_future(self.agent.sendto(data, 1))  # tasks run in order: packets stay in order
+        task = asyncio.ensure_future(self.agent.sendto(data, component))  # in order: packets stay in order
         task.add_done_callback(_retrieve)
 
     @property
@@ -240,6 +292,8 @@ class IceMedia:
             "sent": self.sent,
             "received": self.received,
             "restarts": self.restarts,
+            "rtcp_component": self.rtcp_component,
+            "rtcp_dropped": self.rtcp_dropped,
             "dropped": self.dropped,
         }
 
@@ -257,7 +311,12 @@ def _retrieve(task: asyncio.Future[None]) -> None:
 
 
 def remote_ice(body_sdp: Any, media: Any) -> IceDescription | None:
-    """The far end's ICE description of ``media`` in ``body_sdp``; a malformed one counts as none."""
+    """The far end's ICE description of ``media`` in ``body_sdp``; a malformed one counts as none, and so
+    does one with ``a=ice-mismatch`` (RFC 8839 §5.4: the answerer does no ICE for this stream, so both
+    ends use the default ``c=``/``m=``; baresip answers so to our one-component offer with ``rtcp_mux
+    no``)."""
+    if media.attribute("ice-mismatch") is not None:
+        return None
     try:
         return IceDescription.of(body_sdp, media)
     except ParseError:

@@ -27,6 +27,7 @@ TESTED = (">=0.10", "<0.14")
 """The aioice versions this module was read against (the same bounds as in pyproject.toml)."""
 
 _INTERNALS = (
+    "_components",
     "_local_candidates",
     "_local_candidates_start",
     "_local_candidates_end",
@@ -39,7 +40,8 @@ _INTERNALS = (
 
 class MediaAgent(aioice.Connection):
     """aioice's agent, gathering host candidates on one address: the address the SIP stack uses toward
-    the far end (aioice's own gathering takes every interface but loopback)."""
+    the far end (aioice's own gathering takes every interface but loopback), for each of its components
+(``components=2``: a second one for RTCP toward a far end without rtcp-mux)."""
 
     def __init__(self, address: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -51,7 +53,8 @@ class MediaAgent(aioice.Connection):
         self._local_candidates_start = True
         relay_only = self._transport_policy == aioice.TransportPolicy.RELAY
         addresses = [] if relay_only else [self.media_address]
-        self._local_candidates += await self.get_component_candidates(component=1, addresses=addresses)
+        for component in sorted(self._components):  # 1 (RTP, and RTCP with rtcp-mux); 2: RTCP without
+            self._local_candidates += await self.get_component_candidates(component, addresses=addresses)
         self._local_candidates_end = True
 
 
