@@ -251,6 +251,37 @@ def test_status_says_full_or_client_and_why(start_peer) -> None:
     assert f"probed by 127.0.0.1:{b.overlay}" in human.stdout
 
 
+def test_start_client_joins_as_a_client_peer_and_status_says_so(start_peer) -> None:
+    """``--client`` (docs/nat.md, Client peers): the peer attaches to its --join peer instead of taking a
+    place in the ring; both statuses say so."""
+    a = start_peer("a")
+    b = start_peer("b", a, "--client")
+    assert "as a client peer" in "".join(b.out)
+
+    def flow_made() -> bool:
+        return bool(b.status()["client"]["sip_flow"]["path"])
+
+    deadline = time.monotonic() + 20
+    while not flow_made():
+        assert time.monotonic() < deadline, "".join(b.out) + "".join(b.err)
+        time.sleep(0.1)
+    status = b.status()
+    assert status["reach"]["mode"] == "client" and status["successors"] == []
+    human = run("status", "--data-dir", str(b.data_dir)).stdout
+    short = a.status()["node_id"][:8]
+    assert (
+        f"client peer, attached to 127.0.0.1:{a.overlay} ({short}), because: configured as a client peer"
+        in human
+    ), human
+    assert f"SIP flow to the attach peer 127.0.0.1:{a.sip}: Path <sip:" in human, human
+    assert "attached client peers: 1 (1 with a SIP flow)" in run("status", "--data-dir", str(a.data_dir)).stdout
+
+
+def test_client_without_join_is_one_line_exit_2() -> None:
+    done = run("start", "--client")
+    assert done.returncode == 2 and "--client needs --join" in done.stderr, done.stderr
+
+
 def test_restart_keeps_node_identity(start_peer) -> None:
     a = start_peer("a")
     first_id = a.status()["node_id"]
