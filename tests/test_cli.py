@@ -274,7 +274,8 @@ def test_start_client_joins_as_a_client_peer_and_status_says_so(start_peer) -> N
         in human
     ), human
     assert f"SIP flow to the attach peer 127.0.0.1:{a.sip}: Path <sip:" in human, human
-    assert "attached client peers: 1 (1 with a SIP flow)" in run("status", "--data-dir", str(a.data_dir)).stdout
+    attach_status = run("status", "--data-dir", str(a.data_dir)).stdout
+    assert "attached client peers: 1 (1 with a SIP flow)" in attach_status, attach_status
 
 
 def test_client_without_join_is_one_line_exit_2() -> None:
