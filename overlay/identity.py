@@ -141,7 +141,8 @@ class Certificate:
     """An enrollment authority's signed statement (RELOAD's model, our own msgpack record, not X.509).
 
     ``kind`` ``user``: ``public_key`` may write the AOR ``subject`` (replicas see only the ring key, so the
-    certificate names the AOR and they check ``key_for(subject) == entry key``). ``kind`` ``node``:
+    certificate names the AOR and they check the entry key is one of :func:`user_cert_keys`: the AOR's
+    own, or its offline-message inbox's ``key_for('inbox:' + AOR)``). ``kind`` ``node``:
     ``public_key`` may be a ring member; its NodeId is derived from the key, ``subject`` repeats it in hex.
     Valid from ``not_before`` to ``not_after`` (Unix seconds, wall clock). Packed it is
     ``[CERT_CONTEXT, kind, subject, public_key, not_before, not_after, signature]``, the signature by the
@@ -311,6 +312,19 @@ def _certificate_of_kind(blob: bytes | None, kind: str, missing: str) -> Certifi
     return cert
 
 
+INBOX_NAME_PREFIX = "inbox:"
+"""The DHT name of an AOR's offline-message inbox is this prefix + the AOR (``p2psip.inbox.INBOX_PREFIX``
+says the same on the SIP side, which may not import the overlay)."""
+
+
+def user_cert_keys(subject: str) -> tuple[int, int]:
+    """The ring keys a user certificate for AOR ``subject`` lets its key write: the AOR's own (bindings,
+    presence state) and its inbox's, ``key_for('inbox:' + AOR)`` (the inbox key entry, the owner's removal
+    of delivered messages). One enrollment covers both, so a user asks the CA once; no other certificate
+    can name the inbox (`p2psip enroll user` certifies only canonical sip: AORs, never an ``inbox:`` name)."""
+    return key_for(subject), key_for(INBOX_NAME_PREFIX + subject)
+
+
 def user_cert_problem(
     ca_public_key: bytes, blob: bytes, key_id: int, owner: bytes, now: float,
     cache: VerifiedCache | None = None,
@@ -319,7 +333,7 @@ def user_cert_problem(
     cert = _certificate_of_kind(blob, USER_CERT, "the owner key is not enrolled (no user certificate)")
     if isinstance(cert, str):
         return cert
-    if key_for(cert.subject) != key_id:
+    if key_id not in user_cert_keys(cert.subject):
         return f"the certificate is for {cert.subject[:80]}, not this key"
     if cert.public_key != owner:
         return "the certificate is for another user key"

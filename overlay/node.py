@@ -58,7 +58,14 @@ from overlay.errors import (
     WriteQuorumFailed,
     WrongOverlay,
 )
-from overlay.identity import Certificate, KeyPair, VerifiedCache, node_cert_problem, node_identity
+from overlay.identity import (
+    Certificate,
+    KeyPair,
+    VerifiedCache,
+    node_cert_problem,
+    node_identity,
+    user_cert_keys,
+)
 from overlay.ids import RING, key_for, short
 from overlay.reach import WILDCARDS, Reachability, decide, pick_prober, probe_allowed
 from overlay.reads import QuorumRead
@@ -768,7 +775,8 @@ class Node:
 
     def add_certificate(self, cert: Certificate) -> None:
         """Remember a user certificate; ``put`` attaches it to entries of its AOR's key and its user key."""
-        self._certs[(key_for(cert.subject), cert.public_key)] = cert.to_bytes()
+        for ring_key in user_cert_keys(cert.subject):  # the AOR's key and its inbox's
+            self._certs[(ring_key, cert.public_key)] = cert.to_bytes()
 
     async def put(
         self,

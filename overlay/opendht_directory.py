@@ -37,7 +37,7 @@ from overlay.directory import (
     select_entries,
 )
 from overlay.errors import OverlayError, StoreRefused
-from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_problem
+from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_keys, user_cert_problem
 from overlay.ids import key_for
 from overlay.storage import Entry
 from overlay.store import encode_entry
@@ -184,7 +184,8 @@ class OpenDhtDirectory:
 
     def add_certificate(self, cert: Certificate) -> None:
         """Remember a user certificate; ``put`` attaches it to entries of its AOR and user key."""
-        self._certs[(key_for(cert.subject), cert.public_key)] = cert.to_bytes()
+        for ring_key in user_cert_keys(cert.subject):  # the AOR's key and its inbox's
+            self._certs[(ring_key, cert.public_key)] = cert.to_bytes()
 
     async def get(self, name: str | bytes) -> list[Entry]:
         """The live entries of ``name`` that a reader can trust (``directory.select_entries``)."""

@@ -1380,7 +1380,9 @@ class Peer:
         arrived = any(w.entry_id not in home for w in plan.writes)
         if (
             self.config.offline_messages
-            and account is not None  # an account's key is kept: a flood of new AORs gets no inboxes
+            # an account's key is kept: a flood of new AORs gets no inboxes; under `enrolled` only users
+            # the CA enrolled register at all, and their certificate covers the inbox (docs/security.md)
+            and (account is not None or self.config.policy == "enrolled")
             and plan.writes
             and (arrived or time.time() - self._inbox_published.get(aor, 0.0) > INBOX_REPUBLISH)
         ):
@@ -1772,12 +1774,21 @@ class Peer:
                 return  # nobody took it: it stays for the next registration
             self.counters["messages_delivered"] += 1
             removal = Entry.create(
-                user_key, drop.key, drop.entry_id, b"", max(time.time_ns() // 1_000_000, drop.seq + 1), 0
-            )
+                user_key, drop.key, drop.entry_id, b"", max(time.time_ns() // 1_000_000, drop.seq + 1), 0,
+                self._user_cert_blob(aor),
+            )  # fmt: skip
             try:
                 await self.node.put_entry(removal)
             except (OverlayError, TimeoutError) as exc:
                 log.info("stored message for %s delivered but not removed: %s", aor, exc)
+
+    def _user_cert_blob(self, aor: str) -> bytes:
+        """The packed user certificate an entry of ``aor`` (or of its inbox) carries under the ``enrolled``
+        policy; nothing under ``first-claim``."""
+        if self.config.policy != "enrolled":
+            return b""
+        cert = self.users.certificate(aor)
+        return cert.to_bytes() if cert is not None else b""
 
     async def _vouch_holds(self, letter: Letter, signer: bytes) -> bool:
         """Whether the peer a letter says vouched for its sender did: it signed the drop, and it is a ring

@@ -17,6 +17,7 @@ from overlay.identity import (
     node_cert_problem,
     node_id_of,
     node_identity,
+    user_cert_keys,
     user_cert_problem,
     verify,
 )
@@ -73,6 +74,16 @@ def test_user_certificate_binds_the_aor_to_a_user_key() -> None:
         user_cert_problem(ca.public_key, blob, key_for("sip:bob@example.net"), alice.public_key, 1000) or ""
     )
     assert "not signed" in (user_cert_problem(mallory.public_key, blob, key, alice.public_key, 1000) or "")
+    # the same enrollment covers the AOR's offline-message inbox (its key only, nobody else's inbox)
+    inbox = key_for("inbox:" + aor)
+    assert user_cert_keys(aor) == (key, inbox)
+    assert user_cert_problem(ca.public_key, blob, inbox, alice.public_key, 1000) is None
+    refused = user_cert_problem(ca.public_key, blob, inbox, mallory.public_key, 1000)
+    assert "another user key" in (refused or "")
+    assert "not this key" in (
+        user_cert_problem(ca.public_key, blob, key_for("inbox:sip:bob@example.net"), alice.public_key, 1000)
+        or ""
+    )
     assert "expired" in (user_cert_problem(ca.public_key, blob, key, alice.public_key, 1000 + 86401) or "")
     assert "not valid before" in (user_cert_problem(ca.public_key, blob, key, alice.public_key, 0) or "")
     assert "no user certificate" in (user_cert_problem(ca.public_key, b"", key, alice.public_key, 1000) or "")

@@ -6,6 +6,7 @@ reason, and an un-enrolled node is refused at admission. Phones are UDP clients 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,14 +15,21 @@ import pytest
 from peer_phone import Phone
 from peer_support import wait_until_settled
 from test_cli import run
+from test_overlay_im_transfer import until, via
 
+from overlay.errors import StoreRefused
 from overlay.identity import KeyPair, enroll_user
+from overlay.ids import key_for
 from overlay.localring import quick_node_config
+from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
 from p2psip.cli.parser import main
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import ConfigError, P2PSIPError
+from p2psip.inbox import SENDER_HEADER, inbox_name
 from p2psip.peer import USERS_DIR, Peer, UserKeys
+from p2psip.stack import Stack
 from p2psip.timers import TimerConfig
+from p2psip.useragent import UserAgent
 
 pytestmark = pytest.mark.slow
 DOMAIN = "p2p.example"
@@ -131,3 +139,65 @@ def test_enroll_and_start_arguments(tmp_path: Path) -> None:
     )
     bad = run("start", "--policy", "enrolled", "--ca", ca_key, "--data-dir", str(tmp_path / "d"))
     assert bad.returncode == 2 and "does not hold a public key" in bad.stderr
+
+
+async def test_offline_messages_under_the_enrolled_policy(
+    enrolled: Callable[..., Awaitable[Peer]], tmp_path: Path
+) -> None:
+    """An enrolled user's inbox works under ``enrolled``: its user certificate covers H('inbox:' + AOR), so
+    the inbox key entry and the owner's removals are accepted by the replicas; drops need none (any key
+    may leave a message). A MESSAGE while bob is away is stored (202), delivered on his next
+    registration with alice vouched for by her peer, then removed. Another enrolled key cannot write
+    bob's inbox entry, and bob's certificate does not let him write anything under another key."""
+    ca_key = str(tmp_path / "ca" / "ca.key")
+    alice_aor, bob_aor = f"sip:alice@{DOMAIN}", f"sip:bob@{DOMAIN}"
+    _cli("enroll", "user", alice_aor, "--ca-key", ca_key, "--data-dir", str(tmp_path / "p0"))
+    _cli("enroll", "user", bob_aor, "--ca-key", ca_key, "--data-dir", str(tmp_path / "p1"))
+    first = await enrolled("p0")
+    peers = [first, await enrolled("p1", first), await enrolled("p2", first)]
+    await wait_until_settled(peers, timeout=20)
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+    alice = UserAgent(stacks[0], alice_aor, outbound=via(peers[0]))
+    bob = UserAgent(stacks[1], bob_aor, outbound=via(peers[1]))
+    bob_registrar = f"sip:{via(peers[1])}"
+    try:
+        assert (await alice.register(f"sip:{via(peers[0])}", expires=300, refresh=False)).status == 200
+        assert (await bob.register(bob_registrar, expires=300, refresh=False)).status == 200
+
+        async def inbox() -> list[Entry]:
+            return await peers[2].node.get(inbox_name(bob_aor))
+
+        await until(lambda: _has(inbox, INBOX_KEY_ID))  # bob's inbox key entry, written with his certificate
+        assert (await bob.register(bob_registrar, expires=0, refresh=False)).status == 200
+
+        assert (await alice.message(bob_aor, "while you were out")).status == 202
+        assert peers[0].counters["messages_stored"] == 1
+        assert (await bob.register(bob_registrar, expires=300, refresh=False)).status == 200
+        got = await asyncio.wait_for(bob.messages.get(), 15)
+        assert got.body == b"while you were out" and got.from_.uri.user == "alice"
+        assert got.get(SENDER_HEADER) == f"vouched;node={peers[0].node.identity.node_id:032x}"
+
+        async def emptied() -> bool:
+            return not any(e.entry_id[:1] == DROP_PREFIX for e in await inbox())
+
+        await until(emptied)  # the owner's removal carried his certificate: the replicas took it
+
+        # alice's enrolled key may not take over bob's inbox entry, nor bob's write alice's inbox
+        users = UserKeys(tmp_path / "p0" / USERS_DIR)
+        alice_cert = users.certificate(alice_aor)
+        assert alice_cert is not None
+        with pytest.raises(StoreRefused, match="not this key"):
+            await peers[0].node.put_entry(
+                Entry.create(users.get(alice_aor), key_for(inbox_name(bob_aor)), INBOX_KEY_ID, b"k" * 32,
+                             time.time_ns() // 1_000_000, 600, alice_cert.to_bytes())
+            )  # fmt: skip
+    finally:
+        for ua in (alice, bob):
+            await ua.close()
+        for stack in stacks:
+            await stack.close()
+
+
+async def _has(entries: Callable[[], Awaitable[list[Entry]]], entry_id: bytes) -> bool:
+    return any(e.entry_id == entry_id for e in await entries())
+
