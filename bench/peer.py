@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
+import pstats
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -51,6 +54,7 @@ from overlay.localring import quick_node_config, wait_until_consistent  # noqa: 
 from p2psip.config import HostPort, ListenSpec, PeerConfig  # noqa: E402
 from p2psip.peer import Peer  # noqa: E402
 from p2psip.ratelimit import UNLIMITED  # noqa: E402
+from p2psip.run import busy_proxy_gc  # noqa: E402
 
 DOMAIN = "p2p.example"
 #: unmeasured REGISTER+call pairs every system gets once it is up (on AORs of their own)
@@ -138,6 +142,114 @@ asyncio.run(main(sys.argv[2], sys.argv[3], sys.argv[6:], float(sys.argv[4]), sys
 """
 
 
+#: where a function's own CPU time goes in the stage breakdown: (path fragment, stage), first match wins
+STAGE_OF_FILE = [
+    ("p2psip/message/", "parse/serialise"),
+    ("p2psip/uri.py", "parse/serialise"),
+    ("p2psip/address.py", "parse/serialise"),
+    ("p2psip/proxy.py", "forwarding (proxy core)"),
+    ("p2psip/transaction.py", "transactions+timers"),
+    ("p2psip/timers.py", "transactions+timers"),
+    ("p2psip/transport.py", "transport"),
+    ("p2psip/stack.py", "transport"),
+    ("p2psip/flows.py", "transport"),
+    ("p2psip/location.py", "lookup+cache"),
+    ("overlay/identity.py", "signing/verifying"),
+    ("cryptography", "signing/verifying"),
+    ("overlay/", "overlay (DHT lookups, maintenance)"),
+    ("msgpack", "overlay (DHT lookups, maintenance)"),
+    ("asyncio/", "event loop+sockets"),
+    ("selectors.py", "event loop+sockets"),
+]
+#: functions of p2psip/peer.py by stage (the rest of peer.py: "peer (other)")
+STAGE_OF_PEER_FUNCTION = {
+    "locate": "lookup+cache", "lookup_bindings": "lookup+cache", "_locate_in_overlay": "lookup+cache",
+    "fetch_bindings": "lookup+cache", "_targets": "lookup+cache", "_routes": "lookup+cache",
+    "homed_bindings": "home peer", "mark_sole_home": "home peer", "is_sole_home": "home peer",
+    "_primary_home": "home peer", "preprocess_routes": "home peer", "_pass_own_flow_routes": "home peer",
+    "_next_hop": "home peer", "is_home_of": "home peer", "_request_key": "home peer",
+}  # fmt: skip
+
+
+def _stage(func: tuple[str, int, str]) -> str | None:
+    path, _line, name = func
+    if path == "~" or path.startswith("<"):
+        return None  # a C function or generated code: its time goes to its callers' stages
+    if path.endswith("p2psip/peer.py"):
+        return STAGE_OF_PEER_FUNCTION.get(name, "peer (other)")
+    return next((stage for part, stage in STAGE_OF_FILE if part in path), "other")
+
+
+def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
+    """CPU seconds by stage (own time of each function; a C function's time split among its callers)."""
+    stats: dict[Any, Any] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    out: dict[str, float] = {}
+    for func, (_cc, _nc, own, _cum, callers) in stats.items():
+        stage = _stage(func)
+        if stage is not None:
+            out[stage] = out.get(stage, 0.0) + own
+            continue
+        if "sendto" in func[2] or "recvfrom" in func[2] or "select" in func[2] or "epoll" in func[2]:
+            out["event loop+sockets"] = out.get("event loop+sockets", 0.0) + own
+            continue
+        total = sum(c[2] for c in callers.values()) or 1.0
+        for caller, c in callers.items():
+            where = _stage(caller) or "other"
+            out[where] = out.get(where, 0.0) + own * c[2] / total
+    return out
+
+
+#: ``--top``: print this many functions with the most own CPU per warm call (0: none)
+TOP = 0
+
+
+def _print_top(profiled: cProfile.Profile, resting: cProfile.Profile, calls: int) -> None:
+    busy: dict[Any, Any] = pstats.Stats(profiled).stats  # type: ignore[attr-defined]
+    idle: dict[Any, Any] = pstats.Stats(resting).stats  # type: ignore[attr-defined]
+    own = {f: v[2] - idle.get(f, (0, 0, 0.0))[2] for f, v in busy.items()}
+    print(f"functions with the most own CPU per warm call (cProfile, idle subtracted, {calls} calls):")
+    for func, seconds in sorted(own.items(), key=lambda kv: -kv[1])[:TOP]:
+        path, line, name = func
+        where = "/".join(path.split("/")[-2:])
+        print(f"  {seconds * 1e6 / max(calls, 1):8.1f} us  {busy[func][1] / max(calls, 1):6.1f} x  {where}:{line} {name}")
+
+
+@dataclass
+class Breakdown:
+    """Where the peers' CPU goes during the warm calls: each stage's CPU per call, the same interval's
+    idle CPU (overlay maintenance with no calls) subtracted. Measured with cProfile (which inflates every
+    figure alike; read the shares), and the total without the profiler (``cpu_ms_per_call``)."""
+
+    calls: int = 0
+    cpu_ms_per_call: list[float] = field(default_factory=list)
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)
+    counters: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, calls: int, cpu_s: float, stages: dict[str, float], counters: dict[str, float]) -> None:
+        self.calls += calls
+        self.cpu_ms_per_call.append(cpu_s * 1000 / calls)
+        for stage, seconds in stages.items():
+            self.stages_ms.setdefault(stage, []).append(seconds * 1000 / calls)
+        for name, value in counters.items():
+            self.counters.setdefault(name, []).append(value / calls)
+
+    def lines(self) -> list[str]:
+        def span(values: list[float], digits: int = 3) -> str:
+            lo, hi = min(values), max(values)
+            return f"{lo:.{digits}f}" if lo == hi else f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+        total = sum(max(v) for v in self.stages_ms.values()) or 1.0
+        out = [f"peers' CPU per warm call, overlay maintenance subtracted: {span(self.cpu_ms_per_call)} ms "
+               f"(no profiler; {len(self.cpu_ms_per_call)} runs)",
+               "by stage (cProfile, ms per call; shares of the profiled total):"]  # fmt: skip
+        for stage, values in sorted(self.stages_ms.items(), key=lambda kv: -max(kv[1])):
+            if max(values) >= 0.001:
+                out.append(f"  {stage:<36} {span(values):>13} ms  {100 * max(values) / total:5.1f} %")
+        per_call = ", ".join(f"{name} {span(v, 2)}" for name, v in sorted(self.counters.items()) if max(v))
+        out.append(f"per call at the peers: {per_call}")
+        return out
+
+
 @dataclass
 class Timings:
     system: str
@@ -207,9 +319,22 @@ def fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.2f}"
 
 
+WarmCpu = tuple[int, float, dict[str, float], dict[str, float]]
+"""The warm calls' count, the peers' CPU seconds for them (maintenance subtracted), CPU by stage, counters."""
+
+
 async def measure_overlay(
     size: int, users: list[str], rate: float, workdir: Path, maintenance: float = 1.0
-) -> list[Timings]:
+) -> tuple[list[Timings], WarmCpu]:
+    """:func:`overlay_rows` with the collector tuned as ``p2psip start`` tunes it (this process stands for
+    the peers' processes; Kamailio runs as it is deployed too)."""
+    with busy_proxy_gc():
+        return await overlay_rows(size, users, rate, workdir, maintenance)
+
+
+async def overlay_rows(
+    size: int, users: list[str], rate: float, workdir: Path, maintenance: float = 1.0
+) -> tuple[list[Timings], WarmCpu]:
     """The overlay's row, then (same peers, same bindings) its calls with home routing off: straight from
     the peer the call enters at to the contact, instead of through the callee's home peer (docs/nat.md)."""
     peers: list[Peer] = []
@@ -275,14 +400,48 @@ async def measure_overlay(
                 rate,
                 registers=False,
             )
+            before = _counters(peers)
+            cpu, wall = time.process_time(), time.monotonic()
             warm = await timed_client(
                 f"overlay of {size}, warm location cache", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
                 users, rate, registers=False,
             )  # fmt: skip
-            return [home, direct, single, quorum_t, warm]
+            cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+            counters = {k: v - before.get(k, 0) for k, v in _counters(peers).items()}
+            idle = time.process_time()
+            await asyncio.sleep(wall)  # the same interval without calls: overlay maintenance alone
+            cpu -= time.process_time() - idle
+            # The same warm calls again, profiled, and an idle interval as long, profiled: the difference
+            # per stage is what the calls cost.
+            profiled = cProfile.Profile(time.process_time)
+            profiled.enable()
+            await timed_client(
+                "profiled warm pass", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}", users, rate,
+                registers=False,
+            )  # fmt: skip
+            profiled.disable()
+            resting = cProfile.Profile(time.process_time)
+            resting.enable()
+            await asyncio.sleep(wall)
+            resting.disable()
+            stages = stage_seconds(profiled)
+            for stage, seconds in stage_seconds(resting).items():
+                stages[stage] = stages.get(stage, 0.0) - seconds
+            if TOP:
+                _print_top(profiled, resting, len(warm.invite_ms))
+            return [home, direct, single, quorum_t, warm], (len(warm.invite_ms), cpu, stages, counters)
     finally:
         for peer in peers:
             await peer.close(leave=False)
+
+
+def _counters(peers: list[Peer]) -> dict[str, float]:
+    """The peers' counters of the call path, summed over the peers."""
+    names = ("lookups", "lookup_cache_hits", "home_lookups_saved", "routed_to_home", "routed")
+    out = {name: float(sum(p.counters[name] for p in peers)) for name in names}
+    for name in ("received", "sent"):  # SIP messages in and out of the peers
+        out[f"sip_{name}"] = float(sum(p.stack.transport.stats[name] for p in peers))
+    return out
 
 
 async def timed_split(
@@ -322,7 +481,10 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (removed by default)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown too")
+    parser.add_argument("--top", type=int, default=0, help="print the N costliest functions of the warm calls")
     args = parser.parse_args()
+    global TOP
+    TOP = max(0, args.top)
     if args.maintenance <= 0 or args.repeat < 1 or args.rate <= 0 or args.users < 1:
         print(
             "bench/peer.py: --maintenance and --rate must be > 0, --repeat and --users >= 1", file=sys.stderr
@@ -343,14 +505,16 @@ def main() -> int:
     )
     started = time.monotonic()
     cells: dict[int, list[list[Timings]]] = {size: [] for size in sizes}
+    breakdowns: dict[int, Breakdown] = {size: Breakdown() for size in sizes}
     kam_runs: list[Timings] = []
     try:
         for rep in range(args.repeat):
             for size in sizes:
-                pair = asyncio.run(
+                pair, warm_cpu = asyncio.run(
                     measure_overlay(size, users, args.rate, root / f"overlay{size}-{rep}", args.maintenance)
                 )
                 cells[size].append(pair)
+                breakdowns[size].add(*warm_cpu)
                 for m in pair:
                     print(
                         f"  [{rep + 1}] {m.system}: {len(m.register_ms)} REGISTERs, {len(m.invite_ms)} calls, "
@@ -403,6 +567,9 @@ def main() -> int:
         s50, s99 = Timings.pct(single.invite_ms, 50), Timings.pct(single.invite_ms, 99)
         print(f"{home.system}: call setup with replica-set reads p50/p99 {fmt(q50)}/{fmt(q99)} ms, "
               f"with single-node reads {fmt(s50)}/{fmt(s99)} ms ({len(single.repeats)} runs each, alternating)")  # fmt: skip
+    for size in sizes:
+        print(f"\noverlay of {size}, warm calls:")
+        print("\n".join(breakdowns[size].lines()))
     biggest = measures[ROWS * len(sizes) - ROWS] if sizes else None
     if biggest is not None:
         p99 = Timings.pct(biggest.invite_ms, 99)

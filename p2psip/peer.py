@@ -115,7 +115,7 @@ from p2psip.registrar import (
     ok_response,
     plan_register,
 )
-from p2psip.run import until_stopped
+from p2psip.run import busy_proxy_gc, until_stopped
 from p2psip.sealedbox import SealedBoxError, public_bytes
 from p2psip.stack import Source, Stack
 from p2psip.streamguard import StreamLimits
@@ -176,6 +176,11 @@ SOLE_HOME = "p2p-home"
 AOR lives there: the home peer then serves the call from the bindings it registered itself, without a
 second DHT lookup (docs/nat.md)."""
 """What :meth:`Peer.locate` returns: contacts, or contacts with their own Route sets (Path)."""
+#: an INVITE gets ``100 Trying`` from a peer only when nothing (a 180 from the callee, an error) went back
+#: within this time (RFC 3261 17.2.1's 200 ms allowance), as ``p2psip proxy`` does: a callee that rings
+#: at once saves each peer on the path one message to build and the previous hop one to read, all on
+#: the time to ringing (issue 19: the call path crosses two peers, the entry and the home peer)
+TRYING_DELAY = 0.2
 
 
 class UserKeys:
@@ -989,6 +994,7 @@ class Peer:
             node = await _start_chord(config, join, node_config, on_event, data_dir)
         try:
             options: dict[str, Any] = {
+                "trying_delay": TRYING_DELAY,
                 "ws_origins": list(config.ws_origins),
                 "streams": StreamLimits(
                     max_connections=config.max_connections,
@@ -2539,7 +2545,8 @@ async def run_foreground(
         watcher = asyncio.ensure_future(_watch_neighbours(peer))
 
     try:
-        await until_stopped(started)
+        with busy_proxy_gc():  # a peer proxies every call of its users: the collector tuned as a proxy's
+            await until_stopped(started)
         _log_line("stopping", "leaving the overlay")
     finally:
         if watcher is not None:

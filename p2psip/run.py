@@ -87,7 +87,9 @@ class _YoungPasses:
 def tune_gc_for_proxy() -> None:
     """Set the collector's thresholds for a stand-alone proxy process (then start :class:`_YoungPasses`).
 
-    A library must not change a process-wide setting: only :func:`serve_proxy` calls this."""
+    A library must not change a process-wide setting: only the programs call this, through
+    :func:`busy_proxy_gc` (``p2psip proxy``, ``p2psip start``, and bench/peer.py, which stands for the
+    peer processes)."""
     # The cyclic collector's pauses are a busy proxy's tail latency. Each call leaves objects alive for
     # up to 32 s (RFC 6026's lingering transactions), and a young-generation pass walks every object that
     # survived since the last one: Python's default (700, 10, 10) also runs a full pass over all of them
@@ -102,6 +104,19 @@ def tune_gc_for_proxy() -> None:
     # stand-alone process: a library must not change a process-wide setting.)
     gc.set_threshold(2000, 5, 100_000)
     gc.freeze()
+
+
+@contextlib.contextmanager
+def busy_proxy_gc() -> Iterator[None]:
+    """:func:`tune_gc_for_proxy`, and the young generations collected on a clock (:class:`_YoungPasses`)
+    for as long as the ``with`` block runs: what a process that proxies calls for a living needs
+    (``p2psip proxy``, ``p2psip start``). Must run inside the event loop."""
+    tune_gc_for_proxy()
+    young_passes = _YoungPasses(asyncio.get_running_loop())
+    try:
+        yield
+    finally:
+        young_passes.stop()
 
 
 async def serve_proxy(
@@ -129,7 +144,6 @@ async def serve_proxy(
     ``worker``: this process is one of the workers of a proxy (:mod:`p2psip.workers`): its UDP listeners
     share their port with the others, and a stateful one hands datagrams to the worker that keeps their
     transaction (:mod:`p2psip.handoff`)."""
-    tune_gc_for_proxy()
 
     # tls_ca: whom to trust when forwarding over TLS (None: the system's store). Without tls_cert a tls:
     # listener presents a self-signed certificate made at start.
@@ -145,11 +159,10 @@ async def serve_proxy(
         link = HandoffLink(worker.link, worker.index, worker.links, stack.transport.receive_datagram)
         stack.branch_tag = branch_tag(worker.index)
         stack.transport.divert = link.divert
-    young_passes = _YoungPasses(asyncio.get_running_loop())
     try:
-        await until_stopped((lambda: ready(stack)) if ready is not None else None, stop)
+        with busy_proxy_gc():
+            await until_stopped((lambda: ready(stack)) if ready is not None else None, stop)
     finally:
-        young_passes.stop()
         if link is not None:
             stack.transport.divert = None
             link.close()
