@@ -426,6 +426,7 @@ class Node:
             self.core.start(now)
             self._drain()
         else:
+            self.storage.knows_others = True  # joining through a member: a ring of one is a cut-off here
             deadline = now + self.config.join_timeout
             while True:
                 self._joined = self._loop.create_future()

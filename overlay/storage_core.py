@@ -176,6 +176,12 @@ class StorageCore:
         # Whether this node keeps a copy of a key (among its r successors in our own view); the adapter
         # wires it to chord (ChordCore.holds_replica). Until then: every key.
         self.holds_replica: Callable[[int], bool] = lambda key: True
+        self.knows_others = False
+        """This node has been part of a ring with other members (it joined through one, or a successor
+        other than itself showed up). Such a node that sees no successor at all is cut off, not alone: its
+        store answers want ``replicas`` copies, so a writer holding a write quorum above one fails
+        (``WriteQuorumFailed``) rather than take one copy for the r it was promised. A node that started
+        a ring and never saw another member is a ring of one: one copy is all there is."""
 
     # --- outputs and timers ----------------------------------------------------------------------
 
@@ -217,6 +223,8 @@ class StorageCore:
             self._linked = True
             self._handoff_until = now + self.config.handoff_window
         self.successors = list(succs)
+        if not self.knows_others and self.replicator.replica_targets(self.successors):
+            self.knows_others = True
         self._send_transfers(self.replicator.on_neighbours(pred, list(succs), self.store, now))
         if first_link and self._announce:
             self._announce = False
@@ -406,7 +414,13 @@ class StorageCore:
         self._count("stores_accepted")
         targets = [] if replica else self.replicator.replica_targets(self.successors)
         if not targets:
-            self._answer(token, "ok", {"stored": 1} if replica else {"stored": 1, "wanted": 1})
+            if replica:
+                self._answer(token, "ok", {"stored": 1})
+                return
+            if self.knows_others:
+                self._count("stores_cut_off")
+            wanted = self.replicator.replicas if self.knows_others else 1
+            self._answer(token, "ok", {"stored": 1, "wanted": wanted})
             return
         fan = _FanOut(token, len(targets), len(targets))
         for target in targets:

@@ -122,3 +122,66 @@ async def test_a_register_flood_is_shed_and_the_ring_stays_intact(tmp_path: Path
     finally:
         for peer in peers:
             await peer.close(leave=False)
+
+
+def register_once(target: tuple[str, int], i: int, timeout: float = 10.0) -> tuple[int, bool]:
+    """One REGISTER for a new AOR (numbered ``i``): its final status and whether it had Retry-After."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        sock.sendto(register(i, sock.getsockname()[1]), target)
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            if select.select([sock], [], [], 0.05)[0]:
+                data = sock.recv(65535).decode(errors="replace")
+                status = int(data.split(" ", 2)[1])
+                if status >= 200:
+                    return status, re.search(r"(?im)^Retry-After\s*:", data) is not None
+        raise TimeoutError(f"REGISTER {i}: no final answer")
+    finally:
+        sock.close()
+
+
+async def test_a_peer_cut_off_from_its_overlay_answers_503_not_a_lone_200(tmp_path: Path) -> None:
+    """A peer that joined an overlay and then sees no successor at all (here: the other peer died) must
+    not store alone and answer 200: its REGISTER 200 promises 2 copies (PEER_WRITE_QUORUM). It answers
+    503 with Retry-After. A peer that started a ring of its own and never saw another member still
+    registers alone (one copy is all a ring of one has)."""
+    peers: list[Peer] = []
+    quick = quick_node_config(interval=0.3, rpc_timeout=0.5)
+    try:
+        for i in range(2):
+            config = PeerConfig(
+                listen=[ListenSpec("udp", "127.0.0.1", 0)],
+                overlay=HostPort("127.0.0.1", 0),
+                join=HostPort(*peers[0].overlay_address) if peers else None,
+                data_dir=tmp_path / f"peer{i}",
+                cache_ttl=0.0,
+            )
+            peers.append(await Peer.start(config, node_config=quick))
+        await wait_until_settled(peers, timeout=30)
+        lone, joined = peers
+        assert (await asyncio.to_thread(register_once, joined.sip_address(), 1)) == (200, False)
+        await lone.close(leave=False)  # dies: no leave, no hand-off
+        peers.remove(lone)
+        core = joined.node.core
+        assert core is not None
+        deadline = time.monotonic() + 30
+        while any(n.id != core.me.id for n in core.successors):
+            assert time.monotonic() < deadline, "the dead peer was never dropped from the successors"
+            await asyncio.sleep(0.1)
+        status, retry_after = await asyncio.to_thread(register_once, joined.sip_address(), 2)
+        assert status == 503 and retry_after
+        assert joined.node.stats().get("stores_cut_off", 0) >= 1
+        assert joined.node.stats().get("write_quorum_failed", 0) >= 1
+        # a ring of one from the start: registering alone is all it can do, and it does
+        config = PeerConfig(
+            listen=[ListenSpec("udp", "127.0.0.1", 0)],
+            overlay=HostPort("127.0.0.1", 0),
+            data_dir=tmp_path / "alone",
+        )
+        peers.append(await Peer.start(config, node_config=quick))
+        assert (await asyncio.to_thread(register_once, peers[-1].sip_address(), 3)) == (200, False)
+    finally:
+        for peer in peers:
+            await peer.close(leave=False)

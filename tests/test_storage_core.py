@@ -69,6 +69,22 @@ def test_a_store_whose_replicas_all_timed_out_says_one_copy_of_three() -> None:
     assert answer.body == {"stored": 1, "wanted": 3}  # below a write quorum of 2: the writer fails
 
 
+def test_a_node_cut_off_from_its_ring_wants_r_copies_a_ring_of_one_wants_one() -> None:
+    # never saw another member: a ring of one, one copy is all there is
+    alone = StorageCore(ME, Store(), 3, T, StorageConfig())
+    alone.handle_request("t1", "store", {"entry": entry()}, T)
+    assert answers(alone)[0].body == {"stored": 1, "wanted": 1}
+    # had successors, now sees none (they died, or it is cut off): it still keeps the copy, but says it
+    # was one of three, so a writer with a write quorum of 2 fails instead of promising replicas
+    c = core()
+    c.on_neighbours(None, [], T + 1)
+    c.take_outputs()
+    c.handle_request("t2", "store", {"entry": entry(seq=2)}, T + 1)
+    (answer,) = answers(c)
+    assert answer.body == {"stored": 1, "wanted": 3} and c.stats["stores_cut_off"] == 1
+    assert c.store.current(700, b"phone") is not None
+
+
 def test_not_responsible_is_421_and_a_replica_store_is_not_checked() -> None:
     c = core()
     c.handle_request("t", "store", {"entry": entry(key=1500)}, T)
