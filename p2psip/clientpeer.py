@@ -2,8 +2,8 @@
 
 A peer that others cannot reach (behind a NAT without port forwarding) joins the overlay as a *client
 peer*: the overlay keeps a link to a full peer, its attach peer (``overlay.attach``). On the SIP side the
-client peer is an **edge proxy** for its own phones (RFC 5626 §3.2) and keeps one SIP flow to its attach
-peer, made and kept the RFC 5626 way:
+client peer is an **edge proxy** for its own phones (in RFC 5626's sense) and keeps one SIP flow to its
+attach peer, made and kept the RFC 5626 way:
 
 - It sends the attach peer a REGISTER for its own *client AOR* (``sip:<node id hex>@client-peer.invalid``,
   a name under the reserved ``.invalid`` domain, never stored in the DHT), with ``+sip.instance``,

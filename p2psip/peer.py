@@ -1460,8 +1460,9 @@ class Peer:
         return f"<{uri}>"
 
     def _bind_flows(self, plan: Any, source: Source, outbound: bool) -> None:
-        """Tie every binding written to the flow its REGISTER came over; forget removed ones."""
-        if not self.config.home_routing:
+        """Tie every binding written to the flow its REGISTER came over; forget removed ones (a client
+        peer always does: its phones are reached only through it)."""
+        if not self.config.home_routing and self.client_link is None:
             return
         now = self.stack.loop.time()
         handle = source.connection if source.transport in RELIABLE else None

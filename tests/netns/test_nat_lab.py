@@ -411,3 +411,13 @@ def test_p3_behind_nat_b_becomes_a_client_peer_and_works(lab: Lab) -> None:
     gina.stdin.flush()
     assert gina.stdout.readline().split() == ["call", "200", "200"], lab.log("p3")
     assert harry.stdout.readline().split()[:2] == ["answered", "sip:gina@p2p.example"]
+    # P3's STUN keep-alives hold router B's mapping and P1's flow: idle for three flow timers (P1 drops an
+    # outbound flow silent for FLOW_TIMER + 1 s), the flow is the same one and calls still reach gina
+    failed = lab.status("p1")["counters"]["peer_flows_failed"]
+    time.sleep(3 * FLOW_TIMER)  # the point: longer than P1 keeps a silent flow
+    assert lab.status("p3", ns="hb")["client"]["sip_flow"]["registrations"] == 1  # never had to re-register
+    assert lab.status("p1")["counters"]["peer_flows_failed"] == failed
+    assert lab.status("p1")["clients"]["sip"] == [listed]
+    harry.stdin.write("call sip:gina@p2p.example\n")
+    harry.stdin.flush()
+    assert harry.stdout.readline().split() == ["call", "200", "200"], lab.log("p3")
