@@ -30,7 +30,7 @@ from overlay.attach import AttachState
 from overlay.errors import WireError
 from overlay.localring import quick_node_config
 from overlay.wire import Codec
-from p2psip.cli.peer import _print_status
+from p2psip.cli.peer import _print_lookup, _print_status
 from p2psip.clientpeer import (
     CLIENT_DOMAIN,
     KEEPALIVE,
@@ -253,6 +253,12 @@ async def test_a_client_peers_phone_is_called_through_the_attach_peer_and_calls_
         # signed by the client peer's own user key, stored through its attach peer
         assert client.users.exists(BOB) and not first.users.exists(BOB)
         assert client.node.stats()["relay_store_done"] >= 1
+        # `p2psip lookup` on the client peer: its attach peer reads for it
+        found = (await client.lookup(BOB)).as_dict(time.time())
+        assert found["engine"] == "client" and [b["contact"] for b in found["bindings"]] == [bob.contact]
+        assert found["bindings"][0]["path"] == list(binding.path)
+        _print_lookup(found)
+        assert "read by the attach peer of this client peer" in capsys.readouterr().out
 
         # in: from a phone at the other full peer, through the attach peer, over the client's flow
         assert (await alice.register(second.sip_address())).status == 200
