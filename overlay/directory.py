@@ -21,9 +21,9 @@ import contextlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_problem
+from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_problem, writer_cert_problem
 from overlay.ids import key_for
-from overlay.storage import Entry
+from overlay.storage import DEFAULT_INBOX_QUOTA, INBOX_KEY_ID, Entry, is_drop
 from overlay.store import decode_entry
 
 DEFAULT_READ_LIMIT = 64
@@ -134,12 +134,21 @@ def select_entries(
     *,
     cache: VerifiedCache,
     limit: int = DEFAULT_READ_LIMIT,
+    inbox_quota: int = DEFAULT_INBOX_QUOTA,
 ) -> list[Entry]:
     """The live entries of ``name`` among ``blobs`` (see the module docstring); ``counts`` gains
     ``values_read``, ``values_over_limit``, ``values_malformed``, ``values_rejected`` (wrong key, bad
-    signature, no valid user certificate)."""
+    signature, no valid certificate, a drop's writer removing it, a drop where no inbox lives) and
+    ``drops_over_quota``.
+
+    The ``inbox`` rule of ``overlay.storage.Store``, applied by the reader: once the inbox entry
+    (``INBOX_KEY_ID``, written by a key certified for the AOR) lives under the name, any *enrolled* writer
+    (a user or node certificate of this authority) may add drops in its own name space, at most
+    ``inbox_quota`` live ones counted (its oldest); a drop's writer cannot remove it, only the inbox's owner
+    (a tombstone signed by the key certified for the AOR)."""
     key = key_for(name)
-    newest: dict[bytes, Entry] = {}
+    verified: list[Entry] = []
+    seen: set[tuple[bytes, int, bytes]] = set()
     for i, blob in enumerate(blobs):
         if i >= limit:
             counts["values_over_limit"] = counts.get("values_over_limit", 0) + 1
@@ -150,21 +159,53 @@ def select_entries(
         except ValueError:
             counts["values_malformed"] = counts.get("values_malformed", 0) + 1
             continue
-        current = newest.get(entry.entry_id)
-        if current is not None and current.seq >= entry.seq:
+        version = (entry.entry_id, entry.seq, entry.owner)
+        if version in seen:
             continue  # duplicates (several storing nodes answer) cost no signature check
+        seen.add(version)
+        drop = is_drop(entry)
         if (
             entry.key != key
             or not cache.verify(entry.owner, entry.signature, entry.signed_bytes())
-            or user_cert_problem(ca_public_key, entry.cert, entry.key, entry.owner, now, cache) is not None
+            or (drop and entry.is_removal)  # only the inbox's owner removes a drop
+            or (_writer_problem if drop else _user_problem)(ca_public_key, entry, now, cache) is not None
         ):
             counts["values_rejected"] = counts.get("values_rejected", 0) + 1
             continue
-        newest[entry.entry_id] = entry
-    return sorted(
-        (e for e in newest.values() if not e.is_removal and entry_expires_at(e) > now),
-        key=lambda e: e.entry_id,
-    )
+        verified.append(entry)
+    verified.sort(key=lambda e: e.seq)
+    newest: dict[bytes, Entry] = {}
+    for entry in verified:
+        newest[entry.entry_id] = entry  # ascending seq: the newest version of each entry id wins
+    inbox = newest.get(INBOX_KEY_ID)
+    owner = inbox.owner if inbox is not None and _live(inbox, now) else None
+    per_writer: dict[bytes, int] = {}
+    out = []
+    for entry in sorted(newest.values(), key=lambda e: e.seq):
+        if not _live(entry, now):
+            continue
+        if is_drop(entry):
+            if owner is None:
+                counts["values_rejected"] = counts.get("values_rejected", 0) + 1
+                continue
+            per_writer[entry.owner] = per_writer.get(entry.owner, 0) + 1
+            if per_writer[entry.owner] > inbox_quota:
+                counts["drops_over_quota"] = counts.get("drops_over_quota", 0) + 1
+                continue
+        out.append(entry)
+    return sorted(out, key=lambda e: e.entry_id)
+
+
+def _live(entry: Entry, now: float) -> bool:
+    return not entry.is_removal and entry_expires_at(entry) > now
+
+
+def _user_problem(ca_public_key: bytes, entry: Entry, now: float, cache: VerifiedCache) -> str | None:
+    return user_cert_problem(ca_public_key, entry.cert, entry.key, entry.owner, now, cache)
+
+
+def _writer_problem(ca_public_key: bytes, entry: Entry, now: float, cache: VerifiedCache) -> str | None:
+    return writer_cert_problem(ca_public_key, entry.cert, entry.owner, now, cache)
 
 
 if TYPE_CHECKING:  # mypy checks here that both engines are Directories

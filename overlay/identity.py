@@ -340,6 +340,23 @@ def user_cert_problem(
     return cert.problem(ca_public_key, now, cache)
 
 
+def writer_cert_problem(
+    ca_public_key: bytes, blob: bytes, owner: bytes, now: float, cache: VerifiedCache | None = None
+) -> str | None:
+    """Why ``blob`` does not make ``owner`` an enrolled writer of *some* kind (a user certificate for any
+    AOR, or a node certificate, of this authority, for this very key): what a drop in an inbox needs on an
+    engine whose storing nodes check nothing (``overlay.directory.select_entries``)."""
+    if not blob:
+        return "the writer is not enrolled (no certificate)"
+    try:
+        cert = Certificate.from_bytes(blob)
+    except OverlayError as exc:
+        return str(exc)
+    if cert.public_key != owner:
+        return "the certificate is for another key"
+    return cert.problem(ca_public_key, now, cache)
+
+
 def node_cert_problem(
     ca_public_key: bytes, blob: bytes | None, node_id: int, now: float, cache: VerifiedCache | None = None
 ) -> str | None:

@@ -12,8 +12,12 @@ and forgets a value about 10 minutes after its last put. So, on top of it:
   ``read_limit`` values per read (junk beyond it is counted, not decoded);
 - removal is a signed tombstone (empty value, lifetime 0) with a higher ``seq``; this engine re-puts it for
   ``tombstone_keep_s`` (longer than OpenDHT's value lifetime, so the entry it replaced is gone from every
-  storing node before the tombstone is), and re-puts every live entry it wrote every ``refresh_s`` (within
-  OpenDHT's 10 minutes) until the entry expires.
+  storing node before the tombstone is) or, when it removes an entry it read that another peer wrote (and
+  keeps re-putting), until that entry's expiry; it re-puts every live entry it wrote every ``refresh_s``
+  (within OpenDHT's 10 minutes) until the entry expires;
+- offline-message inboxes (``H('inbox:' + AOR)``) follow the ``inbox`` rule of ``overlay.storage``, enforced
+  by readers: any enrolled writer (a user or node certificate) may add drops, within a quota; only the
+  inbox's owner removes them. A peer writes its drops with its node key and ``node.cert``.
 
 The OpenDHT calls block in OpenDHT's own threads; they run here through ``asyncio.to_thread``.
 """
@@ -37,14 +41,22 @@ from overlay.directory import (
     select_entries,
 )
 from overlay.errors import OverlayError, StoreRefused
-from overlay.identity import Certificate, KeyPair, VerifiedCache, user_cert_keys, user_cert_problem
+from overlay.identity import (
+    Certificate,
+    KeyPair,
+    VerifiedCache,
+    user_cert_keys,
+    user_cert_problem,
+    writer_cert_problem,
+)
 from overlay.ids import key_for
-from overlay.storage import Entry
+from overlay.storage import DEFAULT_INBOX_QUOTA, DROP_PREFIX, Entry
 from overlay.store import encode_entry
 
 VALUE_LIFETIME_S = 600.0
 """OpenDHT's default value lifetime: a value not put again within it is dropped by the storing nodes."""
 DEFAULT_REFRESH_S = 240.0
+SEEN_MAX = 4096
 
 
 def _name_bytes(name: str | bytes) -> bytes:
@@ -96,8 +108,16 @@ class OpenDhtDirectory:
         refresh_s: float = DEFAULT_REFRESH_S,
         tombstone_keep_s: float = VALUE_LIFETIME_S + 120.0,
         clock: Callable[[], float] = time.time,
+        identity: KeyPair | None = None,
+        node_certificate: bytes = b"",
+        inbox_quota: int = DEFAULT_INBOX_QUOTA,
     ) -> None:
         self.runner = runner
+        self.identity = identity
+        """The node key (a peer's ``node.key``): what signs the writes made without a user key, i.e. drops
+        in other users' inboxes, with ``node_certificate`` (``p2psip enroll node``) proving it enrolled."""
+        self.node_certificate = node_certificate
+        self.inbox_quota = inbox_quota
         self.ca_public_key = ca_public_key
         self.host = "127.0.0.1"
         self.bootstrap: tuple[str, int] | None = None
@@ -113,8 +133,15 @@ class OpenDhtDirectory:
         self.counts: dict[str, int] = {}
         self._certs: dict[tuple[int, bytes], bytes] = {}
         self._seqs: dict[tuple[int, bytes], int] = {}
+        """(key, entry id) -> the highest seq this node wrote or read there: a write goes above it (a drop
+        is removed by another key than its writer's, whose clock may run ahead). Pruned as in Node."""
         # what this node wrote and keeps alive: (key, entry id) -> (name, entry, keep until)
         self._mine: dict[tuple[int, bytes], tuple[bytes, Entry, float]] = {}
+        self._seqs_prune_at = 1024
+        self._seen: dict[tuple[int, bytes], tuple[int, float]] = {}
+        """(key, entry id) -> (seq, expiry) of the entries this node last read, at most ``SEEN_MAX``
+        (oldest forgotten): a removal goes above that seq, and its tombstone is kept (re-put) until that
+        expiry, since the entry's writer, maybe another peer, re-puts the entry until then."""
         self._refresher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -137,9 +164,16 @@ class OpenDhtDirectory:
             ) from None
         runner = opendht.DhtRunner()
         host, port = bind
-        await asyncio.to_thread(runner.run, ipv4=host, ipv6=ipv6, port=port)
-        if bootstrap is not None:
-            await asyncio.to_thread(runner.bootstrap, bootstrap[0], str(bootstrap[1]))
+
+        def run_and_bootstrap() -> None:
+            # Bootstrap in the same breath as run: a node whose first maintenance round finds its routing
+            # table empty backs off, and then fills it at OpenDHT's slow pace (a gap of 5 ms between the
+            # two calls made 10 nodes on loopback settle in ~35 s instead of ~6 s; docs/benchmarks.md).
+            runner.run(ipv4=host, ipv6=ipv6, port=port)
+            if bootstrap is not None:
+                runner.bootstrap(bootstrap[0], str(bootstrap[1]))
+
+        await asyncio.to_thread(run_and_bootstrap)
         directory = cls(runner, ca_public_key, **options)
         directory.host = host
         directory.bootstrap = bootstrap
@@ -194,10 +228,16 @@ class OpenDhtDirectory:
         data = _name_bytes(name)
         values = await asyncio.to_thread(self.runner.get, opendht.InfoHash.get(data.decode("latin-1")))
         self._count("gets")
-        return select_entries(
+        entries = select_entries(
             data, (bytes(v.data) for v in values), self.ca_public_key, self.clock(), self.counts,
-            cache=self.cache, limit=self.read_limit,
+            cache=self.cache, limit=self.read_limit, inbox_quota=self.inbox_quota,
         )  # fmt: skip
+        for entry in entries:  # what a removal here must outdo and outlive (see ``_seen``)
+            self._seen.pop(entry.slot, None)
+            self._seen[entry.slot] = (entry.seq, entry_expires_at(entry))
+        while len(self._seen) > SEEN_MAX:
+            del self._seen[next(iter(self._seen))]
+        return entries
 
     async def put(
         self,
@@ -250,26 +290,53 @@ class OpenDhtDirectory:
     async def _write(
         self, name: str | bytes, value: bytes, entry_id: bytes, lifetime: int, key: KeyPair | None
     ) -> None:
-        if not isinstance(key, KeyPair):
-            raise OverlayError("an OpenDHT directory writes with a user key (an overlay.identity.KeyPair)")
         data = _name_bytes(name)
         ring_key = key_for(data)
-        cert = self._certs.get((ring_key, key.public_key), b"")
+        now = self.clock()
         # What a storing replica of ours would refuse, refused here: nobody on OpenDHT will.
-        problem = user_cert_problem(
-            self.ca_public_key, cert, ring_key, key.public_key, self.clock(), self.cache
-        )
+        if key is None:  # the node key: drops in inboxes only (select_entries keeps nothing else of it)
+            if self.identity is None:
+                raise OverlayError(
+                    "an OpenDHT directory writes with a user key (an overlay.identity.KeyPair)"
+                )
+            key, cert = self.identity, self.node_certificate
+            drop = entry_id[:1] == DROP_PREFIX and entry_id[1 : 1 + len(key.public_key)] == key.public_key
+            if not drop:
+                problem: str | None = (
+                    "on OpenDHT a node key writes only drops in inboxes; this needs a user key"
+                )
+            elif lifetime == 0:
+                problem = "only the inbox's owner removes a drop"
+            else:
+                problem = writer_cert_problem(self.ca_public_key, cert, key.public_key, now, self.cache)
+        elif isinstance(key, KeyPair):
+            cert = self._certs.get((ring_key, key.public_key), b"")
+            problem = user_cert_problem(self.ca_public_key, cert, ring_key, key.public_key, now, self.cache)
+        else:
+            raise OverlayError("an OpenDHT directory writes with a user key (an overlay.identity.KeyPair)")
         if problem is not None:
             self._count("refused_policy")
             raise StoreRefused(problem, reason="policy")
         slot = (ring_key, entry_id)
-        seq = max(int(self.clock() * 1000), self._seqs.get(slot, 0) + 1)
-        self._seqs[slot] = seq
+        seen_seq, seen_until = self._seen.pop(slot, (0, 0.0))
+        seq = max(int(now * 1000), self._seqs.get(slot, 0) + 1, seen_seq + 1)
+        self._note_seq(slot, seq)
         entry = Entry.create(key, ring_key, entry_id, value, seq, lifetime, cert)
-        keep = self.clock() + (self.tombstone_keep_s if entry.is_removal else float(lifetime))
+        # A tombstone outlives what it removes: whoever wrote that entry re-puts it until it expires.
+        keep = max(now + self.tombstone_keep_s, seen_until) if entry.is_removal else now + float(lifetime)
         self._mine[slot] = (data, entry, keep)
         if not await self._put(data, entry):
             raise OverlayError("OpenDHT did not store the value (no node answered)")
+
+    def _note_seq(self, slot: tuple[int, bytes], seq: int) -> None:
+        if seq <= self._seqs.get(slot, 0):
+            return
+        self._seqs[slot] = seq
+        if len(self._seqs) >= self._seqs_prune_at:
+            # Only seqs the clock has not passed by a minute matter; the next prune waits for a doubling.
+            floor = int(self.clock() * 1000) - 60_000
+            self._seqs = {s: q for s, q in self._seqs.items() if q > floor}
+            self._seqs_prune_at = max(1024, 2 * len(self._seqs))
 
     async def _put(self, name: bytes, entry: Entry) -> bool:
         import opendht

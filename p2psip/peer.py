@@ -53,6 +53,7 @@ from overlay.identity import (
     enroll_node,
     enroll_user,
     load_public_key,
+    node_cert_problem,
     node_id_of,
     node_identity,
     verify,
@@ -1716,14 +1717,12 @@ class Peer:
 
     async def leave_in_inbox(self, aor: str, request: Request, source: Source) -> bool:
         """Seal ``request`` (a MESSAGE for ``aor``, nobody registered) to the AOR's published inbox key and
-        drop it in its inbox (:mod:`p2psip.inbox`), noting whether this peer vouches for its sender. False
-        when the AOR has no inbox or the drop fails (or the peer runs on OpenDHT: inboxes are a Chord
-        feature)."""
-        if self._chord is None:
-            return False
+        drop it in its inbox (:mod:`p2psip.inbox`), signed by this peer's node key, noting whether this
+        peer vouches for its sender. False when the AOR has no inbox or the drop fails (on OpenDHT: also
+        when this peer has no node certificate, since readers keep drops of enrolled writers only)."""
         # the sender is who its From says only if we vouch for it (a device of ours), or a peer did
-        voucher = f"{self.node.identity.node_id:032x}" if await self._vouched(request, source) else ""
-        access = self.node.at(inbox_name(aor))
+        voucher = f"{self._node_key.node_id:032x}" if await self._vouched(request, source) else ""
+        access = self.directory.at(inbox_name(aor))
         try:
             entries = await access.get()
             published = next((e for e in entries if e.entry_id == INBOX_KEY_ID and len(e.value) == 32), None)
@@ -1734,7 +1733,7 @@ class Peer:
                 request.body, time.time(), voucher,
             )  # fmt: skip
             box = letter.seal(published.value)
-            entry_id = DROP_PREFIX + self.node.identity.public_key + secrets.token_bytes(8)
+            entry_id = DROP_PREFIX + self._node_key.public_key + secrets.token_bytes(8)
             await access.put(box, entry_id=entry_id, lifetime=INBOX_LIFETIME)
         except (OverlayError, TimeoutError, LetterError, SealedBoxError) as exc:
             log.info("MESSAGE for %s not stored: %s", aor, exc)
@@ -1746,18 +1745,16 @@ class Peer:
     async def _open_inbox(self, aor: str, *, deliver: bool, known: bool) -> None:
         """After a registration here: (re)publish the AOR's inbox key, signed by its user key; with
         ``deliver`` (a new device arrived), hand each stored message sealed to our key to the AOR as a
-        MESSAGE through this peer and remove it once a device took it (2xx). Not on OpenDHT.
+        MESSAGE through this peer and remove it once a device took it (2xx).
         ``known``: the AOR was registered here before (else this peer never published its inbox key, so no
         letter can be sealed to it yet: nothing to read, which saves a replica-set read per new AOR)."""
-        if self._chord is None:
-            return
         try:
             private = self.users.inbox_key(aor)
         except (LetterError, OSError) as exc:
             log.warning("no inbox for %s: %s", aor, exc)
             return
         user_key = self.users.get(aor)
-        access = self.node.at(inbox_name(aor))
+        access = self.directory.at(inbox_name(aor))
         try:
             await access.put(
                 public_bytes(private), entry_id=INBOX_KEY_ID, lifetime=INBOX_LIFETIME, key=user_key
@@ -1776,16 +1773,12 @@ class Peer:
                 letter = open_letter(private, drop.value)
             except LetterError:
                 continue  # sealed to another home peer's key, or garbage a writer left
-            voucher = letter.vouched_by if await self._vouch_holds(letter, drop.owner) else None
+            voucher = letter.vouched_by if await self._vouch_holds(letter, drop) else None
             if await self._deliver(aor, letter, voucher) >= 300:
                 return  # nobody took it: it stays for the next registration
             self.counters["messages_delivered"] += 1
-            removal = Entry.create(
-                user_key, drop.key, drop.entry_id, b"", max(time.time_ns() // 1_000_000, drop.seq + 1), 0,
-                self._user_cert_blob(aor),
-            )  # fmt: skip
             try:
-                await self.node.put_entry(removal)
+                await self._remove_drop(access, drop, user_key, aor)
             except (OverlayError, TimeoutError) as exc:
                 log.info("stored message for %s delivered but not removed: %s", aor, exc)
 
@@ -1797,14 +1790,44 @@ class Peer:
         cert = self.users.certificate(aor)
         return cert.to_bytes() if cert is not None else b""
 
-    async def _vouch_holds(self, letter: Letter, signer: bytes) -> bool:
+    async def _remove_drop(self, access: KeyDirectory, drop: Entry, user_key: KeyPair, aor: str) -> None:
+        """Remove a delivered drop with the user key (the inbox's owner). Its seq must beat the drop's,
+        written on another peer's clock: our Chord node writes the signed removal as it is; the OpenDHT
+        engine goes above the seq it read (and keeps the tombstone as long as the drop's writer re-puts)."""
+        if self._chord is None:
+            await access.remove(entry_id=drop.entry_id, key=user_key)
+            return
+        removal = Entry.create(
+            user_key, drop.key, drop.entry_id, b"", max(time.time_ns() // 1_000_000, drop.seq + 1), 0,
+            self._user_cert_blob(aor),
+        )  # fmt: skip
+        await self._chord.put_entry(removal)
+
+    @property
+    def _node_key(self) -> KeyPair:
+        """This peer's node key (``node.key`` in its data dir), on either engine."""
+        if self._chord is not None:
+            return self._chord.identity
+        assert isinstance(self.engine, OpenDhtDirectory) and self.engine.identity is not None
+        return self.engine.identity
+
+    async def _vouch_holds(self, letter: Letter, drop: Entry) -> bool:
         """Whether the peer a letter says vouched for its sender did: it signed the drop, and it is a ring
-        member (a lookup of its NodeId finds it; one that left since cannot be told from a made-up key)."""
+        member (a lookup of its NodeId finds it; one that left since cannot be told from a made-up key), or
+        on OpenDHT an enrolled node (the drop carries its node certificate)."""
         if not letter.vouched_by:
             return False
-        node_id = node_id_of(signer)
+        node_id = node_id_of(drop.owner)
         if letter.vouched_by != f"{node_id:032x}":
             return False
+        return await self._enrolled_or_member(node_id, drop.cert)
+
+    async def _enrolled_or_member(self, node_id: int, node_cert: bytes) -> bool:
+        """Whether a node key vouches in this overlay: on Chord its NodeId is a ring member; on OpenDHT,
+        which has no ring, ``node_cert`` is a node certificate of our authority for it."""
+        if isinstance(self.engine, OpenDhtDirectory):
+            ca, cache = self.engine.ca_public_key, self.engine.cache
+            return node_cert_problem(ca, node_cert, node_id, time.time(), cache) is None
         return await self._ring_member(node_id)
 
     async def _ring_member(self, node_id: int) -> bool:
@@ -1971,14 +1994,17 @@ class Peer:
     def sweep_user_keys(self, now: float | None = None) -> int:
         """Forget the user keys (and claims) of AORs that own nothing any more: the last binding written
         through this peer expired or was removed. Kept: accounts (``p2psip user add``, the config's
-        ``[users]``), AORs being registered right now, and keys some part of the peer still serves
-        (:attr:`key_users`). Keys without a claim record (made before claims existed) are left alone.
+        ``[users]``), enrolled users (``p2psip enroll user``), AORs being registered right now, and keys
+        some part of the peer still serves (:attr:`key_users`). Keys without a claim record (made before
+        claims existed) are left alone.
         Returns how many were removed."""
         now = time.time() if now is None else now
         removed = 0
         for claim in self.users.claims():
             aor = claim.aor
             if claim.alive(now) or self.config.account_for(aor) is not None or aor in self._aor_locks:
+                continue
+            if self.users.certificate(aor) is not None:  # enrolled: the certificate binds this very key
                 continue
             if any(user(aor) for user in self.key_users):
                 continue
@@ -2160,17 +2186,22 @@ class Peer:
     def vouch(self, request: Request) -> str:
         """An identity assertion for the request's From, signed with this peer's node key (the value of
         ``P-P2PSIP-Vouch``): ``<aor>;ts=T;key=K;sig=S``, the signature over the AOR, Call-ID, From tag and
-        time, so it vouches for this one request (dialog) only."""
+        time, so it vouches for this one request (dialog) only. On OpenDHT there is no ring to confirm the
+        key's NodeId: the node certificate (``p2psip enroll node``) rides along as ``;cert=C``."""
         aor = request.from_.uri.aor()
         ts = int(time.time())
-        identity = self.node.identity
+        identity = self._node_key
         sig = identity.sign(_vouch_data(aor, request.call_id, request.from_.tag or "", ts))
-        return f"<{aor}>;ts={ts};key={_b64(identity.public_key)};sig={_b64(sig)}"
+        value = f"<{aor}>;ts={ts};key={_b64(identity.public_key)};sig={_b64(sig)}"
+        if isinstance(self.engine, OpenDhtDirectory) and self.engine.node_certificate:
+            value += f";cert={_b64(self.engine.node_certificate)}"
+        return value
 
     async def _vouched(self, request: Request, source: Source) -> bool:
         """Whether a presence watcher is who its From says: this peer vouches for it, or another peer of
         the overlay did (a ``P-P2PSIP-Vouch`` for this From, fresh, signed by a key whose NodeId is a ring
-        member, which a lookup of that NodeId confirms)."""
+        member, which a lookup of that NodeId confirms; on OpenDHT, a key the vouch's node certificate
+        enrolls under this overlay's authority)."""
         if await self.vouches_here(request, source):
             return True
         value = request.get(VOUCH_HEADER)
@@ -2182,6 +2213,7 @@ class Peer:
             ts = int(address.params.get("ts") or "")
             key = _unb64(address.params.get("key") or "")
             sig = _unb64(address.params.get("sig") or "")
+            cert = _unb64(address.params.get("cert") or "")
             claimed = request.from_.uri.aor()
         except (ParseError, ValueError):
             return False
@@ -2189,7 +2221,7 @@ class Peer:
             return False
         if not verify(key, sig, _vouch_data(aor, request.call_id, request.from_.tag or "", ts)):
             return False
-        return await self._ring_member(node_id_of(key))
+        return await self._enrolled_or_member(node_id_of(key), cert)
 
     def is_home_of(self, bindings: Iterable[Binding]) -> bool:
         """Whether this peer is the home peer (the first Path hop) of one of ``bindings``."""
@@ -2613,8 +2645,14 @@ async def _start_opendht(config: PeerConfig, join: tuple[str, int] | None) -> Op
         ca = load_public_key(config.ca)
     except OverlayError as exc:
         raise ConfigError(f"--ca: {exc}") from None
+    cert_file = Path(config.data_dir) / NODE_CERT_FILE
+    # the node key signs drops in inboxes; node.cert (p2psip enroll node) is what makes readers keep them
+    node_cert = cert_file.read_bytes() if cert_file.exists() else b""
     try:
-        return await OpenDhtDirectory.start(config.overlay.as_tuple(), ca, bootstrap=join)
+        return await OpenDhtDirectory.start(
+            config.overlay.as_tuple(), ca, bootstrap=join, identity=node_identity(config.data_dir),
+            node_certificate=node_cert,
+        )  # fmt: skip
     except OverlayError as exc:
         raise ConfigError(f"overlay: {exc}") from None
 

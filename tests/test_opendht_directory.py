@@ -44,7 +44,7 @@ async def dhts() -> AsyncIterator[tuple[KeyPair, list[OpenDhtDirectory]]]:
         await asyncio.gather(*(n.close() for n in nodes))
 
 
-async def _eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+async def eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
     """OpenDHT spreads a put to the storing nodes by itself: poll the read (bounded) until it holds."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -68,7 +68,7 @@ async def test_signed_entries_forgeries_ignored_and_tombstones(
     async def values() -> list[bytes]:
         return [e.value for e in await nodes[3].get(AOR)]
 
-    assert await _eventually(values) == [b"contact-1"]
+    assert await eventually(values) == [b"contact-1"]
     # forgeries put straight into OpenDHT under the AOR's hash: another authority's certificate, a bad
     # signature, junk. Readers ignore them and count them.
     mallory = KeyPair.generate()
@@ -86,11 +86,11 @@ async def test_signed_entries_forgeries_ignored_and_tombstones(
             nodes[3].counts.get("values_rejected", 0) >= 2 and nodes[3].counts.get("values_malformed", 0) >= 1
         )
 
-    assert await _eventually(all_rejected)
+    assert await eventually(all_rejected)
     assert await values() == [b"contact-1"]
     # removal: a signed tombstone with a higher seq; the AOR stays unregistered
     await nodes[1].at(AOR).remove(entry_id=b"dev1", key=alice)
-    assert await _eventually(lambda: _empty(nodes[3]))
+    assert await eventually(lambda: _empty(nodes[3]))
     assert await nodes[0].get(AOR) == []
     # refresh puts again what this node keeps (the tombstone too), so nothing comes back
     assert await nodes[1].refresh() == 1
@@ -112,7 +112,7 @@ async def test_reads_of_a_flooded_key_are_bounded(dhts: tuple[KeyPair, list[Open
         await nodes[0].get("sip:victim@corp.example")
         return nodes[0].counts.get("values_over_limit", 0) > 0
 
-    assert await _eventually(flooded)
+    assert await eventually(flooded)
     assert nodes[0].counts["values_read"] <= 8 * nodes[0].counts["gets"]
 
 

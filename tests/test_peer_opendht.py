@@ -7,21 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from peer_phone import Phone
 from test_cli import run
+from test_opendht_directory import eventually
 
 from overlay.identity import KeyPair
 from overlay.ids import key_for
-from overlay.storage import Entry
+from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
 from overlay.store import encode_entry
 from p2psip.cli.parser import main
 from p2psip.config import HostPort, ListenSpec, PeerConfig
-from p2psip.peer import Peer
+from p2psip.inbox import inbox_name
+from p2psip.message import Request
+from p2psip.peer import VOUCH_HEADER, Peer, _b64
+from p2psip.stack import Stack
 from p2psip.timers import TimerConfig
+from p2psip.transport import Source
+from p2psip.uri import Address
+from p2psip.useragent import UserAgent
 
 if os.environ.get("CI") != "true":
     pytest.importorskip("opendht")
@@ -61,6 +69,8 @@ async def network(tmp_path: Path) -> AsyncIterator[tuple[Path, list[Peer]]]:
                 )
                 == 0
             )
+            # the node certificate: what makes readers keep this peer's drops in inboxes and its vouches
+            assert main(["enroll", "node", "--ca-key", ca_key, "--data-dir", str(data_dir)]) == 0
             config = PeerConfig(
                 listen=[ListenSpec("udp", "127.0.0.1", 0)],
                 overlay=HostPort("127.0.0.1", 0),
@@ -110,3 +120,79 @@ def test_opendht_refuses_first_claim_at_start(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--policy enrolled" in bad.stderr
     bad = run("start", "--dht", "kademlia", "--data-dir", str(tmp_path / "d"))
     assert bad.returncode == 2 and "chord or opendht" in bad.stderr
+
+
+async def test_offline_message_inbox_over_opendht(network: tuple[Path, list[Peer]]) -> None:
+    """A MESSAGE for bob while nobody is registered is sealed into his inbox (H('inbox:' + AOR)) on
+    OpenDHT, signed by the node key of the peer it entered (enrolled: node.cert), and delivered when bob
+    registers again; then his home peer removes it (a tombstone of the inbox's owner)."""
+    _tmp, peers = network
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+    host0, port0 = peers[0].sip_address()
+    host1, port1 = peers[1].sip_address()
+    bob_aor = f"sip:bob@{DOMAIN}"
+    alice = UserAgent(stacks[0], f"sip:alice@{DOMAIN}", outbound=f"{host0}:{port0}")
+    bob = UserAgent(stacks[1], bob_aor, outbound=f"{host1}:{port1}")
+    registrar = f"sip:{host1}:{port1}"
+    inbox = inbox_name(bob_aor)
+    try:
+        assert (await bob.register(registrar, expires=300, refresh=False)).status == 200
+
+        async def published() -> bool:  # read through the other peer's OpenDHT node
+            return any(e.entry_id == INBOX_KEY_ID for e in await peers[0].directory.get(inbox))
+
+        assert await eventually(published)
+        assert (await bob.register(registrar, expires=0, refresh=False)).status == 200
+        assert (await alice.message(bob_aor, "are you there?")).status == 202
+        assert peers[0].counters["messages_stored"] == 1
+
+        async def drops() -> list[Entry]:
+            return [e for e in await peers[1].directory.get(inbox) if e.entry_id[:1] == DROP_PREFIX]
+
+        stored = await eventually(drops)
+        assert len(stored) == 1 and b"are you there?" not in stored[0].value  # sealed
+        # an enrolled user's key outlives its registrations (the certificate binds it): kept by the sweep
+        peers[1].sweep_user_keys(time.time() + 10 * 86400)
+        assert peers[1].users.exists(bob_aor)
+        assert (await bob.register(registrar, expires=300, refresh=False)).status == 200
+        got = await asyncio.wait_for(bob.messages.get(), 15)
+        assert got.body == b"are you there?" and got.from_.uri.user == "alice"
+
+        async def emptied() -> bool:
+            return not await drops() and not [
+                e for e in await peers[0].directory.get(inbox) if e.entry_id[:1] == DROP_PREFIX
+            ]
+
+        assert await eventually(emptied, timeout=15)
+        assert peers[1].counters["messages_delivered"] == 1
+    finally:
+        for ua in (alice, bob):
+            await ua.close()
+        for stack in stacks:
+            await stack.close()
+
+
+async def test_presence_vouch_over_opendht(network: tuple[Path, list[Peer]]) -> None:
+    """A peer's vouch for a watcher carries its node certificate (no ring to confirm the NodeId on
+    OpenDHT); another peer accepts it, and refuses it without the certificate or signed by a stranger."""
+    _tmp, peers = network
+    subscribe = Request.create(
+        "SUBSCRIBE", f"sip:bob@{DOMAIN}", from_=f"<sip:alice@{DOMAIN}>;tag=t1", to=f"<sip:bob@{DOMAIN}>",
+        call_id="vouch-1", cseq=1, via="SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKv1",
+    )  # fmt: skip
+    elsewhere = Source("udp", "127.0.0.1", 9)
+    vouch = peers[0].vouch(subscribe)
+    assert ";cert=" in vouch
+    subscribe.set(VOUCH_HEADER, vouch)
+    assert await peers[1]._vouched(subscribe, elsewhere)
+    subscribe.set(VOUCH_HEADER, vouch.split(";cert=")[0])  # the same vouch without its certificate
+    assert not await peers[1]._vouched(subscribe, elsewhere)
+    stranger = KeyPair.generate()  # an un-enrolled node key, with peer 0's certificate pasted on
+    data = f"p2psip-vouch|sip:alice@{DOMAIN}|vouch-1|t1|{int(time.time())}".encode()
+    forged = Address(vouch).params
+    fake = (
+        f"<sip:alice@{DOMAIN}>;ts={int(time.time())};key={_b64(stranger.public_key)};"
+        f"sig={_b64(stranger.sign(data))};cert={forged['cert']}"
+    )
+    subscribe.set(VOUCH_HEADER, fake)
+    assert not await peers[1]._vouched(subscribe, elsewhere)
