@@ -20,11 +20,12 @@ from overlay.identity import KeyPair
 from overlay.ids import key_for
 from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
 from overlay.store import encode_entry
+from p2psip import pidf
 from p2psip.cli.parser import main
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.inbox import inbox_name
 from p2psip.message import Request
-from p2psip.peer import VOUCH_HEADER, Peer, _b64
+from p2psip.peer import PRESENCE_ENTRY, VOUCH_HEADER, Peer, _b64
 from p2psip.stack import Stack
 from p2psip.timers import TimerConfig
 from p2psip.transport import Source
@@ -196,3 +197,41 @@ async def test_presence_vouch_over_opendht(network: tuple[Path, list[Peer]]) -> 
     )
     subscribe.set(VOUCH_HEADER, fake)
     assert not await peers[1]._vouched(subscribe, elsewhere)
+
+
+async def test_presence_through_opendht_peers(network: tuple[Path, list[Peer]]) -> None:
+    """Presence end to end on OpenDHT: bob registers and PUBLISHes at his peer (its agent saves the state
+    as a signed entry in OpenDHT); alice, registered at the other peer, subscribes there: that peer vouches
+    for her with its node certificate, so the agent shows her what bob published (an unvouched watcher
+    would see "closed")."""
+    _tmp, peers = network
+    stacks = [await Stack.start(["udp:127.0.0.1:0"]) for _ in range(2)]
+    host0, port0 = peers[0].sip_address()
+    host1, port1 = peers[1].sip_address()
+    bob_aor = f"sip:bob@{DOMAIN}"
+    alice = UserAgent(stacks[0], f"sip:alice@{DOMAIN}", outbound=f"{host0}:{port0}")
+    bob = UserAgent(stacks[1], bob_aor, outbound=f"{host1}:{port1}")
+    try:
+        assert (await alice.register(f"sip:{host0}:{port0}", expires=300, refresh=False)).status == 200
+        assert (await bob.register(f"sip:{host1}:{port1}", expires=300, refresh=False)).status == 200
+        doc = pidf.Presence(bob_aor, [pidf.PresenceTuple("desk", "open")], ["in a meeting"], ["busy"])
+        response = await bob.request(
+            "PUBLISH", bob_aor, body=doc.compose(), content_type=pidf.CONTENT_TYPE,
+            headers=[("Event", "presence"), ("Expires", "600")],
+        )  # fmt: skip
+        assert response.status == 200
+
+        async def saved() -> bool:  # the agent's state, read through the other peer's OpenDHT node
+            return any(e.entry_id == PRESENCE_ENTRY for e in await peers[0].directory.get(bob_aor))
+
+        assert await eventually(saved)
+        sub = await alice.subscribe(bob_aor, "presence", body_check=lambda r: None)
+        note = await sub.next(10)
+        got = pidf.parse(note.body)
+        assert got.basic == "open" and got.notes == ["in a meeting"], note.body
+        await sub.unsubscribe()
+    finally:
+        for ua in (alice, bob):
+            await ua.close()
+        for stack in stacks:
+            await stack.close()
