@@ -47,7 +47,9 @@ from overlay import ids
 from overlay.directory import Directory, KeyDirectory
 from overlay.errors import NotAdmitted, NotJoined, OverlayError, StoreRefused, WrongOverlay
 from overlay.identity import (
+    NODE_CERT,
     NODE_CERT_FILE,
+    USER_CERT,
     Certificate,
     KeyPair,
     enroll_node,
@@ -419,16 +421,29 @@ def canonical_aor(aor: str) -> str:
     return canonical
 
 
+Signer = Callable[[str, bytes], Certificate]
+"""Who signs an enrollment: (subject, public key) -> a certificate (the authority's key here, or the
+enrollment service over the network: ``p2psip enroll user --server``)."""
+
+
 def enroll_user_into(data_dir: Path, ca: KeyPair, aor: str, *, days: float) -> Certificate:
     """``p2psip enroll user``: the user key of ``aor`` in ``data_dir`` (created if new) and a certificate
     of ``ca`` for it, written beside the key as ``<name>.cert``. Raises P2PSIPError for a bad AOR."""
+    return enroll_user_with(data_dir, aor, lambda subject, key: enroll_user(ca, subject, key, days=days))
+
+
+def enroll_user_with(data_dir: Path, aor: str, sign: Signer) -> Certificate:
+    """The user key of ``aor`` in ``data_dir`` (created if new) certified by ``sign``, the certificate
+    checked to name this AOR and key and written beside the key. Raises P2PSIPError (bad AOR or answer)."""
     canonical = canonical_aor(aor)
     users = UserKeys(Path(data_dir) / USERS_DIR)
     try:
         key = KeyPair.load(users.export(canonical, inbox=False))  # the key the peer signs with, as a file
-        cert = enroll_user(ca, canonical, key.public_key, days=days)
+        cert = sign(canonical, key.public_key)
     except OverlayError as exc:
         raise P2PSIPError(str(exc)) from None
+    if (cert.kind, cert.subject, cert.public_key) != (USER_CERT, canonical, key.public_key):
+        raise P2PSIPError(f"the certificate received is not a user certificate for {canonical} and its key")
     cert.save(users.path_for(canonical).with_suffix(".cert"))
     return cert
 
@@ -436,7 +451,19 @@ def enroll_user_into(data_dir: Path, ca: KeyPair, aor: str, *, days: float) -> C
 def enroll_node_into(data_dir: Path, ca: KeyPair, *, days: float) -> Certificate:
     """``p2psip enroll node``: a certificate of ``ca`` for the node key of ``data_dir`` (created if new),
     written as ``DATA_DIR/node.cert`` (what ``--enrolled-nodes`` presents at admission)."""
-    cert = enroll_node(ca, node_identity(data_dir).public_key, days=days)
+    return enroll_node_with(data_dir, lambda _subject, key: enroll_node(ca, key, days=days))
+
+
+def enroll_node_with(data_dir: Path, sign: Signer) -> Certificate:
+    """The node key of ``data_dir`` (created if new) certified by ``sign``, checked and written as
+    ``DATA_DIR/node.cert``. Raises P2PSIPError when the answer is not a node certificate for that key."""
+    key = node_identity(data_dir).public_key
+    try:
+        cert = sign(f"{node_id_of(key):032x}", key)
+    except OverlayError as exc:
+        raise P2PSIPError(str(exc)) from None
+    if (cert.kind, cert.public_key) != (NODE_CERT, key):
+        raise P2PSIPError("the certificate received is not a node certificate for this node's key")
     cert.save(Path(data_dir) / NODE_CERT_FILE)
     return cert
 

@@ -59,7 +59,7 @@ def test_each_synopsis_names_exactly_its_flags() -> None:
                 synopses[" ".join(words[1:3]) if words[1] in ("user", "enroll") else words[1]] = entry
     assert set(synopses) == {
         "start", "status", "lookup", "register", "call", "message", "user add", "user key",
-        "enroll init", "enroll user", "enroll node",
+        "enroll init", "enroll user", "enroll node", "enroll token", "enroll serve",
     }  # fmt: skip
     for name, synopsis in synopses.items():
         parser = subcommands()[name.split()[0]]
