@@ -335,3 +335,36 @@ async def test_a_failing_sink_or_source_does_not_stop_the_call() -> None:
     finally:
         for session in (sender, receiver, watcher):
             await session.close()
+
+
+async def test_one_epoll_set_reads_every_session_and_a_failing_reader_spoils_none() -> None:
+    """The sessions of a loop share one epoll set (p2psip.media.session._Poller): packets reach every
+    session through it, a reader that raises is reported to the loop's exception handler while the others
+    keep receiving, and the set goes away with the last socket."""
+    from p2psip.media.session import _Poller
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    a = await MediaSession.start(source=ToneSource(1000))
+    b = await MediaSession.start(remote=a.local_address, source=ToneSource(1000))
+    broken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    broken.bind(("127.0.0.1", 0))
+    broken.setblocking(False)
+
+    def explode() -> None:
+        broken.recv(2048)
+        raise RuntimeError("a broken reader")
+
+    _Poller.watch(loop, broken.fileno(), explode)
+    poller = _Poller._running[id(loop)]
+    assert len(poller.handlers) == 5  # two sessions' RTP and RTCP, and the broken one
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.sendto(b"x", broken.getsockname())
+    await until(lambda: a.stats.packets_received > 20 and b.stats.packets_received > 20 and bool(errors))
+    assert isinstance(errors[0]["exception"], RuntimeError)
+    _Poller.unwatch(loop, broken.fileno())
+    broken.close()
+    await a.close()
+    await b.close()
+    assert id(loop) not in _Poller._running
