@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import hmac
@@ -208,9 +209,15 @@ class UserKeys:
     SECRET = "user-keys.secret"
     DATABASE = "users.sqlite3"
 
+    #: KeyPair objects kept at once (the most recently used): each holds an OpenSSL key, ~0.8 kB, which was
+    #: the largest item of a registration's memory (bench/memory.py); a derived key is made again in
+    #: ~0.1 ms, a key file read again, when an evicted AOR refreshes (once an hour or so)
+    MAX_CACHED_KEYS = 1024
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._keys: dict[str, KeyPair] = {}
+        self._keys: collections.OrderedDict[str, KeyPair] = collections.OrderedDict()
+        self._in_use: set[str] = set()  # every AOR whose key this peer has used (exists(), known())
         self._secret: bytes | None = None
         self._db: sqlite3.Connection | None = None
 
@@ -250,21 +257,26 @@ class UserKeys:
 
     def get(self, aor: str) -> KeyPair:
         key = self._keys.get(aor)
+        if key is not None:
+            self._keys.move_to_end(aor)
+            return key
+        path = self.path_for(aor)
+        try:
+            key = KeyPair.load(path) if path.exists() else None
+        except OverlayError as exc:
+            log.warning("%s; using the derived user key of %s", exc, aor)
+            key = None
         if key is None:
-            path = self.path_for(aor)
-            try:
-                key = KeyPair.load(path) if path.exists() else None
-            except OverlayError as exc:
-                log.warning("%s; using the derived user key of %s", exc, aor)
-                key = None
-            if key is None:
-                key = KeyPair.from_private_bytes(self._derived(b"user-key\x00", aor))
-            self._keys[aor] = key
+            key = KeyPair.from_private_bytes(self._derived(b"user-key\x00", aor))
+        self._keys[aor] = key
+        self._in_use.add(aor)
+        while len(self._keys) > self.MAX_CACHED_KEYS:
+            self._keys.popitem(last=False)
         return key
 
     def exists(self, aor: str) -> bool:
         """Whether this peer already holds ``aor`` (its key is in use here, it has a claim or a key file)."""
-        return aor in self._keys or self.claim(aor) is not None or self.path_for(aor).exists()
+        return aor in self._in_use or self.claim(aor) is not None or self.path_for(aor).exists()
 
     def export(self, aor: str, *, inbox: bool = True) -> Path:
         """Write ``aor``'s user key (with ``inbox`` its inbox key too) as files, to copy to another peer;
@@ -291,7 +303,7 @@ class UserKeys:
             return None
 
     def known(self) -> list[str]:
-        return sorted(self._keys)
+        return sorted(self._in_use)
 
     def on_disk(self) -> int:
         """How many AORs the data dir holds something of (a claim or a key file): for ``status``, what
@@ -362,6 +374,7 @@ class UserKeys:
     def forget(self, aor: str) -> None:
         """Delete the claim of ``aor`` and its key files (it owns nothing any more)."""
         self._keys.pop(aor, None)
+        self._in_use.discard(aor)
         self._claims_db().execute("DELETE FROM claims WHERE aor = ?", (aor,))
         for path in (self.path_for(aor), self.inbox_path(aor)):
             with contextlib.suppress(FileNotFoundError):

@@ -26,7 +26,7 @@ from p2psip.uri import URI, Address
 MAX_RECORD_BYTES = 900  # one entry must fit a UDP overlay datagram (< 1,200 bytes) with its signature
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Binding:
     """One registered contact of an AOR, as stored in (and read back from) the overlay."""
 

@@ -249,6 +249,22 @@ def test_user_key_command_writes_the_derived_keys(tmp_path: Path) -> None:
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_user_key_objects_are_bounded_and_come_back_the_same(tmp_path: Path, monkeypatch) -> None:
+    """Only MAX_CACHED_KEYS key objects stay in memory (each holds an OpenSSL key: the largest item of a
+    registration's memory, bench/memory.py); an evicted AOR gets the same key again, and the peer still
+    knows it holds that AOR."""
+    monkeypatch.setattr(UserKeys, "MAX_CACHED_KEYS", 4)
+    users = UserKeys(tmp_path / USERS_DIR)
+    aors = [f"sip:user{i}@p2p.example" for i in range(10)]
+    first = {aor: users.get(aor).public_key for aor in aors}
+    assert len(users._keys) == 4
+    assert all(users.exists(aor) for aor in aors) and users.known() == sorted(aors)
+    assert users.get(aors[0]).public_key == first[aors[0]]  # derived again after its eviction
+    assert len(users._keys) == 4
+    users.forget(aors[0])
+    assert aors[0] not in users.known()
+
+
 # --------------------------------------------------------------------------------- scanning, new AORs
 
 
