@@ -381,7 +381,7 @@ def add_commands(sub: Any) -> None:
     key.set_defaults(func=_cmd_user_key)
 
     for name, helptext, func in (
-        ("status", "show a running peer: ring neighbours, fingers, stored entries, counters", _cmd_status),
+        ("status", "show a running peer: ring (or OpenDHT node), stored entries, counters", _cmd_status),
         ("lookup", "look an AOR up through a running peer", _cmd_lookup),
     ):
         p = sub.add_parser(name, help=helptext)
