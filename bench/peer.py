@@ -19,10 +19,17 @@ sequential, paced at ``--rate`` per second. Target: p99 call setup through the 5
 Fair both ways (issue 19's rules): every system gets the same unmeasured warm-up (``WARMUP`` REGISTER+call
 pairs on their own AORs) once it is up (our ring consistent, Kamailio listening); each cell is repeated
 ``--repeat`` times with fresh peers, the repeats interleaved across systems, samples pooled and the
-per-repeat p99s shown as a spread; ``--maintenance`` sets the overlay's stabilize/fix-fingers period; the
+per-repeat p99s shown as a spread; the overlay's maintenance runs as ``p2psip start`` runs it (``--maintenance``
+sets one period for stabilize/fix-fingers, repair every 10 periods); the
 work directory is removed at the end (``--keep`` keeps it); the footer gives the date, load average, CPU
 model and steal time over the run.
 (sipp's own response-time trace is too coarse here — a few ms granularity — hence the Python client.)
+
+Where a warm call's time goes (issue 19, target 1), printed under the table per overlay size: the peers' CPU
+per call with the maintenance of an idle interval as long subtracted, and that maintenance's share of a
+core; CPU by stage from cProfile of a second warm pass (idle subtracted; ``--top N`` lists functions); the
+SIP messages in and out per call; and the latency by stage from a third pass, with timestamps where the
+INVITE and its 180 enter and leave the entry and the home peer (transport observers).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from interop.kamailio import MODULES, Kamailio  # noqa: E402
 from interop.sipp import uas  # noqa: E402
 
 from overlay.localring import quick_node_config, wait_until_consistent  # noqa: E402
+from overlay.node import NodeConfig  # noqa: E402
 from p2psip.config import HostPort, ListenSpec, PeerConfig  # noqa: E402
 from p2psip.peer import Peer  # noqa: E402
 from p2psip.ratelimit import UNLIMITED  # noqa: E402
@@ -207,11 +215,94 @@ def _print_top(profiled: cProfile.Profile, resting: cProfile.Profile, calls: int
     busy: dict[Any, Any] = pstats.Stats(profiled).stats  # type: ignore[attr-defined]
     idle: dict[Any, Any] = pstats.Stats(resting).stats  # type: ignore[attr-defined]
     own = {f: v[2] - idle.get(f, (0, 0, 0.0))[2] for f, v in busy.items()}
-    print(f"functions with the most own CPU per warm call (cProfile, idle subtracted, {calls} calls):")
+    cum = {f: v[3] - idle.get(f, (0, 0, 0.0, 0.0))[3] for f, v in busy.items()}
+    print(f"functions with the most own CPU per warm call (cProfile, idle subtracted, {calls} calls; "
+          "own us, calls, cumulative us):")  # fmt: skip
     for func, seconds in sorted(own.items(), key=lambda kv: -kv[1])[:TOP]:
         path, line, name = func
-        where = "/".join(path.split("/")[-2:])
+        where = "/".join(path.split("/")[-2:]) + f" {cum[func] * 1e6 / max(calls, 1):8.1f} us"
         print(f"  {seconds * 1e6 / max(calls, 1):8.1f} us  {busy[func][1] / max(calls, 1):6.1f} x  {where}:{line} {name}")
+
+
+#: the latency stages of the warm calls of each cell, in the order the cells ran
+TIMELINES: list[dict[str, list[float]]] = []
+
+
+class Timeline:
+    """Timestamps (``perf_counter``) of the INVITE and its 180 entering and leaving the entry peer and the
+    home peer (transport observers, so parse to serialise is inside a peer's stage), by Call-ID."""
+
+    STAGES = (
+        ("entry peer: INVITE in -> out", ("entry", "in", "INVITE"), ("entry", "out", "INVITE")),
+        ("entry -> home peer (loop, kernel)", ("entry", "out", "INVITE"), ("home", "in", "INVITE")),
+        ("home peer: INVITE in -> out", ("home", "in", "INVITE"), ("home", "out", "INVITE")),
+        ("callee: INVITE out -> 180 in (sipp)", ("home", "out", "INVITE"), ("home", "in", "180")),
+        ("home peer: 180 in -> out", ("home", "in", "180"), ("home", "out", "180")),
+        ("home -> entry peer (loop, kernel)", ("home", "out", "180"), ("entry", "in", "180")),
+        ("entry peer: 180 in -> out", ("entry", "in", "180"), ("entry", "out", "180")),
+    )
+
+    def __init__(self, entry: Peer, home: Peer) -> None:
+        self.events: dict[bytes, dict[tuple[str, str, str], float]] = {}
+        self.order: list[bytes] = []
+        self.observed: list[tuple[Peer, Any]] = []
+        for role, peer in (("entry", entry), ("home", home)):
+            observer = self._observer(role)
+            peer.stack.transport.add_observer(observer)
+            self.observed.append((peer, observer))
+
+    def _observer(self, role: str) -> Any:
+        clock = time.perf_counter
+        events = self.events
+
+        def observe(direction: str, data: bytes, _remote: Any) -> None:
+            at = clock()
+            first = data[: data.find(b" ", 8)]
+            kind = "INVITE" if first.startswith(b"INVITE") else "180" if first.endswith(b" 180") else None
+            if kind is None:
+                return
+            start = data.find(b"\r\nCall-ID: ")
+            if start < 0:
+                return
+            call_id = data[start + 11 : data.find(b"\r\n", start + 11)]
+            if call_id not in events:
+                events[call_id] = {}
+                self.order.append(call_id)
+            events[call_id].setdefault((role, direction, kind), at)
+
+        return observe
+
+    def close(self) -> None:
+        for peer, observer in self.observed:
+            peer.stack.transport.remove_observer(observer)
+
+    def stages(self, client_ms: list[float]) -> dict[str, list[float]]:
+        """ms per stage and call; "client, loopback" is what the client measured minus the peers' span."""
+        out: dict[str, list[float]] = {name: [] for name, _a, _b in self.STAGES}
+        out["client + loopback to/from the entry peer"] = []
+        for call_id, total in zip(self.order, client_ms, strict=False):
+            seen = self.events[call_id]
+            if not all(a in seen and b in seen for _n, a, b in self.STAGES):
+                continue
+            for name, a, b in self.STAGES:
+                out[name].append((seen[b] - seen[a]) * 1000)
+            span = seen[("entry", "out", "180")] - seen[("entry", "in", "INVITE")]
+            out["client + loopback to/from the entry peer"].append(total - span * 1000)
+        return out
+
+
+def timeline_lines(parts: list[dict[str, list[float]]]) -> list[str]:
+    """The latency stages pooled over the repeats: p50 and p99 per stage."""
+    pooled: dict[str, list[float]] = {}
+    for part in parts:
+        for name, values in part.items():
+            pooled.setdefault(name, []).extend(values)
+    calls = max((len(v) for v in pooled.values()), default=0)
+    out = [f"latency by stage of the warm calls (INVITE->180, {calls} calls, timestamps at the peers' sockets):"]
+    for name, values in pooled.items():
+        if values:
+            out.append(f"  {name:<44} p50 {Timings.pct(values, 50):6.3f} ms  p99 {Timings.pct(values, 99):6.3f} ms")
+    return out
 
 
 @dataclass
@@ -224,9 +315,14 @@ class Breakdown:
     cpu_ms_per_call: list[float] = field(default_factory=list)
     stages_ms: dict[str, list[float]] = field(default_factory=dict)
     counters: dict[str, list[float]] = field(default_factory=dict)
+    #: share of a core the peers' overlay maintenance took without calls, per run
+    maintenance: list[float] = field(default_factory=list)
 
-    def add(self, calls: int, cpu_s: float, stages: dict[str, float], counters: dict[str, float]) -> None:
+    def add(
+        self, calls: int, cpu_s: float, stages: dict[str, float], counters: dict[str, float], idle: float
+    ) -> None:
         self.calls += calls
+        self.maintenance.append(idle)
         self.cpu_ms_per_call.append(cpu_s * 1000 / calls)
         for stage, seconds in stages.items():
             self.stages_ms.setdefault(stage, []).append(seconds * 1000 / calls)
@@ -241,6 +337,8 @@ class Breakdown:
         total = sum(max(v) for v in self.stages_ms.values()) or 1.0
         out = [f"peers' CPU per warm call, overlay maintenance subtracted: {span(self.cpu_ms_per_call)} ms "
                f"(no profiler; {len(self.cpu_ms_per_call)} runs)",
+               f"the peers' overlay maintenance alone, no calls: {span([100 * m for m in self.maintenance], 1)} % "
+               "of a core (every peer in this one process and event loop; the calls queue behind it)",
                "by stage (cProfile, ms per call; shares of the profiled total):"]  # fmt: skip
         for stage, values in sorted(self.stages_ms.items(), key=lambda kv: -max(kv[1])):
             if max(values) >= 0.001:
@@ -319,12 +417,13 @@ def fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.2f}"
 
 
-WarmCpu = tuple[int, float, dict[str, float], dict[str, float]]
-"""The warm calls' count, the peers' CPU seconds for them (maintenance subtracted), CPU by stage, counters."""
+WarmCpu = tuple[int, float, dict[str, float], dict[str, float], float]
+"""The warm calls' count, the peers' CPU seconds for them (maintenance subtracted), CPU by stage, counters,
+and the share of a core the overlay's maintenance alone took meanwhile."""
 
 
 async def measure_overlay(
-    size: int, users: list[str], rate: float, workdir: Path, maintenance: float = 1.0
+    size: int, users: list[str], rate: float, workdir: Path, maintenance: float | None = None
 ) -> tuple[list[Timings], WarmCpu]:
     """:func:`overlay_rows` with the collector tuned as ``p2psip start`` tunes it (this process stands for
     the peers' processes; Kamailio runs as it is deployed too)."""
@@ -333,7 +432,7 @@ async def measure_overlay(
 
 
 async def overlay_rows(
-    size: int, users: list[str], rate: float, workdir: Path, maintenance: float = 1.0
+    size: int, users: list[str], rate: float, workdir: Path, maintenance: float | None = None
 ) -> tuple[list[Timings], WarmCpu]:
     """The overlay's row, then (same peers, same bindings) its calls with home routing off: straight from
     the peer the call enters at to the contact, instead of through the callee's home peer (docs/nat.md)."""
@@ -352,7 +451,7 @@ async def overlay_rows(
                 scan_rate=UNLIMITED,
             )
             peers.append(
-                await Peer.start(config, node_config=quick_node_config(interval=maintenance, rpc_timeout=1.0))
+                await Peer.start(config, node_config=_maintenance(maintenance))
             )
         await wait_until_consistent([p.node for p in peers], timeout=120)
         uas_port = free_port()
@@ -410,17 +509,18 @@ async def overlay_rows(
             counters = {k: v - before.get(k, 0) for k, v in _counters(peers).items()}
             idle = time.process_time()
             await asyncio.sleep(wall)  # the same interval without calls: overlay maintenance alone
-            cpu -= time.process_time() - idle
+            idle = time.process_time() - idle
+            cpu -= idle
             # The same warm calls again, profiled, and an idle interval as long, profiled: the difference
             # per stage is what the calls cost.
-            profiled = cProfile.Profile(time.process_time)
+            profiled = cProfile.Profile()
             profiled.enable()
             await timed_client(
                 "profiled warm pass", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}", users, rate,
                 registers=False,
             )  # fmt: skip
             profiled.disable()
-            resting = cProfile.Profile(time.process_time)
+            resting = cProfile.Profile()
             resting.enable()
             await asyncio.sleep(wall)
             resting.disable()
@@ -429,10 +529,28 @@ async def overlay_rows(
                 stages[stage] = stages.get(stage, 0.0) - seconds
             if TOP:
                 _print_top(profiled, resting, len(warm.invite_ms))
-            return [home, direct, single, quorum_t, warm], (len(warm.invite_ms), cpu, stages, counters)
+            # Once more with timestamps where the INVITE and the 180 enter and leave the two peers on the
+            # path (unprofiled): the latency by stage.
+            timeline = Timeline(entry=peers[-1], home=peers[0])
+            timed = await timed_client(
+                "timeline pass", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}", users, rate,
+                registers=False,
+            )  # fmt: skip
+            timeline.close()
+            TIMELINES.append(timeline.stages(timed.invite_ms))
+            return [home, direct, single, quorum_t, warm], (len(warm.invite_ms), cpu, stages, counters, idle / wall)
     finally:
         for peer in peers:
             await peer.close(leave=False)
+
+
+def _maintenance(period: float | None) -> NodeConfig:
+    """The overlay's maintenance as ``p2psip start`` runs it (``NodeConfig()``: stabilize every 1 s, fix
+    fingers and check the predecessor every 2 s, repair every 60 s), or every ``period`` seconds for all
+    of it and repair every 10 periods (``--maintenance``, the tests' quick ring)."""
+    if period is None:
+        return NodeConfig()
+    return quick_node_config(interval=period, rpc_timeout=1.0)
 
 
 def _counters(peers: list[Peer]) -> dict[str, float]:
@@ -473,8 +591,9 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=200, help="AORs registered and called per run")
     parser.add_argument("--rate", type=float, default=20.0, help="REGISTERs and calls per second")
     parser.add_argument(
-        "--maintenance", type=float, default=1.0,
-        help="overlay stabilize/fix-fingers period, s (default 1, as the published runs)",
+        "--maintenance", type=float, default=None,
+        help="overlay stabilize/fix-fingers period, s, repair every 10 periods (default: as p2psip start runs"
+        " the overlay: stabilize 1 s, fix fingers 2 s, repair 60 s; the runs before 2026-12-07 10:10 used 1)",
     )  # fmt: skip
     parser.add_argument(
         "--repeat", type=int, default=2, help="fresh runs of every cell, interleaved (default 2)"
@@ -485,7 +604,7 @@ def main() -> int:
     args = parser.parse_args()
     global TOP
     TOP = max(0, args.top)
-    if args.maintenance <= 0 or args.repeat < 1 or args.rate <= 0 or args.users < 1:
+    if (args.maintenance is not None and args.maintenance <= 0) or args.repeat < 1 or args.rate <= 0 or args.users < 1:
         print(
             "bench/peer.py: --maintenance and --rate must be > 0, --repeat and --users >= 1", file=sys.stderr
         )
@@ -499,8 +618,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     conditions = Conditions()
     print(
-        f"bench/peer.py: {len(users)} AORs at {args.rate:g}/s; overlays of {sizes}; maintenance every "
-        f"{args.maintenance:g} s; {args.repeat} repeats; work dir {root}",
+        f"bench/peer.py: {len(users)} AORs at {args.rate:g}/s; overlays of {sizes}; maintenance "
+        f"{'as p2psip start' if args.maintenance is None else f'every {args.maintenance:g} s'}; {args.repeat} repeats; work dir {root}",
         flush=True,
     )
     started = time.monotonic()
@@ -567,9 +686,10 @@ def main() -> int:
         s50, s99 = Timings.pct(single.invite_ms, 50), Timings.pct(single.invite_ms, 99)
         print(f"{home.system}: call setup with replica-set reads p50/p99 {fmt(q50)}/{fmt(q99)} ms, "
               f"with single-node reads {fmt(s50)}/{fmt(s99)} ms ({len(single.repeats)} runs each, alternating)")  # fmt: skip
-    for size in sizes:
+    for i, size in enumerate(sizes):
         print(f"\noverlay of {size}, warm calls:")
         print("\n".join(breakdowns[size].lines()))
+        print("\n".join(timeline_lines(TIMELINES[i :: len(sizes)])))
     biggest = measures[ROWS * len(sizes) - ROWS] if sizes else None
     if biggest is not None:
         p99 = Timings.pct(biggest.invite_ms, 99)
