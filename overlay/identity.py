@@ -372,6 +372,10 @@ def node_cert_problem(
 # --- caching verified facts --------------------------------------------------------------------------
 
 
+def _signature_fact(public_key: bytes, signature: bytes, data: bytes) -> tuple[str, bytes, bytes, bytes]:
+    return ("sig", public_key, signature, hashlib.sha256(data).digest())  # bounded memory per fact
+
+
 class VerifiedCache:
     """A bounded LRU set of facts already proven (e.g. "this key signed this nonce", "this key owns id N").
 
@@ -406,13 +410,18 @@ class VerifiedCache:
 
     def verify(self, public_key: bytes, signature: bytes, data: bytes) -> bool:
         """``identity.verify`` that remembers successes (failures are not cached: they are cheap to retry)."""
-        fact = ("sig", public_key, signature, hashlib.sha256(data).digest())  # bounded memory per fact
+        fact = _signature_fact(public_key, signature, data)
         if fact in self:
             return True
         ok = verify(public_key, signature, data)
         if ok:
             self.add(fact)
         return ok
+
+    def signed(self, public_key: bytes, signature: bytes, data: bytes) -> None:
+        """Record a signature this process just made with ``public_key``'s private half: it is valid, so
+        the node that wrote an entry and then stores or reads it back does not verify its own work."""
+        self.add(_signature_fact(public_key, signature, data))
 
     def owns_id(self, public_key: bytes, node_id: int) -> bool:
         """Whether ``public_key`` hashes to ``node_id`` (cached)."""

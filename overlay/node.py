@@ -1000,9 +1000,11 @@ class Node:
             lookup_id = core.start_lookup(key, self._loop.time())
             self._lookups[lookup_id] = fut
             self._drain()
+            timer = self._loop.call_later(self.config.op_timeout, _time_out, fut)
             try:
-                found = await asyncio.wait_for(fut, self.config.op_timeout)
+                found = await fut
             finally:
+                timer.cancel()
                 self._lookups.pop(lookup_id, None)
             self._count("lookup_hops", found[1])
             self.hop_histogram[found[1]] = self.hop_histogram.get(found[1], 0) + 1
@@ -1034,6 +1036,7 @@ class Node:
         self._seqs[slot] = seq
         cert = self._certs.get((ring_key, signer.public_key), b"")
         entry = Entry.create(signer, ring_key, entry_id, value, seq, lifetime, cert)
+        self.cache.signed(signer.public_key, entry.signature, entry.signed_bytes())  # verified once per hop
         if self.attach is not None:
             await self._relay("relay_store", {"entry": entry})
             return
@@ -1138,26 +1141,45 @@ class Node:
     async def _udp_call(
         self, target: NodeRef, mtype: str, body: dict[str, Any], *, deadline: float
     ) -> Message:
+        """One request over UDP, retransmitted with exponential backoff until a reply or ``deadline``.
+
+        The retransmissions run on one timer callback per attempt (``loop.call_at``) around the one future
+        the reply resolves: an ``asyncio.wait_for(shield(...))`` per attempt cost a waiter future, a shield
+        future and their callbacks on every RPC, a good part of a registration's CPU (issue 19)."""
         mid = self._new_id()
         data = self.codec.encode(Message(mtype, mid, self.me.id, self.me.ep, body))
-        fut: asyncio.Future[Message] = self._loop.create_future()
+        loop = self._loop
+        fut: asyncio.Future[Message] = loop.create_future()
         self._pending[mid] = _Pending(target.ep, target.id, future=fut)
-        timeout = self.config.rpc_timeout
-        try:
-            for attempt in range(self.config.rpc_retries + 1):
+        timeout, retries = self.config.rpc_timeout, self.config.rpc_retries
+        timer: asyncio.TimerHandle | None = None
+
+        def attempt(n: int) -> None:
+            nonlocal timer
+            if fut.done():
+                return
+            if n:
+                self._count("rpc_retransmissions")
+            wait = 0.0
+            if n <= retries:
                 self._sendto(data, target.ep)
-                wait = min(timeout * (2**attempt), deadline - self._loop.time())
-                if wait <= 0:
-                    break
-                try:
-                    return await asyncio.wait_for(asyncio.shield(fut), wait)
-                except TimeoutError:
-                    self._count("rpc_retransmissions")
+                wait = min(timeout * (2**n), deadline - loop.time())
+            if wait <= 0:
+                fut.set_exception(_RpcTimedOut())
+                return
+            timer = loop.call_at(loop.time() + wait, attempt, n + 1)
+
+        try:
+            attempt(0)
+            return await fut
+        except _RpcTimedOut:
             self._count("rpc_timeouts")
             self._node_failed(target.id)
-            raise TimeoutError(f"{mtype} to {short(target.id)} timed out")
+            raise TimeoutError(f"{mtype} to {short(target.id)} timed out") from None
         finally:
             self._pending.pop(mid, None)
+            if timer is not None:
+                timer.cancel()
 
     async def _tcp_call(
         self, target: NodeRef, mtype: str, body: dict[str, Any], *, timeout: float
@@ -1483,14 +1505,20 @@ class Node:
         """A storage request whose answer we wait for here (TCP, or this node's own client calls)."""
         fut: asyncio.Future[Message] = self._loop.create_future()
         self._waiting[token] = fut
+        timer: asyncio.TimerHandle | None = None
         try:
             if not self._storage_request(token, mtype, body, once=False, member=member):
                 return None
+            if fut.done():  # answered at once (a local fetch, a store without replicas)
+                return fut.result()
             # The core answers once its own Sends are settled, and every Send has a timeout.
-            return await asyncio.wait_for(fut, self.config.op_timeout)
+            timer = self._loop.call_later(self.config.op_timeout, _time_out, fut)
+            return await fut
         except TimeoutError:
             return None
         finally:
+            if timer is not None:
+                timer.cancel()
             self._waiting.pop(token, None)
 
     async def _local_call(self, mtype: str, body: dict[str, Any], *, deadline: float) -> Message:
@@ -1719,6 +1747,16 @@ class KeyAccess:
 
 
 UDP_RECEIVE_BUFFER = 1 << 20
+
+
+class _RpcTimedOut(Exception):
+    """Set on a UDP call's future when its last attempt went unanswered (never leaves ``_udp_call``)."""
+
+
+def _time_out(fut: asyncio.Future[Any]) -> None:
+    """The deadline timer of a future some coroutine awaits: TimeoutError, unless it was settled."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _grow_receive_buffer(udp: asyncio.DatagramTransport) -> None:

@@ -296,6 +296,12 @@ class Store:
         ``kept_items``, if given, receives the items that were new here."""
         kept = refused = 0
         for entry, remaining_ms in items:
+            have = self._by_key.get(entry.key, {}).get(entry.entry_id)
+            if have is not None and have.entry.seq >= entry.seq:
+                # a copy we hold already (periodic repair pushes the whole primary range every round):
+                # it could only be refused as stale, so its signature is not checked again, which cost a
+                # verification per stored entry per repair round once the cache had forgotten it
+                continue
             try:
                 self.put(entry, now, remaining_s=remaining_ms / 1000.0)
             except StoreRefused as exc:
