@@ -970,6 +970,8 @@ class Peer:
         """AOR -> (its REGISTER lock, how many hold or wait for it); only AORs in use are in it."""
         self._digest: dict[str, DigestServer] = {}
         self._checking: tuple[str, str, str] | None = None
+        self._accounts: dict[tuple[str, str], str] = {}  # (realm, user name) -> password: _account_index
+        self._accounts_stamp: tuple[int, int] | None = None
         self._delayed = 0
         self.throttle = FailureThrottle()
         """Digest failures per (source, AOR): growing delays (p2psip.ownership)."""
@@ -1265,17 +1267,29 @@ class Peer:
         return out
 
     def _password_lookup(self, realm: str) -> Callable[[str], str | None]:
+        """The digest password of ``username`` in ``realm``, in O(1): first the account whose REGISTER is
+        being checked right now (set just around the synchronous digest check: the config's ``[users]``
+        or a ``user add`` account, so two AORs sharing a user name each get their own password), else an
+        index of the config's accounts by (realm, user name), rebuilt when that table changes (a scan of
+        every account per REGISTER grew with the accounts, issue 19)."""
+
         def lookup(username: str) -> str | None:
-            for account in self.config.users.values():
-                if (account.realm or self.config.realm) == realm and account.username == username:
-                    return account.password
-            # A ``user add`` account, set just around the (synchronous) digest check of its REGISTER.
             expected = self._checking
             if expected is not None and expected[0] == username and expected[2] == realm:
                 return expected[1]
-            return None
+            return self._account_index().get((realm, username))
 
         return lookup
+
+    def _account_index(self) -> dict[tuple[str, str], str]:
+        users = self.config.users
+        stamp = (id(users), len(users))
+        if self._accounts_stamp != stamp:
+            index: dict[tuple[str, str], str] = {}
+            for account in users.values():
+                index.setdefault((account.realm or self.config.realm, account.username), account.password)
+            self._accounts, self._accounts_stamp = index, stamp
+        return self._accounts
 
     def _digest_for(self, realm: str) -> DigestServer:
         digest = self._digest.get(realm)

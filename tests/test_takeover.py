@@ -23,7 +23,7 @@ from peer_phone import Phone
 from overlay.identity import KeyPair
 from overlay.localring import quick_node_config
 from p2psip.auth import answer_challenge
-from p2psip.config import HostPort, ListenSpec, PeerConfig
+from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount
 from p2psip.inbox import load_key
 from p2psip.message import Request, Response, new_tag
 from p2psip.peer import USERS_DIR, Peer, UserKeys, add_account
@@ -166,16 +166,16 @@ async def test_the_claim_ends_with_the_bindings_and_the_key_goes_with_it(
 
 
 async def challenge_and_answer(
-    phone: Phone, peer: Peer, password: str, call_id: str
+    phone: Phone, peer: Peer, password: str, call_id: str, aor: str = ALICE, username: str = "alice"
 ) -> tuple[Response, float]:
     """REGISTER, answer the 401 with ``password``; returns (the final answer, seconds it took)."""
-    challenge = await phone.register(peer.sip_address(), aor=ALICE, call_id=call_id, cseq=1)
+    challenge = await phone.register(peer.sip_address(), aor=aor, call_id=call_id, cseq=1)
     assert challenge.status == 401
     request = Request.create(
-        "REGISTER", "sip:p2p.example", from_=f"<{ALICE}>;tag={new_tag()}", to=f"<{ALICE}>",
+        "REGISTER", "sip:p2p.example", from_=f"<{aor}>;tag={new_tag()}", to=f"<{aor}>",
         call_id=call_id, cseq=2, via=phone._via(), contact=f"<{phone.contact}>", headers=[("Expires", "300")],
     )  # fmt: skip
-    signed = answer_challenge(challenge, request, "alice", password)
+    signed = answer_challenge(challenge, request, username, password)
     started = time.monotonic()
     answer = await phone.request(signed, peer.sip_address(), timeout=30)
     return answer, time.monotonic() - started
@@ -206,6 +206,23 @@ async def test_user_add_account_and_guessing_costs_time(
     assert (await stranger.register(peer.sip_address(), aor=ALICE)).status == 401
     # the account's key is never swept
     assert peer.sweep_user_keys() == 0 and peer.users.path_for(ALICE).exists()
+
+
+async def test_accounts_sharing_a_user_name_each_need_their_own_password(
+    make_peer: PeerFactory, phones
+) -> None:
+    """The password lookup is by the account being checked (then an index by realm and user name), not
+    a scan of every account that took the first one with that user name."""
+    peer = await make_peer(
+        users={ALICE: UserAccount(ALICE, "alice-pw", "desk"), BOB: UserAccount(BOB, "bob-pw", "desk")}
+    )
+    alice, bob = await phones(), await phones("bob")
+    as_bob = {"aor": BOB, "username": "desk"}
+    assert (await challenge_and_answer(bob, peer, "bob-pw", "b1", **as_bob))[0].status == 200
+    assert (await challenge_and_answer(alice, peer, "alice-pw", "a1", username="desk"))[0].status == 200
+    assert (await challenge_and_answer(bob, peer, "alice-pw", "b2", **as_bob))[0].status == 401
+    lookup = peer._password_lookup(peer.config.realm)
+    assert lookup("desk") in ("alice-pw", "bob-pw") and lookup("nobody") is None
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
