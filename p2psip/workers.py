@@ -156,6 +156,9 @@ class Supervisor:
             code = 0
         except KeyboardInterrupt:
             code = 0
+        except ConfigError as exc:  # e.g. the port is taken: the parent says it, in one line
+            with contextlib.suppress(OSError):
+                os.write(report, (json.dumps({"error": str(exc)}) + "\n").encode())
         except BaseException:
             traceback.print_exc()
         finally:
@@ -231,10 +234,15 @@ class Supervisor:
             while len(ready) < self.workers:
                 if self._stopping or time.monotonic() > deadline:
                     raise ConfigError(f"only {len(ready)} of {self.workers} workers started")
-                if self._reap():
-                    raise ConfigError("a worker ended while starting (see its error above)")
                 self._wait(report_r, wake_r, 0.5)
-                for item in self._read_reports(report_r):
+                ended = self._reap()
+                reports = self._read_reports(report_r)  # after reaping: an ended worker's last words
+                errors = [str(item["error"]) for item in reports if "error" in item]
+                if errors:
+                    raise ConfigError(errors[0])
+                if ended:
+                    raise ConfigError("a worker ended while starting (see its error above)")
+                for item in reports:
                     who = item.get("ready")
                     addresses = item.get("addresses")
                     if isinstance(who, int) and isinstance(addresses, list):

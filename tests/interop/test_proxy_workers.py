@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -76,3 +79,26 @@ def test_a_killed_worker_loses_no_call(sipp_tool: str, workdir: Path) -> None:
     assert len(after) == 2 and killed[0] not in after, (workers, after, proxy.output())
     assert (result.successful, result.failed) == (calls, 0), f"{result}\nproxy output:\n{proxy.output()}"
     assert proxy.final_stats().get("worker_restarts") == 1, proxy.output()
+
+
+def test_a_taken_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A worker that cannot listen (the port is bound without SO_REUSEPORT by another program): the
+    parent says why in one line and exits 2."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        args = [
+            sys.executable,
+            "-m",
+            "p2psip.cli",
+            "proxy",
+            "--workers",
+            "2",
+            "--listen",
+            f"udp:127.0.0.1:{port}",
+        ]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and "Address already in use" in done.stderr, done.stderr
+    assert done.stdout == ""
