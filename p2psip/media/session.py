@@ -194,6 +194,7 @@ class MediaSession:
         self._rtt: float | None = None
         self.jitter = JitterBuffer()
         self._dtmf_sender = DtmfSender()
+        self._dtmf_pending = False  # digits queued on _dtmf_sender and not all sent yet
         self._dtmf_receiver = DtmfReceiver()
         self._dtmf_waiters: list[asyncio.Future[None]] = []
         self._digit_waiters: list[tuple[asyncio.Future[str], int]] = []
@@ -353,7 +354,9 @@ class MediaSession:
             self.errors.append(f"source failed: {error!r}")
             self._fail_source()
         try:
-            self._play_one()
+            frame = self.jitter.pop()  # inlined: this runs 50 times a second per call
+            if frame is not None:
+                self._play(frame)
         except Exception as error:  # a broken sink is dropped; the call goes on
             self.errors.append(f"sink failed: {error!r}")
             self.sink = None
@@ -377,9 +380,11 @@ class MediaSession:
         self._timestamp = (timestamp + self.samples_per_packet) & 0xFFFFFFFF
         if not self.send_enabled or self.remote is None or not self._io:
             return
-        if self.dtmf_payload_type is not None and self._dtmf_sender.busy:
-            event = self._dtmf_sender.tick(timestamp)
-            if not self._dtmf_sender.busy:
+        if self._dtmf_pending and self.dtmf_payload_type is not None:  # a flag: no property call per tick
+            sender = self._dtmf_sender
+            event = sender.tick(timestamp) if sender.busy else None
+            if not sender.busy:
+                self._dtmf_pending = False
                 self._finish_dtmf()
             if event is not None:
                 self._transmit(self.dtmf_payload_type, event.timestamp, event.payload, event.marker)
@@ -410,11 +415,6 @@ class MediaSession:
         self._packets_sent += 1
         self._octets_sent += len(payload)
         self._sent_since_report = True
-
-    def _play_one(self) -> None:
-        frame = self.jitter.pop()
-        if frame is not None:
-            self._play(frame)
 
     def _play(self, frame: Playout) -> None:
         if self.sink is None or not self.recv_enabled:
@@ -599,6 +599,7 @@ class MediaSession:
         self._dtmf_sender.duration = max(self.samples_per_packet, round(duration * self.codec.clock_rate))
         self._dtmf_sender.gap = round(gap * self.codec.clock_rate)
         self._dtmf_sender.queue(digits)
+        self._dtmf_pending = True
         future: asyncio.Future[None] = self._loop.create_future()
         self._dtmf_waiters.append(future)
         return future
