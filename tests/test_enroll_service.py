@@ -11,6 +11,8 @@ import signal
 import stat
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,17 @@ def test_enroll_through_the_service_as_processes(tmp_path: Path) -> None:
         node_key = node_identity(data_dir).public_key
         blob = (data_dir / "node.cert").read_bytes()
         assert node_cert_problem(ca_pub, blob, node_id_of(node_key), cert.not_before + 120) is None
+        # anything but a small POST /enroll: refused with a reason, the service unharmed
+        for path, data, code in (
+            ("/enroll", b"x" * 5000, 413),
+            ("/other", b"{}", 404),
+            ("/enroll", b"[", 400),
+        ):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(
+                    urllib.request.Request(url + path, data=data, method="POST"), timeout=10
+                )
+            assert refused.value.code == code and "error" in json.loads(refused.value.read())
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0 and "2 certificates issued, 1 refused" in out, out + err

@@ -166,6 +166,7 @@ async def _one_request(
     conn = h11.Connection(h11.SERVER)
     request: h11.Request | None = None
     body = b""
+    status, answer = 400, {"error": "no complete request"}
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -183,8 +184,6 @@ async def _one_request(
                 break
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             break
-    else:  # pragma: no cover - the loop only ends by break or return
-        return
     if request is not None and len(body) <= MAX_BODY:
         if request.method != b"POST" or request.target.split(b"?")[0] != b"/enroll":
             status, answer = 404, {"error": "POST /enroll is the only request served here"}
