@@ -15,8 +15,9 @@ the command runs). Kamailio: ``tm`` (bench/proxy.py's stateful config, 2 childre
 ``dialog`` module tracking every dialog (``dlg_manage``).
 
 What is measured: the proportional set size (PSS, /proc/PID/smaps_rollup) of the process and all its
-children, so Kamailio's shared memory is counted once however many workers map it; for our one process
-PSS is its RSS. Each measurement is after a warm-up (100 registrations or calls, not counted), as the
+children, anonymous and shared memory (``Pss_Anon + Pss_Shmem``): Kamailio's shared memory is counted once
+however many workers map it, and the file-backed pages of programs and libraries, which come and go with
+the machine's memory pressure, are left out; for our one process it is its anonymous RSS. Each measurement is after a warm-up (100 registrations or calls, not counted), as the
 difference between the plateau and the baseline just before, scaled to 10,000 registrations or 1,000
 calls. Registrations are read once the REGISTER transactions have ended (34 s after the last: an
 unreliable transport keeps a non-INVITE server transaction 32 s, RFC 3261 Timer J; Kamailio's registrar
@@ -60,14 +61,16 @@ SETTLE_S = 34.0  # RFC 3261 Timer J (64 * T1 = 32 s): a server transaction's las
 
 
 def pss_kb(pid: int) -> int:
-    """PSS of ``pid`` and its descendants in kB (Kamailio's shared memory counted once)."""
+    """Anonymous and shared-memory PSS of ``pid`` and its descendants in kB: the memory the data takes
+    (Kamailio's shared memory counted once however many workers map it), without the file-backed pages of
+    the program and its libraries, which the kernel drops and reads back as other processes need memory
+    (they made the plain PSS of a process drift by a megabyte or more on this shared machine)."""
     total = 0
     for one in [pid, *children_of(pid)]:
         try:
             for line in Path(f"/proc/{one}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
+                if line.startswith(("Pss_Anon:", "Pss_Shmem:")):
                     total += int(line.split()[1])
-                    break
         except OSError:
             continue
     return total
@@ -97,6 +100,8 @@ def _serve(conn: Connection, kind: str, workdir: str, profile: bool) -> None:
                 lines: list[str] = []
                 if profile and baseline:
                     diff = tracemalloc.take_snapshot().compare_to(baseline[0], "lineno")
+                    total = sum(stat.size_diff for stat in diff)
+                    lines.append(f"{total / 1024:10.1f} kB in all: Python objects allocated since the mark, live")
                     for stat in diff[:25]:
                         frame = stat.traceback[0]
                         where = f"{Path(frame.filename).relative_to(ROOT) if frame.filename.startswith(str(ROOT)) else frame.filename}:{frame.lineno}"
