@@ -279,15 +279,20 @@ class Proxy:
         and Proxy-Authorization. Finding it again under one of our own Vias (§16.3 step 4) means the
         request looped; a different key means it legitimately spiralled (e.g. it was retargeted)."""
         via = f"{previous_hop.sent_by};{previous_hop.branch}" if previous_hop is not None else ""
+        # The From and To values as they stand (their tags included): no proxy changes them, so they say
+        # the same as the tags and spare parsing From, which nothing else on this path reads. The two
+        # rarely present headers are looked for before their lists are built.
         parts = (
             str(request.uri),
-            request.to.tag or "",
-            request.from_.tag or "",
+            request.get("To") or "",
+            request.get("From") or "",
             request.call_id,
             str(request.cseq.number),
             via,
-            ",".join(request.get_all("Proxy-Require")),
-            ",".join(request.get_all("Proxy-Authorization")),
+            ",".join(request.get_all("Proxy-Require")) if request.get("Proxy-Require") is not None else "",
+            ",".join(request.get_all("Proxy-Authorization"))
+            if request.get("Proxy-Authorization") is not None
+            else "",
         )
         return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
 
