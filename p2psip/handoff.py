@@ -13,10 +13,10 @@ only, so every datagram that belongs to a transaction goes to the worker that ke
   the branches of its client transactions with :func:`branch_tag` (``.w3``).
 
 A datagram with no branch (RFC 2543), or whose owner is this worker, is handled where it arrived. When a
-worker dies, what is handed to it waits in its link socket (the parent holds it) until the parent has
-started it again; the new process knows none of the old one's transactions and handles those datagrams
-statelessly — a 2xx and an in-dialog request (routed by Record-Route to the shared address) go on, an
-INVITE retransmission starts a new transaction.
+worker dies, the parent marks it gone (a shared byte per worker) until its successor listens: meanwhile
+what it owned is handled where it arrives, statelessly where no transaction knows it — a 2xx and an
+in-dialog request (routed by Record-Route to the shared address) go on, an INVITE retransmission starts a
+new transaction. (The successor, like any worker, knows none of the old transactions either.)
 
 :func:`owner` is pure (bytes in, worker index out); :class:`HandoffLink` is the asyncio adapter over a
 loopback UDP socket per worker (:func:`open_links`).
@@ -66,6 +66,8 @@ def owner(data: bytes, workers: int) -> int | None:
 
 
 Deliver = Callable[[bytes, tuple[str, int]], None]
+Alive = Sequence[int]
+"""Per worker index, non-zero while that worker is listening (a shared memory map the parent keeps)."""
 
 
 def open_links(workers: int) -> list[socket.socket]:
@@ -99,14 +101,22 @@ class HandoffLink:
     ``handed_in``, ``handoff_refused`` (not from a worker)."""
 
     def __init__(
-        self, sock: socket.socket, index: int, addresses: Sequence[tuple[str, int]], deliver: Deliver
+        self,
+        sock: socket.socket,
+        index: int,
+        addresses: Sequence[tuple[str, int]],
+        deliver: Deliver,
+        alive: Alive | None = None,
     ) -> None:
         self.sock = sock
         self.index = index
         self.addresses = list(addresses)
         self.workers = len(self.addresses)
         self.deliver = deliver
-        self.stats: dict[str, int] = dict.fromkeys(("handed_off", "handed_in", "handoff_refused"), 0)
+        self.alive = alive
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("handed_off", "handed_in", "handoff_refused", "owner_gone"), 0
+        )
         self._peers = frozenset(self.addresses)
         self._loop = asyncio.get_running_loop()
         sock.setblocking(False)
@@ -116,6 +126,13 @@ class HandoffLink:
         """True when ``data`` (from ``addr``) was handed to another worker; False: handle it here."""
         index = owner(data, self.workers)
         if index is None or index == self.index:
+            return False
+        alive = self.alive
+        if alive is not None and not alive[index]:
+            # The owner died and its successor is not listening yet: it would know none of the old
+            # transactions anyway, and waiting for it would let this datagram (an ACK) fall behind the
+            # next one of the same call (its BYE, owned by a live worker).
+            self.stats["owner_gone"] += 1
             return False
         try:
             self.sock.sendto(f"{addr[0]} {addr[1]}".encode() + _SEP + data, self.addresses[index])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import select
 import signal
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 from p2psip.address import ListenSpec
 from p2psip.errors import ConfigError
-from p2psip.handoff import open_links
+from p2psip.handoff import Alive, open_links
 
 #: restarts allowed within a minute before the parent gives up (a worker that dies at start would loop)
 MAX_RESTARTS = 10
@@ -46,6 +47,8 @@ class WorkerSlot:
     index: int
     links: tuple[tuple[str, int], ...]
     link: socket.socket
+    alive: Alive | None = None
+    """Non-zero per worker index while that worker listens (shared with the parent, which keeps it)."""
 
     @property
     def workers(self) -> int:
@@ -124,6 +127,7 @@ class Supervisor:
         self.start_timeout = start_timeout
         self.pids: dict[int, int] = {}  # pid -> index
         self.links: list[socket.socket] = []
+        self.alive = memoryview(mmap.mmap(-1, workers))  # shared with the children: 1 = listening
         self.restarts: list[float] = []
         self.stats: dict[str, int] = {}
         self._stopping = False
@@ -146,7 +150,7 @@ class Supervisor:
             for sock in held:
                 sock.close()
             addresses = tuple((str(s.getsockname()[0]), int(s.getsockname()[1])) for s in links)
-            slot = WorkerSlot(index, addresses, links[index])
+            slot = WorkerSlot(index, addresses, links[index], self.alive)
 
             def ready(addresses: Sequence[str]) -> None:
                 os.write(report, (json.dumps({"ready": index, "addresses": list(addresses)}) + "\n").encode())
@@ -247,14 +251,19 @@ class Supervisor:
                     addresses = item.get("addresses")
                     if isinstance(who, int) and isinstance(addresses, list):
                         ready[who] = [str(a) for a in addresses]
+                        self.alive[who] = 1
             for sock in held:
                 sock.close()
             held = []
             announce(ready[0])
             while not self._stopping:
                 self._wait(report_r, wake_r, 5.0)
-                self._read_reports(report_r)
+                for item in self._read_reports(report_r):
+                    who = item.get("ready")
+                    if isinstance(who, int) and who in self.pids.values():
+                        self.alive[who] = 1  # a restarted worker listens again
                 for pid, index, status in self._reap():
+                    self.alive[index] = 0
                     if self._stopping:
                         break
                     self._restart(pid, index, status, listen, report_w)
