@@ -1672,6 +1672,8 @@ class Peer:
             outcome = await asyncio.wait_for(context.final, 40.0)
         except TimeoutError:
             outcome = "no answer"
+        if link.service != (host, port):
+            return  # the overlay moved to another attach peer meanwhile: this answer is about the old one
         if isinstance(outcome, str) or outcome.status >= 300:
             why = outcome if isinstance(outcome, str) else f"{outcome.status} {outcome.reason}"
             link.failed(loop.time(), f"REGISTER at the attach peer {host}:{port}: {why}")
