@@ -128,6 +128,9 @@ E_NOT_ATTACHED = 412
 """``err`` code of a relay from a node that has not attached (or that this peer forgot): attach first."""
 MAX_CLIENTS = 1024
 """Client peers one full peer relays for at most (the oldest attach is forgotten first)."""
+CLIENT_SILENCE = 4
+"""Keep-alive intervals (``attach_interval``) after which a silent client peer no longer counts as attached
+(three are missed before the client itself moves to a fallback)."""
 #: Per source (a verified ring member's NodeId, or a stranger's address:port). Generous: a member's
 #: normal traffic (replica fan-out, transfers, stabilize) stays far below; a flood costs its source only.
 DEFAULT_LIMITS: dict[str, Rate] = {
@@ -293,6 +296,9 @@ class Node:
         self._attach_ids: dict[Endpoint, int] = {}
         self._clients: OrderedDict[int, Endpoint] = OrderedDict()
         """Client peers attached to this full peer (NodeId -> the address their keep-alives come from)."""
+        self._client_seen: dict[int, float] = {}
+        """When each attached client peer's last keep-alive came (one silent for CLIENT_SILENCE keep-alive
+        intervals is no longer counted or vouched for as attached; a relay from it is still served)."""
         self.service: Endpoint | None = None
         """The application address this full peer names to its client peers in ``attach`` answers (set by
         the application: p2psip sets its SIP UDP address); None: names none."""
@@ -635,8 +641,10 @@ class Node:
                 return
             self._clients[msg.src] = addr
             self._clients.move_to_end(msg.src)
+            self._client_seen[msg.src] = self._loop.time()
             while len(self._clients) > MAX_CLIENTS:
-                self._clients.popitem(last=False)
+                gone, _ = self._clients.popitem(last=False)
+                self._client_seen.pop(gone, None)
             self._count("attach_served")
             answer: dict[str, Any] = {"seen": addr, "nodes": list(self.core.successors)}
             if self.service is not None:
@@ -654,7 +662,11 @@ class Node:
         return self.attach.peer, self._attach_ids.get(self.attach.peer)
 
     def attached_client(self, node_id: int) -> Endpoint | None:
-        """Where an attached client peer's keep-alives come from (None: no such client attached here)."""
+        """Where an attached client peer's keep-alives come from (None: no such client attached here, or
+        silent for :data:`CLIENT_SILENCE` keep-alive intervals)."""
+        seen = self._client_seen.get(node_id)
+        if seen is None or self._loop.time() - seen > CLIENT_SILENCE * self.config.attach_interval:
+            return None
         return self._clients.get(node_id)
 
     async def _relay_answer(self, msg: Message) -> tuple[str, dict[str, Any]]:
@@ -979,7 +991,7 @@ class Node:
             out["predecessor"] = short(pred.id) if pred else None
         out["reach"] = self.reach.as_dict() if self.reach else None
         out["attach"] = self.attach.as_dict() if self.attach else None
-        out["clients"] = len(self._clients)
+        out["clients"] = sum(1 for c in self._clients if self.attached_client(c) is not None)
         out["dropped"] = sum(v for k, v in self._stats.items() if k.startswith("dropped_"))
         out["hops"] = {str(h): n for h, n in sorted(self.hop_histogram.items())}
         # Per node: reads its answer lost (it hid or served an older entry), wrong routing answers.

@@ -317,7 +317,10 @@ async def test_the_binding_recovers_when_the_attach_peer_or_the_client_peer_dies
         assert call.answered, call.statuses
 
         # the client peer dies and comes back (same data dir: same user key); the phone registers again
+        assert second.status()["clients"]["overlay"] == 1
         await client.close(leave=False)
+        # silent for four keep-alive intervals: no longer counted as attached
+        await until(lambda: second.status()["clients"]["overlay"] == 0, 10, "the dead client still counted")
         again = await make_peer(second, client=True, data_dir=client_dir)
         await client_ready(again)
         assert (await bob.register(again.sip_address(), call_id="again")).status == 200
