@@ -160,7 +160,7 @@ async def serve_proxy(
             worker.link, worker.index, worker.links, stack.transport.receive_datagram, worker.alive
         )
         stack.branch_tag = branch_tag(worker.index)
-        stack.transport.divert = link.divert
+        stack.transport.divert = link
     try:
         with busy_proxy_gc():
             await until_stopped((lambda: ready(stack)) if ready is not None else None, stop)

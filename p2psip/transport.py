@@ -38,7 +38,7 @@ import ssl
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import NamedTuple, Protocol, cast
 
 from p2psip import __version__
 from p2psip.address import (
@@ -225,6 +225,18 @@ socket; ``remote`` is the other side (its ``transport`` names the protocol). See
 :meth:`TransportLayer.add_observer`."""
 
 
+class Diverter(Protocol):
+    """Takes the UDP datagrams that belong elsewhere before they are parsed (``p2psip.handoff``)."""
+
+    def divert(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
+        """True when ``data`` from ``addr`` was taken (not to be processed here)."""
+        ...
+
+    def flush(self) -> None:
+        """Send what was taken during the burst of datagrams just read."""
+        ...
+
+
 class _UDPSocket:
     """One UDP listening socket, read straight from the loop's selector (``add_reader``).
 
@@ -244,19 +256,24 @@ class _UDPSocket:
     def _readable(self) -> None:
         recvfrom = self.sock.recvfrom
         on_datagram = self.layer._on_datagram
-        divert = self.layer.divert
-        for _ in range(self.BURST):
-            try:
-                data, addr = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                # An ICMP error for an earlier sendto (port unreachable...): count it, keep listening.
-                self.layer.stats["send_errors"] += 1
-                continue
-            if divert is not None and divert(data, addr):
-                continue
-            on_datagram(data, addr, self)
+        diverter = self.layer.divert
+        divert = diverter.divert if diverter is not None else None
+        try:
+            for _ in range(self.BURST):
+                try:
+                    data, addr = recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    # An ICMP error for an earlier sendto (port unreachable...): count it, keep listening.
+                    self.layer.stats["send_errors"] += 1
+                    continue
+                if divert is not None and divert(data, addr):
+                    continue
+                on_datagram(data, addr, self)
+        finally:
+            if diverter is not None:
+                diverter.flush()  # what the burst handed elsewhere goes out together
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -583,9 +600,9 @@ class TransportLayer:
         """Called with the STUN messages that are not binding requests (answers to our keep-alives)."""
         self.on_flow_failed: Callable[[Failed], None] | None = None
         """Called when a flow of :attr:`flows` failed because its connection ended."""
-        self.divert: Callable[[bytes, tuple[str | int, ...]], bool] | None = None
+        self.divert: Diverter | None = None
         """Asked first for every UDP datagram: True means it was handed elsewhere (the worker process
-        that owns it, :mod:`p2psip.handoff`) and is not processed here."""
+        that owns it, :mod:`p2psip.handoff`) and is not processed here; flushed after each burst."""
         self.reuse_port = False
         """Open UDP listeners with ``SO_REUSEPORT``, so the workers of one proxy share a port."""
 

@@ -69,3 +69,14 @@ def test_nothing_to_go_by_means_here() -> None:
     # RFC 2543: no branch at all; and no Via (garbage: the parser of whoever handles it drops it)
     no_branch = b"OPTIONS sip:h SIP/2.0\r\nVia: SIP/2.0/UDP h\r\nCall-ID: x\r\n\r\n"
     assert [owner(d, 4) for d in (plain, beyond, no_branch, b"\r\n\r\n", b"")] == [None] * 5
+
+
+def test_records_of_a_batch_come_back_in_order_with_their_sources() -> None:
+    from p2psip.handoff import _records
+
+    one, two = b"SIP/2.0 200 OK\r\n\r\n", b"BYE sip:b@h SIP/2.0\r\nX: a b\nc\r\n\r\n"
+    packet = b"127.0.0.1 5060 %d\n%s::1 40000 %d\n%s" % (len(one), one, len(two), two)
+    assert _records(packet) == [(one, ("127.0.0.1", 5060)), (two, ("::1", 40000))]
+    # a cut or garbled tail loses only itself
+    assert _records(packet + b"10.0.0.1 1 999\nshort") == _records(packet)
+    assert _records(b"garbage\n" + packet) == []
