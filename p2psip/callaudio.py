@@ -33,6 +33,7 @@ from p2psip.media.sources import AudioSink, AudioSource
 from p2psip.message import Request, Response
 from p2psip.stack import Stack, Target
 from p2psip.transaction import ServerTransaction
+from p2psip.turngrant import TurnGrant
 from p2psip.uri import URI
 
 __all__ = ["AudioOfferAnswer", "OfferAnswer", "Play", "Record", "home_stun", "ice_by_default"]
@@ -110,9 +111,14 @@ def _media_address(stack: Stack, transport: str, toward: str) -> str:
         return stack.local_address("udp", toward)[0]
 
 
-def ice_by_default(media_options: dict[str, Any] | None, stun: Target | None) -> dict[str, Any] | None:
-    """``media_options`` with ICE turned on (STUN: ``stun``) when they do not say ``"ice"`` and a STUN
-    server is known to answer (``stun``: the UA's home peer, ``UserAgent.stun_server``).
+def ice_by_default(
+    media_options: dict[str, Any] | None, stun: Target | None, turn: TurnGrant | None = None
+) -> dict[str, Any] | None:
+    """``media_options`` with ICE turned on (STUN: ``stun``; TURN: ``turn``) when they do not say ``"ice"``
+    and a STUN server is known to answer (``stun``: the UA's home peer, ``UserAgent.stun_server``) or the
+    home peer granted TURN credentials (``turn``: ``UserAgent.turn_grant``, from the 200 to our REGISTER,
+    :mod:`p2psip.turngrant`): the call then gathers a relayed candidate on the home peer too, for the
+    far ends no direct path reaches (docs/nat.md, "Relayed candidates by default").
 
     Why on by default there: a UA registered through its home peer is typically behind a NAT, where an
     offer without ICE names a private address; with ICE the far end can reach us through our mapping
@@ -121,9 +127,14 @@ def ice_by_default(media_options: dict[str, Any] | None, stun: Target | None) ->
     Why not always: without a STUN server that answers, gathering waits for its timeout on every call
     and adds nothing a host candidate does not. ``media_options={"ice": None}`` turns it off for a call;
     ``{"ice": IceSettings(...)}`` (TURN credentials, relay only) is kept as given."""
-    if stun is None or (media_options is not None and "ice" in media_options):
+    if (stun is None and turn is None) or (media_options is not None and "ice" in media_options):
         return media_options
-    return {**(media_options or {}), "ice": IceSettings(stun=(stun.host, stun.port))}
+    settings = IceSettings(stun=(stun.host, stun.port) if stun is not None else None)
+    if turn is not None:
+        settings = dataclasses.replace(
+            settings, turn=(turn.host, turn.port), turn_username=turn.username, turn_password=turn.password
+        )
+    return {**(media_options or {}), "ice": settings}
 
 
 def home_stun(media_options: dict[str, Any] | None, outbound: Target | None) -> dict[str, Any] | None:

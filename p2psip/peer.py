@@ -65,7 +65,15 @@ from overlay.node import KeyAccess, Node, NodeConfig
 from overlay.opendht_directory import VALUE_LIFETIME_S, OpenDhtDirectory
 from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
 from p2psip import control
-from p2psip.address import RELIABLE, Target, bracket, format_hostport, is_ip_literal, numeric_host
+from p2psip.address import (
+    RELIABLE,
+    Target,
+    bracket,
+    format_hostport,
+    is_ip_literal,
+    is_wildcard,
+    numeric_host,
+)
 from p2psip.auth import DigestServer
 from p2psip.clientpeer import (
     CLIENT_DOMAIN,
@@ -126,7 +134,8 @@ from p2psip.streamguard import StreamLimits
 from p2psip.trace import SipTrace, stamp
 from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
 from p2psip.transport import TLSConfig
-from p2psip.turn import TurnLimits
+from p2psip.turn import TurnLimits, issue_credentials
+from p2psip.turngrant import TURN_HEADER, TurnGrant
 from p2psip.turnserver import TurnServer
 from p2psip.uri import URI, Address
 
@@ -394,6 +403,11 @@ PEER_WRITE_QUORUM = 2
 """Copies of a binding the overlay must acknowledge before a REGISTER gets its 200 (else 503)."""
 FLOW_SECRET = "flow-token.key"
 TURN_SECRET = "turn.key"
+TURN_CREDENTIAL_TTL = 86400.0
+"""How long the TURN credentials in a REGISTER's 200 stay valid (coturn's REST-API default): far longer
+than the re-REGISTER interval that renews them, so a call's allocation can refresh its lifetime with them
+for up to a day; a leaked credential still dies on its own, and its allocations count against one user's
+quota (docs/security.md)."""
 
 
 def flow_secret(data_dir: Path, name: str = FLOW_SECRET) -> bytes | None:
@@ -1464,7 +1478,25 @@ class Peer:
             # RFC 5626 §6: the registrar supports outbound; §5.4: how often the phone must keep alive.
             response.add("Require", "outbound")
             response.add("Flow-Timer", str(self.config.flow_timer))
+        grant = self._turn_grant(aor, source, now) if authenticated and plan.writes else None
+        if grant is not None:
+            response.add(TURN_HEADER, grant.header(now))
         return response
+
+    def _turn_grant(self, aor: str, source: Source, now: float) -> TurnGrant | None:
+        """Time-limited credentials for our TURN server, for a UA whose REGISTER passed digest auth
+        (docs/nat.md, "Relayed candidates by default"; docs/security.md: an unauthenticated registrant
+        would make the relay anyone's). None without a TURN server, or when it listens on a wildcard
+        address and the SIP side does too (no address to name)."""
+        if self.turn is None:
+            return None
+        host, port = self.turn.address
+        if is_wildcard(host):
+            host = self.stack.local_address("udp", toward=source.host)[0]
+            if is_wildcard(host):
+                return None
+        username, password = issue_credentials(self.turn.core.secret, aor, now, TURN_CREDENTIAL_TTL)
+        return TurnGrant(host, port, username, password, now + TURN_CREDENTIAL_TTL)
 
     # ------------------------------------------------------------------------ home peer: RFC 5626 flows
 

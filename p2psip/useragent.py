@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -34,6 +35,7 @@ from p2psip.sipfrag import FragStatus
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import ClientTransaction, InviteClientTransaction, ServerTransaction, Transaction
 from p2psip.transfer import check_replaces, receive_refer
+from p2psip.turngrant import TURN_HEADER, TurnGrant
 from p2psip.uaevents import EventsAgent, IncomingSubscription, Notification, OutgoingSubscription
 from p2psip.uri import URI, Address
 
@@ -43,6 +45,8 @@ log = logging.getLogger("p2psip.useragent")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, INFO, UPDATE, SUBSCRIBE, NOTIFY, REFER"
 SUPPORTED = "replaces, norefersub"
+TURN_MARGIN = 60.0
+"""A TURN grant this close to its expiry is not used for a new call (its allocation would be refused)."""
 
 
 class _Pending:
@@ -297,7 +301,8 @@ class IncomingCall(Call):
         """Answer with audio: ``200 OK`` with our SDP answer, playing ``play`` (a WAV path or a source) and
         recording to ``record`` (a WAV path or a sink). Bad or unusable SDP: 488 and CallFailed."""
         # ICE by default with a home peer that answers STUN; our home peer is the STUN server
-        options = home_stun(ice_by_default(media_options, self.ua.stun_server), self.ua.outbound)
+        ua = self.ua
+        options = home_stun(ice_by_default(media_options, ua.stun_server, ua.turn_grant), ua.outbound)
         return await self.ua.offer_answer.accept(
             self, play=play, record=record, media=media, media_options=options
         )
@@ -372,6 +377,8 @@ class _Registration:
         """The registrar's 200 said ``Require: outbound``: it is our edge proxy for RFC 5626 (and answers
         STUN on its UDP port, §8)."""
         self.mapped: tuple[str, int] | None = None
+        self.turn: TurnGrant | None = None
+        """TURN credentials the registrar's last 200 granted (``P-P2PSIP-TURN``, :mod:`p2psip.turngrant`)."""
 
 
 class UserAgent:
@@ -689,7 +696,7 @@ class UserAgent:
                 media=media,
                 headers=headers,
                 timeout=timeout,
-                media_options=ice_by_default(media_options, self.stun_server),
+                media_options=ice_by_default(media_options, self.stun_server, self.turn_grant),
                 on_provisional=on_provisional,
             )
         call = self.invite(
@@ -747,6 +754,8 @@ class UserAgent:
                 reg.keepalive.cancel()
             return response
         reg.outbound_confirmed = "outbound" in _tokens(response.get_all("Require"))
+        granted_turn = response.get(TURN_HEADER)
+        reg.turn = TurnGrant.parse(granted_turn, time.time()) if granted_turn is not None else None
         self._keep_alive(reg, response)
         granted = _granted_expires(response, reg.contact, expires)
         reg.expires = granted
@@ -854,6 +863,16 @@ class UserAgent:
             if reg.outbound_confirmed and reg.target.transport == "udp":
                 return reg.target
         return None
+
+    @property
+    def turn_grant(self) -> TurnGrant | None:
+        """The TURN server and credentials our home peer granted in the 200 to our REGISTER (only to one
+        that passed digest auth, docs/nat.md), while they stay valid for a minute more; each re-REGISTER
+        brings fresh ones. Calls then gather a relayed candidate on that peer by default."""
+        now = time.time()
+        grants = [reg.turn for reg in self._registrations.values() if reg.turn is not None]
+        valid = [grant for grant in grants if grant.until > now + TURN_MARGIN]
+        return max(valid, key=lambda grant: grant.until) if valid else None
 
     def _keep_alive(self, reg: _Registration, response: Response) -> None:
         """After an outbound REGISTER's 200: keep its flow alive at the registrar's Flow-Timer (§4.4)."""
