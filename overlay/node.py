@@ -120,6 +120,7 @@ _KIND_OF = {
     "probe": "join",
     "reach": "join",
     "attach": "join",
+    "detach": "join",
     "relay_store": "store",
     "relay_fetch": "lookup",
 }
@@ -594,6 +595,23 @@ class Node:
                 await self._send_attach(self._loop.time())
             await asyncio.sleep(max(0.05, st.next_due - self._loop.time()))
 
+    async def _detach(self) -> None:
+        """A client peer that stops tells its attach peer, which forgets it at once (instead of counting it
+        attached for :data:`CLIENT_SILENCE` keep-alive intervals more). One try, bounded: a stop must not
+        hang on an attach peer that is gone."""
+        st = self.attach
+        assert st is not None
+        peer_id = self._attach_ids.get(st.peer)
+        if peer_id is None:
+            return
+        deadline = self._loop.time() + self.config.rpc_timeout * 2
+        try:
+            reply = await self._udp_call(NodeRef(peer_id, *st.peer), "detach", {}, deadline=deadline)
+        except (OverlayError, TimeoutError):
+            self._count("detach_unanswered")
+            return
+        self._count("detached" if reply.type == "ok" else "detach_refused")
+
     async def _relay(self, mtype: str, body: dict[str, Any]) -> Message:
         """A client peer's store or read, performed by its attach peer (a fallback when it fails)."""
         st = self.attach
@@ -650,6 +668,17 @@ class Node:
             if self.service is not None:
                 answer["service"] = self.service
             self._reply(msg.id, addr, "ok", answer)
+            return
+        if msg.type == "detach":
+            # only from where that client's keep-alives come from: a stranger cannot detach somebody else
+            if self._clients.get(msg.src) != addr:
+                self._count("detach_refused")
+                self._reply(msg.id, addr, "err", {"code": E_NOT_ATTACHED, "reason": "not-attached"})
+                return
+            del self._clients[msg.src]
+            self._client_seen.pop(msg.src, None)
+            self._count("detach_served")
+            self._reply(msg.id, addr, "ok", {})
             return
         rtype, body = await self._relay_answer(msg)
         self._reply(msg.id, addr, rtype, body)
@@ -730,6 +759,8 @@ class Node:
         """Hand our entries to our successors, tell our neighbours, and close. Idempotent. Returns how
         many entries the successor acknowledged (0 for a lone node: nobody to hand them to)."""
         if self._closed or self.core is None:
+            if self.attach is not None and not self._closed:
+                await self._detach()
             await self.close()
             return 0
         if not self._left:
@@ -1288,7 +1319,7 @@ class Node:
             if self._admit(msg, ("addr", addr)):
                 self._spawn(self._serve_probe(msg, addr))
             return
-        if msg.type == "attach" or msg.type in RELAYS:
+        if msg.type in ("attach", "detach") or msg.type in RELAYS:
             # Client peers too are exempt from the endpoint check: behind a NAT their envelope holds the
             # address they learned (or a dead advertised one); answers go where the request came from.
             if self._admit(msg, ("addr", addr)):

@@ -98,9 +98,12 @@ REACH_REPLY_FIELDS: dict[str, str] = {
 # Client peers (docs/nat.md, overlay.attach): a node nobody reaches keeps a flow to a full peer with
 # ``attach`` keep-alives (answered with ``seen`` and the attach peer's successors, ``nodes``, as fallbacks)
 # and has it store and read for it. ``relay_store`` carries an entry signed by its writer (the replicas check
-# it as always); ``relay_fetch`` answers with the live entries under ``key``.
+# it as always); ``relay_fetch`` answers with the live entries under ``key``. ``detach``: a client peer that
+# stops says so, and its attach peer forgets it at once (no fields: who is the envelope's NodeId, heeded only
+# from the address that client's keep-alives come from).
 ATTACH_MESSAGES: dict[str, Schema] = {
     "attach": {"cert": "cert?"},
+    "detach": {},
     "relay_store": {"entry": "entry"},
     "relay_fetch": {"key": "id"},
 }

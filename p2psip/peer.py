@@ -1153,6 +1153,12 @@ class Peer:
     async def close(self, *, leave: bool = True) -> None:
         if self._closed:
             return
+        link = self.client_link
+        if leave and link is not None and link.ready and link.service is not None:
+            # a client peer that stops un-REGISTERs its flow, so the attach peer forgets it at once (the
+            # overlay's ``detach`` follows in leave()); bounded: the attach peer may be gone already
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._register_at_attach_peer(link, expires=0), 2.0)
         self._closed = True
         if self.web is not None:
             await self.web.close()
@@ -1675,7 +1681,8 @@ class Peer:
                     self.core.spawn(self._client_keepalive(link))
             await asyncio.sleep(min(0.5, max(0.05, link.next_check(loop.time()) - loop.time())))
 
-    async def _register_at_attach_peer(self, link: ClientLink) -> None:
+    async def _register_at_attach_peer(self, link: ClientLink, *, expires: int = REGISTER_EXPIRES) -> None:
+        """REGISTER our flow at the attach peer (``expires=0``: un-REGISTER it, on a graceful stop)."""
         assert link.service is not None
         host, port = link.service
         node_id = self.node.node_id
@@ -1688,7 +1695,7 @@ class Peer:
             call_id=self._client_call_id, cseq=self._client_cseq,
             headers=[
                 ("Contact", f'<{here}>;+sip.instance="{client_instance(node_id)}";reg-id=1'),
-                ("Expires", str(REGISTER_EXPIRES)),
+                ("Expires", str(expires)),
                 ("Supported", "path, outbound"),
             ],
         )  # fmt: skip
@@ -1706,6 +1713,11 @@ class Peer:
             outcome = "no answer"
         if link.service != (host, port):
             return  # the overlay moved to another attach peer meanwhile: this answer is about the old one
+        if expires == 0:
+            if not isinstance(outcome, str) and outcome.status < 300:
+                link.path = None  # the flow is no more: nothing is reached through it
+                self._event("client", f"client peer flow to {host}:{port} un-REGISTERed")
+            return
         if isinstance(outcome, str) or outcome.status >= 300:
             why = outcome if isinstance(outcome, str) else f"{outcome.status} {outcome.reason}"
             link.failed(loop.time(), f"REGISTER at the attach peer {host}:{port}: {why}")

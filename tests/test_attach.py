@@ -110,6 +110,11 @@ async def test_garbage_and_strangers_relays_are_dropped_counted_or_refused() -> 
             reply = codec.decode(await asyncio.wait_for(loop.sock_recv(sock, 65536), 5.0))
             assert reply.type == "err" and reply.body["reason"] == "not-attached"
             assert node.stats()["dropped"] >= 1 and node.stats()["relay_refused"] == 1
+            # a detach for a node that is not attached here (or from elsewhere than its keep-alives): refused
+            sock.sendto(codec.encode(Message("detach", 7, 2, ("127.0.0.1", 1), {})), node.endpoint)
+            reply = codec.decode(await asyncio.wait_for(loop.sock_recv(sock, 65536), 5.0))
+            assert reply.type == "err" and reply.body["reason"] == "not-attached"
+            assert node.stats()["detach_refused"] == 1
         finally:
             sock.close()
 
@@ -150,6 +155,39 @@ async def test_a_forced_client_peer_stores_and_reads_through_its_attach_peer() -
             assert ring[0].stats()["relay_stored"] >= 2 and ring[0].stats()["clients"] == 1
             await asyncio.sleep(FAST.chord.stabilize_interval * 3)  # let maintenance run a few rounds
             assert not any(_in_routing(n, client.node_id) for n in ring)  # no ring responsibility
+        finally:
+            await client.close()
+
+
+async def test_a_client_peer_that_leaves_detaches_at_once() -> None:
+    """A graceful stop tells the attach peer (``detach``): it forgets the client at once, not after
+    CLIENT_SILENCE keep-alive intervals (here 4 x 30 s)."""
+    slow = replace(FAST, attach_interval=30.0)
+    async with started_ring(2, overlay_name=OVERLAY, config=slow) as ring:
+        client = await Node.start(
+            bind=("127.0.0.1", 0), join=ring[0].endpoint, overlay_name=OVERLAY,
+            config=replace(slow, client=True),
+        )  # fmt: skip
+        try:
+            assert ring[0].stats()["clients"] == 1 and ring[0].attached_client(client.node_id) is not None
+            # a stranger claiming the client's NodeId from another address cannot detach it
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            try:
+                codec = Codec(OVERLAY)
+                from overlay.wire import Message
+
+                forged = Message("detach", 9, client.node_id, client.endpoint, {})
+                sock.sendto(codec.encode(forged), ring[0].endpoint)
+                loop = asyncio.get_running_loop()
+                reply = codec.decode(await asyncio.wait_for(loop.sock_recv(sock, 65536), 5.0))
+                assert reply.type == "err" and ring[0].stats()["clients"] == 1
+            finally:
+                sock.close()
+            await client.leave()
+            assert client.stats()["detached"] == 1
+            assert ring[0].stats()["clients"] == 0 and ring[0].stats()["detach_served"] == 1
+            assert ring[0].attached_client(client.node_id) is None
         finally:
             await client.close()
 

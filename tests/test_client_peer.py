@@ -171,9 +171,15 @@ PeerFactory = Callable[..., Awaitable[Peer]]
 async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
     started: list[Peer] = []
     counter = iter(range(1000))
-    node_config = dataclasses.replace(quick_node_config(), attach_interval=0.3)
+    node_config = quick_node_config()
 
-    async def make(join: Peer | None = None, *, data_dir: Path | None = None, **settings: object) -> Peer:
+    async def make(
+        join: Peer | None = None,
+        *,
+        data_dir: Path | None = None,
+        attach_interval: float = 0.3,
+        **settings: object,
+    ) -> Peer:
         config = PeerConfig(
             listen=[ListenSpec("udp", "127.0.0.1", 0)],
             overlay=HostPort("127.0.0.1", 0),
@@ -183,7 +189,11 @@ async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
         )
         for key, value in settings.items():
             setattr(config, key, value)
-        peer = await Peer.start(config, node_config=node_config, stack_options={"timers": FAST_TIMERS})
+        peer = await Peer.start(
+            config,
+            node_config=dataclasses.replace(node_config, attach_interval=attach_interval),
+            stack_options={"timers": FAST_TIMERS},
+        )
         started.append(peer)
         return peer
 
@@ -329,6 +339,29 @@ async def test_the_binding_recovers_when_the_attach_peer_or_the_client_peer_dies
     finally:
         bob.close()
         alice.close()
+
+
+async def test_a_client_peer_that_stops_tells_its_attach_peer_at_once(make_peer: PeerFactory) -> None:
+    """A graceful stop un-REGISTERs the client's SIP flow (Expires: 0) and detaches in the overlay: the
+    attach peer drops the flow and the client at once, long before its timers would (keep-alives every
+    30 s here, so silence would take 120 s; the flow timer is 120 s)."""
+    first = await make_peer(attach_interval=30.0)
+    client = await make_peer(first, client=True, attach_interval=30.0)
+    await client_ready(client)
+    await until(lambda: first.status()["clients"]["sip"] != [], 5, "the attach peer lists its client")
+    assert first.status()["clients"]["overlay"] == 1
+    assert first.config.flow_timer >= 30
+    assert sum(f["bindings"] for f in first.flows.snapshot(0.0)) == 1  # type: ignore[misc]
+    started = time.monotonic()
+    await client.close(leave=True)  # what SIGTERM does
+    await until(
+        lambda: first.status()["clients"] == {"overlay": 0, "sip": []}, 5, "the attach peer still counts it"
+    )
+    assert time.monotonic() - started < 10
+    assert sum(f["bindings"] for f in first.flows.snapshot(0.0)) == 0  # type: ignore[misc]
+    assert first.counters["client_registers"] == 2  # the REGISTER, then the one with Expires: 0
+    assert first.node.stats()["detach_served"] == 1 and client.node.stats()["detached"] == 1
+    _print_status(first.status())
 
 
 async def test_a_client_register_from_a_stranger_is_refused(make_peer: PeerFactory) -> None:
