@@ -49,3 +49,8 @@ class WrongOverlay(NotJoined):
 class NotAdmitted(NotJoined):
     """The overlay admits enrolled nodes only and refused this one (no, expired or foreign node certificate);
     the message says which. Retrying cannot help."""
+
+
+class NotAFullPeer(NotJoined):
+    """The peer asked to let us join is a client peer (docs/nat.md): it holds no ring responsibility and
+    cannot admit anybody; the message names a full peer to join through when it told us one."""

@@ -51,6 +51,7 @@ from overlay.directory import WATCH_POLL_S, OnChange, Watch
 from overlay.errors import LookupFailed as LookupFailedError
 from overlay.errors import (
     NotAdmitted,
+    NotAFullPeer,
     NotJoined,
     OverlayError,
     StoreRefused,
@@ -125,6 +126,9 @@ _KIND_OF = {
     "relay_fetch": "lookup",
 }
 RELAYS = ("relay_store", "relay_fetch")
+E_CLIENT_PEER = "client-peer"
+"""``err`` reason of a client peer asked to admit a node (``probe``, ``attach``); ``detail``: its attach
+peer."""
 E_NOT_ATTACHED = 412
 """``err`` code of a relay from a node that has not attached (or that this peer forgot): attach first."""
 MAX_CLIENTS = 1024
@@ -489,6 +493,8 @@ class Node:
                         raise NotAdmitted(
                             f"the peer at {join[0]}:{join[1]} refused this node at admission: {detail}"
                         )
+                    if reason == E_CLIENT_PEER:
+                        raise _not_a_full_peer(join, detail)
                     if reason == "probe-refused":
                         raise OverlayError(
                             f"the bootstrap refused to probe {advertise}: advertise the address"
@@ -507,6 +513,10 @@ class Node:
         if self.config.enrolled_nodes and not self._admits(NodeRef(msg.src, *target), msg.body.get("cert")):
             problem = self._admission_problem(msg.src, msg.body.get("cert"))
             self._reply(msg.id, addr, "err", {"code": 403, "reason": "not-enrolled", "detail": problem or ""})
+            return
+        if self.attach is not None:
+            self._count("probes_refused")
+            self._reply(msg.id, addr, "err", self._client_peer_refusal())
             return
         core = self._core_or_none()
         if core is None or self._left or not probe_allowed(target, addr):
@@ -568,6 +578,8 @@ class Node:
                     continue
                 if reply.type != "ok":
                     reason, detail = reply.body["reason"], reply.body.get("detail")
+                    if reason == E_CLIENT_PEER:
+                        raise _not_a_full_peer(peer, detail)
                     if reason == "not-enrolled":
                         raise NotAdmitted(f"the peer at {peer[0]}:{peer[1]} refused this node: {detail}")
                     break
@@ -594,6 +606,13 @@ class Node:
             if st.due(self._loop.time()):
                 await self._send_attach(self._loop.time())
             await asyncio.sleep(max(0.05, st.next_due - self._loop.time()))
+
+    def _client_peer_refusal(self) -> dict[str, Any]:
+        """A client peer's answer to a ``probe`` or ``attach`` (someone takes it for a bootstrap): it cannot
+        admit anybody; ``detail`` names its attach peer, a full peer to join through instead."""
+        assert self.attach is not None
+        host, port = self.attach.peer
+        return {"code": 503, "reason": E_CLIENT_PEER, "detail": f"{host}:{port}"}
 
     async def _detach(self) -> None:
         """A client peer that stops tells its attach peer, which forgets it at once (instead of counting it
@@ -648,6 +667,10 @@ class Node:
 
     async def _serve_attach(self, msg: Message, addr: Endpoint) -> None:
         """Attach-peer side: answer keep-alives, and store or read for attached client peers."""
+        if self.attach is not None and msg.type == "attach":
+            self._count("attach_refused")
+            self._reply(msg.id, addr, "err", self._client_peer_refusal())
+            return
         if self.core is None or self._left or self._closed:
             self._reply(msg.id, addr, "err", {"code": 503, "reason": "not-a-full-peer"})
             return
@@ -1850,6 +1873,13 @@ def _take_fetch(read: QuorumRead, holder: int, task: asyncio.Future[Message]) ->
 def _needs_member(msg: Message) -> bool:
     """Replica stores and transfers skip the responsibility check: only ring members may send them."""
     return msg.type == "transfer" or (msg.type == "store" and bool(msg.body.get("replica", False)))
+
+
+def _not_a_full_peer(bootstrap: Endpoint, attach_peer: str | None) -> NotAFullPeer:
+    """What a joiner says when its bootstrap turns out to be a client peer (docs/nat.md)."""
+    hint = f" (its attach peer {attach_peer} is one)" if attach_peer else ""
+    where = f"{bootstrap[0]}:{bootstrap[1]}"
+    return NotAFullPeer(f"{where} is a client peer and cannot admit others; join through a full peer{hint}")
 
 
 def _same_endpoint(a: Endpoint, b: Endpoint) -> bool:

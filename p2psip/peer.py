@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from overlay import ids
 from overlay.directory import Directory, KeyDirectory
-from overlay.errors import NotAdmitted, NotJoined, OverlayError, StoreRefused, WrongOverlay
+from overlay.errors import NotAdmitted, NotAFullPeer, NotJoined, OverlayError, StoreRefused, WrongOverlay
 from overlay.identity import (
     NODE_CERT,
     NODE_CERT_FILE,
@@ -2722,6 +2722,8 @@ async def _start_chord(
         raise P2PSIPError(f"cannot join: {exc} (check --overlay-name)") from None
     except NotAdmitted as exc:
         raise P2PSIPError(f"not admitted: {exc} (p2psip enroll node gives a peer one)") from None
+    except NotAFullPeer as exc:
+        raise ConfigError(str(exc)) from None  # a wrong --join: exit 2 (docs/nat.md, Client peers)
     except DeadAddress:
         raise P2PSIPError(
             f"cannot join: nothing listens at {config.join} (connection refused; --join names the "

@@ -278,6 +278,25 @@ def test_start_client_joins_as_a_client_peer_and_status_says_so(start_peer) -> N
     assert "attached client peers: 1 (1 with a SIP flow)" in attach_status, attach_status
 
 
+def test_joining_through_a_client_peer_is_one_line_exit_2(start_peer, tmp_path: Path) -> None:
+    """A client peer cannot admit anybody (docs/nat.md): a peer given one as --join says so in one line
+    and exits 2, whether it would join as a full peer or as a client peer itself."""
+    a = start_peer("a")
+    b = start_peer("b", a, "--client")
+    for extra in ([], ["--client"]):
+        sip, overlay = free_port(), free_port()
+        done = run(
+            "start", "--listen", f"udp:127.0.0.1:{sip}", "--overlay", f"127.0.0.1:{overlay}",
+            "--data-dir", str(tmp_path / f"joiner{len(extra)}"), "--join", f"127.0.0.1:{b.overlay}", *extra,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert lines == [
+            f"p2psip: error: 127.0.0.1:{b.overlay} is a client peer and cannot admit others;"
+            f" join through a full peer (its attach peer 127.0.0.1:{a.overlay} is one)"
+        ], done.stderr
+
+
 def test_client_without_join_is_one_line_exit_2() -> None:
     done = run("start", "--client")
     assert done.returncode == 2 and "--client needs --join" in done.stderr, done.stderr
