@@ -45,6 +45,8 @@ log = logging.getLogger("p2psip.useragent")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, INFO, UPDATE, SUBSCRIBE, NOTIFY, REFER"
 SUPPORTED = "replaces, norefersub"
+STUN_PROBE_TIMEOUT = 0.5
+"""How long a UA with an ``instance`` waits, once, for its unregistered outbound proxy to answer STUN."""
 TURN_MARGIN = 60.0
 """A TURN grant this close to its expiry is not used for a new call (its allocation would be refused)."""
 
@@ -301,8 +303,7 @@ class IncomingCall(Call):
         """Answer with audio: ``200 OK`` with our SDP answer, playing ``play`` (a WAV path or a source) and
         recording to ``record`` (a WAV path or a sink). Bad or unusable SDP: 488 and CallFailed."""
         # ICE by default with a home peer that answers STUN; our home peer is the STUN server
-        ua = self.ua
-        options = home_stun(ice_by_default(media_options, ua.stun_server, ua.turn_grant), ua.outbound)
+        options = home_stun(await self.ua._default_ice(media_options), self.ua.outbound)
         return await self.ua.offer_answer.accept(
             self, play=play, record=record, media=media, media_options=options
         )
@@ -421,6 +422,7 @@ class UserAgent:
         ``Flow-Timer``, and registered again at once when the flow fails (a keep-alive unanswered, or
         answered with another reflexive address: the NAT mapping changed)."""
         self._stun: dict[bytes, asyncio.Future[tuple[str, int] | None]] = {}
+        self._outbound_probe: asyncio.Task[tuple[str, int] | None] | None = None
         if instance is not None:
             stack.transport.on_stun = self._on_stun
         self.loop = stack.loop
@@ -696,7 +698,7 @@ class UserAgent:
                 media=media,
                 headers=headers,
                 timeout=timeout,
-                media_options=ice_by_default(media_options, self.stun_server, self.turn_grant),
+                media_options=await self._default_ice(media_options),
                 on_provisional=on_provisional,
             )
         call = self.invite(
@@ -874,6 +876,46 @@ class UserAgent:
         valid = [grant for grant in grants if grant.until > now + TURN_MARGIN]
         return max(valid, key=lambda grant: grant.until) if valid else None
 
+    async def _default_ice(self, media_options: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``media_options`` with ICE by default (callaudio.ice_by_default): STUN at :attr:`stun_server`,
+        or, for a UA with an ``instance`` and a UDP ``outbound`` proxy that no outbound registration
+        confirmed (``p2psip call``, the sipapi runner: they place calls without registering), at that
+        proxy when it answered one STUN binding request (:meth:`_probe_outbound`); TURN from
+        :attr:`turn_grant`."""
+        if media_options is not None and "ice" in media_options:
+            return media_options
+        stun = self.stun_server
+        if stun is None and self.instance is not None and self.outbound is not None:
+            stun = await self._probe_outbound(self.outbound)
+        return ice_by_default(media_options, stun, self.turn_grant)
+
+    async def _probe_outbound(self, outbound: Target) -> Target | None:
+        """``outbound`` when it answers a STUN binding request on its SIP UDP port (a p2psip peer does,
+        RFC 5626 §8), else None. Asked once per UA, within STUN_PROBE_TIMEOUT: a proxy that does not
+        speak STUN (sipp, a Kamailio without it, a phone) then costs the first call that much and no
+        call ever waits for ICE gathering's STUN timeout."""
+        if outbound.transport != "udp":
+            return None
+        if self._outbound_probe is None:
+            self._outbound_probe = self._tasks.spawn(self._stun_ask(outbound, STUN_PROBE_TIMEOUT))
+        mapped = await asyncio.shield(self._outbound_probe)
+        return outbound if mapped is not None else None
+
+    async def _stun_ask(self, target: Target, timeout: float) -> tuple[str, int] | None:
+        """One STUN binding request to ``target`` from our SIP socket: our mapped address, or None."""
+        from p2psip.flows import stun_binding_request
+
+        data, tid = stun_binding_request()
+        answer: asyncio.Future[tuple[str, int] | None] = self.loop.create_future()
+        self._stun[tid] = answer
+        try:
+            self.stack.transport.send(data, target)
+            return await asyncio.wait_for(answer, timeout)
+        except (TimeoutError, TransportError):
+            return None
+        finally:
+            self._stun.pop(tid, None)
+
     def _keep_alive(self, reg: _Registration, response: Response) -> None:
         """After an outbound REGISTER's 200: keep its flow alive at the registrar's Flow-Timer (§4.4)."""
         if self.instance is None or reg.custom_contact is not None or reg.keepalive is not None:
@@ -891,8 +933,6 @@ class UserAgent:
     async def _keepalives(self, reg: _Registration, flow_timer: int) -> None:
         import random
 
-        from p2psip.flows import stun_binding_request
-
         while True:
             # §4.4.1: a random interval between 80% and 100% of the Flow-Timer
             await asyncio.sleep(flow_timer * random.uniform(0.8, 1.0))
@@ -904,16 +944,7 @@ class UserAgent:
                 except TransportError as exc:
                     failed = f"the connection failed: {exc}"
             else:
-                data, tid = stun_binding_request()
-                answer: asyncio.Future[tuple[str, int] | None] = self.loop.create_future()
-                self._stun[tid] = answer
-                try:
-                    self.stack.transport.send(data, target)
-                    mapped = await asyncio.wait_for(answer, min(10.0, flow_timer / 2))
-                except (TimeoutError, TransportError):
-                    mapped = None
-                finally:
-                    self._stun.pop(tid, None)
+                mapped = await self._stun_ask(target, min(10.0, flow_timer / 2))
                 if mapped is not None and reg.mapped in (None, mapped):
                     reg.mapped = mapped
                     continue

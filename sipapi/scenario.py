@@ -56,6 +56,7 @@ import math
 import runpy
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -530,7 +531,13 @@ class Runner:
             # --proxy (sipp -rsa) is the UA's outbound proxy: API-style calls go through it as steps do
             outbound = Target(self.transport, *self.proxy) if self.proxy is not None else None
             aor = f"sip:sipapi@{self.local_host_text}"
-            ua = UserAgent(self.stack, aor, user_agent="sipapi-scenario", outbound=outbound)
+            # with an RFC 5626 instance: its calls with audio do ICE by default when the proxy answers
+            # STUN (a p2psip peer), asked once per run (UserAgent._probe_outbound: a proxy without STUN
+            # costs the first call with audio 0.5 s, no call waits for ICE's STUN timeout)
+            instance = f"<urn:uuid:{uuid.uuid4()}>"
+            ua = UserAgent(
+                self.stack, aor, user_agent="sipapi-scenario", outbound=outbound, instance=instance
+            )
         reporter = asyncio.ensure_future(self._report(live, interval)) if live else None
         semaphore = asyncio.Semaphore(self.limit)
         tasks: set[asyncio.Task[None]] = set()

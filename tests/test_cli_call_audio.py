@@ -43,6 +43,7 @@ class Bob:
         self.ua = UserAgent(stack, "sip:bob@127.0.0.1")
         self.host, self.port = stack.local_address("udp")
         self.ended: list[str] = []
+        self.offers: list[bytes] = []
         self.call_ended = asyncio.Event()
         self.task = asyncio.ensure_future(self._answer())
 
@@ -53,6 +54,7 @@ class Bob:
     async def _answer(self) -> None:
         while True:
             incoming = await self.ua.incoming.get()
+            self.offers.append(incoming.request.body)
             incoming.ring()
             await incoming.accept_with_media(play=self.play, record=self.record)
             self.ended.append(await incoming.wait_ended(30))
@@ -97,6 +99,9 @@ async def test_call_plays_and_records_through_the_useragent(tmp_path: Path) -> N
         assert dominant_frequency(bytes(heard_by_bob.pcm), [700, 1000]) == 1000
         assert heard_by_bob.duration >= 1.2  # the whole file arrived (give or take the jitter buffer)
         assert dominant_frequency(read_wav(record), [700, 1000]) == 700
+        # --via is bob's UA, whose SIP UDP port answers STUN like every stack's: the CLI's UA (it has an
+        # RFC 5626 instance) asked it once and offered ICE (UserAgent._probe_outbound, test_ice_default.py)
+        assert b"a=ice-ufrag:" in bob.offers[0] and b"typ srflx" in bob.offers[0], bob.offers[0]
     finally:
         await bob.close()
 

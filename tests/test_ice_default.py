@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 from peer_support import wait_until_settled
+from test_cli_call_audio import run_cli
 from test_media_call import until
 from test_peer import ALICE, BOB, PeerFactory, make_peer  # noqa: F401  (fixture)
 
 from p2psip.media import MemorySink, ToneSource, dominant_frequency
+from p2psip.media.sources import write_wav
 from p2psip.sdp import SessionDescription
 from p2psip.stack import Stack
-from p2psip.useragent import IncomingCall, UserAgent
+from p2psip.useragent import STUN_PROBE_TIMEOUT, IncomingCall, UserAgent
 
 TONES = [440, 1000, 2000]
 
@@ -70,3 +73,66 @@ async def test_registered_through_its_home_peer_a_ua_does_ice_by_default(make_pe
             await ua.close()
         for stack in stacks:
             await stack.close()
+
+
+async def test_p2psip_call_does_ice_by_default_through_a_peer(make_peer: PeerFactory, tmp_path: Path) -> None:
+    """``p2psip call --play`` makes a UA with an RFC 5626 instance; not registered, it asks its ``--via``
+    once for STUN (UserAgent._probe_outbound): a peer answers, so the offer carries ICE with a srflx
+    candidate from that peer. Toward a UA that does not speak STUN the offer has no ICE
+    (test_cli_call_audio.py)."""
+    peer = await make_peer()
+    host, port = peer.sip_address()
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    bob = UserAgent(stack, BOB, outbound=f"{host}:{port}", instance=f"<urn:uuid:{uuid.uuid4()}>")
+    offers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def answer(incoming: IncomingCall) -> None:
+        offers.put_nowait(incoming.request.body)
+        await incoming.accept_with_media(play=ToneSource(1000))
+
+    bob.on_call = lambda incoming: asyncio.ensure_future(answer(incoming)) and None
+    play = tmp_path / "say.wav"
+    write_wav(play, ToneSource(440, duration=0.5))
+    try:
+        await bob.register("sip:p2p.example", expires=600)
+        asked = peer.stack.transport.stats["stun_requests"]
+        code, out, err = await run_cli(
+            "call", BOB, "--via", f"{host}:{port}", "--from", ALICE, "--play", str(play), "--json"
+        )
+        assert code == 0, out + err
+        offer = await asyncio.wait_for(offers.get(), 10)
+        kinds = [c.split()[7] for c in SessionDescription.parse(offer).media[0].attribute_values("candidate")]
+        assert b"a=ice-ufrag:" in offer and "srflx" in kinds, offer
+        assert peer.stack.transport.stats["stun_requests"] > asked  # the probe and ICE's own request
+    finally:
+        await bob.close()
+        await stack.close()
+
+
+async def test_an_outbound_proxy_without_stun_is_asked_once() -> None:
+    """A UA with an instance whose unregistered outbound proxy does not answer STUN (sipp, a Kamailio
+    without it) makes no ICE offer: it asks once, waits STUN_PROBE_TIMEOUT, and never again (no call waits
+    for ICE gathering's STUN timeout)."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Silent(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            received.put_nowait(data)
+
+    silent, _ = await loop.create_datagram_endpoint(Silent, local_addr=("127.0.0.1", 0))
+    host, port = silent.get_extra_info("sockname")
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    ua = UserAgent(stack, ALICE, outbound=f"{host}:{port}", instance=f"<urn:uuid:{uuid.uuid4()}>")
+    try:
+        started = loop.time()
+        assert await ua._default_ice(None) is None  # what call/accept_with_media use: no ICE
+        assert STUN_PROBE_TIMEOUT <= loop.time() - started < STUN_PROBE_TIMEOUT + 1
+        assert (await asyncio.wait_for(received.get(), 1))[:2] == b"\x00\x01"  # one STUN binding request
+        started = loop.time()
+        assert await ua._default_ice({"codecs": ("PCMU",)}) == {"codecs": ("PCMU",)}
+        assert loop.time() - started < 0.1 and received.empty()  # not asked again
+    finally:
+        await ua.close()
+        await stack.close()
+        silent.close()

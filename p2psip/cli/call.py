@@ -95,7 +95,7 @@ async def _call(
     from p2psip.run import stop_signals
     from p2psip.useragent import CallFailed
 
-    ua = await open_phone(args.from_ or "sip:p2psip@invalid", via=via)
+    ua = await open_phone(args.from_ or "sip:p2psip@invalid", via=via, instance=True)
     statuses: list[str] = []
     with_audio = bool(args.play or args.record)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -46,14 +47,17 @@ async def open_phone(
     host: str | None = None,
     port: int = 0,
     on_call: Callable[[IncomingCall], None] | None = None,
+    instance: bool = False,
 ) -> UserAgent:
     """A UserAgent for ``aor`` whose out-of-dialog requests go through the peer at ``via``; close it with
-    :func:`close_phone`."""
+    :func:`close_phone`. ``instance``: with an RFC 5626 ``+sip.instance`` of its own (a new one each
+    run), so its calls do ICE by default when ``via`` answers STUN (a p2psip peer does: docs/nat.md)."""
     if host is None:
         host = local_ip_toward(via[0]) if via is not None else "127.0.0.1"
     stack = await Stack.start([ListenSpec("udp", host, port)])
     outbound = Target("udp", via[0], via[1]) if via is not None else None
-    return UserAgent(stack, aor, outbound=outbound, on_call=on_call)
+    urn = f"<urn:uuid:{uuid.uuid4()}>" if instance else None
+    return UserAgent(stack, aor, outbound=outbound, on_call=on_call, instance=urn)
 
 
 async def close_phone(ua: UserAgent) -> None:
