@@ -693,35 +693,49 @@ class PeerCore(Proxy):
     async def _presence(self, request: Request, transaction: ServerTransaction, source: Source) -> None:
         """A SUBSCRIBE or PUBLISH for an AOR's presence, or a SUBSCRIBE for its message-summary: served
         here when this peer is the AOR's agent (its primary home peer), else forwarded to that peer
-        (:mod:`p2psip.presenceagent`, :mod:`p2psip.mailbox`)."""
+        (:mod:`p2psip.presenceagent`, :mod:`p2psip.mailbox`). A client peer serves none itself: it hands
+        the request to its attach peer over its flow, vouching for its own phones (docs/nat.md)."""
         peer = self.peer
+        if request.get("Route") is not None:
+            self._pass_own_flow_routes(request, source)  # a client peer's Service-Route through us
         decision = decide(request.uri, routes=peer._routes(), is_local=peer.stack.is_local)
         if not isinstance(decision, OverlayLookup):
             super().on_request(request, transaction, source)  # not an overlay AOR: proxied as usual
             return
-        agent = peer.presence
-        try:
-            bindings = await peer.lookup_bindings(decision.aor)
-        except (OverlayError, TimeoutError) as exc:
-            self._reject(transaction, request, SIPStatusError(503, detail=f"overlay lookup failed: {exc}"))
-            return
-        home = agent.primary_home(bindings)
-        if home is None and is_message_summary(request):
-            await self._mailbox(decision.aor, request, transaction, source)
-            return
-        if home is None:
-            if request.method == "SUBSCRIBE":
-                await agent.subscribe(decision.aor, request, transaction, source)
-            else:
-                await agent.publish(decision.aor, request, transaction, source)
-            return
+        link = peer.client_link
+        if link is not None:
+            # its phones' agent is the attach peer (their first Path hop); others' is looked up there
+            if link.path is None:
+                self._reject(transaction, request, SIPStatusError(503, detail="not attached to a peer yet"))
+                return
+            home = link.path
+        else:
+            agent = peer.presence
+            try:
+                bindings = await peer.lookup_bindings(decision.aor)
+            except (OverlayError, TimeoutError) as exc:
+                failed = SIPStatusError(503, detail=f"overlay lookup failed: {exc}")
+                self._reject(transaction, request, failed)
+                return
+            found = agent.primary_home(bindings)
+            if found is None and is_message_summary(request):
+                await self._mailbox(decision.aor, request, transaction, source)
+                return
+            if found is None:
+                if request.method == "SUBSCRIBE":
+                    await agent.subscribe(decision.aor, request, transaction, source)
+                else:
+                    await agent.publish(decision.aor, request, transaction, source)
+                return
+            home = found
         try:
             self.check(request)
         except SIPStatusError as error:
             self._reject(transaction, request, error)
             return
+        vouched = await peer.vouches_here(request, source)  # a watcher (SUBSCRIBE) or a publisher (PUBLISH)
         request.remove(VOUCH_HEADER)  # only a peer asserts identities, never a phone
-        if await peer.vouches_here(request, source):  # a watcher (SUBSCRIBE) or a publisher (PUBLISH)
+        if vouched:
             request.add(VOUCH_HEADER, peer.vouch(request))
         peer.counters["routed_to_home"] += 1
         self.forward(request, transaction, source, [RoutedTarget(request.uri, (home,))])
@@ -2271,15 +2285,19 @@ class Peer:
         flow = self.flows.get(source.transport, source.host, source.port)
         if flow is not None and any(aor == claimed for aor, _entry in flow.bindings):
             return True
+        if flow is not None and self._client_vouches(request, flow.bindings):
+            return True
         try:
             bindings = await self.lookup_bindings(claimed)
         except (OverlayError, TimeoutError):
             return False
+        # a client peer is not its phones' first Path hop (its attach peer is), but it registered them
+        mine = self.home.get(claimed, {}) if self.client_link is not None else {}
         for b in bindings:
             with contextlib.suppress(ParseError):
                 contact = URI(b.contact)
                 here = (contact.host, contact.port or 5060) == (source.host, source.port)
-                if here and self.is_home_of([b]):
+                if here and (b.entry_id in mine or self.is_home_of([b])):
                     return True
         return False
 
@@ -2297,16 +2315,24 @@ class Peer:
             value += f";cert={_b64(self.engine.node_certificate)}"
         return value
 
-    async def _vouched(self, request: Request, source: Source) -> bool:
-        """Whether a presence watcher is who its From says: this peer vouches for it, or another peer of
-        the overlay did (a ``P-P2PSIP-Vouch`` for this From, fresh, signed by a key whose NodeId is a ring
-        member, which a lookup of that NodeId confirms; on OpenDHT, a key the vouch's node certificate
-        enrolls under this overlay's authority)."""
-        if await self.vouches_here(request, source):
-            return True
+    def _client_vouches(self, request: Request, flow_bindings: Iterable[tuple[str, bytes]]) -> bool:
+        """Attach-peer side: ``request`` came over the SIP flow of a client peer attached here (one of
+        ``flow_bindings`` is its client AOR) and carries that very client peer's vouch for its From. Nobody
+        else can check a client peer's vouch (it is in no ring: a lookup of its NodeId finds another
+        node), so its attach peer, which knows it, vouches in its place (docs/nat.md, Client peers)."""
+        clients = {n for aor, _entry in flow_bindings if (n := client_node_of(aor)) is not None}
+        if not clients:
+            return False
+        signed = self._vouch_signer(request)
+        return signed is not None and signed[0] in clients
+
+    def _vouch_signer(self, request: Request) -> tuple[int, bytes] | None:
+        """The NodeId (and node certificate, on OpenDHT) that signed the request's ``P-P2PSIP-Vouch`` for
+        its From, when the vouch is fresh and its signature holds; None otherwise. Who that node is still
+        has to be checked (:meth:`_enrolled_or_member`)."""
         value = request.get(VOUCH_HEADER)
         if value is None:
-            return False
+            return None
         try:
             address = Address(value)
             aor = address.uri.aor()
@@ -2316,12 +2342,22 @@ class Peer:
             cert = _unb64(address.params.get("cert") or "")
             claimed = request.from_.uri.aor()
         except (ParseError, ValueError):
-            return False
+            return None
         if aor != claimed or abs(time.time() - ts) > VOUCH_WINDOW:
-            return False
+            return None
         if not verify(key, sig, _vouch_data(aor, request.call_id, request.from_.tag or "", ts)):
-            return False
-        return await self._enrolled_or_member(node_id_of(key), cert)
+            return None
+        return node_id_of(key), cert
+
+    async def _vouched(self, request: Request, source: Source) -> bool:
+        """Whether a presence watcher is who its From says: this peer vouches for it, or another peer of
+        the overlay did (a ``P-P2PSIP-Vouch`` for this From, fresh, signed by a key whose NodeId is a ring
+        member, which a lookup of that NodeId confirms; on OpenDHT, a key the vouch's node certificate
+        enrolls under this overlay's authority)."""
+        if await self.vouches_here(request, source):
+            return True
+        signed = self._vouch_signer(request)
+        return signed is not None and await self._enrolled_or_member(*signed)
 
     def is_home_of(self, bindings: Iterable[Binding]) -> bool:
         """Whether this peer is the home peer (the first Path hop) of one of ``bindings``."""

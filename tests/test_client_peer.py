@@ -30,6 +30,7 @@ from overlay.attach import AttachState
 from overlay.errors import WireError
 from overlay.localring import quick_node_config
 from overlay.wire import Codec
+from p2psip import pidf
 from p2psip.cli.peer import _print_lookup, _print_status
 from p2psip.clientpeer import (
     CLIENT_DOMAIN,
@@ -42,8 +43,10 @@ from p2psip.clientpeer import (
 )
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.peer import Peer
+from p2psip.stack import Stack
 from p2psip.timers import TimerConfig
 from p2psip.uri import Address
+from p2psip.useragent import UserAgent
 
 ALICE = "sip:alice@p2p.example"
 BOB = "sip:bob@p2p.example"
@@ -374,3 +377,58 @@ async def test_a_client_register_from_a_stranger_is_refused(make_peer: PeerFacto
         assert not first.flows.snapshot(0.0)
     finally:
         stranger.close()
+
+
+async def test_presence_of_a_client_peers_phones(make_peer: PeerFactory) -> None:
+    """A watcher whose phone is registered to a client peer is vouched for through the attach peer (the
+    client peer's own vouch cannot be checked by anyone else: it is in no ring): it sees the presentity's
+    real state (open), not the polite block (closed). The other way round, a client peer's phone is a
+    presentity whose agent is its attach peer (its first Path hop): it PUBLISHes through the client peer,
+    and a watcher elsewhere sees what it published."""
+    first = await make_peer()
+    second = await make_peer(first)
+    await wait_until_settled([first, second], timeout=20)
+    client = await make_peer(first, client=True)
+    await client_ready(client)
+    made: list[UserAgent] = []
+
+    async def ua_at(aor: str, peer: Peer) -> UserAgent:
+        stack = await Stack.start(["udp:127.0.0.1:0"], timers=FAST_TIMERS)
+        host, port = peer.sip_address()
+        ua = UserAgent(stack, aor, outbound=f"{host}:{port}")
+        made.append(ua)
+        assert (await ua.register(f"sip:{host}:{port}", expires=300, refresh=False)).status == 200
+        return ua
+
+    try:
+        await ua_at(BOB, second)
+        carol = await ua_at("sip:carol@p2p.example", client)
+        sub = await carol.subscribe(BOB, "presence", body_check=lambda r: None)
+        doc = pidf.parse((await sub.next(10)).body)
+        assert doc.basic == "open" and doc.tuples[0].contact is not None, doc
+        assert second.presence.stats["blocked"] == 0 and second.presence.stats["subscribes"] == 1
+        # the client peer handed it to its attach peer, which vouched in its place and forwarded it
+        assert client.counters["routed_to_home"] == 1 and first.counters["routed_to_home"] == 1
+        await sub.unsubscribe()
+
+        # carol as a presentity: her agent is the attach peer; alice (at the other full peer) watches
+        alice = await ua_at(ALICE, second)
+        watch = await alice.subscribe("sip:carol@p2p.example", "presence", body_check=lambda r: None)
+        doc = pidf.parse((await watch.next(10)).body)
+        assert doc.basic == "open", doc
+        assert first.presence.stats["subscribes"] == 1 and first.presence.stats["blocked"] == 0
+        away = pidf.Presence("sip:carol@p2p.example", [pidf.PresenceTuple("desk", "closed")], ["at lunch"])
+        published = await carol.request(
+            "PUBLISH", "sip:carol@p2p.example", body=away.compose(), content_type=pidf.CONTENT_TYPE,
+            headers=[("Event", "presence"), ("Expires", "600")],
+        )  # fmt: skip
+        assert published.status == 200, published  # vouched for through the attach peer
+        doc = pidf.parse((await watch.next(10)).body)
+        assert doc.notes == ["at lunch"] and ("desk", "closed") in [(t.id, t.basic) for t in doc.tuples], doc
+        # (her registration's own tuple stays beside it: the agent tells a device that published by its
+        # source address, and hers is the client peer's; docs/nat.md, Known limits)
+        await watch.unsubscribe()
+    finally:
+        for ua in made:
+            await ua.close()
+            await ua.stack.close()
