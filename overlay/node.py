@@ -124,8 +124,9 @@ _KIND_OF = {
     "detach": "join",
     "relay_store": "store",
     "relay_fetch": "lookup",
+    "relay_lookup": "lookup",
 }
-RELAYS = ("relay_store", "relay_fetch")
+RELAYS = ("relay_store", "relay_fetch", "relay_lookup")
 E_CLIENT_PEER = "client-peer"
 """``err`` reason of a client peer asked to admit a node (``probe``, ``attach``); ``detail``: its attach
 peer."""
@@ -722,7 +723,8 @@ class Node:
         return self._clients.get(node_id)
 
     async def _relay_answer(self, msg: Message) -> tuple[str, dict[str, Any]]:
-        """Carry out ``relay_store``/``relay_fetch`` for an attached client peer (UDP or TCP)."""
+        """Carry out ``relay_store``/``relay_fetch``/``relay_lookup`` for an attached client peer (UDP or
+        TCP)."""
         if msg.src not in self._clients:
             self._count("relay_refused")
             return "err", {"code": E_NOT_ATTACHED, "reason": "not-attached"}
@@ -732,6 +734,10 @@ class Node:
                 self._count("relay_stored")
                 return "ok", {"stored": 1}
             key = msg.body["key"]
+            if msg.type == "relay_lookup":
+                node, _hops = await self.lookup(key)
+                self._count("relay_looked_up")
+                return "ok", {"node": node}
             entries = await self._read(key, KeyAccess(self, key))
             self._count("relay_fetched")
             return "ok", {"entries": [(e, e.lifetime_s) for e in entries]}
@@ -1056,7 +1062,14 @@ class Node:
     async def lookup(self, key: int, *, path: list[Endpoint] | None = None) -> tuple[NodeRef, int]:
         """The node responsible for ring key ``key`` and the lookup's hop count. With ``path`` (a list),
         the endpoints this node queries for ``key`` while the lookup runs are appended to it in order
-        (lookups are iterative: this node asks every hop itself), for the demo and for diagnosis."""
+        (lookups are iterative: this node asks every hop itself), for the demo and for diagnosis. A client
+        peer has its attach peer look up for it (``relay_lookup``; one hop as far as it can tell)."""
+        if self.attach is not None and not self._closed:
+            reply = await self._relay("relay_lookup", {"key": key})
+            node = reply.body.get("node")
+            if not isinstance(node, NodeRef):
+                raise LookupFailedError("the attach peer's lookup answer named no node")
+            return node, 1
         core = self._core()
         self._count("lookups_started")
         fut: asyncio.Future[tuple[NodeRef, int]] = self._loop.create_future()

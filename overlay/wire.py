@@ -98,7 +98,8 @@ REACH_REPLY_FIELDS: dict[str, str] = {
 # Client peers (docs/nat.md, overlay.attach): a node nobody reaches keeps a flow to a full peer with
 # ``attach`` keep-alives (answered with ``seen`` and the attach peer's successors, ``nodes``, as fallbacks)
 # and has it store and read for it. ``relay_store`` carries an entry signed by its writer (the replicas check
-# it as always); ``relay_fetch`` answers with the live entries under ``key``. ``detach``: a client peer that
+# it as always); ``relay_fetch`` answers with the live entries under ``key``, ``relay_lookup`` with the node
+# responsible for it. ``detach``: a client peer that
 # stops says so, and its attach peer forgets it at once (no fields: who is the envelope's NodeId, heeded only
 # from the address that client's keep-alives come from).
 ATTACH_MESSAGES: dict[str, Schema] = {
@@ -106,6 +107,7 @@ ATTACH_MESSAGES: dict[str, Schema] = {
     "detach": {},
     "relay_store": {"entry": "entry"},
     "relay_fetch": {"key": "id"},
+    "relay_lookup": {"key": "id"},  # answered with ``node``: the node responsible for ``key``
 }
 ERR_FIELDS: dict[str, str] = {"code": "u64", "reason": "str", "detail": "str?"}
 E_WRONG_OVERLAY = 409

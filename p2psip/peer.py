@@ -672,7 +672,15 @@ class PeerCore(Proxy):
         if not self.stack.is_local(source.host, source.port):
             request.remove(SENDER_HEADER)  # only a peer delivering a stored message says who sent it
         decision = decide(request.uri, routes=peer._routes(), is_local=peer.stack.is_local)
-        if isinstance(decision, OverlayLookup):
+        if peer.client_link is not None:
+            # A client peer stores no letter itself: the reader could not check its vouch (it is in no
+            # ring). Its attach peer gets the MESSAGE over the flow, with the client peer's vouch for its
+            # phone, and leaves it in the inbox vouched for in its own name (docs/nat.md).
+            vouched = isinstance(decision, OverlayLookup) and await peer.vouches_here(request, source)
+            request.remove(VOUCH_HEADER)
+            if vouched:
+                request.add(VOUCH_HEADER, peer.vouch(request))
+        elif isinstance(decision, OverlayLookup):
             nobody = False
             try:
                 self.check(request)
@@ -687,6 +695,8 @@ class PeerCore(Proxy):
                 if not transaction.terminated and transaction.last_response is None:
                     self.stack.respond(transaction, Response.for_request(request, 202, "Accepted"))
                 return
+        if peer.client_link is None:
+            request.remove(VOUCH_HEADER)  # only leave_in_inbox reads it: it goes no further
         if not transaction.terminated and transaction.last_response is None:
             super().on_request(request, transaction, source)
 
@@ -2175,6 +2185,13 @@ class Peer:
         if link is not None:
             # A client peer routes nothing itself (RFC 6940 client): its phones' requests go to its attach
             # peer over the client's flow (the Service-Route, RFC 3608), which looks the AOR up.
+            if request.method == "MESSAGE" and request.get(SENDER_HEADER) is not None:
+                # a stored message this client peer delivers itself (_deliver: nobody else writes that
+                # mark here) goes straight to the phones it registered, over their flows: the attach peer
+                # would drop the mark, as from any peer that does not deliver it itself
+                homed = [dataclasses.replace(b, path=b.path[1:]) for b in self.homed_bindings(decision.aor)]
+                if homed:
+                    return self._targets(request, decision.aor, homed)
             if link.path is None:
                 raise SIPStatusError(503, detail="this client peer is not attached to a full peer yet")
             self.counters["routed"] += 1

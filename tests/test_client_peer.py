@@ -29,6 +29,7 @@ from test_home_routing import NattedPhone, natted
 from overlay.attach import AttachState
 from overlay.errors import WireError
 from overlay.localring import quick_node_config
+from overlay.storage import INBOX_KEY_ID
 from overlay.wire import Codec
 from p2psip import pidf
 from p2psip.cli.peer import _print_lookup, _print_status
@@ -42,7 +43,8 @@ from p2psip.clientpeer import (
     client_node_of,
 )
 from p2psip.config import HostPort, ListenSpec, PeerConfig
-from p2psip.peer import Peer
+from p2psip.inbox import SENDER_HEADER, inbox_name
+from p2psip.peer import Peer, add_account
 from p2psip.stack import Stack
 from p2psip.timers import TimerConfig
 from p2psip.uri import Address
@@ -50,6 +52,8 @@ from p2psip.useragent import UserAgent
 
 ALICE = "sip:alice@p2p.example"
 BOB = "sip:bob@p2p.example"
+DAN = "sip:dan@p2p.example"
+ERIN = "sip:erin@p2p.example"
 FAST_TIMERS = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
 
 # ---------------------------------------------------------------------------------------------- sans-IO
@@ -204,6 +208,27 @@ async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
     for peer in started:
         if not peer._closed:
             await peer.close(leave=False)
+
+
+UAFactory = Callable[[str, Peer], Awaitable[UserAgent]]
+
+
+@pytest.fixture
+async def make_ua() -> AsyncIterator[UAFactory]:
+    """Our UserAgent for ``aor`` with ``peer`` as its outbound proxy (closed when the test ends)."""
+    made: list[UserAgent] = []
+
+    async def make(aor: str, peer: Peer) -> UserAgent:
+        stack = await Stack.start(["udp:127.0.0.1:0"], timers=FAST_TIMERS)
+        host, port = peer.sip_address()
+        agent = UserAgent(stack, aor, outbound=f"{host}:{port}")
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        await agent.close()
+        await agent.stack.close()
 
 
 async def until(condition: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
@@ -379,7 +404,7 @@ async def test_a_client_register_from_a_stranger_is_refused(make_peer: PeerFacto
         stranger.close()
 
 
-async def test_presence_of_a_client_peers_phones(make_peer: PeerFactory) -> None:
+async def test_presence_of_a_client_peers_phones(make_peer: PeerFactory, make_ua: UAFactory) -> None:
     """A watcher whose phone is registered to a client peer is vouched for through the attach peer (the
     client peer's own vouch cannot be checked by anyone else: it is in no ring): it sees the presentity's
     real state (open), not the polite block (closed). The other way round, a client peer's phone is a
@@ -390,45 +415,94 @@ async def test_presence_of_a_client_peers_phones(make_peer: PeerFactory) -> None
     await wait_until_settled([first, second], timeout=20)
     client = await make_peer(first, client=True)
     await client_ready(client)
-    made: list[UserAgent] = []
 
     async def ua_at(aor: str, peer: Peer) -> UserAgent:
-        stack = await Stack.start(["udp:127.0.0.1:0"], timers=FAST_TIMERS)
+        ua = await make_ua(aor, peer)
         host, port = peer.sip_address()
-        ua = UserAgent(stack, aor, outbound=f"{host}:{port}")
-        made.append(ua)
         assert (await ua.register(f"sip:{host}:{port}", expires=300, refresh=False)).status == 200
         return ua
 
-    try:
-        await ua_at(BOB, second)
-        carol = await ua_at("sip:carol@p2p.example", client)
-        sub = await carol.subscribe(BOB, "presence", body_check=lambda r: None)
-        doc = pidf.parse((await sub.next(10)).body)
-        assert doc.basic == "open" and doc.tuples[0].contact is not None, doc
-        assert second.presence.stats["blocked"] == 0 and second.presence.stats["subscribes"] == 1
-        # the client peer handed it to its attach peer, which vouched in its place and forwarded it
-        assert client.counters["routed_to_home"] == 1 and first.counters["routed_to_home"] == 1
-        await sub.unsubscribe()
+    await ua_at(BOB, second)
+    carol = await ua_at("sip:carol@p2p.example", client)
+    sub = await carol.subscribe(BOB, "presence", body_check=lambda r: None)
+    doc = pidf.parse((await sub.next(10)).body)
+    assert doc.basic == "open" and doc.tuples[0].contact is not None, doc
+    assert second.presence.stats["blocked"] == 0 and second.presence.stats["subscribes"] == 1
+    # the client peer handed it to its attach peer, which vouched in its place and forwarded it
+    assert client.counters["routed_to_home"] == 1 and first.counters["routed_to_home"] == 1
+    await sub.unsubscribe()
 
-        # carol as a presentity: her agent is the attach peer; alice (at the other full peer) watches
-        alice = await ua_at(ALICE, second)
-        watch = await alice.subscribe("sip:carol@p2p.example", "presence", body_check=lambda r: None)
-        doc = pidf.parse((await watch.next(10)).body)
-        assert doc.basic == "open", doc
-        assert first.presence.stats["subscribes"] == 1 and first.presence.stats["blocked"] == 0
-        away = pidf.Presence("sip:carol@p2p.example", [pidf.PresenceTuple("desk", "closed")], ["at lunch"])
-        published = await carol.request(
-            "PUBLISH", "sip:carol@p2p.example", body=away.compose(), content_type=pidf.CONTENT_TYPE,
-            headers=[("Event", "presence"), ("Expires", "600")],
-        )  # fmt: skip
-        assert published.status == 200, published  # vouched for through the attach peer
-        doc = pidf.parse((await watch.next(10)).body)
-        assert doc.notes == ["at lunch"] and ("desk", "closed") in [(t.id, t.basic) for t in doc.tuples], doc
-        # (her registration's own tuple stays beside it: the agent tells a device that published by its
-        # source address, and hers is the client peer's; docs/nat.md, Known limits)
-        await watch.unsubscribe()
-    finally:
-        for ua in made:
-            await ua.close()
-            await ua.stack.close()
+    # carol as a presentity: her agent is the attach peer; alice (at the other full peer) watches
+    alice = await ua_at(ALICE, second)
+    watch = await alice.subscribe("sip:carol@p2p.example", "presence", body_check=lambda r: None)
+    doc = pidf.parse((await watch.next(10)).body)
+    assert doc.basic == "open", doc
+    assert first.presence.stats["subscribes"] == 1 and first.presence.stats["blocked"] == 0
+    away = pidf.Presence("sip:carol@p2p.example", [pidf.PresenceTuple("desk", "closed")], ["at lunch"])
+    published = await carol.request(
+        "PUBLISH", "sip:carol@p2p.example", body=away.compose(), content_type=pidf.CONTENT_TYPE,
+        headers=[("Event", "presence"), ("Expires", "600")],
+    )  # fmt: skip
+    assert published.status == 200, published  # vouched for through the attach peer
+    doc = pidf.parse((await watch.next(10)).body)
+    assert doc.notes == ["at lunch"] and ("desk", "closed") in [(t.id, t.basic) for t in doc.tuples], doc
+    # (her registration's own tuple stays beside it: the agent tells a device that published by its
+    # source address, and hers is the client peer's; docs/nat.md, Known limits)
+    await watch.unsubscribe()
+
+
+async def test_offline_messages_from_and_to_a_client_peers_phones(
+    make_peer: PeerFactory, make_ua: UAFactory
+) -> None:
+    """Offline messages (p2psip.inbox) work for a client peer's phones with their senders vouched for: a
+    letter from its phone is left by the attach peer in its own name (the client peer's vouch would not
+    hold: it is in no ring); a letter for its phone, stored by another peer, is delivered by the client
+    peer, which checks the voucher's ring membership through its attach peer (``relay_lookup``)."""
+    first = await make_peer()
+    second = await make_peer(first)
+    await wait_until_settled([first, second], timeout=20)
+    client = await make_peer(first, client=True)
+    await client_ready(client)
+    erin_pw = add_account(second.config.data_dir, ERIN)
+    dan_pw = add_account(client.config.data_dir, DAN)
+    ua = make_ua
+
+    async def register(agent: UserAgent, peer: Peer, expires: int, password: str | None = None) -> None:
+        host, port = peer.sip_address()
+        user = agent.aor.user
+        response = await agent.register(
+            f"sip:{host}:{port}", expires=expires, refresh=False, username=user, password=password
+        )
+        assert response.status == 200, response
+
+    async def inbox_published(aor: str) -> bool:
+        return any(e.entry_id == INBOX_KEY_ID for e in await second.node.get(inbox_name(aor)))
+
+    erin, dan = await ua(ERIN, second), await ua(DAN, client)
+    carol, alice = await ua("sip:carol@p2p.example", client), await ua(ALICE, second)
+    for agent, peer, password in ((erin, second, erin_pw), (dan, client, dan_pw)):
+        await register(agent, peer, 300, password)
+        await until(lambda aor=str(agent.aor): inbox_published(aor), 10, f"{agent.aor}'s inbox key")  # type: ignore[misc]
+        await register(agent, peer, 0, password)
+    await register(carol, client, 300)
+    await register(alice, second, 300)
+
+    # from the client peer's phone: stored by the attach peer, vouched for in its own name
+    assert (await carol.message(ERIN, "from behind the NAT")).status == 202
+    assert first.counters["messages_stored"] == 1 and client.counters["messages_stored"] == 0
+    # for the client peer's phone: stored by alice's peer; the client peer delivers it
+    assert (await alice.message(DAN, "to behind the NAT")).status == 202
+    assert second.counters["messages_stored"] == 1
+
+    await register(erin, second, 300, erin_pw)
+    got = await asyncio.wait_for(erin.messages.get(), 15)
+    assert got.body == b"from behind the NAT" and got.from_.uri.user == "carol"
+    assert got.get(SENDER_HEADER) == f"vouched;node={first.node.node_id:032x}"
+
+    looked_up = first.node.stats().get("relay_looked_up", 0)
+    await register(dan, client, 300, dan_pw)
+    got = await asyncio.wait_for(dan.messages.get(), 15)
+    assert got.body == b"to behind the NAT" and got.from_.uri.user == "alice"
+    assert got.get(SENDER_HEADER) == f"vouched;node={second.node.node_id:032x}"
+    assert first.node.stats()["relay_looked_up"] > looked_up  # the voucher checked through it
+    await until(lambda: client.counters["messages_delivered"] == 1, 10, "the delivery counted")
