@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_peer import ALICE, BOB, PeerFactory, make_peer  # noqa: F401  (fixture)
 
 from p2psip.config import HostPort, UserAccount
@@ -147,3 +149,11 @@ def test_turn_grant_header_round_trip_and_garbage() -> None:
         "<turn:example.org:3478>;username=a;password=b;expires=1",
     ):
         assert TurnGrant.parse(bad, 0.0) is None, bad
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from('<>;="[]:?/ turnsip0123456789.abcxyz\\,@'), max_size=120))
+def test_any_header_value_is_a_grant_or_none(value: str) -> None:
+    """A registrar's header is input: garbage means no relayed candidate, never an exception."""
+    grant = TurnGrant.parse(value, 0.0)
+    assert grant is None or (grant.port > 0 and grant.username and grant.password)
