@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -421,3 +422,12 @@ def test_p3_behind_nat_b_becomes_a_client_peer_and_works(lab: Lab) -> None:
     harry.stdin.write("call sip:gina@p2p.example\n")
     harry.stdin.flush()
     assert harry.stdout.readline().split() == ["call", "200", "200"], lab.log("p3")
+
+    # P3 stops (SIGTERM): it un-REGISTERs its flow and detaches, both through router B, so P1 forgets it at
+    # once (silence alone would take four keep-alive intervals, 60 s)
+    p3 = lab.peers["p3"]
+    registers = lab.status("p1")["counters"]["peer_client_registers"]
+    p3.send_signal(signal.SIGTERM)
+    assert p3.wait(timeout=20) == 0, lab.log("p3")
+    assert lab.status("p1")["clients"] == {"overlay": 0, "sip": []}
+    assert lab.status("p1")["counters"]["peer_client_registers"] == registers + 1  # the one with Expires: 0
