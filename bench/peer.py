@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from conditions import Conditions  # noqa: E402
 from conftest import free_port  # noqa: E402
-from interop.kamailio import MODULES, Kamailio  # noqa: E402
+from interop.kamailio import Kamailio, usrloc_header  # noqa: E402
 from interop.sipp import uas  # noqa: E402
 
 from overlay.localring import quick_node_config, wait_until_consistent  # noqa: E402
@@ -76,43 +76,26 @@ ROWS = 5
 
 def kamailio_registrar(host: str, port: int) -> str:
     """Kamailio as the centralised equivalent of the overlay: registrar (no auth) + stateful proxy."""
-    return f"""#!KAMAILIO
-debug=1
-log_stderror=yes
-children=2
-auto_aliases=no
-dns=no
-rev_dns=no
-listen=udp:{host}:{port}
-alias="{DOMAIN}"
-mpath="{MODULES}"
-loadmodule "pv.so"
-loadmodule "sl.so"
-loadmodule "tm.so"
-loadmodule "rr.so"
-loadmodule "maxfwd.so"
-loadmodule "textops.so"
-loadmodule "siputils.so"
-loadmodule "usrloc.so"
-loadmodule "registrar.so"
-modparam("usrloc", "db_mode", 0)
-modparam("rr", "enable_full_lr", 1)
+    return (
+        usrloc_header(host, port, domain=DOMAIN, modules=("rr",))
+        + """modparam("rr", "enable_full_lr", 1)
 
-request_route {{
-    if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
-    if (is_method("CANCEL")) {{ if (t_check_trans()) {{ t_relay(); }} exit; }}
-    if (has_totag()) {{
+request_route {
+    if (!mf_process_maxfwd_header("10")) { sl_send_reply("483", "Too Many Hops"); exit; }
+    if (is_method("CANCEL")) { if (t_check_trans()) { t_relay(); } exit; }
+    if (has_totag()) {
         loose_route();
-        if (is_method("ACK") && !t_check_trans()) {{ forward(); exit; }}
+        if (is_method("ACK") && !t_check_trans()) { forward(); exit; }
         t_relay();
         exit;
-    }}
-    if (is_method("REGISTER")) {{ if (!save("location")) {{ sl_reply_error(); }} exit; }}
-    if (!lookup("location")) {{ sl_send_reply("404", "Not Found"); exit; }}
-    if (is_method("INVITE")) {{ record_route(); }}
-    if (!t_relay()) {{ sl_reply_error(); }}
-}}
+    }
+    if (is_method("REGISTER")) { if (!save("location")) { sl_reply_error(); } exit; }
+    if (!lookup("location")) { sl_send_reply("404", "Not Found"); exit; }
+    if (is_method("INVITE")) { record_route(); }
+    if (!t_relay()) { sl_reply_error(); }
+}
 """
+    )
 
 
 CLIENT = """
@@ -221,7 +204,9 @@ def _print_top(profiled: cProfile.Profile, resting: cProfile.Profile, calls: int
     for func, seconds in sorted(own.items(), key=lambda kv: -kv[1])[:TOP]:
         path, line, name = func
         where = "/".join(path.split("/")[-2:]) + f" {cum[func] * 1e6 / max(calls, 1):8.1f} us"
-        print(f"  {seconds * 1e6 / max(calls, 1):8.1f} us  {busy[func][1] / max(calls, 1):6.1f} x  {where}:{line} {name}")
+        print(
+            f"  {seconds * 1e6 / max(calls, 1):8.1f} us  {busy[func][1] / max(calls, 1):6.1f} x  {where}:{line} {name}"
+        )
 
 
 #: the latency stages of the warm calls of each cell, in the order the cells ran
@@ -298,10 +283,14 @@ def timeline_lines(parts: list[dict[str, list[float]]]) -> list[str]:
         for name, values in part.items():
             pooled.setdefault(name, []).extend(values)
     calls = max((len(v) for v in pooled.values()), default=0)
-    out = [f"latency by stage of the warm calls (INVITE->180, {calls} calls, timestamps at the peers' sockets):"]
+    out = [
+        f"latency by stage of the warm calls (INVITE->180, {calls} calls, timestamps at the peers' sockets):"
+    ]
     for name, values in pooled.items():
         if values:
-            out.append(f"  {name:<44} p50 {Timings.pct(values, 50):6.3f} ms  p99 {Timings.pct(values, 99):6.3f} ms")
+            out.append(
+                f"  {name:<44} p50 {Timings.pct(values, 50):6.3f} ms  p99 {Timings.pct(values, 99):6.3f} ms"
+            )
     return out
 
 
@@ -450,9 +439,7 @@ async def overlay_rows(
                 new_aors_total=UNLIMITED,
                 scan_rate=UNLIMITED,
             )
-            peers.append(
-                await Peer.start(config, node_config=_maintenance(maintenance))
-            )
+            peers.append(await Peer.start(config, node_config=_maintenance(maintenance)))
         await wait_until_consistent([p.node for p in peers], timeout=120)
         uas_port = free_port()
         with uas(workdir, uas_port, name="uas"):
@@ -538,7 +525,13 @@ async def overlay_rows(
             )  # fmt: skip
             timeline.close()
             TIMELINES.append(timeline.stages(timed.invite_ms))
-            return [home, direct, single, quorum_t, warm], (len(warm.invite_ms), cpu, stages, counters, idle / wall)
+            return [home, direct, single, quorum_t, warm], (
+                len(warm.invite_ms),
+                cpu,
+                stages,
+                counters,
+                idle / wall,
+            )
     finally:
         for peer in peers:
             await peer.close(leave=False)
@@ -600,11 +593,18 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (removed by default)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown too")
-    parser.add_argument("--top", type=int, default=0, help="print the N costliest functions of the warm calls")
+    parser.add_argument(
+        "--top", type=int, default=0, help="print the N costliest functions of the warm calls"
+    )
     args = parser.parse_args()
     global TOP
     TOP = max(0, args.top)
-    if (args.maintenance is not None and args.maintenance <= 0) or args.repeat < 1 or args.rate <= 0 or args.users < 1:
+    if (
+        (args.maintenance is not None and args.maintenance <= 0)
+        or args.repeat < 1
+        or args.rate <= 0
+        or args.users < 1
+    ):
         print(
             "bench/peer.py: --maintenance and --rate must be > 0, --repeat and --users >= 1", file=sys.stderr
         )

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from conditions import Conditions  # noqa: E402
 from conftest import free_port  # noqa: E402
-from interop.kamailio import MODULES, Kamailio  # noqa: E402
+from interop.kamailio import Kamailio, usrloc_header  # noqa: E402
 from interop.sipp import SippResult, run_calls  # noqa: E402
 
 from overlay.localring import quick_node_config, wait_until_consistent  # noqa: E402
@@ -51,7 +51,27 @@ from p2psip.peer import Peer  # noqa: E402
 from p2psip.ratelimit import UNLIMITED  # noqa: E402
 
 DOMAIN = "p2p.example"
-LADDER = [50, 100, 150, 200, 250, 350, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 16000, 20000]
+LADDER = [
+    50,
+    100,
+    150,
+    200,
+    250,
+    350,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+    3000,
+    4000,
+    6000,
+    8000,
+    10000,
+    12000,
+    16000,
+    20000,
+]
 MIN_RATE_FRACTION = 0.9
 TAIL_S = 1.0
 PASSWORD = "secret"
@@ -100,27 +120,9 @@ def kamailio_config(host: str, port: int, digest: bool, children: int) -> str:
         if digest
         else ""
     )
-    return f"""#!KAMAILIO
-debug=1
-log_stderror=yes
-children={children}
-auto_aliases=no
-dns=no
-rev_dns=no
-listen=udp:{host}:{port}
-alias="{DOMAIN}"
-mpath="{MODULES}"
-loadmodule "pv.so"
-loadmodule "sl.so"
-loadmodule "tm.so"
-loadmodule "maxfwd.so"
-loadmodule "textops.so"
-loadmodule "siputils.so"
-loadmodule "usrloc.so"
-loadmodule "registrar.so"
-loadmodule "auth.so"
-modparam("usrloc", "db_mode", 0)
-
+    return (
+        usrloc_header(host, port, domain=DOMAIN, children=children, modules=("auth",))
+        + f"""
 request_route {{
     if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
     if (is_method("REGISTER")) {{
@@ -131,6 +133,7 @@ request_route {{
     sl_send_reply("404", "Not Found");
 }}
 """
+    )
 
 
 @dataclass

@@ -123,6 +123,35 @@ loadmodule "siputils.so"
 """ + (tls.config() if tls is not None else "")
 
 
+def usrloc_header(
+    host: str, port: int, *, domain: str, children: int = 2, modules: tuple[str, ...] = ()
+) -> str:
+    """The global part of Kamailio as an in-memory registrar (usrloc ``db_mode`` 0, no auth unless
+    ``modules`` adds it) on UDP ``host:port``, serving ``domain``: the benches' central peer. ``modules``
+    are loaded after the registrar; the caller appends their modparams and the routes."""
+    extra = "".join(f'loadmodule "{name}.so"\n' for name in modules)
+    return f"""#!KAMAILIO
+debug=1
+log_stderror=yes
+children={children}
+auto_aliases=no
+dns=no
+rev_dns=no
+listen=udp:{host}:{port}
+alias="{domain}"
+mpath="{MODULES}"
+loadmodule "pv.so"
+loadmodule "sl.so"
+loadmodule "tm.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+{extra}modparam("usrloc", "db_mode", 0)
+"""
+
+
 def stateful_config(
     host: str,
     port: int,
