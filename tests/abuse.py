@@ -276,15 +276,26 @@ async def guessers(peer: Peer, until: float, count: int, tally: Tally) -> None:
                 call_id = f"g{i}-{n}"
                 try:
                     challenge = await phone.register(target, aor=ALICE, call_id=call_id, timeout=10)
-                    request = _register(phone, ALICE, n)
-                    request.set("Call-ID", call_id)
-                    request.set("CSeq", "2 REGISTER")
-                    guess = answer_challenge(challenge, request, "alice", f"{n:04d}")
-                    answer = await phone.request(guess, target, timeout=10)
                 except (TimeoutError, ValueError, KeyError):
                     continue
+                if challenge.status == 503:
+                    # Shed before auth (overload, too many delayed attempts): no challenge, nothing to guess.
+                    tally.answers["wrong digests unchallenged"] += 1
+                    continue
+                request = _register(phone, ALICE, n)
+                request.set("Call-ID", call_id)
+                request.set("CSeq", "2 REGISTER")
+                guess = answer_challenge(challenge, request, "alice", f"{n:04d}")
                 tally.sent["wrong digests"] += 1
+                try:
+                    answer = await phone.request(guess, target, timeout=10)
+                except TimeoutError:
+                    # The peer may have checked (and counted) it; the answer just came too late.
+                    tally.answers["wrong digests unanswered"] += 1
+                    continue
                 tally.answers[f"wrong digests {answer.status}"] += 1
+                if answer.status == 503 and answer.get("Retry-After") is None:
+                    tally.answers["wrong digests 503-without-Retry-After"] += 1
         finally:
             phone.close()
 

@@ -53,7 +53,14 @@ async def test_mixed_abuse_leaves_no_state_behind(tmp_path: Path) -> None:
     # Every kind of abuse ran, and each defence did its work.
     assert tally.sent["fuzz"] >= SECONDS * 50 and tally.answers["fuzz"] > 0
     assert tally.sent["register flood"] >= SECONDS * 20 and during["peer_new_aors_refused"] > 0
-    assert tally.sent["wrong digests"] >= 5 and during["peer_auth_failures"] == tally.sent["wrong digests"]
+    # Each wrong digest the authenticator saw is counted as a failure; one shed before auth (503 with
+    # Retry-After: overload, or too many attempts waiting out their delay) legitimately is not, and one
+    # whose answer came too late may or may not have been checked.
+    guessed = tally.answers
+    shed, late = guessed["wrong digests 503"], guessed["wrong digests unanswered"]
+    checked = tally.sent["wrong digests"] - shed - late
+    assert checked >= 5 and checked <= during["peer_auth_failures"] <= checked + late, (tally, during)
+    assert guessed["wrong digests 503-without-Retry-After"] == 0
     assert during["peer_auth_delayed"] > 0 and tally.answers["wrong digests 200"] == 0
     assert tally.sent["scan"] >= SECONDS * 10 and during["peer_scans_refused"] > 0
     assert during["sip_slow_closed"] > 0 and during["sip_connections_refused"] > 0
