@@ -204,7 +204,11 @@ async def main():
         await hear(heard)
         done.set_result(report(media, heard))
 
-    ua = UserAgent(stack, aor, outbound=peer, instance=f"<urn:uuid:{uuid.uuid4()}>",
+    # One device per AOR: its instance id persists across restarts (RFC 5626 4.1), as a real phone's does.
+    # A fresh id per run would make each run a new device, which the registrar rightly refuses (403,
+    # trust on first use) while an earlier run's binding lives on, e.g. when its un-REGISTER failed.
+    instance = f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, aor)}>"
+    ua = UserAgent(stack, aor, outbound=peer, instance=instance,
                    on_call=lambda incoming: asyncio.ensure_future(answer(incoming)))
     await ua.register("sip:p2p.example", expires=120)
     print(json.dumps({"registered": aor}), flush=True)
