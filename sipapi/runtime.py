@@ -652,6 +652,10 @@ class ScriptedPeerCore(ScriptingCore, PeerCore):
 # ------------------------------------------------------------------------------ running handlers in-process
 
 
+#: how often a handler thread waiting on the loop checks that the loop still exists (seconds)
+_HANDLER_WAIT_SLICE = 0.25
+
+
 class LoopController(Controller):
     """The :class:`~sipapi.events.Controller` of a script running in this process: calls from the loop
     thread go straight to the :class:`CallControl`; calls from a handler's thread are run on the loop and
@@ -680,7 +684,17 @@ class LoopController(Controller):
         except RuntimeError:  # the loop is closed: a handler left running past its deadline, at shutdown
             coro.close()
             raise ScriptError("the script server has stopped") from None
-        return future.result()
+        # Wait in slices: a loop closed after the call was scheduled never runs it, and a bare
+        # ``future.result()`` would then block this handler thread for ever, and with it the
+        # interpreter's exit (thread-pool workers are joined at exit).
+        while True:
+            try:
+                return future.result(timeout=_HANDLER_WAIT_SLICE)
+            except TimeoutError:
+                if self.loop.is_closed():
+                    future.cancel()
+                    coro.close()  # never to run: close it here rather than warn "never awaited" at exit
+                    raise ScriptError("the script server has stopped") from None
 
     def respond(self, status: int, reason: str | None, headers: list[tuple[str, str]], body: bytes) -> None:
         self._call(self.control.respond, status, reason, headers, body)

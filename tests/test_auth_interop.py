@@ -135,6 +135,7 @@ class DigestRegistrar:
         self.port = self.sock.getsockname()[1]
         self.verified: list[str] = []
         self.failures: list[str] = []
+        self.closing = False
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -144,6 +145,8 @@ class DigestRegistrar:
                 data, peer = self.sock.recvfrom(65535)
             except OSError:
                 return  # closed
+            if self.closing:
+                return
             request = parse(data)
             if not isinstance(request, Request):
                 continue
@@ -157,8 +160,13 @@ class DigestRegistrar:
                 self.sock.sendto(bytes(Response.for_request(request, 200)), peer)
 
     def close(self) -> None:
-        self.sock.close()
+        # Closing a socket does not wake a thread blocked in recvfrom on Linux: a datagram to itself does.
+        self.closing = True
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as waker:
+            waker.sendto(b"", ("127.0.0.1", self.port))
         self.thread.join(timeout=5)
+        self.sock.close()
+        assert not self.thread.is_alive(), "the registrar thread did not end"
 
 
 @pytest.mark.parametrize("algorithms", [("MD5",)])

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from test_sipapi_support import UdpClient
@@ -357,3 +358,34 @@ def test_script_file_names_are_safe() -> None:
     escaped = name("sip:a%2F..%2Fb@example.com")  # an escaped slash stays an escape: no way out of DIR
     assert escaped is not None and "/" not in escaped
     assert name("tel:+15551234") is None
+
+
+def test_a_handler_waiting_on_a_loop_that_closes_is_freed_with_a_script_error() -> None:
+    """A handler thread whose call was scheduled on the loop just before the loop closed must not wait
+    for ever: the CI run once hung at exit on such a thread (thread-pool workers are joined at exit)."""
+    from sipapi.runtime import LoopController
+
+    loop = asyncio.new_event_loop()
+    controller = LoopController(cast(Any, SimpleNamespace(loop=loop)))  # only .loop is used
+    outcome: list[BaseException | None] = []
+    scheduled = threading.Event()
+
+    def handler_thread() -> None:
+        async def answer() -> None:
+            return None
+
+        coro = answer()
+        scheduled.set()
+        try:
+            controller._await(coro)
+            outcome.append(None)
+        except ScriptError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=handler_thread, daemon=True)
+    thread.start()
+    assert scheduled.wait(5)
+    loop.close()  # the loop never ran: whether it closed before or after the call was queued, the same end
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "the handler thread still waits on a closed loop"
+    assert len(outcome) == 1 and isinstance(outcome[0], ScriptError)
