@@ -306,6 +306,9 @@ class StreamConnection(asyncio.Protocol):
         self.keys: list[Target] = []
         self.last_used = layer.loop.time()
         self.closed = False
+        self.lost: str | None = None
+        """How the peer ended the connection (None: it did not, or not yet), for what is written after:
+        the layer's write after a connect can come just after the peer's close was read."""
         self.draining = False
         self.admitted = False
         self.refused = False
@@ -381,6 +384,12 @@ class StreamConnection(asyncio.Protocol):
                 self.transport.write_eof()
         self.layer.loop.call_later(linger, self.close)
 
+    def eof_received(self) -> bool | None:
+        """The peer ended its side; the transport then closes (the default), and meanwhile a write says so."""
+        if not self.closed:
+            self.lost = "closed by the peer"
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.refused:
             return  # never admitted, never counted
@@ -392,6 +401,7 @@ class StreamConnection(asyncio.Protocol):
         self.layer._flow_closed(self)
         if not closed_by_us:
             why = f": {exc}" if exc is not None else ""
+            self.lost = f"closed by the peer{why}"
             self.fail_waiting(f"connection to {self.remote} closed by the peer before it answered{why}")
         else:
             self.unanswered = []
@@ -409,9 +419,18 @@ class StreamConnection(asyncio.Protocol):
             except Exception:
                 log.exception("send-error handler failed")
 
+    def _closed_error(self) -> TransportError:
+        why = self.lost or "is closed"
+        closing = self.transport is not None and self.transport.is_closing()
+        if self.lost is None and not self.closed and closing:
+            # Not closed by us, yet closing: a TLS alert (a refused certificate) or the peer's close was
+            # read, and connection_lost has not run yet.
+            why = "closed by the peer or on a transport error"
+        return TransportError(f"connection to {self.remote} {why}")
+
     def write(self, data: bytes, on_error: ErrorHandler | None = None) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
-            raise TransportError(f"connection to {self.remote} is closed")
+            raise self._closed_error()
         self.last_used = self.layer.loop.time()
         self.transport.write(data)
         if on_error is not None:
@@ -498,7 +517,7 @@ class WebSocketConnection(StreamConnection):
 
     def write(self, data: bytes, on_error: ErrorHandler | None = None) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
-            raise TransportError(f"connection to {self.remote} is closed")
+            raise self._closed_error()
         self.last_used = self.layer.loop.time()
         if self.ws.open:
             self._send(data)

@@ -12,7 +12,7 @@ import pytest
 from p2psip.address import Target
 from p2psip.errors import ConfigError, TransportError
 from p2psip.message import Request, Response, parse
-from p2psip.transport import Source, TLSConfig, TransportLayer
+from p2psip.transport import Source, StreamConnection, TLSConfig, TransportLayer
 
 OPTIONS = (
     "OPTIONS sip:x@127.0.0.1 SIP/2.0\r\n"
@@ -238,6 +238,49 @@ async def test_a_peer_that_drops_the_connection_unanswered_fails_the_send(answer
             assert isinstance(err, TransportError) and "closed by the peer before it answered" in str(err)
     finally:
         await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_write_after_the_peer_closed_says_the_peer_closed_it() -> None:
+    """The layer writes its first request once the connection is up; on a loaded machine the peer's close
+    (a TLS server refusing our certificate) may be read first. The error then names the peer's close,
+    not just "is closed"."""
+    closed = asyncio.Event()
+
+    async def server_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(server_side, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    layer, _ = await make_layer("udp:127.0.0.1:0")
+    loop = asyncio.get_running_loop()
+    try:
+
+        class Watched(StreamConnection):
+            def connection_lost(self, exc: Exception | None) -> None:
+                super().connection_lost(exc)
+                closed.set()
+
+        _, conn = await loop.create_connection(
+            lambda: Watched(layer, "tcp", outgoing=True), "127.0.0.1", port
+        )
+        await asyncio.wait_for(closed.wait(), 10)
+        with pytest.raises(TransportError, match="closed by the peer"):
+            conn.write(bytes(options("w1", transport="TCP")))
+        # The window before connection_lost runs: the transport is closing under the connection (as
+        # asyncio's TLS transport is at once on a fatal alert), which the connection did not ask for.
+        closed.clear()
+        _, conn = await loop.create_connection(
+            lambda: Watched(layer, "tcp", outgoing=True), "127.0.0.1", port
+        )
+        assert conn.transport is not None
+        conn.transport.abort()  # connection_lost comes on a later loop iteration
+        with pytest.raises(TransportError, match="closed by the peer or on a transport error"):
+            conn.write(bytes(options("w2", transport="TCP")))
+        await asyncio.wait_for(closed.wait(), 10)
+    finally:
+        await layer.close()
         server.close()
         await server.wait_closed()
 

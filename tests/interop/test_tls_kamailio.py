@@ -236,7 +236,9 @@ async def test_mutual_tls_refused_certificate_fails_the_request_at_once(
         failure = await _refused_registration(stack, kamailio)
     # (Kamailio's own log line about the refused certificate may be written after we get here: not read.)
     assert failure.status == 503, failure
-    assert "closed by the peer before it answered" in str(failure), failure
+    # Whether our REGISTER was written just before Kamailio's close was read or just after (a loaded
+    # machine may read it first), the failure names the peer's close.
+    assert "closed by the peer" in str(failure), failure
 
 
 async def test_our_ua_refuses_a_kamailio_it_does_not_trust(
