@@ -342,14 +342,14 @@ class Stack:
         message = event.message
         tx = event.transaction
         try:
-            if isinstance(message, Response):
-                source = event.destination if isinstance(event.destination, Source) else None
-                self.transport.send_response(message, source)
-            else:
+            if isinstance(message, Request):
                 dest = event.destination
                 # Only a stream connect reports errors later; UDP raises at once (no closure per datagram).
                 on_error = None if dest.transport == "udp" else self._error_handler(tx)
                 self.transport.send(bytes(message), dest, on_error)
+            else:  # a Response, or the bytes a completed transaction kept of one (SentResponse)
+                source = event.destination if isinstance(event.destination, Source) else None
+                self.transport.send_response(message, source)
         except (TransportError, OSError) as exc:
             self._transport_error(tx, exc)
 
@@ -441,6 +441,7 @@ class Stack:
 
     def respond(self, transaction: ServerTransaction, response: Response) -> None:
         """Send ``response`` through its server transaction (retransmissions and timers are handled)."""
+        self.transport.stamp(response)
         events = self.transactions.send_response(transaction, response, self.loop.time())
         self._run(events)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from p2psip.errors import TransactionError
-from p2psip.message import Request, Response
+from p2psip.message import Request, Response, SentResponse
 from p2psip.timers import DEFAULT_TIMERS, TimerConfig
 
 MAGIC_COOKIE = "z9hG4bK"
@@ -69,7 +69,7 @@ class Transmit:
     """Send ``message`` to ``destination`` (a client transaction's destination, or the source a server
     transaction's request came from; responses may instead be routed by Via per §18.2.2)."""
 
-    message: Request | Response
+    message: Request | Response | SentResponse
     destination: Destination
     transaction: Transaction
 
@@ -232,11 +232,14 @@ class Transaction:
     """How the layer finds it (:func:`client_key` / :func:`server_key`), set by the client and server."""
 
     def __init__(self, request: Request, *, reliable: bool, timers: TimerConfig = DEFAULT_TIMERS) -> None:
-        self.request = request
+        self._request: Request | None = request
+        self._method = request.method.upper()
         self.reliable = reliable
         self.timers = timers
         self.state = State.TERMINATED
-        self.last_response: Response | None = None
+        self.last_response: Response | SentResponse | None = None
+        """The last response sent (server) or received (client); a completed non-INVITE server transaction
+        keeps only its bytes (:class:`~p2psip.message.SentResponse`, see :meth:`TransactionLayer._shed`)."""
         self.deadlines: dict[str, float] = {}
         """The armed timers, name -> absolute fire time (read-only for callers)."""
         self.context: Any = None
@@ -248,8 +251,21 @@ class Transaction:
         return self.state is State.TERMINATED
 
     @property
+    def request(self) -> Request:
+        """The request that created the transaction. Raises :class:`TransactionError` once a completed
+        non-INVITE server transaction dropped it (it then answers retransmissions from bytes alone)."""
+        request = self._request
+        if request is None:
+            raise TransactionError(f"{self!r} dropped its request on completion")
+        return request
+
+    @request.setter
+    def request(self, request: Request) -> None:
+        self._request = request
+
+    @property
     def method(self) -> str:
-        return self.request.method.upper()
+        return self._method
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.method} {self.state.value}>"
@@ -552,9 +568,15 @@ class ServerTransaction(Transaction):
         super().__init__(request, reliable=reliable, timers=timers)
         self.source = source
         self.key = server_key(request)
+        self._to_tag: str | None = None
 
-    def _send(self, out: list[Action], message: Request | Response) -> None:
+    def _send(self, out: list[Action], message: Request | Response | SentResponse) -> None:
         out.append(Transmit(message, self.source, self))
+
+    @property
+    def to_tag(self) -> str | None:
+        """The To tag of the request (RFC 2543 matching, §17.2.3), kept when the request is dropped."""
+        return self._to_tag if self._request is None else self._request.to.tag
 
     def start(self, now: float) -> list[Action]:
         """Enter the initial state and pass the request to the TU."""
@@ -712,17 +734,22 @@ class NonInviteServerTransaction(ServerTransaction):
         out: list[Action] = []
         if self.state not in (State.TRYING, State.PROCEEDING):
             raise self._refuse(response)
-        self.last_response = response
-        self._send(out, response)
         if response.status < 200:
+            self.last_response = response
+            self._send(out, response)
             if self.state is State.TRYING:
                 self._enter(State.PROCEEDING)
             return out
         self._enter(State.COMPLETED)
         delay = self.timers.j(self.reliable)
         if delay > 0:
+            # Encoded once, here: sent now and for every retransmission until Timer J (see keep_bytes_only).
+            self.last_response = SentResponse(response)
+            self._send(out, self.last_response)
             self._start(out, "J", now, delay)
         else:
+            self.last_response = response
+            self._send(out, response)
             self._terminate(out)
         return out
 
@@ -731,6 +758,17 @@ class NonInviteServerTransaction(ServerTransaction):
         if self._fire_check(name, now) and name == "J" and self.state is State.COMPLETED:
             self._terminate(out)
         return out
+
+    def keep_bytes_only(self) -> None:
+        """In Completed, waiting for Timer J (§17.2.2), answering a retransmission needs only the bytes
+        of the final response (encoded once by :meth:`send_response`: the TU stamps it first, e.g. with
+        its ``Server`` header) and the key, plus the To tag for RFC 2543 matching: drop the parsed request.
+        The layer calls this at its next call (:meth:`TransactionLayer._shed`), once the TU has handled
+        the request."""
+        request = self._request
+        if self.state is State.COMPLETED and request is not None:
+            self._to_tag = request.to.tag
+            self._request = None
 
 
 # --------------------------------------------------------------------------------------------- layer
@@ -806,8 +844,11 @@ class TransactionLayer:
         """Drop the parsed views of the messages that lingering transactions keep (see
         :meth:`~p2psip.message.Message.forget_views`): the request, the last response and the ACK."""
         for tx in self._lingering:
+            if isinstance(tx, NonInviteServerTransaction):
+                tx.keep_bytes_only()
+                continue
             tx.request.forget_views()
-            if tx.last_response is not None:
+            if isinstance(tx.last_response, Response):
                 tx.last_response.forget_views()
             if isinstance(tx, InviteClientTransaction) and tx.ack is not None:
                 tx.ack.forget_views()
@@ -947,8 +988,8 @@ class TransactionLayer:
         tag = request.to.tag
         if request.method.upper() == "ACK":
             sent = tx.last_response
-            return sent is not None and sent.to.tag == tag
-        return tx.request.to.tag == tag
+            return isinstance(sent, Response) and sent.to.tag == tag
+        return tx.to_tag == tag
 
     def send_response(self, transaction: ServerTransaction, response: Response, now: float) -> list[TUEvent]:
         """The TU answers through ``transaction`` (raises :class:`TransactionError` if not allowed)."""

@@ -57,7 +57,7 @@ from p2psip.address import (
 from p2psip.background import Background
 from p2psip.errors import ConfigError, ParseError, TransportError
 from p2psip.flows import Failed, FlowTable, looks_like_stun, stun_reply
-from p2psip.message import Limits, Request, Response, StreamFramer, parse
+from p2psip.message import Limits, Request, Response, SentResponse, StreamFramer, parse
 from p2psip.streamguard import Progress, StreamGuard, StreamLimits
 from p2psip.websocket import POLICY_VIOLATION, OriginPolicy, WSEndpoint, WSResult
 
@@ -1009,7 +1009,9 @@ class TransportLayer:
                 if on_error is not None:
                     on_error(exc)
 
-    def response_target(self, response: Response, source: Source | None = None) -> Target | StreamConnection:
+    def response_target(
+        self, response: Response | SentResponse, source: Source | None = None
+    ) -> Target | StreamConnection:
         """Where a response goes (§18.2.2 with RFC 3581): the request's own connection when it is still
         open, else (re)connect/send to received:rport, maddr or the sent-by of the top Via."""
         if source is not None:
@@ -1028,11 +1030,18 @@ class TransportLayer:
                 return alias
         return response_target(via)
 
-    def send_response(self, response: Response, source: Source | None = None) -> None:
-        """Serialize and send a response along §18.2.2 (see :meth:`response_target`). A response made
-        here (not one being forwarded) gets this layer's ``Server`` header, if it has one and none yet."""
+    def stamp(self, response: Response) -> None:
+        """Give a response made here (not one being forwarded) this layer's ``Server`` header, if it has
+        one and none yet. The stack stamps before the transaction sees the response, so the bytes a
+        completed transaction keeps (:class:`~p2psip.message.SentResponse`) are those first sent."""
         if self.server and response.local and "Server" not in response:
             response.add("Server", self.server)
+
+    def send_response(self, response: Response | SentResponse, source: Source | None = None) -> None:
+        """Serialize and send a response along §18.2.2 (see :meth:`response_target`), stamped (see
+        :meth:`stamp`) when it is a :class:`Response`."""
+        if isinstance(response, Response):
+            self.stamp(response)
         where = self.response_target(response, source)
         data = bytes(response)
         if isinstance(where, StreamConnection):

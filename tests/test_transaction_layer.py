@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from p2psip.errors import TransactionError
-from p2psip.message import Request, Response, parse
+from p2psip.message import Request, Response, SentResponse, parse
 from p2psip.timers import TimerConfig
 from p2psip.transaction import (
     InviteClientTransaction,
@@ -235,28 +235,68 @@ class TestServerSide:
         assert len(of(layer.receive_request(request("OPTIONS"), SRC, 40.0, reliable=False), PassToTU)) == 1
 
     def test_lingering_transactions_drop_parsed_views(self) -> None:
-        """Once a transaction only absorbs retransmissions (Accepted, Completed), the layer drops the parsed
+        """Once an INVITE transaction only absorbs retransmissions (Accepted), the layer drops the parsed
         views of its messages at its next call, so a proxy holding ~10,000 of them for 32 s gives the
         garbage collector a third of the objects to walk. The views come back on access."""
         layer = TransactionLayer()
-        invite, options = request(), request("OPTIONS", branch="z9hG4bKl2")
+        invite = request()
         (itu,) = of(layer.receive_request(invite, SRC, 0.0, reliable=False), PassToTU)
-        (otu,) = of(layer.receive_request(options, SRC, 0.0, reliable=False), PassToTU)
-        ist, nist = itu.transaction, otu.transaction
-        assert isinstance(ist, InviteServerTransaction) and isinstance(nist, NonInviteServerTransaction)
-        ok, done = response(invite, 200), response(options, 200)
+        ist = itu.transaction
+        assert isinstance(ist, InviteServerTransaction)
+        ok = response(invite, 200)
         layer.send_response(ist, ok, 0.1)
-        layer.send_response(nist, done, 0.1)
-        assert ist.state is State.ACCEPTED and nist.state is State.COMPLETED
+        assert ist.state is State.ACCEPTED
         assert invite.top_via is not None and ok.to.tag == "b1"  # still parsed while the TU handles it
-        views = [m._cache for m in (invite, ok, options, done)]
-        assert all(views)
+        assert invite._cache and ok._cache
         layer.handle_timers(0.2)  # the layer's next call
-        assert not any(m._cache for m in (invite, ok, options, done))
-        # still answerable: a retransmitted OPTIONS gets the same 200 again, parsed views come back
-        again = layer.receive_request(request("OPTIONS", branch="z9hG4bKl2"), SRC, 0.3, reliable=False)
-        (resend,) = of(again, Transmit)
-        assert resend.message is done and done.to.tag == "b1" and invite.top_via.branch == "z9hG4bKl1"
+        assert not invite._cache and not ok._cache
+        assert invite.top_via.branch == "z9hG4bKl1" and ist.request is invite  # views come back
+
+    def test_completed_non_invite_server_keeps_only_the_response_bytes(self) -> None:
+        """A completed non-INVITE server transaction (§17.2.2, waiting for Timer J) answers retransmissions
+        from the bytes of its final response alone: from the layer's next call on it holds neither the
+        parsed request nor the parsed response (a registrar at 150 REGISTER/s keeps 4,800 of them), and a
+        retransmitted request gets a byte-identical response until Timer J ends it."""
+        layer = TransactionLayer()
+        options = request("OPTIONS", branch="z9hG4bKl2")
+        (otu,) = of(layer.receive_request(options, SRC, 0.0, reliable=False), PassToTU)
+        nist = otu.transaction
+        assert isinstance(nist, NonInviteServerTransaction)
+        done = response(options, 200)
+        sent = bytes(done)
+        (first,) = of(layer.send_response(nist, done, 0.1), Transmit)
+        kept = nist.last_response  # encoded once, sent now and kept
+        assert isinstance(kept, SentResponse) and first.message is kept and nist.state is State.COMPLETED
+        assert kept.status == 200 and bytes(kept) == sent and kept.local is False
+        assert nist.request is options  # the TU may still read it while it handles the request
+        layer.handle_timers(0.2)  # the layer's next call
+        assert not any(isinstance(v, Request | Response) for v in vars(nist).values())
+        with pytest.raises(TransactionError):
+            _ = nist.request
+        assert nist.method == "OPTIONS" and repr(nist) == "<NonInviteServerTransaction OPTIONS Completed>"
+        for at in (0.5, 1.5):
+            again = layer.receive_request(request("OPTIONS", branch="z9hG4bKl2"), SRC, at, reliable=False)
+            (resend,) = again
+            assert isinstance(resend, Transmit) and resend.destination == SRC and resend.transaction is nist
+            assert bytes(resend.message) == sent and resend.message.top_via == done.top_via
+        assert layer.stats["retransmissions"] == 2
+        assert [type(e) for _t, e in drive(layer, 100.0)] == [Terminated] and len(layer) == 0
+
+    def test_completed_rfc2543_non_invite_server_still_matches_by_to_tag(self) -> None:
+        """Without a branch (RFC 2543 matching) the To tag of the dropped request still tells a
+        retransmission (same tag) from a new request (another tag)."""
+        layer = TransactionLayer()
+        bye = request("BYE", branch=None, to_tag="t1")
+        (tu,) = of(layer.receive_request(bye, SRC, 0.0, reliable=False), PassToTU)
+        tx = tu.transaction
+        assert isinstance(tx, NonInviteServerTransaction)
+        layer.send_response(tx, response(bye, 200, "t1"), 0.1)
+        layer.handle_timers(0.2)
+        assert isinstance(tx.last_response, SentResponse) and tx.to_tag == "t1"
+        (resend,) = layer.receive_request(request("BYE", branch=None, to_tag="t1"), SRC, 0.3, reliable=False)
+        assert isinstance(resend, Transmit) and bytes(resend.message) == bytes(response(bye, 200, "t1"))
+        other = layer.receive_request(request("BYE", branch=None, to_tag="t2"), SRC, 0.4, reliable=False)
+        assert len(of(other, PassToTU)) == 1
 
     def test_full_call_between_two_layers(self) -> None:
         """A UAC layer and a UAS layer wired back to back through a lossy-free fake network."""

@@ -26,7 +26,7 @@ from p2psip.message.authheaders import format_auth, parse_auth
 from p2psip.message.framing import StreamFramer
 from p2psip.message.ids import REASONS, new_branch, new_call_id, new_tag
 from p2psip.message.limits import Limits, text_body
-from p2psip.message.model import Message, Request, Response
+from p2psip.message.model import Message, Request, Response, SentResponse
 from p2psip.message.names import canonical_name, split_list
 from p2psip.message.parser import answerable_head, parse
 from p2psip.message.values import CSeq, Via
@@ -38,6 +38,7 @@ __all__ = [
     "Message",
     "Request",
     "Response",
+    "SentResponse",
     "StreamFramer",
     "Via",
     "answerable_head",
