@@ -238,8 +238,9 @@ class Transaction:
         self.timers = timers
         self.state = State.TERMINATED
         self.last_response: Response | SentResponse | None = None
-        """The last response sent (server) or received (client); a completed non-INVITE server transaction
-        keeps only its bytes (:class:`~p2psip.message.SentResponse`, see :meth:`TransactionLayer._shed`)."""
+        """The last response sent (server) or received (client); the final response of a non-INVITE server
+        transaction that lingers for Timer J is kept as its bytes only (:class:`~p2psip.message.SentResponse`,
+        see :meth:`NonInviteServerTransaction.keep_bytes_only`)."""
         self.deadlines: dict[str, float] = {}
         """The armed timers, name -> absolute fire time (read-only for callers)."""
         self.context: Any = None
