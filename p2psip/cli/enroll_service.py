@@ -81,6 +81,8 @@ def issue_token(ca_dir: Path, kind: str, subject: str, *, now: float, days: floa
     path = ca_dir / TOKENS_FILE
     tokens = {h: t for h, t in _read_tokens(path).items() if float(t.get("until", 0)) > now}
     token = secrets.token_urlsafe(24)
+    while token.startswith("-"):  # 1 in 64: `--token -x...` would read as an option on the command line
+        token = secrets.token_urlsafe(24)
     tokens[_digest(token)] = {
         "kind": kind,
         "subject": canonical_subject(kind, subject),
