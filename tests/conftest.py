@@ -7,6 +7,7 @@ without it the test skips; under ``CI=true`` a missing tool is a failure, never 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 
@@ -27,18 +28,44 @@ def require_tool(name: str) -> str:
     pytest.skip(f"{name} is not installed")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``host`` right now (for tools that need a fixed port)."""
+# Ports handed to third-party tools come from below the kernel's ephemeral range
+# (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default): the kernel never picks these for a
+# bind to port 0 or for an outgoing connection, so a port we probed free cannot be taken by one of our own
+# peers' sockets between the probe and the tool's bind (CI once saw baresip fail with "Address already in
+# use" so). Ports handed out are remembered, so two calls before either port is bound never collide.
+_FIXED_PORTS = range(20000, 32000)
+_handed_out: set[tuple[str, int]] = set()
+_port_rng = random.Random()
+
+
+def _bindable(family: int, kind: int, host: str, port: int) -> bool:
+    with socket.socket(family, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", *, span: int = 1) -> int:
+    """A port p free for both UDP and TCP on ``host`` right now, with p+1 .. p+span-1 free for TCP too (for
+    tools that need fixed ports; baresip, say, listens for TLS at p+1), never one handed out before."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = udp.getsockname()[1]
-            try:
-                with socket.socket(family, socket.SOCK_STREAM) as tcp:
-                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    tcp.bind((host, port))
-            except OSError:
-                continue
-            return int(port)
-    raise RuntimeError("no free port pair found on loopback")
+    for _ in range(500):
+        port = _port_rng.choice(_FIXED_PORTS)
+        wanted = [(host, port + i) for i in range(span)]
+        if any(key in _handed_out for key in wanted):
+            continue
+        if not _bindable(family, socket.SOCK_DGRAM, host, port):
+            continue
+        if all(_bindable(family, socket.SOCK_STREAM, host, p) for _, p in wanted):
+            _handed_out.update(wanted)
+            return port
+    raise RuntimeError("no free port found on loopback")
+
+
+def free_sip_port() -> int:
+    """A port p for baresip's SIP: UDP and TCP at p and TLS at p + 1 must all be free."""
+    return free_port(span=2)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, require_tool
+from conftest import free_port, free_sip_port, require_tool
 from interop.procs import stop
 
 from p2psip.media import MediaSession, MemorySink, ToneSource, dominant_frequency, goertzel_power
@@ -29,20 +29,6 @@ from p2psip.sdp import SessionDescription, make_answer, negotiated
 MODULES = "/usr/lib/baresip/modules"
 CANDIDATES = [300, 440, 600, 800, 1000, 1500, 2000]
 pytestmark = pytest.mark.interop
-
-
-def free_sip_port() -> int:
-    """A port p free for UDP and TCP, with p + 1 free for TCP: baresip's SIP listens on UDP and TCP at p and
-    TLS at p + 1. (A UDP-only probe is not enough: a port free for UDP can be taken for TCP.)"""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair on loopback")
 
 
 def _header(head: str, name: str) -> str:
@@ -87,6 +73,7 @@ class Baresip:
         (directory / "config").write_text(
             f"sip_listen 127.0.0.1:{sip_port}\n"
             "net_interface 127.0.0.1\n"
+            "rtp_ports 40000-49999\n"  # off the fixed ports conftest.free_port hands out
             "audio_source ausine,440\n"
             "audio_player aufile,/dev/null\n"
             "audio_alert aufile,/dev/null\n"

@@ -32,6 +32,7 @@ def baresip_config(sip_listen: str, cons_port: int, *, apps: tuple[str, ...] = (
     return (
         f"sip_listen {sip_listen}\n"
         "net_interface 127.0.0.1\n"
+        "rtp_ports 40000-49999\n"  # off the fixed ports conftest.free_port hands out
         "audio_player aufile,/dev/null\n"
         "audio_source ausine,440\n"
         "audio_alert aufile,/dev/null\n"

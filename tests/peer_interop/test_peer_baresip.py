@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, require_tool
+from conftest import free_port, free_sip_port, require_tool
 from interop.procs import stop
-from test_media_baresip import free_sip_port
 
 from p2psip.media import dominant_frequency
 from p2psip.media.sources import read_wav

@@ -21,9 +21,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require_tool
+from conftest import free_port, free_sip_port, require_tool
 from interop.procs import stop
-from test_media_baresip import free_sip_port
 
 from p2psip import pidf, sdp
 from p2psip.peer import Peer
