@@ -43,17 +43,15 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, missing_tool  # first: it puts this checkout on sys.path
 
-from conditions import Conditions  # noqa: E402
-from conftest import free_port  # noqa: E402
-from interop.kamailio import Kamailio, stateful_config  # noqa: E402
-from interop.procs import children_of  # noqa: E402
-from interop.sipp import UAS_RR, run_calls, uac, uas  # noqa: E402
-from registrar import kamailio_config, sipp_step  # noqa: E402
+# isort: split
+from conditions import Conditions
+from conftest import free_port
+from interop.kamailio import Kamailio, stateful_config
+from interop.procs import children_of
+from interop.sipp import UAS_RR, run_calls, uac, uas
+from registrar import kamailio_config, sipp_step
 
 DOMAIN = "p2p.example"
 WARMUP = 100
@@ -319,10 +317,8 @@ def main() -> int:
     if min(args.registrations, args.register_rate, args.calls, args.children) < 1 or args.ring < 3:
         print("bench/memory.py: counts and rates >= 1, --ring >= 3", file=sys.stderr)
         return 2
-    for tool in ("sipp", "kamailio"):
-        if shutil.which(tool) is None:
-            print(f"bench/memory.py: {tool} is not installed", file=sys.stderr)
-            return 2
+    if missing_tool("memory"):
+        return 2
     conditions = Conditions()
     root = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     figures: list[Figure] = []

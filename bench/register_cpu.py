@@ -25,11 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+from harness import own_cpu  # first: it puts this checkout on sys.path
 
-from conditions import Conditions  # noqa: E402
-from registrar import Ours, own_cpu  # noqa: E402
+# isort: split
+from conditions import Conditions
+from registrar import Ours
 
 CLIENT = r"""
 import re, select, socket, sys, time

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import resource
 import shutil
 import sys
 import tempfile
@@ -34,21 +33,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
+from harness import missing_tool, own_cpu  # first: it puts this checkout on sys.path
 
-from conditions import Conditions  # noqa: E402
-from conftest import free_port  # noqa: E402
-from interop.kamailio import Kamailio, usrloc_header  # noqa: E402
-from interop.sipp import SippResult, run_calls  # noqa: E402
+# isort: split
+from conditions import Conditions
+from conftest import free_port
+from interop.kamailio import Kamailio, usrloc_header
+from interop.sipp import SippResult, run_calls
 
-from overlay.localring import quick_node_config, wait_until_consistent  # noqa: E402
-from p2psip.auth import DigestServer  # noqa: E402
-from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount  # noqa: E402
-from p2psip.peer import Peer  # noqa: E402
-from p2psip.ratelimit import UNLIMITED  # noqa: E402
+from overlay.localring import quick_node_config, wait_until_consistent
+from p2psip.auth import DigestServer
+from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount
+from p2psip.peer import Peer
+from p2psip.ratelimit import UNLIMITED
 
 DOMAIN = "p2p.example"
 LADDER = [
@@ -153,11 +150,6 @@ class Row:
 
     def at_max(self) -> list[Step]:
         return [s for s in self.steps if s.rate == self.max_rate and s.ok]
-
-
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class EveryAorHasAnAccount(dict[str, UserAccount]):
@@ -340,10 +332,8 @@ def main() -> int:
     if args.duration <= 0 or args.repeat < 1 or args.size < 1 or args.children < 1:
         print("bench/registrar.py: --duration > 0, --repeat, --size and --children >= 1", file=sys.stderr)
         return 2
-    for tool in ("sipp", "kamailio"):
-        if shutil.which(tool) is None:
-            print(f"bench/registrar.py: {tool} is not installed", file=sys.stderr)
-            return 2
+    if missing_tool("registrar"):
+        return 2
     conditions = Conditions()
     root = Path(tempfile.mkdtemp(prefix="bench-registrar-"))
     variants = [v for v in (False, True) if args.only is None or args.only == ("digest" if v else "plain")]
