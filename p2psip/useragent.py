@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -378,6 +379,8 @@ class _Registration:
         """The registrar's 200 said ``Require: outbound``: it is our edge proxy for RFC 5626 (and answers
         STUN on its UDP port, §8)."""
         self.mapped: tuple[str, int] | None = None
+        self.failures = 0
+        """Refreshes that failed in a row (the RFC 5626 §4.5 back-off grows with them)."""
         self.turn: TurnGrant | None = None
         """TURN credentials the registrar's last 200 granted (``P-P2PSIP-TURN``, :mod:`p2psip.turngrant`)."""
 
@@ -743,11 +746,7 @@ class UserAgent:
         if reg.refresh is not None:
             reg.refresh.cancel()
             reg.refresh = None
-        response = await asyncio.wait_for(self._register_once(reg, expires), timeout)
-        minimum = response.get("Min-Expires")
-        if response.status == 423 and minimum and minimum.isdigit() and int(minimum) > expires:
-            expires = int(minimum)  # §10.2.8: 423 Interval Too Brief: ask again with the registrar's minimum
-            response = await asyncio.wait_for(self._register_once(reg, expires), timeout)
+        response, expires = await self._register_as_told(reg, expires, timeout)
         if response.status >= 300:
             raise CallFailed(response.status, response.reason, response)
         if expires == 0:
@@ -766,8 +765,53 @@ class UserAgent:
             reg.refresh = self.loop.call_later(delay, self._refresh, reg)
         return response
 
+    async def _register_as_told(
+        self, reg: _Registration, expires: int, timeout: float
+    ) -> tuple[Response, int]:
+        """REGISTER, asked again where the registrar says how, all within ``timeout``: a 423 with a longer
+        Min-Expires (§10.2.8), a 503 whose Retry-After (jittered, :func:`register_retry_delay`) ends before
+        the timeout does (§21.5.4). Returns the last response and the expiry it asked for."""
+        deadline = self.loop.time() + timeout
+        for _ in range(REGISTER_ATTEMPTS):
+            left = max(0.0, deadline - self.loop.time())
+            response = await asyncio.wait_for(self._register_once(reg, expires), left)
+            minimum = response.get("Min-Expires")
+            if response.status == 423 and minimum and minimum.isdigit() and int(minimum) > expires:
+                expires = int(minimum)
+                continue
+            if response.status == 503 and response.get("Retry-After") is not None:
+                wait = register_retry_delay(503, response.get("Retry-After"), 0)
+                if wait is not None and self.loop.time() + wait < deadline:
+                    log.info("registrar %s: 503, asking again in %.1f s (Retry-After)", reg.registrar, wait)
+                    await asyncio.sleep(wait)
+                    continue
+            break
+        return response, expires
+
     def _refresh(self, reg: _Registration) -> None:
-        self._tasks.spawn(self.register(reg.registrar, expires=reg.expires or 3600))
+        self._tasks.spawn(self._refresh_now(reg))
+
+    async def _refresh_now(self, reg: _Registration) -> None:
+        """Renew a binding. When that fails, the binding is not given up: the next attempt waits the
+        registrar's Retry-After, or the RFC 5626 §4.5 back-off, so a registrar that sheds load (peers answer
+        503 + Retry-After when busy) sees its phones come back spread out, not all at once or never."""
+        try:
+            await self.register(reg.registrar, expires=reg.expires or 3600)
+        except (CallFailed, TimeoutError, TransportError) as exc:
+            if self._registrations.get(str(reg.registrar)) is not reg:
+                return  # unregistered meanwhile (close() cancels this task)
+            response = exc.response if isinstance(exc, CallFailed) else None
+            status = exc.status if isinstance(exc, CallFailed) else 408
+            retry_after = response.get("Retry-After") if response is not None else None
+            delay = register_retry_delay(status, retry_after, reg.failures)
+            if delay is None:
+                log.warning("registration at %s refused (%s): not renewed", reg.registrar, exc)
+                return
+            reg.failures += 1
+            log.info("registration at %s failed (%s): again in %.0f s", reg.registrar, exc, delay)
+            reg.refresh = self.loop.call_later(delay, self._refresh, reg)
+        else:
+            reg.failures = 0
 
     async def _register_once(self, reg: _Registration, expires: int) -> Response:
         reg.cseq += 1
@@ -1188,6 +1232,41 @@ def _keep_latest(queue: asyncio.Queue[Any], item: Any) -> None:
     if queue.full():
         queue.get_nowait()
     queue.put_nowait(item)
+
+
+REGISTER_ATTEMPTS = 4
+"""REGISTERs one :meth:`UserAgent.register` sends at most (a 423, then 503s with a short Retry-After)."""
+RETRY_AFTER_MAX = 1800.0
+"""The longest wait a registrar's Retry-After may impose (beyond it, a registrar's typo would park a phone
+for days); RFC 5626 §4.5's max-time."""
+BACKOFF_BASE = 30.0
+BACKOFF_MAX = 1800.0
+"""RFC 5626 §4.5: after the k-th failure in a row, wait a random time between half and all of
+min(BACKOFF_MAX, BACKOFF_BASE * 2**k) (its base-time for "all flows failed", and its max-time)."""
+
+
+def register_retry_delay(
+    status: int,
+    retry_after: str | None,
+    failures: int,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> float | None:
+    """Seconds to wait before registering again after a REGISTER failed with ``status`` (408 for no
+    answer), ``failures`` failures in a row before this one; None: do not (the registrar refused for good).
+
+    A Retry-After (RFC 3261 §20.33, any status) is honoured, bounded by :data:`RETRY_AFTER_MAX`, and
+    jittered upwards by up to a quarter (never earlier than asked: phones a busy registrar turned away at
+    the same moment come back spread out). Without one, timeouts, 408 and 5xx back off as RFC 5626 §4.5
+    says; other refusals (401/403 after our credentials, 404, 6xx...) are final."""
+    if retry_after is not None:
+        digits = retry_after.strip().split(";")[0].split("(")[0].strip()
+        if digits.isdigit():
+            wait = min(float(digits), RETRY_AFTER_MAX)
+            return uniform(wait, wait * 1.25) if wait > 0 else 0.0
+    if status == 408 or 500 <= status < 600:
+        ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(failures, 16))
+        return uniform(ceiling / 2, ceiling)
+    return None
 
 
 def _granted_expires(response: Response, contact: str, asked: int) -> int:

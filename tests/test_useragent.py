@@ -15,7 +15,7 @@ from p2psip.stack import Source, Stack
 from p2psip.timers import TimerConfig
 from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
 from p2psip.transport import TLSConfig
-from p2psip.useragent import CallFailed, IncomingCall, UserAgent
+from p2psip.useragent import RETRY_AFTER_MAX, CallFailed, IncomingCall, UserAgent, register_retry_delay
 
 SDP = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 
@@ -143,6 +143,9 @@ class Registrar:
         self.digest = DigestServer("test.realm", {"alice": "secret"}.get)
         self.bindings: dict[str, str] = {}
         self.registers: asyncio.Queue[Request] = asyncio.Queue()
+        self.refusals: list[tuple[int, str]] = []
+        """(status, Retry-After) to answer the next REGISTERs with, in turn, before accepting again."""
+        self.refused: list[tuple[float, Request]] = []
         stack.attach(self)
 
     def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
@@ -151,6 +154,13 @@ class Registrar:
         _result, challenge = self.digest.check(request, self.stack.loop.time())
         if challenge is not None:
             self.stack.respond(transaction, challenge)
+            return
+        if self.refusals:
+            status, retry_after = self.refusals.pop(0)
+            self.refused.append((self.stack.loop.time(), request))
+            busy = Response.for_request(request, status)
+            busy.add("Retry-After", retry_after)
+            self.stack.respond(transaction, busy)
             return
         if (request.expires or 0) < self.min_expires:
             brief = Response.for_request(request, 423)
@@ -216,6 +226,74 @@ async def test_register_retries_after_423_interval_too_brief() -> None:
         await alice.close()
         await ua_stack.close()
         await reg_stack.close()
+
+
+async def test_register_waits_out_a_503_retry_after_then_registers() -> None:
+    """RFC 3261 §21.5.4: a registrar that sheds load answers 503 with Retry-After; the UA asks again once
+    that time is over (not before, and not much later), in the same call of ``register``."""
+    reg_stack = await Stack.start(["udp:127.0.0.1:0"])
+    ua_stack = await Stack.start(["udp:127.0.0.1:0"])
+    registrar = Registrar(reg_stack)
+    registrar.refusals = [(503, "1")]
+    alice = UserAgent(ua_stack, "sip:alice@127.0.0.1", password="secret")
+    try:
+        host, port = reg_stack.local_address("udp")
+        response = await alice.register(f"sip:{host}:{port}", expires=60, refresh=False)
+        assert response.status == 200
+        accepted = await asyncio.wait_for(registrar.registers.get(), 5)
+        [(refused_at, refused)] = registrar.refused
+        waited = reg_stack.loop.time() - refused_at
+        assert 1.0 <= waited < 1.25 + 0.5, waited  # Retry-After, jittered up by at most a quarter
+        assert accepted.call_id == refused.call_id and accepted.cseq.number > refused.cseq.number
+        with pytest.raises(CallFailed) as failed:  # a Retry-After beyond the timeout: not waited for
+            registrar.refusals = [(503, "60")]
+            await alice.register(f"sip:{host}:{port}", expires=60, refresh=False, timeout=5)
+        assert failed.value.status == 503
+    finally:
+        await alice.close()
+        await ua_stack.close()
+        await reg_stack.close()
+
+
+async def test_a_refused_refresh_is_asked_again_after_retry_after() -> None:
+    """The refresh loop does not give up a binding on a failed refresh: a 500 with Retry-After: 1 (which
+    ``register`` itself does not wait out) makes the loop try again about a second later."""
+    reg_stack = await Stack.start(["udp:127.0.0.1:0"])
+    ua_stack = await Stack.start(["udp:127.0.0.1:0"])
+    registrar = Registrar(reg_stack)
+    alice = UserAgent(ua_stack, "sip:alice@127.0.0.1", password="secret")
+    try:
+        host, port = reg_stack.local_address("udp")
+        await alice.register(f"sip:{host}:{port}", expires=60)  # granted 2 s: refreshed after 1 s
+        first = await asyncio.wait_for(registrar.registers.get(), 5)
+        registrar.refusals = [(500, "1")]
+        again = await asyncio.wait_for(registrar.registers.get(), 10)
+        [(refused_at, refused)] = registrar.refused
+        assert refused.call_id == again.call_id == first.call_id
+        assert 1.0 <= reg_stack.loop.time() - refused_at < 1.25 + 0.5
+        assert again.cseq.number > refused.cseq.number
+    finally:
+        await alice.close()
+        await ua_stack.close()
+        await reg_stack.close()
+
+
+def test_register_retry_delay_honours_retry_after_and_backs_off() -> None:
+    def top(low: float, high: float) -> float:
+        return high
+
+    def bottom(low: float, high: float) -> float:
+        return low
+
+    assert register_retry_delay(503, "1", 0, bottom) == 1.0 and register_retry_delay(503, "1", 0, top) == 1.25
+    assert register_retry_delay(500, "120 (maintenance);duration=60", 3, bottom) == 120.0
+    assert register_retry_delay(503, "999999", 0, bottom) == RETRY_AFTER_MAX  # bounded
+    assert register_retry_delay(403, "10", 0, bottom) == 10.0  # the registrar said when: honoured
+    # no Retry-After: RFC 5626 §4.5, between half and all of min(1800, 30 * 2**k)
+    assert [register_retry_delay(503, None, k, top) for k in range(4)] == [30.0, 60.0, 120.0, 240.0]
+    assert register_retry_delay(408, "soon", 0, bottom) == 15.0  # unreadable Retry-After: back-off
+    assert register_retry_delay(500, None, 40, top) == 1800.0
+    assert register_retry_delay(403, None, 0) is None and register_retry_delay(404, None, 2) is None
 
 
 async def test_an_ignored_call_is_declined_after_answer_timeout(pair: tuple[UserAgent, UserAgent]) -> None:
