@@ -4,6 +4,7 @@ MESSAGE, OPTIONS, REGISTER with digest and refresh."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -228,54 +229,52 @@ async def test_register_retries_after_423_interval_too_brief() -> None:
         await reg_stack.close()
 
 
-async def test_register_waits_out_a_503_retry_after_then_registers() -> None:
-    """RFC 3261 §21.5.4: a registrar that sheds load answers 503 with Retry-After; the UA asks again once
-    that time is over (not before, and not much later), in the same call of ``register``."""
+@contextlib.asynccontextmanager
+async def alice_and_registrar() -> AsyncIterator[tuple[UserAgent, Registrar, str]]:
+    """Alice's UA (password ``secret``) and a :class:`Registrar`, each on its own loopback stack, and the
+    registrar's ``sip:HOST:PORT``; all closed on exit."""
     reg_stack = await Stack.start(["udp:127.0.0.1:0"])
     ua_stack = await Stack.start(["udp:127.0.0.1:0"])
-    registrar = Registrar(reg_stack)
-    registrar.refusals = [(503, "1")]
     alice = UserAgent(ua_stack, "sip:alice@127.0.0.1", password="secret")
     try:
         host, port = reg_stack.local_address("udp")
-        response = await alice.register(f"sip:{host}:{port}", expires=60, refresh=False)
-        assert response.status == 200
-        accepted = await asyncio.wait_for(registrar.registers.get(), 5)
-        [(refused_at, refused)] = registrar.refused
-        waited = reg_stack.loop.time() - refused_at
-        assert 1.0 <= waited < 1.25 + 0.5, waited  # Retry-After, jittered up by at most a quarter
-        assert accepted.call_id == refused.call_id and accepted.cseq.number > refused.cseq.number
-        with pytest.raises(CallFailed) as failed:  # a Retry-After beyond the timeout: not waited for
-            registrar.refusals = [(503, "60")]
-            await alice.register(f"sip:{host}:{port}", expires=60, refresh=False, timeout=5)
-        assert failed.value.status == 503
+        yield alice, Registrar(reg_stack), f"sip:{host}:{port}"
     finally:
         await alice.close()
         await ua_stack.close()
         await reg_stack.close()
+
+
+async def test_register_waits_out_a_503_retry_after_then_registers() -> None:
+    """RFC 3261 §21.5.4: a registrar that sheds load answers 503 with Retry-After; the UA asks again once
+    that time is over (not before, and not much later), in the same call of ``register``."""
+    async with alice_and_registrar() as (alice, registrar, where):
+        registrar.refusals = [(503, "1")]
+        response = await alice.register(where, expires=60, refresh=False)
+        assert response.status == 200
+        accepted = await asyncio.wait_for(registrar.registers.get(), 5)
+        [(refused_at, refused)] = registrar.refused
+        waited = registrar.stack.loop.time() - refused_at
+        assert 1.0 <= waited < 1.25 + 0.5, waited  # Retry-After, jittered up by at most a quarter
+        assert accepted.call_id == refused.call_id and accepted.cseq.number > refused.cseq.number
+        with pytest.raises(CallFailed) as failed:  # a Retry-After beyond the timeout: not waited for
+            registrar.refusals = [(503, "60")]
+            await alice.register(where, expires=60, refresh=False, timeout=5)
+        assert failed.value.status == 503
 
 
 async def test_a_refused_refresh_is_asked_again_after_retry_after() -> None:
     """The refresh loop does not give up a binding on a failed refresh: a 500 with Retry-After: 1 (which
     ``register`` itself does not wait out) makes the loop try again about a second later."""
-    reg_stack = await Stack.start(["udp:127.0.0.1:0"])
-    ua_stack = await Stack.start(["udp:127.0.0.1:0"])
-    registrar = Registrar(reg_stack)
-    alice = UserAgent(ua_stack, "sip:alice@127.0.0.1", password="secret")
-    try:
-        host, port = reg_stack.local_address("udp")
-        await alice.register(f"sip:{host}:{port}", expires=60)  # granted 2 s: refreshed after 1 s
+    async with alice_and_registrar() as (alice, registrar, where):
+        await alice.register(where, expires=60)  # granted 2 s: refreshed after 1 s
         first = await asyncio.wait_for(registrar.registers.get(), 5)
         registrar.refusals = [(500, "1")]
         again = await asyncio.wait_for(registrar.registers.get(), 10)
         [(refused_at, refused)] = registrar.refused
         assert refused.call_id == again.call_id == first.call_id
-        assert 1.0 <= reg_stack.loop.time() - refused_at < 1.25 + 0.5
+        assert 1.0 <= registrar.stack.loop.time() - refused_at < 1.25 + 0.5
         assert again.cseq.number > refused.cseq.number
-    finally:
-        await alice.close()
-        await ua_stack.close()
-        await reg_stack.close()
 
 
 def test_register_retry_delay_honours_retry_after_and_backs_off() -> None:
