@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgpack
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from overlay.chord import NodeRef
 from overlay.errors import WireError
+from overlay.ids import RING
 from overlay.node import Node, NodeConfig
+from overlay.storage import Entry
 from overlay.wire import Codec, Message
 
 
@@ -47,6 +51,42 @@ def decode_fuzzed(
         return None
     assert set(msg.body) <= set(schemas[mtype])
     return msg
+
+
+def _holds_wire_type(ftype: str, value: Any) -> bool:
+    """Whether a decoded field holds what the wire type ``ftype`` converts to (overlay.wire's table)."""
+    if ftype.endswith("?"):
+        return value is None or _holds_wire_type(ftype[:-1], value)
+    if ftype == "id":
+        return isinstance(value, int) and 0 <= value < RING
+    if ftype == "ep":
+        return isinstance(value, tuple) and isinstance(value[0], str) and 0 <= value[1] < 65536
+    if ftype == "nodes":
+        return isinstance(value, list) and all(isinstance(n, NodeRef) for n in value)
+    if ftype == "entries":
+        return isinstance(value, list) and all(isinstance(e, Entry) for e, _ in value)
+    python = {"node": NodeRef, "entry": Entry, "u64": int, "bytes": bytes, "cert": bytes, "str": str}
+    return isinstance(value, python.get(ftype, bool))
+
+
+def wire_fuzz_test(
+    overlay_name: str, schemas: dict[str, dict[str, str]], fields: list[str], what: str
+) -> Callable[..., None]:
+    """A test (assign it to a ``test_...`` name) that whatever body a datagram of one of ``schemas``' types
+    carries (``fields`` of the schemas, a stranger, values of every wire shape), decoding yields a message
+    holding only fields of its schema, each converted to its type, or WireError (dropped and counted)."""
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(sorted(schemas)), fuzz_bodies(fields))
+    def check(mtype: str, body: dict[str, Any]) -> None:
+        msg = decode_fuzzed(overlay_name, mtype, body, schemas)
+        if msg is None:
+            return
+        for name, value in msg.body.items():
+            assert _holds_wire_type(schemas[mtype][name], value), (mtype, name, value)
+
+    check.__doc__ = f"{what} messages are validated strictly: {wire_fuzz_test.__doc__}"
+    return check
 
 
 @contextlib.asynccontextmanager

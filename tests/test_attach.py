@@ -11,20 +11,16 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import replace
-from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from overlay.attach import AttachState
 from overlay.chord import ChordConfig
 from overlay.identity import KeyPair
 from overlay.node import Node, NodeConfig
-from overlay.storage import Entry
 from overlay.wire import ATTACH_MESSAGES, Codec
-from tests.overlay_support import decode_fuzzed, fuzz_bodies, started_ring
+from tests.overlay_support import started_ring, wire_fuzz_test
 
 OVERLAY = "attach-test"
 FAST = NodeConfig(
@@ -75,19 +71,9 @@ def test_without_fallbacks_the_attach_peer_is_kept_and_gone_switches_at_once() -
 # ---------------------------------------------------------------------------------------------- wire
 
 
-body_st = fuzz_bodies(["cert", "entry", "key"])
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(sorted(ATTACH_MESSAGES)), body_st)
-def test_attach_messages_are_validated_strictly(mtype: str, body: dict[str, Any]) -> None:
-    msg = decode_fuzzed(OVERLAY, mtype, body, ATTACH_MESSAGES)
-    if msg is None:
-        return
-    if mtype == "relay_store":
-        assert isinstance(msg.body["entry"], Entry)
-    if mtype == "relay_fetch":
-        assert isinstance(msg.body["key"], int) and 0 <= msg.body["key"] < 2**128
+test_attach_messages_are_validated_strictly = wire_fuzz_test(
+    OVERLAY, ATTACH_MESSAGES, ["cert", "entry", "key"], "Client-peer (attach)"
+)
 
 
 async def test_garbage_and_strangers_relays_are_dropped_counted_or_refused() -> None:

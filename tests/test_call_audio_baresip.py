@@ -63,6 +63,12 @@ async def hang_up_and_check_tones(call: Call, phone: Baresip, heard: MemorySink)
     session = call.media.session
     assert (await call.bye()).status == 200
     assert session.closed
+    await check_tones(phone, heard)
+
+
+async def check_tones(phone: Baresip, heard: MemorySink) -> None:
+    """The call is hung up: once baresip has ended it, each side recorded the other's tone (baresip's
+    ausine 440 Hz, our 1 kHz)."""
     await finish(phone)
     assert_peak(bytes(heard.pcm), 440)
     assert_peak(phone.decoded_recording(), 1000)

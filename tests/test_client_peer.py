@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peer_phone import Phone
-from peer_support import wait_until_settled
+from peer_support import FAST_TIMERS, PeerFactory, peer_factory, wait_until_settled
 from test_home_routing import NattedPhone, natted
 
 from overlay.attach import AttachState
@@ -42,11 +42,9 @@ from p2psip.clientpeer import (
     client_instance,
     client_node_of,
 )
-from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.inbox import SENDER_HEADER, inbox_name
 from p2psip.peer import Peer, add_account
 from p2psip.stack import Stack
-from p2psip.timers import TimerConfig
 from p2psip.uri import Address
 from p2psip.useragent import UserAgent
 
@@ -54,7 +52,6 @@ ALICE = "sip:alice@p2p.example"
 BOB = "sip:bob@p2p.example"
 DAN = "sip:dan@p2p.example"
 ERIN = "sip:erin@p2p.example"
-FAST_TIMERS = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
 
 # ---------------------------------------------------------------------------------------------- sans-IO
 
@@ -171,43 +168,20 @@ def test_the_service_field_of_an_attach_answer_is_validated_strictly(service: An
 
 # ---------------------------------------------------------------------------------------------- loopback
 
-PeerFactory = Callable[..., Awaitable[Peer]]
-
 
 @pytest.fixture
 async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
-    started: list[Peer] = []
-    counter = iter(range(1000))
-    node_config = quick_node_config()
+    """Test peers (:func:`peer_support.peer_factory`) whose client-peer keep-alives go every 0.3 s by
+    default (``attach_interval``)."""
+    async with peer_factory(tmp_path) as make:
 
-    async def make(
-        join: Peer | None = None,
-        *,
-        data_dir: Path | None = None,
-        attach_interval: float = 0.3,
-        **settings: object,
-    ) -> Peer:
-        config = PeerConfig(
-            listen=[ListenSpec("udp", "127.0.0.1", 0)],
-            overlay=HostPort("127.0.0.1", 0),
-            join=HostPort(*join.overlay_address) if join else None,
-            data_dir=data_dir or tmp_path / f"peer{next(counter)}",
-            cache_ttl=0.0,
-        )
-        for key, value in settings.items():
-            setattr(config, key, value)
-        peer = await Peer.start(
-            config,
-            node_config=dataclasses.replace(node_config, attach_interval=attach_interval),
-            stack_options={"timers": FAST_TIMERS},
-        )
-        started.append(peer)
-        return peer
+        async def make_peer(
+            join: Peer | None = None, *, attach_interval: float = 0.3, **settings: object
+        ) -> Peer:
+            node_config = dataclasses.replace(quick_node_config(), attach_interval=attach_interval)
+            return await make(join, node_config=node_config, **settings)
 
-    yield make
-    for peer in started:
-        if not peer._closed:
-            await peer.close(leave=False)
+        yield make_peer
 
 
 UAFactory = Callable[[str, Peer], Awaitable[UserAgent]]

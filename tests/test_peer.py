@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from peer_phone import Phone
-from peer_support import wait_until_settled
+from peer_support import PeerFactory, peer_factory, wait_until_settled
 
 from overlay import ids
 from overlay.identity import KeyPair
@@ -19,40 +19,15 @@ from p2psip.auth import answer_challenge
 from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount
 from p2psip.message import Request
 from p2psip.peer import Peer
-from p2psip.timers import TimerConfig
 
 ALICE = "sip:alice@p2p.example"
 BOB = "sip:bob@p2p.example"
-FAST_TIMERS = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
-
-PeerFactory = Callable[..., Awaitable[Peer]]
 
 
 @pytest.fixture
 async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
-    started: list[Peer] = []
-    counter = iter(range(1000))
-
-    async def make(join: Peer | None = None, *, data_dir: Path | None = None, **settings: object) -> Peer:
-        config = PeerConfig(
-            listen=[ListenSpec("udp", "127.0.0.1", 0)],
-            overlay=HostPort("127.0.0.1", 0),
-            join=HostPort(*join.overlay_address) if join else None,
-            data_dir=data_dir or tmp_path / f"peer{next(counter)}",
-            cache_ttl=0.0,
-        )
-        for key, value in settings.items():
-            setattr(config, key, value)
-        peer = await Peer.start(
-            config, node_config=quick_node_config(), stack_options={"timers": FAST_TIMERS}
-        )
-        started.append(peer)
-        return peer
-
-    yield make
-    for peer in started:
-        if not peer._closed:
-            await peer.close(leave=False)
+    async with peer_factory(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
@@ -411,9 +386,7 @@ async def test_a_join_that_cannot_work_says_why_at_once(
 
     from p2psip.errors import ConfigError, P2PSIPError
 
-    def config(
-        name: str, join: HostPort, overlay: HostPort | None = None, **kw: object
-    ) -> PeerConfig:
+    def config(name: str, join: HostPort, overlay: HostPort | None = None, **kw: object) -> PeerConfig:
         overlay = overlay or HostPort("127.0.0.1", 0)
         return PeerConfig(
             listen=[ListenSpec("udp", "127.0.0.1", 0)],

@@ -8,18 +8,15 @@ advertising an address where nothing answers is told so and does not join.
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from overlay.chord import ChordConfig, NodeRef
 from overlay.errors import OverlayError
 from overlay.node import Node, NodeConfig
 from overlay.reach import decide, pick_prober, probe_allowed
 from overlay.wire import REACH_MESSAGES, Codec, Message
-from tests.overlay_support import decode_fuzzed, fuzz_bodies, started_ring
+from tests.overlay_support import started_ring, wire_fuzz_test
 
 OVERLAY = "reach-test"
 FAST = NodeConfig(
@@ -65,21 +62,9 @@ def test_probe_targets_only_the_source_host_and_another_member() -> None:
 # ---------------------------------------------------------------------------------------------- wire
 
 
-body_st = fuzz_bodies(["target", "node", "seen"])
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(sorted(REACH_MESSAGES)), body_st)
-def test_reach_messages_are_validated_strictly(mtype: str, body: dict[str, Any]) -> None:
-    """Whatever body a probe/reach datagram carries, decoding yields a message of the schema or WireError."""
-    msg = decode_fuzzed(OVERLAY, mtype, body, REACH_MESSAGES)
-    if msg is None:
-        return
-    if mtype == "reach":
-        assert isinstance(msg.body["node"], NodeRef)
-    elif msg.body.get("target") is not None:
-        host, port = msg.body["target"]
-        assert isinstance(host, str) and 0 <= port < 65536
+test_reach_messages_are_validated_strictly = wire_fuzz_test(
+    OVERLAY, REACH_MESSAGES, ["target", "node", "seen"], "Reachability (probe/reach)"
+)
 
 
 async def test_garbage_probes_are_dropped_and_counted() -> None:

@@ -6,12 +6,14 @@ through our relay both ways. On loopback; under CI=true baresip is required."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from test_call_audio_baresip import finish, started
-from test_media_baresip import Baresip, assert_peak
+from test_call_audio_baresip import check_tones, hang_up_and_check_tones, started
+from test_media_baresip import Baresip
 from test_media_call import until
 
 from p2psip.media import MemorySink, ToneSource
@@ -27,17 +29,35 @@ pytestmark = pytest.mark.interop
 SECRET = b"baresip-turn-secret"
 
 
+@contextlib.asynccontextmanager
+async def our_ua_and_baresip(
+    make_phone: Callable[[tuple[str, int]], Baresip],
+) -> AsyncIterator[tuple[UserAgent, Baresip]]:
+    """Our UA on a loopback stack and a baresip made by ``make_phone(our SIP address)``; on exit baresip is
+    stopped (by PID, if the test did not end it) and the UA and stack closed, however the test ended."""
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    ua = UserAgent(stack, "sip:us@127.0.0.1")
+    phone: Baresip | None = None
+    try:
+        phone = make_phone(stack.local_address("udp"))
+        yield ua, phone
+    finally:
+        if phone is not None and phone.proc.poll() is None:
+            phone.stop()
+        await ua.close()
+        await stack.close()
+
+
 async def test_baresip_relays_its_audio_through_our_turn_server(tmp_path: Path) -> None:
     async with TurnServer(SECRET) as server:
         username, password = issue_credentials(SECRET, "bs", time.time())
         host, port = server.address
-        phone = Baresip(
-            tmp_path, None, answer=True, modules="turn",
-            account=f";medianat=turn;stunserver=turn:{host}:{port};stunuser={username};stunpass={password}",
-        )  # fmt: skip
-        stack = await Stack.start(["udp:127.0.0.1:0"])
-        ua = UserAgent(stack, "sip:us@127.0.0.1")
-        try:
+        turn = f"stunserver=turn:{host}:{port};stunuser={username};stunpass={password}"
+        async with our_ua_and_baresip(
+            lambda ours: Baresip(
+                tmp_path, None, answer=True, modules="turn", account=f";medianat=turn;{turn}"
+            )
+        ) as (ua, phone):
             await started(phone)
             heard = MemorySink()
             call = await ua.call(
@@ -56,16 +76,8 @@ async def test_baresip_relays_its_audio_through_our_turn_server(tmp_path: Path) 
             session = call.media.session
             await until(lambda: session.stats.packets_received >= 100)
             assert server.core.stats()["relayed_packets"] >= 150  # both ways through the relay
-            assert (await call.bye()).status == 200
-            await finish(phone)
-            assert_peak(bytes(heard.pcm), 440)
-            assert_peak(phone.decoded_recording(), 1000)
+            await hang_up_and_check_tones(call, phone, heard)
             await until(lambda: server.core.stats()["allocations"] == 0, 15)  # freed with the call
-        finally:
-            if phone.proc.poll() is None:
-                phone.stop()
-            await ua.close()
-            await stack.close()
 
 
 async def test_baresip_with_ice_gathers_a_relayed_candidate_from_our_turn_server(tmp_path: Path) -> None:
@@ -74,13 +86,17 @@ async def test_baresip_with_ice_gathers_a_relayed_candidate_from_our_turn_server
     async with TurnServer(SECRET) as server:
         username, password = issue_credentials(SECRET, "bs", time.time())
         host, port = server.address
-        phone = Baresip(
-            tmp_path, None, answer=True, modules="ice turn", config="rtcp_mux yes\n",
-            account=f";medianat=ice;stunserver=turn:{host}:{port};stunuser={username};stunpass={password}",
-        )  # fmt: skip
-        stack = await Stack.start(["udp:127.0.0.1:0"])
-        ua = UserAgent(stack, "sip:us@127.0.0.1")
-        try:
+        turn = f"stunserver=turn:{host}:{port};stunuser={username};stunpass={password}"
+        async with our_ua_and_baresip(
+            lambda ours: Baresip(
+                tmp_path,
+                None,
+                answer=True,
+                modules="ice turn",
+                config="rtcp_mux yes\n",
+                account=f";medianat=ice;{turn}",
+            )
+        ) as (ua, phone):
             await started(phone)
             heard = MemorySink()
             call = await ua.call(f"sip:bs@127.0.0.1:{phone.sip_port}", play=ToneSource(1000), record=heard,
@@ -93,15 +109,7 @@ async def test_baresip_with_ice_gathers_a_relayed_candidate_from_our_turn_server
             assert call.media is not None and call.media.ice is not None
             await until(lambda: len(heard.pcm) > 16000)
             assert call.media.ice.state == "connected"
-            assert (await call.bye()).status == 200
-            await finish(phone)
-            assert_peak(bytes(heard.pcm), 440)
-            assert_peak(phone.decoded_recording(), 1000)
-        finally:
-            if phone.proc.poll() is None:
-                phone.stop()
-            await ua.close()
-            await stack.close()
+            await hang_up_and_check_tones(call, phone, heard)
 
 
 async def test_baresip_without_rtcp_mux_calls_our_ua_and_rtcp_takes_the_second_component(
@@ -112,14 +120,15 @@ async def test_baresip_without_rtcp_mux_calls_our_ua_and_rtcp_takes_the_second_c
     candidates), ICE nominates both, RTCP runs on the second one both ways, the tones on the first."""
     async with TurnServer(SECRET) as server:  # STUN server for baresip's ice module
         host, port = server.address
-        stack = await Stack.start(["udp:127.0.0.1:0"])
-        ua = UserAgent(stack, "sip:us@127.0.0.1")
-        ours = stack.local_address("udp")
-        phone = Baresip(
-            tmp_path, f"sip:us@{ours[0]}:{ours[1]}", modules="ice", config="rtcp_mux no\n",
-            account=f";medianat=ice;stunserver=stun:{host}:{port}",
-        )  # fmt: skip
-        try:
+        async with our_ua_and_baresip(
+            lambda ours: Baresip(
+                tmp_path,
+                f"sip:us@{ours[0]}:{ours[1]}",
+                modules="ice",
+                config="rtcp_mux no\n",
+                account=f";medianat=ice;stunserver=stun:{host}:{port}",
+            )
+        ) as (ua, phone):
             incoming = await asyncio.wait_for(ua.incoming.get(), 30)
             offer = SessionDescription.parse(incoming.request.body).media[0]
             assert offer.attribute("rtcp-mux") is None, incoming.request.body
@@ -142,14 +151,7 @@ async def test_baresip_without_rtcp_mux_calls_our_ua_and_rtcp_takes_the_second_c
             await until(lambda: session.stats.remote_lost is not None and ice.rtcp_component >= 2, 20)
             assert ice.rtcp_dropped == 0
             await incoming.bye()
-            await finish(phone)
-            assert_peak(bytes(heard.pcm), 440)
-            assert_peak(phone.decoded_recording(), 1000)
-        finally:
-            if phone.proc.poll() is None:
-                phone.stop()
-            await ua.close()
-            await stack.close()
+            await check_tones(phone, heard)
 
 
 async def test_our_offer_with_a_second_component_reaches_baresip_without_rtcp_mux(tmp_path: Path) -> None:
@@ -157,12 +159,11 @@ async def test_our_offer_with_a_second_component_reaches_baresip_without_rtcp_mu
     ``a=ice-mismatch`` (we then fall back to its ``c=``/``m=``, RFC 8839 §5.4, where it sends nothing).
     ``IceSettings(components=2)`` offers a second component: baresip answers without rtcp-mux, ICE
     nominates both components, the tones cross both ways."""
-    stack = await Stack.start(["udp:127.0.0.1:0"])
-    ua = UserAgent(stack, "sip:us@127.0.0.1")
-    phone = Baresip(
-        tmp_path, None, answer=True, modules="ice", config="rtcp_mux no\n", account=";medianat=ice"
-    )
-    try:
+    async with our_ua_and_baresip(
+        lambda ours: Baresip(
+            tmp_path, None, answer=True, modules="ice", config="rtcp_mux no\n", account=";medianat=ice"
+        )
+    ) as (ua, phone):
         await started(phone)
         heard = MemorySink()
         call = await ua.call(f"sip:bs@127.0.0.1:{phone.sip_port}", play=ToneSource(1000), record=heard,
@@ -173,12 +174,4 @@ async def test_our_offer_with_a_second_component_reaches_baresip_without_rtcp_mu
         ice = call.media.ice
         await until(lambda: len(heard.pcm) > 16000 and ice.state == "connected")
         assert ice.rtcp_selected is not None and ice.rtcp_dropped == 0, ice.stats()
-        assert (await call.bye()).status == 200
-        await finish(phone)
-        assert_peak(bytes(heard.pcm), 440)
-        assert_peak(phone.decoded_recording(), 1000)
-    finally:
-        if phone.proc.poll() is None:
-            phone.stop()
-        await ua.close()
-        await stack.close()
+        await hang_up_and_check_tones(call, phone, heard)

@@ -5,13 +5,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
 def fail(message: str, code: int) -> int:
     print(f"p2psip: error: {message}", file=sys.stderr)
     return code
+
+
+def run_server(serve: Callable[[], int]) -> int:
+    """Run a command that serves until stopped (``start``, ``proxy``) and give its exit code. A
+    ConfigError found while starting (a port taken, a bad key file...) is a usage error: one line, exit
+    2. Ctrl-C before the command's own SIGINT handling is in place is exit 130 (128 + SIGINT), as a shell
+    expects and as an interrupted ``call`` says; once it is in place, a stop is a clean exit 0."""
+    from p2psip.errors import ConfigError
+
+    try:
+        return serve()
+    except ConfigError as exc:
+        return fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return 130
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ") -> None:

@@ -16,6 +16,7 @@ from p2psip.cli.common import (
     data_dir_of,
     fail,
     print_table,
+    run_server,
 )
 
 
@@ -75,12 +76,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         peer._event("scripts", ", ".join(str(p) for p in (config.scripts, config.script) if p))
         return scripting.close
 
-    try:
-        return asyncio.run(run_foreground(config, extension=install_scripts))
-    except ConfigError as exc:
-        return fail(str(exc), 2)
-    except KeyboardInterrupt:
-        return 130
+    return run_server(lambda: asyncio.run(run_foreground(config, extension=install_scripts)))
 
 
 def _ask(args: argparse.Namespace, cmd: str, **request: Any) -> tuple[int, Any]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from p2psip.workers import Ready, WorkerSlot
 
-from p2psip.cli.common import add_listen_options
+from p2psip.cli.common import add_listen_options, fail, run_server
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
@@ -35,8 +35,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         if args.recurse and args.stateless:
             raise ConfigError("--recurse needs the stateful proxy (a stateless one cannot see the 3xx)")
     except ConfigError as exc:
-        print(f"p2psip: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 2)
     if args.verbose:
         import logging
 
@@ -57,8 +56,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
             run = uvloop.run
         except ImportError:
             if args.loop == "uvloop":
-                print("p2psip: error: --loop uvloop: uvloop is not installed", file=sys.stderr)
-                return 2
+                return fail("--loop uvloop: uvloop is not installed", 2)
     mode = "stateless" if args.stateless else "stateful"
 
     def serve(
@@ -80,7 +78,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
             )
         )
 
-    try:
+    def serve_all() -> int:
         if workers == 1:
             stats = serve(listen, ready, None)
         else:
@@ -96,14 +94,11 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             )
-    except ConfigError as exc:
-        print(f"p2psip: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        summary = " ".join(f"{k}={v}" for k, v in stats.items() if v)
+        print(f"p2psip proxy stopped: {summary}", file=sys.stderr)
         return 0
-    summary = " ".join(f"{k}={v}" for k, v in stats.items() if v)
-    print(f"p2psip proxy stopped: {summary}", file=sys.stderr)
-    return 0
+
+    return run_server(serve_all)
 
 
 def add_commands(sub: Any) -> None:
