@@ -22,14 +22,14 @@ PeerFactory = Callable[..., Awaitable[Peer]]
 @contextlib.asynccontextmanager
 async def peer_factory(tmp_path: Path) -> AsyncIterator[PeerFactory]:
     """``make(join=None, *, data_dir=None, node_config=None, **settings)`` starts a peer: UDP SIP and the
-    overlay on free loopback ports, joining ``join``'s ring, its data dir under ``tmp_path`` (one each),
-    no lookup cache, :data:`FAST_TIMERS`, ``settings`` set on its :class:`PeerConfig`. Every peer still
-    running is closed (without leaving) on exit."""
+    overlay on free loopback ports, joining ``join``'s ring (a peer, or its overlay address), its data dir
+    under ``tmp_path`` (one each), no lookup cache, :data:`FAST_TIMERS`, ``settings`` set on its
+    :class:`PeerConfig`. Every peer still running is closed (without leaving) on exit."""
     started: list[Peer] = []
     counter = iter(range(1000))
 
     async def make(
-        join: Peer | None = None,
+        join: Peer | HostPort | None = None,
         *,
         data_dir: Path | None = None,
         node_config: NodeConfig | None = None,
@@ -38,7 +38,7 @@ async def peer_factory(tmp_path: Path) -> AsyncIterator[PeerFactory]:
         config = PeerConfig(
             listen=[ListenSpec("udp", "127.0.0.1", 0)],
             overlay=HostPort("127.0.0.1", 0),
-            join=HostPort(*join.overlay_address) if join else None,
+            join=HostPort(*join.overlay_address) if isinstance(join, Peer) else join,
             data_dir=data_dir or tmp_path / f"peer{next(counter)}",
             cache_ttl=0.0,
         )

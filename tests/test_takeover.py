@@ -19,49 +19,27 @@ from pathlib import Path
 
 import pytest
 from peer_phone import Phone
+from peer_support import PeerFactory, peer_factory
 
 from overlay.identity import KeyPair
-from overlay.localring import quick_node_config
 from p2psip.auth import answer_challenge
-from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount
+from p2psip.config import HostPort, UserAccount
 from p2psip.inbox import load_key
 from p2psip.message import Request, Response, new_tag
 from p2psip.peer import USERS_DIR, Peer, UserKeys, add_account
 from p2psip.ratelimit import Rate
 from p2psip.sealedbox import public_bytes
-from p2psip.timers import TimerConfig
 
 ALICE = "sip:alice@p2p.example"
 BOB = "sip:bob@p2p.example"
 ROOT = Path(__file__).resolve().parent.parent
-FAST = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_c=1.5)
 A1 = "<urn:uuid:00000000-0000-4000-8000-0000000000a1>"
-
-PeerFactory = Callable[..., Awaitable[Peer]]
 
 
 @pytest.fixture
 async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
-    started: list[Peer] = []
-
-    async def make(join: HostPort | None = None, **settings: object) -> Peer:
-        config = PeerConfig(
-            listen=[ListenSpec("udp", "127.0.0.1", 0)],
-            overlay=HostPort("127.0.0.1", 0),
-            join=join,
-            data_dir=tmp_path / f"peer{len(started)}",
-            cache_ttl=0.0,
-        )
-        for key, value in settings.items():
-            setattr(config, key, value)
-        peer = await Peer.start(config, node_config=quick_node_config(), stack_options={"timers": FAST})
-        started.append(peer)
-        return peer
-
-    yield make
-    for peer in started:
-        if not peer._closed:
-            await peer.close(leave=False)
+    async with peer_factory(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
