@@ -18,8 +18,8 @@ what it owned is handled where it arrives, statelessly where no transaction know
 in-dialog request (routed by Record-Route to the shared address) go on, an INVITE retransmission starts a
 new transaction. (The successor, like any worker, knows none of the old transactions either.)
 
-:func:`owner` is pure (bytes in, worker index out); :class:`HandoffLink` is the asyncio adapter over a
-loopback UDP socket per worker (:func:`open_links`).
+:func:`owner` is pure (bytes in, worker index out); :class:`HandoffLink` is the asyncio adapter over one
+Unix datagram socket pair per worker (:func:`open_links`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import contextlib
 import logging
 import re
 import socket
+import struct
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -39,27 +40,32 @@ _TOP_BRANCH = re.compile(
     rb"^(?:via|v)[ \t]*:[^\r\n]*?;[ \t]*branch[ \t]*=[ \t]*([^;,\s]+)", re.IGNORECASE | re.MULTILINE
 ).search
 _WORKER_TAG = re.compile(rb"\.w([0-9]{1,4})$").search
-#: a link datagram carries records ``HOST PORT LENGTH\n`` + the datagram (the original source, so the
-#: owner answers and stamps Via as if it had received it itself), as many as fit in this many bytes
+#: a link datagram carries records: this header (datagram length, source port, source host length), the
+#: source host (so the owner answers and stamps Via as if it had received the datagram itself), the
+#: datagram; as many records as fit in :data:`_BATCH_BYTES`
+_HEADER = struct.Struct("!IHB")
 _BATCH_BYTES = 60_000
 
 
+def _record(data: bytes, host: str, port: int) -> bytes:
+    """One record of a link datagram (see :data:`_HEADER`)."""
+    name = host.encode("ascii", "replace")
+    return _HEADER.pack(len(data), port, len(name)) + name + data
+
+
 def _records(packet: bytes) -> list[tuple[bytes, tuple[str, int]]]:
-    """The (datagram, source) records of one link datagram; a malformed tail is dropped."""
+    """The (datagram, source) records of one link datagram; a cut tail is dropped."""
     out = []
     pos, end = 0, len(packet)
-    while pos < end:
-        newline = packet.find(b"\n", pos)
-        if newline < 0:
+    unpack, size = _HEADER.unpack_from, _HEADER.size
+    while pos + size <= end:
+        length, port, name = unpack(packet, pos)
+        start = pos + size + name
+        stop = start + length
+        if stop > end:
             break
-        fields = packet[pos:newline].split(b" ")
-        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
-            break
-        start = newline + 1
-        pos = start + int(fields[2])
-        if pos > end:
-            break
-        out.append((packet[start:pos], (fields[0].decode("ascii", "replace"), int(fields[1]))))
+        out.append((packet[start:stop], (packet[pos + size : start].decode("ascii", "replace"), port)))
+        pos = stop
     return out
 
 
@@ -89,23 +95,31 @@ Alive = Sequence[int]
 """Per worker index, non-zero while that worker is listening (a shared memory map the parent keeps)."""
 
 
-def open_links(workers: int) -> list[socket.socket]:
-    """One loopback UDP socket per worker, opened by the parent before it forks and held by it for as long
-    as it runs: a worker started again after a crash reads the same socket, so what was handed to it
-    meanwhile waits in the socket's buffer instead of being lost. (Not Unix datagram sockets: Linux queues
-    at most ``net.unix.max_dgram_qlen`` — 10 by default — datagrams on one, and a burst overflowed it.)"""
-    links: list[socket.socket] = []
+Link = tuple[socket.socket, socket.socket]
+"""One worker's link: the end it reads, and the end every other worker writes to."""
+
+
+def open_links(workers: int) -> list[Link]:
+    """One Unix datagram socket pair per worker, opened by the parent before it forks and held by it for as
+    long as it runs: a worker started again after a crash reads the same socket, so what was handed to it
+    meanwhile waits in the socket's buffer instead of being lost. A connected pair, not one bound socket
+    every worker sends to: Linux queues at most ``net.unix.max_dgram_qlen`` (10 by default) datagrams from
+    other senders on a bound Unix socket, and a burst overflowed it; between the two ends of a pair only
+    the send buffer limits. Half the cost of a loopback UDP hop (no IP and UDP layers), and only our own
+    processes hold the ends, so nothing else can hand a worker a datagram."""
+    links: list[Link] = []
     try:
         for _ in range(workers):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            links.append(sock)
-            sock.bind(("127.0.0.1", 0))
+            inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            links.append((inbox, outbox))
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+                outbox.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            outbox.setblocking(False)
+            inbox.setblocking(False)
     except OSError:
-        for sock in links:
-            sock.close()
+        for pair in links:
+            for sock in pair:
+                sock.close()
         raise
     return links
 
@@ -113,36 +127,31 @@ def open_links(workers: int) -> list[socket.socket]:
 class HandoffLink:
     """This worker's end: hands datagrams to their owner and delivers those handed to it.
 
-    ``sock`` is this worker's link socket (of :func:`open_links`), ``addresses`` every worker's link
-    address by index. ``deliver(data, (host, port))`` processes a datagram as if it had arrived from
-    ``host:port`` on the shared UDP port. Only datagrams from another worker's link address are taken
-    (the ports are ours, so no other local program can send from them). Counters: ``handed_off``,
-    ``handed_in``, ``handoff_refused`` (not from a worker)."""
+    ``links`` are every worker's link by index (:func:`open_links`): this worker reads the first end of
+    its own and writes to the second end of the others'. ``deliver(data, (host, port))`` processes a
+    datagram as if it had arrived from ``host:port`` on the shared UDP port. Counters: ``handed_off``,
+    ``handed_in``, ``owner_gone`` (handled here because the owner was being restarted),
+    ``handoff_dropped`` (the owner's buffer was full: lost like any UDP datagram)."""
 
     def __init__(
         self,
-        sock: socket.socket,
         index: int,
-        addresses: Sequence[tuple[str, int]],
+        links: Sequence[Link],
         deliver: Deliver,
         alive: Alive | None = None,
     ) -> None:
-        self.sock = sock
+        self.sock = links[index][0]
         self.index = index
-        self.addresses = list(addresses)
-        self.workers = len(self.addresses)
+        self.outboxes = [outbox for _, outbox in links]
+        self.workers = len(links)
         self.deliver = deliver
         self.alive = alive
-        self.stats: dict[str, int] = dict.fromkeys(
-            ("handed_off", "handed_in", "handoff_refused", "owner_gone"), 0
-        )
-        self._peers = frozenset(self.addresses)
-        self._queued: list[list[bytes]] = [[] for _ in self.addresses]
+        self.stats: dict[str, int] = dict.fromkeys(("handed_off", "handed_in", "owner_gone"), 0)
+        self._queued: list[list[bytes]] = [[] for _ in links]
         self._size = [0] * self.workers
         self._dirty: list[int] = []
         self._loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._readable)
+        self._loop.add_reader(self.sock.fileno(), self._readable)
 
     def divert(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
         """True when ``data`` (from ``addr``) is to be handed to another worker (at :meth:`flush`);
@@ -157,7 +166,7 @@ class HandoffLink:
             # next one of the same call (its BYE, owned by a live worker).
             self.stats["owner_gone"] += 1
             return False
-        record = f"{addr[0]} {addr[1]} {len(data)}\n".encode() + data
+        record = _record(data, str(addr[0]), int(addr[1]))
         if self._size[index] + len(record) > _BATCH_BYTES:
             self._send(index)
         if not self._queued[index]:
@@ -178,7 +187,7 @@ class HandoffLink:
         if not queued:
             return
         try:
-            self.sock.sendto(b"".join(queued), self.addresses[index])
+            self.outboxes[index].send(b"".join(queued))
         except OSError:  # a full buffer: lost like any UDP datagram (the sender retransmits)
             self.stats["handoff_dropped"] = self.stats.get("handoff_dropped", 0) + len(queued)
         else:
@@ -187,25 +196,22 @@ class HandoffLink:
         self._size[index] = 0
 
     def _readable(self) -> None:
-        recvfrom = self.sock.recvfrom
-        peers = self._peers
+        recv = self.sock.recv
         deliver = self.deliver
+        stats = self.stats
         for _ in range(64):
             try:
-                packet, sender = recvfrom(70000)
+                packet = recv(70000)
             except OSError:  # BlockingIOError: drained
                 return
-            if sender not in peers:
-                self.stats["handoff_refused"] += 1
-                continue
             for data, source in _records(packet):
-                self.stats["handed_in"] += 1
+                stats["handed_in"] += 1
                 try:
                     deliver(data, source)
                 except Exception:
                     log.exception("handed-in datagram failed")
 
     def close(self) -> None:
-        """Stop reading (the socket itself belongs to the parent, which closes it)."""
+        """Stop reading (the sockets themselves belong to the parent, which closes them)."""
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self.sock.fileno())

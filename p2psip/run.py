@@ -156,9 +156,7 @@ async def serve_proxy(
     proxy = Proxy(stack, stateless=stateless, record_route=record_route, recurse=recurse, verbose=verbose)
     link = None
     if worker is not None and not stateless:  # a stateless proxy keeps nothing to hand over to
-        link = HandoffLink(
-            worker.link, worker.index, worker.links, stack.transport.receive_datagram, worker.alive
-        )
+        link = HandoffLink(worker.index, worker.links, stack.transport.receive_datagram, worker.alive)
         stack.branch_tag = branch_tag(worker.index)
         stack.transport.divert = link
     try:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from p2psip.address import ListenSpec
 from p2psip.errors import ConfigError
-from p2psip.handoff import Alive, open_links
+from p2psip.handoff import Alive, Link, open_links
 
 #: restarts allowed within a minute before the parent gives up (a worker that dies at start would loop)
 MAX_RESTARTS = 10
@@ -41,12 +41,11 @@ MAX_WORKERS = 64
 
 @dataclass(frozen=True)
 class WorkerSlot:
-    """Who a worker is: ``index`` among the workers whose hand-off link addresses are ``links``, and its
-    own link socket ``link`` (opened and held by the parent: :func:`p2psip.handoff.open_links`)."""
+    """Who a worker is: ``index`` among the workers whose hand-off links are ``links`` (opened and held by
+    the parent: :func:`p2psip.handoff.open_links`)."""
 
     index: int
-    links: tuple[tuple[str, int], ...]
-    link: socket.socket
+    links: tuple[Link, ...]
     alive: Alive | None = None
     """Non-zero per worker index while that worker listens (shared with the parent, which keeps it)."""
 
@@ -126,7 +125,7 @@ class Supervisor:
         self.grace = grace
         self.start_timeout = start_timeout
         self.pids: dict[int, int] = {}  # pid -> index
-        self.links: list[socket.socket] = []
+        self.links: list[Link] = []
         self.alive = memoryview(mmap.mmap(-1, workers))  # shared with the children: 1 = listening
         self.restarts: list[float] = []
         self.stats: dict[str, int] = {}
@@ -149,8 +148,7 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_DFL)
             for sock in held:
                 sock.close()
-            addresses = tuple((str(s.getsockname()[0]), int(s.getsockname()[1])) for s in links)
-            slot = WorkerSlot(index, addresses, links[index], self.alive)
+            slot = WorkerSlot(index, tuple(links), self.alive)
 
             def ready(addresses: Sequence[str]) -> None:
                 os.write(report, (json.dumps({"ready": index, "addresses": list(addresses)}) + "\n").encode())
@@ -276,8 +274,9 @@ class Supervisor:
                 signal.signal(sig, handler)
             for fd in (report_r, report_w, wake_r, wake_w):
                 os.close(fd)
-            for sock in self.links:
-                sock.close()
+            for pair in self.links:
+                for sock in pair:
+                    sock.close()
         return self.stats
 
     def _wait(self, report_r: int, wake_r: int, timeout: float) -> None:

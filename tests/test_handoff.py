@@ -72,11 +72,11 @@ def test_nothing_to_go_by_means_here() -> None:
 
 
 def test_records_of_a_batch_come_back_in_order_with_their_sources() -> None:
-    from p2psip.handoff import _records
+    from p2psip.handoff import _record, _records
 
     one, two = b"SIP/2.0 200 OK\r\n\r\n", b"BYE sip:b@h SIP/2.0\r\nX: a b\nc\r\n\r\n"
-    packet = b"127.0.0.1 5060 %d\n%s::1 40000 %d\n%s" % (len(one), one, len(two), two)
+    packet = _record(one, "127.0.0.1", 5060) + _record(two, "::1", 40000)
     assert _records(packet) == [(one, ("127.0.0.1", 5060)), (two, ("::1", 40000))]
-    # a cut or garbled tail loses only itself
-    assert _records(packet + b"10.0.0.1 1 999\nshort") == _records(packet)
-    assert _records(b"garbage\n" + packet) == []
+    # a cut tail loses only itself
+    assert _records(packet + _record(b"INVITE sip:x SIP/2.0\r\n", "10.0.0.1", 1)[:-3]) == _records(packet)
+    assert _records(b"") == []
