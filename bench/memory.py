@@ -21,8 +21,11 @@ the machine's memory pressure, are left out; for our one process it is its anony
 difference between the plateau and the baseline just before, scaled to 10,000 registrations or 1,000
 calls. Registrations are read once the REGISTER transactions have ended (34 s after the last: an
 unreliable transport keeps a non-INVITE server transaction 32 s, RFC 3261 Timer J; Kamailio's registrar
-answers statelessly and keeps none), so the figure is the bindings alone; the note gives the PSS right
-after the burst. For calls, "after" is the PSS once the calls have ended: what is not given back. ``--profile`` runs our processes under tracemalloc and prints where the memory of the plateau was
+answers statelessly and keeps none), the note gives the PSS right after the burst. Ours depends on the
+REGISTER rate too: the completed transactions Timer J held (rate x 32 s of them) leave memory that Python
+keeps for reuse rather than giving back to the system, so compare figures only at the
+same ``--register-rate`` (the note gives it): the same code took 4,534 bytes per registration at
+150/s and 6,409 at 300/s (the "regression" seen on 2026-12-07 between 10:17 and 11:11 was this). For calls, "after" is the PSS once the calls have ended: what is not given back. ``--profile`` runs our processes under tracemalloc and prints where the memory of the plateau was
 allocated (by line): what is avoidable.
 """
 
@@ -232,7 +235,7 @@ def _registrations(
     time.sleep(SETTLE_S)
     settled = pss_kb(pid())  # the bindings alone
     hooks[1]()
-    note = f"{burst / 1024:.1f} MB right after the REGISTERs (transactions held 32 s)"
+    note = f"at {rate}/s; {burst / 1024:.1f} MB right after the REGISTERs (transactions held 32 s)"
     if live != count:
         note += f"; {count - live} of {count} REGISTERs failed"
     return Figure(system, "registrations", live, baseline, settled, settled, 10_000, note)
@@ -405,7 +408,10 @@ def main() -> int:
         for what, lines in profiles.items():
             print(f"\nOur {what}: tracemalloc, allocations live at the plateau since the baseline, by line:\n")
             print("\n".join(f"    {line}" for line in lines) or "    (nothing)")  # type: ignore[attr-defined]
-    print(f"\n({conditions}; Kamailio {args.children} children; ring {args.ring:g} s)")
+    print(
+        f"\n({conditions}; Kamailio {args.children} children; ours {args.register_rate} REGISTERs/s, Kamailio"
+        f" {max(args.register_rate, 1000)}/s; ring {args.ring:g} s)"
+    )
     return 0
 
 
