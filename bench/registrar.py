@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import shutil
 import sys
@@ -166,9 +167,12 @@ class EveryAorHasAnAccount(dict[str, UserAccount]):
 class Ours:
     """``size`` peers in this process, one event loop; sipp sends to the first."""
 
-    def __init__(self, workdir: Path, digest: bool, size: int, offline_messages: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, digest: bool, size: int, offline_messages: bool = True, *, full_repair: bool = False
+    ) -> None:
         self.workdir, self.digest, self.size = workdir, digest, size
         self.offline_messages = offline_messages
+        self.full_repair = full_repair  # the overlay's anti-entropy pushes whole ranges (no repair digest)
         self.peers: list[Peer] = []
 
     async def start(self) -> None:
@@ -188,6 +192,8 @@ class Ours:
                 offline_messages=self.offline_messages,
             )
             node_config = quick_node_config(interval=1.0, rpc_timeout=1.0)
+            if self.full_repair:
+                node_config = dataclasses.replace(node_config, digest_repair=False)
             peer = await Peer.start(config, node_config=node_config)
             if self.digest:
                 # sipp 3.6 computes MD5 only and answers the first challenge: offer MD5 alone, as

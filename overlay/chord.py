@@ -211,6 +211,12 @@ class ChordConfig:
     verified_cache_size: int = 4096
     jitter: float = 0.1  # +/- fraction applied to periodic timers so nodes do not synchronise
     proximity: bool = True  # fingers: among the nodes of a finger's interval, the one with the lowest RTT
+    # A lookup's confirmed answer (owner, its predecessor, its successors) is kept this long: a later
+    # lookup for a key in (predecessor, owner] ends at once, without messages. 0 disables. Dropped early
+    # when our own neighbours change, when the owner fails, and when the adapter reports it wrong
+    # (ChordCore.forget_owner: it answered "not responsible").
+    owner_cache_ttl: float = 10.0
+    owner_cache_size: int = 256
 
 
 Sign = Callable[[bytes], bytes]
@@ -312,6 +318,16 @@ class _Lookup:
     finished: bool = False
     owner_succs: list[NodeRef] = field(default_factory=list)  # the confirming owner's successor list
     claims: dict[int, list[NodeRef]] = field(default_factory=dict)  # claimant -> its successor list
+    claim_preds: dict[int, int] = field(default_factory=dict)  # claimant -> its predecessor's id
+
+
+class _OwnerRange(NamedTuple):
+    """A confirmed lookup answer: ``owner`` is responsible for (pred_id, owner.id]."""
+
+    pred_id: int
+    owner: NodeRef
+    succs: tuple[NodeRef, ...]
+    until: float
 
 
 class ChordCore:
@@ -383,6 +399,9 @@ class ChordCore:
         self._stats: dict[str, int] = {}
         # NodeId -> wrong routing answers it gave our lookups (most recent last, bounded).
         self.misroutes: dict[int, int] = {}
+        # Owner cache: owner NodeId -> its confirmed range (insertion order = age); _owner_ids sorted.
+        self._owners: dict[int, _OwnerRange] = {}
+        self._owner_ids: list[int] = []
 
     # ==== inputs ========================================================================================
 
@@ -424,6 +443,9 @@ class ChordCore:
             else:
                 self._count("lookups_done")
                 succs = self._succ if node.id == self.me.id else lk.claims.get(node.id, lk.owner_succs)
+                pred_id = lk.claim_preds.get(node.id)
+                if pred_id is not None and hops:
+                    self._remember_owner(pred_id, node, tuple(succs), now)
                 self._outputs.append(LookupDone(lk.lookup_id, key, node, hops, tuple(succs)))
 
         lk = self._new_lookup(key, done, exclude_self=False)
@@ -499,6 +521,47 @@ class ChordCore:
         """The adapter learned that a node is dead (e.g. TCP refused): drop it from routing state."""
         self._node_dead(node_id, now)
         self._report_neighbours()
+
+    def forget_owner(self, node_id: int) -> None:
+        """Drop what the owner cache says about ``node_id``'s range: the adapter found it wrong (the node
+        answered "not responsible", or timed out). The next lookup asks the ring again."""
+        if self._owners.pop(node_id, None) is not None:
+            self._owner_ids = sorted(self._owners)
+            self._count("owner_cache_forgotten")
+
+    def _remember_owner(self, pred_id: int, owner: NodeRef, succs: tuple[NodeRef, ...], now: float) -> None:
+        ttl = self.config.owner_cache_ttl
+        if ttl <= 0 or owner.id == self.me.id:
+            return
+        self._owners.pop(owner.id, None)
+        self._owners[owner.id] = _OwnerRange(pred_id, owner, succs, now + ttl)
+        while len(self._owners) > self.config.owner_cache_size:
+            del self._owners[next(iter(self._owners))]
+        self._owner_ids = sorted(self._owners)
+
+    def _cached_owner(self, key: int, now: float) -> _OwnerRange | None:
+        """The cached range holding ``key``, if one is fresh: the first cached owner at or after the key
+        on the ring, if its confirmed predecessor precedes the key."""
+        owners = self._owner_ids
+        if not owners:
+            return None
+        i = bisect_left(owners, key)
+        hit = self._owners[owners[i % len(owners)]]
+        if not ids.between_right(key, hit.pred_id, hit.owner.id):
+            return None
+        if hit.until <= now:
+            self.forget_owner(hit.owner.id)
+            return None
+        return hit
+
+    def clear_owner_cache(self) -> None:
+        """Forget every cached owner range (the next lookups ask the ring)."""
+        self._clear_owners()
+
+    def _clear_owners(self) -> None:
+        if self._owners:
+            self._owners.clear()
+            self._owner_ids = []
 
     def leave(self, now: float) -> None:
         """Leave gracefully: tell predecessor and successor, then go quiet (requests get no reply)."""
@@ -1085,6 +1148,7 @@ class ChordCore:
         if node_id == self.me.id:
             return
         self._count("nodes_declared_dead")
+        self._clear_owners()
         if any(n.id == node_id for n in self._succ):
             self._succ = [n for n in self._succ if n.id != node_id]
             self._route_dirty = True
@@ -1189,8 +1253,14 @@ class ChordCore:
         self._absorb(lk, self.me, done, node, list(self._succ), more)
         if done and node.id == self.me.id:
             self._finish_lookup(lk, self.me, "", now)
-        else:
-            self._lookup_step(lk, now)
+            return
+        hit = self._cached_owner(lk.key, now) if not lk.exclude_self else None
+        if hit is not None:
+            self._count("lookups_cached")
+            lk.claims[hit.owner.id] = list(hit.succs)
+            self._finish_lookup(lk, hit.owner, "", now)
+            return
+        self._lookup_step(lk, now)
 
     def _absorb(
         self, lk: _Lookup, src: NodeRef, done: bool, node: NodeRef, succs: list[NodeRef], more: list[NodeRef]
@@ -1235,6 +1305,9 @@ class ChordCore:
         if done and node.id == src.id:
             lk.owner_succs = succs
             lk.claims[src.id] = succs
+            # Its predecessor (``more`` starts with it in a claim) bounds the range it answered for.
+            if more and ids.between_right(lk.key, more[0].id, src.id):
+                lk.claim_preds[src.id] = more[0].id
             key = lk.key
             closer = [n for n in lk.pool.values() if n.id not in lk.failed and ids.between(n.id, key, src.id)]
             if not closer:
@@ -1409,6 +1482,7 @@ class ChordCore:
     def _report_neighbours(self) -> None:
         current = (self._pred, tuple(self._succ))
         if current != self._reported:
+            self._clear_owners()  # the ring changed around us: cached ranges may have too
             old_pred, old_succ = self._reported
             self._reported = current
             self._outputs.append(NeighboursChanged(current[0], current[1], old_pred, old_succ))

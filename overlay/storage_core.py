@@ -35,6 +35,10 @@ The protocol rules that live here:
   ``seq`` and remaining lifetime, so a reader comparing replicas can tell "removed" from "never had it";
 * transfers: join/leave hand-off and the periodic and early repair push, chunked, one chunk at a time per
   target (a target that fails one chunk gets no more this round);
+* repair by digest: the periodic and early repair first send each replica a ``digest`` of the primary
+  range (one short salted hash per bucket, ``overlay.storage.range_digest``); the replica answers the
+  buckets that differ from what it holds (``differ``, a bitmap) and only their records are pushed. A
+  replica that does not answer (or an older peer that does not know ``digest``) gets the whole range;
 * who may fill whom: a ``store`` with ``replica`` and a ``transfer`` skip the responsibility check, so
   they are taken only from verified ring members (``member``, which the adapter decides) and only for
   keys this node holds a copy of in its own view (``holds_replica``: among the key's r successors), so
@@ -50,7 +54,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from overlay.errors import StoreRefused
-from overlay.storage import Entry, NodeRef, Replicator, Store, Transfer
+from overlay.storage import (
+    DIGEST_BUCKETS,
+    DIGEST_SUM_BYTES,
+    Entry,
+    NodeRef,
+    Replicator,
+    Store,
+    Transfer,
+    differing_buckets,
+    in_buckets,
+    range_digest,
+)
 from overlay.wire import TCP_MAX
 
 # err codes of storage replies (the client side maps them to exceptions)
@@ -78,6 +93,8 @@ class StorageConfig:
     # Policy: an entry is kept at most this long here, whatever lifetime it was signed with (None: as
     # signed, up to the Store's max_lifetime). Bounds how long anyone's writes occupy this node.
     lifetime_cap: float | None = None
+    # Repairs compare digests first and push only the buckets that differ (False: push the whole range).
+    digest_repair: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +146,16 @@ class _HandoffFetch:
 
 
 @dataclass(slots=True)
+class _DigestCheck:
+    """A repair's digest sent to one replica: what to push from, once it says which buckets differ."""
+
+    target: NodeRef
+    items: list[tuple[Entry, int]]
+    lo: int | None
+    hi: int
+
+
+@dataclass(slots=True)
 class _TransferQueue:
     target: NodeRef
     chunks: list[list[tuple[Entry, int]]]
@@ -159,7 +186,7 @@ class StorageCore:
         self.handed_off = 0  # entries acknowledged by successors after leave()
         self._outputs: list[Output] = []
         self._ids = itertools.count(1)
-        self._ops: dict[int, _FanOut | _HandoffFetch | _TransferQueue] = {}
+        self._ops: dict[int, _FanOut | _HandoffFetch | _TransferQueue | _DigestCheck] = {}
         self._answers: OrderedDict[Hashable, Answer | None] = OrderedDict()
         self._handoff_until = 0.0
         self._linked = False
@@ -198,11 +225,27 @@ class StorageCore:
         if self._early_repair_at is not None and self._early_repair_at <= now:
             self._early_repair_at = None
             self._count("early_repairs")
-            self._send_transfers(self.replicator.repair(self.store, now))
+            self._repair(now)
         if self._repair_at <= now:
             self._repair_at = now + self.config.repair_interval
             self.store.purge(now)
-            self._send_transfers(self.replicator.repair(self.store, now))
+            self._repair(now)
+
+    def _repair(self, now: float) -> None:
+        """Anti-entropy: the primary range to each replica, by digest first (see the module docstring)."""
+        transfers = self.replicator.repair(self.store, now)
+        if not self.config.digest_repair:
+            self._send_transfers(transfers)
+            return
+        lo, hi = self.replicator.primary_range()
+        for target, items in transfers:
+            if target[0] == self.me:
+                continue
+            rid = next(self._ids)
+            self._ops[rid] = _DigestCheck(target, items, lo, hi)
+            self._count("digests_sent")
+            body: dict[str, Any] = {"lo": lo, "hi": hi, "salt": rid, "sums": range_digest(items, lo, hi, rid)}
+            self._outputs.append(Send(rid, target, "digest", body, timeout=2 * self.config.rpc_timeout))
 
     @property
     def transfers_in_flight(self) -> int:
@@ -321,6 +364,11 @@ class StorageCore:
                 ours = [item for item in fresh if self.is_responsible(item[0].key)]
                 targets = self.replicator.replica_targets(self.successors)
                 self._send_transfers([(target, ours) for target in targets])
+        elif mtype == "digest":
+            if not member:
+                self._refuse_stranger(token, "digest", 0)
+                return
+            self._digest(token, body, now)
         elif mtype == "store":
             replica = bool(body.get("replica", False))
             if replica and not member:
@@ -339,6 +387,20 @@ class StorageCore:
         self._count(f"{mtype}_refused_stranger")
         self._count("entries_refused_stranger", entries)
         self._err(token, E_REFUSED, "not-a-member", "replicas and transfers are taken from ring members only")
+
+    def _digest(self, token: Hashable, body: dict[str, Any], now: float) -> None:
+        """A primary's repair digest: answer the buckets where our records of its range differ."""
+        sums: bytes = body["sums"]
+        buckets = len(sums) // DIGEST_SUM_BYTES
+        if not sums or len(sums) % DIGEST_SUM_BYTES or buckets > DIGEST_BUCKETS:
+            self._answer(token, "err", {"code": E_BAD_REQUEST, "reason": "bad-digest"})
+            return
+        lo, hi = body.get("lo"), body["hi"]
+        ours = range_digest(self.store.in_range(lo, hi, now), lo, hi, body["salt"], buckets)
+        differ = differing_buckets(ours, sums)
+        self._count("digests_answered")
+        self._count("digest_buckets_differ", sum(bin(b).count("1") for b in differ))
+        self._answer(token, "ok", {"differ": differ})
 
     def forget(self, token: Hashable) -> None:
         """The adapter could not handle ``token`` (an internal error): a retransmission may try again."""
@@ -442,6 +504,15 @@ class StorageCore:
                 found = [(e, 0) for e, _ms in body.get("entries", []) if e.key == op.key and not e.is_removal]
             self._count("fetch_served")
             self._answer_entries(op.token, found)
+        elif isinstance(op, _DigestCheck):
+            differ = body.get("differ") if mtype == "ok" else None
+            if not isinstance(differ, bytes):
+                self._count("digest_fallbacks")  # an err (an older peer?): push it all, as before
+                self._send_transfers([(op.target, op.items)])
+                return
+            chosen = in_buckets(op.items, op.lo, op.hi, differ)
+            self._count("digest_entries_skipped", len(op.items) - len(chosen))
+            self._send_transfers([(op.target, chosen)])
         elif isinstance(op, _TransferQueue):
             if mtype != "ok":
                 self._transfer_failed(op)
@@ -461,6 +532,9 @@ class StorageCore:
         elif isinstance(op, _HandoffFetch):
             self._count("fetch_served")
             self._answer_entries(op.token, [])
+        elif isinstance(op, _DigestCheck):
+            self._count("digest_fallbacks")  # no answer (an older peer drops the type): push it all
+            self._send_transfers([(op.target, op.items)])
         elif isinstance(op, _TransferQueue):
             self._transfer_failed(op)
 

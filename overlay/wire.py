@@ -70,6 +70,9 @@ STORAGE_MESSAGES: dict[str, Schema] = {
     # Bulk hand-off of entries (join, leave, repair); ``entries`` carry their remaining lifetime.
     # ``announce``: a restarted node hands over what it held; the receiver passes on what is new to it.
     "transfer": {"entries": "entries", "announce": "bool?"},
+    # Repair by digest: the sender's records of (lo, hi] (lo absent: the whole ring) as one salted hash per
+    # bucket (overlay.storage.range_digest); answered with ``differ``, the buckets the receiver sees differ.
+    "digest": {"lo": "id?", "hi": "id", "salt": "u64", "sums": "bytes"},
 }
 
 # Fields that may appear in an ``ok`` reply to a storage request, and in ``err``.
@@ -80,6 +83,8 @@ STORAGE_REPLY_FIELDS: dict[str, str] = {
     "wanted": "u64?",
     # a fetch reply cut to fit one TCP frame: more entries exist than were sent
     "truncated": "bool?",
+    # a digest reply: bitmap of the buckets whose records differ (bit i of byte i // 8)
+    "differ": "bytes?",
 }
 # Reachability (docs/nat.md, overlay.reach): a joining node asks its bootstrap which address it sees the
 # node at and whether another member reaches it there ("probe": ``target`` the address to probe, absent: the

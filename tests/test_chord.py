@@ -314,6 +314,48 @@ def test_lookup_answered_locally_costs_zero_hops_and_the_successor_one() -> None
     assert isinstance(nxt, LookupDone) and nxt.node.id == succ.id and nxt.hops == 1
 
 
+def test_a_confirmed_owner_answers_later_lookups_of_its_range_without_messages() -> None:
+    """The owner cache: a lookup's confirmed answer (owner, its predecessor, its successors) ends later
+    lookups of keys in (predecessor, owner] at once; it expires, is dropped when the adapter reports the
+    owner wrong, and when our own neighbours change (issue 19: a new AOR's REGISTER saved a round trip)."""
+    rng = random.Random(15)
+    net = Net()
+    cores = [hash_node(rng, ChordConfig(owner_cache_ttl=10.0)) for _ in range(8)]
+    seeded_ring(net, cores, 16)
+    origin = cores[0]
+    members = sorted(c.me.id for c in cores)
+    far = next(m for m in members if m not in (origin.me.id, *(n.id for n in origin.successors)))
+    before = members[members.index(far) - 1]
+    inside = [far, before + 1, (before + far) // 2]
+
+    def asked(key: int) -> tuple[LookupDone, int]:
+        sent = net.sent.get("find_successor", 0)
+        result = net.lookup(origin, key)
+        assert isinstance(result, LookupDone) and result.node.id == owner_of(key, members)
+        return result, net.sent.get("find_successor", 0) - sent
+
+    first, messages = asked(inside[0])
+    assert first.hops >= 1 and messages >= 1
+    for key in inside[1:]:
+        hit, messages = asked(key)
+        assert (hit.hops, messages) == (0, 0)
+        assert hit.successors == first.successors  # the holders a quorum read asks
+    assert asked(before)[1] >= 1 or before in (origin.me.id, *(n.id for n in origin.successors))
+    assert origin.stats()["lookups_cached"] == 2
+
+    origin.forget_owner(far)  # the adapter was told "not responsible"
+    assert asked(inside[1])[1] >= 1
+    net.now += 10.5  # expired
+    assert asked(inside[1])[1] >= 1
+    assert asked(inside[2])[1] == 0
+    dead = origin.successors[0]
+    net.kill(net.cores[dead.ep])
+    origin.node_failed(dead.id, net.now)  # a ring change around us: all forgotten
+    sent = net.sent.get("find_successor", 0)
+    net.lookup(origin, inside[2])
+    assert net.sent.get("find_successor", 0) > sent
+
+
 def test_wrap_around_edges() -> None:
     rng = random.Random(6)
     top = ids.RING - 1

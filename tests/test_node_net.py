@@ -165,8 +165,7 @@ async def test_update_several_entries_and_remove(ring: Ring) -> None:
 
 async def test_one_lookup_for_a_read_and_several_writes(ring: Ring) -> None:
     """A REGISTER-shaped operation (read a key, write 3 entries) through ``Node.at`` looks the key up
-    once; through ``get``/``put`` it costs 1 + 3 lookups. Messages counted: 2 per lookup hop and 2 per
-    storage RPC (request and reply; this is loopback, so no retransmissions)."""
+    once; through ``get``/``put`` it costs 1 + 3 lookups, the last 3 answered by the owner cache."""
     node = ring.nodes[4]
     user = KeyPair.generate()
 
@@ -177,9 +176,9 @@ async def test_one_lookup_for_a_read_and_several_writes(ring: Ring) -> None:
                 return name
         raise AssertionError("no key outside the node's own range")
 
-    def counts() -> tuple[int, int, int]:
+    def counts() -> tuple[int, int]:
         s = node.stats()
-        return s.get("lookups_started", 0), s.get("lookup_hops", 0), s.get("storage_rpcs", 0)
+        return s.get("lookups_started", 0), s.get("lookup_hops", 0)
 
     async def each_alone(name: str) -> None:
         await node.get(name)
@@ -192,16 +191,20 @@ async def test_one_lookup_for_a_read_and_several_writes(ring: Ring) -> None:
         await asyncio.gather(*(here.put(b"contact", entry_id=b"%d" % i, key=user) for i in range(3)))
 
     measured = {}
+    name = name_far_from(node, "once")
     for label, operation in (("before", each_alone), ("after", found_once)):
-        name = name_far_from(node, label)
+        assert node.core is not None
+        node.core.clear_owner_cache()  # both start from a cold cache
         start = counts()
         await operation(name)
-        lookups, hops, rpcs = (b - a for a, b in zip(start, counts(), strict=True))
-        measured[label] = (lookups, 2 * hops + 2 * rpcs)
+        lookups, hops = (b - a for a, b in zip(start, counts(), strict=True))
+        measured[label] = (lookups, hops)
         assert {e.entry_id for e in await node.get(name)} == {b"0", b"1", b"2"}
-    print("lookups and messages, before/after:", measured)
+    print("lookups and hops, before/after:", measured)
     assert measured["before"][0] == 4 and measured["after"][0] == 1
-    assert measured["after"][1] < measured["before"][1]
+    # The three later lookups of ``each_alone`` end in the owner cache (chord's confirmed range of the
+    # first): they cost no hop, so both shapes send the same routing messages.
+    assert measured["before"][1] == measured["after"][1] >= 1
 
 
 async def test_forged_stores_are_refused(ring: Ring) -> None:
@@ -280,7 +283,10 @@ def ring_consistent_member(node: Node, ring: Ring) -> bool:
 
 
 fuzz_fields = st.dictionaries(
-    st.sampled_from(["key", "entry", "entries", "nonce", "nodes", "pred", "replica", "code", "reason", "zz"]),
+    st.sampled_from(
+        ["key", "entry", "entries", "nonce", "nodes", "pred", "replica", "code", "reason", "lo", "hi", "salt",
+         "sums", "differ", "zz"]
+    ),
     st.none()
     | st.booleans()
     | st.integers(min_value=-1, max_value=2**64 - 1)
@@ -297,6 +303,7 @@ message_types = st.sampled_from(
         "store",
         "fetch",
         "transfer",
+        "digest",
         "leave",
         "ok",
         "err",

@@ -135,3 +135,31 @@ def test_status_shows_the_neighbours_that_disagreed(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "1234abcd  3" in out and "99990000  0               2" in out
     assert "store  100/s:500  7" in out
+
+
+@pytest.mark.asyncio
+async def test_a_read_two_holders_agree_is_empty_asks_no_third_holder() -> None:
+    """A new AOR's REGISTER reads an empty key: once the responsible node and a second holder agree there
+    is nothing, the third holder could be neither behind nor blamed, so it is not asked (issue 19). A key
+    with an entry still gets its late check (the repair test above needs it)."""
+    async with started_ring(5, overlay_name=OVERLAY, config=CFG) as nodes:
+        await _ring_ready(nodes)
+        empty, full = "sip:nobody@liars.example", "sip:carol@liars.example"
+        holders = _holders(nodes, empty)
+        if _holders(nodes, full) != holders:  # the same three holders for both keys, found by search
+            full = next(
+                n for i in range(5000) if _holders(nodes, n := f"sip:carol{i}@liars.example") == holders
+            )
+        reader = next(n for n in nodes if n not in holders)
+        await reader.put(full, b"contact", entry_id=b"phone")
+        served = [h.storage.stats.get("fetch_served", 0) for h in holders]
+        assert await reader.get(empty) == []
+        assert reader.stats()["late_reads_skipped"] == 1
+        assert [e.value for e in await reader.get(full)] == [b"contact"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while sum(h.storage.stats.get("fetch_served", 0) for h in holders) < sum(served) + 5:
+            assert loop.time() < deadline, "the late check of the key with an entry never came"
+            await asyncio.sleep(0.02)
+        # 2 fetches for the empty key, 3 for the full one: the empty key's third holder was never asked
+        assert sum(h.storage.stats.get("fetch_served", 0) for h in holders) == sum(served) + 5

@@ -52,11 +52,15 @@ def test_store_fans_out_and_answers_once_every_replica_replied() -> None:
     (answer,) = answers(c)
     # two copies of the three sent for: the writer compares them with its write quorum
     assert (answer.token, answer.type, answer.body) == ("t1", "ok", {"stored": 2, "wanted": 3})
-    # a replica missed the write: an early repair is due soon, and it pushes the primary range
+    # a replica missed the write: an early repair is due soon; it compares digests with both replicas,
+    # and one that does not answer gets the primary range pushed
     assert c.next_timer() <= T + 3 + c.config.early_repair_delay
     c.handle_timer(c.next_timer())
-    pushed = [o for o in c.take_outputs() if isinstance(o, Send)]
-    assert {p.to for p in pushed} == {S1, S2} and all(p.type == "transfer" and p.bulk for p in pushed)
+    digests = [o for o in c.take_outputs() if isinstance(o, Send)]
+    assert {d.to for d in digests} == {S1, S2} and all(d.type == "digest" for d in digests)
+    c.on_failure(digests[0].request_id, T + 6)
+    (pushed,) = [o for o in c.take_outputs() if isinstance(o, Send)]
+    assert pushed.to == digests[0].to and pushed.type == "transfer" and pushed.bulk
 
 
 def test_a_store_whose_replicas_all_timed_out_says_one_copy_of_three() -> None:
@@ -173,3 +177,61 @@ def test_an_announce_passes_what_was_new_on_to_the_replicas() -> None:
     # a plain transfer (join, repair) is not passed on
     c.handle_request("y", "transfer", {"entries": [(entry(key=700, eid=b"other"), 9000)]}, T, member=True)
     assert not any(isinstance(o, Send) for o in c.take_outputs())
+
+
+def _replica(entries: list[Entry]) -> StorageCore:
+    """S1 as a replica of ME's range, holding ``entries``."""
+    r = StorageCore(S1[0], Store(), 3, T, StorageConfig())
+    r.on_neighbours(S2, [(4000, "10.0.0.40", 7060)], T)
+    r.handle_request("fill", "transfer", {"entries": [(e, 600_000) for e in entries]}, T, member=True)
+    r.take_outputs()
+    return r
+
+
+def test_repair_by_digest_pushes_only_the_buckets_that_differ() -> None:
+    """Anti-entropy by digest (issue 19): an idle ring with every copy in place exchanges one small
+    digest per replica per round and pushes nothing; a replica that missed records gets those buckets
+    only. The digest is compared over the sender's range only."""
+    c = core()
+    keys = [PRED[0] + 1 + i * (ME - PRED[0] - 1) // 40 for i in range(40)]  # spread over (PRED, ME]
+    written = [entry(key=k) for k in keys]
+    for i, e in enumerate(written):
+        c.handle_request(f"w{i}", "store", {"entry": e}, T)
+        for s in c.take_outputs():
+            if isinstance(s, Send):
+                c.on_reply(s.request_id, "ok", {"stored": 1}, T)
+    outside = entry(key=ME + 5)  # held by the replica for another primary: not part of ME's digest
+
+    def round_with(replica: StorageCore, at: float) -> list[Entry]:
+        c.handle_timer(at)
+        digest = next(o for o in c.take_outputs() if isinstance(o, Send) and o.to == S1)
+        assert digest.type == "digest" and not digest.bulk and len(digest.body["sums"]) <= 128
+        replica.handle_request("d", "digest", digest.body, at, member=True)
+        (answer,) = answers(replica)
+        c.on_reply(digest.request_id, answer.type, answer.body, at)
+        pushed = [o for o in c.take_outputs() if isinstance(o, Send) and o.to == S1]
+        return [e for p in pushed for e, _ms in p.body["entries"]]
+
+    in_place = _replica([*written, outside])
+    assert round_with(in_place, T + c.config.repair_interval) == []
+    assert c.stats["digest_entries_skipped"] == 40
+
+    missing = written[7]
+    behind = _replica([e for e in written if e is not missing])
+    newer = entry(key=written[30].key, seq=2)
+    behind.handle_request("n", "store", {"entry": newer, "replica": True}, T, member=True)
+    behind.take_outputs()
+    pushed = round_with(behind, T + 2 * c.config.repair_interval + 1)
+    assert missing in pushed and written[30] in pushed  # a newer copy there also differs: harmless push
+    assert len(pushed) < 10  # two buckets of 32, not the range of 40
+
+
+def test_a_digest_from_a_stranger_or_malformed_is_refused() -> None:
+    r = _replica([entry()])
+    body = {"lo": PRED[0], "hi": ME, "salt": 1, "sums": bytes(128)}
+    r.handle_request("x", "digest", body, T, member=False)
+    (answer,) = answers(r)
+    assert answer.type == "err" and answer.body["code"] == 403
+    r.handle_request("y", "digest", {**body, "sums": b"abc"}, T, member=True)
+    (answer,) = answers(r)
+    assert answer.type == "err" and answer.body["code"] == 400
