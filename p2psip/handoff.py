@@ -10,7 +10,14 @@ only, so every datagram that belongs to a transaction goes to the worker that ke
   non-2xx carry the same branch, so they meet the server transaction (§17.2.3); crc32, not ``hash()``,
   because every process must compute the same owner;
 - a **response** belongs to the worker named in our branch (the top Via is ours): a worker's stack ends
-  the branches of its client transactions with :func:`branch_tag` (``.w3``).
+  the branches of its client transactions with :func:`branch_tag` (``.w3``);
+- an **ACK** is forwarded by whichever worker reads it: the ACK of a 2xx is a request of its own (new
+  branch, no transaction, §17.1.1.3), and handing it over cost a sixth of all hand-offs of a call. The
+  ACK of a non-2xx does belong to its INVITE's server transaction, and only that transaction's worker
+  knows it sent one: before sending a 3xx-6xx to an INVITE it tells the other workers
+  (:meth:`HandoffLink.refusing`), and they hand over the ACKs of the branches they were told of. The
+  ACK comes from the caller only after that final response went out, and a worker reads its inbox
+  before deciding on an ACK, so the notice is there first.
 
 A datagram with no branch (RFC 2543), or whose owner is this worker, is handled where it arrived. When a
 worker dies, the parent marks it gone (a shared byte per worker) until its successor listens: meanwhile
@@ -32,6 +39,10 @@ import socket
 import struct
 import zlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from p2psip.transaction import ServerTransaction
 
 log = logging.getLogger("p2psip.handoff")
 
@@ -45,6 +56,10 @@ _WORKER_TAG = re.compile(rb"\.w([0-9]{1,4})$").search
 #: datagram; as many records as fit in :data:`_BATCH_BYTES`
 _HEADER = struct.Struct("!IHB")
 _BATCH_BYTES = 60_000
+#: how long a worker remembers that another refused an INVITE (Timer H, 64*T1, and some): that long the
+#: caller may retransmit the ACK of the final response; and at most this many such branches
+_REFUSED_S = 40.0
+_REFUSED_MAX = 20_000
 
 
 def _record(data: bytes, host: str, port: int) -> bytes:
@@ -74,13 +89,19 @@ def branch_tag(index: int) -> str:
     return f".w{index}"
 
 
+def top_branch(data: bytes) -> bytes | None:
+    """The branch of the top Via of ``data`` (a SIP datagram), unparsed; None when there is none."""
+    found = _TOP_BRANCH(data)
+    return None if found is None else found.group(1)
+
+
 def owner(data: bytes, workers: int) -> int | None:
     """The index of the worker that owns ``data`` (a SIP datagram), or None: handle it where it arrived
-    (no branch, or a response whose branch names no worker)."""
-    found = _TOP_BRANCH(data)
-    if found is None:
+    (no branch, or a response whose branch names no worker). An ACK's owner here is its INVITE's; the
+    link forwards most ACKs where they arrive (:meth:`HandoffLink.divert`)."""
+    branch = top_branch(data)
+    if branch is None:
         return None
-    branch = found.group(1)
     if data.startswith(b"SIP/"):
         tag = _WORKER_TAG(branch)
         if tag is None:
@@ -130,8 +151,9 @@ class HandoffLink:
     ``links`` are every worker's link by index (:func:`open_links`): this worker reads the first end of
     its own and writes to the second end of the others'. ``deliver(data, (host, port))`` processes a
     datagram as if it had arrived from ``host:port`` on the shared UDP port. Counters: ``handed_off``,
-    ``handed_in``, ``owner_gone`` (handled here because the owner was being restarted),
-    ``handoff_dropped`` (the owner's buffer was full: lost like any UDP datagram)."""
+    ``handed_in``, ``owner_gone`` (handled here because the owner was being restarted), ``acks_here``
+    (ACKs of another worker's branch forwarded here: the ACKs of 2xx responses), ``handoff_dropped`` (the
+    owner's buffer was full: lost like any UDP datagram)."""
 
     def __init__(
         self,
@@ -146,7 +168,9 @@ class HandoffLink:
         self.workers = len(links)
         self.deliver = deliver
         self.alive = alive
-        self.stats: dict[str, int] = dict.fromkeys(("handed_off", "handed_in", "owner_gone"), 0)
+        self.stats: dict[str, int] = dict.fromkeys(("handed_off", "handed_in", "owner_gone", "acks_here"), 0)
+        self._refused: dict[bytes, tuple[int, float]] = {}
+        """Branch -> (the worker that sent a 3xx-6xx to that INVITE, until when its ACK goes there)."""
         self._queued: list[list[bytes]] = [[] for _ in links]
         self._size = [0] * self.workers
         self._dirty: list[int] = []
@@ -159,6 +183,14 @@ class HandoffLink:
         index = owner(data, self.workers)
         if index is None or index == self.index:
             return False
+        if data.startswith(b"ACK "):
+            refused = self._refusal(data)
+            if refused is None:
+                self.stats["acks_here"] += 1  # the ACK of a 2xx: forwarded from here
+                return False
+            index = refused
+            if index == self.index:
+                return False
         alive = self.alive
         if alive is not None and not alive[index]:
             # The owner died and its successor is not listening yet: it would know none of the old
@@ -174,6 +206,42 @@ class HandoffLink:
         self._queued[index].append(record)
         self._size[index] += len(record)
         return True
+
+    def _refusal(self, ack: bytes) -> int | None:
+        """The worker that refused the INVITE this ACK acknowledges, or None (the ACK of a 2xx). The inbox
+        is read first (all of it, within reason): the notice was written to it before the final response
+        went out."""
+        self._readable(1024)
+        branch = top_branch(ack)
+        entry = self._refused.get(branch) if branch is not None else None
+        if entry is None or entry[1] < self._loop.time():
+            return None
+        return entry[0]
+
+    def refusing(self, transaction: ServerTransaction) -> None:
+        """:attr:`p2psip.stack.Stack.before_refusal`: this worker is about to send a 3xx-6xx on an INVITE
+        server transaction; tell every other live worker (at once, not with the burst: the notice must
+        be in their inboxes before the caller can see the response and send its ACK)."""
+        via = transaction.request.top_via
+        branch = via.params.get("branch") if via is not None else None
+        if not branch:
+            return  # RFC 2543: no branch, so its ACK stays on the worker it arrives at, as the INVITE did
+        notice = _record(f"{self.index} {branch}".encode(), "", 0)
+        for index, outbox in enumerate(self.outboxes):
+            if index != self.index and (self.alive is None or self.alive[index]):
+                with contextlib.suppress(OSError):  # a full inbox: that ACK is then forwarded, not absorbed
+                    outbox.send(notice)
+
+    def _noted(self, notice: bytes) -> None:
+        """A notice of :meth:`refusing` from another worker: ``INDEX BRANCH``."""
+        who, _, branch = notice.partition(b" ")
+        if not who.isdigit() or not branch:
+            return
+        refused = self._refused
+        now = self._loop.time()
+        while refused and (len(refused) >= _REFUSED_MAX or next(iter(refused.values()))[1] < now):
+            del refused[next(iter(refused))]  # the oldest first: insertion order is expiry order
+        refused[branch] = (int(who), now + _REFUSED_S)
 
     def flush(self) -> None:
         """Hand over what :meth:`divert` took: one datagram per owner for a whole burst (fewer system
@@ -195,16 +263,19 @@ class HandoffLink:
         queued.clear()
         self._size[index] = 0
 
-    def _readable(self) -> None:
+    def _readable(self, burst: int = 64) -> None:
         recv = self.sock.recv
         deliver = self.deliver
         stats = self.stats
-        for _ in range(64):
+        for _ in range(burst):
             try:
                 packet = recv(70000)
             except OSError:  # BlockingIOError: drained
                 return
             for data, source in _records(packet):
+                if not source[1]:  # port 0: a notice, not a datagram
+                    self._noted(data)
+                    continue
                 stats["handed_in"] += 1
                 try:
                     deliver(data, source)

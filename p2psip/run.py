@@ -158,6 +158,7 @@ async def serve_proxy(
     if worker is not None and not stateless:  # a stateless proxy keeps nothing to hand over to
         link = HandoffLink(worker.index, worker.links, stack.transport.receive_datagram, worker.alive)
         stack.branch_tag = branch_tag(worker.index)
+        stack.before_refusal = link.refusing
         stack.transport.divert = link
     try:
         with busy_proxy_gc():
@@ -165,6 +166,7 @@ async def serve_proxy(
     finally:
         if link is not None:
             stack.transport.divert = None
+            stack.before_refusal = None
             link.close()
         await stack.close()
     return {**stack.stats, **proxy.stats, **(link.stats if link is not None else {})}

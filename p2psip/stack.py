@@ -145,6 +145,10 @@ class Stack:
         self.branch_tag = ""
         """Appended to the branch of every client transaction: the worker that keeps it, so the other
         workers of the same proxy hand its responses over (:func:`p2psip.handoff.branch_tag`)."""
+        self.before_refusal: Callable[[ServerTransaction], None] | None = None
+        """Called before a 3xx-6xx final response to an INVITE goes out on a server transaction: a worker
+        of a multi-process proxy tells the others that the ACK of that branch is its own
+        (:meth:`p2psip.handoff.HandoffLink.refusing`); every other ACK any worker forwards itself."""
 
     @classmethod
     async def start(
@@ -442,6 +446,8 @@ class Stack:
     def respond(self, transaction: ServerTransaction, response: Response) -> None:
         """Send ``response`` through its server transaction (retransmissions and timers are handled)."""
         self.transport.stamp(response)
+        if response.status >= 300 and self.before_refusal is not None and transaction.method == "INVITE":
+            self.before_refusal(transaction)
         events = self.transactions.send_response(transaction, response, self.loop.time())
         self._run(events)
 

@@ -80,3 +80,65 @@ def test_records_of_a_batch_come_back_in_order_with_their_sources() -> None:
     # a cut tail loses only itself
     assert _records(packet + _record(b"INVITE sip:x SIP/2.0\r\n", "10.0.0.1", 1)[:-3]) == _records(packet)
     assert _records(b"") == []
+
+
+def _branch_owned_by(wanted: int, workers: int = 2) -> str:
+    return next(
+        b for b in (f"z9hG4bK-ack{n}" for n in range(100)) if zlib.crc32(b.encode()) % workers == wanted
+    )
+
+
+def test_acks_are_forwarded_where_they_arrive_unless_their_invite_was_refused_elsewhere() -> None:
+    """Worker 0 reads an ACK whose INVITE branch worker 1 owns: the ACK of a 2xx (nobody said otherwise)
+    is forwarded by worker 0 itself; once worker 1 is about to refuse that INVITE (486), the notice it
+    writes first makes worker 0 hand the ACK to it, to be absorbed by its server transaction."""
+    import asyncio
+
+    from p2psip.handoff import HandoffLink, open_links
+    from p2psip.message import Request, parse
+    from p2psip.transaction import InviteServerTransaction
+    from p2psip.transport import Source
+
+    branch = _branch_owned_by(1)
+    invite = INVITE.replace("z9hG4bK-abc123", branch)
+    ack = invite.replace("INVITE sip", "ACK sip").replace("1 INVITE", "1 ACK").encode()
+    other_ack = ack.replace(branch.encode(), _branch_owned_by(1).encode() + b"x")
+    links = open_links(2)
+
+    async def scenario() -> list[bytes]:
+        got: list[bytes] = []
+        arrived = asyncio.Event()
+
+        def at_one(data: bytes, source: tuple[str, int]) -> None:
+            got.append(data)
+            arrived.set()
+
+        zero = HandoffLink(0, links, lambda data, source: None)
+        one = HandoffLink(1, links, at_one)
+        try:
+            assert zero.divert(ack, ("127.0.0.1", 5070)) is False  # a 2xx's ACK: forwarded by worker 0
+            assert zero.stats["acks_here"] == 1
+            request = parse(invite.encode())
+            assert isinstance(request, Request)
+            one.refusing(InviteServerTransaction(request, Source("udp", "127.0.0.1", 5070), reliable=False))
+            assert zero.divert(ack, ("127.0.0.1", 5070)) is True  # the notice was read first
+            # an ACK with another branch is still forwarded where it arrives; an INVITE still goes over
+            assert zero.divert(other_ack, ("127.0.0.1", 5070)) is False
+            assert zero.divert(invite.encode(), ("127.0.0.1", 5070)) is True
+            zero.flush()
+            await asyncio.wait_for(arrived.wait(), 5)
+            while len(got) < 2:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 5)
+            assert zero.stats["handed_off"] == 2 and one.stats["handed_in"] == 2
+            return got
+        finally:
+            zero.close()
+            one.close()
+
+    try:
+        assert asyncio.run(scenario()) == [ack, invite.encode()]
+    finally:
+        for pair in links:
+            for sock in pair:
+                sock.close()

@@ -19,7 +19,7 @@ from conftest import free_port
 
 from .ourproxy import OurProxy
 from .procs import children_of
-from .sipp import run_calls, uas
+from .sipp import SCENARIOS, run_calls, uas
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -46,6 +46,36 @@ def test_calls_through_two_workers(sipp_tool: str, workdir: Path) -> None:
     assert stats.get("forwarded_requests", 0) >= 800, stats
     # one sipp source reaches one worker: about half the transactions are the other's, handed over
     assert stats.get("handed_off", 0) >= 200 and stats.get("handed_in") == stats.get("handed_off"), stats
+    # but not the ACKs of the 200s: forwarded by whichever worker reads them (half were another's)
+    assert stats.get("acks_here", 0) >= 100 and stats.get("stateless_acks") == 400, stats
+
+
+def test_the_ack_of_a_refusal_reaches_its_transaction(sipp_tool: str, workdir: Path) -> None:
+    """Every INVITE is answered 486: the caller's ACK (same branch as its INVITE) is absorbed by the
+    server transaction of whichever worker refused it, told by that worker before the 486 went out;
+    none is forwarded to the callee (who gets the proxy's own ACK) and no 486 is retransmitted."""
+    uport, cport = free_port(), free_port()
+    calls = 200
+    with (
+        OurProxy(workdir, ["udp:127.0.0.1:0"], extra=["--workers", "2"]) as proxy,
+        uas(workdir, uport, scenario=SCENARIOS / "uas_busy.xml"),
+    ):
+        assert len(_workers(proxy, 2)) == 2
+        result = run_calls(
+            workdir,
+            f"127.0.0.1:{uport}",
+            calls=calls,
+            rate=100,
+            port=cport,
+            proxy=proxy.address(),
+            scenario=SCENARIOS / "uac_busy.xml",
+            timeout=60,
+        )
+    assert (result.successful, result.failed) == (calls, 0), f"{result}\nproxy output:\n{proxy.output()}"
+    stats = proxy.final_stats()
+    assert stats.get("transaction_absorbed", 0) >= calls, stats  # every ACK met its INVITE's transaction
+    assert stats.get("stateless_acks", 0) == 0 and stats.get("transaction_stray_acks", 0) == 0, stats
+    assert stats.get("transaction_retransmissions", 0) == 0, stats
 
 
 def test_a_killed_worker_loses_no_call(sipp_tool: str, workdir: Path) -> None:
