@@ -368,3 +368,35 @@ async def test_one_epoll_set_reads_every_session_and_a_failing_reader_spoils_non
     await a.close()
     await b.close()
     assert id(loop) not in _Poller._running
+
+
+async def test_a_latched_socket_is_connected_and_a_moved_peer_is_latched_again() -> None:
+    """Once the peer's packets come from where we send, the RTP socket is connected to it (send/recv, the
+    kernel drops other sources); set_remote elsewhere disconnects at once, keeping the port; a peer that
+    falls silent is followed to its new address (a NAT rebinding) after RELATCH_AFTER."""
+    a = await MediaSession.start(source=ToneSource(1000))
+    a.RELATCH_AFTER = 0.2
+    b = await MediaSession.start(remote=a.local_address, source=ToneSource(500))
+    moved: MediaSession | None = None
+    try:
+        assert a._rtp_sock is not None
+        await until(lambda: a._connected == b.local_address)
+        assert a._rtp_sock.getpeername()[:2] == b.local_address
+        await until(lambda: b._connected == a.local_address)  # b connects once a answers from its port
+
+        a.set_remote(("127.0.0.1", 9))  # the SDP says elsewhere: listen to everyone again, same port
+        assert a._connected is None
+        with pytest.raises(OSError):
+            a._rtp_sock.getpeername()
+        assert a._rtp_sock.getsockname()[:2] == a.local_address
+        await until(lambda: a._connected == b.local_address)  # b still sends: latched and connected again
+
+        await b.close()  # b goes quiet; the same caller comes back from another port
+        moved = await MediaSession.start(remote=a.local_address, source=ToneSource(500))
+        await until(lambda: a.remote == moved.local_address and moved.stats.packets_received > 0)
+        await until(lambda: a._connected == moved.local_address)
+        assert a._rtp_sock.getsockname()[:2] == a.local_address
+    finally:
+        for session in (a, b, moved):
+            if session is not None:
+                await session.close()

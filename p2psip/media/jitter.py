@@ -97,6 +97,21 @@ class JitterBuffer:
 
     def push(self, sequence: int, payload: bytes | None) -> bool:
         """Add a packet (``payload=None``: a filler slot); False if it was dropped as late or duplicate."""
+        reference = self._reference
+        if reference is not None and sequence == (reference + 1) & 0xFFFF:
+            # The next packet in order, as nearly all are: newer than every slot (so neither late nor a
+            # duplicate) and not before the one due (the slots due next never run past the newest + 1).
+            extended = self._reference = reference + 1
+            slots = self._slots
+            slots[extended] = _FILLER if payload is None else payload
+            self.stats.pushed += 1
+            if len(slots) > self.max_depth:
+                self._trim()
+            return True
+        return self._push_any(sequence, payload)
+
+    def _push_any(self, sequence: int, payload: bytes | None) -> bool:
+        """:meth:`push` for any packet: reordered, late, duplicate, after a gap or a wrap."""
         extended = self._unwrap(sequence)
         if self._next is not None and extended < self._next and self._started:
             self.stats.late += 1
@@ -108,12 +123,32 @@ class JitterBuffer:
             self._next = extended  # before playout starts, an earlier packet may still arrive
         self._slots[extended] = _FILLER if payload is None else payload
         self.stats.pushed += 1
+        if len(self._slots) > self.max_depth:
+            self._trim()
+        return True
+
+    def _trim(self) -> None:
         while len(self._slots) > self.max_depth:
             oldest = min(self._slots)
             del self._slots[oldest]
             self.stats.overflow += 1
             self._next = min(self._slots)
-        return True
+
+    def pop_ready(self) -> bytes | None:
+        """:meth:`pop`'s common case without building a :class:`Playout`: while playing, the payload due
+        now if it is buffered (``b""`` for a filler slot), and the slot is played; ``None`` (nothing
+        changed) when :meth:`pop` must decide (prefetching, a loss to conceal, a stall)."""
+        due = self._next
+        if not self._playing or due is None:
+            return None
+        payload = self._slots.pop(due, None)
+        if payload is None:
+            return None
+        self._next = due + 1
+        self._started = True
+        self._empty_pops = 0
+        self.stats.played += 1
+        return payload
 
     def pop(self) -> Playout | None:
         """The frame due now, or ``None`` while prefetching or stalled (nothing buffered)."""

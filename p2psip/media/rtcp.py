@@ -275,7 +275,9 @@ class ReceptionStats:
 
     def update(self, seq: int, rtp_timestamp: int, arrival: float, *, timing: bool = True) -> bool:
         """Account one packet; False when it is so far out of sequence that it is ignored (A.1)."""
-        if self.base_seq < 0:
+        if seq == self.max_seq + 1 and self.base_seq >= 0:  # the next in order (A.1's common case)
+            self.max_seq = seq
+        elif self.base_seq < 0:
             self._init_seq(seq)
         else:
             udelta = (seq - self.max_seq) & 0xFFFF
