@@ -139,6 +139,38 @@ TUEvent: TypeAlias = Transmit | PassToTU | Timeout | TransportFailure | Terminat
 
 
 # --------------------------------------------------------------------------------------------- keys
+_METHOD_NAMES: dict[str, str] = {}
+_MAX_METHOD_NAMES = 64
+
+
+_SENT_BY: dict[tuple[str, int | None], str] = {}
+_MAX_SENT_BY = 4096
+
+
+def _sent_by(host: str, port: int | None) -> str:
+    """The sent-by part of a server key, ``host:port`` lower-cased, as one shared string per source: a
+    lingering transaction keeps its key, and requests come from few hosts and ports (a proxy, phones that
+    each keep theirs). Bounded: a full table starts again."""
+    sent_by = _SENT_BY.get((host, port))
+    if sent_by is None:
+        if len(_SENT_BY) >= _MAX_SENT_BY:
+            _SENT_BY.clear()
+        sent_by = _SENT_BY[(host, port)] = f"{host.lower()}:{port if port is not None else ''}"
+    return sent_by
+
+
+def method_name(method: str) -> str:
+    """``method`` upper-cased, as one shared string per name: a transaction keeps its method (and its key
+    holds it) for as long as it lingers, and a new copy per request cost 57 bytes each. Bounded: methods
+    are tokens anyone may send; past 64 names a new one is upper-cased as before."""
+    name = _METHOD_NAMES.get(method)
+    if name is None:
+        name = method.upper()
+        if len(_METHOD_NAMES) < _MAX_METHOD_NAMES:
+            name = _METHOD_NAMES[method] = _METHOD_NAMES.get(name, name)
+    return name
+
+
 def client_key(message: Request | Response) -> TransactionKey:
     """The key of the client transaction a request creates or a response belongs to (§17.1.3): the top Via
     branch and the CSeq method (so a CANCEL, which reuses the INVITE's branch, is its own transaction)."""
@@ -153,15 +185,14 @@ def server_key(request: Request) -> TransactionKey:
     finds its INVITE). Without one (RFC 2543 peers): Request-URI, From tag, Call-ID, CSeq number, method and
     the top Via; the To tag is checked separately (:meth:`TransactionLayer.receive_request`).
     """
-    method = request.method.upper()
+    method = method_name(request.method)
     if method == "ACK":
         method = "INVITE"
     via = request.top_via  # read once: this runs for every request received
     branch = (via.params.get("branch") or "") if via is not None else ""
     if branch.startswith(MAGIC_COOKIE):
         assert via is not None
-        port = via.port
-        return ("3261", branch, f"{via.host.lower()}:{port if port is not None else ''}", method)
+        return ("3261", branch, _sent_by(via.host, via.port), method)
     return (
         "2543",
         str(request.uri),
@@ -227,13 +258,29 @@ class Transaction:
     ``context`` is a free slot for the TU (e.g. its call object); transactions hash by identity.
     """
 
+    # Slots, no __dict__: a registrar at 300 REGISTER/s holds ~9,600 completed transactions for Timer J
+    # (docs/benchmarks.md, memory); __weakref__ for the stack's WeakKeyDictionary of UDP fall-backs.
+    __slots__ = (
+        "__weakref__",
+        "_method",
+        "_request",
+        "context",
+        "deadlines",
+        "history",
+        "key",
+        "last_response",
+        "reliable",
+        "state",
+        "timers",
+    )
+
     kind = "transaction"
     key: TransactionKey
     """How the layer finds it (:func:`client_key` / :func:`server_key`), set by the client and server."""
 
     def __init__(self, request: Request, *, reliable: bool, timers: TimerConfig = DEFAULT_TIMERS) -> None:
         self._request: Request | None = request
-        self._method = request.method.upper()
+        self._method = method_name(request.method)
         self.reliable = reliable
         self.timers = timers
         self.state = State.TERMINATED
@@ -318,6 +365,8 @@ class Transaction:
 class ClientTransaction(Transaction):
     """Base of the client machines: sends ``request`` to ``destination`` and collects responses."""
 
+    __slots__ = ("destination", "provisional_received")
+
     kind = "client"
 
     def __init__(
@@ -370,6 +419,8 @@ class InviteClientTransaction(ClientTransaction):
     terminates (the proxy acts as on a 408), in Proceeding it stays so that the proxy's CANCEL can collect
     the 487.
     """
+
+    __slots__ = ("_a_interval", "ack", "use_timer_c")
 
     def __init__(
         self,
@@ -483,6 +534,8 @@ class InviteClientTransaction(ClientTransaction):
 class NonInviteClientTransaction(ClientTransaction):
     """RFC 3261 Figure 6 (non-INVITE client transaction). Not for ACK, which has no transaction."""
 
+    __slots__ = ("_e_interval",)
+
     def __init__(
         self,
         request: Request,
@@ -556,6 +609,8 @@ class NonInviteClientTransaction(ClientTransaction):
 class ServerTransaction(Transaction):
     """Base of the server machines: answers ``request`` (which came from ``source``)."""
 
+    __slots__ = ("_to_tag", "source")
+
     kind = "server"
 
     def __init__(
@@ -603,6 +658,8 @@ class InviteServerTransaction(ServerTransaction):
     ``trying_delay``: 0 sends ``100 Trying`` at once (default); a positive value sends it only if the TU
     has not responded within that many seconds (timer "Trying"; §17.2.1 allows 200 ms); None never sends it.
     """
+
+    __slots__ = ("_g_interval", "trying_delay")
 
     def __init__(
         self,
@@ -706,6 +763,8 @@ class InviteServerTransaction(ServerTransaction):
 
 class NonInviteServerTransaction(ServerTransaction):
     """RFC 3261 Figure 8 (non-INVITE server transaction)."""
+
+    __slots__ = ()
 
     def __init__(
         self,

@@ -270,7 +270,9 @@ class TestServerSide:
         assert kept.status == 200 and bytes(kept) == sent and kept.local is False
         assert nist.request is options  # the TU may still read it while it handles the request
         layer.handle_timers(0.2)  # the layer's next call
-        assert not any(isinstance(v, Request | Response) for v in vars(nist).values())
+        slots = [n for c in type(nist).__mro__ for n in getattr(c, "__slots__", ())]
+        held = [getattr(nist, n) for n in slots if hasattr(nist, n)]
+        assert held and not any(isinstance(v, Request | Response) for v in held)
         with pytest.raises(TransactionError):
             _ = nist.request
         assert nist.method == "OPTIONS" and repr(nist) == "<NonInviteServerTransaction OPTIONS Completed>"
@@ -281,6 +283,33 @@ class TestServerSide:
             assert bytes(resend.message) == sent and resend.message.top_via == done.top_via
         assert layer.stats["retransmissions"] == 2
         assert [type(e) for _t, e in drive(layer, 100.0)] == [Terminated] and len(layer) == 0
+
+    def test_sent_response_reads_its_top_via_from_its_bytes(self) -> None:
+        """SentResponse keeps no header text: its top Via (for routing a retransmission) comes from the
+        bytes, the first of several Via lines or of a comma list."""
+        for vias in (["SIP/2.0/UDP a.example:5070;branch=z9hG4bKa", "SIP/2.0/TCP b.example;branch=z9hG4bKb"],
+                     ["SIP/2.0/UDP a.example:5070;branch=z9hG4bKa, SIP/2.0/TCP b.example;branch=z9hG4bKb"]):
+            text = "SIP/2.0 200 OK\r\n" + "".join(f"Via: {v}\r\n" for v in vias)
+            text += "From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n"
+            sent = SentResponse(parse((text + "Content-Length: 0\r\n\r\n").encode()))
+            via = sent.top_via
+            assert via is not None and (via.host, via.port) == ("a.example", 5070)
+            assert via.params["branch"] == "z9hG4bKa"
+
+    def test_lingering_transactions_share_their_repeated_strings(self) -> None:
+        """Transactions have no ``__dict__``, and the method and sent-by in the keys of transactions from one
+        source are one string each, not one per request (memory: a registrar holds rate x 32 s of them)."""
+        layer = TransactionLayer()
+        txs = []
+        for i in range(2):
+            reg = request("REGISTER", branch=f"z9hG4bKs{i}")
+            reg = parse(bytes(reg))  # fresh strings, as from the wire
+            (tu,) = of(layer.receive_request(reg, SRC, 0.0, reliable=False), PassToTU)
+            txs.append(tu.transaction)
+        a, b = txs
+        assert not hasattr(a, "__dict__")
+        assert a.key[2] is b.key[2] and a.key[3] is b.key[3] and a.method is b.method == "REGISTER"
+        assert a.key[1] != b.key[1]
 
     def test_completed_rfc2543_non_invite_server_still_matches_by_to_tag(self) -> None:
         """Without a branch (RFC 2543 matching) the To tag of the dropped request still tells a

@@ -575,19 +575,25 @@ class SentResponse:
     bytes cost a tenth. It quacks like a :class:`Response` where the transport needs one (``status``,
     ``local``, ``top_via``, ``bytes()``), and is sent byte for byte as it was the first time."""
 
-    __slots__ = ("_via", "data", "status")
+    __slots__ = ("data", "status")
 
     local = False  # stamped (Server header) before it was encoded: never again
 
     def __init__(self, response: Response) -> None:
         self.status = response.status
         self.data = bytes(response)
-        self._via = response.get("via")
 
     @property
     def top_via(self) -> Via | None:
-        """The top Via (parsed on each call: only routing without the request's source needs it)."""
-        return Via(self._via) if self._via is not None else None
+        """The top Via, parsed from the bytes on each call: only a retransmission routed without the
+        request's source needs it, and keeping the header's text too cost ~120 bytes per transaction."""
+        head = self.data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+        for line in head.split("\r\n")[1:]:  # as this module wrote it: one header a line, never folded
+            name, sep, value = line.partition(":")
+            if sep and name.strip().lower() in ("via", "v"):
+                value = value.strip(" \t")
+                return Via._first_of(value) if "," in value else Via(value)
+        return None
 
     def __bytes__(self) -> bytes:
         return self.data
