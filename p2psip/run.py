@@ -158,6 +158,8 @@ async def serve_proxy(
     if worker is not None and not stateless:  # a stateless proxy keeps nothing to hand over to
         link = HandoffLink(worker.index, worker.links, stack.transport.receive_datagram, worker.alive)
         stack.branch_tag = branch_tag(worker.index)
+        for sock in worker.own:
+            stack.send_requests_from(sock)
         stack.before_refusal = link.refusing
         stack.transport.divert = link
     try:

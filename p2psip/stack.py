@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -270,13 +271,23 @@ class Stack:
         return names_local(host, port, self.transport.listening, transport=transport, advertised=advertised)
 
     def sent_by(self, target: Target) -> tuple[str, int]:
-        """The sent-by (host as written in a Via, port) for a request going to ``target``."""
+        """The sent-by (host as written in a Via, port) for a request going to ``target``: over UDP the
+        port of this process's own socket when it has one (:meth:`send_requests_from`)."""
         key = f"{target.transport}{':' in target.host}"
         cached = self._local_cache.get(key)
         if cached is None:
             host, port = self.local_address(target.transport, target.host)
-            cached = self._local_cache[key] = (bracket(host), port)
+            own = self.transport.own_port(target.host) if target.transport == "udp" else None
+            cached = self._local_cache[key] = (bracket(host), own or port)
         return cached
+
+    def send_requests_from(self, sock: socket.socket) -> None:
+        """Send the UDP requests of client transactions from ``sock`` (bound, this process's alone) and name
+        its port in their Via: a worker of a multi-process proxy, whose listening port is shared, so that
+        the responses come back to it (:meth:`p2psip.transport.TransportLayer.own_socket`). Contact and
+        Record-Route keep the shared address."""
+        self.transport.own_socket(sock)
+        self._local_cache.clear()
 
     def push_via(self, request: Request, target: Target, branch: str | None = None) -> str:
         """Put our Via (with ``rport``, RFC 3581) on top of ``request`` for ``target``; returns the branch."""
@@ -350,7 +361,7 @@ class Stack:
                 dest = event.destination
                 # Only a stream connect reports errors later; UDP raises at once (no closure per datagram).
                 on_error = None if dest.transport == "udp" else self._error_handler(tx)
-                self.transport.send(bytes(message), dest, on_error)
+                self.transport.send_request(bytes(message), dest, on_error)
             else:  # a Response, or the bytes a completed transaction kept of one (SentResponse)
                 source = event.destination if isinstance(event.destination, Source) else None
                 self.transport.send_response(message, source)

@@ -601,6 +601,8 @@ class TransportLayer:
         self._udp: dict[int, _UDPSocket] = {}  # address family -> socket used to send
         self._udp_sockets: list[_UDPSocket] = []
         self._udp_addr: dict[int, tuple[str, int]] = {}
+        self._own: dict[int, _UDPSocket] = {}
+        """Address family -> this process's own UDP socket for client transactions (:meth:`own_socket`)."""
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: dict[Target, StreamConnection] = {}
         self._pending: dict[Target, list[tuple[bytes, ErrorHandler | None]]] = {}
@@ -940,6 +942,39 @@ class TransportLayer:
             self.stats["sent"] += 1
             return
         self._connect_and_send(target, data, on_error)
+
+    def own_socket(self, sock: socket.socket) -> tuple[str, int]:
+        """Send the UDP requests of client transactions of ``sock``'s address family from ``sock`` (bound,
+        and this process's alone), and read it like a listener; returns its (host, port). A worker of a
+        multi-process proxy names that port in its Via, so the responses come back to it, not to the
+        shared port where the kernel might give them to another worker (:mod:`p2psip.handoff`)."""
+        sock.setblocking(False)
+        _tune_udp_socket(sock)
+        endpoint = _UDPSocket(self, sock)
+        self._udp_sockets.append(endpoint)
+        self._own[sock.family] = endpoint
+        host, port = sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def own_port(self, family_of: str) -> int | None:
+        """The port of :meth:`own_socket` of the address family of host ``family_of``, if any."""
+        if not self._own:
+            return None
+        endpoint = self._own.get(socket.AF_INET6 if ":" in family_of else socket.AF_INET)
+        return None if endpoint is None else int(endpoint.sock.getsockname()[1])
+
+    def send_request(self, data: bytes, target: Target, on_error: ErrorHandler | None = None) -> None:
+        """:meth:`send` for a request of a client transaction: over UDP from :meth:`own_socket` when this
+        process has one (its Via names that port)."""
+        if self._own and target.transport == "udp":
+            endpoint = self._own.get(socket.AF_INET6 if ":" in target.host else socket.AF_INET)
+            if endpoint is not None and not endpoint.closed:
+                if self._observers:
+                    self._observe("out", data, target)
+                endpoint.sendto(data, (target.host, target.port))
+                self.stats["sent"] += 1
+                return
+        self.send(data, target, on_error)
 
     def send_on(self, conn: StreamConnection, data: bytes) -> None:
         if self._observers and conn.remote is not None:

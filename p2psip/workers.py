@@ -48,6 +48,10 @@ class WorkerSlot:
     links: tuple[Link, ...]
     alive: Alive | None = None
     """Non-zero per worker index while that worker listens (shared with the parent, which keeps it)."""
+    own: tuple[socket.socket, ...] = ()
+    """This worker's own UDP sockets (one per address family of the listeners, held by the parent so a
+    restarted worker reads what came meanwhile): its client transactions send from them and name them
+    in their Via, so their responses come straight back to it instead of being handed over."""
 
     @property
     def workers(self) -> int:
@@ -98,6 +102,27 @@ def _reserve_ports(specs: list[ListenSpec]) -> tuple[list[str], list[socket.sock
     return resolved, held
 
 
+def _open_own(specs: list[ListenSpec], workers: int) -> list[tuple[socket.socket, ...]]:
+    """Per worker, a UDP socket on the host of the first listener of each address family (port 0)."""
+    hosts = list({(":" in spec.host): spec.host for spec in reversed(specs)}.values())
+    opened: list[tuple[socket.socket, ...]] = []
+    try:
+        for _ in range(workers):
+            mine: list[socket.socket] = []
+            opened.append(())
+            for host in hosts:
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+                mine.append(sock)
+                opened[-1] = tuple(mine)
+                sock.bind((host, 0))
+    except OSError as exc:
+        for socks in opened:
+            for sock in socks:
+                sock.close()
+        raise ConfigError(f"cannot open the workers' own UDP sockets: {exc.strerror or exc}") from exc
+    return opened
+
+
 def _end_with_parent() -> None:
     """Ask Linux to SIGTERM this worker when the parent dies (PR_SET_PDEATHSIG): a supervisor killed
     with SIGKILL must not leave its workers serving the port on their own."""
@@ -126,6 +151,7 @@ class Supervisor:
         self.start_timeout = start_timeout
         self.pids: dict[int, int] = {}  # pid -> index
         self.links: list[Link] = []
+        self.own: list[tuple[socket.socket, ...]] = []
         self.alive = memoryview(mmap.mmap(-1, workers))  # shared with the children: 1 = listening
         self.restarts: list[float] = []
         self.stats: dict[str, int] = {}
@@ -148,7 +174,7 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_DFL)
             for sock in held:
                 sock.close()
-            slot = WorkerSlot(index, tuple(links), self.alive)
+            slot = WorkerSlot(index, tuple(links), self.alive, self.own[index])
 
             def ready(addresses: Sequence[str]) -> None:
                 os.write(report, (json.dumps({"ready": index, "addresses": list(addresses)}) + "\n").encode())
@@ -212,9 +238,15 @@ class Supervisor:
         listen, held = _reserve_ports(self.specs)
         try:
             self.links = open_links(self.workers)
-        except OSError as exc:
+            self.own = _open_own(self.specs, self.workers)
+        except (OSError, ConfigError) as exc:
             for sock in held:
                 sock.close()
+            for pair in self.links:
+                for sock in pair:
+                    sock.close()
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"cannot open the workers' hand-off sockets: {exc}") from exc
         report_r, report_w = os.pipe()
         wake_r, wake_w = os.pipe()
@@ -276,6 +308,9 @@ class Supervisor:
                 os.close(fd)
             for pair in self.links:
                 for sock in pair:
+                    sock.close()
+            for socks in self.own:
+                for sock in socks:
                     sock.close()
         return self.stats
 

@@ -48,6 +48,51 @@ def test_calls_through_two_workers(sipp_tool: str, workdir: Path) -> None:
     assert stats.get("handed_off", 0) >= 200 and stats.get("handed_in") == stats.get("handed_off"), stats
     # but not the ACKs of the 200s: forwarded by whichever worker reads them (half were another's)
     assert stats.get("acks_here", 0) >= 100 and stats.get("stateless_acks") == 400, stats
+    # nor the responses to a worker's own requests (they come to its own port): what is left is half the
+    # INVITEs and BYEs, and the BYE's 200 when sipp sends it to whoever forwarded the INVITE instead of to
+    # the BYE's Via (with sipp's branches crc32 % 2 always puts a call's INVITE and BYE apart: 2 per call)
+    assert stats["handed_off"] <= 2 * 400, stats
+
+
+def test_a_worker_sends_from_its_own_port_and_reads_the_responses_there(workdir: Path) -> None:
+    """The Via of a forwarded request names the worker's own port, the request leaves from it, and a
+    response sent there (as §18.2.2 says: to the Via's address) comes back through the proxy."""
+    with (
+        OurProxy(workdir, ["udp:127.0.0.1:0"], extra=["--workers", "2"]) as proxy,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as callee,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as caller,
+    ):
+        callee.bind(("127.0.0.1", 0))
+        caller.bind(("127.0.0.1", 0))
+        callee.settimeout(10)
+        caller.settimeout(10)
+        host, port = proxy.address().rsplit(":", 1)
+        sources = set()
+        for n in range(6):  # both workers forward some (the owner is the crc of the branch)
+            invite = (
+                f"INVITE sip:bob@127.0.0.1:{callee.getsockname()[1]} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{caller.getsockname()[1]};branch=z9hG4bK-own{n};rport\r\n"
+                f"From: <sip:a@h>;tag=1\r\nTo: <sip:bob@h>\r\nCall-ID: own{n}\r\nCSeq: 1 INVITE\r\n"
+                "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            )
+            caller.sendto(invite.encode(), (host, int(port)))
+            data, source = callee.recvfrom(65535)
+            head, _, _ = data.decode().partition("\r\n\r\n")
+            lines = head.split("\r\n")
+            top = next(line for line in lines if line.startswith("Via:"))
+            assert top.startswith(f"Via: SIP/2.0/UDP 127.0.0.1:{source[1]};"), (top, source)
+            assert source[1] != int(port)
+            sources.add(source[1])
+            fields = [line for line in lines if line.split(":")[0] in ("Via", "From", "Call-ID", "CSeq")]
+            ringing = "SIP/2.0 180 Ringing\r\n" + "\r\n".join(fields) + "\r\nTo: <sip:bob@h>;tag=2\r\n"
+            callee.sendto((ringing + "Content-Length: 0\r\n\r\n").encode(), source)
+            while True:  # the proxy may send 100 Trying first
+                answer = caller.recvfrom(65535)[0].decode()
+                if not answer.startswith("SIP/2.0 100 "):
+                    break
+            assert answer.startswith("SIP/2.0 180 Ringing") and f"Call-ID: own{n}" in answer, answer
+    assert len(sources) == 2, sources  # each worker its own port
+    assert proxy.final_stats().get("handed_off", 0) <= 6, proxy.output()  # INVITEs only, no response
 
 
 def test_the_ack_of_a_refusal_reaches_its_transaction(sipp_tool: str, workdir: Path) -> None:
