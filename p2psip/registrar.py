@@ -7,9 +7,9 @@ is passed in, as wall-clock seconds, because binding expiry must mean the same t
 
 Records are the wire format peers share (DESIGN.md "Names, keys and records"): one overlay entry per contact,
 ``entry_id`` = the contact's ``+sip.instance`` (with its ``reg-id``) or else its URI, and the value a msgpack
-map ``{contact, q, expires, path?, instance?}``; we add ``at`` (when it was registered, Unix time),
-``call_id`` and ``cseq`` (for §10.3 step 7's ordering check). Unknown keys are ignored when decoding, so
-later versions can add fields.
+map ``{contact, expires, at, call_id, cseq, q?, path?, instance?, reg_id?}``: ``at`` is when it was
+registered (Unix time), ``call_id`` and ``cseq`` serve §10.3 step 7's ordering check. Unknown keys are
+ignored when decoding, so later versions can add fields.
 """
 
 from __future__ import annotations
