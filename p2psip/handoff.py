@@ -9,6 +9,10 @@ only, so every datagram that belongs to a transaction goes to the worker that ke
 - a **request** belongs to ``crc32(top Via branch) % N``: its retransmissions, the CANCEL and the ACK of a
   non-2xx carry the same branch, so they meet the server transaction (§17.2.3); crc32, not ``hash()``,
   because every process must compute the same owner;
+- except an **in-dialog request** whose top Route is ours: it belongs to the worker that forwarded the
+  dialog's INVITE, which names itself in its Record-Route URI (:func:`route_param`, ``;wk=3``). The
+  request's CANCEL, retransmissions and non-2xx ACK carry the same Route, so they meet it too; and a
+  callee that answers a BYE where the INVITE came from (sipp does, not to the BYE's Via) reaches it;
 - a **response** belongs to the worker named in our branch (the top Via is ours): a worker's stack ends
   the branches of its client transactions with :func:`branch_tag` (``.w3``);
 - an **ACK** is forwarded by whichever worker reads it: the ACK of a 2xx is a request of its own (new
@@ -51,6 +55,10 @@ _TOP_BRANCH = re.compile(
     rb"^(?:via|v)[ \t]*:[^\r\n]*?;[ \t]*branch[ \t]*=[ \t]*([^;,\s]+)", re.IGNORECASE | re.MULTILINE
 ).search
 _WORKER_TAG = re.compile(rb"\.w([0-9]{1,4})$").search
+#: the worker named in the first URI of the first Route header line (see :func:`route_param`)
+_ROUTE_WORKER = re.compile(
+    rb"^route[ \t]*:[ \t]*<[^>\r\n]*;wk=([0-9]{1,4})[;>]", re.IGNORECASE | re.MULTILINE
+).search
 #: a link datagram carries records: this header (datagram length, source port, source host length), the
 #: source host (so the owner answers and stamps Via as if it had received the datagram itself), the
 #: datagram; as many records as fit in :data:`_BATCH_BYTES`
@@ -89,6 +97,11 @@ def branch_tag(index: int) -> str:
     return f".w{index}"
 
 
+def route_param(index: int) -> dict[str, str]:
+    """What a worker adds to its Record-Route URIs (``Proxy.record_route_params``)."""
+    return {"wk": str(index)}
+
+
 def top_branch(data: bytes) -> bytes | None:
     """The branch of the top Via of ``data`` (a SIP datagram), unparsed; None when there is none."""
     found = _TOP_BRANCH(data)
@@ -108,6 +121,10 @@ def owner(data: bytes, workers: int) -> int | None:
             return None
         index = int(tag.group(1))
         return index if index < workers else None
+    if b";wk=" in data:
+        route = _ROUTE_WORKER(data)
+        if route is not None and int(route.group(1)) < workers:
+            return int(route.group(1))
     return zlib.crc32(branch) % workers
 
 

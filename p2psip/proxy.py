@@ -180,6 +180,10 @@ class Proxy:
         )
         self._tasks = Background(log, "proxy task")
         self._rr_cache: dict[str, str] = {}
+        self.record_route_params: dict[str, str] = {}
+        """Parameters added to our Record-Route URIs: a worker of a multi-process proxy names itself, so
+        the in-dialog requests come to the worker that forwarded the dialog's INVITE
+        (:func:`p2psip.handoff.route_param`)."""
         self._branch_secret = hashlib.sha256(str(id(self)).encode()).hexdigest()[:8]
         stack.attach(self)
 
@@ -513,6 +517,7 @@ class Proxy:
         if value is None:
             uri = self.stack.local_uri(transport, toward=toward)
             uri.params["lr"] = None
+            uri.params.update(self.record_route_params)
             value = self._rr_cache[key] = f"<{uri}>"
         return value
 

@@ -13,7 +13,7 @@ import gc
 import signal
 from collections.abc import Callable, Iterator, Sequence
 
-from p2psip.handoff import HandoffLink, branch_tag
+from p2psip.handoff import HandoffLink, branch_tag, route_param
 from p2psip.proxy import Proxy
 from p2psip.stack import Stack
 from p2psip.transport import TLSConfig
@@ -158,6 +158,7 @@ async def serve_proxy(
     if worker is not None and not stateless:  # a stateless proxy keeps nothing to hand over to
         link = HandoffLink(worker.index, worker.links, stack.transport.receive_datagram, worker.alive)
         stack.branch_tag = branch_tag(worker.index)
+        proxy.record_route_params = route_param(worker.index)
         for sock in worker.own:
             stack.send_requests_from(sock)
         stack.before_refusal = link.refusing

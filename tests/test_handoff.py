@@ -142,3 +142,28 @@ def test_acks_are_forwarded_where_they_arrive_unless_their_invite_was_refused_el
         for pair in links:
             for sock in pair:
                 sock.close()
+
+
+def test_an_in_dialog_request_goes_to_the_worker_its_route_names() -> None:
+    """Our Record-Route URI names the worker that forwarded the INVITE (``;wk=I``): a request whose top
+    Route carries it belongs there whatever its branch, and so do its CANCEL and non-2xx ACK."""
+    from p2psip.handoff import route_param
+
+    assert route_param(3) == {"wk": "3"}
+    bye = (
+        "BYE sip:bob@127.0.0.1:5090 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch={branch};rport\r\n"
+        "Route: <sip:127.0.0.1:5060;lr;wk={worker}>, <sip:10.0.0.9;lr;wk=0>\r\n"
+        "Call-ID: c1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
+    for worker in (0, 1, 2):
+        for branch in ("z9hG4bK-a", "z9hG4bK-b", "z9hG4bK-c"):
+            data = bye.format(branch=branch, worker=worker).encode()
+            assert owner(data, 3) == worker
+            assert owner(data.replace(b"BYE", b"CANCEL"), 3) == worker
+    # a worker beyond the count, or no worker in the top Route (another proxy's): the branch decides
+    for route in ("<sip:127.0.0.1:5060;lr;wk=7>", "<sip:127.0.0.1:5060;lr>, <sip:p;lr;wk=1>", "<sip:h;wkx=1;lr>"):
+        data = bye.format(branch="z9hG4bK-a", worker=0).replace(
+            "<sip:127.0.0.1:5060;lr;wk=0>, <sip:10.0.0.9;lr;wk=0>", route
+        ).encode()
+        assert owner(data, 3) == zlib.crc32(b"z9hG4bK-a") % 3, route

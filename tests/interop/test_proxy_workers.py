@@ -48,10 +48,10 @@ def test_calls_through_two_workers(sipp_tool: str, workdir: Path) -> None:
     assert stats.get("handed_off", 0) >= 200 and stats.get("handed_in") == stats.get("handed_off"), stats
     # but not the ACKs of the 200s: forwarded by whichever worker reads them (half were another's)
     assert stats.get("acks_here", 0) >= 100 and stats.get("stateless_acks") == 400, stats
-    # nor the responses to a worker's own requests (they come to its own port): what is left is half the
-    # INVITEs and BYEs, and the BYE's 200 when sipp sends it to whoever forwarded the INVITE instead of to
-    # the BYE's Via (with sipp's branches crc32 % 2 always puts a call's INVITE and BYE apart: 2 per call)
-    assert stats["handed_off"] <= 2 * 400, stats
+    # nor the responses to a worker's own requests (they come to its own port), nor the BYE's 200 (sipp
+    # sends it where the INVITE came from, not to the BYE's Via: the BYE goes to the INVITE's worker, named
+    # in the Record-Route): what is left is the INVITE and the BYE of the calls the other worker forwards
+    assert stats["handed_off"] <= 1.3 * 400, stats
 
 
 def test_a_worker_sends_from_its_own_port_and_reads_the_responses_there(workdir: Path) -> None:
