@@ -162,7 +162,8 @@ def test_an_in_dialog_request_goes_to_the_worker_its_route_names() -> None:
             assert owner(data, 3) == worker
             assert owner(data.replace(b"BYE", b"CANCEL"), 3) == worker
     # a worker beyond the count, or no worker in the top Route (another proxy's): the branch decides
-    for route in ("<sip:127.0.0.1:5060;lr;wk=7>", "<sip:127.0.0.1:5060;lr>, <sip:p;lr;wk=1>", "<sip:h;wkx=1;lr>"):
+    routes = ("<sip:127.0.0.1:5060;lr;wk=7>", "<sip:127.0.0.1:5060;lr>, <sip:p;lr;wk=1>", "<sip:h;wkx=1;lr>")
+    for route in routes:
         data = bye.format(branch="z9hG4bK-a", worker=0).replace(
             "<sip:127.0.0.1:5060;lr;wk=0>, <sip:10.0.0.9;lr;wk=0>", route
         ).encode()
