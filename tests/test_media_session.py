@@ -400,3 +400,16 @@ async def test_a_latched_socket_is_connected_and_a_moved_peer_is_latched_again()
         for session in (a, b, moved):
             if session is not None:
                 await session.close()
+
+
+async def test_without_symmetric_rtp_the_socket_stays_unconnected() -> None:
+    """Without latching, packets from any address must still be heard: no connect."""
+    a = await MediaSession.start(source=ToneSource(1000), symmetric=False)
+    b = await MediaSession.start(remote=a.local_address, source=ToneSource(500))
+    a.set_remote(b.local_address)
+    try:
+        await until(lambda: a.stats.packets_received > 10 and b._connected == a.local_address)
+        assert a._connected is None
+    finally:
+        await a.close()
+        await b.close()

@@ -28,14 +28,15 @@ queued: RTP is sent once, late audio is worse than none.
 Symmetric RTP (RFC 4961; what a peer behind NAT needs): once a valid RTP packet of the expected payload type
 arrives, we send to the address it came from, whatever the SDP said. RTCP latches the same way.
 
-Once the peer's packets come from where we send (latched, or as the SDP said), the RTP socket is
-*connected* to that address (Linux): ``send``/``recv`` instead of ``sendto``/``recvfrom`` save the address
-conversion both ways and the route lookup per packet (measured: 4.9 -> 3.8 µs for a packet out and one in),
-and the kernel drops datagrams from anyone else. A connected session whose peer is silent for
-``MediaSession.RELATCH_AFTER`` (1 s) disconnects again, so a peer that moved (a NAT rebinding) is latched
-anew after at most about a second; :meth:`MediaSession.set_remote` to another address disconnects at once.
-Ports are bound explicitly (a free one is probed first), because Linux gives an ephemeral port up when a
-connected socket is disconnected.
+With symmetric RTP, once the peer's packets come from where we send (latched, or as the SDP said), the RTP
+socket is *connected* to that address (Linux): ``send``/``recv`` instead of ``sendto``/``recvfrom`` save the
+address conversion both ways and the route lookup per packet (measured: 4.9 -> 3.8 µs for a packet out and
+one in), and the kernel drops datagrams from anyone else (a latched session rejected them anyway). A
+connected session whose peer is silent for ``MediaSession.RELATCH_AFTER`` (1 s) disconnects again, so a
+peer that moved (a NAT rebinding) is latched anew after about a second; :meth:`MediaSession.set_remote` to
+another address disconnects at once. Ports are bound explicitly (a free one is probed first), because Linux
+gives an ephemeral port up when a connected socket is disconnected. Without symmetric RTP the socket stays
+unconnected (packets from any address are heard).
 
 The per-packet work is kept to the common case: a packet of the expected payload type from the followed
 source is accounted and buffered without building objects (one ``struct`` unpack, the RFC 3550 statistics'
@@ -542,8 +543,8 @@ class MediaSession:
         datagrams, which a latched session rejected anyway. Undone by :meth:`set_remote` to another address
         and when the peer falls silent (:meth:`_watch_connection`), so that a moved peer is latched again."""
         sock = self._rtp_sock
-        if sock is None or self._send_path is not None:
-            self._may_connect = False
+        if sock is None or self._send_path is not None or not self.symmetric:
+            self._may_connect = False  # without latching, packets from other addresses must still be heard
             return
         try:
             sock.connect(remote)
