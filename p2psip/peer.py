@@ -1003,6 +1003,7 @@ class Peer:
         stack.transport.on_flow_failed = self._flow_failed
         self._flow_task: asyncio.Task[None] | None = None
         self._sole: set[tuple[int, str]] = set()
+        self._path_entries: dict[str, str] = {}  # path_entry's strings, shared by the bindings holding them
         """Requests that reached us as the sole home peer of their AOR (``SOLE_HOME``), until located."""
         self._aor_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         """AOR -> (its REGISTER lock, how many hold or wait for it); only AORs in use are in it."""
@@ -1574,7 +1575,15 @@ class Peer:
         uri.params["lr"] = None
         if outbound:
             uri.params["ob"] = None
-        return f"<{uri}>"
+        entry = f"<{uri}>"
+        # One string per flow and kind, not one per REGISTER: every binding stored keeps its Path (bounded:
+        # a full table starts again)
+        shared = self._path_entries.get(entry)
+        if shared is None:
+            if len(self._path_entries) >= 4096:
+                self._path_entries.clear()
+            shared = self._path_entries[entry] = entry
+        return shared
 
     def _bind_flows(self, plan: Any, source: Source, outbound: bool) -> None:
         """Tie every binding written to the flow its REGISTER came over; forget removed ones (a client

@@ -153,19 +153,21 @@ class RegisterRejected(SIPStatusError):
     """The REGISTER must be answered with ``status`` (and ``headers``), writing nothing."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Write:
-    """Store (or refresh) one binding under the AOR; ``lifetime`` is the entry's overlay lifetime."""
+    """Store (or refresh) one binding under the AOR; ``lifetime`` is the entry's overlay lifetime.
+
+    ``entry_id`` and ``value`` are made once, here: the overlay entry and the home peer's table then hold
+    the same bytes objects instead of a copy each (memory per registration), and the record is encoded
+    once for its size check and its write."""
 
     binding: Binding
+    entry_id: bytes = field(init=False)
+    value: bytes = field(init=False)
 
-    @property
-    def entry_id(self) -> bytes:
-        return self.binding.entry_id
-
-    @property
-    def value(self) -> bytes:
-        return encode_binding(self.binding)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entry_id", self.binding.entry_id)
+        object.__setattr__(self, "value", encode_binding(self.binding))
 
     @property
     def lifetime(self) -> int:
@@ -307,13 +309,14 @@ def plan_register(
             instance=instance,
             reg_id=reg_id,
         )
-        if len(encode_binding(binding)) > MAX_RECORD_BYTES:
+        write = Write(binding)
+        if len(write.value) > MAX_RECORD_BYTES:
             raise RegisterRejected(400, "Contact too long to store")
         if expires == 0:
             if existing is not None:
                 plan.removes.append(Remove(existing))
         else:
-            plan.writes.append(Write(binding))
+            plan.writes.append(write)
     plan.bindings = remaining + [w.binding for w in plan.writes]
     if len(plan.bindings) > policy.max_contacts:
         raise RegisterRejected(403, f"Too many contacts (at most {policy.max_contacts})")
