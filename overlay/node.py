@@ -210,15 +210,8 @@ class _Pending:
     future: asyncio.Future[Message] | None = None
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.node._on_datagram(data, (str(addr[0]), int(addr[1])))
-
-    def error_received(self, exc: Exception) -> None:
-        self.node._count("udp_errors")
+#: Datagrams one readiness callback reads at most before the loop runs anything else.
+UDP_BURST = 64
 
 
 class Node:
@@ -272,7 +265,10 @@ class Node:
                 digest_repair=config.digest_repair,
             ),
         )
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: socket.socket | None = None
+        # While a burst of datagrams is handled: the storage answers held until the entry store committed
+        # the burst's writes (one sqlite commit per burst, not per entry).
+        self._burst: list[Answer] | None = None
         self._tcp: asyncio.Server | None = None
         self._pending: dict[int, _Pending] = {}
         self._next_id = int.from_bytes(os.urandom(6), "big")
@@ -408,12 +404,10 @@ class Node:
         last: OSError | None = None
         for _ in range(20 if port == 0 else 1):
             try:
-                udp, _ = await self._loop.create_datagram_endpoint(
-                    lambda: _Udp(self), local_addr=(host, port)
-                )
+                udp = _bind_udp(host, port)
             except OSError as exc:
                 raise OverlayError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from exc
-            actual = udp.get_extra_info("sockname")[1]
+            actual = udp.getsockname()[1]
             try:
                 self._tcp = await asyncio.start_server(self._serve_tcp, host, actual, reuse_address=True)
             except OSError as exc:
@@ -421,7 +415,7 @@ class Node:
                 last = exc
                 continue
             self._udp = udp
-            _grow_receive_buffer(udp)
+            self._loop.add_reader(udp.fileno(), self._read_burst)
             self.me = NodeRef(self.identity.node_id, host, int(actual))
             return
         raise OverlayError(f"cannot bind TCP on {host}:{port}: {last}")
@@ -826,6 +820,8 @@ class Node:
                 pending.future.cancel()
         self._pending.clear()
         if self._udp is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._udp.fileno())
             self._udp.close()
         if self._tcp is not None:
             self._tcp.close()
@@ -1318,8 +1314,47 @@ class Node:
 
     def _sendto(self, data: bytes, ep: Endpoint) -> None:
         if self._udp is not None and not self._closed:
-            self._udp.sendto(data, ep)
+            try:
+                self._udp.sendto(data, ep)
+            except OSError:  # a full send buffer, an unreachable destination: a lost datagram
+                self._count("udp_errors")
+                return
             self._count("udp_out")
+
+    def _read_burst(self) -> None:
+        """The socket is readable: handle every datagram waiting (up to UDP_BURST), then commit the entry
+        store once and send the storage answers it held. asyncio's datagram transport hands over one
+        datagram per loop iteration, each with its own callback and its own sqlite commit (~0.1 ms, a good
+        part of a replica's cost per registration, issue 19); under load the datagrams queue, and a burst
+        shares both."""
+        udp = self._udp
+        if udp is None or self._closed:
+            return
+        held: list[Answer] = []
+        self._burst = held
+        durable = self.store if isinstance(self.store, DurableStore) else None
+        if durable is not None:
+            durable.batch()
+        self._count("udp_bursts")
+        try:
+            for _ in range(UDP_BURST):
+                try:
+                    data, addr = udp.recvfrom(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:  # ICMP errors (port unreachable) surface here on Linux
+                    self._count("udp_errors")
+                    continue
+                self._on_datagram(data, (str(addr[0]), int(addr[1])))
+        finally:
+            self._burst = None
+            if durable is not None:
+                try:
+                    durable.commit()
+                except OverlayError:  # the entries stay held in memory; the disk missed them
+                    self._count("store_commit_errors")
+            for answer in held:
+                self._deliver_answer(answer)
 
     def _on_datagram(self, data: bytes, addr: Endpoint) -> None:
         """Entry point of every datagram. Never raises: the listener must outlive any input."""
@@ -1351,7 +1386,8 @@ class Node:
             return
         self._count("wrong_overlay_answered")
         if self._udp is not None and not self._closed:
-            self._udp.sendto(reply, addr)
+            with contextlib.suppress(OSError):
+                self._udp.sendto(reply, addr)
 
     def _dispatch(self, msg: Message, addr: Endpoint) -> None:
         if self._closed:
@@ -1623,13 +1659,10 @@ class Node:
         """Carry out what the storage core produced: answers to requests, requests of its own."""
         for out in self.storage.take_outputs():
             if isinstance(out, Answer):
-                fut = self._waiting.get(out.token)
-                if fut is not None:
-                    if not fut.done():
-                        fut.set_result(Message(out.type, 0, self.me.id, self.me.ep, out.body))
-                elif isinstance(out.token, tuple) and out.token[0] == "udp":
-                    _, _src, mid, addr = out.token
-                    self._reply(mid, addr, out.type, out.body)
+                if self._burst is not None:
+                    self._burst.append(out)  # after the burst's commit (_read_burst)
+                else:
+                    self._deliver_answer(out)
             elif isinstance(out, Send):
                 self._spawn(self._storage_send(out))
             elif isinstance(out, Locate):
@@ -1639,6 +1672,15 @@ class Node:
         else:
             self._transfers_idle.set()
         self._schedule_storage_timer()
+
+    def _deliver_answer(self, out: Answer) -> None:
+        fut = self._waiting.get(out.token)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(Message(out.type, 0, self.me.id, self.me.ep, out.body))
+        elif isinstance(out.token, tuple) and out.token[0] == "udp":
+            _, _src, mid, addr = out.token
+            self._reply(mid, addr, out.type, out.body)
 
     async def _storage_send(self, send: Send) -> None:
         """One request of the storage core, over UDP with retries (TCP when big) or TCP for bulk."""
@@ -1851,14 +1893,22 @@ def _time_out(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(TimeoutError())
 
 
-def _grow_receive_buffer(udp: asyncio.DatagramTransport) -> None:
-    """Ask for a 1 MiB receive buffer (the kernel caps it at net.core.rmem_max). A flood is refused per
-    source after decoding, but while the loop is busy the datagrams queue in the kernel; the default
-    ~200 KB holds a few hundred, and when it overflows the kernel drops honest requests with the flood."""
-    sock = udp.get_extra_info("socket")
-    if sock is not None:
+def _bind_udp(host: str, port: int) -> socket.socket:
+    """The node's UDP socket, non-blocking, with a 1 MiB receive buffer (the kernel caps it at
+    net.core.rmem_max). A flood is refused per source after decoding, but while the loop is busy the
+    datagrams queue in the kernel; the default ~200 KB holds a few hundred, and when it overflows the
+    kernel drops honest requests with the flood."""
+    family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _check_endpoint(ep: object, what: str) -> None:

@@ -82,6 +82,7 @@ class DurableStore(Store):
         self.loaded = 0
         self.rejected = 0
         self.corrupt = False
+        self._batch = False
         self._db = self._open()
         self._load(now)
 
@@ -171,10 +172,31 @@ class DurableStore(Store):
 
     # --- writes ---------------------------------------------------------------------------------
 
+    def batch(self) -> None:
+        """Writes from now on go into one transaction, until :meth:`commit` (the node's datagram burst:
+        one commit for every store in it instead of one each, ~0.1 ms apiece). Whoever calls this holds
+        back the answers to those writes until the commit."""
+        self._batch = True
+
+    def commit(self) -> None:
+        """End :meth:`batch`: commit what it wrote (OverlayError if SQLite cannot; the entries stay held
+        in memory, as after any write the disk refused)."""
+        self._batch = False
+        if self._db.in_transaction:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise OverlayError(f"cannot commit to the entry store {self.path}: {exc}") from None
+
     def _keep(self, entry: Entry, expires_at: float) -> None:
         """Hold the entry and write its row: one statement, committed on its own (autocommit), or part
-        of a transfer's transaction. ``put`` returns after this, so after the commit."""
+        of a transfer's or a batch's transaction. ``put`` returns after this, so after the commit (in a
+        batch: its answer waits for :meth:`commit`)."""
         super()._keep(entry, expires_at)
+        if self._batch and not self._db.in_transaction:
+            self._db.execute("BEGIN")
         self._db.execute(
             "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)",
             (to_bytes(entry.key), entry.entry_id, encode_entry(entry), expires_at),
@@ -187,6 +209,8 @@ class DurableStore(Store):
         kept_items: list[tuple[Entry, int]] | None = None,
     ) -> tuple[int, int]:
         """As ``Store.accept``, in one transaction (a transfer of a thousand entries is one commit)."""
+        if self._db.in_transaction:  # a batch is open: part of it
+            return super().accept(items, now, kept_items)
         self._db.execute("BEGIN")
         try:
             return super().accept(items, now, kept_items)

@@ -153,6 +153,30 @@ def test_a_transfer_is_one_transaction(path: Path) -> None:
     assert len(again.get(KEY, T0 + 29)) == 50 and again.get(KEY, T0 + 31) == []  # remaining life kept
 
 
+def test_a_batch_is_one_commit_and_nothing_of_it_is_visible_before(path: Path) -> None:
+    """The node's datagram burst (overlay.node): ``batch`` opens one transaction for every write until
+    ``commit``; a transfer inside it joins it. Another connection (as after a SIGKILL) sees none of the
+    rows before the commit and all of them after, so answers held until then never claim an uncommitted
+    row."""
+    alice = KeyPair.generate()
+    store = DurableStore(path, T0)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.batch()
+    for i in range(3):
+        store.put(entry(alice, eid=b"%d" % i), T0)
+    assert store.accept([(entry(alice, eid=b"t"), 30_000)], T0) == (1, 0)
+    other = sqlite3.connect(path)
+    assert other.execute("SELECT count(*) FROM entries").fetchone() == (0,)
+    store.commit()
+    assert other.execute("SELECT count(*) FROM entries").fetchone() == (4,)
+    assert [s for s in statements if s in ("BEGIN", "COMMIT")] == ["BEGIN", "COMMIT"]
+    store.put(entry(alice, eid=b"after"), T0)  # out of a batch: autocommit again
+    assert other.execute("SELECT count(*) FROM entries").fetchone() == (5,)
+    store.commit()  # nothing open: nothing to do
+    store.close()
+
+
 def test_an_unusable_file_is_a_clear_error_and_is_left_alone(tmp_path: Path) -> None:
     """A store that cannot be opened for a reason that is not the file's content (here: its directory is
     a file) is an OverlayError naming the path, and nothing is moved aside."""
