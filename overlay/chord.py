@@ -319,6 +319,7 @@ class _Lookup:
     owner_succs: list[NodeRef] = field(default_factory=list)  # the confirming owner's successor list
     claims: dict[int, list[NodeRef]] = field(default_factory=dict)  # claimant -> its successor list
     claim_preds: dict[int, int] = field(default_factory=dict)  # claimant -> its predecessor's id
+    cached: bool = False  # may end in the owner cache (the adapter's lookups; never ring maintenance)
 
 
 class _OwnerRange(NamedTuple):
@@ -449,6 +450,7 @@ class ChordCore:
                 self._outputs.append(LookupDone(lk.lookup_id, key, node, hops, tuple(succs)))
 
         lk = self._new_lookup(key, done, exclude_self=False)
+        lk.cached = True
         if self._state != _JOINED:
             self._finish_lookup(lk, None, "not joined", now)
         else:
@@ -1254,7 +1256,7 @@ class ChordCore:
         if done and node.id == self.me.id:
             self._finish_lookup(lk, self.me, "", now)
             return
-        hit = self._cached_owner(lk.key, now) if not lk.exclude_self else None
+        hit = self._cached_owner(lk.key, now) if lk.cached else None
         if hit is not None:
             self._count("lookups_cached")
             lk.claims[hit.owner.id] = list(hit.succs)
