@@ -85,6 +85,8 @@ class Runner:
         self.make = make
         self.address = address
         self.cpu = cpu
+        self.last: object = None
+        """The proxy of the last step, readable after it stopped (our workers' counters)."""
 
     @contextlib.contextmanager
     def running(self, workdir: Path) -> Iterator[tuple[str | None, Callable[[], float]]]:
@@ -92,6 +94,7 @@ class Runner:
             yield None, lambda: 0.0
             return
         with self.make(workdir) as proc:
+            self.last = proc
             yield self.address(proc), lambda: self.cpu(proc)
 
 
@@ -133,6 +136,8 @@ class Step:
     result: SippResult
     cpu_s: float
     seconds: float
+    handed_off: int | None = None
+    """Datagrams our workers handed to another worker (``--workers N`` only)."""
 
 
 @dataclass
@@ -183,11 +188,14 @@ def run_step(runner: Runner, rate: int, duration: float, workdir: Path, *, trace
         and calls / max(result.elapsed - TAIL_S, 1e-3) >= MIN_RATE_FRACTION * rate
     )
     achieved = calls / max(result.elapsed, 1e-3)
-    step = Step(rate, calls, ok, result, cpu_used, time.monotonic() - started)
+    final = getattr(runner.last, "final_stats", None)
+    handed = final().get("handed_off") if final is not None else None
+    step = Step(rate, calls, ok, result, cpu_used, time.monotonic() - started, handed)
     verdict = "ok" if ok else "FAIL"
     print(
         f"  {runner.name:14s} {rate:5d}/s x {duration:g}s: {verdict:4s} successful={result.successful} "
-        f"failed={result.failed} took={result.elapsed:.1f}s ({achieved:.0f}/s) cpu={cpu_used:.2f}s",
+        f"failed={result.failed} took={result.elapsed:.1f}s ({achieved:.0f}/s) cpu={cpu_used:.2f}s"
+        + (f" handed_off={handed / calls:.2f}/call" if handed is not None else ""),
         flush=True,
     )
     return step
@@ -345,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({conditions})")
     print()
     print(table(rows, half, duration))
+    for row in rows:  # how much crossed between our workers, per call (of 6 datagrams in per call)
+        handed = [s.handed_off / s.calls for s in row.steps if s.handed_off is not None and s.rate == 1000]
+        if handed:
+            print(f"{row.name}: {statistics.median(handed):.2f} hand-offs per call at 1,000 calls/s")
     return 0
 
 
