@@ -54,11 +54,13 @@ def test_calls_through_two_workers(sipp_tool: str, workdir: Path) -> None:
     assert stats["handed_off"] <= 1.3 * 400, stats
 
 
-def test_a_worker_sends_from_its_own_port_and_reads_the_responses_there(workdir: Path) -> None:
-    """The Via of a forwarded request names the worker's own port, the request leaves from it, and a
-    response sent there (as §18.2.2 says: to the Via's address) comes back through the proxy."""
+def _own_ports(proxy: OurProxy, tag: str, count: int = 6) -> set[int]:
+    """Send ``count`` INVITEs through the proxy to a callee socket: each forwarded one must name in its Via
+    the port it left from (its worker's own), and a 180 sent there (to the Via's address, §18.2.2) must
+    come back to the caller. Returns the ports seen."""
+    host, port = proxy.address().rsplit(":", 1)
+    sources = set()
     with (
-        OurProxy(workdir, ["udp:127.0.0.1:0"], extra=["--workers", "2"]) as proxy,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as callee,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as caller,
     ):
@@ -66,13 +68,11 @@ def test_a_worker_sends_from_its_own_port_and_reads_the_responses_there(workdir:
         caller.bind(("127.0.0.1", 0))
         callee.settimeout(10)
         caller.settimeout(10)
-        host, port = proxy.address().rsplit(":", 1)
-        sources = set()
-        for n in range(6):  # both workers forward some (the owner is the crc of the branch)
+        for n in range(count):  # both workers forward some (the owner is the crc of the branch)
             invite = (
                 f"INVITE sip:bob@127.0.0.1:{callee.getsockname()[1]} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP 127.0.0.1:{caller.getsockname()[1]};branch=z9hG4bK-own{n};rport\r\n"
-                f"From: <sip:a@h>;tag=1\r\nTo: <sip:bob@h>\r\nCall-ID: own{n}\r\nCSeq: 1 INVITE\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{caller.getsockname()[1]};branch=z9hG4bK-{tag}{n};rport\r\n"
+                f"From: <sip:a@h>;tag=1\r\nTo: <sip:bob@h>\r\nCall-ID: {tag}{n}\r\nCSeq: 1 INVITE\r\n"
                 "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
             )
             caller.sendto(invite.encode(), (host, int(port)))
@@ -90,7 +90,15 @@ def test_a_worker_sends_from_its_own_port_and_reads_the_responses_there(workdir:
                 answer = caller.recvfrom(65535)[0].decode()
                 if not answer.startswith("SIP/2.0 100 "):
                     break
-            assert answer.startswith("SIP/2.0 180 Ringing") and f"Call-ID: own{n}" in answer, answer
+            assert answer.startswith("SIP/2.0 180 Ringing") and f"Call-ID: {tag}{n}" in answer, answer
+    return sources
+
+
+def test_a_worker_sends_from_its_own_port_and_reads_the_responses_there(workdir: Path) -> None:
+    """The Via of a forwarded request names the worker's own port, the request leaves from it, and a
+    response sent there (as §18.2.2 says: to the Via's address) comes back through the proxy."""
+    with OurProxy(workdir, ["udp:127.0.0.1:0"], extra=["--workers", "2"]) as proxy:
+        sources = _own_ports(proxy, "own")
     assert len(sources) == 2, sources  # each worker its own port
     assert proxy.final_stats().get("handed_off", 0) <= 6, proxy.output()  # INVITEs only, no response
 
@@ -130,6 +138,7 @@ def test_a_killed_worker_loses_no_call(sipp_tool: str, workdir: Path) -> None:
     with OurProxy(workdir, ["udp:127.0.0.1:0"], extra=["--workers", "2"]) as proxy, uas(workdir, uport):
         workers = _workers(proxy, 2)
         assert len(workers) == 2
+        ports = _own_ports(proxy, "before")
 
         def kill() -> None:  # a third of the way into the load: calls in every state
             killed.append(workers[0])
@@ -150,6 +159,9 @@ def test_a_killed_worker_loses_no_call(sipp_tool: str, workdir: Path) -> None:
         finally:
             timer.cancel()
         after = _workers(proxy, 2)
+        # the restarted worker has the same own port (the parent holds it): responses to the Via of what
+        # its predecessor forwarded still reach a worker
+        assert _own_ports(proxy, "after") == ports
     assert killed, "the kill did not happen during the load"
     assert len(after) == 2 and killed[0] not in after, (workers, after, proxy.output())
     assert (result.successful, result.failed) == (calls, 0), f"{result}\nproxy output:\n{proxy.output()}"
