@@ -14,7 +14,7 @@ by value, and RFC 3261 equality is not transitive).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from p2psip.address import is_ip_literal
@@ -137,3 +137,53 @@ class LocationCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class HomeTable:
+    """The registrations a peer took as their home peer: AOR -> its bindings, as one tuple per AOR.
+
+    Why a tuple and not a dict of entry id -> binding: almost every AOR has one binding, and a dict per AOR
+    cost ~260 bytes of a registration's memory (bench/memory.py), a one-item tuple 56. A change (a REGISTER,
+    a removal) builds the AOR's tuple again; lookups by entry id scan its few bindings."""
+
+    __slots__ = ("_by_aor",)
+
+    def __init__(self) -> None:
+        self._by_aor: dict[str, tuple[Binding, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_aor)
+
+    def __contains__(self, aor: object) -> bool:
+        return aor in self._by_aor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_aor)
+
+    def get(self, aor: str) -> tuple[Binding, ...]:
+        """The bindings of ``aor`` held (expired ones included until :meth:`live` drops them)."""
+        return self._by_aor.get(aor, ())
+
+    def items(self) -> list[tuple[str, tuple[Binding, ...]]]:
+        return list(self._by_aor.items())
+
+    def has(self, aor: str, entry_id: bytes) -> bool:
+        return any(b.entry_id == entry_id for b in self._by_aor.get(aor, ()))
+
+    def update(self, aor: str, put: Iterable[Binding] = (), drop: Iterable[bytes] = ()) -> None:
+        """Store ``put`` (each replacing the binding with its entry id) and drop the entry ids ``drop``."""
+        put = tuple(put)
+        gone = {*drop, *(b.entry_id for b in put)}
+        kept = tuple(b for b in self._by_aor.get(aor, ()) if b.entry_id not in gone) + put
+        if kept:
+            self._by_aor[aor] = kept
+        else:
+            self._by_aor.pop(aor, None)
+
+    def live(self, aor: str, now: float) -> tuple[Binding, ...]:
+        """The bindings of ``aor`` still alive at ``now``; expired ones are forgotten."""
+        held = self._by_aor.get(aor, ())
+        alive = tuple(b for b in held if b.alive(now))
+        if len(alive) != len(held):
+            self.update(aor, drop=[b.entry_id for b in held if not b.alive(now)])
+        return alive

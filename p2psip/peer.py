@@ -100,6 +100,7 @@ from p2psip.inbox import (
 )
 from p2psip.location import (
     ForwardAsAddressed,
+    HomeTable,
     LocationCache,
     OverlayLookup,
     StaticRoute,
@@ -942,7 +943,7 @@ class Peer:
             default_expires=config.default_expires,
         )
         self.names: dict[int, str] = {}  # ring key -> AOR, for the names this peer has seen (status)
-        self.home: dict[str, dict[bytes, Binding]] = {}
+        self.home = HomeTable()
         self.web: Any = None
         self.turn: TurnServer | None = None
         """The web server (p2psip.web.server.WebServer) when ``--http`` is set."""
@@ -1482,8 +1483,7 @@ class Peer:
                 self._bind_flows(plan, source, outbound)
         self.counters["bindings_written"] += len(plan.writes)
         self.counters["bindings_removed"] += len(plan.removes)
-        home = self.home.setdefault(aor, {})
-        arrived = any(w.entry_id not in home for w in plan.writes)
+        arrived = any(not self.home.has(aor, w.entry_id) for w in plan.writes)
         if (
             self.config.offline_messages
             # an account's key is kept: a flood of new AORs gets no inboxes; under `enrolled` only users
@@ -1494,12 +1494,7 @@ class Peer:
         ):
             known = registered_before or self.users.inbox_path(aor).exists()
             self.core.spawn(self._open_inbox(aor, deliver=arrived, known=known))
-        for w in plan.writes:
-            home[w.entry_id] = w.binding
-        for r in plan.removes:
-            home.pop(r.entry_id, None)
-        if not home:
-            self.home.pop(aor, None)
+        self.home.update(aor, (w.binding for w in plan.writes), (r.entry_id for r in plan.removes))
         for w in plan.writes:
             self._event("registered", f"registered {aor} -> {w.binding.contact} for {w.lifetime} s")
         for r in plan.removes:
@@ -1615,16 +1610,10 @@ class Peer:
 
     def homed_bindings(self, aor: str) -> list[Binding]:
         """The live bindings of ``aor`` this peer registered itself (expired ones are forgotten here)."""
-        homed = self.home.get(aor)
-        if not homed:
+        if aor not in self.home:
             return []
         now = time.time()
-        for entry_id in [e for e, b in homed.items() if not b.alive(now)]:
-            del homed[entry_id]
-        if not homed:
-            del self.home[aor]
-            return []
-        return live_targets(homed.values(), now)
+        return live_targets(self.home.live(aor, now), now)
 
     def _flow_failed(self, failed: Failed) -> None:
         """A flow died (connection closed, keep-alives or NAT pings stopped): its bindings go (§5.3). A
@@ -1801,8 +1790,9 @@ class Peer:
         """The client peer's Path changed (a new attach peer, a new NAT mapping): store its phones'
         bindings again with it, so calls reach them through the new attach peer."""
         now = time.time()
-        for aor, homed in list(self.home.items()):
-            for entry_id, binding in list(homed.items()):
+        for aor, homed in self.home.items():
+            for binding in homed:
+                entry_id = binding.entry_id
                 if not binding.alive(now) or not binding.path or binding.path[0] == path:
                     continue
                 moved = dataclasses.replace(binding, path=(path, *binding.path[1:]))
@@ -1818,7 +1808,7 @@ class Peer:
                         continue
                     finally:
                         self.cache.forget(aor)
-                homed[entry_id] = moved
+                self.home.update(aor, [moved])
                 self.counters["client_bindings_moved"] += 1
 
     # ---------------------------------------------------------------------- offline messages (inbox)
@@ -2016,7 +2006,7 @@ class Peer:
                     continue
                 finally:
                     self.cache.forget(aor)
-                    self.home.get(aor, {}).pop(entry_id, None)
+                    self.home.update(aor, drop=[entry_id])
             self.counters["bindings_removed"] += 1
             self._event("unregistered", f"unregistered {aor} ({entry_id.decode(errors='replace')}): {why}")
 
@@ -2318,7 +2308,7 @@ class Peer:
         except (OverlayError, TimeoutError):
             return False
         # a client peer is not its phones' first Path hop (its attach peer is), but it registered them
-        mine = self.home.get(claimed, {}) if self.client_link is not None else {}
+        mine = {b.entry_id for b in self.home.get(claimed)} if self.client_link is not None else set()
         for b in bindings:
             with contextlib.suppress(ParseError):
                 contact = URI(b.contact)
@@ -2576,14 +2566,8 @@ class Peer:
         now = time.time()
         out = []
         for aor in sorted(self.home):
-            bindings = self.home[aor]
-            for entry_id, binding in list(bindings.items()):
-                if not binding.alive(now):
-                    del bindings[entry_id]
-                    continue
+            for binding in self.home.live(aor, now):
                 out.append({"aor": aor, "contact": binding.contact, "expires_in": binding.remaining(now)})
-            if not bindings:
-                del self.home[aor]
         return out
 
     async def control(self, request: dict[str, Any]) -> Any:

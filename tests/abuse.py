@@ -99,7 +99,7 @@ def live_state(peer: Peer) -> dict[str, int]:
         "core tasks": len(peer.core._tasks),
         "stream slots": peer.stack.transport.guard.total,
         "calls": len(peer.core.calls),
-        "home registrations": sum(len(b) for b in peer.home.values()),
+        "home registrations": sum(len(b) for _aor, b in peer.home.items()),
         "names": len(peer.names),
         "flows": len(peer.flows.snapshot(asyncio.get_running_loop().time())),
     }

@@ -7,6 +7,7 @@ import pytest
 from p2psip.address import names_local
 from p2psip.location import (
     ForwardAsAddressed,
+    HomeTable,
     LocationCache,
     NotRoutable,
     OverlayLookup,
@@ -217,3 +218,20 @@ def test_cache_is_bounded() -> None:
     for i in range(10):
         cache.put(f"sip:u{i}@x", [Binding(f"sip:u{i}@x", "sip:u@127.0.0.1", 600, NOW)], NOW)
     assert len(cache) == 3 and cache.get("sip:u9@x", NOW) and cache.get("sip:u0@x", NOW) is None
+
+
+def test_home_table_keeps_one_tuple_per_aor() -> None:
+    """The home peer's table (memory: a tuple per AOR, not a dict): a write replaces the binding with its
+    entry id, a drop removes it, expired bindings go on reading, and an emptied AOR leaves no trace."""
+    table = HomeTable()
+    aor = "sip:alice@p2p.example"
+    first = Binding(aor, "sip:alice@192.0.2.1:5060", 600, 1000.0)
+    other = Binding(aor, "sip:alice@192.0.2.2:5060", 10, 1000.0)
+    table.update(aor, [first, other])
+    assert table.get(aor) == (first, other) and table.has(aor, b"sip:alice@192.0.2.1:5060")
+    refreshed = Binding(aor, "sip:alice@192.0.2.1:5060", 600, 1005.0)
+    table.update(aor, [refreshed])
+    assert table.get(aor) == (other, refreshed) and type(table.get(aor)) is tuple
+    assert table.live(aor, 1020.0) == (refreshed,) and table.get(aor) == (refreshed,)  # `other` expired
+    table.update(aor, drop=[refreshed.entry_id])
+    assert aor not in table and len(table) == 0 and table.get(aor) == () and not table.has(aor, b"x")

@@ -164,7 +164,7 @@ async def test_ring_page_shows_the_ring_live(make_peer: PeerFactory, browsers) -
     # The status may hold any string a phone sent: the page must show it as text. Put a hostile AOR where
     # the page shows registrations (this peer's own table, so the test does not depend on key placement).
     hostile = "sip:<script>window.pwned=1</script><img src=x onerror=window.pwned=2>@x"
-    first.home[hostile] = {b"e": Binding(hostile, "sip:<b>bold</b>@x", 600, time.time())}
+    first.home.update(hostile, [Binding(hostile, "sip:<b>bold</b>@x", 600, time.time())])
     phones = [await Phone.open(user) for user in ("erin", "frank", "grace")]
     try:
         for phone in phones:  # real registrations: stored entries (with names) and home registrations
