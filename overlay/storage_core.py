@@ -36,7 +36,7 @@ The protocol rules that live here:
 * transfers: join/leave hand-off and the periodic and early repair push, chunked, one chunk at a time per
   target (a target that fails one chunk gets no more this round);
 * repair by digest: the periodic and early repair first send each replica a ``digest`` of the primary
-  range (one short salted hash per bucket, ``overlay.storage.range_digest``); the replica answers the
+  range (one 8-byte sum per bucket, ``overlay.storage.range_digest``); the replica answers the
   buckets that differ from what it holds (``differ``, a bitmap) and only their records are pushed. A
   replica that does not answer (or an older peer that does not know ``digest``) gets the whole range;
 * who may fill whom: a ``store`` with ``replica`` and a ``transfer`` skip the responsibility check, so
@@ -244,7 +244,7 @@ class StorageCore:
             rid = next(self._ids)
             self._ops[rid] = _DigestCheck(target, items, lo, hi)
             self._count("digests_sent")
-            body: dict[str, Any] = {"lo": lo, "hi": hi, "salt": rid, "sums": range_digest(items, lo, hi, rid)}
+            body: dict[str, Any] = {"lo": lo, "hi": hi, "sums": range_digest(items, lo, hi)}
             self._outputs.append(Send(rid, target, "digest", body, timeout=2 * self.config.rpc_timeout))
 
     @property
@@ -396,7 +396,7 @@ class StorageCore:
             self._answer(token, "err", {"code": E_BAD_REQUEST, "reason": "bad-digest"})
             return
         lo, hi = body.get("lo"), body["hi"]
-        ours = range_digest(self.store.in_range(lo, hi, now), lo, hi, body["salt"], buckets)
+        ours = range_digest(self.store.in_range(lo, hi, now), lo, hi, buckets)
         differ = differing_buckets(ours, sums)
         self._count("digests_answered")
         self._count("digest_buckets_differ", sum(bin(b).count("1") for b in differ))

@@ -70,9 +70,9 @@ STORAGE_MESSAGES: dict[str, Schema] = {
     # Bulk hand-off of entries (join, leave, repair); ``entries`` carry their remaining lifetime.
     # ``announce``: a restarted node hands over what it held; the receiver passes on what is new to it.
     "transfer": {"entries": "entries", "announce": "bool?"},
-    # Repair by digest: the sender's records of (lo, hi] (lo absent: the whole ring) as one salted hash per
+    # Repair by digest: the sender's records of (lo, hi] (lo absent: the whole ring) as one 8-byte sum per
     # bucket (overlay.storage.range_digest); answered with ``differ``, the buckets the receiver sees differ.
-    "digest": {"lo": "id?", "hi": "id", "salt": "u64", "sums": "bytes"},
+    "digest": {"lo": "id?", "hi": "id", "sums": "bytes"},
 }
 
 # Fields that may appear in an ``ok`` reply to a storage request, and in ``err``.
