@@ -32,9 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from build_compiled import use_if_asked  # noqa: E402
 
-from p2psip.message import parse as p2p_parse
+COMPILED = use_if_asked()  # --compiled: run the mypyc build of tools/build_compiled.py instead
+BUILD = " (p2psip: compiled build)" if COMPILED else " (p2psip: pure Python)"
+
+from p2psip.message import parse as p2p_parse  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------
 # The corpus
@@ -956,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also count CPU instructions per message with valgrind (slow, but independent of machine load)",
     )
+    ap.add_argument("--compiled", action="store_true", help="the compiled build (tools/build_compiled.py)")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "WORKLOAD", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     _FACTORIES.update(
@@ -998,7 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"SIP parser benchmark: {len(CORPUS)} messages ({', '.join(name for name, _, _ in CORPUS)})")
     print(
-        f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}{BUILD} on {platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}; best of {args.repeat} rounds x {args.seconds:g} CPU-s"
     )
     print()

@@ -55,6 +55,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tools"))
+from build_compiled import use_if_asked  # noqa: E402
+
+COMPILED = use_if_asked()  # --compiled: run the mypyc build of tools/build_compiled.py instead
 
 from conditions import Conditions  # noqa: E402
 from conftest import free_port  # noqa: E402
@@ -286,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat", type=int, default=2, help="fresh runs of every step (default 2)")
     parser.add_argument(
+        "--compiled", action="store_true", help="p2psip rows run the compiled build (tools/build_compiled.py)"
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Proxy benchmark, {stamp}, {os.cpu_count()} CPUs, load average {load[0]:.1f} → {end_load[0]:.1f}, "
         f"sipp built-in-style scenarios with Record-Route over UDP, {duration:g} s per step, "
-        f"{args.repeat} repeats"
+        f"{args.repeat} repeats; p2psip {'compiled build' if COMPILED else 'pure Python'}"
     )
     print(f"({conditions})")
     print()

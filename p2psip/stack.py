@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -138,7 +137,10 @@ class Stack:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._closed = False
-        self._udp_fallback: weakref.WeakKeyDictionary[ClientTransaction, Target] = weakref.WeakKeyDictionary()
+        # Requests switched from UDP to TCP for their size: where to retry over UDP if TCP is refused
+        # (§18.1.1). Dropped when the transaction ends (a plain dict: the compiled build's transactions
+        # take no weak references).
+        self._udp_fallback: dict[ClientTransaction, Target] = {}
         """Requests moved from UDP to TCP by size (§18.1.1), with their UDP target: a refused connection
         sends them there after all (:meth:`_fall_back_to_udp`)."""
         self._local_cache: dict[str, tuple[str, int]] = {}
@@ -343,6 +345,8 @@ class Stack:
                 # A core failing on one event must not lose the events after it (nor the timer re-arm).
                 try:
                     if isinstance(event, Terminated):
+                        if self._udp_fallback and isinstance(event.transaction, ClientTransaction):
+                            self._udp_fallback.pop(event.transaction, None)
                         core.on_terminated(event.transaction)
                     elif isinstance(event, Timeout):
                         core.on_timeout(event.transaction, event.timer)

@@ -165,43 +165,38 @@ class URI:
     headers: dict[str, str]
     opaque: str | None
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str | None, groups: _UriGroups | None = None) -> None:
+        """``URI(text)`` parses ``text``; ``URI(None, groups)`` is the URI of vetted ``_FAST_SIP_URI`` match
+        groups (see :func:`check_address`), and ``URI(None)`` an empty one for :meth:`build` and :meth:`copy`
+        to fill in: the one way to skip parsing that both CPython and mypyc (the optional compiled build)
+        accept."""
         # The hot path of every message (Request-URI, From, To, Contact ...). The common shape
         # (sip:user@host:port;params, no escapes, no password, no headers) is recognised by one compiled
         # regular expression, whose groups need no further checks (and are kept for the next
         # time the same text comes, _VETTED_URIS); anything else takes the general path, which accepts every
         # valid URI and explains what is wrong with an invalid one.
-        groups = _VETTED_URIS.get(text)
         if groups is None:
-            m = _FAST_SIP_URI(text)
-            if m is None or ".." in m.group(3):
-                self._parse_general(text)
+            if text is None:
                 return
-            port = m.group(4)
-            if port is not None and int(port) > 65535:
-                raise _bad("port out of range", text)
-            if len(_VETTED_URIS) >= _VETTED_MAX:
-                _VETTED_URIS.clear()
-            groups = _VETTED_URIS[text] = m.groups()
-        self._set_fast(groups)
-
-    def _set_fast(self, groups: _UriGroups) -> None:
-        """Fill in the parts from the groups of a ``_FAST_SIP_URI`` match already vetted (no ``..`` in the
-        host, port in range): they need no further checks."""
+            groups = _VETTED_URIS.get(text)
+            if groups is None:
+                m = _FAST_SIP_URI(text)
+                if m is None or ".." in m.group(3):
+                    self._parse_general(text)
+                    return
+                port = m.group(4)
+                if port is not None and int(port) > 65535:
+                    raise _bad("port out of range", text)
+                if len(_VETTED_URIS) >= _VETTED_MAX:
+                    _VETTED_URIS.clear()
+                groups = _VETTED_URIS[text] = m.groups()
+        # The groups of a vetted match (no ``..`` in the host, port in range) need no further checks.
         self.scheme, self.user, self.host, port, params = groups
         self.password = None
         self.port = None if port is None else int(port)
         self.params = _fast_params(params) if params else {}
         self.headers = {}
         self.opaque = None
-
-    @classmethod
-    def _from_fast_match(cls, groups: _UriGroups) -> URI:
-        """The URI of vetted ``_FAST_SIP_URI`` match groups (see :func:`check_address`), without matching
-        again."""
-        uri = cls.__new__(cls)
-        uri._set_fast(groups)
-        return uri
 
     def _parse_general(self, text: str) -> None:
         scheme, sep, rest = text.partition(":")
@@ -286,7 +281,7 @@ class URI:
         headers: dict[str, str] | None = None,
     ) -> URI:
         """Make a URI from parts without formatting and re-parsing; the parts are taken as written."""
-        uri = cls.__new__(cls)
+        uri = cls(None)
         uri.scheme = scheme.lower()
         uri.user = user
         uri.password = password
@@ -299,7 +294,7 @@ class URI:
 
     def copy(self) -> URI:
         """An independent copy (params and headers dicts are copied too)."""
-        uri = URI.__new__(URI)
+        uri = URI(None)
         uri.scheme = self.scheme
         uri.user = self.user
         uri.password = self.password
@@ -640,37 +635,39 @@ class Address:
     params: dict[str, str | None]
     wildcard: bool
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str | None, check: AddressCheck | None = None) -> None:
+        """``Address(text)`` parses ``text``; ``Address(None, check)`` is the Address that
+        :func:`check_address` vetted (:meth:`from_check`), and ``Address(None)`` an empty one for
+        :meth:`build` and :meth:`copy` to fill in: the one way to skip parsing that both CPython and mypyc
+        (the optional compiled build) accept."""
         # Fastest: a text vetted before (see _VETTED). Fast: the usual name-addr (no escapes in the display
         # name, plain token parameters), one compiled regular expression; else the general way below.
-        check = _VETTED.get(text) or _vet(text)
-        if check is not None:
-            self._fill(check)
-            return
-        m = _FAST_NAME_ADDR(text)
-        if m is not None:
-            quoted, display, uri, params = m.groups()
-            self.display = quoted if quoted is not None else display
-            self.uri = URI(uri)
-            self.params = _fast_params(params) if params else {}
-            self.wildcard = False
-            return
-        self._parse_general(text)
+        if check is None:
+            if text is None:
+                return
+            check = _VETTED.get(text) or _vet(text)
+            if check is None:
+                m = _FAST_NAME_ADDR(text)
+                if m is None:
+                    self._parse_general(text)
+                    return
+                quoted, display, uri, params = m.groups()
+                self.display = quoted if quoted is not None else display
+                self.uri = URI(uri)
+                self.params = _fast_params(params) if params else {}
+                self.wildcard = False
+                return
+        (quoted, display, _uri, params), uri_groups = check
+        self.display = quoted if quoted is not None else display
+        self.uri = URI(None, uri_groups)
+        self.params = _fast_params(params) if params else {}
+        self.wildcard = False
 
     @classmethod
     def from_check(cls, check: AddressCheck) -> Address:
         """The Address that :func:`check_address` vetted: equal to ``Address(text)``, built without parsing
         ``text`` again."""
-        addr = cls.__new__(cls)
-        addr._fill(check)
-        return addr
-
-    def _fill(self, check: AddressCheck) -> None:
-        (quoted, display, _uri, params), uri_groups = check
-        self.display = quoted if quoted is not None else display
-        self.uri = URI._from_fast_match(uri_groups)
-        self.params = _fast_params(params) if params else {}
-        self.wildcard = False
+        return cls(None, check)
 
     def _parse_general(self, text: str) -> None:
         text = text.strip(" \t")
@@ -737,7 +734,7 @@ class Address:
         cls, uri: URI | str, display: str | None = None, params: dict[str, str | None] | None = None
     ) -> Address:
         """Make an address from a URI (object or text), an optional display name and header parameters."""
-        addr = cls.__new__(cls)
+        addr = cls(None)
         addr.uri = URI(uri) if isinstance(uri, str) else uri
         addr.display = display
         addr.params = dict(params) if params else {}
@@ -745,7 +742,7 @@ class Address:
         return addr
 
     def copy(self) -> Address:
-        addr = Address.__new__(Address)
+        addr = Address(None)
         addr.uri = self.uri.copy()
         addr.display = self.display
         addr.params = dict(self.params)

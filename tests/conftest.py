@@ -10,8 +10,24 @@ import os
 import random
 import shutil
 import socket
+import sys
+from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``P2PSIP_COMPILED=1``: the run is meant for the compiled build (tools/build_compiled.py, put first
+    on the path by ``PYTHONPATH``): stop at once if any compiled module would be imported from its ``.py``
+    instead, rather than pass while testing pure Python."""
+    if os.environ.get("P2PSIP_COMPILED") != "1":
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from build_compiled import not_compiled
+
+    missing = not_compiled()
+    if missing:
+        raise pytest.UsageError(f"P2PSIP_COMPILED=1 but these modules are not compiled: {', '.join(missing)}")
 
 
 def in_ci() -> bool:

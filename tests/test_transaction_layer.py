@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from p2psip.errors import TransactionError
@@ -53,6 +55,25 @@ def response(req: Request, status: int, tag: str | None = "b1") -> Response:
     parsed = parse(bytes(Response.for_request(req, status, to_tag=tag)))
     assert isinstance(parsed, Response)
     return parsed
+
+
+def readable_fields(obj: object) -> list[object]:
+    """The values of an object's instance fields: ``__slots__`` entries in CPython, the compiled build's
+    attributes (descriptors too) otherwise; a field that is unset or refuses to be read is left out."""
+    fields = types.MemberDescriptorType | types.GetSetDescriptorType
+    names = {
+        name
+        for cls in type(obj).__mro__
+        for name, attr in vars(cls).items()
+        if isinstance(attr, fields) and not name.startswith("__")
+    }
+    values = []
+    for name in sorted(names):
+        try:
+            values.append(getattr(obj, name))
+        except Exception:  # unset (AttributeError), or a property that refuses (TransactionError)
+            continue
+    return values
 
 
 def of(events: list[TUEvent], kind: type) -> list:
@@ -270,8 +291,7 @@ class TestServerSide:
         assert kept.status == 200 and bytes(kept) == sent and kept.local is False
         assert nist.request is options  # the TU may still read it while it handles the request
         layer.handle_timers(0.2)  # the layer's next call
-        slots = [n for c in type(nist).__mro__ for n in getattr(c, "__slots__", ())]
-        held = [getattr(nist, n) for n in slots if hasattr(nist, n)]
+        held = readable_fields(nist)
         assert held and not any(isinstance(v, Request | Response) for v in held)
         with pytest.raises(TransactionError):
             _ = nist.request

@@ -257,23 +257,36 @@ async def test_a_write_after_the_peer_closed_says_the_peer_closed_it() -> None:
     loop = asyncio.get_running_loop()
     try:
 
-        class Watched(StreamConnection):
+        class Watched(asyncio.Protocol):
+            """A StreamConnection whose connection_lost sets ``closed`` (by delegation: the compiled
+            build's classes take no Python subclasses)."""
+
+            def __init__(self) -> None:
+                self.conn = StreamConnection(layer, "tcp", outgoing=True)
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.conn.connection_made(transport)
+
+            def data_received(self, data: bytes) -> None:
+                self.conn.data_received(data)
+
+            def eof_received(self) -> bool | None:
+                return self.conn.eof_received()
+
             def connection_lost(self, exc: Exception | None) -> None:
-                super().connection_lost(exc)
+                self.conn.connection_lost(exc)
                 closed.set()
 
-        _, conn = await loop.create_connection(
-            lambda: Watched(layer, "tcp", outgoing=True), "127.0.0.1", port
-        )
+        _, watched = await loop.create_connection(Watched, "127.0.0.1", port)
+        conn = watched.conn
         await asyncio.wait_for(closed.wait(), 10)
         with pytest.raises(TransportError, match="closed by the peer"):
             conn.write(bytes(options("w1", transport="TCP")))
         # The window before connection_lost runs: the transport is closing under the connection (as
         # asyncio's TLS transport is at once on a fatal alert), which the connection did not ask for.
         closed.clear()
-        _, conn = await loop.create_connection(
-            lambda: Watched(layer, "tcp", outgoing=True), "127.0.0.1", port
-        )
+        _, watched = await loop.create_connection(Watched, "127.0.0.1", port)
+        conn = watched.conn
         assert conn.transport is not None
         conn.transport.abort()  # connection_lost comes on a later loop iteration
         with pytest.raises(TransportError, match="closed by the peer or on a transport error"):

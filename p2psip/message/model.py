@@ -241,7 +241,7 @@ class Message:
         cached = self._cache.get("from")
         if cached.__class__ is not Address:  # not parsed yet, or only vetted by parse() (a tuple)
             check = cached if cached is not None else check_address(self._required("from"))
-            cached = self._cache["from"] = check if isinstance(check, Address) else Address.from_check(check)
+            cached = self._cache["from"] = check if isinstance(check, Address) else Address(None, check)
         return cached
 
     @property
@@ -249,7 +249,7 @@ class Message:
         cached = self._cache.get("to")
         if cached.__class__ is not Address:
             check = cached if cached is not None else check_address(self._required("to"))
-            cached = self._cache["to"] = check if isinstance(check, Address) else Address.from_check(check)
+            cached = self._cache["to"] = check if isinstance(check, Address) else Address(None, check)
         return cached
 
     @property
@@ -397,13 +397,20 @@ class Request(Message):
 
     def __init__(
         self,
-        method: str,
-        uri: URI | str,
+        method: str | None,
+        uri: URI | str | None = None,
         headers: Iterable[tuple[str, str]] = (),
         body: bytes = b"",
     ) -> None:
+        """``Request(method, uri)``; ``Request(None)`` is an empty request for the parser and :meth:`copy`
+        to fill in: the one way to skip this constructor's work that both CPython and mypyc (the optional
+        compiled build) accept."""
+        if method is None:
+            return
         if not method or not TOKEN_CHARS.issuperset(method):
             raise ValueError(f"bad method {method!r}")
+        if uri is None:
+            raise ValueError("a request needs a Request-URI")
         super().__init__(headers, body)
         self.method = method
         self.uri = URI(uri) if isinstance(uri, str) else uri
@@ -459,7 +466,7 @@ class Request(Message):
 
         ``uri`` becomes the copy's Request-URI (taken as is, not copied): what a proxy does for each
         branch (§16.6 steps 1-2), without first copying the Request-URI it replaces."""
-        req = Request.__new__(Request)
+        req = Request(None)
         self._copy_into(req)
         req.method = self.method
         req.uri = self.uri.copy() if uri is None else uri
@@ -488,11 +495,15 @@ class Response(Message):
 
     def __init__(
         self,
-        status: int,
+        status: int | None,
         reason: str | None = None,
         headers: Iterable[tuple[str, str]] = (),
         body: bytes = b"",
     ) -> None:
+        """``Response(status, reason)``; ``Response(None)`` is an empty response for the parser and
+        :meth:`copy` to fill in (as ``Request(None)``)."""
+        if status is None:
+            return
         if not 100 <= status <= 699:
             raise ValueError(f"status {status} out of range 100-699")
         super().__init__(headers, body)
@@ -550,7 +561,7 @@ class Response(Message):
         return f"SIP/2.0 {self.status} {self.reason}"
 
     def copy(self) -> Response:
-        resp = Response.__new__(Response)
+        resp = Response(None)
         self._copy_into(resp)
         resp.status = self.status
         resp.reason = self.reason

@@ -81,7 +81,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
             raise ParseError(f"unsupported SIP version {version[:20]!r}", status=505)
         if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] == "0":
             raise ParseError(f"bad status line {first[:80]!r}")
-        resp = Response.__new__(Response)
+        resp = Response(None)
         resp.status = int(code)
         resp.reason = reason
         resp.local = False
@@ -98,7 +98,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
             raise ParseError(f"bad request line {first[:80]!r}")
         if method not in _METHODS and (not method or not TOKEN_CHARS.issuperset(method)):
             raise ParseError(f"bad method in request line {first[:80]!r}")
-        request = Request.__new__(Request)
+        request = Request(None)
         request.method = method
         msg = request
     # One list comprehension over the header lines: the fastest way CPython offers to do the same small
@@ -209,7 +209,7 @@ def _check_singletons(headers: list[_Header], firsts: dict[str, str], partial: R
     # Most messages with repeated headers (several Via or Record-Route lines) have no repeated singleton:
     # one list comprehension tells so, faster than the loop below.
     singles = _SINGLETONS
-    if len([key for key, _, _ in headers if key in singles]) == len(singles & firsts.keys()):
+    if len([key for key, _, _ in headers if key in singles]) == len(firsts.keys() & singles):
         return
     seen: set[str] = set()
     for key, name, _ in headers:

@@ -106,15 +106,21 @@ class Via:
     params: dict[str, str | None]
     protocol: str
 
-    def __init__(self, text: str) -> None:
-        vetted = _VETTED_VIAS.get(text)
-        if vetted is not None:
-            self.protocol = "SIP/2.0"
-            self.transport, self.host, self.port, params = vetted
-            self.params = params.copy()
+    def __init__(self, text: str | None, match: re.Match[str] | None = None) -> None:
+        """``Via(text)`` parses ``text``; ``match`` is a ``_FAST_VIA`` match of it made already (see
+        :meth:`_first_of`). ``Via(None)`` is an empty Via for :meth:`build` and :meth:`copy` to fill in: the
+        one way to skip parsing that both CPython and mypyc (the optional compiled build) accept."""
+        if text is None:
             return
-        m = _FAST_VIA(text)  # the usual shape in one compiled match; the general path below otherwise
-        if m is None or not self._set_fast(m, text):
+        if match is None:
+            vetted = _VETTED_VIAS.get(text)
+            if vetted is not None:
+                self.protocol = "SIP/2.0"
+                self.transport, self.host, self.port, params = vetted
+                self.params = params.copy()
+                return
+            match = _FAST_VIA(text)  # the usual shape in one compiled match; the general path otherwise
+        if match is None or not self._set_fast(match, text):
             self._parse_general(text)
 
     def _set_fast(self, m: re.Match[str], text: str) -> bool:
@@ -147,10 +153,8 @@ class Via:
         if head in _VETTED_VIAS:
             return cls(head)
         m = _FAST_VIA(head)
-        if m is not None:
-            via = cls.__new__(cls)
-            if via._set_fast(m, head):
-                return via
+        if m is not None:  # then ``head`` is the first item: no quotes or ``<>`` hide a comma in it
+            return cls(head, m)
         items = split_list(value)
         if not items:  # "Via: , , ,": commas and nothing between them
             raise ParseError(f"empty Via header {value[:40]!r}")
@@ -196,7 +200,7 @@ class Via:
     ) -> Via:
         """Make a Via. ``branch=None`` makes a fresh RFC 3261 branch; other keyword arguments become
         parameters (``True`` or None for a flag, e.g. ``rport=True``)."""
-        via = cls.__new__(cls)
+        via = cls(None)
         via.protocol = "SIP/2.0"
         via.transport = transport.upper()
         via.host = host
@@ -207,7 +211,7 @@ class Via:
         return via
 
     def copy(self) -> Via:
-        via = Via.__new__(Via)
+        via = Via(None)
         via.protocol = self.protocol
         via.transport = self.transport
         via.host = self.host

@@ -23,6 +23,14 @@ _LISTENING = re.compile(r"listening on (.*)$")
 _ADDR = re.compile(r"(udp|tcp|tls):(\[[^\]]+\]|[^:,\s]+):(\d+)")
 
 
+def package_root() -> Path:
+    """The directory the ``p2psip`` this process runs comes from (the checkout, or the compiled build of
+    tools/build_compiled.py): the proxy child runs the same one."""
+    import p2psip
+
+    return Path(p2psip.__file__).resolve().parents[1]
+
+
 class OurProxy:
     """``python -m p2psip.cli proxy --listen ...`` as a child; a context manager that always ends it."""
 
@@ -51,7 +59,7 @@ class OurProxy:
         self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 30.0) -> OurProxy:
-        repo = Path(__file__).resolve().parents[2]
+        repo = package_root()
         env = dict(os.environ)
         env["PYTHONPATH"] = f"{repo}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(repo)
         self.proc = subprocess.Popen(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from .ourproxy import OurProxy
+from .ourproxy import OurProxy, package_root
 from .procs import children_of
 from .sipp import SCENARIOS, run_calls, uas
 
@@ -174,7 +174,7 @@ def test_a_taken_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        env = dict(os.environ, PYTHONPATH=str(package_root()))
         args = [
             sys.executable,
             "-m",
