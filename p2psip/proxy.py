@@ -38,12 +38,12 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from p2psip.address import numeric_host, target_from_uri
 from p2psip.background import Background
 from p2psip.errors import ParseError, SIPStatusError, TransportError
 from p2psip.message import Request, Response, Via
+from p2psip.mypyc_compat import mypyc_attr
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import (
     ClientTransaction,
@@ -53,17 +53,6 @@ from p2psip.transaction import (
     Transaction,
 )
 from p2psip.uri import URI, Address
-
-_T = TypeVar("_T")
-
-# The compiled build (tools/build_compiled.py) must let Proxy take Python subclasses (PeerCore, the
-# scripting core, users' cores): mypyc reads this decorator. Pure Python needs no mypy_extensions.
-try:
-    from mypy_extensions import mypyc_attr
-except ImportError:
-
-    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
-        return lambda cls: cls
 
 log = logging.getLogger("p2psip.proxy")
 
@@ -152,7 +141,7 @@ class ProxyContext:
         self.proxy._relay(self, self.best)
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
+@mypyc_attr(allow_interpreted_subclasses=True)  # compiled, it still takes PeerCore, the scripting core...
 class Proxy:
     """A SIP proxy core attached to ``stack``.
 
