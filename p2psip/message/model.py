@@ -23,6 +23,8 @@ from p2psip.uri import (
 _Header = tuple[str, str, str]  # (lookup key, display name, value)
 
 _MISSING = object()
+#: Views that a copy of a message shares with the original (see Message._copy_into): immutable values.
+_SHARED_VIEWS = frozenset({"cseq", "call-id", "max-forwards", "from", "to"})
 
 
 class Message:
@@ -272,12 +274,18 @@ class Message:
 
     @property
     def max_forwards(self) -> int | None:
+        cached = self._cache.get("max-forwards", _MISSING)
+        if cached is not _MISSING:
+            return cached  # type: ignore[no-any-return]
         value = self.get("max-forwards")
         if value is None:
-            return None
-        if not value.isdigit() or not value.isascii() or len(value) > 10 or int(value) > 255:
+            number = None
+        elif not value.isdigit() or not value.isascii() or len(value) > 10 or int(value) > 255:
             raise ParseError(f"bad Max-Forwards {value[:80]!r}")
-        return int(value)
+        else:
+            number = int(value)
+        self._cache["max-forwards"] = number  # a proxy reads it to check the request, then to decrement it
+        return number
 
     def _addresses(self, key: str) -> list[Address]:
         cached = self._cache.get(key)
@@ -356,7 +364,12 @@ class Message:
 
     def _copy_into(self, other: Message) -> None:
         other._headers = list(self._headers)
-        other._cache = {}
+        cache = self._cache
+        # The immutable views go along (CSeq, Call-ID, Max-Forwards, and From/To while only vetted): a
+        # proxy's copy of a request is read for them again at once (its client transaction's key needs
+        # the CSeq method) and they would be parsed a second time. Mutable ones (Via, Address) do not.
+        shared = _SHARED_VIEWS
+        other._cache = {k: v for k, v in cache.items() if k in shared and type(v) is not Address}
         other._body = self._body
 
     def _start_line(self) -> str:
