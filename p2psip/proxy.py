@@ -35,14 +35,13 @@ import asyncio
 import hashlib
 import inspect
 import logging
-import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from p2psip.address import numeric_host, target_from_uri
 from p2psip.background import Background
 from p2psip.errors import ParseError, SIPStatusError, TransportError
-from p2psip.message import Request, Response, Via
+from p2psip.message import Request, Response, Via, random_hex
 from p2psip.mypyc_compat import mypyc_attr
 from p2psip.stack import Source, Stack, Target
 from p2psip.transaction import (
@@ -473,7 +472,7 @@ class Proxy:
             hop = self._next_hop(fwd)
             if self.record_route and request.method in DIALOG_CREATING and request.to.tag is None:
                 self._add_record_route(fwd, ctx.source, hop)
-            branch_id = f"{_LOOP_PREFIX}{ctx.loop_key}.{secrets.token_hex(5)}"
+            branch_id = f"{_LOOP_PREFIX}{ctx.loop_key}.{random_hex(5)}"
             tx = stack.send_request(fwd, hop, timer_c=request.method == "INVITE", branch=branch_id)
         except (TransportError, ParseError) as exc:  # FlowFailed (430) and ParseError carry their status
             error = exc if isinstance(exc, SIPStatusError) else SIPStatusError(503, detail=str(exc))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from p2psip.message.authheaders import format_auth, parse_auth
 from p2psip.message.framing import StreamFramer
-from p2psip.message.ids import REASONS, new_branch, new_call_id, new_tag
+from p2psip.message.ids import REASONS, new_branch, new_call_id, new_tag, random_hex
 from p2psip.message.limits import Limits, text_body
 from p2psip.message.model import Message, Request, Response, SentResponse
 from p2psip.message.names import canonical_name, split_list
@@ -49,6 +49,7 @@ __all__ = [
     "new_tag",
     "parse",
     "parse_auth",
+    "random_hex",
     "split_list",
     "text_body",
 ]
