@@ -413,6 +413,13 @@ class Stack:
     # -------------------------------------------------------------------------------- timers
 
     def _arm(self) -> None:
+        """Re-arm the loop timer after events, when a timer armed since then is due before it. Why not
+        always: this runs after every message (a call's six messages arm ~11 timers), and a loop timer
+        already due no later than any new one needs nothing; when it fires, :meth:`_fire` looks again."""
+        if self.transactions.earliest_new < self._timer_at:
+            self._arm_next()
+
+    def _arm_next(self) -> None:
         deadline = self.transactions.next_deadline()
         if deadline is None or self._closed:
             return
@@ -428,8 +435,7 @@ class Stack:
         events = self.transactions.handle_timers(self.loop.time())
         if events:
             self._run(events)
-        else:
-            self._arm()
+        self._arm_next()
 
     # ----------------------------------------------------------------------------------- send
 

@@ -866,6 +866,9 @@ class TransactionLayer:
         ``stray_responses``, ``stray_acks``."""
         self._heap: list[_TimerEntry] = []
         self._seq = 0
+        self.earliest_new = float("inf")
+        """The earliest fire time of the timers armed since :meth:`next_deadline` last ran (infinity when
+        none): a driver whose own timer is due no later need not ask :meth:`next_deadline` again."""
         self._pending_cancels: dict[InviteClientTransaction, Any] = {}
         self._lingering: list[Transaction] = []
         """Transactions that entered a lingering state during the last call: their messages' parsed
@@ -884,8 +887,11 @@ class TransactionLayer:
                 if action.name in _LINGER_TIMERS:
                     self._lingering.append(tx)
                 self._seq += 1
+                at = action.at
+                if at < self.earliest_new:
+                    self.earliest_new = at
                 client = isinstance(tx, ClientTransaction)
-                heapq.heappush(heap, (action.at, self._seq, client, tx.key, action.name))
+                heapq.heappush(heap, (at, self._seq, client, tx.key, action.name))
             elif type(action) is CancelTimer:
                 pass  # lazily dropped: an entry only fires if it still matches transaction.deadlines
             elif type(action) is Transmit or type(action) is PassToTU:
@@ -1077,6 +1083,7 @@ class TransactionLayer:
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timers` must be called next (None: no timer armed). May be early (a
         cancelled timer): calling ``handle_timers`` then is harmless."""
+        self.earliest_new = float("inf")
         heap = self._heap
         while heap:
             if self._armed(heap[0]) is not None:
