@@ -81,6 +81,7 @@ DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 _LOOP_PREFIX = "z9hG4bK-lp"
 #: The headers whose values enter the loop-detection key besides the Request-URI, Call-ID and CSeq.
 _LOOP_HEADERS = frozenset({"to", "from", "proxy-require", "proxy-authorization"})
+_MASK64 = 0xFFFFFFFFFFFFFFFF
 #: Bound on the branches of one request, 3xx recursion included (a redirect loop cannot fork without end).
 MAX_BRANCHES = 16
 #: §16.7 step 6: among 4xx these are preferred because the caller can act on them.
@@ -295,7 +296,7 @@ class Proxy:
         # cost here. The key only has to come out the same when a request comes back to this element:
         # the workers of ``p2psip proxy --workers`` are forked, so they share the secret; a loop that
         # spans a restart goes undetected and ends on Max-Forwards (483) instead.
-        return f"{hash(text) & 0xFFFFFFFFFFFFFFFF:016x}"
+        return f"{hash(text) & _MASK64:016x}"
 
     def _looped(self, request: Request) -> bool:
         if len(request.get_all("Via")) < 2:
@@ -726,8 +727,8 @@ class Proxy:
             key = f"{incoming}|{via.sent_by if via else ''}"
         else:
             key = f"{request.uri}|{request.from_.tag}|{request.call_id}|{request.cseq.number}|{via}"
-        digest = hashlib.blake2b(f"{self._branch_secret}|{key}".encode(), digest_size=10).hexdigest()
-        return f"z9hG4bK-sl-{digest}"
+        # Python's keyed str hash, as for the loop key (_loop_key says why it is enough): 64 bits.
+        return f"z9hG4bK-sl-{hash(f'{self._branch_secret}|{key}') & _MASK64:016x}"
 
     def _stateless_request(self, request: Request, source: Source) -> None:
         targets: list[list[URI | RoutedTarget]]
