@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from p2psip.errors import ParseError
@@ -612,3 +614,52 @@ def test_vetted_vias_still_give_independent_objects_and_stay_bounded() -> None:
     for i in range(values._VETTED_MAX + 10):
         Via(f"SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK{i}")
     assert len(values._VETTED_VIAS) <= values._VETTED_MAX
+
+
+# --- Message.get answers from the parser's index of first values: it must agree with the lines ----------
+
+_INDEXED = (
+    b"INVITE sip:bob@127.0.0.1 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1, SIP/2.0/UDP 127.0.0.2;branch=z9hG4bK2\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.3;branch=z9hG4bK3\r\n"
+    b"Route: <sip:127.0.0.1;lr>\r\nRoute: <sip:127.0.0.4;lr>, <sip:127.0.0.5;lr>\r\n"
+    b"Max-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:bob@127.0.0.1>\r\n"
+    b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nRecord-Route: <sip:127.0.0.9;lr>\r\nContent-Length: 0\r\n\r\n"
+)
+_KEYS = ("Via", "Route", "Record-Route", "Max-Forwards", "Subject", "Content-Length", "Call-ID")
+
+
+def _scanned(msg: Request, name: str) -> str | None:
+    """What Message.get answered before it had an index: the first value, read from the lines."""
+    values = msg.get_all(name)
+    return values[0] if values else None
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_get_follows_every_change_of_the_lines(copy: bool) -> None:
+    rng = random.Random(19)
+    for _round in range(60):
+        msg = parse(_INDEXED)
+        assert isinstance(msg, Request)
+        if copy:
+            msg = msg.copy()
+        for _step in range(8):
+            name = rng.choice(_KEYS[:5])
+            op = rng.randrange(7)
+            if op == 0:
+                via = "SIP/2.0/UDP h;branch=z9hG4bKs"
+                msg.set(name, rng.choice(["x", ["a", "b"], []]) if name != "Via" else via)
+            elif op == 1:
+                msg.add(name, "<sip:127.0.0.7;lr>" if "Route" in name else "added", first=rng.random() < 0.5)
+            elif op == 2:
+                msg.remove(name)
+            elif op == 3:
+                msg.remove_first(name)
+            elif op == 4:
+                msg.push_via(Via.build("udp", "127.0.0.8", 5060))
+            elif op == 5:
+                msg.set_top_via(Via.build("udp", "127.0.0.6", 5062))
+            else:
+                msg.body = b"x" * rng.randrange(3)
+            for key in _KEYS:
+                assert msg.get(key) == _scanned(msg, key), (key, msg.items())

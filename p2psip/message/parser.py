@@ -115,6 +115,7 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     msg._headers = headers
     msg._body = b""
     firsts = {h[0]: h[2] for h in reversed(headers)}  # the first value of every header
+    msg._firsts = firsts  # kept: Message.get answers from it
 
     # What every transaction needs; a missing one means the message cannot even be answered.
     if not firsts.keys() >= _MANDATORY:
