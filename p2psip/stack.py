@@ -144,6 +144,8 @@ class Stack:
         """Requests moved from UDP to TCP by size (§18.1.1), with their UDP target: a refused connection
         sends them there after all (:meth:`_fall_back_to_udp`)."""
         self._local_cache: dict[str, tuple[str, int]] = {}
+        self._encoded: tuple[Request, bytes] | None = None
+        """The request :meth:`send_request` is sending and its bytes, while its events run."""
         self._is_local_cache: dict[tuple[str, int | None, str | None], bool] = {}
         self.branch_tag = ""
         """Appended to the branch of every client transaction: the worker that keeps it, so the other
@@ -365,7 +367,9 @@ class Stack:
                 dest = event.destination
                 # Only a stream connect reports errors later; UDP raises at once (no closure per datagram).
                 on_error = None if dest.transport == "udp" else self._error_handler(tx)
-                self.transport.send_request(bytes(message), dest, on_error)
+                encoded = self._encoded
+                data = encoded[1] if encoded is not None and encoded[0] is message else bytes(message)
+                self.transport.send_request(data, dest, on_error)
             else:  # a Response, or the bytes a completed transaction kept of one (SentResponse)
                 source = event.destination if isinstance(event.destination, Source) else None
                 self.transport.send_response(message, source)
@@ -450,18 +454,26 @@ class Stack:
             branch = (branch or new_branch()) + self.branch_tag
         branch = self.push_via(request, target, branch)
         udp = target
-        if target.transport == "udp" and request.size_bound() > self.transport.udp_size_limit:
-            size = len(bytes(request))
-            if size > self.transport.udp_size_limit:
-                target = self.transport.select(target, size)
+        encoded: bytes | None = None
+        if target.transport == "udp":
+            # Serialized once: measured for §18.1.1 here, and these very bytes are what the transaction's
+            # first Transmit sends (_transmit), instead of estimating the size and serializing later.
+            encoded = bytes(request)
+            if len(encoded) > self.transport.udp_size_limit:
+                target = self.transport.select(target, len(encoded))
                 request.remove_first("Via")
                 self.push_via(request, target, branch)
+                encoded = None
         tx, events = self.transactions.send_request(
             request, target, self.loop.time(), reliable=target.transport in RELIABLE, timer_c=timer_c
         )
         if target is not udp:
             self._udp_fallback[tx] = udp
-        self._run(events)
+        self._encoded = (request, encoded) if encoded is not None else None
+        try:
+            self._run(events)
+        finally:
+            self._encoded = None
         return tx
 
     def respond(self, transaction: ServerTransaction, response: Response) -> None:

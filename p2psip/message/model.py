@@ -197,13 +197,6 @@ class Message:
         """Every header line as (canonical name, value), in order."""
         return [(name, value) for _, name, value in self._headers]
 
-    def size_bound(self) -> int:
-        """An upper bound of ``len(bytes(self))`` that costs no serialization (the start line is taken as
-        at most 200 characters, every header line and the body are counted), so that a sender checks the
-        §18.1.1 UDP size limit with it and serializes only messages near that limit to measure them."""
-        headers = self._headers
-        return 200 + len(self._body) + 4 * len(headers) + sum([len(h[1]) + len(h[2]) for h in headers])
-
     def push_via(self, via: Via) -> None:
         """Put ``via`` on top of the Via list (a UAC or proxy sending the request) and keep the object as
         the parsed top Via, so the transaction layer, which reads it next, does not parse it again."""
