@@ -844,10 +844,11 @@ class PeerCore(Proxy):
         flow = flows.get(hop.transport, hop.host, hop.port) or flows.get(
             source.transport, source.host, source.port
         )
+        if flow is None:  # the usual case (peer to peer): nothing to count or rewrite
+            super()._add_record_route(fwd, source, hop)
+            return
         before = len(fwd.get_all("Record-Route"))
         super()._add_record_route(fwd, source, hop)
-        if flow is None:
-            return
         values = fwd.get_all("Record-Route")
         added = len(values) - before
         tokened = [v.replace("<sip:", f"<sip:{flow.token}@", 1).replace("<sips:", f"<sips:{flow.token}@", 1)
@@ -2239,7 +2240,8 @@ class Peer:
                 # of its best binding, which runs the user's scripts and forks to every binding.
                 self.counters["routed"] += 1
                 self.counters["routed_to_home"] += 1
-                self._event("routed", f"{request.method} {aor} -> its home peer {home}")
+                if self.on_event is not None:  # formatted only for a listener (this runs for every call)
+                    self._event("routed", f"{request.method} {aor} -> its home peer {home}")
                 return [RoutedTarget(request.uri, (home,))]
         for b in ordered:
             try:
@@ -2255,8 +2257,9 @@ class Peer:
                 target.params["q"] = f"{b.q:g}"
             targets.append(target)
         self.counters["routed"] += 1
-        contacts = ", ".join(b.contact for b in bindings)
-        self._event("routed", f"{request.method} {aor} -> {contacts}")
+        if self.on_event is not None:
+            contacts = ", ".join(b.contact for b in bindings)
+            self._event("routed", f"{request.method} {aor} -> {contacts}")
         return targets
 
     def _primary_home(self, ordered: list[Binding]) -> str | None:
