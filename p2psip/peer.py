@@ -1007,6 +1007,8 @@ class Peer:
         self._sole: set[tuple[int, str]] = set()
         self._path_entries: dict[str, str] = {}  # path_entry's strings, shared by the bindings holding them
         """Requests that reached us as the sole home peer of their AOR (``SOLE_HOME``), until located."""
+        self._homes: dict[tuple[str, ...], str | None] = {}
+        """Memo of :meth:`_primary_home`, by the bindings' first Path hops."""
         self._aor_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         """AOR -> (its REGISTER lock, how many hold or wait for it); only AORs in use are in it."""
         self._digest: dict[str, DigestServer] = {}
@@ -2265,7 +2267,21 @@ class Peer:
     def _primary_home(self, ordered: list[Binding]) -> str | None:
         """The Route to the home peer of the best binding with a Path, when this peer is not itself a home
         peer of any binding (None otherwise: deliver from here). Every peer orders the bindings the same
-        way, so the peers agree on which home peer runs the scripts."""
+        way, so the peers agree on which home peer runs the scripts.
+
+        Memoised by the bindings' first Path hops (bounded): it depends on nothing else, and an entry peer
+        asks for every call to the same AORs (a parse of each hop and a new Route value each time)."""
+        key = tuple([b.path[0] if b.path else "" for b in ordered])
+        cached = self._homes.get(key, "")
+        if cached != "":
+            return cached
+        home = self._find_primary_home(ordered)
+        if len(self._homes) >= 1024:
+            self._homes.clear()
+        self._homes[key] = home
+        return home
+
+    def _find_primary_home(self, ordered: list[Binding]) -> str | None:
         first: URI | None = None
         sole = True
         for b in ordered:
