@@ -64,14 +64,23 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from aioice import stun
+from build_compiled import use_if_asked
 from conditions import Conditions
 
-from p2psip.media import CallbackSink, MediaSession, ToneSource
-from p2psip.media.codecs import PCMU
-from p2psip.media.rtcp import ReceptionStats, SenderReport, SourceDescription, build_compound, ntp_timestamp
-from p2psip.turn import TurnLimits, issue_credentials
+COMPILED = use_if_asked()  # --compiled: the mypyc build of tools/build_compiled.py (media path included)
+
+from p2psip.media import CallbackSink, MediaSession, ToneSource  # noqa: E402
+from p2psip.media.codecs import PCMU  # noqa: E402
+from p2psip.media.rtcp import (  # noqa: E402
+    ReceptionStats,
+    SenderReport,
+    SourceDescription,
+    build_compound,
+    ntp_timestamp,
+)
+from p2psip.turn import TurnLimits, issue_credentials  # noqa: E402
 
 TARGET = 1000  # issue 19, target 8: concurrent calls per core
 CALLS_PER_FAR_PROCESS = 800  # the batched far end's share per process (about half a core at 800 calls)
@@ -730,6 +739,7 @@ def main() -> None:
     parser.add_argument(
         "--relayed", type=int, nargs="+", metavar="CALLS", help="measure relayed calls instead"
     )
+    parser.add_argument("--compiled", action="store_true", help="the compiled build (tools/build_compiled.py)")
     parser.add_argument(
         "--retries", type=int, default=1, help="run a failing step again this many times before stopping (default 1)"
     )
@@ -756,6 +766,7 @@ def main() -> None:
         all_steps += run_config(kind, far, steps, args.seconds, args.far_processes, args.source, args.retries)
     print(
         f"\nMedia: bidirectional PCMU calls in one process, {args.seconds:.0f} s window, loopback, sending {args.source}, "
+        f"p2psip {'compiled build' if COMPILED else 'pure Python'}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
     )
     print(

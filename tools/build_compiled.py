@@ -13,7 +13,8 @@ Put that directory first on the path to use it: ``PYTHONPATH=build/compiled``, w
 so that Python does not put the current directory (a checkout holding the pure modules) before it.
 What is compiled is what a forwarded INVITE goes through (docs/benchmarks.md, "The compiled build"):
 the message model and parser, URIs, the transaction and timer cores, the proxy core, the stack and
-the transport; the rest is imported from the copied ``.py`` files as usual.
+the transport; and the media path (RTP, RTCP, the jitter buffer, the session: bench/media.py); the rest
+is imported from the copied ``.py`` files as usual.
 
 Needs gcc, the Python headers and ``pip install -e '.[compiled]'`` (mypy with mypyc).
 """
@@ -57,6 +58,12 @@ MODULES = (
     "p2psip/handoff.py",
     "p2psip/stack.py",
     "p2psip/transport.py",
+    # the media path (issue 19, target 8): RTP, RTCP statistics, the jitter buffer, the session's tick and
+    # receive path
+    "p2psip/media/rtp.py",
+    "p2psip/media/rtcp.py",
+    "p2psip/media/jitter.py",
+    "p2psip/media/session.py",
 )
 
 # What CI runs against the compiled build (.ci/run): the core unit tests of those modules, the torture
@@ -75,6 +82,10 @@ TESTS = (
     "tests/test_handoff.py",
     "tests/test_transport.py",
     "tests/interop/test_proxy_sipp.py",
+    # the media path (test_media_pacing drives the ticker with fake sessions, which compiled code refuses)
+    "tests/test_media_jitter.py",
+    "tests/test_media_rtp.py",
+    "tests/test_media_session.py",
 )
 
 _STAMP = "BUILT-FROM"

@@ -57,7 +57,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from p2psip.errors import ParseError, TransportError
 from p2psip.media.codecs import PCMU, Codec, codec, encode_frame
@@ -837,7 +837,7 @@ class _Ticker:
 
     MAX_CATCH_UP = 10
     SCAN_INTERVAL = 0.1  # seconds between the walks that send due RTCP reports and watch connected peers
-    _running: dict[tuple[int, int], _Ticker] = {}
+    _running: ClassVar[dict[tuple[int, int], _Ticker]] = {}
 
     def __init__(self, loop: asyncio.AbstractEventLoop, ptime: int) -> None:
         self.loop = loop
@@ -899,7 +899,7 @@ class _Poller:
 
     MAX_EVENTS = 1024
     MAX_ROUNDS = 4  # polls per wake-up while datagrams keep arriving (then back to the loop: timers wait)
-    _running: dict[int, _Poller] = {}
+    _running: ClassVar[dict[int, _Poller]] = {}
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
