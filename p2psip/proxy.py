@@ -299,27 +299,19 @@ class Proxy:
         return f"{hash(text) & _MASK64:016x}"
 
     def _looped(self, request: Request) -> bool:
-        values = request.get_all("Via")
-        if len(values) < 2:
+        if len(request.get_all("Via")) < 2:
             return False  # straight from a UA: it cannot carry one of our Vias
-        # Only a Via whose text holds our branch prefix can be ours: just those (and the previous hop
-        # after each) are parsed, not the whole list (a peer's INVITE carries the phone's Via below the
-        # entry peer's, which nothing else reads).
+        vias = request.via
         stack = self.stack
-        for i in range(len(values) - 1):
-            if _LOOP_PREFIX not in values[i]:
-                continue
-            via = request.top_via if i == 0 else Via(values[i])
-            branch = via.branch if via is not None else None
+        for i, via in enumerate(vias[:-1]):
+            branch = via.branch
             if (
-                via is not None
-                and branch is not None
+                branch is not None
                 and branch.startswith(_LOOP_PREFIX)
                 and stack.is_local(via.host, via.port)
+                and branch[len(_LOOP_PREFIX) :].split(".", 1)[0] == self._loop_key(request, vias[i + 1])
             ):
-                key = branch[len(_LOOP_PREFIX) :].split(".", 1)[0]
-                if key == self._loop_key(request, Via(values[i + 1])):
-                    return True
+                return True
         return False
 
     def preprocess_routes(self, request: Request) -> None:
