@@ -318,6 +318,17 @@ class StreamConnection(asyncio.Protocol):
         connection without a word (e.g. a TLS server refusing our certificate after a TLS 1.3 handshake,
         or a proxy closing on a request it will not take), those requests learn it at once instead of
         at their transaction timeout."""
+        self._ended: asyncio.Future[None] | None = None
+        """Made on demand (:meth:`ended`): done when the connection has closed, either way."""
+
+    def ended(self) -> asyncio.Future[None]:
+        """A future done once this connection has closed (by either end): an RFC 5626 outbound client
+        waits on it, since a closed connection is a failed flow (§4.4) that must be registered again."""
+        if self._ended is None:
+            self._ended = self.layer.loop.create_future()
+            if self.closed:
+                self._ended.set_result(None)
+        return self._ended
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -395,6 +406,8 @@ class StreamConnection(asyncio.Protocol):
             return  # never admitted, never counted
         closed_by_us = self.closed
         self.closed = True
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         self.layer._release(self)
         self.layer._forget(self)
         self.layer.stats["connections_closed"] += 1
@@ -1123,6 +1136,12 @@ class TransportLayer:
 
     def connection_count(self) -> int:
         return len({id(c) for c in self._connections.values()})
+
+    def connection_to(self, target: Target) -> StreamConnection | None:
+        """The open stream connection that a send to ``target`` would use now (None: a send would open
+        one, or ``target`` is UDP)."""
+        conn = self._connections.get(target)
+        return conn if conn is not None and not conn.closed else None
 
     def _schedule_sweep(self) -> None:
         deadline = self.guard.limits.message_timeout

@@ -18,6 +18,7 @@ stack's loop; transaction timers stay in the transaction layer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -979,15 +980,25 @@ class UserAgent:
 
         while True:
             # §4.4.1: a random interval between 80% and 100% of the Flow-Timer
-            await asyncio.sleep(flow_timer * random.uniform(0.8, 1.0))
+            interval = flow_timer * random.uniform(0.8, 1.0)
             target = reg.target
             if target.transport != "udp":
-                try:
-                    self.stack.transport.send(b"\r\n\r\n", target)
-                    continue
-                except TransportError as exc:
-                    failed = f"the connection failed: {exc}"
+                # §4.4: over a stream the flow is the connection: its closing is a flow failure, known at
+                # once (a send would quietly open a new connection, a flow the registrar does not know)
+                conn = self.stack.transport.connection_to(target)
+                if conn is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(conn.ended()), interval)
+                if conn is None or conn.closed:
+                    failed = "the connection closed"
+                else:
+                    try:
+                        self.stack.transport.send(b"\r\n\r\n", target)
+                        continue
+                    except TransportError as exc:
+                        failed = f"the connection failed: {exc}"
             else:
+                await asyncio.sleep(interval)
                 mapped = await self._stun_ask(target, min(10.0, flow_timer / 2))
                 if mapped is not None and reg.mapped in (None, mapped):
                     reg.mapped = mapped

@@ -14,7 +14,10 @@ import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
 from peer_phone import Phone
 from peer_support import wait_until_settled
 from test_peer import BOB, PeerFactory, make_peer, phones  # noqa: F401  (fixtures)
@@ -267,6 +270,68 @@ async def test_our_user_agent_is_an_outbound_client_and_keeps_its_flow_alive(mak
         await stack.close()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_a_phones_tcp_or_tls_connection_is_its_flow_and_its_closing_makes_it_register_again(
+    make_peer: PeerFactory, phones: Phones, tmp_path: Path, transport: str
+) -> None:
+    """RFC 5626 over streams: our outbound UA registers over TCP/TLS; a call entering at another peer
+    reaches it over that very connection (the UA accepts none), CRLF keep-alives hold it past several
+    Flow-Timers; when the connection closes, the home peer's flow fails (the binding goes) and the UA,
+    seeing its flow closed, registers again at once over a new connection and is callable again."""
+    from p2psip.config import ListenSpec
+    from p2psip.stack import Stack
+    from p2psip.transport import TLSConfig
+    from p2psip.useragent import UserAgent
+
+    tls = TLSConfig.self_signed(str(tmp_path))
+    assert tls.certfile is not None and tls.keyfile is not None
+    listen = [ListenSpec("udp", "127.0.0.1", 0), ListenSpec(transport, "127.0.0.1", 0)]
+    certificate = {"tls_cert": Path(tls.certfile), "tls_key": Path(tls.keyfile)}
+    home = await make_peer(listen=listen, flow_timer=1, **certificate)
+    ring = [home, await make_peer(home), await make_peer(home)]
+    await wait_until_settled(ring, timeout=20)
+    stack = await Stack.start([f"{transport}:127.0.0.1:0"], tls=tls)
+    host, port = home.sip_address(transport)
+    calls: asyncio.Queue[object] = asyncio.Queue()
+
+    def answer(call: Any) -> None:
+        call.accept(b"")
+        calls.put_nowait(call)
+
+    instance = "<urn:uuid:0b0b0b0b-0000-4000-8000-0000000000c5>"
+    ua = UserAgent(stack, BOB, outbound=f"{transport}:{host}:{port}", instance=instance, on_call=answer)
+    try:
+        ok = await ua.register("sip:p2p.example", expires=600)
+        assert ok.get("Require") == "outbound" and ok.get("Flow-Timer") == "1"
+        [binding] = await ring[1].fetch_bindings(BOB)
+        assert Address(binding.path[0]).uri.user  # reached over its flow (a token), not at its Contact
+        [flow] = list(home.flows)
+        assert flow.transport == transport and flow.handle is not None
+        alice = await phones("alice")
+        await asyncio.sleep(3)  # the point: three Flow-Timers; the UA's CRLF keep-alives hold the flow
+        assert home.counters["flows_failed"] == 0 and list(home.flows) == [flow]
+        result = await alice.call(BOB, ring[2].sip_address(), timeout=10)
+        assert result.answered and result.bye_status == 200, result.statuses
+        await asyncio.wait_for(calls.get(), 5)
+        assert stack.transport.stats["connections_opened"] == 1  # its own, to the home peer: nothing else
+
+        # the connection ends (a NAT forgets it, the home peer restarts...): the flow fails at the home
+        # peer, and the UA registers again over a new connection without waiting for a refresh
+        flow.handle.close()
+        await until(lambda: _registered_again(stack), 5, "the UA did not open a new flow")
+        fresh = await ring[1].fetch_bindings(BOB)
+        assert [b.entry_id for b in fresh] == [binding.entry_id] and home.counters["flows_failed"] == 1
+        again = await alice.call(BOB, ring[2].sip_address(), timeout=10)
+        assert again.answered, again.statuses
+    finally:
+        await ua.close()
+        await stack.close()
+
+
+async def _registered_again(stack: Any) -> bool:
+    return bool(stack.transport.stats["connections_opened"] == 2 and stack.transport.connection_count() == 1)
+
+
 def test_the_settings_in_docs_nat_md_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import re
     from pathlib import Path
@@ -279,4 +344,3 @@ def test_the_settings_in_docs_nat_md_load(tmp_path) -> None:  # type: ignore[no-
     path.write_text(block)
     config = load_config(path)
     assert (config.home_routing, config.flow_timer, config.nat_ping) == (True, 120, 20.0)
-
