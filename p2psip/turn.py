@@ -174,7 +174,7 @@ class TurnCore:
         self.counters: dict[str, int] = {
             "allocations_granted": 0,
             "refused_quota": 0,  # 486
-            "refused_capacity": 0,  # 508
+            "refused_capacity": 0,  # 508: allocations in all, or permissions of one allocation
             "refused_auth": 0,  # 401 with a bad MESSAGE-INTEGRITY or unknown user
             "refused_other": 0,  # 400, 437, 442, 403 ...
             "dropped_unpermitted": 0,  # peer data without a permission: no open reflector
@@ -373,7 +373,7 @@ class TurnCore:
             self.counters["refused_other"] += 1
             return [self._error(message, client, 400, "Bad Request", allocation.key)]
         if not self._permit(allocation, peer[0], now):
-            self.counters["refused_quota"] += 1
+            self.counters["refused_capacity"] += 1
             return [self._error(message, client, 508, "Insufficient Capacity", allocation.key)]
         return [ToClient(client, self._success(message, {}, allocation.key))]
 
@@ -397,7 +397,7 @@ class TurnCore:
             self.counters["refused_other"] += 1
             return [self._error(message, client, 400, "Bad Request", allocation.key)]
         if not self._permit(allocation, peer[0], now):
-            self.counters["refused_quota"] += 1
+            self.counters["refused_capacity"] += 1
             return [self._error(message, client, 508, "Insufficient Capacity", allocation.key)]
         allocation.channels[number] = (peer, now + CHANNEL_LIFETIME)
         return [ToClient(client, self._success(message, {}, allocation.key))]

@@ -51,7 +51,7 @@ class Client:
             replies = [a for a in actions if isinstance(a, ToClient)]
             assert len(replies) == 1
             response = stun.parse_message(replies[0].data)
-            if response.error_code in (401, 438) and self.nonce is None:
+            if response.error_code == 438 or (response.error_code == 401 and self.nonce is None):
                 self.nonce = response.attributes["NONCE"]
                 continue
             return response
@@ -151,6 +151,33 @@ def test_refresh_zero_deletes_and_lifetime_expiry_and_teardown() -> None:
     alice.allocate(now=NOW + 602)
     assert core.stats()["allocations"] == 1
     assert len(core.close_user("alice")) == 1 and core.stats()["allocations"] == 0
+
+
+def test_lifetime_is_capped_and_a_refresh_needs_live_credentials() -> None:
+    """An allocation lives at most ``max_lifetime`` past its last Refresh, whatever the client asks; and a
+    Refresh is authenticated like the Allocate, so once the user's credential expired (a day) the
+    allocation cannot be kept alive and ends with its lifetime."""
+    core = TurnCore(SECRET, limits=TurnLimits(max_lifetime=3600.0))
+    alice = Client(core, ALICE, now=NOW - 86400 + 4000)  # credential expires at NOW + 4000
+    response = alice.allocate(lifetime=100_000)
+    assert response.attributes["LIFETIME"] == 3600
+    relay = response.attributes["XOR-RELAYED-ADDRESS"]
+    assert alice.request(stun.Method.REFRESH, NOW + 3000, LIFETIME=100_000).attributes["LIFETIME"] == 3600
+    assert core.expire(NOW + 6599) == []
+    refused = alice.request(stun.Method.REFRESH, NOW + 4001, LIFETIME=600)  # the credential has expired
+    assert refused.error_code == 401 and core.counters["refused_auth"] == 1
+    assert core.expire(NOW + 6601) == [CloseRelay(relay)] and core.stats()["allocations"] == 0
+
+
+def test_permissions_per_allocation_are_bounded_508() -> None:
+    core = TurnCore(SECRET, limits=TurnLimits(max_permissions=2))
+    alice = Client(core, ALICE)
+    alice.allocate()
+    for host in ("10.99.0.21", "10.99.0.22", "10.99.0.22"):  # a renewed one is no new one
+        ok = alice.request(stun.Method.CREATE_PERMISSION, **{"XOR-PEER-ADDRESS": (host, 1)})
+        assert ok.message_class == stun.Class.RESPONSE
+    full = alice.request(stun.Method.CREATE_PERMISSION, **{"XOR-PEER-ADDRESS": ("10.99.0.23", 1)})
+    assert full.error_code == 508 and core.counters["refused_capacity"] == 1
 
 
 def test_bandwidth_cap_drops_and_counts() -> None:

@@ -11,6 +11,7 @@ import aioice
 import pytest
 from aioice import stun
 from aioice.turn import create_turn_endpoint
+from test_media_call import until
 
 from p2psip.turn import TurnLimits, issue_credentials
 from p2psip.turnserver import TurnServer
@@ -53,11 +54,7 @@ async def test_turn_client_relays_both_ways_and_quota_is_486() -> None:
             transport.close()
             peer_transport.close()
         # deleting the allocation (Refresh LIFETIME=0, sent by close) frees the relay
-        for _ in range(50):
-            if server.core.stats()["allocations"] == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert server.core.stats()["allocations"] == 0
+        await until(lambda: server.core.stats()["allocations"] == 0, 5)
 
 
 async def test_ice_agents_connect_over_relayed_candidates_only() -> None:

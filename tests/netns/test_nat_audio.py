@@ -37,7 +37,7 @@ from conftest import in_ci
 from p2psip.turn import issue_credentials
 
 from .natlab import HA, HB, P1, P2, NatLab, why_unavailable
-from .test_nat_lab import MODULES, ROOT, Lab, wait_for
+from .test_nat_lab import MODULES, ROOT, Lab, tail, wait_for
 
 TURN_PORT = 3478
 
@@ -87,7 +87,9 @@ async def main():
         candidates=[c.type for c in media.ice.agent.local_candidates],
     )
     print(json.dumps(stats), flush=True)
-    await asyncio.sleep(1.0)  # the far end hears our last second too
+    # keep sending until the test has both ends' reports (it then closes our stdin): the far end may
+    # still be hearing its three seconds
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await media.close()
 
 asyncio.run(main())
@@ -147,6 +149,8 @@ def call(
         other.stdin.flush()
     results = line(offerer), line(answerer)
     for proc in (offerer, answerer):
+        assert proc.stdin is not None
+        proc.stdin.close()  # both have reported: now they may stop sending
         proc.wait(20)
     return results
 
@@ -193,6 +197,7 @@ async def main():
     stack = await Stack.start([f"udp:{listen}"])
     done = asyncio.get_running_loop().create_future()
     heard = MemorySink()
+    answered = []
 
     async def answer(incoming):
         try:
@@ -201,6 +206,7 @@ async def main():
         except CallFailed as exc:
             done.set_result({"declined": exc.status, "reason": exc.reason})
             return
+        answered.append(incoming)
         await hear(heard)
         done.set_result(report(media, heard))
 
@@ -214,7 +220,8 @@ async def main():
     print(json.dumps({"registered": aor}), flush=True)
     if role == "callee":
         print(json.dumps(await asyncio.wait_for(done, 90)), flush=True)
-        await asyncio.sleep(1.5)  # the caller hears our last second too, then hangs up
+        for incoming in answered:  # keep sending until the caller, told by the test, hangs up
+            await incoming.wait_ended(60)
     else:
         target = sys.stdin.readline().strip()
         try:
@@ -226,7 +233,8 @@ async def main():
             await hear(heard)
             print(json.dumps(report(call.media, heard, answer=call.response.body.decode(errors="replace"))),
                   flush=True)
-            await asyncio.sleep(1.0)
+            # hang up once the test has what the far end heard too (it closes our stdin then)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             await call.bye()
     await ua.register("sip:p2p.example", expires=0)
     await ua.close()
@@ -254,6 +262,7 @@ def sip_call(lab: Lab, caller: subprocess.Popen[str], callee: subprocess.Popen[s
     caller.stdin.write(target + "\n")
     caller.stdin.flush()
     results = line(caller), line(callee)
+    caller.stdin.close()  # both have reported: the caller hangs up
     for proc in (caller, callee):
         proc.wait(30)
     return results
@@ -369,6 +378,7 @@ def test_a_relay_only_caller_refused_a_relay_fails_with_503_before_any_invite(la
         erin.stdin.write("sip:nobody@p2p.example\n")
         erin.stdin.flush()
         said = line(erin)
+        erin.stdin.close()
         erin.wait(20)
     finally:
         release(holder)
@@ -379,12 +389,12 @@ def test_a_relay_only_caller_refused_a_relay_fails_with_503_before_any_invite(la
 
 def baresip_with_ice(lab: Lab) -> tuple[subprocess.Popen[bytes], Path]:
     """alice: baresip behind NAT A with its ice module (STUN: P1's SIP port), registered through P1 with
-    RFC 5626 outbound, answering at once, playing 440 Hz and recording what it decodes (sndfile)."""
+    RFC 5626 outbound, answering at once, playing 1 kHz and recording what it decodes (sndfile)."""
     workdir = lab.tmp / "baresip-alice-ice"
     workdir.mkdir(exist_ok=True)
     (workdir / "config").write_text(
         f"sip_listen {HA}:5064\nnet_interface eth0\n"
-        "audio_player aufile,/dev/null\naudio_source ausine,440\naudio_alert aufile,/dev/null\n"
+        "audio_player aufile,/dev/null\naudio_source ausine,1000\naudio_alert aufile,/dev/null\n"
         "ausrc_srate 48000\nausrc_channels 2\nrtcp_mux yes\n"
         f"module_path {MODULES}\n"
         "module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule sndfile.so\nmodule ice.so\n"
@@ -414,16 +424,20 @@ def test_our_ua_behind_nat_b_calls_baresip_with_ice_behind_nat_a_over_the_relay(
     try:
         wait_for(lambda: "200 OK" in log.read_text(errors="replace"), 30, "alice registered",
                  lambda: log.read_text(errors="replace")[-3000:])  # fmt: skip
-        caller = phone(lab, "hb", "caller", f"{HB}:5094", f"{P2}:5060", "sip:ua@p2p.example", 1000,
+        caller = phone(lab, "hb", "caller", f"{HB}:5094", f"{P2}:5060", "sip:ua@p2p.example", 440,
                        settings(lab, "ua"))  # fmt: skip
         assert caller.stdin is not None
         caller.stdin.write("sip:alice@p2p.example\n")
         caller.stdin.flush()
         ours = line(caller)
+        assert "a=ice-ufrag" in ours.get("answer", ""), ours  # baresip answered our ICE offer with ICE
+        # hang up once alice has decoded a second of our tone too (8 kHz, 16 bit: 16,000 bytes a second)
+        wait_for(lambda: sum(f.stat().st_size for f in log.parent.glob("dump-*-dec.wav")) > 16_044,
+                 30, "alice decoded a second of our audio", tail(log))  # fmt: skip
+        caller.stdin.close()
         caller.wait(30)
-        assert "a=ice-ufrag" in ours["answer"], ours["answer"]  # baresip answered our ICE offer with ICE
         assert ours["state"] == "connected", (ours, log.read_text(errors="replace")[-3000:])
-        assert ours["heard"] == 440 and ours["seconds"] >= 3, ours
+        assert ours["heard"] == 1000 and ours["seconds"] >= 3, ours
         assert "relay" in (ours["local_type"], ours["remote_type"]), ours
     finally:
         proc.terminate()
@@ -433,4 +447,4 @@ def test_our_ua_behind_nat_b_calls_baresip_with_ice_behind_nat_a_over_the_relay(
     from p2psip.media import dominant_frequency
     from p2psip.media.sources import read_wav
 
-    assert dominant_frequency(read_wav(recordings[-1]), [440, 1000, 2000]) == 1000
+    assert dominant_frequency(read_wav(recordings[-1]), [440, 1000, 2000]) == 440
