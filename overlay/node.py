@@ -74,6 +74,7 @@ from overlay.storage import (
     DEFAULT_MAX_LIFETIME,
     DEFAULT_MAX_PER_OWNER,
     DEFAULT_MAX_VALUE,
+    DROP_PREFIX,
     MAX_ENTRY_ID,
     Entry,
     Store,
@@ -170,7 +171,8 @@ class NodeConfig:
     policy: str = "first-claim"
     ca_public_key: bytes | None = None
     # Admission: only nodes holding a node certificate of the CA (``ca_public_key``) join and are routed
-    # to; ``node_certificate`` is this node's own (packed ``identity.Certificate``).
+    # to; ``node_certificate`` is this node's own (packed ``identity.Certificate``). Under the enrolled
+    # policy it also goes with the drops the node key writes in inboxes (replicas keep enrolled writers').
     enrolled_nodes: bool = False
     node_certificate: bytes | None = None
     max_value: int = DEFAULT_MAX_VALUE
@@ -1121,6 +1123,9 @@ class Node:
             self._seqs_prune_at = max(SEQ_MEMO_PRUNE_AT, 2 * len(self._seqs))
         self._seqs[slot] = seq
         cert = self._certs.get((ring_key, signer.public_key), b"")
+        if not cert and key is None and entry_id[:1] == DROP_PREFIX:
+            # a drop signed by the node key: under enrolled the replicas keep enrolled writers' drops only
+            cert = self.config.node_certificate or b""
         entry = Entry.create(signer, ring_key, entry_id, value, seq, lifetime, cert)
         self.cache.signed(signer.public_key, entry.signature, entry.signed_bytes())  # verified once per hop
         if self.attach is not None:

@@ -41,6 +41,7 @@ from overlay.identity import (
     KeyPair,
     VerifiedCache,
     user_cert_problem,
+    writer_cert_problem,
 )
 from overlay.ids import RING, between_right, to_bytes
 
@@ -155,10 +156,12 @@ class Store:
     still refuses replays.
 
     The ``inbox`` access rule holds under both policies, for keys whose :data:`INBOX_KEY_ID` entry lives
-    (offline messages, ``H('inbox:' + AOR)``): any key may append drops in its own name space
-    (:func:`is_drop`), at most ``inbox_quota`` live ones per writer and inbox; a writer cannot remove its
-    drop (a removal there is refused); only the inbox's owner removes, overwrites or claims anything else
-    under the key, exactly as under its policy. Drops never make their writer the key's first-claim owner.
+    (offline messages, ``H('inbox:' + AOR)``): any key (under ``enrolled``: any enrolled key, a user or
+    node certificate of the CA for the writing key in the entry's ``cert``) may append drops in its own
+    name space (:func:`is_drop`), at most ``inbox_quota`` live ones per writer and inbox; a writer cannot
+    remove its drop (a removal there is refused); only the inbox's owner removes, overwrites or claims
+    anything else under the key, exactly as under its policy. Drops never make their writer the key's
+    first-claim owner.
     """
 
     def __init__(
@@ -224,6 +227,15 @@ class Store:
             if inbox != entry.owner:
                 if entry.is_removal:
                     raise self._refuse("policy", "only the inbox's owner removes a drop")
+                if self.policy == "enrolled":
+                    # the same rule as OpenDHT's readers (overlay.directory.select_entries): under
+                    # enrolled, a stranger's free key does not get an inbox quota of its own
+                    assert self.ca_public_key is not None
+                    problem = writer_cert_problem(
+                        self.ca_public_key, entry.cert, entry.owner, now, self.cache
+                    )
+                    if problem is not None:
+                        raise self._refuse("policy", f"a drop needs an enrolled writer: {problem}")
                 slots = self._by_key.get(entry.key, {})
                 mine = sum(
                     1

@@ -2837,8 +2837,12 @@ def _node_config(node_config: NodeConfig | None, config: PeerConfig) -> NodeConf
         except OverlayError as exc:
             raise ConfigError(f"--ca: {exc}") from None
         base = dataclasses.replace(base or NodeConfig(), policy=config.policy, ca_public_key=ca)
+        cert_file = Path(config.data_dir) / NODE_CERT_FILE
+        if config.policy == "enrolled" and not config.enrolled_nodes:
+            # not for admission: the node key's drops in inboxes carry it (replicas keep enrolled writers')
+            with contextlib.suppress(OSError):
+                base = dataclasses.replace(base, node_certificate=cert_file.read_bytes())
         if config.enrolled_nodes:
-            cert_file = Path(config.data_dir) / NODE_CERT_FILE
             try:
                 cert = cert_file.read_bytes()
             except OSError:

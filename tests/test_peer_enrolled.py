@@ -18,7 +18,7 @@ from test_cli import run
 from test_overlay_im_transfer import until, via
 
 from overlay.errors import StoreRefused
-from overlay.identity import KeyPair, enroll_user
+from overlay.identity import NODE_CERT_FILE, KeyPair, enroll_user
 from overlay.ids import key_for
 from overlay.localring import quick_node_config
 from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry
@@ -26,7 +26,7 @@ from p2psip.cli.parser import main
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.errors import ConfigError, P2PSIPError
 from p2psip.inbox import SENDER_HEADER, inbox_name
-from p2psip.peer import USERS_DIR, Peer, UserKeys
+from p2psip.peer import USERS_DIR, Peer, UserKeys, _node_config
 from p2psip.stack import Stack
 from p2psip.timers import TimerConfig
 from p2psip.useragent import UserAgent
@@ -141,14 +141,27 @@ def test_enroll_and_start_arguments(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "does not hold a public key" in bad.stderr
 
 
+def test_an_enrolled_peer_signs_its_drops_with_its_node_certificate(tmp_path: Path) -> None:
+    """Under ``--policy enrolled`` without ``--enrolled-nodes`` a peer's node.cert (if it has one) is not
+    for admission but goes with the drops its node key writes in inboxes; without one there is none."""
+    _cli("enroll", "init", str(tmp_path / "ca"))
+    config = PeerConfig(data_dir=tmp_path / "p", policy="enrolled", ca=tmp_path / "ca" / "ca.pub")
+    without = _node_config(None, config)
+    assert without is not None and without.policy == "enrolled" and without.node_certificate is None
+    _cli("enroll", "node", "--ca-key", str(tmp_path / "ca" / "ca.key"), "--data-dir", str(tmp_path / "p"))
+    with_cert = _node_config(None, config)
+    assert with_cert is not None and not with_cert.enrolled_nodes
+    assert with_cert.node_certificate == (tmp_path / "p" / NODE_CERT_FILE).read_bytes()
+
+
 async def test_offline_messages_under_the_enrolled_policy(
     enrolled: Callable[..., Awaitable[Peer]], tmp_path: Path
 ) -> None:
     """An enrolled user's inbox works under ``enrolled``: its user certificate covers H('inbox:' + AOR), so
-    the inbox key entry and the owner's removals are accepted by the replicas; drops need none (any key
-    may leave a message). A MESSAGE while bob is away is stored (202), delivered on his next
-    registration with alice vouched for by her peer, then removed. Another enrolled key cannot write
-    bob's inbox entry, and bob's certificate does not let him write anything under another key."""
+    the inbox key entry and the owner's removals are accepted by the replicas; a drop needs an enrolled
+    writer (the peer's node key with its node certificate, as OpenDHT's readers require). A MESSAGE while
+    bob is away is stored (202), delivered on his next registration with alice vouched for by her peer,
+    then removed. Another enrolled key cannot write bob's inbox entry, and a stranger's key cannot drop."""
     ca_key = str(tmp_path / "ca" / "ca.key")
     alice_aor, bob_aor = f"sip:alice@{DOMAIN}", f"sip:bob@{DOMAIN}"
     _cli("enroll", "user", alice_aor, "--ca-key", ca_key, "--data-dir", str(tmp_path / "p0"))
@@ -191,6 +204,12 @@ async def test_offline_messages_under_the_enrolled_policy(
                 Entry.create(users.get(alice_aor), key_for(inbox_name(bob_aor)), INBOX_KEY_ID, b"k" * 32,
                              time.time_ns() // 1_000_000, 600, alice_cert.to_bytes())
             )  # fmt: skip
+        # a key the authority never enrolled leaves nothing in bob's inbox, however well it signs
+        stranger = KeyPair.generate()
+        drop = Entry.create(stranger, key_for(inbox_name(bob_aor)), DROP_PREFIX + stranger.public_key + b"1",
+                            b"sealed", time.time_ns() // 1_000_000, 600)  # fmt: skip
+        with pytest.raises(StoreRefused, match=r"enrolled writer.*not enrolled"):
+            await peers[2].node.put_entry(drop)
     finally:
         for ua in (alice, bob):
             await ua.close()
@@ -200,4 +219,3 @@ async def test_offline_messages_under_the_enrolled_policy(
 
 async def _has(entries: Callable[[], Awaitable[list[Entry]]], entry_id: bytes) -> bool:
     return any(e.entry_id == entry_id for e in await entries())
-

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from overlay.errors import StoreRefused
-from overlay.identity import KeyPair, enroll_user
+from overlay.identity import KeyPair, enroll_node, enroll_user
 from overlay.ids import RING, between_right, key_for
 from overlay.storage import DROP_PREFIX, INBOX_KEY_ID, Entry, NodeRef, Replicator, Store
 
@@ -253,3 +253,35 @@ def test_inbox_policy_anyone_drops_within_a_quota_only_the_owner_removes() -> No
     assert len(store.get(key, 1.0)) == 3
     store.put(drop(ALICE, 3), 1.0)
     assert store.owner_of(key, 1.0) == BOB.public_key
+
+
+def test_under_enrolled_only_enrolled_writers_drop_in_an_inbox() -> None:
+    """The inbox rule of OpenDHT's readers held by Chord's replicas too: under ``enrolled`` a drop needs a
+    certificate of the CA for its writing key (a node's, or a user's for any AOR), else a stranger's free
+    key would get an inbox quota of its own; the reason is said."""
+    ca = KeyPair.generate()
+    store = Store(policy="enrolled", ca_public_key=ca.public_key)
+    bob_aor = "sip:bob@p2p.example"
+    key = key_for("inbox:" + bob_aor)
+    bob_cert = enroll_user(ca, bob_aor, BOB.public_key, now=0).to_bytes()
+    store.put(entry(BOB, key=key, entry_id=INBOX_KEY_ID, value=b"x" * 32, cert=bob_cert), 0.0)
+    node, stranger = KeyPair.generate(), KeyPair.generate()
+
+    def drop(writer: KeyPair, cert: bytes, seq: int = 1) -> Entry:
+        return Entry.create(writer, key, DROP_PREFIX + writer.public_key + b"\x01", b"sealed", seq, 60, cert)
+
+    for cert, why in (
+        (b"", "not enrolled"),
+        (enroll_node(KeyPair.generate(), stranger.public_key, now=0).to_bytes(), "not signed by this"),
+        (enroll_node(ca, node.public_key, now=0).to_bytes(), "another key"),
+        (enroll_node(ca, stranger.public_key, now=-3 * 86400, days=1).to_bytes(), "expired"),
+    ):
+        with pytest.raises(StoreRefused, match=rf"enrolled writer.*{why}"):
+            store.put(drop(stranger, cert), 0.0)
+    store.put(drop(node, enroll_node(ca, node.public_key, now=0).to_bytes()), 0.0)  # a node's certificate
+    alice_cert = enroll_user(ca, "sip:alice@p2p.example", ALICE.public_key, now=0).to_bytes()
+    store.put(drop(ALICE, alice_cert), 0.0)  # a user's, for her own AOR
+    assert len([e for e in store.get(key, 1.0) if e.entry_id[:1] == DROP_PREFIX]) == 2
+    # the owner's removal of a drop needs no more than before: his own certificate for the key
+    store.put(Entry.create(BOB, key, DROP_PREFIX + node.public_key + b"\x01", b"", 2, 0, bob_cert), 1.0)
+    assert len(store.get(key, 1.0)) == 2
