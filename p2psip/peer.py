@@ -2250,8 +2250,10 @@ class Peer:
                 uri = URI(b.contact)
             except ParseError:
                 continue
-            if home_routing and b.path:
-                # RFC 3327: this binding's Path is this branch's Route set (each fork its own).
+            if b.path and (home_routing or _only_over_its_path(b, uri)):
+                # RFC 3327: this binding's Path is this branch's Route set (each fork its own). With home
+                # routing off, still for a phone its home peer reaches only over a flow (behind a NAT, a
+                # client peer's, a browser's WebSocket): its Contact as written leads nowhere.
                 targets.append(RoutedTarget(uri, b.path, b.q))
                 continue
             target = Address.build(uri)
@@ -2635,6 +2637,18 @@ async def _joining(
         waited += JOIN_PROGRESS_EVERY
         if on_event is not None:
             on_event("joining", f"no answer from {shown} yet after {waited:.0f} s; still trying")
+
+
+def _only_over_its_path(binding: Binding, contact: URI) -> bool:
+    """Whether a binding is reached only through its Path: its first hop names a flow of its home peer
+    (``<sip:TOKEN@peer;lr>``, :meth:`Peer.path_entry`), or its Contact is a WebSocket client's (RFC 7118:
+    only its own connection reaches it, and that is on the peer its Path names)."""
+    if (contact.transport or "").lower() in ("ws", "wss"):
+        return True
+    try:
+        return Address(binding.path[0]).uri.user is not None
+    except ParseError:
+        return False
 
 
 def _request_key(request: Request) -> tuple[int, str]:

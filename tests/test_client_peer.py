@@ -287,6 +287,18 @@ async def test_a_client_peers_phone_is_called_through_the_attach_peer_and_calls_
         assert out.bye_status == 200
         # the client peer looked nothing up itself (the attach peer did)
         assert client.counters["routed"] == 1 and client.node.stats().get("relay_fetch_done", 0) == fetched
+
+        # home routing off (the bench's switch) on the full peers: calls go straight to contacts, except a
+        # contact its home peer reaches only over a flow, as a client peer's phone: its Path still leads
+        for peer in (first, second):
+            peer.config.home_routing = False
+        for entry, hops in ((first, 3), (second, 4)):
+            call = await alice.call(BOB, entry.sip_address(), timeout=10)
+            assert call.answered and call.bye_status == 200, (entry is first, call.statuses)
+            invite = await asyncio.wait_for(bob.invites.get(), 5)
+            assert len(invite.get_all("Via")) == hops, invite.get_all("Via")
+        out = await bob.call(ALICE, client.sip_address(), timeout=10)
+        assert out.answered, out.statuses
     finally:
         bob.close()
         alice.close()

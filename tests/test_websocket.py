@@ -322,10 +322,12 @@ def browser_register(aor: str, host: str, instance: str) -> str:
     )
 
 
-async def test_browser_registered_over_ws_at_one_peer_is_called_from_another(tmp_path) -> None:
+@pytest.mark.parametrize("home_routing", [True, False])
+async def test_browser_registered_over_ws_at_one_peer_is_called_from_another(tmp_path, home_routing) -> None:
     """A browser-like client registers over WS at peer 0; a UDP phone calls it through peer 1; the INVITE
     reaches the browser over its connection (Path to its home peer, then the .invalid host's connection)
-    with a Record-Route for the WS side; the 200 gets back to the caller."""
+    with a Record-Route for the WS side; the 200 gets back to the caller. With home routing off too: a
+    browser is reached only through the peer its Path names."""
     from peer_phone import Phone
     from peer_support import wait_until_settled
 
@@ -344,6 +346,7 @@ async def test_browser_registered_over_ws_at_one_peer_is_called_from_another(tmp
                 join=HostPort(*peers[0].overlay_address) if peers else None,
                 data_dir=tmp_path / f"p{i}",
                 cache_ttl=0.0,
+                home_routing=home_routing,
             )
             peers.append(await Peer.start(config, node_config=quick_node_config()))
         await wait_until_settled(peers, timeout=20)
