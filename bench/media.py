@@ -688,6 +688,7 @@ async def measure_relayed(calls: int, seconds: float) -> RelayStep:
 
 
 def run_relayed(steps: list[int], seconds: float) -> None:
+    conditions = Conditions()
     results: list[RelayStep] = []
     for calls in steps:
         step = asyncio.run(measure_relayed(calls, seconds))
@@ -717,6 +718,7 @@ def run_relayed(steps: list[int], seconds: float) -> None:
         f"\n| most relayed calls passing | CPU per relayed call | relayed calls one full core could carry |\n"
         f"| ---: | ---: | ---: |\n| {best} | {per_call:.2f}% | {100 / per_call:.0f} |"
     )
+    print(f"\n({conditions})")
 
 
 def main() -> None:
