@@ -65,6 +65,10 @@ async def test_a_peer_relays_call_audio_and_counts_refusals_in_status(tmp_path: 
         assert counters["turn_relayed_packets"] > 100
         assert counters["turn_refused_quota"] == 1
         assert counters["turn_allocations_granted"] == 2
+        # every kind of refusal and drop has its counter in the status, zero or not
+        for kind in ("refused_capacity", "refused_auth", "refused_other", "dropped_unpermitted",
+                     "dropped_bandwidth", "dropped_malformed"):  # fmt: skip
+            assert counters[f"turn_{kind}"] == 0, kind
     finally:
         await peer.close(leave=False)
 

@@ -420,6 +420,7 @@ def test_our_ua_behind_nat_b_calls_baresip_with_ice_behind_nat_a_over_the_relay(
             pytest.fail("baresip is required under CI=true")
         pytest.skip("baresip is not installed")
     ensure_p2(lab)
+    before = relayed_packets(lab)
     proc, log = baresip_with_ice(lab)
     try:
         wait_for(lambda: "200 OK" in log.read_text(errors="replace"), 30, "alice registered",
@@ -439,6 +440,7 @@ def test_our_ua_behind_nat_b_calls_baresip_with_ice_behind_nat_a_over_the_relay(
         assert ours["state"] == "connected", (ours, log.read_text(errors="replace")[-3000:])
         assert ours["heard"] == 1000 and ours["seconds"] >= 3, ours
         assert "relay" in (ours["local_type"], ours["remote_type"]), ours
+        assert relayed_packets(lab) - before > 200  # 3 s of audio each way went through P1's relay
     finally:
         proc.terminate()
         proc.wait(10)
