@@ -132,6 +132,7 @@ from p2psip.run import busy_proxy_gc, until_stopped
 from p2psip.sealedbox import SealedBoxError, public_bytes
 from p2psip.stack import Source, Stack
 from p2psip.streamguard import StreamLimits
+from p2psip.subscription import unreadable_event
 from p2psip.trace import SipTrace, stamp
 from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
 from p2psip.transport import TLSConfig
@@ -619,6 +620,10 @@ class PeerCore(Proxy):
             return
         if transaction is not None and request.method == "REGISTER":
             self.spawn(self.peer.handle_register(request, transaction, source))
+            return
+        if transaction is not None and unreadable_event(request):
+            bad = Response.for_request(request, 400, "Bad Request (unreadable Event header)")
+            self.stack.respond(transaction, bad)
             return
         if transaction is not None and is_presence(request):
             agent = self.peer.presence

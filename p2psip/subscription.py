@@ -39,6 +39,7 @@ __all__ = [
     "SubscriberSubscription",
     "SubscriptionState",
     "check_subscribe",
+    "unreadable_event",
 ]
 
 MAX_EXPIRES_VALUE = 2**32 - 1
@@ -85,6 +86,22 @@ class EventHeader(NamedTuple):
         if self.id is not None:
             params["id"] = self.id
         return self.package + format_params(params)
+
+
+def unreadable_event(request: Request) -> bool:
+    """Whether ``request`` is a SUBSCRIBE or PUBLISH whose ``Event`` header is there but does not parse.
+
+    A peer answers such a request 400 itself rather than judging it "not presence" and proxying it on: no
+    notifier or state compositor can serve it, and forwarded it would reach a user's phone (or, for an AOR
+    nobody registered, come back as a misleading 404). A missing Event is not unreadable: RFC 6665 leaves
+    that to the notifier (our UA answers 400, an agent 489)."""
+    if request.method not in ("SUBSCRIBE", "PUBLISH"):
+        return False
+    try:
+        EventHeader.of(request)
+    except ParseError:
+        return True
+    return False
 
 
 # ------------------------------------------------------------------------ Subscription-State header

@@ -47,6 +47,7 @@ from p2psip.presenceagent import is_presence
 from p2psip.proxy import Proxy, ProxyContext, RoutedTarget
 from p2psip.registrar import Binding, RegisterRejected, ok_response, plan_register
 from p2psip.stack import Source, Stack
+from p2psip.subscription import unreadable_event
 from p2psip.transaction import ClientTransaction, ServerTransaction, State, Transaction
 from p2psip.uri import URI, Address
 
@@ -576,8 +577,11 @@ class ScriptedPeerCore(ScriptingCore, PeerCore):
     def on_request(self, request: Request, transaction: ServerTransaction | None, source: Source) -> None:
         """Presence SUBSCRIBE/PUBLISH and message-summary SUBSCRIBE are the peer's agents' business, not a
         call for the user's ``incoming`` handlers (the article's script would proxy or redirect them like
-        an INVITE); scripts have their say on watchers through ``subscribe`` events."""
-        if request.to.tag is None and (is_presence(request) or is_message_summary(request)):
+        an INVITE); scripts have their say on watchers through ``subscribe`` events. A SUBSCRIBE or PUBLISH
+        whose Event header does not parse is the peer's to answer (400) too."""
+        if unreadable_event(request) or (
+            request.to.tag is None and (is_presence(request) or is_message_summary(request))
+        ):
             PeerCore.on_request(self, request, transaction, source)
             return
         super().on_request(request, transaction, source)

@@ -1,11 +1,12 @@
 """The presence agent in the overlay (p2psip/presenceagent.py) with our UserAgents through 3 peers: the
 AOR's primary home peer serves SUBSCRIBE and PUBLISH for it wherever they enter; the document is composed
 from registrations (registered = open) and PUBLISHed PIDF (entity tags); a NOTIFY goes out on every change
-(PUBLISH, unregister); a watcher registered at another peer is vouched for by that peer's signed
-assertion, one registered nowhere (with a forged assertion) is politely blocked (sees closed);
-when the AOR's primary home moves, the old agent ends its subscriptions with reason=deactivated and a new
-SUBSCRIBE (our UA re-subscribes by itself) reaches the new agent; what devices PUBLISHed is a signed DHT
-entry beside the bindings, which a new agent composes after the old agent's peer stopped."""
+(PUBLISH, unregister); a SUBSCRIBE or PUBLISH whose Event header does not parse gets 400 at the peer; a
+watcher registered at another peer is vouched for by that peer's signed assertion, one registered nowhere
+(with a forged assertion) is politely blocked (sees closed); when the AOR's primary home moves, the old
+agent ends its subscriptions with reason=deactivated and a new SUBSCRIBE (our UA re-subscribes by itself)
+reaches the new agent; what devices PUBLISHed is a signed DHT entry beside the bindings, which a new agent
+composes after the old agent's peer stopped."""
 
 from __future__ import annotations
 
@@ -120,6 +121,14 @@ async def test_agent_serves_composes_notifies_and_blocks(overlay: list[Peer], ma
         "PUBLISH", BOB, headers=[("Event", "presence"), ("SIP-If-Match", "nosuchtag"), ("Expires", "600")]
     )
     assert refused.status == 412
+    # an Event header that does not parse: the peer answers 400 itself, for a SUBSCRIBE (before, proxied:
+    # 404 for an AOR nobody registered) and a PUBLISH (before, proxied to bob's phone), scripts or not
+    for method, target, event in (
+        ("SUBSCRIBE", "sip:nobody@p2p.example", "pres ence"),
+        ("PUBLISH", BOB, 'presence;id="7"'),
+    ):
+        bad = await carol.request(method, target, headers=[("Event", event), ("Expires", "600")])
+        assert bad.status == 400 and "Event" in bad.reason, bad
     # nobody else may publish bob's presence: someone registered nowhere claiming to be bob, and carol as
     # herself, both get 403
     impostor = await make_ua(BOB, overlay[2])

@@ -97,6 +97,17 @@ async def test_article_example_with_transfer_through_three_peers(
             assert await call.wait_ended(20) == "bye received"
             assert (await to_voicemail.bye()).status == 200
 
+            # a SUBSCRIBE whose Event does not parse is the peer's to refuse (400), not a request for jones's
+            # script (sent straight to jones's home peer, where the script runs)
+            stacks.append(await Stack.start(["udp:127.0.0.1:0"]))
+            home_host, home_port = a.sip_address()
+            direct = UserAgent(stacks[-1], "sip:dave@other.org", outbound=f"{home_host}:{home_port}")
+            bad = await direct.request(
+                "SUBSCRIBE", "sip:jones@example.com", headers=[("Event", "pres ence"), ("Expires", "600")]
+            )
+            assert bad.status == 400 and "Event" in bad.reason, bad
+            await direct.close()
+
             # a caller that takes no REFER: 302 to voicemail
             with pytest.raises(CallFailed) as failed:
                 await erin.call(

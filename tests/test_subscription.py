@@ -16,6 +16,7 @@ from p2psip.subscription import (
     SubscriptionState,
     SubState,
     check_subscribe,
+    unreadable_event,
 )
 
 POLICY = SubscribePolicy(frozenset({"presence", "refer"}), min_expires=60, max_expires=3600)
@@ -300,3 +301,13 @@ def test_route_set_from_a_late_2xx_when_the_notify_came_first() -> None:
         "sip:p1.example;lr",
         "sip:p2.example;lr",
     ]
+
+
+def test_unreadable_event_is_only_a_present_bad_event_on_subscribe_or_publish() -> None:
+    assert unreadable_event(subscribe("pres ence")) and unreadable_event(subscribe('presence;id="7"'))
+    assert not unreadable_event(subscribe("presence")) and not unreadable_event(subscribe(None))
+    publish = subscribe("@@")
+    publish.method = "PUBLISH"
+    assert unreadable_event(publish)
+    publish.method = "MESSAGE"
+    assert not unreadable_event(publish)
