@@ -1,12 +1,12 @@
 """The presence agent in the overlay (p2psip/presenceagent.py) with our UserAgents through 3 peers: the
 AOR's primary home peer serves SUBSCRIBE and PUBLISH for it wherever they enter; the document is composed
 from registrations (registered = open) and PUBLISHed PIDF (entity tags); a NOTIFY goes out on every change
-(PUBLISH, unregister); a SUBSCRIBE or PUBLISH whose Event header does not parse gets 400 at the peer; a
-watcher registered at another peer is vouched for by that peer's signed assertion, one registered nowhere
-(with a forged assertion) is politely blocked (sees closed); when the AOR's primary home moves, the old
-agent ends its subscriptions with reason=deactivated and a new SUBSCRIBE (our UA re-subscribes by itself)
-reaches the new agent; what devices PUBLISHed is a signed DHT entry beside the bindings, which a new agent
-composes after the old agent's peer stopped."""
+(PUBLISH, unregister, and the expiry of a publication or a binding); a SUBSCRIBE or PUBLISH whose Event
+header does not parse gets 400 at the peer; a watcher registered at another peer is vouched for by that
+peer's signed assertion, one registered nowhere (with a forged assertion) is politely blocked (sees
+closed); when the AOR's primary home moves, the old agent ends its subscriptions with reason=deactivated
+and a new SUBSCRIBE (our UA re-subscribes by itself) reaches the new agent; what devices PUBLISHed is a
+signed DHT entry beside the bindings, which a new agent composes after the old agent's peer stopped."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import asyncio
 import shutil
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,20 @@ async def test_agent_serves_composes_notifies_and_blocks(overlay: list[Peer], ma
     await bob.unregister()
     basic, doc, _ = await basic_of(sub)
     assert basic == "closed" and doc.tuples[0].contact is None and doc.notes == []
+
+    # expiry, with no request at all: what bob published lapses (its note goes), then his binding (closed)
+    overlay[1].policy = replace(overlay[1].policy, min_expires=1)
+    overlay[1].presence.published.min_expires = 1
+    assert (await bob.register(f"sip:{via(overlay[1])}", expires=4, refresh=False)).status == 200
+    basic, _, _ = await basic_of(sub)
+    assert basic == "open"
+    await publish(pidf.Presence(BOB, [pidf.PresenceTuple("desk", "open")], ["brb"]), expires=1)
+    basic, doc, _ = await basic_of(sub)
+    assert basic == "open" and doc.notes == ["brb"]
+    basic, doc, _ = await basic_of(sub)
+    assert basic == "open" and doc.notes == []  # the publication expired
+    basic, doc, _ = await basic_of(sub)
+    assert basic == "closed" and doc.tuples[0].contact is None  # the binding expired
     await sub.unsubscribe()
     last = await sub.next(10)
     assert last.state.state is SubState.TERMINATED

@@ -1,7 +1,8 @@
 """baresip 1.0 (its `presence` and `contact` modules) with our UserAgent through a 3-peer overlay whose
 presence agents (p2psip/presenceagent.py) serve every SUBSCRIBE and PUBLISH for ``presence``:
-baresip watches our UA and sees it go Offline when it unregisters and Online when it is back; our UA
-watches baresip and sees its `/presence_offline` and `/presence_online` (baresip PUBLISHes them to its
+baresip watches our UA and sees it go Offline when it unregisters and Online when it is back, and sees
+our UA's PUBLISHed "away" (as Offline: baresip 1.0 has no Away label) and "busy" (Busy); our UA watches
+baresip and sees its `/presence_offline` and `/presence_online` (baresip PUBLISHes them to its
 peer, the agent); one baresip watches the other across two peers, and sees it go Offline when it
 unregisters; instant messages both ways, between our
 UA and baresip and between two baresips two peers apart; a call from our UA to one baresip transferred
@@ -166,6 +167,27 @@ async def test_presence_messages_and_transfer_with_baresip(
         await alice.sees(BOB, "Offline")
         host, port = peers[2].sip_address()
         assert (await bob.register(f"sip:{host}:{port}", expires=300, refresh=False)).status == 200
+        await alice.sees(BOB, "Online")
+
+        # our UA PUBLISHes "away" (RPID; baresip 1.0 cannot publish it, and shows a contact whose PIDF
+        # has <rpid:away/> as Offline: it has no Away label), then "busy" (Busy), then withdraws it
+        async def publish(activity: str | None, etag: str | None = None) -> str:
+            headers = [("Event", "presence"), ("Expires", "600" if activity else "0")]
+            if etag is not None:
+                headers.append(("SIP-If-Match", etag))
+            doc = pidf.Presence(BOB, [pidf.PresenceTuple("desk", "open")], [], [activity] if activity else [])
+            response = await bob.request(
+                "PUBLISH", BOB, body=doc.compose() if activity else b"", content_type=pidf.CONTENT_TYPE,
+                headers=headers,
+            )  # fmt: skip
+            assert response.status == 200, response
+            return response.get("SIP-ETag") or ""
+
+        etag = await publish("away")
+        await alice.sees(BOB, "Offline")
+        etag = await publish("busy", etag)
+        await alice.sees(BOB, "Busy")
+        await publish(None, etag)
         await alice.sees(BOB, "Online")
 
         # our UA watches baresip alice (her agent is peer 1): she sets herself offline (a PUBLISH), then
