@@ -86,3 +86,41 @@ def test_readers_apply_the_inbox_rule() -> None:
     by_owner = _entry(bob, DROP_PREFIX + node.public_key + bytes([0]), b"", ms + 100, bob_cert, lifetime=0)
     values, _counts = read(inbox, *drops, by_owner)
     assert b"box0" not in values and b"box1" in values
+
+
+def test_readers_keep_the_newest_valid_version_per_entry_id() -> None:
+    """For an AOR on an engine that stores anything: of each entry id the newest ``seq`` among the validly
+    signed, enrolled versions counts, whatever order the engine returns them in; a tombstone with a higher
+    seq hides the entry; a higher seq signed by a stranger, an expired certificate or a bad signature
+    changes nothing and is counted."""
+    ca, alice, mallory = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    now = time.time()
+    ms = int(now * 1000)
+    cert = enroll_user(ca, AOR, alice.public_key).to_bytes()
+
+    def version(signer: KeyPair, value: bytes, seq: int, cert: bytes, lifetime: int = 3600) -> Entry:
+        return Entry.create(signer, key_for(AOR), b"dev1", value, seq, lifetime, cert)
+
+    old, new = version(alice, b"old", ms, cert), version(alice, b"new", ms + 5, cert)
+    expired = enroll_user(ca, AOR, mallory.public_key, now=now - 3 * 86400, days=1).to_bytes()
+    foreign = enroll_user(KeyPair.generate(), AOR, mallory.public_key).to_bytes()
+    junk = [
+        version(mallory, b"evil", ms + 50, foreign),
+        version(mallory, b"evil", ms + 60, expired),
+        version(mallory, b"evil", ms + 70, b""),
+    ]
+    bad_sig = Entry(new.key, b"dev1", b"evil", ms + 80, 3600, alice.public_key, bytes(64), cert)
+
+    def read(*entries: Entry) -> tuple[list[bytes], dict[str, int]]:
+        counts: dict[str, int] = {}
+        blobs = [encode_entry(e) for e in entries]
+        kept = select_entries(AOR, blobs, ca.public_key, now + 1, counts, cache=VerifiedCache())
+        return [e.value for e in kept], counts
+
+    for order in ((old, new), (new, old)):
+        assert read(*order)[0] == [b"new"]
+    values, counts = read(old, *junk, bad_sig, new)
+    assert values == [b"new"] and counts["values_rejected"] == 4
+    tombstone = version(alice, b"", ms + 10, cert, lifetime=0)
+    assert read(new, tombstone, old)[0] == []
+    assert read(new, tombstone, version(alice, b"again", ms + 20, cert))[0] == [b"again"]
