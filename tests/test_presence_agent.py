@@ -255,6 +255,28 @@ async def test_published_state_outlives_the_agents_peer(overlay: list[Peer], mak
     await sub.unsubscribe()
 
 
+async def test_an_allow_list_in_the_config_blocks_vouched_strangers(tmp_path: Path, make_ua) -> None:  # type: ignore[no-untyped-def]
+    """``[presence_allow]`` in the peers' config: alice is on bob's list and sees him; carol, vouched for
+    by her home peer but not on the list, is politely blocked (closed)."""
+    peers = await start_overlay(
+        2, tmp_path, settle_timeout=30, presence_allow={BOB: ["sip:alice@p2p.example"]}
+    )
+    try:
+        bob = await make_ua(BOB, peers[1])
+        alice = await make_ua("sip:alice@p2p.example", peers[0])
+        carol = await make_ua("sip:carol@p2p.example", peers[0])
+        for ua, peer in ((bob, peers[1]), (alice, peers[0]), (carol, peers[0])):
+            assert (await ua.register(f"sip:{via(peer)}", expires=300, refresh=False)).status == 200
+        for ua, want in ((alice, "open"), (carol, "closed")):
+            sub = await ua.subscribe(BOB, "presence", body_check=lambda r: None)
+            basic, doc, note = await basic_of(sub)
+            assert basic == want and note.state.state is SubState.ACTIVE, (ua.aor, doc)
+            await sub.unsubscribe()
+        assert peers[1].presence.stats["blocked"] == 1
+    finally:
+        await stop_overlay(peers)
+
+
 SUBSCRIBE_SCRIPT = """def watchers(event):
     if event['From'].uri.user == 'alice':
         event.action.accept()

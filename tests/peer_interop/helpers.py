@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from interop.procs import ChildError
 from interop.sipp import SippResult, run_calls
@@ -44,8 +45,11 @@ def baresip_config(sip_listen: str, cons_port: int, *, apps: tuple[str, ...] = (
     )
 
 
-async def start_overlay(count: int, data_root: Path, *, settle_timeout: float = 60.0) -> list[Peer]:
-    """``count`` peers on loopback (UDP SIP, quick overlay maintenance), the ring settled."""
+async def start_overlay(
+    count: int, data_root: Path, *, settle_timeout: float = 60.0, **settings: Any
+) -> list[Peer]:
+    """``count`` peers on loopback (UDP SIP, quick overlay maintenance), the ring settled; ``settings``
+    are more PeerConfig fields on every peer (e.g. ``presence_allow``)."""
     peers: list[Peer] = []
     try:
         for i in range(count):
@@ -58,6 +62,7 @@ async def start_overlay(count: int, data_root: Path, *, settle_timeout: float = 
                 # sipp registers hundreds of AORs from one address: lift the bound on new AORs per source
                 new_aors_per_source=UNLIMITED,
                 new_aors_total=UNLIMITED,
+                **settings,
             )
             peers.append(await Peer.start(config, node_config=quick_node_config()))
         await wait_until_settled(peers, timeout=settle_timeout)
