@@ -73,9 +73,11 @@ print(ok, done)
 """
 
 
-async def measure(count: int, window: int, rounds: int, size: int, idle: float, full_repair: bool) -> None:
+async def measure(
+    count: int, window: int, rounds: int, size: int, idle: float, full_repair: bool, seed: int | None
+) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-register-cpu-"))
-    ours = Ours(workdir / "ours", False, size, full_repair=full_repair)
+    ours = Ours(workdir / "ours", False, size, full_repair=full_repair, seed=seed)
     try:
         await ours.start()
         host, port = ours.peers[0].sip_address()
@@ -136,12 +138,17 @@ def main() -> int:
     parser.add_argument(
         "--full-repair", action="store_true", help="anti-entropy pushes whole ranges (no repair digest)"
     )
+    parser.add_argument(
+        "--seed", type=int, default=1,
+        help="node keys derived from this (the same ring layout every run, for A/B pairs); -1: random keys",
+    )  # fmt: skip
     args = parser.parse_args()
     if min(args.count, args.window, args.rounds, args.size) < 1 or args.idle < 0:
         print("bench/register_cpu.py: --count, --window, --rounds and --size are at least 1, --idle >= 0", file=sys.stderr)
         return 2
     conditions = Conditions()
-    asyncio.run(measure(args.count, args.window, args.rounds, args.size, args.idle, args.full_repair))
+    seed = None if args.seed < 0 else args.seed
+    asyncio.run(measure(args.count, args.window, args.rounds, args.size, args.idle, args.full_repair, seed))
     print(f"\n({conditions})")
     return 0
 

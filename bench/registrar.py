@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import hashlib
 import itertools
 import shutil
 import sys
@@ -42,6 +43,7 @@ from conftest import free_port
 from interop.kamailio import Kamailio, usrloc_header
 from interop.sipp import SippResult, run_calls
 
+from overlay.identity import NODE_KEY_FILE, KeyPair
 from overlay.localring import quick_node_config, wait_until_consistent
 from p2psip.auth import DigestServer
 from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount
@@ -168,11 +170,19 @@ class Ours:
     """``size`` peers in this process, one event loop; sipp sends to the first."""
 
     def __init__(
-        self, workdir: Path, digest: bool, size: int, offline_messages: bool = True, *, full_repair: bool = False
+        self,
+        workdir: Path,
+        digest: bool,
+        size: int,
+        offline_messages: bool = True,
+        *,
+        full_repair: bool = False,
+        seed: int | None = None,
     ) -> None:
         self.workdir, self.digest, self.size = workdir, digest, size
         self.offline_messages = offline_messages
         self.full_repair = full_repair  # the overlay's anti-entropy pushes whole ranges (no repair digest)
+        self.seed = seed  # node keys derived from it: the same ring layout every run (A/B pairs)
         self.peers: list[Peer] = []
 
     async def start(self) -> None:
@@ -191,6 +201,12 @@ class Ours:
                 users=users if i == 0 else {},
                 offline_messages=self.offline_messages,
             )
+            if self.seed is not None:
+                # Which peer is primary or replica of each AOR decides the datagrams a registration costs
+                # (7 to 10 here): a fixed layout makes runs comparable
+                raw = hashlib.sha256(f"bench-node-{self.seed}-{i}".encode()).digest()
+                (self.workdir / f"peer{i}").mkdir(parents=True, exist_ok=True)
+                KeyPair.from_private_bytes(raw).save(self.workdir / f"peer{i}" / NODE_KEY_FILE)
             node_config = quick_node_config(interval=1.0, rpc_timeout=1.0)
             if self.full_repair:
                 node_config = dataclasses.replace(node_config, digest_repair=False)

@@ -1068,13 +1068,17 @@ class Node:
         out["misroutes"] = {short(n): c for n, c in (self.core.misroutes if self.core else {}).items()}
         return out
 
-    async def lookup(self, key: int, *, path: list[Endpoint] | None = None) -> tuple[NodeRef, int]:
+    async def lookup(
+        self, key: int, *, path: list[Endpoint] | None = None, timeout: float | None = None
+    ) -> tuple[NodeRef, int]:
         """The node responsible for ring key ``key`` and the lookup's hop count. With ``path`` (a list),
         the endpoints this node queries for ``key`` while the lookup runs are appended to it in order
         (lookups are iterative: this node asks every hop itself), for the demo and for diagnosis. A client
-        peer has its attach peer look up for it (``relay_lookup``; one hop as far as it can tell)."""
+        peer has its attach peer look up for it (``relay_lookup``; one hop as far as it can tell).
+        TimeoutError after ``timeout`` seconds (at most ``op_timeout``)."""
         if self.attach is not None and not self._closed:
-            reply = await self._relay("relay_lookup", {"key": key})
+            relayed = self._relay("relay_lookup", {"key": key})
+            reply = await (relayed if timeout is None else asyncio.wait_for(relayed, timeout))
             node = reply.body.get("node")
             if not isinstance(node, NodeRef):
                 raise LookupFailedError("the attach peer's lookup answer named no node")
@@ -1088,7 +1092,8 @@ class Node:
             lookup_id = core.start_lookup(key, self._loop.time())
             self._lookups[lookup_id] = fut
             self._drain()
-            timer = self._loop.call_later(self.config.op_timeout, _time_out, fut)
+            wait = self.config.op_timeout if timeout is None else min(timeout, self.config.op_timeout)
+            timer = self._loop.call_later(wait, _time_out, fut)
             try:
                 found = await fut
             finally:
@@ -1191,7 +1196,7 @@ class Node:
             target = at.target
             try:
                 if target is None or (holders and not at.holders):
-                    target = (await asyncio.wait_for(self.lookup(ring_key), remaining))[0]
+                    target = (await self.lookup(ring_key, timeout=remaining))[0]
                     if holders:
                         seen = self._holders_seen.get(ring_key, (target,))
                         found = [target, *(n for n in seen[1:] if n.id != target.id)]

@@ -176,6 +176,9 @@ class Codec:
         self.overlay_name = overlay_name
         self.requests: dict[str, dict[str, str]] = {}
         self.reply_fields: dict[str, str] = {}
+        # per message type: each field's base type and whether it may be absent, and the required fields
+        # (worked out once, not per field of every message: ~10 string tests per reply, issue 19)
+        self._plans: dict[str, tuple[dict[str, tuple[str, bool]], tuple[str, ...]]] = {}
         default_requests, default_replies = overlay_schemas()
         for name, schema in (requests if requests is not None else default_requests).items():
             self.add_request(name, schema)
@@ -190,6 +193,7 @@ class Codec:
             if fname in ENVELOPE_KEYS:
                 raise ValueError(f"field {fname!r} of {name!r} clashes with the envelope")
         self.requests[name] = dict(schema)
+        self._plans.clear()
 
     def add_reply_field(self, name: str, ftype: str) -> None:
         _check_type_name(ftype)
@@ -199,12 +203,13 @@ class Codec:
         if old is not None and old.rstrip("?") != ftype.rstrip("?"):
             raise ValueError(f"reply field {name!r} typed both {old} and {ftype}")
         self.reply_fields[name] = ftype if ftype.endswith("?") else ftype + "?"
+        self._plans.clear()
 
     # --- encoding ---------------------------------------------------------------------------------
 
     def encode(self, msg: Message, *, max_size: int = UDP_MAX) -> bytes:
         """The msgpack bytes of ``msg``; ``WireError`` if it breaks its schema or exceeds ``max_size``."""
-        schema = self._schema_of(msg.type)
+        fields, required = self._plan_of(msg.type)
         out: dict[str, Any] = {
             "v": VERSION,
             "ov": self.overlay_name,
@@ -213,17 +218,18 @@ class Codec:
             "src": _id_out(msg.src),
             "ep": [msg.ep[0], msg.ep[1]],
         }
-        for name, value in msg.body.items():
-            ftype = schema.get(name)
-            if ftype is None:
+        body = msg.body
+        for name, value in body.items():
+            plan = fields.get(name)
+            if plan is None:
                 raise WireError(f"{msg.type}: unknown field {name!r}")
             if value is None:
-                if not ftype.endswith("?"):
+                if not plan[1]:
                     raise WireError(f"{msg.type}: field {name!r} is required")
                 continue
-            out[name] = _to_wire(ftype.rstrip("?"), value)
-        for name, ftype in schema.items():
-            if not ftype.endswith("?") and name not in msg.body:
+            out[name] = _to_wire(plan[0], value)
+        for name in required:
+            if name not in body:
                 raise WireError(f"{msg.type}: missing field {name!r}")
         if not 0 <= msg.id < U64:
             raise WireError("request id out of range")
@@ -304,7 +310,7 @@ class Codec:
         if not isinstance(mtype, str):
             raise WireError("message type missing")
         try:
-            schema = self._schema_of(mtype)
+            fields, required = self._plan_of(mtype)
         except WireError as exc:
             raise _kind("unknown-type", str(exc)) from None
         mid = _from_wire("u64", raw.get("id"), "id")
@@ -314,16 +320,25 @@ class Codec:
         for name, value in raw.items():
             if name in ENVELOPE_KEYS:
                 continue
-            ftype = schema.get(name)
-            if ftype is None:
+            plan = fields.get(name)
+            if plan is None:
                 raise WireError(f"{mtype}: unknown field {name!r}")
-            if value is None and ftype.endswith("?"):
+            if value is None and plan[1]:
                 continue
-            body[name] = _from_wire(ftype.rstrip("?"), value, name)
-        for name, ftype in schema.items():
-            if not ftype.endswith("?") and name not in body:
+            body[name] = _from_wire(plan[0], value, name)
+        for name in required:
+            if name not in body:
                 raise WireError(f"{mtype}: missing field {name!r}")
         return Message(mtype, mid, src, ep, body)
+
+    def _plan_of(self, mtype: str) -> tuple[dict[str, tuple[str, bool]], tuple[str, ...]]:
+        plan = self._plans.get(mtype)
+        if plan is None:
+            schema = self._schema_of(mtype)
+            fields = {name: (ftype.rstrip("?"), ftype.endswith("?")) for name, ftype in schema.items()}
+            plan = (fields, tuple(name for name, (_, optional) in fields.items() if not optional))
+            self._plans[mtype] = plan
+        return plan
 
     def _schema_of(self, mtype: str) -> Mapping[str, str]:
         if mtype == "ok":

@@ -26,6 +26,7 @@ from p2psip.auth import answer_challenge
 from p2psip.config import HostPort, UserAccount
 from p2psip.inbox import load_key
 from p2psip.message import Request, Response, new_tag
+from p2psip.ownership import Claim
 from p2psip.peer import USERS_DIR, Peer, UserKeys, add_account
 from p2psip.ratelimit import Rate
 from p2psip.sealedbox import public_bytes
@@ -258,6 +259,25 @@ def test_user_key_objects_are_bounded_and_come_back_the_same(tmp_path: Path, mon
     assert len(users._keys) == 4
     users.forget(aors[0])
     assert aors[0] not in users.known()
+
+
+async def test_claims_queued_in_one_loop_iteration_commit_in_one_transaction(tmp_path: Path) -> None:
+    """A REGISTER's claim is committed before its 200, but REGISTERs answered together share the commit:
+    the future is done only once another connection can read every claim of the batch."""
+    users, reader = UserKeys(tmp_path / USERS_DIR), UserKeys(tmp_path / USERS_DIR)
+    until = time.time() + 60
+    aors = [f"sip:user{i}@p2p.example" for i in range(5)]
+    done = {users.commit_claim(Claim(aor, flow="udp:127.0.0.1:5060", until=until)) for aor in aors}
+    assert len(done) == 1  # one transaction for the five
+    committed = done.pop()
+    assert not committed.done() and users.claim(aors[3]) is not None  # counts here once queued
+    assert reader.claim(aors[3]) is None  # not on disk yet
+    await asyncio.wait_for(committed, 5)
+    assert [c.aor for c in reader.claims()] == aors and reader.claim(aors[3]).until == until  # type: ignore[union-attr]
+    users.commit_claim(Claim(ALICE, until=until))
+    users.close()  # queued when the peer closes: committed, not lost
+    assert reader.claim(ALICE) is not None
+    reader.close()
 
 
 # --------------------------------------------------------------------------------- scanning, new AORs
