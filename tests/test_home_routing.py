@@ -317,19 +317,25 @@ async def test_a_phones_tcp_or_tls_connection_is_its_flow_and_its_closing_makes_
 
         # the connection ends (a NAT forgets it, the home peer restarts...): the flow fails at the home
         # peer, and the UA registers again over a new connection without waiting for a refresh
-        flow.handle.close()
-        await until(lambda: _registered_again(stack), 5, "the UA did not open a new flow")
-        fresh = await ring[1].fetch_bindings(BOB)
-        assert [b.entry_id for b in fresh] == [binding.entry_id] and home.counters["flows_failed"] == 1
+        old = flow.handle
+        old.close()
+
+        async def registered_again() -> bool:
+            flows = list(home.flows)
+            return (
+                len(flows) == 1
+                and flows[0].handle not in (None, old)
+                and [b.entry_id for b in await ring[1].fetch_bindings(BOB)] == [binding.entry_id]
+            )
+
+        await until(registered_again, 5, "the UA did not register again over a new connection")
+        assert home.counters["flows_failed"] == 1
+        assert stack.transport.stats["connections_opened"] == 2
         again = await alice.call(BOB, ring[2].sip_address(), timeout=10)
         assert again.answered, again.statuses
     finally:
         await ua.close()
         await stack.close()
-
-
-async def _registered_again(stack: Any) -> bool:
-    return bool(stack.transport.stats["connections_opened"] == 2 and stack.transport.connection_count() == 1)
 
 
 def test_the_settings_in_docs_nat_md_load(tmp_path) -> None:  # type: ignore[no-untyped-def]

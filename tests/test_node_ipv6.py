@@ -33,3 +33,27 @@ async def test_three_nodes_on_ipv6_loopback() -> None:
         await nodes[1].put("sip:six@example.net", b"v6" * 1000)  # over TCP too
         assert [e.value for e in await nodes[2].get("sip:six@example.net")] == [b"v6" * 1000]
         assert all(n.stats()["dropped"] == 0 for n in nodes)
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_a_node_bound_to_the_ipv6_wildcard_learns_its_address_and_joins_as_a_full_peer() -> None:
+    """``--overlay [::]:PORT``: the bound address names nothing others can use; the probe's ``seen``
+    (here ::1, as its bootstrap saw it) becomes the advertised endpoint, and another member reaches it."""
+    from overlay.node import Node
+
+    cfg = NodeConfig(
+        chord=ChordConfig(stabilize_interval=0.25, fix_fingers_interval=0.5, check_predecessor_interval=0.5),
+        rpc_timeout=0.5,
+        op_timeout=15.0,
+        join_timeout=15.0,
+    )
+    async with started_ring(2, host="::1", overlay_name="v6", config=cfg) as ring:
+        node = await Node.start(bind=("::", 0), join=ring[0].endpoint, overlay_name="v6", config=cfg)
+        try:
+            assert node.reach is not None and node.reach.mode == "full", node.reach
+            assert node.endpoint[0] == "::1" and node.reach.seen == node.endpoint
+            assert node.reach.probed_by == ring[1].endpoint  # another member, not the bootstrap
+            await node.put("sip:wild@example.net", b"w")
+            assert [e.value for e in await ring[1].get("sip:wild@example.net")] == [b"w"]
+        finally:
+            await node.close()
