@@ -2,8 +2,8 @@
 registered device (also from ``p2psip message``), 404 when nobody is registered, a failure when nobody
 answers (480); offline messages (stored sealed in the DHT under H('inbox:' + AOR) while nobody is
 registered: 202, delivered and removed on the next registration); a blind and an attended transfer of a
-call placed through the overlay, also from ``p2psip call --transfer-to``. (Presence through the
-overlay: tests/test_presence_agent.py.)"""
+call placed through the overlay, also from ``p2psip call --transfer-to``; a SUBSCRIBE forked to two
+devices makes two subscriptions. (Presence through the overlay: tests/test_presence_agent.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,8 @@ from overlay.storage import DROP_PREFIX, INBOX_KEY_ID
 from p2psip.inbox import SENDER_HEADER, UNVERIFIED, inbox_name
 from p2psip.peer import Peer, add_account
 from p2psip.stack import Stack
+from p2psip.subscription import SubscribePolicy, SubState
+from p2psip.uaevents import IncomingSubscription
 from p2psip.useragent import IncomingCall, UserAgent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +85,29 @@ async def test_message_forks_to_every_device(overlay: list[Peer], phones: dict[s
         got = await asyncio.wait_for(phones[device].messages.get(), 10)
         assert got.body == b"lunch?" and got.from_.uri.user == "alice"
     assert (await phones["alice"].message("sip:nobody@p2p.example", "hello?")).status == 404
+
+
+async def test_a_subscribe_forks_to_every_device(overlay: list[Peer], phones: dict[str, UserAgent]) -> None:
+    """RFC 6665 forking through the overlay: a SUBSCRIBE for a package no peer serves itself (RFC 4235
+    ``dialog`` here; ``presence`` and ``message-summary`` go to the AOR's agent instead) is proxied to both
+    of bob's devices, at two peers; the watcher gets one final response but a NOTIFY from each, and holds
+    one subscription per device (its own dialog); unsubscribing ends both."""
+
+    def serve(name: str) -> Callable[[IncomingSubscription], None]:
+        return lambda incoming: incoming.accept(name.encode(), "text/plain")
+
+    for device in ("desk", "mobile"):
+        phones[device].events.policy = SubscribePolicy(frozenset({"dialog"}))
+        phones[device].events.on_subscribe = serve(device)
+    sub = await phones["alice"].subscribe(BOB, "dialog", body_check=lambda r: None)
+    notes = [await sub.next(10) for _ in range(2)]
+    assert {n.body for n in notes} == {b"desk", b"mobile"}
+    assert len({n.request.from_.tag for n in notes}) == 2 and len(sub.active) == 2
+    await sub.unsubscribe()
+    finals = [await sub.next(10) for _ in range(2)]  # each device's final NOTIFY
+    assert {n.request.from_.tag for n in finals} == {n.request.from_.tag for n in notes}
+    assert all(n.state.state is SubState.TERMINATED for n in finals)
+    await asyncio.wait_for(sub.ended.wait(), 10)
 
 
 async def test_message_nobody_answers_gets_480(overlay: list[Peer], phones: dict[str, UserAgent]) -> None:
