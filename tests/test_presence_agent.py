@@ -122,6 +122,14 @@ async def test_agent_serves_composes_notifies_and_blocks(overlay: list[Peer], ma
         "PUBLISH", BOB, headers=[("Event", "presence"), ("SIP-If-Match", "nosuchtag"), ("Expires", "600")]
     )
     assert refused.status == 412
+    # a PIDF the parser refuses (not well-formed; a DOCTYPE with an entity) is 400, and alice's
+    # subscription lives on (she sees the next change below)
+    for junk in (b"<presence", b'<!DOCTYPE p [<!ENTITY x "y">]><presence entity="&x;"/>'):
+        response = await bob.request(
+            "PUBLISH", BOB, body=junk, content_type=pidf.CONTENT_TYPE,
+            headers=[("Event", "presence"), ("Expires", "600")],
+        )  # fmt: skip
+        assert response.status == 400, response
     # an Event header that does not parse: the peer answers 400 itself, for a SUBSCRIBE (before, proxied:
     # 404 for an AOR nobody registered) and a PUBLISH (before, proxied to bob's phone), scripts or not
     for method, target, event in (
