@@ -18,9 +18,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from p2psip.address import is_ip_literal
-from p2psip.errors import SIPStatusError
+from p2psip.errors import ParseError, SIPStatusError
 from p2psip.registrar import Binding
-from p2psip.uri import URI
+from p2psip.uri import URI, Address
+
+SOLE_HOME = "p2p-home"
+"""Route parameter an entry peer puts on the Route to the callee's home peer when every binding of the
+AOR lives there: the home peer then serves the call from the bindings it registered itself, without a
+second DHT lookup (docs/nat.md)."""
+
+IsLocal = Callable[[str, int | None], bool]
+"""``is_local(host, port)``: whether a URI's host and port name this peer (a Path hop that is ours)."""
+
+Branch = tuple[URI, tuple[str, ...] | None, float | None]
+"""One branch of a forked request: the contact, its Route set (None: straight to the contact), its q."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,77 @@ def live_targets(bindings: Iterable[Binding], now: float) -> list[Binding]:
     """The bindings that have not expired, best first (highest q; unspecified q counts as 1.0)."""
     alive = [b for b in bindings if b.alive(now)]
     return sorted(alive, key=lambda b: -(b.q if b.q is not None else 1.0))
+
+
+def by_preference(bindings: Iterable[Binding]) -> list[Binding]:
+    """The bindings in the order every peer forks them: highest q first, then by entry id, so that every
+    peer picks the same binding as the best one (and so the same home peer, :func:`primary_home`)."""
+    return sorted(bindings, key=lambda b: (-(b.q if b.q is not None else 1.0), b.entry_id))
+
+
+def primary_home(ordered: Iterable[Binding], is_local: IsLocal) -> str | None:
+    """Home-peer routing (RFC 3327 Path, docs/nat.md): the Route to the home peer (the first Path hop) of
+    the best binding with a Path, when this peer is not itself the home peer of any binding; None when it
+    is (it forks from here), or when no binding has a Path. The Route carries :data:`SOLE_HOME` when every
+    binding lives at that one home peer."""
+    first: URI | None = None
+    sole = True
+    for b in ordered:
+        if not b.path:
+            sole = False
+            continue
+        try:
+            uri = Address(b.path[0]).uri
+        except ParseError:
+            sole = False
+            continue
+        if is_local(uri.host, uri.port):
+            return None
+        if first is None:
+            first = uri
+        elif (uri.host, uri.port) != (first.host, first.port):
+            sole = False
+    if first is None:
+        return None
+    hop = URI.build(scheme=first.scheme, host=first.host, port=first.port, params={"lr": None})
+    if first.transport:
+        hop.params["transport"] = first.transport
+    if sole:
+        # every binding lives there: that peer need not look the AOR up again (its own records do)
+        hop.params[SOLE_HOME] = None
+    return f"<{hop}>"
+
+
+def only_over_its_path(binding: Binding, contact: URI) -> bool:
+    """Whether a binding is reached only through its Path: its first hop names a flow of its home peer
+    (``<sip:TOKEN@peer;lr>``, a NATed phone's, a client peer's), or its Contact is a WebSocket client's
+    (RFC 7118: only its own connection reaches it, and that is on the peer its Path names)."""
+    if (contact.transport or "").lower() in ("ws", "wss"):
+        return True
+    if not binding.path:
+        return False
+    try:
+        return Address(binding.path[0]).uri.user is not None
+    except ParseError:
+        return False
+
+
+def branches(ordered: Iterable[Binding], *, home_routing: bool = True) -> list[Branch]:
+    """The branches a home peer (or, with home routing off, the entry peer) forks to: each binding's own
+    Path is its branch's Route set (RFC 3327), so every fork takes its own home peer and flow. With home
+    routing off a branch goes straight to its contact, except one reached only over its Path
+    (:func:`only_over_its_path`). Contacts that do not parse are skipped."""
+    out: list[Branch] = []
+    for b in ordered:
+        try:
+            uri = URI(b.contact)
+        except ParseError:
+            continue
+        if b.path and (home_routing or only_over_its_path(b, uri)):
+            out.append((uri, b.path, b.q))
+        else:
+            out.append((uri, None, b.q))
+    return out
 
 
 class LocationCache:

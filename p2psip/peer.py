@@ -99,13 +99,17 @@ from p2psip.inbox import (
     write_key,
 )
 from p2psip.location import (
+    SOLE_HOME,
     ForwardAsAddressed,
     HomeTable,
     LocationCache,
     OverlayLookup,
     StaticRoute,
+    branches,
+    by_preference,
     decide,
     live_targets,
+    primary_home,
 )
 from p2psip.mailbox import Forbidden, MailboxPolicy, NoMailbox, Retarget, is_message_summary
 from p2psip.message import Request, Response
@@ -186,10 +190,6 @@ MAX_DELAYED_AUTH = 256
 
 Targets = list[URI | Address | RoutedTarget]
 
-SOLE_HOME = "p2p-home"
-"""Route parameter an entry peer puts on the Route to the callee's home peer when every binding of the
-AOR lives there: the home peer then serves the call from the bindings it registered itself, without a
-second DHT lookup (docs/nat.md)."""
 """What :meth:`Peer.locate` returns: contacts, or contacts with their own Route sets (Path)."""
 #: an INVITE gets ``100 Trying`` from a peer only when nothing (a 180 from the callee, an error) went back
 #: within this time (RFC 3261 17.2.1's 200 ms allowance), as ``p2psip proxy`` does: a callee that rings
@@ -2293,7 +2293,7 @@ class Peer:
             raise SIPStatusError(404, detail=f"nobody is registered as {aor}")
         targets: Targets = []
         home_routing = self.config.home_routing
-        ordered = sorted(bindings, key=lambda b: (-(b.q if b.q is not None else 1.0), b.entry_id))
+        ordered = by_preference(bindings)
         if home_routing:
             home = self._primary_home(ordered)
             if home is not None:
@@ -2304,20 +2304,13 @@ class Peer:
                 if self.on_event is not None:  # formatted only for a listener (this runs for every call)
                     self._event("routed", f"{request.method} {aor} -> its home peer {home}")
                 return [RoutedTarget(request.uri, (home,))]
-        for b in ordered:
-            try:
-                uri = URI(b.contact)
-            except ParseError:
-                continue
-            if b.path and (home_routing or _only_over_its_path(b, uri)):
-                # RFC 3327: this binding's Path is this branch's Route set (each fork its own). With home
-                # routing off, still for a phone its home peer reaches only over a flow (behind a NAT, a
-                # client peer's, a browser's WebSocket): its Contact as written leads nowhere.
-                targets.append(RoutedTarget(uri, b.path, b.q))
+        for uri, route, q in branches(ordered, home_routing=home_routing):
+            if route is not None:
+                targets.append(RoutedTarget(uri, route, q))
                 continue
             target = Address.build(uri)
-            if b.q is not None:
-                target.params["q"] = f"{b.q:g}"
+            if q is not None:
+                target.params["q"] = f"{q:g}"
             targets.append(target)
         self.counters["routed"] += 1
         if self.on_event is not None:
@@ -2336,39 +2329,11 @@ class Peer:
         cached = self._homes.get(key, "")
         if cached != "":
             return cached
-        home = self._find_primary_home(ordered)
+        home = primary_home(ordered, self.stack.is_local)
         if len(self._homes) >= 1024:
             self._homes.clear()
         self._homes[key] = home
         return home
-
-    def _find_primary_home(self, ordered: list[Binding]) -> str | None:
-        first: URI | None = None
-        sole = True
-        for b in ordered:
-            if not b.path:
-                sole = False
-                continue
-            try:
-                uri = Address(b.path[0]).uri
-            except ParseError:
-                sole = False
-                continue
-            if self.stack.is_local(uri.host, uri.port):
-                return None
-            if first is None:
-                first = uri
-            elif (uri.host, uri.port) != (first.host, first.port):
-                sole = False
-        if first is None:
-            return None
-        hop = URI.build(scheme=first.scheme, host=first.host, port=first.port, params={"lr": None})
-        if first.transport:
-            hop.params["transport"] = first.transport
-        if sole:
-            # every binding lives there: that peer need not look the AOR up again (its own records do)
-            hop.params[SOLE_HOME] = None
-        return f"<{hop}>"
 
     async def vouches_here(self, request: Request, source: Source) -> bool:
         """Whether this peer vouches for a request's From: it came from a device registered here for that
@@ -2696,18 +2661,6 @@ async def _joining(
         waited += JOIN_PROGRESS_EVERY
         if on_event is not None:
             on_event("joining", f"no answer from {shown} yet after {waited:.0f} s; still trying")
-
-
-def _only_over_its_path(binding: Binding, contact: URI) -> bool:
-    """Whether a binding is reached only through its Path: its first hop names a flow of its home peer
-    (``<sip:TOKEN@peer;lr>``, :meth:`Peer.path_entry`), or its Contact is a WebSocket client's (RFC 7118:
-    only its own connection reaches it, and that is on the peer its Path names)."""
-    if (contact.transport or "").lower() in ("ws", "wss"):
-        return True
-    try:
-        return Address(binding.path[0]).uri.user is not None
-    except ParseError:
-        return False
 
 
 def _request_key(request: Request) -> tuple[int, str]:
