@@ -19,6 +19,13 @@ for _path in (ROOT / "bench", ROOT / "tests", ROOT):
     if str(_path) in sys.path:
         sys.path.remove(str(_path))
     sys.path.insert(0, str(_path))
+sys.path.insert(0, str(ROOT / "tools"))
+from build_compiled import use_if_asked  # noqa: E402
+
+COMPILED = use_if_asked()
+"""``--compiled`` among a bench's arguments: this process (its peers) runs the mypyc build of
+tools/build_compiled.py (built first if needed); the bench must accept the switch."""
+sys.path.remove(str(ROOT / "tools"))
 
 
 def own_cpu() -> float:

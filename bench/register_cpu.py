@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import own_cpu  # first: it puts this checkout on sys.path
+from harness import COMPILED, own_cpu  # first: it puts this checkout on sys.path
 
 # isort: split
 from conditions import Conditions
@@ -112,7 +112,10 @@ async def measure(
                 f"| {msgs / max(ok, 1):.1f} | {ok / took:.0f}/s |",
                 flush=True,
             )
-        print(f"\nminimum CPU per registration: {min(best):.2f} ms ({size} peers in one process, window {window})")
+        print(
+            f"\nminimum CPU per registration: {min(best):.2f} ms ({size} peers in one process, window {window}, "
+            f"p2psip {'compiled build' if COMPILED else 'pure Python'})"
+        )
         if idle > 0:
             stored = sum(len(p.node.store) for p in ours.peers)
             m0, c0, t0 = ours.messages_out(), own_cpu(), time.monotonic()
@@ -142,6 +145,9 @@ def main() -> int:
         "--seed", type=int, default=1,
         help="node keys derived from this (the same ring layout every run, for A/B pairs); -1: random keys",
     )  # fmt: skip
+    parser.add_argument(
+        "--compiled", action="store_true", help="the peers run the compiled build (tools/build_compiled.py)"
+    )
     args = parser.parse_args()
     if min(args.count, args.window, args.rounds, args.size) < 1 or args.idle < 0:
         print("bench/register_cpu.py: --count, --window, --rounds and --size are at least 1, --idle >= 0", file=sys.stderr)

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import missing_tool, own_cpu  # first: it puts this checkout on sys.path
+from harness import COMPILED, missing_tool, own_cpu  # first: it puts this checkout on sys.path
 
 # isort: split
 from conditions import Conditions
@@ -350,6 +350,9 @@ def main() -> int:
         help="our peers' offline-message inboxes (on by default: each new AOR also publishes its inbox key)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--compiled", action="store_true", help="our peers run the compiled build (tools/build_compiled.py)"
+    )
     args = parser.parse_args()
     if args.duration <= 0 or args.repeat < 1 or args.size < 1 or args.children < 1:
         print("bench/registrar.py: --duration > 0, --repeat, --size and --children >= 1", file=sys.stderr)
@@ -404,7 +407,8 @@ def main() -> int:
                 f"| {row.system} | {row.max_rate or 'below ladder'} | {ratio} | {fmt_range(cpu, '.3f')} | {fmt_range(msgs, '.1f')} |"
             )
     print(
-        f"\n({conditions}; {args.duration:g} s steps, {args.repeat} repeats; target: ours >= 0.25x Kamailio)"
+        f"\n({conditions}; {args.duration:g} s steps, {args.repeat} repeats; "
+        f"p2psip {'compiled build' if COMPILED else 'pure Python'}; target: ours >= 0.25x Kamailio)"
     )
     return 0
 

@@ -287,12 +287,13 @@ class UserKeys:
             self._keys.popitem(last=False)
         return key
 
-    def exists(self, aor: str, claim: Claim | None = None) -> bool:
-        """Whether this peer already holds ``aor`` (its key is in use here, it has a claim or a key file).
-        ``claim``: the claim of ``aor`` the caller has just read (saves reading it again)."""
-        if aor in self._in_use or claim is not None:
-            return True
-        return self.claim(aor) is not None or self.path_for(aor).exists()
+    def exists(self, aor: str) -> bool:
+        """Whether this peer already holds ``aor`` (its key is in use here, it has a claim or a key file)."""
+        return aor in self._in_use or self.holds(aor, self.claim(aor))
+
+    def holds(self, aor: str, claim: Claim | None) -> bool:
+        """:meth:`exists`, given the claim of ``aor`` the caller has just read."""
+        return aor in self._in_use or claim is not None or self.path_for(aor).exists()
 
     def export(self, aor: str, *, inbox: bool = True) -> Path:
         """Write ``aor``'s user key (with ``inbox`` its inbox key too) as files, to copy to another peer;
@@ -1479,7 +1480,7 @@ class Peer:
                 self._event("refused", f"REGISTER {aor} refused: this peer holds no user certificate")
                 return Response.for_request(request, 403, "Forbidden (no enrollment for this AOR here)")
             self.directory.add_certificate(cert)
-        if not query and not self.users.exists(aor, stored_claim) and not self._may_create(source.host):
+        if not query and not self.users.holds(aor, stored_claim) and not self._may_create(source.host):
             self.counters["new_aors_refused"] += 1
             response = Response.for_request(request, 503, "Service Unavailable (too many new addresses)")
             response.add("Retry-After", "60")
