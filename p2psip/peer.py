@@ -1512,13 +1512,14 @@ class Peer:
                 return ok_response(request, plan if owner else RegisterPlan(aor), now, instances)
             key = self.users.get(aor)
             try:
-                await asyncio.gather(
-                    *(
-                        here.put(w.value, entry_id=w.entry_id, lifetime=w.lifetime, key=key)
-                        for w in plan.writes
-                    ),
-                    *(here.remove(entry_id=r.entry_id, key=key) for r in plan.removes),
-                )
+                changes = [
+                    here.put(w.value, entry_id=w.entry_id, lifetime=w.lifetime, key=key) for w in plan.writes
+                ]
+                changes += [here.remove(entry_id=r.entry_id, key=key) for r in plan.removes]
+                if len(changes) == 1:
+                    await changes[0]  # the usual REGISTER: one write, awaited here (gather makes a task)
+                else:
+                    await asyncio.gather(*changes)
             except StoreRefused as exc:
                 self.cache.forget(aor)
                 if exc.reason == "policy" and self.config.policy == "enrolled":
