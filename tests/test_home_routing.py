@@ -108,6 +108,49 @@ async def test_forking_gives_each_branch_its_own_home_peer(make_peer: PeerFactor
         mobile.close()
 
 
+async def test_the_callees_script_runs_once_on_its_primary_home_and_its_proxy_reaches_every_home_peer(
+    make_peer: PeerFactory, phones: Phones, tmp_path: Path
+) -> None:
+    """bob's devices registered at two peers; every peer has bob's script. A call entering at the third
+    runs it once, on the home peer of bob's best binding, and its ``proxy()`` forks to both devices: the one
+    registered there over that peer's flow, the other through its own home peer (its Path), not through a
+    fresh lookup that would lead back."""
+    from sipapi.scripts import install
+
+    ring = await three(make_peer)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "bob@p2p.example.py").write_text(
+        "def incoming(event):\n    event.action.proxy(timeout=10)\n\n"
+        "basic.addEventListener('incoming', incoming)\n"
+    )
+    scripting = [install(peer, scripts=scripts, deadline=3.0, workers=1) for peer in ring]
+
+    async def started() -> bool:  # each worker's "ready" is in (an interpreter takes longer than Timer C)
+        return all(w.ready or not w.messages.empty() for s in scripting for w in s.pool._all)
+
+    await until(started, 30, "the script workers did not start")
+    desk, mobile = await natted("bob", answer="ring"), await natted("bob")
+    try:
+        assert (await desk.register(ring[0].sip_address())).status == 200
+        target = ring[1].users.path_for(BOB)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ring[0].users.export(BOB), target)
+        assert (await mobile.register(ring[1].sip_address())).status == 200
+        alice = await phones("alice")
+        result = await alice.call(BOB, ring[2].sip_address(), timeout=15)
+        assert result.answered, result.statuses
+        for phone in (desk, mobile):
+            assert len((await asyncio.wait_for(phone.invites.get(), 5)).get_all("Via")) >= 3
+        scripted = [s.stats["scripted"] for s in scripting]
+        assert sum(scripted) == 1 and scripted[2] == 0, scripted  # once, on a home peer, not at the entry
+    finally:
+        desk.close()
+        mobile.close()
+        for s in scripting:
+            await s.close()
+
+
 async def test_a_dead_flow_answers_430_and_its_binding_goes(make_peer: PeerFactory, phones: Phones) -> None:
     ring = await three(make_peer)
     bob = await natted("bob")
