@@ -86,16 +86,21 @@ async def test_call_entering_at_any_peer_reaches_a_natted_phone_over_its_home_pe
         bob.close()
 
 
+async def bob_at_two_homes(ring: list[Peer], desk: Phone, mobile: Phone) -> None:
+    """bob's desk phone registers at ring[0], his mobile at ring[1]: two home peers, one AOR (ring[1]
+    serves bob with bob's user key, copied as docs/index.md says)."""
+    assert (await desk.register(ring[0].sip_address())).status == 200
+    target = ring[1].users.path_for(BOB)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ring[0].users.export(BOB), target)
+    assert (await mobile.register(ring[1].sip_address())).status == 200
+
+
 async def test_forking_gives_each_branch_its_own_home_peer(make_peer: PeerFactory, phones: Phones) -> None:
     ring = await three(make_peer)
     desk, mobile = await natted("bob", answer="ring"), await natted("bob")
     try:
-        assert (await desk.register(ring[0].sip_address())).status == 200
-        # the second device's peer serves bob with bob's user key (copied, as docs/index.md says)
-        target = ring[1].users.path_for(BOB)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ring[0].users.export(BOB), target)
-        assert (await mobile.register(ring[1].sip_address())).status == 200
+        await bob_at_two_homes(ring, desk, mobile)
         alice = await phones("alice")
         result = await alice.call(BOB, ring[2].sip_address(), timeout=10)
         assert result.answered, result.statuses
@@ -132,11 +137,7 @@ async def test_the_callees_script_runs_once_on_its_primary_home_and_its_proxy_re
     await until(started, 30, "the script workers did not start")
     desk, mobile = await natted("bob", answer="ring"), await natted("bob")
     try:
-        assert (await desk.register(ring[0].sip_address())).status == 200
-        target = ring[1].users.path_for(BOB)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ring[0].users.export(BOB), target)
-        assert (await mobile.register(ring[1].sip_address())).status == 200
+        await bob_at_two_homes(ring, desk, mobile)
         alice = await phones("alice")
         result = await alice.call(BOB, ring[2].sip_address(), timeout=15)
         assert result.answered, result.statuses
