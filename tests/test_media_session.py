@@ -352,7 +352,7 @@ async def test_one_epoll_set_reads_every_session_and_a_failing_reader_spoils_non
     broken.bind(("127.0.0.1", 0))
     broken.setblocking(False)
 
-    def explode() -> None:
+    def explode(now: float) -> None:
         broken.recv(2048)
         raise RuntimeError("a broken reader")
 

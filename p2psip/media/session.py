@@ -523,19 +523,20 @@ class MediaSession:
             self._send_dropped += 1
 
     # ---------------------------------------------------------------- receiving
-    def _on_rtp_readable(self) -> None:
+    def _on_rtp_readable(self, now: float) -> None:
+        """``now``: the loop's clock when the epoll set was polled (one reading for the burst it named)."""
         sock = self._rtp_sock
         if sock is None:
             return
         connected = self._connected
         try:
             if connected is not None:  # the kernel passes only the peer's datagrams: no address to read
-                self._on_datagram(sock.recv(_MAX_DATAGRAM), connected)
+                self._on_datagram(sock.recv(_MAX_DATAGRAM), connected, now)
                 return
             data, addr = sock.recvfrom(_MAX_DATAGRAM)
         except OSError:  # EAGAIN, or ICMP port unreachable from an earlier send (peer not up yet): not fatal
             return
-        self._on_datagram(data, (addr[0], addr[1]) if self._v6 else addr)
+        self._on_datagram(data, (addr[0], addr[1]) if self._v6 else addr, now)
 
     def _connect(self, remote: Address) -> None:
         """Connect the RTP socket to the latched peer: ``send`` instead of ``sendto`` (no address to convert,
@@ -566,7 +567,7 @@ class MediaSession:
         if self._connected is not None and now - self._remote_last_seen > self.RELATCH_AFTER:
             self._unconnect()
 
-    def _on_rtcp_readable(self) -> None:
+    def _on_rtcp_readable(self, now: float) -> None:
         sock = self._rtcp_sock
         if sock is None:
             return
@@ -574,11 +575,15 @@ class MediaSession:
             data, addr = sock.recvfrom(_MAX_DATAGRAM)
         except OSError:
             return
-        self._on_rtcp_datagram(data, (addr[0], addr[1]) if self._v6 else addr)
+        self._on_rtcp_datagram(data, (addr[0], addr[1]) if self._v6 else addr, now)
 
-    def _on_datagram(self, data: bytes, addr: Address) -> None:
+    def _on_datagram(self, data: bytes, addr: Address, now: float = -1.0) -> None:
+        """One RTP (or, with rtcp-mux, RTCP) datagram; ``now`` the loop's clock at its arrival (read here when
+        not given: an ICE path feeds datagrams without it)."""
+        if now < 0:
+            now = self._loop.time()
         if self.rtcp_mux and is_rtcp(data):
-            self._on_rtcp_datagram(data, addr)
+            self._on_rtcp_datagram(data, addr, now)
             return
         if len(data) >= 12 and data[0] == 0x80:  # the common case: no CSRC, extension or padding
             second, sequence, timestamp, ssrc = _FAST_HEADER.unpack_from(data)
@@ -591,7 +596,6 @@ class MediaSession:
                 and addr == self.remote
                 and reception is not None
             ):  # audio from the source already followed, where we send: the path of nearly every packet
-                now = self._loop.time()
                 self._remote_last_seen = now
                 self._packets_received += 1
                 self._octets_received += len(payload)
@@ -618,7 +622,6 @@ class MediaSession:
         if not audio and not dtmf and payload_type != 13:  # 13: comfort noise, played as silence
             self._rejected += 1
             return
-        now = self._loop.time()
         if ssrc != self._remote_ssrc:
             if self._remote_ssrc is not None and now - self._remote_last_seen < 0.5:
                 self._rejected += 1  # a second source while the first is alive: not ours
@@ -656,13 +659,12 @@ class MediaSession:
                 waiter.set_result(self._dtmf_receiver.digits)
         self._digit_waiters = [(w, n) for w, n in self._digit_waiters if not w.done()]
 
-    def _on_rtcp_datagram(self, data: bytes, addr: Address) -> None:
+    def _on_rtcp_datagram(self, data: bytes, addr: Address, now: float) -> None:
         try:
             packets = parse_compound(data)
         except ParseError:
             self._rejected += 1
             return
-        now = self._loop.time()
         if self.symmetric:
             self.remote_rtcp = addr
             self._rtcp_latched = True
@@ -904,13 +906,14 @@ class _Poller:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.epoll = select.epoll()
-        self.handlers: dict[int, Callable[[], None]] = {}
+        self.handlers: dict[int, Callable[[float], None]] = {}
         loop.add_reader(self.epoll.fileno(), self._ready)
 
     @classmethod
-    def watch(cls, loop: asyncio.AbstractEventLoop, fd: int, handler: Callable[[], None]) -> None:
+    def watch(cls, loop: asyncio.AbstractEventLoop, fd: int, handler: Callable[[float], None]) -> None:
+        """Call ``handler(now)`` when ``fd`` is readable (``now``: the loop's clock when it was found so)."""
         if not hasattr(select, "epoll"):
-            loop.add_reader(fd, handler)
+            loop.add_reader(fd, lambda: handler(loop.time()))
             return
         poller = cls._running.get(id(loop))
         if poller is None or poller.loop is not loop:
@@ -942,16 +945,18 @@ class _Poller:
         packets one after another), and each extra round saves a pass of the event loop."""
         handlers = self.handlers
         poll = self.epoll.poll
+        clock = self.loop.time
         for _ in range(self.MAX_ROUNDS):
             events = poll(0, self.MAX_EVENTS)
             if not events:
                 return
+            now = clock()  # one reading for the burst: every datagram it names arrived before this poll
             for fd, _ in events:
                 handler = handlers.get(fd)
                 if handler is None:
                     continue
                 try:
-                    handler()
+                    handler(now)
                 except Exception as error:  # one session's fault must not starve the others of their packets
                     self.loop.call_exception_handler(
                         {"message": "media socket handler failed", "exception": error, "handle": handler}
