@@ -69,6 +69,8 @@ class PlacedCall(MediaCall, Protocol):
 
     def cancel(self) -> None: ...
 
+    def give_up(self) -> None: ...
+
 
 class OfferedCall(MediaCall, Protocol):
     request: Request
@@ -198,8 +200,8 @@ async def call_with_media(
         call.media = media  # from here on, the end of the call closes the media
         try:
             response = await call.answered(timeout)
-        except TimeoutError:
-            call.cancel()
+        except (TimeoutError, asyncio.CancelledError):
+            call.give_up()
             raise
         try:
             params = media.accept_answer(response.body)

@@ -230,6 +230,15 @@ class OutgoingCall(Call):
         if tx is not None and isinstance(tx, InviteClientTransaction):
             self.ua.stack.cancel(tx)
 
+    def give_up(self) -> None:
+        """The caller stopped waiting for the answer (its timeout ran out, or its task was cancelled, e.g.
+        by ``asyncio.wait_for``): CANCEL the INVITE while it is pending, so the far end stops ringing; a
+        2xx that arrived in the same instant makes a call nobody holds any more, so it is hung up."""
+        if self.state == "confirmed":
+            self.ua._tasks.spawn(self.bye())
+        else:
+            self.cancel()
+
 
 class IncomingCall(Call):
     """A call offered to us: ``ring()``, then ``accept(body)`` or ``reject(code)``."""
@@ -710,8 +719,8 @@ class UserAgent:
         )
         try:
             await call.answered(timeout)
-        except TimeoutError:
-            call.cancel()
+        except (TimeoutError, asyncio.CancelledError):
+            call.give_up()
             raise
         return call
 

@@ -16,7 +16,13 @@ from p2psip.stack import Source, Stack
 from p2psip.timers import TimerConfig
 from p2psip.transaction import ClientTransaction, ServerTransaction, Transaction
 from p2psip.transport import TLSConfig
-from p2psip.useragent import RETRY_AFTER_MAX, CallFailed, IncomingCall, UserAgent, register_retry_delay
+from p2psip.useragent import (
+    RETRY_AFTER_MAX,
+    CallFailed,
+    IncomingCall,
+    UserAgent,
+    register_retry_delay,
+)
 
 SDP = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 
@@ -101,6 +107,28 @@ async def test_cancel_before_answer(pair: tuple[UserAgent, UserAgent]) -> None:
         await call.answered(20)
     assert failed.value.status == 487
     assert await incoming.wait_ended(10) == "cancelled"
+
+
+@pytest.mark.parametrize("audio", [False, True], ids=["plain", "with-audio"])
+async def test_a_call_whose_task_is_cancelled_while_ringing_sends_cancel(
+    pair: tuple[UserAgent, UserAgent], audio: bool
+) -> None:
+    """``asyncio.wait_for(ua.call(...), t)`` or cancelling the task must not leave the far end ringing:
+    the INVITE is CANCELled (the callee sees its call end as cancelled) and the 487 is ACKed."""
+    alice, bob = pair
+    bob.on_call = lambda call: call.ring()
+    options = {"media_options": {"ice": None}} if audio else {}
+    task = asyncio.ensure_future(alice.call(uri_of(bob.stack, "bob", "udp"), **options))
+    incoming = await asyncio.wait_for(bob.incoming.get(), 10)
+    (placing,) = alice._placing  # the INVITE reached bob, so alice is placing it
+    await asyncio.wait_for(placing.early.wait(), 10)  # ringing at alice: a CANCEL may go at once
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await incoming.wait_ended(10) == "cancelled"
+    with pytest.raises(CallFailed) as failed:
+        await placing.answered(10)
+    assert failed.value.status == 487
 
 
 async def test_message_and_options(pair: tuple[UserAgent, UserAgent]) -> None:
