@@ -29,6 +29,7 @@ The file format (all keys optional)::
     nat_ping = 20.0            # seconds between NAT pings (OPTIONS) to phones without RFC 5626 outbound
     turn = "127.0.0.1:3478"    # run a TURN server (RFC 8656) there for call audio relays (off by default)
     turn_per_user = 4          # TURN allocations one user (credential) may hold at once (beyond: 486)
+    turn_per_source = 4        # ... and one client IP address (an office behind one NAT may want more)
     turn_max_allocations = 200 # TURN allocations in all (beyond: 508)
     server_header = "p2psip/0.1.0"   # Server header of the peer's own responses; "" sends none
     new_aors_per_source = "30/min:30"  # AORs one source may register for the first time (rate:burst)
@@ -153,6 +154,9 @@ class PeerConfig:
     turn: HostPort | None = None
     """UDP address of this peer's TURN server (p2psip.turn: relayed candidates for call audio); None: off."""
     turn_per_user: int = 4
+    turn_per_source: int = 4
+    """TURN allocations one client IP address may hold at once (beyond: 486): phones behind one NAT share
+    it, so an office wants more than a home."""
     turn_max_allocations: int = 200
     users: dict[str, UserAccount] = field(default_factory=dict)
     tls_cert: Path | None = None
@@ -282,6 +286,7 @@ _FILE_KEYS = frozenset(
         "nat_ping",
         "turn",
         "turn_per_user",
+        "turn_per_source",
         "turn_max_allocations",
         "users",
         "tls_cert",
@@ -379,7 +384,7 @@ def _apply(config: PeerConfig, settings: Mapping[str, Any], base_dir: Path | Non
             config.http_token = token
         elif key == "turn":
             config.turn = parse_hostport(_typed(value, str, key, "a HOST:PORT string"), key)
-        elif key in ("turn_per_user", "turn_max_allocations"):
+        elif key in ("turn_per_user", "turn_per_source", "turn_max_allocations"):
             number = _typed(value, int, key, "a whole number")
             if not 1 <= number <= 100_000:
                 raise ConfigError(f"config: {key} = {number} is out of range (1-100000)")

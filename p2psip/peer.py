@@ -1186,7 +1186,11 @@ class Peer:
         config = self.config
         assert config.turn is not None
         secret = flow_secret(data_dir, TURN_SECRET) or secrets.token_bytes(32)
-        limits = TurnLimits(max_allocations=config.turn_max_allocations, per_user=config.turn_per_user)
+        limits = TurnLimits(
+            max_allocations=config.turn_max_allocations,
+            per_user=config.turn_per_user,
+            per_source=config.turn_per_source,
+        )
         turn = TurnServer(secret, config.turn.host, config.turn.port, realm=config.realm, limits=limits)
         try:
             await turn.start()

@@ -73,12 +73,36 @@ async def test_a_peer_relays_call_audio_and_counts_refusals_in_status(tmp_path: 
         await peer.close(leave=False)
 
 
+async def test_the_per_source_bound_comes_from_the_config(tmp_path: Path) -> None:
+    """``turn_per_source``: two users behind one address (here 127.0.0.1) share its allocations."""
+    config = PeerConfig(
+        listen=[ListenSpec("udp", "127.0.0.1", 0)],
+        overlay=HostPort("127.0.0.1", 0),
+        data_dir=tmp_path / "p1",
+        turn=HostPort("127.0.0.1", 0),
+        turn_per_source=1,
+    )
+    peer = await Peer.start(config, node_config=quick_node_config())
+    try:
+        first = await CallMedia.open("127.0.0.1", ice=settings(peer, "ua"))
+        try:
+            with pytest.raises(ConnectionError, match="TURN server refused"):
+                await CallMedia.open("127.0.0.1", ice=settings(peer, "alice"))  # another user, same source
+            assert peer.turn is not None and peer.turn.core.counters["refused_quota"] == 1
+        finally:
+            await first.close()
+    finally:
+        await peer.close(leave=False)
+
+
 def test_turn_settings_in_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "peer.toml"
-    path.write_text('turn = "127.0.0.1:3478"\nturn_per_user = 2\nturn_max_allocations = 50\n')
+    path.write_text(
+        'turn = "127.0.0.1:3478"\nturn_per_user = 2\nturn_per_source = 9\nturn_max_allocations = 50\n'
+    )
     config = load_config(path, {})
     assert config.turn == HostPort("127.0.0.1", 3478)
-    assert (config.turn_per_user, config.turn_max_allocations) == (2, 50)
+    assert (config.turn_per_user, config.turn_per_source, config.turn_max_allocations) == (2, 9, 50)
     path.write_text("turn_per_user = 0\n")
     with pytest.raises(ConfigError, match="turn_per_user = 0 is out of range"):
         load_config(path, {})
