@@ -20,11 +20,13 @@ for _path in (ROOT / "bench", ROOT / "tests", ROOT):
         sys.path.remove(str(_path))
     sys.path.insert(0, str(_path))
 sys.path.insert(0, str(ROOT / "tools"))
-from build_compiled import use_if_asked  # noqa: E402
+from build_compiled import not_compiled, use_if_asked  # noqa: E402
 
 COMPILED = use_if_asked()
 """``--compiled`` among a bench's arguments: this process (its peers) runs the mypyc build of
 tools/build_compiled.py (built first if needed); the bench must accept the switch."""
+if COMPILED and (_pure := not_compiled()):  # a "compiled" figure measured on .py files would be a lie
+    raise SystemExit(f"bench: --compiled, yet {', '.join(_pure)} import from .py files")
 sys.path.remove(str(ROOT / "tools"))
 
 

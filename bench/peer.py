@@ -1,6 +1,6 @@
 """Peer node benchmark: REGISTER→200 and INVITE→180 latency through the overlay vs a single Kamailio.
 
-    python3 bench/peer.py [--sizes 5,20,50] [--users 200] [--rate 20] [--markdown]
+    python3 bench/peer.py [--sizes 5,20,50] [--users 200] [--rate 20] [--markdown] [--compiled]
 
 For overlays of 5, 20 and 50 peers on loopback (all peers in this one Python process, one event loop: a
 single-core deployment of many peers), a timing client in a separate process (the tests' independent
@@ -30,6 +30,11 @@ per call with the maintenance of an idle interval as long subtracted, and that m
 core; CPU by stage from cProfile of a second warm pass (idle subtracted; ``--top N`` lists functions); the
 SIP messages in and out per call; and the latency by stage from a third pass, with timestamps where the
 INVITE and its 180 enter and leave the entry and the home peer (transport observers).
+
+``--compiled``: the peers run the mypyc build of tools/build_compiled.py (built first if needed; bench/harness.py
+stops the run if a module of the build would come from its .py); the timing client stays pure Python, so
+both builds are timed by the same phone. cProfile does not see inside compiled modules: in that build the
+stage breakdown charges their time to their Python callers; the CPU per call (no profiler) is exact.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import shutil
 import sys
@@ -47,22 +53,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
+from harness import COMPILED, ROOT, missing_tool  # first: it puts this checkout on sys.path
 
-from conditions import Conditions  # noqa: E402
-from conftest import free_port  # noqa: E402
-from interop.kamailio import Kamailio, usrloc_header  # noqa: E402
-from interop.sipp import uas  # noqa: E402
+# isort: split
+from conditions import Conditions
+from conftest import free_port
+from interop.kamailio import Kamailio, usrloc_header
+from interop.sipp import uas
 
-from overlay.localring import quick_node_config, wait_until_consistent  # noqa: E402
-from overlay.node import NodeConfig  # noqa: E402
-from p2psip.config import HostPort, ListenSpec, PeerConfig  # noqa: E402
-from p2psip.peer import Peer  # noqa: E402
-from p2psip.ratelimit import UNLIMITED  # noqa: E402
-from p2psip.run import busy_proxy_gc  # noqa: E402
+from overlay.localring import quick_node_config, wait_until_consistent
+from overlay.node import NodeConfig
+from p2psip.config import HostPort, ListenSpec, PeerConfig
+from p2psip.peer import Peer
+from p2psip.ratelimit import UNLIMITED
+from p2psip.run import busy_proxy_gc
 
 DOMAIN = "p2p.example"
 #: unmeasured REGISTER+call pairs every system gets once it is up (on AORs of their own)
@@ -374,6 +378,12 @@ class Timings:
         return ordered[max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
+#: the timing client runs pure Python from this checkout in both builds: the same phone times every row
+CLIENT_ENV = {
+    k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH", "P2PSIP_COMPILED")
+}
+
+
 async def timed_client(
     system: str,
     via: str,
@@ -388,7 +398,7 @@ async def timed_client(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CLIENT, str(ROOT / "tests"), via, uas_hostport, str(rate),
         ("r" if registers else "") + ("c" if calls else "") or "-", *users,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=CLIENT_ENV,
     )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(proc.communicate(), len(users) * 2 / rate + 120)
@@ -592,6 +602,9 @@ def main() -> int:
         "--repeat", type=int, default=2, help="fresh runs of every cell, interleaved (default 2)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (removed by default)")
+    parser.add_argument(
+        "--compiled", action="store_true", help="the peers run the compiled build (tools/build_compiled.py)"
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown too")
     parser.add_argument(
         "--top", type=int, default=0, help="print the N costliest functions of the warm calls"
@@ -609,17 +622,15 @@ def main() -> int:
             "bench/peer.py: --maintenance and --rate must be > 0, --repeat and --users >= 1", file=sys.stderr
         )
         return 2
-    for tool in ("sipp", "kamailio"):
-        if shutil.which(tool) is None:
-            print(f"bench/peer.py: {tool} is not installed", file=sys.stderr)
-            return 2
+    if missing_tool("peer"):
+        return 2
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     users = [f"user{i:04d}" for i in range(args.users)]
     root = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     conditions = Conditions()
     print(
         f"bench/peer.py: {len(users)} AORs at {args.rate:g}/s; overlays of {sizes}; maintenance "
-        f"{'as p2psip start' if args.maintenance is None else f'every {args.maintenance:g} s'}; {args.repeat} repeats; work dir {root}",
+        f"{'as p2psip start' if args.maintenance is None else f'every {args.maintenance:g} s'}; {args.repeat} repeats; p2psip {'compiled build' if COMPILED else 'pure Python'}; work dir {root}",
         flush=True,
     )
     started = time.monotonic()
@@ -697,7 +708,8 @@ def main() -> int:
         print(
             f"\ntarget p99 call setup < 50 ms through the {sizes[-1]}-peer overlay: {fmt(p99)} ms, {verdict}"
         )
-    print(f"({conditions}; shared machine; {args.repeat} repeats; {time.monotonic() - started:.0f} s)")
+    print(f"({conditions}; shared machine; {args.repeat} repeats; {time.monotonic() - started:.0f} s; "
+          f"p2psip {'compiled build' if COMPILED else 'pure Python'}, the timing client pure Python)")  # fmt: skip
     if args.markdown:
         print()
         print("| " + " | ".join(header) + " |")
