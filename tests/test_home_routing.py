@@ -10,6 +10,7 @@ tests/netns/test_nat_lab.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import socket
 import time
@@ -291,6 +292,110 @@ async def test_crlf_ping_on_a_stream_gets_a_crlf_pong(make_peer: PeerFactory) ->
         writer.close()
 
 
+def outbound_bob(stack: Any, outbound: str, uuid_tail: str) -> tuple[Any, asyncio.Queue[object]]:
+    """Our UserAgent as bob, an RFC 5626 outbound client of ``outbound``, answering every call (queued)."""
+    from p2psip.useragent import UserAgent
+
+    calls: asyncio.Queue[object] = asyncio.Queue()
+
+    def answer(call: Any) -> None:
+        call.accept(b"")
+        calls.put_nowait(call)
+
+    instance = f"<urn:uuid:0b0b0b0b-0000-4000-8000-{uuid_tail}>"
+    return UserAgent(stack, BOB, outbound=outbound, instance=instance, on_call=answer), calls
+
+
+class LoopbackNat(asyncio.DatagramProtocol):
+    """A one-phone NAT on loopback: what the phone sends to ``inside`` leaves from an outer socket (the
+    mapping) toward ``peer``; what arrives there goes back to the phone. ``remap()`` opens a new outer socket
+    (a fully random NAT that forgot the mapping); ``blackhole`` drops everything (a dead link)."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+        self.phone: tuple[str, int] | None = None
+        self.inside: asyncio.DatagramTransport | None = None
+        self.outer: asyncio.DatagramTransport | None = None
+        self.blackhole = False
+        self.registers = 0
+
+    async def open(self) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self.inside, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
+        await self.remap()
+        return self.inside.get_extra_info("sockname")[:2]
+
+    async def remap(self) -> None:
+        if self.outer is not None:
+            self.outer.close()
+        nat = self
+
+        class Outer(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                if not nat.blackhole and nat.inside is not None and nat.phone is not None:
+                    nat.inside.sendto(data, nat.phone)
+
+        loop = asyncio.get_running_loop()
+        self.outer, _ = await loop.create_datagram_endpoint(Outer, local_addr=("127.0.0.1", 0))
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # from the phone
+        self.phone = addr
+        if not self.blackhole and self.outer is not None:
+            self.registers += data.startswith(b"REGISTER ")
+            self.outer.sendto(data, self.peer)
+
+    def close(self) -> None:
+        for transport in (self.inside, self.outer):
+            if transport is not None:
+                transport.close()
+
+
+async def test_our_user_agent_registers_again_when_a_keepalive_fails_or_its_nat_mapping_changes(
+    make_peer: PeerFactory,
+) -> None:
+    """RFC 5626 §4.4 over UDP, through a NAT on loopback: a STUN keep-alive that goes unanswered (the link
+    went dead), or one answered with another reflexive address (the NAT made a new mapping), makes our UA
+    register again at once; the home peer binds the new flow and calls reach the UA over it."""
+    from p2psip.stack import Stack
+
+    ring = await three(make_peer, flow_timer=1)
+    nat = LoopbackNat(ring[0].sip_address())
+    inside = await nat.open()
+    stack = await Stack.start(["udp:127.0.0.1:0"])
+    ua, calls = outbound_bob(stack, f"{inside[0]}:{inside[1]}", "0000000000c6")
+    alice = await Phone.open("alice")
+
+    async def flow_via_outer(registers: int = 0) -> bool:
+        """The home peer holds one flow, from the NAT's current mapping, with bob's binding, registered
+        over it after ``registers`` REGISTERs had passed the NAT."""
+        assert nat.outer is not None
+        outer = nat.outer.get_extra_info("sockname")[:2]
+        flows = [(f.host, f.port) for f in ring[0].flows]
+        return nat.registers > registers and flows == [outer] and bool(await ring[1].fetch_bindings(BOB))
+
+    try:
+        assert (await ua.register("sip:p2p.example", expires=600)).get("Flow-Timer") == "1"
+        await until(flow_via_outer, 5, "the first flow")
+        for change in ("the link goes dead for a while", "the NAT forgets the mapping"):
+            registers = nat.registers
+            if change.startswith("the link"):
+                nat.blackhole = True
+                await asyncio.sleep(2)  # the point: two Flow-Timers without an answer to a keep-alive
+                nat.blackhole = False
+            else:
+                await nat.remap()
+            # it registers again at once (its refresh is minutes away) and the home peer binds that flow
+            await until(functools.partial(flow_via_outer, registers), 10, f"registered again after {change}")
+            result = await alice.call(BOB, ring[2].sip_address(), timeout=10)
+            assert result.answered, (change, result.statuses)
+            await asyncio.wait_for(calls.get(), 5)
+    finally:
+        alice.close()
+        await ua.close()
+        await stack.close()
+        nat.close()
+
+
 async def test_our_user_agent_is_an_outbound_client_and_keeps_its_flow_alive(make_peer: PeerFactory) -> None:
     from p2psip.stack import Stack
     from p2psip.useragent import UserAgent
@@ -325,7 +430,6 @@ async def test_a_phones_tcp_or_tls_connection_is_its_flow_and_its_closing_makes_
     from p2psip.config import ListenSpec
     from p2psip.stack import Stack
     from p2psip.transport import TLSConfig
-    from p2psip.useragent import UserAgent
 
     tls = TLSConfig.self_signed(str(tmp_path))
     assert tls.certfile is not None and tls.keyfile is not None
@@ -336,14 +440,7 @@ async def test_a_phones_tcp_or_tls_connection_is_its_flow_and_its_closing_makes_
     await wait_until_settled(ring, timeout=20)
     stack = await Stack.start([f"{transport}:127.0.0.1:0"], tls=tls)
     host, port = home.sip_address(transport)
-    calls: asyncio.Queue[object] = asyncio.Queue()
-
-    def answer(call: Any) -> None:
-        call.accept(b"")
-        calls.put_nowait(call)
-
-    instance = "<urn:uuid:0b0b0b0b-0000-4000-8000-0000000000c5>"
-    ua = UserAgent(stack, BOB, outbound=f"{transport}:{host}:{port}", instance=instance, on_call=answer)
+    ua, calls = outbound_bob(stack, f"{transport}:{host}:{port}", "0000000000c5")
     try:
         ok = await ua.register("sip:p2p.example", expires=600)
         assert ok.get("Require") == "outbound" and ok.get("Flow-Timer") == "1"
