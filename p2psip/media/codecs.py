@@ -57,10 +57,10 @@ _FRAME_CACHE_SIZE = 512
 _FRAMES: dict[Callable[[bytes], bytes], dict[bytes, bytes]] = {}
 
 
-def encode_frame(codec: Codec, pcm: bytes) -> bytes:
+def encode_frame(codec: Codec, pcm: bytes | bytearray | memoryview) -> bytes:
     """``codec.encode(pcm)``, remembered for frames that repeat (see above); same bytes either way."""
-    if type(pcm) is not bytes:  # a bytearray or memoryview from a callback source: not hashable
-        return codec.encode(pcm)
+    if not isinstance(pcm, bytes):  # a bytearray or memoryview from a callback source: not hashable
+        return codec.encode(bytes(pcm))
     frames = _FRAMES.get(codec.encode)
     if frames is None:
         frames = _FRAMES[codec.encode] = {}

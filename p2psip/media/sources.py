@@ -15,9 +15,9 @@ import math
 import wave
 from array import array
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from p2psip.errors import P2PSIPError
 
@@ -47,14 +47,12 @@ class AudioFileError(P2PSIPError, ValueError):
     """An audio file that cannot be read or written as 16-bit PCM WAV (the message says why)."""
 
 
-@runtime_checkable
 class AudioSource(Protocol):
     def read(self, samples: int) -> bytes | None: ...
 
     def close(self) -> None: ...
 
 
-@runtime_checkable
 class AudioSink(Protocol):
     def write(self, pcm: bytes) -> None: ...
 
@@ -403,15 +401,16 @@ class QueueSink:
         self._frames.append(None)
         self._ready.set()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
+    def __aiter__(self) -> QueueSink:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        while True:
-            while not self._frames:
-                self._ready.clear()
-                await self._ready.wait()
-            frame = self._frames.popleft()
-            if frame is None:
-                return
-            yield frame
+    async def __anext__(self) -> bytes:
+        # not an async generator: the compiled build (tools/build_compiled.py) compiles this module, and
+        # mypyc does not implement those
+        while not self._frames:
+            self._ready.clear()
+            await self._ready.wait()
+        frame = self._frames.popleft()
+        if frame is None:
+            raise StopAsyncIteration
+        return frame
