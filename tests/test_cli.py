@@ -377,3 +377,39 @@ def test_verbose_trace_is_stamped_and_shows_dht_lookups(start_peer) -> None:
     assert re.search(
         r"^\d\d:\d\d:\d\d\.\d{3} DHT get sip:bob@p2p.example \(key [0-9a-f]+\) from node ", err, re.M
     ), err
+
+
+def test_register_stay_is_an_outbound_phone_until_stopped(start_peer, tmp_path: Path) -> None:
+    """`register --stay`: the command is the phone (RFC 5626 instance and reg-id; the peer keeps a flow to
+    it), receives a MESSAGE and a call through the overlay, and unregisters on SIGTERM."""
+    a = start_peer("a")
+    b = start_peer("b", a)
+    aor = "sip:carol@p2p.example"
+    proc = subprocess.Popen(
+        [*CLI, "register", aor, "--via", f"127.0.0.1:{b.sip}", "--stay"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    phone = StartedPeer(proc, tmp_path, 0, 0)  # only its line-draining threads are used
+    try:
+        assert phone.wait_line("staying registered", 30), "".join(phone.out) + "".join(phone.err)
+        assert "an RFC 5626 flow the peer keeps" in "".join(phone.out)
+        looked = run("lookup", aor, "--data-dir", str(a.data_dir), "--json")
+        assert looked.returncode == 0, looked.stderr
+        (binding,) = json.loads(looked.stdout)["bindings"]
+        assert binding["path"], binding  # reached through its home peer b and the flow b keeps
+        sent = run("message", aor, "hello carol", "--via", f"127.0.0.1:{a.sip}")
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert phone.wait_line("MESSAGE from", 10) and "hello carol" in "".join(phone.out)
+        call = run("call", aor, "--via", f"127.0.0.1:{a.sip}", "--json", "--timeout", "20")
+        assert call.returncode == 1 and json.loads(call.stdout)["status"] == 480, call.stdout + call.stderr
+        assert phone.wait_line("call from", 10)
+        code, out, err = phone.stop()
+        assert code == 0 and "unregistered" in out and "Traceback" not in err, out + err
+        gone = run("lookup", aor, "--data-dir", str(a.data_dir))
+        assert gone.returncode == 1 and "nobody is registered" in gone.stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    usage = run("register", aor, "--via", f"127.0.0.1:{b.sip}", "--stay", "--expires", "0")
+    assert usage.returncode == 2 and "--stay" in usage.stderr

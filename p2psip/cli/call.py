@@ -22,6 +22,7 @@ from p2psip.cli.phone import (
     nothing_listens,
     open_phone,
     run_and_print,
+    run_one,
     unless_refused,
 )
 
@@ -54,6 +55,63 @@ async def _register(args: argparse.Namespace, via: tuple[str, int]) -> dict[str,
     }
 
 
+async def _stay_registered(
+    args: argparse.Namespace, via: tuple[str, int], result: dict[str, Any]
+) -> dict[str, Any]:
+    """``register --stay``: this command is the phone. It registers as an RFC 5626 outbound client (an
+    instance id and reg-id, so the peer keeps a flow to it), keeps the registration alive (keep-alives,
+    refreshes, a new REGISTER as soon as the flow fails: :class:`~p2psip.useragent.UserAgent` does all of
+    it), prints the messages and calls it receives, and unregisters when SIGINT or SIGTERM stops it."""
+    from p2psip.run import stop_signals
+    from p2psip.uri import URI
+
+    def show(text: str) -> None:
+        if not args.json:
+            print(text, flush=True)
+
+    def on_call(incoming: Any) -> None:
+        caller = str(incoming.request.from_.uri) if incoming.request.from_ is not None else "?"
+        show(f"call from {caller}: declined 480 (register --stay answers no calls)")
+        result["calls"].append(caller)
+        incoming.reject(480)
+
+    def on_message(request: Any) -> None:
+        sender = str(request.from_.uri) if request.from_ is not None else "?"
+        text = request.body.decode("utf-8", "replace")
+        show(f"MESSAGE from {sender}: {text}")
+        result["messages"].append({"from": sender, "text": text})
+
+    result.update(calls=[], messages=[])
+    ua = await open_phone(args.uri, via=via, on_call=on_call, instance=True)
+    ua.on_message_cb = on_message
+    registrar = f"sip:{URI(args.uri).host}"
+    try:
+        with stop_signals() as stopped:
+            registering = ua.register(
+                registrar, expires=args.expires, password=args.password, timeout=args.timeout
+            )
+            response = await final_response(registering, via)
+            result.update(status=response.status, reason=response.reason)
+            if response.status != 200:
+                return result
+            required = {t.strip().lower() for v in response.get_all("Require") for t in v.split(",")}
+            outbound = "outbound" in required
+            result["outbound"] = outbound
+            show(
+                f"REGISTER {args.uri} via {via_text(via)}: 200 OK; staying registered"
+                f" ({'an RFC 5626 flow the peer keeps' if outbound else 'no RFC 5626 flow: refreshed only'})"
+                "; Ctrl-C unregisters"
+            )
+            await stopped.wait()
+        with contextlib.suppress(Exception):  # leaving anyway: a peer gone meanwhile is not an error
+            await asyncio.wait_for(ua.register(registrar, expires=0, timeout=5.0), 6.0)
+            result["unregistered"] = True
+            show(f"unregistered {args.uri}")
+    finally:
+        await close_phone(ua)
+    return result
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     from p2psip.errors import ConfigError, P2PSIPError
 
@@ -65,9 +123,23 @@ def _cmd_register(args: argparse.Namespace) -> int:
             Address(args.contact)
         if args.expires < 0:
             raise ConfigError("--expires must be 0 or more seconds")
+        if args.stay and (args.contact is not None or args.expires == 0):
+            raise ConfigError(
+                "--stay keeps this command's own contact registered: not with --contact or --expires 0"
+            )
     except P2PSIPError as exc:
         return fail(str(exc), 2)
     base = {"aor": args.uri, "via": via_text(via)}
+    if args.stay:
+        work = _stay_registered(args, via, dict(base))
+        stayed = run_one(work, via, args.timeout, base if args.json else None)
+        if stayed is None:
+            return 1
+        if args.json:
+            print(json.dumps(stayed, indent=2))
+        elif stayed["status"] != 200:
+            print(f"REGISTER {args.uri} via {via_text(via)}: {stayed['status']} {stayed['reason']}")
+        return 0 if stayed["status"] == 200 else 1
 
     def line(result: dict[str, Any]) -> None:
         print(f"REGISTER {result['aor']} via {result['via']}: {result['status']} {result['reason']}")
@@ -290,6 +362,13 @@ def add_commands(sub: Any) -> None:
     )
     register.add_argument("--expires", type=int, default=3600, metavar="S", help="seconds (0 removes)")
     register.add_argument("--password", metavar="P", help="answer a digest challenge with this password")
+    register.add_argument(
+        "--stay",
+        action="store_true",
+        help="stay registered until Ctrl-C or SIGTERM as an RFC 5626 outbound client (keep-alives, "
+        "refreshes, a new REGISTER when the flow fails), print the messages and calls received, then "
+        "unregister",
+    )
     register.set_defaults(func=_cmd_register)
 
     call = sub.add_parser("call", help="call a SIP URI through a peer, then hang up")
