@@ -366,7 +366,7 @@ class Stack:
             if isinstance(message, Request):
                 dest = event.destination
                 # Only a stream connect reports errors later; UDP raises at once (no closure per datagram).
-                on_error = None if dest.transport == "udp" else self._error_handler(tx)
+                on_error = None if dest.transport == "udp" or tx is None else self._error_handler(tx)
                 encoded = self._encoded
                 data = encoded[1] if encoded is not None and encoded[0] is message else bytes(message)
                 self.transport.send_request(data, dest, on_error)
@@ -374,7 +374,10 @@ class Stack:
                 source = event.destination if isinstance(event.destination, Source) else None
                 self.transport.send_response(message, source)
         except (TransportError, OSError) as exc:
-            self._transport_error(tx, exc)
+            if tx is not None:
+                self._transport_error(tx, exc)
+            elif self.verbose:  # a retransmitted final response whose transaction ended (TransactionLayer)
+                log.info("could not send %r again: %s", message, exc)
 
     def _error_handler(self, tx: Transaction) -> Callable[[Exception], None]:
         def on_error(exc: Exception) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -67,11 +67,13 @@ class State(enum.Enum):
 @dataclass(slots=True, eq=False)
 class Transmit:
     """Send ``message`` to ``destination`` (a client transaction's destination, or the source a server
-    transaction's request came from; responses may instead be routed by Via per §18.2.2)."""
+    transaction's request came from; responses may instead be routed by Via per §18.2.2). ``transaction``
+    is None for a final response the layer sends again from a completed non-INVITE server transaction's
+    bytes (see :class:`TransactionLayer`): the transaction object ended already."""
 
     message: Request | Response | SentResponse
     destination: Destination
-    transaction: Transaction
+    transaction: Transaction | None
 
 
 @dataclass(slots=True, eq=False)
@@ -258,18 +260,18 @@ class Transaction:
     ``context`` is a free slot for the TU (e.g. its call object); transactions hash by identity.
     """
 
-    # Slots, no __dict__: a registrar at 300 REGISTER/s holds ~9,600 completed transactions for Timer J
+    # Slots, no __dict__: a proxy holds thousands of live and lingering INVITE transactions
     # (docs/benchmarks.md, memory); __weakref__ for the stack's WeakKeyDictionary of UDP fall-backs.
     __slots__ = (
         "__weakref__",
         "_method",
-        "_request",
         "context",
         "deadlines",
         "history",
         "key",
         "last_response",
         "reliable",
+        "request",
         "state",
         "timers",
     )
@@ -279,15 +281,16 @@ class Transaction:
     """How the layer finds it (:func:`client_key` / :func:`server_key`), set by the client and server."""
 
     def __init__(self, request: Request, *, reliable: bool, timers: TimerConfig = DEFAULT_TIMERS) -> None:
-        self._request: Request | None = request
+        self.request = request
+        """The request that created the transaction."""
         self._method = method_name(request.method)
         self.reliable = reliable
         self.timers = timers
         self.state = State.TERMINATED
         self.last_response: Response | SentResponse | None = None
         """The last response sent (server) or received (client); the final response of a non-INVITE server
-        transaction that lingers for Timer J is kept as its bytes only (:class:`~p2psip.message.SentResponse`,
-        see :meth:`NonInviteServerTransaction.keep_bytes_only`)."""
+        transaction is encoded once (:class:`~p2psip.message.SentResponse`): the layer keeps only its bytes
+        while it absorbs retransmissions for Timer J (see :class:`TransactionLayer`)."""
         self.deadlines: dict[str, float] = {}
         """The armed timers, name -> absolute fire time (read-only for callers)."""
         self.context: Any = None
@@ -297,19 +300,6 @@ class Transaction:
     @property
     def terminated(self) -> bool:
         return self.state is State.TERMINATED
-
-    @property
-    def request(self) -> Request:
-        """The request that created the transaction. Raises :class:`TransactionError` once a completed
-        non-INVITE server transaction dropped it (it then answers retransmissions from bytes alone)."""
-        request = self._request
-        if request is None:
-            raise TransactionError(f"{self!r} dropped its request on completion")
-        return request
-
-    @request.setter
-    def request(self, request: Request) -> None:
-        self._request = request
 
     @property
     def method(self) -> str:
@@ -609,7 +599,7 @@ class NonInviteClientTransaction(ClientTransaction):
 class ServerTransaction(Transaction):
     """Base of the server machines: answers ``request`` (which came from ``source``)."""
 
-    __slots__ = ("_to_tag", "source")
+    __slots__ = ("source",)
 
     kind = "server"
 
@@ -624,15 +614,14 @@ class ServerTransaction(Transaction):
         super().__init__(request, reliable=reliable, timers=timers)
         self.source = source
         self.key = server_key(request)
-        self._to_tag: str | None = None
 
     def _send(self, out: list[Action], message: Request | Response | SentResponse) -> None:
         out.append(Transmit(message, self.source, self))
 
     @property
     def to_tag(self) -> str | None:
-        """The To tag of the request (RFC 2543 matching, §17.2.3), kept when the request is dropped."""
-        return self._to_tag if self._request is None else self._request.to.tag
+        """The To tag of the request (RFC 2543 matching, §17.2.3)."""
+        return self.request.to.tag
 
     def start(self, now: float) -> list[Action]:
         """Enter the initial state and pass the request to the TU."""
@@ -803,7 +792,7 @@ class NonInviteServerTransaction(ServerTransaction):
         self._enter(State.COMPLETED)
         delay = self.timers.j(self.reliable)
         if delay > 0:
-            # Encoded once, here: sent now and for every retransmission until Timer J (see keep_bytes_only).
+            # Encoded once, here: sent now and, by the layer, for every retransmission until Timer J.
             self.last_response = SentResponse(response)
             self._send(out, self.last_response)
             self._start(out, "J", now, delay)
@@ -819,22 +808,33 @@ class NonInviteServerTransaction(ServerTransaction):
             self._terminate(out)
         return out
 
-    def keep_bytes_only(self) -> None:
-        """In Completed, waiting for Timer J (§17.2.2), answering a retransmission needs only the bytes
-        of the final response (encoded once by :meth:`send_response`: the TU stamps it first, e.g. with
-        its ``Server`` header) and the key, plus the To tag for RFC 2543 matching: drop the parsed request.
-        The layer calls this at its next call (:meth:`TransactionLayer._shed`), once the TU has handled
-        the request."""
-        request = self._request
-        if self.state is State.COMPLETED and request is not None:
-            self._to_tag = request.to.tag
-            self._request = None
+    def hand_over(self) -> list[Action]:
+        """End this object in Completed, its final response sent: the layer absorbs retransmissions of the
+        request from the response's bytes until Timer J (see :class:`TransactionLayer`), as it would
+        itself. Cancels Timer J; returns the :class:`Terminated` action (what reliable transports, where
+        Timer J is 0, get at once too)."""
+        out: list[Action] = []
+        if self.state is State.COMPLETED:
+            self._terminate(out)
+        return out
 
 
 # --------------------------------------------------------------------------------------------- layer
 #: Timers armed on entering a state that only absorbs retransmissions (RFC 6026's Accepted, Completed,
-#: Confirmed): the transaction lingers until they fire, its messages no longer read.
-_LINGER_TIMERS = frozenset({"D", "I", "J", "K", "L", "M"})
+#: Confirmed): the transaction lingers until they fire, its messages no longer read. Not J: the layer
+#: keeps a completed non-INVITE server transaction as its response's bytes instead (see _Absorbing).
+_LINGER_TIMERS = frozenset({"D", "I", "K", "L", "M"})
+
+_Absorbing: TypeAlias = tuple[float, TransactionKey, bytes, str | None]
+"""A completed non-INVITE server transaction as the layer keeps it until Timer J (RFC 3261 §17.2.2):
+(Timer J's fire time, its key, the bytes of its final response, the request's To tag for RFC 2543
+matching or None).
+
+Why not the transaction object: in Completed it only answers a retransmitted request with the same final
+response, and a registrar at 300 REGISTER/s holds rate x 32 s = 9,600 of them; the object, its timer
+dict, history, heap entry and SentResponse cost about twice these bytes (docs/benchmarks.md, memory).
+Timer J is the same delay for every one of them, so they expire in the order they completed: a FIFO
+deque, no heap entry. A tuple of strings, bytes and a float is untracked by the garbage collector."""
 
 _TimerEntry: TypeAlias = tuple[float, int, bool, TransactionKey, str]
 """(fire time, sequence number, client?, transaction key, timer name).
@@ -873,9 +873,13 @@ class TransactionLayer:
         self._lingering: list[Transaction] = []
         """Transactions that entered a lingering state during the last call: their messages' parsed
         views are dropped at the start of the next call (the TU has handled the event by then)."""
+        self._absorbing: dict[TransactionKey, _Absorbing] = {}
+        """Completed non-INVITE server transactions waiting for Timer J, by key (see :data:`_Absorbing`)."""
+        self._absorbing_order: deque[_Absorbing] = deque()
+        """The same, in completion order = Timer J order."""
 
     def __len__(self) -> int:
-        return len(self.clients) + len(self.servers)
+        return len(self.clients) + len(self.servers) + len(self._absorbing)
 
     # --- internal --------------------------------------------------------------------------------
     def _process(self, actions: list[Action]) -> list[TUEvent]:
@@ -884,6 +888,10 @@ class TransactionLayer:
         for action in actions:
             if type(action) is StartTimer:
                 tx = action.transaction
+                if action.name == "J" and isinstance(tx, NonInviteServerTransaction):
+                    self._absorb(tx, action.at)
+                    events.extend(self._process(tx.hand_over()))
+                    continue
                 if action.name in _LINGER_TIMERS:
                     self._lingering.append(tx)
                 self._seq += 1
@@ -906,13 +914,44 @@ class TransactionLayer:
                 events.append(action)  # type: ignore[arg-type]
         return events
 
+    def _absorb(self, tx: NonInviteServerTransaction, at: float) -> None:
+        """Keep completed ``tx`` as its final response's bytes until Timer J fires at ``at``."""
+        sent = tx.last_response
+        assert isinstance(sent, SentResponse)
+        key = tx.key
+        entry = (at, key, sent.data, tx.to_tag if key[0] == "2543" else None)
+        self._absorbing[key] = entry
+        self._absorbing_order.append(entry)
+        if at < self.earliest_new:
+            self.earliest_new = at
+
+    def _absorbed(self, key: TransactionKey, request: Request, source: Destination) -> list[TUEvent] | None:
+        """A retransmission of the request of a completed non-INVITE server transaction: its final
+        response again, byte for byte (§17.2.2), to where the retransmission came from. None if ``key``
+        is no such transaction (or, RFC 2543 matching, the To tag differs)."""
+        entry = self._absorbing.get(key)
+        if entry is None or (key[0] == "2543" and entry[3] != request.to.tag):
+            return None
+        self.stats["absorbed"] += 1
+        self.stats["retransmissions"] += 1
+        return [Transmit(SentResponse(entry[2]), source, None)]
+
+    def _expire_absorbing(self, now: float) -> None:
+        """Forget the completed non-INVITE server transactions whose Timer J is due at ``now``."""
+        order = self._absorbing_order
+        absorbing = self._absorbing
+        while order and order[0][0] <= now:
+            _at, key, data, _tag = order.popleft()
+            kept = absorbing.get(key)
+            # Not replaced (RFC 2543: same key, other To tag)? Compared by the bytes object: mypyc
+            # passes these tuples by value, so the tuples themselves are never the same object.
+            if kept is not None and kept[2] is data:
+                del absorbing[key]
+
     def _shed(self) -> None:
         """Drop the parsed views of the messages that lingering transactions keep (see
         :meth:`~p2psip.message.Message.forget_views`): the request, the last response and the ACK."""
         for tx in self._lingering:
-            if isinstance(tx, NonInviteServerTransaction):
-                tx.keep_bytes_only()
-                continue
             tx.request.forget_views()
             if isinstance(tx.last_response, Response):
                 tx.last_response.forget_views()
@@ -1029,6 +1068,10 @@ class TransactionLayer:
             tx = None
         if tx is not None and method == "ACK" and not isinstance(tx, InviteServerTransaction):
             tx = None
+        if tx is None and self._absorbing and method != "ACK":
+            absorbed = self._absorbed(key, request, source)
+            if absorbed is not None:
+                return absorbed
         if tx is not None:
             events = self._process(tx.receive_request(request, now))
             if not any(isinstance(e, PassToTU) for e in events):
@@ -1084,17 +1127,21 @@ class TransactionLayer:
         """When :meth:`handle_timers` must be called next (None: no timer armed). May be early (a
         cancelled timer): calling ``handle_timers`` then is harmless."""
         self.earliest_new = float("inf")
+        absorbing = self._absorbing_order[0][0] if self._absorbing_order else None
         heap = self._heap
         while heap:
             if self._armed(heap[0]) is not None:
-                return heap[0][0]
+                at = heap[0][0]
+                return at if absorbing is None or at < absorbing else absorbing
             heapq.heappop(heap)
-        return None
+        return absorbing
 
     def handle_timers(self, now: float) -> list[TUEvent]:
         """Fire every timer due at ``now`` (in deadline order) and return the resulting events."""
         if self._lingering:
             self._shed()
+        if self._absorbing_order:
+            self._expire_absorbing(now)
         events: list[TUEvent] = []
         heap = self._heap
         while heap and heap[0][0] <= now:

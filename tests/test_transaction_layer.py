@@ -247,11 +247,11 @@ class TestServerSide:
         layer = TransactionLayer()
         (tu,) = of(layer.receive_request(request("OPTIONS"), SRC, 0.0, reliable=False), PassToTU)
         assert tu.transaction is not None
-        layer.send_response(tu.transaction, response(tu.transaction.request, 200), 0.1)  # type: ignore[arg-type]
-        assert len(layer) == 1
-        log = drive(layer, 100.0)
-        assert [(t, type(e)) for t, e in log] == [(pytest.approx(32.1), Terminated)]
-        assert len(layer) == 0
+        done = layer.send_response(tu.transaction, response(tu.transaction.request, 200), 0.1)  # type: ignore[arg-type]
+        assert [type(e) for e in done] == [Transmit, Terminated]  # the object ends; its bytes absorb
+        assert len(layer) == 1 and layer.next_deadline() == pytest.approx(32.1)
+        assert drive(layer, 32.0) == [] and len(layer) == 1
+        assert drive(layer, 100.0) == [] and len(layer) == 0 and layer.next_deadline() is None
         # after Timer J the same request is new again
         assert len(of(layer.receive_request(request("OPTIONS"), SRC, 40.0, reliable=False), PassToTU)) == 1
 
@@ -275,9 +275,9 @@ class TestServerSide:
 
     def test_completed_non_invite_server_keeps_only_the_response_bytes(self) -> None:
         """A completed non-INVITE server transaction (§17.2.2, waiting for Timer J) answers retransmissions
-        from the bytes of its final response alone: from the layer's next call on it holds neither the
-        parsed request nor the parsed response (a registrar at 150 REGISTER/s keeps 4,800 of them), and a
-        retransmitted request gets a byte-identical response until Timer J ends it."""
+        from the bytes of its final response alone: the layer keeps neither the transaction object nor
+        a timer heap entry for it (a registrar at 300 REGISTER/s keeps 9,600 of them), and a retransmitted
+        request gets a byte-identical response, sent where the retransmission came from, until Timer J."""
         layer = TransactionLayer()
         options = request("OPTIONS", branch="z9hG4bKl2")
         (otu,) = of(layer.receive_request(options, SRC, 0.0, reliable=False), PassToTU)
@@ -285,24 +285,50 @@ class TestServerSide:
         assert isinstance(nist, NonInviteServerTransaction)
         done = response(options, 200)
         sent = bytes(done)
-        (first,) = of(layer.send_response(nist, done, 0.1), Transmit)
-        kept = nist.last_response  # encoded once, sent now and kept
-        assert isinstance(kept, SentResponse) and first.message is kept and nist.state is State.COMPLETED
-        assert kept.status == 200 and bytes(kept) == sent and kept.local is False
-        assert nist.request is options  # the TU may still read it while it handles the request
-        layer.handle_timers(0.2)  # the layer's next call
-        held = readable_fields(nist)
-        assert held and not any(isinstance(v, Request | Response) for v in held)
-        with pytest.raises(TransactionError):
-            _ = nist.request
-        assert nist.method == "OPTIONS" and repr(nist) == "<NonInviteServerTransaction OPTIONS Completed>"
-        for at in (0.5, 1.5):
-            again = layer.receive_request(request("OPTIONS", branch="z9hG4bKl2"), SRC, at, reliable=False)
+        first, ended = layer.send_response(nist, done, 0.1)
+        assert isinstance(first, Transmit) and isinstance(first.message, SentResponse)
+        assert first.message.status == 200 and bytes(first.message) == sent and first.message.local is False
+        assert isinstance(ended, Terminated) and ended.transaction is nist and nist.state is State.TERMINATED
+        assert nist.request is options and not nist.deadlines and layer.servers == {} and layer._heap == []
+        other = ("udp", "192.0.2.1", 5999)  # e.g. a NAT that rebound: the response follows the request
+        for at, source in ((0.5, SRC), (1.5, other), (32.0, SRC)):
+            again = layer.receive_request(request("OPTIONS", branch="z9hG4bKl2"), source, at, reliable=False)
             (resend,) = again
-            assert isinstance(resend, Transmit) and resend.destination == SRC and resend.transaction is nist
+            assert isinstance(resend, Transmit) and resend.transaction is None
+            assert resend.destination == source
+            assert isinstance(resend.message, SentResponse) and resend.message.status == 200
             assert bytes(resend.message) == sent and resend.message.top_via == done.top_via
-        assert layer.stats["retransmissions"] == 2
-        assert [type(e) for _t, e in drive(layer, 100.0)] == [Terminated] and len(layer) == 0
+        assert layer.stats["retransmissions"] == 3 and layer.stats["absorbed"] == 3
+        assert drive(layer, 100.0) == [] and len(layer) == 0
+        # after Timer J the same request is new again
+        again = layer.receive_request(request("OPTIONS", branch="z9hG4bKl2"), SRC, 40.0, reliable=False)
+        assert len(of(again, PassToTU)) == 1
+
+    def test_completed_non_invite_server_over_a_reliable_transport_keeps_nothing(self) -> None:
+        """Timer J is 0 over TCP (§17.2.2): the transaction ends with its final response, nothing kept."""
+        layer = TransactionLayer()
+        (tu,) = of(layer.receive_request(request("OPTIONS"), SRC, 0.0, reliable=True), PassToTU)
+        assert isinstance(tu.transaction, NonInviteServerTransaction)
+        done = layer.send_response(tu.transaction, response(tu.transaction.request, 200), 0.1)
+        assert [type(e) for e in done] == [Transmit, Terminated]
+        assert len(layer) == 0 and layer.next_deadline() is None and not layer._absorbing
+
+    def test_absorbing_expires_in_completion_order_among_other_timers(self) -> None:
+        """Completed non-INVITE server transactions expire in the order they completed (Timer J is one
+        constant), interleaved correctly with the timer heap's deadlines."""
+        layer = TransactionLayer()
+        for i in range(3):
+            message = request("MESSAGE", branch=f"z9hG4bKm{i}")
+            (tu,) = of(layer.receive_request(message, SRC, float(i), reliable=False), PassToTU)
+            assert isinstance(tu.transaction, NonInviteServerTransaction)
+            layer.send_response(tu.transaction, response(tu.transaction.request, 202), float(i))
+        invite_tx, _ = layer.send_request(request(branch="z9hG4bKc1"), DEST, 10.0, reliable=False)
+        assert len(layer) == 4 and layer.next_deadline() == pytest.approx(10.5)  # Timer A first
+        layer.handle_timers(32.0)
+        assert len(layer) == 3 and layer.next_deadline() == pytest.approx(33.0)
+        layer.handle_timers(33.0)
+        assert len(layer) == 2 and [key[1] for key in layer._absorbing] == ["z9hG4bKm2"]
+        assert invite_tx.state is State.CALLING
 
     def test_sent_response_reads_its_top_via_from_its_bytes(self) -> None:
         """SentResponse keeps no header text: its top Via (for routing a retransmission) comes from the
@@ -332,20 +358,26 @@ class TestServerSide:
         assert a.key[1] != b.key[1]
 
     def test_completed_rfc2543_non_invite_server_still_matches_by_to_tag(self) -> None:
-        """Without a branch (RFC 2543 matching) the To tag of the dropped request still tells a
-        retransmission (same tag) from a new request (another tag)."""
+        """Without a branch (RFC 2543 matching) the To tag kept with the response's bytes still tells a
+        retransmission (same tag) from a new request (another tag), whose own completion then replaces
+        the entry without the older one's Timer J ending it early."""
         layer = TransactionLayer()
         bye = request("BYE", branch=None, to_tag="t1")
         (tu,) = of(layer.receive_request(bye, SRC, 0.0, reliable=False), PassToTU)
         tx = tu.transaction
         assert isinstance(tx, NonInviteServerTransaction)
         layer.send_response(tx, response(bye, 200, "t1"), 0.1)
-        layer.handle_timers(0.2)
-        assert isinstance(tx.last_response, SentResponse) and tx.to_tag == "t1"
         (resend,) = layer.receive_request(request("BYE", branch=None, to_tag="t1"), SRC, 0.3, reliable=False)
         assert isinstance(resend, Transmit) and bytes(resend.message) == bytes(response(bye, 200, "t1"))
-        other = layer.receive_request(request("BYE", branch=None, to_tag="t2"), SRC, 0.4, reliable=False)
-        assert len(of(other, PassToTU)) == 1
+        bye2 = request("BYE", branch=None, to_tag="t2")
+        (tu2,) = of(layer.receive_request(bye2, SRC, 0.4, reliable=False), PassToTU)
+        assert isinstance(tu2.transaction, NonInviteServerTransaction)
+        layer.send_response(tu2.transaction, response(bye2, 481, "t2"), 1.0)
+        layer.handle_timers(32.2)  # the first one's Timer J
+        (resend,) = layer.receive_request(request("BYE", branch=None, to_tag="t2"), SRC, 32.3, reliable=False)
+        assert isinstance(resend, Transmit) and resend.message.status == 481
+        layer.handle_timers(33.0)
+        assert len(layer) == 0
 
     def test_full_call_between_two_layers(self) -> None:
         """A UAC layer and a UAS layer wired back to back through a lossy-free fake network."""

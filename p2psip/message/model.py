@@ -644,9 +644,15 @@ class SentResponse:
 
     local = False  # stamped (Server header) before it was encoded: never again
 
-    def __init__(self, response: Response) -> None:
-        self.status = response.status
-        self.data = bytes(response)
+    def __init__(self, response: Response | bytes) -> None:
+        """From a response (encoded now), or from the bytes one was encoded to (the status is read back
+        from its status line: ``SIP/2.0 200 ...``)."""
+        if isinstance(response, bytes):
+            self.data = response
+            self.status = int(response[8:11])
+        else:
+            self.status = response.status
+            self.data = bytes(response)
 
     @property
     def top_via(self) -> Via | None:
