@@ -20,8 +20,36 @@ from p2psip.uri import (
 _MANDATORY = frozenset({"via", "from", "to", "call-id", "cseq"})
 
 
+class _Folded(Exception):
+    """A header line starts with SP or HTAB: it continues the line before it (§7.3.1)."""
+
+
 def _no_colon(line: str) -> bool:
+    if line[:1] == " " or line[:1] == "\t":
+        raise _Folded
     raise ParseError(f"header line without a colon: {line[:80]!r}")
+
+
+def _line_entry(name: str) -> tuple[str, str]:
+    """:func:`_name_entry` of the text before a line's colon; a line that starts with SP or HTAB is no
+    header of its own (it is folded) even where the rest is a header name."""
+    if name[:1] == " " or name[:1] == "\t":
+        raise _Folded
+    return _name_entry(name)
+
+
+def _check_limits(lines: list[str], text: str, data: bytes, lim: Limits) -> None:
+    """The limits on header lines (folded lines joined already), §21.5.14."""
+    if len(lines) - 1 > lim.max_headers:
+        raise ParseError(
+            f"more than {lim.max_headers} header lines", status=513, partial=answerable_head(data, lim)
+        )
+    if len(text) > lim.max_line and max(map(len, lines)) > lim.max_line:
+        raise ParseError(
+            f"header line longer than {lim.max_line} bytes",
+            status=513,
+            partial=answerable_head(data, lim),
+        )
 
 
 def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -> Request | Response:
@@ -53,24 +81,20 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
         raise ParseError(f"header bytes are not UTF-8 (at byte {start + exc.start})") from None
     body = data[end + 4 :]
     lines = text.split("\r\n")
-    nlines = len(lines) - 1
-    if text.count("\n") != nlines or text.count("\r") != nlines:
+    # A bare CR or LF is left inside a line by the split. Joining the lines and looking for either (memchr)
+    # costs a third of counting both in the whole text (~2,800 against ~8,400 CPU instructions, callgrind).
+    joined = "".join(lines)
+    if "\r" in joined or "\n" in joined:
         raise ParseError("bare CR or LF in the header block")
     if "\x00" in text:
         _check_nul(text)
-    if "\r\n " in text or "\r\n\t" in text:
-        lines = _unfold(lines)
-        nlines = len(lines) - 1
-    if nlines > lim.max_headers:
-        raise ParseError(
-            f"more than {lim.max_headers} header lines", status=513, partial=answerable_head(data, lim)
-        )
-    if len(text) > lim.max_line and max(map(len, lines)) > lim.max_line:
-        raise ParseError(
-            f"header line longer than {lim.max_line} bytes",
-            status=513,
-            partial=answerable_head(data, lim),
-        )
+    # Folded lines (§7.3.1) are rare: looking for them in every text cost ~4,800 CPU instructions for an
+    # INVITE (callgrind). A line that starts with SP or HTAB stops the list of header lines below
+    # (_Folded); only then, or when a limit is hit, are they looked for and joined.
+    if len(lines) - 1 > lim.max_headers or (len(text) > lim.max_line and max(map(len, lines)) > lim.max_line):
+        if "\r\n " in text or "\r\n\t" in text:
+            lines = _unfold(lines)
+        _check_limits(lines, text, data, lim)
 
     msg: Request | Response
     first = lines[0]
@@ -104,14 +128,20 @@ def parse(data: bytes, *, datagram: bool = True, limits: Limits | None = None) -
     # One list comprehension over the header lines: the fastest way CPython offers to do the same small
     # thing a dozen times. Known names resolve with one dict lookup; a line without a colon stops it.
     names = _NAMES
-    entry_of = _name_entry
-    headers: list[_Header] = [
-        (e[0], e[1], v.strip(" \t"))
-        for line in lines[1:]
-        for n, sep, v in [line.partition(":")]
-        if sep or _no_colon(n)
-        for e in [names.get(n) or entry_of(n)]
-    ]
+    entry_of = _line_entry
+    while True:
+        try:
+            headers: list[_Header] = [
+                (e[0], e[1], v.strip(" \t"))
+                for line in lines[1:]
+                for n, sep, v in [line.partition(":")]
+                if sep or _no_colon(n)
+                for e in [names.get(n) or entry_of(n)]
+            ]
+            break
+        except _Folded:
+            lines = _unfold(lines)
+            _check_limits(lines, text, data, lim)
     msg._headers = headers
     msg._body = b""
     firsts = {h[0]: h[2] for h in reversed(headers)}  # the first value of every header
