@@ -59,5 +59,8 @@ async def peer_factory(tmp_path: Path) -> AsyncIterator[PeerFactory]:
 
 
 async def wait_until_settled(peers: Iterable[Peer], timeout: float = 10.0) -> float:
-    """Wait (bounded) until the ring of ``peers`` is consistent; the seconds it took (TimeoutError after)."""
-    return await wait_until_consistent([p.node for p in peers], timeout)
+    """Wait (bounded) until the ring of ``peers`` is consistent, successor lists deep enough for a write's
+    replicas (r = 3: the next two) filled too; the seconds it took (TimeoutError after). With only the
+    first successor checked, a REGISTER right after could find a node whose list held one entry and
+    store 2 copies instead of 3 (seen once in CI: test_register_writes_one_signed_entry_per_contact)."""
+    return await wait_until_consistent([p.node for p in peers], timeout, depth=2)
