@@ -36,15 +36,20 @@ def settings(peer: Peer, user: str) -> IceSettings:
     )
 
 
-async def test_a_peer_relays_call_audio_and_counts_refusals_in_status(tmp_path: Path) -> None:
+async def start_turn_peer(tmp_path: Path, **limits: int) -> Peer:
+    """A lone peer on loopback running a TURN server, with the given ``turn_*`` limits."""
     config = PeerConfig(
         listen=[ListenSpec("udp", "127.0.0.1", 0)],
         overlay=HostPort("127.0.0.1", 0),
         data_dir=tmp_path / "p1",
         turn=HostPort("127.0.0.1", 0),
-        turn_per_user=1,
+        **limits,
     )
-    peer = await Peer.start(config, node_config=quick_node_config())
+    return await Peer.start(config, node_config=quick_node_config())
+
+
+async def test_a_peer_relays_call_audio_and_counts_refusals_in_status(tmp_path: Path) -> None:
+    peer = await start_turn_peer(tmp_path, turn_per_user=1)
     try:
         heard_a, heard_b = MemorySink(), MemorySink()
         a = await CallMedia.open("127.0.0.1", play=ToneSource(440), record=heard_a, ice=settings(peer, "ua"))
@@ -75,14 +80,7 @@ async def test_a_peer_relays_call_audio_and_counts_refusals_in_status(tmp_path: 
 
 async def test_the_per_source_bound_comes_from_the_config(tmp_path: Path) -> None:
     """``turn_per_source``: two users behind one address (here 127.0.0.1) share its allocations."""
-    config = PeerConfig(
-        listen=[ListenSpec("udp", "127.0.0.1", 0)],
-        overlay=HostPort("127.0.0.1", 0),
-        data_dir=tmp_path / "p1",
-        turn=HostPort("127.0.0.1", 0),
-        turn_per_source=1,
-    )
-    peer = await Peer.start(config, node_config=quick_node_config())
+    peer = await start_turn_peer(tmp_path, turn_per_source=1)
     try:
         first = await CallMedia.open("127.0.0.1", ice=settings(peer, "ua"))
         try:
