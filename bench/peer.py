@@ -1,9 +1,12 @@
 """Peer node benchmark: REGISTER→200 and INVITE→180 latency through the overlay vs a single Kamailio.
 
     python3 bench/peer.py [--sizes 5,20,50] [--users 200] [--rate 20] [--markdown] [--compiled]
+                          [--processes N] [--warm-only]
 
-For overlays of 5, 20 and 50 peers on loopback (all peers in this one Python process, one event loop: a
-single-core deployment of many peers), a timing client in a separate process (the tests' independent
+For overlays of 5, 20 and 50 peers on loopback (by default all peers in this one Python process, one event
+loop: a single-core deployment of many peers; ``--processes N`` spreads them over N worker processes, peer i
+in process i mod N, so the entry and the home peer of a call run in processes of their own, as on machines
+of their own, while Kamailio runs its two worker children), a timing client in a separate process (the tests' independent
 phone, timestamps from its event loop) registers ``--users`` AORs at one peer (REGISTER→200: a DHT read and
 a signed write per contact, stored on 3 replicas) and then calls every AOR through another peer, timing
 INVITE→180 (a DHT lookup of the callee, then the proxied INVITE answered by a sipp UAS; each call is then
@@ -29,7 +32,13 @@ Where a warm call's time goes (issue 19, target 1), printed under the table per 
 per call with the maintenance of an idle interval as long subtracted, and that maintenance's share of a
 core; CPU by stage from cProfile of a second warm pass (idle subtracted; ``--top N`` lists functions); the
 SIP messages in and out per call; and the latency by stage from a third pass, with timestamps where the
-INVITE and its 180 enter and leave the entry and the home peer (transport observers).
+INVITE and its 180 enter and leave the entry and the home peer (transport observers). The same for a
+REGISTER: the peers' CPU per measured REGISTER (maintenance subtracted), CPU by stage from a profiled pass
+of as many new AORs, and the latency by stage at the registrar peer from another (REGISTER in; the read of
+the AOR's bindings, i.e. the DHT lookup and read; the plan, signature and write to the replicas; the claim's
+commit; 200 out). In the worker layout each process profiles and times its own peers (``perf_counter`` is
+one clock for all processes) and the bench merges them. ``--warm-only`` keeps target 1's rows (REGISTER,
+cold and warm calls, the breakdowns) and skips the home-routing-off and read rows, for shorter runs.
 
 ``--compiled``: the peers run the mypyc build of tools/build_compiled.py (built first if needed; bench/harness.py
 stops the run if a module of the build would come from its .py); the timing client stays pure Python, so
@@ -51,7 +60,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from harness import COMPILED, ROOT, missing_tool  # first: it puts this checkout on sys.path
 
@@ -61,8 +71,8 @@ from conftest import free_port
 from interop.kamailio import Kamailio, usrloc_header
 from interop.sipp import uas
 
-from overlay.localring import quick_node_config, wait_until_consistent
-from overlay.node import NodeConfig
+from overlay.localring import quick_node_config, ring_is_consistent
+from overlay.node import Node, NodeConfig
 from p2psip.config import HostPort, ListenSpec, PeerConfig
 from p2psip.peer import Peer
 from p2psip.ratelimit import UNLIMITED
@@ -149,6 +159,8 @@ STAGE_OF_FILE = [
     ("p2psip/stack.py", "transport"),
     ("p2psip/flows.py", "transport"),
     ("p2psip/location.py", "lookup+cache"),
+    ("p2psip/registrar.py", "registrar (plan, claims, key)"),
+    ("p2psip/ownership.py", "registrar (plan, claims, key)"),
     ("overlay/identity.py", "signing/verifying"),
     ("cryptography", "signing/verifying"),
     ("overlay/", "overlay (DHT lookups, maintenance)"),
@@ -163,6 +175,14 @@ STAGE_OF_PEER_FUNCTION = {
     "homed_bindings": "home peer", "mark_sole_home": "home peer", "is_sole_home": "home peer",
     "_primary_home": "home peer", "preprocess_routes": "home peer", "_pass_own_flow_routes": "home peer",
     "_next_hop": "home peer", "is_home_of": "home peer", "_request_key": "home peer",
+    # the REGISTER path: the registrar's own steps (claims of the AOR, its user key, the plan, Path)
+    "_register": "registrar (plan, claims, key)", "handle_register": "registrar (plan, claims, key)",
+    "_save_claim": "registrar (plan, claims, key)", "_record_claim": "registrar (plan, claims, key)",
+    "claim": "registrar (plan, claims, key)", "save_claim": "registrar (plan, claims, key)",
+    "commit_claim": "registrar (plan, claims, key)", "_commit_queued": "registrar (plan, claims, key)",
+    "holds": "registrar (plan, claims, key)", "_derived": "registrar (plan, claims, key)",
+    "get": "registrar (plan, claims, key)", "_account": "registrar (plan, claims, key)",
+    "path_entry": "home peer", "_lock": "registrar (plan, claims, key)",
 }  # fmt: skip
 
 
@@ -175,9 +195,9 @@ def _stage(func: tuple[str, int, str]) -> str | None:
     return next((stage for part, stage in STAGE_OF_FILE if part in path), "other")
 
 
-def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
-    """CPU seconds by stage (own time of each function; a C function's time split among its callers)."""
-    stats: dict[Any, Any] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+def stage_seconds(stats: dict[Any, Any]) -> dict[str, float]:
+    """CPU seconds by stage (own time of each function; a C function's time split among its callers), from
+    ``pstats.Stats(...).stats`` (one process's profile or several processes' merged)."""
     out: dict[str, float] = {}
     for func, (_cc, _nc, own, _cum, callers) in stats.items():
         stage = _stage(func)
@@ -198,12 +218,10 @@ def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
 TOP = 0
 
 
-def _print_top(profiled: cProfile.Profile, resting: cProfile.Profile, calls: int) -> None:
-    busy: dict[Any, Any] = pstats.Stats(profiled).stats  # type: ignore[attr-defined]
-    idle: dict[Any, Any] = pstats.Stats(resting).stats  # type: ignore[attr-defined]
-    own = {f: v[2] - idle.get(f, (0, 0, 0.0))[2] for f, v in busy.items()}
-    cum = {f: v[3] - idle.get(f, (0, 0, 0.0, 0.0))[3] for f, v in busy.items()}
-    print(f"functions with the most own CPU per warm call (cProfile, idle subtracted, {calls} calls; "
+def _print_top(busy: dict[Any, Any], idle: dict[Any, Any], calls: int, what: str, idle_scale: float) -> None:
+    own = {f: v[2] - idle_scale * idle.get(f, (0, 0, 0.0))[2] for f, v in busy.items()}
+    cum = {f: v[3] - idle_scale * idle.get(f, (0, 0, 0.0, 0.0))[3] for f, v in busy.items()}
+    print(f"functions with the most own CPU per {what} (cProfile, idle subtracted, {calls} of them; "
           "own us, calls, cumulative us):")  # fmt: skip
     for func, seconds in sorted(own.items(), key=lambda kv: -kv[1])[:TOP]:
         path, line, name = func
@@ -213,131 +231,188 @@ def _print_top(profiled: cProfile.Profile, resting: cProfile.Profile, calls: int
         )
 
 
-#: the latency stages of the warm calls of each cell, in the order the cells ran
-TIMELINES: list[dict[str, list[float]]] = []
+class Recorder:
+    """Timestamps where a call and a REGISTER pass the peers, taken in the process that runs those peers.
 
+    ``time.perf_counter`` is CLOCK_MONOTONIC, one clock for every process of the machine, so the stamps of
+    an entry and a home peer in two worker processes subtract like those of one process. Calls: where the
+    INVITE and its 180 enter and leave the entry and the home peer (transport observers, so parse to
+    serialise is inside a peer's stage), by Call-ID. REGISTERs (``registers``): where each enters the
+    registrar peer (the "home" one), where the read of the AOR's bindings (``fetch_bindings``: the DHT
+    lookup and read) and the claim's commit (``_save_claim``, after the signed write to the replicas) start
+    and end, and where its 200 leaves; one record per REGISTER, as the client sends one at a time."""
 
-class Timeline:
-    """Timestamps (``perf_counter``) of the INVITE and its 180 entering and leaving the entry peer and the
-    home peer (transport observers, so parse to serialise is inside a peer's stage), by Call-ID."""
-
-    STAGES = (
-        ("entry peer: INVITE in -> out", ("entry", "in", "INVITE"), ("entry", "out", "INVITE")),
-        ("entry -> home peer (loop, kernel)", ("entry", "out", "INVITE"), ("home", "in", "INVITE")),
-        ("home peer: INVITE in -> out", ("home", "in", "INVITE"), ("home", "out", "INVITE")),
-        ("callee: INVITE out -> 180 in (sipp)", ("home", "out", "INVITE"), ("home", "in", "180")),
-        ("home peer: 180 in -> out", ("home", "in", "180"), ("home", "out", "180")),
-        ("home -> entry peer (loop, kernel)", ("home", "out", "180"), ("entry", "in", "180")),
-        ("entry peer: 180 in -> out", ("entry", "in", "180"), ("entry", "out", "180")),
-    )
-
-    def __init__(self, entry: Peer, home: Peer) -> None:
-        self.events: dict[bytes, dict[tuple[str, str, str], float]] = {}
-        self.order: list[bytes] = []
-        self.observed: list[tuple[Peer, Any]] = []
-        for role, peer in (("entry", entry), ("home", home)):
-            observer = self._observer(role)
+    def __init__(self, roles: dict[str, Peer], *, registers: bool) -> None:
+        self.calls: dict[str, dict[str, float]] = {}
+        self.registers: list[dict[str, float]] = []
+        self._undo: list[Any] = []
+        for role, peer in roles.items():
+            observer = self._observer(role, registers and role == "home")
             peer.stack.transport.add_observer(observer)
-            self.observed.append((peer, observer))
+            self._undo.append(lambda p=peer, o=observer: p.stack.transport.remove_observer(o))
+            if registers and role == "home":
+                self._wrap(peer, "fetch_bindings", "read")
+                self._wrap(peer, "_save_claim", "claim")
 
-    def _observer(self, role: str) -> Any:
-        clock = time.perf_counter
-        events = self.events
+    def _wrap(self, peer: Peer, name: str, mark: str) -> None:
+        inner = getattr(peer, name)
+        clock, records = time.perf_counter, self.registers
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            if records:
+                records[-1].setdefault(mark, clock())
+            try:
+                return await inner(*args, **kwargs)
+            finally:
+                if records:
+                    records[-1].setdefault(mark + " done", clock())
+
+        setattr(peer, name, timed)
+        self._undo.append(lambda: delattr(peer, name))
+
+    def _observer(self, role: str, registers: bool) -> Any:
+        clock, calls, records = time.perf_counter, self.calls, self.registers
 
         def observe(direction: str, data: bytes, _remote: Any) -> None:
             at = clock()
             first = data[: data.find(b" ", 8)]
+            if registers and first.startswith(b"REGISTER") and direction == "in":
+                records.append({"in": at})
+                return
+            if registers and records and first.endswith(b" 200") and b" REGISTER\r\n" in data:
+                records[-1].setdefault("out", at)
+                return
             kind = "INVITE" if first.startswith(b"INVITE") else "180" if first.endswith(b" 180") else None
             if kind is None:
                 return
             start = data.find(b"\r\nCall-ID: ")
             if start < 0:
                 return
-            call_id = data[start + 11 : data.find(b"\r\n", start + 11)]
-            if call_id not in events:
-                events[call_id] = {}
-                self.order.append(call_id)
-            events[call_id].setdefault((role, direction, kind), at)
+            call_id = data[start + 11 : data.find(b"\r\n", start + 11)].decode("latin-1")
+            calls.setdefault(call_id, {}).setdefault(f"{role} {direction} {kind}", at)
 
         return observe
 
-    def close(self) -> None:
-        for peer, observer in self.observed:
-            peer.stack.transport.remove_observer(observer)
-
-    def stages(self, client_ms: list[float]) -> dict[str, list[float]]:
-        """ms per stage and call; "client, loopback" is what the client measured minus the peers' span."""
-        out: dict[str, list[float]] = {name: [] for name, _a, _b in self.STAGES}
-        out["client + loopback to/from the entry peer"] = []
-        for call_id, total in zip(self.order, client_ms, strict=False):
-            seen = self.events[call_id]
-            if not all(a in seen and b in seen for _n, a, b in self.STAGES):
-                continue
-            for name, a, b in self.STAGES:
-                out[name].append((seen[b] - seen[a]) * 1000)
-            span = seen[("entry", "out", "180")] - seen[("entry", "in", "INVITE")]
-            out["client + loopback to/from the entry peer"].append(total - span * 1000)
-        return out
+    def close(self) -> dict[str, Any]:
+        for undo in self._undo:
+            undo()
+        return {"calls": self.calls, "registers": self.registers}
 
 
-def timeline_lines(parts: list[dict[str, list[float]]]) -> list[str]:
+CALL_STAGES = (
+    ("entry peer: INVITE in -> out", "entry in INVITE", "entry out INVITE"),
+    ("entry -> home peer (loop, kernel)", "entry out INVITE", "home in INVITE"),
+    ("home peer: INVITE in -> out", "home in INVITE", "home out INVITE"),
+    ("callee: INVITE out -> 180 in (sipp)", "home out INVITE", "home in 180"),
+    ("home peer: 180 in -> out", "home in 180", "home out 180"),
+    ("home -> entry peer (loop, kernel)", "home out 180", "entry in 180"),
+    ("entry peer: 180 in -> out", "entry in 180", "entry out 180"),
+)
+REGISTER_STAGES = (
+    ("registrar peer: REGISTER in -> read (parse, checks)", "in", "read"),
+    ("lookup + read of the AOR's bindings (DHT)", "read", "read done"),
+    ("plan, sign, write to the replicas (DHT)", "read done", "claim"),
+    ("claim commit (sqlite)", "claim", "claim done"),
+    ("registrar peer: claim -> 200 out", "claim done", "out"),
+)
+
+
+def call_stages(calls: dict[str, dict[str, float]], client_ms: list[float]) -> dict[str, list[float]]:
+    """ms per stage and call; "client, loopback" is what the client measured minus the peers' span. The
+    calls in the order they entered the entry peer (the client's order)."""
+    out: dict[str, list[float]] = {name: [] for name, _a, _b in CALL_STAGES}
+    out["client + loopback to/from the entry peer"] = []
+    ordered = sorted(calls.values(), key=lambda seen: min(seen.values()))
+    for seen, total in zip(ordered, client_ms, strict=False):
+        if not all(a in seen and b in seen for _n, a, b in CALL_STAGES):
+            continue
+        for name, a, b in CALL_STAGES:
+            out[name].append((seen[b] - seen[a]) * 1000)
+        span = seen["entry out 180"] - seen["entry in INVITE"]
+        out["client + loopback to/from the entry peer"].append(total - span * 1000)
+    return out
+
+
+def register_stages(records: list[dict[str, float]], client_ms: list[float]) -> dict[str, list[float]]:
+    """ms per stage and REGISTER at the registrar peer, and the client's figure minus the peer's span."""
+    out: dict[str, list[float]] = {name: [] for name, _a, _b in REGISTER_STAGES}
+    out["client + loopback to/from the registrar peer"] = []
+    for seen, total in zip(records, client_ms, strict=False):
+        if not all(a in seen and b in seen for _n, a, b in REGISTER_STAGES):
+            continue
+        for name, a, b in REGISTER_STAGES:
+            out[name].append((seen[b] - seen[a]) * 1000)
+        out["client + loopback to/from the registrar peer"].append(total - (seen["out"] - seen["in"]) * 1000)
+    return out
+
+
+#: the latency stages of each cell, in the order the cells ran: (warm calls, REGISTERs)
+TIMELINES: list[tuple[dict[str, list[float]], dict[str, list[float]]]] = []
+
+
+def timeline_lines(parts: list[dict[str, list[float]]], what: str) -> list[str]:
     """The latency stages pooled over the repeats: p50 and p99 per stage."""
     pooled: dict[str, list[float]] = {}
     for part in parts:
         for name, values in part.items():
             pooled.setdefault(name, []).extend(values)
-    calls = max((len(v) for v in pooled.values()), default=0)
-    out = [
-        f"latency by stage of the warm calls (INVITE->180, {calls} calls, timestamps at the peers' sockets):"
-    ]
+    count = max((len(v) for v in pooled.values()), default=0)
+    out = [f"latency by stage of the {what} ({count} of them, timestamps at the peers):"]
     for name, values in pooled.items():
         if values:
             out.append(
-                f"  {name:<44} p50 {Timings.pct(values, 50):6.3f} ms  p99 {Timings.pct(values, 99):6.3f} ms"
+                f"  {name:<52} p50 {Timings.pct(values, 50):6.3f} ms  p99 {Timings.pct(values, 99):6.3f} ms"
             )
     return out
 
 
 @dataclass
 class Breakdown:
-    """Where the peers' CPU goes during the warm calls: each stage's CPU per call, the same interval's
-    idle CPU (overlay maintenance with no calls) subtracted. Measured with cProfile (which inflates every
-    figure alike; read the shares), and the total without the profiler (``cpu_ms_per_call``)."""
+    """Where the peers' CPU goes during the warm calls (or the REGISTERs): each stage's CPU per operation,
+    the same interval's idle CPU (overlay maintenance with no calls) subtracted. Measured with cProfile
+    (which inflates every figure alike; read the shares), and the total without the profiler
+    (``cpu_ms_per_call``)."""
 
+    what: str = "warm call"
     calls: int = 0
     cpu_ms_per_call: list[float] = field(default_factory=list)
     stages_ms: dict[str, list[float]] = field(default_factory=dict)
     counters: dict[str, list[float]] = field(default_factory=dict)
     #: share of a core the peers' overlay maintenance took without calls, per run
     maintenance: list[float] = field(default_factory=list)
+    #: the layout the peers ran in (one process, or worker processes)
+    layout: str = "every peer in this one process and event loop"
 
     def add(
         self, calls: int, cpu_s: float, stages: dict[str, float], counters: dict[str, float], idle: float
     ) -> None:
         self.calls += calls
         self.maintenance.append(idle)
-        self.cpu_ms_per_call.append(cpu_s * 1000 / calls)
+        self.cpu_ms_per_call.append(cpu_s * 1000 / max(calls, 1))
         for stage, seconds in stages.items():
-            self.stages_ms.setdefault(stage, []).append(seconds * 1000 / calls)
+            self.stages_ms.setdefault(stage, []).append(seconds * 1000 / max(calls, 1))
         for name, value in counters.items():
-            self.counters.setdefault(name, []).append(value / calls)
+            self.counters.setdefault(name, []).append(value / max(calls, 1))
 
     def lines(self) -> list[str]:
         def span(values: list[float], digits: int = 3) -> str:
             lo, hi = min(values), max(values)
             return f"{lo:.{digits}f}" if lo == hi else f"{lo:.{digits}f}-{hi:.{digits}f}"
 
+        if not self.cpu_ms_per_call:
+            return []
         total = sum(max(v) for v in self.stages_ms.values()) or 1.0
-        out = [f"peers' CPU per warm call, overlay maintenance subtracted: {span(self.cpu_ms_per_call)} ms "
+        out = [f"peers' CPU per {self.what}, overlay maintenance subtracted: {span(self.cpu_ms_per_call)} ms "
                f"(no profiler; {len(self.cpu_ms_per_call)} runs)",
                f"the peers' overlay maintenance alone, no calls: {span([100 * m for m in self.maintenance], 1)} % "
-               "of a core (every peer in this one process and event loop; the calls queue behind it)",
-               "by stage (cProfile, ms per call; shares of the profiled total):"]  # fmt: skip
+               f"of a core ({self.layout})",
+               "by stage (cProfile, ms per operation; shares of the profiled total):"]  # fmt: skip
         for stage, values in sorted(self.stages_ms.items(), key=lambda kv: -max(kv[1])):
             if max(values) >= 0.001:
                 out.append(f"  {stage:<36} {span(values):>13} ms  {100 * max(values) / total:5.1f} %")
         per_call = ", ".join(f"{name} {span(v, 2)}" for name, v in sorted(self.counters.items()) if max(v))
-        out.append(f"per call at the peers: {per_call}")
+        if per_call:
+            out.append(f"per {self.what} at the peers: {per_call}")
         return out
 
 
@@ -417,134 +492,395 @@ def fmt(value: float) -> str:
 
 
 WarmCpu = tuple[int, float, dict[str, float], dict[str, float], float]
-"""The warm calls' count, the peers' CPU seconds for them (maintenance subtracted), CPU by stage, counters,
-and the share of a core the overlay's maintenance alone took meanwhile."""
+"""The warm calls' (or REGISTERs') count, the peers' CPU seconds for them (maintenance subtracted), CPU by
+stage, counters, and the share of a core the overlay's maintenance alone took meanwhile."""
+
+#: bound on one command to a worker process (starting a peer, a profile dump, closing 25 peers)
+COMMAND_TIMEOUT = 120.0
+
+
+class PeerSet:
+    """The peers one process runs, driven by commands: in the single-process layout the bench calls them
+    directly, in a worker process (``--processes``) they arrive as JSON lines; either way the same code
+    starts, tunes, counts, profiles and times the peers."""
+
+    def __init__(self) -> None:
+        self.peers: dict[int, Peer] = {}
+        self.recorder: Recorder | None = None
+        self.profile: cProfile.Profile | None = None
+
+    async def run(self, command: str, args: dict[str, Any]) -> Any:
+        return await getattr(self, f"do_{command}")(**args)
+
+    async def do_start(
+        self, index: int, join: list[Any] | None, data_dir: str, maintenance: float | None
+    ) -> Any:
+        config = PeerConfig(
+            listen=[ListenSpec("udp", "127.0.0.1", 0)],
+            overlay=HostPort("127.0.0.1", 0),
+            join=HostPort(join[0], join[1]) if join else None,
+            data_dir=Path(data_dir),
+            cache_ttl=0.0,
+            # one client registers every AOR: lift the bound on new AORs per source (and in all)
+            new_aors_per_source=UNLIMITED,
+            new_aors_total=UNLIMITED,
+            scan_rate=UNLIMITED,
+        )
+        peer = await Peer.start(config, node_config=_maintenance(maintenance))
+        self.peers[index] = peer
+        return [list(peer.sip_address()), list(peer.overlay_address)]
+
+    async def do_ring(self) -> list[Any]:
+        """Each peer's node id, successor list and predecessor (:func:`ring_of` checks them)."""
+        out: list[Any] = []
+        for peer in self.peers.values():
+            core = peer.node.core
+            successors = None if core is None else [s.id for s in core.successors]
+            predecessor = None if core is None or core.predecessor is None else core.predecessor.id
+            out.append([peer.node.node_id, successors, predecessor])
+        return out
+
+    async def do_set(
+        self,
+        home_routing: bool | None = None,
+        quorum_reads: bool | None = None,
+        cache_ttl: float | None = None,
+    ) -> None:
+        for peer in self.peers.values():
+            if home_routing is not None:
+                peer.config.home_routing = home_routing
+            if quorum_reads is not None:
+                peer.node.quorum_reads = quorum_reads
+            if cache_ttl is not None:
+                peer.cache.ttl = cache_ttl
+
+    async def do_counters(self) -> dict[str, float]:
+        return _counters(list(self.peers.values()))
+
+    async def do_cpu(self) -> float:
+        return time.process_time()
+
+    async def do_profile(self, stem: str | None) -> str | None:
+        """Start profiling this process (``stem`` None), or stop and dump the profile to a file of its own."""
+        if stem is None:
+            self.profile = cProfile.Profile(time.process_time)  # CPU: load on the machine must not count
+            self.profile.enable()
+            return None
+        assert self.profile is not None
+        self.profile.disable()
+        path = f"{stem}.{os.getpid()}"
+        self.profile.dump_stats(path)
+        self.profile = None
+        return path
+
+    async def do_record(self, roles: dict[str, int] | None, registers: bool = False) -> dict[str, Any] | None:
+        """Start timestamps at the peers of ``roles`` this process runs (role -> peer index), or (``roles``
+        None) stop and return them."""
+        if roles is not None:
+            here = {role: self.peers[i] for role, i in roles.items() if i in self.peers}
+            self.recorder = Recorder(here, registers=registers)
+            return None
+        assert self.recorder is not None
+        out, self.recorder = self.recorder.close(), None
+        return out
+
+    async def do_close(self) -> None:
+        for peer in self.peers.values():
+            await peer.close(leave=False)
+        self.peers.clear()
+
+
+class InProcess:
+    """Every peer in this process and event loop (the layout of every run before 2026-12-07 19:00 UTC)."""
+
+    description = "every peer in this one process and event loop; the calls queue behind it"
+
+    def __init__(self) -> None:
+        self.here = PeerSet()
+
+    async def start(self) -> None:
+        pass
+
+    async def on(self, where: int, command: str, **args: Any) -> Any:
+        return await self.here.run(command, args)
+
+    async def each(self, command: str, **args: Any) -> list[Any]:
+        return [await self.here.run(command, args)]
+
+    async def close(self) -> None:
+        await self.here.do_close()
+
+
+class Workers:
+    """The peers spread over ``count`` worker processes (peer i in worker i mod count): on separate
+    machines every peer has a CPU of its own, in one process 50 peers queue on one event loop; Kamailio
+    runs its two worker children. Each worker is this script with ``--worker`` (the same build: with
+    ``--compiled`` the compiled one), reading one JSON command a line and answering one JSON line."""
+
+    def __init__(self, count: int, workdir: Path) -> None:
+        self.count, self.workdir = count, workdir
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.description = f"{count} worker processes, peer i in process i mod {count}"
+
+    async def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for k in range(self.count):
+            with open(self.workdir / f"worker{k}.log", "wb") as log:
+                self.procs.append(await asyncio.create_subprocess_exec(
+                    sys.executable, str(Path(__file__).resolve()), "--worker", *(["--compiled"] if COMPILED else []),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=ROOT,
+                ))  # fmt: skip
+
+    async def _ask(self, k: int, command: str, args: dict[str, Any]) -> Any:
+        proc = self.procs[k]
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write((json.dumps({"command": command, "args": args}) + "\n").encode())
+        await proc.stdin.drain()
+        line = await asyncio.wait_for(proc.stdout.readline(), COMMAND_TIMEOUT)
+        if not line:
+            log = (self.workdir / f"worker{k}.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"bench worker {k} ended during {command!r}: {log}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"bench worker {k}, {command!r}: {reply['error']}")
+        return reply["ok"]
+
+    async def on(self, where: int, command: str, **args: Any) -> Any:
+        return await self._ask(where % self.count, command, args)
+
+    async def each(self, command: str, **args: Any) -> list[Any]:
+        return list(await asyncio.gather(*(self._ask(k, command, args) for k in range(len(self.procs)))))
+
+    async def close(self) -> None:
+        for k, proc in enumerate(self.procs):
+            try:
+                if proc.returncode is None:
+                    await self._ask(k, "close", {})
+            except (RuntimeError, TimeoutError, ConnectionError) as exc:
+                print(f"  bench worker {k} did not close cleanly: {exc}", file=sys.stderr)
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+Layout = InProcess | Workers
+
+
+async def worker() -> int:
+    """``--worker``: run a :class:`PeerSet` for the bench process that started this one, one JSON command a
+    line on stdin, one JSON answer a line on stdout (the peers' own output goes to stderr), until
+    ``close`` or the end of stdin."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # nothing the peers print may reach the answers
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    here = PeerSet()
+    with busy_proxy_gc():  # as `p2psip start` runs a peer
+        try:
+            while line := await reader.readline():
+                request = json.loads(line)
+                try:
+                    answer: dict[str, Any] = {"ok": await here.run(request["command"], request["args"])}
+                except Exception as exc:  # the bench process reports it and stops the run
+                    answer = {"error": f"{type(exc).__name__}: {exc}"}
+                answers.write(json.dumps(answer) + "\n")
+                answers.flush()
+                if request["command"] == "close":
+                    break
+        finally:
+            await here.do_close()
+    return 0
+
+
+async def ring_of(layout: Layout, size: int, timeout: float = 120.0) -> None:
+    """Wait (bounded) until the peers' ring is consistent, as :func:`wait_until_consistent` does, with each
+    node's successor and predecessor read from the process that runs it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        nodes = [
+            SimpleNamespace(node_id=node_id, core=None if successors is None else SimpleNamespace(
+                successors=[SimpleNamespace(id=s) for s in successors],
+                predecessor=None if predecessor is None else SimpleNamespace(id=predecessor),
+            ))
+            for part in await layout.each("ring") for node_id, successors, predecessor in part
+        ]  # fmt: skip
+        if len(nodes) == size and ring_is_consistent(cast(list[Node], nodes)):
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"the ring of {size} peers did not settle within {timeout:g} s")
+        await asyncio.sleep(0.05)
+
+
+async def cpu_seconds(layout: Layout) -> float:
+    """CPU seconds so far of the process(es) running the peers."""
+    return float(sum(await layout.each("cpu")))
+
+
+async def counters_of(layout: Layout) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in await layout.each("counters"):
+        for name, value in part.items():
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+async def profiled(layout: Layout, stem: Path, run: Any) -> dict[Any, Any]:
+    """Run the coroutine ``run`` with every peer process profiled; the profiles merged (pstats)."""
+    await layout.each("profile", stem=None)
+    try:
+        await run
+    finally:
+        paths = await layout.each("profile", stem=str(stem))
+    return pstats.Stats(*paths).stats  # type: ignore[attr-defined,no-any-return]
 
 
 async def measure_overlay(
-    size: int, users: list[str], rate: float, workdir: Path, maintenance: float | None = None
-) -> tuple[list[Timings], WarmCpu]:
+    size: int,
+    users: list[str],
+    rate: float,
+    workdir: Path,
+    maintenance: float | None = None,
+    processes: int = 1,
+    warm_only: bool = False,
+) -> tuple[list[Timings], WarmCpu, WarmCpu, str]:
     """:func:`overlay_rows` with the collector tuned as ``p2psip start`` tunes it (this process stands for
-    the peers' processes; Kamailio runs as it is deployed too)."""
+    the peers' processes in the single-process layout; Kamailio runs as it is deployed too)."""
     with busy_proxy_gc():
-        return await overlay_rows(size, users, rate, workdir, maintenance)
+        layout: Layout = InProcess() if processes <= 1 else Workers(min(processes, size), workdir / "workers")
+        try:
+            await layout.start()
+            rows, warm, register = await overlay_rows(
+                layout, size, users, rate, workdir, maintenance, warm_only
+            )
+            return rows, warm, register, layout.description
+        finally:
+            await layout.close()
 
 
 async def overlay_rows(
-    size: int, users: list[str], rate: float, workdir: Path, maintenance: float | None = None
-) -> tuple[list[Timings], WarmCpu]:
+    layout: Layout,
+    size: int,
+    users: list[str],
+    rate: float,
+    workdir: Path,
+    maintenance: float | None,
+    warm_only: bool,
+) -> tuple[list[Timings], WarmCpu, WarmCpu]:
     """The overlay's row, then (same peers, same bindings) its calls with home routing off: straight from
-    the peer the call enters at to the contact, instead of through the callee's home peer (docs/nat.md)."""
-    peers: list[Peer] = []
-    try:
-        for i in range(size):
-            config = PeerConfig(
-                listen=[ListenSpec("udp", "127.0.0.1", 0)],
-                overlay=HostPort("127.0.0.1", 0),
-                join=HostPort(*peers[0].overlay_address) if peers else None,
-                data_dir=workdir / f"peer{i}",
-                cache_ttl=0.0,
-                # one client registers every AOR: lift the bound on new AORs per source (and in all)
-                new_aors_per_source=UNLIMITED,
-                new_aors_total=UNLIMITED,
-                scan_rate=UNLIMITED,
-            )
-            peers.append(await Peer.start(config, node_config=_maintenance(maintenance)))
-        await wait_until_consistent([p.node for p in peers], timeout=120)
-        uas_port = free_port()
-        with uas(workdir, uas_port, name="uas"):
-            # registrations at the first peer, calls through the last one (another peer, which must look up)
-            host, port = peers[0].sip_address()
-            call_host, call_port = peers[-1].sip_address()
-            await timed_split(  # warm-up, not measured: the same Kamailio gets
-                "warm-up", f"{host}:{port}", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
-                WARM_USERS, rate,
-            )  # fmt: skip
-            home = await timed_split(
-                f"overlay of {size}", f"{host}:{port}", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
-                users, rate,
-            )  # fmt: skip
-            for peer in peers:
-                peer.config.home_routing = False
+    the peer the call enters at to the contact, instead of through the callee's home peer (docs/nat.md);
+    reads from one node and from the replica set; the warm row; and where the time of a warm call and of a
+    REGISTER goes. ``warm_only``: only the REGISTER, cold and warm rows and the breakdowns (target 1)."""
+    join: list[Any] | None = None
+    addresses: list[list[Any]] = []
+    for i in range(size):
+        sip, overlay = await layout.on(
+            i, "start", index=i, join=join, data_dir=str(workdir / f"peer{i}"), maintenance=maintenance
+        )
+        join = join or overlay
+        addresses.append(sip)
+    await ring_of(layout, size)
+    uas_port = free_port()
+    uas_at = f"127.0.0.1:{uas_port}"
+    empty = Timings("", [], [], 0)
+    with uas(workdir, uas_port, name="uas"):
+        # registrations at the first peer, calls through the last one (another peer, which must look up)
+        reg_via = "{}:{}".format(*addresses[0])
+        call_via = "{}:{}".format(*addresses[-1])
+        await timed_split("warm-up", reg_via, call_via, uas_at, WARM_USERS, rate)  # the same Kamailio gets
+        reg_counters_at = await counters_of(layout)
+        cpu, wall = await cpu_seconds(layout), time.monotonic()
+        registered = await timed_client(f"overlay of {size}", reg_via, uas_at, users, rate, calls=False)
+        reg_cpu, reg_wall = await cpu_seconds(layout) - cpu, time.monotonic() - wall
+        reg_counters = {k: v - reg_counters_at.get(k, 0) for k, v in (await counters_of(layout)).items()}
+        cold = await timed_client(f"overlay of {size}", call_via, uas_at, users, rate, registers=False)
+        home = Timings(f"overlay of {size}", registered.register_ms, cold.invite_ms,
+                       registered.failures + cold.failures)  # fmt: skip
+        direct = single = quorum_t = empty
+        if not warm_only:
+            await layout.each("set", home_routing=False)
             direct = await timed_client(
-                f"overlay of {size}, home routing off", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
-                users, rate, registers=False,
-            )  # fmt: skip
+                f"overlay of {size}, home routing off", call_via, uas_at, users, rate, registers=False
+            )
             # Reads before issue 15 (the callee's bindings from the responsible node alone) against the
             # replica-set reads, alternately, same peers, same bindings, home routing on again: the rows
             # next to each other see the same machine load.
-            for peer in peers:
-                peer.config.home_routing = True
+            await layout.each("set", home_routing=True)
             runs: dict[bool, list[Timings]] = {True: [], False: []}
             for quorum in (False, True, False, True):
-                for peer in peers:
-                    peer.node.quorum_reads = quorum
+                await layout.each("set", quorum_reads=quorum)
                 runs[quorum].append(await timed_client(
                     f"overlay of {size}, {'replica-set' if quorum else 'single-node'} reads",
-                    f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}", users, rate, registers=False,
+                    call_via, uas_at, users, rate, registers=False,
                 ))  # fmt: skip
             single, quorum_t = Timings.pool(runs[False]), Timings.pool(runs[True])
-            # Warm: the entry peer's location cache on (it honours each binding's expiry), filled by one
-            # unmeasured pass over the AORs; the measured pass then skips the DHT read of the callee.
-            for peer in peers:
-                peer.cache.ttl = WARM_CACHE_TTL
-            await timed_client(
-                "cache fill",
-                f"{call_host}:{call_port}",
-                f"127.0.0.1:{uas_port}",
-                users,
-                rate,
-                registers=False,
-            )
-            before = _counters(peers)
-            cpu, wall = time.process_time(), time.monotonic()
-            warm = await timed_client(
-                f"overlay of {size}, warm location cache", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}",
-                users, rate, registers=False,
-            )  # fmt: skip
-            cpu, wall = time.process_time() - cpu, time.monotonic() - wall
-            counters = {k: v - before.get(k, 0) for k, v in _counters(peers).items()}
-            idle = time.process_time()
-            await asyncio.sleep(wall)  # the same interval without calls: overlay maintenance alone
-            idle = time.process_time() - idle
-            cpu -= idle
-            # The same warm calls again, profiled, and an idle interval as long, profiled: the difference
-            # per stage is what the calls cost.
-            profiled = cProfile.Profile(time.process_time)  # CPU: load on the machine must not count
-            profiled.enable()
-            await timed_client(
-                "profiled warm pass", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}", users, rate,
-                registers=False,
-            )  # fmt: skip
-            profiled.disable()
-            resting = cProfile.Profile(time.process_time)
-            resting.enable()
-            await asyncio.sleep(wall)
-            resting.disable()
-            stages = stage_seconds(profiled)
-            for stage, seconds in stage_seconds(resting).items():
-                stages[stage] = stages.get(stage, 0.0) - seconds
-            if TOP:
-                _print_top(profiled, resting, len(warm.invite_ms))
-            # Once more with timestamps where the INVITE and the 180 enter and leave the two peers on the
-            # path (unprofiled): the latency by stage.
-            timeline = Timeline(entry=peers[-1], home=peers[0])
-            timed = await timed_client(
-                "timeline pass", f"{call_host}:{call_port}", f"127.0.0.1:{uas_port}", users, rate,
-                registers=False,
-            )  # fmt: skip
-            timeline.close()
-            TIMELINES.append(timeline.stages(timed.invite_ms))
-            return [home, direct, single, quorum_t, warm], (
-                len(warm.invite_ms),
-                cpu,
-                stages,
-                counters,
-                idle / wall,
-            )
-    finally:
-        for peer in peers:
-            await peer.close(leave=False)
+        # Warm: the entry peer's location cache on (it honours each binding's expiry), filled by one
+        # unmeasured pass over the AORs; the measured pass then skips the DHT read of the callee.
+        await layout.each("set", cache_ttl=WARM_CACHE_TTL)
+        await timed_client("cache fill", call_via, uas_at, users, rate, registers=False)
+        before = await counters_of(layout)
+        cpu, wall = await cpu_seconds(layout), time.monotonic()
+        warm = await timed_client(
+            f"overlay of {size}, warm location cache", call_via, uas_at, users, rate, registers=False
+        )
+        cpu, wall = await cpu_seconds(layout) - cpu, time.monotonic() - wall
+        counters = {k: v - before.get(k, 0) for k, v in (await counters_of(layout)).items()}
+        idle = await cpu_seconds(layout)
+        await asyncio.sleep(wall)  # the same interval without calls: overlay maintenance alone
+        idle = await cpu_seconds(layout) - idle
+        cpu -= idle
+        reg_cpu -= idle * reg_wall / wall
+        # The same warm calls again, profiled, and an idle interval as long, profiled: the difference
+        # per stage is what the calls cost.
+        busy = await profiled(layout, workdir / "profile-warm", timed_client(
+            "profiled warm pass", call_via, uas_at, users, rate, registers=False))  # fmt: skip
+        resting = await profiled(layout, workdir / "profile-idle", asyncio.sleep(wall))
+        stages = stage_seconds(busy)
+        for stage, seconds in stage_seconds(resting).items():
+            stages[stage] = stages.get(stage, 0.0) - seconds
+        if TOP:
+            _print_top(busy, resting, len(warm.invite_ms), "warm call", 1.0)
+        # REGISTERs of new AORs, profiled (the same path as the measured ones: a new AOR, a DHT read and
+        # one signed write to 3 replicas)
+        fresh = [f"prof{u}" for u in users]
+        reg_started = time.monotonic()
+        reg_busy = await profiled(layout, workdir / "profile-register", timed_client(
+            "profiled REGISTER pass", reg_via, uas_at, fresh, rate, calls=False))  # fmt: skip
+        scale = (time.monotonic() - reg_started) / wall
+        reg_stages = stage_seconds(reg_busy)
+        for stage, seconds in stage_seconds(resting).items():
+            reg_stages[stage] = reg_stages.get(stage, 0.0) - seconds * scale
+        if TOP:
+            _print_top(reg_busy, resting, len(fresh), "REGISTER", scale)
+        # Once more each with timestamps where the INVITE and the 180 enter and leave the two peers on the
+        # path, and where a REGISTER passes the registrar peer's stages (unprofiled): latency by stage.
+        roles = {"entry": size - 1, "home": 0}
+        await layout.each("record", roles=roles)
+        timed = await timed_client("timeline pass", call_via, uas_at, users, rate, registers=False)
+        call_stamps = await layout.each("record", roles=None)
+        await layout.each("record", roles=roles, registers=True)
+        reg_timed = await timed_client(
+            "REGISTER timeline pass", reg_via, uas_at, [f"tl{u}" for u in users], rate, calls=False
+        )
+        reg_stamps = await layout.each("record", roles=None)
+        calls_seen: dict[str, dict[str, float]] = {}
+        for part in call_stamps:
+            for call_id, seen in part["calls"].items():
+                calls_seen.setdefault(call_id, {}).update(seen)
+        records = [r for part in reg_stamps for r in part["registers"]]
+        TIMELINES.append(
+            (call_stages(calls_seen, timed.invite_ms), register_stages(records, reg_timed.register_ms))
+        )
+        return [home, direct, single, quorum_t, warm], (
+            len(warm.invite_ms), cpu, stages, counters, idle / wall
+        ), (
+            len(registered.register_ms), reg_cpu, reg_stages, reg_counters, idle / wall
+        )  # fmt: skip
 
 
 def _maintenance(period: float | None) -> NodeConfig:
@@ -589,6 +925,8 @@ async def measure_kamailio(users: list[str], rate: float, workdir: Path) -> Timi
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--worker"]:
+        return asyncio.run(worker())
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--sizes", default="5,20,50", help="overlay sizes (comma-separated)")
     parser.add_argument("--users", type=int, default=200, help="AORs registered and called per run")
@@ -607,6 +945,16 @@ def main() -> int:
     )
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown too")
     parser.add_argument(
+        "--processes", type=int, default=1,
+        help="run each overlay's peers in N worker processes (peer i in process i mod N; N >= the size: one"
+        " process per peer); default 1: every peer in this process and event loop",
+    )  # fmt: skip
+    parser.add_argument(
+        "--warm-only", action="store_true",
+        help="target 1's rows only: REGISTER, cold and warm calls and their breakdowns (no home-routing-off"
+        " and read rows)",
+    )  # fmt: skip
+    parser.add_argument(
         "--top", type=int, default=0, help="print the N costliest functions of the warm calls"
     )
     args = parser.parse_args()
@@ -617,9 +965,11 @@ def main() -> int:
         or args.repeat < 1
         or args.rate <= 0
         or args.users < 1
+        or args.processes < 1
     ):
         print(
-            "bench/peer.py: --maintenance and --rate must be > 0, --repeat and --users >= 1", file=sys.stderr
+            "bench/peer.py: --maintenance and --rate must be > 0, --repeat, --users and --processes >= 1",
+            file=sys.stderr,
         )
         return 2
     if missing_tool("peer"):
@@ -628,24 +978,33 @@ def main() -> int:
     users = [f"user{i:04d}" for i in range(args.users)]
     root = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     conditions = Conditions()
+    layout_text = (
+        "every peer in one process" if args.processes == 1 else f"peers in up to {args.processes} processes"
+    )
     print(
         f"bench/peer.py: {len(users)} AORs at {args.rate:g}/s; overlays of {sizes}; maintenance "
-        f"{'as p2psip start' if args.maintenance is None else f'every {args.maintenance:g} s'}; {args.repeat} repeats; p2psip {'compiled build' if COMPILED else 'pure Python'}; work dir {root}",
+        f"{'as p2psip start' if args.maintenance is None else f'every {args.maintenance:g} s'}; {args.repeat} repeats; p2psip {'compiled build' if COMPILED else 'pure Python'}; {layout_text}; work dir {root}",
         flush=True,
     )
     started = time.monotonic()
     cells: dict[int, list[list[Timings]]] = {size: [] for size in sizes}
     breakdowns: dict[int, Breakdown] = {size: Breakdown() for size in sizes}
+    reg_breakdowns: dict[int, Breakdown] = {size: Breakdown("REGISTER") for size in sizes}
     kam_runs: list[Timings] = []
     try:
         for rep in range(args.repeat):
             for size in sizes:
-                pair, warm_cpu = asyncio.run(
-                    measure_overlay(size, users, args.rate, root / f"overlay{size}-{rep}", args.maintenance)
-                )
+                pair, warm_cpu, reg_cpu, where = asyncio.run(measure_overlay(
+                    size, users, args.rate, root / f"overlay{size}-{rep}", args.maintenance, args.processes,
+                    args.warm_only,
+                ))  # fmt: skip
                 cells[size].append(pair)
                 breakdowns[size].add(*warm_cpu)
+                reg_breakdowns[size].add(*reg_cpu)
+                breakdowns[size].layout = reg_breakdowns[size].layout = where
                 for m in pair:
+                    if not m.system:
+                        continue
                     print(
                         f"  [{rep + 1}] {m.system}: {len(m.register_ms)} REGISTERs, {len(m.invite_ms)} calls, "
                         f"{m.failures} failed",
@@ -673,6 +1032,8 @@ def main() -> int:
               "REGISTER p99 spread", "INVITE p99 spread"]  # fmt: skip
     rows = []
     for m in measures:
+        if not m.system:
+            continue  # a row --warm-only skipped
         inv99, reg99 = Timings.pct(m.invite_ms, 99), Timings.pct(m.register_ms, 99)
         rows.append([
             m.system, fmt(Timings.pct(m.register_ms, 50)), fmt(reg99), fmt(Timings.pct(m.invite_ms, 50)),
@@ -690,6 +1051,8 @@ def main() -> int:
         w50, w99 = Timings.pct(warm.invite_ms, 50), Timings.pct(warm.invite_ms, 99)
         print(f"{home.system}: warm location cache p50/p99 {fmt(w50)}/{fmt(w99)} ms vs cold (cache off) "
               f"{fmt(Timings.pct(home.invite_ms, 50))}/{fmt(Timings.pct(home.invite_ms, 99))} ms")  # fmt: skip
+        if not direct.system:
+            continue
         h99, d99 = Timings.pct(home.invite_ms, 99), Timings.pct(direct.invite_ms, 99)
         print(f"{home.system}: p99 call setup through the callee's home peer {fmt(h99)} ms, "
               f"direct to the contact {fmt(d99)} ms (+{fmt(h99 - d99)} ms for the home peer's hop)")  # fmt: skip
@@ -700,7 +1063,16 @@ def main() -> int:
     for i, size in enumerate(sizes):
         print(f"\noverlay of {size}, warm calls:")
         print("\n".join(breakdowns[size].lines()))
-        print("\n".join(timeline_lines(TIMELINES[i :: len(sizes)])))
+        print(
+            "\n".join(timeline_lines([t[0] for t in TIMELINES[i :: len(sizes)]], "warm calls (INVITE->180)"))
+        )
+        print(f"\noverlay of {size}, REGISTERs (new AORs: a DHT read, one signed write to 3 replicas):")
+        print("\n".join(reg_breakdowns[size].lines()))
+        print("\n".join(timeline_lines([t[1] for t in TIMELINES[i :: len(sizes)]], "REGISTERs (->200)")))
+        warm_row, home_row = measures[ROWS * i + ROWS - 1], measures[ROWS * i]
+        w99, r99 = Timings.pct(warm_row.invite_ms, 99), Timings.pct(home_row.register_ms, 99)
+        print(f"target 1 (<= 1.5x Kamailio at p99), overlay of {size}: warm call setup {fmt(w99)} vs {fmt(kam_inv99)} "
+              f"ms ({w99 / kam_inv99:.2f}x), REGISTER {fmt(r99)} vs {fmt(kam_reg99)} ms ({r99 / kam_reg99:.2f}x)")  # fmt: skip
     biggest = measures[ROWS * len(sizes) - ROWS] if sizes else None
     if biggest is not None:
         p99 = Timings.pct(biggest.invite_ms, 99)
@@ -709,7 +1081,8 @@ def main() -> int:
             f"\ntarget p99 call setup < 50 ms through the {sizes[-1]}-peer overlay: {fmt(p99)} ms, {verdict}"
         )
     print(f"({conditions}; shared machine; {args.repeat} repeats; {time.monotonic() - started:.0f} s; "
-          f"p2psip {'compiled build' if COMPILED else 'pure Python'}, the timing client pure Python)")  # fmt: skip
+          f"p2psip {'compiled build' if COMPILED else 'pure Python'}, the timing client pure Python; "
+          f"{layout_text})")  # fmt: skip
     if args.markdown:
         print()
         print("| " + " | ".join(header) + " |")
