@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -1136,7 +1137,7 @@ class Node:
         if self.attach is not None:
             await self._relay("relay_store", {"entry": entry})
             return
-        self._check_write_quorum(await self._primary_call(ring_key, "store", {"entry": entry}, at))
+        await self._store_entry(entry, at, signer)
 
     def _check_write_quorum(self, reply: Message) -> None:
         """Raise WriteQuorumFailed when the primary's answer says fewer copies than the write quorum
@@ -1159,17 +1160,51 @@ class Node:
         self._core()
 
         async def ask(target: NodeRef, deadline: float) -> Message | str:
-            reply = await self._call(target, mtype, body, deadline=deadline)
-            if reply.type == "ok":
-                return reply
-            code, reason = reply.body["code"], reply.body["reason"]
-            if code == E_REFUSED:
-                raise StoreRefused(reply.body.get("detail") or reason, reason=reason)
-            if code == E_BAD_REQUEST:
-                raise OverlayError(f"{mtype} rejected by {short(target.id)}: {reason}")
-            return f"{short(target.id)} answered {code} {reason}"
+            return self._primary_outcome(
+                target, mtype, await self._call(target, mtype, body, deadline=deadline)
+            )
 
         return await self._until_deadline(ring_key, mtype, at, ask, holders=False)
+
+    def _primary_outcome(self, target: NodeRef, mtype: str, reply: Message) -> Message | str:
+        """The responsible node's answer: the reply if ``ok``; ``StoreRefused`` (403) or ``OverlayError``
+        (400) raised; anything else (421 not responsible ...) as the reason to look the key up again."""
+        if reply.type == "ok":
+            return reply
+        code, reason = reply.body["code"], reply.body["reason"]
+        if code == E_REFUSED:
+            raise StoreRefused(reply.body.get("detail") or reason, reason=reason)
+        if code == E_BAD_REQUEST:
+            raise OverlayError(f"{mtype} rejected by {short(target.id)}: {reason}")
+        return f"{short(target.id)} answered {code} {reason}"
+
+    async def _store_entry(self, entry: Entry, at: KeyAccess, signer: KeyPair | None) -> None:
+        """Store a signed entry on its holders, the writer fanning out (see :class:`_WriteFanOut`): the
+        primary and the replicas the last lookup named get it in parallel, and the write is done once
+        the primary and enough copies for the write quorum acknowledged. Without a replica set to send to
+        (a ring of one, a node cut off), the primary is asked alone, as a plain store: it replicates."""
+        self._core()
+
+        async def attempt(target: NodeRef, deadline: float) -> Message | str:
+            holders = at.holders if at.holders and at.holders[0].id == target.id else [target]
+            if len(holders) < 2:
+                reply = await self._call(target, "store", {"entry": entry}, deadline=deadline)
+                return self._primary_outcome(target, "store", reply)
+            try:
+                fan = _WriteFanOut(self, entry, holders, deadline, signer)
+            except WireError:  # too big for a datagram: the primary gets it by TCP and replicates
+                reply = await self._call(target, "store", {"entry": entry}, deadline=deadline)
+                return self._primary_outcome(target, "store", reply)
+            outcome = await fan.outcome
+            if outcome is not None:
+                return outcome
+            # the quorum was not reached (a copy refused as not held there: our view of the holders is
+            # older than the primary's; timed out ...): the primary fans out by its own view
+            self._count("fanout_handed_back")
+            reply = await self._call(target, "store", {"entry": entry}, deadline=deadline)
+            return self._primary_outcome(target, "store", reply)
+
+        self._check_write_quorum(await self._until_deadline(entry.key, "store", at, attempt, holders=True))
 
     async def _until_deadline(
         self,
@@ -1239,11 +1274,21 @@ class Node:
     async def _udp_call(
         self, target: NodeRef, mtype: str, body: dict[str, Any], *, deadline: float
     ) -> Message:
-        """One request over UDP, retransmitted with exponential backoff until a reply or ``deadline``.
+        """One request over UDP, retransmitted with exponential backoff until a reply or ``deadline``
+        (TimeoutError then); see :meth:`_udp_request`."""
+        return await self._udp_request(target, mtype, body, deadline=deadline)
+
+    def _udp_request(
+        self, target: NodeRef, mtype: str, body: dict[str, Any], *, deadline: float
+    ) -> asyncio.Future[Message]:
+        """One request over UDP as a future: resolved with the reply, or with TimeoutError once the last
+        retransmission went unanswered (the target then counts as failed). ``WireError`` at once if the
+        request does not fit a datagram. Nothing is sent again once the future is done or cancelled.
 
         The retransmissions run on one timer callback per attempt (``loop.call_at``) around the one future
         the reply resolves: an ``asyncio.wait_for(shield(...))`` per attempt cost a waiter future, a shield
-        future and their callbacks on every RPC, a good part of a registration's CPU (issue 19)."""
+        future and their callbacks on every RPC, a good part of a registration's CPU (issue 19). No task
+        either: a writer's fan-out (:class:`_WriteFanOut`) waits on several of these with callbacks."""
         mid = self._new_id()
         data = self.codec.encode(Message(mtype, mid, self.me.id, self.me.ep, body))
         loop = self._loop
@@ -1263,21 +1308,20 @@ class Node:
                 self._sendto(data, target.ep)
                 wait = min(timeout * (2**n), deadline - loop.time())
             if wait <= 0:
-                fut.set_exception(_RpcTimedOut())
+                self._count("rpc_timeouts")
+                fut.set_exception(TimeoutError(f"{mtype} to {short(target.id)} timed out"))
+                self._node_failed(target.id)
                 return
             timer = loop.call_at(loop.time() + wait, attempt, n + 1)
 
-        try:
-            attempt(0)
-            return await fut
-        except _RpcTimedOut:
-            self._count("rpc_timeouts")
-            self._node_failed(target.id)
-            raise TimeoutError(f"{mtype} to {short(target.id)} timed out") from None
-        finally:
+        def finished(_fut: asyncio.Future[Message]) -> None:
             self._pending.pop(mid, None)
             if timer is not None:
                 timer.cancel()
+
+        fut.add_done_callback(finished)
+        attempt(0)
+        return fut
 
     async def _tcp_call(
         self, target: NodeRef, mtype: str, body: dict[str, Any], *, timeout: float
@@ -1640,30 +1684,37 @@ class Node:
     async def _await_storage(
         self, token: Hashable, mtype: str, body: dict[str, Any], *, member: bool
     ) -> Message | None:
-        """A storage request whose answer we wait for here (TCP, or this node's own client calls)."""
-        fut: asyncio.Future[Message] = self._loop.create_future()
-        self._waiting[token] = fut
-        timer: asyncio.TimerHandle | None = None
+        """A storage request whose answer we wait for here (TCP, or this node's own client calls); None
+        if this node serves none or no answer came."""
         try:
-            if not self._storage_request(token, mtype, body, once=False, member=member):
-                return None
-            if fut.done():  # answered at once (a local fetch, a store without replicas)
-                return fut.result()
-            # The core answers once its own Sends are settled, and every Send has a timeout.
-            timer = self._loop.call_later(self.config.op_timeout, _time_out, fut)
-            return await fut
+            return await self._storage_future(token, mtype, body, member=member)
         except TimeoutError:
             return None
-        finally:
-            if timer is not None:
-                timer.cancel()
+
+    def _storage_future(
+        self, token: Hashable, mtype: str, body: dict[str, Any], *, member: bool
+    ) -> asyncio.Future[Message]:
+        """Hand a request to this node's own storage core; the future takes its answer (often at once: a
+        local fetch, a store without replicas), or TimeoutError if this node serves none or the core did
+        not answer within ``op_timeout`` (it answers once its own Sends are settled, and each has one)."""
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self._waiting[token] = fut
+        if not self._storage_request(token, mtype, body, once=False, member=member):
+            fut.set_exception(TimeoutError("this node serves no storage requests"))
+        if fut.done():
+            self._waiting.pop(token, None)
+            return fut
+        timer = self._loop.call_later(self.config.op_timeout, _time_out, fut)
+
+        def finished(_fut: asyncio.Future[Message]) -> None:
+            timer.cancel()
             self._waiting.pop(token, None)
 
+        fut.add_done_callback(finished)
+        return fut
+
     async def _local_call(self, mtype: str, body: dict[str, Any], *, deadline: float) -> Message:
-        reply = await self._await_storage(("local", self._new_id()), mtype, body, member=True)
-        if reply is None:
-            raise TimeoutError("no local reply")
-        return reply
+        return await self._storage_future(("local", self._new_id()), mtype, body, member=True)
 
     def _drain_storage(self) -> None:
         """Carry out what the storage core produced: answers to requests, requests of its own."""
@@ -1851,6 +1902,140 @@ class Node:
         return task
 
 
+class _WriteFanOut:
+    """One writer-side fan-out of a store (issue 19): the writer sends the entry to the key's primary
+    (``fanout``: keep and check it, forward nothing) and to the replicas its last lookup named
+    (``replica``), all at once, and counts the answers as they come, by callbacks (no task per copy).
+
+    ``outcome`` resolves as soon as the primary acknowledged and the copies acknowledged so far (the
+    primary's included) reach the write quorum ``min(write_quorum, copies wanted)``, where the copies
+    wanted are the holders sent to or, if more, what the primary's own view wants (a primary cut off from
+    its successors wants r): an ``ok`` message with ``stored`` and ``wanted`` for
+    ``Node._check_write_quorum``. So a new AOR's REGISTER waits one round trip, not two (writer ->
+    primary -> replicas -> primary -> writer), and the entry peer that is a replica keeps its copy without
+    a datagram. The primary's answer is waited for in every case: it is the one that checks the key is
+    its own (421: look the key up again) and, under first-claim, who owns it.
+
+    Otherwise ``outcome`` is the primary's failure (a reason string: look up again; ``StoreRefused``,
+    ``OverlayError`` raised to the writer), or None when every holder answered without a quorum (the
+    writer then hands the store to the primary, which fans out by its own view).
+
+    After the outcome the remaining copies still run. When they are all settled: a copy that went missing
+    behind a successful write is handed to the primary as a plain store of the same entry, which asks its
+    replicas again and schedules its early repair if one still misses it (the primary's repair role, as
+    when it fanned out itself); a write the primary refused by policy while a replica that missed the
+    owner's entries took it is taken back there with a signed removal (so a stale replica cannot keep a
+    write the key's owner never allowed)."""
+
+    def __init__(
+        self, node: Node, entry: Entry, holders: list[NodeRef], deadline: float, signer: KeyPair | None
+    ) -> None:
+        self.node = node
+        self.entry = entry
+        self.holders = holders
+        self.signer = signer
+        loop = node._loop
+        self.outcome: asyncio.Future[Message | str | None] = loop.create_future()
+        self.outcome.add_done_callback(_retrieved)  # a writer cancelled meanwhile leaves no warning behind
+        self.primary: Message | str | Exception | None = None
+        self.wanted = len(holders)
+        self.acks = 0
+        self.took: list[NodeRef] = []  # replicas that acknowledged
+        self.missed = False
+        self.outstanding = len(holders)
+        node._count("fanout_writes")
+        replica_deadline = min(deadline, loop.time() + 3 * node.config.rpc_timeout)
+        for i, holder in enumerate(holders):
+            body: dict[str, Any] = (
+                {"entry": entry, "fanout": True} if i == 0 else {"entry": entry, "replica": True}
+            )
+            if holder.id == node.me.id:
+                fut = node._storage_future(("local", node._new_id()), "store", body, member=True)
+            else:
+                try:
+                    fut = node._udp_request(
+                        holder, "store", body, deadline=deadline if i == 0 else replica_deadline
+                    )
+                except WireError:
+                    if i == 0:  # too big for a datagram, and nothing sent yet: the writer stores by TCP
+                        raise
+                    fut = loop.create_future()  # cannot happen (same entry): counted as a missed copy
+                    fut.set_exception(TimeoutError("too big for a datagram"))
+                node._count("storage_rpcs")
+            fut.add_done_callback(functools.partial(self._answered, i, holder))
+
+    def _answered(self, index: int, holder: NodeRef, fut: asyncio.Future[Message]) -> None:
+        self.outstanding -= 1
+        reply = None if fut.cancelled() or fut.exception() is not None else fut.result()
+        if index == 0:
+            if reply is None:
+                self.primary = f"{short(holder.id)} did not answer the store"
+            else:
+                try:
+                    self.primary = self.node._primary_outcome(holder, "store", reply)
+                except (StoreRefused, OverlayError) as exc:
+                    self.primary = exc
+            if isinstance(self.primary, Message):
+                self.acks += 1
+                wanted = self.primary.body.get("wanted")
+                if isinstance(wanted, int) and wanted > self.wanted:
+                    self.wanted = wanted
+        elif reply is not None and reply.type == "ok":
+            self.acks += 1
+            self.took.append(holder)
+        else:
+            self.missed = True
+        self._decide()
+        if not self.outstanding:
+            self._settled()
+
+    def _decide(self) -> None:
+        if self.outcome.done() or self.primary is None:
+            return
+        if isinstance(self.primary, Exception):
+            self.outcome.set_exception(self.primary)
+        elif isinstance(self.primary, str):
+            self.outcome.set_result(self.primary)
+        elif self.acks >= min(self.node.config.write_quorum, self.wanted):
+            node = self.node
+            body = {"stored": self.acks, "wanted": self.wanted}
+            self.outcome.set_result(Message("ok", 0, self.primary.src, node.me.ep, body))
+        elif not self.outstanding:
+            self.outcome.set_result(None)
+
+    def _settled(self) -> None:
+        """Every copy answered or timed out, after the outcome: repair what the outcome left behind."""
+        node = self.node
+        if node._closed:
+            return
+        primary = self.holders[0]
+        if isinstance(self.primary, Message) and self.missed and self.outcome.done():
+            if self.outcome.exception() is None and self.outcome.result() is not None:
+                node._count("fanout_copies_handed_back")
+                node._spawn(self._hand_back(primary, {"entry": self.entry}))
+        elif (
+            isinstance(self.primary, StoreRefused)
+            and self.primary.reason == "policy"
+            and self.took
+            and self.signer is not None
+            and self.signer.public_key == self.entry.owner
+        ):
+            e = self.entry
+            slot = (e.key, e.entry_id)
+            seq = max(e.seq + 1, node._seqs.get(slot, 0) + 1)
+            node._seqs[slot] = seq
+            removal = Entry.create(self.signer, e.key, e.entry_id, b"", seq, 0, e.cert)
+            node.cache.signed(self.signer.public_key, removal.signature, removal.signed_bytes())
+            for holder in self.took:
+                node._count("fanout_refused_taken_back")
+                node._spawn(self._hand_back(holder, {"entry": removal, "replica": True}))
+
+    async def _hand_back(self, target: NodeRef, body: dict[str, Any]) -> None:
+        node = self.node
+        with contextlib.suppress(TimeoutError, WireError, OverlayError):
+            await node._call(target, "store", body, deadline=node._loop.time() + 3 * node.config.rpc_timeout)
+
+
 class KeyAccess:
     """One key's reads and writes through its responsible node, found once (see ``Node.at``).
 
@@ -1893,14 +2078,15 @@ class KeyAccess:
 UDP_RECEIVE_BUFFER = 1 << 20
 
 
-class _RpcTimedOut(Exception):
-    """Set on a UDP call's future when its last attempt went unanswered (never leaves ``_udp_call``)."""
-
-
 def _time_out(fut: asyncio.Future[Any]) -> None:
     """The deadline timer of a future some coroutine awaits: TimeoutError, unless it was settled."""
     if not fut.done():
         fut.set_exception(TimeoutError())
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:

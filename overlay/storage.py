@@ -489,10 +489,10 @@ class Replicator:
         """The successors that should hold copies of our primary range (self and duplicates excluded)."""
         out: list[NodeRef] = []
         for node in succs:
-            if node[0] != self.me and all(node[0] != n[0] for n in out):
-                out.append(node)
             if len(out) >= self.replicas - 1:
                 break
+            if node[0] != self.me and all(node[0] != n[0] for n in out):
+                out.append(node)
         return out
 
     def on_neighbours(

@@ -24,9 +24,12 @@ The protocol rules that live here:
 
 * responsibility: a ``store`` or ``fetch`` without ``replica`` is served only for keys in
   (predecessor, me]; otherwise ``err 421 not-responsible`` (the client looks the key up again);
-* replica fan-out: the primary keeps a store, forwards it to its first r-1 successors in parallel and
-  answers ``stored = 1 + copies acknowledged`` and ``wanted = 1 + copies sent`` (the writer checks its write
-  quorum against them); a missing copy schedules an early repair;
+* replica fan-out: a writer usually sends the replicas their copies itself (``fanout`` on its store to
+  the primary, ``overlay.node._WriteFanOut``): the primary keeps and checks the entry and answers at once
+  ``stored = 1`` and ``wanted = 1 + its replicas``. A plain store (no such writer; or the same entry again:
+  a retry, a writer handing back a copy that went missing) is forwarded to the first r-1 successors in
+  parallel and answered ``stored = 1 + copies acknowledged`` and ``wanted = 1 + copies sent`` (the writer
+  checks its write quorum against them); a missing copy schedules an early repair;
 * duplicate suppression: a retransmitted request gets the first answer, never a second run; the very same
   entry stored again is an idempotent success;
 * hand-off forwarding: a node that joined moments ago and finds nothing for a key asks its successor
@@ -378,7 +381,7 @@ class StorageCore:
                 self._count("store_refused_not_held")
                 self._err(token, E_NOT_RESPONSIBLE, "not-replica", "this node keeps no copy of that key")
                 return
-            self._store(token, body["entry"], replica, now)
+            self._store(token, body["entry"], replica, now, fanout=bool(body.get("fanout", False)))
         else:
             self._answer(token, "err", {"code": E_BAD_REQUEST, "reason": "unknown-type", "detail": mtype})
 
@@ -451,7 +454,9 @@ class StorageCore:
             fitting.append(item)
         self._answer(token, "ok", {"entries": fitting})
 
-    def _store(self, token: Hashable, entry: Entry, replica: bool, now: float) -> None:
+    def _store(
+        self, token: Hashable, entry: Entry, replica: bool, now: float, *, fanout: bool = False
+    ) -> None:
         if not replica and not self.is_responsible(entry.key):
             self._count("store_not_responsible")
             self._err(token, E_NOT_RESPONSIBLE, "not-responsible")
@@ -462,26 +467,34 @@ class StorageCore:
         try:
             self.store.put(entry, now, remaining_s=cap)
         except StoreRefused as exc:
-            if exc.reason == "stale-seq" and self.store.current(entry.key, entry.entry_id) == entry:
-                # the very same entry again (a retry whose first reply was lost): idempotent success
-                self._count("store_duplicates")
-                self._answer(token, "ok", {"stored": 0 if replica else 1})
+            if exc.reason != "stale-seq" or self.store.current(entry.key, entry.entry_id) != entry:
+                self._count(f"store_refused_{exc.reason.replace('-', '_')}")
+                if replica and exc.reason == "stale-seq":
+                    self._answer(token, "ok", {"stored": 0})
+                else:
+                    self._err(token, E_REFUSED, exc.reason, str(exc))
                 return
-            self._count(f"store_refused_{exc.reason.replace('-', '_')}")
-            if replica and exc.reason == "stale-seq":
-                self._answer(token, "ok", {"stored": 0})
-            else:
-                self._err(token, E_REFUSED, exc.reason, str(exc))
-            return
-        self._count("stores_accepted")
-        targets = [] if replica else self.replicator.replica_targets(self.successors)
-        if not targets:
+            # the very same entry again: an idempotent success. At a replica that is all; at the primary
+            # it is a retry whose answer was lost, or a writer handing its fan-out back because a copy
+            # it sent went missing (Node._store_entry): the replicas are asked again below (one that has
+            # it answers ok), so the answer says how many copies exist and a missing one gets repaired.
+            self._count("store_duplicates")
             if replica:
-                self._answer(token, "ok", {"stored": 1})
+                self._answer(token, "ok", {"stored": 0})
                 return
-            if self.knows_others:
+        else:
+            self._count("stores_accepted")
+        if replica:
+            self._answer(token, "ok", {"stored": 1})
+            return
+        targets = self.replicator.replica_targets(self.successors)
+        if fanout or not targets:
+            # ``fanout``: the writer sends the replicas their copies itself and counts their answers; the
+            # primary's answer says how many copies its own view wants.
+            cut_off = not targets and self.knows_others
+            if cut_off:
                 self._count("stores_cut_off")
-            wanted = self.replicator.replicas if self.knows_others else 1
+            wanted = self.replicator.replicas if cut_off else 1 + len(targets)
             self._answer(token, "ok", {"stored": 1, "wanted": wanted})
             return
         fan = _FanOut(token, len(targets), len(targets))

@@ -63,7 +63,9 @@ Schema = Mapping[str, str]
 # Storage messages (this module's own); routing types (ping ... leave) come from overlay.chord.
 STORAGE_MESSAGES: dict[str, Schema] = {
     # A client (or the primary forwarding to a replica, ``replica`` true) asks a node to keep an entry.
-    "store": {"entry": "entry", "replica": "bool?"},
+    # ``fanout``: the writer sends the copies to the replicas itself (overlay.node's writer fan-out): the
+    # primary keeps and checks the entry, answers at once and forwards nothing.
+    "store": {"entry": "entry", "replica": "bool?", "fanout": "bool?"},
     # All live entries under a key (tombstones excluded). ``replica``: answer from whatever this node
     # holds, responsible or not (a new primary asks its successor while its hand-off is in flight).
     "fetch": {"key": "id", "replica": "bool?"},

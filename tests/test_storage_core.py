@@ -106,9 +106,51 @@ def test_a_retransmitted_request_gets_the_first_answer_and_never_runs_twice() ->
     c.handle_request("u", "store", {"entry": e}, T, once=True)
     assert answers(c) == first  # the same answer again, not a stale-seq refusal
     assert c.stats["request_duplicates"] == 1 and c.stats["stores_accepted"] == 1
+    assert first and first[0].body == {"stored": 1, "wanted": 1}  # r = 1: no replica to send to
     # the very same entry under a new token (a retry whose reply was lost) is an idempotent success
     c.handle_request("v", "store", {"entry": e}, T)
-    assert answers(c)[0].body == {"stored": 1} and c.stats["store_duplicates"] == 1
+    assert answers(c)[0].body == {"stored": 1, "wanted": 1} and c.stats["store_duplicates"] == 1
+
+
+def test_the_same_entry_again_at_the_primary_asks_the_replicas_again() -> None:
+    """A primary asked again for an entry it holds (a retry whose answer was lost, or a writer handing
+    back a copy its fan-out missed) sends it to its replicas again, counts their answers and repairs
+    early if one still misses it; a replica asked again just says it holds it."""
+    c = core()
+    e = entry()
+    c.handle_request("w1", "store", {"entry": e}, T)
+    for s in c.take_outputs():
+        assert isinstance(s, Send)
+        c.on_reply(s.request_id, "ok", {"stored": 1}, T)
+    assert answers(c)[0].body == {"stored": 3, "wanted": 3}
+    c.handle_request("w2", "store", {"entry": e}, T + 1)
+    again = [s for s in c.take_outputs() if isinstance(s, Send)]
+    assert {s.to for s in again} == {S1, S2} and all(s.body["replica"] is True for s in again)
+    c.on_reply(again[0].request_id, "ok", {"stored": 0}, T + 1)
+    c.on_failure(again[1].request_id, T + 4)
+    assert answers(c)[0].body == {"stored": 2, "wanted": 3}
+    assert c.stats["store_duplicates"] == 1 and c.next_timer() <= T + 4 + c.config.early_repair_delay
+    c.handle_request("w3", "store", {"entry": e, "replica": True}, T + 5, member=True)
+    assert answers(c)[0].body == {"stored": 0}
+
+
+def test_a_fanout_store_is_kept_and_answered_at_once_without_forwarding() -> None:
+    """``fanout``: the writer sends the replicas their copies itself; the primary checks and keeps the
+    entry, answers how many copies its view wants, and sends nothing (not even for a duplicate)."""
+    c = core()
+    c.handle_request("f", "store", {"entry": entry(), "fanout": True}, T)
+    (answer,) = c.take_outputs()
+    assert isinstance(answer, Answer) and answer.body == {"stored": 1, "wanted": 3}
+    assert c.store.current(700, b"phone") is not None
+    c.handle_request("g", "store", {"entry": entry(), "fanout": True}, T)
+    assert [o.body for o in c.take_outputs() if isinstance(o, Answer)] == [{"stored": 1, "wanted": 3}]
+    # still only for keys in its range, and cut off from its successors it wants r copies
+    c.handle_request("h", "store", {"entry": entry(key=1500), "fanout": True}, T)
+    assert answers(c)[0].body["code"] == E_NOT_RESPONSIBLE
+    c.on_neighbours(PRED, [], T + 1)
+    c.take_outputs()
+    c.handle_request("i", "store", {"entry": entry(seq=5), "fanout": True}, T + 1)
+    assert answers(c)[0].body == {"stored": 1, "wanted": 3} and c.stats["stores_cut_off"] == 1
 
 
 def test_replica_fetch_returns_tombstones_with_their_seq_primary_fetch_does_not() -> None:
