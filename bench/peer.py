@@ -624,11 +624,14 @@ class Workers:
 
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # bench/ on the worker's path: with --compiled PYTHONSAFEPATH=1 keeps the script's directory off it
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (env.get("PYTHONPATH"), str(ROOT / "bench"))))
         for k in range(self.count):
             with open(self.workdir / f"worker{k}.log", "wb") as log:
                 self.procs.append(await asyncio.create_subprocess_exec(
                     sys.executable, str(Path(__file__).resolve()), "--worker", *(["--compiled"] if COMPILED else []),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=ROOT,
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=ROOT, env=env,
                 ))  # fmt: skip
 
     async def _ask(self, k: int, command: str, args: dict[str, Any]) -> Any:
