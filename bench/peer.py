@@ -134,12 +134,18 @@ async def main(via_text, uas, users, rate, what):
         await asyncio.sleep(max(0.0, 1 / rate - (loop.time() - started)))
     for user in users if "c" in what else []:  # INVITE -> 180 (then completed: 200, ACK, BYE)
         started = loop.time()
-        result = await phone.call(f"sip:{user}@p2p.example", via, timeout=10)
+        try:  # the phone sends once (no UDP retransmission): a lost request or answer is a failed call
+            result = await phone.call(f"sip:{user}@p2p.example", via, timeout=10)
+        except TimeoutError:
+            failures += 1
+            print(f"call to {user}: no answer within 10 s", file=sys.stderr)
+            continue
         ringing = result.latency(180)
         if result.answered and result.bye_status == 200 and ringing is not None:
             inv.append(ringing * 1000)
         else:
             failures += 1
+            print(f"call to {user}: {result.statuses}, BYE {result.bye_status}", file=sys.stderr)
         await asyncio.sleep(max(0.0, 1 / rate - (loop.time() - started)))
     print(json.dumps({"register_ms": reg, "invite_180_ms": inv, "failures": failures}))
 
@@ -484,6 +490,8 @@ async def timed_client(
     if proc.returncode != 0:
         raise RuntimeError(f"the timing client against {system} failed: {err.decode()[-2000:]}")
     data = json.loads(out)
+    if data["failures"]:
+        print(f"  {system}: {data['failures']} failed: {err.decode(errors='replace')[-600:]}", flush=True)
     return Timings(system, data["register_ms"], data["invite_180_ms"], data["failures"])
 
 
