@@ -124,6 +124,23 @@ def test_tone_is_continuous_across_frames_and_ends() -> None:
         ToneSource(1000, amplitude=2)
 
 
+def test_tone_frames_are_shared_objects_with_the_sliced_values() -> None:
+    """A tone's frames (and silence) are the same bytes objects call after call and source after source, so
+    that the encoder's memory hashes each once; a frame size that does not divide a second, or a read that
+    left the frame grid, still gets the right samples."""
+    first, second = ToneSource(440), ToneSource(440)
+    one = [first.read(160) for _ in range(51)]
+    two = [second.read(160) for _ in range(51)]
+    assert all(a is b for a, b in zip(one, two, strict=True))
+    assert one[50] is one[0] and one[1] is not None and len(one[1]) == 320  # the second repeats, shared
+    assert b"".join(f for f in one[:50] if f) == ToneSource(440).read(8000)  # the sliced values
+    odd = ToneSource(440)  # 240 samples (30 ms) do not divide 8000 evenly: sliced as before
+    reads = [odd.read(240), odd.read(160), odd.read(160)]
+    whole = b"".join(f for f in [ToneSource(440).read(560)] if f)
+    assert b"".join(f for f in reads if f) == whole  # off the 160-sample grid after 240: still continuous
+    assert SilenceSource().read(160) is SilenceSource().read(160)
+
+
 def test_silence_and_callbacks() -> None:
     silence = SilenceSource(0.02)
     assert silence.read(160) == bytes(320) and silence.read(160) is None

@@ -458,9 +458,10 @@ class MediaSession:
             if event is not None:
                 self._transmit(self.dtmf_payload_type, event.timestamp, event.payload, event.marker)
                 return
-        pcm = None if self.source_done.done() else self.source.read(self.samples_per_packet)
+        ended = self.source_done.done()
+        pcm = None if ended else self.source.read(self.samples_per_packet)
         if pcm is None:
-            if not self.source_done.done():
+            if not ended:
                 self.source_done.set_result(None)
             return
         self._transmit(self.codec.payload_type, timestamp, encode_frame(self.codec, pcm), self._marker)
