@@ -225,6 +225,11 @@ _OnReply = Callable[[int, Mapping[str, Any], float], None]  # (src_id, body, now
 _OnFail = Callable[[float, bool], None]  # (now, dead): dead=False when the node answered "err"
 _Cont = Callable[[NodeRef, float], None]
 
+
+def _ignore_reply(src_id: int, body: Mapping[str, Any], now: float) -> None:
+    """The answer to a probe whose only question is whether the node is alive (``on_fail`` says if not)."""
+
+
 _IDLE, _JOINING, _JOINED, _LEFT = "idle", "joining", "joined", "left"
 _PERIODIC = ("stabilize", "fix_fingers", "check_pred")
 
@@ -815,7 +820,7 @@ class ChordCore:
                     self._node_dead(probed.id, now)
                     self._when_verified(src, self._accept_predecessor, now)
 
-            self._request(pred.ep, pred.id, "ping", {}, lambda *_: None, dead, now)
+            self._request(pred.ep, pred.id, "ping", {}, _ignore_reply, dead, now)
 
     def _accept_predecessor(self, node: NodeRef, now: float) -> None:
         pred = self._pred

@@ -26,14 +26,21 @@ import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import msgpack
 
 from overlay.errors import OverlayError
-from overlay.identity import user_cert_problem
+from overlay.identity import VerifiedCache, user_cert_problem
 from overlay.ids import to_bytes
-from overlay.storage import Entry, Store
+from overlay.storage import (
+    DEFAULT_INBOX_QUOTA,
+    DEFAULT_MAX_LIFETIME,
+    DEFAULT_MAX_PER_OWNER,
+    DEFAULT_MAX_VALUE,
+    DEFAULT_MEMORY_S,
+    Entry,
+    Store,
+)
 
 FILE_NAME = "overlay.sqlite3"
 SCHEMA_VERSION = 1
@@ -72,12 +79,35 @@ def decode_entry(blob: bytes) -> Entry:
 class DurableStore(Store):
     """A ``Store`` whose contents survive restarts (see the module docstring).
 
-    Open it with the wall-clock ``now``; keyword arguments are those of ``Store``. ``loaded``, ``rejected``
-    and ``corrupt`` say what opening found.
+    Open it with the wall-clock ``now``; keyword arguments are those of ``Store``, spelled out because the
+    compiled build (mypyc) cannot pass ``**options`` on to a base class's ``__init__``. ``loaded``,
+    ``rejected`` and ``corrupt`` say what opening found.
     """
 
-    def __init__(self, path: str | os.PathLike[str], now: float, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        now: float,
+        *,
+        policy: str = "first-claim",
+        ca_public_key: bytes | None = None,
+        max_value: int = DEFAULT_MAX_VALUE,
+        max_lifetime: int = DEFAULT_MAX_LIFETIME,
+        memory_s: float = DEFAULT_MEMORY_S,
+        max_per_owner: int = DEFAULT_MAX_PER_OWNER,
+        cache: VerifiedCache | None = None,
+        inbox_quota: int = DEFAULT_INBOX_QUOTA,
+    ) -> None:
+        super().__init__(
+            policy=policy,
+            ca_public_key=ca_public_key,
+            max_value=max_value,
+            max_lifetime=max_lifetime,
+            memory_s=memory_s,
+            max_per_owner=max_per_owner,
+            cache=cache,
+            inbox_quota=inbox_quota,
+        )
         self.path = Path(path)
         self.loaded = 0
         self.rejected = 0

@@ -8,7 +8,7 @@ the truth, counts the liar in ``disagreements``, and a replica that really misse
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import pytest
@@ -33,20 +33,25 @@ CFG = NodeConfig(
 
 def lie(node: Node, answer: Callable[[int], list[Entry]] | None, *, drop_stores: bool = False) -> None:
     """Make ``node`` answer fetches with ``answer(key)`` (None: honestly again) and, with
-    ``drop_stores``, acknowledge replica stores without keeping them."""
-    storage = node.storage
-    real = type(storage).handle_request
+    ``drop_stores``, acknowledge replica stores without keeping them.
 
-    def handle(token: Any, mtype: str, body: dict[str, Any], now: float, **kw: Any) -> None:
+    The lie goes in where the node hands a storage request to its storage core (every request, UDP, TCP
+    or local, passes ``Node._storage_request``): the core itself may be compiled (tools/build_compiled.py),
+    and a compiled class takes no replaced methods."""
+    honest = type(node)._storage_request
+    storage = node.storage
+
+    def handle(token: Hashable, mtype: str, body: dict[str, Any], *, once: bool, member: bool) -> bool:
         if mtype == "fetch" and answer is not None:
             storage._answer(token, "ok", {"entries": [(e, 60_000) for e in answer(body["key"])]})
-            return
-        if mtype == "store" and drop_stores and body.get("replica"):
+        elif mtype == "store" and drop_stores and body.get("replica"):
             storage._answer(token, "ok", {"stored": 1})
-            return
-        real(storage, token, mtype, body, now, **kw)
+        else:
+            return honest(node, token, mtype, body, once=once, member=member)
+        node._drain_storage()
+        return True
 
-    storage.handle_request = handle  # type: ignore[method-assign]
+    node._storage_request = handle  # type: ignore[method-assign]
 
 
 async def _ring_ready(nodes: list[Node]) -> None:

@@ -13,8 +13,9 @@ Put that directory first on the path to use it: ``PYTHONPATH=build/compiled``, w
 so that Python does not put the current directory (a checkout holding the pure modules) before it.
 What is compiled is what a forwarded INVITE goes through (docs/benchmarks.md, "The compiled build"):
 the message model and parser, URIs, the transaction and timer cores, the proxy core, the stack and
-the transport; and the media path (RTP, RTCP, the jitter buffer, the session: bench/media.py); the rest
-is imported from the copied ``.py`` files as usual.
+the transport; the media path (RTP, RTCP, the jitter buffer, the session: bench/media.py); and a
+registration's path through the DHT (the registrar's plan, the overlay's wire codec and sans-IO cores:
+bench/register_cpu.py); the rest is imported from the copied ``.py`` files as usual.
 
 Needs gcc, the Python headers and ``pip install -e '.[compiled]'`` (mypy with mypyc).
 """
@@ -67,6 +68,21 @@ MODULES = (
     "p2psip/media/rtcp.py",
     "p2psip/media/jitter.py",
     "p2psip/media/session.py",
+    # a registration through the DHT (issue 19, target 3): the registrar's plan and the location cache, and
+    # the overlay's sans-IO cores every overlay datagram goes through: the wire codec, the Chord routing
+    # core, the storage protocol, the entry store (with its SQLite subclass), the quorum read, the key
+    # types and errors they share. overlay.node (the asyncio adapter) stays Python.
+    "p2psip/registrar.py",
+    "p2psip/location.py",
+    "overlay/errors.py",
+    "overlay/ids.py",
+    "overlay/wire.py",
+    "overlay/identity.py",
+    "overlay/storage.py",
+    "overlay/storage_core.py",
+    "overlay/store.py",
+    "overlay/chord.py",
+    "overlay/reads.py",
 )
 
 # What CI runs against the compiled build (.ci/run): the core unit tests of those modules, the torture
@@ -91,6 +107,18 @@ TESTS = (
     "tests/test_media_g711.py",
     "tests/test_media_rtp.py",
     "tests/test_media_session.py",
+    # the registrar and the overlay's cores (test_sim and the node tests are left to the pure run: 30 s and
+    # more), and test_overlay_liars: a ring of 5 real nodes on loopback, their cores compiled
+    "tests/test_registrar.py",
+    "tests/test_wire.py",
+    "tests/test_identity.py",
+    "tests/test_storage.py",
+    "tests/test_storage_core.py",
+    "tests/test_store.py",
+    "tests/test_chord.py",
+    "tests/test_chord_fuzz.py",
+    "tests/test_reads.py",
+    "tests/test_overlay_liars.py",
 )
 
 _STAMP = "BUILT-FROM"
