@@ -920,6 +920,13 @@ class UserAgent:
                 return reg.target
         return None
 
+    def outbound_flow(self, registrar: str | URI) -> bool:
+        """Whether our registration at ``registrar`` (as given to :meth:`register`) is an RFC 5626 outbound
+        one: the last 200 said ``Require: outbound``, so the registrar keeps a flow to us and we send it
+        keep-alives. False when we are not registered there."""
+        reg = self._registrations.get(str(URI(registrar) if isinstance(registrar, str) else registrar))
+        return reg is not None and reg.outbound_confirmed
+
     @property
     def turn_grant(self) -> TurnGrant | None:
         """The TURN server and credentials our home peer granted in the 200 to our REGISTER (only to one

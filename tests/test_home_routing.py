@@ -408,6 +408,7 @@ async def test_our_user_agent_is_an_outbound_client_and_keeps_its_flow_alive(mak
     try:
         ok = await ua.register("sip:p2p.example", expires=600)
         assert ok.get("Require") == "outbound" and ok.get("Flow-Timer") == "1"
+        assert ua.outbound_flow("sip:p2p.example") and not ua.outbound_flow("sip:elsewhere.example")
         [binding] = await ring[1].fetch_bindings(BOB)
         assert binding.instance == instance and binding.reg_id == 1
         await asyncio.sleep(4)  # the point: four flow timers; the UA's STUN keep-alives hold the flow

@@ -94,8 +94,7 @@ async def _stay_registered(
             result.update(status=response.status, reason=response.reason)
             if response.status != 200:
                 return result
-            required = {t.strip().lower() for v in response.get_all("Require") for t in v.split(",")}
-            outbound = "outbound" in required
+            outbound = ua.outbound_flow(registrar)
             result["outbound"] = outbound
             show(
                 f"REGISTER {args.uri} via {via_text(via)}: 200 OK; staying registered"
