@@ -99,9 +99,9 @@ def decide(
 
 
 def live_targets(bindings: Iterable[Binding], now: float) -> list[Binding]:
-    """The bindings that have not expired, best first (highest q; unspecified q counts as 1.0)."""
-    alive = [b for b in bindings if b.alive(now)]
-    return sorted(alive, key=lambda b: -(b.q if b.q is not None else 1.0))
+    """The bindings that have not expired, best first, in the order every peer forks them
+    (:func:`by_preference`)."""
+    return by_preference(b for b in bindings if b.alive(now))
 
 
 def by_preference(bindings: Iterable[Binding]) -> list[Binding]:
@@ -118,12 +118,8 @@ def primary_home(ordered: Iterable[Binding], is_local: IsLocal) -> str | None:
     first: URI | None = None
     sole = True
     for b in ordered:
-        if not b.path:
-            sole = False
-            continue
-        try:
-            uri = Address(b.path[0]).uri
-        except ParseError:
+        uri = first_path_hop(b)
+        if uri is None:
             sole = False
             continue
         if is_local(uri.host, uri.port):
@@ -149,12 +145,19 @@ def only_over_its_path(binding: Binding, contact: URI) -> bool:
     (RFC 7118: only its own connection reaches it, and that is on the peer its Path names)."""
     if (contact.transport or "").lower() in ("ws", "wss"):
         return True
+    hop = first_path_hop(binding)
+    return hop is not None and hop.user is not None
+
+
+def first_path_hop(binding: Binding) -> URI | None:
+    """The URI of the binding's first Path hop (its home peer, RFC 3327); None without a Path, or when that
+    hop does not parse (such a binding is treated as having no home peer)."""
     if not binding.path:
-        return False
+        return None
     try:
-        return Address(binding.path[0]).uri.user is not None
+        return Address(binding.path[0]).uri
     except ParseError:
-        return False
+        return None
 
 
 def branches(ordered: Iterable[Binding], *, home_routing: bool = True) -> list[Branch]:

@@ -108,6 +108,7 @@ from p2psip.location import (
     branches,
     by_preference,
     decide,
+    first_path_hop,
     live_targets,
     primary_home,
 )
@@ -2428,13 +2429,8 @@ class Peer:
 
     def is_home_of(self, bindings: Iterable[Binding]) -> bool:
         """Whether this peer is the home peer (the first Path hop) of one of ``bindings``."""
-        for b in bindings:
-            if b.path:
-                with contextlib.suppress(ParseError):
-                    uri = Address(b.path[0]).uri
-                    if self.stack.is_local(uri.host, uri.port):
-                        return True
-        return False
+        hops = (first_path_hop(b) for b in bindings)
+        return any(uri is not None and self.stack.is_local(uri.host, uri.port) for uri in hops)
 
     def _routes(self) -> dict[str, tuple[str, int]]:
         return {domain: hp.as_tuple() for domain, hp in self.config.routes.items()}

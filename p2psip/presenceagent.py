@@ -34,6 +34,7 @@ from p2psip.address import target_from_uri
 from p2psip.background import Background
 from p2psip.dialog import DialogId, dialog_id_of_request
 from p2psip.errors import ParseError
+from p2psip.location import by_preference, first_path_hop
 from p2psip.message import Request, Response
 from p2psip.presence import Decision, WatcherPolicy, compose, polite_block
 from p2psip.publication import EventStateCompositor, Published
@@ -145,13 +146,9 @@ class PresenceAgent:
     def primary_home(self, bindings: list[Binding]) -> str | None:
         """The Route (``<sip:host:port;lr>``) to the AOR's agent, or None when it is this peer (this peer is
         the primary home, or no binding has a Path: then whoever the request reached serves it)."""
-        ordered = sorted(bindings, key=lambda b: (-(b.q if b.q is not None else 1.0), b.entry_id))
-        for b in ordered:
-            if not b.path:
-                continue
-            try:
-                uri = Address(b.path[0]).uri
-            except ParseError:
+        for b in by_preference(bindings):
+            uri = first_path_hop(b)
+            if uri is None:
                 continue
             if self.stack.is_local(uri.host, uri.port):
                 return None
