@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from overlay_support import started_ring
 
-from overlay.chord import ChordConfig
+from overlay.chord import ChordConfig, NodeRef
 from overlay.ids import key_for
 from overlay.node import Node, NodeConfig
+from overlay.reads import QuorumRead
 from overlay.storage import Entry
 
 OVERLAY = "liars"
@@ -62,6 +63,23 @@ async def _ring_ready(nodes: list[Node]) -> None:
         await asyncio.sleep(0.05)
 
 
+def _reads_seen(reader: Node) -> list[str]:
+    """What each of ``reader``'s quorum reads asked and was told (``port: values`` per holder, the
+    responsible node first), for the assertion messages: a read that returned the wrong answer says
+    whether it asked the wrong holders, or a holder that lacked the entry agreed with the liar."""
+    seen: list[str] = []
+    honest = reader._quorum_read
+
+    async def quorum_read(ring_key: int, holders: list[NodeRef], deadline: float) -> QuorumRead:
+        read = await honest(ring_key, holders, deadline)
+        values = {h: [e.value for e in v.values()] for h, v in read.answers.items()}
+        seen.append(", ".join(f"{h.port}: {values.get(h.id, '-')}" for h in holders))
+        return read
+
+    reader._quorum_read = quorum_read  # type: ignore[method-assign]
+    return seen
+
+
 def _holders(nodes: list[Node], name: str) -> list[Node]:
     key = key_for(name)
     primary = next(n for n in nodes if n.core is not None and n.core.is_responsible(key))
@@ -76,15 +94,21 @@ async def test_reads_outvote_a_lying_responsible_node() -> None:
         name = "sip:alice@liars.example"
         primary, second, third = _holders(nodes, name)
         reader = next(n for n in nodes if n not in (primary, second, third))
+        reads = _reads_seen(reader)
+        holders = [n.endpoint[1] for n in (primary, second, third)]
+
+        def ports() -> str:
+            return f"true holders {holders}, reads {reads}"
+
         await reader.put(name, b"old", entry_id=b"phone")
         old = (await reader.get(name))[0]
         await reader.put(name, b"new", entry_id=b"phone")
-        assert [e.value for e in await reader.get(name)] == [b"new"]
+        assert [e.value for e in await reader.get(name)] == [b"new"], ports()
 
         lie(primary, lambda key: [])  # hides
-        assert [e.value for e in await reader.get(name)] == [b"new"]
+        assert [e.value for e in await reader.get(name)] == [b"new"], ports()
         lie(primary, lambda key: [old])  # replays the older signed entry
-        assert [e.value for e in await reader.get(name)] == [b"new"]
+        assert [e.value for e in await reader.get(name)] == [b"new"], ports()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5.0
         while reader.disagreements.get(primary.node_id, 0) < 2:
@@ -98,7 +122,7 @@ async def test_reads_outvote_a_lying_responsible_node() -> None:
         # responsible node among them, would win: docs/security.md says so.)
         await reader.remove(name, entry_id=b"phone")
         lie(primary, lambda key: [old])
-        assert await reader.get(name) == []
+        assert await reader.get(name) == [], ports()
 
 
 @pytest.mark.asyncio
