@@ -537,14 +537,28 @@ class ChordCore:
             self._count("owner_cache_forgotten")
 
     def _remember_owner(self, pred_id: int, owner: NodeRef, succs: tuple[NodeRef, ...], now: float) -> None:
+        """Keep a claim's range, unless the claimant's successor list was short: those are the key's
+        replica holders that reads and writes use (``LookupDone.successors``), and a list caught while it
+        was filling (a join) or emptied (successors declared dead under load) would stand for the whole
+        TTL. A read that knew no holder but the responsible node believed it alone (a liar's empty answer
+        won in test_overlay_liars so)."""
         ttl = self.config.owner_cache_ttl
         if ttl <= 0 or owner.id == self.me.id:
+            return
+        if len(succs) < self._settled_list_length():
+            self._count("owner_cache_short_lists")
             return
         self._owners.pop(owner.id, None)
         self._owners[owner.id] = _OwnerRange(pred_id, owner, succs, now + ttl)
         while len(self._owners) > self.config.owner_cache_size:
             del self._owners[next(iter(self._owners))]
         self._owner_ids = sorted(self._owners)
+
+    def _settled_list_length(self) -> int:
+        """How many successors a settled node's list holds, as far as we can tell: r, or every other node
+        we know of when the ring looks smaller than that."""
+        self._rebuild_routes()
+        return min(self.config.successors, len(self._route_nodes))
 
     def _cached_owner(self, key: int, now: float) -> _OwnerRange | None:
         """The cached range holding ``key``, if one is fresh: the first cached owner at or after the key

@@ -356,6 +356,40 @@ def test_a_confirmed_owner_answers_later_lookups_of_its_range_without_messages()
     assert net.sent.get("find_successor", 0) > sent
 
 
+def test_an_owner_answering_with_a_short_successor_list_is_not_cached() -> None:
+    """A claim made while the owner's successor list is short (its successors just declared dead, or the
+    list still filling after a join) names fewer replica holders than the key has. The lookup reports it
+    as it is, but the owner cache does not keep it: every read and write of the range would ask too few
+    holders for the cache's lifetime (a read that knew only the responsible node believed it alone)."""
+    rng = random.Random(15)
+    net = Net()
+    cores = [hash_node(rng, ChordConfig(owner_cache_ttl=10.0, stabilize_interval=0.5)) for _ in range(8)]
+    seeded_ring(net, cores, 16)
+    origin = cores[0]
+    members = sorted(c.me.id for c in cores)
+    far = next(m for m in members if m not in (origin.me.id, *(n.id for n in origin.successors)))
+    owner = next(c for c in cores if c.me.id == far)
+    for lost in owner.successors[1:]:  # e.g. timed out under load: the list keeps its first entry only
+        owner.node_failed(lost.id, net.now)
+    assert len(owner.successors) == 1
+
+    def asked() -> tuple[LookupDone, int]:
+        sent = net.sent.get("find_successor", 0)
+        result = net.lookup(origin, far)
+        assert isinstance(result, LookupDone) and result.node.id == far
+        return result, net.sent.get("find_successor", 0) - sent
+
+    short, messages = asked()
+    assert short.successors == owner.successors and messages >= 1
+    assert asked()[1] >= 1  # not answered from the cache
+    assert origin.stats()["owner_cache_short_lists"] == 2
+    net.run(3.0)  # stabilization fills the owner's list again
+    full, messages = asked()
+    assert len(full.successors) == 3 and messages >= 1
+    cached, messages = asked()
+    assert messages == 0 and cached.successors == full.successors
+
+
 def test_wrap_around_edges() -> None:
     rng = random.Random(6)
     top = ids.RING - 1
