@@ -14,6 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# No per-example wall-clock deadline (hypothesis's default is 200 ms): on a shared 2-core machine a pure
+# function's example can wait that long for a core, and the test then fails for the load, not the code
+# (the property tests that set their own settings already said deadline=None).
+settings.register_profile("p2psip", deadline=None)
+settings.load_profile("p2psip")
 
 
 def pytest_configure(config: pytest.Config) -> None:
