@@ -6,9 +6,11 @@ Why: the workers of ``p2psip proxy --workers N`` each read their own socket on t
 source lands on one worker, the callee's answers perhaps on another. RFC 3261 state lives in one process
 only, so every datagram that belongs to a transaction goes to the worker that keeps it:
 
-- a **request** belongs to ``crc32(top Via branch) % N``: its retransmissions, the CANCEL and the ACK of a
-  non-2xx carry the same branch, so they meet the server transaction (§17.2.3); crc32, not ``hash()``,
-  because every process must compute the same owner;
+- a **request** belongs to the worker its ``Call-ID`` names (:func:`call_owner`): its retransmissions, the
+  CANCEL and the ACK of a non-2xx carry the same Call-ID (§9.1, §17.1.1.3), so they meet the server
+  transaction, and so do the ACK and BYE of the dialog; a function every process computes alike (not
+  ``hash()``), which the kernel computes too when the parent could attach :mod:`p2psip.steering`: then
+  the requests of a call arrive at their owner and are not handed over at all;
 - except an **in-dialog request** whose top Route is ours: it belongs to the worker that forwarded the
   dialog's INVITE, which names itself in its Record-Route URI (:func:`route_param`, ``;wk=3``). The
   request's CANCEL, retransmissions and non-2xx ACK carry the same Route, so they meet it too; and a
@@ -41,7 +43,6 @@ import logging
 import re
 import socket
 import struct
-import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,13 @@ _WORKER_TAG = re.compile(rb"\.w([0-9]{1,4})$").search
 #: the worker named in the first URI of the first Route header line (see :func:`route_param`)
 _ROUTE_WORKER = re.compile(
     rb"^route[ \t]*:[ \t]*<[^>\r\n]*;wk=([0-9]{1,4})[;>]", re.IGNORECASE | re.MULTILINE
+).search
+#: the value of the Call-ID header (full or compact name, any case), its first CALL_ID_BYTES bytes: what
+#: :func:`call_owner` hashes, as the kernel's program does (:mod:`p2psip.steering`)
+CALL_ID_BYTES = 16
+CALL_ID_PRIME = 65521
+_CALL_ID = re.compile(
+    rb"\n(?:[Cc][Aa][Ll][Ll]-[Ii][Dd]|[Ii])[ \t]*:[ \t]*([\x21-\xff]{1,%d})" % CALL_ID_BYTES
 ).search
 #: a link datagram carries records: this header (datagram length, source port, source host length), the
 #: source host (so the owner answers and stamps Via as if it had received the datagram itself), the
@@ -92,6 +100,35 @@ def _records(packet: bytes) -> list[tuple[bytes, tuple[str, int]]]:
     return out
 
 
+def relay(source: socket.socket, outbox: socket.socket, limit: int = 100_000) -> int:
+    """Hand what waits on ``source`` (a dead worker's UDP socket, read by the parent) to the worker whose
+    link end is ``outbox``, in batches like :meth:`HandoffLink.flush`; returns how many datagrams.
+    Without it, a dead worker's ACK would wait for its successor while the BYE that follows it, steered
+    to a live worker, went ahead (a UAS that gets the BYE first fails the call)."""
+    moved = 0
+    batch: list[bytes] = []
+    size = 0
+    for _ in range(limit):
+        try:
+            data, addr = source.recvfrom(65535, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:  # an ICMP error for an earlier send: nothing to relay
+            continue
+        record = _record(data, str(addr[0]), int(addr[1]))
+        if size + len(record) > _BATCH_BYTES:
+            with contextlib.suppress(OSError):
+                outbox.send(b"".join(batch))
+            batch, size = [], 0
+        batch.append(record)
+        size += len(record)
+        moved += 1
+    if batch:
+        with contextlib.suppress(OSError):  # a full buffer: lost like any UDP datagram
+            outbox.send(b"".join(batch))
+    return moved
+
+
 def branch_tag(index: int) -> str:
     """What a worker appends to the branches of the client transactions it starts."""
     return f".w{index}"
@@ -106,6 +143,17 @@ def top_branch(data: bytes) -> bytes | None:
     """The branch of the top Via of ``data`` (a SIP datagram), unparsed; None when there is none."""
     found = _TOP_BRANCH(data)
     return None if found is None else found.group(1)
+
+
+def call_owner(data: bytes, workers: int) -> int | None:
+    """The worker that owns the requests of the call of ``data`` (a SIP datagram): the first
+    :data:`CALL_ID_BYTES` bytes of its Call-ID read as a big-endian number, modulo
+    :data:`CALL_ID_PRIME`, modulo ``workers`` (cheap here and in classic BPF: :mod:`p2psip.steering`).
+    None when there is no Call-ID."""
+    found = _CALL_ID(data)
+    if found is None:
+        return None
+    return int.from_bytes(found.group(1), "big") % CALL_ID_PRIME % workers
 
 
 def owner(data: bytes, workers: int) -> int | None:
@@ -125,7 +173,7 @@ def owner(data: bytes, workers: int) -> int | None:
         route = _ROUTE_WORKER(data)
         if route is not None and int(route.group(1)) < workers:
             return int(route.group(1))
-    return zlib.crc32(branch) % workers
+    return call_owner(data, workers)
 
 
 Deliver = Callable[[bytes, tuple[str, int]], None]
@@ -197,6 +245,11 @@ class HandoffLink:
     def divert(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
         """True when ``data`` (from ``addr``) is to be handed to another worker (at :meth:`flush`);
         False: handle it here."""
+        alive = self.alive
+        if alive is not None and 0 in alive:
+            # a worker is being restarted: what the parent relayed from its sockets goes first, before
+            # the later datagrams of the same calls that now arrive here (see :func:`relay`)
+            self._readable(1024)
         index = owner(data, self.workers)
         if index is None or index == self.index:
             return False
@@ -208,7 +261,6 @@ class HandoffLink:
             index = refused
             if index == self.index:
                 return False
-        alive = self.alive
         if alive is not None and not alive[index]:
             # The owner died and its successor is not listening yet: it would know none of the old
             # transactions anyway, and waiting for it would let this datagram (an ACK) fall behind the

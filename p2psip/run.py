@@ -150,9 +150,20 @@ async def serve_proxy(
     tls = None
     if tls_cert or tls_ca:
         tls = TLSConfig(certfile=tls_cert, keyfile=tls_key or tls_cert, cafile=tls_ca)
+    adopt = worker.shared if worker is not None else ()
     stack = await Stack.start(
-        listen, tls=tls, verbose=verbose, trying_delay=trying_delay, reuse_port=worker is not None
+        () if adopt else listen,
+        tls=tls,
+        verbose=verbose,
+        trying_delay=trying_delay,
+        reuse_port=worker is not None,
     )
+    try:
+        for sock in adopt:  # bound by the parent, in worker order (p2psip.steering)
+            await stack.listen_on(sock)
+    except BaseException:
+        await stack.close()
+        raise
     proxy = Proxy(stack, stateless=stateless, record_route=record_route, recurse=recurse, verbose=verbose)
     link = None
     if worker is not None and not stateless:  # a stateless proxy keeps nothing to hand over to

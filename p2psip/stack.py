@@ -209,6 +209,14 @@ class Stack:
         self._local_cache.clear()
         return bound
 
+    async def listen_on(self, sock: socket.socket) -> Target:
+        """Listen on ``sock``, a UDP socket bound already: a worker of a proxy, whose sockets on the
+        shared port the parent binds in worker order (:mod:`p2psip.workers`)."""
+        bound = await self.transport.listen_on(sock)
+        self._is_local_cache.clear()
+        self._local_cache.clear()
+        return bound
+
     def attach(self, core: Core) -> None:
         """Make ``core`` the transaction user of this stack (one core per stack)."""
         self.core = core

@@ -683,6 +683,11 @@ class TransportLayer:
         bound = [await self._listen_one(t, parsed.host, parsed.port) for t in parsed.transports()]
         return bound[0]
 
+    async def listen_on(self, sock: socket.socket) -> Target:
+        """Listen on ``sock``, a UDP socket bound already (see :meth:`p2psip.stack.Stack.listen_on`)."""
+        host, port = sock.getsockname()[:2]
+        return await self._listen_one("udp", str(host), int(port), sock)
+
     async def listen_shared_port(self, host: str, transports: Iterable[str] = ("udp", "tcp")) -> list[Target]:
         """Listen on one port for several transports, the system choosing a port free for all of them
         (so a UDP target's port also reaches us over TCP, as §18.1.1's switch assumes)."""

@@ -2,12 +2,15 @@
 
 ``p2psip proxy --workers N`` forks N workers before any event loop exists. Each runs the usual proxy on
 the same UDP port (``SO_REUSEPORT``) and hands each datagram to the worker that keeps its transaction
-(:mod:`p2psip.handoff`). The parent only supervises:
+(:mod:`p2psip.handoff`). The parent binds the workers' sockets on that port itself, in worker order, so
+that a socket's index in the kernel's reuseport group is its worker's index, and attaches the steering
+program (:mod:`p2psip.steering`): the kernel then delivers each request to the worker that owns its
+Call-ID, and little is left to hand over. Otherwise the parent only supervises:
 
-- it resolves port 0 once (a placeholder socket holds the port until every worker listens), waits until
-  every worker says it is ready, then prints the ready line;
-- a worker that dies is started again (same index, so the branches it will tag name it again), at most
-  :data:`MAX_RESTARTS` times a minute; established calls do not depend on it (in-dialog requests follow
+- it waits until every worker says it is ready, then prints the ready line (port 0 resolved);
+- a worker that dies is started again (same index, so the branches it will tag name it again; same
+  sockets, held by the parent), at most :data:`MAX_RESTARTS` times a minute; meanwhile the steering
+  sends its share to a live worker; established calls do not depend on it (in-dialog requests follow
   Record-Route to the shared address) and in-flight INVITEs recover through the caller's retransmissions;
 - SIGTERM/SIGINT stop every worker gracefully (then SIGKILL after ``grace`` seconds); the workers'
   counters are summed and returned.
@@ -32,7 +35,8 @@ from dataclasses import dataclass
 
 from p2psip.address import ListenSpec
 from p2psip.errors import ConfigError
-from p2psip.handoff import Alive, Link, open_links
+from p2psip.handoff import Alive, Link, open_links, relay
+from p2psip.steering import attach
 
 #: restarts allowed within a minute before the parent gives up (a worker that dies at start would loop)
 MAX_RESTARTS = 10
@@ -52,6 +56,9 @@ class WorkerSlot:
     """This worker's own UDP sockets (one per address family of the listeners, held by the parent so a
     restarted worker reads what came meanwhile): its client transactions send from them and name them
     in their Via, so their responses come straight back to it instead of being handed over."""
+    shared: tuple[socket.socket, ...] = ()
+    """This worker's sockets on the shared port, one per listener, bound by the parent in worker order
+    (held by it, like ``own``): what the worker listens on."""
 
     @property
     def workers(self) -> int:
@@ -80,26 +87,34 @@ def check_workers(workers: int, listen: Sequence[str]) -> list[ListenSpec]:
     return specs
 
 
-def _reserve_ports(specs: list[ListenSpec]) -> tuple[list[str], list[socket.socket]]:
-    """Port 0 becomes a port the system picks, held by a ``SO_REUSEPORT`` placeholder until the workers
-    have bound it too."""
+def _bind_shared(specs: list[ListenSpec], workers: int) -> tuple[list[str], list[tuple[socket.socket, ...]]]:
+    """Per worker, a ``SO_REUSEPORT`` socket bound on each listener's address, bound in worker order so
+    each socket's index in its reuseport group is its worker's (what the steering program returns: the
+    socket order of a group is the order they joined it, and the parent keeps them all open, so it never
+    changes). Port 0 becomes the port the system picks for the first. Returns the resolved listeners
+    and the sockets by worker."""
     resolved: list[str] = []
-    held: list[socket.socket] = []
-    for spec in specs:
-        if spec.port != 0:
-            resolved.append(str(spec))
-            continue
-        family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((spec.host, 0))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot listen on {spec}: {exc.strerror or exc}") from exc
-        held.append(sock)
-        resolved.append(str(ListenSpec("udp", spec.host, sock.getsockname()[1])))
-    return resolved, held
+    by_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
+    try:
+        for spec in specs:
+            port = spec.port
+            family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+            for mine in by_worker:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                mine.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                try:
+                    sock.bind((spec.host, port))
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on {spec}: {exc.strerror or exc}") from exc
+                port = sock.getsockname()[1]
+            resolved.append(str(ListenSpec("udp", spec.host, port)))
+    except BaseException:
+        for mine in by_worker:
+            for sock in mine:
+                sock.close()
+        raise
+    return resolved, [tuple(mine) for mine in by_worker]
 
 
 def _open_own(specs: list[ListenSpec], workers: int) -> list[tuple[socket.socket, ...]]:
@@ -152,6 +167,9 @@ class Supervisor:
         self.pids: dict[int, int] = {}  # pid -> index
         self.links: list[Link] = []
         self.own: list[tuple[socket.socket, ...]] = []
+        self.shared: list[tuple[socket.socket, ...]] = []
+        self.steered = False
+        """Whether the kernel steers requests to their owner (:mod:`p2psip.steering`)."""
         self.alive = memoryview(mmap.mmap(-1, workers))  # shared with the children: 1 = listening
         self.restarts: list[float] = []
         self.stats: dict[str, int] = {}
@@ -160,7 +178,7 @@ class Supervisor:
 
     # ----------------------------------------------------------------------------- the children
 
-    def _fork(self, index: int, listen: list[str], held: list[socket.socket], report: int) -> int:
+    def _fork(self, index: int, listen: list[str], report: int) -> int:
         links = self.links
         pid = os.fork()
         if pid:
@@ -172,9 +190,7 @@ class Supervisor:
             _end_with_parent()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            for sock in held:
-                sock.close()
-            slot = WorkerSlot(index, tuple(links), self.alive, self.own[index])
+            slot = WorkerSlot(index, tuple(links), self.alive, self.own[index], self.shared[index])
 
             def ready(addresses: Sequence[str]) -> None:
                 os.write(report, (json.dumps({"ready": index, "addresses": list(addresses)}) + "\n").encode())
@@ -235,13 +251,14 @@ class Supervisor:
     def serve(self, announce: Callable[[list[str]], None]) -> dict[str, int]:
         """Start the workers, ``announce(addresses)`` once all are ready, restart those that die, and
         stop them all on SIGTERM/SIGINT; returns their summed counters."""
-        listen, held = _reserve_ports(self.specs)
+        listen, self.shared = _bind_shared(self.specs, self.workers)
         try:
             self.links = open_links(self.workers)
             self.own = _open_own(self.specs, self.workers)
         except (OSError, ConfigError) as exc:
-            for sock in held:
-                sock.close()
+            for socks in self.shared:
+                for sock in socks:
+                    sock.close()
             for pair in self.links:
                 for sock in pair:
                     sock.close()
@@ -262,7 +279,7 @@ class Supervisor:
         old_wakeup = signal.set_wakeup_fd(wake_w)
         try:
             for index in range(self.workers):
-                self._fork(index, listen, held, report_w)
+                self._fork(index, listen, report_w)
             ready: dict[int, list[str]] = {}
             deadline = time.monotonic() + self.start_timeout
             while len(ready) < self.workers:
@@ -282,25 +299,27 @@ class Supervisor:
                     if isinstance(who, int) and isinstance(addresses, list):
                         ready[who] = [str(a) for a in addresses]
                         self.alive[who] = 1
-            for sock in held:
-                sock.close()
-            held = []
+            self.steered = self._steer()
+            if self.steered:
+                self.stats["kernel_steering"] = 1
             announce(ready[0])
             while not self._stopping:
                 self._wait(report_r, wake_r, 5.0)
                 for item in self._read_reports(report_r):
                     who = item.get("ready")
                     if isinstance(who, int) and who in self.pids.values():
-                        self.alive[who] = 1  # a restarted worker listens again
+                        self.alive[who] = 1  # a restarted worker listens again: its share goes to it
+                        self._steer()
                 for pid, index, status in self._reap():
                     self.alive[index] = 0
+                    self._relay(index)
+                    self._steer()  # its share to a live worker until its successor listens
+                    self._relay(index)  # and what came meanwhile
                     if self._stopping:
                         break
                     self._restart(pid, index, status, listen, report_w)
         finally:
             self._stop_all(report_r)
-            for sock in held:
-                sock.close()
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -309,10 +328,35 @@ class Supervisor:
             for pair in self.links:
                 for sock in pair:
                     sock.close()
-            for socks in self.own:
+            for socks in (*self.own, *self.shared):
                 for sock in socks:
                     sock.close()
         return self.stats
+
+    def _relay(self, index: int) -> None:
+        """Hand what waits on a dead worker's sockets on the shared port to the next live worker (not its
+        own socket's: the responses there name its port in their Via, which only its successor, on the
+        same socket a few milliseconds later, takes as its own)."""
+        live = [i for i in range(self.workers) if self.alive[i]]
+        if not live:
+            return
+        to = min(live, key=lambda i: (i - index) % self.workers)
+        for sock in self.shared[index]:
+            relayed = relay(sock, self.links[to][1])
+            self.stats["relayed"] = self.stats.get("relayed", 0) + relayed
+
+    def _steer(self) -> bool:
+        """Attach the steering program to each listener's group, the share of a worker that is not
+        listening routed to the next one that is; False when the system cannot steer."""
+        alive = [index for index in range(self.workers) if self.alive[index]]
+        if not self.shared or not alive:
+            return False
+        route = [
+            index if self.alive[index] else min(alive, key=lambda live: (live - index) % self.workers)
+            for index in range(self.workers)
+        ]
+        # every listener's group (a list, not a generator: all() would stop at the first refusal)
+        return all([attach(group[0], self.workers, route) for group in zip(*self.shared, strict=True)])
 
     def _wait(self, report_r: int, wake_r: int, timeout: float) -> None:
         readable, _, _ = select.select([report_r, wake_r], [], [], timeout)
@@ -334,7 +378,7 @@ class Supervisor:
             return
         self.restarts.append(now)
         self.stats["worker_restarts"] = self.stats.get("worker_restarts", 0) + 1
-        new = self._fork(index, listen, [], report_w)
+        new = self._fork(index, listen, report_w)
         print(
             f"p2psip proxy: worker {index} (pid {pid}) ended ({how}); restarted as pid {new}",
             file=sys.stderr,

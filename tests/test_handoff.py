@@ -1,12 +1,10 @@
 """Who owns a datagram among the workers of one proxy (p2psip.handoff.owner): the same owner for a
-request's retransmissions, its CANCEL and the ACK of a non-2xx (the branch of the top Via), the worker
-named by our branch for a response, None (handle it here) when there is nothing to go by."""
+request's retransmissions, its CANCEL and the ACK of a non-2xx (its Call-ID), the worker named by our
+branch for a response, None (handle it here) when there is nothing to go by."""
 
 from __future__ import annotations
 
-import zlib
-
-from p2psip.handoff import branch_tag, owner
+from p2psip.handoff import branch_tag, call_owner, owner
 
 INVITE = (
     "INVITE sip:bob@127.0.0.1 SIP/2.0\r\n"
@@ -17,39 +15,42 @@ INVITE = (
 )
 
 
-def test_a_request_belongs_to_the_crc_of_its_top_branch() -> None:
+def _owner_of(call_id: bytes, workers: int) -> int:
+    """What the Call-ID's first 16 bytes name: a big-endian number mod 65521 mod the worker count."""
+    return int.from_bytes(call_id[:16], "big") % 65521 % workers
+
+
+def test_a_request_belongs_to_the_owner_of_its_call_id() -> None:
     data = INVITE.encode()
-    assert owner(data, 4) == zlib.crc32(b"z9hG4bK-abc123") % 4
+    assert owner(data, 4) == call_owner(data, 4) == _owner_of(b"c1", 4)
     assert owner(data, 1) == 0
+    long = INVITE.replace("Call-ID: c1", "Call-ID: 0123456789abcdefTAIL@host").encode()
+    assert owner(long, 7) == _owner_of(b"0123456789abcdef", 7)  # the first 16 bytes only
 
 
 def test_cancel_and_ack_meet_the_invite_across_worker_counts() -> None:
     # §9.1 / §17.1.1.3: the CANCEL and the ACK of a non-2xx carry the INVITE's top Via
     cancel = INVITE.replace("INVITE sip", "CANCEL sip").replace("1 INVITE", "1 CANCEL").encode()
     ack = INVITE.replace("INVITE sip", "ACK sip").replace("1 INVITE", "1 ACK").encode()
-    other = INVITE.replace("z9hG4bK-abc123", "z9hG4bK-other").encode()
+    other = INVITE.replace("Call-ID: c1", "Call-ID: c2-other").encode()
     owners = {workers: owner(INVITE.encode(), workers) for workers in range(2, 9)}
     assert all(owner(cancel, n) == owners[n] == owner(ack, n) for n in owners)
-    # and a request with another branch is spread elsewhere for some worker count
+    # and a request of another call is spread elsewhere for some worker count
     assert any(owner(other, n) != owners[n] for n in owners)
 
 
 def test_header_name_case_and_compact_form_and_spaces() -> None:
-    for via in (
-        "via: SIP/2.0/UDP h;branch=z9hG4bK-abc123",
-        "v: SIP/2.0/UDP h ; branch = z9hG4bK-abc123",
-        "VIA:SIP/2.0/UDP h;rport;branch=z9hG4bK-abc123",
-    ):
-        data = f"BYE sip:b@h SIP/2.0\r\n{via}\r\nCall-ID: x\r\n\r\n".encode()
-        assert owner(data, 7) == zlib.crc32(b"z9hG4bK-abc123") % 7, via
+    for call_id in ("call-id: abc123", "i : abc123", "CALL-ID:\tabc123", "Call-Id:abc123  "):
+        data = f"BYE sip:b@h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK-1\r\n{call_id}\r\n\r\n".encode()
+        assert owner(data, 7) == _owner_of(b"abc123", 7), call_id
 
 
-def test_the_first_via_decides_even_after_other_headers() -> None:
+def test_the_call_id_header_decides_not_a_look_alike() -> None:
     data = (
-        b"BYE sip:b@h SIP/2.0\r\nRoute: <sip:p;branch=nope>\r\nCall-ID: x\r\n"
-        b"Via: SIP/2.0/UDP h;branch=z9hG4bK-top\r\nVia: SIP/2.0/UDP g;branch=z9hG4bK-below\r\n\r\n"
+        b"BYE sip:b@h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK-top\r\nCall-Info: <http://h/i: x>\r\n"
+        b"X-Call-ID: nope\r\nCall-ID: top\r\nContent-Length: 6\r\n\r\ni: no\n"
     )
-    assert owner(data, 9) == zlib.crc32(b"z9hG4bK-top") % 9
+    assert owner(data, 9) == _owner_of(b"top", 9)
 
 
 def test_a_response_goes_to_the_worker_its_branch_names() -> None:
@@ -82,14 +83,12 @@ def test_records_of_a_batch_come_back_in_order_with_their_sources() -> None:
     assert _records(b"") == []
 
 
-def _branch_owned_by(wanted: int, workers: int = 2) -> str:
-    return next(
-        b for b in (f"z9hG4bK-ack{n}" for n in range(100)) if zlib.crc32(b.encode()) % workers == wanted
-    )
+def _call_owned_by(wanted: int, workers: int = 2) -> str:
+    return next(c for c in (f"ack{n}" for n in range(100)) if _owner_of(c.encode(), workers) == wanted)
 
 
 def test_acks_are_forwarded_where_they_arrive_unless_their_invite_was_refused_elsewhere() -> None:
-    """Worker 0 reads an ACK whose INVITE branch worker 1 owns: the ACK of a 2xx (nobody said otherwise)
+    """Worker 0 reads an ACK whose INVITE worker 1 owns: the ACK of a 2xx (nobody said otherwise)
     is forwarded by worker 0 itself; once worker 1 is about to refuse that INVITE (486), the notice it
     writes first makes worker 0 hand the ACK to it, to be absorbed by its server transaction."""
     import asyncio
@@ -99,10 +98,10 @@ def test_acks_are_forwarded_where_they_arrive_unless_their_invite_was_refused_el
     from p2psip.transaction import InviteServerTransaction
     from p2psip.transport import Source
 
-    branch = _branch_owned_by(1)
-    invite = INVITE.replace("z9hG4bK-abc123", branch)
+    branch = "z9hG4bK-abc123"
+    invite = INVITE.replace("Call-ID: c1", f"Call-ID: {_call_owned_by(1)}")
     ack = invite.replace("INVITE sip", "ACK sip").replace("1 INVITE", "1 ACK").encode()
-    other_ack = ack.replace(branch.encode(), _branch_owned_by(1).encode() + b"x")
+    other_ack = ack.replace(branch.encode(), branch.encode() + b"x")
     links = open_links(2)
 
     async def scenario() -> list[bytes]:
@@ -161,10 +160,10 @@ def test_an_in_dialog_request_goes_to_the_worker_its_route_names() -> None:
             data = bye.format(branch=branch, worker=worker).encode()
             assert owner(data, 3) == worker
             assert owner(data.replace(b"BYE", b"CANCEL"), 3) == worker
-    # a worker beyond the count, or no worker in the top Route (another proxy's): the branch decides
+    # a worker beyond the count, or no worker in the top Route (another proxy's): the Call-ID decides
     routes = ("<sip:127.0.0.1:5060;lr;wk=7>", "<sip:127.0.0.1:5060;lr>, <sip:p;lr;wk=1>", "<sip:h;wkx=1;lr>")
     for route in routes:
         data = bye.format(branch="z9hG4bK-a", worker=0).replace(
             "<sip:127.0.0.1:5060;lr;wk=0>, <sip:10.0.0.9;lr;wk=0>", route
         ).encode()
-        assert owner(data, 3) == zlib.crc32(b"z9hG4bK-a") % 3, route
+        assert owner(data, 3) == _owner_of(b"c1", 3), route
