@@ -7,8 +7,9 @@ For overlays of 5, 20 and 50 peers on loopback (by default all peers in this one
 loop: a single-core deployment of many peers; ``--processes N`` spreads them over N worker processes, peer i
 in process i mod N, so the entry and the home peer of a call run in processes of their own, as on machines
 of their own, while Kamailio runs its two worker children), a timing client in a separate process (the tests' independent
-phone, timestamps from its event loop) registers ``--users`` AORs at one peer (REGISTER→200: a DHT read and
-a signed write per contact, stored on 3 replicas) and then calls every AOR through another peer, timing
+phone, timestamps from its event loop) registers ``--users`` AORs at one peer (REGISTER→200: a signed
+write per contact, stored on 3 replicas; no DHT read before it, as the registering peer holds each new
+AOR's only user key) and then calls every AOR through another peer, timing
 INVITE→180 (a DHT lookup of the callee, then the proxied INVITE answered by a sipp UAS; each call is then
 completed with 200, ACK, BYE). The location cache is off, so every call really looks its callee up. The
 calls go through the callee's home peer (the registering peer, docs/nat.md); the same calls are then made
@@ -34,8 +35,8 @@ core; CPU by stage from cProfile of a second warm pass (idle subtracted; ``--top
 SIP messages in and out per call; and the latency by stage from a third pass, with timestamps where the
 INVITE and its 180 enter and leave the entry and the home peer (transport observers). The same for a
 REGISTER: the peers' CPU per measured REGISTER (maintenance subtracted), CPU by stage from a profiled pass
-of as many new AORs, and the latency by stage at the registrar peer from another (REGISTER in; the read of
-the AOR's bindings, i.e. the DHT lookup and read; the plan, signature and write to the replicas; the claim's
+of as many new AORs, and the latency by stage at the registrar peer from another (REGISTER in; the AOR's
+current bindings, a DHT lookup and read or the peer's own record; the plan, signature and write to the replicas; the claim's
 commit; 200 out). In the worker layout each process profiles and times its own peers (``perf_counter`` is
 one clock for all processes) and the bench merges them. ``--warm-only`` keeps target 1's rows (REGISTER,
 cold and warm calls, the breakdowns) and skips the home-routing-off and read rows, for shorter runs.
@@ -188,6 +189,8 @@ STAGE_OF_PEER_FUNCTION = {
     "commit_claim": "registrar (plan, claims, key)", "_commit_queued": "registrar (plan, claims, key)",
     "holds": "registrar (plan, claims, key)", "_derived": "registrar (plan, claims, key)",
     "get": "registrar (plan, claims, key)", "_account": "registrar (plan, claims, key)",
+    "_current_bindings": "registrar (plan, claims, key)", "_own_record": "registrar (plan, claims, key)",
+    "_remember": "registrar (plan, claims, key)",
     "path_entry": "home peer", "_lock": "registrar (plan, claims, key)",
 }  # fmt: skip
 
@@ -244,8 +247,8 @@ class Recorder:
     an entry and a home peer in two worker processes subtract like those of one process. Calls: where the
     INVITE and its 180 enter and leave the entry and the home peer (transport observers, so parse to
     serialise is inside a peer's stage), by Call-ID. REGISTERs (``registers``): where each enters the
-    registrar peer (the "home" one), where the read of the AOR's bindings (``fetch_bindings``: the DHT
-    lookup and read) and the claim's commit (``_save_claim``, after the signed write to the replicas) start
+    registrar peer (the "home" one), where the AOR's current bindings are taken (``_current_bindings``: the
+    DHT lookup and read, or the peer's own record of an AOR only it can have written) and the claim's commit (``_save_claim``, after the signed write to the replicas) start
     and end, and where its 200 leaves; one record per REGISTER, as the client sends one at a time."""
 
     def __init__(self, roles: dict[str, Peer], *, registers: bool) -> None:
@@ -257,7 +260,7 @@ class Recorder:
             peer.stack.transport.add_observer(observer)
             self._undo.append(lambda p=peer, o=observer: p.stack.transport.remove_observer(o))
             if registers and role == "home":
-                self._wrap(peer, "fetch_bindings", "read")
+                self._wrap(peer, "_current_bindings", "read")
                 self._wrap(peer, "_save_claim", "claim")
 
     def _wrap(self, peer: Peer, name: str, mark: str) -> None:
@@ -316,7 +319,7 @@ CALL_STAGES = (
 )
 REGISTER_STAGES = (
     ("registrar peer: REGISTER in -> read (parse, checks)", "in", "read"),
-    ("lookup + read of the AOR's bindings (DHT)", "read", "read done"),
+    ("current bindings (DHT read, or the own record)", "read", "read done"),
     ("plan, sign, write to the replicas (DHT)", "read done", "claim"),
     ("claim commit (sqlite)", "claim", "claim done"),
     ("registrar peer: claim -> 200 out", "claim done", "out"),
@@ -856,8 +859,8 @@ async def overlay_rows(
             stages[stage] = stages.get(stage, 0.0) - seconds
         if TOP:
             _print_top(busy, resting, len(warm.invite_ms), "warm call", 1.0)
-        # REGISTERs of new AORs, profiled (the same path as the measured ones: a new AOR, a DHT read and
-        # one signed write to 3 replicas)
+        # REGISTERs of new AORs, profiled (the same path as the measured ones: a new AOR, one signed
+        # write to 3 replicas, no DHT read before it)
         fresh = [f"prof{u}" for u in users]
         reg_started = time.monotonic()
         reg_busy = await profiled(layout, workdir / "profile-register", timed_client(
@@ -1077,7 +1080,7 @@ def main() -> int:
         print(
             "\n".join(timeline_lines([t[0] for t in TIMELINES[i :: len(sizes)]], "warm calls (INVITE->180)"))
         )
-        print(f"\noverlay of {size}, REGISTERs (new AORs: a DHT read, one signed write to 3 replicas):")
+        print(f"\noverlay of {size}, REGISTERs (new AORs: one signed write to 3 replicas, no read):")
         print("\n".join(reg_breakdowns[size].lines()))
         print("\n".join(timeline_lines([t[1] for t in TIMELINES[i :: len(sizes)]], "REGISTERs (->200)")))
         warm_row, home_row = measures[ROWS * i + ROWS - 1], measures[ROWS * i]

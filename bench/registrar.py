@@ -7,8 +7,8 @@ vs Kamailio usrloc (in memory), without and with digest, same run (issue 19, tar
 Each system climbs a bounded rate ladder; a rate passes when every REGISTER of every one of ``--repeat``
 runs got its 200 and sipp kept at least 90 % of the asked rate (calls over the run's time less 1 s of
 tail): a "0 failures" step that ran slower than asked is not a pass. Every run registers AORs never seen
-before (a fresh prefix per run): each REGISTER is a DHT read and a signed write on 3 replicas here, a
-usrloc insert there. With digest, every AOR has an account (password "secret", digest user "bench") and
+before (a fresh prefix per run): each REGISTER is a signed write on 3 replicas here (no DHT read: the
+peer holds the new AOR's only user key, ``Peer._own_record``), a usrloc insert there. With digest, every AOR has an account (password "secret", digest user "bench") and
 each REGISTER is challenged once (401, then the REGISTER with credentials); Kamailio checks the same
 password with ``pv_www_authenticate``.
 

@@ -5,8 +5,9 @@ The only module where the SIP stack and the overlay meet (DESIGN.md, tests/test_
 - **registrar**: a REGISTER for any AOR becomes one signed overlay entry per contact under the AOR's key,
   signed with that user's key (created on first use and kept in ``DATA_DIR/users/``; copy the file to a
   second peer to serve a second device of the same user). The decisions (expiry, refresh, ``*``, CSeq
-  order) are :mod:`p2psip.registrar`'s; this module only reads and writes the DHT and answers. Users listed
-  in the config with a password are challenged with digest auth first.
+  order) are :mod:`p2psip.registrar`'s; this module only reads and writes the DHT (or, for an AOR whose
+  bindings only this peer can have written, plans from its own record: :meth:`Peer._own_record`) and
+  answers. Users listed in the config with a password are challenged with digest auth first.
 - **location service + proxy**: the stack's :class:`~p2psip.proxy.Proxy` core asks :meth:`Peer.locate`
   for the targets of every out-of-dialog request. :func:`p2psip.location.decide` says whether the
   request-URI is an overlay AOR, an IP literal (forwarded as addressed) or a statically routed domain; AORs
@@ -1035,6 +1036,8 @@ class Peer:
                 "client_registers",
                 "client_registers_refused",
                 "client_bindings_moved",
+                "register_reads",
+                "register_reads_saved",
             ),
             0,
         )
@@ -1061,6 +1064,9 @@ class Peer:
         """Requests that reached us as the sole home peer of their AOR (``SOLE_HOME``), until located."""
         self._homes: dict[tuple[str, ...], str | None] = {}
         """Memo of :meth:`_primary_home`, by the bindings' first Path hops."""
+        self._unsure: dict[str, float] = {}
+        """AOR -> until when the DHT may hold bindings of it that :attr:`home` lacks (:meth:`_own_record`);
+        only AORs after a failed write or removal, or with bindings of an earlier run: pruned by the sweep."""
         self._aor_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         """AOR -> (its REGISTER lock, how many hold or wait for it); only AORs in use are in it."""
         self._digest: dict[str, DigestServer] = {}
@@ -1371,6 +1377,68 @@ class Peer:
                 out.append(binding)
         return out
 
+    async def _current_bindings(
+        self, aor: str, here: KeyDirectory, claim: Claim | None, query: bool
+    ) -> tuple[list[Binding], bool]:
+        """The AOR's live bindings a REGISTER is planned against (RFC 3261 §10.3 steps 6-8), and whether
+        they were read: this peer's own record when it is the whole truth (:meth:`_own_record`: no DHT
+        read, the registration is one round trip, its write), else a read of the DHT."""
+        if not query:
+            own = self._own_record(aor, claim, time.time())
+            if own is not None:
+                self.counters["register_reads_saved"] += 1
+                return own, False
+        self.counters["register_reads"] += 1
+        return await self.fetch_bindings(aor, here), True
+
+    def _own_record(self, aor: str, claim: Claim | None, now: float) -> list[Binding] | None:
+        """The live bindings of ``aor`` when this peer alone can have written them and knows them all;
+        None when the DHT must be read.
+
+        Why this is exact: under ``first-claim`` an AOR's entries are signed by its user key, and another
+        key's writes are refused. A derived user key (no key file: ``HMAC(secret of this data dir, AOR)``)
+        exists nowhere else; once a key file exists (an account, an export to copy to another device's
+        peer, an enrolled user, a copied key) other peers may write bindings too, and every REGISTER reads.
+        With the key here only, the DHT holds what this peer wrote: the bindings of this process's
+        REGISTERs (:attr:`home`, expired ones dropped as the DHT drops them), plus what an earlier run of
+        this data dir wrote, which its claim still covers (:meth:`_record_claim`: the last expiry of every
+        binding listed): an AOR not in :attr:`home` is read unless its claim has lapsed. A write that failed
+        or timed out (some copies may have landed), a removal that failed, or a read that found bindings
+        this process did not write marks the AOR unsure (:meth:`_unsure_of`) until they would have
+        expired. Under ``enrolled`` every user key is a key file: always read."""
+        if self.config.policy == "enrolled":
+            return None
+        unsure = self._unsure.get(aor)
+        if unsure is not None:
+            if unsure > now:
+                return None
+            del self._unsure[aor]
+        if self.users.path_for(aor).exists():
+            return None
+        if aor in self.home:
+            return list(self.home.live(aor, now))
+        if claim is not None and claim.alive(now):
+            return None  # written before this process started (a restart), perhaps still alive
+        return []
+
+    def _unsure_of(self, aor: str, until: float) -> None:
+        """The DHT may hold bindings of ``aor`` this peer's record lacks until ``until``: read it."""
+        self._unsure[aor] = max(until, self._unsure.get(aor, 0.0))
+
+    def _remember(self, aor: str, plan: RegisterPlan, now: float, read: bool) -> None:
+        """Keep what a successful REGISTER wrote in :attr:`home`. After a ``read`` of the DHT the AOR is
+        unsure exactly as long as a binding the 200 lists and this process did not write lives (the read
+        saw everything, a failed write's copies included)."""
+        self.home.update(aor, (w.binding for w in plan.writes), (r.entry_id for r in plan.removes))
+        if not read:
+            return
+        held = self.home.get(aor)
+        others = [b.expires_at for b in plan.bindings if b not in held and b.alive(now)]
+        if others:
+            self._unsure[aor] = max(others)
+        else:
+            self._unsure.pop(aor, None)
+
     def _password_lookup(self, realm: str) -> Callable[[str], str | None]:
         """The digest password of ``username`` in ``realm``, in O(1): first the account whose REGISTER is
         being checked right now (set just around the synchronous digest check: the config's ``[users]``
@@ -1491,10 +1559,11 @@ class Peer:
             response.add("Retry-After", "60")
             return response
         async with self._lock(aor):
-            # One lookup for the whole REGISTER: the read and every write go to the node it found.
+            # One lookup for the whole REGISTER: the read (if any) and every write go to the node it found.
             here = self.directory.at(aor)
+            claim = self.users.claim(aor)
             try:
-                current = await self.fetch_bindings(aor, here)
+                current, read = await self._current_bindings(aor, here, claim, query)
             except (OverlayError, TimeoutError) as exc:
                 self.counters["overlay_errors"] += 1
                 return self._unavailable(request, exc)
@@ -1509,7 +1578,6 @@ class Peer:
                 plan = plan_register(request, current, now, self.policy, path=path)
             except RegisterRejected as rejected:
                 return Response.for_error(request, rejected)
-            claim = self.users.claim(aor)
             registered_before = claim is not None and claim.until > 0
             owner = authenticated or owns(claim, instances=instances, flow=claimant, now=now)
             if plan.is_query:
@@ -1527,6 +1595,7 @@ class Peer:
                     await asyncio.gather(*changes)
             except StoreRefused as exc:
                 self.cache.forget(aor)
+                self._unsure_of(aor, now + self.policy.max_expires)
                 if exc.reason == "policy" and self.config.policy == "enrolled":
                     self._event("refused", f"REGISTER {aor} refused by the overlay: {exc}")
                     return Response.for_request(request, 403, f"Forbidden (enrollment refused: {exc})")
@@ -1538,15 +1607,17 @@ class Peer:
                 return Response.for_request(request, 500, f"Server Internal Error (overlay refused: {exc})")
             except (OverlayError, TimeoutError) as exc:
                 self.cache.forget(aor)
+                self._unsure_of(aor, now + self.policy.max_expires)  # some copies may have been written
                 self.counters["overlay_errors"] += 1
                 return self._unavailable(request, exc)
             self.cache.forget(aor)
             await self._save_claim(self._record_claim(aor, claim, plan, instances, claimant, now))
+            arrived = any(not self.home.has(aor, w.entry_id) for w in plan.writes)
+            self._remember(aor, plan, now, read)
             if flow:
                 self._bind_flows(plan, source, outbound)
         self.counters["bindings_written"] += len(plan.writes)
         self.counters["bindings_removed"] += len(plan.removes)
-        arrived = any(not self.home.has(aor, w.entry_id) for w in plan.writes)
         if (
             self.config.offline_messages
             # an account's key is kept: a flood of new AORs gets no inboxes; under `enrolled` only users
@@ -1557,7 +1628,6 @@ class Peer:
         ):
             known = registered_before or self.users.inbox_path(aor).exists()
             self.core.spawn(self._open_inbox(aor, deliver=arrived, known=known))
-        self.home.update(aor, (w.binding for w in plan.writes), (r.entry_id for r in plan.removes))
         for w in plan.writes:
             self._event("registered", f"registered {aor} -> {w.binding.contact} for {w.lifetime} s")
         for r in plan.removes:
@@ -1867,6 +1937,7 @@ class Peer:
                         )  # fmt: skip
                     except (OverlayError, TimeoutError) as exc:
                         self.counters["overlay_errors"] += 1
+                        self._unsure_of(aor, now + self.policy.max_expires)  # the move may have landed
                         log.warning("cannot move %s's binding to the new attach peer: %s", aor, exc)
                         continue
                     finally:
@@ -2065,6 +2136,7 @@ class Peer:
                     await self.directory.remove(aor, entry_id=entry_id, key=self.users.get(aor))
                 except (OverlayError, TimeoutError) as exc:
                     self.counters["overlay_errors"] += 1
+                    self._unsure_of(aor, time.time() + self.policy.max_expires)  # it may still be there
                     log.warning("cannot remove %s's binding after its flow failed: %s", aor, exc)
                     continue
                 finally:
@@ -2203,6 +2275,7 @@ class Peer:
             self.users.forget(aor)
             removed += 1
         self.throttle.expire(now)
+        self._unsure = {aor: until for aor, until in self._unsure.items() if until > now}
         self._home_registrations()  # drops the expired ones
         self.counters["user_keys_removed"] += removed
         return removed

@@ -361,13 +361,16 @@ def test_peers_stopped_together_print_no_traceback(start_peer) -> None:
 
 
 def test_verbose_trace_is_stamped_and_shows_dht_lookups(start_peer) -> None:
-    """-v: every traced message starts with the time to the millisecond, and the DHT reads a REGISTER and
-    a call make are traced too."""
+    """-v: every traced message starts with the time to the millisecond, and the peer's DHT reads are
+    traced too (a new AOR's REGISTER reads nothing: the peer that holds its only user key writes at once;
+    `lookup` reads)."""
     import re
 
     peer = start_peer("v1", None, "-v")
     done = run("register", "sip:bob@p2p.example", "--via", f"127.0.0.1:{peer.sip}", timeout=60)
     assert done.returncode == 0, done.stderr
+    looked = run("lookup", "sip:bob@p2p.example", "--data-dir", str(peer.data_dir))
+    assert looked.returncode == 0, looked.stderr
     code, _out, err = peer.stop()
     assert code == 0, err
     arrows = [line for line in err.splitlines() if "<< from " in line or ">> to " in line]
