@@ -625,11 +625,12 @@ class InProcess:
 class Workers:
     """The peers spread over ``count`` worker processes (peer i in worker i mod count): on separate
     machines every peer has a CPU of its own, in one process 50 peers queue on one event loop; Kamailio
-    runs its two worker children. Each worker is this script with ``--worker`` (the same build: with
-    ``--compiled`` the compiled one), reading one JSON command a line and answering one JSON line."""
+    runs its two worker children. Each worker is this script (or ``script``, bench/registrar.py's) with
+    ``--worker`` (the same build: with ``--compiled`` the compiled one), reading one JSON command a line and
+    answering one JSON line."""
 
-    def __init__(self, count: int, workdir: Path) -> None:
-        self.count, self.workdir = count, workdir
+    def __init__(self, count: int, workdir: Path, script: str = __file__) -> None:
+        self.count, self.workdir, self.script = count, workdir, str(Path(script).resolve())
         self.procs: list[asyncio.subprocess.Process] = []
         self.description = f"{count} worker processes, peer i in process i mod {count}"
 
@@ -641,7 +642,7 @@ class Workers:
         for k in range(self.count):
             with open(self.workdir / f"worker{k}.log", "wb") as log:
                 self.procs.append(await asyncio.create_subprocess_exec(
-                    sys.executable, str(Path(__file__).resolve()), "--worker", *(["--compiled"] if COMPILED else []),
+                    sys.executable, self.script, "--worker", *(["--compiled"] if COMPILED else []),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=ROOT, env=env,
                 ))  # fmt: skip
 
@@ -684,16 +685,16 @@ class Workers:
 Layout = InProcess | Workers
 
 
-async def worker() -> int:
-    """``--worker``: run a :class:`PeerSet` for the bench process that started this one, one JSON command a
-    line on stdin, one JSON answer a line on stdout (the peers' own output goes to stderr), until
-    ``close`` or the end of stdin."""
+async def worker(peer_set: type[PeerSet] = PeerSet) -> int:
+    """``--worker``: run a :class:`PeerSet` (or ``peer_set``) for the bench process that started this one,
+    one JSON command a line on stdin, one JSON answer a line on stdout (the peers' own output goes to
+    stderr), until ``close`` or the end of stdin."""
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # nothing the peers print may reach the answers
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    here = PeerSet()
+    here = peer_set()
     with busy_proxy_gc():  # as `p2psip start` runs a peer
         try:
             while line := await reader.readline():
