@@ -1481,12 +1481,14 @@ class Node:
         if msg.type in ("store", "fetch", "transfer", "digest"):
             # a retransmitted datagram carries the same (src, id, addr): the core answers it once
             token = ("udp", msg.src, msg.id, addr)
+            sender = NodeRef(msg.src, msg.ep[0], msg.ep[1])
             if source[0] == "node" or not _needs_member(msg):
-                self._storage_request(token, msg.type, msg.body, once=True, member=source[0] == "node")
+                member = source[0] == "node"
+                self._storage_request(token, msg.type, msg.body, once=True, member=member, sender=sender)
                 return
 
             def verified(ok: bool) -> None:
-                self._storage_request(token, msg.type, msg.body, once=True, member=ok)
+                self._storage_request(token, msg.type, msg.body, once=True, member=ok, sender=sender)
 
             self._when_member(msg, verified)
             return
@@ -1667,13 +1669,21 @@ class Node:
     # ------------------------------------------------------------------------------------------------
 
     def _storage_request(
-        self, token: Hashable, mtype: str, body: dict[str, Any], *, once: bool, member: bool
+        self,
+        token: Hashable,
+        mtype: str,
+        body: dict[str, Any],
+        *,
+        once: bool,
+        member: bool,
+        sender: tuple[int, str, int] | None = None,
     ) -> bool:
         """Hand one storage request to the core; False if this node serves none (not joined, leaving)."""
         if self._closed or self._left or self.core is None:
             return False
         try:
-            self.storage.handle_request(token, mtype, body, time.time(), once=once, member=member)
+            now = time.time()
+            self.storage.handle_request(token, mtype, body, now, once=once, member=member, sender=sender)
         except Exception:  # a bug must cost one request, never the listener
             self._count("dropped_internal_error")
             self.storage.forget(token)

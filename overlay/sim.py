@@ -547,7 +547,8 @@ class Simulator:
         token = ("node", src.ref.id, send.request_id, send.timeout)
         if self._lie(dst, token, send.type, send.body):
             return
-        dst.storage.handle_request(token, send.type, send.body, self.now, member=True)
+        sender = (src.ref.id, src.ref.host, src.ref.port)
+        dst.storage.handle_request(token, send.type, send.body, self.now, member=True, sender=sender)
         self._drain_storage(dst)
 
     def _client_request(self, origin: _Node, holder: NodeRef, mtype: str, body: dict[str, Any]) -> None:

@@ -539,10 +539,9 @@ class Replicator:
 
     def repair(self, store: Store, now: float) -> list[Transfer]:
         """Anti-entropy: the whole primary range for each replica (a slow periodic safety net; the storage
-        core compares digests first and pushes only the buckets that differ)."""
+        core compares digests first and pushes only the buckets that differ). An empty range is repaired
+        too: its digest lets a replica hand back what the primary lacks (``StorageCore._digest``)."""
         primary = store.in_range(*self.primary_range(), now)
-        if not primary:
-            return []
         return [(target, list(primary)) for target in self.replica_set]
 
     def on_leave(self, succs: list[NodeRef], store: Store, now: float) -> list[Transfer]:

@@ -330,10 +330,12 @@ class StorageCore:
         *,
         once: bool = False,
         member: bool = False,
+        sender: NodeRef | None = None,
     ) -> None:
         """Handle ``store``/``fetch``/``transfer`` (validated by the wire codec). The answer comes out as
         an :class:`Answer` with ``token``, at once or after the Sends it needs. ``member``: the sender is
-        a verified ring member (or this node itself); only members may send replicas and transfers."""
+        a verified ring member (or this node itself); only members may send replicas and transfers.
+        ``sender``: who sent it, where known (a repair ``digest`` gets what we hold and it lacks back)."""
         if once:
             if token in self._answers:
                 self._count("request_duplicates")
@@ -362,16 +364,18 @@ class StorageCore:
             self._count("transfer_entries_refused", refused)
             self._answer(token, "ok", {"stored": kept})
             if body.get("announce"):
-                # A restarted node handed us what it held: what was new to us and is ours goes on to our
-                # replicas, as a store would.
+                # A restarted node (or a replica answering our repair digest) handed us what it held:
+                # what was new to us and is ours goes on to our replicas, as a store would; not back to
+                # the one that sent it.
                 ours = [item for item in fresh if self.is_responsible(item[0].key)]
                 targets = self.replicator.replica_targets(self.successors)
-                self._send_transfers([(target, ours) for target in targets])
+                sent_by = sender[0] if sender is not None else None
+                self._send_transfers([(target, ours) for target in targets if target[0] != sent_by])
         elif mtype == "digest":
             if not member:
                 self._refuse_stranger(token, "digest", 0)
                 return
-            self._digest(token, body, now)
+            self._digest(token, body, now, sender)
         elif mtype == "store":
             replica = bool(body.get("replica", False))
             if replica and not member:
@@ -391,8 +395,17 @@ class StorageCore:
         self._count("entries_refused_stranger", entries)
         self._err(token, E_REFUSED, "not-a-member", "replicas and transfers are taken from ring members only")
 
-    def _digest(self, token: Hashable, body: dict[str, Any], now: float) -> None:
-        """A primary's repair digest: answer the buckets where our records of its range differ."""
+    def _digest(self, token: Hashable, body: dict[str, Any], now: float, sender: NodeRef | None) -> None:
+        """A primary's repair digest: answer the buckets where our records of its range differ, and push
+        our records of those buckets back to the primary (repair runs both ways).
+
+        The push-back is what mends a primary that lacks a record its replica holds: a write whose copy
+        at the primary-to-be went missing while the primary of the time crashed (its hand-back died with
+        it), a join hand-off that failed. The primary's own pushes only ever go down to its replicas, so
+        without this such a record would stay one or two copies short for good. The primary keeps what is
+        newer than its own copy and passes it on to its replicas, as with a restarted node's records
+        (``announce``). Only for a range with a known lower end: a primary that knows no predecessor
+        takes itself for the whole ring for a moment, and gets the buckets pushed once it knows better."""
         sums: bytes = body["sums"]
         buckets = len(sums) // DIGEST_SUM_BYTES
         if not sums or len(sums) % DIGEST_SUM_BYTES or buckets > DIGEST_BUCKETS:
@@ -404,6 +417,12 @@ class StorageCore:
         self._count("digests_answered")
         self._count("digest_buckets_differ", sum(bin(b).count("1") for b in differ))
         self._answer(token, "ok", {"differ": differ})
+        if sender is None or lo is None or sender[0] == self.me or not any(differ):
+            return
+        back = in_buckets(self.store.in_range(lo, hi, now), lo, hi, differ)
+        if back:
+            self._count("digest_entries_pushed_back", len(back))
+            self._send_transfers([(sender, back)], announce=True)
 
     def forget(self, token: Hashable) -> None:
         """The adapter could not handle ``token`` (an internal error): a retransmission may try again."""

@@ -42,13 +42,15 @@ def lie(node: Node, answer: Callable[[int], list[Entry]] | None, *, drop_stores:
     honest = type(node)._storage_request
     storage = node.storage
 
-    def handle(token: Hashable, mtype: str, body: dict[str, Any], *, once: bool, member: bool) -> bool:
+    def handle(
+        token: Hashable, mtype: str, body: dict[str, Any], *, once: bool, member: bool, sender: Any = None
+    ) -> bool:
         if mtype == "fetch" and answer is not None:
             storage._answer(token, "ok", {"entries": [(e, 60_000) for e in answer(body["key"])]})
         elif mtype == "store" and drop_stores and body.get("replica"):
             storage._answer(token, "ok", {"stored": 1})
         else:
-            return honest(node, token, mtype, body, once=once, member=member)
+            return honest(node, token, mtype, body, once=once, member=member, sender=sender)
         node._drain_storage()
         return True
 

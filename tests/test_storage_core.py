@@ -19,6 +19,7 @@ from overlay.storage_core import (
 ME = 1000
 PRED = (500, "10.0.0.5", 7060)
 S1, S2 = (2000, "10.0.0.20", 7060), (3000, "10.0.0.30", 7060)
+ME_REF = (ME, "10.0.0.10", 7060)
 T = 100.0
 USER = KeyPair.generate()
 
@@ -266,6 +267,48 @@ def test_repair_by_digest_pushes_only_the_buckets_that_differ() -> None:
     pushed = round_with(behind, T + 2 * c.config.repair_interval + 1)
     assert missing in pushed and written[30] in pushed  # a newer copy there also differs: harmless push
     assert len(pushed) < 12  # two buckets of 16, not the range of 40
+
+
+def test_repair_runs_both_ways_a_replica_hands_back_what_the_primary_lacks() -> None:
+    """A record only a replica holds (the primary-to-be missed its copy and the primary of the time
+    crashed, its hand-back with it): the primary's digest shows the bucket differs, and the replica
+    pushes its records of that bucket back; the primary keeps the one it lacked and passes it on to its
+    other replicas. Found by tests/test_node_churn.py under load: without it the record stayed one copy
+    for good, since the primary's pushes only go down. An empty primary range sends its digest too."""
+    c = core()
+    lost = entry(key=PRED[0] + 7)
+    replica = _replica([lost])
+    c.handle_timer(T + c.config.repair_interval)  # nothing in ME's range: the digests still go out
+    digests = [o for o in c.take_outputs() if isinstance(o, Send)]
+    assert {d.to for d in digests} == {S1, S2} and {d.type for d in digests} == {"digest"}
+    digest = next(d for d in digests if d.to == S1)
+    replica.handle_request("d", "digest", digest.body, T + 61, member=True, sender=ME_REF)
+    out = replica.take_outputs()
+    (answer,) = [o for o in out if isinstance(o, Answer)]
+    (back,) = [o for o in out if isinstance(o, Send)]
+    assert answer.type == "ok" and any(answer.body["differ"])
+    assert back.to == ME_REF and back.type == "transfer" and back.body["announce"] is True
+    assert [e for e, _ms in back.body["entries"]] == [lost]
+    assert replica.stats["digest_entries_pushed_back"] == 1
+
+    c.handle_request("b", "transfer", back.body, T + 61, member=True, sender=S1)
+    out = c.take_outputs()
+    assert [o.body for o in out if isinstance(o, Answer)] == [{"stored": 1}]
+    assert c.store.get(lost.key, T + 61) == [lost]
+    onward = [o for o in out if isinstance(o, Send)]
+    assert [(o.to, o.type) for o in onward] == [(S2, "transfer")]  # not back to S1, which sent it
+
+    # a digest that matches pushes nothing back; nor does one without a sender (an older adapter)
+    same = _replica([lost])
+    c.on_reply(digest.request_id, answer.type, answer.body, T + 61)
+    c.take_outputs()
+    c.handle_timer(T + 2 * c.config.repair_interval + 1)
+    digest = next(o for o in c.take_outputs() if isinstance(o, Send) and o.to == S1)
+    same.handle_request("d2", "digest", digest.body, T + 122, member=True, sender=ME_REF)
+    assert [type(o) for o in same.take_outputs()] == [Answer]
+    replica.handle_request("d3", "digest", {**digest.body, "sums": bytes(len(digest.body["sums"]))}, T + 122,
+                           member=True)
+    assert [type(o) for o in replica.take_outputs()] == [Answer]
 
 
 def test_a_digest_from_a_stranger_or_malformed_is_refused() -> None:
