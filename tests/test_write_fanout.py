@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from overlay_support import started_ring
+from test_node_net import wait_until
 
 from overlay.chord import ChordConfig
 from overlay.errors import StoreRefused
@@ -70,14 +71,6 @@ def _has(node: Node, name: str, value: bytes) -> bool:
     return any(e.value == value for e in node.store.get(key_for(name), time.time()))
 
 
-async def _until(cond: Any, what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_the_writer_sends_every_copy_and_the_primary_forwards_nothing() -> None:
     async with started_ring(5, overlay_name=OVERLAY, config=CFG) as nodes:
         await _ring_ready(nodes)
@@ -95,7 +88,7 @@ async def test_the_writer_sends_every_copy_and_the_primary_forwards_nothing() ->
         # the put returned with the primary's copy and one more at least; all three arrive
         assert _has(holders[0], name, b"contact")
         assert sum(_has(h, name, b"contact") for h in holders) >= 2
-        await _until(lambda: all(_has(h, name, b"contact") for h in holders), "three copies")
+        await wait_until(lambda: all(_has(h, name, b"contact") for h in holders), "three copies")
         assert not any(_has(n, name, b"contact") for n in nodes if n not in holders)
         assert [e.value for e in await nodes[3].get(name)] == [b"contact"]
         # the entry peer that is a replica keeps its copy without a datagram: two go out
@@ -138,7 +131,7 @@ async def test_a_lost_copy_does_not_hold_up_the_write_and_the_primary_repairs_it
         assert writer.stats().get("rpc_retransmissions", 0) == resent
         assert _has(primary, name, b"contact") and _has(other, name, b"contact")
         assert not _has(deaf, name, b"contact")
-        await _until(lambda: _has(deaf, name, b"contact"), "the primary to repair the lost copy")
+        await wait_until(lambda: _has(deaf, name, b"contact"), "the primary to repair the lost copy")
         assert writer.stats()["fanout_copies_handed_back"] == 1
         assert primary.storage.stats.get("store_duplicates", 0) >= 1  # it asked its replicas again
 
@@ -154,7 +147,7 @@ async def test_a_write_the_primary_refuses_is_taken_back_from_a_stale_replica() 
         name = _name(nodes, writer, writer_holds=None)
         primary, stale, other = _holders(nodes, name)
         await nodes[0].put(name, b"owner's", entry_id=b"phone", key=owner)
-        await _until(lambda: all(_has(h, name, b"owner's") for h in (primary, stale, other)), "3 copies")
+        await wait_until(lambda: all(_has(h, name, b"owner's") for h in (primary, stale, other)), "3 copies")
         # the stale replica loses what it held under the key (as a replica that missed the writes)
         key = key_for(name)
         for record in stale.store._by_key.pop(key).values():
@@ -168,7 +161,7 @@ async def test_a_write_the_primary_refuses_is_taken_back_from_a_stale_replica() 
             held = stale.store.current(key, b"laptop")
             return held is not None and held.is_removal and held.owner == thief.public_key
 
-        await _until(taken_back, "the stale replica to get the removal")
+        await wait_until(taken_back, "the stale replica to get the removal")
         assert writer.stats()["fanout_refused_taken_back"] == 1
         assert not any(e.owner == thief.public_key for n in nodes for e in n.store.get(key, time.time()))
         # the owner's entry is what every reader gets
@@ -190,5 +183,5 @@ async def test_without_a_replica_set_the_primary_replicates_as_before() -> None:
         before = _rpcs(holders[0])
         await here.put(b"contact", entry_id=b"phone")
         assert "fanout_writes" not in writer.stats()
-        await _until(lambda: all(_has(h, name, b"contact") for h in holders), "three copies")
+        await wait_until(lambda: all(_has(h, name, b"contact") for h in holders), "three copies")
         assert _rpcs(holders[0]) - before == R - 1  # the primary sent the replicas their copies
