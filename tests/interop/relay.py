@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +31,22 @@ class RelayStats:
     forwarded: int = 0
     dropped: int = 0
     dropped_lines: list[str] = field(default_factory=list)
-    """The first line of every dropped datagram, in order (for assertions and failure messages)."""
+    """The first line of every dropped datagram, in order, followed by its Call-ID if it has one (for
+    assertions and failure messages: which call lost what)."""
+
+
+_CALL_ID = re.compile(rb"\r\n(?:Call-ID|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE)
 
 
 def first_line(data: bytes) -> str:
     return data.split(b"\r\n", 1)[0].decode("latin-1", errors="replace")
+
+
+def describe(data: bytes) -> str:
+    """The first line of a datagram and, for a SIP message, ``[Call-ID]`` after it."""
+    match = _CALL_ID.search(data)
+    call_id = f" [{match.group(1).strip().decode('latin-1')}]" if match else ""
+    return first_line(data) + call_id
 
 
 class _Front(asyncio.DatagramProtocol):
@@ -128,7 +140,7 @@ class LossyRelay:
         if verdict:
             self._drops[key] += 1
             self.stats.dropped += 1
-            self.stats.dropped_lines.append(f"{direction} {first_line(data)}")
+            self.stats.dropped_lines.append(f"{direction} {describe(data)}")
         return verdict
 
     def _from_client(self, data: bytes, client: Address) -> None:

@@ -24,6 +24,8 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 UAC_RR = SCENARIOS / "uac_rr.xml"
 UAS_RR = SCENARIOS / "uas_rr.xml"
 UAC_DOMAIN = SCENARIOS / "uac_domain.xml"
+UAC_TXN = SCENARIOS / "uac_txn.xml"
+UAS_TIMER_J = SCENARIOS / "uas_timer_j.xml"
 # 4 MB socket buffers (sipp's default is 64 kB): on a loaded machine a burst of datagrams must wait in the
 # kernel rather than be dropped while sipp waits for a CPU
 BUFFERS = ("-buff_size", "4194304")
