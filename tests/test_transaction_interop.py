@@ -335,6 +335,7 @@ async def test_core_uac_calls_sipp_uas_through_lossy_relay(tmp_path: Path) -> No
     require_tool("sipp")
     loop = asyncio.get_running_loop()
     calls = 30
+    wait = 90  # every call ends within 64*T1 of its INVITE (Timer B) or BYE (Timer F), well or not
     sipp_port = free_port()
     # uas_timer_j.xml: the built-in UAS, but a call lives 32 s (Timer J) after its 200 to the BYE, not 4 s,
     # so a BYE retransmission the relay's losses pushed past 4 s still gets its 200 (else Timer F fires)
@@ -347,10 +348,10 @@ async def test_core_uac_calls_sipp_uas_through_lossy_relay(tmp_path: Path) -> No
                 for number in range(calls):
                     loop.call_later(number * 0.05, uac_core.call, number, f"127.0.0.1:{sipp_port}")
                 try:
-                    await asyncio.wait_for(asyncio.shield(uac_core.done), timeout=90)
+                    await asyncio.wait_for(asyncio.shield(uac_core.done), timeout=wait)
                 except TimeoutError:
                     unended = "\n".join(uac_core.unended(relay))
-                    pytest.fail(f"calls not ended in 90 s:\n{unended}\n{uac_core.stats}\n{relay.stats}")
+                    pytest.fail(f"calls not ended in {wait} s:\n{unended}\n{uac_core.stats}\n{relay.stats}")
             finally:
                 uac_core.close()
                 transport.close()
