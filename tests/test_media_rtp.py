@@ -178,6 +178,25 @@ def test_interarrival_jitter_follows_a8() -> None:
     assert stats.report_block(0.0).jitter == int(expected)
 
 
+def test_jitter_is_unmoved_by_the_timestamp_wrapping() -> None:
+    """RTP timestamps are 32 bits: a stream starting near 2**32 wraps to small values mid-call. Steady
+    packets every 20 ms have no jitter on either side of the wrap (it once showed as ~9 hours of jitter
+    in bench/media.py's far-end reports)."""
+    stats = ReceptionStats(1, 8000)
+    start = (1 << 32) - 3 * 160
+    for i in range(8):
+        stats.update(i, (start + i * 160) % (1 << 32), 100.0 + i * 0.020)
+    assert stats.jitter == pytest.approx(0.0, abs=1e-6)
+    # a real 5 ms wobble right at the wrap still counts as 40 units, as anywhere else
+    wobbly = ReceptionStats(1, 8000)
+    for i in range(6):
+        wobbly.update(i, (start + i * 160) % (1 << 32), 100.0 + i * 0.020 + (0.005 if i == 3 else 0.0))
+    expected = 0.0
+    for d in [0, 0, 40, 40, 0]:
+        expected += (d - expected) / 16
+    assert wobbly.jitter == pytest.approx(expected)
+
+
 def test_dlsr_and_lsr_come_from_the_last_sender_report() -> None:
     stats = ReceptionStats(1, 8000)
     stats.update(1, 0, 0.0)

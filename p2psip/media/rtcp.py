@@ -236,6 +236,10 @@ def parse_compound(data: bytes) -> list[RtcpPacket]:
     return packets
 
 
+_TIMESTAMP_WRAP = 1 << 32  # RTP timestamps are 32-bit (RFC 3550 §5.1)
+_HALF_WRAP = 1 << 31
+
+
 class ReceptionStats:
     """What a receiver knows about one remote source, per RFC 3550 Appendix A.1, A.3 and A.8.
 
@@ -296,7 +300,11 @@ class ReceptionStats:
         if timing:
             transit = arrival * self.clock_rate - rtp_timestamp
             if self.transit is not None:
-                d = abs(transit - self.transit)
+                # The timestamp is 32 bits and wraps (a random start makes a wrap within a long call
+                # likely enough); A.8's C code gets the difference modulo 2**32 from unsigned arithmetic,
+                # and Python's integers do not wrap, so the difference is folded into a signed 32-bit
+                # range here. Without it one wrap added 2**32 / 16 units of "jitter" (hours' worth).
+                d = abs((transit - self.transit + _HALF_WRAP) % _TIMESTAMP_WRAP - _HALF_WRAP)
                 self.jitter += (d - self.jitter) / 16.0
             self.transit = transit
         return True
