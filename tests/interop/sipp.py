@@ -144,6 +144,24 @@ class Sipp:
             returncode, successful, failed, retrans, call_rate=call_rate, setup_ms=setup, log=self.log_tail()
         )
 
+    def counts(self) -> dict[str, int]:
+        """The newest row of sipp's ``-trace_counts`` file (written every ``-fd`` seconds and when sipp
+        ends): how often each scenario step was received or sent, retransmitted, timed out or met an
+        unexpected message, keyed by sipp's column names (``3_ACK_Recv``, ``4_BYE_Unexp``...). Empty before
+        the first row."""
+        for path in sorted(self.workdir.glob("*_counts.csv")):
+            lines = path.read_text(errors="replace").splitlines()
+            if len(lines) < 2:
+                continue
+            names = lines[0].split(";")
+            for row in reversed(lines[1:]):  # the newest complete row (a killed sipp may leave a cut one)
+                values = row.split(";")
+                if len(values) != len(names):
+                    continue
+                pairs = zip(names, values, strict=True)
+                return {name: int(value) for name, value in pairs if value.isdigit()}
+        return {}
+
     def log_tail(self, lines: int = 30) -> str:
         texts = []
         for path in [self.out_file, *sorted(self.workdir.glob("*errors.log"))]:
