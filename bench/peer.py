@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.events
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -262,6 +264,10 @@ class Recorder:
             if registers and role == "home":
                 self._wrap(peer, "_current_bindings", "read")
                 self._wrap(peer, "_save_claim", "claim")
+        #: CPU time of this process's thread at each stamp of a call (``thread_time``), by Call-ID
+        self.cpu: dict[str, dict[str, float]] = {}
+        self.stalls = Stalls(sorted(roles))
+        self._undo.append(self.stalls.close)
 
     def _wrap(self, peer: Peer, name: str, mark: str) -> None:
         inner = getattr(peer, name)
@@ -280,7 +286,7 @@ class Recorder:
         self._undo.append(lambda: delattr(peer, name))
 
     def _observer(self, role: str, registers: bool) -> Any:
-        clock, calls, records = time.perf_counter, self.calls, self.registers
+        clock, calls, records, cpu_clock = time.perf_counter, self.calls, self.registers, time.thread_time
 
         def observe(direction: str, data: bytes, _remote: Any) -> None:
             at = clock()
@@ -298,14 +304,66 @@ class Recorder:
             if start < 0:
                 return
             call_id = data[start + 11 : data.find(b"\r\n", start + 11)].decode("latin-1")
-            calls.setdefault(call_id, {}).setdefault(f"{role} {direction} {kind}", at)
+            mark = f"{role} {direction} {kind}"
+            if mark not in calls.setdefault(call_id, {}):
+                calls[call_id][mark] = at
+                self.cpu.setdefault(call_id, {})[mark] = cpu_clock()
 
         return observe
 
     def close(self) -> dict[str, Any]:
         for undo in self._undo:
             undo()
-        return {"calls": self.calls, "registers": self.registers}
+        return {"calls": self.calls, "registers": self.registers, "cpu": self.cpu,
+                "stalls": self.stalls.events, "roles": self.stalls.roles}  # fmt: skip
+
+
+#: a callback of a peer process's event loop that ran this long (s) or longer is a stall (:class:`Stalls`)
+STALL_S = 0.0005
+
+
+def _callback_name(handle: asyncio.Handle) -> str:
+    """What a loop callback runs: a function's qualified name, or the coroutine a task steps."""
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        return f"task {getattr(coro, '__qualname__', type(coro).__name__)}"
+    return str(getattr(callback, "__qualname__", None) or type(callback).__name__)
+
+
+class Stalls:
+    """What held a peer process's event loop during the timeline pass, so the slowest calls can be matched
+    with it (issue 19, target 1's tail): every pass of the cyclic collector (``gc.callbacks``) and every
+    loop callback that ran :data:`STALL_S` or longer (``asyncio.Handle._run`` timed), each as (start, end,
+    what) on ``perf_counter``, the clock of the call stamps. Two clock reads per callback while it runs."""
+
+    def __init__(self, roles: list[str]) -> None:
+        self.roles = roles
+        self.events: list[tuple[float, float, str]] = []
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc)
+        self._run = run = asyncio.events.Handle._run
+        clock, events = time.perf_counter, self.events
+
+        def timed_run(handle: asyncio.Handle) -> None:
+            started = clock()
+            run(handle)
+            ended = clock()
+            if ended - started >= STALL_S:
+                events.append((started, ended, _callback_name(handle)))
+
+        asyncio.events.Handle._run = timed_run  # type: ignore[method-assign,assignment]
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.events.append((self._gc_started, time.perf_counter(), f"gc gen{info['generation']}"))
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._gc)
+        asyncio.events.Handle._run = self._run  # type: ignore[method-assign]
 
 
 CALL_STAGES = (
@@ -340,6 +398,64 @@ def call_stages(calls: dict[str, dict[str, float]], client_ms: list[float]) -> d
         span = seen["entry out 180"] - seen["entry in INVITE"]
         out["client + loopback to/from the entry peer"].append(total - span * 1000)
     return out
+
+
+#: the in-peer stages of a call, whose wall time minus the process's CPU time is time it did not run
+IN_PEER = (("entry", "INVITE"), ("home", "INVITE"), ("home", "180"), ("entry", "180"))
+
+
+def tail_lines(
+    calls: dict[str, dict[str, float]], cpu: dict[str, dict[str, float]], parts: list[dict[str, Any]],
+    client_ms: list[float], share: float = 0.02,
+) -> list[str]:  # fmt: skip
+    """The slowest ``share`` of the timeline pass's calls, each with its largest stage, the time its peers'
+    processes were not running inside their own stages (wall minus thread CPU: descheduled), and what their
+    loops were busy with meanwhile (:class:`Stalls`; within the call's time at the client, which starts
+    before the entry peer sees the INVITE and ends after its 180 leaves); then the stalls by kind."""
+    stalls = [(start, end, f"{'+'.join(part['roles']) or '-'}: {what}") for part in parts
+              for start, end, what in part["stalls"]]  # fmt: skip
+    ordered = sorted(calls.items(), key=lambda kv: min(kv[1].values()))
+    rows = []
+    for (call_id, seen), total in zip(ordered, client_ms, strict=False):
+        if not all(a in seen and b in seen for _n, a, b in CALL_STAGES):
+            continue
+        stages = {name: (seen[b] - seen[a]) * 1000 for name, a, b in CALL_STAGES}
+        stamps = cpu.get(call_id, {})
+        off = 0.0
+        for role, kind in IN_PEER:
+            a, b = f"{role} in {kind}", f"{role} out {kind}"
+            if a in stamps and b in stamps:
+                off += max(0.0, (seen[b] - seen[a]) - (stamps[b] - stamps[a])) * 1000
+        # the client's time outside the entry peer (sending, the entry's wake-up, the 180 back) lies before
+        # or after its span: the window reaches that far either way
+        outside = max(0.0, total / 1000 - (seen["entry out 180"] - seen["entry in INVITE"]))
+        span = seen["entry in INVITE"] - outside, seen["entry out 180"] + outside
+        rows.append((total, stages, off, [s for s in stalls if s[1] > span[0] and s[0] < span[1]]))
+    if not rows:
+        return []
+    rows.sort(key=lambda r: -r[0])
+    slow = rows[: max(1, round(len(rows) * share))]
+    out = [f"the slowest {len(slow)} of {len(rows)} calls of the timeline pass (client ms; largest stage; "
+           "time the peers' processes did not run inside their stages; their loops' stalls >= "
+           f"{STALL_S * 1000:g} ms and collector passes meanwhile):"]  # fmt: skip
+    for total, stages, off, during in slow:
+        name, ms = max(stages.items(), key=lambda kv: kv[1])
+        what = ", ".join(f"{w} {(e - b) * 1000:.2f}" for b, e, w in during) or "none"
+        out.append(f"  {total:6.2f} ms: {name} {ms:.2f}; not running {off:.2f}; {what}")
+    late = sum(1 for _t, _s, _o, during in slow if any(e - b >= 0.001 for b, e, _w in during))
+    out.append(f"  {late} of the {len(slow)} overlapped a stall or collector pass of 1 ms or more")
+    kinds: dict[str, list[float]] = {}
+    for start, end, what in stalls:
+        kinds.setdefault(what, []).append((end - start) * 1000)
+    out.append("stalls during the pass by kind (count, p50 / max ms, total ms):")
+    for what, values in sorted(kinds.items(), key=lambda kv: -sum(kv[1]))[:10]:
+        out.append(f"  {what:<60} {len(values):5d}  {Timings.pct(values, 50):6.3f} / {max(values):6.3f}"
+                   f"  {sum(values):8.1f}")  # fmt: skip
+    return out
+
+
+#: the tail lines of each cell's timeline pass, in the order the cells ran
+TAILS: list[list[str]] = []
 
 
 def register_stages(records: list[dict[str, float]], client_ms: list[float]) -> dict[str, list[float]]:
@@ -508,6 +624,8 @@ stage, counters, and the share of a core the overlay's maintenance alone took me
 
 #: bound on one command to a worker process (starting a peer, a profile dump, closing 25 peers)
 COMMAND_TIMEOUT = 120.0
+#: longest answer line of a worker (bytes): a timeline pass's stamps and stalls exceed asyncio's 64 KiB
+ANSWER_LIMIT = 1 << 24
 
 
 class PeerSet:
@@ -644,6 +762,7 @@ class Workers:
                 self.procs.append(await asyncio.create_subprocess_exec(
                     sys.executable, self.script, "--worker", *(["--compiled"] if COMPILED else []),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=ROOT, env=env,
+                    limit=ANSWER_LIMIT,
                 ))  # fmt: skip
 
     async def _ask(self, k: int, command: str, args: dict[str, Any]) -> Any:
@@ -884,9 +1003,13 @@ async def overlay_rows(
         )
         reg_stamps = await layout.each("record", roles=None)
         calls_seen: dict[str, dict[str, float]] = {}
+        cpu_seen: dict[str, dict[str, float]] = {}
         for part in call_stamps:
             for call_id, seen in part["calls"].items():
                 calls_seen.setdefault(call_id, {}).update(seen)
+            for call_id, seen in part["cpu"].items():
+                cpu_seen.setdefault(call_id, {}).update(seen)
+        TAILS.append(tail_lines(calls_seen, cpu_seen, call_stamps, timed.invite_ms))
         records = [r for part in reg_stamps for r in part["registers"]]
         TIMELINES.append(
             (call_stages(calls_seen, timed.invite_ms), register_stages(records, reg_timed.register_ms))
@@ -1081,6 +1204,8 @@ def main() -> int:
         print(
             "\n".join(timeline_lines([t[0] for t in TIMELINES[i :: len(sizes)]], "warm calls (INVITE->180)"))
         )
+        for lines in TAILS[i :: len(sizes)]:
+            print("\n".join(lines))
         print(f"\noverlay of {size}, REGISTERs (new AORs: one signed write to 3 replicas, no read):")
         print("\n".join(reg_breakdowns[size].lines()))
         print("\n".join(timeline_lines([t[1] for t in TIMELINES[i :: len(sizes)]], "REGISTERs (->200)")))
