@@ -44,6 +44,9 @@ class QuorumRead:
         self.invalid: dict[int, int] = {}  # holder -> records that failed the reader's checks
         self._answered_at: View | None = None  # the answer given (see answered_now)
         self._early: set[int] = set()
+        self.misdirected = False
+        """The node asked as responsible says the key is not its own (``err 421``): the holders came
+        from a stale view of the ring, so this read is void and the reader looks the key up again."""
 
     def add(self, holder: int, records: Iterable[Entry]) -> None:
         """``holder`` answered with these records (live entries and tombstones)."""
@@ -61,13 +64,21 @@ class QuorumRead:
         """``holder`` did not answer (timeout, error)."""
         self.failed.add(holder)
 
+    def misdirect(self) -> None:
+        """The responsible node (``holders[0]``) answered that the key is not its own; see
+        :attr:`misdirected`."""
+        self.misdirected = True
+
     @property
     def complete(self) -> bool:
         return all(h in self.answers or h in self.failed for h in self.holders)
 
     @property
     def decided(self) -> bool:
-        """The responsible node and one more agree, or every holder has answered or failed."""
+        """The responsible node and one more agree, or every holder has answered or failed (or the read
+        turned out to be misdirected)."""
+        if self.misdirected:
+            return True
         primary = self.holders[0]
         mine = self.answers.get(primary)
         if mine is not None and len(self.holders) == 1:

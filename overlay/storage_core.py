@@ -347,7 +347,15 @@ class StorageCore:
             while len(self._answers) > self.config.answers_kept:
                 self._answers.popitem(last=False)
         if mtype == "fetch":
-            self._fetch(token, body["key"], bool(body.get("replica", False)), now)
+            key = body["key"]
+            if body.get("owner") and not self.is_responsible(key):
+                # A reader's quorum read asked us first, as the key's responsible node: its view of
+                # the ring (an owner cache from before a join) is stale, and the holders it would read
+                # with us may not be the key's; it looks the key up again, as a writer does on a 421.
+                self._count("fetch_not_owner")
+                self._err(token, E_NOT_RESPONSIBLE, "not-responsible")
+                return
+            self._fetch(token, key, bool(body.get("replica", False)), now)
         elif mtype == "transfer":
             if not member:
                 self._refuse_stranger(token, "transfer", len(body["entries"]))

@@ -68,7 +68,10 @@ STORAGE_MESSAGES: dict[str, Schema] = {
     "store": {"entry": "entry", "replica": "bool?", "fanout": "bool?"},
     # All live entries under a key (tombstones excluded). ``replica``: answer from whatever this node
     # holds, responsible or not (a new primary asks its successor while its hand-off is in flight).
-    "fetch": {"key": "id", "replica": "bool?"},
+    # ``owner`` (with ``replica``): the reader takes this node for the key's responsible node (its lookup
+    # or owner cache said so); a node that is not answers ``err 421`` instead, so a stale view of the
+    # ring is found out on a read as a write finds it out (the reader looks the key up again).
+    "fetch": {"key": "id", "replica": "bool?", "owner": "bool?"},
     # Bulk hand-off of entries (join, leave, repair); ``entries`` carry their remaining lifetime.
     # ``announce``: a restarted node hands over what it held; the receiver passes on what is new to it.
     "transfer": {"entries": "entries", "announce": "bool?"},

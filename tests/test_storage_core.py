@@ -320,3 +320,23 @@ def test_a_digest_from_a_stranger_or_malformed_is_refused() -> None:
     r.handle_request("y", "digest", {**body, "sums": b"abc"}, T, member=True)
     (answer,) = answers(r)
     assert answer.type == "err" and answer.body["code"] == 400
+
+
+def test_a_fetch_asking_the_owner_is_refused_by_a_node_that_is_not() -> None:
+    """``owner``: the reader took this node for the key's responsible node; a node that is not says so
+    (421) instead of answering from its replica copies, so the reader looks the key up again
+    (tests/test_stale_owner_read.py). Without ``owner`` a replica fetch answers whatever is held."""
+    c = core()
+    outside = entry(key=ME + 5)
+    c.handle_request("fill", "transfer", {"entries": [(outside, 600_000)]}, T, member=True)
+    c.take_outputs()
+    c.handle_request("a", "fetch", {"key": outside.key, "replica": True, "owner": True}, T)
+    (answer,) = answers(c)
+    assert answer.type == "err" and answer.body["code"] == E_NOT_RESPONSIBLE
+    assert c.stats["fetch_not_owner"] == 1
+    c.handle_request("b", "fetch", {"key": outside.key, "replica": True}, T)
+    (answer,) = answers(c)
+    assert answer.type == "ok" and [e for e, _ms in answer.body["entries"]] == [outside]
+    c.handle_request("c", "fetch", {"key": 700, "replica": True, "owner": True}, T)
+    (answer,) = answers(c)
+    assert answer.type == "ok" and answer.body["entries"] == []
