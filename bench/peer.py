@@ -33,7 +33,9 @@ Where a warm call's time goes (issue 19, target 1), printed under the table per 
 per call with the maintenance of an idle interval as long subtracted, and that maintenance's share of a
 core; CPU by stage from cProfile of a second warm pass (idle subtracted; ``--top N`` lists functions); the
 SIP messages in and out per call; and the latency by stage from a third pass, with timestamps where the
-INVITE and its 180 enter and leave the entry and the home peer (transport observers). The same for a
+INVITE and its 180 enter and leave the entry and the home peer (transport observers), with the slowest 2 %
+of that pass's calls named: largest stage, time the peer processes did not run, and the collector passes
+and long loop callbacks around each (:class:`Stalls`). The same for a
 REGISTER: the peers' CPU per measured REGISTER (maintenance subtracted), CPU by stage from a profiled pass
 of as many new AORs, and the latency by stage at the registrar peer from another (REGISTER in; the AOR's
 current bindings, a DHT lookup and read or the peer's own record; the plan, signature and write to the replicas; the claim's
