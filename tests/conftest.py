@@ -1,4 +1,4 @@
-"""Shared test helpers: third-party tools and loopback ports.
+"""Shared test helpers: third-party tools, loopback ports, and the peers and phones of the peer tests.
 
 A test that needs a real third-party peer (sipp, kamailio, baresip) calls ``require_tool``: on a laptop
 without it the test skips; under ``CI=true`` a missing tool is a failure, never a skip.
@@ -11,10 +11,16 @@ import random
 import shutil
 import socket
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
+
+if TYPE_CHECKING:
+    from peer_phone import Phone
+    from peer_support import PeerFactory
 
 # No per-example wall-clock deadline (hypothesis's default is 200 ms): on a shared 2-core machine a pure
 # function's example can wait that long for a core, and the test then fails for the load, not the code
@@ -92,3 +98,31 @@ def free_port(host: str = "127.0.0.1", *, span: int = 1) -> int:
 def free_sip_port() -> int:
     """A port p for baresip's SIP: UDP and TCP at p and TLS at p + 1 must all be free."""
     return free_port(span=2)
+
+
+@pytest.fixture
+async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
+    """Test peers on loopback (:func:`peer_support.peer_factory`), all closed when the test ends. A test
+    file that needs other defaults (client-peer keep-alives, the web server) defines its own."""
+    from peer_support import peer_factory  # imported here: most tests start no peer
+
+    async with peer_factory(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture
+async def phones() -> AsyncIterator[Callable[..., Awaitable[Phone]]]:
+    """``make(user="alice", answer="auto", host="127.0.0.1")`` opens a test phone
+    (:class:`peer_phone.Phone`); every phone opened is closed when the test ends."""
+    from peer_phone import Phone
+
+    opened: list[Phone] = []
+
+    async def make(user: str = "alice", answer: str | int = "auto", host: str = "127.0.0.1") -> Phone:
+        phone = await Phone.open(user, answer, host=host)
+        opened.append(phone)
+        return phone
+
+    yield make
+    for phone in opened:
+        phone.close()

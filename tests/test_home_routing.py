@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from test_peer are parameters here)
 """Home-peer routing on loopback (issue "reachable from anywhere", RFC 3327 Path + RFC 5626 flows).
 
 A phone "behind a NAT" is simulated honestly enough for the routing logic: its Contact names an address
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 from peer_phone import Phone
 from peer_support import wait_until_settled
-from test_peer import BOB, PeerFactory, make_peer, phones  # noqa: F401  (fixtures)
+from test_peer import BOB, PeerFactory
 
 from p2psip.flows import stun_binding_request, stun_mapped_address
 from p2psip.peer import Peer

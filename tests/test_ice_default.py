@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from test_peer are parameters here)
 """ICE by default (docs/nat.md, "ICE by default"): a UserAgent registered through its home peer with RFC 5626
 outbound (the 200 said ``Require: outbound``) does ICE on its calls with that peer as STUN server, with
 nothing in ``media_options``, and so does the callee's. ``{"ice": None}`` turns it off. (An INVITE that
@@ -13,7 +12,7 @@ from pathlib import Path
 from peer_support import wait_until_settled
 from test_cli_call_audio import run_cli
 from test_media_call import until
-from test_peer import ALICE, BOB, PeerFactory, make_peer  # noqa: F401  (fixture)
+from test_peer import ALICE, BOB, PeerFactory
 
 from p2psip.media import MemorySink, ToneSource, dominant_frequency
 from p2psip.media.sources import write_wav

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from peer_phone import Phone
-from peer_support import PeerFactory, peer_factory, wait_until_settled
+from peer_support import PeerFactory, wait_until_settled
 
 from overlay import ids
 from overlay.identity import KeyPair
@@ -25,31 +24,11 @@ BOB = "sip:bob@p2p.example"
 
 
 @pytest.fixture
-async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
-    async with peer_factory(tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
 async def ring(make_peer: PeerFactory) -> list[Peer]:
     first = await make_peer()
     peers = [first] + [await make_peer(first) for _ in range(4)]
     await wait_until_settled(peers, timeout=20)
     return peers
-
-
-@pytest.fixture
-async def phones() -> AsyncIterator[Callable[..., Awaitable[Phone]]]:
-    opened: list[Phone] = []
-
-    async def make(user: str, answer: str | int = "auto") -> Phone:
-        phone = await Phone.open(user, answer)
-        opened.append(phone)
-        return phone
-
-    yield make
-    for phone in opened:
-        phone.close()
 
 
 async def test_register_writes_one_signed_entry_per_contact(ring: list[Peer], phones) -> None:

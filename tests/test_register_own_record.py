@@ -7,23 +7,15 @@ all. Each test checks the 200 against what the DHT holds, read from another peer
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from peer_phone import Phone
-from peer_support import PeerFactory, peer_factory, wait_until_settled
+from peer_support import PeerFactory, wait_until_settled
 
 from p2psip.message import Request, new_tag
 from p2psip.peer import Peer
 
 BOB = "sip:bob@p2p.example"
-
-
-@pytest.fixture
-async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
-    async with peer_factory(tmp_path) as make:
-        yield make
 
 
 @pytest.fixture
@@ -34,20 +26,6 @@ async def ring(make_peer: PeerFactory) -> list[Peer]:
     for peer in peers:
         peer.config.offline_messages = False  # no inbox key: only the registrar's own reads are counted
     return peers
-
-
-@pytest.fixture
-async def phones() -> AsyncIterator[Callable[..., Awaitable[Phone]]]:
-    opened: list[Phone] = []
-
-    async def make(user: str) -> Phone:
-        phone = await Phone.open(user)
-        opened.append(phone)
-        return phone
-
-    yield make
-    for phone in opened:
-        phone.close()
 
 
 def reads(peer: Peer) -> tuple[int, int]:

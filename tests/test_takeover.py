@@ -14,12 +14,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from peer_phone import Phone
-from peer_support import PeerFactory, peer_factory
+from peer_support import PeerFactory
 
 from overlay.identity import KeyPair
 from p2psip.auth import answer_challenge
@@ -35,26 +34,6 @@ ALICE = "sip:alice@p2p.example"
 BOB = "sip:bob@p2p.example"
 ROOT = Path(__file__).resolve().parent.parent
 A1 = "<urn:uuid:00000000-0000-4000-8000-0000000000a1>"
-
-
-@pytest.fixture
-async def make_peer(tmp_path: Path) -> AsyncIterator[PeerFactory]:
-    async with peer_factory(tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
-async def phones() -> AsyncIterator[Callable[..., Awaitable[Phone]]]:
-    opened: list[Phone] = []
-
-    async def make(user: str = "alice", host: str = "127.0.0.1") -> Phone:
-        phone = await Phone.open(user, host=host)
-        opened.append(phone)
-        return phone
-
-    yield make
-    for phone in opened:
-        phone.close()
 
 
 def with_instance(phone: Phone, instance: str = A1) -> str:

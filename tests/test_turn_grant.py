@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from test_peer are parameters here)
 """Relayed candidates by default (docs/nat.md): a home peer with a TURN server hands time-limited TURN
 credentials (``P-P2PSIP-TURN``, p2psip.turngrant) in the 200 to a REGISTER that passed digest auth, and
 only to such a one; our UserAgent then gathers a relayed candidate on that peer on its calls, with nothing
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_peer import ALICE, BOB, PeerFactory, make_peer  # noqa: F401  (fixture)
+from test_peer import ALICE, BOB, PeerFactory
 
 from p2psip.config import HostPort, UserAccount
 from p2psip.media import CallMedia, ToneSource

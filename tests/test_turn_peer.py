@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from test_peer are parameters here)
 """A full peer runs the TURN server (``turn = "HOST:PORT"`` / ``--turn``): two calls' media relayed through
 it with credentials from its kept key, the quota refusal, and both counted in its status; a call's
 allocations end with its dialog however it ends; DTLS-SRTP SDP crosses TURN peers untouched."""
@@ -14,7 +13,7 @@ import pytest
 from peer_support import wait_until_settled
 from test_media_call import until
 from test_media_ice import talk
-from test_peer import ALICE, BOB, PeerFactory, make_peer  # noqa: F401  (fixture)
+from test_peer import ALICE, BOB, PeerFactory
 
 from overlay.localring import quick_node_config
 from p2psip.config import HostPort, ListenSpec, PeerConfig, UserAccount, load_config
