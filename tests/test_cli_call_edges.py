@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
+
+from conftest import free_port
 
 from p2psip.address import Target
 from p2psip.stack import Stack
@@ -94,10 +95,10 @@ async def run_cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:
 
 
 def dead_udp_port() -> int:
-    """A loopback UDP port nobody listens on (bound, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback UDP port nobody listens on: from below the kernel's ephemeral range
+    (``conftest.free_port``), since a port bound to 0 and closed goes back to the pool, and the CLI's own
+    socket, bound to port 0, once got it and sent its INVITE to itself (no ICMP refusal: a 20 s wait)."""
+    return free_port()
 
 
 async def test_ctrl_c_while_ringing_cancels_and_acks_the_487() -> None:
